@@ -1,0 +1,40 @@
+# Quick start: `make run` (set up and start the node) and `make test` (set up and run every test).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+
+.PHONY: run test venv system-deps bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and exactly pinned: the CPU wheel (any other spec pulls CUDA wheels)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Debian packages the tests use as real peers: dcmtk (storescu/echoscu/storescp),
+# dicom3tools (dciodvfy) and Orthanc with DICOMweb. Installed only when missing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: venv
+	$(BIN)/dicom-node serve --config config/node.yaml
+
+test: venv system-deps
+	$(BIN)/python -m pytest -q
+
+bench: venv system-deps
+	$(BIN)/python -m benchmarks.receive
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,77 @@
+"""Study completion: a study is complete when nothing has arrived for its quiet period.
+
+The deadline lives in the index (moved by every stored instance); the timer lives in
+APScheduler. A timer that fires early because more instances arrived simply re-arms at the
+new deadline, so receivers only notify when a study starts (or restarts) receiving, and a
+restart re-arms every study still receiving from the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from node import logs
+from node.store.index import Index
+
+log = logging.getLogger("node.assemble")
+
+SWEEP_SECONDS = 30.0
+
+
+class CompletionTimers:
+    def __init__(
+        self,
+        index: Index,
+        scheduler: BaseScheduler,
+        on_complete: Callable[[str], None] = lambda study_uid: None,
+    ):
+        self.index = index
+        self.scheduler = scheduler
+        self.on_complete = on_complete
+
+    def start(self) -> None:
+        """Arm a timer for every study still receiving (after a restart: all of them)."""
+        self.rearm_all()
+        self.scheduler.add_job(
+            self.rearm_all, "interval", seconds=SWEEP_SECONDS, id="completion-sweep",
+            replace_existing=True, coalesce=True,
+        )
+
+    def rearm_all(self) -> None:
+        for study_uid, deadline in self.index.receiving_studies():
+            if self.scheduler.get_job(_job_id(study_uid)) is None:
+                self.arm(study_uid, deadline)
+
+    def arm(self, study_uid: str, deadline: float) -> None:
+        self.scheduler.add_job(
+            self._check,
+            "date",
+            run_date=datetime.fromtimestamp(deadline, tz=timezone.utc),
+            args=[study_uid],
+            id=_job_id(study_uid),
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    def _check(self, study_uid: str) -> None:
+        completed, deadline = self.index.complete_if_due(study_uid, time.time())
+        if deadline is not None:
+            self.arm(study_uid, deadline)
+            return
+        if completed:
+            logs.event(
+                log,
+                "study_complete",
+                study_uid=study_uid,
+                instances=self.index.study_instance_count(study_uid),
+            )
+            self.on_complete(study_uid)
+
+
+def _job_id(study_uid: str) -> str:
+    return f"complete:{study_uid}"

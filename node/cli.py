@@ -1,0 +1,178 @@
+"""`dicom-node`: run the node and talk to it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.presentation import build_context
+
+from node.config import NodeConfig, load_config
+from node.yamlfile import ConfigError
+
+app = typer.Typer(
+    help="DICOM analysis node: receives studies (C-STORE), runs models, returns SEG and SR.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="Node configuration YAML (default: config/node.yaml).")
+
+
+def _config(path: Optional[Path], overrides: dict[str, object] | None = None) -> NodeConfig:
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        typer.echo("configuration error:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = ConfigOption,
+    aet: Optional[str] = typer.Option(None, "--aet", help="Our AE title (scp.ae_title)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Listening port (scp.port)."),
+    bind: Optional[str] = typer.Option(None, "--bind", help="Bind address (scp.bind)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool and index folder (storage.data_dir)."),
+    quiet_period: Optional[float] = typer.Option(
+        None, "--quiet-period", help="Seconds without arrivals after which a study is complete."
+    ),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Receiver processes (0: one per core)."),
+) -> None:
+    """Run the node until SIGTERM/SIGINT."""
+    from node import logs
+    from node.service import NodeService
+
+    cfg = _config(
+        config,
+        {
+            "scp.ae_title": aet,
+            "scp.port": port,
+            "scp.bind": bind,
+            "storage.data_dir": str(data_dir.resolve()) if data_dir else None,
+            "completion.quiet_period_s": quiet_period,
+            "scp.workers": workers,
+        },
+    )
+    logs.setup(cfg.logging.level)
+    try:
+        service = NodeService(cfg)
+    except OSError as exc:
+        typer.echo(f"cannot start: {exc.strerror or exc} ({cfg.scp.bind}:{cfg.scp.port})", err=True)
+        raise typer.Exit(1) from None
+    service.run_forever()
+
+
+@app.command()
+def echo(
+    host: str = typer.Argument("127.0.0.1", help="Peer host."),
+    port: Optional[int] = typer.Argument(None, help="Peer port (default: this node's port)."),
+    aet: str = typer.Option("ECHOSCU", "--aet", help="Calling AE title."),
+    called_aet: Optional[str] = typer.Option(None, "--called-aet", help="Called AE title (default: ours)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Send a C-ECHO (verification) and report the status."""
+    from node.send.scu import associate
+
+    cfg = _config(config)
+    assoc = associate(host, port or cfg.scp.port, aet, called_aet or cfg.scp.ae_title, [build_context(Verification)])
+    if not assoc.is_established:
+        typer.echo(f"association failed: {_why_not(assoc)}", err=True)
+        raise typer.Exit(1)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    typer.echo(f"C-ECHO status 0x{code:04X}" if code is not None else "C-ECHO: no response")
+    raise typer.Exit(0 if code == 0 else 1)
+
+
+@app.command()
+def send(
+    host: str = typer.Argument(..., help="Peer host."),
+    port: int = typer.Argument(..., help="Peer port."),
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders (searched recursively)."),
+    aet: str = typer.Option("DICOM-NODE", "--aet", help="Calling AE title."),
+    called_aet: str = typer.Option("ANY-SCP", "--called-aet", help="Called AE title."),
+) -> None:
+    """C-STORE files and folders over one association."""
+    from node.send.scu import associate, storage_contexts
+
+    files = sorted({f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()})
+    if not files:
+        typer.echo("no files to send", err=True)
+        raise typer.Exit(1)
+    try:
+        contexts = storage_contexts(files)
+    except Exception as exc:  # not DICOM part-10 files
+        typer.echo(f"cannot read DICOM file meta: {exc}", err=True)
+        raise typer.Exit(1) from None
+    assoc = associate(host, port, aet, called_aet, contexts)
+    if not assoc.is_established:
+        typer.echo(f"association failed: {_why_not(assoc)}", err=True)
+        raise typer.Exit(1)
+    failed = 0
+    started = time.monotonic()
+    try:
+        for path in files:
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code is None or code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                failed += 1
+                typer.echo(f"{path}: " + (f"status 0x{code:04X}" if code is not None else "no response"), err=True)
+    finally:
+        assoc.release()
+    seconds = time.monotonic() - started
+    typer.echo(f"sent {len(files) - failed}/{len(files)} instances in {seconds:.2f} s")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def studies(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config: Optional[Path] = ConfigOption,
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool and index folder."),
+) -> None:
+    """List received studies and their state."""
+    from node.store.index import Index
+
+    cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
+    index_path = Path(cfg.storage.data_dir) / "index.sqlite"
+    rows = Index(index_path).study_summaries() if index_path.exists() else []
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no studies")
+        return
+    typer.echo(f"{'STUDY INSTANCE UID':64}  {'STATE':9}  {'SERIES':>6}  {'INSTANCES':>9}  {'CALLING AE':16}  LAST RECEIVED")
+    for r in rows:
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received"]))
+        typer.echo(
+            f"{r['study_uid']:64}  {r['state']:9}  {r['series']:>6}  {r['instances']:>9}  {r['calling_ae'] or '':16}  {last}"
+        )
+
+
+def _why_not(assoc: object) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return "rejected by the peer"
+    if getattr(assoc, "is_aborted", False):
+        return "aborted"
+    return "no connection (refused or timed out)"
+
+
+def main() -> None:  # pragma: no cover - for `python -m node.cli`
+    app(prog_name="dicom-node")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

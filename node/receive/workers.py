@@ -1,0 +1,302 @@
+"""Receiver processes: one listening socket, N pynetdicom processes behind it.
+
+pynetdicom spends 2-5 ms of CPU per instance under the GIL, so one process cannot keep up with
+a C++ receiver. The service process owns the listening socket; it accepts each connection, sets
+TCP_NODELAY, and passes the connected socket (SCM_RIGHTS over a Unix socket pair) to the
+least-loaded receiver process, which runs the association with pynetdicom.
+
+Control messages are JSON over SOCK_SEQPACKET, one message per packet:
+  service -> receiver: {"peer": [host, port]} with the connection's descriptor attached
+  receiver -> service: {"closed": true} when a connection ends,
+                       {"opened": study_uid, "deadline": t} when a study starts receiving.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pynetdicom.transport import AssociationServer
+
+from node import logs
+from node.config import NodeConfig
+
+log = logging.getLogger("node.receive")
+
+_CONFIG_ENV = "DICOM_NODE_RECEIVER_CONFIG"
+_MAX_MESSAGE = 4096
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle: DIMSE request/response turns otherwise wait for delayed ACKs (~40 ms)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges every read at once (TCP_QUICKACK).
+
+    Most modalities and PACS send with Nagle's algorithm on (dcmtk does unless TCP_NODELAY=1
+    is in its environment). Their data-set PDU then waits for our ACK of the command PDU,
+    which Linux delays by up to 40 ms. Linux clears quick-ACK mode by itself, so it is set
+    again before each read.
+    """
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        return super().recv(bufsize, flags)
+
+
+class _Worker:
+    def __init__(self, slot: int, process: subprocess.Popen[bytes], channel: socket.socket):
+        self.slot = slot
+        self.process = process
+        self.channel = channel
+        self.active = 0
+
+
+class ReceiverPool:
+    """Owns the listening socket and the receiver processes; supervises and load-balances them."""
+
+    def __init__(self, config: NodeConfig, on_study_opened: Callable[[str, float], None]):
+        self.config = config
+        self.on_study_opened = on_study_opened
+        self.count = config.scp.worker_count()
+        self._workers: list[_Worker | None] = [None] * self.count
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        self._listener = socket.create_server(
+            (config.scp.bind, config.scp.port), reuse_port=False, backlog=128
+        )
+        self.port = self._listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for slot in range(self.count):
+            self._spawn(slot)
+        for target, name in ((self._accept_loop, "accept"), (self._message_loop, "receiver-messages")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._stopping.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            workers = [w for w in self._workers if w]
+        for worker in workers:
+            worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait(5)
+            worker.channel.close()
+        for thread in self._threads:
+            thread.join(2)
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, slot: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env[_CONFIG_ENV] = json.dumps(
+            {"config": self.config.model_dump(mode="json"), "port": self.port,
+             "max_associations": -(-self.config.scp.max_associations // self.count)}
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "node.receive.workers", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+        )
+        theirs.close()
+        worker = _Worker(slot, process, ours)
+        with self._lock:
+            self._workers[slot] = worker
+        self._selector.register(ours, selectors.EVENT_READ, worker)
+        logs.event(log, "receiver_started", slot=slot, pid=process.pid)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            try:
+                set_nodelay(conn)
+                self._dispatch(conn, peer)
+            finally:
+                conn.close()  # the receiver holds its own duplicate now
+
+    def _dispatch(self, conn: socket.socket, peer: Any) -> None:
+        message = json.dumps({"peer": [peer[0], peer[1]]}).encode()
+        for _ in range(self.count + 1):
+            with self._lock:
+                live = [w for w in self._workers if w is not None]
+                if not live:
+                    break
+                worker = min(live, key=lambda w: w.active)
+                worker.active += 1
+            try:
+                socket.send_fds(worker.channel, [message], [conn.fileno()])
+                return
+            except OSError:
+                with self._lock:
+                    worker.active -= 1
+        logs.event(log, "connection_dropped_no_receiver", logging.ERROR, peer=peer[0])
+
+    def _message_loop(self) -> None:
+        while not self._stopping.is_set():
+            for key, _ in self._selector.select(timeout=0.5):
+                worker: _Worker = key.data
+                try:
+                    packet = worker.channel.recv(_MAX_MESSAGE)
+                except OSError:
+                    packet = b""
+                if not packet:
+                    self._on_worker_exit(worker)
+                    continue
+                message = json.loads(packet)
+                if "closed" in message:
+                    with self._lock:
+                        worker.active = max(0, worker.active - 1)
+                elif "opened" in message:
+                    self.on_study_opened(message["opened"], float(message["deadline"]))
+
+    def _on_worker_exit(self, worker: _Worker) -> None:
+        self._selector.unregister(worker.channel)
+        worker.channel.close()
+        with self._lock:
+            self._workers[worker.slot] = None
+        if self._stopping.is_set():
+            return
+        code = worker.process.wait(10)
+        logs.event(log, "receiver_exited", logging.ERROR, slot=worker.slot, pid=worker.process.pid,
+                   exit_code=code)
+        self._spawn(worker.slot)
+
+
+# -- the receiver process ------------------------------------------------------------------
+
+
+class _HandedServer(AssociationServer):
+    """A pynetdicom server that does not listen: connections are handed to it."""
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when the service process dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def receiver_main(channel_fd: int) -> None:
+    from node.receive.scp import StorageSCP, server_ssl_context
+    from node.store.index import Index
+    from node.store.spool import Spool
+    from pynetdicom import evt
+
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:
+        return
+    settings = json.loads(os.environ.pop(_CONFIG_ENV))
+    config = NodeConfig.model_validate(settings["config"])
+    logs.setup(config.logging.level)
+    channel = socket.socket(fileno=channel_fd)
+    send_lock = threading.Lock()
+
+    def send(message: dict[str, Any]) -> None:
+        with send_lock:
+            try:
+                channel.send(json.dumps(message).encode())
+            except OSError:
+                pass  # the service is gone; PDEATHSIG ends this process
+
+    data_dir = Path(config.storage.data_dir)
+    scp = StorageSCP(
+        config,
+        Index(data_dir / "index.sqlite"),
+        Spool(data_dir, config.storage.min_free_mb),
+        on_study_opened=lambda uid, deadline: send({"opened": uid, "deadline": deadline}),
+    )
+    ae = scp.make_ae()
+    ae.maximum_associations = int(settings["max_associations"])
+    handlers = scp.handlers() + [(evt.EVT_CONN_CLOSE, lambda event: send({"closed": True}))]
+    server = ae.make_server(
+        (config.scp.bind, settings["port"]),
+        ae_title=config.scp.ae_title,
+        evt_handlers=handlers,
+        server_class=_HandedServer,
+    )
+    ssl_context = server_ssl_context(config)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def take(conn: socket.socket, peer: tuple[str, int]) -> None:
+        if ssl_context is not None:
+            try:
+                conn.settimeout(config.scp.timeouts.acse)
+                conn = ssl_context.wrap_socket(conn, server_side=True)
+            except (OSError, ValueError) as exc:
+                logs.event(log, "tls_handshake_failed", logging.WARNING, peer=peer[0], error=str(exc))
+                conn.close()
+                send({"closed": True})
+                return
+        server.process_request(conn, peer)
+
+    channel.settimeout(0.5)
+    while not stopping.is_set():
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, _MAX_MESSAGE, 1)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not message:
+            break  # the service closed the channel
+        peer = tuple(json.loads(message)["peer"])
+        conn = QuickAckSocket(fileno=fds[0])
+        conn.settimeout(None)
+        threading.Thread(target=take, args=(conn, peer), daemon=True).start()
+
+    # Let associations in flight finish: each acknowledged instance is already durable.
+    deadline = time.monotonic() + 10
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    receiver_main(int(sys.argv[1]))

@@ -1,0 +1,277 @@
+"""The node's index: SQLite in WAL mode, shared by the receiver processes and the service.
+
+Every acknowledged instance has a row here before its C-STORE response is sent, so the index
+(not memory) is the truth about what was received, which studies are waiting for their quiet
+period, and which completed studies are waiting for the pipeline.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_id TEXT,
+    state TEXT NOT NULL,               -- receiving | complete
+    calling_ae TEXT,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    deadline REAL NOT NULL,            -- last_received + quiet period
+    completed_at REAL,
+    completions INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state, deadline);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT,
+    body_part TEXT,
+    description TEXT,
+    number INTEGER,
+    sop_class_uid TEXT,
+    image_type TEXT,
+    orientation TEXT,
+    rows INTEGER,
+    columns INTEGER,
+    slice_thickness REAL
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae TEXT,
+    called_ae TEXT,
+    peer TEXT,
+    association_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS associations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    calling_ae TEXT,
+    called_ae TEXT,
+    peer TEXT,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    instances INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS work_items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL,               -- queued | claimed | done | failed
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the receiver learned about one stored instance (routing tags, no pixel data)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    transfer_syntax: str
+    path: str
+    size: int
+    calling_ae: str
+    called_ae: str
+    peer: str
+    series: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """Effect of one stored instance on its study."""
+
+    duplicate: bool
+    opened: bool  # the study went to 'receiving' (new, or reopened after completion)
+    reopened: bool
+    ignored_after_complete: bool
+    deadline: float
+
+
+class Index:
+    """Thread-safe access to the index; one SQLite connection per thread."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._local = threading.local()
+        self._connection().executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before we acknowledge the instance it records.
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection):
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type: Any, *_: Any) -> None:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def transaction(self) -> "Index._Tx":
+        return Index._Tx(self._connection())
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return self._connection().execute(sql, params).fetchall()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def record_instance(
+        self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool
+    ) -> Arrival:
+        """Index one stored instance and move its study's completion deadline."""
+        deadline = now + quiet_period
+        with self.transaction() as db:
+            duplicate = (
+                db.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
+                ).fetchone()
+                is not None
+            )
+            db.execute(
+                """INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)
+                   ON CONFLICT(sop_instance_uid) DO UPDATE SET
+                   series_uid=excluded.series_uid, study_uid=excluded.study_uid,
+                   sop_class_uid=excluded.sop_class_uid, transfer_syntax=excluded.transfer_syntax,
+                   path=excluded.path, size=excluded.size, received_at=excluded.received_at,
+                   calling_ae=excluded.calling_ae, called_ae=excluded.called_ae, peer=excluded.peer""",
+                (
+                    rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid,
+                    rec.transfer_syntax, rec.path, rec.size, now, rec.calling_ae,
+                    rec.called_ae, rec.peer,
+                ),
+            )
+            s = rec.series
+            db.execute(
+                """INSERT OR IGNORE INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
+                (
+                    rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"),
+                    s.get("description"), s.get("number"), rec.sop_class_uid,
+                    s.get("image_type"), s.get("orientation"), s.get("rows"), s.get("columns"),
+                    s.get("slice_thickness"),
+                ),
+            )
+            row = db.execute(
+                "SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO studies VALUES (?,?,'receiving',?,?,?,?,NULL,0)",
+                    (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline),
+                )
+                return Arrival(duplicate, True, False, False, deadline)
+            if row["state"] == "complete" and not reopen:
+                return Arrival(duplicate, False, False, True, deadline)
+            db.execute(
+                "UPDATE studies SET state='receiving', last_received=?, deadline=?, calling_ae=?"
+                " WHERE study_uid=?",
+                (now, deadline, rec.calling_ae, rec.study_uid),
+            )
+            reopened = row["state"] != "receiving"
+            return Arrival(duplicate, reopened, reopened, False, deadline)
+
+    def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO associations (calling_ae, called_ae, peer, started_at)"
+                " VALUES (?,?,?,?)",
+                (calling_ae, called_ae, peer, now),
+            )
+            return int(cur.lastrowid or 0)
+
+    def close_association(self, assoc_id: int, instances: int, failures: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE associations SET ended_at=?, instances=?, failures=? WHERE id=?",
+                (now, instances, failures, assoc_id),
+            )
+
+    # -- completion ------------------------------------------------------------------------
+
+    def receiving_studies(self) -> list[tuple[str, float]]:
+        rows = self.query("SELECT study_uid, deadline FROM studies WHERE state='receiving'")
+        return [(r["study_uid"], r["deadline"]) for r in rows]
+
+    def complete_if_due(self, study_uid: str, now: float) -> tuple[bool, float | None]:
+        """Complete the study if its quiet period has passed; else return its new deadline.
+
+        One transaction, so an instance committed concurrently either moves the deadline
+        first (the study stays open) or reopens the study afterwards.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT state, deadline FROM studies WHERE study_uid=?", (study_uid,)
+            ).fetchone()
+            if row is None or row["state"] != "receiving":
+                return False, None
+            if row["deadline"] > now:
+                return False, row["deadline"]
+            db.execute(
+                "UPDATE studies SET state='complete', completed_at=?, completions=completions+1"
+                " WHERE study_uid=?",
+                (now, study_uid),
+            )
+            db.execute(
+                "INSERT INTO work_items (study_uid, state, created_at, updated_at)"
+                " VALUES (?, 'queued', ?, ?)",
+                (study_uid, now, now),
+            )
+            return True, None
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def study_summaries(self) -> list[dict[str, Any]]:
+        rows = self.query(
+            """SELECT s.study_uid, s.state, s.calling_ae, s.first_received, s.last_received,
+                      s.completed_at, s.completions,
+                      (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,
+                      (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series
+               FROM studies s ORDER BY s.first_received"""
+        )
+        return [dict(r) for r in rows]
+
+    def study_instance_count(self, study_uid: str) -> int:
+        return int(
+            self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"]
+        )
+
+    def associations(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.query("SELECT * FROM associations ORDER BY id")]

@@ -1,0 +1,121 @@
+"""Durable spool: instances are written exactly as received, crash-safe, under UID-named paths.
+
+A file is either absent or complete at its final path: it is written to a temporary file on
+the same filesystem, fsynced, renamed into place, and the folder is fsynced. Names come only
+from validated UIDs, so no tag text ever reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUID(ValueError):
+    pass
+
+
+class OutOfSpace(OSError):
+    pass
+
+
+def checked_uid(value: object, name: str) -> str:
+    """Return `value` as a UID safe for paths; raise InvalidUID with the attribute name."""
+    text = str(value or "").strip().rstrip("\x00")
+    if not text or len(text) > 64 or not _UID.match(text):
+        raise InvalidUID(f"{name} is missing or not a valid UID")
+    return text
+
+
+class Spool:
+    """The on-disk store: ``studies/<study>/<series>/<sop>.dcm`` plus ``quarantine/``."""
+
+    def __init__(self, root: Path, min_free_mb: float):
+        self.root = Path(root)
+        self.studies = self.root / "studies"
+        self.tmp = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
+        for folder in (self.studies, self.tmp, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def clear_partial_writes(self) -> int:
+        """Remove temporary files left by a crash: never acknowledged, so safe to drop."""
+        leftovers = list(self.tmp.glob("*.part"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
+    def has_room(self, incoming: int = 0) -> bool:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize - incoming >= self.min_free_bytes
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.studies / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def store(self, target: Path, chunks: Iterable[bytes | memoryview]) -> int:
+        """Write `chunks` durably to `target` (replacing it); return the size in bytes."""
+        self._ensure_dir(target.parent)
+        return self._write_atomic(target, chunks)
+
+    def quarantine(self, chunks: Iterable[bytes | memoryview], reason: str) -> Path:
+        """Keep an unusable dataset for inspection; it is never indexed."""
+        stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
+        target = self.quarantine_dir / f"{stem}.dcm"
+        self._write_atomic(target, chunks)
+        (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        return target
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder in self._known_dirs:
+            return
+        created = []
+        for parent in reversed((folder, *folder.parents)):
+            if not parent.exists():
+                try:
+                    parent.mkdir()
+                    created.append(parent)
+                except FileExistsError:
+                    pass
+        for new in created:  # make the new folder entries themselves durable
+            _fsync_dir(new.parent)
+        self._known_dirs.add(folder)
+
+    def _write_atomic(self, target: Path, chunks: Iterable[bytes | memoryview]) -> int:
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                        size += written
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfSpace(exc.errno, "no space left for the instance") from None
+            raise
+        _fsync_dir(target.parent)
+        return size
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

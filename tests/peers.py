@@ -1,0 +1,159 @@
+"""Real peers for the tests: the node as a process, dcmtk tools, synthetic studies.
+
+Every process started here is stopped by PID; every server binds to 127.0.0.1 on a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll until `predicate()` is truthy; raise after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_study(folder: Path, slices: int = 20, size: int = 32, **identity: Any) -> list[Path]:
+    """A small synthetic CT series (the count matters to the receiver tests, not the size)."""
+    rng = np.random.default_rng(len(str(folder)))
+    hu = rng.integers(-1000, 1000, size=(slices, size, size)).astype(float)
+    return write_ct_series(hu, folder, SeriesGeometry(spacing=(2.0, 0.8, 0.8)), SeriesIdentity(**identity))
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a part-10 file, without preamble and file meta group."""
+    data = Path(path).read_bytes()
+    assert data[128:132] == b"DICM"
+    group_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL, explicit VR
+    return data[144 + group_length :]
+
+
+class NodeProcess:
+    """`dicom-node serve` in its own process group, with a config written for the test."""
+
+    def __init__(self, workdir: Path, **overrides: Any):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.data_dir = self.workdir / "data"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "node.yaml"
+        self.log_path = self.workdir / "node.log"
+        config: dict[str, Any] = {
+            "scp": {"bind": "127.0.0.1", "port": self.port, "workers": 2, "ae_title": "TESTNODE"},
+            "storage": {"data_dir": str(self.data_dir), "min_free_mb": 1},
+            "completion": {"quiet_period_s": 2.0},
+        }
+        for section, values in overrides.items():
+            config.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "NodeProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "dicom-node"), "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=30)
+        assert self.process.poll() is None, self.log()
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.process = None
+
+    def kill_all(self) -> None:
+        """SIGKILL the service and its receiver processes at once (a crash, not a shutdown)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == name:
+                out.append(entry)
+        return out
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        db = sqlite3.connect(self.data_dir / "index.sqlite", timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def study(self, study_uid: str) -> sqlite3.Row | None:
+        rows = self.query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+        return rows[0] if rows else None
+
+    def instance_count(self, study_uid: str) -> int:
+        return self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"]
+
+    def wait_complete(self, study_uid: str, completions: int = 1, timeout: float = 60) -> sqlite3.Row:
+        def done() -> Any:
+            row = self.study(study_uid)
+            return row if row and row["state"] == "complete" and row["completions"] >= completions else None
+
+        return wait_for(done, timeout=timeout)
+
+
+def storescu(port: int, files: list[Path], aet: str = "MODALITY", *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu as the modality; -v so that each response is in the output."""
+    return subprocess.run(
+        ["storescu", "-v", "-aet", aet, "-aec", "TESTNODE", *extra, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=timeout,
+    )
