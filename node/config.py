@@ -64,7 +64,7 @@ class ScpConfig(Strict):
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(0, ge=0, description="0 means unlimited")
-    workers: int = Field(0, ge=0, description="receiver processes; 0 = one per CPU core")
+    workers: int = Field(0, ge=0, description="receiver processes; 0 = two per CPU core")
     require_called_ae_title: bool = False
     allowed_callers: list[AllowedCaller] = Field(
         default_factory=list, description="empty: any calling AE is accepted"
@@ -79,7 +79,10 @@ class ScpConfig(Strict):
         return value
 
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        """Receiver processes. Two per core by default: a pynetdicom association waits on the
+        network or the disk about half of the time, and associations in separate processes
+        do not contend for one GIL."""
+        return self.workers or 2 * (os.cpu_count() or 1)
 
 
 class StorageConfig(Strict):

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Callable
 
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -40,6 +39,7 @@ from pynetdicom.events import Event
 
 from node import logs
 from node.config import NodeConfig
+from node.store.filemeta import encode_file_meta
 from node.store.index import Index, InstanceRecord
 from node.store.spool import OutOfSpace, Spool
 from node.receive.tags import UnreadableDataset, read_routing_tags
@@ -215,10 +215,11 @@ class StorageSCP:
             logs.event(log, "store_refused_disk_low", logging.ERROR, sop_instance_uid=_uid(request))
             return OUT_OF_RESOURCES
         transfer_syntax = event.context.transfer_syntax
-        header = BytesIO()
-        header.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(header, event.file_meta, enforce_standard=True)
-        chunks = (header.getbuffer(), payload)
+        calling = stats.calling_ae if stats else event.assoc.requestor.ae_title
+        header = encode_file_meta(
+            str(request.AffectedSOPClassUID), _uid(request), str(transfer_syntax), calling
+        )
+        chunks = (header, payload)
         try:
             tags = read_routing_tags(payload, transfer_syntax)
             if tags.sop_instance_uid != _uid(request):
@@ -247,7 +248,6 @@ class StorageSCP:
             logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES
 
-        calling = stats.calling_ae if stats else event.assoc.requestor.ae_title
         completion = self.config.completion
         arrival = self.index.record_instance(
             InstanceRecord(

@@ -31,7 +31,7 @@ ROUTING_KEYWORDS = (
     "SliceThickness",
 )
 _SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS]
-_PIXEL_DATA = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+_LAST_TAG = max(_SPECIFIC_TAGS)  # parsing stops after it: the rest is stored, not read
 
 
 class UnreadableDataset(ValueError):
@@ -62,7 +62,7 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
             io.BytesIO(data),
             is_implicit_VR=ts.is_implicit_VR,
             is_little_endian=ts.is_little_endian,
-            stop_when=lambda tag, vr, length: tag in _PIXEL_DATA,
+            stop_when=lambda tag, vr, length: tag > _LAST_TAG,
             specific_tags=_SPECIFIC_TAGS,
         )
         values = {keyword: ds.get(keyword) for keyword in ROUTING_KEYWORDS}
