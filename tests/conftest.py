@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
 from tests.peers import NodeProcess
+
+if TYPE_CHECKING:
+    from inference.triton_cpu import TritonCpuServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,3 +32,24 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield start
     for node in started:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with the test threshold model (and the committed demo model)."""
+    from tests.models import build_test_repository
+
+    return build_test_repository(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonCpuServer"]:
+    """The real Triton server (from the nvidia-pytriton wheel), once per test session."""
+    from inference.triton_cpu import TritonCpuServer
+
+    log = tmp_path_factory.mktemp("triton") / "triton.log"
+    server = TritonCpuServer(model_repository, log)
+    names = tuple(p.name for p in model_repository.iterdir() if (p / "node.yaml").exists())
+    server.start(timeout=120, ready_models=names)
+    yield server
+    server.cleanup()

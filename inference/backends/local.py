@@ -1,0 +1,39 @@
+"""In-process backend: the same model.onnx that Triton serves, run with ONNX Runtime on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from inference.backends.base import BackendError
+from inference.spec import ModelSpec
+
+
+class LocalBackend:
+    def __init__(self, model_path: Path, spec: ModelSpec, threads: int = 0):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"cannot load {model_path}: {exc}") from None
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if spec.input.name not in inputs or spec.output.name not in outputs:
+            raise BackendError(
+                f"model {spec.name}: spec names input {spec.input.name!r} and output {spec.output.name!r},"
+                f" the ONNX file has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+            )
+        self.spec = spec
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return self.session.run([self.spec.output.name], {self.spec.input.name: batch})[0]
+        except Exception as exc:
+            raise BackendError(f"model {self.spec.name} failed on input {batch.shape}: {exc}") from None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,108 @@
+"""Measurements of a label volume on its source grid: what the SR reports for each finding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.distance import pdist
+
+from inference.spec import Label, ModelSpec
+from inference.volume import SeriesVolume
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One label (or one connected component of it) with its measurements in patient space."""
+
+    label: Label
+    component: int | None  # 1-based component number, None for a whole label
+    voxel_count: int
+    volume_mm3: float
+    centroid: tuple[float, float, float]  # patient LPS mm
+    bbox_min_index: tuple[int, int, int]  # (slice, row, column)
+    bbox_max_index: tuple[int, int, int]
+    longest_in_plane_diameter_mm: float  # in the acquisition plane (axial for axial series)
+
+    @property
+    def tracking_id(self) -> str:
+        return self.label.name if self.component is None else f"{self.label.name} {self.component}"
+
+
+def clean_components(mask: np.ndarray, keep_largest: bool, min_voxels: int) -> np.ndarray:
+    """Drop components smaller than `min_voxels`; optionally keep only the largest."""
+    if not keep_largest and min_voxels <= 1:
+        return mask
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    keep = sizes >= max(min_voxels, 1)
+    if keep_largest:
+        keep = np.zeros_like(keep)
+        keep[int(np.argmax(sizes))] = True
+    return keep[np.maximum(components - 1, 0)] & (components > 0)
+
+
+def measure(labels: np.ndarray, volume: SeriesVolume, spec: ModelSpec) -> list[Finding]:
+    """Findings per label, or per connected component when the spec reports lesions."""
+    findings: list[Finding] = []
+    per_component = spec.postprocessing.findings == "per_component"
+    for label in spec.labels:
+        mask = labels == label.value
+        if not mask.any():
+            continue
+        if per_component:
+            components, count = ndimage.label(mask)
+            order = _components_by_size(components, count)
+            for number, component in enumerate(order, start=1):
+                findings.append(_measure_one(components == component, volume, label, number))
+        else:
+            findings.append(_measure_one(mask, volume, label, None))
+    return findings
+
+
+def _components_by_size(components: np.ndarray, count: int) -> list[int]:
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    return [int(i) + 1 for i in np.argsort(-sizes, kind="stable")]
+
+
+def _measure_one(mask: np.ndarray, volume: SeriesVolume, label: Label, component: int | None) -> Finding:
+    indices = np.argwhere(mask)
+    centroid = volume.to_patient(indices.mean(axis=0))[0]
+    return Finding(
+        label=label,
+        component=component,
+        voxel_count=int(len(indices)),
+        volume_mm3=float(len(indices) * volume.voxel_volume),
+        centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        bbox_min_index=tuple(int(v) for v in indices.min(axis=0)),  # type: ignore[arg-type]
+        bbox_max_index=tuple(int(v) for v in indices.max(axis=0)),  # type: ignore[arg-type]
+        longest_in_plane_diameter_mm=_longest_in_plane(indices, volume),
+    )
+
+
+def _longest_in_plane(indices: np.ndarray, volume: SeriesVolume) -> float:
+    """Largest distance between voxel centres of the finding within one image plane."""
+    best = 0.0
+    for k in np.unique(indices[:, 0]):
+        in_slice = indices[indices[:, 0] == k]
+        if len(in_slice) < 2:
+            continue
+        points = _outline(in_slice)
+        best = max(best, float(pdist(volume.to_patient(points)).max()))
+    return best
+
+
+def _outline(in_slice: np.ndarray) -> np.ndarray:
+    """Voxels on the outline of a slice's region: the longest chord runs between two of them."""
+    if len(in_slice) <= 64:
+        return in_slice
+    rows, cols = in_slice[:, 1], in_slice[:, 2]
+    grid = np.zeros((rows.max() - rows.min() + 3, cols.max() - cols.min() + 3), dtype=bool)
+    grid[rows - rows.min() + 1, cols - cols.min() + 1] = True
+    edge = grid & ~ndimage.binary_erosion(grid)
+    r, c = np.nonzero(edge)
+    k = np.full(len(r), in_slice[0, 0])
+    return np.stack([k, r + rows.min() - 1, c + cols.min() - 1], axis=1)

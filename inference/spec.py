@@ -1,0 +1,141 @@
+"""The node-side model spec (``<repo>/<model>/node.yaml``): what the node needs to run a model.
+
+Triton's ``config.pbtxt`` says how the server runs the model; this file says what the data
+must look like going in (orientation, spacing, intensities, patches), what comes out, and
+what the labels mean in DICOM terms (coded concepts for SEG and SR).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from node.yamlfile import ConfigError, Problem, load_yaml, validate
+
+TensorType = Literal["FP32", "FP16", "INT64", "INT32", "UINT8"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Code(_Strict):
+    """A coded concept (scheme designator, code value, code meaning), e.g. SCT 52988006 Lesion."""
+
+    scheme: str = Field(min_length=1, max_length=16)
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class Label(_Strict):
+    value: int = Field(ge=1, description="label value in the model output (0 is background)")
+    name: str = Field(min_length=1, max_length=64)
+    category: Code
+    type: Code
+    region: Code | None = None
+    color: tuple[int, int, int] = (255, 0, 0)
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in value):
+            raise ValueError("colour components must be 0-255")
+        return value
+
+
+class Tensor(_Strict):
+    name: str
+    dtype: TensorType = "FP32"
+
+
+class Intensity(_Strict):
+    """Map stored values (after rescale) to model input: a window, or z-score normalisation."""
+
+    window: tuple[float, float] | None = Field(None, description="[lower, upper] in modality units (HU)")
+    output_range: tuple[float, float] = (0.0, 1.0)
+    normalize: Literal["none", "zscore"] = "none"
+
+    @model_validator(mode="after")
+    def _one_method(self) -> "Intensity":
+        if self.window is not None and self.normalize != "none":
+            raise ValueError("use either window or normalize, not both")
+        if self.window is not None and self.window[0] >= self.window[1]:
+            raise ValueError("window lower bound must be below the upper bound")
+        return self
+
+
+class Preprocessing(_Strict):
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, value: str) -> str:
+        axes = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+        if len(value) != 3 or any(c not in axes for c in value) or len({axes[c] for c in value}) != 3:
+            raise ValueError("must name one of L/R, A/P and S/I each, e.g. RAS")
+        return value
+
+    orientation: str = Field("RAS", description="MONAI axcodes, e.g. RAS or LPS")
+    spacing: tuple[float, float, float] | None = Field(None, description="mm; null keeps native")
+    intensity: Intensity = Field(default_factory=Intensity)
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    overlap: float = Field(0.25, ge=0, lt=1)
+    batch_size: int = Field(1, ge=1)
+
+
+class Postprocessing(_Strict):
+    mode: Literal["argmax", "threshold"] = "argmax"
+    threshold: float = Field(0.5, gt=0, lt=1)
+    keep_largest_component: bool = False
+    min_component_voxels: int = Field(0, ge=0)
+    findings: Literal["per_label", "per_component"] = Field(
+        "per_label", description="per_component: each connected component is a finding (lesions)"
+    )
+
+
+class ModelSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: int = Field(1, ge=1)
+    task: Literal["segmentation", "classification"]
+    description: str = ""
+    algorithm_family: Code = Code(scheme="DCM", value="113037", meaning="Learning Algorithm")
+    input: Tensor = Tensor(name="image")
+    output: Tensor = Tensor(name="logits")
+    output_activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    postprocessing: Postprocessing = Field(default_factory=Postprocessing)
+    labels: list[Label] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> "ModelSpec":
+        values = [label.value for label in self.labels]
+        if len(set(values)) != len(values):
+            raise ValueError("label values must be unique")
+        return self
+
+    @property
+    def output_channels(self) -> int:
+        """Segmentation: background + one channel per label; classification: one per class."""
+        if self.task == "segmentation":
+            return max(label.value for label in self.labels) + 1
+        return len(self.labels)
+
+    def label(self, value: int) -> Label:
+        return next(label for label in self.labels if label.value == value)
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    """Read and validate ``node.yaml`` in a model folder; the name must match the folder."""
+    model_dir = Path(model_dir)
+    doc = load_yaml(model_dir / "node.yaml")
+    spec = validate(doc, ModelSpec)
+    if spec.name != model_dir.name:
+        raise ConfigError([doc.problem(("name",), f"must match the model folder name {model_dir.name!r}")])
+    return spec
+
+
+def model_file(repository: str | Path, spec: ModelSpec) -> Path:
+    path = Path(repository) / spec.name / str(spec.version) / "model.onnx"
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), None, "", "model file not found")])
+    return path

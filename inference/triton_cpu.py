@@ -1,0 +1,128 @@
+"""Run the real Triton server shipped in the ``nvidia-pytriton`` wheel, on CPU (python backend).
+
+For development, tests and benchmarks on machines without NVIDIA's container. The wheel's
+binary is Triton 2.51 with only the python backend; models use their ``configs/cpu.pbtxt``
+variant, which runs the same ``model.onnx`` with ONNX Runtime. Facts this relies on:
+the backend stub links libpython 3.11 and must find this interpreter's libpython first;
+numpy must be < 2 in this environment (numpy 2 gives empty output tensors).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TritonCpuServer:
+    """A tritonserver process on loopback ports; `stop()` ends it by PID."""
+
+    def __init__(self, model_repository: Path, log_file: Path | None = None, config_name: str = "cpu"):
+        import pytriton
+
+        root = Path(pytriton.__file__).parent
+        self.binary = root / "tritonserver" / "bin" / "tritonserver"
+        self.libs = root.parent / "nvidia_pytriton.libs"
+        self.repository = Path(model_repository)
+        self.config_name = config_name
+        self.log_file = log_file
+        self.http_port, self.grpc_port = _free_port(), _free_port()
+        self._backends = Path(tempfile.mkdtemp(prefix="triton-backends-"))
+        python_dir = self._backends / "python"
+        python_dir.mkdir()
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        for item in (root / "tritonserver" / "backends" / "python").iterdir():
+            if item.is_file():
+                shutil.copy(item, python_dir / item.name)
+        shutil.copy(root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub", python_dir)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(self.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={self._backends}",
+            f"--model-config-name={self.config_name}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--allow-metrics=false",
+            "--exit-on-error=false",
+            "--strict-readiness=true",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (libdir, str(self.libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def start(self, timeout: float = 60.0, ready_models: tuple[str, ...] = ()) -> "TritonCpuServer":
+        self._log = open(self.log_file, "ab") if self.log_file else None
+        self.process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"tritonserver exited with code {self.process.returncode}")
+                try:
+                    if client.is_server_live() and all(client.is_model_ready(m) for m in ready_models):
+                        return self
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.2)
+        finally:
+            client.close()
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready within {timeout} s")
+
+    def stop(self) -> None:
+        """SIGTERM (Triton ignores SIGINT in the background), then SIGKILL if it lingers."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.process = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._backends, ignore_errors=True)

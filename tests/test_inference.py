@@ -1,0 +1,228 @@
+"""Inference: backends against the real Triton server, and DICOM geometry end to end."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from inference.backends.base import BackendError
+from inference.backends.local import LocalBackend
+from inference.backends.triton import TritonBackend
+from inference.pipeline import segment
+from inference.triton_cpu import TritonCpuServer
+from inference.volume import SeriesError, load_series, read_series
+from tests.models import threshold_spec
+from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from training.phantom.generator import Ellipsoid, Phantom
+
+CENTRE = (3.2, -5.1, 12.7)
+RADIUS = 14.0
+
+
+def _local(repo: Path) -> LocalBackend:
+    return LocalBackend(repo / "threshold" / "1" / "model.onnx", threshold_spec())
+
+
+# -- backends ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("shared_memory", ["none", "system"])
+def test_triton_matches_local_backend(model_repository, triton, protocol, shared_memory):
+    batch = np.random.default_rng(1).random((3, 1, 20, 24, 28), dtype=np.float32)
+    expected = _local(model_repository).infer(batch)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    backend = TritonBackend(url, threshold_spec(), protocol=protocol, shared_memory=shared_memory)
+    try:
+        got = backend.infer(batch)
+        assert got.shape == expected.shape == (3, 2, 20, 24, 28)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert backend.use_shm is (shared_memory == "system")
+    finally:
+        backend.close()
+
+
+def test_triton_wrong_model_name(triton):
+    with pytest.raises(BackendError, match=r"model 'nosuchmodel' version 1 is not ready on Triton .*models there: .*threshold"):
+        TritonBackend(triton.grpc_url, threshold_spec(name="nosuchmodel"))
+
+
+def test_triton_spec_disagrees_with_server(triton):
+    spec = threshold_spec(output={"name": "probabilities", "dtype": "FP32"})
+    with pytest.raises(BackendError, match=r"Triton has no output named 'probabilities' \(it has \['logits'\]\)"):
+        TritonBackend(triton.grpc_url, spec)
+    spec = threshold_spec(input={"name": "image", "dtype": "FP16"})
+    with pytest.raises(BackendError, match=r"input 'image' is FP32 on Triton, the spec says FP16"):
+        TritonBackend(triton.http_url, spec, protocol="http")
+
+
+def test_triton_wrong_shape_is_a_clear_error(triton):
+    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="none")
+    try:
+        with pytest.raises(BackendError, match=r"Triton rejected model threshold on input \[1, 2, 8, 8, 8\]"):
+            backend.infer(np.zeros((1, 2, 8, 8, 8), dtype=np.float32))
+    finally:
+        backend.close()
+
+
+def test_triton_stopped_gives_clear_error_after_retries(model_repository, tmp_path):
+    server = TritonCpuServer(model_repository, tmp_path / "triton.log").start(ready_models=("threshold",))
+    try:
+        backend = TritonBackend(server.grpc_url, threshold_spec(), shared_memory="none", retries=3, backoff=0.05)
+        server.stop()
+        with pytest.raises(BackendError, match=r"unavailable for inference after 3 attempts"):
+            backend.infer(np.zeros((1, 1, 8, 8, 8), dtype=np.float32))
+        backend.close()
+    finally:
+        server.cleanup()
+
+
+def test_local_backend_names_must_match(model_repository):
+    with pytest.raises(BackendError, match=r"spec names input 'pixels'"):
+        LocalBackend(model_repository / "threshold" / "1" / "model.onnx", threshold_spec(input={"name": "pixels"}))
+
+
+# -- geometry ------------------------------------------------------------------------------
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    i, j = [n for n in range(3) if n != axis]
+    m = np.eye(3)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+OBLIQUE = _rotation(2, 15) @ _rotation(0, 25)
+GEOMETRIES = {
+    "axial": ((1, 0, 0, 0, 1, 0), (2.0, 0.9, 0.9), (32, 64, 64)),
+    "sagittal": ((0, 1, 0, 0, 0, -1), (1.5, 1.0, 1.0), (48, 64, 64)),
+    "oblique": (tuple(OBLIQUE[:, 0]) + tuple(OBLIQUE[:, 1]), (1.5, 1.0, 1.0), (48, 64, 64)),
+    "anisotropic": ((1, 0, 0, 0, 1, 0), (5.0, 0.6, 0.8), (16, 96, 72)),
+}
+
+
+def _sphere_series(folder: Path, orientation, spacing, shape, **write) -> tuple[list[Path], SeriesGeometry]:
+    geometry = SeriesGeometry(spacing=spacing, orientation=orientation)
+    centre_index = (np.asarray(shape) - 1) / 2.0
+    offset = geometry.to_patient(centre_index) - geometry.to_patient((0, 0, 0))
+    geometry.origin = tuple(np.asarray((0.0, 0.0, 10.0)) - offset)
+    phantom = Phantom(Ellipsoid((0, 0, 0), (150, 150, 1000), 40.0), lesions=[Ellipsoid(CENTRE, (RADIUS,) * 3, 500.0)],
+                      noise_hu=0)
+    hu, _ = phantom.sample(shape, geometry)
+    return write_ct_series(hu, folder, geometry, SeriesIdentity(), **write), geometry
+
+
+def _check_sphere(files: list[Path], backend, reverse: bool = False) -> None:
+    datasets = read_series(files)
+    if reverse:
+        datasets = datasets[::-1]
+    volume = load_series(datasets)
+    result = segment(volume, threshold_spec(), backend)
+    assert len(result.findings) == 1
+    finding = result.findings[0]
+    error_mm = np.subtract(finding.centroid, CENTRE)
+    error_voxels = np.linalg.inv(volume.affine[:3, :3]) @ error_mm
+    assert np.all(np.abs(error_voxels) <= 1.0), (finding.centroid, error_voxels)
+    truth = 4 / 3 * math.pi * RADIUS**3
+    assert abs(finding.volume_mm3 - truth) / truth < 0.05
+    # the label of each source frame lies where that frame is: check one voxel per frame
+    inside = np.argwhere(result.labels == 1)
+    k, r, c = inside[len(inside) // 2]
+    ds = volume.datasets[k]
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    sr, sc = (float(v) for v in ds.PixelSpacing)
+    point = ipp + c * sc * iop[:3] + r * sr * iop[3:]
+    assert np.linalg.norm(point - np.asarray(CENTRE)) <= RADIUS + 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_sphere_centroid_and_volume_in_every_geometry(name, tmp_path, model_repository):
+    orientation, spacing, shape = GEOMETRIES[name]
+    files, _ = _sphere_series(tmp_path / name, orientation, spacing, shape)
+    _check_sphere(files, _local(model_repository))
+
+
+def test_slices_in_reverse_order(tmp_path, model_repository):
+    files, _ = _sphere_series(tmp_path / "ax", *GEOMETRIES["axial"])
+    _check_sphere(files, _local(model_repository), reverse=True)
+
+
+def test_signed_pixels_without_intercept_and_unsigned_with_intercept(tmp_path, model_repository):
+    files, _ = _sphere_series(tmp_path / "signed", *GEOMETRIES["axial"], rescale_intercept=0.0, unsigned=False)
+    assert pydicom.dcmread(files[0]).PixelRepresentation == 1
+    _check_sphere(files, _local(model_repository))
+    files, _ = _sphere_series(tmp_path / "unsigned", *GEOMETRIES["axial"])
+    ds = pydicom.dcmread(files[0])
+    assert ds.PixelRepresentation == 0 and float(ds.RescaleIntercept) == -1024
+    _check_sphere(files, _local(model_repository))
+
+
+def test_jpeg_lossless_series_through_triton(tmp_path, model_repository, triton):
+    files, _ = _sphere_series(tmp_path / "plain", *GEOMETRIES["axial"])
+    compressed = []
+    for path in files:
+        out = tmp_path / "jpeg" / path.name
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run(["dcmcjpeg", "+e1", str(path), str(out)], check=True, capture_output=True)
+        compressed.append(out)
+    assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    backend = TritonBackend(triton.grpc_url, threshold_spec())
+    try:
+        _check_sphere(compressed, backend)
+    finally:
+        backend.close()
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+def _axial(tmp_path: Path, slices: int = 6) -> list[pydicom.Dataset]:
+    files = write_ct_series(np.zeros((slices, 8, 8)), tmp_path / "s", SeriesGeometry(spacing=(2.0, 1.0, 1.0)))
+    return read_series(files)
+
+
+def test_refuses_mixed_orientations(tmp_path):
+    datasets = _axial(tmp_path)
+    datasets[2].ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
+    with pytest.raises(SeriesError, match="mixed orientations in one series: 2 different"):
+        load_series(datasets)
+
+
+def test_refuses_varying_spacing(tmp_path):
+    datasets = _axial(tmp_path)
+    datasets[3].ImagePositionPatient = [0, 0, 6.7]
+    with pytest.raises(SeriesError, match=r"slice spacing varies: 1.30 to 2.70 mm"):
+        load_series(datasets)
+
+
+def test_refuses_missing_slices(tmp_path):
+    datasets = _axial(tmp_path)
+    del datasets[3]
+    with pytest.raises(SeriesError, match=r"missing slices: gap of 4.00 mm after position 4.00 mm where the spacing is 2.00 mm \(1 slice\(s\) missing\)"):
+        load_series(datasets)
+
+
+def test_refuses_non_image_sop_class(tmp_path):
+    datasets = _axial(tmp_path)
+    sr = pydicom.Dataset()
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    sr.SOPInstanceUID = generate_uid()
+    with pytest.raises(SeriesError, match=r"SOP class 1.2.840.10008.5.1.4.1.1.88.22 \(Enhanced SR Storage\) is not an image"):
+        load_series(datasets + [sr])
+
+
+def test_refuses_multiframe_without_per_frame_geometry(tmp_path):
+    ds = _axial(tmp_path)[0]
+    ds.NumberOfFrames = 4
+    ds.PixelData = ds.PixelData * 4
+    with pytest.raises(SeriesError, match="multi-frame object with 4 frames has no per-frame geometry"):
+        load_series([ds])
