@@ -45,23 +45,31 @@ class Phantom:
 
     def sample(self, shape: tuple[int, int, int], geometry: SeriesGeometry, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """HU volume and lesion label volume (uint8) on a grid of `shape` with `geometry`."""
-        k, r, c = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
-        index = np.stack([k, r, c, np.ones_like(k)], axis=-1)
-        points = (index @ geometry.affine().T.astype(np.float32))[..., :3]
-        hu = np.full(shape, AIR_HU, dtype=np.float32)
+        hu = np.empty(shape, dtype=np.float32)
+        labels = np.zeros(shape, dtype=np.uint8)
+        r, c = np.meshgrid(np.arange(shape[1], dtype=np.float32), np.arange(shape[2], dtype=np.float32), indexing="ij")
+        affine = geometry.affine().astype(np.float32)
+        for k in range(shape[0]):  # slice by slice: a 300x512x512 grid would need GBs at once
+            index = np.stack([np.full_like(r, k), r, c, np.ones_like(r)], axis=-1)
+            points = (index @ affine.T)[..., :3]
+            hu[k], labels[k] = self._sample_points(points)
+        if self.noise_hu:
+            hu += np.random.default_rng(seed).normal(0, self.noise_hu, size=shape).astype(np.float32)
+        return hu, labels
+
+    def _sample_points(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hu = np.full(points.shape[:-1], AIR_HU, dtype=np.float32)
         in_body = ((points[..., 0] - self.body.centre[0]) / self.body.radii[0]) ** 2 + (
             (points[..., 1] - self.body.centre[1]) / self.body.radii[1]
         ) ** 2 <= 1.0
         hu[in_body] = self.body.hu
         for organ in self.organs:
             hu[organ.contains(points)] = organ.hu
-        labels = np.zeros(shape, dtype=np.uint8)
+        labels = np.zeros(points.shape[:-1], dtype=np.uint8)
         for lesion in self.lesions:
             inside = lesion.contains(points)
             hu[inside] = lesion.hu
             labels[inside] = 1
-        if self.noise_hu:
-            hu += np.random.default_rng(seed).normal(0, self.noise_hu, size=shape).astype(np.float32)
         return hu, labels
 
     def truth(self) -> dict:
@@ -84,7 +92,7 @@ def random_phantom(
     field_of_view: tuple[float, float, float],
     centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
     lesions: tuple[int, int] = (1, 3),
-    lesion_radius: tuple[float, float] = (4.0, 10.0),
+    lesion_radius: tuple[float, float] = (5.0, 12.0),
     noise_hu: float = 10.0,
 ) -> Phantom:
     """A body filling most of the field of view, two organs and 1-3 lesions of random contrast."""

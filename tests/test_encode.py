@@ -1,0 +1,180 @@
+"""SEG and SR: built from label volumes made here, checked by dciodvfy, dcmqi and a read-back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from inference.findings import measure
+from inference.pipeline import SegmentationResult
+from inference.spec import ModelSpec
+from inference.volume import load_series, read_series
+from node.encode.options import OutputOptions
+from node.encode.seg import build_seg
+from node.encode.sr import build_sr
+from node.encode.uids import ResultUIDs
+from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+
+LESION = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
+ALTERED = {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Altered Structure"}
+SPEC = ModelSpec.model_validate({
+    "name": "two-labels", "version": 3, "task": "segmentation", "description": "test model",
+    "postprocessing": {"findings": "per_component"},
+    "labels": [
+        {"value": 1, "name": "Lesion", "category": ALTERED, "type": LESION, "color": [255, 0, 0],
+         "region": {"scheme": "SCT", "value": "39607008", "meaning": "Lung"}},
+        {"value": 2, "name": "Nodule", "category": ALTERED,
+         "type": {"scheme": "SCT", "value": "27925004", "meaning": "Nodule"}, "color": [0, 0, 255]},
+    ],
+})
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> SegmentationResult:
+    folder = tmp_path_factory.mktemp("ct")
+    geometry = SeriesGeometry(spacing=(2.5, 0.8, 0.8), origin=(-20.0, -30.0, 40.0))
+    files = write_ct_series(np.zeros((24, 48, 40)), folder, geometry, SeriesIdentity(patient_name="Doe^Jane"))
+    volume = load_series(read_series(files))
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[5:9, 10:20, 8:16] = 1   # two lesions (components) and one nodule
+    labels[14:16, 30:34, 20:30] = 1
+    labels[18:21, 5:9, 30:36] = 2
+    return SegmentationResult(SPEC, volume, labels, measure(labels, volume, SPEC))
+
+
+def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
+
+
+# Debian's dicom3tools (2022) predates the Label Map Segmentation SOP class (2024): it does not
+# know the IOD and expects segment numbers from 1, where a label map's background is segment 0.
+# These two lines, and only these, are expected for LABELMAP; its voxels are checked below.
+LABELMAP_UNKNOWN_TO_DCIODVFY = [
+    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence item number 1"
+    " (from one) with SegmentNumber of 0",
+    "Error - Information Object Not found",
+]
+
+
+@pytest.mark.parametrize("kind, omit", [("BINARY", False), ("BINARY", True), ("LABELMAP", False)])
+def test_seg_is_valid_and_decodes_to_the_label_volume(result, tmp_path, kind, omit):
+    options = OutputOptions(segmentation_type=kind, omit_empty_frames=omit)
+    seg = build_seg(result, options, ResultUIDs("job-1", SPEC.name))
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    errors, warnings = _dciodvfy(path)
+    assert errors == (LABELMAP_UNKNOWN_TO_DCIODVFY if kind == "LABELMAP" else [])
+    assert warnings == []
+
+    ds = pydicom.dcmread(path)
+    source = result.volume.datasets[0]
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+    assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert ds.SeriesNumber == 9101 and ds.SeriesDescription == "AI two-labels SEG"
+    assert str(ds.ContentCreatorName) == "DICOM^Node"
+    referenced = {item.ReferencedSOPInstanceUID for item in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {d.SOPInstanceUID for d in result.volume.datasets}
+    segments = [(s.SegmentNumber, s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+                 s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName,
+                 s.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion)
+                for s in ds.SegmentSequence if s.SegmentNumber > 0]  # a label map adds background 0
+    assert segments == [(1, "Lesion", "52988006", "two-labels", "3"), (2, "Nodule", "27925004", "two-labels", "3")]
+    assert all("RecommendedDisplayCIELabValue" in s for s in ds.SegmentSequence if s.SegmentNumber > 0)
+    if kind == "BINARY":
+        _check_with_dcmqi(path, result, tmp_path)
+    else:
+        back = hd.seg.segread(path).get_pixels_by_source_instance(
+            [d.SOPInstanceUID for d in result.volume.datasets], combine_segments=True)
+        np.testing.assert_array_equal(back, result.labels)
+
+
+def _check_with_dcmqi(path: Path, result: SegmentationResult, tmp_path: Path) -> None:
+    """dcmqi decodes each segment to an image; every voxel must equal our label volume."""
+    out = tmp_path / "dcmqi"
+    out.mkdir()
+    tool = Path(sys.executable).parent / "segimage2itkimage"
+    run = subprocess.run([str(tool), "--inputDICOM", str(path), "--outputDirectory", str(out), "-t", "nifti"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    k, r, c = np.indices(result.labels.shape).reshape(3, -1)
+    patient = result.volume.to_patient(np.stack([k, r, c], axis=1))
+    for number, attributes in enumerate(meta["segmentAttributes"], start=1):
+        image = nib.load(out / f"{number}.nii.gz")
+        data = np.asarray(image.dataobj)
+        to_index = np.linalg.inv(ras_to_lps @ image.affine)
+        ijk = np.rint(np.c_[patient, np.ones(len(patient))] @ to_index.T)[:, :3].astype(int)
+        inside = np.all((ijk >= 0) & (ijk < data.shape[:3]), axis=1)
+        decoded = np.zeros(len(patient), dtype=bool)
+        decoded[inside] = data[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]] > 0
+        expected = (result.labels.reshape(-1) == attributes[0]["labelID"])
+        np.testing.assert_array_equal(decoded, expected)
+
+
+def test_sr_is_valid_and_reads_back_the_measurements(result, tmp_path):
+    options = OutputOptions()
+    uids = ResultUIDs("job-1", SPEC.name)
+    seg = build_seg(result, options, uids)
+    sr = build_sr(result, options, uids, seg)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    errors, warnings = _dciodvfy(path)
+    assert errors == []
+    assert warnings == []
+    ds = pydicom.dcmread(path)
+    assert ds.StudyInstanceUID == result.volume.datasets[0].StudyInstanceUID and ds.SeriesNumber == 9102
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    report = hd.sr.srread(path)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Lesion 1", "Lesion 2", "Nodule 1"]
+    for group, finding in zip(groups, result.findings):
+        volume = group.get_measurements(name=codes.SCT.Volume)[0]
+        assert volume.value == pytest.approx(finding.volume_mm3, abs=1e-3)
+        assert volume.unit == codes.UCUM.CubicMillimeter
+        diameter = group.get_measurements(name=codes.SCT.LongAxis)[0]
+        assert diameter.value == pytest.approx(finding.longest_in_plane_diameter_mm, abs=1e-3)
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        centre = [item for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass][0]
+        np.testing.assert_allclose(centre.value[0], finding.centroid, atol=1e-3)
+        assert group.finding_type == hd.sr.CodedConcept(**{"value": finding.label.type.value, "scheme_designator": "SCT",
+                                                            "meaning": finding.label.type.meaning})
+    lesion_sizes = [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups[:2]]
+    assert lesion_sizes == sorted(lesion_sizes, reverse=True)  # components numbered by size
+    assert lesion_sizes[0] == pytest.approx(4 * 10 * 8 * 2.5 * 0.8 * 0.8, abs=1e-6)
+
+
+def test_same_job_same_uids_other_job_other_uids(result):
+    options = OutputOptions()
+    a = build_seg(result, options, ResultUIDs("job-1", SPEC.name))
+    b = build_seg(result, options, ResultUIDs("job-1", SPEC.name))
+    c = build_seg(result, options, ResultUIDs("job-2", SPEC.name))
+    sparse = build_seg(result, OutputOptions(omit_empty_frames=True), ResultUIDs("job-1", SPEC.name))
+    assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID
+    assert sparse.SOPInstanceUID != a.SOPInstanceUID
+
+
+def test_no_findings_gives_no_seg_and_an_empty_report(result):
+    empty = SegmentationResult(SPEC, result.volume, np.zeros_like(result.labels), [])
+    assert build_seg(empty, OutputOptions(), ResultUIDs("j", SPEC.name)) is None
+    sr = build_sr(empty, OutputOptions(), ResultUIDs("j", SPEC.name), None)
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    assert report.content.get_volumetric_roi_measurement_groups() == []
+    items = [i for g in report.content[0].ContentSequence if g.name == codes.DCM.ImagingMeasurements
+             for grp in g.ContentSequence for i in grp.ContentSequence]
+    absent = [(i.name.meaning, i.value.meaning) for i in items
+              if i.value_type.value == "CODE" and i.value.value == codes.SCT.Absent.value]
+    assert absent == [("Lesion", "Absent"), ("Nodule", "Absent")]

@@ -1,0 +1,147 @@
+"""`dicom-node-train`: data, training, evaluation and export of models for the node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from inference.spec import ModelSpec
+from node.yamlfile import ConfigError, load_yaml, validate
+
+app = typer.Typer(help="Train models for the DICOM node and write their Triton model-repository entries.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+DEMO_EPOCHS = 40
+DEFAULT_SPEC = Path(__file__).resolve().parent / "specs" / "lesion-seg.yaml"
+SpecOption = typer.Option(DEFAULT_SPEC, "--spec", help="Node-side model spec (preprocessing, labels).")
+
+
+def _spec(path: Path) -> ModelSpec:
+    try:
+        return validate(load_yaml(path), ModelSpec)
+    except ConfigError as exc:
+        typer.echo(f"invalid spec:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Output folder (MSD layout)."),
+    count: int = typer.Option(40, help="Number of phantoms."),
+    size: int = typer.Option(64, help="Voxels per side."),
+    spacing: float = typer.Option(2.0, help="Voxel size in mm."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Synthetic CT phantoms with lesion labels, as an MSD-layout dataset."""
+    from training.data.synthetic import make_training_set
+
+    make_training_set(out, count, size, spacing, seed)
+    typer.echo(f"wrote {count} phantoms to {out}")
+
+
+@app.command("phantom-study")
+def phantom_study(
+    out: Path = typer.Argument(..., help="Folder for the DICOM CT series."),
+    slices: int = typer.Option(96),
+    size: int = typer.Option(256),
+    pixel_spacing: float = typer.Option(1.5),
+    slice_spacing: float = typer.Option(2.0),
+    seed: int = typer.Option(0),
+) -> None:
+    """A DICOM CT study of a random phantom; its truth is written beside it (<out>.truth.json)."""
+    from training.data.synthetic import make_dicom_study, truth_path
+
+    files, phantom = make_dicom_study(out, slices, size, pixel_spacing, slice_spacing, seed)
+    typer.echo(f"wrote {len(files)} images to {out}; {len(phantom.lesions)} lesions in {truth_path(out)}")
+
+
+@app.command("from-dicom-seg")
+def from_dicom_seg(
+    source: Path = typer.Argument(..., help="Folder with CT series and the DICOM SEG objects annotating them."),
+    out: Path = typer.Argument(..., help="Output folder (MSD layout)."),
+) -> None:
+    """Convert DICOM CT + SEG pairs (e.g. exported from a PACS) into training data."""
+    from training.data.dicom_seg import dicom_seg_to_msd
+
+    dicom_seg_to_msd(source, out)
+    typer.echo(f"wrote {out / 'dataset.json'}")
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="MSD-layout dataset folder."),
+    out: Path = typer.Argument(..., help="Run folder: checkpoints and metrics."),
+    spec: Path = SpecOption,
+    epochs: int = typer.Option(20),
+    iterations: int = typer.Option(10, help="Iterations per epoch."),
+    batch_size: int = typer.Option(2),
+    learning_rate: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    resume: Optional[Path] = typer.Option(None, help="Continue from a last.pt checkpoint."),
+) -> None:
+    """Train a MONAI 3D UNet (Dice + cross-entropy); best.pt is chosen on validation Dice."""
+    from training.train import TrainConfig, train as run
+
+    summary = run(TrainConfig(data=data, out=out, spec=_spec(spec), epochs=epochs, iterations_per_epoch=iterations,
+                              batch_size=batch_size, learning_rate=learning_rate, seed=seed, resume=resume))
+    typer.echo(f"best validation Dice {summary['best_dice_mean']:.4f}; checkpoints in {out}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Argument(...),
+    data: Path = typer.Argument(..., help="MSD-layout dataset folder."),
+    spec: Path = SpecOption,
+) -> None:
+    """Dice per label of a checkpoint on a dataset."""
+    from training.evaluate import evaluate as run
+
+    typer.echo(json.dumps(run(checkpoint, data, _spec(spec)), indent=2))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(...),
+    repository: Path = typer.Option(Path("models"), help="Model repository to write the entry into."),
+    spec: Path = SpecOption,
+    dice: Optional[float] = typer.Option(None, help="Validation Dice to record in the spec's description."),
+) -> None:
+    """ONNX export (checked against PyTorch) and the Triton model-repository entry."""
+    from training.export.repository import export_onnx, write_entry
+    from training.train import load_network
+
+    model_spec = _spec(spec)
+    network, network_config = load_network(checkpoint, model_spec)
+    onnx = repository / model_spec.name / str(model_spec.version) / "model.onnx"
+    error = export_onnx(network, onnx, model_spec, divisor=network_config.divisor)
+    entry = write_entry(repository, model_spec, onnx)
+    typer.echo(f"exported {entry} (ONNX vs PyTorch max error {error:.1e})")
+
+
+@app.command()
+def demo(
+    work: Path = typer.Option(Path("build/demo-training"), help="Scratch folder for data and checkpoints."),
+    repository: Path = typer.Option(Path("models"), help="Where the model entry goes."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the shipped demo model from scratch (a few minutes on 2 CPU cores) and export it."""
+    from training.data.synthetic import make_training_set
+    from training.train import TrainConfig, train as run
+
+    make_training_set(work / "data", count=32, size=64, spacing=2.0, seed=seed)
+    summary = run(TrainConfig(data=work / "data", out=work / "run", spec=_spec(DEFAULT_SPEC), epochs=DEMO_EPOCHS,
+                              iterations_per_epoch=15, batch_size=2, learning_rate=3e-3, seed=seed))
+    export(work / "run" / "best.pt", repository, DEFAULT_SPEC, None)
+    (repository / "lesion-seg" / "training.json").write_text(json.dumps({
+        "command": f"dicom-node-train demo --seed {seed}",
+        "best_validation_dice": summary["best_dice_mean"],
+        "epochs": summary["epochs"],
+    }, indent=2) + "\n")
+    typer.echo(f"demo model: validation Dice {summary['best_dice_mean']:.4f}")
+
+
+def main() -> None:
+    app(prog_name="dicom-node-train")
