@@ -162,6 +162,66 @@ def studies(
         )
 
 
+outbox_app = typer.Typer(help="Results waiting for, or done with, delivery.", invoke_without_command=True,
+                         add_completion=False)
+app.add_typer(outbox_app, name="outbox")
+
+
+def _index(config: Optional[Path], data_dir: Optional[Path] = None):
+    from node.store.index import Index
+
+    cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
+    path = Path(cfg.storage.data_dir) / "index.sqlite"
+    if not path.exists():
+        typer.echo(f"no index at {path}: the node has not run with this configuration", err=True)
+        raise typer.Exit(1)
+    return cfg, Index(path)
+
+
+@outbox_app.callback()
+def outbox_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """List result deliveries (pending, delivered, dead) per destination."""
+    if ctx.invoked_subcommand:
+        return
+    from node.send.outbox import Outbox, list_items
+
+    cfg, index = _index(config)
+    Outbox.ensure_schema(index)
+    rows = list_items(index)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("outbox is empty")
+        return
+    typer.echo(f"{'ID':>5}  {'STATE':9}  {'DESTINATION':16}  {'TRIES':>5}  {'JOB':10}  LAST ERROR")
+    for r in rows:
+        typer.echo(f"{r['id']:>5}  {r['state']:9}  {r['destination']:16}  {r['attempts']:>5}  {r['job_key']:10}  {r['last_error'] or ''}")
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    item: Optional[int] = typer.Argument(None, help="Outbox ID to retry."),
+    all_dead: bool = typer.Option(False, "--all", help="Retry every dead-lettered item."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Queue a dead (or waiting) delivery again, now; the running node picks it up."""
+    from node.send.outbox import Outbox, retry
+
+    if (item is None) == (not all_dead):
+        typer.echo("give an outbox ID or --all", err=True)
+        raise typer.Exit(2)
+    cfg, index = _index(config)
+    Outbox.ensure_schema(index)
+    count = retry(index, item, cfg.sending.deadline_s)
+    typer.echo(f"{count} item(s) queued for delivery")
+    raise typer.Exit(0 if count else 1)
+
+
 def _why_not(assoc: object) -> str:
     if getattr(assoc, "is_rejected", False):
         return "rejected by the peer"

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from node.encode.options import OutputOptions
 from node.yamlfile import ConfigError, Problem, load_yaml, validate
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
@@ -101,6 +102,57 @@ class CompletionConfig(Strict):
         return self.quiet_period_by_calling_ae.get(calling_ae, self.quiet_period_s)
 
 
+class ClientTls(Strict):
+    enabled: bool = False
+    ca: Path | None = Field(None, description="PEM CA bundle that signed the peer's certificate")
+    certificate: Path | None = Field(None, description="our client certificate, if the peer asks for one")
+    private_key: Path | None = None
+
+
+class DestinationConfig(Strict):
+    """A DICOM peer that receives results (a PACS, a viewer, a research archive)."""
+
+    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: ClientTls = Field(default_factory=ClientTls)
+    omit_empty_frames: bool | None = Field(None, description="overrides output.omit_empty_frames")
+    segmentation_type: Literal["BINARY", "LABELMAP"] | None = Field(None, description="overrides output.segmentation_type")
+
+    def output(self, defaults: OutputOptions) -> OutputOptions:
+        changes = {k: v for k, v in (("omit_empty_frames", self.omit_empty_frames),
+                                     ("segmentation_type", self.segmentation_type)) if v is not None}
+        return defaults.model_copy(update=changes)
+
+
+class SendingConfig(Strict):
+    """Result delivery: transient failures are retried with exponential backoff and jitter."""
+
+    retry_initial_s: float = Field(10.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+    deadline_s: float = Field(86400.0, gt=0, description="give up (dead letter) after this long")
+    timeout_s: float = Field(30.0, gt=0, description="connect, ACSE and DIMSE timeout")
+    sweep_s: float = Field(5.0, gt=0, description="how often due items (and CLI retries) are picked up")
+
+
+class TritonConfig(Strict):
+    url: str | None = Field(None, description="host:port; null runs models in-process (LocalBackend)")
+    protocol: Literal["grpc", "http"] = "grpc"
+    shared_memory: Literal["auto", "system", "none"] = "auto"
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(4, ge=1)
+
+
+class InferenceConfig(Strict):
+    model_repository: Path = Path("../models")
+    triton: TritonConfig = Field(default_factory=TritonConfig)
+
+
+class PipelineConfig(Strict):
+    workers: int = Field(1, ge=1, description="studies processed at the same time")
+    routing_file: Path = Path("routing.yaml")
+
+
 class LoggingConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -109,11 +161,23 @@ class NodeConfig(Strict):
     scp: ScpConfig = Field(default_factory=ScpConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     completion: CompletionConfig = Field(default_factory=CompletionConfig)
+    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    output: OutputOptions = Field(default_factory=OutputOptions)
+    sending: SendingConfig = Field(default_factory=SendingConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def destination_for_caller(self, calling_ae: str) -> str | None:
+        """'Return to sender': the destination whose AE title is the study's calling AE."""
+        return next((name for name, d in self.destinations.items() if d.ae_title == calling_ae), None)
 
     def resolve_paths(self, base: Path) -> NodeConfig:
         """Relative paths in a config file are relative to that file's folder."""
         storage = self.storage.model_copy(update={"data_dir": _under(base, self.storage.data_dir)})
+        inference = self.inference.model_copy(
+            update={"model_repository": _under(base, self.inference.model_repository)})
+        pipeline = self.pipeline.model_copy(update={"routing_file": _under(base, self.pipeline.routing_file)})
         tls = self.scp.tls.model_copy(
             update={
                 key: _under(base, getattr(self.scp.tls, key))
@@ -122,7 +186,8 @@ class NodeConfig(Strict):
             }
         )
         scp = self.scp.model_copy(update={"tls": tls})
-        return self.model_copy(update={"storage": storage, "scp": scp})
+        return self.model_copy(update={"storage": storage, "scp": scp, "inference": inference,
+                                       "pipeline": pipeline})
 
 
 def _under(base: Path, path: Path) -> Path:

@@ -14,6 +14,7 @@ from node.assemble.completion import CompletionTimers
 from node.assemble.workqueue import WorkQueue
 from node.config import NodeConfig
 from node.receive.workers import ReceiverPool
+from node.send.outbox import Outbox
 from node.store.index import Index
 from node.store.spool import Spool
 
@@ -30,6 +31,7 @@ class NodeService:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.completion = CompletionTimers(self.index, self.scheduler)
         self.receivers = ReceiverPool(config, on_study_opened=self.completion.arm)
+        self.outbox = Outbox(config, self.index, self.scheduler)
 
     @property
     def port(self) -> int:
@@ -40,6 +42,7 @@ class NodeService:
         requeued = self.queue.requeue_claimed()
         self.scheduler.start()
         self.completion.start()
+        self.outbox.start()
         self.receivers.start()
         logs.event(
             log,

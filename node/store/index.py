@@ -115,7 +115,11 @@ class Index:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)
+        self.executescript(SCHEMA)
+
+    def executescript(self, script: str) -> None:
+        """Idempotent DDL (CREATE ... IF NOT EXISTS) for this index and its extensions."""
+        self._connection().executescript(script)
 
     def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -1,0 +1,247 @@
+"""Durable result delivery: a persisted outbox, one association per result set and destination.
+
+Each (result set, destination) is a row in the index. An attempt sends every file over one
+association and checks every status. Transient failures (no connection, reset, timeout,
+association rejected-transient, 0xA7xx) are retried with exponential backoff and jitter
+until a deadline; permanent ones (association rejected-permanent, 0xA9xx, 0xCxxx) go to the
+dead-letter state with the reason at once. Result objects keep their SOP Instance UIDs on
+every attempt, so a resend after a crash leaves one copy in the PACS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from node import logs
+from node.config import NodeConfig
+from node.send.scu import associate, client_ssl_context, rejection, storage_contexts
+from node.store.index import Index
+
+log = logging.getLogger("node.send")
+
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_key TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    files TEXT NOT NULL,                 -- JSON list of result files
+    state TEXT NOT NULL,                 -- pending | sending | delivered | dead
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    deadline REAL NOT NULL,
+    last_error TEXT,
+    warnings TEXT,
+    UNIQUE (job_key, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+"""
+
+WARNING_STATUSES = range(0xB000, 0xC000)
+
+
+class Transient(Exception):
+    pass
+
+
+class Permanent(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    warnings: list[str]
+
+
+def classify_status(status: int) -> str:
+    """'success', 'warning', 'transient' or 'permanent' for a C-STORE response status."""
+    if status == 0x0000:
+        return "success"
+    if status in WARNING_STATUSES or status in (0x0107, 0x0116):
+        return "warning"
+    if 0xA700 <= status <= 0xA7FF:
+        return "transient"
+    return "permanent"  # 0xA9xx, 0xCxxx and anything unknown: resending will not help
+
+
+class Outbox:
+    def __init__(self, config: NodeConfig, index: Index, scheduler: BaseScheduler):
+        self.config = config
+        self.index = index
+        self.scheduler = scheduler
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self.ensure_schema(index)
+
+    @staticmethod
+    def ensure_schema(index: Index) -> None:
+        index.executescript(OUTBOX_SCHEMA)
+
+    # -- producing ---------------------------------------------------------------------------
+
+    def enqueue(self, job_key: str, study_uid: str, destination: str, files: list[Path]) -> int:
+        """Add a result set for a destination; the same job and destination is queued once."""
+        now = time.time()
+        with self.index.transaction() as db:
+            db.execute(
+                """INSERT OR IGNORE INTO outbox (job_key, study_uid, destination, files, state, created_at,
+                   updated_at, next_attempt, deadline) VALUES (?,?,?,?, 'pending', ?,?,?,?)""",
+                (job_key, study_uid, destination, json.dumps([str(f) for f in files]), now, now, now,
+                 now + self.config.sending.deadline_s),
+            )
+            row = db.execute("SELECT id FROM outbox WHERE job_key=? AND destination=?", (job_key, destination)).fetchone()
+        self._schedule(int(row["id"]), now)
+        return int(row["id"])
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Resume: anything pending, or caught mid-send by a crash, is due now."""
+        with self.index.transaction() as db:
+            db.execute("UPDATE outbox SET state='pending' WHERE state='sending'")
+        self.scheduler.add_job(self.sweep, "interval", seconds=self.config.sending.sweep_s, id="outbox-sweep",
+                               replace_existing=True, coalesce=True, max_instances=1)
+        self.sweep()
+
+    def sweep(self) -> None:
+        rows = self.index.query("SELECT id, next_attempt FROM outbox WHERE state='pending'")
+        for row in rows:
+            if self.scheduler.get_job(_job_id(row["id"])) is None:
+                self._schedule(int(row["id"]), float(row["next_attempt"]))
+
+    def _schedule(self, item_id: int, when: float) -> None:
+        self.scheduler.add_job(
+            self.attempt, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc), args=[item_id],
+            id=_job_id(item_id), replace_existing=True, misfire_grace_time=None,
+        )
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def attempt(self, item_id: int) -> str:
+        """One delivery attempt; returns the item's new state."""
+        with self._lock:
+            if item_id in self._running:
+                return "sending"
+            self._running.add(item_id)
+        try:
+            return self._attempt(item_id)
+        finally:
+            with self._lock:
+                self._running.discard(item_id)
+
+    def _attempt(self, item_id: int) -> str:
+        with self.index.transaction() as db:
+            row = db.execute("SELECT * FROM outbox WHERE id=?", (item_id,)).fetchone()
+            if row is None or row["state"] != "pending":
+                return row["state"] if row else "missing"
+            db.execute("UPDATE outbox SET state='sending', attempts=attempts+1, updated_at=? WHERE id=?",
+                       (time.time(), item_id))
+        started = time.monotonic()
+        try:
+            delivery = self._send(row["destination"], [Path(f) for f in json.loads(row["files"])])
+        except Permanent as exc:
+            return self._finish(row, "dead", str(exc))
+        except Transient as exc:
+            return self._retry_later(row, str(exc))
+        except Exception as exc:  # a bug or an unreadable file: keep it visible, do not spin
+            return self._finish(row, "dead", f"{type(exc).__name__}: {exc}")
+        state = self._finish(row, "delivered", None, delivery.warnings)
+        logs.event(log, "results_delivered", outbox_id=item_id, destination=row["destination"],
+                   study_uid=row["study_uid"], files=len(json.loads(row["files"])),
+                   seconds=round(time.monotonic() - started, 3), warnings=len(delivery.warnings))
+        return state
+
+    def _send(self, destination: str, files: list[Path]) -> Delivery:
+        peer = self.config.destinations.get(destination)
+        if peer is None:
+            raise Permanent(f"destination {destination!r} is not configured")
+        ssl_context = client_ssl_context(peer.tls.ca, peer.tls.certificate, peer.tls.private_key) if peer.tls.enabled else None
+        assoc = associate(peer.host, peer.port, self.config.scp.ae_title, peer.ae_title, storage_contexts(files),
+                          ssl_context, timeout=self.config.sending.timeout_s)
+        refused = rejection(assoc)
+        if assoc.is_rejected and refused is not None:
+            raise (Permanent if refused.permanent else Transient)(
+                f"association rejected by {peer.ae_title}@{peer.host}:{peer.port} ({refused.text})")
+        if not assoc.is_established:
+            raise Transient(f"no association with {peer.ae_title}@{peer.host}:{peer.port} (refused, reset or timed out)")
+        warnings: list[str] = []
+        try:
+            for number, path in enumerate(files):
+                response = assoc.send_c_store(path)
+                status = getattr(response, "Status", None)
+                refused = rejection(assoc)
+                if status is None and refused is not None and number == 0:
+                    # aborted on purpose before accepting anything: the peer refuses us
+                    raise Permanent(f"{peer.ae_title}@{peer.host}:{peer.port} refused C-STORE: {refused.text}")
+                if status is None:
+                    raise Transient(f"no response for {path.name} (connection lost, aborted or timed out)")
+                kind = classify_status(int(status))
+                if kind == "warning":
+                    warnings.append(f"{path.name}: status 0x{int(status):04X}")
+                elif kind != "success":
+                    error = getattr(response, "ErrorComment", "") or ""
+                    message = f"{path.name}: status 0x{int(status):04X} {error}".strip()
+                    raise (Transient if kind == "transient" else Permanent)(message)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return Delivery(warnings)
+
+    def _retry_later(self, row: Any, reason: str) -> str:
+        sending = self.config.sending
+        attempts = int(row["attempts"]) + 1
+        delay = min(sending.retry_max_s, sending.retry_initial_s * 2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        when = time.time() + delay
+        if when > float(row["deadline"]):
+            return self._finish(row, "dead", f"deadline passed after {attempts} attempts; last error: {reason}")
+        with self.index.transaction() as db:
+            db.execute("UPDATE outbox SET state='pending', next_attempt=?, last_error=?, updated_at=? WHERE id=?",
+                       (when, reason, time.time(), row["id"]))
+        logs.event(log, "results_retry_scheduled", logging.WARNING, outbox_id=row["id"], destination=row["destination"],
+                   attempt=attempts, retry_in_s=round(delay, 1), reason=reason)
+        self._schedule(int(row["id"]), when)
+        return "pending"
+
+    def _finish(self, row: Any, state: str, reason: str | None, warnings: list[str] | None = None) -> str:
+        with self.index.transaction() as db:
+            db.execute("UPDATE outbox SET state=?, last_error=?, warnings=?, updated_at=? WHERE id=?",
+                       (state, reason, json.dumps(warnings) if warnings else None, time.time(), row["id"]))
+        if state == "dead":
+            logs.event(log, "results_dead_letter", logging.ERROR, outbox_id=row["id"], destination=row["destination"],
+                       study_uid=row["study_uid"], reason=reason)
+        return state
+
+
+def _job_id(item_id: int) -> str:
+    return f"outbox:{item_id}"
+
+
+def list_items(index: Index) -> list[dict[str, Any]]:
+    return [dict(r) for r in index.query(
+        "SELECT id, job_key, study_uid, destination, state, attempts, created_at, updated_at, next_attempt,"
+        " last_error, warnings FROM outbox ORDER BY id")]
+
+
+def retry(index: Index, item_id: int | None, deadline_s: float) -> int:
+    """Put a dead (or pending) item, or all dead items, back in the queue now with a fresh deadline."""
+    now = time.time()
+    where, params = ("id=?", (item_id,)) if item_id is not None else ("state='dead'", ())
+    with index.transaction() as db:
+        cur = db.execute(
+            f"UPDATE outbox SET state='pending', attempts=0, next_attempt=?, deadline=?+?, updated_at=?"
+            f" WHERE {where} AND state IN ('dead', 'pending')",
+            (now, now, deadline_s, now, *params),
+        )
+        return cur.rowcount

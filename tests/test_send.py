@@ -1,0 +1,188 @@
+"""Result delivery to a real PACS (Orthanc): once, in the source study, durable across faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.sr.codedict import codes
+
+from inference.findings import measure
+from inference.pipeline import SegmentationResult
+from inference.volume import load_series, read_series
+from node.config import NodeConfig
+from node.encode.options import OutputOptions
+from node.encode.seg import build_seg
+from node.encode.sr import build_sr
+from node.encode.uids import ResultUIDs
+from node.send.outbox import Outbox, classify_status
+from node.store.index import Index
+from tests.models import threshold_spec
+from tests.orthanc import Orthanc
+from tests.peers import make_study, wait_for
+
+SENDING = {"retry_initial_s": 0.3, "retry_max_s": 1.0, "sweep_s": 0.5, "timeout_s": 5}
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    started: list[Orthanc] = []
+
+    def start(**kwargs) -> Orthanc:
+        pacs = Orthanc(tmp_path / f"orthanc{len(started)}", **kwargs).start()
+        started.append(pacs)
+        return pacs
+
+    yield start
+    for pacs in started:
+        pacs.stop()
+
+
+def _results(tmp_path: Path) -> tuple[list[Path], list[Path], SegmentationResult]:
+    """A CT series and the SEG + SR for a bright block in it (written like the pipeline does)."""
+    ct = make_study(tmp_path / "ct", slices=12, size=32)
+    volume = load_series(read_series(ct))
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[3:7, 8:16, 10:20] = 1
+    spec = threshold_spec()
+    result = SegmentationResult(spec, volume, labels, measure(labels, volume, spec))
+    uids = ResultUIDs("job-7", spec.name)
+    seg = build_seg(result, OutputOptions(), uids)
+    sr = build_sr(result, OutputOptions(), uids, seg)
+    out = tmp_path / "results"
+    out.mkdir()
+    seg.save_as(out / "seg.dcm")
+    sr.save_as(out / "sr.dcm")
+    return ct, [out / "seg.dcm", out / "sr.dcm"], result
+
+
+def _outbox(tmp_path: Path, pacs: Orthanc) -> tuple[Outbox, BackgroundScheduler, Index]:
+    config = NodeConfig.model_validate({
+        "scp": {"ae_title": "TESTNODE"},
+        "destinations": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+        "sending": SENDING,
+    })
+    index = Index(tmp_path / "index.sqlite")
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.start()
+    outbox = Outbox(config, index, scheduler)
+    outbox.start()
+    return outbox, scheduler, index
+
+
+def _item(index: Index, item_id: int) -> dict:
+    return dict(index.query("SELECT * FROM outbox WHERE id=?", (item_id,))[0])
+
+
+def test_status_classes():
+    assert classify_status(0x0000) == "success"
+    assert classify_status(0xB000) == classify_status(0xB007) == "warning"
+    assert classify_status(0xA700) == classify_status(0xA7FF) == "transient"
+    assert classify_status(0xA900) == classify_status(0xC000) == classify_status(0xC211) == "permanent"
+
+
+def test_seg_and_sr_arrive_once_in_the_source_study(tmp_path, orthanc):
+    pacs = orthanc()
+    ct, files, result = _results(tmp_path)
+    pacs.upload(ct)
+    outbox, scheduler, index = _outbox(tmp_path, pacs)
+    try:
+        study_uid = str(result.volume.datasets[0].StudyInstanceUID)
+        first = outbox.enqueue("job-7", study_uid, "pacs", files)
+        assert outbox.enqueue("job-7", study_uid, "pacs", files) == first  # queued once
+        wait_for(lambda: _item(index, first)["state"] == "delivered", timeout=30)
+        outbox.attempt(first)  # a stray second attempt changes nothing
+    finally:
+        scheduler.shutdown(wait=False)
+    found = pacs.instances_by_modality(study_uid)
+    assert {m: len(v) for m, v in found.items()} == {"CT": 12, "SEG": 1, "SR": 1}
+    seg = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SEG"][0]["ID"])))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Bright region"]
+    assert seg.SOPInstanceUID == pydicom.dcmread(files[0]).SOPInstanceUID
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SR"][0]["ID"]))))
+    group = sr.content.get_volumetric_roi_measurement_groups()[0]
+    assert group.get_measurements(name=codes.SCT.Volume)[0].value == pytest.approx(result.findings[0].volume_mm3)
+    assert _item(index, first)["attempts"] == 1
+
+
+def test_results_wait_while_the_pacs_is_down(tmp_path, orthanc):
+    pacs = orthanc()
+    ct, files, result = _results(tmp_path)
+    pacs.upload(ct)
+    pacs.stop()
+    outbox, scheduler, index = _outbox(tmp_path, pacs)
+    try:
+        item = outbox.enqueue("job-7", str(result.volume.datasets[0].StudyInstanceUID), "pacs", files)
+        row = wait_for(lambda: (r := _item(index, item))["attempts"] >= 2 and r["state"] == "pending" and r,
+                       timeout=30)
+        assert row["state"] == "pending" and "no association with ORTHANC" in row["last_error"]
+        pacs.start()
+        wait_for(lambda: _item(index, item)["state"] == "delivered", timeout=30)
+    finally:
+        scheduler.shutdown(wait=False)
+    found = pacs.instances_by_modality(str(result.volume.datasets[0].StudyInstanceUID))
+    assert len(found["SEG"]) == len(found["SR"]) == 1
+
+
+def test_refusing_pacs_gives_dead_letter_without_retries(tmp_path, orthanc):
+    pacs = orthanc(always_allow_store=False, modalities={"other": ("OTHER", "127.0.0.1", 104)})
+    _, files, result = _results(tmp_path)
+    outbox, scheduler, index = _outbox(tmp_path, pacs)
+    try:
+        item = outbox.enqueue("job-7", str(result.volume.datasets[0].StudyInstanceUID), "pacs", files)
+        wait_for(lambda: _item(index, item)["state"] == "dead", timeout=30)
+        time.sleep(3 * SENDING["sweep_s"] + SENDING["retry_max_s"])  # time for a retry storm, if there were one
+        row = _item(index, item)
+    finally:
+        scheduler.shutdown(wait=False)
+    assert row["state"] == "dead" and row["attempts"] == 1
+    assert "refused C-STORE: aborted by the peer" in row["last_error"], row["last_error"]
+
+    exe = str(Path(sys.executable).parent / "dicom-node")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage: {{data_dir: {tmp_path}}}\n")
+    listed = subprocess.run([exe, "outbox", "--json", "--config", str(config)], capture_output=True, text=True)
+    assert [(r["id"], r["state"]) for r in json.loads(listed.stdout)] == [(item, "dead")]
+    retried = subprocess.run([exe, "outbox", "retry", "--all", "--config", str(config)], capture_output=True, text=True)
+    assert retried.returncode == 0 and "1 item(s) queued" in retried.stdout
+    assert _item(index, item)["state"] == "pending" and _item(index, item)["attempts"] == 0
+
+
+def test_sigkill_while_sending_then_restart_leaves_exactly_one_copy(tmp_path, orthanc, start_node):
+    pacs = orthanc()
+    node = start_node(destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+                      sending=SENDING)
+    files = make_study(tmp_path / "results", slices=400, size=32)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    index = Index(node.data_dir / "index.sqlite")
+    Outbox.ensure_schema(index)
+    now = time.time()
+    with index.transaction() as db:  # what the pipeline does when a job's results are written
+        db.execute("INSERT INTO outbox (job_key, study_uid, destination, files, state, created_at, updated_at,"
+                   " next_attempt, deadline) VALUES ('job-k', ?, 'pacs', ?, 'pending', ?, ?, ?, ?)",
+                   (study_uid, json.dumps([str(f) for f in files]), now, now, now, now + 3600))
+
+    def stored() -> int:
+        study = pacs.study_id(study_uid)
+        return len(pacs.get(f"/studies/{study}/instances")) if study else 0
+
+    wait_for(lambda: stored() >= 20, timeout=60, interval=0.02)
+    node.kill_all()
+    at_kill = stored()
+    assert at_kill < 400, "sending finished before the kill; the test needs a larger load"
+    node.start()
+    wait_for(lambda: index.query("SELECT state FROM outbox")[0]["state"] == "delivered", timeout=120)
+    assert stored() == 400
+    sop_uids = [pacs.get(f"/instances/{i['ID']}")["MainDicomTags"]["SOPInstanceUID"]
+                for i in pacs.get(f"/studies/{pacs.study_id(study_uid)}/instances")]
+    assert len(set(sop_uids)) == len(sop_uids) == 400
+    assert index.query("SELECT attempts FROM outbox")[0]["attempts"] == 2
