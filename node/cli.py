@@ -65,6 +65,11 @@ def serve(
     logs.setup(cfg.logging.level)
     try:
         service = NodeService(cfg)
+    except ConfigError as exc:
+        typer.echo("configuration error:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"cannot start: {exc.strerror or exc} ({cfg.scp.bind}:{cfg.scp.port})", err=True)
         raise typer.Exit(1) from None
@@ -220,6 +225,139 @@ def outbox_retry(
     count = retry(index, item, cfg.sending.deadline_s)
     typer.echo(f"{count} item(s) queued for delivery")
     raise typer.Exit(0 if count else 1)
+
+
+jobs_app = typer.Typer(help="Pipeline jobs (one per completed study).", invoke_without_command=True,
+                       add_completion=False)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """List jobs with their state, rules version and time per stage."""
+    if ctx.invoked_subcommand:
+        return
+    cfg, index = _index(config)
+    rows = [dict(r) for r in index.query(
+        "SELECT id, study_uid, state, priority, rules_version, created_at, updated_at, reason, stages, explanation"
+        " FROM work_items ORDER BY id")]
+    for row in rows:
+        row["stages"] = json.loads(row["stages"] or "{}")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no jobs")
+        return
+    typer.echo(f"{'ID':>5}  {'STATE':8}  {'RULES':12}  {'STAGES (s)':40}  STUDY / REASON")
+    for r in rows:
+        stages = " ".join(f"{k}={v[1] - v[0]:.2f}" for k, v in r["stages"].items())
+        typer.echo(f"{r['id']:>5}  {r['state']:8}  {r['rules_version'] or '-':12}  {stages:40}  {r['study_uid']}"
+                   + (f"  {r['reason']}" if r["reason"] else ""))
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job: int = typer.Argument(..., help="Job ID (see `dicom-node jobs`)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Run a failed (or ignored) job again; the running node picks it up."""
+    from node.assemble.workqueue import WorkQueue
+
+    cfg, index = _index(config)
+    if not WorkQueue(index, Path(cfg.storage.data_dir)).retry(job):
+        typer.echo(f"job {job} is not failed or ignored", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"job {job} queued")
+
+
+config_app = typer.Typer(help="Configuration tools.", no_args_is_help=True, add_completion=False)
+app.add_typer(config_app, name="config")
+route_app = typer.Typer(help="Routing rules.", no_args_is_help=True, add_completion=False)
+app.add_typer(route_app, name="route")
+
+
+def _is_routing_file(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and bool({"rules", "fallback", "mode"} & set(data))
+
+
+@config_app.command("check")
+def config_check(
+    path: Optional[Path] = typer.Argument(None, help="node.yaml (default config/node.yaml) or a routing rule file."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Check a node configuration and its routing rules (or one rule file); print every problem."""
+    from inference.repository import ModelRepository
+    from node.route.rules import load_rules
+
+    routing_only = path is not None and _is_routing_file(path)
+    problems = []
+    try:
+        cfg = load_config(config if routing_only else path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        cfg = None
+    if cfg is not None:
+        rules_path = path if routing_only else cfg.pipeline.routing_file
+        models = ModelRepository(cfg.inference.model_repository).names()
+        try:
+            rules = load_rules(rules_path, models, set(cfg.destinations))
+            typer.echo(f"{rules_path}: {len(rules.file.rules)} rules, version {rules.version}")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    for problem in problems:
+        typer.echo(str(problem), err=True)
+    if problems:
+        typer.echo(f"{len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo("configuration OK")
+
+
+@route_app.command("explain")
+def route_explain(
+    study: str = typer.Argument(..., help="A received StudyInstanceUID, or a folder of DICOM files."),
+    config: Optional[Path] = ConfigOption,
+    rules: Optional[Path] = typer.Option(None, "--rules", help="Rule file (default: the configured one)."),
+    calling_ae: str = typer.Option("", "--calling-ae", help="For a folder: the sender's AE title to assume."),
+    called_ae: str = typer.Option("", "--called-ae", help="For a folder: the called AE title to assume."),
+    peer: str = typer.Option("", "--peer", help="For a folder: the sender's IP address to assume."),
+) -> None:
+    """Show each rule, matched or not, the condition that decided, and the series each model gets."""
+    from inference.repository import ModelRepository
+    from node.route.rules import load_rules
+    from node.route.study import study_from_folder, study_from_index
+    from node.store.index import Index
+
+    cfg = _config(config)
+    try:
+        ruleset = load_rules(rules or cfg.pipeline.routing_file, ModelRepository(cfg.inference.model_repository).names(),
+                             set(cfg.destinations))
+    except ConfigError as exc:
+        typer.echo(f"rules not usable:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    if Path(study).is_dir():
+        views = study_from_folder(Path(study), calling_ae, called_ae, peer)
+    else:
+        index_path = Path(cfg.storage.data_dir) / "index.sqlite"
+        view = study_from_index(Index(index_path), study, Path(cfg.storage.data_dir)) if index_path.exists() else None
+        views = [view] if view else []
+    if not views:
+        typer.echo(f"no study {study!r} (not received, and not a folder of DICOM files)", err=True)
+        raise typer.Exit(1)
+    for view in views:
+        typer.echo(f"study {view.study_uid} ({len(view.series)} series, calling AE {view.calling_ae or '?'}, "
+                   f"peer {view.peer or '?'})")
+        typer.echo(ruleset.evaluate(view).explain())
 
 
 def _why_not(assoc: object) -> str:

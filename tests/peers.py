@@ -22,6 +22,7 @@ import yaml
 from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 VENV_BIN = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ def dataset_bytes(path: Path) -> bytes:
 class NodeProcess:
     """`dicom-node serve` in its own process group, with a config written for the test."""
 
-    def __init__(self, workdir: Path, **overrides: Any):
+    def __init__(self, workdir: Path, routing: dict[str, Any] | None = None, **overrides: Any):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.data_dir = self.workdir / "data"
@@ -77,11 +78,18 @@ class NodeProcess:
             "scp": {"bind": "127.0.0.1", "port": self.port, "workers": 2, "ae_title": "TESTNODE"},
             "storage": {"data_dir": str(self.data_dir), "min_free_mb": 1},
             "completion": {"quiet_period_s": 2.0},
+            "inference": {"model_repository": str(REPO_ROOT / "models")},
+            "pipeline": {"routing_file": str(self.workdir / "routing.yaml")},
         }
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)
         self.config_path.write_text(yaml.safe_dump(config))
+        self.write_routing(routing if routing is not None else {"rules": []})
         self.process: subprocess.Popen[bytes] | None = None
+
+    def write_routing(self, rules: dict[str, Any] | str) -> None:
+        text = rules if isinstance(rules, str) else yaml.safe_dump(rules, sort_keys=False)
+        (self.workdir / "routing.yaml").write_text(text)
 
     def start(self) -> "NodeProcess":
         log = open(self.log_path, "ab")

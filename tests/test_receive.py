@@ -33,7 +33,8 @@ def test_300_slice_study_arrives_complete_and_byte_identical(start_node, tmp_pat
         assert dataset_bytes(stored[sop]) == dataset_bytes(path)
     assert row["calling_ae"] == "MODALITY"
     work = node.query("SELECT * FROM work_items WHERE study_uid=?", (study_uid,))
-    assert [w["state"] for w in work] == ["queued"]
+    # one job per completion; with no routing rules it is not processed, and says why
+    assert [(w["state"], w["reason"]) for w in work] == [("ignored", "no routing rule applies")]
     audit = node.query("SELECT * FROM associations WHERE calling_ae='MODALITY'")
     assert [(a["instances"], a["failures"], a["called_ae"], a["peer"]) for a in audit] == [
         (300, 0, "TESTNODE", "127.0.0.1")

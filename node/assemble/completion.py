@@ -29,10 +29,12 @@ class CompletionTimers:
         index: Index,
         scheduler: BaseScheduler,
         on_complete: Callable[[str], None] = lambda study_uid: None,
+        quiet_override: Callable[[str], float | None] = lambda study_uid: None,
     ):
         self.index = index
         self.scheduler = scheduler
         self.on_complete = on_complete
+        self.quiet_override = quiet_override
 
     def start(self) -> None:
         """Arm a timer for every study still receiving (after a restart: all of them)."""
@@ -59,7 +61,7 @@ class CompletionTimers:
         )
 
     def _check(self, study_uid: str) -> None:
-        completed, deadline = self.index.complete_if_due(study_uid, time.time())
+        completed, deadline = self.index.complete_if_due(study_uid, time.time(), self.quiet_override(study_uid))
         if deadline is not None:
             self.arm(study_uid, deadline)
             return

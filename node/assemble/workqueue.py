@@ -40,23 +40,24 @@ class WorkQueue:
         self.data_dir = Path(data_dir)
 
     def requeue_claimed(self) -> int:
-        """At start-up: items claimed by a consumer that died go back to the queue."""
+        """At start-up: items a consumer was running when it died go back to the queue."""
         with self.index.transaction() as db:
             cur = db.execute(
-                "UPDATE work_items SET state='queued', updated_at=? WHERE state='claimed'",
+                "UPDATE work_items SET state='queued', updated_at=? WHERE state='running'",
                 (time.time(),),
             )
             return cur.rowcount
 
     def claim(self) -> CompletedStudy | None:
+        """The next queued study (highest priority first, then oldest), now 'running'."""
         with self.index.transaction() as db:
             row = db.execute(
-                "SELECT id, study_uid FROM work_items WHERE state='queued' ORDER BY id LIMIT 1"
+                "SELECT id, study_uid FROM work_items WHERE state='queued' ORDER BY priority DESC, id LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE work_items SET state='claimed', updated_at=? WHERE id=?",
+                "UPDATE work_items SET state='running', updated_at=? WHERE id=?",
                 (time.time(), row["id"]),
             )
         return CompletedStudy(row["id"], row["study_uid"], self.series_of(row["study_uid"]))
@@ -66,6 +67,18 @@ class WorkQueue:
 
     def fail(self, item_id: int, reason: str) -> None:
         self._finish(item_id, "failed", reason)
+
+    def ignore(self, item_id: int, reason: str) -> None:
+        self._finish(item_id, "ignored", reason)
+
+    def retry(self, item_id: int) -> bool:
+        """Queue a failed (or ignored) item again."""
+        with self.index.transaction() as db:
+            cur = db.execute(
+                "UPDATE work_items SET state='queued', reason=NULL, updated_at=? WHERE id=? AND state IN ('failed', 'ignored')",
+                (time.time(), item_id),
+            )
+            return cur.rowcount == 1
 
     def _finish(self, item_id: int, state: str, reason: str | None) -> None:
         with self.index.transaction() as db:

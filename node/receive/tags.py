@@ -65,7 +65,7 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
             stop_when=lambda tag, vr, length: tag > _LAST_TAG,
             specific_tags=_SPECIFIC_TAGS,
         )
-        values = {keyword: ds.get(keyword) for keyword in ROUTING_KEYWORDS}
+        values = routing_values(ds)
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"dataset cannot be parsed: {type(exc).__name__}") from None
     try:
@@ -75,24 +75,47 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
         sop_class = checked_uid(values["SOPClassUID"], "SOPClassUID")
     except ValueError as exc:
         raise UnreadableDataset(str(exc)) from None
+    orientation = values["ImageOrientationPatient"]
+    image_type = values["ImageType"]
     return RoutingTags(
-        patient_id=str(values["PatientID"] or ""),
+        patient_id=values["PatientID"] or "",
         study_uid=study,
         series_uid=series,
         sop_instance_uid=sop,
         sop_class_uid=sop_class,
         series={
-            "modality": _text(values["Modality"]),
-            "body_part": _text(values["BodyPartExamined"]),
-            "description": _text(values["SeriesDescription"]),
-            "number": _number(values["SeriesNumber"], int),
-            "image_type": _multi(values["ImageType"]),
-            "orientation": _multi(values["ImageOrientationPatient"], as_json=True),
-            "rows": _number(values["Rows"], int),
-            "columns": _number(values["Columns"], int),
-            "slice_thickness": _number(values["SliceThickness"], float),
+            "modality": values["Modality"],
+            "body_part": values["BodyPartExamined"],
+            "description": values["SeriesDescription"],
+            "number": values["SeriesNumber"],
+            "image_type": "\\".join(image_type) if image_type else None,
+            "orientation": json.dumps(orientation) if orientation else None,
+            "rows": values["Rows"],
+            "columns": values["Columns"],
+            "slice_thickness": values["SliceThickness"],
         },
     )
+
+
+def routing_values(ds: Any) -> dict[str, Any]:
+    """The routing tags of a dataset as plain Python values (text, numbers, lists)."""
+    get = ds.get
+    return {
+        "PatientID": _text(get("PatientID")),
+        "StudyInstanceUID": _text(get("StudyInstanceUID")),
+        "SeriesInstanceUID": _text(get("SeriesInstanceUID")),
+        "SOPInstanceUID": _text(get("SOPInstanceUID")),
+        "SOPClassUID": _text(get("SOPClassUID")),
+        "Modality": _text(get("Modality")),
+        "BodyPartExamined": _text(get("BodyPartExamined")),
+        "SeriesDescription": _text(get("SeriesDescription")),
+        "SeriesNumber": _number(get("SeriesNumber"), int),
+        "ImageType": _list(get("ImageType"), str),
+        "ImageOrientationPatient": _list(get("ImageOrientationPatient"), float),
+        "Rows": _number(get("Rows"), int),
+        "Columns": _number(get("Columns"), int),
+        "SliceThickness": _number(get("SliceThickness"), float),
+    }
 
 
 def _text(value: Any) -> str | None:
@@ -106,13 +129,11 @@ def _number(value: Any, kind: type) -> Any:
         return None
 
 
-def _multi(value: Any, as_json: bool = False) -> str | None:
+def _list(value: Any, kind: type) -> list | None:
     if value in (None, ""):
         return None
     items = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
-    if as_json:
-        try:
-            return json.dumps([float(v) for v in items])
-        except (TypeError, ValueError):
-            return None
-    return "\\".join(str(v) for v in items)
+    try:
+        return [kind(v) for v in items]
+    except (TypeError, ValueError):
+        return None

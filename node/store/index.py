@@ -68,15 +68,20 @@ CREATE TABLE IF NOT EXISTS associations (
     instances INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS work_items (
+CREATE TABLE IF NOT EXISTS work_items (       -- one per completed study: the pipeline's jobs
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid TEXT NOT NULL,
-    state TEXT NOT NULL,               -- queued | claimed | done | failed
+    state TEXT NOT NULL,               -- queued | running | done | failed | ignored (no rule applies)
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    reason TEXT
+    reason TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    rules_version TEXT,
+    decision TEXT,                     -- JSON: applied rules and the series each model gets
+    explanation TEXT,                  -- `route explain` text as evaluated for this study
+    stages TEXT                        -- JSON: stage -> [started, finished] (epoch seconds)
 );
-CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, id);
+CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, priority, id);
 """
 
 
@@ -234,20 +239,25 @@ class Index:
         rows = self.query("SELECT study_uid, deadline FROM studies WHERE state='receiving'")
         return [(r["study_uid"], r["deadline"]) for r in rows]
 
-    def complete_if_due(self, study_uid: str, now: float) -> tuple[bool, float | None]:
-        """Complete the study if its quiet period has passed; else return its new deadline.
+    def complete_if_due(
+        self, study_uid: str, now: float, quiet_override: float | None = None
+    ) -> tuple[bool, float | None]:
+        """Complete the study if its quiet period has passed; else return when to check again.
+
+        `quiet_override` (a routing rule's quiet period) replaces the receiver's deadline.
 
         One transaction, so an instance committed concurrently either moves the deadline
         first (the study stays open) or reopens the study afterwards.
         """
         with self.transaction() as db:
             row = db.execute(
-                "SELECT state, deadline FROM studies WHERE study_uid=?", (study_uid,)
+                "SELECT state, deadline, last_received FROM studies WHERE study_uid=?", (study_uid,)
             ).fetchone()
             if row is None or row["state"] != "receiving":
                 return False, None
-            if row["deadline"] > now:
-                return False, row["deadline"]
+            due = row["last_received"] + quiet_override if quiet_override else row["deadline"]
+            if due > now:
+                return False, due
             db.execute(
                 "UPDATE studies SET state='complete', completed_at=?, completions=completions+1"
                 " WHERE study_uid=?",

@@ -1,0 +1,235 @@
+"""Routing rules: which studies go to which models, on which series, with results to where.
+
+Semantics (also in the README's rule reference):
+- A rule matches a study when at least one series satisfies its `match` condition (the AE
+  and peer tests apply to the study's sender). No `match`: every study.
+- The series a rule's models get are the series that satisfy both `match` and
+  `series.where`; `series.prefer` picks one of them. A rule that runs models but finds no
+  such series does not match, and its explanation says so.
+- `mode: first_match` applies the first matching rule, `all_matches` every one; when none
+  matches, the `fallback` rule (if any) applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from node.route.conditions import Condition, Context
+from node.route.study import SeriesView, StudyView
+from node.yamlfile import ConfigError, Problem, YamlDocument, load_yaml, validate
+
+SENDER = "@sender"  # destination that means: the peer configured for the study's calling AE
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Actions(_Strict):
+    run: list[str] = Field(default_factory=list, description="models (names in the model repository)")
+    outputs: list[Literal["SEG", "SR"]] = Field(default_factory=lambda: ["SEG", "SR"])
+    send_to: list[str] = Field(default_factory=list, description="destinations for results; @sender = back to the caller")
+    forward_to: list[str] = Field(default_factory=list, description="destinations that get the original study unchanged")
+    discard: bool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> "Actions":
+        if self.discard and (self.run or self.forward_to):
+            raise ValueError("discard cannot be combined with run or forward_to")
+        if not (self.run or self.forward_to or self.discard):
+            raise ValueError("a rule needs an action: run, forward_to or discard")
+        if self.run and not self.send_to:
+            raise ValueError("run needs send_to (where the results go)")
+        return self
+
+
+class SeriesSelector(_Strict):
+    where: Condition | None = None
+    prefer: Literal["most_instances", "thinnest_slices", "lowest_series_number", "highest_series_number"] = "most_instances"
+
+    def pick(self, candidates: list[SeriesView]) -> SeriesView:
+        def number(s: SeriesView) -> float:
+            value = s.tags.get("SeriesNumber")
+            return float(value) if value is not None else float("inf")
+
+        def thickness(s: SeriesView) -> float:
+            value = s.tags.get("SliceThickness")
+            return float(value) if value is not None else float("inf")
+
+        keys = {
+            "most_instances": lambda s: (-s.instance_count, number(s), s.series_uid),
+            "thinnest_slices": lambda s: (thickness(s), -s.instance_count, s.series_uid),
+            "lowest_series_number": lambda s: (number(s), s.series_uid),
+            "highest_series_number": lambda s: (-number(s) if number(s) != float("inf") else float("inf"), s.series_uid),
+        }
+        return min(candidates, key=keys[self.prefer])
+
+
+class Rule(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    enabled: bool = True
+    match: Condition | None = None
+    series: SeriesSelector = Field(default_factory=SeriesSelector)
+    actions: Actions
+    priority: int = Field(0, description="higher runs first when studies queue up")
+    quiet_period_s: float | None = Field(None, gt=0, description="overrides the study's quiet period")
+
+
+class RoutingFile(_Strict):
+    mode: Literal["first_match", "all_matches"] = "first_match"
+    rules: list[Rule] = Field(default_factory=list)
+    fallback: Rule | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RoutingFile":
+        names = [r.name for r in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        return self
+
+
+@dataclass
+class Outcome:
+    rule: str
+    matched: bool
+    reason: str
+    series: SeriesView | None = None
+    applied: bool = False
+
+
+@dataclass
+class Decision:
+    version: str
+    mode: str
+    outcomes: list[Outcome]
+    applied: list[tuple[Rule, SeriesView | None]] = field(default_factory=list)
+
+    @property
+    def priority(self) -> int:
+        return max((rule.priority for rule, _ in self.applied), default=0)
+
+    def explain(self) -> str:
+        lines = [f"rules version {self.version} ({self.mode})"]
+        for o in self.outcomes:
+            mark = "APPLIED" if o.applied else ("matched" if o.matched else "no match")
+            lines.append(f"  [{mark:8}] {o.rule}: {o.reason}")
+        if not self.applied:
+            lines.append("  => no rule applies: the study is not processed")
+        for rule, series in self.applied:
+            actions = rule.actions
+            if actions.discard:
+                lines.append(f"  => {rule.name}: discard")
+            if actions.run and series is not None:
+                lines.append(f"  => {rule.name}: run {', '.join(actions.run)} on {series.label()}, "
+                             f"{'+'.join(actions.outputs)} to {', '.join(actions.send_to)}")
+            if actions.forward_to:
+                lines.append(f"  => {rule.name}: forward the study to {', '.join(actions.forward_to)}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "outcomes": [{"rule": o.rule, "matched": o.matched, "applied": o.applied, "reason": o.reason,
+                          "series": o.series.series_uid if o.series else None} for o in self.outcomes],
+        }
+
+
+class RuleSet:
+    def __init__(self, rules: RoutingFile, version: str):
+        self.file = rules
+        self.version = version
+
+    def quiet_period_for(self, study: StudyView) -> float | None:
+        """The quiet period of the rule that would apply now (None: the node's default)."""
+        decision = self.evaluate(study)
+        periods = [rule.quiet_period_s for rule, _ in decision.applied if rule.quiet_period_s]
+        return max(periods) if periods else None
+
+    def evaluate(self, study: StudyView) -> Decision:
+        decision = Decision(self.version, self.file.mode, [])
+        for rule in self.file.rules:
+            if not rule.enabled:
+                decision.outcomes.append(Outcome(rule.name, False, "disabled"))
+                continue
+            if decision.applied and self.file.mode == "first_match":
+                decision.outcomes.append(Outcome(rule.name, False, "not evaluated (an earlier rule applied)"))
+                continue
+            outcome = _evaluate(rule, study)
+            decision.outcomes.append(outcome)
+            if outcome.matched:
+                outcome.applied = True
+                decision.applied.append((rule, outcome.series))
+        if not decision.applied and self.file.fallback is not None:
+            outcome = _evaluate(self.file.fallback, study)
+            outcome.rule = f"{self.file.fallback.name} (fallback)"
+            decision.outcomes.append(outcome)
+            if outcome.matched:
+                outcome.applied = True
+                decision.applied.append((self.file.fallback, outcome.series))
+        return decision
+
+
+def _evaluate(rule: Rule, study: StudyView) -> Outcome:
+    if not study.series:
+        return Outcome(rule.name, False, "the study has no series")
+    matching, misses = [], []
+    for series in study.series:
+        ok, why = rule.match.test(Context(study, series)) if rule.match else (True, "no match condition")
+        (matching if ok else misses).append((series, why))
+    if not matching:
+        detail = "; ".join(f"{s.label()}: {why}" for s, why in misses[:4])
+        return Outcome(rule.name, False, f"no series matches ({detail})")
+    reason = f"{matching[0][0].label()} matches: {matching[0][1]}"
+    if not rule.actions.run:
+        return Outcome(rule.name, True, reason)
+    candidates, rejected = [], []
+    for series, _ in matching:
+        ok, why = rule.series.where.test(Context(study, series)) if rule.series.where else (True, "")
+        (candidates if ok else rejected).append((series, why))
+    if not candidates:
+        detail = "; ".join(f"{s.label()}: {why}" for s, why in rejected[:4])
+        return Outcome(rule.name, False, f"study matches but no series qualifies for the models ({detail})")
+    chosen = rule.series.pick([s for s, _ in candidates])
+    others = len(candidates) - 1
+    reason += f"; models get {chosen.label()}" + (f" (prefer {rule.series.prefer} over {others} other)" if others else "")
+    return Outcome(rule.name, True, reason, chosen)
+
+
+def load_rules(path: Path, models: set[str] | None = None, destinations: set[str] | None = None) -> RuleSet:
+    """Load and check a rule file; every problem is reported with file, line and key path."""
+    doc = load_yaml(path)
+    rules = validate(doc, RoutingFile)
+    problems = _check_references(doc, rules, models, destinations)
+    if problems:
+        raise ConfigError(problems)
+    version = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return RuleSet(rules, version)
+
+
+def _check_references(doc: YamlDocument, rules: RoutingFile, models: set[str] | None,
+                      destinations: set[str] | None) -> list[Problem]:
+    problems = []
+    entries = [(("rules", i), rule) for i, rule in enumerate(rules.rules)]
+    if rules.fallback:
+        entries.append((("fallback",), rules.fallback))
+    for prefix, rule in entries:
+        actions = rule.actions
+        if models is not None:
+            for j, model in enumerate(actions.run):
+                if model not in models:
+                    problems.append(doc.problem(prefix + ("actions", "run", j),
+                                                f"unknown model {model!r} (repository has: {', '.join(sorted(models)) or 'none'})"))
+        if destinations is not None:
+            for key in ("send_to", "forward_to"):
+                for j, name in enumerate(getattr(actions, key)):
+                    if name != SENDER and name not in destinations:
+                        problems.append(doc.problem(prefix + ("actions", key, j),
+                                                    f"unknown destination {name!r} (configured: {', '.join(sorted(destinations)) or 'none'})"))
+    return problems

@@ -1,0 +1,124 @@
+"""What routing rules look at: a study's series with their routing tags, and who sent it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from node.receive.tags import ROUTING_KEYWORDS, routing_values
+from node.store.index import Index
+
+# Routing-tag keyword -> column of the series table
+SERIES_COLUMNS = {
+    "Modality": "modality",
+    "BodyPartExamined": "body_part",
+    "SeriesDescription": "description",
+    "SeriesNumber": "number",
+    "SOPClassUID": "sop_class_uid",
+    "ImageType": "image_type",
+    "ImageOrientationPatient": "orientation",
+    "Rows": "rows",
+    "Columns": "columns",
+    "SliceThickness": "slice_thickness",
+}
+PSEUDO_TAGS = {"InstanceCount": "number of instances in the series"}
+ROUTABLE = set(SERIES_COLUMNS) | set(PSEUDO_TAGS)
+OBLIQUE_COSINE = 0.985  # more than ~10 degrees off every patient axis: oblique
+
+
+def orientation_class(iop: list[float] | None) -> str | None:
+    """axial, coronal, sagittal or oblique, from ImageOrientationPatient."""
+    if not iop or len(iop) != 6:
+        return None
+    normal = np.cross(np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float))
+    norm = np.linalg.norm(normal)
+    if norm == 0:
+        return None
+    normal = np.abs(normal / norm)
+    axis = int(np.argmax(normal))
+    if normal[axis] < OBLIQUE_COSINE:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+@dataclass
+class SeriesView:
+    series_uid: str
+    tags: dict[str, Any]
+    instance_count: int
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def orientation(self) -> str | None:
+        return orientation_class(self.tags.get("ImageOrientationPatient"))
+
+    def value(self, keyword: str) -> Any:
+        return self.instance_count if keyword == "InstanceCount" else self.tags.get(keyword)
+
+    def label(self) -> str:
+        number = self.tags.get("SeriesNumber")
+        description = self.tags.get("SeriesDescription") or ""
+        return f"series {number if number is not None else '?'} {description!r} ({self.series_uid})"
+
+
+@dataclass
+class StudyView:
+    study_uid: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+    series: list[SeriesView]
+
+
+def _series_tags(row: Any) -> dict[str, Any]:
+    tags = {keyword: row[column] for keyword, column in SERIES_COLUMNS.items()}
+    if tags["ImageOrientationPatient"]:
+        tags["ImageOrientationPatient"] = json.loads(tags["ImageOrientationPatient"])
+    if tags["ImageType"]:
+        tags["ImageType"] = tags["ImageType"].split("\\")
+    return tags
+
+
+def study_from_index(index: Index, study_uid: str, data_dir: Path) -> StudyView | None:
+    rows = index.query("SELECT * FROM series WHERE study_uid=? ORDER BY number, series_uid", (study_uid,))
+    if not rows:
+        return None
+    origin = index.query(
+        "SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=? ORDER BY received_at DESC LIMIT 1",
+        (study_uid,),
+    )[0]
+    series = []
+    for row in rows:
+        files = [data_dir / r["path"] for r in index.query(
+            "SELECT path FROM instances WHERE series_uid=? ORDER BY path", (row["series_uid"],))]
+        series.append(SeriesView(row["series_uid"], _series_tags(row), len(files), files))
+    return StudyView(study_uid, origin["calling_ae"] or "", origin["called_ae"] or "", origin["peer"] or "", series)
+
+
+def study_from_folder(folder: Path, calling_ae: str = "", called_ae: str = "", peer: str = "") -> list[StudyView]:
+    """Studies in a folder of DICOM files (for `route explain` before anything is sent)."""
+    studies: dict[str, dict[str, SeriesView]] = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTING_KEYWORDS))
+        except (InvalidDicomError, OSError):
+            continue
+        values = routing_values(ds)
+        if not values["StudyInstanceUID"] or not values["SeriesInstanceUID"]:
+            continue
+        series = studies.setdefault(str(values["StudyInstanceUID"]), {})
+        uid = str(values["SeriesInstanceUID"])
+        if uid not in series:
+            tags = {k: values.get(k) for k in SERIES_COLUMNS}
+            tags["ImageOrientationPatient"] = [float(v) for v in tags["ImageOrientationPatient"] or []] or None
+            tags["ImageType"] = list(tags["ImageType"]) if tags["ImageType"] else None
+            series[uid] = SeriesView(uid, tags, 0)
+        series[uid].instance_count += 1
+        series[uid].files.append(path)
+    return [StudyView(uid, calling_ae, called_ae, peer, list(s.values())) for uid, s in studies.items()]
