@@ -101,6 +101,11 @@ class Outcome:
     reason: str
     series: SeriesView | None = None
     applied: bool = False
+    evaluated: bool = True  # False: disabled, or not reached (first_match already applied)
+
+    @property
+    def mark(self) -> str:
+        return "APPLIED" if self.applied else "matched" if self.matched else "no match" if self.evaluated else "skipped"
 
 
 @dataclass
@@ -117,8 +122,7 @@ class Decision:
     def explain(self) -> str:
         lines = [f"rules version {self.version} ({self.mode})"]
         for o in self.outcomes:
-            mark = "APPLIED" if o.applied else ("matched" if o.matched else "no match")
-            lines.append(f"  [{mark:8}] {o.rule}: {o.reason}")
+            lines.append(f"  [{o.mark:8}] {o.rule}: {o.reason}")
         if not self.applied:
             lines.append("  => no rule applies: the study is not processed")
         for rule, series in self.applied:
@@ -156,10 +160,11 @@ class RuleSet:
         decision = Decision(self.version, self.file.mode, [])
         for rule in self.file.rules:
             if not rule.enabled:
-                decision.outcomes.append(Outcome(rule.name, False, "disabled"))
+                decision.outcomes.append(Outcome(rule.name, False, "disabled", evaluated=False))
                 continue
             if decision.applied and self.file.mode == "first_match":
-                decision.outcomes.append(Outcome(rule.name, False, "not evaluated (an earlier rule applied)"))
+                decision.outcomes.append(Outcome(rule.name, False, "not evaluated (an earlier rule applied)",
+                                                 evaluated=False))
                 continue
             outcome = _evaluate(rule, study)
             decision.outcomes.append(outcome)
