@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
 
-.PHONY: run test venv system-deps bench clean
+.PHONY: run demo test venv system-deps bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ system-deps:
 
 run: venv
 	$(BIN)/dicom-node serve --config config/node.yaml
+
+# In a second terminal while `make run` serves: a phantom study through the node and back.
+demo: venv
+	$(BIN)/dicom-node demo --config config/node.yaml
 
 test: venv system-deps
 	$(BIN)/python -m pytest -q

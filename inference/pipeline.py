@@ -64,7 +64,7 @@ def _intensity(spec: ModelSpec) -> Compose:
     return Compose([])
 
 
-def _to_model_space(volume: SeriesVolume, spec: ModelSpec) -> tuple[MetaTensor, Compose]:
+def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> tuple[MetaTensor, Compose]:
     image = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array[None], dtype=np.float32)),
                        affine=torch.from_numpy(_LPS_TO_RAS @ volume.affine))
     spatial = _spatial(spec)
@@ -83,7 +83,7 @@ def _activation(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> SegmentationResult:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    image, spatial = _to_model_space(volume, spec)
+    image, spatial = to_model_space(volume, spec)
     seconds["preprocess"] = time.perf_counter() - start
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def _labels(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
 
 def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> ClassificationResult:
     start = time.perf_counter()
-    image, _ = _to_model_space(volume, spec)
+    image, _ = to_model_space(volume, spec)
     resized = Resize(spatial_size=spec.preprocessing.patch_size)(image)
     seconds = {"preprocess": time.perf_counter() - start}
     start = time.perf_counter()

@@ -360,6 +360,21 @@ def route_explain(
         typer.echo(ruleset.evaluate(view).explain())
 
 
+@app.command()
+def demo(
+    host: str = typer.Option("127.0.0.1", help="Where the node runs."),
+    slices: int = typer.Option(96, help="Phantom CT slices."),
+    size: int = typer.Option(256, help="Phantom image size (pixels)."),
+    seed: int = typer.Option(0, help="Phantom seed (lesion sizes and places)."),
+    timeout: float = typer.Option(300, help="Seconds to wait for results after the quiet period."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Send a phantom CT study to the running node, receive its SEG and SR, compare with the truth."""
+    from node.demo import run_demo
+
+    raise typer.Exit(run_demo(_config(config), host, slices, size, seed, timeout))
+
+
 def _why_not(assoc: object) -> str:
     if getattr(assoc, "is_rejected", False):
         return "rejected by the peer"

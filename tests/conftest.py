@@ -10,6 +10,7 @@ from tests.peers import NodeProcess
 
 if TYPE_CHECKING:
     from inference.triton_cpu import TritonCpuServer
+    from tests.orthanc import Orthanc
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +33,23 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield start
     for node in started:
         node.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Callable[..., "Orthanc"]]:
+    """Start Orthanc PACS instances for a test; each is stopped at teardown."""
+    from tests.orthanc import Orthanc
+
+    started: list[Orthanc] = []
+
+    def start(**kwargs: Any) -> Orthanc:
+        pacs = Orthanc(tmp_path / f"orthanc{len(started)}", **kwargs).start()
+        started.append(pacs)
+        return pacs
+
+    yield start
+    for pacs in started:
+        pacs.stop()
 
 
 @pytest.fixture(scope="session")

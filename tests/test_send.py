@@ -33,20 +33,6 @@ from tests.peers import make_study, wait_for
 SENDING = {"retry_initial_s": 0.3, "retry_max_s": 1.0, "sweep_s": 0.5, "timeout_s": 5}
 
 
-@pytest.fixture
-def orthanc(tmp_path):
-    started: list[Orthanc] = []
-
-    def start(**kwargs) -> Orthanc:
-        pacs = Orthanc(tmp_path / f"orthanc{len(started)}", **kwargs).start()
-        started.append(pacs)
-        return pacs
-
-    yield start
-    for pacs in started:
-        pacs.stop()
-
-
 def _results(tmp_path: Path) -> tuple[list[Path], list[Path], SegmentationResult]:
     """A CT series and the SEG + SR for a bright block in it (written like the pipeline does)."""
     ct = make_study(tmp_path / "ct", slices=12, size=32)

@@ -14,7 +14,7 @@ from node.yamlfile import ConfigError, load_yaml, validate
 app = typer.Typer(help="Train models for the DICOM node and write their Triton model-repository entries.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-DEMO_EPOCHS = 40
+DEMO_EPOCHS = 50
 DEFAULT_SPEC = Path(__file__).resolve().parent / "specs" / "lesion-seg.yaml"
 SpecOption = typer.Option(DEFAULT_SPEC, "--spec", help="Node-side model spec (preprocessing, labels).")
 
@@ -31,14 +31,13 @@ def _spec(path: Path) -> ModelSpec:
 def synth(
     out: Path = typer.Argument(..., help="Output folder (MSD layout)."),
     count: int = typer.Option(40, help="Number of phantoms."),
-    size: int = typer.Option(64, help="Voxels per side."),
     spacing: float = typer.Option(2.0, help="Voxel size in mm."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Synthetic CT phantoms with lesion labels, as an MSD-layout dataset."""
+    """Synthetic CT phantoms (384x384x192 mm) with lesion labels, as an MSD-layout dataset."""
     from training.data.synthetic import make_training_set
 
-    make_training_set(out, count, size, spacing, seed)
+    make_training_set(out, count, spacing, seed)
     typer.echo(f"wrote {count} phantoms to {out}")
 
 
@@ -131,9 +130,10 @@ def demo(
     from training.data.synthetic import make_training_set
     from training.train import TrainConfig, train as run
 
-    make_training_set(work / "data", count=32, size=64, spacing=2.0, seed=seed)
+    make_training_set(work / "data", count=40, spacing=2.0, seed=seed)
     summary = run(TrainConfig(data=work / "data", out=work / "run", spec=_spec(DEFAULT_SPEC), epochs=DEMO_EPOCHS,
-                              iterations_per_epoch=15, batch_size=2, learning_rate=3e-3, seed=seed))
+                              iterations_per_epoch=20, batch_size=2, learning_rate=3e-3, val_fraction=0.1,
+                              val_interval=5, seed=seed))
     export(work / "run" / "best.pt", repository, DEFAULT_SPEC, None)
     (repository / "lesion-seg" / "training.json").write_text(json.dumps({
         "command": f"dicom-node-train demo --seed {seed}",

@@ -144,3 +144,23 @@ def _classification_group(result: ClassificationResult, uids: ResultUIDs) -> hd.
             for label in result.spec.labels
         ],
     )
+
+
+def read_findings(dataset: Dataset) -> list[dict]:
+    """Findings of a TID 1500 report written by `build_sr` (for the demo, tests and tools)."""
+    report = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=False)
+    findings = []
+    for group in report.content.get_volumetric_roi_measurement_groups():
+        volume = group.get_measurements(name=codes.SCT.Volume)
+        axis = group.get_measurements(name=codes.SCT.LongAxis)
+        centre = [item.value[0] for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass]
+        findings.append({
+            "tracking_id": group.tracking_identifier,
+            "finding_type": group.finding_type.meaning if group.finding_type else None,
+            "volume_mm3": float(volume[0].value) if volume else None,
+            "long_axis_mm": float(axis[0].value) if axis else None,
+            "centroid": [float(v) for v in centre[0]] if centre else None,
+            "segment_number": group.referenced_segment.referenced_segment_numbers[0]
+            if group.referenced_segment is not None else None,
+        })
+    return findings

@@ -92,7 +92,7 @@ def random_phantom(
     field_of_view: tuple[float, float, float],
     centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
     lesions: tuple[int, int] = (1, 3),
-    lesion_radius: tuple[float, float] = (5.0, 12.0),
+    lesion_radius: tuple[float, float] = (6.0, 12.0),
     noise_hu: float = 10.0,
 ) -> Phantom:
     """A body filling most of the field of view, two organs and 1-3 lesions of random contrast."""

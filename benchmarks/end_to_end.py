@@ -1,0 +1,90 @@
+"""End to end: a 300-slice 512x512 CT from the last instance received to the results accepted by
+Orthanc, split by stage (the quiet period excluded), with LocalBackend and with Triton.
+
+    python -m benchmarks.end_to_end [--slices 300] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pydicom
+
+from inference.triton_cpu import TritonCpuServer
+from tests.orthanc import Orthanc
+from tests.peers import NodeProcess, wait_for
+from training.data.synthetic import make_dicom_study
+
+QUIET = 2.0
+ROUTING = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
+                      "actions": {"run": ["lesion-seg"], "send_to": ["@sender"]}}]}
+
+
+def run(work: Path, files: list[Path], study_uid: str, triton_url: str | None) -> dict[str, float]:
+    pacs = Orthanc(work / "orthanc").start()
+    node = NodeProcess(work / "node", routing=ROUTING, completion={"quiet_period_s": QUIET},
+                       destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+                       inference={"triton": {"url": triton_url}} if triton_url else {})
+    try:
+        node.start()
+        pacs.stop()
+        pacs.modalities["node"] = ("TESTNODE", "127.0.0.1", node.port)
+        pacs.start()
+        pacs.upload(files)
+        pacs.forward_study("node", study_uid)
+        wait_for(lambda: node.query("SELECT state FROM outbox WHERE state='delivered'"), timeout=900, interval=0.2)
+        study = node.query("SELECT last_received FROM studies WHERE study_uid=?", (study_uid,))[0]
+        job = node.query("SELECT created_at, stages FROM work_items WHERE study_uid=?", (study_uid,))[0]
+        sent = node.query("SELECT updated_at FROM outbox")[0]
+        model = node.events("model_ran")[0]["seconds"]
+        stages = json.loads(job["stages"])
+        last = study["last_received"]
+        row = {"completion (after the quiet period)": job["created_at"] - last - QUIET,
+               "routing": stages["route"][1] - stages["route"][0],
+               "series to volume": stages["load"][1] - stages["load"][0],
+               "inference: preprocess": model["preprocess"],
+               "inference: sliding window (model)": model["inference"],
+               "inference: back to source grid": model["postprocess"],
+               "inference: measurements": model["measure"],
+               "SEG + SR build and write": stages["encode"][1] - stages["encode"][0],
+               "delivery to Orthanc": sent["updated_at"] - stages["queue"][1]}
+        row["total (quiet period excluded)"] = sent["updated_at"] - last - QUIET
+        row["total without the model's compute"] = row["total (quiet period excluded)"] - model["inference"]
+        return row
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        # the demo field of view (384 x 384 x 192 mm) at this matrix
+        files, _ = make_dicom_study(work / "ct", slices=args.slices, size=args.size, pixel_spacing=384 / args.size,
+                                    slice_spacing=192 / args.slices, seed=5)
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        local = run(work / "local", files, study_uid, None)
+        from tests.models import build_test_repository
+
+        repo = build_test_repository(work / "models")
+        server = TritonCpuServer(repo, work / "triton.log").start(timeout=120, ready_models=("lesion-seg",))
+        try:
+            triton = run(work / "triton", files, study_uid, server.grpc_url)
+        finally:
+            server.cleanup()
+    print(f"{args.slices}x{args.size}x{args.size} CT, last instance received -> results accepted by Orthanc")
+    print(f"{'stage':40} {'LocalBackend':>13} {'Triton (shm)':>13}")
+    for key in local:
+        print(f"{key:40} {local[key]:12.2f}s {triton[key]:12.2f}s")
+
+
+if __name__ == "__main__":
+    main()

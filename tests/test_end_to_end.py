@@ -1,0 +1,107 @@
+"""End to end: Orthanc forwards a phantom study to the node, the demo model runs (in-process or
+on the real Triton server), and SEG and SR appear in Orthanc in the same study, at the truth."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.encode.sr import read_findings
+from tests.peers import wait_for
+from training.data.synthetic import make_dicom_study
+from training.phantom.dicom import SeriesIdentity
+
+ROUTING = {"rules": [{
+    "name": "demo-ct-lesions",
+    "match": {"all": [{"tag": "Modality", "equals": "CT"}, {"tag": "InstanceCount", "ge": 16}]},
+    "actions": {"run": ["lesion-seg"], "send_to": ["@sender"]},
+}]}
+
+
+def _node_and_pacs(start_node, orthanc, tmp_path: Path, triton_url: str | None = None):
+    pacs = orthanc()
+    node = start_node(
+        routing=ROUTING,
+        completion={"quiet_period_s": 1.0},
+        destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+        sending={"retry_initial_s": 0.5, "sweep_s": 0.5},
+        inference={"triton": {"url": triton_url}} if triton_url else {},
+    )
+    pacs.stop()  # now that the node's port is known, Orthanc learns where to forward
+    pacs.modalities["node"] = ("TESTNODE", "127.0.0.1", node.port)
+    pacs.start()
+    return node, pacs
+
+
+def _phantom(tmp_path: Path, seed: int, slices: int = 96) -> tuple[list[Path], dict, str]:
+    files, phantom = make_dicom_study(tmp_path / f"study{seed}", slices=slices, size=192, pixel_spacing=2.0,
+                                      slice_spacing=2.0, seed=seed, identity=SeriesIdentity(patient_id=f"P{seed}"))
+    return files, phantom.truth(), str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _results(pacs, study_uid: str, timeout: float = 240) -> dict:
+    return wait_for(lambda: (found := pacs.instances_by_modality(study_uid)) and "SR" in found and "SEG" in found
+                    and found, timeout=timeout, interval=0.5)
+
+
+def _check_against_truth(pacs, study_uid: str, truth: dict, ct_files: list[Path]) -> None:
+    found = _results(pacs, study_uid)
+    assert len(found["SEG"]) == 1 and len(found["SR"]) == 1 and len(found["CT"]) == len(ct_files)
+    seg = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SEG"][0]["ID"])))
+    ct_series = str(pydicom.dcmread(ct_files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct_series
+    findings = read_findings(pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SR"][0]["ID"]))))
+    assert len(findings) == len(truth["lesions"]), findings
+    for lesion in truth["lesions"]:
+        distances = [np.linalg.norm(np.subtract(f["centroid"], lesion["centre_mm"])) for f in findings]
+        best = findings[int(np.argmin(distances))]
+        assert min(distances) <= 2.0, (lesion, best)
+        assert abs(best["volume_mm3"] / lesion["volume_mm3"] - 1) <= 0.10, (lesion, best)
+
+
+def test_pacs_to_node_to_pacs_with_local_backend(start_node, orthanc, tmp_path):
+    node, pacs = _node_and_pacs(start_node, orthanc, tmp_path)
+    files, truth, study_uid = _phantom(tmp_path, seed=11)
+    pacs.upload(files)
+    pacs.forward_study("node", study_uid)
+    _check_against_truth(pacs, study_uid, truth, files)
+    job = node.query("SELECT * FROM work_items WHERE study_uid=?", (study_uid,))[0]
+    assert job["state"] == "done" and set(json.loads(job["stages"])) >= {"route", "load", "inference", "encode"}
+
+
+def test_pacs_to_node_to_pacs_with_triton(start_node, orthanc, tmp_path, triton):
+    node, pacs = _node_and_pacs(start_node, orthanc, tmp_path, triton_url=triton.grpc_url)
+    files, truth, study_uid = _phantom(tmp_path, seed=12)
+    pacs.upload(files)
+    pacs.forward_study("node", study_uid)
+    _check_against_truth(pacs, study_uid, truth, files)
+    assert node.events("node_started")[0]["backend"] == "triton"
+
+
+def test_two_studies_at_once_and_one_that_no_rule_matches(start_node, orthanc, tmp_path):
+    node, pacs = _node_and_pacs(start_node, orthanc, tmp_path)
+    studies = [_phantom(tmp_path, seed=s) for s in (21, 22)]
+    small_files, _, small_uid = _phantom(tmp_path, seed=23, slices=8)
+    for files, _, _ in studies:
+        pacs.upload(files)
+    pacs.upload(small_files)
+    threads = [threading.Thread(target=pacs.forward_study, args=("node", uid)) for _, _, uid in studies]
+    threads.append(threading.Thread(target=pacs.forward_study, args=("node", small_uid)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for files, truth, uid in studies:
+        found = _results(pacs, uid)
+        assert len(found["SEG"]) == len(found["SR"]) == 1
+    job = wait_for(lambda: node.query("SELECT * FROM work_items WHERE study_uid=? AND state='ignored'", (small_uid,)),
+                   timeout=60)[0]
+    assert job["reason"] == "no routing rule applies"
+    assert "InstanceCount ge 16 (is 8)" in job["explanation"]
+    assert set(pacs.instances_by_modality(small_uid)) == {"CT"}
