@@ -6,10 +6,7 @@ Orthanc, split by stage (the quiet period excluded), with LocalBackend and with 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pydicom
@@ -18,6 +15,7 @@ from inference.triton_cpu import TritonCpuServer
 from tests.orthanc import Orthanc
 from tests.peers import NodeProcess, wait_for
 from training.data.synthetic import make_dicom_study
+from benchmarks.common import benchmark_run
 
 QUIET = 2.0
 ROUTING = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
@@ -61,12 +59,7 @@ def run(work: Path, files: list[Path], study_uid: str, triton_url: str | None) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        work = Path(tmp)
+    with benchmark_run(__doc__) as (args, work):
         # the demo field of view (384 x 384 x 192 mm) at this matrix
         files, _ = make_dicom_study(work / "ct", slices=args.slices, size=args.size, pixel_spacing=384 / args.size,
                                     slice_spacing=192 / args.slices, seed=5)

@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from inference.triton_cpu import TritonCpuServer
 from inference.volume import load_series, read_series
 from training.export.repository import export_onnx, write_entry
 from training.phantom.dicom import SeriesGeometry, write_ct_series
+from benchmarks.common import benchmark_run
 
 
 class Identity(torch.nn.Module):
@@ -53,12 +51,7 @@ def timed(fn, repeat: int = 3) -> tuple[float, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        work = Path(tmp)
+    with benchmark_run(__doc__) as (args, work):
         rng = np.random.default_rng(0)
         hu = rng.integers(-1000, 1500, size=(args.slices, args.size, args.size)).astype(np.float32)
         files = write_ct_series(hu, work / "ct", SeriesGeometry(spacing=(1.0, 0.7, 0.7)))

@@ -9,12 +9,10 @@ preserving, no fsync), with --fork for the concurrent load. Prints instances/s a
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from tests.peers import NodeProcess, free_port, port_open, wait_for
 from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from benchmarks.common import benchmark_run
 
 
 def make_studies(root: Path, count: int, slices: int, size: int) -> list[list[Path]]:
@@ -88,12 +87,7 @@ def run_node(workdir: Path, studies: list[list[Path]]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        work = Path(tmp)
+    with benchmark_run(__doc__) as (args, work):
         studies = make_studies(work / "data", 4, args.slices, args.size)
         mb = sum(p.stat().st_size for p in studies[0]) / 1e6
         print(f"receive benchmark: {args.slices} slices of {args.size}x{args.size} ({mb:.0f} MB per study), sender dcmtk storescu")

@@ -5,9 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -29,6 +26,7 @@ from node.store.index import Index
 from tests.orthanc import Orthanc
 from tests.peers import wait_for
 from training.phantom.dicom import SeriesGeometry, write_ct_series
+from benchmarks.common import benchmark_run
 
 CODE = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
 SPEC = ModelSpec.model_validate({
@@ -46,12 +44,7 @@ def step(label: str, fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--size", type=int, default=512)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
-        work = Path(tmp)
+    with benchmark_run(__doc__) as (args, work):
         shape = (args.slices, args.size, args.size)
         files = write_ct_series(np.zeros(shape, dtype=np.float32), work / "ct", SeriesGeometry(spacing=(1.0, 0.7, 0.7)))
         import pydicom

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import IO
+from node.processes import stop_process_group
 
 
 def _free_port() -> int:
@@ -111,13 +111,7 @@ class TritonCpuServer:
 
     def stop(self) -> None:
         """SIGTERM (Triton ignores SIGINT in the background), then SIGKILL if it lingers."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_process_group(self.process, 30)
         self.process = None
         if self._log:
             self._log.close()

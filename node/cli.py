@@ -196,16 +196,11 @@ def outbox_list(
 
     cfg, index = _index(config)
     Outbox.ensure_schema(index)
-    rows = list_items(index)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo("outbox is empty")
-        return
-    typer.echo(f"{'ID':>5}  {'STATE':9}  {'DESTINATION':16}  {'TRIES':>5}  {'JOB':10}  LAST ERROR")
-    for r in rows:
-        typer.echo(f"{r['id']:>5}  {r['state']:9}  {r['destination']:16}  {r['attempts']:>5}  {r['job_key']:10}  {r['last_error'] or ''}")
+    _print_rows(list_items(index), as_json, "outbox is empty", [
+        ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["state"]),
+        ("DESTINATION", "16", lambda r: r["destination"]), ("TRIES", ">5", lambda r: r["attempts"]),
+        ("JOB", "10", lambda r: r["job_key"]), ("LAST ERROR", "", lambda r: r["last_error"] or ""),
+    ])
 
 
 @outbox_app.command("retry")
@@ -247,17 +242,25 @@ def jobs_list(
         " FROM work_items ORDER BY id")]
     for row in rows:
         row["stages"] = json.loads(row["stages"] or "{}")
+    _print_rows(rows, as_json, "no jobs", [
+        ("ID", ">5", lambda r: r["id"]), ("STATE", "8", lambda r: r["state"]),
+        ("RULES", "12", lambda r: r["rules_version"] or "-"),
+        ("STAGES (s)", "40", lambda r: " ".join(f"{k}={v[1] - v[0]:.2f}" for k, v in r["stages"].items())),
+        ("STUDY / REASON", "", lambda r: r["study_uid"] + (f"  {r['reason']}" if r["reason"] else "")),
+    ])
+
+
+def _print_rows(rows: list[dict], as_json: bool, empty: str, columns: list) -> None:
+    """Rows as JSON, or as a table of (title, format, getter) columns."""
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo("no jobs")
+        typer.echo(empty)
         return
-    typer.echo(f"{'ID':>5}  {'STATE':8}  {'RULES':12}  {'STAGES (s)':40}  STUDY / REASON")
-    for r in rows:
-        stages = " ".join(f"{k}={v[1] - v[0]:.2f}" for k, v in r["stages"].items())
-        typer.echo(f"{r['id']:>5}  {r['state']:8}  {r['rules_version'] or '-':12}  {stages:40}  {r['study_uid']}"
-                   + (f"  {r['reason']}" if r["reason"] else ""))
+    typer.echo("  ".join(f"{title:{fmt}}" for title, fmt, _ in columns))
+    for row in rows:
+        typer.echo("  ".join(f"{get(row)!s:{fmt}}" for _, fmt, get in columns))
 
 
 @jobs_app.command("retry")

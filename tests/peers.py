@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from node.processes import stop_process_group
 
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,13 +106,7 @@ class NodeProcess:
         return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+        stop_process_group(self.process, 20)
         self.process = None
 
     def kill_all(self) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 
 from node.encode.sr import read_findings
 from tests.peers import wait_for
