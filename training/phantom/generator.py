@@ -93,7 +93,7 @@ def random_phantom(
     centre: tuple[float, float, float] = (0.0, 0.0, 0.0),
     lesions: tuple[int, int] = (1, 3),
     lesion_radius: tuple[float, float] = (6.0, 12.0),
-    noise_hu: float = 10.0,
+    noise_hu: float = 5.0,
 ) -> Phantom:
     """A body filling most of the field of view, two organs and 1-3 lesions of random contrast."""
     fx, fy, fz = field_of_view
@@ -112,7 +112,7 @@ def random_phantom(
             if np.any(span <= 0):
                 continue
             point = tuple(float(c + rng.uniform(-s, s)) for c, s in zip((cx, cy, cz), span))
-            candidate = Ellipsoid(point, radii, float(rng.choice([-1, 1]) * rng.uniform(80, 160) + BODY_HU))
+            candidate = Ellipsoid(point, radii, float(rng.choice([-1, 1]) * rng.uniform(150, 300) + BODY_HU))
             if all(np.linalg.norm(np.subtract(point, o.centre)) > max(radii) + max(o.radii) + 3 for o in found):
                 found.append(candidate)
                 break
