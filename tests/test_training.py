@@ -1,0 +1,135 @@
+"""Training: data sources, a short run, export round trip, and the entry in both backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from inference.backends.local import LocalBackend
+from inference.backends.triton import TritonBackend
+from inference.spec import ModelSpec, load_spec
+from inference.triton_cpu import TritonCpuServer
+from inference.volume import load_series, read_series
+from node.encode.options import OutputOptions
+from node.encode.seg import build_seg
+from node.encode.uids import ResultUIDs
+from inference.findings import measure
+from inference.pipeline import SegmentationResult
+from training.data.dicom_seg import dicom_seg_to_msd
+from training.data.msd import LPS_TO_RAS, DatasetError, load_msd
+from training.data.synthetic import make_dicom_study, make_training_set, truth_path
+from training.export.repository import export_onnx, write_entry
+from training.train import TrainConfig, load_network, train
+
+LESION = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
+TINY_SPEC = ModelSpec.model_validate({
+    "name": "tiny", "task": "segmentation",
+    "preprocessing": {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0], "intensity": {"window": [-1000, 500]},
+                      "patch_size": [32, 32, 32], "batch_size": 2},
+    "labels": [{"value": 1, "name": "Lesion", "category": LESION, "type": LESION}],
+})
+FOV = (128.0, 128.0, 128.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_training_set(tmp_path_factory.mktemp("msd"), count=5, spacing=4.0, field_of_view=FOV)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    summary = train(TrainConfig(data=tiny_data, out=out, spec=TINY_SPEC, epochs=4, iterations_per_epoch=6,
+                                batch_size=2, learning_rate=5e-3, val_fraction=0.2, seed=1))
+    return out, summary
+
+
+def test_msd_loader_reads_the_synthetic_set(tiny_data):
+    pairs, labels = load_msd(tiny_data)
+    assert len(pairs) == 5 and labels == {0: "background", 1: "lesion"}
+    image = nib.load(pairs[0]["image"])
+    label = np.asarray(nib.load(pairs[0]["label"]).dataobj)
+    assert image.shape == label.shape == (32, 32, 32)
+    assert set(np.unique(label)) == {0, 1}
+
+
+def test_msd_loader_names_missing_files(tmp_path, tiny_data):
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/x.nii.gz",
+                                                                     "label": "./labelsTr/x.nii.gz"}]}))
+    with pytest.raises(DatasetError, match=r"imagesTr/x.nii.gz is listed in dataset.json but missing"):
+        load_msd(tmp_path)
+
+
+def test_short_training_lowers_the_loss_and_writes_metrics(trained):
+    out, summary = trained
+    losses = [row["loss"] for row in summary["history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (out / "best.pt").exists() and (out / "last.pt").exists()
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,") and "dice_Lesion" in csv_lines[0] and len(csv_lines) == 5
+    assert json.loads((out / "metrics.json").read_text())[-1]["epoch"] == 4
+
+
+def test_training_resumes_from_a_checkpoint(trained, tiny_data, tmp_path):
+    out, _ = trained
+    summary = train(TrainConfig(data=tiny_data, out=tmp_path, spec=TINY_SPEC, epochs=5, iterations_per_epoch=2,
+                                seed=1, resume=out / "last.pt"))
+    assert [row["epoch"] for row in summary["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_export_round_trip_and_entry_in_both_backends(trained, tmp_path):
+    out, _ = trained
+    network, network_config = load_network(out / "best.pt", TINY_SPEC)
+    onnx = tmp_path / "tiny.onnx"
+    error = export_onnx(network, onnx, TINY_SPEC, divisor=network_config.divisor)
+    assert error < 1e-4
+    entry = write_entry(tmp_path / "repo", TINY_SPEC, onnx)
+    assert load_spec(entry) == TINY_SPEC
+    assert 'backend: "onnxruntime"' in (entry / "config.pbtxt").read_text()
+    assert "KIND_GPU" in (entry / "config.pbtxt").read_text() and "dynamic_batching" in (entry / "config.pbtxt").read_text()
+    assert 'backend: "python"' in (entry / "configs" / "cpu.pbtxt").read_text()
+    batch = np.random.default_rng(3).random((2, 1, 40, 36, 44), dtype=np.float32)
+    with torch.no_grad():
+        expected = network(torch.from_numpy(batch)).numpy()
+    local = LocalBackend(entry / "1" / "model.onnx", TINY_SPEC).infer(batch)
+    np.testing.assert_allclose(local, expected, atol=1e-4)
+    server = TritonCpuServer(tmp_path / "repo", tmp_path / "triton.log").start(timeout=120, ready_models=("tiny",))
+    try:
+        backend = TritonBackend(server.grpc_url, TINY_SPEC)
+        np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-4)
+        backend.close()
+    finally:
+        server.cleanup()
+
+
+def test_phantom_dicom_study_passes_dciodvfy_and_has_its_truth(tmp_path):
+    files, phantom = make_dicom_study(tmp_path / "study", slices=12, size=64, pixel_spacing=6.0, slice_spacing=16.0)
+    for path in (files[0], files[-1]):
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        assert [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")] == []
+    truth = json.loads(truth_path(tmp_path / "study").read_text())
+    assert len(truth["lesions"]) == len(phantom.lesions) >= 2
+    assert truth["lesions"][0]["volume_mm3"] == pytest.approx(phantom.lesions[0].volume_mm3)
+
+
+def test_dicom_seg_pairs_become_training_data(tmp_path):
+    files, _ = make_dicom_study(tmp_path / "pacs" / "ct", slices=10, size=32, pixel_spacing=12.0, slice_spacing=19.2)
+    volume = load_series(read_series(files))
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[2:5, 10:20, 12:22] = 1
+    spec = TINY_SPEC
+    result = SegmentationResult(spec, volume, labels, measure(labels, volume, spec))
+    build_seg(result, OutputOptions(omit_empty_frames=True), ResultUIDs("t", spec.name)).save_as(tmp_path / "pacs" / "seg.dcm")
+    out = dicom_seg_to_msd(tmp_path / "pacs", tmp_path / "msd")
+    pairs, names = load_msd(out)
+    assert names == {0: "background", 1: "Lesion"}
+    image = nib.load(pairs[0]["image"])
+    np.testing.assert_array_equal(np.asarray(nib.load(pairs[0]["label"]).dataobj), labels)
+    np.testing.assert_allclose(image.affine, LPS_TO_RAS @ volume.affine)
+    np.testing.assert_allclose(np.asarray(image.dataobj), volume.array)
