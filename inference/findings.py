@@ -86,8 +86,10 @@ def _measure_one(mask: np.ndarray, volume: SeriesVolume, label: Label, component
 def _longest_in_plane(indices: np.ndarray, volume: SeriesVolume) -> float:
     """Largest distance between voxel centres of the finding within one image plane."""
     best = 0.0
-    for k in np.unique(indices[:, 0]):
-        in_slice = indices[indices[:, 0] == k]
+    # np.argwhere lists voxels in slice order: each slice is one contiguous run
+    slices, starts = np.unique(indices[:, 0], return_index=True)
+    for start, end in zip(starts, list(starts[1:]) + [len(indices)]):
+        in_slice = indices[start:end]
         if len(in_slice) < 2:
             continue
         points = _outline(in_slice)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import highdicom as hd
 import numpy as np
+import pydicom.config
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from inference.pipeline import SegmentationResult
@@ -27,6 +31,20 @@ def algorithm(result: SegmentationResult) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=spec.name, family=coded(spec.algorithm_family), version=str(spec.version)
     )
+
+
+@contextmanager
+def _values_already_checked() -> Iterator[None]:
+    """highdicom re-creates the DS values of every source frame's position and spacing; their
+    regex validation costs ~0.5 s for 300 frames. They come from stored files that were read
+    once already, so skip the (warn-only) re-validation while building."""
+    settings = pydicom.config.settings
+    saved = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = saved
 
 
 def build_seg(result: SegmentationResult, options: OutputOptions, uids: ResultUIDs) -> hd.seg.Segmentation | None:
@@ -54,6 +72,12 @@ def build_seg(result: SegmentationResult, options: OutputOptions, uids: ResultUI
         for number, label in enumerate(labels, start=1)
     ]
     labelmap = options.segmentation_type == "LABELMAP"
+    with _values_already_checked():
+        return _segmentation(result, options, uids, pixels, descriptions, labelmap)
+
+
+def _segmentation(result: SegmentationResult, options: OutputOptions, uids: ResultUIDs, pixels: np.ndarray,
+                  descriptions: list, labelmap: bool) -> hd.seg.Segmentation:
     return hd.seg.Segmentation(
         source_images=result.volume.datasets,
         pixel_array=pixels,
