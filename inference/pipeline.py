@@ -1,8 +1,8 @@
 """A series volume through a model and back onto the series' own voxel grid.
 
 MONAI does the work: Orientation and Spacing bring the volume to the model's space,
-sliding-window inference runs the backend patch by patch, and the same transforms' inverse
-brings the class probabilities back to the source grid, where they are turned into labels.
+sliding-window inference runs the backend patch by patch, and SpatialResample brings the class
+probabilities back onto the source grid (from the two affines), where they become labels.
 So every label voxel lies on a source frame and pixel, and carries that frame's geometry.
 """
 
@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, NormalizeIntensity, Orientation, Resize, ScaleIntensityRange, Spacing
+from monai.transforms import (
+    Compose,
+    NormalizeIntensity,
+    Orientation,
+    Resize,
+    ScaleIntensityRange,
+    Spacing,
+    SpatialResample,
+)
 
 from inference.backends.base import Backend
 from inference.findings import Finding, clean_components, measure
@@ -23,6 +31,7 @@ from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+FOREGROUND_EVIDENCE = 0.05  # a label probability above this marks where to map back to the source
 
 
 @dataclass
@@ -83,7 +92,7 @@ def _activation(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> SegmentationResult:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    image, spatial = to_model_space(volume, spec)
+    image, _ = to_model_space(volume, spec)
     seconds["preprocess"] = time.perf_counter() - start
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:
@@ -99,10 +108,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     seconds["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    probabilities = MetaTensor(_activation(logits, spec)[0], affine=image.affine)
-    probabilities.applied_operations = list(image.applied_operations)
-    on_source = spatial.inverse(probabilities).as_tensor().numpy()
-    labels = _labels(on_source, spec)
+    labels = _clean(_labels_on_source(_activation(logits, spec)[0], image.affine, volume, spec), spec)
     seconds["postprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = measure(labels, volume, spec)
@@ -110,14 +116,57 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     return SegmentationResult(spec, volume, labels, findings, seconds)
 
 
+def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, volume: SeriesVolume,
+                      spec: ModelSpec) -> np.ndarray:
+    """Class probabilities resampled onto the source grid (MONAI SpatialResample), then labels.
+
+    Only the box where a label is possible is resampled: most of a study is background, and
+    resampling all of a 300x512x512 grid takes ~15 s on 2 cores.
+    """
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    evidence = probabilities[[label.value for label in spec.labels]].amax(0)
+    hot = torch.nonzero(evidence > FOREGROUND_EVIDENCE)
+    if len(hot) == 0:
+        return labels
+    shape = torch.tensor(evidence.shape)
+    lo = torch.clamp(hot.min(0).values - 2, min=0)
+    hi = torch.minimum(hot.max(0).values + 3, shape)
+    model = np.asarray(model_affine, dtype=float) @ _translation(lo.numpy())
+    source_ras = _LPS_TO_RAS @ volume.affine
+    corners = np.array([[a, b, c, 1.0] for a in (0, hi[0] - lo[0] - 1) for b in (0, hi[1] - lo[1] - 1)
+                        for c in (0, hi[2] - lo[2] - 1)])
+    in_source = (corners @ (np.linalg.inv(source_ras) @ model).T)[:, :3]
+    src_lo = np.clip(np.floor(in_source.min(0)).astype(int) - 1, 0, labels.shape)
+    src_hi = np.clip(np.ceil(in_source.max(0)).astype(int) + 2, 0, labels.shape)
+    if np.any(src_hi <= src_lo):
+        return labels
+    box = MetaTensor(probabilities[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].contiguous(), affine=torch.from_numpy(model))
+    resampled = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+        box, dst_affine=torch.from_numpy(source_ras @ _translation(src_lo)), spatial_size=tuple(src_hi - src_lo))
+    k0, r0, c0 = src_lo
+    k1, r1, c1 = src_hi
+    labels[k0:k1, r0:r1, c0:c1] = _labels(resampled.as_tensor().numpy(), spec)
+    return labels
+
+
+def _translation(offset: np.ndarray) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, 3] = np.asarray(offset, dtype=float)
+    return out
+
+
 def _labels(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
     post = spec.postprocessing
     if post.mode == "argmax":
-        labels = np.argmax(probabilities, axis=0).astype(np.uint8)
-    else:  # threshold: channel c is label c (channel 0 background when softmax)
-        labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
-        for label in spec.labels:
-            labels[probabilities[label.value] >= post.threshold] = label.value
+        return np.argmax(probabilities, axis=0).astype(np.uint8)
+    labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)  # threshold: channel c is label c
+    for label in spec.labels:
+        labels[probabilities[label.value] >= post.threshold] = label.value
+    return labels
+
+
+def _clean(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    post = spec.postprocessing
     for label in spec.labels:
         mask = labels == label.value
         kept = clean_components(mask, post.keep_largest_component, post.min_component_voxels)

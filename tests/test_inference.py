@@ -120,12 +120,12 @@ def _sphere_series(folder: Path, orientation, spacing, shape, **write) -> tuple[
     return write_ct_series(hu, folder, geometry, SeriesIdentity(), **write), geometry
 
 
-def _check_sphere(files: list[Path], backend, reverse: bool = False) -> None:
+def _check_sphere(files: list[Path], backend, reverse: bool = False, spec=None) -> None:
     datasets = read_series(files)
     if reverse:
         datasets = datasets[::-1]
     volume = load_series(datasets)
-    result = segment(volume, threshold_spec(), backend)
+    result = segment(volume, spec or threshold_spec(), backend)
     assert len(result.findings) == 1
     finding = result.findings[0]
     error_mm = np.subtract(finding.centroid, CENTRE)
@@ -149,6 +149,16 @@ def test_sphere_centroid_and_volume_in_every_geometry(name, tmp_path, model_repo
     orientation, spacing, shape = GEOMETRIES[name]
     files, _ = _sphere_series(tmp_path / name, orientation, spacing, shape)
     _check_sphere(files, _local(model_repository))
+
+
+@pytest.mark.parametrize("name", ["axial", "oblique", "anisotropic"])
+def test_model_at_its_own_spacing_maps_back_to_the_source_grid(name, tmp_path, model_repository):
+    """With spec spacing, the probabilities are resampled back from the model's grid."""
+    orientation, spacing, shape = GEOMETRIES[name]
+    files, _ = _sphere_series(tmp_path / name, orientation, spacing, shape)
+    spec = threshold_spec(preprocessing={"orientation": "RAS", "spacing": [1.7, 1.3, 2.1],
+                                         "intensity": {"window": [-1000, 1000]}, "patch_size": [32, 32, 32]})
+    _check_sphere(files, _local(model_repository), spec=spec)
 
 
 def test_slices_in_reverse_order(tmp_path, model_repository):
