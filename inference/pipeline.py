@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import (
@@ -120,33 +121,37 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
                       spec: ModelSpec) -> np.ndarray:
     """Class probabilities resampled onto the source grid (MONAI SpatialResample), then labels.
 
-    Only the box where a label is possible is resampled: most of a study is background, and
-    resampling all of a 300x512x512 grid takes ~15 s on 2 cores.
+    Only boxes around the regions where a label is possible are resampled, one per region:
+    most of a study is background, and resampling all of a 300x512x512 grid takes ~15 s here.
     """
     labels = np.zeros(volume.array.shape, dtype=np.uint8)
-    evidence = probabilities[[label.value for label in spec.labels]].amax(0)
-    hot = torch.nonzero(evidence > FOREGROUND_EVIDENCE)
-    if len(hot) == 0:
-        return labels
-    shape = torch.tensor(evidence.shape)
-    lo = torch.clamp(hot.min(0).values - 2, min=0)
-    hi = torch.minimum(hot.max(0).values + 3, shape)
-    model = np.asarray(model_affine, dtype=float) @ _translation(lo.numpy())
+    evidence = probabilities[[label.value for label in spec.labels]].amax(0).numpy() > FOREGROUND_EVIDENCE
+    regions, _ = ndimage.label(ndimage.binary_dilation(evidence, iterations=2))
+    for box in ndimage.find_objects(regions):
+        lo = np.array([s.start for s in box])
+        hi = np.array([s.stop for s in box])
+        _resample_box(probabilities, np.asarray(model_affine, dtype=float), lo, hi, volume, spec, labels)
+    return labels
+
+
+def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  volume: SeriesVolume, spec: ModelSpec, labels: np.ndarray) -> None:
+    """Resample the model-space box [lo, hi) onto the source voxels it covers; write its labels."""
+    model = model_affine @ _translation(lo)
     source_ras = _LPS_TO_RAS @ volume.affine
-    corners = np.array([[a, b, c, 1.0] for a in (0, hi[0] - lo[0] - 1) for b in (0, hi[1] - lo[1] - 1)
-                        for c in (0, hi[2] - lo[2] - 1)])
+    size = hi - lo - 1
+    corners = np.array([[a, b, c, 1.0] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])])
     in_source = (corners @ (np.linalg.inv(source_ras) @ model).T)[:, :3]
     src_lo = np.clip(np.floor(in_source.min(0)).astype(int) - 1, 0, labels.shape)
     src_hi = np.clip(np.ceil(in_source.max(0)).astype(int) + 2, 0, labels.shape)
     if np.any(src_hi <= src_lo):
-        return labels
+        return
     box = MetaTensor(probabilities[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].contiguous(), affine=torch.from_numpy(model))
     resampled = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
         box, dst_affine=torch.from_numpy(source_ras @ _translation(src_lo)), spatial_size=tuple(src_hi - src_lo))
-    k0, r0, c0 = src_lo
-    k1, r1, c1 = src_hi
-    labels[k0:k1, r0:r1, c0:c1] = _labels(resampled.as_tensor().numpy(), spec)
-    return labels
+    found = _labels(resampled.as_tensor().numpy(), spec)
+    target = labels[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+    target[found > 0] = found[found > 0]
 
 
 def _translation(offset: np.ndarray) -> np.ndarray:

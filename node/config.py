@@ -178,6 +178,12 @@ class NodeConfig(Strict):
         inference = self.inference.model_copy(
             update={"model_repository": _under(base, self.inference.model_repository)})
         pipeline = self.pipeline.model_copy(update={"routing_file": _under(base, self.pipeline.routing_file)})
+        destinations = {
+            name: d.model_copy(update={"tls": d.tls.model_copy(update={
+                key: _under(base, getattr(d.tls, key)) for key in ("ca", "certificate", "private_key")
+                if getattr(d.tls, key) is not None})})
+            for name, d in self.destinations.items()
+        }
         tls = self.scp.tls.model_copy(
             update={
                 key: _under(base, getattr(self.scp.tls, key))
@@ -187,7 +193,7 @@ class NodeConfig(Strict):
         )
         scp = self.scp.model_copy(update={"tls": tls})
         return self.model_copy(update={"storage": storage, "scp": scp, "inference": inference,
-                                       "pipeline": pipeline})
+                                       "pipeline": pipeline, "destinations": destinations})
 
 
 def _under(base: Path, path: Path) -> Path:
