@@ -146,7 +146,8 @@ def test_sigkill_mid_study_then_restart_completes_with_every_acknowledged(start_
             sender.kill()
             sender.wait()
     acknowledged = _success_count(output)
-    assert 50 <= acknowledged < 300, output[-2000:]
+    # the kill came after 50 instances were indexed; the last response may not have reached the sender
+    assert 49 <= acknowledged < 300, output[-2000:]
     node.start()
     row = node.wait_complete(uid, timeout=60)
     assert row["completions"] == 1
