@@ -29,10 +29,6 @@ class CompletedStudy:
     study_uid: str
     series: tuple[SeriesFiles, ...]
 
-    @property
-    def instance_count(self) -> int:
-        return sum(len(s.files) for s in self.series)
-
 
 class WorkQueue:
     def __init__(self, index: Index, data_dir: Path):

@@ -285,6 +285,3 @@ class Index:
         return int(
             self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"]
         )
-
-    def associations(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.query("SELECT * FROM associations ORDER BY id")]
