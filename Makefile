@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps
 
 .PHONY: run demo test venv system-deps bench clean
 
@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests use as real peers: dcmtk (storescu/echoscu/storescp),
-# dicom3tools (dciodvfy) and Orthanc with DICOMweb. Installed only when missing.
+# dicom3tools (dciodvfy), Orthanc with DICOMweb, pixelmed-apps (pixelmed's IOD and SR validators;
+# apt brings the Java runtime it needs) and chromium (the console's browser tests, driven by
+# Playwright; never `playwright install`). Installed only when missing.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -49,7 +49,7 @@ def run(work: Path, files: list[Path], study_uid: str, triton_url: str | None) -
                "inference: back to source grid": model["postprocess"],
                "inference: measurements": model["measure"],
                "SEG + SR build and write": stages["encode"][1] - stages["encode"][0],
-               "delivery to Orthanc": sent["updated_at"] - stages["queue"][1]}
+               "delivery to Orthanc": sent["updated_at"] - stages["enqueue"][1]}
         row["total (quiet period excluded)"] = sent["updated_at"] - last - QUIET
         row["total without the model's compute"] = row["total (quiet period excluded)"] - model["inference"]
         return row

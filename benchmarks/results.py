@@ -20,7 +20,7 @@ from node.config import NodeConfig
 from node.encode.options import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
-from node.encode.uids import ResultUIDs
+from node.encode.uids import ResultUIDs, SourceIdentity
 from node.send.outbox import Outbox
 from node.store.index import Index
 from tests.orthanc import Orthanc
@@ -58,7 +58,8 @@ def main() -> None:
         labels[20:280, 300:460, 250:450] = 2
         print(f"SEG and SR for {args.slices}x{args.size}x{args.size} with 2 segments")
         result = SegmentationResult(SPEC, volume, labels, step("measure findings", lambda: measure(labels, volume, SPEC)))
-        uids = ResultUIDs("bench", SPEC.name)
+        uids = ResultUIDs("2.25.1", 1, SourceIdentity.of(volume.datasets[0].StudyInstanceUID, volume.datasets[0].SeriesInstanceUID,
+                                                      [d.SOPInstanceUID for d in volume.datasets]), SPEC.name, "1")
         options = OutputOptions()
         seg = step("SEG build (BINARY, all frames)", lambda: build_seg(result, options, uids))
         seg_bytes = step("SEG write", lambda: _write(seg, work / "seg.dcm"))

@@ -30,36 +30,67 @@ class Finding:
         return self.label.name if self.component is None else f"{self.label.name} {self.component}"
 
 
-def clean_components(mask: np.ndarray, keep_largest: bool, min_voxels: int) -> np.ndarray:
-    """Drop components smaller than `min_voxels`; optionally keep only the largest."""
-    if not keep_largest and min_voxels <= 1:
-        return mask
-    components, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(components.ravel())[1:]
-    keep = sizes >= max(min_voxels, 1)
-    if keep_largest:
-        keep = np.zeros_like(keep)
-        keep[int(np.argmax(sizes))] = True
-    return keep[np.maximum(components - 1, 0)] & (components > 0)
+def foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every nonzero voxel (None: there is none).
+
+    Findings are small against a 300x512x512 grid: labelling and measuring inside this box
+    instead of the whole grid turns seconds into milliseconds.
+    """
+    box = []
+    for axis in range(labels.ndim):
+        others = tuple(a for a in range(labels.ndim) if a != axis)
+        present = np.flatnonzero(labels.any(axis=others) if not box else labels[tuple(box)].any(axis=others))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def clean_labels(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Drop each label's components smaller than the spec's minimum; optionally keep only the largest
+    (in place; returns `labels`)."""
+    post = spec.postprocessing
+    box = foreground_box(labels)
+    if box is None or (not post.keep_largest_component and post.min_component_voxels <= 1):
+        return labels
+    crop = labels[box]  # a view: edits land in `labels`
+    for label in spec.labels:
+        components, count = ndimage.label(crop == label.value)
+        if count == 0:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        keep = sizes >= max(post.min_component_voxels, 1)
+        if post.keep_largest_component:
+            keep = np.zeros_like(keep)
+            keep[int(np.argmax(sizes))] = True
+        drop = np.concatenate([[False], ~keep])
+        crop[drop[components]] = 0
+    return labels
 
 
 def measure(labels: np.ndarray, volume: SeriesVolume, spec: ModelSpec) -> list[Finding]:
     """Findings per label, or per connected component when the spec reports lesions."""
     findings: list[Finding] = []
+    box = foreground_box(labels)
+    if box is None:
+        return findings
+    crop = labels[box]
+    offset = np.array([s.start for s in box])
     per_component = spec.postprocessing.findings == "per_component"
     for label in spec.labels:
-        mask = labels == label.value
+        mask = crop == label.value
         if not mask.any():
             continue
         if per_component:
             components, count = ndimage.label(mask)
             order = _components_by_size(components, count)
+            places = ndimage.find_objects(components)
             for number, component in enumerate(order, start=1):
-                findings.append(_measure_one(components == component, volume, label, number))
+                where = places[component - 1]
+                indices = np.argwhere(components[where] == component) + [s.start for s in where] + offset
+                findings.append(_measure_one(indices, volume, label, number))
         else:
-            findings.append(_measure_one(mask, volume, label, None))
+            findings.append(_measure_one(np.argwhere(mask) + offset, volume, label, None))
     return findings
 
 
@@ -68,8 +99,8 @@ def _components_by_size(components: np.ndarray, count: int) -> list[int]:
     return [int(i) + 1 for i in np.argsort(-sizes, kind="stable")]
 
 
-def _measure_one(mask: np.ndarray, volume: SeriesVolume, label: Label, component: int | None) -> Finding:
-    indices = np.argwhere(mask)
+def _measure_one(indices: np.ndarray, volume: SeriesVolume, label: Label, component: int | None) -> Finding:
+    """Measurements of one finding from its voxel indices (slice, row, column), in slice order."""
     centroid = volume.to_patient(indices.mean(axis=0))[0]
     return Finding(
         label=label,

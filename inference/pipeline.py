@@ -4,6 +4,8 @@ MONAI does the work: Orientation and Spacing bring the volume to the model's spa
 sliding-window inference runs the backend patch by patch, and SpatialResample brings the class
 probabilities back onto the source grid (from the two affines), where they become labels.
 So every label voxel lies on a source frame and pixel, and carries that frame's geometry.
+A sheared stack (gantry tilt) is first resampled onto its regular grid, so that the model sees
+undistorted anatomy; the probabilities go back onto the tilted source frames the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from monai.transforms import (
 )
 
 from inference.backends.base import Backend
-from inference.findings import Finding, clean_components, measure
+from inference.findings import Finding, clean_labels, measure
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
 
@@ -60,7 +62,9 @@ def _spatial(spec: ModelSpec) -> Compose:
     steps: list = [Orientation(axcodes=spec.preprocessing.orientation, labels=None)]
     if spec.preprocessing.spacing is not None:
         steps.append(Spacing(pixdim=spec.preprocessing.spacing, mode="bilinear", dtype=np.float32))
-    return Compose(steps)
+    # lazy: MONAI fuses orientation and spacing into one resampling of the source (half the time
+    # of a flip of the whole volume followed by a resampling of the flipped copy)
+    return Compose(steps, lazy=True)
 
 
 def _intensity(spec: ModelSpec) -> Compose:
@@ -77,9 +81,38 @@ def _intensity(spec: ModelSpec) -> Compose:
 def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> tuple[MetaTensor, Compose]:
     image = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array[None], dtype=np.float32)),
                        affine=torch.from_numpy(_LPS_TO_RAS @ volume.affine))
+    if volume.sheared:
+        image = _unshear(image, volume)
     spatial = _spatial(spec)
     moved = spatial(image)
     return _intensity(spec)(moved), spatial
+
+
+def regular_grid(volume: SeriesVolume) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The regular (orthogonal) grid that covers a sheared stack: same rows and columns, slices
+    along the plane normal at the stack's spacing along it. Returns its LPS affine and shape."""
+    normal = volume.normal
+    step = volume.affine[:3, 0]
+    affine = volume.affine.copy()
+    affine[:3, 0] = normal * float(np.dot(step, normal))
+    shape = np.array(volume.array.shape)
+    corners = np.array([[a, b, c] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)])
+    in_grid = (np.c_[volume.to_patient(corners), np.ones(len(corners))] @ np.linalg.inv(affine).T)[:, :3]
+    lo = np.floor(in_grid.min(0) + 1e-6)
+    hi = np.ceil(in_grid.max(0) - 1e-6)
+    affine = affine @ _translation(lo)
+    return affine, tuple(int(v) for v in hi - lo + 1)  # type: ignore[return-value]
+
+
+def _unshear(image: MetaTensor, volume: SeriesVolume) -> MetaTensor:
+    """A sheared stack (gantry tilt) resampled onto its regular grid, so that the model sees
+    undistorted anatomy; outside the stack the grid takes the volume's lowest value (air)."""
+    affine, shape = regular_grid(volume)
+    fill = float(volume.array.min())
+    shifted = MetaTensor(image.as_tensor() - fill, affine=image.affine)
+    resampled = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+        shifted, dst_affine=torch.from_numpy(_LPS_TO_RAS @ affine), spatial_size=shape)
+    return MetaTensor(resampled.as_tensor() + fill, affine=torch.from_numpy(_LPS_TO_RAS @ affine))
 
 
 def _activation(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -109,7 +142,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     seconds["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    labels = _clean(_labels_on_source(_activation(logits, spec)[0], image.affine, volume, spec), spec)
+    labels = clean_labels(_labels_on_source(_activation(logits, spec)[0], image.affine, volume, spec), spec)
     seconds["postprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = measure(labels, volume, spec)
@@ -167,15 +200,6 @@ def _labels(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
     labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)  # threshold: channel c is label c
     for label in spec.labels:
         labels[probabilities[label.value] >= post.threshold] = label.value
-    return labels
-
-
-def _clean(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    post = spec.postprocessing
-    for label in spec.labels:
-        mask = labels == label.value
-        kept = clean_components(mask, post.keep_largest_component, post.min_component_voxels)
-        labels[mask & ~kept] = 0
     return labels
 
 

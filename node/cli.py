@@ -6,13 +6,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from datetime import datetime
+from typing import Any, Optional
 
 import typer
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.presentation import build_context
-
-from node.config import NodeConfig, load_config
+from node.config import DEFAULT_CONFIG, NodeConfig, load_config
 from node.yamlfile import ConfigError
 
 app = typer.Typer(
@@ -46,25 +44,27 @@ def serve(
         None, "--quiet-period", help="Seconds without arrivals after which a study is complete."
     ),
     workers: Optional[int] = typer.Option(None, "--workers", help="Receiver processes (0: one per core)."),
+    http_port: Optional[int] = typer.Option(
+        None, "--http-port", help="Console, API, health and metrics port (http.port; 0: no HTTP server)."),
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
     from node import logs
     from node.service import NodeService
 
-    cfg = _config(
-        config,
-        {
-            "scp.ae_title": aet,
-            "scp.port": port,
-            "scp.bind": bind,
-            "storage.data_dir": str(data_dir.resolve()) if data_dir else None,
-            "completion.quiet_period_s": quiet_period,
-            "scp.workers": workers,
-        },
-    )
+    overrides: dict[str, object] = {
+        "scp.ae_title": aet,
+        "scp.port": port,
+        "scp.bind": bind,
+        "storage.data_dir": str(data_dir.resolve()) if data_dir else None,
+        "completion.quiet_period_s": quiet_period,
+        "scp.workers": workers,
+        "http.port": http_port,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cfg = _config(config, overrides)
     logs.setup(cfg.logging.level)
     try:
-        service = NodeService(cfg)
+        service = NodeService(cfg, config or DEFAULT_CONFIG, overrides)
     except ConfigError as exc:
         typer.echo("configuration error:", err=True)
         for problem in exc.problems:
@@ -73,32 +73,37 @@ def serve(
     except OSError as exc:
         typer.echo(f"cannot start: {exc.strerror or exc} ({cfg.scp.bind}:{cfg.scp.port})", err=True)
         raise typer.Exit(1) from None
-    service.run_forever()
+    try:
+        service.run_forever()
+    except OSError as exc:  # the console's port
+        typer.echo(f"cannot start: {exc.strerror or exc}", err=True)
+        service.stop()
+        raise typer.Exit(1) from None
 
 
 @app.command()
 def echo(
-    host: str = typer.Argument("127.0.0.1", help="Peer host."),
+    host: str = typer.Argument("127.0.0.1", help="Peer host, or the name of a configured destination."),
     port: Optional[int] = typer.Argument(None, help="Peer port (default: this node's port)."),
-    aet: str = typer.Option("ECHOSCU", "--aet", help="Calling AE title."),
-    called_aet: Optional[str] = typer.Option(None, "--called-aet", help="Called AE title (default: ours)."),
+    aet: Optional[str] = typer.Option(None, "--aet", help="Calling AE title (default: ECHOSCU; ours for a destination)."),
+    called_aet: Optional[str] = typer.Option(None, "--called-aet", help="Called AE title (default: ours, or the destination's)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Send a C-ECHO (verification) and report the status."""
-    from node.send.scu import associate
+    """Send a C-ECHO (verification) and report the result in one line."""
+    from node.send.echo import echo as c_echo
+    from node.send.scu import client_ssl_context
 
     cfg = _config(config)
-    assoc = associate(host, port or cfg.scp.port, aet, called_aet or cfg.scp.ae_title, [build_context(Verification)])
-    if not assoc.is_established:
-        typer.echo(f"association failed: {_why_not(assoc)}", err=True)
-        raise typer.Exit(1)
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = getattr(status, "Status", None)
-    typer.echo(f"C-ECHO status 0x{code:04X}" if code is not None else "C-ECHO: no response")
-    raise typer.Exit(0 if code == 0 else 1)
+    peer = cfg.destinations.get(host) if port is None else None
+    if peer is not None:  # `dicom-node echo pacs`: the destination as the outbox would reach it
+        context = client_ssl_context(peer.tls.ca, peer.tls.certificate, peer.tls.private_key) if peer.tls.enabled else None
+        result = c_echo(peer.host, peer.port, aet or cfg.scp.ae_title, called_aet or peer.ae_title, context,
+                        timeout=cfg.sending.timeout_s)
+    else:
+        result = c_echo(host, port or cfg.scp.port, aet or "ECHOSCU", called_aet or cfg.scp.ae_title,
+                        timeout=cfg.sending.timeout_s)
+    typer.echo(result.message, err=not result.ok)
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @app.command()
@@ -112,10 +117,21 @@ def send(
     """C-STORE files and folders over one association."""
     from node.send.scu import associate, storage_contexts
 
+    import socket
+
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        typer.echo(f"no such file or folder: {', '.join(missing)}", err=True)
+        raise typer.Exit(1)
     files = sorted({f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()})
     if not files:
         typer.echo("no files to send", err=True)
         raise typer.Exit(1)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        typer.echo(f"unknown host {host!r}", err=True)
+        raise typer.Exit(1) from None
     try:
         contexts = storage_contexts(files)
     except Exception as exc:  # not DICOM part-10 files
@@ -123,7 +139,7 @@ def send(
         raise typer.Exit(1) from None
     assoc = associate(host, port, aet, called_aet, contexts)
     if not assoc.is_established:
-        typer.echo(f"association failed: {_why_not(assoc)}", err=True)
+        typer.echo(f"association failed: {_why_not(assoc, host, port)}", err=True)
         raise typer.Exit(1)
     failed = 0
     started = time.monotonic()
@@ -147,24 +163,20 @@ def studies(
     config: Optional[Path] = ConfigOption,
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool and index folder."),
 ) -> None:
-    """List received studies and their state."""
+    """List received studies, newest first: UID, state, modalities, counts, sender, dates (no patient data)."""
+    from node.console.summary import studies as study_rows
     from node.store.index import Index
 
     cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
     index_path = Path(cfg.storage.data_dir) / "index.sqlite"
-    rows = Index(index_path).study_summaries() if index_path.exists() else []
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        typer.echo("no studies")
-        return
-    typer.echo(f"{'STUDY INSTANCE UID':64}  {'STATE':9}  {'SERIES':>6}  {'INSTANCES':>9}  {'CALLING AE':16}  LAST RECEIVED")
-    for r in rows:
-        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_received"]))
-        typer.echo(
-            f"{r['study_uid']:64}  {r['state']:9}  {r['series']:>6}  {r['instances']:>9}  {r['calling_ae'] or '':16}  {last}"
-        )
+    rows = study_rows(Index(index_path), cfg.http.show_descriptions) if index_path.exists() else []
+    _print_rows(rows, as_json, "no studies", [
+        ("STUDY INSTANCE UID", "64", lambda r: r["study_uid"]), ("STATE", "9", lambda r: r["state"]),
+        ("MODALITY", "8", lambda r: ",".join(r["modalities"]) or "-"), ("SERIES", ">6", lambda r: r["series"]),
+        ("INSTANCES", ">9", lambda r: r["instances"]), ("CALLING AE", "16", lambda r: r["calling_ae"] or ""),
+        ("FIRST RECEIVED", "19", lambda r: _when(r["first_received"])),
+        ("LAST RECEIVED", "", lambda r: _when(r["last_received"])),
+    ])
 
 
 outbox_app = typer.Typer(help="Results waiting for, or done with, delivery.", invoke_without_command=True,
@@ -217,9 +229,17 @@ def outbox_retry(
         raise typer.Exit(2)
     cfg, index = _index(config)
     Outbox.ensure_schema(index)
+    if item is not None:
+        found = index.query("SELECT state FROM outbox WHERE id=?", (item,))
+        if not found:
+            typer.echo(f"no outbox item {item}", err=True)
+            raise typer.Exit(1)
+        if found[0]["state"] not in ("dead", "pending"):
+            typer.echo(f"outbox item {item} is {found[0]['state']}: only dead or pending items are retried", err=True)
+            raise typer.Exit(1)
     count = retry(index, item, cfg.sending.deadline_s)
     typer.echo(f"{count} item(s) queued for delivery")
-    raise typer.Exit(0 if count else 1)
+    raise typer.Exit(0 if count or all_dead else 1)
 
 
 jobs_app = typer.Typer(help="Pipeline jobs (one per completed study).", invoke_without_command=True,
@@ -233,21 +253,28 @@ def jobs_list(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """List jobs with their state, rules version and time per stage."""
+    """List jobs: state (and stage), attempts, next attempt, rules, time per stage, reason."""
     if ctx.invoked_subcommand:
         return
+    from node.console.summary import job_row
+    from node.jobs.store import JobStore
+
     cfg, index = _index(config)
-    rows = [dict(r) for r in index.query(
-        "SELECT id, study_uid, state, priority, rules_version, created_at, updated_at, reason, stages, explanation"
-        " FROM work_items ORDER BY id")]
-    for row in rows:
-        row["stages"] = json.loads(row["stages"] or "{}")
+    rows = [job_row(job) for job in JobStore(index).all_jobs()]
     _print_rows(rows, as_json, "no jobs", [
-        ("ID", ">5", lambda r: r["id"]), ("STATE", "8", lambda r: r["state"]),
-        ("RULES", "12", lambda r: r["rules_version"] or "-"),
-        ("STAGES (s)", "40", lambda r: " ".join(f"{k}={v[1] - v[0]:.2f}" for k, v in r["stages"].items())),
+        ("ID", ">5", lambda r: r["id"]),
+        ("STATE", "16", lambda r: r["state"] + (f"({r['stage']})" if r["state"] == "running" and r["stage"] else "")),
+        ("TRIES", ">5", lambda r: r["attempts"]),
+        ("NEXT ATTEMPT", "19", lambda r: _when(r["next_attempt"])),
+        ("RULES", "20", lambda r: ",".join(r["rules"]) or "-"),
+        ("MODELS", "16", lambda r: ",".join(r["models"]) or "-"),
+        ("STAGES (s)", "44", lambda r: " ".join(f"{k}={v:.2f}" for k, v in r["stage_seconds"].items())),
         ("STUDY / REASON", "", lambda r: r["study_uid"] + (f"  {r['reason']}" if r["reason"] else "")),
     ])
+
+
+def _when(epoch: float | None) -> str:
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
 
 
 def _print_rows(rows: list[dict], as_json: bool, empty: str, columns: list) -> None:
@@ -265,17 +292,24 @@ def _print_rows(rows: list[dict], as_json: bool, empty: str, columns: list) -> N
 
 @jobs_app.command("retry")
 def jobs_retry(
-    job: int = typer.Argument(..., help="Job ID (see `dicom-node jobs`)."),
+    job: Optional[int] = typer.Argument(None, help="Job ID (see `dicom-node jobs`)."),
+    all_jobs: bool = typer.Option(False, "--all", help="Every failed and waiting job."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Run a failed (or ignored) job again; the running node picks it up."""
-    from node.assemble.workqueue import WorkQueue
+    """Run a failed, ignored or waiting job again now (same result UIDs); the running node picks it up."""
+    from node.jobs.store import IllegalTransition, JobStore, UnknownJob
 
+    if (job is None) == (not all_jobs):
+        typer.echo("give a job ID or --all", err=True)
+        raise typer.Exit(2)
     cfg, index = _index(config)
-    if not WorkQueue(index, Path(cfg.storage.data_dir)).retry(job):
-        typer.echo(f"job {job} is not failed or ignored", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"job {job} queued")
+    try:
+        count = JobStore(index).retry(job)
+    except (UnknownJob, IllegalTransition) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{count} job(s) queued")
+    raise typer.Exit(0 if count or all_jobs else 1)
 
 
 config_app = typer.Typer(help="Configuration tools.", no_args_is_help=True, add_completion=False)
@@ -299,30 +333,29 @@ def config_check(
     path: Optional[Path] = typer.Argument(None, help="node.yaml (default config/node.yaml) or a routing rule file."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
-    """Check a node configuration and its routing rules (or one rule file); print every problem."""
-    from inference.repository import ModelRepository
-    from node.route.rules import load_rules
+    """Check a node configuration and its routing rules together (as the running node reloads them);
+    print every problem, and the changed keys that the running node applies only after a restart."""
+    from node.liveconfig import check, read_snapshot, restart_needed
 
     routing_only = path is not None and _is_routing_file(path)
-    problems = []
-    try:
-        cfg = load_config(config if routing_only else path)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        cfg = None
-    if cfg is not None:
-        rules_path = path if routing_only else cfg.pipeline.routing_file
-        models = ModelRepository(cfg.inference.model_repository).names()
-        try:
-            rules = load_rules(rules_path, models, set(cfg.destinations))
-            typer.echo(f"{rules_path}: {len(rules.file.rules)} rules, version {rules.version}")
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    for problem in problems:
+    node_yaml = config if routing_only else path
+    checked = check(node_yaml, None, path if routing_only else None)
+    if checked.config is not None:
+        snapshot = read_snapshot(checked.config.storage.data_dir)
+        if snapshot and snapshot.get("overrides"):  # the running node's flags apply to the file too
+            checked = check(node_yaml, snapshot["overrides"], path if routing_only else None)
+    for problem in checked.problems:
         typer.echo(str(problem), err=True)
-    if problems:
-        typer.echo(f"{len(problems)} problem(s)", err=True)
+    if not checked.ok:
+        typer.echo(f"{len(checked.problems)} problem(s)", err=True)
         raise typer.Exit(1)
+    assert checked.rules is not None and checked.config is not None
+    typer.echo(f"{checked.rules_path}: {len(checked.rules.file.rules)} rules, version {checked.rules.version}")
+    snapshot = read_snapshot(checked.config.storage.data_dir)
+    if snapshot and not routing_only:
+        pending = restart_needed(snapshot["started"], checked.config)
+        if pending:
+            typer.echo(f"the running node applies these changes only after a restart: {', '.join(pending)}")
     typer.echo("configuration OK")
 
 
@@ -364,6 +397,72 @@ def route_explain(
 
 
 @app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config: Optional[Path] = ConfigOption,
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool and index folder."),
+) -> None:
+    """The dashboard's summary: readiness, queues, jobs, outbox, disk, recent associations."""
+    from node.console.summary import dashboard, format_status
+    from node.jobs.store import JobStore
+    from node.retention import Retention
+
+    cfg, index = _index(config, data_dir)
+    summary = _running_summary(cfg)
+    if summary is None:
+        summary = dashboard(index, JobStore(index), Retention(index, Path(cfg.storage.data_dir)), cfg)
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_status(summary))
+
+
+def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
+    """The running node's own summary over its HTTP API (live state included), if it answers."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    http = cfg.http
+    if not http.port:
+        return None
+    host = "127.0.0.1" if http.bind in ("0.0.0.0", "::") else http.bind
+    scheme = "https" if http.tls.certificate else "http"
+    request = urllib.request.Request(f"{scheme}://{host}:{http.port}/api/summary")
+    token = http.effective_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    # Our own console, reached by the address in our own config: its certificate may be self-signed.
+    context = ssl._create_unverified_context() if scheme == "https" else None
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+@app.command()
+def cleanup(
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output (with --dry-run)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Apply storage.retention now (the running node also does it on its own schedule)."""
+    from node.retention import Retention, describe_plan, to_json
+
+    cfg, index = _index(config)
+    policy = cfg.storage.retention
+    if not (policy.instances_days or policy.results_days or policy.max_store_gb):
+        typer.echo("no storage.retention policy is set: nothing is ever deleted")
+        return
+    retention = Retention(index, Path(cfg.storage.data_dir))
+    if dry_run:
+        plan = retention.plan(policy)
+        typer.echo(to_json(plan) if as_json else describe_plan(plan))
+        return
+    done = retention.run(policy)
+    typer.echo(f"deleted {done['studies']} studies ({done['instances']} instances, {done['bytes'] / 1e6:.1f} MB)"
+               f" and {done['result_files']} result files")
+
+
+@app.command()
 def demo(
     host: str = typer.Option("127.0.0.1", help="Where the node runs."),
     slices: int = typer.Option(96, help="Phantom CT slices."),
@@ -378,12 +477,14 @@ def demo(
     raise typer.Exit(run_demo(_config(config), host, slices, size, seed, timeout))
 
 
-def _why_not(assoc: object) -> str:
-    if getattr(assoc, "is_rejected", False):
-        return "rejected by the peer"
-    if getattr(assoc, "is_aborted", False):
-        return "aborted"
-    return "no connection (refused or timed out)"
+def _why_not(assoc: object, host: str, port: int) -> str:
+    from node.send.echo import why_no_connection
+    from node.send.scu import rejection
+
+    refused = rejection(assoc)  # type: ignore[arg-type]
+    if refused is not None:
+        return f"rejected by the peer ({refused.text})"
+    return why_no_connection(host, port, 5.0)
 
 
 def main() -> None:  # pragma: no cover - for `python -m node.cli`

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from node.encode.options import OutputOptions
 from node.yamlfile import ConfigError, Problem, load_yaml, validate
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
+HTTP_TOKEN_ENV = "DICOM_NODE_HTTP_TOKEN"
 
 
 class Strict(BaseModel):
@@ -61,10 +63,18 @@ class Timeouts(Strict):
 
 class ScpConfig(Strict):
     ae_title: str = Field("DICOM-NODE", pattern=AE_TITLE_PATTERN)
+    ae_titles: list[str] = Field(
+        default_factory=list,
+        description="every AE title the node answers to; default [ae_title]; ae_title is always one of them",
+    )
     bind: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(16, ge=1)
-    max_pdu: int = Field(0, ge=0, description="0 means unlimited")
+    max_pdu: int = Field(0, ge=0, description="0 means: up to max_pdu_cap")
+    max_pdu_cap: int = Field(
+        64 << 20, ge=1 << 16, le=1 << 30,
+        description="largest PDU accepted (and announced) when max_pdu is 0",
+    )
     workers: int = Field(0, ge=0, description="receiver processes; 0 = two per CPU core")
     require_called_ae_title: bool = False
     allowed_callers: list[AllowedCaller] = Field(
@@ -79,6 +89,32 @@ class ScpConfig(Strict):
         ipaddress.ip_address(value)
         return value
 
+    @field_validator("ae_titles")
+    @classmethod
+    def _titles_are_ae_titles(cls, value: list[str]) -> list[str]:
+        for title in value:
+            if not re.match(AE_TITLE_PATTERN, title) or not title.strip():
+                raise ValueError(f"not an AE title (1-16 characters, no backslash): {title!r}")
+        return list(dict.fromkeys(t.strip() for t in value))
+
+    @model_validator(mode="after")
+    def _own_title_listed(self) -> "ScpConfig":
+        """`ae_titles` alone: the first is our own title. Both: `ae_title` is added if missing."""
+        if self.ae_titles:
+            if "ae_title" not in self.model_fields_set:
+                self.ae_title = self.ae_titles[0]
+            elif self.ae_title.strip() not in self.ae_titles:
+                self.ae_titles = [self.ae_title.strip(), *self.ae_titles]
+        return self
+
+    def called_ae_titles(self) -> list[str]:
+        """The AE titles this node answers to (checked when require_called_ae_title is set)."""
+        return self.ae_titles or [self.ae_title.strip()]
+
+    def pdu_limit(self) -> int:
+        """The largest P-DATA PDU we accept, and announce as our maximum length."""
+        return self.max_pdu or self.max_pdu_cap
+
     def worker_count(self) -> int:
         """Receiver processes. Two per core by default: a pynetdicom association waits on the
         network or the disk about half of the time, and associations in separate processes
@@ -86,11 +122,29 @@ class ScpConfig(Strict):
         return self.workers or 2 * (os.cpu_count() or 1)
 
 
+class RetentionConfig(Strict):
+    """What the node deletes by itself (README, "Retention"). Nothing is deleted by default.
+
+    A study is *finished* when it is complete, every job of it is done or ignored and every
+    delivery of it is delivered; only finished studies are ever deleted. Failed jobs and dead
+    letters keep their study until they are retried and finish.
+    """
+
+    instances_days: float | None = Field(
+        None, gt=0, description="delete a finished study's instances this many days after it finished")
+    results_days: float | None = Field(
+        None, gt=0, description="delete result files (SEG, SR) this many days after they were all delivered")
+    max_store_gb: float | None = Field(
+        None, gt=0, description="size cap for stored instances: evict the oldest finished studies first")
+    interval_s: float = Field(3600.0, gt=0, description="how often the retention job runs")
+
+
 class StorageConfig(Strict):
     data_dir: Path = Path("data")
     min_free_mb: float = Field(
         1024, ge=0, description="below this much free disk, C-STORE answers 0xA700"
     )
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 class CompletionConfig(Strict):
@@ -146,6 +200,9 @@ class TritonConfig(Strict):
 class InferenceConfig(Strict):
     model_repository: Path = Path("../models")
     triton: TritonConfig = Field(default_factory=TritonConfig)
+    retry_initial_s: float = Field(10.0, gt=0, description="first wait after a transient failure (Triton down)")
+    retry_max_s: float = Field(300.0, gt=0, description="longest wait between attempts")
+    retry_deadline_s: float = Field(3600.0, gt=0, description="after this long the job fails")
 
 
 class PipelineConfig(Strict):
@@ -155,6 +212,37 @@ class PipelineConfig(Strict):
 
 class LoggingConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class HttpTls(Strict):
+    certificate: Path | None = Field(None, description="PEM certificate; with private_key, the console serves HTTPS")
+    private_key: Path | None = None
+
+
+class HttpConfig(Strict):
+    """The operator console: web pages, REST API, health and metrics (node/console)."""
+
+    bind: str = Field("127.0.0.1", description="address of the console; not loopback needs a token")
+    port: int = Field(8080, ge=0, le=65535, description="0 = no HTTP server")
+    token: str | None = Field(
+        None, min_length=16,
+        description="bearer token for write actions (and for every page when not on loopback); "
+                    "the environment variable DICOM_NODE_HTTP_TOKEN overrides it")
+    tls: HttpTls = Field(default_factory=HttpTls)
+    show_descriptions: bool = Field(
+        False, description="show series descriptions in listings (off: UIDs, modality, dates and counts only)")
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    def effective_token(self) -> str | None:
+        return os.environ.get(HTTP_TOKEN_ENV) or self.token
+
+    def on_loopback(self) -> bool:
+        return ipaddress.ip_address(self.bind).is_loopback
 
 
 class NodeConfig(Strict):
@@ -167,6 +255,7 @@ class NodeConfig(Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     def destination_for_caller(self, calling_ae: str) -> str | None:
         """'Return to sender': the destination whose AE title is the study's calling AE."""
@@ -192,8 +281,11 @@ class NodeConfig(Strict):
             }
         )
         scp = self.scp.model_copy(update={"tls": tls})
+        http = self.http.model_copy(update={"tls": self.http.tls.model_copy(update={
+            key: _under(base, getattr(self.http.tls, key)) for key in ("certificate", "private_key")
+            if getattr(self.http.tls, key) is not None})})
         return self.model_copy(update={"storage": storage, "scp": scp, "inference": inference,
-                                       "pipeline": pipeline, "destinations": destinations})
+                                       "pipeline": pipeline, "destinations": destinations, "http": http})
 
 
 def _under(base: Path, path: Path) -> Path:
@@ -227,10 +319,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, object] | N
 
 def _check_tls(config: NodeConfig, file: str) -> list[Problem]:
     tls = config.scp.tls
-    if not tls.enabled:
-        return []
-    return [
+    problems = [] if not tls.enabled else [
         Problem(file, None, f"scp.tls.{key}", "required when scp.tls.enabled is true")
         for key in ("certificate", "private_key")
         if getattr(tls, key) is None
     ]
+    return problems + _check_http(config.http, file)
+
+
+def _check_http(http: HttpConfig, file: str) -> list[Problem]:
+    """The console beyond loopback without a token would let anyone retry jobs and read the index."""
+    problems = []
+    if http.port and not http.on_loopback() and not http.effective_token():
+        problems.append(Problem(file, None, "http.token",
+                                f"required when http.bind is not a loopback address (or set {HTTP_TOKEN_ENV})"))
+    if (http.tls.certificate is None) != (http.tls.private_key is None):
+        problems.append(Problem(file, None, "http.tls", "certificate and private_key go together"))
+    return problems

@@ -8,7 +8,6 @@ the model reported for it, and shows the time per pipeline stage.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from pynetdicom.events import Event
 from node.config import NodeConfig
 from node.encode.sr import read_findings
 from node.send.scu import associate, storage_contexts
+from node.jobs.store import JobStore
 from node.store.index import Index
 from training.data.synthetic import make_dicom_study
 
@@ -115,7 +115,6 @@ def _stages(config: NodeConfig, study_uid: str) -> None:
     index_path = Path(config.storage.data_dir) / "index.sqlite"
     if not index_path.exists():
         return
-    rows = Index(index_path).query("SELECT stages FROM work_items WHERE study_uid=? ORDER BY id DESC LIMIT 1", (study_uid,))
-    if rows and rows[0]["stages"]:
-        stages = json.loads(rows[0]["stages"])
-        print("\ntime per stage: " + ", ".join(f"{name} {end - start:.2f} s" for name, (start, end) in stages.items()))
+    jobs = JobStore(Index(index_path)).all_jobs(study_uid)
+    if jobs and jobs[-1].stages:
+        print("\ntime per stage: " + ", ".join(f"{name} {s:.2f} s" for name, s in jobs[-1].stage_seconds().items()))

@@ -1,4 +1,4 @@
-"""The node service: receiver processes, completion timers and the work queue, started together."""
+"""The node service: receiver processes, completion timers, the job runner and the outbox, started together."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from inference.repository import ModelRepository
 from node import logs
 from node.assemble.completion import CompletionTimers
-from node.assemble.workqueue import WorkQueue
 from node.config import NodeConfig
-from node.jobs import Pipeline
+from node.jobs.admission import Admission
+from node.jobs.runner import JobRunner
+from node.jobs.store import JobStore
+from node.liveconfig import LiveConfig
+from node.retention import Retention
 from node.route.live import LiveRules
 from node.receive.workers import ReceiverPool
 from node.send.outbox import Outbox
@@ -26,39 +29,103 @@ log = logging.getLogger("node.service")
 
 
 class NodeService:
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, config_path: Path | None = None,
+                 overrides: dict[str, object] | None = None):
+        """`config_path` and `overrides` (command-line flags): node.yaml is reloaded from there."""
         self.config = config
         data_dir = Path(config.storage.data_dir)
         self.spool = Spool(data_dir, config.storage.min_free_mb)
         self.index = Index(data_dir / "index.sqlite")
-        self.queue = WorkQueue(self.index, data_dir)
+        self.jobs = JobStore(self.index)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.models = ModelRepository(config.inference.model_repository)
         self.rules = LiveRules(config.pipeline.routing_file, self.models.names, set(config.destinations))
+        self.live = LiveConfig(config, self.rules, config_path, overrides)
+        self.live.on_change(self._config_changed)
+        self.retention = Retention(self.index, data_dir)
+        self.http = None
         self.outbox = Outbox(config, self.index, self.scheduler)
-        self.pipeline = Pipeline(config, self.index, self.queue, self.outbox, self.rules, self.models, self.spool)
-        self.completion = CompletionTimers(self.index, self.scheduler, on_complete=self.pipeline.route,
-                                           quiet_override=self.pipeline.quiet_period_for)
+        self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler)
+        admission = Admission(self.index, self.rules, data_dir)
+        self._rule_quiet_period = admission.quiet_period_for
+        self.completion = CompletionTimers(self.index, self.scheduler, admit=admission.admit,
+                                           quiet_override=self._quiet_period, on_admitted=self.runner.wake)
         self.receivers = ReceiverPool(config, on_study_opened=self._study_opened)
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
-        """Arm the completion timer; early enough for the shortest quiet period a rule may set."""
-        shortest = min((r.quiet_period_s for r in self.rules.current.file.rules if r.quiet_period_s), default=None)
-        self.completion.arm(study_uid, min(deadline, time.time() + shortest) if shortest else deadline)
+        """Arm the completion timer; early enough for the shortest quiet period a rule or the
+        completion settings in force may set (a timer that fires early re-arms itself)."""
+        completion = self.live.current.completion
+        periods = [r.quiet_period_s for r in self.rules.current.file.rules if r.quiet_period_s]
+        periods += [completion.quiet_period_s, *completion.quiet_period_by_calling_ae.values()]
+        self.completion.arm(study_uid, min(deadline, time.time() + min(periods)))
+
+    def _quiet_period(self, study_uid: str) -> float | None:
+        """A rule's quiet period, else the completion settings in force for the study's caller (the
+        receivers computed their deadline with the settings they started with)."""
+        by_rule = self._rule_quiet_period(study_uid)
+        if by_rule:
+            return by_rule
+        rows = self.index.query("SELECT calling_ae FROM studies WHERE study_uid=?", (study_uid,))
+        return self.live.current.completion.quiet_period_for(rows[0]["calling_ae"] or "" if rows else "")
+
+    def _config_changed(self, old: NodeConfig, new: NodeConfig) -> None:
+        """A reload put new live settings in force: hand them to the parts that read them."""
+        self.config = self.runner.config = self.outbox.config = new
+        if new.sending.sweep_s != old.sending.sweep_s and self.scheduler.get_job("outbox-sweep"):
+            self.scheduler.reschedule_job("outbox-sweep", trigger="interval", seconds=new.sending.sweep_s)
+        if new.storage.retention != old.storage.retention:
+            self._schedule_retention()
+
+    def _schedule_retention(self) -> None:
+        policy = self.live.current.storage.retention
+        if policy.instances_days or policy.results_days or policy.max_store_gb:
+            self.scheduler.add_job(self._run_retention, "interval", seconds=policy.interval_s, id="retention",
+                                   replace_existing=True, coalesce=True, max_instances=1)
+        elif self.scheduler.get_job("retention"):
+            self.scheduler.remove_job("retention")
+
+    def _run_retention(self) -> None:
+        self.retention.run(self.live.current.storage.retention)
+
+    def _receivers_alive(self) -> bool:
+        """At least one receiver process runs behind an open listening socket."""
+        pool = self.receivers
+        if pool._listener.fileno() < 0:
+            return False
+        return any(w is not None and w.process.poll() is None for w in pool._workers)
+
+    def _start_http(self) -> None:
+        if not self.config.http.port:
+            return
+        from node.console.app import HttpServer
+        from node.console.context import ConsoleContext
+
+        ctx = ConsoleContext(index=self.index, jobs=self.jobs, live=self.live, models=self.models, spool=self.spool,
+                             retention=self.retention, receivers_alive=self._receivers_alive, scp_port=self.port,
+                             wake_outbox=self.outbox.sweep, wake_jobs=self.runner.wake)
+        self.http = HttpServer(ctx)
+        self.http.start()
 
     @property
     def port(self) -> int:
         return self.receivers.port
 
     def start(self) -> None:
-        partial = self.spool.clear_partial_writes()  # before any receiver runs
-        requeued = self.queue.requeue_claimed()
+        from node.receive.reconcile import reconcile
+
+        self._start_http()  # first: a console port in use stops the start before anything runs
+        # Before any receiver runs: files without an index row, partial writes (README, Receiving).
+        reconciled = reconcile(self.config, self.spool, self.index)
+        requeued = self.jobs.requeue_running()
         self.scheduler.start()
         self.completion.start()
         self.outbox.start()
-        self.scheduler.add_job(self.rules.check_for_changes, "interval", seconds=2, id="routing-reload",
+        self.scheduler.add_job(self.live.check_for_changes, "interval", seconds=2, id="config-reload",
                                coalesce=True, max_instances=1)
-        self.pipeline.start()
+        self._schedule_retention()
+        self.live.write_snapshot()
+        self.runner.start()
         self.receivers.start()
         logs.event(
             log,
@@ -68,18 +135,23 @@ class NodeService:
             port=self.port,
             receivers=self.receivers.count,
             data_dir=str(self.config.storage.data_dir),
-            requeued_work_items=requeued,
-            partial_writes_removed=partial,
+            requeued_jobs=requeued,
+            installation_uid=self.runner.installation_uid,
+            reconciled=reconciled,
             tls=self.config.scp.tls.enabled,
             rules_version=self.rules.current.version,
             models=sorted(self.models.names()),
             backend="triton" if self.config.inference.triton.url else "local",
+            http=f"{self.http.scheme}://{self.config.http.bind}:{self.config.http.port}" if self.http else None,
         )
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.receivers.stop()
-        self.pipeline.stop()
-        self.scheduler.shutdown(wait=False)
+        self.runner.stop()
+        if self.scheduler.running:  # not yet, when the start failed early (console port in use)
+            self.scheduler.shutdown(wait=False)
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:
@@ -87,7 +159,7 @@ class NodeService:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.rules.reload, daemon=True).start())
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.live.reload, daemon=True).start())
         self.start()
         while not stop.wait(1.0):
             pass

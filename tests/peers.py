@@ -71,6 +71,7 @@ class NodeProcess:
     def __init__(self, workdir: Path, routing: dict[str, Any] | None = None, **overrides: Any):
         self.workdir = Path(workdir)
         self.port = free_port()
+        self.http_port = free_port()  # the console (node/console); every test node has its own
         self.data_dir = self.workdir / "data"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "node.yaml"
@@ -81,12 +82,17 @@ class NodeProcess:
             "completion": {"quiet_period_s": 2.0},
             "inference": {"model_repository": str(REPO_ROOT / "models")},
             "pipeline": {"routing_file": str(self.workdir / "routing.yaml")},
+            "http": {"port": self.http_port},
         }
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)
         self.config_path.write_text(yaml.safe_dump(config))
         self.write_routing(routing if routing is not None else {"rules": []})
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def write_routing(self, rules: dict[str, Any] | str) -> None:
         text = rules if isinstance(rules, str) else yaml.safe_dump(rules, sort_keys=False)

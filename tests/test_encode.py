@@ -21,7 +21,7 @@ from inference.volume import load_series, read_series
 from node.encode.options import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
-from node.encode.uids import ResultUIDs
+from tests.identity import uids_for
 from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 LESION = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
@@ -40,7 +40,11 @@ SPEC = ModelSpec.model_validate({
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> SegmentationResult:
-    folder = tmp_path_factory.mktemp("ct")
+    return phantom_result(tmp_path_factory.mktemp("ct"))
+
+
+def phantom_result(folder: Path) -> SegmentationResult:
+    """A CT phantom written to `folder` with two lesions (components) and one nodule labelled."""
     geometry = SeriesGeometry(spacing=(2.5, 0.8, 0.8), origin=(-20.0, -30.0, 40.0))
     files = write_ct_series(np.zeros((24, 48, 40)), folder, geometry, SeriesIdentity(patient_name="Doe^Jane"))
     volume = load_series(read_series(files))
@@ -70,7 +74,7 @@ LABELMAP_UNKNOWN_TO_DCIODVFY = [
 @pytest.mark.parametrize("kind, omit", [("BINARY", False), ("BINARY", True), ("LABELMAP", False)])
 def test_seg_is_valid_and_decodes_to_the_label_volume(result, tmp_path, kind, omit):
     options = OutputOptions(segmentation_type=kind, omit_empty_frames=omit)
-    seg = build_seg(result, options, ResultUIDs("job-1", SPEC.name))
+    seg = build_seg(result, options, uids_for("job-1", SPEC.name))
     path = tmp_path / "seg.dcm"
     seg.save_as(path)
     errors, warnings = _dciodvfy(path)
@@ -125,7 +129,7 @@ def _check_with_dcmqi(path: Path, result: SegmentationResult, tmp_path: Path) ->
 
 def test_sr_is_valid_and_reads_back_the_measurements(result, tmp_path):
     options = OutputOptions()
-    uids = ResultUIDs("job-1", SPEC.name)
+    uids = uids_for("job-1", SPEC.name)
     seg = build_seg(result, options, uids)
     sr = build_sr(result, options, uids, seg)
     path = tmp_path / "sr.dcm"
@@ -158,10 +162,10 @@ def test_sr_is_valid_and_reads_back_the_measurements(result, tmp_path):
 
 def test_same_job_same_uids_other_job_other_uids(result):
     options = OutputOptions()
-    a = build_seg(result, options, ResultUIDs("job-1", SPEC.name))
-    b = build_seg(result, options, ResultUIDs("job-1", SPEC.name))
-    c = build_seg(result, options, ResultUIDs("job-2", SPEC.name))
-    sparse = build_seg(result, OutputOptions(omit_empty_frames=True), ResultUIDs("job-1", SPEC.name))
+    a = build_seg(result, options, uids_for("job-1", SPEC.name))
+    b = build_seg(result, options, uids_for("job-1", SPEC.name))
+    c = build_seg(result, options, uids_for("job-2", SPEC.name))
+    sparse = build_seg(result, OutputOptions(omit_empty_frames=True), uids_for("job-1", SPEC.name))
     assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
     assert a.SeriesInstanceUID == b.SeriesInstanceUID
     assert sparse.SOPInstanceUID != a.SOPInstanceUID
@@ -169,12 +173,12 @@ def test_same_job_same_uids_other_job_other_uids(result):
 
 def test_no_findings_gives_no_seg_and_an_empty_report(result):
     empty = SegmentationResult(SPEC, result.volume, np.zeros_like(result.labels), [])
-    assert build_seg(empty, OutputOptions(), ResultUIDs("j", SPEC.name)) is None
-    sr = build_sr(empty, OutputOptions(), ResultUIDs("j", SPEC.name), None)
+    assert build_seg(empty, OutputOptions(), uids_for("j", SPEC.name)) is None
+    sr = build_sr(empty, OutputOptions(), uids_for("j", SPEC.name), None)
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
     assert report.content.get_volumetric_roi_measurement_groups() == []
-    items = [i for g in report.content[0].ContentSequence if g.name == codes.DCM.ImagingMeasurements
-             for grp in g.ContentSequence for i in grp.ContentSequence]
+    items = [i for c in report.content[0].ContentSequence if c.name.value == "C0034375"  # Qualitative Evaluations
+             for i in c.ContentSequence]
     absent = [(i.name.meaning, i.value.meaning) for i in items
               if i.value_type.value == "CODE" and i.value.value == codes.SCT.Absent.value]
     assert absent == [("Lesion", "Absent"), ("Nodule", "Absent")]

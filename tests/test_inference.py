@@ -236,3 +236,57 @@ def test_refuses_multiframe_without_per_frame_geometry(tmp_path):
     ds.PixelData = ds.PixelData * 4
     with pytest.raises(SeriesError, match="multi-frame object with 4 frames has no per-frame geometry"):
         load_series([ds])
+
+
+# -- the native pixel fast path ------------------------------------------------------------------
+
+
+def _variants(folder: Path) -> dict[str, list[pydicom.Dataset]]:
+    """Series in the encodings the fast path reads itself: each must give highdicom's values."""
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1000, 2000, size=(5, 12, 10)).astype(float)
+    out = {
+        "unsigned 12 bit, intercept -1024": read_series(write_ct_series(hu, folder / "u12", SeriesGeometry())),
+        "signed 16 bit": read_series(write_ct_series(hu, folder / "s16", SeriesGeometry(), rescale_intercept=0.0,
+                                                     unsigned=False)),
+    }
+    garbage = read_series(write_ct_series(hu, folder / "hb", SeriesGeometry()))
+    for k, ds in enumerate(garbage):  # high bits above Bits Stored set (overlay bits in old data)
+        ds.PixelData = (ds.pixel_array | np.uint16(0xF000 if k % 2 else 0x3000)).tobytes()
+        ds.RescaleSlope = "2.5"
+    out["unused high bits set, slope 2.5"] = garbage
+    signed12 = read_series(write_ct_series(hu, folder / "s12", SeriesGeometry(), rescale_intercept=0.0, unsigned=False))
+    for ds in signed12:
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = (ds.pixel_array.astype(np.int16) & 0x0FFF).astype(np.uint16).tobytes()  # no sign extension
+    out["signed 12 bit, stored without sign extension"] = signed12
+    mr = read_series(write_ct_series(hu, folder / "mr", SeriesGeometry()))
+    for k, ds in enumerate(mr):
+        del ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType
+        ds.Modality = "MR"
+    out["no rescale (MR)"] = mr
+    varying = read_series(write_ct_series(hu, folder / "vary", SeriesGeometry()))
+    for k, ds in enumerate(varying):
+        ds.RescaleIntercept = str(-1024 + 7 * k)
+    out["intercept varies by slice"] = varying
+    return out
+
+
+def test_native_pixel_fast_path_equals_pydicom(tmp_path):
+    """The fast path gives pydicom's values (unused high bits ignored, modality LUT applied), and
+    highdicom's wherever the data's unused bits are clear (highdicom keeps them as stored)."""
+    from pydicom.pixels import apply_modality_lut
+
+    from inference import volume as module
+
+    for name, datasets in _variants(tmp_path).items():
+        frames = [module._Frame.of_instance(ds) for ds in datasets]
+        fast = module._native_pixels(frames)
+        assert fast is not None, name
+        reference = np.stack([apply_modality_lut(ds.pixel_array, ds) for ds in datasets]).astype(np.float32)
+        np.testing.assert_array_equal(fast, reference, err_msg=name)
+        if "unused high bits" not in name:
+            np.testing.assert_array_equal(fast, module._decoded_pixels(frames), err_msg=name)
+    compressed = _variants(tmp_path / "again")["signed 16 bit"]
+    compressed[0].file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1  # not native: highdicom decodes it
+    assert module._native_pixels([module._Frame.of_instance(ds) for ds in compressed]) is None

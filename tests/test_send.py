@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 
 from inference.findings import measure
 from inference.pipeline import SegmentationResult
@@ -23,12 +25,14 @@ from node.config import NodeConfig
 from node.encode.options import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
-from node.encode.uids import ResultUIDs
+from tests.identity import uids_for
+from node.processes import stop_process_group
 from node.send.outbox import Outbox, classify_status
+from node.send.scu import storage_contexts
 from node.store.index import Index
 from tests.models import threshold_spec
 from tests.orthanc import Orthanc
-from tests.peers import make_study, wait_for
+from tests.peers import free_port, make_study, port_open, wait_for
 
 SENDING = {"retry_initial_s": 0.3, "retry_max_s": 1.0, "sweep_s": 0.5, "timeout_s": 5}
 
@@ -41,7 +45,7 @@ def _results(tmp_path: Path) -> tuple[list[Path], list[Path], SegmentationResult
     labels[3:7, 8:16, 10:20] = 1
     spec = threshold_spec()
     result = SegmentationResult(spec, volume, labels, measure(labels, volume, spec))
-    uids = ResultUIDs("job-7", spec.name)
+    uids = uids_for("job-7", spec.name)
     seg = build_seg(result, OutputOptions(), uids)
     sr = build_sr(result, OutputOptions(), uids, seg)
     out = tmp_path / "results"
@@ -172,3 +176,81 @@ def test_sigkill_while_sending_then_restart_leaves_exactly_one_copy(tmp_path, or
                 for i in pacs.get(f"/studies/{pacs.study_id(study_uid)}/instances")]
     assert len(set(sop_uids)) == len(sop_uids) == 400
     assert index.query("SELECT attempts FROM outbox")[0]["attempts"] == 2
+
+
+def _dcmtk(tool: str) -> str:
+    """dcmtk's own tool: pynetdicom installs console scripts of the same names into the venv."""
+    venv = Path(sys.executable).parent.resolve()
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin"]:
+        candidate = Path(folder) / tool
+        if candidate.is_file() and os.access(candidate, os.X_OK) and candidate.resolve().parent != venv:
+            return str(candidate)
+    raise FileNotFoundError(tool)
+
+
+@pytest.fixture(params=[([], ExplicitVRLittleEndian), (["+xi"], ImplicitVRLittleEndian)],
+                ids=["uncompressed", "implicit-only"])
+def uncompressed_only_pacs(request: pytest.FixtureRequest, tmp_path: Path):
+    """dcmtk storescp in promiscuous mode: accepts unknown SOP classes (the Label Map SEG is
+    newer than dcmtk 3.6.7) but, like most PACS, only uncompressed transfer syntaxes (with
+    `+xi` only Implicit VR Little Endian). Yields its port, folder and the syntax it takes."""
+    options, syntax = request.param
+    received = tmp_path / "storescp"
+    received.mkdir()
+    port = free_port()
+    process = subprocess.Popen([_dcmtk("storescp"), "-pm", *options, "-aet", "PACS", "-od", str(received), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        wait_for(lambda: port_open(port) or process.poll() is not None, timeout=30)
+        assert process.poll() is None, "storescp did not start"
+        yield port, received, syntax
+    finally:
+        stop_process_group(process, 10)
+
+
+def test_labelmap_seg_reaches_a_pacs_that_takes_only_uncompressed_data(tmp_path, uncompressed_only_pacs):
+    port, received, syntax = uncompressed_only_pacs
+    ct = make_study(tmp_path / "ct", slices=12, size=32)
+    volume = load_series(read_series(ct))
+    labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    labels[3:7, 8:16, 10:20] = 1
+    spec = threshold_spec()
+    result = SegmentationResult(spec, volume, labels, measure(labels, volume, spec))
+    seg = build_seg(result, OutputOptions(segmentation_type="LABELMAP"), uids_for("job-8", spec.name))
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSLossless
+
+    config = NodeConfig.model_validate({
+        "scp": {"ae_title": "TESTNODE"},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}},
+        "sending": SENDING,
+    })
+    index = Index(tmp_path / "index.sqlite")
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.start()
+    try:
+        outbox = Outbox(config, index, scheduler)
+        outbox.start()
+        item = outbox.enqueue("job-8", str(seg.StudyInstanceUID), "pacs", [path])
+        row = wait_for(lambda: (r := _item(index, item))["state"] in ("delivered", "dead") and r, timeout=30)
+    finally:
+        scheduler.shutdown(wait=False)
+    assert row["state"] == "delivered", row["last_error"]
+
+    [stored] = [p for p in received.iterdir() if p.is_file()]
+    back = pydicom.dcmread(stored)
+    assert back.SOPInstanceUID == seg.SOPInstanceUID and back.SeriesInstanceUID == seg.SeriesInstanceUID
+    assert back.file_meta.TransferSyntaxUID == syntax
+    decoded = hd.seg.Segmentation.from_dataset(back).get_pixels_by_source_instance(
+        [d.SOPInstanceUID for d in volume.datasets], combine_segments=True)
+    np.testing.assert_array_equal(decoded, labels)
+
+
+def test_contexts_offer_each_files_own_syntax_and_uncompressed(tmp_path):
+    ct = make_study(tmp_path / "ct", slices=2, size=8)
+    contexts = storage_contexts(ct)
+    offered = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax]) for cx in contexts]
+    sop = str(pydicom.dcmread(ct[0], stop_before_pixels=True).SOPClassUID)
+    assert offered == [(sop, [ExplicitVRLittleEndian]), (sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]

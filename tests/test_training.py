@@ -18,7 +18,7 @@ from inference.triton_cpu import TritonCpuServer
 from inference.volume import load_series, read_series
 from node.encode.options import OutputOptions
 from node.encode.seg import build_seg
-from node.encode.uids import ResultUIDs
+from tests.identity import uids_for
 from inference.findings import measure
 from inference.pipeline import SegmentationResult
 from training.data.dicom_seg import dicom_seg_to_msd
@@ -125,7 +125,7 @@ def test_dicom_seg_pairs_become_training_data(tmp_path):
     labels[2:5, 10:20, 12:22] = 1
     spec = TINY_SPEC
     result = SegmentationResult(spec, volume, labels, measure(labels, volume, spec))
-    build_seg(result, OutputOptions(omit_empty_frames=True), ResultUIDs("t", spec.name)).save_as(tmp_path / "pacs" / "seg.dcm")
+    build_seg(result, OutputOptions(omit_empty_frames=True), uids_for("t", spec.name)).save_as(tmp_path / "pacs" / "seg.dcm")
     out = dicom_seg_to_msd(tmp_path / "pacs", tmp_path / "msd")
     pairs, names = load_msd(out)
     assert names == {0: "background", 1: "Lesion"}

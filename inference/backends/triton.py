@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from inference.backends.base import BackendError
+from inference.backends.base import BackendError, BackendUnavailable
 from inference.spec import ModelSpec
 from node import logs
 
@@ -76,10 +76,12 @@ class TritonBackend:
     def _check_model(self) -> None:
         name, version = self.spec.name, str(self.spec.version)
         if not self._retry(self.client.is_server_ready, "server readiness"):
-            raise BackendError(f"Triton at {self.url} is not ready")
+            raise BackendUnavailable(f"Triton at {self.url} is not ready")
         if not self._retry(lambda: self.client.is_model_ready(name, version), "model readiness"):
             index = self._retry(self._repository_names, "repository index")
-            raise BackendError(
+            # A model the server does not have will not appear by waiting; one it has may be loading.
+            error = BackendUnavailable if name in index else BackendError
+            raise error(
                 f"model {name!r} version {version} is not ready on Triton at {self.url}"
                 f" (models there: {', '.join(index) or 'none'})"
             )
@@ -186,7 +188,7 @@ class TritonBackend:
                 if not _is_transient(exc):
                     raise BackendError(f"Triton at {self.url}, {what}: {exc}") from None
                 if attempt == self.retries:
-                    raise BackendError(
+                    raise BackendUnavailable(
                         f"Triton at {self.url} unavailable for {what} after {self.retries} attempts: {exc}"
                     ) from None
                 logs.event(log, "triton_retry", logging.WARNING, what=what, attempt=attempt, error=str(exc)[:200])

@@ -9,6 +9,7 @@ restart re-arms every study still receiving from the index.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -28,13 +29,17 @@ class CompletionTimers:
         self,
         index: Index,
         scheduler: BaseScheduler,
-        on_complete: Callable[[str], None] = lambda study_uid: None,
+        admit: Callable[[sqlite3.Connection, str, float], None],
         quiet_override: Callable[[str], float | None] = lambda study_uid: None,
+        on_admitted: Callable[[str], None] = lambda study_uid: None,
     ):
+        """`admit(db, study_uid, now)` runs in the completing transaction (routing, the job);
+        `on_admitted(study_uid)` after it committed (wake the workers)."""
         self.index = index
         self.scheduler = scheduler
-        self.on_complete = on_complete
+        self.admit = admit
         self.quiet_override = quiet_override
+        self.on_admitted = on_admitted
 
     def start(self) -> None:
         """Arm a timer for every study still receiving (after a restart: all of them)."""
@@ -61,7 +66,9 @@ class CompletionTimers:
         )
 
     def _check(self, study_uid: str) -> None:
-        completed, deadline = self.index.complete_if_due(study_uid, time.time(), self.quiet_override(study_uid))
+        now = time.time()
+        completed, deadline = self.index.complete_if_due(
+            study_uid, now, lambda db: self.admit(db, study_uid, now), self.quiet_override(study_uid))
         if deadline is not None:
             self.arm(study_uid, deadline)
             return
@@ -72,7 +79,7 @@ class CompletionTimers:
                 study_uid=study_uid,
                 instances=self.index.study_instance_count(study_uid),
             )
-            self.on_complete(study_uid)
+            self.on_admitted(study_uid)
 
 
 def _job_id(study_uid: str) -> str:

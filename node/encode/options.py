@@ -21,6 +21,10 @@ class OutputOptions(BaseModel):
     manufacturer: str = "dicom-node"
     device_serial_number: str = "0"
     software_version: str = "0.1.0"
+    uid_root: str | None = Field(
+        None, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$", max_length=40,
+        description="the site's UID root for result UIDs, ending in '.'; default: pydicom's root",
+    )
 
     def describe(self, model: str, kind: str) -> str:
         return f"{self.series_description.format(model=model)} {kind}"[:64]

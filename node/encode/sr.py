@@ -3,9 +3,11 @@
 Segmentation results: one measurement group per finding (per label, or per connected
 component for lesion models) with tracking identifier and UID, finding type, category and
 site, volume (mm3), longest in-plane diameter (axial series), the centre of mass as a 3D
-point, and a reference to the finding's SEG segment; a label with no finding gets a group
-whose qualitative evaluation says it is absent. Classification results: one group with
-the predicted class as a qualitative evaluation and each class probability as a measurement.
+point, and a reference to the finding's SEG segment; a label with no finding is "Absent" in
+the report's Qualitative Evaluations. Classification results: the predicted class in the
+Qualitative Evaluations and one group with each class probability as a measurement. The
+algorithm is identified under Imaging Measurements, on every measurement and with the
+evaluations (TID 4019). Where each item sits, and why: README, "IHE AI Results conformance".
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from inference.findings import Finding
 from inference.pipeline import ClassificationResult, SegmentationResult
@@ -23,6 +26,11 @@ from node.encode.seg import coded, segment_labels
 from node.encode.uids import ResultUIDs
 
 UNITLESS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS",
+                                             meaning="Qualitative Evaluations")
+# TID 1411 row 12's meaning (highdicom writes "Source Series for Segmentation")
+SOURCE_SERIES_FOR_SEGMENTATION = hd.sr.CodedConcept(value="121232", scheme_designator="DCM",
+                                                    meaning="Source series for segmentation")
 AXIAL_TOLERANCE = 0.05  # |normal . z| within this of 1: the acquisition plane is axial
 
 
@@ -51,8 +59,12 @@ def _is_axial(result: SegmentationResult) -> bool:
 def _finding_group(finding: Finding, result: SegmentationResult, seg: hd.seg.Segmentation, segment_number: int,
                    uids: ResultUIDs) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     algorithm = _algorithm(result)
-    measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=round(finding.volume_mm3, 3),
-                                      unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm)]
+    if result.volume.patient_space:
+        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=round(finding.volume_mm3, 3),
+                                          unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm)]
+    else:  # a projection image (one nominal 1 mm slice): the region's area on the image
+        measurements = [hd.sr.Measurement(name=codes.SCT.Area, value=round(finding.volume_mm3, 3),
+                                          unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm)]
     if _is_axial(result) and finding.longest_in_plane_diameter_mm > 0:
         measurements.append(hd.sr.Measurement(name=codes.SCT.LongAxis,
                                               value=round(finding.longest_in_plane_diameter_mm, 3),
@@ -67,17 +79,37 @@ def _finding_group(finding: Finding, result: SegmentationResult, seg: hd.seg.Seg
         finding_type=coded(finding.label.type),
         finding_category=coded(finding.label.category),
         finding_sites=[hd.sr.FindingSite(anatomic_location=coded(finding.label.region))] if finding.label.region else None,
-        algorithm_id=algorithm,
+        # TID 4019 sits on each measurement (TID 1419) and once under Imaging Measurements
+        # (TID 1500 row 7, see build_sr); the 2022 TID 1411 has no row for it on the group.
         measurements=measurements,
     )
+    _use_template_meaning(group[0], SOURCE_SERIES_FOR_SEGMENTATION)
     # Centre of mass: a 3D point in the group (TID 1500 has no numeric measurement for it).
-    group[0].ContentSequence.append(hd.sr.Scoord3DContentItem(
-        name=codes.DCM.CenterOfMass, graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-        graphic_data=np.array([finding.centroid], dtype=float),
-        frame_of_reference_uid=result.volume.frame_of_reference_uid,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    ))
+    group[0].ContentSequence.append(centre_of_mass(finding, result))
     return group
+
+
+def centre_of_mass(finding: Finding, result: SegmentationResult) -> hd.sr.ContentItem:
+    """The finding's centre of mass: a SCOORD3D point in the frame of reference, or, for a 2D
+    projection image (no patient coordinates), a SCOORD point (column, row) on that image."""
+    volume = result.volume
+    if volume.patient_space:
+        return hd.sr.Scoord3DContentItem(
+            name=codes.DCM.CenterOfMass, graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.array([finding.centroid], dtype=float),
+            frame_of_reference_uid=volume.frame_of_reference_uid,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    index = np.linalg.inv(volume.affine) @ np.append(finding.centroid, 1.0)  # (slice, row, column)
+    source, frame = volume.source_of(int(round(float(index[0]))))
+    # image coordinates: (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1)
+    item = hd.sr.ScoordContentItem(
+        name=codes.DCM.CenterOfMass, graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[index[2] + 0.5, index[1] + 0.5]], dtype=float),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    item.ContentSequence = [hd.sr.SourceImageForRegion.from_source_image(source, [frame] if frame else None)]
+    return item
 
 
 def build_sr(
@@ -93,18 +125,26 @@ def build_sr(
             numbers = {label.value: n for n, label in enumerate(segment_labels(result), start=1)}
             groups = [_finding_group(f, result, seg, numbers[f.label.value], uids) for f in result.findings]
         found = {f.label.value for f in result.findings}
-        groups += [_absent_group(label, result, uids) for label in result.spec.labels if label.value not in found]
+        evaluations = [_absent(label) for label in result.spec.labels if label.value not in found]
         evidence: list[Dataset] = list(result.volume.datasets) + ([seg] if seg is not None else [])
     else:
         groups = [_classification_group(result, uids)]
+        evaluations = [hd.sr.QualitativeEvaluation(name=coded(result.predicted.category),
+                                                   value=coded(result.predicted.type))]
         evidence = list(result.volume.datasets)
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result, options, uids),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion
-        if str(result.volume.datasets[0].get("Modality", "")) == "CT" else codes.DCM.ImagingProcedure,
-        imaging_measurements=groups,
+        procedure_reported=_procedure(str(result.volume.datasets[0].get("Modality", ""))),
+        # highdicom needs a group; TID 1500 needs Imaging Measurements or Qualitative Evaluations
+        imaging_measurements=groups or [_placeholder(uids)],
         title=codes.DCM.ImagingMeasurementReport,
     )
+    if not groups:  # keep Imaging Measurements for its algorithm identification, without the placeholder
+        container = next(item for item in report[0].ContentSequence if item.name == codes.DCM.ImagingMeasurements)
+        del container.ContentSequence
+    _identify_algorithm(report, _algorithm(result))
+    if evaluations:
+        report[0].ContentSequence.append(_qualitative_evaluations(evaluations))
     variant = options.variant if isinstance(result, SegmentationResult) else ""
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -119,15 +159,50 @@ def build_sr(
     )
 
 
-def _absent_group(label: Label, result: SegmentationResult, uids: ResultUIDs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """Says that the model looked for `label` and found none (a silent report would be ambiguous)."""
+def _identify_algorithm(report: hd.sr.MeasurementReport, algorithm: hd.sr.AlgorithmIdentification) -> None:
+    """TID 4019 under Imaging Measurements (TID 1500 row 7): the algorithm behind every group,
+    ahead of the groups. highdicom's MeasurementReport has no argument for this row."""
+    container = next(item for item in report[0].ContentSequence if item.name == codes.DCM.ImagingMeasurements)
+    items = list(container.ContentSequence) if "ContentSequence" in container else []
+    container.ContentSequence = hd.sr.ContentSequence([*algorithm, *items])
+
+
+def _placeholder(uids: ResultUIDs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A group that only lets highdicom build a report without measurements; removed after."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking(f"absent {label.name}"),
-                                                     identifier=f"No {label.name}"[:64]),
-        finding_category=coded(label.category),
-        algorithm_id=_algorithm(result),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=coded(label.type), value=codes.SCT.Absent)],
-    )
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking("none"), identifier="none"))
+
+
+def _qualitative_evaluations(evaluations: list[hd.sr.QualitativeEvaluation]) -> hd.sr.ContainerContentItem:
+    """TID 1500 rows 12-13: evaluations of the whole study (a label looked for and not found,
+    the predicted class). Kept out of Imaging Measurements: a TID 1501 group beside TID 1411
+    groups is judged as TID 1411 by pixelmed (and fails it)."""
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([item for e in evaluations for item in e])
+    return container
+
+
+def _use_template_meaning(item: Dataset, code: hd.sr.CodedConcept) -> None:
+    """Give child items the code meaning their template row uses (highdicom capitalises some)."""
+    for child in item.get("ContentSequence", []):
+        name = child.ConceptNameCodeSequence[0]
+        if (name.CodeValue, name.CodingSchemeDesignator) == (code.value, code.scheme_designator):
+            name.CodeMeaning = code.meaning
+
+
+def _procedure(modality: str) -> Code:
+    """Procedure reported (CID 100) for the source modality; a generic imaging procedure otherwise."""
+    by_modality = {"CT": codes.LN.CTUnspecifiedBodyRegion, "MR": codes.LN.MRIUnspecifiedBodyRegion,
+                   "PT": codes.LN.PETUnspecifiedBodyRegion, "NM": codes.LN.NMUnspecifiedBodyRegion}
+    radiography = {"DX", "CR", "MG", "RG", "IO", "PX"}
+    return by_modality.get(modality, codes.LN.XRUnspecifiedBodyRegion if modality in radiography
+                           else codes.SCT.ImagingProcedure)
+
+
+def _absent(label: Label) -> hd.sr.QualitativeEvaluation:
+    """Says that the model looked for `label` and found none (a silent report would be ambiguous)."""
+    return hd.sr.QualitativeEvaluation(name=coded(label.type), value=codes.SCT.Absent)
 
 
 def _classification_group(result: ClassificationResult, uids: ResultUIDs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -137,7 +212,6 @@ def _classification_group(result: ClassificationResult, uids: ResultUIDs) -> hd.
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking("classification"), identifier="Classification"),
         finding_category=coded(predicted.category),
         algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=coded(predicted.category), value=coded(predicted.type))],
         measurements=[
             hd.sr.Measurement(name=coded(label.type), value=round(result.probabilities[label.value], 6),
                               unit=UNITLESS, algorithm_id=algorithm)
@@ -152,12 +226,14 @@ def read_findings(dataset: Dataset) -> list[dict]:
     findings = []
     for group in report.content.get_volumetric_roi_measurement_groups():
         volume = group.get_measurements(name=codes.SCT.Volume)
+        area = group.get_measurements(name=codes.SCT.Area)
         axis = group.get_measurements(name=codes.SCT.LongAxis)
         centre = [item.value[0] for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass]
         findings.append({
             "tracking_id": group.tracking_identifier,
             "finding_type": group.finding_type.meaning if group.finding_type else None,
             "volume_mm3": float(volume[0].value) if volume else None,
+            "area_mm2": float(area[0].value) if area else None,
             "long_axis_mm": float(axis[0].value) if axis else None,
             "centroid": [float(v) for v in centre[0]] if centre else None,
             "segment_number": group.referenced_segment.referenced_segment_numbers[0]

@@ -1,27 +1,59 @@
-"""Stable UIDs for result objects.
+"""Result UIDs: globally unique across nodes and installations, and the same on every re-run of a job.
 
-A result sent twice (a retry, a resend after a crash, a re-run of the same job) must carry the
-same UIDs, so that the PACS stores it once. UIDs are therefore derived from what identifies
-the result (job key, model, object kind, variant) rather than drawn at random.
+A UID is `generate_uid(prefix=root, entropy_srcs=[...])` (a SHA-512 of what identifies the result):
+- the installation's own identity (a random UID made on its first start and kept in its index),
+  so two nodes, or one node whose data folder was recreated, never mint the same UID;
+- the job (its id in this installation's index) and the source study, series and instance UIDs,
+  so results for different studies, or a new job after the study changed, differ;
+- the model name and version, the object kind and its variant.
+A crash re-run, a `jobs retry` or a delivery retry of the same job mints exactly the same UIDs,
+so the PACS stores each result once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Iterable
 
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 
 @dataclass(frozen=True)
-class ResultUIDs:
-    """UIDs for one result set. `job_key` names the job (e.g. its id in the index)."""
+class SourceIdentity:
+    """What a result was made from: the study, the series, a digest of its instance UIDs and,
+    when the series holds several volumes (echoes, b-values), which one."""
 
-    job_key: str
+    study_uid: str
+    series_uid: str
+    instances_digest: str
+    volume: str = ""
+
+    @classmethod
+    def of(cls, study_uid: str, series_uid: str, instance_uids: Iterable[str], volume: str = "") -> SourceIdentity:
+        digest = hashlib.sha256("\n".join(sorted(instance_uids)).encode()).hexdigest()
+        return cls(study_uid, series_uid, digest, volume)
+
+
+@dataclass(frozen=True)
+class ResultUIDs:
+    """UIDs for the results of one model run in one job."""
+
+    installation_uid: str
+    job_id: int
+    source: SourceIdentity
     model: str
+    model_version: str
     root: str = PYDICOM_ROOT_UID
 
     def _uid(self, *parts: object) -> str:
-        return str(generate_uid(prefix=self.root, entropy_srcs=[self.job_key, self.model, *map(str, parts)]))
+        # One JSON string: generate_uid joins its sources without separators, so ("ab", "c") and
+        # ("a", "bc") would collide.
+        key = json.dumps([self.installation_uid, self.job_id, self.source.study_uid, self.source.series_uid,
+                          self.source.instances_digest, self.source.volume, self.model, self.model_version,
+                          *map(str, parts)])
+        return str(generate_uid(prefix=self.root, entropy_srcs=[key]))
 
     def series(self, kind: str) -> str:
         return self._uid("series", kind)
@@ -34,4 +66,6 @@ class ResultUIDs:
 
     @property
     def device(self) -> str:
-        return self._uid("device")
+        """The node as the observer device: one UID per installation and model, not per job."""
+        key = json.dumps([self.installation_uid, "device", self.model, self.model_version])
+        return str(generate_uid(prefix=self.root, entropy_srcs=[key]))

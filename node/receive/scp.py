@@ -1,13 +1,19 @@
 """The storage SCP: pynetdicom AE, C-STORE/C-ECHO handlers and association auditing.
 
 The C-STORE handler does the minimum that makes an acknowledgement safe: read the routing tags
-(no pixels), write the bytes as received, fsync, rename, index. Everything heavier happens after
-the study is complete, off the DIMSE thread.
+and check the whole data set is well-formed (no pixel decoding), refuse a SOP Instance UID that
+is already held elsewhere, write the bytes as received, fsync, rename, index. Everything heavier
+happens after the study is complete, off the DIMSE thread.
+
+Association checks (calling AE allowed, called AE ours, a free slot) run when the
+A-ASSOCIATE-RQ arrives (EVT_REQUESTED), so that a rejection is logged with the check that
+failed, and so that only requested associations hold a slot (see node/receive/workers.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -35,14 +41,17 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from node import logs
 from node.config import NodeConfig
 from node.store.filemeta import encode_file_meta
-from node.store.index import Index, InstanceRecord
-from node.store.spool import OutOfSpace, Spool
+from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.store.spool import OutOfSpace, Spool, same_dataset
+from node.receive import pynetdicom_internals as internals
 from node.receive.tags import UnreadableDataset, read_routing_tags
+from node.receive.validate import MalformedDataset, check_dataset
 
 log = logging.getLogger("node.receive")
 
@@ -65,38 +74,27 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-# C-STORE statuses (PS3.4 B.2.3)
+# C-STORE statuses (PS3.4 B.2.3; 0xCxxx is "Error: Cannot understand", the xxx ours)
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC210
-PROCESSING_FAILURE = 0xC211  # dataset does not match the C-STORE request
+OUT_OF_RESOURCES = 0xA700  # disk below storage.min_free_mb, or the write failed
+CANNOT_UNDERSTAND = 0xC210  # routing tags unreadable, UIDs missing or invalid
+PROCESSING_FAILURE = 0xC211  # dataset does not match the C-STORE request (SOP class/instance UID)
+MALFORMED_DATASET = 0xC212  # not well-formed to its end (lengths, items, sequences, trailing bytes)
+PIXEL_DATA_INVALID = 0xC213  # native Pixel Data of the wrong size, or a broken fragment sequence
+SOP_INSTANCE_CONFLICT = 0xC214  # SOP Instance UID already held by another study/series/SOP class
+
+# Test and measurement hooks, read once per receiver process (README, "Receiving"):
+# crash (os._exit) right after the Nth rename into studies/, before its index row is committed;
+# and skip the whole-data-set check (only for the receive benchmark's before/after figure).
+_CRASH_AFTER_RENAME = int(os.environ.get("DICOM_NODE_CRASH_AFTER_RENAME") or 0)
+_SKIP_DATASET_CHECK = os.environ.get("DICOM_NODE_SKIP_DATASET_CHECK") == "1"
 
 
 class NodeAE(AE):
-    """An AE whose calling-AE allow-list may depend on the peer's address.
-
-    pynetdicom checks ``require_calling_aet`` inside the association's own thread while
-    negotiating, so the list can be computed for the peer of the current association.
-    """
+    """The node's AE. Its association checks are StorageSCP._on_requested, not pynetdicom's."""
 
     def __init__(self, config: NodeConfig):
         super().__init__(ae_title=config.scp.ae_title)
-        self._callers = config.scp.allowed_callers
-
-    @property  # type: ignore[override]
-    def require_calling_aet(self) -> list[str]:
-        if not self._callers:
-            return []
-        assoc = threading.current_thread()
-        peer = getattr(getattr(assoc, "requestor", None), "address", "") or ""
-        allowed = [c.ae_title for c in self._callers if c.admits_host(peer)]
-        # A non-empty list that matches nothing makes pynetdicom reject with
-        # "calling AE title not recognised" (rejected-permanent).
-        return allowed or ["\\"]
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, value: list[str]) -> None:  # pynetdicom sets [] at init
-        pass
 
 
 @dataclass
@@ -120,12 +118,20 @@ class StorageSCP:
         index: Index,
         spool: Spool,
         on_study_opened: Callable[[str, float], None],
+        slot_limit: int | None = None,
+        on_slots: Callable[[int], None] = lambda n: None,
     ):
         self.config = config
         self.index = index
         self.spool = spool
         self.on_study_opened = on_study_opened
+        self.slot_limit = slot_limit or config.scp.max_associations
+        self.on_slots = on_slots
+        self._titles = set(config.scp.called_ae_titles())
         self._stats: dict[int, _AssociationStats] = {}
+        self._slots: set[int] = set()
+        self._called: dict[int, str] = {}
+        self._renames = 0
         self._lock = threading.Lock()
 
     # -- AE --------------------------------------------------------------------------------
@@ -133,12 +139,14 @@ class StorageSCP:
     def make_ae(self) -> NodeAE:
         scp = self.config.scp
         ae = NodeAE(self.config)
-        ae.maximum_associations = scp.max_associations
-        ae.maximum_pdu_size = scp.max_pdu
+        # Slots are counted by _on_requested; pynetdicom's own count would include connections
+        # that never sent an A-ASSOCIATE-RQ.
+        ae.maximum_associations = 1 << 16
+        ae.maximum_pdu_size = scp.pdu_limit()  # announced; PduSocket refuses longer PDUs
         ae.acse_timeout = scp.timeouts.acse
         ae.dimse_timeout = scp.timeouts.dimse
         ae.network_timeout = scp.timeouts.network
-        ae.require_called_aet = scp.require_called_ae_title
+        ae.require_called_aet = False  # checked against every title in _on_requested
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -147,6 +155,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple[evt.EventType, Callable]]:
         return [
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_closed),
@@ -154,29 +163,73 @@ class StorageSCP:
 
     # -- association audit -----------------------------------------------------------------
 
+    def _on_requested(self, event: Event) -> None:
+        """The A-ASSOCIATE-RQ arrived: check it, take a slot, answer with the called AE asked for."""
+        try:
+            self._check_request(event.assoc)
+        except Exception as exc:  # pynetdicom would log and go on negotiating: never unchecked
+            logs.event(log, "association_rejected", logging.ERROR, reason="check failed",
+                       error=type(exc).__name__, peer=event.assoc.requestor.address)
+            internals.reject(event.assoc, 0x02, 0x01, 0x01)
+
+    def _check_request(self, assoc: Association) -> None:
+        calling, called = internals.requested_titles(assoc)
+        peer = assoc.requestor.address
+        scp = self.config.scp
+        failed: tuple[str, int, int, int] | None = None
+        detail: dict[str, object] = {}
+        if scp.allowed_callers and not any(
+            c.ae_title.strip() == calling and c.admits_host(peer) for c in scp.allowed_callers
+        ):
+            failed = ("calling AE not allowed", 0x01, 0x01, 0x03)  # rejected-permanent
+        elif scp.require_called_ae_title and called not in self._titles:
+            failed = ("called AE unknown", 0x01, 0x01, 0x07)  # rejected-permanent
+            detail = {"our_ae_titles": sorted(self._titles)}
+        else:
+            with self._lock:
+                taken = len(self._slots)
+                if taken >= self.slot_limit:
+                    failed = ("too many associations", 0x02, 0x03, 0x02)  # transient, local limit
+                    detail = {"associations": taken, "limit": self.slot_limit}
+                else:
+                    self._slots.add(id(assoc))
+                    self._called[id(assoc)] = called
+                    taken += 1
+        if failed is not None:
+            logs.event(log, "association_rejected", logging.WARNING, reason=failed[0],
+                       calling_ae=calling, called_ae=called, peer=peer, **detail)
+            internals.reject(assoc, *failed[1:])
+            return
+        self.on_slots(taken)
+        if called:
+            internals.answer_as(assoc, called)
+
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
         calling = assoc.requestor.ae_title
-        called = assoc.acceptor.ae_title
+        with self._lock:
+            called = self._called.get(id(assoc)) or internals.requested_titles(assoc)[1]
         peer = assoc.requestor.address
         record = self.index.open_association(calling, called, peer, time.time())
         with self._lock:
             self._stats[id(assoc)] = _AssociationStats(record, calling, called, peer, time.time())
 
     def _on_rejected(self, event: Event) -> None:
+        """A rejection by pynetdicom itself (ours are logged by _on_requested)."""
         assoc = event.assoc
-        logs.event(
-            log,
-            "association_rejected",
-            logging.WARNING,
-            calling_ae=assoc.requestor.ae_title,
-            called_ae=assoc.acceptor.ae_title,
-            peer=assoc.requestor.address,
-        )
+        calling, called = internals.requested_titles(assoc)
+        logs.event(log, "association_rejected", logging.WARNING, reason="refused by pynetdicom",
+                   calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
+            self._called.pop(id(event.assoc), None)
+            held = id(event.assoc) in self._slots
+            self._slots.discard(id(event.assoc))
+            taken = len(self._slots)
+        if held:
+            self.on_slots(taken)
         if stats is None:
             return
         now = time.time()
@@ -226,50 +279,85 @@ class StorageSCP:
                 raise _Mismatch("SOPInstanceUID differs from the request's Affected SOP Instance UID")
             if tags.sop_class_uid != str(request.AffectedSOPClassUID):
                 raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
-        except (UnreadableDataset, _Mismatch) as exc:
+            if not _SKIP_DATASET_CHECK:
+                check_dataset(payload, transfer_syntax)
+        except (UnreadableDataset, _Mismatch, MalformedDataset) as exc:
+            if isinstance(exc, MalformedDataset):
+                status = PIXEL_DATA_INVALID if exc.pixel else MALFORMED_DATASET
+            else:
+                status = CANNOT_UNDERSTAND if isinstance(exc, UnreadableDataset) else PROCESSING_FAILURE
             where = self.spool.quarantine(chunks, f"{exc} (transfer syntax {transfer_syntax})")
             logs.event(
                 log,
                 "instance_quarantined",
                 logging.WARNING,
                 reason=str(exc),
+                status=f"0x{status:04X}",
                 file=where.name,
+                sop_instance_uid=_uid(request) if isinstance(exc, MalformedDataset) else None,
                 calling_ae=stats.calling_ae if stats else None,
             )
-            return CANNOT_UNDERSTAND if isinstance(exc, UnreadableDataset) else PROCESSING_FAILURE
+            return status
 
         target = self.spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
+        record = InstanceRecord(
+            sop_instance_uid=tags.sop_instance_uid,
+            sop_class_uid=tags.sop_class_uid,
+            series_uid=tags.series_uid,
+            study_uid=tags.study_uid,
+            patient_id=tags.patient_id,
+            transfer_syntax=str(transfer_syntax),
+            path=str(target.relative_to(self.spool.root)),
+            size=len(header) + payload.nbytes,
+            calling_ae=calling,
+            called_ae=stats.called_ae if stats else "",
+            peer=stats.peer if stats else "",
+            series=tags.series,
+        )
+        # The SOP Instance UID rule (README, "Receiving"): never move or replace an instance
+        # indexed under another study, series or SOP class; in the same series compare bytes
+        # before writing anything, so an identical resend touches nothing.
+        existing = self.index.find_instance(tags.sop_instance_uid)
         try:
-            size = self.spool.store(target, chunks)
-        except OutOfSpace:
-            logs.event(log, "store_refused_disk_full", logging.ERROR, sop_instance_uid=tags.sop_instance_uid)
-            return OUT_OF_RESOURCES
-        except OSError as exc:
-            logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
-            return OUT_OF_RESOURCES
+            InstanceConflict.check(record, existing)
+        except InstanceConflict as exc:
+            return self._conflict(exc, chunks, record, None)
+        identical = (
+            existing is not None
+            and existing["path"] == record.path
+            and existing["transfer_syntax"] == record.transfer_syntax
+            and same_dataset(target, payload)
+        )
+        if not identical:
+            try:
+                self.spool.store(target, chunks)
+            except OutOfSpace:
+                logs.event(log, "store_refused_disk_full", logging.ERROR, sop_instance_uid=tags.sop_instance_uid)
+                return OUT_OF_RESOURCES
+            except OSError as exc:
+                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
+                return OUT_OF_RESOURCES
+            if _CRASH_AFTER_RENAME:
+                self._renames += 1
+                if self._renames >= _CRASH_AFTER_RENAME:
+                    os._exit(70)  # test hook: the file is in place, its row is not
 
         completion = self.config.completion
-        arrival = self.index.record_instance(
-            InstanceRecord(
-                sop_instance_uid=tags.sop_instance_uid,
-                sop_class_uid=tags.sop_class_uid,
-                series_uid=tags.series_uid,
-                study_uid=tags.study_uid,
-                patient_id=tags.patient_id,
-                transfer_syntax=str(transfer_syntax),
-                path=str(target.relative_to(self.spool.root)),
-                size=size,
-                calling_ae=calling,
-                called_ae=stats.called_ae if stats else "",
-                peer=stats.peer if stats else "",
-                series=tags.series,
-            ),
-            now=time.time(),
-            quiet_period=completion.quiet_period_for(calling),
-            reopen=completion.after_complete == "reprocess",
-        )
+        try:
+            arrival = self.index.record_instance(
+                record,
+                now=time.time(),
+                quiet_period=completion.quiet_period_for(calling),
+                reopen=completion.after_complete == "reprocess",
+                identical=identical,
+            )
+        except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
+            return self._conflict(exc, chunks, record, None if identical else target)
         if stats is not None:
             stats.studies.add(tags.study_uid)
+        if arrival.identical and not arrival.opened:
+            logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
+                       sop_instance_uid=tags.sop_instance_uid)
         if arrival.ignored_after_complete:
             logs.event(log, "instance_after_completion_ignored", study_uid=tags.study_uid,
                        sop_instance_uid=tags.sop_instance_uid)
@@ -278,6 +366,33 @@ class StorageSCP:
                        study_uid=tags.study_uid, calling_ae=calling)
             self.on_study_opened(tags.study_uid, arrival.deadline)
         return SUCCESS
+
+    def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
+                  written: object) -> int:
+        """Refuse an instance whose SOP Instance UID is held elsewhere; the held one stays."""
+        reason = f"{exc}; refused: this one is in study {record.study_uid}, series {record.series_uid}"
+        held_path = self.spool.instance_path(exc.study_uid, exc.series_uid, exc.sop_instance_uid)
+        if written is not None and written != held_path:
+            where = self.spool.quarantine_file(written, reason)  # type: ignore[arg-type]
+        else:
+            where = self.spool.quarantine(chunks, reason)
+        logs.event(
+            log,
+            "instance_uid_conflict",
+            logging.WARNING,
+            integrity=True,
+            status=f"0x{SOP_INSTANCE_CONFLICT:04X}",
+            sop_instance_uid=exc.sop_instance_uid,
+            study_uid=record.study_uid,
+            series_uid=record.series_uid,
+            sop_class_uid=record.sop_class_uid,
+            held_by_study=exc.study_uid,
+            held_by_series=exc.series_uid,
+            held_sop_class_uid=exc.sop_class_uid,
+            calling_ae=record.calling_ae,
+            file=where.name,
+        )
+        return SOP_INSTANCE_CONFLICT
 
 
 class _Mismatch(ValueError):

@@ -8,7 +8,14 @@ least-loaded receiver process, which runs the association with pynetdicom.
 Control messages are JSON over SOCK_SEQPACKET, one message per packet:
   service -> receiver: {"peer": [host, port]} with the connection's descriptor attached
   receiver -> service: {"closed": true} when a connection ends,
+                       {"slots": n} when the receiver's count of associations changes,
                        {"opened": study_uid, "deadline": t} when a study starts receiving.
+
+Slots: only associations whose A-ASSOCIATE-RQ arrived and passed the AE checks count against
+`scp.max_associations` (each receiver takes its share, rounded up). A connection that never
+completes its request holds no slot (and is dropped at the ACSE deadline), so stalled or
+half-open sockets cannot lock honest callers out. A connection goes to the receiver with the
+fewest associations, then the fewest connections.
 """
 
 from __future__ import annotations
@@ -25,14 +32,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.association import Association
-from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 from node import logs
 from node.config import NodeConfig
+from node.receive.pynetdicom_internals import HandedServer
 
 log = logging.getLogger("node.receive")
 
@@ -59,7 +65,8 @@ class _Worker:
         self.slot = slot
         self.process = process
         self.channel = channel
-        self.active = 0
+        self.active = 0  # connections handed over and not yet closed
+        self.slots = 0  # of which: associations (A-ASSOCIATE-RQ accepted)
 
 
 class ReceiverPool:
@@ -152,7 +159,7 @@ class ReceiverPool:
                 live = [w for w in self._workers if w is not None]
                 if not live:
                     break
-                worker = min(live, key=lambda w: w.active)
+                worker = min(live, key=lambda w: (w.slots, w.active))
                 worker.active += 1
             try:
                 socket.send_fds(worker.channel, [message], [conn.fileno()])
@@ -177,6 +184,9 @@ class ReceiverPool:
                 if "closed" in message:
                     with self._lock:
                         worker.active = max(0, worker.active - 1)
+                elif "slots" in message:
+                    with self._lock:
+                        worker.slots = int(message["slots"])
                 elif "opened" in message:
                     self.on_study_opened(message["opened"], float(message["deadline"]))
 
@@ -194,55 +204,6 @@ class ReceiverPool:
 
 
 # -- the receiver process ------------------------------------------------------------------
-
-
-class PduSocket(AssociationSocket):
-    """pynetdicom's association socket, reading each PDU in one piece.
-
-    pynetdicom reads in 4 KiB pieces (128 recv calls per 0.5 MB image); this reads a PDU with
-    ``recv_into`` straight into one buffer. It also re-arms TCP_QUICKACK before each read:
-    most modalities and PACS send with Nagle's algorithm on (dcmtk does unless TCP_NODELAY=1
-    is in its environment), so their data-set PDU waits for our ACK of the command PDU, which
-    Linux otherwise delays by up to 40 ms. Linux leaves quick-ACK mode by itself, hence per read.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        received = 0
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:])
-            if not count:  # connection closed: return what arrived, as pynetdicom does
-                del view
-                return buffer[:received]
-            received += count
-        return buffer
-
-
-class _RequestHandler(RequestHandler):
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        # Same object, same state: only the read method changes (see PduSocket).
-        assoc.dul.socket.__class__ = PduSocket
-        return assoc
-
-
-class _HandedServer(AssociationServer):
-    """A pynetdicom server that does not listen: connections are handed to it."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, request_handler=_RequestHandler, **kwargs)
-
-    def server_bind(self) -> None:
-        pass
-
-    def server_activate(self) -> None:
-        pass
 
 
 def _die_with_parent() -> None:
@@ -285,15 +246,16 @@ def receiver_main(channel_fd: int) -> None:
         Index(data_dir / "index.sqlite"),
         Spool(data_dir, config.storage.min_free_mb),
         on_study_opened=lambda uid, deadline: send({"opened": uid, "deadline": deadline}),
+        slot_limit=int(settings["max_associations"]),
+        on_slots=lambda n: send({"slots": n}),
     )
     ae = scp.make_ae()
-    ae.maximum_associations = int(settings["max_associations"])
     handlers = scp.handlers() + [(evt.EVT_CONN_CLOSE, lambda event: send({"closed": True}))]
     server = ae.make_server(
         (config.scp.bind, settings["port"]),
         ae_title=config.scp.ae_title,
         evt_handlers=handlers,
-        server_class=_HandedServer,
+        server_class=HandedServer,
     )
     ssl_context = server_ssl_context(config)
     stopping = threading.Event()
@@ -323,7 +285,8 @@ def receiver_main(channel_fd: int) -> None:
             break  # the service closed the channel
         peer = tuple(json.loads(message)["peer"])
         conn = socket.socket(fileno=fds[0])
-        conn.settimeout(None)
+        # Never blocking without a limit; PduSocket sets the per-phase timeouts from here on.
+        conn.settimeout(config.scp.timeouts.acse)
         threading.Thread(target=take, args=(conn, peer), daemon=True).start()
 
     # Let associations in flight finish: each acknowledged instance is already durable.

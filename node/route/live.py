@@ -42,6 +42,16 @@ class LiveRules:
         if self._file_digest() != self._digest:
             self.reload()
 
+    def install(self, rules: RuleSet, destinations: set[str]) -> None:
+        """Put rules checked elsewhere in force, with the destinations they were checked against
+        (node.liveconfig reloads node.yaml and the rules together)."""
+        with self._lock:
+            previous, self._rules, self.destinations = self._rules.version, rules, destinations
+            self._digest = self._file_digest()
+        if previous != rules.version:
+            logs.event(log, "routing_reloaded", previous_version=previous, version=rules.version,
+                       rules=len(rules.file.rules))
+
     def reload(self) -> bool:
         digest = self._file_digest()
         try:

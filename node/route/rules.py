@@ -136,14 +136,6 @@ class Decision:
                 lines.append(f"  => {rule.name}: forward the study to {', '.join(actions.forward_to)}")
         return "\n".join(lines)
 
-    def to_json(self) -> dict:
-        return {
-            "version": self.version,
-            "mode": self.mode,
-            "outcomes": [{"rule": o.rule, "matched": o.matched, "applied": o.applied, "reason": o.reason,
-                          "series": o.series.series_uid if o.series else None} for o in self.outcomes],
-        }
-
 
 class RuleSet:
     def __init__(self, rules: RoutingFile, version: str):

@@ -24,7 +24,7 @@ from apscheduler.schedulers.base import BaseScheduler
 
 from node import logs
 from node.config import NodeConfig
-from node.send.scu import associate, client_ssl_context, rejection, storage_contexts
+from node.send.scu import NotAccepted, associate, client_ssl_context, rejection, send_file, storage_contexts
 from node.store.index import Index
 
 log = logging.getLogger("node.send")
@@ -179,7 +179,10 @@ class Outbox:
         warnings: list[str] = []
         try:
             for number, path in enumerate(files):
-                response = assoc.send_c_store(path)
+                try:
+                    response = send_file(assoc, path)
+                except NotAccepted as exc:  # the peer takes neither this syntax nor uncompressed
+                    raise Permanent(str(exc)) from None
                 status = getattr(response, "Status", None)
                 refused = rejection(assoc)
                 if status is None and refused is not None and number == 0:

@@ -1,4 +1,10 @@
-"""Opening associations as a requestor (echo, send, result delivery), with TCP_NODELAY."""
+"""Opening associations as a requestor (echo, send, result delivery), with TCP_NODELAY.
+
+Files are sent as stored when the peer accepts their own transfer syntax. Every SOP class is
+also offered in Explicit and Implicit VR Little Endian, because many PACS accept a class only
+uncompressed: a file in a syntax the peer refused is then decoded and sent uncompressed, the
+same object with the same UIDs (the node's results are lossless, so every voxel is kept).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -17,6 +26,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 
 MAX_REQUESTED_CONTEXTS = 128
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 # Send part-10 files as stored (streamed in chunks), never decoded and re-encoded.
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -85,11 +95,48 @@ def associate(
 
 
 def storage_contexts(files: Iterable[Path]) -> list[PresentationContext]:
-    """One presentation context per SOP class, proposing each transfer syntax the files use."""
+    """Per SOP class: one context for each transfer syntax its files are in (one syntax per
+    context, so the peer cannot pick a syntax other than the file's), plus one offering Explicit
+    and Implicit VR Little Endian as the fallback for a peer that takes only uncompressed data."""
     syntaxes: dict[str, set[str]] = {}
     for path in files:
         meta = read_file_meta_info(path)
         syntaxes.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
-    if len(syntaxes) > MAX_REQUESTED_CONTEXTS:
-        raise ValueError(f"{len(syntaxes)} SOP classes need more than {MAX_REQUESTED_CONTEXTS} contexts")
-    return [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
+    contexts = [build_context(sop, ts) for sop, own in sorted(syntaxes.items()) for ts in sorted(own)]
+    contexts += [build_context(sop, list(UNCOMPRESSED)) for sop in sorted(syntaxes)]
+    if len(contexts) > MAX_REQUESTED_CONTEXTS:
+        raise ValueError(f"{len(syntaxes)} SOP classes need {len(contexts)} presentation contexts,"
+                         f" more than {MAX_REQUESTED_CONTEXTS}")
+    return contexts
+
+
+class NotAccepted(ValueError):
+    """The peer accepted no presentation context that can carry this file."""
+
+
+def send_file(assoc: Association, path: Path, allow_transcoding: bool = True) -> Dataset:
+    """C-STORE one part-10 file: as stored if the peer accepted its transfer syntax, otherwise
+    (if allowed) decoded to the uncompressed syntax the peer accepted. Returns the response."""
+    meta = read_file_meta_info(path)
+    sop_class, syntax = UID(str(meta.MediaStorageSOPClassUID)), UID(str(meta.TransferSyntaxUID))
+    accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
+    if syntax in accepted:
+        return assoc.send_c_store(path)
+    takes_uncompressed = any(ts in UNCOMPRESSED for ts in accepted)
+    if not (takes_uncompressed and allow_transcoding and syntax.is_little_endian):
+        if not accepted:
+            raise NotAccepted(f"{path.name}: the peer accepted no presentation context for {sop_class.name} ({sop_class})")
+        offered = ", ".join(ts.name for ts in accepted)
+        raise NotAccepted(f"{path.name}: the peer accepted {sop_class.name} only in {offered}, not in {syntax.name}")
+    return assoc.send_c_store(uncompressed(path))
+
+
+def uncompressed(path: Path) -> Dataset:
+    """The file's object in Explicit VR Little Endian, same UIDs; pynetdicom re-encodes it to
+    Implicit VR when that is what the peer accepted."""
+    dataset = dcmread(path)
+    if dataset.file_meta.TransferSyntaxUID.is_compressed:
+        # Lossless decoding re-encodes the same instance: keep the SOP Instance UID.
+        dataset.decompress(generate_instance_uid=False)
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dataset

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -67,20 +67,6 @@ CREATE TABLE IF NOT EXISTS associations (
     instances INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS work_items (       -- one per completed study: the pipeline's jobs
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL,
-    state TEXT NOT NULL,               -- queued | running | done | failed | ignored (no rule applies)
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    reason TEXT,
-    priority INTEGER NOT NULL DEFAULT 0,
-    rules_version TEXT,
-    decision TEXT,                     -- JSON: applied rules and the series each model gets
-    explanation TEXT,                  -- `route explain` text as evaluated for this study
-    stages TEXT                        -- JSON: stage -> [started, finished] (epoch seconds)
-);
-CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, priority, id);
 """
 
 
@@ -106,11 +92,40 @@ class InstanceRecord:
 class Arrival:
     """Effect of one stored instance on its study."""
 
-    duplicate: bool
+    duplicate: bool  # the SOP Instance UID was already indexed (same study, series, SOP class)
     opened: bool  # the study went to 'receiving' (new, or reopened after completion)
     reopened: bool
     ignored_after_complete: bool
     deadline: float
+    # A byte-identical copy of the indexed instance: nothing changes on disk or in the row. It
+    # never reopens a complete study (whatever completion.after_complete says); while the study
+    # is receiving it moves the deadline like any arrival.
+    identical: bool = False
+
+
+class InstanceConflict(Exception):
+    """The SOP Instance UID is already indexed under another study, series or SOP class.
+
+    The indexed instance was acknowledged and stays; the newcomer must be refused.
+    """
+
+    def __init__(self, sop_instance_uid: str, study_uid: str, series_uid: str, sop_class_uid: str):
+        self.sop_instance_uid = sop_instance_uid
+        self.study_uid = study_uid
+        self.series_uid = series_uid
+        self.sop_class_uid = sop_class_uid
+        super().__init__(
+            f"SOPInstanceUID {sop_instance_uid} is already held by study {study_uid}, series "
+            f"{series_uid}, SOP class {sop_class_uid}"
+        )
+
+    @staticmethod
+    def check(rec: "InstanceRecord", row: Any) -> None:
+        if row is not None and (row["study_uid"], row["series_uid"], row["sop_class_uid"]) != (
+            rec.study_uid, rec.series_uid, rec.sop_class_uid
+        ):
+            raise InstanceConflict(rec.sop_instance_uid, row["study_uid"], row["series_uid"],
+                                   row["sop_class_uid"])
 
 
 class Index:
@@ -162,31 +177,46 @@ class Index:
 
     # -- receiving -------------------------------------------------------------------------
 
+    def find_instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        """Where an indexed instance is: study_uid, series_uid, sop_class_uid, path, transfer_syntax."""
+        rows = self.query(
+            "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax FROM instances"
+            " WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return rows[0] if rows else None
+
     def record_instance(
-        self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool
+        self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool,
+        identical: bool = False,
     ) -> Arrival:
-        """Index one stored instance and move its study's completion deadline."""
+        """Index one stored instance and move its study's completion deadline.
+
+        The SOP Instance UID rule: an instance already indexed under another study, series or
+        SOP class is never moved or replaced (InstanceConflict, nothing written). In the same
+        series, `identical` (the caller compared the bytes) leaves the row as it is; otherwise
+        the newcomer's row replaces the old one (latest wins, same path).
+        """
         deadline = now + quiet_period
         with self.transaction() as db:
-            duplicate = (
+            existing = db.execute(
+                "SELECT study_uid, series_uid, sop_class_uid FROM instances WHERE sop_instance_uid=?",
+                (rec.sop_instance_uid,),
+            ).fetchone()
+            InstanceConflict.check(rec, existing)
+            duplicate = existing is not None
+            identical = identical and duplicate
+            if not identical:
                 db.execute(
-                    "SELECT 1 FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
-                ).fetchone()
-                is not None
-            )
-            db.execute(
-                """INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)
-                   ON CONFLICT(sop_instance_uid) DO UPDATE SET
-                   series_uid=excluded.series_uid, study_uid=excluded.study_uid,
-                   sop_class_uid=excluded.sop_class_uid, transfer_syntax=excluded.transfer_syntax,
-                   path=excluded.path, size=excluded.size, received_at=excluded.received_at,
-                   calling_ae=excluded.calling_ae, called_ae=excluded.called_ae, peer=excluded.peer""",
-                (
-                    rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid,
-                    rec.transfer_syntax, rec.path, rec.size, now, rec.calling_ae,
-                    rec.called_ae, rec.peer,
-                ),
-            )
+                    """INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)
+                       ON CONFLICT(sop_instance_uid) DO UPDATE SET
+                       transfer_syntax=excluded.transfer_syntax,
+                       path=excluded.path, size=excluded.size, received_at=excluded.received_at,
+                       calling_ae=excluded.calling_ae, called_ae=excluded.called_ae, peer=excluded.peer""",
+                    (
+                        rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid,
+                        rec.transfer_syntax, rec.path, rec.size, now, rec.calling_ae,
+                        rec.called_ae, rec.peer,
+                    ),
+                )
             s = rec.series
             db.execute(
                 """INSERT OR IGNORE INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
@@ -205,16 +235,18 @@ class Index:
                     "INSERT INTO studies VALUES (?,?,'receiving',?,?,?,?,NULL,0)",
                     (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline),
                 )
-                return Arrival(duplicate, True, False, False, deadline)
+                return Arrival(duplicate, True, False, False, deadline, identical)
+            if row["state"] == "complete" and identical:  # simply acknowledged: nothing new
+                return Arrival(duplicate, False, False, False, deadline, identical)
             if row["state"] == "complete" and not reopen:
-                return Arrival(duplicate, False, False, True, deadline)
+                return Arrival(duplicate, False, False, True, deadline, identical)
             db.execute(
                 "UPDATE studies SET state='receiving', last_received=?, deadline=?, calling_ae=?"
                 " WHERE study_uid=?",
                 (now, deadline, rec.calling_ae, rec.study_uid),
             )
             reopened = row["state"] != "receiving"
-            return Arrival(duplicate, reopened, reopened, False, deadline)
+            return Arrival(duplicate, reopened, reopened, False, deadline, identical)
 
     def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
         with self.transaction() as db:
@@ -239,11 +271,14 @@ class Index:
         return [(r["study_uid"], r["deadline"]) for r in rows]
 
     def complete_if_due(
-        self, study_uid: str, now: float, quiet_override: float | None = None
+        self, study_uid: str, now: float, on_complete: Callable[[sqlite3.Connection], None],
+        quiet_override: float | None = None,
     ) -> tuple[bool, float | None]:
         """Complete the study if its quiet period has passed; else return when to check again.
 
         `quiet_override` (a routing rule's quiet period) replaces the receiver's deadline.
+        `on_complete(db)` runs inside the completing transaction (the pipeline routes the study
+        and creates its job there), so a completed study always has its job.
 
         One transaction, so an instance committed concurrently either moves the deadline
         first (the study stays open) or reopens the study afterwards.
@@ -262,11 +297,7 @@ class Index:
                 " WHERE study_uid=?",
                 (now, study_uid),
             )
-            db.execute(
-                "INSERT INTO work_items (study_uid, state, created_at, updated_at)"
-                " VALUES (?, 'queued', ?, ?)",
-                (study_uid, now, now),
-            )
+            on_complete(db)
             return True, None
 
     # -- reporting -------------------------------------------------------------------------

@@ -46,13 +46,6 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
-    def clear_partial_writes(self) -> int:
-        """Remove temporary files left by a crash: never acknowledged, so safe to drop."""
-        leftovers = list(self.tmp.glob("*.part"))
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-        return len(leftovers)
-
     def has_room(self, incoming: int = 0) -> bool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize - incoming >= self.min_free_bytes
@@ -72,6 +65,31 @@ class Spool:
         self._write_atomic(target, chunks)
         (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
         return target
+
+    def quarantine_file(self, path: Path, reason: str) -> Path:
+        """Move a file that is already on this filesystem into quarantine, with its reason."""
+        stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
+        target = self.quarantine_dir / f"{stem}.dcm"
+        os.replace(path, target)
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(path.parent)
+        (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        return target
+
+    def adopt(self, path: Path, target: Path) -> None:
+        """Make a file already on this filesystem (a partial write found complete) durable at `target`."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._ensure_dir(target.parent)
+        os.replace(path, target)
+        _fsync_dir(target.parent)
+
+    def partial_writes(self) -> list[Path]:
+        """Temporary files a crash left behind (never acknowledged)."""
+        return sorted(self.tmp.glob("*.part"))
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
@@ -119,3 +137,20 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the data set starts in a part-10 file written by the node (after its meta group)."""
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("not a part-10 file with a File Meta Information Group Length")
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def same_dataset(path: Path, payload: bytes | memoryview) -> bool:
+    """True if the part-10 file at `path` holds exactly `payload` as its data set."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data[dataset_offset(data):] == bytes(payload)
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,142 @@
+"""Memory: many studies through the running node; resident memory of each of its processes.
+
+Sends STUDIES (default 100) CT studies of --slices x --size x --size (default 100 x 512 x 512)
+one after another with dcmtk storescu, each routed to the demo model with results to a dcmtk
+storescp, and samples every node process's RSS (from /proc) while it runs. Prints, per process,
+RSS at start, the peak and at the end, the target (peak <= 3x one study's pixel bytes + the
+runtime's baseline) and whether memory stayed flat (end within 10% of the value after the
+first study).
+
+    python -m benchmarks.memory [--slices 100] [--size 512]    (BENCH_STUDIES=100)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from benchmarks.common import benchmark_run
+from tests.peers import NodeProcess, free_port, storescu, wait_for
+from training.data.synthetic import make_dicom_study
+
+ROUTING = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
+                      "actions": {"run": ["lesion-seg"], "send_to": ["results"]}}]}
+
+
+def processes(root: int) -> dict[int, str]:
+    """The node's process and its descendants: pid -> a short name."""
+    found = {root: "service"}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found[child] = f"receiver {len(found)}"
+                    frontier.append(child)
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def relabel(files: list[Path], folder: Path, n: int) -> list[Path]:
+    """The same images as a new study (new UIDs), so that every send is a new study to process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID = f"MEM-{n:03d}"
+        target = folder / path.name
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+def main() -> None:
+    studies = int(os.environ.get("BENCH_STUDIES", "100"))
+    with benchmark_run(__doc__) as (args, work):
+        args.slices = args.slices if args.slices != 300 else 100
+        files, _ = make_dicom_study(work / "ct", slices=args.slices, size=args.size, pixel_spacing=384 / args.size,
+                                    slice_spacing=2.0, seed=7)
+        pixel_mb = args.slices * args.size * args.size * 2 / 2**20
+        results = work / "results"
+        results.mkdir()
+        port = free_port()
+        pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "RESULTS", "-od", str(results), "+B", str(port)],
+                                env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        node = NodeProcess(work / "node", routing=ROUTING, completion={"quiet_period_s": 1.0},
+                           destinations={"results": {"ae_title": "RESULTS", "host": "127.0.0.1", "port": port}},
+                           sending={"retry_initial_s": 0.5, "sweep_s": 0.5})
+        samples: dict[int, list[float]] = {}
+        names: dict[int, str] = {}
+        stop = threading.Event()
+        try:
+            node.start()
+            assert node.process is not None
+            root = node.process.pid
+
+            def sample() -> None:
+                while not stop.is_set():
+                    for pid, name in processes(root).items():
+                        names.setdefault(pid, name)
+                        samples.setdefault(pid, []).append(rss_mb(pid))
+                    time.sleep(0.2)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            wait_for(lambda: len(processes(root)) > 1, timeout=60)
+            sampler.start()
+            time.sleep(1.0)
+            after_first: dict[int, float] = {}
+            started = time.time()
+            for n in range(studies):
+                batch = relabel(files, work / f"s{n}", n)
+                sent = storescu(node.port, batch)
+                assert sent.returncode == 0, sent.stderr
+                for path in batch:
+                    path.unlink()
+                wait_for(lambda: node.query("SELECT COUNT(*) AS n FROM outbox WHERE state='delivered'")[0]["n"] >= n + 1,
+                         timeout=600, interval=0.2)
+                if n == 0:
+                    after_first = {pid: rss_mb(pid) for pid in samples}
+            elapsed = time.time() - started
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            node.stop()
+            pacs.terminate()
+            pacs.wait(10)
+    print(f"{studies} studies of {args.slices}x{args.size}x{args.size} ({pixel_mb:.0f} MB of pixels each) in "
+          f"{elapsed:.0f} s")
+    print(f"{'process':14} {'start MB':>9} {'after 1st':>9} {'peak MB':>9} {'end MB':>9} {'end/after 1st':>14}")
+    for pid, values in samples.items():
+        first = after_first.get(pid, values[0]) or values[0]
+        print(f"{names[pid]:14} {values[0]:9.0f} {first:9.0f} {max(values):9.0f} {values[-1]:9.0f} "
+              f"{values[-1] / first if first else 0:14.2f}")
+    service = samples[root]
+    print(f"service peak - start {max(service) - service[0]:.0f} MB vs target 3 x {pixel_mb:.0f} = {3 * pixel_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

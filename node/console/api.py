@@ -1,0 +1,234 @@
+"""The REST API under /api: the same data and actions as the pages, as JSON (schema: /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from node.console import actions, summary
+from node.console.auth import require_read, require_write
+from node.console.context import ConsoleContext
+from node.liveconfig import check, read_snapshot, restart_needed
+
+router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
+
+
+def ctx_of(request: Request) -> ConsoleContext:
+    return request.app.state.ctx
+
+
+def _run(call: Any, *args: Any) -> Any:
+    try:
+        return call(*args)
+    except actions.ActionError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+
+
+class StudyRow(BaseModel):
+    study_uid: str
+    state: str
+    calling_ae: str | None
+    first_received: float
+    last_received: float
+    completed_at: float | None
+    completions: int
+    instances: int
+    series: int
+    modalities: list[str]
+    descriptions: str | None = None
+
+
+class JobRow(BaseModel):
+    id: int
+    study_uid: str
+    state: str
+    stage: str | None
+    attempts: int
+    next_attempt: float | None
+    retry_deadline: float | None
+    created_at: float
+    updated_at: float
+    reason: str | None
+    priority: int
+    rules_version: str | None
+    rules: list[str]
+    models: list[str]
+    stage_seconds: dict[str, float]
+    stages: dict[str, dict[str, float]]
+    outputs: dict[str, list[str]]
+    explanation: str | None
+
+
+class OutboxRow(BaseModel):
+    id: int
+    job_key: str
+    study_uid: str
+    destination: str
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    next_attempt: float
+    last_error: str | None
+    warnings: str | None
+
+
+class AssociationRow(BaseModel):
+    id: int
+    calling_ae: str | None
+    called_ae: str | None
+    peer: str | None
+    started_at: float
+    ended_at: float | None
+    instances: int
+    failures: int
+
+
+class Destination(BaseModel):
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool
+
+
+class EchoOut(BaseModel):
+    destination: str
+    ok: bool
+    message: str
+    seconds: float
+
+
+class ExplainOut(BaseModel):
+    study_uid: str
+    calling_ae: str
+    peer: str
+    series: list[dict[str, Any]]
+    explanation: str
+
+
+class Done(BaseModel):
+    message: str
+
+
+@router.get("/summary", summary="Dashboard figures: receiving studies, queues, associations, disk, rules, models")
+def get_summary(request: Request) -> dict[str, Any]:
+    return request.app.state.live_summary()
+
+
+@router.get("/studies", response_model=list[StudyRow], summary="Received studies, newest first (patient-free)")
+def get_studies(request: Request, limit: int = 500) -> list[dict[str, Any]]:
+    ctx = ctx_of(request)
+    return summary.studies(ctx.index, ctx.config.http.show_descriptions, limit)
+
+
+@router.get("/studies/{study_uid}", summary="One study: series, routing explanation, jobs with stages, deliveries")
+def get_study(request: Request, study_uid: str) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    found = summary.study(ctx.index, ctx.jobs, ctx.retention, study_uid, ctx.config.http.show_descriptions)
+    if found is None:
+        raise HTTPException(404, f"no study {study_uid}")
+    return found
+
+
+@router.get("/studies/{study_uid}/explain", response_model=ExplainOut,
+            summary="Which rules the study matches with the rules in force now")
+def explain_study(request: Request, study_uid: str) -> Any:
+    return vars(_run(actions.explain_study, ctx_of(request), study_uid))
+
+
+@router.get("/jobs", response_model=list[JobRow], summary="Jobs (one per completed study), oldest first")
+def get_jobs(request: Request) -> list[dict[str, Any]]:
+    return [summary.job_row(j) for j in ctx_of(request).jobs.all_jobs()]
+
+
+@router.post("/jobs/{job_id}/retry", response_model=Done, dependencies=[Depends(require_write)],
+             summary="Queue a failed, ignored or waiting job again (404 unknown, 409 not retryable)")
+def retry_job(request: Request, job_id: int) -> Done:
+    return Done(message=_run(actions.retry_job, ctx_of(request), job_id))
+
+
+@router.get("/outbox", response_model=list[OutboxRow], summary="Result deliveries per destination")
+def get_outbox(request: Request) -> list[dict[str, Any]]:
+    return summary.deliveries(ctx_of(request).index)
+
+
+@router.post("/outbox/{item_id}/retry", response_model=Done, dependencies=[Depends(require_write)],
+             summary="Queue a dead (or pending) delivery again now with a fresh deadline")
+def retry_delivery(request: Request, item_id: int) -> Done:
+    return Done(message=_run(actions.retry_delivery, ctx_of(request), item_id))
+
+
+@router.get("/associations", response_model=list[AssociationRow], summary="Recent associations, newest first")
+def get_associations(request: Request, limit: int = 100) -> list[dict[str, Any]]:
+    return summary.associations(ctx_of(request).index, limit)
+
+
+@router.get("/destinations", response_model=list[Destination], summary="Configured destinations (in force)")
+def get_destinations(request: Request) -> list[Destination]:
+    return [Destination(name=n, ae_title=d.ae_title, host=d.host, port=d.port, tls=d.tls.enabled)
+            for n, d in sorted(ctx_of(request).config.destinations.items())]
+
+
+@router.post("/destinations/{name}/echo", response_model=EchoOut, dependencies=[Depends(require_write)],
+             summary="C-ECHO the destination as this node's AE title")
+def echo_destination(request: Request, name: str) -> EchoOut:
+    result = _run(actions.echo_destination, ctx_of(request), name)
+    return EchoOut(destination=name, ok=result.ok, message=result.message, seconds=result.seconds)
+
+
+@router.post("/explain", response_model=list[ExplainOut],
+             summary="Routing explanation for uploaded DICOM files (not stored), with the rules in force")
+async def explain_files(request: Request, files: list[UploadFile] = File(...), calling_ae: str = Form(""),
+                        called_ae: str = Form(""), peer: str = Form("")) -> list[dict[str, Any]]:
+    contents = [(f.filename or "", await f.read()) for f in files]
+    explained = await run_in_threadpool(_run, actions.explain_files, ctx_of(request), contents, calling_ae,
+                                        called_ae, peer)  # reading DICOM files must not stall the server
+    return [vars(e) for e in explained]
+
+
+@router.get("/rules", summary="Rules in force, their version, and the configuration check of the files on disk")
+def get_rules(request: Request) -> dict[str, Any]:
+    return rules_report(ctx_of(request))
+
+
+@router.post("/config/reload", dependencies=[Depends(require_write)],
+             summary="Reload node.yaml and the rules now (as on SIGHUP)")
+def reload_config(request: Request) -> dict[str, Any]:
+    outcome = ctx_of(request).live.reload()
+    return {"applied": outcome.applied, "problems": outcome.problems, "restart_needed": outcome.restart_needed}
+
+
+@router.get("/retention", summary="Retention policy, last run, and what would go now (dry run)")
+def get_retention(request: Request) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    policy = ctx.config.storage.retention
+    return {"policy": policy.model_dump(), "last_run": ctx.retention.last_run(),
+            "would_delete": ctx.retention.plan(policy).as_dict()}
+
+
+@router.post("/retention/run", dependencies=[Depends(require_write)], summary="Apply the retention policy now")
+def run_retention(request: Request) -> dict[str, int]:
+    ctx = ctx_of(request)
+    return ctx.retention.run(ctx.config.storage.retention)
+
+
+def rules_report(ctx: ConsoleContext) -> dict[str, Any]:
+    """The rules in force and `config check` of the files as they are on disk now."""
+    live = ctx.live
+    checked = check(live.path if live.watch_file else None, live.overrides, live.rules.path)
+    snapshot = read_snapshot(ctx.data_dir)
+    pending = restart_needed(snapshot["started"], checked.config) if snapshot and checked.config else []
+    rules = ctx.rules
+    return {
+        "version": rules.version, "mode": rules.file.mode, "file": str(live.rules.path),
+        "rules": [r.model_dump(mode="json", exclude_none=True) for r in rules.file.rules],
+        "fallback": rules.file.fallback.model_dump(mode="json", exclude_none=True) if rules.file.fallback else None,
+        "check": {"ok": checked.ok, "problems": [str(p) for p in checked.problems],
+                  "version_on_disk": checked.rules.version if checked.rules else None,
+                  "restart_needed": pending},
+        "last_reload": live.last_reload,
+    }

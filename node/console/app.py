@@ -1,0 +1,124 @@
+"""The console's HTTP server: FastAPI on uvicorn, in a thread of the service process.
+
+A thread, not a process: the pages show the service's own objects (the configuration and rules
+in force, the receivers' health, the model backends) without another channel to keep in sync.
+The handlers only read the index (SQLite WAL: readers never block the receivers) or call the
+same functions the CLI calls. No torch or MONAI import is reachable from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from node import logs
+from node.console import api, pages, summary
+from node.console.context import ConsoleContext
+from node.console.health import Health
+from node.console.metrics import registry_for
+
+log = logging.getLogger("node.console")
+
+
+def create_app(ctx: ConsoleContext) -> FastAPI:
+    # No /docs: Swagger UI loads from a CDN. The schema itself is at /openapi.json.
+    app = FastAPI(title="dicom-node console", version="1", docs_url=None, redoc_url=None,
+                  description="Operator console of the DICOM analysis node: studies, jobs, outbox, "
+                              "destinations, rules, health and metrics. Write actions need the "
+                              "bearer token (http.token or DICOM_NODE_HTTP_TOKEN).")
+    health = Health(ctx)
+    registry, events = registry_for(ctx)
+    app.state.ctx = ctx
+    app.state.health = health
+    app.state.events = events
+
+    def live_summary() -> dict[str, Any]:
+        data = summary.dashboard(ctx.index, ctx.jobs, ctx.retention, ctx.config)
+        readiness = health.ready()
+        data["live"] = {
+            "ready": readiness.as_dict(), "rules_version": ctx.rules.version, "rules": len(ctx.rules.file.rules),
+            "restart_pending": ctx.live.restart_pending, "last_reload": ctx.live.last_reload,
+            "models": health.models(), "uptime_s": round(time.time() - ctx.started_at, 1),
+            "scp_port": ctx.scp_port,
+        }
+        return data
+
+    app.state.live_summary = live_summary
+
+    @app.get("/health/live", tags=["health"], summary="The HTTP server answers (the process is up)")
+    def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/health/ready", tags=["health"],
+             summary="200 when the node can take and process studies; 503 with the reasons otherwise")
+    def ready() -> JSONResponse:
+        readiness = health.ready()
+        return JSONResponse(readiness.as_dict(), status_code=200 if readiness.ready else 503)
+
+    @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text exposition format)")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(api.router, tags=["api"])
+    app.include_router(pages.router, include_in_schema=False)
+    app.exception_handler(pages.PageError)(pages.page_error)
+    return app
+
+
+class HttpServer:
+    """uvicorn in a daemon thread; `start` returns once the port is bound (or raises)."""
+
+    def __init__(self, ctx: ConsoleContext):
+        http = ctx.config.http
+        self.app = create_app(ctx)
+        tls = {"ssl_certfile": str(http.tls.certificate), "ssl_keyfile": str(http.tls.private_key)} \
+            if http.tls.certificate else {}
+        self.config = uvicorn.Config(self.app, host=http.bind, port=http.port, log_config=None,
+                                     access_log=False, lifespan="off", **tls)
+        self.server = uvicorn.Server(self.config)
+        self.scheme = "https" if tls else "http"
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Bind first (a port in use is a plain OSError here), then serve in the thread."""
+        try:
+            self._socket = socket.create_server((self.config.host, self.config.port),
+                                                family=socket.AF_INET6 if ":" in self.config.host else socket.AF_INET)
+        except OSError as exc:
+            raise OSError(exc.errno, f"the console cannot listen on {self.config.host}:{self.config.port}: "
+                                     f"{exc.strerror}") from None
+        self.app.state.events.install()
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise OSError(f"the console could not listen on {self.config.host}:{self.config.port}"
+                              + (f": {self._error}" if self._error else ""))
+            if time.monotonic() > deadline:
+                raise OSError("the console did not start in time")
+            time.sleep(0.02)
+        logs.event(log, "http_started", url=f"{self.scheme}://{self.config.host}:{self.config.port}",
+                   token=bool(self.app.state.ctx.config.http.effective_token()))
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self._socket]))
+        except BaseException as exc:  # SystemExit when uvicorn cannot bind
+            self._error = exc
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.app.state.events.uninstall()

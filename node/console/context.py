@@ -1,0 +1,44 @@
+"""What the console reads from the running node: its stores, its configuration in force, health."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from inference.repository import ModelRepository
+from node.config import NodeConfig
+from node.jobs.store import JobStore
+from node.liveconfig import LiveConfig
+from node.retention import Retention
+from node.route.rules import RuleSet
+from node.store.index import Index
+from node.store.spool import Spool
+
+
+@dataclass
+class ConsoleContext:
+    index: Index
+    jobs: JobStore
+    live: LiveConfig
+    models: ModelRepository
+    spool: Spool
+    retention: Retention
+    receivers_alive: Callable[[], bool]
+    scp_port: int
+    wake_outbox: Callable[[], None] = lambda: None
+    wake_jobs: Callable[[], None] = lambda: None
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def config(self) -> NodeConfig:
+        return self.live.current
+
+    @property
+    def rules(self) -> RuleSet:
+        return self.live.rules.current
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.storage.data_dir)

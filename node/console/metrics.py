@@ -1,0 +1,151 @@
+"""Prometheus metrics (`/metrics`), from two sources, so that no process has to share counters.
+
+- **The index, read at scrape time** (`IndexCollector`): what the receiver processes do
+  (instances, bytes, C-STORE failures, associations, completed studies) is already committed
+  there before each C-STORE is answered, so a custom collector reads it instead of running
+  prometheus-client's multiprocess mode across receiver processes. Jobs, outbox and disk
+  figures come from the same place. These survive a restart; instances and bytes removed by
+  retention are added back from `retention_log`, so counters never go down.
+- **The node's own events, in the service process** (`EventMetrics`, a logging handler on the
+  `node` loggers): delivery retries and dead letters per destination, job stage durations and
+  inference latency per model. Each is the structured event the node logs anyway, so the logs
+  and the metrics cannot disagree. These start from zero with the process, like any counter.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from node.console.context import ConsoleContext
+from node.console.summary import disk
+from node.jobs.store import JobStore, UnknownJob
+
+PREFIX = "dicom_node"
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_FIELDS = "event_fields"  # node.logs puts an event's fields here
+
+
+class IndexCollector(Collector):
+    def __init__(self, ctx: ConsoleContext):
+        self.ctx = ctx
+
+    def collect(self) -> Iterable[Metric]:
+        index = self.ctx.index
+        deleted = self.ctx.retention.deleted_totals()
+        assoc = index.query(
+            "SELECT COALESCE(SUM(instances),0) AS instances, COALESCE(SUM(failures),0) AS failures,"
+            " COALESCE(SUM(ended_at IS NOT NULL AND failures=0),0) AS clean,"
+            " COALESCE(SUM(ended_at IS NOT NULL AND failures>0),0) AS with_failures,"
+            " COALESCE(SUM(ended_at IS NULL),0) AS open FROM associations")[0]
+        stored = index.query("SELECT COUNT(*) AS n, COALESCE(SUM(size),0) AS bytes FROM instances")[0]
+        yield _counter("instances_received", "Instances stored and acknowledged (C-STORE success), "
+                       "counted when their association ends", assoc["instances"])
+        yield _counter("received_bytes", "Bytes of stored instances (as written, with file meta)",
+                       stored["bytes"] + deleted["bytes"])
+        yield _counter("cstore_failures", "C-STORE requests answered with a failure status, "
+                       "counted when their association ends", assoc["failures"])
+        outcomes = CounterMetricFamily(f"{PREFIX}_associations", "Ended associations by outcome "
+                                       "(clean: every C-STORE succeeded)", labels=["outcome"])
+        outcomes.add_metric(["clean"], assoc["clean"])
+        outcomes.add_metric(["with_failures"], assoc["with_failures"])
+        yield outcomes
+        yield _gauge("associations_open", "Associations in progress", assoc["open"])
+        completions = index.query("SELECT COALESCE(SUM(completions),0) AS n FROM studies")[0]["n"]
+        yield _counter("studies_completed", "Study completions (quiet period passed)",
+                       completions + deleted["completions"])
+        studies = GaugeMetricFamily(f"{PREFIX}_studies", "Stored studies by state", labels=["state"])
+        for row in index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state"):
+            studies.add_metric([row["state"]], row["n"])
+        yield studies
+        jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs by state", labels=["state"])
+        for state, n in self.ctx.jobs.counts().items():
+            jobs.add_metric([state.value], n)
+        yield jobs
+        deliveries = CounterMetricFamily(f"{PREFIX}_deliveries", "Result sets delivered, by destination",
+                                         labels=["destination"])
+        outbox = GaugeMetricFamily(f"{PREFIX}_outbox", "Outbox items by state and destination",
+                                   labels=["state", "destination"])
+        for row in index.query("SELECT state, destination, COUNT(*) AS n FROM outbox GROUP BY state, destination"):
+            outbox.add_metric([row["state"], row["destination"]], row["n"])
+            if row["state"] == "delivered":
+                deliveries.add_metric([row["destination"]], row["n"])
+        yield deliveries
+        yield outbox
+        space = disk(self.ctx.data_dir, self.ctx.config.storage.min_free_mb)
+        yield _gauge("disk_free_bytes", "Free bytes on the data folder's disk", space["free_bytes"])
+        yield _gauge("disk_watermark_bytes", "storage.min_free_mb in bytes (C-STORE refused below it)",
+                     self.ctx.spool.min_free_bytes)
+        yield _gauge("stored_bytes", "Bytes of instances stored now", stored["bytes"])
+        yield _counter("retention_deleted_studies", "Studies deleted by retention", deleted["studies"])
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class EventMetrics(logging.Handler):
+    """Counts and times the node's structured events as they are logged in this process."""
+
+    LOGGERS = ("node.jobs", "node.send")
+
+    def __init__(self, registry: CollectorRegistry, jobs: JobStore):
+        super().__init__(logging.INFO)
+        self.jobs = jobs
+        self.retries = Counter(f"{PREFIX}_delivery_retries", "Delivery attempts that failed transiently and "
+                               "were rescheduled, by destination", ["destination"], registry=registry)
+        self.dead = Counter(f"{PREFIX}_dead_letters", "Deliveries given up (dead letter), by destination",
+                            ["destination"], registry=registry)
+        self.finished = Counter(f"{PREFIX}_jobs_finished", "Jobs that reached done or failed in this process",
+                                ["state"], registry=registry)
+        self.stages = Histogram(f"{PREFIX}_stage_seconds", "Job stage durations (route, load, inference, "
+                                "encode, enqueue)", ["stage"], buckets=STAGE_BUCKETS, registry=registry)
+        self.inference = Histogram(f"{PREFIX}_inference_seconds", "Model inference latency per model run",
+                                   ["model"], buckets=STAGE_BUCKETS, registry=registry)
+
+    def install(self) -> None:
+        """Attach to the loggers whose events count; they must pass INFO even when stderr shows less
+        (the stderr handler filters by the configured level on its own)."""
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
+
+    def uninstall(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = getattr(record, _FIELDS, {})
+        event = record.msg
+        try:
+            if event == "results_retry_scheduled":
+                self.retries.labels(str(fields.get("destination"))).inc()
+            elif event == "results_dead_letter":
+                self.dead.labels(str(fields.get("destination"))).inc()
+            elif event == "model_ran":
+                seconds = fields.get("seconds") or {}
+                if "inference" in seconds:
+                    self.inference.labels(str(fields.get("model"))).observe(float(seconds["inference"]))
+            elif event in ("job_done", "job_failed"):
+                self.finished.labels("done" if event == "job_done" else "failed").inc()
+                for stage, seconds in self.jobs.get(int(fields["job"])).stage_seconds().items():
+                    self.stages.labels(stage).observe(seconds)
+        except (UnknownJob, KeyError, ValueError, TypeError):
+            pass  # a metric must never break the code that logs
+
+
+def registry_for(ctx: ConsoleContext) -> tuple[CollectorRegistry, EventMetrics]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(IndexCollector(ctx))
+    events = EventMetrics(registry, ctx.jobs)
+    return registry, events

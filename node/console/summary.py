@@ -1,0 +1,191 @@
+"""Read models for the console, the REST API and `dicom-node status`: one place, one meaning.
+
+Listings are patient-free by default: UIDs, modality, dates the node saw, series and instance
+counts. Series descriptions appear only when the site sets `http.show_descriptions` (they are
+free text and sometimes carry names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from node.config import NodeConfig
+from node.jobs.store import Job, JobStore
+from node.retention import Retention
+from node.route.study import orientation_class
+from node.send.outbox import Outbox, list_items
+from node.store.index import Index
+
+RECENT_ASSOCIATIONS = 20
+OUTBOX_STATES = ("pending", "sending", "delivered", "dead")
+
+
+def job_row(job: Job) -> dict[str, Any]:
+    """A job as the CLI, the pages and the API show it."""
+    decision = job.decision
+    return {
+        "id": job.id, "study_uid": job.study_uid, "state": job.state.value, "stage": job.stage,
+        "attempts": job.attempts, "next_attempt": job.next_attempt, "retry_deadline": job.retry_deadline,
+        "created_at": job.created_at, "updated_at": job.updated_at, "reason": job.reason,
+        "priority": job.priority, "rules_version": decision.rules_version if decision else None,
+        "rules": [a.rule for a in decision.applied] if decision else [],
+        "models": sorted({m for a in decision.applied for m in a.actions.run}) if decision else [],
+        "stage_seconds": job.stage_seconds(),
+        "stages": {name: {"started": start, "ended": end} for name, (start, end) in job.stages.items()},
+        "outputs": job.outputs,
+        "explanation": decision.explanation if decision else None,
+    }
+
+
+def studies(index: Index, show_descriptions: bool = False, limit: int = 500,
+            state: str | None = None) -> list[dict[str, Any]]:
+    """Newest first: UID, state, modalities, counts, when received, calling AE."""
+    rows = index.query(
+        """SELECT s.study_uid, s.state, s.calling_ae, s.first_received, s.last_received, s.completed_at,
+                  s.completions,
+                  (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,
+                  (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series,
+                  (SELECT GROUP_CONCAT(DISTINCT modality) FROM series r WHERE r.study_uid=s.study_uid) AS modalities,
+                  (SELECT GROUP_CONCAT(description, ' | ') FROM series r WHERE r.study_uid=s.study_uid) AS descriptions
+           FROM studies s WHERE ? IS NULL OR s.state=? ORDER BY s.last_received DESC LIMIT ?""", (state, state, limit))
+    out = []
+    for r in rows:
+        row = dict(r)
+        row["modalities"] = sorted(set((row["modalities"] or "").split(",")) - {""})
+        if not show_descriptions:
+            row.pop("descriptions")
+        out.append(row)
+    return out
+
+
+def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> list[dict[str, Any]]:
+    rows = index.query(
+        """SELECT r.series_uid, r.modality, r.number, r.description, r.sop_class_uid, r.orientation, r.rows,
+                  r.columns, r.slice_thickness,
+                  (SELECT COUNT(*) FROM instances i WHERE i.series_uid=r.series_uid) AS instances,
+                  (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.series_uid=r.series_uid) AS bytes
+           FROM series r WHERE r.study_uid=? ORDER BY r.number, r.series_uid""", (study_uid,))
+    out = []
+    for r in rows:
+        row = dict(r)
+        row["orientation"] = orientation_class(json.loads(row["orientation"])) if row["orientation"] else None
+        if not show_descriptions:
+            row.pop("description")
+        out.append(row)
+    return out
+
+
+def deliveries(index: Index, study_uid: str | None = None) -> list[dict[str, Any]]:
+    Outbox.ensure_schema(index)
+    rows = list_items(index)
+    return [r for r in rows if study_uid is None or r["study_uid"] == study_uid]
+
+
+def study(index: Index, jobs: JobStore, retention: Retention, study_uid: str,
+          show_descriptions: bool = False) -> dict[str, Any] | None:
+    """Everything about one study: series, routing explanation, jobs with stages, deliveries."""
+    found = index.query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+    job_rows = [job_row(j) for j in jobs.all_jobs(study_uid)]
+    deleted = retention.deleted_study(study_uid)
+    if not found and not job_rows and deleted is None:
+        return None
+    row = dict(found[0]) if found else {"study_uid": study_uid, "state": "deleted" if deleted else "unknown"}
+    row.pop("patient_id", None)
+    return {
+        "study": row,
+        "series": series_of(index, study_uid, show_descriptions),
+        "jobs": job_rows,
+        "explanation": next((j["explanation"] for j in reversed(job_rows) if j["explanation"]), None),
+        "deliveries": deliveries(index, study_uid),
+        "retention": deleted if not found else None,  # received again since: that is what counts
+    }
+
+
+def associations(index: Index, limit: int = RECENT_ASSOCIATIONS) -> list[dict[str, Any]]:
+    return [dict(r) for r in index.query(
+        "SELECT id, calling_ae, called_ae, peer, started_at, ended_at, instances, failures"
+        " FROM associations ORDER BY id DESC LIMIT ?", (limit,))]
+
+
+def disk(data_dir: Path, min_free_mb: float) -> dict[str, Any]:
+    st = os.statvfs(data_dir)
+    free = st.f_bavail * st.f_frsize
+    return {"free_bytes": free, "total_bytes": st.f_blocks * st.f_frsize,
+            "watermark_bytes": int(min_free_mb * 1024 * 1024), "below_watermark": free < min_free_mb * 1024 * 1024}
+
+
+def dashboard(index: Index, jobs: JobStore, retention: Retention, config: NodeConfig) -> dict[str, Any]:
+    """The dashboard's figures that come from the index (the running node adds live state)."""
+    Outbox.ensure_schema(index)
+    job_states = {state.value: n for state, n in jobs.counts().items()}
+    outbox_states = {r["state"]: r["n"] for r in index.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")}
+    totals = index.query(
+        "SELECT COUNT(*) AS associations, COALESCE(SUM(instances),0) AS instances,"
+        " COALESCE(SUM(failures),0) AS failures FROM associations")[0]
+    stored = index.query("SELECT COUNT(*) AS n, COALESCE(SUM(size),0) AS bytes FROM instances")[0]
+    receiving = studies(index, state="receiving")
+    return {
+        "generated_at": time.time(),
+        "ae_title": config.scp.ae_title,
+        "receiving": receiving,
+        "studies": index.query("SELECT COUNT(*) AS n FROM studies")[0]["n"],
+        "jobs_by_state": job_states,
+        "queue_depth": job_states.get("queued", 0) + job_states.get("waiting", 0),
+        "outbox_by_state": {s: outbox_states.get(s, 0) for s in OUTBOX_STATES},
+        "associations": associations(index),
+        "totals": {"associations": totals["associations"], "instances": totals["instances"],
+                   "failures": totals["failures"], "stored_instances": stored["n"], "stored_bytes": stored["bytes"]},
+        "disk": disk(Path(config.storage.data_dir), config.storage.min_free_mb),
+        "retention": {"policy": config.storage.retention.model_dump(), "last_run": retention.last_run(),
+                      "deleted": retention.deleted_totals()},
+    }
+
+
+def when(epoch: float | None) -> str:
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
+
+
+def megabytes(value: float | None) -> str:
+    return f"{(value or 0) / 1e6:,.1f} MB"
+
+
+def format_status(summary: dict[str, Any]) -> str:
+    """The dashboard as text for `dicom-node status`."""
+    live = summary.get("live")
+    lines = []
+    if live:
+        ready = live["ready"]
+        lines.append(f"node {summary['ae_title']}: {'ready' if ready['ready'] else 'NOT READY'}"
+                     + ("" if ready["ready"] else f" ({'; '.join(ready['reasons'])})"))
+        lines.append(f"rules version {live['rules_version']} ({live['rules']} rules)"
+                     + (f"; needs a restart for: {', '.join(live['restart_pending'])}" if live["restart_pending"] else ""))
+        lines.append("models: " + (", ".join(f"{m['name']} ({m['status']})" for m in live["models"]) or "none"))
+    else:
+        lines.append(f"node {summary['ae_title']}: not answering over HTTP (figures from the index)")
+    d = summary["disk"]
+    lines.append(f"disk: {megabytes(d['free_bytes'])} free, watermark {megabytes(d['watermark_bytes'])}"
+                 + (" - BELOW THE WATERMARK" if d["below_watermark"] else ""))
+    t = summary["totals"]
+    lines.append(f"received: {t['instances']} instances over {t['associations']} associations, "
+                 f"{t['failures']} failed C-STOREs; stored {t['stored_instances']} instances "
+                 f"({megabytes(t['stored_bytes'])}) in {summary['studies']} studies")
+    lines.append("jobs: " + ", ".join(f"{k} {v}" for k, v in summary["jobs_by_state"].items()))
+    lines.append("outbox: " + ", ".join(f"{k} {v}" for k, v in summary["outbox_by_state"].items()))
+    run = summary["retention"]["last_run"]
+    lines.append("retention: " + (f"last run {when(run['at'])}: {run['studies']} studies, "
+                                  f"{megabytes(run['bytes'])}, {run['result_files']} result files"
+                                  if run else "never run"))
+    lines.append(f"receiving ({len(summary['receiving'])}):")
+    for s in summary["receiving"]:
+        lines.append(f"  {s['study_uid']}  {','.join(s['modalities']) or '-':8} {s['series']:>3} series "
+                     f"{s['instances']:>6} instances  from {s['calling_ae'] or '?'}  last {when(s['last_received'])}")
+    lines.append("recent associations:")
+    for a in summary["associations"][:10]:
+        lines.append(f"  #{a['id']:<5} {a['calling_ae'] or '?':16} -> {a['called_ae'] or '?':16} {a['peer'] or '':15} "
+                     f"{a['instances']:>6} instances {a['failures']:>4} failures  {when(a['started_at'])}")
+    return "\n".join(lines)

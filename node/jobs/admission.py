@@ -1,0 +1,40 @@
+"""A completed study becomes a job: routed in the transaction that completes it."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+from node import logs
+from node.jobs.store import JobStore
+from node.route.decision import record
+from node.route.live import LiveRules
+from node.route.study import StudyView, study_from_index
+from node.store.index import Index
+
+log = logging.getLogger("node.jobs")
+
+
+class Admission:
+    """Evaluates the rules in force for a completing study and stores the decision as its job."""
+
+    def __init__(self, index: Index, rules: LiveRules, data_dir: Path):
+        self.index = index
+        self.rules = rules
+        self.data_dir = Path(data_dir)
+
+    def quiet_period_for(self, study_uid: str) -> float | None:
+        view = study_from_index(self.index, study_uid, self.data_dir)
+        return self.rules.current.quiet_period_for(view) if view else None
+
+    def admit(self, db: sqlite3.Connection, study_uid: str, now: float) -> None:
+        """Called inside the completing transaction (`db` is this thread's connection, so the study
+        view below reads the same snapshot)."""
+        started = time.time()
+        view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
+        decision = record(self.rules.current.evaluate(view))
+        job_id, state = JobStore.create(db, study_uid, decision, now, route_started=started)
+        logs.event(log, "study_routed", study_uid=study_uid, job=job_id, state=state.value,
+                   rules_version=decision.rules_version, rules=[a.rule for a in decision.applied])

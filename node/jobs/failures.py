@@ -1,0 +1,41 @@
+"""Why a job did not finish, in words safe to store, log and show: never a tag value.
+
+Exceptions raised by the node's own code (and by the inference layer, whose messages name UIDs,
+attribute keywords and tensor shapes) are shown as they are. Anything else (pydicom, highdicom,
+numpy...) may quote a value from the source data, such as a malformed birth date, so only its
+type and where it was raised are kept.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from inference.backends.base import BackendError, BackendUnavailable
+from inference.volume import SeriesError
+from node.store.spool import OutOfSpace
+
+
+class JobError(RuntimeError):
+    """A job cannot be done as routed; the message (UIDs and names only) says why."""
+
+
+# Failures that may go away by themselves: the job waits and tries again.
+TRANSIENT = (BackendUnavailable, OutOfSpace)
+# Exceptions whose messages the node writes itself, without source values.
+_OWN_MESSAGES = (JobError, BackendError, SeriesError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT)
+
+
+def describe(exc: BaseException, stage: str | None) -> str:
+    where = f"{stage}: " if stage else ""
+    if isinstance(exc, _OWN_MESSAGES):
+        return f"{where}{exc}"
+    if isinstance(exc, OutOfSpace):
+        return f"{where}no space left on the data folder's disk"
+    frames = traceback.extract_tb(exc.__traceback__)
+    origin = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{where}{type(exc).__name__}{origin} (message withheld: it may quote source data)"

@@ -1,0 +1,212 @@
+"""The pipeline workers: claim a job, run its stages, and move it to its next state.
+
+A bounded pool of threads claims jobs from the store (highest priority first). Each applied rule
+forwards the study and/or runs its models; each model runs load -> infer -> encode -> enqueue.
+Transient failures (Triton unavailable, disk full) put the job in `waiting` with backoff until its
+retry deadline; anything else fails it at once with a reason that quotes no source data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from apscheduler.schedulers.base import BaseScheduler
+from pydicom.uid import PYDICOM_ROOT_UID
+
+from inference.repository import ModelRepository
+from node import logs
+from node.config import NodeConfig
+from node.encode.uids import ResultUIDs, SourceIdentity
+from node.jobs.backends import BackendCache
+from node.jobs.failures import JobError, describe, is_transient
+from node.jobs.store import Job, JobState, JobStore
+from node.route.decision import AppliedRule
+from node.route.rules import SENDER
+from node.route.study import StudyView, study_from_index
+from node.send.outbox import Outbox
+from node.store.identity import installation_uid
+from node.store.index import Index
+from node.store.spool import Spool
+
+if TYPE_CHECKING:
+    from node.jobs.stages import ModelTask
+
+log = logging.getLogger("node.jobs")
+
+
+class JobRunner:
+    def __init__(self, config: NodeConfig, index: Index, jobs: JobStore, outbox: Outbox, models: ModelRepository,
+                 spool: Spool, scheduler: BaseScheduler):
+        self.config = config
+        self.index = index
+        self.jobs = jobs
+        self.outbox = outbox
+        self.models = models
+        self.spool = spool
+        self.scheduler = scheduler
+        self.data_dir = Path(config.storage.data_dir)
+        self.installation_uid = installation_uid(index)
+        self.backends = BackendCache(models, config.inference.triton)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for n in range(self.config.pipeline.workers):
+            thread = threading.Thread(target=self._work, name=f"pipeline-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        due = self.jobs.next_due()
+        if due is not None:
+            self._wake_at(due)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(30)
+        self.backends.close()
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    def _wake_at(self, when: float) -> None:
+        self.scheduler.add_job(self.wake, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc),
+                               misfire_grace_time=None)
+
+    def _work(self) -> None:
+        # torch and MONAI (seconds to import) load here, in the workers, while the receivers
+        # already accept associations.
+        importlib.import_module("node.jobs.stages")
+
+        while not self._stop.is_set():
+            job = self.jobs.claim()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self.run(job)
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def run(self, job: Job) -> None:
+        """Run a claimed job to its next state; never raises."""
+        started = time.time()
+        progress = _Progress()
+        try:
+            self._execute(job, progress)
+        except Exception as exc:  # the job gets its state and reason; the service and other jobs go on
+            reason = describe(exc, progress.stage)
+            if is_transient(exc):
+                self._wait(job, reason)
+            else:
+                self.jobs.fail(job.id, reason)
+                logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid, reason=reason[:500])
+            return
+        self.jobs.finish(job.id)
+        logs.event(log, "job_done", job=job.id, study_uid=job.study_uid, seconds=round(time.time() - started, 3))
+
+    def _wait(self, job: Job, reason: str) -> None:
+        inference = self.config.inference
+        delay = min(inference.retry_max_s, inference.retry_initial_s * 2 ** max(job.attempts - 1, 0))
+        delay *= random.uniform(0.5, 1.5)
+        state = self.jobs.wait(job.id, reason, delay, inference.retry_deadline_s)
+        if state is JobState.WAITING:
+            logs.event(log, "job_waiting", logging.WARNING, job=job.id, study_uid=job.study_uid,
+                       retry_in_s=round(delay, 1), attempt=job.attempts, reason=reason[:500])
+            self._wake_at(time.time() + delay)
+        else:
+            logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid,
+                       reason=f"retry deadline passed: {reason}"[:500])
+
+    def _execute(self, job: Job, progress: _Progress) -> None:
+        if job.decision is None:
+            raise JobError("the job has no routing decision in this release's format: send the study again")
+        view = study_from_index(self.index, job.study_uid, self.data_dir)
+        if view is None:
+            raise JobError(f"study {job.study_uid} has no stored instances")
+        for applied in job.decision.applied:
+            for name in applied.actions.forward_to:
+                files = [f for series in view.series for f in series.files]
+                self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
+                                    self._destination(name, view), files)
+            for model in applied.actions.run:
+                self._run_model(job, self._task(job, applied, model, view), progress)
+
+    def _task(self, job: Job, applied: AppliedRule, model: str, view: StudyView) -> ModelTask:
+        series = next((s for s in view.series if s.series_uid == applied.series_uid), None)
+        if series is None:
+            raise JobError(f"series {applied.series_uid} chosen by rule {applied.rule} has no stored instances")
+        from node.jobs.stages import ModelTask
+
+        return ModelTask(
+            job_id=job.id, study_uid=job.study_uid, rule=applied.rule, model=model, series_uid=series.series_uid,
+            files=tuple(series.files), outputs=tuple(applied.actions.outputs),
+            destinations=tuple(self._destination(name, view) for name in applied.actions.send_to),
+        )
+
+    def _run_model(self, job: Job, task: ModelTask, progress: _Progress) -> None:
+        from node.jobs import stages
+
+        spec = self.models.spec(task.model)
+        variants = {d: self.config.destinations[d].output(self.config.output) for d in task.destinations}
+        encoded = {key: [Path(f) for f in files] for key, files in job.outputs.items()
+                   if all(Path(f).is_file() for f in files)}
+        missing = {task.output_key(o): o for o in variants.values() if task.output_key(o) not in encoded}
+        if missing:  # else a re-run after a crash: the results were written, only delivery is left
+            with self._stage(job, "load", progress):
+                volumes = stages.load(task)  # several for e.g. a multi-echo MR series: one result set each
+            results = []
+            for volume in volumes:
+                with self._stage(job, "inference", progress), self.backends.use(task.model) as backend:
+                    results.append(stages.infer(volume, spec, backend))
+            folder = self.data_dir / "results" / task.key.replace(":", "_")
+            for key, options in missing.items():
+                files: list[Path] = []
+                for number, result in enumerate(results, start=1):
+                    source = SourceIdentity.of(task.study_uid, task.series_uid, task.instance_uids, result.volume.label)
+                    uids = ResultUIDs(self.installation_uid, job.id, source, spec.name, str(spec.version),
+                                      self.config.output.uid_root or PYDICOM_ROOT_UID)
+                    subfolder = folder / options.variant / (f"volume{number}" if len(results) > 1 else "")
+                    with self._stage(job, "encode", progress):
+                        files += stages.encode(result, options, uids, task.outputs, subfolder, self.spool)
+                self.jobs.record_outputs(job.id, key, files)
+                encoded[key] = files
+            for result in results:
+                logs.event(log, "model_ran", job=job.id, model=task.model, series_uid=task.series_uid,
+                           volume=result.volume.label or None, findings=len(getattr(result, "findings", ())),
+                           seconds={k: round(v, 3) for k, v in result.seconds.items()})
+        with self._stage(job, "enqueue", progress):
+            for destination, options in variants.items():
+                self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
+                                    encoded[task.output_key(options)])
+
+    def _destination(self, name: str, view: StudyView) -> str:
+        if name != SENDER:
+            return name
+        found = self.config.destination_for_caller(view.calling_ae)
+        if found is None:
+            raise JobError("results go back to the sender, but no destination has the study's calling AE title")
+        return found
+
+    @contextmanager
+    def _stage(self, job: Job, name: str, progress: _Progress) -> Iterator[None]:
+        progress.stage = name
+        self.jobs.enter_stage(job.id, name)
+        started = time.time()
+        yield
+        self.jobs.record_stage(job.id, name, started, time.time())
+
+
+class _Progress:
+    """The stage a job is in, for its failure reason."""
+
+    stage: str | None = None

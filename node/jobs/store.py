@@ -1,0 +1,290 @@
+"""The job state machine: one job per completed study, and every SQL statement on its table.
+
+States and the only transitions between them::
+
+    (study completes) --> queued --claim--> running --finish--> done
+                   \\                 ^        |  \\--fail-----> failed --retry--> queued
+                    \\                |        \\--wait-----> waiting --claim (when due)--> running
+                     \\--> ignored    |                         |  \\--deadline passed--> failed
+                          (no rule)   \\--requeue (crash)--     \\--retry--> queued
+                                                            ignored --retry--> queued
+
+A job is created in the same transaction that completes its study, with the routing decision
+already in it, so no worker can ever see a job without a decision. A transition is one UPDATE
+guarded by the states it may leave from: a second worker, a CLI retry racing a worker, or a
+stale caller changes nothing and gets an `IllegalTransition`.
+
+Finished stages record their outputs (the result files of each model run), so a job re-run
+after a crash continues from the last finished stage and hands the same files to the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from node.route.decision import RoutingDecision
+from node.store.index import Index
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS work_items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    reason TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    rules_version TEXT,
+    decision TEXT,
+    explanation TEXT,
+    stages TEXT
+);
+CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, priority, id);
+"""
+# Columns added after the first release; added in place to an existing index.
+ADDED_COLUMNS = {
+    "stage": "TEXT",                      # the stage running now, or the last one that ran
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "next_attempt": "REAL",               # waiting: when the job is due again
+    "retry_deadline": "REAL",             # waiting: when transient failures turn into a failure
+    "outputs": "TEXT",                    # JSON: task key -> result files (finished encode stages)
+}
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"      # a transient failure (e.g. Triton unavailable): retried with backoff
+    DONE = "done"            # every result handed to the outbox
+    FAILED = "failed"
+    IGNORED = "ignored"      # no routing rule applies, or the rule discards the study
+
+
+# state -> the states it may move to
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.WAITING, JobState.FAILED, JobState.QUEUED}),
+    JobState.WAITING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.IGNORED: frozenset({JobState.QUEUED}),
+    JobState.DONE: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """The job was not in a state that may make this transition (someone else moved it)."""
+
+
+class UnknownJob(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_uid: str
+    state: JobState
+    decision: RoutingDecision | None  # None: written by a release before decisions were typed
+    priority: int
+    attempts: int
+    created_at: float
+    updated_at: float
+    stage: str | None = None
+    reason: str | None = None
+    next_attempt: float | None = None
+    retry_deadline: float | None = None
+    stages: dict[str, tuple[float, float]] = field(default_factory=dict)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {name: round(end - start, 3) for name, (start, end) in self.stages.items()}
+
+
+class JobStore:
+    """The only code that reads or writes the jobs table."""
+
+    def __init__(self, index: Index):
+        self.index = index
+        index.executescript(SCHEMA)
+        present = {row["name"] for row in index.query("PRAGMA table_info(work_items)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in present:
+                try:
+                    index.executescript(f"ALTER TABLE work_items ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
+
+    # -- creation (inside the transaction that completes the study) ---------------------------
+
+    @staticmethod
+    def create(db: sqlite3.Connection, study_uid: str, decision: RoutingDecision, now: float,
+               route_started: float | None = None) -> tuple[int, JobState]:
+        state = JobState.QUEUED if decision.processes else JobState.IGNORED
+        reason = None if state is JobState.QUEUED else (
+            "the routing rule discards the study" if decision.applied else "no routing rule applies")
+        cur = db.execute(
+            "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, priority, rules_version,"
+            " decision, explanation, stages, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (study_uid, state.value, now, now, reason, decision.priority, decision.rules_version,
+             decision.model_dump_json(), decision.explanation,
+             json.dumps({"route": [route_started or now, time.time()]}), "{}"),
+        )
+        return int(cur.lastrowid or 0), state
+
+    # -- the worker's side -------------------------------------------------------------------
+
+    def claim(self, now: float | None = None) -> Job | None:
+        """The next job to run (queued, or waiting and due; highest priority, then oldest), now running."""
+        now = time.time() if now is None else now
+        with self.index.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM work_items WHERE state=? OR (state=? AND next_attempt<=?)"
+                " ORDER BY priority DESC, id LIMIT 1",
+                (JobState.QUEUED.value, JobState.WAITING.value, now),
+            ).fetchone()
+            if row is None:
+                return None
+            self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1)
+        return self.get(row["id"])
+
+    def enter_stage(self, job_id: int, stage: str) -> None:
+        with self.index.transaction() as db:
+            db.execute("UPDATE work_items SET stage=?, updated_at=? WHERE id=? AND state=?",
+                       (stage, time.time(), job_id, JobState.RUNNING.value))
+
+    def record_stage(self, job_id: int, stage: str, started: float, ended: float) -> None:
+        """A stage's time; a stage that runs more than once spans its first start to its last end."""
+        with self.index.transaction() as db:
+            stages = json.loads(db.execute("SELECT stages FROM work_items WHERE id=?", (job_id,)).fetchone()[0] or "{}")
+            first = stages.get(stage, [started])[0]
+            stages[stage] = [first, ended]
+            db.execute("UPDATE work_items SET stages=? WHERE id=?", (json.dumps(stages), job_id))
+
+    def record_outputs(self, job_id: int, task: str, files: list[Path]) -> None:
+        """The result files of a finished encode stage: a re-run hands these to the outbox again."""
+        with self.index.transaction() as db:
+            outputs = json.loads(db.execute("SELECT outputs FROM work_items WHERE id=?", (job_id,)).fetchone()[0] or "{}")
+            outputs[task] = [str(f) for f in files]
+            db.execute("UPDATE work_items SET outputs=? WHERE id=?", (json.dumps(outputs), job_id))
+
+    def finish(self, job_id: int) -> None:
+        with self.index.transaction() as db:
+            self._move(db, job_id, JobState.DONE, time.time(), reason=None, next_attempt=None)
+
+    def fail(self, job_id: int, reason: str) -> None:
+        with self.index.transaction() as db:
+            self._move(db, job_id, JobState.FAILED, time.time(), reason=reason[:2000], next_attempt=None)
+
+    def wait(self, job_id: int, reason: str, delay_s: float, deadline_s: float) -> JobState:
+        """A transient failure: due again after `delay_s`, unless that passes the job's retry deadline
+        (`deadline_s` after its first transient failure), in which case it fails. Returns the new state."""
+        now = time.time()
+        with self.index.transaction() as db:
+            row = db.execute("SELECT retry_deadline FROM work_items WHERE id=?", (job_id,)).fetchone()
+            deadline = row["retry_deadline"] if row and row["retry_deadline"] else now + deadline_s
+            if now + delay_s > deadline:
+                self._move(db, job_id, JobState.FAILED, now, next_attempt=None,
+                           reason=f"gave up after the retry deadline: {reason}"[:2000])
+                return JobState.FAILED
+            self._move(db, job_id, JobState.WAITING, now, reason=reason[:2000], next_attempt=now + delay_s,
+                       retry_deadline=deadline)
+            return JobState.WAITING
+
+    def requeue_running(self) -> int:
+        """At start-up: jobs that were running when the node died run again (from their last stage)."""
+        with self.index.transaction() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM work_items WHERE state=?", (JobState.RUNNING.value,))]
+            for job_id in ids:
+                self._move(db, job_id, JobState.QUEUED, time.time(), only_from=(JobState.RUNNING,))
+            return len(ids)
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting job is due (for the scheduler)."""
+        row = self.index.query("SELECT MIN(next_attempt) AS t FROM work_items WHERE state=?",
+                               (JobState.WAITING.value,))
+        return row[0]["t"] if row else None
+
+    # -- the operator's side ---------------------------------------------------------------
+
+    def retry(self, job_id: int | None = None) -> int:
+        """Queue a failed, ignored or waiting job (or, with None, every failed and waiting one) now."""
+        retryable = (JobState.FAILED, JobState.IGNORED, JobState.WAITING) if job_id is not None else (
+            JobState.FAILED, JobState.WAITING)
+        now = time.time()
+        with self.index.transaction() as db:
+            ids = [job_id] if job_id is not None else [
+                r["id"] for r in db.execute(
+                    f"SELECT id FROM work_items WHERE state IN ({','.join('?' * len(retryable))})",
+                    tuple(s.value for s in retryable))]
+            moved = 0
+            for one in ids:
+                try:
+                    self._move(db, one, JobState.QUEUED, now, only_from=retryable, reason=None, next_attempt=None,
+                               retry_deadline=None)
+                    moved += 1
+                except IllegalTransition:
+                    if job_id is not None:
+                        raise
+            return moved
+
+    def get(self, job_id: int) -> Job:
+        rows = self.index.query("SELECT * FROM work_items WHERE id=?", (job_id,))
+        if not rows:
+            raise UnknownJob(f"no job {job_id}")
+        return _job(rows[0])
+
+    def counts(self) -> dict[JobState, int]:
+        """Jobs per state, every state present (dashboards and metrics, without loading decisions)."""
+        found = {r["state"]: r["n"] for r in self.index.query("SELECT state, COUNT(*) AS n FROM work_items GROUP BY state")}
+        return {state: int(found.get(state.value, 0)) for state in JobState}
+
+    def all_jobs(self, study_uid: str | None = None) -> list[Job]:
+        rows = self.index.query("SELECT * FROM work_items WHERE ? IS NULL OR study_uid=? ORDER BY id",
+                                (study_uid, study_uid))
+        return [_job(r) for r in rows]
+
+    # -- the one place a state changes ------------------------------------------------------
+
+    @staticmethod
+    def _move(db: sqlite3.Connection, job_id: int, target: JobState, now: float, attempts_plus: int = 0,
+              only_from: tuple[JobState, ...] | None = None, **columns: object) -> None:
+        """Move a job to `target` from any state allowed to go there (or only from `only_from`)."""
+        sources = [s.value for s, targets in TRANSITIONS.items()
+                   if target in targets and (only_from is None or s in only_from)]
+        sets = "".join(f", {name}=?" for name in columns)
+        cur = db.execute(
+            f"UPDATE work_items SET state=?, updated_at=?, attempts=attempts+?{sets}"
+            f" WHERE id=? AND state IN ({','.join('?' * len(sources))})",
+            (target.value, now, attempts_plus, *columns.values(), job_id, *sources),
+        )
+        if cur.rowcount != 1:
+            row = db.execute("SELECT state FROM work_items WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(f"no job {job_id}")
+            raise IllegalTransition(f"job {job_id} is {row['state']}: it cannot become {target.value}")
+
+
+def _decision(text: str | None) -> RoutingDecision | None:
+    try:
+        return RoutingDecision.model_validate_json(text) if text else None
+    except ValidationError:
+        return None
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], study_uid=row["study_uid"], state=JobState(row["state"]),
+        decision=_decision(row["decision"]), priority=row["priority"],
+        attempts=row["attempts"], created_at=row["created_at"], updated_at=row["updated_at"], stage=row["stage"],
+        reason=row["reason"], next_attempt=row["next_attempt"], retry_deadline=row["retry_deadline"],
+        stages={k: tuple(v) for k, v in json.loads(row["stages"] or "{}").items()},
+        outputs=json.loads(row["outputs"] or "{}"),
+    )

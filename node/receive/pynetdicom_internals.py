@@ -1,0 +1,198 @@
+"""Everything the receiver needs from pynetdicom beyond its public API, in one place.
+
+tests/test_receive_hardening.py::test_pynetdicom_internals_pinned checks the behaviour relied
+on here, so that a pynetdicom upgrade that changes it fails that test instead of the node.
+
+Relied on (pynetdicom 3.0):
+- `RequestHandler._create_association` builds the acceptor's Association and its
+  `AssociationSocket` (`assoc.dul.socket`); we swap that socket's class for `PduSocket`.
+- The DUL reads a PDU as `recv(6)` (type, reserved, 4-byte big-endian length) and then
+  `recv(length)`; an OSError/TimeoutError from either makes it close the connection (Evt17).
+- `assoc.requestor.primitive` is the received A-ASSOCIATE-RQ (`called_ae_title`) when
+  EVT_REQUESTED fires; `assoc.acceptor.ae_title` is what the A-ASSOCIATE-AC echoes.
+- Rejecting in an EVT_REQUESTED handler: `assoc.acse.send_reject(...)` then `assoc.kill()`
+  (what pynetdicom does itself for its own checks); the association then never negotiates.
+- `AssociationServer.process_request(conn, peer)` runs a handed-over connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, cast
+
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
+
+from node import logs
+
+log = logging.getLogger("node.receive")
+
+P_DATA_TF = 0x04
+# A-ASSOCIATE-RQ, A-RELEASE and A-ABORT PDUs are not bound by the negotiated maximum length.
+# The largest real A-ASSOCIATE-RQ (128 presentation contexts with many transfer syntaxes, a
+# user identity token) is well under 1 MiB.
+NEGOTIATION_PDU_LIMIT = 1 << 20
+# PDUs up to this size get their whole buffer at once (the fast path for ordinary PDUs); a
+# larger one grows its buffer as bytes arrive, so a peer that lies about a PDU's length costs
+# memory only for what it really sends.
+EAGER_BUFFER = 4 << 20
+# A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
+A_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x06])
+
+
+class PduTooLarge(ConnectionAbortedError):
+    pass
+
+
+class PduSocket(AssociationSocket):
+    """pynetdicom's association socket with bounded, timed reads, each PDU read in one piece.
+
+    - **Bounded**: a P-DATA-TF PDU longer than our maximum length (what we announced), or any
+      other PDU over NEGOTIATION_PDU_LIMIT, is answered with A-ABORT and the connection closed
+      before anything is allocated for it.
+    - **Timed**: until the A-ASSOCIATE-RQ has arrived every read must finish by the ACSE
+      deadline (connection time + ACSE timeout, however slowly bytes trickle in); afterwards a
+      read that makes no progress for the network timeout ends the connection. pynetdicom
+      itself handles the idle (no PDU at all) cases: ARTIM before the A-ASSOCIATE-RQ, the
+      network idle timer after.
+    - **Fast**: pynetdicom reads in 4 KiB pieces (128 recv calls per 0.5 MB image); this reads
+      a PDU with ``recv_into`` straight into one buffer. It also re-arms TCP_QUICKACK before
+      each read: most modalities and PACS send with Nagle's algorithm on (dcmtk does unless
+      TCP_NODELAY=1 is in its environment), so their data-set PDU waits for our ACK of the
+      command PDU, which Linux otherwise delays by up to 40 ms.
+    """
+
+    pdu_limit: int
+    opened_at: float
+    peer: str
+    _body: int | None
+    _body_type: int
+    _established: bool
+    _timeout: float | None
+
+    def prepare(self, pdu_limit: int, peer: str) -> None:
+        self.pdu_limit = pdu_limit
+        self.opened_at = time.monotonic()
+        self.peer = peer
+        self._body = None
+        self._body_type = 0
+        self._established = False  # the A-ASSOCIATE-RQ is in: the ACSE deadline no longer applies
+        self._timeout = None
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        self._arm_timeout(sock)
+        if self._body is not None and nr_bytes == self._body:  # the body of the last header
+            self._body = None
+            body = self._read(sock, nr_bytes)
+            if self._body_type == 0x01 and len(body) == nr_bytes:
+                self._established = True
+            return body
+        data = self._read(sock, nr_bytes)
+        if nr_bytes == 6 and len(data) == 6:
+            pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
+            limit = self.pdu_limit if pdu_type == P_DATA_TF else NEGOTIATION_PDU_LIMIT
+            if length > limit:
+                self._refuse(sock, pdu_type, length, limit)
+            self._body = length if 0x01 <= pdu_type <= 0x07 else None
+            self._body_type = pdu_type
+        return data
+
+    def _arm_timeout(self, sock: socket.socket) -> None:
+        assoc = self.assoc
+        if not self._established and assoc.is_established:
+            self._established = True
+        if self._established:
+            timeout = assoc.network_timeout
+        else:
+            acse = assoc.acse_timeout
+            timeout = None if acse is None else max(0.001, self.opened_at + acse - time.monotonic())
+        if timeout != self._timeout:
+            sock.settimeout(timeout)
+            self._timeout = timeout
+
+    def _read(self, sock: socket.socket, nr_bytes: int) -> bytearray:
+        buffer = bytearray(min(nr_bytes, EAGER_BUFFER))
+        received = 0
+        try:
+            while received < nr_bytes:
+                if received == len(buffer):  # only for PDUs over EAGER_BUFFER: grow as data arrives
+                    buffer += bytearray(min(len(buffer), nr_bytes - len(buffer)))
+                with memoryview(buffer) as view:
+                    count = sock.recv_into(view[received:])
+                if not count:  # connection closed: return what arrived, as pynetdicom does
+                    return buffer[:received]
+                received += count
+        except TimeoutError:
+            logs.event(log, "connection_timed_out", logging.WARNING, peer=self.peer,
+                       phase="association" if self._established else "negotiation",
+                       received=received, expected=nr_bytes)
+            raise
+        return buffer
+
+    def _refuse(self, sock: socket.socket, pdu_type: int, length: int, limit: int) -> None:
+        logs.event(log, "pdu_too_large", logging.WARNING, peer=self.peer, pdu_type=pdu_type,
+                   length=length, limit=limit)
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(A_ABORT_INVALID_PARAMETER)
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise PduTooLarge(f"PDU of {length} bytes over the limit of {limit}")
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        # Same object, same state: only the read method changes (see PduSocket).
+        sock.__class__ = PduSocket
+        cast(PduSocket, sock).prepare(int(self.ae.maximum_pdu_size or 0) or (1 << 30),
+                                      str(self.client_address[0]))
+        return assoc
+
+
+class HandedServer(AssociationServer):
+    """A pynetdicom server that does not listen: connections are handed to it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, request_handler=_RequestHandler, **kwargs)
+
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+
+def requested_titles(assoc: Association) -> tuple[str, str]:
+    """(calling, called) AE titles as the peer put them in its A-ASSOCIATE-RQ."""
+    primitive = assoc.requestor.primitive
+
+    def text(value: Any) -> str:
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        return str(value or "").strip()
+
+    return text(getattr(primitive, "calling_ae_title", "")), text(getattr(primitive, "called_ae_title", ""))
+
+
+def answer_as(assoc: Association, ae_title: str) -> None:
+    """Make the A-ASSOCIATE-AC carry `ae_title` as the called AE (PS3.8: as requested)."""
+    try:
+        assoc.acceptor.ae_title = ae_title
+    except ValueError:  # not a valid AE title: answer with our own
+        pass
+
+
+def reject(assoc: Association, result: int, source: int, diagnostic: int) -> None:
+    """Send A-ASSOCIATE-RJ from an EVT_REQUESTED handler and end the association."""
+    assoc.acse.send_reject(result, source, diagnostic)
+    assoc.kill()

@@ -1,0 +1,134 @@
+"""Reconcile the spool with the index at start-up, before any association is accepted.
+
+A crash can leave two kinds of files behind:
+- a file renamed into ``studies/`` whose index row was never committed (the crash fell
+  between the rename and the commit: the instance was never acknowledged);
+- a partial write in ``tmp/`` (the crash fell before the rename).
+
+Each is checked exactly like a received instance (routing tags, whole-data-set check, the
+SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study (and takes
+the study's sender and called AE, so routing does not change); anything else goes to
+``quarantine/`` with a reason. An identical copy of an indexed instance is removed. Counts are
+logged as one ``reconciled`` event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_file_meta_info
+
+from node import logs
+from node.config import NodeConfig
+from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
+from node.receive.validate import MalformedDataset, check_dataset
+from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.store.spool import Spool, dataset_offset, same_dataset
+
+log = logging.getLogger("node.receive")
+
+
+class _Refused(Exception):
+    pass
+
+
+def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
+    """Routing tags, transfer syntax, calling AE and data set of a part-10 file, checked."""
+    try:
+        data = path.read_bytes()
+        offset = dataset_offset(data)
+        meta = read_file_meta_info(path)
+        ts = str(meta.TransferSyntaxUID)
+        calling = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+    except Exception as exc:
+        raise _Refused(f"not a complete part-10 file written by the node ({type(exc).__name__})") from None
+    payload = memoryview(data)[offset:]
+    try:
+        tags = read_routing_tags(payload, ts)
+        check_dataset(payload, ts)
+    except (UnreadableDataset, MalformedDataset) as exc:
+        raise _Refused(f"{exc} (transfer syntax {ts})") from None
+    if str(meta.get("MediaStorageSOPInstanceUID", "")) != tags.sop_instance_uid:
+        raise _Refused("SOPInstanceUID differs from the file meta's Media Storage SOP Instance UID")
+    return tags, ts, calling, payload
+
+
+def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
+    started = time.monotonic()
+    counts = {"orphans_indexed": 0, "orphans_quarantined": 0, "partial_indexed": 0,
+              "partial_quarantined": 0, "duplicates_removed": 0}
+
+    def refuse(path: Path, reason: str, kind: str) -> None:
+        where = spool.quarantine_file(path, f"reconcile at start-up: {reason}")
+        counts[f"{kind}_quarantined"] += 1
+        logs.event(log, "reconcile_quarantined", logging.WARNING, kind=kind, reason=reason, file=where.name)
+
+    def index_it(path: Path, tags: RoutingTags, ts: str, calling: str, kind: str) -> None:
+        target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
+        origin: Any = index.query(
+            "SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
+            " ORDER BY received_at DESC LIMIT 1", (tags.study_uid,))
+        origin = origin[0] if origin else {"calling_ae": calling, "called_ae": "", "peer": ""}
+        record = InstanceRecord(
+            sop_instance_uid=tags.sop_instance_uid, sop_class_uid=tags.sop_class_uid,
+            series_uid=tags.series_uid, study_uid=tags.study_uid, patient_id=tags.patient_id,
+            transfer_syntax=ts, path=str(target.relative_to(spool.root)), size=path.stat().st_size,
+            calling_ae=origin["calling_ae"] or calling, called_ae=origin["called_ae"] or "",
+            peer=origin["peer"] or "", series=tags.series)
+        existing = index.find_instance(tags.sop_instance_uid)
+        try:
+            InstanceConflict.check(record, existing)
+        except InstanceConflict as exc:
+            refuse(path, str(exc), kind)
+            return
+        if path != target:  # a partial write
+            if existing is not None:
+                if same_dataset(target, _dataset_of(path)):
+                    path.unlink()
+                    counts["duplicates_removed"] += 1
+                else:
+                    refuse(path, "a never acknowledged version of an indexed instance", kind)
+                return
+            spool.adopt(path, target)
+        completion = config.completion
+        index.record_instance(record, now=time.time(), quiet_period=completion.quiet_period_for(record.calling_ae),
+                              reopen=completion.after_complete == "reprocess")
+        counts[f"{kind}_indexed"] += 1
+        logs.event(log, "reconcile_indexed", kind=kind, study_uid=tags.study_uid,
+                   sop_instance_uid=tags.sop_instance_uid)
+
+    for study_dir in sorted(spool.studies.iterdir()):
+        known = {r["path"] for r in index.query("SELECT path FROM instances WHERE study_uid=?", (study_dir.name,))}
+        files = [study_dir] if study_dir.is_file() else sorted(p for p in study_dir.rglob("*") if not p.is_dir())
+        for path in files:
+            if str(path.relative_to(spool.root)) in known:
+                continue
+            try:
+                tags, ts, calling, _ = _inspect(path)
+            except _Refused as exc:
+                refuse(path, str(exc), "orphans")
+                continue
+            if path != spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid):
+                refuse(path, "its path does not match its study, series and SOP instance UIDs", "orphans")
+                continue
+            index_it(path, tags, ts, calling, "orphans")
+
+    for part in spool.partial_writes():
+        try:
+            tags, ts, calling, _ = _inspect(part)
+        except _Refused as exc:
+            refuse(part, str(exc), "partial")
+            continue
+        index_it(part, tags, ts, calling, "partial")
+
+    logs.event(log, "reconciled", seconds=round(time.monotonic() - started, 3), **counts)
+    return counts
+
+
+def _dataset_of(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[dataset_offset(data):]
+

@@ -1,0 +1,56 @@
+"""A routing decision as it is stored with its job: typed, so every stage reads the same thing."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from node.route.rules import Actions, Decision
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuleOutcome(_Frozen):
+    """One rule as evaluated for the study (for `jobs --json` and the explanation)."""
+
+    rule: str
+    matched: bool
+    applied: bool
+    reason: str
+    series_uid: str | None = None
+
+
+class AppliedRule(_Frozen):
+    """A rule that applies: its actions, and the series its models get (None: no models)."""
+
+    rule: str
+    series_uid: str | None
+    actions: Actions
+
+
+class RoutingDecision(_Frozen):
+    rules_version: str
+    mode: str
+    priority: int
+    applied: tuple[AppliedRule, ...]
+    outcomes: tuple[RuleOutcome, ...]
+    explanation: str
+
+    @property
+    def processes(self) -> bool:
+        """False when no rule applies or every applied rule discards: the study is not processed."""
+        return any(a.actions.run or a.actions.forward_to for a in self.applied)
+
+
+def record(decision: Decision) -> RoutingDecision:
+    """The decision as stored with the study's job."""
+    return RoutingDecision(
+        rules_version=decision.version, mode=decision.mode, priority=decision.priority,
+        explanation=decision.explain(),
+        applied=tuple(AppliedRule(rule=rule.name, series_uid=series.series_uid if series else None,
+                                  actions=rule.actions) for rule, series in decision.applied),
+        outcomes=tuple(RuleOutcome(rule=o.rule, matched=o.matched, applied=o.applied, reason=o.reason,
+                                   series_uid=o.series.series_uid if o.series else None)
+                       for o in decision.outcomes),
+    )

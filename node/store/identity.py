@@ -1,0 +1,26 @@
+"""This installation's identity: a random UID made on its first start and kept in its index.
+
+Result UIDs are derived from it (see node.encode.uids), so two nodes, or one node whose data
+folder was recreated, never give two results the same UID.
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import generate_uid
+
+from node.store.index import Index
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS installation (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+def installation_uid(index: Index) -> str:
+    """The installation's UID, made (once, whichever process comes first) if it has none yet."""
+    index.executescript(SCHEMA)
+    with index.transaction() as db:
+        db.execute("INSERT OR IGNORE INTO installation (key, value) VALUES ('uid', ?)", (str(generate_uid(prefix=None)),))
+        return str(db.execute("SELECT value FROM installation WHERE key='uid'").fetchone()["value"])

@@ -1,0 +1,138 @@
+"""Every object the node writes, checked by independent validators.
+
+pixelmed (Debian `pixelmed-apps`, the validator used for IHE AI Results conformance testing):
+`DicomInstanceValidator` on the SEG, `DicomSRValidator` on each kind of SR the node writes;
+dicom3tools `dciodvfy` on all of them; dcmqi still decodes the SEG (test_encode). Debian's
+pixelmed (2022-06) and dciodvfy (2022) predate parts of the current standard; the lines they
+print because of that, and only those, are listed below with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.sr.codedict import codes
+
+from inference.pipeline import ClassificationResult, SegmentationResult
+from inference.spec import ModelSpec
+from node.encode.options import OutputOptions
+from node.encode.seg import build_seg
+from node.encode.sr import build_sr
+from tests.identity import uids_for
+from tests.test_encode import LABELMAP_UNKNOWN_TO_DCIODVFY, SPEC, _check_with_dcmqi, _dciodvfy, phantom_result
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+# Debian 12's Java caps XPath expressions far below what pixelmed's compiled rules need.
+JAVA_XPATH_LIMITS = "-Djdk.xml.xpathExprGrpLimit=0 -Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathTotalOpLimit=0"
+
+# pixelmed 2022's TID 1411/1501 predate the Finding category row that DICOM CP 2176 added to
+# TID 1410/1411/1501 (highdicom writes it there); and no TID 1411 row takes a centre point: the
+# Center of Mass (CID 219 "Geometry Graphical Representation") extends the extensible template.
+# README, "IHE AI Results conformance".
+KNOWN_SR_WARNINGS = [
+    re.compile(r'CODE \(276214006,SCT,"Finding category"\): Content Item not in template$'),
+    re.compile(r'SCOORD3D \(128138,DCM,"Center of Mass"\): Content Item not in template$'),
+]
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> SegmentationResult:
+    return phantom_result(tmp_path_factory.mktemp("ct"))
+
+
+def pixelmed(validator: str, path: Path) -> tuple[list[str], list[str], str]:
+    """(errors, warnings, whole output) of a pixelmed validator; lines starting Error:/Warning:."""
+    if not PIXELMED_JAR.exists() or not shutil.which("java"):
+        pytest.fail("pixelmed-apps is missing: run `make test` (it installs it)")
+    run = subprocess.run(["java", "-cp", str(PIXELMED_JAR), f"com.pixelmed.validate.{validator}", str(path)],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAVA_TOOL_OPTIONS": JAVA_XPATH_LIMITS})
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith("Picked up")]
+    return ([l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")],
+            "\n".join(lines))
+
+
+def _unexpected(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if not any(p.search(w) for p in KNOWN_SR_WARNINGS)]
+
+
+@pytest.mark.parametrize("kind, omit", [("BINARY", False), ("BINARY", True), ("LABELMAP", False)])
+def test_seg_passes_pixelmed_and_dciodvfy(result, tmp_path, kind, omit):
+    options = OutputOptions(segmentation_type=kind, omit_empty_frames=omit)
+    seg = build_seg(result, options, uids_for("job-1", SPEC.name))
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    errors, warnings, output = pixelmed("DicomInstanceValidator", path)
+    if kind == "BINARY":
+        assert "Found Segmentation IOD" in output and "IOD validation complete" in output, output
+        assert errors == [] and warnings == [], output
+        _check_with_dcmqi(path, result, tmp_path)
+    else:  # pixelmed 2022 does not know the Label Map Segmentation SOP class (2024)
+        assert "IOD (SOP Class) unrecognized" in output, output
+    dciodvfy_errors, dciodvfy_warnings = _dciodvfy(path)
+    assert dciodvfy_errors == (LABELMAP_UNKNOWN_TO_DCIODVFY if kind == "LABELMAP" else [])
+    assert dciodvfy_warnings == []
+    assert seg.ImageLaterality == "U"  # the CT phantom records no laterality: an unpaired body part
+
+
+def _reports(result: SegmentationResult) -> dict[str, object]:
+    """Each kind of SR the node writes, for the same source series."""
+    options = OutputOptions()
+    uids = uids_for("job-1", SPEC.name)
+    seg = build_seg(result, options, uids)
+    nodule_missing = SegmentationResult(SPEC, result.volume, np.where(result.labels == 2, 0, result.labels),
+                                        [f for f in result.findings if f.label.value != 2])
+    classifier = ModelSpec.model_validate({**SPEC.model_dump(mode="json"), "name": "classes", "task": "classification"})
+    return {
+        "findings": build_sr(result, options, uids, seg),
+        "findings and an absent label": build_sr(nodule_missing, options, uids,
+                                                 build_seg(nodule_missing, options, uids)),
+        "no findings": build_sr(SegmentationResult(SPEC, result.volume, np.zeros_like(result.labels), []),
+                                options, uids, None),
+        "classification": build_sr(ClassificationResult(classifier, result.volume, {1: 0.8, 2: 0.2}),
+                                   options, uids_for("job-1", "classes")),
+    }
+
+
+def test_every_sr_passes_pixelmed_and_dciodvfy(result, tmp_path):
+    failures = {}
+    for name, sr in _reports(result).items():
+        path = tmp_path / f"{name}.dcm"
+        sr.save_as(path)
+        errors, warnings, output = pixelmed("DicomSRValidator", path)
+        assert "Found Root Template TID_1500 (MeasurementReport)" in output, output
+        dciodvfy_errors, dciodvfy_warnings = _dciodvfy(path)
+        if errors or _unexpected(warnings) or dciodvfy_errors or dciodvfy_warnings:
+            failures[name] = errors + _unexpected(warnings) + dciodvfy_errors + dciodvfy_warnings
+    assert failures == {}
+
+
+def test_sr_carries_what_ihe_air_asks_for(result):
+    """TID 1500 root, algorithm identification, tracking identifier and UID per finding, a
+    reference to the SEG segment and the source series, the observer device."""
+    uids = uids_for("job-1", SPEC.name)
+    seg = build_seg(result, OutputOptions(), uids)
+    sr = build_sr(result, OutputOptions(), uids, seg)
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    root = sr.ContentSequence
+    measurements = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value)
+    algorithm = {i.ConceptNameCodeSequence[0].CodeMeaning: getattr(i, "TextValue", None)
+                 for i in measurements.ContentSequence if i.ValueType in ("TEXT", "CODE")}
+    assert algorithm["Algorithm Name"] == SPEC.name and algorithm["Algorithm Version"] == str(SPEC.version)
+    groups = [i for i in measurements.ContentSequence if i.ValueType == "CONTAINER"]
+    assert len(groups) == len(result.findings)
+    series_uid = result.volume.datasets[0].SeriesInstanceUID
+    for group in groups:
+        names = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in group.ContentSequence}
+        assert names["Tracking Identifier"].TextValue and names["Tracking Unique Identifier"].UID
+        assert names["Referenced Segment"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert names["Source series for segmentation"].UID == series_uid
+        volume = next(i for i in group.ContentSequence if i.ValueType == "NUM")
+        assert {i.ConceptNameCodeSequence[0].CodeMeaning for i in volume.ContentSequence} >= {"Algorithm Name"}
+    observer = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in root}
+    assert observer["Observer Type"].ConceptCodeSequence[0].CodeMeaning == "Device"

@@ -1,0 +1,337 @@
+"""The operator console in a real browser (Debian's chromium driven by Playwright), against a
+running node, dcmtk storescu as the modality and dcmtk storescp as the results' destination.
+
+One node for the module (start-up is the slow part); each test sets up the peers it needs.
+Screenshots of every page visited go to the module's tmp folder (printed at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pydicom
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.processes import stop_process_group
+from tests.peers import VENV_BIN, NodeProcess, free_port, make_study, port_open, storescu, wait_for
+
+TOKEN = "console-test-token-0123456789"
+ROUTING = {"rules": [{
+    "name": "ct-lesions",
+    "match": {"all": [{"tag": "Modality", "equals": "CT"}, {"tag": "InstanceCount", "ge": 16}]},
+    "actions": {"run": ["lesion-seg"], "send_to": ["viewer"]},
+}]}
+
+
+class StoreSCP:
+    """dcmtk storescp as a viewer/PACS that receives results; stopped and restarted by the tests."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder = folder
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["/usr/bin/storescp", "-aet", "VIEWER", "-od", str(self.folder), "-fe", ".dcm", "-pm", "+xa",
+             str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: port_open(self.port), timeout=20)
+
+    def stop(self) -> None:
+        stop_process_group(self.process, 10)
+        self.process = None
+
+    def received(self) -> set[str]:
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.folder.glob("*.dcm")}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("console")
+
+
+@pytest.fixture(scope="module")
+def viewer(workdir: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(workdir / "viewer", free_port())
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def node(workdir: Path, viewer: StoreSCP) -> Iterator[NodeProcess]:
+    process = NodeProcess(
+        workdir / "node", routing=ROUTING,
+        completion={"quiet_period_s": 1.0},
+        destinations={"viewer": {"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer.port},
+                      "nowhere": {"ae_title": "NOWHERE", "host": "127.0.0.1", "port": free_port()}},
+        # A delivery that cannot connect for 3 s goes to the dead letters.
+        sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "deadline_s": 3.0, "sweep_s": 0.5},
+        http={"token": TOKEN},
+    )
+    process.start()
+    wait_for(lambda: _status(process, "/health/live") == 200, timeout=30)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(workdir: Path) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path("/usr/bin/chromium").exists():
+        pytest.fail("Debian's chromium is missing: run `make test` (it installs it; never `playwright install`)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+    print(f"screenshots: {workdir / 'screenshots'}")
+
+
+@pytest.fixture
+def page(browser: Any, node: NodeProcess) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def _login(page: Any, node: NodeProcess) -> None:
+    page.goto(node.url + "/login")
+    page.fill("#token", TOKEN)
+    page.click("#login")
+
+
+def _shot(page: Any, workdir: Path, name: str) -> None:
+    folder = workdir / "screenshots"
+    folder.mkdir(exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+def _status(node: NodeProcess, path: str, method: str = "GET", token: str | None = None) -> int:
+    request = urllib.request.Request(node.url + path, method=method, data=b"" if method == "POST" else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _get(node: NodeProcess, path: str) -> Any:
+    with urllib.request.urlopen(node.url + path, timeout=30) as response:
+        data = response.read()
+    return json.loads(data) if path.startswith("/api") or path.startswith("/health") else data.decode()
+
+
+def _send_study(node: NodeProcess, folder: Path, slices: int = 20) -> tuple[str, list[Path]]:
+    files = make_study(folder, slices=slices, size=32)
+    result = storescu(node.port, files, "MODALITY")
+    assert result.returncode == 0, result.stderr
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
+
+
+def _study(node: NodeProcess, study_uid: str) -> dict[str, Any] | None:
+    try:
+        return _get(node, f"/api/studies/{study_uid}")
+    except urllib.error.HTTPError:
+        return None
+
+
+def _wait_delivery(node: NodeProcess, study_uid: str, state: str, timeout: float = 120) -> dict[str, Any]:
+    def reached() -> Any:
+        found = _study(node, study_uid)
+        items = found["deliveries"] if found else []
+        return items[0] if items and items[0]["state"] == state else None
+
+    return wait_for(reached, timeout=timeout, interval=0.3)
+
+
+def test_a_study_appears_on_the_dashboard_and_a_dead_delivery_is_retried_from_the_outbox_page(
+        node, viewer, page, workdir, tmp_path):
+    viewer.stop()  # results cannot be delivered: the delivery goes to the dead letters
+    study_uid, _ = _send_study(node, tmp_path / "study")
+
+    page.goto(node.url + "/")
+    wait_for(lambda: page.goto(node.url + "/") and study_uid in page.inner_text("#recent-studies"), timeout=30,
+             interval=0.5)
+    assert "MODALITY" in page.inner_text("#associations")
+    assert page.inner_text("#readiness") == "ready"
+    _shot(page, workdir, "dashboard")
+
+    dead = _wait_delivery(node, study_uid, "dead")
+    page.goto(f"{node.url}/studies/{study_uid}")
+    explanation = page.inner_text("#explanation")
+    assert "[APPLIED ] ct-lesions" in explanation and "InstanceCount ge 16 (is 20)" in explanation
+    series = page.inner_text("#series")
+    assert "CT" in series and "axial" in series and "20" in series
+    jobs = page.inner_text("#jobs")
+    for stage in ("route", "load", "inference", "encode", "enqueue"):
+        assert stage in jobs
+    assert "done" in jobs and "lesion-seg" in jobs
+    assert "dead" in page.inner_text("#deliveries")
+    _shot(page, workdir, "study")
+
+    viewer.start()
+    _login(page, node)
+    page.goto(node.url + "/outbox")
+    assert "dead" in page.inner_text(f"#outbox-{dead['id']}")
+    _shot(page, workdir, "outbox-dead")
+    page.click(f"#outbox-{dead['id']} button")
+    assert "queued for delivery" in page.inner_text("#message")
+    _wait_delivery(node, study_uid, "delivered")
+    job = _study(node, study_uid)["jobs"][0]
+    results = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+               for files in job["outputs"].values() for f in files}
+    assert len(results) == 2  # SEG and SR
+    wait_for(lambda: results <= viewer.received(), timeout=30)
+    page.goto(node.url + "/outbox")
+    assert "delivered" in page.inner_text(f"#outbox-{dead['id']}")
+    _shot(page, workdir, "outbox-delivered")
+
+
+def test_a_job_is_retried_from_the_jobs_page(node, page, workdir, tmp_path):
+    study_uid, _ = _send_study(node, tmp_path / "small", slices=8)  # no rule takes 8 slices: ignored
+    job = wait_for(lambda: (found := _study(node, study_uid)) and found["jobs"]
+                   and found["jobs"][0]["state"] == "ignored" and found["jobs"][0], timeout=60, interval=0.3)
+    _login(page, node)
+    page.goto(node.url + "/jobs")
+    assert "no routing rule applies" in page.inner_text(f"#job-{job['id']}")
+    page.click(f"#job-{job['id']} button")
+    assert page.inner_text("#message") == f"job {job['id']} queued"
+    # The stored decision runs again: nothing to run for this study, so the job is done.
+    wait_for(lambda: _study(node, study_uid)["jobs"][0]["state"] == "done", timeout=60, interval=0.3)
+    page.goto(node.url + "/jobs")
+    assert "done" in page.inner_text(f"#job-{job['id']}")
+    assert page.locator(f"#job-{job['id']} button").count() == 0  # done: nothing to retry
+    _shot(page, workdir, "jobs")
+
+
+def test_the_rule_tester_explains_uploaded_files(node, page, workdir, tmp_path):
+    files = make_study(tmp_path / "upload", slices=20, size=32)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    page.goto(node.url + "/rules")
+    assert "ct-lesions" in page.inner_text("#rules-text")
+    assert "configuration OK" in page.inner_text("#config-check")
+    page.set_input_files("#tester-files", [str(f) for f in files])
+    page.fill("#tester-ae", "MODALITY")
+    page.click("#tester-run")
+    result = page.inner_text("#tester-result")
+    assert study_uid in result and "calling AE MODALITY" in result
+    assert "[APPLIED ] ct-lesions" in result and "run lesion-seg" in result
+    _shot(page, workdir, "rule-tester")
+
+    page.set_input_files("#tester-files", [str(f) for f in files[:8]])
+    page.click("#tester-run")
+    result = page.inner_text("#tester-result")
+    assert "InstanceCount ge 16 (is 8)" in result and "no rule applies" in result
+
+
+def test_the_echo_button_reports_success_and_failure(node, viewer, page, workdir):
+    viewer.start()
+    _login(page, node)
+    page.goto(node.url + "/destinations")
+    page.click("#destination-viewer button")
+    message = page.inner_text("#message")
+    assert "VIEWER@127.0.0.1" in message and "success" in message
+    assert "ok" in page.get_attribute("#message", "class")
+    _shot(page, workdir, "echo-success")
+    page.click("#destination-nowhere button")
+    message = page.inner_text("#message")
+    assert "NOWHERE@127.0.0.1" in message and "connection refused" in message
+    assert "bad" in page.get_attribute("#message", "class")
+    _shot(page, workdir, "echo-failure")
+
+
+def test_actions_need_the_token(node, page):
+    page.goto(node.url + "/destinations")
+    assert page.locator("#destination-viewer button").count() == 0  # not logged in: no buttons
+    assert _status(node, "/api/destinations/viewer/echo", "POST") == 401
+    assert _status(node, "/api/destinations/viewer/echo", "POST", "wrong-token-0123456789") == 401
+    assert _status(node, "/api/jobs/999/retry", "POST", TOKEN) == 404
+    assert _status(node, "/api/outbox/999/retry", "POST", TOKEN) == 404
+    schema = _get(node, "/api/jobs")  # reads are open on loopback
+    assert isinstance(schema, list)
+
+
+def _metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = _get(node, "/metrics")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_move_by_the_expected_amounts(node, viewer, tmp_path):
+    viewer.start()
+    before = _metrics(node)
+    study_uid, files = _send_study(node, tmp_path / "load", slices=18)
+    _wait_delivery(node, study_uid, "delivered")
+    wait_for(lambda: _metrics(node).get(("dicom_node_stage_seconds_count", (("stage", "enqueue"),)), 0)
+             > before.get(("dicom_node_stage_seconds_count", (("stage", "enqueue"),)), 0), timeout=30)
+    after = _metrics(node)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    stored = sum(p.stat().st_size for p in (node.data_dir / "studies" / study_uid).rglob("*.dcm"))
+    assert delta("dicom_node_instances_received_total") == 18
+    assert delta("dicom_node_received_bytes_total") == stored
+    assert delta("dicom_node_associations_total", outcome="clean") == 1
+    assert delta("dicom_node_cstore_failures_total") == 0
+    assert delta("dicom_node_studies_completed_total") == 1
+    assert delta("dicom_node_jobs", state="done") == 1
+    assert delta("dicom_node_deliveries_total", destination="viewer") == 1
+    assert delta("dicom_node_stage_seconds_count", stage="inference") == 1
+    assert delta("dicom_node_inference_seconds_count", model="lesion-seg") == 1
+    assert delta("dicom_node_dead_letters_total", destination="viewer") == 0
+
+
+def test_openapi_schema_documents_the_api(node):
+    paths = json.loads(_get(node, "/openapi.json"))["paths"]
+    for path in ("/api/studies", "/api/studies/{study_uid}", "/api/jobs", "/api/jobs/{job_id}/retry", "/api/outbox",
+                 "/api/outbox/{item_id}/retry", "/api/associations", "/api/destinations",
+                 "/api/destinations/{name}/echo", "/api/explain", "/api/rules", "/health/ready", "/metrics"):
+        assert path in paths, path
+    assert _status(node, "/docs") == 404  # Swagger UI would load from a CDN
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "dicom-node"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_status_and_plain_one_line_cli_errors(node, viewer):
+    viewer.start()
+    status = _cli("status", "--config", str(node.config_path))
+    assert status.returncode == 0, status.stderr
+    assert "node TESTNODE: ready" in status.stdout and "recent associations:" in status.stdout
+    assert "MODALITY" in status.stdout
+
+    for args, expected in ((("echo", "nowhere"), "connection refused"),
+                           (("echo", "no-such-host.invalid", "104"), "unknown host 'no-such-host.invalid'"),
+                           (("jobs", "retry", "999"), "no job 999"),
+                           (("outbox", "retry", "999"), "no outbox item 999")):
+        result = _cli(*args, "--config", str(node.config_path))
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    echo = _cli("echo", "viewer", "--config", str(node.config_path))
+    assert echo.returncode == 0 and "success" in echo.stdout
+
+
+def test_the_console_imports_no_torch_or_monai():
+    """The HTTP paths stay light: the console's modules load without the inference stack."""
+    code = ("import sys, node.console.app, node.console.pages, node.console.api, node.console.metrics; "
+            "sys.exit(1 if {'torch', 'monai'} & set(sys.modules) else 0)")
+    assert subprocess.run([str(VENV_BIN / "python"), "-c", code], timeout=120).returncode == 0

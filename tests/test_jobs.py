@@ -1,0 +1,328 @@
+"""The job state machine, result identities and exactly-once delivery, with real peers.
+
+The node runs the threshold test model (LocalBackend, or the real Triton server where the test
+is about Triton), dcmtk's storescu is the modality, Orthanc is the PACS.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.encode.uids import ResultUIDs, SourceIdentity
+from node.jobs.store import IllegalTransition, JobState, JobStore, UnknownJob
+from node.route.decision import AppliedRule, RoutingDecision
+from node.route.rules import Actions
+from node.store.index import Index
+from tests.orthanc import Orthanc
+from tests.peers import VENV_BIN, NodeProcess, storescu, wait_for
+from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+
+ROUTING = {"rules": [{
+    "name": "bright-regions",
+    "match": {"tag": "Modality", "equals": "CT"},
+    "actions": {"run": ["threshold"], "send_to": ["pacs"]},
+}]}
+
+
+def sphere_study(folder: Path, patient_id: str, slices: int = 24, size: int = 48, centre: tuple = (12, 24, 24),
+                 **identity: Any) -> tuple[list[Path], str]:
+    """A CT series at -1000 HU with one 500 HU sphere (radius 5 voxels): one finding."""
+    k, r, c = np.indices((slices, size, size))
+    hu = np.full((slices, size, size), -1000.0)
+    hu[(k - centre[0]) ** 2 + (r - centre[1]) ** 2 + (c - centre[2]) ** 2 <= 25] = 500.0
+    files = write_ct_series(hu, folder, SeriesGeometry(spacing=(2.0, 1.0, 1.0)),
+                            SeriesIdentity(patient_id=patient_id, **identity))
+    return files, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+@pytest.fixture
+def pair(start_node, tmp_path, model_repository) -> Iterator[Callable[..., tuple[NodeProcess, Orthanc]]]:
+    """Start a node that sends the threshold model's results to an Orthanc (made here unless given;
+    started unless `pacs_running=False`). Every Orthanc made here is stopped at teardown."""
+    made: list[Orthanc] = []
+
+    def start(name: str = "node", pacs: Orthanc | None = None, pacs_running: bool = True,
+              **overrides: Any) -> tuple[NodeProcess, Orthanc]:
+        if pacs is None:
+            pacs = Orthanc(tmp_path / f"{name}-pacs")
+            made.append(pacs)
+            if pacs_running:
+                pacs.start()
+        sections: dict[str, Any] = {
+            "completion": {"quiet_period_s": 1.0},
+            "destinations": {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+            "sending": {"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
+            "inference": {"model_repository": str(model_repository)},
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        return start_node(tmp_path / name, routing=ROUTING, **sections), pacs
+
+    yield start
+    for pacs in made:
+        pacs.stop()
+
+
+def results_in(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+    """SEG and SR objects Orthanc holds for the study, read back."""
+    found = pacs.instances_by_modality(study_uid)
+    return {m: [pydicom.dcmread(io.BytesIO(pacs.instance_file(i["ID"]))) for i in found.get(m, [])]
+            for m in ("SEG", "SR")}
+
+
+def wait_results(pacs: Orthanc, study_uid: str, count: int = 1, timeout: float = 120) -> dict[str, list]:
+    def ready() -> Any:
+        found = pacs.instances_by_modality(study_uid)
+        return len(found.get("SEG", [])) >= count and len(found.get("SR", [])) >= count
+    wait_for(ready, timeout=timeout, interval=0.3)
+    return results_in(pacs, study_uid)
+
+
+def jobs_of(node: NodeProcess, study_uid: str | None = None) -> list[Any]:
+    return JobStore(Index(node.data_dir / "index.sqlite")).all_jobs(study_uid)
+
+
+def wait_job(node: NodeProcess, study_uid: str, states: set[str], timeout: float = 120) -> Any:
+    return wait_for(lambda: next((j for j in jobs_of(node, study_uid) if j.state.value in states), None),
+                    timeout=timeout, interval=0.1)
+
+
+def delivered(node: NodeProcess) -> int:
+    return node.query("SELECT COUNT(*) AS n FROM outbox WHERE state='delivered'")[0]["n"]
+
+
+def send(node: NodeProcess, files: list[Path]) -> None:
+    out = storescu(node.port, files)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- the state machine itself ---------------------------------------------------------------------
+
+def _decision(run: bool = True) -> RoutingDecision:
+    actions = Actions(run=["threshold"], send_to=["pacs"]) if run else Actions(discard=True)
+    return RoutingDecision(rules_version="v1", mode="first_match", priority=0, explanation="",
+                           applied=(AppliedRule(rule="r", series_uid="1.2.3", actions=actions),), outcomes=())
+
+
+def test_transitions_are_guarded_and_claims_exclusive(tmp_path):
+    store = JobStore(Index(tmp_path / "index.sqlite"))
+    with store.index.transaction() as db:
+        ids = [store.create(db, f"1.2.{n}", _decision(), time.time())[0] for n in range(20)]
+        discarded, state = store.create(db, "1.2.99", _decision(run=False), time.time())
+    assert state is JobState.IGNORED and store.get(discarded).reason == "the routing rule discards the study"
+
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        stores = JobStore(Index(tmp_path / "index.sqlite"))  # its own connections, like another worker
+        while (job := stores.claim()) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(claimed) == ids  # every job claimed exactly once
+
+    first = ids[0]
+    with pytest.raises(IllegalTransition, match=f"job {first} is running: it cannot become queued"):
+        store.retry(first)
+    store.finish(first)
+    with pytest.raises(IllegalTransition, match="is done"):
+        store.fail(first, "late")
+    with pytest.raises(UnknownJob, match="no job 999"):
+        store.retry(999)
+
+    second = ids[1]
+    assert store.wait(second, "Triton down", delay_s=0.0, deadline_s=60) is JobState.WAITING
+    assert store.claim(now=time.time() + 1).id == second and store.get(second).attempts == 2
+    assert store.wait(second, "Triton down", delay_s=120, deadline_s=60) is JobState.FAILED
+    assert store.get(second).reason.startswith("gave up after the retry deadline: Triton down")
+    assert store.retry() == 1 and store.get(second).state is JobState.QUEUED  # --all: the failed one
+
+
+# -- identities ---------------------------------------------------------------------------------------
+
+def test_two_installations_never_share_result_uids(pair, tmp_path):
+    first, pacs = pair("first")
+    second, _ = pair("second", pacs=pacs)
+    files_a, study_a = sphere_study(tmp_path / "a", "PAT-A")
+    files_b, study_b = sphere_study(tmp_path / "b", "PAT-B")
+    send(first, files_a)
+    send(second, files_b)
+    a, b = wait_results(pacs, study_a), wait_results(pacs, study_b)
+    # Both nodes ran their first job (id 1) with the same model: only the identity tells them apart.
+    assert [j.id for j in jobs_of(first)] == [1] and [j.id for j in jobs_of(second)] == [1]
+    objects = a["SEG"] + a["SR"] + b["SEG"] + b["SR"]
+    assert len(objects) == 4
+    assert len({o.SOPInstanceUID for o in objects}) == 4
+    assert len({o.SeriesInstanceUID for o in objects}) == 4
+    assert {o.PatientID for o in a["SEG"] + a["SR"]} == {"PAT-A"}
+    assert {o.PatientID for o in b["SEG"] + b["SR"]} == {"PAT-B"}
+    assert len({n.query("SELECT value FROM installation")[0]["value"] for n in (first, second)}) == 2
+
+
+def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_path):
+    node, pacs = pair(pacs_running=False, pipeline={"workers": 1})  # deliveries wait for Orthanc
+    files, study_uid = sphere_study(tmp_path / "study", "PAT-C", slices=96, size=192, centre=(48, 96, 96))
+    send(node, files)
+    # SIGKILL while the job runs (its series loading, inference or encoding)
+    wait_job(node, study_uid, {"running"}, timeout=60)
+    node.kill_all()
+    assert jobs_of(node, study_uid)[0].state is JobState.RUNNING
+
+    node.start()  # the job runs again from its start: nothing was finished
+    wait_for(lambda: node.query("SELECT COUNT(*) AS n FROM outbox WHERE attempts>=1")[0]["n"] >= 1, timeout=120)
+    job = jobs_of(node, study_uid)[0]
+    assert job.state is JobState.DONE and job.attempts == 2
+    node.kill_all()  # mid-send: the delivery was tried (Orthanc is down) and is still pending
+
+    pacs.start()
+    node.start()
+    found = wait_results(pacs, study_uid)
+    wait_for(lambda: delivered(node) == 1, timeout=60)
+    assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
+    # the UIDs a clean run of job 1 gives
+    installation = node.query("SELECT value FROM installation")[0]["value"]
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    instances = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    uids = ResultUIDs(installation, 1, SourceIdentity.of(study_uid, series_uid, instances), "threshold", "1")
+    assert found["SEG"][0].SOPInstanceUID == uids.instance("SEG", "BINARY-full")
+    assert found["SR"][0].SOPInstanceUID == uids.instance("SR", "BINARY-full")
+    assert found["SEG"][0].SeriesInstanceUID == uids.series("SEG")
+    assert len(jobs_of(node)) == 1
+
+
+def test_identical_resend_after_delivery_sends_nothing_new(pair, tmp_path):
+    node, pacs = pair()
+    files, study_uid = sphere_study(tmp_path / "study", "PAT-D")
+    send(node, files)
+    first = wait_results(pacs, study_uid)
+    wait_job(node, study_uid, {"done"})
+    wait_for(lambda: delivered(node) == 1, timeout=60)
+
+    send(node, files)  # every instance again, byte-identical: acknowledged, nothing reopens
+    study = node.study(study_uid)
+    assert study["state"] == "complete" and study["completions"] == 1
+    assert len(jobs_of(node, study_uid)) == 1
+    assert node.instance_count(study_uid) == len(files)
+    again = results_in(pacs, study_uid)
+    assert [o.SOPInstanceUID for o in again["SEG"] + again["SR"]] == [
+        o.SOPInstanceUID for o in first["SEG"] + first["SR"]]
+
+    # A changed instance (new pixel data, same UIDs) is new information: the study is processed
+    # again (completion.after_complete: reprocess) as a new job, whose results have new UIDs.
+    changed = pydicom.dcmread(files[3])
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    send(node, [tmp_path / "changed.dcm"])
+    jobs = wait_for(lambda: (found := jobs_of(node, study_uid)) and len(found) == 2
+                    and found[1].state.value in ("done", "failed") and found, timeout=120)
+    assert jobs[1].state is JobState.DONE, jobs[1].reason
+    both = wait_results(pacs, study_uid, count=2)
+    assert len({o.SOPInstanceUID for o in both["SEG"] + both["SR"]}) == 4
+
+
+# -- concurrency, outages, failures ------------------------------------------------------------------
+
+def test_many_studies_at_once_with_four_workers(pair, tmp_path):
+    node, pacs = pair(pipeline={"workers": 4})
+    studies = [sphere_study(tmp_path / f"s{n}", f"PAT-{n}", slices=16, size=32, centre=(8, 16, 16))
+               for n in range(8)]
+    broken, broken_uid = sphere_study(tmp_path / "broken", "PAT-X", slices=16, size=32, centre=(8, 16, 16))
+    odd = pydicom.dcmread(broken[5])  # one image of another size: not one volume
+    odd.Rows, odd.Columns = 16, 16
+    odd.PixelData = odd.PixelData[: 16 * 16 * 2]
+    odd.save_as(broken[5], enforce_file_format=True)
+    send(node, [f for files, _ in studies for f in files] + broken)  # one association, all complete together
+    for _, study_uid in studies:
+        job = wait_job(node, study_uid, {"done", "failed"})
+        assert job.state is JobState.DONE, job.reason
+    failed = wait_job(node, broken_uid, {"done", "failed"})
+    assert failed.state is JobState.FAILED and failed.attempts == 1  # permanent: at once, no retry
+    assert "images of different sizes" in failed.reason and failed.reason.startswith("load: ")
+    wait_for(lambda: delivered(node) == 8, timeout=120)
+    for _, study_uid in studies:
+        found = results_in(pacs, study_uid)
+        assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
+
+
+def test_triton_outage_job_waits_then_completes(pair, tmp_path, model_repository):
+    from inference.triton_cpu import TritonCpuServer
+
+    triton = TritonCpuServer(model_repository, tmp_path / "triton.log").start(timeout=120, ready_models=("threshold",))
+    try:
+        node, pacs = pair(inference={"triton": {"url": triton.grpc_url, "retries": 1},
+                                     "retry_initial_s": 3.0, "retry_max_s": 4.0})
+        triton.stop()  # down when the study completes
+        files, study_uid = sphere_study(tmp_path / "study", "PAT-T")
+        send(node, files)
+        waiting = wait_job(node, study_uid, {"waiting"}, timeout=120)
+        assert waiting.reason.startswith("inference: Triton at") and waiting.next_attempt > waiting.updated_at
+        def listed_waiting() -> str | None:  # the operator's view: state, next attempt, reason
+            out = subprocess.run([str(VENV_BIN / "dicom-node"), "jobs", "--config", str(node.config_path)],
+                                 capture_output=True, text=True, timeout=60).stdout
+            row = out.splitlines()[-1]
+            return row if row.split()[1] == "waiting" and "inference: Triton at" in row else None
+
+        row = wait_for(listed_waiting, timeout=60)
+        assert row.split()[0] == "1" and row.split()[3].startswith("20")  # the next attempt's date
+
+        triton.start(timeout=120, ready_models=("threshold",))
+        done = wait_job(node, study_uid, {"done", "failed"}, timeout=180)
+        assert done.state is JobState.DONE, done.reason
+        assert done.attempts >= 2
+        found = wait_results(pacs, study_uid)
+        assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
+    finally:
+        triton.cleanup()
+
+
+def test_malformed_birth_date_neither_fails_the_job_nor_leaks(pair, tmp_path):
+    node, pacs = pair()
+    files, study_uid = sphere_study(tmp_path / "study", "PAT-B")
+    marker = "1970-01-01XQZ"
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientBirthDate = marker
+        ds.save_as(path, enforce_file_format=True)
+    send(node, files)
+    job = wait_job(node, study_uid, {"done", "failed"})
+    assert job.state is JobState.DONE, job.reason
+    found = wait_results(pacs, study_uid)
+    assert found["SEG"][0].PatientBirthDate == "" and found["SR"][0].PatientBirthDate == ""
+    listing = subprocess.run([str(VENV_BIN / "dicom-node"), "jobs", "--json", "--config", str(node.config_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert json.loads(listing.stdout)[0]["state"] == "done"
+    assert "XQZ" not in listing.stdout and "XQZ" not in node.log()
+
+    retry = subprocess.run([str(VENV_BIN / "dicom-node"), "jobs", "retry", "99", "--config",
+                            str(node.config_path)], capture_output=True, text=True, timeout=60)
+    assert retry.returncode == 1 and retry.stderr.strip() == "no job 99" and "Traceback" not in retry.stderr
+
+
+def test_failure_reasons_quote_no_source_values_and_classify_transience():
+    from inference.backends.base import BackendError, BackendUnavailable
+    from node.jobs.failures import JobError, describe, is_transient
+
+    try:
+        pydicom.valuerep.DA("1970-01-01XQZ")
+    except ValueError as exc:
+        reason = describe(exc, "encode")
+    assert "XQZ" not in reason and reason.startswith("encode: ValueError in valuerep.py:")
+    assert describe(JobError("series 1.2.3 has no stored instances"), "load") == "load: series 1.2.3 has no stored instances"
+    assert is_transient(BackendUnavailable("Triton at 127.0.0.1:1 is not ready"))
+    assert not is_transient(BackendError("model 'nope' version 1 is not ready (models there: threshold)"))

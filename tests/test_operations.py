@@ -1,0 +1,275 @@
+"""Running the node day to day: live configuration, readiness against the disk watermark, and
+retention, each against a running node with real peers (dcmtk storescu and storescp)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import yaml
+
+from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
+from tests.test_console import StoreSCP, _metrics
+
+CT_RULE = {"tag": "Modality", "equals": "CT"}
+
+
+def _rule(name: str, destination: str, calling_ae: str | None = None) -> dict[str, Any]:
+    match: list[dict[str, Any]] = [CT_RULE, {"tag": "InstanceCount", "ge": 16}]
+    if calling_ae:
+        match.append({"calling_ae": {"equals": calling_ae}})
+    return {"name": name, "match": {"all": match}, "actions": {"run": ["lesion-seg"], "send_to": [destination]}}
+
+
+def _api(node: NodeProcess, path: str) -> Any:
+    with urllib.request.urlopen(node.url + path, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _ready(node: NodeProcess) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(node.url + "/health/ready", timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "dicom-node"), *args], capture_output=True, text=True, timeout=120)
+
+
+def _edit_config(node: NodeProcess, change: Any) -> None:
+    config = yaml.safe_load(node.config_path.read_text())
+    change(config)
+    node.config_path.write_text(yaml.safe_dump(config))
+
+
+def _send(node: NodeProcess, folder: Path, slices: int, aet: str = "MODALITY") -> str:
+    files = make_study(folder, slices=slices, size=32)
+    result = storescu(node.port, files, aet)
+    assert result.returncode == 0, result.stderr
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _results(node: NodeProcess, study_uid: str) -> set[str]:
+    jobs = _api(node, f"/api/studies/{study_uid}")["jobs"]
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            for job in jobs for files in job["outputs"].values() for f in files}
+
+
+def test_a_destination_added_while_running_receives_results_without_a_restart(start_node, tmp_path):
+    first, late = StoreSCP(tmp_path / "first", free_port()), StoreSCP(tmp_path / "late", free_port())
+    try:
+        first.start()
+        late.start()
+        node = start_node(routing={"rules": [_rule("ct", "first")]}, completion={"quiet_period_s": 1.0},
+                          destinations={"first": {"ae_title": "VIEWER", "host": "127.0.0.1", "port": first.port}},
+                          sending={"retry_initial_s": 0.5, "sweep_s": 0.5})
+        wait_for(lambda: _ready(node)[0] == 200, timeout=30)
+        pid = node.process.pid
+        # Today's mistake, the other way round: the rule first, its destination not yet added.
+        node.write_routing({"rules": [{**_rule("ct", "first"), "actions": {"run": ["lesion-seg"],
+                                                                             "send_to": ["first", "late"]}}]})
+        refused = wait_for(lambda: node.events("routing_reload_refused"), timeout=20)[-1]
+        assert "unknown destination 'late'" in " ".join(refused["problems"])
+        check = _cli("config", "check", str(node.config_path))
+        assert check.returncode == 1 and "unknown destination 'late'" in check.stderr
+        assert _api(node, "/api/rules")["check"]["ok"] is False  # the console shows the same check
+
+        _edit_config(node, lambda c: c["destinations"].update(
+            late={"ae_title": "VIEWER", "host": "127.0.0.1", "port": late.port}))
+        wait_for(lambda: "late" in {d["name"] for d in _api(node, "/api/destinations")}, timeout=20)
+        check = _cli("config", "check", str(node.config_path))
+        assert check.returncode == 0 and "configuration OK" in check.stdout and "restart" not in check.stdout
+        reloaded = node.events("config_reloaded")[-1]
+        assert "destinations.late" in reloaded["changed"] and reloaded["restart_needed"] == []
+
+        study_uid = _send(node, tmp_path / "study", slices=20)
+        wait_for(lambda: len([d for d in _api(node, f"/api/studies/{study_uid}")["deliveries"]
+                              if d["state"] == "delivered"]) == 2, timeout=120, interval=0.3)
+        results = _results(node, study_uid)
+        assert len(results) == 2 and results <= late.received() and results <= first.received()
+        assert node.process.pid == pid  # the same process all along
+
+        # A key that the receivers read at start: applied only after a restart, and said so.
+        _edit_config(node, lambda c: c["scp"].update(workers=1))
+        wait_for(lambda: len(node.events("config_reloaded")) >= 2, timeout=20)
+        assert node.events("config_reloaded")[-1]["restart_needed"] == ["scp.workers"]
+        check = _cli("config", "check", str(node.config_path))
+        assert check.returncode == 0 and "only after a restart: scp.workers" in check.stdout
+        assert _api(node, "/api/summary")["live"]["restart_pending"] == ["scp.workers"]
+    finally:
+        first.stop()
+        late.stop()
+
+
+def test_readiness_turns_503_under_the_disk_watermark_and_200_after(start_node, tmp_path):
+    # A model the rules run, whose file is missing; and a watermark of a petabyte.
+    repository = tmp_path / "models"
+    shutil.copytree(REPO_ROOT / "models" / "lesion-seg", repository / "lesion-seg")
+    model_file = repository / "lesion-seg" / "1" / "model.onnx"
+    model_file.rename(tmp_path / "model.onnx")
+    node = start_node(storage={"min_free_mb": 1e12}, inference={"model_repository": str(repository)},
+                      routing={"rules": [_rule("ct", "@sender")]})
+    status, body = wait_for(lambda: (r := _ready(node))[0] and r, timeout=30)
+    assert status == 503 and body["checks"]["disk"] is False and body["checks"]["model:lesion-seg"] is False
+    assert any(r.startswith("disk under the watermark") for r in body["reasons"])
+    assert any(r.startswith("model lesion-seg unavailable") and "model file not found" in r for r in body["reasons"])
+    assert body["checks"]["receiver"] and body["checks"]["index"]
+    before = _metrics(node)
+    files = make_study(tmp_path / "refused", slices=3, size=16)
+    result = storescu(node.port, files, "MODALITY")
+    output = result.stdout + result.stderr
+    refused = output.count("Received Store Response (Refused: OutOfResources)")  # 0xA700; storescu stops there
+    assert refused >= 1 and "Received Store Response (Success" not in output
+    wait_for(lambda: _metrics(node).get(("dicom_node_associations_total", (("outcome", "with_failures"),)), 0)
+             > before.get(("dicom_node_associations_total", (("outcome", "with_failures"),)), 0), timeout=30)
+    after = _metrics(node)
+    assert after[("dicom_node_cstore_failures_total", ())] - before[("dicom_node_cstore_failures_total", ())] == refused
+    assert after[("dicom_node_instances_received_total", ())] == before[("dicom_node_instances_received_total", ())]
+
+    node.stop()  # storage.min_free_mb is read by the receiver processes at start
+    _edit_config(node, lambda c: c["storage"].update(min_free_mb=1))
+    (tmp_path / "model.onnx").rename(model_file)
+    node.start()
+    status, body = wait_for(lambda: (r := _ready(node))[0] == 200 and r, timeout=30)
+    assert body == {"ready": True, "reasons": [], "checks": body["checks"]} and all(body["checks"].values())
+
+
+def _plan(node: NodeProcess, config: Path) -> dict[str, Any]:
+    result = _cli("cleanup", "--dry-run", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _policy_file(node: NodeProcess, name: str, retention: dict[str, Any]) -> Path:
+    config = yaml.safe_load(node.config_path.read_text())
+    config["storage"]["retention"] = retention
+    path = node.workdir / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _stored(node: NodeProcess, study_uid: str) -> list[Path]:
+    return list((node.data_dir / "studies" / study_uid).rglob("*.dcm"))
+
+
+def test_retention_removes_exactly_the_eligible_studies(start_node, tmp_path):
+    viewer = StoreSCP(tmp_path / "viewer", free_port())
+    try:
+        viewer.start()
+        node = start_node(
+            routing={"rules": [_rule("to-viewer", "viewer", "MODALITY"), _rule("to-down", "down", "DOWNAE")]},
+            completion={"quiet_period_s": 1.0, "quiet_period_by_calling_ae": {"SLOW": 3600}},
+            destinations={"viewer": {"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer.port},
+                          "down": {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}},
+            sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
+        )
+        # Finished: two small studies no rule takes (ignored), one whose results were delivered.
+        old = _send(node, tmp_path / "old", 8)
+        wait_for(lambda: node.query("SELECT 1 FROM work_items WHERE study_uid=? AND state='ignored'", (old,)))
+        newer = _send(node, tmp_path / "newer", 8)
+        delivered = _send(node, tmp_path / "delivered", 20)
+        # Not finished: results that cannot be delivered, and a study still receiving.
+        pending = _send(node, tmp_path / "pending", 20, aet="DOWNAE")
+        receiving = _send(node, tmp_path / "receiving", 8, aet="SLOW")
+        wait_for(lambda: node.query("SELECT 1 FROM work_items WHERE study_uid=? AND state='ignored'", (newer,)))
+        wait_for(lambda: node.query("SELECT 1 FROM outbox WHERE study_uid=? AND state='delivered'", (delivered,)),
+                 timeout=120)
+        wait_for(lambda: node.query("SELECT 1 FROM outbox WHERE study_uid=? AND attempts>0", (pending,)), timeout=120)
+        result_files = [Path(f) for job in _api(node, f"/api/studies/{delivered}")["jobs"]
+                        for files in job["outputs"].values() for f in files]
+        assert len(result_files) == 2 and all(f.is_file() for f in result_files)
+        bytes_before = _metrics(node)[("dicom_node_received_bytes_total", ())]
+
+        # A size cap just under what is stored: only the oldest finished study goes.
+        total = sum(r["bytes"] for r in node.query("SELECT size AS bytes FROM instances"))
+        old_size = sum(r["size"] for r in node.query("SELECT size FROM instances WHERE study_uid=?", (old,)))
+        capped = _policy_file(node, "cap.yaml", {"max_store_gb": (total - old_size + 1) / 2**30})
+        plan = _plan(node, capped)
+        assert [s["study_uid"] for s in plan["studies"]] == [old] and plan["results"] == []
+        assert _cli("cleanup", "--config", str(capped)).returncode == 0
+        assert _stored(node, old) == [] and node.study(old) is None
+        for kept in (newer, delivered, pending, receiving):
+            assert _stored(node, kept) and node.study(kept) is not None
+
+        # Age: every finished study's instances and the delivered results; nothing with work left.
+        aged = _policy_file(node, "aged.yaml", {"instances_days": 1e-6, "results_days": 1e-6})
+        plan = _plan(node, aged)
+        assert sorted(s["study_uid"] for s in plan["studies"]) == sorted([newer, delivered])
+        assert [r["study_uid"] for r in plan["results"]] == [delivered]
+        done = _cli("cleanup", "--config", str(aged))
+        assert done.returncode == 0 and "deleted 2 studies" in done.stdout and "2 result files" in done.stdout
+        assert not any(f.exists() for f in result_files)
+        for gone in (newer, delivered):
+            assert _stored(node, gone) == [] and node.study(gone) is None
+        for kept in (pending, receiving):
+            assert _stored(node, kept) and node.study(kept) is not None
+        # Counters stay counters: deleted bytes are still bytes that were received.
+        assert _metrics(node)[("dicom_node_received_bytes_total", ())] == bytes_before
+
+        # The node's own schedule, switched on by a live reload: the next finished study goes by itself.
+        _edit_config(node, lambda c: c["storage"].update(retention={"instances_days": 1e-6, "interval_s": 1}))
+        latest = _send(node, tmp_path / "latest", 8)
+        wait_for(lambda: any(e["study_uid"] == latest for e in node.events("retention_deleted_study")), timeout=60)
+        assert node.events("retention_run")
+        assert _api(node, "/api/summary")["retention"]["last_run"] is not None
+        page = urllib.request.urlopen(node.url + "/", timeout=30).read().decode()
+        assert "Last run: 20" in page  # the dashboard shows the last run's time
+        for kept in (pending, receiving):
+            assert _stored(node, kept) and node.study(kept) is not None
+        page = urllib.request.urlopen(f"{node.url}/studies/{newer}", timeout=30).read().decode()
+        assert "deleted by retention" in page
+    finally:
+        viewer.stop()
+
+
+def test_the_console_serves_https_and_refuses_to_bind_beyond_loopback_without_a_token(start_node, tmp_path,
+                                                                                     monkeypatch):
+    import ssl
+
+    from node.config import load_config
+    from node.yamlfile import ConfigError
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    # Also: the rules run a model on a Triton server that is not there.
+    node = start_node(http={"tls": {"certificate": str(cert), "private_key": str(key)}},
+                      inference={"triton": {"url": f"127.0.0.1:{free_port()}"}},
+                      routing={"rules": [_rule("ct", "@sender")]})
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+    url = f"https://127.0.0.1:{node.http_port}/health/live"
+    body = wait_for(lambda: _try(lambda: urllib.request.urlopen(url, context=context, timeout=10).read()), timeout=30)
+    assert json.loads(body) == {"status": "alive"}
+    status = _cli("status", "--config", str(node.config_path))  # over HTTPS, from the running node
+    assert status.returncode == 0, status.stderr
+    assert "node TESTNODE: NOT READY (model lesion-seg unavailable (triton 127.0.0.1:" in status.stdout
+    assert "Triton not reachable" in status.stdout and "lesion-seg (Triton not reachable" in status.stdout
+
+    exposed = tmp_path / "exposed.yaml"
+    exposed.write_text(yaml.safe_dump({"http": {"bind": "0.0.0.0"}}))
+    monkeypatch.delenv("DICOM_NODE_HTTP_TOKEN", raising=False)
+    try:
+        load_config(exposed)
+        raise AssertionError("a console beyond loopback without a token was accepted")
+    except ConfigError as exc:
+        assert "http.token" in str(exc)
+    monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN", "env-token-0123456789")
+    assert load_config(exposed).http.effective_token() == "env-token-0123456789"
+
+
+def _try(call: Any) -> Any:
+    try:
+        return call()
+    except OSError:
+        return None

@@ -1,0 +1,598 @@
+"""Issue 10: an acknowledgement is a promise. The receiver against hostile and broken peers.
+
+Real peers: dcmtk storescu/echoscu, raw sockets for malformed PDUs, a pynetdicom SCU for
+crafted data sets. Waits are on conditions; every process is stopped by PID (start_node).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.receive.validate import MalformedDataset, check_dataset
+from node.store.filemeta import encode_file_meta
+from node.store.index import Index, InstanceConflict, InstanceRecord
+from tests.peers import dataset_bytes, make_study, wait_for
+
+PHI = "PHANTOM-001"  # the synthetic studies' PatientID: never in a log
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def assert_json_log(node: Any) -> list[dict[str, Any]]:
+    """Every line the node wrote (service and receivers, stdout and stderr) is one JSON object."""
+    lines = [line for line in node.log().splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"log line is not JSON: {line[:300]}")
+    assert PHI not in node.log() and "Phantom^Synthetic" not in node.log()
+    return entries
+
+
+def uid_of(path: Path, keyword: str = "StudyInstanceUID") -> str:
+    return str(getattr(pydicom.dcmread(path, stop_before_pixels=True), keyword))
+
+
+def receiver_pids(node: Any) -> list[int]:
+    pid = node.process.pid
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def scu(node: Any, *contexts: tuple[str, list[str]], called: str = "TESTNODE", aet: str = "PYSCU") -> Any:
+    ae = AE(ae_title=aet)
+    for abstract, syntaxes in contexts or ((CTImageStorage, [ExplicitVRLittleEndian]),):
+        ae.add_requested_context(abstract, syntaxes)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
+    assert assoc.is_established
+    return assoc
+
+
+def echoscu(port: int, aet: str = "ECHOER", called: str = "TESTNODE") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["echoscu", "-v", "-aet", aet, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def storescu(port: int, files: list[Path], aet: str = "MODALITY", called: str = "TESTNODE") -> str:
+    """dcmtk storescu; --no-halt: go on after a refused instance (the default stops there)."""
+    result = subprocess.run(["storescu", "-v", "--no-halt", "-aet", aet, "-aec", called, "127.0.0.1",
+                             str(port), *map(str, files)], capture_output=True, text=True, timeout=300)
+    return result.stdout + result.stderr
+
+
+def closed_by_peer(sock: socket.socket, limit: float) -> bytes:
+    """Read until the node closes the connection (bounded by `limit` seconds); return what came."""
+    sock.settimeout(limit)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def encoded(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    fp = DicomBytesIO()
+    ts = pydicom.uid.UID(transfer_syntax)
+    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def image(rows: int = 4, columns: int = 4, bits: int = 16, samples: int = 1, frames: int | None = None,
+          pixel_bytes: int | None = None, photometric: str = "MONOCHROME2") -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = photometric
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = bits
+    ds.BitsStored = ds.HighBit = 1 if bits == 1 else bits
+    n = (rows * columns * samples * bits * (frames or 1) + 7) // 8
+    n = pixel_bytes if pixel_bytes is not None else n + (n & 1)
+    ds.PixelData = b"\x01" * n
+    ds["PixelData"].VR = "OB" if bits <= 8 else "OW"
+    return ds
+
+
+# -- pinned pynetdicom behaviour ----------------------------------------------------------------
+
+
+def test_pynetdicom_internals_pinned():
+    """What node/receive/pynetdicom_internals.py relies on; a pynetdicom upgrade that changes it fails here."""
+    import inspect
+
+    from pynetdicom.acse import ACSE
+    from pynetdicom.association import Association
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
+
+    from node.receive.pynetdicom_internals import HandedServer, PduSocket
+
+    # the DUL reads a PDU as recv(6) then recv(length); an OSError closes the connection (Evt17)
+    assoc = Association(AE(), "acceptor")
+    calls: list[int] = []
+    pdu = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # A-RELEASE-RQ
+
+    class Reader:
+        def __init__(self, fail: bool = False):
+            self.data, self.fail = pdu, fail
+
+        def recv(self, n: int) -> bytearray:
+            calls.append(n)
+            if self.fail:
+                raise TimeoutError("stalled")
+            out, self.data = self.data[:n], self.data[n:]
+            return bytearray(out)
+
+    assoc.dul.socket = Reader()  # type: ignore[assignment]
+    assoc.dul._read_pdu_data()
+    assert calls == [6, 4] and assoc.dul.event_queue.get_nowait() == "Evt12"
+    assoc.dul.socket = Reader(fail=True)  # type: ignore[assignment]
+    assoc.dul._read_pdu_data()
+    assert assoc.dul.event_queue.get_nowait() == "Evt17"
+    # the names and signatures used
+    assert "_create_association" in RequestHandler.__dict__
+    assert issubclass(PduSocket, AssociationSocket) and issubclass(HandedServer, AssociationServer)
+    assert list(inspect.signature(ACSE.send_reject).parameters) == ["self", "result", "source", "diagnostic"]
+    assert {"called_ae_title", "calling_ae_title"} <= set(dir(A_ASSOCIATE))
+    assert hasattr(assoc.requestor, "primitive") and hasattr(assoc, "kill")
+    assert "process_request" in AssociationServer.__dict__
+
+
+# -- the whole-data-set check, on bytes ----------------------------------------------------------
+
+
+def _undefined_sequence(close_item: bool, close_sequence: bool) -> bytes:
+    """(0008,1140) SQ of undefined length with one undefined-length item, then Pixel Data."""
+    tag = struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2) + b"1 "
+    if close_item:
+        item += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    body = tag + item + (struct.pack("<HHI", 0xFFFE, 0xE0DD, 0) if close_sequence else b"")
+    return body
+
+
+@pytest.mark.parametrize(
+    "name, data, syntax, expected",
+    [
+        ("good native", encoded(image()), ExplicitVRLittleEndian, None),
+        ("good implicit", encoded(image(), ImplicitVRLittleEndian), ImplicitVRLittleEndian, None),
+        ("good big endian", encoded(image(), ExplicitVRBigEndian), ExplicitVRBigEndian, None),
+        ("1-bit packed, padded to even", encoded(image(3, 3, bits=1)), ExplicitVRLittleEndian, None),
+        ("8-bit odd size padded", encoded(image(3, 3, bits=8)), ExplicitVRLittleEndian, None),
+        ("multi-frame", encoded(image(4, 4, frames=3)), ExplicitVRLittleEndian, None),
+        ("YBR_FULL_422", encoded(image(4, 4, bits=8, samples=3, photometric="YBR_FULL_422",
+                                       pixel_bytes=32)), ExplicitVRLittleEndian, None),
+        ("closed sequence", _undefined_sequence(True, True), ExplicitVRLittleEndian, None),
+        ("pixel data too short", encoded(image(pixel_bytes=24)), ExplicitVRLittleEndian, "pixel"),
+        ("pixel data too long", encoded(image(pixel_bytes=40)), ExplicitVRLittleEndian, "pixel"),
+        ("1-bit unpadded", encoded(image(3, 3, bits=1, pixel_bytes=1 + 1 + 2)), ExplicitVRLittleEndian, "pixel"),
+        ("frames imply more", encoded(image(4, 4, frames=3, pixel_bytes=64)), ExplicitVRLittleEndian, "pixel"),
+        ("trailing garbage", encoded(image()) + b"\x10\x00\x20\x00ZZ", ExplicitVRLittleEndian, "structure"),
+        ("truncated value", encoded(image())[:-5], ExplicitVRLittleEndian, "structure"),
+        ("item not closed", _undefined_sequence(False, True), ExplicitVRLittleEndian, "structure"),
+        ("sequence not closed", _undefined_sequence(True, False), ExplicitVRLittleEndian, "structure"),
+    ],
+)
+def test_dataset_check_cases(name, data, syntax, expected):
+    if expected is None:
+        check_dataset(data, syntax)
+        return
+    with pytest.raises(MalformedDataset) as raised:
+        check_dataset(data, syntax)
+    assert raised.value.pixel == (expected == "pixel"), str(raised.value)
+
+
+def _encapsulated(fragments: list[bytes], cut: int = 0) -> bytes:
+    ds = image()
+    ds.PixelData = encapsulate(fragments)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    data = encoded(ds)
+    return data[: len(data) - cut] if cut else data
+
+
+def test_dataset_check_encapsulated():
+    check_dataset(_encapsulated([b"\x01\x02\x03\x04"]), RLELossless)
+    with pytest.raises(MalformedDataset, match="not closed by a sequence delimiter") as raised:
+        check_dataset(_encapsulated([b"\x01\x02\x03\x04"], cut=8), RLELossless)
+    assert raised.value.pixel
+    broken = bytearray(_encapsulated([b"\x01\x02\x03\x04"]))
+    item = broken.rindex(struct.pack("<HH", 0xFFFE, 0xE000))
+    broken[item : item + 4] = struct.pack("<HH", 0xFFFE, 0xE00D)  # a fragment that is not an item
+    with pytest.raises(MalformedDataset, match="where an item must be"):
+        check_dataset(bytes(broken), RLELossless)
+    with pytest.raises(MalformedDataset, match="native but the transfer syntax says encapsulated"):
+        check_dataset(encoded(image()), RLELossless)
+
+
+# -- the SOP Instance UID rule in the index --------------------------------------------------------
+
+
+def _record(sop: str, study: str = "1.2.3", series: str = "1.2.3.4", sop_class: str = CTImageStorage) -> InstanceRecord:
+    return InstanceRecord(sop, sop_class, series, study, "", ExplicitVRLittleEndian,
+                          f"studies/{study}/{series}/{sop}.dcm", 10, "MOD", "TESTNODE", "127.0.0.1", {})
+
+
+def test_index_conflict_and_identical_resend(tmp_path):
+    index = Index(tmp_path / "index.sqlite")
+    first = index.record_instance(_record("1.9"), now=100.0, quiet_period=10, reopen=True)
+    assert first.opened and not first.duplicate and not first.identical
+    for other in (_record("1.9", study="1.2.5"), _record("1.9", series="1.2.3.5"),
+                  _record("1.9", sop_class="1.2.840.10008.5.1.4.1.1.4")):
+        with pytest.raises(InstanceConflict, match="already held by study 1.2.3, series 1.2.3.4"):
+            index.record_instance(other, now=101.0, quiet_period=10, reopen=True)
+    assert [tuple(r) for r in index.query("SELECT study_uid, series_uid, received_at FROM instances")] == [
+        ("1.2.3", "1.2.3.4", 100.0)]
+    # receiving: an identical resend moves the deadline, leaves the row
+    again = index.record_instance(_record("1.9"), now=105.0, quiet_period=10, reopen=True, identical=True)
+    assert again.identical and again.duplicate and not again.opened and again.deadline == 115.0
+    assert index.query("SELECT received_at FROM instances")[0][0] == 100.0
+    # complete: an identical resend is simply acknowledged, whatever after_complete says
+    index.query("UPDATE studies SET state='complete', completions=1")
+    for reopen in (True, False):
+        late = index.record_instance(_record("1.9"), now=200.0, quiet_period=10, reopen=reopen, identical=True)
+        assert (late.identical, late.opened, late.reopened, late.ignored_after_complete) == (True, False, False, False)
+    assert tuple(index.query("SELECT state, deadline FROM studies")[0]) == ("complete", 115.0)
+    # different bytes, same series: latest wins, and the study reopens as for any arrival
+    changed = index.record_instance(_record("1.9"), now=300.0, quiet_period=10, reopen=True)
+    assert changed.duplicate and changed.reopened and not changed.identical
+    assert index.query("SELECT received_at FROM instances")[0][0] == 300.0
+
+
+# -- PDUs: bounded reads, timeouts, slots ----------------------------------------------------------
+
+
+def test_lying_pdu_header_is_aborted_and_memory_stays_bounded(start_node):
+    node = start_node(scp={"workers": 1})
+    assert echoscu(node.port).returncode == 0  # the receiver process is up and serving
+    [receiver] = receiver_pids(node)
+    before = rss_kib(receiver)
+    # established association, then a P-DATA-TF header that claims 2 GiB
+    assoc = scu(node)
+    raw = assoc.dul.socket.socket
+    raw.sendall(b"\x04\x00" + (2**31).to_bytes(4, "big") + b"\x00" * 64)
+    wait_for(lambda: assoc.is_aborted, timeout=30)
+    # before association: an A-ASSOCIATE-RQ header that claims 2 GiB gets an A-ABORT, then EOF
+    with socket.create_connection(("127.0.0.1", node.port)) as s:
+        s.sendall(b"\x01\x00" + (2**31 - 1).to_bytes(4, "big"))
+        answer = closed_by_peer(s, 30)
+    assert answer[:1] == b"\x07" and answer[8:10] == b"\x02\x06", answer  # A-ABORT, provider, invalid parameter
+    events = wait_for(lambda: len(node.events("pdu_too_large")) >= 2 and node.events("pdu_too_large"))
+    assert [(e["pdu_type"], e["length"]) for e in events] == [(4, 2**31), (1, 2**31 - 1)]
+    assert events[0]["limit"] == 64 << 20 and events[1]["limit"] == 1 << 20
+    assert (rss_kib(receiver) - before) < 256 * 1024
+    # the receiver lives on and still serves
+    assert echoscu(node.port).returncode == 0
+    assert receiver_pids(node) == [receiver]
+    assert_json_log(node)
+
+
+def test_stalled_sockets_are_dropped_and_never_lock_out_callers(start_node):
+    acse, network = 3.0, 4.0
+    node = start_node(scp={"workers": 2, "max_associations": 2,
+                           "timeouts": {"acse": acse, "dimse": network, "network": network}})
+    stallers = []
+    for i in range(4):  # 2 x max_associations connections that never complete a request
+        s = socket.create_connection(("127.0.0.1", node.port))
+        if i % 2:
+            s.sendall(b"\x01\x00\x00\x00")  # half a PDU header
+        else:
+            s.sendall(b"\x01\x00\x00\x00\x00\x80" + b"\x00" * 40)  # an A-ASSOCIATE-RQ cut short
+        stallers.append(s)
+    # honest callers are served while every staller is still open
+    for _ in range(3):
+        ok = echoscu(node.port)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+    for s in stallers:
+        closed_by_peer(s, acse * 10)  # returns when the node drops it (at the ACSE deadline)
+        s.close()
+    assert {e["phase"] for e in node.events("connection_timed_out")} == {"negotiation"}
+    # an established association that stalls inside a PDU is dropped after the network timeout
+    assoc = scu(node)
+    assoc.dul.socket.socket.sendall(b"\x04\x00\x00\x00\x01\x00" + b"\x00" * 100)
+    # (by the read timeout or by pynetdicom's idle timer, whichever fires first: both are the network timeout)
+    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), timeout=network * 10)
+    # an idle association is aborted by the node after the network timeout
+    idle = scu(node, (Verification, [ExplicitVRLittleEndian]))
+    wait_for(lambda: idle.is_aborted, timeout=network * 10)
+    assert_json_log(node)
+
+
+def test_too_many_associations_rejected_with_the_reason(start_node):
+    node = start_node(scp={"workers": 2, "max_associations": 2})
+    held = [scu(node, (Verification, [ExplicitVRLittleEndian])) for _ in range(2)]
+    refused = echoscu(node.port, aet="LATE")
+    assert refused.returncode != 0
+    assert "Rejected Transient" in refused.stdout + refused.stderr
+    assert "Local Limit Exceeded" in refused.stdout + refused.stderr
+    [event] = wait_for(lambda: node.events("association_rejected"))
+    assert (event["reason"], event["calling_ae"], event["called_ae"], event["peer"]) == (
+        "too many associations", "LATE", "TESTNODE", "127.0.0.1")
+    for assoc in held:
+        assoc.release()
+    wait_for(lambda: echoscu(node.port).returncode == 0, timeout=30)  # slots come back
+    assert_json_log(node)
+
+
+# -- damaged data sets ---------------------------------------------------------------------------------
+
+
+def test_damaged_datasets_refused_and_quarantined_association_goes_on(start_node, tmp_path):
+    node = start_node(logging={"level": "DEBUG"})  # library chatter included: still JSON, no PHI
+    good = make_study(tmp_path / "ct", slices=3, size=16)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    # garbage after the routing tags: an element past (0028,0011) whose length runs off the end
+    garbage = bad / "garbage.dcm"
+    data = bytearray(good[0].read_bytes())
+    ds = pydicom.dcmread(good[0])
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(garbage, enforce_file_format=True)
+    data = bytearray(garbage.read_bytes())
+    at = data.index(b"\x28\x00\x00\x01")  # (0028,0100) BitsAllocated, US
+    data[at + 6 : at + 8] = (0x7FF0).to_bytes(2, "little")
+    garbage.write_bytes(bytes(data))
+    # native pixel data shorter than Rows x Columns x ... (the issue's "5192 vs 8192 bytes")
+    short = pydicom.dcmread(good[1])
+    short.SOPInstanceUID = short.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    short.Rows = short.Rows + 4
+    short.save_as(bad / "short.dcm", enforce_file_format=True)
+    # a broken fragment sequence (no sequence delimiter), and a good encapsulated one
+    enc = pydicom.dcmread(good[2])
+    enc.file_meta.TransferSyntaxUID = RLELossless
+    enc.PixelData = encapsulate([b"\x00" * 64])
+    enc["PixelData"].is_undefined_length = True
+    enc["PixelData"].VR = "OB"
+    enc.SOPInstanceUID = enc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    enc.save_as(bad / "encapsulated-ok.dcm", enforce_file_format=True)
+    enc.SOPInstanceUID = enc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    enc.save_as(bad / "fragments.dcm", enforce_file_format=True)
+    (bad / "fragments.dcm").write_bytes((bad / "fragments.dcm").read_bytes()[:-8])
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the files' bytes as they are
+    try:
+        assoc = scu(node, (CTImageStorage, [ExplicitVRLittleEndian]), (CTImageStorage, [RLELossless]))
+        order = [good[0], garbage, bad / "short.dcm", good[1], bad / "fragments.dcm",
+                 bad / "encapsulated-ok.dcm", good[2]]
+        statuses = [assoc.send_c_store(p).Status for p in order]
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert statuses == [0x0000, 0xC212, 0xC213, 0x0000, 0xC213, 0x0000, 0x0000]
+    uid = uid_of(good[0])
+    node.wait_complete(uid)
+    assert node.instance_count(uid) == 4
+    reasons = sorted(p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt"))
+    assert len(reasons) == 3
+    assert any("(0028,0100)" in r and "runs past the end" in r for r in reasons), reasons
+    assert any("native (7FE0,0010) is 512 bytes" in r and "make 640" in r for r in reasons), reasons
+    assert any("not closed by a sequence delimiter" in r for r in reasons), reasons
+    audit = node.query("SELECT instances, failures FROM associations WHERE calling_ae='PYSCU'")
+    assert [tuple(a) for a in audit] == [(4, 3)]
+    entries = assert_json_log(node)
+    assert {e["status"] for e in entries if e["event"] == "instance_quarantined"} == {"0xC212", "0xC213"}
+    assert any(e["level"] == "DEBUG" and e["logger"].startswith("pynetdicom") for e in entries)
+
+
+# -- SOP Instance UID conflicts and resends ------------------------------------------------------------
+
+
+def test_sop_instance_uid_in_two_studies_first_keeps_everything(start_node, tmp_path):
+    node = start_node(completion={"quiet_period_s": 1.0})
+    first = make_study(tmp_path / "a", slices=5, size=16)
+    second = make_study(tmp_path / "b", slices=3, size=16)
+    # the second study's middle instance reuses a SOP Instance UID of the first study
+    stolen = uid_of(first[2], "SOPInstanceUID")
+    ds = pydicom.dcmread(second[1])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = stolen
+    ds.save_as(second[1], enforce_file_format=True)
+
+    out = storescu(node.port, first)
+    assert out.count("Received Store Response (Success)") == 5
+    a = uid_of(first[0])
+    node.wait_complete(a)
+    before = {r["sop_instance_uid"]: (node.data_dir / r["path"]).read_bytes()
+              for r in node.query("SELECT * FROM instances WHERE study_uid=?", (a,))}
+    out = storescu(node.port, second, aet="OTHERPACS")
+    assert out.count("Received Store Response (Success)") == 2
+    assert "Received Store Response (Error: CannotUnderstand)" in out, out[-1500:]
+    b = uid_of(second[0])
+    node.wait_complete(b)
+    # the first study keeps every acknowledged instance, row and bytes
+    after = {r["sop_instance_uid"]: (node.data_dir / r["path"]).read_bytes()
+             for r in node.query("SELECT * FROM instances WHERE study_uid=?", (a,))}
+    assert after == before and len(after) == 5
+    assert node.query("SELECT study_uid FROM instances WHERE sop_instance_uid=?", (stolen,))[0][0] == a
+    assert node.instance_count(b) == 2
+    [event] = node.events("instance_uid_conflict")
+    assert (event["integrity"], event["status"], event["held_by_study"], event["study_uid"]) == (True, "0xC214", a, b)
+    [reason] = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
+    assert f"already held by study {a}" in reason
+    assert node.study(a)["completions"] == 1  # the conflict did not touch the first study
+    assert_json_log(node)
+
+
+def test_sop_instance_uid_conflict_first_study_job_succeeds(start_node, tmp_path, model_repository):
+    """The issue's case end to end: the first study's job runs on every acknowledged instance."""
+    from tests.orthanc import Orthanc
+    from tests.test_jobs import ROUTING, sphere_study, wait_job, wait_results
+
+    pacs = Orthanc(tmp_path / "pacs").start()
+    try:
+        node = start_node(
+            routing=ROUTING, completion={"quiet_period_s": 1.0},
+            destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+            inference={"model_repository": str(model_repository)},
+        )
+        first, first_uid = sphere_study(tmp_path / "a", "PAT-A")
+        second, second_uid = sphere_study(tmp_path / "b", "PAT-B")
+        ds = pydicom.dcmread(second[7])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid_of(first[7], "SOPInstanceUID")
+        ds.save_as(second[7], enforce_file_format=True)
+        assert storescu(node.port, first).count("(Success)") == len(first)
+        assert storescu(node.port, second, aet="OTHERPACS").count("(Success)") == len(second) - 1
+        job = wait_job(node, first_uid, {"done", "failed"})
+        assert job.state.value == "done", job.reason
+        assert node.instance_count(first_uid) == len(first)
+        found = wait_results(pacs, first_uid)
+        assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
+        assert node.events("instance_uid_conflict")[0]["held_by_study"] == first_uid
+        assert "PAT-A" not in node.log() and "PAT-B" not in node.log()
+    finally:
+        pacs.stop()
+
+
+def test_resend_identical_counted_once_changed_latest_wins(start_node, tmp_path):
+    node = start_node(completion={"quiet_period_s": 1.0})
+    files = make_study(tmp_path / "ct", slices=4, size=16)
+    uid = uid_of(files[0])
+    assert storescu(node.port, files).count("(Success)") == 4
+    node.wait_complete(uid)
+    stored = {r["sop_instance_uid"]: node.data_dir / r["path"] for r in node.query("SELECT * FROM instances")}
+    inode = {sop: p.stat().st_ino for sop, p in stored.items()}
+    # identical bytes after completion: acknowledged, counted once, nothing rewritten, not reopened
+    assert storescu(node.port, files[:2]).count("(Success)") == 2
+    wait_for(lambda: len(node.events("instance_identical_resend")) == 2)
+    assert {sop: p.stat().st_ino for sop, p in stored.items()} == inode
+    row = node.study(uid)
+    assert (row["state"], row["completions"], node.instance_count(uid)) == ("complete", 1, 4)
+    assert not node.events("study_reopened")
+    # different bytes for the same instance in the same series: latest wins, the study reopens
+    changed = pydicom.dcmread(files[3])
+    changed.SeriesDescription = "Changed"
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    sop = str(changed.SOPInstanceUID)
+    assert storescu(node.port, [tmp_path / "changed.dcm"]).count("(Success)") == 1
+    assert dataset_bytes(stored[sop]) == dataset_bytes(tmp_path / "changed.dcm")
+    node.wait_complete(uid, completions=2)
+    assert node.instance_count(uid) == 4 and len(list((node.data_dir / "studies").rglob("*.dcm"))) == 4
+    assert_json_log(node)
+
+
+# -- crash between rename and index commit ---------------------------------------------------------------
+
+
+def test_crash_between_rename_and_commit_is_reconciled(start_node, tmp_path, monkeypatch):
+    files = make_study(tmp_path / "ct", slices=6, size=16)
+    uid = uid_of(files[0])
+    monkeypatch.setenv("DICOM_NODE_CRASH_AFTER_RENAME", "3")
+    node = start_node(scp={"workers": 1})
+    out = storescu(node.port, files[:4])
+    assert out.count("(Success)") == 2  # the third was renamed into place, then the receiver died
+    wait_for(lambda: node.events("receiver_exited"))
+    node.kill_all()
+    monkeypatch.delenv("DICOM_NODE_CRASH_AFTER_RENAME")
+    on_disk = list((node.data_dir / "studies").rglob("*.dcm"))
+    assert len(on_disk) == 3 and node.instance_count(uid) == 2  # one file without a row
+    # partial writes as a crash leaves them: one complete, one cut short
+    tmp = node.data_dir / "tmp"
+    complete = encode_file_meta(CTImageStorage, uid_of(files[4], "SOPInstanceUID"), ExplicitVRLittleEndian,
+                                "MODALITY") + dataset_bytes(files[4])
+    (tmp / "a.part").write_bytes(complete)
+    cut = encode_file_meta(CTImageStorage, uid_of(files[5], "SOPInstanceUID"), ExplicitVRLittleEndian,
+                           "MODALITY") + dataset_bytes(files[5])
+    (tmp / "b.part").write_bytes(cut[:-100])
+
+    node.start()
+    event = wait_for(lambda: len(node.events("reconciled")) == 2 and node.events("reconciled"))[-1]
+    assert (event["orphans_indexed"], event["partial_indexed"], event["partial_quarantined"],
+            event["orphans_quarantined"]) == (1, 1, 1, 0)
+    indexed = {r["path"] for r in node.query("SELECT path FROM instances")}
+    assert {str(p.relative_to(node.data_dir)) for p in (node.data_dir / "studies").rglob("*.dcm")} == indexed
+    assert node.instance_count(uid) == 4 and not list(tmp.iterdir())
+    [reason] = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
+    assert reason.startswith("reconcile at start-up") and "runs past the end" in reason
+    # the orphan keeps its sender; the study completes with every file the node holds
+    row = node.wait_complete(uid)
+    assert row["calling_ae"] == "MODALITY"
+    assert {r["calling_ae"] for r in node.query("SELECT calling_ae FROM instances")} == {"MODALITY"}
+    assert_json_log(node)
+
+
+# -- called AE titles ------------------------------------------------------------------------------------
+
+
+def test_called_ae_titles_recorded_checked_and_routed(start_node, tmp_path):
+    routing = {"mode": "first_match", "rules": [
+        {"name": "lung-line", "match": {"called_ae": {"equals": "LUNG"}}, "actions": {"discard": True}},
+    ]}
+    node = start_node(routing=routing, scp={"ae_titles": ["TESTNODE", "LUNG"], "require_called_ae_title": True})
+    lung = make_study(tmp_path / "lung", slices=2, size=16)
+    main = make_study(tmp_path / "main", slices=2, size=16)
+    assert storescu(node.port, lung, called="LUNG").count("(Success)") == 2
+    assert storescu(node.port, main).count("(Success)") == 2
+    refused = echoscu(node.port, aet="SOMEONE", called="NOBODY")
+    assert refused.returncode != 0 and "Called AE Title Not Recognized" in refused.stdout + refused.stderr
+    [event] = wait_for(lambda: node.events("association_rejected"))
+    assert (event["reason"], event["calling_ae"], event["called_ae"]) == ("called AE unknown", "SOMEONE", "NOBODY")
+    assert event["our_ae_titles"] == ["LUNG", "TESTNODE"]
+    audit = sorted((a["calling_ae"], a["called_ae"]) for a in node.query("SELECT * FROM associations"))
+    assert audit == [("MODALITY", "LUNG"), ("MODALITY", "TESTNODE")]
+    lung_uid, main_uid = uid_of(lung[0]), uid_of(main[0])
+    assert {r[0] for r in node.query("SELECT called_ae FROM instances WHERE study_uid=?", (lung_uid,))} == {"LUNG"}
+    exe = str(Path(sys.executable).parent / "dicom-node")
+    for study, applied in ((lung_uid, True), (main_uid, False)):
+        node.wait_complete(study)
+        explained = subprocess.run([exe, "route", "explain", study, "--config", str(node.config_path)],
+                                   capture_output=True, text=True, timeout=120)
+        assert explained.returncode == 0, explained.stderr
+        assert ("[APPLIED ] lung-line" in explained.stdout) == applied, explained.stdout
+    assert_json_log(node)
+
+
+def test_ae_titles_config():
+    from node.config import ScpConfig
+
+    assert ScpConfig().called_ae_titles() == ["DICOM-NODE"]
+    both = ScpConfig(ae_title="MAIN", ae_titles=["LUNG"])
+    assert (both.ae_title, both.called_ae_titles()) == ("MAIN", ["MAIN", "LUNG"])
+    listed = ScpConfig(ae_titles=["LUNG", "BRAIN"])
+    assert (listed.ae_title, listed.called_ae_titles()) == ("LUNG", ["LUNG", "BRAIN"])
+    assert ScpConfig.model_validate(listed.model_dump()) == listed
+    with pytest.raises(ValueError):
+        ScpConfig(ae_titles=["BACK\\SLASH"])
+    assert ScpConfig().pdu_limit() == 64 << 20 and ScpConfig(max_pdu=16384).pdu_limit() == 16384
+
