@@ -52,6 +52,15 @@ class ClassificationResult:
     volume: SeriesVolume
     probabilities: dict[int, float]  # label value -> probability
     seconds: dict[str, float] = field(default_factory=dict)
+    # label value -> saliency on the source grid (slice, row, column), when an explanation was asked for
+    saliency: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def present(self, label: Label) -> bool:
+        """The decision per class: above the threshold (sigmoid, one decision per label), or the
+        most probable class (softmax, exactly one class is present)."""
+        if self.spec.output_activation == "sigmoid":
+            return self.probabilities[label.value] >= self.spec.postprocessing.threshold
+        return label.value == self.predicted.value
 
     @property
     def predicted(self) -> Label:
@@ -203,10 +212,16 @@ def _labels(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return labels
 
 
+def classification_input(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
+    """The model's input (channel, *patch_size) with its affine: training uses this too, so a
+    classifier is trained on exactly what the node feeds it."""
+    image, _ = to_model_space(volume, spec)
+    return Resize(spatial_size=spec.preprocessing.patch_size)(image)
+
+
 def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> ClassificationResult:
     start = time.perf_counter()
-    image, _ = to_model_space(volume, spec)
-    resized = Resize(spatial_size=spec.preprocessing.patch_size)(image)
+    resized = classification_input(volume, spec)
     seconds = {"preprocess": time.perf_counter() - start}
     start = time.perf_counter()
     logits = torch.from_numpy(backend.infer(resized[None].as_tensor().numpy()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +81,12 @@ def serve(
         typer.echo(f"cannot start: {exc.strerror or exc}", err=True)
         service.stop()
         raise typer.Exit(1) from None
+    # Stopped in order: every acknowledged instance, job state and delivery is on disk. Skip the
+    # interpreter's teardown of torch and ONNX Runtime (1-1.5 s here), so a stop takes ~1 s.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

@@ -75,6 +75,9 @@ class ScpConfig(Strict):
         64 << 20, ge=1 << 16, le=1 << 30,
         description="largest PDU accepted (and announced) when max_pdu is 0",
     )
+    max_instance_mb: int = Field(
+        2048, ge=1, description="largest data set one C-STORE may carry (pynetdicom holds it in memory); "
+        "a larger one is aborted as it arrives")
     workers: int = Field(0, ge=0, description="receiver processes; 0 = two per CPU core")
     require_called_ae_title: bool = False
     allowed_callers: list[AllowedCaller] = Field(
@@ -172,10 +175,14 @@ class DestinationConfig(Strict):
     tls: ClientTls = Field(default_factory=ClientTls)
     omit_empty_frames: bool | None = Field(None, description="overrides output.omit_empty_frames")
     segmentation_type: Literal["BINARY", "LABELMAP"] | None = Field(None, description="overrides output.segmentation_type")
+    outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] | None = Field(
+        None, description="what this peer can show: replaces the rule's outputs for it (e.g. [RTSTRUCT, SC, SR])")
 
     def output(self, defaults: OutputOptions) -> OutputOptions:
         changes = {k: v for k, v in (("omit_empty_frames", self.omit_empty_frames),
                                      ("segmentation_type", self.segmentation_type)) if v is not None}
+        if self.outputs is not None:
+            changes["outputs"] = tuple(self.outputs)
         return defaults.model_copy(update=changes)
 
 

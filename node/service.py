@@ -45,8 +45,9 @@ class NodeService:
         self.retention = Retention(self.index, data_dir)
         self.http = None
         self.outbox = Outbox(config, self.index, self.scheduler)
-        self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler)
         admission = Admission(self.index, self.rules, data_dir)
+        self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler,
+                                decide=admission.decide)
         self._rule_quiet_period = admission.quiet_period_for
         self.completion = CompletionTimers(self.index, self.scheduler, admit=admission.admit,
                                            quiet_override=self._quiet_period, on_admitted=self.runner.wake)
@@ -88,13 +89,6 @@ class NodeService:
     def _run_retention(self) -> None:
         self.retention.run(self.live.current.storage.retention)
 
-    def _receivers_alive(self) -> bool:
-        """At least one receiver process runs behind an open listening socket."""
-        pool = self.receivers
-        if pool._listener.fileno() < 0:
-            return False
-        return any(w is not None and w.process.poll() is None for w in pool._workers)
-
     def _start_http(self) -> None:
         if not self.config.http.port:
             return
@@ -102,7 +96,7 @@ class NodeService:
         from node.console.context import ConsoleContext
 
         ctx = ConsoleContext(index=self.index, jobs=self.jobs, live=self.live, models=self.models, spool=self.spool,
-                             retention=self.retention, receivers_alive=self._receivers_alive, scp_port=self.port,
+                             retention=self.retention, receivers_alive=self.receivers.alive, scp_port=self.port,
                              wake_outbox=self.outbox.sweep, wake_jobs=self.runner.wake)
         self.http = HttpServer(ctx)
         self.http.start()

@@ -199,7 +199,8 @@ def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_p
     installation = node.query("SELECT value FROM installation")[0]["value"]
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     instances = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
-    uids = ResultUIDs(installation, 1, SourceIdentity.of(study_uid, series_uid, instances), "threshold", "1")
+    uids = ResultUIDs(installation, 1, SourceIdentity.of(study_uid, series_uid, instances), "threshold", "1",
+                      rule="bright-regions")
     assert found["SEG"][0].SOPInstanceUID == uids.instance("SEG", "BINARY-full")
     assert found["SR"][0].SOPInstanceUID == uids.instance("SR", "BINARY-full")
     assert found["SEG"][0].SeriesInstanceUID == uids.series("SEG")
@@ -254,7 +255,7 @@ def test_many_studies_at_once_with_four_workers(pair, tmp_path):
     failed = wait_job(node, broken_uid, {"done", "failed"})
     assert failed.state is JobState.FAILED and failed.attempts == 1  # permanent: at once, no retry
     assert "images of different sizes" in failed.reason and failed.reason.startswith("load: ")
-    wait_for(lambda: delivered(node) == 8, timeout=120)
+    wait_for(lambda: delivered(node) == 9, timeout=120)  # 8 result sets and the broken study's "AI ran" notice
     for _, study_uid in studies:
         found = results_in(pacs, study_uid)
         assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
@@ -287,6 +288,16 @@ def test_triton_outage_job_waits_then_completes(pair, tmp_path, model_repository
         assert done.attempts >= 2
         found = wait_results(pacs, study_uid)
         assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
+
+        # Triton restarts between two jobs: the node's cached connection and shared-memory
+        # regions are stale; the next job waits once, reconnects, and completes.
+        triton.stop()
+        triton.start(timeout=120, ready_models=("threshold",))
+        files, second = sphere_study(tmp_path / "second", "PAT-T2")
+        send(node, files)
+        done = wait_job(node, second, {"done", "failed"}, timeout=180)
+        assert done.state is JobState.DONE, done.reason
+        assert len(wait_results(pacs, second)["SEG"]) == 1
     finally:
         triton.cleanup()
 
@@ -326,3 +337,35 @@ def test_failure_reasons_quote_no_source_values_and_classify_transience():
     assert describe(JobError("series 1.2.3 has no stored instances"), "load") == "load: series 1.2.3 has no stored instances"
     assert is_transient(BackendUnavailable("Triton at 127.0.0.1:1 is not ready"))
     assert not is_transient(BackendError("model 'nope' version 1 is not ready (models there: threshold)"))
+
+
+def test_routing_failure_completes_the_study_with_a_failed_job_and_newer_completions_supersede(tmp_path):
+    """A defect in routing cannot hold a study open: it completes with a failed job that says why
+    (a retry routes it again). A study completing again supersedes its jobs not yet started."""
+    from node.jobs.admission import Admission
+    from node.store.index import InstanceRecord
+
+    class BrokenRules:  # a rule set whose evaluation raises (a defect no valid rule file can make)
+        class current:
+            @staticmethod
+            def evaluate(view):
+                raise RuntimeError("rule engine defect")
+
+    index = Index(tmp_path / "index.sqlite")
+    store = JobStore(index)
+    record = InstanceRecord("1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.3", "", "1.2.840.10008.1.2.1",
+                            "studies/1.2.3/1.2.3.4/1.2.3.4.5.dcm", 10, "MOD", "TESTNODE", "127.0.0.1", {})
+    index.record_instance(record, now=100.0, quiet_period=1.0, reopen=True)
+    admission = Admission(index, BrokenRules(), tmp_path)  # type: ignore[arg-type]
+    completed, _ = index.complete_if_due("1.2.3", 200.0, lambda db: admission.admit(db, "1.2.3", 200.0))
+    assert completed and index.query("SELECT state FROM studies")[0][0] == "complete"
+    [job] = store.all_jobs("1.2.3")
+    assert job.state is JobState.FAILED and job.decision is None
+    assert job.reason.startswith("route: RuntimeError in") and "defect" not in job.reason
+    assert store.retry(job.id) == 1  # queued again; the runner routes it with the rules then in force
+
+    with index.transaction() as db:
+        newer, _ = store.create(db, "1.2.3", _decision(), 300.0)
+    assert store.get(job.id).state is JobState.IGNORED
+    assert store.get(job.id).reason == "superseded: the study completed again"
+    assert store.get(newer).state is JobState.QUEUED

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -31,9 +33,9 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.receive.validate import MalformedDataset, check_dataset
+from node.receive.validate import MalformedDataset, check_dataset, inflate
 from node.store.filemeta import encode_file_meta
-from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.store.index import Index, InstanceConflict, InstanceRecord, SeriesConflict
 from tests.peers import dataset_bytes, make_study, wait_for
 
 PHI = "PHANTOM-001"  # the synthetic studies' PatientID: never in a log
@@ -247,6 +249,25 @@ def test_dataset_check_encapsulated():
         check_dataset(encoded(image()), RLELossless)
 
 
+def _deflated(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+def test_deflated_data_sets_inflate_within_a_bound():
+    good = encoded(image())
+    check_dataset(_deflated(good), DeflatedExplicitVRLittleEndian)
+    assert inflate(_deflated(good)) == good
+    bomb = _deflated(b"\x00" * (8 << 20))  # 8 MiB of zeros deflate to ~8 KiB
+    assert len(bomb) < 16 << 10
+    with pytest.raises(MalformedDataset, match="inflates to more than 4 MiB"):
+        inflate(bomb, limit=4 << 20)
+    with pytest.raises(MalformedDataset, match="7 bytes after the end of the deflated data set"):
+        check_dataset(_deflated(good) + b"GARBAGE", DeflatedExplicitVRLittleEndian)
+    with pytest.raises(MalformedDataset, match="cut short"):
+        check_dataset(_deflated(good)[:-10], DeflatedExplicitVRLittleEndian)
+
+
 # -- the SOP Instance UID rule in the index --------------------------------------------------------
 
 
@@ -263,8 +284,13 @@ def test_index_conflict_and_identical_resend(tmp_path):
                   _record("1.9", sop_class="1.2.840.10008.5.1.4.1.1.4")):
         with pytest.raises(InstanceConflict, match="already held by study 1.2.3, series 1.2.3.4"):
             index.record_instance(other, now=101.0, quiet_period=10, reopen=True)
+    # a new instance in the same Series Instance UID but another study (another patient's images
+    # mixed into this series) is refused too
+    with pytest.raises(SeriesConflict, match="SeriesInstanceUID 1.2.3.4 is already held by study 1.2.3"):
+        index.record_instance(_record("1.10", study="1.2.6"), now=101.0, quiet_period=10, reopen=True)
     assert [tuple(r) for r in index.query("SELECT study_uid, series_uid, received_at FROM instances")] == [
         ("1.2.3", "1.2.3.4", 100.0)]
+    assert [r[0] for r in index.query("SELECT study_uid FROM studies")] == ["1.2.3"]
     # receiving: an identical resend moves the deadline, leaves the row
     again = index.record_instance(_record("1.9"), now=105.0, quiet_period=10, reopen=True, identical=True)
     assert again.identical and again.duplicate and not again.opened and again.deadline == 115.0
@@ -307,6 +333,56 @@ def test_lying_pdu_header_is_aborted_and_memory_stays_bounded(start_node):
     assert echoscu(node.port).returncode == 0
     assert receiver_pids(node) == [receiver]
     assert_json_log(node)
+
+
+def _p_data(data: bytes, control: int, context_id: int = 1) -> bytes:
+    """A P-DATA-TF PDU with one PDV item (control: bit 0 command, bit 1 last fragment)."""
+    item = (len(data) + 2).to_bytes(4, "big") + bytes([context_id, control]) + data
+    return b"\x04\x00" + len(item).to_bytes(4, "big") + item
+
+
+def test_never_ending_data_set_and_early_p_data_are_aborted(start_node):
+    node = start_node(scp={"workers": 1, "max_instance_mb": 1})
+    assert echoscu(node.port).returncode == 0  # the receiver process is up and serving
+    [receiver] = receiver_pids(node)
+    before = rss_kib(receiver)
+    # after association: data-set fragments that never say "last", 256 KiB each, past 1 MiB
+    assoc = scu(node)
+    raw = assoc.dul.socket.socket
+    try:
+        for _ in range(8):
+            raw.sendall(_p_data(b"\x00" * (256 << 10), control=0x00))
+    except OSError:
+        pass  # the node may have aborted already
+    wait_for(lambda: assoc.is_aborted, timeout=30)
+    [event] = wait_for(lambda: node.events("instance_too_large"), timeout=30)
+    assert event["limit"] == 1 << 20 and event["received"] > 1 << 20
+    # before association: a P-DATA PDU is held to the negotiation limit (1 MiB), not the 64 MiB one
+    with socket.create_connection(("127.0.0.1", node.port)) as s:
+        s.sendall(b"\x04\x00" + (32 << 20).to_bytes(4, "big"))
+        answer = closed_by_peer(s, 30)
+    assert answer[:1] == b"\x07", answer
+    [early] = wait_for(lambda: node.events("pdu_too_large"), timeout=30)
+    assert (early["pdu_type"], early["limit"]) == (4, 1 << 20)
+    assert (rss_kib(receiver) - before) < 256 * 1024
+    assert echoscu(node.port).returncode == 0 and receiver_pids(node) == [receiver]
+
+
+def test_open_connections_are_bounded(start_node):
+    """Past 64 open connections (4 x max_associations, at least 64) a new one is closed at once:
+    stallers cannot make the receivers hold unbounded threads and descriptors."""
+    node = start_node(scp={"workers": 1, "max_associations": 2})
+    assert echoscu(node.port).returncode == 0
+    held = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(64)]
+    try:
+        with socket.create_connection(("127.0.0.1", node.port)) as extra:
+            assert closed_by_peer(extra, 30) == b""
+        event = wait_for(lambda: node.events("connection_refused_too_many"), timeout=30)[0]
+        assert (event["open"], event["limit"]) == (64, 64)
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: echoscu(node.port).returncode == 0, timeout=60, interval=0.5)
 
 
 def test_stalled_sockets_are_dropped_and_never_lock_out_callers(start_node):
@@ -453,6 +529,29 @@ def test_sop_instance_uid_in_two_studies_first_keeps_everything(start_node, tmp_
     assert f"already held by study {a}" in reason
     assert node.study(a)["completions"] == 1  # the conflict did not touch the first study
     assert_json_log(node)
+
+
+def test_series_uid_of_another_study_is_refused(start_node, tmp_path):
+    """Another study (another patient) reusing a Series Instance UID: refused with 0xC214, so its
+    images never join the first study's series."""
+    node = start_node(completion={"quiet_period_s": 1.0})
+    first = make_study(tmp_path / "a", slices=4, size=16)
+    second = make_study(tmp_path / "b", slices=2, size=16, patient_id="OTHER")
+    series = uid_of(first[0], "SeriesInstanceUID")
+    for path in second:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series
+        ds.save_as(path, enforce_file_format=True)
+    assert storescu(node.port, first).count("Received Store Response (Success)") == 4
+    out = storescu(node.port, second, aet="OTHERPACS")
+    assert out.count("Received Store Response (Error: CannotUnderstand)") == 2, out[-1500:]
+    a, b = uid_of(first[0]), uid_of(second[0])
+    assert [tuple(r) for r in node.query("SELECT study_uid, COUNT(*) FROM instances GROUP BY study_uid")] == [(a, 4)]
+    assert node.study(b) is None
+    events = node.events("instance_uid_conflict")
+    assert len(events) == 2 and {(e["status"], e["held_by_study"], e["study_uid"]) for e in events} == {
+        ("0xC214", a, b)}
+    assert len(list((node.data_dir / "quarantine").glob("*.reason.txt"))) == 2
 
 
 def test_sop_instance_uid_conflict_first_study_job_succeeds(start_node, tmp_path, model_repository):

@@ -113,8 +113,16 @@ def export(
     from training.train import load_network
 
     model_spec = _spec(spec)
-    network, network_config = load_network(checkpoint, model_spec)
     onnx = repository / model_spec.name / str(model_spec.version) / "model.onnx"
+    if model_spec.task == "classification":
+        from training.classification import load_classifier
+
+        classifier, _ = load_classifier(checkpoint, model_spec)
+        error = export_onnx(classifier, onnx, model_spec, example_shape=_example_shape(model_spec))
+        entry = write_entry(repository, model_spec, onnx)
+        typer.echo(f"exported {entry} (ONNX vs PyTorch max error {error:.1e})")
+        return
+    network, network_config = load_network(checkpoint, model_spec)
     error = export_onnx(network, onnx, model_spec, divisor=network_config.divisor)
     entry = write_entry(repository, model_spec, onnx)
     typer.echo(f"exported {entry} (ONNX vs PyTorch max error {error:.1e})")
@@ -141,6 +149,107 @@ def demo(
         "epochs": summary["epochs"],
     }, indent=2) + "\n")
     typer.echo(f"demo model: validation Dice {summary['best_dice_mean']:.4f}")
+
+
+CLASSIFIER_SPEC = Path(__file__).resolve().parent / "specs" / "chest-nodule-cls.yaml"
+ClassifierSpecOption = typer.Option(CLASSIFIER_SPEC, "--spec", help="Node-side classifier spec (task: classification).")
+
+
+def _example_shape(spec: ModelSpec) -> tuple[int, int, int]:
+    """Export example: a one-slice (2D) input is exported with two slices, because torch.export
+    fixes a dimension whose example size is 1; the 2D network reads the first slice only."""
+    x, y, z = spec.preprocessing.patch_size
+    return (x, y, 2 if z == 1 else z)
+
+
+@app.command("synth-dx")
+def synth_dx(
+    out: Path = typer.Argument(..., help="Folder for DICOM DX files, labels.csv and truth.json."),
+    count: int = typer.Option(200, help="Number of radiographs (half with a nodule)."),
+    size: int = typer.Option(192, help="Rows and columns."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Synthetic chest radiographs with and without a nodule-like opacity, labelled in a CSV."""
+    from training.phantom.radiograph import make_dx_dataset
+
+    make_dx_dataset(out, count, seed, size)
+    typer.echo(f"wrote {count} radiographs and labels.csv to {out}")
+
+
+@app.command("train-classifier")
+def train_classifier_command(
+    data: Path = typer.Argument(..., help="Folder of DICOM files (a site's own data, or synth-dx output)."),
+    out: Path = typer.Argument(..., help="Run folder: checkpoints, metrics, ROC plot."),
+    labels: Optional[Path] = typer.Option(None, help="CSV with columns file,label (default: <data>/labels.csv)."),
+    test_data: Optional[Path] = typer.Option(None, help="Held-out folder (with labels.csv) for the final metrics."),
+    spec: Path = ClassifierSpecOption,
+    architecture: str = typer.Option("densenet", help="densenet (small), densenet121 or resnet (MONAI)."),
+    spatial_dims: int = typer.Option(2, help="2 (radiographs: patch_size [X, Y, 1]) or 3 (volumes)."),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(16),
+    learning_rate: float = typer.Option(2e-3),
+    val_fraction: float = typer.Option(0.2),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a MONAI DenseNet/ResNet classifier; metrics per epoch, held-out metrics and ROC at the end."""
+    summary = _train_classifier(data, out, labels, test_data, _spec(spec), architecture, spatial_dims, epochs,
+                                batch_size, learning_rate, val_fraction, seed)
+    typer.echo(json.dumps({"best_validation": summary["best_validation"], "test": summary.get("test")}, indent=2))
+
+
+def _train_classifier(data: Path, out: Path, labels: Optional[Path], test_data: Optional[Path], model_spec: ModelSpec,
+                      architecture: str, spatial_dims: int, epochs: int, batch_size: int, learning_rate: float,
+                      val_fraction: float, seed: int) -> dict:
+    import torch
+
+    from training.classification import (ClassificationTrainConfig, ClassifierConfig, evaluate_classifier,
+                                         load_classifier, train_classifier)
+    from training.data.dicom_labels import load_labelled_dicom
+
+    inputs, targets, _ = load_labelled_dicom(data, labels or data / "labels.csv", model_spec)
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(len(inputs) * val_fraction)))
+    val, train = order[:n_val], order[n_val:]
+    config = ClassificationTrainConfig(out=out, spec=model_spec, epochs=epochs, batch_size=batch_size,
+                                       learning_rate=learning_rate, seed=seed,
+                                       network=ClassifierConfig(architecture=architecture,  # type: ignore[arg-type]
+                                                                spatial_dims=spatial_dims))  # type: ignore[arg-type]
+    summary = train_classifier(config, (inputs[train], targets[train]), (inputs[val], targets[val]))
+    if test_data is not None:
+        test_inputs, test_targets, _ = load_labelled_dicom(test_data, test_data / "labels.csv", model_spec)
+        network, _ = load_classifier(out / "best.pt", model_spec)
+        summary["test"] = evaluate_classifier(network, (test_inputs, test_targets), model_spec, out, "test")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@app.command("demo-classifier")
+def demo_classifier(
+    work: Path = typer.Option(Path("build/demo-classifier"), help="Scratch folder for data and checkpoints."),
+    repository: Path = typer.Option(Path("models"), help="Where the model entry goes."),
+    train_count: int = typer.Option(1200),
+    test_count: int = typer.Option(200),
+    epochs: int = typer.Option(25),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the shipped demo classifier (synthetic DX, a few minutes on 2 CPU cores) and export it."""
+    from training.phantom.radiograph import make_dx_dataset
+
+    make_dx_dataset(work / "train", train_count, seed)
+    make_dx_dataset(work / "test", test_count, seed + 1)  # another seed: held out
+    model_spec = _spec(CLASSIFIER_SPEC)
+    summary = _train_classifier(work / "train", work / "run", None, work / "test", model_spec, "densenet", 2, epochs,
+                                16, 2e-3, 0.2, seed)
+    export(work / "run" / "best.pt", repository, CLASSIFIER_SPEC, None)
+    entry = repository / model_spec.name
+    (entry / "training.json").write_text(json.dumps({
+        "command": f"dicom-node-train demo-classifier --seed {seed}",
+        "train_images": train_count, "test_images": test_count, "epochs": epochs,
+        "best_validation": summary["best_validation"], "test": summary["test"],
+    }, indent=2) + "\n")
+    for name in ("test_roc.png", "test_metrics.csv"):
+        (entry / name).write_bytes((work / "run" / name).read_bytes())
+    typer.echo(f"demo classifier: held-out metrics {json.dumps(summary['test'])}")
 
 
 def main() -> None:

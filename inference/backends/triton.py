@@ -149,6 +149,11 @@ class TritonBackend:
         except InferenceServerException as exc:
             if _is_transient(exc):
                 raise
+            if self.use_shm and "shared memory" in str(exc.message()).lower():
+                # A restarted server knows none of our regions: make them anew on the next attempt.
+                self._forget_regions()
+                raise BackendUnavailable(f"Triton at {self.url} no longer has this node's shared-memory regions"
+                                         " (restarted?)") from None
             raise BackendError(
                 f"Triton rejected model {self.spec.name} on input {list(batch.shape)}: {exc.message()}"
             ) from None
@@ -196,7 +201,8 @@ class TritonBackend:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
+    def _forget_regions(self) -> None:
+        """Unregister (where the server still knows them) and free our shared-memory regions."""
         for role, (handle, _) in list(self._regions.items()):
             try:
                 self.client.unregister_system_shared_memory(self._name(role))
@@ -204,4 +210,7 @@ class TritonBackend:
                 pass
             shm.destroy_shared_memory_region(handle)
         self._regions.clear()
+
+    def close(self) -> None:
+        self._forget_regions()
         self.client.close()

@@ -25,7 +25,6 @@ from node.encode.options import OutputOptions
 from node.encode.seg import coded, segment_labels
 from node.encode.uids import ResultUIDs
 
-UNITLESS = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS",
                                              meaning="Qualitative Evaluations")
 # TID 1411 row 12's meaning (highdicom writes "Source Series for Segmentation")
@@ -129,8 +128,7 @@ def build_sr(
         evidence: list[Dataset] = list(result.volume.datasets) + ([seg] if seg is not None else [])
     else:
         groups = [_classification_group(result, uids)]
-        evaluations = [hd.sr.QualitativeEvaluation(name=coded(result.predicted.category),
-                                                   value=coded(result.predicted.type))]
+        evaluations = class_decisions(result)
         evidence = list(result.volume.datasets)
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result, options, uids),
@@ -192,12 +190,12 @@ def _use_template_meaning(item: Dataset, code: hd.sr.CodedConcept) -> None:
 
 
 def _procedure(modality: str) -> Code:
-    """Procedure reported (CID 100) for the source modality; a generic imaging procedure otherwise."""
+    """Procedure reported (CID 100) for the source modality; a generic imaging procedure otherwise.
+    CID 100 has no radiography (XR) procedure: LN "XR unspecified body region" is an error for
+    pixelmed, so radiographs get the generic code too (the evidence names the DX/CR images)."""
     by_modality = {"CT": codes.LN.CTUnspecifiedBodyRegion, "MR": codes.LN.MRIUnspecifiedBodyRegion,
                    "PT": codes.LN.PETUnspecifiedBodyRegion, "NM": codes.LN.NMUnspecifiedBodyRegion}
-    radiography = {"DX", "CR", "MG", "RG", "IO", "PX"}
-    return by_modality.get(modality, codes.LN.XRUnspecifiedBodyRegion if modality in radiography
-                           else codes.SCT.ImagingProcedure)
+    return by_modality.get(modality, codes.SCT.ImagingProcedure)
 
 
 def _absent(label: Label) -> hd.sr.QualitativeEvaluation:
@@ -205,16 +203,34 @@ def _absent(label: Label) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(name=coded(label.type), value=codes.SCT.Absent)
 
 
+PROBABILITY = hd.sr.CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
+
+
+def class_decisions(result: ClassificationResult) -> list[hd.sr.QualitativeEvaluation]:
+    """TID 1500 row 12: one evaluation per class, the finding (label type) Present or Absent as
+    the model decided it (ClassificationResult.present: threshold for sigmoid, argmax for softmax)."""
+    return [hd.sr.QualitativeEvaluation(name=coded(label.type),
+                                        value=codes.SCT.Present if result.present(label) else codes.SCT.Absent)
+            for label in result.spec.labels]
+
+
 def _classification_group(result: ClassificationResult, uids: ResultUIDs) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: each class probability (UCUM {probability}) with the algorithm (TID 4019) and the
+    source image(s) it was computed from (TID 300 "Source of Measurement")."""
     algorithm = _algorithm(result)
     predicted = result.predicted
+    volume = result.volume
+    if volume.source_frames is None:
+        sources = [hd.sr.SourceImageForMeasurement.from_source_image(ds) for ds in volume.datasets]
+    else:  # one multi-frame object: the frames of this volume
+        sources = [hd.sr.SourceImageForMeasurement.from_source_image(volume.datasets[0], sorted(volume.source_frames))]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking("classification"), identifier="Classification"),
         finding_category=coded(predicted.category),
         algorithm_id=algorithm,
         measurements=[
             hd.sr.Measurement(name=coded(label.type), value=round(result.probabilities[label.value], 6),
-                              unit=UNITLESS, algorithm_id=algorithm)
+                              unit=PROBABILITY, algorithm_id=algorithm, referenced_images=sources)
             for label in result.spec.labels
         ],
     )

@@ -3,7 +3,8 @@
 A UID is `generate_uid(prefix=root, entropy_srcs=[...])` (a SHA-512 of what identifies the result):
 - the installation's own identity (a random UID made on its first start and kept in its index),
   so two nodes, or one node whose data folder was recreated, never mint the same UID;
-- the job (its id in this installation's index) and the source study, series and instance UIDs,
+- the job (its id in this installation's index, and the rule) and the source study, series and
+  instance UIDs (and which volume, for a series holding several),
   so results for different studies, or a new job after the study changed, differ;
 - the model name and version, the object kind and its variant.
 A crash re-run, a `jobs retry` or a delivery retry of the same job mints exactly the same UIDs,
@@ -45,14 +46,15 @@ class ResultUIDs:
     source: SourceIdentity
     model: str
     model_version: str
+    rule: str = ""  # two rules of one job may run one model on one series with other outputs
     root: str = PYDICOM_ROOT_UID
 
     def _uid(self, *parts: object) -> str:
         # One JSON string: generate_uid joins its sources without separators, so ("ab", "c") and
         # ("a", "bc") would collide.
-        key = json.dumps([self.installation_uid, self.job_id, self.source.study_uid, self.source.series_uid,
-                          self.source.instances_digest, self.source.volume, self.model, self.model_version,
-                          *map(str, parts)])
+        key = json.dumps([self.installation_uid, self.job_id, self.rule, self.source.study_uid,
+                          self.source.series_uid, self.source.instances_digest, self.source.volume, self.model,
+                          self.model_version, *map(str, parts)])
         return str(generate_uid(prefix=self.root, entropy_srcs=[key]))
 
     def series(self, kind: str) -> str:

@@ -8,6 +8,7 @@ type and where it was raised are kept.
 
 from __future__ import annotations
 
+import sqlite3
 import traceback
 from pathlib import Path
 
@@ -20,8 +21,9 @@ class JobError(RuntimeError):
     """A job cannot be done as routed; the message (UIDs and names only) says why."""
 
 
-# Failures that may go away by themselves: the job waits and tries again.
-TRANSIENT = (BackendUnavailable, OutOfSpace)
+# Failures that may go away by themselves: the job waits and tries again (OperationalError: the
+# index busy or locked past its timeout).
+TRANSIENT = (BackendUnavailable, OutOfSpace, sqlite3.OperationalError)
 # Exceptions whose messages the node writes itself, without source values.
 _OWN_MESSAGES = (JobError, BackendError, SeriesError)
 

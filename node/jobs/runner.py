@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from apscheduler.schedulers.base import BaseScheduler
 from pydicom.uid import PYDICOM_ROOT_UID
@@ -28,7 +28,7 @@ from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
 from node.jobs.failures import JobError, describe, is_transient
 from node.jobs.store import Job, JobState, JobStore
-from node.route.decision import AppliedRule
+from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import SENDER
 from node.route.study import StudyView, study_from_index
 from node.send.outbox import Outbox
@@ -44,7 +44,8 @@ log = logging.getLogger("node.jobs")
 
 class JobRunner:
     def __init__(self, config: NodeConfig, index: Index, jobs: JobStore, outbox: Outbox, models: ModelRepository,
-                 spool: Spool, scheduler: BaseScheduler):
+                 spool: Spool, scheduler: BaseScheduler, decide: Callable[[str], RoutingDecision]):
+        """`decide(study_uid)` routes a job that has no decision yet (see JobStore.create_unrouted)."""
         self.config = config
         self.index = index
         self.jobs = jobs
@@ -52,14 +53,17 @@ class JobRunner:
         self.models = models
         self.spool = spool
         self.scheduler = scheduler
+        self.decide = decide
         self.data_dir = Path(config.storage.data_dir)
         self.installation_uid = installation_uid(index)
         self.backends = BackendCache(models, config.inference.triton)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._loaded = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        threading.Thread(target=self._load_pipeline, name="pipeline-import", daemon=True).start()
         for n in range(self.config.pipeline.workers):
             thread = threading.Thread(target=self._work, name=f"pipeline-{n}", daemon=True)
             thread.start()
@@ -72,8 +76,11 @@ class JobRunner:
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
-            thread.join(30)
-        self.backends.close()
+            # A job still running is left to the next start, which runs it again (same outputs,
+            # same UIDs): stopping does not wait for a model.
+            thread.join(1.0)
+        if not any(thread.is_alive() for thread in self._threads):
+            self.backends.close()
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -82,18 +89,29 @@ class JobRunner:
         self.scheduler.add_job(self.wake, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc),
                                misfire_grace_time=None)
 
-    def _work(self) -> None:
-        # torch and MONAI (seconds to import) load here, in the workers, while the receivers
-        # already accept associations.
-        importlib.import_module("node.jobs.stages")
+    def _load_pipeline(self) -> None:
+        """torch and MONAI (seconds to import) load here, once, while the receivers already accept
+        associations; the workers wait for it (several threads importing torch at once can deadlock)."""
+        try:
+            importlib.import_module("node.jobs.stages")
+        finally:
+            self._loaded.set()
 
+    def _work(self) -> None:
+        self._loaded.wait()
         while not self._stop.is_set():
-            job = self.jobs.claim()
+            try:
+                job = self.jobs.claim()
+                if job is not None:
+                    self.run(job)
+            except Exception as exc:  # e.g. the index busy past its timeout: the worker must live on
+                # (a job caught between states stays running and runs again at the next start)
+                logs.event(log, "job_worker_error", logging.ERROR, error=type(exc).__name__)
+                self._stop.wait(1.0)
+                continue
             if job is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
-                continue
-            self.run(job)
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -110,6 +128,7 @@ class JobRunner:
             else:
                 self.jobs.fail(job.id, reason)
                 logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid, reason=reason[:500])
+                self._notify_failure(job, reason)
             return
         self.jobs.finish(job.id)
         logs.event(log, "job_done", job=job.id, study_uid=job.study_uid, seconds=round(time.time() - started, 3))
@@ -126,14 +145,24 @@ class JobRunner:
         else:
             logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid,
                        reason=f"retry deadline passed: {reason}"[:500])
+            self._notify_failure(job, f"retry deadline passed: {reason}")
+
+    def _notify_failure(self, job: Job, reason: str) -> None:
+        """The 'AI ran' notice for a job failed for good (node.jobs.notices; never raises)."""
+        from node.jobs.notices import send_failure_notices
+
+        send_failure_notices(self, job, reason)
 
     def _execute(self, job: Job, progress: _Progress) -> None:
-        if job.decision is None:
-            raise JobError("the job has no routing decision in this release's format: send the study again")
         view = study_from_index(self.index, job.study_uid, self.data_dir)
         if view is None:
             raise JobError(f"study {job.study_uid} has no stored instances")
-        for applied in job.decision.applied:
+        decision = job.decision
+        if decision is None:  # routing failed at completion (or an older release's job): route now
+            progress.stage = "route"
+            decision = self.decide(job.study_uid)
+            self.jobs.set_decision(job.id, decision)
+        for applied in decision.applied:
             for name in applied.actions.forward_to:
                 files = [f for series in view.series for f in series.files]
                 self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
@@ -151,6 +180,7 @@ class JobRunner:
             job_id=job.id, study_uid=job.study_uid, rule=applied.rule, model=model, series_uid=series.series_uid,
             files=tuple(series.files), outputs=tuple(applied.actions.outputs),
             destinations=tuple(self._destination(name, view) for name in applied.actions.send_to),
+            notices=applied.actions.notices,
         )
 
     def _run_model(self, job: Job, task: ModelTask, progress: _Progress) -> None:
@@ -167,17 +197,19 @@ class JobRunner:
             results = []
             for volume in volumes:
                 with self._stage(job, "inference", progress), self.backends.use(task.model) as backend:
-                    results.append(stages.infer(volume, spec, backend))
+                    results.append(stages.infer(volume, spec, backend, explain="SALIENCY" in {
+                        *task.outputs, *(name for o in variants.values() for name in o.outputs or ())}))
             folder = self.data_dir / "results" / task.key.replace(":", "_")
             for key, options in missing.items():
                 files: list[Path] = []
                 for number, result in enumerate(results, start=1):
                     source = SourceIdentity.of(task.study_uid, task.series_uid, task.instance_uids, result.volume.label)
                     uids = ResultUIDs(self.installation_uid, job.id, source, spec.name, str(spec.version),
-                                      self.config.output.uid_root or PYDICOM_ROOT_UID)
+                                      rule=task.rule, root=self.config.output.uid_root or PYDICOM_ROOT_UID)
                     subfolder = folder / options.variant / (f"volume{number}" if len(results) > 1 else "")
                     with self._stage(job, "encode", progress):
-                        files += stages.encode(result, options, uids, task.outputs, subfolder, self.spool)
+                        files += stages.encode(result, options, uids, options.outputs or task.outputs, subfolder,
+                                               self.spool, notices=task.notices)
                 self.jobs.record_outputs(job.id, key, files)
                 encoded[key] = files
             for result in results:

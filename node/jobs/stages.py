@@ -17,7 +17,9 @@ from inference.pipeline import ClassificationResult, SegmentationResult, classif
 from inference.spec import ModelSpec
 from inference.volume import SeriesVolume, load_volumes, read_series
 from node.encode.demographics import tolerate_demographics
+from node.encode.keyimages import build_key_images
 from node.encode.options import OutputOptions
+from node.encode.rtstruct import build_rtstruct
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from node.encode.uids import ResultUIDs
@@ -38,6 +40,7 @@ class ModelTask:
     files: tuple[Path, ...]
     outputs: tuple[str, ...]
     destinations: tuple[str, ...]
+    notices: bool = True  # the rule's `notices`: an SR even when nothing was found
 
     @property
     def key(self) -> str:
@@ -45,7 +48,7 @@ class ModelTask:
 
     def output_key(self, options: OutputOptions) -> str:
         """Names one encoded variant of the results (and its outbox row, with the destination)."""
-        return f"{self.key}:{options.variant}"
+        return f"{self.key}:{options.variant}" + (f":{'+'.join(options.outputs)}" if options.outputs else "")
 
     @property
     def instance_uids(self) -> list[str]:
@@ -58,20 +61,38 @@ def load(task: ModelTask) -> list[SeriesVolume]:
     return load_volumes(read_series(list(task.files)))
 
 
-def infer(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Result:
-    return segment(volume, spec, backend) if spec.task == "segmentation" else classify(volume, spec, backend)
+def infer(volume: SeriesVolume, spec: ModelSpec, backend: Backend, explain: bool = False) -> Result:
+    """`explain`: a classification also gets its saliency maps (for the SALIENCY output), made
+    here because they need the backend (occlusion sensitivity, inference.saliency)."""
+    if spec.task == "segmentation":
+        return segment(volume, spec, backend)
+    result = classify(volume, spec, backend)
+    if explain:
+        from inference.saliency import occlusion_saliency
+
+        occlusion_saliency(result, backend)
+    return result
 
 
 def encode(result: Result, options: OutputOptions, uids: ResultUIDs, outputs: tuple[str, ...], folder: Path,
-           spool: Spool) -> list[Path]:
+           spool: Spool, notices: bool = False) -> list[Path]:
     """Write the requested result objects durably; the same inputs write the same objects."""
     tolerate_demographics(result.volume.datasets)
     seg = build_seg(result, options, uids) if isinstance(result, SegmentationResult) else None
     objects: list[Any] = []
     if seg is not None and "SEG" in outputs:
         objects.append(seg)
-    if "SR" in outputs:
+    nothing_found = isinstance(result, SegmentationResult) and not result.findings
+    if "SR" in outputs or (notices and nothing_found):  # the report says "Absent": the AI ran
         objects.append(build_sr(result, options, uids, seg))
+    if isinstance(result, SegmentationResult) and "RTSTRUCT" in outputs:
+        objects += [s for s in [build_rtstruct(result, options, uids)] if s is not None]
+    if isinstance(result, SegmentationResult) and "SC" in outputs:
+        objects += build_key_images(result, options, uids)
+    if isinstance(result, ClassificationResult) and "SALIENCY" in outputs:
+        from node.encode.saliency import build_saliency_maps
+
+        objects += build_saliency_maps(result, options, uids)
     files = []
     for obj in objects:
         target = folder / f"{obj.SOPInstanceUID}.dcm"

@@ -1,18 +1,17 @@
 """The job state machine: one job per completed study, and every SQL statement on its table.
 
-States and the only transitions between them::
+States and the only transitions between them (TRANSITIONS below):
 
-    (study completes) --> queued --claim--> running --finish--> done
-                   \\                 ^        |  \\--fail-----> failed --retry--> queued
-                    \\                |        \\--wait-----> waiting --claim (when due)--> running
-                     \\--> ignored    |                         |  \\--deadline passed--> failed
-                          (no rule)   \\--requeue (crash)--     \\--retry--> queued
-                                                            ignored --retry--> queued
+- a study completes: a job is created `queued` (or `ignored`: no rule applies, or it discards),
+  in the same transaction, with its routing decision in it; the study's jobs still `queued` or
+  `waiting` become `ignored` (superseded: they would process an outdated study);
+- `queued` -> `running` (a worker claims it) -> `done` | `failed` | `waiting` (transient failure);
+- `waiting` -> `running` when due, `failed` past its retry deadline;
+- `running` -> `queued` at start-up (the node died while it ran: it runs again);
+- `failed`, `ignored`, `waiting` -> `queued` (`dicom-node jobs retry`).
 
-A job is created in the same transaction that completes its study, with the routing decision
-already in it, so no worker can ever see a job without a decision. A transition is one UPDATE
-guarded by the states it may leave from: a second worker, a CLI retry racing a worker, or a
-stale caller changes nothing and gets an `IllegalTransition`.
+A transition is one UPDATE guarded by the states it may leave from: a second worker, a CLI retry
+racing a worker, or a stale caller changes nothing and gets an `IllegalTransition`.
 
 Finished stages record their outputs (the result files of each model run), so a job re-run
 after a crash continues from the last finished stage and hands the same files to the outbox.
@@ -69,9 +68,9 @@ class JobState(StrEnum):
 
 # state -> the states it may move to
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.IGNORED}),
     JobState.RUNNING: frozenset({JobState.DONE, JobState.WAITING, JobState.FAILED, JobState.QUEUED}),
-    JobState.WAITING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.QUEUED}),
+    JobState.WAITING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.QUEUED, JobState.IGNORED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.IGNORED: frozenset({JobState.QUEUED}),
     JobState.DONE: frozenset(),
@@ -130,6 +129,7 @@ class JobStore:
         state = JobState.QUEUED if decision.processes else JobState.IGNORED
         reason = None if state is JobState.QUEUED else (
             "the routing rule discards the study" if decision.applied else "no routing rule applies")
+        JobStore._supersede(db, study_uid, now)
         cur = db.execute(
             "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, priority, rules_version,"
             " decision, explanation, stages, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -138,6 +138,33 @@ class JobStore:
              json.dumps({"route": [route_started or now, time.time()]}), "{}"),
         )
         return int(cur.lastrowid or 0), state
+
+    @staticmethod
+    def _supersede(db: sqlite3.Connection, study_uid: str, now: float) -> None:
+        """The study completed again (new or changed instances): its jobs that have not started
+        would process an outdated study and deliver a second, outdated result set."""
+        pending = db.execute("SELECT id FROM work_items WHERE study_uid=? AND state IN (?, ?)",
+                             (study_uid, JobState.QUEUED.value, JobState.WAITING.value)).fetchall()
+        for row in pending:
+            JobStore._move(db, row["id"], JobState.IGNORED, now, only_from=(JobState.QUEUED, JobState.WAITING),
+                           reason="superseded: the study completed again", next_attempt=None)
+
+    @staticmethod
+    def create_unrouted(db: sqlite3.Connection, study_uid: str, reason: str, now: float) -> int:
+        """A completed study whose routing failed: a failed job without a decision (a retry routes
+        it again with the rules then in force)."""
+        JobStore._supersede(db, study_uid, now)
+        cur = db.execute(
+            "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, stages, outputs)"
+            " VALUES (?,?,?,?,?,?,?)", (study_uid, JobState.FAILED.value, now, now, reason[:2000], "{}", "{}"))
+        return int(cur.lastrowid or 0)
+
+    def set_decision(self, job_id: int, decision: RoutingDecision) -> None:
+        """The decision of a job that had none (see create_unrouted), made when it runs."""
+        with self.index.transaction() as db:
+            db.execute("UPDATE work_items SET decision=?, explanation=?, rules_version=?, priority=? WHERE id=?",
+                       (decision.model_dump_json(), decision.explanation, decision.rules_version,
+                        decision.priority, job_id))
 
     # -- the worker's side -------------------------------------------------------------------
 

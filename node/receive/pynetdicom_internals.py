@@ -38,6 +38,7 @@ NEGOTIATION_PDU_LIMIT = 1 << 20
 # larger one grows its buffer as bytes arrive, so a peer that lies about a PDU's length costs
 # memory only for what it really sends.
 EAGER_BUFFER = 4 << 20
+NEGOTIATION_EAGER_BUFFER = 64 << 10  # before the A-ASSOCIATE-RQ is in, much less
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 A_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x06])
 
@@ -65,6 +66,8 @@ class PduSocket(AssociationSocket):
     """
 
     pdu_limit: int
+    message_limit: int
+    _message_bytes: int
     opened_at: float
     peer: str
     _body: int | None
@@ -72,8 +75,10 @@ class PduSocket(AssociationSocket):
     _established: bool
     _timeout: float | None
 
-    def prepare(self, pdu_limit: int, peer: str) -> None:
+    def prepare(self, pdu_limit: int, peer: str, message_limit: int) -> None:
         self.pdu_limit = pdu_limit
+        self.message_limit = message_limit
+        self._message_bytes = 0
         self.opened_at = time.monotonic()
         self.peer = peer
         self._body = None
@@ -93,11 +98,14 @@ class PduSocket(AssociationSocket):
             body = self._read(sock, nr_bytes)
             if self._body_type == 0x01 and len(body) == nr_bytes:
                 self._established = True
+            elif self._body_type == P_DATA_TF:
+                self._count_message(sock, body)
             return body
         data = self._read(sock, nr_bytes)
         if nr_bytes == 6 and len(data) == 6:
             pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
-            limit = self.pdu_limit if pdu_type == P_DATA_TF else NEGOTIATION_PDU_LIMIT
+            # P-DATA before the association is negotiated gets the negotiation limit too
+            limit = self.pdu_limit if pdu_type == P_DATA_TF and self._established else NEGOTIATION_PDU_LIMIT
             if length > limit:
                 self._refuse(sock, pdu_type, length, limit)
             self._body = length if 0x01 <= pdu_type <= 0x07 else None
@@ -117,8 +125,25 @@ class PduSocket(AssociationSocket):
             sock.settimeout(timeout)
             self._timeout = timeout
 
+    def _count_message(self, sock: socket.socket, body: bytearray) -> None:
+        """Add up the data-set fragments (PDV items) of the DIMSE message being received; abort it
+        past `message_limit`. pynetdicom collects a whole message in memory before any handler
+        sees it, so this is the only place a never-ending message can be stopped."""
+        pos = 0
+        while pos + 6 <= len(body):
+            length = int.from_bytes(body[pos:pos + 4], "big")
+            control = body[pos + 5]
+            if not control & 0x01:  # bit 0 clear: a data-set fragment (set: a command fragment)
+                self._message_bytes += max(length - 2, 0)
+                if self._message_bytes > self.message_limit:
+                    self._abort(sock, "instance_too_large", f"a data set over {self.message_limit >> 20} MiB",
+                                received=self._message_bytes, limit=self.message_limit)
+                if control & 0x02:  # bit 1: the last fragment
+                    self._message_bytes = 0
+            pos += 4 + length
+
     def _read(self, sock: socket.socket, nr_bytes: int) -> bytearray:
-        buffer = bytearray(min(nr_bytes, EAGER_BUFFER))
+        buffer = bytearray(min(nr_bytes, EAGER_BUFFER if self._established else NEGOTIATION_EAGER_BUFFER))
         received = 0
         try:
             while received < nr_bytes:
@@ -137,15 +162,18 @@ class PduSocket(AssociationSocket):
         return buffer
 
     def _refuse(self, sock: socket.socket, pdu_type: int, length: int, limit: int) -> None:
-        logs.event(log, "pdu_too_large", logging.WARNING, peer=self.peer, pdu_type=pdu_type,
-                   length=length, limit=limit)
+        self._abort(sock, "pdu_too_large", f"PDU of {length} bytes over the limit of {limit}",
+                    pdu_type=pdu_type, length=length, limit=limit)
+
+    def _abort(self, sock: socket.socket, event: str, why: str, **fields: object) -> None:
+        logs.event(log, event, logging.WARNING, peer=self.peer, **fields)
         try:
             sock.settimeout(1.0)
             sock.sendall(A_ABORT_INVALID_PARAMETER)
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        raise PduTooLarge(f"PDU of {length} bytes over the limit of {limit}")
+        raise PduTooLarge(why)
 
 
 class _RequestHandler(RequestHandler):
@@ -155,7 +183,8 @@ class _RequestHandler(RequestHandler):
         # Same object, same state: only the read method changes (see PduSocket).
         sock.__class__ = PduSocket
         cast(PduSocket, sock).prepare(int(self.ae.maximum_pdu_size or 0) or (1 << 30),
-                                      str(self.client_address[0]))
+                                      str(self.client_address[0]),
+                                      int(getattr(self.ae, "max_message_bytes", 0)) or (1 << 62))
         return assoc
 
 

@@ -95,6 +95,8 @@ class NodeAE(AE):
 
     def __init__(self, config: NodeConfig):
         super().__init__(ae_title=config.scp.ae_title)
+        # read by PduSocket: the most data-set bytes one DIMSE message may carry
+        self.max_message_bytes = config.scp.max_instance_mb << 20
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from node.receive.validate import MalformedDataset, inflate
 from node.store.spool import checked_uid
 
 ROUTING_KEYWORDS = (
@@ -54,9 +54,9 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
     data = bytes(raw)
     if ts == DeflatedExplicitVRLittleEndian:
         try:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise UnreadableDataset(f"deflated dataset does not inflate: {exc}") from None
+            data = inflate(data)
+        except MalformedDataset as exc:
+            raise UnreadableDataset(str(exc)) from None
     try:
         ds = read_dataset(
             io.BytesIO(data),

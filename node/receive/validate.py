@@ -221,15 +221,33 @@ class _Walker:
                 pixel=True)
 
 
+MAX_INFLATED_BYTES = 256 << 20  # a deflated data set may inflate to this much, no more
+
+
+def inflate(raw: bytes | memoryview, limit: int = MAX_INFLATED_BYTES) -> bytes:
+    """A deflated data set, inflated with a bound: 200 KiB can inflate to 200 MiB and more (a
+    "deflate bomb"). Refused when it inflates past `limit`, is cut short, or has bytes after the
+    end of its deflate stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(bytes(raw), limit)
+    except zlib.error:
+        raise MalformedDataset("deflated data set does not inflate") from None
+    if inflater.unconsumed_tail:
+        raise MalformedDataset(f"deflated data set inflates to more than {limit >> 20} MiB")
+    if not inflater.eof:
+        raise MalformedDataset("deflated data set is cut short")
+    if inflater.unused_data:
+        raise MalformedDataset(f"{len(inflater.unused_data)} bytes after the end of the deflated data set")
+    return data
+
+
 def check_dataset(raw: bytes | memoryview, transfer_syntax: str) -> None:
     """Raise MalformedDataset unless the encoded data set is whole (see the module docstring)."""
     ts = UID(transfer_syntax)
     data: bytes | memoryview = raw
     if ts == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompress(bytes(raw), -zlib.MAX_WBITS)
-        except zlib.error:
-            raise MalformedDataset("deflated data set does not inflate") from None
+        data = inflate(raw)
     walker = _Walker(data, ts.is_little_endian)
     try:
         walker.dataset(0, len(data), ts.is_implicit_VR, delimited=False, top=True,

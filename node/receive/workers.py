@@ -43,6 +43,7 @@ from node.receive.pynetdicom_internals import HandedServer
 log = logging.getLogger("node.receive")
 
 _CONFIG_ENV = "DICOM_NODE_RECEIVER_CONFIG"
+SHUTDOWN_GRACE_S = 0.5  # on stop, associations still open after this are aborted
 _MAX_MESSAGE = 4096
 # Each received PDU is a 16 KiB-1 MiB buffer. With glibc's defaults these go through mmap and
 # munmap and fault in fresh pages every time (measured: a third of receive system time).
@@ -76,6 +77,8 @@ class ReceiverPool:
         self.config = config
         self.on_study_opened = on_study_opened
         self.count = config.scp.worker_count()
+        # open connections at once, negotiating or associated, across all receivers
+        self.max_connections = max(64, 4 * config.scp.max_associations)
         self._workers: list[_Worker | None] = [None] * self.count
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -93,6 +96,13 @@ class ReceiverPool:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def alive(self) -> bool:
+        """At least one receiver process runs behind an open listening socket (for readiness)."""
+        if self._listener.fileno() < 0:
+            return False
+        with self._lock:
+            return any(w is not None and w.process.poll() is None for w in self._workers)
 
     def stop(self, grace: float = 10.0) -> None:
         self._stopping.set()
@@ -153,6 +163,14 @@ class ReceiverPool:
                 conn.close()  # the receiver holds its own duplicate now
 
     def _dispatch(self, conn: socket.socket, peer: Any) -> None:
+        with self._lock:
+            connections = sum(w.active for w in self._workers if w is not None)
+        if connections >= self.max_connections:
+            # Connections still negotiating hold no association slot, but each holds a thread and
+            # a descriptor in a receiver until its ACSE deadline: beyond this many, close at once.
+            logs.event(log, "connection_refused_too_many", logging.WARNING, peer=peer[0], open=connections,
+                       limit=self.max_connections)
+            return
         message = json.dumps({"peer": [peer[0], peer[1]]}).encode()
         for _ in range(self.count + 1):
             with self._lock:
@@ -273,7 +291,7 @@ def receiver_main(channel_fd: int) -> None:
                 return
         server.process_request(conn, peer)
 
-    channel.settimeout(0.5)
+    channel.settimeout(0.2)  # how soon a SIGTERM is seen
     while not stopping.is_set():
         try:
             message, fds, _, _ = socket.recv_fds(channel, _MAX_MESSAGE, 1)
@@ -284,15 +302,23 @@ def receiver_main(channel_fd: int) -> None:
         if not message:
             break  # the service closed the channel
         peer = tuple(json.loads(message)["peer"])
+        if not fds:  # the descriptor did not arrive (e.g. this process is out of descriptors)
+            send({"closed": True})
+            continue
         conn = socket.socket(fileno=fds[0])
         # Never blocking without a limit; PduSocket sets the per-phase timeouts from here on.
         conn.settimeout(config.scp.timeouts.acse)
         threading.Thread(target=take, args=(conn, peer), daemon=True).start()
 
-    # Let associations in flight finish: each acknowledged instance is already durable.
-    deadline = time.monotonic() + 10
+    # A short grace for associations that are finishing, then A-ABORT the rest (idle ones would
+    # otherwise hold the stop for as long as their peer likes). Nothing is lost: every acknowledged
+    # instance is durable, and an instance cut off mid-transfer was never acknowledged, so its
+    # sender sends it again.
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
     while server.active_associations and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
+    for assoc in server.active_associations:
+        assoc.abort()
 
 
 if __name__ == "__main__":

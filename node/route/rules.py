@@ -32,10 +32,11 @@ class _Strict(BaseModel):
 
 class Actions(_Strict):
     run: list[str] = Field(default_factory=list, description="models (names in the model repository)")
-    outputs: list[Literal["SEG", "SR"]] = Field(default_factory=lambda: ["SEG", "SR"])
+    outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] = Field(default_factory=lambda: ["SEG", "SR"])
     send_to: list[str] = Field(default_factory=list, description="destinations for results; @sender = back to the caller")
     forward_to: list[str] = Field(default_factory=list, description="destinations that get the original study unchanged")
     discard: bool = False
+    notices: bool = Field(True, description="send an SR saying the AI ran when the job fails or finds nothing")
 
     @model_validator(mode="after")
     def _something(self) -> "Actions":

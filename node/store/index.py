@@ -128,6 +128,15 @@ class InstanceConflict(Exception):
                                    row["sop_class_uid"])
 
 
+class SeriesConflict(InstanceConflict):
+    """The Series Instance UID is already indexed under another study: the newcomer would mix its
+    images into another study's (another patient's) series, so it is refused like a SOP conflict."""
+
+    def __init__(self, sop_instance_uid: str, study_uid: str, series_uid: str):
+        super().__init__(sop_instance_uid, study_uid, series_uid, "")
+        self.args = (f"SeriesInstanceUID {series_uid} is already held by study {study_uid}",)
+
+
 class Index:
     """Thread-safe access to the index; one SQLite connection per thread."""
 
@@ -202,6 +211,9 @@ class Index:
                 (rec.sop_instance_uid,),
             ).fetchone()
             InstanceConflict.check(rec, existing)
+            series_of = db.execute("SELECT study_uid FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
+            if series_of is not None and series_of["study_uid"] != rec.study_uid:
+                raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
             duplicate = existing is not None
             identical = identical and duplicate
             if not identical:

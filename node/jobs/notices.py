@@ -1,0 +1,62 @@
+"""Send the 'AI ran' notice of a job that failed for good (see node.encode.notice).
+
+Called by the runner after it fails a job; per applied rule that runs models and keeps
+`notices: true`, one SR goes to the rule's `send_to` destinations through the outbox, so it is
+retried like any result. Never raises: a notice must not hide the failure it reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom.uid import PYDICOM_ROOT_UID
+
+from node import logs
+from node.encode.notice import build_failure_notice
+from node.encode.uids import ResultUIDs, SourceIdentity
+from node.route.study import study_from_index
+
+if TYPE_CHECKING:
+    from node.jobs.runner import JobRunner
+    from node.jobs.store import Job
+
+log = logging.getLogger("node.jobs")
+
+
+def send_failure_notices(runner: JobRunner, job: Job, reason: str) -> int:
+    """Queue the notice for each rule of a failed job; returns how many deliveries were queued."""
+    try:
+        return _send(runner, job, reason)
+    except Exception as exc:  # noqa: BLE001 - logged without its message (it may quote source data)
+        logs.event(log, "notice_failed", logging.WARNING, job=job.id, error=type(exc).__name__)
+        return 0
+
+
+def _send(runner: JobRunner, job: Job, reason: str) -> int:
+    view = study_from_index(runner.index, job.study_uid, runner.data_dir) if job.decision else None
+    if view is None or not view.series:
+        return 0
+    queued = 0
+    for applied in job.decision.applied:
+        if not applied.actions.run or not getattr(applied.actions, "notices", True):
+            continue
+        series = next((s for s in view.series if s.series_uid == applied.series_uid), view.series[0])
+        source = pydicom.dcmread(str(series.files[0]), stop_before_pixels=True)
+        identity = SourceIdentity.of(job.study_uid, series.series_uid, [f.stem for f in series.files])
+        uids = ResultUIDs(runner.installation_uid, job.id, identity, "+".join(applied.actions.run), "notice",
+                          runner.config.output.uid_root or PYDICOM_ROOT_UID)
+        notice = build_failure_notice(source, applied.rule, list(applied.actions.run), reason,
+                                      runner.config.output, uids)
+        target = runner.data_dir / "results" / f"{job.id}_{applied.rule}_notice" / f"{notice.SOPInstanceUID}.dcm"
+        buffer = BytesIO()
+        notice.save_as(buffer, enforce_file_format=True)
+        runner.spool.store(target, [buffer.getvalue()])
+        for name in applied.actions.send_to:
+            destination = runner._destination(name, view)
+            runner.outbox.enqueue(f"{job.id}:{applied.rule}:notice", job.study_uid, destination, [target])
+            queued += 1
+        logs.event(log, "notice_queued", job=job.id, rule=applied.rule, destinations=len(applied.actions.send_to))
+    return queued

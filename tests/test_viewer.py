@@ -1,0 +1,166 @@
+"""Results where radiologists look: the node's SEG, shown by the OHIF viewer in a real browser.
+
+One Orthanc (the PACS), one node (threshold model) and one headless Chromium for the module.
+Three phantom studies, each a bright cylinder (a lesion of the same cross-section on 16 slices)
+off the image centre, go through the node: an axial one to a destination that gets BINARY SEG,
+one to a destination that gets LABELMAP SEG, and an oblique one (tilted 30 degrees). OHIF
+(npm @ohif/app, served by tests/viewer.py behind a same-origin proxy to Orthanc) opens each
+study; the SEG is loaded from the study browser and the screenshot is sampled at the lesion's
+projected position and away from it. Screenshots are kept in $TMPDIR/dicom-node-viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.orthanc import Orthanc
+from tests.peers import NodeProcess, storescu, wait_for
+from tests.viewer import ViewerServer, ensure_ohif
+from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+
+SHAPE = (32, 128, 128)
+LESION = (40, 80, 12)  # row, column, radius (pixels); slices 8-23
+COLOUR = (255, 64, 0)  # the threshold model's label colour (tests/models.py)
+TILT = np.radians(30)
+CASES = {
+    "binary": ("VIEW-BIN", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)),
+    "labelmap": ("VIEW-LM", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)),
+    "oblique": ("VIEW-OBL", (1.0, 0.0, 0.0, 0.0, float(np.cos(TILT)), float(-np.sin(TILT)))),
+}
+
+
+@dataclass
+class Viewer:
+    url: str
+    browser: Any
+    studies: dict[str, str]
+    shots: Path
+
+
+def cylinder_study(folder: Path, patient_id: str, orientation: tuple[float, ...]) -> list[Path]:
+    k, r, c = np.indices(SHAPE)
+    hu = np.full(SHAPE, -1000.0)
+    hu[(k >= 8) & (k < 24) & ((r - LESION[0]) ** 2 + (c - LESION[1]) ** 2 <= LESION[2] ** 2)] = 500.0
+    geometry = SeriesGeometry(spacing=(2.0, 1.0, 1.0), origin=(-64.0, -64.0, 0.0), orientation=orientation)
+    return write_ct_series(hu, folder, geometry, SeriesIdentity(patient_id=patient_id, series_description=patient_id))
+
+
+@pytest.fixture(scope="module")
+def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
+    from playwright.sync_api import sync_playwright
+
+    work = tmp_path_factory.mktemp("viewer")
+    pacs = Orthanc(work / "pacs").start()
+    destination = {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+    rules = [{"name": f"view-{case}", "match": {"tag": "SeriesDescription", "equals": patient},
+              "actions": {"run": ["threshold"], "send_to": ["labelmap" if case == "labelmap" else "binary"]}}
+             for case, (patient, _) in CASES.items()]
+    node = NodeProcess(work / "node", routing={"rules": rules}, completion={"quiet_period_s": 1.0},
+                       destinations={"binary": destination, "labelmap": {**destination, "segmentation_type": "LABELMAP"}},
+                       sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
+                       inference={"model_repository": str(model_repository)})
+    server = None
+    playwright = None
+    try:
+        node.start()
+        files, studies = [], {}
+        for case, (patient, orientation) in CASES.items():
+            series = cylinder_study(work / case, patient, orientation)
+            files += series
+            studies[case] = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        pacs.upload(files)  # the modality's study is in the PACS too: the node sends only its results
+        sent = storescu(node.port, files)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        # Orthanc 1.10 (Debian) accepts no Label Map SEG over DIMSE: the node's encoded files for
+        # the LABELMAP destination are uploaded over REST (what a DICOMweb STOW would do).
+        encoded = wait_for(lambda: node.query("SELECT files FROM outbox WHERE destination='labelmap'"), timeout=240)
+        pacs.upload([Path(f) for f in json.loads(encoded[0]["files"])])
+        for uid in studies.values():
+            wait_for(lambda: {"SEG", "SR"} <= set(pacs.instances_by_modality(uid)), timeout=240, interval=0.5)
+        server = ViewerServer(ensure_ohif(), pacs.http_port).start()
+        playwright = sync_playwright().start()
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                             args=["--no-sandbox", "--enable-unsafe-swiftshader"])
+        shots = Path(tempfile.gettempdir()) / "dicom-node-viewer"  # kept after the run: the artifacts
+        shots.mkdir(exist_ok=True)
+        print(f"viewer screenshots: {shots}")
+        yield Viewer(server.url, browser, studies, shots)
+        browser.close()
+    finally:
+        if playwright is not None:
+            playwright.stop()
+        if server is not None:
+            server.stop()
+        node.stop()
+        pacs.stop()
+
+
+def projected(box: dict[str, float], row: float, column: float, spacing: tuple[float, float] = (1.0, 1.0)) -> tuple[int, int]:
+    """Where OHIF draws the centre of pixel (row, column): the image is fitted to the viewport
+    (aspect kept) and centred."""
+    height_mm, width_mm = SHAPE[1] * spacing[0], SHAPE[2] * spacing[1]
+    scale = min(box["width"] / width_mm, box["height"] / height_mm)
+    x = box["x"] + box["width"] / 2 + ((column + 0.5) * spacing[1] - width_mm / 2) * scale
+    y = box["y"] + box["height"] / 2 + ((row + 0.5) * spacing[0] - height_mm / 2) * scale
+    return int(round(x)), int(round(y))
+
+
+def screenshot(page: Any) -> np.ndarray:
+    return np.asarray(Image.open(BytesIO(page.screenshot())).convert("RGB")).astype(int)
+
+
+def tinted(pixel: np.ndarray) -> bool:
+    """The label colour (255, 64, 0) blended over the white lesion: red well above green and blue."""
+    r, g, b = (int(v) for v in pixel)
+    return r >= 200 and r - g >= 40 and r - b >= 70
+
+
+def dimmed(pixel: np.ndarray) -> bool:
+    """What OHIF 3.13.2 draws for a Label Map SEG: it ignores the segments' recommended colours
+    and fills with black at half opacity, so the white lesion turns an even grey."""
+    r, g, b = (int(v) for v in pixel)
+    return 60 <= r <= 200 and max(r, g, b) - min(r, g, b) <= 12
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
+    page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
+        seg = page.locator('[data-cy="study-browser-thumbnail-no-image"]', has_text="SEG")
+        seg.wait_for(timeout=120_000)
+        page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
+        tour = page.get_by_text("Skip all")
+        if tour.is_visible():
+            tour.click()
+        seg.dblclick()
+        box = page.locator('[data-cy="viewport-pane"]').bounding_box()
+        lesion = projected(box, LESION[0], LESION[1])
+        away = projected(box, LESION[0] + 60, LESION[1] - 60)  # 85 pixels from the centre: background
+        inside = [projected(box, LESION[0] + dr, LESION[1] + dc) for dr, dc in ((0, 0), (-6, 0), (6, 0), (0, -6), (0, 6))]
+
+        overlaid = dimmed if case == "labelmap" else tinted
+
+        def drawn() -> list[np.ndarray]:
+            image = screenshot(page)
+            return [image] if all(overlaid(image[y, x]) for x, y in inside) else []
+
+        image = wait_for(drawn, timeout=120, interval=1.0)[0]
+        page.screenshot(path=str(viewer.shots / f"{case}.png"))
+        assert overlaid(image[lesion[1], lesion[0]])
+        assert image[away[1], away[0]].max() < 40  # black air, no overlay
+        outside = projected(box, LESION[0], LESION[1] + LESION[2] + 8)  # just beside the lesion
+        assert image[outside[1], outside[0]].max() < 40
+    finally:
+        page.screenshot(path=str(viewer.shots / f"{case}-last.png"))
+        page.close()
