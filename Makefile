@@ -3,9 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps nodejs npm
 
-.PHONY: run demo test venv system-deps bench clean
+.PHONY: run demo test venv system-deps bench clean viewer ohif
 
 venv: $(STAMP)
 
@@ -36,8 +36,18 @@ run: venv
 demo: venv
 	$(BIN)/dicom-node demo --config config/node.yaml
 
-test: venv system-deps
+test: venv system-deps ohif
 	$(BIN)/python -m pytest -q
+
+# The OHIF viewer (npm @ohif/app, prebuilt dist) for the viewer tests and `make viewer`:
+# fetched once with npm into build/ohif (ignored by git) and kept between runs.
+ohif: venv system-deps
+	$(BIN)/python -m tests.viewer fetch
+
+# While `make run` serves: Orthanc as the node's demo-viewer destination and OHIF in front of it
+# (http://127.0.0.1:3000); sends a phantom study through the node and prints the viewer's link.
+viewer: ohif
+	$(BIN)/python -m tests.viewer up --demo
 
 bench: venv system-deps
 	$(BIN)/python -m benchmarks.receive

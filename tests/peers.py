@@ -87,6 +87,7 @@ class NodeProcess:
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)
         self.config_path.write_text(yaml.safe_dump(config))
+        self.receivers = int(config["scp"].get("workers") or 2 * (os.cpu_count() or 1))
         self.write_routing(routing if routing is not None else {"rules": []})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -99,6 +100,8 @@ class NodeProcess:
         (self.workdir / "routing.yaml").write_text(text)
 
     def start(self) -> "NodeProcess":
+        """Start the node; return once every receiver process serves (not just once the port is open)."""
+        ready_before = len(self.events("receiver_ready"))
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [str(VENV_BIN / "dicom-node"), "serve", "--config", str(self.config_path)],
@@ -108,6 +111,9 @@ class NodeProcess:
         )
         log.close()
         wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=30)
+        assert self.process.poll() is None, self.log()
+        wait_for(lambda: len(self.events("receiver_ready")) >= ready_before + self.receivers
+                 or self.process.poll() is not None, timeout=120)
         assert self.process.poll() is None, self.log()
         return self
 

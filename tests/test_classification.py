@@ -188,10 +188,15 @@ def _decision(sr: Dataset) -> dict[str, object]:
 
 
 def _saliency_peak(sc: Dataset) -> tuple[int, int]:
-    """(row, column) of the strongest tint: opacity a = (R - G) / (255 - G) (node.encode.saliency.tint)."""
-    rgb = sc.pixel_array.astype(float)
-    alpha = (rgb[..., 0] - rgb[..., 1]) / np.maximum(255 - rgb[..., 1], 1)
+    """(row, column) of the strongest tint (node.encode.saliency.tint)."""
+    alpha = _opacity(sc)
     return tuple(int(v) for v in np.unravel_index(np.argmax(alpha), alpha.shape))  # type: ignore[return-value]
+
+
+def _opacity(sc: Dataset) -> np.ndarray:
+    """The tint's opacity per pixel: R - G = 255 a (node.encode.saliency.tint)."""
+    rgb = sc.pixel_array.astype(float)
+    return (rgb[..., 0] - rgb[..., 1]) / 255.0
 
 
 def test_sr_and_heat_map_of_a_radiograph_pass_the_validators(tmp_path):
@@ -223,8 +228,7 @@ def test_sr_and_heat_map_of_a_radiograph_pass_the_validators(tmp_path):
     assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns)
     row, column = _saliency_peak(sc)
     assert nodule is not None and nodule.contains(row, column), (row, column, nodule)
-    alpha = (sc.pixel_array[..., 0].astype(float) - sc.pixel_array[..., 1]) / np.maximum(255 - sc.pixel_array[..., 1], 1)
-    assert alpha.max() == pytest.approx(MAX_TINT, abs=0.01)
+    assert _opacity(sc).max() == pytest.approx(MAX_TINT, abs=0.01)
 
 
 def test_classification_and_occlusion_through_triton(triton, model_repository, tmp_path):
@@ -264,8 +268,8 @@ def test_parametric_map_of_a_ct_classification_is_valid(tmp_path):
     assert back.FrameOfReferenceUID == volume.frame_of_reference_uid
     assert back.NumberOfFrames == volume.array.shape[0]
     mapping = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
-    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "{probability}"
-    assert float(mapping.RealWorldValueLastValueMapped) == pytest.approx(float(saliency.max()))
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"  # log-odds: no unit
+    assert float(mapping.DoubleFloatRealWorldValueLastValueMapped) == pytest.approx(float(saliency.max()))
     frames = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID): k
               for k, item in enumerate(back.PerFrameFunctionalGroupsSequence)}
     for k, ds in enumerate(volume.datasets):

@@ -19,7 +19,7 @@ from tests.peers import make_study, storescu, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config" / "routing.examples.yaml"
-EXAMPLE_MODELS = {"lung-nodules", "brain-mets", "liver"}
+EXAMPLE_MODELS = {"lung-nodules", "brain-mets", "liver", "chest-nodule-cls"}
 EXAMPLE_DESTINATIONS = {"pacs", "research"}
 AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]
@@ -205,14 +205,14 @@ def test_config_check_reports_every_problem_with_line_and_path(tmp_path):
             actions: {run: [nosuchmodel], send_to: [nowhere]}
         """))
     result = subprocess.run([exe, "config", "check", str(bad)], capture_output=True, text=True, timeout=60)
-    assert f"{bad}:3: rules[0].actions.run[0]: unknown model 'nosuchmodel' (repository has: lesion-seg)" in result.stderr
+    assert f"{bad}:3: rules[0].actions.run[0]: unknown model 'nosuchmodel' (repository has: chest-nodule-cls, lesion-seg)" in result.stderr
     assert f"{bad}:3: rules[0].actions.send_to[0]: unknown destination 'nowhere' (configured: demo-viewer)" in result.stderr
     assert "2 problem(s)" in result.stderr
 
 
 def test_shipped_rules_and_examples_are_valid():
     load_rules(REPO / "config" / "routing.yaml", {"lesion-seg"}, {"demo-viewer"})
-    assert len(load_rules(EXAMPLES, EXAMPLE_MODELS, EXAMPLE_DESTINATIONS).file.rules) == 4
+    assert len(load_rules(EXAMPLES, EXAMPLE_MODELS, EXAMPLE_DESTINATIONS).file.rules) == 5
 
 
 # -- the routing table ---------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
     page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
     try:
         page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
-        seg = page.locator('[data-cy="study-browser-thumbnail-no-image"]', has_text="SEG")
+        seg = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9101"]')
         seg.wait_for(timeout=120_000)
         page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
         tour = page.get_by_text("Skip all")

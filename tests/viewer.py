@@ -7,6 +7,7 @@ viewer cannot talk to it directly. Orthanc 1.10 ignores `includefield` lists who
 arrive as `%2C`, so the proxy decodes them.
 
     python -m tests.viewer fetch            # download OHIF (what `make test` does)
+    python -m tests.viewer up --demo        # `make viewer`: Orthanc + OHIF wired to the running node
     python -m tests.viewer serve --orthanc http://127.0.0.1:8042 [--port 3000]
 """
 
@@ -17,6 +18,7 @@ import http.client
 import json
 import mimetypes
 import shutil
+import signal
 import subprocess
 import tarfile
 import threading
@@ -154,6 +156,56 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def up(config_path: Path, http_port: int, viewer_port: int, demo: bool) -> None:
+    """`make viewer`: Orthanc in the place of the node's `demo-viewer` destination, OHIF in front
+    of it, and (with --demo) a phantom study sent through the running node; serves until Ctrl-C."""
+    import pydicom
+
+    from node.config import load_config
+    from node.send.scu import associate, storage_contexts
+    from tests.orthanc import Orthanc
+    from tests.peers import wait_for
+    from training.data.synthetic import make_dicom_study
+
+    # SIGTERM (not only Ctrl-C) stops Orthanc too: it runs in its own process group.
+    signal.signal(signal.SIGTERM, _interrupt)
+    config = load_config(config_path)
+    destination = config.destinations["demo-viewer"]
+    work = ROOT / "build" / "viewer"
+    pacs = Orthanc(work / "orthanc", aet=destination.ae_title)
+    pacs.http_port, pacs.dicom_port = http_port, destination.port
+    server = ViewerServer(ensure_ohif(), http_port, port=viewer_port)
+    pacs.start()
+    server.start()
+    try:
+        print(f"Orthanc (AE {destination.ae_title}, DICOM port {destination.port}): http://127.0.0.1:{http_port}")
+        print(f"OHIF: {server.url}", flush=True)
+        if demo:
+            files, _ = make_dicom_study(work / "study", slices=64, size=128, seed=7)
+            study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            pacs.upload(files)  # the modality's images are in the PACS too
+            assoc = associate("127.0.0.1", config.scp.port, destination.ae_title, config.scp.ae_title,
+                              storage_contexts(files))
+            if not assoc.is_established:
+                raise SystemExit(f"cannot reach the node on port {config.scp.port}: start it first (make run)")
+            for path in files:
+                assoc.send_c_store(path)
+            assoc.release()
+            print("sent the phantom study to the node; waiting for its SEG and SR ...", flush=True)
+            wait_for(lambda: {"SEG", "SR"} <= set(pacs.instances_by_modality(study_uid)), timeout=600, interval=1)
+            print(f"open {server.url}/viewer?StudyInstanceUIDs={study_uid}", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        pacs.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,9 +213,16 @@ def main() -> None:
     serve = sub.add_parser("serve", help="serve OHIF in front of an Orthanc")
     serve.add_argument("--orthanc", default="http://127.0.0.1:8042", help="Orthanc's HTTP address")
     serve.add_argument("--port", type=int, default=3000)
+    start = sub.add_parser("up", help="Orthanc as the node's demo-viewer destination, OHIF in front of it")
+    start.add_argument("--config", type=Path, default=ROOT / "config" / "node.yaml")
+    start.add_argument("--orthanc-port", type=int, default=8042, help="Orthanc's HTTP port")
+    start.add_argument("--port", type=int, default=3000, help="OHIF's port")
+    start.add_argument("--demo", action="store_true", help="also send a phantom study through the node")
     args = parser.parse_args()
     dist = ensure_ohif()
-    if args.command == "serve":
+    if args.command == "up":
+        up(args.config, args.orthanc_port, args.port, args.demo)
+    elif args.command == "serve":
         server = ViewerServer(dist, urlsplit(args.orthanc).port or 80, port=args.port)
         print(f"OHIF: {server.url}  (Orthanc {args.orthanc})", flush=True)
         try:

@@ -2,7 +2,7 @@
 
 A series with patient geometry (CT, MR) gets one Parametric Map per class (highdicom
 ``pm.ParametricMap``) on the source's own grid, frame for frame: float values with a Real World
-Value Mapping in UCUM ``{probability}`` (how much the class probability drops when that
+Value Mapping without unit (UCUM ``1``: how much the class log-odds drop when that
 neighbourhood is occluded, inference.saliency), the source's frame of reference and plane
 positions. The Parametric Map IOD requires a Frame of Reference and plane geometry, which a
 radiograph (DX, CR) does not have (dciodvfy rejects a map without them, and inventing a frame
@@ -22,10 +22,10 @@ from inference.pipeline import ClassificationResult
 from inference.spec import Label
 from node.encode.options import OutputOptions
 from node.encode.seg import _with_shared_geometry, coded, image_laterality
-from node.encode.sr import PROBABILITY
 from node.encode.uids import ResultUIDs
 
 KIND = "SALIENCY"
+LOG_ODDS_UNIT = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 MAX_TINT = 0.6  # opacity of the red tint at the saliency maximum
 
 
@@ -50,7 +50,7 @@ def build_saliency_maps(result: ClassificationResult, options: OutputOptions,
 
 def tint(grey: np.ndarray, saliency: np.ndarray) -> np.ndarray:
     """RGB uint8: `grey` (uint8) tinted red with opacity MAX_TINT * saliency / its maximum (none
-    where it is not positive). The opacity is recoverable from the picture, a = (R - G) / (255 - G)."""
+    where it is not positive). The opacity is recoverable from the picture: R - G = 255 a."""
     peak = float(saliency.max())
     alpha = MAX_TINT * np.clip(saliency / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(saliency)
     g = grey.astype(np.float64) * (1.0 - alpha)
@@ -99,8 +99,8 @@ def _parametric_map(result: ClassificationResult, label: Label, values: np.ndarr
     lo, hi = float(values.min()), float(values.max())
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="SALIENCY",
-        lut_explanation=f"Drop in {label.name} probability when occluded"[:64],
-        unit=PROBABILITY,
+        lut_explanation=f"Drop in {label.name} log-odds when occluded"[:64],
+        unit=LOG_ODDS_UNIT,
         value_range=(lo, hi if hi > lo else lo + 1e-6),
         slope=1.0,
         intercept=0.0,

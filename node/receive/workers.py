@@ -292,6 +292,7 @@ def receiver_main(channel_fd: int) -> None:
         server.process_request(conn, peer)
 
     channel.settimeout(0.2)  # how soon a SIGTERM is seen
+    logs.event(log, "receiver_ready", pid=os.getpid())
     while not stopping.is_set():
         try:
             message, fds, _, _ = socket.recv_fds(channel, _MAX_MESSAGE, 1)
