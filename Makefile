@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps nodejs npm
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps
 
 .PHONY: run demo test venv system-deps bench clean viewer ohif
 
@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 # dicom3tools (dciodvfy), Orthanc with DICOMweb, pixelmed-apps (pixelmed's IOD and SR validators;
 # apt brings the Java runtime it needs) and chromium (the console's browser tests, driven by
 # Playwright; never `playwright install`). Installed only when missing.
+# npm (for OHIF) only when no npm is on PATH: some images ship a nodejs that bundles its own npm,
+# which Debian's npm package conflicts with.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

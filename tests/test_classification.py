@@ -98,6 +98,38 @@ def test_train_export_and_serve_a_classifier(tmp_path):
     assert 0.0 <= result.probabilities[1] <= 1.0
 
 
+def test_train_a_3d_classifier_on_ct_series(tmp_path):
+    """3D: CT series in a folder (a CSV row names any one file of its series) -> a 3D MONAI ResNet
+    -> ONNX -> the node classifies a whole series with it."""
+    from training.data.synthetic import make_dicom_study
+
+    data = tmp_path / "ct"
+    rows = []
+    for i in range(4):
+        files, _ = make_dicom_study(data / f"study{i}", slices=12, size=32, pixel_spacing=4.0, slice_spacing=4.0, seed=i)
+        rows.append(f"{files[0].relative_to(data)},{'Nodule' if i % 2 else ''}")
+    (data / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    spec = load_spec_file(CLASSIFIER_SPEC)
+    spec3d = spec.model_copy(update={"name": "ct-cls", "preprocessing": spec.preprocessing.model_copy(
+        update={"patch_size": (16, 16, 16)})})
+    spec_path = tmp_path / "ct-cls.json"
+    spec_path.write_text(json.dumps(spec3d.model_dump(mode="json")))
+    inputs, targets, _ = load_labelled_dicom(data, data / "labels.csv", spec3d)
+    assert inputs.shape == (4, 1, 16, 16, 16) and targets[:, 0].tolist() == [0, 1, 0, 1]
+    runner = CliRunner()
+    done = runner.invoke(app, ["train-classifier", str(data), str(tmp_path / "run"), "--spec", str(spec_path),
+                               "--architecture", "resnet", "--spatial-dims", "3", "--epochs", "1", "--batch-size", "2",
+                               "--val-fraction", "0.5"])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(app, ["export", str(tmp_path / "run" / "best.pt"), "--repository", str(tmp_path / "repo"),
+                               "--spec", str(spec_path)])
+    assert done.exit_code == 0, done.output
+    model = load_spec(tmp_path / "repo" / "ct-cls")
+    volume = load_series([pydicom.dcmread(p) for p in sorted((data / "study1").glob("*.dcm"))])
+    result = classify(volume, model, LocalBackend(tmp_path / "repo" / "ct-cls" / "1" / "model.onnx", model))
+    assert set(result.probabilities) == {1} and 0.0 <= result.probabilities[1] <= 1.0
+
+
 @pytest.mark.parametrize("architecture", ["densenet", "resnet", "densenet121"])
 def test_networks_2d_and_3d(architecture):
     """MONAI DenseNet/ResNet in 2D (behind the node's one-slice input) and 3D: one logit per label."""

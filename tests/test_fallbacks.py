@@ -6,9 +6,9 @@ delivering to Orthanc.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -73,8 +73,6 @@ def contours_by_slice(rt: pydicom.Dataset, result: SegmentationResult, roi: int)
 def assert_within_one_pixel(rt: pydicom.Dataset, result: SegmentationResult) -> int:
     """Every ROI re-rasterised equals its label mask except on the mask's one-pixel border;
     returns how many pixels differ in all."""
-    import cv2
-
     differing = 0
     names = [roi.ROIName for roi in rt.StructureSetROISequence]
     for number, name in enumerate(names, start=1):
@@ -84,7 +82,8 @@ def assert_within_one_pixel(rt: pydicom.Dataset, result: SegmentationResult) -> 
             mask = result.labels[k] == value
             drawn = rasterise(contours.get(k, []), mask.shape)
             kernel = np.ones((3, 3), np.uint8)
-            border = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool) & ~cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
+            inside = mask.astype(np.uint8)
+            border = cv2.dilate(inside, kernel).astype(bool) & ~cv2.erode(inside, kernel).astype(bool)
             assert not ((drawn ^ mask) & ~border).any(), f"ROI {name} slice {k}: off by more than one pixel"
             differing += int((drawn ^ mask).sum())
     return differing
@@ -108,7 +107,8 @@ def test_rtstruct_is_valid_and_redraws_the_mask(result, oblique, which, tmp_path
     assert [r.ROIName for r in read.StructureSetROISequence] == [l.name for l in SPEC.labels if l.value in present]
     assert [list(c.ROIDisplayColor) for c in read.ROIContourSequence] == [list(l.color) for l in SPEC.labels
                                                                           if l.value in present]
-    assert assert_within_one_pixel(read, source) >= 0
+    differing = assert_within_one_pixel(read, source)  # measured: 20 (the ring's inner edge) axial, 0 oblique
+    assert differing <= 0.05 * int((source.labels > 0).sum())
     # the same inputs write the same object (a re-run delivers nothing new)
     assert build_rtstruct(source, OPTIONS, uids) == rt
 
@@ -143,8 +143,10 @@ def test_key_images_burn_in_the_finding_and_the_legend(result, tmp_path):
         assert pixels.shape == (rows * scale + 44, columns * scale, 3)
         # inside the finding (away from its outline): the label colour mixed into the grey image
         label = result.labels[k]
-        r, c = np.argwhere(label == label[label > 0].max())[len(np.argwhere(label == label[label > 0].max())) // 2]
-        colour = np.array(next(l.color for l in SPEC.labels if l.value == label[r, c]))
+        value = label[label > 0].max()
+        interior = np.argwhere(cv2.erode((label == value).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
+        r, c = interior[len(interior) // 2]  # off the outline, which is drawn in the full colour
+        colour = np.array(next(l.color for l in SPEC.labels if l.value == value))
         inside = pixels[r * scale + scale // 2, c * scale + scale // 2]
         rr, cc = np.argwhere(label == 0)[0]
         away = pixels[rr * scale + scale // 2, cc * scale + scale // 2]
@@ -230,5 +232,6 @@ def test_node_sends_fallbacks_and_notices(start_node, orthanc, model_repository,
     assert rt.SeriesNumber == 9103 and {s.SeriesNumber for s in legacy_objects["OT"]} == {9104}
     assert rt.StudyInstanceUID == study and all(s.StudyInstanceUID == study for s in legacy_objects["OT"])
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["Bright region"]
-    assert len(rt.ROIContourSequence[0].ContourSequence) == 11  # the sphere (radius 5 voxels): one outline on each of its 11 slices
+    # the sphere (radius 5 voxels): one outline on each of its 11 slices
+    assert len(rt.ROIContourSequence[0].ContourSequence) == 11
     assert job.state.value == "done"

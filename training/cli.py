@@ -118,7 +118,7 @@ def export(
         from training.classification import load_classifier
 
         classifier, _ = load_classifier(checkpoint, model_spec)
-        error = export_onnx(classifier, onnx, model_spec, example_shape=_example_shape(model_spec))
+        error = export_onnx(classifier, onnx, model_spec, dynamic_spatial=False)
         entry = write_entry(repository, model_spec, onnx)
         typer.echo(f"exported {entry} (ONNX vs PyTorch max error {error:.1e})")
         return
@@ -153,13 +153,6 @@ def demo(
 
 CLASSIFIER_SPEC = Path(__file__).resolve().parent / "specs" / "chest-nodule-cls.yaml"
 ClassifierSpecOption = typer.Option(CLASSIFIER_SPEC, "--spec", help="Node-side classifier spec (task: classification).")
-
-
-def _example_shape(spec: ModelSpec) -> tuple[int, int, int]:
-    """Export example: a one-slice (2D) input is exported with two slices, because torch.export
-    fixes a dimension whose example size is 1; the 2D network reads the first slice only."""
-    x, y, z = spec.preprocessing.patch_size
-    return (x, y, 2 if z == 1 else z)
 
 
 @app.command("synth-dx")

@@ -90,7 +90,8 @@ def build_key_images(result: SegmentationResult, options: OutputOptions, uids: R
     scale = scale_of(result)
     for number, k in enumerate(key_slices(result, options.key_images), start=1):
         source, frame = volume.source_of(k)
-        spacing = (float(np.linalg.norm(volume.affine[:3, 1])) / scale, float(np.linalg.norm(volume.affine[:3, 2])) / scale)
+        spacing = (float(np.linalg.norm(volume.affine[:3, 1])) / scale,
+                   float(np.linalg.norm(volume.affine[:3, 2])) / scale)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=render(result, k, model),

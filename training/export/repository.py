@@ -36,8 +36,11 @@ def export_onnx(
     example_shape: tuple[int, int, int] | None = None,
     divisor: int = 1,
     tolerance: float = 1e-4,
+    dynamic_spatial: bool = True,
 ) -> float:
     """Export with dynamic batch and spatial sizes (multiples of `divisor`); check against torch.
+    `dynamic_spatial=False` (classifiers: the node resizes every input to the patch size) keeps
+    only the batch dynamic.
 
     Returns the largest absolute difference between ONNX Runtime and PyTorch on random input.
     """
@@ -49,6 +52,8 @@ def export_onnx(
     batch = Dim("batch", min=1, max=1024)
     spatial = [Dim(f"s{i}", min=1, max=4096) for i in range(3)]
     dims = {0: batch, **{i + 2: (divisor * d if divisor > 1 else d) for i, d in enumerate(spatial)}}
+    if not dynamic_spatial:
+        dims = {0: batch}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -57,7 +62,7 @@ def export_onnx(
             dynamic_shapes=(dims,), external_data=False, verbose=False,
         )
     # Check on a different batch and size than the example, so dynamic axes are exercised.
-    other = tuple(int(s) + divisor for s in shape)
+    other = tuple(int(s) + divisor for s in shape) if dynamic_spatial else tuple(shape)
     probe = torch.rand(2, 1, *other)
     with torch.no_grad():
         expected = network(probe).numpy()
