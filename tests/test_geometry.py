@@ -23,8 +23,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from inference.backends.local import LocalBackend
 from inference.pipeline import SegmentationResult, segment, to_model_space
@@ -36,7 +36,7 @@ from node.encode.sr import build_sr, read_findings
 from tests.identity import uids_for
 from tests.models import threshold_spec
 from tests.peers import free_port, storescu, wait_for
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from training.phantom.dicom import SeriesGeometry, SeriesIdentity, image_header, write_ct_series
 
 CENTRE = np.array([6.3, -8.1, 12.7])  # off every axis: a mirrored or shifted result is far from it
 RADIUS = 12.0
@@ -79,26 +79,6 @@ def _sphere(affine: np.ndarray, shape: Sequence[int] = SHAPE, hu: float = SPHERE
     return np.where(inside, hu, background).reshape(shape).astype(np.float32)
 
 
-def _common(ds: Dataset, sop_class: str, modality: str, identity: SeriesIdentity) -> None:
-    sop_uid = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = identity.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = identity.accession_number, "", "1"
-    ds.Modality, ds.Manufacturer = modality, "dicom-node phantom"
-    ds.PatientName, ds.PatientID = identity.patient_name, identity.patient_id
-    ds.PatientBirthDate, ds.PatientSex = "", "O"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = identity.study_uid, identity.series_uid
-    ds.SeriesNumber, ds.InstanceNumber = identity.series_number, 1
-    ds.SeriesDescription = identity.series_description
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-
-
 def _enhanced_ct(path: Path, hu: np.ndarray, affine: np.ndarray, order: Sequence[int],
                  identity: SeriesIdentity | None = None, per_frame_geometry: bool = False) -> Path:
     """An Enhanced CT object whose n-th frame is slice `order[n]` of `hu` (file order != slice order)."""
@@ -122,8 +102,7 @@ def _multiframe(path: Path, sop_class: str, modality: str, affine: np.ndarray,
     """A multi-frame image with per-frame functional groups: frame n is slice frames[n][0] of the
     grid `affine` describes, with pixels frames[n][1] and extra per-frame sequences frames[n][2].
     `per_frame_geometry`: orientation and pixel spacing in every frame's group, not the shared one."""
-    ds = Dataset()
-    _common(ds, sop_class, modality, identity)
+    ds = image_header(sop_class, modality, identity)
     frame_type = ["ORIGINAL", "PRIMARY", "AXIAL" if modality == "CT" else "M", "NONE"]
     ds.ImageType = frame_type
     ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = identity.frame_of_reference_uid, ""
@@ -497,8 +476,7 @@ DX_SPACING = np.array([0.4, 0.5])  # (row, column) mm
 
 def _dx(path: Path, spacing_attribute: str, spacing: Sequence[float] = DX_SPACING) -> Path:
     """A DX image with a bright disc; spacing in `spacing_attribute` only (no patient geometry)."""
-    ds = Dataset()
-    _common(ds, DX_PRESENTATION, "DX", SeriesIdentity(series_description="Chest PA"))
+    ds = image_header(DX_PRESENTATION, "DX", SeriesIdentity(series_description="Chest PA"))
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PresentationIntentType, ds.BodyPartExamined, ds.ViewPosition = "FOR PRESENTATION", "CHEST", "PA"
     ds.PatientOrientation = ["L", "F"]

@@ -21,22 +21,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from inference.pipeline import ClassificationResult
 from inference.spec import Label
 from node.encode.options import OutputOptions
-from node.encode.seg import _with_shared_geometry, coded, image_laterality
+from node.encode.seg import _with_shared_geometry, coded, image_laterality, source_plane_positions
 from node.encode.uids import ResultUIDs
 
 KIND = "SALIENCY"
 LOG_ODDS_UNIT = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
 MAX_TINT = 0.6  # opacity of the red tint at the saliency maximum
-
-
-def _positions(result: ClassificationResult) -> list[hd.PlanePositionSequence] | None:
-    """Each map frame at its source frame's position (multi-frame sources; see seg.source_plane_positions)."""
-    frames = result.volume.source_frames
-    if frames is None:
-        return None
-    source = result.volume.datasets[0]
-    return [hd.PlanePositionSequence.from_sequence(source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence)
-            for f in frames]
 
 
 def build_saliency_maps(result: ClassificationResult, options: OutputOptions,
@@ -124,7 +114,7 @@ def _parametric_map(result: ClassificationResult, label: Label, values: np.ndarr
                                                          window_width=max(hi - max(lo, 0.0), 1e-6),
                                                          voi_lut_function="LINEAR_EXACT")],
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        plane_positions=_positions(result),
+        plane_positions=source_plane_positions(result.volume),
         content_label="SALIENCY",
         content_description=f"Occlusion saliency, {label.name}"[:64],
         content_creator_name=options.content_creator_name,

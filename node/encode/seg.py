@@ -10,6 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from inference.findings import foreground_box
 from inference.pipeline import SegmentationResult
 from inference.spec import Code, Label
+from inference.volume import SeriesVolume
 from node.encode.options import OutputOptions
 from node.encode.uids import ResultUIDs
 
@@ -146,7 +147,7 @@ def _shallow_copy(dataset: Dataset) -> Dataset:
     return out
 
 
-def source_plane_positions(result: SegmentationResult) -> list[hd.PlanePositionSequence] | None:
+def source_plane_positions(volume: SeriesVolume) -> list[hd.PlanePositionSequence] | None:
     """Plane position of each label slice, taken from the source frame behind that slice.
 
     A multi-frame source's frames are in file order, which need not be slice order (ascending,
@@ -155,10 +156,10 @@ def source_plane_positions(result: SegmentationResult) -> list[hd.PlanePositionS
     frame at that position (Derivation Image / Referenced Frame Number). Single-frame series
     need none: ``datasets[k]`` already is slice k.
     """
-    frames = result.volume.source_frames
+    frames = volume.source_frames
     if frames is None:
         return None
-    source = result.volume.datasets[0]
+    source = volume.datasets[0]
     return [hd.PlanePositionSequence.from_sequence(source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence)
             for f in frames]
 
@@ -168,7 +169,7 @@ def _segmentation(result: SegmentationResult, options: OutputOptions, uids: Resu
     return hd.seg.Segmentation(
         source_images=_with_shared_geometry(result.volume.datasets),
         pixel_array=pixels,
-        plane_positions=source_plane_positions(result),
+        plane_positions=source_plane_positions(result.volume),
         segmentation_type=options.segmentation_type,
         segment_descriptions=descriptions,
         series_instance_uid=uids.series("SEG"),

@@ -101,6 +101,30 @@ def write_ct_series(
     return paths
 
 
+def image_header(sop_class: str, modality: str, identity: SeriesIdentity) -> Dataset:
+    """A new instance's file meta, SOP, patient and study attributes (explicit VR little endian):
+    what every phantom image starts from."""
+    sop_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = identity.study_date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = identity.accession_number, "", "1"
+    ds.Modality, ds.Manufacturer = modality, "dicom-node phantom"
+    ds.PatientName, ds.PatientID = identity.patient_name, identity.patient_id
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = identity.study_uid, identity.series_uid
+    ds.SeriesNumber, ds.InstanceNumber = identity.series_number, 1
+    ds.SeriesDescription = identity.series_description
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    return ds
+
+
 def _ct_slice(
     identity: SeriesIdentity,
     geometry: SeriesGeometry,

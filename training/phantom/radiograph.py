@@ -14,12 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from scipy.special import expit
 
-from training.phantom.dicom import SeriesIdentity
+from training.phantom.dicom import SeriesIdentity, image_header
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DEFAULT_SIZE = 192
@@ -73,28 +71,11 @@ def write_dx(path: Path, pixels: np.ndarray, identity: SeriesIdentity | None = N
              spacing: float = DEFAULT_SPACING) -> Path:
     """A DX For Presentation image (chest PA) with ImagerPixelSpacing and no patient geometry."""
     identity = identity or SeriesIdentity(series_description="Chest PA", body_part="CHEST")
-    ds = Dataset()
-    sop_uid = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = DX_FOR_PRESENTATION, sop_uid
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = identity.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = identity.accession_number, "", "1"
-    ds.Modality, ds.Manufacturer = "DX", "dicom-node phantom"
-    ds.PatientName, ds.PatientID = identity.patient_name, identity.patient_id
-    ds.PatientBirthDate, ds.PatientSex = "", "O"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = identity.study_uid, identity.series_uid
-    ds.SeriesNumber, ds.InstanceNumber = identity.series_number, 1
-    ds.SeriesDescription = identity.series_description
+    ds = image_header(DX_FOR_PRESENTATION, "DX", identity)
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PresentationIntentType, ds.BodyPartExamined, ds.ViewPosition = "FOR PRESENTATION", identity.body_part, "PA"
     ds.PatientOrientation = ["L", "F"]
     ds.ImageLaterality = "U"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
