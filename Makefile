@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps postgresql
 
 .PHONY: run demo test venv system-deps bench clean viewer ohif
 
@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 # Debian packages the tests use as real peers: dcmtk (storescu/echoscu/storescp),
 # dicom3tools (dciodvfy), Orthanc with DICOMweb, pixelmed-apps (pixelmed's IOD and SR validators;
 # apt brings the Java runtime it needs) and chromium (the console's browser tests, driven by
-# Playwright; never `playwright install`). Installed only when missing.
+# Playwright; never `playwright install`) and postgresql (the replica tests start their own
+# server in a temp folder as the postgres user). Installed only when missing.
 # npm (for OHIF) only when no npm is on PATH: some images ship a nodejs that bundles its own npm,
 # which Debian's npm package conflicts with.
 system-deps:

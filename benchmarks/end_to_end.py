@@ -1,20 +1,26 @@
 """End to end: a 300-slice 512x512 CT from the last instance received to the results accepted by
-Orthanc, split by stage (the quiet period excluded), with LocalBackend and with Triton.
+Orthanc, split by stage (the quiet period excluded), with LocalBackend and with Triton; and how
+soon `dicom-node serve` answers a C-ECHO after start, and how long it takes to stop with an idle
+association open (targets: 2 s each).
 
     python -m benchmarks.end_to_end [--slices 300] [--size 512]
 """
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from inference.triton_cpu import TritonCpuServer
 from node.jobs.store import JobStore
 from node.store.index import Index
 from tests.orthanc import Orthanc
-from tests.peers import NodeProcess, wait_for
+from tests.peers import VENV_BIN, NodeProcess, wait_for
 from training.data.synthetic import make_dicom_study
 from benchmarks.common import benchmark_run
 
@@ -59,6 +65,34 @@ def run(work: Path, files: list[Path], study_uid: str, triton_url: str | None) -
         pacs.stop()
 
 
+def lifecycle(work: Path) -> tuple[float, float]:
+    """Seconds from `dicom-node serve` to its first C-ECHO answer, and from SIGTERM to exit with an
+    idle association open (once the pipeline has loaded: the node's steady state)."""
+    node = NodeProcess(work)  # for its configuration file and its log
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(Verification)
+    started = time.perf_counter()
+    with open(node.log_path, "ab") as log:
+        process = subprocess.Popen([str(VENV_BIN / "dicom-node"), "serve", "--config", str(node.config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
+            if assoc.is_established and assoc.send_c_echo().Status == 0:
+                break
+            assert process.poll() is None and time.perf_counter() - started < 120
+            time.sleep(0.02)
+        accepting = time.perf_counter() - started
+        wait_for(lambda: node.events("pipeline_ready"), timeout=120)
+        stopping = time.perf_counter()
+        process.terminate()
+        process.wait(60)
+        return accepting, time.perf_counter() - stopping
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def main() -> None:
     with benchmark_run(__doc__) as (args, work):
         # the demo field of view (384 x 384 x 192 mm) at this matrix
@@ -74,6 +108,7 @@ def main() -> None:
             triton = run(work / "triton", files, study_uid, server.grpc_url)
         finally:
             server.cleanup()
+        start_s, stop_s = lifecycle(work / "lifecycle")
     print(f"{args.slices}x{args.size}x{args.size} CT, last instance received -> results accepted by Orthanc")
     print(f"{'stage':40} {'LocalBackend':>13} {'Triton (shm)':>13}")
     for key in local:
@@ -81,6 +116,8 @@ def main() -> None:
     key = "total without the model's compute"
     print(f"{key} vs target: LocalBackend {local[key]:.2f} s / 1.5 s (ratio {local[key] / 1.5:.2f}), "
           f"Triton {triton[key]:.2f} s / 2.0 s (ratio {triton[key] / 2.0:.2f})")
+    print(f"dicom-node serve: first C-ECHO answered {start_s:.2f} s after start (target 2 s, ratio {start_s / 2:.2f}); "
+          f"stopped {stop_s:.2f} s after SIGTERM with an idle association open (target 2 s, ratio {stop_s / 2:.2f})")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ def main() -> None:
 
         raw_s, _ = timed(lambda: [Path(f).read_bytes() for f in files])
         load_s, volume = timed(lambda: load_series(read_series(files)))
-        transform_s, (image, _) = timed(lambda: to_model_space(volume, SPEC))
-        batch = image[None].as_tensor().numpy()
+        transform_s, image = timed(lambda: to_model_space(volume, SPEC))
+        batch = np.ascontiguousarray(image[None].as_tensor().numpy())  # the transport, not the layout
         mb = batch.nbytes / 1e6
         print(f"volume {args.slices}x{args.size}x{args.size}: {mb:.0f} MB float32 in, {2 * mb:.0f} MB out")
         print(f"\n{'series to volume':32} {load_s:7.2f} s   (raw read of the files {raw_s:.2f} s, ratio {load_s / raw_s:.1f}x)")

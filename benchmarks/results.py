@@ -61,6 +61,9 @@ def main() -> None:
         uids = ResultUIDs("2.25.1", 1, SourceIdentity.of(volume.datasets[0].StudyInstanceUID, volume.datasets[0].SeriesInstanceUID,
                                                       [d.SOPInstanceUID for d in volume.datasets]), SPEC.name, "1")
         options = OutputOptions()
+        from node.encode.warmup import warm_up
+
+        step("warm-up (the node does it at start)", warm_up)
         seg = step("SEG build (BINARY, all frames)", lambda: build_seg(result, options, uids))
         seg_bytes = step("SEG write", lambda: _write(seg, work / "seg.dcm"))
         step("SEG build (LABELMAP, JPEG-LS)", lambda: build_seg(result, OutputOptions(segmentation_type="LABELMAP"), uids))

@@ -1,8 +1,9 @@
 """A series volume through a model and back onto the series' own voxel grid.
 
-MONAI does the work: Orientation and Spacing bring the volume to the model's space,
-sliding-window inference runs the backend patch by patch, and SpatialResample brings the class
-probabilities back onto the source grid (from the two affines), where they become labels.
+MONAI's Orientation and Spacing say where the model's grid lies (run lazily: geometry only), the
+voxels are moved there from the stored integers (``inference.resample``), sliding-window
+inference runs the backend patch by patch, and the class probabilities are resampled back onto
+the source grid (from the two affines), where they become labels.
 So every label voxel lies on a source frame and pixel, and carries that frame's geometry.
 A sheared stack (gantry tilt) is first resampled onto its regular grid, so that the model sees
 undistorted anatomy; the probabilities go back onto the tilted source frames the same way.
@@ -25,11 +26,11 @@ from monai.transforms import (
     Resize,
     ScaleIntensityRange,
     Spacing,
-    SpatialResample,
 )
 
 from inference.backends.base import Backend
 from inference.findings import Finding, clean_labels, measure
+from inference.resample import resample
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
 
@@ -67,13 +68,14 @@ class ClassificationResult:
         return self.spec.label(max(self.probabilities, key=self.probabilities.__getitem__))
 
 
-def _spatial(spec: ModelSpec) -> Compose:
-    steps: list = [Orientation(axcodes=spec.preprocessing.orientation, labels=None)]
+def _model_grid(volume: MetaTensor, spec: ModelSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The model's grid (RAS affine, shape) for a volume: MONAI's Orientation and Spacing, lazily,
+    so that only their geometry is computed."""
+    moved = Orientation(axcodes=spec.preprocessing.orientation, labels=None, lazy=True)(volume)
     if spec.preprocessing.spacing is not None:
-        steps.append(Spacing(pixdim=spec.preprocessing.spacing, mode="bilinear", dtype=np.float32))
-    # lazy: MONAI fuses orientation and spacing into one resampling of the source (half the time
-    # of a flip of the whole volume followed by a resampling of the flipped copy)
-    return Compose(steps, lazy=True)
+        moved = Spacing(pixdim=spec.preprocessing.spacing, mode="bilinear", lazy=True)(moved)
+    shape = tuple(int(v) for v in moved.peek_pending_shape())
+    return np.asarray(moved.peek_pending_affine(), dtype=float), shape  # type: ignore[return-value]
 
 
 def _intensity(spec: ModelSpec) -> Compose:
@@ -87,14 +89,14 @@ def _intensity(spec: ModelSpec) -> Compose:
     return Compose([])
 
 
-def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> tuple[MetaTensor, Compose]:
-    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array[None], dtype=np.float32)),
-                       affine=torch.from_numpy(_LPS_TO_RAS @ volume.affine))
+def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
+    """The volume on the model's grid, intensity-transformed: (channel, *spatial) with its RAS affine."""
+    array, affine = volume.array, _LPS_TO_RAS @ volume.affine
     if volume.sheared:
-        image = _unshear(image, volume)
-    spatial = _spatial(spec)
-    moved = spatial(image)
-    return _intensity(spec)(moved), spatial
+        array, affine = _unshear(volume)
+    target, shape = _model_grid(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(affine)), spec)
+    moved = resample(array, affine, target, shape)
+    return _intensity(spec)(MetaTensor(torch.from_numpy(moved[None]), affine=torch.from_numpy(target)))
 
 
 def regular_grid(volume: SeriesVolume) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -113,15 +115,15 @@ def regular_grid(volume: SeriesVolume) -> tuple[np.ndarray, tuple[int, int, int]
     return affine, tuple(int(v) for v in hi - lo + 1)  # type: ignore[return-value]
 
 
-def _unshear(image: MetaTensor, volume: SeriesVolume) -> MetaTensor:
+def _unshear(volume: SeriesVolume) -> tuple[np.ndarray, np.ndarray]:
     """A sheared stack (gantry tilt) resampled onto its regular grid, so that the model sees
-    undistorted anatomy; outside the stack the grid takes the volume's lowest value (air)."""
+    undistorted anatomy; outside the stack the grid takes the volume's lowest value (air).
+    Returns the voxels and their RAS affine."""
     affine, shape = regular_grid(volume)
-    fill = float(volume.array.min())
-    shifted = MetaTensor(image.as_tensor() - fill, affine=image.affine)
-    resampled = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
-        shifted, dst_affine=torch.from_numpy(_LPS_TO_RAS @ affine), spatial_size=shape)
-    return MetaTensor(resampled.as_tensor() + fill, affine=torch.from_numpy(_LPS_TO_RAS @ affine))
+    target = _LPS_TO_RAS @ affine
+    array = resample(volume.array, _LPS_TO_RAS @ volume.affine, target, shape, padding="constant",
+                     fill=float(volume.array.min()))
+    return array, target
 
 
 def _activation(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -135,7 +137,7 @@ def _activation(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> SegmentationResult:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    image, _ = to_model_space(volume, spec)
+    image = to_model_space(volume, spec)
     seconds["preprocess"] = time.perf_counter() - start
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:
@@ -161,7 +163,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
 
 def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, volume: SeriesVolume,
                       spec: ModelSpec) -> np.ndarray:
-    """Class probabilities resampled onto the source grid (MONAI SpatialResample), then labels.
+    """Class probabilities resampled onto the source grid, then labels.
 
     Only boxes around the regions where a label is possible are resampled, one per region:
     most of a study is background, and resampling all of a 300x512x512 grid takes ~15 s here.
@@ -188,10 +190,11 @@ def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.
     src_hi = np.clip(np.ceil(in_source.max(0)).astype(int) + 2, 0, labels.shape)
     if np.any(src_hi <= src_lo):
         return
-    box = MetaTensor(probabilities[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].contiguous(), affine=torch.from_numpy(model))
-    resampled = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
-        box, dst_affine=torch.from_numpy(source_ras @ _translation(src_lo)), spatial_size=tuple(src_hi - src_lo))
-    found = _labels(resampled.as_tensor().numpy(), spec)
+    box = probabilities[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].numpy()
+    grid = source_ras @ _translation(src_lo)
+    resampled = np.stack([resample(channel, model, grid, tuple(src_hi - src_lo), padding="constant")
+                          for channel in box])
+    found = _labels(resampled, spec)
     target = labels[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
     target[found > 0] = found[found > 0]
 
@@ -215,7 +218,7 @@ def _labels(probabilities: np.ndarray, spec: ModelSpec) -> np.ndarray:
 def classification_input(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
     """The model's input (channel, *patch_size) with its affine: training uses this too, so a
     classifier is trained on exactly what the node feeds it."""
-    image, _ = to_model_space(volume, spec)
+    image = to_model_space(volume, spec)
     return Resize(spatial_size=spec.preprocessing.patch_size)(image)
 
 

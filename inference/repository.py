@@ -6,8 +6,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from inference.backends.base import Backend
-from inference.backends.local import LocalBackend
-from inference.backends.triton import TritonBackend
 from inference.spec import ModelSpec, load_spec, model_file
 
 
@@ -26,9 +24,14 @@ class ModelRepository:
 
     def backend(self, name: str, triton_url: str | None = None, protocol: str = "grpc",
                 shared_memory: str = "auto", timeout: float = 120.0, retries: int = 4) -> Backend:
-        """Triton when a URL is configured, else ONNX Runtime in-process on the same model file."""
+        """Triton when a URL is configured, else ONNX Runtime in-process on the same model file.
+        (Imported here: tritonclient and onnxruntime cost the CLI and the receivers 0.2 s to import.)"""
         spec = self.spec(name)
         if triton_url:
+            from inference.backends.triton import TritonBackend
+
             return TritonBackend(triton_url, spec, protocol=protocol, shared_memory=shared_memory,  # type: ignore[arg-type]
                                  timeout=timeout, retries=retries)
+        from inference.backends.local import LocalBackend
+
         return LocalBackend(model_file(self.root, spec), spec)

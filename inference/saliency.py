@@ -10,8 +10,9 @@ phantoms). Here the box is replaced by the same box of a median-filtered copy of
 median wider than the box removes small findings and keeps edges), the neutral baseline the
 perturbation literature uses, and the passes go to the backend in batches. The saliency of a
 class at a voxel is the mean drop of its log-odds over the boxes that hide it, each weighted
-towards its centre (positive: evidence for the class). The map is brought back onto the source grid from the model-space
-affine (MONAI ``SpatialResample``), as segmentation probabilities are, so it overlays the image.
+towards its centre (positive: evidence for the class). The map is brought back onto the source
+grid from the model-space affine (``inference.resample``), as segmentation probabilities are, so
+it overlays the image.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import time
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import SpatialResample
 from scipy import ndimage
 
 from inference.backends.base import Backend
 from inference.pipeline import _LPS_TO_RAS, ClassificationResult, classification_input
+from inference.resample import resample
 
 BATCH = 8  # the exported Triton entries take batches of up to 8
 
@@ -96,13 +96,9 @@ def occlusion_saliency(result: ClassificationResult, backend: Backend) -> dict[i
 
     pixels = np.ascontiguousarray(image.as_tensor().numpy(), dtype=np.float32)
     drop = occlusion_map(pixels, predict, predict(pixels[None])[0], box, stride)
-    resample = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)
-    source = torch.from_numpy(_LPS_TO_RAS @ result.volume.affine)
-    maps = {}
-    for i, label in enumerate(spec.labels):
-        in_model = MetaTensor(torch.from_numpy(drop[i][None]), affine=image.affine)
-        on_source = resample(in_model, dst_affine=source, spatial_size=result.volume.array.shape)
-        maps[label.value] = np.ascontiguousarray(on_source[0].as_tensor().numpy(), dtype=np.float32)
+    source = _LPS_TO_RAS @ result.volume.affine
+    maps = {label.value: resample(drop[i], np.asarray(image.affine, dtype=float), source, result.volume.array.shape)
+            for i, label in enumerate(spec.labels)}
     result.saliency = maps
     result.seconds["saliency"] = time.perf_counter() - start
     return maps

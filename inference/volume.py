@@ -25,6 +25,7 @@ What is accepted (each becomes a ``SeriesVolume`` whose affine puts every voxel 
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +38,20 @@ from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_vo
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from inference.errors import SeriesChanged, SeriesError  # noqa: F401 (raised here, caught by callers)
+
 PROJECTION_MODALITIES = {"DX", "CR", "MG", "IO", "RG", "PX"}
 MAX_TILT_DEGREES = 45.0  # beyond this a "tilted stack" is more likely a mislabelled series
 SHEAR_PIXELS = 0.25  # in-plane drift over the whole stack above this (in pixels): treated as sheared
 SHEAR_DEGREES = 1.0  # or a tilt above this: highdicom's regular-volume check would refuse it
 
 
-class SeriesError(ValueError):
-    """The series cannot be made into one volume; the message says why."""
 
 
 @dataclass
 class SeriesVolume:
-    """Voxels (slice, row, column) in modality units, and where they are.
+    """Voxels (slice, row, column) in modality units (float32, or int16 where that is exact), and
+    where they are.
 
     ``affine`` maps (slice, row, column, 1) to patient LPS millimetres; for a sheared stack
     (gantry tilt) its slice column is the step between slice origins, not the plane normal.
@@ -103,8 +105,45 @@ class SeriesVolume:
         return self.datasets[k], None
 
 
+# Values longer than this stay in the file when a series is read: Pixel Data is then read straight
+# into the volume (one copy instead of three for a 300-slice CT), anything else when first used.
+DEFER_BYTES = 16384
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Which file (inode, size, modification time) a dataset's header was parsed from: its
+    deferred Pixel Data is read only from that same file (a resend replaces it with a new one)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "StoredFile":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def read_series(files: Sequence[Path]) -> list[Dataset]:
-    return [pydicom.dcmread(str(f)) for f in files]
+    """The series' datasets. The Pixel Data of single-frame uncompressed grayscale images is left
+    in the files (``DEFER_BYTES``) and read into the volume later from the very file each header
+    came from; every other data set is read whole."""
+    datasets = []
+    for f in files:
+        with open(f, "rb") as file:
+            ds = pydicom.dcmread(file, defer_size=DEFER_BYTES)
+            ds._stored_file = StoredFile.of(os.fstat(file.fileno()))  # kept on the dataset for _StoredPixels
+            if (ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
+                    or _frames(ds) > 1 or _StoredPixels.of(ds) is None):
+                # Read whole, from this same file: deflated offsets are not file offsets, other
+                # pixel data is decoded by highdicom (which would read a deferred value by name,
+                # from whatever file is there by then), and a multi-frame object's functional
+                # groups may be long enough to be deferred too.
+                file.seek(0)
+                ds = pydicom.dcmread(file)
+        datasets.append(ds)
+    return datasets
 
 
 def load_series(
@@ -447,7 +486,8 @@ def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str) -> Seri
 
 
 def _pixels(ordered: list[_Frame]) -> np.ndarray:
-    """Frames in slice order, modality transform (rescale) applied, as float32."""
+    """Frames in slice order, modality transform (rescale) applied: float32, or int16 when the
+    values are integers that fit."""
     native = _native_pixels(ordered)
     return native if native is not None else _decoded_pixels(ordered)
 
@@ -460,9 +500,12 @@ def _decoded_pixels(ordered: list[_Frame]) -> np.ndarray:
         key = id(frame.dataset)
         if key not in images:
             images[key] = _image(frame.dataset)
-        out.append(images[key].get_frame(frame.number or 1, dtype=np.float32, apply_real_world_transform=False,
-                                         apply_modality_transform=None, apply_palette_color_lut=False,
-                                         apply_icc_profile=False))
+        try:
+            out.append(images[key].get_frame(frame.number or 1, dtype=np.float32, apply_real_world_transform=False,
+                                             apply_modality_transform=None, apply_palette_color_lut=False,
+                                             apply_icc_profile=False))
+        except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
+            raise SeriesError(f"the image cannot be decoded: {exc}") from None
     return np.stack(out).astype(np.float32, copy=False)
 
 
@@ -474,37 +517,33 @@ def _native_pixels(ordered: list[_Frame]) -> np.ndarray | None:
     ignored as pydicom does; None when the data needs anything else (compression, LUTs,
     MONOCHROME1, colour, short Pixel Data), which then goes through highdicom frame by frame.
     """
-    raw: dict[int, np.ndarray] = {}
-    layouts = set()
+    sources: dict[int, _StoredPixels] = {}
     for ds in {id(f.dataset): f.dataset for f in ordered}.values():
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        if (syntax not in _NATIVE or ds.get("PhotometricInterpretation") != "MONOCHROME2"
-                or int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("BitsAllocated", 0)) not in (8, 16, 32)
-                or "PixelData" not in ds or "ModalityLUTSequence" in ds or "RealWorldValueMappingSequence" in ds):
+        source = _StoredPixels.of(ds)
+        if source is None:
             return None
-        bits = int(ds.BitsAllocated)
-        dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{bits // 8}")
-        dtype = dtype.newbyteorder(">" if syntax == pydicom.uid.ExplicitVRBigEndian else "<")
-        shape = (_frames(ds), int(ds.Rows), int(ds.Columns))
-        if len(ds.PixelData) < math.prod(shape) * dtype.itemsize:
-            return None  # highdicom says what is wrong with it
-        raw[id(ds)] = np.frombuffer(ds.PixelData, dtype=dtype, count=math.prod(shape)).reshape(shape)
-        layouts.add((dtype.newbyteorder("="), shape[1:], bits - int(ds.get("BitsStored", bits))))
+        sources[id(ds)] = source
+    layouts = {(s.dtype.newbyteorder("="), s.shape[1:], s.unused_bits) for s in sources.values()}
     if len(layouts) != 1:
         return None
     dtype, plane, unused = layouts.pop()
     stored = np.empty((len(ordered), *plane), dtype=dtype)
     for k, frame in enumerate(ordered):
-        stored[k] = raw[id(frame.dataset)][(frame.number or 1) - 1]
+        sources[id(frame.dataset)].read_frame(frame.number or 1, stored[k])
     if unused > 0:  # bits above Bits Stored carry no value (PS3.5 8.1.1): shift them out, sign-extending
         np.left_shift(stored, unused, out=stored)
         np.right_shift(stored, unused, out=stored)
-    out = stored.astype(np.float32)
     slope = np.ones(len(ordered), dtype=np.float32)
     intercept = np.zeros(len(ordered), dtype=np.float32)
     for k, frame in enumerate(ordered):
         slope[k], intercept[k] = _rescale(frame)
-    if np.all(slope == slope[0]) and np.all(intercept == intercept[0]):
+    uniform = bool(np.all(slope == slope[0]) and np.all(intercept == intercept[0]))
+    if uniform and slope[0] == 1.0 and float(intercept[0]).is_integer():
+        exact = _as_int16(stored, int(intercept[0]))
+        if exact is not None:
+            return exact
+    out = stored.astype(np.float32)
+    if uniform:
         if slope[0] != 1.0:
             out *= slope[0]
         if intercept[0] != 0.0:
@@ -512,6 +551,80 @@ def _native_pixels(ordered: list[_Frame]) -> np.ndarray | None:
     else:
         out *= slope[:, None, None]
         out += intercept[:, None, None]
+    return out
+
+
+@dataclass(frozen=True)
+class _StoredPixels:
+    """One object's uncompressed grayscale Pixel Data: in memory, or left in its file by
+    ``read_series`` (then read frame by frame straight into the volume)."""
+
+    dataset: Dataset
+    dtype: np.dtype  # with the stored byte order
+    shape: tuple[int, int, int]  # frames, rows, columns
+    unused_bits: int  # above Bits Stored
+
+    @classmethod
+    def of(cls, ds: Dataset) -> "_StoredPixels | None":
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if (syntax not in _NATIVE or ds.get("PhotometricInterpretation") != "MONOCHROME2"
+                or int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("BitsAllocated", 0)) not in (8, 16, 32)
+                or "PixelData" not in ds or "ModalityLUTSequence" in ds or "RealWorldValueMappingSequence" in ds):
+            return None
+        bits = int(ds.BitsAllocated)
+        dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{bits // 8}")
+        dtype = dtype.newbyteorder(">" if syntax == pydicom.uid.ExplicitVRBigEndian else "<")
+        source = cls(ds, dtype, (_frames(ds), int(ds.Rows), int(ds.Columns)), bits - int(ds.get("BitsStored", bits)))
+        if source._length() < math.prod(source.shape) * dtype.itemsize:
+            return None  # highdicom says what is wrong with it
+        return source
+
+    def _element(self) -> Any:
+        return self.dataset.get_item("PixelData", keep_deferred=True)
+
+    def _length(self) -> int:
+        """Bytes of Pixel Data there are: in memory, or in the file read_series parsed (0: none usable)."""
+        element = self._element()
+        if element.value is not None:
+            return len(element.value)
+        stored: StoredFile | None = getattr(self.dataset, "_stored_file", None)
+        if stored is None or not isinstance(self.dataset.filename, str):
+            return 0  # deferred by someone else: pydicom and highdicom read it
+        return min(int(element.length), stored.size - int(element.value_tell))
+
+    def read_frame(self, number: int, out: np.ndarray) -> None:
+        """Frame `number` (1-based) into `out` (native byte order, C-contiguous)."""
+        element = self._element()
+        offset = (number - 1) * out.nbytes
+        if element.value is not None:
+            out[...] = np.frombuffer(element.value, dtype=self.dtype, count=out.size, offset=offset).reshape(out.shape)
+            return
+        with open(self.dataset.filename, "rb", buffering=0) as file:
+            if StoredFile.of(os.fstat(file.fileno())) != self.dataset._stored_file:
+                raise SeriesChanged(f"instance {self.dataset.SOPInstanceUID} was replaced while its series was read")
+            count = os.preadv(file.fileno(), [memoryview(out).cast("B")], element.value_tell + offset)
+        if count != out.nbytes:  # the same file, shorter than _length said: it was cut since
+            raise SeriesChanged(f"instance {self.dataset.SOPInstanceUID}: its file ends before its pixel data does")
+        if self.dtype.byteorder == ">":
+            out.byteswap(inplace=True)
+
+
+def _as_int16(stored: np.ndarray, intercept: int) -> np.ndarray | None:
+    """Integer modality values (slope 1, integral intercept: nearly every CT) as int16 when they
+    fit: half the memory of float32 and no conversion pass over the volume; None otherwise.
+    Unsigned 16-bit values below 32768 are the same bits as int16: reinterpreted, not copied."""
+    if stored.dtype.itemsize > 2:
+        return None
+    low, high = int(stored.min()), int(stored.max())
+    limits = np.iinfo(np.int16)
+    if low + intercept < limits.min or high + intercept > limits.max:
+        return None
+    if stored.dtype == np.int16 or (stored.dtype == np.uint16 and high <= limits.max):
+        out = stored.view(np.int16)
+    else:
+        out = stored.astype(np.int16)
+    if intercept:
+        out += np.int16(intercept)
     return out
 
 

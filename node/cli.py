@@ -173,11 +173,10 @@ def studies(
 ) -> None:
     """List received studies, newest first: UID, state, modalities, counts, sender, dates (no patient data)."""
     from node.console.summary import studies as study_rows
-    from node.store.index import Index
 
     cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
-    index_path = Path(cfg.storage.data_dir) / "index.sqlite"
-    rows = study_rows(Index(index_path), cfg.http.show_descriptions) if index_path.exists() else []
+    index = _existing_index(cfg)
+    rows = study_rows(index, cfg.http.show_descriptions) if index else []
     _print_rows(rows, as_json, "no studies", [
         ("STUDY INSTANCE UID", "64", lambda r: r["study_uid"]), ("STATE", "9", lambda r: r["state"]),
         ("MODALITY", "8", lambda r: ",".join(r["modalities"]) or "-"), ("SERIES", ">6", lambda r: r["series"]),
@@ -192,15 +191,22 @@ outbox_app = typer.Typer(help="Results waiting for, or done with, delivery.", in
 app.add_typer(outbox_app, name="outbox")
 
 
-def _index(config: Optional[Path], data_dir: Optional[Path] = None):
-    from node.store.index import Index
+def _existing_index(cfg: NodeConfig):
+    """The configured index; None for a SQLite file that does not exist (the node never ran)."""
+    from node.store.index import SQLITE_FILE, Index
 
+    if not cfg.storage.index_url and not (Path(cfg.storage.data_dir) / SQLITE_FILE).exists():
+        return None
+    return Index.open(cfg.storage)
+
+
+def _index(config: Optional[Path], data_dir: Optional[Path] = None):
     cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
-    path = Path(cfg.storage.data_dir) / "index.sqlite"
-    if not path.exists():
-        typer.echo(f"no index at {path}: the node has not run with this configuration", err=True)
+    index = _existing_index(cfg)
+    if index is None:
+        typer.echo(f"no index in {cfg.storage.data_dir}: the node has not run with this configuration", err=True)
         raise typer.Exit(1)
-    return cfg, Index(path)
+    return cfg, index
 
 
 @outbox_app.callback()
@@ -212,10 +218,9 @@ def outbox_list(
     """List result deliveries (pending, delivered, dead) per destination."""
     if ctx.invoked_subcommand:
         return
-    from node.send.outbox import Outbox, list_items
+    from node.send.outbox import list_items
 
     cfg, index = _index(config)
-    Outbox.ensure_schema(index)
     _print_rows(list_items(index), as_json, "outbox is empty", [
         ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["state"]),
         ("DESTINATION", "16", lambda r: r["destination"]), ("TRIES", ">5", lambda r: r["attempts"]),
@@ -230,13 +235,12 @@ def outbox_retry(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Queue a dead (or waiting) delivery again, now; the running node picks it up."""
-    from node.send.outbox import Outbox, retry
+    from node.send.outbox import retry
 
     if (item is None) == (not all_dead):
         typer.echo("give an outbox ID or --all", err=True)
         raise typer.Exit(2)
     cfg, index = _index(config)
-    Outbox.ensure_schema(index)
     if item is not None:
         found = index.query("SELECT state FROM outbox WHERE id=?", (item,))
         if not found:
@@ -380,7 +384,6 @@ def route_explain(
     from inference.repository import ModelRepository
     from node.route.rules import load_rules
     from node.route.study import study_from_folder, study_from_index
-    from node.store.index import Index
 
     cfg = _config(config)
     try:
@@ -392,8 +395,8 @@ def route_explain(
     if Path(study).is_dir():
         views = study_from_folder(Path(study), calling_ae, called_ae, peer)
     else:
-        index_path = Path(cfg.storage.data_dir) / "index.sqlite"
-        view = study_from_index(Index(index_path), study, Path(cfg.storage.data_dir)) if index_path.exists() else None
+        index = _existing_index(cfg)
+        view = study_from_index(index, study, Path(cfg.storage.data_dir)) if index else None
         views = [view] if view else []
     if not views:
         typer.echo(f"no study {study!r} (not received, and not a folder of DICOM files)", err=True)

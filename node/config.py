@@ -59,6 +59,9 @@ class Timeouts(Strict):
     acse: float = Field(30.0, gt=0)
     dimse: float = Field(60.0, gt=0)
     network: float = Field(60.0, gt=0)
+    drain: float = Field(
+        300.0, gt=0, description="after a reload changed receiver settings, associations opened before it "
+        "may go on under the old settings this long; then they are aborted (their sender resends)")
 
 
 class ScpConfig(Strict):
@@ -148,12 +151,25 @@ class StorageConfig(Strict):
         1024, ge=0, description="below this much free disk, C-STORE answers 0xA700"
     )
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    index_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the index: null is SQLite in data_dir (one node);"
+        " postgresql+psycopg://user@host/db lets several replicas share one index and one data_dir",
+    )
+    lease_s: float = Field(
+        30.0, gt=1, description="how long a claimed job or delivery stays with its replica without a heartbeat"
+        " before another replica takes it over",
+    )
 
 
 class CompletionConfig(Strict):
     quiet_period_s: float = Field(60.0, gt=0)
     quiet_period_by_calling_ae: dict[str, float] = Field(default_factory=dict)
     after_complete: Literal["reprocess", "ignore"] = "reprocess"
+    sweep_s: float = Field(
+        30.0, gt=0, description="how often the index is scanned for receiving studies without a timer here"
+        " (after a restart, or a replica's studies after it died)",
+    )
 
     def quiet_period_for(self, calling_ae: str) -> float:
         return self.quiet_period_by_calling_ae.get(calling_ae, self.quiet_period_s)

@@ -24,7 +24,7 @@ from node.config import NodeConfig
 from node.encode.sr import read_findings
 from node.send.scu import associate, storage_contexts
 from node.jobs.store import JobStore
-from node.store.index import Index
+from node.store.index import SQLITE_FILE, Index
 from training.data.synthetic import make_dicom_study
 
 
@@ -112,9 +112,8 @@ def _summary(truth: list[dict], findings: list[dict]) -> None:
 
 
 def _stages(config: NodeConfig, study_uid: str) -> None:
-    index_path = Path(config.storage.data_dir) / "index.sqlite"
-    if not index_path.exists():
+    if not config.storage.index_url and not (Path(config.storage.data_dir) / SQLITE_FILE).exists():
         return
-    jobs = JobStore(Index(index_path)).all_jobs(study_uid)
+    jobs = JobStore(Index.open(config.storage)).all_jobs(study_uid)
     if jobs and jobs[-1].stages:
         print("\ntime per stage: " + ", ".join(f"{name} {s:.2f} s" for name, s in jobs[-1].stage_seconds().items()))

@@ -30,17 +30,26 @@ from node.yamlfile import ConfigError, Problem
 
 log = logging.getLogger("node.config")
 
+# Receiver settings: a reload starts new receiver processes with them, and the old ones finish
+# their associations first (ReceiverPool.reconfigure). The listening socket (scp.bind,
+# scp.port) and the number of receivers (scp.workers) need a restart.
+RECEIVER_KEYS = tuple(f"scp.{key}" for key in (
+    "ae_title", "ae_titles", "max_associations", "max_pdu", "max_pdu_cap", "max_instance_mb",
+    "require_called_ae_title", "allowed_callers", "timeouts", "tls"))
 # Key paths (and everything below them) that a reload applies without a restart.
 LIVE_KEYS = (
     "destinations",
     "completion.quiet_period_s",
     "completion.quiet_period_by_calling_ae",
+    "completion.after_complete",
     "sending",
     "output",
     "inference.retry_initial_s",
     "inference.retry_max_s",
     "inference.retry_deadline_s",
     "storage.retention",
+    "storage.min_free_mb",
+    *RECEIVER_KEYS,
 )
 SNAPSHOT = "config-in-force.json"
 _SECRET = "http.token"
@@ -70,12 +79,29 @@ def check(path: Path | None, overrides: dict[str, object] | None = None, rules_p
     except ConfigError as exc:
         return Checked(None, None, None, list(exc.problems))
     rules_path = rules_path or config.pipeline.routing_file
+    tls = _tls_problem(config, path)
+    if tls is not None:  # a node.yaml problem, like a validation error
+        return Checked(None, None, None, [tls])
     try:
         rules = load_rules(rules_path, ModelRepository(config.inference.model_repository).names(),
                            set(config.destinations))
     except ConfigError as exc:
         return Checked(config, None, rules_path, list(exc.problems))
     return Checked(config, rules, rules_path)
+
+
+def _tls_problem(config: NodeConfig, path: Path | None) -> Problem | None:
+    """The receivers' certificate and key must load: a reload with ones that do not would leave
+    no receiver able to start (and `config check` would have said OK)."""
+    import ssl
+
+    from node.receive.tls import server_ssl_context
+
+    try:
+        server_ssl_context(config)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return Problem(str(path or DEFAULT_CONFIG), None, "scp.tls", f"the certificate or key cannot be loaded: {exc}")
+    return None
 
 
 def is_live(key: str) -> bool:
@@ -111,13 +137,23 @@ def apply_live(old: NodeConfig, new: NodeConfig) -> NodeConfig:
     """`old` with the live keys taken from `new`; everything else stays as started."""
     completion = old.completion.model_copy(update={
         "quiet_period_s": new.completion.quiet_period_s,
-        "quiet_period_by_calling_ae": new.completion.quiet_period_by_calling_ae})
+        "quiet_period_by_calling_ae": new.completion.quiet_period_by_calling_ae,
+        "after_complete": new.completion.after_complete})
     inference = old.inference.model_copy(update={
         key: getattr(new.inference, key) for key in ("retry_initial_s", "retry_max_s", "retry_deadline_s")})
-    storage = old.storage.model_copy(update={"retention": new.storage.retention})
+    storage = old.storage.model_copy(update={"retention": new.storage.retention,
+                                             "min_free_mb": new.storage.min_free_mb})
+    scp = old.scp.model_copy(update={key.split(".", 1)[1]: getattr(new.scp, key.split(".", 1)[1])
+                                     for key in RECEIVER_KEYS})
     return old.model_copy(update={"destinations": new.destinations, "completion": completion,
                                   "sending": new.sending, "output": new.output, "inference": inference,
-                                  "storage": storage})
+                                  "storage": storage, "scp": scp})
+
+
+def receivers_affected(old: NodeConfig, new: NodeConfig) -> bool:
+    """Whether a change of the configuration in force needs new receiver processes."""
+    return (old.scp != new.scp or old.storage.min_free_mb != new.storage.min_free_mb
+            or old.completion != new.completion)
 
 
 def read_snapshot(data_dir: Path) -> dict[str, Any] | None:

@@ -32,33 +32,10 @@ from typing import Any
 from node import logs
 from node.config import RetentionConfig
 from node.jobs.store import Job, JobState, JobStore
-from node.send.outbox import Outbox
 from node.store.index import Index
 
 log = logging.getLogger("node.retention")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS retention_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,                 -- instances | results
-    study_uid TEXT NOT NULL,
-    job_id INTEGER,
-    reason TEXT NOT NULL,
-    instances INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    completions INTEGER NOT NULL DEFAULT 0,
-    files INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS retention_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    studies INTEGER NOT NULL,
-    instances INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    result_files INTEGER NOT NULL
-);
-"""
 DAY = 86400.0
 FINISHED_JOB_STATES = {JobState.DONE, JobState.IGNORED}
 MTIME_SLACK_S = 2.0
@@ -113,8 +90,6 @@ class Retention:
         self.index = index
         self.data_dir = Path(data_dir)
         self.jobs = JobStore(index)
-        Outbox.ensure_schema(index)
-        index.executescript(SCHEMA)
 
     # -- what would go -----------------------------------------------------------------------
 
@@ -130,7 +105,7 @@ class Retention:
         rows = self.index.query(
             """SELECT s.study_uid, s.state, s.completed_at,
                       (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS n,
-                      (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.study_uid=s.study_uid) AS bytes
+                      (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM instances i WHERE i.study_uid=s.study_uid) AS bytes
                FROM studies s ORDER BY s.first_received""")
         return [self._state(r, jobs.get(r["study_uid"], []), deliveries.get(r["study_uid"], [])) for r in rows]
 
@@ -222,8 +197,8 @@ class Retention:
             # Re-check inside the write lock: nothing can arrive, reopen or be retried meanwhile.
             row = db.execute("SELECT state, completions FROM studies WHERE study_uid=?", (study.study_uid,)).fetchone()
             jobs = self.jobs.all_jobs(study.study_uid)
-            undelivered = db.execute("SELECT COUNT(*) FROM outbox WHERE study_uid=? AND state!='delivered'",
-                                     (study.study_uid,)).fetchone()[0]
+            undelivered = db.execute("SELECT COUNT(*) AS n FROM outbox WHERE study_uid=? AND state!='delivered'",
+                                     (study.study_uid,)).fetchone()["n"]
             if (row is None or row["state"] != "complete" or not jobs or undelivered
                     or any(j.state not in FINISHED_JOB_STATES for j in jobs)):
                 logs.event(log, "retention_skipped", study_uid=study.study_uid, reason="no longer finished")
@@ -272,8 +247,9 @@ class Retention:
     def deleted_totals(self) -> dict[str, int]:
         """Instances, bytes and completions removed with their studies (metrics add them back)."""
         row = self.index.query(
-            "SELECT COALESCE(SUM(instances),0) AS instances, COALESCE(SUM(bytes),0) AS bytes,"
-            " COALESCE(SUM(completions),0) AS completions, COUNT(*) AS studies FROM retention_log"
+            "SELECT CAST(COALESCE(SUM(instances), 0) AS BIGINT) AS instances,"
+            " CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS bytes,"
+            " CAST(COALESCE(SUM(completions), 0) AS BIGINT) AS completions, COUNT(*) AS studies FROM retention_log"
             " WHERE kind='instances'")[0]
         return dict(row)
 

@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -17,7 +18,7 @@ from node.config import NodeConfig
 from node.jobs.admission import Admission
 from node.jobs.runner import JobRunner
 from node.jobs.store import JobStore
-from node.liveconfig import LiveConfig
+from node.liveconfig import LiveConfig, receivers_affected
 from node.retention import Retention
 from node.route.live import LiveRules
 from node.receive.workers import ReceiverPool
@@ -35,8 +36,8 @@ class NodeService:
         self.config = config
         data_dir = Path(config.storage.data_dir)
         self.spool = Spool(data_dir, config.storage.min_free_mb)
-        self.index = Index(data_dir / "index.sqlite")
-        self.jobs = JobStore(self.index)
+        self.index = Index.open(config.storage)
+        self.jobs = JobStore(self.index, lease_s=config.storage.lease_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.models = ModelRepository(config.inference.model_repository)
         self.rules = LiveRules(config.pipeline.routing_file, self.models.names, set(config.destinations))
@@ -50,7 +51,8 @@ class NodeService:
                                 decide=admission.decide)
         self._rule_quiet_period = admission.quiet_period_for
         self.completion = CompletionTimers(self.index, self.scheduler, admit=admission.admit,
-                                           quiet_override=self._quiet_period, on_admitted=self.runner.wake)
+                                           quiet_override=self._quiet_period, on_admitted=self.runner.wake,
+                                           sweep_s=config.completion.sweep_s)
         self.receivers = ReceiverPool(config, on_study_opened=self._study_opened)
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
@@ -73,10 +75,26 @@ class NodeService:
     def _config_changed(self, old: NodeConfig, new: NodeConfig) -> None:
         """A reload put new live settings in force: hand them to the parts that read them."""
         self.config = self.runner.config = self.outbox.config = new
+        self.spool.set_watermark(new.storage.min_free_mb)
         if new.sending.sweep_s != old.sending.sweep_s and self.scheduler.get_job("outbox-sweep"):
             self.scheduler.reschedule_job("outbox-sweep", trigger="interval", seconds=new.sending.sweep_s)
         if new.storage.retention != old.storage.retention:
             self._schedule_retention()
+        if receivers_affected(old, new):
+            self._reconfigure_receivers()
+
+    def _reconfigure_receivers(self) -> None:
+        """Receivers with the settings in force; tried again every 30 s until they start, so the
+        console never shows settings that no receiver applies for long."""
+        if not self.receivers.reconfigure(self.live.current) and self.scheduler.running:
+            self.scheduler.add_job(self._reconfigure_receivers, "date", id="receivers-reconfigure",
+                                   run_date=datetime.fromtimestamp(time.time() + 30, tz=timezone.utc),
+                                   replace_existing=True, misfire_grace_time=None)
+
+    def _renew_leases(self) -> None:
+        """Keep the jobs and sends this process holds; a replica that stops renewing loses them."""
+        self.jobs.renew_leases()
+        self.outbox.renew_leases()
 
     def _schedule_retention(self) -> None:
         policy = self.live.current.storage.retention
@@ -111,16 +129,18 @@ class NodeService:
         self._start_http()  # first: a console port in use stops the start before anything runs
         # Before any receiver runs: files without an index row, partial writes (README, Receiving).
         reconciled = reconcile(self.config, self.spool, self.index)
-        requeued = self.jobs.requeue_running()
+        requeued = 0 if self.index.shared else self.jobs.requeue_running()
         self.scheduler.start()
+        self.scheduler.add_job(self._renew_leases, "interval", seconds=self.config.storage.lease_s / 3,
+                               id="lease-renewal", coalesce=True, max_instances=1)
         self.completion.start()
         self.outbox.start()
         self.scheduler.add_job(self.live.check_for_changes, "interval", seconds=2, id="config-reload",
                                coalesce=True, max_instances=1)
         self._schedule_retention()
         self.live.write_snapshot()
-        self.runner.start()
         self.receivers.start()
+        self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0))
         logs.event(
             log,
             "node_started",
@@ -130,6 +150,7 @@ class NodeService:
             receivers=self.receivers.count,
             data_dir=str(self.config.storage.data_dir),
             requeued_jobs=requeued,
+            index="postgresql" if self.index.shared else "sqlite",
             installation_uid=self.runner.installation_uid,
             reconciled=reconciled,
             tls=self.config.scp.tls.enabled,

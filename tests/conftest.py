@@ -11,6 +11,7 @@ from tests.peers import NodeProcess
 if TYPE_CHECKING:
     from inference.triton_cpu import TritonCpuServer
     from tests.orthanc import Orthanc
+    from tests.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,3 +72,13 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     server.start(timeout=120, ready_models=names)
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["PostgresServer"]:
+    """A real PostgreSQL server (Debian's package), once per test session."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()

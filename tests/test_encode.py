@@ -151,8 +151,14 @@ def test_sr_is_valid_and_reads_back_the_measurements(result, tmp_path):
         diameter = group.get_measurements(name=codes.SCT.LongAxis)[0]
         assert diameter.value == pytest.approx(finding.longest_in_plane_diameter_mm, abs=1e-3)
         assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
-        centre = [item for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass][0]
+        image_point, centre = [item for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass]
         np.testing.assert_allclose(centre.value[0], finding.centroid, atol=1e-3)
+        # first, the nearest source image's pixel (column, row from its top left corner), for viewers
+        index = np.linalg.inv(result.volume.affine) @ np.append(finding.centroid, 1.0)
+        slice_ = result.volume.datasets[int(round(float(index[0])))]
+        assert image_point.value_type == hd.sr.ValueTypeValues.SCOORD
+        np.testing.assert_allclose(image_point.value[0], [index[2] + 0.5, index[1] + 0.5], atol=1e-3)
+        assert image_point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == slice_.SOPInstanceUID
         assert group.finding_type == hd.sr.CodedConcept(**{"value": finding.label.type.value, "scheme_designator": "SCT",
                                                             "meaning": finding.label.type.meaning})
     lesion_sizes = [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups[:2]]
@@ -182,3 +188,19 @@ def test_no_findings_gives_no_seg_and_an_empty_report(result):
     absent = [(i.name.meaning, i.value.meaning) for i in items
               if i.value_type.value == "CODE" and i.value.value == codes.SCT.Absent.value]
     assert absent == [("Lesion", "Absent"), ("Nodule", "Absent")]
+
+
+def test_warm_up_builds_a_seg_and_an_sr_that_read_back():
+    """The pipeline's warm-up (node.encode.warmup) exercises the same highdicom paths as a study."""
+    from io import BytesIO
+
+    from node.encode.warmup import warm_up
+
+    seg, sr = warm_up()
+    for obj in (seg, sr):
+        buffer = BytesIO()
+        obj.save_as(buffer, enforce_file_format=True)
+        buffer.seek(0)
+        assert pydicom.dcmread(buffer).SOPInstanceUID == obj.SOPInstanceUID
+    assert hd.seg.Segmentation.from_dataset(seg).number_of_segments == 1
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage

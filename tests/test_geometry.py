@@ -335,7 +335,7 @@ def test_gantry_tilt_series(tilt, model_spacing, tmp_path, model_repository):
         spec = threshold_spec(preprocessing={"orientation": "RAS", "spacing": list(model_spacing),
                                              "intensity": {"window": [-1000, 1000]}, "patch_size": [32, 32, 32]})
     # the model sees a regular (orthogonal) grid with the sphere undistorted at its place
-    image, _ = to_model_space(volume, spec or threshold_spec())
+    image = to_model_space(volume, spec or threshold_spec())
     model_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(image.affine, dtype=float)  # RAS -> LPS
     gram = model_affine[:3, :3].T @ model_affine[:3, :3]
     np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -290,3 +291,142 @@ def test_native_pixel_fast_path_equals_pydicom(tmp_path):
     compressed = _variants(tmp_path / "again")["signed 16 bit"]
     compressed[0].file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1  # not native: highdicom decodes it
     assert module._native_pixels([module._Frame.of_instance(ds) for ds in compressed]) is None
+
+
+def test_pixel_data_read_from_the_files_equals_the_datasets_values(tmp_path, monkeypatch):
+    """read_series leaves Pixel Data in the files and the fast path reads it straight into the
+    volume: same values as from the datasets in memory, big-endian files included; integer CT
+    values come back as int16, rescaled ones as float32."""
+    from inference import volume as module
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)  # these test images are small
+    variants = _variants(tmp_path)
+    big_endian = _variants(tmp_path / "be")["signed 16 bit"]
+    for ds in big_endian:
+        ds.PixelData = ds.pixel_array.astype(">i2").tobytes()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    variants["signed 16 bit, big endian"] = big_endian
+    for name, datasets in variants.items():
+        folder = tmp_path / "files" / name.replace(" ", "_").replace(",", "")
+        folder.mkdir(parents=True)
+        files = []
+        for k, ds in enumerate(datasets):
+            files.append(folder / f"{k}.dcm")
+            pydicom.dcmwrite(files[-1], ds, implicit_vr=False, little_endian="big endian" not in name,
+                             force_encoding=True)
+        deferred = read_series(files)
+        assert deferred[0].get_item("PixelData", keep_deferred=True).value is None, name
+        from_files = module._native_pixels([module._Frame.of_instance(ds) for ds in deferred])
+        in_memory = module._native_pixels([module._Frame.of_instance(ds) for ds in datasets])
+        np.testing.assert_array_equal(from_files, in_memory, err_msg=name)
+        expected = np.float32 if ("slope" in name or "varies" in name) else np.int16
+        assert from_files.dtype == expected, name
+
+
+def test_a_file_replaced_while_its_series_is_read_is_a_transient_failure(tmp_path, monkeypatch):
+    """A resend replaces the stored file (a rename) between the header read and the pixel read:
+    the job must not mix two versions of the instance; it waits and reads the series again."""
+    from inference import volume as module
+    from node.jobs.failures import is_transient
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)
+    files = write_ct_series(np.zeros((4, 12, 10)), tmp_path / "s", SeriesGeometry())
+    datasets = read_series(files)
+    replacement = pydicom.dcmread(files[2])
+    replacement.PixelData = bytes(len(replacement.PixelData))
+    replacement.save_as(tmp_path / "new.dcm", enforce_file_format=True)
+    (tmp_path / "new.dcm").replace(files[2])
+    os.utime(files[2], ns=(1, 1))  # a different modification time, however fast the machine
+    with pytest.raises(module.SeriesChanged, match=f"instance {datasets[2].SOPInstanceUID} was replaced") as caught:
+        load_series(datasets)
+    assert is_transient(caught.value)
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
+@pytest.mark.parametrize("padding", ["border", "constant"])
+def test_resampling_equals_monai(orientation, padding):
+    """inference.resample moves voxels where MONAI would (same voxel-centre convention, linear
+    interpolation, border or zero padding), from the stored integers, axis-aligned or not."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing, SpatialResample
+
+    from inference.resample import resample
+
+    array = np.random.default_rng(1).integers(-1000, 1000, size=(30, 40, 36)).astype(np.int16)
+    c, s = math.cos(0.3), math.sin(0.3)
+    columns = {"axial": [(0, 0, 2.5), (0, 0.8, 0), (0.7, 0, 0)],
+               "sagittal": [(2.5, 0, 0), (0, 0, -0.8), (0, 0.7, 0)],
+               "oblique": [(0, -s * 2.5, c * 2.5), (0, c * 0.8, s * 0.8), (0.7, 0, 0)]}[orientation]
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(columns).T
+    affine[:3, 3] = (10.5, -20.3, 7.1)
+    image = MetaTensor(torch.from_numpy(array[None].astype(np.float32)), affine=torch.from_numpy(affine))
+    moved = Spacing(pixdim=(2.0, 2.0, 2.0), mode="bilinear")(Orientation(axcodes="RAS", labels=None)(image))
+    target = np.asarray(moved.affine, dtype=float)
+    if padding == "constant":  # MONAI's zeros padding, on a grid shifted so that part of it lies outside
+        target[:3, 3] += (5.0, -3.0, 4.0)
+        moved = SpatialResample(mode="bilinear", padding_mode="zeros")(
+            image, dst_affine=torch.from_numpy(target), spatial_size=tuple(moved.shape[1:]))
+    ours = resample(array, affine, target, tuple(moved.shape[1:]), padding=padding)
+    np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
+
+
+def test_separate_boxes_find_the_components_of_the_whole_grid():
+    """Labelling box by box (findings, cleaning) finds exactly the components of the whole grid."""
+    from scipy import ndimage
+
+    from inference.findings import separate_boxes
+
+    rng = np.random.default_rng(7)
+    labels = np.zeros((60, 80, 70), np.uint8)
+    for _ in range(25):
+        centre = rng.integers(0, [60, 80, 70])
+        size = rng.integers(1, 6, 3)
+        labels[tuple(slice(max(0, c - d), c + d) for c, d in zip(centre, size))] = rng.integers(1, 3)
+    whole = sorted(np.bincount(ndimage.label(labels > 0)[0].ravel())[1:].tolist())
+    boxes = separate_boxes(labels)
+    per_box = sorted(n for box in boxes for n in np.bincount(ndimage.label(labels[box] > 0)[0].ravel())[1:].tolist())
+    assert len(boxes) > 1 and per_box == whole
+    covered = np.zeros(labels.shape, bool)
+    for box in boxes:
+        assert not covered[box].any()  # disjoint
+        covered[box] = True
+    assert not labels[~covered].any()
+
+
+def test_a_truncated_file_is_a_permanent_failure_and_compressed_files_are_read_whole(tmp_path, monkeypatch):
+    """A file shorter than its Pixel Data header says is refused for good (not retried for an
+    hour as if it were being replaced); compressed data sets are read whole (pydicom decodes them)."""
+    from inference import volume as module
+    from node.jobs.failures import is_transient
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)
+    files = write_ct_series(np.zeros((4, 12, 10)), tmp_path / "s", SeriesGeometry())
+    files[1].write_bytes(files[1].read_bytes()[:-100])
+    with pytest.raises(SeriesError) as caught:
+        load_series(read_series(files))
+    assert not is_transient(caught.value)
+    rle = pydicom.dcmread(files[0])
+    rle.compress(pydicom.uid.RLELossless)
+    rle.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    (ds,) = read_series([tmp_path / "rle.dcm"])
+    assert ds.get_item("PixelData", keep_deferred=True).value is not None
+
+
+def test_reorientation_without_spacing_is_an_exact_copy():
+    """A model without a spacing step: only flips and axis order, so the voxels are copied (no
+    interpolation), exactly as MONAI's Orientation gives them."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation
+
+    from inference.resample import resample
+
+    array = np.random.default_rng(2).integers(-1000, 1000, size=(7, 9, 11)).astype(np.int16)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([(2.5, 0, 0), (0, 0, -0.8), (0, 0.7, 0)]).T  # sagittal-like
+    affine[:3, 3] = (1.0, 2.0, 3.0)
+    moved = Orientation(axcodes="RAS", labels=None)(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(affine)))
+    ours = resample(array, affine, np.asarray(moved.affine, dtype=float), tuple(moved.shape[1:]))
+    np.testing.assert_array_equal(ours, moved[0].numpy().astype(np.float32))

@@ -273,3 +273,84 @@ def _try(call: Any) -> Any:
         return call()
     except OSError:
         return None
+
+
+def _associate(node: NodeProcess, calling: str, called: str = "TESTNODE") -> Any:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    return ae.associate("127.0.0.1", node.port, ae_title=called)
+
+
+def test_receiver_settings_reload_live_and_open_associations_finish_under_the_old_ones(start_node, tmp_path):
+    """Allowed callers, AE titles and the disk watermark change without a restart: new receiver
+    processes take new connections with the new settings, while an association opened before the
+    reload goes on (and ends) under the settings it started with. /metrics counts the rejection,
+    the 0xA700 answers and the abort."""
+    # acse 3 s: a rejected association is over (for pynetdicom) when the peer closes or at the ACSE timeout
+    node = start_node(scp={"allowed_callers": [{"ae_title": "MODALITY"}], "require_called_ae_title": True,
+                           "timeouts": {"acse": 3}})
+    wait_for(lambda: _ready(node)[0] == 200, timeout=30)
+    before = _metrics(node)
+    refused = _associate(node, "OTHER")
+    assert refused.is_rejected
+    files = make_study(tmp_path / "study", slices=3, size=32)
+    held = _associate(node, "MODALITY")
+    assert held.is_established
+    ready = len(node.events("receiver_ready"))
+
+    _edit_config(node, lambda c: (c["scp"].update(allowed_callers=[{"ae_title": "MODALITY"}, {"ae_title": "OTHER"}],
+                                                  ae_titles=["TESTNODE", "NEWTITLE"]),
+                                  c["storage"].update(min_free_mb=10**9)))
+    wait_for(lambda: node.events("receivers_reconfigured"), timeout=20)
+    wait_for(lambda: len(node.events("receiver_ready")) >= ready + node.receivers, timeout=60)
+    assert node.events("config_reloaded")[-1]["restart_needed"] == []
+
+    # The old association: still served, under the old watermark (1 MB): stored.
+    assert held.send_c_echo().Status == 0x0000
+    assert held.send_c_store(pydicom.dcmread(files[0])).Status == 0x0000
+    # A new one: the caller and the title the reload added, the new watermark: refused for space.
+    fresh = _associate(node, "OTHER", "NEWTITLE")
+    assert fresh.is_established
+    assert fresh.send_c_store(pydicom.dcmread(files[1])).Status == 0xA700
+    fresh.release()
+    assert len(node.events("receiver_drained")) < node.receivers  # the held association keeps its receiver
+    held.release()
+    drained = wait_for(lambda: len(node.events("receiver_drained")) == node.receivers and node.events("receiver_drained"),
+                       timeout=30)
+    assert {e["exit_code"] for e in drained} == {0}
+    aborted = _associate(node, "MODALITY", "NEWTITLE")
+    aborted.abort()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return _metrics(node).get(key, 0.0) - before.get(key, 0.0)
+
+    wait_for(lambda: delta("dicom_node_associations_aborted_total") == 1, timeout=20)
+    assert delta("dicom_node_associations_rejected_total", reason="calling AE not allowed") == 1
+    assert delta("dicom_node_cstore_failures_by_status_total", status="0xA700") == 1
+    assert delta("dicom_node_instances_received_total") == 1
+    assert len(node.query("SELECT * FROM instances")) == 1
+
+    # A certificate that cannot be loaded: the reload is refused, the receivers in force stay.
+    running = {e["pid"] for e in node.events("receiver_ready")} - {e["pid"] for e in node.events("receiver_drained")}
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    _edit_config(node, lambda c: c["scp"].update(tls={"enabled": True, "certificate": str(tmp_path / "bad.pem"),
+                                                      "private_key": str(tmp_path / "bad.pem")}))
+    refused_reload = wait_for(lambda: node.events("config_reload_refused"), timeout=20)[-1]
+    assert any("scp.tls" in p and "cannot be loaded" in p for p in refused_reload["problems"])
+    check = _cli("config", "check", str(node.config_path))
+    assert check.returncode == 1 and "scp.tls" in check.stderr
+    again = _associate(node, "OTHER", "NEWTITLE")
+    assert again.is_established and again.send_c_echo().Status == 0x0000
+    again.release()
+    assert len(node.events("receivers_reconfigured")) == 1
+
+    # The receivers end with the service, even when it is killed (their channel closes).
+    assert all(Path(f"/proc/{pid}").exists() for pid in running)
+    node.process.kill()
+    node.process.wait(10)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in running), timeout=20)

@@ -45,6 +45,8 @@ class Viewer:
     browser: Any
     studies: dict[str, str]
     shots: Path
+    reports: dict[str, pydicom.Dataset]  # the SR the node sent, per case
+    instance_numbers: dict[str, dict[str, int]]  # per case: SOP Instance UID -> Instance Number
 
 
 def cylinder_study(folder: Path, patient_id: str, orientation: tuple[float, ...]) -> list[Path]:
@@ -74,11 +76,13 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
     playwright = None
     try:
         node.start()
-        files, studies = [], {}
+        files, studies, numbers = [], {}, {}
         for case, (patient, orientation) in CASES.items():
             series = cylinder_study(work / case, patient, orientation)
             files += series
-            studies[case] = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series]
+            studies[case] = str(headers[0].StudyInstanceUID)
+            numbers[case] = {str(ds.SOPInstanceUID): int(ds.InstanceNumber) for ds in headers}
         pacs.upload(files)  # the modality's study is in the PACS too: the node sends only its results
         sent = storescu(node.port, files)
         assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -88,6 +92,11 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
         pacs.upload([Path(f) for f in json.loads(encoded[0]["files"])])
         for uid in studies.values():
             wait_for(lambda: {"SEG", "SR"} <= set(pacs.instances_by_modality(uid)), timeout=240, interval=0.5)
+        reports = {}
+        for row in node.query("SELECT files FROM outbox"):
+            for sent in map(pydicom.dcmread, json.loads(row["files"])):
+                if sent.Modality == "SR":
+                    reports[next(c for c, uid in studies.items() if uid == sent.StudyInstanceUID)] = sent
         server = ViewerServer(ensure_ohif(), pacs.http_port).start()
         playwright = sync_playwright().start()
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
@@ -95,7 +104,7 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
         shots = Path(tempfile.gettempdir()) / "dicom-node-viewer"  # kept after the run: the artifacts
         shots.mkdir(exist_ok=True)
         print(f"viewer screenshots: {shots}")
-        yield Viewer(server.url, browser, studies, shots)
+        yield Viewer(server.url, browser, studies, shots, reports, numbers)
         browser.close()
     finally:
         if playwright is not None:
@@ -141,7 +150,6 @@ def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
         page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
         seg = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9101"]')
         seg.wait_for(timeout=120_000)
-        # the SR is listed too (OHIF 3.13.2 does not load our TID 1411 groups: README, "Viewing results in OHIF")
         page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR").wait_for()
         page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
         tour = page.get_by_text("Skip all")
@@ -170,4 +178,41 @@ def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
         assert image[outside[1], outside[0]].max() < 40
     finally:
         page.screenshot(path=str(viewer.shots / f"{case}-last.png"))
+        page.close()
+
+
+
+@pytest.mark.parametrize("case", ["binary", "oblique"])
+def test_ohif_shows_the_sr_finding_on_its_slice_with_its_volume(viewer, case):
+    """Opening the SR: OHIF's SR viewport goes to the slice of the finding's centre of mass and
+    draws the finding there with the report's measurements (volume, long axis)."""
+    from node.encode.sr import read_findings
+
+    report = viewer.reports[case]
+    (finding,) = read_findings(report)
+    measurements = next(item for item in report.ContentSequence
+                        if item.ConceptNameCodeSequence[0].CodeValue == "126010")  # Imaging Measurements
+    group = next(item for item in measurements.ContentSequence if item.ValueType == "CONTAINER")
+    point = next(item for item in group.ContentSequence if item.ValueType == "SCOORD")
+    referenced = point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
+        sr = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR")
+        sr.wait_for(timeout=120_000)
+        page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
+        tour = page.get_by_text("Skip all")
+        if tour.is_visible():
+            tour.click()
+        sr.dblclick()
+        volume = page.locator("svg text", has_text="Volume:")
+        volume.wait_for(timeout=120_000)
+        page.screenshot(path=str(viewer.shots / f"{case}-sr.png"))
+        assert f"Volume: {finding['volume_mm3']:.2f} mm3" in volume.text_content()
+        if finding["long_axis_mm"] is not None:  # reported for axial series only (README, SR)
+            long_axis = page.locator("svg text", has_text="Long axis:").text_content()
+            assert f"Long axis: {finding['long_axis_mm']:.2f} mm" in long_axis
+        shown = page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
+        assert shown.startswith(f"I:{viewer.instance_numbers[case][referenced]} ")  # the centre of mass's slice
+    finally:
         page.close()

@@ -3,13 +3,15 @@
 The deadline lives in the index (moved by every stored instance); the timer lives in
 APScheduler. A timer that fires early because more instances arrived simply re-arms at the
 new deadline, so receivers only notify when a study starts (or restarts) receiving, and a
-restart re-arms every study still receiving from the index.
+restart re-arms every study still receiving from the index. Replicas sharing an index each arm
+timers for every receiving study (the sweep finds those another replica opened); the completing
+transaction holds the index's write lock, so exactly one of them completes a study, and a study
+whose replica died completes on another at the next sweep.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -17,21 +19,19 @@ from typing import Callable
 from apscheduler.schedulers.base import BaseScheduler
 
 from node import logs
-from node.store.index import Index
+from node.store.index import Db, Index
 
 log = logging.getLogger("node.assemble")
-
-SWEEP_SECONDS = 30.0
-
 
 class CompletionTimers:
     def __init__(
         self,
         index: Index,
         scheduler: BaseScheduler,
-        admit: Callable[[sqlite3.Connection, str, float], None],
+        admit: Callable[[Db, str, float], None],
         quiet_override: Callable[[str], float | None] = lambda study_uid: None,
         on_admitted: Callable[[str], None] = lambda study_uid: None,
+        sweep_s: float = 30.0,
     ):
         """`admit(db, study_uid, now)` runs in the completing transaction (routing, the job);
         `on_admitted(study_uid)` after it committed (wake the workers)."""
@@ -40,12 +40,13 @@ class CompletionTimers:
         self.admit = admit
         self.quiet_override = quiet_override
         self.on_admitted = on_admitted
+        self.sweep_s = sweep_s
 
     def start(self) -> None:
         """Arm a timer for every study still receiving (after a restart: all of them)."""
         self.rearm_all()
         self.scheduler.add_job(
-            self.rearm_all, "interval", seconds=SWEEP_SECONDS, id="completion-sweep",
+            self.rearm_all, "interval", seconds=self.sweep_s, id="completion-sweep",
             replace_existing=True, coalesce=True,
         )
 

@@ -9,7 +9,6 @@ check gives a reason; the HTTP answer is 503 with those reasons.
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -65,20 +64,11 @@ class Health:
         return st.f_bavail * st.f_frsize
 
     def _index_writable(self) -> str | None:
-        """Take the write lock for a moment on a connection of our own (a stuck writer shows here)."""
+        """Take the write lock for a moment (a stuck writer or a lost database shows here)."""
         path = self.ctx.index.path
-        if not os.access(path, os.W_OK):
+        if path is not None and not os.access(path, os.W_OK):
             return "the file is read-only"
-        try:
-            db = sqlite3.connect(path, timeout=5, isolation_level=None)
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute("ROLLBACK")
-            finally:
-                db.close()
-        except sqlite3.Error as exc:
-            return str(exc)
-        return None
+        return self.ctx.index.check_writable()
 
     def _models_in_rules(self) -> set[str]:
         rules = self.ctx.rules.file

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from node.console.context import ConsoleContext
 from node.console.summary import disk
+from node.receive.counts import Counted, ReceiveCounts
 from node.jobs.store import JobStore, UnknownJob
 
 PREFIX = "dicom_node"
@@ -33,16 +34,20 @@ _FIELDS = "event_fields"  # node.logs puts an event's fields here
 class IndexCollector(Collector):
     def __init__(self, ctx: ConsoleContext):
         self.ctx = ctx
+        self.counts = ReceiveCounts(ctx.index)
 
     def collect(self) -> Iterable[Metric]:
         index = self.ctx.index
         deleted = self.ctx.retention.deleted_totals()
+        # COUNT(CASE ...) and CAST(SUM ...): integers on SQLite and PostgreSQL alike (a bigint SUM
+        # is numeric there)
         assoc = index.query(
-            "SELECT COALESCE(SUM(instances),0) AS instances, COALESCE(SUM(failures),0) AS failures,"
-            " COALESCE(SUM(ended_at IS NOT NULL AND failures=0),0) AS clean,"
-            " COALESCE(SUM(ended_at IS NOT NULL AND failures>0),0) AS with_failures,"
-            " COALESCE(SUM(ended_at IS NULL),0) AS open FROM associations")[0]
-        stored = index.query("SELECT COUNT(*) AS n, COALESCE(SUM(size),0) AS bytes FROM instances")[0]
+            "SELECT CAST(COALESCE(SUM(instances), 0) AS BIGINT) AS instances,"
+            " CAST(COALESCE(SUM(failures), 0) AS BIGINT) AS failures,"
+            " COUNT(CASE WHEN ended_at IS NOT NULL AND failures=0 THEN 1 END) AS clean,"
+            " COUNT(CASE WHEN ended_at IS NOT NULL AND failures>0 THEN 1 END) AS with_failures,"
+            " COUNT(CASE WHEN ended_at IS NULL THEN 1 END) AS open FROM associations")[0]
+        stored = index.query("SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM instances")[0]
         yield _counter("instances_received", "Instances stored and acknowledged (C-STORE success), "
                        "counted when their association ends", assoc["instances"])
         yield _counter("received_bytes", "Bytes of stored instances (as written, with file meta)",
@@ -55,7 +60,19 @@ class IndexCollector(Collector):
         outcomes.add_metric(["with_failures"], assoc["with_failures"])
         yield outcomes
         yield _gauge("associations_open", "Associations in progress", assoc["open"])
-        completions = index.query("SELECT COALESCE(SUM(completions),0) AS n FROM studies")[0]["n"]
+        by_status = CounterMetricFamily(f"{PREFIX}_cstore_failures_by_status", "C-STORE requests answered with "
+                                        "a failure status, by status, counted as they are answered", labels=["status"])
+        for status, n in sorted(self.counts.totals(Counted.CSTORE_FAILURE).items()):
+            by_status.add_metric([status], n)
+        yield by_status
+        rejected = CounterMetricFamily(f"{PREFIX}_associations_rejected", "A-ASSOCIATE-RQ answered with a "
+                                       "rejection, by reason", labels=["reason"])
+        for reason, n in sorted(self.counts.totals(Counted.ASSOCIATION_REJECTED).items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield _counter("associations_aborted", "Accepted associations that ended in an A-ABORT (by the peer "
+                       "or by the node)", sum(self.counts.totals(Counted.ASSOCIATION_ABORTED).values()))
+        completions = index.query("SELECT CAST(COALESCE(SUM(completions), 0) AS BIGINT) AS n FROM studies")[0]["n"]
         yield _counter("studies_completed", "Study completions (quiet period passed)",
                        completions + deleted["completions"])
         studies = GaugeMetricFamily(f"{PREFIX}_studies", "Stored studies by state", labels=["state"])

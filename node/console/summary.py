@@ -18,7 +18,7 @@ from node.config import NodeConfig
 from node.jobs.store import Job, JobStore
 from node.retention import Retention
 from node.route.study import orientation_class
-from node.send.outbox import Outbox, list_items
+from node.send.outbox import list_items
 from node.store.index import Index
 
 RECENT_ASSOCIATIONS = 20
@@ -49,16 +49,21 @@ def studies(index: Index, show_descriptions: bool = False, limit: int = 500,
         """SELECT s.study_uid, s.state, s.calling_ae, s.first_received, s.last_received, s.completed_at,
                   s.completions,
                   (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,
-                  (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series,
-                  (SELECT GROUP_CONCAT(DISTINCT modality) FROM series r WHERE r.study_uid=s.study_uid) AS modalities,
-                  (SELECT GROUP_CONCAT(description, ' | ') FROM series r WHERE r.study_uid=s.study_uid) AS descriptions
-           FROM studies s WHERE ? IS NULL OR s.state=? ORDER BY s.last_received DESC LIMIT ?""", (state, state, limit))
+                  (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series
+           FROM studies s""" + (" WHERE s.state=?" if state else "") + " ORDER BY s.last_received DESC LIMIT ?",
+        (state, limit) if state else (limit,))
+    series: dict[str, list[Any]] = {}
+    uids = [r["study_uid"] for r in rows]
+    for r in index.query("SELECT study_uid, modality, description FROM series WHERE study_uid IN"
+                         f" ({','.join('?' * len(uids))}) ORDER BY number, series_uid", uids) if uids else []:
+        series.setdefault(r["study_uid"], []).append(r)
     out = []
     for r in rows:
         row = dict(r)
-        row["modalities"] = sorted(set((row["modalities"] or "").split(",")) - {""})
-        if not show_descriptions:
-            row.pop("descriptions")
+        mine = series.get(row["study_uid"], [])
+        row["modalities"] = sorted({s["modality"] for s in mine if s["modality"]})
+        if show_descriptions:
+            row["descriptions"] = " | ".join(s["description"] for s in mine if s["description"]) or None
         out.append(row)
     return out
 
@@ -68,7 +73,7 @@ def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> 
         """SELECT r.series_uid, r.modality, r.number, r.description, r.sop_class_uid, r.orientation, r.rows,
                   r.columns, r.slice_thickness,
                   (SELECT COUNT(*) FROM instances i WHERE i.series_uid=r.series_uid) AS instances,
-                  (SELECT COALESCE(SUM(size), 0) FROM instances i WHERE i.series_uid=r.series_uid) AS bytes
+                  (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM instances i WHERE i.series_uid=r.series_uid) AS bytes
            FROM series r WHERE r.study_uid=? ORDER BY r.number, r.series_uid""", (study_uid,))
     out = []
     for r in rows:
@@ -81,7 +86,6 @@ def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> 
 
 
 def deliveries(index: Index, study_uid: str | None = None) -> list[dict[str, Any]]:
-    Outbox.ensure_schema(index)
     rows = list_items(index)
     return [r for r in rows if study_uid is None or r["study_uid"] == study_uid]
 
@@ -121,13 +125,12 @@ def disk(data_dir: Path, min_free_mb: float) -> dict[str, Any]:
 
 def dashboard(index: Index, jobs: JobStore, retention: Retention, config: NodeConfig) -> dict[str, Any]:
     """The dashboard's figures that come from the index (the running node adds live state)."""
-    Outbox.ensure_schema(index)
     job_states = {state.value: n for state, n in jobs.counts().items()}
     outbox_states = {r["state"]: r["n"] for r in index.query("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")}
     totals = index.query(
-        "SELECT COUNT(*) AS associations, COALESCE(SUM(instances),0) AS instances,"
-        " COALESCE(SUM(failures),0) AS failures FROM associations")[0]
-    stored = index.query("SELECT COUNT(*) AS n, COALESCE(SUM(size),0) AS bytes FROM instances")[0]
+        "SELECT COUNT(*) AS associations, CAST(COALESCE(SUM(instances), 0) AS BIGINT) AS instances,"
+        " CAST(COALESCE(SUM(failures), 0) AS BIGINT) AS failures FROM associations")[0]
+    stored = index.query("SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM instances")[0]
     receiving = studies(index, state="receiving")
     return {
         "generated_at": time.time(),

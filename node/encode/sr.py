@@ -21,6 +21,7 @@ from pydicom.sr.coding import Code
 from inference.findings import Finding
 from inference.pipeline import ClassificationResult, SegmentationResult
 from inference.spec import Label
+from inference.volume import SeriesVolume
 from node.encode.options import OutputOptions
 from node.encode.seg import coded, segment_labels
 from node.encode.uids import ResultUIDs
@@ -83,22 +84,31 @@ def _finding_group(finding: Finding, result: SegmentationResult, seg: hd.seg.Seg
         measurements=measurements,
     )
     _use_template_meaning(group[0], SOURCE_SERIES_FOR_SEGMENTATION)
-    # Centre of mass: a 3D point in the group (TID 1500 has no numeric measurement for it).
-    group[0].ContentSequence.append(centre_of_mass(finding, result))
+    # Centre of mass (TID 1500 has no numeric measurement for it): a point on the source image
+    # nearest to it, then (with patient coordinates) the 3D point. The image point comes first:
+    # OHIF places a group by its first SCOORD/SCOORD3D, and only an image reference lets its SR
+    # viewport open the slice and draw the finding with its measurements (README, OHIF).
+    group[0].ContentSequence.extend(centre_of_mass(finding, result))
     return group
 
 
-def centre_of_mass(finding: Finding, result: SegmentationResult) -> hd.sr.ContentItem:
-    """The finding's centre of mass: a SCOORD3D point in the frame of reference, or, for a 2D
-    projection image (no patient coordinates), a SCOORD point (column, row) on that image."""
+def centre_of_mass(finding: Finding, result: SegmentationResult) -> list[hd.sr.ContentItem]:
+    """The finding's centre of mass: a SCOORD point (column, row) on the source image (frame) of
+    the nearest slice, and, for a volume in patient space, a SCOORD3D point in its frame of
+    reference (a 2D projection image has no patient coordinates)."""
     volume = result.volume
+    points: list[hd.sr.ContentItem] = [_image_point(finding, volume)]
     if volume.patient_space:
-        return hd.sr.Scoord3DContentItem(
+        points.append(hd.sr.Scoord3DContentItem(
             name=codes.DCM.CenterOfMass, graphic_type=hd.sr.GraphicTypeValues3D.POINT,
             graphic_data=np.array([finding.centroid], dtype=float),
             frame_of_reference_uid=volume.frame_of_reference_uid,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
+        ))
+    return points
+
+
+def _image_point(finding: Finding, volume: SeriesVolume) -> hd.sr.ContentItem:
     index = np.linalg.inv(volume.affine) @ np.append(finding.centroid, 1.0)  # (slice, row, column)
     source, frame = volume.source_of(int(round(float(index[0]))))
     # image coordinates: (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1)
@@ -244,7 +254,9 @@ def read_findings(dataset: Dataset) -> list[dict]:
         volume = group.get_measurements(name=codes.SCT.Volume)
         area = group.get_measurements(name=codes.SCT.Area)
         axis = group.get_measurements(name=codes.SCT.LongAxis)
-        centre = [item.value[0] for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass]
+        points = [item for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass]
+        # patient coordinates when there are (SCOORD3D), else the image point (projection images)
+        centre = [item.value[0] for item in sorted(points, key=lambda item: item.value_type != hd.sr.ValueTypeValues.SCOORD3D)]
         findings.append({
             "tracking_id": group.tracking_identifier,
             "finding_type": group.finding_type.meaning if group.finding_type else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from node.jobs.store import JobStore
 from node.route.decision import RoutingDecision, record
 from node.route.live import LiveRules
 from node.route.study import StudyView, study_from_index
-from node.store.index import Index
+from node.store.index import Db, Index
 
 log = logging.getLogger("node.jobs")
 
@@ -35,7 +34,7 @@ class Admission:
         view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
         return record(self.rules.current.evaluate(view))
 
-    def admit(self, db: sqlite3.Connection, study_uid: str, now: float) -> None:
+    def admit(self, db: Db, study_uid: str, now: float) -> None:
         """Called inside the completing transaction (`db` is this thread's connection, so the study
         view read by `decide` is the same snapshot). A study whose routing fails still completes,
         with a failed job that says why: it is never left receiving without a job."""

@@ -8,12 +8,13 @@ type and where it was raised are kept.
 
 from __future__ import annotations
 
-import sqlite3
 import traceback
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
+
 from inference.backends.base import BackendError, BackendUnavailable
-from inference.volume import SeriesError
+from inference.errors import SeriesChanged, SeriesError
 from node.store.spool import OutOfSpace
 
 
@@ -22,8 +23,8 @@ class JobError(RuntimeError):
 
 
 # Failures that may go away by themselves: the job waits and tries again (OperationalError: the
-# index busy or locked past its timeout).
-TRANSIENT = (BackendUnavailable, OutOfSpace, sqlite3.OperationalError)
+# index busy or locked past its timeout; SeriesChanged: an instance resent while it was read).
+TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, SeriesChanged)
 # Exceptions whose messages the node writes itself, without source values.
 _OWN_MESSAGES = (JobError, BackendError, SeriesError)
 

@@ -27,7 +27,8 @@ from node.config import NodeConfig
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
 from node.jobs.failures import JobError, describe, is_transient
-from node.jobs.store import Job, JobState, JobStore
+from node.jobs.heap import release_free_memory
+from node.jobs.store import IllegalTransition, Job, JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import SENDER
 from node.route.study import StudyView, study_from_index
@@ -62,8 +63,11 @@ class JobRunner:
         self._loaded = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        threading.Thread(target=self._load_pipeline, name="pipeline-import", daemon=True).start()
+    def start(self, load_after: Callable[[], object] = lambda: None) -> None:
+        """`load_after`: returns when the pipeline may load (the receivers first: two cores
+        importing torch and starting receiver processes at once delay the first association)."""
+        threading.Thread(target=lambda: (load_after(), self._load_pipeline()), name="pipeline-import",
+                         daemon=True).start()
         for n in range(self.config.pipeline.workers):
             thread = threading.Thread(target=self._work, name=f"pipeline-{n}", daemon=True)
             thread.start()
@@ -91,9 +95,16 @@ class JobRunner:
 
     def _load_pipeline(self) -> None:
         """torch and MONAI (seconds to import) load here, once, while the receivers already accept
-        associations; the workers wait for it (several threads importing torch at once can deadlock)."""
+        associations; the workers wait for it (several threads importing torch at once can deadlock).
+        Then highdicom reads its tables of the standard (node.encode.warmup), so that the first
+        study does not wait for them either."""
         try:
+            started = time.monotonic()
             importlib.import_module("node.jobs.stages")
+            importlib.import_module("node.encode.warmup").warm_up()
+            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2))
+        except Exception:  # the first job then meets the same failure and reports it
+            log.exception("pipeline_load_failed")
         finally:
             self._loaded.set()
 
@@ -104,6 +115,7 @@ class JobRunner:
                 job = self.jobs.claim()
                 if job is not None:
                     self.run(job)
+                    release_free_memory()
             except Exception as exc:  # e.g. the index busy past its timeout: the worker must live on
                 # (a job caught between states stays running and runs again at the next start)
                 logs.event(log, "job_worker_error", logging.ERROR, error=type(exc).__name__)
@@ -117,6 +129,12 @@ class JobRunner:
 
     def run(self, job: Job) -> None:
         """Run a claimed job to its next state; never raises."""
+        try:
+            self._run(job)
+        except IllegalTransition as exc:  # our lease expired and another replica took the job over
+            logs.event(log, "job_lease_lost", logging.WARNING, job=job.id, study_uid=job.study_uid, reason=str(exc))
+
+    def _run(self, job: Job) -> None:
         started = time.time()
         progress = _Progress()
         try:

@@ -7,7 +7,8 @@ States and the only transitions between them (TRANSITIONS below):
   `waiting` become `ignored` (superseded: they would process an outdated study);
 - `queued` -> `running` (a worker claims it) -> `done` | `failed` | `waiting` (transient failure);
 - `waiting` -> `running` when due, `failed` past its retry deadline;
-- `running` -> `queued` at start-up (the node died while it ran: it runs again);
+- `running` -> `queued` at start-up (the node died while it ran: it runs again), or when the
+  lease of the node process running it expired (a replica died: another takes the job over);
 - `failed`, `ignored`, `waiting` -> `queued` (`dicom-node jobs retry`).
 
 A transition is one UPDATE guarded by the states it may leave from: a second worker, a CLI retry
@@ -20,42 +21,21 @@ after a crash continues from the last finished stage and hands the same files to
 from __future__ import annotations
 
 import json
-import sqlite3
+import logging
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
+from node import logs
 from node.route.decision import RoutingDecision
-from node.store.index import Index
+from node.store.index import Db, Index
+from node.store.lease import process_owner
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS work_items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    reason TEXT,
-    priority INTEGER NOT NULL DEFAULT 0,
-    rules_version TEXT,
-    decision TEXT,
-    explanation TEXT,
-    stages TEXT
-);
-CREATE INDEX IF NOT EXISTS work_items_state ON work_items(state, priority, id);
-"""
-# Columns added after the first release; added in place to an existing index.
-ADDED_COLUMNS = {
-    "stage": "TEXT",                      # the stage running now, or the last one that ran
-    "attempts": "INTEGER NOT NULL DEFAULT 0",
-    "next_attempt": "REAL",               # waiting: when the job is due again
-    "retry_deadline": "REAL",             # waiting: when transient failures turn into a failure
-    "outputs": "TEXT",                    # JSON: task key -> result files (finished encode stages)
-}
-
+log = logging.getLogger("node.jobs")
 
 class JobState(StrEnum):
     QUEUED = "queued"
@@ -107,40 +87,37 @@ class Job:
 
 
 class JobStore:
-    """The only code that reads or writes the jobs table."""
+    """The only code that reads or writes the jobs table.
 
-    def __init__(self, index: Index):
+    A running job is leased to the node process that claimed it (`owner`) until `lease_until`;
+    that process renews its leases (`renew_leases`) and its transitions out of `running` only
+    apply while it still holds the lease."""
+
+    def __init__(self, index: Index, owner: str | None = None, lease_s: float = 30.0):
         self.index = index
-        index.executescript(SCHEMA)
-        present = {row["name"] for row in index.query("PRAGMA table_info(work_items)")}
-        for name, kind in ADDED_COLUMNS.items():
-            if name not in present:
-                try:
-                    index.executescript(f"ALTER TABLE work_items ADD COLUMN {name} {kind}")
-                except sqlite3.OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in str(exc):
-                        raise
+        self.owner = owner or process_owner()
+        self.lease_s = lease_s
 
     # -- creation (inside the transaction that completes the study) ---------------------------
 
     @staticmethod
-    def create(db: sqlite3.Connection, study_uid: str, decision: RoutingDecision, now: float,
+    def create(db: Db, study_uid: str, decision: RoutingDecision, now: float,
                route_started: float | None = None) -> tuple[int, JobState]:
         state = JobState.QUEUED if decision.processes else JobState.IGNORED
         reason = None if state is JobState.QUEUED else (
             "the routing rule discards the study" if decision.applied else "no routing rule applies")
         JobStore._supersede(db, study_uid, now)
-        cur = db.execute(
+        row = db.execute(
             "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, priority, rules_version,"
-            " decision, explanation, stages, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " decision, explanation, stages, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (study_uid, state.value, now, now, reason, decision.priority, decision.rules_version,
              decision.model_dump_json(), decision.explanation,
              json.dumps({"route": [route_started or now, time.time()]}), "{}"),
-        )
-        return int(cur.lastrowid or 0), state
+        ).fetchone()
+        return int(row["id"]), state
 
     @staticmethod
-    def _supersede(db: sqlite3.Connection, study_uid: str, now: float) -> None:
+    def _supersede(db: Db, study_uid: str, now: float) -> None:
         """The study completed again (new or changed instances): its jobs that have not started
         would process an outdated study and deliver a second, outdated result set."""
         pending = db.execute("SELECT id FROM work_items WHERE study_uid=? AND state IN (?, ?)",
@@ -150,14 +127,15 @@ class JobStore:
                            reason="superseded: the study completed again", next_attempt=None)
 
     @staticmethod
-    def create_unrouted(db: sqlite3.Connection, study_uid: str, reason: str, now: float) -> int:
+    def create_unrouted(db: Db, study_uid: str, reason: str, now: float) -> int:
         """A completed study whose routing failed: a failed job without a decision (a retry routes
         it again with the rules then in force)."""
         JobStore._supersede(db, study_uid, now)
-        cur = db.execute(
+        row = db.execute(
             "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, stages, outputs)"
-            " VALUES (?,?,?,?,?,?,?)", (study_uid, JobState.FAILED.value, now, now, reason[:2000], "{}", "{}"))
-        return int(cur.lastrowid or 0)
+            " VALUES (?,?,?,?,?,?,?) RETURNING id",
+            (study_uid, JobState.FAILED.value, now, now, reason[:2000], "{}", "{}")).fetchone()
+        return int(row["id"])
 
     def set_decision(self, job_id: int, decision: RoutingDecision) -> None:
         """The decision of a job that had none (see create_unrouted), made when it runs."""
@@ -169,18 +147,30 @@ class JobStore:
     # -- the worker's side -------------------------------------------------------------------
 
     def claim(self, now: float | None = None) -> Job | None:
-        """The next job to run (queued, or waiting and due; highest priority, then oldest), now running."""
+        """The next job to run (queued, waiting and due, or running under an expired lease; highest
+        priority, then oldest), now running under this process's lease. Replicas claiming at once
+        skip each other's rows (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
         now = time.time() if now is None else now
-        with self.index.transaction() as db:
+        with self.index.transaction(claim=True) as db:
             row = db.execute(
-                "SELECT id FROM work_items WHERE state=? OR (state=? AND next_attempt<=?)"
-                " ORDER BY priority DESC, id LIMIT 1",
-                (JobState.QUEUED.value, JobState.WAITING.value, now),
+                "SELECT id, state, lease_owner FROM work_items WHERE state=? OR (state=? AND next_attempt<=?)"
+                " OR (state=? AND lease_until<?) ORDER BY priority DESC, id LIMIT 1" + self.index.skip_locked,
+                (JobState.QUEUED.value, JobState.WAITING.value, now, JobState.RUNNING.value, now),
             ).fetchone()
             if row is None:
                 return None
-            self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1)
+            if row["state"] == JobState.RUNNING.value:  # its node process died (or stalls): take it over
+                self._move(db, row["id"], JobState.QUEUED, now, only_from=(JobState.RUNNING,))
+                logs.event(log, "job_taken_over", logging.WARNING, job=row["id"], lease_owner=row["lease_owner"])
+            self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1, lease_owner=self.owner,
+                       lease_until=now + self.lease_s)
         return self.get(row["id"])
+
+    def renew_leases(self) -> int:
+        """Keep this process's running jobs (called well within `lease_s`)."""
+        with self.index.transaction(claim=True) as db:
+            return db.execute("UPDATE work_items SET lease_until=? WHERE state=? AND lease_owner=?",
+                              (time.time() + self.lease_s, JobState.RUNNING.value, self.owner)).rowcount
 
     def enter_stage(self, job_id: int, stage: str) -> None:
         with self.index.transaction() as db:
@@ -190,7 +180,7 @@ class JobStore:
     def record_stage(self, job_id: int, stage: str, started: float, ended: float) -> None:
         """A stage's time; a stage that runs more than once spans its first start to its last end."""
         with self.index.transaction() as db:
-            stages = json.loads(db.execute("SELECT stages FROM work_items WHERE id=?", (job_id,)).fetchone()[0] or "{}")
+            stages = json.loads(db.execute("SELECT stages FROM work_items WHERE id=?", (job_id,)).fetchone()["stages"] or "{}")
             first = stages.get(stage, [started])[0]
             stages[stage] = [first, ended]
             db.execute("UPDATE work_items SET stages=? WHERE id=?", (json.dumps(stages), job_id))
@@ -198,17 +188,19 @@ class JobStore:
     def record_outputs(self, job_id: int, task: str, files: list[Path]) -> None:
         """The result files of a finished encode stage: a re-run hands these to the outbox again."""
         with self.index.transaction() as db:
-            outputs = json.loads(db.execute("SELECT outputs FROM work_items WHERE id=?", (job_id,)).fetchone()[0] or "{}")
+            outputs = json.loads(db.execute("SELECT outputs FROM work_items WHERE id=?", (job_id,)).fetchone()["outputs"] or "{}")
             outputs[task] = [str(f) for f in files]
             db.execute("UPDATE work_items SET outputs=? WHERE id=?", (json.dumps(outputs), job_id))
 
     def finish(self, job_id: int) -> None:
         with self.index.transaction() as db:
-            self._move(db, job_id, JobState.DONE, time.time(), reason=None, next_attempt=None)
+            self._move(db, job_id, JobState.DONE, time.time(), owner=self.owner, reason=None, next_attempt=None,
+                       lease_until=None)
 
     def fail(self, job_id: int, reason: str) -> None:
         with self.index.transaction() as db:
-            self._move(db, job_id, JobState.FAILED, time.time(), reason=reason[:2000], next_attempt=None)
+            self._move(db, job_id, JobState.FAILED, time.time(), owner=self.owner, reason=reason[:2000],
+                       next_attempt=None, lease_until=None)
 
     def wait(self, job_id: int, reason: str, delay_s: float, deadline_s: float) -> JobState:
         """A transient failure: due again after `delay_s`, unless that passes the job's retry deadline
@@ -218,15 +210,16 @@ class JobStore:
             row = db.execute("SELECT retry_deadline FROM work_items WHERE id=?", (job_id,)).fetchone()
             deadline = row["retry_deadline"] if row and row["retry_deadline"] else now + deadline_s
             if now + delay_s > deadline:
-                self._move(db, job_id, JobState.FAILED, now, next_attempt=None,
+                self._move(db, job_id, JobState.FAILED, now, owner=self.owner, next_attempt=None, lease_until=None,
                            reason=f"gave up after the retry deadline: {reason}"[:2000])
                 return JobState.FAILED
-            self._move(db, job_id, JobState.WAITING, now, reason=reason[:2000], next_attempt=now + delay_s,
-                       retry_deadline=deadline)
+            self._move(db, job_id, JobState.WAITING, now, owner=self.owner, reason=reason[:2000],
+                       next_attempt=now + delay_s, retry_deadline=deadline, lease_until=None)
             return JobState.WAITING
 
     def requeue_running(self) -> int:
-        """At start-up: jobs that were running when the node died run again (from their last stage)."""
+        """At start-up of a single node: jobs that were running when it died run again (from their
+        last stage). Replicas sharing an index wait for the leases to expire instead."""
         with self.index.transaction() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM work_items WHERE state=?", (JobState.RUNNING.value,))]
             for job_id in ids:
@@ -274,28 +267,34 @@ class JobStore:
         return {state: int(found.get(state.value, 0)) for state in JobState}
 
     def all_jobs(self, study_uid: str | None = None) -> list[Job]:
-        rows = self.index.query("SELECT * FROM work_items WHERE ? IS NULL OR study_uid=? ORDER BY id",
-                                (study_uid, study_uid))
+        rows = self.index.query("SELECT * FROM work_items WHERE study_uid=? ORDER BY id", (study_uid,)) \
+            if study_uid is not None else self.index.query("SELECT * FROM work_items ORDER BY id")
         return [_job(r) for r in rows]
 
     # -- the one place a state changes ------------------------------------------------------
 
     @staticmethod
-    def _move(db: sqlite3.Connection, job_id: int, target: JobState, now: float, attempts_plus: int = 0,
-              only_from: tuple[JobState, ...] | None = None, **columns: object) -> None:
-        """Move a job to `target` from any state allowed to go there (or only from `only_from`)."""
+    def _move(db: Db, job_id: int, target: JobState, now: float, attempts_plus: int = 0,
+              only_from: tuple[JobState, ...] | None = None, owner: str | None = None, **columns: object) -> None:
+        """Move a job to `target` from any state allowed to go there (or only from `only_from`);
+        with `owner`, a running job only while that process holds its lease."""
         sources = [s.value for s, targets in TRANSITIONS.items()
                    if target in targets and (only_from is None or s in only_from)]
         sets = "".join(f", {name}=?" for name in columns)
+        held = " AND (state<>? OR lease_owner=?)" if owner else ""
         cur = db.execute(
             f"UPDATE work_items SET state=?, updated_at=?, attempts=attempts+?{sets}"
-            f" WHERE id=? AND state IN ({','.join('?' * len(sources))})",
-            (target.value, now, attempts_plus, *columns.values(), job_id, *sources),
+            f" WHERE id=? AND state IN ({','.join('?' * len(sources))}){held}",
+            (target.value, now, attempts_plus, *columns.values(), job_id, *sources,
+             *((JobState.RUNNING.value, owner) if owner else ())),
         )
         if cur.rowcount != 1:
-            row = db.execute("SELECT state FROM work_items WHERE id=?", (job_id,)).fetchone()
+            row = db.execute("SELECT state, lease_owner FROM work_items WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJob(f"no job {job_id}")
+            if owner and row["state"] == JobState.RUNNING.value:
+                raise IllegalTransition(f"job {job_id} runs under another node process's lease now: it was taken"
+                                        " over after this process's lease expired")
             raise IllegalTransition(f"job {job_id} is {row['state']}: it cannot become {target.value}")
 
 
@@ -306,7 +305,7 @@ def _decision(text: str | None) -> RoutingDecision | None:
         return None
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: Any) -> Job:
     return Job(
         id=row["id"], study_uid=row["study_uid"], state=JobState(row["state"]),
         decision=_decision(row["decision"]), priority=row["priority"],

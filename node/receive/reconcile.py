@@ -29,6 +29,9 @@ from node.store.index import Index, InstanceConflict, InstanceRecord
 from node.store.spool import Spool, dataset_offset, same_dataset
 
 log = logging.getLogger("node.receive")
+# A temporary file not written to for this long on a shared spool is a dead replica's partial write
+# (a live association writes each instance within the DIMSE timeout).
+SHARED_PARTIAL_AGE_S = 600.0
 
 
 class _Refused(Exception):
@@ -116,7 +119,8 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
                 continue
             index_it(path, tags, ts, calling, "orphans")
 
-    for part in spool.partial_writes():
+    # On a shared spool another replica may be writing its temporary files right now.
+    for part in spool.partial_writes(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
         try:
             tags, ts, calling, _ = _inspect(part)
         except _Refused as exc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,7 +46,8 @@ from pynetdicom.events import Event
 from node import logs
 from node.config import NodeConfig
 from node.store.filemeta import encode_file_meta
-from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.receive.counts import Counted, ReceiveCounts
+from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord
 from node.store.spool import OutOfSpace, Spool, same_dataset
 from node.receive import pynetdicom_internals as internals
 from node.receive.tags import UnreadableDataset, read_routing_tags
@@ -130,6 +130,7 @@ class StorageSCP:
         self.slot_limit = slot_limit or config.scp.max_associations
         self.on_slots = on_slots
         self._titles = set(config.scp.called_ae_titles())
+        self.counts = ReceiveCounts(index)
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
         self._called: dict[int, str] = {}
@@ -173,6 +174,7 @@ class StorageSCP:
             logs.event(log, "association_rejected", logging.ERROR, reason="check failed",
                        error=type(exc).__name__, peer=event.assoc.requestor.address)
             internals.reject(event.assoc, 0x02, 0x01, 0x01)
+            self._count(Counted.ASSOCIATION_REJECTED, "check failed")
 
     def _check_request(self, assoc: Association) -> None:
         calling, called = internals.requested_titles(assoc)
@@ -201,6 +203,7 @@ class StorageSCP:
             logs.event(log, "association_rejected", logging.WARNING, reason=failed[0],
                        calling_ae=calling, called_ae=called, peer=peer, **detail)
             internals.reject(assoc, *failed[1:])
+            self._count(Counted.ASSOCIATION_REJECTED, failed[0])
             return
         self.on_slots(taken)
         if called:
@@ -222,6 +225,14 @@ class StorageSCP:
         calling, called = internals.requested_titles(assoc)
         logs.event(log, "association_rejected", logging.WARNING, reason="refused by pynetdicom",
                    calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
+        self._count(Counted.ASSOCIATION_REJECTED, "refused by pynetdicom")
+
+    def _count(self, kind: Counted, detail: str = "") -> None:
+        """Count for /metrics; a busy index must not change the answer to the peer."""
+        try:
+            self.counts.add(kind, detail)
+        except IndexFailure as exc:
+            logs.event(log, "count_failed", logging.WARNING, kind=kind.value, error=type(exc).__name__)
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
@@ -236,6 +247,9 @@ class StorageSCP:
             return
         now = time.time()
         self.index.close_association(stats.record_id, stats.instances, stats.failures, now)
+        aborted = event.assoc.is_aborted  # set by the reactor thread as the A-ABORT is handled
+        if aborted:
+            self._count(Counted.ASSOCIATION_ABORTED)
         logs.event(
             log,
             "association",
@@ -247,7 +261,7 @@ class StorageSCP:
             failures=stats.failures,
             studies=sorted(stats.studies),
             seconds=round(now - stats.started, 3),
-            aborted=event.assoc.is_aborted,
+            aborted=aborted,
         )
 
     # -- C-STORE ---------------------------------------------------------------------------
@@ -260,6 +274,8 @@ class StorageSCP:
                 stats.instances += 1
             else:
                 stats.failures += 1
+        if status != SUCCESS:
+            self._count(Counted.CSTORE_FAILURE, f"0x{status:04X}")
         return status
 
     def _store(self, event: Event, stats: _AssociationStats | None) -> int:
@@ -403,15 +419,3 @@ class _Mismatch(ValueError):
 
 def _uid(request: object) -> str:
     return str(getattr(request, "AffectedSOPInstanceUID", "") or "")
-
-
-def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
-    tls = config.scp.tls
-    if not tls.enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if tls.client_ca:
-        context.load_verify_locations(str(tls.client_ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context

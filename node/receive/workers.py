@@ -6,8 +6,10 @@ TCP_NODELAY, and passes the connected socket (SCM_RIGHTS over a Unix socket pair
 least-loaded receiver process, which runs the association with pynetdicom.
 
 Control messages are JSON over SOCK_SEQPACKET, one message per packet:
-  service -> receiver: {"peer": [host, port]} with the connection's descriptor attached
-  receiver -> service: {"closed": true} when a connection ends,
+  service -> receiver: {"peer": [host, port]} with the connection's descriptor attached,
+                       {"drain": true}: take no more connections, exit once the open ones end
+  receiver -> service: {"ready": true} once it takes connections,
+                       {"closed": true} when a connection ends,
                        {"slots": n} when the receiver's count of associations changes,
                        {"opened": study_uid, "deadline": t} when a study starts receiving.
 
@@ -16,11 +18,17 @@ Slots: only associations whose A-ASSOCIATE-RQ arrived and passed the AE checks c
 completes its request holds no slot (and is dropped at the ACSE deadline), so stalled or
 half-open sockets cannot lock honest callers out. A connection goes to the receiver with the
 fewest associations, then the fewest connections.
+
+Reconfiguring (a reload changed AE titles, allowed callers, limits, the disk watermark...):
+a new receiver process starts in each slot with the new settings and, once all are ready, takes
+every new connection; the old one drains, so a reload does not cut an association short (unless
+it outlasts scp.timeouts.drain, or a second reload comes while the first generation still
+drains: that one is stopped, so that at most two generations run). While both run, the old
+associations count against the old receiver's share, not the new one's.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -66,8 +74,11 @@ class _Worker:
         self.slot = slot
         self.process = process
         self.channel = channel
+        self.started = time.monotonic()
         self.active = 0  # connections handed over and not yet closed
         self.slots = 0  # of which: associations (A-ASSOCIATE-RQ accepted)
+        self.draining = False  # replaced by a reconfiguration: ends when its connections do
+        self.ready = threading.Event()
 
 
 class ReceiverPool:
@@ -80,7 +91,10 @@ class ReceiverPool:
         # open connections at once, negotiating or associated, across all receivers
         self.max_connections = max(64, 4 * config.scp.max_associations)
         self._workers: list[_Worker | None] = [None] * self.count
+        self._others: list[_Worker] = []  # draining, or started by a reconfiguration not yet in force
+        self._failures = [0] * self.count  # quick exits in a row, per slot: the respawn backs off
         self._lock = threading.Lock()
+        self._reconfiguring = threading.Lock()
         self._stopping = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._listener = socket.create_server(
@@ -91,11 +105,18 @@ class ReceiverPool:
 
     def start(self) -> None:
         for slot in range(self.count):
-            self._spawn(slot)
+            self._start_process(slot, self.config)
         for target, name in ((self._accept_loop, "accept"), (self._message_loop, "receiver-messages")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until every receiver process takes connections (at most `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            workers = [w for w in self._workers if w is not None]
+        return all(w.ready.wait(max(0.0, deadline - time.monotonic())) for w in workers)
 
     def alive(self) -> bool:
         """At least one receiver process runs behind an open listening socket (for readiness)."""
@@ -104,15 +125,66 @@ class ReceiverPool:
         with self._lock:
             return any(w is not None and w.process.poll() is None for w in self._workers)
 
+    def reconfigure(self, config: NodeConfig, ready_timeout: float = 60.0) -> bool:
+        """Receiver processes with `config` take over once every one of them is ready; the old
+        ones then drain (no new connections; they end with their associations, at the latest
+        after `scp.timeouts.drain`). If the new ones do not all start, the old ones stay and
+        False is returned. Receivers still draining from an earlier reconfiguration are stopped,
+        so at most two generations run."""
+        with self._reconfiguring:
+            if self._stopping.is_set():
+                return False
+            if not self._threads:  # not started yet: start() uses these settings
+                self.config = config
+                self.max_connections = max(64, 4 * config.scp.max_associations)
+                return True
+            fresh = [self._start_process(slot, config, install=False) for slot in range(self.count)]
+            deadline = time.monotonic() + ready_timeout
+            while not all(w.ready.is_set() for w in fresh):
+                if (time.monotonic() > deadline or self._stopping.is_set()
+                        or any(w.process.poll() is not None for w in fresh)):
+                    break
+                time.sleep(0.1)
+            with self._lock:
+                started = all(w.ready.is_set() and w.process.poll() is None and w in self._others for w in fresh)
+                if not started or self._stopping.is_set():
+                    for worker in fresh:
+                        worker.process.kill()
+                    if not self._stopping.is_set():
+                        logs.event(log, "receivers_reconfigure_failed", logging.ERROR,
+                                   reason="new receiver processes did not start; the running ones stay")
+                    return False
+                self.config = config
+                self.max_connections = max(64, 4 * config.scp.max_associations)
+                earlier = [w for w in self._others if w.draining]
+                old = [w for w in self._workers if w is not None]
+                for worker in fresh:
+                    self._others.remove(worker)
+                    self._workers[worker.slot] = worker
+                for worker in old:
+                    worker.draining = True
+                    self._others.append(worker)
+            for worker in earlier:
+                worker.process.send_signal(signal.SIGTERM)
+            for worker in old:
+                try:
+                    worker.channel.send(json.dumps({"drain": True}).encode())
+                except OSError:
+                    pass  # it is gone already; _on_worker_exit sees to it
+            logs.event(log, "receivers_reconfigured", draining=[w.process.pid for w in old],
+                       receivers=[w.process.pid for w in fresh], stopped=[w.process.pid for w in earlier])
+            return True
+
     def stop(self, grace: float = 10.0) -> None:
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._listener.close()
         with self._lock:
-            workers = [w for w in self._workers if w]
+            workers = [w for w in self._workers if w] + self._others
         for worker in workers:
             worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -128,12 +200,14 @@ class ReceiverPool:
 
     # -- processes -------------------------------------------------------------------------
 
-    def _spawn(self, slot: int) -> None:
+    def _start_process(self, slot: int, config: NodeConfig, install: bool = True) -> _Worker:
+        """A receiver process with `config`; registered for its messages, and (install) in its slot.
+        It ends when its channel closes, so it never outlives the service (whatever thread started it)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**_MALLOC_TUNING, **os.environ}
         env[_CONFIG_ENV] = json.dumps(
-            {"config": self.config.model_dump(mode="json"), "port": self.port,
-             "max_associations": -(-self.config.scp.max_associations // self.count)}
+            {"config": config.model_dump(mode="json"), "port": self.port,
+             "max_associations": -(-config.scp.max_associations // self.count)}
         )
         process = subprocess.Popen(
             [sys.executable, "-m", "node.receive.workers", str(theirs.fileno())],
@@ -143,9 +217,13 @@ class ReceiverPool:
         theirs.close()
         worker = _Worker(slot, process, ours)
         with self._lock:
-            self._workers[slot] = worker
+            if install:
+                self._workers[slot] = worker
+            else:
+                self._others.append(worker)
         self._selector.register(ours, selectors.EVENT_READ, worker)
         logs.event(log, "receiver_started", slot=slot, pid=process.pid)
+        return worker
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
@@ -164,7 +242,7 @@ class ReceiverPool:
 
     def _dispatch(self, conn: socket.socket, peer: Any) -> None:
         with self._lock:
-            connections = sum(w.active for w in self._workers if w is not None)
+            connections = sum(w.active for w in self._workers if w is not None) + sum(w.active for w in self._others)
         if connections >= self.max_connections:
             # Connections still negotiating hold no association slot, but each holds a thread and
             # a descriptor in a receiver until its ACSE deadline: beyond this many, close at once.
@@ -177,7 +255,7 @@ class ReceiverPool:
                 live = [w for w in self._workers if w is not None]
                 if not live:
                     break
-                worker = min(live, key=lambda w: (w.slots, w.active))
+                worker = min(live, key=lambda w: (not w.ready.is_set(), w.slots, w.active))  # a starting one last
                 worker.active += 1
             try:
                 socket.send_fds(worker.channel, [message], [conn.fileno()])
@@ -199,7 +277,9 @@ class ReceiverPool:
                     self._on_worker_exit(worker)
                     continue
                 message = json.loads(packet)
-                if "closed" in message:
+                if "ready" in message:
+                    worker.ready.set()
+                elif "closed" in message:
                     with self._lock:
                         worker.active = max(0, worker.active - 1)
                 elif "slots" in message:
@@ -212,37 +292,52 @@ class ReceiverPool:
         self._selector.unregister(worker.channel)
         worker.channel.close()
         with self._lock:
-            self._workers[worker.slot] = None
-        if self._stopping.is_set():
-            return
+            current = self._workers[worker.slot] is worker
+            if current:
+                self._workers[worker.slot] = None
+            elif worker in self._others:
+                self._others.remove(worker)
+            stopping = self._stopping.is_set()
         code = worker.process.wait(10)
-        logs.event(log, "receiver_exited", logging.ERROR, slot=worker.slot, pid=worker.process.pid,
-                   exit_code=code)
-        self._spawn(worker.slot)
+        if not current:  # drained, replaced, or a reconfiguration's process that did not start
+            logs.event(log, "receiver_drained" if worker.draining else "receiver_discarded", slot=worker.slot,
+                       pid=worker.process.pid, exit_code=code)
+            return
+        if stopping:
+            return
+        logs.event(log, "receiver_exited", logging.ERROR, slot=worker.slot, pid=worker.process.pid, exit_code=code)
+        # A receiver that cannot start (a bad certificate, no memory) must not respawn in a busy loop.
+        quick = time.monotonic() - worker.started < 10
+        self._failures[worker.slot] = self._failures[worker.slot] + 1 if quick else 0
+        delay = min(30.0, 0.5 * 2 ** self._failures[worker.slot]) if quick else 0.0
+        timer = threading.Timer(delay, self._respawn, [worker.slot])
+        timer.daemon = True
+        timer.start()
+
+    def _respawn(self, slot: int) -> None:
+        with self._lock:
+            if self._stopping.is_set() or self._workers[slot] is not None:
+                return
+            config = self.config
+        worker = self._start_process(slot, config, install=False)
+        with self._lock:
+            if self._workers[slot] is None and not self._stopping.is_set():
+                self._others.remove(worker)
+                self._workers[slot] = worker
+                return
+        worker.process.send_signal(signal.SIGTERM)  # a reconfiguration filled the slot meanwhile
 
 
 # -- the receiver process ------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the service process dies (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def receiver_main(channel_fd: int) -> None:
-    from node.receive.scp import StorageSCP, server_ssl_context
+    from node.receive.scp import StorageSCP
+    from node.receive.tls import server_ssl_context
     from node.store.index import Index
     from node.store.spool import Spool
     from pynetdicom import evt
 
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:
-        return
     settings = json.loads(os.environ.pop(_CONFIG_ENV))
     config = NodeConfig.model_validate(settings["config"])
     logs.setup(config.logging.level)
@@ -256,12 +351,12 @@ def receiver_main(channel_fd: int) -> None:
             try:
                 channel.send(json.dumps(message).encode())
             except OSError:
-                pass  # the service is gone; PDEATHSIG ends this process
+                pass  # the service is gone: its end of the channel is closed, and the loop below ends
 
     data_dir = Path(config.storage.data_dir)
     scp = StorageSCP(
         config,
-        Index(data_dir / "index.sqlite"),
+        Index.open(config.storage, migrate=False),  # the service migrated it before starting receivers
         Spool(data_dir, config.storage.min_free_mb),
         on_study_opened=lambda uid, deadline: send({"opened": uid, "deadline": deadline}),
         slot_limit=int(settings["max_associations"]),
@@ -293,7 +388,18 @@ def receiver_main(channel_fd: int) -> None:
 
     channel.settimeout(0.2)  # how soon a SIGTERM is seen
     logs.event(log, "receiver_ready", pid=os.getpid())
+    send({"ready": True})
+    handing: list[threading.Thread] = []  # connections between hand-over and their association
+    # Draining (replaced by a receiver with new settings): connections already handed over,
+    # including one that crossed the drain message, go on; the process ends when they have, at
+    # the latest at scp.timeouts.drain (then like a stop: A-ABORT after a short grace).
+    drain_since: float | None = None
     while not stopping.is_set():
+        if drain_since is not None:
+            idle = not server.active_associations and not any(t.is_alive() for t in handing)
+            waited = time.monotonic() - drain_since
+            if (idle and waited > 1.0) or waited > config.scp.timeouts.drain:
+                break
         try:
             message, fds, _, _ = socket.recv_fds(channel, _MAX_MESSAGE, 1)
         except TimeoutError:
@@ -301,15 +407,22 @@ def receiver_main(channel_fd: int) -> None:
         except OSError:
             break
         if not message:
-            break  # the service closed the channel
-        peer = tuple(json.loads(message)["peer"])
+            break  # the service closed the channel (it stopped, or died)
+        request = json.loads(message)
+        if request.get("drain"):
+            drain_since = time.monotonic()
+            logs.event(log, "receiver_draining", pid=os.getpid(), associations=len(server.active_associations))
+            continue
+        peer = tuple(request["peer"])
         if not fds:  # the descriptor did not arrive (e.g. this process is out of descriptors)
             send({"closed": True})
             continue
         conn = socket.socket(fileno=fds[0])
         # Never blocking without a limit; PduSocket sets the per-phase timeouts from here on.
         conn.settimeout(config.scp.timeouts.acse)
-        threading.Thread(target=take, args=(conn, peer), daemon=True).start()
+        handing = [t for t in handing if t.is_alive()]
+        handing.append(threading.Thread(target=take, args=(conn, peer), daemon=True))
+        handing[-1].start()
 
     # A short grace for associations that are finishing, then A-ABORT the rest (idle ones would
     # otherwise hold the stop for as long as their peer likes). Nothing is lost: every acknowledged

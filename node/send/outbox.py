@@ -6,6 +6,10 @@ association rejected-transient, 0xA7xx) are retried with exponential backoff and
 until a deadline; permanent ones (association rejected-permanent, 0xA9xx, 0xCxxx) go to the
 dead-letter state with the reason at once. Result objects keep their SOP Instance UIDs on
 every attempt, so a resend after a crash leaves one copy in the PACS.
+
+An attempt holds a lease on its row (`lease_owner`, `lease_until`), renewed while it sends. A
+single node resumes its interrupted attempts at start; replicas sharing the index take over an
+attempt whose lease expired (its node died), and only the lease holder records the outcome.
 """
 
 from __future__ import annotations
@@ -26,30 +30,12 @@ from node import logs
 from node.config import NodeConfig
 from node.send.scu import NotAccepted, associate, client_ssl_context, rejection, send_file, storage_contexts
 from node.store.index import Index
+from node.store.lease import process_owner
 
 log = logging.getLogger("node.send")
 
-OUTBOX_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_key TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    files TEXT NOT NULL,                 -- JSON list of result files
-    state TEXT NOT NULL,                 -- pending | sending | delivered | dead
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    next_attempt REAL NOT NULL,
-    deadline REAL NOT NULL,
-    last_error TEXT,
-    warnings TEXT,
-    UNIQUE (job_key, destination)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
-"""
-
 WARNING_STATUSES = range(0xB000, 0xC000)
+SENDING_EXPIRED = "state='sending' AND lease_until<?"
 
 
 class Transient(Exception):
@@ -77,17 +63,13 @@ def classify_status(status: int) -> str:
 
 
 class Outbox:
-    def __init__(self, config: NodeConfig, index: Index, scheduler: BaseScheduler):
+    def __init__(self, config: NodeConfig, index: Index, scheduler: BaseScheduler, owner: str | None = None):
         self.config = config
         self.index = index
         self.scheduler = scheduler
+        self.owner = owner or process_owner()
         self._lock = threading.Lock()
         self._running: set[int] = set()
-        self.ensure_schema(index)
-
-    @staticmethod
-    def ensure_schema(index: Index) -> None:
-        index.executescript(OUTBOX_SCHEMA)
 
     # -- producing ---------------------------------------------------------------------------
 
@@ -96,8 +78,8 @@ class Outbox:
         now = time.time()
         with self.index.transaction() as db:
             db.execute(
-                """INSERT OR IGNORE INTO outbox (job_key, study_uid, destination, files, state, created_at,
-                   updated_at, next_attempt, deadline) VALUES (?,?,?,?, 'pending', ?,?,?,?)""",
+                """INSERT INTO outbox (job_key, study_uid, destination, files, state, created_at,
+                   updated_at, next_attempt, deadline) VALUES (?,?,?,?, 'pending', ?,?,?,?) ON CONFLICT DO NOTHING""",
                 (job_key, study_uid, destination, json.dumps([str(f) for f in files]), now, now, now,
                  now + self.config.sending.deadline_s),
             )
@@ -108,15 +90,18 @@ class Outbox:
     # -- scheduling --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Resume: anything pending, or caught mid-send by a crash, is due now."""
-        with self.index.transaction() as db:
-            db.execute("UPDATE outbox SET state='pending' WHERE state='sending'")
+        """Resume: anything pending, or caught mid-send by a crash, is due now (on a shared index,
+        a send is another replica's until its lease expires)."""
+        if not self.index.shared:
+            with self.index.transaction() as db:
+                db.execute("UPDATE outbox SET state='pending' WHERE state='sending'")
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.sending.sweep_s, id="outbox-sweep",
                                replace_existing=True, coalesce=True, max_instances=1)
         self.sweep()
 
     def sweep(self) -> None:
-        rows = self.index.query("SELECT id, next_attempt FROM outbox WHERE state='pending'")
+        rows = self.index.query(f"SELECT id, next_attempt FROM outbox WHERE state='pending' OR ({SENDING_EXPIRED})",
+                                (time.time(),))
         for row in rows:
             if self.scheduler.get_job(_job_id(row["id"])) is None:
                 self._schedule(int(row["id"]), float(row["next_attempt"]))
@@ -141,13 +126,24 @@ class Outbox:
             with self._lock:
                 self._running.discard(item_id)
 
+    def renew_leases(self) -> int:
+        """Keep this process's sends (called well within `storage.lease_s`)."""
+        with self.index.transaction(claim=True) as db:
+            return db.execute("UPDATE outbox SET lease_until=? WHERE state='sending' AND lease_owner=?",
+                              (time.time() + self.config.storage.lease_s, self.owner)).rowcount
+
     def _attempt(self, item_id: int) -> str:
-        with self.index.transaction() as db:
-            row = db.execute("SELECT * FROM outbox WHERE id=?", (item_id,)).fetchone()
-            if row is None or row["state"] != "pending":
-                return row["state"] if row else "missing"
-            db.execute("UPDATE outbox SET state='sending', attempts=attempts+1, updated_at=? WHERE id=?",
-                       (time.time(), item_id))
+        now = time.time()
+        with self.index.transaction(claim=True) as db:
+            row = db.execute(f"SELECT * FROM outbox WHERE id=? AND (state='pending' OR ({SENDING_EXPIRED}))"
+                             + self.index.skip_locked, (item_id, now)).fetchone()
+            if row is None:  # delivered, dead, or being sent (here or by another replica)
+                return "not due"
+            if row["state"] == "sending":
+                logs.event(log, "results_send_taken_over", logging.WARNING, outbox_id=item_id,
+                           lease_owner=row["lease_owner"])
+            db.execute("UPDATE outbox SET state='sending', attempts=attempts+1, lease_owner=?, lease_until=?,"
+                       " updated_at=? WHERE id=?", (self.owner, now + self.config.storage.lease_s, now, item_id))
         started = time.monotonic()
         try:
             delivery = self._send(row["destination"], [Path(f) for f in json.loads(row["files"])])
@@ -210,8 +206,10 @@ class Outbox:
         if when > float(row["deadline"]):
             return self._finish(row, "dead", f"deadline passed after {attempts} attempts; last error: {reason}")
         with self.index.transaction() as db:
-            db.execute("UPDATE outbox SET state='pending', next_attempt=?, last_error=?, updated_at=? WHERE id=?",
-                       (when, reason, time.time(), row["id"]))
+            if db.execute("UPDATE outbox SET state='pending', next_attempt=?, last_error=?, updated_at=?,"
+                          " lease_until=NULL WHERE id=? AND state='sending' AND lease_owner=?",
+                          (when, reason, time.time(), row["id"], self.owner)).rowcount != 1:
+                return self._lost(row)
         logs.event(log, "results_retry_scheduled", logging.WARNING, outbox_id=row["id"], destination=row["destination"],
                    attempt=attempts, retry_in_s=round(delay, 1), reason=reason)
         self._schedule(int(row["id"]), when)
@@ -219,12 +217,22 @@ class Outbox:
 
     def _finish(self, row: Any, state: str, reason: str | None, warnings: list[str] | None = None) -> str:
         with self.index.transaction() as db:
-            db.execute("UPDATE outbox SET state=?, last_error=?, warnings=?, updated_at=? WHERE id=?",
-                       (state, reason, json.dumps(warnings) if warnings else None, time.time(), row["id"]))
+            if db.execute("UPDATE outbox SET state=?, last_error=?, warnings=?, updated_at=?, lease_until=NULL"
+                          " WHERE id=? AND state='sending' AND lease_owner=?",
+                          (state, reason, json.dumps(warnings) if warnings else None, time.time(), row["id"],
+                           self.owner)).rowcount != 1:
+                return self._lost(row)
         if state == "dead":
             logs.event(log, "results_dead_letter", logging.ERROR, outbox_id=row["id"], destination=row["destination"],
                        study_uid=row["study_uid"], reason=reason)
         return state
+
+
+    def _lost(self, row: Any) -> str:
+        """Our lease expired during the attempt and another replica took the send over: its
+        outcome is the one recorded (same files, same UIDs: the PACS keeps one copy)."""
+        logs.event(log, "results_send_lease_lost", logging.WARNING, outbox_id=row["id"], destination=row["destination"])
+        return "taken over"
 
 
 def _job_id(item_id: int) -> str:

@@ -10,17 +10,9 @@ from pydicom.uid import generate_uid
 
 from node.store.index import Index
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS installation (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-
 def installation_uid(index: Index) -> str:
     """The installation's UID, made (once, whichever process comes first) if it has none yet."""
-    index.executescript(SCHEMA)
     with index.transaction() as db:
-        db.execute("INSERT OR IGNORE INTO installation (key, value) VALUES ('uid', ?)", (str(generate_uid(prefix=None)),))
+        db.execute("INSERT INTO installation (key, value) VALUES ('uid', ?) ON CONFLICT DO NOTHING",
+                   (str(generate_uid(prefix=None)),))
         return str(db.execute("SELECT value FROM installation WHERE key='uid'").fetchone()["value"])

@@ -1,73 +1,74 @@
-"""The node's index: SQLite in WAL mode, shared by the receiver processes and the service.
+"""The node's index: SQLite in WAL mode for one node, or PostgreSQL shared by replicas.
 
 Every acknowledged instance has a row here before its C-STORE response is sent, so the index
 (not memory) is the truth about what was received, which studies are waiting for their quiet
 period, and which completed studies are waiting for the pipeline.
+
+Both engines run through SQLAlchemy; the schema is Alembic's (node/store/migrations), upgraded
+when an index is opened. Writes keep SQLite's semantics on both: a write transaction holds the
+index's write lock (SQLite `BEGIN IMMEDIATE`; on PostgreSQL a transaction-level advisory lock),
+so every read-then-write in this package sees no concurrent writer, across processes and
+replicas alike. Claims of jobs and deliveries (`transaction(claim=True)`) lock only the rows
+they take on PostgreSQL (`FOR UPDATE SKIP LOCKED`), so replicas never wait for each other there.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    patient_id TEXT,
-    state TEXT NOT NULL,               -- receiving | complete
-    calling_ae TEXT,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    deadline REAL NOT NULL,            -- last_received + quiet period
-    completed_at REAL,
-    completions INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS studies_state ON studies(state, deadline);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT,
-    body_part TEXT,
-    description TEXT,
-    number INTEGER,
-    sop_class_uid TEXT,
-    image_type TEXT,
-    orientation TEXT,
-    rows INTEGER,
-    columns INTEGER,
-    slice_thickness REAL
-);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    calling_ae TEXT,
-    called_ae TEXT,
-    peer TEXT,
-    association_id INTEGER
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS associations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    calling_ae TEXT,
-    called_ae TEXT,
-    peer TEXT,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    instances INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0
-);
-"""
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, CursorResult, Engine, RowMapping
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import StorageConfig
+
+# Any failure of the index (busy past its timeout, connection lost, disk full).
+IndexFailure = SQLAlchemyError
+# pg_advisory_xact_lock key of the index's write lock ("dcmnode" in ASCII).
+WRITE_LOCK_KEY = 0x64636D6E6F6465
+SQLITE_FILE = "index.sqlite"
+
+
+def index_url(storage: StorageConfig) -> str:
+    """`storage.index_url`, else the SQLite file in the data folder."""
+    return storage.index_url or f"sqlite:///{(Path(storage.data_dir) / SQLITE_FILE).resolve()}"
+
+
+class Rows:
+    """A statement's result: rows by column name (`row["state"]`), the rows it changed, the ids it returned."""
+
+    def __init__(self, result: CursorResult[Any]):
+        self._result = result
+        self.rowcount = result.rowcount
+        self._rows = list(result.mappings()) if result.returns_rows else []
+
+    def fetchone(self) -> RowMapping | None:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[RowMapping]:
+        return self._rows
+
+    def __iter__(self) -> Iterator[RowMapping]:
+        return iter(self._rows)
+
+
+class Db:
+    """One connection inside a transaction; statements use `?` placeholders on both engines."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self._pyformat = connection.dialect.paramstyle in ("format", "pyformat")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        # The driver's own paramstyle (exec_driver_sql) keeps SQLite's statements byte for byte as
+        # they were; psycopg's is %s. No statement in the node has a '?' or '%' inside a literal.
+        if self._pyformat:
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        return Rows(self.connection.exec_driver_sql(sql, tuple(params)))
 
 
 @dataclass(frozen=True)
@@ -138,55 +139,72 @@ class SeriesConflict(InstanceConflict):
 
 
 class Index:
-    """Thread-safe access to the index; one SQLite connection per thread."""
+    """Thread-safe access to the index: a connection per transaction from SQLAlchemy's pool."""
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
+    def __init__(self, location: str | Path, migrate: bool = True):
+        """`location`: an SQLAlchemy URL, or the path of a SQLite file. `migrate`: bring the schema
+        to this release's version (every opener does; the migrations run under the write lock)."""
+        url = str(location)
+        self.url = url if "://" in url else f"sqlite:///{Path(url).resolve()}"
+        self.engine = _engine(self.url)
+        self.shared = self.engine.dialect.name != "sqlite"
+        self.path = self.url.removeprefix("sqlite:///") if not self.shared else None
         self._local = threading.local()
-        self.executescript(SCHEMA)
+        if migrate:
+            from node.store.migrations import upgrade
 
-    def executescript(self, script: str) -> None:
-        """Idempotent DDL (CREATE ... IF NOT EXISTS) for this index and its extensions."""
-        self._connection().executescript(script)
+            upgrade(self)
 
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we acknowledge the instance it records.
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+    @classmethod
+    def open(cls, storage: StorageConfig, migrate: bool = True) -> "Index":
+        return cls(index_url(storage), migrate)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        self.engine.dispose()
 
-    class _Tx:
-        def __init__(self, db: sqlite3.Connection):
-            self.db = db
+    @property
+    def skip_locked(self) -> str:
+        """The clause a claim's SELECT ends with: replicas take different rows, none waits."""
+        return " FOR UPDATE SKIP LOCKED" if self.shared else ""
 
-        def __enter__(self) -> sqlite3.Connection:
-            self.db.execute("BEGIN IMMEDIATE")
-            return self.db
+    @contextmanager
+    def transaction(self, claim: bool = False) -> Iterator[Db]:
+        """A write transaction holding the index's write lock; `claim`: on PostgreSQL, row locks
+        only (the statements say FOR UPDATE SKIP LOCKED). A `query` in the same thread reads
+        through this transaction (the same snapshot, its own uncommitted writes)."""
+        if getattr(self._local, "db", None) is not None:
+            raise RuntimeError("index transactions do not nest")
+        with self.engine.connect() as connection:
+            connection.execution_options(index_write_lock=not (claim and self.shared))
+            with connection.begin():
+                self._local.db = Db(connection)
+                try:
+                    yield self._local.db
+                finally:
+                    self._local.db = None
 
-        def __exit__(self, exc_type: Any, *_: Any) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[RowMapping]:
+        """Rows of one read (in the thread's transaction, if it has one)."""
+        current = getattr(self._local, "db", None)
+        if current is not None:
+            return current.execute(sql, params).fetchall()
+        with self.engine.connect() as connection:
+            connection.execution_options(index_write_lock=False)
+            with connection.begin():
+                return Db(connection).execute(sql, params).fetchall()
 
-    def transaction(self) -> "Index._Tx":
-        return Index._Tx(self._connection())
-
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return self._connection().execute(sql, params).fetchall()
+    def check_writable(self) -> str | None:
+        """Take the write lock for a moment (a stuck writer or a read-only file shows here)."""
+        try:
+            with self.transaction():
+                pass
+        except SQLAlchemyError as exc:
+            return str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0]
+        return None
 
     # -- receiving -------------------------------------------------------------------------
 
-    def find_instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+    def find_instance(self, sop_instance_uid: str) -> RowMapping | None:
         """Where an indexed instance is: study_uid, series_uid, sop_class_uid, path, transfer_syntax."""
         rows = self.query(
             "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax FROM instances"
@@ -231,7 +249,7 @@ class Index:
                 )
             s = rec.series
             db.execute(
-                """INSERT OR IGNORE INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""",
+                "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (
                     rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"),
                     s.get("description"), s.get("number"), rec.sop_class_uid,
@@ -262,12 +280,11 @@ class Index:
 
     def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
         with self.transaction() as db:
-            cur = db.execute(
-                "INSERT INTO associations (calling_ae, called_ae, peer, started_at)"
-                " VALUES (?,?,?,?)",
+            row = db.execute(
+                "INSERT INTO associations (calling_ae, called_ae, peer, started_at) VALUES (?,?,?,?) RETURNING id",
                 (calling_ae, called_ae, peer, now),
-            )
-            return int(cur.lastrowid or 0)
+            ).fetchone()
+            return int(row["id"]) if row else 0
 
     def close_association(self, assoc_id: int, instances: int, failures: int, now: float) -> None:
         with self.transaction() as db:
@@ -283,7 +300,7 @@ class Index:
         return [(r["study_uid"], r["deadline"]) for r in rows]
 
     def complete_if_due(
-        self, study_uid: str, now: float, on_complete: Callable[[sqlite3.Connection], None],
+        self, study_uid: str, now: float, on_complete: Callable[[Db], None],
         quiet_override: float | None = None,
     ) -> tuple[bool, float | None]:
         """Complete the study if its quiet period has passed; else return when to check again.
@@ -328,3 +345,36 @@ class Index:
         return int(
             self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"]
         )
+
+
+def _engine(url: str) -> Engine:
+    """An engine whose transactions begin as `Index.transaction` promises (see the module's docstring)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               pool_size=8, max_overflow=56)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below starts transactions
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before we acknowledge the instance it records.
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            # SQLAlchemy's documented recipe for pysqlite; IMMEDIATE takes the write lock up front.
+            locked = connection.get_execution_options().get("index_write_lock", True)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
+
+        return engine
+    engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=56)
+
+    @event.listens_for(engine, "begin")
+    def _postgres_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get("index_write_lock", True):
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+    return engine

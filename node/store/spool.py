@@ -41,10 +41,15 @@ class Spool:
         self.studies = self.root / "studies"
         self.tmp = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
-        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
+        self.min_free_bytes = 0
+        self.set_watermark(min_free_mb)
         for folder in (self.studies, self.tmp, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+
+    def set_watermark(self, min_free_mb: float) -> None:
+        """Below this much free space nothing more is written (storage.min_free_mb; live)."""
+        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
 
     def has_room(self, incoming: int = 0) -> bool:
         st = os.statvfs(self.root)
@@ -87,9 +92,11 @@ class Spool:
         os.replace(path, target)
         _fsync_dir(target.parent)
 
-    def partial_writes(self) -> list[Path]:
-        """Temporary files a crash left behind (never acknowledged)."""
-        return sorted(self.tmp.glob("*.part"))
+    def partial_writes(self, older_than_s: float = 0.0) -> list[Path]:
+        """Temporary files a crash left behind (never acknowledged); with `older_than_s`, only those
+        not written to for that long (on a shared spool, younger ones may be another replica's)."""
+        cutoff = time.time() - older_than_s
+        return sorted(p for p in self.tmp.glob("*.part") if not older_than_s or _mtime(p) < cutoff)
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
@@ -154,3 +161,10 @@ def same_dataset(path: Path, payload: bytes | memoryview) -> bool:
         return data[dataset_offset(data):] == bytes(payload)
     except (OSError, ValueError):
         return False
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # renamed meanwhile by the replica that wrote it
+        return float("inf")

@@ -133,34 +133,12 @@ def _ct_slice(
     rescale_intercept: float,
     unsigned: bool,
 ) -> Dataset:
-    ds = Dataset()
-    sop_uid = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = image_header(CTImageStorage, "CT", identity)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = identity.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = identity.accession_number
-    ds.Modality = "CT"
-    ds.Manufacturer = "dicom-node phantom"
-    ds.ReferringPhysicianName = ""
-    ds.SeriesDescription = identity.series_description
-    ds.PatientName = identity.patient_name
-    ds.PatientID = identity.patient_id
     ds.PatientBirthDate = "19700101"
-    ds.PatientSex = "O"
     ds.BodyPartExamined = identity.body_part
     ds.PatientPosition = "HFS"
     ds.KVP = "120"
-    ds.StudyInstanceUID = identity.study_uid
-    ds.SeriesInstanceUID = identity.series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = identity.series_number
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = k + 1
     position = geometry.to_patient((k, 0, 0))
@@ -169,8 +147,6 @@ def _ct_slice(
     ds.FrameOfReferenceUID = identity.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = f"{float(np.dot(position, geometry.normal)):.6f}"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated = 16
     ds.BitsStored = 12 if unsigned else 16

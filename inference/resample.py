@@ -1,0 +1,78 @@
+"""Resampling a voxel array from one grid onto another, given the two grids' affines.
+
+MONAI decides *where* the model's grid is (Orientation and Spacing, run lazily: geometry only);
+this module moves the voxels. Written here because MONAI's execution path (``grid_sample``)
+first converts the whole source to float and builds a coordinate for every output voxel: 2.4 s
+for a 300x512x512 CT on two cores, against 0.2 s for scipy's ``affine_transform`` reading the
+stored integers directly. Same interpolation (linear), same voxel-centre convention.
+
+When the two grids differ only by flips, axis order and scale (any axial, coronal or sagittal
+series into RAS), the map is diagonal in the source's own axis order: scipy then walks the
+source in memory order and the small output is transposed afterwards, which is 5-10x faster
+than a general matrix over a transposed view.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+# "border": outside the source takes the nearest edge voxel (MONAI/torch "border");
+# "constant": linear interpolation towards `fill` over the half voxel beyond the edge and
+# `fill` further out (MONAI/torch "zeros" with the fill added back).
+Padding = Literal["border", "constant"]
+_SCIPY_MODE = {"border": "nearest", "constant": "grid-constant"}
+
+
+def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
+             shape: tuple[int, ...], padding: Padding = "border", fill: float = 0.0) -> np.ndarray:
+    """``array`` (on the grid of ``source_affine``) linearly interpolated at the voxel centres of
+    the grid ``target_affine`` x ``shape``; float32, C-contiguous in the source's axis order (so
+    possibly a transposed view). Affines map voxel indices to one common space."""
+    index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    shape = tuple(int(s) for s in shape)
+    mode = _SCIPY_MODE[padding]
+    order = _axis_order(linear)
+    if order is None:
+        return ndimage.affine_transform(array, linear, offset, output_shape=shape, output=np.float32, order=1,
+                                        mode=mode, cval=fill, prefilter=False)
+    # target axis j reads source axis order[j]: resample in the source's axis order, then transpose
+    scale = np.empty(3)
+    source_order_shape = [0, 0, 0]
+    for j, axis in enumerate(order):
+        scale[axis] = linear[axis, j]
+        source_order_shape[axis] = shape[j]
+    window = _whole_voxels(scale, offset, source_order_shape, array.shape)
+    if window is not None:  # only flips and axis order (a model without a spacing step): a copy
+        out = array[window].astype(np.float32)
+    else:
+        out = ndimage.affine_transform(array, scale, offset, output_shape=tuple(source_order_shape),
+                                       output=np.float32, order=1, mode=mode, cval=fill, prefilter=False)
+    return out.transpose(order)  # a view: copying 315 MB into the target's axis order costs ~1 s
+
+
+def _whole_voxels(scale: np.ndarray, offset: np.ndarray, shape: list[int],
+                  source: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """The source slices when every target voxel centre is a source voxel centre (steps of +-1,
+    whole-voxel offsets, inside the source): interpolation would only copy values."""
+    window = []
+    for step, start, n, size in zip(scale, offset, shape, source):
+        first = float(start)
+        if abs(abs(step) - 1) > 1e-9 or abs(first - round(first)) > 1e-6:
+            return None
+        first_i, last_i = int(round(first)), int(round(first + step * (n - 1)))
+        if not (0 <= first_i < size and 0 <= last_i < size):
+            return None
+        window.append(slice(first_i, last_i + 1, 1) if step > 0 else slice(first_i, last_i - 1 if last_i else None, -1))
+    return tuple(window)
+
+
+def _axis_order(linear: np.ndarray, tolerance: float = 1e-6) -> tuple[int, int, int] | None:
+    """For a map that only flips, permutes and scales axes: the source axis of each target axis."""
+    significant = np.abs(linear) > tolerance * np.abs(linear).max()
+    if not (significant.sum(axis=0) == 1).all() or not (significant.sum(axis=1) == 1).all():
+        return None
+    return tuple(int(np.argmax(significant[:, j])) for j in range(3))  # type: ignore[return-value]

@@ -1,0 +1,38 @@
+"""The index's schema, versioned with Alembic.
+
+Every process that opens the index upgrades it to HEAD under the index's write lock, so the
+first one migrates and the others find it done. An index written before the schema had versions
+(no alembic_version table) is taken over by the first revision, which creates only what is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import inspect
+
+if TYPE_CHECKING:
+    from node.store.index import Index
+
+HEAD = "0002"
+
+
+def current_version(connection: object) -> str | None:
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    row = connection.exec_driver_sql("SELECT version_num FROM alembic_version").first()  # type: ignore[attr-defined]
+    return row[0] if row else None
+
+
+def upgrade(index: "Index") -> None:
+    with index.transaction() as db:
+        if current_version(db.connection) == HEAD:
+            return  # the common case: no Alembic import, no script scan
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent))
+        config.attributes["connection"] = db.connection
+        command.upgrade(config, "head")

@@ -1,0 +1,164 @@
+"""The index on both engines: schema versions and the upgrade of an index written before them,
+the same answers from SQLite and a real PostgreSQL, and claims that replicas cannot share."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.config import NodeConfig
+from node.jobs.store import IllegalTransition, JobState, JobStore
+from node.route.decision import AppliedRule, RoutingDecision
+from node.route.rules import Actions
+from node.send.outbox import Outbox
+from node.store.identity import installation_uid
+from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.store.migrations import HEAD
+from tests.peers import make_study
+
+BEFORE_MIGRATIONS = Path(__file__).parent / "data" / "index-before-migrations.sql"
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Index:
+    if request.param == "sqlite":
+        return Index(tmp_path / "index.sqlite")
+    return Index(request.getfixturevalue("postgres").new_database())
+
+
+def _record(sop: str, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = "1.2.840.10008.5.1.4.1.1.2"
+            ) -> InstanceRecord:
+    return InstanceRecord(sop, sop_class, series, study, "", "1.2.840.10008.1.2.1", f"studies/{study}/{sop}.dcm",
+                          2**33, "MODALITY", "NODE", "127.0.0.1", {"modality": "CT", "rows": 512, "slice_thickness": 0.625})
+
+
+def _decision() -> RoutingDecision:
+    return RoutingDecision(rules_version="v1", mode="first_match", priority=0, explanation="", outcomes=(),
+                           applied=(AppliedRule(rule="r", series_uid="1.2.3.1", actions=Actions(run=["m"], send_to=["pacs"])),))
+
+
+def _completed_jobs(index: Index, count: int) -> list[int]:
+    ids = []
+    for n in range(count):
+        study = f"1.2.9.{n}"
+        index.record_instance(_record(f"{study}.1.1", study, f"{study}.1"), time.time() - 100, 1.0, True)
+        done, _ = index.complete_if_due(study, time.time(),
+                                        lambda db, s=study: ids.append(JobStore.create(db, s, _decision(), time.time())[0]))
+        assert done
+    return ids
+
+
+def test_an_index_written_before_migrations_is_upgraded_with_its_rows(tmp_path):
+    path = tmp_path / "index.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(BEFORE_MIGRATIONS.read_text())
+    old.close()
+
+    index = Index(path)
+
+    assert index.query("SELECT version_num FROM alembic_version")[0]["version_num"] == HEAD
+    assert [r["study_uid"] for r in index.query("SELECT study_uid FROM studies")] == [STUDY]
+    assert index.study_instance_count(STUDY) == 3
+    assert installation_uid(index) == "2.25.253578325615076737861759670114498984582"  # results keep their UIDs
+    job = JobStore(index).get(1)
+    assert (job.state, job.stage, job.attempts) == (JobState.RUNNING, "inference", 1)
+    columns = {r["name"] for r in index.query("PRAGMA table_info(work_items)")}
+    assert {"lease_owner", "lease_until", "outputs", "retry_deadline"} <= columns
+    assert index.query("SELECT state, attempts, lease_owner FROM outbox")[0] == {
+        "state": "pending", "attempts": 0, "lease_owner": None}
+    # ids keep counting after the old ones (results are named after job ids)
+    assert _completed_jobs(index, 1) == [2]
+    # a second opener finds the schema current and changes nothing
+    assert Index(path).query("SELECT COUNT(*) AS n FROM work_items")[0]["n"] == 2
+
+
+def test_a_job_id_is_never_reused_after_the_newest_job_is_deleted(index):
+    first = _completed_jobs(index, 2)
+    with index.transaction() as db:
+        db.execute("DELETE FROM work_items WHERE id=?", (first[-1],))
+    assert _completed_jobs(index, 1)[0] > first[-1]
+
+
+def test_both_engines_keep_the_instance_rules(index):
+    arrival = index.record_instance(_record("1.2.3.1.1"), 1000.0, 60.0, True)
+    assert (arrival.opened, arrival.duplicate, arrival.deadline) == (True, False, 1060.0)
+    again = index.record_instance(_record("1.2.3.1.1"), 1001.0, 60.0, True, identical=True)
+    assert (again.duplicate, again.identical, again.opened) == (True, True, False)
+    with pytest.raises(InstanceConflict, match="already held by study 1.2.3"):
+        index.record_instance(_record("1.2.3.1.1", study="9.9.9", series="9.9.9.1"), 1002.0, 60.0, True)
+    row = index.query("SELECT size, received_at FROM instances WHERE sop_instance_uid=?", ("1.2.3.1.1",))[0]
+    assert (row["size"], row["received_at"]) == (2**33, 1000.0)  # 64-bit sizes, double-precision times
+    series = index.query("SELECT slice_thickness, rows FROM series")[0]
+    assert (series["slice_thickness"], series["rows"]) == (0.625, 512)
+    assert index.complete_if_due("1.2.3", 1030.0, lambda db: None) == (False, 1061.0)
+    assert index.complete_if_due("1.2.3", 1062.0, lambda db: None) == (True, None)
+    assert index.complete_if_due("1.2.3", 1063.0, lambda db: None) == (False, None)  # once
+    assert [a["id"] for a in (index.open_association("A", "B", "127.0.0.1", 1.0),
+                              index.open_association("A", "B", "127.0.0.1", 2.0)) and
+            index.query("SELECT id FROM associations ORDER BY id")] == [1, 2]
+
+
+def test_replicas_claiming_at_once_each_get_different_jobs(index):
+    ids = _completed_jobs(index, 12)
+    stores = [JobStore(index, owner=f"replica-{n}") for n in range(4)]
+    claimed: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def drain(store: JobStore) -> None:
+        while (job := store.claim()) is not None:
+            with lock:
+                claimed.append((store.owner, job.id))
+
+    threads = [threading.Thread(target=drain, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(j for _, j in claimed) == ids  # every job once
+    owners = {r["id"]: r["lease_owner"] for r in index.query("SELECT id, lease_owner FROM work_items")}
+    assert all(owners[job] == owner for owner, job in claimed)
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_can_no_longer_finish(index):
+    (job_id,) = _completed_jobs(index, 1)
+    dead = JobStore(index, owner="replica-dead", lease_s=2.0)
+    alive = JobStore(index, owner="replica-alive", lease_s=2.0)
+    assert dead.claim().id == job_id
+    assert alive.claim() is None  # the lease holds
+    assert dead.renew_leases() == 1
+    later = time.time() + 3.0  # the dead replica renewed no more
+    taken = alive.claim(now=later)
+    assert (taken.id, taken.state, taken.attempts) == (job_id, JobState.RUNNING, 2)
+    with pytest.raises(IllegalTransition, match="another node process's lease"):
+        dead.finish(job_id)
+    assert dead.renew_leases() == 0
+    alive.finish(job_id)
+    assert alive.get(job_id).state is JobState.DONE
+
+
+def test_a_delivery_is_sent_by_one_replica_and_taken_over_when_its_lease_expires(index, tmp_path):
+    config = NodeConfig.model_validate({"scp": {"ae_title": "NODE"}, "storage": {"lease_s": 2.0},
+                                        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 9}},
+                                        "sending": {"timeout_s": 1}})
+    scheduler = BackgroundScheduler()
+    first = Outbox(config, index, scheduler, owner="replica-a")
+    second = Outbox(config, index, scheduler, owner="replica-b")
+    files = make_study(tmp_path / "results", slices=1, size=8)
+    item = first.enqueue("job-1:seg", "1.2.3", "pacs", files)
+    assert first.enqueue("job-1:seg", "1.2.3", "pacs", files) == item  # queued once
+    with index.transaction() as db:  # replica-a took it, then died mid-send
+        db.execute("UPDATE outbox SET state='sending', attempts=1, lease_owner='replica-a', lease_until=? WHERE id=?",
+                   (time.time() + 60, item))
+    assert second.attempt(item) == "not due"
+    with index.transaction() as db:
+        db.execute("UPDATE outbox SET lease_until=? WHERE id=?", (time.time() - 1, item))
+    assert second.attempt(item) == "pending"  # taken over; port 9 refuses: a transient failure
+    row = index.query("SELECT state, attempts, lease_owner, last_error FROM outbox WHERE id=?", (item,))[0]
+    assert (row["state"], row["attempts"], row["lease_owner"]) == ("pending", 2, "replica-b")
+    assert "no association with PACS@127.0.0.1:9" in row["last_error"]

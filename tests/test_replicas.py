@@ -1,0 +1,128 @@
+"""Two node replicas on one PostgreSQL index and one spool, with real peers: dcmtk's storescu as
+the modality, Orthanc as the PACS, a real PostgreSQL server (Debian's package) started by the tests.
+
+What the replicas promise: any replica receives; each study completes once, its job runs once and
+its results reach the PACS once; a replica that dies (SIGKILL) leaves nothing behind: its studies
+in their quiet period, its running jobs and its sends are finished by the other, once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from node.store.index import Index
+from tests.orthanc import Orthanc
+from tests.peers import NodeProcess, storescu, wait_for
+from tests.test_jobs import ROUTING, sphere_study
+
+SLOW_CALLER = "SLOWMODALITY"  # its studies wait 8 s before completing: still receiving at the kill
+
+
+@pytest.fixture
+def cluster(start_node, postgres, tmp_path, model_repository) -> Iterator[Callable[..., Any]]:
+    """Start replicas sharing a new PostgreSQL database, a data folder and an Orthanc PACS."""
+    pacs = Orthanc(tmp_path / "pacs").start()
+    url = postgres.new_database()
+    shared = tmp_path / "shared-data"
+
+    def start(name: str) -> NodeProcess:
+        return start_node(
+            tmp_path / name, routing=ROUTING,
+            storage={"data_dir": str(shared), "index_url": url, "lease_s": 3.0},
+            completion={"quiet_period_s": 1.0, "sweep_s": 1.0, "quiet_period_by_calling_ae": {SLOW_CALLER: 8.0}},
+            destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+            sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
+            inference={"model_repository": str(model_repository)},
+        )
+
+    start.index = Index(url)  # type: ignore[attr-defined]
+    start.pacs = pacs  # type: ignore[attr-defined]
+    yield start
+    pacs.stop()
+
+
+def _send(node: NodeProcess, files: list[Path], aet: str = "MODALITY") -> None:
+    out = storescu(node.port, files, aet)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _processed_once(index: Index, pacs: Orthanc, studies: list[str], timeout: float = 240) -> list[dict[str, Any]]:
+    """Wait until every study's job is done and its results delivered; check each happened once."""
+    def finished() -> bool:
+        jobs = index.query("SELECT study_uid FROM work_items WHERE state='done'")
+        sent = index.query("SELECT study_uid FROM outbox WHERE state='delivered'")
+        return {r["study_uid"] for r in jobs} >= set(studies) and {r["study_uid"] for r in sent} >= set(studies)
+
+    wait_for(finished, timeout=timeout, interval=0.5)
+    jobs = [dict(r) for r in index.query("SELECT id, study_uid, state, attempts, lease_owner FROM work_items")]
+    for study in studies:
+        assert [j["state"] for j in jobs if j["study_uid"] == study] == ["done"], study
+        assert index.query("SELECT completions FROM studies WHERE study_uid=?", (study,))[0]["completions"] == 1
+        found = pacs.instances_by_modality(study)
+        assert (len(found.get("SEG", [])), len(found.get("SR", []))) == (1, 1), study
+    assert len(index.query("SELECT id FROM outbox")) == len(studies)
+    return jobs
+
+
+def test_twenty_studies_sent_alternately_to_two_replicas_are_each_processed_once(cluster, tmp_path):
+    replicas = [cluster("replica-a"), cluster("replica-b")]
+    studies = []
+    for n in range(20):
+        files, study_uid = sphere_study(tmp_path / f"study{n}", patient_id=f"P{n}", slices=12, size=32,
+                                        centre=(6, 16, 16))
+        _send(replicas[n % 2], files)
+        studies.append(study_uid)
+
+    jobs = _processed_once(cluster.index, cluster.pacs, studies)
+
+    # each replica's receivers indexed the ten studies sent to it into the one index
+    assert [len(r.events("study_receiving")) for r in replicas] == [10, 10]
+    assert len(cluster.index.query("SELECT sop_instance_uid FROM instances")) == 20 * 12
+    owners = {j["lease_owner"].split(":")[1] for j in jobs}
+    print(f"jobs run by {len(owners)} replica(s)")
+    for replica in replicas:  # each console reads the shared index: the whole cluster's numbers
+        with urllib.request.urlopen(replica.url + "/health/ready", timeout=30) as response:
+            assert json.loads(response.read())["ready"] is True
+        with urllib.request.urlopen(replica.url + "/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+        assert "dicom_node_instances_received_total 240.0" in metrics
+        assert 'dicom_node_jobs{state="done"} 20.0' in metrics
+        with urllib.request.urlopen(replica.url + "/api/studies", timeout=30) as response:
+            assert sorted(s["study_uid"] for s in json.loads(response.read())) == sorted(studies)
+
+
+def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, tmp_path):
+    doomed, survivor = cluster("replica-a"), cluster("replica-b")
+    studies = []
+    for n in range(2):  # still in their quiet period when the replica dies
+        files, uid = sphere_study(tmp_path / f"slow{n}", patient_id=f"S{n}", slices=12, size=32, centre=(6, 16, 16))
+        _send(doomed, files, SLOW_CALLER)
+        studies.append(uid)
+    big = [sphere_study(tmp_path / f"big{n}", patient_id=f"B{n}", slices=160, size=128, centre=(80, 64, 64))
+           for n in range(3)]  # big enough that a job is still running when the replica dies
+    senders = [threading.Thread(target=_send, args=(doomed, files)) for files, _ in big]
+    for sender in senders:  # at once: the three complete together, while the slow ones still wait
+        sender.start()
+    for sender in senders:
+        sender.join(120)
+    studies += [uid for _, uid in big]
+    pid = str(doomed.process.pid)
+    owner = wait_for(lambda: next((r["lease_owner"] for r in cluster.index.query(
+        "SELECT lease_owner FROM work_items WHERE state='running'") if r["lease_owner"].split(":")[1] == pid),
+        None), timeout=120, interval=0.02)
+    receiving = cluster.index.query("SELECT study_uid FROM studies WHERE state='receiving'")
+    doomed.kill_all()
+    assert len(receiving) >= 2, "the slow studies completed before the kill; the test needs a longer quiet period"
+
+    jobs = _processed_once(cluster.index, cluster.pacs, studies)
+
+    taken_over = [j for j in jobs if j["attempts"] > 1]
+    assert taken_over, f"no job of {owner} was taken over"
+    assert all(j["lease_owner"] != owner for j in taken_over)
+    assert survivor.events("job_taken_over")
