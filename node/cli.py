@@ -191,18 +191,18 @@ outbox_app = typer.Typer(help="Results waiting for, or done with, delivery.", in
 app.add_typer(outbox_app, name="outbox")
 
 
-def _existing_index(cfg: NodeConfig):
+def _existing_index(cfg: NodeConfig, migrate: bool = True):
     """The configured index; None for a SQLite file that does not exist (the node never ran)."""
     from node.store.index import SQLITE_FILE, Index
 
     if not cfg.storage.index_url and not (Path(cfg.storage.data_dir) / SQLITE_FILE).exists():
         return None
-    return Index.open(cfg.storage)
+    return Index.open(cfg.storage, migrate)
 
 
-def _index(config: Optional[Path], data_dir: Optional[Path] = None):
+def _index(config: Optional[Path], data_dir: Optional[Path] = None, migrate: bool = True):
     cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
-    index = _existing_index(cfg)
+    index = _existing_index(cfg, migrate)
     if index is None:
         typer.echo(f"no index in {cfg.storage.data_dir}: the node has not run with this configuration", err=True)
         raise typer.Exit(1)
@@ -322,6 +322,34 @@ def jobs_retry(
         raise typer.Exit(1) from None
     typer.echo(f"{count} job(s) queued")
     raise typer.Exit(0 if count or all_jobs else 1)
+
+
+index_app = typer.Typer(help="The index's schema version (Alembic migrations).", no_args_is_help=True,
+                        add_completion=False)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("version")
+def index_version(config: Optional[Path] = ConfigOption) -> None:
+    """The index's schema version and this release's; exit 1 when they differ."""
+    from node.store.migrations import HEAD, schema_version
+
+    cfg, index = _index(config, migrate=False)
+    current = schema_version(index)
+    typer.echo(f"{index.display_url}: schema {current or 'without a version (written before 0001)'};"
+               f" this release: {HEAD}")
+    raise typer.Exit(0 if current == HEAD else 1)
+
+
+@index_app.command("upgrade")
+def index_upgrade(config: Optional[Path] = ConfigOption) -> None:
+    """Bring the index to this release's schema. Every node process also does it when it opens the
+    index; run it once before a rolling upgrade of replicas (migrations only add, so replicas of
+    the previous release keep working on the upgraded schema)."""
+    from node.store.migrations import schema_version
+
+    cfg, index = _index(config)
+    typer.echo(f"{index.display_url}: schema {schema_version(index)}")
 
 
 config_app = typer.Typer(help="Configuration tools.", no_args_is_help=True, add_completion=False)

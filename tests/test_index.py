@@ -4,6 +4,7 @@ the same answers from SQLite and a real PostgreSQL, and claims that replicas can
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from node.send.outbox import Outbox
 from node.store.identity import installation_uid
 from node.store.index import Index, InstanceConflict, InstanceRecord
 from node.store.migrations import HEAD
-from tests.peers import make_study
+from tests.peers import VENV_BIN, make_study
 
 BEFORE_MIGRATIONS = Path(__file__).parent / "data" / "index-before-migrations.sql"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -162,3 +163,24 @@ def test_a_delivery_is_sent_by_one_replica_and_taken_over_when_its_lease_expires
     row = index.query("SELECT state, attempts, lease_owner, last_error FROM outbox WHERE id=?", (item,))[0]
     assert (row["state"], row["attempts"], row["lease_owner"]) == ("pending", 2, "replica-b")
     assert "no association with PACS@127.0.0.1:9" in row["last_error"]
+
+
+def test_the_operator_sees_and_upgrades_the_schema_version_from_the_command_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    old = sqlite3.connect(data / "index.sqlite")
+    old.executescript(BEFORE_MIGRATIONS.read_text())
+    old.close()
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage:\n  data_dir: {data}\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "dicom-node"), "index", *args, "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+
+    before = cli("version")
+    assert (before.returncode, before.stdout.strip().endswith(
+        f"schema without a version (written before 0001); this release: {HEAD}")) == (1, True), before.stdout
+    assert cli("upgrade").stdout.strip().endswith(f"schema {HEAD}")
+    after = cli("version")
+    assert (after.returncode, after.stdout.strip().endswith(f"schema {HEAD}; this release: {HEAD}")) == (0, True)

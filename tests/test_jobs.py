@@ -358,7 +358,7 @@ def test_routing_failure_completes_the_study_with_a_failed_job_and_newer_complet
     index.record_instance(record, now=100.0, quiet_period=1.0, reopen=True)
     admission = Admission(index, BrokenRules(), tmp_path)  # type: ignore[arg-type]
     completed, _ = index.complete_if_due("1.2.3", 200.0, lambda db: admission.admit(db, "1.2.3", 200.0))
-    assert completed and index.query("SELECT state FROM studies")[0][0] == "complete"
+    assert completed and index.query("SELECT state FROM studies")[0]["state"] == "complete"
     [job] = store.all_jobs("1.2.3")
     assert job.state is JobState.FAILED and job.decision is None
     assert job.reason.startswith("route: RuntimeError in") and "defect" not in job.reason

@@ -288,23 +288,23 @@ def test_index_conflict_and_identical_resend(tmp_path):
     # mixed into this series) is refused too
     with pytest.raises(SeriesConflict, match="SeriesInstanceUID 1.2.3.4 is already held by study 1.2.3"):
         index.record_instance(_record("1.10", study="1.2.6"), now=101.0, quiet_period=10, reopen=True)
-    assert [tuple(r) for r in index.query("SELECT study_uid, series_uid, received_at FROM instances")] == [
+    assert [tuple(r.values()) for r in index.query("SELECT study_uid, series_uid, received_at FROM instances")] == [
         ("1.2.3", "1.2.3.4", 100.0)]
-    assert [r[0] for r in index.query("SELECT study_uid FROM studies")] == ["1.2.3"]
+    assert [r["study_uid"] for r in index.query("SELECT study_uid FROM studies")] == ["1.2.3"]
     # receiving: an identical resend moves the deadline, leaves the row
     again = index.record_instance(_record("1.9"), now=105.0, quiet_period=10, reopen=True, identical=True)
     assert again.identical and again.duplicate and not again.opened and again.deadline == 115.0
-    assert index.query("SELECT received_at FROM instances")[0][0] == 100.0
+    assert index.query("SELECT received_at FROM instances")[0]["received_at"] == 100.0
     # complete: an identical resend is simply acknowledged, whatever after_complete says
     index.query("UPDATE studies SET state='complete', completions=1")
     for reopen in (True, False):
         late = index.record_instance(_record("1.9"), now=200.0, quiet_period=10, reopen=reopen, identical=True)
         assert (late.identical, late.opened, late.reopened, late.ignored_after_complete) == (True, False, False, False)
-    assert tuple(index.query("SELECT state, deadline FROM studies")[0]) == ("complete", 115.0)
+    assert tuple(index.query("SELECT state, deadline FROM studies")[0].values()) == ("complete", 115.0)
     # different bytes, same series: latest wins, and the study reopens as for any arrival
     changed = index.record_instance(_record("1.9"), now=300.0, quiet_period=10, reopen=True)
     assert changed.duplicate and changed.reopened and not changed.identical
-    assert index.query("SELECT received_at FROM instances")[0][0] == 300.0
+    assert index.query("SELECT received_at FROM instances")[0]["received_at"] == 300.0
 
 
 # -- PDUs: bounded reads, timeouts, slots ----------------------------------------------------------

@@ -154,6 +154,8 @@ class Outbox:
         except Exception as exc:  # a bug or an unreadable file: keep it visible, do not spin
             return self._finish(row, "dead", f"{type(exc).__name__}: {exc}")
         state = self._finish(row, "delivered", None, delivery.warnings)
+        if state != "delivered":
+            return state
         logs.event(log, "results_delivered", outbox_id=item_id, destination=row["destination"],
                    study_uid=row["study_uid"], files=len(json.loads(row["files"])),
                    seconds=round(time.monotonic() - started, 3), warnings=len(delivery.warnings))

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, CursorResult, Engine, RowMapping
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import create_engine, event, make_url
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from node.config import StorageConfig
 
@@ -39,36 +39,51 @@ def index_url(storage: StorageConfig) -> str:
 
 
 class Rows:
-    """A statement's result: rows by column name (`row["state"]`), the rows it changed, the ids it returned."""
+    """A statement's result: rows as dicts by column name (`row["state"]`) and the rows it changed."""
 
-    def __init__(self, result: CursorResult[Any]):
-        self._result = result
-        self.rowcount = result.rowcount
-        self._rows = list(result.mappings()) if result.returns_rows else []
+    def __init__(self, rows: list[dict[str, Any]], rowcount: int):
+        self._rows = rows
+        self.rowcount = rowcount
 
-    def fetchone(self) -> RowMapping | None:
+    def fetchone(self) -> dict[str, Any] | None:
         return self._rows[0] if self._rows else None
 
-    def fetchall(self) -> list[RowMapping]:
+    def fetchall(self) -> list[dict[str, Any]]:
         return self._rows
 
-    def __iter__(self) -> Iterator[RowMapping]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self._rows)
 
 
 class Db:
-    """One connection inside a transaction; statements use `?` placeholders on both engines."""
+    """One connection inside a transaction; statements use `?` placeholders on both engines.
+
+    SQLAlchemy pools, begins and ends the transaction; the statements go to the driver's cursor
+    directly (SQLAlchemy's per-statement result machinery doubled the receiver's per-instance
+    index time on SQLite, and the node's statements are plain SQL that needs none of it). Driver
+    errors are raised as SQLAlchemy's (OperationalError, IntegrityError, ...), as from SQLAlchemy.
+    """
 
     def __init__(self, connection: Connection):
         self.connection = connection
+        self._driver = connection.connection.dbapi_connection
+        self._dbapi = connection.dialect.loaded_dbapi
         self._pyformat = connection.dialect.paramstyle in ("format", "pyformat")
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
-        # The driver's own paramstyle (exec_driver_sql) keeps SQLite's statements byte for byte as
-        # they were; psycopg's is %s. No statement in the node has a '?' or '%' inside a literal.
+        # psycopg's placeholder is %s; no statement in the node has a '?' or '%' inside a literal.
         if self._pyformat:
             sql = sql.replace("%", "%%").replace("?", "%s")
-        return Rows(self.connection.exec_driver_sql(sql, tuple(params)))
+        cursor = self._driver.cursor()
+        try:
+            cursor.execute(sql, tuple(params))
+            names = [column[0] for column in cursor.description or ()]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()] if names else []
+            return Rows(rows, cursor.rowcount)
+        except self._dbapi.Error as exc:
+            raise DBAPIError.instance(sql, params, exc, self._dbapi.Error) from exc
+        finally:
+            cursor.close()
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,11 @@ class Index:
 
             upgrade(self)
 
+    @property
+    def display_url(self) -> str:
+        """The URL without its password (for logs and messages)."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
     @classmethod
     def open(cls, storage: StorageConfig, migrate: bool = True) -> "Index":
         return cls(index_url(storage), migrate)
@@ -183,7 +203,7 @@ class Index:
                 finally:
                     self._local.db = None
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[RowMapping]:
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows of one read (in the thread's transaction, if it has one)."""
         current = getattr(self._local, "db", None)
         if current is not None:
@@ -204,7 +224,7 @@ class Index:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def find_instance(self, sop_instance_uid: str) -> RowMapping | None:
+    def find_instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
         """Where an indexed instance is: study_uid, series_uid, sop_class_uid, path, transfer_syntax."""
         rows = self.query(
             "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax FROM instances"

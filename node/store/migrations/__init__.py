@@ -25,6 +25,11 @@ def current_version(connection: object) -> str | None:
     return row[0] if row else None
 
 
+def schema_version(index: "Index") -> str | None:
+    with index.engine.connect() as connection:
+        return current_version(connection)
+
+
 def upgrade(index: "Index") -> None:
     with index.transaction() as db:
         if current_version(db.connection) == HEAD:
