@@ -184,3 +184,15 @@ def test_the_operator_sees_and_upgrades_the_schema_version_from_the_command_line
     assert cli("upgrade").stdout.strip().endswith(f"schema {HEAD}")
     after = cli("version")
     assert (after.returncode, after.stdout.strip().endswith(f"schema {HEAD}; this release: {HEAD}")) == (0, True)
+
+
+def test_head_names_the_newest_migration():
+    """Opening an index skips Alembic when the stored version is HEAD: a new revision must move it."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import node.store.migrations as migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD
