@@ -195,7 +195,7 @@ def _existing_index(cfg: NodeConfig, migrate: bool = True):
     """The configured index; None for a SQLite file that does not exist (the node never ran)."""
     from node.store.index import SQLITE_FILE, Index
 
-    if not cfg.storage.index_url and not (Path(cfg.storage.data_dir) / SQLITE_FILE).exists():
+    if not cfg.storage.effective_index_url() and not (Path(cfg.storage.data_dir) / SQLITE_FILE).exists():
         return None
     return Index.open(cfg.storage, migrate)
 

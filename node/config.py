@@ -16,6 +16,7 @@ from node.yamlfile import ConfigError, Problem, load_yaml, validate
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
 HTTP_TOKEN_ENV = "DICOM_NODE_HTTP_TOKEN"
+INDEX_URL_ENV = "DICOM_NODE_INDEX_URL"  # keeps the database password out of node.yaml
 
 
 class Strict(BaseModel):
@@ -154,12 +155,16 @@ class StorageConfig(Strict):
     index_url: str | None = Field(
         None,
         description="SQLAlchemy URL of the index: null is SQLite in data_dir (one node);"
-        " postgresql+psycopg://user@host/db lets several replicas share one index and one data_dir",
+        " postgresql+psycopg://user@host/db lets several replicas share one index and one data_dir;"
+        " the environment variable DICOM_NODE_INDEX_URL overrides it",
     )
     lease_s: float = Field(
         30.0, gt=1, description="how long a claimed job or delivery stays with its replica without a heartbeat"
         " before another replica takes it over",
     )
+
+    def effective_index_url(self) -> str | None:
+        return os.environ.get(INDEX_URL_ENV) or self.index_url
 
 
 class CompletionConfig(Strict):

@@ -112,7 +112,7 @@ def _summary(truth: list[dict], findings: list[dict]) -> None:
 
 
 def _stages(config: NodeConfig, study_uid: str) -> None:
-    if not config.storage.index_url and not (Path(config.storage.data_dir) / SQLITE_FILE).exists():
+    if not config.storage.effective_index_url() and not (Path(config.storage.data_dir) / SQLITE_FILE).exists():
         return
     jobs = JobStore(Index.open(config.storage)).all_jobs(study_uid)
     if jobs and jobs[-1].stages:

@@ -196,3 +196,16 @@ def test_head_names_the_newest_migration():
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     assert ScriptDirectory.from_config(config).get_current_head() == HEAD
+
+
+def test_the_index_url_can_come_from_the_environment(tmp_path, monkeypatch):
+    """DICOM_NODE_INDEX_URL keeps a database password out of node.yaml (a secret in Kubernetes)."""
+    from node.config import StorageConfig
+
+    storage = StorageConfig(data_dir=tmp_path / "data")
+    storage.data_dir.mkdir()
+    assert Index.open(storage).url == f"sqlite:///{(tmp_path / 'data' / 'index.sqlite').resolve()}"
+    monkeypatch.setenv("DICOM_NODE_INDEX_URL", f"sqlite:///{tmp_path / 'elsewhere.sqlite'}")
+    assert Index.open(storage).path == str(tmp_path / "elsewhere.sqlite")
+    assert Index("postgresql+psycopg://node:s3cret@db.example/index", migrate=False).display_url == \
+        "postgresql+psycopg://node:***@db.example/index"

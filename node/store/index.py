@@ -34,8 +34,8 @@ SQLITE_FILE = "index.sqlite"
 
 
 def index_url(storage: StorageConfig) -> str:
-    """`storage.index_url`, else the SQLite file in the data folder."""
-    return storage.index_url or f"sqlite:///{(Path(storage.data_dir) / SQLITE_FILE).resolve()}"
+    """`storage.index_url` (or DICOM_NODE_INDEX_URL), else the SQLite file in the data folder."""
+    return storage.effective_index_url() or f"sqlite:///{(Path(storage.data_dir) / SQLITE_FILE).resolve()}"
 
 
 class Rows:
