@@ -218,11 +218,27 @@ class SendingConfig(Strict):
 
 
 class TritonConfig(Strict):
-    url: str | None = Field(None, description="host:port; null runs models in-process (LocalBackend)")
+    url: str | None = Field(None, description="host:port of one server; null (and no urls) runs models"
+                                             " in-process (LocalBackend)")
+    urls: list[str] = Field(default_factory=list, description="host:port of each server of a pool: requests go to"
+                            " the ready server with the fewest outstanding, and to another when one goes away")
     protocol: Literal["grpc", "http"] = "grpc"
     shared_memory: Literal["auto", "system", "none"] = "auto"
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_servers(self) -> "TritonConfig":
+        if self.url and self.urls:
+            raise ValueError("give either url (one server) or urls (a pool), not both")
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError("urls lists a server twice")
+        return self
+
+    @property
+    def servers(self) -> list[str]:
+        """Every configured server; empty: models run in-process."""
+        return list(self.urls) or ([self.url] if self.url else [])
 
 
 class InferenceConfig(Strict):

@@ -115,7 +115,8 @@ class NodeService:
 
         ctx = ConsoleContext(index=self.index, jobs=self.jobs, live=self.live, models=self.models, spool=self.spool,
                              retention=self.retention, receivers_alive=self.receivers.alive, scp_port=self.port,
-                             wake_outbox=self.outbox.sweep, wake_jobs=self.runner.wake)
+                             wake_outbox=self.outbox.sweep, wake_jobs=self.runner.wake,
+                             triton_servers=self.runner.backends.servers)
         self.http = HttpServer(ctx)
         self.http.start()
 
@@ -156,7 +157,8 @@ class NodeService:
             tls=self.config.scp.tls.enabled,
             rules_version=self.rules.current.version,
             models=sorted(self.models.names()),
-            backend="triton" if self.config.inference.triton.url else "local",
+            backend="triton" if self.config.inference.triton.servers else "local",
+            triton_servers=self.config.inference.triton.servers or None,
             http=f"{self.http.scheme}://{self.config.http.bind}:{self.config.http.port}" if self.http else None,
         )
 

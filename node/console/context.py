@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from inference.backends.pool import ServerStats
 from inference.repository import ModelRepository
 from node.config import NodeConfig
 from node.jobs.store import JobStore
@@ -29,6 +30,7 @@ class ConsoleContext:
     scp_port: int
     wake_outbox: Callable[[], None] = lambda: None
     wake_jobs: Callable[[], None] = lambda: None
+    triton_servers: list[ServerStats] = field(default_factory=list)  # the job runner's, live
     started_at: float = field(default_factory=time.time)
 
     @property

@@ -84,9 +84,12 @@ class Health:
         triton = self.ctx.config.inference.triton
         out = []
         for name in sorted(self.ctx.models.names()):
-            status = _triton_status(triton.url, triton.protocol, name) if triton.url else self._local_status(name)
-            out.append({"name": name, "backend": f"triton {triton.url}" if triton.url else "local (ONNX Runtime)",
-                        "status": status, "used_by_rules": name in used})
+            if triton.servers:
+                status = _pool_status([_triton_status(url, triton.protocol, name) for url in triton.servers])
+                backend = f"triton {', '.join(triton.servers)}"
+            else:
+                status, backend = self._local_status(name), "local (ONNX Runtime)"
+            out.append({"name": name, "backend": backend, "status": status, "used_by_rules": name in used})
         with self._lock:
             self._models = (time.monotonic(), out)
         return out
@@ -102,6 +105,13 @@ class Health:
         except Exception as exc:  # a broken spec: say which kind of problem, not a traceback
             return f"spec not usable: {type(exc).__name__}"
         return "ready"
+
+
+def _pool_status(statuses: list[str]) -> str:
+    """'ready' when one server is (the pool runs on it; /metrics shows which servers are down)."""
+    if "ready" in statuses:
+        return "ready"
+    return statuses[0] if len(statuses) == 1 else f"not ready on any of {len(statuses)} Triton servers ({statuses[0]})"
 
 
 def _triton_status(url: str, protocol: str, name: str) -> str:

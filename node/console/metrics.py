@@ -161,8 +161,40 @@ class EventMetrics(logging.Handler):
             pass  # a metric must never break the code that logs
 
 
+class TritonCollector(Collector):
+    """Per Triton server of the pool, as the job runner's pools count them in this process."""
+
+    def __init__(self, ctx: ConsoleContext):
+        self.ctx = ctx
+
+    def collect(self) -> Iterable[Metric]:
+        servers = self.ctx.triton_servers
+        if not servers:
+            return
+        up = GaugeMetricFamily(f"{PREFIX}_triton_server_up", "1 while the server answers, 0 after it failed"
+                               " (until a probe succeeds)", labels=["server"])
+        outstanding = GaugeMetricFamily(f"{PREFIX}_triton_outstanding_requests", "Requests in flight",
+                                        labels=["server"])
+        requests = CounterMetricFamily(f"{PREFIX}_triton_requests", "Inference requests by outcome (ok, "
+                                       "unavailable: failed over or waited; error: the server cannot run the model)",
+                                       labels=["server", "outcome"])
+        seconds = CounterMetricFamily(f"{PREFIX}_triton_request_seconds", "Time of the answered requests",
+                                      labels=["server"])
+        failovers = CounterMetricFamily(f"{PREFIX}_triton_failovers", "Requests this server lost that another "
+                                        "server then took", labels=["server"])
+        for server in servers:
+            up.add_metric([server.url], 1 if server.up else 0)
+            outstanding.add_metric([server.url], server.outstanding)
+            for outcome, n in server.requests.items():
+                requests.add_metric([server.url, outcome], n)
+            seconds.add_metric([server.url], server.seconds)
+            failovers.add_metric([server.url], server.failovers)
+        yield from (up, outstanding, requests, seconds, failovers)
+
+
 def registry_for(ctx: ConsoleContext) -> tuple[CollectorRegistry, EventMetrics]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(IndexCollector(ctx))
+    registry.register(TritonCollector(ctx))
     events = EventMetrics(registry, ctx.jobs)
     return registry, events

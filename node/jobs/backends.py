@@ -1,4 +1,4 @@
-"""One backend per model, shared by the workers, and dropped when its server went away."""
+"""One backend per model, shared by the workers: ONNX Runtime in-process, or a pool of Triton servers."""
 
 from __future__ import annotations
 
@@ -6,46 +6,52 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-from inference.backends.base import Backend, BackendUnavailable
+from inference.backends.base import Backend
+from inference.backends.pool import ServerStats, TritonPool
 from inference.repository import ModelRepository
 from node.config import TritonConfig
+
+# How long a Triton server that failed is left alone while others serve (with one server, none).
+PROBE_AFTER_S = 15.0
 
 
 class BackendCache:
     def __init__(self, models: ModelRepository, triton: TritonConfig):
         self.models = models
         self.triton = triton
+        self.servers = [ServerStats(url) for url in triton.servers]  # for /metrics
         self._backends: dict[str, Backend] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     @contextmanager
     def use(self, model: str) -> Iterator[Backend]:
-        """The model's backend, one caller at a time. After BackendUnavailable the backend is closed
-        and made anew on next use: a restarted Triton knows none of the old shared-memory regions."""
+        """The model's backend. A Triton pool takes concurrent requests (each server one at a time,
+        so concurrent jobs spread over the servers); the in-process backend one caller at a time."""
         with self._lock:
             lock = self._locks.setdefault(model, threading.Lock())
-        with lock:
             backend = self._backends.get(model)
-            if backend is None:
-                t = self.triton
-                backend = self.models.backend(model, t.url, t.protocol, t.shared_memory, t.timeout_s, t.retries)
-                self._backends[model] = backend
-            try:
-                yield backend
-            except BackendUnavailable:
-                self._backends.pop(model, None)
-                _close_quietly(backend)
-                raise
+            if backend is None and self.servers:
+                backend = self._backends[model] = self._pool(model)
+        if isinstance(backend, TritonPool):
+            yield backend
+            return
+        with lock:
+            if model not in self._backends:
+                self._backends[model] = self.models.backend(model)
+            yield self._backends[model]
+
+    def _pool(self, model: str) -> TritonPool:
+        t = self.triton
+        alone = len(self.servers) == 1
+        # With other servers to fail over to, one failed attempt moves the request; alone, the
+        # server gets its retries (a restart takes seconds) before the job waits.
+        retries = t.retries if alone else 1
+        return TritonPool(model, self.servers,
+                          lambda url: self.models.backend(model, url, t.protocol, t.shared_memory, t.timeout_s, retries),
+                          probe_after_s=0.0 if alone else PROBE_AFTER_S)
 
     def close(self) -> None:
         for backend in self._backends.values():
-            _close_quietly(backend)
+            backend.close()
         self._backends.clear()
-
-
-def _close_quietly(backend: Backend) -> None:
-    try:
-        backend.close()
-    except Exception:  # closing a backend whose server is gone must not hide the real failure
-        pass

@@ -1,0 +1,121 @@
+"""A pool of real Triton servers (the nvidia-pytriton wheel's tritonserver on CPU): requests spread
+over the ready servers, move to another when one is stopped mid-run, and fail clearly when none
+is left; a node with two servers keeps processing studies while one of them is stopped."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from inference.backends.base import BackendUnavailable
+from inference.repository import ModelRepository
+from inference.triton_cpu import TritonCpuServer
+from node.config import NodeConfig, TritonConfig
+from node.jobs.backends import BackendCache
+from tests.peers import free_port, storescu
+from tests.test_jobs import pair, sphere_study, wait_results  # noqa: F401 (pair: a fixture)
+
+BATCH = np.random.default_rng(3).random((1, 1, 16, 20, 24), dtype=np.float32)
+
+
+@pytest.fixture
+def second_triton(model_repository: Path, tmp_path: Path) -> Iterator[TritonCpuServer]:
+    """Another server on the same model repository (the session's `triton` is the first)."""
+    server = TritonCpuServer(model_repository, tmp_path / "triton2.log").start(timeout=120, ready_models=("threshold",))
+    yield server
+    server.cleanup()
+
+
+def _cache(model_repository: Path, *urls: str) -> BackendCache:
+    return BackendCache(ModelRepository(model_repository), TritonConfig(urls=list(urls), shared_memory="none"))
+
+
+def test_requests_spread_over_the_ready_servers_with_the_local_result(model_repository, triton, second_triton):
+    expected = ModelRepository(model_repository).backend("threshold").infer(BATCH)
+    cache = _cache(model_repository, triton.grpc_url, second_triton.grpc_url)
+    try:
+        with cache.use("threshold") as pool:
+            for _ in range(6):
+                np.testing.assert_allclose(pool.infer(BATCH), expected, atol=1e-5)
+        assert [s.requests["ok"] for s in cache.servers] == [3, 3]  # idle servers take turns
+        assert all(s.up and s.outstanding == 0 for s in cache.servers)
+    finally:
+        cache.close()
+
+
+def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_repository, triton, second_triton, caplog):
+    caplog.set_level(logging.WARNING, logger="inference.triton")
+    expected = ModelRepository(model_repository).backend("threshold").infer(BATCH)
+    cache = _cache(model_repository, second_triton.grpc_url, triton.grpc_url)
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+    answered = threading.Semaphore(0)
+
+    def study() -> None:  # a job's requests, one after another
+        try:
+            with cache.use("threshold") as pool:
+                for _ in range(12):
+                    results.append(pool.infer(BATCH))
+                    answered.release()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=study)
+    worker.start()
+    for _ in range(4):
+        assert answered.acquire(timeout=120)
+    second_triton.stop()  # mid-run: the next request for it finds it gone
+    worker.join(300)
+    cache.close()
+
+    assert not errors and len(results) == 12
+    for result in results:
+        np.testing.assert_allclose(result, expected, atol=1e-5)
+    stopped, alive = cache.servers
+    assert (stopped.up, alive.up) == (False, True)
+    assert stopped.failovers >= 1 and stopped.requests["unavailable"] >= 1
+    assert stopped.requests["ok"] + alive.requests["ok"] == 12
+    assert any(r.getMessage() == "triton_failover" for r in caplog.records)
+    assert any(r.getMessage() == "triton_server_down" for r in caplog.records)
+
+
+def test_no_server_left_is_unavailable_and_names_the_servers(model_repository):
+    gone = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    cache = _cache(model_repository, *gone)
+    with cache.use("threshold") as pool, pytest.raises(BackendUnavailable) as raised:
+        pool.infer(BATCH)
+    assert f"no Triton server could run threshold ({gone[0]}, {gone[1]})" in str(raised.value)
+    assert [s.up for s in cache.servers] == [False, False]
+
+
+def test_servers_are_named_one_way():
+    with pytest.raises(ValueError, match="give either url .* or urls"):
+        TritonConfig(url="127.0.0.1:8001", urls=["127.0.0.1:8002"])
+    with pytest.raises(ValueError, match="urls lists a server twice"):
+        TritonConfig(urls=["127.0.0.1:8001", "127.0.0.1:8001"])
+    assert TritonConfig(url="127.0.0.1:8001").servers == ["127.0.0.1:8001"]
+    assert NodeConfig.model_validate({"inference": {"triton": {"urls": ["a:1", "b:2"]}}}).inference.triton.servers == [
+        "a:1", "b:2"]
+
+
+def test_a_node_with_two_servers_completes_every_job_while_one_is_stopped(pair, triton, second_triton, tmp_path):
+    node, pacs = pair(inference={"triton": {"urls": [second_triton.grpc_url, triton.grpc_url]}})
+    studies = [sphere_study(tmp_path / f"s{n}", patient_id=f"P{n}") for n in range(3)]
+    for n, (files, study_uid) in enumerate(studies):
+        if n == 1:
+            second_triton.stop()  # between jobs of a running node
+        out = storescu(node.port, files)
+        assert out.returncode == 0, out.stdout + out.stderr
+        found = wait_results(pacs, study_uid)
+        assert (len(found["SEG"]), len(found["SR"])) == (1, 1)
+    assert not [j for j in node.query("SELECT state FROM work_items") if j["state"] != "done"]
+    with urllib.request.urlopen(node.url + "/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert f'dicom_node_triton_server_up{{server="{triton.grpc_url}"}} 1.0' in metrics
+    assert len(node.events("job_done")) == 3
