@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps postgresql
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps postgresql haproxy
 
 .PHONY: run demo test venv system-deps bench clean viewer ohif
 
@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 # dicom3tools (dciodvfy), Orthanc with DICOMweb, pixelmed-apps (pixelmed's IOD and SR validators;
 # apt brings the Java runtime it needs) and chromium (the console's browser tests, driven by
 # Playwright; never `playwright install`) and postgresql (the replica tests start their own
-# server in a temp folder as the postgres user). Installed only when missing.
+# server in a temp folder as the postgres user) and haproxy (the replicas behind the DICOM load
+# balancer of the compose profile). Installed only when missing.
 # npm (for OHIF) only when no npm is on PATH: some images ship a nodejs that bundles its own npm,
 # which Debian's npm package conflicts with.
 system-deps:

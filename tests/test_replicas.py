@@ -9,6 +9,8 @@ in their quiet period, its running jobs and its sends are finished by the other,
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import threading
 import urllib.request
 from pathlib import Path
@@ -18,7 +20,8 @@ import pytest
 
 from node.store.index import Index
 from tests.orthanc import Orthanc
-from tests.peers import NodeProcess, storescu, wait_for
+from node.processes import stop_process_group
+from tests.peers import REPO_ROOT, NodeProcess, free_port, port_open, storescu, wait_for
 from tests.test_jobs import ROUTING, sphere_study
 
 SLOW_CALLER = "SLOWMODALITY"  # its studies wait 8 s before completing: still receiving at the kill
@@ -126,3 +129,37 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
     assert taken_over, f"no job of {owner} was taken over"
     assert all(j["lease_owner"] != owner for j in taken_over)
     assert survivor.events("job_taken_over")
+
+
+def _haproxy_config(port: int, replicas: list[NodeProcess]) -> str:
+    """docker/haproxy.cfg as shipped, with the replicas of this test (addresses instead of compose
+    service names, each with its own console port) and without Docker's DNS."""
+    text = (REPO_ROOT / "docker" / "haproxy.cfg").read_text()
+    text = re.sub(r"^resolvers docker\n(?:    .*\n)+\n", "", text, flags=re.M).replace(
+        " resolvers docker init-addr last,libc,none", "").replace("bind :11112", f"bind 127.0.0.1:{port}")
+    servers = "".join(f"    server node-{n} 127.0.0.1:{r.port} check port {r.http_port}\n" for n, r in enumerate(replicas))
+    return re.sub(r"^    server .*\n(?:    server .*\n)*", servers, text, flags=re.M)
+
+
+def test_associations_through_haproxy_reach_both_replicas_and_each_study_once(cluster, tmp_path):
+    replicas = [cluster("replica-a"), cluster("replica-b")]
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(_haproxy_config(port, replicas))
+    balancer = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: port_open(port) or balancer.poll() is not None, timeout=30)
+        assert balancer.poll() is None, "haproxy did not start"
+        studies = []
+        for n in range(4):
+            files, study_uid = sphere_study(tmp_path / f"study{n}", patient_id=f"H{n}", slices=12, size=32,
+                                            centre=(6, 16, 16))
+            out = storescu(port, files)
+            assert out.returncode == 0, out.stdout + out.stderr
+            studies.append(study_uid)
+        _processed_once(cluster.index, cluster.pacs, studies)
+        # leastconn: idle replicas take turns
+        assert [len(r.events("study_receiving")) for r in replicas] == [2, 2]
+    finally:
+        stop_process_group(balancer, 10)
