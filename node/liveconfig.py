@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import threading
 import time
@@ -262,6 +263,6 @@ class LiveConfig:
                     "in_force": dump(self.current), "rules_version": self.rules.current.version,
                     "restart_pending": self.restart_pending, "written_at": time.time()}
         target = data_dir / SNAPSHOT
-        tmp = target.with_suffix(".tmp")
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")  # replicas sharing data_dir write it too
         tmp.write_text(json.dumps(snapshot, indent=1))
         tmp.replace(target)

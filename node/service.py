@@ -24,6 +24,7 @@ from node.route.live import LiveRules
 from node.receive.workers import ReceiverPool
 from node.send.outbox import Outbox
 from node.store.index import Index
+from node.store.lease import Heartbeat
 from node.store.spool import Spool
 
 log = logging.getLogger("node.service")
@@ -54,6 +55,8 @@ class NodeService:
                                            quiet_override=self._quiet_period, on_admitted=self.runner.wake,
                                            sweep_s=config.completion.sweep_s)
         self.receivers = ReceiverPool(config, on_study_opened=self._study_opened)
+        # Keeps the jobs and sends this process holds; a replica that stops renewing loses them.
+        self.heartbeat = Heartbeat(config.storage.lease_s, [self.jobs.renew_leases, self.outbox.renew_leases])
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         """Arm the completion timer; early enough for the shortest quiet period a rule or the
@@ -91,11 +94,6 @@ class NodeService:
                                    run_date=datetime.fromtimestamp(time.time() + 30, tz=timezone.utc),
                                    replace_existing=True, misfire_grace_time=None)
 
-    def _renew_leases(self) -> None:
-        """Keep the jobs and sends this process holds; a replica that stops renewing loses them."""
-        self.jobs.renew_leases()
-        self.outbox.renew_leases()
-
     def _schedule_retention(self) -> None:
         policy = self.live.current.storage.retention
         if policy.instances_days or policy.results_days or policy.max_store_gb:
@@ -132,8 +130,7 @@ class NodeService:
         reconciled = reconcile(self.config, self.spool, self.index)
         requeued = 0 if self.index.shared else self.jobs.requeue_running()
         self.scheduler.start()
-        self.scheduler.add_job(self._renew_leases, "interval", seconds=self.config.storage.lease_s / 3,
-                               id="lease-renewal", coalesce=True, max_instances=1)
+        self.heartbeat.start()
         self.completion.start()
         self.outbox.start()
         self.scheduler.add_job(self.live.check_for_changes, "interval", seconds=2, id="config-reload",
@@ -167,6 +164,7 @@ class NodeService:
             self.http.stop()
         self.receivers.stop()
         self.runner.stop()
+        self.heartbeat.stop()
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)
             self.scheduler.shutdown(wait=False)
         logs.event(log, "node_stopped")

@@ -4,8 +4,10 @@ is left; a node with two servers keeps processing studies while one of them is s
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -119,3 +121,28 @@ def test_a_node_with_two_servers_completes_every_job_while_one_is_stopped(pair, 
         metrics = response.read().decode()
     assert f'dicom_node_triton_server_up{{server="{triton.grpc_url}"}} 1.0' in metrics
     assert len(node.events("job_done")) == 3
+
+
+def test_no_model_server_stops_processing_readiness_but_not_receiving(start_node, model_repository, tmp_path):
+    """A load balancer asks /health/receiving: a Triton outage keeps DICOM coming in (the jobs wait)."""
+    from tests.test_jobs import ROUTING
+
+    gone = f"127.0.0.1:{free_port()}"
+    node = start_node(routing=ROUTING, inference={"model_repository": str(model_repository),
+                                                  "triton": {"urls": [gone]}},
+                      destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
+
+    def health(path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(node.url + path, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, ready = health("/health/ready")
+    assert status == 503 and any(r.startswith("model threshold unavailable") for r in ready["reasons"])
+    status, receiving = health("/health/receiving")
+    assert (status, receiving["ready"]) == (200, True)
+    assert set(receiving["checks"]) == {"receiver", "index", "disk"}
+    out = storescu(node.port, sphere_study(tmp_path / "study", patient_id="R1")[0])
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -64,6 +64,13 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         readiness = health.ready()
         return JSONResponse(readiness.as_dict(), status_code=200 if readiness.ready else 503)
 
+    @app.get("/health/receiving", tags=["health"],
+             summary="200 when the node can take studies (receivers, index, disk; models not asked): "
+                     "for load balancers in front of replicas; 503 with the reasons otherwise")
+    def receiving() -> JSONResponse:
+        readiness = health.ready(models=False)
+        return JSONResponse(readiness.as_dict(), status_code=200 if readiness.ready else 503)
+
     @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text exposition format)")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -36,7 +36,10 @@ class Health:
         self._models: tuple[float, list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
 
-    def ready(self) -> Readiness:
+    def ready(self, models: bool = True) -> Readiness:
+        """Whether the node can take and process studies; without `models`, whether it can take
+        them (a load balancer's question: receiving must not stop while Triton is down, the jobs
+        wait for it)."""
         reasons: list[str] = []
         checks: dict[str, bool] = {}
 
@@ -52,8 +55,8 @@ class Health:
         watermark = self.ctx.spool.min_free_bytes
         check("disk", free >= watermark,
               f"disk under the watermark: {free / 1e6:.0f} MB free, storage.min_free_mb is {watermark / 1048576:g}")
-        used = self._models_in_rules()
-        for model in self.models():
+        used = self._models_in_rules() if models else set()
+        for model in self.models() if used else ():
             if model["name"] in used:
                 check(f"model:{model['name']}", model["status"] == "ready",
                       f"model {model['name']} unavailable ({model['backend']}): {model['status']}")

@@ -120,11 +120,12 @@ class JobStore:
     def _supersede(db: Db, study_uid: str, now: float) -> None:
         """The study completed again (new or changed instances): its jobs that have not started
         would process an outdated study and deliver a second, outdated result set."""
-        pending = db.execute("SELECT id FROM work_items WHERE study_uid=? AND state IN (?, ?)",
-                             (study_uid, JobState.QUEUED.value, JobState.WAITING.value)).fetchall()
-        for row in pending:
-            JobStore._move(db, row["id"], JobState.IGNORED, now, only_from=(JobState.QUEUED, JobState.WAITING),
-                           reason="superseded: the study completed again", next_attempt=None)
+        # One guarded UPDATE, not a row at a time: a job a replica claims meanwhile is running, not
+        # superseded, and that is no error (on PostgreSQL the claim's row lock is waited for here).
+        db.execute("UPDATE work_items SET state=?, updated_at=?, reason=?, next_attempt=NULL"
+                   " WHERE study_uid=? AND state IN (?, ?)",
+                   (JobState.IGNORED.value, now, "superseded: the study completed again", study_uid,
+                    JobState.QUEUED.value, JobState.WAITING.value))
 
     @staticmethod
     def create_unrouted(db: Db, study_uid: str, reason: str, now: float) -> int:
@@ -151,11 +152,15 @@ class JobStore:
         priority, then oldest), now running under this process's lease. Replicas claiming at once
         skip each other's rows (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
         now = time.time() if now is None else now
+        # Expired leases only between replicas: a single node's running jobs are its own (a restart
+        # resumes them), however long a job takes.
+        expired = " OR (state=? AND lease_until<?)" if self.index.shared else ""
         with self.index.transaction(claim=True) as db:
             row = db.execute(
                 "SELECT id, state, lease_owner FROM work_items WHERE state=? OR (state=? AND next_attempt<=?)"
-                " OR (state=? AND lease_until<?) ORDER BY priority DESC, id LIMIT 1" + self.index.skip_locked,
-                (JobState.QUEUED.value, JobState.WAITING.value, now, JobState.RUNNING.value, now),
+                f"{expired} ORDER BY priority DESC, id LIMIT 1" + self.index.skip_locked,
+                (JobState.QUEUED.value, JobState.WAITING.value, now,
+                 *((JobState.RUNNING.value, now) if self.index.shared else ())),
             ).fetchone()
             if row is None:
                 return None

@@ -25,7 +25,7 @@ class ReceiveCounts:
     def add(self, kind: Counted, detail: str = "") -> None:
         with self.index.transaction() as db:
             db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES (?,?,1)"
-                       " ON CONFLICT(kind, detail) DO UPDATE SET n = n + 1", (kind.value, detail))
+                       " ON CONFLICT(kind, detail) DO UPDATE SET n = receive_counts.n + 1", (kind.value, detail))
 
     def totals(self, kind: Counted) -> dict[str, int]:
         """detail -> count, for one kind."""

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filereader import read_file_meta_info
+from sqlalchemy.exc import DataError, IntegrityError
 
 from node import logs
 from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 from node.store.index import Index, InstanceConflict, InstanceRecord
-from node.store.spool import Spool, dataset_offset, same_dataset
+from node.store.spool import Spool, dataset_offset, modified_at, same_dataset
 
 log = logging.getLogger("node.receive")
 # A temporary file not written to for this long on a shared spool is a dead replica's partial write
@@ -97,17 +98,24 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
                 return
             spool.adopt(path, target)
         completion = config.completion
-        index.record_instance(record, now=time.time(), quiet_period=completion.quiet_period_for(record.calling_ae),
-                              reopen=completion.after_complete == "reprocess")
+        try:
+            index.record_instance(record, now=time.time(), quiet_period=completion.quiet_period_for(record.calling_ae),
+                                  reopen=completion.after_complete == "reprocess")
+        except (DataError, IntegrityError) as exc:  # values the database refuses: never acknowledged, set aside
+            refuse(path if path.exists() else target, f"the index refused it ({type(exc.orig).__name__})", kind)
+            return
         counts[f"{kind}_indexed"] += 1
         logs.event(log, "reconcile_indexed", kind=kind, study_uid=tags.study_uid,
                    sop_instance_uid=tags.sop_instance_uid)
 
+    # On a shared spool a file younger than this may be another replica's, renamed in place and
+    # about to be indexed by it.
+    settled = time.time() - SHARED_PARTIAL_AGE_S if index.shared else float("inf")
     for study_dir in sorted(spool.studies.iterdir()):
         known = {r["path"] for r in index.query("SELECT path FROM instances WHERE study_uid=?", (study_dir.name,))}
         files = [study_dir] if study_dir.is_file() else sorted(p for p in study_dir.rglob("*") if not p.is_dir())
         for path in files:
-            if str(path.relative_to(spool.root)) in known:
+            if str(path.relative_to(spool.root)) in known or modified_at(path) > settled:
                 continue
             try:
                 tags, ts, calling, _ = _inspect(path)

@@ -119,14 +119,18 @@ def routing_values(ds: Any) -> dict[str, Any]:
 
 
 def _text(value: Any) -> str | None:
-    return None if value in (None, "") else str(value)
+    # NUL padding (seen in vendor files) is no text; PostgreSQL refuses it in any text value.
+    text = None if value in (None, "") else str(value).replace("\x00", "")
+    return text or None
 
 
 def _number(value: Any, kind: type) -> Any:
     try:
-        return None if value in (None, "") else kind(value)
-    except (TypeError, ValueError):
+        number = None if value in (None, "") else kind(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    # IS/US values beyond a 32-bit column carry nothing the routing can use (and PostgreSQL refuses them)
+    return None if kind is int and number is not None and not -2**31 <= number < 2**31 else number
 
 
 def _list(value: Any, kind: type) -> list | None:

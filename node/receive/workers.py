@@ -356,7 +356,9 @@ def receiver_main(channel_fd: int) -> None:
     data_dir = Path(config.storage.data_dir)
     scp = StorageSCP(
         config,
-        Index.open(config.storage, migrate=False),  # the service migrated it before starting receivers
+        # The service migrated it before starting receivers. Few connections: writes wait for the
+        # index's write lock anyway, and every receiver of every replica counts against the database's limit.
+        Index.open(config.storage, migrate=False, connections=4),
         Spool(data_dir, config.storage.min_free_mb),
         on_study_opened=lambda uid, deadline: send({"opened": uid, "deadline": deadline}),
         slot_limit=int(settings["max_associations"]),

@@ -36,6 +36,9 @@ log = logging.getLogger("node.send")
 
 WARNING_STATUSES = range(0xB000, 0xC000)
 SENDING_EXPIRED = "state='sending' AND lease_until<?"
+# The PACS holds this SOP Instance UID already: results keep their UIDs on every attempt, so it holds
+# this very object (an attempt cut off after the store, or a replica's attempt racing ours).
+DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 class Transient(Exception):
@@ -55,7 +58,7 @@ def classify_status(status: int) -> str:
     """'success', 'warning', 'transient' or 'permanent' for a C-STORE response status."""
     if status == 0x0000:
         return "success"
-    if status in WARNING_STATUSES or status in (0x0107, 0x0116):
+    if status in WARNING_STATUSES or status in (0x0107, 0x0116, DUPLICATE_SOP_INSTANCE):
         return "warning"
     if 0xA700 <= status <= 0xA7FF:
         return "transient"
@@ -99,9 +102,15 @@ class Outbox:
                                replace_existing=True, coalesce=True, max_instances=1)
         self.sweep()
 
+    def _due(self, now: float) -> tuple[str, tuple[float, ...]]:
+        """Which rows an attempt may take: pending ones, and on a shared index sends whose replica died."""
+        if self.index.shared:
+            return f"(state='pending' OR ({SENDING_EXPIRED}))", (now,)
+        return "state='pending'", ()
+
     def sweep(self) -> None:
-        rows = self.index.query(f"SELECT id, next_attempt FROM outbox WHERE state='pending' OR ({SENDING_EXPIRED})",
-                                (time.time(),))
+        due, params = self._due(time.time())
+        rows = self.index.query(f"SELECT id, next_attempt FROM outbox WHERE {due}", params)
         for row in rows:
             if self.scheduler.get_job(_job_id(row["id"])) is None:
                 self._schedule(int(row["id"]), float(row["next_attempt"]))
@@ -135,8 +144,9 @@ class Outbox:
     def _attempt(self, item_id: int) -> str:
         now = time.time()
         with self.index.transaction(claim=True) as db:
-            row = db.execute(f"SELECT * FROM outbox WHERE id=? AND (state='pending' OR ({SENDING_EXPIRED}))"
-                             + self.index.skip_locked, (item_id, now)).fetchone()
+            due, params = self._due(now)
+            row = db.execute(f"SELECT * FROM outbox WHERE id=? AND {due}" + self.index.skip_locked,
+                             (item_id, *params)).fetchone()
             if row is None:  # delivered, dead, or being sent (here or by another replica)
                 return "not due"
             if row["state"] == "sending":

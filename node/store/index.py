@@ -14,6 +14,7 @@ they take on PostgreSQL (`FOR UPDATE SKIP LOCKED`), so replicas never wait for e
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,12 +157,14 @@ class SeriesConflict(InstanceConflict):
 class Index:
     """Thread-safe access to the index: a connection per transaction from SQLAlchemy's pool."""
 
-    def __init__(self, location: str | Path, migrate: bool = True):
+    def __init__(self, location: str | Path, migrate: bool = True, connections: int = 16):
         """`location`: an SQLAlchemy URL, or the path of a SQLite file. `migrate`: bring the schema
-        to this release's version (every opener does; the migrations run under the write lock)."""
+        to this release's version (every opener does; the migrations run under the write lock).
+        `connections`: the most this process opens (PostgreSQL's max_connections is shared by
+        every process of every replica)."""
         url = str(location)
         self.url = url if "://" in url else f"sqlite:///{Path(url).resolve()}"
-        self.engine = _engine(self.url)
+        self.engine = _engine(self.url, connections)
         self.shared = self.engine.dialect.name != "sqlite"
         self.path = self.url.removeprefix("sqlite:///") if not self.shared else None
         self._local = threading.local()
@@ -176,8 +179,8 @@ class Index:
         return make_url(self.url).render_as_string(hide_password=True)
 
     @classmethod
-    def open(cls, storage: StorageConfig, migrate: bool = True) -> "Index":
-        return cls(index_url(storage), migrate)
+    def open(cls, storage: StorageConfig, migrate: bool = True, connections: int = 16) -> "Index":
+        return cls(index_url(storage), migrate, connections)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -367,11 +370,26 @@ class Index:
         )
 
 
-def _engine(url: str) -> Engine:
+# PostgreSQL: waiting for a lock ends after 30 s with an error, as SQLite's busy timeout does (a
+# frozen replica holding the write lock must not stall the others); a session idle in a transaction
+# is ended after 60 s; keepalives find a replica cut off from the network within ~25 s instead of
+# the kernel's two hours (its locks go with its session).
+POSTGRES_CONNECT_ARGS = {
+    "options": "-c lock_timeout=30s -c idle_in_transaction_session_timeout=60s",
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
+# RETURNING (3.35): Debian 12 and current Python builds have 3.40.
+SQLITE_MINIMUM = (3, 35)
+
+
+def _engine(url: str, connections: int) -> Engine:
     """An engine whose transactions begin as `Index.transaction` promises (see the module's docstring)."""
+    pool = {"pool_size": min(4, connections), "max_overflow": max(0, connections - 4), "pool_timeout": 30}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                               pool_size=8, max_overflow=56)
+        if sqlite3.sqlite_version_info < SQLITE_MINIMUM:
+            raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old for the index: it needs "
+                               f"{'.'.join(map(str, SQLITE_MINIMUM))} or later")
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
@@ -390,7 +408,7 @@ def _engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
 
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=56)
+    engine = create_engine(url, pool_pre_ping=True, connect_args=POSTGRES_CONNECT_ARGS, **pool)
 
     @event.listens_for(engine, "begin")
     def _postgres_begin(connection: Connection) -> None:

@@ -96,7 +96,7 @@ class Spool:
         """Temporary files a crash left behind (never acknowledged); with `older_than_s`, only those
         not written to for that long (on a shared spool, younger ones may be another replica's)."""
         cutoff = time.time() - older_than_s
-        return sorted(p for p in self.tmp.glob("*.part") if not older_than_s or _mtime(p) < cutoff)
+        return sorted(p for p in self.tmp.glob("*.part") if not older_than_s or modified_at(p) < cutoff)
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._known_dirs:
@@ -163,8 +163,10 @@ def same_dataset(path: Path, payload: bytes | memoryview) -> bool:
         return False
 
 
-def _mtime(path: Path) -> float:
+def modified_at(path: Path) -> float:
+    """When the file was last written; infinitely recent if it is gone (moved meanwhile by a
+    replica: renamed into place, quarantined, deleted by retention)."""
     try:
         return path.stat().st_mtime
-    except FileNotFoundError:  # renamed meanwhile by the replica that wrote it
+    except FileNotFoundError:
         return float("inf")

@@ -7,15 +7,20 @@ first one migrates and the others find it done. An index written before the sche
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import inspect
 
+from node import logs
+
 if TYPE_CHECKING:
     from node.store.index import Index
 
-HEAD = "0002"
+log = logging.getLogger("node.store")
+
+HEAD = "0002"  # revision ids are zero-padded numbers: a newer one sorts after
 
 
 def current_version(connection: object) -> str | None:
@@ -32,8 +37,14 @@ def schema_version(index: "Index") -> str | None:
 
 def upgrade(index: "Index") -> None:
     with index.transaction() as db:
-        if current_version(db.connection) == HEAD:
+        current = current_version(db.connection)
+        if current == HEAD:
             return  # the common case: no Alembic import, no script scan
+        if current is not None and current > HEAD:
+            # A newer release (a rolling upgrade) migrated it; migrations only add, so this one
+            # works on it: do not stop a replica of the previous release from starting.
+            logs.event(log, "index_schema_newer", schema=current, release=HEAD)
+            return
         from alembic import command
         from alembic.config import Config
 
