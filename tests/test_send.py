@@ -76,6 +76,7 @@ def _item(index: Index, item_id: int) -> dict:
 def test_status_classes():
     assert classify_status(0x0000) == "success"
     assert classify_status(0xB000) == classify_status(0xB007) == "warning"
+    assert classify_status(0x0111) == "warning"  # duplicate: the PACS holds this very result (same UIDs every attempt)
     assert classify_status(0xA700) == classify_status(0xA7FF) == "transient"
     assert classify_status(0xA900) == classify_status(0xC000) == classify_status(0xC211) == "permanent"
 
