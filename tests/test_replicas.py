@@ -21,10 +21,10 @@ import pytest
 from node.store.index import Index
 from tests.orthanc import Orthanc
 from node.processes import stop_process_group
-from tests.peers import REPO_ROOT, NodeProcess, free_port, port_open, storescu, wait_for
+from tests.peers import REPO_ROOT, NodeProcess, StallingLink, free_port, port_open, storescu, wait_for
 from tests.test_jobs import ROUTING, sphere_study
 
-SLOW_CALLER = "SLOWMODALITY"  # its studies wait 8 s before completing: still receiving at the kill
+SLOW_CALLER = "SLOWMODALITY"  # its studies wait 30 s before completing: still receiving at the kill
 
 
 @pytest.fixture
@@ -34,13 +34,14 @@ def cluster(start_node, postgres, tmp_path, model_repository) -> Iterator[Callab
     url = postgres.new_database()
     shared = tmp_path / "shared-data"
 
-    def start(name: str) -> NodeProcess:
+    def start(name: str, pacs_port: int | None = None) -> NodeProcess:
+        """`pacs_port`: where the replica reaches the PACS (a StallingLink in front of it)."""
         return start_node(
             tmp_path / name, routing=ROUTING,
             storage={"data_dir": str(shared), "index_url": url, "lease_s": 3.0},
-            completion={"quiet_period_s": 1.0, "sweep_s": 1.0, "quiet_period_by_calling_ae": {SLOW_CALLER: 8.0}},
-            destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
-            sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
+            completion={"quiet_period_s": 1.0, "sweep_s": 1.0, "quiet_period_by_calling_ae": {SLOW_CALLER: 30.0}},
+            destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs_port or pacs.dicom_port}},
+            sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5, "timeout_s": 120},
             inference={"model_repository": str(model_repository)},
         )
 
@@ -101,34 +102,48 @@ def test_twenty_studies_sent_alternately_to_two_replicas_are_each_processed_once
 
 
 def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, tmp_path):
-    doomed, survivor = cluster("replica-a"), cluster("replica-b")
+    """Killed while it holds studies in their quiet period, a running job and a send (the PACS
+    link stalled, so the send is caught mid-association): the other replica finishes each, once."""
+    link = StallingLink(cluster.pacs.dicom_port)
+    doomed, survivor = cluster("replica-a", link.port), cluster("replica-b", link.port)
     studies = []
     for n in range(2):  # still in their quiet period when the replica dies
         files, uid = sphere_study(tmp_path / f"slow{n}", patient_id=f"S{n}", slices=12, size=32, centre=(6, 16, 16))
         _send(doomed, files, SLOW_CALLER)
         studies.append(uid)
+    link.stall()
     big = [sphere_study(tmp_path / f"big{n}", patient_id=f"B{n}", slices=160, size=128, centre=(80, 64, 64))
-           for n in range(3)]  # big enough that a job is still running when the replica dies
+           for n in range(5)]  # enough work that the replica runs a job while its first send hangs
     senders = [threading.Thread(target=_send, args=(doomed, files)) for files, _ in big]
-    for sender in senders:  # at once: the three complete together, while the slow ones still wait
+    for sender in senders:  # at once: they complete together, while the slow ones still wait
         sender.start()
     for sender in senders:
         sender.join(120)
     studies += [uid for _, uid in big]
     pid = str(doomed.process.pid)
-    owner = wait_for(lambda: next((r["lease_owner"] for r in cluster.index.query(
-        "SELECT lease_owner FROM work_items WHERE state='running'") if r["lease_owner"].split(":")[1] == pid),
-        None), timeout=120, interval=0.02)
+
+    def held(table: str, state: str) -> list[str]:
+        return [r["lease_owner"] for r in cluster.index.query(f"SELECT lease_owner FROM {table} WHERE state=?",
+                                                              (state,)) if r["lease_owner"].split(":")[1] == pid]
+
+    owner = wait_for(lambda: held("outbox", "sending") and held("work_items", "running") and
+                     held("work_items", "running")[0], timeout=180, interval=0.02)
     receiving = cluster.index.query("SELECT study_uid FROM studies WHERE state='receiving'")
     doomed.kill_all()
+    link.flow()
     assert len(receiving) >= 2, "the slow studies completed before the kill; the test needs a longer quiet period"
 
-    jobs = _processed_once(cluster.index, cluster.pacs, studies)
+    try:
+        jobs = _processed_once(cluster.index, cluster.pacs, studies)
+    finally:
+        link.close()
 
     taken_over = [j for j in jobs if j["attempts"] > 1]
     assert taken_over, f"no job of {owner} was taken over"
     assert all(j["lease_owner"] != owner for j in taken_over)
-    assert survivor.events("job_taken_over")
+    assert survivor.events("job_taken_over") and survivor.events("results_send_taken_over")
+    resent = cluster.index.query("SELECT attempts, lease_owner FROM outbox WHERE attempts > 1")
+    assert resent and all(r["lease_owner"] != owner for r in resent)
 
 
 def _haproxy_config(port: int, replicas: list[NodeProcess]) -> str:
