@@ -16,7 +16,7 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from inference.triton_cpu import TritonCpuServer
+from tests.triton_server import TritonCpuServer
 from node.jobs.store import JobStore
 from node.store.index import Index
 from tests.orthanc import Orthanc

@@ -21,7 +21,7 @@ from inference.backends.local import LocalBackend
 from inference.backends.triton import TritonBackend
 from inference.pipeline import to_model_space
 from inference.spec import ModelSpec
-from inference.triton_cpu import TritonCpuServer
+from tests.triton_server import TritonCpuServer
 from inference.volume import load_series, read_series
 from training.export.repository import export_onnx, write_entry
 from training.phantom.dicom import SeriesGeometry, write_ct_series

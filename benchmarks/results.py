@@ -58,8 +58,9 @@ def main() -> None:
         labels[20:280, 300:460, 250:450] = 2
         print(f"SEG and SR for {args.slices}x{args.size}x{args.size} with 2 segments")
         result = SegmentationResult(SPEC, volume, labels, step("measure findings", lambda: measure(labels, volume, SPEC)))
-        uids = ResultUIDs("2.25.1", 1, SourceIdentity.of(volume.datasets[0].StudyInstanceUID, volume.datasets[0].SeriesInstanceUID,
-                                                      [d.SOPInstanceUID for d in volume.datasets]), SPEC.name, "1")
+        source = SourceIdentity.of(volume.datasets[0].StudyInstanceUID, volume.datasets[0].SeriesInstanceUID,
+                                   [d.SOPInstanceUID for d in volume.datasets])
+        uids = ResultUIDs(installation_uid="2.25.1", job_id=1, source=source, model=SPEC.name, model_version="1")
         options = OutputOptions()
         from node.encode.warmup import warm_up
 

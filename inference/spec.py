@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from node.yamlfile import ConfigError, Problem, load_yaml, validate
+from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
 TensorType = Literal["FP32", "FP16", "INT64", "INT32", "UINT8"]
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 from node.config import DEFAULT_CONFIG, NodeConfig, load_config
-from node.yamlfile import ConfigError
+from common.yamlfile import ConfigError
 
 app = typer.Typer(
     help="DICOM analysis node: receives studies (C-STORE), runs models, returns SEG and SR.",
@@ -50,7 +50,7 @@ def serve(
         None, "--http-port", help="Console, API, health and metrics port (http.port; 0: no HTTP server)."),
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
-    from node import logs
+    from common import logs
     from node.service import NodeService
 
     overrides: dict[str, object] = {
@@ -99,14 +99,13 @@ def echo(
 ) -> None:
     """Send a C-ECHO (verification) and report the result in one line."""
     from node.send.echo import echo as c_echo
-    from node.send.scu import client_ssl_context
+    from node.send.scu import destination_ssl_context
 
     cfg = _config(config)
     peer = cfg.destinations.get(host) if port is None else None
     if peer is not None:  # `dicom-node echo pacs`: the destination as the outbox would reach it
-        context = client_ssl_context(peer.tls.ca, peer.tls.certificate, peer.tls.private_key) if peer.tls.enabled else None
-        result = c_echo(peer.host, peer.port, aet or cfg.scp.ae_title, called_aet or peer.ae_title, context,
-                        timeout=cfg.sending.timeout_s)
+        result = c_echo(peer.host, peer.port, aet or cfg.scp.ae_title, called_aet or peer.ae_title,
+                        destination_ssl_context(peer.tls), timeout=cfg.sending.timeout_s)
     else:
         result = c_echo(host, port or cfg.scp.port, aet or "ECHOSCU", called_aet or cfg.scp.ae_title,
                         timeout=cfg.sending.timeout_s)
@@ -124,6 +123,7 @@ def send(
 ) -> None:
     """C-STORE files and folders over one association."""
     from node.send.scu import associate, storage_contexts
+    from node.send.status import classify_status, delivered
 
     import socket
 
@@ -155,9 +155,10 @@ def send(
         for path in files:
             status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)
-            if code is None or code not in (0x0000, 0xB000, 0xB006, 0xB007):
+            if not delivered(code):
                 failed += 1
-                typer.echo(f"{path}: " + (f"status 0x{code:04X}" if code is not None else "no response"), err=True)
+                typer.echo(f"{path}: " + (f"status 0x{code:04X} ({classify_status(code)} failure)" if code is not None
+                                          else "no response"), err=True)
     finally:
         assoc.release()
     seconds = time.monotonic() - started
@@ -235,19 +236,19 @@ def outbox_retry(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Queue a dead (or waiting) delivery again, now; the running node picks it up."""
-    from node.send.outbox import retry
+    from node.send.outbox import delivery_state, retry
 
     if (item is None) == (not all_dead):
         typer.echo("give an outbox ID or --all", err=True)
         raise typer.Exit(2)
     cfg, index = _index(config)
     if item is not None:
-        found = index.query("SELECT state FROM outbox WHERE id=?", (item,))
-        if not found:
+        state = delivery_state(index, item)
+        if state is None:
             typer.echo(f"no outbox item {item}", err=True)
             raise typer.Exit(1)
-        if found[0]["state"] not in ("dead", "pending"):
-            typer.echo(f"outbox item {item} is {found[0]['state']}: only dead or pending items are retried", err=True)
+        if state not in ("dead", "pending"):
+            typer.echo(f"outbox item {item} is {state}: only dead or pending items are retried", err=True)
             raise typer.Exit(1)
     count = retry(index, item, cfg.sending.deadline_s)
     typer.echo(f"{count} item(s) queued for delivery")

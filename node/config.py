@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from node.encode.options import OutputOptions
-from node.yamlfile import ConfigError, Problem, load_yaml, validate
+from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
@@ -57,9 +56,16 @@ class TlsConfig(Strict):
 
 
 class Timeouts(Strict):
-    acse: float = Field(30.0, gt=0)
-    dimse: float = Field(60.0, gt=0)
-    network: float = Field(60.0, gt=0)
+    acse: float = Field(30.0, gt=0, description="a connection must complete its A-ASSOCIATE-RQ within this "
+                        "time from connecting")
+    dimse: float = Field(
+        60.0, gt=0, description="a DIMSE message (command and data set) must arrive whole within this time "
+        "from its first fragment, plus one second per 64 KiB it carries; else A-ABORT")
+    network: float = Field(60.0, gt=0, description="a read that makes no progress, or an idle association, "
+                           "ends the connection after this long")
+    pdu: float = Field(
+        60.0, gt=0, description="a PDU must arrive whole within this time from its first byte, plus one second "
+        "per 64 KiB it carries; else A-ABORT (a peer trickling bytes keeps no slot)")
     drain: float = Field(
         300.0, gt=0, description="after a reload changed receiver settings, associations opened before it "
         "may go on under the old settings this long; then they are aborted (their sender resends)")
@@ -178,6 +184,45 @@ class CompletionConfig(Strict):
 
     def quiet_period_for(self, calling_ae: str) -> float:
         return self.quiet_period_by_calling_ae.get(calling_ae, self.quiet_period_s)
+
+
+# How result objects are labelled: series numbers, descriptions, creator, SEG variant (node.encode
+# builds them with these; a destination may override some, see DestinationConfig.output).
+class OutputOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    omit_empty_frames: bool = Field(
+        False, description="true: only frames with segmented voxels (smaller; some viewers misplace these)"
+    )
+    seg_series_number: int = Field(9101, ge=1)
+    sr_series_number: int = Field(9102, ge=1)
+    rtstruct_series_number: int = Field(9103, ge=1)
+    sc_series_number: int = Field(9104, ge=1)
+    notice_series_number: int = Field(9105, ge=1, description="the SR that says a job failed")
+    saliency_series_number: int = Field(9106, ge=1, description="SALIENCY: the classifier's saliency maps")
+    key_images: int = Field(5, ge=1, description="SC output: at most this many slices, those with the largest finding area")
+    outputs: tuple[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"], ...] | None = Field(
+        None, description="set by a destination's `outputs`: replaces the rule's outputs for that destination"
+    )
+    series_description: str = Field("AI {model}", description="{model} is replaced by the model name")
+    content_creator_name: str = "DICOM^Node"
+    manufacturer: str = "dicom-node"
+    device_serial_number: str = "0"
+    software_version: str = "0.1.0"
+    uid_root: str | None = Field(
+        None, pattern=r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$", max_length=32,
+        description="the site's UID root for result UIDs, ending in '.' (at most 32 characters, so that "
+        "32 digits, ~106 bits, stay for the hash); default: pydicom's root",
+    )
+
+    def describe(self, model: str, kind: str) -> str:
+        return f"{self.series_description.format(model=model)} {kind}"[:64]
+
+    @property
+    def variant(self) -> str:
+        """Distinguishes SEG objects whose content differs (hence their UIDs must too)."""
+        return f"{self.segmentation_type}-{'sparse' if self.omit_empty_frames else 'full'}"
 
 
 class ClientTls(Strict):

@@ -23,9 +23,10 @@ from pynetdicom.events import Event
 from node.config import NodeConfig
 from node.encode.sr import read_findings
 from node.send.scu import associate, storage_contexts
+from node.send.status import delivered
 from node.jobs.store import JobStore
 from node.store.index import SQLITE_FILE, Index
-from training.data.synthetic import make_dicom_study
+from phantom.study import make_dicom_study
 
 
 @dataclass
@@ -71,7 +72,7 @@ def run_demo(config: NodeConfig, host: str, slices: int, size: int, seed: int, t
                 return 1
             statuses = [getattr(assoc.send_c_store(f), "Status", None) for f in files]
             assoc.release()
-            print(f"sent {sum(s == 0 for s in statuses)}/{len(files)} images in {time.time() - sent_at:.1f} s;"
+            print(f"sent {sum(delivered(s) for s in statuses)}/{len(files)} images in {time.time() - sent_at:.1f} s;"
                   f" waiting for the quiet period ({config.completion.quiet_period_for(destination.ae_title):.0f} s)"
                   " and the results ...")
             deadline = time.monotonic() + timeout + config.completion.quiet_period_for(destination.ae_title)

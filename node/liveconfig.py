@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from node import logs
+from common import logs
 from node.config import DEFAULT_CONFIG, NodeConfig, load_config
 from node.route.live import LiveRules
 from node.route.rules import RuleSet, load_rules
-from node.yamlfile import ConfigError, Problem
+from common.yamlfile import ConfigError, Problem
 
 log = logging.getLogger("node.config")
 

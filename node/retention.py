@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node import logs
+from common import logs
 from node.config import RetentionConfig
 from node.jobs.store import Job, JobState, JobStore
+from node.send import outbox
 from node.store.index import Index
 
 log = logging.getLogger("node.retention")
@@ -100,7 +101,7 @@ class Retention:
         for job in self.jobs.all_jobs():
             jobs.setdefault(job.study_uid, []).append(job)
         deliveries: dict[str, list[Any]] = {}
-        for row in self.index.query("SELECT study_uid, state, updated_at FROM outbox"):
+        for row in outbox.deliveries(self.index):
             deliveries.setdefault(row["study_uid"], []).append(row)
         rows = self.index.query(
             """SELECT s.study_uid, s.state, s.completed_at,
@@ -156,7 +157,7 @@ class Retention:
 
     def _results_due(self, before: float) -> list[PlannedResults]:
         deliveries: dict[int, list[Any]] = {}
-        for row in self.index.query("SELECT job_key, state, updated_at FROM outbox"):
+        for row in outbox.deliveries(self.index):
             job_id = row["job_key"].split(":", 1)[0]
             if job_id.isdigit():
                 deliveries.setdefault(int(job_id), []).append(row)
@@ -197,19 +198,14 @@ class Retention:
             # Re-check inside the write lock: nothing can arrive, reopen or be retried meanwhile.
             row = db.execute("SELECT state, completions FROM studies WHERE study_uid=?", (study.study_uid,)).fetchone()
             jobs = self.jobs.all_jobs(study.study_uid)
-            undelivered = db.execute("SELECT COUNT(*) AS n FROM outbox WHERE study_uid=? AND state!='delivered'",
-                                     (study.study_uid,)).fetchone()["n"]
+            undelivered = outbox.undelivered(db, study.study_uid)
             if (row is None or row["state"] != "complete" or not jobs or undelivered
                     or any(j.state not in FINISHED_JOB_STATES for j in jobs)):
                 logs.event(log, "retention_skipped", study_uid=study.study_uid, reason="no longer finished")
                 return None
-            instances = db.execute("SELECT path, size, received_at FROM instances WHERE study_uid=?",
-                                   (study.study_uid,)).fetchall()
+            instances = self.index.forget_study(db, study.study_uid)
             for inst in instances:
                 _unlink_unless_newer(self.data_dir / inst["path"], inst["received_at"])
-            db.execute("DELETE FROM instances WHERE study_uid=?", (study.study_uid,))
-            db.execute("DELETE FROM series WHERE study_uid=?", (study.study_uid,))
-            db.execute("DELETE FROM studies WHERE study_uid=?", (study.study_uid,))
             size = sum(int(i["size"]) for i in instances)
             db.execute("INSERT INTO retention_log (at, kind, study_uid, reason, instances, bytes, completions, files)"
                        " VALUES (?, 'instances', ?, ?, ?, ?, ?, ?)",

@@ -12,7 +12,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from inference.repository import ModelRepository
-from node import logs
+from common import logs
 from node.assemble.completion import CompletionTimers
 from node.config import NodeConfig
 from node.jobs.admission import Admission
@@ -72,8 +72,7 @@ class NodeService:
         by_rule = self._rule_quiet_period(study_uid)
         if by_rule:
             return by_rule
-        rows = self.index.query("SELECT calling_ae FROM studies WHERE study_uid=?", (study_uid,))
-        return self.live.current.completion.quiet_period_for(rows[0]["calling_ae"] or "" if rows else "")
+        return self.live.current.completion.quiet_period_for(self.index.study_calling_ae(study_uid) or "")
 
     def _config_changed(self, old: NodeConfig, new: NodeConfig) -> None:
         """A reload put new live settings in force: hand them to the parts that read them."""
@@ -159,10 +158,13 @@ class NodeService:
             http=f"{self.http.scheme}://{self.config.http.bind}:{self.config.http.port}" if self.http else None,
         )
 
-    def stop(self) -> None:
+    def stop(self, hurry: threading.Event | None = None) -> None:
+        """Drain, then stop: no new connections from the first moment (`/health/receiving` fails
+        at once), open associations may finish within scp.timeouts.drain (`hurry`: a second
+        signal cuts that short), then the console, jobs and timers stop."""
+        self.receivers.stop(drain=self.live.current.scp.timeouts.drain, hurry=hurry)
         if self.http is not None:
             self.http.stop()
-        self.receivers.stop()
         self.runner.stop()
         self.heartbeat.stop()
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)
@@ -170,12 +172,16 @@ class NodeService:
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
-        stop = threading.Event()
+        """Serve until SIGTERM or SIGINT; then drain (a second signal stops at once)."""
+        stop, hurry = threading.Event(), threading.Event()
+
+        def on_signal(*_: object) -> None:
+            (hurry if stop.is_set() else stop).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=self.live.reload, daemon=True).start())
         self.start()
         while not stop.wait(1.0):
             pass
-        self.stop()
+        self.stop(hurry)

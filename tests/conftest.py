@@ -9,7 +9,7 @@ import pytest
 from tests.peers import NodeProcess
 
 if TYPE_CHECKING:
-    from inference.triton_cpu import TritonCpuServer
+    from tests.triton_server import TritonCpuServer
     from tests.orthanc import Orthanc
     from tests.postgres import PostgresServer
 
@@ -64,7 +64,7 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TritonCpuServer"]:
     """The real Triton server (from the nvidia-pytriton wheel), once per test session."""
-    from inference.triton_cpu import TritonCpuServer
+    from tests.triton_server import TritonCpuServer
 
     log = tmp_path_factory.mktemp("triton") / "triton.log"
     server = TritonCpuServer(model_repository, log)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.peers import free_port, wait_for
-from node.processes import stop_process_group
+from tests.processes import stop_process_group
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 

@@ -21,10 +21,14 @@ import numpy as np
 import yaml
 
 from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
-from node.processes import stop_process_group
+from tests.processes import stop_process_group
 
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# tests/hooks/sitecustomize.py: fault and measurement hooks a test loads into the node's processes
+HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
 def free_port() -> int:

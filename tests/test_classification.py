@@ -55,7 +55,7 @@ def _small_spec(path: Path) -> Path:
 
 
 def load_spec_file(path: Path) -> ModelSpec:
-    from node.yamlfile import load_yaml, validate
+    from common.yamlfile import load_yaml, validate
 
     return validate(load_yaml(path), ModelSpec)
 

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.processes import stop_process_group
+from tests.processes import stop_process_group
 from tests.peers import VENV_BIN, NodeProcess, free_port, make_study, port_open, storescu, wait_for
 
 TOKEN = "console-test-token-0123456789"

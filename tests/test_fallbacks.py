@@ -174,6 +174,9 @@ def test_failure_notice_is_a_valid_sr_without_source_values(result, tmp_path):
 
 # -- through a node, to Orthanc -------------------------------------------------------------------
 
+SITE_ROOT = "1.2.826.0.1.3680043.10.999."  # a site's UID root (output.uid_root)
+
+
 def objects_in(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
     return {m: [pydicom.dcmread(io.BytesIO(pacs.instance_file(i["ID"]))) for i in found]
             for m, found in pacs.instances_by_modality(study_uid).items()}
@@ -191,6 +194,7 @@ def test_node_sends_fallbacks_and_notices(start_node, orthanc, model_repository,
                       "legacy": {"ae_title": legacy.aet, "host": "127.0.0.1", "port": legacy.dicom_port,
                                  "outputs": ["RTSTRUCT", "SC", "SR"]}},
         sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
+        output={"uid_root": SITE_ROOT},
         inference={"model_repository": str(model_repository)})
     files, study = sphere_study(tmp_path / "sphere", "PAT-F")
     empty = write_ct_series(np.full((12, 32, 32), -1000.0), tmp_path / "empty", SeriesGeometry(),
@@ -235,3 +239,11 @@ def test_node_sends_fallbacks_and_notices(start_node, orthanc, model_repository,
     # the sphere (radius 5 voxels): one outline on each of its 11 slices
     assert len(rt.ROIContourSequence[0].ContourSequence) == 11
     assert job.state.value == "done"
+    # output.uid_root: every object the node made (SEG, SR, RTSTRUCT, key images, notices) is
+    # under the site's root, series and instances alike
+    made = [o for peer in (pacs, legacy) for uid in (study, empty_study, broken_study)
+            for modality, objects in objects_in(peer, uid).items() if modality != "CT" for o in objects]
+    assert {o.Modality for o in made} == {"SEG", "SR", "RTSTRUCT", "OT"}
+    assert sum(o.StudyInstanceUID == broken_study for o in made) == 2  # the notices
+    assert all(o.SOPInstanceUID.startswith(SITE_ROOT) and o.SeriesInstanceUID.startswith(SITE_ROOT)
+               for o in made), sorted(o.SOPInstanceUID for o in made)

@@ -33,6 +33,7 @@ from inference.volume import SeriesError, SeriesVolume, load_series, load_volume
 from node.encode.options import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr, read_findings
+from node.route.study import study_from_folder
 from tests.identity import uids_for
 from tests.models import threshold_spec
 from tests.peers import free_port, storescu, wait_for
@@ -355,6 +356,25 @@ def test_gantry_tilt_enhanced_ct(tmp_path, model_repository):
     _check(result, seg, sr, CENTRE, SPHERE_VOLUME, {"case": "enhanced gantry tilt 15"})
     by_reference = _seg_points_by_reference(seg, source)
     np.testing.assert_allclose(by_reference.mean(axis=0), _seg_points(seg)[0].mean(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("tilt, plane", [(20.0, "axial"), (40.0, "oblique")])
+def test_routing_and_the_sr_agree_on_a_gantry_tilted_ct(tilt, plane, tmp_path, model_repository):
+    """One orientation rule (common.orientation) for both: the image planes (ImageOrientationPatient
+    rows [1,0,0], columns [0,cos t,-sin t]) decide, not the slice step (along z for gantry tilt).
+    Before, routing called 20 degrees oblique (>10 degrees) while the SR, looking at the step,
+    called it axial and reported an in-plane diameter; at 40 degrees the SR still did."""
+    affine = _tilted(tilt)
+    files = _ct_series(tmp_path / "tilt", _sphere(affine), affine)
+    [study] = study_from_folder(tmp_path / "tilt")
+    assert [s.orientation for s in study.series] == [plane]
+    result, seg, sr = _run(read_series(files), model_repository)
+    assert result.volume.sheared
+    [finding] = read_findings(sr)
+    if plane == "axial":
+        assert finding["long_axis_mm"] == pytest.approx(result.findings[0].longest_in_plane_diameter_mm, abs=1e-3)
+    else:
+        assert finding["long_axis_mm"] is None
 
 
 def test_refuses_stack_whose_step_varies(tmp_path):

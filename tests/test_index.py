@@ -133,10 +133,14 @@ def test_an_expired_lease_is_taken_over_by_a_replica_and_the_old_holder_can_no_l
     assert dead.claim().id == job_id
     assert alive.claim() is None  # the lease holds
     assert dead.renew_leases() == 1
-    later = time.time() + 3.0  # the dead replica renewed no more
+    later = time.time() + 3.0
     if not index.shared:  # one node: its running jobs are its own however long they take (a restart resumes them)
         assert alive.claim(now=later) is None
         return
+    # Leases run on the database's clock: a replica whose own clock is an hour ahead takes nothing.
+    assert alive.claim(now=time.time() + 3600) is None
+    with index.transaction() as db:  # the dead replica renewed no more: its lease runs out
+        db.execute("UPDATE work_items SET lease_until=lease_until-10 WHERE id=?", (job_id,))
     taken = alive.claim(now=later)
     assert (taken.id, taken.state, taken.attempts) == (job_id, JobState.RUNNING, 2)
     with pytest.raises(IllegalTransition, match="another node process's lease"):
@@ -220,7 +224,7 @@ def test_the_index_url_can_come_from_the_environment(tmp_path, monkeypatch):
 def test_values_postgresql_refuses_are_cleaned_where_the_receiver_reads_them(index):
     """NUL padding and out-of-range integers (seen in vendor files) were stored by SQLite and make
     PostgreSQL refuse the whole instance; the receiver drops them when it reads the routing tags."""
-    from node.receive.tags import _number, _text
+    from node.routing_tags import _number, _text
 
     series = {"modality": _text("CT\x00"), "number": _number(2**40, int), "description": _text("\x00\x00")}
     assert series == {"modality": "CT", "number": None, "description": None}

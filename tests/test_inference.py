@@ -16,7 +16,7 @@ from inference.backends.base import BackendError
 from inference.backends.local import LocalBackend
 from inference.backends.triton import TritonBackend
 from inference.pipeline import segment
-from inference.triton_cpu import TritonCpuServer
+from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from tests.models import threshold_spec
 from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series

@@ -199,8 +199,8 @@ def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_p
     installation = node.query("SELECT value FROM installation")[0]["value"]
     series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     instances = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
-    uids = ResultUIDs(installation, 1, SourceIdentity.of(study_uid, series_uid, instances), "threshold", "1",
-                      rule="bright-regions")
+    uids = ResultUIDs(installation_uid=installation, job_id=1, source=SourceIdentity.of(study_uid, series_uid, instances),
+                      model="threshold", model_version="1", rule="bright-regions")
     assert found["SEG"][0].SOPInstanceUID == uids.instance("SEG", "BINARY-full")
     assert found["SR"][0].SOPInstanceUID == uids.instance("SR", "BINARY-full")
     assert found["SEG"][0].SeriesInstanceUID == uids.series("SEG")
@@ -262,7 +262,7 @@ def test_many_studies_at_once_with_four_workers(pair, tmp_path):
 
 
 def test_triton_outage_job_waits_then_completes(pair, tmp_path, model_repository):
-    from inference.triton_cpu import TritonCpuServer
+    from tests.triton_server import TritonCpuServer
 
     triton = TritonCpuServer(model_repository, tmp_path / "triton.log").start(timeout=120, ready_models=("threshold",))
     try:

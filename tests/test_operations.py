@@ -237,7 +237,7 @@ def test_the_console_serves_https_and_refuses_to_bind_beyond_loopback_without_a_
     import ssl
 
     from node.config import load_config
-    from node.yamlfile import ConfigError
+    from common.yamlfile import ConfigError
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

@@ -36,7 +36,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from node.receive.validate import MalformedDataset, check_dataset, inflate
 from node.store.filemeta import encode_file_meta
 from node.store.index import Index, InstanceConflict, InstanceRecord, SeriesConflict
-from tests.peers import dataset_bytes, make_study, wait_for
+from tests.peers import HOOKS, dataset_bytes, make_study, wait_for
 
 PHI = "PHANTOM-001"  # the synthetic studies' PatientID: never in a log
 
@@ -180,6 +180,16 @@ def test_pynetdicom_internals_pinned():
     assert {"called_ae_title", "calling_ae_title"} <= set(dir(A_ASSOCIATE))
     assert hasattr(assoc.requestor, "primitive") and hasattr(assoc, "kill")
     assert "process_request" in AssociationServer.__dict__
+    # the timeouts PduSocket reads, as the AE set them; a PDU header is read only once the socket
+    # is readable (so a PDU's deadline starts with its first byte)
+    from pynetdicom.dul import DULServiceProvider
+
+    ae = AE()
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 1.5, 2.5, 3.5
+    timed = Association(ae, "acceptor")
+    assert (timed.acse_timeout, timed.dimse_timeout, timed.network_timeout) == (1.5, 2.5, 3.5)
+    assert timed.is_established is False
+    assert "self.socket.ready" in inspect.getsource(DULServiceProvider._is_transport_event)
 
 
 # -- the whole-data-set check, on bytes ----------------------------------------------------------
@@ -266,6 +276,102 @@ def test_deflated_data_sets_inflate_within_a_bound():
         check_dataset(_deflated(good) + b"GARBAGE", DeflatedExplicitVRLittleEndian)
     with pytest.raises(MalformedDataset, match="cut short"):
         check_dataset(_deflated(good)[:-10], DeflatedExplicitVRLittleEndian)
+
+
+def _odd_deflated() -> tuple[bytes, bytes]:
+    """(data set, its deflate bitstream) where the bitstream has an odd length."""
+    for pixel in range(1, 64):
+        ds = image()
+        ds.PixelData = bytes([pixel]) * 32
+        data = encoded(ds)
+        if len(stream := _deflated(data)) % 2:
+            return data, stream
+    raise AssertionError("no odd-length deflate bitstream")
+
+
+def test_deflated_pad_byte_of_ps35_a5_is_accepted_nothing_else():
+    """PS3.5 A.5: an odd-length deflated bitstream is followed by one 00H pad byte (dcmtk writes it).
+    That byte is accepted; two bytes, or one that is not 00H, are still refused."""
+    from node.receive.tags import read_routing_tags
+
+    data, stream = _odd_deflated()
+    padded = stream + b"\x00"
+    assert inflate(padded) == data
+    check_dataset(padded, DeflatedExplicitVRLittleEndian)
+    assert read_routing_tags(padded, DeflatedExplicitVRLittleEndian).sop_instance_uid == \
+        pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), force=True).SOPInstanceUID
+    for tail in (b"\x01", b"\x00\x00", b"\x00\x01"):
+        with pytest.raises(MalformedDataset, match=f"^{len(tail)} bytes after the end of the deflated data set$"):
+            inflate(stream + tail)
+        with pytest.raises(MalformedDataset, match=f"^{len(tail)} bytes after the end of the deflated data set$"):
+            check_dataset(stream + tail, DeflatedExplicitVRLittleEndian)
+
+
+def _part10_with(path: Path, dataset: bytes, target: Path) -> Path:
+    """A copy of the part-10 file at `path` whose data set bytes are `dataset` (file meta kept)."""
+    data = path.read_bytes()
+    target.write_bytes(data[: len(data) - len(dataset_bytes(path))] + dataset)
+    return target
+
+
+def test_dcmtk_deflated_with_pad_byte_is_stored(start_node, tmp_path):
+    """dcmtk `storescu -xd` sends a deflated data set with the PS3.5 A.5 pad byte when the
+    bitstream is odd: it is acknowledged and stored as sent; trailing bytes other than that one
+    pad are still refused."""
+    node = start_node(scp={"workers": 1})
+    files = make_study(tmp_path / "ct", slices=5, size=12)
+    deflated: list[Path] = []
+    for i, path in enumerate(files):
+        # vary a text value until the deflate bitstream has the length wanted: odd (padded) for all
+        # but the second file, even (no pad) for that one
+        for k in range(64):
+            ds = pydicom.dcmread(path)
+            ds.ImageComments = "x" * k
+            ds.save_as(path, enforce_file_format=True)
+            target = tmp_path / f"deflated{i}.dcm"
+            converted = subprocess.run(["/usr/bin/dcmconv", "+td", str(path), str(target)],
+                                       capture_output=True, text=True, timeout=60)
+            assert converted.returncode == 0, converted.stderr
+            if len(dataset_bytes(target)) % 2 == (i != 1):
+                break
+        else:
+            pytest.fail("no deflate bitstream of the length wanted")
+        deflated.append(target)
+    sent = subprocess.run(["/usr/bin/storescu", "-v", "-xd", "-aet", "MODALITY", "-aec", "TESTNODE",
+                           "127.0.0.1", str(node.port), *map(str, deflated[:3])],
+                          capture_output=True, text=True, timeout=120)
+    out = sent.stdout + sent.stderr
+    assert sent.returncode == 0 and out.count("Received Store Response (Success)") == 3, out[-2000:]
+    uid = uid_of(files[0])
+    rows = {r["sop_instance_uid"]: r for r in node.query("SELECT * FROM instances WHERE study_uid=?", (uid,))}
+    assert len(rows) == 3
+    padded = 0
+    for path in deflated[:3]:
+        row = rows[uid_of(path, "SOPInstanceUID")]
+        assert row["transfer_syntax"] == DeflatedExplicitVRLittleEndian
+        stored, original = dataset_bytes(node.data_dir / row["path"]), dataset_bytes(path)
+        # as dcmtk sent it: the same bitstream, plus the pad byte where that is odd
+        assert stored == original + b"\x00" * (len(original) % 2)
+        assert inflate(stored) == inflate(original)
+        padded += len(original) % 2
+    assert padded == 2  # the pad case was really exercised
+    # bytes after the bitstream other than one 00H pad: still refused (sent as they are)
+    bad = [_part10_with(deflated[3], dataset_bytes(deflated[3]) + b"\x01", tmp_path / "one.dcm"),
+           _part10_with(deflated[4], dataset_bytes(deflated[4]) + b"\x00\x00", tmp_path / "two.dcm")]
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = scu(node, (CTImageStorage, [DeflatedExplicitVRLittleEndian]))
+        statuses = [assoc.send_c_store(p).Status for p in bad]
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert all(s in (0xC210, 0xC212) for s in statuses), [hex(s) for s in statuses]
+    reasons = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) == 2, reasons
+    for count in (1, 2):
+        assert any(f"{count} bytes after the end of the deflated data set" in r for r in reasons), reasons
+    assert node.instance_count(uid) == 3
+    assert_json_log(node)
 
 
 # -- the SOP Instance UID rule in the index --------------------------------------------------------
@@ -413,6 +519,91 @@ def test_stalled_sockets_are_dropped_and_never_lock_out_callers(start_node):
     # an idle association is aborted by the node after the network timeout
     idle = scu(node, (Verification, [ExplicitVRLittleEndian]))
     wait_for(lambda: idle.is_aborted, timeout=network * 10)
+    assert_json_log(node)
+
+
+def _associates(node: Any) -> bool:
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification, [ExplicitVRLittleEndian])
+    ae.acse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return False
+
+
+def _c_store_command(context_sop_instance: str) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian) that announces a data set."""
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = CTImageStorage
+    cmd.CommandField = 0x0001
+    cmd.MessageID = 1
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    cmd.AffectedSOPInstanceUID = context_sop_instance
+    body = encoded(cmd, ImplicitVRLittleEndian)
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def test_trickling_peer_is_aborted_and_its_slot_freed(start_node):
+    """A peer that trickles bytes (each within the network timeout) keeps no slot: a PDU must be
+    whole within scp.timeouts.pdu of its first byte, a DIMSE message within scp.timeouts.dimse of
+    its first fragment (A-ABORT, `transfer_too_slow`)."""
+    import threading
+    import time
+
+    from node.receive.pynetdicom_internals import command_has_data_set
+
+    pdu, dimse, network = 2.0, 3.0, 10.0
+    node = start_node(scp={"workers": 1, "max_associations": 1,
+                           "timeouts": {"pdu": pdu, "dimse": dimse, "network": network}})
+    assert command_has_data_set(_c_store_command("1.2.3"))
+
+    def trickle(assoc: Any, pieces: list[bytes], every: float) -> float:
+        """Send `pieces` `every` seconds apart on the association's socket until the node aborts
+        it; return the seconds from the first piece until the association ended."""
+        raw, stop = assoc.dul.socket.socket, threading.Event()
+
+        def send() -> None:
+            for piece in pieces:
+                try:
+                    raw.sendall(piece)
+                except OSError:
+                    return
+                if stop.wait(every):
+                    return
+
+        started = time.monotonic()
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            # the pieces would take far longer than the network timeout, each within it
+            assert len(pieces) * every > 3 * network and every < network / 4
+            wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), timeout=3 * network, interval=0.05)
+            return time.monotonic() - started
+        finally:
+            stop.set()
+            sender.join(10)
+
+    # inside one P-DATA PDU: its header, then one byte every 0.5 s
+    assoc = scu(node)
+    assert not _associates(node)  # it holds the only slot
+    header = b"\x04\x00" + (200).to_bytes(4, "big")
+    took = trickle(assoc, [header] + [b"\x00"] * 200, 0.5)
+    assert assoc.is_aborted and took < network  # ended at its deadline, not by the network timeout
+    wait_for(lambda: _associates(node), timeout=30)  # the slot is free again
+    # a C-STORE-RQ fragmented into tiny PDUs, each whole at once, spread out
+    assoc = scu(node)
+    command = _p_data(_c_store_command(generate_uid()), control=0x03)
+    took = trickle(assoc, [command] + [_p_data(b"\x00\x00", control=0x00)] * 200, 0.5)
+    assert assoc.is_aborted and took < network
+    wait_for(lambda: _associates(node), timeout=30)
+    events = node.events("transfer_too_slow")
+    assert [(e["deadline"], e["timeout_s"], e["peer"]) for e in events] == [
+        ("pdu", pdu, "127.0.0.1"), ("message", dimse, "127.0.0.1")], events
+    assert events[0]["received"] < 206 and events[1]["received"] > len(command)
+    assert not node.events("connection_timed_out")
     assert_json_log(node)
 
 
@@ -617,13 +808,14 @@ def test_resend_identical_counted_once_changed_latest_wins(start_node, tmp_path)
 def test_crash_between_rename_and_commit_is_reconciled(start_node, tmp_path, monkeypatch):
     files = make_study(tmp_path / "ct", slices=6, size=16)
     uid = uid_of(files[0])
-    monkeypatch.setenv("DICOM_NODE_CRASH_AFTER_RENAME", "3")
+    monkeypatch.setenv("PYTHONPATH", str(HOOKS))  # tests/hooks/sitecustomize.py: the fault hook
+    monkeypatch.setenv("DICOM_NODE_TEST_CRASH_AFTER_PLACE", "3")
     node = start_node(scp={"workers": 1})
     out = storescu(node.port, files[:4])
     assert out.count("(Success)") == 2  # the third was renamed into place, then the receiver died
     wait_for(lambda: node.events("receiver_exited"))
     node.kill_all()
-    monkeypatch.delenv("DICOM_NODE_CRASH_AFTER_RENAME")
+    monkeypatch.delenv("DICOM_NODE_TEST_CRASH_AFTER_PLACE")
     on_disk = list((node.data_dir / "studies").rglob("*.dcm"))
     assert len(on_disk) == 3 and node.instance_count(uid) == 2  # one file without a row
     # partial writes as a crash leaves them: one complete, one cut short

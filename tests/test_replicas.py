@@ -20,7 +20,7 @@ import pytest
 
 from node.store.index import Index
 from tests.orthanc import Orthanc
-from node.processes import stop_process_group
+from tests.processes import stop_process_group
 from tests.peers import REPO_ROOT, NodeProcess, StallingLink, free_port, port_open, storescu, wait_for
 from tests.test_jobs import ROUTING, sphere_study
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from common.orientation import plane_of_normal
+
+from node.config import NodeConfig
+from node.liveconfig import LiveConfig
 from node.route.live import LiveRules
 from node.route.rules import RoutingFile, RuleSet, load_rules
 from node.route.study import SeriesView, StudyView, orientation_class
-from node.yamlfile import ConfigError
+from common.yamlfile import ConfigError
 from tests.peers import make_study, storescu, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,6 +103,28 @@ def test_operator(condition, expected):
 def test_orientation_classes():
     assert [orientation_class(o) for o in (AXIAL, CORONAL, SAGITTAL, OBLIQUE)] == ["axial", "coronal", "sagittal", "oblique"]
     assert orientation_class([1, 0, 0, 0, 0.996, 0.087]) == "axial"  # 5 degrees of gantry tilt
+
+
+def _tilted(degrees: float, about: str = "x") -> list[float]:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return [1, 0, 0, 0, c, -s] if about == "x" else [c, 0, -s, 0, 1, 0]
+
+
+@pytest.mark.parametrize("degrees, expected", [(0, "axial"), (20, "axial"), (-20, "axial"), (29.9, "axial"),
+                                               (30.5, "oblique"), (45, "oblique"), (65, "coronal"), (90, "coronal")])
+def test_orientation_rule_gantry_tilt_is_axial_up_to_30_degrees(degrees, expected):
+    """One rule (common.orientation) for routing and the SR: the axis nearest the image normal,
+    oblique beyond 30 degrees. A 20-degree gantry-tilted CT was 'oblique' here (10 degrees) but
+    axial for the SR's in-plane diameter."""
+    assert orientation_class(_tilted(degrees)) == expected
+    assert orientation_class(_tilted(degrees, about="y")) == expected.replace("coronal", "sagittal")
+    assert plane_of_normal(np.cross(_tilted(degrees)[:3], _tilted(degrees)[3:])) == expected
+
+
+def test_orientation_of_missing_or_degenerate_values():
+    assert orientation_class(None) is None and orientation_class([]) is None and orientation_class([1, 0, 0]) is None
+    assert orientation_class([1, 0, 0, 1, 0, 0]) is None  # parallel row and column: no plane
+    assert plane_of_normal([0, 0, 0]) is None and plane_of_normal([0, 0, -3]) == "axial"
 
 
 def test_study_matches_when_one_series_satisfies_the_whole_condition():
@@ -264,17 +292,27 @@ GOOD = "rules:\n  - name: fwd\n    actions: {forward_to: [demo-viewer]}\n"
 
 
 def test_live_rules_reload_valid_and_refuse_invalid(tmp_path):
+    """The rule file is watched and reloaded by the one reload path (LiveConfig), as in the node."""
     path = tmp_path / "routing.yaml"
     path.write_text(GOOD)
-    live = LiveRules(path, lambda: {"lesion-seg"}, {"demo-viewer"})
-    first = live.current.version
+    config = NodeConfig.model_validate({"storage": {"data_dir": str(tmp_path)}, "pipeline": {"routing_file": str(path)},
+                                        "destinations": {"demo-viewer": {"ae_title": "VIEWER", "host": "127.0.0.1",
+                                                                         "port": 11113}}})
+    rules = LiveRules(path, lambda: {"lesion-seg"}, {"demo-viewer"})
+    live = LiveConfig(config, rules)
+    first = rules.current.version
     path.write_text(GOOD.replace("fwd", "forward-all"))
     live.check_for_changes()
-    assert live.current.version != first and live.current.file.rules[0].name == "forward-all"
-    second = live.current.version
+    assert rules.current.version != first and rules.current.file.rules[0].name == "forward-all"
+    assert live.last_reload is not None and live.last_reload["applied"]
+    second = rules.current.version
     path.write_text("rules:\n  - name: broken\n    match: {tag: Nope, equals: 1}\n    actions: {discard: true}\n")
     live.check_for_changes()
-    assert live.current.version == second  # the previous rules stay in force
+    assert rules.current.version == second  # the previous rules stay in force
+    assert not live.last_reload["applied"] and "unknown tag keyword 'Nope'" in " ".join(live.last_reload["problems"])
+    outcome = live.reload()  # SIGHUP and the console: the same path, the same outcome
+    assert not outcome.applied and rules.current.version == second
+    assert not hasattr(rules, "check_for_changes") and not hasattr(rules, "reload")  # one watcher
     with pytest.raises(ConfigError):
         load_rules(path)
 

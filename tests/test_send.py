@@ -26,7 +26,7 @@ from node.encode.options import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from tests.identity import uids_for
-from node.processes import stop_process_group
+from tests.processes import stop_process_group
 from node.send.outbox import Outbox, classify_status
 from node.send.scu import storage_contexts
 from node.store.index import Index
@@ -79,6 +79,80 @@ def test_status_classes():
     assert classify_status(0x0111) == "warning"  # duplicate: the PACS holds this very result (same UIDs every attempt)
     assert classify_status(0xA700) == classify_status(0xA7FF) == "transient"
     assert classify_status(0xA900) == classify_status(0xC000) == classify_status(0xC211) == "permanent"
+
+
+# PS3.4 B.2.3 (C-STORE) and PS3.7 C (general statuses): what each status means for the sender.
+STATUS_TABLE = {
+    0x0000: "success",
+    0xB000: "warning",    # coercion of data elements
+    0xB007: "warning",    # data set does not match SOP class
+    0xB006: "warning",    # elements discarded
+    0xBFFF: "warning",    # any 0xBxxx is a warning (PS3.7 C.1)
+    0x0001: "warning",    # requested optional attributes not supported
+    0x0107: "warning",    # attribute list error
+    0x0116: "warning",    # attribute value out of range
+    0x0111: "warning",    # duplicate SOP instance: our results keep their UIDs, the peer holds this one
+    0xA700: "transient",  # out of resources
+    0xA7FF: "transient",
+    0xA900: "permanent",  # data set does not match SOP class (error)
+    0xA9FF: "permanent",
+    0xC000: "permanent",  # cannot understand
+    0xCFFF: "permanent",
+    0x0122: "permanent",  # SOP class not supported
+    0x0124: "permanent",  # not authorized
+    0x0110: "permanent",  # processing failure
+    0x0211: "permanent",  # unrecognized operation
+    0xA800: "permanent",  # not a status C-STORE knows: resending will not help
+}
+
+
+def test_one_status_rule_for_the_outbox_the_cli_and_the_demo():
+    from node import demo
+    from node.send import outbox
+    from node.send.status import classify_status as rule, delivered
+
+    assert outbox.classify_status is rule and demo.delivered is delivered  # no copies of their own
+    assert {status: rule(status) for status in STATUS_TABLE} == STATUS_TABLE
+    assert [s for s in STATUS_TABLE if delivered(s)] == [s for s, kind in STATUS_TABLE.items()
+                                                         if kind in ("success", "warning")]
+    assert not delivered(None)  # no response
+
+
+@pytest.fixture
+def status_peer():
+    """A storage SCP that answers each C-STORE, in turn, with the next of the statuses given."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    servers = []
+
+    def start(statuses: list[int]) -> int:
+        answers = iter(statuses)
+        ae = AE(ae_title="STATUS-SCP")
+        ae.supported_contexts = AllStoragePresentationContexts
+        port = free_port()
+        servers.append(ae.start_server(("127.0.0.1", port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, lambda event: next(answers))]))
+        return port
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_cli_send_counts_what_the_outbox_counts_as_delivered(status_peer, tmp_path):
+    """`dicom-node send` used to count only 0x0000/0xB000/0xB006/0xB007: a duplicate (0x0111) or a
+    0xBxxx/0x0107 warning the outbox counts as delivered was a failure there."""
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    statuses = [0x0000, 0xB000, 0x0111, 0x0107, 0xA700, 0xC000]
+    files = make_study(tmp_path / "ct", slices=len(statuses), size=8)
+    port = status_peer(statuses)
+    result = CliRunner().invoke(app, ["send", "127.0.0.1", str(port), *map(str, files), "--called-aet", "STATUS-SCP"])
+    assert result.exit_code == 1, result.output
+    assert "sent 4/6 instances" in result.stdout
+    assert "status 0xA700 (transient failure)" in result.output and "status 0xC000 (permanent failure)" in result.output
 
 
 def test_seg_and_sr_arrive_once_in_the_source_study(tmp_path, orthanc):

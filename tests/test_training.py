@@ -14,7 +14,7 @@ import torch
 from inference.backends.local import LocalBackend
 from inference.backends.triton import TritonBackend
 from inference.spec import ModelSpec, load_spec
-from inference.triton_cpu import TritonCpuServer
+from tests.triton_server import TritonCpuServer
 from inference.volume import load_series, read_series
 from node.encode.options import OutputOptions
 from node.encode.seg import build_seg

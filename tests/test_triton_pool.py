@@ -17,7 +17,7 @@ import pytest
 
 from inference.backends.base import BackendUnavailable
 from inference.repository import ModelRepository
-from inference.triton_cpu import TritonCpuServer
+from tests.triton_server import TritonCpuServer
 from node.config import NodeConfig, TritonConfig
 from node.jobs.backends import BackendCache
 from tests.peers import free_port, storescu

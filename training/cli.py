@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from inference.spec import ModelSpec
-from node.yamlfile import ConfigError, load_yaml, validate
+from common.yamlfile import ConfigError, load_yaml, validate
 
 app = typer.Typer(help="Train models for the DICOM node and write their Triton model-repository entries.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -51,7 +51,7 @@ def phantom_study(
     seed: int = typer.Option(0),
 ) -> None:
     """A DICOM CT study of a random phantom; its truth is written beside it (<out>.truth.json)."""
-    from training.data.synthetic import make_dicom_study, truth_path
+    from phantom.study import make_dicom_study, truth_path
 
     files, phantom = make_dicom_study(out, slices, size, pixel_spacing, slice_spacing, seed)
     typer.echo(f"wrote {len(files)} images to {out}; {len(phantom.lesions)} lesions in {truth_path(out)}")
@@ -163,7 +163,7 @@ def synth_dx(
     seed: int = typer.Option(0),
 ) -> None:
     """Synthetic chest radiographs with and without a nodule-like opacity, labelled in a CSV."""
-    from training.phantom.radiograph import make_dx_dataset
+    from phantom.radiograph import make_dx_dataset
 
     make_dx_dataset(out, count, seed, size)
     typer.echo(f"wrote {count} radiographs and labels.csv to {out}")
@@ -226,7 +226,7 @@ def demo_classifier(
     seed: int = typer.Option(0),
 ) -> None:
     """Train the shipped demo classifier (synthetic DX, a few minutes on 2 CPU cores) and export it."""
-    from training.phantom.radiograph import make_dx_dataset
+    from phantom.radiograph import make_dx_dataset
 
     make_dx_dataset(work / "train", train_count, seed)
     make_dx_dataset(work / "test", test_count, seed + 1)  # another seed: held out

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from inference.backends.base import Backend, BackendError, BackendUnavailable
-from node import logs
+from common import logs
 
 log = logging.getLogger("inference.triton")
 

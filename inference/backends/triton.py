@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from inference.backends.base import BackendError, BackendUnavailable
 from inference.spec import ModelSpec
-from node import logs
+from common import logs
 
 log = logging.getLogger("inference.triton")
 T = TypeVar("T")
@@ -183,7 +183,8 @@ class TritonBackend:
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
         """Retry transient failures with exponential backoff and jitter; then a clear error."""
-        delay = self.backoff
+        from common.backoff import backoff_delay
+
         for attempt in range(1, self.retries + 1):
             try:
                 return call()
@@ -197,8 +198,7 @@ class TritonBackend:
                         f"Triton at {self.url} unavailable for {what} after {self.retries} attempts: {exc}"
                     ) from None
                 logs.event(log, "triton_retry", logging.WARNING, what=what, attempt=attempt, error=str(exc)[:200])
-                time.sleep(delay * (0.5 + random.random()))
-                delay *= 2
+                time.sleep(backoff_delay(attempt, self.backoff, float("inf")))
         raise AssertionError("unreachable")
 
     def _forget_regions(self) -> None:

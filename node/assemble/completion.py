@@ -18,7 +18,7 @@ from typing import Callable
 
 from apscheduler.schedulers.base import BaseScheduler
 
-from node import logs
+from common import logs
 from node.store.index import Db, Index
 
 log = logging.getLogger("node.assemble")

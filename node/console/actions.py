@@ -14,7 +14,7 @@ from node.console.context import ConsoleContext
 from node.jobs.store import IllegalTransition, UnknownJob
 from node.route.study import StudyView, study_from_folder, study_from_index
 from node.send.echo import EchoResult, echo
-from node.send.outbox import retry as retry_outbox
+from node.send.outbox import delivery_state, retry as retry_outbox
 from node.send.scu import client_ssl_context
 
 MAX_UPLOAD_FILES = 2000
@@ -41,11 +41,11 @@ def retry_job(ctx: ConsoleContext, job_id: int) -> str:
 
 
 def retry_delivery(ctx: ConsoleContext, item_id: int) -> str:
-    rows = ctx.index.query("SELECT state FROM outbox WHERE id=?", (item_id,))
-    if not rows:
+    state = delivery_state(ctx.index, item_id)
+    if state is None:
         raise ActionError(404, f"no outbox item {item_id}")
     if not retry_outbox(ctx.index, item_id, ctx.config.sending.deadline_s):
-        raise ActionError(409, f"outbox item {item_id} is {rows[0]['state']}: only dead or pending items are retried")
+        raise ActionError(409, f"outbox item {item_id} is {state}: only dead or pending items are retried")
     ctx.wake_outbox()
     return f"outbox item {item_id} queued for delivery"
 

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from node import logs
+from common import logs
 from node.console import api, pages, summary
 from node.console.context import ConsoleContext
 from node.console.health import Health

@@ -99,7 +99,7 @@ class Health:
 
     def _local_status(self, name: str) -> str:
         from inference.spec import model_file
-        from node.yamlfile import ConfigError
+        from common.yamlfile import ConfigError
 
         try:
             model_file(self.ctx.models.root, self.ctx.models.spec(name))

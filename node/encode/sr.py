@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from common.orientation import plane_of_normal
 from inference.findings import Finding
 from inference.pipeline import ClassificationResult, SegmentationResult
 from inference.spec import Label
@@ -31,7 +32,6 @@ QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(value="C0034375", scheme_designator
 # TID 1411 row 12's meaning (highdicom writes "Source Series for Segmentation")
 SOURCE_SERIES_FOR_SEGMENTATION = hd.sr.CodedConcept(value="121232", scheme_designator="DCM",
                                                     meaning="Source series for segmentation")
-AXIAL_TOLERANCE = 0.05  # |normal . z| within this of 1: the acquisition plane is axial
 
 
 def _observation_context(result: SegmentationResult | ClassificationResult, options: OutputOptions,
@@ -52,8 +52,9 @@ def _algorithm(result: SegmentationResult | ClassificationResult) -> hd.sr.Algor
 
 
 def _is_axial(result: SegmentationResult) -> bool:
-    normal = result.volume.affine[:3, 0] / np.linalg.norm(result.volume.affine[:3, 0])
-    return abs(abs(float(normal[2])) - 1.0) <= AXIAL_TOLERANCE
+    """The image planes' orientation (their normal, not the slice step: a gantry-tilted stack
+    advances along z while its planes are tilted), by the rule routing uses too."""
+    return plane_of_normal(result.volume.normal) == "axial"
 
 
 def _finding_group(finding: Finding, result: SegmentationResult, seg: hd.seg.Segmentation, segment_number: int,

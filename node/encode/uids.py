@@ -37,9 +37,12 @@ class SourceIdentity:
         return cls(study_uid, series_uid, digest, volume)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ResultUIDs:
-    """UIDs for the results of one model run in one job."""
+    """UIDs for the results of one model run in one job.
+
+    Keyword-only: seven fields of like types in a row are too easy to pass in the wrong order
+    (a notice once passed the UID root as the rule and minted under pydicom's root)."""
 
     installation_uid: str
     job_id: int
@@ -47,7 +50,11 @@ class ResultUIDs:
     model: str
     model_version: str
     rule: str = ""  # two rules of one job may run one model on one series with other outputs
-    root: str = PYDICOM_ROOT_UID
+    root: str | None = None  # output.uid_root; None: pydicom's root
+
+    def __post_init__(self) -> None:
+        if self.root is None:
+            object.__setattr__(self, "root", PYDICOM_ROOT_UID)
 
     def _uid(self, *parts: object) -> str:
         # One JSON string: generate_uid joins its sources without separators, so ("ab", "c") and

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from node import logs
+from common import logs
 from node.jobs.failures import describe
 from node.jobs.store import JobStore
 from node.route.decision import RoutingDecision, record

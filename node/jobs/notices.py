@@ -12,9 +12,8 @@ from io import BytesIO
 from typing import TYPE_CHECKING
 
 import pydicom
-from pydicom.uid import PYDICOM_ROOT_UID
 
-from node import logs
+from common import logs
 from node.encode.notice import build_failure_notice
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.route.study import study_from_index
@@ -46,8 +45,9 @@ def _send(runner: JobRunner, job: Job, reason: str) -> int:
         series = next((s for s in view.series if s.series_uid == applied.series_uid), view.series[0])
         source = pydicom.dcmread(str(series.files[0]), stop_before_pixels=True)
         identity = SourceIdentity.of(job.study_uid, series.series_uid, [f.stem for f in series.files])
-        uids = ResultUIDs(runner.installation_uid, job.id, identity, "+".join(applied.actions.run), "notice",
-                          runner.config.output.uid_root or PYDICOM_ROOT_UID)
+        uids = ResultUIDs(installation_uid=runner.installation_uid, job_id=job.id, source=identity,
+                          model="+".join(applied.actions.run), model_version="notice", rule=applied.rule,
+                          root=runner.config.output.uid_root)
         notice = build_failure_notice(source, applied.rule, list(applied.actions.run), reason,
                                       runner.config.output, uids)
         target = runner.data_dir / "results" / f"{job.id}_{applied.rule}_notice" / f"{notice.SOPInstanceUID}.dcm"

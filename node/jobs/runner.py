@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from apscheduler.schedulers.base import BaseScheduler
-from pydicom.uid import PYDICOM_ROOT_UID
 
 from inference.repository import ModelRepository
-from node import logs
+from common import logs
 from node.config import NodeConfig
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
@@ -139,6 +138,11 @@ class JobRunner:
         progress = _Progress()
         try:
             self._execute(job, progress)
+        except Superseded as exc:
+            self.jobs.abandon(job.id, exc.newer)
+            logs.event(log, "job_superseded", job=job.id, study_uid=job.study_uid, newer_job=exc.newer,
+                       stage=progress.stage)
+            return
         except Exception as exc:  # the job gets its state and reason; the service and other jobs go on
             reason = describe(exc, progress.stage)
             if is_transient(exc):
@@ -153,8 +157,9 @@ class JobRunner:
 
     def _wait(self, job: Job, reason: str) -> None:
         inference = self.config.inference
-        delay = min(inference.retry_max_s, inference.retry_initial_s * 2 ** max(job.attempts - 1, 0))
-        delay *= random.uniform(0.5, 1.5)
+        from common.backoff import backoff_delay
+
+        delay = backoff_delay(job.attempts, inference.retry_initial_s, inference.retry_max_s)
         state = self.jobs.wait(job.id, reason, delay, inference.retry_deadline_s)
         if state is JobState.WAITING:
             logs.event(log, "job_waiting", logging.WARNING, job=job.id, study_uid=job.study_uid,
@@ -222,8 +227,9 @@ class JobRunner:
                 files: list[Path] = []
                 for number, result in enumerate(results, start=1):
                     source = SourceIdentity.of(task.study_uid, task.series_uid, task.instance_uids, result.volume.label)
-                    uids = ResultUIDs(self.installation_uid, job.id, source, spec.name, str(spec.version),
-                                      rule=task.rule, root=self.config.output.uid_root or PYDICOM_ROOT_UID)
+                    uids = ResultUIDs(installation_uid=self.installation_uid, job_id=job.id, source=source,
+                                      model=spec.name, model_version=str(spec.version), rule=task.rule,
+                                      root=self.config.output.uid_root)
                     subfolder = folder / options.variant / (f"volume{number}" if len(results) > 1 else "")
                     with self._stage(job, "encode", progress):
                         files += stages.encode(result, options, uids, options.outputs or task.outputs, subfolder,
@@ -249,11 +255,22 @@ class JobRunner:
 
     @contextmanager
     def _stage(self, job: Job, name: str, progress: _Progress) -> Iterator[None]:
+        newer = self.jobs.newer_job(job.id, job.study_uid)
+        if newer is not None:  # the study completed again while this job ran
+            raise Superseded(newer)
         progress.stage = name
         self.jobs.enter_stage(job.id, name)
         started = time.time()
         yield
         self.jobs.record_stage(job.id, name, started, time.time())
+
+
+class Superseded(Exception):
+    """The study completed again while the job ran; `newer` is the job that processes it now."""
+
+    def __init__(self, newer: int):
+        super().__init__(f"superseded by job {newer}")
+        self.newer = newer
 
 
 class _Progress:

@@ -5,7 +5,9 @@ States and the only transitions between them (TRANSITIONS below):
 - a study completes: a job is created `queued` (or `ignored`: no rule applies, or it discards),
   in the same transaction, with its routing decision in it; the study's jobs still `queued` or
   `waiting` become `ignored` (superseded: they would process an outdated study);
-- `queued` -> `running` (a worker claims it) -> `done` | `failed` | `waiting` (transient failure);
+- `queued` -> `running` (a worker claims it) -> `done` | `failed` | `waiting` (transient failure),
+  or `ignored` when the study completed again while it ran (a newer job processes it: this one
+  stops at its next stage instead of delivering an outdated result set);
 - `waiting` -> `running` when due, `failed` past its retry deadline;
 - `running` -> `queued` at start-up (the node died while it ran: it runs again), or when the
   lease of the node process running it expired (a replica died: another takes the job over);
@@ -30,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from node import logs
+from common import logs
 from node.route.decision import RoutingDecision
 from node.store.index import Db, Index
 from node.store.lease import process_owner
@@ -49,7 +51,8 @@ class JobState(StrEnum):
 # state -> the states it may move to
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.IGNORED}),
-    JobState.RUNNING: frozenset({JobState.DONE, JobState.WAITING, JobState.FAILED, JobState.QUEUED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.WAITING, JobState.FAILED, JobState.QUEUED,
+                                 JobState.IGNORED}),
     JobState.WAITING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.QUEUED, JobState.IGNORED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.IGNORED: frozenset({JobState.QUEUED}),
@@ -156,11 +159,12 @@ class JobStore:
         # resumes them), however long a job takes.
         expired = " OR (state=? AND lease_until<?)" if self.index.shared else ""
         with self.index.transaction(claim=True) as db:
+            lease_now = db.lease_clock()
             row = db.execute(
                 "SELECT id, state, lease_owner FROM work_items WHERE state=? OR (state=? AND next_attempt<=?)"
                 f"{expired} ORDER BY priority DESC, id LIMIT 1" + self.index.skip_locked,
                 (JobState.QUEUED.value, JobState.WAITING.value, now,
-                 *((JobState.RUNNING.value, now) if self.index.shared else ())),
+                 *((JobState.RUNNING.value, lease_now) if self.index.shared else ())),
             ).fetchone()
             if row is None:
                 return None
@@ -168,14 +172,14 @@ class JobStore:
                 self._move(db, row["id"], JobState.QUEUED, now, only_from=(JobState.RUNNING,))
                 logs.event(log, "job_taken_over", logging.WARNING, job=row["id"], lease_owner=row["lease_owner"])
             self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1, lease_owner=self.owner,
-                       lease_until=now + self.lease_s)
+                       lease_until=lease_now + self.lease_s)
         return self.get(row["id"])
 
     def renew_leases(self) -> int:
         """Keep this process's running jobs (called well within `lease_s`)."""
         with self.index.transaction(claim=True) as db:
             return db.execute("UPDATE work_items SET lease_until=? WHERE state=? AND lease_owner=?",
-                              (time.time() + self.lease_s, JobState.RUNNING.value, self.owner)).rowcount
+                              (db.lease_clock() + self.lease_s, JobState.RUNNING.value, self.owner)).rowcount
 
     def enter_stage(self, job_id: int, stage: str) -> None:
         with self.index.transaction() as db:
@@ -196,6 +200,18 @@ class JobStore:
             outputs = json.loads(db.execute("SELECT outputs FROM work_items WHERE id=?", (job_id,)).fetchone()["outputs"] or "{}")
             outputs[task] = [str(f) for f in files]
             db.execute("UPDATE work_items SET outputs=? WHERE id=?", (json.dumps(outputs), job_id))
+
+    def newer_job(self, job_id: int, study_uid: str) -> int | None:
+        """The id of a job created for the study after this one (the study completed again)."""
+        row = self.index.query("SELECT MAX(id) AS id FROM work_items WHERE study_uid=? AND id>?", (study_uid, job_id))
+        return row[0]["id"] if row and row[0]["id"] is not None else None
+
+    def abandon(self, job_id: int, newer: int) -> None:
+        """A running job whose study completed again stops: job `newer` processes the study."""
+        with self.index.transaction() as db:
+            self._move(db, job_id, JobState.IGNORED, time.time(), owner=self.owner, next_attempt=None,
+                       lease_until=None, reason=f"superseded while running: the study completed again (job {newer}"
+                                                " processes it)")
 
     def finish(self, job_id: int) -> None:
         with self.index.transaction() as db:

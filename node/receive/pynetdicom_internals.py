@@ -7,7 +7,10 @@ Relied on (pynetdicom 3.0):
 - `RequestHandler._create_association` builds the acceptor's Association and its
   `AssociationSocket` (`assoc.dul.socket`); we swap that socket's class for `PduSocket`.
 - The DUL reads a PDU as `recv(6)` (type, reserved, 4-byte big-endian length) and then
-  `recv(length)`; an OSError/TimeoutError from either makes it close the connection (Evt17).
+  `recv(length)`, the first only once the socket is readable; an OSError/TimeoutError from
+  either makes it close the connection (Evt17).
+- `assoc.network_timeout`, `assoc.acse_timeout` and `assoc.dimse_timeout` hold the AE's
+  timeouts; `assoc.is_established` turns true once the A-ASSOCIATE-AC is sent.
 - `assoc.requestor.primitive` is the received A-ASSOCIATE-RQ (`called_ae_title`) when
   EVT_REQUESTED fires; `assoc.acceptor.ae_title` is what the A-ASSOCIATE-AC echoes.
 - Rejecting in an EVT_REQUESTED handler: `assoc.acse.send_reject(...)` then `assoc.kill()`
@@ -25,7 +28,7 @@ from typing import Any, cast
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
-from node import logs
+from common import logs
 
 log = logging.getLogger("node.receive")
 
@@ -41,10 +44,39 @@ EAGER_BUFFER = 4 << 20
 NEGOTIATION_EAGER_BUFFER = 64 << 10  # before the A-ASSOCIATE-RQ is in, much less
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 A_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x06])
+# A-ABORT: source 2 (service provider), reason 0 (reason not specified).
+A_ABORT_NOT_SPECIFIED = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x00])
+# The PDU and DIMSE message deadlines move on by one second for every this many bytes received
+# (as Apache's mod_reqtimeout MinRate does): a large transfer over a slow but honest link goes on,
+# a peer that trickles bytes to keep its slot does not.
+MIN_RATE = 64 << 10  # bytes per second, about 0.5 Mbit/s
+DEFAULT_PDU_TIMEOUT = 60.0  # when the AE carries no `pdu_timeout` (see node.config.Timeouts.pdu)
+COMMAND_LIMIT = 64 << 10  # command fragments kept to read CommandDataSetType (a command is ~100 bytes)
+_COMMAND_DATA_SET_TYPE = 0x0800  # (0000,0800); 0x0101: no data set follows (PS3.7 E.1)
 
 
 class PduTooLarge(ConnectionAbortedError):
     pass
+
+
+class TransferTooSlow(ConnectionAbortedError):
+    pass
+
+
+def command_has_data_set(command: bytes | bytearray) -> bool:
+    """Whether a DIMSE command set (implicit VR little endian, PS3.7 E.1) announces a data set.
+    Unreadable, or without CommandDataSetType: False, so that the data set (if one comes anyway)
+    gets its own deadline from its first fragment instead of an idle gap counting against it."""
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = int.from_bytes(command[pos:pos + 2], "little"), \
+            int.from_bytes(command[pos + 2:pos + 4], "little"), int.from_bytes(command[pos + 4:pos + 8], "little")
+        if group != 0 or pos + 8 + length > len(command):
+            return False
+        if element == _COMMAND_DATA_SET_TYPE:
+            return length == 2 and int.from_bytes(command[pos + 8:pos + 10], "little") != 0x0101
+        pos += 8 + length
+    return False
 
 
 class PduSocket(AssociationSocket):
@@ -55,7 +87,12 @@ class PduSocket(AssociationSocket):
       before anything is allocated for it.
     - **Timed**: until the A-ASSOCIATE-RQ has arrived every read must finish by the ACSE
       deadline (connection time + ACSE timeout, however slowly bytes trickle in); afterwards a
-      read that makes no progress for the network timeout ends the connection. pynetdicom
+      read that makes no progress for the network timeout ends the connection, and so do two
+      deadlines that a peer trickling bytes cannot push back: a PDU must be whole within
+      `pdu_timeout` of its first byte, and a DIMSE message (command and data set) within the
+      DIMSE timeout of its first fragment, each plus one second per MIN_RATE bytes received
+      (A-ABORT, event `transfer_too_slow`). The message deadline is checked as its PDUs arrive
+      (a peer that goes silent between them meets the network idle timer instead). pynetdicom
       itself handles the idle (no PDU at all) cases: ARTIM before the A-ASSOCIATE-RQ, the
       network idle timer after.
     - **Fast**: pynetdicom reads in 4 KiB pieces (128 recv calls per 0.5 MB image); this reads
@@ -67,6 +104,7 @@ class PduSocket(AssociationSocket):
 
     pdu_limit: int
     message_limit: int
+    pdu_timeout: float | None
     _message_bytes: int
     opened_at: float
     peer: str
@@ -74,10 +112,18 @@ class PduSocket(AssociationSocket):
     _body_type: int
     _established: bool
     _timeout: float | None
+    _pdu_started: float
+    _pdu_bytes: int
+    _message_started: float | None
+    _message_wire: int
+    _command: bytearray
+    _bound: tuple[str, float | None] | None
 
-    def prepare(self, pdu_limit: int, peer: str, message_limit: int) -> None:
+    def prepare(self, pdu_limit: int, peer: str, message_limit: int,
+                pdu_timeout: float | None = DEFAULT_PDU_TIMEOUT) -> None:
         self.pdu_limit = pdu_limit
         self.message_limit = message_limit
+        self.pdu_timeout = pdu_timeout
         self._message_bytes = 0
         self.opened_at = time.monotonic()
         self.peer = peer
@@ -85,6 +131,12 @@ class PduSocket(AssociationSocket):
         self._body_type = 0
         self._established = False  # the A-ASSOCIATE-RQ is in: the ACSE deadline no longer applies
         self._timeout = None
+        self._pdu_started = self.opened_at  # the PDU being read: its first read, bytes so far
+        self._pdu_bytes = 0
+        self._message_started = None  # the DIMSE message being received: its first fragment's PDU
+        self._message_wire = 0  # bytes of its PDUs before the current one
+        self._command = bytearray()
+        self._bound = None  # the deadline that set the current read's timeout, if one did
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
@@ -92,7 +144,6 @@ class PduSocket(AssociationSocket):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except OSError:
             pass
-        self._arm_timeout(sock)
         if self._body is not None and nr_bytes == self._body:  # the body of the last header
             self._body = None
             body = self._read(sock, nr_bytes)
@@ -100,7 +151,10 @@ class PduSocket(AssociationSocket):
                 self._established = True
             elif self._body_type == P_DATA_TF:
                 self._count_message(sock, body)
+                self._follow_message(body)
             return body
+        # a new PDU: pynetdicom reads its header once the socket is readable, so its clock starts here
+        self._pdu_started, self._pdu_bytes = time.monotonic(), 0
         data = self._read(sock, nr_bytes)
         if nr_bytes == 6 and len(data) == 6:
             pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
@@ -112,18 +166,72 @@ class PduSocket(AssociationSocket):
             self._body_type = pdu_type
         return data
 
-    def _arm_timeout(self, sock: socket.socket) -> None:
+    def _arm_timeout(self, sock: socket.socket, expected: int) -> None:
+        """Before each read: the network timeout, cut to what is left to the nearest deadline."""
         assoc = self.assoc
         if not self._established and assoc.is_established:
             self._established = True
+        self._bound = None
         if self._established:
             timeout = assoc.network_timeout
+            deadline, what, limit = self._deadline()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._too_slow(sock, what, limit, expected)
+                if timeout is None or left < timeout:
+                    timeout, self._bound = left, (what, limit)
         else:
             acse = assoc.acse_timeout
             timeout = None if acse is None else max(0.001, self.opened_at + acse - time.monotonic())
         if timeout != self._timeout:
             sock.settimeout(timeout)
             self._timeout = timeout
+
+    def _deadline(self) -> tuple[float | None, str, float | None]:
+        """(the nearest deadline, "pdu" or "message", its timeout) for the read about to be made."""
+        deadline, what, limit = None, "", None
+        if self.pdu_timeout is not None:
+            deadline = self._pdu_started + self.pdu_timeout + self._pdu_bytes / MIN_RATE
+            what, limit = "pdu", self.pdu_timeout
+        dimse = self.assoc.dimse_timeout
+        if self._message_started is not None and dimse is not None:
+            message = self._message_started + dimse + (self._message_wire + self._pdu_bytes) / MIN_RATE
+            if deadline is None or message < deadline:
+                deadline, what, limit = message, "message", dimse
+        return deadline, what, limit
+
+    def _too_slow(self, sock: socket.socket, what: str, limit: float | None, expected: int) -> None:
+        """A-ABORT: the PDU or DIMSE message being received missed its deadline. `received`: its
+        bytes so far (PDU headers included); `expected`: the size of the read that was under way."""
+        started = self._pdu_started if what == "pdu" else cast(float, self._message_started)
+        received = self._pdu_bytes + (self._message_wire if what == "message" else 0)
+        self._abort(sock, "transfer_too_slow", f"{'PDU' if what == 'pdu' else 'DIMSE message'} not whole "
+                    "within its deadline", A_ABORT_NOT_SPECIFIED, TransferTooSlow,
+                    deadline=what, timeout_s=limit, seconds=round(time.monotonic() - started, 3),
+                    received=received, expected=expected)
+
+    def _follow_message(self, body: bytearray) -> None:
+        """Where the DIMSE message being received begins and ends (for its deadline): from its
+        first fragment to the last fragment of its data set, or of its command when that
+        announces no data set."""
+        pos = 0
+        while pos + 6 <= len(body):
+            length = int.from_bytes(body[pos:pos + 4], "big")
+            control = body[pos + 5]
+            if self._message_started is None:
+                self._message_started, self._message_wire = self._pdu_started, 0
+                self._command.clear()
+            if control & 0x01:  # a command fragment
+                if len(self._command) < COMMAND_LIMIT:
+                    self._command += body[pos + 6:pos + 4 + length]
+                if control & 0x02 and not command_has_data_set(self._command):
+                    self._message_started = None
+            elif control & 0x02:  # the last data-set fragment
+                self._message_started = None
+            pos += 4 + length
+        if self._message_started is not None:
+            self._message_wire += self._pdu_bytes
 
     def _count_message(self, sock: socket.socket, body: bytearray) -> None:
         """Add up the data-set fragments (PDV items) of the DIMSE message being received; abort it
@@ -147,6 +255,7 @@ class PduSocket(AssociationSocket):
         received = 0
         try:
             while received < nr_bytes:
+                self._arm_timeout(sock, nr_bytes)
                 if received == len(buffer):  # only for PDUs over EAGER_BUFFER: grow as data arrives
                     buffer += bytearray(min(len(buffer), nr_bytes - len(buffer)))
                 with memoryview(buffer) as view:
@@ -154,7 +263,10 @@ class PduSocket(AssociationSocket):
                 if not count:  # connection closed: return what arrived, as pynetdicom does
                     return buffer[:received]
                 received += count
+                self._pdu_bytes += count
         except TimeoutError:
+            if self._bound is not None:  # the read timed out at a deadline, not the network timeout
+                self._too_slow(sock, *self._bound, nr_bytes)
             logs.event(log, "connection_timed_out", logging.WARNING, peer=self.peer,
                        phase="association" if self._established else "negotiation",
                        received=received, expected=nr_bytes)
@@ -165,15 +277,17 @@ class PduSocket(AssociationSocket):
         self._abort(sock, "pdu_too_large", f"PDU of {length} bytes over the limit of {limit}",
                     pdu_type=pdu_type, length=length, limit=limit)
 
-    def _abort(self, sock: socket.socket, event: str, why: str, **fields: object) -> None:
+    def _abort(self, sock: socket.socket, event: str, why: str, abort: bytes = A_ABORT_INVALID_PARAMETER,
+               error: type[ConnectionAbortedError] = PduTooLarge, **fields: object) -> None:
         logs.event(log, event, logging.WARNING, peer=self.peer, **fields)
         try:
             sock.settimeout(1.0)
-            sock.sendall(A_ABORT_INVALID_PARAMETER)
+            self._timeout = 1.0
+            sock.sendall(abort)
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        raise PduTooLarge(why)
+        raise error(why)
 
 
 class _RequestHandler(RequestHandler):
@@ -184,7 +298,8 @@ class _RequestHandler(RequestHandler):
         sock.__class__ = PduSocket
         cast(PduSocket, sock).prepare(int(self.ae.maximum_pdu_size or 0) or (1 << 30),
                                       str(self.client_address[0]),
-                                      int(getattr(self.ae, "max_message_bytes", 0)) or (1 << 62))
+                                      int(getattr(self.ae, "max_message_bytes", 0)) or (1 << 62),
+                                      getattr(self.ae, "pdu_timeout", DEFAULT_PDU_TIMEOUT))
         return assoc
 
 

@@ -1,6 +1,6 @@
 """Reconcile the spool with the index at start-up, before any association is accepted.
 
-A crash can leave two kinds of files behind:
+A crash can leave two kinds of files behind (and a row can lose its file, see the end):
 - a file renamed into ``studies/`` whose index row was never committed (the crash fell
   between the rename and the commit: the instance was never acknowledged);
 - a partial write in ``tmp/`` (the crash fell before the rename).
@@ -8,8 +8,9 @@ A crash can leave two kinds of files behind:
 Each is checked exactly like a received instance (routing tags, whole-data-set check, the
 SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study (and takes
 the study's sender and called AE, so routing does not change); anything else goes to
-``quarantine/`` with a reason. An identical copy of an indexed instance is removed. Counts are
-logged as one ``reconciled`` event.
+``quarantine/`` with a reason. An identical copy of an indexed instance is removed. An index
+row whose file is gone is marked (`missing_at`): the study's job leaves it out and the console
+counts it. Counts are logged as one ``reconciled`` event.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from pydicom.filereader import read_file_meta_info
 from sqlalchemy.exc import DataError, IntegrityError
 
-from node import logs
+from common import logs
 from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
@@ -63,7 +64,7 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     started = time.monotonic()
     counts = {"orphans_indexed": 0, "orphans_quarantined": 0, "partial_indexed": 0,
-              "partial_quarantined": 0, "duplicates_removed": 0}
+              "partial_quarantined": 0, "duplicates_removed": 0, "missing_marked": 0}
 
     def refuse(path: Path, reason: str, kind: str) -> None:
         where = spool.quarantine_file(path, f"reconcile at start-up: {reason}")
@@ -72,10 +73,7 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
 
     def index_it(path: Path, tags: RoutingTags, ts: str, calling: str, kind: str) -> None:
         target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-        origin: Any = index.query(
-            "SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
-            " ORDER BY received_at DESC LIMIT 1", (tags.study_uid,))
-        origin = origin[0] if origin else {"calling_ae": calling, "called_ae": "", "peer": ""}
+        origin: Any = index.study_origin(tags.study_uid) or {"calling_ae": calling, "called_ae": "", "peer": ""}
         record = InstanceRecord(
             sop_instance_uid=tags.sop_instance_uid, sop_class_uid=tags.sop_class_uid,
             series_uid=tags.series_uid, study_uid=tags.study_uid, patient_id=tags.patient_id,
@@ -112,7 +110,7 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     # about to be indexed by it.
     settled = time.time() - SHARED_PARTIAL_AGE_S if index.shared else float("inf")
     for study_dir in sorted(spool.studies.iterdir()):
-        known = {r["path"] for r in index.query("SELECT path FROM instances WHERE study_uid=?", (study_dir.name,))}
+        known = {r["path"] for r in index.study_instances(study_dir.name)}
         files = [study_dir] if study_dir.is_file() else sorted(p for p in study_dir.rglob("*") if not p.is_dir())
         for path in files:
             if str(path.relative_to(spool.root)) in known or modified_at(path) > settled:
@@ -135,6 +133,15 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             refuse(part, str(exc), "partial")
             continue
         index_it(part, tags, ts, calling, "partial")
+
+    # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
+    # marked, never forgotten, so the study's job and the console can say what is missing.
+    for study_uid in index.indexed_studies():
+        gone = index.mark_missing(study_uid, lambda path: (spool.root / path).exists(), time.time())
+        if gone:
+            counts["missing_marked"] += len(gone)
+            logs.event(log, "instances_missing", logging.WARNING, study_uid=study_uid, instances=len(gone),
+                       sop_instance_uids=gone[:20])
 
     logs.event(log, "reconciled", seconds=round(time.monotonic() - started, 3), **counts)
     return counts

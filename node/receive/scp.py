@@ -13,11 +13,11 @@ failed, and so that only requested associations hold a slot (see node/receive/wo
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import Callable
 
 from pydicom.uid import (
@@ -43,11 +43,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
-from node import logs
+from common import logs
 from node.config import NodeConfig
 from node.store.filemeta import encode_file_meta
 from node.receive.counts import Counted, ReceiveCounts
-from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord
+from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord, Placement
 from node.store.spool import OutOfSpace, Spool, same_dataset
 from node.receive import pynetdicom_internals as internals
 from node.receive.tags import UnreadableDataset, read_routing_tags
@@ -83,11 +83,6 @@ MALFORMED_DATASET = 0xC212  # not well-formed to its end (lengths, items, sequen
 PIXEL_DATA_INVALID = 0xC213  # native Pixel Data of the wrong size, or a broken fragment sequence
 SOP_INSTANCE_CONFLICT = 0xC214  # SOP Instance UID already held by another study/series/SOP class
 
-# Test and measurement hooks, read once per receiver process (README, "Receiving"):
-# crash (os._exit) right after the Nth rename into studies/, before its index row is committed;
-# and skip the whole-data-set check (only for the receive benchmark's before/after figure).
-_CRASH_AFTER_RENAME = int(os.environ.get("DICOM_NODE_CRASH_AFTER_RENAME") or 0)
-_SKIP_DATASET_CHECK = os.environ.get("DICOM_NODE_SKIP_DATASET_CHECK") == "1"
 
 
 class NodeAE(AE):
@@ -97,6 +92,7 @@ class NodeAE(AE):
         super().__init__(ae_title=config.scp.ae_title)
         # read by PduSocket: the most data-set bytes one DIMSE message may carry
         self.max_message_bytes = config.scp.max_instance_mb << 20
+        self.pdu_timeout = config.scp.timeouts.pdu  # read by PduSocket: a whole PDU's deadline
 
 
 @dataclass
@@ -134,7 +130,6 @@ class StorageSCP:
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
         self._called: dict[int, str] = {}
-        self._renames = 0
         self._lock = threading.Lock()
 
     # -- AE --------------------------------------------------------------------------------
@@ -297,8 +292,7 @@ class StorageSCP:
                 raise _Mismatch("SOPInstanceUID differs from the request's Affected SOP Instance UID")
             if tags.sop_class_uid != str(request.AffectedSOPClassUID):
                 raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
-            if not _SKIP_DATASET_CHECK:
-                check_dataset(payload, transfer_syntax)
+            check_dataset(payload, transfer_syntax)
         except (UnreadableDataset, _Mismatch, MalformedDataset) as exc:
             if isinstance(exc, MalformedDataset):
                 status = PIXEL_DATA_INVALID if exc.pixel else MALFORMED_DATASET
@@ -331,10 +325,12 @@ class StorageSCP:
             called_ae=stats.called_ae if stats else "",
             peer=stats.peer if stats else "",
             series=tags.series,
+            association_id=stats.record_id if stats else None,
         )
         # The SOP Instance UID rule (README, "Receiving"): never move or replace an instance
         # indexed under another study, series or SOP class; in the same series compare bytes
-        # before writing anything, so an identical resend touches nothing.
+        # before writing anything, so an identical resend touches nothing. The rule is checked
+        # again under the index's write lock, where the staged file is renamed into place.
         existing = self.index.find_instance(tags.sop_instance_uid)
         try:
             InstanceConflict.check(record, existing)
@@ -346,31 +342,45 @@ class StorageSCP:
             and existing["transfer_syntax"] == record.transfer_syntax
             and same_dataset(target, payload)
         )
-        if not identical:
-            try:
-                self.spool.store(target, chunks)
-            except OutOfSpace:
-                logs.event(log, "store_refused_disk_full", logging.ERROR, sop_instance_uid=tags.sop_instance_uid)
-                return OUT_OF_RESOURCES
-            except OSError as exc:
-                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
-                return OUT_OF_RESOURCES
-            if _CRASH_AFTER_RENAME:
-                self._renames += 1
-                if self._renames >= _CRASH_AFTER_RENAME:
-                    os._exit(70)  # test hook: the file is in place, its row is not
+        staged: Path | None = None
+
+        def place() -> None:
+            nonlocal staged
+            if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
+                staged = self.spool.stage(chunks)
+            self.spool.place(staged, target)
+            staged = None
 
         completion = self.config.completion
         try:
+            if not identical:
+                staged = self.spool.stage(chunks)
             arrival = self.index.record_instance(
                 record,
                 now=time.time(),
                 quiet_period=completion.quiet_period_for(calling),
                 reopen=completion.after_complete == "reprocess",
                 identical=identical,
+                place=place,
             )
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
-            return self._conflict(exc, chunks, record, None if identical else target)
+            return self._conflict(exc, chunks, record, staged)
+        except OSError as exc:
+            self._discard(staged)
+            logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
+                       logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
+            return OUT_OF_RESOURCES
+        except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
+            self._discard(staged)
+            raise
+        if arrival.placement is Placement.KEPT_ASIDE and staged is not None:
+            where = self.spool.quarantine_file(staged, (
+                f"a different copy of instance {tags.sop_instance_uid} arrived after study {tags.study_uid} "
+                "completed; completion.after_complete is 'ignore', so the copy its results were made from stays"))
+            logs.event(log, "instance_after_completion_kept_aside", logging.WARNING, study_uid=tags.study_uid,
+                       sop_instance_uid=tags.sop_instance_uid, file=where.name)
+        elif arrival.duplicate and arrival.placement is Placement.PLACED:
+            logs.event(log, "instance_replaced", study_uid=tags.study_uid, sop_instance_uid=tags.sop_instance_uid)
         if stats is not None:
             stats.studies.add(tags.study_uid)
         if arrival.identical and not arrival.opened:
@@ -385,13 +395,17 @@ class StorageSCP:
             self.on_study_opened(tags.study_uid, arrival.deadline)
         return SUCCESS
 
+    def _discard(self, staged: Path | None) -> None:
+        if staged is not None:
+            self.spool.discard(staged)
+
     def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
-                  written: object) -> int:
-        """Refuse an instance whose SOP Instance UID is held elsewhere; the held one stays."""
+                  staged: Path | None) -> int:
+        """Refuse an instance whose SOP Instance UID is held elsewhere; the held one stays (the
+        newcomer was only staged: it never reached the held instance's path)."""
         reason = f"{exc}; refused: this one is in study {record.study_uid}, series {record.series_uid}"
-        held_path = self.spool.instance_path(exc.study_uid, exc.series_uid, exc.sop_instance_uid)
-        if written is not None and written != held_path:
-            where = self.spool.quarantine_file(written, reason)  # type: ignore[arg-type]
+        if staged is not None:
+            where = self.spool.quarantine_file(staged, reason)
         else:
             where = self.spool.quarantine(chunks, reason)
         logs.event(

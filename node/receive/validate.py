@@ -227,7 +227,7 @@ MAX_INFLATED_BYTES = 256 << 20  # a deflated data set may inflate to this much, 
 def inflate(raw: bytes | memoryview, limit: int = MAX_INFLATED_BYTES) -> bytes:
     """A deflated data set, inflated with a bound: 200 KiB can inflate to 200 MiB and more (a
     "deflate bomb"). Refused when it inflates past `limit`, is cut short, or has bytes after the
-    end of its deflate stream."""
+    end of its deflate stream other than the one 00H pad byte of PS3.5 A.5."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
         data = inflater.decompress(bytes(raw), limit)
@@ -237,7 +237,10 @@ def inflate(raw: bytes | memoryview, limit: int = MAX_INFLATED_BYTES) -> bytes:
         raise MalformedDataset(f"deflated data set inflates to more than {limit >> 20} MiB")
     if not inflater.eof:
         raise MalformedDataset("deflated data set is cut short")
-    if inflater.unused_data:
+    # PS3.5 Annex A.5 (Deflate Transfer Syntax): a deflated bitstream of odd length is followed
+    # by a single 00H pad byte so that the data set has even length (dcmtk writes it). That one
+    # byte is allowed; anything else after the end of the stream is not.
+    if inflater.unused_data and inflater.unused_data != b"\x00":
         raise MalformedDataset(f"{len(inflater.unused_data)} bytes after the end of the deflated data set")
     return data
 

@@ -44,13 +44,14 @@ from typing import Any, Callable
 
 from pynetdicom import _config as pynetdicom_config
 
-from node import logs
-from node.config import NodeConfig
+from common import logs
+from node.config import HTTP_TOKEN_ENV, INDEX_URL_ENV, NodeConfig
 from node.receive.pynetdicom_internals import HandedServer
 
 log = logging.getLogger("node.receive")
 
-_CONFIG_ENV = "DICOM_NODE_RECEIVER_CONFIG"
+# Not passed on to receiver processes: their values reach them inside the settings (a pipe).
+_SECRET_ENV = (HTTP_TOKEN_ENV, INDEX_URL_ENV)
 SHUTDOWN_GRACE_S = 0.5  # on stop, associations still open after this are aborted
 _MAX_MESSAGE = 4096
 # Each received PDU is a 16 KiB-1 MiB buffer. With glibc's defaults these go through mmap and
@@ -175,7 +176,11 @@ class ReceiverPool:
                        receivers=[w.process.pid for w in fresh], stopped=[w.process.pid for w in earlier])
             return True
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, drain: float = 0.0, grace: float = 10.0, hurry: threading.Event | None = None) -> None:
+        """Stop taking connections at once (the listening socket closes, so readiness fails and a
+        load balancer moves on); with `drain`, the open associations may finish for up to that
+        long (scp.timeouts.drain), then every receiver gets SIGTERM: `grace` seconds, then killed.
+        `hurry` (a second SIGTERM or Ctrl-C) cuts the drain short."""
         with self._lock:
             self._stopping.set()
         try:
@@ -185,8 +190,21 @@ class ReceiverPool:
         self._listener.close()
         with self._lock:
             workers = [w for w in self._workers if w] + self._others
+        if drain > 0:
+            for worker in workers:
+                try:
+                    worker.channel.send(json.dumps({"drain": True}).encode())
+                except OSError:
+                    pass  # it is gone already
+            logs.event(log, "receivers_draining", receivers=len(workers), within_s=drain)
+            deadline = time.monotonic() + drain + grace
+            hurry = hurry or threading.Event()
+            while any(w.process.poll() is None for w in workers) and time.monotonic() < deadline:
+                if hurry.wait(0.1):
+                    break
         for worker in workers:
-            worker.process.send_signal(signal.SIGTERM)
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for worker in workers:
             try:
@@ -204,17 +222,24 @@ class ReceiverPool:
         """A receiver process with `config`; registered for its messages, and (install) in its slot.
         It ends when its channel closes, so it never outlives the service (whatever thread started it)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**_MALLOC_TUNING, **os.environ}
-        env[_CONFIG_ENV] = json.dumps(
-            {"config": config.model_dump(mode="json"), "port": self.port,
-             "max_associations": -(-config.scp.max_associations // self.count)}
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "node.receive.workers", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-        )
-        theirs.close()
+        settings_in, settings_out = os.pipe()
+        # The settings hold secrets (the index URL's password, the console token): they go through
+        # a pipe only the receiver reads, never its environment (readable in /proc/PID/environ).
+        env = {**_MALLOC_TUNING, **{k: v for k, v in os.environ.items() if k not in _SECRET_ENV}}
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "node.receive.workers", str(theirs.fileno()), str(settings_in)],
+                pass_fds=[theirs.fileno(), settings_in],
+                env=env,
+            )
+        finally:
+            theirs.close()
+            os.close(settings_in)
+        with os.fdopen(settings_out, "wb") as pipe:
+            try:
+                pipe.write(json.dumps(receiver_settings(config, self.port, self.count)).encode())
+            except BrokenPipeError:
+                pass  # it died at once; _on_worker_exit sees to it
         worker = _Worker(slot, process, ours)
         with self._lock:
             if install:
@@ -309,7 +334,8 @@ class ReceiverPool:
         # A receiver that cannot start (a bad certificate, no memory) must not respawn in a busy loop.
         quick = time.monotonic() - worker.started < 10
         self._failures[worker.slot] = self._failures[worker.slot] + 1 if quick else 0
-        delay = min(30.0, 0.5 * 2 ** self._failures[worker.slot]) if quick else 0.0
+        from common.backoff import backoff_delay
+        delay = backoff_delay(self._failures[worker.slot], 1.0, 30.0, jitter=False) if quick else 0.0  # 1, 2, 4 .. 30 s
         timer = threading.Timer(delay, self._respawn, [worker.slot])
         timer.daemon = True
         timer.start()
@@ -331,14 +357,25 @@ class ReceiverPool:
 # -- the receiver process ------------------------------------------------------------------
 
 
-def receiver_main(channel_fd: int) -> None:
+def receiver_settings(config: NodeConfig, port: int, receivers: int) -> dict[str, Any]:
+    """What a receiver process starts with: the configuration (the index URL resolved, so that
+    the environment variable that may carry it stays with the service), the listening port and
+    its share of the association slots."""
+    config = config.model_copy(update={"storage": config.storage.model_copy(
+        update={"index_url": config.storage.effective_index_url()})})
+    return {"config": config.model_dump(mode="json"), "port": port,
+            "max_associations": -(-config.scp.max_associations // receivers)}
+
+
+def receiver_main(channel_fd: int, settings_fd: int) -> None:
     from node.receive.scp import StorageSCP
     from node.receive.tls import server_ssl_context
     from node.store.index import Index
     from node.store.spool import Spool
     from pynetdicom import evt
 
-    settings = json.loads(os.environ.pop(_CONFIG_ENV))
+    with os.fdopen(settings_fd, "rb") as pipe:
+        settings = json.loads(pipe.read())
     config = NodeConfig.model_validate(settings["config"])
     logs.setup(config.logging.level)
     # pynetdicom's default handlers decode every command set for debug logs: off.
@@ -438,4 +475,4 @@ def receiver_main(channel_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    receiver_main(int(sys.argv[1]))
+    receiver_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from node.route.conditions import Condition, Context
 from node.route.study import SeriesView, StudyView
-from node.yamlfile import ConfigError, Problem, YamlDocument, load_yaml, validate
+from common.yamlfile import ConfigError, Problem, YamlDocument, load_yaml, validate
 
 SENDER = "@sender"  # destination that means: the peer configured for the study's calling AE
 

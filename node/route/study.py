@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from node.receive.tags import ROUTING_KEYWORDS, routing_values
+from common.orientation import plane_of_orientation
+from node.routing_tags import ROUTING_KEYWORDS, routing_values
 from node.store.index import Index
 
 # Routing-tag keyword -> column of the series table
@@ -29,22 +29,12 @@ SERIES_COLUMNS = {
 }
 PSEUDO_TAGS = {"InstanceCount": "number of instances in the series"}
 ROUTABLE = set(SERIES_COLUMNS) | set(PSEUDO_TAGS)
-OBLIQUE_COSINE = 0.985  # more than ~10 degrees off every patient axis: oblique
 
 
 def orientation_class(iop: list[float] | None) -> str | None:
-    """axial, coronal, sagittal or oblique, from ImageOrientationPatient."""
-    if not iop or len(iop) != 6:
-        return None
-    normal = np.cross(np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float))
-    norm = np.linalg.norm(normal)
-    if norm == 0:
-        return None
-    normal = np.abs(normal / norm)
-    axis = int(np.argmax(normal))
-    if normal[axis] < OBLIQUE_COSINE:
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
+    """axial, coronal, sagittal or oblique, from ImageOrientationPatient (common.orientation:
+    more than 30 degrees off every patient axis is oblique, a gantry-tilted CT is axial)."""
+    return plane_of_orientation(iop)
 
 
 @dataclass
@@ -74,6 +64,7 @@ class StudyView:
     called_ae: str
     peer: str
     series: list[SeriesView]
+    missing: int = 0  # indexed instances whose file is gone (found by start-up reconciliation)
 
 
 def _series_tags(row: Any) -> dict[str, Any]:
@@ -86,19 +77,23 @@ def _series_tags(row: Any) -> dict[str, Any]:
 
 
 def study_from_index(index: Index, study_uid: str, data_dir: Path) -> StudyView | None:
-    rows = index.query("SELECT * FROM series WHERE study_uid=? ORDER BY number, series_uid", (study_uid,))
-    if not rows:
+    """The study as routing and the job see it: its series and the files still on disk (an
+    instance whose file reconciliation found gone is left out and counted in `missing`)."""
+    rows = index.study_series(study_uid)
+    origin = index.study_origin(study_uid)
+    if not rows or origin is None:
         return None
-    origin = index.query(
-        "SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=? ORDER BY received_at DESC LIMIT 1",
-        (study_uid,),
-    )[0]
-    series = []
-    for row in rows:
-        files = [data_dir / r["path"] for r in index.query(
-            "SELECT path FROM instances WHERE series_uid=? ORDER BY path", (row["series_uid"],))]
-        series.append(SeriesView(row["series_uid"], _series_tags(row), len(files), files))
-    return StudyView(study_uid, origin["calling_ae"] or "", origin["called_ae"] or "", origin["peer"] or "", series)
+    files: dict[str, list[Path]] = {}
+    missing = 0
+    for instance in index.study_instances(study_uid):
+        if instance["missing_at"] is not None:
+            missing += 1
+        else:
+            files.setdefault(instance["series_uid"], []).append(data_dir / instance["path"])
+    series = [SeriesView(row["series_uid"], _series_tags(row), len(files.get(row["series_uid"], [])),
+                         files.get(row["series_uid"], [])) for row in rows]
+    return StudyView(study_uid, origin["calling_ae"] or "", origin["called_ae"] or "", origin["peer"] or "", series,
+                     missing)
 
 
 def study_from_folder(folder: Path, calling_ae: str = "", called_ae: str = "", peer: str = "") -> list[StudyView]:

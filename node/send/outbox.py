@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -24,21 +23,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.base import BaseScheduler
 
-from node import logs
+from common import logs
+from common.backoff import backoff_delay
 from node.config import NodeConfig
-from node.send.scu import NotAccepted, associate, client_ssl_context, rejection, send_file, storage_contexts
-from node.store.index import Index
+from node.send.scu import NotAccepted, associate, destination_ssl_context, rejection, send_file, storage_contexts
+from node.send.status import classify_status
+from node.store.index import Db, Index
 from node.store.lease import process_owner
 
 log = logging.getLogger("node.send")
 
-WARNING_STATUSES = range(0xB000, 0xC000)
 SENDING_EXPIRED = "state='sending' AND lease_until<?"
-# The PACS holds this SOP Instance UID already: results keep their UIDs on every attempt, so it holds
-# this very object (an attempt cut off after the store, or a replica's attempt racing ours).
-DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 class Transient(Exception):
@@ -54,15 +52,27 @@ class Delivery:
     warnings: list[str]
 
 
-def classify_status(status: int) -> str:
-    """'success', 'warning', 'transient' or 'permanent' for a C-STORE response status."""
-    if status == 0x0000:
-        return "success"
-    if status in WARNING_STATUSES or status in (0x0107, 0x0116, DUPLICATE_SOP_INSTANCE):
-        return "warning"
-    if 0xA700 <= status <= 0xA7FF:
-        return "transient"
-    return "permanent"  # 0xA9xx, 0xCxxx and anything unknown: resending will not help
+# Deliveries run on an executor of their own: a PACS that hangs each association until its
+# timeout must not take the threads the completion timers and the job runner's wake-ups run on.
+DELIVERY_EXECUTOR = "deliveries"
+DELIVERY_THREADS = 8
+
+
+def delivery_state(index: Index, item_id: int) -> str | None:
+    """The state of one outbox item (None: no such item)."""
+    rows = index.query("SELECT state FROM outbox WHERE id=?", (item_id,))
+    return rows[0]["state"] if rows else None
+
+
+def deliveries(index: Index) -> list[dict[str, Any]]:
+    """Every outbox item's job key, study, state and last change (for retention's plan)."""
+    return index.query("SELECT job_key, study_uid, state, updated_at FROM outbox")
+
+
+def undelivered(db: Db, study_uid: str) -> int:
+    """How many of the study's result sets are not delivered yet (inside the caller's transaction)."""
+    return int(db.execute("SELECT COUNT(*) AS n FROM outbox WHERE study_uid=? AND state<>'delivered'",
+                          (study_uid,)).fetchone()["n"])
 
 
 class Outbox:
@@ -70,6 +80,10 @@ class Outbox:
         self.config = config
         self.index = index
         self.scheduler = scheduler
+        try:
+            scheduler.add_executor(ThreadPoolExecutor(DELIVERY_THREADS), alias=DELIVERY_EXECUTOR)
+        except ValueError:  # another Outbox on this scheduler added it (tests run two "replicas" on one)
+            pass
         self.owner = owner or process_owner()
         self._lock = threading.Lock()
         self._running: set[int] = set()
@@ -118,7 +132,7 @@ class Outbox:
     def _schedule(self, item_id: int, when: float) -> None:
         self.scheduler.add_job(
             self.attempt, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc), args=[item_id],
-            id=_job_id(item_id), replace_existing=True, misfire_grace_time=None,
+            id=_job_id(item_id), replace_existing=True, misfire_grace_time=None, executor=DELIVERY_EXECUTOR,
         )
 
     # -- sending -----------------------------------------------------------------------------
@@ -139,12 +153,13 @@ class Outbox:
         """Keep this process's sends (called well within `storage.lease_s`)."""
         with self.index.transaction(claim=True) as db:
             return db.execute("UPDATE outbox SET lease_until=? WHERE state='sending' AND lease_owner=?",
-                              (time.time() + self.config.storage.lease_s, self.owner)).rowcount
+                              (db.lease_clock() + self.config.storage.lease_s, self.owner)).rowcount
 
     def _attempt(self, item_id: int) -> str:
         now = time.time()
         with self.index.transaction(claim=True) as db:
-            due, params = self._due(now)
+            lease_now = db.lease_clock()
+            due, params = self._due(lease_now)
             row = db.execute(f"SELECT * FROM outbox WHERE id=? AND {due}" + self.index.skip_locked,
                              (item_id, *params)).fetchone()
             if row is None:  # delivered, dead, or being sent (here or by another replica)
@@ -153,7 +168,7 @@ class Outbox:
                 logs.event(log, "results_send_taken_over", logging.WARNING, outbox_id=item_id,
                            lease_owner=row["lease_owner"])
             db.execute("UPDATE outbox SET state='sending', attempts=attempts+1, lease_owner=?, lease_until=?,"
-                       " updated_at=? WHERE id=?", (self.owner, now + self.config.storage.lease_s, now, item_id))
+                       " updated_at=? WHERE id=?", (self.owner, lease_now + self.config.storage.lease_s, now, item_id))
         started = time.monotonic()
         try:
             delivery = self._send(row["destination"], [Path(f) for f in json.loads(row["files"])])
@@ -175,7 +190,7 @@ class Outbox:
         peer = self.config.destinations.get(destination)
         if peer is None:
             raise Permanent(f"destination {destination!r} is not configured")
-        ssl_context = client_ssl_context(peer.tls.ca, peer.tls.certificate, peer.tls.private_key) if peer.tls.enabled else None
+        ssl_context = destination_ssl_context(peer.tls)
         assoc = associate(peer.host, peer.port, self.config.scp.ae_title, peer.ae_title, storage_contexts(files),
                           ssl_context, timeout=self.config.sending.timeout_s)
         refused = rejection(assoc)
@@ -213,7 +228,7 @@ class Outbox:
     def _retry_later(self, row: Any, reason: str) -> str:
         sending = self.config.sending
         attempts = int(row["attempts"]) + 1
-        delay = min(sending.retry_max_s, sending.retry_initial_s * 2 ** (attempts - 1)) * random.uniform(0.5, 1.5)
+        delay = backoff_delay(attempts, sending.retry_initial_s, sending.retry_max_s)
         when = time.time() + delay
         if when > float(row["deadline"]):
             return self._finish(row, "dead", f"deadline passed after {attempts} attempts; last error: {reason}")

@@ -25,6 +25,8 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 
+from node.config import ClientTls
+
 MAX_REQUESTED_CONTEXTS = 128
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -66,11 +68,20 @@ def rejection(assoc: Association) -> Rejection | None:
 def client_ssl_context(
     ca: Path | None, certificate: Path | None = None, private_key: Path | None = None
 ) -> ssl.SSLContext:
+    """The one client TLS context for DICOM peers: the peer's chain is verified against `ca` (the
+    system's CAs when None), its host name is not (peers are identified by AE title and chain);
+    our certificate is presented when given."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
     context.check_hostname = False  # DICOM peers are identified by AE title and certificate chain
     if certificate and private_key:
         context.load_cert_chain(str(certificate), str(private_key))
     return context
+
+
+def destination_ssl_context(tls: ClientTls) -> ssl.SSLContext | None:
+    """How a configured destination is reached (outbox, `dicom-node echo`, the console's echo):
+    None for plain TCP."""
+    return client_ssl_context(tls.ca, tls.certificate, tls.private_key) if tls.enabled else None
 
 
 def associate(

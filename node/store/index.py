@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -71,6 +73,13 @@ class Db:
         self._dbapi = connection.dialect.loaded_dbapi
         self._pyformat = connection.dialect.paramstyle in ("format", "pyformat")
 
+    def lease_clock(self) -> float:
+        """Now, for leases: on a shared index the database server's clock (replicas' wall clocks
+        may disagree by more than a lease is long), on SQLite this host's (one host)."""
+        if self.connection.dialect.name == "sqlite":
+            return time.time()
+        return float(self.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now").fetchone()["now"])
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
         # psycopg's placeholder is %s; no statement in the node has a '?' or '%' inside a literal.
         if self._pyformat:
@@ -103,6 +112,16 @@ class InstanceRecord:
     called_ae: str
     peer: str
     series: dict[str, Any]
+    association_id: int | None = None  # the associations row it arrived on (None: reconciled)
+
+
+class Placement(Enum):
+    """What happened to the newcomer's bytes (decided under the index's write lock)."""
+
+    PLACED = "placed"  # written to its path (new, or replacing a different copy while receiving)
+    IDENTICAL = "identical"  # a byte-identical copy of the indexed instance: nothing written
+    KEPT_ASIDE = "kept_aside"  # different bytes for an instance of a study completed under
+    # `after_complete: ignore`: the instance its results were made from stays in place
 
 
 @dataclass(frozen=True)
@@ -114,10 +133,33 @@ class Arrival:
     reopened: bool
     ignored_after_complete: bool
     deadline: float
-    # A byte-identical copy of the indexed instance: nothing changes on disk or in the row. It
-    # never reopens a complete study (whatever completion.after_complete says); while the study
-    # is receiving it moves the deadline like any arrival.
-    identical: bool = False
+    placement: Placement = Placement.PLACED
+
+    @property
+    def identical(self) -> bool:
+        """A byte-identical resend: it never reopens a complete study (whatever
+        completion.after_complete says); while the study is receiving it moves the deadline."""
+        return self.placement is Placement.IDENTICAL
+
+
+# Statements on the receiving tables name their columns: a release that adds a column (rolling
+# upgrade, README "Scaling out") leaves the previous release's statements valid.
+_INSERT_INSTANCE = (
+    "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path, size,"
+    " received_at, calling_ae, called_ae, peer, association_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(sop_instance_uid) DO UPDATE SET transfer_syntax=excluded.transfer_syntax, path=excluded.path,"
+    " size=excluded.size, received_at=excluded.received_at, calling_ae=excluded.calling_ae,"
+    " called_ae=excluded.called_ae, peer=excluded.peer, association_id=excluded.association_id, missing_at=NULL"
+)
+_INSERT_SERIES = (
+    "INSERT INTO series (series_uid, study_uid, modality, body_part, description, number, sop_class_uid,"
+    " image_type, orientation, rows, columns, slice_thickness) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT DO NOTHING"
+)
+_INSERT_STUDY = (
+    "INSERT INTO studies (study_uid, patient_id, state, calling_ae, first_received, last_received, deadline,"
+    " completed_at, completions) VALUES (?,?,'receiving',?,?,?,?,NULL,0)"
+)
 
 
 class InstanceConflict(Exception):
@@ -236,70 +278,62 @@ class Index:
 
     def record_instance(
         self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool,
-        identical: bool = False,
+        identical: bool = False, place: Callable[[], None] | None = None,
     ) -> Arrival:
         """Index one stored instance and move its study's completion deadline.
 
         The SOP Instance UID rule: an instance already indexed under another study, series or
-        SOP class is never moved or replaced (InstanceConflict, nothing written). In the same
-        series, `identical` (the caller compared the bytes) leaves the row as it is; otherwise
-        the newcomer's row replaces the old one (latest wins, same path).
+        SOP class is never moved or replaced (InstanceConflict, nothing written). `place` puts
+        the newcomer's bytes at `rec.path` (the spool's rename); it runs here, under the write
+        lock, only once the rules allow it, so two receivers with one SOP Instance UID can never
+        overwrite each other's file before one of them is refused. In the same series,
+        `identical` (the caller compared the bytes) leaves file and row as they are; otherwise
+        the newcomer replaces the old copy (latest wins, same path) while the study receives.
+        Once the study is complete under `reopen=False` (after_complete: ignore) a different
+        copy is not placed (KEPT_ASIDE): the instance its results were made from stays.
         """
         deadline = now + quiet_period
         with self.transaction() as db:
             existing = db.execute(
-                "SELECT study_uid, series_uid, sop_class_uid FROM instances WHERE sop_instance_uid=?",
+                "SELECT study_uid, series_uid, sop_class_uid, path FROM instances WHERE sop_instance_uid=?",
                 (rec.sop_instance_uid,),
             ).fetchone()
             InstanceConflict.check(rec, existing)
             series_of = db.execute("SELECT study_uid FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
             if series_of is not None and series_of["study_uid"] != rec.study_uid:
                 raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
+            study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
             duplicate = existing is not None
-            identical = identical and duplicate
-            if not identical:
-                db.execute(
-                    """INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,NULL)
-                       ON CONFLICT(sop_instance_uid) DO UPDATE SET
-                       transfer_syntax=excluded.transfer_syntax,
-                       path=excluded.path, size=excluded.size, received_at=excluded.received_at,
-                       calling_ae=excluded.calling_ae, called_ae=excluded.called_ae, peer=excluded.peer""",
-                    (
-                        rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid,
-                        rec.transfer_syntax, rec.path, rec.size, now, rec.calling_ae,
-                        rec.called_ae, rec.peer,
-                    ),
-                )
+            complete = study is not None and study["state"] == "complete"
+            if duplicate and identical and existing["path"] == rec.path:
+                placement = Placement.IDENTICAL
+            elif duplicate and complete and not reopen:
+                placement = Placement.KEPT_ASIDE
+            else:
+                placement = Placement.PLACED
+                if place is not None:
+                    place()
+                db.execute(_INSERT_INSTANCE, (
+                    rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
+                    rec.path, rec.size, now, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
             s = rec.series
-            db.execute(
-                "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                (
-                    rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"),
-                    s.get("description"), s.get("number"), rec.sop_class_uid,
-                    s.get("image_type"), s.get("orientation"), s.get("rows"), s.get("columns"),
-                    s.get("slice_thickness"),
-                ),
-            )
-            row = db.execute(
-                "SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO studies VALUES (?,?,'receiving',?,?,?,?,NULL,0)",
-                    (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline),
-                )
-                return Arrival(duplicate, True, False, False, deadline, identical)
-            if row["state"] == "complete" and identical:  # simply acknowledged: nothing new
-                return Arrival(duplicate, False, False, False, deadline, identical)
-            if row["state"] == "complete" and not reopen:
-                return Arrival(duplicate, False, False, True, deadline, identical)
+            db.execute(_INSERT_SERIES, (
+                rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
+                s.get("number"), rec.sop_class_uid, s.get("image_type"), s.get("orientation"), s.get("rows"),
+                s.get("columns"), s.get("slice_thickness")))
+            if study is None:
+                db.execute(_INSERT_STUDY, (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline))
+                return Arrival(duplicate, True, False, False, deadline, placement)
+            if complete and (placement is Placement.IDENTICAL or not reopen):
+                # an identical resend is simply acknowledged; otherwise after_complete: ignore
+                return Arrival(duplicate, False, False, placement is not Placement.IDENTICAL, deadline, placement)
             db.execute(
                 "UPDATE studies SET state='receiving', last_received=?, deadline=?, calling_ae=?"
                 " WHERE study_uid=?",
                 (now, deadline, rec.calling_ae, rec.study_uid),
             )
-            reopened = row["state"] != "receiving"
-            return Arrival(duplicate, reopened, reopened, False, deadline, identical)
+            reopened = study["state"] != "receiving"
+            return Arrival(duplicate, reopened, reopened, False, deadline, placement)
 
     def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
         with self.transaction() as db:
@@ -315,6 +349,56 @@ class Index:
                 "UPDATE associations SET ended_at=?, instances=?, failures=? WHERE id=?",
                 (now, instances, failures, assoc_id),
             )
+
+    def study_series(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's series rows (routing tags), in series-number order."""
+        return self.query(
+            "SELECT series_uid, study_uid, modality, body_part, description, number, sop_class_uid, image_type,"
+            " orientation, rows, columns, slice_thickness FROM series WHERE study_uid=? ORDER BY number, series_uid",
+            (study_uid,))
+
+    def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's instances (series_uid, path, missing_at) in path order: one read per study."""
+        return self.query("SELECT series_uid, path, missing_at FROM instances WHERE study_uid=? ORDER BY path",
+                          (study_uid,))
+
+    def study_origin(self, study_uid: str) -> dict[str, Any] | None:
+        """Who sent the study's latest instance: calling_ae, called_ae, peer."""
+        rows = self.query("SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
+                          " ORDER BY received_at DESC LIMIT 1", (study_uid,))
+        return rows[0] if rows else None
+
+    def study_calling_ae(self, study_uid: str) -> str | None:
+        rows = self.query("SELECT calling_ae FROM studies WHERE study_uid=?", (study_uid,))
+        return (rows[0]["calling_ae"] or "") if rows else None
+
+    def indexed_studies(self) -> list[str]:
+        return [r["study_uid"] for r in self.query("SELECT DISTINCT study_uid FROM instances ORDER BY study_uid")]
+
+    def mark_missing(self, study_uid: str, present: Callable[[str], bool], now: float) -> list[str]:
+        """Mark the study's instances whose file is gone (`present(path)` is False); returns their
+        SOP Instance UIDs. Checked under the write lock: receivers rename a file into place
+        under the same lock before its row exists, so no file still being written is judged."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT sop_instance_uid, path FROM instances WHERE study_uid=? AND missing_at IS NULL",
+                              (study_uid,)).fetchall()
+            gone = [r["sop_instance_uid"] for r in rows if not present(r["path"])]
+            for uid in gone:
+                db.execute("UPDATE instances SET missing_at=? WHERE sop_instance_uid=?", (now, uid))
+            return gone
+
+    def missing_instances(self) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM instances WHERE missing_at IS NOT NULL")[0]["n"])
+
+    def forget_study(self, db: Db, study_uid: str) -> list[dict[str, Any]]:
+        """Delete the study's rows (retention, inside its transaction); returns its instances
+        (path, size, received_at) so the caller can remove their files."""
+        instances = db.execute("SELECT path, size, received_at FROM instances WHERE study_uid=?",
+                               (study_uid,)).fetchall()
+        db.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,))
+        db.execute("DELETE FROM series WHERE study_uid=?", (study_uid,))
+        db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,))
+        return instances
 
     # -- completion ------------------------------------------------------------------------
 

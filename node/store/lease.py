@@ -10,7 +10,7 @@ import uuid
 from functools import cache
 from typing import Callable
 
-from node import logs
+from common import logs
 
 log = logging.getLogger("node.store")
 

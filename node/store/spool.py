@@ -60,16 +60,46 @@ class Spool:
 
     def store(self, target: Path, chunks: Iterable[bytes | memoryview]) -> int:
         """Write `chunks` durably to `target` (replacing it); return the size in bytes."""
+        staged = self.stage(chunks)
+        size = staged.stat().st_size
+        self.place(staged, target)
+        return size
+
+    def stage(self, chunks: Iterable[bytes | memoryview]) -> Path:
+        """Write `chunks` durably to a temporary file in tmp/ (not yet anywhere a reader looks).
+
+        The receiver stages first and lets the index `place` it under its write lock, so the
+        checks on the SOP Instance UID and the rename happen as one step across processes."""
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise OutOfSpace(exc.errno, "no space left for the instance") from None
+            raise
+        return tmp
+
+    def place(self, staged: Path, target: Path) -> None:
+        """Rename a staged file to `target` (replacing it) and make the rename durable."""
         self._ensure_dir(target.parent)
-        return self._write_atomic(target, chunks)
+        os.replace(staged, target)
+        _fsync_dir(target.parent)
+
+    def discard(self, staged: Path) -> None:
+        staged.unlink(missing_ok=True)
 
     def quarantine(self, chunks: Iterable[bytes | memoryview], reason: str) -> Path:
         """Keep an unusable dataset for inspection; it is never indexed."""
-        stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
-        target = self.quarantine_dir / f"{stem}.dcm"
-        self._write_atomic(target, chunks)
-        (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
-        return target
+        return self.quarantine_file(self.stage(chunks), reason)
 
     def quarantine_file(self, path: Path, reason: str) -> Path:
         """Move a file that is already on this filesystem into quarantine, with its reason."""
@@ -112,30 +142,6 @@ class Spool:
         for new in created:  # make the new folder entries themselves durable
             _fsync_dir(new.parent)
         self._known_dirs.add(folder)
-
-    def _write_atomic(self, target: Path, chunks: Iterable[bytes | memoryview]) -> int:
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        size = 0
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                        size += written
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise OutOfSpace(exc.errno, "no space left for the instance") from None
-            raise
-        _fsync_dir(target.parent)
-        return size
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import inspect
 
-from node import logs
+from common import logs
 
 if TYPE_CHECKING:
     from node.store.index import Index
 
 log = logging.getLogger("node.store")
 
-HEAD = "0002"  # revision ids are zero-padded numbers: a newer one sorts after
+HEAD = "0003"  # revision ids are zero-padded numbers: a newer one sorts after
 
 
 def current_version(connection: object) -> str | None:

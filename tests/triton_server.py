@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import IO
-from node.processes import stop_process_group
+from tests.processes import stop_process_group
 
 
 def _free_port() -> int:

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 _FIELDS = "event_fields"
-_OWN = ("node", "inference", "training", "benchmarks", "__main__")
+_OWN = ("common", "node", "inference", "training", "benchmarks", "__main__")
 # Quoted text, bytes literals and long hex/number runs that a library may echo from a data set.
 _QUOTED = re.compile(r"""b?'[^']*'|b?"[^"]*"|\\x[0-9a-fA-F]{2}(?:\\x[0-9a-fA-F]{2})+""")
 # Libraries whose every message is chatter from the node's point of view: at most DEBUG.

@@ -1,0 +1,43 @@
+"""Fault and measurement hooks for the node's processes, never part of the product.
+
+A test (or benchmark) that needs one puts this folder first on PYTHONPATH and sets its variable
+before starting `dicom-node serve`; Python imports this module at start-up in the service and
+its receiver processes, and the hook patches the one receiver method it concerns:
+
+- DICOM_NODE_TEST_CRASH_AFTER_PLACE=N: a receiver process exits (os._exit) right after its Nth
+  rename of an instance into studies/, before the index transaction that holds the rename commits
+  (the crash-between-rename-and-commit test).
+- DICOM_NODE_TEST_SKIP_DATASET_CHECK=1: receivers skip the whole-data-set check before the
+  acknowledgement (the receive benchmark's before/after figure).
+"""
+
+from __future__ import annotations
+
+import os
+
+HOOKS = os.path.dirname(os.path.abspath(__file__))
+_CRASH_AFTER = int(os.environ.get("DICOM_NODE_TEST_CRASH_AFTER_PLACE") or 0)
+_SKIP_CHECK = os.environ.get("DICOM_NODE_TEST_SKIP_DATASET_CHECK") == "1"
+
+if _CRASH_AFTER or _SKIP_CHECK:
+    from node.receive import scp
+
+    if _SKIP_CHECK:
+        scp.check_dataset = lambda payload, transfer_syntax: None  # type: ignore[assignment]
+    if _CRASH_AFTER:
+        _init = scp.StorageSCP.__init__
+        _places = [0]
+
+        def _crashing_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            _init(self, *args, **kwargs)
+            place = self.spool.place
+
+            def crash_after_place(staged, target):  # type: ignore[no-untyped-def]
+                place(staged, target)
+                _places[0] += 1
+                if _places[0] >= _CRASH_AFTER:
+                    os._exit(70)
+
+            self.spool.place = crash_after_place
+
+        scp.StorageSCP.__init__ = _crashing_init  # type: ignore[method-assign]

@@ -1,0 +1,313 @@
+"""The foundations: rolling upgrades, receiver races, drains, secrets, executors and leases.
+
+Each test here plays the adversary of one promise that an earlier release broke: an index one
+migration ahead, two associations racing with one SOP Instance UID, a changed copy after
+completion, a file deleted behind the node's back, a SIGTERM mid-association, a PACS that
+hangs every delivery, a study completing again while its job runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+
+from node.config import NodeConfig
+from node.jobs.runner import JobRunner
+from node.jobs.store import JobState, JobStore
+from node.route.decision import AppliedRule, RoutingDecision
+from node.route.rules import Actions
+from node.send.outbox import DELIVERY_EXECUTOR, Outbox
+from node.store.index import Index
+from node.store.migrations import HEAD
+from tests.peers import dataset_bytes, make_study, storescu, wait_for
+
+
+def _study_uid(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+# -- rolling upgrade ----------------------------------------------------------------------------
+
+
+def test_an_index_one_migration_ahead_still_takes_c_stores_from_this_release(start_node, tmp_path):
+    """README "Scaling out": migrations only add, so a replica of the previous release keeps
+    receiving on an index a newer release migrated. Simulated: every table gains a column (one
+    nullable, one NOT NULL with a default, as a real additive migration would) and the schema is
+    stamped one revision past this release's HEAD."""
+    node = start_node(completion={"quiet_period_s": 1.0})
+    node.stop()
+    ahead = f"{int(HEAD) + 1:04d}"
+    db = sqlite3.connect(node.data_dir / "index.sqlite")
+    for table in [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]:
+        if table.startswith("sqlite_") or table == "alembic_version":
+            continue
+        db.execute(f"ALTER TABLE {table} ADD COLUMN added_later TEXT")
+        db.execute(f"ALTER TABLE {table} ADD COLUMN added_later_required INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE alembic_version SET version_num=?", (ahead,))
+    db.commit()
+    db.close()
+    node.start()
+    files = make_study(tmp_path / "ct", slices=6, size=16)
+    result = storescu(node.port, files)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and output.count("Received Store Response (Success)") == 6, output[-2000:]
+    uid = _study_uid(files)
+    node.wait_complete(uid)
+    assert node.instance_count(uid) == 6
+    wait_for(lambda: node.query("SELECT state FROM work_items WHERE study_uid=?", (uid,)), timeout=30)
+    assert node.events("index_schema_newer")[-1]["schema"] == ahead
+    assert node.query("SELECT version_num FROM alembic_version")[0]["version_num"] == ahead  # never downgraded
+
+
+# -- receiver races -----------------------------------------------------------------------------
+
+
+def _send_all(port: int, datasets: list[pydicom.Dataset], context: str, statuses: list[int]) -> None:
+    ae = AE(ae_title="RACER")
+    ae.add_requested_context(context)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TESTNODE")
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            statuses.append(int(assoc.send_c_store(ds).Status))
+    finally:
+        assoc.release()
+
+
+def test_one_sop_instance_uid_with_two_sop_classes_at_once_never_overwrites_the_held_file(start_node, tmp_path):
+    """Two associations send the same SOP Instance UIDs at the same moment, one as CT and one
+    as MR (same study and series): for each UID exactly one is stored and acknowledged, the
+    other refused 0xC214, and the file on disk is always the one the index holds."""
+    node = start_node()
+    files = make_study(tmp_path / "ct", slices=40, size=16)
+    ct = [pydicom.dcmread(f) for f in files]
+    mr = []
+    for ds in ct:
+        other = pydicom.dcmread(files[0])
+        other.update(ds)
+        other.SOPClassUID = MRImageStorage
+        other.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        other.Modality = "MR"
+        mr.append(other)
+    statuses: dict[str, list[int]] = {"ct": [], "mr": []}
+    senders = [threading.Thread(target=_send_all, args=(node.port, ct, CTImageStorage, statuses["ct"])),
+               threading.Thread(target=_send_all, args=(node.port, mr, MRImageStorage, statuses["mr"]))]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(120)
+    for pair in zip(statuses["ct"], statuses["mr"]):
+        assert sorted(pair) == [0x0000, 0xC214], pair
+    rows = {r["sop_instance_uid"]: r for r in node.query("SELECT sop_instance_uid, sop_class_uid, path FROM instances")}
+    assert len(rows) == 40
+    for ds in ct:
+        row = rows[ds.SOPInstanceUID]
+        stored = pydicom.dcmread(node.data_dir / row["path"])
+        assert stored.SOPClassUID == row["sop_class_uid"]  # the bytes are the indexed instance's
+    assert len(list((node.data_dir / "quarantine").glob("*.dcm"))) == 40
+    assert not list((node.data_dir / "tmp").glob("*.part"))
+
+
+def test_a_changed_copy_after_completion_under_ignore_keeps_the_processed_file(start_node, tmp_path):
+    """after_complete: ignore: the study's results were made from the instances it held at
+    completion; a different copy arriving later is acknowledged and kept aside (quarantine,
+    with its reason), never written over the processed one."""
+    node = start_node(completion={"quiet_period_s": 1.0, "after_complete": "ignore"})
+    files = make_study(tmp_path / "ct", slices=3, size=16)
+    uid = _study_uid(files)
+    assert storescu(node.port, files).returncode == 0
+    node.wait_complete(uid)
+    processed = dataset_bytes(files[1])
+    changed = pydicom.dcmread(files[1])
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    result = storescu(node.port, [tmp_path / "changed.dcm"])
+    assert result.returncode == 0 and "Received Store Response (Success)" in result.stdout + result.stderr
+    kept = wait_for(lambda: node.events("instance_after_completion_kept_aside"), timeout=10)[0]
+    row = node.query("SELECT path FROM instances WHERE sop_instance_uid=?", (changed.SOPInstanceUID,))[0]
+    assert dataset_bytes(node.data_dir / row["path"]) == processed
+    aside = node.data_dir / "quarantine" / kept["file"]
+    assert dataset_bytes(aside) == dataset_bytes(tmp_path / "changed.dcm")
+    assert "after_complete is 'ignore'" in aside.with_name(aside.stem + ".reason.txt").read_text()
+    assert node.study(uid)["completions"] == 1
+
+
+def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_path, model_repository):
+    """A file deleted behind the node's back: at the next start the row is marked (not
+    forgotten), logged and counted; the study's job runs on what is left."""
+    node = start_node(completion={"quiet_period_s": 1.0})
+    files = make_study(tmp_path / "ct", slices=5, size=16)
+    uid = _study_uid(files)
+    assert storescu(node.port, files).returncode == 0
+    node.wait_complete(uid)
+    node.stop()
+    gone = node.query("SELECT sop_instance_uid, path FROM instances ORDER BY path LIMIT 2")
+    for row in gone:
+        (node.data_dir / row["path"]).unlink()
+    node.start()
+    event = wait_for(lambda: node.events("instances_missing"), timeout=10)[0]
+    assert (event["study_uid"], event["instances"]) == (uid, 2)
+    assert sorted(event["sop_instance_uids"]) == sorted(r["sop_instance_uid"] for r in gone)
+    assert node.events("reconciled")[-1]["missing_marked"] == 2
+    marked = node.query("SELECT sop_instance_uid FROM instances WHERE missing_at IS NOT NULL")
+    assert sorted(r["sop_instance_uid"] for r in marked) == sorted(r["sop_instance_uid"] for r in gone)
+    assert node.instance_count(uid) == 5  # kept, marked
+    from node.route.study import study_from_index
+
+    view = study_from_index(Index(node.data_dir / "index.sqlite", migrate=False), uid, node.data_dir)
+    assert view is not None and view.missing == 2 and sum(len(s.files) for s in view.series) == 3
+    # the same instance sent again is stored and no longer missing
+    by_uid = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
+    assert storescu(node.port, [by_uid[r["sop_instance_uid"]] for r in gone]).returncode == 0
+    wait_for(lambda: not node.query("SELECT 1 FROM instances WHERE missing_at IS NOT NULL"), timeout=10)
+
+
+# -- stopping -----------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_path):
+    """SIGTERM: no new connections and /health/receiving unready at once; the open
+    association finishes what it sends (within scp.timeouts.drain); then the node exits 0."""
+    node = start_node(scp={"timeouts": {"drain": 60}})
+    files = make_study(tmp_path / "ct", slices=4, size=16)
+    datasets = [pydicom.dcmread(f) for f in files]
+    assert _http_status(f"{node.url}/health/receiving") == 200
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(datasets[0]).Status == 0
+    node.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: _http_status(f"{node.url}/health/receiving") in (503, 0), timeout=10)
+    assert wait_for(lambda: node.events("receivers_draining"), timeout=10)
+    late = AE(ae_title="MODALITY")
+    late.add_requested_context(CTImageStorage)
+    refused = late.associate("127.0.0.1", node.port, ae_title="TESTNODE")
+    assert not refused.is_established
+    for ds in datasets[1:]:  # well after the old 0.5 s grace
+        time.sleep(0.4)
+        assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    assert node.process.wait(30) == 0
+    stored = {r["sop_instance_uid"] for r in node.query("SELECT sop_instance_uid FROM instances")}
+    assert stored == {ds.SOPInstanceUID for ds in datasets}
+    assert not [line for line in node.log().splitlines() if '"level": "ERROR"' in line]
+    node.process = None
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+
+def test_receiver_processes_get_no_secrets_in_their_environment(start_node, tmp_path, monkeypatch):
+    token = "console-token-" + "x" * 24
+    monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN", token)
+    monkeypatch.setenv("DICOM_NODE_INDEX_URL", f"sqlite:///{tmp_path / 'node0' / 'data' / 'index.sqlite'}")
+    node = start_node(tmp_path / "node0", http={"token": "yaml-token-" + "y" * 24})
+    pids = [e["pid"] for e in node.events("receiver_started")]
+    assert pids
+    for pid in pids:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert token.encode() not in environ and b"yaml-token" not in environ
+        assert b"DICOM_NODE_INDEX_URL" not in environ and b"DICOM_NODE_RECEIVER_CONFIG" not in environ
+    files = make_study(tmp_path / "ct", slices=2, size=16)
+    assert storescu(node.port, files).returncode == 0  # the receivers found the index from the pipe
+    assert node.instance_count(_study_uid(files)) == 2
+
+
+# -- executors and jobs -------------------------------------------------------------------------
+
+
+def test_deliveries_hanging_on_a_pacs_do_not_starve_completion_timers(tmp_path):
+    """Every delivery thread blocked on a PACS that never answers: the scheduler's other jobs
+    (completion timers, the runner's wake-ups) still run on time."""
+    config = NodeConfig.model_validate({"storage": {"data_dir": str(tmp_path)},
+                                        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                                  "port": 9}}})
+    index = Index(tmp_path / "index.sqlite")
+    scheduler = BackgroundScheduler(timezone="UTC")
+    outbox = Outbox(config, index, scheduler)
+    release = threading.Event()
+    blocked = []
+
+    def hang(item_id: int) -> str:
+        blocked.append(item_id)
+        release.wait(60)
+        return "pending"
+
+    outbox.attempt = hang  # type: ignore[method-assign]
+    scheduler.start()
+    try:
+        for n in range(30):
+            outbox.enqueue(f"{n}:rule:seg", "1.2.3", "pacs", [])
+        wait_for(lambda: len(blocked) >= 8, timeout=10)
+        fired = threading.Event()
+        scheduler.add_job(fired.set, "date")  # a completion timer, on the default executor
+        assert fired.wait(10)
+        assert len(blocked) == 8  # the delivery executor's threads, no more
+        assert {j.executor for j in scheduler.get_jobs() if j.id.startswith("outbox")} <= {DELIVERY_EXECUTOR}
+    finally:
+        release.set()
+        scheduler.shutdown(wait=False)
+
+
+def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repository):
+    """The study completed again while its job ran: the job stops at its next stage (ignored,
+    naming the newer job) and hands nothing to the outbox; the newer job processes the study."""
+    from inference.repository import ModelRepository
+    from node.store.spool import Spool
+
+    config = NodeConfig.model_validate({"storage": {"data_dir": str(tmp_path)},
+                                        "inference": {"model_repository": str(model_repository)},
+                                        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                                  "port": 9}}})
+    index = Index(tmp_path / "index.sqlite")
+    jobs = JobStore(index)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    outbox = Outbox(config, index, scheduler)
+    decision = RoutingDecision(rules_version="v", mode="first_match", priority=0, explanation="", outcomes=(),
+                               applied=(AppliedRule(rule="r", series_uid="1.2.3.1",
+                                                    actions=Actions(run=["threshold"], send_to=["pacs"])),))
+    now = time.time()
+    with index.transaction() as db:
+        db.execute("INSERT INTO studies (study_uid, state, first_received, last_received, deadline, completions)"
+                   " VALUES ('1.2.3', 'complete', ?, ?, ?, 1)", (now, now, now))
+        db.execute("INSERT INTO series (series_uid, study_uid) VALUES ('1.2.3.1', '1.2.3')")
+        db.execute("INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, transfer_syntax,"
+                   " path, size, received_at) VALUES ('1.2.3.1.1', '1.2.3.1', '1.2.3', ?, ?, 'x.dcm', 1, ?)",
+                   (CTImageStorage, "1.2.840.10008.1.2.1", now))
+        first, _ = JobStore.create(db, "1.2.3", decision, now)
+    runner = JobRunner(config, index, jobs, outbox, ModelRepository(model_repository), Spool(tmp_path, 1), scheduler,
+                       decide=lambda uid: decision)
+    job = jobs.claim()
+    assert job is not None and job.id == first
+    with index.transaction() as db:  # the study completes again while the job runs
+        second, state = JobStore.create(db, "1.2.3", decision, time.time())
+    assert state is JobState.QUEUED
+    runner.run(job)
+    stopped = jobs.get(first)
+    assert stopped.state is JobState.IGNORED
+    assert stopped.reason == f"superseded while running: the study completed again (job {second} processes it)"
+    assert not index.query("SELECT id FROM outbox")
+    assert jobs.get(second).state is JobState.QUEUED
