@@ -47,13 +47,14 @@ class NodeService:
         self.retention = Retention(self.index, data_dir)
         self.http = None
         self.outbox = Outbox(config, self.index, self.scheduler)
-        admission = Admission(self.index, self.rules, data_dir)
+        # The completion settings in force for a caller (the receivers computed their deadline
+        # with the settings they started with; a rule's quiet period replaces both).
+        admission = Admission(self.index, self.rules, data_dir,
+                              quiet_period_for=lambda calling_ae: self.live.current.completion.quiet_period_for(calling_ae))
         self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler,
                                 decide=admission.decide)
-        self._rule_quiet_period = admission.quiet_period_for
-        self.completion = CompletionTimers(self.index, self.scheduler, admit=admission.admit,
-                                           quiet_override=self._quiet_period, on_admitted=self.runner.wake,
-                                           sweep_s=config.completion.sweep_s)
+        self.completion = CompletionTimers(self.index, self.scheduler, prepare=admission.route, admit=admission.admit,
+                                           on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s)
         self.receivers = ReceiverPool(config, on_study_opened=self._study_opened)
         # Keeps the jobs and sends this process holds; a replica that stops renewing loses them.
         self.heartbeat = Heartbeat(config.storage.lease_s, [self.jobs.renew_leases, self.outbox.renew_leases])
@@ -65,14 +66,6 @@ class NodeService:
         periods = [r.quiet_period_s for r in self.rules.current.file.rules if r.quiet_period_s]
         periods += [completion.quiet_period_s, *completion.quiet_period_by_calling_ae.values()]
         self.completion.arm(study_uid, min(deadline, time.time() + min(periods)))
-
-    def _quiet_period(self, study_uid: str) -> float | None:
-        """A rule's quiet period, else the completion settings in force for the study's caller (the
-        receivers computed their deadline with the settings they started with)."""
-        by_rule = self._rule_quiet_period(study_uid)
-        if by_rule:
-            return by_rule
-        return self.live.current.completion.quiet_period_for(self.index.study_calling_ae(study_uid) or "")
 
     def _config_changed(self, old: NodeConfig, new: NodeConfig) -> None:
         """A reload put new live settings in force: hand them to the parts that read them."""

@@ -311,3 +311,44 @@ def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repo
     assert stopped.reason == f"superseded while running: the study completed again (job {second} processes it)"
     assert not index.query("SELECT id FROM outbox")
     assert jobs.get(second).state is JobState.QUEUED
+
+
+def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_needs(tmp_path):
+    """Routing (rules, conditions, the study's series) runs before the completing transaction:
+    a receiver indexing an instance meanwhile does not wait for it."""
+    from node.assemble.completion import CompletionTimers
+    from node.jobs.admission import Admission
+    from node.store.index import InstanceRecord
+
+    index = Index(tmp_path / "index.sqlite")
+
+    def record(study: str, now: float) -> None:
+        index.record_instance(InstanceRecord(f"{study}.1.1", CTImageStorage, f"{study}.1", study, "",
+                                             "1.2.840.10008.1.2.1", f"studies/{study}/{study}.1/{study}.1.1.dcm", 10,
+                                             "MOD", "TESTNODE", "127.0.0.1", {}), now=now, quiet_period=1.0, reopen=True)
+
+    record("1.2.3", 100.0)
+    stored_meanwhile = []
+
+    class RulesThatTakeTheirTime:  # evaluation meets a C-STORE on another study (a receiver thread)
+        class current:
+            @staticmethod
+            def quiet_period_for(view):
+                return None
+
+            @staticmethod
+            def evaluate(view):
+                receiver = threading.Thread(target=lambda: stored_meanwhile.append(record("1.2.4", 150.0)))
+                receiver.start()
+                receiver.join(10)
+                assert not receiver.is_alive(), "a C-STORE waited for routing"
+                raise RuntimeError("this rule set routes nothing")
+
+    admission = Admission(index, RulesThatTakeTheirTime(), tmp_path, quiet_period_for=lambda ae: 1.0)  # type: ignore[arg-type]
+    timers = CompletionTimers(index, BackgroundScheduler(), prepare=admission.route, admit=admission.admit)
+    timers._check("1.2.3")
+    assert stored_meanwhile == [None]
+    assert index.study_state("1.2.3")["state"] == "complete"
+    [job] = JobStore(index).all_jobs("1.2.3")
+    assert job.state is JobState.FAILED and job.reason.startswith("route: RuntimeError")
+    assert index.study_state("1.2.4")["state"] == "receiving"

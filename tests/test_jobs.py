@@ -357,7 +357,9 @@ def test_routing_failure_completes_the_study_with_a_failed_job_and_newer_complet
                             "studies/1.2.3/1.2.3.4/1.2.3.4.5.dcm", 10, "MOD", "TESTNODE", "127.0.0.1", {})
     index.record_instance(record, now=100.0, quiet_period=1.0, reopen=True)
     admission = Admission(index, BrokenRules(), tmp_path)  # type: ignore[arg-type]
-    completed, _ = index.complete_if_due("1.2.3", 200.0, lambda db: admission.admit(db, "1.2.3", 200.0))
+    routed = admission.route("1.2.3", 200.0)
+    assert routed is not None and routed.decision is None and routed.failure is not None
+    completed, _ = index.complete_if_due("1.2.3", 200.0, lambda db: admission.admit(db, routed, 200.0))
     assert completed and index.query("SELECT state FROM studies")[0]["state"] == "complete"
     [job] = store.all_jobs("1.2.3")
     assert job.state is JobState.FAILED and job.decision is None

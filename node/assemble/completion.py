@@ -6,7 +6,9 @@ new deadline, so receivers only notify when a study starts (or restarts) receivi
 restart re-arms every study still receiving from the index. Replicas sharing an index each arm
 timers for every receiving study (the sweep finds those another replica opened); the completing
 transaction holds the index's write lock, so exactly one of them completes a study, and a study
-whose replica died completes on another at the next sweep.
+whose replica died completes on another at the next sweep. The study is routed before that
+transaction, without the lock every C-STORE needs; the transaction admits the decision only if
+no instance arrived since it was made.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from apscheduler.schedulers.base import BaseScheduler
 
@@ -23,22 +25,33 @@ from node.store.index import Db, Index
 
 log = logging.getLogger("node.assemble")
 
+class Prepared(Protocol):
+    """What the service prepares for a receiving study before it may complete (the routing
+    decision, made outside the index's write lock): the arrival it saw and when it is due."""
+
+    last_received: float
+    quiet_period_s: float
+    due: float  # last_received + quiet_period_s
+    instances: int
+
+
 class CompletionTimers:
     def __init__(
         self,
         index: Index,
         scheduler: BaseScheduler,
-        admit: Callable[[Db, str, float], None],
-        quiet_override: Callable[[str], float | None] = lambda study_uid: None,
+        prepare: Callable[[str, float], Prepared | None],
+        admit: Callable[[Db, Any, float], None],
         on_admitted: Callable[[str], None] = lambda study_uid: None,
         sweep_s: float = 30.0,
     ):
-        """`admit(db, study_uid, now)` runs in the completing transaction (routing, the job);
+        """`prepare(study_uid, now)` runs first, without the write lock (it routes the study; None:
+        not receiving); `admit(db, prepared, now)` in the completing transaction (the job);
         `on_admitted(study_uid)` after it committed (wake the workers)."""
         self.index = index
         self.scheduler = scheduler
+        self.prepare = prepare
         self.admit = admit
-        self.quiet_override = quiet_override
         self.on_admitted = on_admitted
         self.sweep_s = sweep_s
 
@@ -68,18 +81,20 @@ class CompletionTimers:
 
     def _check(self, study_uid: str) -> None:
         now = time.time()
+        prepared = self.prepare(study_uid, now)
+        if prepared is None:
+            return
+        if prepared.due > now:
+            self.arm(study_uid, prepared.due)
+            return
         completed, deadline = self.index.complete_if_due(
-            study_uid, now, lambda db: self.admit(db, study_uid, now), self.quiet_override(study_uid))
-        if deadline is not None:
+            study_uid, now, lambda db: self.admit(db, prepared, now), quiet_override=prepared.quiet_period_s,
+            seen_last_received=prepared.last_received)
+        if deadline is not None:  # an instance arrived since it was prepared: prepare it again then
             self.arm(study_uid, deadline)
             return
         if completed:
-            logs.event(
-                log,
-                "study_complete",
-                study_uid=study_uid,
-                instances=self.index.study_instance_count(study_uid),
-            )
+            logs.event(log, "study_complete", study_uid=study_uid, instances=prepared.instances)
             self.on_admitted(study_uid)
 
 

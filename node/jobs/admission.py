@@ -1,10 +1,12 @@
-"""A completed study becomes a job: routed in the transaction that completes it."""
+"""A completed study becomes a job: routed just before, admitted in the transaction that completes it."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from common import logs
 from node.jobs.failures import describe
@@ -17,35 +19,74 @@ from node.store.index import Db, Index
 log = logging.getLogger("node.jobs")
 
 
-class Admission:
-    """Evaluates the rules in force for a completing study and stores the decision as its job."""
+@dataclass(frozen=True)
+class Routed:
+    """A receiving study as routed outside the index's write lock, ready to be admitted.
 
-    def __init__(self, index: Index, rules: LiveRules, data_dir: Path):
+    `last_received` is the arrival the decision saw: the completing transaction admits it only
+    if no instance arrived since (else the study is checked again later, routed anew)."""
+
+    study_uid: str
+    last_received: float
+    quiet_period_s: float  # the rule's quiet period, else the completion settings' for the caller
+    due: float  # last_received + quiet_period_s
+    decision: RoutingDecision | None  # None: routing failed (`failure`), or not routed (not due)
+    failure: str | None
+    instances: int
+    started: float
+
+
+class Admission:
+    """Routes a completing study (outside the write lock every C-STORE needs) and stores the
+    decision as its job (inside the transaction that completes it)."""
+
+    def __init__(self, index: Index, rules: LiveRules, data_dir: Path,
+                 quiet_period_for: Callable[[str], float] = lambda calling_ae: 60.0):
+        """`quiet_period_for(calling_ae)`: the completion settings in force (live reloads)."""
         self.index = index
         self.rules = rules
         self.data_dir = Path(data_dir)
-
-    def quiet_period_for(self, study_uid: str) -> float | None:
-        view = study_from_index(self.index, study_uid, self.data_dir)
-        return self.rules.current.quiet_period_for(view) if view else None
+        self.quiet_period_for = quiet_period_for
 
     def decide(self, study_uid: str) -> RoutingDecision:
         """The rules in force, evaluated for the study as it is stored now."""
         view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
         return record(self.rules.current.evaluate(view))
 
-    def admit(self, db: Db, study_uid: str, now: float) -> None:
-        """Called inside the completing transaction (`db` is this thread's connection, so the study
-        view read by `decide` is the same snapshot). A study whose routing fails still completes,
-        with a failed job that says why: it is never left receiving without a job."""
+    def route(self, study_uid: str, now: float) -> Routed | None:
+        """The study routed as it is stored now, if it is receiving and its quiet period (the
+        rule's, else the completion settings') has passed; None if it is not receiving."""
+        study = self.index.study_state(study_uid)
+        if study is None or study["state"] != "receiving":
+            return None
         started = time.time()
+        view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
+        rules = self.rules.current
+        decision, failure, by_rule = None, None, None
         try:
-            decision = self.decide(study_uid)
-        except Exception as exc:  # a defect in a rule or condition must not hold the study open
-            reason = describe(exc, "route")
-            job_id = JobStore.create_unrouted(db, study_uid, reason, now)
-            logs.event(log, "study_routing_failed", logging.ERROR, study_uid=study_uid, job=job_id, reason=reason)
+            by_rule = rules.quiet_period_for(view)
+        except Exception:  # noqa: BLE001 - the same defect fails the evaluation below, with its reason
+            pass
+        quiet = by_rule or self.quiet_period_for(study["calling_ae"] or "")
+        due = study["last_received"] + quiet
+        if due <= now:
+            try:
+                decision = record(rules.evaluate(view))
+            except Exception as exc:  # a defect in a rule or condition must not hold the study open
+                failure = describe(exc, "route")
+        return Routed(study_uid, study["last_received"], quiet, due, decision, failure,
+                      sum(s.instance_count for s in view.series), started)
+
+    def admit(self, db: Db, routed: Routed, now: float) -> None:
+        """Called inside the completing transaction. A study whose routing failed still
+        completes, with a failed job that says why: it is never left receiving without a job."""
+        if routed.decision is None:
+            reason = routed.failure or "route: the study was not routed"
+            job_id = JobStore.create_unrouted(db, routed.study_uid, reason, now)
+            logs.event(log, "study_routing_failed", logging.ERROR, study_uid=routed.study_uid, job=job_id,
+                       reason=reason)
             return
-        job_id, state = JobStore.create(db, study_uid, decision, now, route_started=started)
-        logs.event(log, "study_routed", study_uid=study_uid, job=job_id, state=state.value,
+        decision = routed.decision
+        job_id, state = JobStore.create(db, routed.study_uid, decision, now, route_started=routed.started)
+        logs.event(log, "study_routed", study_uid=routed.study_uid, job=job_id, state=state.value,
                    rules_version=decision.rules_version, rules=[a.rule for a in decision.applied])

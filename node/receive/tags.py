@@ -11,7 +11,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from node.receive.validate import MalformedDataset, inflate
+from node.receive.validate import inflate
 from node.routing_tags import ROUTING_KEYWORDS, routing_values
 from node.store.spool import checked_uid
 
@@ -34,14 +34,14 @@ class RoutingTags:
 
 
 def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingTags:
-    """Parse only the routing tags of an encoded dataset (no pixel data is read)."""
+    """Parse only the routing tags of an encoded dataset (no pixel data is read). Raises
+    UnreadableDataset, or MalformedDataset for a deflated data set that does not inflate whole."""
     ts = UID(transfer_syntax)
     data = bytes(raw)
     if ts == DeflatedExplicitVRLittleEndian:
-        try:
-            data = inflate(data)
-        except MalformedDataset as exc:
-            raise UnreadableDataset(str(exc)) from None
+        # a deflate stream that is cut short, too large or followed by stray bytes is malformed
+        # (0xC212, as README's status table says), not merely unreadable: MalformedDataset goes on
+        data = inflate(data)
     try:
         ds = read_dataset(
             io.BytesIO(data),

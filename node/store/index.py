@@ -368,10 +368,6 @@ class Index:
                           " ORDER BY received_at DESC LIMIT 1", (study_uid,))
         return rows[0] if rows else None
 
-    def study_calling_ae(self, study_uid: str) -> str | None:
-        rows = self.query("SELECT calling_ae FROM studies WHERE study_uid=?", (study_uid,))
-        return (rows[0]["calling_ae"] or "") if rows else None
-
     def indexed_studies(self) -> list[str]:
         return [r["study_uid"] for r in self.query("SELECT DISTINCT study_uid FROM instances ORDER BY study_uid")]
 
@@ -406,15 +402,26 @@ class Index:
         rows = self.query("SELECT study_uid, deadline FROM studies WHERE state='receiving'")
         return [(r["study_uid"], r["deadline"]) for r in rows]
 
+    def study_instance_count(self, study_uid: str) -> int:
+        return int(self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"])
+
+    def study_state(self, study_uid: str) -> dict[str, Any] | None:
+        """state, calling_ae, last_received and deadline of a study (None: not indexed)."""
+        rows = self.query("SELECT state, calling_ae, last_received, deadline FROM studies WHERE study_uid=?",
+                          (study_uid,))
+        return rows[0] if rows else None
+
     def complete_if_due(
         self, study_uid: str, now: float, on_complete: Callable[[Db], None],
-        quiet_override: float | None = None,
+        quiet_override: float | None = None, seen_last_received: float | None = None,
     ) -> tuple[bool, float | None]:
         """Complete the study if its quiet period has passed; else return when to check again.
 
         `quiet_override` (a routing rule's quiet period) replaces the receiver's deadline.
-        `on_complete(db)` runs inside the completing transaction (the pipeline routes the study
-        and creates its job there), so a completed study always has its job.
+        `seen_last_received`: the caller prepared the completion (routed the study) when this was
+        its latest arrival; if one came since, nothing completes and the check is due again now.
+        `on_complete(db)` runs inside the completing transaction (the pipeline creates the
+        study's job there), so a completed study always has its job.
 
         One transaction, so an instance committed concurrently either moves the deadline
         first (the study stays open) or reopens the study afterwards.
@@ -425,6 +432,8 @@ class Index:
             ).fetchone()
             if row is None or row["state"] != "receiving":
                 return False, None
+            if seen_last_received is not None and row["last_received"] != seen_last_received:
+                return False, now
             due = row["last_received"] + quiet_override if quiet_override else row["deadline"]
             if due > now:
                 return False, due
@@ -447,11 +456,6 @@ class Index:
                FROM studies s ORDER BY s.first_received"""
         )
         return [dict(r) for r in rows]
-
-    def study_instance_count(self, study_uid: str) -> int:
-        return int(
-            self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"]
-        )
 
 
 # PostgreSQL: waiting for a lock ends after 30 s with an error, as SQLite's busy timeout does (a
