@@ -352,3 +352,33 @@ def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_nee
     [job] = JobStore(index).all_jobs("1.2.3")
     assert job.state is JobState.FAILED and job.reason.startswith("route: RuntimeError")
     assert index.study_state("1.2.4")["state"] == "receiving"
+
+
+# -- one owner per table --------------------------------------------------------------------------
+
+TABLE_OWNERS = {
+    "studies": "node/store/index.py", "series": "node/store/index.py", "instances": "node/store/index.py",
+    "associations": "node/store/index.py", "work_items": "node/jobs/store.py", "outbox": "node/send/outbox.py",
+    "installation": "node/store/identity.py", "receive_counts": "node/receive/counts.py",
+    "retention_log": "node/retention.py", "retention_runs": "node/retention.py",
+}
+
+
+def test_each_table_is_written_by_its_owner_only_and_inserts_name_their_columns():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    write = re.compile(r"\b(INSERT INTO|UPDATE|DELETE FROM)\s+(\w+)", re.IGNORECASE)
+    unnamed = re.compile(r"INSERT INTO\s+\w+\s+VALUES", re.IGNORECASE)
+    writers: dict[str, set[str]] = {}
+    for path in sorted((root / "node").rglob("*.py")):
+        if "migrations" in path.parts:
+            continue
+        text = path.read_text()
+        relative = str(path.relative_to(root))
+        assert not unnamed.search(text), f"{relative}: an INSERT without its column list"
+        for _, table in write.findall(text):
+            if table in TABLE_OWNERS:
+                writers.setdefault(table, set()).add(relative)
+    assert {table: {TABLE_OWNERS[table]} for table in writers} == writers
+    assert set(writers) == set(TABLE_OWNERS)  # every table is written somewhere, by its owner

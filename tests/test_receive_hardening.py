@@ -601,6 +601,15 @@ def test_trickling_peer_is_aborted_and_its_slot_freed(start_node):
     took = trickle(assoc, [command] + [_p_data(b"\x00\x00", control=0x00)] * 200, 0.5)
     assert assoc.is_aborted and took < network
     wait_for(lambda: _associates(node), timeout=30)
+    # an honest association idle between messages for longer than the DIMSE timeout goes on: each
+    # message's clock ends with it (C-ECHO: its command; C-STORE: its data set's last fragment)
+    honest = scu(node, (Verification, [ExplicitVRLittleEndian]), (CTImageStorage, [ExplicitVRLittleEndian]))
+    for _ in range(2):
+        assert honest.send_c_echo().Status == 0x0000
+        assert honest.send_c_store(image()).Status == 0x0000
+        time.sleep(dimse + 0.5)  # idle on purpose: longer than the message deadline
+    assert honest.send_c_echo().Status == 0x0000 and honest.is_established
+    honest.release()
     events = node.events("transfer_too_slow")
     assert [(e["deadline"], e["timeout_s"], e["peer"]) for e in events] == [
         ("pdu", pdu, "127.0.0.1"), ("message", dimse, "127.0.0.1")], events

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from typing import Any, cast
 
@@ -69,12 +70,11 @@ def command_has_data_set(command: bytes | bytearray) -> bool:
     gets its own deadline from its first fragment instead of an idle gap counting against it."""
     pos = 0
     while pos + 8 <= len(command):
-        group, element, length = int.from_bytes(command[pos:pos + 2], "little"), \
-            int.from_bytes(command[pos + 2:pos + 4], "little"), int.from_bytes(command[pos + 4:pos + 8], "little")
+        group, element, length = struct.unpack_from("<HHL", command, pos)
         if group != 0 or pos + 8 + length > len(command):
             return False
         if element == _COMMAND_DATA_SET_TYPE:
-            return length == 2 and int.from_bytes(command[pos + 8:pos + 10], "little") != 0x0101
+            return length == 2 and struct.unpack_from("<H", command, pos + 8)[0] != 0x0101
         pos += 8 + length
     return False
 
