@@ -31,7 +31,7 @@ from node.route.rules import Actions
 from node.send.outbox import DELIVERY_EXECUTOR, Outbox
 from node.store.index import Index
 from node.store.migrations import HEAD
-from tests.peers import dataset_bytes, make_study, storescu, wait_for
+from tests.peers import HOOKS, dataset_bytes, make_study, storescu, wait_for
 
 
 def _study_uid(files: list[Path]) -> str:
@@ -96,10 +96,15 @@ def _send_all(port: int, datasets: list[pydicom.Dataset], context: str, statuses
         assoc.release()
 
 
-def test_one_sop_instance_uid_with_two_sop_classes_at_once_never_overwrites_the_held_file(start_node, tmp_path):
+def test_one_sop_instance_uid_with_two_sop_classes_at_once_never_overwrites_the_held_file(
+        start_node, tmp_path, monkeypatch):
     """Two associations send the same SOP Instance UIDs at the same moment, one as CT and one
     as MR (same study and series): for each UID exactly one is stored and acknowledged, the
-    other refused 0xC214, and the file on disk is always the one the index holds."""
+    other refused 0xC214, and the file on disk is always the one the index holds. A slow index
+    look-up (a hook in tests/hooks) makes both associations pass it before either commits: the
+    previous release wrote 32 of 40 files over with the refused copy this way."""
+    monkeypatch.setenv("PYTHONPATH", str(HOOKS))
+    monkeypatch.setenv("DICOM_NODE_TEST_SLOW_LOOKUP_S", "0.3")
     node = start_node()
     files = make_study(tmp_path / "ct", slices=40, size=16)
     ct = [pydicom.dcmread(f) for f in files]

@@ -606,7 +606,10 @@ def test_trickling_peer_is_aborted_and_its_slot_freed(start_node):
     honest = scu(node, (Verification, [ExplicitVRLittleEndian]), (CTImageStorage, [ExplicitVRLittleEndian]))
     for _ in range(2):
         assert honest.send_c_echo().Status == 0x0000
-        assert honest.send_c_store(image()).Status == 0x0000
+        instance = image()
+        instance.file_meta = pydicom.dataset.FileMetaDataset()
+        instance.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert honest.send_c_store(instance).Status == 0x0000
         time.sleep(dimse + 0.5)  # idle on purpose: longer than the message deadline
     assert honest.send_c_echo().Status == 0x0000 and honest.is_established
     honest.release()

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from node.console import actions, summary
 from node.console.auth import require_read, require_write
 from node.console.context import ConsoleContext
+from node.console.limits import FORM_LIMITS, one_at_a_time
 from node.liveconfig import check, read_snapshot, restart_needed
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
@@ -180,13 +181,15 @@ def echo_destination(request: Request, name: str) -> EchoOut:
     return EchoOut(destination=name, ok=result.ok, message=result.message, seconds=result.seconds)
 
 
-@router.post("/explain", response_model=list[ExplainOut],
-             summary="Routing explanation for uploaded DICOM files (not stored), with the rules in force")
+@router.post("/explain", response_model=list[ExplainOut], form_limits=FORM_LIMITS,
+             summary="Routing explanation for uploaded DICOM files (not stored), with the rules in force; "
+                     "413 past http.max_upload_mb per request, 400 past 2000 files")
 async def explain_files(request: Request, files: list[UploadFile] = File(...), calling_ae: str = Form(""),
                         called_ae: str = Form(""), peer: str = Form("")) -> list[dict[str, Any]]:
-    contents = [(f.filename or "", await f.read()) for f in files]
-    explained = await run_in_threadpool(_run, actions.explain_files, ctx_of(request), contents, calling_ae,
-                                        called_ae, peer)  # reading DICOM files must not stall the server
+    # The body was streamed into spooled temporary files (bounded by node.console.limits); they
+    # are read one at a time in the worker thread: reading DICOM files must not stall the server.
+    explained = await run_in_threadpool(_run, actions.explain_files, ctx_of(request), one_at_a_time(files),
+                                        calling_ae, called_ae, peer)
     return [vars(e) for e in explained]
 
 

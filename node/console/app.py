@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,6 +24,7 @@ from common import logs
 from node.console import api, pages, summary
 from node.console.context import ConsoleContext
 from node.console.health import Health
+from node.console.limits import MB, BodyLimit, BodyTooLarge
 from node.console.metrics import registry_for
 
 log = logging.getLogger("node.console")
@@ -36,10 +37,9 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
                               "destinations, rules, health and metrics. Write actions need the "
                               "bearer token (http.token or DICOM_NODE_HTTP_TOKEN).")
     health = Health(ctx)
-    registry, events = registry_for(ctx)
+    registry = registry_for(ctx)
     app.state.ctx = ctx
     app.state.health = health
-    app.state.events = events
 
     def live_summary() -> dict[str, Any]:
         data = summary.dashboard(ctx.index, ctx.jobs, ctx.retention, ctx.config)
@@ -78,7 +78,22 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     app.include_router(api.router, tags=["api"])
     app.include_router(pages.router, include_in_schema=False)
     app.exception_handler(pages.PageError)(pages.page_error)
+    app.exception_handler(BodyTooLarge)(too_large)
+    app.add_middleware(BodyLimit, limit=lambda: int(ctx.config.http.max_upload_mb * MB), refuse=too_large)
     return app
+
+
+_JSON_PATHS = ("/api/", "/health/", "/metrics", "/openapi.json")
+
+
+async def too_large(request: Request, exc: Exception) -> Response:
+    """413 for a body past http.max_upload_mb: JSON for the API, the error page for the pages."""
+    assert isinstance(exc, BodyTooLarge)
+    if request.url.path.startswith(_JSON_PATHS):
+        return JSONResponse({"detail": exc.detail}, 413, headers=exc.headers)
+    response = pages.render(request, "error.html", {"status": 413, "message": exc.detail}, 413)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 class HttpServer:
@@ -104,7 +119,6 @@ class HttpServer:
         except OSError as exc:
             raise OSError(exc.errno, f"the console cannot listen on {self.config.host}:{self.config.port}: "
                                      f"{exc.strerror}") from None
-        self.app.state.events.install()
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -128,4 +142,3 @@ class HttpServer:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
-        self.app.state.events.uninstall()

@@ -6,29 +6,27 @@
   prometheus-client's multiprocess mode across receiver processes. Jobs, outbox and disk
   figures come from the same place. These survive a restart; instances and bytes removed by
   retention are added back from `retention_log`, so counters never go down.
-- **The node's own events, in the service process** (`EventMetrics`, a logging handler on the
-  `node` loggers): delivery retries and dead letters per destination, job stage durations and
-  inference latency per model. Each is the structured event the node logs anyway, so the logs
-  and the metrics cannot disagree. These start from zero with the process, like any counter.
+- **The node's own events, in the service process** (common.metrics, prometheus-client objects
+  counted by the code where each event happens: the outbox, the job runner): delivery retries
+  and dead letters per destination, jobs finished, job stage durations and inference latency per
+  model. These start from zero with the process, like any counter. Nothing here queries the
+  index from inside a logging handler.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Iterable
+from typing import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from common import metrics as events
 from node.console.context import ConsoleContext
 from node.console.summary import disk
 from node.receive.counts import Counted, ReceiveCounts
-from node.jobs.store import JobStore, UnknownJob
 
-PREFIX = "dicom_node"
-STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-_FIELDS = "event_fields"  # node.logs puts an event's fields here
+PREFIX = events.PREFIX
 
 
 class IndexCollector(Collector):
@@ -109,58 +107,6 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
-class EventMetrics(logging.Handler):
-    """Counts and times the node's structured events as they are logged in this process."""
-
-    LOGGERS = ("node.jobs", "node.send")
-
-    def __init__(self, registry: CollectorRegistry, jobs: JobStore):
-        super().__init__(logging.INFO)
-        self.jobs = jobs
-        self.retries = Counter(f"{PREFIX}_delivery_retries", "Delivery attempts that failed transiently and "
-                               "were rescheduled, by destination", ["destination"], registry=registry)
-        self.dead = Counter(f"{PREFIX}_dead_letters", "Deliveries given up (dead letter), by destination",
-                            ["destination"], registry=registry)
-        self.finished = Counter(f"{PREFIX}_jobs_finished", "Jobs that reached done or failed in this process",
-                                ["state"], registry=registry)
-        self.stages = Histogram(f"{PREFIX}_stage_seconds", "Job stage durations (route, load, inference, "
-                                "encode, enqueue)", ["stage"], buckets=STAGE_BUCKETS, registry=registry)
-        self.inference = Histogram(f"{PREFIX}_inference_seconds", "Model inference latency per model run",
-                                   ["model"], buckets=STAGE_BUCKETS, registry=registry)
-
-    def install(self) -> None:
-        """Attach to the loggers whose events count; they must pass INFO even when stderr shows less
-        (the stderr handler filters by the configured level on its own)."""
-        for name in self.LOGGERS:
-            logger = logging.getLogger(name)
-            logger.addHandler(self)
-            if logger.getEffectiveLevel() > logging.INFO:
-                logger.setLevel(logging.INFO)
-
-    def uninstall(self) -> None:
-        for name in self.LOGGERS:
-            logging.getLogger(name).removeHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields: dict[str, Any] = getattr(record, _FIELDS, {})
-        event = record.msg
-        try:
-            if event == "results_retry_scheduled":
-                self.retries.labels(str(fields.get("destination"))).inc()
-            elif event == "results_dead_letter":
-                self.dead.labels(str(fields.get("destination"))).inc()
-            elif event == "model_ran":
-                seconds = fields.get("seconds") or {}
-                if "inference" in seconds:
-                    self.inference.labels(str(fields.get("model"))).observe(float(seconds["inference"]))
-            elif event in ("job_done", "job_failed"):
-                self.finished.labels("done" if event == "job_done" else "failed").inc()
-                for stage, seconds in self.jobs.get(int(fields["job"])).stage_seconds().items():
-                    self.stages.labels(stage).observe(seconds)
-        except (UnknownJob, KeyError, ValueError, TypeError):
-            pass  # a metric must never break the code that logs
-
-
 class TritonCollector(Collector):
     """Per Triton server of the pool, as the job runner's pools count them in this process."""
 
@@ -192,9 +138,9 @@ class TritonCollector(Collector):
         yield from (up, outstanding, requests, seconds, failovers)
 
 
-def registry_for(ctx: ConsoleContext) -> tuple[CollectorRegistry, EventMetrics]:
+def registry_for(ctx: ConsoleContext) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(IndexCollector(ctx))
     registry.register(TritonCollector(ctx))
-    events = EventMetrics(registry, ctx.jobs)
-    return registry, events
+    registry.register(events.REGISTRY)  # the service process's own event counters (common.metrics)
+    return registry

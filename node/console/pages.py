@@ -21,6 +21,7 @@ from node.console import actions, summary
 from node.console.api import rules_report
 from node.console.auth import COOKIE, require_read, token_ok
 from node.console.context import ConsoleContext
+from node.console.limits import FORM_LIMITS, one_at_a_time
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.filters["when"] = summary.when
@@ -161,15 +162,16 @@ def _rules_page(request: Request, explained: list[actions.Explained] | None, err
                                           "error": error, "recent": recent, "page": "rules"})
 
 
-@router.post("/rules/explain", response_class=HTMLResponse)
+@router.post("/rules/explain", response_class=HTMLResponse, form_limits=FORM_LIMITS)
 async def explain(request: Request, files: list[UploadFile] = File(default=[]), study_uid: str = Form(""),
                   calling_ae: str = Form(""), peer: str = Form("")) -> HTMLResponse:
     ctx = ctx_of(request)
-    uploads = [(f.filename or "", await f.read()) for f in files if f.filename]
+    chosen = [f for f in files if f.filename]  # spooled temporary files (the body is bounded: node.console.limits)
+    uploads = one_at_a_time(chosen)  # read one at a time in the worker thread below
 
     def explain_now() -> HTMLResponse:  # in a worker thread: reading DICOM files must not stall the server
         try:
-            if uploads:
+            if chosen:
                 result = actions.explain_files(ctx, uploads, calling_ae.strip(), "", peer.strip())
             elif study_uid.strip():
                 result = [actions.explain_study(ctx, study_uid.strip())]

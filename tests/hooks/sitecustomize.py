@@ -9,6 +9,9 @@ its receiver processes, and the hook patches the one receiver method it concerns
   (the crash-between-rename-and-commit test).
 - DICOM_NODE_TEST_SKIP_DATASET_CHECK=1: receivers skip the whole-data-set check before the
   acknowledgement (the receive benchmark's before/after figure).
+- DICOM_NODE_TEST_SLOW_LOOKUP_S=T: a receiver's look-up of an indexed SOP Instance UID takes T
+  seconds longer (a slow index), which widens the window in which two associations race with
+  one SOP Instance UID.
 """
 
 from __future__ import annotations
@@ -18,6 +21,21 @@ import os
 HOOKS = os.path.dirname(os.path.abspath(__file__))
 _CRASH_AFTER = int(os.environ.get("DICOM_NODE_TEST_CRASH_AFTER_PLACE") or 0)
 _SKIP_CHECK = os.environ.get("DICOM_NODE_TEST_SKIP_DATASET_CHECK") == "1"
+_SLOW_LOOKUP = float(os.environ.get("DICOM_NODE_TEST_SLOW_LOOKUP_S") or 0)
+
+if _SLOW_LOOKUP:
+    import time
+
+    from node.store import index
+
+    _find = index.Index.find_instance
+
+    def _slow_find(self, sop_instance_uid):  # type: ignore[no-untyped-def]
+        found = _find(self, sop_instance_uid)
+        time.sleep(_SLOW_LOOKUP)
+        return found
+
+    index.Index.find_instance = _slow_find  # type: ignore[method-assign]
 
 if _CRASH_AFTER or _SKIP_CHECK:
     from node.receive import scp

@@ -1,0 +1,104 @@
+"""Bounded request bodies: every upload path of the console is checked while it streams.
+
+`BodyLimit` is a plain ASGI middleware around the whole console. A request whose Content-Length
+announces more than `http.max_upload_mb` is refused with 413 before a byte of its body is read;
+a body without Content-Length (chunked) is counted as the application reads it, and the read
+that passes the limit raises `BodyTooLarge` (a 413 HTTPException, so FastAPI's form parsing
+passes it on instead of calling it a parse error). Either way the answer says the limit and
+closes the connection (`Connection: close`), so the rest of the body is never read.
+
+What gets in is parsed by Starlette's streaming multipart parser (python-multipart): files are
+spooled to temporary files, and the routes read one file at a time, so a request costs at most
+one file's size in memory. The number of files per request is bounded by the routes' form
+limits (`MAX_UPLOAD_FILES`); a file is never larger than the body limit.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable, Iterable, Iterator
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from node.console.actions import MAX_UPLOAD_FILES
+
+MB = 1024 * 1024
+# Form limits of the upload routes (FastAPI's form parser enforces them as it streams): files per
+# request, other fields, and the size of a field that is not a file.
+FORM_LIMITS = {"max_files": MAX_UPLOAD_FILES, "max_fields": 16, "max_part_size": 64 * 1024}
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body too large: this console takes at most {limit / MB:g} MB per request "
+                              f"(http.max_upload_mb); send fewer or smaller files",
+                         headers={"Connection": "close"})
+        self.limit = limit
+
+
+class BodyLimit:
+    """`limit()`: the largest body in bytes (read per request, from the configuration in force);
+    `refuse(request, exc)`: the 413 response (JSON for the API, a page for the pages)."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[], int],
+                 refuse: Callable[[Request, BodyTooLarge], Awaitable[Response]]):
+        self.app = app
+        self.limit = limit
+        self.refuse = refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit()
+        announced = _content_length(scope)
+        if announced is not None and announced > limit:
+            await self._answer(scope, receive, send, BodyTooLarge(limit))
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except BodyTooLarge as exc:  # normally answered by the app's handler; this is the fallback
+            if started:
+                raise
+            await self._answer(scope, receive, send, exc)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send, exc: BodyTooLarge) -> None:
+        response = await self.refuse(Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = Headers(scope=scope).get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None  # h11 refuses a malformed Content-Length before the app sees it
+
+
+def one_at_a_time(files: Iterable[UploadFile]) -> Iterator[tuple[str, bytes]]:
+    """(file name, content) of each uploaded file, read from its spooled temporary file only when
+    the consumer gets to it (in a worker thread: the reads block), so at most one is in memory."""
+    for upload in files:
+        upload.file.seek(0)
+        yield upload.filename or "", upload.file.read()
