@@ -7,12 +7,17 @@ Screenshots of every page visited go to the module's tmp folder (printed at the 
 
 from __future__ import annotations
 
+import itertools
 import json
+import select
+import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pydicom
 import pytest
@@ -335,3 +340,183 @@ def test_the_console_imports_no_torch_or_monai():
     code = ("import sys, node.console.app, node.console.pages, node.console.api, node.console.metrics; "
             "sys.exit(1 if {'torch', 'monai'} & set(sys.modules) else 0)")
     assert subprocess.run([str(VENV_BIN / "python"), "-c", code], timeout=120).returncode == 0
+
+
+# -- bounded uploads ---------------------------------------------------------------------------
+
+GB = 1024 ** 3
+MB = 1024 ** 2
+GIVE_UP = 512 * MB  # no answer by then: the node reads the body past its limit (stop before the disk fills)
+
+
+def _junk(total: int, chunk: int = MB) -> Iterator[bytes]:
+    """`total` bytes, made lazily: never more than one chunk exists."""
+    block = bytes(range(256)) * (chunk // 256)
+    for offset in range(0, total, chunk):
+        yield block[: min(chunk, total - offset)]
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+class _Answer:
+    """The HTTP answer read from a raw socket while the request is still being sent."""
+
+    def __init__(self, sock: socket.socket):
+        self.data = bytearray()
+        self.complete = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(sock,), daemon=True)
+        self.thread.start()
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            while chunk := sock.recv(65536):
+                self.data.extend(chunk)
+                head, found, body = bytes(self.data).partition(b"\r\n\r\n")
+                lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")]
+                if found and lengths and len(body) >= lengths[0]:
+                    break
+        except OSError:
+            pass
+        finally:
+            self.complete.set()
+
+    @property
+    def status(self) -> int:
+        return int(bytes(self.data).split(b" ", 2)[1]) if self.data else 0
+
+    @property
+    def headers(self) -> str:
+        return bytes(self.data).partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+
+    @property
+    def body(self) -> str:
+        return bytes(self.data).partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
+
+
+def _post(node: NodeProcess, path: str, content_type: str, parts: Iterable[bytes], length: int | None,
+          watch_pid: int | None = None) -> tuple[_Answer, int, int]:
+    """POST `parts` over a raw socket (with Content-Length `length`, or chunked when None), reading
+    the answer while sending; stop sending once it arrives. Returns the answer, the bytes sent
+    when it arrived, and the largest growth of the watched process's RSS meanwhile."""
+    sock = socket.create_connection(("127.0.0.1", node.http_port), timeout=None)
+    answer = _Answer(sock)
+    before = peak = _rss(watch_pid) if watch_pid else 0
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not sampling.is_set():
+            peak = max(peak, _rss(watch_pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True) if watch_pid else None
+    if sampler:
+        sampler.start()
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{node.http_port}\r\nContent-Type: {content_type}\r\n"
+            f"{framing}\r\n\r\n").encode()
+    sent = 0
+    try:
+        _send(sock, head, answer)
+        for part in parts:
+            if answer.complete.is_set() or sent > GIVE_UP:
+                break
+            if length is None:
+                part = b"%x\r\n%s\r\n" % (len(part), part)
+            if not _send(sock, part, answer):
+                break
+            sent += len(part)
+        else:
+            if length is None:
+                _send(sock, b"0\r\n\r\n", answer)
+    except OSError:
+        pass  # the node closed the connection after answering
+    answer.complete.wait(60)
+    if sampler:
+        sampling.set()
+        sampler.join(5)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+    answer.thread.join(5)
+    return answer, sent, peak - before
+
+
+def _send(sock: socket.socket, data: bytes, answer: _Answer) -> bool:
+    """Send all of `data` unless the answer arrives first (never blocks on a node that stopped reading)."""
+    view = memoryview(data)
+    deadline = time.monotonic() + 120
+    while view:
+        if answer.complete.is_set() or time.monotonic() > deadline:
+            return False
+        _, writable, _ = select.select([], [sock], [], 1.0)
+        if writable:
+            try:
+                view = view[sock.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                continue
+    return True
+
+
+BOUNDARY = "console-test-boundary-0123456789"
+
+
+def _multipart(files: Iterable[tuple[str, Iterable[bytes]]], **fields: str) -> Iterator[bytes]:
+    for name, value in fields.items():
+        yield (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n').encode()
+    for filename, content in files:
+        yield (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+               "Content-Type: application/dicom\r\n\r\n").encode()
+        yield from content
+        yield b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+def test_a_2_gb_upload_is_refused_with_413_before_the_node_reads_it(node, announced):
+    """/api/explain is open without a token on loopback: a huge upload must cost the node nothing.
+    The body (one 2 GB file in a multipart form) is made lazily; the answer is read while sending."""
+    size = 2 * GB
+    overhead = sum(len(p) for p in _multipart([("junk.dcm", [])], calling_ae="MODALITY"))
+    started = time.monotonic()
+    answer, sent, grown = _post(node, "/api/explain", MULTIPART, _multipart([("junk.dcm", _junk(size))],
+                                calling_ae="MODALITY"), size + overhead if announced else None,
+                                watch_pid=node.process.pid)
+    print(f"\n{'Content-Length' if announced else 'chunked'}: answer {answer.status} after {sent / MB:.1f} MB sent,"
+          f" {time.monotonic() - started:.2f} s; node RSS grew by at most {grown / MB:.1f} MB")
+    assert answer.complete.is_set() and answer.data, f"no answer after {sent / MB:.0f} MB sent"
+    assert answer.status == 413, answer.data[:500]
+    assert "at most 64 MB per request (http.max_upload_mb)" in json.loads(answer.body)["detail"]
+    assert "connection: close" in answer.headers  # the rest of the body is never read
+    assert sent < 256 * MB  # answered at once (Content-Length) or once past 64 MB (chunked), not at the end
+    assert grown < 100 * MB, f"the node grew by {grown / MB:.0f} MB for a refused upload"
+    assert _status(node, "/health/live") == 200
+
+
+def test_upload_limits_on_the_rule_tester_page_and_per_file_count(node, tmp_path):
+    # The page answers with its error page, at once, from the announced length.
+    answer, sent, _ = _post(node, "/rules/explain", MULTIPART, _junk(2 * GB), 2 * GB)
+    assert answer.status == 413 and sent < 256 * MB
+    assert "text/html" in answer.headers and "http.max_upload_mb" in answer.body
+    # Too many files: refused by the form parser as it streams (before the node reads them all).
+    many = _multipart([(f"{n}.dcm", [b"x"]) for n in range(2001)])
+    answer, _, _ = _post(node, "/api/explain", MULTIPART, many, None)
+    assert answer.status == 400 and "Maximum number of files is 2000" in answer.body
+    # A study's files within the limits are explained as before (read one at a time).
+    files = make_study(tmp_path / "small", slices=20, size=32)
+    answer, _, _ = _post(node, "/api/explain", MULTIPART,
+                         _multipart([(f.name, [f.read_bytes()]) for f in files], calling_ae="MODALITY"), None)
+    assert answer.status == 200, answer.body
+    explained = json.loads(answer.body)
+    assert len(explained) == 1 and "[APPLIED ] ct-lesions" in explained[0]["explanation"]

@@ -218,6 +218,10 @@ def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_p
     assert node.process.wait(30) == 0
     stored = {r["sop_instance_uid"] for r in node.query("SELECT sop_instance_uid FROM instances")}
     assert stored == {ds.SOPInstanceUID for ds in datasets}
+    # every instance names the association it came on (the audit trail joins on it)
+    [association] = node.query("SELECT id, instances FROM associations")
+    assert association["instances"] == 4
+    assert {r["association_id"] for r in node.query("SELECT association_id FROM instances")} == {association["id"]}
     assert not [line for line in node.log().splitlines() if '"level": "ERROR"' in line]
     node.process = None
 

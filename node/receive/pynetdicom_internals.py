@@ -68,7 +68,6 @@ def command_has_data_set(command: bytes | bytearray) -> bool:
     """Whether a DIMSE command set (implicit VR little endian, PS3.7 E.1) announces a data set.
     Unreadable, or without CommandDataSetType: False, so that the data set (if one comes anyway)
     gets its own deadline from its first fragment instead of an idle gap counting against it."""
-    return True
     pos = 0
     while pos + 8 <= len(command):
         group, element, length = struct.unpack_from("<HHL", command, pos)

@@ -86,8 +86,8 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         except InstanceConflict as exc:
             refuse(path, str(exc), kind)
             return
-        if path != target:  # a partial write
-            if existing is not None:
+        if path != target:  # a partial write (or a rename a power cut undid: its row has no file)
+            if existing is not None and target.exists():
                 if same_dataset(target, _dataset_of(path)):
                     path.unlink()
                     counts["duplicates_removed"] += 1

@@ -343,13 +343,14 @@ class StorageSCP:
             and same_dataset(target, payload)
         )
         staged: Path | None = None
+        placed = False
 
-        def place() -> None:
-            nonlocal staged
+        def place() -> None:  # under the index's write lock: the rename only, its fsync after
+            nonlocal staged, placed
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
                 staged = self.spool.stage(chunks)
-            self.spool.place(staged, target)
-            staged = None
+            self.spool.place(staged, target, durable=False)
+            staged, placed = None, True
 
         completion = self.config.completion
         try:
@@ -373,6 +374,8 @@ class StorageSCP:
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
             self._discard(staged)
             raise
+        if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
+            self.spool.make_durable(target)
         if arrival.placement is Placement.KEPT_ASIDE and staged is not None:
             where = self.spool.quarantine_file(staged, (
                 f"a different copy of instance {tags.sop_instance_uid} arrived after study {tags.study_uid} "

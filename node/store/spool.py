@@ -88,10 +88,17 @@ class Spool:
             raise
         return tmp
 
-    def place(self, staged: Path, target: Path) -> None:
-        """Rename a staged file to `target` (replacing it) and make the rename durable."""
+    def place(self, staged: Path, target: Path, durable: bool = True) -> None:
+        """Rename a staged file to `target` (replacing it) and make the rename durable (or leave
+        that to `make_durable`, when the rename happens under a lock the fsync need not hold)."""
         self._ensure_dir(target.parent)
         os.replace(staged, target)
+        if durable:
+            self.make_durable(target)
+
+    @staticmethod
+    def make_durable(target: Path) -> None:
+        """fsync the folder that holds `target`, so its rename survives a power cut."""
         _fsync_dir(target.parent)
 
     def discard(self, staged: Path) -> None:

@@ -50,8 +50,8 @@ if _CRASH_AFTER or _SKIP_CHECK:
             _init(self, *args, **kwargs)
             place = self.spool.place
 
-            def crash_after_place(staged, target):  # type: ignore[no-untyped-def]
-                place(staged, target)
+            def crash_after_place(*args, **kwargs):  # type: ignore[no-untyped-def]
+                place(*args, **kwargs)
                 _places[0] += 1
                 if _places[0] >= _CRASH_AFTER:
                     os._exit(70)
