@@ -2,10 +2,11 @@
 
 The plane is named by the patient axis closest to the image plane's normal (the cross product of
 the ImageOrientationPatient row and column cosines), as highdicom and viewers name it, and is
-"oblique" when the normal is more than OBLIQUE_DEGREES off that axis. 30 degrees, because CT
-gantries tilt up to about 30 degrees and a gantry-tilted CT is still read, measured and routed
-as an axial series (the stack advances along the table while its planes are tilted); an MR
-double-oblique plane further off every axis than that is oblique.
+"oblique" when the normal is OBLIQUE_DEGREES or more off that axis. 30 degrees, because CT
+gantries tilt by up to about 30 degrees and a gantry-tilted CT is still read, measured and
+routed as an axial series (the stack advances along the table while its planes are tilted); a
+plane 30 degrees or more off every axis (an MR double oblique) is oblique. The boundary itself
+is oblique, so that a value written at exactly 30 degrees does not flip with rounding.
 
 Routing (`orientation:` conditions, the console's series list) and the SR (the longest in-plane
 diameter is reported for axial series) both use this rule.
@@ -31,7 +32,7 @@ def plane_of_normal(normal: Sequence[float] | np.ndarray) -> Plane | None:
         return None
     n /= length
     axis = int(np.argmax(n))
-    if n[axis] < _MIN_COSINE - 1e-9:
+    if n[axis] <= _MIN_COSINE + 1e-6:  # 30 degrees or more off (1e-6: ~0.0001 degrees)
         return "oblique"
     return ("sagittal", "coronal", "axial")[axis]
 

@@ -303,6 +303,27 @@ def test_metrics_move_by_the_expected_amounts(node, viewer, tmp_path):
     assert delta("dicom_node_dead_letters_total", destination="viewer") == 0
 
 
+def test_retries_dead_letters_and_finished_jobs_are_counted_where_they_happen(node, viewer, tmp_path):
+    """The service process's own counters (common.metrics), fed by the outbox and the job runner."""
+    viewer.stop()  # every attempt fails: retries, then the dead letter after sending.deadline_s
+    before = _metrics(node)
+    study_uid, _ = _send_study(node, tmp_path / "dead", slices=18)
+    _wait_delivery(node, study_uid, "dead")
+    after = _metrics(node)
+    viewer.start()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("dicom_node_dead_letters_total", destination="viewer") == 1
+    assert delta("dicom_node_delivery_retries_total", destination="viewer") >= 1
+    assert delta("dicom_node_jobs_finished_total", state="done") == 1
+    for stage in ("route", "load", "inference", "encode", "enqueue"):
+        assert delta("dicom_node_stage_seconds_count", stage=stage) == 1, stage
+    assert delta("dicom_node_inference_seconds_count", model="lesion-seg") == 1
+
+
 def test_openapi_schema_documents_the_api(node):
     paths = json.loads(_get(node, "/openapi.json"))["paths"]
     for path in ("/api/studies", "/api/studies/{study_uid}", "/api/jobs", "/api/jobs/{job_id}/retry", "/api/outbox",

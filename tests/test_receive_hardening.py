@@ -11,6 +11,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -535,7 +537,7 @@ def _associates(node: Any) -> bool:
     return False
 
 
-def _c_store_command(context_sop_instance: str) -> bytes:
+def _c_store_command(sop_instance: str) -> bytes:
     """A C-STORE-RQ command set (implicit VR little endian) that announces a data set."""
     cmd = Dataset()
     cmd.AffectedSOPClassUID = CTImageStorage
@@ -543,7 +545,7 @@ def _c_store_command(context_sop_instance: str) -> bytes:
     cmd.MessageID = 1
     cmd.Priority = 0
     cmd.CommandDataSetType = 0x0000
-    cmd.AffectedSOPInstanceUID = context_sop_instance
+    cmd.AffectedSOPInstanceUID = sop_instance
     body = encoded(cmd, ImplicitVRLittleEndian)
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
@@ -552,9 +554,6 @@ def test_trickling_peer_is_aborted_and_its_slot_freed(start_node):
     """A peer that trickles bytes (each within the network timeout) keeps no slot: a PDU must be
     whole within scp.timeouts.pdu of its first byte, a DIMSE message within scp.timeouts.dimse of
     its first fragment (A-ABORT, `transfer_too_slow`)."""
-    import threading
-    import time
-
     from node.receive.pynetdicom_internals import command_has_data_set
 
     pdu, dimse, network = 2.0, 3.0, 10.0

@@ -111,10 +111,10 @@ def _tilted(degrees: float, about: str = "x") -> list[float]:
 
 
 @pytest.mark.parametrize("degrees, expected", [(0, "axial"), (20, "axial"), (-20, "axial"), (29.9, "axial"),
-                                               (30.5, "oblique"), (45, "oblique"), (65, "coronal"), (90, "coronal")])
-def test_orientation_rule_gantry_tilt_is_axial_up_to_30_degrees(degrees, expected):
+                                               (30, "oblique"), (45, "oblique"), (65, "coronal"), (90, "coronal")])
+def test_orientation_rule_gantry_tilt_is_axial_below_30_degrees(degrees, expected):
     """One rule (common.orientation) for routing and the SR: the axis nearest the image normal,
-    oblique beyond 30 degrees. A 20-degree gantry-tilted CT was 'oblique' here (10 degrees) but
+    oblique from 30 degrees off. A 20-degree gantry-tilted CT was 'oblique' here (10 degrees) but
     axial for the SR's in-plane diameter."""
     assert orientation_class(_tilted(degrees)) == expected
     assert orientation_class(_tilted(degrees, about="y")) == expected.replace("coronal", "sagittal")

@@ -118,6 +118,19 @@ def test_one_status_rule_for_the_outbox_the_cli_and_the_demo():
     assert not delivered(None)  # no response
 
 
+def test_one_tls_context_for_destinations():
+    """The outbox, `dicom-node echo <destination>` and the console's echo reach a destination the same way."""
+    import ssl
+
+    from node.config import ClientTls
+    from node.send.scu import destination_ssl_context
+
+    assert destination_ssl_context(ClientTls()) is None
+    context = destination_ssl_context(ClientTls(enabled=True))
+    assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+    assert not context.check_hostname  # DICOM peers are identified by AE title and certificate chain
+
+
 @pytest.fixture
 def status_peer():
     """A storage SCP that answers each C-STORE, in turn, with the next of the statuses given."""

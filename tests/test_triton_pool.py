@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +22,7 @@ from inference.repository import ModelRepository
 from tests.triton_server import TritonCpuServer
 from node.config import NodeConfig, TritonConfig
 from node.jobs.backends import BackendCache
-from tests.peers import free_port, storescu
+from tests.peers import free_port, storescu, wait_for
 from tests.test_jobs import pair, sphere_study, wait_results  # noqa: F401 (pair: a fixture)
 
 BATCH = np.random.default_rng(3).random((1, 1, 16, 20, 24), dtype=np.float32)
@@ -146,3 +148,93 @@ def test_no_model_server_stops_processing_readiness_but_not_receiving(start_node
     assert set(receiving["checks"]) == {"receiver", "index", "disk"}
     out = storescu(node.port, sphere_study(tmp_path / "study", patient_id="R1")[0])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+class HungServer:
+    """A "server" that accepts connections and never answers (a hung or blackholed Triton: the worst
+    case for a probe, which waits for its whole timeout). Records when each connection opens."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[list[float | None]] = []  # [opened, closed by the client]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with self._lock:
+                record: list[float | None] = [time.monotonic(), None]
+                self.connections.append(record)
+            threading.Thread(target=self._hold, args=(conn, record), daemon=True).start()
+
+    def _hold(self, conn: socket.socket, record: list[float | None]) -> None:
+        try:
+            while conn.recv(65536):  # read what the client sends; answer nothing
+                pass
+        except OSError:
+            pass
+        record[1] = time.monotonic()
+        conn.close()
+
+    def opened(self) -> int:
+        with self._lock:
+            return len(self.connections)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_readiness_probes_the_pool_in_parallel_and_caches_it_with_servers_down(start_node, model_repository,
+                                                                                triton, tmp_path):
+    """A pool where one server refuses connections and two hang: /health/ready still counts the model
+    ready (one server has it). The servers are probed at the same time, not one after another, and
+    a call within the cache period asks no server at all; the latencies are printed."""
+    from node.console.health import MODEL_CACHE_S, PROBE_TIMEOUT_S
+    from tests.test_jobs import ROUTING
+
+    refused = f"127.0.0.1:{free_port()}"  # nobody listens there
+    hung = [HungServer(), HungServer()]
+    try:
+        node = start_node(routing=ROUTING, inference={
+            "model_repository": str(model_repository),
+            "triton": {"urls": [refused, hung[0].url, hung[1].url, triton.grpc_url]}},
+            destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
+
+        def ready() -> tuple[int, dict, float]:
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(node.url + "/health/ready", timeout=30) as response:
+                    status, body = response.status, json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, json.loads(exc.read())
+            return status, body, time.monotonic() - started
+
+        first = ready()  # nothing cached yet: this call waits for the probe
+        assert first[:2] == (200, {"ready": True, "reasons": [], "checks": first[1]["checks"]}), first
+        assert first[1]["checks"]["model:threshold"] is True
+        opened = [h.opened() for h in hung]
+        assert all(n >= 1 for n in opened), opened  # the hung servers were asked, at the same time:
+        # one after the other, the second would be asked only once the first probe gave up, a whole
+        # probe timeout later (the half is slack for a busy machine, not a speed requirement)
+        gap = abs(hung[1].connections[0][0] - hung[0].connections[0][0])  # type: ignore[operator]
+        assert gap < PROBE_TIMEOUT_S / 2, f"the servers were probed {gap:.2f} s apart: one after the other"
+
+        second = ready()  # within the cache period: the same answer, and no server is asked again
+        assert second[:2] == first[:2]
+        assert [h.opened() for h in hung] == opened
+
+        time.sleep(MODEL_CACHE_S + 0.2)
+        third = ready()  # past it: answered from the last probe while a new one runs in the background
+        assert third[:2] == first[:2]
+        wait_for(lambda: all(h.opened() > n for h, n in zip(hung, opened)), timeout=30)
+        print(f"\n/health/ready with 1 refusing and 2 hung servers of 4 (probe timeout {PROBE_TIMEOUT_S} s): "
+              f"first call {first[2] * 1000:.0f} ms (probes), cached {second[2] * 1000:.0f} ms, "
+              f"stale while re-probing {third[2] * 1000:.0f} ms")
+    finally:
+        for server in hung:
+            server.close()

@@ -4,6 +4,13 @@ Ready means: the receiver processes are up, the index takes writes, the data fol
 above `storage.min_free_mb` (below it every C-STORE is answered 0xA700), and every model the
 rules in force run is loadable (its file, or Triton says the model is ready). Each failing
 check gives a reason; the HTTP answer is 503 with those reasons.
+
+The models' status is cached: probe results are reused for `MODEL_CACHE_S`, so scrapes, probes
+and dashboards in between never reach the servers. After that, an answer still uses the last
+result (up to `MODEL_STALE_S` old) while one background probe refreshes it, so a server that
+hangs never slows `/health/ready` down; only the first call (or one after a long quiet spell)
+waits for a probe. A probe asks every Triton server at once, one thread per server, each call
+bounded by `PROBE_TIMEOUT_S`: one server down costs at most that, never its sum over the pool.
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from typing import Any
 
 from node.console.context import ConsoleContext
 
-MODEL_CACHE_S = 10.0
-PROBE_TIMEOUT_S = 3.0
+MODEL_CACHE_S = 3.0  # a probe's result is fresh this long: callers in between reuse it
+MODEL_STALE_S = 30.0  # up to this old it is still answered at once (while a background probe runs)
+PROBE_TIMEOUT_S = 1.0  # per Triton call (connection included); the servers are probed in parallel
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,9 @@ class Health:
     def __init__(self, ctx: ConsoleContext):
         self.ctx = ctx
         self._models: tuple[float, list[dict[str, Any]]] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _models and _refreshing
+        self._probing = threading.Lock()  # one probe at a time; callers without a usable result wait for it
+        self._refreshing = False
 
     def ready(self, models: bool = True) -> Readiness:
         """Whether the node can take and process studies; without `models`, whether it can take
@@ -79,22 +91,52 @@ class Health:
         return {m for rule in entries if rule.enabled for m in rule.actions.run}
 
     def models(self) -> list[dict[str, Any]]:
-        """Every model in the repository with its backend's status (cached for a few seconds)."""
+        """Every model in the repository with its backend's status (cached, see the module's doc)."""
         with self._lock:
-            if self._models and time.monotonic() - self._models[0] < MODEL_CACHE_S:
-                return self._models[1]
+            if self._models is not None:
+                age = time.monotonic() - self._models[0]
+                if age < MODEL_CACHE_S:
+                    return self._models[1]
+                if age < MODEL_STALE_S:
+                    if not self._refreshing:
+                        self._refreshing = True
+                        threading.Thread(target=self._refresh_in_background, name="health-probe",
+                                         daemon=True).start()
+                    return self._models[1]
+        with self._probing:  # no usable result: probe now (concurrent callers share this probe)
+            with self._lock:
+                if self._models and time.monotonic() - self._models[0] < MODEL_CACHE_S:
+                    return self._models[1]
+            return self._refresh()
+
+    def _refresh_in_background(self) -> None:
+        try:
+            with self._probing:
+                self._refresh()
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _refresh(self) -> list[dict[str, Any]]:
+        out = self._probe()
+        with self._lock:
+            self._models = (time.monotonic(), out)
+        return out
+
+    def _probe(self) -> list[dict[str, Any]]:
         used = self._models_in_rules()
+        names = sorted(self.ctx.models.names())
         triton = self.ctx.config.inference.triton
+        servers = triton.servers
+        by_server = _probe_servers(servers, triton.protocol, names) if servers and names else {}
         out = []
-        for name in sorted(self.ctx.models.names()):
-            if triton.servers:
-                status = _pool_status([_triton_status(url, triton.protocol, name) for url in triton.servers])
-                backend = f"triton {', '.join(triton.servers)}"
+        for name in names:
+            if servers:
+                status = _pool_status([by_server[url][name] for url in servers])
+                backend = f"triton {', '.join(servers)}"
             else:
                 status, backend = self._local_status(name), "local (ONNX Runtime)"
             out.append({"name": name, "backend": backend, "status": status, "used_by_rules": name in used})
-        with self._lock:
-            self._models = (time.monotonic(), out)
         return out
 
     def _local_status(self, name: str) -> str:
@@ -117,22 +159,62 @@ def _pool_status(statuses: list[str]) -> str:
     return statuses[0] if len(statuses) == 1 else f"not ready on any of {len(statuses)} Triton servers ({statuses[0]})"
 
 
-def _triton_status(url: str, protocol: str, name: str) -> str:
+def _probe_servers(servers: list[str], protocol: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """{server: {model: status}}, every server asked at the same time (one thread each)."""
+    pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="triton-probe")
+    try:
+        futures = {url: pool.submit(_server_status, url, protocol, names) for url in servers}
+        # each call is bounded by PROBE_TIMEOUT_S; this bound is the backstop for a stuck client
+        wait_all(futures.values(), timeout=PROBE_TIMEOUT_S * (len(names) + 2))
+        return {url: future.result() if future.done() else dict.fromkeys(names, "Triton not reachable (probe "
+                                                                          "timed out)")
+                for url, future in futures.items()}
+    finally:
+        pool.shutdown(wait=False)
+
+
+_GONE = ("unavailable", "deadline", "timed out", "timeout", "failed to connect", "connection refused",
+         "connection reset", "socket closed", "broken pipe")
+
+
+def _gone(exc: Exception) -> bool:
+    """The server, not the model: no answer, refused, or the time is up."""
+    if isinstance(exc, OSError):  # ConnectionError, TimeoutError, socket.timeout
+        return True
+    status = getattr(exc, "status", None)
+    text = f"{status() if callable(status) else ''} {exc}".lower()
+    return any(marker in text for marker in _GONE)
+
+
+def _server_status(url: str, protocol: str, names: list[str]) -> dict[str, str]:
+    """Each model's readiness on one server, over one connection; a server that cannot be reached
+    is asked once, not once per model."""
     try:
         if protocol == "http":
             import tritonclient.http as client
 
-            triton = client.InferenceServerClient(url, connection_timeout=PROBE_TIMEOUT_S,
-                                                  network_timeout=PROBE_TIMEOUT_S)
-            ready = triton.is_model_ready(name)
+            triton: Any = client.InferenceServerClient(url, connection_timeout=PROBE_TIMEOUT_S,
+                                                       network_timeout=PROBE_TIMEOUT_S)
+            ask = triton.is_model_ready
         else:
             import tritonclient.grpc as client  # type: ignore[no-redef]
 
             triton = client.InferenceServerClient(url)
+            ask = lambda name: triton.is_model_ready(name, client_timeout=PROBE_TIMEOUT_S)  # noqa: E731
+    except Exception as exc:  # a malformed address
+        return dict.fromkeys(names, f"Triton not reachable ({type(exc).__name__})")
+    out: dict[str, str] = {}
+    try:
+        for name in names:
             try:
-                ready = triton.is_model_ready(name, client_timeout=PROBE_TIMEOUT_S)
-            finally:
-                triton.close()
-    except Exception as exc:  # unreachable, refused, timed out: the node will wait and retry jobs
-        return f"Triton not reachable ({type(exc).__name__})"
-    return "ready" if ready else "not ready on Triton"
+                out[name] = "ready" if ask(name) else "not ready on Triton"
+            except Exception as exc:  # unreachable, refused, timed out: the node will wait and retry jobs
+                out[name] = f"Triton not reachable ({type(exc).__name__})"
+                if _gone(exc):  # the others would only wait for the same timeout
+                    return {**out, **{n: out[name] for n in names if n not in out}}
+        return out
+    finally:
+        try:
+            triton.close()
+        except Exception:  # closing a connection to a server that is gone
+            pass

@@ -122,7 +122,8 @@ class JobRunner:
                 continue
             if job is None:
                 self._wake.wait(1.0)
-                self._wake.clear()
+                if not self._stop.is_set():  # a stop's wake-up is for every worker: leave it set
+                    self._wake.clear()
 
     # -- one job ------------------------------------------------------------------------------
 

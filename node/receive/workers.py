@@ -433,15 +433,20 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     # including one that crossed the drain message, go on; the process ends when they have, at
     # the latest at scp.timeouts.drain (then like a stop: A-ABORT after a short grace).
     drain_since: float | None = None
+    nothing_pending = False  # the last read of the channel found no message (none crossed the drain)
     while not stopping.is_set():
         if drain_since is not None:
-            idle = not server.active_associations and not any(t.is_alive() for t in handing)
-            waited = time.monotonic() - drain_since
-            if (idle and waited > 1.0) or waited > config.scp.timeouts.drain:
+            # Connections still negotiating (or a port probe that connected and left) hold no
+            # association: they end at their ACSE deadline and never hold a drain up.
+            established = [a for a in server.active_associations if a.is_established]
+            idle = not established and not any(t.is_alive() for t in handing)
+            if (idle and nothing_pending) or time.monotonic() - drain_since > config.scp.timeouts.drain:
                 break
         try:
             message, fds, _, _ = socket.recv_fds(channel, _MAX_MESSAGE, 1)
+            nothing_pending = False
         except TimeoutError:
+            nothing_pending = True
             continue
         except OSError:
             break
@@ -450,7 +455,8 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
         request = json.loads(message)
         if request.get("drain"):
             drain_since = time.monotonic()
-            logs.event(log, "receiver_draining", pid=os.getpid(), associations=len(server.active_associations))
+            logs.event(log, "receiver_draining", pid=os.getpid(),
+                       associations=sum(a.is_established for a in server.active_associations))
             continue
         peer = tuple(request["peer"])
         if not fds:  # the descriptor did not arrive (e.g. this process is out of descriptors)
@@ -468,7 +474,7 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     # instance is durable, and an instance cut off mid-transfer was never acknowledged, so its
     # sender sends it again.
     deadline = time.monotonic() + SHUTDOWN_GRACE_S
-    while server.active_associations and time.monotonic() < deadline:
+    while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
         time.sleep(0.05)
     for assoc in server.active_associations:
         assoc.abort()

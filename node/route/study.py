@@ -33,7 +33,7 @@ ROUTABLE = set(SERIES_COLUMNS) | set(PSEUDO_TAGS)
 
 def orientation_class(iop: list[float] | None) -> str | None:
     """axial, coronal, sagittal or oblique, from ImageOrientationPatient (common.orientation:
-    more than 30 degrees off every patient axis is oblique, a gantry-tilted CT is axial)."""
+    30 degrees or more off every patient axis is oblique, a gantry-tilted CT is axial)."""
     return plane_of_orientation(iop)
 
 
