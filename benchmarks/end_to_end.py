@@ -21,7 +21,7 @@ from node.jobs.store import JobStore
 from node.store.index import Index
 from tests.orthanc import Orthanc
 from tests.peers import VENV_BIN, NodeProcess, wait_for
-from training.data.synthetic import make_dicom_study
+from phantom.study import make_dicom_study
 from benchmarks.common import benchmark_run
 
 QUIET = 2.0

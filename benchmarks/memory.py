@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from benchmarks.common import benchmark_run
 from tests.peers import NodeProcess, free_port, storescu, wait_for
-from training.data.synthetic import make_dicom_study
+from phantom.study import make_dicom_study
 
 ROUTING = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
                       "actions": {"run": ["lesion-seg"], "send_to": ["results"]}}]}

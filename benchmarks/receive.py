@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.peers import HOOKS, NodeProcess, free_port, port_open, wait_for
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from benchmarks.common import benchmark_run
 
 

@@ -28,7 +28,7 @@ from tests.models import build_test_repository
 from tests.orthanc import Orthanc
 from tests.peers import NodeProcess, storescu, wait_for
 from tests.postgres import PostgresServer
-from training.data.synthetic import make_dicom_study
+from phantom.study import make_dicom_study
 
 ROUTING = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
                       "actions": {"run": ["threshold"], "send_to": ["pacs"]}}]}

@@ -17,7 +17,7 @@ from inference.pipeline import SegmentationResult
 from inference.spec import ModelSpec
 from inference.volume import SeriesVolume
 from node.config import NodeConfig
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from node.encode.uids import ResultUIDs, SourceIdentity
@@ -25,7 +25,7 @@ from node.send.outbox import Outbox
 from node.store.index import Index
 from tests.orthanc import Orthanc
 from tests.peers import wait_for
-from training.phantom.dicom import SeriesGeometry, write_ct_series
+from phantom.dicom import SeriesGeometry, write_ct_series
 from benchmarks.common import benchmark_run
 
 CODE = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}

@@ -67,8 +67,9 @@ class Timeouts(Strict):
         60.0, gt=0, description="a PDU must arrive whole within this time from its first byte, plus one second "
         "per 64 KiB it carries; else A-ABORT (a peer trickling bytes keeps no slot)")
     drain: float = Field(
-        300.0, gt=0, description="after a reload changed receiver settings, associations opened before it "
-        "may go on under the old settings this long; then they are aborted (their sender resends)")
+        300.0, gt=0, description="when the node stops (SIGTERM, Ctrl-C), or a reload changed receiver settings, "
+        "open associations may go on this long (under the old settings); then they are aborted (their sender "
+        "resends what was not acknowledged)")
 
 
 class ScpConfig(Strict):

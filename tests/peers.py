@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from tests.processes import stop_process_group
 
 VENV_BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from inference.pipeline import ClassificationResult, classify
 from inference.saliency import occlusion_saliency
 from inference.spec import ModelSpec, load_spec
 from inference.volume import load_series
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.saliency import MAX_TINT, build_saliency_maps
 from node.encode.sr import build_sr
 from tests.identity import uids_for
@@ -32,8 +32,8 @@ from training.classification import ClassifierConfig, build_classifier, metrics,
 from training.cli import CLASSIFIER_SPEC, app
 from training.data.dicom_labels import load_labelled_dicom
 from training.data.msd import DatasetError
-from training.phantom.radiograph import Nodule, chest_radiograph, make_dx_dataset, write_dx
-from training.phantom.dicom import SeriesIdentity
+from phantom.radiograph import Nodule, chest_radiograph, make_dx_dataset, write_dx
+from phantom.dicom import SeriesIdentity
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 SHIPPED = REPO_MODELS / "chest-nodule-cls"
@@ -101,7 +101,7 @@ def test_train_export_and_serve_a_classifier(tmp_path):
 def test_train_a_3d_classifier_on_ct_series(tmp_path):
     """3D: CT series in a folder (a CSV row names any one file of its series) -> a 3D MONAI ResNet
     -> ONNX -> the node classifies a whole series with it."""
-    from training.data.synthetic import make_dicom_study
+    from phantom.study import make_dicom_study
 
     data = tmp_path / "ct"
     rows = []

@@ -21,7 +21,7 @@ from pydicom.sr.codedict import codes
 
 from inference.pipeline import ClassificationResult, SegmentationResult
 from inference.spec import ModelSpec
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from tests.identity import uids_for

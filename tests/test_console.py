@@ -508,6 +508,8 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 def test_a_2_gb_upload_is_refused_with_413_before_the_node_reads_it(node, announced):
     """/api/explain is open without a token on loopback: a huge upload must cost the node nothing.
     The body (one 2 GB file in a multipart form) is made lazily; the answer is read while sending."""
+    # The service loads its pipeline (hundreds of MB) in the background after start: not this test's growth.
+    wait_for(lambda: node.events("pipeline_ready") or node.events("pipeline_load_failed"), timeout=120)
     size = 2 * GB
     overhead = sum(len(p) for p in _multipart([("junk.dcm", [])], calling_ae="MODALITY"))
     started = time.monotonic()
@@ -521,7 +523,7 @@ def test_a_2_gb_upload_is_refused_with_413_before_the_node_reads_it(node, announ
     assert "at most 64 MB per request (http.max_upload_mb)" in json.loads(answer.body)["detail"]
     assert "connection: close" in answer.headers  # the rest of the body is never read
     assert sent < 256 * MB  # answered at once (Content-Length) or once past 64 MB (chunked), not at the end
-    assert grown < 100 * MB, f"the node grew by {grown / MB:.0f} MB for a refused upload"
+    assert grown < 50 * MB, f"the node grew by {grown / MB:.0f} MB for a refused upload"
     assert _status(node, "/health/live") == 200
 
 

@@ -18,11 +18,11 @@ from inference.findings import measure
 from inference.pipeline import SegmentationResult
 from inference.spec import ModelSpec
 from inference.volume import load_series, read_series
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from tests.identity import uids_for
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 LESION = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
 ALTERED = {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Altered Structure"}

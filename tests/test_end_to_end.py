@@ -19,8 +19,8 @@ import pydicom
 
 from node.encode.sr import read_findings
 from tests.peers import wait_for
-from training.data.synthetic import make_dicom_study
-from training.phantom.dicom import SeriesIdentity
+from phantom.study import make_dicom_study
+from phantom.dicom import SeriesIdentity
 
 VOLUME_TOLERANCE = 0.35
 ROUTING = {"rules": [{

@@ -18,14 +18,14 @@ from inference.pipeline import SegmentationResult
 from inference.volume import load_series, read_series
 from node.encode.keyimages import LEGEND, build_key_images, key_slices, scale_of
 from node.encode.notice import build_failure_notice
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.rtstruct import build_rtstruct, rasterise
 from tests.identity import uids_for
 from tests.orthanc import Orthanc
 from tests.peers import wait_for
 from tests.test_encode import SPEC, _dciodvfy, phantom_result
 from tests.test_jobs import jobs_of, send, sphere_study, wait_job
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 OPTIONS = OutputOptions()
 

@@ -30,14 +30,14 @@ from inference.backends.local import LocalBackend
 from inference.pipeline import SegmentationResult, segment, to_model_space
 from inference.spec import ModelSpec
 from inference.volume import SeriesError, SeriesVolume, load_series, load_volumes, read_series
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr, read_findings
 from node.route.study import study_from_folder
 from tests.identity import uids_for
 from tests.models import threshold_spec
 from tests.peers import free_port, storescu, wait_for
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, image_header, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, image_header, write_ct_series
 
 CENTRE = np.array([6.3, -8.1, 12.7])  # off every axis: a mirrored or shifted result is far from it
 RADIUS = 12.0

@@ -19,8 +19,8 @@ from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from tests.models import threshold_spec
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
-from training.phantom.generator import Ellipsoid, Phantom
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.generator import Ellipsoid, Phantom
 
 CENTRE = (3.2, -5.1, 12.7)
 RADIUS = 14.0

@@ -25,7 +25,7 @@ from node.route.rules import Actions
 from node.store.index import Index
 from tests.orthanc import Orthanc
 from tests.peers import VENV_BIN, NodeProcess, storescu, wait_for
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 ROUTING = {"rules": [{
     "name": "bright-regions",

@@ -100,7 +100,7 @@ def test_every_import_keeps_to_the_layers():
 
 @pytest.mark.parametrize("importer, source, rule", [
     ("node/route/study.py", "from node.receive.tags import ROUTING_KEYWORDS\n", "node.route, layer 2"),
-    ("node/config.py", "from node.encode.options import OutputOptions\n", "node.config, layer 0"),
+    ("node/config.py", "from node.encode.seg import build_seg\n", "node.config, layer 0"),
     ("node/demo.py", "from training.data.synthetic import make_dicom_study\n", "node imports no training"),
     ("node/receive/scp.py", "def f():\n    from node.jobs.runner import JobRunner\n", "node.receive, layer 2"),
     ("common/logs.py", "import node.config\n", "common imports no node"),

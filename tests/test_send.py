@@ -22,7 +22,7 @@ from inference.findings import measure
 from inference.pipeline import SegmentationResult
 from inference.volume import load_series, read_series
 from node.config import NodeConfig
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from tests.identity import uids_for

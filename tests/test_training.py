@@ -16,14 +16,15 @@ from inference.backends.triton import TritonBackend
 from inference.spec import ModelSpec, load_spec
 from tests.triton_server import TritonCpuServer
 from inference.volume import load_series, read_series
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import build_seg
 from tests.identity import uids_for
 from inference.findings import measure
 from inference.pipeline import SegmentationResult
 from training.data.dicom_seg import dicom_seg_to_msd
 from training.data.msd import LPS_TO_RAS, DatasetError, load_msd
-from training.data.synthetic import make_dicom_study, make_training_set, truth_path
+from phantom.study import make_dicom_study, truth_path
+from training.data.synthetic import make_training_set
 from training.export.repository import export_onnx, write_entry
 from training.train import TrainConfig, load_network, train
 

@@ -26,7 +26,7 @@ from PIL import Image
 from tests.orthanc import Orthanc
 from tests.peers import NodeProcess, storescu, wait_for
 from tests.viewer import ViewerServer, ensure_ohif
-from training.phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 SHAPE = (32, 128, 128)
 LESION = (40, 80, 12)  # row, column, radius (pixels); slices 8-23

@@ -169,7 +169,7 @@ def up(config_path: Path, http_port: int, viewer_port: int, demo: bool) -> None:
     from node.send.scu import associate, storage_contexts
     from tests.orthanc import Orthanc
     from tests.peers import wait_for
-    from training.data.synthetic import make_dicom_study
+    from phantom.study import make_dicom_study
 
     # SIGTERM (not only Ctrl-C) stops Orthanc too: it runs in its own process group.
     signal.signal(signal.SIGTERM, _interrupt)

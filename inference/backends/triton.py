@@ -8,7 +8,6 @@ that is about 5x faster than HTTP and 9x faster than gRPC on this machine.
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from typing import Any, Callable, Literal, TypeVar
@@ -22,6 +21,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from inference.backends.base import BackendError, BackendUnavailable
 from inference.spec import ModelSpec
+from common.backoff import backoff_delay
 from common import logs
 
 log = logging.getLogger("inference.triton")
@@ -183,8 +183,6 @@ class TritonBackend:
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
         """Retry transient failures with exponential backoff and jitter; then a clear error."""
-        from common.backoff import backoff_delay
-
         for attempt in range(1, self.retries + 1):
             try:
                 return call()

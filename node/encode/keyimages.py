@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from inference.pipeline import SegmentationResult
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import image_laterality, segment_labels
 from node.encode.uids import ResultUIDs
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.uids import ResultUIDs
 
 REPORT_TITLE = hd.sr.CodedConcept(value="18748-4", scheme_designator="LN", meaning="Diagnostic imaging report")

@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 
 from inference.pipeline import SegmentationResult
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import segment_labels
 from node.encode.uids import ResultUIDs
 

@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.pipeline import ClassificationResult
 from inference.spec import Label
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import _with_shared_geometry, coded, image_laterality, source_plane_positions
 from node.encode.uids import ResultUIDs
 

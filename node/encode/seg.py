@@ -11,7 +11,7 @@ from inference.findings import foreground_box
 from inference.pipeline import SegmentationResult
 from inference.spec import Code, Label
 from inference.volume import SeriesVolume
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.uids import ResultUIDs
 
 

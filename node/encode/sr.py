@@ -23,7 +23,7 @@ from inference.findings import Finding
 from inference.pipeline import ClassificationResult, SegmentationResult
 from inference.spec import Label
 from inference.volume import SeriesVolume
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.seg import coded, segment_labels
 from node.encode.uids import ResultUIDs
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import random
 import threading
 import time
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from apscheduler.schedulers.base import BaseScheduler
 
 from inference.repository import ModelRepository
+from common.backoff import backoff_delay
 from common import logs
 from node.config import NodeConfig
 from node.encode.uids import ResultUIDs, SourceIdentity
@@ -158,8 +158,6 @@ class JobRunner:
 
     def _wait(self, job: Job, reason: str) -> None:
         inference = self.config.inference
-        from common.backoff import backoff_delay
-
         delay = backoff_delay(job.attempts, inference.retry_initial_s, inference.retry_max_s)
         state = self.jobs.wait(job.id, reason, delay, inference.retry_deadline_s)
         if state is JobState.WAITING:

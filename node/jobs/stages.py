@@ -18,7 +18,7 @@ from inference.spec import ModelSpec
 from inference.volume import SeriesVolume, load_volumes, read_series
 from node.encode.demographics import tolerate_demographics
 from node.encode.keyimages import build_key_images
-from node.encode.options import OutputOptions
+from node.config import OutputOptions
 from node.encode.rtstruct import build_rtstruct
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr

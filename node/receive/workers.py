@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 from pynetdicom import _config as pynetdicom_config
 
+from common.backoff import backoff_delay
 from common import logs
 from node.config import HTTP_TOKEN_ENV, INDEX_URL_ENV, NodeConfig
 from node.receive.pynetdicom_internals import HandedServer
@@ -334,7 +335,6 @@ class ReceiverPool:
         # A receiver that cannot start (a bad certificate, no memory) must not respawn in a busy loop.
         quick = time.monotonic() - worker.started < 10
         self._failures[worker.slot] = self._failures[worker.slot] + 1 if quick else 0
-        from common.backoff import backoff_delay
         delay = backoff_delay(self._failures[worker.slot], 1.0, 30.0, jitter=False) if quick else 0.0  # 1, 2, 4 .. 30 s
         timer = threading.Timer(delay, self._respawn, [worker.slot])
         timer.daemon = True

@@ -8,7 +8,7 @@ import numpy as np
 
 from phantom.dicom import SeriesGeometry
 from phantom.generator import random_phantom
-from phantom.study import DEMO_FIELD_OF_VIEW, make_dicom_study, truth_path  # noqa: F401 (training's API)
+from phantom.study import DEMO_FIELD_OF_VIEW
 from training.data.msd import write_dataset_json, write_pair
 
 
