@@ -50,6 +50,7 @@ LIVE_KEYS = (
     "inference.retry_deadline_s",
     "storage.retention",
     "storage.min_free_mb",
+    "http.max_upload_mb",
     *RECEIVER_KEYS,
 )
 SNAPSHOT = "config-in-force.json"

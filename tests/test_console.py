@@ -304,7 +304,7 @@ def test_metrics_move_by_the_expected_amounts(node, viewer, tmp_path):
 
 
 def test_retries_dead_letters_and_finished_jobs_are_counted_where_they_happen(node, viewer, tmp_path):
-    """The service process's own counters (common.metrics), fed by the outbox and the job runner."""
+    """The service process's own counters (node.metrics), fed by the outbox and the job runner."""
     viewer.stop()  # every attempt fails: retries, then the dead letter after sending.deadline_s
     before = _metrics(node)
     study_uid, _ = _send_study(node, tmp_path / "dead", slices=18)

@@ -183,6 +183,11 @@ def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_pa
 
     view = study_from_index(Index(node.data_dir / "index.sqlite", migrate=False), uid, node.data_dir)
     assert view is not None and view.missing == 2 and sum(len(s.files) for s in view.series) == 3
+    # the operator sees it: the study's page and /metrics
+    page = urllib.request.urlopen(f"{node.url}/studies/{uid}", timeout=10).read().decode()
+    assert '<div class="msg bad" id="missing">2 indexed instances of this study no longer have their files' in page
+    metrics = urllib.request.urlopen(f"{node.url}/metrics", timeout=10).read().decode()
+    assert "dicom_node_instances_missing 2.0" in metrics.splitlines()
     # the same instance sent again is stored and no longer missing
     by_uid = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
     assert storescu(node.port, [by_uid[r["sop_instance_uid"]] for r in gone]).returncode == 0

@@ -15,7 +15,7 @@ from node.jobs.store import IllegalTransition, UnknownJob
 from node.route.study import StudyView, study_from_folder, study_from_index
 from node.send.echo import EchoResult, echo
 from node.send.outbox import delivery_state, retry as retry_outbox
-from node.send.scu import client_ssl_context
+from node.send.scu import destination_ssl_context
 
 MAX_UPLOAD_FILES = 2000
 
@@ -55,8 +55,7 @@ def echo_destination(ctx: ConsoleContext, name: str) -> EchoResult:
     peer = config.destinations.get(name)
     if peer is None:
         raise ActionError(404, f"no destination {name!r}")
-    context = client_ssl_context(peer.tls.ca, peer.tls.certificate, peer.tls.private_key) if peer.tls.enabled else None
-    return echo(peer.host, peer.port, config.scp.ae_title, peer.ae_title, context,
+    return echo(peer.host, peer.port, config.scp.ae_title, peer.ae_title, destination_ssl_context(peer.tls),
                 timeout=min(config.sending.timeout_s, 10.0))
 
 

@@ -6,7 +6,7 @@
   prometheus-client's multiprocess mode across receiver processes. Jobs, outbox and disk
   figures come from the same place. These survive a restart; instances and bytes removed by
   retention are added back from `retention_log`, so counters never go down.
-- **The node's own events, in the service process** (common.metrics, prometheus-client objects
+- **The node's own events, in the service process** (node.metrics, prometheus-client objects
   counted by the code where each event happens: the outbox, the job runner): delivery retries
   and dead letters per destination, jobs finished, job stage durations and inference latency per
   model. These start from zero with the process, like any counter. Nothing here queries the
@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common import metrics as events
+from node import metrics as events
 from node.console.context import ConsoleContext
 from node.console.summary import disk
 from node.receive.counts import Counted, ReceiveCounts
@@ -96,6 +96,8 @@ class IndexCollector(Collector):
         yield _gauge("disk_watermark_bytes", "storage.min_free_mb in bytes (C-STORE refused below it)",
                      self.ctx.spool.min_free_bytes)
         yield _gauge("stored_bytes", "Bytes of instances stored now", stored["bytes"])
+        yield _gauge("instances_missing", "Indexed instances whose file start-up reconciliation found gone",
+                     index.missing_instances())
         yield _counter("retention_deleted_studies", "Studies deleted by retention", deleted["studies"])
 
 
@@ -142,5 +144,5 @@ def registry_for(ctx: ConsoleContext) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(IndexCollector(ctx))
     registry.register(TritonCollector(ctx))
-    registry.register(events.REGISTRY)  # the service process's own event counters (common.metrics)
+    registry.register(events.REGISTRY)  # the service process's own event counters (node.metrics)
     return registry

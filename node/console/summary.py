@@ -103,6 +103,7 @@ def study(index: Index, jobs: JobStore, retention: Retention, study_uid: str,
     return {
         "study": row,
         "series": series_of(index, study_uid, show_descriptions),
+        "missing_instances": index.missing_instances(study_uid),
         "jobs": job_rows,
         "explanation": next((j["explanation"] for j in reversed(job_rows) if j["explanation"]), None),
         "deliveries": deliveries(index, study_uid),

@@ -22,6 +22,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from inference.repository import ModelRepository
 from common.backoff import backoff_delay
 from common import logs
+from node import metrics
 from node.config import NodeConfig
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
@@ -151,10 +152,12 @@ class JobRunner:
             else:
                 self.jobs.fail(job.id, reason)
                 logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid, reason=reason[:500])
+                metrics.job_finished(self.jobs, job.id, "failed")
                 self._notify_failure(job, reason)
             return
         self.jobs.finish(job.id)
         logs.event(log, "job_done", job=job.id, study_uid=job.study_uid, seconds=round(time.time() - started, 3))
+        metrics.job_finished(self.jobs, job.id, "done")
 
     def _wait(self, job: Job, reason: str) -> None:
         inference = self.config.inference
@@ -167,6 +170,7 @@ class JobRunner:
         else:
             logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid,
                        reason=f"retry deadline passed: {reason}"[:500])
+            metrics.job_finished(self.jobs, job.id, "failed")
             self._notify_failure(job, f"retry deadline passed: {reason}")
 
     def _notify_failure(self, job: Job, reason: str) -> None:
@@ -239,6 +243,7 @@ class JobRunner:
                 logs.event(log, "model_ran", job=job.id, model=task.model, series_uid=task.series_uid,
                            volume=result.volume.label or None, findings=len(getattr(result, "findings", ())),
                            seconds={k: round(v, 3) for k, v in result.seconds.items()})
+                metrics.model_ran(task.model, result.seconds)
         with self._stage(job, "enqueue", progress):
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,

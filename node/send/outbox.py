@@ -27,6 +27,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.base import BaseScheduler
 
 from common import logs
+from node import metrics
 from common.backoff import backoff_delay
 from node.config import NodeConfig
 from node.send.scu import NotAccepted, associate, destination_ssl_context, rejection, send_file, storage_contexts
@@ -239,6 +240,7 @@ class Outbox:
                 return self._lost(row)
         logs.event(log, "results_retry_scheduled", logging.WARNING, outbox_id=row["id"], destination=row["destination"],
                    attempt=attempts, retry_in_s=round(delay, 1), reason=reason)
+        metrics.delivery_retried(row["destination"])
         self._schedule(int(row["id"]), when)
         return "pending"
 
@@ -252,6 +254,7 @@ class Outbox:
         if state == "dead":
             logs.event(log, "results_dead_letter", logging.ERROR, outbox_id=row["id"], destination=row["destination"],
                        study_uid=row["study_uid"], reason=reason)
+            metrics.dead_letter(row["destination"])
         return state
 
 

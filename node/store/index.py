@@ -383,8 +383,11 @@ class Index:
                 db.execute("UPDATE instances SET missing_at=? WHERE sop_instance_uid=?", (now, uid))
             return gone
 
-    def missing_instances(self) -> int:
-        return int(self.query("SELECT COUNT(*) AS n FROM instances WHERE missing_at IS NOT NULL")[0]["n"])
+    def missing_instances(self, study_uid: str | None = None) -> int:
+        """Indexed instances whose file reconciliation found gone (of one study, or all)."""
+        where = " AND study_uid=?" if study_uid else ""
+        return int(self.query(f"SELECT COUNT(*) AS n FROM instances WHERE missing_at IS NOT NULL{where}",
+                              (study_uid,) if study_uid else ())[0]["n"])
 
     def forget_study(self, db: Db, study_uid: str) -> list[dict[str, Any]]:
         """Delete the study's rows (retention, inside its transaction); returns its instances

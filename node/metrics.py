@@ -6,7 +6,7 @@ adds to `/metrics` (node.console.metrics); counting never queries anything and n
 Like any in-process counter, these start from zero with the process. What the receiver
 processes count is read from the index at scrape time instead (node.console.metrics.IndexCollector).
 
-Here in `common` (it imports only prometheus-client) so that node.send and node.jobs can use it
+At the bottom of node (it imports only prometheus-client) so that node.send and node.jobs can use it
 without importing the console.
 """
 
