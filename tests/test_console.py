@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import stop_process_group
-from tests.peers import VENV_BIN, NodeProcess, free_port, make_study, port_open, storescu, wait_for
+from tests.peers import VENV_BIN, NodeProcess, http_status, free_port, make_study, port_open, storescu, wait_for
 
 TOKEN = "console-test-token-0123456789"
 ROUTING = {"rules": [{
@@ -123,16 +123,7 @@ def _shot(page: Any, workdir: Path, name: str) -> None:
 
 
 def _status(node: NodeProcess, path: str, method: str = "GET", token: str | None = None) -> int:
-    request = urllib.request.Request(node.url + path, method=method, data=b"" if method == "POST" else None)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+    return http_status(node.url + path, method, token)
 
 
 def _get(node: NodeProcess, path: str) -> Any:

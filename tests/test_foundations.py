@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,21 +30,11 @@ from node.route.rules import Actions
 from node.send.outbox import DELIVERY_EXECUTOR, Outbox
 from node.store.index import Index
 from node.store.migrations import HEAD
-from tests.peers import HOOKS, dataset_bytes, make_study, storescu, wait_for
+from tests.peers import HOOKS, dataset_bytes, http_status, make_study, storescu, wait_for
 
 
 def _study_uid(files: list[Path]) -> str:
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-
-
-def _http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 # -- rolling upgrade ----------------------------------------------------------------------------
@@ -203,14 +192,14 @@ def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_p
     node = start_node(scp={"timeouts": {"drain": 60}})
     files = make_study(tmp_path / "ct", slices=4, size=16)
     datasets = [pydicom.dcmread(f) for f in files]
-    assert _http_status(f"{node.url}/health/receiving") == 200
+    assert http_status(f"{node.url}/health/receiving") == 200
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
     assert assoc.is_established
     assert assoc.send_c_store(datasets[0]).Status == 0
     node.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: _http_status(f"{node.url}/health/receiving") in (503, 0), timeout=10)
+    wait_for(lambda: http_status(f"{node.url}/health/receiving") in (503, 0), timeout=10)
     assert wait_for(lambda: node.events("receivers_draining"), timeout=10)
     late = AE(ae_title="MODALITY")
     late.add_requested_context(CTImageStorage)
