@@ -53,11 +53,12 @@ def _compose() -> dict:
     return yaml.safe_load((DOCKER / "docker-compose.replicas.yml").read_text())
 
 
-def _replica_config(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]):
-    """node.replicas.yaml as a replica reads it, with the environment compose gives it."""
+def _replica_config(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], name: str = "node.replicas.yaml"):
+    """A compose node's configuration (node.replicas.yaml: a replica's) as it reads it, with the
+    environment compose gives it."""
     for key, value in environment.items():
         monkeypatch.setenv(key, re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: f"<{m.group(1)}>", value))
-    return load_config(DOCKER / "node.replicas.yaml")
+    return load_config(DOCKER / name)
 
 
 def test_replicas_share_one_index_one_data_volume_and_one_configuration(monkeypatch):
@@ -290,6 +291,22 @@ def test_a_stopping_pod_keeps_its_associations_until_they_end(tmp_path, monkeypa
     stop_grace = inspect.signature(ReceiverPool.stop).parameters["grace"].default
     assert pod["terminationGracePeriodSeconds"] >= options["--max"] + stop_grace
     assert options["--settle"] >= 10
+
+
+@pytest.mark.parametrize("compose_file", ["docker-compose.yml", "docker-compose.replicas.yml"])
+def test_docker_stop_waits_for_the_nodes_drain(compose_file, monkeypatch):
+    """`docker compose stop` sends SIGTERM, then SIGKILL after stop_grace_period: long enough for
+    the node's own drain (scp.timeouts.drain) and its grace."""
+    services = yaml.safe_load((DOCKER / compose_file).read_text())["services"]
+    nodes = {name: s for name, s in services.items() if "dicom-node" in str(s.get("volumes", []))}
+    assert nodes
+    stop_grace = inspect.signature(ReceiverPool.stop).parameters["grace"].default
+    for name, service in nodes.items():
+        mounted = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        with monkeypatch.context() as env:
+            config = _replica_config(env, service.get("environment", {}),
+                                     mounted["/etc/dicom-node/node.yaml"].removeprefix("./"))
+        assert _seconds(service["stop_grace_period"]) >= config.scp.timeouts.drain + stop_grace, name
 
 
 def _run_drain(script: Path, port: int, settle: float, most: float) -> subprocess.Popen:

@@ -30,7 +30,7 @@ from node.route.rules import Actions
 from node.send.outbox import DELIVERY_EXECUTOR, Outbox
 from node.store.index import Index
 from node.store.migrations import HEAD
-from tests.peers import HOOKS, dataset_bytes, http_status, make_study, storescu, wait_for
+from tests.peers import HOOKS, dataset_bytes, free_port, http_status, make_study, storescu, wait_for
 
 
 def _study_uid(files: list[Path]) -> str:
@@ -149,13 +149,19 @@ def test_a_changed_copy_after_completion_under_ignore_keeps_the_processed_file(s
 
 
 def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_path, model_repository):
-    """A file deleted behind the node's back: at the next start the row is marked (not
-    forgotten), logged and counted; the study's job runs on what is left."""
-    node = start_node(completion={"quiet_period_s": 1.0})
+    """A file deleted behind the node's back: at the next start the instance is recorded as
+    missing (not forgotten), logged and counted; a job on its series fails with that reason
+    instead of running on part of the series; the instance sent again clears the mark."""
+    routing = {"rules": [{"name": "bright", "match": {"tag": "Modality", "equals": "CT"},
+                          "actions": {"run": ["threshold"], "send_to": ["pacs"]}}]}
+    node = start_node(completion={"quiet_period_s": 1.0}, routing=routing,
+                      inference={"model_repository": str(model_repository)},
+                      destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}})
     files = make_study(tmp_path / "ct", slices=5, size=16)
     uid = _study_uid(files)
     assert storescu(node.port, files).returncode == 0
     node.wait_complete(uid)
+    wait_for(lambda: node.query("SELECT 1 FROM work_items WHERE study_uid=? AND state='done'", (uid,)), timeout=60)
     node.stop()
     gone = node.query("SELECT sop_instance_uid, path FROM instances ORDER BY path LIMIT 2")
     for row in gone:
@@ -165,8 +171,9 @@ def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_pa
     assert (event["study_uid"], event["instances"]) == (uid, 2)
     assert sorted(event["sop_instance_uids"]) == sorted(r["sop_instance_uid"] for r in gone)
     assert node.events("reconciled")[-1]["missing_marked"] == 2
-    marked = node.query("SELECT sop_instance_uid FROM instances WHERE missing_at IS NOT NULL")
-    assert sorted(r["sop_instance_uid"] for r in marked) == sorted(r["sop_instance_uid"] for r in gone)
+    marked = node.query("SELECT sop_instance_uid, study_uid FROM missing_files")
+    assert sorted((r["sop_instance_uid"], r["study_uid"]) for r in marked) == sorted(
+        (r["sop_instance_uid"], uid) for r in gone)
     assert node.instance_count(uid) == 5  # kept, marked
     from node.route.study import study_from_index
 
@@ -177,18 +184,91 @@ def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_pa
     assert '<div class="msg bad" id="missing">2 indexed instances of this study no longer have their files' in page
     metrics = urllib.request.urlopen(f"{node.url}/metrics", timeout=10).read().decode()
     assert "dicom_node_instances_missing 2.0" in metrics.splitlines()
-    # the same instance sent again is stored and no longer missing
+    # a job on the series now fails with the reason, never runs on 3 of 5 slices: a changed copy
+    # of an instance still on disk reopens the study (after_complete: reprocess)
     by_uid = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
+    present = next(f for u, f in by_uid.items() if u not in {r["sop_instance_uid"] for r in gone})
+    changed = pydicom.dcmread(present)
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    assert storescu(node.port, [tmp_path / "changed.dcm"]).returncode == 0
+    failed = wait_for(lambda: node.query("SELECT reason FROM work_items WHERE study_uid=? AND state='failed'",
+                                         (uid,)), timeout=60)
+    assert "2 of its instances have lost their file (instances_missing)" in failed[0]["reason"]
+    # the same instances sent again are stored and no longer missing; the study's next job runs
     assert storescu(node.port, [by_uid[r["sop_instance_uid"]] for r in gone]).returncode == 0
-    wait_for(lambda: not node.query("SELECT 1 FROM instances WHERE missing_at IS NOT NULL"), timeout=10)
+    wait_for(lambda: not node.query("SELECT 1 FROM missing_files"), timeout=10)
+    wait_for(lambda: len(node.query("SELECT 1 FROM work_items WHERE study_uid=? AND state='done'", (uid,))) == 2,
+             timeout=60)
+
+
+def test_reconcile_clears_a_mark_whose_file_is_back_and_marks_nothing_on_an_empty_volume(start_node, tmp_path):
+    """A file restored by hand is no longer missing at the next start; a data volume that is not
+    mounted (not one indexed file on disk) is reported, and nothing is marked."""
+    node = start_node(completion={"quiet_period_s": 1.0})
+    files = make_study(tmp_path / "ct", slices=3, size=16)
+    uid = _study_uid(files)
+    assert storescu(node.port, files).returncode == 0
+    node.wait_complete(uid)
+    node.stop()
+    row = node.query("SELECT path FROM instances ORDER BY path LIMIT 1")[0]
+    kept = (node.data_dir / row["path"]).read_bytes()
+    (node.data_dir / row["path"]).unlink()
+    node.start()
+    wait_for(lambda: node.events("instances_missing"), timeout=10)
+    assert len(node.query("SELECT 1 FROM missing_files")) == 1
+    node.stop()
+    (node.data_dir / row["path"]).write_bytes(kept)
+    node.start()
+    wait_for(lambda: len(node.events("reconciled")) == 3, timeout=10)
+    assert node.events("reconciled")[-1]["missing_found"] == 1
+    assert not node.query("SELECT 1 FROM missing_files")
+    node.stop()
+    studies = node.data_dir / "studies"
+    studies.rename(node.data_dir / "elsewhere")
+    node.start()
+    error = wait_for(lambda: node.events("spool_files_all_gone"), timeout=10)[0]
+    assert error["indexed"] == 3
+    assert node.events("reconciled")[-1]["missing_marked"] == 0
+    assert not node.query("SELECT 1 FROM missing_files")
+
+
+def test_migrations_after_the_previous_release_add_tables_and_never_change_its_tables(tmp_path):
+    """The previous release (schema 0002) inserted into its tables without naming columns, so a
+    later migration that added a column to one of them would fail its every C-STORE during a
+    rolling upgrade: later migrations only create tables."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    import node.store.migrations as migrations
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+
+    def upgrade(revision: str) -> dict[str, list[str]]:
+        with engine.begin() as connection:
+            config = Config()
+            config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+        inspector = sa.inspect(engine)
+        return {t: [c["name"] for c in inspector.get_columns(t)] for t in inspector.get_table_names()}
+
+    previous = upgrade("0002")
+    current = upgrade("head")
+    assert {table: current[table] for table in previous} == previous
+    assert "missing_files" in set(current) - set(previous)
 
 
 # -- stopping -----------------------------------------------------------------------------------
 
 
-def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_path):
-    """SIGTERM: no new connections and /health/receiving unready at once; the open
-    association finishes what it sends (within scp.timeouts.drain); then the node exits 0."""
+@pytest.mark.parametrize("signal_to", ["service", "group-sigint", "group-sigterm"])
+def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_path, signal_to):
+    """SIGTERM to the service, Ctrl-C in its terminal (SIGINT to the whole process group) or
+    systemd's stop (SIGTERM to every process of the unit): no new connections and
+    /health/receiving unready at once; the open association finishes what it sends (within
+    scp.timeouts.drain), the receivers ignoring the signal the group got; then the node exits 0."""
     node = start_node(scp={"timeouts": {"drain": 60}})
     files = make_study(tmp_path / "ct", slices=4, size=16)
     datasets = [pydicom.dcmread(f) for f in files]
@@ -198,7 +278,10 @@ def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_p
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
     assert assoc.is_established
     assert assoc.send_c_store(datasets[0]).Status == 0
-    node.process.send_signal(signal.SIGTERM)
+    if signal_to == "service":
+        node.process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(node.process.pid, signal.SIGINT if signal_to == "group-sigint" else signal.SIGTERM)
     wait_for(lambda: http_status(f"{node.url}/health/receiving") in (503, 0), timeout=10)
     assert wait_for(lambda: node.events("receivers_draining"), timeout=10)
     late = AE(ae_title="MODALITY")
@@ -361,7 +444,8 @@ def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_nee
 
 TABLE_OWNERS = {
     "studies": "node/store/index.py", "series": "node/store/index.py", "instances": "node/store/index.py",
-    "associations": "node/store/index.py", "work_items": "node/jobs/store.py", "outbox": "node/send/outbox.py",
+    "associations": "node/store/index.py", "missing_files": "node/store/index.py",
+    "work_items": "node/jobs/store.py", "outbox": "node/send/outbox.py",
     "installation": "node/store/identity.py", "receive_counts": "node/receive/counts.py",
     "retention_log": "node/retention.py", "retention_runs": "node/retention.py",
 }

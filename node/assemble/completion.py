@@ -25,6 +25,7 @@ from node.store.index import Db, Index
 
 log = logging.getLogger("node.assemble")
 
+
 class Prepared(Protocol):
     """What the service prepares for a receiving study before it may complete (the routing
     decision, made outside the index's write lock): the arrival it saw and when it is due."""
@@ -33,6 +34,10 @@ class Prepared(Protocol):
     quiet_period_s: float
     due: float  # last_received + quiet_period_s
     instances: int
+
+
+CHECKS_PER_RUN = 3
+RECHECK_S = 1.0
 
 
 class CompletionTimers:
@@ -80,22 +85,30 @@ class CompletionTimers:
         )
 
     def _check(self, study_uid: str) -> None:
-        now = time.time()
-        prepared = self.prepare(study_uid, now)
-        if prepared is None:
-            return
-        if prepared.due > now:
-            self.arm(study_uid, prepared.due)
-            return
-        completed, deadline = self.index.complete_if_due(
-            study_uid, now, lambda db: self.admit(db, prepared, now), quiet_override=prepared.quiet_period_s,
-            seen_last_received=prepared.last_received)
-        if deadline is not None:  # an instance arrived since it was prepared: prepare it again then
-            self.arm(study_uid, deadline)
-            return
-        if completed:
-            logs.event(log, "study_complete", study_uid=study_uid, instances=prepared.instances)
-            self.on_admitted(study_uid)
+        """Route the study, then complete it if nothing arrived meanwhile. A timer re-armed for
+        a moment already past would be dropped by the scheduler while this run still holds its
+        only instance, so an overtaken check is redone here (a few times) instead."""
+        for _ in range(CHECKS_PER_RUN):
+            now = time.time()
+            prepared = self.prepare(study_uid, now)
+            if prepared is None:
+                return
+            if prepared.due > now:
+                self.arm(study_uid, prepared.due)
+                return
+            completed, deadline = self.index.complete_if_due(
+                study_uid, now, lambda db: self.admit(db, prepared, now), quiet_override=prepared.quiet_period_s,
+                seen_last_received=prepared.last_received)
+            if completed:
+                logs.event(log, "study_complete", study_uid=study_uid, instances=prepared.instances)
+                self.on_admitted(study_uid)
+                return
+            if deadline is None:
+                return  # no longer receiving
+            if deadline > time.time():
+                self.arm(study_uid, deadline)
+                return
+        self.arm(study_uid, time.time() + RECHECK_S)  # still arriving as fast as it is routed
 
 
 def _job_id(study_uid: str) -> str:

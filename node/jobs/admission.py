@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from common import logs
 from node.jobs.failures import describe
 from node.jobs.store import JobStore
@@ -60,22 +62,24 @@ class Admission:
         if study is None or study["state"] != "receiving":
             return None
         started = time.time()
-        view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
         rules = self.rules.current
-        decision, failure, by_rule = None, None, None
+        decision, failure, by_rule, view = None, None, None, None
         try:
+            view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
             by_rule = rules.quiet_period_for(view)
-        except Exception:  # noqa: BLE001 - the same defect fails the evaluation below, with its reason
-            pass
+        except SQLAlchemyError:
+            raise  # the index is unreachable: the completion sweep checks the study again
+        except Exception as exc:  # noqa: BLE001 - a stored value or rule the view cannot take
+            failure = describe(exc, "route")
         quiet = by_rule or self.quiet_period_for(study["calling_ae"] or "")
         due = study["last_received"] + quiet
-        if due <= now:
+        if due <= now and view is not None:
             try:
                 decision = record(rules.evaluate(view))
             except Exception as exc:  # a defect in a rule or condition must not hold the study open
                 failure = describe(exc, "route")
         return Routed(study_uid, study["last_received"], quiet, due, decision, failure,
-                      sum(s.instance_count for s in view.series), started)
+                      sum(s.instance_count for s in view.series) if view else 0, started)
 
     def admit(self, db: Db, routed: Routed, now: float) -> None:
         """Called inside the completing transaction. A study whose routing failed still

@@ -189,6 +189,9 @@ class JobRunner:
             decision = self.decide(job.study_uid)
             self.jobs.set_decision(job.id, decision)
         for applied in decision.applied:
+            if applied.actions.forward_to and view.missing:
+                raise JobError(f"{view.missing} instance(s) of the study have lost their file (instances_missing):"
+                               " forwarding it would send part of it; send the study again")
             for name in applied.actions.forward_to:
                 files = [f for series in view.series for f in series.files]
                 self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
@@ -200,6 +203,10 @@ class JobRunner:
         series = next((s for s in view.series if s.series_uid == applied.series_uid), None)
         if series is None:
             raise JobError(f"series {applied.series_uid} chosen by rule {applied.rule} has no stored instances")
+        if series.missing:
+            raise JobError(f"{series.label()} chosen by rule {applied.rule}: {series.missing} of its instances have"
+                           " lost their file (instances_missing); results from the rest would be wrong, send the"
+                           " study again")
         from node.jobs.stages import ModelTask
 
         return ModelTask(

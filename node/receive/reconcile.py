@@ -9,8 +9,8 @@ Each is checked exactly like a received instance (routing tags, whole-data-set c
 SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study (and takes
 the study's sender and called AE, so routing does not change); anything else goes to
 ``quarantine/`` with a reason. An identical copy of an indexed instance is removed. An index
-row whose file is gone is marked (`missing_at`): the study's job leaves it out and the console
-counts it. Counts are logged as one ``reconciled`` event.
+row whose file is gone is recorded in `missing_files`: a job on its series fails with that reason
+and the console counts it. Counts are logged as one ``reconciled`` event.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     started = time.monotonic()
     counts = {"orphans_indexed": 0, "orphans_quarantined": 0, "partial_indexed": 0,
-              "partial_quarantined": 0, "duplicates_removed": 0, "missing_marked": 0}
+              "partial_quarantined": 0, "duplicates_removed": 0, "missing_marked": 0, "missing_found": 0}
 
     def refuse(path: Path, reason: str, kind: str) -> None:
         where = spool.quarantine_file(path, f"reconcile at start-up: {reason}")
@@ -135,13 +135,28 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         index_it(part, tags, ts, calling, "partial")
 
     # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
-    # marked, never forgotten, so the study's job and the console can say what is missing.
-    for study_uid in index.indexed_studies():
-        gone = index.mark_missing(study_uid, lambda path: (spool.root / path).exists(), time.time())
-        if gone:
-            counts["missing_marked"] += len(gone)
-            logs.event(log, "instances_missing", logging.WARNING, study_uid=study_uid, instances=len(gone),
-                       sop_instance_uids=gone[:20])
+    # marked, never forgotten, so the study's job and the console can say what is missing; a
+    # mark whose file is back is cleared. Existence is checked here without the lock, then again
+    # for each candidate under it (Index.mark_missing).
+    rows = index.instance_paths()
+
+    def present(path: str) -> bool:
+        return (spool.root / path).exists()
+
+    found = [r["sop_instance_uid"] for r in rows if r["missing"] and present(r["path"])]
+    if found:
+        index.clear_missing(found)
+        counts["missing_found"] = len(found)
+    unmarked = [r for r in rows if not r["missing"]]
+    candidates = [r["sop_instance_uid"] for r in unmarked if not present(r["path"])]
+    if len(unmarked) > 1 and len(candidates) == len(unmarked):
+        # not one indexed file on disk: a data volume not mounted, not files deleted one by one
+        logs.event(log, "spool_files_all_gone", logging.ERROR, indexed=len(unmarked), data_dir=str(spool.root))
+        candidates = []
+    for study_uid, gone in index.mark_missing(candidates, present, time.time()).items():
+        counts["missing_marked"] += len(gone)
+        logs.event(log, "instances_missing", logging.WARNING, study_uid=study_uid, instances=len(gone),
+                   sop_instance_uids=gone[:20])
 
     logs.event(log, "reconciled", seconds=round(time.monotonic() - started, 3), **counts)
     return counts

@@ -55,6 +55,8 @@ log = logging.getLogger("node.receive")
 _SECRET_ENV = (HTTP_TOKEN_ENV, INDEX_URL_ENV)
 SHUTDOWN_GRACE_S = 0.5  # on stop, associations still open after this are aborted
 _MAX_MESSAGE = 4096
+# How the service stops a receiver; receivers ignore SIGTERM and SIGINT (see receiver_main).
+STOP_SIGNAL = signal.SIGUSR1
 # Each received PDU is a 16 KiB-1 MiB buffer. With glibc's defaults these go through mmap and
 # munmap and fault in fresh pages every time (measured: a third of receive system time).
 # Keeping them on the heap makes reuse cheap.
@@ -167,7 +169,7 @@ class ReceiverPool:
                     worker.draining = True
                     self._others.append(worker)
             for worker in earlier:
-                worker.process.send_signal(signal.SIGTERM)
+                worker.process.send_signal(STOP_SIGNAL)
             for worker in old:
                 try:
                     worker.channel.send(json.dumps({"drain": True}).encode())
@@ -180,7 +182,7 @@ class ReceiverPool:
     def stop(self, drain: float = 0.0, grace: float = 10.0, hurry: threading.Event | None = None) -> None:
         """Stop taking connections at once (the listening socket closes, so readiness fails and a
         load balancer moves on); with `drain`, the open associations may finish for up to that
-        long (scp.timeouts.drain), then every receiver gets SIGTERM: `grace` seconds, then killed.
+        long (scp.timeouts.drain), then every receiver is told to stop: `grace` seconds, then killed.
         `hurry` (a second SIGTERM or Ctrl-C) cuts the drain short."""
         with self._lock:
             self._stopping.set()
@@ -205,7 +207,7 @@ class ReceiverPool:
                     break
         for worker in workers:
             if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
+                worker.process.send_signal(STOP_SIGNAL)
         deadline = time.monotonic() + grace
         for worker in workers:
             try:
@@ -236,11 +238,11 @@ class ReceiverPool:
         finally:
             theirs.close()
             os.close(settings_in)
-        with os.fdopen(settings_out, "wb") as pipe:
-            try:
+        try:
+            with os.fdopen(settings_out, "wb") as pipe:  # closing flushes: it may raise too
                 pipe.write(json.dumps(receiver_settings(config, self.port, self.count)).encode())
-            except BrokenPipeError:
-                pass  # it died at once; _on_worker_exit sees to it
+        except BrokenPipeError:
+            pass  # it died at once; _on_worker_exit sees to it
         worker = _Worker(slot, process, ours)
         with self._lock:
             if install:
@@ -351,7 +353,7 @@ class ReceiverPool:
                 self._others.remove(worker)
                 self._workers[slot] = worker
                 return
-        worker.process.send_signal(signal.SIGTERM)  # a reconfiguration filled the slot meanwhile
+        worker.process.send_signal(STOP_SIGNAL)  # a reconfiguration filled the slot meanwhile
 
 
 # -- the receiver process ------------------------------------------------------------------
@@ -411,7 +413,12 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     )
     ssl_context = server_ssl_context(config)
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # Only the service stops a receiver (STOP_SIGNAL, or its channel closing): a SIGTERM or Ctrl-C
+    # sent to the whole process group (a terminal, systemd's control group) must leave the
+    # service's drain to end the associations, not abort them here at once.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, lambda *_: stopping.set())
 
     def take(conn: socket.socket, peer: tuple[str, int]) -> None:
         if ssl_context is not None:
@@ -425,7 +432,7 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
                 return
         server.process_request(conn, peer)
 
-    channel.settimeout(0.2)  # how soon a SIGTERM is seen
+    channel.settimeout(0.2)  # how soon STOP_SIGNAL is seen
     logs.event(log, "receiver_ready", pid=os.getpid())
     send({"ready": True})
     handing: list[threading.Thread] = []  # connections between hand-over and their association

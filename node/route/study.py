@@ -43,6 +43,7 @@ class SeriesView:
     tags: dict[str, Any]
     instance_count: int
     files: list[Path] = field(default_factory=list)
+    missing: int = 0  # indexed instances whose file is gone (found by start-up reconciliation)
 
     @property
     def orientation(self) -> str | None:
@@ -64,7 +65,11 @@ class StudyView:
     called_ae: str
     peer: str
     series: list[SeriesView]
-    missing: int = 0  # indexed instances whose file is gone (found by start-up reconciliation)
+
+    @property
+    def missing(self) -> int:
+        """Indexed instances of the study whose file is gone."""
+        return sum(s.missing for s in self.series)
 
 
 def _series_tags(row: Any) -> dict[str, Any]:
@@ -78,22 +83,21 @@ def _series_tags(row: Any) -> dict[str, Any]:
 
 def study_from_index(index: Index, study_uid: str, data_dir: Path) -> StudyView | None:
     """The study as routing and the job see it: its series and the files still on disk (an
-    instance whose file reconciliation found gone is left out and counted in `missing`)."""
+    instance whose file reconciliation found gone is left out and counted in its series' `missing`)."""
     rows = index.study_series(study_uid)
     origin = index.study_origin(study_uid)
     if not rows or origin is None:
         return None
     files: dict[str, list[Path]] = {}
-    missing = 0
+    missing: dict[str, int] = {}
     for instance in index.study_instances(study_uid):
-        if instance["missing_at"] is not None:
-            missing += 1
+        if instance["missing"]:
+            missing[instance["series_uid"]] = missing.get(instance["series_uid"], 0) + 1
         else:
             files.setdefault(instance["series_uid"], []).append(data_dir / instance["path"])
     series = [SeriesView(row["series_uid"], _series_tags(row), len(files.get(row["series_uid"], [])),
-                         files.get(row["series_uid"], [])) for row in rows]
-    return StudyView(study_uid, origin["calling_ae"] or "", origin["called_ae"] or "", origin["peer"] or "", series,
-                     missing)
+                         files.get(row["series_uid"], []), missing.get(row["series_uid"], 0)) for row in rows]
+    return StudyView(study_uid, origin["calling_ae"] or "", origin["called_ae"] or "", origin["peer"] or "", series)
 
 
 def study_from_folder(folder: Path, calling_ae: str = "", called_ae: str = "", peer: str = "") -> list[StudyView]:

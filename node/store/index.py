@@ -149,7 +149,7 @@ _INSERT_INSTANCE = (
     " received_at, calling_ae, called_ae, peer, association_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
     " ON CONFLICT(sop_instance_uid) DO UPDATE SET transfer_syntax=excluded.transfer_syntax, path=excluded.path,"
     " size=excluded.size, received_at=excluded.received_at, calling_ae=excluded.calling_ae,"
-    " called_ae=excluded.called_ae, peer=excluded.peer, association_id=excluded.association_id, missing_at=NULL"
+    " called_ae=excluded.called_ae, peer=excluded.peer, association_id=excluded.association_id"
 )
 _INSERT_SERIES = (
     "INSERT INTO series (series_uid, study_uid, modality, body_part, description, number, sop_class_uid,"
@@ -305,9 +305,11 @@ class Index:
             study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
             duplicate = existing is not None
             complete = study is not None and study["state"] == "complete"
+            was_missing = duplicate and db.execute(
+                "SELECT 1 FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,)).fetchone() is not None
             if duplicate and identical and existing["path"] == rec.path:
-                placement = Placement.IDENTICAL
-            elif duplicate and complete and not reopen:
+                placement = Placement.IDENTICAL  # the file is there: compared by the caller
+            elif duplicate and complete and not reopen and not was_missing:
                 placement = Placement.KEPT_ASIDE
             else:
                 placement = Placement.PLACED
@@ -316,6 +318,8 @@ class Index:
                 db.execute(_INSERT_INSTANCE, (
                     rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
                     rec.path, rec.size, now, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
+            if was_missing:
+                db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,))
             s = rec.series
             db.execute(_INSERT_SERIES, (
                 rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
@@ -358,9 +362,12 @@ class Index:
             (study_uid,))
 
     def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
-        """The study's instances (series_uid, path, missing_at) in path order: one read per study."""
-        return self.query("SELECT series_uid, path, missing_at FROM instances WHERE study_uid=? ORDER BY path",
-                          (study_uid,))
+        """The study's instances (series_uid, path, missing: 1 when reconciliation found its file
+        gone) in path order: one read per study."""
+        return self.query(
+            "SELECT i.series_uid, i.path, CASE WHEN m.sop_instance_uid IS NULL THEN 0 ELSE 1 END AS missing"
+            " FROM instances i LEFT JOIN missing_files m ON m.sop_instance_uid = i.sop_instance_uid"
+            " WHERE i.study_uid=? ORDER BY i.path", (study_uid,))
 
     def study_origin(self, study_uid: str) -> dict[str, Any] | None:
         """Who sent the study's latest instance: calling_ae, called_ae, peer."""
@@ -371,22 +378,41 @@ class Index:
     def indexed_studies(self) -> list[str]:
         return [r["study_uid"] for r in self.query("SELECT DISTINCT study_uid FROM instances ORDER BY study_uid")]
 
-    def mark_missing(self, study_uid: str, present: Callable[[str], bool], now: float) -> list[str]:
-        """Mark the study's instances whose file is gone (`present(path)` is False); returns their
-        SOP Instance UIDs. Checked under the write lock: receivers rename a file into place
-        under the same lock before its row exists, so no file still being written is judged."""
+    def instance_paths(self) -> list[dict[str, Any]]:
+        """Every indexed instance (sop_instance_uid, study_uid, path, missing): what reconciliation
+        checks against the spool."""
+        return self.query(
+            "SELECT i.sop_instance_uid, i.study_uid, i.path,"
+            " CASE WHEN m.sop_instance_uid IS NULL THEN 0 ELSE 1 END AS missing"
+            " FROM instances i LEFT JOIN missing_files m ON m.sop_instance_uid = i.sop_instance_uid")
+
+    def mark_missing(self, candidates: list[str], present: Callable[[str], bool], now: float) -> dict[str, list[str]]:
+        """Record the candidate instances whose file is gone, by study; returns what was recorded.
+
+        The caller found the candidates without the lock (one stat per file, not under it); each
+        is checked again here, under the write lock, where receivers rename a file into place
+        before its row exists, so a file just received or re-sent is never taken for missing."""
+        gone: dict[str, list[str]] = {}
         with self.transaction() as db:
-            rows = db.execute("SELECT sop_instance_uid, path FROM instances WHERE study_uid=? AND missing_at IS NULL",
-                              (study_uid,)).fetchall()
-            gone = [r["sop_instance_uid"] for r in rows if not present(r["path"])]
-            for uid in gone:
-                db.execute("UPDATE instances SET missing_at=? WHERE sop_instance_uid=?", (now, uid))
-            return gone
+            for uid in candidates:
+                row = db.execute("SELECT study_uid, path FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
+                if row is None or present(row["path"]):
+                    continue
+                db.execute("INSERT INTO missing_files (sop_instance_uid, study_uid, marked_at) VALUES (?,?,?)"
+                           " ON CONFLICT DO NOTHING", (uid, row["study_uid"], now))
+                gone.setdefault(row["study_uid"], []).append(uid)
+        return gone
+
+    def clear_missing(self, found: list[str]) -> None:
+        """The instances' files are there again (restored by hand): no longer missing."""
+        with self.transaction() as db:
+            for uid in found:
+                db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (uid,))
 
     def missing_instances(self, study_uid: str | None = None) -> int:
         """Indexed instances whose file reconciliation found gone (of one study, or all)."""
-        where = " AND study_uid=?" if study_uid else ""
-        return int(self.query(f"SELECT COUNT(*) AS n FROM instances WHERE missing_at IS NOT NULL{where}",
+        where = " WHERE study_uid=?" if study_uid else ""
+        return int(self.query(f"SELECT COUNT(*) AS n FROM missing_files{where}",
                               (study_uid,) if study_uid else ())[0]["n"])
 
     def forget_study(self, db: Db, study_uid: str) -> list[dict[str, Any]]:
@@ -395,6 +421,7 @@ class Index:
         instances = db.execute("SELECT path, size, received_at FROM instances WHERE study_uid=?",
                                (study_uid,)).fetchall()
         db.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,))
+        db.execute("DELETE FROM missing_files WHERE study_uid=?", (study_uid,))
         db.execute("DELETE FROM series WHERE study_uid=?", (study_uid,))
         db.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,))
         return instances
@@ -422,7 +449,8 @@ class Index:
 
         `quiet_override` (a routing rule's quiet period) replaces the receiver's deadline.
         `seen_last_received`: the caller prepared the completion (routed the study) when this was
-        its latest arrival; if one came since, nothing completes and the check is due again now.
+        its latest arrival; if one came since, nothing completes and the new deadline is returned
+        (it may have passed already: the caller prepares the study again).
         `on_complete(db)` runs inside the completing transaction (the pipeline creates the
         study's job there), so a completed study always has its job.
 
@@ -435,10 +463,8 @@ class Index:
             ).fetchone()
             if row is None or row["state"] != "receiving":
                 return False, None
-            if seen_last_received is not None and row["last_received"] != seen_last_received:
-                return False, now
             due = row["last_received"] + quiet_override if quiet_override else row["deadline"]
-            if due > now:
+            if due > now or (seen_last_received is not None and row["last_received"] != seen_last_received):
                 return False, due
             db.execute(
                 "UPDATE studies SET state='complete', completed_at=?, completions=completions+1"
