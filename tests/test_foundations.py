@@ -358,9 +358,8 @@ def test_deliveries_hanging_on_a_pacs_do_not_starve_completion_timers(tmp_path):
         scheduler.shutdown(wait=False)
 
 
-def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repository):
-    """The study completed again while its job ran: the job stops at its next stage (ignored,
-    naming the newer job) and hands nothing to the outbox; the newer job processes the study."""
+def _one_job_study(tmp_path: Path, model_repository: Path, actions: Actions) -> tuple[Index, JobStore, JobRunner, int]:
+    """An index with one complete study (one series, one instance) and its queued job."""
     from inference.repository import ModelRepository
     from node.store.spool import Spool
 
@@ -373,8 +372,7 @@ def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repo
     scheduler = BackgroundScheduler(timezone="UTC")
     outbox = Outbox(config, index, scheduler)
     decision = RoutingDecision(rules_version="v", mode="first_match", priority=0, explanation="", outcomes=(),
-                               applied=(AppliedRule(rule="r", series_uid="1.2.3.1",
-                                                    actions=Actions(run=["threshold"], send_to=["pacs"])),))
+                               applied=(AppliedRule(rule="r", series_uid="1.2.3.1", actions=actions),))
     now = time.time()
     with index.transaction() as db:
         db.execute("INSERT INTO studies (study_uid, state, first_received, last_received, deadline, completions)"
@@ -386,10 +384,20 @@ def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repo
         first, _ = JobStore.create(db, "1.2.3", decision, now)
     runner = JobRunner(config, index, jobs, outbox, ModelRepository(model_repository), Spool(tmp_path, 1), scheduler,
                        decide=lambda uid: decision)
+    return index, jobs, runner, first
+
+
+@pytest.mark.parametrize("actions", [Actions(run=["threshold"], send_to=["pacs"]), Actions(forward_to=["pacs"])],
+                         ids=["run", "forward"])
+def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repository, actions):
+    """The study completed again while its job ran: the job stops at its next stage, or at the
+    latest in the transaction that would queue its results or forward (ignored, naming the newer
+    job), and hands nothing to the outbox; the newer job processes the study."""
+    index, jobs, runner, first = _one_job_study(tmp_path, model_repository, actions)
     job = jobs.claim()
     assert job is not None and job.id == first
     with index.transaction() as db:  # the study completes again while the job runs
-        second, state = JobStore.create(db, "1.2.3", decision, time.time())
+        second, state = JobStore.create(db, "1.2.3", job.decision, time.time())
     assert state is JobState.QUEUED
     runner.run(job)
     stopped = jobs.get(first)

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from apscheduler.schedulers.base import BaseScheduler
 
-from inference.repository import ModelRepository
-from common.backoff import backoff_delay
 from common import logs
+from common.backoff import backoff_delay
+from inference.repository import ModelRepository
 from node import metrics
 from node.config import NodeConfig
 from node.encode.uids import ResultUIDs, SourceIdentity
@@ -34,7 +34,7 @@ from node.route.rules import SENDER
 from node.route.study import StudyView, study_from_index
 from node.send.outbox import Outbox
 from node.store.identity import installation_uid
-from node.store.index import Index
+from node.store.index import Db, Index
 from node.store.spool import Spool
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class JobRunner:
             for name in applied.actions.forward_to:
                 files = [f for series in view.series for f in series.files]
                 self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
-                                    self._destination(name, view), files)
+                                    self._destination(name, view), files, guard=self._still_current(job))
             for model in applied.actions.run:
                 self._run_model(job, self._task(job, applied, model, view), progress)
 
@@ -254,7 +254,7 @@ class JobRunner:
         with self._stage(job, "enqueue", progress):
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
-                                    encoded[task.output_key(options)])
+                                    encoded[task.output_key(options)], guard=self._still_current(job))
 
     def _destination(self, name: str, view: StudyView) -> str:
         if name != SENDER:
@@ -263,6 +263,15 @@ class JobRunner:
         if found is None:
             raise JobError("results go back to the sender, but no destination has the study's calling AE title")
         return found
+
+    def _still_current(self, job: Job) -> Callable[[Db], None]:
+        """A guard for the transaction that queues the job's results: the study completing again
+        (a newer job) commits either before it, and nothing is queued, or after it."""
+        def check(db: Db) -> None:
+            newer = self.jobs.newer_job(job.id, job.study_uid, db)
+            if newer is not None:
+                raise Superseded(newer)
+        return check
 
     @contextmanager
     def _stage(self, job: Job, name: str, progress: _Progress) -> Iterator[None]:

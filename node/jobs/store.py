@@ -201,9 +201,11 @@ class JobStore:
             outputs[task] = [str(f) for f in files]
             db.execute("UPDATE work_items SET outputs=? WHERE id=?", (json.dumps(outputs), job_id))
 
-    def newer_job(self, job_id: int, study_uid: str) -> int | None:
-        """The id of a job created for the study after this one (the study completed again)."""
-        row = self.index.query("SELECT MAX(id) AS id FROM work_items WHERE study_uid=? AND id>?", (study_uid, job_id))
+    def newer_job(self, job_id: int, study_uid: str, db: Db | None = None) -> int | None:
+        """The id of a job created for the study after this one (the study completed again);
+        read in `db`'s transaction when given (the caller acts on the answer there)."""
+        sql, params = "SELECT MAX(id) AS id FROM work_items WHERE study_uid=? AND id>?", (study_uid, job_id)
+        row = db.execute(sql, params).fetchall() if db is not None else self.index.query(sql, params)
         return row[0]["id"] if row and row[0]["id"] is not None else None
 
     def abandon(self, job_id: int, newer: int) -> None:

@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.base import BaseScheduler
 
 from common import logs
-from node import metrics
 from common.backoff import backoff_delay
+from node import metrics
 from node.config import NodeConfig
 from node.send.scu import NotAccepted, associate, destination_ssl_context, rejection, send_file, storage_contexts
 from node.send.status import classify_status
@@ -91,10 +91,15 @@ class Outbox:
 
     # -- producing ---------------------------------------------------------------------------
 
-    def enqueue(self, job_key: str, study_uid: str, destination: str, files: list[Path]) -> int:
-        """Add a result set for a destination; the same job and destination is queued once."""
+    def enqueue(self, job_key: str, study_uid: str, destination: str, files: list[Path],
+                guard: Callable[[Db], None] | None = None) -> int:
+        """Add a result set for a destination; the same job and destination is queued once.
+        `guard(db)` runs first in the same transaction: it raises to queue nothing (the job that
+        made the results was superseded meanwhile)."""
         now = time.time()
         with self.index.transaction() as db:
+            if guard is not None:
+                guard(db)
             db.execute(
                 """INSERT INTO outbox (job_key, study_uid, destination, files, state, created_at,
                    updated_at, next_attempt, deadline) VALUES (?,?,?,?, 'pending', ?,?,?,?) ON CONFLICT DO NOTHING""",
@@ -124,7 +129,7 @@ class Outbox:
         return "state='pending'", ()
 
     def sweep(self) -> None:
-        due, params = self._due(time.time())
+        due, params = self._due(self.index.lease_clock())
         rows = self.index.query(f"SELECT id, next_attempt FROM outbox WHERE {due}", params)
         for row in rows:
             if self.scheduler.get_job(_job_id(row["id"])) is None:

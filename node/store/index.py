@@ -258,6 +258,14 @@ class Index:
             with connection.begin():
                 return Db(connection).execute(sql, params).fetchall()
 
+    def lease_clock(self) -> float:
+        """Db.lease_clock for a read outside a transaction (a sweep looking for expired leases)."""
+        if not self.shared:
+            return time.time()
+        with self.engine.connect() as connection:
+            connection.execution_options(index_write_lock=False)
+            return Db(connection).lease_clock()
+
     def check_writable(self) -> str | None:
         """Take the write lock for a moment (a stuck writer or a read-only file shows here)."""
         try:
