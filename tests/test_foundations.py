@@ -148,6 +148,37 @@ def test_a_changed_copy_after_completion_under_ignore_keeps_the_processed_file(s
     assert node.study(uid)["completions"] == 1
 
 
+def test_an_index_failure_after_the_rename_leaves_the_acknowledged_copy(start_node, tmp_path, monkeypatch):
+    """The index transaction fails after a replacement was renamed into place (a failed COMMIT):
+    the sender gets a failure status, and the copy acknowledged before is back at its path
+    (not the refused bytes); a new instance's file goes with its rolled-back row."""
+    files = make_study(tmp_path / "ct", slices=3, size=16)
+    uid = _study_uid(files)
+    monkeypatch.setenv("PYTHONPATH", str(HOOKS))  # tests/hooks/sitecustomize.py: the fault hook
+    monkeypatch.setenv("DICOM_NODE_TEST_FAIL_AFTER_PLACE", "3")  # the replacement's rename
+    node = start_node(scp={"workers": 1}, completion={"quiet_period_s": 60})
+    sent = storescu(node.port, files[:2])
+    assert (sent.stdout + sent.stderr).count("(Success)") == 2
+    changed = pydicom.dcmread(files[0])
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    refused = storescu(node.port, [tmp_path / "changed.dcm"])
+    assert "(Success)" not in refused.stdout + refused.stderr
+    row = node.query("SELECT path, size FROM instances WHERE sop_instance_uid=?", (changed.SOPInstanceUID,))[0]
+    assert dataset_bytes(node.data_dir / row["path"]) == dataset_bytes(files[0])
+    assert (node.data_dir / row["path"]).stat().st_size == row["size"]
+    assert not list((node.data_dir / "tmp").iterdir())
+    node.stop()
+    monkeypatch.setenv("DICOM_NODE_TEST_FAIL_AFTER_PLACE", "1")  # the first rename after the restart
+    node.start()
+    refused = storescu(node.port, [files[2]])
+    assert "(Success)" not in refused.stdout + refused.stderr
+    third = pydicom.dcmread(files[2], stop_before_pixels=True).SOPInstanceUID
+    assert not node.query("SELECT 1 FROM instances WHERE sop_instance_uid=?", (third,))
+    assert len(list((node.data_dir / "studies").rglob("*.dcm"))) == 2 == node.instance_count(uid)
+    assert not list((node.data_dir / "tmp").iterdir())
+
+
 def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_path, model_repository):
     """A file deleted behind the node's back: at the next start the instance is recorded as
     missing (not forgotten), logged and counted; a job on its series fails with that reason

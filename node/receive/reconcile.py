@@ -64,7 +64,8 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     started = time.monotonic()
     counts = {"orphans_indexed": 0, "orphans_quarantined": 0, "partial_indexed": 0,
-              "partial_quarantined": 0, "duplicates_removed": 0, "missing_marked": 0, "missing_found": 0}
+              "partial_quarantined": 0, "duplicates_removed": 0, "missing_marked": 0, "missing_found": 0,
+              "replaced_copies_removed": 0}
 
     def refuse(path: Path, reason: str, kind: str) -> None:
         where = spool.quarantine_file(path, f"reconcile at start-up: {reason}")
@@ -133,6 +134,12 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             refuse(part, str(exc), "partial")
             continue
         index_it(part, tags, ts, calling, "partial")
+
+    # A replaced instance's previous copy, kept until the index committed (Spool.keep_previous):
+    # the crash came before that was cleared, and the file at the instance's path stays.
+    for previous in spool.replaced_copies(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
+        spool.discard(previous)
+        counts["replaced_copies_removed"] += 1
 
     # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
     # marked, never forgotten, so the study's job and the console can say what is missing; a

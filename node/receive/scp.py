@@ -343,14 +343,17 @@ class StorageSCP:
             and same_dataset(target, payload)
         )
         staged: Path | None = None
+        previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
 
         def place() -> None:  # under the index's write lock: the rename only, its fsync after
-            nonlocal staged, placed
+            nonlocal staged, placed, previous
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
                 staged = self.spool.stage(chunks)
+            previous = self.spool.keep_previous(target)
+            placed = True  # from here the file at `target` may be the newcomer's
             self.spool.place(staged, target, durable=False)
-            staged, placed = None, True
+            staged = None
 
         completion = self.config.completion
         try:
@@ -367,15 +370,22 @@ class StorageSCP:
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
             return self._conflict(exc, chunks, record, staged)
         except OSError as exc:
-            self._discard(staged)
+            self._undo(staged, previous, target, placed)
             logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
                        logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
-            self._discard(staged)
+            self._undo(staged, previous, target, placed)
             raise
+        if previous is not None:
+            self.spool.discard(previous)
         if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
-            self.spool.make_durable(target)
+            try:
+                self.spool.make_durable(target)
+            except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
+                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
+                           error=exc.strerror)
+                return OUT_OF_RESOURCES
         if arrival.placement is Placement.KEPT_ASIDE and staged is not None:
             where = self.spool.quarantine_file(staged, (
                 f"a different copy of instance {tags.sop_instance_uid} arrived after study {tags.study_uid} "
@@ -401,6 +411,17 @@ class StorageSCP:
     def _discard(self, staged: Path | None) -> None:
         if staged is not None:
             self.spool.discard(staged)
+
+    def _undo(self, staged: Path | None, previous: Path | None, target: Path, placed: bool) -> None:
+        """The index refused the instance (its transaction rolled back): nothing it brought stays.
+        A replacement already renamed into place gives way to the acknowledged copy it replaced."""
+        self._discard(staged)
+        if placed and previous is not None:
+            self.spool.restore(previous, target)
+        elif placed:  # a new instance: its row was never committed
+            self.spool.discard(target)
+        elif previous is not None:
+            self.spool.discard(previous)
 
     def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
                   staged: Path | None) -> int:

@@ -8,6 +8,7 @@ from validated UIDs, so no tag text ever reaches the filesystem.
 from __future__ import annotations
 
 import os
+import shutil
 import re
 import time
 import uuid
@@ -95,6 +96,33 @@ class Spool:
         os.replace(staged, target)
         if durable:
             self.make_durable(target)
+
+    def keep_previous(self, target: Path) -> Path | None:
+        """A hard link in tmp/ to the file at `target`, before a replacement renames over it:
+        `restore` puts it back if the index then refuses the replacement. None: no file there."""
+        previous = self.tmp / f"{uuid.uuid4().hex}.prev"
+        try:
+            os.link(target, previous)
+        except FileNotFoundError:
+            return None
+        except OSError:  # a filesystem without hard links: a copy does (replacements are rare)
+            try:
+                shutil.copyfile(target, previous)
+            except FileNotFoundError:
+                return None
+        return previous
+
+    def restore(self, previous: Path, target: Path) -> None:
+        """Undo a replacement: the copy `keep_previous` kept goes back to `target`."""
+        os.replace(previous, target)
+        previous.unlink(missing_ok=True)  # rename() leaves both names when they are one file already
+        _fsync_dir(target.parent)
+
+    def replaced_copies(self, older_than_s: float = 0.0) -> list[Path]:
+        """Links `keep_previous` made that a crash left behind (the replacement either committed
+        or was never acknowledged: either way the file at the target stays)."""
+        cutoff = time.time() - older_than_s
+        return sorted(p for p in self.tmp.glob("*.prev") if not older_than_s or modified_at(p) < cutoff)
 
     @staticmethod
     def make_durable(target: Path) -> None:

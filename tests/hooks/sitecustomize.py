@@ -7,6 +7,8 @@ its receiver processes, and the hook patches the one receiver method it concerns
 - DICOM_NODE_TEST_CRASH_AFTER_PLACE=N: a receiver process exits (os._exit) right after its Nth
   rename of an instance into studies/, before the index transaction that holds the rename commits
   (the crash-between-rename-and-commit test).
+- DICOM_NODE_TEST_FAIL_AFTER_PLACE=N: the index transaction holding a receiver's Nth rename
+  fails right after it (an OperationalError, as a failed COMMIT raises): the rollback test.
 - DICOM_NODE_TEST_SKIP_DATASET_CHECK=1: receivers skip the whole-data-set check before the
   acknowledgement (the receive benchmark's before/after figure).
 - DICOM_NODE_TEST_SLOW_LOOKUP_S=T: a receiver's look-up of an indexed SOP Instance UID takes T
@@ -20,6 +22,7 @@ import os
 
 HOOKS = os.path.dirname(os.path.abspath(__file__))
 _CRASH_AFTER = int(os.environ.get("DICOM_NODE_TEST_CRASH_AFTER_PLACE") or 0)
+_FAIL_AFTER = int(os.environ.get("DICOM_NODE_TEST_FAIL_AFTER_PLACE") or 0)
 _SKIP_CHECK = os.environ.get("DICOM_NODE_TEST_SKIP_DATASET_CHECK") == "1"
 _SLOW_LOOKUP = float(os.environ.get("DICOM_NODE_TEST_SLOW_LOOKUP_S") or 0)
 
@@ -37,25 +40,29 @@ if _SLOW_LOOKUP:
 
     index.Index.find_instance = _slow_find  # type: ignore[method-assign]
 
-if _CRASH_AFTER or _SKIP_CHECK:
+if _CRASH_AFTER or _FAIL_AFTER or _SKIP_CHECK:
     from node.receive import scp
 
     if _SKIP_CHECK:
         scp.check_dataset = lambda payload, transfer_syntax: None  # type: ignore[assignment]
-    if _CRASH_AFTER:
+    if _CRASH_AFTER or _FAIL_AFTER:
+        from sqlalchemy.exc import OperationalError
+
         _init = scp.StorageSCP.__init__
         _places = [0]
 
-        def _crashing_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def _faulty_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             _init(self, *args, **kwargs)
             place = self.spool.place
 
-            def crash_after_place(*args, **kwargs):  # type: ignore[no-untyped-def]
+            def fault_after_place(*args, **kwargs):  # type: ignore[no-untyped-def]
                 place(*args, **kwargs)
                 _places[0] += 1
-                if _places[0] >= _CRASH_AFTER:
+                if _places[0] == _CRASH_AFTER:
                     os._exit(70)
+                if _places[0] == _FAIL_AFTER:
+                    raise OperationalError("COMMIT", {}, Exception("disk I/O error (test hook)"))
 
-            self.spool.place = crash_after_place
+            self.spool.place = fault_after_place
 
-        scp.StorageSCP.__init__ = _crashing_init  # type: ignore[method-assign]
+        scp.StorageSCP.__init__ = _faulty_init  # type: ignore[method-assign]
