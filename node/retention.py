@@ -206,6 +206,10 @@ class Retention:
             instances = self.index.forget_study(db, study.study_uid)
             for inst in instances:
                 _unlink_unless_newer(self.data_dir / inst["path"], inst["received_at"])
+            # its emptied folders too (under the write lock, where receivers make them; one that
+            # made a folder before remakes it: Spool.place)
+            for folder in sorted({(self.data_dir / i["path"]).parent for i in instances}):
+                _remove_empty(folder, self.data_dir / "studies")
             size = sum(int(i["size"]) for i in instances)
             db.execute("INSERT INTO retention_log (at, kind, study_uid, reason, instances, bytes, completions, files)"
                        " VALUES (?, 'instances', ?, ?, ?, ?, ?, ?)",

@@ -162,6 +162,20 @@ def _stored(node: NodeProcess, study_uid: str) -> list[Path]:
     return list((node.data_dir / "studies" / study_uid).rglob("*.dcm"))
 
 
+def test_a_study_retention_deleted_is_received_again_by_the_same_receiver(start_node, tmp_path):
+    """Retention removes a study's folders while the receiver that made them runs on: the same
+    study sent again (a prior the PACS forwards for comparison) is stored, not refused."""
+    node = start_node(scp={"workers": 1}, completion={"quiet_period_s": 1.0})
+    uid = _send(node, tmp_path / "prior", 4)
+    wait_for(lambda: node.query("SELECT 1 FROM work_items WHERE study_uid=? AND state='ignored'", (uid,)))
+    done = _cli("cleanup", "--config", str(_policy_file(node, "aged.yaml", {"instances_days": 1e-6})))
+    assert done.returncode == 0 and "deleted 1 studies" in done.stdout, done.stdout + done.stderr
+    assert not (node.data_dir / "studies" / uid).exists()
+    again = storescu(node.port, sorted((tmp_path / "prior").rglob("*.dcm")))
+    assert (again.stdout + again.stderr).count("(Success)") == 4
+    assert len(_stored(node, uid)) == 4 == node.instance_count(uid)
+
+
 def test_retention_removes_exactly_the_eligible_studies(start_node, tmp_path):
     viewer = StoreSCP(tmp_path / "viewer", free_port())
     try:

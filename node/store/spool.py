@@ -8,14 +8,15 @@ from validated UIDs, so no tag text ever reaches the filesystem.
 from __future__ import annotations
 
 import os
-import shutil
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Iterable
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+KNOWN_DIRS_MAX = 4096  # folders a process remembers having made
 
 
 class InvalidUID(ValueError):
@@ -93,7 +94,15 @@ class Spool:
         """Rename a staged file to `target` (replacing it) and make the rename durable (or leave
         that to `make_durable`, when the rename happens under a lock the fsync need not hold)."""
         self._ensure_dir(target.parent)
-        os.replace(staged, target)
+        try:
+            os.replace(staged, target)
+        except FileNotFoundError:
+            if not staged.exists():
+                raise
+            # retention removed the (emptied) study folder since this process made it
+            self._known_dirs.clear()
+            self._ensure_dir(target.parent)
+            os.replace(staged, target)
         if durable:
             self.make_durable(target)
 
@@ -176,6 +185,8 @@ class Spool:
                     pass
         for new in created:  # make the new folder entries themselves durable
             _fsync_dir(new.parent)
+        if len(self._known_dirs) >= KNOWN_DIRS_MAX:  # one per series: bounded in a long-lived receiver
+            self._known_dirs.clear()
         self._known_dirs.add(folder)
 
 
