@@ -75,10 +75,16 @@ def serve(
     except OSError as exc:
         typer.echo(f"cannot start: {exc.strerror or exc} ({cfg.scp.bind}:{cfg.scp.port})", err=True)
         raise typer.Exit(1) from None
+    from node.receive.reconcile import SpoolNotMounted
+
     try:
         service.run_forever()
     except OSError as exc:  # the console's port
         typer.echo(f"cannot start: {exc.strerror or exc}", err=True)
+        service.stop()
+        raise typer.Exit(1) from None
+    except SpoolNotMounted as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
         service.stop()
         raise typer.Exit(1) from None
     # Stopped in order: every acknowledged instance, job state and delivery is on disk. Skip the

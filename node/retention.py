@@ -34,12 +34,12 @@ from node.config import RetentionConfig
 from node.jobs.store import Job, JobState, JobStore
 from node.send import outbox
 from node.store.index import Index
+from node.store.spool import MTIME_SLACK_S
 
 log = logging.getLogger("node.retention")
 
 DAY = 86400.0
 FINISHED_JOB_STATES = {JobState.DONE, JobState.IGNORED}
-MTIME_SLACK_S = 2.0
 
 
 @dataclass

@@ -9,8 +9,10 @@ hangs every delivery, a study completing again while its job runs.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.request
@@ -30,7 +32,7 @@ from node.route.rules import Actions
 from node.send.outbox import DELIVERY_EXECUTOR, Outbox
 from node.store.index import Index
 from node.store.migrations import HEAD
-from tests.peers import HOOKS, dataset_bytes, free_port, http_status, make_study, storescu, wait_for
+from tests.peers import HOOKS, VENV_BIN, dataset_bytes, free_port, http_status, make_study, storescu, wait_for
 
 
 def _study_uid(files: list[Path]) -> str:
@@ -179,6 +181,35 @@ def test_an_index_failure_after_the_rename_leaves_the_acknowledged_copy(start_no
     assert not list((node.data_dir / "tmp").iterdir())
 
 
+def test_a_crash_before_a_replacement_commits_puts_the_acknowledged_copy_back(start_node, tmp_path, monkeypatch):
+    """The receiver dies between renaming a replacement into place and the commit (never
+    acknowledged): at the next start the copy the index row describes is back at its path."""
+    from node.store.spool import MTIME_SLACK_S
+
+    files = make_study(tmp_path / "ct", slices=2, size=16)
+    monkeypatch.setenv("PYTHONPATH", str(HOOKS))  # tests/hooks/sitecustomize.py: the fault hook
+    monkeypatch.setenv("DICOM_NODE_TEST_CRASH_AFTER_PLACE", "3")  # the replacement's rename
+    node = start_node(scp={"workers": 1}, completion={"quiet_period_s": 60})
+    sent = storescu(node.port, files)
+    assert (sent.stdout + sent.stderr).count("(Success)") == 2
+    changed = pydicom.dcmread(files[0])
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    row = node.query("SELECT path, received_at FROM instances WHERE sop_instance_uid=?", (changed.SOPInstanceUID,))[0]
+    wait_for(lambda: time.time() > row["received_at"] + MTIME_SLACK_S + 0.5, timeout=10)  # a later write
+    refused = storescu(node.port, [tmp_path / "changed.dcm"])
+    assert "(Success)" not in refused.stdout + refused.stderr
+    wait_for(lambda: node.events("receiver_exited"))
+    node.kill_all()
+    monkeypatch.delenv("DICOM_NODE_TEST_CRASH_AFTER_PLACE")
+    assert dataset_bytes(node.data_dir / row["path"]) == dataset_bytes(tmp_path / "changed.dcm")  # as it died
+    node.start()
+    event = node.events("reconciled")[-1]
+    assert (event["replaced_copies_restored"], event["replaced_copies_removed"]) == (1, 0)
+    assert dataset_bytes(node.data_dir / row["path"]) == dataset_bytes(files[0])
+    assert not list((node.data_dir / "tmp").iterdir())
+
+
 def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_path, model_repository):
     """A file deleted behind the node's back: at the next start the instance is recorded as
     missing (not forgotten), logged and counted; a job on its series fails with that reason
@@ -233,9 +264,9 @@ def test_reconcile_marks_indexed_instances_whose_file_is_gone(start_node, tmp_pa
              timeout=60)
 
 
-def test_reconcile_clears_a_mark_whose_file_is_back_and_marks_nothing_on_an_empty_volume(start_node, tmp_path):
-    """A file restored by hand is no longer missing at the next start; a data volume that is not
-    mounted (not one indexed file on disk) is reported, and nothing is marked."""
+def test_reconcile_clears_a_mark_whose_file_is_back_and_refuses_an_empty_volume(start_node, tmp_path):
+    """A file restored by hand is no longer missing at the next start; with a data volume that
+    is not mounted (not one indexed file on disk) the node does not start, and nothing is marked."""
     node = start_node(completion={"quiet_period_s": 1.0})
     files = make_study(tmp_path / "ct", slices=3, size=16)
     uid = _study_uid(files)
@@ -257,9 +288,16 @@ def test_reconcile_clears_a_mark_whose_file_is_back_and_marks_nothing_on_an_empt
     node.stop()
     studies = node.data_dir / "studies"
     studies.rename(node.data_dir / "elsewhere")
+    refused = subprocess.run([str(VENV_BIN / "dicom-node"), "serve", "--config", str(node.config_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert (f"cannot start: the index lists 3 instances and not one of their files is under {node.data_dir}:"
+            " is the data volume mounted?") in refused.stderr
+    assert '"event": "spool_files_all_gone"' in refused.stdout + refused.stderr
+    assert not node.query("SELECT 1 FROM missing_files")
+    shutil.rmtree(studies)
+    (node.data_dir / "elsewhere").rename(studies)  # mounted again
     node.start()
-    error = wait_for(lambda: node.events("spool_files_all_gone"), timeout=10)[0]
-    assert error["indexed"] == 3
     assert node.events("reconciled")[-1]["missing_marked"] == 0
     assert not node.query("SELECT 1 FROM missing_files")
 

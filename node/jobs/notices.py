@@ -56,7 +56,8 @@ def _send(runner: JobRunner, job: Job, reason: str) -> int:
         runner.spool.store(target, [buffer.getvalue()])
         for name in applied.actions.send_to:
             destination = runner._destination(name, view)
-            runner.outbox.enqueue(f"{job.id}:{applied.rule}:notice", job.study_uid, destination, [target])
+            runner.outbox.enqueue(f"{job.id}:{applied.rule}:notice", job.study_uid, destination, [target],
+                                  guard=runner.still_current(job))
             queued += 1
         logs.event(log, "notice_queued", job=job.id, rule=applied.rule, destinations=len(applied.actions.send_to))
     return queued

@@ -188,14 +188,14 @@ class JobRunner:
             progress.stage = "route"
             decision = self.decide(job.study_uid)
             self.jobs.set_decision(job.id, decision)
+        if view.missing and any(applied.actions.forward_to for applied in decision.applied):
+            raise JobError(f"{view.missing} instance(s) of the study have lost their file (instances_missing):"
+                           " forwarding it would send part of it; send the study again")
         for applied in decision.applied:
-            if applied.actions.forward_to and view.missing:
-                raise JobError(f"{view.missing} instance(s) of the study have lost their file (instances_missing):"
-                               " forwarding it would send part of it; send the study again")
             for name in applied.actions.forward_to:
                 files = [f for series in view.series for f in series.files]
                 self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
-                                    self._destination(name, view), files, guard=self._still_current(job))
+                                    self._destination(name, view), files, guard=self.still_current(job))
             for model in applied.actions.run:
                 self._run_model(job, self._task(job, applied, model, view), progress)
 
@@ -254,7 +254,7 @@ class JobRunner:
         with self._stage(job, "enqueue", progress):
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
-                                    encoded[task.output_key(options)], guard=self._still_current(job))
+                                    encoded[task.output_key(options)], guard=self.still_current(job))
 
     def _destination(self, name: str, view: StudyView) -> str:
         if name != SENDER:
@@ -264,7 +264,7 @@ class JobRunner:
             raise JobError("results go back to the sender, but no destination has the study's calling AE title")
         return found
 
-    def _still_current(self, job: Job) -> Callable[[Db], None]:
+    def still_current(self, job: Job) -> Callable[[Db], None]:
         """A guard for the transaction that queues the job's results: the study completing again
         (a newer job) commits either before it, and nothing is queued, or after it."""
         def check(db: Db) -> None:

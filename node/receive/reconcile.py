@@ -28,7 +28,7 @@ from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 from node.store.index import Index, InstanceConflict, InstanceRecord
-from node.store.spool import Spool, dataset_offset, modified_at, same_dataset
+from node.store.spool import MTIME_SLACK_S, Spool, dataset_offset, modified_at, same_dataset
 
 log = logging.getLogger("node.receive")
 # A temporary file not written to for this long on a shared spool is a dead replica's partial write
@@ -38,6 +38,12 @@ SHARED_PARTIAL_AGE_S = 600.0
 
 class _Refused(Exception):
     pass
+
+
+class SpoolNotMounted(Exception):
+    """The index lists instances, and not one of their files is under the data folder: the data
+    volume is most likely not mounted. Receiving onto the bare mount point would put
+    acknowledged instances where the volume, once mounted, hides them; the node does not start."""
 
 
 def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
@@ -65,7 +71,7 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     started = time.monotonic()
     counts = {"orphans_indexed": 0, "orphans_quarantined": 0, "partial_indexed": 0,
               "partial_quarantined": 0, "duplicates_removed": 0, "missing_marked": 0, "missing_found": 0,
-              "replaced_copies_removed": 0}
+              "replaced_copies_removed": 0, "replaced_copies_restored": 0}
 
     def refuse(path: Path, reason: str, kind: str) -> None:
         where = spool.quarantine_file(path, f"reconcile at start-up: {reason}")
@@ -135,9 +141,24 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             continue
         index_it(part, tags, ts, calling, "partial")
 
-    # A replaced instance's previous copy, kept until the index committed (Spool.keep_previous):
-    # the crash came before that was cleared, and the file at the instance's path stays.
+    # A replaced instance's previous copy, kept until the index committed (Spool.keep_previous),
+    # that a crash left behind: if the file at the instance's path is newer than its row, the
+    # replacement never committed (never acknowledged) and the copy the row describes goes back.
     for previous in spool.replaced_copies(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
+        try:
+            tags = _inspect(previous)[0]
+        except _Refused:
+            tags = None
+        if tags is not None:
+            target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
+            row = index.find_instance(tags.sop_instance_uid)
+            if (row is not None and row["path"] == str(target.relative_to(spool.root))
+                    and row["received_at"] + MTIME_SLACK_S < modified_at(target) < float("inf")):
+                spool.restore(previous, target)
+                counts["replaced_copies_restored"] += 1
+                logs.event(log, "reconcile_restored_replaced_copy", logging.WARNING, study_uid=tags.study_uid,
+                           sop_instance_uid=tags.sop_instance_uid)
+                continue
         spool.discard(previous)
         counts["replaced_copies_removed"] += 1
 
@@ -159,7 +180,9 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     if len(unmarked) > 1 and len(candidates) == len(unmarked):
         # not one indexed file on disk: a data volume not mounted, not files deleted one by one
         logs.event(log, "spool_files_all_gone", logging.ERROR, indexed=len(unmarked), data_dir=str(spool.root))
-        candidates = []
+        raise SpoolNotMounted(
+            f"the index lists {len(unmarked)} instances and not one of their files is under {spool.root}: is the"
+            " data volume mounted? (to start afresh on purpose, move the index away as well)")
     for study_uid, gone in index.mark_missing(candidates, present, time.time()).items():
         counts["missing_marked"] += len(gone)
         logs.event(log, "instances_missing", logging.WARNING, study_uid=study_uid, instances=len(gone),

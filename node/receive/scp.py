@@ -355,6 +355,16 @@ class StorageSCP:
             self.spool.place(staged, target, durable=False)
             staged = None
 
+        def unplace() -> None:  # the transaction failed after place(): still under the write lock
+            nonlocal placed, previous
+            if placed and previous is not None:  # the acknowledged copy it replaced goes back
+                self.spool.restore(previous, target)
+            elif placed:  # a new instance: its row is never committed
+                self.spool.discard(target)
+            elif previous is not None:
+                self.spool.discard(previous)
+            placed, previous = False, None
+
         completion = self.config.completion
         try:
             if not identical:
@@ -366,16 +376,17 @@ class StorageSCP:
                 reopen=completion.after_complete == "reprocess",
                 identical=identical,
                 place=place,
+                unplace=unplace,
             )
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
             return self._conflict(exc, chunks, record, staged)
         except OSError as exc:
-            self._undo(staged, previous, target, placed)
+            self._discard(staged)
             logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
                        logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
-            self._undo(staged, previous, target, placed)
+            self._discard(staged)  # (a file it placed was undone under its lock: unplace)
             raise
         if previous is not None:
             self.spool.discard(previous)
@@ -411,17 +422,6 @@ class StorageSCP:
     def _discard(self, staged: Path | None) -> None:
         if staged is not None:
             self.spool.discard(staged)
-
-    def _undo(self, staged: Path | None, previous: Path | None, target: Path, placed: bool) -> None:
-        """The index refused the instance (its transaction rolled back): nothing it brought stays.
-        A replacement already renamed into place gives way to the acknowledged copy it replaced."""
-        self._discard(staged)
-        if placed and previous is not None:
-            self.spool.restore(previous, target)
-        elif placed:  # a new instance: its row was never committed
-            self.spool.discard(target)
-        elif previous is not None:
-            self.spool.discard(previous)
 
     def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
                   staged: Path | None) -> int:

@@ -370,6 +370,13 @@ def receiver_settings(config: NodeConfig, port: int, receivers: int) -> dict[str
 
 
 def receiver_main(channel_fd: int, settings_fd: int) -> None:
+    # Only the service stops a receiver (STOP_SIGNAL, or its channel closing): a SIGTERM or Ctrl-C
+    # sent to the whole process group (a terminal, systemd's control group) must leave the
+    # service's drain to end the associations, not abort them here at once. Set first thing.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stopping = threading.Event()
+    signal.signal(STOP_SIGNAL, lambda *_: stopping.set())
     from node.receive.scp import StorageSCP
     from node.receive.tls import server_ssl_context
     from node.store.index import Index
@@ -412,13 +419,6 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
         server_class=HandedServer,
     )
     ssl_context = server_ssl_context(config)
-    stopping = threading.Event()
-    # Only the service stops a receiver (STOP_SIGNAL, or its channel closing): a SIGTERM or Ctrl-C
-    # sent to the whole process group (a terminal, systemd's control group) must leave the
-    # service's drain to end the associations, not abort them here at once.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(STOP_SIGNAL, lambda *_: stopping.set())
 
     def take(conn: socket.socket, peer: tuple[str, int]) -> None:
         if ssl_context is not None:

@@ -142,6 +142,8 @@ class Arrival:
         return self.placement is Placement.IDENTICAL
 
 
+MARK_BATCH = 200  # instances judged missing per write-lock hold
+
 # Statements on the receiving tables name their columns: a release that adds a column (rolling
 # upgrade, README "Scaling out") leaves the previous release's statements valid.
 _INSERT_INSTANCE = (
@@ -278,15 +280,17 @@ class Index:
     # -- receiving -------------------------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
-        """Where an indexed instance is: study_uid, series_uid, sop_class_uid, path, transfer_syntax."""
+        """Where an indexed instance is: study_uid, series_uid, sop_class_uid, path, transfer_syntax,
+        received_at."""
         rows = self.query(
-            "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax FROM instances"
+            "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax, received_at FROM instances"
             " WHERE sop_instance_uid=?", (sop_instance_uid,))
         return rows[0] if rows else None
 
     def record_instance(
         self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool,
         identical: bool = False, place: Callable[[], None] | None = None,
+        unplace: Callable[[], None] | None = None,
     ) -> Arrival:
         """Index one stored instance and move its study's completion deadline.
 
@@ -294,58 +298,71 @@ class Index:
         SOP class is never moved or replaced (InstanceConflict, nothing written). `place` puts
         the newcomer's bytes at `rec.path` (the spool's rename); it runs here, under the write
         lock, only once the rules allow it, so two receivers with one SOP Instance UID can never
-        overwrite each other's file before one of them is refused. In the same series,
+        overwrite each other's file before one of them is refused. If the transaction fails
+        after that, `unplace` undoes it, still under the lock (before another receiver can
+        place a copy of its own there). In the same series,
         `identical` (the caller compared the bytes) leaves file and row as they are; otherwise
         the newcomer replaces the old copy (latest wins, same path) while the study receives.
         Once the study is complete under `reopen=False` (after_complete: ignore) a different
-        copy is not placed (KEPT_ASIDE): the instance its results were made from stays.
+        copy is not placed (KEPT_ASIDE): the instance its results were made from stays, unless
+        its file was found missing: then the copy is placed and the study reopens, since no
+        result could be made without it.
         """
-        deadline = now + quiet_period
         with self.transaction() as db:
-            existing = db.execute(
-                "SELECT study_uid, series_uid, sop_class_uid, path FROM instances WHERE sop_instance_uid=?",
-                (rec.sop_instance_uid,),
-            ).fetchone()
-            InstanceConflict.check(rec, existing)
-            series_of = db.execute("SELECT study_uid FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
-            if series_of is not None and series_of["study_uid"] != rec.study_uid:
-                raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
-            study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
-            duplicate = existing is not None
-            complete = study is not None and study["state"] == "complete"
-            was_missing = duplicate and db.execute(
-                "SELECT 1 FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,)).fetchone() is not None
-            if duplicate and identical and existing["path"] == rec.path:
-                placement = Placement.IDENTICAL  # the file is there: compared by the caller
-            elif duplicate and complete and not reopen and not was_missing:
-                placement = Placement.KEPT_ASIDE
-            else:
-                placement = Placement.PLACED
-                if place is not None:
-                    place()
-                db.execute(_INSERT_INSTANCE, (
-                    rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
-                    rec.path, rec.size, now, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
-            if was_missing:
-                db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,))
-            s = rec.series
-            db.execute(_INSERT_SERIES, (
-                rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
-                s.get("number"), rec.sop_class_uid, s.get("image_type"), s.get("orientation"), s.get("rows"),
-                s.get("columns"), s.get("slice_thickness")))
-            if study is None:
-                db.execute(_INSERT_STUDY, (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline))
-                return Arrival(duplicate, True, False, False, deadline, placement)
-            if complete and (placement is Placement.IDENTICAL or not reopen):
-                # an identical resend is simply acknowledged; otherwise after_complete: ignore
-                return Arrival(duplicate, False, False, placement is not Placement.IDENTICAL, deadline, placement)
-            db.execute(
-                "UPDATE studies SET state='receiving', last_received=?, deadline=?, calling_ae=?"
-                " WHERE study_uid=?",
-                (now, deadline, rec.calling_ae, rec.study_uid),
-            )
-            reopened = study["state"] != "receiving"
-            return Arrival(duplicate, reopened, reopened, False, deadline, placement)
+            try:
+                return self._record_instance(db, rec, now, now + quiet_period, reopen, identical, place)
+            except BaseException:
+                if unplace is not None:
+                    unplace()
+                raise
+
+    def _record_instance(self, db: Db, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
+                         identical: bool, place: Callable[[], None] | None) -> Arrival:
+        existing = db.execute(
+            "SELECT study_uid, series_uid, sop_class_uid, path FROM instances WHERE sop_instance_uid=?",
+            (rec.sop_instance_uid,),
+        ).fetchone()
+        InstanceConflict.check(rec, existing)
+        series_of = db.execute("SELECT study_uid FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
+        if series_of is not None and series_of["study_uid"] != rec.study_uid:
+            raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
+        study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
+        duplicate = existing is not None
+        complete = study is not None and study["state"] == "complete"
+        was_missing = duplicate and db.execute(
+            "SELECT 1 FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,)).fetchone() is not None
+        reopen = reopen or was_missing
+        if duplicate and identical and existing["path"] == rec.path:
+            placement = Placement.IDENTICAL  # the file is there: compared by the caller
+        elif duplicate and complete and not reopen:
+            placement = Placement.KEPT_ASIDE
+        else:
+            placement = Placement.PLACED
+            if place is not None:
+                place()
+            db.execute(_INSERT_INSTANCE, (
+                rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
+                rec.path, rec.size, now, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
+        if was_missing:
+            db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,))
+        s = rec.series
+        db.execute(_INSERT_SERIES, (
+            rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
+            s.get("number"), rec.sop_class_uid, s.get("image_type"), s.get("orientation"), s.get("rows"),
+            s.get("columns"), s.get("slice_thickness")))
+        if study is None:
+            db.execute(_INSERT_STUDY, (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline))
+            return Arrival(duplicate, True, False, False, deadline, placement)
+        if complete and (placement is Placement.IDENTICAL or not reopen):
+            # an identical resend is simply acknowledged; otherwise after_complete: ignore
+            return Arrival(duplicate, False, False, placement is not Placement.IDENTICAL, deadline, placement)
+        db.execute(
+            "UPDATE studies SET state='receiving', last_received=?, deadline=?, calling_ae=?"
+            " WHERE study_uid=?",
+            (now, deadline, rec.calling_ae, rec.study_uid),
+        )
+        reopened = study["state"] != "receiving"
+        return Arrival(duplicate, reopened, reopened, False, deadline, placement)
 
     def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
         with self.transaction() as db:
@@ -401,14 +418,16 @@ class Index:
         is checked again here, under the write lock, where receivers rename a file into place
         before its row exists, so a file just received or re-sent is never taken for missing."""
         gone: dict[str, list[str]] = {}
-        with self.transaction() as db:
-            for uid in candidates:
-                row = db.execute("SELECT study_uid, path FROM instances WHERE sop_instance_uid=?", (uid,)).fetchone()
-                if row is None or present(row["path"]):
-                    continue
-                db.execute("INSERT INTO missing_files (sop_instance_uid, study_uid, marked_at) VALUES (?,?,?)"
-                           " ON CONFLICT DO NOTHING", (uid, row["study_uid"], now))
-                gone.setdefault(row["study_uid"], []).append(uid)
+        for start in range(0, len(candidates), MARK_BATCH):  # the lock held briefly, however many
+            with self.transaction() as db:
+                for uid in candidates[start:start + MARK_BATCH]:
+                    row = db.execute("SELECT study_uid, path FROM instances WHERE sop_instance_uid=?",
+                                     (uid,)).fetchone()
+                    if row is None or present(row["path"]):
+                        continue
+                    db.execute("INSERT INTO missing_files (sop_instance_uid, study_uid, marked_at) VALUES (?,?,?)"
+                               " ON CONFLICT DO NOTHING", (uid, row["study_uid"], now))
+                    gone.setdefault(row["study_uid"], []).append(uid)
         return gone
 
     def clear_missing(self, found: list[str]) -> None:

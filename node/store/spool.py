@@ -17,6 +17,9 @@ from typing import Iterable
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 KNOWN_DIRS_MAX = 4096  # folders a process remembers having made
+# A file written after its index row (a newer copy renamed over it) has an mtime later than the
+# row's received_at by more than this; less may be clock granularity or a shared filesystem's.
+MTIME_SLACK_S = 2.0
 
 
 class InvalidUID(ValueError):
@@ -117,8 +120,9 @@ class Spool:
         except OSError:  # a filesystem without hard links: a copy does (replacements are rare)
             try:
                 shutil.copyfile(target, previous)
-            except FileNotFoundError:
-                return None
+            except BaseException:
+                previous.unlink(missing_ok=True)
+                raise
         return previous
 
     def restore(self, previous: Path, target: Path) -> None:
@@ -128,10 +132,11 @@ class Spool:
         _fsync_dir(target.parent)
 
     def replaced_copies(self, older_than_s: float = 0.0) -> list[Path]:
-        """Links `keep_previous` made that a crash left behind (the replacement either committed
-        or was never acknowledged: either way the file at the target stays)."""
+        """Copies `keep_previous` kept that a crash left behind (reconcile decides which copy
+        stays). Aged by when the link was made (its ctime), not by the file's mtime, which is
+        the replaced copy's own."""
         cutoff = time.time() - older_than_s
-        return sorted(p for p in self.tmp.glob("*.prev") if not older_than_s or modified_at(p) < cutoff)
+        return sorted(p for p in self.tmp.glob("*.prev") if not older_than_s or _changed_at(p) < cutoff)
 
     @staticmethod
     def make_durable(target: Path) -> None:
@@ -213,6 +218,13 @@ def same_dataset(path: Path, payload: bytes | memoryview) -> bool:
         return data[dataset_offset(data):] == bytes(payload)
     except (OSError, ValueError):
         return False
+
+
+def _changed_at(path: Path) -> float:
+    try:
+        return path.stat().st_ctime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def modified_at(path: Path) -> float:
