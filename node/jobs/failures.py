@@ -22,6 +22,14 @@ class JobError(RuntimeError):
     """A job cannot be done as routed; the message (UIDs and names only) says why."""
 
 
+class Superseded(Exception):
+    """The study completed again while the job ran; `newer` is the job that processes it now."""
+
+    def __init__(self, newer: int):
+        super().__init__(f"superseded by job {newer}")
+        self.newer = newer
+
+
 # Failures that may go away by themselves: the job waits and tries again (OperationalError: the
 # index busy or locked past its timeout; SeriesChanged: an instance resent while it was read).
 TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, SeriesChanged)

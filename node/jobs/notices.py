@@ -16,6 +16,7 @@ import pydicom
 from common import logs
 from node.encode.notice import build_failure_notice
 from node.encode.uids import ResultUIDs, SourceIdentity
+from node.jobs.failures import Superseded
 from node.route.study import study_from_index
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ def send_failure_notices(runner: JobRunner, job: Job, reason: str) -> int:
     """Queue the notice for each rule of a failed job; returns how many deliveries were queued."""
     try:
         return _send(runner, job, reason)
+    except Superseded:
+        return 0  # the study completed again: its newer job speaks for it
     except Exception as exc:  # noqa: BLE001 - logged without its message (it may quote source data)
         logs.event(log, "notice_failed", logging.WARNING, job=job.id, error=type(exc).__name__)
         return 0

@@ -26,7 +26,7 @@ from node import metrics
 from node.config import NodeConfig
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
-from node.jobs.failures import JobError, describe, is_transient
+from node.jobs.failures import JobError, Superseded, describe, is_transient
 from node.jobs.heap import release_free_memory
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
@@ -283,14 +283,6 @@ class JobRunner:
         started = time.time()
         yield
         self.jobs.record_stage(job.id, name, started, time.time())
-
-
-class Superseded(Exception):
-    """The study completed again while the job ran; `newer` is the job that processes it now."""
-
-    def __init__(self, newer: int):
-        super().__init__(f"superseded by job {newer}")
-        self.newer = newer
 
 
 class _Progress:

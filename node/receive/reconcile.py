@@ -28,7 +28,7 @@ from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 from node.store.index import Index, InstanceConflict, InstanceRecord
-from node.store.spool import MTIME_SLACK_S, Spool, dataset_offset, modified_at, same_dataset
+from node.store.spool import Spool, dataset_offset, modified_at, same_dataset
 
 log = logging.getLogger("node.receive")
 # A temporary file not written to for this long on a shared spool is a dead replica's partial write
@@ -142,25 +142,19 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         index_it(part, tags, ts, calling, "partial")
 
     # A replaced instance's previous copy, kept until the index committed (Spool.keep_previous),
-    # that a crash left behind: if the file at the instance's path is newer than its row, the
-    # replacement never committed (never acknowledged) and the copy the row describes goes back.
+    # that a crash left behind: put back if the replacement never committed, else removed.
     for previous in spool.replaced_copies(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
         try:
             tags = _inspect(previous)[0]
         except _Refused:
             tags = None
-        if tags is not None:
-            target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-            row = index.find_instance(tags.sop_instance_uid)
-            if (row is not None and row["path"] == str(target.relative_to(spool.root))
-                    and row["received_at"] + MTIME_SLACK_S < modified_at(target) < float("inf")):
-                spool.restore(previous, target)
-                counts["replaced_copies_restored"] += 1
-                logs.event(log, "reconcile_restored_replaced_copy", logging.WARNING, study_uid=tags.study_uid,
-                           sop_instance_uid=tags.sop_instance_uid)
-                continue
-        spool.discard(previous)
-        counts["replaced_copies_removed"] += 1
+        if tags is not None and _restore_if_uncommitted(index, spool, previous, tags):
+            counts["replaced_copies_restored"] += 1
+            logs.event(log, "reconcile_restored_replaced_copy", logging.WARNING, study_uid=tags.study_uid,
+                       sop_instance_uid=tags.sop_instance_uid)
+        else:
+            spool.discard(previous)
+            counts["replaced_copies_removed"] += 1
 
     # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
     # marked, never forgotten, so the study's job and the console can say what is missing; a
@@ -190,6 +184,26 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
 
     logs.event(log, "reconciled", seconds=round(time.monotonic() - started, 3), **counts)
     return counts
+
+
+def _restore_if_uncommitted(index: Index, spool: Spool, previous: Path, tags: RoutingTags) -> bool:
+    """Under the write lock (a replica may be replacing the instance now): if the index row
+    describes the kept copy and not the file in place (by size: clocks on a shared spool cannot
+    be trusted), the replacement never committed and the kept copy goes back. Equal sizes
+    cannot tell the two apart: the file in place stays."""
+    target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
+    with index.transaction():
+        row = index.find_instance(tags.sop_instance_uid)
+        if row is None or row["path"] != str(target.relative_to(spool.root)):
+            return False
+        try:
+            in_place = target.stat().st_size
+        except FileNotFoundError:
+            in_place = None
+        if previous.stat().st_size == row["size"] != in_place:
+            spool.restore(previous, target)
+            return True
+    return False
 
 
 def _dataset_of(path: Path) -> bytes:

@@ -345,11 +345,13 @@ class StorageSCP:
         staged: Path | None = None
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
+        placed_inode = 0
 
         def place() -> None:  # under the index's write lock: the rename only, its fsync after
-            nonlocal staged, placed, previous
+            nonlocal staged, placed, previous, placed_inode
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
                 staged = self.spool.stage(chunks)
+            placed_inode = staged.stat().st_ino
             previous = self.spool.keep_previous(target)
             placed = True  # from here the file at `target` may be the newcomer's
             self.spool.place(staged, target, durable=False)
@@ -366,12 +368,14 @@ class StorageSCP:
             placed, previous = False, None
 
         completion = self.config.completion
+        now = 0.0
         try:
             if not identical:
                 staged = self.spool.stage(chunks)
+            now = time.time()
             arrival = self.index.record_instance(
                 record,
-                now=time.time(),
+                now=now,
                 quiet_period=completion.quiet_period_for(calling),
                 reopen=completion.after_complete == "reprocess",
                 identical=identical,
@@ -382,11 +386,15 @@ class StorageSCP:
             return self._conflict(exc, chunks, record, staged)
         except OSError as exc:
             self._discard(staged)
+            if placed:
+                self._undo_failed_commit(record, now, target, placed_inode, previous)
             logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
                        logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
-            self._discard(staged)  # (a file it placed was undone under its lock: unplace)
+            self._discard(staged)  # (a failure before the COMMIT was undone under the lock: unplace)
+            if placed:
+                self._undo_failed_commit(record, now, target, placed_inode, previous)
             raise
         if previous is not None:
             self.spool.discard(previous)
@@ -422,6 +430,30 @@ class StorageSCP:
     def _discard(self, staged: Path | None) -> None:
         if staged is not None:
             self.spool.discard(staged)
+
+    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed_inode: int,
+                            previous: Path | None) -> None:
+        """The COMMIT itself failed after the file was placed. Under the write lock again: if the
+        row did commit after all (a connection lost during COMMIT) or another copy was placed
+        since, nothing is undone; else the placement is. If the index cannot be reached, the next
+        start's reconcile decides."""
+        try:
+            with self.index.transaction():
+                row = self.index.find_instance(record.sop_instance_uid)
+                try:
+                    ours_in_place = target.stat().st_ino == placed_inode
+                except FileNotFoundError:
+                    ours_in_place = False
+                if ours_in_place and (row is None or row["received_at"] < now):
+                    if previous is not None:
+                        self.spool.restore(previous, target)
+                    else:
+                        self.spool.discard(target)
+                elif previous is not None:
+                    self.spool.discard(previous)
+        except Exception as exc:  # noqa: BLE001 - the failure being handled is re-raised by the caller
+            logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
+                       error=type(exc).__name__)
 
     def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
                   staged: Path | None) -> int:

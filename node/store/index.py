@@ -281,9 +281,9 @@ class Index:
 
     def find_instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
         """Where an indexed instance is: study_uid, series_uid, sop_class_uid, path, transfer_syntax,
-        received_at."""
+        size, received_at."""
         rows = self.query(
-            "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax, received_at FROM instances"
+            "SELECT study_uid, series_uid, sop_class_uid, path, transfer_syntax, size, received_at FROM instances"
             " WHERE sop_instance_uid=?", (sop_instance_uid,))
         return rows[0] if rows else None
 
@@ -338,11 +338,15 @@ class Index:
             placement = Placement.KEPT_ASIDE
         else:
             placement = Placement.PLACED
+            received_at = now
             if place is not None:
                 place()
+                # never before the file's mtime, however long the lock took (retention and
+                # reconcile compare them)
+                received_at = max(now, time.time())
             db.execute(_INSERT_INSTANCE, (
                 rec.sop_instance_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid, rec.transfer_syntax,
-                rec.path, rec.size, now, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
+                rec.path, rec.size, received_at, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
         if was_missing:
             db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,))
         s = rec.series

@@ -119,7 +119,7 @@ class Spool:
             return None
         except OSError:  # a filesystem without hard links: a copy does (replacements are rare)
             try:
-                shutil.copyfile(target, previous)
+                shutil.copy2(target, previous)  # with its mtime: retention compares it
             except BaseException:
                 previous.unlink(missing_ok=True)
                 raise

@@ -8,7 +8,8 @@ its receiver processes, and the hook patches the one receiver method it concerns
   rename of an instance into studies/, before the index transaction that holds the rename commits
   (the crash-between-rename-and-commit test).
 - DICOM_NODE_TEST_FAIL_AFTER_PLACE=N: the index transaction holding a receiver's Nth rename
-  fails right after it (an OperationalError, as a failed COMMIT raises): the rollback test.
+  fails (an OperationalError): right after the rename, or with DICOM_NODE_TEST_FAIL_AT=commit at
+  its COMMIT (raised from SQLAlchemy's commit event, so the database never commits it).
 - DICOM_NODE_TEST_SKIP_DATASET_CHECK=1: receivers skip the whole-data-set check before the
   acknowledgement (the receive benchmark's before/after figure).
 - DICOM_NODE_TEST_SLOW_LOOKUP_S=T: a receiver's look-up of an indexed SOP Instance UID takes T
@@ -23,6 +24,7 @@ import os
 HOOKS = os.path.dirname(os.path.abspath(__file__))
 _CRASH_AFTER = int(os.environ.get("DICOM_NODE_TEST_CRASH_AFTER_PLACE") or 0)
 _FAIL_AFTER = int(os.environ.get("DICOM_NODE_TEST_FAIL_AFTER_PLACE") or 0)
+_FAIL_AT_COMMIT = os.environ.get("DICOM_NODE_TEST_FAIL_AT") == "commit"
 _SKIP_CHECK = os.environ.get("DICOM_NODE_TEST_SKIP_DATASET_CHECK") == "1"
 _SLOW_LOOKUP = float(os.environ.get("DICOM_NODE_TEST_SLOW_LOOKUP_S") or 0)
 
@@ -46,10 +48,20 @@ if _CRASH_AFTER or _FAIL_AFTER or _SKIP_CHECK:
     if _SKIP_CHECK:
         scp.check_dataset = lambda payload, transfer_syntax: None  # type: ignore[assignment]
     if _CRASH_AFTER or _FAIL_AFTER:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
         from sqlalchemy.exc import OperationalError
 
         _init = scp.StorageSCP.__init__
         _places = [0]
+        _fail_commit = [False]
+
+        def _failing_commit(connection):  # type: ignore[no-untyped-def]
+            if _fail_commit[0]:
+                _fail_commit[0] = False
+                raise OperationalError("COMMIT", {}, Exception("disk I/O error (test hook)"))
+
+        event.listen(Engine, "commit", _failing_commit)
 
         def _faulty_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             _init(self, *args, **kwargs)
@@ -60,8 +72,10 @@ if _CRASH_AFTER or _FAIL_AFTER or _SKIP_CHECK:
                 _places[0] += 1
                 if _places[0] == _CRASH_AFTER:
                     os._exit(70)
-                if _places[0] == _FAIL_AFTER:
-                    raise OperationalError("COMMIT", {}, Exception("disk I/O error (test hook)"))
+                if _places[0] == _FAIL_AFTER and _FAIL_AT_COMMIT:
+                    _fail_commit[0] = True
+                elif _places[0] == _FAIL_AFTER:
+                    raise OperationalError("INSERT", {}, Exception("disk I/O error (test hook)"))
 
             self.spool.place = fault_after_place
 
