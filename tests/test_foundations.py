@@ -126,6 +126,31 @@ def test_one_sop_instance_uid_with_two_sop_classes_at_once_never_overwrites_the_
     assert not list((node.data_dir / "tmp").glob("*.part"))
 
 
+def test_the_same_new_instance_twice_at_once_after_completion_under_ignore_is_not_kept_aside(
+        start_node, tmp_path, monkeypatch):
+    """after_complete: ignore, two associations send the same late instances at once (both pass
+    the look-up before either commits): the second copy is identical, so nothing is quarantined
+    as if it were a different one; both are acknowledged."""
+    monkeypatch.setenv("PYTHONPATH", str(HOOKS))
+    monkeypatch.setenv("DICOM_NODE_TEST_SLOW_LOOKUP_S", "0.3")
+    node = start_node(completion={"quiet_period_s": 1.0, "after_complete": "ignore"})
+    files = make_study(tmp_path / "ct", slices=6, size=16)
+    assert storescu(node.port, files[:2]).returncode == 0
+    node.wait_complete(_study_uid(files))
+    late = [pydicom.dcmread(f) for f in files[2:]]
+    statuses: list[list[int]] = [[], []]
+    senders = [threading.Thread(target=_send_all, args=(node.port, late, CTImageStorage, statuses[i]))
+               for i in range(2)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(120)
+    assert statuses == [[0] * 4, [0] * 4]
+    assert not list((node.data_dir / "quarantine").glob("*.dcm"))
+    assert not node.events("instance_after_completion_kept_aside")
+    assert node.instance_count(_study_uid(files)) == 6 and not list((node.data_dir / "tmp").iterdir())
+
+
 def test_a_changed_copy_after_completion_under_ignore_keeps_the_processed_file(start_node, tmp_path):
     """after_complete: ignore: the study's results were made from the instances it held at
     completion; a different copy arriving later is acknowledged and kept aside (quarantine,

@@ -405,7 +405,12 @@ class StorageSCP:
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
                 return OUT_OF_RESOURCES
-        if arrival.placement is Placement.KEPT_ASIDE and staged is not None:
+        if arrival.placement is Placement.KEPT_ASIDE and staged is not None and same_dataset(target, payload):
+            # the copy a racing association placed first: the same bytes, nothing to keep aside
+            self.spool.discard(staged)
+            logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
+                       sop_instance_uid=tags.sop_instance_uid)
+        elif arrival.placement is Placement.KEPT_ASIDE and staged is not None:
             where = self.spool.quarantine_file(staged, (
                 f"a different copy of instance {tags.sop_instance_uid} arrived after study {tags.study_uid} "
                 "completed; completion.after_complete is 'ignore', so the copy its results were made from stays"))
