@@ -178,6 +178,10 @@ class CompletionConfig(Strict):
     quiet_period_s: float = Field(60.0, gt=0)
     quiet_period_by_calling_ae: dict[str, float] = Field(default_factory=dict)
     after_complete: Literal["reprocess", "ignore"] = "reprocess"
+    mpps_grace_s: float = Field(
+        120.0, gt=0, description="a study with a completion signal (an MPPS step COMPLETED or DISCONTINUED, "
+        "an IAN) completes once every instance it lists has arrived, or this long after the signal (a warning "
+        "counts the instances that never came)")
     sweep_s: float = Field(
         30.0, gt=0, description="how often the index is scanned for receiving studies without a timer here"
         " (after a restart, or a replica's studies after it died)",

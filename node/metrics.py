@@ -29,6 +29,8 @@ JOBS_FINISHED = Counter(f"{PREFIX}_jobs_finished", "Jobs that reached done or fa
                         ["state"], registry=REGISTRY)
 STAGE_SECONDS = Histogram(f"{PREFIX}_stage_seconds", "Job stage durations (route, load, inference, encode, "
                           "enqueue)", ["stage"], buckets=STAGE_BUCKETS, registry=REGISTRY)
+STUDIES_COMPLETED = Counter(f"{PREFIX}_studies_completed", "Studies completed in this process, by what "
+                            "completed them (quiet_period, mpps)", ["completed_by"], registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(f"{PREFIX}_inference_seconds", "Model inference latency per model run",
                               ["model"], buckets=STAGE_BUCKETS, registry=REGISTRY)
 
@@ -41,6 +43,11 @@ def delivery_retried(destination: Any) -> None:
 def dead_letter(destination: Any) -> None:
     """A delivery was given up (event `results_dead_letter`)."""
     _quietly(lambda: DEAD_LETTERS.labels(str(destination)).inc())
+
+
+def study_completed(completed_by: str) -> None:
+    """A study completed (event `study_complete`)."""
+    _quietly(lambda: STUDIES_COMPLETED.labels(completed_by).inc())
 
 
 def model_ran(model: Any, seconds: Mapping[str, float]) -> None:

@@ -34,6 +34,7 @@ from node.config import RetentionConfig
 from node.jobs.store import Job, JobState, JobStore
 from node.send import outbox
 from node.store.index import Index
+from node.store.signals import CompletionSignals
 from node.store.spool import MTIME_SLACK_S
 
 log = logging.getLogger("node.retention")
@@ -204,6 +205,7 @@ class Retention:
                 logs.event(log, "retention_skipped", study_uid=study.study_uid, reason="no longer finished")
                 return None
             instances = self.index.forget_study(db, study.study_uid)
+            CompletionSignals.forget_study(db, study.study_uid)
             for inst in instances:
                 _unlink_unless_newer(self.data_dir / inst["path"], inst["received_at"])
             # its emptied folders too (under the write lock, where receivers make them; one that

@@ -15,7 +15,7 @@ from inference.repository import ModelRepository
 from common import logs
 from node.assemble.completion import CompletionTimers
 from node.config import NodeConfig
-from node.jobs.admission import Admission
+from node.jobs.admission import SIGNAL_POLL_S, Admission
 from node.jobs.runner import JobRunner
 from node.jobs.store import JobStore
 from node.liveconfig import LiveConfig, receivers_affected
@@ -50,22 +50,32 @@ class NodeService:
         # The completion settings in force for a caller (the receivers computed their deadline
         # with the settings they started with; a rule's quiet period replaces both).
         admission = Admission(self.index, self.rules, data_dir,
-                              quiet_period_for=lambda calling_ae: self.live.current.completion.quiet_period_for(calling_ae))
+                              quiet_period_for=lambda calling_ae: self.live.current.completion.quiet_period_for(calling_ae),
+                              mpps_grace_s=lambda: self.live.current.completion.mpps_grace_s)
+        self.signals = admission.signals
         self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler,
                                 decide=admission.decide)
         self.completion = CompletionTimers(self.index, self.scheduler, prepare=admission.route, admit=admission.admit,
-                                           on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s)
-        self.receivers = ReceiverPool(config, on_study_opened=self._study_opened)
+                                           on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s,
+                                           first_check=self._first_check)
+        self.receivers = ReceiverPool(config, on_study_opened=self._study_opened,
+                                      on_signal=lambda study_uid: self.completion.arm(study_uid, time.time()))
         # Keeps the jobs and sends this process holds; a replica that stops renewing loses them.
         self.heartbeat = Heartbeat(config.storage.lease_s, [self.jobs.renew_leases, self.outbox.renew_leases])
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
-        """Arm the completion timer; early enough for the shortest quiet period a rule or the
-        completion settings in force may set (a timer that fires early re-arms itself)."""
+        self.completion.arm(study_uid, self._first_check(study_uid, deadline))
+
+    def _first_check(self, study_uid: str, deadline: float) -> float:
+        """When to check a receiving study first: early enough for the shortest quiet period a
+        rule or the completion settings in force may set, or for a completion signal that may
+        have come already (a check that finds it not due re-arms itself)."""
         completion = self.live.current.completion
         periods = [r.quiet_period_s for r in self.rules.current.file.rules if r.quiet_period_s]
         periods += [completion.quiet_period_s, *completion.quiet_period_by_calling_ae.values()]
-        self.completion.arm(study_uid, min(deadline, time.time() + min(periods)))
+        if self.signals.has_signals(study_uid):
+            periods.append(SIGNAL_POLL_S)
+        return min(deadline, time.time() + min(periods))
 
     def _config_changed(self, old: NodeConfig, new: NodeConfig) -> None:
         """A reload put new live settings in force: hand them to the parts that read them."""

@@ -548,6 +548,7 @@ def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_nee
 TABLE_OWNERS = {
     "studies": "node/store/index.py", "series": "node/store/index.py", "instances": "node/store/index.py",
     "associations": "node/store/index.py", "missing_files": "node/store/index.py",
+    "completion_signals": "node/store/signals.py", "completion_signal_studies": "node/store/signals.py",
     "work_items": "node/jobs/store.py", "outbox": "node/send/outbox.py",
     "installation": "node/store/identity.py", "receive_counts": "node/receive/counts.py",
     "retention_log": "node/retention.py", "retention_runs": "node/retention.py",

@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 from apscheduler.schedulers.base import BaseScheduler
 
 from common import logs
+from node import metrics
 from node.store.index import Db, Index
 
 log = logging.getLogger("node.assemble")
@@ -32,7 +33,8 @@ class Prepared(Protocol):
 
     last_received: float
     quiet_period_s: float
-    due: float  # last_received + quiet_period_s
+    due: float  # last_received + quiet_period_s, or earlier when a completion signal says so
+    completed_by: str  # what completes it if due: quiet_period, or a signal (mpps)
     instances: int
 
 
@@ -49,16 +51,20 @@ class CompletionTimers:
         admit: Callable[[Db, Any, float], None],
         on_admitted: Callable[[str], None] = lambda study_uid: None,
         sweep_s: float = 30.0,
+        first_check: Callable[[str, float], float] = lambda study_uid, deadline: deadline,
     ):
         """`prepare(study_uid, now)` runs first, without the write lock (it routes the study; None:
         not receiving); `admit(db, prepared, now)` in the completing transaction (the job);
-        `on_admitted(study_uid)` after it committed (wake the workers)."""
+        `on_admitted(study_uid)` after it committed (wake the workers); `first_check(study_uid,
+        deadline)`: when to check a receiving study first (earlier than its stored deadline when
+        a rule's quiet period or a completion signal may make it due sooner)."""
         self.index = index
         self.scheduler = scheduler
         self.prepare = prepare
         self.admit = admit
         self.on_admitted = on_admitted
         self.sweep_s = sweep_s
+        self.first_check = first_check
 
     def start(self) -> None:
         """Arm a timer for every study still receiving (after a restart: all of them)."""
@@ -71,7 +77,7 @@ class CompletionTimers:
     def rearm_all(self) -> None:
         for study_uid, deadline in self.index.receiving_studies():
             if self.scheduler.get_job(_job_id(study_uid)) is None:
-                self.arm(study_uid, deadline)
+                self.arm(study_uid, self.first_check(study_uid, deadline))
 
     def arm(self, study_uid: str, deadline: float) -> None:
         self.scheduler.add_job(
@@ -98,9 +104,11 @@ class CompletionTimers:
                 return
             completed, deadline = self.index.complete_if_due(
                 study_uid, now, lambda db: self.admit(db, prepared, now), quiet_override=prepared.quiet_period_s,
-                seen_last_received=prepared.last_received)
+                seen_last_received=prepared.last_received, due_override=prepared.due)
             if completed:
-                logs.event(log, "study_complete", study_uid=study_uid, instances=prepared.instances)
+                logs.event(log, "study_complete", study_uid=study_uid, instances=prepared.instances,
+                           completed_by=prepared.completed_by)
+                metrics.study_completed(prepared.completed_by)
                 self.on_admitted(study_uid)
                 return
             if deadline is None:

@@ -39,6 +39,7 @@ def job_row(job: Job) -> dict[str, Any]:
         "stages": {name: {"started": start, "ended": end} for name, (start, end) in job.stages.items()},
         "outputs": job.outputs,
         "explanation": decision.explanation if decision else None,
+        "completed_by": job.completed_by,
     }
 
 

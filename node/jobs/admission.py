@@ -17,8 +17,11 @@ from node.route.decision import RoutingDecision, record
 from node.route.live import LiveRules
 from node.route.study import StudyView, study_from_index
 from node.store.index import Db, Index
+from node.store.signals import CompletionSignals
 
 log = logging.getLogger("node.jobs")
+# How often a study with a completion signal is checked while the instances it lists arrive.
+SIGNAL_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Routed:
     failure: str | None
     instances: int
     started: float
+    completed_by: str = "quiet_period"  # or a completion signal's kind (mpps, ian): due before the quiet period
 
 
 class Admission:
@@ -43,12 +47,16 @@ class Admission:
     decision as its job (inside the transaction that completes it)."""
 
     def __init__(self, index: Index, rules: LiveRules, data_dir: Path,
-                 quiet_period_for: Callable[[str], float] = lambda calling_ae: 60.0):
-        """`quiet_period_for(calling_ae)`: the completion settings in force (live reloads)."""
+                 quiet_period_for: Callable[[str], float] = lambda calling_ae: 60.0,
+                 mpps_grace_s: Callable[[], float] = lambda: 120.0):
+        """`quiet_period_for(calling_ae)`, `mpps_grace_s()`: the completion settings in force
+        (live reloads)."""
         self.index = index
         self.rules = rules
         self.data_dir = Path(data_dir)
         self.quiet_period_for = quiet_period_for
+        self.mpps_grace_s = mpps_grace_s
+        self.signals = CompletionSignals(index)
 
     def decide(self, study_uid: str) -> RoutingDecision:
         """The rules in force, evaluated for the study as it is stored now."""
@@ -72,25 +80,43 @@ class Admission:
         except Exception as exc:  # noqa: BLE001 - a stored value or rule the view cannot take
             failure = describe(exc, "route")
         quiet = by_rule or self.quiet_period_for(study["calling_ae"] or "")
-        due = study["last_received"] + quiet
+        due, completed_by = self._due(study_uid, study["last_received"] + quiet, now)
         if due <= now and view is not None:
             try:
                 decision = record(rules.evaluate(view))
             except Exception as exc:  # a defect in a rule or condition must not hold the study open
                 failure = describe(exc, "route")
         return Routed(study_uid, study["last_received"], quiet, due, decision, failure,
-                      sum(s.instance_count for s in view.series) if view else 0, started)
+                      sum(s.instance_count for s in view.series) if view else 0, started, completed_by)
+
+    def _due(self, study_uid: str, quiet_due: float, now: float) -> tuple[float, str]:
+        """When the study completes, and by what. A completion signal (an MPPS step that ended,
+        an IAN; node.store.signals) completes it once every instance it lists is here; while
+        some are missing, the quiet period does not complete it (the signal says more is
+        coming) until `mpps_grace_s` after the signal, and then with a warning counting what
+        never came."""
+        signal = self.signals.signal_for(study_uid)
+        if signal is None:
+            return quiet_due, "quiet_period"
+        if signal.missing == 0:
+            return now, signal.kind.value
+        if now >= signal.ended_at + self.mpps_grace_s():
+            logs.event(log, "signal_instances_never_arrived", logging.WARNING, study_uid=study_uid,
+                       kind=signal.kind.value, missing=signal.missing, listed=signal.listed)
+            return now, signal.kind.value
+        return min(now + SIGNAL_POLL_S, signal.ended_at + self.mpps_grace_s()), signal.kind.value
 
     def admit(self, db: Db, routed: Routed, now: float) -> None:
         """Called inside the completing transaction. A study whose routing failed still
         completes, with a failed job that says why: it is never left receiving without a job."""
         if routed.decision is None:
             reason = routed.failure or "route: the study was not routed"
-            job_id = JobStore.create_unrouted(db, routed.study_uid, reason, now)
+            job_id = JobStore.create_unrouted(db, routed.study_uid, reason, now, completed_by=routed.completed_by)
             logs.event(log, "study_routing_failed", logging.ERROR, study_uid=routed.study_uid, job=job_id,
                        reason=reason)
             return
         decision = routed.decision
-        job_id, state = JobStore.create(db, routed.study_uid, decision, now, route_started=routed.started)
+        job_id, state = JobStore.create(db, routed.study_uid, decision, now, route_started=routed.started,
+                                        completed_by=routed.completed_by)
         logs.event(log, "study_routed", study_uid=routed.study_uid, job=job_id, state=state.value,
                    rules_version=decision.rules_version, rules=[a.rule for a in decision.applied])

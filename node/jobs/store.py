@@ -84,6 +84,7 @@ class Job:
     retry_deadline: float | None = None
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    completed_by: str | None = None  # what completed the study: quiet_period, mpps (None: an older release's job)
 
     def stage_seconds(self) -> dict[str, float]:
         return {name: round(end - start, 3) for name, (start, end) in self.stages.items()}
@@ -105,17 +106,17 @@ class JobStore:
 
     @staticmethod
     def create(db: Db, study_uid: str, decision: RoutingDecision, now: float,
-               route_started: float | None = None) -> tuple[int, JobState]:
+               route_started: float | None = None, completed_by: str | None = None) -> tuple[int, JobState]:
         state = JobState.QUEUED if decision.processes else JobState.IGNORED
         reason = None if state is JobState.QUEUED else (
             "the routing rule discards the study" if decision.applied else "no routing rule applies")
         JobStore._supersede(db, study_uid, now)
         row = db.execute(
             "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, priority, rules_version,"
-            " decision, explanation, stages, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+            " decision, explanation, stages, outputs, completed_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (study_uid, state.value, now, now, reason, decision.priority, decision.rules_version,
              decision.model_dump_json(), decision.explanation,
-             json.dumps({"route": [route_started or now, time.time()]}), "{}"),
+             json.dumps({"route": [route_started or now, time.time()]}), "{}", completed_by),
         ).fetchone()
         return int(row["id"]), state
 
@@ -131,14 +132,14 @@ class JobStore:
                     JobState.QUEUED.value, JobState.WAITING.value))
 
     @staticmethod
-    def create_unrouted(db: Db, study_uid: str, reason: str, now: float) -> int:
+    def create_unrouted(db: Db, study_uid: str, reason: str, now: float, completed_by: str | None = None) -> int:
         """A completed study whose routing failed: a failed job without a decision (a retry routes
         it again with the rules then in force)."""
         JobStore._supersede(db, study_uid, now)
         row = db.execute(
-            "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, stages, outputs)"
-            " VALUES (?,?,?,?,?,?,?) RETURNING id",
-            (study_uid, JobState.FAILED.value, now, now, reason[:2000], "{}", "{}")).fetchone()
+            "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, stages, outputs, completed_by)"
+            " VALUES (?,?,?,?,?,?,?,?) RETURNING id",
+            (study_uid, JobState.FAILED.value, now, now, reason[:2000], "{}", "{}", completed_by)).fetchone()
         return int(row["id"])
 
     def set_decision(self, job_id: int, decision: RoutingDecision) -> None:
@@ -335,5 +336,5 @@ def _job(row: Any) -> Job:
         attempts=row["attempts"], created_at=row["created_at"], updated_at=row["updated_at"], stage=row["stage"],
         reason=row["reason"], next_attempt=row["next_attempt"], retry_deadline=row["retry_deadline"],
         stages={k: tuple(v) for k, v in json.loads(row["stages"] or "{}").items()},
-        outputs=json.loads(row["outputs"] or "{}"),
+        outputs=json.loads(row["outputs"] or "{}"), completed_by=row.get("completed_by"),
     )

@@ -47,7 +47,9 @@ from common import logs
 from node.config import NodeConfig
 from node.store.filemeta import encode_file_meta
 from node.receive.counts import Counted, ReceiveCounts
+from node.receive.signals import SIGNAL_SOP_CLASSES, SignalScp
 from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord, Placement
+from node.store.signals import CompletionSignals
 from node.store.spool import OutOfSpace, Spool, same_dataset
 from node.receive import pynetdicom_internals as internals
 from node.receive.tags import UnreadableDataset, read_routing_tags
@@ -118,7 +120,10 @@ class StorageSCP:
         on_study_opened: Callable[[str, float], None],
         slot_limit: int | None = None,
         on_slots: Callable[[int], None] = lambda n: None,
+        on_signal: Callable[[str], None] = lambda study_uid: None,
     ):
+        """`on_signal(study_uid)`: a completion signal for the study arrived (an MPPS step ended,
+        an IAN): the service checks its completion at once."""
         self.config = config
         self.index = index
         self.spool = spool
@@ -127,6 +132,7 @@ class StorageSCP:
         self.on_slots = on_slots
         self._titles = set(config.scp.called_ae_titles())
         self.counts = ReceiveCounts(index)
+        self.signals = SignalScp(CompletionSignals(index), on_signal)
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
         self._called: dict[int, str] = {}
@@ -148,11 +154,15 @@ class StorageSCP:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        for sop_class in SIGNAL_SOP_CLASSES:
+            ae.add_supported_context(sop_class, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         return ae
 
     def handlers(self) -> list[tuple[evt.EventType, Callable]]:
         return [
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_N_CREATE, self.signals.handle_create),
+            (evt.EVT_N_SET, self.signals.handle_set),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),

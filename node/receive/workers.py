@@ -11,7 +11,8 @@ Control messages are JSON over SOCK_SEQPACKET, one message per packet:
   receiver -> service: {"ready": true} once it takes connections,
                        {"closed": true} when a connection ends,
                        {"slots": n} when the receiver's count of associations changes,
-                       {"opened": study_uid, "deadline": t} when a study starts receiving.
+                       {"opened": study_uid, "deadline": t} when a study starts receiving,
+                       {"signal": study_uid} when a completion signal for it came (MPPS, IAN).
 
 Slots: only associations whose A-ASSOCIATE-RQ arrived and passed the AE checks count against
 `scp.max_associations` (each receiver takes its share, rounded up). A connection that never
@@ -88,9 +89,11 @@ class _Worker:
 class ReceiverPool:
     """Owns the listening socket and the receiver processes; supervises and load-balances them."""
 
-    def __init__(self, config: NodeConfig, on_study_opened: Callable[[str, float], None]):
+    def __init__(self, config: NodeConfig, on_study_opened: Callable[[str, float], None],
+                 on_signal: Callable[[str], None] = lambda study_uid: None):
         self.config = config
         self.on_study_opened = on_study_opened
+        self.on_signal = on_signal
         self.count = config.scp.worker_count()
         # open connections at once, negotiating or associated, across all receivers
         self.max_connections = max(64, 4 * config.scp.max_associations)
@@ -315,6 +318,8 @@ class ReceiverPool:
                         worker.slots = int(message["slots"])
                 elif "opened" in message:
                     self.on_study_opened(message["opened"], float(message["deadline"]))
+                elif "signal" in message:
+                    self.on_signal(message["signal"])
 
     def _on_worker_exit(self, worker: _Worker) -> None:
         self._selector.unregister(worker.channel)
@@ -409,6 +414,7 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
         on_study_opened=lambda uid, deadline: send({"opened": uid, "deadline": deadline}),
         slot_limit=int(settings["max_associations"]),
         on_slots=lambda n: send({"slots": n}),
+        on_signal=lambda uid: send({"signal": uid}),
     )
     ae = scp.make_ae()
     handlers = scp.handlers() + [(evt.EVT_CONN_CLOSE, lambda event: send({"closed": True}))]

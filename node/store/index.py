@@ -475,10 +475,13 @@ class Index:
     def complete_if_due(
         self, study_uid: str, now: float, on_complete: Callable[[Db], None],
         quiet_override: float | None = None, seen_last_received: float | None = None,
+        due_override: float | None = None,
     ) -> tuple[bool, float | None]:
         """Complete the study if its quiet period has passed; else return when to check again.
 
-        `quiet_override` (a routing rule's quiet period) replaces the receiver's deadline.
+        `quiet_override` (a routing rule's quiet period) replaces the receiver's deadline;
+        `due_override` (a completion signal: its procedure step ended) replaces both while the
+        arrival the caller saw (`seen_last_received`) is still the latest.
         `seen_last_received`: the caller prepared the completion (routed the study) when this was
         its latest arrival; if one came since, nothing completes and the new deadline is returned
         (it may have passed already: the caller prepares the study again).
@@ -495,7 +498,10 @@ class Index:
             if row is None or row["state"] != "receiving":
                 return False, None
             due = row["last_received"] + quiet_override if quiet_override else row["deadline"]
-            if due > now or (seen_last_received is not None and row["last_received"] != seen_last_received):
+            latest_seen = seen_last_received is None or row["last_received"] == seen_last_received
+            if due_override is not None and latest_seen:
+                due = due_override
+            if due > now or not latest_seen:
                 return False, due
             db.execute(
                 "UPDATE studies SET state='complete', completed_at=?, completions=completions+1"
