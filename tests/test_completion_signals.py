@@ -254,3 +254,16 @@ def test_retention_takes_a_studys_signals_with_it(start_node, tmp_path):
     assert done.returncode == 0 and "deleted 1 studies" in done.stdout, done.stdout + done.stderr
     assert not node.query("SELECT 1 FROM completion_signals")
     assert not node.query("SELECT 1 FROM completion_signal_studies")
+
+
+def test_a_signal_that_completed_a_study_does_not_complete_it_again_when_it_reopens(start_node, tmp_path):
+    """A late instance the step did not list reopens the study (after_complete: reprocess): the
+    step that completed it before does not complete it again at once; its quiet period does."""
+    node = start_node(completion={"quiet_period_s": 2.0})
+    datasets, study_uid, _ = _study(tmp_path / "ct", 3)
+    _perform(node, datasets[:2], [d.SOPInstanceUID for d in datasets[:2]], stored_first=2)
+    assert _completed_by(node, study_uid)["completed_by"] == "mpps"
+    _store(node, datasets[2:])
+    second = wait_for(lambda: [e for e in node.events("study_complete") if e["study_uid"] == study_uid][1:],
+                      timeout=30)[0]
+    assert (second["completed_by"], second["instances"]) == ("quiet_period", 3)

@@ -467,9 +467,10 @@ class Index:
         return int(self.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?", (study_uid,))[0]["n"])
 
     def study_state(self, study_uid: str) -> dict[str, Any] | None:
-        """state, calling_ae, last_received and deadline of a study (None: not indexed)."""
-        rows = self.query("SELECT state, calling_ae, last_received, deadline FROM studies WHERE study_uid=?",
-                          (study_uid,))
+        """state, calling_ae, last_received, deadline and completed_at (its last completion) of a
+        study (None: not indexed)."""
+        rows = self.query("SELECT state, calling_ae, last_received, deadline, completed_at FROM studies"
+                          " WHERE study_uid=?", (study_uid,))
         return rows[0] if rows else None
 
     def complete_if_due(

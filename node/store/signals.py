@@ -114,12 +114,13 @@ class CompletionSignals:
         return bool(self.index.query("SELECT 1 FROM completion_signal_studies WHERE study_uid=? LIMIT 1",
                                      (study_uid,)))
 
-    def signal_for(self, study_uid: str) -> StudySignal | None:
-        """The study's ended signals (None: none has ended, or it has none)."""
+    def signal_for(self, study_uid: str, since: float | None = None) -> StudySignal | None:
+        """The study's signals that ended after `since` (its last completion: a signal that
+        completed it once does not complete it again when it reopens); None: there are none."""
         rows = self.index.query(
             "SELECT s.kind, s.instances, s.ended_at FROM completion_signals s JOIN completion_signal_studies m"
             " ON m.sop_instance_uid = s.sop_instance_uid WHERE m.study_uid=? AND s.ended_at IS NOT NULL"
-            " ORDER BY s.ended_at", (study_uid,))
+            " AND s.ended_at > ? ORDER BY s.ended_at", (study_uid, since if since is not None else 0.0))
         if not rows:
             return None
         listed = sorted({uid for r in rows for uid in json.loads(r["instances"] or "[]")})
