@@ -186,6 +186,8 @@ def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_p
 
     node.start()  # the job runs again from its start: nothing was finished
     wait_for(lambda: node.query("SELECT COUNT(*) AS n FROM outbox WHERE attempts>=1")[0]["n"] >= 1, timeout=120)
+    # the first attempt may run before the job's own transition to done commits
+    wait_for(lambda: jobs_of(node, study_uid)[0].state is not JobState.RUNNING)
     job = jobs_of(node, study_uid)[0]
     assert job.state is JobState.DONE and job.attempts == 2
     node.kill_all()  # mid-send: the delivery was tried (Orthanc is down) and is still pending
