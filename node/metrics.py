@@ -30,7 +30,7 @@ JOBS_FINISHED = Counter(f"{PREFIX}_jobs_finished", "Jobs that reached done or fa
 STAGE_SECONDS = Histogram(f"{PREFIX}_stage_seconds", "Job stage durations (route, load, inference, encode, "
                           "enqueue)", ["stage"], buckets=STAGE_BUCKETS, registry=REGISTRY)
 STUDIES_COMPLETED = Counter(f"{PREFIX}_studies_completed", "Studies completed in this process, by what "
-                            "completed them (quiet_period, mpps)", ["completed_by"], registry=REGISTRY)
+                            "completed them (quiet_period, mpps, ian)", ["completed_by"], registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(f"{PREFIX}_inference_seconds", "Model inference latency per model run",
                               ["model"], buckets=STAGE_BUCKETS, registry=REGISTRY)
 

@@ -14,6 +14,7 @@ no instance arrived since it was made.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Protocol
@@ -65,6 +66,7 @@ class CompletionTimers:
         self.on_admitted = on_admitted
         self.sweep_s = sweep_s
         self.first_check = first_check
+        self._arming = threading.Lock()
 
     def start(self) -> None:
         """Arm a timer for every study still receiving (after a restart: all of them)."""
@@ -80,15 +82,21 @@ class CompletionTimers:
                 self.arm(study_uid, self.first_check(study_uid, deadline))
 
     def arm(self, study_uid: str, deadline: float) -> None:
-        self.scheduler.add_job(
-            self._check,
-            "date",
-            run_date=datetime.fromtimestamp(deadline, tz=timezone.utc),
-            args=[study_uid],
-            id=_job_id(study_uid),
-            replace_existing=True,
-            misfire_grace_time=None,
-        )
+        """Check the study at `deadline`, or earlier if a check is armed for earlier already (a
+        completion signal's wake-up is never pushed back by a check re-arming itself)."""
+        with self._arming:
+            armed = self.scheduler.get_job(_job_id(study_uid))
+            if armed is not None and armed.next_run_time is not None and armed.next_run_time.timestamp() <= deadline:
+                return
+            self.scheduler.add_job(
+                self._check,
+                "date",
+                run_date=datetime.fromtimestamp(deadline, tz=timezone.utc),
+                args=[study_uid],
+                id=_job_id(study_uid),
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
 
     def _check(self, study_uid: str) -> None:
         """Route the study, then complete it if nothing arrived meanwhile. A timer re-armed for

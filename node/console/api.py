@@ -61,7 +61,7 @@ class JobRow(BaseModel):
     stages: dict[str, dict[str, float]]
     outputs: dict[str, list[str]]
     explanation: str | None
-    completed_by: str | None = None  # what completed the study: quiet_period, mpps
+    completed_by: str | None = None  # what completed the study: quiet_period, mpps, ian
 
 
 class OutboxRow(BaseModel):

@@ -80,7 +80,7 @@ class Admission:
         except Exception as exc:  # noqa: BLE001 - a stored value or rule the view cannot take
             failure = describe(exc, "route")
         quiet = by_rule or self.quiet_period_for(study["calling_ae"] or "")
-        due, completed_by = self._due(study_uid, study["last_received"] + quiet, now, study["completed_at"])
+        due, completed_by = self._due(study_uid, study["last_received"] + quiet, now)
         if due <= now and view is not None:
             try:
                 decision = record(rules.evaluate(view))
@@ -89,14 +89,14 @@ class Admission:
         return Routed(study_uid, study["last_received"], quiet, due, decision, failure,
                       sum(s.instance_count for s in view.series) if view else 0, started, completed_by)
 
-    def _due(self, study_uid: str, quiet_due: float, now: float, completed_at: float | None) -> tuple[float, str]:
+    def _due(self, study_uid: str, quiet_due: float, now: float) -> tuple[float, str]:
         """When the study completes, and by what. A completion signal (an MPPS step that ended,
         an IAN; node.store.signals) completes it once every instance it lists is here; while
         some are missing, the quiet period does not complete it (the signal says more is
         coming) until `mpps_grace_s` after the signal, and then with a warning counting what
-        never came. Only signals since the study last completed count: one that completed it
+        never came. A completion marks the study's signals used (`admit`): one that completed it
         before does not complete it again when it reopens."""
-        signal = self.signals.signal_for(study_uid, since=completed_at)
+        signal = self.signals.signal_for(study_uid)
         if signal is None:
             return quiet_due, "quiet_period"
         if signal.missing == 0:
@@ -110,6 +110,7 @@ class Admission:
     def admit(self, db: Db, routed: Routed, now: float) -> None:
         """Called inside the completing transaction. A study whose routing failed still
         completes, with a failed job that says why: it is never left receiving without a job."""
+        CompletionSignals.mark_used(db, routed.study_uid, now)
         if routed.decision is None:
             reason = routed.failure or "route: the study was not routed"
             job_id = JobStore.create_unrouted(db, routed.study_uid, reason, now, completed_by=routed.completed_by)

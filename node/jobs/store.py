@@ -84,7 +84,7 @@ class Job:
     retry_deadline: float | None = None
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
-    completed_by: str | None = None  # what completed the study: quiet_period, mpps (None: an older release's job)
+    completed_by: str | None = None  # what completed the study: quiet_period, mpps, ian (None: an older release's job)
 
     def stage_seconds(self) -> dict[str, float]:
         return {name: round(end - start, 3) for name, (start, end) in self.stages.items()}

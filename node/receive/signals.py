@@ -31,7 +31,6 @@ log = logging.getLogger("node.receive")
 
 SUCCESS = 0x0000
 INVALID_ATTRIBUTE_VALUE = 0x0106
-ATTRIBUTE_LIST_ERROR = 0x0107
 PROCESSING_FAILURE = 0x0110  # for N-SET: "Performed Procedure Step object may no longer be updated"
 DUPLICATE_SOP_INSTANCE = 0x0111
 NO_SUCH_SOP_INSTANCE = 0x0112
@@ -58,11 +57,14 @@ def _state(ds: Dataset, required: bool) -> StepState | None:
                                                 " COMPLETED or DISCONTINUED") from None
 
 
-def _uid(value: object, name: str, status: int) -> str:
+def _uid(value: object, name: str, missing_status: int) -> str:
+    """A UID from the request: `missing_status` when it is absent, 0x0106 when it is not a UID."""
+    if not str(value or "").strip():
+        raise _Refused(missing_status, f"{name} is missing")
     try:
         return checked_uid(value, name)
     except InvalidUID as exc:
-        raise _Refused(status, str(exc)) from None
+        raise _Refused(INVALID_ATTRIBUTE_VALUE, str(exc)) from None
 
 
 def _scheduled_studies(ds: Dataset) -> list[str]:
@@ -110,7 +112,7 @@ class SignalScp:
         try:
             ds = self._decoded(lambda: event.attribute_list)
             if request.AffectedSOPClassUID == ModalityPerformedProcedureStep:
-                kind, studies, listed = SignalKind.MPPS, _scheduled_studies(ds), None
+                kind, studies, listed = SignalKind.MPPS, _scheduled_studies(ds), _performed_instances(ds)
                 if _state(ds, required=True) is not StepState.IN_PROGRESS:
                     raise _Refused(INVALID_ATTRIBUTE_VALUE, "a step is created IN PROGRESS (PS3.4 F.7.2.1)")
             elif request.AffectedSOPClassUID == InstanceAvailabilityNotification:
@@ -161,7 +163,7 @@ class SignalScp:
                 _ = element.value
             return ds
         except Exception:  # noqa: BLE001 - any decoding defect: the list is unusable
-            raise _Refused(ATTRIBUTE_LIST_ERROR, "the attribute list cannot be decoded") from None
+            raise _Refused(INVALID_ATTRIBUTE_VALUE, "the attribute list cannot be decoded") from None
 
     @staticmethod
     def _refuse(operation: str, uid: str, status: int, reason: str) -> tuple[int, None]:

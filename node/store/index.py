@@ -484,8 +484,8 @@ class Index:
         `due_override` (a completion signal: its procedure step ended) replaces both while the
         arrival the caller saw (`seen_last_received`) is still the latest.
         `seen_last_received`: the caller prepared the completion (routed the study) when this was
-        its latest arrival; if one came since, nothing completes and the new deadline is returned
-        (it may have passed already: the caller prepares the study again).
+        its latest arrival; if one came since, nothing completes and `now` is returned: the caller
+        prepares the study again (a signal may make it due at once).
         `on_complete(db)` runs inside the completing transaction (the pipeline creates the
         study's job there), so a completed study always has its job.
 
@@ -502,7 +502,9 @@ class Index:
             latest_seen = seen_last_received is None or row["last_received"] == seen_last_received
             if due_override is not None and latest_seen:
                 due = due_override
-            if due > now or not latest_seen:
+            if not latest_seen:
+                return False, now  # prepared on an older arrival: prepare it again now
+            if due > now:
                 return False, due
             db.execute(
                 "UPDATE studies SET state='complete', completed_at=?, completions=completions+1"

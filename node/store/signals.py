@@ -62,7 +62,7 @@ class CompletionSignals:
     def create(self, kind: SignalKind, sop_instance_uid: str, study_uids: list[str], calling_ae: str,
                now: float, instances: list[str] | None = None) -> None:
         """A new signal: an MPPS step IN PROGRESS, or an IAN, which has ended as it arrives
-        (`instances`: what it lists)."""
+        (`instances`: what it lists, None: nothing yet)."""
         ended = kind is SignalKind.IAN
         with self.index.transaction() as db:
             if db.execute("SELECT 1 FROM completion_signals WHERE sop_instance_uid=?",
@@ -70,13 +70,31 @@ class CompletionSignals:
                 raise DuplicateSignal(sop_instance_uid)
             db.execute(
                 "INSERT INTO completion_signals (sop_instance_uid, kind, state, calling_ae, created_at, updated_at,"
-                " ended_at, instances) VALUES (?,?,?,?,?,?,?,?)",
+                " ended_at, instances, used_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (sop_instance_uid, kind.value, (StepState.COMPLETED if ended else StepState.IN_PROGRESS).value,
                  calling_ae, now, now, now if ended else None,
-                 json.dumps(instances) if instances is not None else None))
+                 json.dumps(instances) if instances is not None else None,
+                 now if ended and self._all_complete(db, study_uids) else None))
             for study_uid in dict.fromkeys(study_uids):
                 db.execute("INSERT INTO completion_signal_studies (sop_instance_uid, study_uid) VALUES (?,?)",
                            (sop_instance_uid, study_uid))
+
+    @staticmethod
+    def _all_complete(db: Db, study_uids: list[str]) -> bool:
+        """A signal that ends while its studies are complete describes a completion that
+        already happened: it must not complete them again when they reopen."""
+        return bool(study_uids) and all(
+            (row := db.execute("SELECT state FROM studies WHERE study_uid=?", (uid,)).fetchone()) is not None
+            and row["state"] == "complete" for uid in study_uids)
+
+    @staticmethod
+    def mark_used(db: Db, study_uid: str, now: float) -> None:
+        """Inside the transaction that completes the study: its ended signals are taken into
+        account now and never complete it again (it may reopen with instances they do not list)."""
+        db.execute(
+            "UPDATE completion_signals SET used_at=? WHERE used_at IS NULL AND ended_at IS NOT NULL AND"
+            " sop_instance_uid IN (SELECT sop_instance_uid FROM completion_signal_studies WHERE study_uid=?)",
+            (now, study_uid))
 
     def update_step(self, sop_instance_uid: str, state: StepState | None, instances: list[str] | None,
                     now: float) -> list[str]:
@@ -90,13 +108,15 @@ class CompletionSignals:
             if row["state"] != StepState.IN_PROGRESS.value:
                 raise StepEnded(sop_instance_uid)
             ended = state is not None and state is not StepState.IN_PROGRESS
-            db.execute(
-                "UPDATE completion_signals SET state=?, updated_at=?, ended_at=?, instances=COALESCE(?, instances)"
-                " WHERE sop_instance_uid=?",
-                ((state or StepState.IN_PROGRESS).value, now, now if ended else None,
-                 json.dumps(instances) if instances is not None else None, sop_instance_uid))
-            return [r["study_uid"] for r in db.execute(
+            studies = [r["study_uid"] for r in db.execute(
                 "SELECT study_uid FROM completion_signal_studies WHERE sop_instance_uid=?", (sop_instance_uid,))]
+            db.execute(
+                "UPDATE completion_signals SET state=?, updated_at=?, ended_at=?, instances=COALESCE(?, instances),"
+                " used_at=? WHERE sop_instance_uid=?",
+                ((state or StepState.IN_PROGRESS).value, now, now if ended else None,
+                 json.dumps(instances) if instances is not None else None,
+                 now if ended and self._all_complete(db, studies) else None, sop_instance_uid))
+            return studies
 
     @staticmethod
     def forget_study(db: Db, study_uid: str) -> None:
@@ -114,16 +134,19 @@ class CompletionSignals:
         return bool(self.index.query("SELECT 1 FROM completion_signal_studies WHERE study_uid=? LIMIT 1",
                                      (study_uid,)))
 
-    def signal_for(self, study_uid: str, since: float | None = None) -> StudySignal | None:
-        """The study's signals that ended after `since` (its last completion: a signal that
-        completed it once does not complete it again when it reopens); None: there are none."""
+    def signal_for(self, study_uid: str) -> StudySignal | None:
+        """What the study's signals say, or None: it has none not yet used by a completion, one
+        of them is a step still IN PROGRESS (more is coming: the quiet period decides), or they
+        list no instance (nothing to wait for: the quiet period decides)."""
         rows = self.index.query(
             "SELECT s.kind, s.instances, s.ended_at FROM completion_signals s JOIN completion_signal_studies m"
-            " ON m.sop_instance_uid = s.sop_instance_uid WHERE m.study_uid=? AND s.ended_at IS NOT NULL"
-            " AND s.ended_at > ? ORDER BY s.ended_at", (study_uid, since if since is not None else 0.0))
-        if not rows:
+            " ON m.sop_instance_uid = s.sop_instance_uid WHERE m.study_uid=? AND s.used_at IS NULL"
+            " ORDER BY s.ended_at", (study_uid,))
+        if not rows or any(r["ended_at"] is None for r in rows):
             return None
         listed = sorted({uid for r in rows for uid in json.loads(r["instances"] or "[]")})
+        if not listed:
+            return None
         indexed = 0
         for start in range(0, len(listed), SQL_BATCH):  # bounded statements, however long the list
             chunk = listed[start:start + SQL_BATCH]

@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.Column("ended_at", sa.Float),
         sa.Column("instances", sa.Text),  # JSON: the SOP Instance UIDs it lists
+        sa.Column("used_at", sa.Float),  # when a completion of its study took it into account
     )
     op.create_table(
         "completion_signal_studies",
