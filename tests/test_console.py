@@ -380,6 +380,7 @@ class _Answer:
 
     def __init__(self, sock: socket.socket):
         self.data = bytearray()
+        self.reset = False  # the node closed the connection with request bytes unread (RFC 9112 9.6)
         self.complete = threading.Event()
         self.thread = threading.Thread(target=self._read, args=(sock,), daemon=True)
         self.thread.start()
@@ -394,7 +395,7 @@ class _Answer:
                 if found and lengths and len(body) >= lengths[0]:
                     break
         except OSError:
-            pass
+            self.reset = True  # what had not been read yet (e.g. the body after the headers) is lost
         finally:
             self.complete.set()
 
@@ -522,7 +523,10 @@ def test_upload_limits_on_the_rule_tester_page_and_per_file_count(node, tmp_path
     # The page answers with its error page, at once, from the announced length.
     answer, sent, _ = _post(node, "/rules/explain", MULTIPART, _junk(2 * GB), 2 * GB)
     assert answer.status == 413 and sent < 256 * MB
-    assert "text/html" in answer.headers and "http.max_upload_mb" in answer.body
+    # The node closes at once with the rest of the 2 GB unread; a reset may then overtake the
+    # page's body (it is written after the headers): the body is checked whenever it arrived.
+    assert "text/html" in answer.headers
+    assert "http.max_upload_mb" in answer.body or (answer.reset and not answer.body)
     # Too many files: refused by the form parser as it streams (before the node reads them all).
     many = _multipart([(f"{n}.dcm", [b"x"]) for n in range(2001)])
     answer, _, _ = _post(node, "/api/explain", MULTIPART, many, None)
