@@ -174,6 +174,22 @@ class StorageConfig(Strict):
         return os.environ.get(INDEX_URL_ENV) or self.index_url
 
 
+class SignalSettings(Strict):
+    """Which completion signals complete a caller's studies (README, "Completion signals")."""
+
+    mpps: bool = Field(True, description="an MPPS step this caller ended (COMPLETED or DISCONTINUED)")
+    ian: bool = Field(True, description="an Instance Availability Notification this caller sent")
+    hl7: bool = Field(True, description="an HL7 order-complete or final-result message for the study's accession"
+                                        " number completes this caller's studies")
+    image_counts: bool = Field(False, description="the counts this caller's images carry (ImagesInAcquisition,"
+                               " InConcatenationTotalNumber): complete when every series has reached them")
+    source_count: str | None = Field(None, description="a destination (the sending PACS) to ask with C-FIND for"
+                                     " the study's NumberOfStudyRelatedInstances: complete when that many are here")
+    discontinued: Literal["complete", "cancel"] = Field(
+        "complete", description="an MPPS step DISCONTINUED: complete the study as for COMPLETED, or complete it"
+        " without running anything (its job is ignored, saying why)")
+
+
 class CompletionConfig(Strict):
     quiet_period_s: float = Field(60.0, gt=0)
     quiet_period_by_calling_ae: dict[str, float] = Field(default_factory=dict)
@@ -186,9 +202,73 @@ class CompletionConfig(Strict):
         30.0, gt=0, description="how often the index is scanned for receiving studies without a timer here"
         " (after a restart, or a replica's studies after it died)",
     )
+    signals: SignalSettings = Field(default_factory=SignalSettings)
+    signals_by_calling_ae: dict[str, SignalSettings] = Field(
+        default_factory=dict, description="per calling AE title: the keys given replace those of `signals`")
+    hl7_settle_s: float = Field(
+        2.0, ge=0, description="an HL7 signal completes its study once no instance arrived for this long")
+    count_settle_s: float = Field(
+        2.0, ge=0, description="an expected count reached completes the study once no instance arrived for this long")
+    signal_keep_s: float = Field(
+        7 * 86400.0, gt=0, description="a signal for a study never received (an HL7 message for an unknown"
+        " accession), or a step left IN PROGRESS, is forgotten after this long")
+    mpps_forward: list[str] = Field(
+        default_factory=list, description="destinations that get every MPPS N-CREATE and N-SET the node"
+        " accepts (a RIS or PACS that keeps tracking the steps)")
 
     def quiet_period_for(self, calling_ae: str) -> float:
         return self.quiet_period_by_calling_ae.get(calling_ae, self.quiet_period_s)
+
+    def signals_for(self, calling_ae: str) -> SignalSettings:
+        """The signal settings for a caller: `signals`, with what its `signals_by_calling_ae` entry sets."""
+        override = self.signals_by_calling_ae.get(calling_ae)
+        if override is None:
+            return self.signals
+        return self.signals.model_copy(update=override.model_dump(include=override.model_fields_set))
+
+    def destinations_named(self) -> list[tuple[str, str]]:
+        """(setting, destination name) for every destination these settings name."""
+        named = [("completion.mpps_forward", name) for name in self.mpps_forward]
+        for key, settings in [("completion.signals", self.signals)] + [
+                (f"completion.signals_by_calling_ae.{ae}", s) for ae, s in self.signals_by_calling_ae.items()]:
+            if settings.source_count:
+                named.append((f"{key}.source_count", settings.source_count))
+        return named
+
+
+class Hl7Config(Strict):
+    """The HL7 v2 listener (MLLP): order-complete and final-result messages complete studies."""
+
+    port: int | None = Field(None, ge=0, le=65535, description="null: no HL7 listener; 2575 is HL7's registered"
+                             " port; 0 lets the system choose (tests)")
+    bind: str = "0.0.0.0"
+    allowed_hosts: list[str] = Field(default_factory=list, description="addresses or networks (CIDR) that may"
+                                     " connect; empty: any")
+    max_message_kb: int = Field(1024, ge=1, description="a larger message is refused (AR) and the connection closed")
+    max_connections: int = Field(16, ge=1)
+    timeout_s: float = Field(60.0, gt=0, description="a connection that sends nothing for this long is closed")
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_is_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_networks(cls, value: list[str]) -> list[str]:
+        for host in value:
+            ipaddress.ip_network(host, strict=False)
+        return value
+
+    def admits(self, peer: str) -> bool:
+        if not self.allowed_hosts:
+            return True
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in ipaddress.ip_network(h, strict=False) for h in self.allowed_hosts)
 
 
 # How result objects are labelled: series numbers, descriptions, creator, SEG variant (node.encode
@@ -354,6 +434,14 @@ class NodeConfig(Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    hl7: Hl7Config = Field(default_factory=Hl7Config)
+
+    @model_validator(mode="after")
+    def _signal_destinations_exist(self) -> "NodeConfig":
+        for key, name in self.completion.destinations_named():
+            if name not in self.destinations:
+                raise ValueError(f"{key}: no destination named {name!r}")
+        return self
 
     def destination_for_caller(self, calling_ae: str) -> str | None:
         """'Return to sender': the destination whose AE title is the study's calling AE."""

@@ -37,12 +37,17 @@ log = logging.getLogger("node.config")
 RECEIVER_KEYS = tuple(f"scp.{key}" for key in (
     "ae_title", "ae_titles", "max_associations", "max_pdu", "max_pdu_cap", "max_instance_mb",
     "require_called_ae_title", "allowed_callers", "timeouts", "tls"))
+# The completion settings receivers apply (the deadline, reopening, MPPS forwards); the others
+# are read by the service when it checks a study.
+RECEIVER_COMPLETION_KEYS = {"quiet_period_s", "quiet_period_by_calling_ae", "after_complete", "mpps_forward"}
 # Key paths (and everything below them) that a reload applies without a restart.
 LIVE_KEYS = (
     "destinations",
     "completion.quiet_period_s",
     "completion.quiet_period_by_calling_ae",
     "completion.after_complete",
+    *(f"completion.{key}" for key in ("mpps_grace_s", "signals", "signals_by_calling_ae", "hl7_settle_s",
+                                      "count_settle_s", "signal_keep_s", "mpps_forward")),
     "sending",
     "output",
     "inference.retry_initial_s",
@@ -138,9 +143,9 @@ def restart_needed(in_force: dict[str, Any], new: NodeConfig) -> list[str]:
 def apply_live(old: NodeConfig, new: NodeConfig) -> NodeConfig:
     """`old` with the live keys taken from `new`; everything else stays as started."""
     completion = old.completion.model_copy(update={
-        "quiet_period_s": new.completion.quiet_period_s,
-        "quiet_period_by_calling_ae": new.completion.quiet_period_by_calling_ae,
-        "after_complete": new.completion.after_complete})
+        key: getattr(new.completion, key) for key in (
+            "quiet_period_s", "quiet_period_by_calling_ae", "after_complete", "mpps_grace_s", "signals",
+            "signals_by_calling_ae", "hl7_settle_s", "count_settle_s", "signal_keep_s", "mpps_forward")})
     inference = old.inference.model_copy(update={
         key: getattr(new.inference, key) for key in ("retry_initial_s", "retry_max_s", "retry_deadline_s")})
     storage = old.storage.model_copy(update={"retention": new.storage.retention,
@@ -155,7 +160,8 @@ def apply_live(old: NodeConfig, new: NodeConfig) -> NodeConfig:
 def receivers_affected(old: NodeConfig, new: NodeConfig) -> bool:
     """Whether a change of the configuration in force needs new receiver processes."""
     return (old.scp != new.scp or old.storage.min_free_mb != new.storage.min_free_mb
-            or old.completion != new.completion)
+            or old.completion.model_dump(include=RECEIVER_COMPLETION_KEYS)
+            != new.completion.model_dump(include=RECEIVER_COMPLETION_KEYS))
 
 
 def read_snapshot(data_dir: Path) -> dict[str, Any] | None:

@@ -21,10 +21,13 @@ from node.jobs.store import JobStore
 from node.liveconfig import LiveConfig, receivers_affected
 from node.retention import Retention
 from node.route.live import LiveRules
+from node.receive.hl7 import Hl7Listener
 from node.receive.workers import ReceiverPool
+from node.send.signal_forward import SignalForwarder
 from node.send.outbox import Outbox
 from node.store.index import Index
 from node.store.lease import Heartbeat
+from node.store.signal_forwards import SignalForwards
 from node.store.spool import Spool
 
 log = logging.getLogger("node.service")
@@ -49,19 +52,27 @@ class NodeService:
         self.outbox = Outbox(config, self.index, self.scheduler)
         # The completion settings in force for a caller (the receivers computed their deadline
         # with the settings they started with; a rule's quiet period replaces both).
-        admission = Admission(self.index, self.rules, data_dir,
-                              quiet_period_for=lambda calling_ae: self.live.current.completion.quiet_period_for(calling_ae),
-                              mpps_grace_s=lambda: self.live.current.completion.mpps_grace_s)
+        self.admission = admission = Admission(self.index, self.rules, data_dir, config=lambda: self.live.current)
         self.signals = admission.signals
         self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler,
                                 decide=admission.decide)
         self.completion = CompletionTimers(self.index, self.scheduler, prepare=admission.route, admit=admission.admit,
                                            on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s,
                                            first_check=self._first_check)
-        self.receivers = ReceiverPool(config, on_study_opened=self._study_opened,
-                                      on_signal=lambda study_uid: self.completion.arm(study_uid, time.time()))
+        self.receivers = ReceiverPool(config, on_study_opened=self._study_opened, on_signal=self._signal)
+        self.hl7 = Hl7Listener(config.hl7, self.signals, self._signal) if config.hl7.port is not None else None
+        self.forwarder = SignalForwarder(SignalForwards(self.index, config.storage.lease_s), lambda: self.live.current)
         # Keeps the jobs and sends this process holds; a replica that stops renewing loses them.
         self.heartbeat = Heartbeat(config.storage.lease_s, [self.jobs.renew_leases, self.outbox.renew_leases])
+
+    def _signal(self, study_uid: str) -> None:
+        """A completion signal named the study (MPPS, IAN, HL7): check it now."""
+        self.completion.arm(study_uid, time.time())
+
+    def _prune_signals(self) -> None:
+        pruned = self.signals.prune(time.time(), self.live.current.completion.signal_keep_s)
+        if pruned:
+            logs.event(log, "signals_pruned", signals=pruned)
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         self.completion.arm(study_uid, self._first_check(study_uid, deadline))
@@ -73,7 +84,8 @@ class NodeService:
         completion = self.live.current.completion
         periods = [r.quiet_period_s for r in self.rules.current.file.rules if r.quiet_period_s]
         periods += [completion.quiet_period_s, *completion.quiet_period_by_calling_ae.values()]
-        if self.signals.has_signals(study_uid):
+        state = self.index.study_state(study_uid)
+        if self.admission.polls(study_uid, (state or {}).get("calling_ae") or ""):
             periods.append(SIGNAL_POLL_S)
         return min(deadline, time.time() + min(periods))
 
@@ -128,6 +140,8 @@ class NodeService:
         from node.receive.reconcile import reconcile
 
         self._start_http()  # first: a console port in use stops the start before anything runs
+        if self.hl7 is not None:
+            self.hl7.start()
         # Before any receiver runs: files without an index row, partial writes (README, Receiving).
         reconciled = reconcile(self.config, self.spool, self.index)
         requeued = 0 if self.index.shared else self.jobs.requeue_running()
@@ -138,6 +152,10 @@ class NodeService:
         self.scheduler.add_job(self.live.check_for_changes, "interval", seconds=2, id="config-reload",
                                coalesce=True, max_instances=1)
         self._schedule_retention()
+        self.scheduler.add_job(self.forwarder.sweep, "interval", seconds=self.config.sending.sweep_s,
+                               id="mpps-forward-sweep", coalesce=True, max_instances=1)
+        self.scheduler.add_job(self._prune_signals, "interval", seconds=min(3600.0, self.config.completion.signal_keep_s),
+                               id="signal-prune", coalesce=True, max_instances=1)
         self.live.write_snapshot()
         self.receivers.start()
         self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0))
@@ -159,6 +177,7 @@ class NodeService:
             backend="triton" if self.config.inference.triton.servers else "local",
             triton_servers=self.config.inference.triton.servers or None,
             http=f"{self.http.scheme}://{self.config.http.bind}:{self.config.http.port}" if self.http else None,
+            hl7_port=self.hl7.port if self.hl7 else None,
         )
 
     def stop(self, hurry: threading.Event | None = None) -> None:
@@ -168,6 +187,8 @@ class NodeService:
         self.receivers.stop(drain=self.live.current.scp.timeouts.drain, hurry=hurry)
         if self.http is not None:
             self.http.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
         self.runner.stop()
         self.heartbeat.stop()
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)

@@ -298,7 +298,7 @@ def test_a_step_that_ends_after_its_study_completed_does_not_complete_it_when_it
     listed = [d.SOPInstanceUID for d in datasets[:2]]
     assert assoc.send_n_set(_ended(series_uid, listed), ModalityPerformedProcedureStep, step)[0].Status == 0
     assoc.release()
-    row = node.query("SELECT used_at FROM completion_signals WHERE sop_instance_uid=?", (step,))[0]
+    row = node.query("SELECT used_at FROM completion_signal_studies WHERE sop_instance_uid=?", (step,))[0]
     assert row["used_at"] is not None
     _store(node, datasets[2:])
     second = wait_for(lambda: [e for e in node.events("study_complete") if e["study_uid"] == study_uid][1:],

@@ -536,7 +536,8 @@ def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_nee
                 assert not receiver.is_alive(), "a C-STORE waited for routing"
                 raise RuntimeError("this rule set routes nothing")
 
-    admission = Admission(index, RulesThatTakeTheirTime(), tmp_path, quiet_period_for=lambda ae: 1.0)  # type: ignore[arg-type]
+    settings = NodeConfig(completion={"quiet_period_s": 1.0})
+    admission = Admission(index, RulesThatTakeTheirTime(), tmp_path, config=lambda: settings)  # type: ignore[arg-type]
     timers = CompletionTimers(index, BackgroundScheduler(), prepare=admission.route, admit=admission.admit)
     timers._check("1.2.3")
     assert stored_meanwhile == [None]
@@ -552,6 +553,8 @@ TABLE_OWNERS = {
     "studies": "node/store/index.py", "series": "node/store/index.py", "instances": "node/store/index.py",
     "associations": "node/store/index.py", "missing_files": "node/store/index.py",
     "completion_signals": "node/store/signals.py", "completion_signal_studies": "node/store/signals.py",
+    "completion_accessions": "node/store/signals.py", "completion_instance_counts": "node/store/signals.py",
+    "signal_forwards": "node/store/signal_forwards.py",
     "work_items": "node/jobs/store.py", "outbox": "node/send/outbox.py",
     "installation": "node/store/identity.py", "receive_counts": "node/receive/counts.py",
     "retention_log": "node/retention.py", "retention_runs": "node/retention.py",

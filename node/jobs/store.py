@@ -106,10 +106,13 @@ class JobStore:
 
     @staticmethod
     def create(db: Db, study_uid: str, decision: RoutingDecision, now: float,
-               route_started: float | None = None, completed_by: str | None = None) -> tuple[int, JobState]:
-        state = JobState.QUEUED if decision.processes else JobState.IGNORED
-        reason = None if state is JobState.QUEUED else (
-            "the routing rule discards the study" if decision.applied else "no routing rule applies")
+               route_started: float | None = None, completed_by: str | None = None,
+               cancelled: str | None = None) -> tuple[int, JobState]:
+        """`cancelled`: why nothing runs although the rules would (an MPPS step DISCONTINUED
+        under completion.signals.discontinued: cancel); the job is ignored with that reason."""
+        state = JobState.QUEUED if decision.processes and cancelled is None else JobState.IGNORED
+        reason = cancelled or (None if state is JobState.QUEUED else (
+            "the routing rule discards the study" if decision.applied else "no routing rule applies"))
         JobStore._supersede(db, study_uid, now)
         row = db.execute(
             "INSERT INTO work_items (study_uid, state, created_at, updated_at, reason, priority, rules_version,"

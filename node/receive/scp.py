@@ -132,7 +132,7 @@ class StorageSCP:
         self.on_slots = on_slots
         self._titles = set(config.scp.called_ae_titles())
         self.counts = ReceiveCounts(index)
-        self.signals = SignalScp(CompletionSignals(index), on_signal)
+        self.signals = SignalScp(CompletionSignals(index), on_signal, config.completion.mpps_forward)
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
         self._called: dict[int, str] = {}
@@ -391,6 +391,8 @@ class StorageSCP:
                 identical=identical,
                 place=place,
                 unplace=unplace,
+                also=lambda db: CompletionSignals.note_instance(db, tags.study_uid, tags.sop_instance_uid,
+                                                                tags.accession_number, tags.count),
             )
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
             return self._conflict(exc, chunks, record, staged)

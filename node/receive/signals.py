@@ -24,6 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import logs
+from node.store.index import Db
+from node.store.signal_forwards import SignalForwards, encoded
 from node.store.signals import CompletionSignals, DuplicateSignal, SignalKind, StepEnded, StepState, UnknownStep
 from node.store.spool import InvalidUID, checked_uid
 
@@ -96,9 +98,24 @@ def _available_instances(ds: Dataset) -> list[str]:
 class SignalScp:
     """Handlers for EVT_N_CREATE (MPPS, IAN) and EVT_N_SET (MPPS)."""
 
-    def __init__(self, signals: CompletionSignals, on_signal: Callable[[str], None]):
+    def __init__(self, signals: CompletionSignals, on_signal: Callable[[str], None],
+                 forward_to: list[str] | None = None):
+        """`forward_to`: destinations that get every accepted MPPS request (completion.mpps_forward)."""
         self.signals = signals
         self.on_signal = on_signal
+        self.forward_to = list(forward_to or [])
+
+    def _forwards(self, uid: str, operation: str, ds: Dataset) -> Callable[[Db], None] | None:
+        """Queue the request for the forward destinations, in the transaction that stores it."""
+        if not self.forward_to:
+            return None
+        try:
+            data = encoded(ds)
+        except Exception as exc:  # noqa: BLE001 - an element pydicom cannot write: told, not hidden
+            logs.event(log, "mpps_forward_not_queued", logging.WARNING, sop_instance_uid=uid, operation=operation,
+                       reason=type(exc).__name__)
+            return None
+        return lambda db: SignalForwards.queue(db, uid, operation, self.forward_to, data, time.time())
 
     def handle_create(self, event: Event) -> tuple[int, Dataset | None]:
         request = event.request
@@ -121,7 +138,8 @@ class SignalScp:
                 listed = _available_instances(ds)
             else:
                 raise _Refused(NO_SUCH_SOP_CLASS, "N-CREATE is taken for MPPS and IAN only")
-            self.signals.create(kind, str(uid), studies, calling, time.time(), listed)
+            self.signals.create(kind, str(uid), studies, calling, time.time(), listed,
+                                also=self._forwards(str(uid), "n_create", ds) if kind is SignalKind.MPPS else None)
         except DuplicateSignal:
             return self._refuse("n_create", str(uid), DUPLICATE_SOP_INSTANCE, "it exists already")
         except _Refused as exc:
@@ -140,7 +158,8 @@ class SignalScp:
         try:
             ds = self._decoded(lambda: event.modification_list)
             state = _state(ds, required=False)
-            studies = self.signals.update_step(uid, state, _performed_instances(ds), time.time())
+            studies = self.signals.update_step(uid, state, _performed_instances(ds), time.time(),
+                                               also=self._forwards(uid, "n_set", ds))
         except UnknownStep:
             return self._refuse("n_set", uid, NO_SUCH_SOP_INSTANCE, "no such step")
         except StepEnded:

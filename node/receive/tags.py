@@ -13,9 +13,14 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.receive.validate import inflate
 from node.routing_tags import ROUTING_KEYWORDS, routing_values
+from node.store.signals import CountGroup
 from node.store.spool import checked_uid
 
-_SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS]
+# What completion signals read besides the routing tags: the accession number (HL7 messages name
+# the exam by it) and the counts an instance may carry (README, "Completion signals").
+COMPLETION_KEYWORDS = ("AccessionNumber", "AcquisitionNumber", "ImagesInAcquisition", "ConcatenationUID",
+                       "InConcatenationTotalNumber")
+_SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS + COMPLETION_KEYWORDS]
 _LAST_TAG = max(_SPECIFIC_TAGS)  # parsing stops after it: the rest is stored, not read
 
 
@@ -31,6 +36,8 @@ class RoutingTags:
     sop_instance_uid: str
     sop_class_uid: str
     series: dict[str, Any]
+    accession_number: str | None = None
+    count: CountGroup | None = None  # the expected count of the instance's group, if it carries one
 
 
 def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingTags:
@@ -51,6 +58,7 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
             specific_tags=_SPECIFIC_TAGS,
         )
         values = routing_values(ds)
+        accession, count = _accession(ds), _count(ds, values["SeriesInstanceUID"])
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"dataset cannot be parsed: {type(exc).__name__}") from None
     try:
@@ -79,4 +87,34 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
             "columns": values["Columns"],
             "slice_thickness": values["SliceThickness"],
         },
+        accession_number=accession,
+        count=count,
     )
+
+
+def _accession(ds: Any) -> str | None:
+    value = str(ds.get("AccessionNumber") or "").replace("\x00", "").strip()
+    return value[:64] or None
+
+
+def _positive(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if 0 < number < 2**31 else None
+
+
+def _count(ds: Any, series_uid: str | None) -> CountGroup | None:
+    """The count an instance carries: the instances of its concatenation (an Enhanced object
+    split over several instances, PS3.3 C.7.6.16) or the images of its acquisition in its series
+    (ImagesInAcquisition). An odd value is no count (the quiet period decides)."""
+    concatenation = str(ds.get("ConcatenationUID") or "").strip()
+    total = _positive(ds.get("InConcatenationTotalNumber"))
+    if concatenation and total:
+        return CountGroup(f"concatenation:{concatenation[:64]}", total)
+    images = _positive(ds.get("ImagesInAcquisition"))
+    if images and series_uid:
+        acquisition = _positive(ds.get("AcquisitionNumber"))
+        return CountGroup(f"acquisition:{series_uid}:{acquisition or ''}", images)
+    return None

@@ -290,7 +290,7 @@ class Index:
     def record_instance(
         self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool,
         identical: bool = False, place: Callable[[], None] | None = None,
-        unplace: Callable[[], None] | None = None,
+        unplace: Callable[[], None] | None = None, also: Callable[[Db], None] | None = None,
     ) -> Arrival:
         """Index one stored instance and move its study's completion deadline.
 
@@ -306,11 +306,15 @@ class Index:
         Once the study is complete under `reopen=False` (after_complete: ignore) a different
         copy is not placed (KEPT_ASIDE): the instance its results were made from stays, unless
         its file was found missing: then the copy is placed and the study reopens, since no
-        result could be made without it.
+        result could be made without it. `also(db)` runs last in the same transaction (what the
+        completion signals note of the instance).
         """
         with self.transaction() as db:
             try:
-                return self._record_instance(db, rec, now, now + quiet_period, reopen, identical, place)
+                arrival = self._record_instance(db, rec, now, now + quiet_period, reopen, identical, place)
+                if also is not None:
+                    also(db)
+                return arrival
             except BaseException:
                 if unplace is not None:
                     unplace()
