@@ -8,6 +8,7 @@ in their quiet period, its running jobs and its sends are finished by the other,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -121,16 +122,35 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
         sender.join(120)
     studies += [uid for _, uid in big]
     pid = str(doomed.process.pid)
+    work = (("work_items", "running"), ("outbox", "sending"))
+    pin = contextlib.ExitStack()
 
-    def held(table: str, state: str) -> list[str]:
-        return [r["lease_owner"] for r in cluster.index.query(f"SELECT lease_owner FROM {table} WHERE state=?",
-                                                              (state,)) if r["lease_owner"].split(":")[1] == pid]
+    def held(table: str, state: str, db: Any = None) -> list[dict[str, Any]]:
+        """The doomed replica's rows of `table` in `state`; with `db`, the first one, row-locked in
+        its transaction (one row a table: no lock order to clash with its multi-row lease renewals)."""
+        sql = (f"SELECT id, lease_owner FROM {table} WHERE state=? AND split_part(lease_owner, ':', 2)=?"
+               " ORDER BY id" + (" LIMIT 1 FOR UPDATE" if db is not None else ""))
+        return db.execute(sql, (state, pid)).fetchall() if db is not None else cluster.index.query(sql, (state, pid))
 
-    owner = wait_for(lambda: held("outbox", "sending") and held("work_items", "running") and
-                     held("work_items", "running")[0], timeout=180, interval=0.02)
-    receiving = cluster.index.query("SELECT study_uid FROM studies WHERE state='receiving'")
-    doomed.kill_all()
+    def pinned() -> dict[str, list[dict[str, Any]]]:
+        """A running job and a send of the doomed replica once it holds both, their rows locked
+        until the kill: neither can leave its state meanwhile (every transition is an UPDATE of its
+        row), so the replica still holds both when it dies ({} and nothing locked until then)."""
+        if not all(held(table, state) for table, state in work):
+            return {}
+        db = pin.enter_context(cluster.index.transaction(claim=True))  # no write lock: row locks only
+        rows = {table: held(table, state, db) for table, state in work}
+        if all(rows.values()):
+            return rows
+        pin.close()  # one finished before it was locked: look again
+        return {}
+
+    with pin:  # rolled back (the locks released) once the replica is dead
+        killed_holding = wait_for(pinned, timeout=180, interval=0.02)
+        receiving = cluster.index.query("SELECT study_uid FROM studies WHERE state='receiving'")
+        doomed.kill_all()
     link.flow()
+    owner = killed_holding["work_items"][0]["lease_owner"]
     assert len(receiving) >= 2, "the slow studies completed before the kill; the test needs a longer quiet period"
 
     try:
@@ -141,9 +161,11 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
     taken_over = [j for j in jobs if j["attempts"] > 1]
     assert taken_over, f"no job of {owner} was taken over"
     assert all(j["lease_owner"] != owner for j in taken_over)
+    assert {j["id"] for j in killed_holding["work_items"]} <= {j["id"] for j in taken_over}
     assert survivor.events("job_taken_over") and survivor.events("results_send_taken_over")
-    resent = cluster.index.query("SELECT attempts, lease_owner FROM outbox WHERE attempts > 1")
+    resent = cluster.index.query("SELECT id, attempts, lease_owner FROM outbox WHERE attempts > 1")
     assert resent and all(r["lease_owner"] != owner for r in resent)
+    assert {r["id"] for r in killed_holding["outbox"]} <= {r["id"] for r in resent}
 
 
 def _haproxy_config(port: int, replicas: list[NodeProcess]) -> str:
