@@ -6,9 +6,9 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
@@ -24,26 +24,35 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _ip_address(value: str) -> str:
+    ipaddress.ip_address(value)
+    return value
+
+
+def _ip_network(value: str) -> str:
+    ipaddress.ip_network(value, strict=False)
+    return value
+
+
+IpAddress = Annotated[str, AfterValidator(_ip_address)]  # where a server binds
+IpNetwork = Annotated[str, AfterValidator(_ip_network)]  # an address or a CIDR network a peer must be in
+
+
+def in_network(peer: str, network: str) -> bool:
+    try:
+        return ipaddress.ip_address(peer) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+
+
 class AllowedCaller(Strict):
     ae_title: str = Field(pattern=AE_TITLE_PATTERN)
-    host: str | None = Field(
+    host: IpNetwork | None = Field(
         default=None, description="IP address or network (CIDR) the caller must connect from"
     )
 
-    @field_validator("host")
-    @classmethod
-    def _host_is_network(cls, value: str | None) -> str | None:
-        if value is not None:
-            ipaddress.ip_network(value, strict=False)
-        return value
-
     def admits_host(self, peer: str) -> bool:
-        if self.host is None:
-            return True
-        try:
-            return ipaddress.ip_address(peer) in ipaddress.ip_network(self.host, strict=False)
-        except ValueError:
-            return False
+        return self.host is None or in_network(peer, self.host)
 
 
 class TlsConfig(Strict):
@@ -78,7 +87,7 @@ class ScpConfig(Strict):
         default_factory=list,
         description="every AE title the node answers to; default [ae_title]; ae_title is always one of them",
     )
-    bind: str = "0.0.0.0"
+    bind: IpAddress = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(0, ge=0, description="0 means: up to max_pdu_cap")
@@ -96,12 +105,6 @@ class ScpConfig(Strict):
     )
     timeouts: Timeouts = Field(default_factory=Timeouts)
     tls: TlsConfig = Field(default_factory=TlsConfig)
-
-    @field_validator("bind")
-    @classmethod
-    def _bind_is_address(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
 
     @field_validator("ae_titles")
     @classmethod
@@ -241,34 +244,15 @@ class Hl7Config(Strict):
 
     port: int | None = Field(None, ge=0, le=65535, description="null: no HL7 listener; 2575 is HL7's registered"
                              " port; 0 lets the system choose (tests)")
-    bind: str = "0.0.0.0"
-    allowed_hosts: list[str] = Field(default_factory=list, description="addresses or networks (CIDR) that may"
+    bind: IpAddress = "0.0.0.0"
+    allowed_hosts: list[IpNetwork] = Field(default_factory=list, description="addresses or networks (CIDR) that may"
                                      " connect; empty: any")
     max_message_kb: int = Field(1024, ge=1, description="a larger message is refused (AR) and the connection closed")
     max_connections: int = Field(16, ge=1)
     timeout_s: float = Field(60.0, gt=0, description="a connection that sends nothing for this long is closed")
 
-    @field_validator("bind")
-    @classmethod
-    def _bind_is_address(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts_are_networks(cls, value: list[str]) -> list[str]:
-        for host in value:
-            ipaddress.ip_network(host, strict=False)
-        return value
-
     def admits(self, peer: str) -> bool:
-        if not self.allowed_hosts:
-            return True
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in ipaddress.ip_network(h, strict=False) for h in self.allowed_hosts)
+        return not self.allowed_hosts or any(in_network(peer, network) for network in self.allowed_hosts)
 
 
 # How result objects are labelled: series numbers, descriptions, creator, SEG variant (node.encode
@@ -396,7 +380,7 @@ class HttpTls(Strict):
 class HttpConfig(Strict):
     """The operator console: web pages, REST API, health and metrics (node/console)."""
 
-    bind: str = Field("127.0.0.1", description="address of the console; not loopback needs a token")
+    bind: IpAddress = Field("127.0.0.1", description="address of the console; not loopback needs a token")
     port: int = Field(8080, ge=0, le=65535, description="0 = no HTTP server")
     token: str | None = Field(
         None, min_length=16,
@@ -409,12 +393,6 @@ class HttpConfig(Strict):
         64.0, gt=0, description="largest request body the console takes (the rule tester's uploads, "
                                 "POST /api/explain): a larger one is refused with 413 as soon as its "
                                 "Content-Length says so or its streamed body passes the limit")
-
-    @field_validator("bind")
-    @classmethod
-    def _bind_is_address(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
 
     def effective_token(self) -> str | None:
         return os.environ.get(HTTP_TOKEN_ENV) or self.token

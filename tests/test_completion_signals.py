@@ -29,8 +29,8 @@ from tests.peers import VENV_BIN, NodeProcess, make_study, storescu, wait_for
 QUIET = {"quiet_period_s": 600.0}
 
 
-def _associate(node: NodeProcess):  # type: ignore[no-untyped-def]
-    ae = AE(ae_title="MODALITY")
+def _associate(node: NodeProcess, ae_title: str = "MODALITY"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=ae_title)
     for context in (CTImageStorage, ModalityPerformedProcedureStep, InstanceAvailabilityNotification, Verification):
         ae.add_requested_context(context)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
@@ -71,16 +71,17 @@ def _study(folder: Path, slices: int) -> tuple[list[pydicom.Dataset], str, str]:
     return datasets, str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
 
 
-def _perform(node: NodeProcess, datasets: list[pydicom.Dataset], listed: list[str], stored_first: int) -> str:
-    """A modality's procedure: N-CREATE, the first `stored_first` images, N-SET COMPLETED listing
+def _perform(node: NodeProcess, datasets: list[pydicom.Dataset], listed: list[str], stored_first: int,
+             state: str = "COMPLETED", ae_title: str = "MODALITY") -> str:
+    """A modality's procedure: N-CREATE, the first `stored_first` images, N-SET `state` listing
     `listed`; returns the step's SOP Instance UID (the association is released)."""
     step = generate_uid()
-    assoc = _associate(node)
+    assoc = _associate(node, ae_title)
     study_uid, series_uid = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
     assert assoc.send_n_create(_in_progress(study_uid), ModalityPerformedProcedureStep, step)[0].Status == 0
     for ds in datasets[:stored_first]:
         assert assoc.send_c_store(ds).Status == 0
-    assert assoc.send_n_set(_ended(series_uid, listed), ModalityPerformedProcedureStep, step)[0].Status == 0
+    assert assoc.send_n_set(_ended(series_uid, listed, state), ModalityPerformedProcedureStep, step)[0].Status == 0
     assoc.release()
     return step
 

@@ -22,7 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from tests.peers import NodeProcess, free_port, make_study, storescu, wait_for
-from tests.test_completion_signals import _associate, _ended, _in_progress, _store
+from tests.test_completion_signals import _associate, _ended, _in_progress, _perform, _store
 
 QUIET = {"quiet_period_s": 600.0}
 
@@ -247,15 +247,8 @@ def test_mpps_is_forwarded_to_the_ris_in_order_once_it_is_reachable(start_node, 
         sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
         destinations={"ris": {"ae_title": "RIS", "host": "127.0.0.1", "port": ris_port}})
     datasets, study_uid = _study(tmp_path / "ct", 2)
-    step = generate_uid()
-    assoc = _associate(node)
-    assert assoc.send_n_create(_in_progress(study_uid), ModalityPerformedProcedureStep, step)[0].Status == 0
-    for ds in datasets:
-        assert assoc.send_c_store(ds).Status == 0
     listed = [ds.SOPInstanceUID for ds in datasets]
-    assert assoc.send_n_set(_ended(str(datasets[0].SeriesInstanceUID), listed), ModalityPerformedProcedureStep,
-                            step)[0].Status == 0
-    assoc.release()
+    step = _perform(node, datasets, listed, stored_first=2)
     assert _completion(node, study_uid)["completed_by"] == "mpps"
     wait_for(lambda: node.events("mpps_forward_retry"), timeout=30)
     ris = _Ris(ris_port).start()
@@ -266,8 +259,9 @@ def test_mpps_is_forwarded_to_the_ris_in_order_once_it_is_reachable(start_node, 
         assert ris.received[1][2].PerformedProcedureStepStatus == "COMPLETED"
         forwarded = ris.received[1][2].PerformedSeriesSequence[0].ReferencedImageSequence
         assert [item.ReferencedSOPInstanceUID for item in forwarded] == listed
-        rows = node.query("SELECT operation, state FROM signal_forwards ORDER BY id")
-        assert [(r["operation"], r["state"]) for r in rows] == [("n_create", "delivered"), ("n_set", "delivered")]
+        delivered = [("n_create", "delivered"), ("n_set", "delivered")]  # recorded after the RIS answered
+        wait_for(lambda: [(r["operation"], r["state"]) for r in node.query(
+            "SELECT operation, state FROM signal_forwards ORDER BY id")] == delivered, timeout=30)
     finally:
         ris.stop()
 
@@ -285,18 +279,7 @@ def test_signal_settings_per_caller_reload_live(start_node, tmp_path):
     wait_for(lambda: node.events("config_reloaded"), timeout=30)
     for caller, state in (("CT_A", "COMPLETED"), ("CT_B", "DISCONTINUED")):
         datasets, study_uid = _study(tmp_path / caller, 2)
-        ae = AE(ae_title=caller)
-        for context in (pydicom.uid.UID(datasets[0].SOPClassUID), ModalityPerformedProcedureStep):
-            ae.add_requested_context(context)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
-        step = generate_uid()
-        assert assoc.send_n_create(_in_progress(study_uid), ModalityPerformedProcedureStep, step)[0].Status == 0
-        for ds in datasets:
-            assert assoc.send_c_store(ds).Status == 0
-        listed = [ds.SOPInstanceUID for ds in datasets]
-        assert assoc.send_n_set(_ended(str(datasets[0].SeriesInstanceUID), listed, state),
-                                ModalityPerformedProcedureStep, step)[0].Status == 0
-        assoc.release()
+        _perform(node, datasets, [ds.SOPInstanceUID for ds in datasets], 2, state=state, ae_title=caller)
         event = _completion(node, study_uid)
         job = wait_for(lambda: node.query("SELECT state, reason, completed_by FROM work_items WHERE study_uid=?",
                                           (study_uid,)))[0]
@@ -316,3 +299,44 @@ def test_a_signal_setting_naming_no_destination_is_refused(tmp_path, bad):
     path.write_text(yaml.safe_dump({"completion": bad}))
     with pytest.raises(ConfigError, match="no destination named 'nowhere'"):
         load_config(path)
+
+
+def test_replicas_on_postgresql_complete_a_signalled_study_once(start_node, postgres, tmp_path):
+    """Two replicas share a PostgreSQL index: the step is created on one, the images and the
+    N-SET arrive on the other, and an HL7 result for a second study comes to the first while
+    that study's images went to the second. Each study completes once, by its signal."""
+    from node.store.index import Index
+
+    url = postgres.new_database()
+    shared = {"data_dir": str(tmp_path / "shared"), "index_url": url, "lease_s": 3.0}
+    a, b = (start_node(tmp_path / name, storage=shared, completion={**QUIET, "sweep_s": 1.0},
+                       hl7={"port": 0, "bind": "127.0.0.1"}) for name in ("a", "b"))
+    a.hl7_port = a.events("node_started")[-1]["hl7_port"]
+    index = Index(url)
+    try:
+        stepped, stepped_uid = _study(tmp_path / "mpps", 3)
+        step = generate_uid()
+        on_a = _associate(a)
+        assert on_a.send_n_create(_in_progress(stepped_uid), ModalityPerformedProcedureStep, step)[0].Status == 0
+        on_a.release()
+        on_b = _associate(b)
+        for ds in stepped:
+            assert on_b.send_c_store(ds).Status == 0
+        listed = [ds.SOPInstanceUID for ds in stepped]
+        assert on_b.send_n_set(_ended(str(stepped[0].SeriesInstanceUID), listed), ModalityPerformedProcedureStep,
+                               step)[0].Status == 0
+        on_b.release()
+        reported, reported_uid = _study(tmp_path / "hl7", 2, accession_number="A-900")
+        _store(b, reported)
+        assert _ack(_send(a, _message("ORU^R01", "A-900", "MSG-9"))) == ("AA", "MSG-9")
+        for study_uid, by in ((stepped_uid, "mpps"), (reported_uid, "hl7")):
+            row = wait_for(lambda: index.query("SELECT completions FROM studies WHERE study_uid=? AND"
+                                               " state='complete'", (study_uid,)), timeout=60)[0]
+            assert row["completions"] == 1
+            jobs = wait_for(lambda: index.query("SELECT completed_by FROM work_items WHERE study_uid=?",
+                                                (study_uid,)), timeout=30)
+            assert [j["completed_by"] for j in jobs] == [by]
+        events = [e for node in (a, b) for e in node.events("study_complete")]
+        assert sorted(e["completed_by"] for e in events) == ["hl7", "mpps"]
+    finally:
+        index.close()

@@ -130,7 +130,7 @@ class Admission:
           While some are missing nothing else completes the study (the signal says more is
           coming) until `mpps_grace_s` after it; then it completes with a warning counting what
           never came. A step still IN PROGRESS: they say nothing yet.
-        - HL7: due once no instance arrived for `hl7_settle_s` after the message.
+        - HL7: due once the message is here and no instance arrived for `hl7_settle_s`.
         - Expected counts (the images', or the source's by C-FIND): due when they are reached.
         A completion marks the study's signals used (`admit`): one that completed it before does
         not complete it again when it reopens. While a signal or count may make it due, the
@@ -157,7 +157,7 @@ class Admission:
         candidates = [quiet]
         hl7 = [s for s in signals if s.kind is SignalKind.HL7]
         if hl7:
-            candidates.append(Due(max(float(hl7[-1].ended_at or now), last_received) + completion.hl7_settle_s, "hl7"))
+            candidates.append(Due(max(float(hl7[-1].ended_at or now), last_received + completion.hl7_settle_s), "hl7"))
         if settings.image_counts:
             counts = self.signals.counts_of(study_uid)
             if counts.reached and counts.counted == counts.instances:
