@@ -61,9 +61,11 @@ class NodeService:
                                            first_check=self._first_check)
         self.receivers = ReceiverPool(config, on_study_opened=self._study_opened, on_signal=self._signal)
         self.hl7 = Hl7Listener(config.hl7, self.signals, self._signal) if config.hl7.port is not None else None
-        self.forwarder = SignalForwarder(SignalForwards(self.index, config.storage.lease_s), lambda: self.live.current)
+        forwards = SignalForwards(self.index, config.storage.lease_s)
+        self.forwarder = SignalForwarder(forwards, lambda: self.live.current)
         # Keeps the jobs and sends this process holds; a replica that stops renewing loses them.
-        self.heartbeat = Heartbeat(config.storage.lease_s, [self.jobs.renew_leases, self.outbox.renew_leases])
+        self.heartbeat = Heartbeat(config.storage.lease_s, [self.jobs.renew_leases, self.outbox.renew_leases,
+                                                            forwards.renew_leases])
 
     def _signal(self, study_uid: str) -> None:
         """A completion signal named the study (MPPS, IAN, HL7): check it now."""
@@ -190,6 +192,7 @@ class NodeService:
         if self.hl7 is not None:
             self.hl7.stop()
         self.runner.stop()
+        self.admission.stop()
         self.heartbeat.stop()
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)
             self.scheduler.shutdown(wait=False)

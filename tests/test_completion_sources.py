@@ -15,6 +15,7 @@ import hl7
 import hl7.client
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -122,6 +123,22 @@ def test_an_omi_names_its_accession_in_ipc_and_a_resend_changes_nothing(start_no
     assert [e["resend"] for e in resend] == [False, True]
 
 
+def test_each_complete_order_of_a_message_completes_its_own_exam(start_node, tmp_path):
+    """One ORM with two orders, the first still in progress (A-310), the second complete (A-311),
+    segments separated by LF as some interface engines send them: only A-311's study completes."""
+    node = _hl7_node(start_node)
+    pending, pending_uid = _study(tmp_path / "pending", 2, accession_number="A-310")
+    done, done_uid = _study(tmp_path / "done", 2, accession_number="A-311")
+    _store(node, pending + done)
+    orders = [_segment("ORC", f1="SC", f5="IP"), _segment("OBR", f1="1", f4="CT", f18="A-310"),
+              _segment("ORC", f1="SC", f5="CM"), _segment("OBR", f1="2", f4="CT", f18="A-311")]
+    text = "\n".join(["MSH|^~\\&|RIS|HOSP|NODE|HOSP|20261123||ORM^O01|MSG-31|P|2.3.1", *orders]) + "\n"
+    assert _ack(_send(node, text)) == ("AA", "MSG-31")
+    assert _completion(node, done_uid)["completed_by"] == "hl7"
+    wait_for(lambda: time.time() > node.study(pending_uid)["last_received"] + 4.0, timeout=10)
+    assert node.study(pending_uid)["state"] == "receiving"
+
+
 def test_bad_hl7_messages_get_their_naks_and_the_listener_goes_on(start_node, tmp_path):
     node = _hl7_node(start_node, signals={"hl7": True})
     not_done = _message("ORM^O01", "A-400", "MSG-4", order_status="IP")
@@ -146,10 +163,11 @@ def test_bad_hl7_messages_get_their_naks_and_the_listener_goes_on(start_node, tm
     _store(node, datasets)
     assert _ack(_send(node, _message("ORU^R01", "A-401", "MSG-7"))) == ("AA", "MSG-7")  # it goes on
     assert _completion(node, study_uid)["completed_by"] == "hl7"
+    assert _ack(_send(node, "MSH|^~\\&\r"))[0] == "AR"  # a header with nothing to echo still gets an answer
     refused = node.events("hl7_refused")
     assert [e["reason"] for e in refused] == [
         "no accession number (IPC-1, OBR-18 or OBR-3)", "unsupported message type", "cannot be parsed",
-        "invalid_block", "too_large"]
+        "not an MLLP block", "message too large", "unsupported message type", "the header cannot be answered"]
 
 
 def _counted(datasets: list[pydicom.Dataset], **tags) -> list[pydicom.Dataset]:  # type: ignore[no-untyped-def]
@@ -160,9 +178,10 @@ def _counted(datasets: list[pydicom.Dataset], **tags) -> list[pydicom.Dataset]: 
 
 
 def test_counts_the_images_carry_complete_the_study_when_reached(start_node, tmp_path):
-    """ImagesInAcquisition (a CT series of 3, with AcquisitionNumber) and an Enhanced object split
-    over two instances (InConcatenationTotalNumber 2): each study completes by its count, not
-    before its last instance (the other callers' studies keep their quiet period)."""
+    """ImagesInAcquisition (a CT series of 3, with AcquisitionNumber), an Enhanced object split
+    over two instances (InConcatenationTotalNumber 2) and a whole Enhanced MR (10 frames in one
+    instance): each study completes by its count, not before its last instance; a study with an
+    instance that carries no count, and another caller's study, keep their quiet period."""
     node = start_node(completion={**QUIET, "signals_by_calling_ae": {"MODALITY": {"image_counts": True}}})
     ct, ct_uid = _study(tmp_path / "ct", 3)
     _counted(ct, AcquisitionNumber=1, ImagesInAcquisition=3)
@@ -174,7 +193,10 @@ def test_counts_the_images_carry_complete_the_study_when_reached(start_node, tmp
     wait_for(lambda: time.time() > node.study(ct_uid)["last_received"] + 4.0, timeout=10)  # settle + polls
     assert node.study(ct_uid)["state"] == node.study(parts_uid)["state"] == "receiving"
     _store(node, ct[2:] + parts[1:])
-    for study_uid, instances in ((ct_uid, 3), (parts_uid, 2)):
+    enhanced = get_testdata_file("emri_small.dcm")  # a real Enhanced MR, 10 frames in one instance
+    assert storescu(node.port, [Path(enhanced)]).returncode == 0
+    enhanced_uid = str(pydicom.dcmread(enhanced, stop_before_pixels=True).StudyInstanceUID)
+    for study_uid, instances in ((ct_uid, 3), (parts_uid, 2), (enhanced_uid, 1)):
         event = _completion(node, study_uid)
         assert (event["completed_by"], event["instances"]) == ("count", instances)
     uncounted, uncounted_uid = _study(tmp_path / "uncounted", 2)
@@ -262,6 +284,8 @@ def test_mpps_is_forwarded_to_the_ris_in_order_once_it_is_reachable(start_node, 
         delivered = [("n_create", "delivered"), ("n_set", "delivered")]  # recorded after the RIS answered
         wait_for(lambda: [(r["operation"], r["state"]) for r in node.query(
             "SELECT operation, state FROM signal_forwards ORDER BY id")] == delivered, timeout=30)
+        metrics = urllib.request.urlopen(f"{node.url}/metrics", timeout=10).read().decode()
+        assert 'dicom_node_mpps_forwards{destination="ris",state="delivered"} 2.0' in metrics.splitlines()
     finally:
         ris.stop()
 
@@ -340,3 +364,48 @@ def test_replicas_on_postgresql_complete_a_signalled_study_once(start_node, post
         assert sorted(e["completed_by"] for e in events) == ["hl7", "mpps"]
     finally:
         index.close()
+
+
+def test_signals_that_never_found_a_study_and_steps_left_in_progress_are_pruned(start_node, tmp_path):
+    node = _hl7_node(start_node, signal_keep_s=1.0)
+    assert _ack(_send(node, _message("ORU^R01", "A-500", "MSG-8"))) == ("AA", "MSG-8")  # an accession never sent
+    study_uid = generate_uid()  # a step created, never ended, its images never sent
+    assoc = _associate(node)
+    assert assoc.send_n_create(_in_progress(study_uid), ModalityPerformedProcedureStep, generate_uid())[0].Status == 0
+    assoc.release()
+    wait_for(lambda: not node.query("SELECT 1 FROM completion_signals"), timeout=30)
+    assert not node.query("SELECT 1 FROM completion_signal_studies")
+    assert sum(e["signals"] for e in node.events("signals_pruned")) == 2
+
+
+def test_a_source_that_never_answers_delays_no_other_study(start_node, tmp_path):
+    """The PACS named by source_count accepts connections and says nothing: the C-FINDs wait on
+    their own threads; a study of another caller completes by its MPPS step at once."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        node = start_node(completion={**QUIET, "signals_by_calling_ae": {"PACS": {"source_count": "pacs"}}},
+                          destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                 "port": silent.getsockname()[1]}})
+        # more studies waiting on the silent PACS than the scheduler has threads (10)
+        files = [f for n in range(12) for f in make_study(tmp_path / f"pacs{n}", slices=1, size=16)]
+        assert storescu(node.port, files, "PACS").returncode == 0
+        datasets, study_uid = _study(tmp_path / "ct", 2)
+        _perform(node, datasets, [ds.SOPInstanceUID for ds in datasets], stored_first=2)
+        assert _completion(node, study_uid)["completed_by"] == "mpps"
+        # before the first C-FIND to the silent PACS gave up (10 s): no check waited on one
+        assert not node.events("source_count_failed")
+        wait_for(lambda: node.events("source_count_failed"), timeout=60)
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("operation,status,attempts,delivered", [
+    ("n_create", 0x0000, 0, True), ("n_create", 0x0111, 0, False), ("n_create", 0x0111, 1, True),
+    ("n_set", 0x0110, 0, False), ("n_set", 0x0110, 1, True), ("n_set", 0x0112, 1, False)])
+def test_a_repeated_forward_the_peer_has_already_counts_as_delivered(operation, status, attempts, delivered):
+    """After a crash between sending and recording, the forward is claimed again (attempts > 0):
+    the RIS's "duplicate" or "may no longer be updated" means the first one arrived."""
+    from node.send.signal_forward import _delivered
+    from node.store.signal_forwards import Forward
+
+    assert _delivered(Forward(1, "1.2.3", operation, "ris", b"", 0.0, attempts), status) is delivered

@@ -25,6 +25,7 @@ from node import metrics as events
 from node.console.context import ConsoleContext
 from node.console.summary import disk
 from node.receive.counts import Counted, ReceiveCounts
+from node.store.signal_forwards import SignalForwards
 
 PREFIX = events.PREFIX
 
@@ -91,6 +92,11 @@ class IndexCollector(Collector):
                 deliveries.add_metric([row["destination"]], row["n"])
         yield deliveries
         yield outbox
+        forwards = GaugeMetricFamily(f"{PREFIX}_mpps_forwards", "MPPS requests to forward (completion.mpps_forward)"
+                                     " by state and destination", labels=["state", "destination"])
+        for (state, destination), n in SignalForwards(index).counts().items():
+            forwards.add_metric([state, destination], n)
+        yield forwards
         space = disk(self.ctx.data_dir, self.ctx.config.storage.min_free_mb)
         yield _gauge("disk_free_bytes", "Free bytes on the data folder's disk", space["free_bytes"])
         yield _gauge("disk_watermark_bytes", "storage.min_free_mb in bytes (C-STORE refused below it)",

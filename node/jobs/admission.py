@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from node.jobs.store import JobStore
 from node.route.decision import RoutingDecision, record
 from node.route.live import LiveRules
 from node.route.study import StudyView, study_from_index
-from node.send.source_count import SourceCountError, study_instance_count
+from node.send.source_count import study_instance_count
 from node.store.index import Db, Index
 from node.store.signals import CompletionSignals, Signal, SignalKind, StepState
 
@@ -31,6 +32,7 @@ SIGNAL_POLL_S = 1.0
 SOURCE_ASK_S = 2.0
 SOURCE_RETRY_S = 30.0
 SOURCE_ANSWERS_KEPT = 10_000
+SOURCE_ASKERS = 2  # C-FINDs at once
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,10 @@ class Admission:
         self.config = config
         self.signals = CompletionSignals(index)
         self._answers: OrderedDict[str, _SourceAnswer] = OrderedDict()  # study -> the source's count
+        self._asking: set[str] = set()  # studies whose source is being asked now
+        self._source_down: dict[str, float] = {}  # source AE title -> not asked again before
         self._answers_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=SOURCE_ASKERS, thread_name_prefix="source-count")
 
     def polls(self, study_uid: str, calling_ae: str) -> bool:
         """Whether the study is checked every SIGNAL_POLL_S while it receives (a signal or an
@@ -182,35 +187,47 @@ class Admission:
     def _source_reached(self, study_uid: str, source: DestinationConfig, last_received: float, now: float) -> bool:
         """Whether the source's NumberOfStudyRelatedInstances, asked after the last arrival, is here.
         The source is asked when the study is first checked, and again once the count it gave
-        is reached (to confirm it has no more), at most every SOURCE_ASK_S."""
+        is reached (to confirm it has no more), at most every SOURCE_ASK_S. The C-FIND runs on
+        an executor of its own, never in the completion check (a silent PACS must not hold the
+        scheduler's threads): the check polls and sees the answer when it is in. A source that
+        failed is not asked again, for any study, for SOURCE_RETRY_S; one that does not hold
+        the study (0) is asked again for it after SOURCE_RETRY_S."""
         indexed = self.index.study_instance_count(study_uid)
         with self._answers_lock:
             answer = self._answers.get(study_uid)
-        stale = answer is None or (
-            answer.count is None and now - answer.asked_at >= SOURCE_RETRY_S) or (
-            answer.count is not None and indexed >= answer.count and answer.asked_at < last_received
-            and now - answer.asked_at >= SOURCE_ASK_S)
-        if stale:
-            answer = self._ask(study_uid, source, now)
-        assert answer is not None
-        return answer.count is not None and answer.asked_at >= last_received and indexed >= answer.count > 0
+            stale = answer is None or (
+                not answer.count and now - answer.asked_at >= SOURCE_RETRY_S) or (
+                answer.count and indexed >= answer.count and answer.asked_at < last_received
+                and now - answer.asked_at >= SOURCE_ASK_S)
+            down = self._source_down.get(source.ae_title, 0.0) > now
+            if stale and not down and study_uid not in self._asking:
+                self._asking.add(study_uid)
+                self._executor.submit(self._ask, study_uid, source)
+        return answer is not None and bool(answer.count) and answer.asked_at >= last_received and \
+            indexed >= int(answer.count or 0)
 
-    def _ask(self, study_uid: str, source: DestinationConfig, now: float) -> _SourceAnswer:
+    def _ask(self, study_uid: str, source: DestinationConfig) -> None:
         config = self.config()
+        asked_at = time.time()
         try:
             answer = _SourceAnswer(study_instance_count(source, config.scp.ae_title, study_uid,
-                                                        timeout=min(10.0, config.sending.timeout_s)), now)
+                                                        timeout=min(10.0, config.sending.timeout_s)), asked_at)
             logs.event(log, "source_count", study_uid=study_uid, source=source.ae_title, count=answer.count)
-        except (SourceCountError, OSError, RuntimeError, ValueError) as exc:
-            answer = _SourceAnswer(None, now)
+        except Exception as exc:  # noqa: BLE001 - any failure of the peer or the library: the quiet period decides
+            answer = _SourceAnswer(None, asked_at)
+            with self._answers_lock:
+                self._source_down[source.ae_title] = time.time() + SOURCE_RETRY_S
             logs.event(log, "source_count_failed", logging.WARNING, study_uid=study_uid, source=source.ae_title,
                        reason=str(exc) or type(exc).__name__)
         with self._answers_lock:
+            self._asking.discard(study_uid)
             self._answers[study_uid] = answer
             self._answers.move_to_end(study_uid)
             while len(self._answers) > SOURCE_ANSWERS_KEPT:
                 self._answers.popitem(last=False)
-        return answer
+
+    def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def admit(self, db: Db, routed: Routed, now: float) -> None:
         """Called inside the completing transaction. A study whose routing failed still

@@ -21,6 +21,7 @@ the service process, bounded in message size, connections and idle time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -45,70 +46,113 @@ START_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class Reading:
-    """What a message says: `accession` complete (None: it signals nothing), or an error to NAK."""
+    """What a message says: the accession numbers of its complete orders or final results (none:
+    it signals nothing), or an error to NAK."""
 
     message_type: str
     control_id: str
-    accession: str | None = None
+    accessions: tuple[str, ...] = ()
     ack: str = "AA"
     error: tuple[int, str] | None = None  # HL7 table 0357 code and text
 
 
-def _values(message: hl7.Message, segment: str, field: int, component: int = 1) -> list[str]:
-    """A component of a field's first repetition in each segment of that name ([] when absent)."""
+def _value(segment: hl7.Segment, field: int, component: int = 1) -> str:
     try:
-        segments = message.segments(segment)
-    except KeyError:
-        return []
-    values = []
-    for each in segments:
-        try:
-            values.append(str(each.extract_field(field_num=field, component_num=component)).strip())
-        except IndexError:
-            values.append("")
-    return values
+        return str(segment.extract_field(field_num=field, component_num=component)).strip()
+    except (IndexError, KeyError):
+        return ""
 
 
 def _field(message: hl7.Message, segment: str, field: int, component: int = 1) -> str:
-    """The component in the first segment of that name, or ""."""
-    return next(iter(_values(message, segment, field, component)), "")
+    """A component of a field in the first segment of that name, or ""."""
+    try:
+        return _value(message.segment(segment), field, component)
+    except KeyError:
+        return ""
+
+
+def _orders(message: hl7.Message) -> list[dict[str, str]]:
+    """The message's orders in segment order: an ORC starts one (ORM, OMI); in a result (ORU),
+    where the ORC is optional, each OBR is one. Per order: its status and its accession number
+    (IPC-1, else OBR-18, else OBR-3)."""
+    result = _field(message, "MSH", 9) == "ORU"
+    orders: list[dict[str, str]] = []
+    for segment in message:
+        name = str(segment[0][0]) if len(segment) and len(segment[0]) else ""
+        if name == "ORC" and not result or name == "OBR" and (result or not orders):
+            orders.append({"status": _value(segment, 5) if name == "ORC" else ""})
+        if not orders:
+            continue
+        order = orders[-1]
+        if name == "OBR":
+            order.setdefault("obr18", _value(segment, 18))
+            order.setdefault("obr3", _value(segment, 3))
+            if result:
+                order["status"] = _value(segment, 25)
+        elif name == "IPC":
+            order.setdefault("ipc1", _value(segment, 1))
+    return [{"status": o["status"], "accession": (o.get("ipc1") or o.get("obr18") or o.get("obr3") or "")[:64]}
+            for o in orders]
 
 
 def read_message(message: hl7.Message) -> Reading:
-    """Interpret one parsed message (no side effect)."""
+    """Interpret one parsed message (no side effect): every order whose status says complete
+    (ORC-5 CM) or result that is final (OBR-25 F) names its accession number."""
     message_type = f"{_field(message, 'MSH', 9, 1)}^{_field(message, 'MSH', 9, 2)}"
-    control_id = _field(message, "MSH", 10)[:64]
-    if message_type in COMPLETE_ORDER_TYPES:
-        complete = "CM" in _values(message, "ORC", 5)
-    elif message_type in RESULT_TYPES:
-        complete = "F" in _values(message, "OBR", 25)
-    else:
+    control_id = _field(message, "MSH", 10)
+    if message_type not in COMPLETE_ORDER_TYPES + RESULT_TYPES:
         return Reading(message_type, control_id, ack="AR", error=(200, "unsupported message type"))
-    if not complete:
-        return Reading(message_type, control_id)  # an order or result that does not say "done"
-    accession = next((a for a in (_field(message, "IPC", 1), _field(message, "OBR", 18),
-                                  _field(message, "OBR", 3)) if a), "")
-    if not accession:
+    orders = _orders(message)
+    if not orders:
+        return Reading(message_type, control_id, ack="AE", error=(100, "no ORC or OBR segment"))
+    done = "F" if message_type in RESULT_TYPES else "CM"
+    complete = [o["accession"] for o in orders if o["status"] == done]
+    if any(not accession for accession in complete):
         return Reading(message_type, control_id, ack="AE",
                        error=(101, "no accession number (IPC-1, OBR-18 or OBR-3)"))
-    return Reading(message_type, control_id, accession=accession[:64])
+    return Reading(message_type, control_id, accessions=tuple(dict.fromkeys(complete)))
 
 
 def acknowledgement(message: hl7.Message, reading: Reading) -> str:
+    """The original-mode ACK, in the message's own delimiters (the hl7 package builds it)."""
     ack = message.create_ack(reading.ack)
-    text = str(ack)
     if reading.error is not None:
         code, why = reading.error
-        text = text.rstrip("\r") + f"|{why}\rERR|||{code}^{why}^HL70357|E"
-    return text.rstrip("\r") + "\r"
+        ack.segment("MSA").assign_field(why, 3)
+        err = ack.create_segment([ack.create_field(["ERR"])])
+        err.assign_field(str(code), 3, 1, 1)
+        err.assign_field(why, 3, 1, 2)
+        err.assign_field("HL70357", 3, 1, 3)
+        err.assign_field("E", 4)
+        ack.append(err)
+    return str(ack).rstrip("\r") + "\r"
 
 
 def _minimal_nak(why: str) -> str:
-    """For a message whose MSH cannot be read: there is nothing to echo, so the fields are ours
-    (the hl7 package builds ACKs only from a parsed message)."""
+    """For a message whose MSH cannot be read or answered: there is nothing to echo, so the
+    fields are ours (the hl7 package builds ACKs only from a parsed message)."""
     now = time.strftime("%Y%m%d%H%M%S", time.gmtime())
     return (f"MSH|^~\\&|DICOM-NODE||||{now}||ACK|{uuid.uuid4().hex[:20]}|P|2.5\r"
             f"MSA|AR||{why}\rERR|||102^{why}^HL70357|E\r")
+
+
+def _text(block: bytes) -> str:
+    """The message as text, segments separated by CR: UTF-8, else Latin-1 (HL7's default
+    character set when MSH-18 is empty), and LF or CRLF separators (seen from interface
+    engines) taken as CR."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        text = block.decode("latin-1")
+    return text.replace("\r\n", "\r").replace("\n", "\r")
+
+
+def _signal_key(message: hl7.Message, accession: str) -> str:
+    """The same message (sender, facility, control id) about the same accession: one signal.
+    A hash, so that long or odd values cannot collide by truncation or a separator."""
+    sender = "\x1f".join(_field(message, "MSH", n) for n in (3, 4, 10))
+    digest = hashlib.sha256(f"{sender}\x1f{accession}".encode()).hexdigest()[:40]
+    return f"hl7:{digest}" if _field(message, "MSH", 10) else f"hl7:{uuid.uuid4().hex}"
 
 
 class Hl7Listener:
@@ -163,8 +207,11 @@ class Hl7Listener:
 
         async def close() -> None:
             server.close()
-            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
             loop.stop()
 
         asyncio.run_coroutine_threadsafe(close(), loop)
@@ -176,59 +223,78 @@ class Hl7Listener:
         if not self.config.admits(peer) or self._connections >= self.config.max_connections:
             logs.event(log, "hl7_connection_refused", logging.WARNING, peer=peer,
                        reason="not an allowed host" if not self.config.admits(peer) else "too many connections")
-            writer.close()
+            writer.transport.abort()
             return
         self._connections += 1
         try:
-            while True:
-                try:
-                    block = await asyncio.wait_for(reader.readblock(), self.config.timeout_s)
-                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                    return  # idle past the timeout, or the peer closed
-                except hl7.mllp.InvalidBlockError:
-                    await self._reply(writer, _minimal_nak("not an MLLP block"), "invalid_block")
-                    return  # the framing is lost: the rest of the stream cannot be trusted
-                except ValueError:  # longer than max_message_kb
-                    await self._reply(writer, _minimal_nak("message too large"), "too_large")
-                    return
-                await self._reply(writer, *await asyncio.to_thread(self._handle, block))
+            while await self._next(reader, writer):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one connection's failure never stops the listener
+            logs.event(log, "hl7_connection_failed", logging.WARNING, peer=peer, error=type(exc).__name__)
         finally:
             self._connections -= 1
-            writer.close()
+            writer.transport.abort()
 
-    @staticmethod
-    async def _reply(writer: hl7.mllp.HL7StreamWriter, ack: str, outcome: str) -> None:
-        writer.writeblock(ack.encode("utf-8"))
-        await writer.drain()
-        if outcome in ("invalid_block", "too_large"):
-            logs.event(log, "hl7_refused", logging.WARNING, reason=outcome)
-
-    def _handle(self, block: bytes) -> tuple[str, str]:
-        """(the acknowledgement, the outcome) for one message; stored before it is acknowledged."""
+    async def _next(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> bool:
+        """Read, store and acknowledge one message; False: the connection ends."""
         try:
-            message = hl7.parse(block.decode("utf-8", errors="replace"))
+            block = await asyncio.wait_for(reader.readblock(), self.config.timeout_s)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return False  # idle past the timeout, or the peer closed
+        except hl7.mllp.InvalidBlockError:
+            logs.event(log, "hl7_refused", logging.WARNING, reason="not an MLLP block")
+            await self._reply(writer, _minimal_nak("not an MLLP block"))
+            return False  # the framing is lost: the rest of the stream cannot be trusted
+        except ValueError:  # longer than max_message_kb
+            logs.event(log, "hl7_refused", logging.WARNING, reason="message too large")
+            await self._reply(writer, _minimal_nak("message too large"))
+            return False
+        return await self._reply(writer, await asyncio.to_thread(self._handle, block))
+
+    async def _reply(self, writer: hl7.mllp.HL7StreamWriter, ack: str) -> bool:
+        """Send the ACK; a peer that does not read it within the timeout loses its connection."""
+        writer.writeblock(ack.encode("utf-8"))
+        try:
+            await asyncio.wait_for(writer.drain(), self.config.timeout_s)
+        except (asyncio.TimeoutError, ConnectionError):
+            return False
+        return True
+
+    def _handle(self, block: bytes) -> str:
+        """The acknowledgement of one message; its signals are stored before it is acknowledged."""
+        try:
+            message = hl7.parse(_text(block))
             message.segment("MSH")
         except Exception:  # noqa: BLE001 - the parser raises many types on malformed input
             logs.event(log, "hl7_refused", logging.WARNING, reason="cannot be parsed")
-            return _minimal_nak("the message cannot be parsed"), "unparsed"
+            return _minimal_nak("the message cannot be parsed")
         try:
             reading = read_message(message)
         except Exception:  # noqa: BLE001 - a field the parser accepted but cannot give back
             reading = Reading("", "", ack="AE", error=(102, "a field cannot be read"))
-        studies: list[str] | None = []
-        if reading.accession is not None:
-            source = _field(message, "MSH", 3)[:64]
-            key = f"hl7:{source}:{_field(message, 'MSH', 4)[:64]}:{reading.control_id or uuid.uuid4().hex}"
-            try:
-                studies = self.signals.create_hl7(key, reading.accession, f"HL7:{source}", time.time())
-            except SQLAlchemyError as exc:
-                reading = Reading(reading.message_type, reading.control_id, ack="AE",
-                                  error=(207, f"index: {type(exc).__name__}; send it again"))
+        studies: list[str] = []
+        resends = 0
+        source = _field(message, "MSH", 3)[:64]
+        try:
+            for accession in reading.accessions:
+                found = self.signals.create_hl7(_signal_key(message, accession), accession, f"HL7:{source}",
+                                                time.time())
+                resends += found is None
+                studies += found or []
+        except SQLAlchemyError as exc:
+            reading = Reading(reading.message_type, reading.control_id, ack="AE",
+                              error=(207, f"index: {type(exc).__name__}; send it again"))
         logs.event(log, "hl7_received" if reading.ack == "AA" else "hl7_refused",
                    logging.INFO if reading.ack == "AA" else logging.WARNING, message_type=reading.message_type,
-                   control_id=reading.control_id, ack=reading.ack, signal=reading.accession is not None,
-                   resend=studies is None, studies=len(studies or []),
+                   control_id=reading.control_id[:64], ack=reading.ack, signals=len(reading.accessions),
+                   resend=bool(reading.accessions) and resends == len(reading.accessions), studies=len(studies),
                    reason=reading.error[1] if reading.error else None)
-        for study_uid in studies or []:
+        for study_uid in dict.fromkeys(studies):
             self.on_signal(study_uid)
-        return acknowledgement(message, reading), reading.ack
+        try:
+            return acknowledgement(message, reading)
+        except Exception:  # noqa: BLE001 - an MSH the parser took but an ACK cannot echo
+            logs.event(log, "hl7_refused", logging.WARNING, reason="the header cannot be answered")
+            return _minimal_nak("the message header cannot be answered")

@@ -19,7 +19,7 @@ from node.store.spool import checked_uid
 # What completion signals read besides the routing tags: the accession number (HL7 messages name
 # the exam by it) and the counts an instance may carry (README, "Completion signals").
 COMPLETION_KEYWORDS = ("AccessionNumber", "AcquisitionNumber", "ImagesInAcquisition", "ConcatenationUID",
-                       "InConcatenationTotalNumber")
+                       "InConcatenationTotalNumber", "NumberOfFrames")
 _SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS + COMPLETION_KEYWORDS]
 _LAST_TAG = max(_SPECIFIC_TAGS)  # parsing stops after it: the rest is stored, not read
 
@@ -58,7 +58,7 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
             specific_tags=_SPECIFIC_TAGS,
         )
         values = routing_values(ds)
-        accession, count = _accession(ds), _count(ds, values["SeriesInstanceUID"])
+        accession, count = _accession(ds), _count(ds, values["SeriesInstanceUID"], values["SOPInstanceUID"])
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"dataset cannot be parsed: {type(exc).__name__}") from None
     try:
@@ -105,10 +105,11 @@ def _positive(value: Any) -> int | None:
     return number if 0 < number < 2**31 else None
 
 
-def _count(ds: Any, series_uid: str | None) -> CountGroup | None:
+def _count(ds: Any, series_uid: str | None, sop_instance_uid: str | None) -> CountGroup | None:
     """The count an instance carries: the instances of its concatenation (an Enhanced object
-    split over several instances, PS3.3 C.7.6.16) or the images of its acquisition in its series
-    (ImagesInAcquisition). An odd value is no count (the quiet period decides)."""
+    split over several instances, PS3.3 C.7.6.16), the images of its acquisition in its series
+    (ImagesInAcquisition), or, for a multi-frame object not split, itself: all its frames are in
+    it. An odd value is no count (the quiet period decides)."""
     concatenation = str(ds.get("ConcatenationUID") or "").strip()
     total = _positive(ds.get("InConcatenationTotalNumber"))
     if concatenation and total:
@@ -117,4 +118,7 @@ def _count(ds: Any, series_uid: str | None) -> CountGroup | None:
     if images and series_uid:
         acquisition = _positive(ds.get("AcquisitionNumber"))
         return CountGroup(f"acquisition:{series_uid}:{acquisition or ''}", images)
+    frames = _positive(ds.get("NumberOfFrames"))
+    if frames and frames > 1 and sop_instance_uid:
+        return CountGroup(f"instance:{sop_instance_uid}", 1)
     return None

@@ -19,6 +19,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
 from node.store.index import Db, Index
+from node.store.lease import process_owner
 
 CLAIM_BATCH = 50
 _DUE = ("SELECT id FROM signal_forwards WHERE (state=? OR (state=? AND lease_until < ?))"
@@ -40,15 +41,18 @@ class Forward:
     destination: str
     dataset: bytes
     created_at: float
-    attempts: int
+    attempts: int  # claims before this one (> 0: the peer may have had it already)
 
 
 class SignalForwards:
     """The one module that writes `signal_forwards`."""
 
     def __init__(self, index: Index, lease_s: float = 30.0):
+        """`lease_s`: how long a claimed forward stays with this process without a renewal
+        (`renew_leases`, from the service's heartbeat)."""
         self.index = index
         self.lease_s = lease_s
+        self.owner = process_owner()
 
     @staticmethod
     def queue(db: Db, sop_instance_uid: str, operation: str, destinations: list[str], dataset: bytes,
@@ -63,40 +67,52 @@ class SignalForwards:
     def claim(self, now: float) -> list[Forward]:
         """Forwards due now whose earlier forwards (same step, same destination) are all finished,
         leased to this process; a lease that ran out (a dead forwarder) is taken over."""
-        if not self.index.query(_DUE, (ForwardState.PENDING.value, ForwardState.SENDING.value, now, now, 1)):
+        # leases on the index's clock (replicas' wall clocks may disagree), retries on this host's
+        if not self.index.query(_DUE, (ForwardState.PENDING.value, ForwardState.SENDING.value,
+                                       self.index.lease_clock(), now, 1)):
             return []  # the common case: nothing queued, no write lock taken
         with self.index.transaction() as db:
+            lease_now = db.lease_clock()
             rows = db.execute(
                 "SELECT f.id, f.sop_instance_uid, f.operation, f.destination, f.dataset, f.created_at, f.attempts"
                 " FROM signal_forwards f WHERE (f.state=? OR (f.state=? AND f.lease_until < ?))"
                 " AND COALESCE(f.next_attempt, 0) <= ? AND NOT EXISTS (SELECT 1 FROM signal_forwards e"
                 "  WHERE e.destination = f.destination AND e.sop_instance_uid = f.sop_instance_uid AND e.id < f.id"
                 "  AND e.state IN (?, ?)) ORDER BY f.id LIMIT ?",
-                (ForwardState.PENDING.value, ForwardState.SENDING.value, now, now, ForwardState.PENDING.value,
+                (ForwardState.PENDING.value, ForwardState.SENDING.value, lease_now, now, ForwardState.PENDING.value,
                  ForwardState.SENDING.value, CLAIM_BATCH)).fetchall()
-            for row in rows:
-                db.execute("UPDATE signal_forwards SET state=?, lease_until=?, updated_at=? WHERE id=?",
-                           (ForwardState.SENDING.value, now + self.lease_s, now, row["id"]))
+            for row in rows:  # a claim counts as an attempt: after a crash the peer may have it already
+                db.execute("UPDATE signal_forwards SET state=?, lease_owner=?, lease_until=?, updated_at=?,"
+                           " attempts=attempts+1 WHERE id=?",
+                           (ForwardState.SENDING.value, self.owner, lease_now + self.lease_s, now, row["id"]))
         return [Forward(int(r["id"]), r["sop_instance_uid"], r["operation"], r["destination"], bytes(r["dataset"]),
-                        float(r["created_at"]), int(r["attempts"])) for r in rows]
+                        float(r["created_at"]), int(r["attempts"])) for r in rows]  # attempts as before the claim
 
     def finish(self, forward_id: int, state: ForwardState, now: float, reason: str | None = None) -> None:
-        """Delivered, or dead with the reason."""
+        """Delivered, or dead with the reason (while this process holds the forward)."""
         with self.index.transaction() as db:
-            db.execute("UPDATE signal_forwards SET state=?, updated_at=?, lease_until=NULL, reason=?,"
-                       " attempts=attempts+1 WHERE id=?", (state.value, now, reason, forward_id))
+            db.execute("UPDATE signal_forwards SET state=?, updated_at=?, lease_owner=NULL, lease_until=NULL,"
+                       " reason=? WHERE id=? AND state=? AND lease_owner=?",
+                       (state.value, now, reason, forward_id, ForwardState.SENDING.value, self.owner))
 
     def retry(self, forward_id: int, now: float, next_attempt: float, reason: str) -> None:
         """Not delivered this time (the destination is unreachable): again at `next_attempt`."""
         with self.index.transaction() as db:
-            db.execute("UPDATE signal_forwards SET state=?, updated_at=?, lease_until=NULL, next_attempt=?,"
-                       " reason=?, attempts=attempts+1 WHERE id=?",
-                       (ForwardState.PENDING.value, now, next_attempt, reason, forward_id))
+            db.execute("UPDATE signal_forwards SET state=?, updated_at=?, lease_owner=NULL, lease_until=NULL,"
+                       " next_attempt=?, reason=? WHERE id=? AND state=? AND lease_owner=?",
+                       (ForwardState.PENDING.value, now, next_attempt, reason, forward_id,
+                        ForwardState.SENDING.value, self.owner))
 
-    def counts(self) -> dict[str, int]:
-        """Forwards by state (the console and /metrics)."""
-        return {r["state"]: int(r["n"]) for r in self.index.query(
-            "SELECT state, COUNT(*) AS n FROM signal_forwards GROUP BY state")}
+    def renew_leases(self) -> int:
+        """Keep this process's forwards while it sends them (a batch to a slow peer may outlast a lease)."""
+        with self.index.transaction() as db:
+            return db.execute("UPDATE signal_forwards SET lease_until=? WHERE state=? AND lease_owner=?",
+                              (db.lease_clock() + self.lease_s, ForwardState.SENDING.value, self.owner)).rowcount
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Forwards by (state, destination), for /metrics."""
+        return {(r["state"], r["destination"]): int(r["n"]) for r in self.index.query(
+            "SELECT state, destination, COUNT(*) AS n FROM signal_forwards GROUP BY state, destination")}
 
 
 def encoded(ds: Dataset) -> bytes:

@@ -159,18 +159,31 @@ class CompletionSignals:
     def _used_where_complete(db: Db, sop_instance_uid: str, now: float) -> None:
         """A signal that ends while a study it names is complete describes a completion that
         already happened: it must not complete that study again when it reopens."""
-        db.execute(
+        used = db.execute(
             "UPDATE completion_signal_studies SET used_at=? WHERE sop_instance_uid=? AND used_at IS NULL"
-            " AND study_uid IN (SELECT study_uid FROM studies WHERE state='complete')", (now, sop_instance_uid))
+            " AND study_uid IN (SELECT study_uid FROM studies WHERE state='complete')",
+            (now, sop_instance_uid)).rowcount
+        if used:
+            CompletionSignals._used_by_a_study(db, now)
 
     @staticmethod
     def mark_used(db: Db, study_uid: str, now: float) -> None:
         """Inside the transaction that completes the study: its ended signals are taken into
         account now and never complete it again (it may reopen with instances they do not list)."""
-        db.execute(
+        used = db.execute(
             "UPDATE completion_signal_studies SET used_at=? WHERE study_uid=? AND used_at IS NULL AND"
             " sop_instance_uid IN (SELECT sop_instance_uid FROM completion_signals WHERE ended_at IS NOT NULL)",
-            (now, study_uid))
+            (now, study_uid)).rowcount
+        if used:
+            CompletionSignals._used_by_a_study(db, now)
+
+    @staticmethod
+    def _used_by_a_study(db: Db, now: float) -> None:
+        """The previous release reads `completion_signals.used_at` (one mark per signal): keep it
+        set for every signal a study used, so its replicas agree during a rolling upgrade."""
+        db.execute(
+            "UPDATE completion_signals SET used_at=? WHERE used_at IS NULL AND sop_instance_uid IN"
+            " (SELECT sop_instance_uid FROM completion_signal_studies WHERE used_at=?)", (now, now))
 
     def update_step(self, sop_instance_uid: str, state: StepState | None, instances: list[str] | None,
                     now: float, also: Callable[[Db], None] | None = None) -> list[str]:

@@ -6,8 +6,9 @@ counts carried by the images, and MPPS forwarded to another AE.
 - `completion_signals.accession_number`: what an HL7 signal names (a message may come before
   the images: the signal waits for a study with that accession);
 - `completion_signal_studies.used_at`: a signal is used once *per study* (an HL7 message for an
-  accession shared by two studies completes both); `completion_signals.used_at` is no longer
-  written by this release;
+  accession shared by two studies completes both); what the previous release marked used is
+  copied here, and `completion_signals.used_at` is still set (used by some study) for replicas
+  of the previous release during a rolling upgrade;
 - `completion_instance_counts`: per instance that carries one, the count of its group
   (ImagesInAcquisition per acquisition, InConcatenationTotalNumber per concatenation);
 - `signal_forwards`: MPPS requests to pass on to other AEs (the RIS/PACS keeps getting them),
@@ -39,6 +40,9 @@ def upgrade() -> None:
     op.add_column("completion_signals", sa.Column("accession_number", sa.Text))
     op.create_index("ix_completion_signals_accession", "completion_signals", ["accession_number"])
     op.add_column("completion_signal_studies", sa.Column("used_at", sa.Float))
+    # what the previous release marked used (per signal) stays used for each of its studies
+    op.execute("UPDATE completion_signal_studies SET used_at = (SELECT s.used_at FROM completion_signals s"
+               " WHERE s.sop_instance_uid = completion_signal_studies.sop_instance_uid)")
     op.create_table(
         "completion_instance_counts",
         sa.Column("sop_instance_uid", sa.Text, primary_key=True),
@@ -59,6 +63,7 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("next_attempt", sa.Float),
+        sa.Column("lease_owner", sa.Text),  # host:pid:random of the forwarder that claimed it
         sa.Column("lease_until", sa.Float),
         sa.Column("reason", sa.Text),
     )
