@@ -409,3 +409,31 @@ def test_a_repeated_forward_the_peer_has_already_counts_as_delivered(operation, 
     from node.store.signal_forwards import Forward
 
     assert _delivered(Forward(1, "1.2.3", operation, "ris", b"", 0.0, attempts), status) is delivered
+
+
+_ORU_MSH = "MSH|^~\\&|RIS|HOSP|NODE|HOSP|20261123||ORU^R01|C1|P|2.5"
+_ORM_MSH = "MSH|^~\\&|RIS|HOSP|NODE|HOSP|20261123||ORM^O01|C2|P|2.3.1"
+
+
+@pytest.mark.parametrize("raw,accessions,ack", [
+    # CR between segments, a report's blank line (LF) inside OBX-5: text, not a segment break
+    ("\r".join([_ORU_MSH, _segment("OBR", f1="1", f18="A-1", f25="F"), _segment("OBX", f5="Findings\n\nNone")])
+     .encode(), ("A-1",), "AA"),
+    # CRLF between segments, Latin-1 text
+    ("\r\n".join([_ORU_MSH, _segment("OBR", f1="1", f18="A-2", f25="F"), _segment("NTE", f3="Befund: unauffällig")])
+     .encode("latin-1"), ("A-2",), "AA"),
+    # LF only, with a blank line at the end
+    (("\n".join([_ORU_MSH, _segment("OBR", f1="1", f18="A-3", f25="F")]) + "\n\n").encode(), ("A-3",), "AA"),
+    # one ORC, three OBRs: each an order; the one without an accession number: AE, the others kept
+    ("\r".join([_ORM_MSH, _segment("ORC", f1="SC", f5="CM"), _segment("OBR", f1="1", f18="A-4"),
+                _segment("OBR", f1="2", f18="A-5"), _segment("OBR", f1="3")]).encode(), ("A-4", "A-5"), "AE"),
+    # a preliminary result and a final one: only the final one's exam
+    ("\r".join([_ORU_MSH, _segment("OBR", f1="1", f18="A-6", f25="P"), _segment("OBR", f1="2", f18="A-7", f25="F")])
+     .encode(), ("A-7",), "AA"),
+])
+def test_orders_are_read_from_what_interface_engines_send(raw, accessions, ack):
+    from node.receive.hl7 import _text, read_message
+
+    text, _ = _text(raw)
+    reading = read_message(hl7.parse(text))
+    assert (reading.accessions, reading.ack) == (accessions, ack)

@@ -85,6 +85,7 @@ class Admission:
         self._asking: set[str] = set()  # studies whose source is being asked now
         self._source_down: dict[str, float] = {}  # source AE title -> not asked again before
         self._answers_lock = threading.Lock()
+        self._stopped = False
         self._executor = ThreadPoolExecutor(max_workers=SOURCE_ASKERS, thread_name_prefix="source-count")
 
     def polls(self, study_uid: str, calling_ae: str) -> bool:
@@ -200,34 +201,42 @@ class Admission:
                 answer.count and indexed >= answer.count and answer.asked_at < last_received
                 and now - answer.asked_at >= SOURCE_ASK_S)
             down = self._source_down.get(source.ae_title, 0.0) > now
-            if stale and not down and study_uid not in self._asking:
+            if stale and not down and not self._stopped and study_uid not in self._asking:
                 self._asking.add(study_uid)
                 self._executor.submit(self._ask, study_uid, source)
         return answer is not None and bool(answer.count) and answer.asked_at >= last_received and \
             indexed >= int(answer.count or 0)
 
     def _ask(self, study_uid: str, source: DestinationConfig) -> None:
-        config = self.config()
         asked_at = time.time()
+        answer = _SourceAnswer(None, asked_at)
         try:
+            with self._answers_lock:
+                down = self._source_down.get(source.ae_title, 0.0) > asked_at
+            if down:  # it failed for another study since this one was queued: not asked now
+                return
+            config = self.config()
             answer = _SourceAnswer(study_instance_count(source, config.scp.ae_title, study_uid,
                                                         timeout=min(10.0, config.sending.timeout_s)), asked_at)
             logs.event(log, "source_count", study_uid=study_uid, source=source.ae_title, count=answer.count)
         except Exception as exc:  # noqa: BLE001 - any failure of the peer or the library: the quiet period decides
-            answer = _SourceAnswer(None, asked_at)
             with self._answers_lock:
                 self._source_down[source.ae_title] = time.time() + SOURCE_RETRY_S
             logs.event(log, "source_count_failed", logging.WARNING, study_uid=study_uid, source=source.ae_title,
                        reason=str(exc) or type(exc).__name__)
-        with self._answers_lock:
-            self._asking.discard(study_uid)
-            self._answers[study_uid] = answer
-            self._answers.move_to_end(study_uid)
-            while len(self._answers) > SOURCE_ANSWERS_KEPT:
-                self._answers.popitem(last=False)
+        finally:
+            with self._answers_lock:
+                self._asking.discard(study_uid)
+                self._answers[study_uid] = answer
+                self._answers.move_to_end(study_uid)
+                while len(self._answers) > SOURCE_ANSWERS_KEPT:
+                    self._answers.popitem(last=False)
 
     def stop(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """No C-FIND is started after this (checks still running see no new answers)."""
+        with self._answers_lock:
+            self._stopped = True
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def admit(self, db: Db, routed: Routed, now: float) -> None:
         """Called inside the completing transaction. A study whose routing failed still

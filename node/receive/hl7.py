@@ -42,6 +42,7 @@ log = logging.getLogger("node.receive.hl7")
 COMPLETE_ORDER_TYPES = ("ORM^O01", "OMI^O23")
 RESULT_TYPES = ("ORU^R01",)
 START_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def _orders(message: hl7.Message) -> list[dict[str, str]]:
         name = str(segment[0][0]) if len(segment) and len(segment[0]) else ""
         if name == "ORC" and not result or name == "OBR" and (result or not orders):
             orders.append({"status": _value(segment, 5) if name == "ORC" else ""})
+        elif name == "OBR" and "obr3" in orders[-1]:  # a second OBR under one ORC: an order of its own
+            orders.append({"status": orders[-1]["status"]})
         if not orders:
             continue
         order = orders[-1]
@@ -107,10 +110,11 @@ def read_message(message: hl7.Message) -> Reading:
         return Reading(message_type, control_id, ack="AE", error=(100, "no ORC or OBR segment"))
     done = "F" if message_type in RESULT_TYPES else "CM"
     complete = [o["accession"] for o in orders if o["status"] == done]
-    if any(not accession for accession in complete):
-        return Reading(message_type, control_id, ack="AE",
+    accessions = tuple(dict.fromkeys(a for a in complete if a))
+    if len(accessions) < len(set(complete)):  # the orders that name one still count
+        return Reading(message_type, control_id, accessions, ack="AE",
                        error=(101, "no accession number (IPC-1, OBR-18 or OBR-3)"))
-    return Reading(message_type, control_id, accessions=tuple(dict.fromkeys(complete)))
+    return Reading(message_type, control_id, accessions)
 
 
 def acknowledgement(message: hl7.Message, reading: Reading) -> str:
@@ -136,15 +140,18 @@ def _minimal_nak(why: str) -> str:
             f"MSA|AR||{why}\rERR|||102^{why}^HL70357|E\r")
 
 
-def _text(block: bytes) -> str:
-    """The message as text, segments separated by CR: UTF-8, else Latin-1 (HL7's default
-    character set when MSH-18 is empty), and LF or CRLF separators (seen from interface
-    engines) taken as CR."""
+def _text(block: bytes) -> tuple[str, str]:
+    """The message as text with its segments separated by CR, and the codec that read it: UTF-8,
+    else Latin-1 (HL7's default character set when MSH-18 is empty). A message without a CR is
+    taken as LF-separated (seen from interface engines); in one with CRs an LF is text (a report's
+    line break in OBX-5). Empty segments (a blank line) are dropped."""
     try:
-        text = block.decode("utf-8")
+        text, codec = block.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        text = block.decode("latin-1")
-    return text.replace("\r\n", "\r").replace("\n", "\r")
+        text, codec = block.decode("latin-1"), "latin-1"
+    separator = "\r" if "\r" in text.replace("\r\n", "") else "\n"
+    segments = text.replace("\r\n", separator).split(separator)
+    return "\r".join(s for s in segments if s.strip()) + "\r", codec
 
 
 def _signal_key(message: hl7.Message, accession: str) -> str:
@@ -235,6 +242,15 @@ class Hl7Listener:
             logs.event(log, "hl7_connection_failed", logging.WARNING, peer=peer, error=type(exc).__name__)
         finally:
             self._connections -= 1
+            await self._close(writer)
+
+    @staticmethod
+    async def _close(writer: hl7.mllp.HL7StreamWriter) -> None:
+        """Close after what was written (a NAK) went out; a peer that does not take it is cut off."""
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ConnectionError):
             writer.transport.abort()
 
     async def _next(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> bool:
@@ -251,25 +267,29 @@ class Hl7Listener:
             logs.event(log, "hl7_refused", logging.WARNING, reason="message too large")
             await self._reply(writer, _minimal_nak("message too large"))
             return False
-        return await self._reply(writer, await asyncio.to_thread(self._handle, block))
+        return await self._reply(writer, *await asyncio.to_thread(self._handle, block))
 
-    async def _reply(self, writer: hl7.mllp.HL7StreamWriter, ack: str) -> bool:
-        """Send the ACK; a peer that does not read it within the timeout loses its connection."""
-        writer.writeblock(ack.encode("utf-8"))
+    async def _reply(self, writer: hl7.mllp.HL7StreamWriter, ack: str, codec: str = "utf-8") -> bool:
+        """Send the ACK (in the message's own encoding); a peer that does not read it within the
+        timeout loses its connection."""
+        writer.writeblock(ack.encode(codec, errors="replace"))
         try:
             await asyncio.wait_for(writer.drain(), self.config.timeout_s)
         except (asyncio.TimeoutError, ConnectionError):
+            writer.transport.abort()
             return False
         return True
 
-    def _handle(self, block: bytes) -> str:
-        """The acknowledgement of one message; its signals are stored before it is acknowledged."""
+    def _handle(self, block: bytes) -> tuple[str, str]:
+        """The acknowledgement of one message and its encoding; its signals are stored before
+        it is acknowledged."""
+        text, codec = _text(block)
         try:
-            message = hl7.parse(_text(block))
+            message = hl7.parse(text)
             message.segment("MSH")
         except Exception:  # noqa: BLE001 - the parser raises many types on malformed input
             logs.event(log, "hl7_refused", logging.WARNING, reason="cannot be parsed")
-            return _minimal_nak("the message cannot be parsed")
+            return _minimal_nak("the message cannot be parsed"), codec
         try:
             reading = read_message(message)
         except Exception:  # noqa: BLE001 - a field the parser accepted but cannot give back
@@ -294,7 +314,7 @@ class Hl7Listener:
         for study_uid in dict.fromkeys(studies):
             self.on_signal(study_uid)
         try:
-            return acknowledgement(message, reading)
+            return acknowledgement(message, reading), codec
         except Exception:  # noqa: BLE001 - an MSH the parser took but an ACK cannot echo
             logs.event(log, "hl7_refused", logging.WARNING, reason="the header cannot be answered")
-            return _minimal_nak("the message header cannot be answered")
+            return _minimal_nak("the message header cannot be answered"), codec

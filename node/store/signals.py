@@ -164,7 +164,7 @@ class CompletionSignals:
             " AND study_uid IN (SELECT study_uid FROM studies WHERE state='complete')",
             (now, sop_instance_uid)).rowcount
         if used:
-            CompletionSignals._used_by_a_study(db, now)
+            CompletionSignals._used_by_a_study(db, now, "sop_instance_uid", sop_instance_uid)
 
     @staticmethod
     def mark_used(db: Db, study_uid: str, now: float) -> None:
@@ -175,15 +175,17 @@ class CompletionSignals:
             " sop_instance_uid IN (SELECT sop_instance_uid FROM completion_signals WHERE ended_at IS NOT NULL)",
             (now, study_uid)).rowcount
         if used:
-            CompletionSignals._used_by_a_study(db, now)
+            CompletionSignals._used_by_a_study(db, now, "study_uid", study_uid)
 
     @staticmethod
-    def _used_by_a_study(db: Db, now: float) -> None:
+    def _used_by_a_study(db: Db, now: float, column: str, value: str) -> None:
         """The previous release reads `completion_signals.used_at` (one mark per signal): keep it
-        set for every signal a study used, so its replicas agree during a rolling upgrade."""
+        set for every signal a study just used (`column` = `value`, the marks made at `now`), so
+        its replicas agree during a rolling upgrade."""
         db.execute(
             "UPDATE completion_signals SET used_at=? WHERE used_at IS NULL AND sop_instance_uid IN"
-            " (SELECT sop_instance_uid FROM completion_signal_studies WHERE used_at=?)", (now, now))
+            f" (SELECT sop_instance_uid FROM completion_signal_studies WHERE {column}=? AND used_at=?)",
+            (now, value, now))
 
     def update_step(self, sop_instance_uid: str, state: StepState | None, instances: list[str] | None,
                     now: float, also: Callable[[Db], None] | None = None) -> list[str]:
@@ -252,7 +254,11 @@ class CompletionSignals:
         rows = self.index.query(
             "SELECT s.kind, s.state, s.calling_ae, s.instances, s.ended_at FROM completion_signals s"
             " JOIN completion_signal_studies m ON m.sop_instance_uid = s.sop_instance_uid"
-            " WHERE m.study_uid=? AND m.used_at IS NULL", (study_uid,))
+            " WHERE m.study_uid=? AND m.used_at IS NULL AND (s.used_at IS NULL OR EXISTS"
+            "  (SELECT 1 FROM completion_signal_studies u WHERE u.sop_instance_uid = s.sop_instance_uid"
+            "   AND u.used_at IS NOT NULL))", (study_uid,))
+        # (a signal marked used with no per-study mark was used by a replica of the previous
+        # release, which marks only the signal, during a rolling upgrade: used)
         signals = [Signal(SignalKind(r["kind"]), StepState(r["state"]), r["calling_ae"] or "", r["ended_at"],
                           tuple(json.loads(r["instances"] or "[]"))) for r in rows]
         return sorted(signals, key=lambda s: (s.ended_at is None, s.ended_at or 0.0))
