@@ -485,6 +485,44 @@ def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
 
 
 @app.command()
+def audit(
+    since: str = typer.Option("1d", "--since", help="From when: a date (2026-11-23, 2026-11-23T08:00) or an age"
+                              " (30m, 12h, 7d)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of records."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """The audit trail: DICOM transfers in and out, refused associations, starts and stops."""
+    from node.store.audit import AuditTrail
+
+    try:
+        start = _since(since)
+    except ValueError:
+        typer.echo(f"--since: not a date or an age: {since!r}", err=True)
+        raise typer.Exit(2) from None
+    _, index = _index(config)
+    records = [r.as_json() for r in AuditTrail(index).since(start)]
+    _print_rows(records, as_json, "no audit records", [
+        ("ID", ">6", lambda r: r["id"]),
+        ("WHEN", "19", lambda r: _when(r["recorded_at"])),
+        ("EVENT", "6", lambda r: r["event_id"]),
+        ("TYPE", "6", lambda r: r["event_type"] or "-"),
+        ("ACTION", "6", lambda r: r["action"]),
+        ("OUTCOME", ">7", lambda r: r["outcome"]),
+        ("ACTOR", "16", lambda r: r["actor"] or "-"),
+        ("PEER / DETAIL", "", lambda r: " ".join(filter(None, [r["peer"], r["destination"], r["reason"]])
+                                                + [f"{uid}:{n}" for uid, n in r["studies"].items()])),
+    ])
+
+
+def _since(text: str) -> float:
+    """An age (30m, 12h, 7d) before now, or a date/time in ISO form (local time)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    return datetime.fromisoformat(text).timestamp()
+
+
+@app.command()
 def cleanup(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output (with --dry-run)."),

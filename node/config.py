@@ -401,6 +401,12 @@ class HttpConfig(Strict):
         return ipaddress.ip_address(self.bind).is_loopback
 
 
+class AuditConfig(Strict):
+    """The audit trail (README, "Audit trail"): its retention is its own, not the data's."""
+
+    keep_days: float = Field(3650.0, gt=0, description="audit records older than this are deleted (hourly)")
+
+
 class NodeConfig(Strict):
     scp: ScpConfig = Field(default_factory=ScpConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -413,6 +419,7 @@ class NodeConfig(Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     hl7: Hl7Config = Field(default_factory=Hl7Config)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _signal_destinations_exist(self) -> "NodeConfig":

@@ -56,6 +56,7 @@ LIVE_KEYS = (
     "storage.retention",
     "storage.min_free_mb",
     "http.max_upload_mb",
+    "audit.keep_days",
     *RECEIVER_KEYS,
 )
 SNAPSHOT = "config-in-force.json"
@@ -152,7 +153,7 @@ def apply_live(old: NodeConfig, new: NodeConfig) -> NodeConfig:
                                              "min_free_mb": new.storage.min_free_mb})
     scp = old.scp.model_copy(update={key.split(".", 1)[1]: getattr(new.scp, key.split(".", 1)[1])
                                      for key in RECEIVER_KEYS})
-    return old.model_copy(update={"destinations": new.destinations, "completion": completion,
+    return old.model_copy(update={"destinations": new.destinations, "completion": completion, "audit": new.audit,
                                   "sending": new.sending, "output": new.output, "inference": inference,
                                   "storage": storage, "scp": scp})
 

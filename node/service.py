@@ -25,6 +25,7 @@ from node.receive.hl7 import Hl7Listener
 from node.receive.workers import ReceiverPool
 from node.send.signal_forward import SignalForwarder
 from node.send.outbox import Outbox
+from node.store.audit import AuditEvent, AuditEventType, AuditRecord, AuditTrail, Outcome
 from node.store.index import Index
 from node.store.lease import Heartbeat
 from node.store.signal_forwards import SignalForwards
@@ -48,6 +49,7 @@ class NodeService:
         self.live = LiveConfig(config, self.rules, config_path, overrides)
         self.live.on_change(self._config_changed)
         self.retention = Retention(self.index, data_dir)
+        self.trail = AuditTrail(self.index)
         self.http = None
         self.outbox = Outbox(config, self.index, self.scheduler)
         # The completion settings in force for a caller (the receivers computed their deadline
@@ -70,6 +72,16 @@ class NodeService:
     def _signal(self, study_uid: str) -> None:
         """A completion signal named the study (MPPS, IAN, HL7): check it now."""
         self.completion.arm(study_uid, time.time())
+
+    def _application(self, event_type: AuditEventType) -> None:
+        """The node started or stopped (PS3.15 A.5.3.1 Application Activity)."""
+        self.trail.record(AuditRecord(AuditEvent.APPLICATION_ACTIVITY, "E", Outcome.SUCCESS,
+                                      actor=self.config.scp.ae_title, event_type=event_type), time.time())
+
+    def _prune_audit(self) -> None:
+        pruned = self.trail.prune(time.time() - self.live.current.audit.keep_days * 86400)
+        if pruned:
+            logs.event(log, "audit_pruned", records=pruned)
 
     def _prune_signals(self) -> None:
         pruned = self.signals.prune(time.time(), self.live.current.completion.signal_keep_s)
@@ -158,6 +170,9 @@ class NodeService:
                                id="mpps-forward-sweep", coalesce=True, max_instances=1)
         self.scheduler.add_job(self._prune_signals, "interval", seconds=min(3600.0, self.config.completion.signal_keep_s),
                                id="signal-prune", coalesce=True, max_instances=1)
+        self.scheduler.add_job(self._prune_audit, "interval", seconds=3600.0, id="audit-prune", coalesce=True,
+                               max_instances=1)
+        self._application(AuditEventType.APPLICATION_START)
         self.live.write_snapshot()
         self.receivers.start()
         self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0))
@@ -196,6 +211,7 @@ class NodeService:
         self.heartbeat.stop()
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)
             self.scheduler.shutdown(wait=False)
+            self._application(AuditEventType.APPLICATION_STOP)
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:

@@ -49,6 +49,7 @@ from node.store.filemeta import encode_file_meta
 from node.receive.counts import Counted, ReceiveCounts
 from node.receive.signals import SIGNAL_SOP_CLASSES, SignalScp
 from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord, Placement
+from node.store.audit import AuditEvent, AuditEventType, AuditRecord, AuditTrail, Outcome
 from node.store.signals import CompletionSignals
 from node.store.spool import OutOfSpace, Spool, same_dataset
 from node.receive import pynetdicom_internals as internals
@@ -106,7 +107,7 @@ class _AssociationStats:
     started: float
     instances: int = 0
     failures: int = 0
-    studies: set[str] = field(default_factory=set)
+    studies: dict[str, int] = field(default_factory=dict)  # Study Instance UID -> instances stored
 
 
 class StorageSCP:
@@ -132,6 +133,7 @@ class StorageSCP:
         self.on_slots = on_slots
         self._titles = set(config.scp.called_ae_titles())
         self.counts = ReceiveCounts(index)
+        self.trail = AuditTrail(index)
         self.signals = SignalScp(CompletionSignals(index), on_signal, config.completion.mpps_forward)
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
@@ -209,6 +211,9 @@ class StorageSCP:
                        calling_ae=calling, called_ae=called, peer=peer, **detail)
             internals.reject(assoc, *failed[1:])
             self._count(Counted.ASSOCIATION_REJECTED, failed[0])
+            if failed[1] == 0x01:  # refused for who the caller is, not for our load: a security alert
+                self._audit(AuditRecord(AuditEvent.SECURITY_ALERT, "E", Outcome.MINOR_FAILURE, calling, peer,
+                                        AuditEventType.NODE_AUTHENTICATION, reason=failed[0]))
             return
         self.on_slots(taken)
         if called:
@@ -232,6 +237,13 @@ class StorageSCP:
                    calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
         self._count(Counted.ASSOCIATION_REJECTED, "refused by pynetdicom")
 
+    def _audit(self, record: AuditRecord) -> None:
+        """Into the audit trail; a busy index must not change the answer to the peer (logged)."""
+        try:
+            self.trail.record(record, time.time())
+        except IndexFailure as exc:
+            logs.event(log, "audit_failed", logging.ERROR, event=record.event.value, error=type(exc).__name__)
+
     def _count(self, kind: Counted, detail: str = "") -> None:
         """Count for /metrics; a busy index must not change the answer to the peer."""
         try:
@@ -252,6 +264,10 @@ class StorageSCP:
             return
         now = time.time()
         self.index.close_association(stats.record_id, stats.instances, stats.failures, now)
+        if stats.studies or stats.failures:
+            self._audit(AuditRecord(AuditEvent.INSTANCES_TRANSFERRED, "C",
+                                    Outcome.SUCCESS if not stats.failures else Outcome.MINOR_FAILURE,
+                                    stats.calling_ae, stats.peer, studies=dict(stats.studies)))
         aborted = event.assoc.is_aborted  # set by the reactor thread as the A-ABORT is handled
         if aborted:
             self._count(Counted.ASSOCIATION_ABORTED)
@@ -431,7 +447,7 @@ class StorageSCP:
         elif arrival.duplicate and arrival.placement is Placement.PLACED:
             logs.event(log, "instance_replaced", study_uid=tags.study_uid, sop_instance_uid=tags.sop_instance_uid)
         if stats is not None:
-            stats.studies.add(tags.study_uid)
+            stats.studies[tags.study_uid] = stats.studies.get(tags.study_uid, 0) + 1
         if arrival.identical and not arrival.opened:
             logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
                        sop_instance_uid=tags.sop_instance_uid)

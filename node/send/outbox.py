@@ -32,6 +32,7 @@ from node import metrics
 from node.config import NodeConfig
 from node.send.scu import NotAccepted, associate, destination_ssl_context, rejection, send_file, storage_contexts
 from node.send.status import classify_status
+from node.store.audit import AuditEvent, AuditRecord, AuditTrail, Outcome
 from node.store.index import Db, Index
 from node.store.lease import process_owner
 
@@ -251,11 +252,18 @@ class Outbox:
 
     def _finish(self, row: Any, state: str, reason: str | None, warnings: list[str] | None = None) -> str:
         with self.index.transaction() as db:
+            now = time.time()
             if db.execute("UPDATE outbox SET state=?, last_error=?, warnings=?, updated_at=?, lease_until=NULL"
                           " WHERE id=? AND state='sending' AND lease_owner=?",
-                          (state, reason, json.dumps(warnings) if warnings else None, time.time(), row["id"],
+                          (state, reason, json.dumps(warnings) if warnings else None, now, row["id"],
                            self.owner)).rowcount != 1:
                 return self._lost(row)
+            peer = self.config.destinations.get(row["destination"])
+            AuditTrail.append(db, AuditRecord(
+                AuditEvent.INSTANCES_TRANSFERRED, "C", Outcome.SUCCESS if state == "delivered" else Outcome.MAJOR_FAILURE,
+                actor=self.config.scp.ae_title, peer=f"{peer.ae_title}@{peer.host}:{peer.port}" if peer else "",
+                studies={row["study_uid"]: len(json.loads(row["files"]))}, destination=row["destination"],
+                reason=reason), now)
         if state == "dead":
             logs.event(log, "results_dead_letter", logging.ERROR, outbox_id=row["id"], destination=row["destination"],
                        study_uid=row["study_uid"], reason=reason)

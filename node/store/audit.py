@@ -1,0 +1,109 @@
+"""The audit trail (table `audit_events`): who did what with which studies, one record per event.
+
+Records follow the DICOM audit message model (PS3.15 A.5, the content of IHE ATNA): an event
+(EventID and its type, a DCM code), an action, an outcome, the active participants (here the
+calling AE title and its address) and the participant objects (the studies, with how many
+instances each). They are written in the transaction of the event where there is one (a result
+set delivered), so the trail and the data agree; nothing here is logged (patient data belongs in
+the trail, never in the log). Append-only: records are only added, and removed only by the
+trail's own retention (`audit.keep_days`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from node.store.index import Db, Index
+
+QUERY_LIMIT = 100_000  # records one read returns at most
+
+
+class AuditEvent(StrEnum):
+    """EventID codes (DCM, PS3.15 A.5.3)."""
+
+    APPLICATION_ACTIVITY = "110100"
+    INSTANCES_TRANSFERRED = "110104"
+    SECURITY_ALERT = "110113"
+
+
+class AuditEventType(StrEnum):
+    """EventTypeCode codes (DCM) that qualify an event."""
+
+    APPLICATION_START = "110120"
+    APPLICATION_STOP = "110121"
+    NODE_AUTHENTICATION = "110126"
+
+
+class Outcome(IntEnum):
+    """EventOutcomeIndicator (PS3.15 A.5.1)."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    event: AuditEvent
+    action: str  # C create, R read, U update, D delete, E execute
+    outcome: Outcome
+    actor: str = ""  # a calling AE title (later: a user)
+    peer: str = ""  # the actor's address
+    event_type: AuditEventType | None = None
+    studies: dict[str, int] = field(default_factory=dict)  # Study Instance UID -> instances
+    destination: str | None = None  # where instances went (a destinations: name)
+    reason: str | None = None
+    recorded_at: float = 0.0
+    id: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "recorded_at": self.recorded_at, "event_id": self.event.value,
+                "event_type": self.event_type.value if self.event_type else None, "action": self.action,
+                "outcome": int(self.outcome), "actor": self.actor, "peer": self.peer, "studies": self.studies,
+                "destination": self.destination, "reason": self.reason}
+
+
+class AuditTrail:
+    """The one module that writes `audit_events`."""
+
+    def __init__(self, index: Index):
+        self.index = index
+
+    @staticmethod
+    def append(db: Db, record: AuditRecord, now: float) -> None:
+        """In the transaction of the event it records."""
+        detail = {k: v for k, v in (("studies", record.studies), ("destination", record.destination),
+                                    ("reason", record.reason)) if v}
+        db.execute(
+            "INSERT INTO audit_events (recorded_at, event_id, event_type, action, outcome, actor, peer, detail)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (now, record.event.value, record.event_type.value if record.event_type else None, record.action,
+             int(record.outcome), record.actor or None, record.peer or None, json.dumps(detail, sort_keys=True)))
+
+    def record(self, record: AuditRecord, now: float) -> None:
+        """An event with no transaction of its own (an association ended, one refused)."""
+        with self.index.transaction() as db:
+            self.append(db, record, now)
+
+    def since(self, since: float, limit: int = QUERY_LIMIT) -> list[AuditRecord]:
+        """Records at or after `since`, oldest first."""
+        rows = self.index.query(
+            "SELECT id, recorded_at, event_id, event_type, action, outcome, actor, peer, detail FROM audit_events"
+            " WHERE recorded_at >= ? ORDER BY id LIMIT ?", (since, min(limit, QUERY_LIMIT)))
+        records = []
+        for r in rows:
+            detail = json.loads(r["detail"])
+            records.append(AuditRecord(
+                AuditEvent(r["event_id"]), r["action"], Outcome(r["outcome"]), r["actor"] or "", r["peer"] or "",
+                AuditEventType(r["event_type"]) if r["event_type"] else None, detail.get("studies", {}),
+                detail.get("destination"), detail.get("reason"), float(r["recorded_at"]), int(r["id"])))
+        return records
+
+    def prune(self, before: float) -> int:
+        """The trail's retention: records older than `before` go."""
+        with self.index.transaction() as db:
+            return db.execute("DELETE FROM audit_events WHERE recorded_at < ?", (before,)).rowcount
