@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps postgresql haproxy
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps postgresql haproxy rsyslog rsyslog-gnutls jing
 
 .PHONY: run demo test venv system-deps bench clean viewer ohif
 
@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml
 # apt brings the Java runtime it needs) and chromium (the console's browser tests, driven by
 # Playwright; never `playwright install`) and postgresql (the replica tests start their own
 # server in a temp folder as the postgres user) and haproxy (the replicas behind the DICOM load
-# balancer of the compose profile). Installed only when missing.
+# balancer of the compose profile), rsyslog with its TLS driver (the audit record repository of
+# the ATNA tests) and jing (validates audit messages against PS3.15's RELAX NG schema).
+# Installed only when missing.
 # npm (for OHIF) only when no npm is on PATH: some images ship a nodejs that bundles its own npm,
 # which Debian's npm package conflicts with.
 system-deps:

@@ -401,10 +401,29 @@ class HttpConfig(Strict):
         return ipaddress.ip_address(self.bind).is_loopback
 
 
+class AuditRepository(Strict):
+    """An IHE ATNA audit record repository: a syslog server taking DICOM audit messages."""
+
+    host: str
+    port: int = Field(6514, ge=1, le=65535, description="6514: syslog over TLS (RFC 5425); 514 for UDP")
+    protocol: Literal["tls", "tcp", "udp"] = Field(
+        "tls", description="tls (RFC 5425, ATNA's choice), tcp (octet-counted, RFC 6587), udp (RFC 5426: no"
+        " delivery confirmation, a repository that is down loses what is sent meanwhile)")
+    tls: ClientTls = Field(default_factory=lambda: ClientTls(enabled=True))
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}://{self.host}:{self.port}"
+
+
 class AuditConfig(Strict):
     """The audit trail (README, "Audit trail"): its retention is its own, not the data's."""
 
     keep_days: float = Field(3650.0, gt=0, description="audit records older than this are deleted (hourly)")
+    repository: AuditRepository | None = Field(None, description="where the trail is sent as ATNA syslog; null: kept"
+                                                                 " in the index only")
+    site_id: str | None = Field(None, max_length=64, description="AuditEnterpriseSiteID of the messages")
+    sweep_s: float = Field(5.0, gt=0, description="how often records not yet sent are sent")
 
 
 class NodeConfig(Strict):
@@ -455,8 +474,15 @@ class NodeConfig(Strict):
         http = self.http.model_copy(update={"tls": self.http.tls.model_copy(update={
             key: _under(base, getattr(self.http.tls, key)) for key in ("certificate", "private_key")
             if getattr(self.http.tls, key) is not None})})
+        audit = self.audit
+        if audit.repository is not None:
+            tls = audit.repository.tls
+            audit = audit.model_copy(update={"repository": audit.repository.model_copy(update={"tls": tls.model_copy(
+                update={key: _under(base, getattr(tls, key)) for key in ("ca", "certificate", "private_key")
+                        if getattr(tls, key) is not None})})})
         return self.model_copy(update={"storage": storage, "scp": scp, "inference": inference,
-                                       "pipeline": pipeline, "destinations": destinations, "http": http})
+                                       "pipeline": pipeline, "destinations": destinations, "http": http,
+                                       "audit": audit})
 
 
 def _under(base: Path, path: Path) -> Path:

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
 from inference.repository import ModelRepository
 from common import logs
@@ -23,6 +24,7 @@ from node.retention import Retention
 from node.route.live import LiveRules
 from node.receive.hl7 import Hl7Listener
 from node.receive.workers import ReceiverPool
+from node.send.atna import AtnaSender
 from node.send.signal_forward import SignalForwarder
 from node.send.outbox import Outbox
 from node.store.audit import AuditEvent, AuditEventType, AuditRecord, AuditTrail, Outcome
@@ -32,6 +34,7 @@ from node.store.signal_forwards import SignalForwards
 from node.store.spool import Spool
 
 log = logging.getLogger("node.service")
+STOP_SEND_TIMEOUT_S = 5.0
 
 
 class NodeService:
@@ -50,6 +53,7 @@ class NodeService:
         self.live.on_change(self._config_changed)
         self.retention = Retention(self.index, data_dir)
         self.trail = AuditTrail(self.index)
+        self.atna = AtnaSender(self.trail, lambda: self.live.current)
         self.http = None
         self.outbox = Outbox(config, self.index, self.scheduler)
         # The completion settings in force for a caller (the receivers computed their deadline
@@ -74,9 +78,14 @@ class NodeService:
         self.completion.arm(study_uid, time.time())
 
     def _application(self, event_type: AuditEventType) -> None:
-        """The node started or stopped (PS3.15 A.5.3.1 Application Activity)."""
-        self.trail.record(AuditRecord(AuditEvent.APPLICATION_ACTIVITY, "E", Outcome.SUCCESS,
-                                      actor=self.config.scp.ae_title, event_type=event_type), time.time())
+        """The node started or stopped (PS3.15 A.5.3.1 Application Activity); an index that
+        fails here is logged, it does not stop the start or the stop."""
+        try:
+            self.trail.record(AuditRecord(AuditEvent.APPLICATION_ACTIVITY, "E", Outcome.SUCCESS,
+                                          actor=self.config.scp.ae_title, event_type=event_type), time.time())
+        except SQLAlchemyError as exc:
+            logs.event(log, "audit_failed", logging.ERROR, event=AuditEvent.APPLICATION_ACTIVITY.value,
+                       error=type(exc).__name__)
 
     def _prune_audit(self) -> None:
         pruned = self.trail.prune(time.time() - self.live.current.audit.keep_days * 86400)
@@ -172,6 +181,8 @@ class NodeService:
                                id="signal-prune", coalesce=True, max_instances=1)
         self.scheduler.add_job(self._prune_audit, "interval", seconds=3600.0, id="audit-prune", coalesce=True,
                                max_instances=1)
+        self.scheduler.add_job(self.atna.sweep, "interval", seconds=self.config.audit.sweep_s, id="audit-send",
+                               coalesce=True, max_instances=1)
         self._application(AuditEventType.APPLICATION_START)
         self.live.write_snapshot()
         self.receivers.start()
@@ -212,6 +223,10 @@ class NodeService:
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)
             self.scheduler.shutdown(wait=False)
             self._application(AuditEventType.APPLICATION_STOP)
+            try:  # the stop too, if the repository answers now (else it goes with the next start)
+                self.atna.sweep(timeout=STOP_SEND_TIMEOUT_S)
+            except SQLAlchemyError as exc:
+                logs.event(log, "audit_send_failed", logging.WARNING, reason=type(exc).__name__)
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:

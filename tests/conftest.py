@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session", autouse=True)
 def _real_peers_installed() -> None:
-    missing = [tool for tool in ("storescu", "echoscu", "storescp", "dciodvfy") if not shutil.which(tool)]
+    missing = [tool for tool in ("storescu", "echoscu", "storescp", "dciodvfy", "rsyslogd", "jing")
+               if not shutil.which(tool)]
     if missing:
         pytest.fail(f"missing Debian tools {missing}: run `make test` (it installs them)")
 

@@ -8,12 +8,17 @@ reads the trail."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pydicom
 
 from tests.orthanc import Orthanc
 from tests.peers import VENV_BIN, free_port, make_study, storescu, wait_for
+from tests.syslog import Rsyslog
+from tests.test_receive import _make_ca
 
 
 def _trail(node, *args: str) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -81,3 +86,80 @@ def test_each_result_set_sent_or_given_up_is_in_the_audit_trail(start_node, tmp_
         assert (given_up["outcome"], given_up["studies"]) == (12, {study_uid: 3}) and given_up["reason"]
     finally:
         pacs.stop()
+
+
+SCHEMA = Path(__file__).parent / "data" / "dicom-audit-message.rnc"
+HEADER = re.compile(rb"^<(\d+)>1 (\S+) (\S+) dicom-node (\d+) IHE\+RFC-3881 - \xef\xbb\xbf(<\?xml.*)$")
+
+
+def _audit_messages(repository: Rsyslog, tmp_path: Path) -> list[ET.Element]:
+    """Each message the repository got: its RFC 5424 header checked, its XML valid against the
+    DICOM audit message schema (PS3.15 A.5.1, with jing)."""
+    out = []
+    for n, raw in enumerate(repository.messages()):
+        header = HEADER.match(raw)
+        assert header, raw[:200]
+        assert int(header.group(1)) in (84, 85)  # authpriv, notice or warning
+        xml = tmp_path / f"message{n}.xml"
+        xml.write_bytes(header.group(5))
+        valid = subprocess.run(["jing", "-c", str(SCHEMA), str(xml)], capture_output=True, text=True, timeout=120)
+        assert valid.returncode == 0, valid.stdout + valid.stderr
+        out.append(ET.fromstring(header.group(5)))
+    return out
+
+
+def _event(message: ET.Element) -> tuple[str, str | None]:
+    event = message.find("EventIdentification")
+    assert event is not None
+    kind = event.find("EventTypeCode")
+    return event.find("EventID").get("csd-code"), kind.get("csd-code") if kind is not None else None  # type: ignore[union-attr]
+
+
+def test_the_trail_goes_to_an_atna_repository_over_udp_as_valid_dicom_audit_messages(start_node, tmp_path):
+    repository = Rsyslog(tmp_path / "rsyslog").start()
+    try:
+        node = start_node(audit={"repository": {"host": "127.0.0.1", "port": repository.port, "protocol": "udp"},
+                                 "sweep_s": 0.5, "site_id": "HOSPITAL-1"})
+        files = make_study(tmp_path / "ct", slices=2, size=16, patient_id="PAT-42")
+        study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        assert storescu(node.port, files).returncode == 0
+        wait_for(lambda: len(repository.messages()) >= 2, timeout=30)
+        messages = _audit_messages(repository, tmp_path)
+        assert [_event(m) for m in messages] == [("110100", "110120"), ("110104", None)]
+        transfer = messages[1]
+        roles = {p.find("RoleIDCode").get("csd-code"): p.attrib for p in transfer.findall("ActiveParticipant")}  # type: ignore[union-attr]
+        assert (roles["110153"]["UserID"], roles["110153"]["NetworkAccessPointID"]) == ("MODALITY", "127.0.0.1")
+        assert roles["110152"]["UserID"] == "TESTNODE"
+        objects = {o.get("ParticipantObjectTypeCodeRole"): o for o in transfer.findall("ParticipantObjectIdentification")}
+        assert objects["3"].get("ParticipantObjectID") == study_uid
+        assert objects["3"].find("ParticipantObjectDescription/SOPClass").get("NumberOfInstances") == "2"  # type: ignore[union-attr]
+        assert objects["1"].get("ParticipantObjectID") == "PAT-42"
+        assert transfer.find("AuditSourceIdentification").get("AuditEnterpriseSiteID") == "HOSPITAL-1"  # type: ignore[union-attr]
+        assert b"PAT-42" not in node.log_path.read_bytes()  # in the audit trail, never in the log
+    finally:
+        repository.stop()
+
+
+def test_records_wait_while_the_tls_repository_is_down_and_none_is_lost(start_node, tmp_path):
+    """Syslog over TLS (RFC 5425) to rsyslog's gtls driver: while rsyslog is stopped the node
+    goes on (a refused association and a transfer are recorded); once it is back every record
+    arrives, once."""
+    pki = _make_ca(tmp_path / "pki")
+    repository = Rsyslog(tmp_path / "rsyslog", "tls", pki).start()
+    try:
+        node = start_node(scp={"allowed_callers": [{"ae_title": "MODALITY"}]}, audit={
+            "repository": {"host": "127.0.0.1", "port": repository.port, "protocol": "tls",
+                           "tls": {"enabled": True, "ca": str(pki["ca"])}}, "sweep_s": 0.5})
+        wait_for(lambda: repository.messages(), timeout=30)  # the start
+        repository.stop()
+        assert storescu(node.port, make_study(tmp_path / "ct", slices=2, size=16)).returncode == 0
+        assert subprocess.run(["echoscu", "-aet", "INTRUDER", "127.0.0.1", str(node.port)], capture_output=True,
+                              timeout=60).returncode != 0
+        wait_for(lambda: len(node.events("audit_send_failed")) >= 2, timeout=30)
+        repository.start()
+        wait_for(lambda: len(repository.messages()) >= 3, timeout=60)
+        messages = _audit_messages(repository, tmp_path)
+        assert sorted(_event(m) for m in messages) == [("110100", "110120"), ("110104", None), ("110113", "110126")]
+        assert len(repository.messages()) == 3  # no record twice
+    finally:
+        repository.stop()

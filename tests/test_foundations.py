@@ -555,6 +555,7 @@ TABLE_OWNERS = {
     "completion_signals": "node/store/signals.py", "completion_signal_studies": "node/store/signals.py",
     "completion_accessions": "node/store/signals.py", "completion_instance_counts": "node/store/signals.py",
     "signal_forwards": "node/store/signal_forwards.py", "audit_events": "node/store/audit.py",
+    "audit_cursor": "node/store/audit.py",
     "work_items": "node/jobs/store.py", "outbox": "node/send/outbox.py",
     "installation": "node/store/identity.py", "receive_counts": "node/receive/counts.py",
     "retention_log": "node/retention.py", "retention_runs": "node/retention.py",

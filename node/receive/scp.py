@@ -108,6 +108,7 @@ class _AssociationStats:
     instances: int = 0
     failures: int = 0
     studies: dict[str, int] = field(default_factory=dict)  # Study Instance UID -> instances stored
+    patients: dict[str, str] = field(default_factory=dict)  # Study Instance UID -> Patient ID (audit trail)
 
 
 class StorageSCP:
@@ -267,7 +268,8 @@ class StorageSCP:
         if stats.studies or stats.failures:
             self._audit(AuditRecord(AuditEvent.INSTANCES_TRANSFERRED, "C",
                                     Outcome.SUCCESS if not stats.failures else Outcome.MINOR_FAILURE,
-                                    stats.calling_ae, stats.peer, studies=dict(stats.studies)))
+                                    stats.calling_ae, stats.peer, studies=dict(stats.studies),
+                                    patients=dict(stats.patients)))
         aborted = event.assoc.is_aborted  # set by the reactor thread as the A-ABORT is handled
         if aborted:
             self._count(Counted.ASSOCIATION_ABORTED)
@@ -448,6 +450,7 @@ class StorageSCP:
             logs.event(log, "instance_replaced", study_uid=tags.study_uid, sop_instance_uid=tags.sop_instance_uid)
         if stats is not None:
             stats.studies[tags.study_uid] = stats.studies.get(tags.study_uid, 0) + 1
+            stats.patients[tags.study_uid] = tags.patient_id
         if arrival.identical and not arrival.opened:
             logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
                        sop_instance_uid=tags.sop_instance_uid)

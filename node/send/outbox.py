@@ -258,18 +258,24 @@ class Outbox:
                           (state, reason, json.dumps(warnings) if warnings else None, now, row["id"],
                            self.owner)).rowcount != 1:
                 return self._lost(row)
-            peer = self.config.destinations.get(row["destination"])
-            AuditTrail.append(db, AuditRecord(
-                AuditEvent.INSTANCES_TRANSFERRED, "C", Outcome.SUCCESS if state == "delivered" else Outcome.MAJOR_FAILURE,
-                actor=self.config.scp.ae_title, peer=f"{peer.ae_title}@{peer.host}:{peer.port}" if peer else "",
-                studies={row["study_uid"]: len(json.loads(row["files"]))}, destination=row["destination"],
-                reason=reason), now)
+            self._audit(db, row, state, reason, now)
         if state == "dead":
             logs.event(log, "results_dead_letter", logging.ERROR, outbox_id=row["id"], destination=row["destination"],
                        study_uid=row["study_uid"], reason=reason)
             metrics.dead_letter(row["destination"])
         return state
 
+
+    def _audit(self, db: Db, row: Any, state: str, reason: str | None, now: float) -> None:
+        """A result set delivered or given up, in the audit trail (in the transaction that says so)."""
+        peer = self.config.destinations.get(row["destination"])
+        patient = db.execute("SELECT patient_id FROM studies WHERE study_uid=?", (row["study_uid"],)).fetchone()
+        AuditTrail.append(db, AuditRecord(
+            AuditEvent.INSTANCES_TRANSFERRED, "C", Outcome.SUCCESS if state == "delivered" else Outcome.MAJOR_FAILURE,
+            actor=self.config.scp.ae_title, peer=f"{peer.ae_title}@{peer.host}:{peer.port}" if peer else "",
+            studies={row["study_uid"]: len(json.loads(row["files"]))},
+            patients={row["study_uid"]: patient["patient_id"]} if patient and patient["patient_id"] else {},
+            destination=row["destination"], reason=reason), now)
 
     def _lost(self, row: Any) -> str:
         """Our lease expired during the attempt and another replica took the send over: its

@@ -1,4 +1,4 @@
-"""The audit trail (table `audit_events`): who did what with which studies, one record per event.
+"""The audit trail (tables `audit_events` and `audit_cursor`): who did what with which studies, one record per event.
 
 Records follow the DICOM audit message model (PS3.15 A.5, the content of IHE ATNA): an event
 (EventID and its type, a DCM code), an action, an outcome, the active participants (here the
@@ -12,6 +12,7 @@ trail's own retention (`audit.keep_days`).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -55,6 +56,7 @@ class AuditRecord:
     peer: str = ""  # the actor's address
     event_type: AuditEventType | None = None
     studies: dict[str, int] = field(default_factory=dict)  # Study Instance UID -> instances
+    patients: dict[str, str] = field(default_factory=dict)  # Study Instance UID -> Patient ID
     destination: str | None = None  # where instances went (a destinations: name)
     reason: str | None = None
     recorded_at: float = 0.0
@@ -64,7 +66,7 @@ class AuditRecord:
         return {"id": self.id, "recorded_at": self.recorded_at, "event_id": self.event.value,
                 "event_type": self.event_type.value if self.event_type else None, "action": self.action,
                 "outcome": int(self.outcome), "actor": self.actor, "peer": self.peer, "studies": self.studies,
-                "destination": self.destination, "reason": self.reason}
+                "patients": self.patients, "destination": self.destination, "reason": self.reason}
 
 
 class AuditTrail:
@@ -76,8 +78,8 @@ class AuditTrail:
     @staticmethod
     def append(db: Db, record: AuditRecord, now: float) -> None:
         """In the transaction of the event it records."""
-        detail = {k: v for k, v in (("studies", record.studies), ("destination", record.destination),
-                                    ("reason", record.reason)) if v}
+        detail = {k: v for k, v in (("studies", record.studies), ("patients", record.patients),
+                                    ("destination", record.destination), ("reason", record.reason)) if v}
         db.execute(
             "INSERT INTO audit_events (recorded_at, event_id, event_type, action, outcome, actor, peer, detail)"
             " VALUES (?,?,?,?,?,?,?,?)",
@@ -91,17 +93,37 @@ class AuditTrail:
 
     def since(self, since: float, limit: int = QUERY_LIMIT) -> list[AuditRecord]:
         """Records at or after `since`, oldest first."""
+        return self._read("recorded_at >= ?", since, limit)
+
+    def after(self, last_id: int, limit: int) -> list[AuditRecord]:
+        """Records after the one with `last_id` (what a repository has not been sent yet)."""
+        return self._read("id > ?", last_id, limit)
+
+    def _read(self, where: str, value: float, limit: int) -> list[AuditRecord]:
         rows = self.index.query(
             "SELECT id, recorded_at, event_id, event_type, action, outcome, actor, peer, detail FROM audit_events"
-            " WHERE recorded_at >= ? ORDER BY id LIMIT ?", (since, min(limit, QUERY_LIMIT)))
+            f" WHERE {where} ORDER BY id LIMIT ?", (value, min(limit, QUERY_LIMIT)))
         records = []
         for r in rows:
             detail = json.loads(r["detail"])
             records.append(AuditRecord(
                 AuditEvent(r["event_id"]), r["action"], Outcome(r["outcome"]), r["actor"] or "", r["peer"] or "",
                 AuditEventType(r["event_type"]) if r["event_type"] else None, detail.get("studies", {}),
-                detail.get("destination"), detail.get("reason"), float(r["recorded_at"]), int(r["id"])))
+                detail.get("patients", {}), detail.get("destination"), detail.get("reason"),
+                float(r["recorded_at"]), int(r["id"])))
         return records
+
+    def sent_up_to(self, repository: str) -> int:
+        """The last record `repository` took (0: none yet; a new repository is sent the whole trail)."""
+        rows = self.index.query("SELECT last_id FROM audit_cursor WHERE repository=?", (repository,))
+        return int(rows[0]["last_id"]) if rows else 0
+
+    def mark_sent(self, repository: str, last_id: int) -> None:
+        """`repository` took every record up to `last_id` (never moves back)."""
+        with self.index.transaction() as db:
+            db.execute("INSERT INTO audit_cursor (repository, last_id, updated_at) VALUES (?,?,?)"
+                       " ON CONFLICT (repository) DO UPDATE SET last_id=excluded.last_id, updated_at=excluded.updated_at"
+                       " WHERE audit_cursor.last_id < excluded.last_id", (repository, last_id, time.time()))
 
     def prune(self, before: float) -> int:
         """The trail's retention: records older than `before` go."""

@@ -26,6 +26,12 @@ def upgrade() -> None:
         sa.Column("outcome", sa.Integer, nullable=False),  # 0, 4, 8, 12 (EventOutcomeIndicator)
         sa.Column("actor", sa.Text),  # who: a calling AE title (later: a user)
         sa.Column("peer", sa.Text),  # from where: an address
-        sa.Column("detail", sa.Text, nullable=False),  # JSON: studies {uid: instances}, destination, reason
+        sa.Column("detail", sa.Text, nullable=False),  # JSON: studies {uid: instances}, patients, destination, reason
     )
     op.create_index("ix_audit_events_recorded_at", "audit_events", ["recorded_at"])
+    op.create_table(  # how far each audit repository (ATNA syslog) has been sent the trail
+        "audit_cursor",
+        sa.Column("repository", sa.Text, primary_key=True),  # protocol://host:port
+        sa.Column("last_id", sa.Integer, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
