@@ -76,3 +76,23 @@ class Rsyslog:
     def messages(self) -> list[bytes]:
         """What the node sent (the start-up probes left out)."""
         return [m for m in self.received() if PROBE not in m]
+
+
+def make_pki(folder: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+    """A test CA and a server certificate for `host` (subjectAltName IP): the node checks the
+    repository's name, as RFC 5425 asks."""
+    folder.mkdir(parents=True)
+    paths = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test audit CA",
+        "-keyout", str(paths["ca-key"]), "-out", str(paths["ca"]))
+    csr, extensions = folder / "server.csr", folder / "server.ext"
+    extensions.write_text(f"subjectAltName=IP:{host}\n")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=audit-repository", "-keyout", str(paths["server-key"]),
+        "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca-key"]), "-CAcreateserial",
+        "-days", "2", "-extfile", str(extensions), "-out", str(paths["server"]))
+    return paths

@@ -17,8 +17,7 @@ import pydicom
 
 from tests.orthanc import Orthanc
 from tests.peers import VENV_BIN, free_port, make_study, storescu, wait_for
-from tests.syslog import Rsyslog
-from tests.test_receive import _make_ca
+from tests.syslog import Rsyslog, make_pki
 
 
 def _trail(node, *args: str) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -129,7 +128,8 @@ def test_the_trail_goes_to_an_atna_repository_over_udp_as_valid_dicom_audit_mess
         transfer = messages[1]
         roles = {p.find("RoleIDCode").get("csd-code"): p.attrib for p in transfer.findall("ActiveParticipant")}  # type: ignore[union-attr]
         assert (roles["110153"]["UserID"], roles["110153"]["NetworkAccessPointID"]) == ("MODALITY", "127.0.0.1")
-        assert roles["110152"]["UserID"] == "TESTNODE"
+        assert roles["110153"]["AlternativeUserID"] == "AETITLES=MODALITY"
+        assert roles["110152"]["AlternativeUserID"] == "AETITLES=TESTNODE"
         objects = {o.get("ParticipantObjectTypeCodeRole"): o for o in transfer.findall("ParticipantObjectIdentification")}
         assert objects["3"].get("ParticipantObjectID") == study_uid
         assert objects["3"].find("ParticipantObjectDescription/SOPClass").get("NumberOfInstances") == "2"  # type: ignore[union-attr]
@@ -144,7 +144,7 @@ def test_records_wait_while_the_tls_repository_is_down_and_none_is_lost(start_no
     """Syslog over TLS (RFC 5425) to rsyslog's gtls driver: while rsyslog is stopped the node
     goes on (a refused association and a transfer are recorded); once it is back every record
     arrives, once."""
-    pki = _make_ca(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     repository = Rsyslog(tmp_path / "rsyslog", "tls", pki).start()
     try:
         node = start_node(scp={"allowed_callers": [{"ae_title": "MODALITY"}]}, audit={
@@ -161,5 +161,50 @@ def test_records_wait_while_the_tls_repository_is_down_and_none_is_lost(start_no
         messages = _audit_messages(repository, tmp_path)
         assert sorted(_event(m) for m in messages) == [("110100", "110120"), ("110104", None), ("110113", "110126")]
         assert len(repository.messages()) == 3  # no record twice
+        [alert] = [m for m in messages if _event(m)[0] == "110113"]
+        subject = alert.find("ParticipantObjectIdentification")
+        assert (subject.get("ParticipantObjectID"), subject.find("ParticipantObjectName").text) == (  # type: ignore[union-attr]
+            "127.0.0.1", "INTRUDER")
     finally:
         repository.stop()
+
+
+def test_a_repository_whose_certificate_names_another_host_gets_nothing(start_node, tmp_path):
+    """RFC 5425 5.2: the repository is who its certificate says (here the certificate is for
+    127.0.0.2): the node refuses it and keeps the records."""
+    pki = make_pki(tmp_path / "pki", host="127.0.0.2")
+    repository = Rsyslog(tmp_path / "rsyslog", "tls", pki).start()
+    try:
+        node = start_node(audit={"repository": {"host": "127.0.0.1", "port": repository.port, "protocol": "tls",
+                                                "tls": {"enabled": True, "ca": str(pki["ca"])}}, "sweep_s": 0.5})
+        failed = wait_for(lambda: node.events("audit_send_failed"), timeout=30)[0]
+        assert "CERTIFICATE_VERIFY_FAILED" in failed["reason"] or "match" in failed["reason"], failed["reason"]
+        assert repository.messages() == []
+        assert node.query("SELECT last_id FROM audit_cursor")[0]["last_id"] == 0
+    finally:
+        repository.stop()
+
+
+def test_messages_split_by_patient_carry_ipv6_addresses_and_odd_ids_as_valid_xml(tmp_path):
+    """An association that stored 12 studies of two patients, from an IPv6 peer, one Patient ID
+    with control characters: one message per patient, at most 10 studies each, all valid."""
+    from node.send.atna import audit_messages
+    from node.store.audit import AuditEvent, AuditRecord, Outcome
+
+    studies = {f"1.2.3.{n}": n + 1 for n in range(12)}
+    patients = {uid: ("PAT\x1b\x0c-1" if n < 11 else "PAT-2") for n, uid in enumerate(studies)}
+    record = AuditRecord(AuditEvent.INSTANCES_TRANSFERRED, "C", Outcome.SUCCESS, "MODALITY", "2001:db8::17",
+                         studies=studies, patients=patients, recorded_at=1.7e9)
+    messages = audit_messages(record, "TESTNODE")
+    parsed = []
+    for n, xml in enumerate(messages):
+        path = tmp_path / f"m{n}.xml"
+        path.write_bytes(xml)
+        valid = subprocess.run(["jing", "-c", str(SCHEMA), str(path)], capture_output=True, text=True, timeout=120)
+        assert valid.returncode == 0, valid.stdout + valid.stderr
+        parsed.append(ET.fromstring(xml))
+    objects = [[o.get("ParticipantObjectID") for o in m.findall("ParticipantObjectIdentification")] for m in parsed]
+    assert [len(ids) for ids in objects] == [11, 2, 2]  # 10 studies + patient, 1 + patient, 1 + patient
+    assert [ids[-1] for ids in objects] == ["PAT??-1", "PAT??-1", "PAT-2"]
+    source = parsed[0].find("ActiveParticipant")
+    assert (source.get("NetworkAccessPointID"), source.get("NetworkAccessPointTypeCode")) == ("2001:db8::17", "2")  # type: ignore[union-attr]

@@ -57,6 +57,8 @@ from node.receive.tags import UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 
 log = logging.getLogger("node.receive")
+ALERT_INTERVAL_S = 60.0  # refused callers: one audit record a minute per (calling AE, address)
+ALERTS_TRACKED = 10_000
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
@@ -135,6 +137,7 @@ class StorageSCP:
         self._titles = set(config.scp.called_ae_titles())
         self.counts = ReceiveCounts(index)
         self.trail = AuditTrail(index)
+        self._alerted: dict[tuple[str, str], tuple[float, int]] = {}  # (calling AE, address) -> last record, refusals since
         self.signals = SignalScp(CompletionSignals(index), on_signal, config.completion.mpps_forward)
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
@@ -213,8 +216,7 @@ class StorageSCP:
             internals.reject(assoc, *failed[1:])
             self._count(Counted.ASSOCIATION_REJECTED, failed[0])
             if failed[1] == 0x01:  # refused for who the caller is, not for our load: a security alert
-                self._audit(AuditRecord(AuditEvent.SECURITY_ALERT, "E", Outcome.MINOR_FAILURE, calling, peer,
-                                        AuditEventType.NODE_AUTHENTICATION, reason=failed[0]))
+                self._alert(calling, peer, failed[0])
             return
         self.on_slots(taken)
         if called:
@@ -237,6 +239,24 @@ class StorageSCP:
         logs.event(log, "association_rejected", logging.WARNING, reason="refused by pynetdicom",
                    calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
         self._count(Counted.ASSOCIATION_REJECTED, "refused by pynetdicom")
+
+    def _alert(self, calling: str, peer: str, reason: str) -> None:
+        """A refused caller in the audit trail: once a minute per (calling AE, address), the
+        refusals in between counted in the next record (a peer that retries in a loop must not
+        fill the trail, nor hold the write lock C-STOREs need)."""
+        now = time.time()
+        key = (calling, peer)
+        with self._lock:
+            last, suppressed = self._alerted.get(key, (0.0, 0))
+            if now - last < ALERT_INTERVAL_S:
+                self._alerted[key] = (last, suppressed + 1)
+                return
+            if len(self._alerted) >= ALERTS_TRACKED:
+                self._alerted.clear()
+            self._alerted[key] = (now, 0)
+        more = f" ({suppressed} more since the last record)" if suppressed else ""
+        self._audit(AuditRecord(AuditEvent.SECURITY_ALERT, "E", Outcome.MINOR_FAILURE, calling, peer,
+                                AuditEventType.NODE_AUTHENTICATION, reason=reason + more))
 
     def _audit(self, record: AuditRecord) -> None:
         """Into the audit trail; a busy index must not change the answer to the peer (logged)."""

@@ -270,8 +270,8 @@ class Outbox:
         """A result set delivered or given up, in the audit trail (in the transaction that says so)."""
         peer = self.config.destinations.get(row["destination"])
         patient = db.execute("SELECT patient_id FROM studies WHERE study_uid=?", (row["study_uid"],)).fetchone()
-        AuditTrail.append(db, AuditRecord(
-            AuditEvent.INSTANCES_TRANSFERRED, "C", Outcome.SUCCESS if state == "delivered" else Outcome.MAJOR_FAILURE,
+        AuditTrail.append(db, AuditRecord(  # R: the node sends what it holds (PS3.15 A.5.3.7)
+            AuditEvent.INSTANCES_TRANSFERRED, "R", Outcome.SUCCESS if state == "delivered" else Outcome.MAJOR_FAILURE,
             actor=self.config.scp.ae_title, peer=f"{peer.ae_title}@{peer.host}:{peer.port}" if peer else "",
             studies={row["study_uid"]: len(json.loads(row["files"]))},
             patients={row["study_uid"]: patient["patient_id"]} if patient and patient["patient_id"] else {},

@@ -18,6 +18,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from node.store.index import Db, Index
+from node.store.lease import process_owner
 
 QUERY_LIMIT = 100_000  # records one read returns at most
 
@@ -77,7 +78,9 @@ class AuditTrail:
 
     @staticmethod
     def append(db: Db, record: AuditRecord, now: float) -> None:
-        """In the transaction of the event it records."""
+        """In the transaction of the event it records: a write transaction (the index's write
+        lock), so records commit in id order and a repository's cursor never passes one that
+        commits later (never under `transaction(claim=True)`)."""
         detail = {k: v for k, v in (("studies", record.studies), ("patients", record.patients),
                                     ("destination", record.destination), ("reason", record.reason)) if v}
         db.execute(
@@ -93,37 +96,58 @@ class AuditTrail:
 
     def since(self, since: float, limit: int = QUERY_LIMIT) -> list[AuditRecord]:
         """Records at or after `since`, oldest first."""
-        return self._read("recorded_at >= ?", since, limit)
+        return self._read("recorded_at >= ?", since, limit)[0]
 
-    def after(self, last_id: int, limit: int) -> list[AuditRecord]:
-        """Records after the one with `last_id` (what a repository has not been sent yet)."""
+    def after(self, last_id: int, limit: int) -> tuple[list[AuditRecord], int]:
+        """Records after the one with `last_id` (what a repository has not been sent yet), and
+        the last id read (records this release cannot render are passed over)."""
         return self._read("id > ?", last_id, limit)
 
-    def _read(self, where: str, value: float, limit: int) -> list[AuditRecord]:
+    def _read(self, where: str, value: float, limit: int) -> tuple[list[AuditRecord], int]:
         rows = self.index.query(
             "SELECT id, recorded_at, event_id, event_type, action, outcome, actor, peer, detail FROM audit_events"
             f" WHERE {where} ORDER BY id LIMIT ?", (value, min(limit, QUERY_LIMIT)))
         records = []
         for r in rows:
-            detail = json.loads(r["detail"])
-            records.append(AuditRecord(
-                AuditEvent(r["event_id"]), r["action"], Outcome(r["outcome"]), r["actor"] or "", r["peer"] or "",
-                AuditEventType(r["event_type"]) if r["event_type"] else None, detail.get("studies", {}),
-                detail.get("patients", {}), detail.get("destination"), detail.get("reason"),
-                float(r["recorded_at"]), int(r["id"])))
-        return records
+            try:
+                detail = json.loads(r["detail"])
+                records.append(AuditRecord(
+                    AuditEvent(r["event_id"]), r["action"], Outcome(r["outcome"]), r["actor"] or "", r["peer"] or "",
+                    AuditEventType(r["event_type"]) if r["event_type"] else None, detail.get("studies", {}),
+                    detail.get("patients", {}), detail.get("destination"), detail.get("reason"),
+                    float(r["recorded_at"]), int(r["id"])))
+            except ValueError:  # a code a newer release writes (rolling upgrade): not for this one to render
+                continue
+        return records, max((int(r["id"]) for r in rows), default=0)
 
-    def sent_up_to(self, repository: str) -> int:
-        """The last record `repository` took (0: none yet; a new repository is sent the whole trail)."""
-        rows = self.index.query("SELECT last_id FROM audit_cursor WHERE repository=?", (repository,))
-        return int(rows[0]["last_id"]) if rows else 0
+    def claim(self, repository: str, lease_s: float) -> int | None:
+        """Take the right to send to `repository` (one replica at a time, leased on the index's
+        clock) and return the last record it took (0: none yet; a new repository is sent the
+        whole trail); None: another process sends to it now."""
+        owner = process_owner()
+        with self.index.transaction() as db:
+            now = db.lease_clock()
+            db.execute("INSERT INTO audit_cursor (repository, last_id, updated_at) VALUES (?,0,?)"
+                       " ON CONFLICT DO NOTHING", (repository, now))
+            taken = db.execute(
+                "UPDATE audit_cursor SET lease_owner=?, lease_until=? WHERE repository=? AND"
+                " (lease_owner IS NULL OR lease_owner=? OR lease_until < ?)",
+                (owner, now + lease_s, repository, owner, now)).rowcount
+            if not taken:
+                return None
+            return int(db.execute("SELECT last_id FROM audit_cursor WHERE repository=?",
+                                  (repository,)).fetchone()["last_id"])
 
     def mark_sent(self, repository: str, last_id: int) -> None:
         """`repository` took every record up to `last_id` (never moves back)."""
         with self.index.transaction() as db:
-            db.execute("INSERT INTO audit_cursor (repository, last_id, updated_at) VALUES (?,?,?)"
-                       " ON CONFLICT (repository) DO UPDATE SET last_id=excluded.last_id, updated_at=excluded.updated_at"
-                       " WHERE audit_cursor.last_id < excluded.last_id", (repository, last_id, time.time()))
+            db.execute("UPDATE audit_cursor SET last_id=?, updated_at=? WHERE repository=? AND last_id < ?",
+                       (last_id, time.time(), repository, last_id))
+
+    def release(self, repository: str) -> None:
+        with self.index.transaction() as db:
+            db.execute("UPDATE audit_cursor SET lease_owner=NULL, lease_until=NULL WHERE repository=?"
+                       " AND lease_owner=?", (repository, process_owner()))
 
     def prune(self, before: float) -> int:
         """The trail's retention: records older than `before` go."""

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.Text),  # who: a calling AE title (later: a user)
         sa.Column("peer", sa.Text),  # from where: an address
         sa.Column("detail", sa.Text, nullable=False),  # JSON: studies {uid: instances}, patients, destination, reason
+        sqlite_autoincrement=True,  # ids never reused after a prune: a repository's cursor only moves forward
     )
     op.create_index("ix_audit_events_recorded_at", "audit_events", ["recorded_at"])
     op.create_table(  # how far each audit repository (ATNA syslog) has been sent the trail
@@ -34,4 +35,6 @@ def upgrade() -> None:
         sa.Column("repository", sa.Text, primary_key=True),  # protocol://host:port
         sa.Column("last_id", sa.Integer, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("lease_owner", sa.Text),  # the replica sending to it now (one at a time)
+        sa.Column("lease_until", sa.Float),
     )
