@@ -492,10 +492,10 @@ def audit(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """The audit trail: DICOM transfers in and out, refused associations, starts and stops."""
-    from node.store.audit import AuditTrail
+    from node.store.audit import AuditTrail, since_time
 
     try:
-        start = _since(since)
+        start = since_time(since)
     except ValueError:
         typer.echo(f"--since: not a date or an age: {since!r}", err=True)
         raise typer.Exit(2) from None
@@ -512,14 +512,6 @@ def audit(
         ("PEER / DETAIL", "", lambda r: " ".join(filter(None, [r["peer"], r["destination"], r["reason"]])
                                                 + [f"{uid}:{n}" for uid, n in r["studies"].items()])),
     ])
-
-
-def _since(text: str) -> float:
-    """An age (30m, 12h, 7d) before now, or a date/time in ISO form (local time)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-        return time.time() - float(text[:-1]) * units[text[-1]]
-    return datetime.fromisoformat(text).timestamp()
 
 
 @app.command()

@@ -7,9 +7,13 @@ reads the trail."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -208,3 +212,45 @@ def test_messages_split_by_patient_carry_ipv6_addresses_and_odd_ids_as_valid_xml
     assert [ids[-1] for ids in objects] == ["PAT??-1", "PAT??-1", "PAT-2"]
     source = parsed[0].find("ActiveParticipant")
     assert (source.get("NetworkAccessPointID"), source.get("NetworkAccessPointTypeCode")) == ("2001:db8::17", "2")  # type: ignore[union-attr]
+
+
+TOKEN = "audit-test-token-0123456789"
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read(), answer.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), ""
+
+
+def test_admins_export_the_trail_as_json_or_csv_and_each_export_is_itself_audited(start_node, tmp_path):
+    """The trail holds Patient IDs: even on loopback it needs the token; every read is recorded
+    as Audit Log Used (PS3.15 A.5.3.2), whose message is valid too."""
+    from node.send.atna import audit_messages
+    from node.store.audit import AuditEvent, AuditRecord, Outcome
+
+    node = start_node(http={"token": TOKEN})
+    files = make_study(tmp_path / "ct", slices=2, size=16, patient_id="PAT-7")
+    assert storescu(node.port, files).returncode == 0
+    wait_for(lambda: _trail(node) and any(r["event_id"] == "110104" for r in _trail(node)), timeout=30)
+    assert _get(f"{node.url}/api/audit")[0] == 401
+    assert _get(f"{node.url}/api/audit?since=tomorrow", TOKEN)[0] == 400
+    status, body, _ = _get(f"{node.url}/api/audit?since=1h", TOKEN)
+    assert status == 200
+    [transfer] = [r for r in json.loads(body) if r["event_id"] == "110104"]
+    assert list(transfer["patients"].values()) == ["PAT-7"]
+    status, body, kind = _get(f"{node.url}/api/audit?since=1h&format=csv", TOKEN)
+    assert (status, kind.split(";")[0]) == (200, "text/csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert {r["event_id"] for r in rows} >= {"110100", "110104", "110101"}  # the JSON export was recorded first
+    used = [r for r in _trail(node) if r["event_id"] == "110101"]
+    assert [(r["action"], r["actor"], r["peer"], r["reason"]) for r in used] == [
+        ("R", "http.token", "127.0.0.1", "/api/audit")] * 2
+    xml = tmp_path / "used.xml"
+    xml.write_bytes(audit_messages(AuditRecord(AuditEvent.AUDIT_LOG_USED, "R", Outcome.SUCCESS, "http.token",
+                                               "127.0.0.1", reason="/api/audit", recorded_at=1.7e9), "TESTNODE")[0])
+    valid = subprocess.run(["jing", "-c", str(SCHEMA), str(xml)], capture_output=True, text=True, timeout=120)
+    assert valid.returncode == 0, valid.stdout + valid.stderr

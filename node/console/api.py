@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -13,6 +18,10 @@ from node.console.auth import require_read, require_write
 from node.console.context import ConsoleContext
 from node.console.limits import FORM_LIMITS, one_at_a_time
 from node.liveconfig import check, read_snapshot, restart_needed
+from node.store.audit import AuditEvent, AuditRecord, AuditTrail, Outcome, since_time
+
+AUDIT_CSV_COLUMNS = ("id", "recorded_at", "event_id", "event_type", "action", "outcome", "actor", "peer", "studies",
+                     "patients", "destination", "reason")
 
 router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
 
@@ -204,6 +213,33 @@ def get_rules(request: Request) -> dict[str, Any]:
 def reload_config(request: Request) -> dict[str, Any]:
     outcome = ctx_of(request).live.reload()
     return {"applied": outcome.applied, "problems": outcome.problems, "restart_needed": outcome.restart_needed}
+
+
+@router.get("/audit", dependencies=[Depends(require_write)],
+            summary="The audit trail since a time (an age like 7d, or an ISO date), as JSON or CSV; holds Patient"
+                    " IDs, so it needs the token even on loopback; each read is itself recorded (Audit Log Used)")
+def get_audit(request: Request, since: str = "1d", format: str = "json") -> Response:
+    ctx = ctx_of(request)
+    try:
+        start = since_time(since)
+    except ValueError:
+        raise HTTPException(400, f"since: not a date or an age: {since!r}") from None
+    if format not in ("json", "csv"):
+        raise HTTPException(400, "format: json or csv")
+    trail = AuditTrail(ctx.index)
+    rows = [r.as_json() for r in trail.since(start)]
+    trail.record(AuditRecord(AuditEvent.AUDIT_LOG_USED, "R", Outcome.SUCCESS, actor="http.token",
+                             peer=request.client.host if request.client else "", reason=str(request.url.path)),
+                 time.time())
+    if format == "json":
+        return JSONResponse(rows)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(AUDIT_CSV_COLUMNS))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(row[k]) if isinstance(row[k], dict) else row[k] for k in AUDIT_CSV_COLUMNS})
+    return Response(out.getvalue(), media_type="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="audit.csv"'})
 
 
 @router.get("/retention", summary="Retention policy, last run, and what would go now (dry run)")

@@ -49,6 +49,7 @@ MAX_DATAGRAM = 65000
 
 _MEANINGS = {
     AuditEvent.APPLICATION_ACTIVITY: "Application Activity",
+    AuditEvent.AUDIT_LOG_USED: "Audit Log Used",
     AuditEvent.INSTANCES_TRANSFERRED: "DICOM Instances Transferred",
     AuditEvent.SECURITY_ALERT: "Security Alert",
     AuditEventType.APPLICATION_START: "Application Start",
@@ -118,11 +119,13 @@ def _message(record: AuditRecord, node_ae: str, site_id: str | None, patient_id:
     _code(event, "EventID", record.event.value, _MEANINGS[record.event])
     if record.event_type is not None:
         _code(event, "EventTypeCode", record.event_type.value, _MEANINGS[record.event_type])
-    if record.reason:
+    if record.reason and record.event is not AuditEvent.AUDIT_LOG_USED:
         ET.SubElement(event, "EventOutcomeDescription").text = _text(record.reason)
     node = f"{APP_NAME}[{os.getpid()}]"
     if record.event is AuditEvent.APPLICATION_ACTIVITY:  # A.5.3.1
         _participant(root, node, False, ("110150", "Application"), ae_title=node_ae)
+    elif record.event is AuditEvent.AUDIT_LOG_USED:  # A.5.3.2: who read the trail, and from where
+        _participant(root, record.actor, True, None, host_of(record.peer))
     elif record.event is AuditEvent.SECURITY_ALERT:  # A.5.3.11: who reports it, who caused it
         _participant(root, node, False, ("110150", "Application"), ae_title=node_ae)
         _participant(root, record.actor, False, None, host_of(record.peer), ae_title=record.actor)
@@ -145,6 +148,12 @@ def _message(record: AuditRecord, node_ae: str, site_id: str | None, patient_id:
         if record.reason:
             ET.SubElement(subject, "ParticipantObjectDetail", {
                 "type": "Alert Description", "value": base64.b64encode(record.reason.encode()).decode()})
+    if record.event is AuditEvent.AUDIT_LOG_USED:  # the trail itself
+        trail = ET.SubElement(root, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": _text(record.reason or "audit"), "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "13"})
+        _code(trail, "ParticipantObjectIDTypeCode", "12", "URI", "RFC-3881")
+        ET.SubElement(trail, "ParticipantObjectName").text = "Security Audit Log"
     for study_uid in study_uids:
         study = ET.SubElement(root, "ParticipantObjectIdentification", {
             "ParticipantObjectID": study_uid, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "3"})

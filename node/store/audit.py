@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -27,6 +28,7 @@ class AuditEvent(StrEnum):
     """EventID codes (DCM, PS3.15 A.5.3)."""
 
     APPLICATION_ACTIVITY = "110100"
+    AUDIT_LOG_USED = "110101"
     INSTANCES_TRANSFERRED = "110104"
     SECURITY_ALERT = "110113"
 
@@ -68,6 +70,15 @@ class AuditRecord:
                 "event_type": self.event_type.value if self.event_type else None, "action": self.action,
                 "outcome": int(self.outcome), "actor": self.actor, "peer": self.peer, "studies": self.studies,
                 "patients": self.patients, "destination": self.destination, "reason": self.reason}
+
+
+def since_time(text: str, now: float | None = None) -> float:
+    """When `--since`/`?since=` means: an age (30m, 12h, 7d) before now, or an ISO date or
+    date-time (local time). Raises ValueError."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return (time.time() if now is None else now) - float(text[:-1]) * units[text[-1]]
+    return datetime.fromisoformat(text).timestamp()
 
 
 class AuditTrail:
