@@ -221,12 +221,14 @@ class NodeService:
         self.admission.stop()
         self.heartbeat.stop()
         if self.scheduler.running:  # not yet, when the start failed early (console port in use)
-            self.scheduler.shutdown(wait=False)
+            # the stop in the trail, and sent if the repository answers now (else with the next
+            # start), before the scheduler stops: the process ends right after it, as it always did
             self._application(AuditEventType.APPLICATION_STOP)
-            try:  # the stop too, if the repository answers now (else it goes with the next start)
+            try:
                 self.atna.sweep(timeout=STOP_SEND_TIMEOUT_S)
             except SQLAlchemyError as exc:
                 logs.event(log, "audit_send_failed", logging.WARNING, reason=type(exc).__name__)
+            self.scheduler.shutdown(wait=False)
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:
