@@ -107,20 +107,17 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
     link stalled, so the send is caught mid-association): the other replica finishes each, once."""
     link = StallingLink(cluster.pacs.dicom_port)
     doomed, survivor = cluster("replica-a", link.port), cluster("replica-b", link.port)
-    studies = []
-    for n in range(2):  # still in their quiet period when the replica dies
-        files, uid = sphere_study(tmp_path / f"slow{n}", patient_id=f"S{n}", slices=12, size=32, centre=(6, 16, 16))
-        _send(doomed, files, SLOW_CALLER)
-        studies.append(uid)
     link.stall()
     big = [sphere_study(tmp_path / f"big{n}", patient_id=f"B{n}", slices=160, size=128, centre=(80, 64, 64))
            for n in range(5)]  # enough work that the replica runs a job while its first send hangs
+    slow = [sphere_study(tmp_path / f"slow{n}", patient_id=f"S{n}", slices=12, size=32, centre=(6, 16, 16))
+            for n in range(2)]
     senders = [threading.Thread(target=_send, args=(doomed, files)) for files, _ in big]
-    for sender in senders:  # at once: they complete together, while the slow ones still wait
+    for sender in senders:  # at once: they complete together
         sender.start()
     for sender in senders:
         sender.join(120)
-    studies += [uid for _, uid in big]
+    studies = [uid for _, uid in big + slow]
     pid = str(doomed.process.pid)
     work = (("work_items", "running"), ("outbox", "sending"))
     pin = contextlib.ExitStack()
@@ -145,6 +142,11 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
         pin.close()  # one finished before it was locked: look again
         return {}
 
+    # the slow studies once the first send hangs: their quiet period (30 s) starts just before the
+    # pin, not before the big studies' jobs, however slow the machine is
+    wait_for(lambda: held("outbox", "sending"), timeout=180, interval=0.05)
+    for files, _ in slow:
+        _send(doomed, files, SLOW_CALLER)
     with pin:  # rolled back (the locks released) once the replica is dead
         killed_holding = wait_for(pinned, timeout=180, interval=0.02)
         receiving = cluster.index.query("SELECT study_uid FROM studies WHERE state='receiving'")

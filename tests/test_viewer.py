@@ -195,18 +195,36 @@ def test_ohif_shows_the_sr_finding_on_its_slice_with_its_volume(viewer, case):
     group = next(item for item in measurements.ContentSequence if item.ValueType == "CONTAINER")
     point = next(item for item in group.ContentSequence if item.ValueType == "SCOORD")
     referenced = point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-    page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    def opened_sr() -> Any:
+        """A page with the SR opened in its viewport, or None (what OHIF showed is printed)."""
+        page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
+            sr = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR")
+            sr.wait_for(timeout=120_000)
+            page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
+            tour = page.get_by_text("Skip all")
+            if tour.is_visible():
+                tour.click()
+            sr.dblclick()
+            page.locator("svg text", has_text="Volume:").wait_for(timeout=90_000)
+            return page
+        except PlaywrightTimeout:
+            page.screenshot(path=str(viewer.shots / f"{case}-sr-timeout.png"))
+            print(f"{case}: OHIF drew no SR finding; viewport texts "
+                  f"{page.locator('[data-cy=viewport-pane]').all_inner_texts()}, svg texts "
+                  f"{page.locator('svg text').all_text_contents()}")
+            page.close()
+            return None
+
+    # OHIF under load on 2 cores sometimes never draws the SR after the double click (issue of
+    # its own); a fresh page is tried once more: the report itself is the same both times.
+    page = opened_sr() or opened_sr()
+    assert page is not None, "OHIF did not draw the SR finding on two fresh pages"
     try:
-        page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
-        sr = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR")
-        sr.wait_for(timeout=120_000)
-        page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
-        tour = page.get_by_text("Skip all")
-        if tour.is_visible():
-            tour.click()
-        sr.dblclick()
         volume = page.locator("svg text", has_text="Volume:")
-        volume.wait_for(timeout=120_000)
         page.screenshot(path=str(viewer.shots / f"{case}-sr.png"))
         assert f"Volume: {finding['volume_mm3']:.2f} mm3" in volume.text_content()
         if finding["long_axis_mm"] is not None:  # reported for axial series only (README, SR)
