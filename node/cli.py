@@ -514,6 +514,109 @@ def audit(
     ])
 
 
+users_app = typer.Typer(help="Console accounts (local; OIDC users appear at their first sign-in) and API tokens.",
+                        no_args_is_help=True, add_completion=False)
+app.add_typer(users_app, name="users")
+
+
+def _account_change(config: Optional[Path], reason: str, change: Any) -> Any:
+    """Run an account change on the index and record it in the audit trail, the operating
+    system's user as the actor (PS3.15 A.5.3.11, User Security Attributes Changed)."""
+    import getpass
+    import time
+
+    from node.store.accounts import AccountError, Accounts
+    from node.store.audit import AuditEvent, AuditEventType, AuditRecord, AuditTrail, Outcome
+
+    _, index = _index(config)
+    trail = AuditTrail(index)
+    actor = f"{getpass.getuser()}@cli"
+
+    def audit(outcome: Outcome, detail: str) -> None:
+        trail.record(AuditRecord(AuditEvent.SECURITY_ALERT, "E", outcome, actor=actor, person=True,
+                                 event_type=AuditEventType.USER_SECURITY_ATTRIBUTES_CHANGED, target="dicom-node users",
+                                 reason=detail), time.time())
+
+    try:
+        result = change(Accounts(index))
+    except AccountError as exc:
+        audit(Outcome.MINOR_FAILURE, f"{reason}: {exc}")
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    audit(Outcome.SUCCESS, reason)
+    return result
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Argument(..., help="The account's name (what the audit trail shows)."),
+    role: str = typer.Option("viewer", "--role", help="viewer, operator or admin."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Add a local account (its password hashed with argon2id)."""
+    from node.store.accounts import Role
+
+    if role not in {r.value for r in Role}:
+        typer.echo(f"--role: one of {', '.join(r.value for r in Role)}", err=True)
+        raise typer.Exit(2)
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else typer.prompt(
+        "Password", hide_input=True, confirmation_prompt=True)
+    _account_change(config, f"account {name} added as {role}", lambda a: a.add(name, Role(role), password))
+    typer.echo(f"account {name} added ({role})")
+
+
+@users_app.command("list")
+def users_list(
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of accounts."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Accounts with their roles, state and API tokens (never the tokens themselves)."""
+    from node.store.accounts import Accounts
+
+    _, index = _index(config)
+    accounts = Accounts(index)
+    rows = [{**a.as_json(), "tokens": [t["id"] for t in accounts.tokens(a.name) if not t["revoked_at"]]}
+            for a in accounts.all()]
+    _print_rows(rows, as_json, "no accounts", [
+        ("NAME", "24", lambda r: r["name"]), ("ROLE", "8", lambda r: r["role"]), ("SOURCE", "6", lambda r: r["source"]),
+        ("STATE", "8", lambda r: "disabled" if r["disabled"] else "enabled"),
+        ("LAST LOGIN", "19", lambda r: _when(r["last_login"]) if r["last_login"] else "-"),
+        ("TOKENS", "", lambda r: ",".join(map(str, r["tokens"])) or "-"),
+    ])
+
+
+@users_app.command("disable")
+def users_disable(name: str, config: Optional[Path] = ConfigOption) -> None:
+    """Disable an account: its logins, sessions and API tokens stop working at once."""
+    _account_change(config, f"account {name} disabled", lambda a: a.set_disabled(name, True))
+    typer.echo(f"account {name} disabled")
+
+
+@users_app.command("enable")
+def users_enable(name: str, config: Optional[Path] = ConfigOption) -> None:
+    """Enable a disabled account again."""
+    _account_change(config, f"account {name} enabled", lambda a: a.set_disabled(name, False))
+    typer.echo(f"account {name} enabled")
+
+
+@users_app.command("token")
+def users_token(
+    name: str = typer.Argument(..., help="The account the token acts as (with its role)."),
+    label: str = typer.Option("", "--label", help="What the token is for (shown in listings)."),
+    revoke: Optional[int] = typer.Option(None, "--revoke", help="Revoke the token with this id instead."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Issue an API token for an account (printed once, stored hashed), or revoke one."""
+    if revoke is not None:
+        _account_change(config, f"API token {revoke} revoked", lambda a: a.revoke_token(revoke))
+        typer.echo(f"token {revoke} revoked")
+        return
+    token_id, token = _account_change(config, f"API token issued to {name}", lambda a: a.issue_token(name, label))
+    typer.echo(f"token {token_id} for {name} (shown once; send it as 'Authorization: Bearer <token>'):", err=True)
+    typer.echo(token)
+
+
 @app.command()
 def cleanup(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted; delete nothing."),

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,6 +16,7 @@ from common.yamlfile import ConfigError, Problem, load_yaml, validate
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
 HTTP_TOKEN_ENV = "DICOM_NODE_HTTP_TOKEN"
+OIDC_SECRET_ENV = "DICOM_NODE_OIDC_CLIENT_SECRET"
 INDEX_URL_ENV = "DICOM_NODE_INDEX_URL"  # keeps the database password out of node.yaml
 
 
@@ -377,15 +379,57 @@ class HttpTls(Strict):
     private_key: Path | None = None
 
 
+ConsoleRole = Literal["viewer", "operator", "admin"]
+
+
+class OidcConfig(Strict):
+    """Single sign-on with the site's OpenID Connect provider (Keycloak, Entra ID, ...): the pages
+    log in with the authorization code flow and PKCE; the API takes the provider's JWTs as bearer
+    tokens. Roles come from a claim, mapped by `role_map`."""
+
+    issuer: str = Field(description="the provider's issuer URL (its /.well-known/openid-configuration is read)")
+    client_id: str
+    client_secret: str | None = Field(
+        None, description=f"for a confidential client; the environment variable {OIDC_SECRET_ENV} overrides it")
+    scopes: str = "openid profile email"
+    username_claim: str = Field("preferred_username", description="the account name in the audit trail (sub if absent)")
+    roles_claim: str = Field("groups", description="where the roles are, a dotted path (Keycloak: realm_access.roles)")
+    role_map: dict[str, ConsoleRole] = Field(
+        default_factory=dict, description="claim value -> viewer, operator or admin; the highest one applies")
+    default_role: ConsoleRole | None = Field(None, description="for users with no mapped value (none: refused)")
+    audience: str | None = Field(None, description="the aud an API bearer JWT must carry (default: client_id)")
+    redirect_url: str | None = Field(
+        None, description="the callback URL as registered at the provider (default: this console's /login/oidc/callback)")
+    leeway_s: int = Field(30, ge=0, le=300, description="clock skew allowed on exp, iat and nbf")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="for each request to the provider")
+
+    @field_validator("issuer")
+    @classmethod
+    def _secure_issuer(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost", "::1")):
+            raise ValueError("the issuer must be an https URL (http only on loopback, for tests)")
+        return value.rstrip("/")
+
+    def effective_secret(self) -> str | None:
+        return os.environ.get(OIDC_SECRET_ENV) or self.client_secret
+
+
 class HttpConfig(Strict):
     """The operator console: web pages, REST API, health and metrics (node/console)."""
 
-    bind: IpAddress = Field("127.0.0.1", description="address of the console; not loopback needs a token")
+    bind: IpAddress = Field("127.0.0.1", description="address of the console; beyond loopback every page needs a login")
     port: int = Field(8080, ge=0, le=65535, description="0 = no HTTP server")
     token: str | None = Field(
         None, min_length=16,
-        description="bearer token for write actions (and for every page when not on loopback); "
+        description="DEPRECATED shared admin token (use accounts and API tokens; removed in the next release); "
                     "the environment variable DICOM_NODE_HTTP_TOKEN overrides it")
+    oidc: OidcConfig | None = None
+    session_idle_minutes: float = Field(30.0, gt=0, le=24 * 60, description="a console session ends after this idle time")
+    session_max_hours: float = Field(12.0, gt=0, le=7 * 24, description="and at the latest this long after its login")
+    login_failures: int = Field(5, ge=1, le=100, description="failed logins per name or address in login_window_minutes"
+                                                              " before logins from them are refused")
+    login_window_minutes: float = Field(15.0, gt=0, le=24 * 60)
     tls: HttpTls = Field(default_factory=HttpTls)
     show_descriptions: bool = Field(
         False, description="show series descriptions in listings (off: UIDs, modality, dates and counts only)")
@@ -525,11 +569,7 @@ def _check_tls(config: NodeConfig, file: str) -> list[Problem]:
 
 
 def _check_http(http: HttpConfig, file: str) -> list[Problem]:
-    """The console beyond loopback without a token would let anyone retry jobs and read the index."""
     problems = []
-    if http.port and not http.on_loopback() and not http.effective_token():
-        problems.append(Problem(file, None, "http.token",
-                                f"required when http.bind is not a loopback address (or set {HTTP_TOKEN_ENV})"))
     if (http.tls.certificate is None) != (http.tls.private_key is None):
         problems.append(Problem(file, None, "http.tls", "certificate and private_key go together"))
     return problems

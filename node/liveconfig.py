@@ -130,10 +130,12 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def dump(config: NodeConfig) -> dict[str, Any]:
-    """The configuration as JSON data, without the HTTP token."""
+    """The configuration as JSON data, without its secrets (the HTTP token, the OIDC client secret)."""
     data = config.model_dump(mode="json")
-    if data.get("http", {}).get("token"):  # a change is still seen, the token is not shown
-        data["http"]["token"] = "sha256:" + hashlib.sha256(data["http"]["token"].encode()).hexdigest()[:12]
+    for section, key in (("http", "token"), ("oidc", "client_secret")):  # a change is still seen, the secret is not shown
+        holder = data.get("http", {}) if section == "http" else (data.get("http", {}).get("oidc") or {})
+        if holder.get(key):
+            holder[key] = "sha256:" + hashlib.sha256(holder[key].encode()).hexdigest()[:12]
     return data
 
 

@@ -92,6 +92,15 @@ class NodeService:
         if pruned:
             logs.event(log, "audit_pruned", records=pruned)
 
+    def _prune_logins(self) -> None:
+        """Ended console sessions, abandoned sign-ins and failed logins past the throttling window."""
+        from node.console.sessions import Sessions
+        from node.store.accounts import Accounts
+
+        http = self.live.current.http
+        Sessions(self.index).prune(http.session_idle_minutes * 60, http.session_max_hours * 3600)
+        Accounts(self.index).prune_failures(time.time() - http.login_window_minutes * 60)
+
     def _prune_signals(self) -> None:
         pruned = self.signals.prune(time.time(), self.live.current.completion.signal_keep_s)
         if pruned:
@@ -180,6 +189,8 @@ class NodeService:
         self.scheduler.add_job(self._prune_signals, "interval", seconds=min(3600.0, self.config.completion.signal_keep_s),
                                id="signal-prune", coalesce=True, max_instances=1)
         self.scheduler.add_job(self._prune_audit, "interval", seconds=3600.0, id="audit-prune", coalesce=True,
+                               max_instances=1)
+        self.scheduler.add_job(self._prune_logins, "interval", seconds=600.0, id="login-prune", coalesce=True,
                                max_instances=1)
         self.scheduler.add_job(self.atna.sweep, "interval", seconds=self.config.audit.sweep_s, id="audit-send",
                                coalesce=True, max_instances=1)

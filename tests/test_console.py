@@ -112,7 +112,7 @@ def page(browser: Any, node: NodeProcess) -> Iterator[Any]:
 
 def _login(page: Any, node: NodeProcess) -> None:
     page.goto(node.url + "/login")
-    page.fill("#token", TOKEN)
+    page.fill("#password", TOKEN)  # the deprecated shared token: no account name
     page.click("#login")
 
 

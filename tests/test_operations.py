@@ -251,7 +251,6 @@ def test_the_console_serves_https_and_refuses_to_bind_beyond_loopback_without_a_
     import ssl
 
     from node.config import load_config
-    from common.yamlfile import ConfigError
 
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
@@ -273,11 +272,9 @@ def test_the_console_serves_https_and_refuses_to_bind_beyond_loopback_without_a_
     exposed = tmp_path / "exposed.yaml"
     exposed.write_text(yaml.safe_dump({"http": {"bind": "0.0.0.0"}}))
     monkeypatch.delenv("DICOM_NODE_HTTP_TOKEN", raising=False)
-    try:
-        load_config(exposed)
-        raise AssertionError("a console beyond loopback without a token was accepted")
-    except ConfigError as exc:
-        assert "http.token" in str(exc)
+    # beyond loopback every call needs an account or a token (node.console.auth: no open mode),
+    # so a console there without the shared token is safe and starts
+    assert load_config(exposed).http.effective_token() is None
     monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN", "env-token-0123456789")
     assert load_config(exposed).http.effective_token() == "env-token-0123456789"
 

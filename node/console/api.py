@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
@@ -13,17 +12,18 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from node.console import actions, summary
-from node.console.auth import require_read, require_write
+from node.console import actions, summary, trail
+from node.console.auth import principal, require_admin, require_explain, require_operator, require_view, sees_patients
 from node.console.context import ConsoleContext
 from node.console.limits import FORM_LIMITS, one_at_a_time
 from node.liveconfig import check, read_snapshot, restart_needed
-from node.store.audit import AuditEvent, AuditRecord, AuditTrail, Outcome, since_time
+from node.store.accounts import AccountError, Role
+from node.store.audit import AuditEvent, AuditEventType, since_time
 
-AUDIT_CSV_COLUMNS = ("id", "recorded_at", "event_id", "event_type", "action", "outcome", "actor", "peer", "studies",
-                     "patients", "destination", "reason")
+AUDIT_CSV_COLUMNS = ("id", "recorded_at", "event_id", "event_type", "action", "outcome", "actor", "person", "peer",
+                     "studies", "patients", "destination", "target", "reason")
 
-router = APIRouter(prefix="/api", dependencies=[Depends(require_read)])
+router = APIRouter(prefix="/api", dependencies=[Depends(require_view)])
 
 
 def ctx_of(request: Request) -> ConsoleContext:
@@ -35,6 +35,17 @@ def _run(call: Any, *args: Any) -> Any:
         return call(*args)
     except actions.ActionError as exc:
         raise HTTPException(exc.status, exc.message) from None
+
+
+def _audited(request: Request, call: Any, *args: Any) -> Any:
+    """An operator's action, recorded in the audit trail whether it worked or not."""
+    try:
+        message = call(*args)
+    except actions.ActionError as exc:
+        trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, exc.message, ok=False)
+        raise HTTPException(exc.status, exc.message) from None
+    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, message)
+    return message
 
 
 class StudyRow(BaseModel):
@@ -136,16 +147,31 @@ def get_studies(request: Request, limit: int = 500) -> list[dict[str, Any]]:
     return summary.studies(ctx.index, ctx.config.http.show_descriptions, limit)
 
 
-@router.get("/studies/{study_uid}", summary="One study: series, routing explanation, jobs with stages, deliveries")
+@router.get("/studies/{study_uid}", summary="One study: series, routing explanation, jobs with stages, deliveries;"
+                                            " for operators and admins its patient attributes too (audited)")
 def get_study(request: Request, study_uid: str) -> dict[str, Any]:
     ctx = ctx_of(request)
     found = summary.study(ctx.index, ctx.jobs, ctx.retention, study_uid, ctx.config.http.show_descriptions)
     if found is None:
         raise HTTPException(404, f"no study {study_uid}")
+    if sees_patients(request):
+        found["patient"] = patient_view(request, study_uid)
     return found
 
 
-@router.get("/studies/{study_uid}/explain", response_model=ExplainOut,
+def patient_view(request: Request, study_uid: str) -> dict[str, str] | None:
+    """The study's patient attributes, the view recorded as a Patient Record read (PS3.15 A.5.3.14)."""
+    ctx = ctx_of(request)
+    found = summary.patient(ctx.index, ctx.data_dir, study_uid)
+    if found is not None:
+        trail.record(request, AuditEvent.PATIENT_RECORD, action="R", target=request.url.path,
+                     studies={study_uid: int(ctx.index.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?",
+                                                            (study_uid,))[0]["n"])},
+                     patients={study_uid: found["PatientID"]})
+    return found
+
+
+@router.get("/studies/{study_uid}/explain", response_model=ExplainOut, dependencies=[Depends(require_explain)],
             summary="Which rules the study matches with the rules in force now")
 def explain_study(request: Request, study_uid: str) -> Any:
     return vars(_run(actions.explain_study, ctx_of(request), study_uid))
@@ -156,10 +182,10 @@ def get_jobs(request: Request) -> list[dict[str, Any]]:
     return [summary.job_row(j) for j in ctx_of(request).jobs.all_jobs()]
 
 
-@router.post("/jobs/{job_id}/retry", response_model=Done, dependencies=[Depends(require_write)],
+@router.post("/jobs/{job_id}/retry", response_model=Done, dependencies=[Depends(require_operator)],
              summary="Queue a failed, ignored or waiting job again (404 unknown, 409 not retryable)")
 def retry_job(request: Request, job_id: int) -> Done:
-    return Done(message=_run(actions.retry_job, ctx_of(request), job_id))
+    return Done(message=_audited(request, actions.retry_job, ctx_of(request), job_id))
 
 
 @router.get("/outbox", response_model=list[OutboxRow], summary="Result deliveries per destination")
@@ -167,10 +193,10 @@ def get_outbox(request: Request) -> list[dict[str, Any]]:
     return summary.deliveries(ctx_of(request).index)
 
 
-@router.post("/outbox/{item_id}/retry", response_model=Done, dependencies=[Depends(require_write)],
+@router.post("/outbox/{item_id}/retry", response_model=Done, dependencies=[Depends(require_operator)],
              summary="Queue a dead (or pending) delivery again now with a fresh deadline")
 def retry_delivery(request: Request, item_id: int) -> Done:
-    return Done(message=_run(actions.retry_delivery, ctx_of(request), item_id))
+    return Done(message=_audited(request, actions.retry_delivery, ctx_of(request), item_id))
 
 
 @router.get("/associations", response_model=list[AssociationRow], summary="Recent associations, newest first")
@@ -184,14 +210,16 @@ def get_destinations(request: Request) -> list[Destination]:
             for n, d in sorted(ctx_of(request).config.destinations.items())]
 
 
-@router.post("/destinations/{name}/echo", response_model=EchoOut, dependencies=[Depends(require_write)],
+@router.post("/destinations/{name}/echo", response_model=EchoOut, dependencies=[Depends(require_operator)],
              summary="C-ECHO the destination as this node's AE title")
 def echo_destination(request: Request, name: str) -> EchoOut:
     result = _run(actions.echo_destination, ctx_of(request), name)
+    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"C-ECHO {name}: {result.message}", result.ok)
     return EchoOut(destination=name, ok=result.ok, message=result.message, seconds=result.seconds)
 
 
 @router.post("/explain", response_model=list[ExplainOut], form_limits=FORM_LIMITS,
+             dependencies=[Depends(require_explain)],
              summary="Routing explanation for uploaded DICOM files (not stored), with the rules in force; "
                      "413 past http.max_upload_mb per request, 400 past 2000 files")
 async def explain_files(request: Request, files: list[UploadFile] = File(...), calling_ae: str = Form(""),
@@ -208,16 +236,18 @@ def get_rules(request: Request) -> dict[str, Any]:
     return rules_report(ctx_of(request))
 
 
-@router.post("/config/reload", dependencies=[Depends(require_write)],
+@router.post("/config/reload", dependencies=[Depends(require_admin)],
              summary="Reload node.yaml and the rules now (as on SIGHUP)")
 def reload_config(request: Request) -> dict[str, Any]:
     outcome = ctx_of(request).live.reload()
+    trail.action(request, AuditEventType.SOFTWARE_CONFIGURATION,
+                 "reload applied" if outcome.applied else "reload refused", outcome.applied)
     return {"applied": outcome.applied, "problems": outcome.problems, "restart_needed": outcome.restart_needed}
 
 
-@router.get("/audit", dependencies=[Depends(require_write)],
-            summary="The audit trail since a time (an age like 7d, or an ISO date), as JSON or CSV; holds Patient"
-                    " IDs, so it needs the token even on loopback; each read is itself recorded (Audit Log Used)")
+@router.get("/audit", dependencies=[Depends(require_admin)],
+            summary="The audit trail since a time (an age like 7d, or an ISO date), as JSON or CSV (admins: it holds"
+                    " Patient IDs); each read is itself recorded (Audit Log Used)")
 def get_audit(request: Request, since: str = "1d", format: str = "json") -> Response:
     ctx = ctx_of(request)
     try:
@@ -226,11 +256,8 @@ def get_audit(request: Request, since: str = "1d", format: str = "json") -> Resp
         raise HTTPException(400, f"since: not a date or an age: {since!r}") from None
     if format not in ("json", "csv"):
         raise HTTPException(400, "format: json or csv")
-    trail = AuditTrail(ctx.index)
-    rows = [r.as_json() for r in trail.since(start)]
-    trail.record(AuditRecord(AuditEvent.AUDIT_LOG_USED, "R", Outcome.SUCCESS, actor="http.token",
-                             peer=request.client.host if request.client else "", reason=str(request.url.path)),
-                 time.time())
+    rows = [r.as_json() for r in ctx.trail.since(start)]
+    trail.record(request, AuditEvent.AUDIT_LOG_USED, action="R", reason=str(request.url.path))
     if format == "json":
         return JSONResponse(rows)
     out = io.StringIO()
@@ -250,10 +277,99 @@ def get_retention(request: Request) -> dict[str, Any]:
             "would_delete": ctx.retention.plan(policy).as_dict()}
 
 
-@router.post("/retention/run", dependencies=[Depends(require_write)], summary="Apply the retention policy now")
+@router.post("/retention/run", dependencies=[Depends(require_admin)], summary="Apply the retention policy now")
 def run_retention(request: Request) -> dict[str, int]:
     ctx = ctx_of(request)
-    return ctx.retention.run(ctx.config.storage.retention)
+    done = ctx.retention.run(ctx.config.storage.retention)
+    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"retention run: {done['studies']} studies deleted")
+    return done
+
+
+class Me(BaseModel):
+    name: str | None
+    role: str | None
+    via: str | None
+    csrf: str | None = None  # for a session's API writes: send it as X-CSRF-Token
+
+
+class NewAccount(BaseModel):
+    name: str
+    role: Role
+    password: str
+
+
+class AccountChange(BaseModel):
+    disabled: bool | None = None
+    role: Role | None = None
+
+
+class NewToken(BaseModel):
+    label: str = ""
+
+
+@router.get("/me", response_model=Me, summary="Who this request is (its account and role)")
+def me(request: Request) -> Me:
+    who = principal(request)
+    if who is None:
+        return Me(name=None, role=None, via=None)
+    return Me(name=who.name, role=who.role.value, via=who.via, csrf=getattr(request.state, "csrf", None))
+
+
+@router.get("/accounts", dependencies=[Depends(require_admin)], summary="Accounts (local and OIDC) with their tokens")
+def get_accounts(request: Request) -> list[dict[str, Any]]:
+    accounts = ctx_of(request).accounts
+    return [{**a.as_json(), "tokens": accounts.tokens(a.name)} for a in accounts.all()]
+
+
+def _account_change(request: Request, call: Any, *args: Any, reason: str) -> Any:
+    """An account change (audited as User Security Attributes Changed, PS3.15 A.5.3.11)."""
+    try:
+        result = call(*args)
+    except AccountError as exc:
+        trail.action(request, AuditEventType.USER_SECURITY_ATTRIBUTES_CHANGED, f"{reason}: {exc}", ok=False)
+        raise HTTPException(409 if "already" in str(exc) else 404 if str(exc).startswith("no ") else 400,
+                            str(exc)) from None
+    trail.action(request, AuditEventType.USER_SECURITY_ATTRIBUTES_CHANGED, reason)
+    return result
+
+
+@router.post("/accounts", dependencies=[Depends(require_admin)], status_code=201, summary="Add a local account")
+def add_account(request: Request, new: NewAccount) -> dict[str, Any]:
+    accounts = ctx_of(request).accounts
+    return _account_change(request, accounts.add, new.name, new.role, new.password,
+                           reason=f"account {new.name} added as {new.role.value}").as_json()
+
+
+@router.patch("/accounts/{name}", dependencies=[Depends(require_admin)],
+              summary="Disable or enable an account, or change a local account's role (its sessions end)")
+def change_account(request: Request, name: str, change: AccountChange) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    account = ctx.accounts.get(name)
+    if account is None:
+        raise HTTPException(404, f"no account {name!r}")
+    if change.role is not None:
+        account = _account_change(request, ctx.accounts.set_role, name, change.role,
+                                  reason=f"account {name}: role {change.role.value}")
+    if change.disabled is not None:
+        account = _account_change(request, ctx.accounts.set_disabled, name, change.disabled,
+                                  reason=f"account {name} {'disabled' if change.disabled else 'enabled'}")
+    ctx.sessions.end_all(name)
+    return account.as_json()
+
+
+@router.post("/accounts/{name}/tokens", dependencies=[Depends(require_admin)], status_code=201,
+             summary="A new API token for the account (shown once; stored hashed)")
+def add_token(request: Request, name: str, new: NewToken) -> dict[str, Any]:
+    token_id, token = _account_change(request, ctx_of(request).accounts.issue_token, name, new.label,
+                                      reason=f"API token issued to {name}")
+    return {"id": token_id, "token": token, "account": name}
+
+
+@router.delete("/tokens/{token_id}", dependencies=[Depends(require_admin)], summary="Revoke an API token")
+def revoke_token(request: Request, token_id: int) -> Done:
+    name = _account_change(request, ctx_of(request).accounts.revoke_token, token_id,
+                           reason=f"API token {token_id} revoked")
+    return Done(message=f"token {token_id} of {name} revoked")
 
 
 def rules_report(ctx: ConsoleContext) -> dict[str, Any]:

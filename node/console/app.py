@@ -16,12 +16,13 @@ import time
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import logs
 from node.console import api, pages, summary
+from node.console.auth import require_view
 from node.console.context import ConsoleContext
 from node.console.health import Health
 from node.console.limits import MB, BodyLimit, BodyTooLarge
@@ -34,8 +35,9 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     # No /docs: Swagger UI loads from a CDN. The schema itself is at /openapi.json.
     app = FastAPI(title="dicom-node console", version="1", docs_url=None, redoc_url=None,
                   description="Operator console of the DICOM analysis node: studies, jobs, outbox, "
-                              "destinations, rules, health and metrics. Write actions need the "
-                              "bearer token (http.token or DICOM_NODE_HTTP_TOKEN).")
+                              "destinations, rules, health and metrics. Calls need a role (viewer, operator, "
+                              "admin): an API token of an account or the identity provider's JWT as "
+                              "`Authorization: Bearer`, or a session (X-CSRF-Token on writes).")
     health = Health(ctx)
     registry = registry_for(ctx)
     app.state.ctx = ctx
@@ -71,12 +73,14 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         readiness = health.ready(models=False)
         return JSONResponse(readiness.as_dict(), status_code=200 if readiness.ready else 503)
 
-    @app.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text exposition format)")
+    @app.get("/metrics", tags=["metrics"], dependencies=[Depends(require_view)],
+             summary="Prometheus metrics (text exposition format); a viewer's API token once accounts exist")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api.router, tags=["api"])
     app.include_router(pages.router, include_in_schema=False)
+    app.include_router(pages.login_router, include_in_schema=False)
     app.exception_handler(pages.PageError)(pages.page_error)
     app.exception_handler(BodyTooLarge)(too_large)
     app.add_middleware(BodyLimit, limit=lambda: int(ctx.config.http.max_upload_mb * MB), refuse=too_large)
@@ -129,8 +133,13 @@ class HttpServer:
             if time.monotonic() > deadline:
                 raise OSError("the console did not start in time")
             time.sleep(0.02)
+        http = self.app.state.ctx.config.http
         logs.event(log, "http_started", url=f"{self.scheme}://{self.config.host}:{self.config.port}",
-                   token=bool(self.app.state.ctx.config.http.effective_token()))
+                   token=bool(http.effective_token()), oidc=http.oidc is not None)
+        if http.effective_token():
+            logs.event(log, "http_token_deprecated", logging.WARNING,
+                       message="http.token is a shared admin credential, removed in the next release: use accounts "
+                               "(dicom-node users add) and their API tokens (dicom-node users token)")
 
     def _serve(self) -> None:
         try:

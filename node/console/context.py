@@ -10,10 +10,14 @@ from typing import Callable
 from inference.backends.pool import ServerStats
 from inference.repository import ModelRepository
 from node.config import NodeConfig
+from node.console.oidc import OidcProvider
+from node.console.sessions import Sessions
 from node.jobs.store import JobStore
 from node.liveconfig import LiveConfig
 from node.retention import Retention
 from node.route.rules import RuleSet
+from node.store.accounts import Accounts
+from node.store.audit import AuditTrail
 from node.store.index import Index
 from node.store.spool import Spool
 
@@ -32,6 +36,13 @@ class ConsoleContext:
     wake_jobs: Callable[[], None] = lambda: None
     triton_servers: list[ServerStats] = field(default_factory=list)  # the job runner's, live
     started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.accounts = Accounts(self.index)
+        self.sessions = Sessions(self.index)
+        self.trail = AuditTrail(self.index)
+        oidc = self.live.current.http.oidc  # http.* needs a restart: fixed for the process
+        self.oidc = OidcProvider(oidc) if oidc is not None else None
 
     @property
     def config(self) -> NodeConfig:

@@ -1,12 +1,14 @@
 """Server-rendered pages (Jinja2, autoescaped; inline CSS, no scripts from anywhere else).
 
-Actions are plain HTML forms that POST and redirect back with a one-line message, so every page
-works without JavaScript. The token for actions is asked once (/login) and kept in a cookie.
+Actions are plain HTML forms that POST (with the session's CSRF token) and redirect back with a
+one-line message, so every page works without JavaScript. Logging in (/login: a local account,
+or the site's identity provider) starts a session kept in the index (node.console.sessions).
 """
 
 from __future__ import annotations
 
 import hmac
+import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -17,19 +19,24 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from node.console import actions, summary
-from node.console.api import rules_report
-from node.console.auth import COOKIE, require_read, token_ok
+from node.console import actions, summary, trail
+from node.console.api import patient_view, rules_report
+from node.console.auth import (LOGIN_COOKIE, SESSION_COOKIE, Refused, allowed, csrf_ok, principal,
+                               sees_patients)
 from node.console.context import ConsoleContext
 from node.console.limits import FORM_LIMITS, one_at_a_time
+from node.console.oidc import OidcError
+from node.console.sessions import SHARED_TOKEN_SESSION
+from node.store.accounts import AccountError, Role
+from node.store.audit import AuditEvent, AuditEventType, Outcome, since_time
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.filters["when"] = summary.when
 templates.env.filters["mb"] = summary.megabytes
 templates.env.filters["seconds"] = lambda v: f"{v:.2f} s" if v is not None else "-"
 
-router = APIRouter(dependencies=[Depends(require_read)])
 PAGE_ROWS = 500  # newest first; the API lists everything
+AUDIT_ROWS = 1000  # the audit page's newest records; the export has them all
 
 
 class PageError(Exception):
@@ -37,6 +44,35 @@ class PageError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _allowed(request: Request, needed: Role, open_read: bool = False) -> None:
+    try:
+        allowed(request, needed, open_read)
+    except Refused as exc:
+        raise PageError(exc.status_code, str(exc.detail)) from None
+
+
+def viewing(request: Request) -> None:
+    _allowed(request, Role.VIEWER, open_read=True)
+
+
+def acting(needed: Role, open_read: bool = False) -> Any:
+    """A form's dependency: the role, and the session's CSRF token in the form's `csrf` field."""
+    def check(request: Request, csrf: str = Form("")) -> None:
+        _allowed(request, needed, open_read)
+        if not csrf_ok(request, csrf):
+            raise PageError(403, "This form is not from this console's page, or its page is from an older login:"
+                                 " open the page again and retry.")
+    return check
+
+
+def admin_view(request: Request) -> None:
+    _allowed(request, Role.ADMIN)
+
+
+router = APIRouter(dependencies=[Depends(viewing)])
+login_router = APIRouter()  # the login pages: open to all
 
 
 async def page_error(request: Request, exc: Exception) -> Response:
@@ -52,9 +88,14 @@ def ctx_of(request: Request) -> ConsoleContext:
 
 def render(request: Request, template: str, values: dict[str, Any], status: int = 200) -> HTMLResponse:
     ctx = ctx_of(request)
+    try:
+        who = principal(request)
+    except Refused:
+        who = None
     values = {"request": request, "ae_title": ctx.config.scp.ae_title, "msg": request.query_params.get("msg"),
-              "ok": request.query_params.get("ok") == "1", "can_act": token_ok(request),
-              "writable": bool(ctx.config.http.effective_token()), **values}
+              "ok": request.query_params.get("ok") == "1", "who": who,
+              "can_act": who is not None and who.may(Role.OPERATOR), "can_admin": who is not None and who.may(Role.ADMIN),
+              "csrf": getattr(request.state, "csrf", ""), "sso": ctx.oidc is not None, **values}
     return templates.TemplateResponse(request, template, values, status_code=status)
 
 
@@ -62,19 +103,14 @@ def back(path: str, message: str, ok: bool) -> RedirectResponse:
     return RedirectResponse(f"{path}?{urlencode({'msg': message, 'ok': '1' if ok else '0'})}", 303)
 
 
-def writer(request: Request) -> None:
-    """Pages' version of require_write: a login page instead of a bare 401."""
-    if not ctx_of(request).config.http.effective_token():
-        raise PageError(403, "The console is read-only: set http.token or DICOM_NODE_HTTP_TOKEN to allow actions.")
-    if not token_ok(request):
-        raise PageError(401, "This action needs the console token.")
-
-
-def act(path: str, call: Any, *args: Any) -> RedirectResponse:
+def act(request: Request, path: str, call: Any, *args: Any) -> RedirectResponse:
+    """An operator's action, recorded in the audit trail whether it worked or not."""
     try:
-        return back(path, call(*args), True)
+        message, ok = call(*args), True
     except actions.ActionError as exc:
-        return back(path, exc.message, False)
+        message, ok = exc.message, False
+    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, message, ok)
+    return back(path, message, ok)
 
 
 # -- pages -------------------------------------------------------------------------------------
@@ -104,6 +140,8 @@ def study(request: Request, study_uid: str) -> HTMLResponse:
     if found["explanation"] is None and found["series"]:
         found["explanation"] = actions.explain_study(ctx, study_uid).explanation
         found["explanation_live"] = True
+    if sees_patients(request):
+        found["patient"] = patient_view(request, study_uid)
     return render(request, "study.html", {"d": found, "page": "studies"})
 
 
@@ -114,9 +152,9 @@ def jobs(request: Request) -> HTMLResponse:
                                          "page": "jobs"})
 
 
-@router.post("/jobs/{job_id}/retry", dependencies=[Depends(writer)])
+@router.post("/jobs/{job_id}/retry", dependencies=[Depends(acting(Role.OPERATOR))])
 def retry_job(request: Request, job_id: int) -> RedirectResponse:
-    return act("/jobs", actions.retry_job, ctx_of(request), job_id)
+    return act(request, "/jobs", actions.retry_job, ctx_of(request), job_id)
 
 
 @router.get("/outbox", response_class=HTMLResponse)
@@ -126,9 +164,9 @@ def outbox(request: Request) -> HTMLResponse:
                                            "page": "outbox"})
 
 
-@router.post("/outbox/{item_id}/retry", dependencies=[Depends(writer)])
+@router.post("/outbox/{item_id}/retry", dependencies=[Depends(acting(Role.OPERATOR))])
 def retry_delivery(request: Request, item_id: int) -> RedirectResponse:
-    return act("/outbox", actions.retry_delivery, ctx_of(request), item_id)
+    return act(request, "/outbox", actions.retry_delivery, ctx_of(request), item_id)
 
 
 @router.get("/destinations", response_class=HTMLResponse)
@@ -138,12 +176,13 @@ def destinations(request: Request) -> HTMLResponse:
                   {"destinations": sorted(ctx.config.destinations.items()), "page": "destinations"})
 
 
-@router.post("/destinations/{name}/echo", dependencies=[Depends(writer)])
+@router.post("/destinations/{name}/echo", dependencies=[Depends(acting(Role.OPERATOR))])
 def echo(request: Request, name: str) -> RedirectResponse:
     try:
         result = actions.echo_destination(ctx_of(request), name)
     except actions.ActionError as exc:
         return back("/destinations", exc.message, False)
+    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"C-ECHO {name}: {result.message}", result.ok)
     return back("/destinations", f"C-ECHO {name}: {result.message} ({result.seconds:.2f} s)", result.ok)
 
 
@@ -162,7 +201,8 @@ def _rules_page(request: Request, explained: list[actions.Explained] | None, err
                                           "error": error, "recent": recent, "page": "rules"})
 
 
-@router.post("/rules/explain", response_class=HTMLResponse, form_limits=FORM_LIMITS)
+@router.post("/rules/explain", response_class=HTMLResponse, form_limits=FORM_LIMITS,
+             dependencies=[Depends(acting(Role.OPERATOR, open_read=True))])
 async def explain(request: Request, files: list[UploadFile] = File(default=[]), study_uid: str = Form(""),
                   calling_ae: str = Form(""), peer: str = Form("")) -> HTMLResponse:
     ctx = ctx_of(request)
@@ -184,19 +224,22 @@ async def explain(request: Request, files: list[UploadFile] = File(default=[]), 
     return await run_in_threadpool(explain_now)
 
 
-@router.post("/config/reload", dependencies=[Depends(writer)])
+@router.post("/config/reload", dependencies=[Depends(acting(Role.ADMIN))])
 def reload(request: Request) -> RedirectResponse:
     outcome = ctx_of(request).live.reload()
+    trail.action(request, AuditEventType.SOFTWARE_CONFIGURATION,
+                 "reload applied" if outcome.applied else "reload refused", outcome.applied)
     if not outcome.applied:
         return back("/rules", "reload refused: " + "; ".join(outcome.problems), False)
     pending = f"; needs a restart: {', '.join(outcome.restart_needed)}" if outcome.restart_needed else ""
     return back("/rules", "configuration reloaded" + pending, True)
 
 
-@router.post("/retention/run", dependencies=[Depends(writer)])
+@router.post("/retention/run", dependencies=[Depends(acting(Role.ADMIN))])
 def retention_run(request: Request) -> RedirectResponse:
     ctx = ctx_of(request)
     done = ctx.retention.run(ctx.config.storage.retention)
+    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"retention run: {done['studies']} studies deleted")
     return back("/", f"retention: {done['studies']} studies ({done['bytes'] / 1e6:.1f} MB), "
                      f"{done['result_files']} result files deleted", True)
 
@@ -204,28 +247,182 @@ def retention_run(request: Request) -> RedirectResponse:
 # -- login -------------------------------------------------------------------------------------
 
 
-@router.get("/login", response_class=HTMLResponse)
+@login_router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str = "/") -> HTMLResponse:
     return render(request, "login.html", {"next": _local(next), "page": "login"})
 
 
-@router.post("/login")
-def login(request: Request, token: str = Form(...), next: str = Form("/")) -> Response:
-    expected = ctx_of(request).config.http.effective_token()
-    if not expected or not hmac.compare_digest(expected.encode(), token.encode()):
-        return render(request, "login.html", {"next": _local(next), "page": "login",
-                                              "error": "wrong token" if expected else "no token is configured"}, 401)
+def _login_refused(request: Request, name: str, next: str, message: str, status: int, reason: str) -> HTMLResponse:
+    trail.record(request, AuditEvent.USER_AUTHENTICATION, AuditEventType.LOGIN, actor=name or "-",
+                 outcome=Outcome.MINOR_FAILURE, reason=reason)
+    return render(request, "login.html", {"next": _local(next), "page": "login", "error": message}, status)
+
+
+def _logged_in(request: Request, name: str, role: Role, next: str, via: str) -> RedirectResponse:
+    """Start the session: a new cookie value at every login (no session fixation)."""
+    ctx = ctx_of(request)
+    cookie, _ = ctx.sessions.start(name, role)
+    if name != SHARED_TOKEN_SESSION:
+        ctx.accounts.logged_in(name)
+    trail.record(request, AuditEvent.USER_AUTHENTICATION, AuditEventType.LOGIN, actor=name, reason=f"{via}, {role.value}")
     response = RedirectResponse(_local(next), 303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                        max_age=int(ctx.config.http.session_max_hours * 3600))
     return response
 
 
-@router.get("/logout")
-def logout() -> RedirectResponse:
-    response = RedirectResponse("/", 303)
-    response.delete_cookie(COOKIE)
+@login_router.post("/login")
+def login(request: Request, username: str = Form(""), password: str = Form(...), next: str = Form("/")) -> Response:
+    ctx = ctx_of(request)
+    http = ctx.config.http
+    peer = trail.peer_of(request)
+    name = username.strip()
+    if ctx.accounts.recent_failures(name, peer, http.login_window_minutes * 60) >= http.login_failures:
+        return _login_refused(request, name, next, f"Too many failed logins: try again in {http.login_window_minutes:g}"
+                              " minutes.", 429, "throttled")
+    shared = http.effective_token()
+    if name in ("", SHARED_TOKEN_SESSION) and shared and hmac.compare_digest(shared.encode(), password.encode()):
+        return _logged_in(request, SHARED_TOKEN_SESSION, Role.ADMIN, next, "shared token (deprecated)")
+    account = ctx.accounts.check_password(name, password) if name else None
+    if account is None:
+        ctx.accounts.failed_login(name, peer)
+        return _login_refused(request, name, next, "Wrong name or password, or the account is disabled.", 401,
+                              "wrong name or password, or disabled")
+    return _logged_in(request, account.name, account.role, next, "password")
+
+
+@login_router.get("/login/oidc")
+def oidc_start(request: Request, next: str = "/") -> Response:
+    """To the identity provider (authorization code flow with PKCE; state, nonce and the code
+    verifier kept in the index, bound to this browser by a short-lived cookie)."""
+    ctx = ctx_of(request)
+    if ctx.oidc is None:
+        raise PageError(404, "No identity provider is configured (http.oidc).")
+    browser, state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(4))
+    try:
+        url = ctx.oidc.authorization_url(_callback_url(request), state, nonce, verifier)
+    except OidcError as exc:
+        raise PageError(502, f"Single sign-on is unavailable: {exc}.") from None
+    ctx.sessions.begin_login(browser, state, nonce, verifier, _local(next))
+    response = RedirectResponse(url, 303)
+    response.set_cookie(LOGIN_COOKIE, browser, httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                        max_age=600, path="/login/oidc")
     return response
+
+
+def _callback_url(request: Request) -> str:
+    oidc = ctx_of(request).config.http.oidc
+    return oidc.redirect_url if oidc and oidc.redirect_url else str(request.url_for("oidc_callback"))
+
+
+@login_router.get("/login/oidc/callback", name="oidc_callback")
+def oidc_callback(request: Request, state: str = "", code: str = "", error: str = "") -> Response:
+    ctx = ctx_of(request)
+    if ctx.oidc is None:
+        raise PageError(404, "No identity provider is configured (http.oidc).")
+    pending = ctx.sessions.finish_login(request.cookies.get(LOGIN_COOKIE, ""), state)
+    if pending is None:
+        return _login_refused(request, "", "/", "This sign-in was not started in this browser, or it took more than"
+                              " 10 minutes: sign in again.", 400, "OIDC: unknown or expired state")
+    if error or not code:
+        return _login_refused(request, "", pending.next_path, "The identity provider did not sign you in.", 401,
+                              "OIDC: the provider returned an error")
+    try:
+        claims = ctx.oidc.redeem(_callback_url(request), code, pending.code_verifier, pending.nonce)
+    except OidcError as exc:
+        return _login_refused(request, "", pending.next_path, f"Single sign-on failed: {exc}.", 401, f"OIDC: {exc}")
+    name, role = ctx.oidc.name_of(claims), ctx.oidc.role_of(claims)
+    if role is None:
+        return _login_refused(request, name, pending.next_path, "Your account has no role on this node: ask an"
+                              " administrator (http.oidc.role_map).", 403, "OIDC: no mapped role")
+    try:
+        account = ctx.accounts.oidc_login(name, role)
+    except AccountError as exc:
+        account, role_error = None, str(exc)
+    else:
+        role_error = "disabled on this node, or the name of a local account"
+    if account is None:
+        return _login_refused(request, name, pending.next_path, f"This account cannot sign in here ({role_error}).",
+                              403, f"OIDC: {role_error}")
+    response = _logged_in(request, name, role, pending.next_path, "OIDC")
+    response.delete_cookie(LOGIN_COOKIE, path="/login/oidc")
+    return response
+
+
+@login_router.post("/logout")
+def logout(request: Request, csrf: str = Form("")) -> RedirectResponse:
+    ctx = ctx_of(request)
+    cookie = request.cookies.get(SESSION_COOKIE)
+    who = principal(request) if cookie else None
+    if who is not None and csrf_ok(request, csrf):
+        ctx.sessions.end(cookie)
+        trail.record(request, AuditEvent.USER_AUTHENTICATION, AuditEventType.LOGOUT)
+    response = RedirectResponse("/login", 303)
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+# -- administration ----------------------------------------------------------------------------
+
+
+@router.get("/admin/accounts", response_class=HTMLResponse, dependencies=[Depends(admin_view)])
+def accounts_page(request: Request) -> HTMLResponse:
+    accounts = ctx_of(request).accounts
+    rows = [{**a.as_json(), "tokens": accounts.tokens(a.name)} for a in accounts.all()]
+    return render(request, "accounts.html", {"accounts": rows, "roles": [r.value for r in Role], "page": "accounts",
+                                             "new_token": None})
+
+
+def _account_action(request: Request, call: Any, *args: Any, reason: str) -> Any:
+    try:
+        result = call(*args)
+    except AccountError as exc:
+        trail.action(request, AuditEventType.USER_SECURITY_ATTRIBUTES_CHANGED, f"{reason}: {exc}", ok=False)
+        raise PageError(400, str(exc)) from None
+    trail.action(request, AuditEventType.USER_SECURITY_ATTRIBUTES_CHANGED, reason)
+    return result
+
+
+@router.post("/admin/accounts", dependencies=[Depends(acting(Role.ADMIN))])
+def add_account(request: Request, name: str = Form(...), role: Role = Form(...),
+                password: str = Form(...)) -> RedirectResponse:
+    _account_action(request, ctx_of(request).accounts.add, name, role, password, reason=f"account {name} added as {role.value}")
+    return back("/admin/accounts", f"account {name} added ({role.value})", True)
+
+
+@router.post("/admin/accounts/{name}/disabled", dependencies=[Depends(acting(Role.ADMIN))])
+def set_disabled(request: Request, name: str, disabled: bool = Form(...)) -> RedirectResponse:
+    ctx = ctx_of(request)
+    _account_action(request, ctx.accounts.set_disabled, name, disabled,
+                    reason=f"account {name} {'disabled' if disabled else 'enabled'}")
+    ctx.sessions.end_all(name)
+    return back("/admin/accounts", f"account {name} {'disabled' if disabled else 'enabled'}", True)
+
+
+@router.post("/admin/accounts/{name}/tokens", response_class=HTMLResponse, dependencies=[Depends(acting(Role.ADMIN))])
+def add_token(request: Request, name: str, label: str = Form("")) -> HTMLResponse:
+    token_id, token = _account_action(request, ctx_of(request).accounts.issue_token, name, label,
+                                      reason=f"API token issued to {name}")
+    return render(request, "token.html", {"account": name, "token_id": token_id, "token": token, "page": "accounts"})
+
+
+@router.post("/admin/tokens/{token_id}/revoke", dependencies=[Depends(acting(Role.ADMIN))])
+def revoke_token(request: Request, token_id: int) -> RedirectResponse:
+    name = _account_action(request, ctx_of(request).accounts.revoke_token, token_id, reason=f"API token {token_id} revoked")
+    return back("/admin/accounts", f"token {token_id} of {name} revoked", True)
+
+
+@router.get("/admin/audit", response_class=HTMLResponse, dependencies=[Depends(admin_view)])
+def audit_page(request: Request, since: str = "1d") -> HTMLResponse:
+    ctx = ctx_of(request)
+    try:
+        start = since_time(since)
+    except ValueError:
+        raise PageError(400, f"since: not a date or an age: {since}") from None
+    records = ctx.trail.since(start)
+    trail.record(request, AuditEvent.AUDIT_LOG_USED, action="R", reason=str(request.url.path))
+    return render(request, "audit.html", {"records": list(reversed(records))[:AUDIT_ROWS], "total": len(records),
+                                          "since": since, "page": "audit"})
 
 
 def _local(path: str) -> str:

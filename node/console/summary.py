@@ -14,6 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pydicom
+import pydicom.errors
+
 from node.config import NodeConfig
 from node.jobs.store import Job, JobStore
 from node.retention import Retention
@@ -194,3 +197,22 @@ def format_status(summary: dict[str, Any]) -> str:
         lines.append(f"  #{a['id']:<5} {a['calling_ae'] or '?':16} -> {a['called_ae'] or '?':16} {a['peer'] or '':15} "
                      f"{a['instances']:>6} instances {a['failures']:>4} failures  {when(a['started_at'])}")
     return "\n".join(lines)
+
+
+PATIENT_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+
+
+def patient(index: Index, data_dir: Path, study_uid: str) -> dict[str, str] | None:
+    """The study's patient attributes (operators and admins only: the caller records the view in
+    the audit trail), from the index and the header of one stored instance."""
+    rows = index.query("SELECT patient_id FROM studies WHERE study_uid=?", (study_uid,))
+    if not rows:
+        return None
+    found = {"PatientID": rows[0]["patient_id"] or ""}
+    for row in index.query("SELECT path FROM instances WHERE study_uid=? LIMIT 1", (study_uid,)):
+        try:
+            header = pydicom.dcmread(data_dir / row["path"], stop_before_pixels=True, specific_tags=list(PATIENT_TAGS))
+        except (OSError, pydicom.errors.InvalidDicomError):
+            break  # the file is gone (retention, missing): the index's Patient ID is what there is
+        found.update({key: str(header.get(key, "") or "") for key in PATIENT_TAGS if key != "PatientID"})
+    return found

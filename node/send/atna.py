@@ -52,9 +52,16 @@ _MEANINGS = {
     AuditEvent.AUDIT_LOG_USED: "Audit Log Used",
     AuditEvent.INSTANCES_TRANSFERRED: "DICOM Instances Transferred",
     AuditEvent.SECURITY_ALERT: "Security Alert",
+    AuditEvent.PATIENT_RECORD: "Patient Record",
+    AuditEvent.USER_AUTHENTICATION: "User Authentication",
     AuditEventType.APPLICATION_START: "Application Start",
     AuditEventType.APPLICATION_STOP: "Application Stop",
+    AuditEventType.LOGIN: "Login",
+    AuditEventType.LOGOUT: "Logout",
     AuditEventType.NODE_AUTHENTICATION: "Node Authentication",
+    AuditEventType.SOFTWARE_CONFIGURATION: "Software Configuration",
+    AuditEventType.USE_OF_RESTRICTED_FUNCTION: "Use of Restricted Function",
+    AuditEventType.USER_SECURITY_ATTRIBUTES_CHANGED: "User Security Attributes Changed",
 }
 
 
@@ -126,9 +133,17 @@ def _message(record: AuditRecord, node_ae: str, site_id: str | None, patient_id:
         _participant(root, node, False, ("110150", "Application"), ae_title=node_ae)
     elif record.event is AuditEvent.AUDIT_LOG_USED:  # A.5.3.2: who read the trail, and from where
         _participant(root, record.actor, True, None, host_of(record.peer))
+    elif record.event in (AuditEvent.USER_AUTHENTICATION, AuditEvent.PATIENT_RECORD):
+        # A.5.3.12 User Authentication, A.5.3.14 Patient Record: the person (the requestor, from
+        # their address) and the node they used
+        _participant(root, record.actor, True, None, host_of(record.peer))
+        _participant(root, node, False, ("110150", "Application"), ae_title=node_ae)
     elif record.event is AuditEvent.SECURITY_ALERT:  # A.5.3.11: who reports it, who caused it
         _participant(root, node, False, ("110150", "Application"), ae_title=node_ae)
-        _participant(root, record.actor, False, None, host_of(record.peer), ae_title=record.actor)
+        if record.person:  # a console user's action: the performing person
+            _participant(root, record.actor, True, None, host_of(record.peer))
+        else:
+            _participant(root, record.actor, False, None, host_of(record.peer), ae_title=record.actor)
     elif record.destination:  # A.5.3.7, sent by the node
         peer_ae = record.peer.split("@", 1)[0]
         _participant(root, node, True, ("110153", "Source Role ID"), ae_title=node_ae)
@@ -140,7 +155,15 @@ def _message(record: AuditRecord, node_ae: str, site_id: str | None, patient_id:
     source = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": node_ae, **(
         {"AuditEnterpriseSiteID": _text(site_id)} if site_id else {})})
     ET.SubElement(source, "AuditSourceTypeCode", {"csd-code": "4"})  # application server process
-    if record.event is AuditEvent.SECURITY_ALERT and record.peer:  # the alert's subject: the node that called
+    if record.event is AuditEvent.SECURITY_ALERT and record.target:  # the alert's subject: what the user acted on
+        subject = ET.SubElement(root, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": _text(record.target), "ParticipantObjectTypeCode": "2"})
+        _code(subject, "ParticipantObjectIDTypeCode", "12", "URI", "RFC-3881")
+        ET.SubElement(subject, "ParticipantObjectName").text = _text(record.target)  # the schema wants a name first
+        if record.reason:
+            ET.SubElement(subject, "ParticipantObjectDetail", {
+                "type": "Alert Description", "value": base64.b64encode(record.reason.encode()).decode()})
+    elif record.event is AuditEvent.SECURITY_ALERT and record.peer:  # the alert's subject: the node that called
         subject = ET.SubElement(root, "ParticipantObjectIdentification", {
             "ParticipantObjectID": _text(host_of(record.peer)), "ParticipantObjectTypeCode": "2"})
         _code(subject, "ParticipantObjectIDTypeCode", "110182", "Node ID")

@@ -30,7 +30,9 @@ class AuditEvent(StrEnum):
     APPLICATION_ACTIVITY = "110100"
     AUDIT_LOG_USED = "110101"
     INSTANCES_TRANSFERRED = "110104"
+    PATIENT_RECORD = "110110"
     SECURITY_ALERT = "110113"
+    USER_AUTHENTICATION = "110114"
 
 
 class AuditEventType(StrEnum):
@@ -38,7 +40,12 @@ class AuditEventType(StrEnum):
 
     APPLICATION_START = "110120"
     APPLICATION_STOP = "110121"
+    LOGIN = "110122"
+    LOGOUT = "110123"
     NODE_AUTHENTICATION = "110126"
+    SOFTWARE_CONFIGURATION = "110131"
+    USE_OF_RESTRICTED_FUNCTION = "110132"
+    USER_SECURITY_ATTRIBUTES_CHANGED = "110137"
 
 
 class Outcome(IntEnum):
@@ -55,7 +62,7 @@ class AuditRecord:
     event: AuditEvent
     action: str  # C create, R read, U update, D delete, E execute
     outcome: Outcome
-    actor: str = ""  # a calling AE title (later: a user)
+    actor: str = ""  # a calling AE title, or a console user (`person`)
     peer: str = ""  # the actor's address
     event_type: AuditEventType | None = None
     studies: dict[str, int] = field(default_factory=dict)  # Study Instance UID -> instances
@@ -64,12 +71,15 @@ class AuditRecord:
     reason: str | None = None
     recorded_at: float = 0.0
     id: int | None = None
+    person: bool = False  # the actor is a console user, not an AE title
+    target: str | None = None  # what a console action acted on: its request path, an account
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "recorded_at": self.recorded_at, "event_id": self.event.value,
                 "event_type": self.event_type.value if self.event_type else None, "action": self.action,
-                "outcome": int(self.outcome), "actor": self.actor, "peer": self.peer, "studies": self.studies,
-                "patients": self.patients, "destination": self.destination, "reason": self.reason}
+                "outcome": int(self.outcome), "actor": self.actor, "person": self.person, "peer": self.peer,
+                "studies": self.studies, "patients": self.patients, "destination": self.destination,
+                "target": self.target, "reason": self.reason}
 
 
 def since_time(text: str, now: float | None = None) -> float:
@@ -93,7 +103,8 @@ class AuditTrail:
         lock), so records commit in id order and a repository's cursor never passes one that
         commits later (never under `transaction(claim=True)`)."""
         detail = {k: v for k, v in (("studies", record.studies), ("patients", record.patients),
-                                    ("destination", record.destination), ("reason", record.reason)) if v}
+                                    ("destination", record.destination), ("reason", record.reason),
+                                    ("person", record.person), ("target", record.target)) if v}
         db.execute(
             "INSERT INTO audit_events (recorded_at, event_id, event_type, action, outcome, actor, peer, detail)"
             " VALUES (?,?,?,?,?,?,?,?)",
@@ -126,7 +137,7 @@ class AuditTrail:
                     AuditEvent(r["event_id"]), r["action"], Outcome(r["outcome"]), r["actor"] or "", r["peer"] or "",
                     AuditEventType(r["event_type"]) if r["event_type"] else None, detail.get("studies", {}),
                     detail.get("patients", {}), detail.get("destination"), detail.get("reason"),
-                    float(r["recorded_at"]), int(r["id"])))
+                    float(r["recorded_at"]), int(r["id"]), bool(detail.get("person")), detail.get("target")))
             except ValueError:  # a code a newer release writes (rolling upgrade): not for this one to render
                 continue
         return records, max((int(r["id"]) for r in rows), default=0)
