@@ -589,7 +589,10 @@ def users_list(
 @users_app.command("disable")
 def users_disable(name: str, config: Optional[Path] = ConfigOption) -> None:
     """Disable an account: its logins, sessions and API tokens stop working at once."""
+    from node.console.sessions import Sessions
+
     _account_change(config, f"account {name} disabled", lambda a: a.set_disabled(name, True))
+    Sessions(_index(config)[1]).end_all(name)  # ended, not only hidden: enabling it again revives none
     typer.echo(f"account {name} disabled")
 
 

@@ -392,7 +392,9 @@ class OidcConfig(Strict):
     client_secret: str | None = Field(
         None, description=f"for a confidential client; the environment variable {OIDC_SECRET_ENV} overrides it")
     scopes: str = "openid profile email"
-    username_claim: str = Field("preferred_username", description="the account name in the audit trail (sub if absent)")
+    username_claim: str = Field(
+        "sub", description="the account's name (audit trail, disabling): sub is stable; preferred_username reads"
+                           " better but only where users cannot change it at the provider")
     roles_claim: str = Field("groups", description="where the roles are, a dotted path (Keycloak: realm_access.roles)")
     role_map: dict[str, ConsoleRole] = Field(
         default_factory=dict, description="claim value -> viewer, operator or admin; the highest one applies")

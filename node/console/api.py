@@ -37,15 +37,17 @@ def _run(call: Any, *args: Any) -> Any:
         raise HTTPException(exc.status, exc.message) from None
 
 
-def _audited(request: Request, call: Any, *args: Any) -> Any:
-    """An operator's action, recorded in the audit trail whether it worked or not."""
+def _audited(request: Request, call: Any, *args: Any, reason: str | None = None) -> Any:
+    """An operator's action, recorded in the audit trail whether it worked or not (`reason`:
+    what the record says when it worked; else what the action returned)."""
     try:
-        message = call(*args)
+        result = call(*args)
     except actions.ActionError as exc:
         trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, exc.message, ok=False)
         raise HTTPException(exc.status, exc.message) from None
-    trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, message)
-    return message
+    if reason is not None or isinstance(result, str):
+        trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, reason or result)
+    return result
 
 
 class StudyRow(BaseModel):
@@ -167,14 +169,14 @@ def patient_view(request: Request, study_uid: str) -> dict[str, str] | None:
         trail.record(request, AuditEvent.PATIENT_RECORD, action="R", target=request.url.path,
                      studies={study_uid: int(ctx.index.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=?",
                                                             (study_uid,))[0]["n"])},
-                     patients={study_uid: found["PatientID"]})
+                     patients={study_uid: found["PatientID"] or "-"})  # A.5.3.14: the patient object, always
     return found
 
 
 @router.get("/studies/{study_uid}/explain", response_model=ExplainOut, dependencies=[Depends(require_explain)],
             summary="Which rules the study matches with the rules in force now")
 def explain_study(request: Request, study_uid: str) -> Any:
-    return vars(_run(actions.explain_study, ctx_of(request), study_uid))
+    return vars(_audited(request, actions.explain_study, ctx_of(request), study_uid, reason="explain"))
 
 
 @router.get("/jobs", response_model=list[JobRow], summary="Jobs (one per completed study), oldest first")
@@ -213,7 +215,7 @@ def get_destinations(request: Request) -> list[Destination]:
 @router.post("/destinations/{name}/echo", response_model=EchoOut, dependencies=[Depends(require_operator)],
              summary="C-ECHO the destination as this node's AE title")
 def echo_destination(request: Request, name: str) -> EchoOut:
-    result = _run(actions.echo_destination, ctx_of(request), name)
+    result = _audited(request, actions.echo_destination, ctx_of(request), name)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"C-ECHO {name}: {result.message}", result.ok)
     return EchoOut(destination=name, ok=result.ok, message=result.message, seconds=result.seconds)
 
@@ -226,8 +228,8 @@ async def explain_files(request: Request, files: list[UploadFile] = File(...), c
                         called_ae: str = Form(""), peer: str = Form("")) -> list[dict[str, Any]]:
     # The body was streamed into spooled temporary files (bounded by node.console.limits); they
     # are read one at a time in the worker thread: reading DICOM files must not stall the server.
-    explained = await run_in_threadpool(_run, actions.explain_files, ctx_of(request), one_at_a_time(files),
-                                        calling_ae, called_ae, peer)
+    explained = await run_in_threadpool(_audited, request, actions.explain_files, ctx_of(request),
+                                        one_at_a_time(files), calling_ae, called_ae, peer, reason="explain")
     return [vars(e) for e in explained]
 
 
@@ -340,7 +342,7 @@ def add_account(request: Request, new: NewAccount) -> dict[str, Any]:
                            reason=f"account {new.name} added as {new.role.value}").as_json()
 
 
-@router.patch("/accounts/{name}", dependencies=[Depends(require_admin)],
+@router.patch("/accounts/{name:path}", dependencies=[Depends(require_admin)],
               summary="Disable or enable an account, or change a local account's role (its sessions end)")
 def change_account(request: Request, name: str, change: AccountChange) -> dict[str, Any]:
     ctx = ctx_of(request)
@@ -357,7 +359,7 @@ def change_account(request: Request, name: str, change: AccountChange) -> dict[s
     return account.as_json()
 
 
-@router.post("/accounts/{name}/tokens", dependencies=[Depends(require_admin)], status_code=201,
+@router.post("/accounts/{name:path}/tokens", dependencies=[Depends(require_admin)], status_code=201,
              summary="A new API token for the account (shown once; stored hashed)")
 def add_token(request: Request, name: str, new: NewToken) -> dict[str, Any]:
     token_id, token = _account_change(request, ctx_of(request).accounts.issue_token, name, new.label,

@@ -11,7 +11,7 @@ from inference.backends.pool import ServerStats
 from inference.repository import ModelRepository
 from node.config import NodeConfig
 from node.console.oidc import OidcProvider
-from node.console.sessions import Sessions
+from node.console.sessions import SHARED_TOKEN_SESSION, Sessions
 from node.jobs.store import JobStore
 from node.liveconfig import LiveConfig
 from node.retention import Retention
@@ -40,6 +40,8 @@ class ConsoleContext:
     def __post_init__(self) -> None:
         self.accounts = Accounts(self.index)
         self.sessions = Sessions(self.index)
+        # the shared token may have changed with this start (http.* needs a restart): its sessions end
+        self.sessions.end_all(SHARED_TOKEN_SESSION)
         self.trail = AuditTrail(self.index)
         oidc = self.live.current.http.oidc  # http.* needs a restart: fixed for the process
         self.oidc = OidcProvider(oidc) if oidc is not None else None

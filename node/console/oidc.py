@@ -18,6 +18,7 @@ from authlib.integrations.requests_client import OAuth2Session
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from joserfc.jws import extract_compact
 
 from node.config import OidcConfig
 from node.store.accounts import Role
@@ -38,35 +39,53 @@ class OidcProvider:
         self._metadata: dict[str, Any] | None = None
         self._metadata_at = 0.0
         self._keys: KeySet | None = None
-        self._keys_at = 0.0
+        self._keys_at = -KEYS_REFRESH_MIN_S
 
     def _get(self, url: str) -> dict[str, Any]:
         try:
             response = requests.get(url, timeout=self.config.timeout_s)
             response.raise_for_status()
-            return response.json()
+            data = response.json()
         except (requests.RequestException, ValueError) as exc:
             raise OidcError(f"the identity provider did not answer ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise OidcError("the identity provider answered something that is not a JSON object")
+        return data
 
     def metadata(self) -> dict[str, Any]:
-        """The provider's discovery document (OpenID Connect Discovery 1.0 4), its issuer checked."""
+        """The provider's discovery document (OpenID Connect Discovery 1.0 4): its issuer is the
+        configured one, it names its endpoints. Fetched outside the lock (a slow provider holds
+        no other request), at most once an hour once it was read."""
         with self._lock:
-            if self._metadata is None or time.monotonic() - self._metadata_at > METADATA_TTL_S:
-                data = self._get(self.config.issuer + "/.well-known/openid-configuration")
-                if str(data.get("issuer", "")).rstrip("/") != self.config.issuer:
-                    raise OidcError("the provider's discovery document names another issuer")
-                self._metadata, self._metadata_at = data, time.monotonic()
-            return self._metadata
+            if self._metadata is not None and time.monotonic() - self._metadata_at < METADATA_TTL_S:
+                return self._metadata
+        data = self._get(self.config.issuer + "/.well-known/openid-configuration")
+        if str(data.get("issuer", "")).rstrip("/") != self.config.issuer:
+            raise OidcError("the provider's discovery document names another issuer")
+        missing = [k for k in ("authorization_endpoint", "token_endpoint", "jwks_uri") if not isinstance(data.get(k), str)]
+        if missing:
+            raise OidcError(f"the provider's discovery document has no {', '.join(missing)}")
+        with self._lock:
+            self._metadata, self._metadata_at = data, time.monotonic()
+        return data
 
-    def _key_set(self, refresh: bool = False) -> KeySet:
+    def _key_set(self, kid: str | None) -> KeySet:
+        """The provider's keys; read again when a token names a key not among them (the provider
+        rotated its keys), at most once a minute whatever the tokens say and whether the read
+        works or not: a stream of tokens with made-up key ids costs the provider nothing."""
         with self._lock:
-            stale = self._keys is None or (refresh and time.monotonic() - self._keys_at > KEYS_REFRESH_MIN_S)
-        if stale:
-            keys = KeySet.import_key_set(self._get(self.metadata()["jwks_uri"]))
-            with self._lock:
-                self._keys, self._keys_at = keys, time.monotonic()
-        assert self._keys is not None
-        return self._keys
+            keys = self._keys
+            if keys is not None and (kid is None or any(k.kid == kid for k in keys.keys)):
+                return keys
+            if time.monotonic() - self._keys_at < KEYS_REFRESH_MIN_S:
+                if keys is None:
+                    raise OidcError("the identity provider's keys could not be read (tried again within a minute)")
+                return keys  # the token's key is not among them: its signature check fails
+            self._keys_at = time.monotonic()  # before the read: concurrent callers do not read too
+        fresh = KeySet.import_key_set(self._get(self.metadata()["jwks_uri"]))  # type: ignore[arg-type]
+        with self._lock:
+            self._keys = fresh
+        return fresh
 
     def _session(self, redirect_uri: str) -> OAuth2Session:
         return OAuth2Session(self.config.client_id, self.config.effective_secret(), scope=self.config.scopes,
@@ -96,13 +115,12 @@ class OidcProvider:
     def verify(self, token: str, audience: str | None = None) -> dict[str, Any]:
         """The claims of a JWT the provider signed for `audience` (default: the API's), not expired."""
         try:
-            try:
-                decoded = jwt.decode(token, self._key_set(), algorithms=ALGORITHMS)
-            except (JoseError, ValueError):  # perhaps a key issued since the last read
-                decoded = jwt.decode(token, self._key_set(refresh=True), algorithms=ALGORITHMS)
+            header = extract_compact(token.encode()).headers()
+            kid = header.get("kid") if isinstance(header.get("kid"), str) else None
+            decoded = jwt.decode(token, self._key_set(kid), algorithms=ALGORITHMS)
             jwt.JWTClaimsRegistry(
                 leeway=self.config.leeway_s,
-                iss={"essential": True, "value": self.config.issuer},
+                iss={"essential": True, "value": self.metadata()["issuer"]},  # exactly as published (a trailing /)
                 aud={"essential": True, "value": audience or self.config.audience or self.config.client_id},
                 exp={"essential": True}, sub={"essential": True},
             ).validate(decoded.claims)

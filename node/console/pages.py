@@ -181,6 +181,7 @@ def echo(request: Request, name: str) -> RedirectResponse:
     try:
         result = actions.echo_destination(ctx_of(request), name)
     except actions.ActionError as exc:
+        trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, exc.message, ok=False)
         return back("/destinations", exc.message, False)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"C-ECHO {name}: {result.message}", result.ok)
     return back("/destinations", f"C-ECHO {name}: {result.message} ({result.seconds:.2f} s)", result.ok)
@@ -218,7 +219,10 @@ async def explain(request: Request, files: list[UploadFile] = File(default=[]), 
             else:
                 raise actions.ActionError(422, "choose DICOM files or a received study")
         except actions.ActionError as exc:
+            trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"explain: {exc.message}", ok=False)
             return _rules_page(request, None, exc.message)
+        trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION,
+                     f"explain: {len(chosen)} uploaded files" if chosen else f"explain: study {study_uid.strip()}")
         return _rules_page(request, result)
 
     return await run_in_threadpool(explain_now)
@@ -247,15 +251,29 @@ def retention_run(request: Request) -> RedirectResponse:
 # -- login -------------------------------------------------------------------------------------
 
 
+LOGIN_FORM_COOKIE = "dicom_node_login_form"
+
+
+def _login_page(request: Request, next: str, error: str | None = None, status: int = 200) -> HTMLResponse:
+    """The login form, with a token its POST must echo (double submit: another site cannot log
+    a browser into an account of its choosing, login CSRF)."""
+    token = secrets.token_urlsafe(24)
+    response = render(request, "login.html", {"next": _local(next), "page": "login", "error": error,
+                                              "login_csrf": token}, status)
+    response.set_cookie(LOGIN_FORM_COOKIE, token, httponly=True, samesite="strict", path="/login",
+                        secure=request.url.scheme == "https")
+    return response
+
+
 @login_router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str = "/") -> HTMLResponse:
-    return render(request, "login.html", {"next": _local(next), "page": "login"})
+    return _login_page(request, next)
 
 
 def _login_refused(request: Request, name: str, next: str, message: str, status: int, reason: str) -> HTMLResponse:
-    trail.record(request, AuditEvent.USER_AUTHENTICATION, AuditEventType.LOGIN, actor=name or "-",
+    trail.record(request, AuditEvent.USER_AUTHENTICATION, AuditEventType.LOGIN, actor=name[:64] or "-",
                  outcome=Outcome.MINOR_FAILURE, reason=reason)
-    return render(request, "login.html", {"next": _local(next), "page": "login", "error": message}, status)
+    return _login_page(request, next, message, status)
 
 
 def _logged_in(request: Request, name: str, role: Role, next: str, via: str) -> RedirectResponse:
@@ -272,12 +290,16 @@ def _logged_in(request: Request, name: str, role: Role, next: str, via: str) -> 
 
 
 @login_router.post("/login")
-def login(request: Request, username: str = Form(""), password: str = Form(...), next: str = Form("/")) -> Response:
+def login(request: Request, username: str = Form(""), password: str = Form(...), next: str = Form("/"),
+          login_csrf: str = Form("")) -> Response:
     ctx = ctx_of(request)
+    expected = request.cookies.get(LOGIN_FORM_COOKIE, "")
+    if not (expected and hmac.compare_digest(expected.encode(), login_csrf.encode())):
+        return _login_page(request, next, "This login form is not from this console, or too old: log in again.", 403)
     http = ctx.config.http
     peer = trail.peer_of(request)
     name = username.strip()
-    if ctx.accounts.recent_failures(name, peer, http.login_window_minutes * 60) >= http.login_failures:
+    if ctx.accounts.throttled(name, peer, http.login_failures, http.login_window_minutes * 60):
         return _login_refused(request, name, next, f"Too many failed logins: try again in {http.login_window_minutes:g}"
                               " minutes.", 429, "throttled")
     shared = http.effective_token()
@@ -390,7 +412,7 @@ def add_account(request: Request, name: str = Form(...), role: Role = Form(...),
     return back("/admin/accounts", f"account {name} added ({role.value})", True)
 
 
-@router.post("/admin/accounts/{name}/disabled", dependencies=[Depends(acting(Role.ADMIN))])
+@router.post("/admin/accounts/{name:path}/disabled", dependencies=[Depends(acting(Role.ADMIN))])
 def set_disabled(request: Request, name: str, disabled: bool = Form(...)) -> RedirectResponse:
     ctx = ctx_of(request)
     _account_action(request, ctx.accounts.set_disabled, name, disabled,
@@ -399,7 +421,7 @@ def set_disabled(request: Request, name: str, disabled: bool = Form(...)) -> Red
     return back("/admin/accounts", f"account {name} {'disabled' if disabled else 'enabled'}", True)
 
 
-@router.post("/admin/accounts/{name}/tokens", response_class=HTMLResponse, dependencies=[Depends(acting(Role.ADMIN))])
+@router.post("/admin/accounts/{name:path}/tokens", response_class=HTMLResponse, dependencies=[Depends(acting(Role.ADMIN))])
 def add_token(request: Request, name: str, label: str = Form("")) -> HTMLResponse:
     token_id, token = _account_action(request, ctx_of(request).accounts.issue_token, name, label,
                                       reason=f"API token issued to {name}")
@@ -435,3 +457,4 @@ def study_link(study_uid: str) -> str:
 
 
 templates.env.globals["study_link"] = study_link
+templates.env.filters["segment"] = lambda value: quote(str(value), safe="")  # one path segment, / included

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,11 +20,17 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from sqlalchemy.exc import IntegrityError
+
 from node.store.index import Index
 
 TOKEN_PREFIX = "dnt_"  # tells a node token from a JWT or the deprecated shared token
 LAST_USED_EVERY_S = 60.0  # a token's last use is written at most once a minute
+RESERVED_NAMES = ("http.token",)  # the deprecated shared token's sessions and audit records
+PEER_FAILURES_FACTOR = 4  # an address may fail this many times the per-name limit, over all names
+HASHES_AT_ONCE = 4  # argon2 takes 64 MiB a hash: a burst of logins waits rather than takes memory
 _HASHER = PasswordHasher()
+_HASHING = threading.BoundedSemaphore(HASHES_AT_ONCE)
 _DUMMY_HASH = _HASHER.hash("not a password")  # verified for unknown names: the same time either way
 
 
@@ -89,16 +96,21 @@ class Accounts:
 
     def add(self, name: str, role: Role, password: str) -> Account:
         name = name.strip()
-        if not name or len(name) > 128 or any(ord(c) < 32 for c in name):
-            raise AccountError("an account name is 1 to 128 printable characters")
+        if not name or len(name) > 128 or any(ord(c) < 32 or c == "/" for c in name) or name in (".", ".."):
+            raise AccountError("an account name is 1 to 128 printable characters, without /")
+        if name in RESERVED_NAMES:
+            raise AccountError(f"{name!r} is reserved")
         if len(password) < 12:
             raise AccountError("a password has at least 12 characters")
-        now = time.time()
-        with self.index.transaction() as db:
-            if db.execute("SELECT name FROM accounts WHERE name=?", (name,)).fetchone():
-                raise AccountError(f"there is already an account {name!r}")
-            db.execute("INSERT INTO accounts (name, role, source, password_hash, created_at) VALUES (?,?,?,?,?)",
-                       (name, role.value, "local", _HASHER.hash(password), now))
+        hashed = _HASHER.hash(password)
+        try:
+            with self.index.transaction() as db:
+                if db.execute("SELECT name FROM accounts WHERE name=?", (name,)).fetchone():
+                    raise AccountError(f"there is already an account {name!r}")
+                db.execute("INSERT INTO accounts (name, role, source, password_hash, created_at) VALUES (?,?,?,?,?)",
+                           (name, role.value, "local", hashed, time.time()))
+        except IntegrityError:  # another replica added it between the check and the insert
+            raise AccountError(f"there is already an account {name!r}") from None
         return self.get(name)  # type: ignore[return-value]
 
     def get(self, name: str) -> Account | None:
@@ -131,7 +143,8 @@ class Accounts:
         rows = self.index.query("SELECT * FROM accounts WHERE name=? AND source='local'", (name,))
         stored = rows[0]["password_hash"] if rows and rows[0]["password_hash"] else _DUMMY_HASH
         try:
-            _HASHER.verify(stored, password)
+            with _HASHING:
+                _HASHER.verify(stored, password)
         except (VerificationError, InvalidHashError):
             return None
         if not rows or rows[0]["disabled_at"] is not None:
@@ -142,7 +155,10 @@ class Accounts:
         return _account(rows[0])
 
     def oidc_login(self, subject: str, role: Role) -> Account | None:
-        """Record an OIDC user's login with the role its claims give now; None if an admin disabled it."""
+        """Record an OIDC user's login with the role its claims give now; None if an admin disabled
+        it, or the name is a local account's or reserved."""
+        if subject in RESERVED_NAMES:
+            return None
         now = time.time()
         with self.index.transaction() as db:
             db.execute("INSERT INTO accounts (name, role, source, created_at) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
@@ -165,8 +181,11 @@ class Accounts:
         """A new token for the account: (its id, the token, shown once and never stored)."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self.index.transaction() as db:
-            if not db.execute("SELECT name FROM accounts WHERE name=?", (name,)).fetchone():
+            found = db.execute("SELECT source FROM accounts WHERE name=?", (name,)).fetchone()
+            if found is None:
                 raise AccountError(f"no account {name!r}")
+            if found["source"] != "local":  # its role is the provider's to give, at each sign-in
+                raise AccountError(f"{name!r} signs in with the identity provider: use the provider's tokens")
             db.execute("INSERT INTO api_tokens (account, label, token_hash, created_at) VALUES (?,?,?,?)",
                        (name, label or None, token_hash(token), time.time()))
             token_id = db.execute("SELECT id FROM api_tokens WHERE token_hash=?", (token_hash(token),)).fetchone()["id"]
@@ -208,14 +227,14 @@ class Accounts:
             db.execute("INSERT INTO login_failures (account, peer, at) VALUES (?,?,?)",
                        (name.strip().lower()[:128], peer, time.time()))
 
-    def recent_failures(self, name: str, peer: str, window_s: float) -> int:
-        """Failed logins in the window for this name or from this address, whichever is more."""
-        since = time.time() - window_s
+    def throttled(self, name: str, peer: str, limit: int, window_s: float) -> bool:
+        """Whether logins of `name` from `peer` wait: `limit` failures in the window for this name
+        from this address, or PEER_FAILURES_FACTOR times as many from it for any names. Not per
+        name alone: anyone could then lock an admin out from anywhere by failing on purpose."""
         rows = self.index.query(
-            "SELECT SUM(CASE WHEN account=? THEN 1 ELSE 0 END) AS by_name,"
-            " SUM(CASE WHEN peer=? THEN 1 ELSE 0 END) AS by_peer FROM login_failures WHERE at >= ?",
-            (name.strip().lower()[:128], peer, since))
-        return max(int(rows[0]["by_name"] or 0), int(rows[0]["by_peer"] or 0))
+            "SELECT SUM(CASE WHEN account=? THEN 1 ELSE 0 END) AS by_name, COUNT(*) AS by_peer"
+            " FROM login_failures WHERE peer=? AND at >= ?", (name.strip().lower()[:128], peer, time.time() - window_s))
+        return int(rows[0]["by_name"] or 0) >= limit or int(rows[0]["by_peer"] or 0) >= limit * PEER_FAILURES_FACTOR
 
     def prune_failures(self, before: float) -> int:
         with self.index.transaction() as db:
