@@ -435,6 +435,10 @@ class HttpConfig(Strict):
     tls: HttpTls = Field(default_factory=HttpTls)
     show_descriptions: bool = Field(
         False, description="show series descriptions in listings (off: UIDs, modality, dates and counts only)")
+    max_stow_mb: float = Field(
+        1024.0, gt=0, description="largest STOW-RS request body (POST /dicomweb/studies): refused with 413 as its"
+                                  " Content-Length says so or its streamed body passes it; each part at most"
+                                  " scp.max_instance_mb")
     max_upload_mb: float = Field(
         64.0, gt=0, description="largest request body the console takes (the rule tester's uploads, "
                                 "POST /api/explain): a larger one is refused with 413 as soon as its "

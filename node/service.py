@@ -160,6 +160,7 @@ class NodeService:
         ctx = ConsoleContext(index=self.index, jobs=self.jobs, live=self.live, models=self.models, spool=self.spool,
                              retention=self.retention, receivers_alive=self.receivers.alive, scp_port=self.port,
                              wake_outbox=self.outbox.sweep, wake_jobs=self.runner.wake,
+                             on_study_opened=self._study_opened,
                              triton_servers=self.runner.backends.servers)
         self.http = HttpServer(ctx)
         self.http.start()

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import logs
-from node.console import api, pages, summary
+from node.console import api, dicomweb, pages, summary
 from node.console.auth import require_view
 from node.console.context import ConsoleContext
 from node.console.health import Health
@@ -79,15 +79,21 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api.router, tags=["api"])
+    app.include_router(dicomweb.router)
     app.include_router(pages.router, include_in_schema=False)
     app.include_router(pages.login_router, include_in_schema=False)
     app.exception_handler(pages.PageError)(pages.page_error)
     app.exception_handler(BodyTooLarge)(too_large)
-    app.add_middleware(BodyLimit, limit=lambda: int(ctx.config.http.max_upload_mb * MB), refuse=too_large)
+    def body_limit(path: str) -> tuple[int, str]:
+        if path.startswith("/dicomweb/"):
+            return int(ctx.config.http.max_stow_mb * MB), "http.max_stow_mb"
+        return int(ctx.config.http.max_upload_mb * MB), "http.max_upload_mb"
+
+    app.add_middleware(BodyLimit, limit=body_limit, refuse=too_large)
     return app
 
 
-_JSON_PATHS = ("/api/", "/health/", "/metrics", "/openapi.json")
+_JSON_PATHS = ("/api/", "/health/", "/metrics", "/openapi.json", "/dicomweb/")
 
 
 async def too_large(request: Request, exc: Exception) -> Response:

@@ -34,6 +34,7 @@ class ConsoleContext:
     scp_port: int
     wake_outbox: Callable[[], None] = lambda: None
     wake_jobs: Callable[[], None] = lambda: None
+    on_study_opened: Callable[[str, float], None] = lambda study_uid, deadline: None  # STOW-RS: arm completion
     triton_servers: list[ServerStats] = field(default_factory=list)  # the job runner's, live
     started_at: float = field(default_factory=time.time)
 

@@ -32,18 +32,19 @@ FORM_LIMITS = {"max_files": MAX_UPLOAD_FILES, "max_fields": 16, "max_part_size":
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, setting: str = "http.max_upload_mb"):
         super().__init__(413, f"request body too large: this console takes at most {limit / MB:g} MB per request "
-                              f"(http.max_upload_mb); send fewer or smaller files",
+                              f"({setting}) here; send fewer or smaller files",
                          headers={"Connection": "close"})
         self.limit = limit
 
 
 class BodyLimit:
-    """`limit()`: the largest body in bytes (read per request, from the configuration in force);
+    """`limit(path)`: the largest body in bytes for a request to `path` and the setting that says
+    so (read per request, from the configuration in force);
     `refuse(request, exc)`: the 413 response (JSON for the API, a page for the pages)."""
 
-    def __init__(self, app: ASGIApp, limit: Callable[[], int],
+    def __init__(self, app: ASGIApp, limit: Callable[[str], tuple[int, str]],
                  refuse: Callable[[Request, BodyTooLarge], Awaitable[Response]]):
         self.app = app
         self.limit = limit
@@ -53,10 +54,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit()
+        limit, setting = self.limit(scope.get("path", ""))
         announced = _content_length(scope)
         if announced is not None and announced > limit:
-            await self._answer(scope, receive, send, BodyTooLarge(limit))
+            await self._answer(scope, receive, send, BodyTooLarge(limit, setting))
             return
         received = 0
         started = False
@@ -67,7 +68,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         async def watched_send(message: Message) -> None:

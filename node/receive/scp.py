@@ -1,9 +1,9 @@
 """The storage SCP: pynetdicom AE, C-STORE/C-ECHO handlers and association auditing.
 
-The C-STORE handler does the minimum that makes an acknowledgement safe: read the routing tags
-and check the whole data set is well-formed (no pixel decoding), refuse a SOP Instance UID that
-is already held elsewhere, write the bytes as received, fsync, rename, index. Everything heavier
-happens after the study is complete, off the DIMSE thread.
+The C-STORE handler does the minimum that makes an acknowledgement safe (node/receive/store.py,
+shared with STOW-RS): read the routing tags and check the whole data set is well-formed, refuse a
+SOP Instance UID that is already held elsewhere, write the bytes as received, fsync, rename,
+index. Everything heavier happens after the study is complete, off the DIMSE thread.
 
 Association checks (calling AE allowed, called AE ours, a free slot) run when the
 A-ASSOCIATE-RQ arrives (EVT_REQUESTED), so that a rejection is logged with the check that
@@ -17,7 +17,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
 from typing import Callable
 
 from pydicom.uid import (
@@ -45,16 +44,14 @@ from pynetdicom.events import Event
 
 from common import logs
 from node.config import NodeConfig
-from node.store.filemeta import encode_file_meta
 from node.receive.counts import Counted, ReceiveCounts
 from node.receive.signals import SIGNAL_SOP_CLASSES, SignalScp
-from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord, Placement
+from node.store.index import Index, IndexFailure
 from node.store.audit import AuditEvent, AuditEventType, AuditRecord, AuditTrail, Outcome
 from node.store.signals import CompletionSignals
-from node.store.spool import OutOfSpace, Spool, same_dataset
+from node.store.spool import Spool
 from node.receive import pynetdicom_internals as internals
-from node.receive.tags import UnreadableDataset, read_routing_tags
-from node.receive.validate import MalformedDataset, check_dataset
+from node.receive.store import SUCCESS, Incoming, InstanceStore
 
 log = logging.getLogger("node.receive")
 ALERT_INTERVAL_S = 60.0  # refused callers: one audit record a minute per (calling AE, address)
@@ -79,14 +76,6 @@ TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-# C-STORE statuses (PS3.4 B.2.3; 0xCxxx is "Error: Cannot understand", the xxx ours)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # disk below storage.min_free_mb, or the write failed
-CANNOT_UNDERSTAND = 0xC210  # routing tags unreadable, UIDs missing or invalid
-PROCESSING_FAILURE = 0xC211  # dataset does not match the C-STORE request (SOP class/instance UID)
-MALFORMED_DATASET = 0xC212  # not well-formed to its end (lengths, items, sequences, trailing bytes)
-PIXEL_DATA_INVALID = 0xC213  # native Pixel Data of the wrong size, or a broken fragment sequence
-SOP_INSTANCE_CONFLICT = 0xC214  # SOP Instance UID already held by another study/series/SOP class
 
 
 
@@ -132,6 +121,7 @@ class StorageSCP:
         self.index = index
         self.spool = spool
         self.on_study_opened = on_study_opened
+        self.store = InstanceStore(config, index, spool, on_study_opened)
         self.slot_limit = slot_limit or config.scp.max_associations
         self.on_slots = on_slots
         self._titles = set(config.scp.called_ae_titles())
@@ -311,236 +301,22 @@ class StorageSCP:
 
     def handle_store(self, event: Event) -> int:
         stats = self._stats.get(id(event.assoc))
-        status = self._store(event, stats)
-        if stats is not None:
-            if status == SUCCESS:
-                stats.instances += 1
-            else:
-                stats.failures += 1
-        if status != SUCCESS:
-            self._count(Counted.CSTORE_FAILURE, f"0x{status:04X}")
-        return status
-
-    def _store(self, event: Event, stats: _AssociationStats | None) -> int:
         request = event.request
         raw: BytesIO = request.DataSet  # type: ignore[assignment]
-        payload = raw.getbuffer()
-        if not self.spool.has_room(len(payload)):
-            logs.event(log, "store_refused_disk_low", logging.ERROR, sop_instance_uid=_uid(request))
-            return OUT_OF_RESOURCES
-        transfer_syntax = event.context.transfer_syntax
-        calling = stats.calling_ae if stats else event.assoc.requestor.ae_title
-        header = encode_file_meta(
-            str(request.AffectedSOPClassUID), _uid(request), str(transfer_syntax), calling
-        )
-        chunks = (header, payload)
-        try:
-            tags = read_routing_tags(payload, transfer_syntax)
-            if tags.sop_instance_uid != _uid(request):
-                raise _Mismatch("SOPInstanceUID differs from the request's Affected SOP Instance UID")
-            if tags.sop_class_uid != str(request.AffectedSOPClassUID):
-                raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
-            check_dataset(payload, transfer_syntax)
-        except (UnreadableDataset, _Mismatch, MalformedDataset) as exc:
-            if isinstance(exc, MalformedDataset):
-                status = PIXEL_DATA_INVALID if exc.pixel else MALFORMED_DATASET
-            else:
-                status = CANNOT_UNDERSTAND if isinstance(exc, UnreadableDataset) else PROCESSING_FAILURE
-            where = self.spool.quarantine(chunks, f"{exc} (transfer syntax {transfer_syntax})")
-            logs.event(
-                log,
-                "instance_quarantined",
-                logging.WARNING,
-                reason=str(exc),
-                status=f"0x{status:04X}",
-                file=where.name,
-                sop_instance_uid=_uid(request) if isinstance(exc, MalformedDataset) else None,
-                calling_ae=stats.calling_ae if stats else None,
-            )
-            return status
-
-        target = self.spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-        record = InstanceRecord(
-            sop_instance_uid=tags.sop_instance_uid,
-            sop_class_uid=tags.sop_class_uid,
-            series_uid=tags.series_uid,
-            study_uid=tags.study_uid,
-            patient_id=tags.patient_id,
-            transfer_syntax=str(transfer_syntax),
-            path=str(target.relative_to(self.spool.root)),
-            size=len(header) + payload.nbytes,
-            calling_ae=calling,
-            called_ae=stats.called_ae if stats else "",
-            peer=stats.peer if stats else "",
-            series=tags.series,
-            association_id=stats.record_id if stats else None,
-        )
-        # The SOP Instance UID rule (README, "Receiving"): never move or replace an instance
-        # indexed under another study, series or SOP class; in the same series compare bytes
-        # before writing anything, so an identical resend touches nothing. The rule is checked
-        # again under the index's write lock, where the staged file is renamed into place.
-        existing = self.index.find_instance(tags.sop_instance_uid)
-        try:
-            InstanceConflict.check(record, existing)
-        except InstanceConflict as exc:
-            return self._conflict(exc, chunks, record, None)
-        identical = (
-            existing is not None
-            and existing["path"] == record.path
-            and existing["transfer_syntax"] == record.transfer_syntax
-            and same_dataset(target, payload)
-        )
-        staged: Path | None = None
-        previous: Path | None = None  # the copy a replacement renames over, until the index commits
-        placed = False
-        placed_inode = 0
-
-        def place() -> None:  # under the index's write lock: the rename only, its fsync after
-            nonlocal staged, placed, previous, placed_inode
-            if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
-                staged = self.spool.stage(chunks)
-            placed_inode = staged.stat().st_ino
-            previous = self.spool.keep_previous(target)
-            placed = True  # from here the file at `target` may be the newcomer's
-            self.spool.place(staged, target, durable=False)
-            staged = None
-
-        def unplace() -> None:  # the transaction failed after place(): still under the write lock
-            nonlocal placed, previous
-            if placed and previous is not None:  # the acknowledged copy it replaced goes back
-                self.spool.restore(previous, target)
-            elif placed:  # a new instance: its row is never committed
-                self.spool.discard(target)
-            elif previous is not None:
-                self.spool.discard(previous)
-            placed, previous = False, None
-
-        completion = self.config.completion
-        now = 0.0
-        try:
-            if not identical:
-                staged = self.spool.stage(chunks)
-            now = time.time()
-            arrival = self.index.record_instance(
-                record,
-                now=now,
-                quiet_period=completion.quiet_period_for(calling),
-                reopen=completion.after_complete == "reprocess",
-                identical=identical,
-                place=place,
-                unplace=unplace,
-                also=lambda db: CompletionSignals.note_instance(db, tags.study_uid, tags.sop_instance_uid,
-                                                                tags.accession_number, tags.count),
-            )
-        except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
-            return self._conflict(exc, chunks, record, staged)
-        except OSError as exc:
-            self._discard(staged)
-            if placed:
-                self._undo_failed_commit(record, now, target, placed_inode, previous)
-            logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
-                       logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
-            return OUT_OF_RESOURCES
-        except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
-            self._discard(staged)  # (a failure before the COMMIT was undone under the lock: unplace)
-            if placed:
-                self._undo_failed_commit(record, now, target, placed_inode, previous)
-            raise
-        if previous is not None:
-            self.spool.discard(previous)
-        if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
-            try:
-                self.spool.make_durable(target)
-            except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
-                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
-                           error=exc.strerror)
-                return OUT_OF_RESOURCES
-        if arrival.placement is Placement.KEPT_ASIDE and staged is not None and same_dataset(target, payload):
-            # the copy a racing association placed first: the same bytes, nothing to keep aside
-            self.spool.discard(staged)
-            logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
-                       sop_instance_uid=tags.sop_instance_uid)
-        elif arrival.placement is Placement.KEPT_ASIDE and staged is not None:
-            where = self.spool.quarantine_file(staged, (
-                f"a different copy of instance {tags.sop_instance_uid} arrived after study {tags.study_uid} "
-                "completed; completion.after_complete is 'ignore', so the copy its results were made from stays"))
-            logs.event(log, "instance_after_completion_kept_aside", logging.WARNING, study_uid=tags.study_uid,
-                       sop_instance_uid=tags.sop_instance_uid, file=where.name)
-        elif arrival.duplicate and arrival.placement is Placement.PLACED:
-            logs.event(log, "instance_replaced", study_uid=tags.study_uid, sop_instance_uid=tags.sop_instance_uid)
+        stored = self.store.store(Incoming(
+            raw.getbuffer(), str(event.context.transfer_syntax), str(request.AffectedSOPClassUID), _uid(request),
+            stats.calling_ae if stats else event.assoc.requestor.ae_title, stats.called_ae if stats else "",
+            stats.peer if stats else "", stats.record_id if stats else None))
         if stats is not None:
-            stats.studies[tags.study_uid] = stats.studies.get(tags.study_uid, 0) + 1
-            stats.patients[tags.study_uid] = tags.patient_id
-        if arrival.identical and not arrival.opened:
-            logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
-                       sop_instance_uid=tags.sop_instance_uid)
-        if arrival.ignored_after_complete:
-            logs.event(log, "instance_after_completion_ignored", study_uid=tags.study_uid,
-                       sop_instance_uid=tags.sop_instance_uid)
-        if arrival.opened:
-            logs.event(log, "study_reopened" if arrival.reopened else "study_receiving",
-                       study_uid=tags.study_uid, calling_ae=calling)
-            self.on_study_opened(tags.study_uid, arrival.deadline)
-        return SUCCESS
-
-    def _discard(self, staged: Path | None) -> None:
-        if staged is not None:
-            self.spool.discard(staged)
-
-    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed_inode: int,
-                            previous: Path | None) -> None:
-        """The COMMIT itself failed after the file was placed. Under the write lock again: if the
-        row did commit after all (a connection lost during COMMIT) or another copy was placed
-        since, nothing is undone; else the placement is. If the index cannot be reached, the next
-        start's reconcile decides."""
-        try:
-            with self.index.transaction():
-                row = self.index.find_instance(record.sop_instance_uid)
-                try:
-                    ours_in_place = target.stat().st_ino == placed_inode
-                except FileNotFoundError:
-                    ours_in_place = False
-                if ours_in_place and (row is None or row["received_at"] < now):
-                    if previous is not None:
-                        self.spool.restore(previous, target)
-                    else:
-                        self.spool.discard(target)
-                elif previous is not None:
-                    self.spool.discard(previous)
-        except Exception as exc:  # noqa: BLE001 - the failure being handled is re-raised by the caller
-            logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
-                       error=type(exc).__name__)
-
-    def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
-                  staged: Path | None) -> int:
-        """Refuse an instance whose SOP Instance UID is held elsewhere; the held one stays (the
-        newcomer was only staged: it never reached the held instance's path)."""
-        reason = f"{exc}; refused: this one is in study {record.study_uid}, series {record.series_uid}"
-        if staged is not None:
-            where = self.spool.quarantine_file(staged, reason)
-        else:
-            where = self.spool.quarantine(chunks, reason)
-        logs.event(
-            log,
-            "instance_uid_conflict",
-            logging.WARNING,
-            integrity=True,
-            status=f"0x{SOP_INSTANCE_CONFLICT:04X}",
-            sop_instance_uid=exc.sop_instance_uid,
-            study_uid=record.study_uid,
-            series_uid=record.series_uid,
-            sop_class_uid=record.sop_class_uid,
-            held_by_study=exc.study_uid,
-            held_by_series=exc.series_uid,
-            held_sop_class_uid=exc.sop_class_uid,
-            calling_ae=record.calling_ae,
-            file=where.name,
-        )
-        return SOP_INSTANCE_CONFLICT
-
-
-class _Mismatch(ValueError):
-    pass
+            if stored.status == SUCCESS and stored.study_uid is not None:
+                stats.instances += 1
+                stats.studies[stored.study_uid] = stats.studies.get(stored.study_uid, 0) + 1
+                stats.patients[stored.study_uid] = stored.patient_id or ""
+            else:
+                stats.failures += 1
+        if stored.status != SUCCESS:
+            self._count(Counted.CSTORE_FAILURE, f"0x{stored.status:04X}")
+        return stored.status
 
 
 def _uid(request: object) -> str:

@@ -148,9 +148,9 @@ def _message(record: AuditRecord, node_ae: str, site_id: str | None, patient_id:
         peer_ae = record.peer.split("@", 1)[0]
         _participant(root, node, True, ("110153", "Source Role ID"), ae_title=node_ae)
         _participant(root, peer_ae, False, ("110152", "Destination Role ID"), host_of(record.peer), ae_title=peer_ae)
-    else:  # A.5.3.7, received by the node
+    else:  # A.5.3.7, received by the node (over DIMSE from an AE, or STOW-RS from an account)
         _participant(root, record.actor, True, ("110153", "Source Role ID"), host_of(record.peer),
-                     ae_title=record.actor)
+                     ae_title=None if record.person else record.actor)
         _participant(root, node, False, ("110152", "Destination Role ID"), ae_title=node_ae)
     source = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": node_ae, **(
         {"AuditEnterpriseSiteID": _text(site_id)} if site_id else {})})

@@ -1,0 +1,94 @@
+"""DICOMweb on the console's HTTP server: STOW-RS (PS3.18 10.5) into the node.
+
+The instances are stored as they stream in, each with C-STORE's checks and statuses and
+acknowledged only once durable (node/receive/store.py); the request is an association in the
+index (calling AE: the account's name, called AE `STOW-RS`), so routing rules, the quiet
+period by calling AE, metrics and the audit trail see it like one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from node.console.auth import principal, require_operator
+from node.console.context import ConsoleContext
+from node.console.limits import MB
+from node.console.trail import peer_of
+from node.receive.store import SUCCESS, InstanceStore
+from node.receive.stow import CALLED, Outcome, Part, Response as StowResponse, StowError, StowRequest, boundary_of, incoming
+from node.store.audit import AuditEvent, AuditRecord, Outcome as AuditOutcome
+
+router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+DICOM_JSON = "application/dicom+json"
+
+
+def _accepts_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return not accept or any(kind.split(";")[0].strip() in (DICOM_JSON, "application/json", "*/*", "application/*")
+                             for kind in accept.split(","))
+
+
+@router.post("/studies", dependencies=[Depends(require_operator)],
+             summary="STOW-RS: store the instances of a multipart/related; type=\"application/dicom\" body")
+@router.post("/studies/{study_uid}", dependencies=[Depends(require_operator)],
+             summary="STOW-RS: store instances that must belong to this study (others fail, 0xC211)")
+async def store_instances(request: Request, study_uid: str | None = None) -> Response:
+    ctx = request.app.state.ctx
+    if not _accepts_json(request):
+        return JSONResponse({"detail": f"the response is {DICOM_JSON} only"}, 406)
+    try:
+        boundary = boundary_of(request.headers.get("content-type", ""))
+    except StowError as exc:
+        return JSONResponse({"detail": str(exc)}, exc.status)
+    who = principal(request)
+    calling, peer, config = who.name if who else "", peer_of(request), ctx.config
+    store = InstanceStore(config, ctx.index, ctx.spool, ctx.on_study_opened)
+    parser = StowRequest(boundary, int(config.scp.max_instance_mb * MB))
+    result = StowResponse()
+    studies: dict[str, int] = {}
+    patients: dict[str, str] = {}
+    association = await run_in_threadpool(ctx.index.open_association, calling, CALLED, peer, time.time())
+
+    def store_part(part: Part) -> Outcome:  # in a worker thread: the store fsyncs and writes the index
+        found = incoming(part, calling, peer, association, study_uid)
+        if isinstance(found, Outcome):
+            return found
+        stored = store.store(found)
+        if stored.status == SUCCESS and stored.study_uid is not None:
+            studies[stored.study_uid] = studies.get(stored.study_uid, 0) + 1
+            patients[stored.study_uid] = stored.patient_id or ""
+        return Outcome(found.sop_class_uid, found.sop_instance_uid, stored.status)
+
+    try:
+        async for chunk in request.stream():
+            for part in parser.feed(chunk):
+                if part.problem is not None:
+                    result.outcomes.append(Outcome("", "", part.problem, part.reason))
+                else:
+                    result.outcomes.append(await run_in_threadpool(store_part, part))
+    except StowError as exc:
+        return JSONResponse({"detail": str(exc)}, exc.status)
+    finally:
+        await run_in_threadpool(_finish, ctx, association, calling, peer, result, studies, patients)
+    if not parser.ended and not result.outcomes:
+        return JSONResponse({"detail": "the body ended before its first part's closing boundary"}, 400)
+    if not result.outcomes:
+        return JSONResponse({"detail": "no instance in the request"}, 400)
+    base = str(request.base_url).rstrip("/") + "/dicomweb/studies/"
+    body = result.dataset(base + study_uid if study_uid and result.stored else None).to_json_dict()
+    return JSONResponse(body, result.http_status, media_type=DICOM_JSON)
+
+
+def _finish(ctx: ConsoleContext, association: int, calling: str, peer: str, result: StowResponse,
+            studies: dict[str, int], patients: dict[str, str]) -> None:
+    """The request's association row closed with its counts; its transfer in the audit trail."""
+    failures = len(result.outcomes) - len(result.stored)
+    ctx.index.close_association(association, len(result.stored), failures, time.time())
+    if studies or failures:
+        ctx.trail.record(AuditRecord(
+            AuditEvent.INSTANCES_TRANSFERRED, "C", AuditOutcome.SUCCESS if not failures else AuditOutcome.MINOR_FAILURE,
+            calling, peer, studies=studies, patients=patients, person=True, reason="STOW-RS"), time.time())

@@ -1,0 +1,191 @@
+"""STOW-RS receive (PS3.18 10.5, Store Instances): the instances of a `multipart/related;
+type="application/dicom"` request body, each part a DICOM Part 10 file, stored one at a time as
+they stream in, with the same checks, statuses and durability as C-STORE (node/receive/store.py).
+
+`StowRequest` is fed the body's chunks as they arrive (python-multipart's streaming parser finds
+the parts); it holds at most one part in memory (at most `scp.max_instance_mb`, as a C-STORE),
+and hands each complete part to the caller to store. `response` is the Store Instances response
+data set (PS3.18 10.5.3): a Referenced SOP Sequence item per stored instance, a Failed SOP
+Sequence item with its Failure Reason (the C-STORE status the instance would have had) per
+refused one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Iterator
+
+import pydicom
+from pydicom.dataset import Dataset
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from node.receive.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Incoming
+
+PART10_PREFIX = 132  # preamble and "DICM" (PS3.10 7.1)
+CALLED = "STOW-RS"  # what the index records as the called AE title of a STOW request
+
+
+class StowError(ValueError):
+    """The request as a whole is not one this node takes: `status` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the body: its bytes, or why it cannot be stored (too large, not DICOM)."""
+
+    data: bytes
+    problem: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class Outcome:
+    sop_class_uid: str
+    sop_instance_uid: str
+    status: int
+    reason: str = ""
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The boundary of a STOW-RS body, or StowError(415) for anything but multipart/related of
+    application/dicom parts (the JSON and XML metadata forms are not taken)."""
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/related":
+        raise StowError(415, "STOW-RS takes multipart/related; type=\"application/dicom\"")
+    part_type = options.get(b"type", b"application/dicom").lower()
+    if part_type != b"application/dicom":
+        raise StowError(415, f"parts of type {part_type.decode(errors='replace')} are not taken: application/dicom only")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise StowError(400, "the multipart/related Content-Type has no boundary")
+    return boundary
+
+
+class StowRequest:
+    """Parts of a STOW-RS body as its chunks arrive: `feed(chunk)` returns the parts it completed."""
+
+    def __init__(self, boundary: bytes, max_part: int):
+        self.max_part = max_part
+        self._data = bytearray()
+        self._too_large = False
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._part_type = b""
+        self._done: list[Part] = []
+        self.parts = 0
+        self.ended = False
+        self._parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin, "on_part_data": self._part_data, "on_part_end": self._end,
+            "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+            "on_header_end": self._header_end, "on_end": self._on_end})
+
+    def feed(self, chunk: bytes) -> list[Part]:
+        try:
+            self._parser.write(chunk)
+        except Exception as exc:  # python-multipart raises its own errors for a broken body
+            raise StowError(400, f"the multipart body cannot be parsed ({type(exc).__name__})") from None
+        done, self._done = self._done, []
+        return done
+
+    def _begin(self) -> None:
+        self._data = bytearray()
+        self._too_large = False
+        self._part_type = b""
+
+    def _header_end(self) -> None:
+        if bytes(self._header_field).lower() == b"content-type":
+            self._part_type = parse_options_header(bytes(self._header_value))[0]
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._too_large:
+            return
+        if len(self._data) + end - start > self.max_part:
+            self._too_large, self._data = True, bytearray()  # the rest of the part is passed over
+            return
+        self._data.extend(data[start:end])
+
+    def _end(self) -> None:
+        self.parts += 1
+        if self._too_large:
+            self._done.append(Part(b"", OUT_OF_RESOURCES, f"the part is larger than scp.max_instance_mb"
+                                                           f" ({self.max_part / 1024 / 1024:g} MB)"))
+        elif self._part_type not in (b"", b"application/dicom"):
+            self._done.append(Part(b"", CANNOT_UNDERSTAND, f"a part of type {self._part_type.decode(errors='replace')}"
+                                                           " (application/dicom only)"))
+        else:
+            self._done.append(Part(bytes(self._data)))
+        self._data = bytearray()
+
+    def _on_end(self) -> None:
+        self.ended = True
+
+
+def incoming(part: Part, calling: str, peer: str, association_id: int | None,
+             study_uid: str | None) -> Incoming | Outcome:
+    """The instance in a Part 10 file, ready to store; or the failure when it is none."""
+    data = memoryview(part.data)
+    try:
+        # By hand: pydicom reads the file meta only from a path (read_file_meta_info); the
+        # layout is fixed (PS3.10 7.1): the group length (0002,0000) UL comes first and says
+        # where the data set begins.
+        if len(data) < PART10_PREFIX + 12 or bytes(data[128:132]) != b"DICM":
+            raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
+        group, element, vr, length = struct.unpack_from("<HH2sH", data, PART10_PREFIX)
+        if (group, element, vr, length) != (2, 0, b"UL", 4):
+            raise ValueError("the file meta information does not begin with its group length")
+        end = PART10_PREFIX + 12 + struct.unpack_from("<I", data, PART10_PREFIX + 8)[0]
+        if end > len(data):
+            raise ValueError("the file meta information is longer than the part")
+        meta = pydicom.dcmread(BytesIO(bytes(data[:end]))).file_meta
+        transfer_syntax = str(meta.TransferSyntaxUID)
+        sop_class, sop_instance = str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
+    except (ValueError, struct.error, AttributeError, pydicom.errors.InvalidDicomError) as exc:
+        return Outcome("", "", CANNOT_UNDERSTAND, str(exc) if isinstance(exc, ValueError) else type(exc).__name__)
+    return Incoming(data[end:], transfer_syntax, sop_class, sop_instance, calling, CALLED, peer, association_id,
+                    announced_by="file meta", study_uid=study_uid)
+
+
+@dataclass
+class Response:
+    """What a STOW-RS request stored and refused (PS3.18 10.5.3)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def stored(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == SUCCESS]
+
+    @property
+    def http_status(self) -> int:
+        """200 all stored, 202 some, 409 none (PS3.18 10.5.3.1)."""
+        if not self.outcomes:
+            return 400
+        stored = len(self.stored)
+        return 200 if stored == len(self.outcomes) else 202 if stored else 409
+
+    def dataset(self, retrieve_url: str | None = None) -> Dataset:
+        ds = Dataset()
+        if retrieve_url:
+            ds.RetrieveURL = retrieve_url
+        ds.ReferencedSOPSequence = list(self._items(self.stored))
+        ds.FailedSOPSequence = list(self._items([o for o in self.outcomes if o.status != SUCCESS], failed=True))
+        return ds
+
+    @staticmethod
+    def _items(outcomes: list[Outcome], failed: bool = False) -> Iterator[Dataset]:
+        for outcome in outcomes:
+            item = Dataset()
+            item.ReferencedSOPClassUID = outcome.sop_class_uid
+            item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+            if failed:
+                item.FailureReason = outcome.status
+            yield item
