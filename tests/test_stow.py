@@ -115,7 +115,7 @@ def test_each_part_gets_its_own_status_and_the_request_its_limits(start_node, tm
     assert answer.status_code == 202, answer.text
     assert answer.headers["content-type"].startswith("application/dicom+json")
     body = answer.json()
-    assert body["00081190"]["Value"] == [url]
+    assert "00081190" not in body  # no Retrieve URL: no WADO-RS yet
     assert {i["00081155"]["Value"][0] for i in _items(body, "00081199")} == {
         str(headers[0].SOPInstanceUID), str(headers[2].SOPInstanceUID)}
     failed = [(i["00081155"].get("Value", [""])[0], i["00081197"]["Value"][0]) for i in _items(body, "00081198")]
@@ -123,6 +123,22 @@ def test_each_part_gets_its_own_status_and_the_request_its_limits(start_node, tm
                       ("", 0xC210), ("", 0xA700)]
     assert len(node.query("SELECT sop_instance_uid FROM instances")) == 2
     assert len(list((node.data_dir / "quarantine").glob("*.dcm"))) == 2  # the damaged and the other study's
+
+    # a SOP class the node does not take (what C-STORE would not negotiate), and a body cut off
+    # before its closing boundary: what was stored is said, the cut part is not stored
+    odd = pydicom.dcmread(other[0])
+    odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = "1.2.3.4.5"
+    odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6"
+    odd_path = tmp_path / "odd.dcm"
+    odd.save_as(odd_path)
+    more = make_study(tmp_path / "more", slices=2, size=16, patient_id="STOW-6")
+    cut = _multipart([odd_path.read_bytes(), more[0].read_bytes(), more[1].read_bytes()], boundary)[:-200]
+    answer = requests.post(f"{node.url}/dicomweb/studies", data=cut, timeout=120,
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": content_type})
+    assert answer.status_code == 202, answer.text
+    assert [i["00081197"]["Value"][0] for i in _items(answer.json(), "00081198")] == [0x0122, 0xC210]
+    assert len(_items(answer.json(), "00081199")) == 1
+    assert len(node.query("SELECT sop_instance_uid FROM instances")) == 3
 
     # limits: the whole request, announced or streamed
     huge = requests.post(f"{node.url}/dicomweb/studies", data=b"x" * (5 * 1024 * 1024), timeout=120,

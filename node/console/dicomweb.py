@@ -18,7 +18,8 @@ from node.console.auth import principal, require_operator
 from node.console.context import ConsoleContext
 from node.console.limits import MB
 from node.console.trail import peer_of
-from node.receive.store import SUCCESS, InstanceStore
+from node.receive.store import CANNOT_UNDERSTAND, SUCCESS, InstanceStore
+from node.store.spool import checked_uid
 from node.receive.stow import CALLED, Outcome, Part, Response as StowResponse, StowError, StowRequest, boundary_of, incoming
 from node.store.audit import AuditEvent, AuditRecord, Outcome as AuditOutcome
 
@@ -44,6 +45,15 @@ async def store_instances(request: Request, study_uid: str | None = None) -> Res
         boundary = boundary_of(request.headers.get("content-type", ""))
     except StowError as exc:
         return JSONResponse({"detail": str(exc)}, exc.status)
+    if study_uid is not None:
+        try:
+            checked_uid(study_uid, "StudyInstanceUID")
+        except ValueError as exc:
+            return JSONResponse({"detail": f"the study in the path: {exc}"}, 400)
+    slots = request.app.state.stow_slots
+    if not slots.acquire(blocking=False):  # as many STOW requests at once as associations
+        return JSONResponse({"detail": "too many STOW-RS requests at once: try again"}, 503,
+                            headers={"Retry-After": "5"})
     who = principal(request)
     calling, peer, config = who.name if who else "", peer_of(request), ctx.config
     store = InstanceStore(config, ctx.index, ctx.spool, ctx.on_study_opened)
@@ -51,7 +61,11 @@ async def store_instances(request: Request, study_uid: str | None = None) -> Res
     result = StowResponse()
     studies: dict[str, int] = {}
     patients: dict[str, str] = {}
-    association = await run_in_threadpool(ctx.index.open_association, calling, CALLED, peer, time.time())
+    try:
+        association = await run_in_threadpool(ctx.index.open_association, calling, CALLED, peer, time.time())
+    except BaseException:
+        slots.release()
+        raise
 
     def store_part(part: Part) -> Outcome:  # in a worker thread: the store fsyncs and writes the index
         found = incoming(part, calling, peer, association, study_uid)
@@ -64,22 +78,26 @@ async def store_instances(request: Request, study_uid: str | None = None) -> Res
         return Outcome(found.sop_class_uid, found.sop_instance_uid, stored.status)
 
     try:
-        async for chunk in request.stream():
-            for part in parser.feed(chunk):
-                if part.problem is not None:
-                    result.outcomes.append(Outcome("", "", part.problem, part.reason))
-                else:
-                    result.outcomes.append(await run_in_threadpool(store_part, part))
-    except StowError as exc:
-        return JSONResponse({"detail": str(exc)}, exc.status)
+        try:
+            async for chunk in request.stream():
+                for part in parser.feed(chunk):
+                    if part.problem is not None:
+                        result.outcomes.append(Outcome("", "", part.problem, part.reason))
+                    else:
+                        result.outcomes.append(await run_in_threadpool(store_part, part))
+            if not parser.ended:  # the last part never closed: it is not stored
+                raise StowError(400, "the body ended before its closing boundary")
+        except StowError as exc:
+            if not result.outcomes:
+                return JSONResponse({"detail": str(exc)}, exc.status)
+            # what was stored stays stored: the response says so, and what the rest was
+            result.outcomes.append(Outcome("", "", CANNOT_UNDERSTAND, str(exc)))
     finally:
         await run_in_threadpool(_finish, ctx, association, calling, peer, result, studies, patients)
-    if not parser.ended and not result.outcomes:
-        return JSONResponse({"detail": "the body ended before its first part's closing boundary"}, 400)
+        slots.release()
     if not result.outcomes:
         return JSONResponse({"detail": "no instance in the request"}, 400)
-    base = str(request.base_url).rstrip("/") + "/dicomweb/studies/"
-    body = result.dataset(base + study_uid if study_uid and result.stored else None).to_json_dict()
+    body = await run_in_threadpool(lambda: result.dataset().to_json_dict())
     return JSONResponse(body, result.http_status, media_type=DICOM_JSON)
 
 

@@ -19,24 +19,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Callable
 
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLossless,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-    HTJ2K,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.association import Association
@@ -51,30 +34,12 @@ from node.store.audit import AuditEvent, AuditEventType, AuditRecord, AuditTrail
 from node.store.signals import CompletionSignals
 from node.store.spool import Spool
 from node.receive import pynetdicom_internals as internals
-from node.receive.store import SUCCESS, Incoming, InstanceStore
+from node.receive.store import SUCCESS, TRANSFER_SYNTAXES, Incoming, InstanceStore
 
 log = logging.getLogger("node.receive")
 ALERT_INTERVAL_S = 60.0  # refused callers: one audit record a minute per (calling AE, address)
 ALERTS_TRACKED = 10_000
 
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    HTJ2K,
-    RLELossless,
-]
 
 
 

@@ -15,7 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+)
 
 from common import logs
 from node.config import NodeConfig
@@ -27,6 +45,26 @@ from node.store.signals import CompletionSignals
 from node.store.spool import OutOfSpace, Spool, same_dataset
 
 log = logging.getLogger("node.receive")
+
+# What the node takes, over DIMSE (the presentation contexts it accepts) and STOW-RS alike.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
 
 # Statuses (PS3.4 B.2.3; 0xCxxx is "Error: Cannot understand", the xxx ours)
 SUCCESS = 0x0000
@@ -87,7 +125,12 @@ class InstanceStore:
             return OUT_OF_RESOURCES, None
         transfer_syntax = UID(incoming.transfer_syntax)
         calling = incoming.calling
-        header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax), calling)
+        try:
+            header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax),
+                                      calling if _is_ae_title(calling) else None)
+        except UnicodeEncodeError:
+            logs.event(log, "instance_refused", logging.WARNING, reason="a UID that is not ASCII", status="0xC210")
+            return CANNOT_UNDERSTAND, None
         chunks = (header, payload)
         try:
             tags = read_routing_tags(payload, transfer_syntax)
@@ -295,3 +338,9 @@ class InstanceStore:
 
 class _Mismatch(ValueError):
     pass
+
+
+def _is_ae_title(value: str) -> bool:
+    """Whether `value` fits (0002,0016) Source Application Entity Title (AE: 16 ASCII characters,
+    no backslash or control characters): a STOW-RS account name may not."""
+    return 0 < len(value) <= 16 and value.isascii() and value.isprintable() and "\\" not in value

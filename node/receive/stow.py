@@ -21,10 +21,17 @@ import pydicom
 from pydicom.dataset import Dataset
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from node.receive.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Incoming
+from pynetdicom import AllStoragePresentationContexts
+
+from node.receive.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, TRANSFER_SYNTAXES, Incoming
 
 PART10_PREFIX = 132  # preamble and "DICM" (PS3.10 7.1)
 CALLED = "STOW-RS"  # what the index records as the called AE title of a STOW request
+MAX_PARTS = 10_000  # parts per request: an empty part is a few bytes, its outcome is not
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.18 10.5.3: Referenced SOP Class not supported
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18 10.5.3: Referenced Transfer Syntax not supported
+STORAGE_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
+ACCEPTED_SYNTAXES = frozenset(str(uid) for uid in TRANSFER_SYNTAXES)
 
 
 class StowError(ValueError):
@@ -39,7 +46,7 @@ class StowError(ValueError):
 class Part:
     """One part of the body: its bytes, or why it cannot be stored (too large, not DICOM)."""
 
-    data: bytes
+    data: bytes | bytearray
     problem: int | None = None
     reason: str = ""
 
@@ -89,6 +96,8 @@ class StowRequest:
     def feed(self, chunk: bytes) -> list[Part]:
         try:
             self._parser.write(chunk)
+        except StowError:
+            raise
         except Exception as exc:  # python-multipart raises its own errors for a broken body
             raise StowError(400, f"the multipart body cannot be parsed ({type(exc).__name__})") from None
         done, self._done = self._done, []
@@ -115,6 +124,8 @@ class StowRequest:
 
     def _end(self) -> None:
         self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise StowError(413, f"more than {MAX_PARTS} parts in one request: send fewer per request")
         if self._too_large:
             self._done.append(Part(b"", OUT_OF_RESOURCES, f"the part is larger than scp.max_instance_mb"
                                                            f" ({self.max_part / 1024 / 1024:g} MB)"))
@@ -122,7 +133,7 @@ class StowRequest:
             self._done.append(Part(b"", CANNOT_UNDERSTAND, f"a part of type {self._part_type.decode(errors='replace')}"
                                                            " (application/dicom only)"))
         else:
-            self._done.append(Part(bytes(self._data)))
+            self._done.append(Part(self._data))  # handed over, not copied
         self._data = bytearray()
 
     def _on_end(self) -> None:
@@ -148,8 +159,12 @@ def incoming(part: Part, calling: str, peer: str, association_id: int | None,
         meta = pydicom.dcmread(BytesIO(bytes(data[:end]))).file_meta
         transfer_syntax = str(meta.TransferSyntaxUID)
         sop_class, sop_instance = str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID)
-    except (ValueError, struct.error, AttributeError, pydicom.errors.InvalidDicomError) as exc:
-        return Outcome("", "", CANNOT_UNDERSTAND, str(exc) if isinstance(exc, ValueError) else type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a damaged meta group
+        return Outcome("", "", CANNOT_UNDERSTAND, str(exc) if type(exc) is ValueError else type(exc).__name__)
+    if sop_class not in STORAGE_CLASSES:
+        return Outcome(sop_class, sop_instance, SOP_CLASS_NOT_SUPPORTED, "not a storage SOP class this node takes")
+    if transfer_syntax not in ACCEPTED_SYNTAXES:
+        return Outcome(sop_class, sop_instance, TRANSFER_SYNTAX_NOT_SUPPORTED, "a transfer syntax this node does not take")
     return Incoming(data[end:], transfer_syntax, sop_class, sop_instance, calling, CALLED, peer, association_id,
                     announced_by="file meta", study_uid=study_uid)
 
@@ -172,12 +187,14 @@ class Response:
         stored = len(self.stored)
         return 200 if stored == len(self.outcomes) else 202 if stored else 409
 
-    def dataset(self, retrieve_url: str | None = None) -> Dataset:
+    def dataset(self) -> Dataset:
+        """No Retrieve URLs: the node serves no WADO-RS yet."""
         ds = Dataset()
-        if retrieve_url:
-            ds.RetrieveURL = retrieve_url
-        ds.ReferencedSOPSequence = list(self._items(self.stored))
-        ds.FailedSOPSequence = list(self._items([o for o in self.outcomes if o.status != SUCCESS], failed=True))
+        if self.stored:
+            ds.ReferencedSOPSequence = list(self._items(self.stored))
+        failed = [o for o in self.outcomes if o.status != SUCCESS]
+        if failed:
+            ds.FailedSOPSequence = list(self._items(failed, failed=True))
         return ds
 
     @staticmethod
