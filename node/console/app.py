@@ -41,7 +41,6 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     health = Health(ctx)
     registry = registry_for(ctx)
     app.state.ctx = ctx
-    app.state.stow_slots = threading.BoundedSemaphore(ctx.config.scp.max_associations)  # STOW-RS requests at once
     app.state.health = health
 
     def live_summary() -> dict[str, Any]:

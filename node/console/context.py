@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class ConsoleContext:
         # the shared token may have changed with this start (http.* needs a restart): its sessions end
         self.sessions.end_all(SHARED_TOKEN_SESSION)
         self.trail = AuditTrail(self.index)
+        self.stow_slots = threading.BoundedSemaphore(self.live.current.scp.max_associations)  # STOW-RS requests at once
         oidc = self.live.current.http.oidc  # http.* needs a restart: fixed for the process
         self.oidc = OidcProvider(oidc) if oidc is not None else None
 

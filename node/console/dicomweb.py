@@ -50,7 +50,7 @@ async def store_instances(request: Request, study_uid: str | None = None) -> Res
             checked_uid(study_uid, "StudyInstanceUID")
         except ValueError as exc:
             return JSONResponse({"detail": f"the study in the path: {exc}"}, 400)
-    slots = request.app.state.stow_slots
+    slots = ctx.stow_slots
     if not slots.acquire(blocking=False):  # as many STOW requests at once as associations
         return JSONResponse({"detail": "too many STOW-RS requests at once: try again"}, 503,
                             headers={"Retry-After": "5"})
