@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 import requests
 
 from tests.peers import VENV_BIN, dataset_bytes, make_study, wait_for
