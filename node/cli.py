@@ -104,14 +104,14 @@ def echo(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Send a C-ECHO (verification) and report the result in one line."""
-    from node.send.echo import echo as c_echo
-    from node.send.scu import destination_ssl_context
+    from node.send.echo import echo as c_echo, echo_destination
 
     cfg = _config(config)
     peer = cfg.destinations.get(host) if port is None else None
     if peer is not None:  # `dicom-node echo pacs`: the destination as the outbox would reach it
-        result = c_echo(peer.host, peer.port, aet or cfg.scp.ae_title, called_aet or peer.ae_title,
-                        destination_ssl_context(peer.tls), timeout=cfg.sending.timeout_s)
+        if called_aet and peer.dicomweb is None:
+            peer = peer.model_copy(update={"ae_title": called_aet})
+        result = echo_destination(aet or cfg.scp.ae_title, peer, timeout=cfg.sending.timeout_s)
     else:
         result = c_echo(host, port or cfg.scp.port, aet or "ECHOSCU", called_aet or cfg.scp.ae_title,
                         timeout=cfg.sending.timeout_s)

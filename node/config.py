@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 from urllib.parse import urlparse
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -303,17 +303,92 @@ class ClientTls(Strict):
     private_key: Path | None = None
 
 
-class DestinationConfig(Strict):
-    """A DICOM peer that receives results (a PACS, a viewer, a research archive)."""
+class DicomwebAuth(Strict):
+    """How the node authenticates to a DICOMweb destination. Secrets are read from files (a
+    Docker or Kubernetes secret), never written in node.yaml, and re-read at each attempt so a
+    rotated secret is used without a restart."""
 
-    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
-    host: str
-    port: int = Field(ge=1, le=65535)
-    tls: ClientTls = Field(default_factory=ClientTls)
+    kind: Literal["none", "bearer", "basic", "oauth2"] = Field(
+        "none", description="bearer: a static token; basic: user and password (RFC 7617); oauth2: the client"
+                            " credentials grant (RFC 6749 4.4) at token_url, the token renewed before it expires")
+    token_file: Path | None = Field(None, description="bearer: file holding the token")
+    username: str | None = Field(None, description="basic")
+    password_file: Path | None = Field(None, description="basic: file holding the password")
+    token_url: str | None = Field(None, description="oauth2: the provider's token endpoint")
+    client_id: str | None = Field(None, description="oauth2")
+    client_secret_file: Path | None = Field(None, description="oauth2: file holding the client secret")
+    scope: str | None = Field(None, description="oauth2: the scope asked for, if the provider wants one")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DicomwebAuth":
+        needed = {"none": (), "bearer": ("token_file",), "basic": ("username", "password_file"),
+                  "oauth2": ("token_url", "client_id", "client_secret_file")}[self.kind]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"auth kind {self.kind} needs {', '.join(missing)}")
+        if self.token_url is not None:
+            _secure_url(self.token_url)
+        return self
+
+    SECRET_FILES: ClassVar[tuple[str, ...]] = ("token_file", "password_file", "client_secret_file")
+
+
+def _secure_url(value: str) -> str:
+    """https, or http on loopback only (tests, a sidecar proxy): credentials never go out in clear."""
+    parsed = urlparse(value)
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost", "::1")):
+        raise ValueError(f"{value} must be an https URL (http only on loopback)")
+    if parsed.username or parsed.password or parsed.query or parsed.fragment:
+        raise ValueError("the URL carries no credentials, query or fragment (credentials go in auth)")
+    return value.rstrip("/")
+
+
+class DicomwebDestination(Strict):
+    """A DICOMweb service that takes STOW-RS (PS3.18 10.5): a cloud DICOM store, a modern PACS."""
+
+    url: Annotated[str, AfterValidator(_secure_url)] = Field(
+        description="the service root: results are POSTed to {url}/studies")
+    auth: DicomwebAuth = Field(default_factory=DicomwebAuth)
+    max_request_mb: float = Field(
+        256.0, gt=0, description="a result set larger than this goes in several requests (a file larger than"
+                                 " this alone in one)")
+
+
+class DestinationConfig(Strict):
+    """A peer that receives results (a PACS, a viewer, a research archive): a DICOM AE reached
+    by C-STORE (ae_title, host, port) or a DICOMweb service reached by STOW-RS (dicomweb)."""
+
+    ae_title: str | None = Field(None, pattern=AE_TITLE_PATTERN)
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    dicomweb: DicomwebDestination | None = None
+    tls: ClientTls = Field(default_factory=ClientTls, description="DIMSE: enabled for DICOM TLS; DICOMweb: the"
+                           " CA and client certificate for its https URL (enabled is implied by the scheme)")
     omit_empty_frames: bool | None = Field(None, description="overrides output.omit_empty_frames")
     segmentation_type: Literal["BINARY", "LABELMAP"] | None = Field(None, description="overrides output.segmentation_type")
     outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] | None = Field(
         None, description="what this peer can show: replaces the rule's outputs for it (e.g. [RTSTRUCT, SC, SR])")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "DestinationConfig":
+        dimse = [key for key in ("ae_title", "host", "port") if getattr(self, key) is not None]
+        if self.dicomweb is not None and dimse:
+            raise ValueError(f"a destination is DIMSE (ae_title, host, port) or DICOMweb (dicomweb), not both:"
+                             f" drop {', '.join(dimse)} or dicomweb")
+        if self.dicomweb is None and len(dimse) < 3:
+            missing = [key for key in ("ae_title", "host", "port") if getattr(self, key) is None]
+            raise ValueError(f"a DIMSE destination needs ae_title, host and port (missing {', '.join(missing)});"
+                             f" a DICOMweb one needs dicomweb.url")
+        if self.dicomweb is not None and self.tls.enabled and not self.dicomweb.url.startswith("https:"):
+            raise ValueError("tls.enabled with an http URL: use https")
+        return self
+
+    @property
+    def where(self) -> str:
+        """How logs, the console and the audit trail name the peer (never a credential)."""
+        if self.dicomweb is not None:
+            return self.dicomweb.url
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
     def output(self, defaults: OutputOptions) -> OutputOptions:
         changes = {k: v for k, v in (("omit_empty_frames", self.omit_empty_frames),
@@ -408,10 +483,7 @@ class OidcConfig(Strict):
     @field_validator("issuer")
     @classmethod
     def _secure_issuer(cls, value: str) -> str:
-        parsed = urlparse(value)
-        if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost", "::1")):
-            raise ValueError("the issuer must be an https URL (http only on loopback, for tests)")
-        return value.rstrip("/")
+        return _secure_url(value)
 
     def effective_secret(self) -> str | None:
         return os.environ.get(OIDC_SECRET_ENV) or self.client_secret
@@ -495,6 +567,8 @@ class NodeConfig(Strict):
         for key, name in self.completion.destinations_named():
             if name not in self.destinations:
                 raise ValueError(f"{key}: no destination named {name!r}")
+            if self.destinations[name].dicomweb is not None:
+                raise ValueError(f"{key}: {name!r} is a DICOMweb destination; this needs a DICOM AE")
         return self
 
     def destination_for_caller(self, calling_ae: str) -> str | None:
@@ -507,12 +581,7 @@ class NodeConfig(Strict):
         inference = self.inference.model_copy(
             update={"model_repository": _under(base, self.inference.model_repository)})
         pipeline = self.pipeline.model_copy(update={"routing_file": _under(base, self.pipeline.routing_file)})
-        destinations = {
-            name: d.model_copy(update={"tls": d.tls.model_copy(update={
-                key: _under(base, getattr(d.tls, key)) for key in ("ca", "certificate", "private_key")
-                if getattr(d.tls, key) is not None})})
-            for name, d in self.destinations.items()
-        }
+        destinations = {name: _destination_under(base, d) for name, d in self.destinations.items()}
         tls = self.scp.tls.model_copy(
             update={
                 key: _under(base, getattr(self.scp.tls, key))
@@ -537,6 +606,18 @@ class NodeConfig(Strict):
 
 def _under(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
+
+
+def _destination_under(base: Path, destination: DestinationConfig) -> DestinationConfig:
+    tls = destination.tls.model_copy(update={key: _under(base, getattr(destination.tls, key))
+                                             for key in ("ca", "certificate", "private_key")
+                                             if getattr(destination.tls, key) is not None})
+    web = destination.dicomweb
+    if web is not None:
+        auth = web.auth.model_copy(update={key: _under(base, getattr(web.auth, key)) for key in web.auth.SECRET_FILES
+                                           if getattr(web.auth, key) is not None})
+        web = web.model_copy(update={"auth": auth})
+    return destination.model_copy(update={"tls": tls, "dicomweb": web})
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> NodeConfig:

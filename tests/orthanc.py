@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 class Orthanc:
     def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 always_allow_store: bool = True):
+                 always_allow_store: bool = True, users: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -26,6 +27,7 @@ class Orthanc:
         self.config_path = self.workdir / "orthanc.json"
         self.modalities = dict(modalities or {})
         self.always_allow_store = always_allow_store
+        self.users = dict(users or {})  # HTTP basic auth on its REST and DICOMweb APIs
         self.process: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
@@ -37,7 +39,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": self.aet,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": self.always_allow_store,
             "DicomModalities": {name: list(value) for name, value in self.modalities.items()},
@@ -76,6 +79,9 @@ class Orthanc:
     def request(self, method: str, path: str, body: bytes | dict | None = None, timeout: float = 120) -> Any:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=timeout) as response:
             payload = response.read()
         try:

@@ -116,6 +116,17 @@ class NodeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def api_token(self, name: str, role: str, password: str = "correct horse battery") -> str:
+        """A new account with this role and an API token for it (`dicom-node users`)."""
+        add = subprocess.run([str(VENV_BIN / "dicom-node"), "users", "add", name, "--role", role, "--password-stdin",
+                              "--config", str(self.config_path)], input=password + "\n", capture_output=True,
+                             text=True, timeout=120)
+        assert add.returncode == 0, add.stderr
+        out = subprocess.run([str(VENV_BIN / "dicom-node"), "users", "token", name, "--config", str(self.config_path)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
     def write_routing(self, rules: dict[str, Any] | str) -> None:
         text = rules if isinstance(rules, str) else yaml.safe_dump(rules, sort_keys=False)
         (self.workdir / "routing.yaml").write_text(text)

@@ -26,7 +26,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from inference.volume import SeriesError, load_series, read_series
-from node.send.outbox import classify_status
+from node.send.status import classify_status
 from node.send.scu import NotAccepted, associate, send_file, storage_contexts
 from tests.peers import dataset_bytes, make_study
 

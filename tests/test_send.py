@@ -27,7 +27,8 @@ from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from tests.identity import uids_for
 from tests.processes import stop_process_group
-from node.send.outbox import Outbox, classify_status
+from node.send.outbox import Outbox
+from node.send.status import classify_status
 from node.send.scu import storage_contexts
 from node.store.index import Index
 from tests.models import threshold_spec

@@ -5,6 +5,7 @@ calling AE title rules match), results at the PACS (Orthanc over DIMSE)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import uuid
@@ -12,25 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import requests
+
+from node.config import DestinationConfig
+from node.send.delivery import Permanent, Transient
+from node.send.stow import StowSender
 
 from tests.peers import VENV_BIN, dataset_bytes, make_study, wait_for
 from tests.test_jobs import sphere_study
 
-PASSWORD = "correct horse battery"
 ROUTING = {"rules": [{"name": "from-stow", "match": {"calling_ae": {"equals": "stow-bot"}},
-                      "actions": {"run": ["threshold"], "send_to": ["pacs"]}}]}
-
-
-def _token(node: Any, name: str, role: str) -> str:
-    add = subprocess.run([str(VENV_BIN / "dicom-node"), "users", "add", name, "--role", role, "--password-stdin",
-                          "--config", str(node.config_path)], input=PASSWORD + "\n", capture_output=True, text=True,
-                         timeout=120)
-    assert add.returncode == 0, add.stderr
-    out = subprocess.run([str(VENV_BIN / "dicom-node"), "users", "token", name, "--config", str(node.config_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+                      "actions": {"run": ["threshold"], "send_to": ["pacs", "web"]}}]}
 
 
 def _multipart(parts: list[bytes], boundary: str) -> bytes:
@@ -56,11 +50,19 @@ def _items(response: dict[str, Any], tag: str) -> list[dict[str, Any]]:
 
 def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach_the_pacs(
         start_node, orthanc, tmp_path, model_repository):
+    """In by STOW-RS; results out by C-STORE to one Orthanc and by STOW-RS (basic auth) to
+    another's DICOMweb plugin, where they read back (WADO-RS) identical to what the node made."""
     pacs = orthanc()
+    web = orthanc(users={"node": "s3cret-pass"})
+    (tmp_path / "web-password").write_text("s3cret-pass\n")
     node = start_node(routing=ROUTING, completion={"quiet_period_s": 1.0},
-                      destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+                      destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
+                                    "web": {"dicomweb": {
+                                        "url": f"http://127.0.0.1:{web.http_port}/dicom-web",
+                                        "auth": {"kind": "basic", "username": "node",
+                                                 "password_file": str(tmp_path / "web-password")}}}},
                       inference={"model_repository": str(model_repository)})
-    token = _token(node, "stow-bot", "operator")
+    token = node.api_token("stow-bot", "operator")
     files, study_uid = sphere_study(tmp_path / "ct", "STOW-1", slices=12, size=32, centre=(6, 16, 16))
     boundary = uuid.uuid4().hex
     body = tmp_path / "body"
@@ -83,6 +85,37 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
     wait_for(lambda: {"SEG", "SR"} <= set(pacs.instances_by_modality(study_uid)), timeout=180, interval=0.5)
     [job] = node.query("SELECT state, decision FROM work_items WHERE study_uid=?", (study_uid,))
     assert job["state"] == "done" and "from-stow" in job["decision"]
+    wait_for(lambda: {r["state"] for r in node.query("SELECT state FROM outbox")} == {"delivered"}, timeout=60)
+    [sent] = node.query("SELECT files FROM outbox WHERE destination='web'")
+    made = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in json.loads(sent["files"]))}
+    from dicomweb_client.api import DICOMwebClient
+    reader = DICOMwebClient(f"http://127.0.0.1:{web.http_port}/dicom-web", headers={
+        "Authorization": "Basic " + base64.b64encode(b"node:s3cret-pass").decode()})
+    read = {str(ds.SOPInstanceUID): ds for series in reader.search_for_series(study_uid)
+            for ds in reader.retrieve_series(study_uid, series["0020000E"]["Value"][0])
+            if str(ds.Modality) in ("SEG", "SR")}
+    assert read.keys() == made.keys() and len(made) >= 2
+    for uid, ds in made.items():
+        assert ds == read[uid]  # every element, pixel data included, as the node made it
+
+    # the node's own QIDO-RS and WADO-RS: the study with its results, as a viewer reads it
+    node_web = DICOMwebClient(f"{node.url}/dicomweb", headers={"Authorization": f"Bearer {token}"})
+    [study] = node_web.search_for_studies(search_filters={"PatientID": "STOW-1"})
+    assert study["0020000D"]["Value"] == [study_uid] and {"CT", "SEG", "SR"} <= set(study["00080061"]["Value"])
+    assert study["00201208"]["Value"] == [12 + len(made)]
+    assert node_web.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
+    assert len(node_web.search_for_studies(search_filters={"StudyDate": "19000101-20991231", "PatientName": "*"})) == 1
+    series = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0] for s in node_web.search_for_series(study_uid)}
+    results = [ds for kind in ("SEG", "SR") for ds in node_web.retrieve_series(study_uid, series[kind])]
+    assert {str(ds.SOPInstanceUID): ds for ds in results} == made
+    metadata = node_web.retrieve_series_metadata(study_uid, series["CT"])
+    assert len(metadata) == 12 and "BulkDataURI" in metadata[0]["7FE00010"]
+    first = metadata[0]["00080018"]["Value"][0]
+    [frame] = node_web.retrieve_instance_frames(study_uid, series["CT"], first, [1])
+    assert frame == pydicom.dcmread(next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == first)).PixelData
+    viewer_token = node.api_token("vera", "viewer")  # patient data: operators and admins only
+    assert requests.get(f"{node.url}/dicomweb/studies", timeout=30,
+                        headers={"Authorization": f"Bearer {viewer_token}"}).status_code == 403
     # a resend of the same instances: stored again as C-STORE would (identical), 200
     assert _curl(f"{node.url}/dicomweb/studies", token, body, boundary)[0] == 200
     trail = [r for r in json.loads(subprocess.run(
@@ -97,8 +130,8 @@ def test_each_part_gets_its_own_status_and_the_request_its_limits(start_node, tm
     scp.max_instance_mb: each refused with its reason, the good ones stored (202); a body past
     http.max_stow_mb: 413 while it streams; no credential 401, a viewer 403, XML 406."""
     node = start_node(scp={"max_instance_mb": 1}, http={"max_stow_mb": 4})
-    token = _token(node, "stow-bot", "operator")
-    viewer = _token(node, "vera", "viewer")
+    token = node.api_token("stow-bot", "operator")
+    viewer = node.api_token("vera", "viewer")
     files = make_study(tmp_path / "ct", slices=3, size=16, patient_id="STOW-2")
     other = make_study(tmp_path / "other", slices=1, size=16, patient_id="STOW-3")
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
@@ -114,9 +147,11 @@ def test_each_part_gets_its_own_status_and_the_request_its_limits(start_node, tm
     assert answer.status_code == 202, answer.text
     assert answer.headers["content-type"].startswith("application/dicom+json")
     body = answer.json()
-    assert "00081190" not in body  # no Retrieve URL: no WADO-RS yet
     assert {i["00081155"]["Value"][0] for i in _items(body, "00081199")} == {
         str(headers[0].SOPInstanceUID), str(headers[2].SOPInstanceUID)}
+    assert body["00081190"]["Value"] == [f"{node.url}/dicomweb/studies/{study_uid}"]  # PS3.18 10.5.3.1
+    retrieve = _items(body, "00081199")[0]["00081190"]["Value"][0]  # each stored instance's WADO-RS URL
+    assert requests.get(retrieve, headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
     failed = [(i["00081155"].get("Value", [""])[0], i["00081197"]["Value"][0]) for i in _items(body, "00081198")]
     assert failed == [(str(headers[1].SOPInstanceUID), 0xC212), (str(pydicom.dcmread(other[0]).SOPInstanceUID), 0xC211),
                       ("", 0xC210), ("", 0xA700)]
@@ -159,13 +194,36 @@ def test_each_part_gets_its_own_status_and_the_request_its_limits(start_node, tm
         "Authorization": f"Bearer {token}", "Content-Type": "application/dicom+json"}).status_code == 415
     assert requests.get(f"{node.url}/health/ready", timeout=30).status_code == 200  # it goes on
 
+    # the node's own STOW-RS client (result delivery) against this STOW-RS server with a bearer token
+    (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "wrong").write_text("dnt_not-a-token\n")
+
+    def peer(token_file: str = "token", **web: Any) -> DestinationConfig:
+        return DestinationConfig(dicomweb={"url": f"{node.url}/dicomweb", **web, "auth": {
+            "kind": "bearer", "token_file": str(tmp_path / token_file)}})
+
+    sender = StowSender()
+    requests_before = len(node.query("SELECT id FROM associations WHERE called_ae='STOW-RS'"))
+    fresh = make_study(tmp_path / "fresh", slices=3, size=16, patient_id="STOW-7")
+    assert sender("NODE", peer(max_request_mb=0.001), fresh, 30).warnings == []  # one request per file
+    assert len(node.query("SELECT id FROM associations WHERE called_ae='STOW-RS'")) == requests_before + 3
+    assert len(node.query("SELECT sop_instance_uid FROM instances")) == 6
+    with pytest.raises(Permanent, match=r"1 of 2 refused: 1\.2\.3\.4\.5\.6: failure reason 0x0122"):
+        sender("NODE", peer(), [fresh[0], odd_path], 30)  # per instance, with its reason
+    with pytest.raises(Permanent, match="HTTP 401 .*credentials refused"):
+        sender("NODE", peer("wrong"), fresh, 30)
+    assert sender.probe(peer(), 30)[0] and not sender.probe(peer("wrong"), 30)[0]  # the console's destination test
+    node.stop()
+    with pytest.raises(Transient, match="connection refused or lost"):
+        sender("NODE", peer(), fresh, 30)
+
 
 def test_dicomweb_client_stores_datasets_in_the_node(start_node, tmp_path):
     """dicomweb-client (the library OHIF's and highdicom's authors maintain) as the sender."""
     from dicomweb_client.api import DICOMwebClient
 
     node = start_node()
-    token = _token(node, "stow-bot", "operator")
+    token = node.api_token("stow-bot", "operator")
     files = make_study(tmp_path / "ct", slices=4, size=16, patient_id="STOW-5")
     client = DICOMwebClient(f"{node.url}/dicomweb", headers={"Authorization": f"Bearer {token}"})
     response = client.store_instances([pydicom.dcmread(f) for f in files])

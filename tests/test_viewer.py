@@ -47,6 +47,7 @@ class Viewer:
     shots: Path
     reports: dict[str, pydicom.Dataset]  # the SR the node sent, per case
     instance_numbers: dict[str, dict[str, int]]  # per case: SOP Instance UID -> Instance Number
+    node_url: str  # the viewer reading the node's DICOMweb
 
 
 def cylinder_study(folder: Path, patient_id: str, orientation: tuple[float, ...]) -> list[Path]:
@@ -67,12 +68,15 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
     rules = [{"name": f"view-{case}", "match": {"tag": "SeriesDescription", "equals": patient},
               "actions": {"run": ["threshold"], "send_to": ["labelmap" if case == "labelmap" else "binary"]}}
              for case, (patient, _) in CASES.items()]
+    # Orthanc 1.10 (Debian) accepts no Label Map SEG over DIMSE: that destination is its DICOMweb
+    # plugin, reached by STOW-RS.
     node = NodeProcess(work / "node", routing={"rules": rules}, completion={"quiet_period_s": 1.0},
                        destinations={"binary": destination,
-                                     "labelmap": {**destination, "segmentation_type": "LABELMAP"}},
+                                     "labelmap": {"dicomweb": {"url": f"http://127.0.0.1:{pacs.http_port}/dicom-web"},
+                                                  "segmentation_type": "LABELMAP"}},
                        sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5},
                        inference={"model_repository": str(model_repository)})
-    server = None
+    server = direct = None
     playwright = None
     try:
         node.start()
@@ -86,10 +90,6 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
         pacs.upload(files)  # the modality's study is in the PACS too: the node sends only its results
         sent = storescu(node.port, files)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        # Orthanc 1.10 (Debian) accepts no Label Map SEG over DIMSE: the node's encoded files for
-        # the LABELMAP destination are uploaded over REST (what a DICOMweb STOW would do).
-        encoded = wait_for(lambda: node.query("SELECT files FROM outbox WHERE destination='labelmap'"), timeout=240)
-        pacs.upload([Path(f) for f in json.loads(encoded[0]["files"])])
         for uid in studies.values():
             wait_for(lambda: {"SEG", "SR"} <= set(pacs.instances_by_modality(uid)), timeout=240, interval=0.5)
         reports = {}
@@ -98,15 +98,20 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
                 if sent.Modality == "SR":
                     reports[next(c for c, uid in studies.items() if uid == sent.StudyInstanceUID)] = sent
         server = ViewerServer(ensure_ohif(), pacs.http_port).start()
+        # the same viewer reading the node's own QIDO-RS/WADO-RS (no PACS in between)
+        direct = ViewerServer(ensure_ohif(), node.http_port, dicomweb_root="/dicomweb",
+                              authorization=f"Bearer {node.api_token('radiology-viewer', 'operator')}").start()
         playwright = sync_playwright().start()
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
                                              args=["--no-sandbox", "--enable-unsafe-swiftshader"])
         shots = Path(tempfile.gettempdir()) / "dicom-node-viewer"  # kept after the run: the artifacts
         shots.mkdir(exist_ok=True)
         print(f"viewer screenshots: {shots}")
-        yield Viewer(server.url, browser, studies, shots, reports, numbers)
+        yield Viewer(server.url, browser, studies, shots, reports, numbers, direct.url)
         browser.close()
     finally:
+        if direct is not None:
+            direct.stop()
         if playwright is not None:
             playwright.stop()
         if server is not None:
@@ -145,9 +150,19 @@ def dimmed(pixel: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
+    draws_the_seg(viewer, case, viewer.url, case)
+
+
+def test_ohif_reading_the_node_draws_the_seg_on_the_lesion(viewer):
+    """OHIF with the node's DICOMweb root: the CT and the SEG come from the node (QIDO-RS, WADO-RS
+    metadata, frames and the SEG instance), not from a PACS."""
+    draws_the_seg(viewer, "oblique", viewer.node_url, "oblique-from-node")
+
+
+def draws_the_seg(viewer: Viewer, case: str, url: str, shot: str) -> None:
     page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
+        page.goto(f"{url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
         seg = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9101"]')
         seg.wait_for(timeout=120_000)
         page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR").wait_for()
@@ -169,7 +184,7 @@ def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
             return [image] if all(overlaid(image[y, x]) for x, y in inside) else []
 
         image = wait_for(drawn, timeout=120, interval=1.0)[0]
-        page.screenshot(path=str(viewer.shots / f"{case}.png"))
+        page.screenshot(path=str(viewer.shots / f"{shot}.png"))
         print(f"{case}: lesion {lesion} RGB {image[lesion[1], lesion[0]].tolist()},"
               f" away {away} RGB {image[away[1], away[0]].tolist()}")
         assert overlaid(image[lesion[1], lesion[0]])
@@ -177,7 +192,7 @@ def test_ohif_draws_the_seg_on_the_lesion(viewer, case):
         outside = projected(box, LESION[0], LESION[1] + LESION[2] + 8)  # just beside the lesion
         assert image[outside[1], outside[0]].max() < 40
     finally:
-        page.screenshot(path=str(viewer.shots / f"{case}-last.png"))
+        page.screenshot(path=str(viewer.shots / f"{shot}-last.png"))
         page.close()
 
 

@@ -81,11 +81,16 @@ def ensure_ohif(cache: Path = CACHE) -> Path:
 
 
 class ViewerServer:
-    """OHIF plus a same-origin proxy to one Orthanc, on 127.0.0.1."""
+    """OHIF plus a same-origin proxy to one DICOMweb server on 127.0.0.1: an Orthanc (its
+    `/dicom-web`), or the node itself (`dicomweb_root="/dicomweb"`, with the API token the proxy
+    adds, as a site's reverse proxy in front of the viewer would)."""
 
-    def __init__(self, dist: Path, orthanc_http_port: int, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(self, dist: Path, orthanc_http_port: int, port: int = 0, host: str = "127.0.0.1",
+                 dicomweb_root: str = "/dicom-web", authorization: str | None = None):
         self.dist = dist
         self.orthanc_port = orthanc_http_port
+        self.dicomweb_root = dicomweb_root
+        self.authorization = authorization
         handler = type("Handler", (_Handler,), {"server_ref": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -138,6 +143,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type")}
+        if path.startswith("/dicom-web"):
+            path = self.server_ref.dicomweb_root + path[len("/dicom-web"):]
+        if self.server_ref.authorization:
+            headers["Authorization"] = self.server_ref.authorization
         connection = http.client.HTTPConnection("127.0.0.1", self.server_ref.orthanc_port, timeout=120)
         try:
             connection.request(self.command, path, body=body, headers=headers)

@@ -13,9 +13,8 @@ from typing import Any, Iterable
 from node.console.context import ConsoleContext
 from node.jobs.store import IllegalTransition, UnknownJob
 from node.route.study import StudyView, study_from_folder, study_from_index
-from node.send.echo import EchoResult, echo
+from node.send.echo import EchoResult, echo_destination
 from node.send.outbox import delivery_state, retry as retry_outbox
-from node.send.scu import destination_ssl_context
 
 MAX_UPLOAD_FILES = 2000
 
@@ -55,8 +54,7 @@ def echo_destination(ctx: ConsoleContext, name: str) -> EchoResult:
     peer = config.destinations.get(name)
     if peer is None:
         raise ActionError(404, f"no destination {name!r}")
-    return echo(peer.host, peer.port, config.scp.ae_title, peer.ae_title, destination_ssl_context(peer.tls),
-                timeout=min(config.sending.timeout_s, 10.0))
+    return echo_destination(config.scp.ae_title, peer, timeout=min(config.sending.timeout_s, 10.0))
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from node.console import actions, summary, trail
@@ -113,9 +113,11 @@ class AssociationRow(BaseModel):
 
 class Destination(BaseModel):
     name: str
-    ae_title: str
-    host: str
-    port: int
+    kind: Literal["dimse", "dicomweb"]
+    ae_title: str | None
+    host: str | None
+    port: int | None
+    url: str | None = Field(description="DICOMweb: the service root results are STOWed to")
     tls: bool
 
 
@@ -208,12 +210,14 @@ def get_associations(request: Request, limit: int = 100) -> list[dict[str, Any]]
 
 @router.get("/destinations", response_model=list[Destination], summary="Configured destinations (in force)")
 def get_destinations(request: Request) -> list[Destination]:
-    return [Destination(name=n, ae_title=d.ae_title, host=d.host, port=d.port, tls=d.tls.enabled)
+    return [Destination(name=n, kind="dicomweb" if d.dicomweb else "dimse", ae_title=d.ae_title, host=d.host,
+                        port=d.port, url=d.dicomweb.url if d.dicomweb else None,
+                        tls=d.tls.enabled or bool(d.dicomweb and d.dicomweb.url.startswith("https:")))
             for n, d in sorted(ctx_of(request).config.destinations.items())]
 
 
 @router.post("/destinations/{name}/echo", response_model=EchoOut, dependencies=[Depends(require_operator)],
-             summary="C-ECHO the destination as this node's AE title")
+             summary="C-ECHO the destination as this node's AE title (DICOMweb: a QIDO-RS search with its credentials)")
 def echo_destination(request: Request, name: str) -> EchoOut:
     result = _audited(request, actions.echo_destination, ctx_of(request), name)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"C-ECHO {name}: {result.message}", result.ok)

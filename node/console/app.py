@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common import logs
-from node.console import api, dicomweb, pages, summary
+from node.console import api, dicomweb, pages, summary, wado
 from node.console.auth import require_view
 from node.console.context import ConsoleContext
 from node.console.health import Health
@@ -80,6 +80,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
 
     app.include_router(api.router, tags=["api"])
     app.include_router(dicomweb.router)
+    app.include_router(wado.router)
     app.include_router(pages.router, include_in_schema=False)
     app.include_router(pages.login_router, include_in_schema=False)
     app.exception_handler(pages.PageError)(pages.page_error)

@@ -1,4 +1,4 @@
-"""DICOMweb on the console's HTTP server: STOW-RS (PS3.18 10.5) into the node.
+"""DICOMweb on the console's HTTP server: STOW-RS (PS3.18 10.5) into the node (reads: wado.py).
 
 The instances are stored as they stream in, each with C-STORE's checks and statuses and
 acknowledged only once durable (node/receive/store.py); the request is an association in the
@@ -97,8 +97,19 @@ async def store_instances(request: Request, study_uid: str | None = None) -> Res
         slots.release()
     if not result.outcomes:
         return JSONResponse({"detail": "no instance in the request"}, 400)
-    body = await run_in_threadpool(lambda: result.dataset().to_json_dict())
+    body = await run_in_threadpool(_response, ctx, association, result, str(request.base_url).rstrip("/"))
     return JSONResponse(body, result.http_status, media_type=DICOM_JSON)
+
+
+def _response(ctx: ConsoleContext, association: int, result: StowResponse, base: str) -> dict:
+    """The response data set, with the WADO-RS URL of each instance stored (node/console/wado.py)."""
+    rows = ctx.index.query("SELECT sop_instance_uid, study_uid, series_uid FROM instances WHERE association_id=?",
+                           (association,))
+    urls = {r["sop_instance_uid"]: f"{base}/dicomweb/studies/{r['study_uid']}/series/{r['series_uid']}/instances/"
+                                   f"{r['sop_instance_uid']}" for r in rows}
+    studies = {r["study_uid"] for r in rows}
+    study_url = f"{base}/dicomweb/studies/{next(iter(studies))}" if len(studies) == 1 else None
+    return result.dataset(urls, study_url).to_json_dict()
 
 
 def _finish(ctx: ConsoleContext, association: int, calling: str, peer: str, result: StowResponse,

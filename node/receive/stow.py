@@ -187,11 +187,17 @@ class Response:
         stored = len(self.stored)
         return 200 if stored == len(self.outcomes) else 202 if stored else 409
 
-    def dataset(self) -> Dataset:
-        """No Retrieve URLs: the node serves no WADO-RS yet."""
+    def dataset(self, retrieve_urls: dict[str, str] | None = None, study_url: str | None = None) -> Dataset:
+        """`retrieve_urls`: the WADO-RS URL of each stored SOP Instance UID; `study_url`: the
+        study's, when every stored instance is of one study."""
         ds = Dataset()
+        if study_url:
+            ds.RetrieveURL = study_url
         if self.stored:
             ds.ReferencedSOPSequence = list(self._items(self.stored))
+            for item in ds.ReferencedSOPSequence:
+                if retrieve_urls and str(item.ReferencedSOPInstanceUID) in retrieve_urls:
+                    item.RetrieveURL = retrieve_urls[str(item.ReferencedSOPInstanceUID)]
         failed = [o for o in self.outcomes if o.status != SUCCESS]
         if failed:
             ds.FailedSOPSequence = list(self._items(failed, failed=True))

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.send.scu import associate, rejection
+from node.config import DestinationConfig
+from node.send.scu import associate, destination_ssl_context, rejection
+from node.send.stow import StowSender
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,14 @@ def why_no_connection(host: str, port: int, timeout: float) -> str:
         return "connection timed out"
     except OSError as exc:
         return exc.strerror or type(exc).__name__
+
+
+def echo_destination(calling_ae: str, peer: DestinationConfig, timeout: float) -> EchoResult:
+    """A configured destination checked as the outbox reaches it: C-ECHO for a DICOM AE, a
+    QIDO-RS search with its credentials for a DICOMweb service."""
+    if peer.dicomweb is None:
+        assert peer.host and peer.port and peer.ae_title
+        return echo(peer.host, peer.port, calling_ae, peer.ae_title, destination_ssl_context(peer.tls), timeout=timeout)
+    started = time.monotonic()
+    ok, message = StowSender().probe(peer, timeout)
+    return EchoResult(ok, message, round(time.monotonic() - started, 3))

@@ -1,7 +1,7 @@
 """Durable result delivery: a persisted outbox, one association per result set and destination.
 
-Each (result set, destination) is a row in the index. An attempt sends every file over one
-association and checks every status. Transient failures (no connection, reset, timeout,
+Each (result set, destination) is a row in the index. An attempt sends every file (over one
+association, or in STOW-RS requests: node/send/delivery.py) and checks every status. Transient failures (no connection, reset, timeout,
 association rejected-transient, 0xA7xx) are retried with exponential backoff and jitter
 until a deadline; permanent ones (association rejected-permanent, 0xA9xx, 0xCxxx) go to the
 dead-letter state with the reason at once. Result objects keep their SOP Instance UIDs on
@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +29,9 @@ from common import logs
 from common.backoff import backoff_delay
 from node import metrics
 from node.config import NodeConfig
-from node.send.scu import NotAccepted, associate, destination_ssl_context, rejection, send_file, storage_contexts
-from node.send.status import classify_status
+from node.send.cstore import send_cstore
+from node.send.delivery import Delivery, Permanent, Sender, Transient
+from node.send.stow import StowSender
 from node.store.audit import AuditEvent, AuditRecord, AuditTrail, Outcome
 from node.store.index import Db, Index
 from node.store.lease import process_owner
@@ -39,19 +39,6 @@ from node.store.lease import process_owner
 log = logging.getLogger("node.send")
 
 SENDING_EXPIRED = "state='sending' AND lease_until<?"
-
-
-class Transient(Exception):
-    pass
-
-
-class Permanent(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class Delivery:
-    warnings: list[str]
 
 
 # Deliveries run on an executor of their own: a PACS that hangs each association until its
@@ -87,6 +74,7 @@ class Outbox:
         except ValueError:  # another Outbox on this scheduler added it (tests run two "replicas" on one)
             pass
         self.owner = owner or process_owner()
+        self.stow = StowSender()
         self._lock = threading.Lock()
         self._running: set[int] = set()
 
@@ -197,40 +185,8 @@ class Outbox:
         peer = self.config.destinations.get(destination)
         if peer is None:
             raise Permanent(f"destination {destination!r} is not configured")
-        ssl_context = destination_ssl_context(peer.tls)
-        assoc = associate(peer.host, peer.port, self.config.scp.ae_title, peer.ae_title, storage_contexts(files),
-                          ssl_context, timeout=self.config.sending.timeout_s)
-        refused = rejection(assoc)
-        if assoc.is_rejected and refused is not None:
-            raise (Permanent if refused.permanent else Transient)(
-                f"association rejected by {peer.ae_title}@{peer.host}:{peer.port} ({refused.text})")
-        if not assoc.is_established:
-            raise Transient(f"no association with {peer.ae_title}@{peer.host}:{peer.port} (refused, reset or timed out)")
-        warnings: list[str] = []
-        try:
-            for number, path in enumerate(files):
-                try:
-                    response = send_file(assoc, path)
-                except NotAccepted as exc:  # the peer takes neither this syntax nor uncompressed
-                    raise Permanent(str(exc)) from None
-                status = getattr(response, "Status", None)
-                refused = rejection(assoc)
-                if status is None and refused is not None and number == 0:
-                    # aborted on purpose before accepting anything: the peer refuses us
-                    raise Permanent(f"{peer.ae_title}@{peer.host}:{peer.port} refused C-STORE: {refused.text}")
-                if status is None:
-                    raise Transient(f"no response for {path.name} (connection lost, aborted or timed out)")
-                kind = classify_status(int(status))
-                if kind == "warning":
-                    warnings.append(f"{path.name}: status 0x{int(status):04X}")
-                elif kind != "success":
-                    error = getattr(response, "ErrorComment", "") or ""
-                    message = f"{path.name}: status 0x{int(status):04X} {error}".strip()
-                    raise (Transient if kind == "transient" else Permanent)(message)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        return Delivery(warnings)
+        sender: Sender = self.stow if peer.dicomweb is not None else send_cstore
+        return sender(self.config.scp.ae_title, peer, files, self.config.sending.timeout_s)
 
     def _retry_later(self, row: Any, reason: str) -> str:
         sending = self.config.sending
@@ -272,7 +228,7 @@ class Outbox:
         patient = db.execute("SELECT patient_id FROM studies WHERE study_uid=?", (row["study_uid"],)).fetchone()
         AuditTrail.append(db, AuditRecord(  # R: the node sends what it holds (PS3.15 A.5.3.7)
             AuditEvent.INSTANCES_TRANSFERRED, "R", Outcome.SUCCESS if state == "delivered" else Outcome.MAJOR_FAILURE,
-            actor=self.config.scp.ae_title, peer=f"{peer.ae_title}@{peer.host}:{peer.port}" if peer else "",
+            actor=self.config.scp.ae_title, peer=peer.where if peer else "",
             studies={row["study_uid"]: len(json.loads(row["files"]))},
             patients={row["study_uid"]: patient["patient_id"]} if patient and patient["patient_id"] else {},
             destination=row["destination"], reason=reason), now)

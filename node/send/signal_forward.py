@@ -60,7 +60,7 @@ class SignalForwarder:
             for forward in forwards:
                 self._dead(forward, f"no destination named {name!r} is configured")
             return
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        where = destination.where
         assoc = associate(destination.host, destination.port, config.scp.ae_title, destination.ae_title,
                           [build_context(ModalityPerformedProcedureStep)], destination_ssl_context(destination.tls),
                           timeout=config.sending.timeout_s)

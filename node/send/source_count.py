@@ -23,7 +23,7 @@ class SourceCountError(Exception):
 
 def study_instance_count(source: DestinationConfig, calling_ae: str, study_uid: str, timeout: float = 10.0) -> int:
     """NumberOfStudyRelatedInstances of the study at `source`; 0 when it does not hold it."""
-    where = f"{source.ae_title}@{source.host}:{source.port}"
+    where = source.where
     assoc = associate(source.host, source.port, calling_ae, source.ae_title,
                       [build_context(StudyRootQueryRetrieveInformationModelFind)],
                       destination_ssl_context(source.tls), timeout=timeout)
