@@ -413,7 +413,7 @@ class _Answer:
 
 
 def _post(node: NodeProcess, path: str, content_type: str, parts: Iterable[bytes], length: int | None,
-          watch_pid: int | None = None) -> tuple[_Answer, int, int]:
+          watch_pid: int | None = None, give_up: int = GIVE_UP, token: str | None = None) -> tuple[_Answer, int, int]:
     """POST `parts` over a raw socket (with Content-Length `length`, or chunked when None), reading
     the answer while sending; stop sending once it arrives. Returns the answer, the bytes sent
     when it arrived, and the largest growth of the watched process's RSS meanwhile."""
@@ -432,13 +432,14 @@ def _post(node: NodeProcess, path: str, content_type: str, parts: Iterable[bytes
     if sampler:
         sampler.start()
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{node.http_port}\r\nContent-Type: {content_type}\r\n"
-            f"{framing}\r\n\r\n").encode()
+            f"{auth}{framing}\r\n\r\n").encode()
     sent = 0
     try:
         _send(sock, head, answer)
         for part in parts:
-            if answer.complete.is_set() or sent > GIVE_UP:
+            if answer.complete.is_set() or sent > give_up:
                 break
             if length is None:
                 part = b"%x\r\n%s\r\n" % (len(part), part)
@@ -516,6 +517,30 @@ def test_a_2_gb_upload_is_refused_with_413_before_the_node_reads_it(node, announ
     assert "connection: close" in answer.headers  # the rest of the body is never read
     assert sent < 256 * MB  # answered at once (Content-Length) or once past 64 MB (chunked), not at the end
     assert grown < 50 * MB, f"the node grew by {grown / MB:.0f} MB for a refused upload"
+    assert _status(node, "/health/live") == 200
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+def test_a_2_gib_stow_request_is_refused_while_it_streams(node, announced):
+    """STOW-RS with the console's token: 2 GiB in parts of 1 MiB (not DICOM: each refused as it
+    arrives). Announced, the request is refused before a byte is read; chunked, once past
+    http.max_stow_mb (1024 MB). The node holds one part at a time: its memory stays flat (a single
+    part may take up to scp.max_instance_mb, as one C-STORE does)."""
+    wait_for(lambda: node.events("pipeline_ready") or node.events("pipeline_load_failed"), timeout=120)
+    boundary = "stow-boundary-0123456789"
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    junk = bytes(range(256)) * 4096
+    size = 2048 * (len(head) + len(junk) + 2)
+    parts = itertools.chain.from_iterable((head, junk, b"\r\n") for _ in range(2048))
+    answer, sent, grown = _post(node, "/dicomweb/studies", f'multipart/related; type="application/dicom"; boundary={boundary}',
+                                parts, size if announced else None,
+                                watch_pid=node.process.pid, give_up=1536 * MB, token=TOKEN)
+    print(f"\nSTOW {'Content-Length' if announced else 'chunked'}: answer {answer.status} after {sent / MB:.1f} MB,"
+          f" node RSS grew by at most {grown / MB:.1f} MB")
+    assert answer.status == 413, answer.data[:500]
+    assert "(http.max_stow_mb) here" in json.loads(answer.body)["detail"]
+    assert sent < (64 * MB if announced else 1100 * MB)  # at once, or once past the limit: not at the end
+    assert grown < 50 * MB, f"the node grew by {grown / MB:.0f} MB for a refused STOW request"
     assert _status(node, "/health/live") == 200
 
 

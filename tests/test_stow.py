@@ -8,9 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pydicom
 import pytest
@@ -63,7 +64,7 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
                                                  "password_file": str(tmp_path / "web-password")}}}},
                       inference={"model_repository": str(model_repository)})
     token = node.api_token("stow-bot", "operator")
-    files, study_uid = sphere_study(tmp_path / "ct", "STOW-1", slices=12, size=32, centre=(6, 16, 16))
+    files, study_uid = sphere_study(tmp_path / "ct", "STOW-1", slices=300, size=16, centre=(150, 8, 8))
     boundary = uuid.uuid4().hex
     body = tmp_path / "body"
     body.write_bytes(_multipart([f.read_bytes() for f in files], boundary))
@@ -75,8 +76,8 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
     # indexed before the answer, as sent, from the account over its STOW-RS "association"
     rows = node.query("SELECT i.sop_instance_uid, i.path, i.calling_ae, a.called_ae, a.instances FROM instances i"
                       " JOIN associations a ON a.id = i.association_id WHERE i.study_uid=?", (study_uid,))
-    assert len(rows) == 12 and {(r["calling_ae"], r["called_ae"], r["instances"]) for r in rows} == {
-        ("stow-bot", "STOW-RS", 12)}
+    assert len(rows) == 300 and {(r["calling_ae"], r["called_ae"], r["instances"]) for r in rows} == {
+        ("stow-bot", "STOW-RS", 300)}
     for f in files:
         uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
         [row] = [r for r in rows if r["sop_instance_uid"] == uid]
@@ -102,14 +103,14 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
     node_web = DICOMwebClient(f"{node.url}/dicomweb", headers={"Authorization": f"Bearer {token}"})
     [study] = node_web.search_for_studies(search_filters={"PatientID": "STOW-1"})
     assert study["0020000D"]["Value"] == [study_uid] and {"CT", "SEG", "SR"} <= set(study["00080061"]["Value"])
-    assert study["00201208"]["Value"] == [12 + len(made)]
+    assert study["00201208"]["Value"] == [300 + len(made)]
     assert node_web.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
     assert len(node_web.search_for_studies(search_filters={"StudyDate": "19000101-20991231", "PatientName": "*"})) == 1
     series = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0] for s in node_web.search_for_series(study_uid)}
     results = [ds for kind in ("SEG", "SR") for ds in node_web.retrieve_series(study_uid, series[kind])]
     assert {str(ds.SOPInstanceUID): ds for ds in results} == made
     metadata = node_web.retrieve_series_metadata(study_uid, series["CT"])
-    assert len(metadata) == 12 and "BulkDataURI" in metadata[0]["7FE00010"]
+    assert len(metadata) == 300 and "BulkDataURI" in metadata[0]["7FE00010"]
     first = metadata[0]["00080018"]["Value"][0]
     [frame] = node_web.retrieve_instance_frames(study_uid, series["CT"], first, [1])
     assert frame == pydicom.dcmread(next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == first)).PixelData
@@ -121,7 +122,7 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
     trail = [r for r in json.loads(subprocess.run(
         [str(VENV_BIN / "dicom-node"), "audit", "--since", "1h", "--json", "--config", str(node.config_path)],
         capture_output=True, text=True, timeout=120).stdout) if r["event_id"] == "110104" and r["action"] == "C"]
-    assert trail[0]["actor"] == "stow-bot" and trail[0]["studies"] == {study_uid: 12}
+    assert trail[0]["actor"] == "stow-bot" and trail[0]["studies"] == {study_uid: 300}
     assert trail[0]["patients"] == {study_uid: "STOW-1"} and trail[0]["reason"] == "STOW-RS"
 
 
@@ -224,8 +225,57 @@ def test_dicomweb_client_stores_datasets_in_the_node(start_node, tmp_path):
 
     node = start_node()
     token = node.api_token("stow-bot", "operator")
-    files = make_study(tmp_path / "ct", slices=4, size=16, patient_id="STOW-5")
+    files = make_study(tmp_path / "ct", slices=300, size=16, patient_id="STOW-5")
     client = DICOMwebClient(f"{node.url}/dicomweb", headers={"Authorization": f"Bearer {token}"})
     response = client.store_instances([pydicom.dcmread(f) for f in files])
-    assert len(response.ReferencedSOPSequence) == 4 and not response.get("FailedSOPSequence")
-    assert len(node.query("SELECT sop_instance_uid FROM instances")) == 4
+    assert len(response.ReferencedSOPSequence) == 300 and not response.get("FailedSOPSequence")
+    assert len(node.query("SELECT sop_instance_uid FROM instances")) == 300
+
+
+def test_a_node_killed_mid_request_acknowledged_nothing_it_lost(start_node, tmp_path):
+    """SIGKILL while a STOW-RS body streams: the client got no answer (nothing acknowledged);
+    what was indexed before the kill is whole on disk; the sender's resend stores the rest (200)."""
+    node = start_node()
+    token = node.api_token("stow-bot", "operator")
+    files = make_study(tmp_path / "ct", slices=10, size=16, patient_id="STOW-8")
+    boundary = uuid.uuid4().hex
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    held_back = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        for number, f in enumerate(files):
+            if number == 5:
+                held_back.wait(120)  # the rest never goes: the node dies first
+            yield head + f.read_bytes() + b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    outcome: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            outcome["response"] = requests.post(f"{node.url}/dicomweb/studies", data=body(), timeout=120, headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        except requests.RequestException as exc:
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    # the fifth part has gone but not its closing boundary: four are complete and stored
+    wait_for(lambda: len(node.query("SELECT sop_instance_uid FROM instances")) == 4, timeout=60)
+    node.kill_all()
+    held_back.set()
+    sender.join(60)
+    assert "response" not in outcome and "error" in outcome  # no answer: nothing was acknowledged
+    node.start()
+    rows = node.query("SELECT sop_instance_uid, path FROM instances")
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    assert len(rows) == 4
+    for row in rows:  # whole and exact, as sent
+        assert dataset_bytes(node.data_dir / row["path"]) == dataset_bytes(sent[row["sop_instance_uid"]])
+    answer = requests.post(f"{node.url}/dicomweb/studies", data=_multipart([f.read_bytes() for f in files], boundary),
+                           timeout=120, headers={
+                               "Authorization": f"Bearer {token}",
+                               "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert answer.status_code == 200 and len(_items(answer.json(), "00081199")) == 10
+    assert {r["sop_instance_uid"] for r in node.query("SELECT sop_instance_uid FROM instances")} == set(sent)
