@@ -11,6 +11,11 @@ Each configuration runs BENCH_REPEAT times (default 3), interleaved, and the bes
 on a shared machine the best run is the one least disturbed by others. The check's own cost is
 also timed in-process over the same files (microseconds per instance).
 
+STOW-RS (issue 24): the same loads as one `multipart/related` request per study sent by curl
+(one HTTP connection per study, all at once) to the node's /dicomweb/studies and to Orthanc's
+DICOMweb plugin (1.7, Debian), against C-STORE to the node in the same run. Target: STOW-RS into
+the node at least as fast as C-STORE into it.
+
     python -m benchmarks.receive [--slices 300] [--size 512]
 """
 
@@ -23,12 +28,15 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from tests.peers import HOOKS, NodeProcess, free_port, port_open, wait_for
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from benchmarks.common import benchmark_run
+
+T = TypeVar("T")
 
 
 def make_studies(root: Path, count: int, slices: int, size: int) -> list[list[Path]]:
@@ -53,7 +61,15 @@ def send_all(port: int, studies: list[list[Path]]) -> float:
         if result.returncode != 0:
             errors.append(result.stderr[-500:])
 
-    threads = [threading.Thread(target=one, args=(s,)) for s in studies]
+    seconds = at_once(one, studies)
+    if errors:
+        raise RuntimeError(errors[0])
+    return seconds
+
+
+def at_once(work: Callable[[T], None], items: list[T]) -> float:
+    """`work` on every item at once, a thread each; wall seconds until the last one ended."""
+    threads = [threading.Thread(target=work, args=(item,)) for item in items]
     # Flush what earlier runs left in the page cache: on ext4 (data=ordered) an fsync also
     # waits for other files' dirty data, which would charge the reference's writes to us.
     os.sync()
@@ -62,8 +78,6 @@ def send_all(port: int, studies: list[list[Path]]) -> float:
         t.start()
     for t in threads:
         t.join()
-    if errors:
-        raise RuntimeError(errors[0])
     return time.perf_counter() - started
 
 
@@ -120,9 +134,81 @@ def main() -> None:
         for label, ours, unchecked, ref in rows:
             print(f"{label:28} {ours:12.0f} {ref:16.0f} {ours / ref:7.2f} {unchecked / ref:20.2f}"
                   f" {(ours - unchecked) / unchecked:+7.1%}")
+        stow_rows(work, studies, repeat, {label: ours for label, ours, _, _ in rows})
         per_instance = check_cost(studies[0])
         print(f"whole-data-set check, in-process: {per_instance * 1e6:.0f} us per instance"
               f" ({per_instance * rows[0][1]:.1%} of the node's time per instance on one association)")
+
+
+def multipart_bodies(work: Path, studies: list[list[Path]]) -> list[Path]:
+    """One STOW-RS body file per study (made once, outside the timed runs)."""
+    bodies = []
+    for number, files in enumerate(studies):
+        body = work / f"stow-body-{number}"
+        with body.open("wb") as out:
+            for f in files:
+                out.write(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+                out.write(f.read_bytes())
+                out.write(b"\r\n")
+            out.write(f"--{BOUNDARY}--\r\n".encode())
+        bodies.append(body)
+    return bodies
+
+
+BOUNDARY = "benchmark-boundary-0123456789"
+
+
+def stow_all(url: str, bodies: list[Path], token: str | None = None) -> float:
+    """curl per body, all at once; wall seconds until the last answer (each must be 200)."""
+    statuses: list[str] = []
+
+    def one(body: Path) -> None:
+        auth = ["-H", f"Authorization: Bearer {token}"] if token else []
+        out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", url, *auth,
+                              "-H", "Accept: application/dicom+json", "-H",
+                              f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+                              "--data-binary", f"@{body}"], capture_output=True, text=True, timeout=900)
+        statuses.append(out.stdout.strip() or out.stderr[-300:])
+
+    seconds = at_once(one, bodies)
+    if set(statuses) != {"200"}:
+        raise RuntimeError(f"STOW-RS answers: {statuses}")
+    return seconds
+
+
+def run_node_stow(workdir: Path, bodies: list[Path]) -> float:
+    shutil.rmtree(workdir / "node", ignore_errors=True)
+    node = NodeProcess(workdir / "node", completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
+    try:
+        return stow_all(f"{node.url}/dicomweb/studies", bodies, node.api_token("bench", "operator"))
+    finally:
+        node.stop()
+
+
+def run_orthanc_stow(workdir: Path, bodies: list[Path]) -> float:
+    from tests.orthanc import Orthanc
+
+    shutil.rmtree(workdir / "orthanc", ignore_errors=True)
+    pacs = Orthanc(workdir / "orthanc").start()
+    try:
+        return stow_all(f"http://127.0.0.1:{pacs.http_port}/dicom-web/studies", bodies)
+    finally:
+        pacs.stop()
+
+
+def stow_rows(work: Path, studies: list[list[Path]], repeat: int, cstore: dict[str, float]) -> None:
+    bodies = multipart_bodies(work, studies)
+    print(f"\n{'STOW-RS load':28} {'node STOW inst/s':>17} {'node C-STORE':>13} {'Orthanc STOW':>13}"
+          f" {'STOW/C-STORE':>13} {'node/Orthanc':>13}")
+    for label, load in (("1 association", bodies[:1]), ("4 concurrent associations", bodies)):
+        n = sum(len(studies[bodies.index(b)]) for b in load)
+        best = {"node": 0.0, "orthanc": 0.0}
+        for _ in range(repeat):
+            best["node"] = max(best["node"], n / run_node_stow(work, load))
+            best["orthanc"] = max(best["orthanc"], n / run_orthanc_stow(work, load))
+        name = label.replace("association", "connection")
+        print(f"{name:28} {best['node']:17.0f} {cstore[label]:13.0f} {best['orthanc']:13.0f}"
+              f" {best['node'] / cstore[label]:13.2f} {best['node'] / best['orthanc']:13.2f}")
 
 
 def check_cost(files: list[Path]) -> float:
