@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from node.console.context import ConsoleContext
 from node.jobs.store import IllegalTransition, UnknownJob
 from node.route.study import StudyView, study_from_folder, study_from_index
-from node.send.echo import EchoResult, echo_destination
+from node.send.echo import EchoResult, echo_destination as echo_peer
 from node.send.outbox import delivery_state, retry as retry_outbox
 
 MAX_UPLOAD_FILES = 2000
@@ -54,7 +54,7 @@ def echo_destination(ctx: ConsoleContext, name: str) -> EchoResult:
     peer = config.destinations.get(name)
     if peer is None:
         raise ActionError(404, f"no destination {name!r}")
-    return echo_destination(config.scp.ae_title, peer, timeout=min(config.sending.timeout_s, 10.0))
+    return echo_peer(config.scp.ae_title, peer, timeout=min(config.sending.timeout_s, 10.0))
 
 
 @dataclass
