@@ -139,7 +139,9 @@ def search_studies(holdings: Holdings, filters: dict[str, str], limit: int, offs
     uids = re.split(r"[,\\]", filters["StudyInstanceUID"]) if "StudyInstanceUID" in filters else None
     found: list[Dataset] = []
     skipped = 0
-    for study_uid in holdings.studies(uids, filters.get("PatientID") if "*" not in filters.get("PatientID", "*") else None):
+    patient = filters.get("PatientID")
+    exact_patient = patient if patient and not set(patient) & {"*", "?"} else None  # a wildcard is matched below
+    for study_uid in holdings.studies(uids, exact_patient):
         ds = _study(holdings, study_uid, base)
         if ds is None or not all(_matches(ds.get(k, ""), v, k) for k, v in filters.items() if k != "StudyInstanceUID"):
             continue
