@@ -109,10 +109,11 @@ STATUS_TABLE = {
 
 def test_one_status_rule_for_the_outbox_the_cli_and_the_demo():
     from node import demo
-    from node.send import outbox
+    from node.send import cstore, stow
     from node.send.status import classify_status as rule, delivered
 
-    assert outbox.classify_status is rule and demo.delivered is delivered  # no copies of their own
+    # C-STORE and STOW-RS delivery, the CLI and the demo: no copies of their own
+    assert cstore.classify_status is rule and stow.classify_status is rule and demo.delivered is delivered
     assert {status: rule(status) for status in STATUS_TABLE} == STATUS_TABLE
     assert [s for s in STATUS_TABLE if delivered(s)] == [s for s, kind in STATUS_TABLE.items()
                                                          if kind in ("success", "warning")]
