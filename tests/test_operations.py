@@ -334,6 +334,7 @@ def test_receiver_settings_reload_live_and_open_associations_finish_under_the_ol
                        timeout=30)
     assert {e["exit_code"] for e in drained} == {0}
     aborted = _associate(node, "MODALITY", "NEWTITLE")
+    assert aborted.is_established
     aborted.abort()
 
     def delta(name: str, **labels: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -192,6 +193,21 @@ def test_pynetdicom_internals_pinned():
     assert (timed.acse_timeout, timed.dimse_timeout, timed.network_timeout) == (1.5, 2.5, 3.5)
     assert timed.is_established is False
     assert "self.socket.ready" in inspect.getsource(DULServiceProvider._is_transport_event)
+    # an A-ABORT PDU: the primitive is queued for the association before EVT_CONN_CLOSE fires
+    # (ended_in_abort reads it there), and EVT_ACCEPTED comes only after the A-ASSOCIATE-AC is sent
+    from pynetdicom import fsm
+    from pynetdicom.pdu_primitives import A_ABORT
+
+    from node.receive.pynetdicom_internals import ended_in_abort
+
+    aa3 = inspect.getsource(fsm.AA_3)
+    assert aa3.index("to_user_queue.put") < aa3.index("EVT_CONN_CLOSE")
+    negotiate = inspect.getsource(ACSE._negotiate_as_acceptor)
+    assert negotiate.index("self.send_accept()") < negotiate.index("EVT_ACCEPTED")
+    aborted = Association(AE(), "acceptor")
+    assert not ended_in_abort(aborted)
+    aborted.dul.to_user_queue.put(A_ABORT())
+    assert ended_in_abort(aborted) and aborted.is_aborted is False
 
 
 # -- the whole-data-set check, on bytes ----------------------------------------------------------
@@ -476,6 +492,37 @@ def test_never_ending_data_set_and_early_p_data_are_aborted(start_node):
     assert (early["pdu_type"], early["limit"]) == (4, 1 << 20)
     assert (rss_kib(receiver) - before) < 256 * 1024
     assert echoscu(node.port).returncode == 0 and receiver_pids(node) == [receiver]
+
+
+def _node_side_open(node_port: int, peer_port: int) -> bool:
+    """Whether the node still holds its end of the connection from `peer_port` (iproute2's ss)."""
+    out = subprocess.run(["ss", "-Htn", f"( sport = :{node_port} and dport = :{peer_port} )"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return bool(out.strip())
+
+
+def test_an_abort_before_the_association_record_is_open_is_still_closed_and_counted(start_node):
+    """pynetdicom triggers EVT_ACCEPTED after the A-ASSOCIATE-AC is out, so a peer can abort
+    before the node has opened the association's record (here the index is busy: a write lock is
+    held). The record is closed all the same, the abort counted and logged, nothing left open."""
+    node = start_node(scp={"workers": 1})
+    assert echoscu(node.port).returncode == 0
+    lock = sqlite3.connect(node.data_dir / "index.sqlite", timeout=30)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        assoc = scu(node, aet="ABORTER")
+        peer_port = assoc.dul.socket.socket.getsockname()[1]
+        assoc.abort()
+        wait_for(lambda: not _node_side_open(node.port, peer_port), timeout=30)  # the node saw the close
+    finally:
+        lock.rollback()
+        lock.close()
+    [event] = wait_for(lambda: [e for e in node.events("association") if e["calling_ae"] == "ABORTER"], timeout=30)
+    assert event["aborted"] is True and event["instances"] == 0
+    rows = node.query("SELECT ended_at FROM associations WHERE calling_ae='ABORTER'")
+    assert len(rows) == 1 and rows[0]["ended_at"] is not None
+    assert node.query("SELECT count(*) AS n FROM associations WHERE ended_at IS NULL")[0]["n"] == 0
+    assert node.query("SELECT n FROM receive_counts WHERE kind='association_aborted'")[0]["n"] == 1
 
 
 def test_open_connections_are_bounded(start_node):

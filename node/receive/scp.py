@@ -97,6 +97,10 @@ class StorageSCP:
         self._stats: dict[int, _AssociationStats] = {}
         self._slots: set[int] = set()
         self._called: dict[int, str] = {}
+        # Connections that closed while _on_accepted was still opening their record (pynetdicom
+        # triggers EVT_ACCEPTED after the A-ASSOCIATE-AC is sent, so a peer may abort first):
+        # whether they were aborted, for _on_accepted to finish them.
+        self._closed_early: dict[int, bool] = {}
         self._lock = threading.Lock()
 
     # -- AE --------------------------------------------------------------------------------
@@ -184,12 +188,21 @@ class StorageSCP:
             called = self._called.get(id(assoc)) or internals.requested_titles(assoc)[1]
         peer = assoc.requestor.address
         record = self.index.open_association(calling, called, peer, time.time())
+        stats = _AssociationStats(record, calling, called, peer, time.time())
         with self._lock:
-            self._stats[id(assoc)] = _AssociationStats(record, calling, called, peer, time.time())
+            self._called.pop(id(assoc), None)
+            closed_aborted = self._closed_early.pop(id(assoc), None)
+            if closed_aborted is None:
+                self._stats[id(assoc)] = stats
+        if closed_aborted is not None:
+            self._finish(stats, closed_aborted)
 
     def _on_rejected(self, event: Event) -> None:
         """A rejection by pynetdicom itself (ours are logged by _on_requested)."""
         assoc = event.assoc
+        with self._lock:
+            self._called.pop(id(assoc), None)
+            self._closed_early.pop(id(assoc), None)
         calling, called = internals.requested_titles(assoc)
         logs.event(log, "association_rejected", logging.WARNING, reason="refused by pynetdicom",
                    calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
@@ -230,14 +243,18 @@ class StorageSCP:
     def _on_closed(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
-            self._called.pop(id(event.assoc), None)
+            if stats is None and self._called.pop(id(event.assoc), None) is not None:
+                self._closed_early[id(event.assoc)] = internals.ended_in_abort(event.assoc)  # record not open yet
             held = id(event.assoc) in self._slots
             self._slots.discard(id(event.assoc))
             taken = len(self._slots)
         if held:
             self.on_slots(taken)
-        if stats is None:
-            return
+        if stats is not None:
+            self._finish(stats, internals.ended_in_abort(event.assoc))
+
+    def _finish(self, stats: _AssociationStats, aborted: bool) -> None:
+        """Close the association's record, audit what it transferred, count an abort."""
         now = time.time()
         self.index.close_association(stats.record_id, stats.instances, stats.failures, now)
         if stats.studies or stats.failures:
@@ -245,7 +262,6 @@ class StorageSCP:
                                     Outcome.SUCCESS if not stats.failures else Outcome.MINOR_FAILURE,
                                     stats.calling_ae, stats.peer, studies=dict(stats.studies),
                                     patients=dict(stats.patients)))
-        aborted = event.assoc.is_aborted  # set by the reactor thread as the A-ABORT is handled
         if aborted:
             self._count(Counted.ASSOCIATION_ABORTED)
         logs.event(
