@@ -109,9 +109,16 @@ def run_node(workdir: Path, studies: list[list[Path]], check: bool = True) -> fl
         for name in hooks:
             os.environ.pop(name, None)
     try:
+        warm(node)
         return send_all(node.port, studies)
     finally:
         node.stop()
+
+
+def warm(node: NodeProcess) -> None:
+    """Until the node has imported its pipeline (torch, MONAI: a core busy for seconds after the
+    start), so C-STORE and STOW-RS are both timed on a node in its steady state."""
+    wait_for(lambda: node.events("pipeline_ready"), timeout=300)
 
 
 def main() -> None:
@@ -180,6 +187,7 @@ def run_node_stow(workdir: Path, bodies: list[Path]) -> float:
     shutil.rmtree(workdir / "node", ignore_errors=True)
     node = NodeProcess(workdir / "node", completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
     try:
+        warm(node)
         return stow_all(f"{node.url}/dicomweb/studies", bodies, node.api_token("bench", "operator"))
     finally:
         node.stop()

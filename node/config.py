@@ -384,6 +384,11 @@ class DestinationConfig(Strict):
         return self
 
     @property
+    def kind(self) -> str:
+        """dicomweb (STOW-RS) or dimse (C-STORE)."""
+        return "dicomweb" if self.dicomweb is not None else "dimse"
+
+    @property
     def where(self) -> str:
         """How logs, the console and the audit trail name the peer (never a credential)."""
         if self.dicomweb is not None:

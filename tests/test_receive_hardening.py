@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -194,16 +193,19 @@ def test_pynetdicom_internals_pinned():
     assert timed.is_established is False
     assert "self.socket.ready" in inspect.getsource(DULServiceProvider._is_transport_event)
     # an A-ABORT PDU: the primitive is queued for the association before EVT_CONN_CLOSE fires
-    # (ended_in_abort reads it there), and EVT_ACCEPTED comes only after the A-ASSOCIATE-AC is sent
+    # (ended_in_abort reads it there); a dropped connection queues its A-P-ABORT after (EVT_ABORTED
+    # counts that one); EVT_REQUESTED fires before the A-ASSOCIATE-AC is sent
     from pynetdicom import fsm
     from pynetdicom.pdu_primitives import A_ABORT
 
     from node.receive.pynetdicom_internals import ended_in_abort
 
-    aa3 = inspect.getsource(fsm.AA_3)
+    aa3, aa4 = inspect.getsource(fsm.AA_3), inspect.getsource(fsm.AA_4)
     assert aa3.index("to_user_queue.put") < aa3.index("EVT_CONN_CLOSE")
-    negotiate = inspect.getsource(ACSE._negotiate_as_acceptor)
-    assert negotiate.index("self.send_accept()") < negotiate.index("EVT_ACCEPTED")
+    assert aa4.index("EVT_CONN_CLOSE") < aa4.index("A_P_ABORT()")
+    run = inspect.getsource(Association.run_reactor)
+    assert run.index("EVT_REQUESTED") < run.index("self.acse.negotiate_association()")
+    assert "EVT_ABORTED" in inspect.getsource(Association._run_reactor)
     aborted = Association(AE(), "acceptor")
     assert not ended_in_abort(aborted)
     aborted.dul.to_user_queue.put(A_ABORT())
@@ -494,35 +496,34 @@ def test_never_ending_data_set_and_early_p_data_are_aborted(start_node):
     assert echoscu(node.port).returncode == 0 and receiver_pids(node) == [receiver]
 
 
-def _node_side_open(node_port: int, peer_port: int) -> bool:
-    """Whether the node still holds its end of the connection from `peer_port` (iproute2's ss)."""
-    out = subprocess.run(["ss", "-Htn", f"( sport = :{node_port} and dport = :{peer_port} )"],
-                         capture_output=True, text=True, timeout=30).stdout
-    return bool(out.strip())
-
-
-def test_an_abort_before_the_association_record_is_open_is_still_closed_and_counted(start_node):
-    """pynetdicom triggers EVT_ACCEPTED after the A-ASSOCIATE-AC is out, so a peer can abort
-    before the node has opened the association's record (here the index is busy: a write lock is
-    held). The record is closed all the same, the abort counted and logged, nothing left open."""
+def test_aborts_and_dropped_connections_are_each_counted_once_and_their_rows_closed(start_node):
+    """Peers that abort right after the A-ASSOCIATE-AC, and peers that drop the connection with no
+    A-ABORT (an A-P-ABORT for the node, queued only after EVT_CONN_CLOSE): every association's row
+    is closed and its abort counted exactly once, whichever of EVT_CONN_CLOSE and EVT_ABORTED
+    saw it first."""
     node = start_node(scp={"workers": 1})
     assert echoscu(node.port).returncode == 0
-    lock = sqlite3.connect(node.data_dir / "index.sqlite", timeout=30)
-    lock.execute("BEGIN IMMEDIATE")
-    try:
-        assoc = scu(node, aet="ABORTER")
-        peer_port = assoc.dul.socket.socket.getsockname()[1]
-        assoc.abort()
-        wait_for(lambda: not _node_side_open(node.port, peer_port), timeout=30)  # the node saw the close
-    finally:
-        lock.rollback()
-        lock.close()
-    [event] = wait_for(lambda: [e for e in node.events("association") if e["calling_ae"] == "ABORTER"], timeout=30)
-    assert event["aborted"] is True and event["instances"] == 0
-    rows = node.query("SELECT ended_at FROM associations WHERE calling_ae='ABORTER'")
-    assert len(rows) == 1 and rows[0]["ended_at"] is not None
-    assert node.query("SELECT count(*) AS n FROM associations WHERE ended_at IS NULL")[0]["n"] == 0
-    assert node.query("SELECT n FROM receive_counts WHERE kind='association_aborted'")[0]["n"] == 1
+    for _ in range(10):
+        scu(node, aet="ABORTER").abort()
+    for _ in range(5):
+        dropped = scu(node, aet="DROPPER")
+        dropped.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+        wait_for(lambda: not dropped.is_alive(), timeout=30)
+
+    def aborts() -> int:
+        rows = node.query("SELECT n FROM receive_counts WHERE kind='association_aborted'")
+        return rows[0]["n"] if rows else 0
+
+    wait_for(lambda: len([e for e in node.events("association") if e["calling_ae"] in ("ABORTER", "DROPPER")]) == 15,
+             timeout=60)
+    wait_for(lambda: aborts() >= 15, timeout=30)
+    assert echoscu(node.port).returncode == 0  # one more association after them all
+    assert aborts() == 15
+    rows = node.query("SELECT calling_ae, ended_at FROM associations WHERE calling_ae IN ('ABORTER', 'DROPPER')")
+    assert len(rows) == 15 and all(r["ended_at"] is not None for r in rows)
+    wait_for(lambda: node.query("SELECT count(*) AS n FROM associations WHERE ended_at IS NULL")[0]["n"] == 0,
+             timeout=30)  # the last echo's row too: nothing left open
+    assert all(e["aborted"] for e in node.events("association") if e["calling_ae"] == "ABORTER")
 
 
 def test_open_connections_are_bounded(start_node):

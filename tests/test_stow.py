@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pydicom
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.config import DestinationConfig
 from node.send.delivery import Permanent, Transient
@@ -98,6 +99,12 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
     assert read.keys() == made.keys() and len(made) >= 2
     for uid, ds in made.items():
         assert ds == read[uid]  # every element, pixel data included, as the node made it
+    # /metrics: each destination's kind and peer, to join the per-destination delivery figures on
+    text = requests.get(f"{node.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).text
+    info = {tuple(s.labels[k] for k in ("destination", "kind", "where")) for family in
+            text_string_to_metric_families(text) for s in family.samples if s.name == "dicom_node_destination_info"}
+    assert info == {("pacs", "dimse", f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}"),
+                    ("web", "dicomweb", f"http://127.0.0.1:{web.http_port}/dicom-web")}
 
     # the node's own QIDO-RS and WADO-RS: the study with its results, as a viewer reads it
     node_web = DICOMwebClient(f"{node.url}/dicomweb", headers={"Authorization": f"Bearer {token}"})
@@ -194,6 +201,14 @@ def test_each_part_gets_its_own_status_and_the_request_its_limits(start_node, tm
     assert requests.post(url, data=parts[0], timeout=60, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/dicom+json"}).status_code == 415
     assert requests.get(f"{node.url}/health/ready", timeout=30).status_code == 200  # it goes on
+    # /metrics: the requests read (by the status answered), what they stored and refused, by reason
+    text = requests.get(f"{node.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).text
+    samples = {(s.name, tuple(s.labels.values())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert {k[1][0]: v for k, v in samples.items() if k[0] == "dicom_node_stow_requests_total"} == {"202": 2, "413": 1}
+    assert samples[("dicom_node_stow_instances_received_total", ())] == 3
+    assert {k[1][0]: v for k, v in samples.items() if k[0] == "dicom_node_stow_failures_by_reason_total"} == {
+        "0xC212": 1, "0xC211": 1, "0xC210": 2, "0xA700": 1, "0x0122": 1}
 
     # the node's own STOW-RS client (result delivery) against this STOW-RS server with a bearer token
     (tmp_path / "token").write_text(token + "\n")

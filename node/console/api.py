@@ -210,7 +210,7 @@ def get_associations(request: Request, limit: int = 100) -> list[dict[str, Any]]
 
 @router.get("/destinations", response_model=list[Destination], summary="Configured destinations (in force)")
 def get_destinations(request: Request) -> list[Destination]:
-    return [Destination(name=n, kind="dicomweb" if d.dicomweb else "dimse", ae_title=d.ae_title, host=d.host,
+    return [Destination(name=n, kind=d.kind, ae_title=d.ae_title, host=d.host,
                         port=d.port, url=d.dicomweb.url if d.dicomweb else None,
                         tls=d.tls.enabled or bool(d.dicomweb and d.dicomweb.url.startswith("https:")))
             for n, d in sorted(ctx_of(request).config.destinations.items())]

@@ -70,7 +70,8 @@ class IndexCollector(Collector):
             rejected.add_metric([reason], n)
         yield rejected
         yield _counter("associations_aborted", "Accepted associations that ended in an A-ABORT (by the peer "
-                       "or by the node)", sum(self.counts.totals(Counted.ASSOCIATION_ABORTED).values()))
+                       "or by the node) or a dropped connection (A-P-ABORT)", sum(self.counts.totals(Counted.ASSOCIATION_ABORTED).values()))
+        yield from self._stow_in()
         completions = index.query("SELECT CAST(COALESCE(SUM(completions), 0) AS BIGINT) AS n FROM studies")[0]["n"]
         yield _counter("studies_completed", "Study completions (quiet period passed)",
                        completions + deleted["completions"])
@@ -92,6 +93,7 @@ class IndexCollector(Collector):
                 deliveries.add_metric([row["destination"]], row["n"])
         yield deliveries
         yield outbox
+        yield from self._destinations()
         forwards = GaugeMetricFamily(f"{PREFIX}_mpps_forwards", "MPPS requests to forward (completion.mpps_forward)"
                                      " by state and destination", labels=["state", "destination"])
         for (state, destination), n in SignalForwards(index).counts().items():
@@ -105,6 +107,33 @@ class IndexCollector(Collector):
         yield _gauge("instances_missing", "Indexed instances whose file start-up reconciliation found gone",
                      index.missing_instances())
         yield _counter("retention_deleted_studies", "Studies deleted by retention", deleted["studies"])
+
+
+    def _stow_in(self) -> Iterable[Metric]:
+        """STOW-RS requests into the node (each is also an association row, called AE STOW-RS, so
+        the association and instance figures above include them)."""
+        requests = CounterMetricFamily(f"{PREFIX}_stow_requests", "STOW-RS requests by the HTTP status answered "
+                                       "(none: the request ended without an answer), counted as they end",
+                                       labels=["status"])
+        for status, n in sorted(self.counts.totals(Counted.STOW_REQUEST).items()):
+            requests.add_metric([status], n)
+        yield requests
+        yield _counter("stow_instances_received", "Instances stored and acknowledged by STOW-RS",
+                       sum(self.counts.totals(Counted.STOW_STORED).values()))
+        failures = CounterMetricFamily(f"{PREFIX}_stow_failures_by_reason", "STOW-RS instances refused, by "
+                                       "Failure Reason (Failed SOP Sequence)", labels=["reason"])
+        for reason, n in sorted(self.counts.totals(Counted.STOW_FAILURE).items()):
+            failures.add_metric([reason], n)
+        yield failures
+
+    def _destinations(self) -> Iterable[Metric]:
+        """Each configured destination's kind and peer (an info metric, to join the per-destination
+        delivery figures on)."""
+        info = GaugeMetricFamily(f"{PREFIX}_destination_info", "Configured destinations: kind (dimse or "
+                                 "dicomweb) and where they are", labels=["destination", "kind", "where"])
+        for name, destination in sorted(self.ctx.config.destinations.items()):
+            info.add_metric([name, destination.kind, destination.where], 1)
+        yield info
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -16,10 +16,12 @@ Relied on (pynetdicom 3.0):
 - Rejecting in an EVT_REQUESTED handler: `assoc.acse.send_reject(...)` then `assoc.kill()`
   (what pynetdicom does itself for its own checks); the association then never negotiates.
 - `AssociationServer.process_request(conn, peer)` runs a handed-over connection.
-- EVT_ACCEPTED fires after the A-ASSOCIATE-AC is sent (a peer may already have aborted), and
-  EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU the DUL queues the A-ABORT
-  primitive (`to_user_queue`, seen by `assoc.acse.is_aborted()`) before it triggers
-  EVT_CONN_CLOSE; `assoc.is_aborted` is set only later, by the association's own thread.
+- EVT_REQUESTED fires on the association's thread before the A-ASSOCIATE-AC is sent (a peer
+  can act only after it returns); EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU
+  the DUL queues the A-ABORT primitive (`to_user_queue`, seen by `assoc.acse.is_aborted()`)
+  before it triggers EVT_CONN_CLOSE; `assoc.is_aborted` is set only later, by the association's
+  own thread, which then triggers EVT_ABORTED. A dropped connection queues its A-P-ABORT only
+  after EVT_CONN_CLOSE: EVT_ABORTED is the event that sees it.
 """
 
 from __future__ import annotations
@@ -347,7 +349,7 @@ def reject(assoc: Association, result: int, source: int, diagnostic: int) -> Non
 
 
 def ended_in_abort(assoc: Association) -> bool:
-    """Whether the association ended in an A-ABORT or A-P-ABORT, asked at EVT_CONN_CLOSE or from a
-    handler still running on the association's thread: `is_aborted` alone is set only once that
-    thread has taken the abort from the DUL's queue."""
+    """Whether the association ended in an A-ABORT (or the node's own abort), asked at
+    EVT_CONN_CLOSE: `is_aborted` alone is set only once the association's thread has taken the
+    abort from the DUL's queue. A dropped connection is not seen here yet (EVT_ABORTED is)."""
     return bool(assoc.is_aborted or assoc.acse.is_aborted())

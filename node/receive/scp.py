@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -94,13 +95,11 @@ class StorageSCP:
         self.trail = AuditTrail(index)
         self._alerted: dict[tuple[str, str], tuple[float, int]] = {}  # (calling AE, address) -> last record, refusals since
         self.signals = SignalScp(CompletionSignals(index), on_signal, config.completion.mpps_forward)
-        self._stats: dict[int, _AssociationStats] = {}
-        self._slots: set[int] = set()
-        self._called: dict[int, str] = {}
-        # Connections that closed while _on_accepted was still opening their record (pynetdicom
-        # triggers EVT_ACCEPTED after the A-ASSOCIATE-AC is sent, so a peer may abort first):
-        # whether they were aborted, for _on_accepted to finish them.
-        self._closed_early: dict[int, bool] = {}
+        # Keyed by the Association itself (identity), so no entry can ever be taken for another's.
+        self._stats: dict[Association, _AssociationStats] = {}
+        self._slots: set[Association] = set()
+        self._accepted: weakref.WeakSet[Association] = weakref.WeakSet()  # accepted by _check_request
+        self._aborts_counted: weakref.WeakSet[Association] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     # -- AE --------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ class StorageSCP:
             (evt.EVT_N_CREATE, self.signals.handle_create),
             (evt.EVT_N_SET, self.signals.handle_set),
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
@@ -166,8 +165,7 @@ class StorageSCP:
                     failed = ("too many associations", 0x02, 0x03, 0x02)  # transient, local limit
                     detail = {"associations": taken, "limit": self.slot_limit}
                 else:
-                    self._slots.add(id(assoc))
-                    self._called[id(assoc)] = called
+                    self._slots.add(assoc)
                     taken += 1
         if failed is not None:
             logs.event(log, "association_rejected", logging.WARNING, reason=failed[0],
@@ -177,32 +175,29 @@ class StorageSCP:
             if failed[1] == 0x01:  # refused for who the caller is, not for our load: a security alert
                 self._alert(calling, peer, failed[0])
             return
+        # The association's row is opened here, before the A-ASSOCIATE-AC goes out (pynetdicom
+        # sends it before EVT_ACCEPTED), so the peer cannot abort or store before it exists.
+        try:
+            record = self.index.open_association(calling, called, peer, time.time())
+        except BaseException:
+            with self._lock:
+                self._slots.discard(assoc)
+            raise
+        with self._lock:
+            self._stats[assoc] = _AssociationStats(record, calling, called, peer, time.time())
+            self._accepted.add(assoc)
         self.on_slots(taken)
         if called:
             internals.answer_as(assoc, called)
-
-    def _on_accepted(self, event: Event) -> None:
-        assoc = event.assoc
-        calling = assoc.requestor.ae_title
-        with self._lock:
-            called = self._called.get(id(assoc)) or internals.requested_titles(assoc)[1]
-        peer = assoc.requestor.address
-        record = self.index.open_association(calling, called, peer, time.time())
-        stats = _AssociationStats(record, calling, called, peer, time.time())
-        with self._lock:
-            self._called.pop(id(assoc), None)
-            closed_aborted = self._closed_early.pop(id(assoc), None)
-            if closed_aborted is None:
-                self._stats[id(assoc)] = stats
-        if closed_aborted is not None:
-            self._finish(stats, closed_aborted)
 
     def _on_rejected(self, event: Event) -> None:
         """A rejection by pynetdicom itself (ours are logged by _on_requested)."""
         assoc = event.assoc
         with self._lock:
-            self._called.pop(id(assoc), None)
-            self._closed_early.pop(id(assoc), None)
+            stats = self._stats.pop(assoc, None)
+            self._accepted.discard(assoc)
+        if stats is not None:  # we had accepted it: its row goes, nothing happened on it
+            self.index.discard_association(stats.record_id)
         calling, called = internals.requested_titles(assoc)
         logs.event(log, "association_rejected", logging.WARNING, reason="refused by pynetdicom",
                    calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
@@ -240,21 +235,32 @@ class StorageSCP:
         except IndexFailure as exc:
             logs.event(log, "count_failed", logging.WARNING, kind=kind.value, error=type(exc).__name__)
 
-    def _on_closed(self, event: Event) -> None:
+    def _on_aborted(self, event: Event) -> None:
+        """EVT_ABORTED, on the association's thread: also for an abort EVT_CONN_CLOSE could not
+        see yet (a dropped connection queues its A-P-ABORT only after the close)."""
+        self._count_abort(event.assoc)
+
+    def _count_abort(self, assoc: Association) -> bool:
+        """Count an accepted association's abort once, whichever event saw it first."""
         with self._lock:
-            stats = self._stats.pop(id(event.assoc), None)
-            if stats is None and self._called.pop(id(event.assoc), None) is not None:
-                self._closed_early[id(event.assoc)] = internals.ended_in_abort(event.assoc)  # record not open yet
-            held = id(event.assoc) in self._slots
-            self._slots.discard(id(event.assoc))
+            if assoc not in self._accepted or assoc in self._aborts_counted:
+                return assoc in self._aborts_counted
+            self._aborts_counted.add(assoc)
+        self._count(Counted.ASSOCIATION_ABORTED)
+        return True
+
+    def _on_closed(self, event: Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            stats = self._stats.pop(assoc, None)
+            held = assoc in self._slots
+            self._slots.discard(assoc)
             taken = len(self._slots)
         if held:
             self.on_slots(taken)
-        if stats is not None:
-            self._finish(stats, internals.ended_in_abort(event.assoc))
-
-    def _finish(self, stats: _AssociationStats, aborted: bool) -> None:
-        """Close the association's record, audit what it transferred, count an abort."""
+        if stats is None:
+            return
+        aborted = self._count_abort(assoc) if internals.ended_in_abort(assoc) else False
         now = time.time()
         self.index.close_association(stats.record_id, stats.instances, stats.failures, now)
         if stats.studies or stats.failures:
@@ -262,8 +268,6 @@ class StorageSCP:
                                     Outcome.SUCCESS if not stats.failures else Outcome.MINOR_FAILURE,
                                     stats.calling_ae, stats.peer, studies=dict(stats.studies),
                                     patients=dict(stats.patients)))
-        if aborted:
-            self._count(Counted.ASSOCIATION_ABORTED)
         logs.event(
             log,
             "association",
@@ -281,7 +285,7 @@ class StorageSCP:
     # -- C-STORE ---------------------------------------------------------------------------
 
     def handle_store(self, event: Event) -> int:
-        stats = self._stats.get(id(event.assoc))
+        stats = self._stats.get(event.assoc)
         request = event.request
         raw: BytesIO = request.DataSet  # type: ignore[assignment]
         stored = self.store.store(Incoming(

@@ -380,6 +380,11 @@ class Index:
             ).fetchone()
             return int(row["id"]) if row else 0
 
+    def discard_association(self, assoc_id: int) -> None:
+        """Forget the row of an association refused after it was opened (nothing happened on it)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM associations WHERE id=? AND instances=0 AND failures=0", (assoc_id,))
+
     def close_association(self, assoc_id: int, instances: int, failures: int, now: float) -> None:
         with self.transaction() as db:
             db.execute(
