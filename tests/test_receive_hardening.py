@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -524,6 +525,36 @@ def test_aborts_and_dropped_connections_are_each_counted_once_and_their_rows_clo
     wait_for(lambda: node.query("SELECT count(*) AS n FROM associations WHERE ended_at IS NULL")[0]["n"] == 0,
              timeout=30)  # the last echo's row too: nothing left open
     assert all(e["aborted"] for e in node.events("association") if e["calling_ae"] == "ABORTER")
+
+
+def test_a_peer_gone_while_its_row_is_being_opened_leaves_no_row_open(start_node):
+    """The index is busy (a write lock held) when an A-ASSOCIATE-RQ comes: the node opens the
+    association's row before answering, the peer's own ACSE timeout ends the attempt meanwhile
+    (EVT_CONN_CLOSE before the row exists). Once the index is free the row is closed and the
+    abort counted; nothing stays open."""
+    node = start_node(scp={"workers": 1})
+    assert echoscu(node.port).returncode == 0
+    wait_for(lambda: node.query("SELECT count(*) AS n FROM associations WHERE ended_at IS NULL")[0]["n"] == 0)
+    lock = sqlite3.connect(node.data_dir / "index.sqlite", timeout=30)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        ae = AE(ae_title="IMPATIENT")
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        ae.acse_timeout = 1
+        assert not ae.associate("127.0.0.1", node.port, ae_title="TESTNODE").is_established
+
+        def node_side_open() -> bool:
+            return bool(subprocess.run(["ss", "-Htn", f"( sport = :{node.port} )"], capture_output=True,
+                                       text=True, timeout=30).stdout.strip())
+
+        wait_for(lambda: not node_side_open(), timeout=30)  # the node saw the connection close
+    finally:
+        lock.rollback()
+        lock.close()
+    wait_for(lambda: [r for r in node.query("SELECT ended_at FROM associations WHERE calling_ae='IMPATIENT'")
+                      if r["ended_at"] is not None], timeout=30)
+    assert node.query("SELECT count(*) AS n FROM associations WHERE ended_at IS NULL")[0]["n"] == 0
+    assert echoscu(node.port).returncode == 0  # the slot it held is free again
 
 
 def test_open_connections_are_bounded(start_node):

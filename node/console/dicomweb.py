@@ -144,9 +144,12 @@ class _Intake:
             return
         try:
             outcome = await asyncio.shield(storing)
-        finally:
-            if storing.done():
-                self._storing = None
+        except asyncio.CancelledError:
+            raise  # still under way, or done at the same moment: settle() takes its outcome
+        except BaseException:
+            self._storing = None
+            raise
+        self._storing = None
         self.result.outcomes.append(outcome)
 
     async def settle(self) -> None:

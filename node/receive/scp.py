@@ -100,6 +100,9 @@ class StorageSCP:
         self._slots: set[Association] = set()
         self._accepted: weakref.WeakSet[Association] = weakref.WeakSet()  # accepted by _check_request
         self._aborts_counted: weakref.WeakSet[Association] = weakref.WeakSet()
+        # Connections closed (EVT_CONN_CLOSE, on the DUL thread), possibly while _check_request was
+        # still deciding or opening the row: it must then end the association itself.
+        self._closed: weakref.WeakSet[Association] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     # -- AE --------------------------------------------------------------------------------
@@ -160,6 +163,8 @@ class StorageSCP:
             detail = {"our_ae_titles": sorted(self._titles)}
         else:
             with self._lock:
+                if assoc in self._closed:  # the peer went away while we were deciding
+                    return
                 taken = len(self._slots)
                 if taken >= self.slot_limit:
                     failed = ("too many associations", 0x02, 0x03, 0x02)  # transient, local limit
@@ -176,16 +181,24 @@ class StorageSCP:
                 self._alert(calling, peer, failed[0])
             return
         # The association's row is opened here, before the A-ASSOCIATE-AC goes out (pynetdicom
-        # sends it before EVT_ACCEPTED), so the peer cannot abort or store before it exists.
+        # sends it before EVT_ACCEPTED), so no C-STORE can come before it exists. A peer that
+        # goes away meanwhile (its own timeout while the index is busy) is finished here.
         try:
             record = self.index.open_association(calling, called, peer, time.time())
         except BaseException:
             with self._lock:
                 self._slots.discard(assoc)
             raise
+        stats = _AssociationStats(record, calling, called, peer, time.time())
         with self._lock:
-            self._stats[assoc] = _AssociationStats(record, calling, called, peer, time.time())
             self._accepted.add(assoc)
+            closed = assoc in self._closed
+            if not closed:
+                self._stats[assoc] = stats
+            taken = len(self._slots)
+        if closed:  # the peer went away while the row was being opened (_on_closed freed the slot)
+            self._finish(assoc, stats)
+            return
         self.on_slots(taken)
         if called:
             internals.answer_as(assoc, called)
@@ -197,7 +210,10 @@ class StorageSCP:
             stats = self._stats.pop(assoc, None)
             self._accepted.discard(assoc)
         if stats is not None:  # we had accepted it: its row goes, nothing happened on it
-            self.index.discard_association(stats.record_id)
+            try:
+                self.index.discard_association(stats.record_id)
+            except IndexFailure as exc:
+                logs.event(log, "association_record_failed", logging.WARNING, error=type(exc).__name__)
         calling, called = internals.requested_titles(assoc)
         logs.event(log, "association_rejected", logging.WARNING, reason="refused by pynetdicom",
                    calling_ae=calling, called_ae=called, peer=assoc.requestor.address)
@@ -252,14 +268,18 @@ class StorageSCP:
     def _on_closed(self, event: Event) -> None:
         assoc = event.assoc
         with self._lock:
+            self._closed.add(assoc)
             stats = self._stats.pop(assoc, None)
             held = assoc in self._slots
             self._slots.discard(assoc)
             taken = len(self._slots)
         if held:
             self.on_slots(taken)
-        if stats is None:
-            return
+        if stats is not None:
+            self._finish(assoc, stats)
+
+    def _finish(self, assoc: Association, stats: _AssociationStats) -> None:
+        """The association ended: its row closed, its transfer audited, an abort counted, logged."""
         aborted = self._count_abort(assoc) if internals.ended_in_abort(assoc) else False
         now = time.time()
         self.index.close_association(stats.record_id, stats.instances, stats.failures, now)
