@@ -44,7 +44,7 @@ demo: venv
 	$(BIN)/dicom-node demo --config config/node.yaml
 
 test: venv system-deps ohif
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The OHIF viewer (npm @ohif/app, prebuilt dist) for the viewer tests and `make viewer`:
 # fetched once with npm into build/ohif (ignored by git) and kept between runs.

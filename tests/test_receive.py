@@ -86,7 +86,7 @@ def test_echo_answered_and_unknown_caller_rejected(start_node):
     assert cli.returncode == 0 and "C-ECHO status 0x0000" in cli.stdout
 
 
-def test_garbage_in_association_fails_alone(start_node, tmp_path):
+def test_garbage_in_association_fails_alone(start_node, tmp_path, monkeypatch):
     node = start_node()
     good = make_study(tmp_path / "ct", slices=3, size=16)
     garbage = tmp_path / "garbage.dcm"
@@ -98,7 +98,7 @@ def test_garbage_in_association_fails_alone(start_node, tmp_path):
     fake.save_as(garbage, enforce_file_format=False)
     noise = __import__("random").Random(7).randbytes(4000)
     garbage.write_bytes(garbage.read_bytes() + noise)
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are (this test only)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
