@@ -337,7 +337,7 @@ def _part10_with(path: Path, dataset: bytes, target: Path) -> Path:
     return target
 
 
-def test_dcmtk_deflated_with_pad_byte_is_stored(start_node, tmp_path):
+def test_dcmtk_deflated_with_pad_byte_is_stored(start_node, tmp_path, monkeypatch):
     """dcmtk `storescu -xd` sends a deflated data set with the PS3.5 A.5 pad byte when the
     bitstream is odd: it is acknowledged and stored as sent; trailing bytes other than that one
     pad are still refused."""
@@ -381,13 +381,10 @@ def test_dcmtk_deflated_with_pad_byte_is_stored(start_node, tmp_path):
     # bytes after the bitstream other than one 00H pad: still refused (sent as they are)
     bad = [_part10_with(deflated[3], dataset_bytes(deflated[3]) + b"\x01", tmp_path / "one.dcm"),
            _part10_with(deflated[4], dataset_bytes(deflated[4]) + b"\x00\x00", tmp_path / "two.dcm")]
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = scu(node, (CTImageStorage, [DeflatedExplicitVRLittleEndian]))
-        statuses = [assoc.send_c_store(p).Status for p in bad]
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sent as they are (this test only)
+    assoc = scu(node, (CTImageStorage, [DeflatedExplicitVRLittleEndian]))
+    statuses = [assoc.send_c_store(p).Status for p in bad]
+    assoc.release()
     assert statuses == [0xC212, 0xC212], [hex(s) for s in statuses]  # malformed (README's table)
     reasons = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
     assert len(reasons) == 2, reasons
@@ -722,7 +719,7 @@ def test_too_many_associations_rejected_with_the_reason(start_node):
 # -- damaged data sets ---------------------------------------------------------------------------------
 
 
-def test_damaged_datasets_refused_and_quarantined_association_goes_on(start_node, tmp_path):
+def test_damaged_datasets_refused_and_quarantined_association_goes_on(start_node, tmp_path, monkeypatch):
     node = start_node(logging={"level": "DEBUG"})  # library chatter included: still JSON, no PHI
     good = make_study(tmp_path / "ct", slices=3, size=16)
     bad = tmp_path / "bad"
@@ -755,15 +752,12 @@ def test_damaged_datasets_refused_and_quarantined_association_goes_on(start_node
     enc.save_as(bad / "fragments.dcm", enforce_file_format=True)
     (bad / "fragments.dcm").write_bytes((bad / "fragments.dcm").read_bytes()[:-8])
 
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the files' bytes as they are
-    try:
-        assoc = scu(node, (CTImageStorage, [ExplicitVRLittleEndian]), (CTImageStorage, [RLELossless]))
-        order = [good[0], garbage, bad / "short.dcm", good[1], bad / "fragments.dcm",
-                 bad / "encapsulated-ok.dcm", good[2]]
-        statuses = [assoc.send_c_store(p).Status for p in order]
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the files' bytes as they are (this test only)
+    assoc = scu(node, (CTImageStorage, [ExplicitVRLittleEndian]), (CTImageStorage, [RLELossless]))
+    order = [good[0], garbage, bad / "short.dcm", good[1], bad / "fragments.dcm",
+             bad / "encapsulated-ok.dcm", good[2]]
+    statuses = [assoc.send_c_store(p).Status for p in order]
+    assoc.release()
     assert statuses == [0x0000, 0xC212, 0xC213, 0x0000, 0xC213, 0x0000, 0x0000]
     uid = uid_of(good[0])
     node.wait_complete(uid)
