@@ -104,9 +104,12 @@ def test_twenty_studies_sent_alternately_to_two_replicas_are_each_processed_once
 
 def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, tmp_path):
     """Killed while it holds studies in their quiet period, a running job and a send (the PACS
-    link stalled, so the send is caught mid-association): the other replica finishes each, once."""
+    link stalled, so the send is caught mid-association): the other replica finishes each, once.
+    The other replica starts once the doomed one is dead: before, it could claim every job itself
+    (then the doomed one never held a running job and a send at once; a loaded machine made
+    that likely)."""
     link = StallingLink(cluster.pacs.dicom_port)
-    doomed, survivor = cluster("replica-a", link.port), cluster("replica-b", link.port)
+    doomed = cluster("replica-a", link.port)
     link.stall()
     big = [sphere_study(tmp_path / f"big{n}", patient_id=f"B{n}", slices=160, size=128, centre=(80, 64, 64))
            for n in range(5)]  # enough work that the replica runs a job while its first send hangs
@@ -151,6 +154,7 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
         killed_holding = wait_for(pinned, timeout=180, interval=0.02)
         receiving = cluster.index.query("SELECT study_uid FROM studies WHERE state='receiving'")
         doomed.kill_all()
+    survivor = cluster("replica-b", link.port)  # finds the dead replica's leases to take over
     link.flow()
     owner = killed_holding["work_items"][0]["lease_owner"]
     assert len(receiving) >= 2, "the slow studies completed before the kill; the test needs a longer quiet period"
