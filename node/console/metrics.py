@@ -70,10 +70,11 @@ class IndexCollector(Collector):
             rejected.add_metric([reason], n)
         yield rejected
         yield _counter("associations_aborted", "Accepted associations that ended in an A-ABORT (by the peer "
-                       "or by the node) or a dropped connection (A-P-ABORT)", sum(self.counts.totals(Counted.ASSOCIATION_ABORTED).values()))
+                       "or by the node) or a dropped connection (A-P-ABORT)",
+                       sum(self.counts.totals(Counted.ASSOCIATION_ABORTED).values()))
         yield from self._stow_in()
         completions = index.query("SELECT CAST(COALESCE(SUM(completions), 0) AS BIGINT) AS n FROM studies")[0]["n"]
-        yield _counter("studies_completed", "Study completions (quiet period passed)",
+        yield _counter("studies_completed", "Study completions (any signal)",
                        completions + deleted["completions"])
         studies = GaugeMetricFamily(f"{PREFIX}_studies", "Stored studies by state", labels=["state"])
         for row in index.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state"):
@@ -107,7 +108,6 @@ class IndexCollector(Collector):
         yield _gauge("instances_missing", "Indexed instances whose file start-up reconciliation found gone",
                      index.missing_instances())
         yield _counter("retention_deleted_studies", "Studies deleted by retention", deleted["studies"])
-
 
     def _stow_in(self) -> Iterable[Metric]:
         """STOW-RS requests into the node (each is also an association row, called AE STOW-RS, so

@@ -16,8 +16,9 @@ Relied on (pynetdicom 3.0):
 - Rejecting in an EVT_REQUESTED handler: `assoc.acse.send_reject(...)` then `assoc.kill()`
   (what pynetdicom does itself for its own checks); the association then never negotiates.
 - `AssociationServer.process_request(conn, peer)` runs a handed-over connection.
-- EVT_REQUESTED fires on the association's thread before the A-ASSOCIATE-AC is sent (a peer
-  can act only after it returns); EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU
+- EVT_REQUESTED fires on the association's thread before the A-ASSOCIATE-AC is sent (no
+  DIMSE message is handled before it returns; the DUL thread may still see the peer go away
+  meanwhile); EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU
   the DUL queues the A-ABORT primitive (`to_user_queue`, seen by `assoc.acse.is_aborted()`)
   before it triggers EVT_CONN_CLOSE; `assoc.is_aborted` is set only later, by the association's
   own thread, which then triggers EVT_ABORTED. A dropped connection queues its A-P-ABORT only

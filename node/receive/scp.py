@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 import time
+import weakref
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Callable
@@ -259,8 +259,10 @@ class StorageSCP:
     def _count_abort(self, assoc: Association) -> bool:
         """Count an accepted association's abort once, whichever event saw it first."""
         with self._lock:
-            if assoc not in self._accepted or assoc in self._aborts_counted:
-                return assoc in self._aborts_counted
+            if assoc not in self._accepted:
+                return False
+            if assoc in self._aborts_counted:
+                return True
             self._aborts_counted.add(assoc)
         self._count(Counted.ASSOCIATION_ABORTED)
         return True
