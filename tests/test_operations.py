@@ -87,6 +87,8 @@ def test_a_destination_added_while_running_receives_results_without_a_restart(st
         _edit_config(node, lambda c: c["destinations"].update(
             late={"ae_title": "VIEWER", "host": "127.0.0.1", "port": late.port}))
         wait_for(lambda: "late" in {d["name"] for d in _api(node, "/api/destinations")}, timeout=20)
+        # the config is in force before its listeners run; the event is logged after them
+        wait_for(lambda: node.events("config_reloaded"), timeout=20)
         check = _cli("config", "check", str(node.config_path))
         assert check.returncode == 0 and "configuration OK" in check.stdout and "restart" not in check.stdout
         reloaded = node.events("config_reloaded")[-1]
@@ -318,7 +320,8 @@ def test_receiver_settings_reload_live_and_open_associations_finish_under_the_ol
                                   c["storage"].update(min_free_mb=10**9)))
     wait_for(lambda: node.events("receivers_reconfigured"), timeout=20)
     wait_for(lambda: len(node.events("receiver_ready")) >= ready + node.receivers, timeout=60)
-    assert node.events("config_reloaded")[-1]["restart_needed"] == []
+    # logged once every listener (the receivers' reconfiguration among them) has returned
+    assert wait_for(lambda: node.events("config_reloaded"), timeout=20)[-1]["restart_needed"] == []
 
     # The old association: still served, under the old watermark (1 MB): stored.
     assert held.send_c_echo().Status == 0x0000
