@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 # balancer of the compose profile), rsyslog with its TLS driver (the audit record repository of
 # the ATNA tests) and jing (validates audit messages against PS3.15's RELAX NG schema).
 # Installed only when missing.
-# npm (for OHIF) only when no npm is on PATH: some images ship a nodejs that bundles its own npm,
+# npm (for OHIF, and the OAuth 2.0 server of the tests, fetched by tests/authserver.py into
+# build/authserver) only when no npm is on PATH: some images ship a nodejs that bundles its own npm,
 # which Debian's npm package conflicts with.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

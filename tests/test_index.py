@@ -18,7 +18,8 @@ from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import Actions
 from node.send.outbox import Outbox
 from node.store.identity import installation_uid
-from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.store import index as index_module
+from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord
 from node.store.migrations import HEAD
 from tests.peers import VENV_BIN, make_study
 
@@ -77,6 +78,32 @@ def test_an_index_written_before_migrations_is_upgraded_with_its_rows(tmp_path):
     assert _completed_jobs(index, 1) == [2]
     # a second opener finds the schema current and changes nothing
     assert Index(path).query("SELECT COUNT(*) AS n FROM work_items")[0]["n"] == 2
+
+
+def test_sqlite_writers_in_one_process_take_turns_and_one_kept_waiting_too_long_gets_an_index_failure(
+        tmp_path, monkeypatch):
+    """Writers in one process queue on the index's own lock (handed over at once, not at SQLite's
+    next busy-handler poll); past the wait they get an IndexFailure that says so, not a hang."""
+    index = Index(tmp_path / "index.sqlite")
+    monkeypatch.setattr(index_module, "WRITE_LOCK_WAIT_S", 0.3)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with index.transaction() as db:
+            db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES ('test', '', 1)")
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    with pytest.raises(IndexFailure, match="write lock was held in this process for over 0.3 s"):
+        with index.transaction():
+            pass
+    release.set()
+    holder.join(30)
+    assert index.check_writable() is None
+    assert index.query("SELECT n FROM receive_counts WHERE kind='test'") == [{"n": 1}]
 
 
 def test_a_job_id_is_never_reused_after_the_newest_job_is_deleted(index):

@@ -294,3 +294,47 @@ def test_a_node_killed_mid_request_acknowledged_nothing_it_lost(start_node, tmp_
                                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
     assert answer.status_code == 200 and len(_items(answer.json(), "00081199")) == 10
     assert {r["sop_instance_uid"] for r in node.query("SELECT sop_instance_uid FROM instances")} == set(sent)
+
+
+def test_a_dicomweb_destination_authenticates_with_oauth2_client_credentials_at_a_real_authorization_server(
+        start_node, tmp_path):
+    """The node's STOW-RS client gets its token from panva's oidc-provider (client credentials,
+    RFC 6749 4.4; a JWT for the receiver's audience, RFC 8707) and keeps it across sends; the
+    receiving node checks it against the provider's keys and records the client as the caller.
+    A refused client is a permanent failure that names the provider's answer; a provider that
+    cannot be reached is a transient one (retried)."""
+    from tests.authserver import AuthServer
+
+    audience = "urn:dicom-node:stow-test"
+    provider = AuthServer(tmp_path / "auth", {"sending-node": "a-long-client-secret-for-tests"}, audience).start()
+    try:
+        node = start_node(http={"oidc": {"issuer": provider.issuer, "client_id": "receiving-console",
+                                         "audience": audience, "role_map": {"dicom-senders": "operator"}}})
+        (tmp_path / "secret").write_text("a-long-client-secret-for-tests\n")
+        (tmp_path / "wrong").write_text("not-the-secret\n")
+
+        def peer(secret_file: str = "secret", token_url: str = provider.token_url) -> DestinationConfig:
+            return DestinationConfig(dicomweb={"url": f"{node.url}/dicomweb", "auth": {
+                "kind": "oauth2", "token_url": token_url, "client_id": "sending-node", "scope": "stow",
+                "client_secret_file": str(tmp_path / secret_file)}})
+
+        sender = StowSender()
+        first = make_study(tmp_path / "first", slices=2, size=16)
+        second = make_study(tmp_path / "second", slices=3, size=16)
+        assert sender("NODE", peer(), first, 30).warnings == []
+        assert sender("NODE", peer(), second, 30).warnings == []
+        assert [e["client_id"] for e in provider.events("token_issued")] == ["sending-node"]  # one token, kept
+        stored = node.query("SELECT i.sop_instance_uid, a.calling_ae FROM instances i"
+                            " JOIN associations a ON a.id = i.association_id")
+        assert sorted(r["sop_instance_uid"] for r in stored) == sorted(
+            pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in first + second)
+        assert {r["calling_ae"] for r in stored} == {"sending-node"}  # the token's subject: the client
+
+        with pytest.raises(Permanent, match=r"gave no token: .*invalid_client"):
+            StowSender()("NODE", peer("wrong"), first, 30)
+        assert [e["error"] for e in provider.events("grant_refused")] == ["invalid_client"]
+        provider.stop()
+        with pytest.raises(Transient, match=r"no token from http://127\.0\.0\.1:\d+/token: "):
+            StowSender()("NODE", peer(), first, 30)
+    finally:
+        provider.stop()

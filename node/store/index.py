@@ -25,12 +25,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 from sqlalchemy import create_engine, event, make_url
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, TimeoutError as PoolTimeout
 
 from node.config import StorageConfig
 
 # Any failure of the index (busy past its timeout, connection lost, disk full).
 IndexFailure = SQLAlchemyError
+# How long a writer waits for the write lock, on SQLite (busy_timeout) and in-process alike.
+WRITE_LOCK_WAIT_S = 30.0
 # pg_advisory_xact_lock key of the index's write lock ("dcmnode" in ASCII).
 WRITE_LOCK_KEY = 0x64636D6E6F6465
 SQLITE_FILE = "index.sqlite"
@@ -212,6 +214,12 @@ class Index:
         self.shared = self.engine.dialect.name != "sqlite"
         self.path = self.url.removeprefix("sqlite:///") if not self.shared else None
         self._local = threading.local()
+        # On SQLite, this process's writers take turns on a lock of their own before BEGIN
+        # IMMEDIATE: SQLite's busy handler polls (sleeps of up to 100 ms between tries), so
+        # writers in one process waiting on each other in SQLite woke late and the lock sat
+        # idle (four STOW-RS requests in the console spent half their store time there); a
+        # thread lock hands over at once. Other processes still wait in SQLite's busy handler.
+        self._sqlite_writers = threading.Lock() if not self.shared else None
         if migrate:
             from node.store.migrations import upgrade
 
@@ -241,14 +249,21 @@ class Index:
         through this transaction (the same snapshot, its own uncommitted writes)."""
         if getattr(self._local, "db", None) is not None:
             raise RuntimeError("index transactions do not nest")
-        with self.engine.connect() as connection:
-            connection.execution_options(index_write_lock=not (claim and self.shared))
-            with connection.begin():
-                self._local.db = Db(connection)
-                try:
-                    yield self._local.db
-                finally:
-                    self._local.db = None
+        writers = self._sqlite_writers
+        if writers is not None and not writers.acquire(timeout=WRITE_LOCK_WAIT_S):
+            raise PoolTimeout(f"the index's write lock was held in this process for over {WRITE_LOCK_WAIT_S:g} s")
+        try:
+            with self.engine.connect() as connection:
+                connection.execution_options(index_write_lock=not (claim and self.shared))
+                with connection.begin():
+                    self._local.db = Db(connection)
+                    try:
+                        yield self._local.db
+                    finally:
+                        self._local.db = None
+        finally:
+            if writers is not None:
+                writers.release()
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Rows of one read (in the thread's transaction, if it has one)."""
@@ -564,7 +579,7 @@ def _engine(url: str, connections: int) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before we acknowledge the instance it records.
             cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(WRITE_LOCK_WAIT_S * 1000)}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
