@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium pixelmed-apps postgresql haproxy rsyslog rsyslog-gnutls jing
 
-.PHONY: run demo test venv system-deps bench clean viewer ohif
+.PHONY: run demo test venv system-deps bench clean viewer ohif authserver
 
 venv: $(STAMP)
 
@@ -44,13 +44,18 @@ run: venv
 demo: venv
 	$(BIN)/dicom-node demo --config config/node.yaml
 
-test: venv system-deps ohif
+test: venv system-deps ohif authserver
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The OHIF viewer (npm @ohif/app, prebuilt dist) for the viewer tests and `make viewer`:
 # fetched once with npm into build/ohif (ignored by git) and kept between runs.
 ohif: venv system-deps
 	$(BIN)/python -m tests.viewer fetch
+
+# The OAuth 2.0 authorization server of the tests (npm oidc-provider, from tests/authserver's lock
+# file) into build/authserver, ignored by git and kept between runs.
+authserver: venv system-deps
+	$(BIN)/python -m tests.authserver
 
 # While `make run` serves: Orthanc as the node's demo-viewer destination and OHIF in front of it
 # (http://127.0.0.1:3000); sends a phantom study through the node and prints the viewer's link.

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.peers import REPO_ROOT, free_port, port_open, wait_for
+from tests.peers import REPO_ROOT, wait_for
 from tests.processes import stop_process_group
 
 SOURCE = Path(__file__).resolve().parent / "authserver"
 CACHE = REPO_ROOT / "build" / "authserver"
+
+
+NODE_MINIMUM = (20, 18)  # oidc-provider 9 uses URL.parse and crypto.hash
 
 
 def ensure_installed(cache: Path = CACHE) -> Path:
@@ -35,8 +39,22 @@ def ensure_installed(cache: Path = CACHE) -> Path:
             subprocess.run([npm, "ci", "--omit=dev", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=cache,
                            check=True, stdout=subprocess.DEVNULL, timeout=600)
             done.write_bytes(lock_file)
-        shutil.copy(SOURCE / "server.mjs", cache / "server.mjs")  # ESM resolves next to the script
+        script = (SOURCE / "server.mjs").read_bytes()
+        if not (cache / "server.mjs").is_file() or (cache / "server.mjs").read_bytes() != script:
+            (cache / "server.mjs.new").write_bytes(script)
+            os.replace(cache / "server.mjs.new", cache / "server.mjs")  # ESM resolves next to the script
     return cache
+
+
+def node_binary() -> str:
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("Node.js is needed for the OAuth 2.0 server of the tests: run `make test`")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    if tuple(int(p) for p in version.lstrip("v").split(".")[:2]) < NODE_MINIMUM:
+        raise RuntimeError(f"the OAuth 2.0 server of the tests needs Node.js {'.'.join(map(str, NODE_MINIMUM))}"
+                           f" or later, not {version}")
+    return node
 
 
 class AuthServer:
@@ -47,33 +65,32 @@ class AuthServer:
                  roles_claim: str = "groups", roles: tuple[str, ...] = ("dicom-senders",)):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         self.settings: dict[str, Any] = {
-            "port": self.port, "audience": audience, "scope": scope, "roles_claim": roles_claim,
-            "roles": list(roles), "clients": [{"client_id": c, "client_secret": s} for c, s in clients.items()]}
+            "audience": audience, "scope": scope, "roles_claim": roles_claim, "roles": list(roles),
+            "clients": [{"client_id": c, "client_secret": s} for c, s in clients.items()]}
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def issuer(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.issuer = ""
 
     @property
     def token_url(self) -> str:
         return f"{self.issuer}/token"
 
     def start(self) -> "AuthServer":
+        """Listening (on a port it chose itself, so no other process can take it first)."""
         home = ensure_installed()
         settings = self.workdir / "settings.json"
         settings.write_text(json.dumps(self.settings))
-        node = shutil.which("node")
-        if node is None:
-            raise RuntimeError("Node.js is needed for the OAuth 2.0 server of the tests: run `make test`")
         log = open(self.workdir / "authserver.log", "ab")
-        self.process = subprocess.Popen([node, str(home / "server.mjs"), str(settings)], stdout=log,
+        self.process = subprocess.Popen([node_binary(), str(home / "server.mjs"), str(settings)], stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=60)
-        assert self.process.poll() is None, self.log()
+        try:
+            wait_for(lambda: self.events("listening") or self.process.poll() is not None, timeout=60)
+            assert self.process.poll() is None, self.log()
+        except BaseException:
+            self.stop()
+            raise
+        self.issuer = self.events("listening")[-1]["issuer"]
         return self
 
     def stop(self) -> None:
@@ -85,8 +102,14 @@ class AuthServer:
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
         for line in self.log().splitlines():
-            if line.startswith("{"):
+            try:
                 entry = json.loads(line)
-                if entry.get("event") == name:
-                    out.append(entry)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") == name:
+                out.append(entry)
         return out
+
+
+if __name__ == "__main__":  # `make test`: fetched before the tests run (npm ci, a few seconds)
+    ensure_installed()

@@ -97,9 +97,10 @@ def test_an_order_complete_before_the_images_waits_for_them_and_survives_a_sigki
     after a SIGKILL and restart it completes the study when its images come (settled 2 s)."""
     node = _hl7_node(start_node)
     assert _ack(_send(node, _message("ORM^O01", "A-200", "MSG-2"))) == ("AA", "MSG-2")
+    started = len(node.events("node_started"))
     node.kill_all()
     node.start()
-    node.hl7_port = node.events("node_started")[-1]["hl7_port"]
+    node.hl7_port = wait_for(lambda: node.events("node_started")[started:])[-1]["hl7_port"]
     datasets, study_uid = _study(tmp_path / "ct", 4, accession_number="A-200")
     other, other_uid = _study(tmp_path / "other", 2, accession_number="A-201")
     _store(node, datasets)
@@ -335,7 +336,7 @@ def test_replicas_on_postgresql_complete_a_signalled_study_once(start_node, post
     shared = {"data_dir": str(tmp_path / "shared"), "index_url": url, "lease_s": 3.0}
     a, b = (start_node(tmp_path / name, storage=shared, completion={**QUIET, "sweep_s": 1.0},
                        hl7={"port": 0, "bind": "127.0.0.1"}) for name in ("a", "b"))
-    a.hl7_port = a.events("node_started")[-1]["hl7_port"]
+    a.hl7_port = wait_for(lambda: a.events("node_started"))[-1]["hl7_port"]
     index = Index(url)
     try:
         stepped, stepped_uid = _study(tmp_path / "mpps", 3)
@@ -360,8 +361,9 @@ def test_replicas_on_postgresql_complete_a_signalled_study_once(start_node, post
             jobs = wait_for(lambda: index.query("SELECT completed_by FROM work_items WHERE study_uid=?",
                                                 (study_uid,)), timeout=30)
             assert [j["completed_by"] for j in jobs] == [by]
-        events = [e for node in (a, b) for e in node.events("study_complete")]
-        assert sorted(e["completed_by"] for e in events) == ["hl7", "mpps"]
+        # logged after the completion commits
+        wait_for(lambda: sorted(e["completed_by"] for node in (a, b) for e in node.events("study_complete"))
+                 == ["hl7", "mpps"], timeout=30)
     finally:
         index.close()
 
@@ -375,7 +377,7 @@ def test_signals_that_never_found_a_study_and_steps_left_in_progress_are_pruned(
     assoc.release()
     wait_for(lambda: not node.query("SELECT 1 FROM completion_signals"), timeout=30)
     assert not node.query("SELECT 1 FROM completion_signal_studies")
-    assert sum(e["signals"] for e in node.events("signals_pruned")) == 2
+    wait_for(lambda: sum(e["signals"] for e in node.events("signals_pruned")) == 2, timeout=30)  # logged after the commit
 
 
 def test_a_source_that_never_answers_delays_no_other_study(start_node, tmp_path):

@@ -77,8 +77,10 @@ def test_pacs_to_node_to_pacs_with_local_backend(start_node, orthanc, tmp_path):
     pacs.upload(files)
     pacs.forward_study("node", study_uid)
     _check_against_truth(pacs, study_uid, truth, files)
-    job = node.query("SELECT * FROM work_items WHERE study_uid=?", (study_uid,))[0]
-    assert job["state"] == "done" and set(json.loads(job["stages"])) >= {"route", "load", "inference", "encode"}
+    # results go out before the job is marked done
+    job = wait_for(lambda: [j for j in node.query("SELECT * FROM work_items WHERE study_uid=?", (study_uid,))
+                            if j["state"] == "done"], timeout=60)[0]
+    assert set(json.loads(job["stages"])) >= {"route", "load", "inference", "encode"}
 
 
 def test_pacs_to_node_to_pacs_with_triton(start_node, orthanc, tmp_path, triton):

@@ -85,8 +85,10 @@ def test_a_study_stowed_with_curl_is_stored_exactly_routed_and_its_results_reach
         assert dataset_bytes(node.data_dir / row["path"]) == dataset_bytes(f)
     # completed, routed by the account's name, results at the PACS
     wait_for(lambda: {"SEG", "SR"} <= set(pacs.instances_by_modality(study_uid)), timeout=180, interval=0.5)
-    [job] = node.query("SELECT state, decision FROM work_items WHERE study_uid=?", (study_uid,))
-    assert job["state"] == "done" and "from-stow" in job["decision"]
+    # results go out before the job is marked done
+    [job] = wait_for(lambda: [j for j in node.query("SELECT state, decision FROM work_items WHERE study_uid=?",
+                                                    (study_uid,)) if j["state"] == "done"], timeout=60)
+    assert "from-stow" in job["decision"]
     wait_for(lambda: {r["state"] for r in node.query("SELECT state FROM outbox")} == {"delivered"}, timeout=60)
     [sent] = node.query("SELECT files FROM outbox WHERE destination='web'")
     made = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f) for f in json.loads(sent["files"]))}

@@ -118,11 +118,12 @@ def test_a_node_with_two_servers_completes_every_job_while_one_is_stopped(pair, 
         assert out.returncode == 0, out.stdout + out.stderr
         found = wait_results(pacs, study_uid)
         assert (len(found["SEG"]), len(found["SR"])) == (1, 1)
-    assert not [j for j in node.query("SELECT state FROM work_items") if j["state"] != "done"]
+    wait_for(lambda: not [j for j in node.query("SELECT state FROM work_items") if j["state"] != "done"],
+             timeout=60)  # results go out before the job is marked done
     with urllib.request.urlopen(node.url + "/metrics", timeout=30) as response:
         metrics = response.read().decode()
     assert f'dicom_node_triton_server_up{{server="{triton.grpc_url}"}} 1.0' in metrics
-    assert len(node.events("job_done")) == 3
+    wait_for(lambda: len(node.events("job_done")) == 3, timeout=30)
 
 
 def test_no_model_server_stops_processing_readiness_but_not_receiving(start_node, model_repository, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
 
 from inference.backends.base import BackendError, BackendUnavailable
 from inference.errors import SeriesChanged, SeriesError
@@ -31,8 +31,9 @@ class Superseded(Exception):
 
 
 # Failures that may go away by themselves: the job waits and tries again (OperationalError: the
-# index busy or locked past its timeout; SeriesChanged: an instance resent while it was read).
-TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, SeriesChanged)
+# index busy or locked past its timeout; PoolTimeout: no connection, or the index's write lock
+# held in this process, past the wait; SeriesChanged: an instance resent while it was read).
+TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, PoolTimeout, SeriesChanged)
 # Exceptions whose messages the node writes itself, without source values.
 _OWN_MESSAGES = (JobError, BackendError, SeriesError)
 

@@ -2,13 +2,17 @@
 // issuing JWT access tokens by the client credentials grant (RFC 6749 4.4) for one resource
 // server (RFC 8707 resource indicators: the audience). Started by tests/authserver.py:
 //   node server.mjs <settings.json>
-// settings: {port, audience, scope, roles_claim, roles, clients: [{client_id, client_secret}]}.
-// Each token issued is logged as a JSON line {"event": "token_issued", "client_id": ...}.
+// settings: {audience, scope, roles_claim, roles, clients: [{client_id, client_secret}]}.
+// It listens on a free port of 127.0.0.1 and says which in a JSON line {"event": "listening",
+// "issuer": ...}; each token issued is logged as {"event": "token_issued", "client_id": ...}.
 import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import Provider, { errors } from 'oidc-provider';
 
 const settings = JSON.parse(readFileSync(process.argv[2], 'utf8'));
-const issuer = `http://127.0.0.1:${settings.port}`;
+const server = createServer();
+await new Promise((resolve) => { server.listen(0, '127.0.0.1', resolve); });
+const issuer = `http://127.0.0.1:${server.address().port}`;
 
 const provider = new Provider(issuer, {
   clients: settings.clients.map((c) => ({
@@ -50,6 +54,5 @@ provider.on('grant.error', (ctx, err) => {
   console.log(JSON.stringify({ event: 'grant_refused', error: err.error, client_id: ctx.oidc.client?.clientId }));
 });
 
-provider.listen(settings.port, '127.0.0.1', () => {
-  console.log(JSON.stringify({ event: 'listening', issuer }));
-});
+server.on('request', provider.callback());
+console.log(JSON.stringify({ event: 'listening', issuer }));
