@@ -1,0 +1,209 @@
+"""De-identification (node/deid, PS3.15 Annex E): a PHI scanner over every element of the
+output, sequences and private blocks included, against the source's identifying values and
+values planted in descriptions, comments, nested items and private tags; consistent keyed
+pseudonyms; the options; burned-in annotation refused; vendor files from pydicom's test data."""
+
+from __future__ import annotations
+
+import copy
+from datetime import date, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+from pydicom.sequence import Sequence
+
+from node.deid.engine import BurnedInAnnotation, deidentify
+from node.deid.profile import Option, Profile, ProfileError
+from node.deid.pseudonyms import Pseudonyms
+from tests.peers import make_study
+
+KEY = b"a project key of 32 bytes, test!"
+PLANTED = ["Planted^Patient", "PLANTEDID123", "19700101", "Planted Street 5", "Planted^Referrer", "Planted General",
+           "PLANTEDACC9", "Planted^Operator", "SN-PLANTED-7", "PLANTEDSTATION", "planted in a description",
+           "planted in a comment", "planted history", "planted request", "PLANTEDSPS", "planted private",
+           "planted nested private", "Planted^Performer", "PLANTEDOTHERID", "planted institution address"]
+
+
+def _planted(path: Path, other_sop: str) -> Dataset:
+    ds = pydicom.dcmread(path)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Planted^Patient", "PLANTEDID123", "19700101"
+    ds.PatientSex, ds.PatientAge = "F", "054Y"
+    ds.PatientAddress, ds.ReferringPhysicianName = "Planted Street 5", "Planted^Referrer"
+    ds.InstitutionName, ds.InstitutionAddress = "Planted General", "planted institution address"
+    ds.AccessionNumber, ds.OperatorsName, ds.PerformingPhysicianName = "PLANTEDACC9", "Planted^Operator", "Planted^Performer"
+    ds.DeviceSerialNumber, ds.StationName = "SN-PLANTED-7", "PLANTEDSTATION"
+    ds.StudyDescription = "CT head, planted in a description"
+    ds.ImageComments, ds.AdditionalPatientHistory = "planted in a comment", "planted history"
+    ds.StudyDate, ds.SeriesDate, ds.ContentDate = "20240315", "20240315", "20240315"
+    other = Dataset()
+    other.PatientID = "PLANTEDOTHERID"
+    ds.OtherPatientIDsSequence = Sequence([other])
+    request = Dataset()
+    request.RequestedProcedureDescription, request.ScheduledProcedureStepID = "planted request", "PLANTEDSPS"
+    ds.RequestAttributesSequence = Sequence([request])
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = ds.SOPClassUID, other_sop
+    ds.ReferencedImageSequence = Sequence([reference])
+    block = ds.private_block(0x0029, "ACME PLANTED", create=True)
+    block.add_new(0x10, "LO", "planted private")
+    block.add_new(0x11, "LO", "kept when safe")
+    nested = Dataset()
+    nested.add_new(0x00291010, "LO", "ACME PLANTED")  # its own private creator, inside an item
+    nested.add_new(0x00291020, "LO", "planted nested private")
+    block.add_new(0x12, "SQ", Sequence([nested]))
+    return ds
+
+
+def _values(ds: Dataset) -> list[str]:
+    """Every value in the data set, nested items and file meta included, as text."""
+    out = []
+    for elem in list(ds.iterall()) + list(getattr(ds, "file_meta", Dataset()).iterall()):
+        if elem.VR == "SQ":
+            continue
+        value = elem.value
+        out.append(value.decode("latin-1", "replace") if isinstance(value, bytes) else str(value))
+    return out
+
+
+def _leaks(ds: Dataset, secrets: list[str]) -> list[str]:
+    """The secrets found in a value: anywhere in it, or (shorter than 8 characters, which
+    occur inside harmless words) as a whole value or name component."""
+    values = [v.lower() for v in _values(ds)]
+    text = "\n".join(values)
+    words = {w.strip() for v in values for w in v.replace("^", "\\").split("\\")}
+    return [s for s in secrets if (s.lower() in text if len(s) >= 8 else s.lower() in words)]
+
+
+def _written(ds: Dataset) -> Dataset:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(BytesIO(buffer.getvalue()))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    files = make_study(tmp_path_factory.mktemp("deid") / "ct", slices=2, size=16)
+    first, second = (pydicom.dcmread(f) for f in files)
+    return [_planted(files[0], str(second.SOPInstanceUID)), _planted(files[1], str(first.SOPInstanceUID))]
+
+
+def test_no_planted_or_source_value_leaves_and_the_pseudonyms_are_consistent(sources):
+    pseudonyms = Pseudonyms(KEY, "project-a")
+    made = [deidentify(ds, Profile(), pseudonyms) for ds in sources]
+    source_uids = {str(v) for ds in sources for e in ds.iterall() if e.VR == "UI" for v in
+                   (e.value if e.VM > 1 else [e.value]) if str(v) not in pydicom.uid.UID_dictionary}
+    for result in made:
+        out = _written(result.dataset)
+        assert _leaks(out, PLANTED + sorted(source_uids)) == []
+        assert not [e.tag for e in out.iterall() if e.tag.is_private]
+        assert out.PatientIdentityRemoved == "YES" and out.LongitudinalTemporalInformationModified == "REMOVED"
+        assert [c.CodeValue for c in out.DeidentificationMethodCodeSequence] == ["113100"]
+        assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+        assert out.StudyDate == "" and "PatientSex" in out and out.PatientSex == ""
+        assert out.pixel_array.tolist() == sources[0 if result is made[0] else 1].pixel_array.tolist()
+    a, b = (m.dataset for m in made)
+    assert (a.StudyInstanceUID, a.SeriesInstanceUID, a.FrameOfReferenceUID, a.PatientID) == (
+        b.StudyInstanceUID, b.SeriesInstanceUID, b.FrameOfReferenceUID, b.PatientID)
+    assert a.ReferencedImageSequence[0].ReferencedSOPInstanceUID == b.SOPInstanceUID  # references follow
+    assert a.ReferencedImageSequence[0].ReferencedSOPClassUID == sources[0].SOPClassUID  # classes stay
+    assert made[0].uids[str(sources[0].StudyInstanceUID)] == a.StudyInstanceUID  # the mapping to keep
+    assert all(len(u) <= 64 and u.startswith("2.25.") for u in made[0].uids.values())
+    again = deidentify(sources[0], Profile(), Pseudonyms(KEY, "project-a")).dataset
+    elsewhere = deidentify(sources[0], Profile(), Pseudonyms(KEY, "project-b")).dataset
+    assert (again.StudyInstanceUID, again.SOPInstanceUID, again.PatientID) == (
+        a.StudyInstanceUID, a.SOPInstanceUID, a.PatientID)
+    assert elsewhere.StudyInstanceUID != a.StudyInstanceUID and elsewhere.PatientID != a.PatientID
+    assert sources[0].PatientName == "Planted^Patient"  # the source is untouched
+
+
+def test_options_keep_what_they_name_and_nothing_else(sources):
+    pseudonyms = Pseudonyms(KEY, "project-a")
+    options = frozenset({Option.RETAIN_LONGITUDINAL_MODIFIED_DATES, Option.RETAIN_PATIENT_CHARACTERISTICS,
+                         Option.RETAIN_DEVICE_IDENTITY, Option.RETAIN_SAFE_PRIVATE})
+    profile = Profile(options, safe_private=frozenset({("ACME PLANTED", 0x11)}))
+    made = [_written(deidentify(ds, profile, pseudonyms).dataset) for ds in sources]
+    shift = pseudonyms.shift_days("PLANTEDID123")
+    for out in made:
+        assert out.StudyDate == (date(2024, 3, 15) - timedelta(days=shift)).strftime("%Y%m%d") != "20240315"
+        assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+        assert (out.PatientSex, out.PatientAge) == ("F", "054Y")
+        assert out.DeviceSerialNumber == "SN-PLANTED-7"
+        block = out.private_block(0x0029, "ACME PLANTED")
+        assert block[0x11].value == "kept when safe"
+        assert [e.tag for e in out.iterall() if e.tag.is_private] == [0x00290010, 0x00291011]
+        assert out.StationName == "PLANTEDSTATION"  # device identity too
+        assert _leaks(out, [p for p in PLANTED if p not in ("SN-PLANTED-7", "PLANTEDSTATION")]) == []
+        assert sorted(c.CodeValue for c in out.DeidentificationMethodCodeSequence) == sorted(
+            ["113100", "113107", "113108", "113109", "113111"])
+    full = _written(deidentify(sources[0], Profile(frozenset({Option.RETAIN_LONGITUDINAL_FULL_DATES})),
+                               pseudonyms).dataset)
+    assert full.StudyDate == "20240315" and full.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert full.PatientBirthDate == ""  # a birth date is not a longitudinal date
+    uids = _written(deidentify(sources[0], Profile(frozenset({Option.RETAIN_UIDS})), pseudonyms).dataset)
+    assert (uids.StudyInstanceUID, uids.SOPInstanceUID) == (sources[0].StudyInstanceUID, sources[0].SOPInstanceUID)
+
+
+@pytest.mark.parametrize("options, says", [
+    ({Option.CLEAN_DESCRIPTORS}, "clean_descriptors: no cleaner can promise"),
+    ({Option.RETAIN_LONGITUDINAL_FULL_DATES, Option.RETAIN_LONGITUDINAL_MODIFIED_DATES}, "exclude each other"),
+])
+def test_options_the_node_does_not_offer_or_that_conflict_are_refused(options, says):
+    with pytest.raises(ProfileError, match=says):
+        Profile(frozenset(options))
+    with pytest.raises(ProfileError, match="needs the retain_safe_private option"):
+        Profile(safe_private=frozenset({("ACME", 0x10)}))
+
+
+def test_burned_in_annotation_is_refused_unless_the_rule_allows_it(sources):
+    pseudonyms = Pseudonyms(KEY, "project-a")
+    said = copy.deepcopy(sources[0])
+    said.BurnedInAnnotation = "YES"
+    with pytest.raises(BurnedInAnnotation, match="BurnedInAnnotation is YES"):
+        deidentify(said, Profile(), pseudonyms)
+    screen = copy.deepcopy(sources[0])
+    screen.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    with pytest.raises(BurnedInAnnotation, match="secondary capture"):
+        deidentify(screen, Profile(), pseudonyms)
+    ultrasound = copy.deepcopy(sources[0])
+    ultrasound.Modality = "US"
+    with pytest.raises(BurnedInAnnotation, match="modality US"):
+        deidentify(ultrasound, Profile(), pseudonyms)
+    ultrasound.BurnedInAnnotation = "NO"  # the modality says it has none
+    assert deidentify(ultrasound, Profile(), pseudonyms).dataset.BurnedInAnnotation == "NO"
+    assert deidentify(said, Profile(), pseudonyms, allow_burned_in=True).dataset.PatientIdentityRemoved == "YES"
+
+
+VENDOR_FILES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "emri_small.dcm", "JPEG2000.dcm",
+                "SC_rgb.dcm", "US1_J2KR.dcm", "test-SR.dcm", "reportsi.dcm", "waveform_ecg.dcm", "image_dfl.dcm",
+                "MR-SIEMENS-DICOM-WithOverlays.dcm", "liver.dcm", "eCT_Supplemental.dcm", "MR2_J2KI.dcm",
+                "RG1_J2KI.dcm", "ExplVR_BigEnd.dcm"]
+REFUSED = {"SC_rgb.dcm", "US1_J2KR.dcm", "JPEG2000.dcm", "image_dfl.dcm", "ExplVR_BigEnd.dcm"}  # SC, US
+
+
+@pytest.mark.parametrize("name", VENDOR_FILES)
+def test_vendor_files_leave_without_their_identity(name):
+    """Real files (pydicom's test data: GE, Siemens, Philips and others): each is de-identified
+    and written, or refused for burned-in annotation; none of its identifying values remain."""
+    path = get_testdata_file(name)
+    assert path is not None
+    source = pydicom.dcmread(path)
+    secrets = [str(source.get(k, "") or "") for k in ("PatientName", "PatientID", "PatientBirthDate",
+                                                     "InstitutionName", "ReferringPhysicianName",
+                                                     "AccessionNumber", "OperatorsName", "StationName")]
+    secrets = [s for s in secrets if len(s) >= 4 and s not in ("DEIDENTIFIED", "ANONYMOUS")]
+    secrets += [str(source[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if k in source]
+    try:
+        made = deidentify(source, Profile(), Pseudonyms(KEY, "vendors"))
+    except BurnedInAnnotation as refused:
+        assert name in REFUSED, str(refused)
+        return
+    assert name not in REFUSED
+    out = _written(made.dataset)
+    assert _leaks(out, secrets) == []
+    assert not [e.tag for e in out.iterall() if e.tag.is_private]
+    assert not [e.tag for e in out if 0x6000 <= e.tag.group <= 0x60FF]  # overlays gone
+    assert out.SOPInstanceUID == made.uids[str(source.SOPInstanceUID)]
