@@ -423,7 +423,7 @@ def route_explain(
     cfg = _config(config)
     try:
         ruleset = load_rules(rules or cfg.pipeline.routing_file, ModelRepository(cfg.inference.model_repository).names(),
-                             set(cfg.destinations))
+                             set(cfg.destinations), set(cfg.deidentification))
     except ConfigError as exc:
         typer.echo(f"rules not usable:\n{exc}", err=True)
         raise typer.Exit(2) from None

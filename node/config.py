@@ -553,6 +553,52 @@ class AuditConfig(Strict):
     sweep_s: float = Field(5.0, gt=0, description="how often records not yet sent are sent")
 
 
+# The PS3.15 Annex E options a de-identification project may choose (node/deid/profile.py): the
+# three that ask for free text to be cleaned by its meaning are not offered.
+DeidOptionName = Literal["retain_safe_private", "retain_uids", "retain_device_identity",
+                         "retain_institution_identity", "retain_patient_characteristics",
+                         "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"]
+
+
+class SafePrivateElement(Strict):
+    """A private element kept under retain_safe_private: its block's creator and its element byte."""
+
+    creator: str = Field(min_length=1, max_length=64)
+    element: int = Field(ge=0x00, le=0xFF, description="the low byte of the element, e.g. 0x10 for (gggg,xx10)")
+
+
+class DeidProject(Strict):
+    """Where de-identified copies go (README, "De-identification"): the Basic Application Level
+    Confidentiality Profile with these options; pseudonyms and the sealed mapping derive from
+    the project's key."""
+
+    key_file: Path = Field(description="the project's secret (32 random bytes or more; `openssl rand -hex 32`);"
+                                       " its pseudonyms are stable while the key stays, so keep it like a password")
+    options: list[DeidOptionName] = Field(default_factory=list)
+    safe_private: list[SafePrivateElement] = Field(default_factory=list)
+    allow_burned_in: bool = Field(False, description="send instances whose pixels may show identifying text")
+    mapping_days: float = Field(365.0, gt=0, description="how long the pseudonym -> source mapping is kept (the"
+                                                         " return path of results needs it)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DeidProject":
+        if {"retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"} <= set(self.options):
+            raise ValueError("retain_longitudinal_full_dates and retain_longitudinal_modified_dates exclude each other")
+        if self.safe_private and "retain_safe_private" not in self.options:
+            raise ValueError("safe_private needs the retain_safe_private option")
+        return self
+
+    def key(self) -> bytes:
+        """The key, read at each use (rotation means new pseudonyms: say so to the project)."""
+        try:
+            key = self.key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the de-identification key {self.key_file}: {exc.strerror}") from None
+        if len(key) < 32:
+            raise ValueError(f"the de-identification key {self.key_file} has {len(key)} bytes; it needs 32 or more")
+        return key
+
+
 class NodeConfig(Strict):
     scp: ScpConfig = Field(default_factory=ScpConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -566,6 +612,8 @@ class NodeConfig(Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     hl7: Hl7Config = Field(default_factory=Hl7Config)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    deidentification: dict[str, DeidProject] = Field(
+        default_factory=dict, description="projects that routing rules' deidentify action sends to, by name")
 
     @model_validator(mode="after")
     def _signal_destinations_exist(self) -> "NodeConfig":
@@ -604,9 +652,11 @@ class NodeConfig(Strict):
             audit = audit.model_copy(update={"repository": audit.repository.model_copy(update={"tls": tls.model_copy(
                 update={key: _under(base, getattr(tls, key)) for key in ("ca", "certificate", "private_key")
                         if getattr(tls, key) is not None})})})
+        projects = {name: p.model_copy(update={"key_file": _under(base, p.key_file)})
+                    for name, p in self.deidentification.items()}
         return self.model_copy(update={"storage": storage, "scp": scp, "inference": inference,
                                        "pipeline": pipeline, "destinations": destinations, "http": http,
-                                       "audit": audit})
+                                       "audit": audit, "deidentification": projects})
 
 
 def _under(base: Path, path: Path) -> Path:

@@ -57,6 +57,7 @@ LIVE_KEYS = (
     "storage.min_free_mb",
     "http.max_upload_mb",
     "audit.keep_days",
+    "deidentification",
     *RECEIVER_KEYS,
 )
 SNAPSHOT = "config-in-force.json"
@@ -92,7 +93,7 @@ def check(path: Path | None, overrides: dict[str, object] | None = None, rules_p
         return Checked(None, None, None, [tls])
     try:
         rules = load_rules(rules_path, ModelRepository(config.inference.model_repository).names(),
-                           set(config.destinations))
+                           set(config.destinations), set(config.deidentification))
     except ConfigError as exc:
         return Checked(config, None, rules_path, list(exc.problems))
     return Checked(config, rules, rules_path)
@@ -155,7 +156,8 @@ def apply_live(old: NodeConfig, new: NodeConfig) -> NodeConfig:
                                              "min_free_mb": new.storage.min_free_mb})
     scp = old.scp.model_copy(update={key.split(".", 1)[1]: getattr(new.scp, key.split(".", 1)[1])
                                      for key in RECEIVER_KEYS})
-    return old.model_copy(update={"destinations": new.destinations, "completion": completion, "audit": new.audit,
+    return old.model_copy(update={"destinations": new.destinations, "deidentification": new.deidentification,
+                                  "completion": completion, "audit": new.audit,
                                   "sending": new.sending, "output": new.output, "inference": inference,
                                   "storage": storage, "scp": scp})
 
@@ -233,7 +235,8 @@ class LiveConfig:
             self.current, None, self.rules.path)
         if checked.ok and not self.watch_file:
             try:
-                checked.rules = load_rules(self.rules.path, self.rules.models(), set(self.current.destinations))
+                checked.rules = load_rules(self.rules.path, self.rules.models(), set(self.current.destinations),
+                                           set(self.current.deidentification))
             except ConfigError as exc:
                 checked.problems = list(exc.problems)
         self._digest = digest  # a bad file is reported once, not every poll

@@ -48,7 +48,8 @@ class NodeService:
         self.jobs = JobStore(self.index, lease_s=config.storage.lease_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.models = ModelRepository(config.inference.model_repository)
-        self.rules = LiveRules(config.pipeline.routing_file, self.models.names, set(config.destinations))
+        self.rules = LiveRules(config.pipeline.routing_file, self.models.names, set(config.destinations),
+                               set(config.deidentification))
         self.live = LiveConfig(config, self.rules, config_path, overrides)
         self.live.on_change(self._config_changed)
         self.retention = Retention(self.index, data_dir)
@@ -105,6 +106,14 @@ class NodeService:
         pruned = self.signals.prune(time.time(), self.live.current.completion.signal_keep_s)
         if pruned:
             logs.event(log, "signals_pruned", signals=pruned)
+
+    def _prune_pseudonyms(self) -> None:
+        """The de-identification mapping past its projects' mapping_days."""
+        from node.store.pseudonyms import PseudonymMap
+
+        pruned = PseudonymMap(self.index).prune(time.time())
+        if pruned:
+            logs.event(log, "pseudonyms_pruned", rows=pruned)
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         self.completion.arm(study_uid, self._first_check(study_uid, deadline))
@@ -193,6 +202,8 @@ class NodeService:
                                max_instances=1)
         self.scheduler.add_job(self._prune_logins, "interval", seconds=600.0, id="login-prune", coalesce=True,
                                max_instances=1)
+        self.scheduler.add_job(self._prune_pseudonyms, "interval", seconds=3600.0, id="pseudonym-prune",
+                               coalesce=True, max_instances=1)
         self.scheduler.add_job(self.atna.sweep, "interval", seconds=self.config.audit.sweep_s, id="audit-send",
                                coalesce=True, max_instances=1)
         self._application(AuditEventType.APPLICATION_START)

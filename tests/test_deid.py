@@ -158,6 +158,15 @@ def test_options_the_node_does_not_offer_or_that_conflict_are_refused(options, s
         Profile(safe_private=frozenset({("ACME", 0x10)}))
 
 
+def test_the_configuration_offers_exactly_the_options_the_profile_applies():
+    from typing import get_args
+
+    from node.config import DeidOptionName
+    from node.deid.profile import NOT_OFFERED
+
+    assert set(get_args(DeidOptionName)) == {o.value for o in Option} - {o.value for o in NOT_OFFERED}
+
+
 def test_burned_in_annotation_is_refused_unless_the_rule_allows_it(sources):
     pseudonyms = Pseudonyms(KEY, "project-a")
     said = copy.deepcopy(sources[0])
@@ -207,3 +216,102 @@ def test_vendor_files_leave_without_their_identity(name):
     assert not [e.tag for e in out.iterall() if e.tag.is_private]
     assert not [e.tag for e in out if 0x6000 <= e.tag.group <= 0x60FF]  # overlays gone
     assert out.SOPInstanceUID == made.uids[str(source.SOPInstanceUID)]
+
+
+def test_a_rule_sends_a_de_identified_copy_to_an_external_service_and_keeps_the_mapping_sealed(
+        start_node, orthanc, tmp_path):
+    """The deidentify action end to end: a planted study in by C-STORE (dcmtk), its chosen series
+    out de-identified to Orthanc standing in for the external AI; the PHI scanner finds nothing
+    there; the mapping is in the index, sealed (no source UID in it), and opens with the project's
+    key. A study with burned-in annotation is not sent, and its job says why."""
+    from node.store.index import Index
+    from node.store.pseudonyms import PseudonymMap
+    from tests.peers import storescu, wait_for
+
+    files = make_study(tmp_path / "ct", slices=3, size=16)
+    sops = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    planted = []
+    for number, path in enumerate(files):
+        ds = _planted(path, sops[(number + 1) % len(sops)])
+        ds.save_as(path, enforce_file_format=True)
+        planted.append(ds)
+    key = tmp_path / "ai-vendor.key"
+    key.write_text("5f0e" * 16 + "\n")
+    ai = orthanc()
+    node = start_node(
+        routing={"rules": [{"name": "to-ai", "match": {"tag": "Modality", "equals": "CT"},
+                            "actions": {"deidentify": {"project": "ai-vendor", "send_to": ["ai"]}}}]},
+        completion={"quiet_period_s": 1.0}, sending={"retry_initial_s": 0.5, "sweep_s": 0.5},
+        destinations={"ai": {"ae_title": ai.aet, "host": "127.0.0.1", "port": ai.dicom_port}},
+        deidentification={"ai-vendor": {"key_file": str(key), "options": ["retain_longitudinal_modified_dates"]}})
+    sent = storescu(node.port, files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    ids = wait_for(lambda: len(found := ai.get("/instances")) == 3 and found, timeout=120, interval=0.5)
+    received = [pydicom.dcmread(BytesIO(ai.instance_file(i))) for i in ids]
+    source_uids = sorted({str(v) for ds in planted for e in ds.iterall() if e.VR == "UI"
+                          for v in (e.value if e.VM > 1 else [e.value]) if str(v) not in pydicom.uid.UID_dictionary})
+    for ds in received:
+        assert _leaks(ds, PLANTED + source_uids) == []
+        assert not [e.tag for e in ds.iterall() if e.tag.is_private]
+        assert ds.PatientIdentityRemoved == "YES" and ds.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert len({ds.StudyInstanceUID for ds in received}) == 1
+    study_pseudonym = str(received[0].StudyInstanceUID)
+
+    rows = node.query("SELECT * FROM pseudonyms")
+    assert {r["project"] for r in rows} == {"ai-vendor"} and {r["study_pseudonym"] for r in rows} == {study_pseudonym}
+    assert {str(ds.SOPInstanceUID) for ds in received} <= {r["pseudonym"] for r in rows}
+    assert not [u for u in source_uids if any(u in str(r[column]) for r in rows for column in r.keys())]
+    index = Index(node.data_dir / "index.sqlite", migrate=False)
+    try:
+        mapping = PseudonymMap(index)
+        mapping_key = Pseudonyms(key.read_bytes().strip(), "ai-vendor").mapping_key()
+        assert mapping.source_of("ai-vendor", mapping_key, study_pseudonym) == str(planted[0].StudyInstanceUID)
+        assert mapping.source_of("ai-vendor", mapping_key, "2.25.1") is None
+    finally:
+        index.close()
+    job = wait_for(lambda: [j for j in node.query("SELECT state, stages FROM work_items") if j["state"] == "done"],
+                   timeout=60)[0]
+    assert "deidentify" in job["stages"]
+
+    burned = make_study(tmp_path / "burned", slices=2, size=16, patient_id="BURNED-1")
+    for path in burned:
+        ds = pydicom.dcmread(path)
+        ds.BurnedInAnnotation = "YES"
+        ds.save_as(path, enforce_file_format=True)
+    assert storescu(node.port, burned).returncode == 0
+    burned_study = str(pydicom.dcmread(burned[0]).StudyInstanceUID)
+    failed = wait_for(lambda: node.query("SELECT state, reason FROM work_items WHERE study_uid=? AND state='failed'",
+                                         (burned_study,)), timeout=60)[0]
+    assert "may not go to project ai-vendor: BurnedInAnnotation is YES" in failed["reason"]
+    assert len(ai.get("/instances")) == 3
+
+
+def test_rules_and_projects_are_checked_when_loaded(tmp_path):
+    """A rule naming an unknown project, or sending a de-identified copy back to the sender,
+    and a project with conflicting or unoffered options are refused with where and why."""
+    from pydantic import ValidationError
+
+    from common.yamlfile import ConfigError
+    from node.config import NodeConfig
+    from node.route.rules import load_rules
+
+    path = tmp_path / "routing.yaml"
+    path.write_text("rules:\n  - name: out\n    match: {tag: Modality, equals: CT}\n"
+                    "    actions: {deidentify: {project: nope, send_to: [ai, '@sender']}}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_rules(path, set(), {"ai"}, {"ai-vendor"})
+    text = str(refused.value)
+    assert "unknown de-identification project 'nope'" in text and "unknown destination '@sender'" in text
+    assert "routing.yaml:4: rules[0].actions.deidentify.project" in text
+    key = tmp_path / "k"
+    key.write_text("x" * 40)
+    both = ["retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"]
+    with pytest.raises(ValidationError, match="exclude each other"):
+        NodeConfig.model_validate({"deidentification": {"p": {"key_file": str(key), "options": both}}})
+    with pytest.raises(ValidationError, match="clean_descriptors"):
+        NodeConfig.model_validate({"deidentification": {"p": {"key_file": str(key), "options": ["clean_descriptors"]}}})
+    short = tmp_path / "short"
+    short.write_text("too short")
+    project = NodeConfig.model_validate({"deidentification": {"p": {"key_file": str(short)}}}).deidentification["p"]
+    with pytest.raises(ValueError, match="has 9 bytes; it needs 32 or more"):
+        project.key()

@@ -33,6 +33,10 @@ class Pseudonyms:
         """A patient's pseudonymous ID (16 characters, fits LO and PN)."""
         return "P" + self._digest("patient", source).hex()[:15].upper()
 
+    def mapping_key(self) -> bytes:
+        """The AES-256 key that seals this project's mapping (node/store/pseudonyms.py)."""
+        return self._digest("mapping", "")
+
     def shift_days(self, patient_id: str) -> int:
         """How many days this patient's dates move back."""
         return 1 + int.from_bytes(self._digest("dates", patient_id)[:4], "big") % MAX_SHIFT_DAYS

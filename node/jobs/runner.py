@@ -31,7 +31,7 @@ from node.jobs.heap import release_free_memory
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import SENDER
-from node.route.study import StudyView, study_from_index
+from node.route.study import SeriesView, StudyView, study_from_index
 from node.send.outbox import Outbox
 from node.store.identity import installation_uid
 from node.store.index import Db, Index
@@ -196,10 +196,12 @@ class JobRunner:
                 files = [f for series in view.series for f in series.files]
                 self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
                                     self._destination(name, view), files, guard=self.still_current(job))
+            if applied.actions.deidentify is not None:
+                self._send_deidentified(job, applied, view, progress)
             for model in applied.actions.run:
                 self._run_model(job, self._task(job, applied, model, view), progress)
 
-    def _task(self, job: Job, applied: AppliedRule, model: str, view: StudyView) -> ModelTask:
+    def _chosen(self, applied: AppliedRule, view: StudyView) -> SeriesView:
         series = next((s for s in view.series if s.series_uid == applied.series_uid), None)
         if series is None:
             raise JobError(f"series {applied.series_uid} chosen by rule {applied.rule} has no stored instances")
@@ -207,6 +209,30 @@ class JobRunner:
             raise JobError(f"{series.label()} chosen by rule {applied.rule}: {series.missing} of its instances have"
                            " lost their file (instances_missing); results from the rest would be wrong, send the"
                            " study again")
+        return series
+
+    def _send_deidentified(self, job: Job, applied: AppliedRule, view: StudyView, progress: _Progress) -> None:
+        from node.jobs.deidentify import deidentified_series
+
+        action = applied.actions.deidentify
+        assert action is not None
+        project = self.config.deidentification.get(action.project)
+        if project is None:
+            raise JobError(f"rule {applied.rule}: no de-identification project {action.project!r} in node.yaml")
+        series = self._chosen(applied, view)
+        key = f"{job.id}:{applied.rule}:deidentify"
+        files = [Path(f) for f in job.outputs.get(key, [])]
+        if not files or not all(f.is_file() for f in files):  # else a re-run: written and mapped already
+            with self._stage(job, "deidentify", progress):
+                files = deidentified_series(job.id, applied.rule, list(series.files), action.project, project,
+                                            self.data_dir / "results" / key.replace(":", "_"), self.spool,
+                                            self.index)
+            self.jobs.record_outputs(job.id, key, files)
+        for name in action.send_to:
+            self.outbox.enqueue(key, job.study_uid, name, files, guard=self.still_current(job))
+
+    def _task(self, job: Job, applied: AppliedRule, model: str, view: StudyView) -> ModelTask:
+        series = self._chosen(applied, view)
         from node.jobs.stages import ModelTask
 
         return ModelTask(

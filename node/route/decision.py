@@ -40,7 +40,7 @@ class RoutingDecision(_Frozen):
     @property
     def processes(self) -> bool:
         """False when no rule applies or every applied rule discards: the study is not processed."""
-        return any(a.actions.run or a.actions.forward_to for a in self.applied)
+        return any(a.actions.run or a.actions.forward_to or a.actions.deidentify for a in self.applied)
 
 
 def record(decision: Decision) -> RoutingDecision:

@@ -19,12 +19,13 @@ log = logging.getLogger("node.route")
 
 
 class LiveRules:
-    def __init__(self, path: Path, models: Callable[[], set[str]], destinations: set[str]):
+    def __init__(self, path: Path, models: Callable[[], set[str]], destinations: set[str],
+                 projects: set[str] | None = None):
         self.path = Path(path)
         self.models = models
         self.destinations = destinations
         self._lock = threading.Lock()
-        self._rules = load_rules(self.path, models(), destinations)  # start-up: a bad file is fatal
+        self._rules = load_rules(self.path, models(), destinations, projects or set())  # start-up: a bad file is fatal
         logs.event(log, "routing_loaded", version=self._rules.version, rules=len(self._rules.file.rules))
 
     @property

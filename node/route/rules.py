@@ -30,6 +30,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Deidentify(_Strict):
+    """A de-identified copy of the chosen series for a service outside (README, "De-identification")."""
+
+    project: str = Field(description="a project of node.yaml's deidentification: its profile, options and key")
+    send_to: list[str] = Field(min_length=1, description="destinations for the de-identified copy")
+
+
 class Actions(_Strict):
     run: list[str] = Field(default_factory=list, description="models (names in the model repository)")
     outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] = Field(default_factory=lambda: ["SEG", "SR"])
@@ -37,13 +44,14 @@ class Actions(_Strict):
     forward_to: list[str] = Field(default_factory=list, description="destinations that get the original study unchanged")
     discard: bool = False
     notices: bool = Field(True, description="send an SR saying the AI ran when the job fails or finds nothing")
+    deidentify: Deidentify | None = None
 
     @model_validator(mode="after")
     def _something(self) -> "Actions":
-        if self.discard and (self.run or self.forward_to):
-            raise ValueError("discard cannot be combined with run or forward_to")
-        if not (self.run or self.forward_to or self.discard):
-            raise ValueError("a rule needs an action: run, forward_to or discard")
+        if self.discard and (self.run or self.forward_to or self.deidentify):
+            raise ValueError("discard cannot be combined with run, forward_to or deidentify")
+        if not (self.run or self.forward_to or self.discard or self.deidentify):
+            raise ValueError("a rule needs an action: run, forward_to, deidentify or discard")
         if self.run and not self.send_to:
             raise ValueError("run needs send_to (where the results go)")
         return self
@@ -135,6 +143,9 @@ class Decision:
                              f"{'+'.join(actions.outputs)} to {', '.join(actions.send_to)}")
             if actions.forward_to:
                 lines.append(f"  => {rule.name}: forward the study to {', '.join(actions.forward_to)}")
+            if actions.deidentify and series is not None:
+                lines.append(f"  => {rule.name}: {series.label()} de-identified for project"
+                             f" {actions.deidentify.project} to {', '.join(actions.deidentify.send_to)}")
         return "\n".join(lines)
 
 
@@ -185,7 +196,7 @@ def _evaluate(rule: Rule, study: StudyView) -> Outcome:
         detail = "; ".join(f"{s.label()}: {why}" for s, why in misses[:4])
         return Outcome(rule.name, False, f"no series matches ({detail})")
     reason = f"{matching[0][0].label()} matches: {matching[0][1]}"
-    if not rule.actions.run:
+    if not (rule.actions.run or rule.actions.deidentify):  # no series to choose
         return Outcome(rule.name, True, reason)
     candidates, rejected = [], []
     for series, _ in matching:
@@ -200,11 +211,13 @@ def _evaluate(rule: Rule, study: StudyView) -> Outcome:
     return Outcome(rule.name, True, reason, chosen)
 
 
-def load_rules(path: Path, models: set[str] | None = None, destinations: set[str] | None = None) -> RuleSet:
-    """Load and check a rule file; every problem is reported with file, line and key path."""
+def load_rules(path: Path, models: set[str] | None = None, destinations: set[str] | None = None,
+               projects: set[str] | None = None) -> RuleSet:
+    """Load and check a rule file against the models, destinations and de-identification
+    projects there are; every problem is reported with file, line and key path."""
     doc = load_yaml(path)
     rules = validate(doc, RoutingFile)
-    problems = _check_references(doc, rules, models, destinations)
+    problems = _check_references(doc, rules, models, destinations, projects)
     if problems:
         raise ConfigError(problems)
     version = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
@@ -212,7 +225,7 @@ def load_rules(path: Path, models: set[str] | None = None, destinations: set[str
 
 
 def _check_references(doc: YamlDocument, rules: RoutingFile, models: set[str] | None,
-                      destinations: set[str] | None) -> list[Problem]:
+                      destinations: set[str] | None, projects: set[str] | None) -> list[Problem]:
     problems = []
     entries = [(("rules", i), rule) for i, rule in enumerate(rules.rules)]
     if rules.fallback:
@@ -225,9 +238,16 @@ def _check_references(doc: YamlDocument, rules: RoutingFile, models: set[str] | 
                     problems.append(doc.problem(prefix + ("actions", "run", j),
                                                 f"unknown model {model!r} (repository has: {', '.join(sorted(models)) or 'none'})"))
         if destinations is not None:
-            for key in ("send_to", "forward_to"):
-                for j, name in enumerate(getattr(actions, key)):
-                    if name != SENDER and name not in destinations:
-                        problems.append(doc.problem(prefix + ("actions", key, j),
-                                                    f"unknown destination {name!r} (configured: {', '.join(sorted(destinations)) or 'none'})"))
+            named = [(("send_to", j), n) for j, n in enumerate(actions.send_to)]
+            named += [(("forward_to", j), n) for j, n in enumerate(actions.forward_to)]
+            if actions.deidentify is not None:  # never back to the sender: it has the source
+                named += [(("deidentify", "send_to", j), n) for j, n in enumerate(actions.deidentify.send_to)]
+            for where, name in named:
+                if (name != SENDER or where[0] == "deidentify") and name not in destinations:
+                    problems.append(doc.problem(prefix + ("actions", *where),
+                                                f"unknown destination {name!r} (configured: {', '.join(sorted(destinations)) or 'none'})"))
+        if projects is not None and actions.deidentify is not None and actions.deidentify.project not in projects:
+            problems.append(doc.problem(prefix + ("actions", "deidentify", "project"),
+                                        f"unknown de-identification project {actions.deidentify.project!r}"
+                                        f" (configured: {', '.join(sorted(projects)) or 'none'})"))
     return problems
