@@ -6,7 +6,7 @@ pseudonyms; the options; burned-in annotation refused; vendor files from pydicom
 from __future__ import annotations
 
 import copy
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -120,15 +120,105 @@ def test_no_planted_or_source_value_leaves_and_the_pseudonyms_are_consistent(sou
     assert sources[0].PatientName == "Planted^Patient"  # the source is untouched
 
 
+def test_unlisted_attributes_holding_text_or_dates_go_and_what_a_model_needs_stays(sources):
+    """Table E.1-1 does not list every attribute that can hold a name: public text, names, dates
+    and unknown elements it does not list are removed; codes and how the image was made stay."""
+    ds = copy.deepcopy(sources[0])
+    ds.RetrieveURL = f"https://pacs.example/wado/studies/{ds.StudyInstanceUID}"
+    ds.add_new(0x00142006, "PN", "Yamada^Tarou=山田^太郎")  # Evaluator Name (not in the table)
+    ds.DocumentTitle = "Report PLANTED^NAME"
+    ds.add_new(0x0040E001, "ST", "PLANTEDHL7ID")
+    step = Dataset()
+    step.add_new(0x00400400, "LT", "PLANTEDMRN allergic")
+    ds.ScheduledProcedureStepSequence = Sequence([step])
+    note = Dataset()
+    note.UnformattedTextValue = "Pt PLANTED^NAME, PLANTEDMRN"
+    ds.WaveformAnnotationSequence = Sequence([note])
+    ds.add_new(0x00101111, "UN", b"PLANTED^UNKNOWN")
+    ds.StudyUpdateDateTime = "20240316101010"
+    ds.DateOfLastCalibration = "20240315"
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "T-D3000", "SRT", "Chest"
+    ds.AnatomicRegionSequence = Sequence([region])
+    ds.Manufacturer, ds.ConvolutionKernel = "ACME", "B30f"
+    stray = Dataset()
+    stray.add_new(0x00020016, "AE", "PLANTEDAE")  # file meta elements inside an item
+    ds.ReferencedStudySequence = Sequence([stray])
+    ds.preamble = b"PLANTED^PREAMBLE".ljust(128, b"\0")
+    out = deidentify(ds, Profile(), Pseudonyms(KEY, "project-a")).dataset
+    written = _written(out)
+    assert _leaks(written, ["Yamada", "PLANTED^NAME", "PLANTEDHL7ID", "PLANTEDMRN", "PLANTED^UNKNOWN", "PLANTEDAE",
+                            str(ds.StudyInstanceUID), "20240316"]) == []
+    assert out.preamble == b"\0" * 128 and "RetrieveURL" not in out and 0x00101111 not in out
+    assert "StudyUpdateDateTime" not in out and "DateOfLastCalibration" not in out  # no dates option: gone
+    assert (out.Manufacturer, out.ConvolutionKernel) == ("ACME", "B30f")
+    assert out.AnatomicRegionSequence[0].CodeMeaning == "Chest"
+    dated = deidentify(ds, Profile(frozenset({Option.RETAIN_LONGITUDINAL_MODIFIED_DATES,
+                                              Option.RETAIN_DEVICE_IDENTITY})), Pseudonyms(KEY, "project-a")).dataset
+    # every date moves by the one shift, whichever option also names it (device identity keeps
+    # calibration dates unshifted otherwise) and whether or not the table lists it
+    assert dated.StudyDate == dated.DateOfLastCalibration != "20240315"
+    assert dated.StudyUpdateDateTime[:8] != "20240316" and dated.StudyUpdateDateTime[8:] == "101010"
+
+
+def test_inputs_that_broke_it_or_slipped_through_are_refused_or_handled(sources):
+    pseudonyms = Pseudonyms(KEY, "project-a")
+    pdf = copy.deepcopy(sources[0])
+    del pdf.PixelData
+    pdf.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF Storage
+    with pytest.raises(BurnedInAnnotation, match="an encapsulated document"):
+        deidentify(pdf, Profile(), pseudonyms, allow_burned_in=False)
+    for sop_class, modality in (("1.2.840.10008.5.1.4.1.1.6.1", ""), ("1.2.840.10008.5.1.4.1.1.2", [" US", "OT"])):
+        scan = copy.deepcopy(sources[0])
+        scan.SOPClassUID, scan.Modality = sop_class, modality
+        with pytest.raises(BurnedInAnnotation):
+            deidentify(scan, Profile(), pseudonyms)
+    overlaid = copy.deepcopy(sources[0])
+    overlaid.add_new(0x60000102, "US", 15)  # Overlay Bit Position: the overlay is in the pixels
+    with pytest.raises(BurnedInAnnotation, match="unused bits"):
+        deidentify(overlaid, Profile(), pseudonyms)
+    ancient = copy.deepcopy(sources[0])
+    ancient.StudyDate, ancient.ContentDate = "00010101", "10000101"
+    ancient.add_new(0x00000000, "UL", 4)  # a command group element stored by mistake
+    out = _written(deidentify(ancient, Profile(frozenset({Option.RETAIN_LONGITUDINAL_MODIFIED_DATES})),
+                              pseudonyms).dataset)
+    assert out.StudyDate == "" and len(out.ContentDate) == 8
+    anonymous = [copy.deepcopy(sources[0]) for _ in range(2)]
+    for number, ds in enumerate(anonymous):
+        ds.PatientID, ds.StudyInstanceUID = "", f"1.2.3.{number}"
+    assert len({deidentify(ds, Profile(), pseudonyms).patient_id for ds in anonymous}) == 2
+    nameless = copy.deepcopy(sources[0])
+    del nameless.SOPInstanceUID
+    with pytest.raises(ValueError, match="no SOP Class or SOP Instance UID"):
+        deidentify(nameless, Profile(), pseudonyms)
+
+
+def test_a_safe_private_element_read_without_its_vr_is_not_kept(sources):
+    """In implicit VR a private element of a creator pydicom does not know reads as UN bytes (a
+    sequence among them cannot be walked): none is kept."""
+    ds = copy.deepcopy(sources[0])
+    buffer = BytesIO()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(buffer, enforce_file_format=True)
+    implicit = pydicom.dcmread(BytesIO(buffer.getvalue()))
+    assert implicit.private_block(0x0029, "ACME PLANTED")[0x12].VR == "UN"
+    profile = Profile(frozenset({Option.RETAIN_SAFE_PRIVATE}), frozenset({("ACME PLANTED", 0x12), ("ACME PLANTED", 0x11)}))
+    out = _written(deidentify(implicit, profile, Pseudonyms(KEY, "project-a")).dataset)
+    assert _leaks(out, ["planted nested private", "kept when safe"]) == []
+    assert not [e.tag for e in out.iterall() if e.tag.is_private]  # an unknown creator's: all UN here
+
+
 def test_options_keep_what_they_name_and_nothing_else(sources):
     pseudonyms = Pseudonyms(KEY, "project-a")
     options = frozenset({Option.RETAIN_LONGITUDINAL_MODIFIED_DATES, Option.RETAIN_PATIENT_CHARACTERISTICS,
                          Option.RETAIN_DEVICE_IDENTITY, Option.RETAIN_SAFE_PRIVATE})
     profile = Profile(options, safe_private=frozenset({("ACME PLANTED", 0x11)}))
     made = [_written(deidentify(ds, profile, pseudonyms).dataset) for ds in sources]
-    shift = pseudonyms.shift_days("PLANTEDID123")
+    shifted = {out.StudyDate for out in made} | {out.SeriesDate for out in made}
+    assert len(shifted) == 1  # one shift for the patient
+    moved = date(2024, 3, 15) - datetime.strptime(shifted.pop(), "%Y%m%d").date()
+    assert timedelta(days=1) <= moved <= timedelta(days=3650)
     for out in made:
-        assert out.StudyDate == (date(2024, 3, 15) - timedelta(days=shift)).strftime("%Y%m%d") != "20240315"
         assert out.LongitudinalTemporalInformationModified == "MODIFIED"
         assert (out.PatientSex, out.PatientAge) == ("F", "054Y")
         assert out.DeviceSerialNumber == "SN-PLANTED-7"

@@ -18,6 +18,7 @@ from datetime import date, datetime, timedelta
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (  # type: ignore[attr-defined]
@@ -40,9 +41,26 @@ BYTES = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 # UIDs that name a kind of thing, not an instance: never pseudonyms
 KEPT_UID_KEYWORDS = {"TransferSyntaxUID", "CodingSchemeUID", "ContextGroupExtensionCreatorUID",
                      "PrivateInformationCreatorUID", "ContextUID", "MappingResourceUID"}
-# Secondary capture and document classes: pictures of screens and scanned pages
-SCREEN_CLASSES_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.104.")
-SCREEN_MODALITIES = {"US", "OT", "SC", "XC", "ES", "DOC"}
+# Public attributes Table E.1-1 does not list are kept only when their VR cannot hold a name or
+# an identifier (codes, numbers, times, bulk data) or they are named here: coding items and how
+# the image was made, which an outside model may need and which identify no one. Any other text,
+# person name, date (unless a dates option says otherwise) or unknown element is removed.
+SAFE_UNLISTED_VRS = {"CS", "AT", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "IS", "DS", "TM",
+                     "OB", "OW", "OF", "OD", "OL", "OV"}
+SAFE_UNLISTED_TEXT = {
+    "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue", "URNCodeValue",
+    "MappingResource", "MappingResourceName", "ContextGroupVersion", "ContextGroupLocalVersion",
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "ConvolutionKernel", "FilterType",
+    "ImagedNucleus", "PulseSequenceName", "ReceiveCoilName", "TransmitCoilName", "RescaleType", "LUTExplanation",
+    "LUTLabel", "WindowCenterWidthExplanation", "PositionReferenceIndicator", "ContrastBolusRoute",
+    "ProcessingFunction", "PostprocessingFunction", "PlateType", "CollimatorGridName", "DimensionDescriptionLabel",
+    "StackID", "SegmentLabel", "SegmentAlgorithmName",
+}
+# Pictures of screens, scanned pages, ultrasound and photographs: text is presumed in the pixels
+SCREEN_CLASSES_PREFIXES = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.6.", "1.2.840.10008.5.1.4.1.1.3.1",
+                           "1.2.840.10008.5.1.4.1.1.77.")
+DOCUMENT_CLASSES_PREFIX = "1.2.840.10008.5.1.4.1.1.104."  # encapsulated PDF, CDA, STL...: never sent
+SCREEN_MODALITIES = {"US", "IVUS", "OT", "SC", "XC", "ES", "DOC", "GM", "SM", "OP"}
 
 
 class BurnedInAnnotation(Exception):
@@ -57,20 +75,27 @@ class Deidentified:
 
 
 def burned_in_risk(ds: Dataset) -> str | None:
-    """Why the pixels may carry identifying text, or None. BurnedInAnnotation (0028,0301) decides
-    when present; without it, screens, scans and ultrasound are presumed to."""
-    said = str(ds.get("BurnedInAnnotation", "")).upper()
+    """Why the pixels may carry identifying text, or None. Documents always; an overlay kept in
+    the pixel data's unused bits always; else BurnedInAnnotation (0028,0301) decides when
+    present, and without it screens, scans, ultrasound and photographs are presumed to."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if sop_class.startswith(DOCUMENT_CLASSES_PREFIX):
+        return f"an encapsulated document ({UID(sop_class).name})"
+    for elem in ds:
+        if 0x6000 <= elem.tag.group <= 0x60FF and elem.tag.element == 0x0102 and elem.value not in (None, 0, ""):
+            return "an overlay kept in the pixel data's unused bits"
+    said = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
     if said == "YES":
         return "BurnedInAnnotation is YES"
-    if said == "NO" or "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if said == "NO" or not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return None
-    sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class.startswith(SCREEN_CLASSES_PREFIXES):
-        return f"a secondary capture or document ({UID(sop_class).name}) without BurnedInAnnotation NO"
-    modality = str(ds.get("Modality", "")).upper()
-    if modality in SCREEN_MODALITIES:
-        return f"modality {modality} without BurnedInAnnotation NO"
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        return f"a secondary capture, ultrasound or photograph ({UID(sop_class).name}) without BurnedInAnnotation NO"
+    modality = ds.get("Modality") or ""
+    for value in (list(modality) if isinstance(modality, MultiValue) else [modality]):
+        if str(value).strip().upper() in SCREEN_MODALITIES:
+            return f"modality {str(value).strip().upper()} without BurnedInAnnotation NO"
+    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
     if any(v in ("SCREEN SAVE", "SCREEN SHOT") for v in image_type):
         return "a screen save without BurnedInAnnotation NO"
     return None
@@ -79,12 +104,17 @@ def burned_in_risk(ds: Dataset) -> str | None:
 def deidentify(source: Dataset, profile: Profile, pseudonyms: Pseudonyms,
                allow_burned_in: bool = False) -> Deidentified:
     """A de-identified copy of `source` (with its file meta, if it has one)."""
+    if not source.get("SOPInstanceUID") or not source.get("SOPClassUID"):
+        raise ValueError("not a composite instance: no SOP Class or SOP Instance UID")
     risk = burned_in_risk(source)
     if risk is not None and not allow_burned_in:
         raise BurnedInAnnotation(risk)
-    patient = str(source.get("PatientID", "") or "")
+    patient = _patient_key(source)
     out = Deidentified(copy.deepcopy(source))
     ds = out.dataset
+    ds.preamble = b"\0" * 128  # a file's preamble is free bytes (PS3.10 7.1), written by whoever made it
+    for tag in [t for t in ds.keys() if t.group == 0x0000]:
+        del ds[tag]  # command elements have no place in a stored instance
     _Walker(profile, pseudonyms, timedelta(days=pseudonyms.shift_days(patient)), out.uids).dataset(ds)
     out.patient_id = pseudonyms.patient_id(patient)
     ds.PatientID = out.patient_id
@@ -107,6 +137,15 @@ def deidentify(source: Dataset, profile: Profile, pseudonyms: Pseudonyms,
     return out
 
 
+def _patient_key(source: Dataset) -> str:
+    """Whose pseudonym and date shift: the patient ID with its issuer; without an ID, the study
+    alone (patients without IDs must not share one pseudonym)."""
+    patient_id = str(source.get("PatientID", "") or "").strip()
+    if not patient_id:
+        return "study\x00" + str(source.get("StudyInstanceUID", "") or "")
+    return "patient\x00" + str(source.get("IssuerOfPatientID", "") or "") + "\x00" + patient_id
+
+
 def _transfer_syntax(source: Dataset) -> UID:
     """The source's, from its file meta, else from how it was read (a file without meta)."""
     given = getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", None)
@@ -122,23 +161,28 @@ class _Walker:
     def __init__(self, profile: Profile, pseudonyms: Pseudonyms, shift: timedelta, uids: dict[str, str]):
         self.profile, self.pseudonyms, self.shift, self.uids = profile, pseudonyms, shift, uids
         self.retain_uids = Option.RETAIN_UIDS in profile.options
+        self.top: Dataset | None = None
 
     def dataset(self, ds: Dataset) -> None:
+        if self.top is None:
+            self.top = ds
         creators: dict[tuple[int, int], str] = {}  # (group, block) -> private creator, of this data set
         for tag in list(ds.keys()):
             if tag.is_private and tag.is_private_creator:
                 creators[(tag.group, tag.element)] = str(ds[tag].value or "")
         kept_blocks: set[tuple[int, int]] = set()
         for tag in list(ds.keys()):
-            if tag.group == 0x0002:
-                continue  # file meta: made again by deidentify
+            if tag.group in (0x0000, 0x0002):
+                if ds is not self.top:  # in an item: command or file meta elements do not belong
+                    del ds[tag]
+                continue  # the file meta is made again by deidentify
             if tag.is_private:
                 if tag.is_private_creator:
                     continue
                 block = (tag.group, tag.element >> 8)
                 creator = creators.get(block, "")
-                if (creator, tag.element & 0xFF) in self.profile.safe_private:
-                    kept_blocks.add(block)
+                if (creator, tag.element & 0xFF) in self.profile.safe_private and ds[tag].VR != "UN":
+                    kept_blocks.add(block)  # (UN: read without its VR, a sequence cannot be walked)
                     self.element(ds, tag, Action.KEEP)
                 else:
                     del ds[tag]
@@ -175,13 +219,23 @@ class _Walker:
             self._clean(ds, elem)
 
     def _unlisted(self, elem: DataElement) -> Action:
-        """Not in Table E.1-1: kept, but a UID of an instance (a reference) gets its pseudonym."""
-        if elem.VR != "UI" or self.retain_uids or elem.keyword.endswith("ClassUID") \
-                or elem.keyword in KEPT_UID_KEYWORDS:
+        """Not in Table E.1-1 (see SAFE_UNLISTED_VRS): a UID of an instance (a reference) gets its
+        pseudonym; dates follow the dates option; what may hold a name or an ID goes."""
+        vr = elem.VR
+        if vr == "SQ":
             return Action.KEEP
-        values = list(elem.value) if elem.VM > 1 else [elem.value]
-        registered = all(str(v) in UID_dictionary for v in values if v)
-        return Action.KEEP if registered else Action.UID
+        if vr == "UI":
+            if self.retain_uids or elem.keyword.endswith("ClassUID") or elem.keyword in KEPT_UID_KEYWORDS:
+                return Action.KEEP
+            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            return Action.KEEP if all(str(v) in UID_dictionary for v in values if v) else Action.UID
+        if vr in ("DA", "DT"):
+            if Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.profile.options:
+                return Action.CLEAN
+            return Action.KEEP if Option.RETAIN_LONGITUDINAL_FULL_DATES in self.profile.options else Action.REMOVE
+        if vr in SAFE_UNLISTED_VRS or elem.keyword in SAFE_UNLISTED_TEXT:
+            return Action.KEEP
+        return Action.REMOVE
 
     def _uids(self, elem: DataElement) -> object:
         def one(value: object) -> str:
@@ -205,8 +259,8 @@ class _Walker:
             try:
                 elem.value = [_shifted(elem.VR, str(v), self.shift) for v in elem.value] if elem.VM > 1 \
                     else _shifted(elem.VR, str(elem.value), self.shift)
-            except ValueError:
-                elem.value = None  # not a date: nothing to keep
+            except (ValueError, OverflowError):
+                elem.value = None  # not a date, or none that can move back: nothing to keep
         elif elem.VR in ("TM", "AE"):
             return
         else:
@@ -224,8 +278,10 @@ def _dummy(vr: str) -> object:
 
 
 def _shifted(vr: str, value: str, shift: timedelta) -> str:
-    if vr == "DA":
-        return (datetime.strptime(value.strip()[:8], "%Y%m%d").date() - shift).strftime("%Y%m%d")
+    """A DA, or a DT keeping its precision and what follows the date (time, UTC offset)."""
     text = value.strip()
+    if vr == "DA":
+        day = datetime.strptime(text[:8], "%Y%m%d").date() - shift
+        return f"{day.year:04d}{day.month:02d}{day.day:02d}"
     day = date(int(text[:4]), int(text[4:6] or 1), int(text[6:8] or 1)) - shift
-    return day.strftime("%Y%m%d")[:max(4, min(8, len(text)))] + text[8:]
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"[:max(4, min(8, len(text)))] + text[8:]

@@ -83,6 +83,12 @@ NOT_OFFERED = {
 }
 
 
+# Where two chosen options both have an entry for an attribute: the dates options first (a date
+# kept whole next to its shifted partners would give the patient's shift away), then E.3's order.
+PRECEDENCE = [Option.RETAIN_LONGITUDINAL_MODIFIED_DATES, Option.RETAIN_LONGITUDINAL_FULL_DATES] + [
+    o for o in Option if o not in (Option.RETAIN_LONGITUDINAL_MODIFIED_DATES, Option.RETAIN_LONGITUDINAL_FULL_DATES)]
+
+
 class ProfileError(ValueError):
     """Options that cannot be combined, or that the node does not offer."""
 
@@ -125,7 +131,7 @@ class Profile:
             raise ProfileError("; ".join(problems))
 
     def action(self, tag: BaseTag) -> Action | None:
-        """What to do with a public attribute (None: not in Table E.1-1, kept)."""
+        """What Table E.1-1 says of a public attribute (None: it does not list it)."""
         group = tag >> 16
         if 0x5000 <= group <= 0x50FF and not group & 1:
             return Action.REMOVE  # curves
@@ -134,7 +140,7 @@ class Profile:
         row = table().get(int(tag))
         if row is None:
             return None
-        for option in Option:  # in E.3's order: the same answer every time
+        for option in PRECEDENCE:
             if option in self.options and option in row.options:
                 return row.options[option]
         return row.basic
