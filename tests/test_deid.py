@@ -405,3 +405,37 @@ def test_rules_and_projects_are_checked_when_loaded(tmp_path):
     project = NodeConfig.model_validate({"deidentification": {"p": {"key_file": str(short)}}}).deidentification["p"]
     with pytest.raises(ValueError, match="has 9 bytes; it needs 32 or more"):
         project.key()
+
+
+def test_the_mapping_opens_only_with_its_key_and_project_and_expires(tmp_path):
+    """Sealed rows: another project's key, or a row moved to another pseudonym, do not open
+    (AES-GCM's associated data); a row past mapping_days is pruned, unless the UID was sent again."""
+    from node.store.index import Index
+    from node.store.pseudonyms import MappingError, PseudonymMap
+
+    index = Index(tmp_path / "index.sqlite")
+    try:
+        mine, other = Pseudonyms(KEY, "project-a"), Pseudonyms(KEY, "project-b")
+        source = "1.2.826.0.1.3680043.8.498.42"
+        pseudonym = mine.uid(source)
+        with index.transaction() as db:
+            PseudonymMap.record(db, "project-a", mine.mapping_key(), {source: pseudonym}, pseudonym, 1, 1000.0, 60.0)
+        mapping = PseudonymMap(index)
+        assert mapping.source_of("project-a", mine.mapping_key(), pseudonym) == source
+        with pytest.raises(MappingError, match=f"the mapping of {pseudonym} does not open with project project-a's key"):
+            mapping.source_of("project-a", other.mapping_key(), pseudonym)
+        [row] = index.query("SELECT sealed FROM pseudonyms")
+        assert source not in row["sealed"]
+        with index.transaction() as db:  # a sealed value copied onto another pseudonym
+            db.execute("INSERT INTO pseudonyms (project, pseudonym, study_pseudonym, sealed, job_id, created_at,"
+                       " expires_at) VALUES ('project-a', '2.25.7', '2.25.7', ?, 1, 1000, 1060)", (row["sealed"],))
+        with pytest.raises(MappingError):
+            mapping.source_of("project-a", mine.mapping_key(), "2.25.7")
+        with index.transaction() as db:  # sent again later: kept longer, still one row
+            PseudonymMap.record(db, "project-a", mine.mapping_key(), {source: pseudonym}, pseudonym, 2, 1030.0, 60.0)
+        assert mapping.prune(1059.0) == 0 and mapping.prune(1061.0) == 1  # the copied row only
+        assert mapping.source_of("project-a", mine.mapping_key(), pseudonym) == source
+        assert mapping.prune(1091.0) == 1
+        assert mapping.source_of("project-a", mine.mapping_key(), pseudonym) is None
+    finally:
+        index.close()
