@@ -20,6 +20,7 @@ from node.deid.engine import BurnedInAnnotation, deidentify
 from node.deid.profile import Option, Profile, ProfileError
 from node.deid.pseudonyms import Pseudonyms
 from tests.peers import make_study
+from tests.test_encode import _dciodvfy
 
 KEY = b"a project key of 32 bytes, test!"
 PLANTED = ["Planted^Patient", "PLANTEDID123", "19700101", "Planted Street 5", "Planted^Referrer", "Planted General",
@@ -346,6 +347,8 @@ def test_a_rule_sends_a_de_identified_copy_to_an_external_service_and_keeps_the_
         assert ds.PatientIdentityRemoved == "YES" and ds.LongitudinalTemporalInformationModified == "MODIFIED"
     assert len({ds.StudyInstanceUID for ds in received}) == 1
     study_pseudonym = str(received[0].StudyInstanceUID)
+    (tmp_path / "received.dcm").write_bytes(ai.instance_file(ids[0]))
+    assert _dciodvfy(tmp_path / "received.dcm")[0] == []  # still a valid CT image
 
     rows = node.query("SELECT * FROM pseudonyms")
     assert {r["project"] for r in rows} == {"ai-vendor"} and {r["study_pseudonym"] for r in rows} == {study_pseudonym}
