@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.peers import REPO_ROOT, wait_for
+from tests.peers import REPO_ROOT, log_events, wait_for
 from tests.processes import stop_process_group
 
 SOURCE = Path(__file__).resolve().parent / "authserver"
@@ -100,15 +100,7 @@ class AuthServer:
         return (self.workdir / "authserver.log").read_text(errors="replace")
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("event") == name:
-                out.append(entry)
-        return out
+        return log_events(self.log(), name)
 
 
 if __name__ == "__main__":  # `make test`: fetched before the tests run (npm ci, a few seconds)

@@ -51,6 +51,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
         time.sleep(interval)
 
 
+def log_events(log: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a process whose `event` is `name`, in order (other lines skipped)."""
+    out = []
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == name:
+            out.append(entry)
+    return out
+
+
 def http_status(url: str, method: str = "GET", token: str | None = None) -> int:
     """The HTTP status of a request (0: no answer at all)."""
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
@@ -164,15 +177,7 @@ class NodeProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("event") == name:
-                out.append(entry)
-        return out
+        return log_events(self.log(), name)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         db = sqlite3.connect(self.data_dir / "index.sqlite", timeout=30)

@@ -11,7 +11,6 @@ The source data set is not changed. pydicom walks and decodes; the actions are t
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -29,7 +28,6 @@ from pydicom.uid import (  # type: ignore[attr-defined]
 from node.deid.profile import Action, Option, Profile
 from node.deid.pseudonyms import Pseudonyms
 
-log = logging.getLogger("node.deid")
 
 DUMMY_TEXT = "DEIDENTIFIED"
 # PN with its component separator: a name without one reads as PS3.5's retired form (dciodvfy)
@@ -224,11 +222,10 @@ class _Walker:
         vr = elem.VR
         if vr == "SQ":
             return Action.KEEP
-        if vr == "UI":
+        if vr == "UI":  # registered UIDs among the values stay as they are (_uids)
             if self.retain_uids or elem.keyword.endswith("ClassUID") or elem.keyword in KEPT_UID_KEYWORDS:
                 return Action.KEEP
-            values = list(elem.value) if elem.VM > 1 else [elem.value]
-            return Action.KEEP if all(str(v) in UID_dictionary for v in values if v) else Action.UID
+            return Action.UID
         if vr in ("DA", "DT"):
             if Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.profile.options:
                 return Action.CLEAN
