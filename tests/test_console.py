@@ -538,7 +538,10 @@ def test_a_2_gib_stow_request_is_refused_while_it_streams(node, announced):
     print(f"\nSTOW {'Content-Length' if announced else 'chunked'}: answer {answer.status} after {sent / MB:.1f} MB,"
           f" node RSS grew by at most {grown / MB:.1f} MB")
     assert answer.status == 413, answer.data[:500]
-    assert "(http.max_stow_mb) here" in json.loads(answer.body)["detail"]
+    # as on the rule tester's page: the node closes with the rest unread, and a reset may then
+    # overtake the body (written after the headers); the body is checked whenever it arrived
+    assert (answer.body and "(http.max_stow_mb) here" in json.loads(answer.body)["detail"]) or (
+        answer.reset and not answer.body)
     assert sent < (64 * MB if announced else 1100 * MB)  # at once, or once past the limit: not at the end
     assert grown < 50 * MB, f"the node grew by {grown / MB:.0f} MB for a refused STOW request"
     assert _status(node, "/health/live") == 200
