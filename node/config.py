@@ -579,6 +579,9 @@ class DeidProject(Strict):
     allow_burned_in: bool = Field(False, description="send instances whose pixels may show identifying text")
     mapping_days: float = Field(365.0, gt=0, description="how long the pseudonym -> source mapping is kept (the"
                                                          " return path of results needs it)")
+    return_ae_title: str | None = Field(None, pattern=AE_TITLE_PATTERN, description=(
+        "the called AE title the project's service sends its results to (one of scp.ae_titles): a study that comes"
+        " in there and matches no round trip is quarantined, never routed"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "DeidProject":
@@ -623,6 +626,25 @@ class NodeConfig(Strict):
             if self.destinations[name].dicomweb is not None:
                 raise ValueError(f"{key}: {name!r} is a DICOMweb destination; this needs a DICOM AE")
         return self
+
+    @model_validator(mode="after")
+    def _return_titles_are_ours(self) -> "NodeConfig":
+        titles: dict[str, str] = {}
+        for name, project in self.deidentification.items():
+            title = project.return_ae_title
+            if title is None:
+                continue
+            if title not in self.scp.called_ae_titles():
+                raise ValueError(f"deidentification.{name}.return_ae_title: {title!r} is not one of scp.ae_titles"
+                                 f" ({', '.join(self.scp.called_ae_titles())}); add it there")
+            if title in titles:
+                raise ValueError(f"deidentification.{name}.return_ae_title: {title!r} is project {titles[title]}'s")
+            titles[title] = name
+        return self
+
+    def project_returning_to(self, called_ae: str) -> str | None:
+        """The project whose results come in at this called AE title."""
+        return next((name for name, p in self.deidentification.items() if p.return_ae_title == called_ae), None)
 
     def destination_for_caller(self, calling_ae: str) -> str | None:
         """'Return to sender': the destination whose AE title is the study's calling AE."""

@@ -17,6 +17,7 @@ from common import logs
 from node.assemble.completion import CompletionTimers
 from node.config import NodeConfig
 from node.jobs.admission import SIGNAL_POLL_S, Admission
+from node.jobs.returns import TIMEOUT_SWEEP_S
 from node.jobs.runner import JobRunner
 from node.jobs.store import JobStore
 from node.liveconfig import LiveConfig, receivers_affected
@@ -108,12 +109,14 @@ class NodeService:
             logs.event(log, "signals_pruned", signals=pruned)
 
     def _prune_pseudonyms(self) -> None:
-        """The de-identification mapping past its projects' mapping_days."""
+        """The de-identification mapping, and the round trips it serves, past their projects' mapping_days."""
         from node.store.pseudonyms import PseudonymMap
+        from node.store.roundtrips import RoundTrips
 
-        pruned = PseudonymMap(self.index).prune(time.time())
-        if pruned:
-            logs.event(log, "pseudonyms_pruned", rows=pruned)
+        now = time.time()
+        pruned, trips = PseudonymMap(self.index).prune(now), RoundTrips(self.index).prune(now)
+        if pruned or trips:
+            logs.event(log, "pseudonyms_pruned", rows=pruned, round_trips=trips)
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         self.completion.arm(study_uid, self._first_check(study_uid, deadline))
@@ -204,6 +207,8 @@ class NodeService:
                                max_instances=1)
         self.scheduler.add_job(self._prune_pseudonyms, "interval", seconds=3600.0, id="pseudonym-prune",
                                coalesce=True, max_instances=1)
+        self.scheduler.add_job(self.runner.time_out_round_trips, "interval", seconds=TIMEOUT_SWEEP_S,
+                               id="round-trip-timeouts", coalesce=True, max_instances=1)
         self.scheduler.add_job(self.atna.sweep, "interval", seconds=self.config.audit.sweep_s, id="audit-send",
                                coalesce=True, max_instances=1)
         self._application(AuditEventType.APPLICATION_START)

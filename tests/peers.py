@@ -120,6 +120,7 @@ class NodeProcess:
         }
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)
+        self.port = int(config["scp"]["port"])  # a test may choose it (a peer that must know it first)
         self.config_path.write_text(yaml.safe_dump(config))
         self.receivers = int(config["scp"].get("workers") or 2 * (os.cpu_count() or 1))
         self.write_routing(routing if routing is not None else {"rules": []})

@@ -6,10 +6,12 @@ pseudonyms; the options; burned-in annotation refused; vendor files from pydicom
 from __future__ import annotations
 
 import copy
+import subprocess
 from datetime import date, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
@@ -19,7 +21,7 @@ from pydicom.sequence import Sequence
 from node.deid.engine import BurnedInAnnotation, deidentify
 from node.deid.profile import Option, Profile, ProfileError
 from node.deid.pseudonyms import Pseudonyms
-from tests.peers import make_study
+from tests.peers import make_study, storescu
 from tests.test_encode import _dciodvfy
 
 KEY = b"a project key of 32 bytes, test!"
@@ -317,7 +319,7 @@ def test_a_rule_sends_a_de_identified_copy_to_an_external_service_and_keeps_the_
     key. A study with burned-in annotation is not sent, and its job says why."""
     from node.store.index import Index
     from node.store.pseudonyms import PseudonymMap
-    from tests.peers import storescu, wait_for
+    from tests.peers import wait_for
 
     files = make_study(tmp_path / "ct", slices=3, size=16)
     sops = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
@@ -350,16 +352,20 @@ def test_a_rule_sends_a_de_identified_copy_to_an_external_service_and_keeps_the_
     (tmp_path / "received.dcm").write_bytes(ai.instance_file(ids[0]))
     assert _dciodvfy(tmp_path / "received.dcm")[0] == []  # still a valid CT image
 
-    rows = node.query("SELECT * FROM pseudonyms")
-    assert {r["project"] for r in rows} == {"ai-vendor"} and {r["study_pseudonym"] for r in rows} == {study_pseudonym}
-    assert {str(ds.SOPInstanceUID) for ds in received} <= {r["pseudonym"] for r in rows}
-    assert not [u for u in source_uids if any(u in str(r[column]) for r in rows for column in r.keys())]
+    project = Pseudonyms(key.read_bytes().strip(), "ai-vendor")
+    rows = node.query("SELECT * FROM pseudonym_map")
+    assert {r["project"] for r in rows} == {"ai-vendor"}
+    assert {project.lookup(str(ds.SOPInstanceUID)) for ds in received} <= {r["digest"] for r in rows}
+    # neither a source UID nor a pseudonym in clear: the index alone links nothing to the copy
+    pseudonymous = sorted({str(v) for ds in received for e in ds.iterall() if e.VR == "UI"
+                           for v in (e.value if e.VM > 1 else [e.value]) if str(v) not in pydicom.uid.UID_dictionary})
+    assert not [u for u in source_uids + pseudonymous if any(u in str(r[column]) for r in rows for column in r.keys())]
     index = Index(node.data_dir / "index.sqlite", migrate=False)
     try:
         mapping = PseudonymMap(index)
-        mapping_key = Pseudonyms(key.read_bytes().strip(), "ai-vendor").mapping_key()
-        assert mapping.source_of("ai-vendor", mapping_key, study_pseudonym) == str(planted[0].StudyInstanceUID)
-        assert mapping.source_of("ai-vendor", mapping_key, "2.25.1") is None
+        assert mapping.source_of("ai-vendor", project.mapping_key(), project.lookup(study_pseudonym)) == \
+            str(planted[0].StudyInstanceUID)
+        assert mapping.source_of("ai-vendor", project.mapping_key(), project.lookup("2.25.1")) is None
     finally:
         index.close()
     job = wait_for(lambda: [j for j in node.query("SELECT state, stages FROM work_items") if j["state"] == "done"],
@@ -420,25 +426,192 @@ def test_the_mapping_opens_only_with_its_key_and_project_and_expires(tmp_path):
     try:
         mine, other = Pseudonyms(KEY, "project-a"), Pseudonyms(KEY, "project-b")
         source = "1.2.826.0.1.3680043.8.498.42"
-        pseudonym = mine.uid(source)
+        digest = mine.lookup(mine.uid(source))
+        assert digest != other.lookup(mine.uid(source))
         with index.transaction() as db:
-            PseudonymMap.record(db, "project-a", mine.mapping_key(), {source: pseudonym}, pseudonym, 1, 1000.0, 60.0)
+            PseudonymMap.record(db, "project-a", mine.mapping_key(), {digest: source}, 1000.0, 60.0)
         mapping = PseudonymMap(index)
-        assert mapping.source_of("project-a", mine.mapping_key(), pseudonym) == source
-        with pytest.raises(MappingError, match=f"the mapping of {pseudonym} does not open with project project-a's key"):
-            mapping.source_of("project-a", other.mapping_key(), pseudonym)
-        [row] = index.query("SELECT sealed FROM pseudonyms")
+        assert mapping.source_of("project-a", mine.mapping_key(), digest) == source
+        with pytest.raises(MappingError, match="a sealed row of project project-a does not open with its key"):
+            mapping.source_of("project-a", other.mapping_key(), digest)
+        [row] = index.query("SELECT sealed FROM pseudonym_map")
         assert source not in row["sealed"]
         with index.transaction() as db:  # a sealed value copied onto another pseudonym
-            db.execute("INSERT INTO pseudonyms (project, pseudonym, study_pseudonym, sealed, job_id, created_at,"
-                       " expires_at) VALUES ('project-a', '2.25.7', '2.25.7', ?, 1, 1000, 1060)", (row["sealed"],))
+            db.execute("INSERT INTO pseudonym_map (project, digest, sealed, created_at, expires_at)"
+                       " VALUES ('project-a', 'ab12', ?, 1000, 1060)", (row["sealed"],))
         with pytest.raises(MappingError):
-            mapping.source_of("project-a", mine.mapping_key(), "2.25.7")
+            mapping.source_of("project-a", mine.mapping_key(), "ab12")
         with index.transaction() as db:  # sent again later: kept longer, still one row
-            PseudonymMap.record(db, "project-a", mine.mapping_key(), {source: pseudonym}, pseudonym, 2, 1030.0, 60.0)
+            PseudonymMap.record(db, "project-a", mine.mapping_key(), {digest: source}, 1030.0, 60.0)
         assert mapping.prune(1059.0) == 0 and mapping.prune(1061.0) == 1  # the copied row only
-        assert mapping.source_of("project-a", mine.mapping_key(), pseudonym) == source
+        assert mapping.source_of("project-a", mine.mapping_key(), digest) == source
         assert mapping.prune(1091.0) == 1
-        assert mapping.source_of("project-a", mine.mapping_key(), pseudonym) is None
+        assert mapping.source_of("project-a", mine.mapping_key(), digest) is None
     finally:
         index.close()
+
+
+def _returning_node(start_node, tmp_path: Path, key: Path, port: int, rule: dict, destinations: dict):
+    """The hospital's node: its rule sends a de-identified copy out; AI-RETURN is where the
+    project's results come back."""
+    return start_node(
+        tmp_path / "hospital", routing={"rules": [rule]},
+        scp={"port": port, "ae_titles": ["TESTNODE", "AI-RETURN"]},
+        completion={"quiet_period_s": 1.0}, sending={"retry_initial_s": 0.5, "sweep_s": 0.5},
+        destinations=destinations,
+        deidentification={"ai-vendor": {"key_file": str(key), "return_ae_title": "AI-RETURN",
+                                        "options": ["retain_longitudinal_modified_dates"]}})
+
+
+def _store(port: int, files: list[Path], called: str) -> None:
+    sent = subprocess.run(["storescu", "-R", "-aet", "EXTERNAL-AI", "-aec", called, "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+
+def test_results_of_an_external_ai_come_back_re_identified_into_the_original_study(start_node, orthanc, tmp_path):
+    """The round trip: a phantom study in by C-STORE; its CT series out de-identified to an
+    external AI (a second node running the demo model on what it gets, its SEG and SR sent to
+    the return AE title); the results re-identified and in Orthanc (the PACS) in the original
+    study, for the original patient, referring to the original series and instances, with
+    the lesions where the phantom has them, valid for dciodvfy. What the AI saw had no PHI.
+    Results that match no round trip are quarantined with the reason."""
+    from node.encode.sr import read_findings
+    from phantom.dicom import SeriesIdentity
+    from phantom.study import make_dicom_study
+    from tests.peers import free_port, wait_for
+
+    files, phantom = make_dicom_study(tmp_path / "study", slices=96, size=192, pixel_spacing=2.0, slice_spacing=2.0,
+                                      seed=11, identity=SeriesIdentity(patient_id="RT-PATIENT-77"))
+    truth = phantom.truth()
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study_uid, series_uid = str(source.StudyInstanceUID), str(source.SeriesInstanceUID)
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    key = tmp_path / "ai-vendor.key"
+    key.write_text("5f0e" * 16 + "\n")
+    pacs = orthanc()
+    hospital_port = free_port()
+    ai = start_node(tmp_path / "external-ai", scp={"ae_title": "EXTERNAL-AI"},
+                    routing={"rules": [{"name": "vendor-model", "match": {"tag": "Modality", "equals": "CT"},
+                                        "actions": {"run": ["lesion-seg"], "send_to": ["back"]}}]},
+                    completion={"quiet_period_s": 1.0}, sending={"retry_initial_s": 0.5, "sweep_s": 0.5},
+                    destinations={"back": {"ae_title": "AI-RETURN", "host": "127.0.0.1", "port": hospital_port}})
+    node = _returning_node(
+        start_node, tmp_path, key, hospital_port,
+        {"name": "to-ai", "match": {"tag": "Modality", "equals": "CT"},
+         "actions": {"deidentify": {"project": "ai-vendor", "send_to": ["ai"], "results_to": ["pacs"]}}},
+        {"ai": {"ae_title": "EXTERNAL-AI", "host": "127.0.0.1", "port": ai.port},
+         "pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}})
+    sent = storescu(node.port, files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    found = wait_for(lambda: (f := pacs.instances_by_modality(study_uid)) and "SEG" in f and "SR" in f and f,
+                     timeout=300, interval=0.5)
+    assert set(found) == {"SEG", "SR"} and len(found["SEG"]) == len(found["SR"]) == 1  # results only
+    seg = pydicom.dcmread(BytesIO(pacs.instance_file(found["SEG"][0]["ID"])))
+    sr = pydicom.dcmread(BytesIO(pacs.instance_file(found["SR"][0]["ID"])))
+    for result in (seg, sr):
+        assert (result.StudyInstanceUID, result.PatientID) == (study_uid, "RT-PATIENT-77")
+        assert (result.PatientName, result.StudyDate, result.AccessionNumber) == \
+            (source.PatientName, source.StudyDate, source.AccessionNumber)
+        assert "PatientIdentityRemoved" not in result and "LongitudinalTemporalInformationModified" not in result
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} <= sops
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    evidence = {str(i.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    assert str(seg.SOPInstanceUID) in evidence and evidence - {str(seg.SOPInstanceUID)} <= sops
+    assert {str(s.StudyInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence} == {study_uid}
+    findings = read_findings(sr)  # the lesions in patient space, where the phantom has them
+    assert len(findings) == len(truth["lesions"]), findings
+    for lesion in truth["lesions"]:
+        assert min(float(np.linalg.norm(np.subtract(f["centroid"], lesion["centre_mm"]))) for f in findings) <= 2.0
+    for name, result in (("seg", seg), ("sr", sr)):
+        path = tmp_path / f"{name}.dcm"
+        result.save_as(path)
+        assert _dciodvfy(path)[0] == [], name
+
+    # the AI made its own UIDs and saw only pseudonyms: no source UID, no patient ID reached it
+    [made] = ai.query("SELECT * FROM instances WHERE sop_instance_uid=?", (str(seg.SOPInstanceUID),)) or [None]
+    assert made is None
+    ai_studies = {r["study_uid"] for r in ai.query("SELECT study_uid FROM studies")}
+    assert len(ai_studies) == 1 and study_uid not in ai_studies
+    assert "RT-PATIENT-77" not in (ai.workdir / "node.log").read_text()
+    assert "RT-PATIENT-77" not in {r["patient_id"] for r in ai.query("SELECT patient_id FROM studies")}
+    trip = wait_for(lambda: [t for t in node.query("SELECT * FROM round_trips") if t["state"] == "delivered"],
+                    timeout=60)[0]
+    assert (trip["study_uid"], trip["project"], trip["rule"]) == (study_uid, "ai-vendor", "to-ai")
+    assert trip["reason"] is None and trip["return_job"] is not None
+
+    # a result for a study the project was never sent: quarantined, never routed, never delivered
+    stray = tmp_path / "stray.dcm"
+    seg.StudyInstanceUID = "2.25.1234567890"
+    seg.save_as(stray)
+    _store(node.port, [stray], "AI-RETURN")
+    failed = wait_for(lambda: node.query("SELECT reason FROM work_items WHERE study_uid='2.25.1234567890'"
+                                         " AND state='failed'"), timeout=60)[0]
+    assert "match none of its round trips (study 2.25.1234567890): quarantined" in failed["reason"]
+    reasons = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
+    assert any("match none of its round trips" in r for r in reasons)
+    assert pacs.instances_by_modality("2.25.1234567890") == {}
+
+
+def test_a_round_trip_past_its_deadline_times_out_with_an_ai_ran_notice(start_node, orthanc, tmp_path):
+    """No results within the rule's deadline: the round trip is timed out and the PACS gets the
+    'AI ran: failed' notice in the original study; a result that then comes late is still
+    re-identified and delivered; one that refers to an instance never sent is quarantined."""
+    from node.encode.notice import FINDING
+    from tests.peers import free_port, wait_for
+
+    files = make_study(tmp_path / "ct", slices=3, size=16, patient_id="LATE-1")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    key = tmp_path / "ai-vendor.key"
+    key.write_text("77ab" * 16)
+    pacs = orthanc()
+    node = _returning_node(
+        start_node, tmp_path, key, free_port(),
+        {"name": "to-ai", "match": {"tag": "Modality", "equals": "CT"},
+         "actions": {"deidentify": {"project": "ai-vendor", "send_to": ["pacs"], "results_to": ["pacs"],
+                                    "results_within_minutes": 0.02}}},
+        {"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}})
+    assert storescu(node.port, files).returncode == 0
+    trip = wait_for(lambda: [t for t in node.query("SELECT * FROM round_trips") if t["state"] == "timed_out"],
+                    timeout=60)[0]
+    assert trip["reason"] == "the external AI service of project ai-vendor sent no results within the rule's 0.02 minutes"
+    notice = wait_for(lambda: pacs.instances_by_modality(study_uid).get("SR"), timeout=60)
+    report = pydicom.dcmread(BytesIO(pacs.instance_file(notice[0]["ID"])))
+    [item] = report.ContentSequence
+    assert item.ConceptNameCodeSequence[0].CodeValue == FINDING.value
+    assert "AI analysis did not complete" in item.TextValue and "sent no results within" in item.TextValue
+    assert report.PatientID == "LATE-1"
+
+    # late: a key-image-like result made from the de-identified copy (an SC in its study)
+    copies = [s for s in pacs.get("/studies?expand") if s["MainDicomTags"]["StudyInstanceUID"] != study_uid]
+    [pseudonymous] = copies
+    [series] = pacs.get(f"/studies/{pseudonymous['ID']}/series")
+    sent = pydicom.dcmread(BytesIO(pacs.instance_file(series["Instances"][0])))
+    late = copy.deepcopy(sent)
+    late.SOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    late.file_meta.MediaStorageSOPClassUID = late.SOPClassUID
+    late.SOPInstanceUID, late.SeriesInstanceUID = "2.25.41", "2.25.42"
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.Modality = "OT"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = sent.SOPClassUID, sent.SOPInstanceUID
+    late.SourceImageSequence = Sequence([reference])
+    stray = copy.deepcopy(late)
+    stray.SOPInstanceUID = stray.file_meta.MediaStorageSOPInstanceUID = "2.25.43"
+    stray.SourceImageSequence[0].ReferencedSOPInstanceUID = "2.25.999"  # never sent
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    stray.save_as(tmp_path / "stray.dcm", enforce_file_format=True)
+    _store(node.port, [tmp_path / "late.dcm", tmp_path / "stray.dcm"], "AI-RETURN")
+    trip = wait_for(lambda: [t for t in node.query("SELECT * FROM round_trips") if t["state"] == "delivered"],
+                    timeout=60)[0]
+    assert "1 instance(s) quarantined" in trip["reason"] and "refers to instance 2.25.999" in trip["reason"]
+    delivered = wait_for(lambda: pacs.instances_by_modality(study_uid).get("OT"), timeout=60)
+    assert len(delivered) == 1
+    back = pydicom.dcmread(BytesIO(pacs.instance_file(delivered[0]["ID"])))
+    source_sops = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert str(back.SourceImageSequence[0].ReferencedSOPInstanceUID) in source_sops
+    assert back.SOPInstanceUID not in ("2.25.41",) and back.StudyInstanceUID == study_uid
+    assert back.PatientID == "LATE-1" and "PatientIdentityRemoved" not in back

@@ -33,6 +33,11 @@ class Pseudonyms:
         """A patient's pseudonymous ID (16 characters, fits LO and PN)."""
         return "P" + self._digest("patient", source).hex()[:15].upper()
 
+    def lookup(self, pseudonym: str) -> str:
+        """The digest a pseudonymous UID is filed under in the mapping (node/store/pseudonyms.py):
+        the index never holds the pseudonym itself, so it cannot link it to a source study."""
+        return self._digest("lookup", pseudonym).hex()
+
     def mapping_key(self) -> bytes:
         """The AES-256 key that seals this project's mapping (node/store/pseudonyms.py)."""
         return self._digest("mapping", "")

@@ -16,9 +16,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from common import logs
 from node.config import CompletionConfig, DestinationConfig, NodeConfig
 from node.jobs.failures import describe
+from node.jobs.returns import returned_decision
 from node.jobs.store import JobStore
 from node.route.decision import RoutingDecision, record
 from node.route.live import LiveRules
+from node.route.rules import RuleSet
 from node.route.study import StudyView, study_from_index
 from node.send.source_count import study_instance_count
 from node.store.index import Db, Index
@@ -97,7 +99,12 @@ class Admission:
     def decide(self, study_uid: str) -> RoutingDecision:
         """The rules in force, evaluated for the study as it is stored now."""
         view = study_from_index(self.index, study_uid, self.data_dir) or StudyView(study_uid, "", "", "", [])
-        return record(self.rules.current.evaluate(view))
+        return self._decision(view, self.rules.current)
+
+    def _decision(self, view: StudyView, rules: RuleSet) -> RoutingDecision:
+        """What a project sent back goes back to its round trip (node/jobs/returns.py); any other
+        study goes by the rules."""
+        return returned_decision(view, self.config(), self.index, rules.version) or record(rules.evaluate(view))
 
     def route(self, study_uid: str, now: float) -> Routed | None:
         """The study routed as it is stored now, if it is receiving and its quiet period (the
@@ -122,7 +129,7 @@ class Admission:
                                                                           "quiet_period"), now)
         if due.at <= now and view is not None:
             try:
-                decision = record(rules.evaluate(view))
+                decision = self._decision(view, rules)
             except Exception as exc:  # a defect in a rule or condition must not hold the study open
                 failure = describe(exc, "route")
         return Routed(study_uid, study["last_received"], quiet, due.at, decision, failure,

@@ -17,7 +17,7 @@ from common import logs
 from node.encode.notice import build_failure_notice
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.failures import Superseded
-from node.route.study import study_from_index
+from node.route.study import SeriesView, StudyView, study_from_index
 
 if TYPE_CHECKING:
     from node.jobs.runner import JobRunner
@@ -46,21 +46,26 @@ def _send(runner: JobRunner, job: Job, reason: str) -> int:
         if not applied.actions.run or not getattr(applied.actions, "notices", True):
             continue
         series = next((s for s in view.series if s.series_uid == applied.series_uid), view.series[0])
-        source = pydicom.dcmread(str(series.files[0]), stop_before_pixels=True)
-        identity = SourceIdentity.of(job.study_uid, series.series_uid, [f.stem for f in series.files])
-        uids = ResultUIDs(installation_uid=runner.installation_uid, job_id=job.id, source=identity,
-                          model="+".join(applied.actions.run), model_version="notice", rule=applied.rule,
-                          root=runner.config.output.uid_root)
-        notice = build_failure_notice(source, applied.rule, list(applied.actions.run), reason,
-                                      runner.config.output, uids)
-        target = runner.data_dir / "results" / f"{job.id}_{applied.rule}_notice" / f"{notice.SOPInstanceUID}.dcm"
-        buffer = BytesIO()
-        notice.save_as(buffer, enforce_file_format=True)
-        runner.spool.store(target, [buffer.getvalue()])
-        for name in applied.actions.send_to:
-            destination = runner._destination(name, view)
-            runner.outbox.enqueue(f"{job.id}:{applied.rule}:notice", job.study_uid, destination, [target],
-                                  guard=runner.still_current(job))
-            queued += 1
-        logs.event(log, "notice_queued", job=job.id, rule=applied.rule, destinations=len(applied.actions.send_to))
+        queued += queue_notice(runner, job, view, series, rule=applied.rule, models=list(applied.actions.run),
+                               destinations=list(applied.actions.send_to), reason=reason, kind="notice")
     return queued
+
+
+def queue_notice(runner: JobRunner, job: Job, view: StudyView, series: SeriesView, *, rule: str, models: list[str],
+                 destinations: list[str], reason: str, kind: str) -> int:
+    """One notice in `series`' study, for `destinations` (@sender resolved): written, then queued
+    under the job key `<job>:<rule>:<kind>`. Raises like the runner's stages (the callers catch)."""
+    source = pydicom.dcmread(str(series.files[0]), stop_before_pixels=True)
+    identity = SourceIdentity.of(view.study_uid, series.series_uid, [f.stem for f in series.files])
+    uids = ResultUIDs(installation_uid=runner.installation_uid, job_id=job.id, source=identity,
+                      model="+".join(models), model_version=kind, rule=rule, root=runner.config.output.uid_root)
+    notice = build_failure_notice(source, rule, models, reason, runner.config.output, uids)
+    target = runner.data_dir / "results" / f"{job.id}_{rule}_{kind}" / f"{notice.SOPInstanceUID}.dcm"
+    buffer = BytesIO()
+    notice.save_as(buffer, enforce_file_format=True)
+    runner.spool.store(target, [buffer.getvalue()])
+    for name in destinations:
+        runner.outbox.enqueue(f"{job.id}:{rule}:{kind}", view.study_uid, runner.destination(name, view), [target],
+                              guard=runner.still_current(job))
+    logs.event(log, "notice_queued", job=job.id, rule=rule, kind=kind, destinations=len(destinations))
+    return len(destinations)

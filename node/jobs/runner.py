@@ -137,7 +137,7 @@ class JobRunner:
 
     def _run(self, job: Job) -> None:
         started = time.time()
-        progress = _Progress()
+        progress = Progress()
         try:
             self._execute(job, progress)
         except Superseded as exc:
@@ -179,7 +179,7 @@ class JobRunner:
 
         send_failure_notices(self, job, reason)
 
-    def _execute(self, job: Job, progress: _Progress) -> None:
+    def _execute(self, job: Job, progress: Progress) -> None:
         view = study_from_index(self.index, job.study_uid, self.data_dir)
         if view is None:
             raise JobError(f"study {job.study_uid} has no stored instances")
@@ -191,11 +191,16 @@ class JobRunner:
         if view.missing and any(applied.actions.forward_to for applied in decision.applied):
             raise JobError(f"{view.missing} instance(s) of the study have lost their file (instances_missing):"
                            " forwarding it would send part of it; send the study again")
+        if decision.returned is not None:
+            from node.jobs.returns import receive_results
+
+            receive_results(self, job, decision.returned, view, progress)
+            return
         for applied in decision.applied:
             for name in applied.actions.forward_to:
                 files = [f for series in view.series for f in series.files]
                 self.outbox.enqueue(f"{job.id}:{applied.rule}:forward", job.study_uid,
-                                    self._destination(name, view), files, guard=self.still_current(job))
+                                    self.destination(name, view), files, guard=self.still_current(job))
             if applied.actions.deidentify is not None:
                 self._send_deidentified(job, applied, view, progress)
             for model in applied.actions.run:
@@ -211,8 +216,8 @@ class JobRunner:
                            " study again")
         return series
 
-    def _send_deidentified(self, job: Job, applied: AppliedRule, view: StudyView, progress: _Progress) -> None:
-        from node.jobs.deidentify import deidentified_series
+    def _send_deidentified(self, job: Job, applied: AppliedRule, view: StudyView, progress: Progress) -> None:
+        from node.jobs.deidentify import deidentified_series, open_round_trip, study_pseudonym_of
 
         action = applied.actions.deidentify
         assert action is not None
@@ -222,14 +227,29 @@ class JobRunner:
         series = self._chosen(applied, view)
         key = f"{job.id}:{applied.rule}:deidentify"
         files = [Path(f) for f in job.outputs.get(key, [])]
-        if not files or not all(f.is_file() for f in files):  # else a re-run: written and mapped already
-            with self._stage(job, "deidentify", progress):
-                files = deidentified_series(job.id, applied.rule, list(series.files), action.project, project,
-                                            self.data_dir / "results" / key.replace(":", "_"), self.spool,
-                                            self.index)
+        if files and all(f.is_file() for f in files):  # a re-run: written and mapped already
+            study_pseudonym = study_pseudonym_of(files)
+        else:
+            with self.stage(job, "deidentify", progress):
+                sent = deidentified_series(job.id, applied.rule, list(series.files), action.project, project,
+                                           self.data_dir / "results" / key.replace(":", "_"), self.spool,
+                                           self.index)
+            files, study_pseudonym = sent.files, sent.study_pseudonym
             self.jobs.record_outputs(job.id, key, files)
+        if action.results_to:  # before the copy goes: results may come back at once
+            open_round_trip(self.index, job_id=job.id, rule=applied.rule, study_uid=job.study_uid, action=action,
+                            project=project, source=series.files[0], study_pseudonym=study_pseudonym)
+            when = datetime.fromtimestamp(time.time() + action.results_within_minutes * 60 + 1, tz=timezone.utc)
+            self.scheduler.add_job(self.time_out_round_trips, "date", run_date=when, misfire_grace_time=None)
         for name in action.send_to:
             self.outbox.enqueue(key, job.study_uid, name, files, guard=self.still_current(job))
+
+    def time_out_round_trips(self) -> None:
+        """Round trips past their deadline (node/jobs/returns.py): checked at each one's deadline
+        and by the service's sweep (after a restart)."""
+        from node.jobs.returns import time_out_overdue
+
+        time_out_overdue(self)
 
     def _task(self, job: Job, applied: AppliedRule, model: str, view: StudyView) -> ModelTask:
         series = self._chosen(applied, view)
@@ -238,11 +258,11 @@ class JobRunner:
         return ModelTask(
             job_id=job.id, study_uid=job.study_uid, rule=applied.rule, model=model, series_uid=series.series_uid,
             files=tuple(series.files), outputs=tuple(applied.actions.outputs),
-            destinations=tuple(self._destination(name, view) for name in applied.actions.send_to),
+            destinations=tuple(self.destination(name, view) for name in applied.actions.send_to),
             notices=applied.actions.notices,
         )
 
-    def _run_model(self, job: Job, task: ModelTask, progress: _Progress) -> None:
+    def _run_model(self, job: Job, task: ModelTask, progress: Progress) -> None:
         from node.jobs import stages
 
         spec = self.models.spec(task.model)
@@ -251,11 +271,11 @@ class JobRunner:
                    if all(Path(f).is_file() for f in files)}
         missing = {task.output_key(o): o for o in variants.values() if task.output_key(o) not in encoded}
         if missing:  # else a re-run after a crash: the results were written, only delivery is left
-            with self._stage(job, "load", progress):
+            with self.stage(job, "load", progress):
                 volumes = stages.load(task)  # several for e.g. a multi-echo MR series: one result set each
             results = []
             for volume in volumes:
-                with self._stage(job, "inference", progress), self.backends.use(task.model) as backend:
+                with self.stage(job, "inference", progress), self.backends.use(task.model) as backend:
                     results.append(stages.infer(volume, spec, backend, explain="SALIENCY" in {
                         *task.outputs, *(name for o in variants.values() for name in o.outputs or ())}))
             folder = self.data_dir / "results" / task.key.replace(":", "_")
@@ -267,7 +287,7 @@ class JobRunner:
                                       model=spec.name, model_version=str(spec.version), rule=task.rule,
                                       root=self.config.output.uid_root)
                     subfolder = folder / options.variant / (f"volume{number}" if len(results) > 1 else "")
-                    with self._stage(job, "encode", progress):
+                    with self.stage(job, "encode", progress):
                         files += stages.encode(result, options, uids, options.outputs or task.outputs, subfolder,
                                                self.spool, notices=task.notices)
                 self.jobs.record_outputs(job.id, key, files)
@@ -277,12 +297,12 @@ class JobRunner:
                            volume=result.volume.label or None, findings=len(getattr(result, "findings", ())),
                            seconds={k: round(v, 3) for k, v in result.seconds.items()})
                 metrics.model_ran(task.model, result.seconds)
-        with self._stage(job, "enqueue", progress):
+        with self.stage(job, "enqueue", progress):
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
                                     encoded[task.output_key(options)], guard=self.still_current(job))
 
-    def _destination(self, name: str, view: StudyView) -> str:
+    def destination(self, name: str, view: StudyView) -> str:
         if name != SENDER:
             return name
         found = self.config.destination_for_caller(view.calling_ae)
@@ -300,7 +320,7 @@ class JobRunner:
         return check
 
     @contextmanager
-    def _stage(self, job: Job, name: str, progress: _Progress) -> Iterator[None]:
+    def stage(self, job: Job, name: str, progress: Progress) -> Iterator[None]:
         newer = self.jobs.newer_job(job.id, job.study_uid)
         if newer is not None:  # the study completed again while this job ran
             raise Superseded(newer)
@@ -311,7 +331,7 @@ class JobRunner:
         self.jobs.record_stage(job.id, name, started, time.time())
 
 
-class _Progress:
+class Progress:
     """The stage a job is in, for its failure reason."""
 
     stage: str | None = None

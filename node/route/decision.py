@@ -29,6 +29,14 @@ class AppliedRule(_Frozen):
     actions: Actions
 
 
+class ReturnedResults(_Frozen):
+    """The study is what a de-identification project sent back (README, "De-identification"):
+    it is re-identified for its round trip, never routed by the rules."""
+
+    project: str
+    round_trip: int | None  # None: it came in at the project's return AE title and matches no round trip
+
+
 class RoutingDecision(_Frozen):
     rules_version: str
     mode: str
@@ -36,11 +44,13 @@ class RoutingDecision(_Frozen):
     applied: tuple[AppliedRule, ...]
     outcomes: tuple[RuleOutcome, ...]
     explanation: str
+    returned: ReturnedResults | None = None
 
     @property
     def processes(self) -> bool:
         """False when no rule applies or every applied rule discards: the study is not processed."""
-        return any(a.actions.run or a.actions.forward_to or a.actions.deidentify for a in self.applied)
+        return self.returned is not None or any(
+            a.actions.run or a.actions.forward_to or a.actions.deidentify for a in self.applied)
 
 
 def record(decision: Decision) -> RoutingDecision:

@@ -35,6 +35,12 @@ class Deidentify(_Strict):
 
     project: str = Field(description="a project of node.yaml's deidentification: its profile, options and key")
     send_to: list[str] = Field(min_length=1, description="destinations for the de-identified copy")
+    results_to: list[str] = Field(default_factory=list, description=(
+        "destinations of the results that come back, re-identified (@sender: the study's caller); none: the copy"
+        " is sent one way"))
+    results_within_minutes: float = Field(60.0, gt=0, description=(
+        "the round trip's deadline: past it the console shows it timed out and an 'AI ran: failed' notice goes to"
+        " results_to"))
 
 
 class Actions(_Strict):
@@ -240,10 +246,11 @@ def _check_references(doc: YamlDocument, rules: RoutingFile, models: set[str] | 
         if destinations is not None:
             named = [(("send_to", j), n) for j, n in enumerate(actions.send_to)]
             named += [(("forward_to", j), n) for j, n in enumerate(actions.forward_to)]
-            if actions.deidentify is not None:  # never back to the sender: it has the source
+            if actions.deidentify is not None:  # the copy never back to the sender: it has the source
                 named += [(("deidentify", "send_to", j), n) for j, n in enumerate(actions.deidentify.send_to)]
+                named += [(("deidentify", "results_to", j), n) for j, n in enumerate(actions.deidentify.results_to)]
             for where, name in named:
-                if (name != SENDER or where[0] == "deidentify") and name not in destinations:
+                if (name != SENDER or where[:2] == ("deidentify", "send_to")) and name not in destinations:
                     problems.append(doc.problem(prefix + ("actions", *where),
                                                 f"unknown destination {name!r} (configured: {', '.join(sorted(destinations)) or 'none'})"))
         if projects is not None and actions.deidentify is not None and actions.deidentify.project not in projects:

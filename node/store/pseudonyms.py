@@ -1,11 +1,12 @@
-"""The de-identification mapping (owner of the `pseudonyms` table): which source UID each
+"""The de-identification mapping (owner of the `pseudonym_map` table): which source UID each
 pseudonymous UID sent to a project stands for, so results that come back can be re-identified.
 
-Each source UID is sealed with AES-256-GCM (the `cryptography` package) under a key derived from
-the project's key (node/deid/pseudonyms.py), bound to its project and pseudonym (associated
-data): the index alone (a backup, a replica's database) says which pseudonyms exist, not what
-they stand for. Rows expire after the project's `mapping_days` (renewed when the same UID is
-sent again) and are then deleted.
+A row is found by a keyed digest of the pseudonym (node/deid/pseudonyms.py `Pseudonyms.lookup`),
+never the pseudonym itself, and its source UID is sealed with AES-256-GCM (the `cryptography`
+package) under a key derived from the project's key, bound to its project and digest
+(associated data). So the index alone (a backup, a replica's database) tells neither which
+pseudonyms were sent nor what they stand for. Rows expire after the project's `mapping_days`
+(renewed when the same UID is sent again) and are then deleted.
 """
 
 from __future__ import annotations
@@ -24,21 +25,22 @@ class MappingError(Exception):
     """A row that does not open with this key (another key, or altered)."""
 
 
-def _associated(project: str, pseudonym: str) -> bytes:
-    return project.encode() + b"\x00" + pseudonym.encode()
+def _associated(*context: str) -> bytes:
+    return b"\x00".join(part.encode() for part in context)
 
 
-def seal(key: bytes, project: str, pseudonym: str, source: str) -> str:
+def seal(key: bytes, context: tuple[str, ...], plain: str) -> str:
+    """`plain` encrypted under `key`, bound to `context` (it opens only with the same context)."""
     nonce = os.urandom(NONCE_BYTES)
-    return (nonce + AESGCM(key).encrypt(nonce, source.encode(), _associated(project, pseudonym))).hex()
+    return (nonce + AESGCM(key).encrypt(nonce, plain.encode(), _associated(*context))).hex()
 
 
-def unseal(key: bytes, project: str, pseudonym: str, sealed: str) -> str:
+def unseal(key: bytes, context: tuple[str, ...], sealed: str) -> str:
     data = bytes.fromhex(sealed)
     try:
-        return AESGCM(key).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], _associated(project, pseudonym)).decode()
+        return AESGCM(key).decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], _associated(*context)).decode()
     except InvalidTag:
-        raise MappingError(f"the mapping of {pseudonym} does not open with project {project}'s key") from None
+        raise MappingError(f"a sealed row of project {context[0]} does not open with its key") from None
 
 
 class PseudonymMap:
@@ -46,23 +48,21 @@ class PseudonymMap:
         self.index = index
 
     @staticmethod
-    def record(db: Db, project: str, key: bytes, uids: dict[str, str], study_pseudonym: str, job_id: int,
-               now: float, keep_s: float) -> None:
-        """Every source -> pseudonym pair of a de-identified series (in the caller's transaction)."""
-        for source, pseudonym in uids.items():
-            updated = db.execute("UPDATE pseudonyms SET expires_at=? WHERE project=? AND pseudonym=?",
-                                 (now + keep_s, project, pseudonym)).rowcount
+    def record(db: Db, project: str, key: bytes, sources: dict[str, str], now: float, keep_s: float) -> None:
+        """Every digest -> source UID pair of a de-identified series (in the caller's transaction)."""
+        for digest, source in sources.items():
+            updated = db.execute("UPDATE pseudonym_map SET expires_at=? WHERE project=? AND digest=?",
+                                 (now + keep_s, project, digest)).rowcount
             if not updated:
-                db.execute("INSERT INTO pseudonyms (project, pseudonym, study_pseudonym, sealed, job_id, created_at,"
-                           " expires_at) VALUES (?,?,?,?,?,?,?)",
-                           (project, pseudonym, study_pseudonym, seal(key, project, pseudonym, source), job_id, now,
-                            now + keep_s))
+                db.execute("INSERT INTO pseudonym_map (project, digest, sealed, created_at, expires_at)"
+                           " VALUES (?,?,?,?,?)",
+                           (project, digest, seal(key, (project, digest), source), now, now + keep_s))
 
-    def source_of(self, project: str, key: bytes, pseudonym: str) -> str | None:
-        """The source UID a pseudonym stands for (None: never sent, or expired)."""
-        rows = self.index.query("SELECT sealed FROM pseudonyms WHERE project=? AND pseudonym=?", (project, pseudonym))
-        return unseal(key, project, pseudonym, rows[0]["sealed"]) if rows else None
+    def source_of(self, project: str, key: bytes, digest: str) -> str | None:
+        """The source UID of the pseudonym with this digest (None: never sent, or expired)."""
+        rows = self.index.query("SELECT sealed FROM pseudonym_map WHERE project=? AND digest=?", (project, digest))
+        return unseal(key, (project, digest), rows[0]["sealed"]) if rows else None
 
     def prune(self, now: float) -> int:
         with self.index.transaction() as db:
-            return db.execute("DELETE FROM pseudonyms WHERE expires_at < ?", (now,)).rowcount
+            return db.execute("DELETE FROM pseudonym_map WHERE expires_at < ?", (now,)).rowcount

@@ -1,0 +1,109 @@
+"""Re-identification of results that come back from a project (README, "De-identification").
+
+A result made outside (a SEG, an SR...) names the pseudonymous study and refers to instances the
+node sent. Here every UID in it, in sequences and private elements too, becomes:
+- the source UID, where the project's mapping has the value (the study, the series and
+  instances it refers to, the frame of reference);
+- itself, where it names a kind of thing (a SOP class, a coding scheme: registered in PS3.6);
+- a new UID minted from the installation's identity (`mint`) for what the service made (its
+  series, its instances, tracking UIDs): the same external UID always gives the same new one,
+  so an SR that refers to a SEG still refers to it, and results sent again are stored once.
+Its patient and study attributes are replaced by the source's (kept sealed with the round trip).
+
+A result is refused (quarantined by the caller) when it is no result at all (it is an instance
+that was sent, or claims a series that was sent) or when it refers to an instance that neither
+was sent nor came back with it: re-identified, that reference would point nowhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID_dictionary
+
+from node.deid.engine import KEPT_UID_KEYWORDS
+
+REFERENCE_KEYWORDS = {"ReferencedSOPInstanceUID"}
+# Attributes that say the data set was de-identified: not true of the re-identified result
+DEIDENTIFIED_MARKS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+                      "LongitudinalTemporalInformationModified")
+
+
+class Refused(Exception):
+    """The returned instance cannot be re-identified; the message says why (UIDs only)."""
+
+
+def _patient_and_study_keywords() -> tuple[str, ...]:
+    """The root attributes of the Patient, General Study, Patient Study and Clinical Trial
+    Subject/Study modules, from highdicom's tables of the standard (the modules highdicom's
+    own SOPClass.copy_patient_and_study_information copies; the function needs a highdicom
+    object, the tables are what we need, so they are read here, in this one place)."""
+    from highdicom._standard_utils import get_module_attribute_map  # private: pinned by tests/test_deid.py
+
+    modules = get_module_attribute_map()
+    return tuple(dict.fromkeys(
+        str(item["keyword"]) for name in ("patient", "general-study", "patient-study", "clinical-trial-subject",
+                                          "clinical-trial-study")
+        for item in modules[name] if not item["path"]))
+
+
+PATIENT_AND_STUDY = _patient_and_study_keywords()
+
+
+def patient_and_study(source: Dataset) -> Dataset:
+    """The source's patient and study attributes (what a re-identified result gets back)."""
+    kept = Dataset()
+    for keyword in PATIENT_AND_STUDY:
+        if keyword in source and keyword not in DEIDENTIFIED_MARKS:
+            kept[keyword] = copy.deepcopy(source[keyword])
+    return kept
+
+
+def reidentify(result: Dataset, *, source_of: Callable[[str], str | None], study: Dataset,
+               mint: Callable[[str], str], returned: set[str]) -> Dataset:
+    """`result` re-identified: `source_of(uid)` is the mapping (None: not sent), `study` the
+    source's patient and study attributes (patient_and_study), `mint(uid)` a new UID for one the
+    service made, `returned` the SOP Instance UIDs of everything that came back with it."""
+    ds = copy.deepcopy(result)
+    if source_of(str(ds.SOPInstanceUID)) is not None:
+        raise Refused(f"instance {ds.SOPInstanceUID} is one that was sent, not a result")
+    if source_of(str(ds.get("SeriesInstanceUID", ""))) is not None:
+        raise Refused(f"instance {ds.SOPInstanceUID} claims series {ds.SeriesInstanceUID}, which was sent:"
+                      " results need a series of their own")
+    _Uids(source_of, mint, returned, str(ds.SOPInstanceUID)).dataset(ds)
+    for keyword in (*PATIENT_AND_STUDY, *DEIDENTIFIED_MARKS):
+        if keyword in ds:
+            del ds[keyword]
+    ds.update(copy.deepcopy(study))
+    if getattr(ds, "file_meta", None) is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+class _Uids:
+    def __init__(self, source_of: Callable[[str], str | None], mint: Callable[[str], str], returned: set[str],
+                 instance: str):
+        self.source_of, self.mint, self.returned, self.instance = source_of, mint, returned, instance
+
+    def dataset(self, ds: Dataset) -> None:
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    self.dataset(item)
+            elif elem.VR == "UI" and elem.value and not (
+                    elem.keyword.endswith("ClassUID") or elem.keyword in KEPT_UID_KEYWORDS):
+                values = [self._one(elem.keyword, str(v)) for v in (elem.value if elem.VM > 1 else [elem.value])]
+                elem.value = values if elem.VM > 1 else values[0]
+
+    def _one(self, keyword: str, value: str) -> str:
+        if value in UID_dictionary:
+            return value
+        source = self.source_of(value)
+        if source is not None:
+            return source
+        if keyword in REFERENCE_KEYWORDS and value not in self.returned:
+            raise Refused(f"instance {self.instance} refers to instance {value}, which was neither sent nor"
+                          " returned with it")
+        return self.mint(value)
