@@ -363,8 +363,9 @@ def test_a_rule_sends_a_de_identified_copy_to_an_external_service_and_keeps_the_
     index = Index(node.data_dir / "index.sqlite", migrate=False)
     try:
         mapping = PseudonymMap(index)
+        study = str(planted[0].StudyInstanceUID)
         assert mapping.source_of("ai-vendor", project.mapping_key(), project.lookup(study_pseudonym)) == \
-            str(planted[0].StudyInstanceUID)
+            f"{study}\n{study}"  # the source UID with the study it was sent with
         assert mapping.source_of("ai-vendor", project.mapping_key(), project.lookup("2.25.1")) is None
     finally:
         index.close()
@@ -584,6 +585,9 @@ def test_a_round_trip_past_its_deadline_times_out_with_an_ai_ran_notice(start_no
     assert item.ConceptNameCodeSequence[0].CodeValue == FINDING.value
     assert "AI analysis did not complete" in item.TextValue and "sent no results within" in item.TextValue
     assert report.PatientID == "LATE-1"
+    [shown] = _console(node, f"/api/studies/{study_uid}")["round_trips"]
+    assert (shown["phase"], shown["ai_ran_failed"], shown["results_to"]) == ("timed_out", True, ["pacs"])
+    assert "AI ran: failed" in _console(node, f"/studies/{study_uid}")
 
     # late: a key-image-like result made from the de-identified copy (an SC in its study)
     copies = [s for s in pacs.get("/studies?expand") if s["MainDicomTags"]["StudyInstanceUID"] != study_uid]
@@ -615,3 +619,100 @@ def test_a_round_trip_past_its_deadline_times_out_with_an_ai_ran_notice(start_no
     assert str(back.SourceImageSequence[0].ReferencedSOPInstanceUID) in source_sops
     assert back.SOPInstanceUID not in ("2.25.41",) and back.StudyInstanceUID == study_uid
     assert back.PatientID == "LATE-1" and "PatientIdentityRemoved" not in back
+    [shown] = _console(node, f"/api/studies/{study_uid}")["round_trips"]
+    assert shown["phase"] == "delivered" and not shown["ai_ran_failed"] and shown["return_job"] is not None
+    assert _console(node, "/api/summary")["round_trips_by_state"] == {"delivered": 1}
+
+
+def _console(node, path: str):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(node.url + path, timeout=30) as response:
+        data = response.read()
+    return json.loads(data) if path.startswith("/api") else data.decode()
+
+
+def test_returned_results_are_re_identified_or_refused_with_the_reason(sources):
+    """node/deid/reidentify.py alone: every UID mapped back (nested, private, multi-valued) or
+    minted; patient and study from the source; and refused: an instance that was sent, a result
+    claiming a sent series, a reference to an instance neither sent nor returned."""
+    from node.deid.reidentify import PATIENT_AND_STUDY, Refused, patient_and_study, reidentify
+
+    # highdicom's tables of the standard, read through its private module (pinned here)
+    assert {"PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber", "PatientAge",
+            "ClinicalTrialSubjectID", "OtherPatientIDsSequence"} <= set(PATIENT_AND_STUDY)
+    pseudonyms = Pseudonyms(KEY, "project-a")
+    made = deidentify(sources[0], Profile(), pseudonyms)
+    mapping = {pseudonym: source for source, pseudonym in made.uids.items()}
+    study = patient_and_study(sources[0])
+    sent = made.dataset
+    result = copy.deepcopy(sent)
+    result.SOPInstanceUID, result.SeriesInstanceUID = "2.25.100", "2.25.101"
+    result.PatientName, result.PatientID = "PSEUDO^X", made.patient_id
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = sent.SOPClassUID, sent.SOPInstanceUID
+    result.SourceImageSequence = Sequence([reference])
+    block = result.private_block(0x0031, "VENDOR AI", create=True)
+    block.add_new(0x01, "UI", [str(sent.StudyInstanceUID), "2.25.102"])  # multi-valued: mapped, minted
+    minted: list[str] = []
+
+    def mint(uid: str) -> str:
+        minted.append(uid)
+        return "1.2.3." + uid.rsplit(".", 1)[-1]
+
+    back = reidentify(result, source_of=mapping.get, study=study, mint=mint, returned={"2.25.100"})
+    assert back.StudyInstanceUID == sources[0].StudyInstanceUID and back.PatientID == "PLANTEDID123"
+    assert back.PatientName == "Planted^Patient" and "PatientIdentityRemoved" not in back
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    assert (back.SOPInstanceUID, back.SeriesInstanceUID) == ("1.2.3.100", "1.2.3.101")
+    assert list(back[0x00311001].value) == [str(sources[0].StudyInstanceUID), "1.2.3.102"]
+    assert back.FrameOfReferenceUID == sources[0].FrameOfReferenceUID and back.SOPClassUID == sent.SOPClassUID
+    assert sorted(minted) == ["2.25.100", "2.25.101", "2.25.102"]
+
+    with pytest.raises(Refused, match=f"instance {sent.SOPInstanceUID} is one that was sent, not a result"):
+        reidentify(sent, source_of=mapping.get, study=study, mint=mint, returned=set())
+    claims = copy.deepcopy(result)
+    claims.SeriesInstanceUID = sent.SeriesInstanceUID
+    with pytest.raises(Refused, match=f"claims series {sent.SeriesInstanceUID}, which was sent"):
+        reidentify(claims, source_of=mapping.get, study=study, mint=mint, returned=set())
+    dangling = copy.deepcopy(result)
+    dangling.SourceImageSequence[0].ReferencedSOPInstanceUID = "2.25.555"
+    with pytest.raises(Refused, match="refers to instance 2.25.555, which was neither sent nor returned with it"):
+        reidentify(dangling, source_of=mapping.get, study=study, mint=mint, returned={"2.25.100"})
+    dangling.SourceImageSequence[0].ReferencedSOPInstanceUID = "2.25.100"  # one that came back with it: fine
+    assert reidentify(dangling, source_of=mapping.get, study=study, mint=mint, returned={"2.25.100"})
+    registered = copy.deepcopy(result)
+    registered.SOPInstanceUID = pydicom.uid.CTImageStorage
+    with pytest.raises(Refused, match="names itself or its series with a registered UID"):
+        reidentify(registered, source_of=mapping.get, study=study, mint=mint, returned=set())
+    nested = copy.deepcopy(result)
+    series = Dataset()
+    series.SeriesInstanceUID = "2.25.556"
+    nested.ReferencedSeriesSequence = Sequence([series])
+    with pytest.raises(Refused, match="refers to instance 2.25.556"):
+        reidentify(nested, source_of=mapping.get, study=study, mint=mint, returned={"2.25.100"})
+
+    # a source name outside ASCII comes back in the source's character set, not as '?'
+    japanese = copy.deepcopy(sources[0])
+    japanese.SpecificCharacterSet, japanese.PatientName = "ISO_IR 192", "山田^太郎"
+    back = _written(reidentify(result, source_of=mapping.get, study=patient_and_study(japanese), mint=mint,
+                               returned={"2.25.100"}))
+    assert (back.SpecificCharacterSet, str(back.PatientName)) == ("ISO_IR 192", "山田^太郎")
+
+
+def test_a_return_ae_title_must_be_one_of_ours_and_one_projects(tmp_path):
+    from pydantic import ValidationError
+
+    from node.config import NodeConfig
+
+    key = tmp_path / "k"
+    key.write_text("x" * 40)
+    project = {"key_file": str(key), "return_ae_title": "AI-RETURN"}
+    with pytest.raises(ValidationError, match="'AI-RETURN' is not one of scp.ae_titles"):
+        NodeConfig.model_validate({"deidentification": {"p": project}})
+    scp = {"ae_titles": ["DICOM-NODE", "AI-RETURN"]}
+    with pytest.raises(ValidationError, match="'AI-RETURN' is project p's"):
+        NodeConfig.model_validate({"scp": scp, "deidentification": {"p": project, "q": project}})
+    config = NodeConfig.model_validate({"scp": scp, "deidentification": {"p": project}})
+    assert config.project_returning_to("AI-RETURN") == "p" and config.project_returning_to("DICOM-NODE") is None

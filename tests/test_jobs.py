@@ -349,6 +349,8 @@ def test_routing_failure_completes_the_study_with_a_failed_job_and_newer_complet
 
     class BrokenRules:  # a rule set whose evaluation raises (a defect no valid rule file can make)
         class current:
+            version = "broken"
+
             @staticmethod
             def evaluate(view):
                 raise RuntimeError("rule engine defect")

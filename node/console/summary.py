@@ -23,6 +23,7 @@ from node.retention import Retention
 from node.route.study import orientation_class
 from node.send.outbox import list_items
 from node.store.index import Index
+from node.store.roundtrips import RoundTrips, TripState
 
 RECENT_ASSOCIATIONS = 20
 OUTBOX_STATES = ("pending", "sending", "delivered", "dead")
@@ -111,8 +112,28 @@ def study(index: Index, jobs: JobStore, retention: Retention, study_uid: str,
         "jobs": job_rows,
         "explanation": next((j["explanation"] for j in reversed(job_rows) if j["explanation"]), None),
         "deliveries": deliveries(index, study_uid),
+        "round_trips": round_trips(index, study_uid),
         "retention": deleted if not found else None,  # received again since: that is what counts
     }
+
+
+def round_trips(index: Index, study_uid: str) -> list[dict[str, Any]]:
+    """The study's de-identified round trips (node/store/roundtrips.py), each with its phase:
+    `sent` while the copy is on its way (the outbox has not delivered it everywhere), then
+    `waiting` for results until its deadline, `returned`, `delivered`, `failed`, `timed_out`
+    (its "AI ran: failed" notice sent) or `superseded`."""
+    out = []
+    for trip in RoundTrips(index).of_study(study_uid):
+        phase = trip.state.value
+        if trip.state is TripState.WAITING:
+            copies = [r for r in list_items(index) if r["job_key"] == f"{trip.job_id}:{trip.rule}:deidentify"]
+            if not copies or any(r["state"] != "delivered" for r in copies):
+                phase = "sent"
+        out.append({"id": trip.id, "project": trip.project, "rule": trip.rule, "job": trip.job_id, "phase": phase,
+                    "sent_at": trip.sent_at, "deadline": trip.deadline, "returned_at": trip.returned_at,
+                    "finished_at": trip.finished_at, "return_job": trip.return_job, "results_to": list(trip.results_to),
+                    "reason": trip.reason, "ai_ran_failed": trip.state is TripState.TIMED_OUT})
+    return out
 
 
 def associations(index: Index, limit: int = RECENT_ASSOCIATIONS) -> list[dict[str, Any]]:
@@ -145,6 +166,7 @@ def dashboard(index: Index, jobs: JobStore, retention: Retention, config: NodeCo
         "jobs_by_state": job_states,
         "queue_depth": job_states.get("queued", 0) + job_states.get("waiting", 0),
         "outbox_by_state": {s: outbox_states.get(s, 0) for s in OUTBOX_STATES},
+        "round_trips_by_state": RoundTrips(index).counts(),
         "associations": associations(index),
         "totals": {"associations": totals["associations"], "instances": totals["instances"],
                    "failures": totals["failures"], "stored_instances": stored["n"], "stored_bytes": stored["bytes"]},
@@ -184,6 +206,8 @@ def format_status(summary: dict[str, Any]) -> str:
                  f"({megabytes(t['stored_bytes'])}) in {summary['studies']} studies")
     lines.append("jobs: " + ", ".join(f"{k} {v}" for k, v in summary["jobs_by_state"].items()))
     lines.append("outbox: " + ", ".join(f"{k} {v}" for k, v in summary["outbox_by_state"].items()))
+    if summary.get("round_trips_by_state"):
+        lines.append("round trips: " + ", ".join(f"{k} {v}" for k, v in summary["round_trips_by_state"].items()))
     run = summary["retention"]["last_run"]
     lines.append("retention: " + (f"last run {when(run['at'])}: {run['studies']} studies, "
                                   f"{megabytes(run['bytes'])}, {run['result_files']} result files"

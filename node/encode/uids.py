@@ -80,10 +80,12 @@ class ResultUIDs:
         return str(generate_uid(prefix=self.root, entropy_srcs=[key]))
 
 
-def returned_result_uid(installation_uid: str, project: str, external_uid: str, root: str | None = None) -> str:
+def returned_result_uid(installation_uid: str, project: str, study_digest: str, external_uid: str,
+                        root: str | None = None) -> str:
     """The node's UID for one a de-identification project's service made (node/jobs/returns.py):
-    from the installation's identity, so two nodes never mint the same; the same external UID
-    always gives the same one, so results sent twice are stored once and an SR's reference to a
-    SEG stays true."""
-    key = json.dumps([installation_uid, "returned", project, external_uid])
+    from the installation's identity, so two nodes never mint the same, and the round trip's
+    study (a service reusing a UID for two patients' results gets two UIDs); the same external
+    UID in the same study always gives the same one, so results sent twice are stored once and
+    an SR's reference to a SEG stays true."""
+    key = json.dumps([installation_uid, "returned", project, study_digest, external_uid])
     return str(generate_uid(prefix=root or PYDICOM_ROOT_UID, entropy_srcs=[key]))

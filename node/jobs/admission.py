@@ -24,6 +24,7 @@ from node.route.rules import RuleSet
 from node.route.study import StudyView, study_from_index
 from node.send.source_count import study_instance_count
 from node.store.index import Db, Index
+from node.store.roundtrips import RoundTrips, TripMoved, TripState
 from node.store.signals import CompletionSignals, Signal, SignalKind, StepState
 
 log = logging.getLogger("node.jobs")
@@ -260,5 +261,10 @@ class Admission:
         decision = routed.decision
         job_id, state = JobStore.create(db, routed.study_uid, decision, now, route_started=routed.started,
                                         completed_by=routed.completed_by, cancelled=routed.cancelled)
+        if decision.returned is not None and decision.returned.round_trip is not None:
+            try:  # results are in: the round trip's deadline no longer runs while they wait for a worker
+                RoundTrips.move_in(db, decision.returned.round_trip, TripState.RETURNED, now, return_job=job_id)
+            except TripMoved:
+                pass  # superseded meanwhile: its job finds the newer round trip
         logs.event(log, "study_routed", study_uid=routed.study_uid, job=job_id, state=state.value,
                    rules_version=decision.rules_version, rules=[a.rule for a in decision.applied])

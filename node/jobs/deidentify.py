@@ -76,15 +76,22 @@ def deidentified_series(job_id: int, rule: str, files: list[Path], name: str, pr
         uids.update(made.uids)
         uids.update({str(source[k].value): str(made.dataset[k].value) for k in SENT_UIDS
                      if source.get(k) and made.dataset.get(k)})
-        study = str(made.dataset.StudyInstanceUID)
+        study, source_study = str(made.dataset.StudyInstanceUID), str(source.StudyInstanceUID)
     now = time.time()
     with index.transaction() as db:
         PseudonymMap.record(db, name, pseudonyms.mapping_key(),
-                            {pseudonyms.lookup(pseudonym): source for source, pseudonym in uids.items()},
+                            {pseudonyms.lookup(pseudonym): mapped(source_study, source)
+                             for source, pseudonym in uids.items()},
                             now, project.mapping_days * 86400)
-    logs.event(log, "deidentified", job=job_id, rule=rule, project=name, instances=len(written),
-               study_pseudonym=study)
+    # (no pseudonym in the log: with the job it would link the copy to the source study)
+    logs.event(log, "deidentified", job=job_id, rule=rule, project=name, instances=len(written))
     return Sent(written, study)
+
+
+def mapped(source_study: str, source_uid: str) -> str:
+    """What the mapping seals for a pseudonym: its source UID with the source study it came with,
+    so a result can refer only to what was sent with its own study (node/jobs/returns.py)."""
+    return f"{source_study}\n{source_uid}"
 
 
 def study_pseudonym_of(files: list[Path]) -> str:
@@ -96,6 +103,9 @@ def open_round_trip(index: Index, *, job_id: int, rule: str, study_uid: str, act
                     project: DeidProject, source: Path, study_pseudonym: str) -> int:
     """The round trip awaiting the results of this copy, with the source's patient and study
     attributes sealed in it (what the results get back: node/jobs/returns.py)."""
+    if Option.RETAIN_UIDS.value in project.options:
+        raise JobError(f"rule {rule}: project {action.project} keeps the source UIDs (retain_uids), so results that"
+                       " come back cannot be told from the source study: results_to needs a project without it")
     pseudonyms = pseudonyms_of(rule, action.project, project)
     digest = pseudonyms.lookup(study_pseudonym)
     attributes = patient_and_study(pydicom.dcmread(source, stop_before_pixels=True)).to_json()

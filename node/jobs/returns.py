@@ -32,7 +32,7 @@ from node.config import NodeConfig
 from node.deid.pseudonyms import Pseudonyms
 from node.deid.reidentify import Refused, reidentify
 from node.encode.uids import returned_result_uid
-from node.jobs.failures import JobError
+from node.jobs.failures import JobError, Superseded, describe, is_transient
 from node.route.decision import ReturnedResults, RoutingDecision
 from node.route.study import StudyView, study_from_index
 from node.store.index import Index
@@ -54,6 +54,8 @@ def returned_decision(view: StudyView, config: NodeConfig, index: Index, rules_v
     """The decision for a study that a project sent back; None for any other study."""
     trips = RoundTrips(index)
     for name, project in config.deidentification.items():
+        if "retain_uids" in project.options:  # its copies keep the source UIDs: no return path (deidentify.py)
+            continue
         try:
             digest = Pseudonyms(project.key(), name).lookup(view.study_uid)
         except ValueError:  # its key is unreadable: its results wait in the return AE title's quarantine
@@ -79,7 +81,9 @@ def _decision(returned: ReturnedResults, rules_version: str, explanation: str) -
 
 def receive_results(runner: JobRunner, job: Job, returned: ReturnedResults, view: StudyView,
                     progress: Progress) -> None:
-    """Re-identify the returned study and queue it for its round trip's destinations."""
+    """Re-identify the returned study and queue it for its round trip's destinations. A failure
+    for good fails the round trip too, with its "AI ran: failed" notice (a transient one leaves
+    it `returned`: the job is retried)."""
     files = [f for series in view.series for f in series.files]
     if returned.round_trip is None:
         reason = (f"results at project {returned.project}'s return AE title match none of its round trips"
@@ -88,39 +92,62 @@ def receive_results(runner: JobRunner, job: Job, returned: ReturnedResults, view
         raise JobError(reason)
     trips = RoundTrips(runner.index)
     trip = trips.get(returned.round_trip)
+    if trip is not None and trip.state is TripState.SUPERSEDED:  # sent again since: the newer one awaits them
+        trip = trips.find(trip.project, trip.study_digest)
     project = runner.config.deidentification.get(returned.project)
     if trip is None or project is None:
         reason = (f"round trip {returned.round_trip} of project {returned.project} is no longer kept"
                   " (mapping_days passed, or the project was removed): quarantined")
         _quarantine(runner, files, reason)
         raise JobError(reason)
-    key = f"{job.id}:returned"
-    made = [Path(f) for f in job.outputs.get(key, [])]
+    try:
+        _receive(runner, job, trip, project.key(), view, files, progress)
+    except Exception as exc:
+        if is_transient(exc) or isinstance(exc, Superseded):
+            raise
+        reason = str(exc) if isinstance(exc, JobError) else describe(exc, progress.stage)
+        try:
+            trips.move(trip.id, TripState.FAILED, time.time(), reason=reason[:1000])
+        except TripMoved:
+            pass
+        else:
+            _notify(runner, trip, f"results came back but could not be delivered: {reason}", "returned-failed")
+        raise
+
+
+def _receive(runner: JobRunner, job: Job, trip: RoundTrip, key: bytes, view: StudyView, files: list[Path],
+             progress: Progress) -> None:
+    trips = RoundTrips(runner.index)
+    outputs = f"{job.id}:returned"
+    made = [Path(f) for f in job.outputs.get(outputs, [])]
     if not made or not all(f.is_file() for f in made):  # else a re-run: re-identified already
         _move(trips, trip, TripState.RETURNED, return_job=job.id)
         with runner.stage(job, "reidentify", progress):
-            made, refused = _reidentified(runner, job, trip, project.key(), view, files)
+            made, refused = _reidentified(runner, trip, key, view)
         if not made:
-            reason = f"nothing that came back could be re-identified: {refused[0]}"
-            _move(trips, trip, TripState.FAILED, reason=reason[:1000])
-            raise JobError(reason)
-        runner.jobs.record_outputs(job.id, key, made)
+            raise JobError(f"nothing that came back could be re-identified: {refused[0] if refused else 'no instance'}")
+        runner.jobs.record_outputs(job.id, outputs, made)
         note = f"{len(refused)} instance(s) quarantined: {refused[0]}"[:1000] if refused else None
+        trip = trips.get(trip.id) or trip
     else:
+        trip = trips.get(trip.id) or trip
         note = trip.reason
     source = study_from_index(runner.index, trip.study_uid, runner.data_dir) or StudyView(trip.study_uid, "", "", "",
                                                                                         [])
     with runner.stage(job, "enqueue", progress):
-        for name in trip.results_to:
-            runner.outbox.enqueue(key, job.study_uid, runner.destination(name, source), made,
+        for name in trip.results_to:  # filed under the source study: its audit trail and retention see them
+            runner.outbox.enqueue(outputs, trip.study_uid, runner.destination(name, source), made,
                                   guard=runner.still_current(job))
-    _move(trips, trip, TripState.DELIVERED, reason=note)
+    if trip.state is not TripState.DELIVERED:  # (a re-run after the move: delivered already)
+        _move(trips, trip, TripState.DELIVERED, reason=note)
     logs.event(log, "round_trip_delivered", job=job.id, round_trip=trip.id, project=trip.project,
                source_job=trip.job_id, instances=len(made), quarantined=note is not None)
 
 
-def _reidentified(runner: JobRunner, job: Job, trip: RoundTrip, key: bytes, view: StudyView,
-                  files: list[Path]) -> tuple[list[Path], list[str]]:
+def _reidentified(runner: JobRunner, trip: RoundTrip, key: bytes, view: StudyView) -> tuple[list[Path], list[str]]:
+    """Each returned instance re-identified and written, or quarantined with its reason. Done
+    again without the quarantined ones while a refusal takes away what another refers to (an SR
+    must not be delivered pointing at a SEG that was not)."""
     pseudonyms = Pseudonyms(key, trip.project)
     mapping_key = pseudonyms.mapping_key()
     mapping = PseudonymMap(runner.index)
@@ -132,38 +159,56 @@ def _reidentified(runner: JobRunner, job: Job, trip: RoundTrip, key: bytes, view
 
     def source_of(uid: str) -> str | None:
         if uid not in known:
-            known[uid] = mapping.source_of(trip.project, mapping_key, pseudonyms.lookup(uid))
-        return known[uid]
+            sealed = mapping.source_of(trip.project, mapping_key, pseudonyms.lookup(uid))
+            known[uid] = sealed
+        if known[uid] is None:
+            return None
+        source_study, source_uid = str(known[uid]).split("\n", 1)
+        if source_study != trip.study_uid:
+            raise Refused(f"it refers to {uid}, which was sent with another study")
+        return source_uid
 
     def mint(uid: str) -> str:
-        return returned_result_uid(runner.installation_uid, trip.project, uid, runner.config.output.uid_root)
+        return returned_result_uid(runner.installation_uid, trip.project, trip.study_digest, uid,
+                                   runner.config.output.uid_root)
 
-    returned = {instance.stem for instance in files}
-    folder = runner.data_dir / "results" / f"{job.id}_returned"
-    made: list[Path] = []
+    candidates = {f: series.series_uid for series in view.series for f in series.files}
+    folder = runner.data_dir / "results" / f"{trip.id}_returned"
     refused: list[str] = []
-    for path in files:
-        try:
-            result = reidentify(pydicom.dcmread(path), source_of=source_of, study=study, mint=mint, returned=returned)
-            _validate(result)
-        except (Refused, ValueError, AttributeError, KeyError, TypeError) as exc:
-            reason = f"round trip {trip.id} of project {trip.project}: {exc}"[:1000] if isinstance(exc, Refused) \
-                else f"round trip {trip.id} of project {trip.project}: instance {path.stem} is not a valid" \
-                     f" {_kind(path)} ({type(exc).__name__})"
+    while True:
+        ids = {f.stem for f in candidates} | set(candidates.values())
+        made: list[Path] = []
+        dropped: dict[Path, str] = {}
+        for path in candidates:
+            try:
+                result = reidentify(pydicom.dcmread(path), source_of=source_of, study=study, mint=mint, returned=ids)
+                _validate(result)
+                buffer = BytesIO()
+                result.save_as(buffer, enforce_file_format=True)
+            except MappingError as exc:  # a row altered, or the key changed: nothing of it can be trusted
+                raise JobError(f"round trip {trip.id}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - whatever the service sent, the rest goes on
+                dropped[path] = (f"round trip {trip.id} of project {trip.project}: {exc}" if isinstance(exc, Refused)
+                                 else f"round trip {trip.id} of project {trip.project}: instance {path.stem} is not a"
+                                      f" valid {_kind(path)} ({type(exc).__name__})")[:1000]
+                continue
+            target = folder / f"{result.SOPInstanceUID}.dcm"
+            runner.spool.store(target, [buffer.getvalue()])
+            made.append(target)
+        if not dropped:
+            return made, refused
+        for path, reason in dropped.items():
             _quarantine(runner, [path], reason)
             refused.append(reason)
-            continue
-        buffer = BytesIO()
-        result.save_as(buffer, enforce_file_format=True)
-        target = folder / f"{result.SOPInstanceUID}.dcm"
-        runner.spool.store(target, [buffer.getvalue()])
-        made.append(target)
-    return made, refused
+            del candidates[path]
+        for stale in made:  # written in this pass; the next pass writes what still stands
+            stale.unlink(missing_ok=True)
 
 
 def _validate(result: Dataset) -> None:
-    """A SEG or an SR must parse as its highdicom class (ValueError, AttributeError... if not);
-    any instance needs the identity the PACS files it by."""
+    """Any instance needs the identity the PACS files it by; a SEG must parse as highdicom's
+    Segmentation, with a type, frames and pixels that agree, and an SR as its highdicom class
+    (parsing alone does not run the checks highdicom's constructors do, hence the SEG's here)."""
     import highdicom as hd
 
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality"):
@@ -172,6 +217,13 @@ def _validate(result: Dataset) -> None:
     sop_class = str(result.SOPClassUID)
     if sop_class == SEG_CLASS:
         hd.seg.Segmentation.from_dataset(result, copy=True)
+        frames = int(result.get("NumberOfFrames") or 0)
+        if result.get("SegmentationType") not in ("BINARY", "FRACTIONAL", "LABELMAP") or not result.get(
+                "SegmentSequence") or not result.get("ReferencedSeriesSequence") or frames < 1 or \
+                len(result.get("PerFrameFunctionalGroupsSequence") or []) != frames:
+            raise ValueError("its segments, frames or references are missing or disagree")
+        if result.pixel_array.size < frames * int(result.Rows) * int(result.Columns) or not result.Rows:
+            raise ValueError("its pixel data is shorter than its frames")
     elif sop_class in SR_CLASSES:
         getattr(hd.sr, SR_CLASSES[sop_class]).from_dataset(result, copy=True)
 
@@ -202,29 +254,51 @@ def _move(trips: RoundTrips, trip: RoundTrip, target: TripState, **columns: obje
 
 
 def time_out_overdue(runner: JobRunner) -> int:
-    """Round trips past their deadline become timed out, each with its notice; never raises."""
+    """Round trips past their deadline become timed out, each with its notice; never raises. One
+    whose results are arriving now (their study is still receiving) is left to them."""
     trips = RoundTrips(runner.index)
     timed_out = 0
     try:
         overdue = trips.overdue(time.time())
+        arriving = _arriving(runner, {trip.project for trip in overdue}) if overdue else set()
     except Exception as exc:  # noqa: BLE001 - the index busy: the next sweep
         logs.event(log, "round_trip_sweep_failed", logging.WARNING, error=type(exc).__name__)
         return 0
     for trip in overdue:
+        if (trip.project, trip.study_digest) in arriving:
+            continue
         reason = (f"the external AI service of project {trip.project} sent no results within the rule's"
                   f" {(trip.deadline - trip.sent_at) / 60:.3g} minutes")
         try:
             trips.move(trip.id, TripState.TIMED_OUT, time.time(), reason=reason)
         except TripMoved:
             continue  # results came, or another replica timed it out
+        except Exception as exc:  # noqa: BLE001 - the index busy: the next sweep
+            logs.event(log, "round_trip_sweep_failed", logging.WARNING, error=type(exc).__name__)
+            return timed_out
         timed_out += 1
         logs.event(log, "round_trip_timed_out", logging.WARNING, round_trip=trip.id, project=trip.project,
                    job=trip.job_id, rule=trip.rule)
-        _notify_timeout(runner, trip, reason)
+        _notify(runner, trip, reason, "timeout")
     return timed_out
 
 
-def _notify_timeout(runner: JobRunner, trip: RoundTrip, reason: str) -> None:
+def _arriving(runner: JobRunner, projects: set[str]) -> set[tuple[str, str]]:
+    """(project, study digest) of every study still receiving, for these projects."""
+    out = set()
+    for name in projects:
+        project = runner.config.deidentification.get(name)
+        try:
+            pseudonyms = Pseudonyms(project.key(), name) if project else None
+        except ValueError:
+            continue
+        if pseudonyms is not None:
+            out |= {(name, pseudonyms.lookup(study_uid)) for study_uid, _ in runner.index.receiving_studies()}
+    return out
+
+
+def _notify(runner: JobRunner, trip: RoundTrip, reason: str, kind: str) -> None:
+    """The "AI ran: failed" notice of a round trip, in the source study, to its results_to."""
     from node.jobs.notices import queue_notice
 
     try:
@@ -235,6 +309,6 @@ def _notify_timeout(runner: JobRunner, trip: RoundTrip, reason: str) -> None:
         applied = next((a for a in job.decision.applied if a.rule == trip.rule), None) if job.decision else None
         series = next((s for s in view.series if applied and s.series_uid == applied.series_uid), view.series[0])
         queue_notice(runner, job, view, series, rule=trip.rule, models=[f"external AI ({trip.project})"],
-                     destinations=list(trip.results_to), reason=reason, kind="timeout")
+                     destinations=list(trip.results_to), reason=reason, kind=kind)
     except Exception as exc:  # noqa: BLE001 - a notice must not stop the sweep (no message: it may quote data)
         logs.event(log, "notice_failed", logging.WARNING, job=trip.job_id, error=type(exc).__name__)

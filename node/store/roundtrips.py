@@ -85,7 +85,9 @@ class RoundTrips:
     def open(db: Db, *, project: str, study_digest: str, job_id: int, rule: str, study_uid: str,
              results_to: list[str], sealed_study: str, now: float, deadline: float, keep_s: float) -> int:
         """The round trip of a job's rule (the same one when the job runs again after a crash);
-        earlier round trips of the same pseudonymous study that still await results are superseded."""
+        earlier jobs' round trips of the same pseudonymous study that still await results are
+        superseded. (Two rules of one job sending one study to one project share its results:
+        the later round trip is the one found.)"""
         row = db.execute("SELECT id FROM round_trips WHERE job_id=? AND rule=?", (job_id, rule)).fetchone()
         if row is not None:
             return int(row["id"])
@@ -95,9 +97,9 @@ class RoundTrips:
             (project, study_digest, job_id, rule, study_uid, json.dumps(results_to), sealed_study,
              TripState.WAITING.value, now, deadline, now + keep_s)).fetchone()["id"])
         db.execute("UPDATE round_trips SET state=?, finished_at=?, reason=? WHERE project=? AND study_digest=?"
-                   " AND id<? AND state IN (?,?)",
+                   " AND id<? AND job_id<>? AND state IN (?,?)",
                    (TripState.SUPERSEDED.value, now, f"the study was sent again (round trip {trip_id})", project,
-                    study_digest, trip_id, TripState.WAITING.value, TripState.TIMED_OUT.value))
+                    study_digest, trip_id, job_id, TripState.WAITING.value, TripState.TIMED_OUT.value))
         return trip_id
 
     def find(self, project: str, study_digest: str) -> RoundTrip | None:
