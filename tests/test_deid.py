@@ -527,10 +527,14 @@ def test_results_of_an_external_ai_come_back_re_identified_into_the_original_stu
     assert len(findings) == len(truth["lesions"]), findings
     for lesion in truth["lesions"]:
         assert min(float(np.linalg.norm(np.subtract(f["centroid"], lesion["centre_mm"]))) for f in findings) <= 2.0
-    for name, result in (("seg", seg), ("sr", sr)):
+    from tests.test_conformance import _unexpected, pixelmed
+
+    for name, result, validator in (("seg", seg, "DicomInstanceValidator"), ("sr", sr, "DicomSRValidator")):
         path = tmp_path / f"{name}.dcm"
         result.save_as(path)
-        assert _dciodvfy(path)[0] == [], name
+        assert _dciodvfy(path) == ([], []), name
+        errors, warnings, output = pixelmed(validator, path)
+        assert errors == [] and _unexpected(warnings) == [], output
 
     # the AI made its own UIDs and saw only pseudonyms: no source UID, no patient ID reached it
     [made] = ai.query("SELECT * FROM instances WHERE sop_instance_uid=?", (str(seg.SOPInstanceUID),)) or [None]
@@ -622,6 +626,28 @@ def test_a_round_trip_past_its_deadline_times_out_with_an_ai_ran_notice(start_no
     [shown] = _console(node, f"/api/studies/{study_uid}")["round_trips"]
     assert shown["phase"] == "delivered" and not shown["ai_ran_failed"] and shown["return_job"] is not None
     assert _console(node, "/api/summary")["round_trips_by_state"] == {"delivered": 1}
+
+    # another patient's copy: a result in this study that refers to it is refused, not re-identified
+    other = make_study(tmp_path / "other", slices=2, size=16, patient_id="OTHER-2")
+    other_uid = str(pydicom.dcmread(other[0]).StudyInstanceUID)
+    assert storescu(node.port, other).returncode == 0
+    known = {study_uid, other_uid, str(sent.StudyInstanceUID)}
+    [second] = wait_for(lambda: [s for s in pacs.get("/studies?expand")
+                                 if s["MainDicomTags"]["StudyInstanceUID"] not in known], timeout=60)
+    [other_series] = pacs.get(f"/studies/{second['ID']}/series")
+    theirs = pydicom.dcmread(BytesIO(pacs.instance_file(other_series["Instances"][0])))
+    crossed = copy.deepcopy(late)
+    crossed.SOPInstanceUID = crossed.file_meta.MediaStorageSOPInstanceUID = "2.25.44"
+    crossed.SourceImageSequence[0].ReferencedSOPInstanceUID = theirs.SOPInstanceUID
+    crossed.save_as(tmp_path / "crossed.dcm", enforce_file_format=True)
+    _store(node.port, [tmp_path / "crossed.dcm"], "AI-RETURN")
+    wait_for(lambda: any("which was sent with another study" in p.read_text()
+                         for p in (node.data_dir / "quarantine").glob("*.reason.txt")), timeout=60)
+    trip = wait_for(lambda: [t for t in node.query("SELECT * FROM round_trips WHERE study_uid=?", (study_uid,))
+                             if t["state"] == "delivered" and t["reason"].startswith("2 instance(s)")], timeout=60)[0]
+    assert len(pacs.instances_by_modality(study_uid)["OT"]) == 1  # still only the one good result
+    assert "OTHER-2" not in {str(pydicom.dcmread(BytesIO(pacs.instance_file(i["ID"]))).PatientID)
+                             for i in pacs.instances_by_modality(study_uid)["OT"]}
 
 
 def _console(node, path: str):

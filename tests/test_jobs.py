@@ -210,7 +210,9 @@ def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_p
 
 
 def test_identical_resend_after_delivery_sends_nothing_new(pair, tmp_path):
-    node, pacs = pair()
+    # a quiet period a loaded machine's storescu cannot pause through: the study must complete once
+    # before the resend (seen: a 1.2 s gap after 2 instances split the first send into two jobs)
+    node, pacs = pair(completion={"quiet_period_s": 4.0})
     files, study_uid = sphere_study(tmp_path / "study", "PAT-D")
     send(node, files)
     first = wait_results(pacs, study_uid)

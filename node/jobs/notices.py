@@ -2,7 +2,8 @@
 
 Called by the runner after it fails a job; per applied rule that runs models and keeps
 `notices: true`, one SR goes to the rule's `send_to` destinations through the outbox, so it is
-retried like any result. Never raises: a notice must not hide the failure it reports.
+retried like any result. A failed job that re-identified results from outside fails its round
+trip, whose notice goes to the round trip's `results_to` (node/jobs/returns.py). Never raises: a notice must not hide the failure it reports.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def send_failure_notices(runner: JobRunner, job: Job, reason: str) -> int:
 
 
 def _send(runner: JobRunner, job: Job, reason: str) -> int:
+    if job.decision is not None and job.decision.returned is not None:  # results from outside, re-identified
+        from node.jobs.returns import returned_failed
+
+        returned_failed(runner, job.decision.returned, reason)
+        return 0
     view = study_from_index(runner.index, job.study_uid, runner.data_dir) if job.decision else None
     if view is None or not view.series:
         return 0

@@ -32,7 +32,7 @@ from node.config import NodeConfig
 from node.deid.pseudonyms import Pseudonyms
 from node.deid.reidentify import Refused, reidentify
 from node.encode.uids import returned_result_uid
-from node.jobs.failures import JobError, Superseded, describe, is_transient
+from node.jobs.failures import JobError
 from node.route.decision import ReturnedResults, RoutingDecision
 from node.route.study import StudyView, study_from_index
 from node.store.index import Index
@@ -82,8 +82,8 @@ def _decision(returned: ReturnedResults, rules_version: str, explanation: str) -
 def receive_results(runner: JobRunner, job: Job, returned: ReturnedResults, view: StudyView,
                     progress: Progress) -> None:
     """Re-identify the returned study and queue it for its round trip's destinations. A failure
-    for good fails the round trip too, with its "AI ran: failed" notice (a transient one leaves
-    it `returned`: the job is retried)."""
+    for good fails the round trip too (`returned_failed`, from the runner's failure notices); a
+    transient one leaves it `returned` while the job is retried."""
     files = [f for series in view.series for f in series.files]
     if returned.round_trip is None:
         reason = (f"results at project {returned.project}'s return AE title match none of its round trips"
@@ -100,19 +100,23 @@ def receive_results(runner: JobRunner, job: Job, returned: ReturnedResults, view
                   " (mapping_days passed, or the project was removed): quarantined")
         _quarantine(runner, files, reason)
         raise JobError(reason)
+    _receive(runner, job, trip, project.key(), view, files, progress)
+
+
+def returned_failed(runner: JobRunner, returned: ReturnedResults, reason: str) -> None:
+    """The return job failed for good (at once, or past its retry deadline): its round trip
+    fails with the reason, and the "AI ran: failed" notice goes to its results_to."""
+    trips = RoundTrips(runner.index)
+    trip = trips.get(returned.round_trip) if returned.round_trip is not None else None
+    if trip is not None and trip.state is TripState.SUPERSEDED:
+        trip = trips.find(trip.project, trip.study_digest)
+    if trip is None:
+        return
     try:
-        _receive(runner, job, trip, project.key(), view, files, progress)
-    except Exception as exc:
-        if is_transient(exc) or isinstance(exc, Superseded):
-            raise
-        reason = str(exc) if isinstance(exc, JobError) else describe(exc, progress.stage)
-        try:
-            trips.move(trip.id, TripState.FAILED, time.time(), reason=reason[:1000])
-        except TripMoved:
-            pass
-        else:
-            _notify(runner, trip, f"results came back but could not be delivered: {reason}", "returned-failed")
-        raise
+        trips.move(trip.id, TripState.FAILED, time.time(), reason=reason[:1000])
+    except TripMoved:
+        return  # delivered meanwhile, or another replica said it
+    _notify(runner, trip, f"results came back but could not be delivered: {reason}", "returned-failed")
 
 
 def _receive(runner: JobRunner, job: Job, trip: RoundTrip, key: bytes, view: StudyView, files: list[Path],
