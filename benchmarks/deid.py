@@ -75,8 +75,9 @@ def main() -> None:
         volume = SeriesVolume(np.zeros(shape, dtype=np.float32), SeriesGeometry(spacing=(1.0, 0.7, 0.7)).affine(),
                               datasets, str(datasets[0].FrameOfReferenceUID))
         labels = np.zeros(shape, dtype=np.uint8)
-        labels[shape[0] // 4: shape[0] // 2, 100:200, 100:200] = 1
-        labels[shape[0] // 2: 3 * shape[0] // 4, 250:400, 250:400] = 2
+        n, size = shape[0], args.size
+        labels[n // 4: n // 2, size // 5: 2 * size // 5, size // 5: 2 * size // 5] = 1
+        labels[n // 2: 3 * n // 4, size // 2: 4 * size // 5, size // 2: 4 * size // 5] = 2
         result = SegmentationResult(SPEC, volume, labels, measure(labels, volume, SPEC))
         source = SourceIdentity.of(datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID,
                                    [d.SOPInstanceUID for d in datasets])
@@ -89,6 +90,7 @@ def main() -> None:
             PseudonymMap.record(db, "bench", pseudonyms.mapping_key(),
                                 {pseudonyms.lookup(p): s for s, p in uids.items()}, time.time(), 86400.0)
         mapping = PseudonymMap(index)
+        seg = pydicom.dcmread(BytesIO(_bytes(seg)))  # as a file, like what a service sends
         returned = pydicom.dcmread(BytesIO(_bytes(deidentify(seg, Profile(), pseudonyms).dataset)))
         returned.SOPInstanceUID, returned.SeriesInstanceUID = "2.25.77", "2.25.78"
         study = patient_and_study(pydicom.dcmread(files[0], stop_before_pixels=True))

@@ -716,7 +716,7 @@ def test_returned_results_are_re_identified_or_refused_with_the_reason(sources):
     series = Dataset()
     series.SeriesInstanceUID = "2.25.556"
     nested.ReferencedSeriesSequence = Sequence([series])
-    with pytest.raises(Refused, match="refers to instance 2.25.556"):
+    with pytest.raises(Refused, match="refers to series 2.25.556"):
         reidentify(nested, source_of=mapping.get, study=study, mint=mint, returned={"2.25.100"})
 
     # a source name outside ASCII comes back in the source's character set, not as '?'

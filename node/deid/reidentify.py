@@ -118,6 +118,7 @@ class _Uids:
             return source
         reference = keyword in REFERENCE_KEYWORDS or (nested and keyword in NESTED_REFERENCE_KEYWORDS)
         if reference and value not in self.returned:
-            raise Refused(f"instance {self.instance} refers to instance {value}, which was neither sent nor"
+            what = {"SeriesInstanceUID": "series", "StudyInstanceUID": "study"}.get(keyword, "instance")
+            raise Refused(f"instance {self.instance} refers to {what} {value}, which was neither sent nor"
                           " returned with it")
         return self.mint(value)
