@@ -129,6 +129,10 @@ def setup(level: str = "INFO") -> None:
 def _log_uncaught(exc_type: Any, exc: Any, tb: Any, thread: str | None = None) -> None:
     if exc_type is SystemExit:
         return
+    if isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: a stop, not a failure
+        logging.getLogger("node.uncaught").info(
+            "interrupted", extra={_FIELDS: {"thread": thread or threading.current_thread().name}})
+        return
     logging.getLogger("node.uncaught").error(
         "uncaught_exception",
         extra={_FIELDS: {"thread": thread or threading.current_thread().name,

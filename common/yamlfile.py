@@ -6,6 +6,8 @@ Operators edit YAML by hand; an error message that names the file, line and key 
 
 from __future__ import annotations
 
+import difflib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -105,5 +107,45 @@ def validate(doc: YamlDocument, model: type[M], prefix: KeyPath = ()) -> M:
         return model.model_validate(doc.data, context={"document": doc})
     except ValidationError as exc:
         raise ConfigError(
-            [doc.problem(prefix + tuple(err["loc"]), err["msg"]) for err in exc.errors()]
+            [doc.problem(prefix + tuple(err["loc"]), _message(model, err)) for err in exc.errors()]
         ) from None
+
+
+def _message(model: type[BaseModel], err: Any) -> str:
+    """pydantic's message; for an unknown key, the known key it is closest to (a typo), if any."""
+    if err["type"] != "extra_forbidden":
+        return str(err["msg"])
+    fields = _fields_at(model, tuple(err["loc"][:-1]))
+    close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1, cutoff=0.6) if fields else []
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return "unknown key" + (f" (known here: {', '.join(sorted(fields))})" if fields and len(fields) <= 12 else "")
+
+
+def _fields_at(model: Any, path: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found by following `path` (names, dict keys, list indices)."""
+    for step in path:
+        if isinstance(step, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        if step in fields:
+            model = _model_of(fields[step].annotation)
+        else:  # a key of a dict of models (destinations.<name>)
+            continue
+        if model is None:
+            return []
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (X, X | None, list[X], dict[str, X])."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(typing.get_args(annotation)):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

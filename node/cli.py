@@ -12,15 +12,31 @@ from datetime import datetime
 from typing import Any, Optional
 
 import typer
-from node.config import DEFAULT_CONFIG, NodeConfig, load_config
+from node.config import HTTP_TOKEN_ENV, DEFAULT_CONFIG, NodeConfig, load_config
 from common.yamlfile import ConfigError
 
-app = typer.Typer(
+app = typer.Typer(rich_markup_mode=None, 
     help="DICOM analysis node: receives studies (C-STORE), runs models, returns SEG and SR.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"dicom-node {version('dicom-node')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="Print the version and exit.")) -> None:
+    """DICOM analysis node: receives studies (C-STORE), runs models, returns SEG and SR."""
+
 
 ConfigOption = typer.Option(None, "--config", "-c", help="Node configuration YAML (default: config/node.yaml).")
 
@@ -39,15 +55,16 @@ def _config(path: Optional[Path], overrides: dict[str, object] | None = None) ->
 def serve(
     config: Optional[Path] = ConfigOption,
     aet: Optional[str] = typer.Option(None, "--aet", help="Our AE title (scp.ae_title)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Listening port (scp.port)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Listening port (scp.port)."),
     bind: Optional[str] = typer.Option(None, "--bind", help="Bind address (scp.bind)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool and index folder (storage.data_dir)."),
     quiet_period: Optional[float] = typer.Option(
         None, "--quiet-period", help="Seconds without arrivals after which a study is complete."
     ),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Receiver processes (0: one per core)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                         help="Receiver processes (scp.workers; 0: two per CPU core)."),
     http_port: Optional[int] = typer.Option(
-        None, "--http-port", help="Console, API, health and metrics port (http.port; 0: no HTTP server)."),
+        None, "--http-port", min=0, max=65535, help="Console, API, health and metrics port (http.port; 0: no HTTP server)."),
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
     from common import logs
@@ -98,7 +115,7 @@ def serve(
 @app.command()
 def echo(
     host: str = typer.Argument("127.0.0.1", help="Peer host, or the name of a configured destination."),
-    port: Optional[int] = typer.Argument(None, help="Peer port (default: this node's port)."),
+    port: Optional[int] = typer.Argument(None, help="Peer port (default: the running node's port, else scp.port)."),
     aet: Optional[str] = typer.Option(None, "--aet", help="Calling AE title (default: ECHOSCU; ours for a destination)."),
     called_aet: Optional[str] = typer.Option(None, "--called-aet", help="Called AE title (default: ours, or the destination's)."),
     config: Optional[Path] = ConfigOption,
@@ -113,10 +130,19 @@ def echo(
             peer = peer.model_copy(update={"ae_title": called_aet})
         result = echo_destination(aet or cfg.scp.ae_title, peer, timeout=cfg.sending.timeout_s)
     else:
-        result = c_echo(host, port or cfg.scp.port, aet or "ECHOSCU", called_aet or cfg.scp.ae_title,
+        result = c_echo(host, port or _running_port(cfg), aet or "ECHOSCU", called_aet or cfg.scp.ae_title,
                         timeout=cfg.sending.timeout_s)
     typer.echo(result.message, err=not result.ok)
     raise typer.Exit(0 if result.ok else 1)
+
+
+def _running_port(cfg: NodeConfig) -> int:
+    """The DICOM port of the node running on this data folder (its --port), else scp.port."""
+    from node.liveconfig import read_snapshot
+
+    snapshot = read_snapshot(Path(cfg.storage.data_dir)) or {}
+    port = ((snapshot.get("in_force") or {}).get("scp") or {}).get("port")
+    return int(port) if isinstance(port, int) and port > 0 else cfg.scp.port
 
 
 @app.command()
@@ -181,11 +207,11 @@ def studies(
     """List received studies, newest first: UID, state, modalities, counts, sender, dates (no patient data)."""
     from node.console.summary import studies as study_rows
 
-    cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
+    cfg = _config_in_force(config, data_dir)
     index = _existing_index(cfg)
     rows = study_rows(index, cfg.http.show_descriptions) if index else []
     _print_rows(rows, as_json, "no studies", [
-        ("STUDY INSTANCE UID", "64", lambda r: r["study_uid"]), ("STATE", "9", lambda r: r["state"]),
+        ("STUDY INSTANCE UID", "64", lambda r: r["study_uid"]), ("STATE", "9", lambda r: r["outcome"]),
         ("MODALITY", "8", lambda r: ",".join(r["modalities"]) or "-"), ("SERIES", ">6", lambda r: r["series"]),
         ("INSTANCES", ">9", lambda r: r["instances"]), ("CALLING AE", "16", lambda r: r["calling_ae"] or ""),
         ("FIRST RECEIVED", "19", lambda r: _when(r["first_received"])),
@@ -193,7 +219,7 @@ def studies(
     ])
 
 
-outbox_app = typer.Typer(help="Results waiting for, or done with, delivery.", invoke_without_command=True,
+outbox_app = typer.Typer(rich_markup_mode=None, help="Results waiting for, or done with, delivery.", invoke_without_command=True,
                          add_completion=False)
 app.add_typer(outbox_app, name="outbox")
 
@@ -207,8 +233,48 @@ def _existing_index(cfg: NodeConfig, migrate: bool = True):
     return Index.open(cfg.storage, migrate)
 
 
-def _index(config: Optional[Path], data_dir: Optional[Path] = None, migrate: bool = True):
-    cfg = _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
+def _config_in_force(path: Optional[Path], data_dir: Optional[Path] = None) -> NodeConfig:
+    """For commands that only read: node.yaml, or, when it has problems (an edit in progress,
+    which the running node refused), the configuration in force that the node wrote to its data
+    folder, with a warning. Read-only tools must not go blind while the node runs on."""
+    overrides = {"storage.data_dir": str(data_dir.resolve()) if data_dir else None}
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        from node.liveconfig import read_snapshot
+
+        snapshot = read_snapshot(data_dir.resolve() if data_dir else _data_dir_of(path))
+        if snapshot is None or not isinstance(snapshot.get("in_force"), dict):
+            return _config(path, overrides)  # reports the problems, exit 2
+        in_force = snapshot["in_force"]
+        http = in_force.get("http") or {}
+        http["token"] = None  # written as a digest: the environment's token still applies
+        if isinstance(http.get("oidc"), dict):
+            http["oidc"]["client_secret"] = None
+        typer.echo(f"warning: {path or 'node.yaml'} has {len(exc.problems)} problem(s) (`dicom-node config check`"
+                   " lists them); using the configuration in force that the node wrote", err=True)
+        return NodeConfig.model_validate(in_force)
+
+
+def _data_dir_of(path: Optional[Path]) -> Path:
+    """storage.data_dir as node.yaml says it, read leniently (the file may not validate)."""
+    from common.yamlfile import load_yaml
+    from node.config import StorageConfig
+
+    file = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = load_yaml(file).data
+    except ConfigError:
+        data = None
+    folder = (data.get("storage") or {}).get("data_dir") if isinstance(data, dict) else None
+    folder = Path(folder or StorageConfig().data_dir)
+    return folder if folder.is_absolute() else (file.resolve().parent / folder).resolve()
+
+
+def _index(config: Optional[Path], data_dir: Optional[Path] = None, migrate: bool = True, read_only: bool = False):
+    """`read_only`: a command that changes nothing may run on the configuration in force."""
+    cfg = _config_in_force(config, data_dir) if read_only else \
+        _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
     index = _existing_index(cfg, migrate)
     if index is None:
         typer.echo(f"no index in {cfg.storage.data_dir}: the node has not run with this configuration", err=True)
@@ -227,9 +293,9 @@ def outbox_list(
         return
     from node.send.outbox import list_items
 
-    cfg, index = _index(config)
+    cfg, index = _index(config, read_only=True)
     _print_rows(list_items(index), as_json, "outbox is empty", [
-        ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["state"]),
+        ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["outcome"]),
         ("DESTINATION", "16", lambda r: r["destination"]), ("TRIES", ">5", lambda r: r["attempts"]),
         ("JOB", "10", lambda r: r["job_key"]), ("LAST ERROR", "", lambda r: r["last_error"] or ""),
     ])
@@ -261,7 +327,7 @@ def outbox_retry(
     raise typer.Exit(0 if count or all_dead else 1)
 
 
-jobs_app = typer.Typer(help="Pipeline jobs (one per completed study).", invoke_without_command=True,
+jobs_app = typer.Typer(rich_markup_mode=None, help="Pipeline jobs (one per completed study).", invoke_without_command=True,
                        add_completion=False)
 app.add_typer(jobs_app, name="jobs")
 
@@ -278,7 +344,7 @@ def jobs_list(
     from node.console.summary import job_row
     from node.jobs.store import JobStore
 
-    cfg, index = _index(config)
+    cfg, index = _index(config, read_only=True)
     rows = [job_row(job) for job in JobStore(index).all_jobs()]
     _print_rows(rows, as_json, "no jobs", [
         ("ID", ">5", lambda r: r["id"]),
@@ -331,7 +397,7 @@ def jobs_retry(
     raise typer.Exit(0 if count or all_jobs else 1)
 
 
-index_app = typer.Typer(help="The index's schema version (Alembic migrations).", no_args_is_help=True,
+index_app = typer.Typer(rich_markup_mode=None, help="The index's schema version (Alembic migrations).", no_args_is_help=True,
                         add_completion=False)
 app.add_typer(index_app, name="index")
 
@@ -359,9 +425,9 @@ def index_upgrade(config: Optional[Path] = ConfigOption) -> None:
     typer.echo(f"{index.display_url}: schema {schema_version(index)}")
 
 
-config_app = typer.Typer(help="Configuration tools.", no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(rich_markup_mode=None, help="Configuration tools.", no_args_is_help=True, add_completion=False)
 app.add_typer(config_app, name="config")
-route_app = typer.Typer(help="Routing rules.", no_args_is_help=True, add_completion=False)
+route_app = typer.Typer(rich_markup_mode=None, help="Routing rules.", no_args_is_help=True, add_completion=False)
 app.add_typer(route_app, name="route")
 
 
@@ -395,7 +461,7 @@ def config_check(
         typer.echo(str(problem), err=True)
     if not checked.ok:
         typer.echo(f"{len(checked.problems)} problem(s)", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # as every command that meets a bad configuration (README, "Command line")
     assert checked.rules is not None and checked.config is not None
     typer.echo(f"{checked.rules_path}: {len(checked.rules.file.rules)} rules, version {checked.rules.version}")
     snapshot = read_snapshot(checked.config.storage.data_dir)
@@ -439,7 +505,7 @@ def route_explain(
     for view in views:
         typer.echo(f"study {view.study_uid} ({len(view.series)} series, calling AE {view.calling_ae or '?'}, "
                    f"peer {view.peer or '?'})")
-        typer.echo(ruleset.evaluate(view).explain())
+        typer.echo(ruleset.evaluate(view).explain(cfg.sender_warning(view.calling_ae)))
 
 
 @app.command()
@@ -453,11 +519,14 @@ def status(
     from node.jobs.store import JobStore
     from node.retention import Retention
 
-    cfg, index = _index(config, data_dir)
+    cfg, index = _index(config, data_dir, read_only=True)
     summary = _running_summary(cfg)
+    answered = summary is not None
     if summary is None:
         summary = dashboard(index, JobStore(index), Retention(index, Path(cfg.storage.data_dir)), cfg)
     typer.echo(json.dumps(summary, indent=2) if as_json else format_status(summary))
+    if not answered:  # figures from the index only: say so to a script too
+        raise typer.Exit(1)
 
 
 def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
@@ -466,7 +535,18 @@ def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
     import urllib.error
     import urllib.request
 
+    from node.liveconfig import read_snapshot
+    from node.config import HttpConfig
+
     http = cfg.http
+    snapshot = read_snapshot(Path(cfg.storage.data_dir))  # the running node's port, as its flags set it
+    if snapshot and isinstance((snapshot.get("in_force") or {}).get("http"), dict):
+        running = dict(snapshot["in_force"]["http"], token=None, oidc=None)
+        try:
+            http = http.model_copy(update={k: getattr(HttpConfig.model_validate(running), k)
+                                           for k in ("port", "bind", "tls")})
+        except ValueError:
+            pass
     if not http.port:
         return None
     host = "127.0.0.1" if http.bind in ("0.0.0.0", "::") else http.bind
@@ -480,6 +560,11 @@ def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(request, timeout=5, context=context) as response:
             return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            typer.echo(f"the node answers at {scheme}://{host}:{http.port} but needs a token: set {HTTP_TOKEN_ENV}"
+                       " to an API token (`dicom-node users token NAME`)", err=True)
+        return None
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
@@ -499,7 +584,7 @@ def audit(
     except ValueError:
         typer.echo(f"--since: not a date or an age: {since!r}", err=True)
         raise typer.Exit(2) from None
-    _, index = _index(config)
+    _, index = _index(config, read_only=True)
     records = [r.as_json() for r in AuditTrail(index).since(start)]
     _print_rows(records, as_json, "no audit records", [
         ("ID", ">6", lambda r: r["id"]),
@@ -509,12 +594,12 @@ def audit(
         ("ACTION", "6", lambda r: r["action"]),
         ("OUTCOME", ">7", lambda r: r["outcome"]),
         ("ACTOR", "16", lambda r: r["actor"] or "-"),
-        ("PEER / DETAIL", "", lambda r: " ".join(filter(None, [r["peer"], r["destination"], r["reason"]])
-                                                + [f"{uid}:{n}" for uid, n in r["studies"].items()])),
+        ("PEER / DETAIL", "", lambda r: " ".join([*filter(None, [r["peer"], r["destination"], r["reason"]]),
+                                                 *(f"{uid}:{n}" for uid, n in r["studies"].items())])),
     ])
 
 
-users_app = typer.Typer(help="Console accounts (local; OIDC users appear at their first sign-in) and API tokens.",
+users_app = typer.Typer(rich_markup_mode=None, help="Console accounts (local; OIDC users appear at their first sign-in) and API tokens.",
                         no_args_is_help=True, add_completion=False)
 app.add_typer(users_app, name="users")
 
@@ -574,7 +659,7 @@ def users_list(
     """Accounts with their roles, state and API tokens (never the tokens themselves)."""
     from node.store.accounts import Accounts
 
-    _, index = _index(config)
+    _, index = _index(config, read_only=True)
     accounts = Accounts(index)
     rows = [{**a.as_json(), "tokens": [t["id"] for t in accounts.tokens(a.name) if not t["revoked_at"]]}
             for a in accounts.all()]
@@ -651,12 +736,15 @@ def demo(
     size: int = typer.Option(256, help="Phantom image size (pixels)."),
     seed: int = typer.Option(0, help="Phantom seed (lesion sizes and places)."),
     timeout: float = typer.Option(300, help="Seconds to wait for results after the quiet period."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help="The node's DICOM port (default: the running node's, else scp.port)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Send a phantom CT study to the running node, receive its SEG and SR, compare with the truth."""
     from node.demo import run_demo
 
-    raise typer.Exit(run_demo(_config(config), host, slices, size, seed, timeout))
+    cfg = _config_in_force(config)
+    raise typer.Exit(run_demo(cfg, host, slices, size, seed, timeout, port or _running_port(cfg)))
 
 
 def _why_not(assoc: object, host: str, port: int) -> str:

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
+MIN_TOKEN_LENGTH = 16  # http.token and DICOM_NODE_HTTP_TOKEN alike
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
 HTTP_TOKEN_ENV = "DICOM_NODE_HTTP_TOKEN"
@@ -411,6 +412,9 @@ class SendingConfig(Strict):
     deadline_s: float = Field(86400.0, gt=0, description="give up (dead letter) after this long")
     timeout_s: float = Field(30.0, gt=0, description="connect, ACSE and DIMSE timeout")
     sweep_s: float = Field(5.0, gt=0, description="how often due items (and CLI retries) are picked up")
+    sender_fallback: str | None = Field(None, description=(
+        "the destination for results and notices sent to @sender when no destination has the study's calling AE"
+        " title (unset: such a job fails, saying which AE title)"))
 
 
 class TritonConfig(Strict):
@@ -500,7 +504,7 @@ class HttpConfig(Strict):
     bind: IpAddress = Field("127.0.0.1", description="address of the console; beyond loopback every page needs a login")
     port: int = Field(8080, ge=0, le=65535, description="0 = no HTTP server")
     token: str | None = Field(
-        None, min_length=16,
+        None, min_length=MIN_TOKEN_LENGTH,
         description="DEPRECATED shared admin token (use accounts and API tokens; removed in the next release); "
                     "the environment variable DICOM_NODE_HTTP_TOKEN overrides it")
     oidc: OidcConfig | None = None
@@ -620,6 +624,9 @@ class NodeConfig(Strict):
 
     @model_validator(mode="after")
     def _signal_destinations_exist(self) -> "NodeConfig":
+        fallback = self.sending.sender_fallback
+        if fallback is not None and fallback not in self.destinations:
+            raise ValueError(f"sending.sender_fallback: no destination named {fallback!r}")
         for key, name in self.completion.destinations_named():
             if name not in self.destinations:
                 raise ValueError(f"{key}: no destination named {name!r}")
@@ -649,6 +656,16 @@ class NodeConfig(Strict):
     def destination_for_caller(self, calling_ae: str) -> str | None:
         """'Return to sender': the destination whose AE title is the study's calling AE."""
         return next((name for name, d in self.destinations.items() if d.ae_title == calling_ae), None)
+
+    def sender_warning(self, calling_ae: str) -> str | None:
+        """What explain says when @sender does not name a destination for this caller."""
+        if self.destination_for_caller(calling_ae) is not None:
+            return None
+        if self.sending.sender_fallback:
+            return (f"! @sender: no destination has AE title {calling_ae!r}; results and notices go to"
+                    f" sending.sender_fallback {self.sending.sender_fallback!r}")
+        return (f"! @sender: no destination has AE title {calling_ae!r}; a job sending there fails (add a destination"
+                " with that AE title, or set sending.sender_fallback)")
 
     def resolve_paths(self, base: Path) -> NodeConfig:
         """Relative paths in a config file are relative to that file's folder."""
@@ -736,4 +753,8 @@ def _check_http(http: HttpConfig, file: str) -> list[Problem]:
     problems = []
     if (http.tls.certificate is None) != (http.tls.private_key is None):
         problems.append(Problem(file, None, "http.tls", "certificate and private_key go together"))
+    from_env = os.environ.get(HTTP_TOKEN_ENV)
+    if from_env is not None and len(from_env) < MIN_TOKEN_LENGTH:  # the same rule as http.token's in the file
+        problems.append(Problem("environment", None, HTTP_TOKEN_ENV,
+                                f"has {len(from_env)} characters; a token needs at least {MIN_TOKEN_LENGTH}"))
     return problems

@@ -48,7 +48,10 @@ class Received:
             return [p for p in self.files if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == sop_class]
 
 
-def run_demo(config: NodeConfig, host: str, slices: int, size: int, seed: int, timeout: float) -> int:
+def run_demo(config: NodeConfig, host: str, slices: int, size: int, seed: int, timeout: float,
+             port: int | None = None) -> int:
+    """`port`: the node's DICOM port (default: scp.port)."""
+    port = port or config.scp.port
     destination = config.destinations.get("demo-viewer")
     if destination is None:
         print("the configuration has no 'demo-viewer' destination (see config/node.yaml)")
@@ -61,14 +64,19 @@ def run_demo(config: NodeConfig, host: str, slices: int, size: int, seed: int, t
         received = Received(work / "received")
         viewer = AE(ae_title=destination.ae_title)
         viewer.supported_contexts = AllStoragePresentationContexts
-        server = viewer.start_server((destination.host, destination.port), block=False,
-                                     evt_handlers=[(evt.EVT_C_STORE, received.handle)])
+        try:
+            server = viewer.start_server((destination.host, destination.port), block=False,
+                                         evt_handlers=[(evt.EVT_C_STORE, received.handle)])
+        except OSError as exc:
+            print(f"the demo viewer cannot listen on {destination.host}:{destination.port} ({exc.strerror}):"
+                  " another program uses that port; stop it, or change the demo-viewer destination's port")
+            return 1
         try:
             print(f"phantom study {study_uid}: {len(files)} CT images, {len(phantom.lesions)} lesions")
             sent_at = time.time()
-            assoc = associate(host, config.scp.port, destination.ae_title, config.scp.ae_title, storage_contexts(files))
+            assoc = associate(host, port, destination.ae_title, config.scp.ae_title, storage_contexts(files))
             if not assoc.is_established:
-                print(f"cannot reach the node at {host}:{config.scp.port} - is it running (make run)?")
+                print(f"cannot reach the node at {host}:{port} - is it running (make run)? (--port: its DICOM port)")
                 return 1
             statuses = [getattr(assoc.send_c_store(f), "Status", None) for f in files]
             assoc.release()

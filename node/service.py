@@ -264,6 +264,7 @@ class NodeService:
         stop, hurry = threading.Event(), threading.Event()
 
         def on_signal(*_: object) -> None:
+            self.receivers.signalled()
             (hurry if stop.is_set() else stop).set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -377,3 +377,33 @@ def test_routing_failure_completes_the_study_with_a_failed_job_and_newer_complet
     assert store.get(job.id).state is JobState.IGNORED
     assert store.get(job.id).reason == "superseded: the study completed again"
     assert store.get(newer).state is JobState.QUEUED
+
+
+def test_results_for_a_caller_with_no_destination_go_to_the_fallback_and_explain_says_so(pair, tmp_path):
+    """`@sender` for a modality that is no destination: with sending.sender_fallback the results
+    go there (and explain says so beforehand); without it the job fails naming the AE title, and
+    explain warns of that."""
+    routing = ("rules:\n  - name: back-to-sender\n    match: {tag: Modality, equals: CT}\n"
+               "    actions: {run: [threshold], send_to: ['@sender']}\n")
+    node, pacs = pair(sending={"sender_fallback": "pacs"})
+    node.write_routing(routing)
+    wait_for(lambda: node.events("routing_reloaded"), timeout=30)
+    files, study_uid = sphere_study(tmp_path / "study", "PAT-F")
+    send(node, files)  # storescu calls as MODALITY, which no destination is
+    wait_results(pacs, study_uid)
+    assert node.events("sender_fallback_used")[0]["calling_ae"] == "MODALITY"
+    explained = subprocess.run([str(VENV_BIN / "dicom-node"), "route", "explain", study_uid, "--config",
+                                str(node.config_path)], capture_output=True, text=True, timeout=120)
+    assert "! @sender: no destination has AE title 'MODALITY'; results and notices go to" \
+           " sending.sender_fallback 'pacs'" in explained.stdout, explained.stdout + explained.stderr
+
+    alone, _ = pair("alone")
+    alone.write_routing(routing)
+    wait_for(lambda: alone.events("routing_reloaded"), timeout=30)
+    send(alone, files)
+    job = wait_job(alone, study_uid, {"failed"})
+    assert "no destination has the study's calling AE title 'MODALITY'" in job.reason
+    explained = subprocess.run([str(VENV_BIN / "dicom-node"), "route", "explain", study_uid, "--config",
+                                str(alone.config_path)], capture_output=True, text=True, timeout=120)
+    assert "a job sending there fails (add a destination with that AE title, or set sending.sender_fallback)" \
+        in explained.stdout

@@ -81,7 +81,7 @@ def test_a_destination_added_while_running_receives_results_without_a_restart(st
         refused = wait_for(lambda: node.events("routing_reload_refused"), timeout=20)[-1]
         assert "unknown destination 'late'" in " ".join(refused["problems"])
         check = _cli("config", "check", str(node.config_path))
-        assert check.returncode == 1 and "unknown destination 'late'" in check.stderr
+        assert check.returncode == 2 and "unknown destination 'late'" in check.stderr
         assert _api(node, "/api/rules")["check"]["ok"] is False  # the console shows the same check
 
         _edit_config(node, lambda c: c["destinations"].update(
@@ -359,7 +359,7 @@ def test_receiver_settings_reload_live_and_open_associations_finish_under_the_ol
     refused_reload = wait_for(lambda: node.events("config_reload_refused"), timeout=20)[-1]
     assert any("scp.tls" in p and "cannot be loaded" in p for p in refused_reload["problems"])
     check = _cli("config", "check", str(node.config_path))
-    assert check.returncode == 1 and "scp.tls" in check.stderr
+    assert check.returncode == 2 and "scp.tls" in check.stderr
     again = _associate(node, "OTHER", "NEWTITLE")
     assert again.is_established and again.send_c_echo().Status == 0x0000
     again.release()
@@ -370,3 +370,86 @@ def test_receiver_settings_reload_live_and_open_associations_finish_under_the_ol
     node.process.kill()
     node.process.wait(10)
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in running), timeout=20)
+
+
+def test_the_cli_follows_a_node_started_on_other_ports_and_survives_a_typo(tmp_path):
+    """Started with --port/--http-port (node.yaml says other ports): status, echo, jobs, outbox,
+    studies and audit reach it or its index. A typo in node.yaml on disk (the node refused it and
+    runs on) leaves the read-only commands working on the configuration in force, with a
+    warning; `config check` names the typo with a suggestion and exits 2. A short token from
+    the environment is refused like one in the file. One --version."""
+    import os
+
+    from tests.processes import stop_process_group
+
+    node = NodeProcess(tmp_path / "node")  # writes node.yaml (its ports) and the routing file
+    port, http_port = free_port(), free_port()
+    log = open(node.log_path, "ab")
+    process = subprocess.Popen([str(VENV_BIN / "dicom-node"), "serve", "--config", str(node.config_path),
+                                "--port", str(port), "--http-port", str(http_port)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        wait_for(lambda: node.events("node_started") or process.poll() is not None, timeout=120)
+        assert process.poll() is None, node.log()[-3000:]
+        config = str(node.config_path)
+        status = _cli("status", "--config", config)
+        assert status.returncode == 0 and "node TESTNODE: ready" in status.stdout, status.stdout + status.stderr
+        echo = _cli("echo", "--config", config)
+        assert echo.returncode == 0 and f"127.0.0.1:{port}" in echo.stdout, echo.stdout + echo.stderr
+        for args in (("jobs",), ("outbox",), ("studies",), ("audit",)):
+            result = _cli(*args, "--config", config)
+            assert result.returncode == 0, (args, result.stderr)
+
+        text = node.config_path.read_text()
+        node.config_path.write_text(text.replace("ae_title: TESTNODE", "ae_tittle: TESTNODE"))
+        check = _cli("config", "check", config)
+        assert check.returncode == 2 and "scp.ae_tittle: unknown key (did you mean 'ae_title'?)" in check.stderr
+        for args in (("status",), ("jobs",)):
+            result = _cli(*args, "--config", config)
+            assert result.returncode == 0, (args, result.stdout, result.stderr)
+            assert "has 1 problem(s)" in result.stderr and "using the configuration in force" in result.stderr
+        assert "node TESTNODE: ready" in _cli("status", "--config", config).stdout
+        node.config_path.write_text(text)
+
+        short = subprocess.run([str(VENV_BIN / "dicom-node"), "config", "check", config], capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "DICOM_NODE_HTTP_TOKEN": "x"})
+        assert short.returncode == 2 and "DICOM_NODE_HTTP_TOKEN: has 1 characters; a token needs at least 16" \
+            in short.stderr, short.stderr
+        version = _cli("--version")
+        assert version.returncode == 0 and version.stdout.startswith("dicom-node ")
+        bad_port = _cli("serve", "--config", config, "--port", "99999")
+        assert bad_port.returncode == 2 and "--port" in bad_port.stderr and "node.yaml" not in bad_port.stderr
+    finally:
+        stop_process_group(process, 30)
+
+
+def test_every_configuration_key_is_in_the_shipped_node_yaml():
+    """config/node.yaml lists every key NodeConfig takes (set, or commented with its meaning), so
+    an operator finds each setting where the README says it is."""
+    import re
+    import typing
+
+    from pydantic import BaseModel
+
+    from node.config import NodeConfig
+
+    text = (REPO_ROOT / "config" / "node.yaml").read_text()
+
+    def model_of(annotation: Any) -> Any:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        return next((m for a in reversed(typing.get_args(annotation)) if (m := model_of(a)) is not None), None)
+
+    missing: list[str] = []
+
+    def walk(model: Any, prefix: str, seen: frozenset[Any]) -> None:
+        for name, field in model.model_fields.items():
+            if not re.search(rf"(^|[\s{{,#-]){re.escape(name)}:", text, re.M):
+                missing.append(prefix + name)
+            sub = model_of(field.annotation)
+            if sub is not None and sub not in seen:
+                walk(sub, f"{prefix}{name}.", seen | {sub})
+
+    walk(NodeConfig, "", frozenset({NodeConfig}))
+    assert missing == []

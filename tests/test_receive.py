@@ -242,7 +242,7 @@ def test_tls_with_test_ca(start_node, tmp_path):
     "content, expected",
     [
         ("scp:\n  port: 99999\n", "node.yaml:2: scp.port: Input should be less than or equal to 65535"),
-        ("scp:\n  ae_tittle: X\n", "node.yaml:2: scp.ae_tittle: Extra inputs are not permitted"),
+        ("scp:\n  ae_tittle: X\n", "node.yaml:2: scp.ae_tittle: unknown key (did you mean 'ae_title'?)"),
         ("completion:\n  after_complete: sometimes\n", "completion.after_complete: Input should be 'reprocess' or 'ignore'"),
         ("scp: [\n", "node.yaml:2: invalid YAML"),
         ("scp:\n  tls: {enabled: true}\n", "scp.tls.certificate: required when scp.tls.enabled is true"),

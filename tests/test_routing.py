@@ -219,7 +219,7 @@ def test_config_check_reports_every_problem_with_line_and_path(tmp_path):
         """))
     exe = str(Path(sys.executable).parent / "dicom-node")
     result = subprocess.run([exe, "config", "check", str(bad)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2
     err = result.stderr
     assert f"{bad}:4: rules[0].match.tag.tag: Value error, unknown tag keyword 'SliceThicknes'" in err
     assert f"{bad}:8: rules[1].match.tag.regex: Value error, bad regular expression" in err

@@ -69,7 +69,8 @@ class Explained:
 def _explain(ctx: ConsoleContext, view: StudyView) -> Explained:
     series = [{"series_uid": s.series_uid, "modality": s.tags.get("Modality"), "number": s.tags.get("SeriesNumber"),
                "instances": s.instance_count} for s in view.series]
-    return Explained(view.study_uid, series, view.calling_ae, view.peer, ctx.rules.evaluate(view).explain())
+    return Explained(view.study_uid, series, view.calling_ae, view.peer,
+                     ctx.rules.evaluate(view).explain(ctx.config.sender_warning(view.calling_ae)))
 
 
 def explain_study(ctx: ConsoleContext, study_uid: str) -> Explained:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class ConsoleContext:
         self.stow_slots = threading.BoundedSemaphore(self.live.current.scp.max_associations)  # STOW-RS requests at once
         oidc = self.live.current.http.oidc  # http.* needs a restart: fixed for the process
         self.oidc = OidcProvider(oidc) if oidc is not None else None
+        self.flash_key = secrets.token_bytes(32)  # signs the console's one-time messages (pages.flash)
 
     @property
     def config(self) -> NodeConfig:

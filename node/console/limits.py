@@ -5,7 +5,8 @@ announces more than `http.max_upload_mb` is refused with 413 before a byte of it
 a body without Content-Length (chunked) is counted as the application reads it, and the read
 that passes the limit raises `BodyTooLarge` (a 413 HTTPException, so FastAPI's form parsing
 passes it on instead of calling it a parse error). Either way the answer says the limit and
-closes the connection (`Connection: close`), so the rest of the body is never read.
+closes the connection (`Connection: close`); up to LINGER_BYTES of the refused body is read
+and dropped first, so that the close does not reset the answer away.
 
 What gets in is parsed by Starlette's streaming multipart parser (python-multipart): files are
 spooled to temporary files, and the routes read one file at a time, so a request costs at most
@@ -15,6 +16,7 @@ limits (`MAX_UPLOAD_FILES`); a file is never larger than the body limit.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Awaitable, Callable, Iterable, Iterator
 
 from starlette.datastructures import Headers, UploadFile
@@ -57,6 +59,8 @@ class BodyLimit:
         limit, setting = self.limit(scope.get("path", ""))
         announced = _content_length(scope)
         if announced is not None and announced > limit:
+            if announced <= LINGER_BYTES:  # small enough to read: the client then sees the answer
+                await _discard_body(receive, announced)
             await self._answer(scope, receive, send, BodyTooLarge(limit, setting))
             return
         received = 0
@@ -68,6 +72,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body", False):
+                        await _discard_body(receive, LINGER_BYTES)
                     raise BodyTooLarge(limit, setting)
             return message
 
@@ -87,6 +93,33 @@ class BodyLimit:
     async def _answer(self, scope: Scope, receive: Receive, send: Send, exc: BodyTooLarge) -> None:
         response = await self.refuse(Request(scope, receive), exc)
         await response(scope, receive, send)
+
+
+# The server closes the connection after a 413. Closing a socket that still holds unread
+# request bytes makes the kernel send a reset, which can destroy the 413 before the client
+# reads it (RFC 9112 9.6 asks servers to close gracefully). So up to this much of a refused
+# body is read and dropped first, within LINGER_S; past that, the reset is the lesser harm.
+LINGER_BYTES = 64 * MB
+LINGER_S = 5.0
+
+
+async def _discard_body(receive: Receive, at_most: int) -> None:
+    """Read and drop the rest of a refused request body (bounded in bytes and time)."""
+    drained = 0
+    deadline = asyncio.get_running_loop().time() + LINGER_S
+    while drained < at_most:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:

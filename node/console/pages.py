@@ -7,7 +7,10 @@ or the site's identity provider) starts a session kept in the index (node.consol
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -78,7 +81,7 @@ login_router = APIRouter()  # the login pages: open to all
 async def page_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, PageError)
     if exc.status == 401:
-        return RedirectResponse("/login?" + urlencode({"next": request.url.path, "msg": exc.message}), 303)
+        return back(request, "/login?" + urlencode({"next": request.url.path}), exc.message, False)
     return render(request, "error.html", {"status": exc.status, "message": exc.message}, exc.status)
 
 
@@ -92,15 +95,45 @@ def render(request: Request, template: str, values: dict[str, Any], status: int 
         who = principal(request)
     except Refused:
         who = None
-    values = {"request": request, "ae_title": ctx.config.scp.ae_title, "msg": request.query_params.get("msg"),
-              "ok": request.query_params.get("ok") == "1", "who": who,
+    message = read_flash(request)
+    values = {"request": request, "ae_title": ctx.config.scp.ae_title, "msg": message[0] if message else None,
+              "ok": bool(message and message[1]), "who": who,
               "can_act": who is not None and who.may(Role.OPERATOR), "can_admin": who is not None and who.may(Role.ADMIN),
               "csrf": getattr(request.state, "csrf", ""), "sso": ctx.oidc is not None, **values}
-    return templates.TemplateResponse(request, template, values, status_code=status)
+    response = templates.TemplateResponse(request, template, values, status_code=status)
+    if message is not None:
+        response.delete_cookie(FLASH_COOKIE, path="/")  # shown once: a reload does not repeat it
+    return response
 
 
-def back(path: str, message: str, ok: bool) -> RedirectResponse:
-    return RedirectResponse(f"{path}?{urlencode({'msg': message, 'ok': '1' if ok else '0'})}", 303)
+FLASH_COOKIE = "dicom_node_flash"
+DASHBOARD_REFRESH_S = 10  # the dashboard reloads itself (no script): a failure shows within this
+
+
+def back(request: Request, path: str, message: str, ok: bool) -> RedirectResponse:
+    """Back to `path` with a message shown once: a cookie signed with this process's key, so no
+    link can make the console show a text of its choosing (a `?msg=` in the URL shows nothing)."""
+    response = RedirectResponse(path, 303)
+    payload = base64.urlsafe_b64encode(json.dumps([message[:2000], ok]).encode()).decode()
+    signature = hmac.new(ctx_of(request).flash_key, payload.encode(), hashlib.sha256).hexdigest()
+    response.set_cookie(FLASH_COOKIE, f"{payload}.{signature}", max_age=60, path="/", httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https")
+    return response
+
+
+def read_flash(request: Request) -> tuple[str, bool] | None:
+    """The message `back` left, if its signature holds (another replica's, or a forged one: none)."""
+    payload, _, signature = request.cookies.get(FLASH_COOKIE, "").partition(".")
+    if not payload:
+        return None
+    expected = hmac.new(ctx_of(request).flash_key, payload.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(signature, expected):
+        return None
+    try:
+        message, ok = json.loads(base64.urlsafe_b64decode(payload.encode()))
+    except ValueError:
+        return None
+    return str(message), bool(ok)
 
 
 def act(request: Request, path: str, call: Any, *args: Any) -> RedirectResponse:
@@ -110,7 +143,7 @@ def act(request: Request, path: str, call: Any, *args: Any) -> RedirectResponse:
     except actions.ActionError as exc:
         message, ok = exc.message, False
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, message, ok)
-    return back(path, message, ok)
+    return back(request, path, message, ok)
 
 
 # -- pages -------------------------------------------------------------------------------------
@@ -121,7 +154,8 @@ def dashboard(request: Request) -> HTMLResponse:
     ctx = ctx_of(request)
     data = request.app.state.live_summary()
     recent = summary.studies(ctx.index, ctx.config.http.show_descriptions, limit=15)
-    return render(request, "dashboard.html", {"s": data, "recent": recent, "page": "dashboard"})
+    return render(request, "dashboard.html", {"s": data, "recent": recent, "page": "dashboard",
+                                              "refresh_s": DASHBOARD_REFRESH_S})
 
 
 @router.get("/studies", response_class=HTMLResponse)
@@ -182,9 +216,9 @@ def echo(request: Request, name: str) -> RedirectResponse:
         result = actions.echo_destination(ctx_of(request), name)
     except actions.ActionError as exc:
         trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, exc.message, ok=False)
-        return back("/destinations", exc.message, False)
+        return back(request, "/destinations", exc.message, False)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"C-ECHO {name}: {result.message}", result.ok)
-    return back("/destinations", f"C-ECHO {name}: {result.message} ({result.seconds:.2f} s)", result.ok)
+    return back(request, "/destinations", f"C-ECHO {name}: {result.message} ({result.seconds:.2f} s)", result.ok)
 
 
 @router.get("/rules", response_class=HTMLResponse)
@@ -234,18 +268,44 @@ def reload(request: Request) -> RedirectResponse:
     trail.action(request, AuditEventType.SOFTWARE_CONFIGURATION,
                  "reload applied" if outcome.applied else "reload refused", outcome.applied)
     if not outcome.applied:
-        return back("/rules", "reload refused: " + "; ".join(outcome.problems), False)
+        return back(request, "/rules", "reload refused: " + "; ".join(outcome.problems), False)
     pending = f"; needs a restart: {', '.join(outcome.restart_needed)}" if outcome.restart_needed else ""
-    return back("/rules", "configuration reloaded" + pending, True)
+    return back(request, "/rules", "configuration reloaded" + pending, True)
+
+
+@router.get("/retention", response_class=HTMLResponse, dependencies=[Depends(admin_view)])
+def retention_preview(request: Request) -> HTMLResponse:
+    """What a retention run would delete now: each study with its size and reason, and the result
+    files; the run itself needs the confirmation that names the count (a POST from this page)."""
+    ctx = ctx_of(request)
+    policy = ctx.config.storage.retention
+    plan = ctx.retention.plan(policy)
+    return render(request, "retention.html", {
+        "plan": plan, "has_policy": _has_policy(policy), "page": "dashboard",
+        "total_bytes": sum(s.bytes for s in plan.studies),
+        "result_files": sum(len(r.files) for r in plan.results)})
+
+
+def _has_policy(policy: Any) -> bool:
+    return bool(policy.instances_days or policy.results_days or policy.max_store_gb)
 
 
 @router.post("/retention/run", dependencies=[Depends(acting(Role.ADMIN))])
-def retention_run(request: Request) -> RedirectResponse:
+def retention_run(request: Request, studies: int = Form(...), result_files: int = Form(...)) -> RedirectResponse:
+    """Runs only when the plan still deletes what the confirmation named (else: look again)."""
     ctx = ctx_of(request)
-    done = ctx.retention.run(ctx.config.storage.retention)
+    policy = ctx.config.storage.retention
+    if not _has_policy(policy):
+        return back(request, "/retention", "retention: no storage.retention policy is set; nothing is deleted", False)
+    plan = ctx.retention.plan(policy)
+    if (len(plan.studies), sum(len(r.files) for r in plan.results)) != (studies, result_files):
+        return back(request, "/retention", f"retention not run: what it would delete changed since the preview"
+                                           f" ({len(plan.studies)} studies now, {studies} confirmed); look again",
+                    False)
+    done = ctx.retention.run(policy)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"retention run: {done['studies']} studies deleted")
-    return back("/", f"retention: {done['studies']} studies ({done['bytes'] / 1e6:.1f} MB), "
-                     f"{done['result_files']} result files deleted", True)
+    return back(request, "/", f"retention: {done['studies']} studies ({done['bytes'] / 1e6:.1f} MB), "
+                              f"{done['result_files']} result files deleted", True)
 
 
 # -- login -------------------------------------------------------------------------------------
@@ -409,7 +469,7 @@ def _account_action(request: Request, call: Any, *args: Any, reason: str) -> Any
 def add_account(request: Request, name: str = Form(...), role: Role = Form(...),
                 password: str = Form(...)) -> RedirectResponse:
     _account_action(request, ctx_of(request).accounts.add, name, role, password, reason=f"account {name} added as {role.value}")
-    return back("/admin/accounts", f"account {name} added ({role.value})", True)
+    return back(request, "/admin/accounts", f"account {name} added ({role.value})", True)
 
 
 @router.post("/admin/accounts/{name:path}/disabled", dependencies=[Depends(acting(Role.ADMIN))])
@@ -418,7 +478,7 @@ def set_disabled(request: Request, name: str, disabled: bool = Form(...)) -> Red
     _account_action(request, ctx.accounts.set_disabled, name, disabled,
                     reason=f"account {name} {'disabled' if disabled else 'enabled'}")
     ctx.sessions.end_all(name)
-    return back("/admin/accounts", f"account {name} {'disabled' if disabled else 'enabled'}", True)
+    return back(request, "/admin/accounts", f"account {name} {'disabled' if disabled else 'enabled'}", True)
 
 
 @router.post("/admin/accounts/{name:path}/tokens", response_class=HTMLResponse, dependencies=[Depends(acting(Role.ADMIN))])
@@ -431,7 +491,7 @@ def add_token(request: Request, name: str, label: str = Form("")) -> HTMLRespons
 @router.post("/admin/tokens/{token_id}/revoke", dependencies=[Depends(acting(Role.ADMIN))])
 def revoke_token(request: Request, token_id: int) -> RedirectResponse:
     name = _account_action(request, ctx_of(request).accounts.revoke_token, token_id, reason=f"API token {token_id} revoked")
-    return back("/admin/accounts", f"token {token_id} of {name} revoked", True)
+    return back(request, "/admin/accounts", f"token {token_id} of {name} revoked", True)
 
 
 @router.get("/admin/audit", response_class=HTMLResponse, dependencies=[Depends(admin_view)])

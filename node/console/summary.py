@@ -23,6 +23,7 @@ from node.retention import Retention
 from node.route.study import orientation_class
 from node.send.outbox import list_items
 from node.store.index import Index
+from node.store.audit import AuditEvent, AuditEventType
 from node.store.roundtrips import RoundTrips, TripState
 
 RECENT_ASSOCIATIONS = 20
@@ -54,7 +55,12 @@ def studies(index: Index, show_descriptions: bool = False, limit: int = 500,
         """SELECT s.study_uid, s.state, s.calling_ae, s.first_received, s.last_received, s.completed_at,
                   s.completions,
                   (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS instances,
-                  (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series
+                  (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series,
+                  (SELECT w.state FROM work_items w WHERE w.study_uid=s.study_uid ORDER BY w.id DESC LIMIT 1)
+                      AS job_state,
+                  (SELECT COUNT(*) FROM outbox o WHERE o.study_uid=s.study_uid AND o.state='dead') AS dead,
+                  (SELECT COUNT(*) FROM outbox o WHERE o.study_uid=s.study_uid AND o.state IN ('pending', 'sending'))
+                      AS sending
            FROM studies s""" + (" WHERE s.state=?" if state else "") + " ORDER BY s.last_received DESC LIMIT ?",
         (state, limit) if state else (limit,))
     series: dict[str, list[Any]] = {}
@@ -67,10 +73,74 @@ def studies(index: Index, show_descriptions: bool = False, limit: int = 500,
         row = dict(r)
         mine = series.get(row["study_uid"], [])
         row["modalities"] = sorted({s["modality"] for s in mine if s["modality"]})
+        row["outcome"] = outcome(row)
         if show_descriptions:
             row["descriptions"] = " | ".join(s["description"] for s in mine if s["description"]) or None
         out.append(row)
     return out
+
+
+def outcome(row: dict[str, Any]) -> str:
+    """A study as an operator needs it at a glance: the worst of its receiving, its latest job
+    and its deliveries (failed, dead, then work still to do, then done)."""
+    if row["state"] == "receiving":
+        return "receiving"
+    if row["job_state"] == "failed":
+        return "failed"
+    if row["dead"]:
+        return "dead"
+    if row["job_state"] in ("queued", "running", "waiting"):
+        return str(row["job_state"])
+    if row["sending"]:
+        return "sending"
+    return str(row["job_state"] or row["state"])
+
+
+ATTENTION_LIMIT = 20
+REFUSED_ASSOCIATIONS_S = 86400.0  # refused callers are listed for a day
+
+
+def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
+              now: float | None = None) -> list[dict[str, Any]]:
+    """What needs an operator, newest first, each with its reason and where to look: failed jobs
+    (the study's latest), dead deliveries, round trips that failed or timed out, refused
+    associations (the audit trail's node-authentication alerts of the last day), quarantined
+    instances and a refused configuration reload."""
+    now = time.time() if now is None else now
+    items: list[dict[str, Any]] = []
+    for r in index.query("SELECT w.id, w.study_uid, w.reason, w.updated_at FROM work_items w WHERE w.state='failed'"
+                         " AND NOT EXISTS (SELECT 1 FROM work_items v WHERE v.study_uid=w.study_uid AND v.id>w.id)"
+                         " ORDER BY w.updated_at DESC LIMIT ?", (ATTENTION_LIMIT,)):
+        items.append({"kind": "job failed", "at": r["updated_at"], "study_uid": r["study_uid"],
+                      "what": f"job {r['id']}", "reason": r["reason"] or ""})
+    for r in index.query("SELECT id, study_uid, destination, last_error, updated_at FROM outbox WHERE state='dead'"
+                         " ORDER BY updated_at DESC LIMIT ?", (ATTENTION_LIMIT,)):
+        items.append({"kind": "delivery dead", "at": r["updated_at"], "study_uid": r["study_uid"],
+                      "what": f"delivery {r['id']} to {r['destination']}", "reason": r["last_error"] or "",
+                      "link": "/outbox"})
+    for trip in RoundTrips(index).recent(ATTENTION_LIMIT):
+        if trip.state in (TripState.FAILED, TripState.TIMED_OUT):
+            items.append({"kind": f"round trip {trip.state.value.replace('_', ' ')}", "at": trip.finished_at,
+                          "study_uid": trip.study_uid, "what": f"round trip {trip.id} ({trip.project})",
+                          "reason": trip.reason or ""})
+    for r in index.query("SELECT recorded_at, actor, peer, detail FROM audit_events WHERE event_id=? AND"
+                         " event_type=? AND recorded_at>=? ORDER BY id DESC LIMIT ?",
+                         (AuditEvent.SECURITY_ALERT.value, AuditEventType.NODE_AUTHENTICATION.value,
+                          now - REFUSED_ASSOCIATIONS_S, ATTENTION_LIMIT)):
+        items.append({"kind": "association refused", "at": r["recorded_at"],
+                      "what": f"{r['actor'] or '?'} from {r['peer'] or '?'}",
+                      "reason": str(json.loads(r["detail"] or "{}").get("reason", "")), "link": "/admin/audit"})
+    quarantine = data_dir / "quarantine"
+    reasons = sorted(quarantine.glob("*.reason.txt"), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if quarantine.is_dir() else []
+    for path in reasons[:ATTENTION_LIMIT]:
+        items.append({"kind": "instance quarantined", "at": path.stat().st_mtime,
+                      "what": f"quarantine/{path.name.removesuffix('.reason.txt')}.dcm",
+                      "reason": path.read_text(encoding="utf-8", errors="replace").strip()[:500]})
+    if last_reload and not last_reload.get("applied", True):
+        items.append({"kind": "reload refused", "at": last_reload.get("at"), "what": "node.yaml / routing file",
+                      "reason": "; ".join(last_reload.get("problems") or []), "link": "/rules"})
+    return sorted(items, key=lambda i: i["at"] or 0.0, reverse=True)
 
 
 def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> list[dict[str, Any]]:
@@ -197,6 +267,13 @@ def format_status(summary: dict[str, Any]) -> str:
         lines.append("models: " + (", ".join(f"{m['name']} ({m['status']})" for m in live["models"]) or "none"))
     else:
         lines.append(f"node {summary['ae_title']}: not answering over HTTP (figures from the index)")
+    attention = summary.get("attention")
+    if attention:
+        lines.append(f"NEEDS ATTENTION ({len(attention)}):")
+        for a in attention[:10]:
+            lines.append(f"  {when(a['at'])}  {a['kind']}: {a['what']}"
+                         + (f" (study {a['study_uid']})" if a.get("study_uid") else "")
+                         + (f" - {a['reason'][:200]}" if a.get("reason") else ""))
     d = summary["disk"]
     lines.append(f"disk: {megabytes(d['free_bytes'])} free, watermark {megabytes(d['watermark_bytes'])}"
                  + (" - BELOW THE WATERMARK" if d["below_watermark"] else ""))

@@ -17,7 +17,7 @@ import pydicom
 from common import logs
 from node.encode.notice import build_failure_notice
 from node.encode.uids import ResultUIDs, SourceIdentity
-from node.jobs.failures import Superseded
+from node.jobs.failures import JobError, Superseded
 from node.route.study import SeriesView, StudyView, study_from_index
 
 if TYPE_CHECKING:
@@ -70,8 +70,16 @@ def queue_notice(runner: JobRunner, job: Job, view: StudyView, series: SeriesVie
     buffer = BytesIO()
     notice.save_as(buffer, enforce_file_format=True)
     runner.spool.store(target, [buffer.getvalue()])
+    queued = 0
     for name in destinations:
-        runner.outbox.enqueue(f"{job.id}:{rule}:{kind}", view.study_uid, runner.destination(name, view), [target],
+        try:
+            destination = runner.destination(name, view)
+        except JobError as exc:  # @sender names no one (and no fallback): the other destinations still get it
+            logs.event(log, "notice_destination_unresolved", logging.WARNING, job=job.id, rule=rule,
+                       reason=str(exc))
+            continue
+        runner.outbox.enqueue(f"{job.id}:{rule}:{kind}", view.study_uid, destination, [target],
                               guard=runner.still_current(job))
-    logs.event(log, "notice_queued", job=job.id, rule=rule, kind=kind, destinations=len(destinations))
-    return len(destinations)
+        queued += 1
+    logs.event(log, "notice_queued", job=job.id, rule=rule, kind=kind, destinations=queued)
+    return queued

@@ -306,8 +306,13 @@ class JobRunner:
         if name != SENDER:
             return name
         found = self.config.destination_for_caller(view.calling_ae)
+        if found is None and self.config.sending.sender_fallback:
+            logs.event(log, "sender_fallback_used", study_uid=view.study_uid, calling_ae=view.calling_ae,
+                       destination=self.config.sending.sender_fallback)
+            return self.config.sending.sender_fallback
         if found is None:
-            raise JobError("results go back to the sender, but no destination has the study's calling AE title")
+            raise JobError(f"results go back to the sender, but no destination has the study's calling AE title"
+                           f" {view.calling_ae!r} (and sending.sender_fallback is not set)")
         return found
 
     def still_current(self, job: Job) -> Callable[[Db], None]:

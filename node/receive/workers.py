@@ -103,6 +103,7 @@ class ReceiverPool:
         self._lock = threading.Lock()
         self._reconfiguring = threading.Lock()
         self._stopping = threading.Event()
+        self._signalled = threading.Event()  # the service got SIGTERM/SIGINT: receivers may go first
         self._selector = selectors.DefaultSelector()
         self._listener = socket.create_server(
             (config.scp.bind, config.scp.port), reuse_port=False, backlog=128
@@ -181,6 +182,11 @@ class ReceiverPool:
             logs.event(log, "receivers_reconfigured", draining=[w.process.pid for w in old],
                        receivers=[w.process.pid for w in fresh], stopped=[w.process.pid for w in earlier])
             return True
+
+    def signalled(self) -> None:
+        """The service is stopping on a signal; a receiver that ends now (the same Ctrl-C reached
+        it) is not respawned and not reported as a failure."""
+        self._signalled.set()
 
     def stop(self, drain: float = 0.0, grace: float = 10.0, hurry: threading.Event | None = None) -> None:
         """Stop taking connections at once (the listening socket closes, so readiness fails and a
@@ -337,6 +343,9 @@ class ReceiverPool:
                        pid=worker.process.pid, exit_code=code)
             return
         if stopping:
+            return
+        if self._signalled.is_set():  # Ctrl-C reaches the whole process group: a normal stop, not a failure
+            logs.event(log, "receiver_stopped_by_signal", slot=worker.slot, pid=worker.process.pid, exit_code=code)
             return
         logs.event(log, "receiver_exited", logging.ERROR, slot=worker.slot, pid=worker.process.pid, exit_code=code)
         # A receiver that cannot start (a bad certificate, no memory) must not respawn in a busy loop.

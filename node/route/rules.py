@@ -134,7 +134,15 @@ class Decision:
     def priority(self) -> int:
         return max((rule.priority for rule, _ in self.applied), default=0)
 
-    def explain(self) -> str:
+    @property
+    def sends_to_sender(self) -> bool:
+        """Whether an applied rule sends results to @sender (explain warns when it names no one)."""
+        return any(SENDER in rule.actions.send_to or (rule.actions.deidentify and SENDER in
+                                                       rule.actions.deidentify.results_to)
+                   for rule, _ in self.applied)
+
+    def explain(self, sender_warning: str | None = None) -> str:
+        """`sender_warning`: the configuration's word on @sender for this caller (NodeConfig.sender_warning)."""
         lines = [f"rules version {self.version} ({self.mode})"]
         for o in self.outcomes:
             lines.append(f"  [{o.mark:8}] {o.rule}: {o.reason}")
@@ -152,6 +160,8 @@ class Decision:
             if actions.deidentify and series is not None:
                 lines.append(f"  => {rule.name}: {series.label()} de-identified for project"
                              f" {actions.deidentify.project} to {', '.join(actions.deidentify.send_to)}")
+        if sender_warning and self.sends_to_sender:
+            lines.append(f"  {sender_warning}")
         return "\n".join(lines)
 
 
