@@ -37,12 +37,14 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# Flags for the node: make run ARGS="--port 11114 --http-port 8081" (`dicom-node serve --help`)
 run: venv
-	$(BIN)/dicom-node serve --config config/node.yaml
+	$(BIN)/dicom-node serve --config config/node.yaml $(ARGS)
 
-# In a second terminal while `make run` serves: a phantom study through the node and back.
+# In a second terminal while `make run` serves: a phantom study through the node and back (it
+# finds the running node's port; make demo ARGS="--port N" names another).
 demo: venv
-	$(BIN)/dicom-node demo --config config/node.yaml
+	$(BIN)/dicom-node demo --config config/node.yaml $(ARGS)
 
 test: venv system-deps ohif authserver
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

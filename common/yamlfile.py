@@ -123,21 +123,31 @@ def _message(model: type[BaseModel], err: Any) -> str:
 
 
 def _fields_at(model: Any, path: tuple[Any, ...]) -> list[str]:
-    """The field names of the model found by following `path` (names, dict keys, list indices)."""
+    """The field names of the model found by following `path` (field names, then for a dict of
+    models its key, for a list of models its index)."""
+    skip = False  # the next step is a dict key or a list index, not a field name
     for step in path:
-        if isinstance(step, int):
+        if skip or isinstance(step, int):
+            skip = False
             continue
         fields = getattr(model, "model_fields", None)
-        if fields is None:
+        if fields is None or step not in fields:
             return []
-        if step in fields:
-            model = _model_of(fields[step].annotation)
-        else:  # a key of a dict of models (destinations.<name>)
-            continue
+        annotation = fields[step].annotation
+        model = _model_of(annotation)
         if model is None:
             return []
+        skip = _is_collection(annotation)
     fields = getattr(model, "model_fields", None)
     return list(fields) if fields else []
+
+
+def _is_collection(annotation: Any) -> bool:
+    """dict[str, X] or list[X] (optional or not): the next step of a path is a key or an index."""
+    origin = typing.get_origin(annotation)
+    if origin in (dict, list):
+        return True
+    return any(_is_collection(arg) for arg in typing.get_args(annotation))
 
 
 def _model_of(annotation: Any) -> Any:

@@ -243,17 +243,25 @@ def _config_in_force(path: Optional[Path], data_dir: Optional[Path] = None) -> N
     except ConfigError as exc:
         from node.liveconfig import read_snapshot
 
-        snapshot = read_snapshot(data_dir.resolve() if data_dir else _data_dir_of(path))
+        folder = data_dir.resolve() if data_dir else _data_dir_of(path)
+        snapshot = read_snapshot(folder)
         if snapshot is None or not isinstance(snapshot.get("in_force"), dict):
             return _config(path, overrides)  # reports the problems, exit 2
         in_force = snapshot["in_force"]
+        in_force.setdefault("storage", {})["data_dir"] = str(folder)  # where it was read: this index
         http = in_force.get("http") or {}
         http["token"] = None  # written as a digest: the environment's token still applies
         if isinstance(http.get("oidc"), dict):
             http["oidc"]["client_secret"] = None
+        try:
+            cfg = NodeConfig.model_validate(in_force)
+        except ValueError:  # written by another release: the file's problems are what to fix
+            return _config(path, overrides)
+        written = snapshot.get("written_at")
+        age = f", written {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))}" if written else ""
         typer.echo(f"warning: {path or 'node.yaml'} has {len(exc.problems)} problem(s) (`dicom-node config check`"
-                   " lists them); using the configuration in force that the node wrote", err=True)
-        return NodeConfig.model_validate(in_force)
+                   f" lists them); using the configuration in force that the node wrote to {folder}{age}", err=True)
+        return cfg
 
 
 def _data_dir_of(path: Optional[Path]) -> Path:
@@ -275,7 +283,7 @@ def _index(config: Optional[Path], data_dir: Optional[Path] = None, migrate: boo
     """`read_only`: a command that changes nothing may run on the configuration in force."""
     cfg = _config_in_force(config, data_dir) if read_only else \
         _config(config, {"storage.data_dir": str(data_dir.resolve()) if data_dir else None})
-    index = _existing_index(cfg, migrate)
+    index = _existing_index(cfg, migrate and not read_only)  # reading never changes the schema
     if index is None:
         typer.echo(f"no index in {cfg.storage.data_dir}: the node has not run with this configuration", err=True)
         raise typer.Exit(1)
@@ -295,7 +303,7 @@ def outbox_list(
 
     cfg, index = _index(config, read_only=True)
     _print_rows(list_items(index), as_json, "outbox is empty", [
-        ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["outcome"]),
+        ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["state"]),
         ("DESTINATION", "16", lambda r: r["destination"]), ("TRIES", ">5", lambda r: r["attempts"]),
         ("JOB", "10", lambda r: r["job_key"]), ("LAST ERROR", "", lambda r: r["last_error"] or ""),
     ])
@@ -325,6 +333,22 @@ def outbox_retry(
     count = retry(index, item, cfg.sending.deadline_s)
     typer.echo(f"{count} item(s) queued for delivery")
     raise typer.Exit(0 if count or all_dead else 1)
+
+
+@outbox_app.command("resend")
+def outbox_resend(
+    item: int = typer.Argument(..., help="Outbox ID of a delivered item."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Send a delivered result set again (the PACS lost it): the same files, the same UIDs."""
+    from node.send.outbox import resend
+
+    cfg, index = _index(config)
+    refused = resend(index, item, cfg.sending.deadline_s)
+    if refused:
+        typer.echo(refused, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"outbox item {item} queued to be sent again")
 
 
 jobs_app = typer.Typer(rich_markup_mode=None, help="Pipeline jobs (one per completed study).", invoke_without_command=True,
@@ -515,7 +539,7 @@ def status(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Spool and index folder."),
 ) -> None:
     """The dashboard's summary: readiness, queues, jobs, outbox, disk, recent associations."""
-    from node.console.summary import dashboard, format_status
+    from node.console.summary import attention, dashboard, format_status
     from node.jobs.store import JobStore
     from node.retention import Retention
 
@@ -524,6 +548,7 @@ def status(
     answered = summary is not None
     if summary is None:
         summary = dashboard(index, JobStore(index), Retention(index, Path(cfg.storage.data_dir)), cfg)
+        summary["attention"] = attention(index, Path(cfg.storage.data_dir), None)
     typer.echo(json.dumps(summary, indent=2) if as_json else format_status(summary))
     if not answered:  # figures from the index only: say so to a script too
         raise typer.Exit(1)
@@ -536,17 +561,14 @@ def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
     import urllib.request
 
     from node.liveconfig import read_snapshot
-    from node.config import HttpConfig
 
     http = cfg.http
     snapshot = read_snapshot(Path(cfg.storage.data_dir))  # the running node's port, as its flags set it
-    if snapshot and isinstance((snapshot.get("in_force") or {}).get("http"), dict):
-        running = dict(snapshot["in_force"]["http"], token=None, oidc=None)
-        try:
-            http = http.model_copy(update={k: getattr(HttpConfig.model_validate(running), k)
-                                           for k in ("port", "bind", "tls")})
-        except ValueError:
-            pass
+    running = ((snapshot or {}).get("in_force") or {}).get("http") or {}
+    if isinstance(running.get("port"), int) and 0 <= running["port"] <= 65535:
+        # the port only: the address and TLS stay node.yaml's, so that no file in the data folder
+        # can send the token elsewhere
+        http = http.model_copy(update={"port": running["port"]})
     if not http.port:
         return None
     host = "127.0.0.1" if http.bind in ("0.0.0.0", "::") else http.bind

@@ -754,7 +754,7 @@ def _check_http(http: HttpConfig, file: str) -> list[Problem]:
     if (http.tls.certificate is None) != (http.tls.private_key is None):
         problems.append(Problem(file, None, "http.tls", "certificate and private_key go together"))
     from_env = os.environ.get(HTTP_TOKEN_ENV)
-    if from_env is not None and len(from_env) < MIN_TOKEN_LENGTH:  # the same rule as http.token's in the file
+    if from_env and len(from_env) < MIN_TOKEN_LENGTH:  # (set but empty: unset, as effective_token reads it)  # the same rule as http.token's in the file
         problems.append(Problem("environment", None, HTTP_TOKEN_ENV,
                                 f"has {len(from_env)} characters; a token needs at least {MIN_TOKEN_LENGTH}"))
     return problems

@@ -131,12 +131,21 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def dump(config: NodeConfig) -> dict[str, Any]:
-    """The configuration as JSON data, without its secrets (the HTTP token, the OIDC client secret)."""
+    """The configuration as JSON data, without its secrets (the HTTP token, the OIDC client secret,
+    the index database's password)."""
     data = config.model_dump(mode="json")
     for section, key in (("http", "token"), ("oidc", "client_secret")):  # a change is still seen, the secret is not shown
         holder = data.get("http", {}) if section == "http" else (data.get("http", {}).get("oidc") or {})
         if holder.get(key):
             holder[key] = "sha256:" + hashlib.sha256(holder[key].encode()).hexdigest()[:12]
+    storage = data.get("storage") or {}
+    if storage.get("index_url"):
+        from sqlalchemy.engine import make_url
+
+        try:
+            storage["index_url"] = make_url(storage["index_url"]).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: nothing of it is shown
+            storage["index_url"] = "(hidden)"
     return data
 
 
@@ -277,5 +286,7 @@ class LiveConfig:
                     "restart_pending": self.restart_pending, "written_at": time.time()}
         target = data_dir / SNAPSHOT
         tmp = target.with_suffix(f".{os.getpid()}.tmp")  # replicas sharing data_dir write it too
-        tmp.write_text(json.dumps(snapshot, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the node's account only
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(snapshot, indent=1))
         tmp.replace(target)

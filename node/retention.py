@@ -21,6 +21,7 @@ This module sits above node/jobs and node/send (it reads both), beside the servi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -77,6 +78,11 @@ class Plan:
     results: list[PlannedResults] = field(default_factory=list)
     kept: list[StudyState] = field(default_factory=list)
     stored_bytes: int = 0
+
+    def digest(self) -> str:
+        """What the plan deletes, as one value: a confirmation names exactly this plan."""
+        names = sorted(s.study_uid for s in self.studies) + sorted(str(f) for r in self.results for f in r.files)
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -177,7 +183,10 @@ class Retention:
 
     def run(self, policy: RetentionConfig, now: float | None = None) -> dict[str, int]:
         """Apply the policy once; returns what went."""
-        plan = self.plan(policy, now)
+        return self.carry_out(self.plan(policy, now))
+
+    def carry_out(self, plan: Plan) -> dict[str, int]:
+        """Delete what `plan` names (each study re-checked under the write lock); what went."""
         totals = {"studies": 0, "instances": 0, "bytes": 0, "result_files": 0}
         for study in plan.studies:
             deleted = self._delete_study(study)

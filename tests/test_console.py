@@ -196,6 +196,21 @@ def test_a_study_appears_on_the_dashboard_and_a_dead_delivery_is_retried_from_th
     page.goto(node.url + "/outbox")
     assert "delivered" in page.inner_text(f"#outbox-{dead['id']}")
     _shot(page, workdir, "outbox-delivered")
+    attempts = next(o["attempts"] for o in _get(node, "/api/outbox") if o["id"] == dead["id"])
+
+    # the viewer lost them: the delivered set goes again, the same files and UIDs, its history kept
+    for received in (workdir / "viewer").glob("*.dcm"):
+        received.unlink()
+    page.click(f"#outbox-{dead['id']} button.resend")
+    assert "queued to be sent again (the same files and UIDs)" in page.inner_text("#message")
+    wait_for(lambda: results <= viewer.received(), timeout=60)
+    again = wait_for(lambda: next((o for o in _get(node, "/api/outbox") if o["id"] == dead["id"]
+                                   and o["state"] == "delivered" and o["attempts"] == attempts + 1), None), timeout=60)
+    assert again["attempts"] == attempts + 1  # counted on, not reset
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(node.url + "/outbox")
+    assert page.locator(f"#outbox-{dead['id']} button.resend").count() == 1
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # fits a 1280-pixel screen
 
 
 def test_a_job_is_retried_from_the_jobs_page(node, page, workdir, tmp_path):
@@ -345,6 +360,9 @@ def test_status_and_plain_one_line_cli_errors(node, viewer):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     echo = _cli("echo", "viewer", "--config", str(node.config_path))
     assert echo.returncode == 0 and "success" in echo.stdout
+    for args in (("outbox",), ("jobs",), ("studies",), ("audit",)):  # listings of rows (the module's earlier tests)
+        listed = _cli(*args, "--config", str(node.config_path))
+        assert listed.returncode == 0 and len(listed.stdout.splitlines()) > 1, (args, listed.stdout, listed.stderr)
 
 
 def test_the_console_imports_no_torch_or_monai():
@@ -638,8 +656,8 @@ def test_retention_shows_what_it_deletes_and_needs_the_confirmation(browser, sta
         assert "1 study" in page.inner_text("#plan-summary")
         assert page.inner_text("#confirm-retention") == "Delete 1 study and 0 result files now"
         assert _study(node, study_uid)["study"]["state"] == "complete"  # the preview deleted nothing
-        # a confirmation for another count is refused and deletes nothing
-        page.evaluate("document.querySelector('input[name=studies]').value = '5'")
+        # a confirmation of another plan (what the admin saw no longer holds) deletes nothing
+        page.evaluate("document.querySelector('input[name=plan_digest]').value = '0123456789abcdef'")
         page.click("#confirm-retention")
         assert "what it would delete changed since the preview" in page.inner_text("#message")
         assert _study(node, study_uid)["study"]["state"] == "complete"

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from common.yamlfile import ConfigError
 from inference.repository import ModelRepository
 from node.config import load_config
 from node.receive.workers import ReceiverPool
@@ -230,7 +231,11 @@ def _k8s_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         (tmp_path / name).write_text(configmap["data"][name])
     template = _secret_template()
     monkeypatch.setenv("DICOM_NODE_INDEX_URL", template["index-url"])
+    # the template's placeholder token is refused (too short), so no one deploys it by mistake
     monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN", template["http-token"])
+    with pytest.raises(ConfigError, match="DICOM_NODE_HTTP_TOKEN: has 10 characters; a token needs at least 16"):
+        load_config(tmp_path / "node.yaml")
+    monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN", "a-real-token-0123456789")
     return load_config(tmp_path / "node.yaml")
 
 

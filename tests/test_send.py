@@ -234,7 +234,8 @@ def test_refusing_pacs_gives_dead_letter_without_retries(tmp_path, orthanc):
     assert [(r["id"], r["state"]) for r in json.loads(listed.stdout)] == [(item, "dead")]
     retried = subprocess.run([exe, "outbox", "retry", "--all", "--config", str(config)], capture_output=True, text=True)
     assert retried.returncode == 0 and "1 item(s) queued" in retried.stdout
-    assert _item(index, item)["state"] == "pending" and _item(index, item)["attempts"] == 0
+    requeued = _item(index, item)  # its attempt so far stays counted; the backoff starts again from it
+    assert (requeued["state"], requeued["attempts"], requeued["attempts_base"]) == ("pending", 1, 1)
 
 
 def test_sigkill_while_sending_then_restart_leaves_exactly_one_copy(tmp_path, orthanc, start_node):

@@ -14,7 +14,7 @@ from node.console.context import ConsoleContext
 from node.jobs.store import IllegalTransition, UnknownJob
 from node.route.study import StudyView, study_from_folder, study_from_index
 from node.send.echo import EchoResult, echo_destination as echo_peer
-from node.send.outbox import delivery_state, retry as retry_outbox
+from node.send.outbox import delivery_state, resend as resend_outbox, retry as retry_outbox
 
 MAX_UPLOAD_FILES = 2000
 
@@ -47,6 +47,14 @@ def retry_delivery(ctx: ConsoleContext, item_id: int) -> str:
         raise ActionError(409, f"outbox item {item_id} is {state}: only dead or pending items are retried")
     ctx.wake_outbox()
     return f"outbox item {item_id} queued for delivery"
+
+
+def resend_delivery(ctx: ConsoleContext, item_id: int) -> str:
+    refused = resend_outbox(ctx.index, item_id, ctx.config.sending.deadline_s)
+    if refused is not None:
+        raise ActionError(404 if refused.startswith("no outbox item") else 409, refused)
+    ctx.wake_outbox()
+    return f"outbox item {item_id} queued to be sent again (the same files and UIDs)"
 
 
 def echo_destination(ctx: ConsoleContext, name: str) -> EchoResult:

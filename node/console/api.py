@@ -203,6 +203,12 @@ def retry_delivery(request: Request, item_id: int) -> Done:
     return Done(message=_audited(request, actions.retry_delivery, ctx_of(request), item_id))
 
 
+@router.post("/outbox/{item_id}/resend", response_model=Done, dependencies=[Depends(require_operator)],
+             summary="Send a delivered result set again (same files, same UIDs), e.g. when the PACS lost it")
+def resend_delivery(request: Request, item_id: int) -> Done:
+    return Done(message=_audited(request, actions.resend_delivery, ctx_of(request), item_id))
+
+
 @router.get("/associations", response_model=list[AssociationRow], summary="Recent associations, newest first")
 def get_associations(request: Request, limit: int = 100) -> list[dict[str, Any]]:
     return summary.associations(ctx_of(request).index, limit)

@@ -25,6 +25,7 @@ from node.console.oidc import OidcError
 from node.console.sessions import SHARED_TOKEN_SESSION
 from node.store.accounts import TOKEN_PREFIX, Principal, Role
 
+AUTO_REFRESH = "refreshed"  # a page's own reload (the dashboard's): not a user's activity
 SESSION_COOKIE = "dicom_node_session"
 LOGIN_COOKIE = "dicom_node_login"  # binds an OIDC login to the browser that began it
 CSRF_HEADER = "x-csrf-token"
@@ -65,7 +66,8 @@ def principal(request: Request) -> Principal | None:
     else:
         cookie = request.cookies.get(SESSION_COOKIE)
         session = ctx.sessions.find(cookie, ctx.config.http.session_idle_minutes * 60,
-                                    ctx.config.http.session_max_hours * 3600) if cookie else None
+                                    ctx.config.http.session_max_hours * 3600,
+                                    activity=request.query_params.get(AUTO_REFRESH) != "1") if cookie else None
         if session is not None and (session.principal.name != SHARED_TOKEN_SESSION or shared):
             found = session.principal
             request.state.csrf = session.csrf

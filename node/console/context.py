@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from node.retention import Retention
 from node.route.rules import RuleSet
 from node.store.accounts import Accounts
 from node.store.audit import AuditTrail
+from node.store.identity import installation_uid
 from node.store.index import Index
 from node.store.spool import Spool
 
@@ -49,7 +50,9 @@ class ConsoleContext:
         self.stow_slots = threading.BoundedSemaphore(self.live.current.scp.max_associations)  # STOW-RS requests at once
         oidc = self.live.current.http.oidc  # http.* needs a restart: fixed for the process
         self.oidc = OidcProvider(oidc) if oidc is not None else None
-        self.flash_key = secrets.token_bytes(32)  # signs the console's one-time messages (pages.flash)
+        # signs the console's one-time messages (pages.back): from the installation's identity, so
+        # every replica of one installation reads another's (a redirect may land on any of them)
+        self.flash_key = hashlib.sha256(b"dicom-node flash\x00" + installation_uid(self.index).encode()).digest()
 
     @property
     def config(self) -> NodeConfig:

@@ -5,8 +5,8 @@ announces more than `http.max_upload_mb` is refused with 413 before a byte of it
 a body without Content-Length (chunked) is counted as the application reads it, and the read
 that passes the limit raises `BodyTooLarge` (a 413 HTTPException, so FastAPI's form parsing
 passes it on instead of calling it a parse error). Either way the answer says the limit and
-closes the connection (`Connection: close`); up to LINGER_BYTES of the refused body is read
-and dropped first, so that the close does not reset the answer away.
+closes the connection (`Connection: close`); a refused body whose announced length is at most
+LINGER_BYTES is read and dropped first, so that the close does not reset the answer away.
 
 What gets in is parsed by Starlette's streaming multipart parser (python-multipart): files are
 spooled to temporary files, and the routes read one file at a time, so a request costs at most
@@ -59,7 +59,8 @@ class BodyLimit:
         limit, setting = self.limit(scope.get("path", ""))
         announced = _content_length(scope)
         if announced is not None and announced > limit:
-            if announced <= LINGER_BYTES:  # small enough to read: the client then sees the answer
+            # small enough to read, and not held back for a 100 Continue (reading would invite it)
+            if announced <= LINGER_BYTES and not _expects_continue(scope):
                 await _discard_body(receive, announced)
             await self._answer(scope, receive, send, BodyTooLarge(limit, setting))
             return
@@ -71,9 +72,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    if message.get("more_body", False):
-                        await _discard_body(receive, LINGER_BYTES)
+                if received > limit:  # (no drain: a body without a length may be endless)
                     raise BodyTooLarge(limit, setting)
             return message
 
@@ -99,7 +98,7 @@ class BodyLimit:
 # request bytes makes the kernel send a reset, which can destroy the 413 before the client
 # reads it (RFC 9112 9.6 asks servers to close gracefully). So up to this much of a refused
 # body is read and dropped first, within LINGER_S; past that, the reset is the lesser harm.
-LINGER_BYTES = 64 * MB
+LINGER_BYTES = 128 * MB
 LINGER_S = 5.0
 
 
@@ -120,6 +119,10 @@ async def _discard_body(receive: Receive, at_most: int) -> None:
         drained += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return Headers(scope=scope).get("expect", "").lower() == "100-continue"
 
 
 def _content_length(scope: Scope) -> int | None:

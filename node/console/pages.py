@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -24,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from node.console import actions, summary, trail
 from node.console.api import patient_view, rules_report
-from node.console.auth import (LOGIN_COOKIE, SESSION_COOKIE, Refused, allowed, csrf_ok, principal,
+from node.console.auth import (AUTO_REFRESH, LOGIN_COOKIE, SESSION_COOKIE, Refused, allowed, csrf_ok, principal,
                                sees_patients)
 from node.console.context import ConsoleContext
 from node.console.limits import FORM_LIMITS, one_at_a_time
@@ -101,12 +102,13 @@ def render(request: Request, template: str, values: dict[str, Any], status: int 
               "can_act": who is not None and who.may(Role.OPERATOR), "can_admin": who is not None and who.may(Role.ADMIN),
               "csrf": getattr(request.state, "csrf", ""), "sso": ctx.oidc is not None, **values}
     response = templates.TemplateResponse(request, template, values, status_code=status)
-    if message is not None:
-        response.delete_cookie(FLASH_COOKIE, path="/")  # shown once: a reload does not repeat it
+    if FLASH_COOKIE in request.cookies:
+        response.delete_cookie(FLASH_COOKIE, path="/")  # shown once (or not at all): a reload does not repeat it
     return response
 
 
 FLASH_COOKIE = "dicom_node_flash"
+FLASH_S = 60.0  # a message not shown within this is dropped
 DASHBOARD_REFRESH_S = 10  # the dashboard reloads itself (no script): a failure shows within this
 
 
@@ -114,7 +116,7 @@ def back(request: Request, path: str, message: str, ok: bool) -> RedirectRespons
     """Back to `path` with a message shown once: a cookie signed with this process's key, so no
     link can make the console show a text of its choosing (a `?msg=` in the URL shows nothing)."""
     response = RedirectResponse(path, 303)
-    payload = base64.urlsafe_b64encode(json.dumps([message[:2000], ok]).encode()).decode()
+    payload = base64.urlsafe_b64encode(json.dumps([message[:2000], ok, time.time()]).encode()).decode()
     signature = hmac.new(ctx_of(request).flash_key, payload.encode(), hashlib.sha256).hexdigest()
     response.set_cookie(FLASH_COOKIE, f"{payload}.{signature}", max_age=60, path="/", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")
@@ -122,16 +124,19 @@ def back(request: Request, path: str, message: str, ok: bool) -> RedirectRespons
 
 
 def read_flash(request: Request) -> tuple[str, bool] | None:
-    """The message `back` left, if its signature holds (another replica's, or a forged one: none)."""
+    """The message `back` left, if its signature holds and it is fresh (FLASH_S); a forged,
+    damaged or old cookie shows nothing (and is deleted with the page)."""
     payload, _, signature = request.cookies.get(FLASH_COOKIE, "").partition(".")
     if not payload:
         return None
-    expected = hmac.new(ctx_of(request).flash_key, payload.encode(), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(signature, expected):
-        return None
     try:
-        message, ok = json.loads(base64.urlsafe_b64decode(payload.encode()))
-    except ValueError:
+        expected = hmac.new(ctx_of(request).flash_key, payload.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            return None
+        message, ok, issued = json.loads(base64.urlsafe_b64decode(payload.encode()))
+        if not 0 <= time.time() - float(issued) <= FLASH_S:
+            return None
+    except (ValueError, TypeError, UnicodeError):
         return None
     return str(message), bool(ok)
 
@@ -155,7 +160,7 @@ def dashboard(request: Request) -> HTMLResponse:
     data = request.app.state.live_summary()
     recent = summary.studies(ctx.index, ctx.config.http.show_descriptions, limit=15)
     return render(request, "dashboard.html", {"s": data, "recent": recent, "page": "dashboard",
-                                              "refresh_s": DASHBOARD_REFRESH_S})
+                                              "refresh_s": DASHBOARD_REFRESH_S, "refresh_flag": AUTO_REFRESH})
 
 
 @router.get("/studies", response_class=HTMLResponse)
@@ -201,6 +206,11 @@ def outbox(request: Request) -> HTMLResponse:
 @router.post("/outbox/{item_id}/retry", dependencies=[Depends(acting(Role.OPERATOR))])
 def retry_delivery(request: Request, item_id: int) -> RedirectResponse:
     return act(request, "/outbox", actions.retry_delivery, ctx_of(request), item_id)
+
+
+@router.post("/outbox/{item_id}/resend", dependencies=[Depends(acting(Role.OPERATOR))])
+def resend_delivery(request: Request, item_id: int) -> RedirectResponse:
+    return act(request, "/outbox", actions.resend_delivery, ctx_of(request), item_id)
 
 
 @router.get("/destinations", response_class=HTMLResponse)
@@ -291,18 +301,17 @@ def _has_policy(policy: Any) -> bool:
 
 
 @router.post("/retention/run", dependencies=[Depends(acting(Role.ADMIN))])
-def retention_run(request: Request, studies: int = Form(...), result_files: int = Form(...)) -> RedirectResponse:
-    """Runs only when the plan still deletes what the confirmation named (else: look again)."""
+def retention_run(request: Request, plan_digest: str = Form(...)) -> RedirectResponse:
+    """Deletes exactly the plan the admin saw (its digest), or nothing: look again."""
     ctx = ctx_of(request)
     policy = ctx.config.storage.retention
     if not _has_policy(policy):
         return back(request, "/retention", "retention: no storage.retention policy is set; nothing is deleted", False)
     plan = ctx.retention.plan(policy)
-    if (len(plan.studies), sum(len(r.files) for r in plan.results)) != (studies, result_files):
+    if plan.digest() != plan_digest:
         return back(request, "/retention", f"retention not run: what it would delete changed since the preview"
-                                           f" ({len(plan.studies)} studies now, {studies} confirmed); look again",
-                    False)
-    done = ctx.retention.run(policy)
+                                           f" ({len(plan.studies)} studies now); look again", False)
+    done = ctx.retention.carry_out(plan)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"retention run: {done['studies']} studies deleted")
     return back(request, "/", f"retention: {done['studies']} studies ({done['bytes'] / 1e6:.1f} MB), "
                               f"{done['result_files']} result files deleted", True)

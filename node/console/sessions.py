@@ -51,9 +51,10 @@ class Sessions:
                        " VALUES (?,?,?,?,?,?)", (_hash(cookie), name, role.value, csrf, now, now))
         return cookie, Session(Principal(name, role, "session"), csrf)
 
-    def find(self, cookie: str, idle_s: float, max_s: float) -> Session | None:
+    def find(self, cookie: str, idle_s: float, max_s: float, activity: bool = True) -> Session | None:
         """The live session of a cookie: not idle past `idle_s`, not older than `max_s`, its
-        account still there and enabled (a disabled account's sessions end at its next request)."""
+        account still there and enabled (a disabled account's sessions end at its next request).
+        `activity`: False for a page's own reload (the dashboard's): it keeps no one signed in."""
         now = time.time()
         rows = self.index.query(
             "SELECT s.account, s.role, s.csrf, s.created_at, s.seen_at, a.name AS known, a.disabled_at"
@@ -66,7 +67,7 @@ class Sessions:
         if now - row["seen_at"] > idle_s or now - row["created_at"] > max_s:
             self.end(cookie)
             return None
-        if now - row["seen_at"] > SEEN_EVERY_S:
+        if activity and now - row["seen_at"] > SEEN_EVERY_S:
             with self.index.transaction() as db:
                 db.execute("UPDATE console_sessions SET seen_at=? WHERE id_hash=?", (now, _hash(cookie)))
         return Session(Principal(row["account"], Role(row["role"]), "session"), row["csrf"])

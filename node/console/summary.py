@@ -58,11 +58,14 @@ def studies(index: Index, show_descriptions: bool = False, limit: int = 500,
                   (SELECT COUNT(*) FROM series r WHERE r.study_uid=s.study_uid) AS series,
                   (SELECT w.state FROM work_items w WHERE w.study_uid=s.study_uid ORDER BY w.id DESC LIMIT 1)
                       AS job_state,
-                  (SELECT COUNT(*) FROM outbox o WHERE o.study_uid=s.study_uid AND o.state='dead') AS dead,
+                  (SELECT COUNT(*) FROM outbox o WHERE o.study_uid=s.study_uid AND o.state='dead'
+                      AND o.job_key LIKE (SELECT CAST(MAX(w.id) AS TEXT) FROM work_items w
+                                          WHERE w.study_uid=s.study_uid) || ':%') AS dead,
                   (SELECT COUNT(*) FROM outbox o WHERE o.study_uid=s.study_uid AND o.state IN ('pending', 'sending'))
                       AS sending
-           FROM studies s""" + (" WHERE s.state=?" if state else "") + " ORDER BY s.last_received DESC LIMIT ?",
-        (state, limit) if state else (limit,))
+           FROM (SELECT * FROM studies""" + (" WHERE state=?" if state else "") +
+        """ ORDER BY last_received DESC LIMIT ?) s ORDER BY s.last_received DESC""",
+        (state, limit) if state else (limit,))  # the page first: the counts only for the studies shown
     series: dict[str, list[Any]] = {}
     uids = [r["study_uid"] for r in rows]
     for r in index.query("SELECT study_uid, modality, description FROM series WHERE study_uid IN"
@@ -118,11 +121,10 @@ def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
         items.append({"kind": "delivery dead", "at": r["updated_at"], "study_uid": r["study_uid"],
                       "what": f"delivery {r['id']} to {r['destination']}", "reason": r["last_error"] or "",
                       "link": "/outbox"})
-    for trip in RoundTrips(index).recent(ATTENTION_LIMIT):
-        if trip.state in (TripState.FAILED, TripState.TIMED_OUT):
-            items.append({"kind": f"round trip {trip.state.value.replace('_', ' ')}", "at": trip.finished_at,
-                          "study_uid": trip.study_uid, "what": f"round trip {trip.id} ({trip.project})",
-                          "reason": trip.reason or ""})
+    for trip in RoundTrips(index).in_states((TripState.FAILED, TripState.TIMED_OUT), ATTENTION_LIMIT):
+        items.append({"kind": f"round trip {trip.state.value.replace('_', ' ')}", "at": trip.finished_at,
+                      "study_uid": trip.study_uid, "what": f"round trip {trip.id} ({trip.project})",
+                      "reason": trip.reason or ""})
     for r in index.query("SELECT recorded_at, actor, peer, detail FROM audit_events WHERE event_id=? AND"
                          " event_type=? AND recorded_at>=? ORDER BY id DESC LIMIT ?",
                          (AuditEvent.SECURITY_ALERT.value, AuditEventType.NODE_AUTHENTICATION.value,
@@ -130,17 +132,28 @@ def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
         items.append({"kind": "association refused", "at": r["recorded_at"],
                       "what": f"{r['actor'] or '?'} from {r['peer'] or '?'}",
                       "reason": str(json.loads(r["detail"] or "{}").get("reason", "")), "link": "/admin/audit"})
-    quarantine = data_dir / "quarantine"
-    reasons = sorted(quarantine.glob("*.reason.txt"), key=lambda p: p.stat().st_mtime, reverse=True) \
-        if quarantine.is_dir() else []
-    for path in reasons[:ATTENTION_LIMIT]:
-        items.append({"kind": "instance quarantined", "at": path.stat().st_mtime,
-                      "what": f"quarantine/{path.name.removesuffix('.reason.txt')}.dcm",
-                      "reason": path.read_text(encoding="utf-8", errors="replace").strip()[:500]})
+    for at, path in _quarantined(data_dir / "quarantine")[:ATTENTION_LIMIT]:
+        try:
+            reason = path.read_text(encoding="utf-8", errors="replace").strip()[:500]
+        except OSError:  # removed by an operator meanwhile
+            continue
+        items.append({"kind": "instance quarantined", "at": at,
+                      "what": f"quarantine/{path.name.removesuffix('.reason.txt')}.dcm", "reason": reason})
     if last_reload and not last_reload.get("applied", True):
         items.append({"kind": "reload refused", "at": last_reload.get("at"), "what": "node.yaml / routing file",
                       "reason": "; ".join(last_reload.get("problems") or []), "link": "/rules"})
     return sorted(items, key=lambda i: i["at"] or 0.0, reverse=True)
+
+
+def _quarantined(folder: Path) -> list[tuple[float, Path]]:
+    """(when, reason file) of what is in quarantine, newest first (its names begin with the time)."""
+    found = []
+    for path in folder.glob("*.reason.txt") if folder.is_dir() else []:
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:
+            continue
+    return sorted(found, reverse=True)
 
 
 def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> list[dict[str, Any]]:

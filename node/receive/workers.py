@@ -344,7 +344,9 @@ class ReceiverPool:
             return
         if stopping:
             return
-        if self._signalled.is_set():  # Ctrl-C reaches the whole process group: a normal stop, not a failure
+        if self._signalled.is_set() and code in (0, -signal.SIGINT, -signal.SIGTERM):
+            # Ctrl-C reaches the whole process group: a normal stop, not a failure (a receiver
+            # killed otherwise meanwhile, by the OOM killer say, is still reported)
             logs.event(log, "receiver_stopped_by_signal", slot=worker.slot, pid=worker.process.pid, exit_code=code)
             return
         logs.event(log, "receiver_exited", logging.ERROR, slot=worker.slot, pid=worker.process.pid, exit_code=code)

@@ -191,7 +191,8 @@ class Outbox:
     def _retry_later(self, row: Any, reason: str) -> str:
         sending = self.config.sending
         attempts = int(row["attempts"]) + 1
-        delay = backoff_delay(attempts, sending.retry_initial_s, sending.retry_max_s)
+        # the backoff restarts when an operator queued the item again; the count goes on (history)
+        delay = backoff_delay(attempts - int(row["attempts_base"] or 0), sending.retry_initial_s, sending.retry_max_s)
         when = time.time() + delay
         if when > float(row["deadline"]):
             return self._finish(row, "dead", f"deadline passed after {attempts} attempts; last error: {reason}")
@@ -251,13 +252,34 @@ def list_items(index: Index) -> list[dict[str, Any]]:
 
 
 def retry(index: Index, item_id: int | None, deadline_s: float) -> int:
-    """Put a dead (or pending) item, or all dead items, back in the queue now with a fresh deadline."""
+    """Put a dead (or pending) item, or all dead items, back in the queue now with a fresh deadline
+    (its attempts so far stay counted; the backoff starts again)."""
+    return _requeue(index, ("id=?", (item_id,)) if item_id is not None else ("state='dead'", ()),
+                    ("dead", "pending"), deadline_s)
+
+
+def resend(index: Index, item_id: int, deadline_s: float) -> str | None:
+    """Send a delivered item again (the PACS lost what it got): the same files, so the same UIDs,
+    stored once by a PACS that still has them. None when queued, else why not."""
+    rows = index.query("SELECT state, files FROM outbox WHERE id=?", (item_id,))
+    if not rows:
+        return f"no outbox item {item_id}"
+    if rows[0]["state"] != "delivered":
+        return f"outbox item {item_id} is {rows[0]['state']}: only a delivered item is re-sent (retry a dead one)"
+    gone = [f for f in json.loads(rows[0]["files"]) if not Path(f).is_file()]
+    if gone:
+        return (f"outbox item {item_id}: {len(gone)} of its files are gone (retention's results_days); run its job"
+                " again (jobs retry) to make them again")
+    if not _requeue(index, ("id=?", (item_id,)), ("delivered",), deadline_s):
+        return f"outbox item {item_id} changed meanwhile; look again"
+    return None
+
+
+def _requeue(index: Index, where: tuple[str, tuple[Any, ...]], states: tuple[str, ...], deadline_s: float) -> int:
     now = time.time()
-    where, params = ("id=?", (item_id,)) if item_id is not None else ("state='dead'", ())
+    clause, params = where
     with index.transaction() as db:
-        cur = db.execute(
-            f"UPDATE outbox SET state='pending', attempts=0, next_attempt=?, deadline=?+?, updated_at=?"
-            f" WHERE {where} AND state IN ('dead', 'pending')",
-            (now, now, deadline_s, now, *params),
-        )
-        return cur.rowcount
+        return db.execute(
+            f"UPDATE outbox SET state='pending', attempts_base=attempts, next_attempt=?, deadline=?+?, updated_at=?"
+            f" WHERE {clause} AND state IN ({','.join('?' * len(states))})",
+            (now, now, deadline_s, now, *params, *states)).rowcount

@@ -117,9 +117,11 @@ class RoundTrips:
         return [RoundTrip.of(r) for r in self.index.query(
             "SELECT * FROM round_trips WHERE study_uid=? ORDER BY id", (study_uid,))]
 
-    def recent(self, limit: int = 200) -> list[RoundTrip]:
-        return [RoundTrip.of(r) for r in self.index.query("SELECT * FROM round_trips ORDER BY id DESC LIMIT ?",
-                                                          (limit,))]
+    def in_states(self, states: tuple[TripState, ...], limit: int) -> list[RoundTrip]:
+        """The latest round trips in these states (the console's needs-attention list)."""
+        return [RoundTrip.of(r) for r in self.index.query(
+            f"SELECT * FROM round_trips WHERE state IN ({','.join('?' * len(states))}) ORDER BY id DESC LIMIT ?",
+            (*(s.value for s in states), limit))]
 
     def overdue(self, now: float) -> list[RoundTrip]:
         """Round trips still waiting past their deadline."""
