@@ -15,6 +15,17 @@ from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
 MIN_TOKEN_LENGTH = 16  # http.token and DICOM_NODE_HTTP_TOKEN alike
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
+AE_TITLE_RULE = "1 to 16 characters, not all spaces, no backslash or control characters (PS3.5 AE)"
+
+
+def _ae_title(value: str) -> str:
+    """A plain message for a bad AE title (pydantic's would print the regular expression)."""
+    if not re.match(AE_TITLE_PATTERN, value) or not value.strip():
+        raise ValueError(f"not an AE title ({AE_TITLE_RULE}): {value!r}")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
 HTTP_TOKEN_ENV = "DICOM_NODE_HTTP_TOKEN"
 OIDC_SECRET_ENV = "DICOM_NODE_OIDC_CLIENT_SECRET"
@@ -49,7 +60,7 @@ def in_network(peer: str, network: str) -> bool:
 
 
 class AllowedCaller(Strict):
-    ae_title: str = Field(pattern=AE_TITLE_PATTERN)
+    ae_title: AeTitle
     host: IpNetwork | None = Field(
         default=None, description="IP address or network (CIDR) the caller must connect from"
     )
@@ -85,7 +96,7 @@ class Timeouts(Strict):
 
 
 class ScpConfig(Strict):
-    ae_title: str = Field("DICOM-NODE", pattern=AE_TITLE_PATTERN)
+    ae_title: AeTitle = "DICOM-NODE"
     ae_titles: list[str] = Field(
         default_factory=list,
         description="every AE title the node answers to; default [ae_title]; ae_title is always one of them",
@@ -113,8 +124,7 @@ class ScpConfig(Strict):
     @classmethod
     def _titles_are_ae_titles(cls, value: list[str]) -> list[str]:
         for title in value:
-            if not re.match(AE_TITLE_PATTERN, title) or not title.strip():
-                raise ValueError(f"not an AE title (1-16 characters, no backslash): {title!r}")
+            _ae_title(title)
         return list(dict.fromkeys(t.strip() for t in value))
 
     @model_validator(mode="after")
@@ -359,7 +369,7 @@ class DestinationConfig(Strict):
     """A peer that receives results (a PACS, a viewer, a research archive): a DICOM AE reached
     by C-STORE (ae_title, host, port) or a DICOMweb service reached by STOW-RS (dicomweb)."""
 
-    ae_title: str | None = Field(None, pattern=AE_TITLE_PATTERN)
+    ae_title: AeTitle | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     dicomweb: DicomwebDestination | None = None
@@ -583,7 +593,7 @@ class DeidProject(Strict):
     allow_burned_in: bool = Field(False, description="send instances whose pixels may show identifying text")
     mapping_days: float = Field(365.0, gt=0, description="how long the pseudonym -> source mapping is kept (the"
                                                          " return path of results needs it)")
-    return_ae_title: str | None = Field(None, pattern=AE_TITLE_PATTERN, description=(
+    return_ae_title: AeTitle | None = Field(None, description=(
         "the called AE title the project's service sends its results to (one of scp.ae_titles): a study that comes"
         " in there and matches no round trip is quarantined, never routed"))
 

@@ -632,7 +632,7 @@ def test_messages_come_from_the_node_not_from_the_link(node, page):
     assert page.locator("#message").count() == 0
 
 
-def test_retention_shows_what_it_deletes_and_needs_the_confirmation(browser, start_node, tmp_path):
+def test_retention_shows_what_it_deletes_and_needs_the_confirmation(browser, start_node, workdir, tmp_path):
     """Retention from the console: a preview of what goes (studies, sizes, why) first; the run
     is a POST that names the counts and is refused when they no longer hold; without a policy
     there is no button and nothing runs."""
@@ -656,6 +656,7 @@ def test_retention_shows_what_it_deletes_and_needs_the_confirmation(browser, sta
         assert "1 study" in page.inner_text("#plan-summary")
         assert page.inner_text("#confirm-retention") == "Delete 1 study and 0 result files now"
         assert _study(node, study_uid)["study"]["state"] == "complete"  # the preview deleted nothing
+        _shot(page, workdir, "retention-preview")
         # a confirmation of another plan (what the admin saw no longer holds) deletes nothing
         page.evaluate("document.querySelector('input[name=plan_digest]').value = '0123456789abcdef'")
         page.click("#confirm-retention")

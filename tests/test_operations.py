@@ -453,3 +453,13 @@ def test_every_configuration_key_is_in_the_shipped_node_yaml():
 
     walk(NodeConfig, "", frozenset({NodeConfig}))
     assert missing == []
+
+
+def test_a_bad_ae_title_is_explained_in_words_not_by_a_regular_expression(tmp_path):
+    bad = tmp_path / "node.yaml"
+    bad.write_text('scp:\n  ae_title: "THIS-TITLE-IS-FAR-TOO-LONG"\ndestinations:\n  pacs: {ae_title: "A\\\\B", host: h, port: 1}\n')
+    check = _cli("config", "check", str(bad))
+    assert check.returncode == 2
+    assert "scp.ae_title: Value error, not an AE title (1 to 16 characters, not all spaces, no backslash or" \
+           " control characters (PS3.5 AE)): 'THIS-TITLE-IS-FAR-TOO-LONG'" in check.stderr, check.stderr
+    assert "destinations.pacs.ae_title" in check.stderr and "\\x5b" not in check.stderr
