@@ -382,9 +382,12 @@ def test_dcmtk_deflated_with_pad_byte_is_stored(start_node, tmp_path, monkeypatc
     bad = [_part10_with(deflated[3], dataset_bytes(deflated[3]) + b"\x01", tmp_path / "one.dcm"),
            _part10_with(deflated[4], dataset_bytes(deflated[4]) + b"\x00\x00", tmp_path / "two.dcm")]
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sent as they are (this test only)
-    assoc = scu(node, (CTImageStorage, [DeflatedExplicitVRLittleEndian]))
-    statuses = [assoc.send_c_store(p).Status for p in bad]
-    assoc.release()
+    statuses = []
+    for path in bad:  # one association each: pynetdicom 3.0.4's requestor loop can take the response to a
+        # second C-STORE on one association and drop it (a race seen once under load; see the stop 37 note)
+        assoc = scu(node, (CTImageStorage, [DeflatedExplicitVRLittleEndian]))
+        statuses.append(assoc.send_c_store(path).Status)
+        assoc.release()
     assert statuses == [0xC212, 0xC212], [hex(s) for s in statuses]  # malformed (README's table)
     reasons = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
     assert len(reasons) == 2, reasons
