@@ -90,10 +90,7 @@ def receive_results(runner: JobRunner, job: Job, returned: ReturnedResults, view
                   f" (study {view.study_uid}): quarantined")
         _quarantine(runner, files, reason)
         raise JobError(reason)
-    trips = RoundTrips(runner.index)
-    trip = trips.get(returned.round_trip)
-    if trip is not None and trip.state is TripState.SUPERSEDED:  # sent again since: the newer one awaits them
-        trip = trips.find(trip.project, trip.study_digest)
+    trip = _current_trip(RoundTrips(runner.index), returned.round_trip)
     project = runner.config.deidentification.get(returned.project)
     if trip is None or project is None:
         reason = (f"round trip {returned.round_trip} of project {returned.project} is no longer kept"
@@ -103,13 +100,22 @@ def receive_results(runner: JobRunner, job: Job, returned: ReturnedResults, view
     _receive(runner, job, trip, project.key(), view, files, progress)
 
 
+def _current_trip(trips: RoundTrips, trip_id: int) -> RoundTrip | None:
+    """The round trip a return was decided for, or the newer one that superseded it (the study
+    was sent again since: that one awaits the results)."""
+    trip = trips.get(trip_id)
+    if trip is not None and trip.state is TripState.SUPERSEDED:
+        trip = trips.find(trip.project, trip.study_digest)
+    return trip
+
+
 def returned_failed(runner: JobRunner, returned: ReturnedResults, reason: str) -> None:
     """The return job failed for good (at once, or past its retry deadline): its round trip
     fails with the reason, and the "AI ran: failed" notice goes to its results_to."""
+    if returned.round_trip is None:  # quarantined: no round trip awaited it
+        return
     trips = RoundTrips(runner.index)
-    trip = trips.get(returned.round_trip) if returned.round_trip is not None else None
-    if trip is not None and trip.state is TripState.SUPERSEDED:
-        trip = trips.find(trip.project, trip.study_digest)
+    trip = _current_trip(trips, returned.round_trip)
     if trip is None:
         return
     try:
