@@ -619,6 +619,23 @@ def test_failures_stand_out_on_the_dashboard_within_one_refresh(node, viewer, pa
     viewer.start()
 
 
+def test_a_refused_reload_qualifies_ready_until_a_good_file_is_applied(node, page):
+    """A routing file the node refuses leaves it ready on the rules in force, and the dashboard
+    says so next to "ready" (and lists it under "Needs attention") until a good file is applied."""
+    routing = node.workdir / "routing.yaml"
+    good = routing.read_text()
+    try:
+        routing.write_text(good + "\nthis is: [not a rule file\n")
+        page.goto(node.url + "/")
+        wait_for(lambda: (page.reload() or True) and page.locator("#reload-refused").count() == 1, timeout=30)
+        assert page.inner_text("#readiness") == "ready"
+        assert "reload refused" in page.inner_text("#attention")
+    finally:
+        routing.write_text(good)
+    wait_for(lambda: (page.reload() or True) and page.locator("#reload-refused").count() == 0, timeout=30)
+    assert _get(node, "/api/summary")["live"]["last_reload"]["applied"]
+
+
 def test_messages_come_from_the_node_not_from_the_link(node, page):
     """A banner is a one-time signed message of the node's own: a forged `?msg=` shows nothing,
     and a real one does not come back on reload."""

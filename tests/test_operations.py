@@ -410,6 +410,9 @@ def test_the_cli_follows_a_node_started_on_other_ports_and_survives_a_typo(tmp_p
             assert result.returncode == 0, (args, result.stdout, result.stderr)
             assert "has 1 problem(s)" in result.stderr and "using the configuration in force" in result.stderr
         assert "node TESTNODE: ready" in _cli("status", "--config", config).stdout
+        # the running node polls node.yaml (2 s): once it refused the typo, `status` says so
+        wait_for(lambda: "ON THE PREVIOUS CONFIGURATION: the last reload was refused"
+                 in _cli("status", "--config", config).stdout, timeout=60, interval=1)
         node.config_path.write_text(text)
 
         short = subprocess.run([str(VENV_BIN / "dicom-node"), "config", "check", config], capture_output=True,

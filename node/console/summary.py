@@ -274,7 +274,9 @@ def format_status(summary: dict[str, Any]) -> str:
     if live:
         ready = live["ready"]
         lines.append(f"node {summary['ae_title']}: {'ready' if ready['ready'] else 'NOT READY'}"
-                     + ("" if ready["ready"] else f" ({'; '.join(ready['reasons'])})"))
+                     + ("" if ready["ready"] else f" ({'; '.join(ready['reasons'])})")
+                     + ("; ON THE PREVIOUS CONFIGURATION: the last reload was refused"
+                        if (live.get("last_reload") or {}).get("applied") is False else ""))
         lines.append(f"rules version {live['rules_version']} ({live['rules']} rules)"
                      + (f"; needs a restart for: {', '.join(live['restart_pending'])}" if live["restart_pending"] else ""))
         lines.append("models: " + (", ".join(f"{m['name']} ({m['status']})" for m in live["models"]) or "none"))
