@@ -23,7 +23,7 @@ from inference.pipeline import to_model_space
 from inference.spec import ModelSpec
 from tests.triton_server import TritonCpuServer
 from inference.volume import load_series, read_series
-from training.export.repository import export_onnx, write_entry
+from inference.export.repository import export_onnx, write_entry
 from phantom.dicom import SeriesGeometry, write_ct_series
 from benchmarks.common import benchmark_run
 

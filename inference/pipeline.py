@@ -148,7 +148,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
         logits = sliding_window_inference(
             image[None].as_tensor(), roi_size=spec.preprocessing.patch_size,
             sw_batch_size=spec.preprocessing.batch_size, predictor=predictor,
-            overlap=spec.preprocessing.overlap, mode="gaussian",
+            overlap=spec.preprocessing.overlap, mode=spec.preprocessing.blend,
         )
     seconds["inference"] = time.perf_counter() - start
 

@@ -81,6 +81,7 @@ class Preprocessing(_Strict):
     patch_size: tuple[int, int, int] = (64, 64, 64)
     overlap: float = Field(0.25, ge=0, lt=1)
     batch_size: int = Field(1, ge=1)
+    blend: Literal["gaussian", "constant"] = Field("gaussian", description="how overlapping patches are merged")
 
 
 class Postprocessing(_Strict):
@@ -91,6 +92,21 @@ class Postprocessing(_Strict):
     findings: Literal["per_label", "per_component"] = Field(
         "per_label", description="per_component: each connected component is a finding (lesions)"
     )
+
+
+class Provenance(_Strict):
+    """Where a version came from (written by `dicom-node models import-bundle` / `import-torchscript`);
+    it goes into every result (Contributing Equipment, algorithm parameters) and `models list`."""
+
+    source: Literal["monai-bundle", "torchscript"]
+    source_name: str = Field(min_length=1, max_length=64, description="the bundle's name, or the file's")
+    source_version: str = Field("", max_length=64, description="the bundle's own version")
+    source_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="of the weights as imported")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of model.onnx: the node runs no other file")
+    imported_at: str = ""
+    manufacturer: str = Field("", max_length=64, description="the bundle's authors")
+    model_card: dict[str, str] = Field(default_factory=dict, description=(
+        "the bundle's description, intended use, data source, copyright, references and metrics, as text"))
 
 
 class ModelSpec(_Strict):
@@ -105,6 +121,7 @@ class ModelSpec(_Strict):
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     postprocessing: Postprocessing = Field(default_factory=Postprocessing)
     labels: list[Label] = Field(min_length=1)
+    provenance: Provenance | None = None
 
     @model_validator(mode="after")
     def _labels_unique(self) -> "ModelSpec":
@@ -124,10 +141,11 @@ class ModelSpec(_Strict):
         return next(label for label in self.labels if label.value == value)
 
 
-def load_spec(model_dir: str | Path) -> ModelSpec:
-    """Read and validate ``node.yaml`` in a model folder; the name must match the folder."""
+def load_spec(model_dir: str | Path, path: Path | None = None) -> ModelSpec:
+    """Read and validate a model's spec (``node.yaml`` in its folder, or `path`, a version's own);
+    the name must match the model folder."""
     model_dir = Path(model_dir)
-    doc = load_yaml(model_dir / "node.yaml")
+    doc = load_yaml(path or model_dir / "node.yaml")
     spec = validate(doc, ModelSpec)
     if spec.name != model_dir.name:
         raise ConfigError([doc.problem(("name",), f"must match the model folder name {model_dir.name!r}")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 import logging
 import os
 import sys
@@ -496,6 +497,172 @@ def config_check(
     typer.echo("configuration OK")
 
 
+models_app = typer.Typer(rich_markup_mode=None, help="The model repository: versions, where they came from, imports.",
+                         no_args_is_help=True, add_completion=False)
+app.add_typer(models_app, name="models")
+
+
+def _rule_uses(cfg: NodeConfig) -> dict[str, list[str]]:
+    """{model@version: rules running it} for node.yaml's routing file (none when it is unreadable)."""
+    from inference.repository import ModelRepository
+    from node.route.rules import load_rules
+
+    models = ModelRepository(cfg.inference.model_repository)
+    try:
+        rules = load_rules(cfg.pipeline.routing_file).file
+    except ConfigError:
+        return {}
+    return rules.model_uses(lambda name: (models.versions(name) or [None])[-1])
+
+
+@models_app.command("list")
+def models_list(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Every model and version: task, where it came from (bundle, version, checksum), whether its
+    file is intact, and which rules run it (live or in shadow)."""
+    from inference.repository import ModelRepository
+
+    cfg = _config_in_force(config)
+    models = ModelRepository(cfg.inference.model_repository)
+    uses = _rule_uses(cfg)
+    rows = []
+    for name, versions in models.catalog().items():
+        for version in versions:
+            spec = models.spec(f"{name}@{version}")
+            try:
+                models.verified_file(spec)
+                status = "ok"
+            except ConfigError as exc:
+                status = "; ".join(p.message for p in exc.problems)
+            p = spec.provenance
+            rows.append({"model": name, "version": version, "latest": version == versions[-1], "task": spec.task,
+                         "source": f"{p.source} {p.source_name} {p.source_version}".strip() if p else "repository",
+                         "sha256": p.sha256 if p else None, "imported_at": p.imported_at if p else None,
+                         "status": status, "rules": uses.get(f"{name}@{version}", [])})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'MODEL':20} {'VER':>4}  {'TASK':13} {'SOURCE':34} {'SHA-256':14} {'FILE':6} RULES")
+    for r in rows:
+        typer.echo(f"{r['model'][:20]:20} {r['version']:>4}{'*' if r['latest'] else ' '} {r['task']:13} "
+                   f"{r['source'][:34]:34} {(r['sha256'] or '-')[:12]:14} {r['status'][:60]:6} "
+                   f"{', '.join(r['rules']) or '-'}")
+    typer.echo("* latest: what a rule naming the model without @version runs")
+
+
+def _import(cfg: NodeConfig, imported_of: Any, name: str) -> None:
+    """Read, refuse or export, and report (shared by the bundle and TorchScript imports)."""
+    from inference.bundle import ImportRefused
+    from inference.export.repository import ExportMismatch, VersionRefused, add_version
+    from inference.repository import ModelRepository
+
+    repository = Path(cfg.inference.model_repository)
+    existing = ModelRepository(repository).versions(name)
+    try:
+        imported = imported_of(existing[-1] + 1 if existing else 1)
+    except ImportRefused as exc:
+        typer.echo("import refused:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(2) from None
+    for line in imported.report:
+        typer.echo(f"  {line}")
+    try:
+        folder = add_version(repository, imported.spec, imported.network)
+    except (VersionRefused, ExportMismatch) as exc:
+        typer.echo(f"import refused: {exc}", err=True)
+        raise typer.Exit(2) from None
+    spec = imported.spec
+    typer.echo(f"imported {spec.name} version {spec.version} into {folder}")
+    typer.echo(f"rules: `run: [{spec.name}@{spec.version}]` pins it; `shadow: [{spec.name}@{spec.version}]` tries it"
+               f" beside the live version; a rule naming `{spec.name}` alone runs the latest version from its next job")
+
+
+def _codes(path: Optional[Path]) -> dict[str, Any]:
+    from common.yamlfile import load_yaml
+
+    if path is None:
+        return {}
+    try:
+        data = load_yaml(path).data
+    except ConfigError as exc:
+        typer.echo(f"codes file not usable:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    if not isinstance(data, dict):
+        typer.echo(f"{path}: a mapping of label name to category/type codes", err=True)
+        raise typer.Exit(2)
+    return data
+
+
+class FindingsMode(str, Enum):
+    PER_LABEL = "per_label"
+    PER_COMPONENT = "per_component"
+
+
+NameOption = typer.Option(None, "--name", help="Model name in the repository (default: the folder's or file's name).")
+VersionOption = typer.Option(None, "--version", min=1, help="Version number (default: the next one).")
+
+
+@models_app.command("import-bundle")
+def models_import_bundle(
+    bundle: Path = typer.Argument(..., exists=True, file_okay=False, help="A MONAI bundle folder (configs/, models/)."),
+    name: Optional[str] = NameOption,
+    version: Optional[int] = VersionOption,
+    codes: Optional[Path] = typer.Option(None, "--codes", exists=True, dir_okay=False,
+                                         help="YAML: label name -> {category, type[, region, color]} codes."),
+    findings: FindingsMode = typer.Option(FindingsMode.PER_LABEL, "--findings",
+                                          help="per_component: each connected component is a finding (lesions);"
+                                          " per_label: one finding per label (organs)."),
+    min_component_voxels: int = typer.Option(0, "--min-component-voxels", min=0,
+                                             help="Smaller components are dropped (on the source grid)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Import a MONAI bundle as a new version: its transforms become the node's spec (or the import
+    is refused, naming what has no equivalent), its network is exported to ONNX and checked."""
+    from inference.bundle import read_bundle
+
+    cfg = _config(config)
+    model = _model_name(name or bundle.resolve().name)
+    mapping = _codes(codes)
+    reporting = {"findings": findings.value, "min_component_voxels": min_component_voxels}
+    _import(cfg, lambda next_version: read_bundle(bundle, model, version or next_version, mapping, reporting), model)
+
+
+@models_app.command("import-torchscript")
+def models_import_torchscript(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A TorchScript file (torch.jit.save)."),
+    settings: Path = typer.Option(..., "--settings", exists=True, dir_okay=False,
+                                  help="YAML: task, preprocessing, postprocessing and labels (README, 'Model spec')."),
+    name: Optional[str] = NameOption,
+    version: Optional[int] = VersionOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Import a TorchScript network with a small settings file as a new version."""
+    from common.yamlfile import load_yaml
+    from inference.bundle import read_torchscript
+
+    cfg = _config(config)
+    model = _model_name(name or file.stem)
+    try:
+        data = load_yaml(settings).data
+    except ConfigError as exc:
+        typer.echo(f"settings not usable:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    _import(cfg, lambda next_version: read_torchscript(file, data if isinstance(data, dict) else {}, model,
+                                                       version or next_version), model)
+
+
+def _model_name(name: str) -> str:
+    import re
+
+    if not re.match(r"^[A-Za-z0-9_.-]+$", name) or name.startswith("."):
+        typer.echo(f"not a model name (letters, digits, '_', '.', '-'): {name!r}; give one with --name", err=True)
+        raise typer.Exit(2)
+    return name
+
+
 @route_app.command("explain")
 def route_explain(
     study: str = typer.Argument(..., help="A received StudyInstanceUID, or a folder of DICOM files."),
@@ -512,7 +679,7 @@ def route_explain(
 
     cfg = _config(config)
     try:
-        ruleset = load_rules(rules or cfg.pipeline.routing_file, ModelRepository(cfg.inference.model_repository).names(),
+        ruleset = load_rules(rules or cfg.pipeline.routing_file, ModelRepository(cfg.inference.model_repository).catalog(),
                              set(cfg.destinations), set(cfg.deidentification))
     except ConfigError as exc:
         typer.echo(f"rules not usable:\n{exc}", err=True)
@@ -548,7 +715,7 @@ def status(
     answered = summary is not None
     if summary is None:
         summary = dashboard(index, JobStore(index), Retention(index, Path(cfg.storage.data_dir)), cfg)
-        summary["attention"] = attention(index, Path(cfg.storage.data_dir), None)
+        summary["attention"] = attention(index, Path(cfg.storage.data_dir), None, monitoring=cfg.inference.monitoring)
     typer.echo(json.dumps(summary, indent=2) if as_json else format_status(summary))
     if not answered:  # figures from the index only: say so to a script too
         raise typer.Exit(1)

@@ -451,12 +451,22 @@ class TritonConfig(Strict):
         return list(self.urls) or ([self.url] if self.url else [])
 
 
+class MonitoringConfig(Strict):
+    """The drift alarm per model version (README, "Monitoring models")."""
+
+    baseline_runs: int = Field(20, ge=1, description="a version's first live runs: the range its later runs are"
+                               " judged against")
+    window_runs: int = Field(10, ge=1, description="the latest runs checked; most of them outside the range is drift")
+    tolerance: float = Field(0.1, ge=0, description="the range widened by this share of its magnitude")
+
+
 class InferenceConfig(Strict):
     model_repository: Path = Path("../models")
     triton: TritonConfig = Field(default_factory=TritonConfig)
     retry_initial_s: float = Field(10.0, gt=0, description="first wait after a transient failure (Triton down)")
     retry_max_s: float = Field(300.0, gt=0, description="longest wait between attempts")
     retry_deadline_s: float = Field(3600.0, gt=0, description="after this long the job fails")
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
 
 class PipelineConfig(Strict):

@@ -92,7 +92,7 @@ def check(path: Path | None, overrides: dict[str, object] | None = None, rules_p
     if tls is not None:  # a node.yaml problem, like a validation error
         return Checked(None, None, None, [tls])
     try:
-        rules = load_rules(rules_path, ModelRepository(config.inference.model_repository).names(),
+        rules = load_rules(rules_path, ModelRepository(config.inference.model_repository).catalog(),
                            set(config.destinations), set(config.deidentification))
     except ConfigError as exc:
         return Checked(config, None, rules_path, list(exc.problems))

@@ -49,7 +49,7 @@ class NodeService:
         self.jobs = JobStore(self.index, lease_s=config.storage.lease_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.models = ModelRepository(config.inference.model_repository)
-        self.rules = LiveRules(config.pipeline.routing_file, self.models.names, set(config.destinations),
+        self.rules = LiveRules(config.pipeline.routing_file, self.models.catalog, set(config.destinations),
                                set(config.deidentification))
         self.live = LiveConfig(config, self.rules, config_path, overrides)
         self.live.on_change(self._config_changed)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from inference.spec import ModelSpec
-from training.export.repository import export_onnx, write_entry
+from inference.export.repository import export_onnx, write_entry
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 THRESHOLD_HU = 270.0

@@ -9,6 +9,7 @@ print because of that, and only those, are listed below with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from inference.pipeline import ClassificationResult, SegmentationResult
-from inference.spec import ModelSpec
+from inference.spec import ModelSpec, Provenance
 from node.config import OutputOptions
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
@@ -42,9 +43,42 @@ KNOWN_SR_WARNINGS = [
     re.compile(r'SCOORD \(128138,DCM,"Center of Mass"\)(/IMAGE \(260753009,SCT,"Source"\))?: Content Item not in template$'),
 ]
 
+# An imported model version's provenance (README, "Bring your own model"): every object checked
+# here carries it as Contributing Equipment and in its algorithm identification.
+IMPORTED = Provenance(source="monai-bundle", source_name="Phantom lesion segmentation", source_version="0.1.0",
+                      sha256="ab" * 32, source_sha256="cd" * 32, imported_at="2026-11-24T02:00:00+00:00",
+                      manufacturer="dicom-node tests", model_card={
+                          "description": "A 3-D UNet for phantom lesions", "intended_use": "Testing only",
+                          "copyright": "Copyright (c) the dicom-node authors"})
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> SegmentationResult:
-    return phantom_result(tmp_path_factory.mktemp("ct"))
+    found = phantom_result(tmp_path_factory.mktemp("ct"))
+    return dataclasses.replace(found, spec=found.spec.model_copy(update={"provenance": IMPORTED}))
+
+
+def test_results_name_the_model_file_that_made_them(result):
+    """Contributing Equipment (PS3.3 C.7.5.1.1.1): the model version, its source bundle and the
+    SHA-256 of the file the node ran; SEG's algorithm identification names the bundle."""
+    options = OutputOptions()
+    uids = uids_for("job-1", SPEC.name)
+    seg = build_seg(result, options, uids)
+    for obj in (seg, build_sr(result, options, uids, seg)):
+        # highdicom adds itself and the source's acquisition equipment: the model is the entry with its checksum
+        model = [e for e in obj.ContributingEquipmentSequence if e.get("DeviceSerialNumber") == "ab" * 32]
+        assert len(model) == 1
+        equipment = model[0]
+        assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        assert equipment.DeviceSerialNumber == "ab" * 32
+        assert equipment.ManufacturerModelName == "Phantom lesion segmentation"
+        assert equipment.Manufacturer == "dicom-node tests"
+        assert list(equipment.SoftwareVersions) == [f"{SPEC.name} version {SPEC.version}",
+                                                    "Phantom lesion segmentation 0.1.0"]
+        assert "intended use: Testing only" in equipment.ContributionDescription
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmSource == "MONAI bundle Phantom lesion segmentation 0.1.0"
+    assert algorithm.AlgorithmVersion == str(SPEC.version)
 
 
 def pixelmed(validator: str, path: Path) -> tuple[list[str], list[str], str]:
@@ -87,14 +121,15 @@ def _reports(result: SegmentationResult) -> dict[str, object]:
     options = OutputOptions()
     uids = uids_for("job-1", SPEC.name)
     seg = build_seg(result, options, uids)
-    nodule_missing = SegmentationResult(SPEC, result.volume, np.where(result.labels == 2, 0, result.labels),
+    nodule_missing = SegmentationResult(result.spec, result.volume, np.where(result.labels == 2, 0, result.labels),
                                         [f for f in result.findings if f.label.value != 2])
-    classifier = ModelSpec.model_validate({**SPEC.model_dump(mode="json"), "name": "classes", "task": "classification"})
+    classifier = ModelSpec.model_validate({**result.spec.model_dump(mode="json"), "name": "classes",
+                                           "task": "classification"})
     return {
         "findings": build_sr(result, options, uids, seg),
         "findings and an absent label": build_sr(nodule_missing, options, uids,
                                                  build_seg(nodule_missing, options, uids)),
-        "no findings": build_sr(SegmentationResult(SPEC, result.volume, np.zeros_like(result.labels), []),
+        "no findings": build_sr(SegmentationResult(result.spec, result.volume, np.zeros_like(result.labels), []),
                                 options, uids, None),
         "classification": build_sr(ClassificationResult(classifier, result.volume, {1: 0.8, 2: 0.2}),
                                    options, uids_for("job-1", "classes")),

@@ -399,7 +399,7 @@ def test_rules_and_projects_are_checked_when_loaded(tmp_path):
     path.write_text("rules:\n  - name: out\n    match: {tag: Modality, equals: CT}\n"
                     "    actions: {deidentify: {project: nope, send_to: [ai, '@sender']}}\n")
     with pytest.raises(ConfigError) as refused:
-        load_rules(path, set(), {"ai"}, {"ai-vendor"})
+        load_rules(path, {}, {"ai"}, {"ai-vendor"})
     text = str(refused.value)
     assert "unknown de-identification project 'nope'" in text and "unknown destination '@sender'" in text
     assert "routing.yaml:4: rules[0].actions.deidentify.project" in text

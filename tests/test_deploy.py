@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 REPLICAS = ("node-a", "node-b")
-MODELS = ModelRepository(ROOT / "models").names()  # what the image's /models holds (docker/Dockerfile)
+MODELS = ModelRepository(ROOT / "models").catalog()  # what the image's /models holds (docker/Dockerfile)
 # The most connections one node process opens (the service; a receiver opens fewer).
 CONNECTIONS_PER_PROCESS = inspect.signature(Index.__init__).parameters["connections"].default
 

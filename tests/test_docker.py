@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from node.config import load_config
+from inference.repository import ModelRepository
 from node.route.rules import load_rules
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
@@ -69,7 +70,7 @@ def test_compose_services_and_node_configuration_agree():
 
 def test_compose_rules_use_the_shipped_model_and_configured_destinations():
     config = load_config(DOCKER / "node.compose.yaml")
-    models = {p.name for p in (DOCKER.parent / "models").iterdir() if (p / "node.yaml").exists()}
+    models = ModelRepository(DOCKER.parent / "models").catalog()
     rules = load_rules(config.pipeline.routing_file, models, set(config.destinations))
     assert [r.actions.run for r in rules.file.rules] == [["lesion-seg"]]
 

@@ -25,7 +25,7 @@ from tests.peers import make_study, storescu, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config" / "routing.examples.yaml"
-EXAMPLE_MODELS = {"lung-nodules", "brain-mets", "liver", "chest-nodule-cls"}
+EXAMPLE_MODELS = {"lung-nodules": [1], "brain-mets": [1], "liver": [1], "chest-nodule-cls": [1]}
 EXAMPLE_DESTINATIONS = {"pacs", "research"}
 AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]
@@ -239,7 +239,7 @@ def test_config_check_reports_every_problem_with_line_and_path(tmp_path):
 
 
 def test_shipped_rules_and_examples_are_valid():
-    load_rules(REPO / "config" / "routing.yaml", {"lesion-seg"}, {"demo-viewer"})
+    load_rules(REPO / "config" / "routing.yaml", {"lesion-seg": [1]}, {"demo-viewer"})
     assert len(load_rules(EXAMPLES, EXAMPLE_MODELS, EXAMPLE_DESTINATIONS).file.rules) == 5
 
 
@@ -298,7 +298,7 @@ def test_live_rules_reload_valid_and_refuse_invalid(tmp_path):
     config = NodeConfig.model_validate({"storage": {"data_dir": str(tmp_path)}, "pipeline": {"routing_file": str(path)},
                                         "destinations": {"demo-viewer": {"ae_title": "VIEWER", "host": "127.0.0.1",
                                                                          "port": 11113}}})
-    rules = LiveRules(path, lambda: {"lesion-seg"}, {"demo-viewer"})
+    rules = LiveRules(path, lambda: {"lesion-seg": [1]}, {"demo-viewer"})
     live = LiveConfig(config, rules)
     first = rules.current.version
     path.write_text(GOOD.replace("fwd", "forward-all"))

@@ -25,7 +25,7 @@ from training.data.dicom_seg import dicom_seg_to_msd
 from training.data.msd import LPS_TO_RAS, DatasetError, load_msd
 from phantom.study import make_dicom_study, truth_path
 from training.data.synthetic import make_training_set
-from training.export.repository import export_onnx, write_entry
+from inference.export.repository import export_onnx, write_entry
 from training.train import TrainConfig, load_network, train
 
 LESION = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}

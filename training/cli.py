@@ -109,7 +109,7 @@ def export(
     dice: Optional[float] = typer.Option(None, help="Validation Dice to record in the spec's description."),
 ) -> None:
     """ONNX export (checked against PyTorch) and the Triton model-repository entry."""
-    from training.export.repository import export_onnx, write_entry
+    from inference.export.repository import export_onnx, write_entry
     from training.train import load_network
 
     model_spec = _spec(spec)

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from node.console import actions, summary, trail
 from node.console.auth import principal, require_admin, require_explain, require_operator, require_view, sees_patients
 from node.console.context import ConsoleContext
+from node.console.modelview import models_overview
 from node.console.limits import FORM_LIMITS, one_at_a_time
 from node.liveconfig import check, read_snapshot, restart_needed
 from node.store.accounts import AccountError, Role
@@ -179,6 +180,12 @@ def patient_view(request: Request, study_uid: str) -> dict[str, str] | None:
             summary="Which rules the study matches with the rules in force now")
 def explain_study(request: Request, study_uid: str) -> Any:
     return vars(_audited(request, actions.explain_study, ctx_of(request), study_uid, reason="explain"))
+
+
+@router.get("/models", summary="Every model version with its provenance and the rules running it; runs, shadow"
+            " comparisons (newest first), verdicts and drift alarms")
+def models(request: Request) -> dict[str, Any]:
+    return models_overview(ctx_of(request))
 
 
 @router.get("/jobs", response_model=list[JobRow], summary="Jobs (one per completed study), oldest first")

@@ -45,7 +45,8 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
 
     def live_summary() -> dict[str, Any]:
         data = summary.dashboard(ctx.index, ctx.jobs, ctx.retention, ctx.config)
-        data["attention"] = summary.attention(ctx.index, ctx.data_dir, ctx.live.last_reload)
+        data["attention"] = summary.attention(ctx.index, ctx.data_dir, ctx.live.last_reload,
+                                              monitoring=ctx.config.inference.monitoring)
         readiness = health.ready()
         data["live"] = {
             "ready": readiness.as_dict(), "rules_version": ctx.rules.version, "rules": len(ctx.rules.file.rules),

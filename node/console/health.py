@@ -69,7 +69,7 @@ class Health:
               f"disk under the watermark: {free / 1e6:.0f} MB free, storage.min_free_mb is {watermark / 1048576:g}")
         used = self._models_in_rules() if models else set()
         for model in self.models() if used else ():
-            if model["name"] in used:
+            if model["name"] in used:  # a reference as the rules write it: name (latest) or name@version
                 check(f"model:{model['name']}", model["status"] == "ready",
                       f"model {model['name']} unavailable ({model['backend']}): {model['status']}")
         return Readiness(not reasons, reasons, checks)
@@ -88,7 +88,7 @@ class Health:
     def _models_in_rules(self) -> set[str]:
         rules = self.ctx.rules.file
         entries = list(rules.rules) + ([rules.fallback] if rules.fallback else [])
-        return {m for rule in entries if rule.enabled for m in rule.actions.run}
+        return {m for rule in entries if rule.enabled for m in [*rule.actions.run, *rule.actions.shadow]}
 
     def models(self) -> list[dict[str, Any]]:
         """Every model in the repository with its backend's status (cached, see the module's doc)."""
@@ -125,31 +125,45 @@ class Health:
 
     def _probe(self) -> list[dict[str, Any]]:
         used = self._models_in_rules()
-        names = sorted(self.ctx.models.names())
+        refs = sorted(self.ctx.models.names() | used)  # each model's latest, and the versions rules pin
+        versions: dict[str, tuple[str, str]] = {}  # ref -> (name, version) on Triton
+        problems: dict[str, str] = {}
+        for ref in refs:
+            try:
+                spec = self.ctx.models.spec(ref)
+                versions[ref] = (spec.name, str(spec.version))
+            except Exception as exc:  # a broken spec: say what, not a traceback
+                problems[ref] = _problem(exc)
         triton = self.ctx.config.inference.triton
         servers = triton.servers
-        by_server = _probe_servers(servers, triton.protocol, names) if servers and names else {}
+        by_server = _probe_servers(servers, triton.protocol, versions) if servers and versions else {}
         out = []
-        for name in names:
-            if servers:
-                status = _pool_status([by_server[url][name] for url in servers])
-                backend = f"triton {', '.join(servers)}"
+        for ref in refs:
+            version = versions[ref][1] if ref in versions else None
+            if ref in problems:
+                status = problems[ref]
+            elif servers:
+                status = _pool_status([by_server[url][ref] for url in servers])
             else:
-                status, backend = self._local_status(name), "local (ONNX Runtime)"
-            out.append({"name": name, "backend": backend, "status": status, "used_by_rules": name in used})
+                status = self._local_status(ref)
+            out.append({"name": ref, "version": version, "status": status, "used_by_rules": ref in used,
+                        "backend": f"triton {', '.join(servers)}" if servers else "local (ONNX Runtime)"})
         return out
 
-    def _local_status(self, name: str) -> str:
-        from inference.spec import model_file
-        from common.yamlfile import ConfigError
-
+    def _local_status(self, ref: str) -> str:
         try:
-            model_file(self.ctx.models.root, self.ctx.models.spec(name))
-        except ConfigError as exc:
-            return "; ".join(p.message for p in exc.problems)
-        except Exception as exc:  # a broken spec: say which kind of problem, not a traceback
-            return f"spec not usable: {type(exc).__name__}"
+            self.ctx.models.verified_file(self.ctx.models.spec(ref))
+        except Exception as exc:
+            return _problem(exc)
         return "ready"
+
+
+def _problem(exc: Exception) -> str:
+    from common.yamlfile import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return "; ".join(p.message for p in exc.problems)
+    return f"spec not usable: {type(exc).__name__}"
 
 
 def _pool_status(statuses: list[str]) -> str:
@@ -159,8 +173,9 @@ def _pool_status(statuses: list[str]) -> str:
     return statuses[0] if len(statuses) == 1 else f"not ready on any of {len(statuses)} Triton servers ({statuses[0]})"
 
 
-def _probe_servers(servers: list[str], protocol: str, names: list[str]) -> dict[str, dict[str, str]]:
-    """{server: {model: status}}, every server asked at the same time (one thread each)."""
+def _probe_servers(servers: list[str], protocol: str, names: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
+    """{server: {model reference: status}} for {reference: (name, version)}, every server asked at
+    the same time (one thread each)."""
     pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="triton-probe")
     try:
         futures = {url: pool.submit(_server_status, url, protocol, names) for url in servers}
@@ -186,7 +201,7 @@ def _gone(exc: Exception) -> bool:
     return any(marker in text for marker in _GONE)
 
 
-def _server_status(url: str, protocol: str, names: list[str]) -> dict[str, str]:
+def _server_status(url: str, protocol: str, names: dict[str, tuple[str, str]]) -> dict[str, str]:
     """Each model's readiness on one server, over one connection; a server that cannot be reached
     is asked once, not once per model."""
     try:
@@ -200,14 +215,15 @@ def _server_status(url: str, protocol: str, names: list[str]) -> dict[str, str]:
             import tritonclient.grpc as client  # type: ignore[no-redef]
 
             triton = client.InferenceServerClient(url)
-            ask = lambda name: triton.is_model_ready(name, client_timeout=PROBE_TIMEOUT_S)  # noqa: E731
+            ask = lambda name, version: triton.is_model_ready(name, version,  # noqa: E731
+                                                              client_timeout=PROBE_TIMEOUT_S)
     except Exception as exc:  # a malformed address
         return dict.fromkeys(names, f"Triton not reachable ({type(exc).__name__})")
     out: dict[str, str] = {}
     try:
         for name in names:
             try:
-                out[name] = "ready" if ask(name) else "not ready on Triton"
+                out[name] = "ready" if ask(*names[name]) else "not ready on Triton"
             except Exception as exc:  # unreachable, refused, timed out: the node will wait and retry jobs
                 out[name] = f"Triton not reachable ({type(exc).__name__})"
                 if _gone(exc):  # the others would only wait for the same timeout

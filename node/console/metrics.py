@@ -25,6 +25,7 @@ from node import metrics as events
 from node.console.context import ConsoleContext
 from node.console.summary import disk
 from node.receive.counts import Counted, ReceiveCounts
+from node.store.modelruns import ModelRuns
 from node.store.signal_forwards import SignalForwards
 
 PREFIX = events.PREFIX
@@ -108,6 +109,45 @@ class IndexCollector(Collector):
         yield _gauge("instances_missing", "Indexed instances whose file start-up reconciliation found gone",
                      index.missing_instances())
         yield _counter("retention_deleted_studies", "Studies deleted by retention", deleted["studies"])
+        yield from self._models()
+
+    def _models(self) -> Iterable[Metric]:
+        """Per model version: runs, what went in and came out lately, drift, shadow agreement,
+        verdicts (node/store/modelruns.py)."""
+        runs = ModelRuns(self.ctx.index)
+        watch = self.ctx.config.inference.monitoring
+        summary = runs.summary()
+        count = CounterMetricFamily(f"{PREFIX}_model_runs", "Model runs by model, version and role (live or shadow)",
+                                    labels=["model", "version", "role"])
+        verdicts = CounterMetricFamily(f"{PREFIX}_model_verdicts", "Radiologists' verdicts on results (from a Key"
+                                       " Object Selection), by model, version and verdict",
+                                       labels=["model", "version", "verdict"])
+        dice = GaugeMetricFamily(f"{PREFIX}_model_shadow_dice", "Mean Dice of a shadow version's segmentations"
+                                 " against the live version's", labels=["model", "version"])
+        agreement = GaugeMetricFamily(f"{PREFIX}_model_shadow_agreement", "Share of studies where a shadow"
+                                      " classifier's class is the live one's", labels=["model", "version"])
+        for r in summary:
+            labels = [r["model"], str(r["version"])]
+            count.add_metric([*labels, r["role"]], r["runs"])
+            if r["role"] == "shadow" and r["mean_dice"] is not None:
+                dice.add_metric(labels, r["mean_dice"])
+            if r["role"] == "shadow" and r["agreement"] is not None:
+                agreement.add_metric(labels, r["agreement"])
+            for verdict in ("rejected", "accepted"):
+                if r[verdict]:
+                    verdicts.add_metric([*labels, verdict], r[verdict])
+        figures = GaugeMetricFamily(f"{PREFIX}_model_figure", f"What went into and came out of a model version's"
+                                    f" latest {watch.window_runs} live runs (mean, min, max)",
+                                    labels=["model", "version", "figure", "stat"])
+        for (model, version), values in runs.recent(watch.window_runs).items():
+            for figure, stats in values.items():
+                for stat, value in zip(("mean", "min", "max"), stats):
+                    figures.add_metric([model, str(version), figure, stat], value)
+        drift = GaugeMetricFamily(f"{PREFIX}_model_drift", "1 where a figure of a model version's latest runs left"
+                                  " the range of its first runs", labels=["model", "version", "figure"])
+        for alarm in runs.drift(watch.baseline_runs, watch.window_runs, watch.tolerance):
+            drift.add_metric([alarm.model, str(alarm.version), alarm.figure], 1)
+        yield from (count, verdicts, dice, agreement, figures, drift)
 
     def _stow_in(self) -> Iterable[Metric]:
         """STOW-RS requests into the node (each is also an association row, called AE STOW-RS, so

@@ -29,6 +29,7 @@ from node.console.auth import (AUTO_REFRESH, LOGIN_COOKIE, SESSION_COOKIE, Refus
                                sees_patients)
 from node.console.context import ConsoleContext
 from node.console.limits import FORM_LIMITS, one_at_a_time
+from node.console.modelview import models_overview
 from node.console.oidc import OidcError
 from node.console.sessions import SHARED_TOKEN_SESSION
 from node.store.accounts import AccountError, Role
@@ -211,6 +212,11 @@ def retry_delivery(request: Request, item_id: int) -> RedirectResponse:
 @router.post("/outbox/{item_id}/resend", dependencies=[Depends(acting(Role.OPERATOR))])
 def resend_delivery(request: Request, item_id: int) -> RedirectResponse:
     return act(request, "/outbox", actions.resend_delivery, ctx_of(request), item_id)
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models(request: Request) -> HTMLResponse:
+    return render(request, "models.html", {"o": models_overview(ctx_of(request)), "page": "models"})
 
 
 @router.get("/destinations", response_class=HTMLResponse)

@@ -17,13 +17,14 @@ from typing import Any
 import pydicom
 import pydicom.errors
 
-from node.config import NodeConfig
+from node.config import MonitoringConfig, NodeConfig
 from node.jobs.store import Job, JobStore
 from node.retention import Retention
 from node.route.study import orientation_class
 from node.send.outbox import list_items
 from node.store.index import Index
 from node.store.audit import AuditEvent, AuditEventType
+from node.store.modelruns import ModelRuns
 from node.store.roundtrips import RoundTrips, TripState
 
 RECENT_ASSOCIATIONS = 20
@@ -104,7 +105,7 @@ REFUSED_ASSOCIATIONS_S = 86400.0  # refused callers are listed for a day
 
 
 def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
-              now: float | None = None) -> list[dict[str, Any]]:
+              now: float | None = None, monitoring: MonitoringConfig | None = None) -> list[dict[str, Any]]:
     """What needs an operator, newest first, each with its reason and where to look: failed jobs
     (the study's latest), dead deliveries, round trips that failed or timed out, refused
     associations (the audit trail's node-authentication alerts of the last day), quarantined
@@ -139,6 +140,10 @@ def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
             continue
         items.append({"kind": "instance quarantined", "at": at,
                       "what": f"quarantine/{path.name.removesuffix('.reason.txt')}.dcm", "reason": reason})
+    if monitoring is not None:
+        for d in ModelRuns(index).drift(monitoring.baseline_runs, monitoring.window_runs, monitoring.tolerance):
+            items.append({"kind": "model drift", "at": now, "what": f"{d.model} version {d.version}",
+                          "reason": d.describe(), "link": "/models"})
     if last_reload and not last_reload.get("applied", True):
         items.append({"kind": "reload refused", "at": last_reload.get("at"), "what": "node.yaml / routing file",
                       "reason": "; ".join(last_reload.get("problems") or []), "link": "/rules"})

@@ -12,6 +12,7 @@ from inference.pipeline import SegmentationResult
 from inference.spec import Code, Label
 from inference.volume import SeriesVolume
 from node.config import OutputOptions
+from node.encode.provenance import algorithm_source, contributing_equipment
 from node.encode.uids import ResultUIDs
 
 
@@ -30,7 +31,7 @@ def segment_labels(result: SegmentationResult) -> list[Label]:
 def algorithm(result: SegmentationResult) -> hd.AlgorithmIdentificationSequence:
     spec = result.spec
     return hd.AlgorithmIdentificationSequence(
-        name=spec.name, family=coded(spec.algorithm_family), version=str(spec.version)
+        name=spec.name, family=coded(spec.algorithm_family), version=str(spec.version), source=algorithm_source(spec)
     )
 
 
@@ -186,6 +187,7 @@ def _segmentation(result: SegmentationResult, options: OutputOptions, uids: Resu
         content_description=result.spec.description[:64] or None,
         content_creator_name=options.content_creator_name,
         content_label="AI_SEGMENTATION",
+        contributing_equipment=contributing_equipment(result.spec, options),
         series_description=options.describe(result.spec.name, "SEG"),
         omit_empty_frames=options.omit_empty_frames,
         # BINARY allows no compression but bit packing; LABELMAP compresses well with JPEG-LS.

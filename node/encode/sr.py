@@ -24,6 +24,7 @@ from inference.pipeline import ClassificationResult, SegmentationResult
 from inference.spec import Label
 from inference.volume import SeriesVolume
 from node.config import OutputOptions
+from node.encode.provenance import contributing_equipment
 from node.encode.seg import coded, segment_labels
 from node.encode.uids import ResultUIDs
 
@@ -165,6 +166,7 @@ def build_sr(
         manufacturer=options.manufacturer,
         is_complete=True,
         series_description=options.describe(result.spec.name, "SR"),
+        contributing_equipment=contributing_equipment(result.spec, options),
     )
 
 

@@ -23,11 +23,13 @@ from common import logs
 from common.backoff import backoff_delay
 from inference.repository import ModelRepository
 from node import metrics
-from node.config import NodeConfig
+from inference.spec import ModelSpec
+from node.config import NodeConfig, OutputOptions
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
 from node.jobs.failures import JobError, Superseded, describe, is_transient
 from node.jobs.heap import release_free_memory
+from node.jobs.modelruns import record_live, record_verdicts, run_shadow
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import SENDER
@@ -191,6 +193,7 @@ class JobRunner:
         if view.missing and any(applied.actions.forward_to for applied in decision.applied):
             raise JobError(f"{view.missing} instance(s) of the study have lost their file (instances_missing):"
                            " forwarding it would send part of it; send the study again")
+        record_verdicts(self, view)
         if decision.returned is not None:
             from node.jobs.returns import receive_results
 
@@ -204,7 +207,11 @@ class JobRunner:
             if applied.actions.deidentify is not None:
                 self._send_deidentified(job, applied, view, progress)
             for model in applied.actions.run:
-                self._run_model(job, self._task(job, applied, model, view), progress)
+                task = self._task(job, applied, model, view)
+                live = self._run_model(job, task, progress)
+                for candidate in applied.actions.shadow:
+                    if candidate.partition("@")[0] == model.partition("@")[0]:
+                        run_shadow(self, job, task, candidate, live, progress)
 
     def _chosen(self, applied: AppliedRule, view: StudyView) -> SeriesView:
         series = next((s for s in view.series if s.series_uid == applied.series_uid), None)
@@ -262,10 +269,13 @@ class JobRunner:
             notices=applied.actions.notices,
         )
 
-    def _run_model(self, job: Job, task: ModelTask, progress: Progress) -> None:
+    def _run_model(self, job: Job, task: ModelTask, progress: Progress) -> tuple[list, list] | None:
+        """Run, encode and queue; (volumes, results) when inference ran (not for a re-run that
+        only had delivery left)."""
         from node.jobs import stages
 
         spec = self.models.spec(task.model)
+        ran = None
         variants = {d: self.config.destinations[d].output(self.config.output) for d in task.destinations}
         encoded = {key: [Path(f) for f in files] for key, files in job.outputs.items()
                    if all(Path(f).is_file() for f in files)}
@@ -275,23 +285,18 @@ class JobRunner:
                 volumes = stages.load(task)  # several for e.g. a multi-echo MR series: one result set each
             results = []
             for volume in volumes:
-                with self.stage(job, "inference", progress), self.backends.use(task.model) as backend:
+                with self.stage(job, "inference", progress), \
+                        self.backends.use(f"{spec.name}@{spec.version}") as backend:
                     results.append(stages.infer(volume, spec, backend, explain="SALIENCY" in {
                         *task.outputs, *(name for o in variants.values() for name in o.outputs or ())}))
             folder = self.data_dir / "results" / task.key.replace(":", "_")
             for key, options in missing.items():
-                files: list[Path] = []
-                for number, result in enumerate(results, start=1):
-                    source = SourceIdentity.of(task.study_uid, task.series_uid, task.instance_uids, result.volume.label)
-                    uids = ResultUIDs(installation_uid=self.installation_uid, job_id=job.id, source=source,
-                                      model=spec.name, model_version=str(spec.version), rule=task.rule,
-                                      root=self.config.output.uid_root)
-                    subfolder = folder / options.variant / (f"volume{number}" if len(results) > 1 else "")
-                    with self.stage(job, "encode", progress):
-                        files += stages.encode(result, options, uids, options.outputs or task.outputs, subfolder,
-                                               self.spool, notices=task.notices)
+                with self.stage(job, "encode", progress):
+                    files = self.encode_results(job, task, spec, results, options, folder / options.variant)
                 self.jobs.record_outputs(job.id, key, files)
                 encoded[key] = files
+            record_live(self, job, task, spec.version, results, [f for key in missing for f in encoded[key]])
+            ran = (volumes, results)
             for result in results:
                 logs.event(log, "model_ran", job=job.id, model=task.model, series_uid=task.series_uid,
                            volume=result.volume.label or None, findings=len(getattr(result, "findings", ())),
@@ -301,6 +306,24 @@ class JobRunner:
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
                                     encoded[task.output_key(options)], guard=self.still_current(job))
+        return ran
+
+    def encode_results(self, job: Job, task: ModelTask, spec: ModelSpec, results: list, options: OutputOptions,
+                       folder: Path) -> list[Path]:
+        """The SEG/SR/... of one variant of a task's results (one subfolder per volume when a series
+        held several), with UIDs that depend only on the source, the model version and the rule."""
+        from node.jobs import stages
+
+        files: list[Path] = []
+        for number, result in enumerate(results, start=1):
+            source = SourceIdentity.of(task.study_uid, task.series_uid, task.instance_uids, result.volume.label)
+            uids = ResultUIDs(installation_uid=self.installation_uid, job_id=job.id, source=source,
+                              model=spec.name, model_version=str(spec.version), rule=task.rule,
+                              root=self.config.output.uid_root)
+            subfolder = folder / (f"volume{number}" if len(results) > 1 else "")
+            files += stages.encode(result, options, uids, options.outputs or task.outputs, subfolder, self.spool,
+                                   notices=task.notices)
+        return files
 
     def destination(self, name: str, view: StudyView) -> str:
         if name != SENDER:

@@ -19,7 +19,7 @@ log = logging.getLogger("node.route")
 
 
 class LiveRules:
-    def __init__(self, path: Path, models: Callable[[], set[str]], destinations: set[str],
+    def __init__(self, path: Path, models: Callable[[], dict[str, list[int]]], destinations: set[str],
                  projects: set[str] | None = None):
         self.path = Path(path)
         self.models = models

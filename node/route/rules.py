@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from inference.repository import REF_PATTERN, ModelRef
 from node.route.conditions import Condition, Context
 from node.route.study import SeriesView, StudyView
 from common.yamlfile import ConfigError, Problem, YamlDocument, load_yaml, validate
@@ -44,7 +45,11 @@ class Deidentify(_Strict):
 
 
 class Actions(_Strict):
-    run: list[str] = Field(default_factory=list, description="models (names in the model repository)")
+    run: list[Annotated[str, Field(pattern=REF_PATTERN)]] = Field(default_factory=list, description=(
+        "models: a name runs its latest version, name@version pins one"))
+    shadow: list[Annotated[str, Field(pattern=REF_PATTERN)]] = Field(default_factory=list, description=(
+        "candidate versions (name@version of a model in run): run on the same series, results kept, never sent,"
+        " compared with the live version"))
     outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] = Field(default_factory=lambda: ["SEG", "SR"])
     send_to: list[str] = Field(default_factory=list, description="destinations for results; @sender = back to the caller")
     forward_to: list[str] = Field(default_factory=list, description="destinations that get the original study unchanged")
@@ -60,6 +65,11 @@ class Actions(_Strict):
             raise ValueError("a rule needs an action: run, forward_to, deidentify or discard")
         if self.run and not self.send_to:
             raise ValueError("run needs send_to (where the results go)")
+        live = {ModelRef.parse(m).name for m in self.run}
+        for candidate in map(ModelRef.parse, self.shadow):
+            if candidate.name not in live or candidate.version is None:
+                raise ValueError(f"shadow {candidate}: a shadow run is a pinned version (name@version) of a model"
+                                 " this rule runs")
         return self
 
 
@@ -107,6 +117,20 @@ class RoutingFile(_Strict):
         if duplicates:
             raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
         return self
+
+    def model_uses(self, latest: Callable[[str], int | None]) -> dict[str, list[str]]:
+        """{"model@version": ["rule (live)", "rule (shadow)", ...]}, a model named without a version
+        counted for its latest (`latest(name)`, None when the repository has none)."""
+        uses: dict[str, list[str]] = {}
+        for rule in self.rules + ([self.fallback] if self.fallback else []):
+            for kind, refs in (("live", rule.actions.run), ("shadow", rule.actions.shadow)):
+                for ref in map(ModelRef.parse, refs):
+                    version = ref.version or latest(ref.name)
+                    if version is not None:
+                        uses.setdefault(f"{ref.name}@{version}", []).append(
+                            f"{rule.name} ({kind}{', latest' if ref.version is None else ''}"
+                            f"{', disabled' if not rule.enabled else ''})")
+        return uses
 
 
 @dataclass
@@ -227,7 +251,7 @@ def _evaluate(rule: Rule, study: StudyView) -> Outcome:
     return Outcome(rule.name, True, reason, chosen)
 
 
-def load_rules(path: Path, models: set[str] | None = None, destinations: set[str] | None = None,
+def load_rules(path: Path, models: dict[str, list[int]] | None = None, destinations: set[str] | None = None,
                projects: set[str] | None = None) -> RuleSet:
     """Load and check a rule file against the models, destinations and de-identification
     projects there are; every problem is reported with file, line and key path."""
@@ -240,7 +264,7 @@ def load_rules(path: Path, models: set[str] | None = None, destinations: set[str
     return RuleSet(rules, version)
 
 
-def _check_references(doc: YamlDocument, rules: RoutingFile, models: set[str] | None,
+def _check_references(doc: YamlDocument, rules: RoutingFile, models: dict[str, list[int]] | None,
                       destinations: set[str] | None, projects: set[str] | None) -> list[Problem]:
     problems = []
     entries = [(("rules", i), rule) for i, rule in enumerate(rules.rules)]
@@ -249,10 +273,16 @@ def _check_references(doc: YamlDocument, rules: RoutingFile, models: set[str] | 
     for prefix, rule in entries:
         actions = rule.actions
         if models is not None:
-            for j, model in enumerate(actions.run):
-                if model not in models:
-                    problems.append(doc.problem(prefix + ("actions", "run", j),
-                                                f"unknown model {model!r} (repository has: {', '.join(sorted(models)) or 'none'})"))
+            named_models = [("run", j, m) for j, m in enumerate(actions.run)]
+            named_models += [("shadow", j, m) for j, m in enumerate(actions.shadow)]
+            for key, j, text in named_models:
+                ref = ModelRef.parse(text)
+                if ref.name not in models:
+                    problems.append(doc.problem(prefix + ("actions", key, j),
+                                                f"unknown model {ref.name!r} (repository has: {', '.join(sorted(models)) or 'none'})"))
+                elif ref.version is not None and ref.version not in models[ref.name]:
+                    problems.append(doc.problem(prefix + ("actions", key, j), f"model {ref.name} has no version"
+                                                f" {ref.version} (it has {', '.join(map(str, models[ref.name]))})"))
         if destinations is not None:
             named = [(("send_to", j), n) for j, n in enumerate(actions.send_to)]
             named += [(("forward_to", j), n) for j, n in enumerate(actions.forward_to)]

@@ -1,0 +1,53 @@
+"""Where a result came from, inside the result: the model version as Contributing Equipment
+(PS3.3 C.7.5.1.1.1, purpose "Processing Equipment", DCM 109102) with its import's SHA-256 and
+model card, and the algorithm's source in SEG's Algorithm Identification (PS3.3 C.8.20.2.1).
+
+A radiologist or auditor holding only the object can tell which model file made it: the
+`DeviceSerialNumber` of the model's entry is the SHA-256 of the ONNX file the node ran (64
+hexadecimal characters: exactly LO's maximum).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from inference.spec import ModelSpec
+from node.config import OutputOptions
+
+
+def _text(value: str, limit: int) -> str | None:
+    """A DICOM string of at most `limit` characters, backslash-free (LO/ST are single-valued here)."""
+    value = " ".join(value.replace("\\", "/").split())[:limit]
+    return value or None
+
+
+def algorithm_source(spec: ModelSpec) -> str | None:
+    """AlgorithmSource (LO): the bundle or file the version was imported from."""
+    p = spec.provenance
+    if p is None:
+        return None
+    return _text(f"{'MONAI bundle' if p.source == 'monai-bundle' else 'TorchScript'} {p.source_name}"
+                 f" {p.source_version}", 64)
+
+
+def contributing_equipment(spec: ModelSpec, options: OutputOptions) -> list[hd.ContributingEquipment]:
+    """The model version that produced the result (one entry)."""
+    p = spec.provenance
+    versions = [f"{spec.name} version {spec.version}"]
+    description = spec.description
+    if p is not None:
+        if p.source_version:
+            versions.append(f"{p.source_name} {p.source_version}")
+        card = p.model_card
+        description = "; ".join(f"{k.replace('_', ' ')}: {card[k]}" for k in
+                                ("description", "intended_use", "data_source", "eval_metrics", "copyright")
+                                if card.get(k)) or description
+    return [hd.ContributingEquipment(
+        manufacturer=_text(p.manufacturer if p and p.manufacturer else options.manufacturer, 64) or "unknown",
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=_text(p.source_name if p else spec.name, 64),
+        software_versions=[v for v in (_text(v, 64) for v in versions) if v],
+        device_serial_number=p.sha256 if p else None,
+        contribution_description=_text(description, 1024),
+    )]

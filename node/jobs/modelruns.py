@@ -1,0 +1,156 @@
+"""What a model run is recorded as (node/store/modelruns.py): the figures of its input and output,
+and for a shadow run its comparison with the live run.
+
+A shadow run is a candidate version run on the same series as the live version of the same
+rule: its SEG/SR are written under the job's results folder and never handed to the outbox; its
+failure is recorded and logged, and never fails the job (the live results went out).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pydicom
+
+from common import logs
+from inference.pipeline import ClassificationResult, SegmentationResult
+from inference.volume import SeriesVolume
+from node.jobs.failures import Superseded, describe
+from node.store.modelruns import Comparison, ModelRuns, RunFigures
+
+if TYPE_CHECKING:
+    from node.jobs.runner import JobRunner, Progress
+    from node.jobs.stages import ModelTask
+    from node.jobs.store import Job
+    from node.route.study import StudyView
+
+log = logging.getLogger("node.jobs")
+Result = SegmentationResult | ClassificationResult
+
+
+def figures_of(results: list[Result]) -> RunFigures:
+    """The first volume's input figures (intensity from every 4th voxel: a 300-slice CT costs
+    milliseconds), and the outputs summed over the volumes."""
+    if not results:
+        return RunFigures()
+    volume: SeriesVolume = results[0].volume
+    sample = volume.array[::4, ::4, ::4]
+    steps = np.linalg.norm(volume.affine[:3, :3], axis=0)  # slice, row and column steps (mm)
+    figures = RunFigures(
+        modality=str(getattr(volume.datasets[0], "Modality", "") or "") or None if volume.datasets else None,
+        slices=int(volume.array.shape[0]), spacing_slice=float(steps[0]), spacing_row=float(steps[1]),
+        spacing_column=float(steps[2]), intensity_mean=float(sample.mean()), intensity_std=float(sample.std()))
+    if isinstance(results[0], SegmentationResult):
+        segmentations = [r for r in results if isinstance(r, SegmentationResult)]
+        return replace(figures, findings=sum(len(r.findings) for r in segmentations),
+                       volume_mm3=sum(float(np.count_nonzero(r.labels)) * r.volume.voxel_volume for r in segmentations))
+    first = results[0]
+    assert isinstance(first, ClassificationResult)
+    return replace(figures, probability=float(first.probabilities[first.predicted.value]), predicted=first.predicted.name)
+
+
+def compare(live: list[Result], shadow: list[Result]) -> Comparison:
+    """Segmentation: Dice of the labelled voxels (any label) and the relative volume difference,
+    over every volume; classification: whether the predicted classes agree."""
+    if not live or not shadow:
+        return Comparison()
+    if isinstance(live[0], SegmentationResult):
+        both = overlap = mine = theirs = 0
+        for a, b in zip(live, shadow):
+            assert isinstance(a, SegmentationResult) and isinstance(b, SegmentationResult)
+            fa, fb = a.labels > 0, b.labels > 0
+            both += int(np.count_nonzero(fa & fb & (a.labels == b.labels)))
+            mine, theirs = mine + int(np.count_nonzero(fa)), theirs + int(np.count_nonzero(fb))
+        overlap = mine + theirs
+        # Dice = 2|A∩B| / (|A| + |B|) with the same label in both; two empty results agree (1.0)
+        dice = 2.0 * both / overlap if overlap else 1.0
+        difference = (theirs - mine) / mine if mine else (0.0 if not theirs else float("inf"))
+        return Comparison(dice=dice, volume_difference=difference if np.isfinite(difference) else None)
+    agree = all(isinstance(a, ClassificationResult) and isinstance(b, ClassificationResult)
+                and a.predicted.value == b.predicted.value for a, b in zip(live, shadow))
+    return Comparison(agreement=agree)
+
+
+def result_uids(files: list[Path]) -> list[str]:
+    """The SOP Instance UIDs of the encoded results (a radiologist's KOS references these)."""
+    uids = []
+    for f in files:
+        try:
+            uids.append(str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+        except (OSError, AttributeError, pydicom.errors.InvalidDicomError):
+            continue  # written by this job a moment ago: only a failed disk gets here
+    return uids
+
+
+def record_live(runner: "JobRunner", job: "Job", task: "ModelTask", version: int, results: list[Result],
+                files: list[Path]) -> None:
+    ModelRuns(runner.index).record(job_id=job.id, study_uid=job.study_uid, rule=task.rule,
+                                   model=task.model.partition("@")[0], version=version, role="live",
+                                   now=time.time(), figures=figures_of(results), result_uids=result_uids(files))
+
+
+def run_shadow(runner: "JobRunner", job: "Job", live_task: "ModelTask", candidate: str,
+               live: tuple[list[SeriesVolume], list[Result]] | None, progress: "Progress") -> None:
+    """Run `candidate` on the live task's series, keep its results, compare, record."""
+    from node.jobs import stages
+
+    runs = ModelRuns(runner.index)
+    spec = runner.models.spec(candidate)
+    task = replace(live_task, model=candidate, destinations=())
+    try:
+        with runner.stage(job, "shadow", progress):
+            volumes = live[0] if live else stages.load(task)
+            with runner.backends.use(f"{spec.name}@{spec.version}") as backend:
+                results = [stages.infer(volume, spec, backend) for volume in volumes]
+            if live is None:  # a re-run after a crash: the live results were sent already, infer them again
+                live_spec = runner.models.spec(live_task.model)
+                with runner.backends.use(f"{live_spec.name}@{live_spec.version}") as backend:
+                    live = (volumes, [stages.infer(volume, live_spec, backend) for volume in volumes])
+            files = runner.encode_results(job, task, spec, results, runner.config.output,
+                                          runner.data_dir / "results" / (task.key.replace(":", "_") + "_shadow"))
+        comparison = compare(live[1], results)
+        runs.record(job_id=job.id, study_uid=job.study_uid, rule=task.rule, model=spec.name, version=spec.version,
+                    role="shadow", now=time.time(), figures=figures_of(results), result_uids=result_uids(files),
+                    comparison=comparison)
+        logs.event(log, "shadow_ran", job=job.id, model=spec.name, version=spec.version, dice=comparison.dice,
+                   agreement=comparison.agreement)
+    except Superseded:
+        raise
+    except Exception as exc:  # the candidate failed: recorded, the job goes on (its live results went out)
+        reason = describe(exc, "shadow")
+        runs.record(job_id=job.id, study_uid=job.study_uid, rule=task.rule, model=spec.name, version=spec.version,
+                    role="shadow", now=time.time(), figures=RunFigures(), error=reason)
+        logs.event(log, "shadow_failed", logging.WARNING, job=job.id, model=spec.name, version=spec.version,
+                   error=reason)
+
+
+# Key Object Selection document titles (PS3.16 CID 7010) that reject what they reference.
+REJECTING_TITLES = {("DCM", "113001"), ("DCM", "113037"), ("DCM", "113010")}  # quality, patient safety, quality issue
+
+
+def record_verdicts(runner: "JobRunner", view: "StudyView") -> None:
+    """A radiologist's rejection of a result: a Key Object Selection in the study whose title
+    rejects (CID 7010) and whose evidence references one of our results marks that run."""
+    runs = ModelRuns(runner.index)
+    for series in view.series:
+        if series.tags.get("Modality") != "KO":
+            continue
+        for path in series.files:
+            try:
+                kos = pydicom.dcmread(path, stop_before_pixels=True)
+                title = kos.ConceptNameCodeSequence[0]
+                rejected = (str(title.CodingSchemeDesignator), str(title.CodeValue)) in REJECTING_TITLES
+                referenced = [str(i.ReferencedSOPInstanceUID) for study in kos.CurrentRequestedProcedureEvidenceSequence
+                              for s in study.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
+            except (OSError, AttributeError, IndexError, pydicom.errors.InvalidDicomError):
+                continue  # not a usable KOS: nothing to record
+            if rejected:
+                marked = runs.record_verdict(referenced, "rejected", time.time())
+                if marked:
+                    logs.event(log, "result_rejected", study_uid=view.study_uid, kos=str(kos.SOPInstanceUID),
+                               runs=marked)

@@ -1,0 +1,187 @@
+"""Bring your own model: a MONAI bundle made with MONAI's tooling, imported with
+`dicom-node models import-bundle`, run by the node beside the shipped version (live and shadow),
+its provenance in the results, its runs monitored (drift), a radiologist's rejection counted.
+
+The bundle holds the demo UNet with the shipped model's trained weights (tests/bundles.py), so it
+must find the phantom's lesions as the shipped model does: the end-to-end tolerances are
+test_end_to_end's."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pydicom
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.sr.codedict import codes
+
+from inference.repository import ModelRepository, sha256_of
+from phantom.dicom import SeriesIdentity
+from phantom.study import make_dicom_study
+from tests.bundles import LESION_CODES, demo_network, make_bundle
+from tests.peers import REPO_ROOT, VENV_BIN, storescu, wait_for
+from tests.test_end_to_end import _check_against_truth, _phantom
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "dicom-node"), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def network() -> Any:
+    return demo_network()
+
+
+@pytest.fixture(scope="module")
+def codes_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("codes") / "codes.yaml"
+    path.write_text(yaml.safe_dump(LESION_CODES))
+    return path
+
+
+def _repository_with_shipped_model(folder: Path) -> tuple[Path, Path]:
+    """A model repository holding the shipped lesion-seg (version 1), and a node.yaml naming it."""
+    repository = folder / "models"
+    shutil.copytree(REPO_ROOT / "models" / "lesion-seg", repository / "lesion-seg")
+    config = folder / "node.yaml"
+    config.write_text(yaml.safe_dump({"inference": {"model_repository": str(repository)}}))
+    return repository, config
+
+
+def test_a_bundle_with_a_transform_the_node_cannot_run_is_refused_naming_it(network, codes_file, tmp_path):
+    repository, config = _repository_with_shipped_model(tmp_path)
+    cropping = make_bundle(tmp_path / "cropping", network, extra_preprocessing=[
+        {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"}])
+    refused = _cli("models", "import-bundle", str(cropping), "--name", "lesion-seg", "--codes", str(codes_file),
+                   "--config", str(config))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "CropForegroundd: no equivalent in the node's preprocessing" in refused.stderr
+    plain = make_bundle(tmp_path / "plain", network)
+    uncoded = _cli("models", "import-bundle", str(plain), "--name", "lesion-seg", "--config", str(config))
+    assert uncoded.returncode == 2
+    assert "labels without a code: lesion (give each a category and type in --codes)" in uncoded.stderr
+    assert "lesion: perhaps SCT 52988006 'Lesion'" in uncoded.stderr  # a hint from pydicom's SNOMED table
+    assert ModelRepository(repository).versions("lesion-seg") == [1]  # nothing half-written
+    assert sorted(p.name for p in (repository / "lesion-seg").iterdir()) == \
+        sorted(p.name for p in (REPO_ROOT / "models" / "lesion-seg").iterdir())
+
+
+def _metrics(node: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    with urllib.request.urlopen(node.url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_an_imported_bundle_runs_live_beside_the_shipped_version_in_shadow(
+        network, codes_file, start_node, orthanc, tmp_path):
+    """Import as lesion-seg version 2; a rule runs it live and version 1 in shadow. The PACS gets
+    version 2's SEG and SR only, at the phantom's lesions, naming the bundle and the model file's
+    SHA-256; the comparison with version 1 is recorded and shown. Then a study with other slice
+    spacing raises the drift alarm, and a radiologist's rejection (KOS) of the SEG is counted."""
+    repository, config = _repository_with_shipped_model(tmp_path)
+    bundle = make_bundle(tmp_path / "bundle", network)
+    imported = _cli("models", "import-bundle", str(bundle), "--name", "lesion-seg", "--codes", str(codes_file),
+                    "--findings", "per_component", "--min-component-voxels", "8", "--config", str(config))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "Spacingd(pixdim=[2.0, 2.0, 2.0]) -> preprocessing.spacing" in imported.stdout
+    assert "imported lesion-seg version 2" in imported.stdout
+    models = ModelRepository(repository)
+    assert models.versions("lesion-seg") == [1, 2]
+    spec = models.spec("lesion-seg")  # the latest
+    assert spec.version == 2 and spec.provenance is not None
+    assert spec.preprocessing.spacing == (2.0, 2.0, 2.0) and spec.preprocessing.patch_size == (64, 64, 64)
+    sha = sha256_of(repository / "lesion-seg" / "2" / "model.onnx")
+    assert spec.provenance.sha256 == sha and spec.provenance.source_name == "Phantom lesion segmentation"
+    assert "versions: [ 1, 2 ]" in (repository / "lesion-seg" / "config.pbtxt").read_text()
+
+    pacs = orthanc()
+    node = start_node(
+        routing={"rules": [{"name": "ct-lesions", "match": {"tag": "Modality", "equals": "CT"},
+                            "actions": {"run": ["lesion-seg@2"], "shadow": ["lesion-seg@1"], "send_to": ["pacs"]}}]},
+        completion={"quiet_period_s": 1.0},
+        destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+        sending={"retry_initial_s": 0.5, "sweep_s": 0.5},
+        inference={"model_repository": str(repository), "monitoring": {"baseline_runs": 1, "window_runs": 1}},
+    )
+    listed = json.loads(_cli("models", "list", "--json", "--config", str(node.config_path)).stdout)
+    rows = {r["version"]: r for r in listed}
+    assert rows[2]["rules"] == ["ct-lesions (live)"] and rows[1]["rules"] == ["ct-lesions (shadow)"]
+    assert rows[2]["sha256"] == sha and rows[2]["status"] == "ok" and rows[2]["latest"]
+
+    files, truth, study_uid = _phantom(tmp_path, seed=11)  # test_end_to_end's study: its tolerances hold there
+    pacs.upload(files)  # the PACS has the study; the modality sends it to the node too
+    assert storescu(node.port, files).returncode == 0
+    _check_against_truth(pacs, study_uid, truth, files)
+    found = pacs.instances_by_modality(study_uid)
+    seg = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SEG"][0]["ID"])))
+    sr = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SR"][0]["ID"])))
+    for obj in (seg, sr):
+        model = [e for e in obj.ContributingEquipmentSequence if e.get("DeviceSerialNumber") == sha]
+        assert len(model) == 1 and model[0].ManufacturerModelName == "Phantom lesion segmentation"
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == "2" and algorithm.AlgorithmSource.startswith("MONAI bundle Phantom")
+
+    runs = wait_for(lambda: len(rows := node.query("SELECT * FROM model_runs WHERE study_uid=? ORDER BY id",
+                                                   (study_uid,))) == 2 and rows, timeout=120)
+    live, shadow = ({r["role"]: r for r in runs}[k] for k in ("live", "shadow"))
+    assert (live["version"], shadow["version"]) == (2, 1) and shadow["error"] is None
+    assert live["findings"] == len(truth["lesions"]) and live["slices"] == 96
+    # the same network and weights, exported twice: the shadow agrees with the live version
+    assert shadow["dice"] > 0.95 and abs(shadow["volume_difference"]) < 0.05
+    job = node.query("SELECT id FROM work_items WHERE study_uid=?", (study_uid,))[0]["id"]
+    outbox = node.query("SELECT job_key FROM outbox WHERE study_uid=?", (study_uid,))
+    assert outbox and all(":lesion-seg@2:" in r["job_key"] for r in outbox)  # nothing of version 1 was queued
+    assert list((node.data_dir / "results").glob(f"{job}_ct-lesions_lesion-seg@1_shadow/**/*.dcm"))
+    assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
+
+    overview = json.loads(_get(node, "/api/models"))
+    comparison = overview["comparisons"][0]
+    assert (comparison["live_version"], comparison["shadow_version"], comparison["study_uid"]) == (2, 1, study_uid)
+    assert overview["drift"] == []
+
+    # another protocol: 4 mm slices (the baseline run had 2 mm)
+    thick, _ = make_dicom_study(tmp_path / "thick", slices=48, size=192, pixel_spacing=2.0, slice_spacing=4.0,
+                                seed=32, identity=SeriesIdentity(patient_id="P32"))
+    assert storescu(node.port, thick).returncode == 0
+    alarm = wait_for(lambda: [d for d in json.loads(_get(node, "/api/models"))["drift"]
+                              if d["figure"] == "spacing_slice"], timeout=180)
+    assert alarm[0]["model"] == "lesion-seg" and alarm[0]["version"] == 2
+    wait_for(lambda: len(node.query("SELECT id FROM model_runs WHERE role='shadow'")) == 2, timeout=120)
+    metrics = _metrics(node)
+    key = (("figure", "spacing_slice"), ("model", "lesion-seg"), ("version", "2"))
+    assert metrics[("dicom_node_model_drift", key)] == 1
+    assert metrics[("dicom_node_model_runs_total", (("model", "lesion-seg"), ("role", "shadow"), ("version", "1")))] == 2
+    summary = json.loads(_get(node, "/api/summary"))
+    assert any(a["kind"] == "model drift" and "spacing_slice" in a["reason"] for a in summary["attention"])
+
+    # the radiologist rejects the SEG: a Key Object Selection from the PACS side
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=[seg], content=hd.ko.KeyObjectSelection(document_title=codes.DCM.RejectedForQualityReasons,
+                                                         referenced_objects=[seg]),
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1)
+    kos_path = tmp_path / "kos.dcm"
+    kos.save_as(kos_path)
+    assert storescu(node.port, [kos_path]).returncode == 0
+    wait_for(lambda: node.query("SELECT verdict FROM model_runs WHERE study_uid=? AND role='live' AND verdict"
+                                " IS NOT NULL", (study_uid,)), timeout=180)
+    assert _metrics(node)[("dicom_node_model_verdicts_total",
+                           (("model", "lesion-seg"), ("verdict", "rejected"), ("version", "2")))] == 1
+    page = _get(node, "/models")
+    assert "1 rejected" in page and "Drift: lesion-seg version 2" in page
+
+
+def _get(node: Any, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(node.url + path, timeout=30) as response:
+        return response.read().decode()
