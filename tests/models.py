@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from inference.spec import ModelSpec
-from inference.export.repository import export_onnx, write_entry
+from inference.export.repository import add_version, export_onnx, write_entry
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 THRESHOLD_HU = 270.0
@@ -16,11 +16,14 @@ WINDOW = (-1000.0, 1000.0)
 
 
 class ThresholdNet(torch.nn.Module):
-    """Logits for (background, bright) from a windowed [0, 1] input: bright above THRESHOLD_HU."""
+    """Logits for (background, bright) from a windowed [0, 1] input: bright above `threshold_hu`."""
+
+    def __init__(self, threshold_hu: float = THRESHOLD_HU):
+        super().__init__()
+        self.level = (threshold_hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        level = (THRESHOLD_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
-        d = (x - level) * 200.0
+        d = (x - self.level) * 200.0
         return torch.cat([-d, d], dim=1)
 
 
@@ -48,7 +51,10 @@ def build_test_repository(root: Path) -> Path:
     onnx = root / "threshold.onnx"
     export_onnx(ThresholdNet(), onnx, spec, (16, 16, 16))
     write_entry(root, spec, onnx)
+    # "thresholds": two versions side by side (270 HU, then 0 HU), as `dicom-node models import-*` adds them
+    write_entry(root, threshold_spec(name="thresholds"), onnx)
     onnx.unlink()
+    add_version(root, threshold_spec(name="thresholds", version=2, description="Voxels above 0 HU"), ThresholdNet(0.0))
     for entry in REPO_MODELS.iterdir() if REPO_MODELS.is_dir() else []:
         if (entry / "node.yaml").exists():
             shutil.copytree(entry, root / entry.name)

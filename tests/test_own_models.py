@@ -185,3 +185,74 @@ def _get(node: Any, path: str) -> str:
 
     with urllib.request.urlopen(node.url + path, timeout=30) as response:
         return response.read().decode()
+
+
+def test_a_torchscript_file_with_its_settings_becomes_a_version_that_runs_as_torch_does(network, tmp_path):
+    """`import-torchscript`: the file and a small settings YAML; the exported ONNX answers as the
+    TorchScript module does (checked by the import, and again here through the node's backend)."""
+    import numpy as np
+    import torch
+
+    repository, config = _repository_with_shipped_model(tmp_path)
+    scripted = torch.jit.trace(network, torch.rand(1, 1, 64, 64, 64))
+    file = tmp_path / "lesions.ts"
+    torch.jit.save(scripted, str(file))
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({
+        "task": "segmentation",
+        "preprocessing": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "intensity": {"window": [-1000, 500]},
+                          "patch_size": [64, 64, 64]},
+        "postprocessing": {"findings": "per_component", "min_component_voxels": 8},
+        "labels": [{"value": 1, "name": "lesion", **LESION_CODES["lesion"]}],
+    }))
+    imported = _cli("models", "import-torchscript", str(file), "--settings", str(settings), "--name", "ts-lesions",
+                    "--config", str(config))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    models = ModelRepository(repository)
+    assert models.versions("ts-lesions") == [1]
+    spec = models.spec("ts-lesions@1")
+    assert spec.provenance.source == "torchscript" and spec.provenance.source_sha256 == sha256_of(file)
+    patch = np.random.default_rng(1).random((2, 1, 64, 64, 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = scripted(torch.from_numpy(patch)).numpy()
+    assert np.abs(models.backend("ts-lesions").infer(patch) - expected).max() < 1e-3
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"task": "segmentation", "labels": [], "speed": "fast"}))
+    refused = _cli("models", "import-torchscript", str(file), "--settings", str(bad), "--name", "ts-lesions",
+                   "--config", str(config))
+    assert refused.returncode == 2 and "settings: unknown keys speed" in refused.stderr
+    assert models.versions("ts-lesions") == [1]
+
+    # a damaged model file is refused by checksum, not run
+    onnx = repository / "ts-lesions" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(Exception, match="SHA-256 is not the one recorded at import"):
+        ModelRepository(repository).backend("ts-lesions")
+
+
+def test_triton_serves_each_version_side_by_side(triton, model_repository):
+    """Triton's version folders: `thresholds` 1 (270 HU) and 2 (0 HU) are both loaded; a backend
+    for each version asks Triton for that version, and answers as the in-process one does."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from inference.backends.triton import TritonBackend
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    wait_for(lambda: client.is_model_ready("thresholds", "1") and client.is_model_ready("thresholds", "2"),
+             timeout=120)
+    client.close()
+    models = ModelRepository(model_repository)
+    window = np.linspace(0.3, 0.8, 2 * 32 * 32 * 32, dtype=np.float32).reshape(2, 1, 32, 32, 32)  # -400 to 600 HU
+    answers = {}
+    for version in (1, 2):
+        spec = models.spec(f"thresholds@{version}")
+        remote = TritonBackend(triton.grpc_url, spec, shared_memory="none")
+        try:
+            answers[version] = remote.infer(window)
+        finally:
+            remote.close()
+        assert np.allclose(answers[version], models.backend(f"thresholds@{version}").infer(window), atol=1e-4)
+    bright = {v: int((a[:, 1] > a[:, 0]).sum()) for v, a in answers.items()}
+    assert 0 < bright[1] < bright[2]  # more voxels are above 0 HU than above 270 HU
