@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Optional
 
 import typer
-from node.config import HTTP_TOKEN_ENV, DEFAULT_CONFIG, NodeConfig, load_config
+from node.config import API_TOKEN_ENV, DEFAULT_CONFIG, NodeConfig, load_config
 from common.yamlfile import ConfigError
 
 app = typer.Typer(rich_markup_mode=None, 
@@ -40,6 +40,7 @@ def _main(show_version: bool = typer.Option(False, "--version", callback=_versio
 
 
 ConfigOption = typer.Option(None, "--config", "-c", help="Node configuration YAML (default: config/node.yaml).")
+DataDirOption = typer.Option(None, "--data-dir", help="Spool and index folder (default: node.yaml's storage.data_dir).")
 
 
 def _config(path: Optional[Path], overrides: dict[str, object] | None = None) -> NodeConfig:
@@ -273,11 +274,30 @@ def _data_dir_of(path: Optional[Path]) -> Path:
     file = Path(path) if path else DEFAULT_CONFIG
     try:
         data = load_yaml(file).data
-    except ConfigError:
-        data = None
+    except ConfigError:  # not even YAML (an edit in progress): find the line itself
+        data = {"storage": {"data_dir": _data_dir_line(file)}}
     folder = (data.get("storage") or {}).get("data_dir") if isinstance(data, dict) else None
     folder = Path(folder or StorageConfig().data_dir)
     return folder if folder.is_absolute() else (file.resolve().parent / folder).resolve()
+
+
+def _data_dir_line(file: Path) -> str | None:
+    """`data_dir:` in the `storage:` block of a file YAML cannot parse, by its lines."""
+    import re
+
+    try:
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    in_storage = False
+    for line in lines:
+        if re.match(r"^\S", line):
+            in_storage = bool(re.match(r"^storage:\s*(#.*)?$", line))
+            continue
+        found = re.match(r"^\s+data_dir:\s*(['\"]?)([^'\"#]+?)\1\s*(#.*)?$", line) if in_storage else None
+        if found:
+            return found.group(2)
+    return None
 
 
 def _index(config: Optional[Path], data_dir: Optional[Path] = None, migrate: bool = True, read_only: bool = False):
@@ -296,13 +316,14 @@ def outbox_list(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     config: Optional[Path] = ConfigOption,
+    data_dir: Optional[Path] = DataDirOption,
 ) -> None:
     """List result deliveries (pending, delivered, dead) per destination."""
     if ctx.invoked_subcommand:
         return
     from node.send.outbox import list_items
 
-    cfg, index = _index(config, read_only=True)
+    cfg, index = _index(config, data_dir, read_only=True)
     _print_rows(list_items(index), as_json, "outbox is empty", [
         ("ID", ">5", lambda r: r["id"]), ("STATE", "9", lambda r: r["state"]),
         ("DESTINATION", "16", lambda r: r["destination"]), ("TRIES", ">5", lambda r: r["attempts"]),
@@ -342,10 +363,11 @@ def outbox_resend(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Send a delivered result set again (the PACS lost it): the same files, the same UIDs."""
+    from node.jobs.store import JobStore
     from node.send.outbox import resend
 
     cfg, index = _index(config)
-    refused = resend(index, item, cfg.sending.deadline_s)
+    refused = resend(index, item, cfg.sending.deadline_s, JobStore(index).newer_job)
     if refused:
         typer.echo(refused, err=True)
         raise typer.Exit(1)
@@ -362,6 +384,7 @@ def jobs_list(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     config: Optional[Path] = ConfigOption,
+    data_dir: Optional[Path] = DataDirOption,
 ) -> None:
     """List jobs: state (and stage), attempts, next attempt, rules, time per stage, reason."""
     if ctx.invoked_subcommand:
@@ -369,7 +392,7 @@ def jobs_list(
     from node.console.summary import job_row
     from node.jobs.store import JobStore
 
-    cfg, index = _index(config, read_only=True)
+    cfg, index = _index(config, data_dir, read_only=True)
     rows = [job_row(job) for job in JobStore(index).all_jobs()]
     _print_rows(rows, as_json, "no jobs", [
         ("ID", ">5", lambda r: r["id"]),
@@ -741,7 +764,7 @@ def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
     host = "127.0.0.1" if http.bind in ("0.0.0.0", "::") else http.bind
     scheme = "https" if http.tls.certificate else "http"
     request = urllib.request.Request(f"{scheme}://{host}:{http.port}/api/summary")
-    token = http.effective_token()
+    token = os.environ.get(API_TOKEN_ENV) or http.effective_token()
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     # Our own console, reached by the address in our own config: its certificate may be self-signed.
@@ -751,8 +774,8 @@ def _running_summary(cfg: NodeConfig) -> dict[str, Any] | None:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
-            typer.echo(f"the node answers at {scheme}://{host}:{http.port} but needs a token: set {HTTP_TOKEN_ENV}"
-                       " to an API token (`dicom-node users token NAME`)", err=True)
+            typer.echo(f"the node answers at {scheme}://{host}:{http.port} but refuses this tool's token: set"
+                       f" {API_TOKEN_ENV} to an API token (`dicom-node users token NAME`)", err=True)
         return None
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -764,6 +787,7 @@ def audit(
                               " (30m, 12h, 7d)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON array of records."),
     config: Optional[Path] = ConfigOption,
+    data_dir: Optional[Path] = DataDirOption,
 ) -> None:
     """The audit trail: DICOM transfers in and out, refused associations, starts and stops."""
     from node.store.audit import AuditTrail, since_time
@@ -773,7 +797,7 @@ def audit(
     except ValueError:
         typer.echo(f"--since: not a date or an age: {since!r}", err=True)
         raise typer.Exit(2) from None
-    _, index = _index(config, read_only=True)
+    _, index = _index(config, data_dir, read_only=True)
     records = [r.as_json() for r in AuditTrail(index).since(start)]
     _print_rows(records, as_json, "no audit records", [
         ("ID", ">6", lambda r: r["id"]),
@@ -844,11 +868,12 @@ def users_add(
 def users_list(
     as_json: bool = typer.Option(False, "--json", help="One JSON array of accounts."),
     config: Optional[Path] = ConfigOption,
+    data_dir: Optional[Path] = DataDirOption,
 ) -> None:
     """Accounts with their roles, state and API tokens (never the tokens themselves)."""
     from node.store.accounts import Accounts
 
-    _, index = _index(config, read_only=True)
+    _, index = _index(config, data_dir, read_only=True)
     accounts = Accounts(index)
     rows = [{**a.as_json(), "tokens": [t["id"] for t in accounts.tokens(a.name) if not t["revoked_at"]]}
             for a in accounts.all()]

@@ -14,6 +14,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
 MIN_TOKEN_LENGTH = 16  # http.token and DICOM_NODE_HTTP_TOKEN alike
+ACCOUNT_TOKEN_PREFIX = "dnt_"  # an account's API token (node/store/accounts.py): never the shared admin token
+API_TOKEN_ENV = "DICOM_NODE_API_TOKEN"  # the CLI's token for the node's API (an account's), not the node's own
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # DICOM AE VR: no backslash, no control chars
 AE_TITLE_RULE = "1 to 16 characters, not all spaces, no backslash or control characters (PS3.5 AE)"
 
@@ -777,4 +779,11 @@ def _check_http(http: HttpConfig, file: str) -> list[Problem]:
     if from_env and len(from_env) < MIN_TOKEN_LENGTH:  # (set but empty: unset, as effective_token reads it)  # the same rule as http.token's in the file
         problems.append(Problem("environment", None, HTTP_TOKEN_ENV,
                                 f"has {len(from_env)} characters; a token needs at least {MIN_TOKEN_LENGTH}"))
+    # The shared token is an admin's: an account's API token there would make that account an admin
+    # that revoking or disabling it does not stop. Tools take theirs from DICOM_NODE_API_TOKEN.
+    for where, key, value in (("environment", HTTP_TOKEN_ENV, from_env), (file, "http.token", http.token)):
+        if value and value.startswith(ACCOUNT_TOKEN_PREFIX):
+            problems.append(Problem(where, None, key, f"is an account's API token ({ACCOUNT_TOKEN_PREFIX}...); the"
+                                    f" shared token is the node's own admin secret: give the CLI an API token in"
+                                    f" {API_TOKEN_ENV} instead"))
     return problems

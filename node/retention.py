@@ -81,7 +81,9 @@ class Plan:
 
     def digest(self) -> str:
         """What the plan deletes, as one value: a confirmation names exactly this plan."""
-        names = sorted(s.study_uid for s in self.studies) + sorted(str(f) for r in self.results for f in r.files)
+        # with each study's instances and bytes: an instance that arrived since the preview changes it
+        names = sorted(f"{s.study_uid} {s.instances} {s.bytes}" for s in self.studies) + \
+            sorted(str(f) for r in self.results for f in r.files)
         return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,6 +92,7 @@ class Plan:
             "results": [{"job_id": r.job_id, "study_uid": r.study_uid, "files": [str(f) for f in r.files],
                          "delivered_at": r.delivered_at} for r in self.results],
             "stored_bytes": self.stored_bytes,
+            "plan_digest": self.digest(),
         }
 
 

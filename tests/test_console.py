@@ -679,6 +679,11 @@ def test_retention_shows_what_it_deletes_and_needs_the_confirmation(browser, sta
         page.click("#confirm-retention")
         assert "what it would delete changed since the preview" in page.inner_text("#message")
         assert _study(node, study_uid)["study"]["state"] == "complete"
+        # the API the same way: a plan named by its digest (GET /api/retention's), or nothing
+        run = node.url + "/api/retention/run"
+        assert http_status(run, "POST", TOKEN) == 422  # no plan named
+        assert http_status(run + "?plan_digest=0123456789abcdef", "POST", TOKEN) == 409
+        assert _study(node, study_uid)["study"]["state"] == "complete"
         page.click("#confirm-retention")
         assert "retention: 1 studies" in page.inner_text("#message")
         assert _study(node, study_uid)["study"]["state"] == "deleted"

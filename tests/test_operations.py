@@ -413,12 +413,23 @@ def test_the_cli_follows_a_node_started_on_other_ports_and_survives_a_typo(tmp_p
         # the running node polls node.yaml (2 s): once it refused the typo, `status` says so
         wait_for(lambda: "ON THE PREVIOUS CONFIGURATION: the last reload was refused"
                  in _cli("status", "--config", config).stdout, timeout=60, interval=1)
+        node.config_path.write_text(text + "\n  oops: [\n")  # not even YAML: the data folder is found by its line
+        for args in (("status",), ("jobs",), ("audit",)):
+            result = _cli(*args, "--config", config)
+            assert result.returncode == 0 and "using the configuration in force" in result.stderr, \
+                (args, result.stdout, result.stderr)
         node.config_path.write_text(text)
 
         short = subprocess.run([str(VENV_BIN / "dicom-node"), "config", "check", config], capture_output=True,
                                text=True, timeout=120, env={**os.environ, "DICOM_NODE_HTTP_TOKEN": "x"})
         assert short.returncode == 2 and "DICOM_NODE_HTTP_TOKEN: has 1 characters; a token needs at least 16" \
             in short.stderr, short.stderr
+        # an account's API token as the shared admin token would outlive its revocation
+        account = subprocess.run([str(VENV_BIN / "dicom-node"), "config", "check", config], capture_output=True,
+                                 text=True, timeout=120,
+                                 env={**os.environ, "DICOM_NODE_HTTP_TOKEN": "dnt_" + "a" * 40})
+        assert account.returncode == 2 and "DICOM_NODE_HTTP_TOKEN: is an account's API token (dnt_...)" \
+            in account.stderr, account.stderr
         version = _cli("--version")
         assert version.returncode == 0 and version.stdout.startswith("dicom-node ")
         bad_port = _cli("serve", "--config", config, "--port", "99999")

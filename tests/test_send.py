@@ -347,3 +347,30 @@ def test_contexts_offer_each_files_own_syntax_and_uncompressed(tmp_path):
     offered = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax]) for cx in contexts]
     sop = str(pydicom.dcmread(ct[0], stop_before_pixels=True).SOPClassUID)
     assert offered == [(sop, [ExplicitVRLittleEndian]), (sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+
+
+def test_a_superseded_result_set_is_not_sent_again(tmp_path):
+    """Re-send is for results the PACS lost: a delivered set of a job whose study was processed
+    again since (a later job) is refused, naming the job to re-send instead."""
+    from node.jobs.store import JobStore
+    from node.send.outbox import resend
+
+    index = Index(tmp_path / "index.sqlite")
+    result = tmp_path / "seg.dcm"
+    result.write_bytes(b"result")
+    now = time.time()
+    with index.transaction() as db:
+        for job_id in (3, 4):
+            db.execute("INSERT INTO work_items (id, study_uid, state, created_at, updated_at, next_attempt)"
+                       " VALUES (?, '1.2.3', 'done', ?, ?, ?)", (job_id, now, now, now))
+        db.execute("INSERT INTO outbox (job_key, study_uid, destination, files, state, created_at, updated_at,"
+                   " next_attempt, deadline) VALUES ('3:rule:model:default', '1.2.3', 'pacs', ?, 'delivered', ?,?,?,?)",
+                   (json.dumps([str(result)]), now, now, now, now))
+    refused = resend(index, 1, 60.0, JobStore(index).newer_job)
+    assert refused == ("outbox item 1 holds job 3's results, and the study was processed again since (job 4):"
+                       " re-send that job's results instead")
+    assert _item(index, 1)["state"] == "delivered"
+    with index.transaction() as db:
+        db.execute("DELETE FROM work_items WHERE id=4")
+    assert resend(index, 1, 60.0, JobStore(index).newer_job) is None
+    assert _item(index, 1)["state"] == "pending"

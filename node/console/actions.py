@@ -50,7 +50,7 @@ def retry_delivery(ctx: ConsoleContext, item_id: int) -> str:
 
 
 def resend_delivery(ctx: ConsoleContext, item_id: int) -> str:
-    refused = resend_outbox(ctx.index, item_id, ctx.config.sending.deadline_s)
+    refused = resend_outbox(ctx.index, item_id, ctx.config.sending.deadline_s, ctx.jobs.newer_job)
     if refused is not None:
         raise ActionError(404 if refused.startswith("no outbox item") else 409, refused)
     ctx.wake_outbox()

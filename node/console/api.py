@@ -296,10 +296,15 @@ def get_retention(request: Request) -> dict[str, Any]:
             "would_delete": ctx.retention.plan(policy).as_dict()}
 
 
-@router.post("/retention/run", dependencies=[Depends(require_admin)], summary="Apply the retention policy now")
-def run_retention(request: Request) -> dict[str, int]:
+@router.post("/retention/run", dependencies=[Depends(require_admin)],
+             summary="Delete exactly what GET /api/retention's would_delete listed (its plan_digest), or 409")
+def run_retention(request: Request, plan_digest: str) -> dict[str, int]:
     ctx = ctx_of(request)
-    done = ctx.retention.run(ctx.config.storage.retention)
+    plan = ctx.retention.plan(ctx.config.storage.retention)
+    if plan.digest() != plan_digest:
+        raise HTTPException(409, f"what retention would delete changed since that plan ({len(plan.studies)} studies"
+                                 " now): GET /api/retention again")
+    done = ctx.retention.carry_out(plan)
     trail.action(request, AuditEventType.USE_OF_RESTRICTED_FUNCTION, f"retention run: {done['studies']} studies deleted")
     return done
 

@@ -20,7 +20,7 @@ from node.retention import Retention
 from node.route.rules import RuleSet
 from node.store.accounts import Accounts
 from node.store.audit import AuditTrail
-from node.store.identity import installation_uid
+from node.store.identity import console_secret
 from node.store.index import Index
 from node.store.spool import Spool
 
@@ -52,7 +52,7 @@ class ConsoleContext:
         self.oidc = OidcProvider(oidc) if oidc is not None else None
         # signs the console's one-time messages (pages.back): from the installation's identity, so
         # every replica of one installation reads another's (a redirect may land on any of them)
-        self.flash_key = hashlib.sha256(b"dicom-node flash\x00" + installation_uid(self.index).encode()).digest()
+        self.flash_key = hashlib.sha256(b"dicom-node flash\x00" + console_secret(self.index)).digest()
 
     @property
     def config(self) -> NodeConfig:

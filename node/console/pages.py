@@ -117,7 +117,8 @@ def back(request: Request, path: str, message: str, ok: bool) -> RedirectRespons
     """Back to `path` with a message shown once: a cookie signed with this process's key, so no
     link can make the console show a text of its choosing (a `?msg=` in the URL shows nothing)."""
     response = RedirectResponse(path, 303)
-    payload = base64.urlsafe_b64encode(json.dumps([message[:2000], ok, time.time()]).encode()).decode()
+    # at most ~2.4 kB of cookie whatever the script (browsers drop cookies over 4 kB)
+    payload = base64.urlsafe_b64encode(json.dumps([message[:600], ok, time.time()], ensure_ascii=False).encode()).decode()
     signature = hmac.new(ctx_of(request).flash_key, payload.encode(), hashlib.sha256).hexdigest()
     response.set_cookie(FLASH_COOKIE, f"{payload}.{signature}", max_age=60, path="/", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")

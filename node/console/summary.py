@@ -7,6 +7,7 @@ free text and sometimes carry names).
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import time
@@ -117,8 +118,11 @@ def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
                          " ORDER BY w.updated_at DESC LIMIT ?", (ATTENTION_LIMIT,)):
         items.append({"kind": "job failed", "at": r["updated_at"], "study_uid": r["study_uid"],
                       "what": f"job {r['id']}", "reason": r["reason"] or ""})
-    for r in index.query("SELECT id, study_uid, destination, last_error, updated_at FROM outbox WHERE state='dead'"
-                         " ORDER BY updated_at DESC LIMIT ?", (ATTENTION_LIMIT,)):
+    # the study's latest job's only (an earlier job's results are superseded: the study outcome ignores them too)
+    for r in index.query("SELECT o.id, o.study_uid, o.destination, o.last_error, o.updated_at FROM outbox o"
+                         " WHERE o.state='dead' AND o.job_key LIKE CAST((SELECT MAX(v.id) FROM work_items v"
+                         " WHERE v.study_uid=o.study_uid) AS TEXT) || ':%' ORDER BY o.updated_at DESC LIMIT ?",
+                         (ATTENTION_LIMIT,)):
         items.append({"kind": "delivery dead", "at": r["updated_at"], "study_uid": r["study_uid"],
                       "what": f"delivery {r['id']} to {r['destination']}", "reason": r["last_error"] or "",
                       "link": "/outbox"})
@@ -133,13 +137,16 @@ def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
         items.append({"kind": "association refused", "at": r["recorded_at"],
                       "what": f"{r['actor'] or '?'} from {r['peer'] or '?'}",
                       "reason": str(json.loads(r["detail"] or "{}").get("reason", "")), "link": "/admin/audit"})
-    for at, path in _quarantined(data_dir / "quarantine")[:ATTENTION_LIMIT]:
+    total, newest = _quarantined(data_dir / "quarantine", ATTENTION_LIMIT)
+    for path in newest:
         try:
+            at = path.stat().st_mtime
             reason = path.read_text(encoding="utf-8", errors="replace").strip()[:500]
         except OSError:  # removed by an operator meanwhile
             continue
+        more = f" (the newest; {total} in quarantine)" if total > len(newest) else ""
         items.append({"kind": "instance quarantined", "at": at,
-                      "what": f"quarantine/{path.name.removesuffix('.reason.txt')}.dcm", "reason": reason})
+                      "what": f"quarantine/{path.name.removesuffix('.reason.txt')}.dcm{more}", "reason": reason})
     if monitoring is not None:
         for d in ModelRuns(index).drift(monitoring.baseline_runs, monitoring.window_runs, monitoring.tolerance):
             items.append({"kind": "model drift", "at": now, "what": f"{d.model} version {d.version}",
@@ -150,15 +157,16 @@ def attention(index: Index, data_dir: Path, last_reload: dict[str, Any] | None,
     return sorted(items, key=lambda i: i["at"] or 0.0, reverse=True)
 
 
-def _quarantined(folder: Path) -> list[tuple[float, Path]]:
-    """(when, reason file) of what is in quarantine, newest first (its names begin with the time)."""
-    found = []
-    for path in folder.glob("*.reason.txt") if folder.is_dir() else []:
-        try:
-            found.append((path.stat().st_mtime, path))
-        except OSError:
-            continue
-    return sorted(found, reverse=True)
+def _quarantined(folder: Path, limit: int) -> tuple[int, list[Path]]:
+    """(how many, the newest `limit` reason files) in quarantine: by name, which begins with the
+    time (node/store/spool.py), so a quarantine of 100 000 files costs one directory read, not a
+    stat each (the dashboard asks every 10 s)."""
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if e.name.endswith(".reason.txt")]
+    except OSError:  # no quarantine yet
+        return 0, []
+    return len(names), [folder / n for n in heapq.nlargest(limit, names)]
 
 
 def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> list[dict[str, Any]]:
@@ -179,8 +187,14 @@ def series_of(index: Index, study_uid: str, show_descriptions: bool = False) -> 
 
 
 def deliveries(index: Index, study_uid: str | None = None) -> list[dict[str, Any]]:
-    rows = list_items(index)
-    return [r for r in rows if study_uid is None or r["study_uid"] == study_uid]
+    """Outbox items; `superseded`: results of a job the study's later job replaced (not re-sent)."""
+    latest = {r["study_uid"]: r["id"] for r in index.query(
+        "SELECT study_uid, MAX(id) AS id FROM work_items GROUP BY study_uid")}
+    rows = [r for r in list_items(index) if study_uid is None or r["study_uid"] == study_uid]
+    for r in rows:
+        job = r["job_key"].partition(":")[0]
+        r["superseded"] = job.isdigit() and latest.get(r["study_uid"], 0) > int(job)
+    return rows
 
 
 def study(index: Index, jobs: JobStore, retention: Retention, study_uid: str,

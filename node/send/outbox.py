@@ -258,18 +258,26 @@ def retry(index: Index, item_id: int | None, deadline_s: float) -> int:
                     ("dead", "pending"), deadline_s)
 
 
-def resend(index: Index, item_id: int, deadline_s: float) -> str | None:
+def resend(index: Index, item_id: int, deadline_s: float,
+           newer_job: Callable[[int, str], int | None] = lambda job, study: None) -> str | None:
     """Send a delivered item again (the PACS lost what it got): the same files, so the same UIDs,
-    stored once by a PACS that still has them. None when queued, else why not."""
-    rows = index.query("SELECT state, files FROM outbox WHERE id=?", (item_id,))
+    stored once by a PACS that still has them. None when queued, else why not. `newer_job(job,
+    study)`: a later job of the study (it was sent again): then these results are superseded and
+    are not sent again."""
+    rows = index.query("SELECT state, files, job_key, study_uid FROM outbox WHERE id=?", (item_id,))
     if not rows:
         return f"no outbox item {item_id}"
     if rows[0]["state"] != "delivered":
         return f"outbox item {item_id} is {rows[0]['state']}: only a delivered item is re-sent (retry a dead one)"
+    job = rows[0]["job_key"].partition(":")[0]
+    newer = newer_job(int(job), rows[0]["study_uid"]) if job.isdigit() else None
+    if newer is not None:
+        return (f"outbox item {item_id} holds job {job}'s results, and the study was processed again since (job"
+                f" {newer}): re-send that job's results instead")
     gone = [f for f in json.loads(rows[0]["files"]) if not Path(f).is_file()]
     if gone:
-        return (f"outbox item {item_id}: {len(gone)} of its files are gone (retention's results_days); run its job"
-                " again (jobs retry) to make them again")
+        return (f"outbox item {item_id}: {len(gone)} of its files are gone (retention's results_days); to make"
+                " results again, send the study to the node again (a done job is not run twice)")
     if not _requeue(index, ("id=?", (item_id,)), ("delivered",), deadline_s):
         return f"outbox item {item_id} changed meanwhile; look again"
     return None

@@ -22,9 +22,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from sqlalchemy.exc import IntegrityError
 
+from node.config import ACCOUNT_TOKEN_PREFIX
 from node.store.index import Index
 
-TOKEN_PREFIX = "dnt_"  # tells a node token from a JWT or the deprecated shared token
+TOKEN_PREFIX = ACCOUNT_TOKEN_PREFIX  # tells a node token from a JWT or the shared token
 LAST_USED_EVERY_S = 60.0  # a token's last use is written at most once a minute
 RESERVED_NAMES = ("http.token",)  # the deprecated shared token's sessions and audit records
 PEER_FAILURES_FACTOR = 4  # an address may fail this many times the per-name limit, over all names

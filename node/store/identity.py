@@ -6,6 +6,8 @@ folder was recreated, never give two results the same UID.
 
 from __future__ import annotations
 
+import secrets
+
 from pydicom.uid import generate_uid
 
 from node.store.index import Index
@@ -16,3 +18,13 @@ def installation_uid(index: Index) -> str:
         db.execute("INSERT INTO installation (key, value) VALUES ('uid', ?) ON CONFLICT DO NOTHING",
                    (str(generate_uid(prefix=None)),))
         return str(db.execute("SELECT value FROM installation WHERE key='uid'").fetchone()["value"])
+
+
+def console_secret(index: Index) -> bytes:
+    """A random key of this installation's console (message cookies), shared by its replicas
+    through the index and never logged: unlike the installation UID, which results and logs carry."""
+    with index.transaction() as db:
+        db.execute("INSERT INTO installation (key, value) VALUES ('console_secret', ?) ON CONFLICT DO NOTHING",
+                   (secrets.token_hex(32),))
+        return bytes.fromhex(str(db.execute("SELECT value FROM installation WHERE key='console_secret'")
+                                 .fetchone()["value"]))
