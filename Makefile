@@ -47,7 +47,7 @@ demo: venv
 	$(BIN)/dicom-node demo --config config/node.yaml $(ARGS)
 
 test: venv system-deps ohif authserver
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # The OHIF viewer (npm @ohif/app, prebuilt dist) for the viewer tests and `make viewer`:
 # fetched once with npm into build/ohif (ignored by git) and kept between runs.

@@ -51,6 +51,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_of_files(paths: list[Path]) -> str:
+    """One digest of several files (name and content each): a bundle's metadata, its inference
+    configuration and its weights, so a changed transform changes the source's checksum too."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\0{_sha256(path)}\0".encode())
+    return digest.hexdigest()
+
+
 def _per_key(transform: Any, attribute: str, key: str) -> Any:
     """A dictionary transform's setting for `key` (MONAI keeps one value per key)."""
     values = getattr(transform, attribute)
@@ -74,6 +83,16 @@ def map_preprocessing(transforms: list[Any], key: str = "image") -> tuple[dict[s
     refused: list[str] = []
     done_by_node = (mt.LoadImage, mt.LoadImaged, mt.EnsureChannelFirst, mt.EnsureChannelFirstd, mt.EnsureType,
                     mt.EnsureTyped, mt.ToTensor, mt.ToTensord, mt.Identity, mt.Identityd)
+    mapped: dict[str, str] = {}  # spec field -> the transform that set it
+
+    def once(field: str, name: str) -> bool:
+        """A second transform for the same field (a window, then z-score) is no single setting."""
+        if field in mapped:
+            refused.append(f"{name}: {mapped[field]} already set preprocessing.{field}; the node applies one")
+            return False
+        mapped[field] = name
+        return True
+
     for t in transforms:
         name = type(t).__name__
         if not _touches(t, key):
@@ -88,23 +107,26 @@ def map_preprocessing(transforms: list[Any], key: str = "image") -> tuple[dict[s
                 refused.append(f"{name}: casts to {dtype}; the node feeds float32")
         elif isinstance(t, (mt.Orientation, mt.Orientationd)):
             axcodes = (t.ornt_transform if isinstance(t, mt.Orientationd) else t).axcodes
-            fields["orientation"] = axcodes
-            report.append(f"{name}(axcodes={axcodes}) -> preprocessing.orientation")
+            if not isinstance(axcodes, str) or len(axcodes) != 3:
+                refused.append(f"{name}: no 3-letter axcodes (as_closest_canonical); the node needs a fixed one")
+            elif once("orientation", name):
+                fields["orientation"] = axcodes
+                report.append(f"{name}(axcodes={axcodes}) -> preprocessing.orientation")
         elif isinstance(t, (mt.Spacing, mt.Spacingd)):
             spacing = t.spacing_transform if isinstance(t, mt.Spacingd) else t
             mode = str(_per_key(t, "mode", key) if isinstance(t, mt.Spacingd) else spacing.mode)
             pixdim = [float(v) for v in spacing.pixdim]
             if len(pixdim) != 3 or mode not in ("bilinear", "GridSampleMode.BILINEAR"):
                 refused.append(f"{name}: pixdim {pixdim} mode {mode}; the node resamples 3-D images linearly")
-            else:
+            elif once("spacing", name):
                 fields["spacing"] = pixdim
                 report.append(f"{name}(pixdim={pixdim}) -> preprocessing.spacing")
         elif isinstance(t, (mt.ScaleIntensityRange, mt.ScaleIntensityRanged)):
             s = t.scaler if isinstance(t, mt.ScaleIntensityRanged) else t
-            if not s.clip or s.b_min is None or s.b_max is None:
-                refused.append(f"{name}: clip={s.clip}, b_min={s.b_min}, b_max={s.b_max}; the node maps a window"
-                               " onto a range and clips")
-            else:
+            if not s.clip or s.b_min is None or s.b_max is None or not s.a_min < s.a_max:
+                refused.append(f"{name}: clip={s.clip}, a_min={s.a_min}, a_max={s.a_max}, b_min={s.b_min},"
+                               f" b_max={s.b_max}; the node maps a window (a_min < a_max) onto a range and clips")
+            elif once("intensity", name):
                 fields["intensity"] = {"window": [float(s.a_min), float(s.a_max)],
                                        "output_range": [float(s.b_min), float(s.b_max)]}
                 report.append(f"{name}(a_min={s.a_min}, a_max={s.a_max}, b_min={s.b_min}, b_max={s.b_max}, clip)"
@@ -113,7 +135,7 @@ def map_preprocessing(transforms: list[Any], key: str = "image") -> tuple[dict[s
             n = t.normalizer if isinstance(t, mt.NormalizeIntensityd) else t
             if n.subtrahend is not None or n.divisor is not None or n.nonzero:
                 refused.append(f"{name}: subtrahend/divisor/nonzero set; the node normalises over the whole image")
-            else:
+            elif once("intensity", name):
                 fields["intensity"] = {"normalize": "zscore"}
                 report.append(f"{name}() -> preprocessing.intensity.normalize zscore")
         else:
@@ -147,8 +169,9 @@ def map_inferer(inferer: Any) -> tuple[dict[str, Any], list[str], list[str]]:
         return fields, [f"{name}(roi_size={roi}, sw_batch_size={inferer.sw_batch_size}, overlap={overlap},"
                         f" mode={mode}) -> preprocessing.patch_size/batch_size/overlap/blend"], []
     if isinstance(inferer, SimpleInferer):
-        return {}, [f"{name}: whole image at the patch size"], []
-    return {}, [], [f"{name}: the node runs sliding windows (SlidingWindowInferer) or whole images (SimpleInferer)"]
+        return {}, [], [f"{name}: the whole image at once; the node runs 3-D models in sliding windows"
+                        " (SlidingWindowInferer with the patch the network was trained on)"]
+    return {}, [], [f"{name}: the node runs sliding windows (SlidingWindowInferer)"]
 
 
 def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[str, Any], list[str], list[str]]:
@@ -178,8 +201,8 @@ def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[s
                 report.append(f"{name} -> output_activation {fields['output_activation']}")
         elif isinstance(t, (mt.AsDiscrete, mt.AsDiscreted)):
             d = isinstance(t, mt.AsDiscreted)
-            argmax = _per_key(t, "argmax", key) if d else t.kwargs.get("argmax", False)
-            threshold = _per_key(t, "threshold", key) if d else t.kwargs.get("threshold")
+            argmax = _per_key(t, "argmax", key) if d else t.argmax
+            threshold = _per_key(t, "threshold", key) if d else t.threshold
             if argmax and threshold is None:
                 fields["postprocessing"]["mode"] = "argmax"
                 report.append(f"{name}(argmax) -> postprocessing.mode argmax")
@@ -190,8 +213,10 @@ def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[s
                 refused.append(f"{name}: neither argmax nor one threshold in (0, 1)")
         elif isinstance(t, (mt.KeepLargestConnectedComponent, mt.KeepLargestConnectedComponentd)):
             c = t.converter if isinstance(t, mt.KeepLargestConnectedComponentd) else t
-            if c.applied_labels is not None or c.num_components != 1:
-                refused.append(f"{name}: applied_labels/num_components set; the node keeps the largest of each label")
+            if c.applied_labels is not None or c.num_components != 1 or not c.independent or c.connectivity != 1:
+                refused.append(f"{name}: applied_labels={c.applied_labels}, num_components={c.num_components},"
+                               f" independent={c.independent}, connectivity={c.connectivity}; the node keeps the"
+                               " largest component of each label, neighbours by faces (connectivity=1)")
             else:
                 fields["postprocessing"]["keep_largest_component"] = True
                 report.append(f"{name} -> postprocessing.keep_largest_component")
@@ -213,7 +238,11 @@ def labels_from(channels: dict[int, str], codes: dict[str, Any], task: str) -> t
     labels, uncoded = [], []
     for index, name in sorted(channels.items()):
         if task == "segmentation" and index == 0:
-            continue  # background
+            if name.strip().lower() not in ("background", "bg", "_background_", "0"):
+                raise ImportRefused([f"channel 0 is {name!r}: the node's label values are channel numbers from 1,"
+                                     " channel 0 is the background (a sigmoid model whose channel 0 is a class needs"
+                                     " a background channel first)"])
+            continue
         entry = codes.get(name)
         if entry is None:
             uncoded.append(name)
@@ -259,13 +288,28 @@ def _channels(metadata: dict[str, Any]) -> tuple[str, dict[int, str]]:
     return key, channels
 
 
-def _task(output: dict[str, Any], inferer_fields: dict[str, Any]) -> str:
-    kind = str(output.get("format") or output.get("type") or "").lower()
-    if "segment" in kind:
+def _task(output: dict[str, Any]) -> str:
+    """An output that is an image (with a spatial shape) is a segmentation, whatever its format
+    says ("segmentation", "labels"); anything else (probabilities, a class) a classification."""
+    if str(output.get("type") or "").lower() == "image" or output.get("spatial_shape"):
         return "segmentation"
-    if "class" in kind or "label" in kind or "probab" in kind:
-        return "classification"
-    return "segmentation" if inferer_fields.get("patch_size") else "classification"
+    return "classification"
+
+
+def _input(metadata: dict[str, Any]) -> str:
+    """The image key (the bundle's own, e.g. `img`), refused unless it is one channel."""
+    inputs = (metadata.get("network_data_format") or {}).get("inputs") or {}
+    if not inputs:
+        raise ImportRefused(["configs/metadata.json: no network_data_format.inputs (which key is the image)"])
+    if len(inputs) != 1:
+        raise ImportRefused([f"configs/metadata.json: {len(inputs)} inputs ({', '.join(inputs)}); the node feeds one"
+                             " image"])
+    key, spec = next(iter(inputs.items()))
+    channels = spec.get("num_channels", 1)
+    if channels != 1:
+        raise ImportRefused([f"configs/metadata.json: input {key!r} has {channels} channels; the node feeds one"
+                             " series (1 channel)"])
+    return str(key)
 
 
 def _model_card(metadata: dict[str, Any]) -> dict[str, str]:
@@ -313,7 +357,7 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
     pre = parsed("preprocessing")
     inferer = parsed("inferer")
     post = parsed("postprocessing") if "postprocessing" in parser else None
-    pre_fields, report, refused = map_preprocessing(list(getattr(pre, "transforms", [pre])))
+    pre_fields, report, refused = map_preprocessing(list(getattr(pre, "transforms", [pre])), _input(metadata))
     inferer_fields, more, problems = map_inferer(inferer)
     report += more
     refused += problems
@@ -321,8 +365,17 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
     post_fields, more, problems = map_postprocessing(list(getattr(post, "transforms", [])) if post else [], output_key)
     report += more
     refused += problems
-    task = _task(metadata["network_data_format"]["outputs"][output_key], inferer_fields)
-    labels, uncoded = labels_from(channels, codes, task)
+    task = _task(metadata["network_data_format"]["outputs"][output_key])
+    if task == "classification":
+        refused.append("a classification bundle: the node imports segmentation bundles; import a classifier as"
+                       " TorchScript with its settings (import-torchscript)")
+    try:
+        labels, uncoded = labels_from(channels, codes, task)
+    except ImportRefused as exc:
+        labels, uncoded = [], []
+        refused += exc.problems
+    if not labels and not uncoded and task == "segmentation" and not refused:
+        refused.append("no label channels besides the background in channel_def")
     if uncoded:
         hints = code_hints(uncoded)
         refused.append(f"labels without a code: {', '.join(uncoded)} (give each a category and type in --codes)"
@@ -354,7 +407,8 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
         "labels": labels,
         "provenance": Provenance(
             source="monai-bundle", source_name=str(metadata.get("name") or folder.name)[:64],
-            source_version=str(metadata.get("version") or "")[:64], source_sha256=_sha256(weights),
+            source_version=str(metadata.get("version") or "")[:64],
+            source_sha256=_sha256_of_files([meta_path, config_path, weights]),
             sha256="0" * 64,  # set once model.onnx is written
             imported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             manufacturer=str(metadata.get("authors") or "")[:64], model_card=_model_card(metadata)),

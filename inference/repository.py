@@ -140,6 +140,10 @@ class ModelRepository:
         if triton_url:
             from inference.backends.triton import TritonBackend
 
+            if (self.root / spec.name / str(spec.version) / "model.onnx").is_file():
+                # Triton reads this repository (or a copy of it): refuse a file that is not the imported one
+                self.verified_file(spec)
+
             return TritonBackend(triton_url, spec, protocol=protocol, shared_memory=shared_memory,  # type: ignore[arg-type]
                                  timeout=timeout, retries=retries)
         from inference.backends.local import LocalBackend

@@ -101,7 +101,8 @@ class Provenance(_Strict):
     source: Literal["monai-bundle", "torchscript"]
     source_name: str = Field(min_length=1, max_length=64, description="the bundle's name, or the file's")
     source_version: str = Field("", max_length=64, description="the bundle's own version")
-    source_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description="of the weights as imported")
+    source_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$", description=(
+        "of what was imported: a bundle's metadata, inference configuration and weights; a TorchScript file"))
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of model.onnx: the node runs no other file")
     imported_at: str = ""
     manufacturer: str = Field("", max_length=64, description="the bundle's authors")
@@ -114,7 +115,8 @@ class ModelSpec(_Strict):
     version: int = Field(1, ge=1)
     task: Literal["segmentation", "classification"]
     description: str = ""
-    algorithm_family: Code = Code(scheme="DCM", value="113037", meaning="Learning Algorithm")
+    # CID 7162 Algorithm Family (DCM 113037 is a KOS title: "Rejected for Patient Safety Reasons")
+    algorithm_family: Code = Code(scheme="DCM", value="123110", meaning="Artificial Intelligence")
     input: Tensor = Tensor(name="image")
     output: Tensor = Tensor(name="logits")
     output_activation: Literal["softmax", "sigmoid", "none"] = "softmax"

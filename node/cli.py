@@ -590,12 +590,19 @@ def _import(cfg: NodeConfig, imported_of: Any, name: str) -> None:
         for problem in exc.problems:
             typer.echo(f"  {problem}", err=True)
         raise typer.Exit(2) from None
+    except (ValueError, RuntimeError, OSError) as exc:  # a spec that does not validate, weights torch cannot read
+        typer.echo(f"import refused: {type(exc).__name__}: {str(exc)[:800]}", err=True)
+        raise typer.Exit(2) from None
     for line in imported.report:
         typer.echo(f"  {line}")
     try:
         folder = add_version(repository, imported.spec, imported.network)
     except (VersionRefused, ExportMismatch) as exc:
         typer.echo(f"import refused: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (RuntimeError, ValueError) as exc:  # the network does not export to ONNX
+        typer.echo(f"import refused: the network does not export to ONNX: {type(exc).__name__}: {str(exc)[:800]}",
+                   err=True)
         raise typer.Exit(2) from None
     spec = imported.spec
     typer.echo(f"imported {spec.name} version {spec.version} into {folder}")

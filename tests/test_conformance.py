@@ -80,6 +80,14 @@ def test_results_name_the_model_file_that_made_them(result):
     assert algorithm.AlgorithmSource == "MONAI bundle Phantom lesion segmentation 0.1.0"
     assert algorithm.AlgorithmVersion == str(SPEC.version)
 
+    def texts(items) -> list[str]:
+        return [t for item in items for t in ([str(item.get("TextValue", ""))] + texts(item.get("ContentSequence", [])))]
+
+    # TID 4019 in the SR: the source and the file's checksum as algorithm parameters
+    sr_texts = texts(build_sr(result, options, uids, seg).ContentSequence)
+    assert f"model.onnx SHA-256 {'ab' * 32}" in sr_texts
+    assert "MONAI bundle Phantom lesion segmentation 0.1.0" in sr_texts
+
 
 def pixelmed(validator: str, path: Path) -> tuple[list[str], list[str], str]:
     """(errors, warnings, whole output) of a pixelmed validator; lines starting Error:/Warning:."""

@@ -174,10 +174,16 @@ def test_an_imported_bundle_runs_live_beside_the_shipped_version_in_shadow(
     assert storescu(node.port, [kos_path]).returncode == 0
     wait_for(lambda: node.query("SELECT verdict FROM model_runs WHERE study_uid=? AND role='live' AND verdict"
                                 " IS NOT NULL", (study_uid,)), timeout=180)
+    assert node.events("result_rejected")[0]["study_uid"] == study_uid
+    # a reader's note is kept but reprocesses nothing: no second job, no second set of results
+    assert node.query("SELECT COUNT(*) AS n FROM instances WHERE study_uid=? AND sop_instance_uid=?",
+                      (study_uid, str(kos.SOPInstanceUID)))[0]["n"] == 1
+    assert len(node.query("SELECT id FROM work_items WHERE study_uid=?", (study_uid,))) == 1
     assert _metrics(node)[("dicom_node_model_verdicts_total",
                            (("model", "lesion-seg"), ("verdict", "rejected"), ("version", "2")))] == 1
     page = _get(node, "/models")
     assert "1 rejected" in page and "Drift: lesion-seg version 2" in page
+    assert "<td>spacing slice</td><td>4</td>" in page  # the latest window (1 run): the 4 mm study
 
 
 def _get(node: Any, path: str) -> str:
@@ -256,3 +262,33 @@ def test_triton_serves_each_version_side_by_side(triton, model_repository):
         assert np.allclose(answers[version], models.backend(f"thresholds@{version}").infer(window), atol=1e-4)
     bright = {v: int((a[:, 1] > a[:, 0]).sum()) for v, a in answers.items()}
     assert 0 < bright[1] < bright[2]  # more voxels are above 0 HU than above 270 HU
+
+
+def test_the_mapping_takes_the_bundles_own_key_and_refuses_every_approximation():
+    """Each case is a MONAI object as a bundle's config instantiates it: mapped exactly, or refused
+    with its name; never a default silently kept."""
+    from monai import transforms as mt
+    from monai.inferers import SimpleInferer
+
+    from inference.bundle import ImportRefused, labels_from, map_inferer, map_postprocessing, map_preprocessing
+
+    fields, _, refused = map_preprocessing([mt.LoadImaged(keys="img"), mt.Orientationd(keys="img", axcodes="LPS"),
+                                            mt.Spacingd(keys="img", pixdim=[1.5, 1.5, 3.0]),
+                                            mt.NormalizeIntensityd(keys="img")], key="img")
+    assert refused == [] and fields == {"orientation": "LPS", "spacing": [1.5, 1.5, 3.0],
+                                        "intensity": {"normalize": "zscore"}}
+    _, _, refused = map_preprocessing([mt.ScaleIntensityRanged(keys="image", a_min=-100, a_max=200, b_min=0,
+                                                               b_max=1, clip=True),
+                                       mt.NormalizeIntensityd(keys="image")])
+    assert refused == ["NormalizeIntensityd: ScaleIntensityRanged already set preprocessing.intensity; the node"
+                       " applies one"]
+    _, _, refused = map_preprocessing([mt.Orientationd(keys="image", axcodes=None, as_closest_canonical=True),
+                                       mt.CropForegroundd(keys="image", source_key="image")])
+    assert [r.split(":")[0] for r in refused] == ["Orientationd", "CropForegroundd"]
+    assert map_inferer(SimpleInferer())[2][0].startswith("SimpleInferer: the whole image at once")
+    post, _, refused = map_postprocessing([mt.Activations(softmax=True), mt.AsDiscrete(argmax=True)], "pred")
+    assert refused == [] and post == {"output_activation": "softmax", "postprocessing": {"mode": "argmax"}}
+    _, _, refused = map_postprocessing([mt.KeepLargestConnectedComponentd(keys="pred")], "pred")
+    assert "connectivity=None" in refused[0]  # MONAI's default (26 neighbours) is not the node's (6)
+    with pytest.raises(ImportRefused, match="channel 0 is 'nuclei'"):
+        labels_from({0: "nuclei"}, {}, "segmentation")

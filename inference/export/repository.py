@@ -147,6 +147,8 @@ def add_version(repository: Path, spec: ModelSpec, network: torch.nn.Module | to
         changed = [k for k in keep if getattr(latest, k) != getattr(spec, k)]
         if latest.output_channels != spec.output_channels:
             changed.append("output channels")
+        if latest.preprocessing.patch_size != spec.preprocessing.patch_size:
+            changed.append("patch size (Triton's config fixes it)")
         if changed:
             raise VersionRefused(f"{spec.name} version {spec.version} changes the model's {', '.join(changed)}"
                                  f" (version {latest.version} has other ones): import it under another name")
@@ -171,6 +173,7 @@ def add_version(repository: Path, spec: ModelSpec, network: torch.nn.Module | to
         raise
     all_versions = sorted({*versions, spec.version})
     spatial = tuple(spec.preprocessing.patch_size)
+    max_batch = max(max_batch, spec.preprocessing.batch_size)  # Triton refuses a batch over it
     (entry / "configs").mkdir(exist_ok=True)
     (entry / "config.pbtxt").write_text(
         "# Production: ONNX Runtime backend on GPU (NVIDIA tritonserver image).\n"

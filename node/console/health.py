@@ -85,10 +85,12 @@ class Health:
             return "the file is read-only"
         return self.ctx.index.check_writable()
 
-    def _models_in_rules(self) -> set[str]:
+    def _models_in_rules(self, shadow: bool = False) -> set[str]:
+        """The models enabled rules run; `shadow`: their candidate versions, shown with a status but
+        never a reason for the node not to be ready (a failed shadow run fails nothing)."""
         rules = self.ctx.rules.file
         entries = list(rules.rules) + ([rules.fallback] if rules.fallback else [])
-        return {m for rule in entries if rule.enabled for m in [*rule.actions.run, *rule.actions.shadow]}
+        return {m for rule in entries if rule.enabled for m in (rule.actions.shadow if shadow else rule.actions.run)}
 
     def models(self) -> list[dict[str, Any]]:
         """Every model in the repository with its backend's status (cached, see the module's doc)."""
@@ -124,7 +126,7 @@ class Health:
         return out
 
     def _probe(self) -> list[dict[str, Any]]:
-        used = self._models_in_rules()
+        used = self._models_in_rules() | self._models_in_rules(shadow=True)
         refs = sorted(self.ctx.models.names() | used)  # each model's latest, and the versions rules pin
         versions: dict[str, tuple[str, str]] = {}  # ref -> (name, version) on Triton
         problems: dict[str, str] = {}

@@ -30,6 +30,10 @@ def models_overview(ctx: ConsoleContext, comparisons: int = 50) -> dict[str, Any
                 "live": stats.get((name, number, "live")), "shadow": stats.get((name, number, "shadow")),
             })
     watch = ctx.config.inference.monitoring
+    recent = runs.recent(watch.window_runs)
+    for v in versions:
+        v["recent"] = {figure: {"mean": m, "min": lo, "max": hi}
+                       for figure, (m, lo, hi) in recent.get((v["model"], v["version"]), {}).items()}
     return {
         "versions": versions,
         "comparisons": runs.comparisons(comparisons),

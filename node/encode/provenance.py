@@ -14,6 +14,7 @@ from pydicom.sr.codedict import codes
 
 from inference.spec import ModelSpec
 from node.config import OutputOptions
+from node.encode.concepts import coded
 
 
 def _text(value: str, limit: int) -> str | None:
@@ -29,6 +30,17 @@ def algorithm_source(spec: ModelSpec) -> str | None:
         return None
     return _text(f"{'MONAI bundle' if p.source == 'monai-bundle' else 'TorchScript'} {p.source_name}"
                  f" {p.source_version}", 64)
+
+
+def sr_algorithm(spec: ModelSpec) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 (SR): name, version and family; for an imported version also, as algorithm
+    parameters, its source and the SHA-256 of the file the node ran. (Not the row "Algorithm
+    Manufacturer": validators of 2022 (pixelmed) do not know it; Contributing Equipment names the
+    manufacturer.)"""
+    p = spec.provenance
+    parameters = [v for v in (algorithm_source(spec), f"model.onnx SHA-256 {p.sha256}") if v] if p else None
+    return hd.sr.AlgorithmIdentification(name=spec.name, version=str(spec.version), family=coded(spec.algorithm_family),
+                                         parameters=parameters)
 
 
 def contributing_equipment(spec: ModelSpec, options: OutputOptions) -> list[hd.ContributingEquipment]:

@@ -21,7 +21,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from inference.pipeline import ClassificationResult
 from inference.spec import Label
 from node.config import OutputOptions
-from node.encode.seg import _with_shared_geometry, coded, image_laterality, source_plane_positions
+from node.encode.concepts import coded
+from node.encode.seg import _with_shared_geometry, image_laterality, source_plane_positions
 from node.encode.uids import ResultUIDs
 
 KIND = "SALIENCY"

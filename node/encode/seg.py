@@ -9,15 +9,12 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from inference.findings import foreground_box
 from inference.pipeline import SegmentationResult
-from inference.spec import Code, Label
+from inference.spec import Label
 from inference.volume import SeriesVolume
 from node.config import OutputOptions
+from node.encode.concepts import coded
 from node.encode.provenance import algorithm_source, contributing_equipment
 from node.encode.uids import ResultUIDs
-
-
-def coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
 def segment_labels(result: SegmentationResult) -> list[Label]:

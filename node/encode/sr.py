@@ -24,8 +24,9 @@ from inference.pipeline import ClassificationResult, SegmentationResult
 from inference.spec import Label
 from inference.volume import SeriesVolume
 from node.config import OutputOptions
-from node.encode.provenance import contributing_equipment
-from node.encode.seg import coded, segment_labels
+from node.encode.concepts import coded
+from node.encode.provenance import contributing_equipment, sr_algorithm
+from node.encode.seg import segment_labels
 from node.encode.uids import ResultUIDs
 
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS",
@@ -48,8 +49,7 @@ def _observation_context(result: SegmentationResult | ClassificationResult, opti
 
 
 def _algorithm(result: SegmentationResult | ClassificationResult) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=result.spec.name, version=str(result.spec.version),
-                                         family=coded(result.spec.algorithm_family))
+    return sr_algorithm(result.spec)
 
 
 def _is_axial(result: SegmentationResult) -> bool:

@@ -105,7 +105,8 @@ class Admission:
     def _decision(self, view: StudyView, rules: RuleSet) -> RoutingDecision:
         """What a project sent back goes back to its round trip (node/jobs/returns.py); any other
         study goes by the rules."""
-        return returned_decision(view, self.config(), self.index, rules.version) or record(rules.evaluate(view))
+        return returned_decision(view, self.config(), self.index, rules.version) or \
+            record(rules.evaluate(view), self.rules.models())
 
     def route(self, study_uid: str, now: float) -> Routed | None:
         """The study routed as it is stored now, if it is receiving and its quiet period (the

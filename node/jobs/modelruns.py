@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from node.jobs.runner import JobRunner, Progress
     from node.jobs.stages import ModelTask
     from node.jobs.store import Job
-    from node.route.study import StudyView
 
 log = logging.getLogger("node.jobs")
 Result = SegmentationResult | ClassificationResult
@@ -101,6 +100,10 @@ def run_shadow(runner: "JobRunner", job: "Job", live_task: "ModelTask", candidat
 
     runs = ModelRuns(runner.index)
     spec = runner.models.spec(candidate)
+    if spec.version == runner.models.spec(live_task.model).version:  # `run: [x]` once x@N is the latest
+        logs.event(log, "shadow_skipped", job=job.id, model=spec.name, version=spec.version,
+                   reason="the live version is this version")
+        return
     task = replace(live_task, model=candidate, destinations=())
     try:
         with runner.stage(job, "shadow", progress):
@@ -128,29 +131,3 @@ def run_shadow(runner: "JobRunner", job: "Job", live_task: "ModelTask", candidat
         logs.event(log, "shadow_failed", logging.WARNING, job=job.id, model=spec.name, version=spec.version,
                    error=reason)
 
-
-# Key Object Selection document titles (PS3.16 CID 7010) that reject what they reference.
-REJECTING_TITLES = {("DCM", "113001"), ("DCM", "113037"), ("DCM", "113010")}  # quality, patient safety, quality issue
-
-
-def record_verdicts(runner: "JobRunner", view: "StudyView") -> None:
-    """A radiologist's rejection of a result: a Key Object Selection in the study whose title
-    rejects (CID 7010) and whose evidence references one of our results marks that run."""
-    runs = ModelRuns(runner.index)
-    for series in view.series:
-        if series.tags.get("Modality") != "KO":
-            continue
-        for path in series.files:
-            try:
-                kos = pydicom.dcmread(path, stop_before_pixels=True)
-                title = kos.ConceptNameCodeSequence[0]
-                rejected = (str(title.CodingSchemeDesignator), str(title.CodeValue)) in REJECTING_TITLES
-                referenced = [str(i.ReferencedSOPInstanceUID) for study in kos.CurrentRequestedProcedureEvidenceSequence
-                              for s in study.ReferencedSeriesSequence for i in s.ReferencedSOPSequence]
-            except (OSError, AttributeError, IndexError, pydicom.errors.InvalidDicomError):
-                continue  # not a usable KOS: nothing to record
-            if rejected:
-                marked = runs.record_verdict(referenced, "rejected", time.time())
-                if marked:
-                    logs.event(log, "result_rejected", study_uid=view.study_uid, kos=str(kos.SOPInstanceUID),
-                               runs=marked)

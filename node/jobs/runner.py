@@ -29,7 +29,7 @@ from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
 from node.jobs.failures import JobError, Superseded, describe, is_transient
 from node.jobs.heap import release_free_memory
-from node.jobs.modelruns import record_live, record_verdicts, run_shadow
+from node.jobs.modelruns import record_live, run_shadow
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import SENDER
@@ -193,7 +193,6 @@ class JobRunner:
         if view.missing and any(applied.actions.forward_to for applied in decision.applied):
             raise JobError(f"{view.missing} instance(s) of the study have lost their file (instances_missing):"
                            " forwarding it would send part of it; send the study again")
-        record_verdicts(self, view)
         if decision.returned is not None:
             from node.jobs.returns import receive_results
 
@@ -298,10 +297,11 @@ class JobRunner:
             record_live(self, job, task, spec.version, results, [f for key in missing for f in encoded[key]])
             ran = (volumes, results)
             for result in results:
-                logs.event(log, "model_ran", job=job.id, model=task.model, series_uid=task.series_uid,
+                logs.event(log, "model_ran", job=job.id, model=spec.name, version=spec.version,
+                           series_uid=task.series_uid,
                            volume=result.volume.label or None, findings=len(getattr(result, "findings", ())),
                            seconds={k: round(v, 3) for k, v in result.seconds.items()})
-                metrics.model_ran(task.model, result.seconds)
+                metrics.model_ran(spec.name, result.seconds)  # per model: versions are in dicom_node_model_runs
         with self.stage(job, "enqueue", progress):
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,

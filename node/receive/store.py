@@ -34,6 +34,14 @@ from pydicom.uid import (
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
 )
+import pydicom
+from pydicom.uid import (
+    BlendingSoftcopyPresentationStateStorage,
+    ColorSoftcopyPresentationStateStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
+    PseudoColorSoftcopyPresentationStateStorage,
+)
 
 from common import logs
 from node.config import NodeConfig
@@ -41,9 +49,15 @@ from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 from node.store.filemeta import encode_file_meta
 from node.store.index import Index, InstanceConflict, InstanceRecord, Placement
+from node.store.modelruns import ModelRuns, verdict_of
 from node.store.signals import CompletionSignals
 from node.store.spool import OutOfSpace, Spool, same_dataset
 
+# A reader's notes on a study (PS3.3 A.35.4 Key Object Selection, A.33 Presentation States):
+# stored when they arrive after completion, but they are no new images and never reprocess it.
+READING_NOTES = frozenset({KeyObjectSelectionDocumentStorage, GrayscaleSoftcopyPresentationStateStorage,
+                           ColorSoftcopyPresentationStateStorage, PseudoColorSoftcopyPresentationStateStorage,
+                           BlendingSoftcopyPresentationStateStorage})
 log = logging.getLogger("node.receive")
 
 # What the node takes, over DIMSE (the presentation contexts it accepts) and STOW-RS alike.
@@ -225,7 +239,8 @@ class InstanceStore:
                 record,
                 now=now,
                 quiet_period=completion.quiet_period_for(calling),
-                reopen=completion.after_complete == "reprocess",
+                # a reader's notes (a KOS, a presentation state) are kept, they never reprocess a study
+                reopen=completion.after_complete == "reprocess" and tags.sop_class_uid not in READING_NOTES,
                 identical=identical,
                 place=place,
                 unplace=unplace,
@@ -278,7 +293,21 @@ class InstanceStore:
             logs.event(log, "study_reopened" if arrival.reopened else "study_receiving",
                        study_uid=tags.study_uid, calling_ae=calling)
             self.on_study_opened(tags.study_uid, arrival.deadline)
+        if tags.sop_class_uid == KeyObjectSelectionDocumentStorage and not arrival.identical:
+            self._verdict(target, tags.study_uid)
         return SUCCESS, tags
+
+    def _verdict(self, path: Path, study_uid: str) -> None:
+        """A radiologist's rejection of the node's results (node/store/modelruns.py): counted
+        against the model runs that made them. Never fails the C-STORE: it was stored."""
+        try:
+            verdict = verdict_of(pydicom.dcmread(path, stop_before_pixels=True))
+            if verdict is not None:
+                runs = ModelRuns(self.index).record_verdict(verdict[1], verdict[0], time.time())
+                if runs:
+                    logs.event(log, "result_rejected", study_uid=study_uid, runs=runs)
+        except Exception as exc:  # an unreadable document or a busy index: the verdict is lost, not the KOS
+            logs.event(log, "verdict_not_recorded", logging.WARNING, study_uid=study_uid, error=type(exc).__name__)
 
     def _discard(self, staged: Path | None) -> None:
         if staged is not None:

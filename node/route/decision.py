@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from pydantic import BaseModel, ConfigDict
+
+from inference.repository import ModelRef
 
 from node.route.rules import Actions, Decision
 
@@ -53,14 +57,23 @@ class RoutingDecision(_Frozen):
             a.actions.run or a.actions.forward_to or a.actions.deidentify for a in self.applied)
 
 
-def record(decision: Decision) -> RoutingDecision:
-    """The decision as stored with the study's job."""
+def record(decision: Decision, versions: Mapping[str, list[int]] | None = None) -> RoutingDecision:
+    """The decision as stored with the study's job; a model named without a version is pinned to
+    its latest in `versions` now, so the job (and a re-run after a crash) runs one version even
+    if another is imported meanwhile."""
     return RoutingDecision(
         rules_version=decision.version, mode=decision.mode, priority=decision.priority,
         explanation=decision.explain(),
         applied=tuple(AppliedRule(rule=rule.name, series_uid=series.series_uid if series else None,
-                                  actions=rule.actions) for rule, series in decision.applied),
+                                  actions=_pinned(rule.actions, versions or {})) for rule, series in decision.applied),
         outcomes=tuple(RuleOutcome(rule=o.rule, matched=o.matched, applied=o.applied, reason=o.reason,
                                    series_uid=o.series.series_uid if o.series else None)
                        for o in decision.outcomes),
     )
+
+
+def _pinned(actions: Actions, versions: Mapping[str, list[int]]) -> Actions:
+    refs = [ModelRef.parse(m) for m in actions.run]
+    pinned = [str(r) if r.version is not None or not versions.get(r.name) else f"{r.name}@{versions[r.name][-1]}"
+              for r in refs]
+    return actions if pinned == list(actions.run) else actions.model_copy(update={"run": pinned})

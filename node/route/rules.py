@@ -70,6 +70,8 @@ class Actions(_Strict):
             if candidate.name not in live or candidate.version is None:
                 raise ValueError(f"shadow {candidate}: a shadow run is a pinned version (name@version) of a model"
                                  " this rule runs")
+            if str(candidate) in self.run:
+                raise ValueError(f"shadow {candidate}: this rule runs it live already")
         return self
 
 

@@ -13,11 +13,16 @@ outside: one odd study does not raise the alarm, a change of protocol does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from node.store.index import Index
+
+# Key Object Selection document titles (PS3.16 CID 7010) that reject what they reference:
+# Rejected for Quality Reasons, Rejected for Patient Safety Reasons, Quality Issue.
+REJECTING_TITLES = {("DCM", "113001"), ("DCM", "113037"), ("DCM", "113010")}
 
 FIGURES = ("slices", "spacing_slice", "spacing_row", "spacing_column", "intensity_mean", "intensity_std",
            "findings", "volume_mm3", "probability")
@@ -73,7 +78,7 @@ class ModelRuns:
                error: str | None = None) -> None:
         columns: dict[str, Any] = {
             "at": now, "job_id": job_id, "study_uid": study_uid, "rule": rule, "model": model, "version": version,
-            "role": role, **asdict(figures), "result_uids": json.dumps(list(result_uids)), "error": error,
+            "role": role, **asdict(figures), "error": error,
             "dice": comparison.dice if comparison else None,
             "volume_difference": comparison.volume_difference if comparison else None,
             "agreement": None if comparison is None or comparison.agreement is None else int(comparison.agreement),
@@ -81,9 +86,12 @@ class ModelRuns:
         names = list(columns)
         updates = ", ".join(f"{n}=excluded.{n}" for n in names if n not in ("job_id", "rule", "model", "version", "role"))
         with self.index.transaction() as db:
-            db.execute(f"INSERT INTO model_runs ({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
-                       f" ON CONFLICT (job_id, rule, model, version, role) DO UPDATE SET {updates}",
-                       [columns[n] for n in names])
+            run_id = db.execute(f"INSERT INTO model_runs ({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
+                                f" ON CONFLICT (job_id, rule, model, version, role) DO UPDATE SET {updates}"
+                                " RETURNING id", [columns[n] for n in names]).fetchone()["id"]
+            for uid in dict.fromkeys(result_uids):
+                db.execute("INSERT INTO model_run_results (sop_instance_uid, run_id) VALUES (?,?)"
+                           " ON CONFLICT (sop_instance_uid) DO UPDATE SET run_id=excluded.run_id", (uid, run_id))
 
     def of_job(self, job_id: int) -> list[dict[str, Any]]:
         return self.index.query("SELECT * FROM model_runs WHERE job_id=? ORDER BY id", (job_id,))
@@ -157,13 +165,31 @@ class ModelRuns:
         return alarms
 
     def record_verdict(self, result_uids: list[str], verdict: str, now: float) -> list[int]:
-        """Mark the runs whose results are among `result_uids` (a KOS's references); their ids."""
-        marked = []
-        with self.index.transaction() as db:
-            for uid in dict.fromkeys(result_uids):
-                # result_uids is a JSON list of UIDs ("1.2.3"): quoted, so a UID never matches a longer one
-                rows = db.execute("SELECT id FROM model_runs WHERE result_uids LIKE ?", (f'%"{uid}"%',)).fetchall()
-                for row in rows:
-                    db.execute("UPDATE model_runs SET verdict=?, verdict_at=? WHERE id=?", (verdict, now, row["id"]))
-                    marked.append(int(row["id"]))
-        return sorted(set(marked))
+        """Mark the runs whose results are among `result_uids` (a KOS's references; an IOCM
+        rejection may list hundreds of images: looked up by key, 500 at a time); their ids."""
+        uids = list(dict.fromkeys(result_uids))
+        runs: set[int] = set()
+        for start in range(0, len(uids), 500):
+            chunk = uids[start:start + 500]
+            runs |= {int(r["run_id"]) for r in self.index.query(
+                f"SELECT run_id FROM model_run_results WHERE sop_instance_uid IN ({','.join('?' * len(chunk))})",
+                chunk)}
+        if runs:
+            with self.index.transaction() as db:
+                for run_id in runs:
+                    db.execute("UPDATE model_runs SET verdict=?, verdict_at=? WHERE id=?", (verdict, now, run_id))
+        return sorted(runs)
+
+
+def verdict_of(kos: Dataset) -> tuple[str, list[str]] | None:
+    """("rejected", the SOP Instance UIDs it references) for a Key Object Selection whose title
+    rejects; None for any other document or one without usable references."""
+    try:
+        title = kos.ConceptNameCodeSequence[0]
+        if (str(title.CodingSchemeDesignator), str(title.CodeValue)) not in REJECTING_TITLES:
+            return None
+        referenced = [str(i.ReferencedSOPInstanceUID) for study in kos.CurrentRequestedProcedureEvidenceSequence
+                      for series in study.ReferencedSeriesSequence for i in series.ReferencedSOPSequence]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return ("rejected", referenced) if referenced else None

@@ -43,7 +43,6 @@ def upgrade() -> None:
         sa.Column("volume_difference", sa.Float),  # shadow: (shadow - live) / live volume
         sa.Column("agreement", sa.Integer),  # shadow classification: same predicted class (1/0)
         sa.Column("error", sa.Text),  # a shadow run that failed: why (the live results went out)
-        sa.Column("result_uids", sa.Text),  # JSON: the SOP Instance UIDs of its SEG/SR (verdicts find it)
         sa.Column("verdict", sa.Text),  # rejected / accepted, from a radiologist's KOS
         sa.Column("verdict_at", sa.Float),
         sa.UniqueConstraint("job_id", "rule", "model", "version", "role", name="uq_model_runs_run"),
@@ -51,3 +50,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_model_runs_model", "model_runs", ["model", "version", "id"])
     op.create_index("ix_model_runs_job", "model_runs", ["job_id"])
+    op.create_table(  # the SOP Instance UIDs of each run's SEG/SR: a verdict (a KOS) finds its run by them
+        "model_run_results",
+        sa.Column("sop_instance_uid", sa.Text, primary_key=True),
+        sa.Column("run_id", sa.Integer, nullable=False),
+    )
