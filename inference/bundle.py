@@ -69,6 +69,16 @@ def _per_key(transform: Any, attribute: str, key: str) -> Any:
     return values
 
 
+def _setting(transform: Any, name: str, default: Any) -> Any:
+    """A transform's setting as MONAI keeps it (an array's first value), `default` if it has none."""
+    value = getattr(transform, name, default)
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and default is None:  # min/max_pixdim: NaN where unset
+        value = [v for v in value if v is not None and v == v] or None
+    return value
+
+
 def _touches(transform: Any, key: str) -> bool:
     keys = getattr(transform, "keys", None)
     return keys is None or key in keys
@@ -93,6 +103,9 @@ def map_preprocessing(transforms: list[Any], key: str = "image") -> tuple[dict[s
         mapped[field] = name
         return True
 
+    if transforms and not any(_touches(t, key) for t in transforms):
+        refused.append(f"preprocessing: no transform is applied to the input {key!r} (metadata.json's"
+                       " network_data_format.inputs): the keys do not match")
     for t in transforms:
         name = type(t).__name__
         if not _touches(t, key):
@@ -116,8 +129,12 @@ def map_preprocessing(transforms: list[Any], key: str = "image") -> tuple[dict[s
             spacing = t.spacing_transform if isinstance(t, mt.Spacingd) else t
             mode = str(_per_key(t, "mode", key) if isinstance(t, mt.Spacingd) else spacing.mode)
             pixdim = [float(v) for v in spacing.pixdim]
-            if len(pixdim) != 3 or mode not in ("bilinear", "GridSampleMode.BILINEAR"):
-                refused.append(f"{name}: pixdim {pixdim} mode {mode}; the node resamples 3-D images linearly")
+            unusual = [k for k, default in (("diagonal", False), ("scale_extent", False), ("min_pixdim", None),
+                                            ("max_pixdim", None), ("recompute_affine", False))
+                       if _setting(spacing, k, default) != default]
+            if len(pixdim) != 3 or min(pixdim) <= 0 or mode not in ("bilinear", "GridSampleMode.BILINEAR") or unusual:
+                refused.append(f"{name}: pixdim {pixdim} mode {mode}{' ' + ', '.join(unusual) if unusual else ''};"
+                               " the node resamples 3-D images linearly to a positive spacing")
             elif once("spacing", name):
                 fields["spacing"] = pixdim
                 report.append(f"{name}(pixdim={pixdim}) -> preprocessing.spacing")
@@ -183,6 +200,19 @@ def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[s
     refused: list[str] = []
     done_by_node = (mt.Invertd, mt.Invert, mt.SaveImage, mt.SaveImaged, mt.EnsureType, mt.EnsureTyped,
                     mt.ToTensor, mt.ToTensord, mt.CopyItemsd, mt.Identity, mt.Identityd)
+    mapped: dict[str, str] = {}
+
+    def once(field: str, name: str) -> bool:
+        if field in mapped:
+            refused.append(f"{name}: {mapped[field]} already set {field}; the node applies one")
+            return False
+        mapped[field] = name
+        return True
+
+    touched = [t for t in transforms if not isinstance(t, done_by_node) and _touches(t, key)]
+    if transforms and not touched and any(not isinstance(t, done_by_node) for t in transforms):
+        refused.append(f"postprocessing: no transform is applied to the output {key!r} (metadata.json's"
+                       " network_data_format.outputs): the keys do not match")
     for t in transforms:
         name = type(t).__name__
         if isinstance(t, done_by_node):
@@ -196,14 +226,16 @@ def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[s
             other = _per_key(t, "other", key) if d else t.other
             if other is not None or (softmax and sigmoid):
                 refused.append(f"{name}: a custom activation")
-            else:
+            elif once("output_activation", name):
                 fields["output_activation"] = "softmax" if softmax else "sigmoid" if sigmoid else "none"
                 report.append(f"{name} -> output_activation {fields['output_activation']}")
         elif isinstance(t, (mt.AsDiscrete, mt.AsDiscreted)):
             d = isinstance(t, mt.AsDiscreted)
             argmax = _per_key(t, "argmax", key) if d else t.argmax
             threshold = _per_key(t, "threshold", key) if d else t.threshold
-            if argmax and threshold is None:
+            if (argmax and threshold is None or threshold is not None and not argmax) and not once("mode", name):
+                pass
+            elif argmax and threshold is None:
                 fields["postprocessing"]["mode"] = "argmax"
                 report.append(f"{name}(argmax) -> postprocessing.mode argmax")
             elif threshold is not None and not argmax and 0 < float(threshold) < 1:
@@ -217,7 +249,7 @@ def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[s
                 refused.append(f"{name}: applied_labels={c.applied_labels}, num_components={c.num_components},"
                                f" independent={c.independent}, connectivity={c.connectivity}; the node keeps the"
                                " largest component of each label, neighbours by faces (connectivity=1)")
-            else:
+            elif once("keep_largest_component", name):
                 fields["postprocessing"]["keep_largest_component"] = True
                 report.append(f"{name} -> postprocessing.keep_largest_component")
         else:

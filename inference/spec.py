@@ -111,7 +111,7 @@ class Provenance(_Strict):
 
 
 class ModelSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64, description="AlgorithmName (LO) in results")
     version: int = Field(1, ge=1)
     task: Literal["segmentation", "classification"]
     description: str = ""

@@ -292,3 +292,17 @@ def test_the_mapping_takes_the_bundles_own_key_and_refuses_every_approximation()
     assert "connectivity=None" in refused[0]  # MONAI's default (26 neighbours) is not the node's (6)
     with pytest.raises(ImportRefused, match="channel 0 is 'nuclei'"):
         labels_from({0: "nuclei"}, {}, "segmentation")
+
+
+def test_a_model_named_without_version_is_pinned_when_routed_and_a_shadow_of_that_version_dropped():
+    """`run: [x]` runs the version that was the latest when the study was routed (a crash re-run
+    or a later import does not change it); `shadow: [x@2]` beside it is dropped once x@2 is that
+    version, instead of failing the route."""
+    from node.route.decision import _pinned
+    from node.route.rules import Actions
+
+    actions = Actions.model_validate({"run": ["x"], "shadow": ["x@2"], "send_to": ["pacs"]})
+    assert _pinned(actions, {"x": [1]}).run == ["x@1"] and _pinned(actions, {"x": [1]}).shadow == ["x@2"]
+    latest = _pinned(actions, {"x": [1, 2]})
+    assert latest.run == ["x@2"] and latest.shadow == []
+    assert _pinned(actions, {}) is actions  # nothing to pin (the repository has no such model yet)

@@ -9,6 +9,8 @@ hexadecimal characters: exactly LO's maximum).
 
 from __future__ import annotations
 
+import unicodedata
+
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
@@ -18,8 +20,10 @@ from node.encode.concepts import coded
 
 
 def _text(value: str, limit: int) -> str | None:
-    """A DICOM string of at most `limit` characters, backslash-free (LO/ST are single-valued here)."""
-    value = " ".join(value.replace("\\", "/").split())[:limit]
+    """A DICOM string of at most `limit` characters in the default repertoire (results inherit the
+    source's character set, often none), backslash-free (LO/ST are single-valued here)."""
+    ascii_only = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode()
+    value = " ".join(ascii_only.replace("\\", "/").split())[:limit]
     return value or None
 
 

@@ -293,8 +293,8 @@ class InstanceStore:
             logs.event(log, "study_reopened" if arrival.reopened else "study_receiving",
                        study_uid=tags.study_uid, calling_ae=calling)
             self.on_study_opened(tags.study_uid, arrival.deadline)
-        if tags.sop_class_uid == KeyObjectSelectionDocumentStorage and not arrival.identical:
-            self._verdict(target, tags.study_uid)
+        if tags.sop_class_uid == KeyObjectSelectionDocumentStorage:  # a resend too: recording is idempotent,
+            self._verdict(target, tags.study_uid)  # and a verdict lost to a crash or a busy index comes again
         return SUCCESS, tags
 
     def _verdict(self, path: Path, study_uid: str) -> None:

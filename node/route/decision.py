@@ -73,7 +73,12 @@ def record(decision: Decision, versions: Mapping[str, list[int]] | None = None) 
 
 
 def _pinned(actions: Actions, versions: Mapping[str, list[int]]) -> Actions:
+    """`run` with each unversioned model pinned to its latest; a shadow of that very version
+    (`run: [x]`, `shadow: [x@2]` once 2 is the latest) is dropped: it would compare x@2 with itself."""
     refs = [ModelRef.parse(m) for m in actions.run]
     pinned = [str(r) if r.version is not None or not versions.get(r.name) else f"{r.name}@{versions[r.name][-1]}"
               for r in refs]
-    return actions if pinned == list(actions.run) else actions.model_copy(update={"run": pinned})
+    if pinned == list(actions.run):
+        return actions
+    return Actions.model_validate({**actions.model_dump(), "run": pinned,
+                                   "shadow": [m for m in actions.shadow if m not in pinned]})

@@ -24,6 +24,7 @@ from node.store.index import Index
 # Rejected for Quality Reasons, Rejected for Patient Safety Reasons, Quality Issue.
 REJECTING_TITLES = {("DCM", "113001"), ("DCM", "113037"), ("DCM", "113010")}
 
+COUNTS = ("slices", "findings")  # whole numbers: the range is widened by at least one
 FIGURES = ("slices", "spacing_slice", "spacing_row", "spacing_column", "intensity_mean", "intensity_std",
            "findings", "volume_mm3", "probability")
 
@@ -158,7 +159,8 @@ class ModelRuns:
                 if not seen or not recent:
                     continue
                 lo, hi = min(seen), max(seen)
-                margin = tolerance * max(abs(lo), abs(hi), hi - lo, 1e-9)
+                # counts move in whole steps: a baseline of 0 findings is not broken by one finding
+                margin = max(tolerance * max(abs(lo), abs(hi), hi - lo), 1.0 if figure in COUNTS else 1e-9)
                 outside = sum(1 for x in recent if x < lo - margin or x > hi + margin)
                 if outside * 2 > len(recent):
                     alarms.append(Drift(v["model"], int(v["version"]), figure, (lo, hi), outside, len(recent)))
