@@ -69,6 +69,22 @@ def _per_key(transform: Any, attribute: str, key: str) -> Any:
     return values
 
 
+class _OneEach:
+    """A second transform for the same spec field (a window, then z-score; two activations) is no
+    single setting: refused, never overwritten."""
+
+    def __init__(self, prefix: str, refused: list[str]):
+        self.prefix, self.refused = prefix, refused
+        self.mapped: dict[str, str] = {}  # spec field -> the transform that set it
+
+    def __call__(self, field: str, name: str) -> bool:
+        if field in self.mapped:
+            self.refused.append(f"{name}: {self.mapped[field]} already set {self.prefix}{field}; the node applies one")
+            return False
+        self.mapped[field] = name
+        return True
+
+
 def _setting(transform: Any, name: str, default: Any) -> Any:
     """A transform's setting as MONAI keeps it (an array's first value), `default` if it has none."""
     value = getattr(transform, name, default)
@@ -93,15 +109,7 @@ def map_preprocessing(transforms: list[Any], key: str = "image") -> tuple[dict[s
     refused: list[str] = []
     done_by_node = (mt.LoadImage, mt.LoadImaged, mt.EnsureChannelFirst, mt.EnsureChannelFirstd, mt.EnsureType,
                     mt.EnsureTyped, mt.ToTensor, mt.ToTensord, mt.Identity, mt.Identityd)
-    mapped: dict[str, str] = {}  # spec field -> the transform that set it
-
-    def once(field: str, name: str) -> bool:
-        """A second transform for the same field (a window, then z-score) is no single setting."""
-        if field in mapped:
-            refused.append(f"{name}: {mapped[field]} already set preprocessing.{field}; the node applies one")
-            return False
-        mapped[field] = name
-        return True
+    once = _OneEach("preprocessing.", refused)
 
     if transforms and not any(_touches(t, key) for t in transforms):
         refused.append(f"preprocessing: no transform is applied to the input {key!r} (metadata.json's"
@@ -200,14 +208,7 @@ def map_postprocessing(transforms: list[Any], key: str = "pred") -> tuple[dict[s
     refused: list[str] = []
     done_by_node = (mt.Invertd, mt.Invert, mt.SaveImage, mt.SaveImaged, mt.EnsureType, mt.EnsureTyped,
                     mt.ToTensor, mt.ToTensord, mt.CopyItemsd, mt.Identity, mt.Identityd)
-    mapped: dict[str, str] = {}
-
-    def once(field: str, name: str) -> bool:
-        if field in mapped:
-            refused.append(f"{name}: {mapped[field]} already set {field}; the node applies one")
-            return False
-        mapped[field] = name
-        return True
+    once = _OneEach("", refused)
 
     touched = [t for t in transforms if not isinstance(t, done_by_node) and _touches(t, key)]
     if transforms and not touched and any(not isinstance(t, done_by_node) for t in transforms):
