@@ -663,11 +663,11 @@ def test_returned_results_are_re_identified_or_refused_with_the_reason(sources):
     """node/deid/reidentify.py alone: every UID mapped back (nested, private, multi-valued) or
     minted; patient and study from the source; and refused: an instance that was sent, a result
     claiming a sent series, a reference to an instance neither sent nor returned."""
-    from node.deid.reidentify import PATIENT_AND_STUDY, Refused, patient_and_study, reidentify
+    from node.deid.reidentify import Refused, patient_and_study, patient_and_study_keywords, reidentify
 
     # highdicom's tables of the standard, read through its private module (pinned here)
     assert {"PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber", "PatientAge",
-            "ClinicalTrialSubjectID", "OtherPatientIDsSequence"} <= set(PATIENT_AND_STUDY)
+            "ClinicalTrialSubjectID", "OtherPatientIDsSequence"} <= set(patient_and_study_keywords())
     pseudonyms = Pseudonyms(KEY, "project-a")
     made = deidentify(sources[0], Profile(), pseudonyms)
     mapping = {pseudonym: source for source, pseudonym in made.uids.items()}

@@ -18,18 +18,18 @@ import numpy as np
 import pydicom
 
 from common import logs
-from inference.pipeline import ClassificationResult, SegmentationResult
-from inference.volume import SeriesVolume
 from node.jobs.failures import Superseded, describe
 from node.store.modelruns import Comparison, ModelRuns, RunFigures
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (not at run time: torch and MONAI load with the pipeline, after the receivers start)
+    from inference.pipeline import ClassificationResult, SegmentationResult
+    from inference.volume import SeriesVolume
     from node.jobs.runner import JobRunner, Progress
     from node.jobs.stages import ModelTask
     from node.jobs.store import Job
 
 log = logging.getLogger("node.jobs")
-Result = SegmentationResult | ClassificationResult
+Result = "SegmentationResult | ClassificationResult"
 
 
 def figures_of(results: list[Result]) -> RunFigures:
@@ -37,20 +37,24 @@ def figures_of(results: list[Result]) -> RunFigures:
     milliseconds), and the outputs summed over the volumes."""
     if not results:
         return RunFigures()
-    volume: SeriesVolume = results[0].volume
+    volume = results[0].volume
     sample = volume.array[::4, ::4, ::4]
     steps = np.linalg.norm(volume.affine[:3, :3], axis=0)  # slice, row and column steps (mm)
     figures = RunFigures(
         modality=str(getattr(volume.datasets[0], "Modality", "") or "") or None if volume.datasets else None,
         slices=int(volume.array.shape[0]), spacing_slice=float(steps[0]), spacing_row=float(steps[1]),
         spacing_column=float(steps[2]), intensity_mean=float(sample.mean()), intensity_std=float(sample.std()))
-    if isinstance(results[0], SegmentationResult):
-        segmentations = [r for r in results if isinstance(r, SegmentationResult)]
+    if _segmentation(results[0]):
+        segmentations = [r for r in results if _segmentation(r)]
         return replace(figures, findings=sum(len(r.findings) for r in segmentations),
                        volume_mm3=sum(float(np.count_nonzero(r.labels)) * r.volume.voxel_volume for r in segmentations))
     first = results[0]
-    assert isinstance(first, ClassificationResult)
     return replace(figures, probability=float(first.probabilities[first.predicted.value]), predicted=first.predicted.name)
+
+
+def _segmentation(result: Result) -> bool:
+    """A segmentation's result has a label volume (a classification's has probabilities)."""
+    return hasattr(result, "labels")
 
 
 def compare(live: list[Result], shadow: list[Result]) -> Comparison:
@@ -58,10 +62,9 @@ def compare(live: list[Result], shadow: list[Result]) -> Comparison:
     over every volume; classification: whether the predicted classes agree."""
     if not live or not shadow:
         return Comparison()
-    if isinstance(live[0], SegmentationResult):
+    if _segmentation(live[0]):
         both = overlap = mine = theirs = 0
         for a, b in zip(live, shadow):
-            assert isinstance(a, SegmentationResult) and isinstance(b, SegmentationResult)
             fa, fb = a.labels > 0, b.labels > 0
             both += int(np.count_nonzero(fa & fb & (a.labels == b.labels)))
             mine, theirs = mine + int(np.count_nonzero(fa)), theirs + int(np.count_nonzero(fb))
@@ -70,8 +73,7 @@ def compare(live: list[Result], shadow: list[Result]) -> Comparison:
         dice = 2.0 * both / overlap if overlap else 1.0
         difference = (theirs - mine) / mine if mine else (0.0 if not theirs else float("inf"))
         return Comparison(dice=dice, volume_difference=difference if np.isfinite(difference) else None)
-    agree = all(isinstance(a, ClassificationResult) and isinstance(b, ClassificationResult)
-                and a.predicted.value == b.predicted.value for a, b in zip(live, shadow))
+    agree = all(a.predicted.value == b.predicted.value for a, b in zip(live, shadow))
     return Comparison(agreement=agree)
 
 
