@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from inference.repository import ModelRepository
 from common import logs
 from node.assemble.completion import CompletionTimers
 from node.config import NodeConfig
+from node.console.listening import bind_console
 from node.jobs.admission import SIGNAL_POLL_S, Admission
 from node.jobs.returns import TIMEOUT_SWEEP_S
 from node.jobs.runner import JobRunner
@@ -163,8 +165,10 @@ class NodeService:
     def _run_retention(self) -> None:
         self.retention.run(self.live.current.storage.retention)
 
-    def _start_http(self) -> None:
-        if not self.config.http.port:
+    def _start_http(self, bound: socket.socket | None) -> None:
+        """The console, on the socket bound first thing (its modules load while the receiver
+        processes start: the first association does not wait for them)."""
+        if bound is None:
             return
         from node.console.app import HttpServer
         from node.console.context import ConsoleContext
@@ -174,7 +178,7 @@ class NodeService:
                              wake_outbox=self.outbox.sweep, wake_jobs=self.runner.wake,
                              on_study_opened=self._study_opened,
                              triton_servers=self.runner.backends.servers)
-        self.http = HttpServer(ctx)
+        self.http = HttpServer(ctx, bound)
         self.http.start()
 
     @property
@@ -184,7 +188,8 @@ class NodeService:
     def start(self) -> None:
         from node.receive.reconcile import reconcile
 
-        self._start_http()  # first: a console port in use stops the start before anything runs
+        # first: a console port in use stops the start before anything runs
+        bound = bind_console(self.config.http.bind, self.config.http.port) if self.config.http.port else None
         if self.hl7 is not None:
             self.hl7.start()
         # Before any receiver runs: files without an index row, partial writes (README, Receiving).
@@ -214,6 +219,12 @@ class NodeService:
         self._application(AuditEventType.APPLICATION_START)
         self.live.write_snapshot()
         self.receivers.start()
+        try:
+            self._start_http(bound)
+        except BaseException:
+            if bound is not None:
+                bound.close()
+            raise
         self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0))
         logs.event(
             log,

@@ -477,3 +477,18 @@ def test_a_bad_ae_title_is_explained_in_words_not_by_a_regular_expression(tmp_pa
     assert "scp.ae_title: Value error, not an AE title (1 to 16 characters, not all spaces, no backslash or" \
            " control characters (PS3.5 AE)): 'THIS-TITLE-IS-FAR-TOO-LONG'" in check.stderr, check.stderr
     assert "destinations.pacs.ae_title" in check.stderr and "\\x5b" not in check.stderr
+
+
+def test_a_console_port_in_use_stops_the_start_before_anything_runs(tmp_path):
+    """The console's port is bound first thing: taken, the node says so and exits 1 before a
+    receiver takes a connection (its DICOM port stays free)."""
+    import socket
+
+    node = NodeProcess(tmp_path / "node")
+    with socket.create_server(("127.0.0.1", node.http_port)):
+        result = subprocess.run([str(VENV_BIN / "dicom-node"), "serve", "--config", str(node.config_path)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"cannot start: the console cannot listen on 127.0.0.1:{node.http_port}" in result.stderr
+    with socket.create_server(("127.0.0.1", node.port)):  # nothing kept the DICOM port
+        pass

@@ -110,9 +110,10 @@ async def too_large(request: Request, exc: Exception) -> Response:
 
 
 class HttpServer:
-    """uvicorn in a daemon thread; `start` returns once the port is bound (or raises)."""
+    """uvicorn in a daemon thread on a bound socket; `start` returns once it serves (or raises)."""
 
-    def __init__(self, ctx: ConsoleContext):
+    def __init__(self, ctx: ConsoleContext, bound: socket.socket):
+        self._socket = bound
         http = ctx.config.http
         self.app = create_app(ctx)
         tls = {"ssl_certfile": str(http.tls.certificate), "ssl_keyfile": str(http.tls.private_key)} \
@@ -125,13 +126,6 @@ class HttpServer:
         self._error: BaseException | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        """Bind first (a port in use is a plain OSError here), then serve in the thread."""
-        try:
-            self._socket = socket.create_server((self.config.host, self.config.port),
-                                                family=socket.AF_INET6 if ":" in self.config.host else socket.AF_INET)
-        except OSError as exc:
-            raise OSError(exc.errno, f"the console cannot listen on {self.config.host}:{self.config.port}: "
-                                     f"{exc.strerror}") from None
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
