@@ -564,8 +564,18 @@ def test_open_connections_are_bounded(start_node):
     assert echoscu(node.port).returncode == 0
     held = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(64)]
     try:
-        with socket.create_connection(("127.0.0.1", node.port)) as extra:
-            assert closed_by_peer(extra, 30) == b""
+        # The echo's connection may still count for a moment after it ended (its receiver reports
+        # the close): then one of the 64 is the one refused and the first extra is held. A second
+        # extra is then refused; a third would be a leak.
+        for attempt in range(2):
+            extra = socket.create_connection(("127.0.0.1", node.port))
+            held.append(extra)
+            try:
+                assert closed_by_peer(extra, 10 if attempt == 0 else 30) == b""
+                break
+            except TimeoutError:
+                if attempt == 1:
+                    raise
         event = wait_for(lambda: node.events("connection_refused_too_many"), timeout=30)[0]
         assert (event["open"], event["limit"]) == (64, 64)
     finally:
