@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from inference.repository import sha256_of
 from inference.spec import Code, Label, ModelSpec, Provenance
 
 METADATA = "configs/metadata.json"
@@ -43,20 +44,12 @@ class Imported:
     report: list[str] = field(default_factory=list)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_of_files(paths: list[Path]) -> str:
     """One digest of several files (name and content each): a bundle's metadata, its inference
     configuration and its weights, so a changed transform changes the source's checksum too."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(f"{path.name}\0{_sha256(path)}\0".encode())
+        digest.update(f"{path.name}\0{sha256_of(path)}\0".encode())
     return digest.hexdigest()
 
 
@@ -467,7 +460,7 @@ def read_torchscript(file: Path, settings: dict[str, Any], name: str, version: i
     try:
         spec = ModelSpec.model_validate({
             **settings, "name": name, "version": version,
-            "provenance": Provenance(source="torchscript", source_name=file.name[:64], source_sha256=_sha256(file),
+            "provenance": Provenance(source="torchscript", source_name=file.name[:64], source_sha256=sha256_of(file),
                                      sha256="0" * 64,
                                      imported_at=datetime.now(timezone.utc).isoformat(timespec="seconds")),
         })
