@@ -1,13 +1,13 @@
 """Memory: many studies through the running node; resident memory of each of its processes.
 
-Sends STUDIES (default 100) CT studies of --slices x --size x --size (default 100 x 512 x 512)
+Sends STUDIES (default 100) CT studies of --slices x --size x --size (default 300 x 512 x 512)
 one after another with dcmtk storescu, each routed to the demo model with results to a dcmtk
 storescp, and samples every node process's RSS (from /proc) while it runs. Prints, per process,
 RSS at start, the peak and at the end, the target (peak <= 3x one study's pixel bytes + the
 runtime's baseline) and whether memory stayed flat (end within 10% of the value after the
 first study).
 
-    python -m benchmarks.memory [--slices 100] [--size 512]    (BENCH_STUDIES=100)
+    python -m benchmarks.memory [--slices 300] [--size 512]    (BENCH_STUDIES=100)
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ def relabel(files: list[Path], folder: Path, n: int) -> list[Path]:
 def main() -> None:
     studies = int(os.environ.get("BENCH_STUDIES", "100"))
     with benchmark_run(__doc__) as (args, work):
-        args.slices = args.slices if args.slices != 300 else 100
         files, _ = make_dicom_study(work / "ct", slices=args.slices, size=args.size, pixel_spacing=384 / args.size,
                                     slice_spacing=2.0, seed=7)
         pixel_mb = args.slices * args.size * args.size * 2 / 2**20

@@ -126,11 +126,17 @@ def _unshear(volume: SeriesVolume) -> tuple[np.ndarray, np.ndarray]:
     return array, target
 
 
-def _activation(logits: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+def _activation(logits: torch.Tensor, spec: ModelSpec, slab: int = 16) -> torch.Tensor:
+    """The output activation over (batch, class[, *spatial]) logits, written into them: a second class x
+    volume float32 array (400 MB for a 300-slice CT on a 2 mm grid) would be the job's peak.
+    Softmax is per voxel over the classes, so slab by slab along the first spatial axis it gives
+    the same values as in one piece."""
     if spec.output_activation == "softmax":
-        return torch.softmax(logits, dim=1)
-    if spec.output_activation == "sigmoid":
-        return torch.sigmoid(logits)
+        for start in range(0, logits.shape[2] if logits.ndim > 2 else 1, slab):
+            part = logits[:, :, start:start + slab] if logits.ndim > 2 else logits
+            part.copy_(torch.softmax(part, dim=1))
+    elif spec.output_activation == "sigmoid":
+        logits.sigmoid_()
     return logits
 
 
@@ -153,7 +159,9 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     seconds["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    labels = clean_labels(_labels_on_source(_activation(logits, spec)[0], image.affine, volume, spec), spec)
+    model_affine = image.affine
+    del image  # the model's input: no longer needed
+    labels = clean_labels(_labels_on_source(_activation(logits, spec)[0], model_affine, volume, spec), spec)
     seconds["postprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = measure(labels, volume, spec)
@@ -169,7 +177,9 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
     most of a study is background, and resampling all of a 300x512x512 grid takes ~15 s here.
     """
     labels = np.zeros(volume.array.shape, dtype=np.uint8)
-    evidence = probabilities[[label.value for label in spec.labels]].amax(0).numpy() > FOREGROUND_EVIDENCE
+    evidence = np.zeros(probabilities.shape[1:], dtype=bool)  # any label above: one channel at a time, no copy
+    for label in spec.labels:
+        evidence |= probabilities[label.value].numpy() > FOREGROUND_EVIDENCE
     regions, _ = ndimage.label(ndimage.binary_dilation(evidence, iterations=2))
     for box in ndimage.find_objects(regions):
         lo = np.array([s.start for s in box])

@@ -372,6 +372,27 @@ def test_resampling_equals_monai(orientation, padding):
     np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_the_activation_written_into_the_logits_equals_torchs(activation):
+    """The pipeline applies the output activation slab by slab, in the logits' own memory (a
+    second class x volume array would be a job's peak): the values are torch's, slab edges
+    included (37 slices: not a multiple of the slab)."""
+    import torch
+
+    from inference.pipeline import _activation
+    from inference.spec import ModelSpec
+
+    spec = ModelSpec.model_validate({**threshold_spec().model_dump(), "output_activation": activation})
+    logits = torch.from_numpy(np.random.default_rng(3).normal(0, 4, size=(1, 3, 37, 9, 11)).astype(np.float32))
+    expected = torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+    out = _activation(logits, spec)
+    assert out.data_ptr() == logits.data_ptr()  # in place
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    scores = torch.from_numpy(np.array([[0.5, -1.0, 2.0]], dtype=np.float32))  # a classifier's (batch, class)
+    expected = torch.softmax(scores, dim=1) if activation == "softmax" else torch.sigmoid(scores)
+    torch.testing.assert_close(_activation(scores, spec), expected, rtol=0, atol=1e-7)
+
+
 def test_separate_boxes_find_the_components_of_the_whole_grid():
     """Labelling box by box (findings, cleaning) finds exactly the components of the whole grid."""
     from scipy import ndimage
