@@ -1,4 +1,4 @@
-"""What every benchmark shares: the volume size flags and a scratch folder."""
+"""What every benchmark shares: the volume size flags, a scratch folder, a study sent again as a new one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import pydicom
+from pydicom.uid import generate_uid
 
 
 @contextmanager
@@ -20,3 +23,19 @@ def benchmark_run(description: str | None, slices: int = 300, size: int = 512
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         yield args, Path(tmp)
+
+
+def relabel(files: list[Path], folder: Path, n: int) -> list[Path]:
+    """The same images as a new study (new UIDs), so that every send is a new study to process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID = f"MEM-{n:03d}"
+        target = folder / path.name
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out

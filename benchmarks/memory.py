@@ -18,10 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
-
-from benchmarks.common import benchmark_run
+from benchmarks.common import benchmark_run, relabel
 from tests.peers import NodeProcess, free_port, storescu, wait_for
 from phantom.study import make_dicom_study
 
@@ -55,22 +52,6 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def relabel(files: list[Path], folder: Path, n: int) -> list[Path]:
-    """The same images as a new study (new UIDs), so that every send is a new study to process."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
-    out = []
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.PatientID = f"MEM-{n:03d}"
-        target = folder / path.name
-        ds.save_as(target, enforce_file_format=True)
-        out.append(target)
-    return out
 
 
 def main() -> None:
