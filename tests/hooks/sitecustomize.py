@@ -10,8 +10,6 @@ its receiver processes, and the hook patches the one receiver method it concerns
 - DICOM_NODE_TEST_FAIL_AFTER_PLACE=N: the index transaction holding a receiver's Nth rename
   fails (an OperationalError): right after the rename, or with DICOM_NODE_TEST_FAIL_AT=commit at
   its COMMIT (raised from SQLAlchemy's commit event, so the database never commits it).
-- DICOM_NODE_TEST_SKIP_DATASET_CHECK=1: receivers skip the whole-data-set check before the
-  acknowledgement (the receive benchmark's before/after figure).
 - DICOM_NODE_TEST_SLOW_LOOKUP_S=T: a receiver's look-up of an indexed SOP Instance UID takes T
   seconds longer (a slow index), which widens the window in which two associations race with
   one SOP Instance UID.
@@ -25,7 +23,6 @@ HOOKS = os.path.dirname(os.path.abspath(__file__))
 _CRASH_AFTER = int(os.environ.get("DICOM_NODE_TEST_CRASH_AFTER_PLACE") or 0)
 _FAIL_AFTER = int(os.environ.get("DICOM_NODE_TEST_FAIL_AFTER_PLACE") or 0)
 _FAIL_AT_COMMIT = os.environ.get("DICOM_NODE_TEST_FAIL_AT") == "commit"
-_SKIP_CHECK = os.environ.get("DICOM_NODE_TEST_SKIP_DATASET_CHECK") == "1"
 _SLOW_LOOKUP = float(os.environ.get("DICOM_NODE_TEST_SLOW_LOOKUP_S") or 0)
 
 if _SLOW_LOOKUP:
@@ -42,41 +39,38 @@ if _SLOW_LOOKUP:
 
     index.Index.find_instance = _slow_find  # type: ignore[method-assign]
 
-if _CRASH_AFTER or _FAIL_AFTER or _SKIP_CHECK:
+if _CRASH_AFTER or _FAIL_AFTER:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.exc import OperationalError
+
     from node.receive import scp
 
-    if _SKIP_CHECK:
-        scp.check_dataset = lambda payload, transfer_syntax: None  # type: ignore[assignment]
-    if _CRASH_AFTER or _FAIL_AFTER:
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-        from sqlalchemy.exc import OperationalError
+    _init = scp.StorageSCP.__init__
+    _places = [0]
+    _fail_commit = [False]
 
-        _init = scp.StorageSCP.__init__
-        _places = [0]
-        _fail_commit = [False]
+    def _failing_commit(connection):  # type: ignore[no-untyped-def]
+        if _fail_commit[0]:
+            _fail_commit[0] = False
+            raise OperationalError("COMMIT", {}, Exception("disk I/O error (test hook)"))
 
-        def _failing_commit(connection):  # type: ignore[no-untyped-def]
-            if _fail_commit[0]:
-                _fail_commit[0] = False
-                raise OperationalError("COMMIT", {}, Exception("disk I/O error (test hook)"))
+    event.listen(Engine, "commit", _failing_commit)
 
-        event.listen(Engine, "commit", _failing_commit)
+    def _faulty_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _init(self, *args, **kwargs)
+        place = self.spool.place
 
-        def _faulty_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            _init(self, *args, **kwargs)
-            place = self.spool.place
+        def fault_after_place(*args, **kwargs):  # type: ignore[no-untyped-def]
+            place(*args, **kwargs)
+            _places[0] += 1
+            if _places[0] == _CRASH_AFTER:
+                os._exit(70)
+            if _places[0] == _FAIL_AFTER and _FAIL_AT_COMMIT:
+                _fail_commit[0] = True
+            elif _places[0] == _FAIL_AFTER:
+                raise OperationalError("INSERT", {}, Exception("disk I/O error (test hook)"))
 
-            def fault_after_place(*args, **kwargs):  # type: ignore[no-untyped-def]
-                place(*args, **kwargs)
-                _places[0] += 1
-                if _places[0] == _CRASH_AFTER:
-                    os._exit(70)
-                if _places[0] == _FAIL_AFTER and _FAIL_AT_COMMIT:
-                    _fail_commit[0] = True
-                elif _places[0] == _FAIL_AFTER:
-                    raise OperationalError("INSERT", {}, Exception("disk I/O error (test hook)"))
+        self.spool.place = fault_after_place
 
-            self.spool.place = fault_after_place
-
-        scp.StorageSCP.__init__ = _faulty_init  # type: ignore[method-assign]
+    scp.StorageSCP.__init__ = _faulty_init  # type: ignore[method-assign]
