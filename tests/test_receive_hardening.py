@@ -16,7 +16,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -211,6 +211,45 @@ def test_pynetdicom_internals_pinned():
     assert not ended_in_abort(aborted)
     aborted.dul.to_user_queue.put(A_ABORT())
     assert ended_in_abort(aborted) and aborted.is_aborted is False
+    # the DUL's wait: it sleeps `_run_loop_delay` after an idle turn, learns of data through
+    # socket.ready, and of primitives to send through send_pdu's queue (PduSocket, Prompt)
+    reactor = inspect.getsource(DULServiceProvider.run_reactor)
+    assert "time.sleep(self._run_loop_delay)" in reactor and "self._is_transport_event()" in reactor
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(DULServiceProvider.send_pdu)
+    assert Association(AE(), "acceptor").dul._run_loop_delay > 0
+
+
+def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
+    """PduSocket.ready: readable data or a primitive the association queued ends the DUL's wait;
+    the wake-up is used up by it (the next wait waits again); after close, neither rings."""
+    from pynetdicom.association import Association
+    from pynetdicom.pdu_primitives import A_RELEASE
+    from pynetdicom.transport import AssociationSocket
+
+    from node.receive.pynetdicom_internals import PduSocket, _WakingDul
+
+    ours, peer = socket.socketpair()
+    assoc = Association(AE(), "acceptor")
+    sock = AssociationSocket(assoc, client_socket=ours, address=("127.0.0.1", 0))
+    sock.__class__ = PduSocket
+    assoc.dul.__class__ = _WakingDul
+    assoc.dul.socket = sock
+    cast(PduSocket, sock).prepare(1 << 20, "127.0.0.1", 1 << 30)
+    try:
+        assert sock.ready is False  # nothing to read, nothing queued: waited, and says so
+        assoc.dul.send_pdu(A_RELEASE())
+        assert assoc.dul.to_provider_queue.qsize() == 1
+        assert sock._bell.recv(1, socket.MSG_PEEK) == b"\0"  # rung by send_pdu
+        assert sock.ready is False  # woken, and the wake-up used up:
+        with pytest.raises(BlockingIOError):
+            sock._bell.recv(1)
+        peer.sendall(b"\x07")
+        assert sock.ready is True
+        sock.close()
+        assert sock.ready is False
+        sock.wake()  # a late primitive after the connection closed: nothing is written anywhere
+    finally:
+        peer.close()
 
 
 # -- the whole-data-set check, on bytes ----------------------------------------------------------
