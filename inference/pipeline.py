@@ -130,7 +130,7 @@ def _activation(logits: torch.Tensor, spec: ModelSpec, slab: int = 16) -> torch.
     """The output activation over (batch, class[, *spatial]) logits, written into them: a second class x
     volume float32 array (400 MB for a 300-slice CT on a 2 mm grid) would be the job's peak.
     Softmax is per voxel over the classes, so slab by slab along the first spatial axis it gives
-    the same values as in one piece."""
+    the values of one piece (to the last bit of float rounding)."""
     if spec.output_activation == "softmax":
         for start in range(0, logits.shape[2] if logits.ndim > 2 else 1, slab):
             part = logits[:, :, start:start + slab] if logits.ndim > 2 else logits
@@ -237,7 +237,8 @@ def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Classif
     resized = classification_input(volume, spec)
     seconds = {"preprocess": time.perf_counter() - start}
     start = time.perf_counter()
-    logits = torch.from_numpy(backend.infer(resized[None].as_tensor().numpy()))
+    # a copy: the activation is written in place, and Triton's answer is a read-only buffer
+    logits = torch.tensor(backend.infer(resized[None].as_tensor().numpy()))
     probabilities = _activation(logits, spec)[0].numpy()
     seconds["inference"] = time.perf_counter() - start
     return ClassificationResult(

@@ -7,6 +7,7 @@ crafted data sets. Waits are on conditions; every process is stopped by PID (sta
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import struct
@@ -221,7 +222,8 @@ def test_pynetdicom_internals_pinned():
 
 def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
     """PduSocket.ready: readable data or a primitive the association queued ends the DUL's wait;
-    the wake-up is used up by it (the next wait waits again); after close, neither rings."""
+    the wake-up is used up by it (the next wait waits again); the bell goes with the DUL's thread,
+    and a late ring then writes nothing."""
     from pynetdicom.association import Association
     from pynetdicom.pdu_primitives import A_RELEASE
     from pynetdicom.transport import AssociationSocket
@@ -232,24 +234,58 @@ def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
     assoc = Association(AE(), "acceptor")
     sock = AssociationSocket(assoc, client_socket=ours, address=("127.0.0.1", 0))
     sock.__class__ = PduSocket
-    assoc.dul.__class__ = _WakingDul
+    _WakingDul.adopt(assoc.dul)
     assoc.dul.socket = sock
     cast(PduSocket, sock).prepare(1 << 20, "127.0.0.1", 1 << 30)
+    bell = sock._bell
     try:
+        assert assoc.dul._run_loop_delay == 0  # the loop waits in ready, never sleeps
         assert sock.ready is False  # nothing to read, nothing queued: waited, and says so
         assoc.dul.send_pdu(A_RELEASE())
         assert assoc.dul.to_provider_queue.qsize() == 1
-        assert sock._bell.recv(1, socket.MSG_PEEK) == b"\0"  # rung by send_pdu
+        assert bell.recv(1, socket.MSG_PEEK) == b"\0"  # rung by send_pdu
         assert sock.ready is False  # woken, and the wake-up used up:
         with pytest.raises(BlockingIOError):
-            sock._bell.recv(1)
+            bell.recv(1)
         peer.sendall(b"\x07")
         assert sock.ready is True
-        sock.close()
-        assert sock.ready is False
-        sock.wake()  # a late primitive after the connection closed: nothing is written anywhere
+        assoc.dul._kill_thread = True  # the DUL's thread runs once round its loop and ends
+        assoc.dul.start()
+        assoc.dul.join(10)
+        assert not assoc.dul.is_alive() and bell.fileno() == -1 and sock._bell is None
+        sock.wake()  # a late primitive: nothing is written anywhere
     finally:
         peer.close()
+        ours.close()
+
+
+def test_associations_leave_no_descriptors_behind(start_node):
+    """However an association ends (released, dropped by the peer, aborted by it), its receiver
+    ends up with the descriptors it had before (the connection and the DUL's bell are closed)."""
+    from pynetdicom.sop_class import CTImageStorage as CT
+
+    node = start_node(scp={"workers": 1})
+    assert echoscu(node.port).returncode == 0
+    pid = receiver_pids(node)[0]
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    before = descriptors()
+    for n in range(24):
+        if n % 3 == 0:
+            assert echoscu(node.port).returncode == 0  # released
+            continue
+        ae = AE(ae_title="DROPPER")
+        ae.add_requested_context(CT)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
+        assert assoc.is_established
+        if n % 3 == 1:
+            assoc.abort()  # A-ABORT
+        else:  # the peer goes away without a word
+            cast(socket.socket, assoc.dul.socket.socket).shutdown(socket.SHUT_RDWR)
+            assoc.kill()
+    wait_for(lambda: descriptors() <= before, timeout=30, interval=0.2)
 
 
 # -- the whole-data-set check, on bytes ----------------------------------------------------------

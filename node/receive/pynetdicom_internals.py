@@ -36,6 +36,7 @@ import select
 import socket
 import ssl
 import struct
+import threading
 import time
 from typing import Any, cast
 
@@ -160,34 +161,47 @@ class PduSocket(AssociationSocket):
         self._message_wire = 0  # bytes of its PDUs before the current one
         self._command = bytearray()
         self._bound = None  # the deadline that set the current read's timeout, if one did
-        # Socket objects, not bare descriptors: once closed they refuse, a reused number is never written.
-        self._bell, self._ringer = socket.socketpair()
-        self._bell.setblocking(False)
-        self._ringer.setblocking(False)
+        # The bell: the association rings it (`wake`), the DUL's wait in `ready` ends on it. Closed
+        # when the DUL's thread ends (`release_bell`), under a lock so that a late ring never
+        # writes to a descriptor number reused meanwhile.
+        self._bell_lock = threading.Lock()
+        self._bell: socket.socket | None = None
+        self._ringer: socket.socket | None = None
+        try:
+            self._bell, self._ringer = socket.socketpair()
+            self._bell.setblocking(False)
+            self._ringer.setblocking(False)
+        except OSError:  # out of descriptors: `ready` then waits on the connection alone, as long as pynetdicom slept
+            self.release_bell()
 
     def wake(self) -> None:
         """The association queued a primitive for the DUL: end its wait in `ready`."""
-        try:
-            self._ringer.send(b"\0")
-        except OSError:  # already ringing (buffer full), or closed with the connection
-            pass
+        with self._bell_lock:
+            if self._ringer is not None:
+                try:
+                    self._ringer.send(b"\0")
+                except OSError:  # already ringing (its buffer is full)
+                    pass
+
+    def release_bell(self) -> None:
+        """Close the bell: the DUL's thread has ended, nothing waits in `ready` any more."""
+        with self._bell_lock:
+            for end in (self._bell, self._ringer):
+                if end is not None:
+                    end.close()
+            self._bell = self._ringer = None
 
     @property
     def ready(self) -> bool:
-        sock = self.socket
+        sock, bell = self.socket, self._bell  # the bell changes only on the DUL's own thread
         if sock is not None and self._is_connected and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             try:
-                readable, _, _ = select.select([sock, self._bell], [], [], IDLE_WAIT_S)
-                if self._bell in readable:
-                    self._bell.recv(4096)
+                readable, _, _ = select.select([sock] if bell is None else [sock, bell], [], [], IDLE_WAIT_S)
+                if bell is not None and bell in readable:
+                    bell.recv(4096)
             except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check below says so
                 pass
         return bool(super().ready)
-
-    def close(self) -> None:
-        super().close()
-        self._bell.close()
-        self._ringer.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
@@ -342,13 +356,30 @@ class PduSocket(AssociationSocket):
 
 
 class _WakingDul(DULServiceProvider):
-    """pynetdicom's DUL, told at once of each primitive queued for it (see PduSocket, Prompt)."""
+    """pynetdicom's DUL, told at once of each primitive queued for it (see PduSocket, Prompt).
+    Its loop does not sleep: it waits in `PduSocket.ready`."""
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         sock = self.socket
         if isinstance(sock, PduSocket):
             sock.wake()
+
+    def run(self) -> None:
+        # pynetdicom closes the connection on some endings only (AA-2, AA-3) and just shuts it
+        # down on others (release, a dropped peer, our own abort): the bell goes with the thread.
+        try:
+            super().run()
+        finally:
+            sock = self.socket
+            if isinstance(sock, PduSocket):
+                sock.release_bell()
+
+    @classmethod
+    def adopt(cls, dul: DULServiceProvider) -> None:
+        """Make a new association's DUL (not yet started) this class."""
+        dul.__class__ = cls
+        dul._run_loop_delay = 0
 
 
 class _RequestHandler(RequestHandler):
@@ -357,8 +388,7 @@ class _RequestHandler(RequestHandler):
         sock = assoc.dul.socket
         # Same objects, same state: only the read and wait methods change (see PduSocket).
         sock.__class__ = PduSocket
-        assoc.dul.__class__ = _WakingDul
-        assoc.dul._run_loop_delay = 0  # it waits in PduSocket.ready
+        _WakingDul.adopt(assoc.dul)
         cast(PduSocket, sock).prepare(int(self.ae.maximum_pdu_size or 0) or (1 << 30),
                                       str(self.client_address[0]),
                                       int(getattr(self.ae, "max_message_bytes", 0)) or (1 << 62),
