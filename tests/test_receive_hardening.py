@@ -253,6 +253,7 @@ def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
         assoc.dul.start()
         assoc.dul.join(10)
         assert not assoc.dul.is_alive() and bell.fileno() == -1 and sock._bell is None
+        assert sock.ready is True  # without its bell it waits on the connection alone (the byte is unread)
         sock.wake()  # a late primitive: nothing is written anywhere
     finally:
         peer.close()

@@ -69,7 +69,7 @@ MIN_RATE = 64 << 10  # bytes per second, about 0.5 Mbit/s
 DEFAULT_PDU_TIMEOUT = 60.0  # when the AE carries no `pdu_timeout` (see node.config.Timeouts.pdu)
 # pynetdicom's own polling period: the longest the DUL waits for data or a primitive to send
 # before it looks at its timers again.
-IDLE_WAIT_S = 0.001
+IDLE_WAIT_MS = 1
 COMMAND_LIMIT = 64 << 10  # command fragments kept to read CommandDataSetType (a command is ~100 bytes)
 _COMMAND_DATA_SET_TYPE = 0x0800  # (0000,0800); 0x0101: no data set follows (PS3.7 E.1)
 
@@ -195,9 +195,13 @@ class PduSocket(AssociationSocket):
     def ready(self) -> bool:
         sock, bell = self.socket, self._bell  # the bell changes only on the DUL's own thread
         if sock is not None and self._is_connected and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            try:
-                readable, _, _ = select.select([sock] if bell is None else [sock, bell], [], [], IDLE_WAIT_S)
-                if bell is not None and bell in readable:
+            try:  # poll, not select: the bell's descriptors may lie above select's 1024
+                waiting = select.poll()
+                waiting.register(sock, select.POLLIN)
+                if bell is not None:
+                    waiting.register(bell, select.POLLIN)
+                woken = {fd for fd, _ in waiting.poll(IDLE_WAIT_MS)}
+                if bell is not None and bell.fileno() in woken:
                     bell.recv(4096)
             except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check below says so
                 pass
