@@ -1,8 +1,8 @@
 """End to end: a 300-slice 512x512 CT from the last instance received to the results accepted by
 Orthanc, split by stage (the quiet period excluded), with LocalBackend and with Triton, for the
-first study after the start and for the next (the same images as a new study: the steady state); and how
-soon `dicom-node serve` answers a C-ECHO after start, and how long it takes to stop with an idle
-association open and a second SIGTERM (targets: 2 s each).
+first study after the start and the median of the next three (the same images as new studies:
+the steady state); and how soon `dicom-node serve` answers a C-ECHO after start, and how long it
+takes to stop with an idle association open and a second SIGTERM (targets: 2 s each).
 
     python -m benchmarks.end_to_end [--slices 300] [--size 512]
 """

@@ -127,13 +127,14 @@ def _unshear(volume: SeriesVolume) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _activation(logits: torch.Tensor, spec: ModelSpec, slab: int = 16) -> torch.Tensor:
-    """The output activation over (batch, class[, *spatial]) logits, written into them: a second class x
-    volume float32 array (400 MB for a 300-slice CT on a 2 mm grid) would be the job's peak.
-    Softmax is per voxel over the classes, so slab by slab along the first spatial axis it gives
-    the values of one piece (to the last bit of float rounding)."""
+    """The output activation over (batch, class[, *spatial]) logits, written into them: a second
+    class x volume float32 array (130 MiB for a 300-slice CT on a 2 mm grid) would be the job's
+    peak. Softmax is per voxel over the classes, so slab by slab along the first spatial axis it
+    gives the values of one piece (to the last bit of float rounding)."""
     if spec.output_activation == "softmax":
-        for start in range(0, logits.shape[2] if logits.ndim > 2 else 1, slab):
-            part = logits[:, :, start:start + slab] if logits.ndim > 2 else logits
+        spatial = logits.ndim > 2
+        parts = [logits[:, :, s:s + slab] for s in range(0, logits.shape[2], slab)] if spatial else [logits]
+        for part in parts:
             part.copy_(torch.softmax(part, dim=1))
     elif spec.output_activation == "sigmoid":
         logits.sigmoid_()
