@@ -24,6 +24,8 @@ class Finding:
     bbox_min_index: tuple[int, int, int]  # (slice, row, column)
     bbox_max_index: tuple[int, int, int]
     longest_in_plane_diameter_mm: float  # in the acquisition plane (axial for axial series)
+    short_axis_mm: float | None = None  # a detection's: perpendicular to the long axis, same plane
+    probability: float | None = None  # a detection's score; None for a segmented finding
 
     @property
     def tracking_id(self) -> str:

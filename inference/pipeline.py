@@ -46,6 +46,15 @@ class SegmentationResult:
     findings: list[Finding]
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def segments(self) -> list[Label]:
+        """What the values of `labels` stand for: the spec's labels (a detector's: each finding)."""
+        return self.spec.labels
+
+    def segment_of(self, finding: Finding) -> int:
+        """The value of `labels` that holds the finding."""
+        return finding.label.value
+
 
 @dataclass
 class ClassificationResult:

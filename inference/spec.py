@@ -86,12 +86,14 @@ class Preprocessing(_Strict):
 
 class Postprocessing(_Strict):
     mode: Literal["argmax", "threshold"] = "argmax"
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="detection: the operating point (score)")
     keep_largest_component: bool = False
     min_component_voxels: int = Field(0, ge=0)
     findings: Literal["per_label", "per_component"] = Field(
         "per_label", description="per_component: each connected component is a finding (lesions)"
     )
+    nms_iou: float = Field(0.1, gt=0, lt=1, description="detection: boxes overlapping more are one finding")
+    max_findings: int = Field(20, ge=1, le=100, description="detection: the most probable ones are kept")
 
 
 class Provenance(_Strict):
@@ -113,7 +115,7 @@ class Provenance(_Strict):
 class ModelSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64, description="AlgorithmName (LO) in results")
     version: int = Field(1, ge=1)
-    task: Literal["segmentation", "classification"]
+    task: Literal["segmentation", "classification", "detection"]
     description: str = ""
     # CID 7162 Algorithm Family (DCM 113037 is a KOS title: "Rejected for Patient Safety Reasons")
     algorithm_family: Code = Code(scheme="DCM", value="123110", meaning="Artificial Intelligence")
@@ -132,11 +134,25 @@ class ModelSpec(_Strict):
             raise ValueError("label values must be unique")
         return self
 
+    @model_validator(mode="after")
+    def _detector(self) -> "ModelSpec":
+        if self.task != "detection":
+            return self
+        if [label.value for label in self.labels] != list(range(1, len(self.labels) + 1)):
+            raise ValueError("a detector's labels are listed with values 1, 2, ... in order: its score columns")
+        if self.output_activation != "none":
+            raise ValueError("a detector's output_activation is none: its scores are probabilities already")
+        return self
+
     @property
     def output_channels(self) -> int:
-        """Segmentation: background + one channel per label; classification: one per class."""
+        """Segmentation: background + one channel per label; classification: one per class;
+        detection: the values per anchor, its box (x0, y0, z0, x1, y1, z1 in input voxels) and a
+        score per label (inference.detection)."""
         if self.task == "segmentation":
             return max(label.value for label in self.labels) + 1
+        if self.task == "detection":
+            return 6 + len(self.labels)
         return len(self.labels)
 
     def label(self, value: int) -> Label:

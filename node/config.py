@@ -270,6 +270,10 @@ class Hl7Config(Strict):
         return not self.allowed_hosts or any(in_network(peer, network) for network in self.allowed_hosts)
 
 
+# The result objects a rule or a destination can ask for (README, "Outputs per destination").
+OutputKind = Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY", "KOS"]
+
+
 # How result objects are labelled: series numbers, descriptions, creator, SEG variant (node.encode
 # builds them with these; a destination may override some, see DestinationConfig.output).
 class OutputOptions(BaseModel):
@@ -285,8 +289,10 @@ class OutputOptions(BaseModel):
     sc_series_number: int = Field(9104, ge=1)
     notice_series_number: int = Field(9105, ge=1, description="the SR that says a job failed")
     saliency_series_number: int = Field(9106, ge=1, description="SALIENCY: the classifier's saliency maps")
-    key_images: int = Field(5, ge=1, description="SC output: at most this many slices, those with the largest finding area")
-    outputs: tuple[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"], ...] | None = Field(
+    kos_series_number: int = Field(9107, ge=1, description="KOS: the images with findings, flagged as key images")
+    key_images: int = Field(5, ge=1, description=(
+        "SC output: at most this many slices, those with the largest finding area (a detector's: its findings' centres)"))
+    outputs: tuple[OutputKind, ...] | None = Field(
         None, description="set by a destination's `outputs`: replaces the rule's outputs for that destination"
     )
     series_description: str = Field("AI {model}", description="{model} is replaced by the model name")
@@ -379,7 +385,7 @@ class DestinationConfig(Strict):
                            " CA and client certificate for its https URL (enabled is implied by the scheme)")
     omit_empty_frames: bool | None = Field(None, description="overrides output.omit_empty_frames")
     segmentation_type: Literal["BINARY", "LABELMAP"] | None = Field(None, description="overrides output.segmentation_type")
-    outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] | None = Field(
+    outputs: list[OutputKind] | None = Field(
         None, description="what this peer can show: replaces the rule's outputs for it (e.g. [RTSTRUCT, SC, SR])")
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -29,26 +30,55 @@ class Ellipsoid:
         scaled = (points - np.asarray(self.centre)) / np.asarray(self.radii)
         return np.einsum("...i,...i->...", scaled, scaled) <= 1.0
 
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.subtract(self.centre, self.radii), np.add(self.centre, self.radii)
+
     @property
     def volume_mm3(self) -> float:
         return float(4.0 / 3.0 * np.pi * np.prod(self.radii))
 
 
+class Shape(Protocol):
+    """A region of constant HU in patient space (an organ, a vessel)."""
+
+    hu: float
+
+    def contains(self, points: np.ndarray) -> np.ndarray: ...
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The corners of a box holding the shape (mm)."""
+        ...
+
+
+def _inside(shape: Shape, points: np.ndarray, extent: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """`shape.contains`, skipped when its bounding box misses the points' `extent` (many small
+    shapes, such as vessels, miss most slices)."""
+    lo, hi = shape.bounds()
+    if np.any(lo > extent[1]) or np.any(hi < extent[0]):
+        return np.zeros(points.shape[:-1], dtype=bool)
+    return shape.contains(points)
+
+
 @dataclass
 class Phantom:
-    """A body ellipse (as a cylinder along z), organs of constant HU, and lesions (label 1)."""
+    """A body ellipse (as a cylinder along z), organs of constant HU (drawn in order), and lesions
+    (label 1, drawn last)."""
 
     body: Ellipsoid
-    organs: list[Ellipsoid] = field(default_factory=list)
+    organs: list[Shape] = field(default_factory=list)
     lesions: list[Ellipsoid] = field(default_factory=list)
     noise_hu: float = 10.0
 
     def sample(self, shape: tuple[int, int, int], geometry: SeriesGeometry, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """HU volume and lesion label volume (uint8) on a grid of `shape` with `geometry`."""
+        return self.sample_grid(shape, geometry.affine(), seed)
+
+    def sample_grid(self, shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """HU and labels on the grid whose index (i, j, k) lies at `affine` @ (i, j, k, 1) (LPS mm)."""
         hu = np.empty(shape, dtype=np.float32)
         labels = np.zeros(shape, dtype=np.uint8)
         r, c = np.meshgrid(np.arange(shape[1], dtype=np.float32), np.arange(shape[2], dtype=np.float32), indexing="ij")
-        affine = geometry.affine().astype(np.float32)
+        affine = np.asarray(affine, dtype=np.float32)
         for k in range(shape[0]):  # slice by slice: a 300x512x512 grid would need GBs at once
             index = np.stack([np.full_like(r, k), r, c, np.ones_like(r)], axis=-1)
             points = (index @ affine.T)[..., :3]
@@ -63,11 +93,12 @@ class Phantom:
             (points[..., 1] - self.body.centre[1]) / self.body.radii[1]
         ) ** 2 <= 1.0
         hu[in_body] = self.body.hu
+        extent = (points.min(axis=tuple(range(points.ndim - 1))), points.max(axis=tuple(range(points.ndim - 1))))
         for organ in self.organs:
-            hu[organ.contains(points)] = organ.hu
+            hu[_inside(organ, points, extent)] = organ.hu
         labels = np.zeros(points.shape[:-1], dtype=np.uint8)
         for lesion in self.lesions:
-            inside = lesion.contains(points)
+            inside = _inside(lesion, points, extent)
             hu[inside] = lesion.hu
             labels[inside] = 1
         return hu, labels

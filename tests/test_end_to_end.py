@@ -19,6 +19,7 @@ import pydicom
 
 from node.encode.sr import read_findings
 from tests.peers import wait_for
+from phantom.chest import make_chest_study
 from phantom.study import make_dicom_study
 from phantom.dicom import SeriesIdentity
 
@@ -30,10 +31,10 @@ ROUTING = {"rules": [{
 }]}
 
 
-def _node_and_pacs(start_node, orthanc, tmp_path: Path, triton_url: str | None = None):
+def _node_and_pacs(start_node, orthanc, tmp_path: Path, triton_url: str | None = None, routing: dict = ROUTING):
     pacs = orthanc()
     node = start_node(
-        routing=ROUTING,
+        routing=routing,
         completion={"quiet_period_s": 1.0},
         destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
         sending={"retry_initial_s": 0.5, "sweep_s": 0.5},
@@ -113,3 +114,44 @@ def test_two_studies_at_once_and_one_that_no_rule_matches(start_node, orthanc, t
     assert job["reason"] == "no routing rule applies"
     assert "InstanceCount ge 16 (is 8)" in job["explanation"]
     assert set(pacs.instances_by_modality(small_uid)) == {"CT"}
+
+
+DETECTION_ROUTING = {"rules": [{
+    "name": "chest-ct-nodules",
+    "match": {"all": [{"tag": "Modality", "equals": "CT"}, {"tag": "BodyPartExamined", "equals": "CHEST"}]},
+    "actions": {"run": ["nodule-det"], "outputs": ["SR", "SEG", "KOS", "SC"], "send_to": ["@sender"]},
+}]}
+
+
+def test_chest_ct_to_the_nodule_detector_and_back(start_node, orthanc, tmp_path):
+    """Three nodules (4.5, 7 and 11 mm) among vessels: each reported once, its centre within 2 mm
+    and its axes within 20% of its diameter; the KOS flags the three slices through the centres,
+    three key images show the boxes; nothing else is reported."""
+    node, pacs = _node_and_pacs(start_node, orthanc, tmp_path, routing=DETECTION_ROUTING)
+    files, phantom = make_chest_study(tmp_path / "chest", seed=5, identity=SeriesIdentity(patient_id="CHEST5"))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    pacs.upload(files)
+    pacs.forward_study("node", study_uid)
+    results = len(files) + 3 + 3  # SR, SEG, KOS and a key image per finding
+    found = wait_for(lambda: (f := pacs.instances_by_modality(study_uid)) and sum(map(len, f.values())) >= results
+                     and f, timeout=240, interval=0.5)
+    assert sum(map(len, found.values())) == results
+    report = pydicom.dcmread(io.BytesIO(pacs.instance_file(found["SR"][0]["ID"])))
+    findings = read_findings(report)
+    truth = phantom.truth()["lesions"]
+    assert len(findings) == len(truth), findings
+    for nodule in truth:
+        distances = [np.linalg.norm(np.subtract(f["centroid"], nodule["centre_mm"])) for f in findings]
+        best = findings[int(np.argmin(distances))]
+        diameter = 2 * nodule["radii_mm"][0]
+        assert min(distances) <= 2.0, (nodule, best)
+        assert abs(best["long_axis_mm"] / diameter - 1) <= 0.2 and abs(best["short_axis_mm"] / diameter - 1) <= 0.2, \
+            (nodule, best)
+    (kos,) = [pydicom.dcmread(io.BytesIO(pacs.instance_file(i["ID"]))) for i in found["KO"]]
+    flagged = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+               for item in kos.ContentSequence if item.ValueType == "IMAGE"}
+    slices = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    assert len(flagged) == 3 and flagged <= set(slices)
+    for uid in flagged:  # each flagged slice passes through a nodule
+        z = float(pydicom.dcmread(slices[uid], stop_before_pixels=True).ImagePositionPatient[2])
+        assert any(abs(z - n["centre_mm"][2]) <= n["radii_mm"][2] for n in truth), (z, truth)

@@ -25,7 +25,7 @@ from tests.peers import make_study, storescu, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config" / "routing.examples.yaml"
-EXAMPLE_MODELS = {"lung-nodules": [1], "brain-mets": [1], "liver": [1], "chest-nodule-cls": [1]}
+EXAMPLE_MODELS = {"nodule-det": [1], "brain-mets": [1], "liver": [1], "chest-nodule-cls": [1]}
 EXAMPLE_DESTINATIONS = {"pacs", "research"}
 AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]
@@ -248,12 +248,12 @@ def test_shipped_rules_and_examples_are_valid():
 TABLE = [
     # (study, expected applied rules with the series the models get)
     (study(series("ax-thin", body_part="CHEST", thickness=1.0, count=300),
-           series("ax-thick", body_part="CHEST", thickness=5.0, count=60)), [("ct-chest-thin-to-lung", "ax-thin")]),
+           series("ax-thick", body_part="CHEST", thickness=5.0, count=60)), [("ct-chest-thin-to-nodules", "ax-thin")]),
     (study(series("a", body_part=None, description="CT THORAX 0.625", thickness=0.625),
            series("b", body_part=None, description="CT THORAX 1.25", thickness=1.25, count=400)),
-     [("ct-chest-thin-to-lung", "a")]),
+     [("ct-chest-thin-to-nodules", "a")]),
     (study(series("loc", body_part="CHEST", thickness=1.0, image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"], count=3),
-           series("ax", body_part="CHEST", thickness=1.5, count=200)), [("ct-chest-thin-to-lung", "ax")]),
+           series("ax", body_part="CHEST", thickness=1.5, count=200)), [("ct-chest-thin-to-nodules", "ax")]),
     (study(series("cor", body_part="CHEST", thickness=1.0, orientation=CORONAL)), [("forward-everything-else", None)]),
     (study(series("thick", body_part="LUNG", thickness=3.0)), [("forward-everything-else", None)]),
     (study(series("t1", "MR", body_part="BRAIN", description="AX T1 MPRAGE", count=176),
@@ -263,7 +263,7 @@ TABLE = [
            peer="10.20.5.5"), [("forward-everything-else", None)]),
     (study(series("t1", "MR", body_part="BRAIN", description="AX T1", count=176), peer="10.99.0.1"),
      [("forward-everything-else", None)]),
-    (study(series("s", body_part="CHEST"), calling="TEACHING"), [("ct-chest-thin-to-lung", "s")]),
+    (study(series("s", body_part="CHEST"), calling="TEACHING"), [("ct-chest-thin-to-nodules", "s")]),
     (study(series("x", "US", body_part="ABDOMEN", thickness=None), calling="TEACHING"), [("ignore-teaching-files", None)]),
     (study(series("liver", body_part="ABDOMEN", thickness=1.0)), [("forward-everything-else", None)]),
     (study(series("pt", "PT", body_part="WHOLEBODY", thickness=3.0), series("ct", "CT", body_part="WHOLEBODY")),
@@ -280,7 +280,7 @@ def test_routing_table_against_the_example_rules(view, expected):
 def test_explain_text():
     decision = load_rules(EXAMPLES, EXAMPLE_MODELS, EXAMPLE_DESTINATIONS).evaluate(TABLE[5][0])
     text = decision.explain()
-    assert "[no match] ct-chest-thin-to-lung: no series matches (series 1 'AX T1 MPRAGE' (t1): Modality equals 'CT' (is 'MR')" in text
+    assert "[no match] ct-chest-thin-to-nodules: no series matches (series 1 'AX T1 MPRAGE' (t1): Modality equals 'CT' (is 'MR')" in text
     assert "[APPLIED ] mr-brain-t1: series 1 'AX T1 MPRAGE' (t1) matches:" in text
     assert "=> mr-brain-t1: run brain-mets on series 1 'AX T1 MPRAGE' (t1), SR to pacs, research" in text
     assert "[skipped ] ct-abdomen-liver: disabled" in text

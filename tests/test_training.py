@@ -134,3 +134,45 @@ def test_dicom_seg_pairs_become_training_data(tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(pairs[0]["label"]).dataobj), labels)
     np.testing.assert_allclose(image.affine, LPS_TO_RAS @ volume.affine)
     np.testing.assert_allclose(np.asarray(image.dataobj), volume.array)
+
+
+DETECTOR_SPEC = ModelSpec.model_validate({
+    "name": "tiny-det", "task": "detection", "output": {"name": "detections"}, "output_activation": "none",
+    "preprocessing": {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "intensity": {"window": [-1000, 500]},
+                      "patch_size": [64, 64, 64], "batch_size": 2},
+    "labels": [{"value": 1, "name": "Nodule", "category": LESION, "type": LESION}],
+})
+
+
+def test_a_finding_box_is_its_components_extent_centred_on_its_voxels():
+    from training.detection import finding_boxes
+
+    label = np.zeros((40, 40, 40), dtype=np.uint8)
+    k, r, c = np.indices(label.shape)
+    label[(k - 10) ** 2 + (r - 20) ** 2 + (c - 25) ** 2 <= 9] = 1  # radius 3 around (10, 20, 25)
+    label[30:33, 5:9, 5:7] = 1
+    boxes, classes = finding_boxes(label, DETECTOR_SPEC)
+    assert boxes.tolist() == [[6.5, 16.5, 21.5, 13.5, 23.5, 28.5], [29.5, 4.5, 4.5, 32.5, 8.5, 6.5]]
+    assert classes.tolist() == [0, 0]
+
+
+def test_a_short_detector_run_exports_a_model_the_node_runs_and_is_evaluated(tmp_path):
+    """Training, export and evaluation glued together on two small phantoms: the export matches
+    PyTorch (export_detector refuses otherwise), the node's detection code runs the file, and FROC
+    and mAP come out as fractions."""
+    from training.detection import evaluate_detector, export_detector, make_chest_set, train_detector
+
+    data = make_chest_set(tmp_path / "data", 2, seed=3, field_of_view=(96.0, 96.0, 64.0))
+    summary = train_detector(data, tmp_path / "run", DETECTOR_SPEC, iterations=8, batch_size=2, seed=1)
+    assert summary["history"][-1]["iteration"] == 8 and np.isfinite(summary["history"][-1]["loss"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["volumes"] == 2
+    onnx = tmp_path / "model.onnx"
+    assert export_detector(tmp_path / "run" / "last.pt", onnx, DETECTOR_SPEC) < 1e-3
+    out = LocalBackend(onnx, DETECTOR_SPEC).infer(np.zeros((3, 1, 64, 64, 64), dtype=np.float32))
+    assert out.shape[0] == 3 and out.shape[2] == 7 and ((out[..., 6] >= 0) & (out[..., 6] <= 1)).all()
+    result = evaluate_detector(onnx, data, DETECTOR_SPEC)
+    assert result["volumes"] == 2 and set(result["froc"]) == {"0.125", "0.25", "0.5", "1", "2", "4", "8"}
+    assert all(0.0 <= v <= 1.0 for v in result["froc"].values())
+    entry = write_entry(tmp_path / "repo", DETECTOR_SPEC, onnx)
+    assert f"dims: [ {out.shape[1]}, 7 ]" in (entry / "config.pbtxt").read_text()
+    assert "dims: [ 1, 64, 64, 64 ]" in (entry / "configs" / "cpu.pbtxt").read_text()

@@ -26,12 +26,14 @@ from PIL import Image
 from tests.orthanc import Orthanc
 from tests.peers import NodeProcess, storescu, wait_for
 from tests.viewer import ViewerServer, ensure_ohif
+from phantom.chest import make_chest_study
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 
 SHAPE = (32, 128, 128)
 LESION = (40, 80, 12)  # row, column, radius (pixels); slices 8-23
 COLOUR = (255, 64, 0)  # the threshold model's label colour (tests/models.py)
 TILT = np.radians(30)
+NODULES = "VIEW-DET"  # a chest phantom with three nodules, to the nodule detector
 CASES = {
     "binary": ("VIEW-BIN", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)),
     "labelmap": ("VIEW-LM", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)),
@@ -68,6 +70,8 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
     rules = [{"name": f"view-{case}", "match": {"tag": "SeriesDescription", "equals": patient},
               "actions": {"run": ["threshold"], "send_to": ["labelmap" if case == "labelmap" else "binary"]}}
              for case, (patient, _) in CASES.items()]
+    rules.append({"name": "view-nodules", "match": {"tag": "SeriesDescription", "equals": NODULES},
+                  "actions": {"run": ["nodule-det"], "outputs": ["SR", "SEG"], "send_to": ["binary"]}})
     # Orthanc 1.10 (Debian) accepts no Label Map SEG over DIMSE: that destination is its DICOMweb
     # plugin, reached by STOW-RS.
     node = NodeProcess(work / "node", routing={"rules": rules}, completion={"quiet_period_s": 1.0},
@@ -81,8 +85,13 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
     try:
         node.start()
         files, studies, numbers = [], {}, {}
-        for case, (patient, orientation) in CASES.items():
-            series = cylinder_study(work / case, patient, orientation)
+        cases = {**{case: lambda case=case, patient=patient, orientation=orientation:
+                    cylinder_study(work / case, patient, orientation)
+                    for case, (patient, orientation) in CASES.items()},
+                 "nodules": lambda: make_chest_study(work / "nodules", seed=5, identity=SeriesIdentity(
+                     patient_id=NODULES, series_description=NODULES))[0]}
+        for case, make in cases.items():
+            series = make()
             files += series
             headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series]
             studies[case] = str(headers[0].StudyInstanceUID)
@@ -210,34 +219,7 @@ def test_ohif_shows_the_sr_finding_on_its_slice_with_its_volume(viewer, case):
     group = next(item for item in measurements.ContentSequence if item.ValueType == "CONTAINER")
     point = next(item for item in group.ContentSequence if item.ValueType == "SCOORD")
     referenced = point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    def opened_sr() -> Any:
-        """A page with the SR opened in its viewport, or None (what OHIF showed is printed)."""
-        page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
-        try:
-            page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
-            sr = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR")
-            sr.wait_for(timeout=120_000)
-            page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text="/32").wait_for(timeout=120_000)
-            tour = page.get_by_text("Skip all")
-            if tour.is_visible():
-                tour.click()
-            sr.dblclick()
-            page.locator("svg text", has_text="Volume:").wait_for(timeout=90_000)
-            return page
-        except PlaywrightTimeout:
-            page.screenshot(path=str(viewer.shots / f"{case}-sr-timeout.png"))
-            print(f"{case}: OHIF drew no SR finding; viewport texts "
-                  f"{page.locator('[data-cy=viewport-pane]').all_inner_texts()}, svg texts "
-                  f"{page.locator('svg text').all_text_contents()}")
-            page.close()
-            return None
-
-    # OHIF under load on 2 cores sometimes never draws the SR after the double click (issue of
-    # its own); a fresh page is tried once more: the report itself is the same both times.
-    page = opened_sr() or opened_sr()
-    assert page is not None, "OHIF did not draw the SR finding on two fresh pages"
+    page = open_sr(viewer, case, SHAPE[0], "Volume:")
     try:
         volume = page.locator("svg text", has_text="Volume:")
         page.screenshot(path=str(viewer.shots / f"{case}-sr.png"))
@@ -247,5 +229,69 @@ def test_ohif_shows_the_sr_finding_on_its_slice_with_its_volume(viewer, case):
             assert f"Long axis: {finding['long_axis_mm']:.2f} mm" in long_axis
         shown = page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
         assert shown.startswith(f"I:{viewer.instance_numbers[case][referenced]} ")  # the centre of mass's slice
+    finally:
+        page.close()
+
+
+def open_sr(viewer: Viewer, case: str, slices: int, drawn: str) -> Any:
+    """A page with the case's SR opened in OHIF's SR viewport, once OHIF drew the text `drawn`.
+
+    OHIF under load on 2 cores sometimes never draws the SR after the double click (issue of its
+    own); a fresh page is tried once more: the report itself is the same both times."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    def opened() -> Any:
+        page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            page.goto(f"{viewer.url}/viewer?StudyInstanceUIDs={viewer.studies[case]}")
+            sr = page.locator('[data-cy="study-browser-thumbnail-no-image"][data-series="9102"]', has_text="SR")
+            sr.wait_for(timeout=120_000)
+            page.locator('[data-cy="viewport-overlay-bottom-right"]', has_text=f"/{slices}").wait_for(timeout=120_000)
+            tour = page.get_by_text("Skip all")
+            if tour.is_visible():
+                tour.click()
+            sr.dblclick()
+            page.locator("svg text", has_text=drawn).first.wait_for(timeout=90_000)
+            return page
+        except PlaywrightTimeout:
+            page.screenshot(path=str(viewer.shots / f"{case}-sr-timeout.png"))
+            print(f"{case}: OHIF drew no SR finding; viewport texts "
+                  f"{page.locator('[data-cy=viewport-pane]').all_inner_texts()}, svg texts "
+                  f"{page.locator('svg text').all_text_contents()}")
+            page.close()
+            return None
+
+    page = opened() or opened()
+    assert page is not None, "OHIF did not draw the SR finding on two fresh pages"
+    return page
+
+
+def test_ohif_steps_through_the_detected_nodules_each_on_its_slice_with_its_axes_and_score(viewer):
+    """The detector's SR in OHIF: each nodule's group is drawn on the slice through its centre
+    with its long and short axis and the detector's score; the viewport's arrows step from one to
+    the next."""
+    from node.encode.sr import read_findings
+
+    report = viewer.reports["nodules"]
+    findings = read_findings(report)
+    assert len(findings) == 3
+    measurements = next(item for item in report.ContentSequence
+                        if item.ConceptNameCodeSequence[0].CodeValue == "126010")  # Imaging Measurements
+    groups = [item for item in measurements.ContentSequence if item.ValueType == "CONTAINER"]
+    slices = [next(i for i in g.ContentSequence if i.ValueType == "SCOORD").ContentSequence[0]
+              .ReferencedSOPSequence[0].ReferencedSOPInstanceUID for g in groups]
+    numbers = viewer.instance_numbers["nodules"]
+    page = open_sr(viewer, "nodules", 80, "Certainty of Finding:")
+    try:
+        for step, (finding, referenced) in enumerate(zip(findings, slices)):
+            if step:
+                page.locator('[data-cy="viewport-action-arrows-right"] svg').click()
+            overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]')
+            wait_for(lambda: overlay.inner_text().startswith(f"I:{numbers[referenced]} "), timeout=60, interval=0.5)
+            drawn = " ".join(page.locator("svg text").all_text_contents())
+            page.screenshot(path=str(viewer.shots / f"nodules-sr-{step + 1}.png"))
+            assert f"Long axis: {finding['long_axis_mm']:.2f} mm" in drawn, drawn
+            assert f"Short axis: {finding['short_axis_mm']:.2f} mm" in drawn, drawn
+            assert f"Certainty of Finding: {100 * finding['probability']:.2f} %" in drawn, drawn
     finally:
         page.close()

@@ -68,6 +68,7 @@ class TritonBackend:
         else:
             self.client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
         self._regions: dict[str, tuple[Any, int]] = {}
+        self._per_item: tuple[int, ...] = ()  # a detector's output per batch item, from the server's metadata
         self._prefix = f"dicom-node-{uuid.uuid4().hex[:8]}"
         self._check_model()
 
@@ -87,8 +88,14 @@ class TritonBackend:
             )
         meta = self._retry(lambda: self._metadata(name, version), "model metadata")
         self._check_tensor("input", meta.get("inputs", []), self.spec.input.name, self.spec.input.dtype, 5)
-        rank = 5 if self.spec.task == "segmentation" else 2
-        self._check_tensor("output", meta.get("outputs", []), self.spec.output.name, self.spec.output.dtype, rank)
+        rank = {"segmentation": 5, "detection": 3}.get(self.spec.task, 2)
+        shape = self._check_tensor("output", meta.get("outputs", []), self.spec.output.name, self.spec.output.dtype,
+                                   rank)
+        if self.spec.task == "detection":  # (batch, anchors, box + scores): the anchors are the model's
+            if shape[1] <= 0 or shape[2] != self.spec.output_channels:
+                raise BackendError(f"model {self.spec.name}: output {self.spec.output.name!r} has shape {shape} on"
+                                   f" Triton, expected [-1, anchors, {self.spec.output_channels}]")
+            self._per_item = (shape[1], shape[2])
 
     def _metadata(self, name: str, version: str) -> dict[str, Any]:
         if self.protocol == "grpc":
@@ -100,7 +107,7 @@ class TritonBackend:
         models = index.get("models", []) if isinstance(index, dict) else index
         return sorted(m.get("name", "") for m in models)
 
-    def _check_tensor(self, kind: str, tensors: list[dict[str, Any]], name: str, dtype: str, rank: int) -> None:
+    def _check_tensor(self, kind: str, tensors: list[dict[str, Any]], name: str, dtype: str, rank: int) -> list[int]:
         found = {t["name"]: t for t in tensors}
         if name not in found:
             raise BackendError(
@@ -116,6 +123,7 @@ class TritonBackend:
             raise BackendError(
                 f"model {self.spec.name}: {kind} {name!r} has shape {shape} on Triton, expected rank {rank}"
             )
+        return shape
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -123,6 +131,8 @@ class TritonBackend:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.spec.task == "segmentation":
             out_shape = (batch.shape[0], self.spec.output_channels, *batch.shape[2:])
+        elif self.spec.task == "detection":
+            out_shape = (batch.shape[0], *self._per_item)
         else:
             out_shape = (batch.shape[0], self.spec.output_channels)
         return self._retry(lambda: self._infer_once(batch, out_shape), "inference")

@@ -75,10 +75,14 @@ def export_onnx(
 
 
 def _config(spec: ModelSpec, backend: str, kind: str, max_batch: int, versions: list[int] | None = None,
-            spatial: tuple[int, int, int] | None = None) -> str:
+            spatial: tuple[int, int, int] | None = None, anchors: int = 0) -> str:
     """Triton's config for the model (every version in `versions`; spatial dims fixed when the
-    ONNX file has them fixed)."""
+    ONNX file has them fixed; a detector's, its patch, and its output per anchor)."""
+    if spec.task == "detection":
+        spatial = spec.preprocessing.patch_size
     dims = ", ".join(str(d) for d in spatial) if spatial else "-1, -1, -1"
+    output_dims = {"segmentation": f"{spec.output_channels}, {dims}",
+                   "detection": f"{anchors}, {spec.output_channels}"}.get(spec.task, str(spec.output_channels))
     lines = [
         f'name: "{spec.name}"',
         f'backend: "{backend}"',
@@ -87,15 +91,25 @@ def _config(spec: ModelSpec, backend: str, kind: str, max_batch: int, versions: 
         f'  {{ name: "{spec.input.name}", data_type: {_ONNX_DTYPE[spec.input.dtype]}, dims: [ 1, {dims} ] }}',
         "]",
         "output [",
-        f'  {{ name: "{spec.output.name}", data_type: {_ONNX_DTYPE[spec.output.dtype]}, dims: [ {spec.output_channels}, {dims} ] }}'
-        if spec.task == "segmentation"
-        else f'  {{ name: "{spec.output.name}", data_type: {_ONNX_DTYPE[spec.output.dtype]}, dims: [ {spec.output_channels} ] }}',
+        f'  {{ name: "{spec.output.name}", data_type: {_ONNX_DTYPE[spec.output.dtype]}, dims: [ {output_dims} ] }}',
         "]",
         f"instance_group [ {{ count: 1, kind: {kind} }} ]",
         "dynamic_batching { max_queue_delay_microseconds: 2000 }",
         f"version_policy: {{ specific: {{ versions: [ {', '.join(map(str, versions or [spec.version]))} ] }} }}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _anchors(onnx_file: Path, spec: ModelSpec) -> int:
+    """A detector's anchors per patch, from its file (they are the model's; 0 for other tasks)."""
+    if spec.task != "detection":
+        return 0
+    outputs = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).get_outputs()
+    shape = next(o.shape for o in outputs if o.name == spec.output.name)
+    if len(shape) != 3 or not isinstance(shape[1], int):
+        raise ExportMismatch(f"a detector's output {spec.output.name!r} is (N, anchors, values), fixed anchors;"
+                             f" the file's is {shape}")
+    return int(shape[1])
 
 
 def write_entry(repository: Path, spec: ModelSpec, onnx_file: Path, max_batch: int = 8) -> Path:
@@ -107,13 +121,14 @@ def write_entry(repository: Path, spec: ModelSpec, onnx_file: Path, max_batch: i
     if Path(onnx_file).resolve() != (version_dir / "model.onnx").resolve():
         shutil.copyfile(onnx_file, version_dir / "model.onnx")
     shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), version_dir / "model.py")
+    anchors = _anchors(version_dir / "model.onnx", spec)
     (entry / "config.pbtxt").write_text(
         "# Production: ONNX Runtime backend on GPU (NVIDIA tritonserver image).\n"
-        + _config(spec, "onnxruntime", "KIND_GPU", max_batch)
+        + _config(spec, "onnxruntime", "KIND_GPU", max_batch, anchors=anchors)
     )
     (entry / "configs" / "cpu.pbtxt").write_text(
         "# CPU variant: python backend running the same model.onnx (tritonserver --model-config-name=cpu).\n"
-        + _config(spec, "python", "KIND_CPU", max_batch)
+        + _config(spec, "python", "KIND_CPU", max_batch, anchors=anchors)
     )
     (entry / "node.yaml").write_text(
         "# Node-side spec: see README, 'Model spec'.\n"
@@ -174,13 +189,14 @@ def add_version(repository: Path, spec: ModelSpec, network: torch.nn.Module | to
     all_versions = sorted({*versions, spec.version})
     spatial = tuple(spec.preprocessing.patch_size)
     max_batch = max(max_batch, spec.preprocessing.batch_size)  # Triton refuses a batch over it
+    anchors = _anchors(version_dir / "model.onnx", spec)
     (entry / "configs").mkdir(exist_ok=True)
     (entry / "config.pbtxt").write_text(
         "# Production: ONNX Runtime backend on GPU (NVIDIA tritonserver image).\n"
-        + _config(spec, "onnxruntime", "KIND_GPU", max_batch, all_versions, spatial))
+        + _config(spec, "onnxruntime", "KIND_GPU", max_batch, all_versions, spatial, anchors))
     (entry / "configs" / "cpu.pbtxt").write_text(
         "# CPU variant: python backend running the same model.onnx (tritonserver --model-config-name=cpu).\n"
-        + _config(spec, "python", "KIND_CPU", max_batch, all_versions, spatial))
+        + _config(spec, "python", "KIND_CPU", max_batch, all_versions, spatial, anchors))
     return version_dir
 
 

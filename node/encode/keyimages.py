@@ -16,8 +16,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
+from inference.detection import DetectionResult
 from inference.pipeline import SegmentationResult
 from node.config import OutputOptions
+from node.encode.kos import finding_slices
 from node.encode.seg import image_laterality, segment_labels
 from node.encode.uids import ResultUIDs
 
@@ -28,7 +30,10 @@ TINT = 0.45  # weight of the label colour inside the region
 
 
 def key_slices(result: SegmentationResult, count: int) -> list[int]:
-    """Slices with a finding, the `count` with the largest segmented area, in slice order."""
+    """Slices with a finding, the `count` with the largest segmented area, in slice order; for a
+    detector, the slices through the centres of its `count` most probable findings."""
+    if isinstance(result, DetectionResult):
+        return finding_slices(result.volume, result.findings[:count])
     area = (result.labels > 0).sum(axis=(1, 2))
     ranked = [int(k) for k in np.argsort(-area, kind="stable") if area[k] > 0]
     return sorted(ranked[:count])

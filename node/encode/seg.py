@@ -21,7 +21,7 @@ def segment_labels(result: SegmentationResult) -> list[Label]:
     """Labels present in the result, in segment-number order (segment n = n-th of these)."""
     box = foreground_box(result.labels)  # one comparison per label within the box: np.unique sorts,
     crop = result.labels[box] if box is not None else None  # np.bincount widens 8 to 64 bits
-    return [label for label in sorted(result.spec.labels, key=lambda l: l.value)
+    return [label for label in sorted(result.segments, key=lambda l: l.value)
             if crop is not None and bool((crop == label.value).any())]
 
 

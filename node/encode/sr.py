@@ -4,7 +4,9 @@ Segmentation results: one measurement group per finding (per label, or per conne
 component for lesion models) with tracking identifier and UID, finding type, category and
 site, volume (mm3), longest in-plane diameter (axial series), the centre of mass as a 3D
 point, and a reference to the finding's SEG segment; a label with no finding is "Absent" in
-the report's Qualitative Evaluations. Classification results: the predicted class in the
+the report's Qualitative Evaluations. Detection results: the same groups, each referencing the
+finding's own box segment, with its long and short axis and the detector's score (Certainty of
+Finding) instead of a volume. Classification results: the predicted class in the
 Qualitative Evaluations and one group with each class probability as a measurement. The
 algorithm is identified under Imaging Measurements, on every measurement and with the
 evaluations (TID 4019). Where each item sits, and why: README, "IHE AI Results conformance".
@@ -31,21 +33,25 @@ from node.encode.uids import ResultUIDs
 
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(value="C0034375", scheme_designator="UMLS",
                                              meaning="Qualitative Evaluations")
+PROBABILITY = hd.sr.CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
 # TID 1411 row 12's meaning (highdicom writes "Source Series for Segmentation")
 SOURCE_SERIES_FOR_SEGMENTATION = hd.sr.CodedConcept(value="121232", scheme_designator="DCM",
                                                     meaning="Source series for segmentation")
 
 
-def _observation_context(result: SegmentationResult | ClassificationResult, options: OutputOptions,
-                         uids: ResultUIDs) -> hd.sr.ObservationContext:
+def device_observer(result: SegmentationResult | ClassificationResult, options: OutputOptions,
+                    uids: ResultUIDs) -> hd.sr.ObserverContext:
+    """The node as the observer of its reports (TID 1004): the device, named by the model."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=uids.device, name="dicom-node", manufacturer_name=options.manufacturer,
         model_name=result.spec.name[:64], serial_number=options.device_serial_number,
     )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
-                                                      observer_identifying_attributes=device)
-    )
+    return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
+
+
+def _observation_context(result: SegmentationResult | ClassificationResult, options: OutputOptions,
+                         uids: ResultUIDs) -> hd.sr.ObservationContext:
+    return hd.sr.ObservationContext(observer_device_context=device_observer(result, options, uids))
 
 
 def _algorithm(result: SegmentationResult | ClassificationResult) -> hd.sr.AlgorithmIdentification:
@@ -60,17 +66,8 @@ def _is_axial(result: SegmentationResult) -> bool:
 
 def _finding_group(finding: Finding, result: SegmentationResult, seg: hd.seg.Segmentation, segment_number: int,
                    uids: ResultUIDs) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    algorithm = _algorithm(result)
-    if result.volume.patient_space:
-        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=round(finding.volume_mm3, 3),
-                                          unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm)]
-    else:  # a projection image (one nominal 1 mm slice): the region's area on the image
-        measurements = [hd.sr.Measurement(name=codes.SCT.Area, value=round(finding.volume_mm3, 3),
-                                          unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm)]
-    if _is_axial(result) and finding.longest_in_plane_diameter_mm > 0:
-        measurements.append(hd.sr.Measurement(name=codes.SCT.LongAxis,
-                                              value=round(finding.longest_in_plane_diameter_mm, 3),
-                                              unit=codes.UCUM.Millimeter, algorithm_id=algorithm))
+    measurements = _detection_measurements(finding, result) if finding.probability is not None \
+        else _segment_measurements(finding, result)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uids.tracking(finding.tracking_id),
                                                      identifier=finding.tracking_id),
@@ -92,6 +89,42 @@ def _finding_group(finding: Finding, result: SegmentationResult, seg: hd.seg.Seg
     # viewport open the slice and draw the finding with its measurements (README, OHIF).
     group[0].ContentSequence.extend(centre_of_mass(finding, result))
     return group
+
+
+def _segment_measurements(finding: Finding, result: SegmentationResult) -> list[hd.sr.Measurement]:
+    """A segmented region: its volume (its area on a projection image), its long axis on an axial series."""
+    algorithm = _algorithm(result)
+    if result.volume.patient_space:
+        measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=round(finding.volume_mm3, 3),
+                                          unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm)]
+    else:  # a projection image (one nominal 1 mm slice): the region's area on the image
+        measurements = [hd.sr.Measurement(name=codes.SCT.Area, value=round(finding.volume_mm3, 3),
+                                          unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm)]
+    if _is_axial(result) and finding.longest_in_plane_diameter_mm > 0:
+        measurements.append(hd.sr.Measurement(name=codes.SCT.LongAxis,
+                                              value=round(finding.longest_in_plane_diameter_mm, 3),
+                                              unit=codes.UCUM.Millimeter, algorithm_id=algorithm))
+    return measurements
+
+
+def _detection_measurements(finding: Finding, result: SegmentationResult) -> list[hd.sr.Measurement]:
+    """A detected finding: the detector's score as Certainty of Finding (DCM 111012, in %, as CAD
+    reports give it: a score, not a calibrated probability) and, on an axial series, its long and
+    short axis in the image plane (inference.detection). No volume: the group's segment is the
+    finding's box, not its outline."""
+    algorithm = _algorithm(result)
+    assert finding.probability is not None and finding.short_axis_mm is not None
+    measurements = [hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=round(100 * finding.probability, 4),
+                                      unit=codes.UCUM.Percent, algorithm_id=algorithm)]
+    if _is_axial(result):
+        measurements = [
+            hd.sr.Measurement(name=codes.SCT.LongAxis, value=round(finding.longest_in_plane_diameter_mm, 3),
+                              unit=codes.UCUM.Millimeter, algorithm_id=algorithm),
+            hd.sr.Measurement(name=codes.SCT.ShortAxis, value=round(finding.short_axis_mm, 3),
+                              unit=codes.UCUM.Millimeter, algorithm_id=algorithm),
+            *measurements,
+        ]
+    return measurements
 
 
 def centre_of_mass(finding: Finding, result: SegmentationResult) -> list[hd.sr.ContentItem]:
@@ -134,7 +167,7 @@ def build_sr(
         groups: list = []
         if seg is not None:
             numbers = {label.value: n for n, label in enumerate(segment_labels(result), start=1)}
-            groups = [_finding_group(f, result, seg, numbers[f.label.value], uids) for f in result.findings]
+            groups = [_finding_group(f, result, seg, numbers[result.segment_of(f)], uids) for f in result.findings]
         found = {f.label.value for f in result.findings}
         evaluations = [_absent(label) for label in result.spec.labels if label.value not in found]
         evidence: list[Dataset] = list(result.volume.datasets) + ([seg] if seg is not None else [])
@@ -216,9 +249,6 @@ def _absent(label: Label) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(name=coded(label.type), value=codes.SCT.Absent)
 
 
-PROBABILITY = hd.sr.CodedConcept(value="{probability}", scheme_designator="UCUM", meaning="probability")
-
-
 def class_decisions(result: ClassificationResult) -> list[hd.sr.QualitativeEvaluation]:
     """TID 1500 row 12: one evaluation per class, the finding (label type) Present or Absent as
     the model decided it (ClassificationResult.present: threshold for sigmoid, argmax for softmax)."""
@@ -257,6 +287,8 @@ def read_findings(dataset: Dataset) -> list[dict]:
         volume = group.get_measurements(name=codes.SCT.Volume)
         area = group.get_measurements(name=codes.SCT.Area)
         axis = group.get_measurements(name=codes.SCT.LongAxis)
+        short = group.get_measurements(name=codes.SCT.ShortAxis)
+        certainty = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
         points = [item for item in group[0].ContentSequence if item.name == codes.DCM.CenterOfMass]
         # patient coordinates when there are (SCOORD3D), else the image point (projection images)
         centre = [item.value[0] for item in sorted(points, key=lambda item: item.value_type != hd.sr.ValueTypeValues.SCOORD3D)]
@@ -266,6 +298,8 @@ def read_findings(dataset: Dataset) -> list[dict]:
             "volume_mm3": float(volume[0].value) if volume else None,
             "area_mm2": float(area[0].value) if area else None,
             "long_axis_mm": float(axis[0].value) if axis else None,
+            "short_axis_mm": float(short[0].value) if short else None,
+            "probability": float(certainty[0].value) / 100 if certainty else None,  # the detector's score
             "centroid": [float(v) for v in centre[0]] if centre else None,
             "segment_number": group.referenced_segment.referenced_segment_numbers[0]
             if group.referenced_segment is not None else None,

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from inference.backends.base import Backend
+from inference.detection import detect
 from inference.pipeline import ClassificationResult, SegmentationResult, classify, segment
 from inference.spec import ModelSpec
 from inference.volume import SeriesVolume, load_volumes, read_series
 from node.encode.demographics import tolerate_demographics
 from node.encode.keyimages import build_key_images
+from node.encode.kos import build_key_object_selection
 from node.config import OutputOptions
 from node.encode.rtstruct import build_rtstruct
 from node.encode.seg import build_seg
@@ -66,6 +68,8 @@ def infer(volume: SeriesVolume, spec: ModelSpec, backend: Backend, explain: bool
     here because they need the backend (occlusion sensitivity, inference.saliency)."""
     if spec.task == "segmentation":
         return segment(volume, spec, backend)
+    if spec.task == "detection":
+        return detect(volume, spec, backend)
     result = classify(volume, spec, backend)
     if explain:
         from inference.saliency import occlusion_saliency
@@ -89,6 +93,8 @@ def encode(result: Result, options: OutputOptions, uids: ResultUIDs, outputs: tu
         objects += [s for s in [build_rtstruct(result, options, uids)] if s is not None]
     if isinstance(result, SegmentationResult) and "SC" in outputs:
         objects += build_key_images(result, options, uids)
+    if isinstance(result, SegmentationResult) and "KOS" in outputs:
+        objects += [k for k in [build_key_object_selection(result, options, uids)] if k is not None]
     if isinstance(result, ClassificationResult) and "SALIENCY" in outputs:
         from node.encode.saliency import build_saliency_maps
 

@@ -20,6 +20,7 @@ from typing import Annotated, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.repository import REF_PATTERN, ModelRef
+from node.config import OutputKind
 from node.route.conditions import Condition, Context
 from node.route.study import SeriesView, StudyView
 from common.yamlfile import ConfigError, Problem, YamlDocument, load_yaml, validate
@@ -50,7 +51,7 @@ class Actions(_Strict):
     shadow: list[Annotated[str, Field(pattern=REF_PATTERN)]] = Field(default_factory=list, description=(
         "candidate versions (name@version of a model in run): run on the same series, results kept, never sent,"
         " compared with the live version"))
-    outputs: list[Literal["SEG", "SR", "RTSTRUCT", "SC", "SALIENCY"]] = Field(default_factory=lambda: ["SEG", "SR"])
+    outputs: list[OutputKind] = Field(default_factory=lambda: ["SEG", "SR"])
     send_to: list[str] = Field(default_factory=list, description="destinations for results; @sender = back to the caller")
     forward_to: list[str] = Field(default_factory=list, description="destinations that get the original study unchanged")
     discard: bool = False

@@ -1,0 +1,31 @@
+"""Triton python-backend model: runs the entry's ``model.onnx`` with ONNX Runtime on CPU.
+
+Copied into ``<repo>/<model>/<version>/model.py`` by the exporter. It is the CPU variant
+(``configs/cpu.pbtxt``) of the same model file that production serves with the onnxruntime
+backend on GPU (``config.pbtxt``), for servers that only have the python backend.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.input = config["input"][0]["name"]
+        self.output = config["output"][0]["name"]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            batch = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
+            result = self.session.run([self.output], {self.input: batch})[0]
+            tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(result, dtype=np.float32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
