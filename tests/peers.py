@@ -170,9 +170,13 @@ class NodeProcess:
     def kill_all(self) -> None:
         """SIGKILL the service and its receiver processes at once (a crash, not a shutdown)."""
         assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
+        group = self.process.pid
+        os.killpg(group, signal.SIGKILL)
         self.process.wait(10)
         self.process = None
+        # the receivers die with it, but not at the same instant: a restart before the last one is
+        # gone can find its ports still held
+        wait_for(lambda: not _group_alive(group), timeout=10, interval=0.05)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -261,3 +265,11 @@ class StallingLink:
     def close(self) -> None:
         self.flow()
         self.server.close()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

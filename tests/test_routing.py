@@ -233,7 +233,7 @@ def test_config_check_reports_every_problem_with_line_and_path(tmp_path):
             actions: {run: [nosuchmodel], send_to: [nowhere]}
         """))
     result = subprocess.run([exe, "config", "check", str(bad)], capture_output=True, text=True, timeout=60)
-    assert f"{bad}:3: rules[0].actions.run[0]: unknown model 'nosuchmodel' (repository has: chest-nodule-cls, lesion-seg)" in result.stderr
+    assert f"{bad}:3: rules[0].actions.run[0]: unknown model 'nosuchmodel' (repository has: chest-nodule-cls, lesion-seg, nodule-det)" in result.stderr
     assert f"{bad}:3: rules[0].actions.send_to[0]: unknown destination 'nowhere' (configured: demo-viewer)" in result.stderr
     assert "2 problem(s)" in result.stderr
 
