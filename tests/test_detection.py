@@ -25,7 +25,7 @@ from node.encode.sr import read_findings
 from node.jobs.stages import encode
 from node.store.spool import Spool
 from phantom.chest import make_chest_study
-from phantom.dicom import SeriesGeometry
+from phantom.dicom import SeriesGeometry, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 from tests.identity import uids_for
 from tests.models import REPO_MODELS
@@ -173,6 +173,22 @@ def test_a_model_that_answers_otherwise_than_a_detector_is_an_error_naming_the_s
     with pytest.raises(BackendError, match=r"answered \(1, 2, 32, 32, 32\) for 1 patches; a detector answers"
                                            r" \(patches, anchors, 7\)"):
         detect(volume, threshold_detector_spec(), Segmenter())
+
+
+def test_a_detector_that_finds_nothing_says_so_in_an_sr_and_flags_no_images(tmp_path):
+    """'AI ran: no findings': the SR says the nodule is absent; no KOS, no key images, no SEG."""
+    (volume,) = load_volumes(read_series(write_ct_series(np.full((12, 20, 20), -850.0), tmp_path / "ct")))
+    result = detect(volume, threshold_detector_spec(), ThresholdDetector())
+    assert result.findings == []
+    files = encode(result, OutputOptions(), uids_for("job-1", "threshold-det"), ("SEG", "KOS", "SC"), tmp_path / "out",
+                   Spool(tmp_path / "spool", 1), notices=True)
+    (report,) = [pydicom.dcmread(f) for f in files]
+    assert report.Modality == "SR" and read_findings(report) == []
+    evaluations = [item for item in report.ContentSequence if item.ValueType == "CONTAINER"
+                   and item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
+    (absent,) = evaluations[0].ContentSequence
+    assert (absent.ConceptNameCodeSequence[0].CodeMeaning, absent.ConceptCodeSequence[0].CodeMeaning) == (
+        "Nodule", "Absent")
 
 
 # -- the shipped detector ------------------------------------------------------------------------
