@@ -7,11 +7,12 @@ boxes (anchors and box regression stay inside the model): for every anchor it an
 (x0, y0, z0, x1, y1, z1 in the patch's voxel indices, voxel centres at integers) and a score per
 label. The node keeps the boxes scoring at least the operating threshold, drops a box that a
 window edge inside the volume cuts (the overlap shows that object whole in a neighbouring
-window), and merges the rest with MONAI's non-maximum suppression.
+window), merges the rest with MONAI's non-maximum suppression, and (with the spec's
+`body_threshold`) drops those outside the body.
 
 Each box is then measured where the radiologist measures, on the source voxels: the finding is
-the connected region brighter than halfway between its core and its surroundings, inside the
-box enlarged by half. Its centre is that region's centroid, its long and short axes those of the
+the connected region brighter than halfway between its core (the box's brightest voxels) and its
+surroundings, inside the box grown to twice its size. Its centre is that region's centroid, its long and short axes those of the
 ellipse with the region's second moments on its largest cross-section in the image plane (for
 a round nodule: its diameter). Where no such region stands out, or it runs out of the enlarged
 box (a finding attached to a vessel or a wall), the box itself is measured instead.
@@ -35,7 +36,7 @@ from inference.volume import SeriesVolume
 
 EDGE_VOXELS = 1.0  # a box this close to a window side inside the volume is cut by it
 MIN_CONTRAST = 100.0  # modality units (HU) between a finding's core and its surroundings
-MARGIN = 0.5  # the measured region must lie inside the box enlarged by this fraction of its size
+MARGIN = 1.0  # the measured region must lie inside the box enlarged by this fraction of its size
 
 
 @dataclass
@@ -91,15 +92,41 @@ def detect(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Detection
     start = time.perf_counter()
     findings: list[Finding] = []
     extents = []
+    body = _Body(volume, spec.postprocessing.body_threshold)
     for box in boxes:
         lo, hi = _on_source(box, model_affine, volume)
         if np.any((lo + hi) / 2 < -0.5) or np.any((lo + hi) / 2 > np.array(volume.array.shape) - 0.5):
+            continue
+        if not body.holds((lo + hi) / 2):
             continue
         number = len(findings) + 1  # the finding's number, and its value in `labels` (its SEG segment)
         findings.append(_measure(volume, lo, hi, box, number))
         extents.append(_clipped(lo, hi, volume.array.shape))
     seconds["measure"] = time.perf_counter() - start
     return DetectionResult(spec, volume, _box_labels(volume.array.shape, extents), findings, seconds)
+
+
+class _Body:
+    """Where the patient is, slice by slice: the largest connected region above `threshold`, holes
+    filled. A detection outside it (a skin marker, an ECG pad, the table) is not a finding of the
+    patient's; with no threshold every point is in the body."""
+
+    def __init__(self, volume: SeriesVolume, threshold: float | None):
+        self.volume, self.threshold = volume, threshold
+        self.slices: dict[int, np.ndarray] = {}
+
+    def holds(self, index: np.ndarray) -> bool:
+        if self.threshold is None:
+            return True
+        shape = self.volume.array.shape
+        k, r, c = (int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(index, shape))
+        if k not in self.slices:
+            components, count = ndimage.label(self.volume.array[k] > self.threshold)
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            self.slices[k] = (ndimage.binary_fill_holes(components == int(sizes.argmax())) if count
+                              else np.zeros(shape[1:], dtype=bool))
+        return bool(self.slices[k][r, c])
 
 
 def _box_labels(shape: tuple[int, ...], extents: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -232,18 +259,20 @@ def _measure(volume: SeriesVolume, lo: np.ndarray, hi: np.ndarray, box: Box, num
 
 def _region(volume: SeriesVolume, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
     """Voxel indices (slice, row, column) of the finding in the box: the connected region above
-    halfway between the box's core and its surroundings that holds most of the core; None when
-    the core does not stand out or the region leaves the enlarged box."""
+    halfway between the box's core (its brightest voxels) and its surroundings that holds most of
+    the core; None when the core does not stand out or the region leaves the enlarged box."""
     half = (hi - lo) / 2
     centre = (lo + hi) / 2
     start, stop = _clipped(centre - half * (1 + MARGIN) - 1, centre + half * (1 + MARGIN) + 1, volume.array.shape)
     crop = volume.array[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.float32)
-    if crop.size == 0:
+    box_start, box_stop = _clipped(lo, hi, volume.array.shape)
+    inside = tuple(slice(a - s, b - s) for a, b, s in zip(box_start, box_stop, start))
+    if crop.size == 0 or crop[inside].size == 0:
         return None
-    index = np.indices(crop.shape, dtype=np.float32).reshape(3, -1).T + start
-    core = (np.abs((index - centre) / np.maximum(half / 3, 0.5)) <= 1).all(axis=1).reshape(crop.shape)
-    if not core.any():
-        return None
+    # the core: the brightest tenth of the box, wherever the finding sits in it (a box a voxel off
+    # a 4 mm nodule has lung at its centre)
+    core = np.zeros(crop.shape, dtype=bool)
+    core[inside] = crop[inside] >= np.percentile(crop[inside], 90)
     inner, outer = float(np.median(crop[core])), float(np.percentile(crop, 10))
     if inner - outer < MIN_CONTRAST:
         return None

@@ -94,6 +94,9 @@ class Postprocessing(_Strict):
     )
     nms_iou: float = Field(0.1, gt=0, lt=1, description="detection: boxes overlapping more are one finding")
     max_findings: int = Field(20, ge=1, le=100, description="detection: the most probable ones are kept")
+    body_threshold: float | None = Field(None, description=(
+        "detection: a finding outside the body (the largest region above this value on its slice, holes filled:"
+        " not a skin marker, a pad or the table) is dropped; null: no check"))
 
 
 class Provenance(_Strict):

@@ -9,6 +9,9 @@ centre within 2 mm, each diameter within 20%, and no finding that is not a nodul
 from __future__ import annotations
 
 
+import copy
+import json
+
 import numpy as np
 import pydicom
 import pytest
@@ -21,6 +24,7 @@ from inference.backends.base import BackendError
 from inference.spec import Label, ModelSpec, load_spec, model_file
 from inference.volume import SeriesVolume, load_volumes, read_series
 from node.config import OutputOptions
+from node.encode.keyimages import build_key_images
 from node.encode.sr import read_findings
 from node.jobs.stages import encode
 from node.store.spool import Spool
@@ -76,10 +80,12 @@ def test_a_box_that_an_inner_window_side_cuts_is_dropped_one_on_the_grid_border_
     assert _uncut(boxes, (0, 0, 0), (64, 64, 64), (112, 64, 128)).tolist() == [True, False, True]
 
 
-@pytest.mark.parametrize("radii", [(2.25, 2.25, 2.25), (3.5, 3.5, 3.5), (5.5, 5.5, 5.5), (6.0, 3.0, 3.0)])
-def test_a_box_is_measured_on_the_source_voxels(radii):
-    """A rough box around a nodule gives the nodule's own centre and axes: its centroid on the
-    source grid, the axes of its largest cross-section (long along x, short along y)."""
+@pytest.mark.parametrize("radii, shift", [((2.25, 2.25, 2.25), 0.0), ((3.5, 3.5, 3.5), 0.0), ((5.5, 5.5, 5.5), 0.0),
+                                          ((6.0, 3.0, 3.0), 0.0), ((2.25, 2.25, 2.25), 1.5), ((2.0, 2.0, 2.0), -1.5)])
+def test_a_box_is_measured_on_the_source_voxels(radii, shift):
+    """A rough box around a nodule, even one 1.5 voxels off a 4 mm nodule, gives the nodule's own
+    centre and axes: its centroid on the source grid, the axes of its largest cross-section (long
+    along x, short along y)."""
     geometry = SeriesGeometry(spacing=(1.25, 0.9, 0.9), origin=(-36.0, -36.0, -20.0))
     centre = (3.3, -4.1, 2.2)
     phantom = Phantom(Ellipsoid((0, 0, 0), (500, 500, 500), -850.0), lesions=[Ellipsoid(centre, radii, 40.0)],
@@ -88,7 +94,7 @@ def test_a_box_is_measured_on_the_source_voxels(radii):
     volume = SeriesVolume(hu, geometry.affine(), [], "1.2.3")
     index = np.linalg.solve(geometry.affine()[:3, :3], np.subtract(centre, geometry.affine()[:3, 3]))
     half = np.array([radii[2] / 1.25, radii[1] / 0.9, radii[0] / 0.9])  # (slice, row, column) voxels
-    box = Box(index - half * 1.3 + 0.4, index + half * 1.2 - 0.3, NODULE, 0.9)
+    box = Box(index - half * 1.3 + 0.4 + shift, index + half * 1.2 - 0.3 + shift, NODULE, 0.9)
     finding = _measure(volume, box.lo, box.hi, box, 1)
     assert np.linalg.norm(np.subtract(finding.centroid, centre)) < 0.5
     assert finding.longest_in_plane_diameter_mm == pytest.approx(2 * radii[0], rel=0.1)
@@ -201,14 +207,77 @@ def test_the_shipped_detector_finds_each_nodule_at_its_place_and_size_and_nothin
         distances = [np.linalg.norm(np.subtract(f.centroid, nodule["centre_mm"])) for f in detected.findings]
         finding = detected.findings[int(np.argmin(distances))]
         diameter = 2 * nodule["radii_mm"][0]
-        assert min(distances) <= 2.0, (nodule, finding)
-        assert finding.longest_in_plane_diameter_mm == pytest.approx(diameter, rel=0.2), (nodule, finding)
-        assert finding.short_axis_mm == pytest.approx(diameter, rel=0.2), (nodule, finding)
+        # the issue's tolerances are 2 mm and 20 %; the README states what it measures: 0.1 mm and 7 %
+        assert min(distances) <= 0.5, (nodule, finding)
+        assert finding.longest_in_plane_diameter_mm == pytest.approx(diameter, rel=0.1), (nodule, finding)
+        assert finding.short_axis_mm == pytest.approx(diameter, rel=0.1), (nodule, finding)
     # each finding's box (its own SEG segment, valued by its number) holds its centre and no other's
     for finding in detected.findings:
         index = np.rint(np.linalg.solve(volume.affine[:3, :3], np.subtract(finding.centroid, volume.affine[:3, 3])))
         assert detected.labels[tuple(index.astype(int))] == finding.component
     assert sorted(np.unique(detected.labels).tolist()) == [0, 1, 2, 3]
+
+
+def test_a_marker_on_the_skin_or_a_pad_beside_the_patient_is_no_finding(chest):
+    """Bright balls in the air in front of the chest (a pad, a nipple marker, a metal BB) look like
+    nodules to the detector; the spec's body_threshold keeps them out of the report."""
+    volume, _ = chest
+    marked = copy.copy(volume)
+    marked.array = volume.array.copy()
+    k, r, c = np.indices(marked.array.shape)
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    body_top = int(np.argmax((volume.array[40] > -500).any(axis=1)))  # the first row with body, slice 40
+    for column, radius, hu in ((100, 4.0, 40.0), (150, 3.0, 2000.0)):
+        centre = np.array([40, body_top - 8, column])
+        inside = (((np.stack([k, r, c], -1) - centre) * spacing) ** 2).sum(-1) <= radius ** 2
+        marked.array[inside] = hu
+    spec = load_spec(REPO_MODELS / MODEL)
+    backend = LocalBackend(model_file(REPO_MODELS, spec), spec)
+    unchecked = spec.model_copy(update={"postprocessing": spec.postprocessing.model_copy(update={"body_threshold": None})})
+    assert len(detect(marked, unchecked, backend).findings) > len(SIZES)  # the markers are detected
+    kept = detect(marked, spec, backend).findings
+    assert len(kept) == len(SIZES)
+    assert all(np.linalg.norm(np.subtract(f.centroid, n["centre_mm"])) < 1 for f, n in zip(
+        sorted(kept, key=lambda f: f.centroid), sorted(chest[1]["lesions"], key=lambda n: n["centre_mm"])))
+
+
+def test_key_images_of_a_tilted_series_name_both_orientation_letters(detected):
+    """On an oblique plane a direction has two letters ("LF"): the key image says so (highdicom
+    takes one letter per direction; the node writes both after)."""
+    angle = np.radians(20)
+    tilt = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    volume = copy.copy(detected.volume)
+    volume.affine = detected.volume.affine.copy()
+    volume.affine[:3, :3] = tilt @ volume.affine[:3, :3]
+    tilted = DetectionResult(detected.spec, volume, detected.labels, detected.findings)
+    images = build_key_images(tilted, OutputOptions(), uids_for("job-1", MODEL))
+    assert len(images) == len(SIZES)
+    assert [str(v) for v in images[0].PatientOrientation] == ["L", "PH"]
+
+
+def test_the_readme_states_the_shipped_detectors_recorded_figures_and_settings():
+    """The README's table and spec block are the shipped model's (training.json, node.yaml)."""
+    readme = (REPO_MODELS.parent / "README.md").read_text()
+    section = readme[readme.index("## Detection"):readme.index("## Docker")]
+    recorded = json.loads((REPO_MODELS / MODEL / "training.json").read_text())
+    spec = load_spec(REPO_MODELS / MODEL)
+    assert recorded["command"] == "dicom-node-train demo-detector --seed 0"
+    assert f"threshold: {spec.postprocessing.threshold:g}, nms_iou: {spec.postprocessing.nms_iou:g}," \
+           f" max_findings: {spec.postprocessing.max_findings}, body_threshold: {spec.postprocessing.body_threshold:g}" \
+        in section
+    test, validation = recorded["test"], recorded["validation"]
+    row = (f"| held out | {test['volumes']} | {test['findings']} | "
+           + ", ".join(f"{v:.2f}" for v in test["froc"].values()) + f" | {test['froc_score']:.3f} |"
+           f" {test['ap_iou_0.1']:.3f} | {test['map_iou_0.1_to_0.5']:.3f} |")
+    assert row in section, row
+    found = round(test["operating_point"]["sensitivity"] * test["findings"])
+    assert (f"sensitivity {test['operating_point']['sensitivity']:.2f} ({found} of {test['findings']}),"
+            f" {test['operating_point']['false_positives_per_scan']:.2f} false positives per scan") in section
+    assert set(validation["froc"].values()) == {1.0}  # "1.00 at every rate"
+    assert (f"| validation (chooses the threshold) | {validation['volumes']} | {validation['findings']} |"
+            f" 1.00 at every rate | {validation['froc_score']:.3f} | {validation['ap_iou_0.1']:.3f} |"
+            f" {validation['map_iou_0.1_to_0.5']:.3f} | {spec.postprocessing.threshold:g}:") in section
+    assert recorded["operating_threshold"]["threshold"] == spec.postprocessing.threshold
 
 
 def test_triton_serves_the_detector_as_the_local_backend_does(model_repository, triton):

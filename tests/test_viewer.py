@@ -288,9 +288,12 @@ def test_ohif_steps_through_the_detected_nodules_each_on_its_slice_with_its_axes
                 page.locator('[data-cy="viewport-action-arrows-right"] svg').click()
             overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]')
             wait_for(lambda: overlay.inner_text().startswith(f"I:{numbers[referenced]} "), timeout=60, interval=0.5)
+            # OHIF may move to the slice before it draws the slice's annotations
+            long_axis = f"Long axis: {finding['long_axis_mm']:.2f} mm"
+            page.locator("svg text", has_text=long_axis).first.wait_for(timeout=60_000)
             drawn = " ".join(page.locator("svg text").all_text_contents())
             page.screenshot(path=str(viewer.shots / f"nodules-sr-{step + 1}.png"))
-            assert f"Long axis: {finding['long_axis_mm']:.2f} mm" in drawn, drawn
+            assert long_axis in drawn, drawn
             assert f"Short axis: {finding['short_axis_mm']:.2f} mm" in drawn, drawn
             assert f"Certainty of Finding: {100 * finding['probability']:.2f} %" in drawn, drawn
     finally:

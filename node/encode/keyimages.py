@@ -109,9 +109,11 @@ def build_key_images(result: SegmentationResult, options: OutputOptions, uids: R
             instance_number=number,
             manufacturer=options.manufacturer,
             pixel_spacing=spacing,
-            patient_orientation=(_orientation(volume.affine[:3, 2]), _orientation(volume.affine[:3, 1])),
+            # highdicom takes one letter per direction; an oblique or tilted plane has more (below)
+            patient_orientation=(_orientation(volume.affine[:3, 2])[0], _orientation(volume.affine[:3, 1])[0]),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
+        image.PatientOrientation = [_orientation(volume.affine[:3, 2]), _orientation(volume.affine[:3, 1])]
         image.SeriesDescription = options.describe(result.spec.name, "key images")
         image.BurnedInAnnotation = "YES"
         image.ImageLaterality = image_laterality(source)  # as on the SEG: satisfies dciodvfy and pixelmed
