@@ -25,10 +25,10 @@ from inference.spec import Label, ModelSpec, load_spec, model_file
 from inference.volume import SeriesVolume, load_volumes, read_series
 from node.config import OutputOptions
 from node.encode.keyimages import build_key_images
-from node.encode.sr import read_findings
+from node.encode.sr import _detection_measurements, read_findings
 from node.jobs.stages import encode
 from node.store.spool import Spool
-from phantom.chest import make_chest_study
+from phantom.chest import Vessel, make_chest_study
 from phantom.dicom import SeriesGeometry, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 from tests.identity import uids_for
@@ -104,7 +104,8 @@ def test_a_box_is_measured_on_the_source_voxels(radii, shift):
 
 class ThresholdDetector:
     """A test model with a detector's interface: each connected region above 0.5 in a patch is a
-    box (its voxels' extent) scoring 0.95; the other rows of its (patches, 16, 7) answer score 0."""
+    box (its voxels' extent) scoring 0.6 and more the larger it is; the other rows of its
+    (patches, 16, 7) answer score 0."""
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         from scipy import ndimage
@@ -115,7 +116,7 @@ class ThresholdDetector:
             for row, where in enumerate(ndimage.find_objects(components)[:16]):
                 out[n, row, :3] = [s.start - 0.5 for s in where]
                 out[n, row, 3:6] = [s.stop - 0.5 for s in where]
-                out[n, row, 6] = 0.95
+                out[n, row, 6] = min(0.99, 0.6 + (components[where] == row + 1).sum() / 10_000)  # larger: surer
         return out
 
     def close(self) -> None:
@@ -168,6 +169,47 @@ def test_a_box_between_two_slices_still_has_a_voxel_for_its_segment():
     assert (labels == 1).sum() == 8 and (labels == 2).sum() == 1000 - 8
     same = _box_labels((10, 10, 10), [large, large])
     assert (same == 1).any() and (same == 2).any()
+
+
+def test_the_most_probable_findings_are_kept_first_when_there_are_more_than_max_findings():
+    geometry = SeriesGeometry(spacing=(1.0, 1.0, 1.0), origin=(-30.0, -30.0, -10.0))
+    balls = [Ellipsoid((x, 0.0, 0.0), (r, r, r), 400.0) for x, r in ((-20, 2.0), (-8, 4.0), (6, 3.0), (20, 5.0))]
+    hu, _ = Phantom(Ellipsoid((0, 0, 0), (500, 500, 500), -850.0), lesions=balls, noise_hu=0.0).sample(
+        (20, 60, 60), geometry)
+    volume = SeriesVolume(hu, geometry.affine(), [], "1.2.3")
+    spec = threshold_detector_spec()
+    spec = spec.model_copy(update={"postprocessing": spec.postprocessing.model_copy(update={"max_findings": 2})})
+    found = detect(volume, spec, ThresholdDetector()).findings
+    assert [round(f.centroid[0]) for f in found] == [20, -8]  # the 10 mm ball, then the 8 mm one
+    assert found[0].probability > found[1].probability
+
+
+def test_a_finding_running_into_a_vessel_is_measured_by_its_box():
+    """A nodule on a vessel leaves its box: the box's in-plane sides are reported, not the vessel's length."""
+    geometry = SeriesGeometry(spacing=(1.0, 1.0, 1.0), origin=(-30.0, -30.0, -10.0))
+    phantom = Phantom(Ellipsoid((0, 0, 0), (500, 500, 500), -850.0),
+                      organs=[Vessel((-40.0, 0.0, 0.0), (40.0, 0.0, 0.0), 1.5, 400.0)],
+                      lesions=[Ellipsoid((0.0, 0.0, 0.0), (3.0, 3.0, 3.0), 400.0)], noise_hu=0.0)
+    hu, _ = phantom.sample((20, 60, 60), geometry)
+    volume = SeriesVolume(hu, geometry.affine(), [], "1.2.3")
+    index = np.array([10.0, 30.0, 30.0])  # (slice, row, column) of the nodule's centre
+    box = Box(index - [3, 3, 4], index + [3, 3, 4], NODULE, 0.9)
+    finding = _measure(volume, box.lo, box.hi, box, 1)
+    assert (finding.longest_in_plane_diameter_mm, finding.short_axis_mm) == (8.0, 6.0)
+
+
+def test_a_sagittal_series_reports_no_in_plane_axes_only_the_score(detected):
+    """Axes in the acquisition plane of a sagittal series are no diameters a report would quote:
+    the group keeps the score (and the centre), as a segmentation's keeps its volume."""
+    def named(result: DetectionResult) -> list[str]:
+        return [m[0].ConceptNameCodeSequence[0].CodeMeaning
+                for m in _detection_measurements(result.findings[0], result)]
+
+    assert named(detected) == ["Long axis", "Short axis", "Certainty of Finding"]
+    sagittal = copy.copy(detected.volume)
+    sagittal.affine = detected.volume.affine[:, [2, 0, 1, 3]].copy()  # the planes' normal is now x
+    assert named(DetectionResult(detected.spec, sagittal, detected.labels, detected.findings)) == [
+        "Certainty of Finding"]
 
 
 def test_a_model_that_answers_otherwise_than_a_detector_is_an_error_naming_the_shapes():
