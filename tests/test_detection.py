@@ -25,6 +25,7 @@ from inference.spec import Label, ModelSpec, load_spec, model_file
 from inference.volume import SeriesVolume, load_volumes, read_series
 from node.config import OutputOptions
 from node.encode.keyimages import build_key_images
+from node.encode.kos import build_key_object_selection
 from node.encode.sr import _detection_measurements, read_findings
 from node.jobs.stages import encode
 from node.store.spool import Spool
@@ -320,6 +321,30 @@ def test_the_readme_states_the_shipped_detectors_recorded_figures_and_settings()
             f" 1.00 at every rate | {validation['froc_score']:.3f} | {validation['ap_iou_0.1']:.3f} |"
             f" {validation['map_iou_0.1_to_0.5']:.3f} | {spec.postprocessing.threshold:g}:") in section
     assert recorded["operating_threshold"]["threshold"] == spec.postprocessing.threshold
+
+
+def test_the_kos_of_a_multi_frame_source_names_the_frames_through_the_nodules(chest, tmp_path):
+    """An Enhanced CT (one object, frames in shuffled order): the KOS flags that object once and
+    names, of its frames, the three through the nodules."""
+    from tests.test_geometry import _enhanced_ct
+
+    volume, truth = chest
+    order = list(np.random.default_rng(4).permutation(volume.array.shape[0]))
+    path = _enhanced_ct(tmp_path / "enhanced.dcm", volume.array, volume.affine, order)
+    (enhanced,) = load_volumes(read_series([path]))
+    spec = load_spec(REPO_MODELS / MODEL)
+    result = detect(enhanced, spec, LocalBackend(model_file(REPO_MODELS, spec), spec))
+    assert len(result.findings) == len(SIZES)
+    kos = build_key_object_selection(result, OutputOptions(), uids_for("job-1", MODEL))
+    (item,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
+    reference = item.ReferencedSOPSequence[0]
+    assert reference.ReferencedSOPInstanceUID == enhanced.datasets[0].SOPInstanceUID
+    frames = [int(f) for f in reference.ReferencedFrameNumber]
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    heights = [float(source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient[2])
+               for f in frames]
+    assert len(frames) == len(SIZES)
+    assert all(sum(abs(z - n["centre_mm"][2]) <= 0.625 for z in heights) == 1 for n in truth["lesions"])
 
 
 def test_triton_serves_the_detector_as_the_local_backend_does(model_repository, triton):
