@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
+from phantom.dicom import SeriesIdentity
 from phantom.generator import BODY_HU, Ellipsoid, Phantom
-from phantom.study import truth_path
+from phantom.study import write_study
 
 LUNG_HU = -850.0
 VESSEL_HU = 40.0
@@ -116,12 +116,5 @@ def make_chest_study(
 ) -> tuple[list[Path], Phantom]:
     """An axial chest CT series with nodules of diameters `sizes` (mm), their truth beside it
     (``<folder>.truth.json``)."""
-    rng = np.random.default_rng(seed)
-    geometry = SeriesGeometry(spacing=(slice_spacing, pixel_spacing, pixel_spacing))
-    fov = (size * pixel_spacing, size * pixel_spacing, slices * slice_spacing)
-    geometry.origin = (-fov[0] / 2, -fov[1] / 2, -fov[2] / 2)
-    phantom = chest_phantom(rng, fov, sizes=sizes)
-    hu, _ = phantom.sample((slices, size, size), geometry, seed=seed)
-    files = write_ct_series(hu, folder, geometry, identity or SeriesIdentity(series_description="Synthetic chest CT"))
-    phantom.write_truth(truth_path(folder))
-    return files, phantom
+    return write_study(folder, lambda rng, fov: chest_phantom(rng, fov, sizes=sizes), slices, size, pixel_spacing,
+                       slice_spacing, seed, identity or SeriesIdentity(series_description="Synthetic chest CT"))
