@@ -8,6 +8,7 @@ study routes the same whichever way it was read.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 ROUTING_KEYWORDS = (
@@ -61,7 +62,9 @@ def _number(value: Any, kind: type) -> Any:
     except (TypeError, ValueError, OverflowError):
         return None
     # IS/US values beyond a 32-bit column carry nothing the routing can use (and PostgreSQL refuses them)
-    return None if kind is int and number is not None and not -2**31 <= number < 2**31 else number
+    if kind is int and number is not None and not -2**31 <= number < 2**31:
+        return None
+    return None if kind is float and number is not None and not math.isfinite(number) else number
 
 
 def _list(value: Any, kind: type) -> list | None:
@@ -69,6 +72,10 @@ def _list(value: Any, kind: type) -> list | None:
         return None
     items = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else [value]
     try:
-        return [kind(v) for v in items]
-    except (TypeError, ValueError):
+        values = [kind(v) for v in items]
+    except (TypeError, ValueError, OverflowError):
         return None
+    if kind is float and not all(math.isfinite(v) for v in values):  # NaN and Infinity are no JSON (fuzzing)
+        return None
+    # as in _text: NUL padding is no text (found by fuzzing: an ImageType value with a NUL in it)
+    return [v.replace("\x00", "") for v in values] if kind is str else values

@@ -218,10 +218,12 @@ def storescu(port: int, files: list[Path], aet: str = "MODALITY", *extra: str, t
 
 class StallingLink:
     """A TCP relay to a real peer whose traffic can be held: a network path that stops moving
-    (no local peer stalls on its own). Bytes read while held are forwarded when it flows again."""
+    (no local peer stalls on its own). Bytes read while held are forwarded when it flows again.
+    `sent`: every byte the clients sent through it (captured sessions, tests/fuzz/seeds.py)."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
+        self.sent = bytearray()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.flowing = threading.Event()
@@ -245,13 +247,15 @@ class StallingLink:
             except OSError:  # the peer is gone (stopped at teardown): so is this connection
                 client.close()
                 continue
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, record in ((client, upstream, self.sent), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(source, sink, record), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bytearray | None) -> None:
         try:
             while chunk := source.recv(65536):
                 self.flowing.wait()
+                if record is not None:
+                    record += chunk
                 sink.sendall(chunk)
         except OSError:
             pass

@@ -101,6 +101,7 @@ async def _read(request: Request, parser: StowRequest, intake: _Intake) -> Respo
         if not parser.ended:  # the last part never closed: it is not stored
             raise StowError(400, "the body ended before its closing boundary")
     except StowError as exc:
+        await intake.take_all(exc.completed)
         await intake.drain()
         if not intake.result.outcomes:
             return JSONResponse({"detail": str(exc)}, exc.status)

@@ -59,7 +59,8 @@ class Reading:
 
 def _value(segment: hl7.Segment, field: int, component: int = 1) -> str:
     try:
-        return str(segment.extract_field(field_num=field, component_num=component)).strip()
+        # NUL is no text, and PostgreSQL refuses it in any text value (as node.routing_tags)
+        return str(segment.extract_field(field_num=field, component_num=component)).replace("\x00", "").strip()
     except (IndexError, KeyError):
         return ""
 
@@ -152,6 +153,14 @@ def _text(block: bytes) -> tuple[str, str]:
     separator = "\r" if "\r" in text.replace("\r\n", "") else "\n"
     segments = text.replace("\r\n", separator).split(separator)
     return "\r".join(s for s in segments if s.strip()) + "\r", codec
+
+
+def _delimiters_valid(message: hl7.Message) -> bool:
+    """HL7 v2.5.1 2.5.4: the field separator and the encoding characters are distinct symbols.
+    A letter or digit among them takes segment names and values apart, and an acknowledgement in
+    the message's own delimiters would not parse (found by fuzzing: MSH|^AA&)."""
+    delimiters = message.separators[1:] + message.esc
+    return len(set(delimiters)) == len(delimiters) and not any(c.isalnum() or c.isspace() for c in delimiters)
 
 
 def _signal_key(message: hl7.Message, accession: str) -> str:
@@ -290,6 +299,9 @@ class Hl7Listener:
         except Exception:  # noqa: BLE001 - the parser raises many types on malformed input
             logs.event(log, "hl7_refused", logging.WARNING, reason="cannot be parsed")
             return _minimal_nak("the message cannot be parsed"), codec
+        if not _delimiters_valid(message):
+            logs.event(log, "hl7_refused", logging.WARNING, reason="invalid delimiters")
+            return _minimal_nak("the field separator and encoding characters are not distinct symbols"), codec
         try:
             reading = read_message(message)
         except Exception:  # noqa: BLE001 - a field the parser accepted but cannot give back

@@ -142,8 +142,9 @@ class InstanceStore:
         try:
             header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax),
                                       calling if _is_ae_title(calling) else None)
-        except UnicodeEncodeError:
-            logs.event(log, "instance_refused", logging.WARNING, reason="a UID that is not ASCII", status="0xC210")
+        except ValueError as exc:  # not ASCII (UnicodeEncodeError), or over 64 characters
+            reason = "a UID that is not ASCII" if isinstance(exc, UnicodeEncodeError) else str(exc)
+            logs.event(log, "instance_refused", logging.WARNING, reason=reason, status="0xC210")
             return CANNOT_UNDERSTAND, None
         chunks = (header, payload)
         try:

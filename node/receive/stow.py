@@ -27,6 +27,7 @@ from node.receive.store import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, TRA
 
 PART10_PREFIX = 132  # preamble and "DICM" (PS3.10 7.1)
 CALLED = "STOW-RS"  # what the index records as the called AE title of a STOW request
+MAX_BOUNDARY = 70  # RFC 2046 5.1.1: 1 to 70 characters
 MAX_PARTS = 10_000  # parts per request: an empty part is a few bytes, its outcome is not
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.18 10.5.3: Referenced SOP Class not supported
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18 10.5.3: Referenced Transfer Syntax not supported
@@ -35,11 +36,14 @@ ACCEPTED_SYNTAXES = frozenset(str(uid) for uid in TRANSFER_SYNTAXES)
 
 
 class StowError(ValueError):
-    """The request as a whole is not one this node takes: `status` is the HTTP answer."""
+    """The request as a whole is not one this node takes: `status` is the HTTP answer;
+    `completed`: the parts completed before the error in the chunk that raised it (still to be
+    stored: what was stored is answered along with the error)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+        self.completed: list[Part] = []
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ def boundary_of(content_type: str) -> bytes:
     boundary = options.get(b"boundary")
     if not boundary:
         raise StowError(400, "the multipart/related Content-Type has no boundary")
+    if len(boundary) > MAX_BOUNDARY:  # (the multipart parser would raise its own error: a 500)
+        raise StowError(400, f"the multipart boundary is longer than {MAX_BOUNDARY} characters (RFC 2046 5.1.1)")
     return boundary
 
 
@@ -94,12 +100,21 @@ class StowRequest:
             "on_header_end": self._header_end, "on_end": self._on_end})
 
     def feed(self, chunk: bytes) -> list[Part]:
+        """The parts this chunk completed. On a StowError, those are its `completed` (found by
+        fuzzing: they were lost when the error came later in the same chunk, so what was stored
+        depended on how the body happened to be cut)."""
         try:
             self._parser.write(chunk)
-        except StowError:
+        except StowError as exc:
+            exc.completed = self._take()
             raise
         except Exception as exc:  # python-multipart raises its own errors for a broken body
-            raise StowError(400, f"the multipart body cannot be parsed ({type(exc).__name__})") from None
+            error = StowError(400, f"the multipart body cannot be parsed ({type(exc).__name__})")
+            error.completed = self._take()
+            raise error from None
+        return self._take()
+
+    def _take(self) -> list[Part]:
         done, self._done = self._done, []
         return done
 

@@ -110,7 +110,7 @@ def _count(ds: Any, series_uid: str | None, sop_instance_uid: str | None) -> Cou
     split over several instances, PS3.3 C.7.6.16), the images of its acquisition in its series
     (ImagesInAcquisition), or, for a multi-frame object not split, itself: all its frames are in
     it. An odd value is no count (the quiet period decides)."""
-    concatenation = str(ds.get("ConcatenationUID") or "").strip()
+    concatenation = str(ds.get("ConcatenationUID") or "").replace("\x00", "").strip()  # NUL: as in routing_tags
     total = _positive(ds.get("InConcatenationTotalNumber"))
     if concatenation and total:
         return CountGroup(f"concatenation:{concatenation[:64]}", total)

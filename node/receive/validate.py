@@ -11,7 +11,8 @@ Checks, to the last byte of the data set:
   data set level (an icon image in a sequence is checked against its own attributes);
 - encapsulated Pixel Data is a valid fragment sequence: a Basic Offset Table item, at least
   one fragment item, each with a defined length inside the data set, and the sequence
-  delimiter; encapsulated where the transfer syntax says so, native where it does not.
+  delimiter, of VR OB (or OW) in explicit VR; encapsulated where the transfer syntax says
+  so, native where it does not.
 
 Why a raw walker rather than pydicom: pydicom's reader is lenient by design (it returns a
 truncated last value as a shorter one, guesses another VR encoding when the bytes look wrong,
@@ -100,6 +101,11 @@ class _Walker:
                 raise MalformedDataset(f"unexpected {_tag(tag)} at offset {pos}")
             if length == _UNDEFINED:
                 if tag == _PIXEL_DATA:
+                    if vr is not None and vr not in (b"OB", b"OW"):
+                        # PS3.5 A.4: OB. Found by fuzzing: as SQ or UN, pydicom reads the fragments
+                        # as sequence items and cannot read the data set at all.
+                        raise MalformedDataset(f"encapsulated Pixel Data has VR {vr.decode('ascii', 'replace')}, "
+                                               "not OB", pixel=True)
                     pos = self._fragments(value, end)
                     pixel_tag, pixel_length = tag, None
                 elif implicit or vr == b"SQ" or vr == b"UN":

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from common.orientation import plane_of_orientation
 from node.routing_tags import ROUTING_KEYWORDS, routing_values
@@ -106,7 +105,7 @@ def study_from_folder(folder: Path, calling_ae: str = "", called_ae: str = "", p
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTING_KEYWORDS))
-        except (InvalidDicomError, OSError):
+        except Exception:  # noqa: BLE001 - not DICOM, or damaged (a deflated stream that does not inflate raised zlib.error: a 500)
             continue
         values = routing_values(ds)
         if not values["StudyInstanceUID"] or not values["SeriesInstanceUID"]:

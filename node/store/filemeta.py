@@ -14,6 +14,10 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
+MAX_UID = 64  # PS3.5 6.2: a UI value is at most 64 characters
+MAX_AE = 16
+
+
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
     if vr == b"OB":
         return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
@@ -33,7 +37,12 @@ def _text(value: str) -> bytes:
 def encode_file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None
 ) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group for one instance."""
+    """Preamble, ``DICM`` and the File Meta Information group for one instance. ValueError for
+    a UID over 64 characters (UnicodeEncodeError, a ValueError, for one that is not ASCII): a
+    STOW-RS part's file meta can announce anything (found by fuzzing: a 65,535-character UID
+    overflowed the element's length and failed the whole request)."""
+    if max(len(sop_class_uid), len(sop_instance_uid), len(transfer_syntax)) > MAX_UID or len(source_ae or "") > MAX_AE:
+        raise ValueError("a UID longer than 64 characters")
     body = b"".join(
         [
             _element(0x0001, b"OB", b"\x00\x01"),
