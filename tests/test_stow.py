@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import subprocess
 import threading
 import uuid
@@ -15,6 +16,7 @@ from typing import Any, Iterator
 
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -256,6 +258,18 @@ def test_a_body_broken_after_a_good_part_stores_that_part_and_a_long_boundary_is
                            headers={"Authorization": f"Bearer {token}",
                                     "Content-Type": f'multipart/related; type="application/dicom"; boundary={long}'})
     assert answer.status_code == 400 and "RFC 2046" in answer.json()["detail"], answer.text
+    # a part whose file meta announces a 70,000-character SOP Instance UID: refused (0xC210), not a 500
+    data = good.read_bytes()
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    long_uid = b"1." * 35_000
+    meta = b"".join(struct.pack("<HH2s2xI" if vr in (b"OB", b"UN") else "<HH2sH", 2, element, vr, len(value)) + value
+                    for element, vr, value in ((1, b"OB", b"\0\1"), (2, b"UN", str(CTImageStorage).encode() + b"\0"),
+                                               (3, b"UN", long_uid), (0x10, b"UI", b"1.2.840.10008.1.2.1\0")))
+    part = data[:128] + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(meta)) + meta + data[meta_end:]
+    answer = requests.post(f"{node.url}/dicomweb/studies", data=_multipart([part], "B"), timeout=60, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+    assert answer.status_code == 409, answer.text
+    assert [i["00081197"]["Value"][0] for i in _items(answer.json(), "00081198")] == [0xC210]
 
 
 def test_dicomweb_client_stores_datasets_in_the_node(start_node, tmp_path):
