@@ -22,6 +22,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
+from node.config import Hl7Config
+from node.receive.hl7 import Hl7Listener
+from tests.fuzz.targets import NoSignals
 from tests.peers import NodeProcess, free_port, make_study, storescu, wait_for
 from tests.test_completion_signals import _associate, _ended, _in_progress, _perform, _store
 
@@ -55,6 +58,17 @@ def _message(kind: str, accession: str, control_id: str, order_status: str = "CM
         segments = [pid, _segment("ORC", f1="SC", f2="PL1", f3="FI1", f5=order_status),
                     _segment("OBR", f1="1", f2="PL1", f3="FI1", f4="CT^CT CHEST", f18=accession)]
     return "\r".join([msh, *segments]) + "\r"
+
+
+@pytest.mark.parametrize("encoding, ack", [
+    ("^~\\&", "AA"), ("^~\\&#", "AA"),  # HL7's own, and v2.7's truncation character
+    ("^~&", "AA"), ("^~\\\\&", "AA"),  # the escape left out, or doubled: seen from senders, read fine
+    ("^AA&", "AR"), ("^^\\\\&", "AR"),  # a letter, a separator twice: the ACK would not parse (fuzzing)
+])
+def test_hl7_delimiters_as_senders_write_them(encoding: str, ack: str) -> None:
+    message = _message("ORM^O01", "ACC-D", "MSG-D").replace("MSH|^~\\&|", f"MSH|{encoding}|", 1)
+    reply, _ = Hl7Listener(Hl7Config(), NoSignals(), lambda study_uid: None)._handle(message.encode())
+    assert reply.split("\r")[1].startswith(f"MSA|{ack}|"), reply
 
 
 def _send(node: NodeProcess, text: str) -> hl7.Message:

@@ -156,11 +156,15 @@ def _text(block: bytes) -> tuple[str, str]:
 
 
 def _delimiters_valid(message: hl7.Message) -> bool:
-    """HL7 v2.5.1 2.5.4: the field separator and the encoding characters are distinct symbols.
-    A letter or digit among them takes segment names and values apart, and an acknowledgement in
-    the message's own delimiters would not parse (found by fuzzing: MSH|^AA&)."""
-    delimiters = message.separators[1:] + message.esc
-    return len(set(delimiters)) == len(delimiters) and not any(c.isalnum() or c.isspace() for c in delimiters)
+    """HL7 v2.5.1 2.5.4: the field, repetition, component and sub-component separators are
+    distinct symbols. A letter or digit among them (or as the escape character) takes segment
+    names and values apart, and an acknowledgement in the message's own delimiters would not
+    parse (found by fuzzing: MSH|^AA&). The escape character may equal a separator: the hl7
+    package makes it so when a sender leaves it out (`^~&`) or doubles it (`^~\\&`), and those
+    messages read and are answered fine."""
+    separators = message.separators[1:]
+    return (len(set(separators)) == len(separators)
+            and not any(c.isalnum() or c.isspace() for c in separators + message.esc))
 
 
 def _signal_key(message: hl7.Message, accession: str) -> str:
@@ -301,7 +305,7 @@ class Hl7Listener:
             return _minimal_nak("the message cannot be parsed"), codec
         if not _delimiters_valid(message):
             logs.event(log, "hl7_refused", logging.WARNING, reason="invalid delimiters")
-            return _minimal_nak("the field separator and encoding characters are not distinct symbols"), codec
+            return _minimal_nak("the separators are not distinct symbols"), codec
         try:
             reading = read_message(message)
         except Exception:  # noqa: BLE001 - a field the parser accepted but cannot give back

@@ -143,8 +143,11 @@ class InstanceStore:
             header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax),
                                       calling if _is_ae_title(calling) else None)
         except ValueError as exc:  # not ASCII (UnicodeEncodeError), or over 64 characters
-            reason = "a UID that is not ASCII" if isinstance(exc, UnicodeEncodeError) else str(exc)
-            logs.event(log, "instance_refused", logging.WARNING, reason=reason, status="0xC210")
+            reason = "a UID that is not ASCII" if isinstance(exc, UnicodeEncodeError) else "a UID longer than 64 characters"
+            # kept for inspection as any refused data set, under a file meta without the UIDs
+            where = self.spool.quarantine((encode_file_meta("", "", str(transfer_syntax)), payload),
+                                          f"{reason} in the {incoming.announced_by} (transfer syntax {transfer_syntax})")
+            logs.event(log, "instance_refused", logging.WARNING, reason=reason, status="0xC210", file=where.name)
             return CANNOT_UNDERSTAND, None
         chunks = (header, payload)
         try:

@@ -105,7 +105,7 @@ class _Walker:
                         # PS3.5 A.4: OB. Found by fuzzing: as SQ or UN, pydicom reads the fragments
                         # as sequence items and cannot read the data set at all.
                         raise MalformedDataset(f"encapsulated Pixel Data has VR {vr.decode('ascii', 'replace')}, "
-                                               "not OB", pixel=True)
+                                               "not OB or OW", pixel=True)
                     pos = self._fragments(value, end)
                     pixel_tag, pixel_length = tag, None
                 elif implicit or vr == b"SQ" or vr == b"UN":

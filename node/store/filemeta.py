@@ -42,7 +42,7 @@ def encode_file_meta(
     STOW-RS part's file meta can announce anything (found by fuzzing: a 65,535-character UID
     overflowed the element's length and failed the whole request)."""
     if max(len(sop_class_uid), len(sop_instance_uid), len(transfer_syntax)) > MAX_UID or len(source_ae or "") > MAX_AE:
-        raise ValueError("a UID longer than 64 characters")
+        raise ValueError("a UID longer than 64 characters or an AE title longer than 16")
     body = b"".join(
         [
             _element(0x0001, b"OB", b"\x00\x01"),

@@ -524,14 +524,14 @@ async def _upload(boundary: str, chunks: list[bytes], length: int | None) -> tup
     return status, files, read
 
 
-class _NoSignals:
+class NoSignals:
     """The index side of an HL7 message: no study waits for any accession number here."""
 
     def create_hl7(self, key: str, accession_number: str, source: str, now: float) -> list[str]:
         return []
 
 
-_HL7 = Hl7Listener(Hl7Config(), _NoSignals(), lambda study_uid: None)  # type: ignore[arg-type]
+_HL7 = Hl7Listener(Hl7Config(), NoSignals(), lambda study_uid: None)  # type: ignore[arg-type]
 
 
 def hl7_message(data: bytes) -> None:
