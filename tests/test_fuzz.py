@@ -11,12 +11,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node.receive import pynetdicom_internals
+from node.receive import hl7 as hl7_listener, pynetdicom_internals
 from node.receive.stow import StowRequest, boundary_of, incoming
 from node.receive.tags import read_routing_tags
 from node.receive.validate import check_dataset
 from tests.fuzz import targets
 from tests.fuzz.campaign import fuzz
+from tests.fuzz.minimise import failure, minimise
 from tests.fuzz.protocol import LiveNode, node_for_fuzzing, run
 from tests.fuzz.run import INSTRUMENTED
 from tests.fuzz.protocol import RELEASE_RQ, associate_rq, c_store_fragments
@@ -79,6 +80,17 @@ def test_harnesses_catch_a_parser_that_breaks_its_promise(monkeypatch: pytest.Mo
     assert oversized, "the seeds carry a P-DATA PDU one byte over the harness's limit"
     with pytest.raises(InvariantBroken, match="past its limit"):
         targets.pdu_stream(oversized[0].read_bytes())
+
+
+def test_a_finding_is_minimised_to_what_breaks_the_harness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/fuzz/minimise.py on an HL7 message that the delimiter check, taken out, lets through."""
+    targets.quiet()
+    monkeypatch.setattr(hl7_listener, "_delimiters_valid", lambda message: True)
+    found = b"MSH|^AA&|RIS|HOSP|NODE|HOSP|21||OMI^O23|M3|P|2.5.1\rPID|1||PAT1\rORC|SC|PL1|FI1||CM\r"
+    smaller = minimise("hl7_message", found)
+    assert len(smaller) < len(found) // 2 and failure("hl7_message", smaller) == failure("hl7_message", found)
+    with pytest.raises(ValueError, match="does not break"):
+        minimise("hl7_message", b"MSH|^~\\&|RIS|HOSP|NODE|HOSP|21||ADT^A01|M3|P|2.5\r")
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
