@@ -449,8 +449,9 @@ def _stow_parts(boundary: bytes, chunks: list[bytes]) -> tuple[list[Part], int |
         parts += exc.completed
         return [Part(bytes(p.data), p.problem, p.reason) for p in parts], exc.status
     # as the STOW-RS route answers a body that ends before its closing boundary (the multipart
-    # parser notices some breaks only at the end, some earlier: which depends on the chunks)
-    return [Part(bytes(p.data), p.problem, p.reason) for p in parts], None if request.ended else 400
+    # parser notices some breaks only at the end, some earlier: which depends on the chunks), and
+    # one with no part at all
+    return [Part(bytes(p.data), p.problem, p.reason) for p in parts], None if request.ended and parts else 400
 
 
 UPLOAD_LIMIT = 8 * KiB  # http.max_upload_mb for the harness (small: the fuzzer reaches it)
