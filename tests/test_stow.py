@@ -21,6 +21,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.config import DestinationConfig
+from node.receive.stow import StowError, StowRequest
 from node.send.delivery import Permanent, Transient
 from node.send.stow import StowSender
 
@@ -272,6 +273,34 @@ def test_a_body_broken_after_a_good_part_stores_that_part_and_a_long_boundary_is
     assert [i["00081197"]["Value"][0] for i in _items(answer.json(), "00081198")] == [0xC210]
     reasons = [p.read_text() for p in (node.data_dir / "quarantine").glob("*.reason.txt")]
     assert any("a UID longer than 64 characters in the file meta" in r for r in reasons), reasons
+
+
+def _parts(boundary: bytes, chunks: list[bytes]) -> tuple[list[bytes], int | None]:
+    """What a STOW-RS request parser completes from these chunks, and the route's error status."""
+    request, parts = StowRequest(boundary, 1 << 20), []
+    try:
+        for chunk in chunks:
+            parts += request.feed(chunk)
+    except StowError as exc:
+        return [bytes(p.data) for p in parts + exc.completed], exc.status
+    return [bytes(p.data) for p in parts], None if request.ended and parts else 400
+
+
+@pytest.mark.parametrize("preamble, expected", [
+    (b"", [b"one"]),
+    (b"a preamble\r\n", [b"one"]),
+    (b"p" * 65_000 + b"\r\n", [b"one"]),  # under MAX_PREAMBLE
+    (b"p" * 70_000 + b"\r\n", []),  # over it: 400
+    (b"x--B\r\nContent-Type: application/dicom\r\n\r\nsmuggled\r\n", [b"one"]),  # a delimiter opens a line
+])
+def test_the_preamble_is_dropped_the_same_however_the_body_is_cut(preamble, expected):
+    """RFC 2046 5.1.1: what comes before the first delimiter is ignored (found by fuzzing: the
+    multipart parser took a preamble only when it arrived in one chunk with the delimiter)."""
+    body = preamble + b"--B\r\nContent-Type: application/dicom\r\n\r\none\r\n--B--\r\n"
+    cuts = sorted({len(preamble) - 1, len(preamble), len(preamble) + 2, 65_537, *range(0, len(body), 997)})
+    outcomes = {repr(_parts(b"B", [body[:cut], body[cut:]])) for cut in cuts if 0 <= cut <= len(body)}
+    assert outcomes == {repr((expected, None if expected else 400))}
+    assert _parts(b"B", [body[i:i + 1] for i in range(len(body))]) == (expected, None if expected else 400)
 
 
 def test_dicomweb_client_stores_datasets_in_the_node(start_node, tmp_path):

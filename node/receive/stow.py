@@ -128,12 +128,16 @@ class StowRequest:
         Dropped here: the multipart parser takes one only when it arrives in the same chunk as
         the delimiter (found by fuzzing: a body with a preamble stored its parts or was refused
         with 400 depending on where TCP cut it)."""
-        preamble = cast(bytearray, self._preamble)
+        preamble, delimiter = cast(bytearray, self._preamble), self._delimiter
+        start = max(0, len(preamble) - len(delimiter) + 1)  # earlier starts were looked at already
         preamble += chunk
-        at = preamble.find(self._delimiter)
+        at = preamble.find(delimiter, start)
+        while at > 0 and preamble[at - 1] != 0x0A:  # a delimiter opens a line (CRLF, or a lone LF)
+            at = preamble.find(delimiter, at + 1)
+        # the limit on where the first delimiter begins, whatever the chunks
+        if (at < 0 and len(preamble) - len(delimiter) + 1 > MAX_PREAMBLE) or at > MAX_PREAMBLE:
+            raise StowError(400, f"no multipart boundary in the first {MAX_PREAMBLE // 1024} KiB of the body")
         if at < 0:
-            if len(preamble) > MAX_PREAMBLE:
-                raise StowError(400, f"no multipart boundary in the first {MAX_PREAMBLE // 1024} KiB of the body")
             return b""
         self._preamble = None
         return bytes(preamble[at:])
