@@ -135,10 +135,6 @@ class Link:
         except OSError:
             self.closed = True
 
-    @property
-    def associated(self) -> bool:
-        return self.answers[:1] == b"\x02"
-
     def close(self, reset: bool) -> None:
         if reset:  # RST instead of FIN
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -269,15 +265,16 @@ def machine(live: LiveNode, workdir: Path) -> type[RuleBasedStateMachine]:
             body = pdv(context, control, data, lie)
             link.send(pdu(0x04, body, pdu_lie))
 
-        @rule(link=links, order=st.permutations(range(4)), keep=st.integers(1, 4), mangle=st.integers(0, 3))
-        def store_fragments(self, link: Link, order: list[int], keep: int, mangle: int) -> None:
+        @rule(link=links, order=st.permutations(range(4)), keep=st.integers(1, 4),
+              ending=st.sampled_from(["as is", "release", "cut"]))
+        def store_fragments(self, link: Link, order: list[int], keep: int, ending: str) -> None:
             """A real C-STORE's PDUs on a raw connection: reordered, some left out, or whole."""
             uid, data = live.new_instance(workdir / "raw.dcm")
             fragments = c_store_fragments(data[:3000], uid, max_pdu=1024)
             chosen = [fragments[i] for i in order if i < len(fragments)][:keep]
-            if mangle == 1:  # then a release
+            if ending == "release":
                 chosen.append(RELEASE_RQ)
-            elif mangle == 2 and chosen:  # the last one cut short
+            elif ending == "cut" and chosen:  # the last one cut short
                 chosen[-1] = chosen[-1][:len(chosen[-1]) // 2]
             for fragment in chosen:
                 link.send(fragment)

@@ -66,27 +66,22 @@ def capture_sessions(files: list[Path], workdir: Path) -> list[bytes]:
     streams = []
     try:
         wait_for(lambda: port_open(port), timeout=30)
-        clients = [
-            ["echoscu", "127.0.0.1"],
-            ["storescu", "-xe", "127.0.0.1", str(files[0])],
-            ["storescu", "-xi", "127.0.0.1", *map(str, files[:2])],
-            ["storescu", "-xb", "127.0.0.1", str(files[1])],
+        clients = [  # (tool, options, files): dcmtk takes options, host, port, files
+            ("echoscu", [], []),
+            ("storescu", ["-xe"], files[:1]),
+            ("storescu", ["-xi"], files[:2]),
+            ("storescu", ["-xb"], files[1:2]),
         ]
-        for command in clients:
+        for tool, options, sent in clients:
             link = StallingLink(port)  # a session is over when its client is: all it sent went through
-            subprocess.run([command[0], *_args(command, link.port)], capture_output=True, timeout=60, check=True)
+            subprocess.run([tool, *options, "127.0.0.1", str(link.port), *map(str, sent)], capture_output=True,
+                           timeout=60, check=True)
             link.close()
             streams.append(bytes(link.sent))
         streams.append(_pynetdicom_session(port, files[0]))
     finally:
         stop_process_group(scp, 5)
     return streams
-
-
-def _args(command: list[str], port: int) -> list[str]:
-    """dcmtk's argument order: options, host, port, files."""
-    options_and_host = command[1:command.index("127.0.0.1") + 1]
-    return [*options_and_host, str(port), *command[command.index("127.0.0.1") + 1:]]
 
 
 def _pynetdicom_session(port: int, file: Path) -> bytes:

@@ -154,14 +154,14 @@ def _walk(ds: pydicom.Dataset) -> None:
     pre-acknowledgement check does not judge, as the README says)."""
     for tag in list(ds.keys()):
         element = ds.get_item(tag)
-        sequence = element.VR == "SQ" or (element.VR is None and dictionary_VR_or_none(tag) == "SQ") or (
+        sequence = element.VR == "SQ" or (element.VR is None and _dictionary_vr(tag) == "SQ") or (
             getattr(element, "length", None) == 0xFFFFFFFF and tag != 0x7FE00010)  # a raw element's
         if sequence:
             for item in ds[tag].value:
                 _walk(item)
 
 
-def dictionary_VR_or_none(tag: int) -> str | None:
+def _dictionary_vr(tag: int) -> str | None:
     try:
         return dictionary_VR(tag)
     except KeyError:
