@@ -331,3 +331,42 @@ def test_running_node_reloads_on_change_and_sighup_and_records_rules_version(sta
     job = wait_for(lambda: node.query("SELECT * FROM work_items WHERE state != 'queued'"), timeout=30)[0]
     assert job["rules_version"] == version
     assert "fwd" in job["explanation"]
+
+
+def test_explained_files_are_read_deflated_and_a_deflate_bomb_is_never_inflated_whole(tmp_path):
+    """`route explain` and the console's rule tester read files from outside: a deflated file is
+    routed on its tags, and a deflate bomb (1 GiB of zeros in about 1 MiB) is skipped without
+    inflating past the node's bound (zlib's output buffer may take twice the bound on its way;
+    pydicom alone inflates the whole GiB)."""
+    import tracemalloc
+    import zlib
+
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from node.deflate import MAX_INFLATED_BYTES
+    from node.route.study import study_from_folder
+    from node.store.spool import dataset_offset
+
+    (source,) = make_study(tmp_path / "source", slices=1, size=16, series_description="DEFLATED")
+    ds = pydicom.dcmread(source)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    ds.save_as(upload / "deflated.dcm", enforce_file_format=True)
+    deflated = (upload / "deflated.dcm").read_bytes()
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(1024)) + packer.flush()
+    assert len(bomb) < 2 << 20
+    (upload / "bomb.dcm").write_bytes(deflated[:dataset_offset(deflated)] + bomb)
+    tracemalloc.start()
+    try:
+        [study] = study_from_folder(upload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    [read] = study.series
+    assert (read.series_uid, read.instance_count, read.files) == (str(ds.SeriesInstanceUID), 1, [upload / "deflated.dcm"])
+    assert read.tags["SeriesDescription"] == "DEFLATED" and read.tags["Modality"] == "CT"
+    assert peak < 2 * MAX_INFLATED_BYTES + (64 << 20), f"peak {peak >> 20} MiB"

@@ -26,10 +26,12 @@ and the dictionary's VR only to descend into defined-length sequences in implici
 from __future__ import annotations
 
 import struct
-import zlib
 
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node import deflate
+from node.deflate import MAX_INFLATED_BYTES
 
 
 class MalformedDataset(ValueError):
@@ -227,28 +229,13 @@ class _Walker:
                 pixel=True)
 
 
-MAX_INFLATED_BYTES = 256 << 20  # a deflated data set may inflate to this much, no more
-
-
 def inflate(raw: bytes | memoryview, limit: int = MAX_INFLATED_BYTES) -> bytes:
-    """A deflated data set, inflated with a bound: 200 KiB can inflate to 200 MiB and more (a
-    "deflate bomb"). Refused when it inflates past `limit`, is cut short, or has bytes after the
-    end of its deflate stream other than the one 00H pad byte of PS3.5 A.5."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    """A deflated data set inflated within `limit` (node/deflate.py); what does not inflate whole
+    is malformed (0xC212)."""
     try:
-        data = inflater.decompress(bytes(raw), limit)
-    except zlib.error:
-        raise MalformedDataset("deflated data set does not inflate") from None
-    if inflater.unconsumed_tail:
-        raise MalformedDataset(f"deflated data set inflates to more than {limit >> 20} MiB")
-    if not inflater.eof:
-        raise MalformedDataset("deflated data set is cut short")
-    # PS3.5 Annex A.5 (Deflate Transfer Syntax): a deflated bitstream of odd length is followed
-    # by a single 00H pad byte so that the data set has even length (dcmtk writes it). That one
-    # byte is allowed; anything else after the end of the stream is not.
-    if inflater.unused_data and inflater.unused_data != b"\x00":
-        raise MalformedDataset(f"{len(inflater.unused_data)} bytes after the end of the deflated data set")
-    return data
+        return deflate.inflate(raw, limit)
+    except deflate.NotInflatable as exc:
+        raise MalformedDataset(str(exc)) from None
 
 
 def check_dataset(raw: bytes | memoryview, transfer_syntax: str) -> None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from common.orientation import plane_of_orientation
+from node.deflate import inflate
 from node.routing_tags import ROUTING_KEYWORDS, routing_values
 from node.store.index import Index
+from node.store.spool import dataset_offset
 
 # Routing-tag keyword -> column of the series table
 SERIES_COLUMNS = {
@@ -99,13 +104,24 @@ def study_from_index(index: Index, study_uid: str, data_dir: Path) -> StudyView 
     return StudyView(study_uid, origin["calling_ae"] or "", origin["called_ae"] or "", origin["peer"] or "", series)
 
 
+def _routing_dataset(path: Path) -> pydicom.Dataset:
+    """A part-10 file's routing tags. A deflated one is inflated within the node's bound first
+    (node/deflate.py): pydicom would inflate a deflate bomb uploaded to be explained whole."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTING_KEYWORDS))
+    data = path.read_bytes()
+    return pydicom.filereader.read_dataset(io.BytesIO(inflate(data[dataset_offset(data):])), is_implicit_VR=False,
+                                           is_little_endian=True, specific_tags=[Tag(k) for k in ROUTING_KEYWORDS])
+
+
 def study_from_folder(folder: Path, calling_ae: str = "", called_ae: str = "", peer: str = "") -> list[StudyView]:
     """Studies in a folder of DICOM files (for `route explain` before anything is sent)."""
     studies: dict[str, dict[str, SeriesView]] = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTING_KEYWORDS))
-        except Exception:  # noqa: BLE001 - not DICOM, or damaged (a deflated stream that does not inflate raised zlib.error: a 500)
+            ds = _routing_dataset(path)
+        except Exception:  # noqa: BLE001 - not DICOM, or damaged (a deflated stream that does not inflate whole)
             continue
         values = routing_values(ds)
         if not values["StudyInstanceUID"] or not values["SeriesInstanceUID"]:

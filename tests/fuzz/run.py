@@ -21,7 +21,7 @@ INSTRUMENTED = {
     "pdu_stream": ("node.receive.pynetdicom_internals", "pynetdicom.dul", "pynetdicom.pdu", "pynetdicom.pdu_items"),
     "data_set_check": ("node.receive.validate",),
     "routing_tags": ("node.receive.tags", "node.routing_tags", "pydicom.filereader", "pydicom.values"),
-    "deflate": ("node.receive.validate",),
+    "deflate": ("node.deflate", "node.receive.validate"),
     "file_meta": ("node.store.filemeta",),
     "stow_body": ("node.receive.stow", "python_multipart.multipart"),
     "console_upload": ("node.console.limits", "starlette.formparsers", "python_multipart.multipart"),

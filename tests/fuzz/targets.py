@@ -209,7 +209,7 @@ INFLATE_LIMIT = 1 << 20  # small, so that the fuzzer reaches it
 
 
 def deflate(data: bytes) -> None:
-    """node/receive/validate.inflate, the deflate bomb guard. First byte even: the input is a
+    """node/receive/validate.inflate (node/deflate.py), the deflate bomb guard. First byte even: the input is a
     deflate stream: it inflates to at most the limit, or is refused. Odd: the rest is a payload,
     deflated here and followed by a fuzzed tail; it must come back exactly when the tail is none
     or the one pad byte PS3.5 A.5 allows, and be refused otherwise."""
