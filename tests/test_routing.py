@@ -335,7 +335,8 @@ def test_running_node_reloads_on_change_and_sighup_and_records_rules_version(sta
 
 def test_explained_files_are_read_deflated_and_a_deflate_bomb_is_never_inflated_whole(tmp_path):
     """`route explain` and the console's rule tester read files from outside: a deflated file is
-    routed on its tags, and a deflate bomb (1 GiB of zeros in about 1 MiB) is skipped without
+    routed on its tags (as pydicom reads it: also without its file meta group length, or with a
+    wrong one), and a deflate bomb (1 GiB of zeros in about 1 MiB) is skipped without
     inflating past the node's bound (zlib's output buffer may take twice the bound on its way;
     pydicom alone inflates the whole GiB)."""
     import tracemalloc
@@ -355,6 +356,10 @@ def test_explained_files_are_read_deflated_and_a_deflate_bomb_is_never_inflated_
     upload.mkdir()
     ds.save_as(upload / "deflated.dcm", enforce_file_format=True)
     deflated = (upload / "deflated.dcm").read_bytes()
+    assert deflated[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) File Meta Information Group Length
+    (upload / "no-group-length.dcm").write_bytes(deflated[:132] + deflated[144:])
+    wrong = int.from_bytes(deflated[140:144], "little") + 2
+    (upload / "wrong-group-length.dcm").write_bytes(deflated[:140] + wrong.to_bytes(4, "little") + deflated[144:])
     packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     zeros = bytes(1 << 20)
     bomb = b"".join(packer.compress(zeros) for _ in range(1024)) + packer.flush()
@@ -367,6 +372,7 @@ def test_explained_files_are_read_deflated_and_a_deflate_bomb_is_never_inflated_
     finally:
         tracemalloc.stop()
     [read] = study.series
-    assert (read.series_uid, read.instance_count, read.files) == (str(ds.SeriesInstanceUID), 1, [upload / "deflated.dcm"])
+    assert (read.series_uid, read.instance_count) == (str(ds.SeriesInstanceUID), 3)
+    assert read.files == [upload / name for name in ("deflated.dcm", "no-group-length.dcm", "wrong-group-length.dcm")]
     assert read.tags["SeriesDescription"] == "DEFLATED" and read.tags["Modality"] == "CT"
     assert peak < 2 * MAX_INFLATED_BYTES + (64 << 20), f"peak {peak >> 20} MiB"

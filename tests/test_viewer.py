@@ -221,11 +221,11 @@ def test_ohif_shows_the_sr_finding_on_its_slice_with_its_volume(viewer, case):
     referenced = point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     page = open_sr(viewer, case, SHAPE[0], "Volume:")
     try:
-        volume = page.locator("svg text", has_text="Volume:")
+        volume = page.locator("svg text", has_text="Volume:").first
         page.screenshot(path=str(viewer.shots / f"{case}-sr.png"))
         assert f"Volume: {finding['volume_mm3']:.2f} mm3" in volume.text_content()
         if finding["long_axis_mm"] is not None:  # reported for axial series only (README, SR)
-            long_axis = page.locator("svg text", has_text="Long axis:").text_content()
+            long_axis = page.locator("svg text", has_text="Long axis:").first.text_content()
             assert f"Long axis: {finding['long_axis_mm']:.2f} mm" in long_axis
         shown = page.locator('[data-cy="viewport-overlay-bottom-right"]').inner_text()
         assert shown.startswith(f"I:{viewer.instance_numbers[case][referenced]} ")  # the centre of mass's slice
@@ -240,8 +240,8 @@ def open_sr(viewer: Viewer, case: str, slices: int, drawn: str) -> Any:
     draw (`setTrackingUniqueIdentifiersForElement`, in an effect once the element is enabled) but
     does not render again afterwards, so when the first render of the referenced image came
     first, the finding appears only at the next render (any interaction, for a radiologist). Until
-    it is drawn, the test makes that next render happen every 5 s by resizing the page by one
-    pixel and back, which changes neither the slice nor what is drawn."""
+    it is drawn, the test makes that next render happen every 5 s by making the page one pixel
+    wider or narrower again (OHIF's ResizeObserver re-renders and keeps the view, slice included)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     page = viewer.browser.new_page(viewport={"width": 1400, "height": 900})
@@ -259,10 +259,9 @@ def open_sr(viewer: Viewer, case: str, slices: int, drawn: str) -> Any:
             try:
                 text.wait_for(timeout=5_000)
                 break
-            except PlaywrightTimeout:
+            except PlaywrightTimeout:  # a width other than the one laid out last: the observer sees a change
                 print(f"{case}: OHIF has not drawn the SR finding (wait {attempt + 1}); resizing the page to render again")
-                page.set_viewport_size({"width": 1401, "height": 900})
-                page.set_viewport_size({"width": 1400, "height": 900})
+                page.set_viewport_size({"width": 1401 if attempt % 2 == 0 else 1400, "height": 900})
         text.wait_for(timeout=5_000)
         return page
     except BaseException:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -16,7 +17,6 @@ from common.orientation import plane_of_orientation
 from node.deflate import inflate
 from node.routing_tags import ROUTING_KEYWORDS, routing_values
 from node.store.index import Index
-from node.store.spool import dataset_offset
 
 # Routing-tag keyword -> column of the series table
 SERIES_COLUMNS = {
@@ -106,13 +106,18 @@ def study_from_index(index: Index, study_uid: str, data_dir: Path) -> StudyView 
 
 def _routing_dataset(path: Path) -> pydicom.Dataset:
     """A part-10 file's routing tags. A deflated one is inflated within the node's bound first
-    (node/deflate.py): pydicom would inflate a deflate bomb uploaded to be explained whole."""
-    meta = pydicom.filereader.read_file_meta_info(path)
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTING_KEYWORDS))
-    data = path.read_bytes()
-    return pydicom.filereader.read_dataset(io.BytesIO(inflate(data[dataset_offset(data):])), is_implicit_VR=False,
-                                           is_little_endian=True, specific_tags=[Tag(k) for k in ROUTING_KEYWORDS])
+    (node/deflate.py): pydicom would inflate a deflate bomb uploaded to be explained whole. The
+    data set starts where the file meta group ends, as pydicom reads it (a group length that is
+    absent or wrong is only logged by pydicom: such files are read here too)."""
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                            stop_when=lambda tag, vr, length: tag >> 16 != 2)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(ROUTING_KEYWORDS))
+        deflated = fp.read()
+    return read_dataset(io.BytesIO(inflate(deflated)), is_implicit_VR=False, is_little_endian=True,
+                        specific_tags=[Tag(k) for k in ROUTING_KEYWORDS])
 
 
 def study_from_folder(folder: Path, calling_ae: str = "", called_ae: str = "", peer: str = "") -> list[StudyView]:
