@@ -218,6 +218,21 @@ def test_pynetdicom_internals_pinned():
     assert "time.sleep(self._run_loop_delay)" in reactor and "self._is_transport_event()" in reactor
     assert "self.to_provider_queue.put(primitive)" in inspect.getsource(DULServiceProvider.send_pdu)
     assert Association(AE(), "acceptor").dul._run_loop_delay > 0
+    # the direct C-STORE path (PduSocket, Direct): a P-DATA-TF without PDVs is Evt10, and the
+    # DIMSE provider takes its primitive without effect; the negotiated facts it reads
+    from pynetdicom.pdu_primitives import P_DATA
+
+    empty = Association(AE(), "acceptor")
+    empty.dul.socket = Reader()  # type: ignore[assignment]
+    empty.dul.socket.data = bytes([0x04, 0, 0, 0, 0, 0])  # type: ignore[attr-defined]
+    empty.dul._read_pdu_data()
+    assert empty.dul.event_queue.get_nowait() == "Evt10"
+    nothing = P_DATA()
+    nothing.presentation_data_value_list = []
+    empty.dimse.receive_primitive(nothing)
+    assert empty.dimse.msg_queue.empty() and empty.dimse.message is not None and not empty.dimse.message.encoded_command_set.getvalue()
+    assert empty.accepted_contexts == [] and empty.requestor.maximum_length >= 0
+    assert empty.dul.to_provider_queue.empty() and empty.dul._kill_thread is False
 
 
 def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
@@ -1066,3 +1081,69 @@ def test_ae_titles_config():
         ScpConfig(ae_titles=["BACK\\SLASH"])
     assert ScpConfig().pdu_limit() == 64 << 20 and ScpConfig(max_pdu=16384).pdu_limit() == 16384
 
+
+
+def _answers(sock: socket.socket, count: int) -> list[bytes]:
+    """The next `count` PDUs the node sends (bounded wait)."""
+    sock.settimeout(30)
+    data, pdus = b"", []
+    while len(pdus) < count:
+        while len(data) < 6 or len(data) < 6 + int.from_bytes(data[2:6], "big"):
+            chunk = sock.recv(65536)
+            assert chunk, f"the node closed the connection after {pdus}"
+            data += chunk
+        end = 6 + int.from_bytes(data[2:6], "big")
+        pdus.append(data[:end])
+        data = data[end:]
+    return pdus
+
+
+def test_c_stores_taken_directly_and_left_to_pynetdicom_are_stored_and_answered_alike(start_node):
+    """PduSocket's direct C-STORE path (node/receive/pynetdicom_internals.py, Direct) and
+    pynetdicom's DIMSE path answer byte for byte alike and store the same. Taken directly: a
+    command set whole in one PDV (as dcmtk and pynetdicom send it), also with data-set fragments
+    in its PDU. Left to pynetdicom: a command set cut in two PDVs. A command fragment inside a
+    taken data set is a protocol error: A-ABORT, and what was acknowledged before stays."""
+    from node.receive.pynetdicom_internals import store_response
+    from tests.fuzz.protocol import STORE_CONTEXT, associate_rq, c_store_fragments, pdu, pdv
+
+    node = start_node(scp={"workers": 1})
+    instances = {name: image(rows=64, columns=64) for name in ("whole", "mixed", "cut", "refused")}
+    for ds in instances.values():
+        ds.PatientID = PHI
+    instances["refused"].SOPInstanceUID = generate_uid()  # differs from its command: 0xC211
+    data = {name: encoded(ds) for name, ds in instances.items()}
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(associate_rq())
+        [accepted] = _answers(sock, 1)
+        assert accepted[0] == 0x02
+        answers = {}
+        for name, uid in (("whole", None), ("mixed", None), ("cut", None), ("refused", generate_uid())):
+            sop = uid or str(instances[name].SOPInstanceUID)
+            command, *data_set = c_store_fragments(data[name], sop, max_pdu=4096)
+            items = command[6:]
+            if name == "mixed":  # the command's PDV and the first data-set PDV in one PDU
+                first = data_set.pop(0)
+                sock.sendall(pdu(0x04, items + first[6:]))
+            elif name == "cut":  # the command set in two PDVs (control 0x01, then 0x03)
+                whole = items[6:]
+                sock.sendall(pdu(0x04, pdv(STORE_CONTEXT, 0x01, whole[:20]) + pdv(STORE_CONTEXT, 0x03, whole[20:])))
+            else:
+                sock.sendall(command)
+            sock.sendall(b"".join(data_set))
+            [answers[name]] = _answers(sock, 1)
+            status = 0xC211 if name == "refused" else 0x0000
+            assert answers[name] == store_response(CTImageStorage, sop, 1, status, STORE_CONTEXT), name
+        # a command fragment inside a data set the direct path took
+        command, first, *_ = c_store_fragments(encoded(image(rows=64, columns=64)), generate_uid(), max_pdu=4096)
+        sock.sendall(command + first + command)
+        answer = closed_by_peer(sock, 30)
+    assert answer[:1] == b"\x07", answer
+    [event] = wait_for(lambda: node.events("dimse_message_malformed"), timeout=30)
+    assert event["reason"] == "fragment out of place"
+    stored = {row["sop_instance_uid"]: row["path"] for row in node.query("SELECT sop_instance_uid, path FROM instances")}
+    assert set(stored) == {str(instances[name].SOPInstanceUID) for name in ("whole", "mixed", "cut")}
+    for name in ("whole", "mixed", "cut"):
+        assert dataset_bytes(node.data_dir / stored[str(instances[name].SOPInstanceUID)]) == data[name]
+    assert echoscu(node.port).returncode == 0
+    assert_json_log(node)

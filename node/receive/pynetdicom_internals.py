@@ -20,6 +20,11 @@ Relied on (pynetdicom 3.0):
   learns of data only through `socket.ready` (`_is_transport_event`); the association hands it
   every primitive to send through `dul.send_pdu`, which puts it on `to_provider_queue`. With the
   delay at 0 the loop waits in `PduSocket.ready` instead (see there).
+- A P-DATA-TF PDU with no PDV items decodes (Evt10) into a P-DATA primitive that the DIMSE
+  provider takes without effect (`decode_msg` of no fragments); `assoc.accepted_contexts` and
+  `assoc.requestor.maximum_length` hold the negotiated contexts and the peer's maximum PDU length;
+  `dul.to_provider_queue` holds what the association wants sent, `dul._kill_thread` says it is
+  being stopped (see PduSocket, Direct).
 - EVT_REQUESTED fires on the association's thread before the A-ASSOCIATE-AC is sent (no
   DIMSE message is handled before it returns; the DUL thread may still see the peer go away
   meanwhile); EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU
@@ -38,7 +43,8 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any, Callable, cast
 
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -72,6 +78,17 @@ DEFAULT_PDU_TIMEOUT = 60.0  # when the AE carries no `pdu_timeout` (see node.con
 IDLE_WAIT_MS = 1
 COMMAND_LIMIT = 64 << 10  # command fragments kept to read CommandDataSetType (a command is ~100 bytes)
 _COMMAND_DATA_SET_TYPE = 0x0800  # (0000,0800); 0x0101: no data set follows (PS3.7 E.1)
+# What the direct C-STORE path answers when the store callback itself fails, as pynetdicom does
+# for an exception in an EVT_C_STORE handler (PS3.4 B.2.3: Error, Cannot understand).
+HANDLER_FAILED = 0xC211
+# A P-DATA-TF PDU without PDV items: what the DUL is given when the direct path took a whole PDU.
+_EMPTY_P_DATA = bytearray([P_DATA_TF, 0, 0, 0, 0, 0])
+# The peer's maximum PDU length below which the direct path stays out (its C-STORE-RSP, about
+# 200 bytes, goes in one PDU); 0 is "no limit" (PS3.8 D.1).
+_DIRECT_MIN_PEER_PDU = 1024
+
+# (association, transfer syntax UID, SOP class UID, SOP instance UID, the data set) -> DIMSE status
+DirectStore = Callable[[Association, str, str, str, memoryview], int]
 
 
 class PduTooLarge(ConnectionAbortedError):
@@ -95,6 +112,74 @@ def command_has_data_set(command: bytes | bytearray) -> bool:
             return length == 2 and struct.unpack_from("<H", command, pos + 8)[0] != 0x0101
         pos += 8 + length
     return False
+
+
+def _command_elements(command: bytes | bytearray | memoryview) -> dict[int, bytes] | None:
+    """A DIMSE command set's elements (implicit VR little endian, group 0000, PS3.7 E.1) by
+    element number; None unless it is exactly such elements, end to end."""
+    elements: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(command):
+        if pos + 8 > len(command):
+            return None
+        group, element, length = struct.unpack_from("<HHL", command, pos)
+        if group != 0 or pos + 8 + length > len(command) or element in elements:
+            return None
+        elements[element] = bytes(command[pos + 8:pos + 8 + length])
+        pos += 8 + length
+    return elements
+
+
+def _uid_value(value: bytes | None) -> str | None:
+    """A UI value as text (its NUL or space padding removed); None unless plain ASCII."""
+    if not value:
+        return None
+    try:
+        text = value.decode("ascii").rstrip("\0 ")
+    except UnicodeDecodeError:
+        return None
+    return text if text and text.isprintable() else None
+
+
+def _us_value(value: bytes | None) -> int | None:
+    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
+
+
+def _element(number: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0, number, len(value)) + value
+
+
+def _ui(text: str) -> bytes:
+    value = text.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int, context_id: int) -> bytes:
+    """A C-STORE-RSP (PS3.7 9.3.1.2) as one P-DATA-TF PDU: the elements pynetdicom writes for an
+    EVT_C_STORE handler's status, in the same order."""
+    elements = b"".join((
+        _element(0x0002, _ui(sop_class_uid)),
+        _element(0x0100, struct.pack("<H", 0x8001)),
+        _element(0x0120, struct.pack("<H", message_id)),
+        _element(0x0800, struct.pack("<H", 0x0101)),
+        _element(0x0900, struct.pack("<H", status)),
+        _element(0x1000, _ui(sop_instance_uid)),
+    ))
+    command = _element(0x0000, struct.pack("<L", len(elements))) + elements
+    pdv = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBL", P_DATA_TF, 0, len(pdv)) + pdv
+
+
+@dataclass
+class _DirectMessage:
+    """A C-STORE-RQ taken by the direct path, its data set being received."""
+
+    context_id: int
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    message_id: int
+    data_set: bytearray = field(default_factory=bytearray)
 
 
 class PduSocket(AssociationSocket):
@@ -124,6 +209,17 @@ class PduSocket(AssociationSocket):
       association). Here the DUL does not sleep; `ready` waits instead, for at most the same
       millisecond, until the socket is readable or the association has queued a primitive
       (`_WakingDul` rings `wake`).
+    - **Direct**: with a `direct_store`, a C-STORE-RQ whose command set arrives whole in one PDV
+      on an accepted context of its SOP class is taken here, on the DUL's thread: its data-set
+      fragments are gathered as they are read, the store is called with the data set, and the
+      C-STORE-RSP is written back (`store_response`). pynetdicom's DIMSE path costs about 2 ms
+      of Python per instance (a C-STORE handler that does nothing reaches 0.13x dcmtk's storescp
+      on small instances, 0.33x on CT); this one, tens of microseconds. Every other message
+      (C-ECHO, MPPS, a C-STORE whose command is split, on another context or unreadable) goes to
+      pynetdicom untouched: the PDVs left in a PDU are handed on under a rewritten header, and
+      a PDU taken whole becomes a P-DATA-TF without PDVs (which the DUL takes without effect)
+      unless the next PDU is already on its way. A command fragment or another context's
+      fragment inside a taken message is a protocol error: A-ABORT.
     """
 
     pdu_limit: int
@@ -142,9 +238,19 @@ class PduSocket(AssociationSocket):
     _message_wire: int
     _command: bytearray
     _bound: tuple[str, float | None] | None
+    direct_store: DirectStore | None
+    _handed: bytearray | None
+    _direct: _DirectMessage | None
+    _passing: bool
+    _passing_command: bytearray
 
     def prepare(self, pdu_limit: int, peer: str, message_limit: int,
-                pdu_timeout: float | None = DEFAULT_PDU_TIMEOUT) -> None:
+                pdu_timeout: float | None = DEFAULT_PDU_TIMEOUT, direct_store: DirectStore | None = None) -> None:
+        self.direct_store = direct_store
+        self._handed = None  # a PDU body the direct path rewrote, for the DUL's next recv
+        self._direct = None  # the C-STORE being received directly
+        self._passing = False  # a message pynetdicom is receiving: its PDVs all go to it
+        self._passing_command = bytearray()
         self.pdu_limit = pdu_limit
         self.message_limit = message_limit
         self.pdu_timeout = pdu_timeout
@@ -209,6 +315,9 @@ class PduSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
+        if self._handed is not None:  # the body under the header the direct path rewrote
+            body, self._handed = self._handed, None
+            return body
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except OSError:
@@ -223,8 +332,15 @@ class PduSocket(AssociationSocket):
                 self._follow_message(body)
             return body
         # a new PDU: pynetdicom reads its header once the socket is readable, so its clock starts here
+        data = self._read_header(sock, nr_bytes)
+        if self._body_type == P_DATA_TF and self._body is not None and self._established and self.direct_store:
+            return self._p_data(sock, data)
+        return data
+
+    def _read_header(self, sock: socket.socket, nr_bytes: int = 6) -> bytearray:
         self._pdu_started, self._pdu_bytes = time.monotonic(), 0
         data = self._read(sock, nr_bytes)
+        self._body = None
         if nr_bytes == 6 and len(data) == 6:
             pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
             # P-DATA before the association is negotiated gets the negotiation limit too
@@ -234,6 +350,126 @@ class PduSocket(AssociationSocket):
             self._body = length if 0x01 <= pdu_type <= 0x07 else None
             self._body_type = pdu_type
         return data
+
+    def _p_data(self, sock: socket.socket, header: bytearray) -> bytearray:
+        """P-DATA-TF PDUs, read on while the direct path takes them whole (Direct); returns the
+        header the DUL gets, its body handed over by the next `recv`."""
+        while True:
+            length = cast(int, self._body)
+            self._body = None
+            body = self._read(sock, length)
+            if len(body) != length:  # the peer went away: the DUL sees the short PDU (Evt17)
+                self._handed = body
+                return header
+            self._count_message(sock, body)
+            self._follow_message(body)
+            handed = self._take(sock, body)
+            if handed or self._direct is None and not self._next_is_here():
+                self._handed = handed
+                return bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(handed)))
+            header = self._read_header(sock)
+            if self._body_type != P_DATA_TF or self._body is None:  # A-RELEASE-RQ, A-ABORT...: the DUL's
+                return header
+
+    def _next_is_here(self) -> bool:
+        """Whether another PDU is arriving (within pynetdicom's polling period) while the DUL has
+        nothing to send and is not being stopped: the direct path reads it at once."""
+        dul = self.assoc.dul
+        if not dul.to_provider_queue.empty() or dul._kill_thread:
+            return False
+        sock = self.socket
+        if sock is None or isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return sock is not None
+        try:
+            waiting = select.poll()
+            waiting.register(sock, select.POLLIN)
+            return bool(waiting.poll(IDLE_WAIT_MS))
+        except (OSError, ValueError):
+            return False
+
+    def _take(self, sock: socket.socket, body: bytearray) -> bytearray:
+        """The PDVs of `body` the direct path takes (a C-STORE's command and data set, which it
+        stores and answers); returns the others, for pynetdicom."""
+        handed = bytearray()
+        view = memoryview(body)
+        pos = 0
+        while pos < len(body):
+            length = int.from_bytes(body[pos:pos + 4], "big") if pos + 4 <= len(body) else 0
+            end = pos + 4 + length
+            if length < 2 or end > len(body):  # not a PDV: pynetdicom judges it, as before
+                if self._direct is not None:
+                    self._abort(sock, "dimse_message_malformed", "a PDV item that is not whole",
+                                reason="PDV item length")
+                handed += view[pos:]
+                break
+            context_id, control = body[pos + 4], body[pos + 5]
+            fragment = view[pos + 6:end]
+            if self._direct is not None:
+                self._receive_data_set(sock, context_id, control, fragment)
+            elif not self._passing and control & 0x03 == 0x03 and self._start(context_id, fragment):
+                pass
+            else:
+                self._pass(control, fragment)
+                handed += view[pos:end]
+            pos = end
+        return handed
+
+    def _pass(self, control: int, fragment: memoryview) -> None:
+        """Follow the message pynetdicom receives, so the direct path starts only between messages."""
+        if control & 0x01:
+            self._passing = True
+            if len(self._passing_command) < COMMAND_LIMIT:
+                self._passing_command += fragment
+            if control & 0x02:
+                self._passing = command_has_data_set(self._passing_command)
+                self._passing_command.clear()
+        elif control & 0x02:
+            self._passing = False
+
+    def _start(self, context_id: int, command: memoryview) -> bool:
+        """Take this whole command set if it is a C-STORE-RQ the direct path can answer."""
+        elements = _command_elements(command)
+        if elements is None or _us_value(elements.get(0x0100)) != 0x0001:  # C-STORE-RQ
+            return False
+        message_id = _us_value(elements.get(0x0110))
+        sop_class, sop_instance = _uid_value(elements.get(0x0002)), _uid_value(elements.get(0x1000))
+        data_set_type = _us_value(elements.get(_COMMAND_DATA_SET_TYPE))
+        peer_pdu = self.assoc.requestor.maximum_length
+        if (message_id is None or sop_class is None or sop_instance is None or data_set_type in (None, 0x0101)
+                or _us_value(elements.get(0x0700)) is None or 0 < peer_pdu < _DIRECT_MIN_PEER_PDU):
+            return False
+        context = next((c for c in self.assoc.accepted_contexts if c.context_id == context_id), None)
+        if context is None or context.abstract_syntax != sop_class or not context.transfer_syntax:
+            return False
+        self._direct = _DirectMessage(context_id, str(context.transfer_syntax[0]), sop_class, sop_instance, message_id)
+        return True
+
+    def _receive_data_set(self, sock: socket.socket, context_id: int, control: int, fragment: memoryview) -> None:
+        message = cast(_DirectMessage, self._direct)
+        if control & 0x01 or context_id != message.context_id:
+            self._abort(sock, "dimse_message_malformed", "a command or another context's fragment inside a data set",
+                        reason="fragment out of place", context_id=context_id)
+        message.data_set += fragment
+        if control & 0x02:
+            self._direct = None
+            self._answer(sock, message)
+
+    def _answer(self, sock: socket.socket, message: _DirectMessage) -> None:
+        """Store the data set and send the C-STORE-RSP (after the store: the acknowledgement).
+        A response that cannot be sent ends the connection as a failed read does (Evt17)."""
+        store = cast(DirectStore, self.direct_store)
+        try:
+            status = store(self.assoc, message.transfer_syntax, message.sop_class_uid, message.sop_instance_uid,
+                           memoryview(message.data_set))
+        except Exception as exc:  # as pynetdicom answers for a failing EVT_C_STORE handler
+            logs.event(log, "store_handler_failed", logging.ERROR, error=type(exc).__name__,
+                       sop_instance_uid=message.sop_instance_uid)
+            status = HANDLER_FAILED
+        try:
+            sock.sendall(store_response(message.sop_class_uid, message.sop_instance_uid, message.message_id,
+                                        status, message.context_id))
+        except OSError as exc:
+            raise ConnectionResetError("the C-STORE-RSP could not be sent") from exc
 
     def _arm_timeout(self, sock: socket.socket, expected: int) -> None:
         """Before each read: the network timeout, cut to what is left to the nearest deadline."""
@@ -396,7 +632,8 @@ class _RequestHandler(RequestHandler):
         cast(PduSocket, sock).prepare(int(self.ae.maximum_pdu_size or 0) or (1 << 30),
                                       str(self.client_address[0]),
                                       int(getattr(self.ae, "max_message_bytes", 0)) or (1 << 62),
-                                      getattr(self.ae, "pdu_timeout", DEFAULT_PDU_TIMEOUT))
+                                      getattr(self.ae, "pdu_timeout", DEFAULT_PDU_TIMEOUT),
+                                      getattr(self.ae, "direct_store", None))
         return assoc
 
 

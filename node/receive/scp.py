@@ -53,6 +53,7 @@ class NodeAE(AE):
         # read by PduSocket: the most data-set bytes one DIMSE message may carry
         self.max_message_bytes = config.scp.max_instance_mb << 20
         self.pdu_timeout = config.scp.timeouts.pdu  # read by PduSocket: a whole PDU's deadline
+        self.direct_store: internals.DirectStore | None = None  # read by PduSocket (see StorageSCP.make_ae)
 
 
 @dataclass
@@ -114,6 +115,8 @@ class StorageSCP:
         # that never sent an A-ASSOCIATE-RQ.
         ae.maximum_associations = 1 << 16
         ae.maximum_pdu_size = scp.pdu_limit()  # announced; PduSocket refuses longer PDUs
+        # read by PduSocket: C-STOREs taken off pynetdicom's DIMSE path (see PduSocket, Direct)
+        ae.direct_store = self.store_direct
         ae.acse_timeout = scp.timeouts.acse
         ae.dimse_timeout = scp.timeouts.dimse
         ae.network_timeout = scp.timeouts.network
@@ -307,12 +310,19 @@ class StorageSCP:
     # -- C-STORE ---------------------------------------------------------------------------
 
     def handle_store(self, event: Event) -> int:
-        stats = self._stats.get(event.assoc)
+        """EVT_C_STORE: the C-STOREs the direct path leaves to pynetdicom (PduSocket, Direct)."""
         request = event.request
         raw: BytesIO = request.DataSet  # type: ignore[assignment]
+        return self.store_direct(event.assoc, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID),
+                                 _uid(request), raw.getbuffer())
+
+    def store_direct(self, assoc: Association, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str,
+                     payload: memoryview) -> int:
+        """Store one C-STORE's data set; the status is its C-STORE-RSP's."""
+        stats = self._stats.get(assoc)
         stored = self.store.store(Incoming(
-            raw.getbuffer(), str(event.context.transfer_syntax), str(request.AffectedSOPClassUID), _uid(request),
-            stats.calling_ae if stats else event.assoc.requestor.ae_title, stats.called_ae if stats else "",
+            payload, transfer_syntax, sop_class_uid, sop_instance_uid,
+            stats.calling_ae if stats else assoc.requestor.ae_title, stats.called_ae if stats else "",
             stats.peer if stats else "", stats.record_id if stats else None))
         if stats is not None:
             if stored.status == SUCCESS and stored.study_uid is not None:
