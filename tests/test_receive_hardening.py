@@ -1147,3 +1147,70 @@ def test_c_stores_taken_directly_and_left_to_pynetdicom_are_stored_and_answered_
         assert dataset_bytes(node.data_dir / stored[str(instances[name].SOPInstanceUID)]) == data[name]
     assert echoscu(node.port).returncode == 0
     assert_json_log(node)
+
+
+def _direct_socket(stored: list[str]) -> tuple[Any, Any, socket.socket]:
+    """A PduSocket with a direct store (recording the SOP Instance UIDs it is given) under a real
+    acceptor Association in state Sta6 with CT Image Storage accepted, and the peer's end."""
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import build_context
+    from pynetdicom.transport import AssociationSocket
+
+    from node.receive.pynetdicom_internals import PduSocket, _WakingDul
+    from tests.fuzz.protocol import STORE_CONTEXT
+
+    ae = AE()
+    ae.network_timeout = ae.dimse_timeout = 30
+    assoc = Association(ae, "acceptor")
+    ours, peer = socket.socketpair()
+    sock = AssociationSocket(assoc, client_socket=ours)
+    assoc.dul.socket = sock
+    sock.__class__ = PduSocket
+    _WakingDul.adopt(assoc.dul)
+
+    def store(_assoc: Any, _syntax: str, _sop_class: str, sop_instance: str, _data: memoryview) -> int:
+        stored.append(sop_instance)
+        return 0
+
+    cast(Any, sock).prepare(1 << 20, "127.0.0.1", 1 << 30, 60.0, store)
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id, context.result = STORE_CONTEXT, 0
+    assoc._accepted_cx = {STORE_CONTEXT: context}
+    assoc.is_established = True
+    assoc.dul.state_machine.current_state = "Sta6"
+    cast(Any, sock)._established = True
+    return assoc, sock, peer
+
+
+def test_the_direct_path_takes_c_stores_only_when_established_and_yields_to_the_dul():
+    """Unit level (PduSocket, Direct): outside Sta6 a C-STORE goes to pynetdicom whole; a peer
+    that announces no maximum PDU length is served; with a primitive queued for the DUL the
+    direct path hands the DUL a PDU between two of the message's PDUs, and the message goes on
+    from the next `recv`; the store is called once, when its last fragment is in."""
+    from node.receive.pynetdicom_internals import store_response
+    from tests.fuzz.protocol import STORE_CONTEXT, c_store_fragments
+
+    stored: list[str] = []
+    data = encoded(image(rows=64, columns=64))
+    fragments = c_store_fragments(data, "1.2.3.4", max_pdu=4096)
+    assert len(fragments) >= 3  # the command's PDU and at least two of the data set's
+    # releasing (Sta8): nothing taken, pynetdicom gets the PDU as the peer sent it
+    assoc, sock, peer = _direct_socket(stored)
+    assoc.dul.state_machine.current_state = "Sta8"
+    peer.sendall(fragments[0])
+    header = sock.recv(6)
+    assert header == fragments[0][:6] and sock.recv(len(fragments[0]) - 6) == fragments[0][6:]
+    # established, no Maximum Length sub-item (None), a primitive waiting for the DUL
+    assoc, sock, peer = _direct_socket(stored)
+    assoc.requestor._user_info = []  # an A-ASSOCIATE-RQ without its Maximum Length sub-item
+    assert assoc.requestor.maximum_length is None
+    assoc.dul.to_provider_queue.put("a primitive to send")
+    peer.sendall(b"".join(fragments))
+    turns = 0
+    while not stored:
+        header = sock.recv(6)
+        assert header == bytes([0x04, 0, 0, 0, 0, 0]) and sock.recv(0) == b""  # each PDU taken whole
+        turns += 1
+    assert stored == ["1.2.3.4"] and turns == len(fragments)
+    peer.settimeout(5)
+    assert peer.recv(4096) == store_response(CTImageStorage, "1.2.3.4", 1, 0x0000, STORE_CONTEXT)

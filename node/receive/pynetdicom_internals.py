@@ -24,7 +24,9 @@ Relied on (pynetdicom 3.0):
   provider takes without effect (`decode_msg` of no fragments); `assoc.accepted_contexts` and
   `assoc.requestor.maximum_length` hold the negotiated contexts and the peer's maximum PDU length;
   `dul.to_provider_queue` holds what the association wants sent, `dul._kill_thread` says it is
-  being stopped (see PduSocket, Direct).
+  being stopped, `dul.state_machine.current_state` is "Sta6" while the association is
+  established, and the DUL restarts `dul._idle_timer` only when `_is_transport_event` returns
+  (see PduSocket, Direct).
 - EVT_REQUESTED fires on the association's thread before the A-ASSOCIATE-AC is sent (no
   DIMSE message is handled before it returns; the DUL thread may still see the peer go away
   meanwhile); EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU
@@ -138,7 +140,7 @@ def _uid_value(value: bytes | None) -> str | None:
         text = value.decode("ascii").rstrip("\0 ")
     except UnicodeDecodeError:
         return None
-    return text if text and text.isprintable() else None
+    return text if text and len(text) <= 64 and text.isprintable() else None
 
 
 def _us_value(value: bytes | None) -> int | None:
@@ -168,6 +170,19 @@ def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int, s
     command = _element(0x0000, struct.pack("<L", len(elements))) + elements
     pdv = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
     return struct.pack(">BBL", P_DATA_TF, 0, len(pdv)) + pdv
+
+
+def _whole_pdvs(body: bytes | bytearray) -> bool:
+    """Whether a P-DATA-TF body is PDV items end to end, each with its two header bytes."""
+    pos = 0
+    while pos < len(body):
+        if pos + 6 > len(body):
+            return False
+        length = int.from_bytes(body[pos:pos + 4], "big")
+        if length < 2 or pos + 4 + length > len(body):
+            return False
+        pos += 4 + length
+    return True
 
 
 @dataclass
@@ -218,8 +233,12 @@ class PduSocket(AssociationSocket):
       (C-ECHO, MPPS, a C-STORE whose command is split, on another context or unreadable) goes to
       pynetdicom untouched: the PDVs left in a PDU are handed on under a rewritten header, and
       a PDU taken whole becomes a P-DATA-TF without PDVs (which the DUL takes without effect)
-      unless the next PDU is already on its way. A command fragment or another context's
-      fragment inside a taken message is a protocol error: A-ABORT.
+      unless the next PDU is already on its way and the DUL has nothing to do (a primitive to
+      send, a stop): then it is read at once, the DUL's idle timer restarted as the DUL would.
+      Messages are taken only in state Sta6 and answered only if it still holds; a PDU whose PDV
+      items do not tile it exactly goes to pynetdicom whole (which refuses it, as before). A
+      command fragment or another context's fragment inside a taken message is a protocol
+      error: A-ABORT.
     """
 
     pdu_limit: int
@@ -318,10 +337,6 @@ class PduSocket(AssociationSocket):
         if self._handed is not None:  # the body under the header the direct path rewrote
             body, self._handed = self._handed, None
             return body
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
         if self._body is not None and nr_bytes == self._body:  # the body of the last header
             self._body = None
             body = self._read(sock, nr_bytes)
@@ -363,10 +378,18 @@ class PduSocket(AssociationSocket):
                 return header
             self._count_message(sock, body)
             self._follow_message(body)
-            handed = self._take(sock, body)
-            if handed or self._direct is None and not self._next_is_here():
+            try:
+                handed = self._take(sock, body)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug guard: the DUL ends the connection through
+                # its state machine (Evt17), so that the association's slot and row close as for any drop
+                logs.event(log, "direct_store_failed", logging.ERROR, peer=self.peer, error=type(exc).__name__)
+                raise ConnectionAbortedError("the direct C-STORE path failed") from None
+            if handed or not self._next_is_here():
                 self._handed = handed
                 return bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(handed)))
+            self.assoc.dul._idle_timer.restart()  # as the DUL does after each PDU it reads
             header = self._read_header(sock)
             if self._body_type != P_DATA_TF or self._body is None:  # A-RELEASE-RQ, A-ABORT...: the DUL's
                 return header
@@ -390,18 +413,16 @@ class PduSocket(AssociationSocket):
     def _take(self, sock: socket.socket, body: bytearray) -> bytearray:
         """The PDVs of `body` the direct path takes (a C-STORE's command and data set, which it
         stores and answers); returns the others, for pynetdicom."""
+        if not _whole_pdvs(body):  # pynetdicom refuses such a PDU (Evt19), as before
+            if self._direct is not None:
+                self._abort(sock, "dimse_message_malformed", "a PDV item that is not whole",
+                            reason="PDV item length")
+            return body
         handed = bytearray()
         view = memoryview(body)
         pos = 0
         while pos < len(body):
-            length = int.from_bytes(body[pos:pos + 4], "big") if pos + 4 <= len(body) else 0
-            end = pos + 4 + length
-            if length < 2 or end > len(body):  # not a PDV: pynetdicom judges it, as before
-                if self._direct is not None:
-                    self._abort(sock, "dimse_message_malformed", "a PDV item that is not whole",
-                                reason="PDV item length")
-                handed += view[pos:]
-                break
+            end = pos + 4 + int.from_bytes(body[pos:pos + 4], "big")
             context_id, control = body[pos + 4], body[pos + 5]
             fragment = view[pos + 6:end]
             if self._direct is not None:
@@ -434,8 +455,8 @@ class PduSocket(AssociationSocket):
         message_id = _us_value(elements.get(0x0110))
         sop_class, sop_instance = _uid_value(elements.get(0x0002)), _uid_value(elements.get(0x1000))
         data_set_type = _us_value(elements.get(_COMMAND_DATA_SET_TYPE))
-        peer_pdu = self.assoc.requestor.maximum_length
-        if (message_id is None or sop_class is None or sop_instance is None or data_set_type in (None, 0x0101)
+        peer_pdu = self.assoc.requestor.maximum_length or 0
+        if (not self._in_sta6() or message_id is None or sop_class is None or sop_instance is None or data_set_type in (None, 0x0101)
                 or _us_value(elements.get(0x0700)) is None or 0 < peer_pdu < _DIRECT_MIN_PEER_PDU):
             return False
         context = next((c for c in self.assoc.accepted_contexts if c.context_id == context_id), None)
@@ -452,7 +473,12 @@ class PduSocket(AssociationSocket):
         message.data_set += fragment
         if control & 0x02:
             self._direct = None
-            self._answer(sock, message)
+            if self._in_sta6():  # not after a release or an abort began: pynetdicom would not answer
+                self._answer(sock, message)
+
+    def _in_sta6(self) -> bool:
+        """Whether the association is established (PS3.8 9.2, Sta6: ready for data transfer)."""
+        return bool(self.assoc.is_established) and self.assoc.dul.state_machine.current_state == "Sta6"
 
     def _answer(self, sock: socket.socket, message: _DirectMessage) -> None:
         """Store the data set and send the C-STORE-RSP (after the store: the acknowledgement).
@@ -465,10 +491,14 @@ class PduSocket(AssociationSocket):
             logs.event(log, "store_handler_failed", logging.ERROR, error=type(exc).__name__,
                        sop_instance_uid=message.sop_instance_uid)
             status = HANDLER_FAILED
-        try:
+        try:  # within the network timeout, not what is left of the next read's deadline
+            sock.settimeout(self.assoc.network_timeout)
+            self._timeout = self.assoc.network_timeout
             sock.sendall(store_response(message.sop_class_uid, message.sop_instance_uid, message.message_id,
                                         status, message.context_id))
         except OSError as exc:
+            logs.event(log, "store_response_not_sent", logging.WARNING, peer=self.peer, status=f"0x{status:04X}",
+                       sop_instance_uid=message.sop_instance_uid, error=type(exc).__name__)
             raise ConnectionResetError("the C-STORE-RSP could not be sent") from exc
 
     def _arm_timeout(self, sock: socket.socket, expected: int) -> None:
@@ -556,6 +586,10 @@ class PduSocket(AssociationSocket):
             pos += 4 + length
 
     def _read(self, sock: socket.socket, nr_bytes: int) -> bytearray:
+        try:  # before every read: a sender with Nagle on waits for our ACK of its last segment
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:
+            pass
         buffer = bytearray(min(nr_bytes, EAGER_BUFFER if self._established else NEGOTIATION_EAGER_BUFFER))
         received = 0
         try:
