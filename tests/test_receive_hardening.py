@@ -1149,6 +1149,22 @@ def test_c_stores_taken_directly_and_left_to_pynetdicom_are_stored_and_answered_
     assert_json_log(node)
 
 
+class _RecordingSocket(socket.socket):
+    """A socket that records its reads and TCP_QUICKACK settings, in order."""
+
+    calls: list[str]
+
+    def setsockopt(self, level: int, option: int, value: Any, *rest: Any) -> None:  # type: ignore[override]
+        if (level, option) == (socket.IPPROTO_TCP, socket.TCP_QUICKACK):
+            self.calls.append("quickack")
+            return  # a socketpair is not TCP
+        super().setsockopt(level, option, value, *rest)
+
+    def recv_into(self, *args: Any) -> int:  # type: ignore[override]
+        self.calls.append("read")
+        return super().recv_into(*args)
+
+
 def _direct_socket(stored: list[str]) -> tuple[Any, Any, socket.socket]:
     """A PduSocket with a direct store (recording the SOP Instance UIDs it is given) under a real
     acceptor Association in state Sta6 with CT Image Storage accepted, and the peer's end."""
@@ -1163,6 +1179,8 @@ def _direct_socket(stored: list[str]) -> tuple[Any, Any, socket.socket]:
     ae.network_timeout = ae.dimse_timeout = 30
     assoc = Association(ae, "acceptor")
     ours, peer = socket.socketpair()
+    ours = _RecordingSocket(fileno=ours.detach())
+    ours.calls = []
     sock = AssociationSocket(assoc, client_socket=ours)
     assoc.dul.socket = sock
     sock.__class__ = PduSocket
@@ -1186,7 +1204,8 @@ def test_the_direct_path_takes_c_stores_only_when_established_and_yields_to_the_
     """Unit level (PduSocket, Direct): outside Sta6 a C-STORE goes to pynetdicom whole; a peer
     that announces no maximum PDU length is served; with a primitive queued for the DUL the
     direct path hands the DUL a PDU between two of the message's PDUs, and the message goes on
-    from the next `recv`; the store is called once, when its last fragment is in."""
+    from the next `recv`; the store is called once, when its last fragment is in; TCP_QUICKACK
+    is re-armed before every read (README, Performance: a Nagle sender is not held ~40 ms)."""
     from node.receive.pynetdicom_internals import store_response
     from tests.fuzz.protocol import STORE_CONTEXT, c_store_fragments
 
@@ -1212,5 +1231,8 @@ def test_the_direct_path_takes_c_stores_only_when_established_and_yields_to_the_
         assert header == bytes([0x04, 0, 0, 0, 0, 0]) and sock.recv(0) == b""  # each PDU taken whole
         turns += 1
     assert stored == ["1.2.3.4"] and turns == len(fragments)
+    calls = sock.socket.calls
+    assert calls.count("read") >= 2 * len(fragments)
+    assert all(before == "quickack" for before, call in zip(calls, calls[1:]) if call == "read")
     peer.settimeout(5)
     assert peer.recv(4096) == store_response(CTImageStorage, "1.2.3.4", 1, 0x0000, STORE_CONTEXT)
