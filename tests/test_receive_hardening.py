@@ -233,6 +233,8 @@ def test_pynetdicom_internals_pinned():
     assert empty.dimse.msg_queue.empty() and empty.dimse.message is not None and not empty.dimse.message.encoded_command_set.getvalue()
     assert empty.accepted_contexts == [] and empty.requestor.maximum_length >= 0
     assert empty.dul.to_provider_queue.empty() and empty.dul._kill_thread is False
+    assert empty.dul.state_machine.current_state == "Sta1"
+    assert "self._idle_timer.restart()" in reactor and callable(empty.dul._idle_timer.restart)
 
 
 def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
@@ -1236,3 +1238,41 @@ def test_the_direct_path_takes_c_stores_only_when_established_and_yields_to_the_
     assert all(before == "quickack" for before, call in zip(calls, calls[1:]) if call == "read")
     peer.settimeout(5)
     assert peer.recv(4096) == store_response(CTImageStorage, "1.2.3.4", 1, 0x0000, STORE_CONTEXT)
+
+
+def test_the_direct_path_aborts_a_pdu_that_is_not_whole_pdvs_and_ends_on_its_own_bugs(monkeypatch):
+    """A P-DATA-TF whose PDV items do not tile it (here a complete C-STORE followed by an item of
+    length 1, which pynetdicom 3.0 would take and die on, its slot never freed) is answered with
+    A-ABORT and nothing is stored; a bug inside the direct path ends the connection as a failed
+    read does (ConnectionAbortedError: Evt17 for the DUL), logged with where it happened."""
+    import logging
+
+    from node.receive.pynetdicom_internals import PduSocket
+    from tests.fuzz.protocol import c_store_fragments
+
+    stored: list[str] = []
+    command, *data_set = c_store_fragments(encoded(image()), "1.2.3.4")
+    body = command[6:] + b"".join(fragment[6:] for fragment in data_set) + bytes([0, 0, 0, 1, 1])
+    _, sock, peer = _direct_socket(stored)
+    peer.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
+    with pytest.raises(ConnectionAbortedError):
+        sock.recv(6)
+    peer.settimeout(5)
+    assert peer.recv(64)[:1] == b"\x07" and stored == []
+
+    def broken(*_: Any) -> bytearray:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(PduSocket, "_take", broken)
+    _, sock, peer = _direct_socket(stored)
+    peer.sendall(command)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("node.receive").addHandler(handler)
+    try:
+        with pytest.raises(ConnectionAbortedError, match="direct C-STORE path failed"):
+            sock.recv(6)
+    finally:
+        logging.getLogger("node.receive").removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["direct_store_failed"] and stored == []

@@ -45,6 +45,7 @@ import ssl
 import struct
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -235,10 +236,10 @@ class PduSocket(AssociationSocket):
       a PDU taken whole becomes a P-DATA-TF without PDVs (which the DUL takes without effect)
       unless the next PDU is already on its way and the DUL has nothing to do (a primitive to
       send, a stop): then it is read at once, the DUL's idle timer restarted as the DUL would.
-      Messages are taken only in state Sta6 and answered only if it still holds; a PDU whose PDV
-      items do not tile it exactly goes to pynetdicom whole (which refuses it, as before). A
-      command fragment or another context's fragment inside a taken message is a protocol
-      error: A-ABORT.
+      Messages are taken only in state Sta6 and answered only if it still holds (a message
+      under way when the state changes is dropped). A PDU whose PDV items do not tile it
+      exactly, and a command fragment or another context's fragment inside a taken message,
+      are protocol errors: A-ABORT.
     """
 
     pdu_limit: int
@@ -368,7 +369,20 @@ class PduSocket(AssociationSocket):
 
     def _p_data(self, sock: socket.socket, header: bytearray) -> bytearray:
         """P-DATA-TF PDUs, read on while the direct path takes them whole (Direct); returns the
-        header the DUL gets, its body handed over by the next `recv`."""
+        header the DUL gets, its body handed over by the next `recv`. Anything but an OSError
+        raised here is a bug: it ends the connection through the DUL's state machine (Evt17, so
+        the association's slot and row close as for any dropped connection), logged with where."""
+        try:
+            return self._read_p_data(sock, header)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the bug guard above
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            logs.event(log, "direct_store_failed", logging.ERROR, peer=self.peer, error=type(exc).__name__,
+                       where=f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}")
+            raise ConnectionAbortedError("the direct C-STORE path failed") from exc
+
+    def _read_p_data(self, sock: socket.socket, header: bytearray) -> bytearray:
         while True:
             length = cast(int, self._body)
             self._body = None
@@ -378,14 +392,7 @@ class PduSocket(AssociationSocket):
                 return header
             self._count_message(sock, body)
             self._follow_message(body)
-            try:
-                handed = self._take(sock, body)
-            except OSError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug guard: the DUL ends the connection through
-                # its state machine (Evt17), so that the association's slot and row close as for any drop
-                logs.event(log, "direct_store_failed", logging.ERROR, peer=self.peer, error=type(exc).__name__)
-                raise ConnectionAbortedError("the direct C-STORE path failed") from None
+            handed = self._take(sock, body)
             if handed or not self._next_is_here():
                 self._handed = handed
                 return bytearray(struct.pack(">BBL", P_DATA_TF, 0, len(handed)))
@@ -413,11 +420,11 @@ class PduSocket(AssociationSocket):
     def _take(self, sock: socket.socket, body: bytearray) -> bytearray:
         """The PDVs of `body` the direct path takes (a C-STORE's command and data set, which it
         stores and answers); returns the others, for pynetdicom."""
-        if not _whole_pdvs(body):  # pynetdicom refuses such a PDU (Evt19), as before
-            if self._direct is not None:
-                self._abort(sock, "dimse_message_malformed", "a PDV item that is not whole",
-                            reason="PDV item length")
-            return body
+        if not _whole_pdvs(body):  # pynetdicom 3.0 takes a PDV item of length 1 and its DUL thread
+            # dies on it (IndexError in DT-2: no A-ABORT, the connection's slot never freed)
+            self._abort(sock, "dimse_message_malformed", "a PDV item that is not whole", reason="PDV item length")
+        if self._direct is not None and not self._in_sta6():  # released or aborted meanwhile: the
+            self._direct = None  # message is not answered; what follows is pynetdicom's, as before
         handed = bytearray()
         view = memoryview(body)
         pos = 0
