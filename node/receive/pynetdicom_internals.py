@@ -84,8 +84,6 @@ _COMMAND_DATA_SET_TYPE = 0x0800  # (0000,0800); 0x0101: no data set follows (PS3
 # What the direct C-STORE path answers when the store callback itself fails, as pynetdicom does
 # for an exception in an EVT_C_STORE handler (PS3.4 B.2.3: Error, Cannot understand).
 HANDLER_FAILED = 0xC211
-# A P-DATA-TF PDU without PDV items: what the DUL is given when the direct path took a whole PDU.
-_EMPTY_P_DATA = bytearray([P_DATA_TF, 0, 0, 0, 0, 0])
 # The peer's maximum PDU length below which the direct path stays out (its C-STORE-RSP, about
 # 200 bytes, goes in one PDU); 0 is "no limit" (PS3.8 D.1).
 _DIRECT_MIN_PEER_PDU = 1024
@@ -115,6 +113,31 @@ def command_has_data_set(command: bytes | bytearray) -> bool:
             return length == 2 and struct.unpack_from("<H", command, pos + 8)[0] != 0x0101
         pos += 8 + length
     return False
+
+
+class _MessageBounds:
+    """Whether a DIMSE message is under way, followed fragment by fragment (PS3.8 E.2): from its
+    first fragment to the last fragment of its data set, or of its command set when that
+    announces no data set."""
+
+    def __init__(self) -> None:
+        self.under_way = False
+        self._command_set = bytearray()
+
+    def follow(self, control: int, fragment: bytes | bytearray | memoryview) -> bool:
+        """One PDV (its message control header and fragment); True if it began a message."""
+        began = not self.under_way
+        if began:
+            self.under_way = True
+            self._command_set.clear()
+        if control & 0x01:  # a command fragment
+            if len(self._command_set) < COMMAND_LIMIT:
+                self._command_set += fragment
+            if control & 0x02 and not command_has_data_set(self._command_set):
+                self.under_way = False
+        elif control & 0x02:  # the last data-set fragment
+            self.under_way = False
+        return began
 
 
 def _command_elements(command: bytes | bytearray | memoryview) -> dict[int, bytes] | None:
@@ -256,21 +279,19 @@ class PduSocket(AssociationSocket):
     _pdu_bytes: int
     _message_started: float | None
     _message_wire: int
-    _command: bytearray
+    _message: _MessageBounds
     _bound: tuple[str, float | None] | None
     direct_store: DirectStore | None
     _handed: bytearray | None
     _direct: _DirectMessage | None
-    _passing: bool
-    _passing_command: bytearray
+    _pynetdicoms: _MessageBounds
 
     def prepare(self, pdu_limit: int, peer: str, message_limit: int,
                 pdu_timeout: float | None = DEFAULT_PDU_TIMEOUT, direct_store: DirectStore | None = None) -> None:
         self.direct_store = direct_store
         self._handed = None  # a PDU body the direct path rewrote, for the DUL's next recv
         self._direct = None  # the C-STORE being received directly
-        self._passing = False  # a message pynetdicom is receiving: its PDVs all go to it
-        self._passing_command = bytearray()
+        self._pynetdicoms = _MessageBounds()  # the messages pynetdicom receives: the direct path starts between them
         self.pdu_limit = pdu_limit
         self.message_limit = message_limit
         self.pdu_timeout = pdu_timeout
@@ -285,7 +306,7 @@ class PduSocket(AssociationSocket):
         self._pdu_bytes = 0
         self._message_started = None  # the DIMSE message being received: its first fragment's PDU
         self._message_wire = 0  # bytes of its PDUs before the current one
-        self._command = bytearray()
+        self._message = _MessageBounds()
         self._bound = None  # the deadline that set the current read's timeout, if one did
         # The bell: the association rings it (`wake`), the DUL's wait in `ready` ends on it. Closed
         # when the DUL's thread ends (`release_bell`), under a lock so that a late ring never
@@ -434,25 +455,13 @@ class PduSocket(AssociationSocket):
             fragment = view[pos + 6:end]
             if self._direct is not None:
                 self._receive_data_set(sock, context_id, control, fragment)
-            elif not self._passing and control & 0x03 == 0x03 and self._start(context_id, fragment):
+            elif not self._pynetdicoms.under_way and control & 0x03 == 0x03 and self._start(context_id, fragment):
                 pass
             else:
-                self._pass(control, fragment)
+                self._pynetdicoms.follow(control, fragment)
                 handed += view[pos:end]
             pos = end
         return handed
-
-    def _pass(self, control: int, fragment: memoryview) -> None:
-        """Follow the message pynetdicom receives, so the direct path starts only between messages."""
-        if control & 0x01:
-            self._passing = True
-            if len(self._passing_command) < COMMAND_LIMIT:
-                self._passing_command += fragment
-            if control & 0x02:
-                self._passing = command_has_data_set(self._passing_command)
-                self._passing_command.clear()
-        elif control & 0x02:
-            self._passing = False
 
     def _start(self, context_id: int, command: memoryview) -> bool:
         """Take this whole command set if it is a C-STORE-RQ the direct path can answer."""
@@ -463,8 +472,10 @@ class PduSocket(AssociationSocket):
         sop_class, sop_instance = _uid_value(elements.get(0x0002)), _uid_value(elements.get(0x1000))
         data_set_type = _us_value(elements.get(_COMMAND_DATA_SET_TYPE))
         peer_pdu = self.assoc.requestor.maximum_length or 0
-        if (not self._in_sta6() or message_id is None or sop_class is None or sop_instance is None or data_set_type in (None, 0x0101)
-                or _us_value(elements.get(0x0700)) is None or 0 < peer_pdu < _DIRECT_MIN_PEER_PDU):
+        if not self._in_sta6() or 0 < peer_pdu < _DIRECT_MIN_PEER_PDU:
+            return False
+        priority = _us_value(elements.get(0x0700))
+        if None in (message_id, sop_class, sop_instance, priority) or data_set_type in (None, 0x0101):
             return False
         context = next((c for c in self.assoc.accepted_contexts if c.context_id == context_id), None)
         if context is None or context.abstract_syntax != sop_class or not context.transfer_syntax:
@@ -558,18 +569,12 @@ class PduSocket(AssociationSocket):
         first fragment to the last fragment of its data set, or of its command when that
         announces no data set."""
         pos = 0
+        view = memoryview(body)
         while pos + 6 <= len(body):
             length = int.from_bytes(body[pos:pos + 4], "big")
-            control = body[pos + 5]
-            if self._message_started is None:
+            if self._message.follow(body[pos + 5], view[pos + 6:pos + 4 + length]):
                 self._message_started, self._message_wire = self._pdu_started, 0
-                self._command.clear()
-            if control & 0x01:  # a command fragment
-                if len(self._command) < COMMAND_LIMIT:
-                    self._command += body[pos + 6:pos + 4 + length]
-                if control & 0x02 and not command_has_data_set(self._command):
-                    self._message_started = None
-            elif control & 0x02:  # the last data-set fragment
+            if not self._message.under_way:
                 self._message_started = None
             pos += 4 + length
         if self._message_started is not None:
