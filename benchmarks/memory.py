@@ -90,6 +90,7 @@ def main() -> None:
             sampler.start()
             time.sleep(1.0)
             after_first: dict[int, float] = {}
+            after_each: list[float] = []  # the service's RSS after each study: a leak climbs, fragmentation levels off
             started = time.time()
             for n in range(studies):
                 batch = relabel(files, work / f"s{n}", n)
@@ -101,6 +102,7 @@ def main() -> None:
                          timeout=600, interval=0.2)
                 if n == 0:
                     after_first = {pid: rss_mb(pid) for pid in samples}
+                after_each.append(rss_mb(root))
             elapsed = time.time() - started
             time.sleep(1.0)
         finally:
@@ -116,6 +118,9 @@ def main() -> None:
         print(f"{names[pid]:14} {values[0]:9.0f} {first:9.0f} {max(values):9.0f} {values[-1]:9.0f} "
               f"{values[-1] / first if first else 0:14.2f}")
     service = samples[root]
+    step = max(1, len(after_each) // 10)
+    print("service RSS after study n (MB): " + ", ".join(f"{n + 1}: {after_each[n]:.0f}"
+                                                       for n in range(0, len(after_each), step)))
     print(f"service peak - start (pipeline loaded) {max(service) - service[0]:.0f} MB vs target 3 x {pixel_mb:.0f} = "
           f"{3 * pixel_mb:.0f} MB (ratio {(max(service) - service[0]) / (3 * pixel_mb):.2f}); "
           f"end / after the first study {service[-1] / after_first.get(root, service[0]):.2f} (flat: <= 1.10)")

@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import highdicom as hd
 import numpy as np
@@ -69,6 +70,27 @@ class SeriesVolume:
     source_frames: list[int] | None = None
     label: str = ""
     patient_space: bool = True
+    # reads the same voxels again from the stored files (uncompressed data only: cheap to re-read)
+    reread: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(self.array.shape)
+
+    @contextmanager
+    def pixels_set_aside(self) -> Iterator[None]:
+        """Within the block the voxels are not in memory (``array`` is None), and they are read
+        again from the same files after it. A model's inference keeps several arrays of its grid
+        alive (input, output, MONAI's count map) and needs only the geometry of the source; the
+        int16 volume (150 MiB for a 300-slice CT) would sit beside them as the job's peak. A file
+        replaced meanwhile raises SeriesChanged on the re-read, as on the first read. A volume
+        that cannot be re-read cheaply (decoded, or built in memory) stays as it is."""
+        if self.reread is None:
+            yield
+            return
+        self.array = None  # type: ignore[assignment]
+        yield  # on an exception the volume stays without voxels: the job fails with it
+        self.array = self.reread()
 
     @property
     def voxel_volume(self) -> float:
@@ -463,9 +485,11 @@ def _stack(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol
         spacing_between_slices=spacing, coordinate_system="PATIENT",
     )
     multiframe = ordered[0].number is not None
-    return SeriesVolume(_pixels(ordered), np.asarray(geometry.affine),
+    pixels, reread = _pixels(ordered)
+    return SeriesVolume(pixels, np.asarray(geometry.affine),
                         [ds] if multiframe else [f.dataset for f in ordered], str(ds.FrameOfReferenceUID),
-                        source_frames=[int(f.number) for f in ordered] if multiframe else None, label=label)
+                        source_frames=[int(f.number) for f in ordered] if multiframe else None, label=label,
+                        reread=reread)
 
 
 def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str) -> SeriesVolume:
@@ -478,18 +502,21 @@ def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str) -> Seri
     affine[:3, 2] = first.orientation[:3] * sc
     affine[:3, 3] = first.position
     multiframe = first.number is not None
+    pixels, reread = _pixels(ordered)
     return SeriesVolume(
-        _pixels(ordered), affine, [first.dataset] if multiframe else [f.dataset for f in ordered],
+        pixels, affine, [first.dataset] if multiframe else [f.dataset for f in ordered],
         str(first.dataset.FrameOfReferenceUID),
-        source_frames=[int(f.number) for f in ordered] if multiframe else None, label=label,
+        source_frames=[int(f.number) for f in ordered] if multiframe else None, label=label, reread=reread,
     )
 
 
-def _pixels(ordered: list[_Frame]) -> np.ndarray:
+def _pixels(ordered: list[_Frame]) -> tuple[np.ndarray, Callable[[], np.ndarray] | None]:
     """Frames in slice order, modality transform (rescale) applied: float32, or int16 when the
-    values are integers that fit."""
+    values are integers that fit; and how to read them again when that is cheap (uncompressed)."""
     native = _native_pixels(ordered)
-    return native if native is not None else _decoded_pixels(ordered)
+    if native is None:
+        return _decoded_pixels(ordered), None
+    return native, lambda: cast(np.ndarray, _native_pixels(ordered))
 
 
 def _decoded_pixels(ordered: list[_Frame]) -> np.ndarray:
@@ -664,5 +691,5 @@ def _projection(ds: Dataset) -> SeriesVolume:
     affine[:3, 0] = (0.0, 0.0, 1.0)
     affine[:3, 1] = (0.0, sr, 0.0)
     affine[:3, 2] = (sc, 0.0, 0.0)
-    pixels = _pixels([_Frame(ds, None, np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]), (sr, sc))])
-    return SeriesVolume(pixels, affine, [ds], None, patient_space=False)
+    pixels, reread = _pixels([_Frame(ds, None, np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]), (sr, sc))])
+    return SeriesVolume(pixels, affine, [ds], None, patient_space=False, reread=reread)

@@ -18,6 +18,7 @@ from inference.backends.triton import TritonBackend
 from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
+from monai.data import MetaTensor
 from tests.models import threshold_spec
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
@@ -370,6 +371,87 @@ def test_resampling_equals_monai(orientation, padding):
             image, dst_affine=torch.from_numpy(target), spatial_size=tuple(moved.shape[1:]))
     ours = resample(array, affine, target, tuple(moved.shape[1:]), padding=padding)
     np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientation):
+    """to_model_space applies the intensity window slab by slab into the resampled array (MONAI's
+    ScaleIntensityRange makes three model-grid temporaries): the values are MONAI's to the bit,
+    for a grid in the source's axis order and for a transposed one (sagittal), over 37 slabs'
+    edges (not a multiple of the slab); z-score runs whole (it needs the image's statistics)."""
+    import torch
+    from monai.transforms import NormalizeIntensity, ScaleIntensityRange
+
+    from inference.pipeline import _model_grid, to_model_space
+    from inference.resample import resample
+    from inference.volume import SeriesVolume
+
+    array = np.random.default_rng(5).integers(-1200, 1500, size=(37, 20, 23)).astype(np.int16)
+    columns = {"axial": [(0, 0, 2.5), (0, 0.8, 0), (0.7, 0, 0)], "sagittal": [(2.5, 0, 0), (0, 0, -0.8), (0, 0.7, 0)]}
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(columns[orientation]).T
+    volume = SeriesVolume(array, affine, [], "1.2.3")
+    spec = threshold_spec()
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    target, shape = _model_grid(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(lps_to_ras @ affine)),
+                                spec)
+    moved = torch.from_numpy(resample(array, lps_to_ras @ affine, target, shape))
+    lo, hi = spec.preprocessing.intensity.window
+    expected = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(moved[None])
+    image = to_model_space(volume, spec)
+    assert image.shape == expected.shape and image.dtype == torch.float32
+    assert torch.equal(image.as_tensor(), torch.as_tensor(expected))
+    np.testing.assert_array_equal(np.asarray(image.affine), target)
+    zscore = threshold_spec(preprocessing={**spec.preprocessing.model_dump(),
+                                           "intensity": {"window": None, "normalize": "zscore"}})
+    assert torch.equal(to_model_space(volume, zscore).as_tensor(), torch.as_tensor(NormalizeIntensity()(moved[None])))
+
+
+def test_the_source_voxels_are_set_aside_while_the_model_runs_and_read_again(tmp_path, model_repository, monkeypatch):
+    """While the model runs the volume's voxels are not in memory (they would be a job's peak beside
+    the model's input, output and MONAI's count map), then read again from the same files: the
+    result is the one of a volume kept whole. A file replaced in between (a resend) fails the job
+    as a transient failure, as on the first read; a volume built in memory is never set aside."""
+    from inference import volume as module
+    from inference.volume import SeriesChanged, SeriesVolume
+    from node.jobs.failures import is_transient
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)  # Pixel Data stays in the files, as a CT's does
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    backend = _local(model_repository)
+    volume = load_series(read_series(files))
+    whole = SeriesVolume(volume.array.copy(), volume.affine, volume.datasets, volume.frame_of_reference_uid)
+    assert volume.reread is not None and whole.reread is None
+    seen: list[object] = []
+
+    class Watching:  # the real backend, noting what the volume holds while the model runs
+        def infer(self, batch):
+            seen.append(volume.array)
+            return backend.infer(batch)
+
+    result = segment(volume, threshold_spec(), Watching())
+    kept = segment(whole, threshold_spec(), backend)
+    assert seen and all(array is None for array in seen)
+    np.testing.assert_array_equal(volume.array, whole.array)
+    np.testing.assert_array_equal(result.labels, kept.labels)
+    assert [f.volume_mm3 for f in result.findings] == [f.volume_mm3 for f in kept.findings] != []
+    assert [f.centroid for f in result.findings] == [f.centroid for f in kept.findings]
+
+    class Resending:  # a resend renames a new copy of one instance over the stored file meanwhile
+        def infer(self, batch):
+            if not seen:
+                copy = pydicom.dcmread(files[5])
+                copy.save_as(tmp_path / "resent.dcm", enforce_file_format=True)
+                (tmp_path / "resent.dcm").replace(files[5])
+                os.utime(files[5], ns=(1, 1))
+                seen.append(None)
+            return backend.infer(batch)
+
+    seen.clear()
+    volume = load_series(read_series(files))
+    with pytest.raises(SeriesChanged, match="was replaced while its series was read") as caught:
+        segment(volume, threshold_spec(), Resending())
+    assert is_transient(caught.value)
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
