@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, cast
@@ -72,25 +73,43 @@ class SeriesVolume:
     patient_space: bool = True
     # reads the same voxels again from the stored files (uncompressed data only: cheap to re-read)
     reread: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
-    shape: tuple[int, ...] = field(init=False)
+    _as_read: Any = field(default=None, init=False, repr=False, compare=False)  # weakref to what reread gives
+    _shape: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.shape = tuple(self.array.shape)
+        if self.reread is not None:
+            self._as_read = weakref.ref(self.array)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The voxel grid's shape, also while the voxels are set aside."""
+        return self._shape if self.array is None else tuple(self.array.shape)
 
     @contextmanager
     def pixels_set_aside(self) -> Iterator[None]:
         """Within the block the voxels are not in memory (``array`` is None), and they are read
-        again from the same files after it. A model's inference keeps several arrays of its grid
-        alive (input, output, MONAI's count map) and needs only the geometry of the source; the
-        int16 volume (150 MiB for a 300-slice CT) would sit beside them as the job's peak. A file
-        replaced meanwhile raises SeriesChanged on the re-read, as on the first read. A volume
-        that cannot be re-read cheaply (decoded, or built in memory) stays as it is."""
-        if self.reread is None:
+        again from the same files after it, also when the block fails (a shadow run reuses the
+        volume). A model's inference keeps several arrays of its grid alive (input, output,
+        MONAI's count map) and needs only the geometry of the source; the int16 volume (150 MiB
+        for a 300-slice CT) would sit beside them as the job's peak. A file replaced meanwhile
+        raises SeriesChanged on the re-read, as on the first read. A volume that cannot be re-read
+        cheaply (decoded, built in memory, or given other voxels since it was read) stays whole."""
+        if self.reread is None or self._as_read is None or self._as_read() is not self.array:
             yield
             return
+        self._shape = tuple(self.array.shape)
         self.array = None  # type: ignore[assignment]
-        yield  # on an exception the volume stays without voxels: the job fails with it
-        self.array = self.reread()
+        try:
+            yield
+        except BaseException:
+            with suppress(Exception):  # the block's failure is the one to report
+                self._read_again()
+            raise
+        self._read_again()
+
+    def _read_again(self) -> None:
+        self.array = cast(Callable[[], np.ndarray], self.reread)()
+        self._as_read = weakref.ref(self.array)
 
     @property
     def voxel_volume(self) -> float:
@@ -516,7 +535,14 @@ def _pixels(ordered: list[_Frame]) -> tuple[np.ndarray, Callable[[], np.ndarray]
     native = _native_pixels(ordered)
     if native is None:
         return _decoded_pixels(ordered), None
-    return native, lambda: cast(np.ndarray, _native_pixels(ordered))
+
+    def again() -> np.ndarray:
+        pixels = _native_pixels(ordered)
+        if pixels is None:  # a dataset no longer reads as it did: only a change to its file does that
+            raise SeriesChanged("the series' pixel data no longer reads as it did when the series was loaded")
+        return pixels
+
+    return native, again
 
 
 def _decoded_pixels(ordered: list[_Frame]) -> np.ndarray:

@@ -410,8 +410,10 @@ def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientat
 def test_the_source_voxels_are_set_aside_while_the_model_runs_and_read_again(tmp_path, model_repository, monkeypatch):
     """While the model runs the volume's voxels are not in memory (they would be a job's peak beside
     the model's input, output and MONAI's count map), then read again from the same files: the
-    result is the one of a volume kept whole. A file replaced in between (a resend) fails the job
-    as a transient failure, as on the first read; a volume built in memory is never set aside."""
+    result is the one of a volume kept whole, also after a model that failed on the same volume (a
+    shadow run reuses it). A file replaced in between (a resend) fails the job as a transient
+    failure, as on the first read; a volume built in memory, or given other voxels since it was
+    read, is never set aside."""
     from inference import volume as module
     from inference.volume import SeriesChanged, SeriesVolume
     from node.jobs.failures import is_transient
@@ -436,6 +438,27 @@ def test_the_source_voxels_are_set_aside_while_the_model_runs_and_read_again(tmp
     np.testing.assert_array_equal(result.labels, kept.labels)
     assert [f.volume_mm3 for f in result.findings] == [f.volume_mm3 for f in kept.findings] != []
     assert [f.centroid for f in result.findings] == [f.centroid for f in kept.findings]
+
+    class Failing:  # the backend fails mid-inference: the voxels come back all the same (a shadow
+        def infer(self, batch):  # run on the same volume comes next)
+            raise BackendError("the model server went away")
+
+    with pytest.raises(BackendError):
+        segment(volume, threshold_spec(), Failing())
+    np.testing.assert_array_equal(volume.array, whole.array)
+    np.testing.assert_array_equal(segment(volume, threshold_spec(), backend).labels, kept.labels)
+    other = SeriesVolume(volume.array + 1, volume.affine, volume.datasets, volume.frame_of_reference_uid,
+                         reread=volume.reread)
+    other.array = volume.array * 0  # voxels given since it was read: never replaced by the files'
+    seen.clear()
+
+    class Counting:
+        def infer(self, batch):
+            seen.append(other.array)
+            return backend.infer(batch)
+
+    segment(other, threshold_spec(), Counting())
+    assert seen and all(array is not None for array in seen) and not other.array.any()
 
     class Resending:  # a resend renames a new copy of one instance over the stored file meanwhile
         def infer(self, batch):
