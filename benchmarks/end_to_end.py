@@ -76,7 +76,6 @@ def stage_times(node: NodeProcess, study_uid: str, number: int) -> dict[str, flo
            "inference: preprocess": model["preprocess"],
            "inference: sliding window (model)": model["inference"],
            "inference: back to source grid": model["postprocess"],
-           "inference: source voxels read again": model.get("reread", 0.0),
            "inference: measurements": model["measure"],
            "SEG + SR build and write": stages["encode"][1] - stages["encode"][0],
            "delivery to Orthanc": sent["updated_at"] - stages["enqueue"][1]}

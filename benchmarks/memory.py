@@ -98,8 +98,9 @@ def main() -> None:
                 assert sent.returncode == 0, sent.stderr
                 for path in batch:
                     path.unlink()
-                wait_for(lambda: node.query("SELECT COUNT(*) AS n FROM outbox WHERE state='delivered'")[0]["n"] >= n + 1,
-                         timeout=600, interval=0.2)
+                wait_for(lambda: node.query("SELECT COUNT(*) AS n FROM outbox WHERE state='delivered'")[0]["n"] >= n + 1
+                         and node.query("SELECT COUNT(*) AS n FROM work_items WHERE state='done'")[0]["n"] >= n + 1,
+                         timeout=600, interval=0.2)  # the job's own end too: it records the run after queueing
                 if n == 0:
                     after_first = {pid: rss_mb(pid) for pid in samples}
                 after_each.append(rss_mb(root))

@@ -175,24 +175,22 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     def predictor(patches: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(backend.infer(patches.numpy()))
 
-    with volume.pixels_set_aside():  # from here to the labels only the source's geometry is needed
-        start = time.perf_counter()
-        with torch.no_grad():
-            logits = sliding_window_inference(
-                image[None].as_tensor(), roi_size=spec.preprocessing.patch_size,
-                sw_batch_size=spec.preprocessing.batch_size, predictor=predictor,
-                overlap=spec.preprocessing.overlap, mode=spec.preprocessing.blend,
-            )
-        seconds["inference"] = time.perf_counter() - start
+    volume.set_pixels_aside()  # read again only if something needs them (key images, run figures)
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            image[None].as_tensor(), roi_size=spec.preprocessing.patch_size,
+            sw_batch_size=spec.preprocessing.batch_size, predictor=predictor,
+            overlap=spec.preprocessing.overlap, mode=spec.preprocessing.blend,
+        )
+    seconds["inference"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        model_affine = image.affine
-        del image  # the model's input: no longer needed
-        labels = clean_labels(_labels_on_source(_activation(logits, spec)[0], model_affine, volume, spec), spec)
-        del logits
-        seconds["postprocess"] = time.perf_counter() - start
-        start = time.perf_counter()
-    seconds["reread"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model_affine = image.affine
+    del image  # the model's input: no longer needed
+    labels = clean_labels(_labels_on_source(_activation(logits, spec)[0], model_affine, volume, spec), spec)
+    del logits
+    seconds["postprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = measure(labels, volume, spec)
     seconds["measure"] = time.perf_counter() - start

@@ -28,10 +28,9 @@ import math
 import os
 import weakref
 from collections import defaultdict
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, cast
+from typing import Any, Callable, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -73,7 +72,7 @@ class SeriesVolume:
     patient_space: bool = True
     # reads the same voxels again from the stored files (uncompressed data only: cheap to re-read)
     reread: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
-    _as_read: Any = field(default=None, init=False, repr=False, compare=False)  # weakref to what reread gives
+    _as_read: Any = field(default=None, init=False, repr=False, compare=False)  # weakref to what reread gave
     _shape: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,33 +82,31 @@ class SeriesVolume:
     @property
     def shape(self) -> tuple[int, ...]:
         """The voxel grid's shape, also while the voxels are set aside."""
-        return self._shape if self.array is None else tuple(self.array.shape)
+        array = self.__dict__.get("array")
+        return self._shape if array is None else tuple(array.shape)
 
-    @contextmanager
-    def pixels_set_aside(self) -> Iterator[None]:
-        """Within the block the voxels are not in memory (``array`` is None), and they are read
-        again from the same files after it, also when the block fails (a shadow run reuses the
-        volume). A model's inference keeps several arrays of its grid alive (input, output,
-        MONAI's count map) and needs only the geometry of the source; the int16 volume (150 MiB
-        for a 300-slice CT) would sit beside them as the job's peak. A file replaced meanwhile
-        raises SeriesChanged on the re-read, as on the first read. A volume that cannot be re-read
-        cheaply (decoded, built in memory, or given other voxels since it was read) stays whole."""
-        if self.reread is None or self._as_read is None or self._as_read() is not self.array:
-            yield
-            return
-        self._shape = tuple(self.array.shape)
-        self.array = None  # type: ignore[assignment]
-        try:
-            yield
-        except BaseException:
-            with suppress(Exception):  # the block's failure is the one to report
-                self._read_again()
-            raise
-        self._read_again()
+    def set_pixels_aside(self) -> bool:
+        """Let the voxels go until something reads ``array`` again, which then reads them from the
+        same files (SeriesChanged if one was replaced meanwhile, as on the first read). A model's
+        inference keeps several arrays of its grid alive (input, output, MONAI's count map) and
+        needs only the geometry of the source, as do the SEG and SR: the int16 volume (150 MiB for
+        a 300-slice CT) beside them would be the job's peak. A volume that cannot be re-read
+        cheaply (decoded, built in memory, or given other voxels since it was read) stays whole.
+        Returns whether the voxels were let go."""
+        array = self.__dict__.get("array")
+        if array is None or self.reread is None or self._as_read is None or self._as_read() is not array:
+            return False
+        self._shape = tuple(array.shape)
+        del self.array
+        return True
 
-    def _read_again(self) -> None:
-        self.array = cast(Callable[[], np.ndarray], self.reread)()
-        self._as_read = weakref.ref(self.array)
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for an attribute the instance lacks: ``array`` while it is set aside."""
+        if name == "array" and self.__dict__.get("reread") is not None and self.__dict__.get("_shape"):
+            self.array = self.reread()
+            self._as_read = weakref.ref(self.array)
+            return self.array
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def voxel_volume(self) -> float:

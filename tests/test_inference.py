@@ -407,13 +407,14 @@ def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientat
     assert torch.equal(to_model_space(volume, zscore).as_tensor(), torch.as_tensor(NormalizeIntensity()(moved[None])))
 
 
-def test_the_source_voxels_are_set_aside_while_the_model_runs_and_read_again(tmp_path, model_repository, monkeypatch):
-    """While the model runs the volume's voxels are not in memory (they would be a job's peak beside
-    the model's input, output and MONAI's count map), then read again from the same files: the
-    result is the one of a volume kept whole, also after a model that failed on the same volume (a
-    shadow run reuses it). A file replaced in between (a resend) fails the job as a transient
-    failure, as on the first read; a volume built in memory, or given other voxels since it was
-    read, is never set aside."""
+def test_the_source_voxels_are_let_go_while_the_model_runs_and_read_again_when_needed(tmp_path, model_repository,
+                                                                                     monkeypatch):
+    """From inference on, the volume's voxels are not in memory (they would be a job's peak beside
+    the model's input, output and MONAI's count map); the first read of `array` after that reads
+    them again from the same files. The result is the one of a volume kept whole, also after a
+    model that failed on the same volume (a shadow run reuses it). A file replaced in between (a
+    resend) makes that read a transient failure, as on the first read; a volume built in memory,
+    or given other voxels since it was read, keeps them."""
     from inference import volume as module
     from inference.volume import SeriesChanged, SeriesVolume
     from node.jobs.failures import is_transient
@@ -424,20 +425,24 @@ def test_the_source_voxels_are_set_aside_while_the_model_runs_and_read_again(tmp
     volume = load_series(read_series(files))
     whole = SeriesVolume(volume.array.copy(), volume.affine, volume.datasets, volume.frame_of_reference_uid)
     assert volume.reread is not None and whole.reread is None
-    seen: list[object] = []
+    seen: list[bool] = []
 
-    class Watching:  # the real backend, noting what the volume holds while the model runs
+    class Watching:  # the real backend, noting whether the volume holds its voxels while the model runs
+        def __init__(self, watched: SeriesVolume):
+            self.watched = watched
+
         def infer(self, batch):
-            seen.append(volume.array)
+            seen.append("array" in vars(self.watched))
             return backend.infer(batch)
 
-    result = segment(volume, threshold_spec(), Watching())
+    result = segment(volume, threshold_spec(), Watching(volume))
     kept = segment(whole, threshold_spec(), backend)
-    assert seen and all(array is None for array in seen)
-    np.testing.assert_array_equal(volume.array, whole.array)
+    assert seen and not any(seen) and "array" not in vars(volume) and volume.shape == whole.array.shape
     np.testing.assert_array_equal(result.labels, kept.labels)
     assert [f.volume_mm3 for f in result.findings] == [f.volume_mm3 for f in kept.findings] != []
     assert [f.centroid for f in result.findings] == [f.centroid for f in kept.findings]
+    np.testing.assert_array_equal(volume.array, whole.array)  # read again, once
+    assert "array" in vars(volume)
 
     class Failing:  # the backend fails mid-inference: the voxels come back all the same (a shadow
         def infer(self, batch):  # run on the same volume comes next)
@@ -445,35 +450,23 @@ def test_the_source_voxels_are_set_aside_while_the_model_runs_and_read_again(tmp
 
     with pytest.raises(BackendError):
         segment(volume, threshold_spec(), Failing())
-    np.testing.assert_array_equal(volume.array, whole.array)
     np.testing.assert_array_equal(segment(volume, threshold_spec(), backend).labels, kept.labels)
+    np.testing.assert_array_equal(volume.array, whole.array)
     other = SeriesVolume(volume.array + 1, volume.affine, volume.datasets, volume.frame_of_reference_uid,
                          reread=volume.reread)
     other.array = volume.array * 0  # voxels given since it was read: never replaced by the files'
     seen.clear()
+    segment(other, threshold_spec(), Watching(other))
+    assert seen and all(seen) and not other.array.any()
 
-    class Counting:
-        def infer(self, batch):
-            seen.append(other.array)
-            return backend.infer(batch)
-
-    segment(other, threshold_spec(), Counting())
-    assert seen and all(array is not None for array in seen) and not other.array.any()
-
-    class Resending:  # a resend renames a new copy of one instance over the stored file meanwhile
-        def infer(self, batch):
-            if not seen:
-                copy = pydicom.dcmread(files[5])
-                copy.save_as(tmp_path / "resent.dcm", enforce_file_format=True)
-                (tmp_path / "resent.dcm").replace(files[5])
-                os.utime(files[5], ns=(1, 1))
-                seen.append(None)
-            return backend.infer(batch)
-
-    seen.clear()
     volume = load_series(read_series(files))
+    segment(volume, threshold_spec(), backend)
+    copy = pydicom.dcmread(files[5])  # a resend renames a new copy of one instance over the stored file
+    copy.save_as(tmp_path / "resent.dcm", enforce_file_format=True)
+    (tmp_path / "resent.dcm").replace(files[5])
+    os.utime(files[5], ns=(1, 1))
     with pytest.raises(SeriesChanged, match="was replaced while its series was read") as caught:
-        segment(volume, threshold_spec(), Resending())
+        volume.array
     assert is_transient(caught.value)
 
 

@@ -27,7 +27,7 @@ def finding_slices(volume: SeriesVolume, findings: list[Finding]) -> list[int]:
     """The slice nearest each finding's centre, in slice order, each once."""
     inverse = np.linalg.inv(volume.affine)
     centres = [inverse @ np.append(finding.centroid, 1.0) for finding in findings]
-    last = volume.array.shape[0] - 1
+    last = volume.shape[0] - 1
     return sorted({int(np.clip(round(float(index[0])), 0, last)) for index in centres})
 
 

@@ -105,7 +105,7 @@ def build_rtstruct(result: SegmentationResult, options: OutputOptions, uids: Res
     ds.StructureSetDate = ""  # type 2; left empty so that a re-run writes the same object
     ds.StructureSetTime = ""
 
-    every_slice = Sequence([_image_reference(result, k) for k in range(volume.array.shape[0])])
+    every_slice = Sequence([_image_reference(result, k) for k in range(volume.shape[0])])
     series = Dataset()
     series.SeriesInstanceUID = first.SeriesInstanceUID
     series.ContourImageSequence = every_slice

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 
 from common import logs
+from inference.errors import SeriesChanged
 from node.jobs.failures import Superseded, describe
 from node.store.modelruns import Comparison, ModelRuns, RunFigures
 
@@ -38,12 +39,16 @@ def figures_of(results: list[Result]) -> RunFigures:
     if not results:
         return RunFigures()
     volume = results[0].volume
-    sample = volume.array[::4, ::4, ::4]
+    try:  # the voxels are read again if inference set them aside
+        sample = volume.array[::4, ::4, ::4]
+        intensity = {"intensity_mean": float(sample.mean()), "intensity_std": float(sample.std())}
+    except SeriesChanged:  # a resend replaced a file since the model ran on it: no input intensity to record
+        intensity = {}
     steps = np.linalg.norm(volume.affine[:3, :3], axis=0)  # slice, row and column steps (mm)
     figures = RunFigures(
         modality=str(getattr(volume.datasets[0], "Modality", "") or "") or None if volume.datasets else None,
-        slices=int(volume.array.shape[0]), spacing_slice=float(steps[0]), spacing_row=float(steps[1]),
-        spacing_column=float(steps[2]), intensity_mean=float(sample.mean()), intensity_std=float(sample.std()))
+        slices=int(volume.shape[0]), spacing_slice=float(steps[0]), spacing_row=float(steps[1]),
+        spacing_column=float(steps[2]), **intensity)
     if _segmentation(results[0]):
         segmentations = [r for r in results if _segmentation(r)]
         return replace(figures, findings=sum(len(r.findings) for r in segmentations),

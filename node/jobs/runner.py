@@ -294,7 +294,6 @@ class JobRunner:
                     files = self.encode_results(job, task, spec, results, options, folder / options.variant)
                 self.jobs.record_outputs(job.id, key, files)
                 encoded[key] = files
-            record_live(self, job, task, spec.version, results, [f for key in missing for f in encoded[key]])
             ran = (volumes, results)
             for result in results:
                 logs.event(log, "model_ran", job=job.id, model=spec.name, version=spec.version,
@@ -306,6 +305,8 @@ class JobRunner:
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
                                     encoded[task.output_key(options)], guard=self.still_current(job))
+        if ran is not None:  # once the results are queued: its figures may read the voxels again
+            record_live(self, job, task, spec.version, ran[1], [f for key in missing for f in encoded[key]])
         return ran
 
     def encode_results(self, job: Job, task: ModelTask, spec: ModelSpec, results: list, options: OutputOptions,
