@@ -34,21 +34,17 @@ Result = "SegmentationResult | ClassificationResult"
 
 
 def figures_of(results: list[Result]) -> RunFigures:
-    """The first volume's input figures (intensity from every 4th voxel: a 300-slice CT costs
-    milliseconds), and the outputs summed over the volumes."""
+    """The first volume's input figures (its intensity: SeriesVolume.intensity, which never reads
+    the files again), and the outputs summed over the volumes."""
     if not results:
         return RunFigures()
     volume = results[0].volume
-    try:  # the voxels are read again if inference set them aside
-        sample = volume.array[::4, ::4, ::4]
-        intensity = {"intensity_mean": float(sample.mean()), "intensity_std": float(sample.std())}
-    except SeriesChanged:  # a resend replaced a file since the model ran on it: no input intensity to record
-        intensity = {}
+    mean, std = volume.intensity()
     steps = np.linalg.norm(volume.affine[:3, :3], axis=0)  # slice, row and column steps (mm)
     figures = RunFigures(
         modality=str(getattr(volume.datasets[0], "Modality", "") or "") or None if volume.datasets else None,
         slices=int(volume.shape[0]), spacing_slice=float(steps[0]), spacing_row=float(steps[1]),
-        spacing_column=float(steps[2]), **intensity)
+        spacing_column=float(steps[2]), intensity_mean=mean, intensity_std=std)
     if _segmentation(results[0]):
         segmentations = [r for r in results if _segmentation(r)]
         return replace(figures, findings=sum(len(r.findings) for r in segmentations),
@@ -131,6 +127,9 @@ def run_shadow(runner: "JobRunner", job: "Job", live_task: "ModelTask", candidat
                    agreement=comparison.agreement)
     except Superseded:
         raise
+    except SeriesChanged:  # a resend replaced a file since the live run read it: no like-for-like comparison
+        logs.event(log, "shadow_skipped", job=job.id, model=spec.name, version=spec.version,
+                   reason="a file of the series was replaced since the live run")
     except Exception as exc:  # the candidate failed: recorded, the job goes on (its live results went out)
         reason = describe(exc, "shadow")
         runs.record(job_id=job.id, study_uid=job.study_uid, rule=task.rule, model=spec.name, version=spec.version,

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from node.jobs.stages import ModelTask
 
 log = logging.getLogger("node.jobs")
+# outputs drawn from the source's voxels, which inference lets go (SeriesVolume.set_pixels_aside)
+_READS_VOXELS = frozenset({"SC", "SALIENCY"})
 
 
 class JobRunner:
@@ -289,11 +291,16 @@ class JobRunner:
                     results.append(stages.infer(volume, spec, backend, explain="SALIENCY" in {
                         *task.outputs, *(name for o in variants.values() for name in o.outputs or ())}))
             folder = self.data_dir / "results" / task.key.replace(":", "_")
+            if any(_READS_VOXELS & set(options.outputs or task.outputs) for options in missing.values()):
+                with self.stage(job, "encode", progress):  # inference let the voxels go: read them again
+                    for result in results:  # before any variant is written, so that a resend meanwhile
+                        _ = result.volume.array  # fails the job before two variants could differ
             for key, options in missing.items():
                 with self.stage(job, "encode", progress):
                     files = self.encode_results(job, task, spec, results, options, folder / options.variant)
                 self.jobs.record_outputs(job.id, key, files)
                 encoded[key] = files
+            record_live(self, job, task, spec.version, results, [f for key in missing for f in encoded[key]])
             ran = (volumes, results)
             for result in results:
                 logs.event(log, "model_ran", job=job.id, model=spec.name, version=spec.version,
@@ -305,8 +312,6 @@ class JobRunner:
             for destination, options in variants.items():
                 self.outbox.enqueue(task.output_key(options), task.study_uid, destination,
                                     encoded[task.output_key(options)], guard=self.still_current(job))
-        if ran is not None:  # once the results are queued: its figures may read the voxels again
-            record_live(self, job, task, spec.version, ran[1], [f for key in missing for f in encoded[key]])
         return ran
 
     def encode_results(self, job: Job, task: ModelTask, spec: ModelSpec, results: list, options: OutputOptions,
