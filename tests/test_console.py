@@ -534,7 +534,9 @@ def test_a_2_gb_upload_is_refused_with_413_before_the_node_reads_it(node, announ
           f" {time.monotonic() - started:.2f} s; node RSS grew by at most {grown / MB:.1f} MB")
     assert answer.complete.is_set() and answer.data, f"no answer after {sent / MB:.0f} MB sent"
     assert answer.status == 413, answer.data[:500]
-    assert "at most 64 MB per request (http.max_upload_mb) here" in json.loads(answer.body)["detail"]
+    # the node closes with the upload unread, and the reset may overtake the body written after the
+    # headers (see the STOW test below): the body is checked whenever it arrived, the status always
+    assert not answer.body or "at most 64 MB per request (http.max_upload_mb) here" in json.loads(answer.body)["detail"]
     assert "connection: close" in answer.headers  # the rest of the body is never read
     assert sent < 256 * MB  # answered at once (Content-Length) or once past 64 MB (chunked), not at the end
     assert grown < 50 * MB, f"the node grew by {grown / MB:.0f} MB for a refused upload"
