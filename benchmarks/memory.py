@@ -100,7 +100,7 @@ def main() -> None:
                     path.unlink()
                 wait_for(lambda: node.query("SELECT COUNT(*) AS n FROM outbox WHERE state='delivered'")[0]["n"] >= n + 1
                          and node.query("SELECT COUNT(*) AS n FROM work_items WHERE state='done'")[0]["n"] >= n + 1,
-                         timeout=600, interval=0.2)  # the job's own end too: it records the run after queueing
+                         timeout=600, interval=0.2)  # and its job ended: the RSS after is what a job leaves, not its work
                 if n == 0:
                     after_first = {pid: rss_mb(pid) for pid in samples}
                 after_each.append(rss_mb(root))
