@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -33,10 +34,35 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports below the kernel's ephemeral range: a port from inside it may be handed to some client
+# connection's local end while a test node restarts, and the node then cannot listen on it again
+# (seen: "the console cannot listen ...: Address already in use" on a restart under load).
+_TEST_PORTS = range(max(1024, _ephemeral_start() - 12000), _ephemeral_start())
+_PORTS_GIVEN: set[int] = set()
+_PORT_PICKER = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1, never given before in this process."""
+    for _ in range(2000):
+        port = _PORT_PICKER.choice(_TEST_PORTS)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port between {_TEST_PORTS.start} and {_TEST_PORTS.stop - 1}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:

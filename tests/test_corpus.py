@@ -12,6 +12,7 @@ refused. The refusals are not a fixed list: the receiver's checks decide them.
 from __future__ import annotations
 
 import io
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,3 +251,65 @@ def _print_volume_table(node, outcomes: list[Outcome]) -> None:
             verdicts["error"] += 1
         print(f"{first:<48} {len(files):>5}  {verdict}")
     print(f"volumes: {dict(verdicts)} of {len(series)} stored series")
+
+
+def test_routing_tags_read_from_the_whole_data_set_check_equal_pydicoms_reading(tmp_path, monkeypatch):
+    """The receiver takes the routing tags' values from where the whole-data-set check found
+    them (node/receive/tags.py) instead of reading the header again with pydicom: for every
+    corpus file, in its own transfer syntax (implicit, big endian, deflated, vendor character
+    sets), the result is what pydicom's reader gives, or the same refusal."""
+    from node.receive import tags as tags_module
+    from node.receive.validate import MalformedDataset
+
+    def outcome(sample: Sample) -> object:
+        try:
+            return tags_module.read_routing_tags(sample.payload, sample.syntax)
+        except (tags_module.UnreadableDataset, MalformedDataset) as exc:
+            return (type(exc).__name__, str(exc))
+
+    samples = [s for origin, path in corpus_files()
+               if isinstance(s := as_sample(path, f"{origin}/{path.name}", tmp_path), Sample)]
+    walked = [outcome(s) for s in samples]
+    with monkeypatch.context() as patched:  # pydicom's reader for every file, as for one not whole
+        patched.setattr(tags_module, "check_dataset", _never_whole)
+        read = [outcome(s) for s in samples]
+    differ = [s.name for s, a, b in zip(samples, walked, read) if a != b]
+    assert not differ, differ
+    # the corpus reaches the new path in every encoding, with text in other character sets
+    whole = [(s, t) for s, t in zip(samples, walked) if isinstance(t, tags_module.RoutingTags) and _whole(s)]
+    assert len(whole) >= 120 and {s.syntax for s, _ in whole} >= {
+        pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian}
+    # text in other character sets: the routing tags of the corpus's files are all ASCII
+    explicit = next(s for s, _ in whole if s.syntax == pydicom.uid.ExplicitVRLittleEndian)
+    for charset, text in (("ISO_IR 100", "Thorax sans contraste, côté gauche"), ("ISO_IR 192", "Лёгкие 肺"),
+                          ("\\ISO 2022 IR 87", "胸部^単純")):
+        ds = pydicom.dcmread(io.BytesIO(explicit.payload), force=True)
+        ds.SpecificCharacterSet, ds.SeriesDescription, ds.BodyPartExamined = charset, text, "CHEST"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, implicit_vr=False, little_endian=True, enforce_file_format=False)
+        recoded = Sample(charset, explicit.sop_class, explicit.sop_instance, explicit.syntax, buffer.getvalue(),
+                         explicit.part10)
+        assert _whole(recoded) and outcome(recoded).series["description"] == text
+        with monkeypatch.context() as patched:
+            patched.setattr(tags_module, "check_dataset", _never_whole)
+            assert outcome(recoded).series["description"] == text
+    # the corpus's one deflated file is refused (bytes after its stream): a whole one, made here
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    deflated = compressor.compress(explicit.payload) + compressor.flush()
+    assert tags_module.read_routing_tags(deflated, pydicom.uid.DeflatedExplicitVRLittleEndian) == outcome(explicit)
+
+
+def _whole(sample: Sample) -> bool:
+    from node.receive.validate import MalformedDataset, check_dataset
+
+    try:
+        check_dataset(sample.payload, sample.syntax)
+        return True
+    except MalformedDataset:
+        return False
+
+
+def _never_whole(*_args: object, **_kwargs: object) -> None:
+    from node.receive.validate import MalformedDataset
+
+    raise MalformedDataset("forced: read with pydicom")

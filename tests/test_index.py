@@ -132,6 +132,28 @@ def test_both_engines_keep_the_instance_rules(index):
             index.query("SELECT id FROM associations ORDER BY id")] == [1, 2]
 
 
+def test_a_new_instance_commits_lazily_on_sqlite_and_a_replacement_durably(index):
+    """What a power cut may take (README, "Receiving"): on SQLite a new instance's row, never a
+    replacement's (reconcile would put the kept previous copy back over it), never another
+    transaction's. PostgreSQL commits durably whatever the caller allows."""
+    levels: list[int] = []
+
+    def seen(db) -> None:
+        levels.append(db.execute("PRAGMA synchronous").fetchone()["synchronous"] if not index.shared else 2)
+
+    placed: list[str] = []
+    for sop in ("1.2.3.1.1", "1.2.3.1.1", "1.2.3.1.2"):  # new; a different copy of it (placed); new
+        index.record_instance(_record(sop), time.time(), 60.0, True, place=lambda sop=sop: placed.append(sop),
+                              also=seen, lazy_commit=True)
+    index.record_instance(_record("1.2.3.1.3"), time.time(), 60.0, True, also=seen)
+    with index.transaction() as db:  # every other transaction: durable
+        seen(db)
+    normal, full = 1, 2
+    assert levels == ([full] * 5 if index.shared else [normal, full, normal, full, full])
+    assert placed == ["1.2.3.1.1", "1.2.3.1.1", "1.2.3.1.2"]  # the replacement placed once, after its retry
+    assert [r["n"] for r in index.query("SELECT COUNT(*) AS n FROM instances")] == [3]
+
+
 def test_replicas_claiming_at_once_each_get_different_jobs(index):
     ids = _completed_jobs(index, 12)
     stores = [JobStore(index, owner=f"replica-{n}") for n in range(4)]

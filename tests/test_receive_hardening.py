@@ -1039,6 +1039,49 @@ def test_crash_between_rename_and_commit_is_reconciled(start_node, tmp_path, mon
     assert_json_log(node)
 
 
+def test_rows_a_power_cut_takes_after_the_acknowledgement_are_indexed_again_with_their_counts(
+        start_node, tmp_path):
+    """A new instance's index commit does not wait for the disk (SQLite synchronous=NORMAL; its
+    file and folder are fsynced before the acknowledgement), so a power cut may take the rows
+    committed since the last durable commit. Made here by putting back an index copied while the
+    node was down: every acknowledged instance is indexed again at start-up, with the count it
+    carries, so the study still completes by its count and not after its quiet period."""
+    files = make_study(tmp_path / "ct", slices=5, size=16)
+    for path in files:  # a series of 5 that says so (README, "Completion signals": image_counts)
+        ds = pydicom.dcmread(path)
+        ds.AcquisitionNumber, ds.ImagesInAcquisition = 1, 5
+        ds.save_as(path)
+    uid = uid_of(files[0])
+    node = start_node(scp={"workers": 1}, completion={
+        "quiet_period_s": 600.0, "signals_by_calling_ae": {"MODALITY": {"image_counts": True}}})
+    assert storescu(node.port, files[:2]).count("(Success)") == 2
+    node.kill_all()
+    durable = tmp_path / "durable-index"
+    durable.mkdir()
+    for part in node.data_dir.glob("index.sqlite*"):
+        (durable / part.name).write_bytes(part.read_bytes())
+    node.start()
+    assert storescu(node.port, files[2:4]).count("(Success)") == 2
+    node.kill_all()
+    for part in node.data_dir.glob("index.sqlite*"):  # the power cut: the index as last made durable
+        part.unlink()
+    for part in durable.iterdir():
+        (node.data_dir / part.name).write_bytes(part.read_bytes())
+    assert node.instance_count(uid) == 2 and len(list((node.data_dir / "studies").rglob("*.dcm"))) == 4
+
+    node.start()
+    event = wait_for(lambda: len(node.events("reconciled")) == 3 and node.events("reconciled"))[-1]
+    assert (event["orphans_indexed"], event["orphans_quarantined"]) == (2, 0)
+    assert node.instance_count(uid) == 4
+    counted = node.query("SELECT COUNT(*) AS n FROM completion_instance_counts WHERE study_uid=?", (uid,))
+    assert counted[0]["n"] == 4 and node.study(uid)["state"] == "receiving"  # 4 of 5
+    assert storescu(node.port, files[4:]).count("(Success)") == 1
+    node.wait_complete(uid, timeout=30)
+    completed = [e for e in node.events("study_complete") if e["study_uid"] == uid]
+    assert [(e["completed_by"], e["instances"]) for e in completed] == [("count", 5)]
+    assert_json_log(node)
+
+
 # -- called AE titles ------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -19,13 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import IO
+from tests.peers import free_port
 from tests.processes import stop_process_group
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class TritonCpuServer:
@@ -40,7 +34,7 @@ class TritonCpuServer:
         self.repository = Path(model_repository)
         self.config_name = config_name
         self.log_file = log_file
-        self.http_port, self.grpc_port = _free_port(), _free_port()
+        self.http_port, self.grpc_port = free_port(), free_port()
         self._backends = Path(tempfile.mkdtemp(prefix="triton-backends-"))
         python_dir = self._backends / "python"
         python_dir.mkdir()

@@ -2,7 +2,9 @@
 
 A crash can leave two kinds of files behind (and a row can lose its file, see the end):
 - a file renamed into ``studies/`` whose index row was never committed (the crash fell
-  between the rename and the commit: the instance was never acknowledged);
+  between the rename and the commit: the instance was never acknowledged), or whose row a power
+  cut took after the acknowledgement (on SQLite, a new instance's commit does not wait for the
+  disk: Index.record_instance's `lazy_commit`; its file and folder were fsynced first);
 - a partial write in ``tmp/`` (the crash fell before the rename).
 
 Each is checked exactly like a received instance (routing tags, whole-data-set check, the
@@ -28,6 +30,7 @@ from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 from node.store.index import Index, InstanceConflict, InstanceRecord
+from node.store.signals import CompletionSignals
 from node.store.spool import Spool, dataset_offset, modified_at, same_dataset
 
 log = logging.getLogger("node.receive")
@@ -104,8 +107,12 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             spool.adopt(path, target)
         completion = config.completion
         try:
+            # what the receiver's transaction notes too: a row a power cut took after the instance
+            # was acknowledged (a lazy commit, Index.record_instance) comes back whole
             index.record_instance(record, now=time.time(), quiet_period=completion.quiet_period_for(record.calling_ae),
-                                  reopen=completion.after_complete == "reprocess")
+                                  reopen=completion.after_complete == "reprocess",
+                                  also=lambda db: CompletionSignals.note_instance(
+                                      db, tags.study_uid, tags.sop_instance_uid, tags.accession_number, tags.count))
         except (DataError, IntegrityError) as exc:  # values the database refuses: never acknowledged, set aside
             refuse(path if path.exists() else target, f"the index refused it ({type(exc.orig).__name__})", kind)
             return

@@ -250,6 +250,9 @@ class InstanceStore:
                 unplace=unplace,
                 also=lambda db: CompletionSignals.note_instance(db, tags.study_uid, tags.sop_instance_uid,
                                                                 tags.accession_number, tags.count),
+                # the file is fsynced now and its folder before the acknowledgement: a row a power
+                # cut takes is indexed again from it at start-up (a replacement's commits durably)
+                lazy_commit=existing is None or identical,
             )
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
             return self._conflict(exc, chunks, record, staged), None

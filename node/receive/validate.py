@@ -26,6 +26,7 @@ and the dictionary's VR only to descend into defined-length sequences in implici
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -62,9 +63,32 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+@dataclass(frozen=True)
+class TopLevelElement:
+    """Where a top-level element's value lies in the walked data: `vr` as encoded (None in
+    implicit VR), `offset` and `length` of its value."""
+
+    vr: str | None
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class WalkedDataset:
+    """What `check_dataset` walked (inflated when it came deflated), and the top-level elements it
+    was asked to note."""
+
+    data: bytes | memoryview
+    elements: dict[int, TopLevelElement]
+
+
 class _Walker:
-    def __init__(self, data: bytes | memoryview, little: bool):
+    def __init__(self, data: bytes | memoryview, little: bool, noted: frozenset[int] = frozenset()):
         self.data = data
+        # Top-level tags to note as a reader that stops after the greatest of them would see them
+        # (node.receive.tags parses its values from here instead of reading the header twice).
+        self.noted, self.last_noted = noted, max(noted, default=-1)
+        self.found: dict[int, TopLevelElement] = {}
         order = "<" if little else ">"
         self.tag_length = struct.Struct(order + "HHL").unpack_from  # implicit header, items
         self.explicit = struct.Struct(order + "HH2sH").unpack_from
@@ -96,6 +120,8 @@ class _Walker:
                     raise MalformedDataset(
                         f"element {_tag(group << 16 | element)} at offset {pos} has no valid VR")
             tag = group << 16 | element
+            if top and tag > self.last_noted:  # past the last noted tag: nothing more is noted
+                self.last_noted = -1
             if group == 0xFFFE:
                 if tag == _ITEM_END and delimited:
                     self._check_pixels(image, pixel_tag, pixel_length, top, encapsulated)
@@ -121,6 +147,8 @@ class _Walker:
                 raise MalformedDataset(
                     f"value of {_tag(tag)} at offset {pos} ({length} bytes) runs past the end of its "
                     f"{'data set' if top else 'item'}")
+            if top and tag in self.noted and self.last_noted >= 0:
+                self.found[tag] = TopLevelElement(vr.decode("ascii") if vr is not None else None, value, length)
             if vr == b"SQ" or (implicit and tag in _SEQUENCE_TAGS):
                 self._items(value, stop, implicit)
             elif tag in _IMAGE_ATTRIBUTES:
@@ -238,13 +266,15 @@ def inflate(raw: bytes | memoryview, limit: int = MAX_INFLATED_BYTES) -> bytes:
         raise MalformedDataset(str(exc)) from None
 
 
-def check_dataset(raw: bytes | memoryview, transfer_syntax: str) -> None:
-    """Raise MalformedDataset unless the encoded data set is whole (see the module docstring)."""
+def check_dataset(raw: bytes | memoryview, transfer_syntax: str, note: frozenset[int] = frozenset()) -> WalkedDataset:
+    """Raise MalformedDataset unless the encoded data set is whole (see the module docstring);
+    else return where the top-level elements tagged in `note` are, up to the first top-level
+    tag greater than all of them."""
     ts = UID(transfer_syntax)
     data: bytes | memoryview = raw
     if ts == DeflatedExplicitVRLittleEndian:
         data = inflate(raw)
-    walker = _Walker(data, ts.is_little_endian)
+    walker = _Walker(data, ts.is_little_endian, note)
     try:
         walker.dataset(0, len(data), ts.is_implicit_VR, delimited=False, top=True,
                        encapsulated=ts.is_encapsulated)
@@ -252,3 +282,4 @@ def check_dataset(raw: bytes | memoryview, transfer_syntax: str) -> None:
         raise MalformedDataset("sequences nested too deeply") from None
     except (struct.error, IndexError, OverflowError) as exc:  # bounds are checked first: a bug guard
         raise MalformedDataset(f"data set cannot be walked ({type(exc).__name__})") from None
+    return WalkedDataset(data, walker.found)

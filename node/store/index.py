@@ -166,6 +166,11 @@ _INSERT_STUDY = (
 )
 
 
+class _DurableCommitNeeded(Exception):
+    """A lazy commit would replace an indexed copy: the transaction is rolled back (before
+    anything is placed) and made again with a durable commit."""
+
+
 class InstanceConflict(Exception):
     """The SOP Instance UID is already indexed under another study, series or SOP class.
 
@@ -243,10 +248,11 @@ class Index:
         return " FOR UPDATE SKIP LOCKED" if self.shared else ""
 
     @contextmanager
-    def transaction(self, claim: bool = False) -> Iterator[Db]:
+    def transaction(self, claim: bool = False, durable: bool = True) -> Iterator[Db]:
         """A write transaction holding the index's write lock; `claim`: on PostgreSQL, row locks
         only (the statements say FOR UPDATE SKIP LOCKED). A `query` in the same thread reads
-        through this transaction (the same snapshot, its own uncommitted writes)."""
+        through this transaction (the same snapshot, its own uncommitted writes). `durable=False`
+        (SQLite only): the commit returns before it is on disk (see `record_instance`)."""
         if getattr(self._local, "db", None) is not None:
             raise RuntimeError("index transactions do not nest")
         writers = self._sqlite_writers
@@ -254,7 +260,7 @@ class Index:
             raise PoolTimeout(f"the index's write lock was held in this process for over {WRITE_LOCK_WAIT_S:g} s")
         try:
             with self.engine.connect() as connection:
-                connection.execution_options(index_write_lock=not (claim and self.shared))
+                connection.execution_options(index_write_lock=not (claim and self.shared), index_durable=durable)
                 with connection.begin():
                     self._local.db = Db(connection)
                     try:
@@ -306,6 +312,7 @@ class Index:
         self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool,
         identical: bool = False, place: Callable[[], None] | None = None,
         unplace: Callable[[], None] | None = None, also: Callable[[Db], None] | None = None,
+        lazy_commit: bool = False,
     ) -> Arrival:
         """Index one stored instance and move its study's completion deadline.
 
@@ -323,10 +330,29 @@ class Index:
         its file was found missing: then the copy is placed and the study reopens, since no
         result could be made without it. `also(db)` runs last in the same transaction (what the
         completion signals note of the instance).
+
+        `lazy_commit`: on SQLite, the commit does not wait for the disk (synchronous=NORMAL)
+        unless it replaces an indexed copy. The caller has fsynced the file at `rec.path` and
+        fsyncs its folder before acknowledging, so what a power cut can take is this row only
+        (and the ones after it; never part of one, never one before a durable commit), and
+        reconcile indexes the file again at start-up, before any association (README,
+        "Receiving"). A replacement stays durable: reconcile would put a kept previous copy back
+        over a replacement whose row was lost.
         """
-        with self.transaction() as db:
+        try:
+            return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
+                                               also, durable=not lazy_commit or self.shared)
+        except _DurableCommitNeeded:  # raised before anything was placed: again, durable
+            return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
+                                               also, durable=True)
+
+    def _record_in_transaction(self, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
+                               identical: bool, place: Callable[[], None] | None,
+                               unplace: Callable[[], None] | None, also: Callable[[Db], None] | None,
+                               durable: bool) -> Arrival:
+        with self.transaction(durable=durable) as db:
             try:
-                arrival = self._record_instance(db, rec, now, now + quiet_period, reopen, identical, place)
+                arrival = self._record_instance(db, rec, now, deadline, reopen, identical, place, durable)
                 if also is not None:
                     also(db)
                 return arrival
@@ -336,7 +362,7 @@ class Index:
                 raise
 
     def _record_instance(self, db: Db, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
-                         identical: bool, place: Callable[[], None] | None) -> Arrival:
+                         identical: bool, place: Callable[[], None] | None, durable: bool) -> Arrival:
         existing = db.execute(
             "SELECT study_uid, series_uid, sop_class_uid, path FROM instances WHERE sop_instance_uid=?",
             (rec.sop_instance_uid,),
@@ -358,6 +384,8 @@ class Index:
         else:
             placement = Placement.PLACED
             received_at = now
+            if duplicate and not durable:
+                raise _DurableCommitNeeded()
             if place is not None:
                 place()
                 # never before the file's mtime, however long the lock took (retention and
@@ -573,19 +601,29 @@ def _engine(url: str, connections: int) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_connection: Any, _: Any) -> None:
+        def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
             dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below starts transactions
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we acknowledge the instance it records.
+            # FULL: a commit is on disk when it returns (see `_sqlite_begin` for the exception).
             cursor.execute("PRAGMA synchronous=FULL")
+            record.info["synchronous"] = "FULL"
             cursor.execute(f"PRAGMA busy_timeout={int(WRITE_LOCK_WAIT_S * 1000)}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Connection) -> None:
+            options = connection.get_execution_options()
+            locked = options.get("index_write_lock", True)  # a write transaction (reads commit nothing)
+            # A connection's synchronous level can change only between transactions (SQLite
+            # refuses it inside one). NORMAL in WAL mode: the commit skips the WAL's fsync; the
+            # next FULL commit (or checkpoint) makes it durable with everything before it.
+            level = "FULL" if options.get("index_durable", True) else "NORMAL"
+            info = connection.connection.info
+            if locked and info.get("synchronous") != level:
+                connection.connection.dbapi_connection.execute(f"PRAGMA synchronous={level}")
+                info["synchronous"] = level
             # SQLAlchemy's documented recipe for pysqlite; IMMEDIATE takes the write lock up front.
-            locked = connection.get_execution_options().get("index_write_lock", True)
             connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
 
         return engine

@@ -24,6 +24,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+from unittest import mock
 
 import hl7
 import pydicom
@@ -54,6 +55,7 @@ from node.receive.pynetdicom_internals import (
 )
 from node.receive.store import Incoming
 from node.receive.stow import MAX_PARTS, Part, StowError, StowRequest, boundary_of, incoming
+from node.receive import tags as tags_module
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset, inflate
 from node.store.filemeta import encode_file_meta
@@ -177,8 +179,16 @@ def routing_tags(data: bytes) -> None:
             tags = read_routing_tags(raw, ts)
         except (UnreadableDataset, MalformedDataset) as exc:
             _require("cannot be walked" not in str(exc), f"the walker's bug guard fired: {exc}")
-            return
-    _check_tags(tags)
+            tags = None
+    # what the whole-data-set check found, converted, is what pydicom's reader gives
+    with mock.patch.object(tags_module, "check_dataset", side_effect=MalformedDataset("read with pydicom")):
+        try:
+            read = read_routing_tags(raw, ts)
+        except (UnreadableDataset, MalformedDataset):
+            read = None
+    _require(tags == read, f"the routing tags differ from pydicom's reading: {tags} != {read}")
+    if tags is not None:
+        _check_tags(tags)
 
 
 def _check_tags(tags: RoutingTags) -> None:
