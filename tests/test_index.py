@@ -134,7 +134,7 @@ def test_both_engines_keep_the_instance_rules(index):
 
 def test_a_new_instance_commits_lazily_on_sqlite_and_a_replacement_durably(index):
     """What a power cut may take (README, "Receiving"): on SQLite a new instance's row, never a
-    replacement's (reconcile would put the kept previous copy back over it), never another
+    study's first (its origin) nor a replacement's (which copy was acknowledged), never another
     transaction's. PostgreSQL commits durably whatever the caller allows."""
     levels: list[int] = []
 
@@ -142,16 +142,18 @@ def test_a_new_instance_commits_lazily_on_sqlite_and_a_replacement_durably(index
         levels.append(db.execute("PRAGMA synchronous").fetchone()["synchronous"] if not index.shared else 2)
 
     placed: list[str] = []
-    for sop in ("1.2.3.1.1", "1.2.3.1.1", "1.2.3.1.2"):  # new; a different copy of it (placed); new
+    # the study's first (it carries the study's origin); a different copy of it (placed); a new one
+    for sop in ("1.2.3.1.1", "1.2.3.1.1", "1.2.3.1.2"):
         index.record_instance(_record(sop), time.time(), 60.0, True, place=lambda sop=sop: placed.append(sop),
                               also=seen, lazy_commit=True)
     index.record_instance(_record("1.2.3.1.3"), time.time(), 60.0, True, also=seen)
     with index.transaction() as db:  # every other transaction: durable
         seen(db)
+    index.record_instance(_record("1.2.3.1.4"), time.time(), 60.0, True, also=seen, lazy_commit=True)
     normal, full = 1, 2
-    assert levels == ([full] * 5 if index.shared else [normal, full, normal, full, full])
-    assert placed == ["1.2.3.1.1", "1.2.3.1.1", "1.2.3.1.2"]  # the replacement placed once, after its retry
-    assert [r["n"] for r in index.query("SELECT COUNT(*) AS n FROM instances")] == [3]
+    assert levels == ([full] * 6 if index.shared else [full, full, normal, full, full, normal])
+    assert placed == ["1.2.3.1.1", "1.2.3.1.1", "1.2.3.1.2"]  # each placed once, after its retry
+    assert [r["n"] for r in index.query("SELECT COUNT(*) AS n FROM instances")] == [4]
 
 
 def test_replicas_claiming_at_once_each_get_different_jobs(index):

@@ -1082,6 +1082,48 @@ def test_rows_a_power_cut_takes_after_the_acknowledgement_are_indexed_again_with
     assert_json_log(node)
 
 
+def test_a_replacement_cut_off_by_a_power_cut_gives_back_the_acknowledged_copy_whose_row_was_lost(
+        start_node, tmp_path):
+    """A different copy of an instance whose lazy row a power cut then took (Index.record_instance):
+    the copy was renamed over the acknowledged one, whose hard link in tmp/ was made durable
+    first, and neither commit reached the disk. Made here by hand: reconcile puts the kept copy
+    back and indexes it; the never-acknowledged copy is gone."""
+    files = make_study(tmp_path / "ct", slices=2, size=16)
+    uid, sop = uid_of(files[1]), uid_of(files[1], "SOPInstanceUID")
+    node = start_node(scp={"workers": 1}, completion={"quiet_period_s": 600.0})
+    assert storescu(node.port, files[:1]).count("(Success)") == 1  # the study's first row: durable
+    node.kill_all()
+    durable = {part.name: part.read_bytes() for part in node.data_dir.glob("index.sqlite*")}
+    node.start()
+    assert storescu(node.port, files[1:]).count("(Success)") == 1  # its row: lazy
+    target = node.data_dir / node.query("SELECT path FROM instances WHERE sop_instance_uid=?", (sop,))[0]["path"]
+    acknowledged = target.read_bytes()
+    node.kill_all()
+    changed = pydicom.dcmread(files[1])
+    changed.ImageComments = "a copy never acknowledged"
+    os.link(target, node.data_dir / "tmp" / "0123456789abcdef.prev")  # Spool.keep_previous
+    target.unlink()
+    target.write_bytes(encode_file_meta(CTImageStorage, sop, ExplicitVRLittleEndian, "MODALITY")
+                       + _encoded(changed))  # renamed over it
+    for part in node.data_dir.glob("index.sqlite*"):  # the power cut
+        part.unlink()
+    for name, data in durable.items():
+        (node.data_dir / name).write_bytes(data)
+
+    node.start()
+    event = wait_for(lambda: len(node.events("reconciled")) == 3 and node.events("reconciled"))[-1]
+    assert (event["replaced_copies_restored"], event["orphans_indexed"], event["orphans_quarantined"]) == (1, 1, 0)
+    assert target.read_bytes() == acknowledged and not list((node.data_dir / "tmp").iterdir())
+    assert node.instance_count(uid) == 2
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
 # -- called AE titles ------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from common import logs
 from node.config import NodeConfig
+from node.receive.store import reopens_study
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
 from node.store.index import Index, InstanceConflict, InstanceRecord
@@ -62,7 +63,8 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
     payload = memoryview(data)[offset:]
     try:
         tags = read_routing_tags(payload, ts)
-        check_dataset(payload, ts)
+        if not tags.whole:
+            check_dataset(payload, ts)
     except (UnreadableDataset, MalformedDataset) as exc:
         raise _Refused(f"{exc} (transfer syntax {ts})") from None
     if str(meta.get("MediaStorageSOPInstanceUID", "")) != tags.sop_instance_uid:
@@ -110,7 +112,7 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             # what the receiver's transaction notes too: a row a power cut took after the instance
             # was acknowledged (a lazy commit, Index.record_instance) comes back whole
             index.record_instance(record, now=time.time(), quiet_period=completion.quiet_period_for(record.calling_ae),
-                                  reopen=completion.after_complete == "reprocess",
+                                  reopen=reopens_study(config, record.sop_class_uid),
                                   also=lambda db: CompletionSignals.note_instance(
                                       db, tags.study_uid, tags.sop_instance_uid, tags.accession_number, tags.count))
         except (DataError, IntegrityError) as exc:  # values the database refuses: never acknowledged, set aside
@@ -119,6 +121,22 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         counts[f"{kind}_indexed"] += 1
         logs.event(log, "reconcile_indexed", kind=kind, study_uid=tags.study_uid,
                    sop_instance_uid=tags.sop_instance_uid)
+
+    # A replaced instance's previous copy, kept until the index committed (Spool.keep_previous),
+    # that a crash left behind: put back if the replacement never committed, else removed. First:
+    # a copy put back without a row (its lazy commit lost to a power cut) is indexed below.
+    for previous in spool.replaced_copies(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
+        try:
+            tags = _inspect(previous)[0]
+        except _Refused:
+            tags = None
+        if tags is not None and _restore_if_uncommitted(index, spool, previous, tags):
+            counts["replaced_copies_restored"] += 1
+            logs.event(log, "reconcile_restored_replaced_copy", logging.WARNING, study_uid=tags.study_uid,
+                       sop_instance_uid=tags.sop_instance_uid)
+        else:
+            spool.discard(previous)
+            counts["replaced_copies_removed"] += 1
 
     # On a shared spool a file younger than this may be another replica's, renamed in place and
     # about to be indexed by it.
@@ -147,21 +165,6 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             refuse(part, str(exc), "partial")
             continue
         index_it(part, tags, ts, calling, "partial")
-
-    # A replaced instance's previous copy, kept until the index committed (Spool.keep_previous),
-    # that a crash left behind: put back if the replacement never committed, else removed.
-    for previous in spool.replaced_copies(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
-        try:
-            tags = _inspect(previous)[0]
-        except _Refused:
-            tags = None
-        if tags is not None and _restore_if_uncommitted(index, spool, previous, tags):
-            counts["replaced_copies_restored"] += 1
-            logs.event(log, "reconcile_restored_replaced_copy", logging.WARNING, study_uid=tags.study_uid,
-                       sop_instance_uid=tags.sop_instance_uid)
-        else:
-            spool.discard(previous)
-            counts["replaced_copies_removed"] += 1
 
     # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
     # marked, never forgotten, so the study's job and the console can say what is missing; a
@@ -196,11 +199,22 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
 def _restore_if_uncommitted(index: Index, spool: Spool, previous: Path, tags: RoutingTags) -> bool:
     """Under the write lock (a replica may be replacing the instance now): if the index row
     describes the kept copy and not the file in place (by size: clocks on a shared spool cannot
-    be trusted), the replacement never committed and the kept copy goes back. Equal sizes
-    cannot tell the two apart: the file in place stays."""
+    be trusted), or on SQLite there is no row, the replacement never committed and the kept copy
+    goes back. Equal sizes cannot tell the two apart: the file in place stays."""
     target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
     with index.transaction():
         row = index.find_instance(tags.sop_instance_uid)
+        if row is None and not index.shared:
+            # No row at all: the replacement never committed (it commits durably, and every
+            # earlier row with it), and the kept copy's own row was a lazy commit a power cut
+            # took (Index.record_instance): the kept copy is the acknowledged one. Its study's
+            # row (a durable commit) and a file in place show it was not retention that removed
+            # the instance since (a receiver killed before discarding its kept copy).
+            study = index.query("SELECT 1 FROM studies WHERE study_uid=?", (tags.study_uid,))
+            if not study or not target.exists():
+                return False
+            spool.restore(previous, target)
+            return True
         if row is None or row["path"] != str(target.relative_to(spool.root)):
             return False
         try:

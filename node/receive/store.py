@@ -59,6 +59,7 @@ READING_NOTES = frozenset({KeyObjectSelectionDocumentStorage, GrayscaleSoftcopyP
                            ColorSoftcopyPresentationStateStorage, PseudoColorSoftcopyPresentationStateStorage,
                            BlendingSoftcopyPresentationStateStorage})
 log = logging.getLogger("node.receive")
+KNOWN_STUDIES_MAX = 4096  # study UIDs a receiver remembers having indexed
 
 # What the node takes, over DIMSE (the presentation contexts it accepts) and STOW-RS alike.
 TRANSFER_SYNTAXES = [
@@ -88,6 +89,12 @@ PROCESSING_FAILURE = 0xC211  # the data set does not match its envelope (SOP cla
 MALFORMED_DATASET = 0xC212  # not well-formed to its end (lengths, items, sequences, trailing bytes)
 PIXEL_DATA_INVALID = 0xC213  # native Pixel Data of the wrong size, or a broken fragment sequence
 SOP_INSTANCE_CONFLICT = 0xC214  # SOP Instance UID already held by another study/series/SOP class
+
+
+def reopens_study(config: NodeConfig, sop_class_uid: str) -> bool:
+    """Whether a new instance for a complete study reopens it (`completion.after_complete:
+    reprocess`): a reader's notes (a KOS, a presentation state) are kept, they never do."""
+    return config.completion.after_complete == "reprocess" and sop_class_uid not in READING_NOTES
 
 
 @dataclass(frozen=True)
@@ -124,11 +131,16 @@ class InstanceStore:
         self.index = index
         self.spool = spool
         self.on_study_opened = on_study_opened
+        # Studies this process has indexed: an arrival for another one commits durably at once
+        # (Index.record_instance would roll a lazy attempt back and try again). Bounded; a
+        # study removed since only costs that retry.
+        self._indexed_studies: set[str] = set()
 
     def store(self, incoming: Incoming) -> Stored:
         """Store one instance, or refuse it with the status that says why (nothing of it kept
-        but in quarantine); the status is the acknowledgement's: SUCCESS only once the file and
-        its index row are durable."""
+        but in quarantine); the status is the acknowledgement's: SUCCESS only once the file is
+        durable and its index row committed (a new instance's row lazily: see
+        Index.record_instance)."""
         status, tags = self._store(incoming)
         return Stored(status, tags.study_uid if tags else None, tags.patient_id if tags else None)
 
@@ -158,7 +170,8 @@ class InstanceStore:
                 raise _Mismatch(f"SOPClassUID differs from the {incoming.announced_by}'s SOP Class UID")
             if incoming.study_uid is not None and tags.study_uid != incoming.study_uid:
                 raise _Mismatch("StudyInstanceUID differs from the study the STOW-RS request was sent to")
-            check_dataset(payload, transfer_syntax)
+            if not tags.whole:  # (read_routing_tags walks it whole on the way when it can)
+                check_dataset(payload, transfer_syntax)
         except (UnreadableDataset, _Mismatch, MalformedDataset) as exc:
             if isinstance(exc, MalformedDataset):
                 status = PIXEL_DATA_INVALID if exc.pixel else MALFORMED_DATASET
@@ -243,8 +256,7 @@ class InstanceStore:
                 record,
                 now=now,
                 quiet_period=completion.quiet_period_for(calling),
-                # a reader's notes (a KOS, a presentation state) are kept, they never reprocess a study
-                reopen=completion.after_complete == "reprocess" and tags.sop_class_uid not in READING_NOTES,
+                reopen=reopens_study(self.config, tags.sop_class_uid),
                 identical=identical,
                 place=place,
                 unplace=unplace,
@@ -252,7 +264,7 @@ class InstanceStore:
                                                                 tags.accession_number, tags.count),
                 # the file is fsynced now and its folder before the acknowledgement: a row a power
                 # cut takes is indexed again from it at start-up (a replacement's commits durably)
-                lazy_commit=existing is None or identical,
+                lazy_commit=(existing is None or identical) and tags.study_uid in self._indexed_studies,
             )
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
             return self._conflict(exc, chunks, record, staged), None
@@ -268,6 +280,9 @@ class InstanceStore:
             if placed:
                 self._undo_failed_commit(record, now, target, placed_inode, previous)
             raise
+        if len(self._indexed_studies) >= KNOWN_STUDIES_MAX:
+            self._indexed_studies.clear()
+        self._indexed_studies.add(tags.study_uid)
         if previous is not None:
             self.spool.discard(previous)
         if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import keyword_for_tag
@@ -26,6 +26,7 @@ COMPLETION_KEYWORDS = ("AccessionNumber", "AcquisitionNumber", "ImagesInAcquisit
 _SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS + COMPLETION_KEYWORDS]
 _LAST_TAG = max(_SPECIFIC_TAGS)  # parsing stops after it: the rest is stored, not read
 _CHARSET = 0x00080005  # Specific Character Set: text values are decoded by it
+_UNDEFINED = 0xFFFFFFFF
 _NOTED_TAGS = frozenset({*map(int, _SPECIFIC_TAGS), _CHARSET})
 
 
@@ -43,6 +44,8 @@ class RoutingTags:
     series: dict[str, Any]
     accession_number: str | None = None
     count: CountGroup | None = None  # the expected count of the instance's group, if it carries one
+    # node.receive.validate.check_dataset found the data set whole on the way: no need to walk it again
+    whole: bool = field(default=False, compare=False)
 
 
 def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingTags:
@@ -50,16 +53,16 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
     UnreadableDataset, or MalformedDataset for a deflated data set that does not inflate whole."""
     ts = UID(transfer_syntax)
     try:
-        walked = check_dataset(raw, ts, note=_NOTED_TAGS)
+        walked: WalkedDataset | None = check_dataset(raw, ts, note=_NOTED_TAGS)
     except MalformedDataset:
-        # Not whole (the receiver refuses it with 0xC212/0xC213 once its UIDs are checked): read
-        # as leniently as pydicom reads, so that a refusal says what it always said.
-        ds: Any = _read_leniently(raw, ts)
-    else:
-        ds = None
+        walked = None  # not whole: the receiver refuses it (0xC212/0xC213) once its UIDs are checked
+    ds: Any = None
+    if walked is None or not _as_pydicom_reads(walked, ts):
+        # read as leniently as pydicom reads, so that a refusal says what it always said
+        ds = _read_leniently(raw, ts)
     try:
         if ds is None:
-            ds = _converted(walked, ts)
+            ds = _converted(cast(WalkedDataset, walked), ts)
         values = routing_values(ds)
         accession, count = _accession(ds), _count(ds, values["SeriesInstanceUID"], values["SOPInstanceUID"])
     except Exception as exc:  # pydicom raises many types on corrupt input
@@ -92,6 +95,7 @@ def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingT
         },
         accession_number=accession,
         count=count,
+        whole=walked is not None,
     )
 
 
@@ -111,6 +115,17 @@ def _read_leniently(raw: bytes | memoryview, ts: UID) -> Any:
         )
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise UnreadableDataset(f"dataset cannot be parsed: {type(exc).__name__}") from None
+
+
+def _as_pydicom_reads(walked: WalkedDataset, ts: UID) -> bool:
+    """Whether pydicom's reader would see the noted elements where the walk found them. Not when
+    a noted element has an undefined length (pydicom reads its items as a value), nor when an
+    implicit VR data set's first element looks explicit (two capital letters where its length
+    begins: pydicom then reads it as explicit VR, whatever the transfer syntax says)."""
+    if any(e.length == _UNDEFINED for e in walked.elements.values()):
+        return False
+    head = bytes(walked.data[4:6])
+    return not (ts.is_implicit_VR and len(head) == 2 and head.isalpha() and head.isupper())
 
 
 def _converted(walked: WalkedDataset, ts: UID) -> dict[str, Any]:

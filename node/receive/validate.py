@@ -66,7 +66,7 @@ def _tag(tag: int) -> str:
 @dataclass(frozen=True)
 class TopLevelElement:
     """Where a top-level element's value lies in the walked data: `vr` as encoded (None in
-    implicit VR), `offset` and `length` of its value."""
+    implicit VR), `offset` and `length` of its value (0xFFFFFFFF: undefined, items follow)."""
 
     vr: str | None
     offset: int
@@ -127,6 +127,8 @@ class _Walker:
                     self._check_pixels(image, pixel_tag, pixel_length, top, encapsulated)
                     return pos + 8
                 raise MalformedDataset(f"unexpected {_tag(tag)} at offset {pos}")
+            if top and tag in self.noted and self.last_noted >= 0:  # (its length is checked below)
+                self.found[tag] = TopLevelElement(vr.decode("ascii") if vr is not None else None, value, length)
             if length == _UNDEFINED:
                 if tag == _PIXEL_DATA:
                     if vr is not None and vr not in (b"OB", b"OW"):
@@ -147,8 +149,6 @@ class _Walker:
                 raise MalformedDataset(
                     f"value of {_tag(tag)} at offset {pos} ({length} bytes) runs past the end of its "
                     f"{'data set' if top else 'item'}")
-            if top and tag in self.noted and self.last_noted >= 0:
-                self.found[tag] = TopLevelElement(vr.decode("ascii") if vr is not None else None, value, length)
             if vr == b"SQ" or (implicit and tag in _SEQUENCE_TAGS):
                 self._items(value, stop, implicit)
             elif tag in _IMAGE_ATTRIBUTES:

@@ -167,8 +167,8 @@ _INSERT_STUDY = (
 
 
 class _DurableCommitNeeded(Exception):
-    """A lazy commit would replace an indexed copy: the transaction is rolled back (before
-    anything is placed) and made again with a durable commit."""
+    """A lazy commit would create a study or replace an indexed copy: the transaction is rolled
+    back (before anything is placed) and made again with a durable commit."""
 
 
 class InstanceConflict(Exception):
@@ -332,12 +332,13 @@ class Index:
         completion signals note of the instance).
 
         `lazy_commit`: on SQLite, the commit does not wait for the disk (synchronous=NORMAL)
-        unless it replaces an indexed copy. The caller has fsynced the file at `rec.path` and
-        fsyncs its folder before acknowledging, so what a power cut can take is this row only
-        (and the ones after it; never part of one, never one before a durable commit), and
-        reconcile indexes the file again at start-up, before any association (README,
-        "Receiving"). A replacement stays durable: reconcile would put a kept previous copy back
-        over a replacement whose row was lost.
+        unless it creates the study or replaces an indexed copy. The caller has fsynced the file
+        at `rec.path` and fsyncs its folder before acknowledging, so what a power cut can take is
+        this row only (and the ones after it; never part of one, never one before a durable
+        commit), and reconcile indexes the file again at start-up, before any association
+        (README, "Receiving"), with the origin (calling and called AE, peer) of the study's
+        first row, which is why that one commits durably. A replacement commits durably too:
+        its row is what tells reconcile which copy was acknowledged.
         """
         try:
             return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
@@ -372,6 +373,8 @@ class Index:
         if series_of is not None and series_of["study_uid"] != rec.study_uid:
             raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
         study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
+        if study is None and not durable:  # a study's first row carries its origin: never lazily
+            raise _DurableCommitNeeded()
         duplicate = existing is not None
         complete = study is not None and study["state"] == "complete"
         was_missing = duplicate and db.execute(
@@ -621,6 +624,7 @@ def _engine(url: str, connections: int) -> Engine:
             level = "FULL" if options.get("index_durable", True) else "NORMAL"
             info = connection.connection.info
             if locked and info.get("synchronous") != level:
+                info.pop("synchronous", None)  # unknown until it is set: an interrupted PRAGMA is redone
                 connection.connection.dbapi_connection.execute(f"PRAGMA synchronous={level}")
                 info["synchronous"] = level
             # SQLAlchemy's documented recipe for pysqlite; IMMEDIATE takes the write lock up front.

@@ -120,13 +120,18 @@ class Spool:
         except OSError:  # a filesystem without hard links: a copy does (replacements are rare)
             try:
                 shutil.copy2(target, previous)  # with its mtime: retention compares it
+                _fsync_file(previous)
             except BaseException:
                 previous.unlink(missing_ok=True)
                 raise
+        # on disk before the rename over `target` can be: after a power cut, reconcile finds the
+        # acknowledged copy here if the replacement's commit was lost
+        _fsync_dir(self.tmp)
         return previous
 
     def restore(self, previous: Path, target: Path) -> None:
         """Undo a replacement: the copy `keep_previous` kept goes back to `target`."""
+        self._ensure_dir(target.parent)
         os.replace(previous, target)
         previous.unlink(missing_ok=True)  # rename() leaves both names when they are one file already
         _fsync_dir(target.parent)
@@ -162,11 +167,7 @@ class Spool:
 
     def adopt(self, path: Path, target: Path) -> None:
         """Make a file already on this filesystem (a partial write found complete) durable at `target`."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(path)
         self._ensure_dir(target.parent)
         os.replace(path, target)
         _fsync_dir(target.parent)
@@ -193,6 +194,14 @@ class Spool:
         if len(self._known_dirs) >= KNOWN_DIRS_MAX:  # one per series: bounded in a long-lived receiver
             self._known_dirs.clear()
         self._known_dirs.add(folder)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
