@@ -210,8 +210,7 @@ def _restore_if_uncommitted(index: Index, spool: Spool, previous: Path, tags: Ro
             # took (Index.record_instance): the kept copy is the acknowledged one. Its study's
             # row (a durable commit) and a file in place show it was not retention that removed
             # the instance since (a receiver killed before discarding its kept copy).
-            study = index.query("SELECT 1 FROM studies WHERE study_uid=?", (tags.study_uid,))
-            if not study or not target.exists():
+            if index.study_state(tags.study_uid) is None or not target.exists():
                 return False
             spool.restore(previous, target)
             return True

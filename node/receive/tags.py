@@ -26,7 +26,6 @@ COMPLETION_KEYWORDS = ("AccessionNumber", "AcquisitionNumber", "ImagesInAcquisit
 _SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS + COMPLETION_KEYWORDS]
 _LAST_TAG = max(_SPECIFIC_TAGS)  # parsing stops after it: the rest is stored, not read
 _CHARSET = 0x00080005  # Specific Character Set: text values are decoded by it
-_UNDEFINED = 0xFFFFFFFF
 _NOTED_TAGS = frozenset({*map(int, _SPECIFIC_TAGS), _CHARSET})
 
 
@@ -122,7 +121,7 @@ def _as_pydicom_reads(walked: WalkedDataset, ts: UID) -> bool:
     a noted element has an undefined length (pydicom reads its items as a value), nor when an
     implicit VR data set's first element looks explicit (two capital letters where its length
     begins: pydicom then reads it as explicit VR, whatever the transfer syntax says)."""
-    if any(e.length == _UNDEFINED for e in walked.elements.values()):
+    if any(e.undefined_length for e in walked.elements.values()):
         return False
     head = bytes(walked.data[4:6])
     return not (ts.is_implicit_VR and len(head) == 2 and head.isalpha() and head.isupper())

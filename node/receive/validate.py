@@ -72,6 +72,10 @@ class TopLevelElement:
     offset: int
     length: int
 
+    @property
+    def undefined_length(self) -> bool:
+        return self.length == _UNDEFINED
+
 
 @dataclass(frozen=True)
 class WalkedDataset:
@@ -87,7 +91,7 @@ class _Walker:
         self.data = data
         # Top-level tags to note as a reader that stops after the greatest of them would see them
         # (node.receive.tags parses its values from here instead of reading the header twice).
-        self.noted, self.last_noted = noted, max(noted, default=-1)
+        self.noted, self.last_noted, self.noting = noted, max(noted, default=-1), bool(noted)
         self.found: dict[int, TopLevelElement] = {}
         order = "<" if little else ">"
         self.tag_length = struct.Struct(order + "HHL").unpack_from  # implicit header, items
@@ -120,14 +124,14 @@ class _Walker:
                     raise MalformedDataset(
                         f"element {_tag(group << 16 | element)} at offset {pos} has no valid VR")
             tag = group << 16 | element
-            if top and tag > self.last_noted:  # past the last noted tag: nothing more is noted
-                self.last_noted = -1
+            if top and self.noting and tag > self.last_noted:  # past the last noted tag
+                self.noting = False  # nothing more is noted
             if group == 0xFFFE:
                 if tag == _ITEM_END and delimited:
                     self._check_pixels(image, pixel_tag, pixel_length, top, encapsulated)
                     return pos + 8
                 raise MalformedDataset(f"unexpected {_tag(tag)} at offset {pos}")
-            if top and tag in self.noted and self.last_noted >= 0:  # (its length is checked below)
+            if top and self.noting and tag in self.noted:  # (its length is checked below)
                 self.found[tag] = TopLevelElement(vr.decode("ascii") if vr is not None else None, value, length)
             if length == _UNDEFINED:
                 if tag == _PIXEL_DATA:
