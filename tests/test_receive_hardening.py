@@ -1082,6 +1082,46 @@ def test_rows_a_power_cut_takes_after_the_acknowledgement_are_indexed_again_with
     assert_json_log(node)
 
 
+def test_a_row_a_power_cut_takes_comes_back_with_the_origin_its_file_names(start_node, tmp_path):
+    """A study sent through two called AE titles by two modalities: the rows a power cut takes
+    (made here by putting back an index copied while the node was down) come back with the
+    calling AE, called AE and peer of their own association, read from their file meta (PS3.10
+    7.1: (0002,0016), (0002,0018), (0002,0027)), not the study's latest surviving row's, so the
+    study's origin, which routing matches on, is what it was before the cut."""
+    files = make_study(tmp_path / "ct", slices=3, size=16)
+    uid = uid_of(files[0])
+    node = start_node(scp={"workers": 1, "ae_titles": ["TESTNODE", "LUNG"]}, completion={"quiet_period_s": 600.0})
+    assert storescu(node.port, files[:1]).count("(Success)") == 1
+    node.kill_all()
+    durable = {part.name: part.read_bytes() for part in node.data_dir.glob("index.sqlite*")}
+    node.start()
+    assert storescu(node.port, files[1:], aet="CT2", called="LUNG").count("(Success)") == 2
+    before = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances ORDER BY received_at")
+    origin_before = node.query("SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
+                               " ORDER BY received_at DESC LIMIT 1", (uid,))
+    node.kill_all()
+    stored = pydicom.dcmread(node.data_dir / node.query(
+        "SELECT path FROM instances WHERE sop_instance_uid=?", (uid_of(files[2], "SOPInstanceUID"),))[0]["path"],
+        stop_before_pixels=True).file_meta
+    assert (stored.SourceApplicationEntityTitle, stored.ReceivingApplicationEntityTitle,
+            stored.SendingPresentationAddress) == ("CT2", "LUNG", "//127.0.0.1")
+    for part in node.data_dir.glob("index.sqlite*"):  # the power cut
+        part.unlink()
+    for name, data in durable.items():
+        (node.data_dir / name).write_bytes(data)
+    assert node.instance_count(uid) == 1
+
+    node.start()
+    event = wait_for(lambda: len(node.events("reconciled")) == 3 and node.events("reconciled"))[-1]
+    assert (event["orphans_indexed"], event["orphans_quarantined"]) == (2, 0)
+    after = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances ORDER BY received_at")
+    assert sorted(map(tuple, after)) == sorted(map(tuple, before))
+    assert sorted({(r[1], r[2], r[3]) for r in after}) == [("CT2", "LUNG", "127.0.0.1"),
+                                                           ("MODALITY", "TESTNODE", "127.0.0.1")]
+    assert node.query("SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
+                      " ORDER BY received_at DESC LIMIT 1", (uid,)) == origin_before
+
+
 def test_a_replacement_cut_off_by_a_power_cut_gives_back_the_acknowledged_copy_whose_row_was_lost(
         start_node, tmp_path):
     """A different copy of an instance whose lazy row a power cut then took (Index.record_instance):

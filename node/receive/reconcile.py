@@ -8,8 +8,9 @@ A crash can leave two kinds of files behind (and a row can lose its file, see th
 - a partial write in ``tmp/`` (the crash fell before the rename).
 
 Each is checked exactly like a received instance (routing tags, whole-data-set check, the
-SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study (and takes
-the study's sender and called AE, so routing does not change); anything else goes to
+SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study, with the
+calling AE, called AE and peer its file meta names (node/store/filemeta.py; what a file of an
+earlier release lacks, the study's latest row's), so routing does not change; anything else goes to
 ``quarantine/`` with a reason. An identical copy of an indexed instance is removed. An index
 row whose file is gone is recorded in `missing_files`: a job on its series fails with that reason
 and the console counts it. Counts are logged as one ``reconciled`` event.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from node.config import NodeConfig
 from node.receive.store import reopens_study
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
+from node.store.filemeta import peer_of
 from node.store.index import Index, InstanceConflict, InstanceRecord
 from node.store.signals import CompletionSignals
 from node.store.spool import Spool, dataset_offset, modified_at, same_dataset
@@ -50,14 +53,26 @@ class SpoolNotMounted(Exception):
     acknowledged instances where the volume, once mounted, hides them; the node does not start."""
 
 
-def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
-    """Routing tags, transfer syntax, calling AE and data set of a part-10 file, checked."""
+@dataclass(frozen=True)
+class _Origin:
+    """Who sent an instance, as its file meta says (node/store/filemeta.py); "" where it does not
+    (a file of an earlier release, a STOW-RS account name that is no AE title)."""
+
+    calling_ae: str
+    called_ae: str
+    peer: str
+
+
+def _inspect(path: Path) -> tuple[RoutingTags, str, _Origin, memoryview]:
+    """Routing tags, transfer syntax, origin and data set of a part-10 file, checked."""
     try:
         data = path.read_bytes()
         offset = dataset_offset(data)
         meta = read_file_meta_info(path)
         ts = str(meta.TransferSyntaxUID)
-        calling = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        sent_by = _Origin(str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+                          str(meta.get("ReceivingApplicationEntityTitle", "") or "").strip(),
+                          peer_of(str(meta.get("SendingPresentationAddress", "") or "")))
     except Exception as exc:
         raise _Refused(f"not a complete part-10 file written by the node ({type(exc).__name__})") from None
     payload = memoryview(data)[offset:]
@@ -69,7 +84,7 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, str, memoryview]:
         raise _Refused(f"{exc} (transfer syntax {ts})") from None
     if str(meta.get("MediaStorageSOPInstanceUID", "")) != tags.sop_instance_uid:
         raise _Refused("SOPInstanceUID differs from the file meta's Media Storage SOP Instance UID")
-    return tags, ts, calling, payload
+    return tags, ts, sent_by, payload
 
 
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
@@ -83,15 +98,17 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         counts[f"{kind}_quarantined"] += 1
         logs.event(log, "reconcile_quarantined", logging.WARNING, kind=kind, reason=reason, file=where.name)
 
-    def index_it(path: Path, tags: RoutingTags, ts: str, calling: str, kind: str) -> None:
+    def index_it(path: Path, tags: RoutingTags, ts: str, sent_by: _Origin, kind: str) -> None:
         target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-        origin: Any = index.study_origin(tags.study_uid) or {"calling_ae": calling, "called_ae": "", "peer": ""}
+        # the instance's own origin, from its file; what the file lacks, from the study's latest row
+        latest: Any = index.study_origin(tags.study_uid) or {"calling_ae": "", "called_ae": "", "peer": ""}
         record = InstanceRecord(
             sop_instance_uid=tags.sop_instance_uid, sop_class_uid=tags.sop_class_uid,
             series_uid=tags.series_uid, study_uid=tags.study_uid, patient_id=tags.patient_id,
             transfer_syntax=ts, path=str(target.relative_to(spool.root)), size=path.stat().st_size,
-            calling_ae=origin["calling_ae"] or calling, called_ae=origin["called_ae"] or "",
-            peer=origin["peer"] or "", series=tags.series)
+            calling_ae=sent_by.calling_ae or latest["calling_ae"] or "",
+            called_ae=sent_by.called_ae or latest["called_ae"] or "", peer=sent_by.peer or latest["peer"] or "",
+            series=tags.series)
         existing = index.find_instance(tags.sop_instance_uid)
         try:
             InstanceConflict.check(record, existing)
@@ -148,23 +165,23 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             if str(path.relative_to(spool.root)) in known or modified_at(path) > settled:
                 continue
             try:
-                tags, ts, calling, _ = _inspect(path)
+                tags, ts, sent_by, _ = _inspect(path)
             except _Refused as exc:
                 refuse(path, str(exc), "orphans")
                 continue
             if path != spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid):
                 refuse(path, "its path does not match its study, series and SOP instance UIDs", "orphans")
                 continue
-            index_it(path, tags, ts, calling, "orphans")
+            index_it(path, tags, ts, sent_by, "orphans")
 
     # On a shared spool another replica may be writing its temporary files right now.
     for part in spool.partial_writes(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
         try:
-            tags, ts, calling, _ = _inspect(part)
+            tags, ts, sent_by, _ = _inspect(part)
         except _Refused as exc:
             refuse(part, str(exc), "partial")
             continue
-        index_it(part, tags, ts, calling, "partial")
+        index_it(part, tags, ts, sent_by, "partial")
 
     # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
     # marked, never forgotten, so the study's job and the console can say what is missing; a

@@ -47,7 +47,7 @@ from common import logs
 from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset
-from node.store.filemeta import encode_file_meta
+from node.store.filemeta import encode_file_meta, presentation_address
 from node.store.index import Index, InstanceConflict, InstanceRecord, Placement
 from node.store.modelruns import ModelRuns, verdict_of
 from node.store.signals import CompletionSignals
@@ -153,7 +153,9 @@ class InstanceStore:
         calling = incoming.calling
         try:
             header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax),
-                                      calling if _is_ae_title(calling) else None)
+                                      calling if _is_ae_title(calling) else None,
+                                      incoming.called if _is_ae_title(incoming.called) else None,
+                                      presentation_address(incoming.peer))
         except ValueError as exc:  # not ASCII (UnicodeEncodeError), or over 64 characters
             reason = "a UID that is not ASCII" if isinstance(exc, UnicodeEncodeError) else "a UID longer than 64 characters"
             # kept for inspection as any refused data set, under a file meta without the UIDs
@@ -392,6 +394,6 @@ class _Mismatch(ValueError):
 
 
 def _is_ae_title(value: str) -> bool:
-    """Whether `value` fits (0002,0016) Source Application Entity Title (AE: 16 ASCII characters,
+    """Whether `value` fits an AE element of the file meta ((0002,0016), (0002,0018): 16 ASCII characters,
     no backslash or control characters): a STOW-RS account name may not."""
     return 0 < len(value) <= 16 and value.isascii() and value.isprintable() and "\\" not in value

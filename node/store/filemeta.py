@@ -7,6 +7,7 @@ It runs once per received instance on the DIMSE thread, where pydicom's FileMeta
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -19,7 +20,7 @@ MAX_AE = 16
 
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":
+    if vr in (b"OB", b"UR"):  # PS3.5 7.1.2: these have a 32-bit length after two reserved bytes
         return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
@@ -34,14 +35,41 @@ def _text(value: str) -> bytes:
     return raw + b" " if len(raw) % 2 else raw
 
 
+def presentation_address(peer: str) -> str | None:
+    """The peer's IP address as a URI (RFC 3986 network-path reference: `//10.1.2.3`,
+    `//[fd00::5]`) for (0002,0027) Sending Presentation Address; None for anything else."""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+    return f"//[{address}]" if address.version == 6 else f"//{address}"
+
+
+def peer_of(address: str) -> str:
+    """The IP address a `presentation_address` names ("" for any other value)."""
+    host = address.strip().removeprefix("//")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return ""
+
+
 def encode_file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None,
+    receiving_ae: str | None = None, sending_address: str | None = None,
 ) -> bytes:
     """Preamble, ``DICM`` and the File Meta Information group for one instance. ValueError for
     a UID over 64 characters (UnicodeEncodeError, a ValueError, for one that is not ASCII): a
     STOW-RS part's file meta can announce anything (found by fuzzing: a 65,535-character UID
-    overflowed the element's length and failed the whole request)."""
-    if max(len(sop_class_uid), len(sop_instance_uid), len(transfer_syntax)) > MAX_UID or len(source_ae or "") > MAX_AE:
+    overflowed the element's length and failed the whole request).
+
+    Who sent it, where the file keeps it (PS3.10 7.1): the calling AE title in (0002,0016)
+    Source Application Entity Title, the called one in (0002,0018) Receiving Application Entity
+    Title, the peer in (0002,0027) Sending Presentation Address (`presentation_address`). An
+    instance whose index row a power cut took is indexed again with them (node/receive/reconcile.py)."""
+    if max(len(sop_class_uid), len(sop_instance_uid), len(transfer_syntax)) > MAX_UID or max(
+            len(source_ae or ""), len(receiving_ae or "")) > MAX_AE:
         raise ValueError("a UID longer than 64 characters or an AE title longer than 16")
     body = b"".join(
         [
@@ -53,5 +81,7 @@ def encode_file_meta(
             _element(0x0013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION)),
         ]
         + ([_element(0x0016, b"AE", _text(source_ae))] if source_ae else [])
+        + ([_element(0x0018, b"AE", _text(receiving_ae))] if receiving_ae else [])
+        + ([_element(0x0027, b"UR", _text(sending_address))] if sending_address else [])
     )
     return PREAMBLE + _element(0x0000, b"UL", struct.pack("<I", len(body))) + body

@@ -336,9 +336,10 @@ class Index:
         at `rec.path` and fsyncs its folder before acknowledging, so what a power cut can take is
         this row only (and the ones after it; never part of one, never one before a durable
         commit), and reconcile indexes the file again at start-up, before any association
-        (README, "Receiving"), with the origin (calling and called AE, peer) of the study's
-        first row, which is why that one commits durably. A replacement commits durably too:
-        its row is what tells reconcile which copy was acknowledged.
+        (README, "Receiving"), with the origin (calling and called AE, peer) its file meta
+        names. A study's first row commits durably all the same: it creates the study, whose
+        first arrival a re-index could not date. A replacement commits durably too: its row is
+        what tells reconcile which copy was acknowledged.
         """
         try:
             return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
@@ -373,7 +374,7 @@ class Index:
         if series_of is not None and series_of["study_uid"] != rec.study_uid:
             raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
         study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
-        if study is None and not durable:  # a study's first row carries its origin: never lazily
+        if study is None and not durable:  # a study's first row creates it: never lazily
             raise _DurableCommitNeeded()
         duplicate = existing is not None
         complete = study is not None and study["state"] == "complete"

@@ -263,22 +263,26 @@ def file_meta(data: bytes) -> None:
     back element by element, each value as given and padded to even length (PS3.5 6.2: UI with
     NUL, AE and SH with a space), its group length exact; and for values valid in their VR, the
     very bytes pydicom's own writer makes."""
-    values = data.decode("utf-8", "replace").split("\x1e")[:4] + ["", "", "", ""]
-    sop_class, sop_instance, syntax, ae = values[:4]
-    source = ae or None
-    if not all(v.isascii() for v in (sop_class, sop_instance, syntax, ae)):
+    values = data.decode("utf-8", "replace").split("\x1e")[:6] + [""] * 6
+    sop_class, sop_instance, syntax, ae, called, address = values[:6]
+    source, receiving, sending = ae or None, called or None, address or None
+
+    def encoded() -> bytes:
+        return encode_file_meta(sop_class, sop_instance, syntax, source, receiving, sending)
+
+    if not all(v.isascii() for v in (sop_class, sop_instance, syntax, ae, called, address)):
         try:
-            encode_file_meta(sop_class, sop_instance, syntax, source)
+            encoded()
         except ValueError:  # UnicodeEncodeError, or the length check that comes first
             return
         raise InvariantBroken("a value that is not ASCII was written into the file meta")
-    if max(map(len, (sop_class, sop_instance, syntax))) > 64 or len(ae) > 16:
+    if max(map(len, (sop_class, sop_instance, syntax))) > 64 or max(len(ae), len(called)) > 16:
         try:
-            encode_file_meta(sop_class, sop_instance, syntax, source)
+            encoded()
         except ValueError:
             return
         raise InvariantBroken("a UID over 64 characters or an AE title over 16 was written into the file meta")
-    ours = encode_file_meta(sop_class, sop_instance, syntax, source)
+    ours = encoded()
     _require(ours[:132] == b"\x00" * 128 + b"DICM", "no preamble and DICM prefix")
     group = read_dataset(io.BytesIO(ours[132:]), is_implicit_VR=False, is_little_endian=True)
 
@@ -289,17 +293,22 @@ def file_meta(data: bytes) -> None:
     expected = {0x00020001: b"\x00\x01", 0x00020002: padded(sop_class, b"\0"), 0x00020003: padded(sop_instance, b"\0"),
                 0x00020010: padded(syntax, b"\0"), 0x00020012: padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0"),
                 0x00020013: padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")}
-    if source:
-        expected[0x00020016] = padded(source, b" ")
+    for tag, value in ((0x00020016, source), (0x00020018, receiving), (0x00020027, sending)):
+        if value:
+            expected[tag] = padded(value, b" ")
     found = {int(tag): group.get_item(tag).value for tag in group.keys() if tag != 0x00020000}
     _require(found == expected, "the file meta elements read back differ from the values written")
     (length,) = struct.unpack("<I", group.get_item(0x00020000).value)
     _require(len(ours) == 132 + 12 + length, "the group length does not say where the group ends")
-    if all(_valid_uid(v) for v in (sop_class, sop_instance, syntax)) and (source is None or _valid_ae(source)):
-        _require(ours == pydicom_file_meta(sop_class, sop_instance, syntax, source), "file meta bytes differ from pydicom's")
+    if (all(_valid_uid(v) for v in (sop_class, sop_instance, syntax)) and all(
+            v is None or _valid_ae(v) for v in (source, receiving))
+            and (sending is None or (sending.isprintable() and "\\" not in sending and not sending.startswith(" ")))):
+        _require(ours == pydicom_file_meta(sop_class, sop_instance, syntax, source, receiving, sending),
+                 "file meta bytes differ from pydicom's")
 
 
-def pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source: str | None) -> bytes:
+def pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source: str | None,
+                      receiving: str | None = None, sending_address: str | None = None) -> bytes:
     """Preamble, DICM and the file meta group as pydicom writes them (the reference)."""
     meta = pydicom.dataset.FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
@@ -310,6 +319,10 @@ def pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source: st
     meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
     if source:
         meta.SourceApplicationEntityTitle = source
+    if receiving:
+        meta.ReceivingApplicationEntityTitle = receiving
+    if sending_address:
+        meta.SendingPresentationAddress = sending_address
     reference = io.BytesIO()
     reference.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(reference, meta, enforce_standard=True)  # type: ignore[arg-type]
