@@ -14,15 +14,20 @@ from tests.fuzz.targets import pydicom_file_meta
 ])
 def test_file_meta_matches_pydicom(sop, ts, ae, called, peer):
     address = presentation_address(peer) if peer else None
-    assert encode_file_meta(CTImageStorage, sop, ts, ae, called, address) == pydicom_file_meta(
-        CTImageStorage, sop, ts, ae, called, address)
+    sending = ae if called else None  # a C-STORE's file: (0002,0017) as well as (0002,0016)
+    assert encode_file_meta(CTImageStorage, sop, ts, ae, sending, called, address) == pydicom_file_meta(
+        CTImageStorage, sop, ts, ae, sending, called, address)
 
 
 def test_the_peer_round_trips_through_its_presentation_address():
     """(0002,0027) Sending Presentation Address is a URI (VR UR): an RFC 3986 network-path
-    reference; reconcile reads the peer back from it."""
-    assert [presentation_address(p) for p in ("10.1.2.3", "::1", "FD00::A:5")] == [
-        "//10.1.2.3", "//[::1]", "//[fd00::a:5]"]
-    assert presentation_address("client.example") is None and presentation_address("") is None
-    assert [peer_of(presentation_address(p) or "") for p in ("10.1.2.3", "::1")] == ["10.1.2.3", "::1"]
-    assert peer_of("http://10.1.2.3/") == peer_of("//host") == peer_of("") == ""
+    reference, an IPv6 zone written as RFC 6874 says (ASCII whatever the zone's name); reconcile
+    reads the peer back from it exactly as the index recorded it."""
+    peers = ("10.1.2.3", "::1", "FD00::A:5", "::ffff:10.1.2.3", "fe80::1%eth0", "fe80::1%\u00e9th0")
+    addresses = [presentation_address(p) for p in peers]
+    assert addresses == ["//10.1.2.3", "//[::1]", "//[FD00::A:5]", "//[::ffff:10.1.2.3]", "//[fe80::1%25eth0]",
+                         "//[fe80::1%25%C3%A9th0]"]
+    assert all(a is not None and a.isascii() for a in addresses)
+    assert [peer_of(a or "") for a in addresses] == list(peers)
+    assert presentation_address("client.example") is None and presentation_address("testclient") is None
+    assert peer_of("http://10.1.2.3/") == peer_of("//host") == peer_of("10.1.2.3") == peer_of("") == ""

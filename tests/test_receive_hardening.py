@@ -6,6 +6,7 @@ crafted data sets. Waits are on conditions; every process is stopped by PID (sta
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -1083,28 +1084,49 @@ def test_rows_a_power_cut_takes_after_the_acknowledgement_are_indexed_again_with
 
 
 def test_a_row_a_power_cut_takes_comes_back_with_the_origin_its_file_names(start_node, tmp_path):
-    """A study sent through two called AE titles by two modalities: the rows a power cut takes
-    (made here by putting back an index copied while the node was down) come back with the
-    calling AE, called AE and peer of their own association, read from their file meta (PS3.10
-    7.1: (0002,0016), (0002,0018), (0002,0027)), not the study's latest surviving row's, so the
-    study's origin, which routing matches on, is what it was before the cut."""
+    """A study sent by three modalities through two called AE titles from two addresses: the rows
+    a power cut takes (made here by putting back an index copied while the node was down) come
+    back with the calling AE, called AE and peer of their own association, read from the node's
+    file meta (PS3.10 7.1: (0002,0017), (0002,0018), (0002,0027)), not the study's latest
+    surviving row's, nor from group 0002 elements a sender put into its data set; and they are
+    indexed in the order they arrived, so the study's origin, which routing matches on, is what
+    it was before the cut."""
+    from node.receive.pynetdicom_internals import store_response
+    from node.store.spool import dataset_offset
+    from tests.fuzz.protocol import RELEASE_RQ, STORE_CONTEXT, associate_rq, c_store_fragments
+
     files = make_study(tmp_path / "ct", slices=3, size=16)
     uid = uid_of(files[0])
+    first, later = sorted(files[1:], key=lambda f: uid_of(f, "SOPInstanceUID"), reverse=True)  # later: first by path
     node = start_node(scp={"workers": 1, "ae_titles": ["TESTNODE", "LUNG"]}, completion={"quiet_period_s": 600.0})
     assert storescu(node.port, files[:1]).count("(Success)") == 1
     node.kill_all()
     durable = {part.name: part.read_bytes() for part in node.data_dir.glob("index.sqlite*")}
     node.start()
-    assert storescu(node.port, files[1:], aet="CT2", called="LUNG").count("(Success)") == 2
-    before = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances ORDER BY received_at")
-    origin_before = node.query("SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
-                               " ORDER BY received_at DESC LIMIT 1", (uid,))
+    assert storescu(node.port, [first], aet="CT2", called="LUNG").count("(Success)") == 1
+    # from another address, as FUZZER, a data set that begins with file meta elements of its own
+    planted = (struct.pack("<HH2sH", 2, 0x18, b"AE", 4) + b"EVIL"
+               + struct.pack("<HH2s2xI", 2, 0x27, b"UR", 10) + b"//6.6.6.6 ")
+    with socket.create_connection(("127.0.0.1", node.port), source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(associate_rq())
+        assert _answers(sock, 1)[0][0] == 0x02
+        sock.sendall(b"".join(c_store_fragments(planted + encoded(pydicom.dcmread(later)),
+                                                uid_of(later, "SOPInstanceUID"))))
+        [answer] = _answers(sock, 1)
+        assert answer == store_response(CTImageStorage, uid_of(later, "SOPInstanceUID"), 1, 0x0000, STORE_CONTEXT)
+        sock.sendall(RELEASE_RQ)
+        _answers(sock, 1)
+    path = node.data_dir / node.query("SELECT path FROM instances WHERE sop_instance_uid=?",
+                                      (uid_of(later, "SOPInstanceUID"),))[0]["path"]
+    stored = path.read_bytes()
+    meta = pydicom.dcmread(io.BytesIO(stored[:dataset_offset(stored)])).file_meta  # the node's group
+    assert (meta.SourceApplicationEntityTitle, meta.SendingApplicationEntityTitle,
+            meta.ReceivingApplicationEntityTitle, meta.SendingPresentationAddress) == (
+        "FUZZER", "FUZZER", "TESTNODE", "//127.0.0.2")
+    before = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances")
+    origin = "SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=? ORDER BY received_at DESC LIMIT 1"
+    assert [tuple(r) for r in node.query(origin, (uid,))] == [("FUZZER", "TESTNODE", "127.0.0.2")]
     node.kill_all()
-    stored = pydicom.dcmread(node.data_dir / node.query(
-        "SELECT path FROM instances WHERE sop_instance_uid=?", (uid_of(files[2], "SOPInstanceUID"),))[0]["path"],
-        stop_before_pixels=True).file_meta
-    assert (stored.SourceApplicationEntityTitle, stored.ReceivingApplicationEntityTitle,
-            stored.SendingPresentationAddress) == ("CT2", "LUNG", "//127.0.0.1")
     for part in node.data_dir.glob("index.sqlite*"):  # the power cut
         part.unlink()
     for name, data in durable.items():
@@ -1114,12 +1136,11 @@ def test_a_row_a_power_cut_takes_comes_back_with_the_origin_its_file_names(start
     node.start()
     event = wait_for(lambda: len(node.events("reconciled")) == 3 and node.events("reconciled"))[-1]
     assert (event["orphans_indexed"], event["orphans_quarantined"]) == (2, 0)
-    after = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances ORDER BY received_at")
+    after = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances")
     assert sorted(map(tuple, after)) == sorted(map(tuple, before))
-    assert sorted({(r[1], r[2], r[3]) for r in after}) == [("CT2", "LUNG", "127.0.0.1"),
-                                                           ("MODALITY", "TESTNODE", "127.0.0.1")]
-    assert node.query("SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
-                      " ORDER BY received_at DESC LIMIT 1", (uid,)) == origin_before
+    assert sorted({(r[1], r[2], r[3]) for r in after}) == [
+        ("CT2", "LUNG", "127.0.0.1"), ("FUZZER", "TESTNODE", "127.0.0.2"), ("MODALITY", "TESTNODE", "127.0.0.1")]
+    assert [tuple(r) for r in node.query(origin, (uid,))] == [("FUZZER", "TESTNODE", "127.0.0.2")]
 
 
 def test_a_replacement_cut_off_by_a_power_cut_gives_back_the_acknowledged_copy_whose_row_was_lost(
@@ -1144,7 +1165,7 @@ def test_a_replacement_cut_off_by_a_power_cut_gives_back_the_acknowledged_copy_w
     os.link(target, node.data_dir / "tmp" / "0123456789abcdef.prev")  # Spool.keep_previous
     target.unlink()
     target.write_bytes(encode_file_meta(CTImageStorage, sop, ExplicitVRLittleEndian, "MODALITY")
-                       + _encoded(changed))  # renamed over it
+                       + encoded(changed))  # renamed over it
     for part in node.data_dir.glob("index.sqlite*"):  # the power cut
         part.unlink()
     for name, data in durable.items():
@@ -1155,13 +1176,6 @@ def test_a_replacement_cut_off_by_a_power_cut_gives_back_the_acknowledged_copy_w
     assert (event["replaced_copies_restored"], event["orphans_indexed"], event["orphans_quarantined"]) == (1, 1, 0)
     assert target.read_bytes() == acknowledged and not list((node.data_dir / "tmp").iterdir())
     assert node.instance_count(uid) == 2
-
-
-def _encoded(ds: Dataset) -> bytes:
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, ds)
-    return buffer.getvalue()
 
 
 # -- called AE titles ------------------------------------------------------------------------------------

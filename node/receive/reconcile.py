@@ -8,9 +8,10 @@ A crash can leave two kinds of files behind (and a row can lose its file, see th
 - a partial write in ``tmp/`` (the crash fell before the rename).
 
 Each is checked exactly like a received instance (routing tags, whole-data-set check, the
-SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study, with the
-calling AE, called AE and peer its file meta names (node/store/filemeta.py; what a file of an
-earlier release lacks, the study's latest row's), so routing does not change; anything else goes to
+SOP Instance UID rule). A complete, valid one is indexed as an arrival in its study, in the
+order the files were placed, with the calling AE, called AE and peer its file meta names
+(node/store/filemeta.py; a STOW-RS part's or a file of an earlier release: the study's latest
+row's), so routing does not change; anything else goes to
 ``quarantine/`` with a reason. An identical copy of an indexed instance is removed. An index
 row whose file is gone is recorded in `missing_files`: a job on its series fails with that reason
 and the console counts it. Counts are logged as one ``reconciled`` event.
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.filereader import read_file_meta_info
+from pydicom import dcmread
 from sqlalchemy.exc import DataError, IntegrityError
 
 from common import logs
@@ -55,8 +57,9 @@ class SpoolNotMounted(Exception):
 
 @dataclass(frozen=True)
 class _Origin:
-    """Who sent an instance, as its file meta says (node/store/filemeta.py); "" where it does not
-    (a file of an earlier release, a STOW-RS account name that is no AE title)."""
+    """Who sent an instance, as its file meta says (node/store/filemeta.py). A C-STORE's file
+    names its called AE title (so reconcile trusts it whole); a STOW-RS part's, or a file of an
+    earlier release, at most the calling AE title ("" for what it does not name)."""
 
     calling_ae: str
     called_ae: str
@@ -68,9 +71,12 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, _Origin, memoryview]:
     try:
         data = path.read_bytes()
         offset = dataset_offset(data)
-        meta = read_file_meta_info(path)
+        # the node's own group only: pydicom's reader would go on into group 0002 elements a
+        # sender put at the start of its data set, and take their values for the node's
+        meta = dcmread(BytesIO(data[:offset])).file_meta
         ts = str(meta.TransferSyntaxUID)
-        sent_by = _Origin(str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
+        sent_by = _Origin(str(meta.get("SendingApplicationEntityTitle", "")
+                              or meta.get("SourceApplicationEntityTitle", "") or "").strip(),
                           str(meta.get("ReceivingApplicationEntityTitle", "") or "").strip(),
                           peer_of(str(meta.get("SendingPresentationAddress", "") or "")))
     except Exception as exc:
@@ -87,6 +93,13 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, _Origin, memoryview]:
     return tags, ts, sent_by, payload
 
 
+def _placed_at(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # gone meanwhile: the loop's own checks say what it is
+        return 0
+
+
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     started = time.monotonic()
     counts = {"orphans_indexed": 0, "orphans_quarantined": 0, "partial_indexed": 0,
@@ -100,15 +113,16 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
 
     def index_it(path: Path, tags: RoutingTags, ts: str, sent_by: _Origin, kind: str) -> None:
         target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-        # the instance's own origin, from its file; what the file lacks, from the study's latest row
-        latest: Any = index.study_origin(tags.study_uid) or {"calling_ae": "", "called_ae": "", "peer": ""}
+        # a C-STORE's own origin, from its file; else (STOW-RS, an earlier release) the study's
+        # latest row's, whole (never one field from each)
+        origin: Any = asdict(sent_by) if sent_by.called_ae else index.study_origin(tags.study_uid) or {
+            "calling_ae": sent_by.calling_ae, "called_ae": "", "peer": ""}
         record = InstanceRecord(
             sop_instance_uid=tags.sop_instance_uid, sop_class_uid=tags.sop_class_uid,
             series_uid=tags.series_uid, study_uid=tags.study_uid, patient_id=tags.patient_id,
             transfer_syntax=ts, path=str(target.relative_to(spool.root)), size=path.stat().st_size,
-            calling_ae=sent_by.calling_ae or latest["calling_ae"] or "",
-            called_ae=sent_by.called_ae or latest["called_ae"] or "", peer=sent_by.peer or latest["peer"] or "",
-            series=tags.series)
+            calling_ae=origin["calling_ae"] or sent_by.calling_ae, called_ae=origin["called_ae"] or "",
+            peer=origin["peer"] or "", series=tags.series)
         existing = index.find_instance(tags.sop_instance_uid)
         try:
             InstanceConflict.check(record, existing)
@@ -160,7 +174,10 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     settled = time.time() - SHARED_PARTIAL_AGE_S if index.shared else float("inf")
     for study_dir in sorted(spool.studies.iterdir()):
         known = {r["path"] for r in index.study_instances(study_dir.name)}
-        files = [study_dir] if study_dir.is_file() else sorted(p for p in study_dir.rglob("*") if not p.is_dir())
+        # in the order they were placed: the last one indexed is the study's latest row, whose
+        # origin routing reads (Index.study_origin)
+        files = [study_dir] if study_dir.is_file() else sorted(
+            (p for p in study_dir.rglob("*") if not p.is_dir()), key=lambda p: (_placed_at(p), p))
         for path in files:
             if str(path.relative_to(spool.root)) in known or modified_at(path) > settled:
                 continue

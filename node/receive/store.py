@@ -112,6 +112,9 @@ class Incoming:
     peer: str
     association_id: int | None
     announced_by: str = "request"  # what announced the UIDs, for a refusal's reason
+    # a DIMSE association: the stored file names its called AE title and the peer's presentation
+    # address (PS3.10 7.1; a STOW-RS request has neither: node/store/filemeta.py)
+    by_association: bool = True
     study_uid: str | None = None  # STOW-RS to /studies/{study}: the study it must belong to
 
 
@@ -154,8 +157,7 @@ class InstanceStore:
         try:
             header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax),
                                       calling if _is_ae_title(calling) else None,
-                                      incoming.called if _is_ae_title(incoming.called) else None,
-                                      presentation_address(incoming.peer))
+                                      *_association_origin(incoming))
         except ValueError as exc:  # not ASCII (UnicodeEncodeError), or over 64 characters
             reason = "a UID that is not ASCII" if isinstance(exc, UnicodeEncodeError) else "a UID longer than 64 characters"
             # kept for inspection as any refused data set, under a file meta without the UIDs
@@ -393,7 +395,17 @@ class _Mismatch(ValueError):
     pass
 
 
+def _association_origin(incoming: Incoming) -> tuple[str | None, str | None, str | None]:
+    """(0002,0017) Sending AE Title, (0002,0018) Receiving AE Title and (0002,0027) Sending
+    Presentation Address of a C-STORE's file: what reconcile gives back to a row a power cut
+    took (node/receive/reconcile.py)."""
+    if not incoming.by_association:
+        return None, None, None
+    return (incoming.calling if _is_ae_title(incoming.calling) else None,
+            incoming.called if _is_ae_title(incoming.called) else None, presentation_address(incoming.peer))
+
+
 def _is_ae_title(value: str) -> bool:
-    """Whether `value` fits an AE element of the file meta ((0002,0016), (0002,0018): 16 ASCII characters,
+    """Whether `value` fits an AE element of the file meta ((0002,0016)-(0002,0018): 16 ASCII characters,
     no backslash or control characters): a STOW-RS account name may not."""
     return 0 < len(value) <= 16 and value.isascii() and value.isprintable() and "\\" not in value

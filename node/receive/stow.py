@@ -209,7 +209,7 @@ def incoming(part: Part, calling: str, peer: str, association_id: int | None,
     if transfer_syntax not in ACCEPTED_SYNTAXES:
         return Outcome(sop_class, sop_instance, TRANSFER_SYNTAX_NOT_SUPPORTED, "a transfer syntax this node does not take")
     return Incoming(data[end:], transfer_syntax, sop_class, sop_instance, calling, CALLED, peer, association_id,
-                    announced_by="file meta", study_uid=study_uid)
+                    announced_by="file meta", study_uid=study_uid, by_association=False)
 
 
 @dataclass

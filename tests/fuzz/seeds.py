@@ -206,8 +206,8 @@ def main() -> None:
         for values in ([CTImageStorage, generate_uid(), ExplicitVRLittleEndian, "MODALITY"],
                        [CTImageStorage, "1.2.3.4", ImplicitVRLittleEndian, ""],
                        ["1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", str(RLELossless), "CT1"],
-                       [CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "CT1", "LUNG", "//127.0.0.1"],
-                       [CTImageStorage, "1.2.3.45", ExplicitVRLittleEndian, "", "AI_NODE", "//[fd00::a:5]"]):
+                       [CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, "CT1", "CT1", "LUNG", "//127.0.0.1"],
+                       [CTImageStorage, "1.2.3.45", ExplicitVRLittleEndian, "", "", "AI_NODE", "//[fd00::a:5]"]):
             write_seed("file_meta", "\x1e".join(values).encode())
         part10 = [f.read_bytes() for f in files]
         content_type = b'multipart/related; type="application/dicom"; boundary=BOUNDARY\n\n'

@@ -263,20 +263,20 @@ def file_meta(data: bytes) -> None:
     back element by element, each value as given and padded to even length (PS3.5 6.2: UI with
     NUL, AE and SH with a space), its group length exact; and for values valid in their VR, the
     very bytes pydicom's own writer makes."""
-    values = data.decode("utf-8", "replace").split("\x1e")[:6] + [""] * 6
-    sop_class, sop_instance, syntax, ae, called, address = values[:6]
-    source, receiving, sending = ae or None, called or None, address or None
+    values = data.decode("utf-8", "replace").split("\x1e")[:7] + [""] * 7
+    sop_class, sop_instance, syntax, ae, calling, called, address = values[:7]
+    source, sending_ae, receiving, sending = ae or None, calling or None, called or None, address or None
 
     def encoded() -> bytes:
-        return encode_file_meta(sop_class, sop_instance, syntax, source, receiving, sending)
+        return encode_file_meta(sop_class, sop_instance, syntax, source, sending_ae, receiving, sending)
 
-    if not all(v.isascii() for v in (sop_class, sop_instance, syntax, ae, called, address)):
+    if not all(v.isascii() for v in (sop_class, sop_instance, syntax, ae, calling, called, address)):
         try:
             encoded()
         except ValueError:  # UnicodeEncodeError, or the length check that comes first
             return
         raise InvariantBroken("a value that is not ASCII was written into the file meta")
-    if max(map(len, (sop_class, sop_instance, syntax))) > 64 or max(len(ae), len(called)) > 16:
+    if max(map(len, (sop_class, sop_instance, syntax))) > 64 or max(len(ae), len(calling), len(called)) > 16:
         try:
             encoded()
         except ValueError:
@@ -293,7 +293,7 @@ def file_meta(data: bytes) -> None:
     expected = {0x00020001: b"\x00\x01", 0x00020002: padded(sop_class, b"\0"), 0x00020003: padded(sop_instance, b"\0"),
                 0x00020010: padded(syntax, b"\0"), 0x00020012: padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0"),
                 0x00020013: padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")}
-    for tag, value in ((0x00020016, source), (0x00020018, receiving), (0x00020027, sending)):
+    for tag, value in ((0x00020016, source), (0x00020017, sending_ae), (0x00020018, receiving), (0x00020027, sending)):
         if value:
             expected[tag] = padded(value, b" ")
     found = {int(tag): group.get_item(tag).value for tag in group.keys() if tag != 0x00020000}
@@ -301,14 +301,15 @@ def file_meta(data: bytes) -> None:
     (length,) = struct.unpack("<I", group.get_item(0x00020000).value)
     _require(len(ours) == 132 + 12 + length, "the group length does not say where the group ends")
     if (all(_valid_uid(v) for v in (sop_class, sop_instance, syntax)) and all(
-            v is None or _valid_ae(v) for v in (source, receiving))
+            v is None or _valid_ae(v) for v in (source, sending_ae, receiving))
             and (sending is None or (sending.isprintable() and "\\" not in sending and not sending.startswith(" ")))):
-        _require(ours == pydicom_file_meta(sop_class, sop_instance, syntax, source, receiving, sending),
+        _require(ours == pydicom_file_meta(sop_class, sop_instance, syntax, source, sending_ae, receiving, sending),
                  "file meta bytes differ from pydicom's")
 
 
 def pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source: str | None,
-                      receiving: str | None = None, sending_address: str | None = None) -> bytes:
+                      sending: str | None = None, receiving: str | None = None,
+                      sending_address: str | None = None) -> bytes:
     """Preamble, DICM and the file meta group as pydicom writes them (the reference)."""
     meta = pydicom.dataset.FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
@@ -319,6 +320,8 @@ def pydicom_file_meta(sop_class: str, sop_instance: str, syntax: str, source: st
     meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
     if source:
         meta.SourceApplicationEntityTitle = source
+    if sending:
+        meta.SendingApplicationEntityTitle = sending
     if receiving:
         meta.ReceivingApplicationEntityTitle = receiving
     if sending_address:
