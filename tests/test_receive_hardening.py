@@ -1132,11 +1132,18 @@ def test_a_row_a_power_cut_takes_comes_back_with_the_origin_its_file_names(start
     for name, data in durable.items():
         (node.data_dir / name).write_bytes(data)
     assert node.instance_count(uid) == 1
+    # and a staged file never acknowledged (written last): indexed, but the study's origin stays
+    ghost = pydicom.dcmread(files[0])
+    ghost.SOPInstanceUID = generate_uid()
+    (node.data_dir / "tmp" / "0123456789abcdef.part").write_bytes(
+        encode_file_meta(CTImageStorage, ghost.SOPInstanceUID, ExplicitVRLittleEndian, "GHOST", "GHOST", "LUNG",
+                         "//10.9.9.9") + encoded(ghost))
 
     node.start()
     event = wait_for(lambda: len(node.events("reconciled")) == 3 and node.events("reconciled"))[-1]
-    assert (event["orphans_indexed"], event["orphans_quarantined"]) == (2, 0)
-    after = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances")
+    assert (event["orphans_indexed"], event["orphans_quarantined"], event["partial_indexed"]) == (2, 0, 1)
+    after = node.query("SELECT sop_instance_uid, calling_ae, called_ae, peer FROM instances"
+                       " WHERE sop_instance_uid<>?", (str(ghost.SOPInstanceUID),))
     assert sorted(map(tuple, after)) == sorted(map(tuple, before))
     assert sorted({(r[1], r[2], r[3]) for r in after}) == [
         ("CT2", "LUNG", "127.0.0.1"), ("FUZZER", "TESTNODE", "127.0.0.2"), ("MODALITY", "TESTNODE", "127.0.0.1")]

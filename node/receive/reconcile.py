@@ -93,11 +93,14 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, _Origin, memoryview]:
     return tags, ts, sent_by, payload
 
 
-def _placed_at(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:  # gone meanwhile: the loop's own checks say what it is
-        return 0
+def _keeps_own_origin(sent_by: _Origin, path: Path, surviving: dict[str, Any] | None) -> bool:
+    """Whether a file in place without a row is indexed with the origin its file meta names. Its
+    row becomes the study's latest (received now), whose origin routing reads: a C-STORE's file
+    placed after the study's latest surviving row (rows a power cut took come after every
+    durable one) does; one placed before it (never acknowledged: a crash between rename and
+    commit) leaves the study's origin as it was; a STOW-RS part's or an earlier release's file
+    names none."""
+    return bool(sent_by.called_ae) and (surviving is None or modified_at(path) > surviving["received_at"])
 
 
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
@@ -111,11 +114,11 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         counts[f"{kind}_quarantined"] += 1
         logs.event(log, "reconcile_quarantined", logging.WARNING, kind=kind, reason=reason, file=where.name)
 
-    def index_it(path: Path, tags: RoutingTags, ts: str, sent_by: _Origin, kind: str) -> None:
+    def index_it(path: Path, tags: RoutingTags, ts: str, sent_by: _Origin, kind: str, own_origin: bool) -> None:
+        """`own_origin`: the row takes the origin the file names (see `_keeps_own_origin`), else
+        the study's latest row's, whole."""
         target = spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-        # a C-STORE's own origin, from its file; else (STOW-RS, an earlier release) the study's
-        # latest row's, whole (never one field from each)
-        origin: Any = asdict(sent_by) if sent_by.called_ae else index.study_origin(tags.study_uid) or {
+        origin: Any = asdict(sent_by) if own_origin else index.study_origin(tags.study_uid) or {
             "calling_ae": sent_by.calling_ae, "called_ae": "", "peer": ""}
         record = InstanceRecord(
             sop_instance_uid=tags.sop_instance_uid, sop_class_uid=tags.sop_class_uid,
@@ -174,12 +177,12 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     settled = time.time() - SHARED_PARTIAL_AGE_S if index.shared else float("inf")
     for study_dir in sorted(spool.studies.iterdir()):
         known = {r["path"] for r in index.study_instances(study_dir.name)}
-        # in the order they were placed: the last one indexed is the study's latest row, whose
-        # origin routing reads (Index.study_origin)
-        files = [study_dir] if study_dir.is_file() else sorted(
-            (p for p in study_dir.rglob("*") if not p.is_dir()), key=lambda p: (_placed_at(p), p))
-        for path in files:
-            if str(path.relative_to(spool.root)) in known or modified_at(path) > settled:
+        files = [study_dir] if study_dir.is_file() else [
+            p for p in study_dir.rglob("*") if not p.is_dir() and str(p.relative_to(spool.root)) not in known]
+        # in the order they were placed: the last one indexed is the study's latest row
+        surviving = index.study_origin(study_dir.name)
+        for path in sorted(files, key=lambda p: (modified_at(p), p)):
+            if modified_at(path) > settled:
                 continue
             try:
                 tags, ts, sent_by, _ = _inspect(path)
@@ -189,7 +192,7 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             if path != spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid):
                 refuse(path, "its path does not match its study, series and SOP instance UIDs", "orphans")
                 continue
-            index_it(path, tags, ts, sent_by, "orphans")
+            index_it(path, tags, ts, sent_by, "orphans", _keeps_own_origin(sent_by, path, surviving))
 
     # On a shared spool another replica may be writing its temporary files right now.
     for part in spool.partial_writes(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
@@ -198,7 +201,8 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
         except _Refused as exc:
             refuse(part, str(exc), "partial")
             continue
-        index_it(part, tags, ts, sent_by, "partial")
+        index_it(part, tags, ts, sent_by, "partial",  # never acknowledged: the study's origin stays
+                 bool(sent_by.called_ae) and index.study_origin(tags.study_uid) is None)
 
     # Index rows whose file is gone (deleted by hand, a volume restored from an older backup):
     # marked, never forgotten, so the study's job and the console can say what is missing; a

@@ -455,8 +455,8 @@ class Index:
             " WHERE i.study_uid=? ORDER BY i.path", (study_uid,))
 
     def study_origin(self, study_uid: str) -> dict[str, Any] | None:
-        """Who sent the study's latest instance: calling_ae, called_ae, peer."""
-        rows = self.query("SELECT calling_ae, called_ae, peer FROM instances WHERE study_uid=?"
+        """Who sent the study's latest instance: calling_ae, called_ae, peer (and its received_at)."""
+        rows = self.query("SELECT calling_ae, called_ae, peer, received_at FROM instances WHERE study_uid=?"
                           " ORDER BY received_at DESC LIMIT 1", (study_uid,))
         return rows[0] if rows else None
 
