@@ -112,8 +112,8 @@ class Incoming:
     peer: str
     association_id: int | None
     announced_by: str = "request"  # what announced the UIDs, for a refusal's reason
-    # a DIMSE association: the stored file names its called AE title and the peer's presentation
-    # address (PS3.10 7.1; a STOW-RS request has neither: node/store/filemeta.py)
+    # a DIMSE association: the stored file names its calling and called AE titles and the peer's
+    # presentation address (PS3.10 7.1; a STOW-RS request has none: node/store/filemeta.py)
     by_association: bool = True
     study_uid: str | None = None  # STOW-RS to /studies/{study}: the study it must belong to
 
