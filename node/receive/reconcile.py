@@ -93,14 +93,14 @@ def _inspect(path: Path) -> tuple[RoutingTags, str, _Origin, memoryview]:
     return tags, ts, sent_by, payload
 
 
-def _keeps_own_origin(sent_by: _Origin, path: Path, surviving: dict[str, Any] | None) -> bool:
-    """Whether a file in place without a row is indexed with the origin its file meta names. Its
-    row becomes the study's latest (received now), whose origin routing reads: a C-STORE's file
-    placed after the study's latest surviving row (rows a power cut took come after every
-    durable one) does; one placed before it (never acknowledged: a crash between rename and
-    commit) leaves the study's origin as it was; a STOW-RS part's or an earlier release's file
-    names none."""
-    return bool(sent_by.called_ae) and (surviving is None or modified_at(path) > surviving["received_at"])
+def _keeps_own_origin(sent_by: _Origin, written: float, surviving: dict[str, Any] | None) -> bool:
+    """Whether a file in place without a row (`written`: its modification time) is indexed with
+    the origin its file meta names. Its row becomes the study's latest (received now), whose
+    origin routing reads: a C-STORE's file written after the study's latest surviving row was
+    received (rows a power cut took come after every durable one) is; one written before it
+    (never acknowledged: a crash between rename and commit) leaves the study's origin as it was;
+    a STOW-RS part's or an earlier release's file names none."""
+    return bool(sent_by.called_ae) and (surviving is None or written > surviving["received_at"])
 
 
 def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
@@ -181,8 +181,9 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             p for p in study_dir.rglob("*") if not p.is_dir() and str(p.relative_to(spool.root)) not in known]
         # in the order they were placed: the last one indexed is the study's latest row
         surviving = index.study_origin(study_dir.name)
-        for path in sorted(files, key=lambda p: (modified_at(p), p)):
-            if modified_at(path) > settled:
+        written = {path: modified_at(path) for path in files}
+        for path in sorted(files, key=lambda p: (written[p], p)):
+            if written[path] > settled:
                 continue
             try:
                 tags, ts, sent_by, _ = _inspect(path)
@@ -192,7 +193,7 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
             if path != spool.instance_path(tags.study_uid, tags.series_uid, tags.sop_instance_uid):
                 refuse(path, "its path does not match its study, series and SOP instance UIDs", "orphans")
                 continue
-            index_it(path, tags, ts, sent_by, "orphans", _keeps_own_origin(sent_by, path, surviving))
+            index_it(path, tags, ts, sent_by, "orphans", _keeps_own_origin(sent_by, written[path], surviving))
 
     # On a shared spool another replica may be writing its temporary files right now.
     for part in spool.partial_writes(older_than_s=SHARED_PARTIAL_AGE_S if index.shared else 0.0):
