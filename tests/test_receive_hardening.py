@@ -6,6 +6,7 @@ crafted data sets. Waits are on conditions; every process is stopped by PID (sta
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -278,6 +279,61 @@ def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
         ours.close()
 
 
+def test_the_association_reactor_waits_until_something_is_queued_for_it(monkeypatch: pytest.MonkeyPatch):
+    """_ReactorGate: pynetdicom's acceptor loop, which sleeps 1 ms a turn, waits on the gate
+    instead, until the DUL queues something for the association (a DIMSE message, a release or
+    abort request), pynetdicom resumes it (`set`, as `kill` does) or the idle period passes (the
+    network idle timer); `clear` still pauses it."""
+    import inspect
+
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.pdu_primitives import A_RELEASE
+
+    from node.receive import pynetdicom_internals as internals
+
+    # what the gate relies on: the loop's turn, kill's resume, the queues the DUL's news arrive on
+    turn = inspect.getsource(Association._run_reactor)
+    assert turn.index("time.sleep(0.001)") < turn.index("self._reactor_checkpoint.wait()") \
+        < turn.index("self.dimse.get_msg(block=False)")
+    assert "self._reactor_checkpoint.set()" in inspect.getsource(Association.kill)
+    assert "self.msg_queue.put(" in inspect.getsource(type(Association(AE(), "acceptor").dimse).receive_primitive)
+    assert "self.to_user_queue.queue[0]" in inspect.getsource(DULServiceProvider.peek_next_pdu)
+
+    assoc = Association(AE(), "acceptor")
+    internals._gate_reactor(assoc)
+    gate = assoc._reactor_checkpoint
+    assert isinstance(gate, internals._ReactorGate) and gate.is_set()
+    assert gate.wait() is True  # nothing queued: back after the idle period
+    gate.clear()  # paused by pynetdicom: not even the idle period ends the wait
+    assert gate.wait(timeout=2 * internals.REACTOR_WAIT_S) is False
+    gate.set()
+
+    monkeypatch.setattr(internals, "REACTOR_WAIT_S", 600.0)  # from here only a ring ends a wait
+    gate.wait()  # the ring `set` left
+    turns: list[int] = []
+    stop = threading.Event()
+
+    def reactor() -> None:  # pynetdicom's loop, reduced to its wait
+        while not stop.is_set():
+            gate.wait()
+            turns.append(1)
+
+    thread = threading.Thread(target=reactor, daemon=True)
+    thread.start()
+    try:
+        for n, news in enumerate((lambda: assoc.dul.to_user_queue.put(A_RELEASE()),
+                                  lambda: assoc.dimse.msg_queue.put((1, None)), gate.set), start=1):
+            news()
+            wait_for(lambda: len(turns) >= n, timeout=30)
+        assert assoc.dul.to_user_queue.qsize() == 1 and assoc.dimse.msg_queue.qsize() == 1
+    finally:
+        stop.set()
+        gate.ring()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_associations_leave_no_descriptors_behind(start_node):
     """However an association ends (released, dropped by the peer, aborted by it), its receiver
     ends up with the descriptors it had before (the connection and the DUL's bell are closed)."""
@@ -422,6 +478,31 @@ def test_deflated_pad_byte_of_ps35_a5_is_accepted_nothing_else():
             check_dataset(stream + tail, DeflatedExplicitVRLittleEndian)
         with pytest.raises(MalformedDataset, match="bytes after the end of the deflated data set"):
             read_routing_tags(stream + tail, DeflatedExplicitVRLittleEndian)
+
+
+def test_remembered_tag_values_follow_their_character_set_and_their_size_bound():
+    """The routing tags' converted values are remembered per receiver (node/receive/tags.py): the
+    same bytes under another Specific Character Set read as that set says, and a value longer
+    than REMEMBERED_VALUE_MAX is read but not kept (a peer cannot fill the receiver's memory)."""
+    from node.receive import tags as tags_module
+
+    series = image()
+
+    def description(charset: str, raw: bytes) -> tuple[str, int]:
+        ds = copy.deepcopy(series)
+        ds.SpecificCharacterSet = charset
+        ds.SOPInstanceUID = generate_uid()
+        ds.add_new(0x0008103E, "LO", raw)  # SeriesDescription, as raw bytes
+        kept = tags_module._value.cache_info().currsize
+        tags = tags_module.read_routing_tags(encoded(ds), ExplicitVRLittleEndian)
+        return tags.series["description"], tags_module._value.cache_info().currsize - kept
+
+    assert description("ISO_IR 100", b"\xc9t\xe9 ")[0] == "\u00c9t\u00e9"
+    assert description("ISO_IR 192", b"\xc3\x89t\xc3\xa9 ")[0] == "\u00c9t\u00e9"
+    assert description("ISO_IR 192", b"\xc9t\xe9 ")[0] != "\u00c9t\u00e9"  # Latin-1 bytes, read as UTF-8
+    long = b"A" * (tags_module.REMEMBERED_VALUE_MAX + 2)
+    for _ in range(2):  # of a new instance only its SOP Instance UID is kept, the long value never
+        assert description("ISO_IR 100", long) == (long.decode(), 1)
 
 
 def _part10_with(path: Path, dataset: bytes, target: Path) -> Path:

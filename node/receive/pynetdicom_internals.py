@@ -27,6 +27,11 @@ Relied on (pynetdicom 3.0):
   being stopped, `dul.state_machine.current_state` is "Sta6" while the association is
   established, and the DUL restarts `dul._idle_timer` only when `_is_transport_event` returns
   (see PduSocket, Direct).
+- The acceptor's loop (`Association._run_reactor`) sleeps 1 ms and then waits on
+  `assoc._reactor_checkpoint` once a turn, before it looks for a DIMSE message; `kill` sets
+  that event. What the DUL has for the association arrives by `put` on `dul.to_user_queue`
+  (release and abort requests) and `dimse.msg_queue` (decoded DIMSE messages), both created
+  with the association and never replaced: the gate (_ReactorGate) is rung from there.
 - EVT_REQUESTED fires on the association's thread before the A-ASSOCIATE-AC is sent (no
   DIMSE message is handled before it returns; the DUL thread may still see the peer go away
   meanwhile); EVT_CONN_CLOSE fires on the DUL thread. On an A-ABORT PDU
@@ -39,6 +44,7 @@ Relied on (pynetdicom 3.0):
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import socket
 import ssl
@@ -79,6 +85,9 @@ DEFAULT_PDU_TIMEOUT = 60.0  # when the AE carries no `pdu_timeout` (see node.con
 # pynetdicom's own polling period: the longest the DUL waits for data or a primitive to send
 # before it looks at its timers again.
 IDLE_WAIT_MS = 1
+# The longest an association's reactor waits between its own checks (the network idle timer)
+# when nothing rings it (see _ReactorGate).
+REACTOR_WAIT_S = 0.1
 COMMAND_LIMIT = 64 << 10  # command fragments kept to read CommandDataSetType (a command is ~100 bytes)
 _COMMAND_DATA_SET_TYPE = 0x0800  # (0000,0800); 0x0101: no data set follows (PS3.7 E.1)
 # What the direct C-STORE path answers when the store callback itself fails, as pynetdicom does
@@ -660,6 +669,9 @@ class _WakingDul(DULServiceProvider):
             sock = self.socket
             if isinstance(sock, PduSocket):
                 sock.release_bell()
+            gate = getattr(self.assoc, "_reactor_checkpoint", None)
+            if isinstance(gate, _ReactorGate):  # the association's loop sees the DUL gone
+                gate.ring()
 
     @classmethod
     def adopt(cls, dul: DULServiceProvider) -> None:
@@ -668,9 +680,62 @@ class _WakingDul(DULServiceProvider):
         dul._run_loop_delay = 0
 
 
+class _ReactorGate(threading.Event):
+    """The association's reactor checkpoint (`assoc._reactor_checkpoint`), which pynetdicom's
+    acceptor loop waits on once a turn, after sleeping 1 ms: here the wait also lasts until
+    something for the association arrives (`ring`: a DIMSE message the direct path left to
+    pynetdicom, a release or abort request, the DUL's end) or REACTOR_WAIT_S passes (the
+    network idle timer). pynetdicom's own uses are unchanged: `clear` pauses the loop, `set`
+    resumes it (and rings: `kill` sets it to let the loop end). Without it every association's
+    thread turns 1,000 times a second for nothing while the direct path stores its instances
+    (measured: about a tenth of the receivers' Python time with four associations)."""
+
+    def __init__(self) -> None:
+        self._bell = threading.Event()
+        super().__init__()
+        super().set()
+
+    def ring(self) -> None:
+        self._bell.set()
+
+    def set(self) -> None:
+        super().set()
+        self._bell.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not super().wait(timeout):  # paused by pynetdicom (and `timeout` passed)
+            return False
+        # What rings has queued its news first: cleared before the loop looks, nothing is missed.
+        self._bell.wait(REACTOR_WAIT_S)
+        self._bell.clear()
+        return True
+
+
+class _RingingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue of the DUL's for the association (`to_user_queue`, the DIMSE provider's
+    `msg_queue`) that rings the association's gate with each item put on it."""
+
+    def __init__(self, gate: _ReactorGate):
+        super().__init__()
+        self.gate = gate
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.gate.ring()
+
+
+def _gate_reactor(assoc: Association) -> None:
+    """Give a new acceptor association (threads not yet started) the gate and ringing queues."""
+    gate = _ReactorGate()
+    assoc._reactor_checkpoint = gate
+    assoc.dul.to_user_queue = _RingingQueue(gate)
+    assoc.dimse.msg_queue = _RingingQueue(gate)
+
+
 class _RequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        _gate_reactor(assoc)
         sock = assoc.dul.socket
         # Same objects, same state: only the read and wait methods change (see PduSocket).
         sock.__class__ = PduSocket
