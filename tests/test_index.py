@@ -106,6 +106,29 @@ def test_sqlite_writers_in_one_process_take_turns_and_one_kept_waiting_too_long_
     assert index.query("SELECT n FROM receive_counts WHERE kind='test'") == [{"n": 1}]
 
 
+def test_a_read_and_a_write_that_cannot_reach_the_index_fail_as_index_failures(tmp_path):
+    """A read outside a transaction runs on a pooled driver connection (no SQLAlchemy BEGIN on
+    SQLite): a connection it cannot open fails as an IndexFailure all the same, as a write's
+    does, so every caller that handles a failing index handles it."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    index = Index(folder / "index.sqlite")
+    assert index.query("SELECT COUNT(*) AS n FROM instances") == [{"n": 0}]
+    index.engine.dispose()  # no pooled connection left: the next one is opened anew
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()
+    with pytest.raises(IndexFailure, match="unable to open database file"):
+        index.find_instance("1.2.3.4")
+    with pytest.raises(IndexFailure, match="unable to open database file"):
+        with index.transaction():
+            pass
+    folder.mkdir()  # back: the same Index reads again
+    index.engine.dispose()
+    with pytest.raises(IndexFailure, match="no such table"):  # (a new, empty file)
+        index.find_instance("1.2.3.4")
+
+
 def test_a_job_id_is_never_reused_after_the_newest_job_is_deleted(index):
     first = _completed_jobs(index, 2)
     with index.transaction() as db:

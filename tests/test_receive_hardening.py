@@ -310,7 +310,33 @@ def test_the_association_reactor_waits_until_something_is_queued_for_it(monkeypa
     gate.set()
 
     monkeypatch.setattr(internals, "REACTOR_WAIT_S", 600.0)  # from here only a ring ends a wait
-    gate.wait()  # the ring `set` left
+
+    def turn() -> list[bool]:  # one wait of the loop, on a thread of its own (a regression would hang)
+        ended: list[bool] = []
+        waiter = threading.Thread(target=lambda: ended.append(gate.wait()), daemon=True)
+        waiter.start()
+        waiter.join(30)
+        return ended
+
+    assert turn() == [True]  # the ring `set` left
+    # messages queued together (one ring): the loop takes one a turn, no turn waits while any is left
+    for n in range(3):
+        assoc.dimse.msg_queue.put((1, None))
+    for n in range(3):
+        assert turn() == [True]
+        assoc.dimse.get_msg(block=False)
+    # paused while a turn waits on the bell: that turn holds on until pynetdicom resumes the loop
+    paused: list[bool] = []
+    pausing = threading.Thread(target=lambda: paused.append(gate.wait()), daemon=True)
+    pausing.start()
+    gate.clear()
+    assoc.dimse.msg_queue.put((1, None))  # the bell rings, the loop is paused: still waiting
+    pausing.join(0.5)
+    assert pausing.is_alive() and not paused
+    gate.set()
+    pausing.join(30)
+    assert paused == [True]  # (its turn used up the ring `set` left)
+    assoc.dimse.get_msg(block=False)
     turns: list[int] = []
     stop = threading.Event()
 
@@ -501,8 +527,10 @@ def test_remembered_tag_values_follow_their_character_set_and_their_size_bound()
     assert description("ISO_IR 192", b"\xc3\x89t\xc3\xa9 ")[0] == "\u00c9t\u00e9"
     assert description("ISO_IR 192", b"\xc9t\xe9 ")[0] != "\u00c9t\u00e9"  # Latin-1 bytes, read as UTF-8
     long = b"A" * (tags_module.REMEMBERED_VALUE_MAX + 2)
-    for _ in range(2):  # of a new instance only its SOP Instance UID is kept, the long value never
-        assert description("ISO_IR 100", long) == (long.decode(), 1)
+    many = b"\\".join([b"A"] * (tags_module.REMEMBERED_VALUES_MAX + 1))  # few bytes, many values
+    for value in (long, many, long, many):  # of a new instance only its SOP Instance UID is kept
+        text, kept = description("ISO_IR 100", value)
+        assert kept == 1 and text.count("A") == value.count(b"A")
 
 
 def _part10_with(path: Path, dataset: bytes, target: Path) -> Path:

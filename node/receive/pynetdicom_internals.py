@@ -685,13 +685,16 @@ class _ReactorGate(threading.Event):
     acceptor loop waits on once a turn, after sleeping 1 ms: here the wait also lasts until
     something for the association arrives (`ring`: a DIMSE message the direct path left to
     pynetdicom, a release or abort request, the DUL's end) or REACTOR_WAIT_S passes (the
-    network idle timer). pynetdicom's own uses are unchanged: `clear` pauses the loop, `set`
-    resumes it (and rings: `kill` sets it to let the loop end). Without it every association's
-    thread turns 1,000 times a second for nothing while the direct path stores its instances
-    (measured: about a tenth of the receivers' Python time with four associations)."""
+    network idle timer), unless something is still queued (the loop takes one message a turn).
+    pynetdicom's own uses are unchanged: `clear` pauses the loop (a wait that began before
+    holds on until it is resumed), `set` resumes it (and rings: `kill` sets it to let the loop
+    end). Without it every association's thread turns 1,000 times a second for nothing while
+    the direct path stores its instances (measured: 1.55 -> 1.31 ms of node CPU per small
+    instance over four associations)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pending: Callable[[], bool] = lambda: False) -> None:
         self._bell = threading.Event()
+        self._pending = pending
         super().__init__()
         super().set()
 
@@ -703,12 +706,15 @@ class _ReactorGate(threading.Event):
         self._bell.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        if not super().wait(timeout):  # paused by pynetdicom (and `timeout` passed)
-            return False
-        # What rings has queued its news first: cleared before the loop looks, nothing is missed.
-        self._bell.wait(REACTOR_WAIT_S)
-        self._bell.clear()
-        return True
+        while True:
+            if not super().wait(timeout):  # paused by pynetdicom (and `timeout` passed)
+                return False
+            if not self._pending():
+                self._bell.wait(REACTOR_WAIT_S)
+            # What rings has queued its news first: cleared before the loop looks, nothing is missed.
+            self._bell.clear()
+            if super().is_set() or timeout is not None:
+                return super().is_set()
 
 
 class _RingingQueue(queue.Queue):  # type: ignore[type-arg]
@@ -726,7 +732,7 @@ class _RingingQueue(queue.Queue):  # type: ignore[type-arg]
 
 def _gate_reactor(assoc: Association) -> None:
     """Give a new acceptor association (threads not yet started) the gate and ringing queues."""
-    gate = _ReactorGate()
+    gate = _ReactorGate(lambda: not (assoc.dul.to_user_queue.empty() and assoc.dimse.msg_queue.empty()))
     assoc._reactor_checkpoint = gate
     assoc.dul.to_user_queue = _RingingQueue(gate)
     assoc.dimse.msg_queue = _RingingQueue(gate)

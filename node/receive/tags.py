@@ -140,13 +140,13 @@ def _converted(walked: WalkedDataset, ts: UID) -> dict[str, Any]:
     encoding: str | tuple[str, ...] = default_encoding
     if charset is not None:
         value = bytes(data[charset.offset:charset.offset + charset.length])
-        encoding = (_encoding if len(value) <= REMEMBERED_VALUE_MAX else _encoding.__wrapped__)(
+        encoding = (_encoding if _rememberable(value) else _encoding.__wrapped__)(
             charset.vr, value, implicit, little)
     converted: dict[str, Any] = {}
     for tag, e in elements.items():
         if tag != _CHARSET:
             value = bytes(data[e.offset:e.offset + e.length])
-            convert = _value if len(value) <= REMEMBERED_VALUE_MAX else _value.__wrapped__
+            convert = _value if _rememberable(value) else _value.__wrapped__
             keyword, converted_value = convert(tag, e.vr, value, implicit, little, encoding)
             converted[keyword] = converted_value
     return converted
@@ -156,9 +156,15 @@ def _converted(walked: WalkedDataset, ts: UID) -> dict[str, Any]:
 # noted values byte for byte (only the SOP Instance UID always differs), and pydicom's conversion
 # (its hooks, value validation, UID and number types) was two thirds of reading the tags (0.17 ms
 # of 0.25 ms per instance). Bounded in entries and in what one entry may hold (a peer may send
-# a noted element of any length). Nothing downstream changes a value: routing_values copies them.
+# a noted element of any length, and what pydicom makes of 1 KB of "0\\0\\..." is 200 KB of
+# numbers). Nothing downstream changes a value: routing_values copies them.
 CONVERSIONS_KEPT = 4096
-REMEMBERED_VALUE_MAX = 1024
+REMEMBERED_VALUE_MAX = 128  # bytes
+REMEMBERED_VALUES_MAX = 9  # values of a multi-valued element (an orientation has 6)
+
+
+def _rememberable(value: bytes) -> bool:
+    return len(value) <= REMEMBERED_VALUE_MAX and value.count(b"\\") < REMEMBERED_VALUES_MAX
 
 
 @lru_cache(maxsize=256)

@@ -290,7 +290,11 @@ class Index:
             # SQLite runs a statement outside a transaction in one read transaction of its own:
             # no BEGIN and COMMIT around it (a receiver's look-up before each instance: 33 µs of
             # SQLAlchemy's connection and transaction set-up against 8 µs)
-            pooled = self.engine.raw_connection()
+            dbapi = self.engine.dialect.loaded_dbapi
+            try:  # a connection that cannot be opened fails as through SQLAlchemy's Connection
+                pooled = self.engine.raw_connection()
+            except dbapi.Error as exc:
+                raise DBAPIError.instance(None, None, exc, dbapi.Error) from exc
             try:
                 return _Statements(pooled.dbapi_connection, self.engine.dialect).execute(sql, params).fetchall()
             finally:
