@@ -326,9 +326,13 @@ def test_the_association_reactor_waits_until_something_is_queued_for_it(monkeypa
         assert turn() == [True]
         assoc.dimse.get_msg(block=False)
     # paused while a turn waits on the bell: that turn holds on until pynetdicom resumes the loop
+    def on_the_bell() -> bool:  # a wait is blocked on the bell (threading.Event's own condition)
+        return bool(gate._bell._cond._waiters)  # type: ignore[attr-defined]
+
     paused: list[bool] = []
     pausing = threading.Thread(target=lambda: paused.append(gate.wait()), daemon=True)
     pausing.start()
+    wait_for(on_the_bell, timeout=30)
     gate.clear()
     assoc.dimse.msg_queue.put((1, None))  # the bell rings, the loop is paused: still waiting
     pausing.join(0.5)
@@ -348,11 +352,18 @@ def test_the_association_reactor_waits_until_something_is_queued_for_it(monkeypa
     thread = threading.Thread(target=reactor, daemon=True)
     thread.start()
     try:
-        for n, news in enumerate((lambda: assoc.dul.to_user_queue.put(A_RELEASE()),
-                                  lambda: assoc.dimse.msg_queue.put((1, None)), gate.set), start=1):
+        # each piece of news ends a wait on the bell by its own ring (taken off after its turn,
+        # so that nothing pending lets the next turn through)
+        for news, take in ((lambda: assoc.dul.to_user_queue.put(A_RELEASE()),
+                            lambda: assoc.dul.receive_pdu(wait=False)),
+                           (lambda: assoc.dimse.msg_queue.put((1, None)), lambda: assoc.dimse.get_msg(block=False)),
+                           (gate.set, lambda: None)):
+            wait_for(on_the_bell, timeout=30)
+            before = len(turns)
             news()
-            wait_for(lambda: len(turns) >= n, timeout=30)
-        assert assoc.dul.to_user_queue.qsize() == 1 and assoc.dimse.msg_queue.qsize() == 1
+            wait_for(lambda: len(turns) > before, timeout=30)
+            take()
+        assert assoc.dul.to_user_queue.empty() and assoc.dimse.msg_queue.empty()
     finally:
         stop.set()
         gate.ring()
