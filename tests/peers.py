@@ -44,7 +44,23 @@ def _ephemeral_start() -> int:
 # Ports below the kernel's ephemeral range: a port from inside it may be handed to some client
 # connection's local end while a test node restarts, and the node then cannot listen on it again
 # (seen: "the console cannot listen ...: Address already in use" on a restart under load).
-_TEST_PORTS = range(max(1024, _ephemeral_start() - 12000), _ephemeral_start())
+_ALL_TEST_PORTS = range(max(1024, _ephemeral_start() - 12000), _ephemeral_start())
+
+
+def _worker_ports(ports: range) -> range:
+    """This pytest-xdist worker's own share of `ports`: a port one worker found free and gave to a
+    node could otherwise be bound by another worker's Orthanc before the node listens on it
+    (seen: a node's "Address already in use" on the port an Orthanc of the other worker took a
+    second before). The whole range outside xdist."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 0):
+        return ports
+    share = len(ports) // int(count)
+    first = ports.start + int(worker[2:]) % int(count) * share
+    return range(first, first + share)
+
+
+_TEST_PORTS = _worker_ports(_ALL_TEST_PORTS)
 _PORTS_GIVEN: set[int] = set()
 _PORT_PICKER = random.Random()
 
