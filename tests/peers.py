@@ -41,12 +41,6 @@ def _ephemeral_start() -> int:
         return 32768
 
 
-# Ports below the kernel's ephemeral range: a port from inside it may be handed to some client
-# connection's local end while a test node restarts, and the node then cannot listen on it again
-# (seen: "the console cannot listen ...: Address already in use" on a restart under load).
-_ALL_TEST_PORTS = range(max(1024, _ephemeral_start() - 12000), _ephemeral_start())
-
-
 def _worker_ports(ports: range) -> range:
     """This pytest-xdist worker's own share of `ports`: a port one worker found free and gave to a
     node could otherwise be bound by another worker's Orthanc before the node listens on it
@@ -60,7 +54,10 @@ def _worker_ports(ports: range) -> range:
     return range(first, first + share)
 
 
-_TEST_PORTS = _worker_ports(_ALL_TEST_PORTS)
+# Ports below the kernel's ephemeral range: a port from inside it may be handed to some client
+# connection's local end while a test node restarts, and the node then cannot listen on it again
+# (seen: "the console cannot listen ...: Address already in use" on a restart under load).
+_TEST_PORTS = _worker_ports(range(max(1024, _ephemeral_start() - 12000), _ephemeral_start()))
 _PORTS_GIVEN: set[int] = set()
 _PORT_PICKER = random.Random()
 

@@ -140,14 +140,12 @@ def _converted(walked: WalkedDataset, ts: UID) -> dict[str, Any]:
     encoding: str | tuple[str, ...] = default_encoding
     if charset is not None:
         value = bytes(data[charset.offset:charset.offset + charset.length])
-        encoding = (_encoding if _rememberable(value) else _encoding.__wrapped__)(
-            charset.vr, value, implicit, little)
+        encoding = _remembered(_encoding, value)(charset.vr, value, implicit, little)
     converted: dict[str, Any] = {}
     for tag, e in elements.items():
         if tag != _CHARSET:
             value = bytes(data[e.offset:e.offset + e.length])
-            convert = _value if _rememberable(value) else _value.__wrapped__
-            keyword, converted_value = convert(tag, e.vr, value, implicit, little, encoding)
+            keyword, converted_value = _remembered(_value, value)(tag, e.vr, value, implicit, little, encoding)
             converted[keyword] = converted_value
     return converted
 
@@ -163,8 +161,11 @@ REMEMBERED_VALUE_MAX = 128  # bytes
 REMEMBERED_VALUES_MAX = 9  # values of a multi-valued element (an orientation has 6)
 
 
-def _rememberable(value: bytes) -> bool:
-    return len(value) <= REMEMBERED_VALUE_MAX and value.count(b"\\") < REMEMBERED_VALUES_MAX
+def _remembered(conversion: Any, value: bytes) -> Any:
+    """`conversion` (an lru_cache) for a value it may keep, else the conversion itself."""
+    if len(value) <= REMEMBERED_VALUE_MAX and value.count(b"\\") < REMEMBERED_VALUES_MAX:
+        return conversion
+    return conversion.__wrapped__
 
 
 @lru_cache(maxsize=256)
