@@ -40,6 +40,20 @@ log = logging.getLogger("node.service")
 STOP_SEND_TIMEOUT_S = 5.0
 
 
+def stop_scheduler(scheduler: BackgroundScheduler) -> None:
+    """Stop the timers without tripping APScheduler's shutdown race.
+
+    `shutdown()` marks the scheduler stopped before it takes the job-store lock. A turn of the
+    scheduler's thread already inside that lock then removes a finished one-shot job (a
+    completion timer, a runner wake-up) from the pending list instead of the store, and the
+    thread dies on `JobLookupError` (agronholm/apscheduler#104 is the same class of race).
+    Pausing first stops new turns; `remove_all_jobs()` takes the lock, so it waits for a turn in
+    progress to end. The jobs are in memory and rebuilt from the index at the next start."""
+    scheduler.pause()
+    scheduler.remove_all_jobs()
+    scheduler.shutdown(wait=False)
+
+
 class NodeService:
     def __init__(self, config: NodeConfig, config_path: Path | None = None,
                  overrides: dict[str, object] | None = None):
@@ -267,7 +281,7 @@ class NodeService:
                 self.atna.sweep(timeout=STOP_SEND_TIMEOUT_S)
             except SQLAlchemyError as exc:
                 logs.event(log, "audit_send_failed", logging.WARNING, reason=type(exc).__name__)
-            self.scheduler.shutdown(wait=False)
+            stop_scheduler(self.scheduler)
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:

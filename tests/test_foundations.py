@@ -16,11 +16,14 @@ import subprocess
 import threading
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
 import pytest
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
@@ -30,6 +33,7 @@ from node.jobs.store import JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import Actions
 from node.send.outbox import DELIVERY_EXECUTOR, Outbox
+from node.service import stop_scheduler
 from node.store.index import Index
 from node.store.migrations import HEAD
 from tests.peers import HOOKS, VENV_BIN, dataset_bytes, free_port, http_status, make_study, storescu, wait_for
@@ -399,6 +403,44 @@ def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_p
     assert {r["association_id"] for r in node.query("SELECT association_id FROM instances")} == {association["id"]}
     assert not [line for line in node.log().splitlines() if '"level": "ERROR"' in line]
     node.process = None
+
+
+class _HeldJobStore(MemoryJobStore):
+    """A job store whose look-up of due jobs holds until told to go on: the scheduler's turn is
+    then inside the job-store lock while the stop begins, the moment the race needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside, self.go_on = threading.Event(), threading.Event()
+
+    def get_due_jobs(self, now):  # type: ignore[no-untyped-def]
+        due = super().get_due_jobs(now)
+        if due:
+            self.inside.set()
+            self.go_on.wait(10.0)
+        return due
+
+
+def test_stopping_the_timers_while_a_one_shot_job_falls_due_kills_no_thread(monkeypatch):
+    """A fresh clone's SIGTERM test once logged `uncaught_exception` (JobLookupError) from the
+    scheduler's thread: `shutdown()` had marked the scheduler stopped while its thread was
+    removing a finished one-shot job. Held at exactly that moment here; plain
+    `shutdown(wait=False)` fails this test."""
+    died: list[type[BaseException]] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_type))
+    store = _HeldJobStore()
+    scheduler = BackgroundScheduler(timezone="UTC", jobstores={"default": store})
+    scheduler.start()
+    scheduler.add_job(lambda: None, "date", run_date=datetime.now(timezone.utc), id="one-shot")
+    assert store.inside.wait(10.0)
+    stopping = threading.Thread(target=stop_scheduler, args=(scheduler,))
+    stopping.start()
+    wait_for(lambda: scheduler.state != STATE_RUNNING, timeout=10.0, interval=0.01)
+    store.go_on.set()
+    stopping.join(10.0)
+    assert not stopping.is_alive()
+    assert scheduler.state == STATE_STOPPED
+    assert died == []
 
 
 # -- secrets ------------------------------------------------------------------------------------
