@@ -129,6 +129,35 @@ def test_a_read_and_a_write_that_cannot_reach_the_index_fail_as_index_failures(t
         index.find_instance("1.2.3.4")
 
 
+def test_a_write_whose_body_or_commit_fails_leaves_nothing_and_its_connection_fit(tmp_path):
+    """SQLite's write transactions run on a pooled driver connection, not SQLAlchemy's
+    Connection: a body that raises and a COMMIT that fails (a deferred foreign key, the one
+    failure SQLite reports at COMMIT) leave no row and no open transaction on the connection the
+    next writer gets (one connection here: it is the same one), and fail as IndexFailure."""
+    index = Index(tmp_path / "index.sqlite", connections=1)
+    with index.transaction() as db:
+        db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        db.execute("CREATE TABLE child (parent INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    pooled = index.engine.raw_connection()
+    pooled.dbapi_connection.execute("PRAGMA foreign_keys=ON")  # (only outside a transaction)
+    pooled.close()
+    with pytest.raises(ZeroDivisionError):
+        with index.transaction() as db:
+            db.execute("INSERT INTO parent VALUES (1)")
+            raise ZeroDivisionError
+    with pytest.raises(IndexFailure, match="FOREIGN KEY constraint failed"):
+        with index.transaction() as db:
+            db.execute("INSERT INTO parent VALUES (2)")
+            db.execute("INSERT INTO child VALUES (3)")  # accepted until the COMMIT
+    pooled = index.engine.raw_connection()
+    assert not pooled.dbapi_connection.in_transaction
+    pooled.close()
+    with index.transaction() as db:  # the next writer: a transaction of its own, committed
+        db.execute("INSERT INTO child VALUES (NULL)")
+    assert index.query("SELECT (SELECT COUNT(*) FROM parent) AS parents, (SELECT COUNT(*) FROM child) AS children") \
+        == [{"parents": 0, "children": 1}]
+
+
 def test_a_job_id_is_never_reused_after_the_newest_job_is_deleted(index):
     first = _completed_jobs(index, 2)
     with index.transaction() as db:

@@ -9,7 +9,8 @@ its receiver processes, and the hook patches the one receiver method it concerns
   (the crash-between-rename-and-commit test).
 - DICOM_NODE_TEST_FAIL_AFTER_PLACE=N: the index transaction holding a receiver's Nth rename
   fails (an OperationalError): right after the rename, or with DICOM_NODE_TEST_FAIL_AT=commit at
-  its COMMIT (raised from SQLAlchemy's commit event, so the database never commits it).
+  its COMMIT (raised in place of the SQLite index's COMMIT statement, so the database never
+  commits it).
 - DICOM_NODE_TEST_SLOW_LOOKUP_S=T: a receiver's look-up of an indexed SOP Instance UID takes T
   seconds longer (a slow index), which widens the window in which two associations race with
   one SOP Instance UID.
@@ -40,22 +41,23 @@ if _SLOW_LOOKUP:
     index.Index.find_instance = _slow_find  # type: ignore[method-assign]
 
 if _CRASH_AFTER or _FAIL_AFTER:
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
     from sqlalchemy.exc import OperationalError
 
     from node.receive import scp
+    from node.store import index
 
     _init = scp.StorageSCP.__init__
     _places = [0]
     _fail_commit = [False]
+    _execute = index._Statements.execute
 
-    def _failing_commit(connection):  # type: ignore[no-untyped-def]
-        if _fail_commit[0]:
+    def _failing_commit(self, sql, params=()):  # type: ignore[no-untyped-def]
+        if sql == "COMMIT" and _fail_commit[0]:
             _fail_commit[0] = False
             raise OperationalError("COMMIT", {}, Exception("disk I/O error (test hook)"))
+        return _execute(self, sql, params)
 
-    event.listen(Engine, "commit", _failing_commit)
+    index._Statements.execute = _failing_commit  # type: ignore[method-assign]
 
     def _faulty_init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         _init(self, *args, **kwargs)

@@ -36,8 +36,8 @@ def schema_version(index: "Index") -> str | None:
 
 
 def upgrade(index: "Index") -> None:
-    with index.transaction() as db:
-        current = current_version(db.connection)
+    with index.schema_transaction() as connection:
+        current = current_version(connection)
         if current == HEAD:
             return  # the common case: no Alembic import, no script scan
         if current is not None and current > HEAD:
@@ -50,5 +50,5 @@ def upgrade(index: "Index") -> None:
 
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).parent))
-        config.attributes["connection"] = db.connection
+        config.attributes["connection"] = connection
         command.upgrade(config, "head")
