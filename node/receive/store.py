@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -46,7 +45,7 @@ from pydicom.uid import (
 from common import logs
 from node.config import NodeConfig
 from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
-from node.receive.validate import MalformedDataset, check_dataset
+from node.receive.validate import MalformedDataset, check_dataset, transfer_syntax_uid
 from node.store.filemeta import encode_file_meta, presentation_address
 from node.store.index import Index, InstanceConflict, InstanceRecord, Placement
 from node.store.modelruns import ModelRuns, verdict_of
@@ -152,7 +151,7 @@ class InstanceStore:
         if not self.spool.has_room(len(payload)):
             logs.event(log, "store_refused_disk_low", logging.ERROR, sop_instance_uid=incoming.sop_instance_uid)
             return OUT_OF_RESOURCES, None
-        transfer_syntax = UID(incoming.transfer_syntax)
+        transfer_syntax = transfer_syntax_uid(incoming.transfer_syntax)
         calling = incoming.calling
         try:
             header = encode_file_meta(incoming.sop_class_uid, incoming.sop_instance_uid, str(transfer_syntax),

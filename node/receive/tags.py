@@ -15,7 +15,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from node.receive.validate import MalformedDataset, WalkedDataset, check_dataset, inflate
+from node.receive.validate import MalformedDataset, WalkedDataset, check_dataset, inflate, transfer_syntax_uid
 from node.routing_tags import ROUTING_KEYWORDS, routing_values
 from node.store.signals import CountGroup
 from node.store.spool import checked_uid
@@ -51,7 +51,7 @@ class RoutingTags:
 def read_routing_tags(raw: bytes | memoryview, transfer_syntax: str) -> RoutingTags:
     """Parse only the routing tags of an encoded dataset (no pixel data is read). Raises
     UnreadableDataset, or MalformedDataset for a deflated data set that does not inflate whole."""
-    ts = UID(transfer_syntax)
+    ts = transfer_syntax_uid(transfer_syntax)
     try:
         walked: WalkedDataset | None = check_dataset(raw, ts, note=_NOTED_TAGS)
     except MalformedDataset:
