@@ -37,7 +37,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from node.receive.validate import MalformedDataset, check_dataset, inflate
 from node.store.filemeta import encode_file_meta
@@ -1469,7 +1469,8 @@ def _direct_socket(stored: list[str]) -> tuple[Any, Any, socket.socket]:
 
 
 def test_the_direct_path_takes_c_stores_only_when_established_and_yields_to_the_dul():
-    """Unit level (PduSocket, Direct): outside Sta6 a C-STORE goes to pynetdicom whole; a peer
+    """Unit level (PduSocket, Direct): outside Sta6, or on a context accepted for another SOP
+    class, a C-STORE goes to pynetdicom whole; a peer
     that announces no maximum PDU length is served; with a primitive queued for the DUL the
     direct path hands the DUL a PDU between two of the message's PDUs, and the message goes on
     from the next `recv`; the store is called once, when its last fragment is in; TCP_QUICKACK
@@ -1484,6 +1485,12 @@ def test_the_direct_path_takes_c_stores_only_when_established_and_yields_to_the_
     # releasing (Sta8): nothing taken, pynetdicom gets the PDU as the peer sent it
     assoc, sock, peer = _direct_socket(stored)
     assoc.dul.state_machine.current_state = "Sta8"
+    peer.sendall(fragments[0])
+    header = sock.recv(6)
+    assert header == fragments[0][:6] and sock.recv(len(fragments[0]) - 6) == fragments[0][6:]
+    # established, on a context accepted for another SOP class: pynetdicom's too, as sent
+    assoc, sock, peer = _direct_socket(stored)
+    assoc._accepted_cx[STORE_CONTEXT].abstract_syntax = MRImageStorage
     peer.sendall(fragments[0])
     header = sock.recv(6)
     assert header == fragments[0][:6] and sock.recv(len(fragments[0]) - 6) == fragments[0][6:]
