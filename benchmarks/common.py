@@ -7,19 +7,23 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pydicom
 from pydicom.uid import generate_uid
 
 
 @contextmanager
-def benchmark_run(description: str | None, slices: int = 300, size: int = 512
+def benchmark_run(description: str | None, slices: int = 300, size: int = 512,
+                  arguments: Callable[[argparse.ArgumentParser], None] | None = None
                   ) -> Iterator[tuple[argparse.Namespace, Path]]:
-    """Parse --slices/--size (default 300 x 512 x 512) and give a scratch folder (BENCH_TMP or /tmp)."""
+    """Parse --slices/--size (default 300 x 512 x 512) and what `arguments` adds; give a scratch
+    folder (BENCH_TMP or /tmp)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=slices)
     parser.add_argument("--size", type=int, default=size)
+    if arguments is not None:
+        arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         yield args, Path(tmp)

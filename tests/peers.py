@@ -141,8 +141,12 @@ def dataset_bytes(path: Path) -> bytes:
 class NodeProcess:
     """`dicom-node serve` in its own process group, with a config written for the test."""
 
-    def __init__(self, workdir: Path, routing: dict[str, Any] | None = None, **overrides: Any):
+    def __init__(self, workdir: Path, routing: dict[str, Any] | None = None, source: Path | None = None,
+                 **overrides: Any):
+        """`source`: run the node from this source tree (another revision, for a side-by-side
+        benchmark) instead of the installed one."""
         self.workdir = Path(workdir)
+        self.source = source
         self.port = free_port()
         self.http_port = free_port()  # the console (node/console); every test node has its own
         self.data_dir = self.workdir / "data"
@@ -188,11 +192,16 @@ class NodeProcess:
         """Start the node; return once every receiver process serves (not just once the port is open)."""
         ready_before = len(self.events("receiver_ready"))
         log = open(self.log_path, "ab")
+        # from `source`: first on the path, and not run in a source tree (`python -m`, as the
+        # receivers are started, puts the current folder first)
+        env, cwd = (dict(os.environ, PYTHONPATH=str(self.source)), self.workdir) if self.source else (None, None)
         self.process = subprocess.Popen(
             [str(VENV_BIN / "dicom-node"), "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
+            cwd=cwd,
         )
         log.close()
         wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=30)
