@@ -48,7 +48,9 @@ def stop_scheduler(scheduler: BackgroundScheduler) -> None:
     completion timer, a runner wake-up) from the pending list instead of the store, and the
     thread dies on `JobLookupError` (agronholm/apscheduler#104 is the same class of race).
     Pausing first stops new turns; `remove_all_jobs()` takes the lock, so it waits for a turn in
-    progress to end. The jobs are in memory and rebuilt from the index at the next start."""
+    progress to end. The jobs are in memory and rebuilt from the index at the next start. Left
+    open: a turn that began before the pause but takes the lock only after a job added since
+    then falls due and after `shutdown()` began (three coincidences at once)."""
     scheduler.pause()
     scheduler.remove_all_jobs()
     scheduler.shutdown(wait=False)

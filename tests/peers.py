@@ -194,7 +194,8 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         # from `source`: first on the path, and not run in a source tree (`python -m`, as the
         # receivers are started, puts the current folder first)
-        env, cwd = (dict(os.environ, PYTHONPATH=str(self.source)), self.workdir) if self.source else (None, None)
+        path = os.pathsep.join(filter(None, (str(self.source), os.environ.get("PYTHONPATH"))))
+        env, cwd = (dict(os.environ, PYTHONPATH=path), self.workdir) if self.source else (None, None)
         self.process = subprocess.Popen(
             [str(VENV_BIN / "dicom-node"), "serve", "--config", str(self.config_path)],
             stdout=log,
