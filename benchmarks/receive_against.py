@@ -6,9 +6,10 @@ file system's state after mass deletions). A change is judged here instead: the 
 nodes run in turns (A B, B A, A B, ...) on the same load, each run from its own source tree
 (`git archive` of REV, first on PYTHONPATH, and not started in a source tree: `python -m`, as
 the receivers are started, puts the current folder first on the path). Each run prints its
-rate and the CPU its node (service and receivers) spent per instance, read from /proc: the
-CPU is the steadier of the two. The summary gives each arm's medians and the median of the
-pairs' ratios (this tree / REV).
+rate, the CPU its node (service and receivers) spent per instance, read from /proc (the
+steadier of the two), and the CPU time the hypervisor gave to other machines meanwhile. The
+summary gives each arm's medians and the median of the pairs' ratios (this tree / REV). With
+REV the working tree's own commit it measures the noise itself.
 
 Every run writes into a folder of its own and nothing is deleted until the end: on this
 machine's file system (ext4 without a journal) files created within minutes of a deletion
@@ -57,6 +58,13 @@ def group_cpu_s(group: int) -> float:
     return total / CLOCK_TICKS
 
 
+def stolen_s() -> float:
+    """CPU seconds the hypervisor gave to others, all cores together (/proc/stat "steal"): a
+    run that lost some ran on a busier machine, whichever arm it was."""
+    with open("/proc/stat") as stat:
+        return int(stat.readline().split()[8]) / CLOCK_TICKS
+
+
 def export_revision(revision: str, folder: Path) -> Path:
     """The revision's tree, as committed, in `folder`."""
     folder.mkdir(parents=True)
@@ -66,19 +74,20 @@ def export_revision(revision: str, folder: Path) -> Path:
     return folder
 
 
-def run_arm(workdir: Path, source: Path, associations: list[list[Path]]) -> tuple[float, float]:
-    """(instances per second, node CPU milliseconds per instance) of one run, in a new `workdir`."""
+def run_arm(workdir: Path, source: Path, associations: list[list[Path]]) -> tuple[float, float, float]:
+    """(instances per second, node CPU milliseconds per instance, seconds stolen) of one run, in
+    a new `workdir`."""
     node = NodeProcess(workdir, source=source, completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
     try:
         warm(node)
         assert node.process is not None
-        before = group_cpu_s(node.process.pid)
+        before, stolen = group_cpu_s(node.process.pid), stolen_s()
         seconds = send_all(node.port, associations)
-        spent = group_cpu_s(node.process.pid) - before
+        spent, stolen = group_cpu_s(node.process.pid) - before, stolen_s() - stolen
     finally:
         node.stop()
     n = sum(len(a) for a in associations)
-    return n / seconds, spent / n * 1e3
+    return n / seconds, spent / n * 1e3, stolen
 
 
 def main() -> None:
@@ -93,9 +102,10 @@ def main() -> None:
         runs: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
         for pair in range(args.pairs):
             for arm in ("AB" if pair % 2 == 0 else "BA"):
-                rate, cpu = run_arm(work / f"node-{pair + 1}{arm}", sources[arm], associations)
+                rate, cpu, stolen = run_arm(work / f"node-{pair + 1}{arm}", sources[arm], associations)
                 runs[arm].append((rate, cpu))
-                print(f"pair {pair + 1} {arm}: {rate:7.0f} instances/s, node CPU {cpu:.3f} ms per instance", flush=True)
+                print(f"pair {pair + 1} {arm}: {rate:7.0f} instances/s, node CPU {cpu:.3f} ms per instance,"
+                      f" {stolen:.2f} s stolen", flush=True)
         for arm in "AB":
             print(f"{arm}: median {statistics.median(r for r, _ in runs[arm]):.0f} instances/s,"
                   f" {statistics.median(c for _, c in runs[arm]):.3f} ms CPU per instance")
