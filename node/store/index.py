@@ -64,9 +64,10 @@ class Db:
     """One connection inside a transaction; statements use `?` placeholders on both engines.
 
     SQLAlchemy pools the connections (and on PostgreSQL begins and ends the transaction); the
-    statements go to the driver's cursor directly (SQLAlchemy's per-statement result machinery doubled the receiver's per-instance
-    index time on SQLite, and the node's statements are plain SQL that needs none of it). Driver
-    errors are raised as SQLAlchemy's (OperationalError, IntegrityError, ...), as from SQLAlchemy.
+    statements go to the driver's cursor directly (SQLAlchemy's per-statement result machinery
+    doubled the receiver's per-instance index time on SQLite, and the node's statements are plain
+    SQL that needs none of it). Driver errors are raised as SQLAlchemy's (OperationalError,
+    IntegrityError, ...), as from SQLAlchemy.
     """
 
     def __init__(self, driver: Any, dialect: Any):
@@ -712,7 +713,7 @@ def _engine(url: str, connections: int) -> Engine:
         def _sqlite_begin(connection: Connection) -> None:
             options = connection.get_execution_options()
             locked = options.get("index_write_lock", True)  # a write transaction (reads commit nothing)
-            if locked:  # (lazy commits go through Index._sqlite_transaction)
+            if locked:  # (only Alembic's schema_transaction: the others run Index._sqlite_transaction)
                 _set_synchronous(connection.connection.info, connection.connection.dbapi_connection, "FULL")
             # SQLAlchemy's documented recipe for pysqlite; IMMEDIATE takes the write lock up front.
             connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
