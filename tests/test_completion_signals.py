@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.peers import VENV_BIN, NodeProcess, make_study, storescu, wait_for
+from tests.scu import steady
 
 QUIET = {"quiet_period_s": 600.0}
 
@@ -35,7 +36,7 @@ def _associate(node: NodeProcess, ae_title: str = "MODALITY"):  # type: ignore[n
         ae.add_requested_context(context)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
     assert assoc.is_established
-    return assoc
+    return steady(assoc)
 
 
 def _in_progress(study_uid: str | None) -> Dataset:

@@ -37,6 +37,7 @@ from node.service import stop_scheduler
 from node.store.index import Index
 from node.store.migrations import HEAD
 from tests.peers import HOOKS, VENV_BIN, dataset_bytes, free_port, http_status, make_study, storescu, wait_for
+from tests.scu import steady
 
 
 def _study_uid(files: list[Path]) -> str:
@@ -84,6 +85,7 @@ def _send_all(port: int, datasets: list[pydicom.Dataset], context: str, statuses
     ae.add_requested_context(context)
     assoc = ae.associate("127.0.0.1", port, ae_title="TESTNODE")
     assert assoc.is_established
+    steady(assoc)
     try:
         for ds in datasets:
             statuses.append(int(assoc.send_c_store(ds).Status))
@@ -379,6 +381,7 @@ def test_sigterm_drains_open_associations_and_refuses_new_ones(start_node, tmp_p
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
     assert assoc.is_established
+    steady(assoc)
     assert assoc.send_c_store(datasets[0]).Status == 0
     if signal_to == "service":
         node.process.send_signal(signal.SIGTERM)

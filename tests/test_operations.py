@@ -15,6 +15,7 @@ import pydicom
 import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
+from tests.scu import steady
 from tests.test_console import StoreSCP, _metrics
 
 CT_RULE = {"tag": "Modality", "equals": "CT"}
@@ -296,7 +297,8 @@ def _associate(node: NodeProcess, calling: str, called: str = "TESTNODE") -> Any
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
-    return ae.associate("127.0.0.1", node.port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
+    return steady(assoc) if assoc.is_established else assoc
 
 
 def test_receiver_settings_reload_live_and_open_associations_finish_under_the_old_ones(start_node, tmp_path):

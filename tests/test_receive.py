@@ -13,6 +13,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.peers import dataset_bytes, make_study, storescu, wait_for
+from tests.scu import steady
 
 
 def _success_count(output: str) -> int:
@@ -103,6 +104,7 @@ def test_garbage_in_association_fails_alone(start_node, tmp_path, monkeypatch):
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")
     assert assoc.is_established
+    steady(assoc)
     statuses = [assoc.send_c_store(p).Status for p in (good[0], garbage, good[1], good[2])]
     assoc.release()
     assert statuses[0] == statuses[2] == statuses[3] == 0x0000

@@ -43,6 +43,7 @@ from node.receive.validate import MalformedDataset, check_dataset, inflate
 from node.store.filemeta import encode_file_meta
 from node.store.index import Index, InstanceConflict, InstanceRecord, SeriesConflict
 from tests.peers import HOOKS, dataset_bytes, make_study, wait_for
+from tests.scu import steady
 
 PHI = "PHANTOM-001"  # the synthetic studies' PatientID: never in a log
 
@@ -87,7 +88,7 @@ def scu(node: Any, *contexts: tuple[str, list[str]], called: str = "TESTNODE", a
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     assoc = ae.associate("127.0.0.1", node.port, ae_title=called)
     assert assoc.is_established
-    return assoc
+    return steady(assoc)
 
 
 def echoscu(port: int, aet: str = "ECHOER", called: str = "TESTNODE") -> subprocess.CompletedProcess[str]:
