@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests.peers import VENV_BIN, NodeProcess, make_study, storescu, wait_for
-from tests.scu import steady
+from node.send.pynetdicom_internals import steady
 
 QUIET = {"quiet_period_s": 600.0}
 

@@ -37,7 +37,7 @@ from node.service import stop_scheduler
 from node.store.index import Index
 from node.store.migrations import HEAD
 from tests.peers import HOOKS, VENV_BIN, dataset_bytes, free_port, http_status, make_study, storescu, wait_for
-from tests.scu import steady
+from node.send.pynetdicom_internals import steady
 
 
 def _study_uid(files: list[Path]) -> str:

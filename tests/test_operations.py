@@ -15,7 +15,7 @@ import pydicom
 import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
-from tests.scu import steady
+from node.send.pynetdicom_internals import steady
 from tests.test_console import StoreSCP, _metrics
 
 CT_RULE = {"tag": "Modality", "equals": "CT"}

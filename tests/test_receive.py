@@ -13,7 +13,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.peers import dataset_bytes, make_study, storescu, wait_for
-from tests.scu import steady
+from node.send.pynetdicom_internals import steady
 
 
 def _success_count(output: str) -> int:

@@ -43,7 +43,7 @@ from node.receive.validate import MalformedDataset, check_dataset, inflate
 from node.store.filemeta import encode_file_meta
 from node.store.index import Index, InstanceConflict, InstanceRecord, SeriesConflict
 from tests.peers import HOOKS, dataset_bytes, make_study, wait_for
-from tests.scu import steady
+from node.send.pynetdicom_internals import steady
 
 PHI = "PHANTOM-001"  # the synthetic studies' PatientID: never in a log
 

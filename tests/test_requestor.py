@@ -1,0 +1,168 @@
+"""The node's requestor associations (node/send/scu.py, node/send/pynetdicom_internals.py): a
+reactor pause that holds, and no delayed-ACK stall against a peer with Nagle on."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
+
+from node.config import DestinationConfig
+from node.send.cstore import send_cstore
+from node.send.pynetdicom_internals import HonestCheckpoint, steady
+from node.send.scu import associate, storage_contexts
+from tests.peers import free_port, make_study, port_open, wait_for
+from tests.processes import stop_process_group
+
+
+class _Reactor(threading.Thread):
+    """A stand-in for an Association's thread: runs `turns` (callables) one after another."""
+
+    def __init__(self, *turns: Any) -> None:
+        super().__init__(daemon=True)
+        self.turns = turns
+        self._is_paused = False
+
+    def run(self) -> None:
+        for turn in self.turns:
+            turn()
+
+
+def _pause_from_another_thread(checkpoint: HonestCheckpoint, order: list[str]) -> threading.Thread:
+    def pause() -> None:
+        checkpoint.clear()
+        order.append("paused")
+
+    pausing = threading.Thread(target=pause, daemon=True)
+    pausing.start()
+    return pausing
+
+
+@pytest.mark.parametrize("took", [False, True], ids=["found-none", "took-one"])
+def test_a_pause_waits_while_the_reactor_may_still_take_a_message(took):
+    """The race of pydicom/pynetdicom#875: a sender that pauses the reactor while it is woken
+    but has not yet looked for a message must not go on before it has looked; if it took one
+    (a request from the peer it serves, and may answer), not before its next wait."""
+    order: list[str] = []
+    woken, look, turn_end = threading.Event(), threading.Event(), threading.Event()
+    checkpoint: HonestCheckpoint
+
+    def first_turn() -> None:
+        checkpoint.wait()  # open: a turn begins
+        woken.set()
+        look.wait(10)
+        order.append("looked")
+        checkpoint.looked(took)
+        turn_end.wait(10)
+        order.append("turn ended")
+
+    def next_turn() -> None:
+        checkpoint.wait(timeout=10)  # closed: only once the sender resumes it
+        order.append("next turn")
+
+    reactor = _Reactor(first_turn, next_turn)
+    checkpoint = HonestCheckpoint(reactor)
+    reactor.start()
+    assert woken.wait(10)
+    pausing = _pause_from_another_thread(checkpoint, order)
+    pausing.join(0.3)  # a pause that does not wait returns now, before the reactor has looked
+    look.set()
+    pausing.join(0.3 if took else 10)  # having taken one, the pause waits for the turn's end
+    turn_end.set()
+    pausing.join(10)
+    assert reactor._is_paused, "pynetdicom's send_* spin on _is_paused after the pause"
+    checkpoint.set()
+    reactor.join(10)
+    if took:
+        assert order == ["looked", "turn ended", "paused", "next turn"]
+    else:
+        assert order == ["looked", "paused", "turn ended", "next turn"]
+
+
+def test_a_pause_does_not_wait_for_a_reactor_that_has_ended():
+    checkpoint = HonestCheckpoint(_Reactor())  # never started: its thread is not alive
+    order: list[str] = []
+    _pause_from_another_thread(checkpoint, order).join(2)
+    assert order == ["paused"] and not checkpoint.is_set()
+
+
+def test_pynetdicom_requestor_internals_pinned():
+    """What node/send/pynetdicom_internals.py relies on in pynetdicom."""
+    reactor = inspect.getsource(Association._run_reactor)
+    assert ("self._is_paused = True\n            self._reactor_checkpoint.wait()\n            self._is_paused = False\n"
+            "\n            # Check with the DIMSE provider to see if a completely decoded\n            #   message is"
+            " available\n            context_id, msg = self.dimse.get_msg(block=False)\n            if msg:\n"
+            "                self._serve_request(msg, cast(int, context_id))\n") in reactor
+    assert reactor.count("get_msg") == 1 and reactor.count("receive_pdu") == 1  # the abort branch's, then it ends
+    for sender in (Association.send_c_store, Association.send_n_create, Association.send_n_set, Association.release):
+        source = inspect.getsource(sender)
+        assert "self._reactor_checkpoint.clear()\n" in source and "while not self._is_paused:" in source
+        assert "self._reactor_checkpoint.set()" in source
+    assert "self._reactor_checkpoint.set()" in inspect.getsource(Association.kill)
+    assert 'self.socket: "AssociationSocket | None"' in inspect.getsource(DULServiceProvider.__init__)
+    assert "self.socket: socket.socket | None" in inspect.getsource(AssociationSocket.__init__)
+
+
+def _delayed_acks() -> int:
+    """The kernel's count of delayed ACKs sent (TcpExt DelayedACKs): each one a ~40 ms wait
+    of a peer with Nagle on."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return dict(zip(names.split()[1:], map(int, values.split()[1:])))["DelayedACKs"]
+    raise AssertionError("no TcpExt counters")
+
+
+@pytest.fixture
+def nagle_pacs(tmp_path: Path):
+    """dcmtk storescp as a PACS with Nagle on (no TCP_NODELAY=1 in its environment, as Debian's
+    dcmtk and Orthanc run by default): yields its port and folder."""
+    received = tmp_path / "pacs"
+    received.mkdir()
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
+    process = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od", str(received), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        wait_for(lambda: port_open(port) or process.poll() is not None, timeout=30)
+        assert process.poll() is None, "storescp did not start"
+        yield port, received
+    finally:
+        stop_process_group(process, 10)
+
+
+def test_delivery_to_a_pacs_with_nagle_on_waits_for_no_delayed_ack(tmp_path, nagle_pacs):
+    """Every C-STORE to such a peer waited for one delayed ACK (~40 ms: 40 files, 40 delayed
+    ACKs, 1.8 s instead of 0.1 s) before the requestor ACKed at once; all arrive, each once."""
+    port, received = nagle_pacs
+    files = make_study(tmp_path / "ct", slices=40, size=16)
+    peer = DestinationConfig.model_validate({"ae_title": "PACS", "host": "127.0.0.1", "port": port})
+    before = _delayed_acks()
+    delivery = send_cstore("TESTNODE", peer, files, timeout=10)
+    delayed = _delayed_acks() - before
+    assert delivery.warnings == []
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    arrived = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in received.iterdir()]
+    assert sorted(arrived) == sorted(sent)
+    assert delayed <= 4, f"{delayed} delayed ACKs for {len(files)} C-STOREs"
+
+
+def test_the_nodes_associations_pause_their_reactor_honestly(tmp_path, nagle_pacs):
+    port, _ = nagle_pacs
+    files = make_study(tmp_path / "ct", slices=2, size=8)
+    assoc = associate("127.0.0.1", port, "TESTNODE", "PACS", storage_contexts(files))
+    try:
+        assert assoc.is_established
+        assert isinstance(assoc._reactor_checkpoint, HonestCheckpoint)
+        assert [assoc.send_c_store(f).Status for f in files] == [0, 0]
+    finally:
+        assoc.release()
