@@ -12,6 +12,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
@@ -20,6 +21,7 @@ from node.config import DestinationConfig
 from node.send.cstore import send_cstore
 from node.send.pynetdicom_internals import HonestCheckpoint, steady
 from node.send.scu import associate, storage_contexts
+from node.transport import PromptSocket
 from tests.peers import free_port, make_study, port_open, wait_for
 from tests.processes import stop_process_group
 
@@ -108,6 +110,13 @@ def test_pynetdicom_requestor_internals_pinned():
         assert "self._reactor_checkpoint.clear()\n" in source and "while not self._is_paused:" in source
         assert "self._reactor_checkpoint.set()" in source
     assert "self._reactor_checkpoint.set()" in inspect.getsource(Association.kill)
+    # PromptAE: the socket is made after the Association and before the DUL starts
+    associate_source = inspect.getsource(AE.associate)
+    made = associate_source.index("sock = self._create_socket(assoc, local_address, tls_args)")
+    assert associate_source.index("assoc = Association(self, MODE_REQUESTOR)") < made < associate_source.index(
+        "assoc.request()")
+    assert list(inspect.signature(AE._create_socket).parameters) == ["self", "assoc", "address", "tls_args"]
+    assert "self.dul.start()" in inspect.getsource(Association.request)
     assert 'self.socket: "AssociationSocket | None"' in inspect.getsource(DULServiceProvider.__init__)
     assert "self.socket: socket.socket | None" in inspect.getsource(AssociationSocket.__init__)
 
@@ -156,13 +165,39 @@ def test_delivery_to_a_pacs_with_nagle_on_waits_for_no_delayed_ack(tmp_path, nag
     assert delayed <= 4, f"{delayed} delayed ACKs for {len(files)} C-STOREs"
 
 
-def test_the_nodes_associations_pause_their_reactor_honestly(tmp_path, nagle_pacs):
-    port, _ = nagle_pacs
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_nodes_associations_pause_honestly_wait_promptly_and_leave_no_descriptor(tmp_path, nagle_pacs):
+    """Each association the node requests pauses its reactor honestly and has a DUL that waits
+    on its connection and bell (node/transport.py) instead of sleeping; the bell goes with the
+    DUL's thread: twenty associations later, as many descriptors are open as before."""
+    port, received = nagle_pacs
     files = make_study(tmp_path / "ct", slices=2, size=8)
-    assoc = associate("127.0.0.1", port, "TESTNODE", "PACS", storage_contexts(files))
-    try:
-        assert assoc.is_established
-        assert isinstance(assoc._reactor_checkpoint, HonestCheckpoint)
-        assert [assoc.send_c_store(f).Status for f in files] == [0, 0]
-    finally:
-        assoc.release()
+    opened = _open_descriptors()
+    for _ in range(20):
+        assoc = associate("127.0.0.1", port, "TESTNODE", "PACS", storage_contexts(files))
+        try:
+            assert assoc.is_established
+            assert isinstance(assoc._reactor_checkpoint, HonestCheckpoint)
+            assert isinstance(assoc.dul.socket, PromptSocket) and assoc.dul._run_loop_delay == 0
+            assert [assoc.send_c_store(f).Status for f in files] == [0, 0]
+        finally:
+            assoc.release()
+        wait_for(lambda: not assoc.dul.is_alive() and not assoc.is_alive(), timeout=10)
+        assert assoc.dul.socket._bell is None
+    assert _open_descriptors() == opened
+    assert len(list(received.iterdir())) == 2
+
+
+def test_an_association_the_peer_refuses_leaves_no_descriptor(tmp_path):
+    """No one listening: the request fails and its bell is closed all the same."""
+    files = make_study(tmp_path / "ct", slices=1, size=8)
+    port = free_port()
+    opened = _open_descriptors()
+    for _ in range(10):
+        assoc = associate("127.0.0.1", port, "TESTNODE", "PACS", storage_contexts(files), timeout=2)
+        assert not assoc.is_established
+        wait_for(lambda: not assoc.dul.is_alive(), timeout=10)
+    assert _open_descriptors() == opened

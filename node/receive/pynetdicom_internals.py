@@ -16,10 +16,8 @@ Relied on (pynetdicom 3.0):
 - Rejecting in an EVT_REQUESTED handler: `assoc.acse.send_reject(...)` then `assoc.kill()`
   (what pynetdicom does itself for its own checks); the association then never negotiates.
 - `AssociationServer.process_request(conn, peer)` runs a handed-over connection.
-- The DUL's loop (`run_reactor`) sleeps `_run_loop_delay` after a turn that found nothing, and
-  learns of data only through `socket.ready` (`_is_transport_event`); the association hands it
-  every primitive to send through `dul.send_pdu`, which puts it on `to_provider_queue`. With the
-  delay at 0 the loop waits in `PduSocket.ready` instead (see there).
+- The DUL's loop and how node/transport.py makes it wait on the connection instead of sleeping
+  (PduSocket is its PromptSocket, the DUL its PromptDul).
 - A P-DATA-TF PDU with no PDV items decodes (Evt10) into a P-DATA primitive that the DIMSE
   provider takes without effect (`decode_msg` of no fragments); `assoc.accepted_contexts` and
   `assoc.requestor.maximum_length` hold the negotiated contexts (fixed once in Sta6: read once)
@@ -57,10 +55,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationServer, RequestHandler
 
 from common import logs
+from node.transport import IDLE_WAIT_MS, PromptDul, PromptSocket
 
 log = logging.getLogger("node.receive")
 
@@ -83,9 +81,6 @@ A_ABORT_NOT_SPECIFIED = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x00])
 # a peer that trickles bytes to keep its slot does not.
 MIN_RATE = 64 << 10  # bytes per second, about 0.5 Mbit/s
 DEFAULT_PDU_TIMEOUT = 60.0  # when the AE carries no `pdu_timeout` (see node.config.Timeouts.pdu)
-# pynetdicom's own polling period: the longest the DUL waits for data or a primitive to send
-# before it looks at its timers again.
-IDLE_WAIT_MS = 1
 # The longest an association's reactor waits between its own checks (the network idle timer)
 # when nothing rings it (see _ReactorGate).
 REACTOR_WAIT_S = 0.1
@@ -231,7 +226,7 @@ class _DirectMessage:
     data_set: bytearray = field(default_factory=bytearray)
 
 
-class PduSocket(AssociationSocket):
+class PduSocket(PromptSocket):
     """pynetdicom's association socket with bounded, timed reads, each PDU read in one piece.
 
     - **Bounded**: a P-DATA-TF PDU longer than our maximum length (what we announced), or any
@@ -252,12 +247,8 @@ class PduSocket(AssociationSocket):
       each read: most modalities and PACS send with Nagle's algorithm on (dcmtk does unless
       TCP_NODELAY=1 is in its environment), so their data-set PDU waits for our ACK of the
       command PDU, which Linux otherwise delays by up to 40 ms.
-    - **Prompt**: pynetdicom's DUL sleeps 1 ms after every turn of its loop that found nothing,
-      then polls: up to a millisecond for each PDU not yet in and for each response the
-      association queued, several times per instance (measured: a fifth of the intake on one
-      association). Here the DUL does not sleep; `ready` waits instead, for at most the same
-      millisecond, until the socket is readable or the association has queued a primitive
-      (`_WakingDul` rings `wake`).
+    - **Prompt**: the DUL does not sleep; `ready` waits instead, until the socket is readable
+      or the association has queued a primitive (node/transport.py).
     - **Direct**: with a `direct_store`, a C-STORE-RQ whose command set arrives whole in one PDV
       on an accepted context of its SOP class is taken here, on the DUL's thread: its data-set
       fragments are gathered as they are read, the store is called with the data set, and the
@@ -320,51 +311,7 @@ class PduSocket(AssociationSocket):
         self._message_wire = 0  # bytes of its PDUs before the current one
         self._message = _MessageBounds()
         self._bound = None  # the deadline that set the current read's timeout, if one did
-        # The bell: the association rings it (`wake`), the DUL's wait in `ready` ends on it. Closed
-        # when the DUL's thread ends (`release_bell`), under a lock so that a late ring never
-        # writes to a descriptor number reused meanwhile.
-        self._bell_lock = threading.Lock()
-        self._bell: socket.socket | None = None
-        self._ringer: socket.socket | None = None
-        try:
-            self._bell, self._ringer = socket.socketpair()
-            self._bell.setblocking(False)
-            self._ringer.setblocking(False)
-        except OSError:  # out of descriptors: `ready` then waits on the connection alone, as long as pynetdicom slept
-            self.release_bell()
-
-    def wake(self) -> None:
-        """The association queued a primitive for the DUL: end its wait in `ready`."""
-        with self._bell_lock:
-            if self._ringer is not None:
-                try:
-                    self._ringer.send(b"\0")
-                except OSError:  # already ringing (its buffer is full)
-                    pass
-
-    def release_bell(self) -> None:
-        """Close the bell: the DUL's thread has ended, nothing waits in `ready` any more."""
-        with self._bell_lock:
-            for end in (self._bell, self._ringer):
-                if end is not None:
-                    end.close()
-            self._bell = self._ringer = None
-
-    @property
-    def ready(self) -> bool:
-        sock, bell = self.socket, self._bell  # the bell changes only on the DUL's own thread
-        if sock is not None and self._is_connected and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            try:  # poll, not select: the bell's descriptors may lie above select's 1024
-                waiting = select.poll()
-                waiting.register(sock, select.POLLIN)
-                if bell is not None:
-                    waiting.register(bell, select.POLLIN)
-                woken = {fd for fd, _ in waiting.poll(IDLE_WAIT_MS)}
-                if bell is not None and bell.fileno() in woken:
-                    bell.recv(4096)
-            except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check below says so
-                pass
-        return bool(super().ready)
+        self.arm_bell()
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
@@ -657,34 +604,13 @@ class PduSocket(AssociationSocket):
         raise error(why)
 
 
-class _WakingDul(DULServiceProvider):
-    """pynetdicom's DUL, told at once of each primitive queued for it (see PduSocket, Prompt).
-    Its loop does not sleep: it waits in `PduSocket.ready`."""
+class _WakingDul(PromptDul):
+    """The prompt DUL (node/transport.py) whose end also rings the association's gate."""
 
-    def send_pdu(self, primitive: Any) -> None:
-        super().send_pdu(primitive)
-        sock = self.socket
-        if isinstance(sock, PduSocket):
-            sock.wake()
-
-    def run(self) -> None:
-        # pynetdicom closes the connection on some endings only (AA-2, AA-3) and just shuts it
-        # down on others (release, a dropped peer, our own abort): the bell goes with the thread.
-        try:
-            super().run()
-        finally:
-            sock = self.socket
-            if isinstance(sock, PduSocket):
-                sock.release_bell()
-            gate = getattr(self.assoc, "_reactor_checkpoint", None)
-            if isinstance(gate, _ReactorGate):  # the association's loop sees the DUL gone
-                gate.ring()
-
-    @classmethod
-    def adopt(cls, dul: DULServiceProvider) -> None:
-        """Make a new association's DUL (not yet started) this class."""
-        dul.__class__ = cls
-        dul._run_loop_delay = 0
+    def ended(self) -> None:
+        gate = getattr(self.assoc, "_reactor_checkpoint", None)
+        if isinstance(gate, _ReactorGate):  # the association's loop sees the DUL gone
+            gate.ring()
 
 
 class _ReactorGate(threading.Event):

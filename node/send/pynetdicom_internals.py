@@ -4,6 +4,10 @@ tests/test_requestor.py::test_pynetdicom_requestor_internals_pinned checks the b
 on here, so that a pynetdicom upgrade that changes it fails that test instead of a delivery.
 
 Relied on (pynetdicom 3.0):
+- `AE.associate` makes the requestor's Association (its DUL not yet started), then its socket
+  with `AE._create_socket(assoc, address, tls_args)`, then starts the DUL in `assoc.request()`:
+  `PromptAE` makes them node/transport.py's prompt socket and DUL there (half of a small
+  C-STORE to a quick peer was the DUL's 1 ms sleeps).
 - `assoc.dul.socket.socket` is the association's connected TCP (or TLS) socket once
   EVT_CONN_OPEN has fired, and until the connection closes.
 - The requestor's loop (`Association._run_reactor`, on the association's own thread) looks up
@@ -30,6 +34,11 @@ import socket
 import threading
 import time
 from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.transport import AssociationSocket
+
+from node.transport import PromptDul, PromptSocket
 
 TURN_WAIT_S = 5.0  # at most, for a reactor that never comes back to its checkpoint
 _TURN_POLL_S = 0.05  # how often a pause looks whether the reactor's thread has ended
@@ -112,3 +121,15 @@ def tcp_socket(assoc: Any) -> socket.socket | None:
     """The association's connected socket (TLS-wrapped where it is), None once it is closed."""
     transport = getattr(assoc.dul, "socket", None)
     return getattr(transport, "socket", None)
+
+
+class PromptAE(AE):
+    """pynetdicom's AE whose requested associations wait on their connection instead of
+    polling it every millisecond (node/transport.py)."""
+
+    def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> AssociationSocket:
+        sock = super()._create_socket(assoc, address, tls_args)
+        sock.__class__ = PromptSocket
+        sock.arm_bell()
+        PromptDul.adopt(assoc.dul)
+        return sock

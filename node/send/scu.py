@@ -20,14 +20,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.presentation import PresentationContext, build_context
 
 from node.config import ClientTls
-from node.send.pynetdicom_internals import steady, tcp_socket
+from node.send.pynetdicom_internals import PromptAE, steady, tcp_socket
 
 MAX_REQUESTED_CONTEXTS = 128
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -113,7 +113,7 @@ def associate(
 ) -> Association:
     """Request an association; the caller checks ``assoc.is_established``. Its `send_*` calls
     may follow one another at once (`steady`)."""
-    ae = AE(ae_title=calling_ae)
+    ae = PromptAE(ae_title=calling_ae)
     ae.requested_contexts = list(contexts)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.maximum_pdu_size = 0
