@@ -1,4 +1,5 @@
-"""Everything the receiver needs from pynetdicom beyond its public API, in one place.
+"""Everything the receiver needs from pynetdicom beyond its public API, in one place (the DUL's
+wait on its connection, which the node's requests share, is node/transport.py's).
 
 tests/test_receive_hardening.py::test_pynetdicom_internals_pinned checks the behaviour relied
 on here, so that a pynetdicom upgrade that changes it fails that test instead of the node.
