@@ -8,6 +8,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
@@ -19,20 +20,24 @@ from pynetdicom.transport import AssociationSocket
 
 from node.config import DestinationConfig
 from node.send.cstore import send_cstore
-from node.send.pynetdicom_internals import HonestCheckpoint, steady
+from node.send.pynetdicom_internals import HonestCheckpoint, RequestorSocket, steady
 from node.send.scu import associate, storage_contexts
-from node.transport import PromptSocket
 from tests.peers import free_port, make_study, port_open, wait_for
 from tests.processes import stop_process_group
 
 
 class _Reactor(threading.Thread):
-    """A stand-in for an Association's thread: runs `turns` (callables) one after another."""
+    """A stand-in for a requestor Association: its thread runs `turns` (callables) one after
+    another; `dimse.get_msg` gives what `messages` holds, then (None, None)."""
 
-    def __init__(self, *turns: Any) -> None:
+    def __init__(self, *turns: Any, messages: tuple[Any, ...] = ()) -> None:
         super().__init__(daemon=True)
         self.turns = turns
         self._is_paused = False
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()
+        queued = list(messages)
+        self.dimse = SimpleNamespace(get_msg=lambda block=False: queued.pop(0) if queued else (None, None))
 
     def run(self) -> None:
         for turn in self.turns:
@@ -51,28 +56,29 @@ def _pause_from_another_thread(checkpoint: HonestCheckpoint, order: list[str]) -
 
 @pytest.mark.parametrize("took", [False, True], ids=["found-none", "took-one"])
 def test_a_pause_waits_while_the_reactor_may_still_take_a_message(took):
-    """The race of pydicom/pynetdicom#875: a sender that pauses the reactor while it is woken
-    but has not yet looked for a message must not go on before it has looked; if it took one
-    (a request from the peer it serves, and may answer), not before its next wait."""
+    """The race of pydicom/pynetdicom#875, on an association given `steady`: a sender that
+    pauses the reactor while it is woken but has not yet looked for a message must not go on
+    before it has looked; if it took one (a request from the peer it serves, and may answer),
+    not before its next wait."""
     order: list[str] = []
     woken, look, turn_end = threading.Event(), threading.Event(), threading.Event()
-    checkpoint: HonestCheckpoint
 
     def first_turn() -> None:
-        checkpoint.wait()  # open: a turn begins
+        reactor._reactor_checkpoint.wait()  # open: a turn begins
         woken.set()
         look.wait(10)
-        order.append("looked")
-        checkpoint.looked(took)
+        order.append("took" if reactor.dimse.get_msg(block=False)[1] is not None else "found none")
         turn_end.wait(10)
         order.append("turn ended")
 
     def next_turn() -> None:
-        checkpoint.wait(timeout=10)  # closed: only once the sender resumes it
+        reactor._reactor_checkpoint.wait(timeout=10)  # closed: only once the sender resumes it
         order.append("next turn")
 
-    reactor = _Reactor(first_turn, next_turn)
-    checkpoint = HonestCheckpoint(reactor)
+    reactor = _Reactor(first_turn, next_turn, messages=((1, "a C-ECHO-RQ from the peer"),) if took else ())
+    steady(reactor)
+    checkpoint = reactor._reactor_checkpoint
+    assert isinstance(checkpoint, HonestCheckpoint)
     reactor.start()
     assert woken.wait(10)
     pausing = _pause_from_another_thread(checkpoint, order)
@@ -85,9 +91,18 @@ def test_a_pause_waits_while_the_reactor_may_still_take_a_message(took):
     checkpoint.set()
     reactor.join(10)
     if took:
-        assert order == ["looked", "turn ended", "paused", "next turn"]
+        assert order == ["took", "turn ended", "paused", "next turn"]
     else:
-        assert order == ["looked", "paused", "turn ended", "next turn"]
+        assert order == ["found none", "paused", "turn ended", "next turn"]
+
+
+def test_steady_refuses_an_association_whose_reactor_is_paused():
+    """Its reactor may be parked in the old checkpoint's wait, which the new one's set() would
+    never end."""
+    reactor = _Reactor()
+    reactor._reactor_checkpoint.clear()
+    with pytest.raises(RuntimeError, match="paused"):
+        steady(reactor)
 
 
 def test_a_pause_does_not_wait_for_a_reactor_that_has_ended():
@@ -105,10 +120,12 @@ def test_pynetdicom_requestor_internals_pinned():
             " available\n            context_id, msg = self.dimse.get_msg(block=False)\n            if msg:\n"
             "                self._serve_request(msg, cast(int, context_id))\n") in reactor
     assert reactor.count("get_msg") == 1 and reactor.count("receive_pdu") == 1  # the abort branch's, then it ends
-    for sender in (Association.send_c_store, Association.send_n_create, Association.send_n_set, Association.release):
+    for sender in (Association.send_c_store, Association.send_c_echo, Association.send_c_find,
+                   Association.send_n_create, Association.send_n_set, Association.release):
         source = inspect.getsource(sender)
         assert "self._reactor_checkpoint.clear()\n" in source and "while not self._is_paused:" in source
-        assert "self._reactor_checkpoint.set()" in source
+        resumes = inspect.getsource(Association._wrap_find_responses) if sender is Association.send_c_find else source
+        assert "self._reactor_checkpoint.set()" in resumes
     assert "self._reactor_checkpoint.set()" in inspect.getsource(Association.kill)
     # PromptAE: the socket is made after the Association and before the DUL starts
     associate_source = inspect.getsource(AE.associate)
@@ -118,6 +135,9 @@ def test_pynetdicom_requestor_internals_pinned():
     assert list(inspect.signature(AE._create_socket).parameters) == ["self", "assoc", "address", "tls_args"]
     assert "self.dul.start()" in inspect.getsource(Association.request)
     assert 'self.socket: "AssociationSocket | None"' in inspect.getsource(DULServiceProvider.__init__)
+    # RequestorSocket: every PDU goes out through socket.send, and comes in through socket.recv
+    assert "self.socket.send(pdu.encode())" in inspect.getsource(DULServiceProvider._send)
+    assert "self.socket.recv(" in inspect.getsource(DULServiceProvider._read_pdu_data)
     assert "self.socket: socket.socket | None" in inspect.getsource(AssociationSocket.__init__)
 
 
@@ -151,9 +171,11 @@ def nagle_pacs(tmp_path: Path):
 
 def test_delivery_to_a_pacs_with_nagle_on_waits_for_no_delayed_ack(tmp_path, nagle_pacs):
     """Every C-STORE to such a peer waited for one delayed ACK (~40 ms: 40 files, 40 delayed
-    ACKs, 1.8 s instead of 0.1 s) before the requestor ACKed at once; all arrive, each once."""
+    ACKs, 1.8 s instead of 0.1 s) before the requestor ACKed at once; all arrive, each once.
+    The kernel's count is the network namespace's: another test's Nagle sender running at the
+    same time adds some (about 20 a second, measured), far from one per C-STORE."""
     port, received = nagle_pacs
-    files = make_study(tmp_path / "ct", slices=40, size=16)
+    files = make_study(tmp_path / "ct", slices=60, size=16)
     peer = DestinationConfig.model_validate({"ae_title": "PACS", "host": "127.0.0.1", "port": port})
     before = _delayed_acks()
     delivery = send_cstore("TESTNODE", peer, files, timeout=10)
@@ -162,7 +184,7 @@ def test_delivery_to_a_pacs_with_nagle_on_waits_for_no_delayed_ack(tmp_path, nag
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     arrived = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in received.iterdir()]
     assert sorted(arrived) == sorted(sent)
-    assert delayed <= 4, f"{delayed} delayed ACKs for {len(files)} C-STOREs"
+    assert delayed < len(files) // 2, f"{delayed} delayed ACKs for {len(files)} C-STOREs"
 
 
 def _open_descriptors() -> int:
@@ -181,7 +203,7 @@ def test_the_nodes_associations_pause_honestly_wait_promptly_and_leave_no_descri
         try:
             assert assoc.is_established
             assert isinstance(assoc._reactor_checkpoint, HonestCheckpoint)
-            assert isinstance(assoc.dul.socket, PromptSocket) and assoc.dul._run_loop_delay == 0
+            assert isinstance(assoc.dul.socket, RequestorSocket) and assoc.dul._run_loop_delay == 0
             assert [assoc.send_c_store(f).Status for f in files] == [0, 0]
         finally:
             assoc.release()

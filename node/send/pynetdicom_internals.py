@@ -6,8 +6,9 @@ on here, so that a pynetdicom upgrade that changes it fails that test instead of
 Relied on (pynetdicom 3.0):
 - `AE.associate` makes the requestor's Association (its DUL not yet started), then its socket
   with `AE._create_socket(assoc, address, tls_args)`, then starts the DUL in `assoc.request()`:
-  `PromptAE` makes them node/transport.py's prompt socket and DUL there (half of a small
-  C-STORE to a quick peer was the DUL's 1 ms sleeps).
+  `PromptAE` makes them a RequestorSocket and node/transport.py's prompt DUL there (half of a
+  small C-STORE to a quick peer was the DUL's 1 ms sleeps). The DUL sends each PDU with
+  `socket.send(pdu.encode())` and reads with `socket.recv`.
 - `assoc.dul.socket.socket` is the association's connected TCP (or TLS) socket once
   EVT_CONN_OPEN has fired, and until the connection closes.
 - The requestor's loop (`Association._run_reactor`, on the association's own thread) looks up
@@ -33,7 +34,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.transport import AssociationSocket
@@ -49,9 +50,9 @@ class HonestCheckpoint:
     whether the reactor (`reactor`: the Association, whose thread runs it) may still take a
     DIMSE message before its next wait."""
 
-    def __init__(self, reactor: Any, open_: bool = True) -> None:
+    def __init__(self, reactor: Any) -> None:
         self._changed = threading.Condition()
-        self._open = open_
+        self._open = True
         self._may_take = True  # unknown until the reactor first waits or looks: it may be mid-turn
         self._reactor = reactor
 
@@ -102,9 +103,16 @@ class HonestCheckpoint:
 
 
 def steady(assoc: Any) -> Any:
-    """`assoc` (an established requestor association, a pynetdicom Association) with an honest
-    reactor checkpoint; a pause a `send_*` holds now is kept."""
-    checkpoint = HonestCheckpoint(assoc, open_=assoc._reactor_checkpoint.is_set())
+    """`assoc` (an established requestor association, a pynetdicom Association, its reactor not
+    paused) with an honest reactor checkpoint."""
+    if not assoc._reactor_checkpoint.is_set():
+        # the reactor may be parked in that Event's wait, which only a set() of it ends
+        raise RuntimeError("steady: the association's reactor is paused")
+    # The checkpoint first: a reactor that looks through the new get_msg meanwhile then tells a
+    # checkpoint that sees it; one that looked through the old get_msg leaves the new one at its
+    # safe start (it may take a message).
+    checkpoint = HonestCheckpoint(assoc)
+    assoc._reactor_checkpoint = checkpoint
     get_msg = assoc.dimse.get_msg
 
     def looking(block: bool = False) -> Any:
@@ -113,7 +121,6 @@ def steady(assoc: Any) -> Any:
         return taken
 
     assoc.dimse.get_msg = looking
-    assoc._reactor_checkpoint = checkpoint
     return assoc
 
 
@@ -123,13 +130,39 @@ def tcp_socket(assoc: Any) -> socket.socket | None:
     return getattr(transport, "socket", None)
 
 
+class RequestorSocket(PromptSocket):
+    """The prompt socket (node/transport.py) that ACKs the peer at once: TCP_QUICKACK re-armed
+    after each PDU sent and before each read. A peer with Nagle on (dcmtk, and Orthanc, unless
+    TCP_NODELAY=1 is in their environment) writes a response in pieces and holds the second
+    until the first is ACKed, and Linux delays that ACK ~40 ms while we only wait: every C-STORE
+    took 44 ms against such a storescp. The receiver does the same before each read
+    (node/receive/pynetdicom_internals.py). In the socket, not in EVT_PDU_SENT/RECV handlers:
+    while a handler runs pynetdicom swaps `assoc.abort` for a version that does not stop the
+    association, whatever thread calls it."""
+
+    def send(self, bytestream: bytes) -> None:
+        super().send(bytestream)
+        self._quick_ack()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        self._quick_ack()
+        return super().recv(nr_bytes)
+
+    def _quick_ack(self) -> None:
+        sock = self.socket
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:  # the connection is going: nothing left to acknowledge
+                pass
+
+
 class PromptAE(AE):
-    """pynetdicom's AE whose requested associations wait on their connection instead of
-    polling it every millisecond (node/transport.py)."""
+    """pynetdicom's AE whose requested associations use RequestorSocket and the prompt DUL."""
 
     def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
-        sock.__class__ = PromptSocket
-        sock.arm_bell()
+        sock.__class__ = RequestorSocket
+        cast(RequestorSocket, sock).arm_bell()
         PromptDul.adopt(assoc.dul)
         return sock

@@ -43,20 +43,6 @@ def _set_nodelay(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _quick_ack(event: Event) -> None:
-    """After each PDU we send or receive, ACK the peer's next segment at once. A peer with
-    Nagle on (dcmtk, and Orthanc, unless TCP_NODELAY=1 is in their environment) writes a
-    response in pieces and holds the second until the first is ACKed, and Linux delays that
-    ACK ~40 ms while we only wait: every C-STORE took 44 ms against such a storescp, 2.6 ms
-    with this. The receiver does the same before each read (node/receive/pynetdicom_internals.py)."""
-    sock = tcp_socket(event.assoc)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:  # the connection is going: nothing left to acknowledge
-            pass
-
-
 @dataclass(frozen=True)
 class Rejection:
     permanent: bool  # A-ASSOCIATE-RJ result 1 (permanent) or 2 (transient)
@@ -120,8 +106,7 @@ def associate(
     tls_args = (ssl_context, None) if ssl_context else None
     assoc = ae.associate(
         host, port, ae_title=called_ae, tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_PDU_RECV, _record_refusal),
-                      (evt.EVT_PDU_SENT, _quick_ack), (evt.EVT_PDU_RECV, _quick_ack)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_PDU_RECV, _record_refusal)],
     )
     return steady(assoc) if assoc.is_established else assoc
 
