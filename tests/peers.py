@@ -138,6 +138,25 @@ def dataset_bytes(path: Path) -> bytes:
     return data[144 + group_length :]
 
 
+def make_ca(folder: Path) -> dict[str, Path]:
+    """A throwaway CA and a server and a client certificate it signed (PEM paths by name)."""
+    folder.mkdir()
+    paths = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key", "client", "client-key")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
+        "-keyout", str(paths["ca-key"]), "-out", str(paths["ca"]))
+    for name in ("server", "client"):
+        csr = folder / f"{name}.csr"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+            str(paths[f"{name}-key"]), "-out", str(csr))
+        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca-key"]),
+            "-CAcreateserial", "-days", "2", "-out", str(paths[name]))
+    return paths
+
+
 class NodeProcess:
     """`dicom-node serve` in its own process group, with a config written for the test."""
 

@@ -12,7 +12,7 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.peers import dataset_bytes, make_study, storescu, wait_for
+from tests.peers import dataset_bytes, make_ca, make_study, storescu, wait_for
 from node.send.pynetdicom_internals import steady
 
 
@@ -206,26 +206,8 @@ def test_disk_watermark_answers_out_of_resources(start_node, tmp_path):
     assert node.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
 
 
-def _make_ca(folder: Path) -> dict[str, Path]:
-    folder.mkdir()
-    paths = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key", "client", "client-key")}
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
-        "-keyout", str(paths["ca-key"]), "-out", str(paths["ca"]))
-    for name in ("server", "client"):
-        csr = folder / f"{name}.csr"
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
-            str(paths[f"{name}-key"]), "-out", str(csr))
-        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca-key"]),
-            "-CAcreateserial", "-days", "2", "-out", str(paths[name]))
-    return paths
-
-
 def test_tls_with_test_ca(start_node, tmp_path):
-    pki = _make_ca(tmp_path / "pki")
+    pki = make_ca(tmp_path / "pki")
     node = start_node(scp={"tls": {"enabled": True, "certificate": str(pki["server"]),
                                    "private_key": str(pki["server-key"]), "client_ca": str(pki["ca"])}})
     files = make_study(tmp_path / "ct", slices=5, size=16)

@@ -22,7 +22,7 @@ from node.config import DestinationConfig
 from node.send.cstore import send_cstore
 from node.send.pynetdicom_internals import HonestCheckpoint, RequestorSocket, steady
 from node.send.scu import associate, storage_contexts
-from tests.peers import free_port, make_study, port_open, wait_for
+from tests.peers import free_port, make_ca, make_study, port_open, wait_for
 from tests.processes import stop_process_group
 
 
@@ -223,3 +223,22 @@ def test_an_association_the_peer_refuses_leaves_no_descriptor(tmp_path):
         assert not assoc.is_established
         wait_for(lambda: not assoc.dul.is_alive(), timeout=10)
     assert _open_descriptors() == opened
+
+
+def test_delivery_over_tls_to_a_node_that_asks_for_our_certificate(start_node, tmp_path):
+    """A requested association over mutual TLS (an SSLSocket under RequestorSocket's quick ACKs
+    and the prompt DUL's poll, which cannot see what TLS has already decrypted: it checks
+    `pending()` first, and waits 1 ms at most): twenty instances of 180 KB, two PDUs each, to
+    the node's own SCP, each stored."""
+    pki = make_ca(tmp_path / "pki")
+    node = start_node(scp={"tls": {"enabled": True, "certificate": str(pki["server"]),
+                                   "private_key": str(pki["server-key"]), "client_ca": str(pki["ca"])}})
+    files = make_study(tmp_path / "ct", slices=20, size=300)
+    peer = DestinationConfig.model_validate({
+        "ae_title": "TESTNODE", "host": "127.0.0.1", "port": node.port,
+        "tls": {"enabled": True, "ca": str(pki["ca"]), "certificate": str(pki["client"]),
+                "private_key": str(pki["client-key"])}})
+    delivery = send_cstore("MODALITY", peer, files, timeout=10)
+    assert delivery.warnings == []
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: node.instance_count(uid) == 20, timeout=30)
