@@ -31,24 +31,31 @@ IDLE_WAIT_MS = 1
 
 class PromptSocket(AssociationSocket):
     """An association socket whose `ready` waits for data or the bell (`wake`) instead of
-    answering at once. `arm_bell` before the DUL starts; the DUL's thread closes it
-    (`release_bell`, PromptDul) when it ends."""
+    answering at once. `prepare_bell` when the socket is made; the DUL's thread makes the bell
+    when it starts and closes it when it ends (PromptDul), so a request that fails before its
+    DUL runs leaves no descriptor behind."""
 
     _bell_lock: threading.Lock
     _bell: socket.socket | None
     _ringer: socket.socket | None
 
-    def arm_bell(self) -> None:
-        # Closed when the DUL's thread ends, under a lock so that a late ring never writes to a
-        # descriptor number reused meanwhile.
+    def prepare_bell(self) -> None:
         self._bell_lock = threading.Lock()
         self._bell = self._ringer = None
+
+    def arm_bell(self) -> None:
+        """Make the bell (on the DUL's thread, as it starts). Closed when that thread ends, under
+        a lock so that a late ring never writes to a descriptor number reused meanwhile."""
+        if self._bell is not None:  # made already
+            return
         try:
-            self._bell, self._ringer = socket.socketpair()
-            self._bell.setblocking(False)
-            self._ringer.setblocking(False)
+            bell, ringer = socket.socketpair()
+            bell.setblocking(False)
+            ringer.setblocking(False)
         except OSError:  # out of descriptors: `ready` then waits on the connection alone, as long as pynetdicom slept
-            self.release_bell()
+            return
+        with self._bell_lock:
+            self._bell, self._ringer = bell, ringer
 
     def wake(self) -> None:
         """The association queued a primitive for the DUL: end its wait in `ready`."""
@@ -69,19 +76,30 @@ class PromptSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
+        """pynetdicom's answer (Evt17 on a connection that fails), from poll() rather than its
+        select(), which fails on a descriptor numbered 1024 or more; each association now holds
+        three."""
         sock, bell = self.socket, self._bell  # the bell changes only on the DUL's own thread
-        if sock is not None and self._is_connected and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            try:  # poll, not select: the bell's descriptors may lie above select's 1024
-                waiting = select.poll()
-                waiting.register(sock, select.POLLIN)
-                if bell is not None:
-                    waiting.register(bell, select.POLLIN)
-                woken = {fd for fd, _ in waiting.poll(IDLE_WAIT_MS)}
-                if bell is not None and bell.fileno() in woken:
-                    bell.recv(4096)
-            except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check below says so
-                pass
-        return bool(super().ready)
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted already: poll cannot see it
+            return True
+        try:
+            waiting = select.poll()
+            waiting.register(sock, select.POLLIN)
+            if bell is not None:
+                waiting.register(bell, select.POLLIN)
+            woken = dict(waiting.poll(IDLE_WAIT_MS))
+            if bell is not None and bell.fileno() in woken:
+                bell.recv(4096)
+            events = woken.get(sock.fileno(), 0)
+        except (OSError, ValueError):  # closed meanwhile (a descriptor of -1: ValueError)
+            events = select.POLLNVAL
+        if events & select.POLLNVAL:
+            self.event_queue.put("Evt17")  # Evt17: transport connection closed
+            return False
+        # readable, or hung up or failed: the read that follows finds out, as after select()
+        return bool(events & (select.POLLIN | select.POLLHUP | select.POLLERR))
 
 
 class PromptDul(DULServiceProvider):
@@ -97,6 +115,9 @@ class PromptDul(DULServiceProvider):
     def run(self) -> None:
         # pynetdicom closes the connection on some endings only (AA-2, AA-3) and just shuts it
         # down on others (release, a dropped peer, our own abort): the bell goes with the thread.
+        sock = self.socket
+        if isinstance(sock, PromptSocket):
+            sock.arm_bell()
         try:
             super().run()
         finally:

@@ -296,10 +296,16 @@ class StallingLink:
         self.port = self.server.getsockname()[1]
         self.flowing = threading.Event()
         self.flowing.set()
+        self._cut: int | None = None  # the peer's next chunk: pass this many bytes, then hold
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stall(self) -> None:
         self.flowing.clear()
+
+    def stall_mid_reply(self, passed: int = 3) -> None:
+        """Let the first `passed` bytes of the peer's next chunk through, then hold: a peer
+        that stops in the middle of a PDU."""
+        self._cut = passed
 
     def flow(self) -> None:
         self.flowing.set()
@@ -324,6 +330,12 @@ class StallingLink:
                 self.flowing.wait()
                 if record is not None:
                     record += chunk
+                elif self._cut is not None:  # from the peer
+                    cut, self._cut = self._cut, None
+                    sink.sendall(chunk[:cut])
+                    self.stall()
+                    self.flowing.wait()
+                    chunk = chunk[cut:]
                 sink.sendall(chunk)
         except OSError:
             pass

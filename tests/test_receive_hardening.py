@@ -257,7 +257,11 @@ def test_the_dul_waits_on_its_socket_and_is_woken_by_a_queued_primitive():
     _WakingDul.adopt(assoc.dul)
     assoc.dul.socket = sock
     cast(PduSocket, sock).prepare(1 << 20, "127.0.0.1", 1 << 30)
+    assert sock._bell is None  # no descriptor until the DUL's thread runs: it makes the bell
+    sock.arm_bell()  # as that thread does first
     bell = sock._bell
+    sock.arm_bell()  # and only once
+    assert sock._bell is bell
     try:
         assert assoc.dul._run_loop_delay == 0  # the loop waits in ready, never sleeps
         assert sock.ready is False  # nothing to read, nothing queued: waited, and says so

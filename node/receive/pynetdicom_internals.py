@@ -312,7 +312,7 @@ class PduSocket(PromptSocket):
         self._message_wire = 0  # bytes of its PDUs before the current one
         self._message = _MessageBounds()
         self._bound = None  # the deadline that set the current read's timeout, if one did
-        self.arm_bell()
+        self.prepare_bell()
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)

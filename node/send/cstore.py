@@ -17,7 +17,9 @@ def send_cstore(calling_ae: str, peer: DestinationConfig, files: list[Path], tim
     assoc = associate(peer.host, peer.port, calling_ae, peer.ae_title, storage_contexts(files),
                       destination_ssl_context(peer.tls), timeout=timeout)
     refused = rejection(assoc)
-    if assoc.is_rejected and refused is not None:
+    if not assoc.is_established and refused is not None and not refused.aborted:
+        # from the PDU itself: pynetdicom may see the connection closed by a quick rejecter first
+        # and call it an abort (is_rejected false)
         raise (Permanent if refused.permanent else Transient)(f"association rejected by {peer.where} ({refused.text})")
     if not assoc.is_established:
         raise Transient(f"no association with {peer.where} (refused, reset or timed out)")

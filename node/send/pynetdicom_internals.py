@@ -140,6 +140,16 @@ class RequestorSocket(PromptSocket):
     while a handler runs pynetdicom swaps `assoc.abort` for a version that does not stop the
     association, whatever thread calls it."""
 
+    def connect(self, primitive: Any) -> None:
+        """pynetdicom leaves a connected requestor's socket without a timeout: a peer that stops
+        in the middle of a PDU, or stops reading, held the DUL's read or send, and the
+        association's stop waits on the DUL, for ever. With the network timeout the read or send
+        fails and pynetdicom closes the connection (Evt17)."""
+        super().connect(primitive)
+        sock = self.socket
+        if sock is not None and self._is_connected:
+            sock.settimeout(self.assoc.network_timeout)
+
     def send(self, bytestream: bytes) -> None:
         super().send(bytestream)
         self._quick_ack()
@@ -163,6 +173,6 @@ class PromptAE(AE):
     def _create_socket(self, assoc: Any, address: Any, tls_args: Any) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
         sock.__class__ = RequestorSocket
-        cast(RequestorSocket, sock).arm_bell()
+        cast(RequestorSocket, sock).prepare_bell()
         PromptDul.adopt(assoc.dul)
         return sock

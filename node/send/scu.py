@@ -47,6 +47,7 @@ def _set_nodelay(event: Event) -> None:
 class Rejection:
     permanent: bool  # A-ASSOCIATE-RJ result 1 (permanent) or 2 (transient)
     text: str
+    aborted: bool = False  # an A-ABORT from the peer's application, not an A-ASSOCIATE-RJ
 
 
 _rejections: "weakref.WeakKeyDictionary[Association, Rejection]" = weakref.WeakKeyDictionary()
@@ -61,7 +62,7 @@ def _record_refusal(event: Event) -> None:
     elif isinstance(pdu, A_ABORT_RQ) and pdu.source == 0x00:
         # The peer's application aborted on purpose (Orthanc does this to a C-STORE from an AE
         # it does not accept); a dropped connection is an A-P-ABORT instead.
-        _rejections[event.assoc] = Rejection(True, "aborted by the peer (service user)")
+        _rejections[event.assoc] = Rejection(True, "aborted by the peer (service user)", aborted=True)
 
 
 def rejection(assoc: Association) -> Rejection | None:
