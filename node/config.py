@@ -187,6 +187,12 @@ class StorageConfig(Strict):
         30.0, gt=1, description="how long a claimed job or delivery stays with its replica without a heartbeat"
         " before another replica takes it over",
     )
+    journal_mb: float = Field(
+        64.0, ge=0, description="each receiving process's intake journal (data_dir/journal, two segments of half"
+        " this, zero-filled as used): a new instance is acknowledged once its bytes are there (one fdatasync) and"
+        " its file is synced behind the acknowledgement; an instance larger than a segment, and 0, fsync the file"
+        " and its folder before the acknowledgement instead",
+    )
 
     def effective_index_url(self) -> str | None:
         return os.environ.get(INDEX_URL_ENV) or self.index_url

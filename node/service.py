@@ -62,7 +62,7 @@ class NodeService:
         """`config_path` and `overrides` (command-line flags): node.yaml is reloaded from there."""
         self.config = config
         data_dir = Path(config.storage.data_dir)
-        self.spool = Spool(data_dir, config.storage.min_free_mb)
+        self.spool = Spool(data_dir, config.storage.min_free_mb, config.storage.journal_mb)
         self.index = Index.open(config.storage)
         self.jobs = JobStore(self.index, lease_s=config.storage.lease_s)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -208,7 +208,9 @@ class NodeService:
         bound = bind_console(self.config.http.bind, self.config.http.port) if self.config.http.port else None
         if self.hl7 is not None:
             self.hl7.start()
-        # Before any receiver runs: files without an index row, partial writes (README, Receiving).
+        # Before any receiver runs: what crashed processes journalled, put back and made durable;
+        # then files without an index row, partial writes (README, Receiving).
+        journalled = self.spool.recover()
         reconciled = reconcile(self.config, self.spool, self.index)
         requeued = 0 if self.index.shared else self.jobs.requeue_running()
         self.scheduler.start()
@@ -254,6 +256,7 @@ class NodeService:
             index="postgresql" if self.index.shared else "sqlite",
             installation_uid=self.runner.installation_uid,
             reconciled=reconciled,
+            journal_replayed=journalled,
             tls=self.config.scp.tls.enabled,
             rules_version=self.rules.current.version,
             models=sorted(self.models.names()),
@@ -284,6 +287,7 @@ class NodeService:
             except SQLAlchemyError as exc:
                 logs.event(log, "audit_send_failed", logging.WARNING, reason=type(exc).__name__)
             stop_scheduler(self.scheduler)
+        self.spool.close()
         logs.event(log, "node_stopped")
 
     def run_forever(self) -> None:

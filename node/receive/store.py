@@ -10,6 +10,7 @@ the bytes as received, fsync, rename, index. The caller answers with the status 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,16 +226,22 @@ class InstanceStore:
             and same_dataset(target, payload)
         )
         staged: Path | None = None
+        # A new instance is made durable by the intake journal once placed (Spool.settle); a
+        # replacement's copy is fsynced before it is renamed over the acknowledged one, as ever.
+        synced = existing is not None
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
-        placed_inode = 0
+        placed_stat: os.stat_result | None = None
 
-        def place() -> None:  # under the index's write lock: the rename only, its fsync after
-            nonlocal staged, placed, previous, placed_inode
+        def place() -> None:  # under the index's write lock: the rename only, its fsyncs after
+            nonlocal staged, placed, previous, placed_stat, synced
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
-                staged = self.spool.stage(chunks)
-            placed_inode = staged.stat().st_ino
+                staged, synced = self.spool.stage(chunks), True
+            placed_stat = staged.stat()
             previous = self.spool.keep_previous(target)
+            if previous is not None and not synced:  # another association placed it first: a replacement
+                self.spool.sync(staged)
+                synced = True
             placed = True  # from here the file at `target` may be the newcomer's
             self.spool.place(staged, target, durable=False)
             staged = None
@@ -253,7 +260,7 @@ class InstanceStore:
         now = 0.0
         try:
             if not identical:
-                staged = self.spool.stage(chunks)
+                staged = self.spool.stage(chunks, durable=synced)
             now = time.time()
             arrival = self.index.record_instance(
                 record,
@@ -265,8 +272,9 @@ class InstanceStore:
                 unplace=unplace,
                 also=lambda db: CompletionSignals.note_instance(db, tags.study_uid, tags.sop_instance_uid,
                                                                 tags.accession_number, tags.count),
-                # the file is fsynced now and its folder before the acknowledgement: a row a power
-                # cut takes is indexed again from it at start-up (a replacement's commits durably)
+                # the file is durable before the acknowledgement (journalled, or fsynced with its
+                # folder): a row a power cut takes is indexed again from it at start-up (a
+                # replacement's commits durably)
                 lazy_commit=(existing is None or identical) and tags.study_uid in self._indexed_studies,
             )
         except InstanceConflict as exc:  # the same UID committed elsewhere since find_instance
@@ -274,14 +282,14 @@ class InstanceStore:
         except OSError as exc:
             self._discard(staged)
             if placed:
-                self._undo_failed_commit(record, now, target, placed_inode, previous)
+                self._undo_failed_commit(record, now, target, placed_stat, previous)
             logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
                        logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES, None
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
             self._discard(staged)  # (a failure before the COMMIT was undone under the lock: unplace)
             if placed:
-                self._undo_failed_commit(record, now, target, placed_inode, previous)
+                self._undo_failed_commit(record, now, target, placed_stat, previous)
             raise
         if len(self._indexed_studies) >= KNOWN_STUDIES_MAX:
             self._indexed_studies.clear()
@@ -290,7 +298,7 @@ class InstanceStore:
             self.spool.discard(previous)
         if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
             try:
-                self.spool.make_durable(target)
+                self.spool.settle(target, placed_stat, chunks, synced)
             except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
@@ -338,7 +346,7 @@ class InstanceStore:
         if staged is not None:
             self.spool.discard(staged)
 
-    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed_inode: int,
+    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed: os.stat_result,
                             previous: Path | None) -> None:
         """The COMMIT itself failed after the file was placed. Under the write lock again: if the
         row did commit after all (a connection lost during COMMIT) or another copy was placed
@@ -348,7 +356,7 @@ class InstanceStore:
             with self.index.transaction():
                 row = self.index.find_instance(record.sop_instance_uid)
                 try:
-                    ours_in_place = target.stat().st_ino == placed_inode
+                    ours_in_place = target.stat().st_ino == placed.st_ino
                 except FileNotFoundError:
                     ours_in_place = False
                 if ours_in_place and (row is None or row["received_at"] < now):

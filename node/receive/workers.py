@@ -421,7 +421,7 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
         # The service migrated it before starting receivers. Few connections: writes wait for the
         # index's write lock anyway, and every receiver of every replica counts against the database's limit.
         Index.open(config.storage, migrate=False, connections=4),
-        Spool(data_dir, config.storage.min_free_mb),
+        Spool(data_dir, config.storage.min_free_mb, config.storage.journal_mb),
         on_study_opened=lambda uid, deadline: send({"opened": uid, "deadline": deadline}),
         slot_limit=int(settings["max_associations"]),
         on_slots=lambda n: send({"slots": n}),
@@ -502,6 +502,7 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
         time.sleep(0.05)
     for assoc in server.active_associations:
         assoc.abort()
+    scp.spool.close()  # its journal checkpointed: the next start has nothing to replay
 
 
 if __name__ == "__main__":

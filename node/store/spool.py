@@ -1,8 +1,11 @@
 """Durable spool: instances are written exactly as received, crash-safe, under UID-named paths.
 
 A file is either absent or complete at its final path: it is written to a temporary file on
-the same filesystem, fsynced, renamed into place, and the folder is fsynced. Names come only
-from validated UIDs, so no tag text ever reaches the filesystem.
+the same filesystem and renamed into place; before it is acknowledged either its bytes are in
+the intake journal (node/store/journal.py: a new instance, one fdatasync) or the file was
+fsynced before the rename and its folder after it (a replacement, an instance larger than a
+journal segment, no journal). Names come only from validated UIDs, so no tag text ever
+reaches the filesystem.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from node.store.journal import IntakeJournal, recover
+from node.store.journal import fsync_dir as _fsync_dir
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 KNOWN_DIRS_MAX = 4096  # folders a process remembers having made
@@ -41,7 +47,8 @@ def checked_uid(value: object, name: str) -> str:
 class Spool:
     """The on-disk store: ``studies/<study>/<series>/<sop>.dcm`` plus ``quarantine/``."""
 
-    def __init__(self, root: Path, min_free_mb: float):
+    def __init__(self, root: Path, min_free_mb: float, journal_mb: float = 0):
+        """`journal_mb`: this process's intake journal (two segments of half that); 0, none."""
         self.root = Path(root)
         self.studies = self.root / "studies"
         self.tmp = self.root / "tmp"
@@ -51,6 +58,17 @@ class Spool:
         for folder in (self.studies, self.tmp, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self.journal = IntakeJournal(self.root, int(journal_mb * 1024 * 1024) // 2) if journal_mb else None
+
+    def recover(self) -> dict[str, int]:
+        """At start-up, before reconcile: what crashed processes recorded in their journals is
+        put back and made durable (node/store/journal.py)."""
+        return recover(self.root)
+
+    def close(self) -> None:
+        """This process's journal checkpointed and let go."""
+        if self.journal is not None:
+            self.journal.close()
 
     def set_watermark(self, min_free_mb: float) -> None:
         """Below this much free space nothing more is written (storage.min_free_mb; live)."""
@@ -70,8 +88,9 @@ class Spool:
         self.place(staged, target)
         return size
 
-    def stage(self, chunks: Iterable[bytes | memoryview]) -> Path:
-        """Write `chunks` durably to a temporary file in tmp/ (not yet anywhere a reader looks).
+    def stage(self, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
+        """Write `chunks` to a temporary file in tmp/ (not yet anywhere a reader looks), fsynced
+        unless `durable` is False (a new instance, which `settle` makes durable once placed).
 
         The receiver stages first and lets the index `place` it under its write lock, so the
         checks on the SOP Instance UID and the rename happen as one step across processes."""
@@ -83,7 +102,8 @@ class Spool:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view):]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -125,7 +145,10 @@ class Spool:
                 previous.unlink(missing_ok=True)
                 raise
         # on disk before the rename over `target` can be: after a power cut, reconcile finds the
-        # acknowledged copy here if the replacement's commit was lost
+        # acknowledged copy here if the replacement's commit was lost (its data too: a new
+        # instance's file may so far be durable only by its journal record, which replay then
+        # takes for superseded)
+        _fsync_file(previous)
         _fsync_dir(self.tmp)
         return previous
 
@@ -148,6 +171,23 @@ class Spool:
         """fsync the folder that holds `target`, so its rename survives a power cut."""
         _fsync_dir(target.parent)
 
+    def settle(self, target: Path, placed: os.stat_result, chunks: Sequence[bytes | memoryview],
+               synced: bool) -> None:
+        """Make a placed file durable before its acknowledgement: one not `synced` (staged with
+        durable=False) by its record in the intake journal, else, or when the journal does not
+        take it, by the fsyncs of the file and of its folder."""
+        if not synced and self.journal is not None and self.journal.record(
+                str(target.relative_to(self.root)), placed, chunks):
+            return
+        if not synced:
+            _fsync_file(target)
+        _fsync_dir(target.parent)
+
+    @staticmethod
+    def sync(path: Path) -> None:
+        """fsync a file (a staged one, before it is renamed over another)."""
+        _fsync_file(path)
+
     def discard(self, staged: Path) -> None:
         staged.unlink(missing_ok=True)
 
@@ -159,6 +199,7 @@ class Spool:
         """Move a file that is already on this filesystem into quarantine, with its reason."""
         stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
         target = self.quarantine_dir / f"{stem}.dcm"
+        _fsync_file(path)  # a new instance's staged file is not (Spool.stage, durable=False)
         os.replace(path, target)
         _fsync_dir(self.quarantine_dir)
         _fsync_dir(path.parent)
@@ -198,14 +239,6 @@ class Spool:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -11,6 +11,8 @@ its receiver processes, and the hook patches the one receiver method it concerns
   fails (an OperationalError): right after the rename, or with DICOM_NODE_TEST_FAIL_AT=commit at
   its COMMIT (raised in place of the SQLite index's COMMIT statement, so the database never
   commits it).
+- DICOM_NODE_TEST_JOURNAL_HOLD=1: the intake journal's checkpoints wait an hour instead of half a
+  second, so its records are still there when a test kills the node (node/store/journal.py).
 - DICOM_NODE_TEST_SLOW_LOOKUP_S=T: a receiver's look-up of an indexed SOP Instance UID takes T
   seconds longer (a slow index), which widens the window in which two associations race with
   one SOP Instance UID.
@@ -25,6 +27,17 @@ _CRASH_AFTER = int(os.environ.get("DICOM_NODE_TEST_CRASH_AFTER_PLACE") or 0)
 _FAIL_AFTER = int(os.environ.get("DICOM_NODE_TEST_FAIL_AFTER_PLACE") or 0)
 _FAIL_AT_COMMIT = os.environ.get("DICOM_NODE_TEST_FAIL_AT") == "commit"
 _SLOW_LOOKUP = float(os.environ.get("DICOM_NODE_TEST_SLOW_LOOKUP_S") or 0)
+_JOURNAL_HOLD = os.environ.get("DICOM_NODE_TEST_JOURNAL_HOLD") == "1"
+
+if _JOURNAL_HOLD:
+    from node.store import journal
+
+    _journal_init = journal.IntakeJournal.__init__
+
+    def _holding_init(self, root, segment_bytes, checkpoint_s=0.5):  # type: ignore[no-untyped-def]
+        _journal_init(self, root, segment_bytes, checkpoint_s=3600.0)
+
+    journal.IntakeJournal.__init__ = _holding_init  # type: ignore[method-assign]
 
 if _SLOW_LOOKUP:
     import time

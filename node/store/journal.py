@@ -1,0 +1,411 @@
+"""The intake journal: a new instance made durable with one fdatasync instead of three syncs.
+
+Why (issue 28): on one association the node waited more than it computed. Each new instance's
+file was fsynced (0.37-0.75 ms on this disk), then its folder (0.13 ms), before the
+acknowledgement. Now the file is written and renamed into ``studies/`` without a sync, its bytes
+are written once more into this process's journal, a zero-filled file overwritten in place, and
+the journal alone is fdatasync'ed before the acknowledgement (0.11 ms for 64 KB measured). Behind
+the acknowledgements a checkpoint makes the files durable themselves (each file's fsync, each
+folder's once) and only then retires their records. Two segments take turns: records go to one
+while the other's files are synced, so the checkpoint never holds up an acknowledgement.
+
+After a crash `replay` (at start-up before reconcile, and on any journal a process claims) checks
+each record against its path: the very file it recorded (same inode) with other bytes, or no
+file there at all, is written again from the record, durably, with its modification time; a file
+there with another inode was put there since by a replacement, which is made durable the
+ordinary way, and stays. Then every recorded file is fsynced and the journal emptied.
+
+Each process holds its journal by flock(2) on its slot's lock file: a live replica's journal on a
+shared spool is never replayed by another, and a dead process's is claimed and replayed by the
+next. Written by hand: neither the standard library nor a maintained package keeps a write-ahead
+log of files, and SQLite's WAL would take the bytes through the index's single write lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from common import logs
+
+log = logging.getLogger("node.store")
+MAGIC = b"DNJ1"
+# magic, fill (a random id of the segment's current fill), sequence, inode, mtime_ns, data length,
+# path length, crc32 of the path and the data (taken outside the lock), crc32 of the header before it
+HEADER = struct.Struct("<4sQQQqIHII")
+SLOTS = 64  # journals one spool holds: a receiver process, or a service, each
+GROW_BYTES = 4 << 20  # a segment is zero-filled this much at a time, as far as its capacity
+SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment's checkpoint
+_ZEROS = bytes(1 << 20)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: str  # relative to the spool's root
+    inode: int  # of the file placed there
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class _Record:
+    seq: int
+    entry: _Entry
+    data: memoryview
+
+
+class _Segment:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        self.size = os.fstat(self.fd).st_size
+        self.offset = 0
+        self.fill = 0
+        self.pending = 0  # records not yet checkpointed
+        self.since = 0.0  # when its first pending record was written (monotonic)
+
+    def renew(self) -> None:
+        self.offset, self.fill, self.pending, self.since = 0, int.from_bytes(os.urandom(8), "little"), 0, 0.0
+
+    def grow(self, needed: int, capacity: int) -> None:
+        """Zero-fill ahead of the writes (an overwrite's fdatasync writes no metadata), durably."""
+        target = min(capacity, -(-needed // GROW_BYTES) * GROW_BYTES)
+        while self.size < target:
+            step = min(len(_ZEROS), target - self.size)
+            self.size += os.pwrite(self.fd, _ZEROS[:step], self.size)
+        os.fdatasync(self.fd)
+
+    def records(self) -> Iterator[_Record]:
+        """The chain of whole records from the start of the segment, as a crash left it."""
+        data = memoryview(os.pread(self.fd, self.size, 0)) if self.size else memoryview(b"")
+        offset, fill = 0, None
+        while offset + HEADER.size <= len(data):
+            magic, this_fill, seq, inode, mtime_ns, size, path_len, body_crc, head_crc = HEADER.unpack_from(data, offset)
+            end = offset + HEADER.size + path_len + size
+            if (magic != MAGIC or zlib.crc32(data[offset:offset + HEADER.size - 4]) != head_crc
+                    or (fill is not None and this_fill != fill) or end > len(data)):
+                return
+            body = data[offset + HEADER.size:end]
+            if zlib.crc32(body) != body_crc:
+                return  # torn: never acknowledged (a later record's fdatasync would have written it)
+            fill = this_fill
+            path = bytes(body[:path_len]).decode("utf-8", "replace")
+            yield _Record(seq, _Entry(path, inode, mtime_ns), body[path_len:])
+            offset = end
+
+    def retire(self) -> None:
+        """Its records are satisfied: the chain's first header is zeroed, durably."""
+        if self.size:
+            os.pwrite(self.fd, bytes(HEADER.size), 0)
+            os.fdatasync(self.fd)
+        self.renew()
+
+
+class IntakeJournal:
+    """This process's journal in `folder`, claimed at its first record; `segment_bytes` each."""
+
+    def __init__(self, root: Path, segment_bytes: int, checkpoint_s: float = 0.5):
+        self.root = Path(root)
+        self.folder = self.root / "journal"
+        self.segment_bytes = segment_bytes
+        self.checkpoint_s = checkpoint_s
+        self._cond = threading.Condition()
+        self._segments: list[_Segment] = []
+        self._lock_fd: int | None = None
+        self._root_fd: int | None = None  # syncfs on one descriptor for the journal's life: errors reach it
+        self._active = 0
+        self._seq = 0
+        self._switch_asked = False
+        self._closing = False
+        self._unusable = False
+        self._thread: threading.Thread | None = None
+
+    def record(self, relative: str, placed: os.stat_result, chunks: Sequence[bytes | memoryview]) -> bool:
+        """Make the file placed at `relative` (the rename done, its bytes `chunks`) durable before
+        the acknowledgement: its record written and the journal fdatasync'ed. False: the journal
+        does not take it (larger than a segment, closed, unusable): the caller syncs the file."""
+        path = relative.encode()
+        size = sum(memoryview(c).nbytes for c in chunks)
+        need = HEADER.size + len(path) + size
+        if need > self.segment_bytes:
+            return False
+        body_crc = zlib.crc32(path)
+        for chunk in chunks:  # before the lock: 0.15 ms for a 512 KB CT image
+            body_crc = zlib.crc32(chunk, body_crc)
+        with self._cond:
+            if self._closing or self._unusable:
+                return False
+            try:
+                if not self._segments:
+                    self._claim()
+                segment = self._room(need)
+                if segment is None:
+                    return False
+                if segment.offset + need > segment.size:
+                    segment.grow(segment.offset + need, self.segment_bytes)
+                self._seq += 1
+                head = HEADER.pack(MAGIC, segment.fill, self._seq, placed.st_ino, placed.st_mtime_ns, size, len(path),
+                                   body_crc, 0)[:-4]
+                head += zlib.crc32(head).to_bytes(4, "little")
+                written = os.pwritev(segment.fd, [head, path, *chunks], segment.offset)
+                if written != need:
+                    raise OSError(errno.EIO, "short write to the intake journal")
+            except OSError as exc:
+                self._give_up(exc)
+                return False
+            segment.offset += need
+            segment.pending += 1
+            if not segment.since:
+                segment.since = time.monotonic()
+                self._cond.notify_all()
+            fd = segment.fd
+        try:
+            os.fdatasync(fd)  # outside the lock: appends of other associations go on meanwhile
+        except OSError as exc:
+            with self._cond:
+                self._give_up(exc)
+            return False
+        with self._cond:  # Linux reports a write error to one fdatasync of the file only
+            return not self._unusable
+
+    def close(self) -> None:
+        """Checkpoint what is pending and let the slot go (a process that ends cleanly leaves an
+        empty journal; one that does not leaves it to the next claim's replay)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._cond:  # no append writes once _closing is set; one still syncing gets EBADF and syncs its file
+            for segment in self._segments:
+                os.close(segment.fd)
+            for fd in (self._lock_fd, self._root_fd):
+                if fd is not None:
+                    os.close(fd)  # the lock's: releases the flock
+            self._segments, self._lock_fd, self._root_fd = [], None, None
+
+    # -- inside: under self._cond ---------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        self.folder.mkdir(exist_ok=True)
+        fsync_dir(self.root)
+        for slot in range(SLOTS):
+            fd = _try_lock(self.folder / f"{slot}.lock")
+            if fd is None:
+                continue
+            try:
+                self._segments = [_Segment(self.folder / f"{slot}-{side}.wal") for side in "ab"]
+                replay(self.root, self._segments, fd)
+                os.pwrite(fd, _boot_id(), 0)  # whose records these are: replay restores nothing in the same boot
+                os.fsync(fd)
+                self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            except BaseException:
+                for segment in self._segments:
+                    os.close(segment.fd)
+                self._segments = []
+                os.close(fd)
+                raise
+            self._lock_fd = fd
+            self._thread = threading.Thread(target=self._checkpoints, name=f"journal-{slot}", daemon=True)
+            self._thread.start()
+            return
+        raise OSError(errno.EBUSY, f"all {SLOTS} intake journal slots are held")
+
+    def _room(self, need: int) -> _Segment | None:
+        """The active segment, once it has room for `need` bytes (a full one is switched for the
+        other as soon as that one's checkpoint is done)."""
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while True:
+            segment = self._segments[self._active]
+            if segment.offset + need <= self.segment_bytes:
+                return segment
+            self._switch_asked = True
+            self._cond.notify_all()
+            left = deadline - time.monotonic()
+            if left <= 0 or self._unusable or self._closing:
+                return None
+            self._cond.wait(left)
+
+    def _give_up(self, exc: OSError) -> None:
+        """After a failed write or sync nothing says what reached the disk (fsync errors are not
+        repeated): no more records; what is recorded stays for the next start's replay."""
+        if not self._unusable:
+            self._unusable = True
+            logs.event(log, "intake_journal_unusable", logging.ERROR, error=exc.strerror or type(exc).__name__)
+        self._cond.notify_all()
+
+    # -- the checkpoint thread ------------------------------------------------------------------------
+
+    def _checkpoints(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    active = self._segments[self._active]
+                    due = active.since and time.monotonic() - active.since >= self.checkpoint_s
+                    if self._unusable or (self._closing and not active.pending):
+                        return
+                    if active.pending and (due or self._switch_asked or self._closing):
+                        break
+                    self._cond.wait(self.checkpoint_s if active.pending else None)
+                self._active ^= 1  # the other is empty: this thread retires a segment before it switches again
+                self._switch_asked = False
+                self._cond.notify_all()
+            try:
+                _make_durable(self._root_fd)
+                active.retire()
+            except OSError as exc:
+                with self._cond:
+                    self._give_up(exc)
+                return
+
+
+def replay(root: Path, segments: Sequence[_Segment], lock_fd: int) -> dict[str, int]:
+    """Put back what a crash took of the recorded files, make them all durable, empty the segments.
+
+    Only a journal written before the machine's last boot can have lost anything (a process that
+    dies leaves its files to the page cache, and its journal to a later claim, perhaps long after,
+    when retention may have removed the files and live writers replaced them): one written in
+    this boot (its lock file names the boot) is only made durable."""
+    latest: dict[str, _Record] = {}
+    for record in sorted((r for s in segments for r in s.records()), key=lambda r: r.seq):
+        latest[record.entry.path] = record  # a path recorded twice: its last copy
+    counts = {"records": len(latest), "restored": 0, "superseded": 0}
+    if latest:
+        if os.pread(lock_fd, 64, 0) != _boot_id():
+            staged = _staged_by_inode(root)
+            for record in latest.values():
+                outcome = _replay_one(root, record, staged)
+                if outcome:
+                    counts[outcome] += 1
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _make_durable(fd)
+        finally:
+            os.close(fd)
+        logs.event(log, "intake_journal_replayed", logging.WARNING if counts["restored"] else logging.INFO, **counts)
+    for segment in segments:
+        segment.retire()
+    return counts
+
+
+def recover(root: Path) -> dict[str, int]:
+    """At start-up, before reconcile: replay every journal no live process holds."""
+    totals = {"records": 0, "restored": 0, "superseded": 0}
+    folder = Path(root) / "journal"
+    for lock in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+        fd = _try_lock(lock)
+        if fd is None:
+            continue  # a live process's (a replica on a shared spool)
+        segments = [_Segment(folder / f"{lock.stem}-{side}.wal") for side in "ab"]
+        try:
+            for key, value in replay(Path(root), segments, fd).items():
+                totals[key] += value
+        finally:
+            for segment in segments:
+                os.close(segment.fd)
+            os.close(fd)
+    return totals
+
+
+def _replay_one(root: Path, record: _Record, staged: dict[int, Path]) -> str | None:
+    target = _inside(root, record.entry.path)
+    if target is None:
+        return None
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    part = staged.get(record.entry.inode)
+    if part is not None:  # the recorded file, under its staged name: a power cut took the rename
+        part.unlink(missing_ok=True)
+    if st is not None and st.st_ino != record.entry.inode:
+        return "superseded"  # replaced since, durably (Spool.stage's default)
+    if st is not None and _holds(target, record.data):
+        return None
+    tmp = root / "tmp" / f"{uuid.uuid4().hex}.journal"
+    with open(tmp, "wb") as f:
+        f.write(record.data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.utime(tmp, ns=(record.entry.mtime_ns, record.entry.mtime_ns))
+    missing = [p for p in (target.parent, *target.parent.parents) if not p.exists() and root in p.parents]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for folder in missing:
+        fsync_dir(folder.parent)
+    os.replace(tmp, target)
+    return "restored"
+
+
+def _make_durable(root_fd: int) -> None:
+    """Every file and rename on the spool's filesystem on disk: syncfs(2), one flush of the disk's
+    cache for all the files a checkpoint covers. A file's fsync each, and its folder's, were two
+    flushes per instance again, and this disk takes flushes one at a time: with them the journal
+    saved 0.13 of 0.92 ms per instance, with syncfs 0.33 (measured). The os module has no
+    syncfs, hence ctypes; Linux reports writeback errors through it since 5.8, once to each
+    descriptor: the journal keeps its own."""
+    if _LIBC.syncfs(root_fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _boot_id() -> bytes:
+    """This boot of the machine (Linux's random boot id), padded to the 64 bytes the lock file holds."""
+    return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip().ljust(64, b" ")
+
+
+def _staged_by_inode(root: Path) -> dict[int, Path]:
+    staged = {}
+    for part in (root / "tmp").glob("*.part"):
+        try:
+            staged[part.stat().st_ino] = part
+        except FileNotFoundError:
+            pass
+    return staged
+
+
+def _holds(path: Path, data: memoryview) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
+
+
+def _inside(root: Path, relative: str) -> Path | None:
+    """A recorded path, only under studies/ (the journal is the node's own, but never trusted to
+    name a place outside the spool)."""
+    parts = Path(relative).parts
+    if len(parts) < 2 or parts[0] != "studies" or any(p in ("..", "") for p in parts) or Path(relative).is_absolute():
+        return None
+    return root / relative
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so the names made or renamed in it survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
