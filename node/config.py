@@ -188,7 +188,7 @@ class StorageConfig(Strict):
         " before another replica takes it over",
     )
     journal_mb: float = Field(
-        64.0, ge=0, description="each receiving process's intake journal (data_dir/journal, two segments of half"
+        64.0, ge=0, le=4096, description="each receiving process's intake journal (data_dir/journal, two segments of half"
         " this, zero-filled as used): a new instance is acknowledged once its bytes are there (one fdatasync) and"
         " its file is synced behind the acknowledgement; an instance larger than a segment, and 0, fsync the file"
         " and its folder before the acknowledgement instead",
