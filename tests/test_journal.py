@@ -15,9 +15,10 @@ import uuid
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from node.store import journal
-from node.store.journal import HEADER, IntakeJournal, recover
+from node.store.journal import HEADER, IntakeJournal, identify
 from node.store.spool import Spool
 from tests.peers import HOOKS, dataset_bytes, make_study, storescu, wait_for
 
@@ -26,15 +27,20 @@ SEGMENT = 1 << 20
 
 def journalled_spool(root: Path, segment_bytes: int = SEGMENT, checkpoint_s: float = 3600.0) -> Spool:
     spool = Spool(root, 0)
-    spool.journal = IntakeJournal(spool.root, segment_bytes, checkpoint_s=checkpoint_s)
+    spool.journal = IntakeJournal(spool.root, segment_bytes, spool.quarantine_file, checkpoint_s=checkpoint_s)
     return spool
+
+
+def recover(root: Path) -> dict[str, int]:
+    """What the service does at start-up (Spool.recover)."""
+    return Spool(root, 0).recover()
 
 
 def receive(spool: Spool, name: str, data: bytes) -> Path:
     """A new instance as InstanceStore stores it: staged without a sync, renamed, settled."""
     target = spool.instance_path("1.2.3", "1.2.3.4", name)
     staged = spool.stage([data[:100], memoryview(data)[100:]], durable=False)
-    placed = staged.stat()
+    placed = identify(staged)
     spool.place(staged, target, durable=False)
     spool.settle(target, placed, [data[:100], memoryview(data)[100:]], synced=False)
     return target
@@ -77,13 +83,72 @@ def test_what_a_crash_took_of_journalled_files_is_written_again_and_a_newer_copy
     newer.write_bytes(b"a newer copy")
     os.replace(newer, paths["1.3"])
 
-    assert recover(tmp_path) == {"records": 4, "restored": 2, "superseded": 1}
+    assert recover(tmp_path) == {"records": 4, "restored": 2, "superseded": 1, "quarantined": 0}
     for name in ("1.1", "1.2", "1.4"):
         assert paths[name].read_bytes() == data[name]
         assert paths[name].stat().st_mtime_ns == mtimes[name]  # reconcile orders orphans by it
     assert paths["1.3"].read_bytes() == b"a newer copy"
     assert not list(spool.tmp.iterdir())
-    assert recover(tmp_path) == {"records": 0, "restored": 0, "superseded": 0}  # retired
+    assert recover(tmp_path) == {"records": 0, "restored": 0, "superseded": 0, "quarantined": 0}  # retired
+
+
+def replace_durably(spool: Spool, target: Path, data: bytes, inode: int | None = None) -> None:
+    """A replacement as InstanceStore makes one: staged and fsynced, the acknowledged copy kept
+    aside while it is renamed over it, then let go. `inode`: staged under that inode number (a new
+    file is staged until the file system hands it out again)."""
+    for _ in range(200):
+        staged = spool.stage([data])
+        if inode is None or identify(staged).inode == inode:
+            break
+        spool.discard(staged)
+    previous = spool.keep_previous(target)
+    spool.place(staged, target)
+    if previous is not None:
+        spool.discard(previous)
+
+
+def test_a_newer_copy_under_the_recorded_files_reused_inode_number_stays(tmp_path):
+    """ext4 gives a freed inode number to the next new file: a journalled file replaced twice
+    within a checkpoint can have its number back on the second replacement. Replay tells the two
+    apart by the inode's generation and keeps the newer copy."""
+    spool = journalled_spool(tmp_path)
+    first = receive(spool, "7.1", os.urandom(3000))
+    recorded = identify(first)
+    if recorded.generation == -1:
+        pytest.skip("this file system keeps no inode generations: the number alone decides")
+    replace_durably(spool, first, b"second copy")  # the recorded inode is freed once its kept copy goes
+    replace_durably(spool, first, b"third copy", inode=recorded.inode)
+    now = identify(first)
+    assert now.inode == recorded.inode, "the file system did not hand the inode number out again"
+    assert now.generation != recorded.generation
+    die(spool)
+    assert recover(tmp_path) == {"records": 1, "restored": 0, "superseded": 1, "quarantined": 0}
+    assert first.read_bytes() == b"third copy"
+
+
+def test_a_record_that_cannot_be_written_back_is_quarantined_and_the_start_goes_on(tmp_path):
+    """The recorded file's folder is gone and a file holds its name: the record's bytes go to
+    quarantine/ with the path and the reason, nothing is lost and nothing blocks the start. A
+    replay's own temporary files a crash left in tmp/ are removed by the next replay of its slot."""
+    spool = journalled_spool(tmp_path)
+    data = os.urandom(4000)
+    target = receive(spool, "8.1", data)
+    die(spool)
+    left_behind = spool.tmp / "0-0123456789abcdef.journal"  # slot 0's, from a replay cut short
+    left_behind.write_bytes(b"half a copy")
+    series = target.parent
+    for f in series.iterdir():
+        f.unlink()
+    series.rmdir()
+    series.write_bytes(b"a file where the series folder was")
+
+    assert recover(tmp_path) == {"records": 1, "restored": 0, "superseded": 0, "quarantined": 1}
+    kept = list(spool.quarantine_dir.glob("*.dcm"))
+    assert [k.read_bytes() for k in kept] == [data]
+    reason = kept[0].with_suffix(".reason.txt").read_text()
+    assert "studies/1.2.3/1.2.3.4/8.1.dcm" in reason and "could not be written back" in reason
+    assert not left_behind.exists() and not list(spool.tmp.glob("*.journal"))
+    assert recover(tmp_path)["records"] == 0
 
 
 def test_a_torn_record_and_what_follows_it_are_not_replayed(tmp_path):
@@ -100,7 +165,7 @@ def test_a_torn_record_and_what_follows_it_are_not_replayed(tmp_path):
         f.write(bytes([last[0] ^ 0xFF]))
     first.unlink()
     second.unlink()
-    assert recover(tmp_path) == {"records": 1, "restored": 1, "superseded": 0}
+    assert recover(tmp_path) == {"records": 1, "restored": 1, "superseded": 0, "quarantined": 0}
     assert first.exists() and not second.exists()
 
 
@@ -121,7 +186,7 @@ def test_a_journal_of_this_boot_is_only_made_durable_never_replayed(tmp_path):
     removed, kept = receive(spool, "6.1", os.urandom(1000)), receive(spool, "6.2", os.urandom(1000))
     die(spool, reboot=False)
     removed.unlink()
-    assert recover(tmp_path) == {"records": 2, "restored": 0, "superseded": 0}
+    assert recover(tmp_path) == {"records": 2, "restored": 0, "superseded": 0, "quarantined": 0}
     assert not removed.exists() and kept.exists()
     assert recover(tmp_path)["records"] == 0
 
@@ -168,8 +233,8 @@ def test_a_recorded_path_outside_studies_is_never_written(tmp_path):
     spool = journalled_spool(tmp_path)
     assert spool.journal is not None
     outside = tmp_path / "elsewhere.dcm"
-    assert spool.journal.record("../elsewhere.dcm", os.stat(tmp_path), [b"evil"])
-    assert spool.journal.record("index.sqlite", os.stat(tmp_path), [b"evil"])
+    assert spool.journal.record("../elsewhere.dcm", identify(tmp_path), [b"evil"])
+    assert spool.journal.record("index.sqlite", identify(tmp_path), [b"evil"])
     die(spool)
     assert recover(tmp_path)["restored"] == 0
     assert not outside.exists() and not (tmp_path / "index.sqlite").exists()
@@ -201,7 +266,7 @@ def test_instances_a_power_cut_damaged_behind_their_acknowledgement_come_back_fr
 
     node.start()
     [started] = node.events("node_started")[-1:]
-    assert started["journal_replayed"] == {"records": 4, "restored": 2, "superseded": 0}
+    assert started["journal_replayed"] == {"records": 4, "restored": 2, "superseded": 0, "quarantined": 0}
     reconciled = started["reconciled"]
     assert (reconciled["missing_marked"], reconciled["partial_quarantined"], reconciled["orphans_quarantined"]) == (0, 0, 0)
     assert {sop: dataset_bytes(path) for sop, path in rows.items()} == sent

@@ -10,7 +10,6 @@ the bytes as received, fsync, rename, index. The caller answers with the status 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from node.receive.tags import RoutingTags, UnreadableDataset, read_routing_tags
 from node.receive.validate import MalformedDataset, check_dataset, transfer_syntax_uid
 from node.store.filemeta import encode_file_meta, presentation_address
 from node.store.index import Index, InstanceConflict, InstanceRecord, Placement
+from node.store.journal import FileIdentity, identify
 from node.store.modelruns import ModelRuns, verdict_of
 from node.store.signals import CompletionSignals
 from node.store.spool import OutOfSpace, Spool, same_dataset
@@ -231,13 +231,13 @@ class InstanceStore:
         synced = existing is not None
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
-        placed_stat: os.stat_result | None = None
+        placed_file: FileIdentity | None = None
 
         def place() -> None:  # under the index's write lock: the rename only, its fsyncs after
-            nonlocal staged, placed, previous, placed_stat, synced
+            nonlocal staged, placed, previous, placed_file, synced
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
                 staged, synced = self.spool.stage(chunks), True
-            placed_stat = staged.stat()
+            placed_file = identify(staged)  # the file the journal records (its inode and generation)
             previous = self.spool.keep_previous(target)
             if previous is not None and not synced:  # another association placed it first: a replacement
                 self.spool.sync(staged)
@@ -282,23 +282,24 @@ class InstanceStore:
         except OSError as exc:
             self._discard(staged)
             if placed:
-                self._undo_failed_commit(record, now, target, placed_stat, previous)
+                self._undo_failed_commit(record, now, target, placed_file, previous)
             logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
                        logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES, None
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
             self._discard(staged)  # (a failure before the COMMIT was undone under the lock: unplace)
             if placed:
-                self._undo_failed_commit(record, now, target, placed_stat, previous)
+                self._undo_failed_commit(record, now, target, placed_file, previous)
             raise
         if len(self._indexed_studies) >= KNOWN_STUDIES_MAX:
             self._indexed_studies.clear()
         self._indexed_studies.add(tags.study_uid)
         if previous is not None:
             self.spool.discard(previous)
-        if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
+        if placed and placed_file is not None:  # before the acknowledgement (a crash before it: reconcile
+            # marks the row missing)
             try:
-                self.spool.settle(target, placed_stat, chunks, synced)
+                self.spool.settle(target, placed_file, chunks, synced)
             except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
@@ -346,7 +347,7 @@ class InstanceStore:
         if staged is not None:
             self.spool.discard(staged)
 
-    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed: os.stat_result,
+    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed: FileIdentity | None,
                             previous: Path | None) -> None:
         """The COMMIT itself failed after the file was placed. Under the write lock again: if the
         row did commit after all (a connection lost during COMMIT) or another copy was placed
@@ -356,8 +357,8 @@ class InstanceStore:
             with self.index.transaction():
                 row = self.index.find_instance(record.sop_instance_uid)
                 try:
-                    ours_in_place = target.stat().st_ino == placed.st_ino
-                except FileNotFoundError:
+                    ours_in_place = placed is not None and identify(target).same_file(placed)
+                except OSError:  # FileNotFoundError: gone
                     ours_in_place = False
                 if ours_in_place and (row is None or row["received_at"] < now):
                     if previous is not None:

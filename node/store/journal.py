@@ -4,16 +4,20 @@ Why (issue 28): on one association the node waited more than it computed. Each n
 file was fsynced (0.37-0.75 ms on this disk), then its folder (0.13 ms), before the
 acknowledgement. Now the file is written and renamed into ``studies/`` without a sync, its bytes
 are written once more into this process's journal, a zero-filled file overwritten in place, and
-the journal alone is fdatasync'ed before the acknowledgement (0.11 ms for 64 KB measured). Behind
-the acknowledgements a checkpoint makes the files durable themselves (each file's fsync, each
-folder's once) and only then retires their records. Two segments take turns: records go to one
-while the other's files are synced, so the checkpoint never holds up an acknowledgement.
+the journal alone is fdatasync'ed before the acknowledgement (0.25 ms for 64 KB measured). Behind
+the acknowledgements a checkpoint makes the files durable themselves (one syncfs(2) of the
+spool's file system for all of them) and only then retires their records. Two segments take
+turns: records go to one while the other's files are synced, so the checkpoint never holds up an
+acknowledgement.
 
 After a crash `replay` (at start-up before reconcile, and on any journal a process claims) checks
-each record against its path: the very file it recorded (same inode) with other bytes, or no
-file there at all, is written again from the record, durably, with its modification time; a file
-there with another inode was put there since by a replacement, which is made durable the
-ordinary way, and stays. Then every recorded file is fsynced and the journal emptied.
+each record against its path: the very file it recorded (same inode, and same inode generation:
+ext4 gives a freed inode number to the next new file at once) with other bytes, or no file there
+at all, is written again from the record, durably, with its modification time; another file
+there was put there since by a replacement, which is made durable the ordinary way, and stays.
+A record that cannot be written back (its folder's name taken by a file, say) goes to
+quarantine/ with its path, never lost and never blocking the start. Then every recorded file is
+made durable and the journal emptied.
 
 Each process holds its journal by flock(2) on its slot's lock file: a live replica's journal on a
 shared spool is never replayed by another, and a dead process's is claimed and replayed by the
@@ -35,27 +39,60 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from common import logs
 
 log = logging.getLogger("node.store")
-MAGIC = b"DNJ1"
-# magic, fill (a random id of the segment's current fill), sequence, inode, mtime_ns, data length,
-# path length, crc32 of the path and the data (taken outside the lock), crc32 of the header before it
-HEADER = struct.Struct("<4sQQQqIHII")
+MAGIC = b"DNJ2"
+# magic, fill (a random id of the segment's current fill), sequence, inode, inode generation (-1:
+# the file system has none), mtime_ns, data length, path length, crc32 of the path and the data
+# (taken outside the lock), crc32 of the header before it
+HEADER = struct.Struct("<4sQQQqqIHII")
 SLOTS = 64  # journals one spool holds: a receiver process, or a service, each
 GROW_BYTES = 4 << 20  # a segment is zero-filled this much at a time, as far as its capacity
+REPLAY_COUNTS = ("records", "restored", "superseded", "quarantined")
 SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment's checkpoint
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
+Quarantine = Callable[[Path, str], Path]  # moves a file into quarantine/ with its reason (Spool.quarantine_file)
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation (ext4, XFS, btrfs)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file a name held. An inode number alone does not say: ext4 gives a freed number to
+    the next new file at once (measured), so the generation the file system draws for each new
+    inode goes with it; -1 where the file system keeps none (tmpfs, overlayfs), and then the
+    number alone decides."""
+
+    inode: int
+    generation: int
+    mtime_ns: int
+
+    def same_file(self, other: FileIdentity) -> bool:
+        return self.inode == other.inode and (
+            self.generation == other.generation or -1 in (self.generation, other.generation))
+
+
+def identify(path: Path | str) -> FileIdentity:
+    """The identity of the file at `path` (FileNotFoundError if none; a link is not followed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        try:  # the kernel writes an int into the long the request names
+            generation = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETVERSION, bytes(8))[:4], "little")
+        except OSError:  # ENOTTY: no generations on this file system
+            generation = -1
+        return FileIdentity(st.st_ino, generation, st.st_mtime_ns)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
 class _Entry:
     path: str  # relative to the spool's root
-    inode: int  # of the file placed there
-    mtime_ns: int
+    file: FileIdentity  # the file placed there
 
 
 @dataclass(frozen=True)
@@ -91,7 +128,8 @@ class _Segment:
         data = memoryview(os.pread(self.fd, self.size, 0)) if self.size else memoryview(b"")
         offset, fill = 0, None
         while offset + HEADER.size <= len(data):
-            magic, this_fill, seq, inode, mtime_ns, size, path_len, body_crc, head_crc = HEADER.unpack_from(data, offset)
+            (magic, this_fill, seq, inode, generation, mtime_ns, size, path_len, body_crc,
+             head_crc) = HEADER.unpack_from(data, offset)
             end = offset + HEADER.size + path_len + size
             if (magic != MAGIC or zlib.crc32(data[offset:offset + HEADER.size - 4]) != head_crc
                     or (fill is not None and this_fill != fill) or end > len(data)):
@@ -101,7 +139,7 @@ class _Segment:
                 return  # torn: never acknowledged (a later record's fdatasync would have written it)
             fill = this_fill
             path = bytes(body[:path_len]).decode("utf-8", "replace")
-            yield _Record(seq, _Entry(path, inode, mtime_ns), body[path_len:])
+            yield _Record(seq, _Entry(path, FileIdentity(inode, generation, mtime_ns)), body[path_len:])
             offset = end
 
     def retire(self) -> None:
@@ -113,10 +151,12 @@ class _Segment:
 
 
 class IntakeJournal:
-    """This process's journal in `folder`, claimed at its first record; `segment_bytes` each."""
+    """This process's journal under `root`/journal, claimed at its first record; `segment_bytes`
+    each; `quarantine` keeps what a replay of a claimed journal cannot write back."""
 
-    def __init__(self, root: Path, segment_bytes: int, checkpoint_s: float = 0.5):
+    def __init__(self, root: Path, segment_bytes: int, quarantine: Quarantine, checkpoint_s: float = 0.5):
         self.root = Path(root)
+        self.quarantine = quarantine
         self.folder = self.root / "journal"
         self.segment_bytes = segment_bytes
         self.checkpoint_s = checkpoint_s
@@ -131,7 +171,7 @@ class IntakeJournal:
         self._unusable = False
         self._thread: threading.Thread | None = None
 
-    def record(self, relative: str, placed: os.stat_result, chunks: Sequence[bytes | memoryview]) -> bool:
+    def record(self, relative: str, placed: FileIdentity, chunks: Sequence[bytes | memoryview]) -> bool:
         """Make the file placed at `relative` (the rename done, its bytes `chunks`) durable before
         the acknowledgement: its record written and the journal fdatasync'ed. False: the journal
         does not take it (larger than a segment, closed, unusable): the caller syncs the file."""
@@ -155,8 +195,8 @@ class IntakeJournal:
                 if segment.offset + need > segment.size:
                     segment.grow(segment.offset + need, self.segment_bytes)
                 self._seq += 1
-                head = HEADER.pack(MAGIC, segment.fill, self._seq, placed.st_ino, placed.st_mtime_ns, size, len(path),
-                                   body_crc, 0)[:-4]
+                head = HEADER.pack(MAGIC, segment.fill, self._seq, placed.inode, placed.generation, placed.mtime_ns,
+                                   size, len(path), body_crc, 0)[:-4]
                 head += zlib.crc32(head).to_bytes(4, "little")
                 written = os.pwritev(segment.fd, [head, path, *chunks], segment.offset)
                 if written != need:
@@ -207,7 +247,7 @@ class IntakeJournal:
                 continue
             try:
                 self._segments = [_Segment(self.folder / f"{slot}-{side}.wal") for side in "ab"]
-                replay(self.root, self._segments, fd)
+                replay(self.root, str(slot), self._segments, fd, self.quarantine)
                 os.pwrite(fd, _boot_id(), 0)  # whose records these are: replay restores nothing in the same boot
                 os.fsync(fd)
                 self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -271,22 +311,26 @@ class IntakeJournal:
                 return
 
 
-def replay(root: Path, segments: Sequence[_Segment], lock_fd: int) -> dict[str, int]:
+def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, quarantine: Quarantine) -> dict[str, int]:
     """Put back what a crash took of the recorded files, make them all durable, empty the segments.
 
     Only a journal written before the machine's last boot can have lost anything (a process that
     dies leaves its files to the page cache, and its journal to a later claim, perhaps long after,
     when retention may have removed the files and live writers replaced them): one written in
-    this boot (its lock file names the boot) is only made durable."""
+    this boot (its lock file names the boot) is only made durable. `slot`: the journal's, whose
+    lock is held; `quarantine(path, reason)` keeps a record that cannot be written back."""
+    for left in (root / "tmp").glob(f"{slot}-*.journal"):  # a crash during an earlier replay of this slot
+        left.unlink(missing_ok=True)
     latest: dict[str, _Record] = {}
     for record in sorted((r for s in segments for r in s.records()), key=lambda r: r.seq):
         latest[record.entry.path] = record  # a path recorded twice: its last copy
-    counts = {"records": len(latest), "restored": 0, "superseded": 0}
+    counts = dict.fromkeys(REPLAY_COUNTS, 0)
+    counts["records"] = len(latest)
     if latest:
         if os.pread(lock_fd, 64, 0) != _boot_id():
-            staged = _staged_by_inode(root)
+            staged = _staged(root)
             for record in latest.values():
-                outcome = _replay_one(root, record, staged)
+                outcome = _replay_one(root, slot, record, staged, quarantine)
                 if outcome:
                     counts[outcome] += 1
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -294,15 +338,16 @@ def replay(root: Path, segments: Sequence[_Segment], lock_fd: int) -> dict[str, 
             _make_durable(fd)
         finally:
             os.close(fd)
-        logs.event(log, "intake_journal_replayed", logging.WARNING if counts["restored"] else logging.INFO, **counts)
+        lost = counts["restored"] or counts["quarantined"]
+        logs.event(log, "intake_journal_replayed", logging.WARNING if lost else logging.INFO, **counts)
     for segment in segments:
         segment.retire()
     return counts
 
 
-def recover(root: Path) -> dict[str, int]:
+def recover(root: Path, quarantine: Quarantine) -> dict[str, int]:
     """At start-up, before reconcile: replay every journal no live process holds."""
-    totals = {"records": 0, "restored": 0, "superseded": 0}
+    totals = dict.fromkeys(REPLAY_COUNTS, 0)
     folder = Path(root) / "journal"
     for lock in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
         fd = _try_lock(lock)
@@ -310,7 +355,7 @@ def recover(root: Path) -> dict[str, int]:
             continue  # a live process's (a replica on a shared spool)
         segments = [_Segment(folder / f"{lock.stem}-{side}.wal") for side in "ab"]
         try:
-            for key, value in replay(Path(root), segments, fd).items():
+            for key, value in replay(Path(root), lock.stem, segments, fd, quarantine).items():
                 totals[key] += value
         finally:
             for segment in segments:
@@ -319,32 +364,43 @@ def recover(root: Path) -> dict[str, int]:
     return totals
 
 
-def _replay_one(root: Path, record: _Record, staged: dict[int, Path]) -> str | None:
+def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[tuple[FileIdentity, Path]]],
+                quarantine: Quarantine) -> str | None:
     target = _inside(root, record.entry.path)
     if target is None:
         return None
+    recorded = record.entry.file
+    for identity, part in staged.get(recorded.inode, ()):
+        if identity.same_file(recorded):  # the recorded file, under its staged name: a power cut took the rename
+            part.unlink(missing_ok=True)
     try:
-        st = os.stat(target)
+        there: FileIdentity | None = identify(target)
     except FileNotFoundError:
-        st = None
-    part = staged.get(record.entry.inode)
-    if part is not None:  # the recorded file, under its staged name: a power cut took the rename
-        part.unlink(missing_ok=True)
-    if st is not None and st.st_ino != record.entry.inode:
-        return "superseded"  # replaced since, durably (Spool.stage's default)
-    if st is not None and _holds(target, record.data):
+        there = None
+    except OSError:  # not a file we could have written (a link, a folder): written back beside it, below
+        there = None
+    if there is not None and not there.same_file(recorded):
+        return "superseded"  # replaced since, durably (Spool.stage's default), even under a reused inode number
+    if there is not None and _holds(target, record.data):
         return None
-    tmp = root / "tmp" / f"{uuid.uuid4().hex}.journal"
-    with open(tmp, "wb") as f:
+    tmp = root / "tmp" / f"{slot}-{uuid.uuid4().hex}.journal"
+    with open(tmp, "wb") as f:  # a failure here (disk full) stops the start: the journal stays for the next
         f.write(record.data)
         f.flush()
         os.fsync(f.fileno())
-    os.utime(tmp, ns=(record.entry.mtime_ns, record.entry.mtime_ns))
-    missing = [p for p in (target.parent, *target.parent.parents) if not p.exists() and root in p.parents]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for folder in missing:
-        fsync_dir(folder.parent)
-    os.replace(tmp, target)
+    os.utime(tmp, ns=(recorded.mtime_ns, recorded.mtime_ns))
+    try:
+        missing = [p for p in (target.parent, *target.parent.parents) if not p.exists() and root in p.parents]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for folder in missing:
+            fsync_dir(folder.parent)
+        os.replace(tmp, target)
+    except OSError as exc:
+        quarantine(tmp, f"the intake journal's copy of {record.entry.path}, acknowledged before a power cut, "
+                        f"could not be written back there: {exc.strerror or type(exc).__name__}")
+        logs.event(log, "intake_journal_record_quarantined", logging.ERROR, path=record.entry.path,
+                   error=exc.strerror or type(exc).__name__)
+        return "quarantined"
     return "restored"
 
 
@@ -365,13 +421,15 @@ def _boot_id() -> bytes:
     return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip().ljust(64, b" ")
 
 
-def _staged_by_inode(root: Path) -> dict[int, Path]:
-    staged = {}
+def _staged(root: Path) -> dict[int, list[tuple[FileIdentity, Path]]]:
+    """The staged files in tmp/, by inode number."""
+    staged: dict[int, list[tuple[FileIdentity, Path]]] = {}
     for part in (root / "tmp").glob("*.part"):
         try:
-            staged[part.stat().st_ino] = part
-        except FileNotFoundError:
-            pass
+            identity = identify(part)
+        except OSError:  # gone meanwhile, or not a file
+            continue
+        staged.setdefault(identity.inode, []).append((identity, part))
     return staged
 
 

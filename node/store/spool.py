@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from node.store.journal import IntakeJournal, recover
+from node.store.journal import FileIdentity, IntakeJournal, recover
 from node.store.journal import fsync_dir as _fsync_dir
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -58,12 +58,13 @@ class Spool:
         for folder in (self.studies, self.tmp, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
-        self.journal = IntakeJournal(self.root, int(journal_mb * 1024 * 1024) // 2) if journal_mb else None
+        self.journal = (IntakeJournal(self.root, int(journal_mb * 1024 * 1024) // 2, self.quarantine_file)
+                        if journal_mb else None)
 
     def recover(self) -> dict[str, int]:
         """At start-up, before reconcile: what crashed processes recorded in their journals is
         put back and made durable (node/store/journal.py)."""
-        return recover(self.root)
+        return recover(self.root, self.quarantine_file)
 
     def close(self) -> None:
         """This process's journal checkpointed and let go."""
@@ -171,7 +172,7 @@ class Spool:
         """fsync the folder that holds `target`, so its rename survives a power cut."""
         _fsync_dir(target.parent)
 
-    def settle(self, target: Path, placed: os.stat_result, chunks: Sequence[bytes | memoryview],
+    def settle(self, target: Path, placed: FileIdentity, chunks: Sequence[bytes | memoryview],
                synced: bool) -> None:
         """Make a placed file durable before its acknowledgement: one not `synced` (staged with
         durable=False) by its record in the intake journal, else, or when the journal does not

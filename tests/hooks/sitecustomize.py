@@ -34,8 +34,8 @@ if _JOURNAL_HOLD:
 
     _journal_init = journal.IntakeJournal.__init__
 
-    def _holding_init(self, root, segment_bytes, checkpoint_s=0.5):  # type: ignore[no-untyped-def]
-        _journal_init(self, root, segment_bytes, checkpoint_s=3600.0)
+    def _holding_init(self, root, segment_bytes, quarantine, checkpoint_s=0.5):  # type: ignore[no-untyped-def]
+        _journal_init(self, root, segment_bytes, quarantine, checkpoint_s=3600.0)
 
     journal.IntakeJournal.__init__ = _holding_init  # type: ignore[method-assign]
 
