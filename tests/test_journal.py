@@ -12,13 +12,14 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from node.store import journal
-from node.store.journal import HEADER, IntakeJournal, identify
+from node.store.journal import HEADER, HEADER_V1, FileIdentity, IntakeJournal, identify
 from node.store.spool import Spool
 from tests.peers import HOOKS, dataset_bytes, make_study, storescu, wait_for
 
@@ -36,11 +37,10 @@ def recover(root: Path) -> dict[str, int]:
     return Spool(root, 0).recover()
 
 
-def receive(spool: Spool, name: str, data: bytes) -> Path:
+def receive(spool: Spool, name: str, data: bytes, study: str = "1.2.3", series: str = "1.2.3.4") -> Path:
     """A new instance as InstanceStore stores it: staged without a sync, renamed, settled."""
-    target = spool.instance_path("1.2.3", "1.2.3.4", name)
-    staged = spool.stage([data[:100], memoryview(data)[100:]], durable=False)
-    placed = identify(staged)
+    target = spool.instance_path(study, series, name)
+    staged, placed = spool.stage_identified([data[:100], memoryview(data)[100:]], durable=False)
     spool.place(staged, target, durable=False)
     spool.settle(target, placed, [data[:100], memoryview(data)[100:]], synced=False)
     return target
@@ -97,10 +97,12 @@ def replace_durably(spool: Spool, target: Path, data: bytes, inode: int | None =
     aside while it is renamed over it, then let go. `inode`: staged under that inode number (a new
     file is staged until the file system hands it out again)."""
     for _ in range(200):
-        staged = spool.stage([data])
-        if inode is None or identify(staged).inode == inode:
+        staged, identity = spool.stage_identified([data])
+        if inode is None or identity.inode == inode:
             break
         spool.discard(staged)
+    else:
+        pytest.skip("this file system did not hand the freed inode number out again")
     previous = spool.keep_previous(target)
     spool.place(staged, target)
     if previous is not None:
@@ -114,26 +116,32 @@ def test_a_newer_copy_under_the_recorded_files_reused_inode_number_stays(tmp_pat
     spool = journalled_spool(tmp_path)
     first = receive(spool, "7.1", os.urandom(3000))
     recorded = identify(first)
+    assert recorded is not None
     if recorded.generation == -1:
         pytest.skip("this file system keeps no inode generations: the number alone decides")
     replace_durably(spool, first, b"second copy")  # the recorded inode is freed once its kept copy goes
     replace_durably(spool, first, b"third copy", inode=recorded.inode)
     now = identify(first)
-    assert now.inode == recorded.inode, "the file system did not hand the inode number out again"
-    assert now.generation != recorded.generation
+    assert now is not None and now.inode == recorded.inode and now.generation != recorded.generation
     die(spool)
     assert recover(tmp_path) == {"records": 1, "restored": 0, "superseded": 1, "quarantined": 0}
     assert first.read_bytes() == b"third copy"
 
 
-def test_a_record_that_cannot_be_written_back_is_quarantined_and_the_start_goes_on(tmp_path):
-    """The recorded file's folder is gone and a file holds its name: the record's bytes go to
-    quarantine/ with the path and the reason, nothing is lost and nothing blocks the start. A
-    replay's own temporary files a crash left in tmp/ are removed by the next replay of its slot."""
+def test_a_record_whose_path_is_blocked_is_quarantined_and_the_start_goes_on(tmp_path):
+    """One recorded file's folder is gone and a file holds its name; a folder holds another's
+    name: each record's bytes go to quarantine/ with the path and the reason, nothing is lost or
+    written over, and the start goes on. A replay's own temporary files a crash left in tmp/ are
+    removed by the next replay of its slot."""
     spool = journalled_spool(tmp_path)
-    data = os.urandom(4000)
+    data, other = os.urandom(4000), os.urandom(5000)
     target = receive(spool, "8.1", data)
+    in_the_way = spool.instance_path("1.2.9", "1.2.9.4", "8.2")
+    assert receive(spool, "8.2", other, study="1.2.9", series="1.2.9.4") == in_the_way
     die(spool)
+    in_the_way.unlink()
+    (in_the_way / "a.txt").parent.mkdir()
+    (in_the_way / "a.txt").write_bytes(b"somebody's folder")
     left_behind = spool.tmp / "0-0123456789abcdef.journal"  # slot 0's, from a replay cut short
     left_behind.write_bytes(b"half a copy")
     series = target.parent
@@ -142,11 +150,14 @@ def test_a_record_that_cannot_be_written_back_is_quarantined_and_the_start_goes_
     series.rmdir()
     series.write_bytes(b"a file where the series folder was")
 
-    assert recover(tmp_path) == {"records": 1, "restored": 0, "superseded": 0, "quarantined": 1}
-    kept = list(spool.quarantine_dir.glob("*.dcm"))
-    assert [k.read_bytes() for k in kept] == [data]
-    reason = kept[0].with_suffix(".reason.txt").read_text()
-    assert "studies/1.2.3/1.2.3.4/8.1.dcm" in reason and "could not be written back" in reason
+    assert recover(tmp_path) == {"records": 2, "restored": 0, "superseded": 0, "quarantined": 2}
+    reasons = {k.with_suffix("").with_suffix(".reason.txt").read_text(): k.read_bytes()
+               for k in spool.quarantine_dir.glob("*.dcm")}
+    assert sorted(reasons.values()) == sorted([data, other])
+    for path, blob in (("studies/1.2.3/1.2.3.4/8.1.dcm", data), ("studies/1.2.9/1.2.9.4/8.2.dcm", other)):
+        reason = next(r for r in reasons if path in r)
+        assert "could not be written back" in reason and reasons[reason] == blob
+    assert (in_the_way / "a.txt").read_bytes() == b"somebody's folder"
     assert not left_behind.exists() and not list(spool.tmp.glob("*.journal"))
     assert recover(tmp_path)["records"] == 0
 
@@ -167,6 +178,24 @@ def test_a_torn_record_and_what_follows_it_are_not_replayed(tmp_path):
     second.unlink()
     assert recover(tmp_path) == {"records": 1, "restored": 1, "superseded": 0, "quarantined": 0}
     assert first.exists() and not second.exists()
+
+
+def test_a_journal_in_the_first_layout_is_still_replayed(tmp_path):
+    """Records written before the inode generation was recorded (magic DNJ1): a crash under the
+    previous version is replayed by this one, the inode number alone deciding."""
+    spool = Spool(tmp_path, 0)
+    target = spool.instance_path("1.2.3", "1.2.3.4", "9.1")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(bytes(3000))  # the name reached the disk, the data did not
+    data, path = os.urandom(3000), b"studies/1.2.3/1.2.3.4/9.1.dcm"
+    st = target.stat()
+    head = HEADER_V1.pack(b"DNJ1", 7, 1, st.st_ino, st.st_mtime_ns, len(data), len(path), zlib.crc32(path + data), 0)[:-4]
+    (tmp_path / "journal").mkdir()
+    (tmp_path / "journal" / "0-a.wal").write_bytes(head + zlib.crc32(head).to_bytes(4, "little") + path + data)
+    earlier_boot_lock = tmp_path / "journal" / "0.lock"
+    earlier_boot_lock.write_bytes(b"an earlier boot".ljust(64))
+    assert recover(tmp_path) == {"records": 1, "restored": 1, "superseded": 0, "quarantined": 0}
+    assert target.read_bytes() == data
 
 
 def test_a_journal_held_by_a_live_process_is_not_replayed_by_another(tmp_path):
@@ -233,8 +262,9 @@ def test_a_recorded_path_outside_studies_is_never_written(tmp_path):
     spool = journalled_spool(tmp_path)
     assert spool.journal is not None
     outside = tmp_path / "elsewhere.dcm"
-    assert spool.journal.record("../elsewhere.dcm", identify(tmp_path), [b"evil"])
-    assert spool.journal.record("index.sqlite", identify(tmp_path), [b"evil"])
+    anyone = FileIdentity(inode=1, generation=-1, mtime_ns=0)
+    assert spool.journal.record("../elsewhere.dcm", anyone, [b"evil"])
+    assert spool.journal.record("index.sqlite", anyone, [b"evil"])
     die(spool)
     assert recover(tmp_path)["restored"] == 0
     assert not outside.exists() and not (tmp_path / "index.sqlite").exists()

@@ -231,13 +231,14 @@ class InstanceStore:
         synced = existing is not None
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
+        staged_file: FileIdentity | None = None
         placed_file: FileIdentity | None = None
 
         def place() -> None:  # under the index's write lock: the rename only, its fsyncs after
-            nonlocal staged, placed, previous, placed_file, synced
+            nonlocal staged, staged_file, placed, previous, placed_file, synced
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
-                staged, synced = self.spool.stage(chunks), True
-            placed_file = identify(staged)  # the file the journal records (its inode and generation)
+                (staged, staged_file), synced = self.spool.stage_identified(chunks), True
+            placed_file = staged_file  # the file the journal records (its inode and generation)
             previous = self.spool.keep_previous(target)
             if previous is not None and not synced:  # another association placed it first: a replacement
                 self.spool.sync(staged)
@@ -260,7 +261,7 @@ class InstanceStore:
         now = 0.0
         try:
             if not identical:
-                staged = self.spool.stage(chunks, durable=synced)
+                staged, staged_file = self.spool.stage_identified(chunks, durable=synced)
             now = time.time()
             arrival = self.index.record_instance(
                 record,
@@ -356,10 +357,8 @@ class InstanceStore:
         try:
             with self.index.transaction():
                 row = self.index.find_instance(record.sop_instance_uid)
-                try:
-                    ours_in_place = placed is not None and identify(target).same_file(placed)
-                except OSError:  # FileNotFoundError: gone
-                    ours_in_place = False
+                there = identify(target)  # None: gone; an error: the next start's reconcile decides
+                ours_in_place = placed is not None and there is not None and there.same_file(placed)
                 if ours_in_place and (row is None or row["received_at"] < now):
                     if previous is not None:
                         self.spool.restore(previous, target)

@@ -15,9 +15,10 @@ each record against its path: the very file it recorded (same inode, and same in
 ext4 gives a freed inode number to the next new file at once) with other bytes, or no file there
 at all, is written again from the record, durably, with its modification time; another file
 there was put there since by a replacement, which is made durable the ordinary way, and stays.
-A record that cannot be written back (its folder's name taken by a file, say) goes to
-quarantine/ with its path, never lost and never blocking the start. Then every recorded file is
-made durable and the journal emptied.
+A record whose path is blocked (a file holds a folder's name, a folder or a link holds the
+file's) goes to quarantine/ with its path instead; any other failure (disk full, I/O error)
+stops the start and the journal stays for the next. Then every recorded file is made durable
+and the journal emptied.
 
 Each process holds its journal by flock(2) on its slot's lock file: a live replica's journal on a
 shared spool is never replayed by another, and a dead process's is claimed and replayed by the
@@ -32,7 +33,9 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -46,9 +49,12 @@ from common import logs
 log = logging.getLogger("node.store")
 MAGIC = b"DNJ2"
 # magic, fill (a random id of the segment's current fill), sequence, inode, inode generation (-1:
-# the file system has none), mtime_ns, data length, path length, crc32 of the path and the data
-# (taken outside the lock), crc32 of the header before it
+# none known), mtime_ns, data length, path length, crc32 of the path and the data (taken outside
+# the lock), crc32 of the header before it
 HEADER = struct.Struct("<4sQQQqqIHII")
+# The first layout (no generation), still read: a journal a crash left under the previous version
+HEADER_V1 = struct.Struct("<4sQQQqIHII")
+_LAYOUTS = {MAGIC: HEADER, b"DNJ1": HEADER_V1}
 SLOTS = 64  # journals one spool holds: a receiver process, or a service, each
 GROW_BYTES = 4 << 20  # a segment is zero-filled this much at a time, as far as its capacity
 REPLAY_COUNTS = ("records", "restored", "superseded", "quarantined")
@@ -56,15 +62,17 @@ SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment'
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
 Quarantine = Callable[[Path, str], Path]  # moves a file into quarantine/ with its reason (Spool.quarantine_file)
-FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation (ext4, XFS, btrfs)
+_LONG = ctypes.sizeof(ctypes.c_long)
+FS_IOC_GETVERSION = (2 << 30) | (_LONG << 16) | (ord("v") << 8) | 1  # _IOR('v', 1, long): the inode's generation
 
 
 @dataclass(frozen=True)
 class FileIdentity:
     """Which file a name held. An inode number alone does not say: ext4 gives a freed number to
     the next new file at once (measured), so the generation the file system draws for each new
-    inode goes with it; -1 where the file system keeps none (tmpfs, overlayfs), and then the
-    number alone decides."""
+    inode goes with it; -1 where FS_IOC_GETVERSION is not answered (tmpfs, overlayfs, NFS, CIFS),
+    and then the number alone decides (on overlayfs over ext4, a container's spool not on a
+    volume, the numbers are ext4's: the reuse above is not told apart there)."""
 
     inode: int
     generation: int
@@ -75,16 +83,34 @@ class FileIdentity:
             self.generation == other.generation or -1 in (self.generation, other.generation))
 
 
-def identify(path: Path | str) -> FileIdentity:
-    """The identity of the file at `path` (FileNotFoundError if none; a link is not followed)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+class NotARegularFile(ValueError):
+    """Something other than a regular file holds the name (a folder, a link, a FIFO...)."""
+
+
+def identify_open(fd: int) -> FileIdentity:
+    """The identity of the open file `fd`."""
+    st = os.fstat(fd)
+    try:  # the kernel writes an int, in the machine's order, into the long the request names
+        generation = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETVERSION, bytes(_LONG))[:4], sys.byteorder)
+    except OSError:  # ENOTTY: not answered on this file system
+        generation = -1
+    return FileIdentity(st.st_ino, generation, st.st_mtime_ns)
+
+
+def identify(path: Path | str) -> FileIdentity | None:
+    """The identity of the regular file at `path`; None if nothing is there (nor a folder on the
+    way). NotARegularFile if something else holds the name; any other error is raised (nothing
+    can be said: an I/O error, no descriptor left)."""
     try:
-        st = os.fstat(fd)
-        try:  # the kernel writes an int into the long the request names
-            generation = int.from_bytes(fcntl.ioctl(fd, FS_IOC_GETVERSION, bytes(8))[:4], "little")
-        except OSError:  # ENOTTY: no generations on this file system
-            generation = -1
-        return FileIdentity(st.st_ino, generation, st.st_mtime_ns)
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise NotARegularFile(f"not a regular file: {path}")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO swapped in does not block
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(f"not a regular file: {path}")
+        return identify_open(fd)
     finally:
         os.close(fd)
 
@@ -127,14 +153,19 @@ class _Segment:
         """The chain of whole records from the start of the segment, as a crash left it."""
         data = memoryview(os.pread(self.fd, self.size, 0)) if self.size else memoryview(b"")
         offset, fill = 0, None
-        while offset + HEADER.size <= len(data):
-            (magic, this_fill, seq, inode, generation, mtime_ns, size, path_len, body_crc,
-             head_crc) = HEADER.unpack_from(data, offset)
-            end = offset + HEADER.size + path_len + size
-            if (magic != MAGIC or zlib.crc32(data[offset:offset + HEADER.size - 4]) != head_crc
+        while offset + HEADER_V1.size <= len(data):
+            layout = _LAYOUTS.get(bytes(data[offset:offset + 4]))
+            if layout is None or offset + layout.size > len(data):
+                return
+            fields = layout.unpack_from(data, offset)
+            if layout is HEADER_V1:  # no generation recorded
+                fields = (*fields[:4], -1, *fields[4:])
+            magic, this_fill, seq, inode, generation, mtime_ns, size, path_len, body_crc, head_crc = fields
+            end = offset + layout.size + path_len + size
+            if (zlib.crc32(data[offset:offset + layout.size - 4]) != head_crc
                     or (fill is not None and this_fill != fill) or end > len(data)):
                 return
-            body = data[offset + HEADER.size:end]
+            body = data[offset + layout.size:end]
             if zlib.crc32(body) != body_crc:
                 return  # torn: never acknowledged (a later record's fdatasync would have written it)
             fill = this_fill
@@ -374,34 +405,53 @@ def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[t
         if identity.same_file(recorded):  # the recorded file, under its staged name: a power cut took the rename
             part.unlink(missing_ok=True)
     try:
-        there: FileIdentity | None = identify(target)
-    except FileNotFoundError:
-        there = None
-    except OSError:  # not a file we could have written (a link, a folder): written back beside it, below
-        there = None
+        there = identify(target)
+    except NotARegularFile:  # a folder, a link: never written over
+        return _write_back(root, slot, record, target, quarantine, blocked="something other than a file holds its name")
     if there is not None and not there.same_file(recorded):
         return "superseded"  # replaced since, durably (Spool.stage's default), even under a reused inode number
     if there is not None and _holds(target, record.data):
         return None
+    return _write_back(root, slot, record, target, quarantine)
+
+
+# A path a file, a folder or a link blocks: its record goes to quarantine. Anything else raises.
+_BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY)
+
+
+def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine: Quarantine,
+                blocked: str = "") -> str:
+    """The record's copy at `target`, durably, with its mtime ("restored"); to quarantine/ if
+    the path is `blocked` or turns out so ("quarantined"). A failure to write the copy at all
+    (disk full) is raised: the start stops, the journal stays for the next (this slot's
+    temporary copies are removed then)."""
     tmp = root / "tmp" / f"{slot}-{uuid.uuid4().hex}.journal"
-    with open(tmp, "wb") as f:  # a failure here (disk full) stops the start: the journal stays for the next
+    with open(tmp, "wb") as f:
         f.write(record.data)
         f.flush()
         os.fsync(f.fileno())
-    os.utime(tmp, ns=(recorded.mtime_ns, recorded.mtime_ns))
-    try:
-        missing = [p for p in (target.parent, *target.parent.parents) if not p.exists() and root in p.parents]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for folder in missing:
-            fsync_dir(folder.parent)
-        os.replace(tmp, target)
-    except OSError as exc:
-        quarantine(tmp, f"the intake journal's copy of {record.entry.path}, acknowledged before a power cut, "
-                        f"could not be written back there: {exc.strerror or type(exc).__name__}")
-        logs.event(log, "intake_journal_record_quarantined", logging.ERROR, path=record.entry.path,
-                   error=exc.strerror or type(exc).__name__)
-        return "quarantined"
-    return "restored"
+    mtime = record.entry.file.mtime_ns
+    os.utime(tmp, ns=(mtime, mtime))
+    for attempt in (1, 2):
+        if blocked:
+            break
+        try:
+            missing = [p for p in (target.parent, *target.parent.parents) if not p.exists() and root in p.parents]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for folder in missing:
+                fsync_dir(folder.parent)
+            os.replace(tmp, target)
+            return "restored"
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and attempt == 1:
+                continue  # a folder on the way removed meanwhile (retention on a live replica): once more
+            if exc.errno not in _BLOCKED:
+                raise
+            blocked = os.strerror(exc.errno)
+    quarantine(tmp, f"the intake journal's copy of {record.entry.path}, acknowledged before a power cut, "
+                    f"could not be written back there: {blocked}")
+    logs.event(log, "intake_journal_record_quarantined", logging.ERROR, path=record.entry.path, reason=blocked)
+    return "quarantined"
 
 
 def _make_durable(root_fd: int) -> None:
@@ -427,9 +477,10 @@ def _staged(root: Path) -> dict[int, list[tuple[FileIdentity, Path]]]:
     for part in (root / "tmp").glob("*.part"):
         try:
             identity = identify(part)
-        except OSError:  # gone meanwhile, or not a file
+        except NotARegularFile:  # not one the node staged
             continue
-        staged.setdefault(identity.inode, []).append((identity, part))
+        if identity is not None:  # else gone meanwhile
+            staged.setdefault(identity.inode, []).append((identity, part))
     return staged
 
 

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from node.store.journal import FileIdentity, IntakeJournal, recover
+from node.store.journal import FileIdentity, IntakeJournal, identify_open, recover
 from node.store.journal import fsync_dir as _fsync_dir
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -95,6 +95,12 @@ class Spool:
 
         The receiver stages first and lets the index `place` it under its write lock, so the
         checks on the SOP Instance UID and the rename happen as one step across processes."""
+        return self.stage_identified(chunks, durable)[0]
+
+    def stage_identified(self, chunks: Iterable[bytes | memoryview],
+                         durable: bool = True) -> tuple[Path, FileIdentity]:
+        """`stage`, with the staged file's identity (the intake journal records it), taken from
+        the descriptor it was written through."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -105,6 +111,7 @@ class Spool:
                         view = view[os.write(fd, view):]
                 if durable:
                     os.fsync(fd)
+                identity = identify_open(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -112,7 +119,7 @@ class Spool:
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfSpace(exc.errno, "no space left for the instance") from None
             raise
-        return tmp
+        return tmp, identity
 
     def place(self, staged: Path, target: Path, durable: bool = True) -> None:
         """Rename a staged file to `target` (replacing it) and make the rename durable (or leave
@@ -201,10 +208,14 @@ class Spool:
         stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
         target = self.quarantine_dir / f"{stem}.dcm"
         _fsync_file(path)  # a new instance's staged file is not (Spool.stage, durable=False)
+        # the reason written first, beside: a failure to write it (disk full) leaves the file
+        # where it was, not a copy without its reason (nor, at a retry, a second copy)
+        why = self.tmp / f"{stem}.reason"
+        why.write_text(reason + "\n", encoding="utf-8")
         os.replace(path, target)
+        os.replace(why, self.quarantine_dir / f"{stem}.reason.txt")
         _fsync_dir(self.quarantine_dir)
         _fsync_dir(path.parent)
-        (self.quarantine_dir / f"{stem}.reason.txt").write_text(reason + "\n", encoding="utf-8")
         return target
 
     def adopt(self, path: Path, target: Path) -> None:
