@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 import zlib
 from pathlib import Path
@@ -159,6 +160,50 @@ def test_a_record_whose_path_is_blocked_is_quarantined_and_the_start_goes_on(tmp
         assert "could not be written back" in reason and reasons[reason] == blob
     assert (in_the_way / "a.txt").read_bytes() == b"somebody's folder"
     assert not left_behind.exists() and not list(spool.tmp.glob("*.journal"))
+    assert recover(tmp_path)["records"] == 0
+
+
+def test_a_replay_that_fails_stops_the_start_keeps_the_journal_and_quarantines_nothing_twice(tmp_path, monkeypatch):
+    """An I/O error writing one record back stops the start with the journal kept; the next start
+    replays it, and a record quarantined by the first start is not quarantined again. A restored
+    file is readable by the node's group only, as received files are. A link at a recorded path
+    is never written through: the record is quarantined and the link stays."""
+    spool = journalled_spool(tmp_path)
+    blocked, failing, linked = (os.urandom(1000 + i) for i in range(3))
+    blocked_at = receive(spool, "10.1", blocked, series="1.2.3.5")
+    failing_at = receive(spool, "10.2", failing)
+    linked_at = receive(spool, "10.3", linked, series="1.2.3.6")
+    die(spool)
+    shutil.rmtree(blocked_at.parent)
+    blocked_at.parent.write_bytes(b"a file where the series folder was")
+    failing_at.unlink()
+    elsewhere = tmp_path / "elsewhere.dcm"
+    elsewhere.write_bytes(b"not the node's")
+    linked_at.unlink()
+    linked_at.symlink_to(elsewhere)
+
+    replace = os.replace
+
+    def failing_replace(source, target):  # an I/O error cannot be made on this disk: the one fault mocked
+        if Path(target) == failing_at:
+            raise OSError(errno.EIO, "Input/output error")
+        replace(source, target)
+
+    monkeypatch.setattr(journal.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        recover(tmp_path)
+    monkeypatch.undo()
+    first = list(spool.quarantine_dir.iterdir())  # the blocked record's, before the failure
+    assert len(first) == 2
+    for made in first:  # as at a start in another second (the time begins the name)
+        made.rename(made.with_name("20260101T000000-" + made.name.split("-", 1)[1]))
+
+    assert recover(tmp_path) == {"records": 3, "restored": 1, "superseded": 0, "quarantined": 2}
+    assert failing_at.read_bytes() == failing and failing_at.stat().st_mode & 0o777 == 0o640
+    kept = sorted(k.read_bytes() for k in spool.quarantine_dir.glob("*.dcm"))
+    assert kept == sorted([blocked, linked])  # each once
+    assert linked_at.is_symlink() and elsewhere.read_bytes() == b"not the node's"
+    assert not list(spool.tmp.glob("*.journal"))
     assert recover(tmp_path)["records"] == 0
 
 

@@ -178,7 +178,8 @@ def reconcile(config: NodeConfig, spool: Spool, index: Index) -> dict[str, int]:
     for study_dir in sorted(spool.studies.iterdir()):
         known = {r["path"] for r in index.study_instances(study_dir.name)}
         files = [study_dir] if study_dir.is_file() else [
-            p for p in study_dir.rglob("*") if not p.is_dir() and str(p.relative_to(spool.root)) not in known]
+            p for p in study_dir.rglob("*") if p.is_file() and str(p.relative_to(spool.root)) not in known]
+        # (regular files only: reading a FIFO someone made there would hold the start for ever)
         # in the order they were placed: the last one indexed is the study's latest row
         surviving = index.study_origin(study_dir.name)
         written = {path: modified_at(path) for path in files}

@@ -297,8 +297,8 @@ class InstanceStore:
         self._indexed_studies.add(tags.study_uid)
         if previous is not None:
             self.spool.discard(previous)
-        if placed and placed_file is not None:  # before the acknowledgement (a crash before it: reconcile
-            # marks the row missing)
+        if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
+            assert placed_file is not None  # set with `placed`
             try:
                 self.spool.settle(target, placed_file, chunks, synced)
             except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
@@ -358,7 +358,8 @@ class InstanceStore:
             with self.index.transaction():
                 row = self.index.find_instance(record.sop_instance_uid)
                 there = identify(target)  # None: gone; an error: the next start's reconcile decides
-                ours_in_place = placed is not None and there is not None and there.same_file(placed)
+                ours_in_place = (placed is not None and there is not None and there.same_file(placed)
+                                 and there.mtime_ns == placed.mtime_ns)  # (where no generation tells)
                 if ours_in_place and (row is None or row["received_at"] < now):
                     if previous is not None:
                         self.spool.restore(previous, target)

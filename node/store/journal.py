@@ -61,7 +61,8 @@ REPLAY_COUNTS = ("records", "restored", "superseded", "quarantined")
 SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment's checkpoint
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
-Quarantine = Callable[[Path, str], Path]  # moves a file into quarantine/ with its reason (Spool.quarantine_file)
+# moves a file into quarantine/ with its reason, under a name given (Spool.quarantine_file)
+Quarantine = Callable[[Path, str, str], Path]
 _LONG = ctypes.sizeof(ctypes.c_long)
 FS_IOC_GETVERSION = (2 << 30) | (_LONG << 16) | (ord("v") << 8) | 1  # _IOR('v', 1, long): the inode's generation
 
@@ -104,9 +105,16 @@ def identify(path: Path | str) -> FileIdentity | None:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             raise NotARegularFile(f"not a regular file: {path}")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO swapped in does not block
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO swapped in does not block
+        except BlockingIOError:  # a lease held on the file (NFS, Samba): lstat said it is a regular file
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link or a socket swapped in since the lstat
+            raise NotARegularFile(f"not a regular file: {path}") from None
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotARegularFile(f"not a regular file: {path}")
@@ -123,6 +131,7 @@ class _Entry:
 
 @dataclass(frozen=True)
 class _Record:
+    fill: int
     seq: int
     entry: _Entry
     data: memoryview
@@ -170,7 +179,7 @@ class _Segment:
                 return  # torn: never acknowledged (a later record's fdatasync would have written it)
             fill = this_fill
             path = bytes(body[:path_len]).decode("utf-8", "replace")
-            yield _Record(seq, _Entry(path, FileIdentity(inode, generation, mtime_ns)), body[path_len:])
+            yield _Record(this_fill, seq, _Entry(path, FileIdentity(inode, generation, mtime_ns)), body[path_len:])
             offset = end
 
     def retire(self) -> None:
@@ -384,8 +393,9 @@ def recover(root: Path, quarantine: Quarantine) -> dict[str, int]:
         fd = _try_lock(lock)
         if fd is None:
             continue  # a live process's (a replica on a shared spool)
-        segments = [_Segment(folder / f"{lock.stem}-{side}.wal") for side in "ab"]
+        segments: list[_Segment] = []
         try:
+            segments = [_Segment(folder / f"{lock.stem}-{side}.wal") for side in "ab"]
             for key, value in replay(Path(root), lock.stem, segments, fd, quarantine).items():
                 totals[key] += value
         finally:
@@ -402,7 +412,8 @@ def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[t
         return None
     recorded = record.entry.file
     for identity, part in staged.get(recorded.inode, ()):
-        if identity.same_file(recorded):  # the recorded file, under its staged name: a power cut took the rename
+        if identity.same_file(recorded) and identity.mtime_ns == recorded.mtime_ns:  # the recorded file, under
+            # its staged name: a power cut took the rename (the mtime, where no generation tells)
             part.unlink(missing_ok=True)
     try:
         there = identify(target)
@@ -415,8 +426,9 @@ def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[t
     return _write_back(root, slot, record, target, quarantine)
 
 
-# A path a file, a folder or a link blocks: its record goes to quarantine. Anything else raises.
-_BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY)
+# A path a file, a folder or a link blocks (or leads off the file system): its record goes to
+# quarantine. Anything else raises.
+_BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ELOOP, errno.EXDEV)
 
 
 def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine: Quarantine,
@@ -425,8 +437,11 @@ def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine
     the path is `blocked` or turns out so ("quarantined"). A failure to write the copy at all
     (disk full) is raised: the start stops, the journal stays for the next (this slot's
     temporary copies are removed then)."""
+    name = f"journal-{slot}-{record.fill:016x}-{record.seq}"  # the same at every replay of this record
+    if any((root / "quarantine").glob(f"*-{name}.dcm")):  # a start that stopped later quarantined it already
+        return "quarantined"
     tmp = root / "tmp" / f"{slot}-{uuid.uuid4().hex}.journal"
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), "wb") as f:  # as received files
         f.write(record.data)
         f.flush()
         os.fsync(f.fileno())
@@ -449,7 +464,7 @@ def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine
                 raise
             blocked = os.strerror(exc.errno)
     quarantine(tmp, f"the intake journal's copy of {record.entry.path}, acknowledged before a power cut, "
-                    f"could not be written back there: {blocked}")
+                    f"could not be written back there: {blocked}", name)
     logs.event(log, "intake_journal_record_quarantined", logging.ERROR, path=record.entry.path, reason=blocked)
     return "quarantined"
 

@@ -203,19 +203,19 @@ class Spool:
         """Keep an unusable dataset for inspection; it is never indexed."""
         return self.quarantine_file(self.stage(chunks), reason)
 
-    def quarantine_file(self, path: Path, reason: str) -> Path:
-        """Move a file that is already on this filesystem into quarantine, with its reason."""
-        stem = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:12]
+    def quarantine_file(self, path: Path, reason: str, name: str | None = None) -> Path:
+        """Move a file that is already on this filesystem into quarantine, with its reason, as
+        `<time>-<name>.dcm` (a random name by default; the intake journal names a record's copy
+        so that a later replay finds it there)."""
+        stem = time.strftime("%Y%m%dT%H%M%S") + "-" + (name or uuid.uuid4().hex[:12])
         target = self.quarantine_dir / f"{stem}.dcm"
         _fsync_file(path)  # a new instance's staged file is not (Spool.stage, durable=False)
-        # the reason written first, beside: a failure to write it (disk full) leaves the file
-        # where it was, not a copy without its reason (nor, at a retry, a second copy)
-        why = self.tmp / f"{stem}.reason"
-        why.write_text(reason + "\n", encoding="utf-8")
         os.replace(path, target)
-        os.replace(why, self.quarantine_dir / f"{stem}.reason.txt")
         _fsync_dir(self.quarantine_dir)
         _fsync_dir(path.parent)
+        fd = os.open(self.quarantine_dir / f"{stem}.reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w", encoding="utf-8") as why:
+            why.write(reason + "\n")
         return target
 
     def adopt(self, path: Path, target: Path) -> None:
