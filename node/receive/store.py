@@ -231,14 +231,12 @@ class InstanceStore:
         synced = existing is not None
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
-        staged_file: FileIdentity | None = None
-        placed_file: FileIdentity | None = None
+        staged_file: FileIdentity | None = None  # the staged file's: the journal records it once placed
 
         def place() -> None:  # under the index's write lock: the rename only, its fsyncs after
-            nonlocal staged, staged_file, placed, previous, placed_file, synced
+            nonlocal staged, staged_file, placed, previous, synced
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
                 (staged, staged_file), synced = self.spool.stage_identified(chunks), True
-            placed_file = staged_file  # the file the journal records (its inode and generation)
             previous = self.spool.keep_previous(target)
             if previous is not None and not synced:  # another association placed it first: a replacement
                 self.spool.sync(staged)
@@ -283,14 +281,14 @@ class InstanceStore:
         except OSError as exc:
             self._discard(staged)
             if placed:
-                self._undo_failed_commit(record, now, target, placed_file, previous)
+                self._undo_failed_commit(record, now, target, staged_file, previous)
             logs.event(log, "store_refused_disk_full" if isinstance(exc, OutOfSpace) else "store_failed",
                        logging.ERROR, sop_instance_uid=tags.sop_instance_uid, error=exc.strerror)
             return OUT_OF_RESOURCES, None
         except BaseException:  # the index failed: nothing was acknowledged, nothing stays behind
             self._discard(staged)  # (a failure before the COMMIT was undone under the lock: unplace)
             if placed:
-                self._undo_failed_commit(record, now, target, placed_file, previous)
+                self._undo_failed_commit(record, now, target, staged_file, previous)
             raise
         if len(self._indexed_studies) >= KNOWN_STUDIES_MAX:
             self._indexed_studies.clear()
@@ -298,9 +296,9 @@ class InstanceStore:
         if previous is not None:
             self.spool.discard(previous)
         if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
-            assert placed_file is not None  # set with `placed`
+            assert staged_file is not None  # set before `placed`
             try:
-                self.spool.settle(target, placed_file, chunks, synced)
+                self.spool.settle(target, staged_file, chunks, synced)
             except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)

@@ -124,16 +124,11 @@ def identify(path: Path | str) -> FileIdentity | None:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    path: str  # relative to the spool's root
-    file: FileIdentity  # the file placed there
-
-
-@dataclass(frozen=True)
 class _Record:
     fill: int
     seq: int
-    entry: _Entry
+    path: str  # relative to the spool's root
+    file: FileIdentity  # the file placed there
     data: memoryview
 
 
@@ -179,7 +174,7 @@ class _Segment:
                 return  # torn: never acknowledged (a later record's fdatasync would have written it)
             fill = this_fill
             path = bytes(body[:path_len]).decode("utf-8", "replace")
-            yield _Record(this_fill, seq, _Entry(path, FileIdentity(inode, generation, mtime_ns)), body[path_len:])
+            yield _Record(this_fill, seq, path, FileIdentity(inode, generation, mtime_ns), body[path_len:])
             offset = end
 
     def retire(self) -> None:
@@ -363,7 +358,7 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
         left.unlink(missing_ok=True)
     latest: dict[str, _Record] = {}
     for record in sorted((r for s in segments for r in s.records()), key=lambda r: r.seq):
-        latest[record.entry.path] = record  # a path recorded twice: its last copy
+        latest[record.path] = record  # a path recorded twice: its last copy
     counts = dict.fromkeys(REPLAY_COUNTS, 0)
     counts["records"] = len(latest)
     if latest:
@@ -407,10 +402,10 @@ def recover(root: Path, quarantine: Quarantine) -> dict[str, int]:
 
 def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[tuple[FileIdentity, Path]]],
                 quarantine: Quarantine) -> str | None:
-    target = _inside(root, record.entry.path)
+    target = _inside(root, record.path)
     if target is None:
         return None
-    recorded = record.entry.file
+    recorded = record.file
     for identity, part in staged.get(recorded.inode, ()):
         if identity.same_file(recorded) and identity.mtime_ns == recorded.mtime_ns:  # the recorded file, under
             # its staged name: a power cut took the rename (the mtime, where no generation tells)
@@ -445,7 +440,7 @@ def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine
         f.write(record.data)
         f.flush()
         os.fsync(f.fileno())
-    mtime = record.entry.file.mtime_ns
+    mtime = record.file.mtime_ns
     os.utime(tmp, ns=(mtime, mtime))
     for attempt in (1, 2):
         if blocked:
@@ -463,9 +458,9 @@ def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine
             if exc.errno not in _BLOCKED:
                 raise
             blocked = os.strerror(exc.errno)
-    quarantine(tmp, f"the intake journal's copy of {record.entry.path}, acknowledged before a power cut, "
+    quarantine(tmp, f"the intake journal's copy of {record.path}, acknowledged before a power cut, "
                     f"could not be written back there: {blocked}", name)
-    logs.event(log, "intake_journal_record_quarantined", logging.ERROR, path=record.entry.path, reason=blocked)
+    logs.event(log, "intake_journal_record_quarantined", logging.ERROR, path=record.path, reason=blocked)
     return "quarantined"
 
 
