@@ -207,6 +207,36 @@ def test_a_replay_that_fails_stops_the_start_keeps_the_journal_and_quarantines_n
     assert recover(tmp_path)["records"] == 0
 
 
+def open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_segment_that_cannot_be_opened_stops_the_start_and_leaves_no_descriptor_open(tmp_path):
+    """A slot whose second segment cannot be opened (a folder in its place) stops the replay
+    with the error, the first segment and the lock closed again; a receiver's claim of that slot
+    gives the journal up (its instance synced itself) without a descriptor left open either; the
+    records stay for a start once the slot is mended."""
+    spool = journalled_spool(tmp_path)
+    data = os.urandom(5000)
+    at = receive(spool, "11.1", data)
+    die(spool)
+    at.unlink()
+    second = tmp_path / "journal" / "0-b.wal"
+    second.unlink()
+    second.mkdir()
+    before = open_descriptors()
+    with pytest.raises(IsADirectoryError):
+        recover(tmp_path)
+    assert open_descriptors() == before
+    claiming = journalled_spool(tmp_path)
+    blob = os.urandom(100)
+    assert receive(claiming, "11.2", blob).read_bytes() == blob
+    assert claiming.journal is not None and claiming.journal._unusable
+    assert open_descriptors() == before
+    second.rmdir()
+    assert recover(tmp_path)["restored"] == 1 and at.read_bytes() == data
+
+
 def test_a_torn_record_and_what_follows_it_are_not_replayed(tmp_path):
     """A record whose bytes did not all reach the disk was never acknowledged (its fdatasync had
     not returned): replay stops there."""

@@ -142,6 +142,16 @@ class _Segment:
         self.pending = 0  # records not yet checkpointed
         self.since = 0.0  # when its first pending record was written (monotonic)
 
+    @classmethod
+    def pair(cls, folder: Path, slot: str) -> list[_Segment]:
+        """A slot's two segments, opened (created if new); neither is left open if one fails."""
+        first = cls(folder / f"{slot}-a.wal")
+        try:
+            return [first, cls(folder / f"{slot}-b.wal")]
+        except BaseException:
+            os.close(first.fd)
+            raise
+
     def renew(self) -> None:
         self.offset, self.fill, self.pending, self.since = 0, int.from_bytes(os.urandom(8), "little"), 0, 0.0
 
@@ -281,7 +291,7 @@ class IntakeJournal:
             if fd is None:
                 continue
             try:
-                self._segments = [_Segment(self.folder / f"{slot}-{side}.wal") for side in "ab"]
+                self._segments = _Segment.pair(self.folder, str(slot))
                 replay(self.root, str(slot), self._segments, fd, self.quarantine)
                 os.pwrite(fd, _boot_id(), 0)  # whose records these are: replay restores nothing in the same boot
                 os.fsync(fd)
@@ -390,7 +400,7 @@ def recover(root: Path, quarantine: Quarantine) -> dict[str, int]:
             continue  # a live process's (a replica on a shared spool)
         segments: list[_Segment] = []
         try:
-            segments = [_Segment(folder / f"{lock.stem}-{side}.wal") for side in "ab"]
+            segments = _Segment.pair(folder, lock.stem)
             for key, value in replay(Path(root), lock.stem, segments, fd, quarantine).items():
                 totals[key] += value
         finally:
