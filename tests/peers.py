@@ -224,11 +224,15 @@ class NodeProcess:
             cwd=cwd,
         )
         log.close()
-        wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=30)
-        assert self.process.poll() is None, self.log()
-        wait_for(lambda: len(self.events("receiver_ready")) >= ready_before + self.receivers
-                 or self.process.poll() is not None, timeout=120)
-        assert self.process.poll() is None, self.log()
+        try:
+            wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=30)
+            assert self.process.poll() is None, self.log()
+            wait_for(lambda: len(self.events("receiver_ready")) >= ready_before + self.receivers
+                     or self.process.poll() is not None, timeout=120)
+            assert self.process.poll() is None, self.log()
+        except BaseException:  # a node that never became ready is stopped, not left behind
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
