@@ -356,8 +356,7 @@ class InstanceStore:
             with self.index.transaction():
                 row = self.index.find_instance(record.sop_instance_uid)
                 there = identify(target)  # None: gone; an error: the next start's reconcile decides
-                ours_in_place = (placed is not None and there is not None and there.same_file(placed)
-                                 and there.mtime_ns == placed.mtime_ns)  # (where no generation tells)
+                ours_in_place = placed is not None and there is not None and there.unchanged(placed)
                 if ours_in_place and (row is None or row["received_at"] < now):
                     if previous is not None:
                         self.spool.restore(previous, target)

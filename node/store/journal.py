@@ -83,6 +83,10 @@ class FileIdentity:
         return self.inode == other.inode and (
             self.generation == other.generation or -1 in (self.generation, other.generation))
 
+    def unchanged(self, other: FileIdentity) -> bool:
+        """The same file, not written since (its mtime tells that, too, where no generation does)."""
+        return self.same_file(other) and self.mtime_ns == other.mtime_ns
+
 
 class NotARegularFile(ValueError):
     """Something other than a regular file holds the name (a folder, a link, a FIFO...)."""
@@ -374,8 +378,11 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
     if latest:
         if os.pread(lock_fd, 64, 0) != _boot_id():
             staged = _staged(root)
+            # records of this slot a start that stopped later quarantined already (`_write_back` names them)
+            kept = {p.name.split("-", 1)[1].removesuffix(".dcm")
+                    for p in (root / "quarantine").glob(f"*-journal-{slot}-*.dcm")}
             for record in latest.values():
-                outcome = _replay_one(root, slot, record, staged, quarantine)
+                outcome = _replay_one(root, slot, record, staged, kept, quarantine)
                 if outcome:
                     counts[outcome] += 1
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -411,24 +418,24 @@ def recover(root: Path, quarantine: Quarantine) -> dict[str, int]:
 
 
 def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[tuple[FileIdentity, Path]]],
-                quarantine: Quarantine) -> str | None:
+                kept: set[str], quarantine: Quarantine) -> str | None:
     target = _inside(root, record.path)
     if target is None:
         return None
     recorded = record.file
     for identity, part in staged.get(recorded.inode, ()):
-        if identity.same_file(recorded) and identity.mtime_ns == recorded.mtime_ns:  # the recorded file, under
-            # its staged name: a power cut took the rename (the mtime, where no generation tells)
+        if identity.unchanged(recorded):  # the recorded file, under its staged name: a power cut took the rename
             part.unlink(missing_ok=True)
     try:
         there = identify(target)
     except NotARegularFile:  # a folder, a link: never written over
-        return _write_back(root, slot, record, target, quarantine, blocked="something other than a file holds its name")
+        return _write_back(root, slot, record, target, kept, quarantine,
+                           blocked="something other than a file holds its name")
     if there is not None and not there.same_file(recorded):
         return "superseded"  # replaced since, durably (Spool.stage's default), even under a reused inode number
     if there is not None and _holds(target, record.data):
         return None
-    return _write_back(root, slot, record, target, quarantine)
+    return _write_back(root, slot, record, target, kept, quarantine)
 
 
 # A path a file, a folder or a link blocks (or leads off the file system): its record goes to
@@ -436,14 +443,14 @@ def _replay_one(root: Path, slot: str, record: _Record, staged: dict[int, list[t
 _BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.ELOOP, errno.EXDEV)
 
 
-def _write_back(root: Path, slot: str, record: _Record, target: Path, quarantine: Quarantine,
+def _write_back(root: Path, slot: str, record: _Record, target: Path, kept: set[str], quarantine: Quarantine,
                 blocked: str = "") -> str:
     """The record's copy at `target`, durably, with its mtime ("restored"); to quarantine/ if
     the path is `blocked` or turns out so ("quarantined"). A failure to write the copy at all
     (disk full) is raised: the start stops, the journal stays for the next (this slot's
     temporary copies are removed then)."""
     name = f"journal-{slot}-{record.fill:016x}-{record.seq}"  # the same at every replay of this record
-    if any((root / "quarantine").glob(f"*-{name}.dcm")):  # a start that stopped later quarantined it already
+    if name in kept:  # a start that stopped later quarantined it already
         return "quarantined"
     tmp = root / "tmp" / f"{slot}-{uuid.uuid4().hex}.journal"
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), "wb") as f:  # as received files
