@@ -60,11 +60,14 @@ def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_reposito
     results: list[np.ndarray] = []
     errors: list[BaseException] = []
     answered = threading.Semaphore(0)
+    gone = threading.Event()
 
     def study() -> None:  # a job's requests, one after another
         try:
             with cache.use("threshold") as pool:
-                for _ in range(12):
+                for n in range(12):
+                    if n == 4:  # the rest only once the server is gone: Triton answers while it shuts down
+                        assert gone.wait(300)
                     results.append(pool.infer(BATCH))
                     answered.release()
         except BaseException as exc:
@@ -74,7 +77,8 @@ def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_reposito
     worker.start()
     for _ in range(4):
         assert answered.acquire(timeout=120)
-    second_triton.stop()  # mid-run: the next request for it finds it gone
+    second_triton.stop()  # mid-run, its process ended: the next request for it finds it gone
+    gone.set()
     worker.join(300)
     cache.close()
 
