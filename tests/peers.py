@@ -208,8 +208,11 @@ class NodeProcess:
         (self.workdir / "routing.yaml").write_text(text)
 
     def start(self) -> "NodeProcess":
-        """Start the node; return once every receiver process serves (not just once the port is open)."""
+        """Start the node; return once every receiver process serves (not just once the port is open)
+        and the service has said `node_started` (logged after the receivers may be ready: what a
+        test reads of this start, such as what the journal's replay did, is in that event)."""
         ready_before = len(self.events("receiver_ready"))
+        started_before = len(self.events("node_started"))
         log = open(self.log_path, "ab")
         # from `source`: first on the path, and not run in a source tree (`python -m`, as the
         # receivers are started, puts the current folder first)
@@ -227,7 +230,8 @@ class NodeProcess:
         try:
             wait_for(lambda: port_open(self.port) or self.process.poll() is not None, timeout=30)
             assert self.process.poll() is None, self.log()
-            wait_for(lambda: len(self.events("receiver_ready")) >= ready_before + self.receivers
+            wait_for(lambda: (len(self.events("receiver_ready")) >= ready_before + self.receivers
+                              and len(self.events("node_started")) > started_before)
                      or self.process.poll() is not None, timeout=120)
             assert self.process.poll() is None, self.log()
         except BaseException:  # a node that never became ready is stopped, not left behind
