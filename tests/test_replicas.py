@@ -40,7 +40,8 @@ def cluster(start_node, postgres, tmp_path, model_repository) -> Iterator[Callab
         return start_node(
             tmp_path / name, routing=ROUTING,
             storage={"data_dir": str(shared), "index_url": url, "lease_s": 3.0},
-            completion={"quiet_period_s": 1.0, "sweep_s": 1.0, "quiet_period_by_calling_ae": {SLOW_CALLER: 30.0}},
+            # 3 s: a sender stalled for over a second on this busy machine must not split its study in two
+            completion={"quiet_period_s": 3.0, "sweep_s": 1.0, "quiet_period_by_calling_ae": {SLOW_CALLER: 30.0}},
             destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs_port or pacs.dicom_port}},
             sending={"retry_initial_s": 0.5, "retry_max_s": 1.0, "sweep_s": 0.5, "timeout_s": 120},
             inference={"model_repository": str(model_repository)},
