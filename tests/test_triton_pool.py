@@ -61,12 +61,13 @@ def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_reposito
     errors: list[BaseException] = []
     answered = threading.Semaphore(0)
     gone = threading.Event()
+    before_stop = 4  # requests answered by both servers before one is stopped
 
     def study() -> None:  # a job's requests, one after another
         try:
             with cache.use("threshold") as pool:
                 for n in range(12):
-                    if n == 4:  # the rest only once the server is gone: Triton answers while it shuts down
+                    if n == before_stop:  # the rest once the server is gone: Triton answers while it shuts down
                         assert gone.wait(300)
                     results.append(pool.infer(BATCH))
                     answered.release()
@@ -75,7 +76,7 @@ def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_reposito
 
     worker = threading.Thread(target=study)
     worker.start()
-    for _ in range(4):
+    for _ in range(before_stop):
         assert answered.acquire(timeout=120)
     second_triton.stop()  # mid-run, its process ended: the next request for it finds it gone
     gone.set()
