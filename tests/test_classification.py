@@ -27,7 +27,7 @@ from tests.identity import uids_for
 from tests.peers import storescu, wait_for
 from tests.test_conformance import _unexpected, pixelmed
 from tests.test_encode import _dciodvfy, phantom_result
-from tests.test_geometry import _StoreSCP
+from tests.test_geometry import _by_study, _StoreSCP
 from training.classification import ClassifierConfig, build_classifier, metrics, roc_curve
 from training.cli import CLASSIFIER_SPEC, app
 from training.data.dicom_labels import load_labelled_dicom
@@ -346,9 +346,8 @@ def test_dx_with_and_without_a_nodule_through_the_running_node(start_node, model
         for path in (with_nodule, without):
             sent = storescu(node.port, [path])
             assert sent.returncode == 0, sent.stdout + sent.stderr
-        found = wait_for(lambda: (r := pacs.received()) and all({"SR", "OT"} <= set(r.get(uid, {}))
-                                                                 for uid in studies.values()) and r,
-                         timeout=240, interval=0.5)
+        found = _by_study(pacs.received(node, lambda ds: all({"SR", "OT"} <= set(_by_study(ds).get(uid, {}))
+                                                             for uid in studies.values())))
     finally:
         pacs.stop()
     present = _decision(found[studies["with"]]["SR"])

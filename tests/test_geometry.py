@@ -17,7 +17,7 @@ import io
 import math
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -36,7 +36,7 @@ from node.encode.sr import build_sr, read_findings
 from node.route.study import study_from_folder
 from tests.identity import uids_for
 from tests.models import threshold_spec
-from tests.peers import free_port, storescu, wait_for
+from tests.peers import NodeProcess, free_port, storescu, wait_for
 from phantom.dicom import SeriesGeometry, SeriesIdentity, image_header, write_ct_series
 
 CENTRE = np.array([6.3, -8.1, 12.7])  # off every axis: a mirrored or shifted result is far from it
@@ -572,6 +572,14 @@ def test_several_dx_images_are_several_volumes(tmp_path):
 # -- through the whole running node ------------------------------------------------------------
 
 
+def _by_study(datasets: list[Dataset]) -> dict[str, dict[str, Dataset]]:
+    """Results by study UID and modality."""
+    out: dict[str, dict[str, Dataset]] = {}
+    for ds in datasets:
+        out.setdefault(str(ds.StudyInstanceUID), {})[str(ds.Modality)] = ds
+    return out
+
+
 class _StoreSCP:
     """dcmtk storescp as the PACS that receives the results (accepts any storage SOP class)."""
 
@@ -583,16 +591,24 @@ class _StoreSCP:
             ["/usr/bin/storescp", "-aet", "RESULTS", "-od", str(folder), "-fe", ".dcm", "-pm", "+xa", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
 
-    def received(self) -> dict[str, dict[str, Dataset]]:
-        """Results by study UID and modality."""
-        out: dict[str, dict[str, Dataset]] = {}
+    def datasets(self) -> list[Dataset]:
+        """Every file storescp has written that reads (one still being written may not)."""
+        out = []
         for path in self.folder.glob("*.dcm"):
             try:
-                ds = pydicom.dcmread(path)
+                out.append(pydicom.dcmread(path))
             except Exception:  # still being written
                 continue
-            out.setdefault(str(ds.StudyInstanceUID), {})[str(ds.Modality)] = ds
         return out
+
+    def received(self, node: NodeProcess, complete: Callable[[list[Dataset]], bool],
+                 timeout: float = 240) -> list[Dataset]:
+        """The results once `complete` holds of them and the node has recorded every delivery as
+        answered: storescp writes each file in place and answers after closing it, so a file read
+        before the answer may be partial (pydicom reads a short Pixel Data without an error)."""
+        wait_for(lambda: complete(self.datasets()) and not node.query("SELECT id FROM outbox WHERE state<>'delivered'"),
+                 timeout=timeout, interval=0.5)
+        return self.datasets()
 
     def stop(self) -> None:
         self.process.terminate()
@@ -626,9 +642,8 @@ def test_enhanced_ct_tilted_ct_and_dx_through_the_running_node(start_node, model
         for files in ([enhanced], tilted, [dx]):
             sent = storescu(node.port, files)
             assert sent.returncode == 0, sent.stdout + sent.stderr
-        found = wait_for(lambda: (r := pacs.received()) and all({"SEG", "SR"} <= set(r.get(uid, {}))
-                                                                 for uid in studies.values()) and r,
-                         timeout=240, interval=0.5)
+        found = _by_study(pacs.received(node, lambda ds: all({"SEG", "SR"} <= set(_by_study(ds).get(uid, {}))
+                                                             for uid in studies.values())))
     finally:
         pacs.stop()
     results = {name: found[uid] for name, uid in studies.items()}
@@ -664,16 +679,7 @@ def test_mr_multi_echo_through_the_running_node_gives_one_result_set_per_echo(st
         sent = storescu(node.port, files)
         assert sent.returncode == 0, sent.stdout + sent.stderr
 
-        def results() -> list[Dataset] | None:
-            found = []
-            for path in pacs.folder.glob("*.dcm"):
-                try:
-                    found.append(pydicom.dcmread(path))
-                except Exception:  # still being written
-                    return None
-            return found if len(found) == 4 else None
-
-        found = wait_for(results, timeout=240, interval=0.5)
+        found = pacs.received(node, lambda ds: len(ds) == 4)
     finally:
         pacs.stop()
     segs = [ds for ds in found if ds.Modality == "SEG"]

@@ -177,18 +177,21 @@ def test_delivery_to_a_pacs_with_nagle_on_waits_for_no_delayed_ack(tmp_path, nag
     """Every C-STORE to such a peer waited for one delayed ACK (~40 ms: 40 files, 40 delayed
     ACKs, 1.8 s instead of 0.1 s) before the requestor ACKed at once; all arrive, each once.
     The kernel's count is the network namespace's: another test's Nagle sender running at the
-    same time adds some (about 20 a second, measured), far from one per C-STORE."""
+    same time adds some (about 20 a second, measured), so the delivery is measured up to three
+    times; the regression adds one per C-STORE every time. (storescp overwrites a file it has.)"""
     port, received = nagle_pacs
     files = make_study(tmp_path / "ct", slices=60, size=16)
     peer = DestinationConfig.model_validate({"ae_title": "PACS", "host": "127.0.0.1", "port": port})
-    before = _delayed_acks()
-    delivery = send_cstore("TESTNODE", peer, files, timeout=10)
-    delayed = _delayed_acks() - before
-    assert delivery.warnings == []
+    counts = []
+    while len(counts) < 3 and (not counts or counts[-1] >= len(files) // 2):
+        before = _delayed_acks()
+        delivery = send_cstore("TESTNODE", peer, files, timeout=10)
+        counts.append(_delayed_acks() - before)
+        assert delivery.warnings == []
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     arrived = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in received.iterdir()]
     assert sorted(arrived) == sorted(sent)
-    assert delayed < len(files) // 2, f"{delayed} delayed ACKs for {len(files)} C-STOREs"
+    assert counts[-1] < len(files) // 2, f"{counts} delayed ACKs for {len(files)} C-STOREs"
 
 
 def _open_descriptors() -> int:
