@@ -20,7 +20,8 @@ import pydicom
 import pytest
 
 from node.store import journal
-from node.store.journal import HEADER, HEADER_V1, FileIdentity, IntakeJournal, identify
+from node.store import spool as spool_module
+from node.store.journal import HEADER, HEADER_V1, RECORD_MAX_BYTES, FileIdentity, IntakeJournal, identify
 from node.store.spool import Spool
 from tests.peers import HOOKS, dataset_bytes, make_study, storescu, wait_for
 
@@ -319,6 +320,20 @@ def test_checkpoints_retire_records_once_their_files_are_synced_and_segments_tak
     spool.close()
     assert [t.read_bytes() for t in targets] == blobs
     assert recover(tmp_path)["records"] == 0
+
+
+def test_an_instance_larger_than_the_record_limit_is_synced_itself_and_kept_by_no_replay(tmp_path, monkeypatch):
+    """A CT image (512 KB) costs less fsynced than recorded: over RECORD_MAX_BYTES the file and
+    its folder are fsynced before the acknowledgement (Spool.settle), and no record is left."""
+    spool = journalled_spool(tmp_path, segment_bytes=4 * RECORD_MAX_BYTES)
+    synced, fsync_file = [], spool_module._fsync_file
+    monkeypatch.setattr(spool_module, "_fsync_file", lambda path: (synced.append(Path(path).name), fsync_file(path)))
+    receive(spool, "6.1", os.urandom(RECORD_MAX_BYTES))
+    assert pending(spool) == 1 and synced == []
+    big = receive(spool, "6.2", os.urandom(RECORD_MAX_BYTES + 1))
+    assert pending(spool) == 1 and synced == [big.name]
+    die(spool)
+    assert recover(tmp_path)["records"] == 1
 
 
 def test_an_instance_larger_than_a_segment_is_synced_itself_and_a_failed_sync_stops_the_journal(
