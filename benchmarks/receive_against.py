@@ -33,8 +33,8 @@ from benchmarks.receive import make_studies, send_all, warm
 from tests.peers import REPO_ROOT, NodeProcess
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# instances of NxN in a study (None: --slices of --size), over how many associations; mid: 256 KB,
-# the intake journal's record limit (node/store/journal.py, RECORD_MAX_BYTES)
+# instances of NxN in a study (None: --slices of --size), over how many associations; mid: files of
+# 257 KB, just over the intake journal's record limit (node/store/journal.py, RECORD_MAX_BYTES)
 LOADS = {"small-1": (2000, 180, 1), "small-4": (2000, 180, 4), "mid-1": (1000, 362, 1), "mid-4": (1000, 362, 4),
          "ct-1": (None, None, 1), "ct-4": (None, None, 4)}
 
@@ -42,7 +42,7 @@ LOADS = {"small-1": (2000, 180, 1), "small-4": (2000, 180, 4), "mid-1": (1000, 3
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("against", help="the revision to compare with (a commit, branch or tag)")
     parser.add_argument("--load", choices=sorted(LOADS), default="small-4",
-                        help="2,000 small instances, 1,000 of 256 KB, or a CT of --slices x --size (ct-4: four), over 1 or 4 associations")
+                        help="2,000 small instances, 1,000 of 257 KB, or a CT of --slices x --size (ct-4: four), over 1 or 4 associations")
     parser.add_argument("--pairs", type=int, default=5)
 
 

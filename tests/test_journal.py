@@ -19,9 +19,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from node.config import NodeConfig
+from node.receive.store import Incoming, InstanceStore
 from node.store import journal
 from node.store import spool as spool_module
 from node.store.journal import HEADER, HEADER_V1, RECORD_MAX_BYTES, FileIdentity, IntakeJournal, identify
+from node.store.index import Index
 from node.store.spool import Spool
 from tests.peers import HOOKS, dataset_bytes, make_study, storescu, wait_for
 
@@ -322,18 +325,56 @@ def test_checkpoints_retire_records_once_their_files_are_synced_and_segments_tak
     assert recover(tmp_path)["records"] == 0
 
 
+def _spy_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files and folders Spool fsyncs from now on (they are still fsynced)."""
+    synced: list[str] = []
+    for name in ("_fsync_file", "_fsync_dir"):
+        real = getattr(spool_module, name)
+        monkeypatch.setattr(spool_module, name, lambda path, real=real: (synced.append(Path(path).name), real(path)))
+    return synced
+
+
 def test_an_instance_larger_than_the_record_limit_is_synced_itself_and_kept_by_no_replay(tmp_path, monkeypatch):
     """A CT image (512 KB) costs less fsynced than recorded: over RECORD_MAX_BYTES the file and
-    its folder are fsynced before the acknowledgement (Spool.settle), and no record is left."""
+    its folder are fsynced before the acknowledgement (Spool.settle), and no record is left. A
+    restarted receiver whose first instance is such a one still claims a slot, and replays what
+    its dead predecessor left there."""
     spool = journalled_spool(tmp_path, segment_bytes=4 * RECORD_MAX_BYTES)
-    synced, fsync_file = [], spool_module._fsync_file
-    monkeypatch.setattr(spool_module, "_fsync_file", lambda path: (synced.append(Path(path).name), fsync_file(path)))
-    receive(spool, "6.1", os.urandom(RECORD_MAX_BYTES))
-    assert pending(spool) == 1 and synced == []
+    synced = _spy_syncs(monkeypatch)
+    small = receive(spool, "6.1", os.urandom(RECORD_MAX_BYTES))
+    assert pending(spool) == 1 and small.name not in synced  # (its new folders' parents were fsynced)
+    synced.clear()
     big = receive(spool, "6.2", os.urandom(RECORD_MAX_BYTES + 1))
-    assert pending(spool) == 1 and synced == [big.name]
-    die(spool)
-    assert recover(tmp_path)["records"] == 1
+    assert pending(spool) == 1 and synced == [big.name, big.parent.name]
+    die(spool, reboot=False)
+    successor = journalled_spool(tmp_path, segment_bytes=4 * RECORD_MAX_BYTES)
+    receive(successor, "6.3", os.urandom(RECORD_MAX_BYTES + 1))
+    assert successor.journal is not None and successor.journal._lock_fd is not None and pending(successor) == 0
+    die(successor)
+    assert recover(tmp_path)["records"] == 0  # 6.1's record made durable and retired by the successor's claim
+
+
+@pytest.mark.parametrize("size", [16, 512])
+def test_an_identical_resend_is_acknowledged_once_the_indexed_copy_is_durable(tmp_path, monkeypatch, size):
+    """Two associations send the same instance: the second can find the first's row committed
+    while the first still makes its file durable (Spool.settle runs after the commit), or after
+    that failed. Its acknowledgement promises that copy too: the file and its folder are fsynced
+    first, journalled or not."""
+    [path] = make_study(tmp_path / "ct", slices=1, size=size)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    incoming = Incoming(payload=memoryview(dataset_bytes(path)), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                        sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
+                        calling="MODALITY", called="TESTNODE", peer="127.0.0.1", association_id=None)
+    spool = journalled_spool(tmp_path / "data")
+    store = InstanceStore(NodeConfig.model_validate({}), Index(tmp_path / "data" / "index.sqlite"), spool,
+                          lambda study_uid, deadline: None)
+    assert store.store(incoming).status == 0
+    target = spool.instance_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    synced = _spy_syncs(monkeypatch)
+    assert store.store(incoming).status == 0
+    assert synced == [target.name, target.parent.name]
+    assert pending(spool) == (1 if size == 16 else 0)  # the first copy's record only: nothing new written
+    spool.close()
 
 
 def test_an_instance_larger_than_a_segment_is_synced_itself_and_a_failed_sync_stops_the_journal(

@@ -226,8 +226,8 @@ class InstanceStore:
             and same_dataset(target, payload)
         )
         staged: Path | None = None
-        # A new instance is made durable by the intake journal once placed (Spool.settle); a
-        # replacement's copy is fsynced before it is renamed over the acknowledged one, as ever.
+        # A new instance is made durable once placed (Spool.settle: by the intake journal, or
+        # fsynced); a replacement's copy is fsynced before it is renamed over the acknowledged one.
         synced = existing is not None
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
@@ -300,6 +300,13 @@ class InstanceStore:
             try:
                 self.spool.settle(target, staged_file, chunks, synced)
             except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
+                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
+                           error=exc.strerror)
+                return OUT_OF_RESOURCES, None
+        elif arrival.identical:  # this acknowledgement promises the indexed copy too
+            try:
+                self.spool.sync_placed(target)
+            except OSError as exc:
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
                 return OUT_OF_RESOURCES, None

@@ -4,8 +4,8 @@ Why (issue 28): on one association the node waited more than it computed. Each n
 file was fsynced (0.37-0.75 ms on this disk), then its folder (0.13 ms), before the
 acknowledgement. Now the file is written and renamed into ``studies/`` without a sync, its bytes
 are written once more into this process's journal, a zero-filled file overwritten in place, and
-the journal alone is fdatasync'ed before the acknowledgement (0.25 ms for 64 KB measured; a data
-set over RECORD_MAX_BYTES, where the second copy costs more than that saves, is fsynced). Behind
+the journal alone is fdatasync'ed before the acknowledgement (0.25 ms for 64 KB measured; a file
+over RECORD_MAX_BYTES, where the second copy costs more than that saves, is fsynced). Behind
 the acknowledgements a checkpoint makes the files durable themselves (one syncfs(2) of the
 spool's file system for all of them) and only then retires their records. Two segments take
 turns: records go to one while the other's files are synced, so the checkpoint never holds up an
@@ -60,11 +60,11 @@ SLOTS = 64  # journals one spool holds: a receiver process, or a service, each
 GROW_BYTES = 4 << 20  # a segment is zero-filled this much at a time, as far as its capacity
 REPLAY_COUNTS = ("records", "restored", "superseded", "quarantined")
 SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment's checkpoint
-# A data set larger than this is made durable by the fsyncs of its file and folder instead: a
-# record copies, checksums and writes its bytes a second time, which for a CT image (512 KB) costs
-# more than the file system's flush of the file itself (side by side, CT: 1.23x the rate over one
-# association, 1.34x over four; 256 KB over one: the same; 128 KB: the journal 1.16x over one
-# association, 0.83x over four; README, Performance)
+# A file larger than this (file meta and data set) is made durable by the fsyncs of its file and
+# folder instead: a record copies, checksums and writes its bytes a second time, which for a CT
+# image (512 KB) costs more than the file system's flush of the file itself (side by side, CT:
+# 1.23x the rate over one association, 1.34x over four; 257 KB over one: the same; 128 KB: the
+# journal 1.16x over one association, 0.83x over four; README, Performance)
 RECORD_MAX_BYTES = 256 << 10
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -230,15 +230,15 @@ class IntakeJournal:
     def record(self, relative: str, placed: FileIdentity, chunks: Sequence[bytes | memoryview]) -> bool:
         """Make the file placed at `relative` (the rename done, its bytes `chunks`) durable before
         the acknowledgement: its record written and the journal fdatasync'ed. False: the journal
-        does not take it (over RECORD_MAX_BYTES or a segment, closed, unusable): the caller syncs
-        the file."""
+        does not take it (a file over RECORD_MAX_BYTES or a segment, closed, unusable): the
+        caller syncs the file. The first call claims a slot either way, replaying what a dead
+        predecessor left there."""
         path = relative.encode()
         size = sum(memoryview(c).nbytes for c in chunks)
         need = HEADER.size + len(path) + size
-        if size > RECORD_MAX_BYTES or need > self.segment_bytes:
-            return False
+        taken = size <= RECORD_MAX_BYTES and need <= self.segment_bytes
         body_crc = zlib.crc32(path)
-        for chunk in chunks:  # before the lock: 0.15 ms for a 512 KB CT image
+        for chunk in chunks if taken else ():  # before the lock: 20 µs for 64 KB
             body_crc = zlib.crc32(chunk, body_crc)
         with self._cond:
             if self._closing or self._unusable:
@@ -246,6 +246,8 @@ class IntakeJournal:
             try:
                 if not self._segments:
                     self._claim()
+                if not taken:
+                    return False
                 segment = self._room(need)
                 if segment is None:
                     return False

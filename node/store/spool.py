@@ -2,10 +2,10 @@
 
 A file is either absent or complete at its final path: it is written to a temporary file on
 the same filesystem and renamed into place; before it is acknowledged either its bytes are in
-the intake journal (node/store/journal.py: a new instance, one fdatasync) or the file was
-fsynced before the rename and its folder after it (a replacement, an instance larger than a
-journal segment, no journal). Names come only from validated UIDs, so no tag text ever
-reaches the filesystem.
+the intake journal (node/store/journal.py: a new instance of up to 256 KB, one fdatasync), or
+the file was fsynced before the rename and its folder after it (a replacement), or the file and
+its folder were fsynced after the rename (a larger new instance, no journal; an identical
+resend's copy). Names come only from validated UIDs, so no tag text ever reaches the filesystem.
 """
 
 from __future__ import annotations
@@ -187,8 +187,17 @@ class Spool:
         if not synced and self.journal is not None and self.journal.record(
                 str(target.relative_to(self.root)), placed, chunks):
             return
-        if not synced:
-            _fsync_file(target)
+        if synced:
+            _fsync_dir(target.parent)
+        else:
+            self.sync_placed(target)
+
+    @staticmethod
+    def sync_placed(target: Path) -> None:
+        """fsync a file in place and its folder: also before an identical resend's acknowledgement,
+        since the copy indexed before may still be on its way to the disk (another association
+        between its commit and its settle, or whose settle failed)."""
+        _fsync_file(target)
         _fsync_dir(target.parent)
 
     @staticmethod
