@@ -15,6 +15,7 @@ import shutil
 import uuid
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -354,27 +355,50 @@ def test_an_instance_larger_than_the_record_limit_is_synced_itself_and_kept_by_n
     assert recover(tmp_path)["records"] == 0  # 6.1's record made durable and retired by the successor's claim
 
 
-@pytest.mark.parametrize("size", [16, 512])
-def test_an_identical_resend_is_acknowledged_once_the_indexed_copy_is_durable(tmp_path, monkeypatch, size):
-    """Two associations send the same instance: the second can find the first's row committed
-    while the first still makes its file durable (Spool.settle runs after the commit), or after
-    that failed. Its acknowledgement promises that copy too: the file and its folder are fsynced
-    first, journalled or not."""
+def _instance_store(tmp_path: Path, size: int, **config: Any) -> tuple[InstanceStore, Incoming, Path]:
+    """An in-process InstanceStore over a journalled spool, one CT instance of size x size as a
+    C-STORE brings it, and the path it is stored at."""
     [path] = make_study(tmp_path / "ct", slices=1, size=size)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     incoming = Incoming(payload=memoryview(dataset_bytes(path)), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                         sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
                         calling="MODALITY", called="TESTNODE", peer="127.0.0.1", association_id=None)
     spool = journalled_spool(tmp_path / "data")
-    store = InstanceStore(NodeConfig.model_validate({}), Index(tmp_path / "data" / "index.sqlite"), spool,
+    store = InstanceStore(NodeConfig.model_validate(config), Index(tmp_path / "data" / "index.sqlite"), spool,
                           lambda study_uid, deadline: None)
+    return store, incoming, spool.instance_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                                str(ds.SOPInstanceUID))
+
+
+@pytest.mark.parametrize("size", [16, 512])
+def test_an_identical_resend_is_acknowledged_once_the_indexed_copy_is_durable(tmp_path, monkeypatch, size):
+    """Two associations send the same instance: the second can find the first's row committed
+    while the first still makes its file durable (Spool.settle runs after the commit). Its
+    acknowledgement promises that copy too: the file and its folder are fsynced first,
+    journalled or not."""
+    store, incoming, target = _instance_store(tmp_path, size)
     assert store.store(incoming).status == 0
-    target = spool.instance_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     synced = _spy_syncs(monkeypatch)
     assert store.store(incoming).status == 0
     assert synced == [target.name, target.parent.name]
-    assert pending(spool) == (1 if size == 16 else 0)  # the first copy's record only: nothing new written
-    spool.close()
+    assert pending(store.spool) == (1 if size == 16 else 0)  # the first copy's record only: nothing new written
+    store.spool.close()
+
+
+def test_a_same_copy_kept_aside_is_acknowledged_once_the_indexed_copy_is_durable(tmp_path, monkeypatch):
+    """The same race after the study completed (`after_complete: ignore`): the second looked for
+    the instance before the first committed it, so it staged its copy and is kept aside, found the
+    same and discarded; the first's copy is fsynced before the answer all the same. (The
+    interleaving is made by hiding the committed row from the second's look.)"""
+    store, incoming, target = _instance_store(tmp_path, 512, completion={"after_complete": "ignore"})
+    assert store.store(incoming).status == 0
+    store.index.query("UPDATE studies SET state='complete', completions=1")
+    monkeypatch.setattr(store.index, "find_instance", lambda sop_instance_uid: None)
+    synced = _spy_syncs(monkeypatch)
+    assert store.store(incoming).status == 0
+    assert synced == [target.name, target.parent.name]
+    assert not list((tmp_path / "data" / "tmp").iterdir()) and not list((tmp_path / "data" / "quarantine").iterdir())
+    store.spool.close()
 
 
 def test_an_instance_larger_than_a_segment_is_synced_itself_and_a_failed_sync_stops_the_journal(

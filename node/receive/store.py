@@ -303,16 +303,20 @@ class InstanceStore:
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
                 return OUT_OF_RESOURCES, None
-        elif arrival.identical:  # this acknowledgement promises the indexed copy too
+        # the same bytes as the indexed copy (compared before, or kept aside and found the same: a
+        # racing association placed it first), which may still be on its way to the disk (that
+        # association between its commit and its settle): this acknowledgement promises it too
+        same_bytes = arrival.placement is Placement.KEPT_ASIDE and staged is not None and same_dataset(target, payload)
+        if arrival.identical or same_bytes:  # (nothing placed: settle did not run)
             try:
                 self.spool.sync_placed(target)
             except OSError as exc:
+                self._discard(staged)
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
                 return OUT_OF_RESOURCES, None
-        if arrival.placement is Placement.KEPT_ASIDE and staged is not None and same_dataset(target, payload):
-            # the copy a racing association placed first: the same bytes, nothing to keep aside
-            self.spool.discard(staged)
+        if same_bytes:  # nothing to keep aside
+            self._discard(staged)
             logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
                        sop_instance_uid=tags.sop_instance_uid)
         elif arrival.placement is Placement.KEPT_ASIDE and staged is not None:

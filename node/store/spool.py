@@ -196,7 +196,7 @@ class Spool:
     def sync_placed(target: Path) -> None:
         """fsync a file in place and its folder: also before an identical resend's acknowledgement,
         since the copy indexed before may still be on its way to the disk (another association
-        between its commit and its settle, or whose settle failed)."""
+        between its commit and its settle)."""
         _fsync_file(target)
         _fsync_dir(target.parent)
 
