@@ -42,7 +42,8 @@ LOADS = {"small-1": (2000, 180, 1), "small-4": (2000, 180, 4), "mid-1": (1000, 3
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("against", help="the revision to compare with (a commit, branch or tag)")
     parser.add_argument("--load", choices=sorted(LOADS), default="small-4",
-                        help="2,000 small instances, 1,000 of 257 KB, or a CT of --slices x --size (ct-4: four), over 1 or 4 associations")
+                        help="2,000 small instances, 1,000 of 257 KB, or a CT of --slices x --size (ct-4: four), "
+                        "over 1 or 4 associations")
     parser.add_argument("--pairs", type=int, default=5)
 
 

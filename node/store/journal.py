@@ -238,7 +238,7 @@ class IntakeJournal:
         need = HEADER.size + len(path) + size
         taken = size <= RECORD_MAX_BYTES and need <= self.segment_bytes
         body_crc = zlib.crc32(path)
-        for chunk in chunks if taken else ():  # before the lock: 20 µs for 64 KB
+        for chunk in chunks if taken else ():  # before the lock: 20 µs for 64 KB (none for a file not taken)
             body_crc = zlib.crc32(chunk, body_crc)
         with self._cond:
             if self._closing or self._unusable:
