@@ -295,26 +295,21 @@ class InstanceStore:
         self._indexed_studies.add(tags.study_uid)
         if previous is not None:
             self.spool.discard(previous)
-        if placed:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
-            assert staged_file is not None  # set before `placed`
-            try:
-                self.spool.settle(target, staged_file, chunks, synced)
-            except OSError as exc:  # indexed, but the rename may not survive a power cut: not acknowledged
-                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
-                           error=exc.strerror)
-                return OUT_OF_RESOURCES, None
         # the same bytes as the indexed copy (compared before, or kept aside and found the same: a
         # racing association placed it first), which may still be on its way to the disk (that
         # association between its commit and its settle): this acknowledgement promises it too
         same_bytes = arrival.placement is Placement.KEPT_ASIDE and staged is not None and same_dataset(target, payload)
-        if arrival.identical or same_bytes:  # (nothing placed: settle did not run)
-            try:
+        try:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
+            if placed:
+                assert staged_file is not None  # set before `placed`
+                self.spool.settle(target, staged_file, chunks, synced)
+            elif arrival.identical or same_bytes:
                 self.spool.sync_placed(target)
-            except OSError as exc:
-                self._discard(staged)
-                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
-                           error=exc.strerror)
-                return OUT_OF_RESOURCES, None
+        except OSError as exc:  # indexed, but the file may not survive a power cut: not acknowledged
+            self._discard(staged)  # (a copy kept aside; nothing once placed)
+            logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
+                       error=exc.strerror)
+            return OUT_OF_RESOURCES, None
         if same_bytes:  # nothing to keep aside
             self._discard(staged)
             logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
