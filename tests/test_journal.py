@@ -401,6 +401,31 @@ def test_a_same_copy_kept_aside_is_acknowledged_once_the_indexed_copy_is_durable
     store.spool.close()
 
 
+@pytest.mark.parametrize("size", [16, 512])
+def test_an_instance_whose_file_cannot_be_made_durable_is_withdrawn_and_a_resend_writes_it_again(
+        tmp_path, monkeypatch, size):
+    """The row commits before the file is made durable (Spool.settle). When that fails, the
+    instance is refused, its file removed and its row marked missing: Linux reports a write-back
+    error to one fsync only, so a resend compared equal to the copy left in place would be
+    acknowledged with its bytes never on the disk. The resend is written and placed again."""
+    store, incoming, target = _instance_store(tmp_path, size)
+    real = spool_module._fsync_file
+
+    def failing(*args: Any) -> None:  # an I/O error cannot be made on this disk: the one fault mocked
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_fsync_file", lambda path: failing() if Path(path) == target else real(path))
+    monkeypatch.setattr(journal.os, "fdatasync", failing)  # 16: the journal's record fails first, then the file's sync
+    assert store.store(incoming).status == 0xA700
+    assert not target.exists() and store.index.missing_instances() == 1
+    monkeypatch.undo()
+    synced = _spy_syncs(monkeypatch)
+    assert store.store(incoming).status == 0
+    assert synced == [target.parent.name]  # written again: fsynced when staged (its row was there), then placed
+    assert spool_module.same_dataset(target, incoming.payload) and store.index.missing_instances() == 0
+    store.spool.close()
+
+
 def test_an_instance_larger_than_a_segment_is_synced_itself_and_a_failed_sync_stops_the_journal(
         tmp_path, monkeypatch):
     spool = journalled_spool(tmp_path, segment_bytes=64_000)

@@ -307,6 +307,9 @@ class InstanceStore:
                 self.spool.sync_placed(target)
         except OSError as exc:  # indexed, but the file may not survive a power cut: not acknowledged
             self._discard(staged)  # (a copy kept aside; nothing once placed)
+            if placed and previous is None:
+                assert staged_file is not None
+                self._withdraw_unsettled(record, target, staged_file)
             logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                        error=exc.strerror)
             return OUT_OF_RESOURCES, None
@@ -371,6 +374,23 @@ class InstanceStore:
                 elif previous is not None:
                     self.spool.discard(previous)
         except Exception as exc:  # noqa: BLE001 - the failure being handled is re-raised by the caller
+            logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
+                       error=type(exc).__name__)
+
+    def _withdraw_unsettled(self, record: InstanceRecord, target: Path, placed: FileIdentity) -> None:
+        """A new instance's file could not be made durable after its row committed. Linux reports
+        a write-back error to one fsync only (the pages are then clean in memory, not on the
+        disk), so a resend compared equal to this copy would be acknowledged on the next fsync's
+        word. Under the write lock, the file goes, if it is still this one, and its row is marked
+        missing, as reconcile would after a crash before the acknowledgement: a resend is written
+        and placed again; without one, a job on its series fails saying what is missing."""
+        try:
+            with self.index.transaction() as db:
+                there = identify(target)
+                if there is not None and there.unchanged(placed):
+                    self.spool.discard(target)
+                    self.index.note_missing(db, record.sop_instance_uid, record.study_uid, time.time())
+        except Exception as exc:  # noqa: BLE001 - the store's failure is answered by the caller
             logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
                        error=type(exc).__name__)
 
