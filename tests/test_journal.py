@@ -358,16 +358,21 @@ def test_an_instance_larger_than_the_record_limit_is_synced_itself_and_kept_by_n
 def _instance_store(tmp_path: Path, size: int, **config: Any) -> tuple[InstanceStore, Incoming, Path]:
     """An in-process InstanceStore over a journalled spool, one CT instance of size x size as a
     C-STORE brings it, and the path it is stored at."""
-    [path] = make_study(tmp_path / "ct", slices=1, size=size)
+    spool = journalled_spool(tmp_path / "data")
+    store = InstanceStore(NodeConfig.model_validate(config), Index(tmp_path / "data" / "index.sqlite"), spool,
+                          lambda study_uid, deadline: None)
+    return (store, *_new_instance(tmp_path / "ct", size, spool))
+
+
+def _new_instance(folder: Path, size: int, spool: Spool) -> tuple[Incoming, Path]:
+    """A CT instance of size x size in a study of its own, as a C-STORE brings it, and where
+    `spool` stores it."""
+    [path] = make_study(folder, slices=1, size=size)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     incoming = Incoming(payload=memoryview(dataset_bytes(path)), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                         sop_class_uid=str(ds.SOPClassUID), sop_instance_uid=str(ds.SOPInstanceUID),
                         calling="MODALITY", called="TESTNODE", peer="127.0.0.1", association_id=None)
-    spool = journalled_spool(tmp_path / "data")
-    store = InstanceStore(NodeConfig.model_validate(config), Index(tmp_path / "data" / "index.sqlite"), spool,
-                          lambda study_uid, deadline: None)
-    return store, incoming, spool.instance_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                                str(ds.SOPInstanceUID))
+    return incoming, spool.instance_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
 
 
 @pytest.mark.parametrize("size", [16, 512])
@@ -402,27 +407,38 @@ def test_a_same_copy_kept_aside_is_acknowledged_once_the_indexed_copy_is_durable
 
 
 @pytest.mark.parametrize("size", [16, 512])
-def test_an_instance_whose_file_cannot_be_made_durable_is_withdrawn_and_a_resend_writes_it_again(
-        tmp_path, monkeypatch, size):
-    """The row commits before the file is made durable (Spool.settle). When that fails, the
-    instance is refused, its file removed and its row marked missing: Linux reports a write-back
-    error to one fsync only, so a resend compared equal to the copy left in place would be
-    acknowledged with its bytes never on the disk. The resend is written and placed again."""
+def test_an_instance_whose_file_fails_its_sync_is_written_again_before_its_answer(tmp_path, monkeypatch, size):
+    """The row commits before the file is made durable (Spool.settle). When the file's fsync
+    fails, no later fsync of it can be trusted (Linux reports a write-back error once): the
+    bytes are written to a new file, fsynced and renamed over it, with its modification time,
+    and only then acknowledged. If that fails too, the answer is 0xA700 and the file stays."""
     store, incoming, target = _instance_store(tmp_path, size)
     real = spool_module._fsync_file
+    failed: list[os.stat_result] = []
 
     def failing(*args: Any) -> None:  # an I/O error cannot be made on this disk: the one fault mocked
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(spool_module, "_fsync_file", lambda path: failing() if Path(path) == target else real(path))
+    def target_fails_once(path: Path) -> None:
+        if Path(path) == target and not failed:
+            failed.append(os.stat(target))
+            failing()
+        real(path)
+
+    monkeypatch.setattr(spool_module, "_fsync_file", target_fails_once)
     monkeypatch.setattr(journal.os, "fdatasync", failing)  # 16: the journal's record fails first, then the file's sync
-    assert store.store(incoming).status == 0xA700
-    assert not target.exists() and store.index.missing_instances() == 1
-    monkeypatch.undo()
-    synced = _spy_syncs(monkeypatch)
     assert store.store(incoming).status == 0
-    assert synced == [target.parent.name]  # written again: fsynced when staged (its row was there), then placed
+    now = os.stat(target)
+    assert failed and now.st_ino != failed[0].st_ino and now.st_mtime_ns == failed[0].st_mtime_ns
     assert spool_module.same_dataset(target, incoming.payload) and store.index.missing_instances() == 0
+    assert not list((tmp_path / "data" / "tmp").iterdir())
+
+    other, other_target = _new_instance(tmp_path / "ct2", size, store.spool)
+    monkeypatch.setattr(spool_module, "_fsync_file", lambda path: failing())
+    assert store.store(other).status == 0xA700  # written again, and that copy's fsync failed too
+    assert spool_module.same_dataset(other_target, other.payload)  # as before: the file and its row stay
+    assert not list((tmp_path / "data" / "tmp").iterdir())
+    monkeypatch.undo()
     store.spool.close()
 
 

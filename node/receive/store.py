@@ -10,6 +10,7 @@ the bytes as received, fsync, rename, index. The caller answers with the status 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,14 +306,15 @@ class InstanceStore:
                 self.spool.settle(target, staged_file, chunks, synced)
             elif arrival.identical or same_bytes:
                 self.spool.sync_placed(target)
-        except OSError as exc:  # indexed, but the file may not survive a power cut: not acknowledged
-            self._discard(staged)  # (a copy kept aside; nothing once placed)
-            if placed and previous is None:
-                assert staged_file is not None
-                self._withdraw_unsettled(record, target, staged_file)
-            logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
+        except OSError as exc:  # indexed, but the file may not survive a power cut
+            if not (placed and previous is None and staged_file is not None
+                    and self._write_again(target, chunks, staged_file)):  # not acknowledged
+                self._discard(staged)  # (a copy kept aside; nothing once placed)
+                logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
+                           error=exc.strerror)
+                return OUT_OF_RESOURCES, None
+            logs.event(log, "store_written_again", logging.WARNING, sop_instance_uid=tags.sop_instance_uid,
                        error=exc.strerror)
-            return OUT_OF_RESOURCES, None
         if same_bytes:  # nothing to keep aside
             self._discard(staged)
             logs.event(log, "instance_identical_resend", study_uid=tags.study_uid,
@@ -377,22 +379,32 @@ class InstanceStore:
             logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
                        error=type(exc).__name__)
 
-    def _withdraw_unsettled(self, record: InstanceRecord, target: Path, placed: FileIdentity) -> None:
+    def _write_again(self, target: Path, chunks: tuple[bytes, memoryview], placed: FileIdentity) -> bool:
         """A new instance's file could not be made durable after its row committed. Linux reports
-        a write-back error to one fsync only (the pages are then clean in memory, not on the
-        disk), so a resend compared equal to this copy would be acknowledged on the next fsync's
-        word. Under the write lock, the file goes, if it is still this one, and its row is marked
-        missing, as reconcile would after a crash before the acknowledgement: a resend is written
-        and placed again; without one, a job on its series fails saying what is missing."""
+        a write-back error to one fsync only and leaves the pages clean in memory but not on the
+        disk, so no later fsync of that file can be trusted (nor a resend compared equal to it):
+        the bytes are written once more to a new file, fsynced, and renamed over it under the
+        write lock if it is still this one (not replaced meanwhile), keeping its modification
+        time (retention and reconcile compare it with the row's), then its folder fsynced. True:
+        the instance is durable now and its row stands; False: not acknowledged, as before."""
+        fresh: Path | None = None
         try:
-            with self.index.transaction() as db:
+            fresh, _ = self.spool.stage_identified(chunks, durable=False)
+            os.utime(fresh, ns=(placed.mtime_ns, placed.mtime_ns))
+            self.spool.sync(fresh)
+            with self.index.transaction():
                 there = identify(target)
-                if there is not None and there.unchanged(placed):
-                    self.spool.discard(target)
-                    self.index.note_missing(db, record.sop_instance_uid, record.study_uid, time.time())
-        except Exception as exc:  # noqa: BLE001 - the store's failure is answered by the caller
-            logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
-                       error=type(exc).__name__)
+                if there is None or not there.unchanged(placed):
+                    return False
+                self.spool.place(fresh, target, durable=False)
+                fresh = None
+            self.spool.make_durable(target)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the store's own failure is answered by the caller
+            logs.event(log, "store_write_again_failed", logging.ERROR, error=type(exc).__name__)
+            return False
+        finally:
+            self._discard(fresh)
 
     def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
                   staged: Path | None) -> int:

@@ -555,16 +555,10 @@ class Index:
                                      (uid,)).fetchone()
                     if row is None or present(row["path"]):
                         continue
-                    self.note_missing(db, uid, row["study_uid"], now)
+                    db.execute("INSERT INTO missing_files (sop_instance_uid, study_uid, marked_at) VALUES (?,?,?)"
+                               " ON CONFLICT DO NOTHING", (uid, row["study_uid"], now))
                     gone.setdefault(row["study_uid"], []).append(uid)
         return gone
-
-    @staticmethod
-    def note_missing(db: Db, sop_instance_uid: str, study_uid: str, now: float) -> None:
-        """In the caller's transaction: the indexed instance's file is gone (a resend places it
-        again and reopens its study; a job on its series fails with that reason)."""
-        db.execute("INSERT INTO missing_files (sop_instance_uid, study_uid, marked_at) VALUES (?,?,?)"
-                   " ON CONFLICT DO NOTHING", (sop_instance_uid, study_uid, now))
 
     def clear_missing(self, found: list[str]) -> None:
         """The instances' files are there again (restored by hand): no longer missing."""
