@@ -9,11 +9,15 @@ the boot its journal names made an earlier one (replay restores only across a re
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
+import sqlite3
+import stat
 import uuid
 import zlib
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +50,10 @@ def recover(root: Path) -> dict[str, int]:
 def receive(spool: Spool, name: str, data: bytes, study: str = "1.2.3", series: str = "1.2.3.4") -> Path:
     """A new instance as InstanceStore stores it: staged without a sync, renamed, settled."""
     target = spool.instance_path(study, series, name)
-    staged, placed = spool.stage_identified([data[:100], memoryview(data)[100:]], durable=False)
-    spool.place(staged, target, durable=False)
-    spool.settle(target, placed, [data[:100], memoryview(data)[100:]], synced=False)
+    with ExitStack() as held:
+        staged, placed, fd = spool.stage_held([data[:100], memoryview(data)[100:]], held, durable=False)
+        spool.place(staged, target, durable=False)
+        spool.settle(target, placed, [data[:100], memoryview(data)[100:]], synced=False, fd=fd)
     return target
 
 
@@ -327,11 +332,16 @@ def test_checkpoints_retire_records_once_their_files_are_synced_and_segments_tak
 
 
 def _spy_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the files and folders Spool fsyncs from now on (they are still fsynced)."""
+    """The names of the files and folders fsynced from now on, by path or through a descriptor
+    kept open (they are still fsynced)."""
     synced: list[str] = []
-    for name in ("_fsync_file", "_fsync_dir"):
-        real = getattr(spool_module, name)
-        monkeypatch.setattr(spool_module, name, lambda path, real=real: (synced.append(Path(path).name), real(path)))
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
     return synced
 
 
@@ -406,37 +416,129 @@ def test_a_same_copy_kept_aside_is_acknowledged_once_the_indexed_copy_is_durable
     store.spool.close()
 
 
+class _WritebackError:
+    """Linux's report of a write-back error on one file (mm/filemap.c, file_check_and_advance_wb_err,
+    errseq_t): to each file description open when it happened, once, and to one opened later
+    while nobody has seen it; any other fsync of the file succeeds, although its pages never
+    reached the disk. (An I/O error cannot be made on this disk: the one fault mocked.)"""
+
+    def __init__(self, path: Path):
+        self.inode = os.stat(path).st_ino
+        self.due = {fd for fd in map(int, os.listdir("/proc/self/fd")) if self._on_file(fd)}
+        self.seen = False
+
+    def _on_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == self.inode
+        except OSError:
+            return False
+
+    def reported(self, fd: int) -> bool:
+        if self._on_file(fd) and (fd in self.due or not self.seen):
+            self.due.discard(fd)
+            self.seen = True
+            return True
+        return False
+
+
+def _eio(*args: Any) -> None:
+    raise OSError(errno.EIO, "Input/output error")
+
+
 @pytest.mark.parametrize("size", [16, 512])
-def test_an_instance_whose_file_fails_its_sync_is_written_again_before_its_answer(tmp_path, monkeypatch, size):
-    """The row commits before the file is made durable (Spool.settle). When the file's fsync
-    fails, no later fsync of it can be trusted (Linux reports a write-back error once): the
-    bytes are written to a new file, fsynced and renamed over it, with its modification time,
-    and only then acknowledged. If that fails too, the answer is 0xA700 and the file stays."""
+@pytest.mark.parametrize("racing_resend", [False, True])
+def test_an_instance_whose_file_fails_its_sync_is_written_again_before_its_answer(
+        tmp_path, monkeypatch, size, racing_resend):
+    """The row commits before the file is made durable (Spool.settle). A write-back error is
+    reported once, so no later fsync of that file can be trusted: the bytes are written to a new
+    file, fsynced and renamed over it with its modification time, and only then acknowledged.
+    The fsync goes through the descriptor the file was written through, which is told of the
+    error even when an identical resend's fsync (by path, answered 0xA700) took it first. If the
+    new copy fails too, the answer is 0xA700 and the file stays."""
     store, incoming, target = _instance_store(tmp_path, size)
-    real = spool_module._fsync_file
-    failed: list[os.stat_result] = []
+    real_fsync, real_settle = os.fsync, store.spool.settle
+    errors: list[_WritebackError] = []
+    resent: list[int] = []
 
-    def failing(*args: Any) -> None:  # an I/O error cannot be made on this disk: the one fault mocked
-        raise OSError(errno.EIO, "Input/output error")
+    synced: list[str] = []
 
-    def target_fails_once(path: Path) -> None:
-        if Path(path) == target and not failed:
-            failed.append(os.stat(target))
-            failing()
-        real(path)
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        if any(error.reported(fd) for error in errors):
+            _eio()
+        real_fsync(fd)
 
-    monkeypatch.setattr(spool_module, "_fsync_file", target_fails_once)
-    monkeypatch.setattr(journal.os, "fdatasync", failing)  # 16: the journal's record fails first, then the file's sync
+    def settle(*args: Any, **kwargs: Any) -> None:  # the placed file's pages fail to reach the disk now
+        if not errors:
+            first.append(os.stat(target))
+            errors.append(_WritebackError(target))
+            if racing_resend:
+                resent.append(store.store(incoming).status)
+        real_settle(*args, **kwargs)
+
+    first: list[os.stat_result] = []
+    real_place = store.spool.place
+    under_lock: list[bool] = []
+
+    def place(*args: Any, **kwargs: Any) -> None:  # every rename into studies/ while the index's write lock is held
+        probe = sqlite3.connect(tmp_path / "data" / "index.sqlite", timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            under_lock.append(False)
+        except sqlite3.OperationalError:  # database is locked
+            under_lock.append(True)
+        finally:
+            probe.close()
+        real_place(*args, **kwargs)
+
+    monkeypatch.setattr(store.spool, "place", place)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store.spool, "settle", settle)
+    monkeypatch.setattr(journal.os, "fdatasync", _eio)  # 16: the journal's record fails, the file is fsynced
     assert store.store(incoming).status == 0
+    assert resent == ([0xA700] if racing_resend else [])  # the resend's fsync took the error first
     now = os.stat(target)
-    assert failed and now.st_ino != failed[0].st_ino and now.st_mtime_ns == failed[0].st_mtime_ns
+    assert now.st_ino != first[0].st_ino and now.st_mtime_ns == first[0].st_mtime_ns  # written again
+    assert synced[-1] == target.parent.name  # and the rename made durable before the answer
+    assert under_lock == [True, True]  # the first copy and the new one (the racing resend placed nothing)
     assert spool_module.same_dataset(target, incoming.payload) and store.index.missing_instances() == 0
     assert not list((tmp_path / "data" / "tmp").iterdir())
 
     other, other_target = _new_instance(tmp_path / "ct2", size, store.spool)
-    monkeypatch.setattr(spool_module, "_fsync_file", lambda path: failing())
-    assert store.store(other).status == 0xA700  # written again, and that copy's fsync failed too
+    monkeypatch.setattr(os, "fsync", lambda fd: _eio() if stat.S_ISREG(os.fstat(fd).st_mode) else real_fsync(fd))
+    assert store.store(other).status == 0xA700  # its fsync failed, and the new copy's too
     assert spool_module.same_dataset(other_target, other.payload)  # as before: the file and its row stay
+    assert not list((tmp_path / "data" / "tmp").iterdir())
+    monkeypatch.undo()
+    store.spool.close()
+
+
+def test_a_copy_written_again_never_replaces_a_newer_one_placed_meanwhile(tmp_path, monkeypatch):
+    """Between the failed fsync and the new copy's rename another association replaced the
+    instance with different bytes, and was acknowledged: the new copy of the older bytes is not
+    renamed over it, and the older is answered 0xA700."""
+    store, incoming, target = _instance_store(tmp_path, 512)
+    real_fsync, real_settle, real_write_again = os.fsync, store.spool.settle, store._write_again
+    errors: list[_WritebackError] = []
+    newer_data = bytearray(incoming.payload)
+    newer_data[-1] ^= 1  # the last pixel's byte
+    newer = dataclasses.replace(incoming, payload=memoryview(bytes(newer_data)))
+    answers: list[int] = []
+
+    def settle(*args: Any, **kwargs: Any) -> None:
+        if not errors:
+            errors.append(_WritebackError(target))
+        real_settle(*args, **kwargs)
+
+    def write_again(*args: Any) -> bool:
+        answers.append(store.store(newer).status)
+        return real_write_again(*args)
+
+    monkeypatch.setattr(os, "fsync", lambda fd: _eio() if any(e.reported(fd) for e in errors) else real_fsync(fd))
+    monkeypatch.setattr(store.spool, "settle", settle)
+    monkeypatch.setattr(store, "_write_again", write_again)
+    assert store.store(incoming).status == 0xA700
+    assert answers == [0] and spool_module.same_dataset(target, newer.payload)
     assert not list((tmp_path / "data" / "tmp").iterdir())
     monkeypatch.undo()
     store.spool.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -145,10 +146,11 @@ class InstanceStore:
         but in quarantine); the status is the acknowledgement's: SUCCESS only once the file is
         durable and its index row committed (a new instance's row lazily: see
         Index.record_instance)."""
-        status, tags = self._store(incoming)
+        with ExitStack() as held:  # the staged file's descriptor, until its settle (Spool.stage_held)
+            status, tags = self._store(incoming, held)
         return Stored(status, tags.study_uid if tags else None, tags.patient_id if tags else None)
 
-    def _store(self, incoming: Incoming) -> tuple[int, RoutingTags | None]:
+    def _store(self, incoming: Incoming, held: ExitStack) -> tuple[int, RoutingTags | None]:
         payload = incoming.payload
         if not self.spool.has_room(len(payload)):
             logs.event(log, "store_refused_disk_low", logging.ERROR, sop_instance_uid=incoming.sop_instance_uid)
@@ -233,11 +235,12 @@ class InstanceStore:
         previous: Path | None = None  # the copy a replacement renames over, until the index commits
         placed = False
         staged_file: FileIdentity | None = None  # the staged file's: the journal records it once placed
+        staged_fd = -1  # the descriptor it was written through, open until `held` closes
 
         def place() -> None:  # under the index's write lock: the rename only, its fsyncs after
-            nonlocal staged, staged_file, placed, previous, synced
+            nonlocal staged, staged_file, staged_fd, placed, previous, synced
             if staged is None:  # it was identical, and the indexed copy went meanwhile (retention)
-                (staged, staged_file), synced = self.spool.stage_identified(chunks), True
+                (staged, staged_file, staged_fd), synced = self.spool.stage_held(chunks, held), True
             previous = self.spool.keep_previous(target)
             if previous is not None and not synced:  # another association placed it first: a replacement
                 self.spool.sync(staged)
@@ -260,7 +263,7 @@ class InstanceStore:
         now = 0.0
         try:
             if not identical:
-                staged, staged_file = self.spool.stage_identified(chunks, durable=synced)
+                staged, staged_file, staged_fd = self.spool.stage_held(chunks, held, durable=synced)
             now = time.time()
             arrival = self.index.record_instance(
                 record,
@@ -303,12 +306,12 @@ class InstanceStore:
         try:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
             if placed:
                 assert staged_file is not None  # set before `placed`
-                self.spool.settle(target, staged_file, chunks, synced)
+                self.spool.settle(target, staged_file, chunks, synced, staged_fd)
             elif arrival.identical or same_bytes:
                 self.spool.sync_placed(target)
         except OSError as exc:  # indexed, but the file may not survive a power cut
             if not (placed and previous is None and staged_file is not None
-                    and self._write_again(target, chunks, staged_file)):  # not acknowledged
+                    and self._write_again(target, chunks, staged_file, tags.sop_instance_uid)):  # not acknowledged
                 self._discard(staged)  # (a copy kept aside; nothing once placed)
                 logs.event(log, "store_failed", logging.ERROR, sop_instance_uid=tags.sop_instance_uid,
                            error=exc.strerror)
@@ -379,10 +382,12 @@ class InstanceStore:
             logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
                        error=type(exc).__name__)
 
-    def _write_again(self, target: Path, chunks: tuple[bytes, memoryview], placed: FileIdentity) -> bool:
+    def _write_again(self, target: Path, chunks: tuple[bytes, memoryview], placed: FileIdentity,
+                     sop_instance_uid: str) -> bool:
         """A new instance's file could not be made durable after its row committed. Linux reports
-        a write-back error to one fsync only and leaves the pages clean in memory but not on the
-        disk, so no later fsync of that file can be trusted (nor a resend compared equal to it):
+        a write-back error once (to each descriptor open when it happened, and to one opened after
+        while nobody saw it) and leaves the pages clean in memory but not on the disk, so no later
+        fsync of that file can be trusted (nor a resend compared equal to it):
         the bytes are written once more to a new file, fsynced, and renamed over it under the
         write lock if it is still this one (not replaced meanwhile), keeping its modification
         time (retention and reconcile compare it with the row's), then its folder fsynced. True:
@@ -401,7 +406,8 @@ class InstanceStore:
             self.spool.make_durable(target)
             return True
         except Exception as exc:  # noqa: BLE001 - the store's own failure is answered by the caller
-            logs.event(log, "store_write_again_failed", logging.ERROR, error=type(exc).__name__)
+            logs.event(log, "store_write_again_failed", logging.ERROR, sop_instance_uid=sop_instance_uid,
+                       error=type(exc).__name__)
             return False
         finally:
             self._discard(fresh)

@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -101,25 +102,34 @@ class Spool:
                          durable: bool = True) -> tuple[Path, FileIdentity]:
         """`stage`, with the staged file's identity (the intake journal records it), taken from
         the descriptor it was written through."""
+        with ExitStack() as held:
+            tmp, identity, _ = self.stage_held(chunks, held, durable)
+        return tmp, identity
+
+    def stage_held(self, chunks: Iterable[bytes | memoryview], held: ExitStack,
+                   durable: bool = True) -> tuple[Path, FileIdentity, int]:
+        """`stage_identified`, with the descriptor the file was written through left open until
+        `held` closes: `settle` fsyncs through it. Linux reports a write-back error once to each
+        file description open when it happened, and to no descriptor opened after another has
+        seen it: one opened later by path could be told all is well because a racing store of
+        the same instance (an identical resend's fsync) took the error."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
-                identity = identify_open(fd)
-            finally:
-                os.close(fd)
+            held.callback(os.close, fd)
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+            identity = identify_open(fd)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise OutOfSpace(exc.errno, "no space left for the instance") from None
             raise
-        return tmp, identity
+        return tmp, identity, fd
 
     def place(self, staged: Path, target: Path, durable: bool = True) -> None:
         """Rename a staged file to `target` (replacing it) and make the rename durable (or leave
@@ -180,17 +190,17 @@ class Spool:
         _fsync_dir(target.parent)
 
     def settle(self, target: Path, placed: FileIdentity, chunks: Sequence[bytes | memoryview],
-               synced: bool) -> None:
+               synced: bool, fd: int) -> None:
         """Make a placed file durable before its acknowledgement: one not `synced` (staged with
         durable=False) by its record in the intake journal, else, or when the journal does not
-        take it, by the fsyncs of the file and of its folder."""
+        take it, by the fsyncs of the file (through `fd`, the descriptor it was written
+        through: `stage_held`) and of its folder."""
         if not synced and self.journal is not None and self.journal.record(
                 str(target.relative_to(self.root)), placed, chunks):
             return
-        if synced:
-            _fsync_dir(target.parent)
-        else:
-            self.sync_placed(target)
+        if not synced:
+            os.fsync(fd)
+        _fsync_dir(target.parent)
 
     @staticmethod
     def sync_placed(target: Path) -> None:
