@@ -544,6 +544,42 @@ def test_a_copy_written_again_never_replaces_a_newer_one_placed_meanwhile(tmp_pa
     store.spool.close()
 
 
+@pytest.mark.parametrize("size", [16, 512])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_write_error_reported_at_close_is_answered_as_a_failed_fsync(tmp_path, monkeypatch, size, persistent):
+    """NFS reports a delayed write error (EDQUOT, EIO) when the file is closed: the staged file's
+    descriptor is closed before the answer, and an error there is answered as a failed fsync
+    (written again, or 0xA700), never raised out of the store after its row committed."""
+    store, incoming, target = _instance_store(tmp_path, size)
+    real_open, real_close = os.open, os.close
+    staged: set[int] = set()
+    failures: list[int] = []
+
+    def opening(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith(".part") and flags & os.O_WRONLY:
+            staged.add(fd)
+        return fd
+
+    def closing(fd: int) -> None:  # a quota on an NFS server cannot be made here: the one fault mocked
+        real_close(fd)
+        if fd in staged:
+            staged.discard(fd)
+            if persistent or not failures:
+                failures.append(fd)
+                raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "close", closing)
+    status = store.store(incoming).status
+    monkeypatch.undo()
+    assert len(failures) == 2 if persistent else len(failures) == 1  # the first copy's close, and the new one's
+    assert status == (0xA700 if persistent else 0)
+    assert spool_module.same_dataset(target, incoming.payload)  # (kept, as any copy whose new one failed too)
+    assert not list((tmp_path / "data" / "tmp").iterdir())
+    store.spool.close()
+
+
 def test_an_instance_larger_than_a_segment_is_synced_itself_and_a_failed_sync_stops_the_journal(
         tmp_path, monkeypatch):
     spool = journalled_spool(tmp_path, segment_bytes=64_000)

@@ -146,8 +146,14 @@ class InstanceStore:
         but in quarantine); the status is the acknowledgement's: SUCCESS only once the file is
         durable and its index row committed (a new instance's row lazily: see
         Index.record_instance)."""
-        with ExitStack() as held:  # the staged file's descriptor, until its settle (Spool.stage_held)
+        held = ExitStack()  # the staged file's descriptor, until its settle (Spool.stage_held)
+        try:
             status, tags = self._store(incoming, held)
+        finally:
+            try:  # a copy not placed (refused, kept aside): its close's error changes no answer
+                held.close()
+            except OSError as exc:
+                logs.event(log, "staged_close_failed", logging.WARNING, error=exc.strerror)
         return Stored(status, tags.study_uid if tags else None, tags.patient_id if tags else None)
 
     def _store(self, incoming: Incoming, held: ExitStack) -> tuple[int, RoutingTags | None]:
@@ -307,6 +313,7 @@ class InstanceStore:
             if placed:
                 assert staged_file is not None  # set before `placed`
                 self.spool.settle(target, staged_file, chunks, synced, staged_fd)
+                held.close()  # NFS reports a delayed write error at close(2): answered as a failed fsync
             elif arrival.identical or same_bytes:
                 self.spool.sync_placed(target)
         except OSError as exc:  # indexed, but the file may not survive a power cut
@@ -394,9 +401,10 @@ class InstanceStore:
         the instance is durable now and its row stands; False: not acknowledged, as before."""
         fresh: Path | None = None
         try:
-            fresh, _ = self.spool.stage_identified(chunks, durable=False)
-            os.utime(fresh, ns=(placed.mtime_ns, placed.mtime_ns))
-            self.spool.sync(fresh)
+            with ExitStack() as own:  # its fsync through the descriptor it was written through, too
+                fresh, _, fd = self.spool.stage_held(chunks, own, durable=False)
+                os.utime(fd, ns=(placed.mtime_ns, placed.mtime_ns))
+                os.fsync(fd)
             with self.index.transaction():
                 there = identify(target)
                 if there is None or not there.unchanged(placed):
