@@ -108,7 +108,8 @@ def replace_durably(spool: Spool, target: Path, data: bytes, inode: int | None =
     aside while it is renamed over it, then let go. `inode`: staged under that inode number (a new
     file is staged until the file system hands it out again)."""
     for _ in range(200):
-        staged, identity = spool.stage_identified([data])
+        with ExitStack() as held:
+            staged, identity, _ = spool.stage_held([data], held)
         if inode is None or identity.inode == inode:
             break
         spool.discard(staged)

@@ -92,27 +92,26 @@ class Spool:
 
     def stage(self, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
         """Write `chunks` to a temporary file in tmp/ (not yet anywhere a reader looks), fsynced
-        unless `durable` is False (a new instance, which `settle` makes durable once placed).
-
-        The receiver stages first and lets the index `place` it under its write lock, so the
-        checks on the SOP Instance UID and the rename happen as one step across processes."""
-        return self.stage_identified(chunks, durable)[0]
-
-    def stage_identified(self, chunks: Iterable[bytes | memoryview],
-                         durable: bool = True) -> tuple[Path, FileIdentity]:
-        """`stage`, with the staged file's identity (the intake journal records it), taken from
-        the descriptor it was written through."""
+        unless `durable` is False, and closed (a write error NFS reports at close(2) fails it)."""
         with ExitStack() as held:
-            tmp, identity, _ = self.stage_held(chunks, held, durable)
-        return tmp, identity
+            tmp = self.stage_held(chunks, held, durable)[0]
+            try:
+                held.close()
+            except OSError as exc:
+                raise _staging_failed(tmp, exc) from None
+        return tmp
 
     def stage_held(self, chunks: Iterable[bytes | memoryview], held: ExitStack,
                    durable: bool = True) -> tuple[Path, FileIdentity, int]:
-        """`stage_identified`, with the descriptor the file was written through left open until
-        `held` closes: `settle` fsyncs through it. Linux reports a write-back error once to each
-        file description open when it happened, and to no descriptor opened after another has
-        seen it: one opened later by path could be told all is well because a racing store of
-        the same instance (an identical resend's fsync) took the error."""
+        """`stage`, with the staged file's identity (the intake journal records it) and the
+        descriptor it was written through, left open until `held` closes: `settle` fsyncs through
+        it. Linux reports a write-back error once to each file description open when it happened,
+        and to no descriptor opened after another has seen it: one opened later by path could be
+        told all is well because a racing store of the same instance (an identical resend's
+        fsync) took the error.
+
+        The receiver stages first and lets the index `place` it under its write lock, so the
+        checks on the SOP Instance UID and the rename happen as one step across processes."""
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -125,10 +124,7 @@ class Spool:
                 os.fsync(fd)
             identity = identify_open(fd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise OutOfSpace(exc.errno, "no space left for the instance") from None
-            raise
+            raise _staging_failed(tmp, exc) from None
         return tmp, identity, fd
 
     def place(self, staged: Path, target: Path, durable: bool = True) -> None:
@@ -266,6 +262,14 @@ class Spool:
         if len(self._known_dirs) >= KNOWN_DIRS_MAX:  # one per series: bounded in a long-lived receiver
             self._known_dirs.clear()
         self._known_dirs.add(folder)
+
+
+def _staging_failed(tmp: Path, exc: OSError) -> OSError:
+    """The staged file removed; what to raise: OutOfSpace for a full disk or quota."""
+    tmp.unlink(missing_ok=True)
+    if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        return OutOfSpace(exc.errno, "no space left for the instance")
+    return exc
 
 
 def _fsync_file(path: Path) -> None:
