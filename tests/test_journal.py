@@ -303,16 +303,84 @@ def test_a_journal_held_by_a_live_process_is_not_replayed_by_another(tmp_path):
     assert recover(tmp_path)["restored"] == 1
 
 
-def test_a_journal_of_this_boot_is_only_made_durable_never_replayed(tmp_path):
-    """A process that died without a reboot left its files to the page cache: whatever happened to
-    them since (retention removed one, a replacement came) is not undone, however late the claim."""
+def damage_in_place(path: Path) -> None:
+    """What a failed write-back leaves: other bytes under the same inode and modification time
+    (Linux marks the pages clean and tells of the error once; a later sync writes nothing)."""
+    mtime = path.stat().st_mtime_ns
+    with open(path, "r+b") as f:
+        f.write(bytes(path.stat().st_size))
+    os.utime(path, ns=(mtime, mtime))
+
+
+def test_a_journal_of_this_boot_writes_its_files_again_in_place_and_undoes_nothing(tmp_path):
+    """A process that died without a reboot left its files to the page cache, but perhaps not to
+    the disk: a write-back error it was told of (and gave the journal up on) is told to no one
+    else. So each file still the recorded one is written once more in place from its record and
+    fsynced; whatever else happened to them since (retention removed one, a replacement came) is
+    not undone, however late the claim."""
     spool = journalled_spool(tmp_path)
-    removed, kept = receive(spool, "6.1", os.urandom(1000)), receive(spool, "6.2", os.urandom(1000))
+    data = {name: os.urandom(1000 + i) for i, name in enumerate(("6.1", "6.2", "6.3", "6.4"))}
+    removed, kept, damaged, replaced = (receive(spool, name, blob) for name, blob in data.items())
+    recorded = identify(damaged)
     die(spool, reboot=False)
     removed.unlink()
-    assert recover(tmp_path) == {"records": 2, "restored": 0, "superseded": 0, "quarantined": 0}
-    assert not removed.exists() and kept.exists()
+    damage_in_place(damaged)
+    replace_durably(spool, replaced, b"a newer copy")
+    assert recover(tmp_path) == {"records": 4, "restored": 0, "superseded": 0, "quarantined": 0}
+    assert not removed.exists() and kept.read_bytes() == data["6.2"]
+    assert damaged.read_bytes() == data["6.3"] and identify(damaged) == recorded  # same inode, same mtime
+    assert replaced.read_bytes() == b"a newer copy"
+    assert not list(spool.tmp.iterdir())
     assert recover(tmp_path)["records"] == 0
+
+
+def test_a_checkpoint_told_of_a_write_error_writes_the_recorded_files_again_and_goes_on(tmp_path, monkeypatch):
+    """syncfs(2) reports a write-back error of any file on the file system, once, and the pages it
+    failed on are marked clean: the checkpoint writes each recorded file once more in place and
+    fsyncs it before it retires the records; the journal goes on taking records. If that fails
+    too the journal gives up, its records stay, and the next claim in this boot writes them
+    again."""
+    spool = journalled_spool(tmp_path, checkpoint_s=0.05)
+    first = {name: os.urandom(2000 + i) for i, name in enumerate(("8.1", "8.2"))}
+    real = journal._make_durable
+    failing: list[Path] = [spool.instance_path("1.2.3", "1.2.3.4", name) for name in first]
+    told: list[int] = []
+
+    def told_once(root_fd: int) -> None:  # an I/O error cannot be made on this disk: the one fault mocked
+        if failing:
+            told.append(len(failing))
+            while failing:
+                damage_in_place(failing.pop())
+            raise OSError(errno.EIO, "Input/output error")
+        real(root_fd)
+
+    monkeypatch.setattr(journal, "_make_durable", told_once)
+    targets = [receive(spool, name, blob) for name, blob in first.items()]
+    wait_for(lambda: pending(spool) == 0, timeout=10)
+    assert told == [2] and [t.read_bytes() for t in targets] == list(first.values())
+    assert spool.journal is not None and not spool.journal._unusable
+    later = receive(spool, "8.3", os.urandom(3000))
+    assert pending(spool) == 1  # journalled, as before the error
+
+    # the disk fails the files' own writes too: the journal gives up, the records stay
+    expected = later.read_bytes()
+    failing.append(later)
+    real_fsync = os.fsync
+
+    def fsync_failing_for_instances(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".dcm"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_for_instances)
+    wait_for(lambda: spool.journal is not None and spool.journal._unusable, timeout=10)
+    assert pending(spool) == 1
+    monkeypatch.undo()
+    assert told == [2, 1]
+    damage_in_place(later)  # its write-back failed again
+    die(spool, reboot=False)
+    assert recover(tmp_path)["records"] == 1
+    assert later.read_bytes() == expected and [t.read_bytes() for t in targets] == list(first.values())
 
 
 def test_checkpoints_retire_records_once_their_files_are_synced_and_segments_take_turns(tmp_path):

@@ -19,7 +19,10 @@ there was put there since by a replacement, which is made durable the ordinary w
 A record whose path is blocked (a file holds a folder's name, a folder or a link holds the
 file's) goes to quarantine/ with its path instead; any other failure (disk full, I/O error)
 stops the start and the journal stays for the next. Then every recorded file is made durable
-and the journal emptied.
+and the journal emptied. A journal of this boot (a process restarted) restores nothing: its
+files are written once more in place from their records, since a write-back error the dead
+process was told of is told to no one else (`_rewrite`), as a live checkpoint does when its
+syncfs reports one.
 
 Each process holds its journal by flock(2) on its slot's lock file: a live replica's journal on a
 shared spool is never replayed by another, and a dead process's is claimed and replayed by the
@@ -307,7 +310,7 @@ class IntakeJournal:
             try:
                 self._segments = _Segment.pair(self.folder, str(slot))
                 replay(self.root, str(slot), self._segments, fd, self.quarantine)
-                os.pwrite(fd, _boot_id(), 0)  # whose records these are: replay restores nothing in the same boot
+                os.pwrite(fd, _boot_id(), 0)  # whose records these are: in the same boot replay only writes again in place
                 os.fsync(fd)
                 self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
             except BaseException:
@@ -362,21 +365,36 @@ class IntakeJournal:
                 self._switch_asked = False
                 self._cond.notify_all()
             try:
-                _make_durable(self._root_fd)
+                self._make_files_durable(active)
                 active.retire()
             except OSError as exc:
                 with self._cond:
                     self._give_up(exc)
                 return
 
+    def _make_files_durable(self, segment: _Segment) -> None:
+        """The files `segment` records, on disk: one syncfs(2). When it reports a write-back error
+        (of any file on the file system; the pages it failed on are marked clean, so no later
+        sync writes them again), each recorded file is written once more in place from its record
+        and fsynced itself; an error there too is raised (the journal gives up, its records
+        stay for the next start)."""
+        try:
+            _make_durable(self._root_fd)
+        except OSError as exc:
+            rewritten = sum(_rewrite(self.root, record) for record in segment.records())
+            logs.event(log, "intake_journal_files_written_again", logging.WARNING,
+                       error=exc.strerror or type(exc).__name__, files=rewritten)
+
 
 def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, quarantine: Quarantine) -> dict[str, int]:
     """Put back what a crash took of the recorded files, make them all durable, empty the segments.
 
-    Only a journal written before the machine's last boot can have lost anything (a process that
-    dies leaves its files to the page cache, and its journal to a later claim, perhaps long after,
-    when retention may have removed the files and live writers replaced them): one written in
-    this boot (its lock file names the boot) is only made durable. `slot`: the journal's, whose
+    Only a journal written before the machine's last boot can have lost a file's name or inode
+    (a process that dies leaves its files to the page cache, and its journal to a later claim,
+    perhaps long after, when retention may have removed the files and live writers replaced
+    them): of one written in this boot (its lock file names the boot) each file still the
+    recorded one is written once more in place and fsynced (`_rewrite`), since a write-back
+    error its process was told of is told to no one else. `slot`: the journal's, whose
     lock is held; `quarantine(path, reason)` keeps a record that cannot be written back."""
     for left in (root / "tmp").glob(f"{slot}-*.journal"):  # a crash during an earlier replay of this slot
         left.unlink(missing_ok=True)
@@ -395,6 +413,9 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
                 outcome = _replay_one(root, slot, record, staged, kept, quarantine)
                 if outcome:
                     counts[outcome] += 1
+        else:  # its files are in the page cache, but perhaps not on disk: a write-back error its
+            for record in latest.values():  # process saw (and gave up on) is not reported again
+                _rewrite(root, record)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             _make_durable(fd)
@@ -519,6 +540,51 @@ def _staged(root: Path) -> dict[int, list[tuple[FileIdentity, Path]]]:
         if identity is not None:  # else gone meanwhile
             staged.setdefault(identity.inode, []).append((identity, part))
     return staged
+
+
+def _rewrite(root: Path, record: _Record) -> bool:
+    """The record's bytes written once more over the very file it recorded, in place, with its
+    modification time, and fsynced: True. False when that file is no longer at its path (removed,
+    replaced by another inode, something other than a file there; on a file system without
+    inode generations, a file whose modification time differs): nothing is written. Any other
+    failure is raised.
+
+    Why in place: Linux marks the pages a write-back failed on clean, and tells of the error once
+    (to the descriptors open then, or to the first sync after); a later sync then succeeds
+    without writing them, so only a new write of the bytes takes them to the disk. In place, not
+    renamed over: a replacement renamed there meanwhile stays untouched, and a reader of the file
+    reads the same bytes throughout."""
+    target = _inside(root, record.path)
+    if target is None:
+        return False
+    try:
+        if not stat.S_ISREG(os.lstat(target).st_mode):
+            return False
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO swapped in does not block
+        except BlockingIOError:  # a lease held on the file (NFS, Samba)
+            fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return False  # removed, or another thing swapped in since the lstat
+        raise
+    try:
+        there = identify_open(fd)
+        recorded = record.file
+        # where the file system keeps inode generations the inode is the recorded one; where it
+        # keeps none, a number handed out again is told apart by its modification time
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not there.same_file(recorded) or (
+                -1 in (there.generation, recorded.generation) and there.mtime_ns != recorded.mtime_ns):
+            return False
+        data, offset = record.data, 0
+        while offset < len(data):
+            offset += os.pwrite(fd, data[offset:], offset)
+        os.ftruncate(fd, len(data))
+        os.utime(fd, ns=(recorded.mtime_ns, recorded.mtime_ns))  # retention and reconcile compare it
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # NFS reports a delayed write error here: raised as well
+    return True
 
 
 def _holds(path: Path, data: memoryview) -> bool:
