@@ -312,9 +312,9 @@ def damage_in_place(path: Path) -> None:
     os.utime(path, ns=(mtime, mtime))
 
 
-def test_a_journal_of_this_boot_writes_its_files_again_in_place_and_undoes_nothing(tmp_path):
+def test_a_journal_of_this_boot_writes_its_files_again_in_place_and_undoes_nothing(tmp_path, monkeypatch):
     """A process that died without a reboot left its files to the page cache, but perhaps not to
-    the disk: a write-back error it was told of (and gave the journal up on) is told to no one
+    the disk: a write-back error it was told of (and gave the journal up on) may be told to no one
     else. So each file still the recorded one is written once more in place from its record and
     fsynced; whatever else happened to them since (retention removed one, a replacement came) is
     not undone, however late the claim."""
@@ -326,7 +326,9 @@ def test_a_journal_of_this_boot_writes_its_files_again_in_place_and_undoes_nothi
     removed.unlink()
     damage_in_place(damaged)
     replace_durably(spool, replaced, b"a newer copy")
+    synced = _spy_syncs(monkeypatch)
     assert recover(tmp_path) == {"records": 4, "restored": 0, "superseded": 0, "quarantined": 0}
+    assert {damaged.name, damaged.parent.name} <= set(synced)  # the file, then its folder
     assert not removed.exists() and kept.read_bytes() == data["6.2"]
     assert damaged.read_bytes() == data["6.3"] and identify(damaged) == recorded  # same inode, same mtime
     assert replaced.read_bytes() == b"a newer copy"
@@ -334,53 +336,103 @@ def test_a_journal_of_this_boot_writes_its_files_again_in_place_and_undoes_nothi
     assert recover(tmp_path)["records"] == 0
 
 
-def test_a_checkpoint_told_of_a_write_error_writes_the_recorded_files_again_and_goes_on(tmp_path, monkeypatch):
-    """syncfs(2) reports a write-back error of any file on the file system, once, and the pages it
-    failed on are marked clean: the checkpoint writes each recorded file once more in place and
-    fsyncs it before it retires the records; the journal goes on taking records. If that fails
-    too the journal gives up, its records stay, and the next claim in this boot writes them
-    again."""
-    spool = journalled_spool(tmp_path, checkpoint_s=0.05)
-    first = {name: os.urandom(2000 + i) for i, name in enumerate(("8.1", "8.2"))}
-    real = journal._make_durable
-    failing: list[Path] = [spool.instance_path("1.2.3", "1.2.3.4", name) for name in first]
-    told: list[int] = []
+def checkpoint(spool: Spool) -> None:
+    """The journal's next checkpoint, now (as its timer would), waited for."""
+    intake = spool.journal
+    assert intake is not None
+    with intake._cond:
+        segment = intake._segments[intake._active]
+        intake._switch_asked = True
+        intake._cond.notify_all()
+    wait_for(lambda: segment.pending == 0 or intake._unusable, timeout=10)
 
-    def told_once(root_fd: int) -> None:  # an I/O error cannot be made on this disk: the one fault mocked
-        if failing:
-            told.append(len(failing))
-            while failing:
-                damage_in_place(failing.pop())
-            raise OSError(errno.EIO, "Input/output error")
-        real(root_fd)
 
-    monkeypatch.setattr(journal, "_make_durable", told_once)
-    targets = [receive(spool, name, blob) for name, blob in first.items()]
-    wait_for(lambda: pending(spool) == 0, timeout=10)
-    assert told == [2] and [t.read_bytes() for t in targets] == list(first.values())
-    assert spool.journal is not None and not spool.journal._unusable
-    later = receive(spool, "8.3", os.urandom(3000))
-    assert pending(spool) == 1  # journalled, as before the error
+def _failing_writeback(monkeypatch: pytest.MonkeyPatch, fail_next: list[Path], told: list[int],
+                       persistent: bool = False) -> None:
+    """The next checkpoint's syncfs reports a write-back error of the files in `fail_next`
+    (damaged in place, as the disk holds them), once, as Linux reports it: the files' own error
+    then goes once to a new descriptor's fsync (_WritebackError), or, `persistent`, to every
+    fsync of them (the disk still fails). An I/O error cannot be made on this disk: the fault
+    mocked."""
+    real_syncfs, real_fsync = journal._make_durable, os.fsync
+    errors: list[_WritebackError] = []
+    failing: set[int] = set()
 
-    # the disk fails the files' own writes too: the journal gives up, the records stay
-    expected = later.read_bytes()
-    failing.append(later)
-    real_fsync = os.fsync
+    def syncfs(root_fd: int) -> None:
+        if not fail_next:
+            real_syncfs(root_fd)
+            return
+        told.append(len(fail_next))
+        for path in fail_next:
+            damage_in_place(path)
+            errors.append(_WritebackError(path))
+            failing.add(os.stat(path).st_ino)
+        fail_next.clear()
+        raise OSError(errno.EIO, "Input/output error")
 
-    def fsync_failing_for_instances(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".dcm"):
+    def fsync(fd: int) -> None:
+        if any(e.reported(fd) for e in errors) or persistent and os.fstat(fd).st_ino in failing:
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync_failing_for_instances)
-    wait_for(lambda: spool.journal is not None and spool.journal._unusable, timeout=10)
-    assert pending(spool) == 1
+    monkeypatch.setattr(journal, "_make_durable", syncfs)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_checkpoint_told_of_a_write_error_writes_the_recorded_files_again_and_goes_on(tmp_path, monkeypatch):
+    """syncfs(2) reports a write-back error of any file on the file system, once, and the pages it
+    failed on are marked clean: the checkpoint writes each recorded file once more in place (the
+    file's own error, told to the first fsync of a new descriptor, taken first) and fsyncs it
+    before it retires the records, and the journal goes on. The file may be one the other
+    segment took meanwhile: its checkpoint writes its files again too."""
+    spool = journalled_spool(tmp_path)
+    first = {name: os.urandom(2000 + i) for i, name in enumerate(("8.1", "8.2"))}
+    targets = [receive(spool, name, blob) for name, blob in first.items()]
+    fail_next, told = list(targets), []
+    _failing_writeback(monkeypatch, fail_next, told)
+    checkpoint(spool)
+    assert told == [2] and [t.read_bytes() for t in targets] == list(first.values())
+    assert spool.journal is not None and not spool.journal._unusable and pending(spool) == 0
+
+    # the error is a file's the other segment took while this one's checkpoint synced
+    third = receive(spool, "8.3", os.urandom(3000))
+    fourth_data = os.urandom(4000)
+    fourth = spool.instance_path("1.2.3", "1.2.3.4", "8.4")
+    real_syncfs = journal._make_durable
+
+    def taking_a_record_meanwhile(root_fd: int) -> None:
+        if not told[1:]:
+            fail_next.append(receive(spool, "8.4", fourth_data))  # into the other segment
+        real_syncfs(root_fd)
+
+    monkeypatch.setattr(journal, "_make_durable", taking_a_record_meanwhile)
+    expected = third.read_bytes()
+    checkpoint(spool)  # 8.3's segment: 8.4's error reported to it
+    assert told == [2, 1] and third.read_bytes() == expected and pending(spool) == 1
+    assert fourth.read_bytes() != fourth_data  # (still, as the disk holds it)
+    checkpoint(spool)  # 8.4's segment: its syncfs says nothing now
+    assert fourth.read_bytes() == fourth_data and fourth.stat().st_mtime_ns == identify(fourth).mtime_ns
+    assert not spool.journal._unusable and pending(spool) == 0
+    receive(spool, "8.5", os.urandom(1000))
+    assert pending(spool) == 1  # journalled, as before the errors
+
+
+def test_a_checkpoint_whose_files_fail_again_gives_up_and_the_next_claim_writes_them_again(
+        tmp_path, monkeypatch):
+    """The disk fails the files' own writes too: the journal gives up, its records stay, and the
+    next claim of its slot in this boot writes the files once more from them."""
+    spool = journalled_spool(tmp_path)
+    data = os.urandom(3000)
+    target = receive(spool, "8.6", data)
+    told: list[int] = []
+    _failing_writeback(monkeypatch, [target], told, persistent=True)
+    checkpoint(spool)
+    assert told == [1] and spool.journal is not None and spool.journal._unusable and pending(spool) == 1
     monkeypatch.undo()
-    assert told == [2, 1]
-    damage_in_place(later)  # its write-back failed again
+    damage_in_place(target)  # its write-back failed again
     die(spool, reboot=False)
     assert recover(tmp_path)["records"] == 1
-    assert later.read_bytes() == expected and [t.read_bytes() for t in targets] == list(first.values())
+    assert target.read_bytes() == data
 
 
 def test_checkpoints_retire_records_once_their_files_are_synced_and_segments_take_turns(tmp_path):

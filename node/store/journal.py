@@ -20,9 +20,9 @@ A record whose path is blocked (a file holds a folder's name, a folder or a link
 file's) goes to quarantine/ with its path instead; any other failure (disk full, I/O error)
 stops the start and the journal stays for the next. Then every recorded file is made durable
 and the journal emptied. A journal of this boot (a process restarted) restores nothing: its
-files are written once more in place from their records, since a write-back error the dead
-process was told of is told to no one else (`_rewrite`), as a live checkpoint does when its
-syncfs reports one.
+files are written once more in place from their records (`_rewrite`: a sync alone would not
+write the pages a failed write-back marked clean, and the error may have been told to the dead
+process alone), as a live checkpoint does when its syncfs reports one.
 
 Each process holds its journal by flock(2) on its slot's lock file: a live replica's journal on a
 shared spool is never replayed by another, and a dead process's is claimed and replayed by the
@@ -179,7 +179,7 @@ class _Segment:
 
     def records(self) -> Iterator[_Record]:
         """The chain of whole records from the start of the segment, as a crash left it."""
-        data = memoryview(os.pread(self.fd, self.size, 0)) if self.size else memoryview(b"")
+        data = memoryview(_read_whole(self.fd, self.size))
         offset, fill = 0, None
         while offset + HEADER_V1.size <= len(data):
             layout = _LAYOUTS.get(bytes(data[offset:offset + 4]))
@@ -223,6 +223,7 @@ class IntakeJournal:
         self._segments: list[_Segment] = []
         self._lock_fd: int | None = None
         self._root_fd: int | None = None  # syncfs on one descriptor for the journal's life: errors reach it
+        self._error_carried: str | None = None  # a checkpoint's syncfs error, for the next checkpoint
         self._active = 0
         self._seq = 0
         self._switch_asked = False
@@ -340,12 +341,13 @@ class IntakeJournal:
                 return None
             self._cond.wait(left)
 
-    def _give_up(self, exc: OSError) -> None:
+    def _give_up(self, exc: Exception) -> None:
         """After a failed write or sync nothing says what reached the disk (fsync errors are not
         repeated): no more records; what is recorded stays for the next start's replay."""
         if not self._unusable:
             self._unusable = True
-            logs.event(log, "intake_journal_unusable", logging.ERROR, error=exc.strerror or type(exc).__name__)
+            logs.event(log, "intake_journal_unusable", logging.ERROR,
+                       error=getattr(exc, "strerror", None) or type(exc).__name__)
         self._cond.notify_all()
 
     # -- the checkpoint thread ------------------------------------------------------------------------
@@ -367,8 +369,8 @@ class IntakeJournal:
             try:
                 self._make_files_durable(active)
                 active.retire()
-            except OSError as exc:
-                with self._cond:
+            except Exception as exc:  # noqa: BLE001 - an OSError, or a segment too large to read back
+                with self._cond:  # (MemoryError): never a checkpoint thread gone and the journal on
                     self._give_up(exc)
                 return
 
@@ -376,14 +378,20 @@ class IntakeJournal:
         """The files `segment` records, on disk: one syncfs(2). When it reports a write-back error
         (of any file on the file system; the pages it failed on are marked clean, so no later
         sync writes them again), each recorded file is written once more in place from its record
-        and fsynced itself; an error there too is raised (the journal gives up, its records
-        stay for the next start)."""
+        and fsynced itself, and so are the other segment's at its own checkpoint (it was taking
+        records meanwhile: the file may be one of its; syncfs tells each error once). An error
+        there too is raised (the journal gives up, its records stay for the next start)."""
+        carried, self._error_carried = self._error_carried, None
         try:
             _make_durable(self._root_fd)
+            told = None
         except OSError as exc:
+            told = exc.strerror or type(exc).__name__
+        if told or carried:
             rewritten = sum(_rewrite(self.root, record) for record in segment.records())
-            logs.event(log, "intake_journal_files_written_again", logging.WARNING,
-                       error=exc.strerror or type(exc).__name__, files=rewritten)
+            logs.event(log, "intake_journal_files_written_again", logging.WARNING, error=told or carried,
+                       files=rewritten)
+        self._error_carried = told
 
 
 def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, quarantine: Quarantine) -> dict[str, int]:
@@ -393,8 +401,9 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
     (a process that dies leaves its files to the page cache, and its journal to a later claim,
     perhaps long after, when retention may have removed the files and live writers replaced
     them): of one written in this boot (its lock file names the boot) each file still the
-    recorded one is written once more in place and fsynced (`_rewrite`), since a write-back
-    error its process was told of is told to no one else. `slot`: the journal's, whose
+    recorded one is written once more in place and fsynced (`_rewrite`): a write-back error its
+    process was told of (and gave the journal up on) may be told to no one else. `slot`: the
+    journal's, whose
     lock is held; `quarantine(path, reason)` keeps a record that cannot be written back."""
     for left in (root / "tmp").glob(f"{slot}-*.journal"):  # a crash during an earlier replay of this slot
         left.unlink(missing_ok=True)
@@ -576,6 +585,10 @@ def _rewrite(root: Path, record: _Record) -> bool:
         if not stat.S_ISREG(os.fstat(fd).st_mode) or not there.same_file(recorded) or (
                 -1 in (there.generation, recorded.generation) and there.mtime_ns != recorded.mtime_ns):
             return False
+        try:  # an error no one has seen yet is told to this new descriptor's first fsync: the one
+            os.fsync(fd)  # this write is for (the bytes written after it are what the next one says of)
+        except OSError:
+            pass
         data, offset = record.data, 0
         while offset < len(data):
             offset += os.pwrite(fd, data[offset:], offset)
@@ -584,7 +597,22 @@ def _rewrite(root: Path, record: _Record) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)  # NFS reports a delayed write error here: raised as well
+    fsync_dir(target.parent)
     return True
+
+
+def _read_whole(fd: int, size: int) -> bytearray:
+    """The first `size` bytes of `fd` (a segment: pread(2) returns at most 2 GiB - 4 KiB at once)."""
+    data = bytearray(size)
+    with memoryview(data) as view:
+        done = 0
+        while done < size:
+            got = os.preadv(fd, [view[done:]], done)
+            if not got:
+                break
+            done += got
+    del data[done:]
+    return data
 
 
 def _holds(path: Path, data: memoryview) -> bool:
