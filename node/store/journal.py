@@ -19,10 +19,10 @@ there was put there since by a replacement, which is made durable the ordinary w
 A record whose path is blocked (a file holds a folder's name, a folder or a link holds the
 file's) goes to quarantine/ with its path instead; any other failure (disk full, I/O error)
 stops the start and the journal stays for the next. Then every recorded file is made durable
-and the journal emptied. A journal of this boot (a process restarted) restores nothing: its
-files are written once more in place from their records (`_rewrite`: a sync alone would not
-write the pages a failed write-back marked clean, and the error may have been told to the dead
-process alone), as a live checkpoint does when its syncfs reports one.
+and the journal emptied. Of a journal of this boot (a process restarted) each file still the
+recorded one is written again from its record, as a new file renamed over it
+(`_written_again`: a sync alone would not write the pages a failed write-back left in the page
+cache), and one removed or replaced since is left as it is.
 
 Each process holds its journal by flock(2) on its slot's lock file: a live replica's journal on a
 shared spool is never replayed by another, and a dead process's is claimed and replayed by the
@@ -223,7 +223,6 @@ class IntakeJournal:
         self._segments: list[_Segment] = []
         self._lock_fd: int | None = None
         self._root_fd: int | None = None  # syncfs on one descriptor for the journal's life: errors reach it
-        self._error_carried: str | None = None  # a checkpoint's syncfs error, for the next checkpoint
         self._active = 0
         self._seq = 0
         self._switch_asked = False
@@ -311,7 +310,7 @@ class IntakeJournal:
             try:
                 self._segments = _Segment.pair(self.folder, str(slot))
                 replay(self.root, str(slot), self._segments, fd, self.quarantine)
-                os.pwrite(fd, _boot_id(), 0)  # whose records these are: in the same boot replay only writes again in place
+                os.pwrite(fd, _boot_id(), 0)  # whose records these are: in the same boot replay only writes files again
                 os.fsync(fd)
                 self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
             except BaseException:
@@ -367,31 +366,12 @@ class IntakeJournal:
                 self._switch_asked = False
                 self._cond.notify_all()
             try:
-                self._make_files_durable(active)
+                _make_durable(self._root_fd)
                 active.retire()
             except Exception as exc:  # noqa: BLE001 - an OSError, or a segment too large to read back
                 with self._cond:  # (MemoryError): never a checkpoint thread gone and the journal on
                     self._give_up(exc)
                 return
-
-    def _make_files_durable(self, segment: _Segment) -> None:
-        """The files `segment` records, on disk: one syncfs(2). When it reports a write-back error
-        (of any file on the file system; the pages it failed on are marked clean, so no later
-        sync writes them again), each recorded file is written once more in place from its record
-        and fsynced itself, and so are the other segment's at its own checkpoint (it was taking
-        records meanwhile: the file may be one of its; syncfs tells each error once). An error
-        there too is raised (the journal gives up, its records stay for the next start)."""
-        carried, self._error_carried = self._error_carried, None
-        try:
-            _make_durable(self._root_fd)
-            told = None
-        except OSError as exc:
-            told = exc.strerror or type(exc).__name__
-        if told or carried:
-            rewritten = sum(_rewrite(self.root, record) for record in segment.records())
-            logs.event(log, "intake_journal_files_written_again", logging.WARNING, error=told or carried,
-                       files=rewritten)
-        self._error_carried = told
 
 
 def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, quarantine: Quarantine) -> dict[str, int]:
@@ -401,9 +381,7 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
     (a process that dies leaves its files to the page cache, and its journal to a later claim,
     perhaps long after, when retention may have removed the files and live writers replaced
     them): of one written in this boot (its lock file names the boot) each file still the
-    recorded one is written once more in place and fsynced (`_rewrite`): a write-back error its
-    process was told of (and gave the journal up on) may be told to no one else. `slot`: the
-    journal's, whose
+    recorded one is written again (`_written_again`). `slot`: the journal's, whose
     lock is held; `quarantine(path, reason)` keeps a record that cannot be written back."""
     for left in (root / "tmp").glob(f"{slot}-*.journal"):  # a crash during an earlier replay of this slot
         left.unlink(missing_ok=True)
@@ -422,9 +400,9 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
                 outcome = _replay_one(root, slot, record, staged, kept, quarantine)
                 if outcome:
                     counts[outcome] += 1
-        else:  # its files are in the page cache, but perhaps not on disk: a write-back error its
-            for record in latest.values():  # process saw (and gave up on) is not reported again
-                _rewrite(root, record)
+        else:  # its files are in the page cache, but perhaps not on disk (see `_written_again`)
+            for record in latest.values():
+                _written_again(root, slot, record, quarantine)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             _make_durable(fd)
@@ -484,11 +462,12 @@ _BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EL
 
 
 def _write_back(root: Path, slot: str, record: _Record, target: Path, kept: set[str], quarantine: Quarantine,
-                blocked: str = "") -> str:
+                blocked: str = "", only_over: FileIdentity | None = None) -> str:
     """The record's copy at `target`, durably, with its mtime ("restored"); to quarantine/ if
     the path is `blocked` or turns out so ("quarantined"). A failure to write the copy at all
     (disk full) is raised: the start stops, the journal stays for the next (this slot's
-    temporary copies are removed then)."""
+    temporary copies are removed then). `only_over`: renamed only over that file, looked at
+    again just before ("superseded" else: a replacement came meanwhile)."""
     name = f"journal-{slot}-{record.fill:016x}-{record.seq}"  # the same at every replay of this record
     if name in kept:  # a start that stopped later quarantined it already
         return "quarantined"
@@ -507,6 +486,9 @@ def _write_back(root: Path, slot: str, record: _Record, target: Path, kept: set[
             target.parent.mkdir(parents=True, exist_ok=True)
             for folder in missing:
                 fsync_dir(folder.parent)
+            if only_over is not None and not _still_recorded(target, only_over):
+                tmp.unlink()
+                return "superseded"
             os.replace(tmp, target)
             return "restored"
         except OSError as exc:
@@ -551,54 +533,30 @@ def _staged(root: Path) -> dict[int, list[tuple[FileIdentity, Path]]]:
     return staged
 
 
-def _rewrite(root: Path, record: _Record) -> bool:
-    """The record's bytes written once more over the very file it recorded, in place, with its
-    modification time, and fsynced: True. False when that file is no longer at its path (removed,
-    replaced by another inode, something other than a file there; on a file system without
-    inode generations, a file whose modification time differs): nothing is written. Any other
-    failure is raised.
-
-    Why in place: Linux marks the pages a write-back failed on clean, and tells of the error once
-    (to the descriptors open then, or to the first sync after); a later sync then succeeds
-    without writing them, so only a new write of the bytes takes them to the disk. In place, not
-    renamed over: a replacement renamed there meanwhile stays untouched, and a reader of the file
-    reads the same bytes throughout."""
+def _written_again(root: Path, slot: str, record: _Record, quarantine: Quarantine) -> None:
+    """A journal of this boot: the recorded file, if it is still at its path, written again from
+    its record as a new file (`_write_back`) renamed over it. Its page cache may hold bytes
+    the disk does not: Linux marks the pages a write-back failed on clean and tells of the error
+    once (perhaps to the dead process's checkpoint only), so no later sync writes them; and on
+    ext4 the blocks of a failed write-back can stay unwritten extents that a rewrite in place
+    does not convert (measured on a failing loop device: zeros read back), hence a new file. A
+    file removed or replaced since is left as it is (looked at again just before the rename; a
+    replacement another process renames there in between is overwritten: the rename is not
+    under the index's write lock)."""
     target = _inside(root, record.path)
-    if target is None:
+    if target is not None and _still_recorded(target, record.file):
+        _write_back(root, slot, record, target, set(), quarantine, only_over=record.file)
+
+
+def _still_recorded(target: Path, recorded: FileIdentity) -> bool:
+    """Whether the file at `target` is the one recorded: the same inode, told apart from a number
+    handed out again by its generation, or where there is none by its modification time."""
+    try:
+        there = identify(target)
+    except NotARegularFile:
         return False
-    try:
-        if not stat.S_ISREG(os.lstat(target).st_mode):
-            return False
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO swapped in does not block
-        except BlockingIOError:  # a lease held on the file (NFS, Samba)
-            fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            return False  # removed, or another thing swapped in since the lstat
-        raise
-    try:
-        there = identify_open(fd)
-        recorded = record.file
-        # where the file system keeps inode generations the inode is the recorded one; where it
-        # keeps none, a number handed out again is told apart by its modification time
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or not there.same_file(recorded) or (
-                -1 in (there.generation, recorded.generation) and there.mtime_ns != recorded.mtime_ns):
-            return False
-        try:  # an error no one has seen yet is told to this new descriptor's first fsync: the one
-            os.fsync(fd)  # this write is for (the bytes written after it are what the next one says of)
-        except OSError:
-            pass
-        data, offset = record.data, 0
-        while offset < len(data):
-            offset += os.pwrite(fd, data[offset:], offset)
-        os.ftruncate(fd, len(data))
-        os.utime(fd, ns=(recorded.mtime_ns, recorded.mtime_ns))  # retention and reconcile compare it
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # NFS reports a delayed write error here: raised as well
-    fsync_dir(target.parent)
-    return True
+    return there is not None and there.same_file(recorded) and (
+        -1 not in (there.generation, recorded.generation) or there.mtime_ns == recorded.mtime_ns)
 
 
 def _read_whole(fd: int, size: int) -> bytearray:
