@@ -336,6 +336,37 @@ def test_a_journal_of_this_boot_writes_its_files_again_and_undoes_nothing(tmp_pa
     assert recover(tmp_path)["records"] == 0
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "no-exchange"])
+@pytest.mark.parametrize("meanwhile", ["removed", "replaced"])
+def test_a_file_removed_or_replaced_while_written_again_stays_so(tmp_path, monkeypatch, meanwhile, exchange):
+    """Retention removes the study, or a replacement comes, while the claim writes the recorded
+    file's new copy: the copy is exchanged for what is there only if that is still the recorded
+    file, so nothing removed comes back and no newer copy is lost (where the file system cannot
+    exchange names, it looks just before the rename)."""
+    spool = journalled_spool(tmp_path)
+    target = receive(spool, "6.5", os.urandom(2000))
+    die(spool, reboot=False)
+    if not exchange:
+        monkeypatch.setattr(journal, "_RENAMEAT2", None)
+    real_copy = journal._durable_copy
+
+    def racing(root: Path, slot: str, record: Any) -> Path:
+        copy = real_copy(root, slot, record)
+        if meanwhile == "removed":
+            shutil.rmtree(spool.studies / "1.2.3")
+        else:
+            replace_durably(spool, target, b"a newer copy")
+        return copy
+
+    monkeypatch.setattr(journal, "_durable_copy", racing)
+    assert recover(tmp_path)["records"] == 1
+    if meanwhile == "removed":
+        assert not (spool.studies / "1.2.3").exists()
+    else:
+        assert target.read_bytes() == b"a newer copy"
+    assert not list(spool.tmp.iterdir())
+
+
 def checkpoint(spool: Spool) -> None:
     """The journal's next checkpoint, now (as its timer would), waited for."""
     intake = spool.journal

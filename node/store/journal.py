@@ -71,6 +71,8 @@ SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment'
 RECORD_MAX_BYTES = 256 << 10
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_RENAMEAT2 = getattr(_LIBC, "renameat2", None)  # glibc 2.28 and later
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 # moves a file into quarantine/ with its reason, under a name given (Spool.quarantine_file)
 Quarantine = Callable[[Path, str, str], Path]
 _LONG = ctypes.sizeof(ctypes.c_long)
@@ -390,6 +392,7 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
         latest[record.path] = record  # a path recorded twice: its last copy
     counts = dict.fromkeys(REPLAY_COUNTS, 0)
     counts["records"] = len(latest)
+    written_again = 0
     if latest:
         if os.pread(lock_fd, 64, 0) != _boot_id():
             staged = _staged(root)
@@ -401,15 +404,15 @@ def replay(root: Path, slot: str, segments: Sequence[_Segment], lock_fd: int, qu
                 if outcome:
                     counts[outcome] += 1
         else:  # its files are in the page cache, but perhaps not on disk (see `_written_again`)
-            for record in latest.values():
-                _written_again(root, slot, record, quarantine)
+            written_again = sum(_written_again(root, slot, record) for record in latest.values())
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             _make_durable(fd)
         finally:
             os.close(fd)
         lost = counts["restored"] or counts["quarantined"]
-        logs.event(log, "intake_journal_replayed", logging.WARNING if lost else logging.INFO, **counts)
+        logs.event(log, "intake_journal_replayed", logging.WARNING if lost else logging.INFO, **counts,
+                   written_again=written_again)
     for segment in segments:
         segment.retire()
     return counts
@@ -462,22 +465,15 @@ _BLOCKED = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY, errno.EL
 
 
 def _write_back(root: Path, slot: str, record: _Record, target: Path, kept: set[str], quarantine: Quarantine,
-                blocked: str = "", only_over: FileIdentity | None = None) -> str:
+                blocked: str = "") -> str:
     """The record's copy at `target`, durably, with its mtime ("restored"); to quarantine/ if
     the path is `blocked` or turns out so ("quarantined"). A failure to write the copy at all
     (disk full) is raised: the start stops, the journal stays for the next (this slot's
-    temporary copies are removed then). `only_over`: renamed only over that file, looked at
-    again just before ("superseded" else: a replacement came meanwhile)."""
+    temporary copies are removed then)."""
     name = f"journal-{slot}-{record.fill:016x}-{record.seq}"  # the same at every replay of this record
     if name in kept:  # a start that stopped later quarantined it already
         return "quarantined"
-    tmp = root / "tmp" / f"{slot}-{uuid.uuid4().hex}.journal"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), "wb") as f:  # as received files
-        f.write(record.data)
-        f.flush()
-        os.fsync(f.fileno())
-    mtime = record.file.mtime_ns
-    os.utime(tmp, ns=(mtime, mtime))
+    tmp = _durable_copy(root, slot, record)
     for attempt in (1, 2):
         if blocked:
             break
@@ -486,9 +482,6 @@ def _write_back(root: Path, slot: str, record: _Record, target: Path, kept: set[
             target.parent.mkdir(parents=True, exist_ok=True)
             for folder in missing:
                 fsync_dir(folder.parent)
-            if only_over is not None and not _still_recorded(target, only_over):
-                tmp.unlink()
-                return "superseded"
             os.replace(tmp, target)
             return "restored"
         except OSError as exc:
@@ -533,19 +526,74 @@ def _staged(root: Path) -> dict[int, list[tuple[FileIdentity, Path]]]:
     return staged
 
 
-def _written_again(root: Path, slot: str, record: _Record, quarantine: Quarantine) -> None:
+def _written_again(root: Path, slot: str, record: _Record) -> bool:
     """A journal of this boot: the recorded file, if it is still at its path, written again from
-    its record as a new file (`_write_back`) renamed over it. Its page cache may hold bytes
+    its record as a new file swapped in for it (`_swap_in`): True. Its page cache may hold bytes
     the disk does not: Linux marks the pages a write-back failed on clean and tells of the error
     once (perhaps to the dead process's checkpoint only), so no later sync writes them; and on
     ext4 the blocks of a failed write-back can stay unwritten extents that a rewrite in place
-    does not convert (measured on a failing loop device: zeros read back), hence a new file. A
-    file removed or replaced since is left as it is (looked at again just before the rename; a
-    replacement another process renames there in between is overwritten: the rename is not
-    under the index's write lock)."""
+    does not convert (measured on a failing loop device, ext4 without its journal: zeros read
+    back), hence a new file. A file removed or replaced since is left as it is: False."""
     target = _inside(root, record.path)
-    if target is not None and _still_recorded(target, record.file):
-        _write_back(root, slot, record, target, set(), quarantine, only_over=record.file)
+    if target is None or not _still_recorded(target, record.file):
+        return False
+    return _swap_in(_durable_copy(root, slot, record), target, record.file)
+
+
+def _swap_in(copy: Path, target: Path, recorded: FileIdentity) -> bool:
+    """`copy` put at `target` only if the recorded file is what it replaces, with no moment where
+    something else is lost: the two names exchanged at once (renameat2 RENAME_EXCHANGE, which
+    fails where `target` is gone: a file retention removed is never brought back), then what
+    came out looked at; a replacement renamed there meanwhile goes back. Where the file system
+    cannot exchange names, the file is looked at just before a plain rename."""
+    try:
+        exchanged = _exchange(copy, target)
+    except FileNotFoundError:
+        copy.unlink()
+        return False
+    if not exchanged:
+        if not _still_recorded(target, recorded):
+            copy.unlink()
+            return False
+        os.replace(copy, target)
+        return True
+    try:
+        came_out_recorded = _still_recorded(copy, recorded)  # `copy` now names what was at `target`
+    except BaseException:
+        os.replace(copy, target)  # as it was (a replay's clean-up would remove it under this name)
+        raise
+    if came_out_recorded:
+        copy.unlink()
+        return True
+    os.replace(copy, target)  # a replacement came between the look and the exchange: it goes back
+    return False
+
+
+def _durable_copy(root: Path, slot: str, record: _Record) -> Path:
+    """The record's bytes in a new file in tmp/ (a replay of `slot` removes what a crash leaves),
+    fsynced, with the recorded modification time (retention and reconcile compare it)."""
+    tmp = root / "tmp" / f"{slot}-{uuid.uuid4().hex}.journal"
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640), "wb") as f:  # as received files
+        f.write(record.data)
+        f.flush()
+        os.fsync(f.fileno())
+    mtime = record.file.mtime_ns
+    os.utime(tmp, ns=(mtime, mtime))
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """The names `a` and `b` exchanged in one step: True; False where the C library or the file
+    system has no RENAME_EXCHANGE (EINVAL, ENOSYS). FileNotFoundError if either is gone. The os
+    module has no renameat2, hence ctypes."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _still_recorded(target: Path, recorded: FileIdentity) -> bool:
