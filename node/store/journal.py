@@ -20,7 +20,7 @@ A record whose path is blocked (a file holds a folder's name, a folder or a link
 file's) goes to quarantine/ with its path instead; any other failure (disk full, I/O error)
 stops the start and the journal stays for the next. Then every recorded file is made durable
 and the journal emptied. Of a journal of this boot (a process restarted) each file still the
-recorded one is written again from its record, as a new file renamed over it
+recorded one is written again from its record, as a new file exchanged for it in one step
 (`_written_again`: a sync alone would not write the pages a failed write-back left in the page
 cache), and one removed or replaced since is left as it is.
 
