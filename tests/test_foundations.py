@@ -530,6 +530,23 @@ def _one_job_study(tmp_path: Path, model_repository: Path, actions: Actions) -> 
     return index, jobs, runner, first
 
 
+def test_a_runner_stopped_before_its_pipeline_loaded_ends_its_workers_and_leaves_the_job_queued(
+        tmp_path, model_repository):
+    """A stop in the first seconds (torch still importing) does not wait for the import: the
+    workers end at once, and the queued job is left to the next start."""
+    index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
+    may_load = threading.Event()
+    runner.start(load_after=may_load.wait)
+    try:
+        workers = [t for t in threading.enumerate() if t.name.startswith("pipeline-") and t.name != "pipeline-import"]
+        assert len(workers) == runner.config.pipeline.workers >= 1
+        runner.stop()
+        assert [t.name for t in workers if t.is_alive()] == []
+        assert jobs.get(first).state is JobState.QUEUED
+    finally:
+        may_load.set()
+
+
 @pytest.mark.parametrize("actions", [Actions(run=["threshold"], send_to=["pacs"]), Actions(forward_to=["pacs"])],
                          ids=["run", "forward"])
 def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repository, actions):

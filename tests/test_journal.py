@@ -23,6 +23,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
 
 from node.config import NodeConfig
 from node.receive.store import Incoming, InstanceStore
@@ -517,6 +518,71 @@ def test_a_same_copy_kept_aside_is_acknowledged_once_the_indexed_copy_is_durable
     assert store.store(incoming).status == 0
     assert synced == [target.name, target.parent.name]
     assert not list((tmp_path / "data" / "tmp").iterdir()) and not list((tmp_path / "data" / "quarantine").iterdir())
+    store.spool.close()
+
+
+def _variant(incoming: Incoming, **changes: Any) -> Incoming:
+    """`incoming` with some attributes of its data set changed (in its transfer syntax)."""
+    syntax = pydicom.uid.UID(incoming.transfer_syntax)
+    ds = pydicom.filereader.read_dataset(DicomBytesIO(bytes(incoming.payload)), syntax.is_implicit_VR,
+                                         syntax.is_little_endian)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+    pydicom.filewriter.write_dataset(fp, ds)
+    return dataclasses.replace(incoming, payload=memoryview(fp.getvalue()))
+
+
+def test_new_instances_are_filed_without_a_look_up_and_the_others_as_before(tmp_path, monkeypatch):
+    """A receiver takes an instance for new while the last one was (InstanceStore._file): no
+    look-up of its SOP Instance UID before it is staged and indexed. One indexed after all is
+    filed again, looked up first, with the outcome it always had: an identical resend is
+    acknowledged and its indexed file left as it was, a changed copy replaces it, a copy in
+    another study is refused (0xC214) and quarantined; nothing stays in tmp/."""
+    store, first, target = _instance_store(tmp_path, 16)
+    find = store.index.find_instance
+    looked_up: list[str] = []
+    monkeypatch.setattr(store.index, "find_instance", lambda uid: looked_up.append(uid) or find(uid))
+    new = [_new_instance(tmp_path / f"ct{n}", 16, store.spool) for n in range(4)]
+    assert [store.store(i).status for i in (first, new[0][0], new[1][0])] == [0, 0, 0]
+    assert looked_up == []
+    indexed = identify(target)
+    assert store.store(first).status == 0  # an identical resend: looked up, compared, untouched
+    assert looked_up == [first.sop_instance_uid] and identify(target) == indexed
+    assert [store.store(i).status for i in (new[2][0], new[3][0])] == [0, 0]  # after a resend: one look-up
+    assert looked_up == [first.sop_instance_uid, new[2][0].sop_instance_uid]
+    changed = _variant(first, SeriesDescription="changed")
+    assert store.store(changed).status == 0  # a replacement
+    assert target.read_bytes().endswith(bytes(changed.payload)) and identify(target) != indexed
+    elsewhere = _variant(first, StudyInstanceUID=pydicom.uid.generate_uid())
+    assert store.store(elsewhere).status == 0xC214
+    assert target.read_bytes().endswith(bytes(changed.payload))
+    assert len(list((tmp_path / "data" / "quarantine").glob("*.dcm"))) == 1
+    for incoming, path in [(first, target)] + new:
+        row = find(incoming.sop_instance_uid)
+        assert row is not None and tmp_path / "data" / row["path"] == path and path.exists()
+    assert len(store.index.query("SELECT 1 FROM instances")) == 5
+    assert list((tmp_path / "data" / "tmp").iterdir()) == []
+    store.spool.close()
+
+
+def test_an_identical_resend_taken_for_new_is_acknowledged_when_its_copy_cannot_be_staged(tmp_path, monkeypatch):
+    """The disk refuses the copy a receiver stages for an instance it takes for new (the last
+    one was new): a resend of an indexed instance is looked up, found identical and acknowledged
+    (it writes nothing), as it always was; a new one is refused with 0xA700."""
+    store, first, target = _instance_store(tmp_path, 16)
+    assert store.store(first).status == 0
+    indexed = identify(target)
+
+    def disk_full(*_args: Any, **_kwargs: Any) -> None:
+        raise spool_module.OutOfSpace(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.spool, "stage_held", disk_full)
+    assert store.store(first).status == 0 and identify(target) == indexed
+    incoming, path = _new_instance(tmp_path / "ct2", 16, store.spool)
+    assert store.store(incoming).status == 0xA700 and not path.exists()
+    assert store.index.find_instance(incoming.sop_instance_uid) is None
     store.spool.close()
 
 

@@ -544,9 +544,37 @@ def test_remembered_tag_values_follow_their_character_set_and_their_size_bound()
     assert description("ISO_IR 192", b"\xc9t\xe9 ")[0] != "\u00c9t\u00e9"  # Latin-1 bytes, read as UTF-8
     long = b"A" * (tags_module.REMEMBERED_VALUE_MAX + 2)
     many = b"\\".join([b"A"] * (tags_module.REMEMBERED_VALUES_MAX + 1))  # few bytes, many values
-    for value in (long, many, long, many):  # of a new instance only its SOP Instance UID is kept
+    for value in (long, many, long, many):  # nothing of a new instance is kept (its UIDs: _plain_uid)
         text, kept = description("ISO_IR 100", value)
-        assert kept == 1 and text.count("A") == value.count(b"A")
+        assert kept == 0 and text.count("A") == value.count(b"A")
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_uids_taken_as_their_text_read_as_pydicom_reads_them(monkeypatch, transfer_syntax):
+    """A plain UID's value is its text, without pydicom's conversion (node/receive/tags.py,
+    _plain_uid); every other UI value goes through pydicom's: the routing tags, or the refusal,
+    are what pydicom's reader gives, for padded, invalid, multi-valued and over-long values."""
+    from node.receive import tags as tags_module
+    from node.receive.validate import MalformedDataset
+
+    def never_whole(*_args: object, **_kwargs: object) -> None:
+        raise MalformedDataset("forced: read with pydicom")
+
+    def outcome(raw: bytes) -> object:
+        ds = image()
+        ds.add_new(0x00080018, "UI", raw)  # SOPInstanceUID, as raw bytes
+        try:
+            return tags_module.read_routing_tags(encoded(ds, transfer_syntax), transfer_syntax).sop_instance_uid
+        except tags_module.UnreadableDataset as exc:
+            return str(exc)
+
+    values = [b"1.2.3\0", b"1.2.3 ", b"0", b"1.2.3\0\0", b"1.02.3", b"01.2", b"1..2", b"1.2.", b".1", b" 1.2",
+              b"1.2\\3.4", b"", b"\0", b"1" * 64, b"1" * 64 + b"\0\0", b"1" * 65 + b"\0", b"1.2.3\0" + b"4"]
+    taken = [outcome(raw) for raw in values]
+    with monkeypatch.context() as patched:
+        patched.setattr(tags_module, "check_dataset", never_whole)
+        assert [outcome(raw) for raw in values] == taken
+    assert taken[:4] == ["1.2.3", "1.2.3", "0", "1.2.3"] and taken[13] == "1" * 64
 
 
 def _part10_with(path: Path, dataset: bytes, target: Path) -> Path:

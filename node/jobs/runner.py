@@ -64,7 +64,9 @@ class JobRunner:
         self.backends = BackendCache(models, config.inference.triton)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._loaded = threading.Event()
+        # the workers' start: the pipeline has loaded (or failed to: the first job reports it), or
+        # the runner stops (its workers then end at once instead of waiting for torch's import)
+        self._go = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self, load_after: Callable[[], object] = lambda: None) -> None:
@@ -82,6 +84,7 @@ class JobRunner:
 
     def stop(self) -> None:
         self._stop.set()
+        self._go.set()
         self._wake.set()
         for thread in self._threads:
             # A job still running is left to the next start, which runs it again (same outputs,
@@ -110,10 +113,10 @@ class JobRunner:
         except Exception:  # the first job then meets the same failure and reports it
             log.exception("pipeline_load_failed")
         finally:
-            self._loaded.set()
+            self._go.set()
 
     def _work(self) -> None:
-        self._loaded.wait()
+        self._go.wait()
         while not self._stop.is_set():
             try:
                 job = self.jobs.claim()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, cast
 
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
@@ -28,6 +29,10 @@ _SPECIFIC_TAGS = [Tag(keyword) for keyword in ROUTING_KEYWORDS + COMPLETION_KEYW
 _LAST_TAG = max(_SPECIFIC_TAGS)  # parsing stops after it: the rest is stored, not read
 _CHARSET = 0x00080005  # Specific Character Set: text values are decoded by it
 _NOTED_TAGS = frozenset({*map(int, _SPECIFIC_TAGS), _CHARSET})
+_UI_KEYWORDS = {int(tag): keyword_for_tag(tag) for tag in _SPECIFIC_TAGS if dictionary_VR(tag) == "UI"}
+# A UID as PS3.5 9.1 has it (no leading zero in a component), padded as DICOM pads it: pydicom's
+# conversion (convert_UI, then a UID whose validation finds nothing to say) is the text itself.
+_PLAIN_UID = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*[\0 ]*")
 
 
 class UnreadableDataset(ValueError):
@@ -145,9 +150,25 @@ def _converted(walked: WalkedDataset, ts: UID) -> dict[str, Any]:
     for tag, e in elements.items():
         if tag != _CHARSET:
             value = bytes(data[e.offset:e.offset + e.length])
+            uid = _plain_uid(tag, e.vr, value)
+            if uid is not None:
+                converted[_UI_KEYWORDS[tag]] = uid
+                continue
             keyword, converted_value = _remembered(_value, value)(tag, e.vr, value, implicit, little, encoding)
             converted[keyword] = converted_value
     return converted
+
+
+def _plain_uid(tag: int, vr: str | None, value: bytes) -> str | None:
+    """A UI element's value, when it is a plain valid UID (what nearly every one is): the text of
+    the UID pydicom converts it to (what routing_values takes of it). The SOP Instance UID
+    differs in every instance, so no remembered conversion serves it, and pydicom's took 23 of
+    this module's ~140 µs per instance."""
+    if tag in _UI_KEYWORDS and vr in ("UI", None) and len(value) <= 66 and _PLAIN_UID.fullmatch(value):
+        text = value.decode("ascii").rstrip("\0 ")
+        if len(text) <= 64:
+            return text
+    return None
 
 
 # Conversions are remembered (per receiver process): the images of a series repeat most of their

@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from pydicom.datadict import DicomDictionary
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -64,10 +65,11 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-@dataclass(frozen=True)
-class TopLevelElement:
+class TopLevelElement(NamedTuple):
     """Where a top-level element's value lies in the walked data: `vr` as encoded (None in
-    implicit VR), `offset` and `length` of its value (0xFFFFFFFF: undefined, items follow)."""
+    implicit VR), `offset` and `length` of its value (0xFFFFFFFF: undefined, items follow).
+    A named tuple: made for ~17 elements of every arriving instance, a quarter of the cost of a
+    frozen dataclass."""
 
     vr: str | None
     offset: int

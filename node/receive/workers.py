@@ -507,3 +507,16 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
 
 if __name__ == "__main__":
     receiver_main(int(sys.argv[1]), int(sys.argv[2]))
+    # As the interpreter's exit would, wait for the threads that are not daemons: pynetdicom's
+    # DUL threads, on which an association that ended just now is still being recorded (its row
+    # closed, its audit record, the service told). Then everything is closed and durable (the
+    # journal checkpointed, the index written by committed transactions only): the interpreter's
+    # teardown, garbage collection over every imported module (about 0.5 s of CPU measured),
+    # would only delay the service's stop and each reconfiguration.
+    for thread in threading.enumerate():
+        if not thread.daemon and thread is not threading.current_thread():
+            thread.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

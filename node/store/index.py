@@ -99,12 +99,13 @@ class _Statements:
         if self._pyformat:
             sql = sql.replace("%", "%%").replace("?", "%s")
         cursor = self._driver.cursor()
-        try:
-            with _as_index_failure(self._dbapi, sql, params):
-                cursor.execute(sql, tuple(params))
-                names = [column[0] for column in cursor.description or ()]
-                rows = [dict(zip(names, row)) for row in cursor.fetchall()] if names else []
+        try:  # as _as_index_failure does, without a generator's context manager (ten statements an instance)
+            cursor.execute(sql, tuple(params))
+            names = [column[0] for column in cursor.description or ()]
+            rows = [dict(zip(names, row)) for row in cursor.fetchall()] if names else []
             return Rows(rows, cursor.rowcount)
+        except self._dbapi.Error as exc:
+            raise _index_failure(self._dbapi, sql, params, exc) from exc
         finally:
             cursor.close()
 
@@ -205,6 +206,11 @@ class InstanceConflict(Exception):
         ):
             raise InstanceConflict(rec.sop_instance_uid, row["study_uid"], row["series_uid"],
                                    row["sop_class_uid"])
+
+
+class AlreadyIndexed(Exception):
+    """`record_instance(new_only=True)` found the SOP Instance UID indexed: nothing was written or
+    placed; the caller looks the instance up and files it again (a resend, a replacement, a conflict)."""
 
 
 class SeriesConflict(InstanceConflict):
@@ -382,7 +388,7 @@ class Index:
         self, rec: InstanceRecord, now: float, quiet_period: float, reopen: bool,
         identical: bool = False, place: Callable[[], None] | None = None,
         unplace: Callable[[], None] | None = None, also: Callable[[Db], None] | None = None,
-        lazy_commit: bool = False,
+        lazy_commit: bool = False, new_only: bool = False,
     ) -> Arrival:
         """Index one stored instance and move its study's completion deadline.
 
@@ -410,21 +416,24 @@ class Index:
         names. A study's first row commits durably all the same: it creates the study, whose
         first arrival a re-index could not date. A replacement commits durably too: its row is
         what tells reconcile which copy was acknowledged.
+
+        `new_only`: the caller took the instance for a new one without looking it up; if the SOP
+        Instance UID is indexed, AlreadyIndexed is raised before anything is written or placed.
         """
         try:
             return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
-                                               also, durable=not lazy_commit or self.shared)
+                                               also, not lazy_commit or self.shared, new_only)
         except _DurableCommitNeeded:  # raised before anything was placed: again, durable
             return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
-                                               also, durable=True)
+                                               also, True, new_only)
 
     def _record_in_transaction(self, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
                                identical: bool, place: Callable[[], None] | None,
                                unplace: Callable[[], None] | None, also: Callable[[Db], None] | None,
-                               durable: bool) -> Arrival:
+                               durable: bool, new_only: bool) -> Arrival:
         with self.transaction(durable=durable) as db:
             try:
-                arrival = self._record_instance(db, rec, now, deadline, reopen, identical, place, durable)
+                arrival = self._record_instance(db, rec, now, deadline, reopen, identical, place, durable, new_only)
                 if also is not None:
                     also(db)
                 return arrival
@@ -434,11 +443,14 @@ class Index:
                 raise
 
     def _record_instance(self, db: Db, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
-                         identical: bool, place: Callable[[], None] | None, durable: bool) -> Arrival:
+                         identical: bool, place: Callable[[], None] | None, durable: bool,
+                         new_only: bool) -> Arrival:
         existing = db.execute(
             "SELECT study_uid, series_uid, sop_class_uid, path FROM instances WHERE sop_instance_uid=?",
             (rec.sop_instance_uid,),
         ).fetchone()
+        if new_only and existing is not None:
+            raise AlreadyIndexed()
         InstanceConflict.check(rec, existing)
         series_of = db.execute("SELECT study_uid FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
         if series_of is not None and series_of["study_uid"] != rec.study_uid:
@@ -672,7 +684,12 @@ def _as_index_failure(dbapi: Any, statement: str | None, params: Sequence[Any] =
     try:
         yield
     except dbapi.Error as exc:
-        raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
+        raise _index_failure(dbapi, statement, params, exc) from exc
+
+
+def _index_failure(dbapi: Any, statement: str | None, params: Sequence[Any], exc: Exception) -> DBAPIError:
+    """The driver's error `exc` as the SQLAlchemy error a statement run through SQLAlchemy raises."""
+    return DBAPIError.instance(statement, params, exc, dbapi.Error)
 
 
 def _set_synchronous(info: dict[Any, Any], driver: Any, level: str) -> None:

@@ -29,6 +29,12 @@ KNOWN_DIRS_MAX = 4096  # folders a process remembers having made
 MTIME_SLACK_S = 2.0
 
 
+def _unique() -> str:
+    """A name no other file in tmp/ has: 128 random bits, as uuid4().hex but without building a UUID
+    (5.5 against 1 µs; two per arriving instance)."""
+    return os.urandom(16).hex()
+
+
 class InvalidUID(ValueError):
     pass
 
@@ -81,7 +87,13 @@ class Spool:
         return st.f_bavail * st.f_frsize - incoming >= self.min_free_bytes
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.studies / study_uid / series_uid / f"{sop_uid}.dcm"
+        return self.root / self.instance_name(study_uid, series_uid, sop_uid)
+
+    @staticmethod
+    def instance_name(study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """An instance's path under the spool's root, as the index records it (built as text: the
+        UIDs hold no separator, see checked_uid; three pathlib joins and relative_to cost 17 µs)."""
+        return f"studies/{study_uid}/{series_uid}/{sop_uid}.dcm"
 
     def store(self, target: Path, chunks: Iterable[bytes | memoryview]) -> int:
         """Write `chunks` durably to `target` (replacing it); return the size in bytes."""
@@ -112,7 +124,7 @@ class Spool:
 
         The receiver stages first and lets the index `place` it under its write lock, so the
         checks on the SOP Instance UID and the rename happen as one step across processes."""
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        tmp = self.tmp / f"{_unique()}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             held.callback(os.close, fd)
@@ -146,7 +158,7 @@ class Spool:
     def keep_previous(self, target: Path) -> Path | None:
         """A hard link in tmp/ to the file at `target`, before a replacement renames over it:
         `restore` puts it back if the index then refuses the replacement. None: no file there."""
-        previous = self.tmp / f"{uuid.uuid4().hex}.prev"
+        previous = self.tmp / f"{_unique()}.prev"
         try:
             os.link(target, previous)
         except FileNotFoundError:
