@@ -44,13 +44,15 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     app.state.health = health
 
     def live_summary() -> dict[str, Any]:
+        # read once: a reload the file watcher decides meanwhile shows in both places or in neither
+        last_reload = ctx.live.last_reload
         data = summary.dashboard(ctx.index, ctx.jobs, ctx.retention, ctx.config)
-        data["attention"] = summary.attention(ctx.index, ctx.data_dir, ctx.live.last_reload,
+        data["attention"] = summary.attention(ctx.index, ctx.data_dir, last_reload,
                                               monitoring=ctx.config.inference.monitoring)
         readiness = health.ready()
         data["live"] = {
             "ready": readiness.as_dict(), "rules_version": ctx.rules.version, "rules": len(ctx.rules.file.rules),
-            "restart_pending": ctx.live.restart_pending, "last_reload": ctx.live.last_reload,
+            "restart_pending": ctx.live.restart_pending, "last_reload": last_reload,
             "models": health.models(), "uptime_s": round(time.time() - ctx.started_at, 1),
             "scp_port": ctx.scp_port,
         }
