@@ -238,8 +238,9 @@ class InstanceStore:
         )
         # The SOP Instance UID rule (README, "Receiving"): never move or replace an instance
         # indexed under another study, series or SOP class; in the same series compare bytes
-        # before writing anything, so an identical resend touches nothing. The rule is checked
-        # again under the index's write lock, where the staged file is renamed into place.
+        # before writing anything to the study, so an identical resend touches nothing there. The
+        # rule is checked again under the index's write lock, where the staged file is renamed
+        # into place (and where an instance taken for new is found indexed: AlreadyIndexed).
         existing = None if new_only else self.index.find_instance(tags.sop_instance_uid)
         if not new_only:
             self._expect_new = existing is None

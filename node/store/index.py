@@ -422,10 +422,10 @@ class Index:
         """
         try:
             return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
-                                               also, not lazy_commit or self.shared, new_only)
+                                               also, durable=not lazy_commit or self.shared, new_only=new_only)
         except _DurableCommitNeeded:  # raised before anything was placed: again, durable
             return self._record_in_transaction(rec, now, now + quiet_period, reopen, identical, place, unplace,
-                                               also, True, new_only)
+                                               also, durable=True, new_only=new_only)
 
     def _record_in_transaction(self, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
                                identical: bool, place: Callable[[], None] | None,
