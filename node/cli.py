@@ -70,7 +70,7 @@ def serve(
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
     from common import logs
-    from node.service import NodeService
+    from node.receive.launch import launch_receiver
 
     overrides: dict[str, object] = {
         "scp.ae_title": aet,
@@ -84,8 +84,17 @@ def serve(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = _config(config, overrides)
     logs.setup(cfg.logging.level)
+    # First: the receivers import their modules while the service imports its own (launch.py)
+    launched = [launch_receiver() for _ in range(cfg.scp.worker_count())]
     try:
-        service = NodeService(cfg, config or DEFAULT_CONFIG, overrides)
+        try:
+            from node.service import NodeService
+
+            service = NodeService(cfg, config or DEFAULT_CONFIG, overrides, launched=launched)
+        except BaseException:  # (from here the service's receiver pool stops what it did not use)
+            for receiver in launched:
+                receiver.discard()
+            raise
     except ConfigError as exc:
         typer.echo("configuration error:", err=True)
         for problem in exc.problems:

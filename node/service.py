@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,6 +27,7 @@ from node.liveconfig import LiveConfig, receivers_affected
 from node.retention import Retention
 from node.route.live import LiveRules
 from node.receive.hl7 import Hl7Listener
+from node.receive.launch import LaunchedReceiver
 from node.receive.workers import ReceiverPool
 from node.send.atna import AtnaSender
 from node.send.signal_forward import SignalForwarder
@@ -58,8 +60,9 @@ def stop_scheduler(scheduler: BackgroundScheduler) -> None:
 
 class NodeService:
     def __init__(self, config: NodeConfig, config_path: Path | None = None,
-                 overrides: dict[str, object] | None = None):
-        """`config_path` and `overrides` (command-line flags): node.yaml is reloaded from there."""
+                 overrides: dict[str, object] | None = None, launched: Sequence[LaunchedReceiver] = ()):
+        """`config_path` and `overrides` (command-line flags): node.yaml is reloaded from there.
+        `launched`: receiver processes launched ahead, given their settings by `start`."""
         self.config = config
         data_dir = Path(config.storage.data_dir)
         self.spool = Spool(data_dir, config.storage.min_free_mb, config.storage.journal_mb)
@@ -85,7 +88,8 @@ class NodeService:
         self.completion = CompletionTimers(self.index, self.scheduler, prepare=admission.route, admit=admission.admit,
                                            on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s,
                                            first_check=self._first_check)
-        self.receivers = ReceiverPool(config, on_study_opened=self._study_opened, on_signal=self._signal)
+        self.receivers = ReceiverPool(config, on_study_opened=self._study_opened, on_signal=self._signal,
+                                      launched=launched)
         self.hl7 = Hl7Listener(config.hl7, self.signals, self._signal) if config.hl7.port is not None else None
         forwards = SignalForwards(self.index, config.storage.lease_s)
         self.forwarder = SignalForwarder(forwards, lambda: self.live.current)

@@ -10,12 +10,14 @@ import subprocess
 import time
 from typing import Any, Iterator
 
+import argon2
 import pydicom
 import pytest
 import requests
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
+from node.store import accounts
 from tests.oidc import CLIENT_ID, CLIENT_SECRET, OidcProvider
 from tests.peers import VENV_BIN, make_study, storescu, wait_for
 from tests.syslog import Rsyslog
@@ -54,6 +56,16 @@ def _trail(node: Any) -> list[dict[str, Any]]:
     assert out.returncode == 0, out.stderr
     import json
     return json.loads(out.stdout)
+
+
+def test_an_unknown_name_is_verified_against_a_hash_that_costs_what_an_accounts_costs():
+    """The hash verified for a name with no account is built, not computed, at import: it must
+    carry the parameters every account's hash gets (they set argon2's work) and be one argon2
+    verifies in full and finds no match for, not one it refuses unread (InvalidHashError)."""
+    assert argon2.extract_parameters(accounts._DUMMY_HASH) == argon2.extract_parameters(accounts._HASHER.hash(PASSWORD))
+    for password in (PASSWORD, "not a password", ""):
+        with pytest.raises(argon2.exceptions.VerifyMismatchError):
+            accounts._HASHER.verify(accounts._DUMMY_HASH, password)
 
 
 def test_roles_sessions_tokens_and_their_audit_trail(start_node, tmp_path):

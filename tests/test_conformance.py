@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from highdicom.seg import Segmentation
 from pydicom.sr.codedict import codes
 
 from inference.pipeline import ClassificationResult, SegmentationResult
@@ -89,29 +90,67 @@ def test_results_name_the_model_file_that_made_them(result):
     assert "MONAI bundle Phantom lesion segmentation 0.1.0" in sr_texts
 
 
-def pixelmed(validator: str, path: Path) -> tuple[list[str], list[str], str]:
-    """(errors, warnings, whole output) of a pixelmed validator; lines starting Error:/Warning:."""
+PIXELMED_BATCH = Path(__file__).with_name("PixelmedBatch.java")
+PIXELMED_BATCH_SEPARATOR = re.compile(r"^=== pixelmed-batch: file (\d+) ===\n", re.MULTILINE)
+Verdict = tuple[list[str], list[str], str]  # pixelmed's errors, warnings and whole output
+
+
+def _java(arguments: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     if not PIXELMED_JAR.exists() or not shutil.which("java"):
         pytest.fail("pixelmed-apps is missing: run `make test` (it installs it)")
-    run = subprocess.run(["java", "-cp", str(PIXELMED_JAR), f"com.pixelmed.validate.{validator}", str(path)],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "JAVA_TOOL_OPTIONS": JAVA_XPATH_LIMITS})
-    lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith("Picked up")]
+    return subprocess.run(["java", "-cp", str(PIXELMED_JAR), *arguments], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "JAVA_TOOL_OPTIONS": JAVA_XPATH_LIMITS})
+
+
+def _verdict(output: str) -> Verdict:
+    lines = [line for line in output.splitlines() if not line.startswith("Picked up")]
     return ([l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")],
             "\n".join(lines))
+
+
+def pixelmed(validator: str, path: Path) -> Verdict:
+    """(errors, warnings, whole output) of a pixelmed validator; lines starting Error:/Warning:."""
+    run = _java([f"com.pixelmed.validate.{validator}", str(path)], timeout=300)
+    return _verdict(run.stdout + run.stderr)
+
+
+def pixelmed_batch(validator: str, paths: list[Path]) -> dict[Path, Verdict]:
+    """pixelmed(validator, path) for each path, all in one JVM (tests/PixelmedBatch.java): a JVM
+    per file runs each cold (~10 s an SR); in one JVM the files after the first run warm, in about half that."""
+    run = _java([str(PIXELMED_BATCH), f"com.pixelmed.validate.{validator}", *map(str, paths)],
+                timeout=300 * len(paths))
+    _, *sections = PIXELMED_BATCH_SEPARATOR.split(run.stdout)
+    if run.returncode or sections[::2] != [str(n) for n in range(1, len(paths) + 1)]:
+        pytest.fail(f"PixelmedBatch.java ran {len(sections) // 2} of {len(paths)} files "
+                    f"(exit status {run.returncode}):\n{run.stdout}{run.stderr}")
+    return {path: _verdict(output) for path, output in zip(paths, sections[1::2])}
 
 
 def _unexpected(warnings: list[str]) -> list[str]:
     return [w for w in warnings if not any(p.search(w) for p in KNOWN_SR_WARNINGS)]
 
 
-@pytest.mark.parametrize("kind, omit", [("BINARY", False), ("BINARY", True), ("LABELMAP", False)])
-def test_seg_passes_pixelmed_and_dciodvfy(result, tmp_path, kind, omit):
-    options = OutputOptions(segmentation_type=kind, omit_empty_frames=omit)
-    seg = build_seg(result, options, uids_for("job-1", SPEC.name))
-    path = tmp_path / "seg.dcm"
-    seg.save_as(path)
-    errors, warnings, output = pixelmed("DicomInstanceValidator", path)
+SEG_CASES = [("BINARY", False), ("BINARY", True), ("LABELMAP", False)]  # segmentation type, omit empty frames
+
+
+@pytest.fixture(scope="module")
+def segs(result: SegmentationResult,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], tuple[Segmentation, Path, Verdict]]:
+    """Each case's SEG, its file and pixelmed's verdict on it: all cases' files in one JVM (pixelmed_batch)."""
+    folder = tmp_path_factory.mktemp("seg")
+    saved = {}
+    for kind, omit in SEG_CASES:
+        seg = build_seg(result, OutputOptions(segmentation_type=kind, omit_empty_frames=omit),
+                        uids_for("job-1", SPEC.name))
+        saved[kind, omit] = seg, folder / f"{kind}-{omit}.dcm"
+        seg.save_as(saved[kind, omit][1])
+    verdicts = pixelmed_batch("DicomInstanceValidator", [path for _, path in saved.values()])
+    return {case: (seg, path, verdicts[path]) for case, (seg, path) in saved.items()}
+
+
+@pytest.mark.parametrize("kind, omit", SEG_CASES)
+def test_seg_passes_pixelmed_and_dciodvfy(result, segs, tmp_path, kind, omit):
+    seg, path, (errors, warnings, output) = segs[kind, omit]
     if kind == "BINARY":
         assert "Found Segmentation IOD" in output and "IOD validation complete" in output, output
         assert errors == [] and warnings == [], output
@@ -145,11 +184,14 @@ def _reports(result: SegmentationResult) -> dict[str, object]:
 
 
 def test_every_sr_passes_pixelmed_and_dciodvfy(result, tmp_path):
-    failures = {}
+    paths = {}
     for name, sr in _reports(result).items():
-        path = tmp_path / f"{name}.dcm"
-        sr.save_as(path)
-        errors, warnings, output = pixelmed("DicomSRValidator", path)
+        paths[name] = tmp_path / f"{name}.dcm"
+        sr.save_as(paths[name])
+    verdicts = pixelmed_batch("DicomSRValidator", list(paths.values()))
+    failures = {}
+    for name, path in paths.items():
+        errors, warnings, output = verdicts[path]
         assert "Found Root Template TID_1500 (MeasurementReport)" in output, output
         dciodvfy_errors, dciodvfy_warnings = _dciodvfy(path)
         if errors or _unexpected(warnings) or dciodvfy_errors or dciodvfy_warnings:

@@ -34,7 +34,7 @@ from phantom.dicom import SeriesGeometry, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 from tests.identity import uids_for
 from tests.models import REPO_MODELS
-from tests.test_conformance import _unexpected, pixelmed
+from tests.test_conformance import _unexpected, pixelmed, pixelmed_batch
 from tests.test_encode import _dciodvfy
 
 MODEL = "nodule-det"
@@ -395,11 +395,12 @@ def test_detection_results_say_where_what_and_how_sure_and_pass_the_validators(d
     assert [(d.SegmentNumber, d.SegmentLabel, d.TrackingID) for d in seg.SegmentSequence] == [
         (n, f"Nodule {n}", f"Nodule {n}") for n in (1, 2, 3)]
     failures = {}
+    reports = pixelmed_batch("DicomSRValidator", [path for m in ("SR", "KO") for path, _ in objects[m]])
     for modality, entries in objects.items():
         for path, _ in entries:
             errors, warnings = _dciodvfy(path)
             if modality in {"SR", "KO"}:
-                p_errors, p_warnings, output = pixelmed("DicomSRValidator", path)
+                p_errors, p_warnings, output = reports[path]
                 root = "TID_1500 (MeasurementReport)" if modality == "SR" else "TID_2010 (KeyObjectSelection)"
                 assert f"Found Root Template {root}" in output, output
                 errors, warnings = errors + p_errors, warnings + _unexpected(p_warnings)

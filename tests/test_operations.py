@@ -4,10 +4,12 @@ retention, each against a running node with real peers (dcmtk storescu and store
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pydicom
 import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
+from node.receive.launch import launch_receiver
 from node.send.pynetdicom_internals import steady
 from tests.test_console import StoreSCP, _metrics
 
@@ -481,16 +484,45 @@ def test_a_bad_ae_title_is_explained_in_words_not_by_a_regular_expression(tmp_pa
     assert "destinations.pacs.ae_title" in check.stderr and "\\x5b" not in check.stderr
 
 
+def _processes_with(marker: str) -> list[int]:
+    """The processes whose environment holds `marker` (a receiver inherits the service's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except OSError:  # gone, or not ours
+            pass
+    return found
+
+
 def test_a_console_port_in_use_stops_the_start_before_anything_runs(tmp_path):
     """The console's port is bound first thing: taken, the node says so and exits 1 before a
-    receiver takes a connection (its DICOM port stays free)."""
+    receiver takes a connection (its DICOM port stays free), and the receiver processes launched
+    ahead of the service's start (node/receive/launch.py) are stopped with it, none left behind."""
     import socket
 
     node = NodeProcess(tmp_path / "node")
+    marker = f"DICOM_NODE_TEST_MARK={uuid.uuid4().hex}"
     with socket.create_server(("127.0.0.1", node.http_port)):
         result = subprocess.run([str(VENV_BIN / "dicom-node"), "serve", "--config", str(node.config_path)],
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, marker.split("=")[0]: marker.split("=")[1]})
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"cannot start: the console cannot listen on 127.0.0.1:{node.http_port}" in result.stderr
+    assert _processes_with(marker) == []
     with socket.create_server(("127.0.0.1", node.port)):  # nothing kept the DICOM port
         pass
+
+
+def test_a_receiver_launched_ahead_ends_quietly_when_its_settings_never_come():
+    """A receiver launched before the service's start (launch.py) waits for its settings; if the
+    service goes away first (its end of the pipe closes unwritten), the receiver ends with
+    status 0 and takes no connection, instead of failing on an empty message."""
+    launched = launch_receiver()
+    try:
+        os.close(launched.settings)
+        assert launched.process.wait(60) == 0
+        assert launched.channel.recv(4096) == b""  # nothing said: no "ready"
+    finally:
+        launched.channel.close()

@@ -41,31 +41,22 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from pynetdicom import _config as pynetdicom_config
 
 from common.backoff import backoff_delay
 from common import logs
-from node.config import HTTP_TOKEN_ENV, INDEX_URL_ENV, NodeConfig
+from node.config import NodeConfig
+from node.receive.launch import LaunchedReceiver, launch_receiver
 from node.receive.pynetdicom_internals import HandedServer
 
 log = logging.getLogger("node.receive")
 
-# Not passed on to receiver processes: their values reach them inside the settings (a pipe).
-_SECRET_ENV = (HTTP_TOKEN_ENV, INDEX_URL_ENV)
 SHUTDOWN_GRACE_S = 0.5  # on stop, associations still open after this are aborted
 _MAX_MESSAGE = 4096
 # How the service stops a receiver; receivers ignore SIGTERM and SIGINT (see receiver_main).
 STOP_SIGNAL = signal.SIGUSR1
-# Each received PDU is a 16 KiB-1 MiB buffer. With glibc's defaults these go through mmap and
-# munmap and fault in fresh pages every time (measured: a third of receive system time).
-# Keeping them on the heap makes reuse cheap.
-_MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(16 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
-    "MALLOC_TOP_PAD_": str(64 << 20),
-}
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -90,8 +81,12 @@ class ReceiverPool:
     """Owns the listening socket and the receiver processes; supervises and load-balances them."""
 
     def __init__(self, config: NodeConfig, on_study_opened: Callable[[str, float], None],
-                 on_signal: Callable[[str], None] = lambda study_uid: None):
+                 on_signal: Callable[[str], None] = lambda study_uid: None,
+                 launched: Sequence[LaunchedReceiver] = ()):
+        """`launched`: receiver processes launched ahead (node/receive/launch.py), taken before
+        any new one is started."""
         self.config = config
+        self._launched = list(launched)
         self.on_study_opened = on_study_opened
         self.on_signal = on_signal
         self.count = config.scp.worker_count()
@@ -225,6 +220,10 @@ class ReceiverPool:
                 worker.process.kill()
                 worker.process.wait(5)
             worker.channel.close()
+        with self._lock:
+            unused, self._launched = self._launched, []
+        for launched in unused:  # stopped before it started
+            launched.discard()
         for thread in self._threads:
             thread.join(2)
 
@@ -233,25 +232,11 @@ class ReceiverPool:
     def _start_process(self, slot: int, config: NodeConfig, install: bool = True) -> _Worker:
         """A receiver process with `config`; registered for its messages, and (install) in its slot.
         It ends when its channel closes, so it never outlives the service (whatever thread started it)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        settings_in, settings_out = os.pipe()
-        # The settings hold secrets (the index URL's password, the console token): they go through
-        # a pipe only the receiver reads, never its environment (readable in /proc/PID/environ).
-        env = {**_MALLOC_TUNING, **{k: v for k, v in os.environ.items() if k not in _SECRET_ENV}}
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "node.receive.workers", str(theirs.fileno()), str(settings_in)],
-                pass_fds=[theirs.fileno(), settings_in],
-                env=env,
-            )
-        finally:
-            theirs.close()
-            os.close(settings_in)
-        try:
-            with os.fdopen(settings_out, "wb") as pipe:  # closing flushes: it may raise too
-                pipe.write(json.dumps(receiver_settings(config, self.port, self.count)).encode())
-        except BrokenPipeError:
-            pass  # it died at once; _on_worker_exit sees to it
+        with self._lock:
+            launched = self._launched.pop(0) if self._launched else None
+        launched = launched or launch_receiver()
+        launched.hand_settings(receiver_settings(config, self.port, self.count))
+        process, ours = launched.process, launched.channel
         worker = _Worker(slot, process, ours)
         with self._lock:
             if install:
@@ -400,7 +385,10 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     from pynetdicom import evt
 
     with os.fdopen(settings_fd, "rb") as pipe:
-        settings = json.loads(pipe.read())
+        handed = pipe.read()
+    if not handed:  # launched ahead, and the service went away (or discarded it) before its settings
+        return
+    settings = json.loads(handed)
     config = NodeConfig.model_validate(settings["config"])
     logs.setup(config.logging.level)
     # pynetdicom's default handlers decode every command set for debug logs: off.

@@ -482,11 +482,12 @@ class Index:
                 rec.path, rec.size, received_at, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
         if was_missing:
             db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,))
-        s = rec.series
-        db.execute(_INSERT_SERIES, (
-            rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
-            s.get("number"), rec.sop_class_uid, s.get("image_type"), s.get("orientation"), s.get("rows"),
-            s.get("columns"), s.get("slice_thickness")))
+        if series_of is None:  # (a series' row keeps its first instance's facts)
+            s = rec.series
+            db.execute(_INSERT_SERIES, (
+                rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
+                s.get("number"), rec.sop_class_uid, s.get("image_type"), s.get("orientation"), s.get("rows"),
+                s.get("columns"), s.get("slice_thickness")))
         if study is None:
             db.execute(_INSERT_STUDY, (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline))
             return Arrival(duplicate, True, False, False, deadline, placement)
