@@ -817,3 +817,31 @@ def test_instances_a_power_cut_damaged_behind_their_acknowledgement_come_back_fr
     node.stop()
     node.start()
     assert node.events("node_started")[-1]["journal_replayed"]["records"] == 0
+
+
+def test_write_back_starts_at_staging_for_the_files_that_settle_fsyncs_and_only_those(tmp_path, monkeypatch):
+    """A new instance the journal does not take (over RECORD_MAX_BYTES, or no journal) is fsynced
+    with its folder after the index's transaction: its write-back is started as it is staged, so
+    the disk works meanwhile (CT over one association: 1.30x the rate side by side). A file the
+    journal takes is left to the checkpoint's one syncfs, and one staged durably was fsynced."""
+    started: list[int] = []
+    monkeypatch.setattr(spool_module, "start_writeback", lambda fd: started.append(os.fstat(fd).st_size))
+    small, large = b"s" * 1000, b"L" * (RECORD_MAX_BYTES + 1)
+    with ExitStack() as held:
+        journalled = journalled_spool(tmp_path / "journalled")
+        for chunks, durable in (([small], False), ([large[:9], large[9:]], False), ([large], True)):
+            journalled.stage_held(chunks, held, durable=durable)
+        assert started == [len(large)]
+        Spool(tmp_path / "plain", 0).stage_held([small], held, durable=False)  # no journal: settle fsyncs it
+        assert started == [len(large), len(small)]
+    # the real call, on a file and on what it does not apply to (a pipe: ESPIPE), never fails
+    read_end, write_end = os.pipe()
+    try:
+        journal.start_writeback(write_end)
+        with open(tmp_path / "written", "wb") as f:
+            f.write(large)
+            f.flush()
+            journal.start_writeback(f.fileno())
+    finally:
+        os.close(read_end)
+        os.close(write_end)

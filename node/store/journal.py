@@ -72,6 +72,10 @@ RECORD_MAX_BYTES = 256 << 10
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)  # glibc 2.28 and later
+_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None)
+if _SYNC_FILE_RANGE is not None:
+    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 # moves a file into quarantine/ with its reason, under a name given (Spool.quarantine_file)
 Quarantine = Callable[[Path, str, str], Path]
@@ -232,6 +236,11 @@ class IntakeJournal:
         self._unusable = False
         self._thread: threading.Thread | None = None
 
+    @staticmethod
+    def takes(size: int) -> bool:
+        """Whether a file of `size` bytes is made durable by a record (else by its own fsync)."""
+        return size <= RECORD_MAX_BYTES
+
     def record(self, relative: str, placed: FileIdentity, chunks: Sequence[bytes | memoryview]) -> bool:
         """Make the file placed at `relative` (the rename done, its bytes `chunks`) durable before
         the acknowledgement: its record written and the journal fdatasync'ed. False: the journal
@@ -241,7 +250,7 @@ class IntakeJournal:
         path = relative.encode()
         size = sum(memoryview(c).nbytes for c in chunks)
         need = HEADER.size + len(path) + size
-        taken = size <= RECORD_MAX_BYTES and need <= self.segment_bytes
+        taken = self.takes(size) and need <= self.segment_bytes
         body_crc = zlib.crc32(path)
         for chunk in chunks if taken else ():  # before the lock: 20 µs for 64 KB (none for a file not taken)
             body_crc = zlib.crc32(chunk, body_crc)
@@ -646,6 +655,18 @@ def _try_lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to the disk, without waiting (sync_file_range(2) with
+    SYNC_FILE_RANGE_WRITE alone), so that the fsync that makes it durable later waits for less:
+    a CT image's (512 KB) fsyncs before its acknowledgement took 1.1-1.3 ms after 0.7 ms of other
+    work, and 0.42-0.55 ms when its write-back had been started before that work (measured). A
+    hint, never a promise: errors are ignored here, and the write-back's own error still reaches
+    the fsync through this descriptor (only the call's WAIT flags check and consume it: fs/sync.c).
+    The os module has no sync_file_range, hence ctypes."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(folder: Path) -> None:

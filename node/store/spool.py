@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from node.store.journal import FileIdentity, IntakeJournal, identify_open, recover
+from node.store.journal import FileIdentity, IntakeJournal, identify_open, recover, start_writeback
 from node.store.journal import fsync_dir as _fsync_dir
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -128,12 +128,16 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             held.callback(os.close, fd)
+            size = 0
             for chunk in chunks:
                 view = memoryview(chunk)
+                size += view.nbytes
                 while view:
                     view = view[os.write(fd, view):]
             if durable:
                 os.fsync(fd)
+            elif self.journal is None or not self.journal.takes(size):  # fsynced by `settle`, after
+                start_writeback(fd)  # the index's transaction: its pages go to the disk meanwhile
             identity = identify_open(fd)
         except OSError as exc:
             raise _staging_failed(tmp, exc) from None
