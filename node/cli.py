@@ -70,7 +70,7 @@ def serve(
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
     from common import logs
-    from node.receive.launch import launch_receiver
+    from node.receive.launch import LaunchedReceiver, launch_receiver
 
     overrides: dict[str, object] = {
         "scp.ae_title": aet,
@@ -85,9 +85,11 @@ def serve(
     cfg = _config(config, overrides)
     logs.setup(cfg.logging.level)
     # First: the receivers import their modules while the service imports its own (launch.py)
-    launched = [launch_receiver() for _ in range(cfg.scp.worker_count())]
+    launched: list[LaunchedReceiver] = []
     try:
         try:
+            for _ in range(cfg.scp.worker_count()):
+                launched.append(launch_receiver())
             from node.service import NodeService
 
             service = NodeService(cfg, config or DEFAULT_CONFIG, overrides, launched=launched)

@@ -454,6 +454,7 @@ def test_receiver_processes_get_no_secrets_in_their_environment(start_node, tmp_
     monkeypatch.setenv("DICOM_NODE_HTTP_TOKEN", token)
     monkeypatch.setenv("DICOM_NODE_INDEX_URL", f"sqlite:///{tmp_path / 'node0' / 'data' / 'index.sqlite'}")
     monkeypatch.setenv("DICOM_NODE_OIDC_CLIENT_SECRET", "oidc-secret-" + "z" * 24)  # the console's alone
+    monkeypatch.setenv("DICOM_NODE_API_TOKEN", "cli-token-" + "w" * 24)  # the command line's
     node = start_node(tmp_path / "node0", http={"token": "yaml-token-" + "y" * 24})
     pids = [e["pid"] for e in node.events("receiver_started")]
     assert pids
@@ -461,7 +462,7 @@ def test_receiver_processes_get_no_secrets_in_their_environment(start_node, tmp_
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert token.encode() not in environ and b"yaml-token" not in environ
         assert b"DICOM_NODE_INDEX_URL" not in environ and b"DICOM_NODE_RECEIVER_CONFIG" not in environ
-        assert b"oidc-secret-" not in environ
+        assert b"oidc-secret-" not in environ and b"cli-token-" not in environ
     files = make_study(tmp_path / "ct", slices=2, size=16)
     assert storescu(node.port, files).returncode == 0  # the receivers found the index from the pipe
     assert node.instance_count(_study_uid(files)) == 2

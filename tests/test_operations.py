@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,7 +18,9 @@ import pydicom
 import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
+from node.config import NodeConfig
 from node.receive.launch import launch_receiver
+from node.receive.workers import ReceiverPool
 from node.send.pynetdicom_internals import steady
 from tests.test_console import StoreSCP, _metrics
 
@@ -504,15 +507,50 @@ def test_a_console_port_in_use_stops_the_start_before_anything_runs(tmp_path):
 
     node = NodeProcess(tmp_path / "node")
     marker = f"DICOM_NODE_TEST_MARK={uuid.uuid4().hex}"
-    with socket.create_server(("127.0.0.1", node.http_port)):
+    # into a file, not a pipe: a receiver holding the pipe would keep run() waiting, not fail here
+    with socket.create_server(("127.0.0.1", node.http_port)), open(tmp_path / "out", "w+") as out:
         result = subprocess.run([str(VENV_BIN / "dicom-node"), "serve", "--config", str(node.config_path)],
-                                capture_output=True, text=True, timeout=120,
+                                stdout=out, stderr=subprocess.STDOUT, text=True, timeout=120,
                                 env={**os.environ, marker.split("=")[0]: marker.split("=")[1]})
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert f"cannot start: the console cannot listen on 127.0.0.1:{node.http_port}" in result.stderr
+        out.seek(0)
+        output = out.read()
+    assert result.returncode == 1, output[-2000:]
+    assert f"cannot start: the console cannot listen on 127.0.0.1:{node.http_port}" in output
     assert _processes_with(marker) == []
     with socket.create_server(("127.0.0.1", node.port)):  # nothing kept the DICOM port
         pass
+
+
+def test_a_pool_stopped_before_it_started_stops_the_receivers_launched_for_it():
+    """The service failed between the launch and the start (the console's port, a data volume not
+    mounted): its pool's stop kills and reaps what was launched for it, before the process ends."""
+    launched = [launch_receiver(), launch_receiver()]
+    pool = ReceiverPool(NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 2}}),
+                        on_study_opened=lambda uid, deadline: None, launched=launched)
+    pool.stop()
+    assert [receiver.process.returncode for receiver in launched] == [-signal.SIGKILL] * 2
+
+
+def _ignored_signals(pid: int) -> int:
+    """The signal numbers `pid` ignores, as a bit mask (SigIgn in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+
+
+def test_a_receiver_launched_ahead_ignores_the_terminals_signals_while_it_waits():
+    """Launched while the service starts, a receiver sets SIGTERM and SIGINT aside before its
+    imports and its settings (node/receive/__main__.py): a Ctrl-C to the process group then is the
+    service's to handle (a drain), and does not kill a receiver (nor print its traceback)."""
+    launched = launch_receiver()
+    try:
+        wanted = 1 << (signal.SIGTERM - 1) | 1 << (signal.SIGINT - 1)
+        wait_for(lambda: _ignored_signals(launched.process.pid) & wanted == wanted, timeout=30)
+        launched.process.send_signal(signal.SIGINT)
+        launched.process.send_signal(signal.SIGTERM)
+        os.close(launched.settings)
+        assert launched.process.wait(60) == 0
+    finally:
+        launched.channel.close()
 
 
 def test_a_receiver_launched_ahead_ends_quietly_when_its_settings_never_come():

@@ -13,6 +13,7 @@ command line imports it before the service's modules.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -20,11 +21,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from node.config import HTTP_TOKEN_ENV, INDEX_URL_ENV, OIDC_SECRET_ENV
+from common import logs
+from node.config import API_TOKEN_ENV, HTTP_TOKEN_ENV, INDEX_URL_ENV, OIDC_SECRET_ENV
+
+log = logging.getLogger("node.receive")
 
 # Not passed on to receiver processes: the values they need reach them inside the settings (a
-# pipe), and the OIDC client's secret is the console's alone.
-_SECRET_ENV = (HTTP_TOKEN_ENV, INDEX_URL_ENV, OIDC_SECRET_ENV)
+# pipe); the OIDC client's secret and the command line's API token are for others.
+_SECRET_ENV = (HTTP_TOKEN_ENV, INDEX_URL_ENV, OIDC_SECRET_ENV, API_TOKEN_ENV)
 # Each received PDU is a 16 KiB-1 MiB buffer. With glibc's defaults these go through mmap and
 # munmap and fault in fresh pages every time (measured: a third of receive system time).
 # Keeping them on the heap makes reuse cheap.
@@ -55,11 +59,15 @@ class LaunchedReceiver:
 
     def discard(self) -> None:
         """Never used (the service did not start): its settings pipe closes, which ends it, and
-        it is stopped and reaped here."""
+        it is stopped and reaped here (one that does not end, in uninterruptible sleep, is left
+        to end by itself: a stop goes on)."""
         os.close(self.settings)
         self.channel.close()
         self.process.kill()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            logs.event(log, "receiver_not_ended", logging.WARNING, pid=self.process.pid)
 
 
 def launch_receiver() -> LaunchedReceiver:
@@ -71,7 +79,7 @@ def launch_receiver() -> LaunchedReceiver:
     env = {**_MALLOC_TUNING, **{k: v for k, v in os.environ.items() if k not in _SECRET_ENV}}
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "node.receive.workers", str(theirs.fileno()), str(settings_in)],
+            [sys.executable, "-m", "node.receive", str(theirs.fileno()), str(settings_in)],
             pass_fds=[theirs.fileno(), settings_in],
             env=env,
         )

@@ -371,11 +371,8 @@ def receiver_settings(config: NodeConfig, port: int, receivers: int) -> dict[str
 
 
 def receiver_main(channel_fd: int, settings_fd: int) -> None:
-    # Only the service stops a receiver (STOP_SIGNAL, or its channel closing): a SIGTERM or Ctrl-C
-    # sent to the whole process group (a terminal, systemd's control group) must leave the
-    # service's drain to end the associations, not abort them here at once. Set first thing.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A receiver process's life, from its settings to its stop (node/receive/__main__.py has
+    set SIGTERM and SIGINT aside before anything was imported)."""
     stopping = threading.Event()
     signal.signal(STOP_SIGNAL, lambda *_: stopping.set())
     from node.receive.scp import StorageSCP
@@ -493,7 +490,9 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     scp.spool.close()  # its journal checkpointed: the next start has nothing to replay
 
 
-if __name__ == "__main__":
+
+def main() -> None:
+    """The receiver process (`python -m node.receive CHANNEL_FD SETTINGS_FD`, node/receive/__main__.py)."""
     receiver_main(int(sys.argv[1]), int(sys.argv[2]))
     # As the interpreter's exit would, wait for the threads that are not daemons: pynetdicom's
     # DUL threads, on which an association that ended just now is still being recorded (its row

@@ -69,6 +69,7 @@ SWITCH_WAIT_S = 30.0  # an append waits this long at most for the other segment'
 # 1.23x the rate over one association, 1.34x over four; 257 KB over one: the same; 128 KB: the
 # journal 1.16x over one association, 0.83x over four; README, Performance)
 RECORD_MAX_BYTES = 256 << 10
+_PATH_MAX_BYTES = 256  # a record's path: studies/ and three UIDs of up to 64 characters, .dcm (210)
 _ZEROS = bytes(1 << 20)
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)  # glibc 2.28 and later
@@ -76,6 +77,7 @@ _SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None)
 if _SYNC_FILE_RANGE is not None:
     _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+_WRITE_FAILED = (errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 # moves a file into quarantine/ with its reason, under a name given (Spool.quarantine_file)
 Quarantine = Callable[[Path, str, str], Path]
@@ -236,10 +238,10 @@ class IntakeJournal:
         self._unusable = False
         self._thread: threading.Thread | None = None
 
-    @staticmethod
-    def takes(size: int) -> bool:
-        """Whether a file of `size` bytes is made durable by a record (else by its own fsync)."""
-        return size <= RECORD_MAX_BYTES
+    def takes(self, size: int) -> bool:
+        """Whether a file of `size` bytes is made durable by a record (else by its own fsync), a
+        record's path being at most _PATH_MAX_BYTES long."""
+        return size <= RECORD_MAX_BYTES and HEADER.size + _PATH_MAX_BYTES + size <= self.segment_bytes
 
     def record(self, relative: str, placed: FileIdentity, chunks: Sequence[bytes | memoryview]) -> bool:
         """Make the file placed at `relative` (the rename done, its bytes `chunks`) durable before
@@ -250,7 +252,7 @@ class IntakeJournal:
         path = relative.encode()
         size = sum(memoryview(c).nbytes for c in chunks)
         need = HEADER.size + len(path) + size
-        taken = self.takes(size) and need <= self.segment_bytes
+        taken = size <= RECORD_MAX_BYTES and need <= self.segment_bytes
         body_crc = zlib.crc32(path)
         for chunk in chunks if taken else ():  # before the lock: 20 µs for 64 KB (none for a file not taken)
             body_crc = zlib.crc32(chunk, body_crc)
@@ -662,11 +664,15 @@ def start_writeback(fd: int) -> None:
     SYNC_FILE_RANGE_WRITE alone), so that the fsync that makes it durable later waits for less:
     a CT image's (512 KB) fsyncs before its acknowledgement took 1.1-1.3 ms after 0.7 ms of other
     work, and 0.42-0.55 ms when its write-back had been started before that work (measured). A
-    hint, never a promise: errors are ignored here, and the write-back's own error still reaches
-    the fsync through this descriptor (only the call's WAIT flags check and consume it: fs/sync.c).
-    The os module has no sync_file_range, hence ctypes."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    hint, never a promise: a write-back error still reaches the fsync through this descriptor
+    (only the call's WAIT flags check and consume it: fs/sync.c), but one the file system returns
+    while the writes are submitted (ext4's allocation, for one) may be reported here only, so those
+    are raised: the file is not acknowledged. Any other (ESPIPE, EINVAL, ENOSYS) is a hint not
+    taken. The os module has no sync_file_range, hence ctypes."""
+    if _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+        code = ctypes.get_errno()
+        if code in _WRITE_FAILED:  # a failure the file system may report here only (not to the fsync)
+            raise OSError(code, os.strerror(code))
 
 
 def fsync_dir(folder: Path) -> None:
