@@ -8,6 +8,7 @@ hangs every delivery, a study completing again while its job runs.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[
 
 from node.config import NodeConfig
 from node.jobs.runner import JobRunner
+from node.receive.workers import receiver_settings
 from node.jobs.store import JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import Actions
@@ -466,6 +468,22 @@ def test_receiver_processes_get_no_secrets_in_their_environment(start_node, tmp_
     files = make_study(tmp_path / "ct", slices=2, size=16)
     assert storescu(node.port, files).returncode == 0  # the receivers found the index from the pipe
     assert node.instance_count(_study_uid(files)) == 2
+
+
+def test_a_receivers_settings_leave_the_consoles_secrets_out(tmp_path, monkeypatch):
+    """The settings pipe carries the configuration a receiver needs; the console's token and its
+    OIDC client's secret, which no receiver uses, stay with the service (as their environment
+    variables do). The index URL goes resolved."""
+    monkeypatch.setenv("DICOM_NODE_INDEX_URL", f"sqlite:///{tmp_path / 'index.sqlite'}")
+    config = NodeConfig.model_validate({
+        "storage": {"data_dir": str(tmp_path)},
+        "http": {"token": "yaml-token-" + "y" * 24, "oidc": {
+            "issuer": "https://idp.example", "client_id": "node", "client_secret": "oidc-secret-" + "z" * 24}}})
+    settings = receiver_settings(config, 11112, 2)
+    text = json.dumps(settings)
+    assert "yaml-token-" not in text and "oidc-secret-" not in text
+    assert settings["config"]["storage"]["index_url"] == f"sqlite:///{tmp_path / 'index.sqlite'}"
+    assert NodeConfig.model_validate(settings["config"]).scp == config.scp  # what a receiver reads, whole
 
 
 # -- executors and jobs -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from common.backoff import backoff_delay
 from common import logs
-from node.config import NodeConfig
+from node.config import HttpConfig, NodeConfig
 from node.receive.launch import LaunchedReceiver, launch_receiver
 from node.receive.pynetdicom_internals import HandedServer
 
@@ -362,10 +362,13 @@ class ReceiverPool:
 
 def receiver_settings(config: NodeConfig, port: int, receivers: int) -> dict[str, Any]:
     """What a receiver process starts with: the configuration (the index URL resolved, so that
-    the environment variable that may carry it stays with the service), the listening port and
-    its share of the association slots."""
-    config = config.model_copy(update={"storage": config.storage.model_copy(
-        update={"index_url": config.storage.effective_index_url()})})
+    the environment variable that may carry it stays with the service; the console's section left
+    at its defaults, since its token and its OIDC client's secret are no receiver's business), the
+    listening port and its share of the association slots."""
+    config = config.model_copy(update={
+        "storage": config.storage.model_copy(update={"index_url": config.storage.effective_index_url()}),
+        "http": HttpConfig(),
+    })
     return {"config": config.model_dump(mode="json"), "port": port,
             "max_associations": -(-config.scp.max_associations // receivers)}
 
