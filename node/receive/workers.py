@@ -55,7 +55,7 @@ log = logging.getLogger("node.receive")
 
 SHUTDOWN_GRACE_S = 0.5  # on stop, associations still open after this are aborted
 _MAX_MESSAGE = 4096
-# How the service stops a receiver; receivers ignore SIGTERM and SIGINT (see receiver_main).
+# How the service stops a receiver; receivers ignore SIGTERM and SIGINT (node/receive/__main__.py).
 STOP_SIGNAL = signal.SIGUSR1
 
 
@@ -491,7 +491,6 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     for assoc in server.active_associations:
         assoc.abort()
     scp.spool.close()  # its journal checkpointed: the next start has nothing to replay
-
 
 
 def main() -> None:
