@@ -376,6 +376,64 @@ def test_the_association_reactor_waits_until_something_is_queued_for_it(monkeypa
     assert not thread.is_alive()
 
 
+def test_associations_share_the_servers_contexts_and_negotiation_leaves_them_as_they_were():
+    """_SharedContexts: each association reads the server's supported contexts themselves, not a
+    deep copy, so negotiation must never write to them. Two associations, one proposing SCP/SCU
+    role selection and transfer syntaxes in another order, negotiate as before: the answers are
+    the accepted syntax and roles, and the server's contexts are unchanged afterwards."""
+    from pynetdicom import build_context, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage as CTStorage  # type: ignore[attr-defined]
+
+    from node.receive.pynetdicom_internals import HandedServer
+
+    acceptor = AE()
+    acceptor.add_supported_context(CTStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
+    acceptor.add_supported_context(MRImageStorage, [ImplicitVRLittleEndian], scu_role=True, scp_role=True)
+    acceptor.add_supported_context(Verification)
+    seen: list[Any] = []
+    server = acceptor.make_server(("127.0.0.1", 0), ae_title="ACCEPTOR", server_class=HandedServer,
+                                  evt_handlers=[(evt.EVT_ACCEPTED, lambda event: seen.append(event.assoc))])
+
+    def snapshot() -> list[tuple[Any, ...]]:
+        return [(cx.abstract_syntax, list(cx.transfer_syntax), cx.scu_role, cx.scp_role, cx.context_id,
+                 cx.result, cx.as_scu, cx.as_scp) for cx in server.contexts]
+
+    before = snapshot()
+    listener = socket.create_server(("127.0.0.1", 0))
+    handed = threading.Thread(target=lambda: [server.process_request(*listener.accept()) for _ in range(2)],
+                              daemon=True)
+    handed.start()
+    try:
+        role = build_role(MRImageStorage, scu_role=True, scp_role=True)
+        proposals = ([build_context(CTStorage, [RLELossless, ImplicitVRLittleEndian]),
+                      build_context(MRImageStorage, ImplicitVRLittleEndian)], [role]), \
+                    ([build_context(CTStorage, ImplicitVRLittleEndian), build_context(Verification)], [])
+        for contexts, roles in proposals:
+            requestor = AE()
+            requestor.requested_contexts = contexts
+            assoc = requestor.associate("127.0.0.1", listener.getsockname()[1], ae_title="ACCEPTOR",
+                                        ext_neg=roles)
+            assert assoc.is_established
+            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]), cx.as_scu, cx.as_scp)
+                        for cx in assoc.accepted_contexts}
+            assoc.release()
+            if roles:  # the acceptor's order of preference decides; the proposed roles are granted
+                assert accepted == {(CTStorage, ImplicitVRLittleEndian, True, False),
+                                    (MRImageStorage, ImplicitVRLittleEndian, True, True)}
+            else:
+                assert accepted == {(CTStorage, ImplicitVRLittleEndian, True, False),
+                                    (Verification, ImplicitVRLittleEndian, True, False)}
+        handed.join(30)
+        assert len(seen) == 2
+        for assoc in seen:  # the server's contexts themselves, in a list of the association's own
+            assert assoc.acceptor.supported_contexts is not server.contexts
+            assert all(a is b for a, b in zip(assoc.acceptor.supported_contexts, server.contexts, strict=True))
+        assert snapshot() == before
+    finally:
+        listener.close()
+        server.server_close()
+
+
 def test_associations_leave_no_descriptors_behind(start_node):
     """However an association ends (released, dropped by the peer, aborted by it), its receiver
     ends up with the descriptors it had before (the connection and the DUL's bell are closed)."""

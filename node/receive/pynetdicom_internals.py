@@ -17,6 +17,9 @@ Relied on (pynetdicom 3.0):
 - Rejecting in an EVT_REQUESTED handler: `assoc.acse.send_reject(...)` then `assoc.kill()`
   (what pynetdicom does itself for its own checks); the association then never negotiates.
 - `AssociationServer.process_request(conn, peer)` runs a handed-over connection.
+- `RequestHandler._create_association` gives each association `deepcopy(server.contexts)` as
+  its supported contexts, and negotiation (`negotiate_as_acceptor`) only reads them: the
+  associations share the server's list (_SharedContexts).
 - The DUL's loop and how node/transport.py makes it wait on the connection instead of sleeping
   (PduSocket is its PromptSocket, the DUL its PromptDul).
 - A P-DATA-TF PDU with no PDV items decodes (Evt10) into a P-DATA primitive that the DIMSE
@@ -688,11 +691,25 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
+class _SharedContexts(list):
+    """The server's supported presentation contexts, handed to every association as they are.
+
+    pynetdicom deep-copies them for each association: for the 170 storage SOP classes with 16
+    transfer syntaxes each that is 35 ms of CPU (every UID is built and validated again), more
+    than a small series' instances take to store. The association only reads them (negotiation
+    builds new contexts for its answer), so a copy of the list, not of its contexts, does.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_SharedContexts":
+        return _SharedContexts(self)
+
+
 class HandedServer(AssociationServer):
     """A pynetdicom server that does not listen: connections are handed to it."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, request_handler=_RequestHandler, **kwargs)
+        self.contexts = _SharedContexts(self.contexts)
 
     def server_bind(self) -> None:
         pass

@@ -503,7 +503,11 @@ class Index:
         return Arrival(duplicate, reopened, reopened, False, deadline, placement)
 
     def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
-        with self.transaction() as db:
+        """The association's row, opened before it is accepted. On SQLite the commit does not
+        wait for the disk (the A-ASSOCIATE-AC waits on it): the log is written in order, so the
+        row is on disk before any of its instances' rows can be, and a power cut takes it only
+        with all of them."""
+        with self.transaction(durable=False) as db:
             row = db.execute(
                 "INSERT INTO associations (calling_ae, called_ae, peer, started_at) VALUES (?,?,?,?) RETURNING id",
                 (calling_ae, called_ae, peer, now),
@@ -512,11 +516,12 @@ class Index:
 
     def discard_association(self, assoc_id: int) -> None:
         """Forget the row of an association refused after it was opened (nothing happened on it)."""
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             db.execute("DELETE FROM associations WHERE id=? AND instances=0 AND failures=0", (assoc_id,))
 
     def close_association(self, assoc_id: int, instances: int, failures: int, now: float) -> None:
-        with self.transaction() as db:
+        """Its counts and end; on disk with the next durable commit (as `open_association`)."""
+        with self.transaction(durable=False) as db:
             db.execute(
                 "UPDATE associations SET ended_at=?, instances=?, failures=? WHERE id=?",
                 (now, instances, failures, assoc_id),
