@@ -167,6 +167,17 @@ _INSERT_INSTANCE = (
     " size=excluded.size, received_at=excluded.received_at, calling_ae=excluded.calling_ae,"
     " called_ae=excluded.called_ae, peer=excluded.peer, association_id=excluded.association_id"
 )
+# What the index knows of an arriving instance, in one statement instead of four (each costs the
+# receiver ~20 µs of CPU, most of it the driver's): the instance's row if indexed, the study its
+# series belongs to, its study's state, whether its file was found missing. Parameters: series,
+# study, SOP instance (twice).
+_WHAT_IS_KNOWN = (
+    "SELECT i.sop_instance_uid, i.study_uid, i.series_uid, i.sop_class_uid, i.path,"
+    " (SELECT study_uid FROM series WHERE series_uid=?) AS series_study,"
+    " (SELECT state FROM studies WHERE study_uid=?) AS study_state,"
+    " CASE WHEN EXISTS (SELECT 1 FROM missing_files WHERE sop_instance_uid=?) THEN 1 ELSE 0 END AS was_missing"
+    " FROM (SELECT 1 AS one) AS arriving LEFT JOIN instances i ON i.sop_instance_uid=?"
+)
 _INSERT_SERIES = (
     "INSERT INTO series (series_uid, study_uid, modality, body_part, description, number, sop_class_uid,"
     " image_type, orientation, rows, columns, slice_thickness) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -445,23 +456,21 @@ class Index:
     def _record_instance(self, db: Db, rec: InstanceRecord, now: float, deadline: float, reopen: bool,
                          identical: bool, place: Callable[[], None] | None, durable: bool,
                          new_only: bool) -> Arrival:
-        existing = db.execute(
-            "SELECT study_uid, series_uid, sop_class_uid, path FROM instances WHERE sop_instance_uid=?",
-            (rec.sop_instance_uid,),
-        ).fetchone()
+        known = db.execute(_WHAT_IS_KNOWN, (rec.series_uid, rec.study_uid, rec.sop_instance_uid,
+                                            rec.sop_instance_uid)).fetchall()[0]  # always one row
+        existing = known if known["sop_instance_uid"] is not None else None
         if new_only and existing is not None:
             raise AlreadyIndexed()
         InstanceConflict.check(rec, existing)
-        series_of = db.execute("SELECT study_uid FROM series WHERE series_uid=?", (rec.series_uid,)).fetchone()
-        if series_of is not None and series_of["study_uid"] != rec.study_uid:
-            raise SeriesConflict(rec.sop_instance_uid, series_of["study_uid"], rec.series_uid)
-        study = db.execute("SELECT state FROM studies WHERE study_uid=?", (rec.study_uid,)).fetchone()
-        if study is None and not durable:  # a study's first row creates it: never lazily
+        series_study = known["series_study"]
+        if series_study is not None and series_study != rec.study_uid:
+            raise SeriesConflict(rec.sop_instance_uid, series_study, rec.series_uid)
+        study_state = known["study_state"]
+        if study_state is None and not durable:  # a study's first row creates it: never lazily
             raise _DurableCommitNeeded()
         duplicate = existing is not None
-        complete = study is not None and study["state"] == "complete"
-        was_missing = duplicate and db.execute(
-            "SELECT 1 FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,)).fetchone() is not None
+        complete = study_state == "complete"
+        was_missing = duplicate and bool(known["was_missing"])
         reopen = reopen or was_missing
         if duplicate and identical and existing["path"] == rec.path:
             placement = Placement.IDENTICAL  # the file is there: compared by the caller
@@ -482,13 +491,13 @@ class Index:
                 rec.path, rec.size, received_at, rec.calling_ae, rec.called_ae, rec.peer, rec.association_id))
         if was_missing:
             db.execute("DELETE FROM missing_files WHERE sop_instance_uid=?", (rec.sop_instance_uid,))
-        if series_of is None:  # (a series' row keeps its first instance's facts)
+        if series_study is None:  # (a series' row keeps its first instance's facts)
             s = rec.series
             db.execute(_INSERT_SERIES, (
                 rec.series_uid, rec.study_uid, s.get("modality"), s.get("body_part"), s.get("description"),
                 s.get("number"), rec.sop_class_uid, s.get("image_type"), s.get("orientation"), s.get("rows"),
                 s.get("columns"), s.get("slice_thickness")))
-        if study is None:
+        if study_state is None:
             db.execute(_INSERT_STUDY, (rec.study_uid, rec.patient_id, rec.calling_ae, now, now, deadline))
             return Arrival(duplicate, True, False, False, deadline, placement)
         if complete and (placement is Placement.IDENTICAL or not reopen):
@@ -499,7 +508,7 @@ class Index:
             " WHERE study_uid=?",
             (now, deadline, rec.calling_ae, rec.study_uid),
         )
-        reopened = study["state"] != "receiving"
+        reopened = study_state != "receiving"
         return Arrival(duplicate, reopened, reopened, False, deadline, placement)
 
     def open_association(self, calling_ae: str, called_ae: str, peer: str, now: float) -> int:
