@@ -34,6 +34,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
+    UID,
     generate_uid,
 )
 from pynetdicom import AE, _config
@@ -374,6 +375,41 @@ def test_the_association_reactor_waits_until_something_is_queued_for_it(monkeypa
         gate.ring()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeypatch: pytest.MonkeyPatch):
+    """configure_receiver_process: pynetdicom's UID validator remembered by value. It answers as
+    the original does for valid, non-conformant and invalid UIDs under either conformance
+    setting (the setting is part of what is remembered), pynetdicom's UID setter consults it, a
+    second configuration keeps the one, and what it remembers is bounded."""
+    from pynetdicom.utils import set_uid
+
+    from node.receive import pynetdicom_internals as internals
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", _config.LOG_HANDLER_LEVEL)
+    monkeypatch.setitem(_config.VALIDATORS, "UI", _config.VALIDATORS["UI"])
+    original = _config.VALIDATORS["UI"]
+    internals.configure_receiver_process()
+    internals.configure_receiver_process()
+    remembered = _config.VALIDATORS["UI"]
+    assert isinstance(remembered, internals._RememberedUidValidator) and remembered.validate is original
+    assert _config.LOG_HANDLER_LEVEL == "none"
+    values = ["1.2.840.10008.1.2.1", "1.2.03.4", "1.2.3.a", "9" * 65, "", "1.2..3"]
+    for conformance in (False, True, False):
+        monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", conformance)
+        for value in values * 2:
+            assert remembered(UID(value)) == original(UID(value)), (value, conformance)
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", True)
+    with pytest.raises(ValueError, match="non-conformant"):
+        set_uid(b"1.2.03.4", "Abstract Syntax Name")  # the setter consults the hook
+    seen: list[str] = []
+    monkeypatch.setitem(_config.VALIDATORS, "UI", internals._RememberedUidValidator(
+        lambda value: (seen.append(str(value)), (True, ""))[1]))
+    for n in range(internals.UIDS_REMEMBERED + 10):
+        set_uid(f"1.2.3.{n}", "Abstract Syntax Name")
+    set_uid("1.2.3.0", "Abstract Syntax Name")  # the oldest was forgotten: asked again
+    set_uid(f"1.2.3.{internals.UIDS_REMEMBERED + 9}", "Abstract Syntax Name")  # the newest was not
+    assert len(seen) == internals.UIDS_REMEMBERED + 11 and seen[-1] == "1.2.3.0"
 
 
 def test_associations_share_the_servers_contexts_and_negotiation_leaves_them_as_they_were():

@@ -43,13 +43,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pynetdicom import _config as pynetdicom_config
 
 from common.backoff import backoff_delay
 from common import logs
 from node.config import HttpConfig, NodeConfig
 from node.receive.launch import LaunchedReceiver, launch_receiver
-from node.receive.pynetdicom_internals import HandedServer
+from node.receive.pynetdicom_internals import HandedServer, configure_receiver_process
 
 log = logging.getLogger("node.receive")
 
@@ -391,8 +390,7 @@ def receiver_main(channel_fd: int, settings_fd: int) -> None:
     settings = json.loads(handed)
     config = NodeConfig.model_validate(settings["config"])
     logs.setup(config.logging.level)
-    # pynetdicom's default handlers decode every command set for debug logs: off.
-    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    configure_receiver_process()
     channel = socket.socket(fileno=channel_fd)
     send_lock = threading.Lock()
 
