@@ -412,6 +412,92 @@ def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeyp
     assert len(seen) == internals.UIDS_REMEMBERED + 11 and seen[-1] == "1.2.3.0"
 
 
+def test_an_association_request_seen_before_is_decoded_once_and_each_association_gets_its_own_primitive():
+    """_WakingDul._decode_pdu: the same A-ASSOCIATE-RQ bytes decode to one shared PDU, with the
+    events pynetdicom triggers (data, then the PDU); other bytes, other PDUs; bytes that do not
+    decode raise as before and are not kept. What AE-6 makes of the shared PDU
+    (`to_primitive`, the association's requestor primitive) shares no mutable object with it
+    or with another association's."""
+    import gc
+    import inspect
+
+    from pynetdicom import build_context, build_role, evt
+    from pynetdicom.association import Association
+    from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import (
+        A_ASSOCIATE,
+        ImplementationClassUIDNotification,
+        MaximumLengthNotification,
+    )
+
+    from node.receive.pynetdicom_internals import _WakingDul
+
+    decoding = inspect.getsource(DULServiceProvider._decode_pdu)
+    assert decoding.index("EVT_DATA_RECV") < decoding.index("pdu.decode(b)") < decoding.index("EVT_PDU_RECV")
+    assert _PDU_TYPES[b"\x01"] == (A_ASSOCIATE_RQ, "Evt6")
+
+    def request(calling: str) -> bytes:
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+        primitive.calling_ae_title, primitive.called_ae_title = calling, "TESTNODE"
+        contexts = [build_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
+                    build_context(MRImageStorage, RLELossless)]
+        for number, context in enumerate(contexts):
+            context.context_id = 2 * number + 1
+        primitive.presentation_context_definition_list = contexts
+        length, implementation = MaximumLengthNotification(), ImplementationClassUIDNotification()
+        length.maximum_length_received, implementation.implementation_class_uid = 16382, "1.2.826.0.1.3680043.9.1"
+        primitive.user_information = [length, implementation, build_role(MRImageStorage, scp_role=True)]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(primitive)
+        return cast(bytes, pdu.encode())
+
+    def dul() -> tuple[Any, list[str]]:
+        assoc = Association(AE(), "acceptor")
+        _WakingDul.adopt(assoc.dul)
+        seen: list[str] = []
+        assoc.bind(evt.EVT_DATA_RECV, lambda event: seen.append(f"data {len(event.data)}"))
+        assoc.bind(evt.EVT_PDU_RECV, lambda event: seen.append(f"pdu {type(event.pdu).__name__}"))
+        return assoc.dul, seen
+
+    one, other = request("SENDER"), request("OTHER")
+    (first, seen_first), (second, seen_second) = dul(), dul()
+    pdu, event = first._decode_pdu(bytearray(one))
+    again, event_again = second._decode_pdu(bytearray(one))
+    assert again is pdu and event == event_again == "Evt6"
+    assert seen_first == seen_second == [f"data {len(one)}", "pdu A_ASSOCIATE_RQ"]
+    different, _ = dul()[0]._decode_pdu(bytearray(other))
+    assert different is not pdu and different.calling_ae_title == "OTHER" and pdu.calling_ae_title == "SENDER"
+    broken = bytearray(one[:-3])
+    for _ in range(2):  # raises each time: nothing kept
+        with pytest.raises(Exception):
+            dul()[0]._decode_pdu(broken)
+    assert type(dul()[0]._decode_pdu(bytearray(b"\x05\x00" + bytes(8)))[0]).__name__ == "A_RELEASE_RQ"
+
+    def mutable(root: Any) -> dict[int, Any]:
+        """Every object reachable from `root` that could be changed in place."""
+        found: dict[int, Any] = {}
+        todo = [root]
+        while todo:
+            obj = todo.pop()
+            if isinstance(obj, (str, bytes, int, float, bool, type(None), type)) or id(obj) in found:
+                continue
+            if not isinstance(obj, tuple):
+                found[id(obj)] = obj
+            todo.extend(o for o in gc.get_referents(obj) if not inspect.ismodule(o) and not callable(o))
+        return found
+
+    primitives = [pdu.to_primitive(), again.to_primitive()]
+    assert [len(p.presentation_context_definition_list) for p in primitives] == [2, 2]
+    shared = mutable(pdu)
+    kinds = {type(o).__name__ for o in shared.values()}  # the walk reaches the items and the primitives' contexts
+    assert {"PresentationContextItemRQ", "TransferSyntaxSubItem", "UserInformationItem"} <= kinds
+    assert sum(type(o).__name__ == "PresentationContext" for o in mutable(primitives[0]).values()) == 2
+    assert not set(mutable(primitives[0])) & set(shared)
+    assert not set(mutable(primitives[0])) & set(mutable(primitives[1]))
+
+
 def test_associations_share_the_servers_contexts_and_negotiation_leaves_them_as_they_were():
     """_SharedContexts: each association reads the server's supported contexts themselves, not a
     deep copy, so negotiation must never write to them. Two associations, one proposing SCP/SCU

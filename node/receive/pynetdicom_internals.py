@@ -22,6 +22,10 @@ Relied on (pynetdicom 3.0):
   associations share the server's list (_SharedContexts).
 - pynetdicom's UID setter (`utils.set_uid`), which every UID of an A-ASSOCIATE-RQ goes
   through, asks `_config.VALIDATORS["UI"]` (configure_receiver_process remembers its answers).
+- `DULServiceProvider._decode_pdu` triggers EVT_DATA_RECV, decodes the PDU by its type
+  (b"\x01": A_ASSOCIATE_RQ, Evt6) and triggers EVT_PDU_RECV; AE-6 only reads the decoded
+  A-ASSOCIATE-RQ (`to_primitive` makes new objects), so one decoding serves every association
+  that sends the same bytes (_decoded_request).
 - The DUL's loop and how node/transport.py makes it wait on the connection instead of sleeping
   (PduSocket is its PromptSocket, the DUL its PromptDul).
 - A P-DATA-TF PDU with no PDV items decodes (Evt10) into a P-DATA primitive that the DIMSE
@@ -61,8 +65,9 @@ from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
-from pynetdicom import _config as pynetdicom_config
+from pynetdicom import _config as pynetdicom_config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import AssociationServer, RequestHandler
 
 from common import logs
@@ -80,6 +85,9 @@ NEGOTIATION_PDU_LIMIT = 1 << 20
 # memory only for what it really sends.
 EAGER_BUFFER = 4 << 20
 NEGOTIATION_EAGER_BUFFER = 64 << 10  # before the A-ASSOCIATE-RQ is in, much less
+REQUESTS_REMEMBERED = 16  # distinct A-ASSOCIATE-RQs decoded once (a sender's is the same every time)
+REMEMBERED_REQUEST_MAX = 64 << 10  # larger ones (many contexts, a long identity token) are decoded each time
+_ASSOCIATE_RQ = b"\x01"
 UIDS_REMEMBERED = 2048  # UID validations remembered (a few hundred UIDs in a usual negotiation)
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 A_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x06])
@@ -614,12 +622,37 @@ class PduSocket(PromptSocket):
 
 
 class _WakingDul(PromptDul):
-    """The prompt DUL (node/transport.py) whose end also rings the association's gate."""
+    """The prompt DUL (node/transport.py) whose end also rings the association's gate, and
+    which decodes an A-ASSOCIATE-RQ it has seen before only once (_decoded_request)."""
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        if bytestream[:1] != _ASSOCIATE_RQ or len(bytestream) > REMEMBERED_REQUEST_MAX:
+            return super()._decode_pdu(bytestream)
+        # pynetdicom's _decode_pdu, with the decoding remembered (the events as it triggers them)
+        data = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+        pdu = _decoded_request(data)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"
 
     def ended(self) -> None:
         gate = getattr(self.assoc, "_reactor_checkpoint", None)
         if isinstance(gate, _ReactorGate):  # the association's loop sees the DUL gone
             gate.ring()
+
+
+@lru_cache(maxsize=REQUESTS_REMEMBERED)
+def _decoded_request(data: bytes) -> A_ASSOCIATE_RQ:
+    """A decoded A-ASSOCIATE-RQ PDU, shared by the associations that sent these very bytes.
+
+    A sender proposes the same contexts on every association, and decoding storescu's 128 took
+    5 ms of CPU per association (each UID built and validated). The PDU is only read after its
+    decoding: AE-6 builds the association's own A-ASSOCIATE primitive from it (to_primitive
+    makes new objects; pinned by a test) and drops it. One that fails to decode is not kept.
+    """
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(data)
+    return pdu
 
 
 class _ReactorGate(threading.Event):
