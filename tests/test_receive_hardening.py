@@ -412,10 +412,12 @@ def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeyp
     assert len(seen) == internals.UIDS_REMEMBERED + 11 and seen[-1] == "1.2.3.0"
 
 
-def test_an_association_request_seen_before_is_decoded_once_and_each_association_gets_its_own_primitive():
+def test_an_association_request_seen_before_is_decoded_once_and_each_association_gets_its_own_primitive(
+        monkeypatch: pytest.MonkeyPatch):
     """_WakingDul._decode_pdu: the same A-ASSOCIATE-RQ bytes decode to one shared PDU, with the
     events pynetdicom triggers (data, then the PDU); other bytes, other PDUs; bytes that do not
-    decode raise as before and are not kept. What AE-6 makes of the shared PDU
+    decode raise as before and are not kept, nor a request with a user identity; a few are kept,
+    the one used longest ago forgotten first. What AE-6 makes of the shared PDU
     (`to_primitive`, the association's requestor primitive) shares no mutable object with it
     or with another association's."""
     import gc
@@ -429,15 +431,17 @@ def test_an_association_request_seen_before_is_decoded_once_and_each_association
         A_ASSOCIATE,
         ImplementationClassUIDNotification,
         MaximumLengthNotification,
+        UserIdentityNegotiation,
     )
 
+    from node.receive import pynetdicom_internals as internals
     from node.receive.pynetdicom_internals import _WakingDul
 
     decoding = inspect.getsource(DULServiceProvider._decode_pdu)
     assert decoding.index("EVT_DATA_RECV") < decoding.index("pdu.decode(b)") < decoding.index("EVT_PDU_RECV")
     assert _PDU_TYPES[b"\x01"] == (A_ASSOCIATE_RQ, "Evt6")
 
-    def request(calling: str) -> bytes:
+    def request(calling: str, password: str | None = None) -> bytes:
         primitive = A_ASSOCIATE()
         primitive.application_context_name = "1.2.840.10008.3.1.1.1"
         primitive.calling_ae_title, primitive.called_ae_title = calling, "TESTNODE"
@@ -449,6 +453,11 @@ def test_an_association_request_seen_before_is_decoded_once_and_each_association
         length, implementation = MaximumLengthNotification(), ImplementationClassUIDNotification()
         length.maximum_length_received, implementation.implementation_class_uid = 16382, "1.2.826.0.1.3680043.9.1"
         primitive.user_information = [length, implementation, build_role(MRImageStorage, scp_role=True)]
+        if password is not None:
+            identity = UserIdentityNegotiation()
+            identity.user_identity_type, identity.primary_field = 2, b"operator"
+            identity.secondary_field = password.encode()
+            primitive.user_information.append(identity)
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(primitive)
         return cast(bytes, pdu.encode())
@@ -474,6 +483,21 @@ def test_an_association_request_seen_before_is_decoded_once_and_each_association
         with pytest.raises(Exception):
             dul()[0]._decode_pdu(broken)
     assert type(dul()[0]._decode_pdu(bytearray(b"\x05\x00" + bytes(8)))[0]).__name__ == "A_RELEASE_RQ"
+    # a request with a user identity: decoded every time, its password kept by no one after
+    secret = request("SENDER", password="s3cret")
+    decoded = [dul()[0]._decode_pdu(bytearray(secret))[0] for _ in range(2)]
+    assert decoded[0] is not decoded[1] and decoded[0].user_information.user_identity.secondary_field == b"s3cret"
+    assert not any(b"s3cret" in data for data in internals._REQUESTS)
+    # bounded: the one used longest ago is forgotten
+    monkeypatch.setattr(internals, "REQUESTS_REMEMBERED", 2)
+
+    def decoded(calling: str) -> Any:
+        return dul()[0]._decode_pdu(bytearray(request(calling)))[0]
+
+    first_a, sender = decoded("A"), decoded("SENDER")
+    assert decoded("A") is first_a  # used again: the newest now
+    decoded("B")  # SENDER, used longest ago, goes
+    assert len(internals._REQUESTS) == 2 and decoded("A") is first_a and decoded("SENDER") is not sender
 
     def mutable(root: Any) -> dict[int, Any]:
         """Every object reachable from `root` that could be changed in place."""

@@ -61,6 +61,7 @@ import struct
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
@@ -641,18 +642,34 @@ class _WakingDul(PromptDul):
             gate.ring()
 
 
-@lru_cache(maxsize=REQUESTS_REMEMBERED)
 def _decoded_request(data: bytes) -> A_ASSOCIATE_RQ:
     """A decoded A-ASSOCIATE-RQ PDU, shared by the associations that sent these very bytes.
 
     A sender proposes the same contexts on every association, and decoding storescu's 128 took
     5 ms of CPU per association (each UID built and validated). The PDU is only read after its
     decoding: AE-6 builds the association's own A-ASSOCIATE primitive from it (to_primitive
-    makes new objects; pinned by a test) and drops it. One that fails to decode is not kept.
+    makes new objects; pinned by a test) and drops it. One that fails to decode is not kept,
+    nor one that carries a user identity (its password or token is kept no longer than its
+    association keeps it).
     """
+    with _REQUESTS_LOCK:
+        pdu = _REQUESTS.get(data)
+        if pdu is not None:
+            _REQUESTS.move_to_end(data)
+            return pdu
     pdu = A_ASSOCIATE_RQ()
     pdu.decode(data)
+    user = pdu.user_information
+    if user is None or user.user_identity is None:
+        with _REQUESTS_LOCK:
+            _REQUESTS[data] = pdu
+            while len(_REQUESTS) > REQUESTS_REMEMBERED:
+                _REQUESTS.popitem(last=False)
     return pdu
+
+
+_REQUESTS: OrderedDict[bytes, A_ASSOCIATE_RQ] = OrderedDict()
+_REQUESTS_LOCK = threading.Lock()
 
 
 class _ReactorGate(threading.Event):
