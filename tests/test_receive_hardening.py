@@ -381,7 +381,7 @@ def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeyp
     """configure_receiver_process: pynetdicom's UID validator remembered by value. It answers as
     the original does for valid, non-conformant and invalid UIDs under either conformance
     setting (the setting is part of what is remembered), pynetdicom's UID setter consults it, a
-    second configuration keeps the one, and what it remembers is bounded."""
+    second configuration keeps the one, and what it remembers is bounded in number and size."""
     from pynetdicom.utils import set_uid
 
     from node.receive import pynetdicom_internals as internals
@@ -410,6 +410,10 @@ def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeyp
     set_uid("1.2.3.0", "Abstract Syntax Name")  # the oldest was forgotten: asked again
     set_uid(f"1.2.3.{internals.UIDS_REMEMBERED + 9}", "Abstract Syntax Name")  # the newest was not
     assert len(seen) == internals.UIDS_REMEMBERED + 11 and seen[-1] == "1.2.3.0"
+    for _ in range(2):  # longer than any valid UID: asked each time, never kept (a peer may send 64 KB)
+        remembered = _config.VALIDATORS["UI"]
+        assert remembered("1." * 40) == (True, "")
+    assert seen[-2:] == ["1." * 40] * 2
 
 
 def test_an_association_request_seen_before_is_decoded_once_and_each_association_gets_its_own_primitive(
@@ -487,6 +491,15 @@ def test_an_association_request_seen_before_is_decoded_once_and_each_association
     secret = request("SENDER", password="s3cret")
     decoded = [dul()[0]._decode_pdu(bytearray(secret))[0] for _ in range(2)]
     assert decoded[0] is not decoded[1] and decoded[0].user_information.user_identity.secondary_field == b"s3cret"
+    # ... also when it comes in a second user information item (pynetdicom uses the last one's)
+    from pynetdicom.pdu_items import UserInformationItem
+
+    identity_only = UserInformationItem()
+    identity_only.user_data = [decoded[0].user_information.user_identity]
+    extra = identity_only.encode()
+    hidden = one[:2] + struct.pack(">I", len(one) - 6 + len(extra)) + one[6:] + extra
+    twice = [dul()[0]._decode_pdu(bytearray(hidden))[0] for _ in range(2)]
+    assert twice[0] is not twice[1] and twice[0].to_primitive().user_information[-1].secondary_field == b"s3cret"
     assert not any(b"s3cret" in data for data in internals._REQUESTS)
     # bounded: the one used longest ago is forgotten
     monkeypatch.setattr(internals, "REQUESTS_REMEMBERED", 2)

@@ -69,6 +69,7 @@ from typing import Any, Callable, cast
 from pynetdicom import _config as pynetdicom_config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_items import UserIdentitySubItemAC, UserIdentitySubItemRQ, UserInformationItem
 from pynetdicom.transport import AssociationServer, RequestHandler
 
 from common import logs
@@ -90,6 +91,7 @@ REQUESTS_REMEMBERED = 16  # distinct A-ASSOCIATE-RQs decoded once (a sender's is
 REMEMBERED_REQUEST_MAX = 64 << 10  # larger ones (many contexts, a long identity token) are decoded each time
 _ASSOCIATE_RQ = b"\x01"
 UIDS_REMEMBERED = 2048  # UID validations remembered (a few hundred UIDs in a usual negotiation)
+UID_REMEMBERED_MAX = 64  # characters: the longest valid UID
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value).
 A_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x06])
 # A-ABORT: source 2 (service provider), reason 0 (reason not specified).
@@ -659,13 +661,20 @@ def _decoded_request(data: bytes) -> A_ASSOCIATE_RQ:
             return pdu
     pdu = A_ASSOCIATE_RQ()
     pdu.decode(data)
-    user = pdu.user_information
-    if user is None or user.user_identity is None:
+    if not _carries_identity(pdu):
         with _REQUESTS_LOCK:
             _REQUESTS[data] = pdu
             while len(_REQUESTS) > REQUESTS_REMEMBERED:
                 _REQUESTS.popitem(last=False)
     return pdu
+
+
+def _carries_identity(pdu: A_ASSOCIATE_RQ) -> bool:
+    """Whether any item of the request, or of any of its user information items, is a user
+    identity (`pdu.user_information` names the first user information item only)."""
+    items = list(pdu.variable_items)
+    items += [sub for item in items if isinstance(item, UserInformationItem) for sub in item.user_data]
+    return any(isinstance(item, (UserIdentitySubItemRQ, UserIdentitySubItemAC)) for item in items)
 
 
 _REQUESTS: OrderedDict[bytes, A_ASSOCIATE_RQ] = OrderedDict()
@@ -762,14 +771,16 @@ def configure_receiver_process() -> None:
 
 
 class _RememberedUidValidator:
-    """A UID validator that remembers its answers (bounded: a peer may send any UIDs)."""
+    """A UID validator that remembers its answers (bounded in number and size: a peer may send
+    any UIDs)."""
 
     def __init__(self, validate: Callable[[Any], tuple[bool, str]]):
         self.validate = validate
         self._remembered = lru_cache(maxsize=UIDS_REMEMBERED)(self._answer)
 
     def __call__(self, value: Any) -> tuple[bool, str]:
-        if not isinstance(value, str):
+        # a longer one is invalid anyway, and a peer may send UIDs of up to 64 KB: not kept
+        if not isinstance(value, str) or len(value) > UID_REMEMBERED_MAX:
             return self.validate(value)
         return self._remembered(str(value), bool(pynetdicom_config.ENFORCE_UID_CONFORMANCE))
 
