@@ -2,7 +2,9 @@
 
 Sender: dcmtk storescu (TCP_NODELAY=1). Loads (issue 28): a 300-slice 512x512 CT (0.5 MB per
 instance) and 2,000 small instances (180x180, 64 KB), each over one association and over four
-concurrent ones (four CT studies; the 2,000 split four ways). References: storescp with
+concurrent ones (four CT studies; the 2,000 split four ways); and 200 of the small instances sent
+one after the other, an association each (a sender that opens one per image: what
+setting up an association costs). References: storescp with
 TCP_NODELAY=1 and +B (bit preserving, no fsync), --fork for the concurrent loads; Debian's
 Orthanc (SQLite index, its default durability). Targets: four associations >= 1.0x storescp, one
 association >= 0.6x storescp, >= 1.5x Orthanc everywhere. Each receiver runs BENCH_REPEAT times
@@ -35,6 +37,7 @@ from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from benchmarks.common import benchmark_run
 
 T = TypeVar("T")
+EACH = 200  # instances sent one association each (no target in issue 28: a measure of association set-up)
 
 
 def make_studies(root: Path, count: int, slices: int, size: int) -> list[list[Path]]:
@@ -48,21 +51,31 @@ def make_studies(root: Path, count: int, slices: int, size: int) -> list[list[Pa
 
 def send_all(port: int, studies: list[list[Path]]) -> float:
     """storescu per study, all at once; returns wall seconds until the last one finished."""
-    env = dict(os.environ, TCP_NODELAY="1")
     errors: list[str] = []
-
-    def one(files: list[Path]) -> None:
-        result = subprocess.run(
-            ["storescu", "-aec", "TESTNODE", "127.0.0.1", str(port), *map(str, files)],
-            capture_output=True, text=True, env=env, timeout=600,
-        )
-        if result.returncode != 0:
-            errors.append(result.stderr[-500:])
-
-    seconds = at_once(one, studies)
+    seconds = at_once(lambda files: _storescu(port, files, errors), studies)
     if errors:
         raise RuntimeError(errors[0])
     return seconds
+
+
+def send_each(port: int, studies: list[list[Path]]) -> float:
+    """storescu per instance, one after the other (a sender that opens an association for every
+    image); returns wall seconds until the last one finished."""
+    errors: list[str] = []
+    files = [f for study in studies for f in study]
+    seconds = at_once(lambda _: [_storescu(port, [f], errors) for f in files], [None])
+    if errors:
+        raise RuntimeError(errors[0])
+    return seconds
+
+
+def _storescu(port: int, files: list[Path], errors: list[str]) -> None:
+    result = subprocess.run(
+        ["storescu", "-aec", "TESTNODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"), timeout=600,
+    )
+    if result.returncode != 0:
+        errors.append(result.stderr[-500:])
 
 
 def at_once(work: Callable[[T], None], items: list[T]) -> float:
@@ -79,7 +92,10 @@ def at_once(work: Callable[[T], None], items: list[T]) -> float:
     return time.perf_counter() - started
 
 
-def run_storescp(workdir: Path, studies: list[list[Path]], fork: bool) -> float:
+Sender = Callable[[int, list[list[Path]]], float]
+
+
+def run_storescp(workdir: Path, studies: list[list[Path]], fork: bool, send: Sender = send_all) -> float:
     out = workdir / "storescp-out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -89,29 +105,29 @@ def run_storescp(workdir: Path, studies: list[list[Path]], fork: bool) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), timeout=10)
-        return send_all(port, studies)
+        return send(port, studies)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
 
 
-def run_node(workdir: Path, studies: list[list[Path]]) -> float:
+def run_node(workdir: Path, studies: list[list[Path]], send: Sender = send_all) -> float:
     shutil.rmtree(workdir / "node", ignore_errors=True)
     node = NodeProcess(workdir / "node", completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
     try:
         warm(node)
-        return send_all(node.port, studies)
+        return send(node.port, studies)
     finally:
         node.stop()
 
 
-def run_orthanc(workdir: Path, studies: list[list[Path]]) -> float:
+def run_orthanc(workdir: Path, studies: list[list[Path]], send: Sender = send_all) -> float:
     from tests.orthanc import Orthanc
 
     shutil.rmtree(workdir / "orthanc", ignore_errors=True)
     pacs = Orthanc(workdir / "orthanc", aet="TESTNODE").start()
     try:
-        return send_all(pacs.dicom_port, studies)
+        return send(pacs.dicom_port, studies)
     finally:
         pacs.stop()
 
@@ -130,27 +146,36 @@ def main() -> None:
         print(f"receive benchmark: {args.slices} slices of {args.size}x{args.size} ({mb:.0f} MB per study) and"
               f" 2,000 instances of 180x180 ({small[0].stat().st_size / 1024:.0f} KB each), sender dcmtk storescu")
         repeat = max(1, int(os.environ.get("BENCH_REPEAT", "3")))
-        loads = [("CT, 1 association", studies[:1], False), ("CT, 4 associations", studies, True),
-                 ("2,000 small, 1 association", [small], False),
-                 ("2,000 small, 4 associations", [small[i::4] for i in range(4)], True)]
+        # (label, studies, concurrent, sender, targets against storescp and Orthanc: None, none set)
+        loads: list[tuple[str, list[list[Path]], bool, Sender, float | None, float | None]] = [
+            ("CT, 1 association", studies[:1], False, send_all, 0.6, 1.5),
+            ("CT, 4 associations", studies, True, send_all, 1.0, 1.5),
+            ("2,000 small, 1 association", [small], False, send_all, 0.6, 1.5),
+            ("2,000 small, 4 associations", [small[i::4] for i in range(4)], True, send_all, 1.0, 1.5),
+            (f"{EACH} small, an association each", [small[:EACH]], False, send_each, None, None)]
         rows = []
-        for label, load, concurrent in loads:
+        for label, load, concurrent, send, *targets in loads:
             n = sum(len(s) for s in load)
             best = {"storescp": 0.0, "orthanc": 0.0, "node": 0.0}
             for _ in range(repeat):
-                best["storescp"] = max(best["storescp"], n / run_storescp(work, load, concurrent))
-                best["orthanc"] = max(best["orthanc"], n / run_orthanc(work, load))
-                best["node"] = max(best["node"], n / run_node(work, load))
-            rows.append((label, best, 1.0 if concurrent else 0.6))
-        print(f"{'load':30} {'node inst/s':>12} {'storescp':>9} {'Orthanc':>8} {'node/storescp':>14} {'target':>7}"
+                best["storescp"] = max(best["storescp"], n / run_storescp(work, load, concurrent, send))
+                best["orthanc"] = max(best["orthanc"], n / run_orthanc(work, load, send))
+                best["node"] = max(best["node"], n / run_node(work, load, send))
+            rows.append((label, best, targets))
+        print(f"{'load':34} {'node inst/s':>12} {'storescp':>9} {'Orthanc':>8} {'node/storescp':>14} {'target':>7}"
               f" {'node/Orthanc':>13} {'target':>7}")
-        for label, best, target in rows:
-            print(f"{label:30} {best['node']:12.0f} {best['storescp']:9.0f} {best['orthanc']:8.0f}"
-                  f" {best['node'] / best['storescp']:14.2f} {target:7.1f} {best['node'] / best['orthanc']:13.2f} {1.5:7.1f}")
+        for label, best, (storescp_target, orthanc_target) in rows:
+            print(f"{label:34} {best['node']:12.0f} {best['storescp']:9.0f} {best['orthanc']:8.0f}"
+                  f" {best['node'] / best['storescp']:14.2f} {_target(storescp_target):>7}"
+                  f" {best['node'] / best['orthanc']:13.2f} {_target(orthanc_target):>7}")
         stow_rows(work, studies, repeat, {"1 association": rows[0][1]["node"], "4 concurrent associations": rows[1][1]["node"]})
         per_instance = check_cost(studies[0])
         print(f"whole-data-set check, in-process: {per_instance * 1e6:.0f} us per instance"
               f" ({per_instance * rows[0][1]['node']:.1%} of the node's time per instance on one association)")
+
+
+def _target(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def multipart_bodies(work: Path, studies: list[list[Path]]) -> list[Path]:
