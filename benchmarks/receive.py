@@ -62,8 +62,12 @@ def send_each(port: int, studies: list[list[Path]]) -> float:
     """storescu per instance, one after the other (a sender that opens an association for every
     image); returns wall seconds until the last one finished."""
     errors: list[str] = []
-    files = [f for study in studies for f in study]
-    seconds = at_once(lambda _: [_storescu(port, [f], errors) for f in files], [None])
+
+    def one_by_one(files: list[Path]) -> None:
+        for f in files:
+            _storescu(port, [f], errors)
+
+    seconds = at_once(one_by_one, [[f for study in studies for f in study]])
     if errors:
         raise RuntimeError(errors[0])
     return seconds

@@ -62,8 +62,8 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, cast
 
 from pynetdicom import _config as pynetdicom_config, evt
