@@ -11,16 +11,23 @@ association >= 0.6x storescp, >= 1.5x Orthanc everywhere. Each receiver runs BEN
 (default 3), interleaved, and the best run counts: on a shared machine the best run is the one
 least disturbed by others. The whole-data-set check's own cost (issue 10) is timed in-process.
 
-STOW-RS (issue 24): the CT loads as one `multipart/related` request per study sent by curl
-(one HTTP connection per study, all at once) to the node's /dicomweb/studies and to Orthanc's
-DICOMweb plugin (1.7, Debian), against C-STORE to the node in the same run. Target: STOW-RS into
-the node at least as fast as C-STORE into it.
+This machine kind taxes every receiver in two ways of its own, both measured on 2026-11-26:
+its ext4 has no journal, and a file created within minutes of many deletions costs the kernel a
+scan of the recently deleted inodes (`recently_deleted`: 5-12x the CPU of a create on a quiet
+file system); and the VM hands free memory back to its host (virtio-balloon page reporting,
+about 2 s after it is freed), so a page cache growing into it faults on the host page by page
+(touching 17 GB took 79 s). So every run writes into a folder of its own, and a receiver's
+earlier runs' folders are deleted once it is up, just before it is sent anything: each receiver
+writes into the page cache its own earlier run freed a moment before, and pays the same scan,
+whether it starts in milliseconds (storescp) or in seconds (the node). The cost of creating a
+64 KB file is printed at the start and at the end.
 
     python -m benchmarks.receive [--slices 300] [--size 512]
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -38,6 +45,37 @@ from benchmarks.common import benchmark_run
 
 T = TypeVar("T")
 EACH = 200  # instances sent one association each (no target in issue 28: a measure of association set-up)
+_RUNS = itertools.count(1)
+
+
+def fresh(workdir: Path, name: str) -> Path:
+    """A folder no run has used (`workdir/name-N`)."""
+    return workdir / f"{name}-{next(_RUNS)}"
+
+
+def clear_earlier(current: Path) -> None:
+    """Delete the folders of the receiver's earlier runs (`name-N` beside `current`): once it is up,
+    just before it is sent anything (see the module's docstring)."""
+    kind = current.name.rsplit("-", 1)[0]
+    for folder in current.parent.glob(f"{kind}-*"):
+        if folder != current and folder.name.rsplit("-", 1)[1].isdigit():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def create_cost(workdir: Path, count: int = 500) -> float:
+    """Microseconds of CPU (this process's) to create, write (64 KB) and close a new file in a
+    new folder: the file system's own cost per received instance, whoever receives it."""
+    folder = fresh(workdir, "create-probe")
+    folder.mkdir(parents=True)
+    data = bytes(64 << 10)
+    started = time.process_time()
+    for number in range(count):
+        fd = os.open(folder / f"{number}.part", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    return (time.process_time() - started) / count * 1e6
 
 
 def make_studies(root: Path, count: int, slices: int, size: int) -> list[list[Path]]:
@@ -100,8 +138,7 @@ Sender = Callable[[int, list[list[Path]]], float]
 
 
 def run_storescp(workdir: Path, studies: list[list[Path]], fork: bool, send: Sender = send_all) -> float:
-    out = workdir / "storescp-out"
-    shutil.rmtree(out, ignore_errors=True)
+    out = fresh(workdir, "storescp")
     out.mkdir(parents=True)
     port = free_port()
     args = ["storescp", "+B", "-aet", "TESTNODE", "-od", str(out)] + (["--fork"] if fork else []) + [str(port)]
@@ -109,6 +146,7 @@ def run_storescp(workdir: Path, studies: list[list[Path]], fork: bool, send: Sen
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), timeout=10)
+        clear_earlier(out)
         return send(port, studies)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -116,10 +154,11 @@ def run_storescp(workdir: Path, studies: list[list[Path]], fork: bool, send: Sen
 
 
 def run_node(workdir: Path, studies: list[list[Path]], send: Sender = send_all) -> float:
-    shutil.rmtree(workdir / "node", ignore_errors=True)
-    node = NodeProcess(workdir / "node", completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
+    folder = fresh(workdir, "node")
+    node = NodeProcess(folder, completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
     try:
         warm(node)
+        clear_earlier(folder)
         return send(node.port, studies)
     finally:
         node.stop()
@@ -128,9 +167,10 @@ def run_node(workdir: Path, studies: list[list[Path]], send: Sender = send_all) 
 def run_orthanc(workdir: Path, studies: list[list[Path]], send: Sender = send_all) -> float:
     from tests.orthanc import Orthanc
 
-    shutil.rmtree(workdir / "orthanc", ignore_errors=True)
-    pacs = Orthanc(workdir / "orthanc", aet="TESTNODE").start()
+    folder = fresh(workdir, "orthanc")
+    pacs = Orthanc(folder, aet="TESTNODE").start()
     try:
+        clear_earlier(folder)
         return send(pacs.dicom_port, studies)
     finally:
         pacs.stop()
@@ -149,6 +189,7 @@ def main() -> None:
         mb = sum(p.stat().st_size for p in studies[0]) / 1e6
         print(f"receive benchmark: {args.slices} slices of {args.size}x{args.size} ({mb:.0f} MB per study) and"
               f" 2,000 instances of 180x180 ({small[0].stat().st_size / 1024:.0f} KB each), sender dcmtk storescu")
+        print(f"file system: a 64 KB file created, written and closed in {create_cost(work):.0f} us of CPU", flush=True)
         repeat = max(1, int(os.environ.get("BENCH_REPEAT", "3")))
         # (label, studies, concurrent, sender, targets against storescp and Orthanc: None, none set)
         loads: list[tuple[str, list[list[Path]], bool, Sender, float | None, float | None]] = [
@@ -176,6 +217,7 @@ def main() -> None:
         per_instance = check_cost(studies[0])
         print(f"whole-data-set check, in-process: {per_instance * 1e6:.0f} us per instance"
               f" ({per_instance * rows[0][1]['node']:.1%} of the node's time per instance on one association)")
+        print(f"file system at the end: a 64 KB file created, written and closed in {create_cost(work):.0f} us of CPU")
 
 
 def _target(value: float | None) -> str:
@@ -219,10 +261,11 @@ def stow_all(url: str, bodies: list[Path], token: str | None = None) -> float:
 
 
 def run_node_stow(workdir: Path, bodies: list[Path]) -> float:
-    shutil.rmtree(workdir / "node", ignore_errors=True)
-    node = NodeProcess(workdir / "node", completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
+    folder = fresh(workdir, "node")
+    node = NodeProcess(folder, completion={"quiet_period_s": 60}, scp={"workers": 0}).start()
     try:
         warm(node)
+        clear_earlier(folder)
         return stow_all(f"{node.url}/dicomweb/studies", bodies, node.api_token("bench", "operator"))
     finally:
         node.stop()
@@ -231,9 +274,10 @@ def run_node_stow(workdir: Path, bodies: list[Path]) -> float:
 def run_orthanc_stow(workdir: Path, bodies: list[Path]) -> float:
     from tests.orthanc import Orthanc
 
-    shutil.rmtree(workdir / "orthanc", ignore_errors=True)
-    pacs = Orthanc(workdir / "orthanc").start()
+    folder = fresh(workdir, "orthanc")
+    pacs = Orthanc(folder).start()
     try:
+        clear_earlier(folder)
         return stow_all(f"http://127.0.0.1:{pacs.http_port}/dicom-web/studies", bodies)
     finally:
         pacs.stop()
