@@ -3,6 +3,8 @@ the same answers from SQLite and a real PostgreSQL, and claims that replicas can
 
 from __future__ import annotations
 
+import gc
+import os
 import sqlite3
 import subprocess
 import threading
@@ -156,6 +158,90 @@ def test_a_write_whose_body_or_commit_fails_leaves_nothing_and_its_connection_fi
         db.execute("INSERT INTO child VALUES (NULL)")
     assert index.query("SELECT (SELECT COUNT(*) FROM parent) AS parents, (SELECT COUNT(*) FROM child) AS children") \
         == [{"parents": 0, "children": 1}]
+
+
+def test_sqlite_connections_kept_between_uses_only_when_clean_bounded_and_closed_on_dispose(tmp_path):
+    """An Index keeps a few SQLite connections out of the pool between its transactions and
+    reads (the pool's checkout and check-in were a twentieth of a receiver's CPU): one is reused
+    only after a use that ended with no transaction open; a failed write's and a read's that left
+    one open go back to the pool, which rolls them back; at most IDLE_CONNECTIONS_KEPT, and fewer
+    than the pool holds (an Index of one connection keeps none, so the pool's one stays free);
+    closed when the engine is disposed."""
+    index = Index(tmp_path / "index.sqlite")
+    with index.transaction() as db:
+        db.execute("CREATE TABLE t (n INTEGER)")
+        first = db  # (the Db; its driver connection below)
+    driver = first._statements._driver
+    with index.transaction() as db:
+        assert db._statements._driver is driver  # committed: kept, and taken again
+        db.execute("INSERT INTO t VALUES (1)")
+    assert index.query("SELECT COUNT(*) AS n FROM t") == [{"n": 1}]
+    with index.transaction() as db:
+        assert db._statements._driver is driver  # the read gave it back too
+    with pytest.raises(ZeroDivisionError):
+        with index.transaction() as db:
+            db.execute("INSERT INTO t VALUES (2)")
+            raise ZeroDivisionError
+    assert index.query("SELECT COUNT(*) AS n FROM t") == [{"n": 1}]  # rolled back by the pool's reset
+    assert not driver.in_transaction
+    index.query("BEGIN")  # a read that leaves a transaction open is not kept: the pool rolls it back
+    with index.transaction() as db:  # (else BEGIN IMMEDIATE would fail inside a transaction)
+        db.execute("INSERT INTO t VALUES (3)")
+    assert index.query("SELECT n FROM t ORDER BY n") == [{"n": 1}, {"n": 3}]
+
+    taken = [index._idle.take() for _ in range(4)]  # four in use at once (four threads' worth)
+    for pooled in taken:
+        index._idle.give_back(pooled, clean=True)
+    assert len(index._idle._idle) == index_module.IDLE_CONNECTIONS_KEPT == 2  # the others went to the pool
+    assert index.engine.pool.checkedout() == 2
+    kept_drivers = [pooled.dbapi_connection for pooled in index._idle._idle]
+    index.engine.dispose()
+    assert index._idle._idle == []
+    for kept_driver in kept_drivers:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+            kept_driver.execute("SELECT 1")
+    assert index.query("SELECT COUNT(*) AS n FROM t") == [{"n": 2}]  # a new connection reads on
+
+    in_use = index._idle.take()  # a connection in use while the engine is disposed is not kept
+    in_use_driver = in_use.dbapi_connection
+    index.engine.dispose()
+    index._idle.give_back(in_use, clean=True)
+    assert index._idle._idle == []
+    with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+        in_use_driver.execute("SELECT 1")
+
+    with index.transaction() as db:  # a COMMIT that fails: not kept, rolled back
+        db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        db.execute("CREATE TABLE child (parent INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+    kept_driver = index._idle._idle[-1].dbapi_connection
+    kept_driver.execute("PRAGMA foreign_keys=ON")  # (only outside a transaction)
+    with pytest.raises(IndexFailure, match="FOREIGN KEY constraint failed"):
+        with index.transaction() as db:
+            assert db._statements._driver is kept_driver
+            db.execute("INSERT INTO child VALUES (3)")  # accepted until the COMMIT
+    assert all(pooled.dbapi_connection is not kept_driver for pooled in index._idle._idle)
+    assert not kept_driver.in_transaction
+    assert index.query("SELECT COUNT(*) AS n FROM child") == [{"n": 0}]
+
+    alone = Index(tmp_path / "alone.sqlite", connections=1)
+    with alone.transaction():
+        pass
+    alone.query("SELECT 1 AS one")
+    assert alone.engine.pool.checkedout() == 0  # nothing kept: the pool's only connection is free
+    pooled = alone.engine.raw_connection()
+    pooled.close()
+
+    def open_on(path: Path) -> int:
+        return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == str(path))
+
+    dropped = Index(tmp_path / "dropped.sqlite")  # an Index dropped unclosed lets its connections go
+    with dropped.transaction():
+        pass
+    dropped.query("SELECT 1 AS one")
+    assert open_on(tmp_path / "dropped.sqlite") >= 1
+    del dropped
+    gc.collect()
+    assert open_on(tmp_path / "dropped.sqlite") == 0
 
 
 def test_a_job_id_is_never_reused_after_the_newest_job_is_deleted(index):

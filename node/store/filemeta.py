@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from functools import lru_cache
 from urllib.parse import quote, unquote
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -36,6 +37,7 @@ def _text(value: str) -> bytes:
     return raw + b" " if len(raw) % 2 else raw
 
 
+@lru_cache(maxsize=256)  # a receiver's peers are few; parsing one costs ~10 µs per instance
 def presentation_address(peer: str) -> str | None:
     """A DIMSE peer's IP address as a URI for (0002,0027) Sending Presentation Address: an
     RFC 3986 network-path reference (`//10.1.2.3`, `//[fd00::5]`; an IPv6 zone as RFC 6874
