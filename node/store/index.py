@@ -297,7 +297,8 @@ class _IdleConnections:
 
 
 class Index:
-    """Thread-safe access to the index: a connection per transaction from SQLAlchemy's pool."""
+    """Thread-safe access to the index: a connection per transaction from SQLAlchemy's pool (on
+    SQLite, one kept between uses when it can be: _IdleConnections)."""
 
     def __init__(self, location: str | Path, migrate: bool = True, connections: int = 16):
         """`location`: an SQLAlchemy URL, or the path of a SQLite file. `migrate`: bring the schema
@@ -793,7 +794,8 @@ def _pool_size(connections: int) -> int:
 
 def _engine(url: str, connections: int) -> Engine:
     """An engine whose transactions begin as `Index.transaction` promises (see the module's docstring)."""
-    pool = {"pool_size": _pool_size(connections), "max_overflow": max(0, connections - 4), "pool_timeout": 30}
+    size = _pool_size(connections)
+    pool = {"pool_size": size, "max_overflow": connections - size, "pool_timeout": 30}
     if url.startswith("sqlite"):
         if sqlite3.sqlite_version_info < SQLITE_MINIMUM:
             raise RuntimeError(f"SQLite {sqlite3.sqlite_version} is too old for the index: it needs "
