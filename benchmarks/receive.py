@@ -178,8 +178,9 @@ def run_orthanc(workdir: Path, studies: list[list[Path]], send: Sender = send_al
 
 def warm(node: NodeProcess) -> None:
     """Until the node has imported its pipeline (torch, MONAI: a core busy for seconds after the
-    start), so C-STORE and STOW-RS are both timed on a node in its steady state."""
-    wait_for(lambda: node.events("pipeline_ready"), timeout=300)
+    start) or said it will not (no routing rules), so C-STORE and STOW-RS are both timed on a node
+    in its steady state."""
+    wait_for(lambda: node.events("pipeline_ready") or node.events("pipeline_deferred"), timeout=300)
 
 
 def main() -> None:

@@ -142,6 +142,8 @@ class NodeService:
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         self.completion.arm(study_uid, self._first_check(study_uid, deadline))
+        if self.rules.current.file.rules:  # loaded (if not yet) while the study arrives, not after
+            self.runner.want_pipeline()
 
     def _first_check(self, study_uid: str, deadline: float) -> float:
         """When to check a receiving study first: early enough for the shortest quiet period a
@@ -247,7 +249,8 @@ class NodeService:
             if bound is not None:
                 bound.close()
             raise
-        self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0))
+        self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0),
+                          load_at_start=bool(self.rules.current.file.rules))
         logs.event(
             log,
             "node_started",

@@ -64,16 +64,22 @@ class JobRunner:
         self.backends = BackendCache(models, config.inference.triton)
         self._wake = threading.Event()
         self._stop = threading.Event()
-        # the workers' start: the pipeline has loaded (or failed to: the first job reports it), or
-        # the runner stops (its workers then end at once instead of waiting for torch's import)
+        # the pipeline has loaded (or failed to: the first job reports it), or the runner stops (its
+        # workers then end at once instead of waiting for torch's import)
         self._go = threading.Event()
+        self._wanted = threading.Event()  # the pipeline is to load (want_pipeline)
         self._threads: list[threading.Thread] = []
 
-    def start(self, load_after: Callable[[], object] = lambda: None) -> None:
+    def start(self, load_after: Callable[[], object] = lambda: None, load_at_start: bool = True) -> None:
         """`load_after`: returns when the pipeline may load (the receivers first: two cores
-        importing torch and starting receiver processes at once delay the first association)."""
-        threading.Thread(target=lambda: (load_after(), self._load_pipeline()), name="pipeline-import",
-                         daemon=True).start()
+        importing torch and starting receiver processes at once delay the first association).
+        `load_at_start`: False when nothing in sight needs it (no routing rules): it then loads
+        at the first `want_pipeline`, or once a worker claims a job (one left from before too)."""
+        if load_at_start:
+            self._wanted.set()
+        else:
+            logs.event(log, "pipeline_deferred", reason="no routing rules: it loads with the first study a rule may take")
+        threading.Thread(target=self._import_pipeline, args=(load_after,), name="pipeline-import", daemon=True).start()
         for n in range(self.config.pipeline.workers):
             thread = threading.Thread(target=self._work, name=f"pipeline-{n}", daemon=True)
             thread.start()
@@ -82,9 +88,14 @@ class JobRunner:
         if due is not None:
             self._wake_at(due)
 
+    def want_pipeline(self) -> None:
+        """Load the pipeline now, if it has not loaded: a study that a rule may take is arriving."""
+        self._wanted.set()
+
     def stop(self) -> None:
         self._stop.set()
         self._go.set()
+        self._wanted.set()
         self._wake.set()
         for thread in self._threads:
             # A job still running is left to the next start, which runs it again (same outputs,
@@ -100,11 +111,17 @@ class JobRunner:
         self.scheduler.add_job(self.wake, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc),
                                misfire_grace_time=None)
 
+    def _import_pipeline(self, load_after: Callable[[], object]) -> None:
+        load_after()
+        self._wanted.wait()
+        if not self._stop.is_set():
+            self._load_pipeline()
+
     def _load_pipeline(self) -> None:
-        """torch and MONAI (seconds to import) load here, once, while the receivers already accept
-        associations; the workers wait for it (several threads importing torch at once can deadlock).
-        Then highdicom reads its tables of the standard (node.encode.warmup), so that the first
-        study does not wait for them either."""
+        """torch and MONAI (seconds to import, 5 s of CPU) load here, once, while the receivers
+        already accept associations; a worker waits for it before it runs a job (several threads
+        importing torch at once can deadlock). Then highdicom reads its tables of the standard
+        (node.encode.warmup), so that the first study does not wait for them either."""
         try:
             started = time.monotonic()
             importlib.import_module("node.jobs.stages")
@@ -116,11 +133,14 @@ class JobRunner:
             self._go.set()
 
     def _work(self) -> None:
-        self._go.wait()
         while not self._stop.is_set():
             try:
                 job = self.jobs.claim()
                 if job is not None:
+                    self._wanted.set()
+                    self._go.wait()
+                    if self._stop.is_set():  # left running: the next start (or replica) runs it
+                        break
                     self.run(job)
                     release_free_memory()
             except Exception as exc:  # e.g. the index busy past its timeout: the worker must live on
