@@ -51,7 +51,7 @@ def orthanc(tmp_path: Path) -> Iterator[Callable[..., "Orthanc"]]:
 
     yield start
     for pacs in started:
-        pacs.stop()
+        pacs.discard()
 
 
 @pytest.fixture(scope="session")

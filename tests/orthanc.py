@@ -74,6 +74,12 @@ class Orthanc:
         stop_process_group(self.process, 20)
         self.process = None
 
+    def discard(self) -> None:
+        """Stopped at once (SIGKILL), for a teardown that throws away what it holds: Orthanc 1.10
+        takes about 3 s to stop cleanly (its web server alone 2 s), some forty times a suite."""
+        stop_process_group(self.process, 0)
+        self.process = None
+
     # -- REST ------------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, timeout: float = 120) -> Any:

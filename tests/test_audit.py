@@ -88,7 +88,7 @@ def test_each_result_set_sent_or_given_up_is_in_the_audit_trail(start_node, tmp_
         assert len(pacs.instances_by_modality(study_uid)["CT"]) == 3
         assert (given_up["outcome"], given_up["studies"]) == (12, {study_uid: 3}) and given_up["reason"]
     finally:
-        pacs.stop()
+        pacs.discard()
 
 
 SCHEMA = Path(__file__).parent / "data" / "dicom-audit-message.rnc"

@@ -241,7 +241,7 @@ def test_the_sending_pacs_count_completes_a_forwarded_study(start_node, tmp_path
         assert (event["completed_by"], event["instances"]) == ("count", 5)
         assert [e["count"] for e in node.events("source_count") if e["study_uid"] == study_uid][-1] == 5
     finally:
-        pacs.stop()
+        pacs.discard()
 
 
 class _Ris:

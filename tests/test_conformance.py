@@ -109,8 +109,10 @@ def _verdict(output: str) -> Verdict:
 
 
 def pixelmed(validator: str, path: Path) -> Verdict:
-    """(errors, warnings, whole output) of a pixelmed validator; lines starting Error:/Warning:."""
-    run = _java([f"com.pixelmed.validate.{validator}", str(path)], timeout=300)
+    """(errors, warnings, whole output) of a pixelmed validator; lines starting Error:/Warning:.
+    One file in a JVM of its own runs best with the first JIT tier only (an SR: 9.4 -> 8.2 s wall,
+    16.5 -> 8.2 s CPU; a batch is slower so: pixelmed_batch keeps the default)."""
+    run = _java(["-XX:TieredStopAtLevel=1", f"com.pixelmed.validate.{validator}", str(path)], timeout=300)
     return _verdict(run.stdout + run.stderr)
 
 

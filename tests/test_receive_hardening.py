@@ -1340,7 +1340,7 @@ def test_sop_instance_uid_conflict_first_study_job_succeeds(start_node, tmp_path
         assert node.events("instance_uid_conflict")[0]["held_by_study"] == first_uid
         assert "PAT-A" not in node.log() and "PAT-B" not in node.log()
     finally:
-        pacs.stop()
+        pacs.discard()
 
 
 def test_resend_identical_counted_once_changed_latest_wins(start_node, tmp_path):

@@ -50,7 +50,7 @@ def cluster(start_node, postgres, tmp_path, model_repository) -> Iterator[Callab
     start.index = Index(url)  # type: ignore[attr-defined]
     start.pacs = pacs  # type: ignore[attr-defined]
     yield start
-    pacs.stop()
+    pacs.discard()
 
 
 def _send(node: NodeProcess, files: list[Path], aet: str = "MODALITY") -> None:

@@ -126,7 +126,7 @@ def viewer(tmp_path_factory, model_repository) -> Iterator[Viewer]:
         if server is not None:
             server.stop()
         node.stop()
-        pacs.stop()
+        pacs.discard()
 
 
 def projected(box: dict[str, float], row: float, column: float,

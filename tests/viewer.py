@@ -212,7 +212,7 @@ def up(config_path: Path, http_port: int, viewer_port: int, demo: bool) -> None:
         pass
     finally:
         server.stop()
-        pacs.stop()
+        pacs.discard()
 
 
 def main() -> None:
