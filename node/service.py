@@ -142,8 +142,6 @@ class NodeService:
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         self.completion.arm(study_uid, self._first_check(study_uid, deadline))
-        if self.rules.current.file.rules:  # loaded (if not yet) while the study arrives, not after
-            self.runner.want_pipeline()
 
     def _first_check(self, study_uid: str, deadline: float) -> float:
         """When to check a receiving study first: early enough for the shortest quiet period a
@@ -167,6 +165,8 @@ class NodeService:
             self._schedule_retention()
         if receivers_affected(old, new):
             self._reconfigure_receivers()
+        if self.rules.current.file.rules:  # rules in force now: the pipeline loads before a study needs it
+            self.runner.want_pipeline()
 
     def _reconfigure_receivers(self) -> None:
         """Receivers with the settings in force; tried again every 30 s until they start, so the

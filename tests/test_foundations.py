@@ -568,6 +568,33 @@ def test_a_runner_stopped_before_its_pipeline_loaded_ends_its_workers_and_leaves
         may_load.set()
 
 
+def test_a_runner_with_no_rules_loads_its_pipeline_once_a_job_is_there_and_claims_it_after(
+        tmp_path, model_repository, monkeypatch):
+    """Started with nothing in sight that needs the pipeline (no routing rules: load_at_start=False),
+    a job to claim (one a crash left, a retry, a round trip's results) has it loaded. Nothing is
+    claimed while it loads: a job does not wait out torch's import under its lease."""
+    index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
+    states_while_loading: list[JobState] = []
+    loaded = threading.Event()
+
+    def load() -> None:  # torch's import, stood in for
+        states_while_loading.append(jobs.get(first).state)
+        loaded.wait(30)
+        states_while_loading.append(jobs.get(first).state)
+        runner._go.set()
+
+    monkeypatch.setattr(runner, "_load_pipeline", load)
+    runner.start(load_at_start=False)
+    try:
+        wait_for(lambda: states_while_loading)
+        loaded.set()
+        wait_for(lambda: jobs.get(first).state is not JobState.QUEUED)
+        assert states_while_loading == [JobState.QUEUED, JobState.QUEUED] and jobs.get(first).attempts == 1
+    finally:
+        loaded.set()
+        runner.stop()
+
+
 @pytest.mark.parametrize("actions", [Actions(run=["threshold"], send_to=["pacs"]), Actions(forward_to=["pacs"])],
                          ids=["run", "forward"])
 def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repository, actions):

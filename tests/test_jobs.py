@@ -316,8 +316,8 @@ def _torch_mapped(node: NodeProcess) -> bool:
 
 def test_a_node_without_rules_loads_its_pipeline_only_once_a_rule_may_take_a_study(pair, tmp_path):
     """No routing rules: torch and MONAI stay unloaded (5 s of CPU, hundreds of MB), through a
-    study that no rule takes. Rules put in force by a reload: the next study loads them as it
-    arrives, and its job completes with its results at the PACS."""
+    study that no rule takes. Rules put in force by a reload load them, before any study needs
+    them, and the next study's job completes with its results at the PACS."""
     node, pacs = pair(routing={"rules": []})
     assert len(node.events("pipeline_deferred")) == 1
     files, first = sphere_study(tmp_path / "first", "PAT-D1")
@@ -326,7 +326,7 @@ def test_a_node_without_rules_loads_its_pipeline_only_once_a_rule_may_take_a_stu
     assert not node.events("pipeline_ready") and not _torch_mapped(node)
 
     node.write_routing(ROUTING)
-    wait_for(lambda: node.events("routing_reloaded"), timeout=30)
+    wait_for(lambda: node.events("pipeline_ready"), timeout=120)  # loaded as the rules come in force
     files, second = sphere_study(tmp_path / "second", "PAT-D2")
     send(node, files)
     done = wait_job(node, second, {"done", "failed"}, timeout=180)

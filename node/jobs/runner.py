@@ -74,11 +74,12 @@ class JobRunner:
         """`load_after`: returns when the pipeline may load (the receivers first: two cores
         importing torch and starting receiver processes at once delay the first association).
         `load_at_start`: False when nothing in sight needs it (no routing rules): it then loads
-        at the first `want_pipeline`, or once a worker claims a job (one left from before too)."""
+        at the first `want_pipeline`, or once a worker finds a job to claim (one left from before,
+        a retry, a round trip's results). No job is claimed before it has loaded."""
         if load_at_start:
             self._wanted.set()
         else:
-            logs.event(log, "pipeline_deferred", reason="no routing rules: it loads with the first study a rule may take")
+            logs.event(log, "pipeline_deferred", reason="no routing rules: it loads when rules come in force")
         threading.Thread(target=self._import_pipeline, args=(load_after,), name="pipeline-import", daemon=True).start()
         for n in range(self.config.pipeline.workers):
             thread = threading.Thread(target=self._work, name=f"pipeline-{n}", daemon=True)
@@ -89,7 +90,7 @@ class JobRunner:
             self._wake_at(due)
 
     def want_pipeline(self) -> None:
-        """Load the pipeline now, if it has not loaded: a study that a rule may take is arriving."""
+        """Load the pipeline now, if it has not loaded: routing rules came in force."""
         self._wanted.set()
 
     def stop(self) -> None:
@@ -135,12 +136,13 @@ class JobRunner:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
+                if not self._go.is_set():  # nothing is claimed before the pipeline has loaded
+                    if not self._wanted.is_set() and self.jobs.claimable():
+                        self._wanted.set()
+                    self._go.wait(1.0)
+                    continue
                 job = self.jobs.claim()
                 if job is not None:
-                    self._wanted.set()
-                    self._go.wait()
-                    if self._stop.is_set():  # left running: the next start (or replica) runs it
-                        break
                     self.run(job)
                     release_free_memory()
             except Exception as exc:  # e.g. the index busy past its timeout: the worker must live on

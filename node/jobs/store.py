@@ -159,17 +159,11 @@ class JobStore:
         priority, then oldest), now running under this process's lease. Replicas claiming at once
         skip each other's rows (FOR UPDATE SKIP LOCKED on PostgreSQL)."""
         now = time.time() if now is None else now
-        # Expired leases only between replicas: a single node's running jobs are its own (a restart
-        # resumes them), however long a job takes.
-        expired = " OR (state=? AND lease_until<?)" if self.index.shared else ""
         with self.index.transaction(claim=True) as db:
             lease_now = db.lease_clock()
-            row = db.execute(
-                "SELECT id, state, lease_owner FROM work_items WHERE state=? OR (state=? AND next_attempt<=?)"
-                f"{expired} ORDER BY priority DESC, id LIMIT 1" + self.index.skip_locked,
-                (JobState.QUEUED.value, JobState.WAITING.value, now,
-                 *((JobState.RUNNING.value, lease_now) if self.index.shared else ())),
-            ).fetchone()
+            where, params = self._claimable(now, lease_now)
+            row = db.execute(f"SELECT id, state, lease_owner FROM work_items WHERE {where}"
+                             " ORDER BY priority DESC, id LIMIT 1" + self.index.skip_locked, params).fetchone()
             if row is None:
                 return None
             if row["state"] == JobState.RUNNING.value:  # its node process died (or stalls): take it over
@@ -178,6 +172,21 @@ class JobStore:
             self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1, lease_owner=self.owner,
                        lease_until=lease_now + self.lease_s)
         return self.get(row["id"])
+
+    def claimable(self) -> bool:
+        """Whether `claim` would find a job now; a read, nothing is claimed (the job runner asks
+        before its pipeline has loaded, so that no job waits out the import under its lease)."""
+        where, params = self._claimable(time.time(), self.index.lease_clock())
+        return bool(self.index.query(f"SELECT 1 AS found FROM work_items WHERE {where} LIMIT 1", params))
+
+    def _claimable(self, now: float, lease_now: float) -> tuple[str, tuple[Any, ...]]:
+        """The condition on a job `claim` may take, and its parameters. Expired leases only
+        between replicas: a single node's running jobs are its own (a restart resumes them),
+        however long a job takes."""
+        expired = " OR (state=? AND lease_until<?)" if self.index.shared else ""
+        return ("state=? OR (state=? AND next_attempt<=?)" + expired,
+                (JobState.QUEUED.value, JobState.WAITING.value, now,
+                 *((JobState.RUNNING.value, lease_now) if self.index.shared else ())))
 
     def renew_leases(self) -> int:
         """Keep this process's running jobs (called well within `lease_s`)."""
