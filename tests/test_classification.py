@@ -349,7 +349,7 @@ def test_dx_with_and_without_a_nodule_through_the_running_node(start_node, model
         found = _by_study(pacs.received(node, lambda ds: all({"SR", "OT"} <= set(_by_study(ds).get(uid, {}))
                                                              for uid in studies.values())))
     finally:
-        pacs.discard()
+        pacs.stop()
     present = _decision(found[studies["with"]]["SR"])
     absent = _decision(found[studies["without"]]["SR"])
     assert present["evaluations"] == {"Nodule": "Present"} and present["probability"] > 0.5

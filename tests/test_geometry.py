@@ -645,7 +645,7 @@ def test_enhanced_ct_tilted_ct_and_dx_through_the_running_node(start_node, model
         found = _by_study(pacs.received(node, lambda ds: all({"SEG", "SR"} <= set(_by_study(ds).get(uid, {}))
                                                              for uid in studies.values())))
     finally:
-        pacs.discard()
+        pacs.stop()
     results = {name: found[uid] for name, uid in studies.items()}
     source = pydicom.dcmread(enhanced)
     volume = load_series([source])
@@ -681,7 +681,7 @@ def test_mr_multi_echo_through_the_running_node_gives_one_result_set_per_echo(st
 
         found = pacs.received(node, lambda ds: len(ds) == 4)
     finally:
-        pacs.discard()
+        pacs.stop()
     segs = [ds for ds in found if ds.Modality == "SEG"]
     assert len(segs) == 2 and sum(ds.Modality == "SR" for ds in found) == 2
     assert len({ds.SOPInstanceUID for ds in found}) == 4 and len({ds.SeriesInstanceUID for ds in found}) == 4
