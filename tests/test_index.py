@@ -305,12 +305,14 @@ def test_replicas_claiming_at_once_each_get_different_jobs(index):
             with lock:
                 claimed.append((store.owner, job.id))
 
+    assert stores[0].claimable()  # what a runner asks before its pipeline has loaded
     threads = [threading.Thread(target=drain, args=(s,)) for s in stores]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert sorted(j for _, j in claimed) == ids  # every job once
+    assert not stores[0].claimable()
     owners = {r["id"]: r["lease_owner"] for r in index.query("SELECT id, lease_owner FROM work_items")}
     assert all(owners[job] == owner for owner, job in claimed)
 
@@ -320,7 +322,7 @@ def test_an_expired_lease_is_taken_over_by_a_replica_and_the_old_holder_can_no_l
     dead = JobStore(index, owner="replica-dead", lease_s=2.0)
     alive = JobStore(index, owner="replica-alive", lease_s=2.0)
     assert dead.claim().id == job_id
-    assert alive.claim() is None  # the lease holds
+    assert alive.claim() is None and not alive.claimable()  # the lease holds
     assert dead.renew_leases() == 1
     later = time.time() + 3.0
     if not index.shared:  # one node: its running jobs are its own however long they take (a restart resumes them)
@@ -330,6 +332,7 @@ def test_an_expired_lease_is_taken_over_by_a_replica_and_the_old_holder_can_no_l
     assert alive.claim(now=time.time() + 3600) is None
     with index.transaction() as db:  # the dead replica renewed no more: its lease runs out
         db.execute("UPDATE work_items SET lease_until=lease_until-10 WHERE id=?", (job_id,))
+    assert alive.claimable()
     taken = alive.claim(now=later)
     assert (taken.id, taken.state, taken.attempts) == (job_id, JobState.RUNNING, 2)
     with pytest.raises(IllegalTransition, match="another node process's lease"):
