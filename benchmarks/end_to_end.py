@@ -89,7 +89,8 @@ def lifecycle(work: Path) -> tuple[float, float]:
     idle association open (once the pipeline has loaded: the node's steady state). A stop drains
     open associations (README, "Stopping drains"): the operator's second SIGTERM, 0.5 s after the
     first, ends the drain, as a service manager's stop timeout would."""
-    node = NodeProcess(work, routing=ROUTING)  # for its configuration file and its log; with rules, it loads its pipeline at start
+    # for its configuration file and its log; with rules, so that it loads its pipeline at start
+    node = NodeProcess(work, routing=ROUTING)
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(Verification)
     started = time.perf_counter()

@@ -165,8 +165,12 @@ class NodeService:
             self._schedule_retention()
         if receivers_affected(old, new):
             self._reconfigure_receivers()
-        if self.rules.current.file.rules:  # rules in force now: the pipeline loads before a study needs it
+        if self._routes_anything():  # the pipeline loads before a study needs it
             self.runner.want_pipeline()
+
+    def _routes_anything(self) -> bool:
+        """Whether the rules in force have any rule: a node without any needs no pipeline yet."""
+        return bool(self.rules.current.file.rules)
 
     def _reconfigure_receivers(self) -> None:
         """Receivers with the settings in force; tried again every 30 s until they start, so the
@@ -250,7 +254,7 @@ class NodeService:
                 bound.close()
             raise
         self.runner.start(load_after=lambda: self.receivers.wait_ready(timeout=10.0),
-                          load_at_start=bool(self.rules.current.file.rules))
+                          load_at_start=self._routes_anything())
         logs.event(
             log,
             "node_started",
