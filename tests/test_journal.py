@@ -55,7 +55,8 @@ def receive(spool: Spool, name: str, data: bytes, study: str = "1.2.3", series: 
     with ExitStack() as held:
         staged, placed, fd = spool.stage_held([data[:100], memoryview(data)[100:]], held, durable=False)
         spool.place(staged, target, durable=False)
-        spool.settle(target, placed, [data[:100], memoryview(data)[100:]], synced=False, fd=fd)
+        spool.settle(Spool.instance_name(study, series, name), placed, [data[:100], memoryview(data)[100:]],
+                     synced=False, fd=fd)
     return target
 
 
@@ -866,7 +867,7 @@ def test_a_write_failure_reported_as_the_write_back_starts_fails_the_staging(tmp
     spool = Spool(tmp_path / "data", 0)
     with ExitStack() as held:
         monkeypatch.setattr(journal, "_SYNC_FILE_RANGE", failing(errno.EINVAL))
-        assert spool.stage_held([b"kept"], held, durable=False)[0].read_bytes() == b"kept"
+        assert Path(spool.stage_held([b"kept"], held, durable=False)[0]).read_bytes() == b"kept"
         monkeypatch.setattr(journal, "_SYNC_FILE_RANGE", failing(errno.EIO))
         with pytest.raises(OSError) as failed:
             spool.stage_held([b"lost"], held, durable=False)

@@ -14,7 +14,6 @@ import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from pydicom.uid import (
@@ -220,7 +219,7 @@ class InstanceStore:
         header, payload = chunks
         calling = incoming.calling
         name = self.spool.instance_name(tags.study_uid, tags.series_uid, tags.sop_instance_uid)
-        target = self.spool.root / name
+        target = self.spool.located(name)
         record = InstanceRecord(
             sop_instance_uid=tags.sop_instance_uid,
             sop_class_uid=tags.sop_class_uid,
@@ -254,11 +253,11 @@ class InstanceStore:
             and existing["transfer_syntax"] == record.transfer_syntax
             and same_dataset(target, payload)
         )
-        staged: Path | None = None
+        staged: str | None = None
         # A new instance is made durable once placed (Spool.settle: by the intake journal, or
         # fsynced); a replacement's copy is fsynced before it is renamed over the acknowledged one.
         synced = existing is not None
-        previous: Path | None = None  # the copy a replacement renames over, until the index commits
+        previous: str | None = None  # the copy a replacement renames over, until the index commits
         placed = False
         staged_file: FileIdentity | None = None  # the staged file's: the journal records it once placed
         staged_fd = -1  # the descriptor it was written through, open until `held` closes
@@ -344,7 +343,7 @@ class InstanceStore:
         try:  # before the acknowledgement (a crash before it: reconcile marks the row missing)
             if placed:
                 assert staged_file is not None  # set before `placed`
-                self.spool.settle(target, staged_file, chunks, synced, staged_fd)
+                self.spool.settle(name, staged_file, chunks, synced, staged_fd)
                 held.close()  # NFS reports a delayed write error at close(2): answered as a failed fsync
             elif arrival.identical or same_bytes:
                 self.spool.sync_placed(target)
@@ -383,7 +382,7 @@ class InstanceStore:
             self._verdict(target, tags.study_uid)  # and a verdict lost to a crash or a busy index comes again
         return SUCCESS, tags
 
-    def _verdict(self, path: Path, study_uid: str) -> None:
+    def _verdict(self, path: str, study_uid: str) -> None:
         """A radiologist's rejection of the node's results (node/store/modelruns.py): counted
         against the model runs that made them. Never fails the C-STORE: it was stored."""
         try:
@@ -395,11 +394,11 @@ class InstanceStore:
         except Exception as exc:  # an unreadable document or a busy index: the verdict is lost, not the KOS
             logs.event(log, "verdict_not_recorded", logging.WARNING, study_uid=study_uid, error=type(exc).__name__)
 
-    def _discard(self, staged: Path | None) -> None:
+    def _discard(self, staged: str | None) -> None:
         if staged is not None:
             self.spool.discard(staged)
 
-    def _drop_first_pass(self, staged: Path | None, staging: ExitStack) -> None:
+    def _drop_first_pass(self, staged: str | None, staging: ExitStack) -> None:
         """A copy staged for a new instance that was not (see _file): it goes, and its descriptor is
         closed now (its blocks freed before the second pass stages again; an error at its close
         concerns no file that stays). The next instance is looked up first."""
@@ -410,8 +409,8 @@ class InstanceStore:
         except OSError:
             pass
 
-    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: Path, placed: FileIdentity | None,
-                            previous: Path | None) -> None:
+    def _undo_failed_commit(self, record: InstanceRecord, now: float, target: str, placed: FileIdentity | None,
+                            previous: str | None) -> None:
         """The COMMIT itself failed after the file was placed. Under the write lock again: if the
         row did commit after all (a connection lost during COMMIT) or another copy was placed
         since, nothing is undone; else the placement is. If the index cannot be reached, the next
@@ -432,7 +431,7 @@ class InstanceStore:
             logs.event(log, "store_undo_deferred", logging.WARNING, sop_instance_uid=record.sop_instance_uid,
                        error=type(exc).__name__)
 
-    def _write_again(self, target: Path, chunks: tuple[bytes, memoryview], placed: FileIdentity,
+    def _write_again(self, target: str, chunks: tuple[bytes, memoryview], placed: FileIdentity,
                      sop_instance_uid: str) -> bool:
         """A new instance's file could not be made durable after its row committed. Linux reports
         a write-back error once (to each descriptor open when it happened, and to one opened after
@@ -442,7 +441,7 @@ class InstanceStore:
         write lock if it is still this one (not replaced meanwhile), keeping its modification
         time (retention and reconcile compare it with the row's), then its folder fsynced. True:
         the instance is durable now and its row stands; False: not acknowledged, as before."""
-        fresh: Path | None = None
+        fresh: str | None = None
         try:
             with ExitStack() as own:  # its fsync through the descriptor it was written through, too
                 fresh, _, fd = self.spool.stage_held(chunks, own, durable=False)
@@ -464,7 +463,7 @@ class InstanceStore:
             self._discard(fresh)
 
     def _conflict(self, exc: InstanceConflict, chunks: tuple[bytes, memoryview], record: InstanceRecord,
-                  staged: Path | None) -> int:
+                  staged: str | None) -> int:
         """Refuse an instance whose SOP Instance UID is held elsewhere; the held one stays (the
         newcomer was only staged: it never reached the held instance's path)."""
         reason = f"{exc}; refused: this one is in study {record.study_uid}, series {record.series_uid}"

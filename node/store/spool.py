@@ -27,6 +27,10 @@ KNOWN_DIRS_MAX = 4096  # folders a process remembers having made
 # A file written after its index row (a newer copy renamed over it) has an mtime later than the
 # row's received_at by more than this; less may be clock granularity or a shared filesystem's.
 MTIME_SLACK_S = 2.0
+# A path as the receive path passes it: text. Every arriving instance names four files and
+# folders, and pathlib's joins, parents and conversions back to text were a tenth of a
+# receiver's Python time over four associations of small instances (py-spy, 2026-11-26).
+StrPath = str | os.PathLike[str]
 
 
 def _unique() -> str:
@@ -64,7 +68,9 @@ class Spool:
         self.set_watermark(min_free_mb)
         for folder in (self.studies, self.tmp, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
+        self._root_text = os.fspath(self.root)
+        self._tmp_text = os.fspath(self.tmp)
+        self._known_dirs: set[str] = set()
         self.journal = (IntakeJournal(self.root, int(journal_mb * 1024 * 1024) // 2, self.quarantine_file)
                         if journal_mb else None)
 
@@ -89,20 +95,24 @@ class Spool:
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / self.instance_name(study_uid, series_uid, sop_uid)
 
+    def located(self, name: str) -> str:
+        """The path of `name` (a path under the root, as the index records it), as text."""
+        return f"{self._root_text}/{name}"
+
     @staticmethod
     def instance_name(study_uid: str, series_uid: str, sop_uid: str) -> str:
         """An instance's path under the spool's root, as the index records it (built as text: the
         UIDs hold no separator, see checked_uid; three pathlib joins and relative_to cost 17 µs)."""
         return f"studies/{study_uid}/{series_uid}/{sop_uid}.dcm"
 
-    def store(self, target: Path, chunks: Iterable[bytes | memoryview]) -> int:
+    def store(self, target: StrPath, chunks: Iterable[bytes | memoryview]) -> int:
         """Write `chunks` durably to `target` (replacing it); return the size in bytes."""
         staged = self.stage(chunks)
-        size = staged.stat().st_size
+        size = os.stat(staged).st_size
         self.place(staged, target)
         return size
 
-    def stage(self, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
+    def stage(self, chunks: Iterable[bytes | memoryview], durable: bool = True) -> str:
         """Write `chunks` to a temporary file in tmp/ (not yet anywhere a reader looks), fsynced
         unless `durable` is False, and closed (a write error NFS reports at close(2) fails it)."""
         with ExitStack() as held:
@@ -114,7 +124,7 @@ class Spool:
         return tmp
 
     def stage_held(self, chunks: Iterable[bytes | memoryview], held: ExitStack,
-                   durable: bool = True) -> tuple[Path, FileIdentity, int]:
+                   durable: bool = True) -> tuple[str, FileIdentity, int]:
         """`stage`, with the staged file's identity (the intake journal records it) and the
         descriptor it was written through, left open until `held` closes: `settle` fsyncs through
         it. Linux reports a write-back error once to each file description open when it happened,
@@ -124,7 +134,7 @@ class Spool:
 
         The receiver stages first and lets the index `place` it under its write lock, so the
         checks on the SOP Instance UID and the rename happen as one step across processes."""
-        tmp = self.tmp / f"{_unique()}.part"
+        tmp = f"{self._tmp_text}/{_unique()}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             held.callback(os.close, fd)
@@ -143,26 +153,27 @@ class Spool:
             raise _staging_failed(tmp, exc) from None
         return tmp, identity, fd
 
-    def place(self, staged: Path, target: Path, durable: bool = True) -> None:
+    def place(self, staged: StrPath, target: StrPath, durable: bool = True) -> None:
         """Rename a staged file to `target` (replacing it) and make the rename durable (or leave
         that to `make_durable`, when the rename happens under a lock the fsync need not hold)."""
-        self._ensure_dir(target.parent)
+        folder = os.path.dirname(target)
+        self._ensure_dir(folder)
         try:
             os.replace(staged, target)
         except FileNotFoundError:
-            if not staged.exists():
+            if not os.path.exists(staged):
                 raise
             # retention removed the (emptied) study folder since this process made it
             self._known_dirs.clear()
-            self._ensure_dir(target.parent)
+            self._ensure_dir(folder)
             os.replace(staged, target)
         if durable:
             self.make_durable(target)
 
-    def keep_previous(self, target: Path) -> Path | None:
+    def keep_previous(self, target: StrPath) -> str | None:
         """A hard link in tmp/ to the file at `target`, before a replacement renames over it:
         `restore` puts it back if the index then refuses the replacement. None: no file there."""
-        previous = self.tmp / f"{_unique()}.prev"
+        previous = f"{self._tmp_text}/{_unique()}.prev"
         try:
             os.link(target, previous)
         except FileNotFoundError:
@@ -172,22 +183,23 @@ class Spool:
                 shutil.copy2(target, previous)  # with its mtime: retention compares it
                 _fsync_file(previous)
             except BaseException:
-                previous.unlink(missing_ok=True)
+                _unlink(previous)
                 raise
         # on disk before the rename over `target` can be: after a power cut, reconcile finds the
         # acknowledged copy here if the replacement's commit was lost (its data too: a new
         # instance's file may so far be durable only by its journal record, which replay then
         # takes for superseded)
         _fsync_file(previous)
-        _fsync_dir(self.tmp)
+        _fsync_dir(self._tmp_text)
         return previous
 
-    def restore(self, previous: Path, target: Path) -> None:
+    def restore(self, previous: StrPath, target: StrPath) -> None:
         """Undo a replacement: the copy `keep_previous` kept goes back to `target`."""
-        self._ensure_dir(target.parent)
+        folder = os.path.dirname(target)
+        self._ensure_dir(folder)
         os.replace(previous, target)
-        previous.unlink(missing_ok=True)  # rename() leaves both names when they are one file already
-        _fsync_dir(target.parent)
+        _unlink(previous)  # rename() leaves both names when they are one file already
+        _fsync_dir(folder)
 
     def replaced_copies(self, older_than_s: float = 0.0) -> list[Path]:
         """Copies `keep_previous` kept that a crash left behind (reconcile decides which copy
@@ -197,44 +209,43 @@ class Spool:
         return sorted(p for p in self.tmp.glob("*.prev") if not older_than_s or _changed_at(p) < cutoff)
 
     @staticmethod
-    def make_durable(target: Path) -> None:
+    def make_durable(target: StrPath) -> None:
         """fsync the folder that holds `target`, so its rename survives a power cut."""
-        _fsync_dir(target.parent)
+        _fsync_dir(os.path.dirname(target))
 
-    def settle(self, target: Path, placed: FileIdentity, chunks: Sequence[bytes | memoryview],
+    def settle(self, name: str, placed: FileIdentity, chunks: Sequence[bytes | memoryview],
                synced: bool, fd: int) -> None:
-        """Make a placed file durable before its acknowledgement: one not `synced` (staged with
-        durable=False) by its record in the intake journal, else, or when the journal does not
-        take it, by the fsyncs of the file (through `fd`, the descriptor it was written
-        through: `stage_held`) and of its folder."""
-        if not synced and self.journal is not None and self.journal.record(
-                str(target.relative_to(self.root)), placed, chunks):
+        """Make a placed file (`name`: its path under the root, as the index records it) durable
+        before its acknowledgement: one not `synced` (staged with durable=False) by its record in
+        the intake journal, else, or when the journal does not take it, by the fsyncs of the file
+        (through `fd`, the descriptor it was written through: `stage_held`) and of its folder."""
+        if not synced and self.journal is not None and self.journal.record(name, placed, chunks):
             return
         if not synced:
             os.fsync(fd)
-        _fsync_dir(target.parent)
+        _fsync_dir(os.path.dirname(self.located(name)))
 
     @staticmethod
-    def sync_placed(target: Path) -> None:
+    def sync_placed(target: StrPath) -> None:
         """fsync a file in place and its folder: also before an identical resend's acknowledgement,
         since the copy indexed before may still be on its way to the disk (another association
         between its commit and its settle)."""
         _fsync_file(target)
-        _fsync_dir(target.parent)
+        _fsync_dir(os.path.dirname(target))
 
     @staticmethod
-    def sync(path: Path) -> None:
+    def sync(path: StrPath) -> None:
         """fsync a file (a staged one, before it is renamed over another)."""
         _fsync_file(path)
 
-    def discard(self, staged: Path) -> None:
-        staged.unlink(missing_ok=True)
+    def discard(self, staged: StrPath) -> None:
+        _unlink(staged)
 
     def quarantine(self, chunks: Iterable[bytes | memoryview], reason: str) -> Path:
         """Keep an unusable dataset for inspection; it is never indexed."""
         return self.quarantine_file(self.stage(chunks), reason)
 
-    def quarantine_file(self, path: Path, reason: str, name: str | None = None) -> Path:
+    def quarantine_file(self, path: StrPath, reason: str, name: str | None = None) -> Path:
         """Move a file that is already on this filesystem into quarantine, with its reason, as
         `<time>-<name>.dcm` (a random name by default; the intake journal names a record's copy
         so that a later replay finds it there)."""
@@ -243,18 +254,19 @@ class Spool:
         _fsync_file(path)  # a new instance's staged file is not (Spool.stage, durable=False)
         os.replace(path, target)
         _fsync_dir(self.quarantine_dir)
-        _fsync_dir(path.parent)
+        _fsync_dir(os.path.dirname(path))
         fd = os.open(self.quarantine_dir / f"{stem}.reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as why:
             why.write(reason + "\n")
         return target
 
-    def adopt(self, path: Path, target: Path) -> None:
+    def adopt(self, path: StrPath, target: StrPath) -> None:
         """Make a file already on this filesystem (a partial write found complete) durable at `target`."""
         _fsync_file(path)
-        self._ensure_dir(target.parent)
+        folder = os.path.dirname(target)
+        self._ensure_dir(folder)
         os.replace(path, target)
-        _fsync_dir(target.parent)
+        _fsync_dir(folder)
 
     def partial_writes(self, older_than_s: float = 0.0) -> list[Path]:
         """Temporary files a crash left behind (never acknowledged); with `older_than_s`, only those
@@ -262,11 +274,12 @@ class Spool:
         cutoff = time.time() - older_than_s
         return sorted(p for p in self.tmp.glob("*.part") if not older_than_s or modified_at(p) < cutoff)
 
-    def _ensure_dir(self, folder: Path) -> None:
+    def _ensure_dir(self, folder: str) -> None:
         if folder in self._known_dirs:
             return
         created = []
-        for parent in reversed((folder, *folder.parents)):
+        path = Path(folder)
+        for parent in reversed((path, *path.parents)):
             if not parent.exists():
                 try:
                     parent.mkdir()
@@ -280,15 +293,22 @@ class Spool:
         self._known_dirs.add(folder)
 
 
-def _staging_failed(tmp: Path, exc: OSError) -> OSError:
+def _staging_failed(tmp: str, exc: OSError) -> OSError:
     """The staged file removed; what to raise: OutOfSpace for a full disk or quota."""
-    tmp.unlink(missing_ok=True)
+    _unlink(tmp)
     if exc.errno in (28, 122):  # ENOSPC, EDQUOT
         return OutOfSpace(exc.errno, "no space left for the instance")
     return exc
 
 
-def _fsync_file(path: Path) -> None:
+def _unlink(path: StrPath) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_file(path: StrPath) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -303,7 +323,7 @@ def dataset_offset(head: bytes) -> int:
     return 144 + int.from_bytes(head[140:144], "little")
 
 
-def same_dataset(path: Path, payload: bytes | memoryview) -> bool:
+def same_dataset(path: StrPath, payload: bytes | memoryview) -> bool:
     """True if the part-10 file at `path` holds exactly `payload` as its data set."""
     try:
         with open(path, "rb") as f:
