@@ -381,19 +381,30 @@ def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeyp
     """configure_receiver_process: pynetdicom's UID validator remembered by value. It answers as
     the original does for valid, non-conformant and invalid UIDs under either conformance
     setting (the setting is part of what is remembered), pynetdicom's UID setter consults it, a
-    second configuration keeps the one, and what it remembers is bounded in number and size."""
+    second configuration keeps the one, and what it remembers is bounded in number and size.
+    pydicom's own check in `UID()` (which only warns) is off, and pynetdicom's still refuses each
+    UID it refused before (an overlong one always, a non-conformant one under the setting)."""
+    from pydicom import config as pydicom_config
     from pynetdicom.utils import set_uid
 
     from node.receive import pynetdicom_internals as internals
 
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", _config.LOG_HANDLER_LEVEL)
     monkeypatch.setitem(_config.VALIDATORS, "UI", _config.VALIDATORS["UI"])
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode",
+                        pydicom_config.settings.reading_validation_mode)
     original = _config.VALIDATORS["UI"]
     internals.configure_receiver_process()
     internals.configure_receiver_process()
     remembered = _config.VALIDATORS["UI"]
     assert isinstance(remembered, internals._RememberedUidValidator) and remembered.validate is original
     assert _config.LOG_HANDLER_LEVEL == "none"
+    assert pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE
+    for conformance, refused in ((False, [b"9" * 65]), (True, [b"1.2.3.a", b"1.2..3", b"9" * 65])):
+        monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", conformance)
+        for invalid in refused:  # (without the conformance setting pynetdicom takes "1.2.3.a": as before)
+            with pytest.raises(ValueError, match="Invalid 'Abstract Syntax Name' value"):
+                set_uid(invalid, "Abstract Syntax Name")
     values = ["1.2.840.10008.1.2.1", "1.2.03.4", "1.2.3.a", "9" * 65, "", "1.2..3"]
     for conformance in (False, True, False):
         monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", conformance)
