@@ -391,8 +391,8 @@ def test_a_receivers_remembered_uid_validator_answers_as_pynetdicoms_own(monkeyp
 
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", _config.LOG_HANDLER_LEVEL)
     monkeypatch.setitem(_config.VALIDATORS, "UI", _config.VALIDATORS["UI"])
-    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode",
-                        pydicom_config.settings.reading_validation_mode)
+    monkeypatch.setattr(pydicom_config.settings, "_reading_validation_mode",  # as it was (None: the default)
+                        pydicom_config.settings._reading_validation_mode)
     original = _config.VALIDATORS["UI"]
     internals.configure_receiver_process()
     internals.configure_receiver_process()

@@ -675,7 +675,7 @@ def start_writeback(fd: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """fsync a folder, so the names made or renamed in it survive a power cut."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -156,7 +156,7 @@ class Spool:
     def place(self, staged: StrPath, target: StrPath, durable: bool = True) -> None:
         """Rename a staged file to `target` (replacing it) and make the rename durable (or leave
         that to `make_durable`, when the rename happens under a lock the fsync need not hold)."""
-        folder = os.path.dirname(target)
+        folder = _folder(target)
         self._ensure_dir(folder)
         try:
             os.replace(staged, target)
@@ -195,7 +195,7 @@ class Spool:
 
     def restore(self, previous: StrPath, target: StrPath) -> None:
         """Undo a replacement: the copy `keep_previous` kept goes back to `target`."""
-        folder = os.path.dirname(target)
+        folder = _folder(target)
         self._ensure_dir(folder)
         os.replace(previous, target)
         _unlink(previous)  # rename() leaves both names when they are one file already
@@ -211,7 +211,7 @@ class Spool:
     @staticmethod
     def make_durable(target: StrPath) -> None:
         """fsync the folder that holds `target`, so its rename survives a power cut."""
-        _fsync_dir(os.path.dirname(target))
+        _fsync_dir(_folder(target))
 
     def settle(self, name: str, placed: FileIdentity, chunks: Sequence[bytes | memoryview],
                synced: bool, fd: int) -> None:
@@ -223,7 +223,7 @@ class Spool:
             return
         if not synced:
             os.fsync(fd)
-        _fsync_dir(os.path.dirname(self.located(name)))
+        _fsync_dir(_folder(self.located(name)))
 
     @staticmethod
     def sync_placed(target: StrPath) -> None:
@@ -231,7 +231,7 @@ class Spool:
         since the copy indexed before may still be on its way to the disk (another association
         between its commit and its settle)."""
         _fsync_file(target)
-        _fsync_dir(os.path.dirname(target))
+        _fsync_dir(_folder(target))
 
     @staticmethod
     def sync(path: StrPath) -> None:
@@ -254,7 +254,7 @@ class Spool:
         _fsync_file(path)  # a new instance's staged file is not (Spool.stage, durable=False)
         os.replace(path, target)
         _fsync_dir(self.quarantine_dir)
-        _fsync_dir(os.path.dirname(path))
+        _fsync_dir(_folder(path))
         fd = os.open(self.quarantine_dir / f"{stem}.reason.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as why:
             why.write(reason + "\n")
@@ -263,7 +263,7 @@ class Spool:
     def adopt(self, path: StrPath, target: StrPath) -> None:
         """Make a file already on this filesystem (a partial write found complete) durable at `target`."""
         _fsync_file(path)
-        folder = os.path.dirname(target)
+        folder = _folder(target)
         self._ensure_dir(folder)
         os.replace(path, target)
         _fsync_dir(folder)
@@ -299,6 +299,11 @@ def _staging_failed(tmp: str, exc: OSError) -> OSError:
     if exc.errno in (28, 122):  # ENOSPC, EDQUOT
         return OutOfSpace(exc.errno, "no space left for the instance")
     return exc
+
+
+def _folder(path: StrPath) -> str:
+    """The folder that holds `path` ("." for a bare name, as Path.parent has it)."""
+    return os.path.dirname(path) or "."
 
 
 def _unlink(path: StrPath) -> None:
