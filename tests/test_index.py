@@ -6,10 +6,12 @@ from __future__ import annotations
 import gc
 import os
 import sqlite3
+import stat
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -20,10 +22,10 @@ from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import Actions
 from node.send.outbox import Outbox
 from node.store.identity import installation_uid
-from node.store import index as index_module
+from node.store import index as index_module, writer_turns
 from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord
 from node.store.migrations import HEAD
-from tests.peers import VENV_BIN, make_study
+from tests.peers import REPO_ROOT, VENV_BIN, make_study
 
 BEFORE_MIGRATIONS = Path(__file__).parent / "data" / "index-before-migrations.sql"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -80,6 +82,140 @@ def test_an_index_written_before_migrations_is_upgraded_with_its_rows(tmp_path):
     assert _completed_jobs(index, 1) == [2]
     # a second opener finds the schema current and changes nothing
     assert Index(path).query("SELECT COUNT(*) AS n FROM work_items")[0]["n"] == 2
+
+
+# Another process's writer: takes its turn and SQLite's write lock, says so, and keeps them until
+# its standard input closes (then commits: the turn goes with a wake-up) or it is killed.
+_HOLDER = """
+import sys
+from node.store.index import Index
+with Index(sys.argv[1], migrate=False).transaction() as db:
+    db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES ('holder', '', 1)")
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(path: Path) -> subprocess.Popen[str]:
+    holder = subprocess.Popen([str(VENV_BIN / "python"), "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+class _NotedWait:
+    """A writer's polls for its turn's wake-up, counted and noted as they begin (the real poll
+    does the waiting)."""
+
+    def __init__(self, poll: Any):
+        self.poll_object, self.waiting, self.polls = poll, threading.Event(), 0
+
+    def poll(self, timeout: int) -> Any:
+        self.polls += 1
+        self.waiting.set()
+        return self.poll_object.poll(timeout)
+
+
+def _waiting_writer(index: Index, kind: str) -> tuple[_NotedWait, threading.Event]:
+    """A thread that writes a row of `kind` once it has its turn; (its polls, written)."""
+    noted = index._turns._wake = _NotedWait(index._turns._wake)
+    written = threading.Event()
+
+    def write() -> None:
+        with index.transaction() as db:
+            db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES (?, '', 1)", (kind,))
+        written.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return noted, written
+
+
+def test_sqlite_writers_of_other_processes_wait_for_their_turn_woken_when_it_is_let_go_and_no_longer_than_the_wait(
+        tmp_path, monkeypatch):
+    """Writers of different processes take turns on the index's writers pipe before SQLite's
+    lock (whose busy handler sleeps between tries): one kept waiting past the wait gets an
+    IndexFailure naming another process, not SQLite's "database is locked" 30 s later; one that
+    waits is woken by the holder letting its turn go, not by a recheck of its own, and sleeps
+    meanwhile (the wake-ups nobody waited for are drained, not polled again and again)."""
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    holder = _holder(path)
+    try:
+        monkeypatch.setattr(index_module, "WRITE_LOCK_WAIT_S", 0.3)
+        with pytest.raises(IndexFailure, match="write lock was held by another process for over 0.3 s"):
+            with index.transaction():
+                pass
+        monkeypatch.setattr(index_module, "WRITE_LOCK_WAIT_S", 600.0)
+        monkeypatch.setattr(writer_turns, "RECHECK_S", 600.0)
+        noted, written = _waiting_writer(index, "writer")
+        assert noted.waiting.wait(30)  # its turn taken by the holder: waiting for the wake-up
+        assert not written.is_set()
+        holder.communicate("", timeout=30)  # the holder commits and lets its turn go
+        assert holder.returncode == 0
+        assert written.wait(30)
+        assert noted.polls <= 3  # the stale wake-ups of this Index's own migrations, then the holder's
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert index.query("SELECT kind FROM receive_counts WHERE kind IN ('holder', 'writer') ORDER BY kind") == [
+        {"kind": "holder"}, {"kind": "writer"}]
+
+
+def test_a_writer_killed_during_its_turn_leaves_the_turn_and_sqlites_lock_to_the_writer_waiting(
+        tmp_path, monkeypatch):
+    """The kernel lets a killed holder's turn go (and SQLite its transaction): a writer waiting for
+    it finds it free at its next recheck, though no wake-up came."""
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    holder = _holder(path)
+    try:
+        monkeypatch.setattr(writer_turns, "RECHECK_S", 0.05)
+        noted, written = _waiting_writer(index, "next")
+        assert noted.waiting.wait(30)
+        holder.kill()
+        holder.wait(30)
+        assert written.wait(30)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert index.query("SELECT kind FROM receive_counts") == [{"kind": "next"}]  # the killed one's rolled back
+
+
+@pytest.mark.parametrize("left", ["plain file", "folder"])
+def test_without_a_writers_pipe_the_index_writes_as_before_and_says_why(tmp_path, monkeypatch, left):
+    """Something else where the pipe belongs: no turns, logged; SQLite's own lock still decides."""
+    path = tmp_path / "index.sqlite"
+    if left == "plain file":
+        Path(f"{tmp_path}/.index.sqlite-writers").write_bytes(b"")
+    else:
+        Path(f"{tmp_path}/.index.sqlite-writers").mkdir()
+    said: list[str] = []
+    monkeypatch.setattr(writer_turns.logs, "event", lambda _log, event, *args, **fields: said.append(event))
+    index = Index(path)
+    assert index._turns is None
+    assert "index_writer_turns_unavailable" in said
+    with index.transaction() as db:
+        db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES ('plain', '', 1)")
+    assert index.query("SELECT kind FROM receive_counts") == [{"kind": "plain"}]
+
+
+def test_the_writers_pipe_has_the_index_files_permissions_and_goes_with_close(tmp_path):
+    """Made with the index file's mode, as SQLite's -wal and -shm, so that whichever process comes
+    first the others can open it; its descriptor closed by Index.close, after which the index
+    writes without turns."""
+    path = tmp_path / "index.sqlite"
+    Index(path).close()
+    os.chmod(path, 0o664)
+    os.unlink(f"{tmp_path}/.index.sqlite-writers")
+    index = Index(path)
+    assert stat.S_ISFIFO(os.stat(f"{tmp_path}/.index.sqlite-writers").st_mode)
+    assert stat.S_IMODE(os.stat(f"{tmp_path}/.index.sqlite-writers").st_mode) == 0o664
+    fd = index._turns._fd
+    index.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with index.transaction() as db:
+        db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES ('after', '', 1)")
 
 
 def test_sqlite_writers_in_one_process_take_turns_and_one_kept_waiting_too_long_gets_an_index_failure(

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError, TimeoutError as PoolTimeout
 
 from node.config import StorageConfig
+from node.store.writer_turns import TurnTimeout, WriterTurns
 
 # Any failure of the index (busy past its timeout, connection lost, disk full).
 IndexFailure = SQLAlchemyError
@@ -317,6 +318,11 @@ class Index:
         # idle (four STOW-RS requests in the console spent half their store time there); a
         # thread lock hands over at once. Other processes still wait in SQLite's busy handler.
         self._sqlite_writers = threading.Lock() if not self.shared else None
+        # ... and with the writers of the node's other processes (receivers, the CLI) on a turn
+        # the kernel hands over at once (node/store/writer_turns.py)
+        database = self.engine.url.database if not self.shared else None  # (None, "" or ":memory:": in memory)
+        self._turns = WriterTurns.beside(database) if database and database != ":memory:" and \
+            not database.startswith("file:") else None
         self._idle = _IdleConnections(self.engine, min(IDLE_CONNECTIONS_KEPT, _pool_size(connections) - 1))
         if migrate:
             from node.store.migrations import upgrade
@@ -334,6 +340,15 @@ class Index:
 
     def close(self) -> None:
         self.engine.dispose()
+        # the pipe's descriptor once no writer of this process uses it (SQLAlchemy lets a disposed
+        # engine be used again: without turns); one busy past the wait goes with the Index
+        writers = self._sqlite_writers
+        if self._turns is not None and writers is not None and writers.acquire(timeout=WRITE_LOCK_WAIT_S):
+            try:
+                turns, self._turns = self._turns, None
+                turns.close()
+            finally:
+                writers.release()
 
     @property
     def skip_locked(self) -> str:
@@ -370,11 +385,25 @@ class Index:
         if writers is None:
             yield
             return
+        deadline = time.monotonic() + WRITE_LOCK_WAIT_S
         if not writers.acquire(timeout=WRITE_LOCK_WAIT_S):
             raise PoolTimeout(f"the index's write lock was held in this process for over {WRITE_LOCK_WAIT_S:g} s")
+        taken: WriterTurns | None = None
         try:
+            turns = self._turns
+            if turns is not None:
+                try:
+                    turns.take(deadline)
+                except TurnTimeout:
+                    raise PoolTimeout(f"the index's write lock was held by another process for over "
+                                      f"{WRITE_LOCK_WAIT_S:g} s") from None
+                except OSError as exc:
+                    raise PoolTimeout(f"the index's writers' turn failed: {exc.strerror or type(exc).__name__}") from None
+                taken = turns
             yield
         finally:
+            if taken is not None:
+                taken.give()
             writers.release()
 
     @contextmanager
