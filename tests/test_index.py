@@ -161,6 +161,38 @@ def test_sqlite_writers_of_other_processes_wait_for_their_turn_woken_when_it_is_
         {"kind": "holder"}, {"kind": "writer"}]
 
 
+def test_a_writer_kept_waiting_for_its_turn_gives_sqlites_busy_handler_only_what_is_left_of_its_wait(
+        tmp_path, monkeypatch):
+    """After its turn, a writer may still find SQLite's lock taken by one that takes no turns (a
+    node of an older version, a SQLite shell): SQLite's busy handler gets what is left of the
+    writer's wait, in whole seconds, not a second full wait; the next transaction the full wait."""
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    monkeypatch.setattr(index_module, "WRITE_LOCK_WAIT_S", 600.0)
+    holder = _holder(path)
+    busy: list[int] = []
+    noted = index._turns._wake = _NotedWait(index._turns._wake)
+
+    def write() -> None:
+        for _ in range(2):
+            with index.transaction() as db:
+                busy.append(db.execute("PRAGMA busy_timeout").fetchone()["timeout"])
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        writer.start()
+        assert noted.waiting.wait(30)
+        time.sleep(1.5)  # not a wait for something: the writer's turn is to take over a second
+        holder.communicate("", timeout=30)
+        writer.join(30)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert not writer.is_alive()
+    assert busy[1] == 600_000
+    assert 590_000 <= busy[0] <= 599_000
+
+
 def test_a_writer_killed_during_its_turn_leaves_the_turn_and_sqlites_lock_to_the_writer_waiting(
         tmp_path, monkeypatch):
     """The kernel lets a killed holder's turn go (and SQLite its transaction): a writer waiting for

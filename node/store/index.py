@@ -14,6 +14,7 @@ they take on PostgreSQL (`FOR UPDATE SKIP LOCKED`), so replicas never wait for e
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
@@ -363,27 +364,30 @@ class Index:
         (SQLite only): the commit returns before it is on disk (see `record_instance`)."""
         if getattr(self._local, "db", None) is not None:
             raise RuntimeError("index transactions do not nest")
-        with self._writers_turn():
+        with self._writers_turn() as deadline:
             if self.shared:
                 with self._connection(write_lock=not claim) as connection:
                     db = Db(connection.connection.dbapi_connection, connection.dialect)
                     with self._current(db):
                         yield db
             else:
-                with self._sqlite_transaction(durable) as db, self._current(db):
+                with self._sqlite_transaction(durable, deadline) as db, self._current(db):
                     yield db
 
     @contextmanager
     def schema_transaction(self) -> Iterator[Connection]:
         """A write transaction on SQLAlchemy's own Connection, for Alembic (the migrations)."""
-        with self._writers_turn(), self._connection(write_lock=True) as connection:
+        with self._writers_turn() as deadline, self._connection(write_lock=True, deadline=deadline) as connection:
             yield connection
 
     @contextmanager
-    def _writers_turn(self) -> Iterator[None]:
+    def _writers_turn(self) -> Iterator[float | None]:
+        """This process's lock, then (SQLite) the turn among processes; yields the monotonic
+        deadline of the writer's whole wait, which SQLite's lock is to keep too (None: no turns
+        here, PostgreSQL's lock_timeout bounds the wait)."""
         writers = self._sqlite_writers
         if writers is None:
-            yield
+            yield None
             return
         deadline = time.monotonic() + WRITE_LOCK_WAIT_S
         if not writers.acquire(timeout=WRITE_LOCK_WAIT_S):
@@ -400,7 +404,7 @@ class Index:
                 except OSError as exc:
                     raise PoolTimeout(f"the index's writers' turn failed: {exc.strerror or type(exc).__name__}") from None
                 taken = turns
-            yield
+            yield deadline
         finally:
             if taken is not None:
                 taken.give()
@@ -416,15 +420,16 @@ class Index:
             self._local.db = None
 
     @contextmanager
-    def _connection(self, write_lock: bool) -> Iterator[Connection]:
-        """A transaction on SQLAlchemy's Connection (the engine's "begin" event takes the lock)."""
+    def _connection(self, write_lock: bool, deadline: float | None = None) -> Iterator[Connection]:
+        """A transaction on SQLAlchemy's Connection (the engine's "begin" event takes the lock,
+        on SQLite waiting no longer than `deadline`)."""
         with self.engine.connect() as connection:
-            connection.execution_options(index_write_lock=write_lock)
+            connection.execution_options(index_write_lock=write_lock, index_write_deadline=deadline)
             with connection.begin():
                 yield connection
 
     @contextmanager
-    def _sqlite_transaction(self, durable: bool) -> Iterator[Db]:
+    def _sqlite_transaction(self, durable: bool, deadline: float | None) -> Iterator[Db]:
         """A SQLite write transaction on a pooled driver connection: BEGIN IMMEDIATE ... COMMIT,
         without SQLAlchemy's Connection and transaction objects and their events (CPU of a
         transaction with one statement 38 -> 21 µs; of a receiver's index row 95 -> 75 µs).
@@ -435,6 +440,7 @@ class Index:
         try:
             with _as_index_failure(dbapi, "PRAGMA synchronous"):
                 _set_synchronous(pooled.info, pooled.dbapi_connection, "FULL" if durable else "NORMAL")
+                _set_busy_timeout(pooled.info, pooled.dbapi_connection, deadline)
             db = Db(pooled.dbapi_connection, self.engine.dialect)
             db.execute("BEGIN IMMEDIATE")
             yield db
@@ -816,6 +822,29 @@ def _set_synchronous(info: dict[Any, Any], driver: Any, level: str) -> None:
         info["synchronous"] = level
 
 
+def _busy_timeout_ms(deadline: float | None) -> int:
+    """SQLite's busy timeout for a write transaction about to begin: WRITE_LOCK_WAIT_S, or what is
+    left of it at `deadline` in whole seconds (rounded up) once the writer's turn took a second or
+    more. Behind a writer that takes no turns (a node of an older version, a SQLite shell) the
+    busy handler would otherwise start a second full wait after the turn's: a writer's whole wait
+    stays under WRITE_LOCK_WAIT_S + 1 s. Whole seconds, so that the PRAGMA runs only after such a
+    wait, not before every transaction."""
+    full = max(1, int(WRITE_LOCK_WAIT_S * 1000))
+    if deadline is None:
+        return full
+    return max(1, min(full, math.ceil(deadline - time.monotonic()) * 1000))
+
+
+def _set_busy_timeout(info: dict[Any, Any], driver: Any, deadline: float | None) -> None:
+    """Set a SQLite connection's busy timeout for its next write transaction (`_busy_timeout_ms`);
+    `info` remembers it, as in `_set_synchronous`."""
+    ms = _busy_timeout_ms(deadline)
+    if info.get("busy_timeout") != ms:
+        info.pop("busy_timeout", None)
+        driver.execute(f"PRAGMA busy_timeout={ms}")
+        info["busy_timeout"] = ms
+
+
 def _pool_size(connections: int) -> int:
     """Connections the pool keeps open between uses (more are opened up to `connections`)."""
     return min(4, connections)
@@ -841,7 +870,8 @@ def _engine(url: str, connections: int) -> Engine:
             # FULL: a commit is on disk when it returns (see `_sqlite_begin` for the exception).
             cursor.execute("PRAGMA synchronous=FULL")
             record.info["synchronous"] = "FULL"
-            cursor.execute(f"PRAGMA busy_timeout={int(WRITE_LOCK_WAIT_S * 1000)}")
+            cursor.execute(f"PRAGMA busy_timeout={_busy_timeout_ms(None)}")
+            record.info["busy_timeout"] = _busy_timeout_ms(None)
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -850,6 +880,8 @@ def _engine(url: str, connections: int) -> Engine:
             locked = options.get("index_write_lock", True)  # a write transaction (reads commit nothing)
             if locked:  # (only Alembic's schema_transaction: the others run Index._sqlite_transaction)
                 _set_synchronous(connection.connection.info, connection.connection.dbapi_connection, "FULL")
+                _set_busy_timeout(connection.connection.info, connection.connection.dbapi_connection,
+                                  options.get("index_write_deadline"))
             # SQLAlchemy's documented recipe for pysqlite; IMMEDIATE takes the write lock up front.
             connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
 
