@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import NodeConfig
@@ -161,22 +162,31 @@ def test_sqlite_writers_of_other_processes_wait_for_their_turn_woken_when_it_is_
         {"kind": "holder"}, {"kind": "writer"}]
 
 
+@pytest.mark.parametrize("kind", ["transaction", "schema_transaction"])
 def test_a_writer_kept_waiting_for_its_turn_gives_sqlites_busy_handler_only_what_is_left_of_its_wait(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, kind):
     """After its turn, a writer may still find SQLite's lock taken by one that takes no turns (a
     node of an older version, a SQLite shell): SQLite's busy handler gets what is left of the
-    writer's wait, in whole seconds, not a second full wait; the next transaction the full wait."""
+    writer's wait, in whole seconds, not a second full wait, and the connection the full wait
+    again once it has the lock (for its later reads and writes); on both ways into a write
+    transaction (the receivers' and Alembic's)."""
     path = tmp_path / "index.sqlite"
     index = Index(path)
     monkeypatch.setattr(index_module, "WRITE_LOCK_WAIT_S", 600.0)
+    statements: list[str] = []
+    index.engine.dispose()  # the connections from here on are new: each traces its statements
+    event.listen(index.engine, "connect", lambda driver, _record: driver.set_trace_callback(statements.append))
     holder = _holder(path)
-    busy: list[int] = []
     noted = index._turns._wake = _NotedWait(index._turns._wake)
 
     def write() -> None:
-        for _ in range(2):
-            with index.transaction() as db:
-                busy.append(db.execute("PRAGMA busy_timeout").fetchone()["timeout"])
+        for n in range(2):
+            if kind == "transaction":
+                with index.transaction() as db:
+                    db.execute("INSERT INTO receive_counts (kind, detail, n) VALUES ('writer', ?, 1)", (str(n),))
+            else:
+                with index.schema_transaction() as connection:
+                    connection.exec_driver_sql(f"INSERT INTO receive_counts (kind, detail, n) VALUES ('writer', '{n}', 1)")
 
     writer = threading.Thread(target=write, daemon=True)
     try:
@@ -189,8 +199,14 @@ def test_a_writer_kept_waiting_for_its_turn_gives_sqlites_busy_handler_only_what
         holder.kill()
         holder.wait(30)
     assert not writer.is_alive()
-    assert busy[1] == 600_000
-    assert 590_000 <= busy[0] <= 599_000
+    assert index.query("SELECT detail FROM receive_counts WHERE kind='writer' ORDER BY detail") == [
+        {"detail": "0"}, {"detail": "1"}]
+    steps = [s.split(" (")[0] for s in statements if s.startswith(("PRAGMA busy_timeout", "BEGIN IMMEDIATE", "INSERT"))]
+    assert len(steps) == 6, steps
+    shortened = int(steps[0].removeprefix("PRAGMA busy_timeout="))
+    assert 590_000 <= shortened <= 599_000
+    assert steps[1:] == ["BEGIN IMMEDIATE", "PRAGMA busy_timeout=600000", "INSERT INTO receive_counts",
+                         "BEGIN IMMEDIATE", "INSERT INTO receive_counts"]
 
 
 def test_a_writer_killed_during_its_turn_leaves_the_turn_and_sqlites_lock_to_the_writer_waiting(

@@ -440,9 +440,14 @@ class Index:
         try:
             with _as_index_failure(dbapi, "PRAGMA synchronous"):
                 _set_synchronous(pooled.info, pooled.dbapi_connection, "FULL" if durable else "NORMAL")
+            with _as_index_failure(dbapi, "PRAGMA busy_timeout"):
                 _set_busy_timeout(pooled.info, pooled.dbapi_connection, deadline)
             db = Db(pooled.dbapi_connection, self.engine.dialect)
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            finally:
+                with _as_index_failure(dbapi, "PRAGMA busy_timeout"):
+                    _set_busy_timeout(pooled.info, pooled.dbapi_connection, None)
             yield db
             db.execute("COMMIT")
             committed = True
@@ -827,8 +832,9 @@ def _busy_timeout_ms(deadline: float | None) -> int:
     left of it at `deadline` in whole seconds (rounded up) once the writer's turn took a second or
     more. Behind a writer that takes no turns (a node of an older version, a SQLite shell) the
     busy handler would otherwise start a second full wait after the turn's: a writer's whole wait
-    stays under WRITE_LOCK_WAIT_S + 1 s. Whole seconds, so that the PRAGMA runs only after such a
-    wait, not before every transaction."""
+    is about WRITE_LOCK_WAIT_S + 1 s at most (SQLite counts the time it sleeps, not the time its
+    retries take). Whole seconds, so that the PRAGMA runs only after such a wait, not before
+    every transaction."""
     full = max(1, int(WRITE_LOCK_WAIT_S * 1000))
     if deadline is None:
         return full
@@ -836,8 +842,10 @@ def _busy_timeout_ms(deadline: float | None) -> int:
 
 
 def _set_busy_timeout(info: dict[Any, Any], driver: Any, deadline: float | None) -> None:
-    """Set a SQLite connection's busy timeout for its next write transaction (`_busy_timeout_ms`);
-    `info` remembers it, as in `_set_synchronous`."""
+    """Set a SQLite connection's busy timeout for the BEGIN of its next write transaction
+    (`_busy_timeout_ms`; None: the full wait, set again once that BEGIN has the lock or failed, so
+    that the connection's later reads wait the full time); `info` remembers it, as in
+    `_set_synchronous`."""
     ms = _busy_timeout_ms(deadline)
     if info.get("busy_timeout") != ms:
         info.pop("busy_timeout", None)
@@ -878,12 +886,15 @@ def _engine(url: str, connections: int) -> Engine:
         def _sqlite_begin(connection: Connection) -> None:
             options = connection.get_execution_options()
             locked = options.get("index_write_lock", True)  # a write transaction (reads commit nothing)
+            info, driver = connection.connection.info, connection.connection.dbapi_connection
             if locked:  # (only Alembic's schema_transaction: the others run Index._sqlite_transaction)
-                _set_synchronous(connection.connection.info, connection.connection.dbapi_connection, "FULL")
-                _set_busy_timeout(connection.connection.info, connection.connection.dbapi_connection,
-                                  options.get("index_write_deadline"))
+                _set_synchronous(info, driver, "FULL")
+                _set_busy_timeout(info, driver, options.get("index_write_deadline"))
             # SQLAlchemy's documented recipe for pysqlite; IMMEDIATE takes the write lock up front.
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE" if locked else "BEGIN")
+            finally:
+                _set_busy_timeout(info, driver, None)
 
         return engine
     engine = create_engine(url, pool_pre_ping=True, connect_args=POSTGRES_CONNECT_ARGS, **pool)
