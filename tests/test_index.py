@@ -25,7 +25,7 @@ from node.send.outbox import Outbox
 from node.store.identity import installation_uid
 from node.store import index as index_module, writer_turns
 from node.store.index import Index, IndexFailure, InstanceConflict, InstanceRecord
-from node.store.migrations import HEAD
+from node.store.migrations import HEAD, schema_version
 from tests.peers import REPO_ROOT, VENV_BIN, make_study
 
 BEFORE_MIGRATIONS = Path(__file__).parent / "data" / "index-before-migrations.sql"
@@ -207,6 +207,20 @@ def test_a_writer_kept_waiting_for_its_turn_gives_sqlites_busy_handler_only_what
     assert 590_000 <= shortened <= 599_000
     assert steps[1:] == ["BEGIN IMMEDIATE", "PRAGMA busy_timeout=600000", "INSERT INTO receive_counts",
                          "BEGIN IMMEDIATE", "INSERT INTO receive_counts"]
+
+
+def test_the_schema_version_is_read_while_a_writer_holds_the_write_lock(tmp_path, monkeypatch):
+    """`dicom-node index version` on a node that is receiving: a read, which neither waits for
+    the write lock nor takes it (it took SQLite's, without a turn, and PostgreSQL's)."""
+    monkeypatch.setattr(index_module, "WRITE_LOCK_WAIT_S", 0.3)
+    path = tmp_path / "index.sqlite"
+    index = Index(path)
+    holder = _holder(path)
+    try:
+        assert schema_version(index) == HEAD
+    finally:
+        holder.kill()
+        holder.wait(30)
 
 
 def test_a_writer_killed_during_its_turn_leaves_the_turn_and_sqlites_lock_to_the_writer_waiting(

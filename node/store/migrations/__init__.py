@@ -31,7 +31,10 @@ def current_version(connection: object) -> str | None:
 
 
 def schema_version(index: "Index") -> str | None:
+    """The index's schema version, read without the write lock (`dicom-node index version` on a
+    node that is receiving)."""
     with index.engine.connect() as connection:
+        connection.execution_options(index_write_lock=False)
         return current_version(connection)
 
 
