@@ -317,7 +317,7 @@ class Index:
         # IMMEDIATE: SQLite's busy handler polls (sleeps of up to 100 ms between tries), so
         # writers in one process waiting on each other in SQLite woke late and the lock sat
         # idle (four STOW-RS requests in the console spent half their store time there); a
-        # thread lock hands over at once. Other processes still wait in SQLite's busy handler.
+        # thread lock hands over at once.
         self._sqlite_writers = threading.Lock() if not self.shared else None
         # ... and with the writers of the node's other processes (receivers, the CLI) on a turn
         # the kernel hands over at once (node/store/writer_turns.py)
@@ -821,10 +821,7 @@ def _set_synchronous(info: dict[Any, Any], driver: Any, level: str) -> None:
     It can change only between transactions (SQLite refuses it inside one). NORMAL in WAL mode:
     the commit skips the WAL's fsync; the next FULL commit (or checkpoint) makes it durable with
     everything before it. `info`: the pooled connection's, which remembers the level set."""
-    if info.get("synchronous") != level:
-        info.pop("synchronous", None)  # unknown until it is set: an interrupted PRAGMA is redone
-        driver.execute(f"PRAGMA synchronous={level}")
-        info["synchronous"] = level
+    _set_pragma(info, driver, "synchronous", level)
 
 
 def _busy_timeout_ms(deadline: float | None) -> int:
@@ -846,11 +843,15 @@ def _set_busy_timeout(info: dict[Any, Any], driver: Any, deadline: float | None)
     (`_busy_timeout_ms`; None: the full wait, set again once that BEGIN has the lock or failed, so
     that the connection's later reads wait the full time); `info` remembers it, as in
     `_set_synchronous`."""
-    ms = _busy_timeout_ms(deadline)
-    if info.get("busy_timeout") != ms:
-        info.pop("busy_timeout", None)
-        driver.execute(f"PRAGMA busy_timeout={ms}")
-        info["busy_timeout"] = ms
+    _set_pragma(info, driver, "busy_timeout", _busy_timeout_ms(deadline))
+
+
+def _set_pragma(info: dict[Any, Any], driver: Any, name: str, value: object) -> None:
+    """Set a connection's PRAGMA `name` unless `info` (the pooled connection's) says it is set."""
+    if info.get(name) != value:
+        info.pop(name, None)  # unknown until it is set: an interrupted PRAGMA is redone
+        driver.execute(f"PRAGMA {name}={value}")
+        info[name] = value
 
 
 def _pool_size(connections: int) -> int:

@@ -14,7 +14,8 @@ lock sat free while they slept. So before `BEGIN IMMEDIATE` a writer takes its t
   wake-up that is missed (a holder killed while it held the turn) costs one RECHECK_S;
 - the wait is bounded: past its deadline the writer gets TurnTimeout (the index's callers get an
   index failure, as for a lock held too long); after its turn a writer still meets SQLite's busy
-  timeout, but only a writer that takes no turn can keep it waiting there.
+  timeout, but only a writer that takes no turn can keep it waiting there, and only for what is
+  left of the same deadline (`node.store.index._busy_timeout_ms`).
 
 SQLite's lock stays the one that decides: a writer that takes no turn (an older release, the
 sqlite3 shell) is still waited for in SQLite's busy handler, and where the pipe cannot be made
