@@ -40,6 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from inference.errors import SeriesChanged, SeriesError  # noqa: F401 (raised here, caught by callers)
+from inference.prefault import PrefaultedBuffer, prefaulted
 
 PROJECTION_MODALITIES = {"DX", "CR", "MG", "IO", "RG", "PX"}
 MAX_TILT_DEGREES = 45.0  # beyond this a "tilted stack" is more likely a mislabelled series
@@ -197,6 +198,34 @@ def read_series(files: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
+def read_volumes(files: Sequence[Path], spacing_tolerance: float = 0.05,
+                 orientation_tolerance: float = 1e-3) -> list[SeriesVolume]:
+    """``load_volumes(read_series(files))`` for a job, which needs the volume at once: the
+    volume's memory is faulted in on another core while the headers after the first are parsed
+    (inference.prefault), and taken by the volume when its size is the one foreseen."""
+    if not files:
+        return load_volumes([])
+    first = read_series(files[:1])
+    buffer = _prefaulted_for(first[0], len(files))
+    try:
+        return _load(first + read_series(files[1:]), spacing_tolerance, orientation_tolerance, split=True,
+                     buffer=buffer)
+    finally:
+        if buffer is not None:
+            buffer.release()
+
+
+def _prefaulted_for(first: Dataset, count: int) -> PrefaultedBuffer | None:
+    """Memory for `count` frames like the first instance's, when it is a single-frame image with
+    patient geometry whose Pixel Data the fast path reads (nearly every CT and MR series)."""
+    if count < 2 or _frames(first) != 1 or _is_projection(first):
+        return None
+    source = _StoredPixels.of(first)
+    if source is None:
+        return None
+    return prefaulted(count * math.prod(source.shape[1:]) * source.dtype.itemsize)
+
+
 def load_series(
     datasets: Sequence[Dataset], spacing_tolerance: float = 0.05, orientation_tolerance: float = 1e-3
 ) -> SeriesVolume:
@@ -221,7 +250,8 @@ def load_volumes(
     return _load(datasets, spacing_tolerance, orientation_tolerance, split=True)
 
 
-def _load(datasets: Sequence[Dataset], spacing_tol: float, orientation_tol: float, split: bool) -> list[SeriesVolume]:
+def _load(datasets: Sequence[Dataset], spacing_tol: float, orientation_tol: float, split: bool,
+          buffer: PrefaultedBuffer | None = None) -> list[SeriesVolume]:
     if not datasets:
         raise SeriesError("the series has no instances")
     for ds in datasets:
@@ -245,7 +275,7 @@ def _load(datasets: Sequence[Dataset], spacing_tol: float, orientation_tol: floa
     if any(_is_projection(ds) for ds in datasets):
         raise SeriesError("the series mixes projection images without patient geometry with other images")
     groups = _split([_Frame.of_instance(ds) for ds in datasets], split)
-    return [_series(frames, label, spacing_tol, orientation_tol) for label, frames in groups]
+    return [_series(frames, label, spacing_tol, orientation_tol, buffer) for label, frames in groups]
 
 
 # -- one frame, wherever it comes from --------------------------------------------------------
@@ -461,9 +491,10 @@ def _shear(frames: list[_Frame], spacing_tol: float) -> tuple[list[_Frame], np.n
 # -- building volumes --------------------------------------------------------------------------
 
 
-def _series(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol: float) -> SeriesVolume:
+def _series(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol: float,
+            buffer: PrefaultedBuffer | None = None) -> SeriesVolume:
     """Single-frame instances: a regular stack (as for multi-frame images), or a sheared one."""
-    return _stack(frames, label, spacing_tol, orientation_tol)
+    return _stack(frames, label, spacing_tol, orientation_tol, buffer)
 
 
 def _multiframe_frames(ds: Dataset) -> list[_Frame]:
@@ -487,7 +518,8 @@ def _multiframe_frames(ds: Dataset) -> list[_Frame]:
     return frames
 
 
-def _stack(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol: float) -> SeriesVolume:
+def _stack(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol: float,
+           buffer: PrefaultedBuffer | None = None) -> SeriesVolume:
     """Frames (of one multi-frame image, or single-frame instances) as a volume, each placed by
     its own position.
 
@@ -500,7 +532,7 @@ def _stack(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol
     ds = frames[0].dataset
     sheared = _shear(frames, spacing_tol)
     if sheared is not None:
-        return _sheared_volume(*sheared, label)
+        return _sheared_volume(*sheared, label, buffer)
     orientation = frames[0].orientation
     spacing, indices = get_volume_positions([f.position for f in frames], orientation, rtol=spacing_tol)
     if spacing is None or indices is None:
@@ -514,14 +546,15 @@ def _stack(frames: list[_Frame], label: str, spacing_tol: float, orientation_tol
         spacing_between_slices=spacing, coordinate_system="PATIENT",
     )
     multiframe = ordered[0].number is not None
-    pixels, reread = _pixels(ordered)
+    pixels, reread = _pixels(ordered, buffer)
     return SeriesVolume(pixels, np.asarray(geometry.affine),
                         [ds] if multiframe else [f.dataset for f in ordered], str(ds.FrameOfReferenceUID),
                         source_frames=[int(f.number) for f in ordered] if multiframe else None,
                         label=label).rereadable(reread)
 
 
-def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str) -> SeriesVolume:
+def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str,
+                    buffer: PrefaultedBuffer | None = None) -> SeriesVolume:
     """A sheared stack: slice k at the position of its own frame, the affine's slice column = step."""
     first = ordered[0]
     sr, sc = first.pixel_spacing
@@ -531,7 +564,7 @@ def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str) -> Seri
     affine[:3, 2] = first.orientation[:3] * sc
     affine[:3, 3] = first.position
     multiframe = first.number is not None
-    pixels, reread = _pixels(ordered)
+    pixels, reread = _pixels(ordered, buffer)
     return SeriesVolume(
         pixels, affine, [first.dataset] if multiframe else [f.dataset for f in ordered],
         str(first.dataset.FrameOfReferenceUID),
@@ -539,10 +572,12 @@ def _sheared_volume(ordered: list[_Frame], step: np.ndarray, label: str) -> Seri
     ).rereadable(reread)
 
 
-def _pixels(ordered: list[_Frame]) -> tuple[np.ndarray, Callable[[], np.ndarray] | None]:
+def _pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None
+            ) -> tuple[np.ndarray, Callable[[], np.ndarray] | None]:
     """Frames in slice order, modality transform (rescale) applied: float32, or int16 when the
-    values are integers that fit; and how to read them again when that is cheap (uncompressed)."""
-    native = _native_pixels(ordered)
+    values are integers that fit; and how to read them again when that is cheap (uncompressed).
+    `buffer`: memory made ready for the stored values (read_volumes), taken when it fits."""
+    native = _native_pixels(ordered, buffer)
     if native is None:
         return _decoded_pixels(ordered), None
 
@@ -572,7 +607,7 @@ def _decoded_pixels(ordered: list[_Frame]) -> np.ndarray:
     return np.stack(out).astype(np.float32, copy=False)
 
 
-def _native_pixels(ordered: list[_Frame]) -> np.ndarray | None:
+def _native_pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None) -> np.ndarray | None:
     """The fast path for uncompressed grayscale data with a linear rescale (nearly every CT and MR):
     the stored values straight from the Pixel Data bytes, rescaled once for the whole stack.
 
@@ -590,7 +625,9 @@ def _native_pixels(ordered: list[_Frame]) -> np.ndarray | None:
     if len(layouts) != 1:
         return None
     dtype, plane, unused = layouts.pop()
-    stored = np.empty((len(ordered), *plane), dtype=dtype)
+    shape = (len(ordered), *plane)
+    taken = buffer.take(shape, dtype) if buffer is not None else None
+    stored = taken if taken is not None else np.empty(shape, dtype=dtype)
     for k, frame in enumerate(ordered):
         sources[id(frame.dataset)].read_frame(frame.number or 1, stored[k])
     if unused > 0:  # bits above Bits Stored carry no value (PS3.5 8.1.1): shift them out, sign-extending

@@ -345,6 +345,112 @@ def test_a_file_replaced_while_its_series_is_read_is_a_transient_failure(tmp_pat
     assert is_transient(caught.value)
 
 
+def _resident_fraction(array: np.ndarray) -> float:
+    """The share of `array`'s pages in memory, as mincore(2) reports them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = array.ctypes.data // page * page
+    pages = (array.ctypes.data + array.nbytes - start + page - 1) // page
+    vector = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vector) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vector) / pages
+
+
+def test_a_prefaulted_buffer_has_its_pages_in_memory_before_anything_writes_it():
+    """inference.prefault faults the pages in on its own thread without writing them: all of
+    them are in memory once it is done, where a fresh array of the same size has next to none
+    (64 MB: over glibc's largest mmap threshold, so never memory it already had)."""
+    from inference.prefault import prefaulted
+
+    size = 64 << 20
+    fresh = np.empty(size, dtype=np.uint8)
+    buffer = prefaulted(size)
+    assert buffer is not None and buffer.wait(60)
+    array = buffer.take((size // 2,), np.dtype(np.int16))
+    assert array is not None and array.shape == (size // 2,) and buffer.nbytes == 0
+    assert _resident_fraction(array) == 1.0
+    assert _resident_fraction(fresh) < 0.5
+    assert buffer.take((size // 2,), np.dtype(np.int16)) is None  # one volume takes it at most
+
+
+def test_memory_no_volume_took_is_populated_no_further(monkeypatch):
+    """Let go untaken (a series that held several volumes), a buffer's pages stop being faulted
+    in at the next chunk: the thread does not fill, and keep, memory nobody will use."""
+    import threading
+
+    from inference import prefault
+
+    calls, gate, madvise = [], threading.Event(), prefault._MADVISE
+
+    def held_back(start: int, length: int, advice: int) -> int:  # the test decides when a chunk is done
+        calls.append(length)
+        gate.wait(30)
+        return madvise(start, length, advice)
+
+    monkeypatch.setattr(prefault, "_MADVISE", held_back)
+    monkeypatch.setattr(prefault, "CHUNK_BYTES", 1 << 20)
+    buffer = prefault.prefaulted(64 << 20)
+    assert buffer is not None
+    buffer.release()
+    gate.set()
+    assert buffer.wait(30) and len(calls) <= 1  # 64 chunks without the stop
+
+
+def test_a_job_reads_its_volume_into_the_memory_made_ready_while_the_headers_were_parsed(tmp_path, monkeypatch):
+    """read_volumes (a job's load) foresees the volume's size from the first header; the volume
+    is read into that very memory, with the same values, geometry and order as load_volumes; a
+    buffer that does not fit (two volumes at the same positions) or a series that fails to load
+    lets it go (no job holds a second copy of its volume's memory)."""
+    from inference import prefault
+    from inference import volume as module
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)  # these test images are small
+    monkeypatch.setattr(prefault, "MIN_BYTES", 0)
+    made: list[tuple[prefault.PrefaultedBuffer, np.ndarray]] = []
+
+    def recorded(nbytes: int) -> prefault.PrefaultedBuffer | None:
+        buffer = prefault.PrefaultedBuffer(nbytes)
+        made.append((buffer, buffer._buffer))
+        return buffer
+
+    monkeypatch.setattr(module, "prefaulted", recorded)
+    hu = np.random.default_rng(5).integers(-1000, 2000, size=(6, 14, 11)).astype(float)
+    files = write_ct_series(hu, tmp_path / "ct", SeriesGeometry(spacing=(2.0, 0.7, 0.7)))
+    shuffled = [files[k] for k in (3, 0, 5, 1, 4, 2)]
+    [volume] = module.read_volumes(shuffled)
+    [reference] = module.load_volumes(read_series(shuffled))
+    buffer, memory = made.pop()
+    assert memory.nbytes == 6 * 14 * 11 * 2
+    assert np.shares_memory(volume.array, memory) and buffer.nbytes == 0
+    np.testing.assert_array_equal(volume.array, reference.array)
+    np.testing.assert_array_equal(volume.array, hu[::-1])  # the volume's slice order: highdicom's
+    np.testing.assert_array_equal(volume.affine, reference.affine)
+    assert [ds.SOPInstanceUID for ds in volume.datasets] == [ds.SOPInstanceUID for ds in reference.datasets]
+
+    echoes = []  # the same positions twice, told apart by EchoTime: two volumes of 6 slices, not one of 12
+    identity = SeriesIdentity()
+    for te in (12, 48):
+        for path in write_ct_series(hu + te, tmp_path / f"echo{te}", SeriesGeometry(), identity):
+            ds = pydicom.dcmread(path)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.EchoTime = str(te)
+            ds.save_as(path, enforce_file_format=True)
+            echoes.append(path)
+    volumes = module.read_volumes(echoes)
+    buffer, memory = made.pop()
+    assert [v.label for v in volumes] == ["EchoTime 12 ms", "EchoTime 48 ms"] and buffer.nbytes == 0
+    assert not any(np.shares_memory(v.array, memory) for v in volumes)
+    for v, te in zip(volumes, (12, 48)):
+        np.testing.assert_array_equal(v.array, (hu + te)[::-1])
+
+    with pytest.raises(SeriesError, match=r"missing slices: .* \(1 slice\(s\) missing\)"):  # fails after the read
+        module.read_volumes(files[:2] + files[3:])
+    buffer, _ = made.pop()
+    assert buffer.nbytes == 0
+
+
 @pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
 @pytest.mark.parametrize("padding", ["border", "constant"])
 def test_resampling_equals_monai(orientation, padding):

@@ -16,7 +16,7 @@ from inference.backends.base import Backend
 from inference.detection import detect
 from inference.pipeline import ClassificationResult, SegmentationResult, classify, segment
 from inference.spec import ModelSpec
-from inference.volume import SeriesVolume, load_volumes, read_series
+from inference.volume import SeriesVolume, read_volumes
 from node.encode.demographics import tolerate_demographics
 from node.encode.keyimages import build_key_images
 from node.encode.kos import build_key_object_selection
@@ -60,7 +60,7 @@ class ModelTask:
 
 def load(task: ModelTask) -> list[SeriesVolume]:
     """The series' volumes: one, or one per echo, b-value or time point when it holds several."""
-    return load_volumes(read_series(list(task.files)))
+    return read_volumes(list(task.files))
 
 
 def infer(volume: SeriesVolume, spec: ModelSpec, backend: Backend, explain: bool = False) -> Result:
