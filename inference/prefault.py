@@ -31,7 +31,7 @@ log = logging.getLogger("inference")
 MADV_POPULATE_WRITE = 23  # include/uapi/asm-generic/mman-common.h
 # Below this a volume's faults cost too little to be worth a thread (a 50x256x256 MR is 6.5 MB).
 MIN_BYTES = 16 << 20
-CHUNK_BYTES = 32 << 20  # a multiple of the page size (and of a huge page)
+CHUNK_BYTES = 32 << 20  # a multiple of the page size
 _PAGE = mmap.PAGESIZE
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _MADVISE = getattr(_LIBC, "madvise", None)
@@ -76,15 +76,22 @@ class PrefaultedBuffer:
 
 
 def prefaulted(nbytes: int) -> PrefaultedBuffer | None:
-    """A buffer being made ready, or None where it is not worth it (small) or not possible."""
+    """A buffer being made ready, or None where it is not worth it (small) or not possible (no
+    memory or no thread to spare now: the volume then allocates its memory as before)."""
     if nbytes < MIN_BYTES or _MADVISE is None:
         return None
-    return PrefaultedBuffer(nbytes)
+    try:
+        return PrefaultedBuffer(nbytes)
+    except (MemoryError, RuntimeError) as exc:  # RuntimeError: can't start new thread (a pids limit)
+        log.debug("prefault skipped: %s", type(exc).__name__)
+        return None
 
 
 def _populate(buffer: np.ndarray, unwanted: threading.Event) -> None:
-    """In chunks, so that memory no volume took is not kept (and filled) for long: a series that
-    turns out to hold several volumes (4D, echoes) allocates each of them as well."""
+    """In chunks, so that memory let go untaken is not filled further (a series that fails to
+    load). A series that turns out to hold several volumes (echoes, time points) is only known
+    once every header is parsed, by when the thread has usually faulted the whole buffer in: that
+    work is lost, and each volume's memory is faulted in by its own first write as before."""
     start = buffer.ctypes.data & ~(_PAGE - 1)
     end = buffer.ctypes.data + buffer.nbytes
     while start < end and not unwanted.is_set():

@@ -257,6 +257,8 @@ def _load(datasets: Sequence[Dataset], spacing_tol: float, orientation_tol: floa
     for ds in datasets:
         _check_image(ds)
     if any(_frames(ds) > 1 for ds in datasets):
+        if buffer is not None:
+            buffer.release()  # foreseen for single-frame images: not kept while these are built
         if len(datasets) > 1:
             if not split:
                 raise SeriesError("the series mixes multi-frame objects with other instances")
@@ -579,6 +581,8 @@ def _pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None
     `buffer`: memory made ready for the stored values (read_volumes), taken when it fits."""
     native = _native_pixels(ordered, buffer)
     if native is None:
+        if buffer is not None:
+            buffer.release()  # not kept beside the decoded frames
         return _decoded_pixels(ordered), None
 
     def again() -> np.ndarray:

@@ -358,12 +358,22 @@ def _resident_fraction(array: np.ndarray) -> float:
     return sum(v & 1 for v in vector) / pages
 
 
+def _skip_without_populate() -> None:
+    import platform
+    import re
+
+    release = tuple(int(n) for n in re.findall(r"\d+", platform.release())[:2])
+    if platform.system() != "Linux" or release < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14 or later: the buffer is ordinary memory there")
+
+
 def test_a_prefaulted_buffer_has_its_pages_in_memory_before_anything_writes_it():
     """inference.prefault faults the pages in on its own thread without writing them: all of
     them are in memory once it is done, where a fresh array of the same size has next to none
     (64 MB: over glibc's largest mmap threshold, so never memory it already had)."""
     from inference.prefault import prefaulted
 
+    _skip_without_populate()
     size = 64 << 20
     fresh = np.empty(size, dtype=np.uint8)
     buffer = prefaulted(size)
@@ -375,9 +385,27 @@ def test_a_prefaulted_buffer_has_its_pages_in_memory_before_anything_writes_it()
     assert buffer.take((size // 2,), np.dtype(np.int16)) is None  # one volume takes it at most
 
 
-def test_memory_no_volume_took_is_populated_no_further(monkeypatch):
-    """Let go untaken (a series that held several volumes), a buffer's pages stop being faulted
-    in at the next chunk: the thread does not fill, and keep, memory nobody will use."""
+def test_faulting_pages_in_never_changes_what_was_written_to_them():
+    """The frames may be read into the buffer while the thread still runs: the advice faults
+    pages in without writing them, so values already there stay (half the chunks written first)."""
+    import threading
+
+    from inference import prefault
+
+    _skip_without_populate()
+    buffer = np.empty(64 << 20, dtype=np.uint8)
+    chunks = buffer.reshape(16, -1)
+    chunks[::2] = np.arange(chunks.shape[1], dtype=np.uint64).astype(np.uint8)
+    prefault._populate(buffer, threading.Event())
+    assert _resident_fraction(buffer) == 1.0
+    np.testing.assert_array_equal(chunks[::2], np.broadcast_to(chunks[0], chunks[::2].shape))
+    assert chunks[0, :300].tolist() == [k % 256 for k in range(300)]
+
+
+@pytest.mark.parametrize("let_go", ["released", "taken for another size"])
+def test_memory_no_volume_took_is_populated_no_further(monkeypatch, let_go):
+    """Let go untaken (a series that failed to load, or a volume of another size), a buffer's
+    pages stop being faulted in at the next chunk: the thread does not fill memory nobody uses."""
     import threading
 
     from inference import prefault
@@ -393,7 +421,10 @@ def test_memory_no_volume_took_is_populated_no_further(monkeypatch):
     monkeypatch.setattr(prefault, "CHUNK_BYTES", 1 << 20)
     buffer = prefault.prefaulted(64 << 20)
     assert buffer is not None
-    buffer.release()
+    if let_go == "released":
+        buffer.release()
+    else:
+        assert buffer.take((3, 5), np.dtype(np.int16)) is None
     gate.set()
     assert buffer.wait(30) and len(calls) <= 1  # 64 chunks without the stop
 
@@ -449,6 +480,19 @@ def test_a_job_reads_its_volume_into_the_memory_made_ready_while_the_headers_wer
         module.read_volumes(files[:2] + files[3:])
     buffer, _ = made.pop()
     assert buffer.nbytes == 0
+
+    # one instance the fast path does not read (its Bits Stored differs): every frame is decoded
+    # by highdicom, and the memory is let go before that, not kept beside the decoded frames
+    ds = pydicom.dcmread(files[4])
+    ds.BitsStored, ds.HighBit = 16, 15
+    ds.save_as(files[4], enforce_file_format=True)
+    held_while_decoding = []
+    decode = module._decoded_pixels
+    monkeypatch.setattr(module, "_decoded_pixels",
+                        lambda ordered: held_while_decoding.append(made[-1][0].nbytes) or decode(ordered))
+    [decoded] = module.read_volumes(files)
+    np.testing.assert_array_equal(decoded.array, hu[::-1])
+    assert held_while_decoding == [0] and made.pop()[0].nbytes == 0
 
 
 @pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
