@@ -43,6 +43,8 @@ from inference.errors import SeriesChanged, SeriesError  # noqa: F401 (raised he
 from inference.prefault import PrefaultedBuffer, prefaulted
 
 PROJECTION_MODALITIES = {"DX", "CR", "MG", "IO", "RG", "PX"}
+SPACING_TOLERANCE = 0.05  # relative: slice gaps and pixel spacings that count as equal
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines that count as equal
 MAX_TILT_DEGREES = 45.0  # beyond this a "tilted stack" is more likely a mislabelled series
 SHEAR_PIXELS = 0.25  # in-plane drift over the whole stack above this (in pixels): treated as sheared
 SHEAR_DEGREES = 1.0  # or a tilt above this: highdicom's regular-volume check would refuse it
@@ -198,8 +200,7 @@ def read_series(files: Sequence[Path]) -> list[Dataset]:
     return datasets
 
 
-def read_volumes(files: Sequence[Path], spacing_tolerance: float = 0.05,
-                 orientation_tolerance: float = 1e-3) -> list[SeriesVolume]:
+def read_volumes(files: Sequence[Path]) -> list[SeriesVolume]:
     """``load_volumes(read_series(files))`` for a job, which needs the volume at once: the
     volume's memory is faulted in on another core while the headers after the first are parsed
     (inference.prefault), and taken by the volume when its size is the one foreseen."""
@@ -208,7 +209,7 @@ def read_volumes(files: Sequence[Path], spacing_tolerance: float = 0.05,
     first = read_series(files[:1])
     buffer = _prefaulted_for(first[0], len(files))
     try:
-        return _load(first + read_series(files[1:]), spacing_tolerance, orientation_tolerance, split=True,
+        return _load(first + read_series(files[1:]), SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True,
                      buffer=buffer)
     finally:
         if buffer is not None:
@@ -227,7 +228,8 @@ def _prefaulted_for(first: Dataset, count: int) -> PrefaultedBuffer | None:
 
 
 def load_series(
-    datasets: Sequence[Dataset], spacing_tolerance: float = 0.05, orientation_tolerance: float = 1e-3
+    datasets: Sequence[Dataset], spacing_tolerance: float = SPACING_TOLERANCE,
+    orientation_tolerance: float = ORIENTATION_TOLERANCE
 ) -> SeriesVolume:
     """Check a series and build its one volume (rescale applied, any order in).
 
@@ -239,7 +241,8 @@ def load_series(
 
 
 def load_volumes(
-    datasets: Sequence[Dataset], spacing_tolerance: float = 0.05, orientation_tolerance: float = 1e-3
+    datasets: Sequence[Dataset], spacing_tolerance: float = SPACING_TOLERANCE,
+    orientation_tolerance: float = ORIENTATION_TOLERANCE
 ) -> list[SeriesVolume]:
     """Every volume of a series: one for most, one per echo / b-value / time point / image type
     for series that hold several at the same positions, one per image for projection images.
