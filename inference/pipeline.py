@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 
 from inference.backends.base import Backend
-from inference.findings import Finding, clean_labels, measure
+from inference.findings import Finding, clean_labels, foreground_box, measure
 from inference.resample import resample
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
@@ -203,15 +203,24 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
 
     Only boxes around the regions where a label is possible are resampled, one per region:
     most of a study is background, and resampling all of a 300x512x512 grid takes ~15 s here.
+    The regions are found inside the box that holds all the evidence, grown by the dilation's
+    reach (what lies further out is background either way): on the whole model grid the
+    dilation and labelling took 0.06-0.13 s of a job.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
     evidence = np.zeros(probabilities.shape[1:], dtype=bool)  # any label above: one channel at a time, no copy
     for label in spec.labels:
         evidence |= probabilities[label.value].numpy() > FOREGROUND_EVIDENCE
-    regions, _ = ndimage.label(ndimage.binary_dilation(evidence, iterations=2))
+    found = foreground_box(evidence)
+    if found is None:
+        return labels
+    reach = 2  # the dilation's iterations: a voxel of evidence marks its neighbours this far (6-connected steps)
+    area = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, n)) for s, n in zip(found, evidence.shape))
+    corner = np.array([s.start for s in area])
+    regions, _ = ndimage.label(ndimage.binary_dilation(evidence[area], iterations=reach))
     for box in ndimage.find_objects(regions):
-        lo = np.array([s.start for s in box])
-        hi = np.array([s.stop for s in box])
+        lo = corner + [s.start for s in box]
+        hi = corner + [s.stop for s in box]
         _resample_box(probabilities, np.asarray(model_affine, dtype=float), lo, hi, volume, spec, labels)
     return labels
 

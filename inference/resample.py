@@ -10,10 +10,18 @@ When the two grids differ only by flips, axis order and scale (any axial, corona
 series into RAS), the map is diagonal in the source's own axis order: scipy then walks the
 source in memory order and the small output is transposed afterwards, which is 5-10x faster
 than a general matrix over a transposed view.
+
+A large output is interpolated in slabs along its first axis, one per core, at once: scipy lets
+go of the GIL while it interpolates, and before and after the model a job has the second core
+to itself. A slab's offset is the whole grid's moved by its first index, so each voxel is
+interpolated at the same point as in one call (a 300x512x512 CT onto a 2 mm grid: 0.25 -> 0.13 s).
 """
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -24,6 +32,8 @@ from scipy import ndimage
 # `fill` further out (MONAI/torch "zeros" with the fill added back).
 Padding = Literal["border", "constant"]
 _SCIPY_MODE = {"border": "nearest", "constant": "grid-constant"}
+# A slab this size takes ~15 ms here; a thread's start and join ~0.1 ms.
+MIN_SLAB_VOXELS = 1 << 18
 
 
 def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
@@ -37,8 +47,7 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
     mode = _SCIPY_MODE[padding]
     order = _axis_order(linear)
     if order is None:
-        return ndimage.affine_transform(array, linear, offset, output_shape=shape, output=np.float32, order=1,
-                                        mode=mode, cval=fill, prefilter=False)
+        return _interpolate(array, linear, offset, shape, mode, fill)
     # target axis j reads source axis order[j]: resample in the source's axis order, then transpose
     scale = np.empty(3)
     source_order_shape = [0, 0, 0]
@@ -49,9 +58,42 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
     if window is not None:  # only flips and axis order (a model without a spacing step): a copy
         out = array[window].astype(np.float32)
     else:
-        out = ndimage.affine_transform(array, scale, offset, output_shape=tuple(source_order_shape),
-                                       output=np.float32, order=1, mode=mode, cval=fill, prefilter=False)
+        out = _interpolate(array, scale, offset, tuple(source_order_shape), mode, fill)
     return out.transpose(order)  # a view: copying 315 MB into the target's axis order costs ~1 s
+
+
+def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], mode: str,
+                 fill: float, slabs: int | None = None) -> np.ndarray:
+    """scipy's linear ``affine_transform`` into a new float32 array of `shape`, in `slabs` slabs
+    along its first axis (default: one per core, fewer for a small output) run on threads at
+    once. `matrix` is the full 3x3 map or its diagonal; output index o reads the source at
+    matrix @ o + offset, so the slab that starts at o0 = s has offset + matrix[:, 0] * s."""
+    out = np.empty(shape, dtype=np.float32)
+    if slabs is None:
+        slabs = min(len(os.sched_getaffinity(0)), 4, max(1, math.prod(shape) // MIN_SLAB_VOXELS))
+    starts = sorted({round(k * shape[0] / slabs) for k in range(slabs)} | {shape[0]})
+    first_column = matrix[:, 0] if matrix.ndim == 2 else np.array([matrix[0], 0.0, 0.0])
+
+    def slab(start: int, stop: int) -> None:
+        ndimage.affine_transform(array, matrix, offset + first_column * start, output_shape=(stop - start, *shape[1:]),
+                                 output=out[start:stop], order=1, mode=mode, cval=fill, prefilter=False)
+
+    bounds = list(zip(starts, starts[1:]))
+    if len(bounds) <= 1:  # one slab (or an empty output)
+        for start, stop in bounds:
+            slab(start, stop)
+        return out
+    with ThreadPoolExecutor(max_workers=len(bounds) - 1, thread_name_prefix="resample") as pool:
+        others = []
+        for start, stop in bounds[1:]:
+            try:
+                others.append(pool.submit(slab, start, stop))
+            except RuntimeError:  # no thread to spare (a pids limit): this one does the slab
+                slab(start, stop)
+        slab(*bounds[0])
+        for done in others:
+            done.result()
+    return out
 
 
 def _whole_voxels(scale: np.ndarray, offset: np.ndarray, shape: list[int],

@@ -525,6 +525,110 @@ def test_resampling_equals_monai(orientation, padding):
     np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
 
 
+def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_model_grid(monkeypatch):
+    """The regions to map back are found inside the box of all the evidence grown by the
+    dilation's reach: the same regions (boxes on the model grid) and the same labels on the
+    source grid as dilating and labelling the whole model grid, with blobs at the grid's faces
+    and corners, blobs two voxels apart (one region once dilated) and no evidence at all."""
+    import torch
+    from scipy import ndimage
+
+    from inference import pipeline
+    from inference.volume import SeriesVolume
+
+    spec = threshold_spec()
+    source = np.diag([0.6, 0.7, 0.8, 1.0])
+    source[:3, 3] = (-3.0, 2.0, 1.5)
+    volume = SeriesVolume(np.zeros((40, 36, 30), dtype=np.int16), source, [], "1.2.3")
+    model_affine = pipeline._LPS_TO_RAS @ np.diag([1.5, 1.5, 1.5, 1.0])
+    model_affine[:3, 3] = pipeline._LPS_TO_RAS[:3, :3] @ source[:3, 3]
+    resample_box = pipeline._resample_box
+    mapped = []
+    monkeypatch.setattr(pipeline, "_resample_box", lambda probabilities, affine, lo, hi, *rest: (
+        mapped.append((tuple(int(v) for v in lo), tuple(int(v) for v in hi))),
+        resample_box(probabilities, affine, lo, hi, *rest))[1])
+    rng = np.random.default_rng(8)
+    grid = (16, 17, 16)
+    for case, blobs in enumerate([[(0, 0, 0)], [(15, 16, 15), (0, 8, 15)], [(5, 5, 5), (5, 5, 8)],
+                                  [(3, 12, 7), (10, 2, 2), (14, 14, 0)], [(8, 8, 8)], []]):
+        probabilities = np.zeros((2, *grid), dtype=np.float32)
+        for centre in blobs:
+            box = tuple(slice(max(c - 1, 0), c + 2) for c in centre)
+            probabilities[(1, *box)] = rng.uniform(0.3, 1.0, probabilities[(1, *box)].shape)
+        probabilities[0] = 1 - probabilities[1]
+        tensor = torch.from_numpy(probabilities)
+        expected = np.zeros(volume.shape, dtype=np.uint8)  # the whole grid, as before
+        regions, _ = ndimage.label(ndimage.binary_dilation(probabilities[1] > pipeline.FOREGROUND_EVIDENCE,
+                                                           iterations=2))
+        boxes = [(tuple(b.start for b in box), tuple(b.stop for b in box)) for box in ndimage.find_objects(regions)]
+        for lo, hi in boxes:
+            resample_box(tensor, model_affine, np.array(lo), np.array(hi), volume, spec, expected)
+        mapped.clear()
+        got = pipeline._labels_on_source(tensor, torch.from_numpy(model_affine), volume, spec)
+        assert mapped == boxes, case
+        assert np.array_equal(got, expected) and got.any() == bool(blobs), case
+
+
+def test_interpolating_in_slabs_gives_the_values_of_one_call():
+    """Split along its first axis, each slab's offset moved by its first index, the output is
+    scipy's one-call output to the bit: diagonal and full maps, flips, both paddings, slabs of
+    uneven sizes and more slabs than planes."""
+    from scipy import ndimage
+
+    from inference.resample import _interpolate
+
+    rng = np.random.default_rng(3)
+    array = rng.integers(-1000, 1000, size=(23, 30, 19)).astype(np.int16)
+    for case in range(60):
+        matrix = rng.uniform(-2, 2, (3, 3)) if case % 2 else rng.uniform(0.3, 3.5, 3) * rng.choice([-1, 1], 3)
+        offset = rng.uniform(-10, 30, 3)
+        shape = tuple(int(v) for v in rng.integers(1, 25, 3))
+        mode = ("nearest", "grid-constant")[case // 2 % 2]
+        whole = ndimage.affine_transform(array, matrix, offset, output_shape=shape, output=np.float32, order=1,
+                                         mode=mode, cval=-5.0, prefilter=False)
+        for slabs in (2, 3, 7):
+            assert np.array_equal(_interpolate(array, matrix, offset, shape, mode, -5.0, slabs=slabs), whole), (case, slabs)
+
+
+def test_a_large_output_is_interpolated_on_one_thread_per_core(monkeypatch):
+    """resample splits a large output into a slab per core (here three), each interpolated on
+    its own thread at once, and a thread that cannot be started leaves its slab to the caller:
+    the values are those of the unsplit call either way."""
+    import threading
+
+    from inference import resample as module
+
+    real = module.ndimage.affine_transform
+    array = np.random.default_rng(4).integers(-1000, 1000, size=(40, 50, 44)).astype(np.int16)
+    source, target = np.diag([0.7, 0.8, 2.5, 1.0]), np.diag([2.0, 2.0, 2.0, 1.0])
+    index_map = np.linalg.inv(source) @ target
+    shape = (14, 20, 55)
+    expected = real(array, np.diag(index_map)[:3], index_map[:3, 3], output_shape=shape, output=np.float32, order=1,
+                    mode="nearest", prefilter=False)
+    monkeypatch.setattr(module, "MIN_SLAB_VOXELS", 1000)
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    both_running = threading.Barrier(3, timeout=30)  # passes only while three slabs run at once
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((threading.get_ident(), kwargs["output_shape"][0]))
+        both_running.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module.ndimage, "affine_transform", recording)
+    np.testing.assert_array_equal(module.resample(array, source, target, shape), expected)
+    assert len({thread for thread, _ in calls}) == 3 and sorted(planes for _, planes in calls) == [4, 5, 5]
+
+    def no_thread(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    calls.clear()
+    monkeypatch.setattr(module.ndimage, "affine_transform", lambda *a, **k: (calls.append(threading.get_ident()), real(*a, **k))[1])
+    monkeypatch.setattr(module.ThreadPoolExecutor, "submit", no_thread)
+    np.testing.assert_array_equal(module.resample(array, source, target, shape), expected)
+    assert calls == [threading.get_ident()] * 3
+
+
 @pytest.mark.parametrize("orientation", ["axial", "sagittal"])
 def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientation):
     """to_model_space applies the intensity window slab by slab into the resampled array (MONAI's
