@@ -317,7 +317,8 @@ def _torch_mapped(node: NodeProcess) -> bool:
 def test_a_node_without_rules_loads_its_pipeline_only_once_a_rule_may_take_a_study(pair, tmp_path):
     """No routing rules: torch and MONAI stay unloaded (5 s of CPU, hundreds of MB), through a
     study that no rule takes. Rules put in force by a reload load them, before any study needs
-    them, and the next study's job completes with its results at the PACS."""
+    them (and out of the garbage collector's walks), and the next study's job completes with its
+    results at the PACS."""
     node, pacs = pair(routing={"rules": []})
     assert len(node.events("pipeline_deferred")) == 1
     files, first = sphere_study(tmp_path / "first", "PAT-D1")
@@ -331,7 +332,9 @@ def test_a_node_without_rules_loads_its_pipeline_only_once_a_rule_may_take_a_stu
     send(node, files)
     done = wait_job(node, second, {"done", "failed"}, timeout=180)
     assert done.state is JobState.DONE, done.reason
-    assert len(node.events("pipeline_ready")) == 1 and _torch_mapped(node)
+    ready = node.events("pipeline_ready")
+    assert len(ready) == 1 and _torch_mapped(node)
+    assert ready[0]["frozen_objects"] > 100_000  # torch's and MONAI's objects, out of the collector's walks
     found = wait_results(pacs, second)
     assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
 

@@ -1,4 +1,5 @@
-"""Giving the memory of a finished job back to the operating system.
+"""The service's memory around jobs: what a finished job freed goes back to the operating
+system, and what the process loaded once is kept out of the cyclic collector's walks.
 
 A job allocates and frees tens of arrays of 1-300 MB (volume, model grid, probabilities, labels,
 SEG frames). glibc serves them from its heap once its dynamic mmap threshold has grown, and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 _LIBC_NAME = ctypes.util.find_library("c")
 _LIBC = ctypes.CDLL(_LIBC_NAME) if _LIBC_NAME else None
@@ -22,3 +24,18 @@ def release_free_memory() -> bool:
     if _TRIM is None:
         return False
     return bool(_TRIM(0))
+
+
+def freeze_loaded_objects() -> int:
+    """Move every object alive now out of the cyclic garbage collector's sight; return how many
+    are out of it. Called once the pipeline has loaded (torch, MONAI, highdicom's tables).
+
+    Why: a job makes and frees some 250,000 tracked objects (300 source headers, the SEG's
+    items), and every few jobs that sets off a full collection, which walked every object of the
+    process: 683,000, 0.35 s in the middle of a job (measured in the service, 2026-11-27).
+    After the freeze a full collection walks the others, some 8,000 once a job has ended: 0.01 s.
+    Frozen objects are still freed by reference counting; only a cycle among them would outlive
+    its use, and they are the loaded modules and models, kept for the life of the process.
+    """
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -28,7 +28,7 @@ from node.config import NodeConfig, OutputOptions
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
 from node.jobs.failures import JobError, Superseded, describe, is_transient
-from node.jobs.heap import release_free_memory
+from node.jobs.heap import freeze_loaded_objects, release_free_memory
 from node.jobs.modelruns import record_live, run_shadow
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
 from node.route.decision import AppliedRule, RoutingDecision
@@ -122,12 +122,14 @@ class JobRunner:
         """torch and MONAI (seconds to import, 5 s of CPU) load here, once, while the receivers
         already accept associations; a worker waits for it before it runs a job (several threads
         importing torch at once can deadlock). Then highdicom reads its tables of the standard
-        (node.encode.warmup), so that the first study does not wait for them either."""
+        (node.encode.warmup), so that the first study does not wait for them either. What is
+        loaded by then is kept out of the collector's walks (node.jobs.heap)."""
         try:
             started = time.monotonic()
             importlib.import_module("node.jobs.stages")
             importlib.import_module("node.encode.warmup").warm_up()
-            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2))
+            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2),
+                       frozen_objects=freeze_loaded_objects())
         except Exception:  # the first job then meets the same failure and reports it
             log.exception("pipeline_load_failed")
         finally:
