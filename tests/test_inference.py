@@ -549,7 +549,7 @@ def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_mode
         resample_box(probabilities, affine, lo, hi, *rest))[1])
     rng = np.random.default_rng(8)
     grid = (16, 17, 16)
-    for case, blobs in enumerate([[(0, 0, 0)], [(15, 16, 15), (0, 8, 15)], [(5, 5, 5), (5, 5, 8)],
+    for case, blobs in enumerate([[(0, 0, 0)], [(15, 16, 15), (0, 8, 15)], [(5, 5, 5), (5, 5, 10)],
                                   [(3, 12, 7), (10, 2, 2), (14, 14, 0)], [(8, 8, 8)], []]):
         probabilities = np.zeros((2, *grid), dtype=np.float32)
         for centre in blobs:
@@ -569,64 +569,87 @@ def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_mode
         assert np.array_equal(got, expected) and got.any() == bool(blobs), case
 
 
-def test_interpolating_in_slabs_gives_the_values_of_one_call():
+def test_interpolating_in_slabs_gives_the_values_of_one_call_whatever_the_cores(monkeypatch):
     """Split along its first axis, each slab's offset moved by its first index, the output is
-    scipy's one-call output to the bit: diagonal and full maps, flips, both paddings, slabs of
-    uneven sizes and more slabs than planes."""
+    scipy's one-call output up to one float32 step (the point's rounding), for diagonal and full
+    maps, flips, both paddings, slabs of uneven sizes and more slabs than planes, small grids
+    and a large one. The slabs depend on the output's size only: one, two or four cores give
+    the very same values."""
     from scipy import ndimage
 
-    from inference.resample import _interpolate
+    from inference import resample as module
 
     rng = np.random.default_rng(3)
-    array = rng.integers(-1000, 1000, size=(23, 30, 19)).astype(np.int16)
-    for case in range(60):
+    small = rng.integers(-1000, 1000, size=(23, 30, 19)).astype(np.int16)
+    large = rng.integers(-1000, 1000, size=(60, 64, 64)).astype(np.int16)
+    cases = [(small, tuple(int(v) for v in rng.integers(1, 25, 3))) for _ in range(60)]
+    cases += [(large, (100, 60, 60)), (large, (100, 60, 60))]
+    for case, (array, shape) in enumerate(cases):
         matrix = rng.uniform(-2, 2, (3, 3)) if case % 2 else rng.uniform(0.3, 3.5, 3) * rng.choice([-1, 1], 3)
+        if array is large:
+            matrix = rng.uniform(-0.7, 0.7, (3, 3)) if case % 2 else rng.uniform(0.3, 0.7, 3)
         offset = rng.uniform(-10, 30, 3)
-        shape = tuple(int(v) for v in rng.integers(1, 25, 3))
         mode = ("nearest", "grid-constant")[case // 2 % 2]
         whole = ndimage.affine_transform(array, matrix, offset, output_shape=shape, output=np.float32, order=1,
                                          mode=mode, cval=-5.0, prefilter=False)
         for slabs in (2, 3, 7):
-            assert np.array_equal(_interpolate(array, matrix, offset, shape, mode, -5.0, slabs=slabs), whole), (case, slabs)
+            got = module._interpolate(array, matrix, offset, shape, mode, -5.0, slabs=slabs)
+            np.testing.assert_array_max_ulp(got, whole, maxulp=1)
+    # A map where the split moves a voxel by one step: one, two and four cores must still agree.
+    array = np.random.default_rng(11).integers(-1000, 1000, size=(40, 40, 40)).astype(np.int16)
+    scale = np.array([0.47320622082427327, 0.7107045918967085, 0.8417614016599406])
+    offset = np.array([4.390755908538661, 8.456581619949329, 4.585332268794401])
+    by_slabs = [module._interpolate(array, scale, offset, (60, 30, 30), "nearest", 0.0, slabs=k) for k in (1, 2)]
+    assert not np.array_equal(*by_slabs), "this map no longer tells slab counts apart: pick another"
+    monkeypatch.setattr(module, "MIN_SLAB_VOXELS", 60 * 30 * 30 // 4)  # four slabs by default
+    by_cores = []
+    for cores in (1, 2, 4):
+        monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        by_cores.append(module._interpolate(array, scale, offset, (60, 30, 30), "nearest", 0.0))
+    assert np.array_equal(by_cores[0], by_cores[1]) and np.array_equal(by_cores[0], by_cores[2])
 
 
 def test_a_large_output_is_interpolated_on_one_thread_per_core(monkeypatch):
-    """resample splits a large output into a slab per core (here three), each interpolated on
-    its own thread at once, and a thread that cannot be started leaves its slab to the caller:
-    the values are those of the unsplit call either way."""
+    """resample cuts a large output into slabs (here four) and interpolates them on a thread per
+    core (here three, the caller's among them) at once; a thread that cannot be started leaves
+    its slabs to the caller, each interpolated once. The values are the same either way."""
     import threading
+    import types
 
     from inference import resample as module
 
     real = module.ndimage.affine_transform
     array = np.random.default_rng(4).integers(-1000, 1000, size=(40, 50, 44)).astype(np.int16)
     source, target = np.diag([0.7, 0.8, 2.5, 1.0]), np.diag([2.0, 2.0, 2.0, 1.0])
-    index_map = np.linalg.inv(source) @ target
     shape = (14, 20, 55)
-    expected = real(array, np.diag(index_map)[:3], index_map[:3, 3], output_shape=shape, output=np.float32, order=1,
-                    mode="nearest", prefilter=False)
     monkeypatch.setattr(module, "MIN_SLAB_VOXELS", 1000)
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    both_running = threading.Barrier(3, timeout=30)  # passes only while three slabs run at once
+    three_at_once = threading.Barrier(3, timeout=30)  # passes only while three threads interpolate
     calls = []
 
     def recording(*args, **kwargs):
+        first = threading.get_ident() not in {thread for thread, _ in calls}
         calls.append((threading.get_ident(), kwargs["output_shape"][0]))
-        both_running.wait()
+        if first:
+            three_at_once.wait()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module.ndimage, "affine_transform", recording)
-    np.testing.assert_array_equal(module.resample(array, source, target, shape), expected)
-    assert len({thread for thread, _ in calls}) == 3 and sorted(planes for _, planes in calls) == [4, 5, 5]
+    threaded = module.resample(array, source, target, shape)
+    assert len({thread for thread, _ in calls}) == 3 and sorted(planes for _, planes in calls) == [3, 3, 4, 4]
 
-    def no_thread(*args, **kwargs):
-        raise RuntimeError("can't start new thread")
+    class Unstartable(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
 
     calls.clear()
-    monkeypatch.setattr(module.ndimage, "affine_transform", lambda *a, **k: (calls.append(threading.get_ident()), real(*a, **k))[1])
-    monkeypatch.setattr(module.ThreadPoolExecutor, "submit", no_thread)
-    np.testing.assert_array_equal(module.resample(array, source, target, shape), expected)
-    assert calls == [threading.get_ident()] * 3
+    monkeypatch.setattr(module.ndimage, "affine_transform",
+                        lambda *a, **k: (calls.append((threading.get_ident(), k["output_shape"][0])), real(*a, **k))[1])
+    monkeypatch.setattr(module, "threading", types.SimpleNamespace(Thread=Unstartable))
+    alone = module.resample(array, source, target, shape)
+    # slabs 1 and 2 as their threads fail to start, then the caller's own 0 and 3: each once
+    assert calls == [(threading.get_ident(), planes) for planes in (3, 3, 4, 4)]
+    np.testing.assert_array_equal(alone, threaded)
 
 
 @pytest.mark.parametrize("orientation", ["axial", "sagittal"])

@@ -334,7 +334,9 @@ def test_a_node_without_rules_loads_its_pipeline_only_once_a_rule_may_take_a_stu
     assert done.state is JobState.DONE, done.reason
     ready = node.events("pipeline_ready")
     assert len(ready) == 1 and _torch_mapped(node)
-    assert ready[0]["frozen_objects"] > 100_000  # torch's and MONAI's objects, out of the collector's walks
+    # torch's and MONAI's objects out of the collector's walks (676,000 here; the service's own
+    # modules, loaded before the pipeline, make about 100,000)
+    assert ready[0]["frozen_objects"] > 500_000
     found = wait_results(pacs, second)
     assert len(found["SEG"]) == 1 and len(found["SR"]) == 1
 
