@@ -18,9 +18,8 @@ slab's offset is the whole grid's moved by its first index: each voxel is interp
 same point as in one call up to the rounding of that point, which moves a rare voxel by one
 float32 step (2 of 2.16 million in a check). The slabs depend on the output's size only, never
 on the cores, so a volume gets the same values on every machine (with the same scipy). A
-300x512x512 CT onto a 2 mm
-grid: 0.29-0.34 s on one core, 0.12-0.17 s on two (back to back, taskset to one core for
-the first).
+300x512x512 CT onto a 2 mm grid: 0.29-0.34 s on one core, 0.12-0.17 s on two (back to back,
+taskset to one core for the first).
 """
 
 from __future__ import annotations
