@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,23 +20,52 @@ def benchmark_run(description: str | None, slices: int = 300, size: int = 512,
                   arguments: Callable[[argparse.ArgumentParser], None] | None = None
                   ) -> Iterator[tuple[argparse.Namespace, Path]]:
     """Parse --slices/--size (default 300 x 512 x 512) and what `arguments` adds; give a scratch
-    folder (BENCH_TMP or /tmp). The machine's load average is printed before and after: a
-    shared machine's figures mean little without it."""
+    folder (BENCH_TMP or /tmp). The machine's load average and speed are printed before and
+    after: a shared machine's figures mean little without them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=slices)
     parser.add_argument("--size", type=int, default=size)
     if arguments is not None:
         arguments(parser)
     args = parser.parse_args()
-    print(f"load average at the start: {_load_average()}", flush=True)
+    print(f"load average at the start: {_load_average()}; {machine_speed()}", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         yield args, Path(tmp)
-    print(f"load average at the end: {_load_average()}", flush=True)
+    print(f"load average at the end: {_load_average()}; {machine_speed()}", flush=True)
 
 
 def _load_average() -> str:
     """1, 5 and 15 minutes, with this machine's core count."""
     return " / ".join(f"{load:.2f}" for load in os.getloadavg()) + f" ({os.cpu_count()} cores)"
+
+
+# Run in a fresh interpreter, at module level, as the figures quoted in the README were taken
+# (`python -c`): a loop's speed depends on it (globals, not a function's locals), and so does the
+# fresh memory (pages this process never had).
+_SPEED_PROBE = """
+import time
+import numpy
+started = time.perf_counter()
+total = 0
+for number in range(10**7):
+    total += number
+loop = time.perf_counter() - started
+started = time.perf_counter()
+numpy.empty(157 << 20, dtype=numpy.uint8).fill(1)
+print(f"{loop:.2f} {time.perf_counter() - started:.2f}")
+"""
+
+
+def machine_speed() -> str:
+    """How fast this hour's machine is, in the two measures its runs move with (README,
+    Performance): Python on one core (a loop of 10^7 additions: 0.86-1.60 s seen on this machine
+    kind) and fresh memory (a 157 MB array written into pages the process never had: 0.01-0.42 s
+    seen, nearly all of it the kernel's)."""
+    probe = subprocess.run([sys.executable, "-c", _SPEED_PROBE], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        return f"machine speed: not measured ({probe.stderr.strip().splitlines()[-1:]})"
+    loop, fresh = probe.stdout.split()
+    return f"machine speed: a loop of 10^7 additions {loop} s, 157 MB of fresh memory written {fresh} s"
 
 
 def relabel(files: list[Path], folder: Path, n: int) -> list[Path]:

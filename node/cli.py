@@ -70,7 +70,7 @@ def serve(
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
     from common import logs
-    from node.receive.launch import LaunchedReceiver, launch_receiver
+    from node.receive.launch import LaunchedReceiver, launch_receiver, launched_ahead
 
     overrides: dict[str, object] = {
         "scp.ae_title": aet,
@@ -84,11 +84,11 @@ def serve(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg = _config(config, overrides)
     logs.setup(cfg.logging.level)
-    # First: the receivers import their modules while the service imports its own (launch.py)
+    # First: receivers import their modules while the service imports its own (launch.py)
     launched: list[LaunchedReceiver] = []
     try:
         try:
-            for _ in range(cfg.scp.worker_count()):
+            for _ in range(launched_ahead(cfg.scp.worker_count(), len(os.sched_getaffinity(0)))):
                 launched.append(launch_receiver())
             from node.service import NodeService
 

@@ -19,7 +19,7 @@ import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
 from node.config import NodeConfig
-from node.receive.launch import launch_receiver
+from node.receive.launch import launch_receiver, launched_ahead
 from node.receive.workers import ReceiverPool
 from node.send.pynetdicom_internals import steady
 from tests.test_console import StoreSCP, _metrics
@@ -519,6 +519,56 @@ def test_a_console_port_in_use_stops_the_start_before_anything_runs(tmp_path):
     assert _processes_with(marker) == []
     with socket.create_server(("127.0.0.1", node.port)):  # nothing kept the DICOM port
         pass
+
+
+def test_receivers_are_launched_ahead_on_the_cores_the_service_leaves_free():
+    """Ahead of the service's imports, one receiver per core besides the service's, at least one
+    (launch.py): more took the cores from the service's start."""
+    assert [launched_ahead(receivers, cores) for receivers, cores in
+            ((4, 2), (2, 2), (1, 1), (4, 1), (32, 16), (2, 8))] == [1, 1, 1, 1, 15, 2]
+
+
+def test_a_node_on_one_core_starts_the_receivers_not_launched_ahead_and_each_takes_associations(start_node):
+    """On one core one receiver is launched ahead and the pool starts the two others: all three
+    become ready (the harness waits for three) and take associations, three held open at once
+    landing on three processes. (On the CI's two cores every node of the suite starts so.)"""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(own)})  # inherited by the node and its receivers
+    try:
+        node = start_node(scp={"workers": 3})
+    finally:
+        os.sched_setaffinity(0, own)
+    assert [e["slot"] for e in node.events("receiver_started")] == [0, 1, 2]
+    receivers = [e["pid"] for e in node.events("receiver_ready")]
+    ae = AE(ae_title="OPS")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", node.port, ae_title="TESTNODE") for _ in range(3)]
+    try:
+        assert [assoc.is_established and assoc.send_c_echo().Status for assoc in held] == [0, 0, 0]
+        assert sorted(_connections_to(pid, node.port) for pid in receivers) == [1, 1, 1]
+    finally:
+        for assoc in held:
+            assoc.release()
+
+
+def _connections_to(pid: int, port: int) -> int:
+    """The established TCP connections to local `port` that process `pid` holds (/proc/net/tcp's
+    socket inodes among its descriptors)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+            inodes.add(fields[9])
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
 
 
 def test_a_pool_stopped_before_it_started_stops_the_receivers_launched_for_it():
