@@ -92,9 +92,6 @@ def serve(
                 launched.append(launch_receiver())
             from node.service import NodeService
 
-            while len(launched) < cfg.scp.worker_count():  # the others, now that those are done
-                launched.append(launch_receiver())
-
             service = NodeService(cfg, config or DEFAULT_CONFIG, overrides, launched=launched)
         except BaseException:  # (from here the service's receiver pool stops what it did not use)
             for receiver in launched:

@@ -528,11 +528,10 @@ def test_receivers_are_launched_ahead_on_the_cores_the_service_leaves_free():
             ((4, 2), (2, 2), (1, 1), (4, 1), (32, 16), (2, 8))] == [1, 1, 1, 1, 15, 2]
 
 
-def test_a_node_on_one_core_starts_the_receivers_launched_after_its_imports_and_each_takes_associations(start_node):
-    """On one core one receiver is launched ahead of the service's imports and two after them:
-    all three become ready (the harness waits for three) and take associations, three held open
-    at once landing on three processes. (On the CI's two cores every node of the suite starts
-    so, one and one.)"""
+def test_a_node_on_one_core_starts_the_receivers_not_launched_ahead_and_each_takes_associations(start_node):
+    """On one core one receiver is launched ahead and the pool starts the two others: all three
+    become ready (the harness waits for three) and take associations, three held open at once
+    landing on three processes. (On the CI's two cores every node of the suite starts so.)"""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 

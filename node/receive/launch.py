@@ -7,9 +7,8 @@ other, a node took 3.5-3.8 s to start on two cores, one of them idle while the s
 imported. A receiver launched first imports meanwhile, then waits for its settings; the service
 writes them once the journal is replayed and the spool reconciled (NodeService.start), so no
 receiver touches the spool or the index before that. Only as many are launched first as there
-are cores besides the service's (`launched_ahead`), the others once the service's modules are
-imported. This module imports nothing heavy: the command line imports it before the service's
-modules.
+are cores besides the service's (`launched_ahead`). This module imports nothing heavy: the
+command line imports it before the service's modules.
 """
 
 from __future__ import annotations
@@ -74,12 +73,11 @@ class LaunchedReceiver:
 
 def launched_ahead(receivers: int, cores: int) -> int:
     """How many of the `receivers` to launch before the service imports its modules: one per
-    core the service leaves to them, at least one; the others are launched once its modules are
-    imported, and import while it starts. Launched all at once, they took the cores from the
-    service's own imports: on two cores, restarts in turns with the earlier launch, the first
-    C-ECHO came 4.24 -> 2.02 s after the start with the default four receivers, 2.70 -> 1.92 s
-    with two (medians of four), and every receiver took connections 4.73 -> 4.42 s and
-    3.32 -> 2.81 s after it (benchmarks.startup, medians of five)."""
+    core the service leaves to them, at least one; the pool launches the others as it starts
+    (ReceiverPool.start), and they import while the service starts its console and pipeline.
+    Launched all at once they took the cores from the service's own start: on two cores, with
+    two receivers launched ahead, the first C-ECHO was answered 2.49-2.79 s after the start, with
+    one 1.94-2.07 s (five starts each, interleaved; the default is two receivers per core)."""
     return max(1, min(receivers, cores - 1))
 
 
