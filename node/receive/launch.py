@@ -73,11 +73,13 @@ class LaunchedReceiver:
 
 def launched_ahead(receivers: int, cores: int) -> int:
     """How many of the `receivers` to launch before the service imports its modules: one per
-    core the service leaves to them, at least one; the pool launches the others as it starts
-    (ReceiverPool.start), and they import while the service starts its console and pipeline.
-    Launched all at once they took the cores from the service's own start: on two cores, with
-    two receivers launched ahead, the first C-ECHO was answered 2.49-2.79 s after the start, with
-    one 1.94-2.07 s (five starts each, interleaved; the default is two receivers per core)."""
+    core the service leaves to them, at least one. The pool launches the others as it starts
+    (ReceiverPool.start), once the first has its settings. Launched all at once, they took the
+    cores from the service's own start: on two cores the first C-ECHO came 2.91 -> 2.03 s after
+    a first start with two receivers and 4.16 -> 2.16 s with the default four (medians of four
+    starts in turns). Launched as soon as the service's modules were imported, the others slowed
+    the rest of its start (a first start creates the schema): 2.42 and 2.93 s against 2.12 and
+    2.13 s, in turns."""
     return max(1, min(receivers, cores - 1))
 
 
