@@ -70,7 +70,7 @@ def serve(
 ) -> None:
     """Run the node until SIGTERM/SIGINT."""
     from common import logs
-    from node.receive.launch import LaunchedReceiver, launch_receiver, launched_ahead
+    from node.receive.launch import LaunchedReceiver, LaunchFailed, launch_receiver, launched_ahead
 
     overrides: dict[str, object] = {
         "scp.ae_title": aet,
@@ -102,6 +102,9 @@ def serve(
         for problem in exc.problems:
             typer.echo(f"  {problem}", err=True)
         raise typer.Exit(2) from None
+    except LaunchFailed as exc:
+        typer.echo(f"cannot start: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
     except OSError as exc:
         typer.echo(f"cannot start: {exc.strerror or exc} ({cfg.scp.bind}:{cfg.scp.port})", err=True)
         raise typer.Exit(1) from None
@@ -109,7 +112,7 @@ def serve(
 
     try:
         service.run_forever()
-    except OSError as exc:  # the console's port
+    except OSError as exc:  # the console's port, or a receiver the pool could not launch
         typer.echo(f"cannot start: {exc.strerror or exc}", err=True)
         service.stop()
         raise typer.Exit(1) from None

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
 from node.config import NodeConfig
-from node.receive.launch import launch_receiver, launched_ahead
+from node.receive.launch import LaunchFailed, launch_receiver, launched_ahead
 from node.receive.workers import ReceiverPool
 from node.send.pynetdicom_internals import steady
 from tests.test_console import StoreSCP, _metrics
@@ -541,7 +543,7 @@ def test_a_node_on_one_core_starts_the_receivers_not_launched_ahead_and_each_tak
         node = start_node(scp={"workers": 3})
     finally:
         os.sched_setaffinity(0, own)
-    assert [e["slot"] for e in node.events("receiver_started")] == [0, 1, 2]
+    assert [(e["slot"], e["ahead"]) for e in node.events("receiver_started")] == [(0, True), (1, False), (2, False)]
     receivers = [e["pid"] for e in node.events("receiver_ready")]
     ae = AE(ae_title="OPS")
     ae.add_requested_context(Verification)
@@ -569,6 +571,22 @@ def _connections_to(pid: int, port: int) -> int:
         except FileNotFoundError:  # closed meanwhile
             continue
     return sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
+
+
+def test_a_receiver_the_pool_cannot_launch_stops_those_it_started_and_is_raised(tmp_path, monkeypatch):
+    """The pool starts the receivers not launched ahead (launch.py). One whose exec the kernel
+    refuses (here: no such interpreter) fails the start with LaunchFailed, whose text says what
+    could not start, after the receiver already started, launched ahead and handed its settings,
+    was stopped: none left running. A reconfiguration after it is refused."""
+    launched = [launch_receiver()]
+    config = NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 2},
+                                        "storage": {"data_dir": str(tmp_path)}})
+    pool = ReceiverPool(config, on_study_opened=lambda uid, deadline: None, launched=launched)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(LaunchFailed, match=r"^\[Errno 2\] a receiver process cannot be launched \(No such file"):
+        pool.start()
+    assert launched[0].process.returncode is not None
+    assert pool.reconfigure(config) is False
 
 
 def test_a_pool_stopped_before_it_started_stops_the_receivers_launched_for_it():

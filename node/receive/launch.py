@@ -71,6 +71,11 @@ class LaunchedReceiver:
             logs.event(log, "receiver_not_ended", logging.WARNING, pid=self.process.pid)
 
 
+class LaunchFailed(OSError):
+    """A receiver process could not be started (the kernel refused the fork or the exec: a pids
+    limit, memory); its `strerror` says so for the operator."""
+
+
 def launched_ahead(receivers: int, cores: int) -> int:
     """How many of the `receivers` to launch before the service imports its modules: one per
     core the service leaves to them, at least one. The pool launches the others as it starts
@@ -96,9 +101,11 @@ def launch_receiver() -> LaunchedReceiver:
             pass_fds=[theirs.fileno(), settings_in],
             env=env,
         )
-    except BaseException:
+    except BaseException as exc:
         ours.close()
         os.close(settings_out)
+        if isinstance(exc, OSError):
+            raise LaunchFailed(exc.errno, f"a receiver process cannot be launched ({exc.strerror or exc})") from exc
         raise
     finally:
         theirs.close()

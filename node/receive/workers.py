@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 from common.backoff import backoff_delay
 from common import logs
 from node.config import HttpConfig, NodeConfig
-from node.receive.launch import LaunchedReceiver, launch_receiver
+from node.receive.launch import LaunchedReceiver, LaunchFailed, launch_receiver
 from node.receive.pynetdicom_internals import HandedServer, configure_receiver_process
 
 log = logging.getLogger("node.receive")
@@ -106,12 +106,20 @@ class ReceiverPool:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for slot in range(self.count):
-            self._start_process(slot, self.config)
-        for target, name in ((self._accept_loop, "accept"), (self._message_loop, "receiver-messages")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        """Start a receiver in each slot (the ones launched ahead first). One that cannot be
+        launched stops those started, at once (none has taken a connection yet), and is raised.
+        A reconfiguration meanwhile waits: it finds the receivers started, and replaces them."""
+        with self._reconfiguring:
+            try:
+                for slot in range(self.count):
+                    self._start_process(slot, self.config)
+            except LaunchFailed:
+                self.stop()
+                raise
+            for target, name in ((self._accept_loop, "accept"), (self._message_loop, "receiver-messages")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until every receiver process takes connections (at most `timeout` seconds)."""
@@ -140,15 +148,21 @@ class ReceiverPool:
                 self.config = config
                 self.max_connections = max(64, 4 * config.scp.max_associations)
                 return True
-            fresh = [self._start_process(slot, config, install=False) for slot in range(self.count)]
+            fresh: list[_Worker] = []
+            try:
+                for slot in range(self.count):
+                    fresh.append(self._start_process(slot, config, install=False))
+            except LaunchFailed:
+                pass  # not all started: those that did are stopped below
             deadline = time.monotonic() + ready_timeout
-            while not all(w.ready.is_set() for w in fresh):
+            while len(fresh) == self.count and not all(w.ready.is_set() for w in fresh):
                 if (time.monotonic() > deadline or self._stopping.is_set()
                         or any(w.process.poll() is not None for w in fresh)):
                     break
                 time.sleep(0.1)
             with self._lock:
-                started = all(w.ready.is_set() and w.process.poll() is None and w in self._others for w in fresh)
+                started = len(fresh) == self.count and all(
+                    w.ready.is_set() and w.process.poll() is None and w in self._others for w in fresh)
                 if not started or self._stopping.is_set():
                     for worker in fresh:
                         worker.process.kill()
@@ -233,6 +247,7 @@ class ReceiverPool:
         It ends when its channel closes, so it never outlives the service (whatever thread started it)."""
         with self._lock:
             launched = self._launched.pop(0) if self._launched else None
+        ahead = launched is not None
         launched = launched or launch_receiver()
         launched.hand_settings(receiver_settings(config, self.port, self.count))
         process, ours = launched.process, launched.channel
@@ -243,7 +258,7 @@ class ReceiverPool:
             else:
                 self._others.append(worker)
         self._selector.register(ours, selectors.EVENT_READ, worker)
-        logs.event(log, "receiver_started", slot=slot, pid=process.pid)
+        logs.event(log, "receiver_started", slot=slot, pid=process.pid, ahead=ahead)
         return worker
 
     def _accept_loop(self) -> None:
