@@ -4,6 +4,7 @@ retention, each against a running node with real peers (dcmtk storescu and store
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,8 +22,10 @@ import yaml
 
 from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
 from node.config import NodeConfig
-from node.receive.launch import LaunchFailed, launch_receiver, launched_ahead
+from node.receive import workers
+from node.receive.launch import LaunchedReceiver, LaunchFailed, launch_receiver, launched_ahead
 from node.receive.workers import ReceiverPool
+from node.store.index import Index
 from node.send.pynetdicom_internals import steady
 from tests.test_console import StoreSCP, _metrics
 
@@ -587,6 +590,60 @@ def test_a_receiver_the_pool_cannot_launch_stops_those_it_started_and_is_raised(
         pool.start()
     assert launched[0].process.returncode is not None
     assert pool.reconfigure(config) is False
+
+
+def test_a_reconfiguration_whose_receivers_cannot_be_launched_keeps_the_running_ones(tmp_path, monkeypatch, caplog):
+    """New settings start a new receiver for each slot before the running ones drain. When one
+    cannot be launched (the second's exec refused), the reconfiguration is refused and the
+    running receivers stay, each still taking associations; the new one that did start is stopped."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    caplog.set_level(logging.INFO, logger="node.receive")
+    config = NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 2,
+                                                "ae_title": "TESTNODE"},
+                                        "storage": {"data_dir": str(tmp_path)}})
+    Index(tmp_path / "index.sqlite").close()  # as the service does before its receivers start
+    pool = ReceiverPool(config, on_study_opened=lambda uid, deadline: None)
+    pool.start()
+    try:
+        assert pool.wait_ready(60)
+        running = [r.event_fields["pid"] for r in caplog.records if r.getMessage() == "receiver_started"]
+
+        def first_only() -> LaunchedReceiver:  # the second exec is refused
+            if launches:
+                monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+            launches.append(launch_receiver())
+            return launches[-1]
+
+        launches: list[LaunchedReceiver] = []
+        monkeypatch.setattr(workers, "launch_receiver", first_only)
+        assert pool.reconfigure(config.model_copy(update={"scp": config.scp.model_copy(update={"max_pdu": 65536})})) \
+            is False
+        monkeypatch.undo()
+        started = [r.event_fields["pid"] for r in caplog.records if r.getMessage() == "receiver_started"]
+        assert started[:2] == running and len(started) == 3  # one of the new generation started
+        wait_for(lambda: not _alive(started[2]), timeout=30)
+        assert all(_alive(pid) for pid in running)
+        ae = AE(ae_title="OPS")
+        ae.add_requested_context(Verification)
+        held = [ae.associate("127.0.0.1", pool.port, ae_title="TESTNODE") for _ in range(2)]
+        try:
+            assert [assoc.is_established and assoc.send_c_echo().Status for assoc in held] == [0, 0]
+            assert sorted(_connections_to(pid, pool.port) for pid in running) == [1, 1]
+        finally:
+            for assoc in held:
+                assoc.release()
+    finally:
+        pool.stop()
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] not in "ZX"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_pool_stopped_before_it_started_stops_the_receivers_launched_for_it():
