@@ -79,7 +79,7 @@ class LaunchFailed(OSError):
 def launched_ahead(receivers: int, cores: int) -> int:
     """How many of the `receivers` to launch before the service imports its modules: one per
     core the service leaves to them, at least one. The pool launches the others as it starts
-    (ReceiverPool.start), once the first has its settings. Launched all at once, they took the
+    (ReceiverPool.start), once those have their settings. Launched all at once, they took the
     cores from the service's own start: on two cores the first C-ECHO came 2.91 -> 2.03 s after
     a first start with two receivers and 4.16 -> 2.16 s with the default four (medians of four
     starts in turns). Launched as soon as the service's modules were imported, the others slowed
