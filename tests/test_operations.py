@@ -638,6 +638,46 @@ def test_a_reconfiguration_whose_receivers_cannot_be_launched_keeps_the_running_
         pool.stop()
 
 
+def test_a_receiver_that_cannot_be_respawned_is_tried_again(tmp_path, monkeypatch, caplog):
+    """A receiver that dies is respawned; when the kernel refuses the new one (its exec, here),
+    the slot is not left empty: the failure is logged and tried again after a pause, and the
+    receiver that then starts takes associations."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    caplog.set_level(logging.INFO, logger="node.receive")
+    config = NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 1,
+                                                "ae_title": "TESTNODE"},
+                                        "storage": {"data_dir": str(tmp_path)}})
+    Index(tmp_path / "index.sqlite").close()
+    pool = ReceiverPool(config, on_study_opened=lambda uid, deadline: None)
+    pool.start()
+    try:
+        assert pool.wait_ready(60)
+
+        def events(name: str) -> list[dict[str, Any]]:
+            return [r.event_fields for r in caplog.records if r.getMessage() == name]
+
+        first = events("receiver_started")[0]["pid"]
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: events("receiver_launch_failed"), timeout=30)
+        assert events("receiver_launch_failed")[0]["error"].startswith("a receiver process cannot be launched")
+        monkeypatch.undo()
+        wait_for(lambda: len(events("receiver_started")) == 2, timeout=60)
+        wait_for(lambda: pool.alive() and pool.wait_ready(1), timeout=60)  # in its slot, and ready
+        ae = AE(ae_title="OPS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", pool.port, ae_title="TESTNODE")
+        try:
+            assert assoc.is_established and assoc.send_c_echo().Status == 0
+            assert _connections_to(events("receiver_started")[1]["pid"], pool.port) == 1
+        finally:
+            assoc.release()
+    finally:
+        pool.stop()
+
+
 def _alive(pid: int) -> bool:
     """`pid` runs (a zombie, ended but not yet reaped, does not)."""
     try:

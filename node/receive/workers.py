@@ -349,11 +349,15 @@ class ReceiverPool:
             logs.event(log, "receiver_stopped_by_signal", slot=worker.slot, pid=worker.process.pid, exit_code=code)
             return
         logs.event(log, "receiver_exited", logging.ERROR, slot=worker.slot, pid=worker.process.pid, exit_code=code)
-        # A receiver that cannot start (a bad certificate, no memory) must not respawn in a busy loop.
-        quick = time.monotonic() - worker.started < 10
-        self._failures[worker.slot] = self._failures[worker.slot] + 1 if quick else 0
-        delay = backoff_delay(self._failures[worker.slot], 1.0, 30.0, jitter=False) if quick else 0.0  # 1, 2, 4 .. 30 s
-        timer = threading.Timer(delay, self._respawn, [worker.slot])
+        self._respawn_later(worker.slot, quick=time.monotonic() - worker.started < 10)
+
+    def _respawn_later(self, slot: int, quick: bool) -> None:
+        """A new receiver for `slot`; after quick failures in a row, later and later (1, 2, 4 ..
+        30 s): one that cannot start (a bad certificate, no memory, no process to spare) must not
+        respawn in a busy loop."""
+        self._failures[slot] = self._failures[slot] + 1 if quick else 0
+        delay = backoff_delay(self._failures[slot], 1.0, 30.0, jitter=False) if quick else 0.0
+        timer = threading.Timer(delay, self._respawn, [slot])
         timer.daemon = True
         timer.start()
 
@@ -362,7 +366,12 @@ class ReceiverPool:
             if self._stopping.is_set() or self._workers[slot] is not None:
                 return
             config = self.config
-        worker = self._start_process(slot, config, install=False)
+        try:
+            worker = self._start_process(slot, config, install=False)
+        except LaunchFailed as exc:
+            logs.event(log, "receiver_launch_failed", logging.ERROR, slot=slot, error=exc.strerror)
+            self._respawn_later(slot, quick=True)
+            return
         with self._lock:
             if self._workers[slot] is None and not self._stopping.is_set():
                 self._others.remove(worker)
