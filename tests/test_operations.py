@@ -13,8 +13,9 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pydicom
 import pytest
@@ -537,9 +538,6 @@ def test_a_node_on_one_core_starts_the_receivers_not_launched_ahead_and_each_tak
     """On one core one receiver is launched ahead and the pool starts the two others: all three
     become ready (the harness waits for three) and take associations, three held open at once
     landing on three processes. (On the CI's two cores every node of the suite starts so.)"""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     own = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(own)})  # inherited by the node and its receivers
     try:
@@ -548,12 +546,21 @@ def test_a_node_on_one_core_starts_the_receivers_not_launched_ahead_and_each_tak
         os.sched_setaffinity(0, own)
     assert [(e["slot"], e["ahead"]) for e in node.events("receiver_started")] == [(0, True), (1, False), (2, False)]
     receivers = [e["pid"] for e in node.events("receiver_ready")]
+    assert _associations_held_per_receiver(node.port, receivers) == [1, 1, 1]
+
+
+def _associations_held_per_receiver(port: int, receivers: list[int]) -> list[int]:
+    """Open one association per receiver at once, each answering a C-ECHO; while all are held,
+    how many each receiver process holds (sorted)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
     ae = AE(ae_title="OPS")
     ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.port, ae_title="TESTNODE") for _ in range(3)]
+    held = [ae.associate("127.0.0.1", port, ae_title="TESTNODE") for _ in receivers]
     try:
-        assert [assoc.is_established and assoc.send_c_echo().Status for assoc in held] == [0, 0, 0]
-        assert sorted(_connections_to(pid, node.port) for pid in receivers) == [1, 1, 1]
+        assert [assoc.is_established and assoc.send_c_echo().Status for assoc in held] == [0] * len(receivers)
+        return sorted(_connections_to(pid, port) for pid in receivers)
     finally:
         for assoc in held:
             assoc.release()
@@ -576,16 +583,44 @@ def _connections_to(pid: int, port: int) -> int:
     return sum(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
 
 
+def _refuse_exec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """From now on the kernel refuses to exec a receiver (no such interpreter): a real launch failure."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+
+
+def _pool_config(tmp_path: Path, workers: int) -> NodeConfig:
+    return NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": workers,
+                                              "ae_title": "TESTNODE"},
+                                      "storage": {"data_dir": str(tmp_path)}})
+
+
+@contextmanager
+def _started_pool(tmp_path: Path, workers: int) -> Iterator[ReceiverPool]:
+    """A receiver pool on an index of its own, every receiver ready; stopped afterwards."""
+    Index(tmp_path / "index.sqlite").close()  # as the service does before its receivers start
+    pool = ReceiverPool(_pool_config(tmp_path, workers), on_study_opened=lambda uid, deadline: None)
+    pool.start()
+    try:
+        assert pool.wait_ready(60)
+        yield pool
+    finally:
+        pool.stop()
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    """The fields of the events `name` logged in this process."""
+    return [r.event_fields for r in caplog.records if r.getMessage() == name]
+
+
 def test_a_receiver_the_pool_cannot_launch_stops_those_it_started_and_is_raised(tmp_path, monkeypatch):
     """The pool starts the receivers not launched ahead (launch.py). One whose exec the kernel
     refuses (here: no such interpreter) fails the start with LaunchFailed, whose text says what
     could not start, after the receiver already started, launched ahead and handed its settings,
     was stopped: none left running. A reconfiguration after it is refused."""
     launched = [launch_receiver()]
-    config = NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 2},
-                                        "storage": {"data_dir": str(tmp_path)}})
+    config = _pool_config(tmp_path, workers=2)
     pool = ReceiverPool(config, on_study_opened=lambda uid, deadline: None, launched=launched)
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    _refuse_exec(monkeypatch, tmp_path)
     with pytest.raises(LaunchFailed, match=r"^\[Errno 2\] a receiver process cannot be launched \(No such file"):
         pool.start()
     assert launched[0].process.returncode is not None
@@ -596,86 +631,43 @@ def test_a_reconfiguration_whose_receivers_cannot_be_launched_keeps_the_running_
     """New settings start a new receiver for each slot before the running ones drain. When one
     cannot be launched (the second's exec refused), the reconfiguration is refused and the
     running receivers stay, each still taking associations; the new one that did start is stopped."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     caplog.set_level(logging.INFO, logger="node.receive")
-    config = NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 2,
-                                                "ae_title": "TESTNODE"},
-                                        "storage": {"data_dir": str(tmp_path)}})
-    Index(tmp_path / "index.sqlite").close()  # as the service does before its receivers start
-    pool = ReceiverPool(config, on_study_opened=lambda uid, deadline: None)
-    pool.start()
-    try:
-        assert pool.wait_ready(60)
-        running = [r.event_fields["pid"] for r in caplog.records if r.getMessage() == "receiver_started"]
+    with _started_pool(tmp_path, workers=2) as pool:
+        running = [e["pid"] for e in _events(caplog, "receiver_started")]
 
         def first_only() -> LaunchedReceiver:  # the second exec is refused
             if launches:
-                monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+                _refuse_exec(monkeypatch, tmp_path)
             launches.append(launch_receiver())
             return launches[-1]
 
         launches: list[LaunchedReceiver] = []
         monkeypatch.setattr(workers, "launch_receiver", first_only)
-        assert pool.reconfigure(config.model_copy(update={"scp": config.scp.model_copy(update={"max_pdu": 65536})})) \
-            is False
+        assert pool.reconfigure(pool.config.model_copy(update={
+            "scp": pool.config.scp.model_copy(update={"max_pdu": 65536})})) is False
         monkeypatch.undo()
-        started = [r.event_fields["pid"] for r in caplog.records if r.getMessage() == "receiver_started"]
+        started = [e["pid"] for e in _events(caplog, "receiver_started")]
         assert started[:2] == running and len(started) == 3  # one of the new generation started
         wait_for(lambda: not _alive(started[2]), timeout=30)
         assert all(_alive(pid) for pid in running)
-        ae = AE(ae_title="OPS")
-        ae.add_requested_context(Verification)
-        held = [ae.associate("127.0.0.1", pool.port, ae_title="TESTNODE") for _ in range(2)]
-        try:
-            assert [assoc.is_established and assoc.send_c_echo().Status for assoc in held] == [0, 0]
-            assert sorted(_connections_to(pid, pool.port) for pid in running) == [1, 1]
-        finally:
-            for assoc in held:
-                assoc.release()
-    finally:
-        pool.stop()
+        assert _associations_held_per_receiver(pool.port, running) == [1, 1]
 
 
 def test_a_receiver_that_cannot_be_respawned_is_tried_again(tmp_path, monkeypatch, caplog):
     """A receiver that dies is respawned; when the kernel refuses the new one (its exec, here),
     the slot is not left empty: the failure is logged and tried again after a pause, and the
     receiver that then starts takes associations."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     caplog.set_level(logging.INFO, logger="node.receive")
-    config = NodeConfig.model_validate({"scp": {"bind": "127.0.0.1", "port": free_port(), "workers": 1,
-                                                "ae_title": "TESTNODE"},
-                                        "storage": {"data_dir": str(tmp_path)}})
-    Index(tmp_path / "index.sqlite").close()
-    pool = ReceiverPool(config, on_study_opened=lambda uid, deadline: None)
-    pool.start()
-    try:
-        assert pool.wait_ready(60)
-
-        def events(name: str) -> list[dict[str, Any]]:
-            return [r.event_fields for r in caplog.records if r.getMessage() == name]
-
-        first = events("receiver_started")[0]["pid"]
-        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with _started_pool(tmp_path, workers=1) as pool:
+        first = _events(caplog, "receiver_started")[0]["pid"]
+        _refuse_exec(monkeypatch, tmp_path)
         os.kill(first, signal.SIGKILL)
-        wait_for(lambda: events("receiver_launch_failed"), timeout=30)
-        assert events("receiver_launch_failed")[0]["error"].startswith("a receiver process cannot be launched")
+        wait_for(lambda: _events(caplog, "receiver_launch_failed"), timeout=30)
+        assert _events(caplog, "receiver_launch_failed")[0]["error"].startswith("a receiver process cannot be launched")
         monkeypatch.undo()
-        wait_for(lambda: len(events("receiver_started")) == 2, timeout=60)
+        wait_for(lambda: len(_events(caplog, "receiver_started")) == 2, timeout=60)
         wait_for(lambda: pool.alive() and pool.wait_ready(1), timeout=60)  # in its slot, and ready
-        ae = AE(ae_title="OPS")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", pool.port, ae_title="TESTNODE")
-        try:
-            assert assoc.is_established and assoc.send_c_echo().Status == 0
-            assert _connections_to(events("receiver_started")[1]["pid"], pool.port) == 1
-        finally:
-            assoc.release()
-    finally:
-        pool.stop()
+        assert _associations_held_per_receiver(pool.port, [_events(caplog, "receiver_started")[1]["pid"]]) == [1]
 
 
 def _alive(pid: int) -> bool:
