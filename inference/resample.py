@@ -12,7 +12,7 @@ source in memory order and the small output is transposed afterwards, which is 5
 than a general matrix over a transposed view.
 
 A large output is interpolated in slabs along its first axis, on as many threads as there are
-cores (at most one per slab): scipy lets go of the GIL while it interpolates, and before and
+usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy lets go of the GIL while it interpolates, and before and
 after the model a job (one pipeline worker, the default) has the second core to itself. A
 slab's offset is the whole grid's moved by its first index: each voxel is interpolated at the
 same point as in one call up to the rounding of that point, which moves a rare voxel by one
@@ -25,12 +25,13 @@ taskset to one core for the first).
 from __future__ import annotations
 
 import math
-import os
 import threading
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+
+from common.cpus import usable_cpus
 
 # "border": outside the source takes the nearest edge voxel (MONAI/torch "border");
 # "constant": linear interpolation towards `fill` over the half voxel beyond the edge and
@@ -94,7 +95,7 @@ def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shap
         except Exception as exc:  # raised again in the caller's thread
             failures.append(exc)
 
-    threads = max(1, min(len(os.sched_getaffinity(0)), len(bounds)))
+    threads = max(1, min(usable_cpus(), len(bounds)))
     shares = [bounds[k::threads] for k in range(threads)]
     started = []
     for share in shares[1:]:

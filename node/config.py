@@ -11,6 +11,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.cpus import usable_cpus
 from common.yamlfile import ConfigError, Problem, load_yaml, validate
 
 MIN_TOKEN_LENGTH = 16  # http.token and DICOM_NODE_HTTP_TOKEN alike
@@ -148,10 +149,10 @@ class ScpConfig(Strict):
         return self.max_pdu or self.max_pdu_cap
 
     def worker_count(self) -> int:
-        """Receiver processes. Two per core by default: a pynetdicom association waits on the
-        network or the disk about half of the time, and associations in separate processes
-        do not contend for one GIL."""
-        return self.workers or 2 * (os.cpu_count() or 1)
+        """Receiver processes. Two per usable CPU by default (common.cpus: the affinity, or a
+        smaller CPU quota): a pynetdicom association waits on the network or the disk about half
+        of the time, and associations in separate processes do not contend for one GIL."""
+        return self.workers or 2 * usable_cpus()
 
 
 class RetentionConfig(Strict):

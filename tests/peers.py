@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from common.cpus import usable_cpus
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from tests.processes import stop_process_group
 
@@ -161,11 +162,13 @@ class NodeProcess:
     """`dicom-node serve` in its own process group, with a config written for the test."""
 
     def __init__(self, workdir: Path, routing: dict[str, Any] | None = None, source: Path | None = None,
-                 **overrides: Any):
+                 launcher: tuple[str, ...] = (), **overrides: Any):
         """`source`: run the node from this source tree (another revision, for a side-by-side
-        benchmark) instead of the installed one."""
+        benchmark) instead of the installed one. `launcher`: a command prefix that runs the node
+        (one that execs it, so that the process is the node's: tests.cgroups)."""
         self.workdir = Path(workdir)
         self.source = source
+        self.launcher = launcher
         self.port = free_port()
         self.http_port = free_port()  # the console (node/console); every test node has its own
         self.data_dir = self.workdir / "data"
@@ -184,7 +187,7 @@ class NodeProcess:
             config.setdefault(section, {}).update(values)
         self.port = int(config["scp"]["port"])  # a test may choose it (a peer that must know it first)
         self.config_path.write_text(yaml.safe_dump(config))
-        self.receivers = int(config["scp"].get("workers") or 2 * (os.cpu_count() or 1))
+        self.receivers = int(config["scp"].get("workers") or 2 * usable_cpus())  # as NodeConfig counts them
         self.write_routing(routing if routing is not None else {"rules": []})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -219,7 +222,7 @@ class NodeProcess:
         path = os.pathsep.join(filter(None, (str(self.source), os.environ.get("PYTHONPATH"))))
         env, cwd = (dict(os.environ, PYTHONPATH=path), self.workdir) if self.source else (None, None)
         self.process = subprocess.Popen(
-            [str(VENV_BIN / "dicom-node"), "serve", "--config", str(self.config_path)],
+            [*self.launcher, str(VENV_BIN / "dicom-node"), "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

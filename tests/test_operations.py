@@ -549,6 +549,31 @@ def test_a_node_on_one_core_starts_the_receivers_not_launched_ahead_and_each_tak
     assert _associations_held_per_receiver(node.port, receivers) == [1, 1, 1]
 
 
+def test_a_node_under_a_cpu_quota_runs_two_receivers_and_one_model_thread_per_cpu_it_allows(tmp_path):
+    """A container's CPU limit is a quota (Docker's --cpus, Kubernetes' limits), which neither
+    os.cpu_count() nor the affinity sees: in a real cgroup with a 1-CPU quota on this machine of
+    two or more CPUs, the node's default is two receivers, each taking associations, the first
+    launched ahead, and its pipeline runs torch on one thread (common.cpus)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a quota below the affinity needs two CPUs to run on")
+    from tests.cgroups import cpu_quota_cgroup
+
+    routing = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
+                          "actions": {"run": ["lesion-seg"], "send_to": ["@sender"]}}]}
+    with cpu_quota_cgroup(1.0) as prefix:
+        node = NodeProcess(tmp_path / "node", routing=routing, launcher=tuple(prefix), scp={"workers": 0})
+        node.receivers = 2  # what the node should find: the harness waits for that many (this process sees two CPUs)
+        try:
+            node.start()
+            assert [(e["slot"], e["ahead"]) for e in node.events("receiver_started")] == [(0, True), (1, False)]
+            receivers = [e["pid"] for e in node.events("receiver_ready")]
+            assert _associations_held_per_receiver(node.port, receivers) == [1, 1]
+            wait_for(lambda: node.events("pipeline_ready") or node.events("pipeline_load_failed"), timeout=120)
+            assert [e["threads"] for e in node.events("pipeline_ready")] == [1]
+        finally:
+            node.stop()
+
+
 def _associations_held_per_receiver(port: int, receivers: list[int]) -> list[int]:
     """Open one association per receiver at once, each answering a C-ECHO; while all are held,
     how many each receiver process holds (sorted)."""

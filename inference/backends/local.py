@@ -7,13 +7,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from common.cpus import quota_below_affinity
 from inference.backends.base import BackendError
 from inference.spec import ModelSpec
 
 
 class LocalBackend:
     def __init__(self, model_path: Path, spec: ModelSpec, threads: int = 0):
+        """`threads`: ONNX Runtime's intra-op threads; 0 for its default (the physical cores it
+        may run on), or the CPU quota when that allows fewer (common.cpus): more threads than
+        the quota's CPUs are throttled in turns, 2.09 s against 1.38 s for the sliding window
+        on two cores under a 1-CPU quota."""
         options = ort.SessionOptions()
+        threads = threads or quota_below_affinity() or 0
         if threads:
             options.intra_op_num_threads = threads
         try:

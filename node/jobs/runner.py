@@ -121,14 +121,16 @@ class JobRunner:
     def _load_pipeline(self) -> None:
         """torch and MONAI (seconds to import, 5 s of CPU) load here, once, while the receivers
         already accept associations; a worker waits for it before it runs a job (several threads
-        importing torch at once can deadlock). Then highdicom reads its tables of the standard
+        importing torch at once can deadlock), and torch's threads are fitted to a CPU quota
+        (inference.pipeline.confine_threads). Then highdicom reads its tables of the standard
         (node.encode.warmup), so that the first study does not wait for them either. What is
         loaded by then is kept out of the collector's walks (node.jobs.heap)."""
         try:
             started = time.monotonic()
             importlib.import_module("node.jobs.stages")
+            threads = importlib.import_module("inference.pipeline").confine_threads()
             importlib.import_module("node.encode.warmup").warm_up()
-            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2),
+            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2), threads=threads,
                        frozen_objects=freeze_loaded_objects())
         except Exception:  # the first job then meets the same failure and reports it
             log.exception("pipeline_load_failed")

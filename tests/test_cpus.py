@@ -1,0 +1,124 @@
+"""How many CPUs the node sizes itself by (common.cpus): the affinity, or a smaller cgroup CPU
+quota, read from this process's own cgroup and its ancestors. Fake /proc trees for the formats
+of Docker, Kubernetes and systemd; real cgroups with a quota for what the node then does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.cpus import cpu_quota, quota_below_affinity, usable_cpus
+from node.config import NodeConfig
+from tests.cgroups import cpu_quota_cgroup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _proc(tmp_path: Path, cgroup: str, mounts: list[tuple[str, str, str, str]]) -> Path:
+    """A fake /proc/self: its cgroup file, and a mountinfo with (root, mount point, type, super
+    options) per mount, mount points under tmp_path."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    lines = [f"{30 + k} 23 0:{28 + k} {root} {tmp_path / point} rw,relatime - {kind} {kind} {options}"
+             for k, (root, point, kind, options) in enumerate(mounts)]
+    (proc / "mountinfo").write_text("\n".join(["22 1 8:1 / / rw - ext4 /dev/sda1 rw", *lines]) + "\n")
+    return proc
+
+
+def _write(folder: Path, **files: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def test_a_v2_quota_on_an_ancestor_limits_the_cgroup_below_it(tmp_path):
+    """systemd's CPUQuota= on a slice, the service in a cgroup below it without one: the tightest
+    quota on the way up counts, rounded up to whole CPUs."""
+    proc = _proc(tmp_path, "0::/system.slice/node.service\n", [("/", "unified", "cgroup2", "rw")])
+    _write(tmp_path / "unified" / "system.slice", cpu_max="150000 100000")
+    _write(tmp_path / "unified" / "system.slice" / "node.service", cpu_max="max 100000")
+    assert cpu_quota(proc) == 2
+    _write(tmp_path / "unified" / "system.slice" / "node.service", cpu_max="50000 100000")
+    assert cpu_quota(proc) == 1
+
+
+def test_a_v1_container_sees_its_own_cgroup_at_the_mount_point(tmp_path):
+    """Docker on cgroup v1 mounts the container's own cgroup (root /docker/<id>) at
+    /sys/fs/cgroup/cpu,cpuacct while /proc/self/cgroup names the full path; a hybrid host's
+    unified hierarchy without the cpu controller says nothing."""
+    proc = _proc(tmp_path, "5:cpuacct,cpu:/docker/abc\n4:memory:/docker/abc\n0::/\n", [
+        ("/docker/abc", "cpu\\054cpuacct", "cgroup", "rw,cpuacct,cpu"),
+        ("/docker/abc", "memory", "cgroup", "rw,memory"),
+        ("/", "unified", "cgroup2", "rw"),
+    ])
+    _write(tmp_path / "cpu,cpuacct", cpu_cfs_quota_us="250000", cpu_cfs_period_us="100000")
+    _write(tmp_path / "memory", cpu_cfs_quota_us="10000", cpu_cfs_period_us="100000")  # not the cpu hierarchy
+    _write(tmp_path / "unified")
+    assert cpu_quota(proc) == 3
+
+
+@pytest.mark.parametrize("quota", ["max 100000", "-1", "", "garbage", "0 100000", "100000 0"])
+def test_no_quota_or_an_unreadable_one_is_none(tmp_path, quota):
+    """`max`, v1's -1, an empty, malformed or zero file: no quota, and no exception."""
+    proc = _proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
+    _write(tmp_path / "unified", cpu_max=quota)
+    assert cpu_quota(proc) is None
+    assert usable_cpus(proc) == len(os.sched_getaffinity(0))
+
+
+def test_a_cgroup_outside_the_mounted_part_or_no_proc_files_is_no_quota(tmp_path):
+    proc = _proc(tmp_path, "3:cpu:/elsewhere\n", [("/docker/abc", "cpu", "cgroup", "rw,cpu")])
+    _write(tmp_path / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    assert cpu_quota(proc) is None
+    assert cpu_quota(tmp_path / "no-such-proc") is None
+
+
+def test_a_quota_below_the_affinity_sizes_the_receivers(tmp_path, monkeypatch):
+    """scp.workers 0: two receivers per usable CPU."""
+    proc = _proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
+    _write(tmp_path / "unified", cpu_max="100000 100000")
+    assert usable_cpus(proc) == 1
+    monkeypatch.setattr("node.config.usable_cpus", lambda: usable_cpus(proc))
+    assert NodeConfig.model_validate({"scp": {"workers": 0}}).scp.worker_count() == 2
+    assert NodeConfig.model_validate({"scp": {"workers": 5}}).scp.worker_count() == 5
+
+
+SIZES = """
+import json
+from pathlib import Path
+from common.cpus import cpu_quota, quota_below_affinity, usable_cpus
+from inference.backends.local import LocalBackend
+from inference.pipeline import confine_threads
+from inference.repository import ModelRepository
+repo = ModelRepository(Path("models"))
+spec = repo.spec("lesion-seg")
+backend = LocalBackend(repo.verified_file(spec), spec)
+print(json.dumps({"quota": cpu_quota(), "usable": usable_cpus(), "torch": confine_threads(),
+                  "onnxruntime": backend.session.get_session_options().intra_op_num_threads}))
+"""
+
+
+def _sizes(prefix: list[str]) -> dict[str, int | None]:
+    run = subprocess.run([*prefix, sys.executable, "-c", SIZES], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["own-cgroup", "parent-cgroup"])
+def test_under_a_real_cpu_quota_the_model_runs_on_as_many_threads_as_the_quota_allows(nested):
+    """A process in a real cgroup with a 1-CPU quota (on its own cgroup, or on the parent's as a
+    systemd slice has it) on a machine where it may run on more: one usable CPU, torch and ONNX
+    Runtime on one thread. Outside it, ONNX Runtime's own default stays."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a quota below the affinity needs two CPUs to run on")
+    with cpu_quota_cgroup(1.0, nested=nested) as prefix:
+        assert _sizes(prefix) == {"quota": 1, "usable": 1, "torch": 1, "onnxruntime": 1}
+    outside = _sizes([])  # (a quota on the test's own cgroup, as a CI container may have, applies there too)
+    assert outside["usable"] == usable_cpus() and outside["onnxruntime"] == (quota_below_affinity() or 0)
