@@ -608,7 +608,7 @@ def test_interpolating_in_slabs_gives_the_values_of_one_call_whatever_the_cores(
     monkeypatch.setattr(module, "MIN_SLAB_VOXELS", 60 * 30 * 30 // 4)  # four slabs by default
     by_cores = []
     for cores in (1, 2, 4):
-        monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        monkeypatch.setattr(module, "usable_cpus", lambda n=cores: n)
         by_cores.append(module._interpolate(array, scale, offset, (60, 30, 30), "nearest", 0.0))
     assert np.array_equal(by_cores[0], by_cores[1]) and np.array_equal(by_cores[0], by_cores[2])
 
@@ -627,7 +627,7 @@ def test_a_large_output_is_interpolated_on_one_thread_per_core(monkeypatch):
     source, target = np.diag([0.7, 0.8, 2.5, 1.0]), np.diag([2.0, 2.0, 2.0, 1.0])
     shape = (14, 20, 55)
     monkeypatch.setattr(module, "MIN_SLAB_VOXELS", 1000)
-    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(module, "usable_cpus", lambda: 3)
     three_at_once = threading.Barrier(3, timeout=30)  # passes only while three threads interpolate
     calls = []
 
