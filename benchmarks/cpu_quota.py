@@ -6,8 +6,9 @@ outside it). Per node, in turns (A B, B A, ...):
 - with the shipped default receivers (scp.workers 0): how many it starts, the seconds until every
   one takes connections, and the memory of all its processes once its pipeline has loaded
   (proportional set size: shared pages counted once);
-- the studies of benchmarks.end_to_end (LocalBackend) through it: the model's sliding window and
-  the node's own time around it, first study and the median of the others.
+- the studies of benchmarks.end_to_end (LocalBackend) through it, on two receivers in both arms
+  (the tests' NodeProcess default): the model's sliding window and the node's own time around
+  it, first study and the median of the others.
 
 Needs root and a cgroup with the cpu controller (tests.cgroups).
 

@@ -6,8 +6,12 @@ Docker's `--cpus`, Kubernetes' CPU limits and systemd's `CPUQuota=` confine a pr
 thread may run, but the group gets so much CPU time per period and is throttled for the rest of
 it. Sized by the machine instead, a node on a 2-CPU limit of a 64-core host would run 128
 receivers (about 100 MB each) and 64 model threads throttled in turns. Measured on this 2-core
-machine under a 1-CPU quota, 2026-11-27: the model's sliding window took 2.09 s with ONNX
-Runtime's default threads and 1.38 s with one.
+machine under a 1-CPU quota (benchmarks.cpu_quota, 2026-11-27): the model's sliding window took
+2.54 s sized by the machine and 1.14 s sized by the quota.
+
+Read once where a count is fixed for the process's life (receivers, a model's session, torch's
+threads), per call where it is cheap (resample): after a quota changes (Kubernetes' in-place
+resize), a restart sizes the node anew.
 
 Written by hand: Python has no call for the quota (3.13's `os.process_cpu_count()` is the
 affinity) and loky's `cpu_count` reads only the files at the cgroup file system's root, which
@@ -35,11 +39,12 @@ def usable_cpus(proc: Path = PROC_SELF) -> int:
     return max(1, min(cpus, quota) if quota is not None else cpus)
 
 
-def quota_below_affinity(proc: Path = PROC_SELF) -> int | None:
-    """The CPU quota in whole CPUs when it allows fewer than the affinity, else None: how many
-    threads a compute pool sized by the affinity (ONNX Runtime's, torch's) should use instead."""
-    quota = cpu_quota(proc)
-    return quota if quota is not None and quota < len(os.sched_getaffinity(0)) else None
+def cpus_below_machine(proc: Path = PROC_SELF) -> int | None:
+    """The usable CPUs when an affinity or a CPU quota allows fewer than the machine has, else
+    None: how many threads a pool that sizes itself by the machine should use instead (ONNX
+    Runtime's default is the host's physical cores, whatever the affinity or quota)."""
+    usable = usable_cpus(proc)
+    return usable if usable < (os.cpu_count() or 1) else None
 
 
 def cpu_quota(proc: Path = PROC_SELF) -> int | None:
@@ -79,6 +84,8 @@ def own_cgroups(proc: Path = PROC_SELF) -> list[Cgroup]:
             relative = path.relative_to(root)
         except ValueError:  # this process's cgroup is outside what is mounted there
             continue
+        if ".." in relative.parts:  # outside its cgroup namespace's root: no ancestor of it is visible
+            continue
         found.append(Cgroup(version, point / relative, point))
     return found
 
@@ -99,19 +106,22 @@ def _own_paths(path: Path) -> dict[int, PurePosixPath]:
 
 
 def _cpu_mounts(path: Path) -> list[tuple[int, PurePosixPath, Path]]:
-    """(version, the cgroup mounted, the mount point) of each cgroup mount that can hold a CPU quota."""
-    mounts = []
+    """(version, the cgroup mounted, the mount point) of each cgroup mount that can hold a CPU
+    quota. A mount point mounted over again shows only its last mount (mountinfo lists them in
+    the order they were mounted)."""
+    mounts: dict[Path, tuple[int, PurePosixPath, Path]] = {}
     for line in _lines(path):
         mine, _, theirs = line.partition(" - ")
         fields, kind = mine.split(), theirs.split()
         if len(fields) < 5 or len(kind) < 3:
             continue
         root, point = PurePosixPath(_unescape(fields[3])), Path(_unescape(fields[4]))
+        mounts.pop(point, None)  # what was mounted there before is hidden now, whatever this is
         if kind[0] == "cgroup2":
-            mounts.append((2, root, point))
+            mounts[point] = (2, root, point)
         elif kind[0] == "cgroup" and "cpu" in kind[2].split(","):
-            mounts.append((1, root, point))
-    return mounts
+            mounts[point] = (1, root, point)
+    return list(mounts.values())
 
 
 def _limit(folder: Path, version: int) -> float | None:
@@ -131,8 +141,10 @@ def _limit(folder: Path, version: int) -> float | None:
 
 
 def _lines(path: Path) -> list[str]:
+    """The file's lines; a path in it that is not UTF-8 (a Latin-1 folder mounted in) is kept as
+    the file system's own bytes (os.fsdecode), not an error."""
     try:
-        return path.read_text().splitlines()
+        return os.fsdecode(path.read_bytes()).splitlines()
     except OSError:
         return []
 

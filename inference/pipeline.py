@@ -29,7 +29,7 @@ from monai.transforms import (
     Spacing,
 )
 
-from common.cpus import quota_below_affinity
+from common.cpus import usable_cpus
 from inference.backends.base import Backend
 from inference.findings import Finding, clean_labels, foreground_box, measure
 from inference.resample import resample
@@ -80,14 +80,20 @@ class ClassificationResult:
 
 
 def confine_threads() -> int:
-    """torch's intra-op threads: its default (the cores of the affinity), or the CPU quota when
-    that allows fewer (common.cpus); set once, as the pipeline loads. Returns the count. Threads
-    beyond the quota's CPUs are throttled in turns: on two cores under a 1-CPU quota the
-    inference stage (resampling, sliding window, back to the source grid) took 1.79 s with one
-    torch thread, 2.05 s with two."""
-    quota = quota_below_affinity()
-    if quota is not None and torch.get_num_threads() > quota:
-        torch.set_num_threads(quota)
+    """torch's intra-op threads at most the usable CPUs (common.cpus: the affinity, or a smaller
+    CPU quota, which torch's default does not see); set once, as the pipeline loads, before a
+    job's thread first runs torch (OpenMP keeps a count per thread; a thread takes the one set
+    when it first runs torch). Returns the count. Threads beyond a quota are throttled in turns:
+    the sliding window 2.54 s against 1.14 s under a 1-CPU quota on two CPUs with ONNX Runtime
+    fitted too (benchmarks.cpu_quota)."""
+    usable = usable_cpus()
+    if torch.get_num_threads() > usable:
+        torch.set_num_threads(usable)
+    return torch.get_num_threads()
+
+
+def torch_threads() -> int:
+    """torch's intra-op threads in the calling thread (a job's: what `model_ran` reports)."""
     return torch.get_num_threads()
 
 

@@ -65,7 +65,7 @@ def serve(
         None, "--quiet-period", help="Seconds without arrivals after which a study is complete."
     ),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
-                                         help="Receiver processes (scp.workers; 0: two per CPU core)."),
+                                         help="Receiver processes (scp.workers; 0: two per usable CPU)."),
     http_port: Optional[int] = typer.Option(
         None, "--http-port", min=0, max=65535, help="Console, API, health and metrics port (http.port; 0: no HTTP server)."),
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
@@ -20,24 +22,36 @@ def cpu_quota_cgroup(cpus: float, nested: bool = False,
     prefix that runs a command in it (the shell moves itself in, then execs the command: the
     same process, so its PID and process group are the command's). `nested`: the quota is on
     the new cgroup and the command runs in a child of it without one, as a systemd slice holds
-    a service. Removed afterwards, once what ran in it has ended. Where no such cgroup can be
-    made (not root, or no cpu controller this process may delegate), `unavailable(why)`: the
-    test is skipped."""
+    a service. Removed afterwards: a process still in it then (a receiver whose service was
+    killed) is killed. Where no such cgroup can be made (not root, or no cpu controller this
+    process may delegate), `unavailable(why)`: the test is skipped."""
     made: list[Path] = []
     try:
         inner = _quota_cgroup(cpus, nested, made, unavailable)
         yield ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(inner / "cgroup.procs")]
     finally:
         for folder in reversed(made):
-            wait_for(lambda: not (folder / "cgroup.procs").read_text().split(), timeout=30, interval=0.1)
-            folder.rmdir()
+            _remove(folder)
+
+
+def _remove(folder: Path) -> None:
+    def empty() -> bool:
+        for pid in (folder / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not (folder / "cgroup.procs").read_text().split()
+
+    wait_for(empty, timeout=30, interval=0.1)
+    folder.rmdir()
 
 
 def _quota_cgroup(cpus: float, nested: bool, made: list[Path], unavailable: Callable[[str], NoReturn]) -> Path:
     reasons = []
     for cgroup in own_cgroups():
         try:
-            outer = cgroup.folder / f"test-quota-{os.getpid()}"
+            outer = cgroup.folder / f"test-quota-{uuid.uuid4().hex[:12]}"
             if cgroup.version == 2:  # the cpu controller must be delegated to the new cgroup
                 (cgroup.folder / "cgroup.subtree_control").write_text("+cpu")
             outer.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cpus import cpu_quota, quota_below_affinity, usable_cpus
+from common.cpus import cpu_quota, usable_cpus
 from node.config import NodeConfig
 from tests.cgroups import cpu_quota_cgroup
 
@@ -53,7 +53,7 @@ def test_a_v1_container_sees_its_own_cgroup_at_the_mount_point(tmp_path):
     /sys/fs/cgroup/cpu,cpuacct while /proc/self/cgroup names the full path; a hybrid host's
     unified hierarchy without the cpu controller says nothing."""
     proc = _proc(tmp_path, "5:cpuacct,cpu:/docker/abc\n4:memory:/docker/abc\n0::/\n", [
-        ("/docker/abc", "cpu\\054cpuacct", "cgroup", "rw,cpuacct,cpu"),
+        ("/docker/abc", "cpu,cpuacct", "cgroup", "rw,cpuacct,cpu"),
         ("/docker/abc", "memory", "cgroup", "rw,memory"),
         ("/", "unified", "cgroup2", "rw"),
     ])
@@ -61,6 +61,30 @@ def test_a_v1_container_sees_its_own_cgroup_at_the_mount_point(tmp_path):
     _write(tmp_path / "memory", cpu_cfs_quota_us="10000", cpu_cfs_period_us="100000")  # not the cpu hierarchy
     _write(tmp_path / "unified")
     assert cpu_quota(proc) == 3
+
+
+def test_a_mount_point_with_an_escaped_space_and_one_mounted_over_again(tmp_path):
+    """mountinfo writes a space in a path as \\040; a mount point mounted over again (here by a
+    tmpfs) hides the cgroup mounted there before."""
+    proc = _proc(tmp_path, "3:cpu:/\n", [("/", "cpu\\040quota", "cgroup", "rw,cpu")])
+    _write(tmp_path / "cpu quota", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    assert cpu_quota(proc) == 1
+    with open(proc / "mountinfo", "a") as mountinfo:
+        mountinfo.write(f"40 23 0:40 / {tmp_path}/cpu\\040quota rw - tmpfs tmpfs rw\n")
+    assert cpu_quota(proc) is None
+
+
+def test_a_cgroup_outside_its_namespace_root_or_a_path_not_in_utf8_is_no_quota(tmp_path):
+    """/proc/self/cgroup says /../sibling for a process outside its cgroup namespace's root:
+    nothing above it is visible, and the root's quota is not an ancestor's. A mount point in
+    Latin-1 is read as the file system's bytes, not an error."""
+    proc = _proc(tmp_path, "0::/../sibling\n", [("/", "unified", "cgroup2", "rw")])
+    _write(tmp_path / "unified", cpu_max="50000 100000")
+    _write(tmp_path / "sibling", cpu_max="50000 100000")
+    assert cpu_quota(proc) is None
+    (proc / "mountinfo").write_bytes(b"30 23 0:28 / /caf\xe9 rw - cgroup2 cgroup2 rw\n")
+    (proc / "cgroup").write_text("0::/\n")
+    assert cpu_quota(proc) is None and usable_cpus(proc) == len(os.sched_getaffinity(0))
 
 
 @pytest.mark.parametrize("quota", ["max 100000", "-1", "", "garbage", "0 100000", "100000 0"])
@@ -92,7 +116,7 @@ def test_a_quota_below_the_affinity_sizes_the_receivers(tmp_path, monkeypatch):
 SIZES = """
 import json
 from pathlib import Path
-from common.cpus import cpu_quota, quota_below_affinity, usable_cpus
+from common.cpus import cpu_quota, usable_cpus
 from inference.backends.local import LocalBackend
 from inference.pipeline import confine_threads
 from inference.repository import ModelRepository
@@ -121,4 +145,14 @@ def test_under_a_real_cpu_quota_the_model_runs_on_as_many_threads_as_the_quota_a
     with cpu_quota_cgroup(1.0, nested=nested) as prefix:
         assert _sizes(prefix) == {"quota": 1, "usable": 1, "torch": 1, "onnxruntime": 1}
     outside = _sizes([])  # (a quota on the test's own cgroup, as a CI container may have, applies there too)
-    assert outside["usable"] == usable_cpus() and outside["onnxruntime"] == (quota_below_affinity() or 0)
+    assert outside["usable"] == usable_cpus()
+    assert outside["onnxruntime"] == (0 if usable_cpus() == os.cpu_count() else usable_cpus())
+
+
+def test_on_fewer_cpus_than_the_machine_has_onnx_runtime_runs_on_as_many_threads():
+    """ONNX Runtime's default is the host's physical cores whatever the affinity: a process
+    confined to one CPU (taskset, a cpuset) runs it, and torch, on one thread."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to confine a process to one")
+    sizes = _sizes(["taskset", "-c", str(min(os.sched_getaffinity(0)))])
+    assert (sizes["usable"], sizes["torch"], sizes["onnxruntime"]) == (1, 1, 1)

@@ -553,15 +553,18 @@ def test_a_node_under_a_cpu_quota_runs_two_receivers_and_one_model_thread_per_cp
     """A container's CPU limit is a quota (Docker's --cpus, Kubernetes' limits), which neither
     os.cpu_count() nor the affinity sees: in a real cgroup with a 1-CPU quota on this machine of
     two or more CPUs, the node's default is two receivers, each taking associations, the first
-    launched ahead, and its pipeline runs torch on one thread (common.cpus)."""
+    launched ahead, and its pipeline runs torch on one thread, in the job's thread too
+    (common.cpus)."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("a quota below the affinity needs two CPUs to run on")
     from tests.cgroups import cpu_quota_cgroup
 
     routing = {"rules": [{"name": "ct", "match": {"tag": "Modality", "equals": "CT"},
-                          "actions": {"run": ["lesion-seg"], "send_to": ["@sender"]}}]}
+                          "actions": {"run": ["lesion-seg"], "send_to": ["pacs"]}}]}
+    pacs = {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}}  # nothing listens: not needed
     with cpu_quota_cgroup(1.0) as prefix:
-        node = NodeProcess(tmp_path / "node", routing=routing, launcher=tuple(prefix), scp={"workers": 0})
+        node = NodeProcess(tmp_path / "node", routing=routing, launcher=tuple(prefix), scp={"workers": 0},
+                           destinations=pacs)
         node.receivers = 2  # what the node should find: the harness waits for that many (this process sees two CPUs)
         try:
             node.start()
@@ -570,6 +573,10 @@ def test_a_node_under_a_cpu_quota_runs_two_receivers_and_one_model_thread_per_cp
             assert _associations_held_per_receiver(node.port, receivers) == [1, 1]
             wait_for(lambda: node.events("pipeline_ready") or node.events("pipeline_load_failed"), timeout=120)
             assert [e["threads"] for e in node.events("pipeline_ready")] == [1]
+            sent = storescu(node.port, make_study(tmp_path / "study", slices=12))
+            assert sent.returncode == 0, sent.stderr
+            wait_for(lambda: node.events("model_ran") or node.events("job_failed"), timeout=180)
+            assert [e["threads"] for e in node.events("model_ran")] == [1], [e["reason"] for e in node.events("job_failed")]
         finally:
             node.stop()
 

@@ -7,19 +7,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from common.cpus import quota_below_affinity
+from common.cpus import cpus_below_machine
 from inference.backends.base import BackendError
 from inference.spec import ModelSpec
 
 
 class LocalBackend:
     def __init__(self, model_path: Path, spec: ModelSpec, threads: int = 0):
-        """`threads`: ONNX Runtime's intra-op threads; 0 for its default (the physical cores it
-        may run on), or the CPU quota when that allows fewer (common.cpus): more threads than
-        the quota's CPUs are throttled in turns, 2.09 s against 1.38 s for the sliding window
-        on two cores under a 1-CPU quota."""
+        """`threads`: ONNX Runtime's intra-op threads; 0 for its default (the host's physical
+        cores, whatever the affinity or a CPU quota allow), or the usable CPUs when those are
+        fewer than the machine's (common.cpus): threads beyond them share the CPUs or are
+        throttled in turns (the sliding window 2.54 s against 1.14 s under a 1-CPU quota on two
+        CPUs, benchmarks.cpu_quota)."""
         options = ort.SessionOptions()
-        threads = threads or quota_below_affinity() or 0
+        threads = threads or cpus_below_machine() or 0
         if threads:
             options.intra_op_num_threads = threads
         try:

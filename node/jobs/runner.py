@@ -302,6 +302,7 @@ class JobRunner:
     def _run_model(self, job: Job, task: ModelTask, progress: Progress) -> tuple[list, list] | None:
         """Run, encode and queue; (volumes, results) when inference ran (not for a re-run that
         only had delivery left)."""
+        from inference.pipeline import torch_threads
         from node.jobs import stages
 
         spec = self.models.spec(task.model)
@@ -335,7 +336,7 @@ class JobRunner:
                 logs.event(log, "model_ran", job=job.id, model=spec.name, version=spec.version,
                            series_uid=task.series_uid,
                            volume=result.volume.label or None, findings=len(getattr(result, "findings", ())),
-                           seconds={k: round(v, 3) for k, v in result.seconds.items()})
+                           threads=torch_threads(), seconds={k: round(v, 3) for k, v in result.seconds.items()})
                 metrics.model_ran(spec.name, result.seconds)  # per model: versions are in dicom_node_model_runs
         with self.stage(job, "enqueue", progress):
             for destination, options in variants.items():
