@@ -107,7 +107,8 @@ def main() -> None:
         medians = {arm: [statistics.median(r[i] for r in results[arm]) for i in range(len(labels))] for arm in "AB"}
         for arm in "AB":
             print(f"{arm:8}" + "".join(f"{value:17.2f}" for value in medians[arm]))
-        print(f"{'B/A':8}" + "".join(f"{b / a:17.2f}" if a else f"{'-':>17}" for a, b in zip(medians["A"], medians["B"])))
+        ratios = [f"{b / a:17.2f}" if a else f"{'-':>17}" for a, b in zip(medians["A"], medians["B"])]
+        print(f"{'B/A':8}" + "".join(ratios))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ thread may run, but the group gets so much CPU time per period and is throttled 
 it. Sized by the machine instead, a node on a 2-CPU limit of a 64-core host would run 128
 receivers (about 100 MB each) and 64 model threads throttled in turns. Measured on this 2-core
 machine under a 1-CPU quota (benchmarks.cpu_quota, 2026-11-27): the model's sliding window took
-2.54 s sized by the machine and 1.14 s sized by the quota.
+2.54 s sized by the machine and 1.16 s sized by the quota.
 
 Read once where a count is fixed for the process's life (receivers, a model's session, torch's
 threads), per call where it is cheap (resample): after a quota changes (Kubernetes' in-place

@@ -84,7 +84,7 @@ def confine_threads() -> int:
     CPU quota, which torch's default does not see); set once, as the pipeline loads, before a
     job's thread first runs torch (OpenMP keeps a count per thread; a thread takes the one set
     when it first runs torch). Returns the count. Threads beyond a quota are throttled in turns:
-    the sliding window 2.54 s against 1.14 s under a 1-CPU quota on two CPUs with ONNX Runtime
+    the sliding window 2.54 s against 1.16 s under a 1-CPU quota on two CPUs with ONNX Runtime
     fitted too (benchmarks.cpu_quota)."""
     usable = usable_cpus()
     if torch.get_num_threads() > usable:

@@ -12,14 +12,14 @@ source in memory order and the small output is transposed afterwards, which is 5
 than a general matrix over a transposed view.
 
 A large output is interpolated in slabs along its first axis, on as many threads as there are
-usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy lets go of the GIL while it interpolates, and before and
-after the model a job (one pipeline worker, the default) has the second core to itself. A
-slab's offset is the whole grid's moved by its first index: each voxel is interpolated at the
-same point as in one call up to the rounding of that point, which moves a rare voxel by one
-float32 step (2 of 2.16 million in a check). The slabs depend on the output's size only, never
-on the cores, so a volume gets the same values on every machine (with the same scipy). A
-300x512x512 CT onto a 2 mm grid: 0.29-0.34 s on one core, 0.12-0.17 s on two (back to back,
-taskset to one core for the first).
+usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy
+lets go of the GIL while it interpolates, and before and after the model a job (one pipeline
+worker, the default) has the second core to itself. A slab's offset is the whole grid's moved
+by its first index: each voxel is interpolated at the same point as in one call up to the
+rounding of that point, which moves a rare voxel by one float32 step (2 of 2.16 million in a
+check). The slabs depend on the output's size only, never on the cores, so a volume gets the
+same values on every machine (with the same scipy). A 300x512x512 CT onto a 2 mm grid:
+0.29-0.34 s on one core, 0.12-0.17 s on two (back to back, taskset to one core for the first).
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ class ScpConfig(Strict):
     max_instance_mb: int = Field(
         2048, ge=1, description="largest data set one C-STORE may carry (pynetdicom holds it in memory); "
         "a larger one is aborted as it arrives")
-    workers: int = Field(0, ge=0, description="receiver processes; 0 = two per usable CPU (the affinity, or a smaller CPU quota)")
+    workers: int = Field(0, ge=0, description="receiver processes; 0 = two per usable CPU "
+                         "(the affinity, or a smaller CPU quota)")
     require_called_ae_title: bool = False
     allowed_callers: list[AllowedCaller] = Field(
         default_factory=list, description="empty: any calling AE is accepted"

@@ -576,7 +576,8 @@ def test_a_node_under_a_cpu_quota_runs_two_receivers_and_one_model_thread_per_cp
             sent = storescu(node.port, make_study(tmp_path / "study", slices=12))
             assert sent.returncode == 0, sent.stderr
             wait_for(lambda: node.events("model_ran") or node.events("job_failed"), timeout=180)
-            assert [e["threads"] for e in node.events("model_ran")] == [1], [e["reason"] for e in node.events("job_failed")]
+            failures = [e["reason"] for e in node.events("job_failed")]
+            assert [e["threads"] for e in node.events("model_ran")] == [1], failures
         finally:
             node.stop()
 

@@ -17,7 +17,7 @@ class LocalBackend:
         """`threads`: ONNX Runtime's intra-op threads; 0 for its default (the host's physical
         cores, whatever the affinity or a CPU quota allow), or the usable CPUs when those are
         fewer than the machine's (common.cpus): threads beyond them share the CPUs or are
-        throttled in turns (the sliding window 2.54 s against 1.14 s under a 1-CPU quota on two
+        throttled in turns (the sliding window 2.54 s against 1.16 s under a 1-CPU quota on two
         CPUs, benchmarks.cpu_quota)."""
         options = ort.SessionOptions()
         threads = threads or cpus_below_machine() or 0
