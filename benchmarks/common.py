@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 import pydicom
 from pydicom.uid import generate_uid
 
+from common.cpus import usable_cpus
+
 
 @contextmanager
 def benchmark_run(description: str | None, slices: int = 300, size: int = 512,
@@ -35,8 +37,11 @@ def benchmark_run(description: str | None, slices: int = 300, size: int = 512,
 
 
 def _load_average() -> str:
-    """1, 5 and 15 minutes, with this machine's core count."""
-    return " / ".join(f"{load:.2f}" for load in os.getloadavg()) + f" ({os.cpu_count()} cores)"
+    """1, 5 and 15 minutes, with this machine's core count (and the CPUs this run may use, when
+    an affinity or a CPU quota allows fewer: common.cpus)."""
+    usable = usable_cpus()
+    fewer = f", {usable} usable" if usable != os.cpu_count() else ""
+    return " / ".join(f"{load:.2f}" for load in os.getloadavg()) + f" ({os.cpu_count()} cores{fewer})"
 
 
 # Run in a fresh interpreter, at module level, as the figures quoted in the README were taken
