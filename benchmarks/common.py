@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import pydicom
 from pydicom.uid import generate_uid
 
-from common.cpus import usable_cpus
+from common.cpus import cpus_below_machine
 
 
 @contextmanager
@@ -39,8 +39,7 @@ def benchmark_run(description: str | None, slices: int = 300, size: int = 512,
 def _load_average() -> str:
     """1, 5 and 15 minutes, with this machine's core count (and the CPUs this run may use, when
     an affinity or a CPU quota allows fewer: common.cpus)."""
-    usable = usable_cpus()
-    fewer = f", {usable} usable" if usable != os.cpu_count() else ""
+    fewer = f", {usable} usable" if (usable := cpus_below_machine()) else ""
     return " / ".join(f"{load:.2f}" for load in os.getloadavg()) + f" ({os.cpu_count()} cores{fewer})"
 
 

@@ -5,7 +5,7 @@ on (taskset, a cpuset, Docker's `--cpuset-cpus`). Neither sees a CPU *quota*, wh
 Docker's `--cpus`, Kubernetes' CPU limits and systemd's `CPUQuota=` confine a process: every
 thread may run, but the group gets so much CPU time per period and is throttled for the rest of
 it. Sized by the machine instead, a node on a 2-CPU limit of a 64-core host would run 128
-receivers (about 100 MB each) and 64 model threads throttled in turns. Measured on this 2-core
+receivers (65-100 MiB each) and 64 model threads throttled in turns. Measured on this 2-core
 machine under a 1-CPU quota (benchmarks.cpu_quota, 2026-11-27): the model's sliding window took
 2.54 s sized by the machine and 1.16 s sized by the quota.
 
@@ -36,7 +36,7 @@ def usable_cpus(proc: Path = PROC_SELF) -> int:
     """CPUs this process may keep busy at once: its affinity, or its CPU quota when smaller."""
     cpus = len(os.sched_getaffinity(0))
     quota = cpu_quota(proc)
-    return max(1, min(cpus, quota) if quota is not None else cpus)
+    return min(cpus, quota) if quota is not None else cpus
 
 
 def cpus_below_machine(proc: Path = PROC_SELF) -> int | None:
@@ -52,7 +52,7 @@ def cpu_quota(proc: Path = PROC_SELF) -> int | None:
     rounded up (1.5 CPUs: 2; never 0); None when there is none or none can be read."""
     limits = [limit for cgroup in own_cgroups(proc) for folder in cgroup.folders_up()
               if (limit := _limit(folder, cgroup.version)) is not None]
-    return max(1, math.ceil(min(limits))) if limits else None
+    return math.ceil(min(limits)) if limits else None  # each limit is above 0
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ def _own_paths(path: Path) -> dict[int, PurePosixPath]:
 
 def _cpu_mounts(path: Path) -> list[tuple[int, PurePosixPath, Path]]:
     """(version, the cgroup mounted, the mount point) of each cgroup mount that can hold a CPU
-    quota. A mount point mounted over again shows only its last mount (mountinfo lists them in
-    the order they were mounted)."""
+    quota and is what its mount point shows now: the device there is the mount's (a mount
+    hidden by a later one, on the same folder or on one above it, is not), and of mounts of one
+    file system on one folder the one listed last."""
     mounts: dict[Path, tuple[int, PurePosixPath, Path]] = {}
     for line in _lines(path):
         mine, _, theirs = line.partition(" - ")
@@ -116,12 +117,23 @@ def _cpu_mounts(path: Path) -> list[tuple[int, PurePosixPath, Path]]:
         if len(fields) < 5 or len(kind) < 3:
             continue
         root, point = PurePosixPath(_unescape(fields[3])), Path(_unescape(fields[4]))
-        mounts.pop(point, None)  # what was mounted there before is hidden now, whatever this is
+        mounts.pop(point, None)
+        if not _shows(point, fields[2]):
+            continue
         if kind[0] == "cgroup2":
             mounts[point] = (2, root, point)
         elif kind[0] == "cgroup" and "cpu" in kind[2].split(","):
             mounts[point] = (1, root, point)
     return list(mounts.values())
+
+
+def _shows(point: Path, device: str) -> bool:
+    """Whether the folder `point` is on the device mountinfo names ("major:minor")."""
+    try:
+        major, minor = (int(number) for number in device.split(":"))
+        return os.stat(point).st_dev == os.makedev(major, minor)
+    except (OSError, ValueError):
+        return False
 
 
 def _limit(folder: Path, version: int) -> float | None:
@@ -144,7 +156,7 @@ def _lines(path: Path) -> list[str]:
     """The file's lines; a path in it that is not UTF-8 (a Latin-1 folder mounted in) is kept as
     the file system's own bytes (os.fsdecode), not an error."""
     try:
-        return os.fsdecode(path.read_bytes()).splitlines()
+        return os.fsdecode(path.read_bytes()).split("\n")  # (splitlines would split at \f, \x1c...)
     except OSError:
         return []
 

@@ -84,8 +84,8 @@ def confine_threads() -> int:
     CPU quota, which torch's default does not see); set once, as the pipeline loads, before a
     job's thread first runs torch (OpenMP keeps a count per thread; a thread takes the one set
     when it first runs torch). Returns the count. Threads beyond a quota are throttled in turns:
-    the sliding window 2.54 s against 1.16 s under a 1-CPU quota on two CPUs with ONNX Runtime
-    fitted too (benchmarks.cpu_quota)."""
+    under a 1-CPU quota on two CPUs the node's own time around the model came to 2.33 s against
+    2.92 s with torch's and ONNX Runtime's threads fitted (benchmarks.cpu_quota)."""
     usable = usable_cpus()
     if torch.get_num_threads() > usable:
         torch.set_num_threads(usable)

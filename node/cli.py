@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import typer
 from node.config import API_TOKEN_ENV, DEFAULT_CONFIG, NodeConfig, load_config
-from common.cpus import usable_cpus
 from common.yamlfile import ConfigError
 
 app = typer.Typer(rich_markup_mode=None, 
@@ -89,7 +88,7 @@ def serve(
     launched: list[LaunchedReceiver] = []
     try:
         try:
-            for _ in range(launched_ahead(cfg.scp.worker_count(), usable_cpus())):
+            for _ in range(launched_ahead(cfg.scp.worker_count())):
                 launched.append(launch_receiver())
             from node.service import NodeService
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from common.cpus import usable_cpus
+from node.config import ScpConfig
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from tests.processes import stop_process_group
 
@@ -187,7 +187,7 @@ class NodeProcess:
             config.setdefault(section, {}).update(values)
         self.port = int(config["scp"]["port"])  # a test may choose it (a peer that must know it first)
         self.config_path.write_text(yaml.safe_dump(config))
-        self.receivers = int(config["scp"].get("workers") or 2 * usable_cpus())  # as NodeConfig counts them
+        self.receivers = ScpConfig(workers=int(config["scp"].get("workers") or 0)).worker_count()  # the node's count
         self.write_routing(routing if routing is not None else {"rules": []})
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -14,21 +14,28 @@ import pytest
 
 from common.cpus import cpu_quota, usable_cpus
 from node.config import NodeConfig
-from tests.cgroups import cpu_quota_cgroup
+from node.receive.launch import launched_ahead
+from tests.cgroups import cpu_quota_cgroup, skip_unless_two_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _proc(tmp_path: Path, cgroup: str, mounts: list[tuple[str, str, str, str]]) -> Path:
     """A fake /proc/self: its cgroup file, and a mountinfo with (root, mount point, type, super
-    options) per mount, mount points under tmp_path."""
+    options) per mount, mount points under tmp_path, each on tmp_path's device (as a mount's
+    folder is on its own)."""
     proc = tmp_path / "proc"
     proc.mkdir()
     (proc / "cgroup").write_text(cgroup)
-    lines = [f"{30 + k} 23 0:{28 + k} {root} {tmp_path / point} rw,relatime - {kind} {kind} {options}"
+    lines = [f"{30 + k} 23 {_device(tmp_path)} {root} {tmp_path / point} rw,relatime - {kind} {kind} {options}"
              for k, (root, point, kind, options) in enumerate(mounts)]
     (proc / "mountinfo").write_text("\n".join(["22 1 8:1 / / rw - ext4 /dev/sda1 rw", *lines]) + "\n")
     return proc
+
+
+def _device(folder: Path) -> str:
+    device = os.stat(folder).st_dev
+    return f"{os.major(device)}:{os.minor(device)}"
 
 
 def _write(folder: Path, **files: str) -> None:
@@ -63,6 +70,28 @@ def test_a_v1_container_sees_its_own_cgroup_at_the_mount_point(tmp_path):
     assert cpu_quota(proc) == 3
 
 
+def test_v1_without_a_quota_says_minus_one_and_a_child_may_have_one(tmp_path):
+    """v1 writes -1 for "no quota" (every hierarchy's root has it): no quota there, and the
+    child's quota counts."""
+    proc = _proc(tmp_path, "3:cpu,cpuacct:/node\n", [("/", "cpu", "cgroup", "rw,cpu,cpuacct")])
+    _write(tmp_path / "cpu", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    _write(tmp_path / "cpu" / "node", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    assert cpu_quota(proc) is None and usable_cpus(proc) == len(os.sched_getaffinity(0))
+    _write(tmp_path / "cpu" / "node", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    assert cpu_quota(proc) == 1 and usable_cpus(proc) == 1
+
+
+def test_a_mount_whose_folder_shows_another_device_is_hidden(tmp_path):
+    """A cgroup mount hidden by a later mount on its folder or on one above it: its folder is on
+    another device than mountinfo says, and what is there counts for nothing."""
+    proc = _proc(tmp_path, "3:cpu:/\n", [("/", "cpu", "cgroup", "rw,cpu")])
+    _write(tmp_path / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    assert cpu_quota(proc) == 1
+    text = (proc / "mountinfo").read_text()
+    (proc / "mountinfo").write_text(text.replace(f" {_device(tmp_path)} / {tmp_path}/cpu ", f" 0:999 / {tmp_path}/cpu "))
+    assert cpu_quota(proc) is None
+
+
 def test_a_mount_point_with_an_escaped_space_and_one_mounted_over_again(tmp_path):
     """mountinfo writes a space in a path as \\040; a mount point mounted over again (here by a
     tmpfs) hides the cgroup mounted there before."""
@@ -74,17 +103,21 @@ def test_a_mount_point_with_an_escaped_space_and_one_mounted_over_again(tmp_path
     assert cpu_quota(proc) is None
 
 
-def test_a_cgroup_outside_its_namespace_root_or_a_path_not_in_utf8_is_no_quota(tmp_path):
+def test_a_cgroup_outside_its_namespace_root_is_no_quota_and_a_path_not_in_utf8_is_read(tmp_path):
     """/proc/self/cgroup says /../sibling for a process outside its cgroup namespace's root:
     nothing above it is visible, and the root's quota is not an ancestor's. A mount point in
-    Latin-1 is read as the file system's bytes, not an error."""
+    Latin-1 is read as the file system's own bytes."""
     proc = _proc(tmp_path, "0::/../sibling\n", [("/", "unified", "cgroup2", "rw")])
     _write(tmp_path / "unified", cpu_max="50000 100000")
     _write(tmp_path / "sibling", cpu_max="50000 100000")
     assert cpu_quota(proc) is None
-    (proc / "mountinfo").write_bytes(b"30 23 0:28 / /caf\xe9 rw - cgroup2 cgroup2 rw\n")
+    latin1 = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(latin1)
+    with open(latin1 + b"/cpu.max", "wb") as quota:
+        quota.write(b"50000 100000\n")
+    (proc / "mountinfo").write_bytes(b"30 23 " + _device(tmp_path).encode() + b" / " + latin1 + b" rw - cgroup2 cgroup2 rw\n")
     (proc / "cgroup").write_text("0::/\n")
-    assert cpu_quota(proc) is None and usable_cpus(proc) == len(os.sched_getaffinity(0))
+    assert cpu_quota(proc) == 1
 
 
 @pytest.mark.parametrize("quota", ["max 100000", "-1", "", "garbage", "0 100000", "100000 0"])
@@ -103,14 +136,19 @@ def test_a_cgroup_outside_the_mounted_part_or_no_proc_files_is_no_quota(tmp_path
     assert cpu_quota(tmp_path / "no-such-proc") is None
 
 
-def test_a_quota_below_the_affinity_sizes_the_receivers(tmp_path, monkeypatch):
-    """scp.workers 0: two receivers per usable CPU."""
+def test_a_quota_below_the_affinity_sizes_the_receivers_and_those_launched_ahead(tmp_path, monkeypatch):
+    """scp.workers 0: two receivers per usable CPU; launched ahead of the service's imports, one
+    per usable CPU besides the service's (launch.launched_ahead)."""
     proc = _proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
     _write(tmp_path / "unified", cpu_max="100000 100000")
     assert usable_cpus(proc) == 1
     monkeypatch.setattr("node.config.usable_cpus", lambda: usable_cpus(proc))
     assert NodeConfig.model_validate({"scp": {"workers": 0}}).scp.worker_count() == 2
     assert NodeConfig.model_validate({"scp": {"workers": 5}}).scp.worker_count() == 5
+    monkeypatch.setattr("node.receive.launch.usable_cpus", lambda: 16)  # a quota of 16 on a bigger host
+    assert launched_ahead(32) == 15
+    monkeypatch.setattr("node.receive.launch.usable_cpus", lambda: usable_cpus(proc))
+    assert launched_ahead(32) == 1
 
 
 SIZES = """
@@ -129,8 +167,10 @@ print(json.dumps({"quota": cpu_quota(), "usable": usable_cpus(), "torch": confin
 
 
 def _sizes(prefix: list[str]) -> dict[str, int | None]:
+    """What a process started through `prefix` finds, with torch's default at four threads (so
+    that on any machine only the fitting brings it to the usable CPUs)."""
     run = subprocess.run([*prefix, sys.executable, "-c", SIZES], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="4", MKL_NUM_THREADS="4"))
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -140,19 +180,17 @@ def test_under_a_real_cpu_quota_the_model_runs_on_as_many_threads_as_the_quota_a
     """A process in a real cgroup with a 1-CPU quota (on its own cgroup, or on the parent's as a
     systemd slice has it) on a machine where it may run on more: one usable CPU, torch and ONNX
     Runtime on one thread. Outside it, ONNX Runtime's own default stays."""
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("a quota below the affinity needs two CPUs to run on")
+    skip_unless_two_cpus()
     with cpu_quota_cgroup(1.0, nested=nested) as prefix:
         assert _sizes(prefix) == {"quota": 1, "usable": 1, "torch": 1, "onnxruntime": 1}
     outside = _sizes([])  # (a quota on the test's own cgroup, as a CI container may have, applies there too)
-    assert outside["usable"] == usable_cpus()
+    assert outside["usable"] == (len(os.sched_getaffinity(0)) if cpu_quota() is None else usable_cpus())
     assert outside["onnxruntime"] == (0 if usable_cpus() == os.cpu_count() else usable_cpus())
 
 
 def test_on_fewer_cpus_than_the_machine_has_onnx_runtime_runs_on_as_many_threads():
     """ONNX Runtime's default is the host's physical cores whatever the affinity: a process
     confined to one CPU (taskset, a cpuset) runs it, and torch, on one thread."""
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs two CPUs to confine a process to one")
+    skip_unless_two_cpus()
     sizes = _sizes(["taskset", "-c", str(min(os.sched_getaffinity(0)))])
     assert (sizes["usable"], sizes["torch"], sizes["onnxruntime"]) == (1, 1, 1)

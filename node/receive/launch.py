@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import logs
+from common.cpus import usable_cpus
 from node.config import API_TOKEN_ENV, HTTP_TOKEN_ENV, INDEX_URL_ENV, OIDC_SECRET_ENV
 
 log = logging.getLogger("node.receive")
@@ -76,16 +77,16 @@ class LaunchFailed(OSError):
     limit, memory); its `strerror` says so for the operator."""
 
 
-def launched_ahead(receivers: int, cores: int) -> int:
+def launched_ahead(receivers: int, cores: int | None = None) -> int:
     """How many of the `receivers` to launch before the service imports its modules: one per
-    core the service leaves to them, at least one. The pool launches the others as it starts
+    core the service leaves to them (`cores`: the usable CPUs, common.cpus), at least one. The pool launches the others as it starts
     (ReceiverPool.start), once those have their settings. Launched all at once, they took the
     cores from the service's own start: on two cores the first C-ECHO came 2.91 -> 2.03 s after
     a first start with two receivers and 4.16 -> 2.16 s with the default four (medians of four
     starts in turns). Launched as soon as the service's modules were imported, the others slowed
     the rest of its start (a first start creates the schema): 2.42 and 2.93 s against 2.12 and
     2.13 s, in turns."""
-    return max(1, min(receivers, cores - 1))
+    return max(1, min(receivers, (usable_cpus() if cores is None else cores) - 1))
 
 
 def launch_receiver() -> LaunchedReceiver:
