@@ -118,12 +118,14 @@ def _cpu_mounts(path: Path) -> list[tuple[int, PurePosixPath, Path]]:
             continue
         root, point = PurePosixPath(_unescape(fields[3])), Path(_unescape(fields[4]))
         mounts.pop(point, None)
-        if not _shows(point, fields[2]):
-            continue
         if kind[0] == "cgroup2":
-            mounts[point] = (2, root, point)
+            version = 2
         elif kind[0] == "cgroup" and "cpu" in kind[2].split(","):
-            mounts[point] = (1, root, point)
+            version = 1
+        else:
+            continue  # (not stat'ed: a network mount may not answer)
+        if _shows(point, fields[2]):
+            mounts[point] = (version, root, point)
     return list(mounts.values())
 
 
