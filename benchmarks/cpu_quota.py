@@ -30,7 +30,7 @@ import pydicom
 
 from benchmarks import end_to_end
 from benchmarks.common import benchmark_run, relabel
-from benchmarks.receive_against import export_revision
+from benchmarks.receive_against import export_revision, group_stats
 from phantom.study import make_dicom_study
 from tests.cgroups import cpu_quota_cgroup
 from tests.peers import REPO_ROOT, NodeProcess, wait_for
@@ -50,13 +50,10 @@ def _unavailable(why: str) -> NoReturn:
 def group_pss_mib(group: int) -> float:
     """Proportional set size of the live processes in this process group, MiB."""
     total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in group_stats(group):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) != group:
-                continue
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except (OSError, ValueError):  # ended meanwhile
+        except OSError:  # ended meanwhile
             continue
         total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
     return total / 1024

@@ -47,18 +47,24 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=5)
 
 
-def group_cpu_s(group: int) -> float:
-    """User and system CPU seconds of the live processes in this process group."""
-    total = 0
+def group_stats(group: int) -> dict[str, list[str]]:
+    """/proc/PID/stat's fields after "pid (comm) " of each live process in this process group."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:  # ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == group:  # pgrp
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK_TICKS
+            found[pid] = fields
+    return found
+
+
+def group_cpu_s(group: int) -> float:
+    """User and system CPU seconds of the live processes in this process group."""
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields in group_stats(group).values())  # utime, stime
+    return ticks / CLOCK_TICKS
 
 
 def stolen_s() -> float:

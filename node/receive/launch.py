@@ -79,13 +79,13 @@ class LaunchFailed(OSError):
 
 def launched_ahead(receivers: int, cores: int | None = None) -> int:
     """How many of the `receivers` to launch before the service imports its modules: one per
-    core the service leaves to them (`cores`: the usable CPUs, common.cpus), at least one. The pool launches the others as it starts
-    (ReceiverPool.start), once those have their settings. Launched all at once, they took the
-    cores from the service's own start: on two cores the first C-ECHO came 2.91 -> 2.03 s after
-    a first start with two receivers and 4.16 -> 2.16 s with the default four (medians of four
-    starts in turns). Launched as soon as the service's modules were imported, the others slowed
-    the rest of its start (a first start creates the schema): 2.42 and 2.93 s against 2.12 and
-    2.13 s, in turns."""
+    core the service leaves to them (`cores`: the usable CPUs, common.cpus), at least one. The
+    pool launches the others as it starts (ReceiverPool.start), once those have their settings.
+    Launched all at once, they took the cores from the service's own start: on two cores the
+    first C-ECHO came 2.91 -> 2.03 s after a first start with two receivers and 4.16 -> 2.16 s
+    with the default four (medians of four starts in turns). Launched as soon as the service's
+    modules were imported, the others slowed the rest of its start (a first start creates the
+    schema): 2.42 and 2.93 s against 2.12 and 2.13 s, in turns."""
     return max(1, min(receivers, (usable_cpus() if cores is None else cores) - 1))
 
 
@@ -106,7 +106,8 @@ def launch_receiver() -> LaunchedReceiver:
         ours.close()
         os.close(settings_out)
         if isinstance(exc, OSError):
-            raise LaunchFailed(exc.errno, f"a receiver process cannot be launched ({exc.strerror or exc})") from exc
+            why = exc.strerror or exc
+            raise LaunchFailed(exc.errno, f"a receiver process cannot be launched ({why})") from exc
         raise
     finally:
         theirs.close()
