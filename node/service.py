@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from inference.repository import ModelRepository
 from common import logs
 from node.assemble.completion import CompletionTimers
+from node.assemble.read_ahead import ReadAhead
 from node.config import NodeConfig
 from node.console.listening import bind_console
 from node.jobs.admission import SIGNAL_POLL_S, Admission
@@ -85,9 +86,10 @@ class NodeService:
         self.signals = admission.signals
         self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler,
                                 decide=admission.decide)
+        self.read_ahead = ReadAhead(self.index, self.scheduler, read=self.runner.read_ahead)
         self.completion = CompletionTimers(self.index, self.scheduler, prepare=admission.route, admit=admission.admit,
                                            on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s,
-                                           first_check=self._first_check)
+                                           first_check=self._first_check, on_waiting=self.read_ahead.waiting)
         self.receivers = ReceiverPool(config, on_study_opened=self._study_opened, on_signal=self._signal,
                                       launched=launched)
         self.hl7 = Hl7Listener(config.hl7, self.signals, self._signal) if config.hl7.port is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import pydicom
 
 from node.encode.sr import read_findings
-from tests.peers import wait_for
+from tests.peers import storescu, wait_for
 from phantom.chest import make_chest_study
 from phantom.study import make_dicom_study
 from phantom.dicom import SeriesIdentity
@@ -114,6 +115,43 @@ def test_two_studies_at_once_and_one_that_no_rule_matches(start_node, orthanc, t
     assert job["reason"] == "no routing rule applies"
     assert "InstanceCount ge 16 (is 8)" in job["explanation"]
     assert set(pacs.instances_by_modality(small_uid)) == {"CT"}
+
+
+def _stored(sent: subprocess.CompletedProcess[str]) -> int:
+    return (sent.stdout + sent.stderr).count("Received Store Response (Success)")
+
+
+def test_a_waiting_studys_headers_are_read_ahead_and_its_job_takes_them(start_node, orthanc, tmp_path):
+    """While a study waits to complete (here for the last images its series says it has), the
+    headers of the series a rule runs a model on are parsed (node.assemble.read_ahead); its job
+    takes them instead of parsing them again. An instance a resend replaced meanwhile is read
+    anew: taking its old header would fail the job's pixel read (SeriesChanged, a wait). The
+    last images complete the study at once (no settling), most often before any read-ahead of
+    the resent file."""
+    pacs = orthanc()
+    node = start_node(routing={"rules": [{**ROUTING["rules"][0], "actions": {"run": ["lesion-seg"],
+                                                                               "send_to": ["pacs"]}}]},
+                      completion={"quiet_period_s": 600.0, "signals": {"image_counts": True}, "count_settle_s": 0},
+                      destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
+                      sending={"retry_initial_s": 0.5, "sweep_s": 0.5})
+    files, _ = make_dicom_study(tmp_path / "ct", slices=20, size=96, pixel_spacing=2.0, slice_spacing=2.0, seed=31)
+    for path in files:  # a series of 20 that says so (README, "Completion signals": image_counts)
+        ds = pydicom.dcmread(path)
+        ds.AcquisitionNumber, ds.ImagesInAcquisition = 1, 20
+        ds.save_as(path)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert _stored(storescu(node.port, files[:16])) == 16
+    ahead = wait_for(lambda: node.events("headers_read_ahead"), timeout=120)
+    assert [(e["study_uid"], e["headers"]) for e in ahead] == [(study_uid, 16)]
+    changed = pydicom.dcmread(files[3])
+    changed.PixelData = bytes(len(changed.PixelData))
+    changed.save_as(tmp_path / "changed.dcm")
+    assert _stored(storescu(node.port, [tmp_path / "changed.dcm", *files[16:]])) == 5
+    found = _results(pacs, study_uid)
+    assert len(found["SEG"]) == len(found["SR"]) == 1
+    (loaded,) = node.events("series_loaded")
+    assert loaded["instances"] == 20 and 15 <= loaded["read_ahead"] <= 20, loaded
+    assert not node.events("job_waiting") and not node.events("read_ahead_failed")
 
 
 DETECTION_ROUTING = {"rules": [{

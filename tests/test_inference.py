@@ -345,6 +345,61 @@ def test_a_file_replaced_while_its_series_is_read_is_a_transient_failure(tmp_pat
     assert is_transient(caught.value)
 
 
+def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_header(tmp_path, monkeypatch):
+    """Headers parsed ahead (in the quiet period) are taken by the job instead of parsed again:
+    the volume is voxel- and affine-exact to one read from scratch. A header whose file a
+    resend replaced since is never given out: the job reads the new file (its pixels here)."""
+    from inference import volume as module
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)
+    values = np.arange(5 * 12 * 10, dtype=float).reshape(5, 12, 10)
+    files = write_ct_series(values, tmp_path / "s", SeriesGeometry())
+    parsed = module.ParsedHeaders()
+    assert parsed.read_ahead(files, limit=100) == 5 and len(parsed) == 5
+    assert parsed.read_ahead(files, limit=100) == 0  # held already, files unchanged
+    fresh = module.read_volumes(files)[0]
+    replacement = pydicom.dcmread(files[2])
+    replacement.PixelData = bytes(len(replacement.PixelData))  # stored value 0: -1024 HU
+    replacement.save_as(tmp_path / "new.dcm", enforce_file_format=True)
+    (tmp_path / "new.dcm").replace(files[2])
+    os.utime(files[2], ns=(1, 1))  # a different modification time, however fast the machine
+    ahead = parsed.take(files)
+    assert sorted(ahead) == sorted(set(files) - {files[2]}) and len(parsed) == 0
+    volume = module.read_volumes(files, ahead)[0]
+    taken = [any(ds is header for header in ahead.values()) for ds in volume.datasets]
+    assert sorted(taken) == [False, True, True, True, True]  # all but the replaced file's header
+    np.testing.assert_array_equal(volume.affine, fresh.affine)
+    np.testing.assert_array_equal(volume.array, module.read_volumes(files)[0].array)
+    changed = np.argwhere(volume.array != fresh.array)
+    assert len(changed) == 12 * 10  # the whole of the replaced slice, nothing else
+
+
+def test_headers_read_ahead_stay_within_their_limit_and_leave_what_they_cannot_use(tmp_path, monkeypatch):
+    """At most `limit` headers are held (reading ahead stops there), none longer than their
+    maximum age; a series read whole (here compressed: its pixels would be held) and files that
+    cannot be read are left to the job."""
+    from inference import volume as module
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)
+    files = write_ct_series(np.zeros((6, 12, 10)), tmp_path / "s", SeriesGeometry())
+    parsed = module.ParsedHeaders()
+    assert parsed.read_ahead(files, limit=4) == 4 and len(parsed) == 4
+    assert parsed.read_ahead(files, limit=4) == 0 and parsed.expire() == 0
+    assert sorted(parsed.take(files)) == sorted(files[:4])
+    assert parsed.read_ahead(files, limit=0) == 0 and len(parsed) == 0
+    stale = module.ParsedHeaders(max_age_s=0)
+    assert stale.read_ahead(files, limit=4) == 4 and stale.expire() == 4 and stale.take(files) == {}
+    (tmp_path / "damaged.dcm").write_bytes(b"DICM" * 10)
+    assert parsed.read_ahead([tmp_path / "gone.dcm", tmp_path / "damaged.dcm", files[0]], limit=4) == 1
+    compressed = []
+    for k, f in enumerate(files[:3]):
+        ds = pydicom.dcmread(f)
+        ds.compress(pydicom.uid.RLELossless)
+        compressed.append(tmp_path / f"rle{k}.dcm")
+        ds.save_as(compressed[-1], enforce_file_format=True)
+    assert parsed.read_ahead(compressed, limit=4) == 0 and sorted(parsed.take(files + compressed)) == [files[0]]
+
+
 def _resident_fraction(array: np.ndarray) -> float:
     """The share of `array`'s pages in memory, as mincore(2) reports them."""
     import ctypes

@@ -53,12 +53,14 @@ class CompletionTimers:
         on_admitted: Callable[[str], None] = lambda study_uid: None,
         sweep_s: float = 30.0,
         first_check: Callable[[str, float], float] = lambda study_uid, deadline: deadline,
+        on_waiting: Callable[[str, Prepared], None] = lambda study_uid, prepared: None,
     ):
         """`prepare(study_uid, now)` runs first, without the write lock (it routes the study; None:
         not receiving); `admit(db, prepared, now)` in the completing transaction (the job);
         `on_admitted(study_uid)` after it committed (wake the workers); `first_check(study_uid,
         deadline)`: when to check a receiving study first (earlier than its stored deadline when
-        a rule's quiet period or a completion signal may make it due sooner)."""
+        a rule's quiet period or a completion signal may make it due sooner); `on_waiting(study_uid,
+        prepared)` when a check found it receiving and not yet due (node.assemble.read_ahead)."""
         self.index = index
         self.scheduler = scheduler
         self.prepare = prepare
@@ -66,6 +68,7 @@ class CompletionTimers:
         self.on_admitted = on_admitted
         self.sweep_s = sweep_s
         self.first_check = first_check
+        self.on_waiting = on_waiting
         self._arming = threading.Lock()
 
     def start(self) -> None:
@@ -109,6 +112,7 @@ class CompletionTimers:
                 return
             if prepared.due > now:
                 self.arm(study_uid, prepared.due)
+                self.on_waiting(study_uid, prepared)
                 return
             completed, deadline = self.index.complete_if_due(
                 study_uid, now, lambda db: self.admit(db, prepared, now), quiet_override=prepared.quiet_period_s,

@@ -40,6 +40,7 @@ from node.store.index import Db, Index
 from node.store.spool import Spool
 
 if TYPE_CHECKING:
+    from inference.volume import ParsedHeaders
     from node.jobs.stages import ModelTask
 
 log = logging.getLogger("node.jobs")
@@ -69,6 +70,7 @@ class JobRunner:
         self._go = threading.Event()
         self._wanted = threading.Event()  # the pipeline is to load (want_pipeline)
         self._threads: list[threading.Thread] = []
+        self._parsed: ParsedHeaders | None = None  # once the pipeline has loaded (read_ahead)
 
     def start(self, load_after: Callable[[], object] = lambda: None, load_at_start: bool = True) -> None:
         """`load_after`: returns when the pipeline may load (the receivers first: two cores
@@ -108,6 +110,19 @@ class JobRunner:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
+    def read_ahead(self, study_uid: str) -> int:
+        """Parse the headers of the series the rules in force would run a model on, for the job
+        the study will become (inference.volume.ParsedHeaders); how many were parsed (0 before
+        the pipeline has loaded: its modules are imported once, by one thread)."""
+        parsed, limit = self._parsed, self.config.pipeline.read_ahead_headers
+        if parsed is None or not limit or self._stop.is_set():
+            return 0
+        view = study_from_index(self.index, study_uid, self.data_dir)
+        if view is None:
+            return 0
+        chosen = {applied.series_uid for applied in self.decide(study_uid).applied if applied.actions.run}
+        return sum(parsed.read_ahead(series.files, limit) for series in view.series if series.series_uid in chosen)
+
     def _wake_at(self, when: float) -> None:
         self.scheduler.add_job(self.wake, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc),
                                misfire_grace_time=None)
@@ -128,6 +143,9 @@ class JobRunner:
         try:
             started = time.monotonic()
             importlib.import_module("node.jobs.stages")
+            self._parsed = importlib.import_module("inference.volume").ParsedHeaders()
+            self.scheduler.add_job(self._parsed.expire, "interval", seconds=60, id="parsed-headers-expiry",
+                                   replace_existing=True, coalesce=True)
             threads = importlib.import_module("inference.pipeline").confine_threads()
             importlib.import_module("node.encode.warmup").warm_up()
             logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2), threads=threads,
@@ -313,7 +331,10 @@ class JobRunner:
         missing = {task.output_key(o): o for o in variants.values() if task.output_key(o) not in encoded}
         if missing:  # else a re-run after a crash: the results were written, only delivery is left
             with self.stage(job, "load", progress):
-                volumes = stages.load(task)  # several for e.g. a multi-echo MR series: one result set each
+                ahead = self._parsed.take(task.files) if self._parsed is not None else {}
+                volumes = stages.load(task, ahead)  # several for e.g. a multi-echo MR series: one result set each
+            logs.event(log, "series_loaded", job=job.id, series_uid=task.series_uid, instances=len(task.files),
+                       read_ahead=len(ahead))
             results = []
             for volume in volumes:
                 with self.stage(job, "inference", progress), \

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from pydicom.dataset import Dataset
 
 from inference.backends.base import Backend
 from inference.detection import detect
@@ -58,9 +60,10 @@ class ModelTask:
         return [f.stem for f in self.files]
 
 
-def load(task: ModelTask) -> list[SeriesVolume]:
-    """The series' volumes: one, or one per echo, b-value or time point when it holds several."""
-    return read_volumes(list(task.files))
+def load(task: ModelTask, ahead: Mapping[Path, Dataset] | None = None) -> list[SeriesVolume]:
+    """The series' volumes: one, or one per echo, b-value or time point when it holds several.
+    `ahead`: headers of its files parsed already (inference.volume.ParsedHeaders)."""
+    return read_volumes(list(task.files), ahead)
 
 
 def infer(volume: SeriesVolume, spec: ModelSpec, backend: Backend, explain: bool = False) -> Result:
