@@ -215,6 +215,17 @@ def _read_whole(header: Dataset) -> bool:
             or _frames(header) > 1 or _StoredPixels.of(header) is None)
 
 
+# A header longer than this in its file (values under DEFER_BYTES each, any number) is not read ahead.
+HEADER_MAX_BYTES = 1 << 20
+CHECK_EVERY = 16  # headers read ahead between asks whether to go on
+
+
+@dataclass(frozen=True)
+class _Held:
+    header: Dataset
+    study_uid: str
+
+
 class ParsedHeaders:
     """Headers of stored series parsed before their job needs them: while the study waits out its
     quiet period, which is otherwise idle time (node.assemble.read_ahead: the series a rule will run
@@ -223,59 +234,91 @@ class ParsedHeaders:
     Only headers whose Pixel Data stays in the file are kept (no pixels are held here), at most
     `limit` of them: reading ahead stops there (what is held is nearest its job). Each is given out
     once, and only while its file is still the one it was parsed from (a resend replaces the file:
-    the job then parses the new one); one not taken within `max_age_s` (its job ran on another
-    replica, or its quiet period is longer) is let go by `expire`.
+    the job then parses the new one). A study's headers not taken once it has stopped receiving
+    (its job ran on another replica) are let go by `expire`.
     """
 
-    def __init__(self, max_age_s: float = 900.0) -> None:
-        self.max_age_s = max_age_s
-        self._held: OrderedDict[Path, tuple[Dataset, float]] = OrderedDict()  # oldest first
+    def __init__(self) -> None:
+        self._held: dict[Path, _Held] = {}
+        # The first file of a series that is read whole (or whose header is too long), so that
+        # it is not parsed again at each reading ahead: its identity when it was.
+        self._passed: OrderedDict[Path, StoredFile] = OrderedDict()
+        self._stopped: dict[str, float] = {}  # study -> when `expire` first found it not receiving
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def read_ahead(self, files: Sequence[Path], limit: int) -> int:
-        """Parse the headers of `files` not held yet while fewer than `limit` are held; the number
-        parsed. A series read whole (compressed, multi-frame, deflated) is left to its job, and so
-        is a file that cannot be read now (its job reads it again and says what is wrong)."""
+    def read_ahead(self, study_uid: str, files: Sequence[Path], limit: int,
+                   go_on: Callable[[], bool] = lambda: True) -> int:
+        """Parse the headers of the study's `files` not held yet while fewer than `limit` are held
+        and `go_on()` (asked every CHECK_EVERY files) says so; the number parsed. A series read
+        whole (compressed, multi-frame, deflated) is left to its job, and so is a file that cannot
+        be read now (its job reads it again and says what is wrong)."""
         parsed = 0
-        for f in files:
+        for n, f in enumerate(files):
+            if n % CHECK_EVERY == 0 and not go_on():
+                break
+            try:
+                identity = StoredFile.of(os.stat(f))
+            except OSError:
+                continue  # gone: the job says so
             with self._lock:
                 held = self._held.get(f)
+                if held is not None and held.header._stored_file == identity:
+                    continue
+                if self._passed.get(f) == identity:
+                    break
                 if held is None and len(self._held) >= limit:
                     break
-            if held is not None and _unchanged(f, held[0]):
-                continue
             try:
                 with open(f, "rb") as file:
                     ds = _header(file)
-                whole = _read_whole(ds)
-            except Exception:  # noqa: BLE001 - gone, damaged or not DICOM: the job reports it
+                keep = not _read_whole(ds) and _header_bytes(ds) <= HEADER_MAX_BYTES
+            except Exception:  # noqa: BLE001 - damaged or not DICOM: the job reports it
                 continue
-            if whole:
-                break  # its series is read whole: reading its headers ahead saves nothing
             with self._lock:
-                self._held[f] = (ds, time.monotonic())
-                self._held.move_to_end(f)
+                if not keep:  # its series is read whole: reading its headers ahead saves nothing
+                    self._passed[f] = ds._stored_file
+                    while len(self._passed) > max(limit, 1):
+                        self._passed.popitem(last=False)
+                    break
+                self._held[f] = _Held(ds, study_uid)
             parsed += 1
         return parsed
 
     def take(self, files: Sequence[Path]) -> dict[Path, Dataset]:
         """The held headers of `files` whose files are unchanged since; none of `files` stays held."""
         with self._lock:
-            held = {f: entry[0] for f in files if (entry := self._held.pop(f, None)) is not None}
+            held = {f: entry.header for f in files if (entry := self._held.pop(f, None)) is not None}
         return {f: ds for f, ds in held.items() if _unchanged(f, ds)}
 
-    def expire(self) -> int:
-        """Let go of the headers held longer than `max_age_s`; how many."""
-        oldest = time.monotonic() - self.max_age_s
-        expired = 0
+    def expire(self, receiving: Callable[[str], bool], grace_s: float) -> int:
+        """Let go of the headers of studies that `receiving` has said are not, for `grace_s` (a job
+        waiting for a worker that long parses its own); how many."""
+        now = time.monotonic()
         with self._lock:
-            while self._held and next(iter(self._held.values()))[1] < oldest:
-                self._held.popitem(last=False)
-                expired += 1
-        return expired
+            studies = {entry.study_uid for entry in self._held.values()}
+        done = set()
+        for study_uid in studies:
+            if receiving(study_uid):
+                self._stopped.pop(study_uid, None)
+            elif now - self._stopped.setdefault(study_uid, now) >= grace_s:
+                done.add(study_uid)
+        with self._lock:
+            expired = [f for f, entry in self._held.items() if entry.study_uid in done]
+            for f in expired:
+                del self._held[f]
+        for study_uid in set(self._stopped) - (studies - done):
+            del self._stopped[study_uid]
+        return len(expired)
+
+
+def _header_bytes(header: Dataset) -> int:
+    """Where the header's Pixel Data starts in its file (the header's length there), or the file's
+    size where that is not known."""
+    tell = getattr(header.get_item("PixelData", keep_deferred=True), "value_tell", None)
+    return int(tell) if tell is not None else header._stored_file.size
 
 
 def _unchanged(path: Path, header: Dataset) -> bool:

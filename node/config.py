@@ -489,7 +489,7 @@ class PipelineConfig(Strict):
     workers: int = Field(1, ge=1, description="studies processed at the same time")
     routing_file: Path = Path("routing.yaml")
     read_ahead_headers: int = Field(
-        2000, ge=0, description="headers of the series a rule will run a model on, parsed while their study"
+        1000, ge=0, description="headers of the series a rule will run a model on, parsed while their study"
         " waits out its quiet period and held for its job (at most this many in all; 0: none)")
 
 

@@ -53,6 +53,7 @@ LIVE_KEYS = (
     "inference.retry_initial_s",
     "inference.retry_max_s",
     "inference.retry_deadline_s",
+    "pipeline.read_ahead_headers",
     "storage.retention",
     "storage.min_free_mb",
     "http.max_upload_mb",

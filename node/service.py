@@ -86,7 +86,8 @@ class NodeService:
         self.signals = admission.signals
         self.runner = JobRunner(config, self.index, self.jobs, self.outbox, self.models, self.spool, self.scheduler,
                                 decide=admission.decide)
-        self.read_ahead = ReadAhead(self.index, self.scheduler, read=self.runner.read_ahead)
+        self.read_ahead = ReadAhead(self.index, self.scheduler, read=self.runner.read_ahead,
+                                    enabled=self.runner.reads_ahead)
         self.completion = CompletionTimers(self.index, self.scheduler, prepare=admission.route, admit=admission.admit,
                                            on_admitted=self.runner.wake, sweep_s=config.completion.sweep_s,
                                            first_check=self._first_check, on_waiting=self.read_ahead.waiting)
@@ -144,6 +145,7 @@ class NodeService:
 
     def _study_opened(self, study_uid: str, deadline: float) -> None:
         self.completion.arm(study_uid, self._first_check(study_uid, deadline))
+        self.read_ahead.opened(study_uid)
 
     def _first_check(self, study_uid: str, deadline: float) -> float:
         """When to check a receiving study first: early enough for the shortest quiet period a

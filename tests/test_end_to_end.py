@@ -122,12 +122,12 @@ def _stored(sent: subprocess.CompletedProcess[str]) -> int:
 
 
 def test_a_waiting_studys_headers_are_read_ahead_and_its_job_takes_them(start_node, orthanc, tmp_path):
-    """While a study waits to complete (here for the last images its series says it has), the
-    headers of the series a rule runs a model on are parsed (node.assemble.read_ahead); its job
-    takes them instead of parsing them again. An instance a resend replaced meanwhile is read
-    anew: taking its old header would fail the job's pixel read (SeriesChanged, a wait). The
-    last images complete the study at once (no settling), most often before any read-ahead of
-    the resent file."""
+    """While a study waits to complete (here for the last images its series say they have), the
+    headers of the series a rule runs a model on, and only those, are parsed (node.assemble.
+    read_ahead); its job takes them instead of parsing them again. An instance a resend replaced
+    meanwhile is read anew: taking its old header would fail the job's pixel read (SeriesChanged,
+    a wait). The last images complete the study at once (no settling), most often before any
+    reading ahead of the resent file."""
     pacs = orthanc()
     node = start_node(routing={"rules": [{**ROUTING["rules"][0], "actions": {"run": ["lesion-seg"],
                                                                                "send_to": ["pacs"]}}]},
@@ -135,14 +135,18 @@ def test_a_waiting_studys_headers_are_read_ahead_and_its_job_takes_them(start_no
                       destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}},
                       sending={"retry_initial_s": 0.5, "sweep_s": 0.5})
     files, _ = make_dicom_study(tmp_path / "ct", slices=20, size=96, pixel_spacing=2.0, slice_spacing=2.0, seed=31)
-    for path in files:  # a series of 20 that says so (README, "Completion signals": image_counts)
-        ds = pydicom.dcmread(path)
-        ds.AcquisitionNumber, ds.ImagesInAcquisition = 1, 20
-        ds.save_as(path)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    assert _stored(storescu(node.port, files[:16])) == 16
-    ahead = wait_for(lambda: node.events("headers_read_ahead"), timeout=120)
-    assert [(e["study_uid"], e["headers"]) for e in ahead] == [(study_uid, 16)]
+    scout, _ = make_dicom_study(tmp_path / "scout", slices=4, size=32, pixel_spacing=2.0, slice_spacing=2.0, seed=32)
+    for series, paths in ((20, files), (4, scout)):  # each says how many images it has (image_counts)
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID, ds.AcquisitionNumber, ds.ImagesInAcquisition = study_uid, 1, series
+            ds.save_as(path)
+    wait_for(lambda: node.events("pipeline_ready"), timeout=120)
+    assert _stored(storescu(node.port, [*files[:16], *scout])) == 20
+    ahead = wait_for(lambda: sum(e["headers"] for e in node.events("headers_read_ahead")) >= 16 and
+                     node.events("headers_read_ahead"), timeout=60)
+    assert {e["study_uid"] for e in ahead} == {study_uid} and sum(e["headers"] for e in ahead) == 16
     changed = pydicom.dcmread(files[3])
     changed.PixelData = bytes(len(changed.PixelData))
     changed.save_as(tmp_path / "changed.dcm")

@@ -659,6 +659,63 @@ def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_nee
     assert index.study_state("1.2.4")["state"] == "receiving"
 
 
+def test_a_study_is_read_ahead_once_per_pause_in_its_arrivals_and_not_once_it_has_completed(tmp_path):
+    """node.assemble.read_ahead: a reading waits until nothing has arrived for the settle time,
+    reads once per pause (asked again with nothing new, it reads nothing), again after more came,
+    and neither once the study has completed nor while reading ahead is off."""
+    from types import SimpleNamespace
+
+    from node.assemble.read_ahead import EXECUTOR, ReadAhead
+    from node.store.index import InstanceRecord
+
+    index = Index(tmp_path / "index.sqlite")
+
+    def record(sop: str) -> float:
+        now = time.time()
+        index.record_instance(InstanceRecord(sop, CTImageStorage, "1.2.3.1", "1.2.3", "", "1.2.840.10008.1.2.1",
+                                             f"studies/1.2.3/1.2.3.1/{sop}.dcm", 10, "MOD", "TESTNODE", "127.0.0.1",
+                                             {}), now=now, quiet_period=600.0, reopen=True)
+        return now
+
+    reads: list[float] = []
+    enabled = [True]
+    scheduler = BackgroundScheduler()
+    scheduler.start()
+
+    def after_the_readings_asked_for() -> None:  # its one thread runs them in turn
+        marks: list[int] = []
+        scheduler.add_job(marks.append, "date", args=[1], executor=EXECUTOR,
+                          run_date=datetime.fromtimestamp(time.time() + 0.05, timezone.utc))
+        wait_for(lambda: marks, timeout=30)
+
+    try:
+        ahead = ReadAhead(index, scheduler, read=lambda study_uid: reads.append(time.time()) or 1,
+                          enabled=lambda: enabled[0], settle_s=0.3)
+        first = record("1.2.3.1.1")
+        ahead.opened("1.2.3")
+        wait_for(lambda: reads, timeout=30)
+        assert reads[0] >= first + 0.3
+        ahead.waiting("1.2.3", SimpleNamespace(last_received=first))  # type: ignore[arg-type]
+        after_the_readings_asked_for()
+        assert len(reads) == 1
+        second = record("1.2.3.1.2")
+        ahead.waiting("1.2.3", SimpleNamespace(last_received=first))  # type: ignore[arg-type]
+        wait_for(lambda: len(reads) == 2, timeout=30)
+        assert reads[1] >= second + 0.3
+        enabled[0] = False
+        record("1.2.3.1.3")
+        ahead.opened("1.2.3")
+        assert scheduler.get_job("read-ahead:1.2.3") is None
+        enabled[0] = True
+        completed, _ = index.complete_if_due("1.2.3", time.time() + 601, lambda db: None)
+        assert completed
+        ahead.waiting("1.2.3", SimpleNamespace(last_received=0.0))  # type: ignore[arg-type]
+        after_the_readings_asked_for()
+        assert len(reads) == 2
+    finally:
+        scheduler.shutdown(wait=False)
+
+
 # -- one owner per table --------------------------------------------------------------------------
 
 TABLE_OWNERS = {

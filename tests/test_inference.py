@@ -355,8 +355,8 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
     values = np.arange(5 * 12 * 10, dtype=float).reshape(5, 12, 10)
     files = write_ct_series(values, tmp_path / "s", SeriesGeometry())
     parsed = module.ParsedHeaders()
-    assert parsed.read_ahead(files, limit=100) == 5 and len(parsed) == 5
-    assert parsed.read_ahead(files, limit=100) == 0  # held already, files unchanged
+    assert parsed.read_ahead("1.2.3", files, limit=100) == 5 and len(parsed) == 5
+    assert parsed.read_ahead("1.2.3", files, limit=100) == 0  # held already, files unchanged
     fresh = module.read_volumes(files)[0]
     replacement = pydicom.dcmread(files[2])
     replacement.PixelData = bytes(len(replacement.PixelData))  # stored value 0: -1024 HU
@@ -375,29 +375,44 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
 
 
 def test_headers_read_ahead_stay_within_their_limit_and_leave_what_they_cannot_use(tmp_path, monkeypatch):
-    """At most `limit` headers are held (reading ahead stops there), none longer than their
-    maximum age; a series read whole (here compressed: its pixels would be held) and files that
-    cannot be read are left to the job."""
+    """At most `limit` headers are held (reading ahead stops there, and when `go_on` says so); a
+    study's are let go once it has not been receiving for the grace; a series read whole (here
+    compressed: its pixels would be held) or whose headers are too long is left to the job, its
+    first file not parsed again while unchanged, and so are files that cannot be read."""
     from inference import volume as module
 
     monkeypatch.setattr(module, "DEFER_BYTES", 64)
-    files = write_ct_series(np.zeros((6, 12, 10)), tmp_path / "s", SeriesGeometry())
+    files = write_ct_series(np.zeros((40, 12, 10)), tmp_path / "s", SeriesGeometry())
     parsed = module.ParsedHeaders()
-    assert parsed.read_ahead(files, limit=4) == 4 and len(parsed) == 4
-    assert parsed.read_ahead(files, limit=4) == 0 and parsed.expire() == 0
+    assert parsed.read_ahead("1.2", files[:6], limit=4) == 4 and len(parsed) == 4
+    assert parsed.read_ahead("1.2", files[:6], limit=4) == 0
     assert sorted(parsed.take(files)) == sorted(files[:4])
-    assert parsed.read_ahead(files, limit=0) == 0 and len(parsed) == 0
-    stale = module.ParsedHeaders(max_age_s=0)
-    assert stale.read_ahead(files, limit=4) == 4 and stale.expire() == 4 and stale.take(files) == {}
+    assert parsed.read_ahead("1.2", files, limit=0) == 0 and len(parsed) == 0
+    asked: list[int] = []
+    assert parsed.read_ahead("1.2", files, 100, go_on=lambda: len(asked.append(1) or asked) < 3) == 2 * 16
+    assert len(parsed.take(files)) == 2 * 16
+
+    assert parsed.read_ahead("1.2", files[:3], 100) == 3 and parsed.read_ahead("1.3", files[3:5], 100) == 2
+    receiving = {"1.2": True, "1.3": False}
+    assert parsed.expire(receiving.__getitem__, grace_s=3600) == 0 and len(parsed) == 5  # 1.3: its grace starts
+    assert parsed.expire(receiving.__getitem__, grace_s=0) == 2 and sorted(parsed.take(files)) == sorted(files[:3])
+
     (tmp_path / "damaged.dcm").write_bytes(b"DICM" * 10)
-    assert parsed.read_ahead([tmp_path / "gone.dcm", tmp_path / "damaged.dcm", files[0]], limit=4) == 1
+    assert parsed.read_ahead("1.2", [tmp_path / "gone.dcm", tmp_path / "damaged.dcm", files[0]], limit=4) == 1
     compressed = []
     for k, f in enumerate(files[:3]):
         ds = pydicom.dcmread(f)
         ds.compress(pydicom.uid.RLELossless)
         compressed.append(tmp_path / f"rle{k}.dcm")
         ds.save_as(compressed[-1], enforce_file_format=True)
-    assert parsed.read_ahead(compressed, limit=4) == 0 and sorted(parsed.take(files + compressed)) == [files[0]]
+    read = []
+    header = module._header
+    monkeypatch.setattr(module, "_header", lambda file: read.append(file.name) or header(file))
+    assert parsed.read_ahead("1.4", compressed, limit=4) == 0 and read == [str(compressed[0])]
+    assert parsed.read_ahead("1.4", compressed, limit=4) == 0 and len(read) == 1  # known: not parsed again
+    assert sorted(parsed.take(files + compressed)) == [files[0]]
+    monkeypatch.setattr(module, "HEADER_MAX_BYTES", 200)  # these headers are longer in their files
+    assert parsed.read_ahead("1.5", files[5:8], limit=4) == 0 and read[1:] == [str(files[5])] and len(parsed) == 0
 
 
 def _resident_fraction(array: np.ndarray) -> float:

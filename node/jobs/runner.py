@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from node.jobs.stages import ModelTask
 
 log = logging.getLogger("node.jobs")
+# how long after its study completed a header read ahead waits to be taken by a job here
+HEADERS_KEPT_S = 120.0
 # outputs drawn from the source's voxels, which inference lets go (SeriesVolume.set_pixels_aside)
 _READS_VOXELS = frozenset({"SC", "SALIENCY"})
 
@@ -110,18 +112,34 @@ class JobRunner:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
+    def reads_ahead(self) -> bool:
+        """Whether `read_ahead` reads anything now: not before the pipeline has loaded (its
+        modules are imported once, by one thread), nor with `pipeline.read_ahead_headers` 0."""
+        return self._parsed is not None and self.config.pipeline.read_ahead_headers > 0 and not self._stop.is_set()
+
     def read_ahead(self, study_uid: str) -> int:
         """Parse the headers of the series the rules in force would run a model on, for the job
-        the study will become (inference.volume.ParsedHeaders); how many were parsed (0 before
-        the pipeline has loaded: its modules are imported once, by one thread)."""
+        the study will become (inference.volume.ParsedHeaders), until it completes; how many."""
         parsed, limit = self._parsed, self.config.pipeline.read_ahead_headers
-        if parsed is None or not limit or self._stop.is_set():
+        if parsed is None or not self.reads_ahead():
             return 0
         view = study_from_index(self.index, study_uid, self.data_dir)
         if view is None:
             return 0
         chosen = {applied.series_uid for applied in self.decide(study_uid).applied if applied.actions.run}
-        return sum(parsed.read_ahead(series.files, limit) for series in view.series if series.series_uid in chosen)
+        return sum(parsed.read_ahead(study_uid, series.files, limit,
+                                     go_on=lambda: not self._stop.is_set() and self._receiving(study_uid))
+                   for series in view.series if series.series_uid in chosen)
+
+    def _receiving(self, study_uid: str) -> bool:
+        state = self.index.study_state(study_uid)
+        return state is not None and state["state"] == "receiving"
+
+    def _expire_headers(self) -> None:
+        """Headers read ahead for a study that completed two minutes ago and more are not taken
+        here any more (its job ran on another replica, or waits that long for a worker here)."""
+        if self._parsed is not None:
+            self._parsed.expire(self._receiving, grace_s=HEADERS_KEPT_S)
 
     def _wake_at(self, when: float) -> None:
         self.scheduler.add_job(self.wake, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc),
@@ -143,13 +161,14 @@ class JobRunner:
         try:
             started = time.monotonic()
             importlib.import_module("node.jobs.stages")
-            self._parsed = importlib.import_module("inference.volume").ParsedHeaders()
-            self.scheduler.add_job(self._parsed.expire, "interval", seconds=60, id="parsed-headers-expiry",
-                                   replace_existing=True, coalesce=True)
             threads = importlib.import_module("inference.pipeline").confine_threads()
             importlib.import_module("node.encode.warmup").warm_up()
             logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2), threads=threads,
                        frozen_objects=freeze_loaded_objects())
+            # after the freeze: headers read ahead are let go like any job's
+            self._parsed = importlib.import_module("inference.volume").ParsedHeaders()
+            self.scheduler.add_job(self._expire_headers, "interval", seconds=HEADERS_KEPT_S / 2,
+                                   id="read-ahead-expiry", replace_existing=True, coalesce=True)
         except Exception:  # the first job then meets the same failure and reports it
             log.exception("pipeline_load_failed")
         finally:
