@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import math
 import os
-import threading
-import time
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Sequence
@@ -185,14 +183,14 @@ def read_series(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = No
     """The series' datasets. The Pixel Data of single-frame uncompressed grayscale images is left
     in the files (``DEFER_BYTES``) and read into the volume later from the very file each header
     came from; every other data set is read whole. `ahead`: headers parsed already
-    (``ParsedHeaders.take``), used for their files instead of parsing them again."""
+    (inference.headers.ParsedHeaders), used for their files instead of parsing them again."""
     datasets = []
     for f in files:
         ds = ahead.get(f) if ahead else None
         if ds is None:
             with open(f, "rb") as file:
-                ds = _header(file)
-                if _read_whole(ds):
+                ds = parse_header(file)
+                if read_whole(ds):
                     # Read whole, from this same file: deflated offsets are not file offsets, other
                     # pixel data is decoded by highdicom (which would read a deferred value by name,
                     # from whatever file is there by then), and a multi-frame object's functional
@@ -203,130 +201,17 @@ def read_series(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = No
     return datasets
 
 
-def _header(file: BinaryIO) -> Dataset:
+def parse_header(file: BinaryIO) -> Dataset:
     """The data set with its long values (Pixel Data) left in the file, and which file that is."""
     ds = pydicom.dcmread(file, defer_size=DEFER_BYTES)
     ds._stored_file = StoredFile.of(os.fstat(file.fileno()))  # kept on the dataset for _StoredPixels
     return ds
 
 
-def _read_whole(header: Dataset) -> bool:
+def read_whole(header: Dataset) -> bool:
+    """Whether the data set must be read whole (see read_series): its header alone is no use."""
     return (header.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
             or _frames(header) > 1 or _StoredPixels.of(header) is None)
-
-
-# A header longer than this in its file (values under DEFER_BYTES each, any number) is not read ahead.
-HEADER_MAX_BYTES = 1 << 20
-CHECK_EVERY = 16  # headers read ahead between asks whether to go on
-
-
-@dataclass(frozen=True)
-class _Held:
-    header: Dataset
-    study_uid: str
-
-
-class ParsedHeaders:
-    """Headers of stored series parsed before their job needs them: while the study waits out its
-    quiet period, which is otherwise idle time (node.assemble.read_ahead: the series a rule will run
-    a model on). Parsing 300 CT headers is 0.2-0.5 s of a job on this project's machine kind.
-
-    Only headers whose Pixel Data stays in the file are kept (no pixels are held here), at most
-    `limit` of them: reading ahead stops there (what is held is nearest its job). Each is given out
-    once, and only while its file is still the one it was parsed from (a resend replaces the file:
-    the job then parses the new one). A study's headers not taken once it has stopped receiving
-    (its job ran on another replica) are let go by `expire`.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[Path, _Held] = {}
-        # The first file of a series that is read whole (or whose header is too long), so that
-        # it is not parsed again at each reading ahead: its identity when it was.
-        self._passed: OrderedDict[Path, StoredFile] = OrderedDict()
-        self._stopped: dict[str, float] = {}  # study -> when `expire` first found it not receiving
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def read_ahead(self, study_uid: str, files: Sequence[Path], limit: int,
-                   go_on: Callable[[], bool] = lambda: True) -> int:
-        """Parse the headers of the study's `files` not held yet while fewer than `limit` are held
-        and `go_on()` (asked every CHECK_EVERY files) says so; the number parsed. A series read
-        whole (compressed, multi-frame, deflated) is left to its job, and so is a file that cannot
-        be read now (its job reads it again and says what is wrong)."""
-        parsed = 0
-        for n, f in enumerate(files):
-            if n % CHECK_EVERY == 0 and not go_on():
-                break
-            try:
-                identity = StoredFile.of(os.stat(f))
-            except OSError:
-                continue  # gone: the job says so
-            with self._lock:
-                held = self._held.get(f)
-                if held is not None and held.header._stored_file == identity:
-                    continue
-                if self._passed.get(f) == identity:
-                    break
-                if held is None and len(self._held) >= limit:
-                    break
-            try:
-                with open(f, "rb") as file:
-                    ds = _header(file)
-                keep = not _read_whole(ds) and _header_bytes(ds) <= HEADER_MAX_BYTES
-            except Exception:  # noqa: BLE001 - damaged or not DICOM: the job reports it
-                continue
-            with self._lock:
-                if not keep:  # its series is read whole: reading its headers ahead saves nothing
-                    self._passed[f] = ds._stored_file
-                    while len(self._passed) > max(limit, 1):
-                        self._passed.popitem(last=False)
-                    break
-                self._held[f] = _Held(ds, study_uid)
-            parsed += 1
-        return parsed
-
-    def take(self, files: Sequence[Path]) -> dict[Path, Dataset]:
-        """The held headers of `files` whose files are unchanged since; none of `files` stays held."""
-        with self._lock:
-            held = {f: entry.header for f in files if (entry := self._held.pop(f, None)) is not None}
-        return {f: ds for f, ds in held.items() if _unchanged(f, ds)}
-
-    def expire(self, receiving: Callable[[str], bool], grace_s: float) -> int:
-        """Let go of the headers of studies that `receiving` has said are not, for `grace_s` (a job
-        waiting for a worker that long parses its own); how many."""
-        now = time.monotonic()
-        with self._lock:
-            studies = {entry.study_uid for entry in self._held.values()}
-        done = set()
-        for study_uid in studies:
-            if receiving(study_uid):
-                self._stopped.pop(study_uid, None)
-            elif now - self._stopped.setdefault(study_uid, now) >= grace_s:
-                done.add(study_uid)
-        with self._lock:
-            expired = [f for f, entry in self._held.items() if entry.study_uid in done]
-            for f in expired:
-                del self._held[f]
-        for study_uid in set(self._stopped) - (studies - done):
-            del self._stopped[study_uid]
-        return len(expired)
-
-
-def _header_bytes(header: Dataset) -> int:
-    """Where the header's Pixel Data starts in its file (the header's length there), or the file's
-    size where that is not known."""
-    tell = getattr(header.get_item("PixelData", keep_deferred=True), "value_tell", None)
-    return int(tell) if tell is not None else header._stored_file.size
-
-
-def _unchanged(path: Path, header: Dataset) -> bool:
-    """Whether `path` is still the file `header` was parsed from (False: replaced, or gone)."""
-    try:
-        return StoredFile.of(os.stat(path)) == header._stored_file
-    except OSError:
-        return False
 
 
 def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = None) -> list[SeriesVolume]:

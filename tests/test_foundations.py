@@ -661,8 +661,9 @@ def test_a_completing_study_is_routed_without_holding_the_lock_every_c_store_nee
 
 def test_a_study_is_read_ahead_once_per_pause_in_its_arrivals_and_not_once_it_has_completed(tmp_path):
     """node.assemble.read_ahead: a reading waits until nothing has arrived for the settle time,
-    reads once per pause (asked again with nothing new, it reads nothing), again after more came,
-    and neither once the study has completed nor while reading ahead is off."""
+    reads once per pause (asked again with nothing new, it reads nothing), follows the study and
+    reads again after more came, and neither once the study has completed nor while reading
+    ahead is off."""
     from types import SimpleNamespace
 
     from node.assemble.read_ahead import EXECUTOR, ReadAhead
@@ -670,8 +671,7 @@ def test_a_study_is_read_ahead_once_per_pause_in_its_arrivals_and_not_once_it_ha
 
     index = Index(tmp_path / "index.sqlite")
 
-    def record(sop: str) -> float:
-        now = time.time()
+    def record(sop: str, now: float) -> float:
         index.record_instance(InstanceRecord(sop, CTImageStorage, "1.2.3.1", "1.2.3", "", "1.2.840.10008.1.2.1",
                                              f"studies/1.2.3/1.2.3.1/{sop}.dcm", 10, "MOD", "TESTNODE", "127.0.0.1",
                                              {}), now=now, quiet_period=600.0, reopen=True)
@@ -682,36 +682,38 @@ def test_a_study_is_read_ahead_once_per_pause_in_its_arrivals_and_not_once_it_ha
     scheduler = BackgroundScheduler()
     scheduler.start()
 
-    def after_the_readings_asked_for() -> None:  # its one thread runs them in turn
+    def after_what_is_asked_for_by(when: float) -> None:  # its one thread runs what comes due in turn
         marks: list[int] = []
         scheduler.add_job(marks.append, "date", args=[1], executor=EXECUTOR,
-                          run_date=datetime.fromtimestamp(time.time() + 0.05, timezone.utc))
+                          run_date=datetime.fromtimestamp(when + 0.05, timezone.utc))
         wait_for(lambda: marks, timeout=30)
 
     try:
         ahead = ReadAhead(index, scheduler, read=lambda study_uid: reads.append(time.time()) or 1,
-                          enabled=lambda: enabled[0], settle_s=0.3)
-        first = record("1.2.3.1.1")
+                          enabled=lambda: enabled[0], settle_s=0.3, follow_s=0.5)
+        first = record("1.2.3.1.1", time.time())
         ahead.opened("1.2.3")
         wait_for(lambda: reads, timeout=30)
         assert reads[0] >= first + 0.3
+        ahead.opened("1.2.3")
+        after_what_is_asked_for_by(time.time() + 0.3)
         ahead.waiting("1.2.3", SimpleNamespace(last_received=first))  # type: ignore[arg-type]
-        after_the_readings_asked_for()
+        after_what_is_asked_for_by(time.time())
         assert len(reads) == 1
-        second = record("1.2.3.1.2")
-        ahead.waiting("1.2.3", SimpleNamespace(last_received=first))  # type: ignore[arg-type]
+        second = record("1.2.3.1.2", time.time())  # nothing asks: the study is followed
         wait_for(lambda: len(reads) == 2, timeout=30)
         assert reads[1] >= second + 0.3
         enabled[0] = False
-        record("1.2.3.1.3")
+        record("1.2.3.1.3", time.time() - 1)
         ahead.opened("1.2.3")
-        assert scheduler.get_job("read-ahead:1.2.3") is None
+        after_what_is_asked_for_by(time.time() + 0.5)
+        assert len(reads) == 2
         enabled[0] = True
         completed, _ = index.complete_if_due("1.2.3", time.time() + 601, lambda db: None)
-        assert completed
-        ahead.waiting("1.2.3", SimpleNamespace(last_received=0.0))  # type: ignore[arg-type]
-        after_the_readings_asked_for()
-        assert len(reads) == 2
+        assert completed and "1.2.3" in ahead._read_at
+        ahead.opened("1.2.3")
+        after_what_is_asked_for_by(time.time() + 0.3)
+        assert len(reads) == 2 and "1.2.3" not in ahead._read_at
     finally:
         scheduler.shutdown(wait=False)
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -349,12 +350,12 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
     """Headers parsed ahead (in the quiet period) are taken by the job instead of parsed again:
     the volume is voxel- and affine-exact to one read from scratch. A header whose file a
     resend replaced since is never given out: the job reads the new file (its pixels here)."""
-    from inference import volume as module
+    from inference import headers, volume as module
 
     monkeypatch.setattr(module, "DEFER_BYTES", 64)
     values = np.arange(5 * 12 * 10, dtype=float).reshape(5, 12, 10)
     files = write_ct_series(values, tmp_path / "s", SeriesGeometry())
-    parsed = module.ParsedHeaders()
+    parsed = headers.ParsedHeaders()
     assert parsed.read_ahead("1.2.3", files, limit=100) == 5 and len(parsed) == 5
     assert parsed.read_ahead("1.2.3", files, limit=100) == 0  # held already, files unchanged
     fresh = module.read_volumes(files)[0]
@@ -363,7 +364,7 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
     replacement.save_as(tmp_path / "new.dcm", enforce_file_format=True)
     (tmp_path / "new.dcm").replace(files[2])
     os.utime(files[2], ns=(1, 1))  # a different modification time, however fast the machine
-    ahead = parsed.take(files)
+    ahead = parsed.take("1.2.3", files)
     assert sorted(ahead) == sorted(set(files) - {files[2]}) and len(parsed) == 0
     volume = module.read_volumes(files, ahead)[0]
     taken = [any(ds is header for header in ahead.values()) for ds in volume.datasets]
@@ -374,31 +375,45 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
     assert len(changed) == 12 * 10  # the whole of the replaced slice, nothing else
 
 
-def test_headers_read_ahead_stay_within_their_limit_and_leave_what_they_cannot_use(tmp_path, monkeypatch):
-    """At most `limit` headers are held (reading ahead stops there, and when `go_on` says so); a
-    study's are let go once it has not been receiving for the grace; a series read whole (here
+def test_headers_read_ahead_stay_within_their_limits_and_leave_what_they_cannot_use(tmp_path, monkeypatch):
+    """At most `limit` headers and HELD_MAX_BYTES of their files are held (reading ahead stops
+    there, and when `go_on` says so, and adds nothing for a study once its job has taken); a
+    study's are let go once it has stopped receiving for the grace; a series read whole (here
     compressed: its pixels would be held) or whose headers are too long is left to the job, its
     first file not parsed again while unchanged, and so are files that cannot be read."""
-    from inference import volume as module
+    from inference import headers, volume as module
 
     monkeypatch.setattr(module, "DEFER_BYTES", 64)
     files = write_ct_series(np.zeros((40, 12, 10)), tmp_path / "s", SeriesGeometry())
-    parsed = module.ParsedHeaders()
+    length = headers._header_bytes(module.read_series(files[:1])[0])
+    parsed = headers.ParsedHeaders()
     assert parsed.read_ahead("1.2", files[:6], limit=4) == 4 and len(parsed) == 4
     assert parsed.read_ahead("1.2", files[:6], limit=4) == 0
-    assert sorted(parsed.take(files)) == sorted(files[:4])
+    assert sorted(parsed.take("1.2", files)) == sorted(files[:4])
     assert parsed.read_ahead("1.2", files, limit=0) == 0 and len(parsed) == 0
     asked: list[int] = []
     assert parsed.read_ahead("1.2", files, 100, go_on=lambda: len(asked.append(1) or asked) < 3) == 2 * 16
-    assert len(parsed.take(files)) == 2 * 16
+    assert len(parsed.take("1.2", files)) == 2 * 16
+    monkeypatch.setattr(headers, "HELD_MAX_BYTES", 3 * length)
+    assert parsed.read_ahead("1.2", files, limit=100) == 3 and len(parsed.take("1.2", files)) == 3
+    monkeypatch.setattr(headers, "HELD_MAX_BYTES", 8 << 20)
+
+    def taken_meanwhile() -> bool:  # the job takes the study's headers while a reading is under way
+        if len(asked) == 1:
+            parsed.take("1.4", files)
+        asked.append(1)
+        return True
+
+    asked.clear()
+    assert parsed.read_ahead("1.4", files, 100, go_on=taken_meanwhile) == 16 and len(parsed) == 0
 
     assert parsed.read_ahead("1.2", files[:3], 100) == 3 and parsed.read_ahead("1.3", files[3:5], 100) == 2
-    receiving = {"1.2": True, "1.3": False}
-    assert parsed.expire(receiving.__getitem__, grace_s=3600) == 0 and len(parsed) == 5  # 1.3: its grace starts
-    assert parsed.expire(receiving.__getitem__, grace_s=0) == 2 and sorted(parsed.take(files)) == sorted(files[:3])
+    stopped = {"1.2": None, "1.3": time.time() - 30}
+    assert parsed.expire(stopped.__getitem__, grace_s=60) == 0 and len(parsed) == 5
+    assert parsed.expire(stopped.__getitem__, grace_s=10) == 2 and sorted(parsed.take("1.2", files)) == files[:3]
 
     (tmp_path / "damaged.dcm").write_bytes(b"DICM" * 10)
-    assert parsed.read_ahead("1.2", [tmp_path / "gone.dcm", tmp_path / "damaged.dcm", files[0]], limit=4) == 1
+    assert parsed.read_ahead("1.5", [tmp_path / "gone.dcm", tmp_path / "damaged.dcm", files[0]], limit=4) == 1
     compressed = []
     for k, f in enumerate(files[:3]):
         ds = pydicom.dcmread(f)
@@ -406,13 +421,13 @@ def test_headers_read_ahead_stay_within_their_limit_and_leave_what_they_cannot_u
         compressed.append(tmp_path / f"rle{k}.dcm")
         ds.save_as(compressed[-1], enforce_file_format=True)
     read = []
-    header = module._header
-    monkeypatch.setattr(module, "_header", lambda file: read.append(file.name) or header(file))
-    assert parsed.read_ahead("1.4", compressed, limit=4) == 0 and read == [str(compressed[0])]
-    assert parsed.read_ahead("1.4", compressed, limit=4) == 0 and len(read) == 1  # known: not parsed again
-    assert sorted(parsed.take(files + compressed)) == [files[0]]
-    monkeypatch.setattr(module, "HEADER_MAX_BYTES", 200)  # these headers are longer in their files
-    assert parsed.read_ahead("1.5", files[5:8], limit=4) == 0 and read[1:] == [str(files[5])] and len(parsed) == 0
+    parse = headers.parse_header
+    monkeypatch.setattr(headers, "parse_header", lambda file: read.append(file.name) or parse(file))
+    assert parsed.read_ahead("1.6", compressed, limit=4) == 0 and read == [str(compressed[0])]
+    assert parsed.read_ahead("1.6", compressed, limit=4) == 0 and len(read) == 1  # known: not parsed again
+    assert sorted(parsed.take("1.5", files + compressed)) == [files[0]]
+    monkeypatch.setattr(headers, "HEADER_MAX_BYTES", length - 1)
+    assert parsed.read_ahead("1.7", files[5:8], limit=4) == 0 and read[1:] == [str(files[5])] and len(parsed) == 0
 
 
 def _resident_fraction(array: np.ndarray) -> float:

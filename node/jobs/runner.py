@@ -40,12 +40,12 @@ from node.store.index import Db, Index
 from node.store.spool import Spool
 
 if TYPE_CHECKING:
-    from inference.volume import ParsedHeaders
+    from inference.headers import ParsedHeaders
     from node.jobs.stages import ModelTask
 
 log = logging.getLogger("node.jobs")
 # how long after its study completed a header read ahead waits to be taken by a job here
-HEADERS_KEPT_S = 120.0
+HEADERS_KEPT_S = 60.0
 # outputs drawn from the source's voxels, which inference lets go (SeriesVolume.set_pixels_aside)
 _READS_VOXELS = frozenset({"SC", "SALIENCY"})
 
@@ -119,7 +119,7 @@ class JobRunner:
 
     def read_ahead(self, study_uid: str) -> int:
         """Parse the headers of the series the rules in force would run a model on, for the job
-        the study will become (inference.volume.ParsedHeaders), until it completes; how many."""
+        the study will become (inference.headers), until it completes; how many."""
         parsed, limit = self._parsed, self.config.pipeline.read_ahead_headers
         if parsed is None or not self.reads_ahead():
             return 0
@@ -132,14 +132,22 @@ class JobRunner:
                    for series in view.series if series.series_uid in chosen)
 
     def _receiving(self, study_uid: str) -> bool:
+        """Whether the study still receives: reading ahead for it goes on."""
         state = self.index.study_state(study_uid)
         return state is not None and state["state"] == "receiving"
 
+    def _stopped_receiving(self, study_uid: str) -> float | None:
+        """When the study completed (None: still receiving; 0: no longer indexed)."""
+        state = self.index.study_state(study_uid)
+        if state is None:
+            return 0.0
+        return None if state["state"] == "receiving" else float(state["completed_at"] or 0.0)
+
     def _expire_headers(self) -> None:
-        """Headers read ahead for a study that completed two minutes ago and more are not taken
-        here any more (its job ran on another replica, or waits that long for a worker here)."""
+        """Headers read ahead for a study that completed a minute ago and more are not taken here
+        any more (its job ran on another replica, or has waited that long for a worker here)."""
         if self._parsed is not None:
-            self._parsed.expire(self._receiving, grace_s=HEADERS_KEPT_S)
+            self._parsed.expire(self._stopped_receiving, grace_s=HEADERS_KEPT_S)
 
     def _wake_at(self, when: float) -> None:
         self.scheduler.add_job(self.wake, "date", run_date=datetime.fromtimestamp(when, tz=timezone.utc),
@@ -163,12 +171,13 @@ class JobRunner:
             importlib.import_module("node.jobs.stages")
             threads = importlib.import_module("inference.pipeline").confine_threads()
             importlib.import_module("node.encode.warmup").warm_up()
-            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2), threads=threads,
-                       frozen_objects=freeze_loaded_objects())
+            frozen = freeze_loaded_objects()
             # after the freeze: headers read ahead are let go like any job's
-            self._parsed = importlib.import_module("inference.volume").ParsedHeaders()
+            self._parsed = importlib.import_module("inference.headers").ParsedHeaders()
             self.scheduler.add_job(self._expire_headers, "interval", seconds=HEADERS_KEPT_S / 2,
                                    id="read-ahead-expiry", replace_existing=True, coalesce=True)
+            logs.event(log, "pipeline_ready", seconds=round(time.monotonic() - started, 2), threads=threads,
+                       frozen_objects=frozen)
         except Exception:  # the first job then meets the same failure and reports it
             log.exception("pipeline_load_failed")
         finally:
@@ -350,7 +359,7 @@ class JobRunner:
         missing = {task.output_key(o): o for o in variants.values() if task.output_key(o) not in encoded}
         if missing:  # else a re-run after a crash: the results were written, only delivery is left
             with self.stage(job, "load", progress):
-                ahead = self._parsed.take(task.files) if self._parsed is not None else {}
+                ahead = self._parsed.take(job.study_uid, task.files) if self._parsed is not None else {}
                 volumes = stages.load(task, ahead)  # several for e.g. a multi-echo MR series: one result set each
             logs.event(log, "series_loaded", job=job.id, series_uid=task.series_uid, instances=len(task.files),
                        read_ahead=len(ahead))

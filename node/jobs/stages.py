@@ -62,7 +62,7 @@ class ModelTask:
 
 def load(task: ModelTask, ahead: Mapping[Path, Dataset] | None = None) -> list[SeriesVolume]:
     """The series' volumes: one, or one per echo, b-value or time point when it holds several.
-    `ahead`: headers of its files parsed already (inference.volume.ParsedHeaders)."""
+    `ahead`: headers of its files parsed already (inference.headers)."""
     return read_volumes(list(task.files), ahead)
 
 
