@@ -127,17 +127,15 @@ class JobRunner:
         if view is None:
             return 0
         chosen = {applied.series_uid for applied in self.decide(study_uid).applied if applied.actions.run}
-        return sum(parsed.read_ahead(study_uid, series.files, limit,
-                                     go_on=lambda: not self._stop.is_set() and self._receiving(study_uid))
+        def go_on() -> bool:
+            return not self._stop.is_set() and self._stopped_receiving(study_uid) is None
+
+        return sum(parsed.read_ahead(study_uid, series.files, limit, go_on)
                    for series in view.series if series.series_uid in chosen)
 
-    def _receiving(self, study_uid: str) -> bool:
-        """Whether the study still receives: reading ahead for it goes on."""
-        state = self.index.study_state(study_uid)
-        return state is not None and state["state"] == "receiving"
-
     def _stopped_receiving(self, study_uid: str) -> float | None:
-        """When the study completed (None: still receiving; 0: no longer indexed)."""
+        """When the study completed (None: still receiving, reading ahead for it goes on; 0: no
+        longer indexed)."""
         state = self.index.study_state(study_uid)
         if state is None:
             return 0.0
