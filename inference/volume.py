@@ -346,6 +346,16 @@ _SPLIT_KEYS: list[tuple[str, Callable[[Any], str]]] = [
 ]
 
 
+# The values the volume reads from every single-frame header (geometry, rescale, what tells
+# volumes apart; the Frame of Reference from the first in slice order, which any may be), past the
+# pixel layout its parse decodes already: the node decodes them while the study waits
+# (inference.headers), so that its job finds them decoded.
+HEADER_KEYWORDS: tuple[str, ...] = (
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Modality", "RescaleSlope",
+    "RescaleIntercept", "FrameOfReferenceUID", *(key for key, _ in _SPLIT_KEYS),
+)
+
+
 def _value(raw: Any) -> Any:
     if raw is None or raw == "":
         return None

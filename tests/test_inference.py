@@ -375,6 +375,43 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
     assert len(changed) == 12 * 10  # the whole of the replaced slice, nothing else
 
 
+def test_headers_read_ahead_hold_the_values_the_volume_reads_decoded(tmp_path, monkeypatch):
+    """The values the volume reads from every header (HEADER_KEYWORDS, which the runner passes) are
+    decoded while the study waits: reading the volume from the headers taken then decodes nothing
+    more in any of them, and gives the volume read from scratch. A value too long to be worth
+    holding decoded (over DECODE_MAX_VALUES parts) is left to the job, which decodes it as before.
+    Without `decode` the same reading decodes values in every header (so this test can fail)."""
+    from pydicom.dataelem import RawDataElement
+
+    from inference import headers, volume as module
+
+    monkeypatch.setattr(module, "DEFER_BYTES", 64)
+    files = write_ct_series(np.arange(6 * 12 * 10, dtype=float).reshape(6, 12, 10), tmp_path / "s", SeriesGeometry())
+    long = pydicom.dcmread(files[1])
+    long.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", *["OTHER"] * headers.DECODE_MAX_VALUES]
+    long.save_as(files[1], enforce_file_format=True)
+    fresh = module.read_volumes(files)[0]
+
+    def decoded(ds: pydicom.Dataset) -> set[str]:
+        return {pydicom.datadict.keyword_for_tag(tag) for tag in ds.keys()
+                if not isinstance(ds.get_item(tag, keep_deferred=True), RawDataElement)}
+
+    def decoded_by_reading(keywords: tuple[str, ...]) -> list[set[str]]:
+        parsed = headers.ParsedHeaders()
+        assert parsed.read_ahead("1.2", files, limit=100, decode=keywords) == len(files)
+        ahead = parsed.take("1.2", files)
+        before = {f: decoded(ds) for f, ds in ahead.items()}
+        volume = module.read_volumes(files, ahead)[0]
+        assert all(any(ds is header for header in ahead.values()) for ds in volume.datasets)
+        np.testing.assert_array_equal(volume.affine, fresh.affine)
+        np.testing.assert_array_equal(volume.array, fresh.array)
+        return [decoded(ahead[f]) - before[f] for f in files]
+
+    assert decoded_by_reading(module.HEADER_KEYWORDS) == [set(), {"ImageType"}, set(), set(), set(), set()]
+    assert all({"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"} <= new
+               for new in decoded_by_reading(()))
+
+
 def test_headers_read_ahead_stay_within_their_limits_and_leave_what_they_cannot_use(tmp_path, monkeypatch):
     """At most `limit` headers and HELD_MAX_BYTES of their files are held (reading ahead stops
     there, and when `go_on` says so, and adds nothing for a study once its job has taken); a

@@ -126,11 +126,13 @@ class JobRunner:
         view = study_from_index(self.index, study_uid, self.data_dir)
         if view is None:
             return 0
+        from inference.volume import HEADER_KEYWORDS  # loaded with the pipeline (reads_ahead)
+
         chosen = {applied.series_uid for applied in self.decide(study_uid).applied if applied.actions.run}
         def go_on() -> bool:
             return not self._stop.is_set() and self._stopped_receiving(study_uid) is None
 
-        return sum(parsed.read_ahead(study_uid, series.files, limit, go_on)
+        return sum(parsed.read_ahead(study_uid, series.files, limit, go_on, HEADER_KEYWORDS)
                    for series in view.series if series.series_uid in chosen)
 
     def _stopped_receiving(self, study_uid: str) -> float | None:
