@@ -378,18 +378,21 @@ def test_headers_read_ahead_give_the_same_volume_and_never_a_replaced_files_head
 def test_headers_read_ahead_hold_the_values_the_volume_reads_decoded(tmp_path, monkeypatch):
     """The values the volume reads from every header (HEADER_KEYWORDS, which the runner passes) are
     decoded while the study waits: reading the volume from the headers taken then decodes nothing
-    more in any of them, and gives the volume read from scratch. A value too long to be worth
-    holding decoded (over DECODE_MAX_VALUES parts) is left to the job, which decodes it as before.
-    Without `decode` the same reading decodes values in every header (so this test can fail)."""
+    more in any of them, and gives the volume read from scratch. A value not worth holding decoded
+    (more than DECODE_MAX_VALUES parts, or longer than DECODE_MAX_BYTES) is left to the job, which
+    decodes it as before. Without `decode` the same reading decodes values in every header (so
+    this test can fail)."""
     from pydicom.dataelem import RawDataElement
 
     from inference import headers, volume as module
 
-    monkeypatch.setattr(module, "DEFER_BYTES", 64)
+    monkeypatch.setattr(module, "DEFER_BYTES", 200)  # these small images' Pixel Data (240 bytes) stays in the file
     files = write_ct_series(np.arange(6 * 12 * 10, dtype=float).reshape(6, 12, 10), tmp_path / "s", SeriesGeometry())
-    long = pydicom.dcmread(files[1])
-    long.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", *["OTHER"] * headers.DECODE_MAX_VALUES]
-    long.save_as(files[1], enforce_file_format=True)
+    many_parts, long = pydicom.dcmread(files[1]), pydicom.dcmread(files[2])
+    many_parts.ImageType = ["ORIGINAL", "PRIMARY", *["X"] * headers.DECODE_MAX_VALUES]  # 32 bytes, 10 parts
+    long.StackID = ["S" * 16] * (headers.DECODE_MAX_VALUES - 1) + ["S" * 15]  # 8 parts, 134 bytes
+    many_parts.save_as(files[1], enforce_file_format=True)
+    long.save_as(files[2], enforce_file_format=True)
     fresh = module.read_volumes(files)[0]
 
     def decoded(ds: pydicom.Dataset) -> set[str]:
@@ -407,7 +410,7 @@ def test_headers_read_ahead_hold_the_values_the_volume_reads_decoded(tmp_path, m
         np.testing.assert_array_equal(volume.array, fresh.array)
         return [decoded(ahead[f]) - before[f] for f in files]
 
-    assert decoded_by_reading(module.HEADER_KEYWORDS) == [set(), {"ImageType"}, set(), set(), set(), set()]
+    assert decoded_by_reading(module.HEADER_KEYWORDS) == [set(), {"ImageType"}, {"StackID"}, set(), set(), set()]
     assert all({"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"} <= new
                for new in decoded_by_reading(()))
 
