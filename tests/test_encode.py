@@ -204,3 +204,61 @@ def test_warm_up_builds_a_seg_and_an_sr_that_read_back():
         assert pydicom.dcmread(buffer).SOPInstanceUID == obj.SOPInstanceUID
     assert hd.seg.Segmentation.from_dataset(seg).number_of_segments == 1
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+
+
+def test_demographics_that_would_not_convert_are_emptied_and_each_distinct_value_is_checked_once(tmp_path,
+                                                                                                 monkeypatch):
+    """A copied value that would not convert (node.encode.demographics) is emptied in every header
+    that holds it and nowhere else; the others stay as they are. Headers sharing a value's bytes
+    have it checked once, the rest taking its verdict: two checks of the birth date and two of the
+    sex for five headers, and a good value after its first is not even decoded."""
+    from pydicom.dataelem import RawDataElement
+
+    from node.encode import demographics
+
+    files = write_ct_series(np.zeros((5, 8, 8)), tmp_path / "s", SeriesGeometry())
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.PatientBirthDate = "1970-01-01XQZ" if k in (1, 3) else "19700101"
+        ds.PatientSex = "Q" if k == 4 else "F"
+        ds.save_as(path, enforce_file_format=True)
+    datasets = read_series(files)
+    checked: list[str] = []
+    for keyword in ("PatientBirthDate", "PatientSex"):
+        check = demographics._CHECKS[keyword]
+        monkeypatch.setitem(demographics._CHECKS, keyword,
+                            lambda value, keyword=keyword, check=check: checked.append(keyword) or check(value))
+    assert demographics.tolerate_demographics(datasets) == ["PatientBirthDate", "PatientSex"]
+    assert sorted(checked) == ["PatientBirthDate"] * 2 + ["PatientSex"] * 2
+    decoded = [not isinstance(ds.get_item("PatientBirthDate", keep_deferred=True), RawDataElement) for ds in datasets]
+    assert decoded == [True, True, False, True, False]  # the first of each value, and the second bad one, emptied
+    assert [ds.PatientBirthDate for ds in datasets] == ["19700101", "", "19700101", "", "19700101"]
+    assert [ds.PatientSex for ds in datasets] == ["F", "F", "F", "F", ""]
+
+
+def test_a_demographic_value_under_a_vendors_vr_is_checked_in_each_header():
+    """The same bytes under another VR than the attribute's decode by each header's character set
+    or byte order: a birth date as LO in full-width digits converts under ISO_IR 192 and not under
+    the default character set; one as UL converts little-endian and not big-endian. Each header is
+    judged on its own value (a shared verdict would keep the second of each)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from node.encode.demographics import tolerate_demographics
+
+    def header(vr: str, value: bytes, charset: str | None = None, little_endian: bool = True) -> pydicom.Dataset:
+        ds = pydicom.Dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        tag = Tag("PatientBirthDate")
+        ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, little_endian)
+        return ds
+
+    wide = "\uff11\uff19\uff17\uff10\uff10\uff11\uff10\uff11".encode()  # 19700101 in full-width digits
+    by_charset = [header("LO", wide, "ISO_IR 192"), header("LO", wide)]
+    assert tolerate_demographics(by_charset) == ["PatientBirthDate"]
+    assert [ds.PatientBirthDate != "" for ds in by_charset] == [True, False]
+    number = (19700101).to_bytes(4, "little")
+    by_order = [header("UL", number), header("UL", number, little_endian=False)]
+    assert tolerate_demographics(by_order) == ["PatientBirthDate"]
+    assert [ds.PatientBirthDate != "" for ds in by_order] == [True, False]
