@@ -92,14 +92,16 @@ class ParsedHeaders:
                 with open(f, "rb") as file:
                     ds = parse_header(file)
                 nbytes = None if read_whole(ds) else _header_bytes(ds)
-                if nbytes is not None and nbytes <= HEADER_MAX_BYTES:
+                if nbytes is not None and nbytes > HEADER_MAX_BYTES:
+                    nbytes = None  # None: not worth holding
+                if nbytes is not None:
                     _decode(ds, decode)
             except Exception:  # noqa: BLE001 - damaged or not DICOM: the job reports it
                 continue
             with self._lock:
                 if self._takes.get(study_uid, 0) != takes:
                     break  # its job has taken its headers meanwhile: it parses the rest itself
-                if nbytes is None or nbytes > HEADER_MAX_BYTES:  # its series is not worth reading ahead
+                if nbytes is None:  # its series is not worth reading ahead
                     self._passed[f] = ds._stored_file
                     while len(self._passed) > max(limit, 1):
                         self._passed.popitem(last=False)
