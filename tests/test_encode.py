@@ -206,6 +206,41 @@ def test_warm_up_builds_a_seg_and_an_sr_that_read_back():
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
 
 
+def test_highdicoms_iod_question_is_asked_once_per_sop_class_and_answered_as_highdicom_answers(result):
+    """Pins node/encode/highdicom_internals.py. A SEG of single-frame sources asks, through the
+    remembered form, once per source whether its SOP class allows frames: if highdicom stops
+    routing that question through `_standard_utils.is_attribute_in_iod`, nothing is remembered
+    and this fails. Every remembered answer is highdicom's own, for every SOP class it knows."""
+    from highdicom import _standard_utils
+
+    remembering = _standard_utils.is_attribute_in_iod
+    assert hasattr(remembering, "remembered"), "node.encode.seg puts the remembering form in place"
+    remembering.remembered.cache_clear()
+    build_seg(result, OutputOptions(), uids_for("iod-question", SPEC.name))
+    sources = len(result.volume.datasets)
+    asked = remembering.remembered.cache_info()
+    assert asked.hits >= sources - 1 and asked.misses <= 4, asked
+
+    def outcome(question, *args):  # highdicom's tables have IODs naming modules they lack: a KeyError
+        try:
+            return question(*args)
+        except KeyError as error:
+            return repr(error)
+
+    ask = remembering.asks
+    for sop_class in _standard_utils.get_sop_class_iod_map():
+        for keyword in ("NumberOfFrames", "PixelData", "PerFrameFunctionalGroupsSequence", "ContentDate"):
+            expected = outcome(ask, keyword, sop_class)
+            assert outcome(remembering, keyword, sop_class) == expected == outcome(remembering, keyword, sop_class)
+    assert remembering.remembered.cache_info().currsize <= 1024
+    path = ["SharedFunctionalGroupsSequence"]  # a list is no key: asked of highdicom each time
+    assert remembering("PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path) is ask(
+        "PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path)
+    for _ in range(2):  # an unknown SOP class is highdicom's error each time, never a remembered answer
+        with pytest.raises(KeyError, match="No IOD found"):
+            remembering("NumberOfFrames", "1.2.3.4")
+
+
 def test_demographics_that_would_not_convert_are_emptied_and_each_distinct_value_is_checked_once(tmp_path,
                                                                                                  monkeypatch):
     """A copied value that would not convert (node.encode.demographics) is emptied in every header

@@ -926,6 +926,25 @@ def test_separate_boxes_find_the_components_of_the_whole_grid():
     assert not labels[~covered].any()
 
 
+def test_foreground_box_is_the_smallest_box_holding_every_nonzero_voxel():
+    """Against the box read off np.nonzero, for labels (uint8), evidence (bool) and values that
+    are nonzero but not above zero (negative, fractional), on views that are not contiguous."""
+    from inference.findings import foreground_box
+
+    rng = np.random.default_rng(11)
+    for dtype, values in ((np.uint8, [1, 2, 255]), (bool, [True]), (np.int16, [-1, 3]), (np.float32, [-0.5, 0.25])):
+        for ndim in (1, 2, 3, 4):
+            for _ in range(40):
+                grid = np.zeros(rng.integers(1, 7, ndim), dtype)
+                for _ in range(rng.integers(0, 4)):
+                    grid[tuple(rng.integers(0, n) for n in grid.shape)] = rng.choice(values)
+                for view in (grid, grid[::-1], grid.T):
+                    found = np.nonzero(view)
+                    expected = None if not found[0].size else tuple(
+                        slice(int(axis.min()), int(axis.max()) + 1) for axis in found)
+                    assert foreground_box(view) == expected, (dtype, view)
+
+
 def test_a_truncated_file_is_a_permanent_failure_and_compressed_files_are_read_whole(tmp_path, monkeypatch):
     """A file shorter than its Pixel Data header says is refused for good (not retried for an
     hour as if it were being replaced); compressed data sets are read whole (pydicom decodes them)."""
