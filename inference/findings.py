@@ -41,15 +41,17 @@ def foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
     # Two passes over the grid, not one per axis: the slices holding anything, then the projection of
     # those slices, whose own box (a 2-D plane: cheap) gives the other axes. On uint8 and bool,
     # maximum is nonzero exactly where any is, and quicker (300x512x512: 0.023 -> 0.010 s).
-    reduce = np.maximum.reduce if labels.dtype.kind in "bu" else np.logical_or.reduce
-    along_first = reduce(labels, axis=tuple(range(1, labels.ndim))) if labels.ndim > 1 else labels
+    if labels.size == 0:
+        return None
+    project = np.maximum.reduce if labels.dtype.kind in "bu" else np.logical_or.reduce
+    along_first = project(labels, axis=tuple(range(1, labels.ndim))) if labels.ndim > 1 else labels
     present = np.flatnonzero(along_first)
     if present.size == 0:
         return None
     first = slice(int(present[0]), int(present[-1]) + 1)
     if labels.ndim == 1:
         return (first,)
-    rest = foreground_box(reduce(labels[first], axis=0))
+    rest = foreground_box(project(labels[first], axis=0))
     assert rest is not None  # the projection of slices holding something holds something
     return (first, *rest)
 

@@ -207,38 +207,42 @@ def test_warm_up_builds_a_seg_and_an_sr_that_read_back():
 
 
 def test_highdicoms_iod_question_is_asked_once_per_sop_class_and_answered_as_highdicom_answers(result):
-    """Pins node/encode/highdicom_internals.py. A SEG of single-frame sources asks, through the
-    remembered form, once per source whether its SOP class allows frames: if highdicom stops
-    routing that question through `_standard_utils.is_attribute_in_iod`, nothing is remembered
-    and this fails. Every remembered answer is highdicom's own, for every SOP class it knows."""
+    """Pins the IOD answers of node/highdicom_internals.py. A SEG of single-frame sources asks,
+    through the remembered form, once per source whether its SOP class allows frames: if
+    highdicom stops routing that question through `_standard_utils.is_attribute_in_iod`, nothing
+    is remembered and this fails. Every answer is highdicom's own, for every SOP class it knows."""
     from highdicom import _standard_utils
 
-    remembering = _standard_utils.is_attribute_in_iod
-    assert hasattr(remembering, "remembered"), "node.encode.seg puts the remembering form in place"
-    remembering.remembered.cache_clear()
-    build_seg(result, OutputOptions(), uids_for("iod-question", SPEC.name))
-    sources = len(result.volume.datasets)
-    asked = remembering.remembered.cache_info()
-    assert asked.hits >= sources - 1 and asked.misses <= 4, asked
+    from node import highdicom_internals as internals
 
-    def outcome(question, *args):  # highdicom's tables have IODs naming modules they lack: a KeyError
+    assert _standard_utils.is_attribute_in_iod is internals.is_attribute_in_iod, "put in place by node.encode.seg"
+    asks = internals.highdicoms_answer
+    assert asks.__module__ == "highdicom._standard_utils" and asks is not internals.is_attribute_in_iod
+    internals.remembered_answer.cache_clear()
+    build_seg(result, OutputOptions(), uids_for("iod-question", SPEC.name))
+    asked = internals.remembered_answer.cache_info()
+    assert asked.hits >= len(result.volume.datasets) - 1 and asked.misses <= 4, asked
+
+    def outcome(question, *args, **kwargs):  # highdicom's tables have IODs naming modules they lack
         try:
-            return question(*args)
+            return question(*args, **kwargs)
         except KeyError as error:
             return repr(error)
 
-    ask = remembering.asks
+    remembering = _standard_utils.is_attribute_in_iod
     for sop_class in _standard_utils.get_sop_class_iod_map():
         for keyword in ("NumberOfFrames", "PixelData", "PerFrameFunctionalGroupsSequence", "ContentDate"):
-            expected = outcome(ask, keyword, sop_class)
-            assert outcome(remembering, keyword, sop_class) == expected == outcome(remembering, keyword, sop_class)
-    assert remembering.remembered.cache_info().currsize <= 1024
+            expected = outcome(asks, keyword, sop_class)
+            assert outcome(remembering, keyword, sop_class) == expected
+            assert outcome(remembering, keyword, sop_class_uid=pydicom.uid.UID(sop_class)) == expected
     path = ["SharedFunctionalGroupsSequence"]  # a list is no key: asked of highdicom each time
-    assert remembering("PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path) is ask(
+    assert remembering("PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path) is asks(
         "PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path)
+    kept = internals.remembered_answer.cache_info().currsize
     for _ in range(2):  # an unknown SOP class is highdicom's error each time, never a remembered answer
         with pytest.raises(KeyError, match="No IOD found"):
             remembering("NumberOfFrames", "1.2.3.4")
+    assert internals.remembered_answer.cache_info().currsize == kept
 
 
 def test_demographics_that_would_not_convert_are_emptied_and_each_distinct_value_is_checked_once(tmp_path,

@@ -928,15 +928,16 @@ def test_separate_boxes_find_the_components_of_the_whole_grid():
 
 def test_foreground_box_is_the_smallest_box_holding_every_nonzero_voxel():
     """Against the box read off np.nonzero, for labels (uint8), evidence (bool) and values that
-    are nonzero but not above zero (negative, fractional), on views that are not contiguous."""
+    are nonzero but not above zero (negative, fractional), on views that are not contiguous and
+    on grids with an axis of length 0."""
     from inference.findings import foreground_box
 
     rng = np.random.default_rng(11)
     for dtype, values in ((np.uint8, [1, 2, 255]), (bool, [True]), (np.int16, [-1, 3]), (np.float32, [-0.5, 0.25])):
         for ndim in (1, 2, 3, 4):
             for _ in range(40):
-                grid = np.zeros(rng.integers(1, 7, ndim), dtype)
-                for _ in range(rng.integers(0, 4)):
+                grid = np.zeros(rng.integers(0, 7, ndim), dtype)  # an axis of length 0 too: nothing held
+                for _ in range(rng.integers(0, 4) if grid.size else 0):
                     grid[tuple(rng.integers(0, n) for n in grid.shape)] = rng.choice(values)
                 for view in (grid, grid[::-1], grid.T):
                     found = np.nonzero(view)

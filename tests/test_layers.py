@@ -26,7 +26,7 @@ FORBIDDEN = {  # package -> packages it must not import
     "node": {"training"},
 }
 NODE_LAYERS = {  # node's parts: a part imports only parts of a lower layer
-    "node.config": 0, "node.routing_tags": 0, "node.deflate": 0, "node.metrics": 0,
+    "node.config": 0, "node.routing_tags": 0, "node.deflate": 0, "node.metrics": 0, "node.highdicom_internals": 0,
     "node.store": 1, "node.transport": 1,
     "node.receive": 2, "node.assemble": 2, "node.route": 2, "node.encode": 2, "node.send": 2, "node.deid": 2,
     "node.jobs": 3,

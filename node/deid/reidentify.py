@@ -47,9 +47,9 @@ def patient_and_study_keywords() -> tuple[str, ...]:
     Subject/Study modules, from highdicom's tables of the standard (the modules highdicom's
     own SOPClass.copy_patient_and_study_information copies; the function needs a highdicom
     object, the tables are what we need, so they are read here, in this one place)."""
-    from highdicom._standard_utils import get_module_attribute_map  # private: pinned by tests/test_deid.py
+    from node.highdicom_internals import module_attributes
 
-    modules = get_module_attribute_map()
+    modules = module_attributes()
     return tuple(dict.fromkeys(
         str(item["keyword"]) for name in ("patient", "general-study", "patient-study", "clinical-trial-subject",
                                           "clinical-trial-study")

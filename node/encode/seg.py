@@ -13,7 +13,7 @@ from inference.spec import Label
 from inference.volume import SeriesVolume
 from node.config import OutputOptions
 from node.encode.concepts import coded
-from node.encode.highdicom_internals import remember_iod_answers
+from node.highdicom_internals import remember_iod_answers
 from node.encode.provenance import algorithm_source, contributing_equipment
 from node.encode.uids import ResultUIDs
 
