@@ -35,7 +35,7 @@ def is_attribute_in_iod(
     attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
 ) -> bool:
     """highdicom's `is_attribute_in_iod`, remembered where the question can be a key."""
-    if exclude_path_elements is not None:  # a list: no key; asked of highdicom each time
+    if exclude_path_elements is not None:  # a rarer question: asked of highdicom each time, not kept
         return highdicoms_answer(attribute, sop_class_uid, exclude_path_elements)
     return remembered_answer(attribute, sop_class_uid)
 
@@ -49,5 +49,6 @@ def remember_iod_answers() -> None:
 
 def module_attributes() -> dict[str, list[dict[str, Any]]]:
     """highdicom's table of each module's attributes, by the module's key ("patient",
-    "general-study", ...): each attribute's keyword, type and path of enclosing sequences."""
+    "general-study", ...): each attribute's keyword, type and path of enclosing sequences.
+    highdicom's own object, which its functions read too: for reading only."""
     return _standard_utils.get_module_attribute_map()

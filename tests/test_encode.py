@@ -235,9 +235,10 @@ def test_highdicoms_iod_question_is_asked_once_per_sop_class_and_answered_as_hig
             expected = outcome(asks, keyword, sop_class)
             assert outcome(remembering, keyword, sop_class) == expected
             assert outcome(remembering, keyword, sop_class_uid=pydicom.uid.UID(sop_class)) == expected
-    path = ["SharedFunctionalGroupsSequence"]  # a list is no key: asked of highdicom each time
-    assert remembering("PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path) is asks(
-        "PixelSpacing", "1.2.840.10008.5.1.4.1.1.4.1", path)
+    enhanced_mr = "1.2.840.10008.5.1.4.1.1.4.1"  # an exclusion is asked of highdicom each time, not kept:
+    remembering("PixelSpacing", enhanced_mr)  # remembered as True (under the functional groups)
+    groups = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
+    assert remembering("PixelSpacing", enhanced_mr, groups) is asks("PixelSpacing", enhanced_mr, groups) is False
     kept = internals.remembered_answer.cache_info().currsize
     for _ in range(2):  # an unknown SOP class is highdicom's error each time, never a remembered answer
         with pytest.raises(KeyError, match="No IOD found"):

@@ -927,9 +927,9 @@ def test_separate_boxes_find_the_components_of_the_whole_grid():
 
 
 def test_foreground_box_is_the_smallest_box_holding_every_nonzero_voxel():
-    """Against the box read off np.nonzero, for labels (uint8), evidence (bool) and values that
-    are nonzero but not above zero (negative, fractional), on views that are not contiguous and
-    on grids with an axis of length 0."""
+    """Against the box read off np.nonzero, for labels (uint8), evidence (bool) and signed and
+    float values (negative ones too, which a maximum would miss), on views that are not
+    contiguous and on grids with an axis of length 0."""
     from inference.findings import foreground_box
 
     rng = np.random.default_rng(11)

@@ -46,7 +46,7 @@ def patient_and_study_keywords() -> tuple[str, ...]:
     """The root attributes of the Patient, General Study, Patient Study and Clinical Trial
     Subject/Study modules, from highdicom's tables of the standard (the modules highdicom's
     own SOPClass.copy_patient_and_study_information copies; the function needs a highdicom
-    object, the tables are what we need, so they are read here, in this one place)."""
+    object, the tables are what we need: node/highdicom_internals.py reads them)."""
     from node.highdicom_internals import module_attributes
 
     modules = module_attributes()

@@ -13,9 +13,9 @@ from inference.spec import Label
 from inference.volume import SeriesVolume
 from node.config import OutputOptions
 from node.encode.concepts import coded
-from node.highdicom_internals import remember_iod_answers
 from node.encode.provenance import algorithm_source, contributing_equipment
 from node.encode.uids import ResultUIDs
+from node.highdicom_internals import remember_iod_answers
 
 remember_iod_answers()  # as the encoders are imported: every SEG this process builds, built the same way
 
