@@ -210,7 +210,8 @@ def test_highdicoms_iod_question_is_asked_once_per_sop_class_and_answered_as_hig
     """Pins the IOD answers of node/highdicom_internals.py. A SEG of single-frame sources asks,
     through the remembered form, once per source whether its SOP class allows frames: if
     highdicom stops routing that question through `_standard_utils.is_attribute_in_iod`, nothing
-    is remembered and this fails. Every answer is highdicom's own, for every SOP class it knows."""
+    is remembered and this fails. Every answer is highdicom's own: four attributes compared over
+    every SOP class it knows."""
     from highdicom import _standard_utils
 
     from node import highdicom_internals as internals

@@ -17,7 +17,7 @@ from node.encode.provenance import algorithm_source, contributing_equipment
 from node.encode.uids import ResultUIDs
 from node.highdicom_internals import remember_iod_answers
 
-remember_iod_answers()  # as the encoders are imported: every SEG this process builds, built the same way
+remember_iod_answers()  # as this module is imported: every SEG this process builds, built the same way
 
 
 def segment_labels(result: SegmentationResult) -> list[Label]:
