@@ -981,3 +981,125 @@ def test_reorientation_without_spacing_is_an_exact_copy():
     moved = Orientation(axcodes="RAS", labels=None)(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(affine)))
     ours = resample(array, affine, np.asarray(moved.affine, dtype=float), tuple(moved.shape[1:]))
     np.testing.assert_array_equal(ours, moved[0].numpy().astype(np.float32))
+
+
+def _measured_voxel_by_voxel(labels: np.ndarray, volume, spec) -> list[tuple]:
+    """The findings' measurements from every voxel's index (np.argwhere), every pair of voxels of a
+    slice compared: slow and plain, the reference for `measure`."""
+    from scipy import ndimage
+    from scipy.spatial.distance import pdist
+
+    def one(indices: np.ndarray) -> tuple:
+        widths = [pdist(volume.to_patient(indices[indices[:, 0] == k])).max()
+                  for k in np.unique(indices[:, 0]) if (indices[:, 0] == k).sum() > 1]
+        return (len(indices), tuple(volume.to_patient(indices.mean(axis=0))[0]), tuple(indices.min(axis=0)),
+                tuple(indices.max(axis=0)), max(widths, default=0.0))
+
+    out = []
+    for label in spec.labels:
+        if spec.postprocessing.findings != "per_component":
+            out += [one(np.argwhere(labels == label.value))] if (labels == label.value).any() else []
+            continue
+        components, count = ndimage.label(labels == label.value)
+        out += sorted((one(np.argwhere(components == n)) for n in range(1, count + 1)), key=lambda m: -m[0])
+    return out
+
+
+def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels():
+    """`measure` reads count, centroid, box and the longest in-plane diameter off each finding's mask
+    (its projections, and the first and last voxel of each row for the diameter): the same as from
+    every voxel's index and every pair of voxels of a slice, on an oblique, anisotropic grid, for
+    blobs, boxes, lines along each axis and diagonally, single voxels and scattered ones, per label
+    and per component. An organ-sized finding is measured without allocating its voxels' indices
+    (np.argwhere: 24 bytes a voxel)."""
+    import tracemalloc
+
+    from inference.findings import measure
+    from inference.spec import ModelSpec
+    from inference.volume import SeriesVolume
+
+    code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
+    labels_spec = [{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (1, 2)]
+    specs = [ModelSpec.model_validate({"name": "m", "task": "segmentation", "labels": labels_spec,
+                                       "postprocessing": {"findings": findings}})
+             for findings in ("per_label", "per_component")]
+    angle = math.radians(25)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[0.0, math.cos(angle), -math.sin(angle)], [0.0, math.sin(angle), math.cos(angle)],
+                               [1.0, 0.0, 0.0]]) @ np.diag([2.5, 0.7, 0.9])
+    affine[:3, 3] = (-120.0, 35.5, 80.25)
+    volume = SeriesVolume(np.zeros((1, 1, 1), np.float32), affine, [], "1.2.3")
+    rng = np.random.default_rng(5)
+    grids = []
+    for _ in range(12):
+        grid = np.zeros((rng.integers(1, 9), rng.integers(1, 40), rng.integers(1, 40)), np.uint8)
+        k, r, c = np.indices(grid.shape)
+        centre, radii = rng.uniform(0, grid.shape), rng.uniform(0.5, 12, 3)
+        grid[(((np.stack([k, r, c], -1) - centre) / radii) ** 2).sum(-1) <= 1] = 1  # a blob
+        grid[tuple(slice(int(a), int(a) + int(n)) for a, n in zip(rng.integers(0, grid.shape), rng.integers(1, 6, 3)))] = 2
+        grid[rng.random(grid.shape) < 0.01] = rng.integers(1, 3)  # scattered voxels
+        grids.append(grid)
+    lines = np.zeros((4, 30, 30), np.uint8)
+    lines[0, 3, 2:25] = 1  # along a row
+    lines[1, 2:28, 7] = 1  # along a column
+    lines[2, np.arange(5, 25), np.arange(3, 23)] = 2  # diagonally
+    lines[3, 29, 29] = 1  # one voxel
+    lines[3, 0, 0] = 2
+    long_lines = np.zeros((2, 100, 100), np.uint8)  # more row ends than are compared pair by pair
+    long_lines[0, 5:95, 40] = 1  # along a column: every end on one line (no hull)
+    long_lines[1, np.arange(3, 97), np.arange(99, 5, -1)] = 2  # diagonally
+    grids += [lines, long_lines, np.zeros((3, 4, 5), np.uint8)]
+    for grid in grids:
+        for spec in specs:
+            found = [(f.voxel_count, f.centroid, f.bbox_min_index, f.bbox_max_index, f.longest_in_plane_diameter_mm)
+                     for f in measure(grid, volume, spec)]
+            expected = _measured_voxel_by_voxel(grid, volume, spec)
+            assert [f[0] for f in found] == [e[0] for e in expected]  # per component: largest first
+            key = lambda m: (m[0], m[2], m[3])  # equal sizes: the order of the grid's boxes, not of its scan
+            for f, e in zip(sorted(found, key=key), sorted(expected, key=key)):
+                assert f[0] == e[0] and f[2:4] == e[2:4], (f, e)
+                assert f[1] == pytest.approx(e[1], abs=1e-9) and f[4] == pytest.approx(e[4], rel=1e-12), (f, e)
+    organ = np.zeros((60, 160, 160), np.uint8)
+    organ[2:58, 10:150, 20:155] = 1  # 1.06 million voxels: their indices would be 25 MB
+    tracemalloc.start()
+    try:
+        (finding,) = measure(organ, volume, specs[0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert finding.voxel_count == 56 * 140 * 135
+    assert peak < 3 * organ.nbytes, peak  # a mask of the box (1 byte a voxel), not 24 bytes a voxel
+
+
+def test_small_components_are_dropped_and_the_largest_kept_as_over_the_whole_grid():
+    """`clean_labels` works label by label within each label's own box; what it keeps is what
+    labelling the whole grid keeps: every component of at least the spec's minimum, or only the
+    largest (one of them, where several are largest), for blobs, boxes and scattered voxels."""
+    from scipy import ndimage
+
+    from inference.findings import clean_labels
+    from inference.spec import ModelSpec
+
+    code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
+    labels_spec = [{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (1, 2, 3)]
+    rng = np.random.default_rng(8)
+    for trial in range(30):
+        grid = np.zeros((rng.integers(1, 9), rng.integers(1, 40), rng.integers(1, 40)), np.uint8)
+        for _ in range(rng.integers(1, 5)):
+            corner, size = rng.integers(0, grid.shape), rng.integers(1, 8, 3)
+            grid[tuple(slice(int(a), int(a) + int(n)) for a, n in zip(corner, size))] = rng.integers(1, 4)
+        grid[rng.random(grid.shape) < 0.02] = rng.integers(1, 4)
+        minimum, largest_only = int(rng.integers(1, 12)), bool(trial % 2)
+        spec = ModelSpec.model_validate({"name": "m", "task": "segmentation", "labels": labels_spec, "postprocessing": {
+            "min_component_voxels": minimum, "keep_largest_component": largest_only}})
+        cleaned = clean_labels(grid.copy(), spec)
+        for value in (1, 2, 3):
+            components, count = ndimage.label(grid == value)
+            sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+            if not largest_only:
+                kept = np.flatnonzero(sizes >= minimum) + 1
+                assert np.array_equal(cleaned == value, np.isin(components, kept)), (trial, value)
+                continue
+            choices = [np.isin(components, [n + 1]) for n in np.flatnonzero(sizes == sizes.max())] if count else []
+            assert any(np.array_equal(cleaned == value, c) for c in choices) or (not count and not (cleaned == value).any())
+        assert np.all((cleaned == grid) | (cleaned == 0))  # only ever cleared, never relabelled
