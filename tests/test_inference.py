@@ -1103,3 +1103,28 @@ def test_small_components_are_dropped_and_the_largest_kept_as_over_the_whole_gri
             choices = [np.isin(components, [n + 1]) for n in np.flatnonzero(sizes == sizes.max())] if count else []
             assert any(np.array_equal(cleaned == value, c) for c in choices) or (not count and not (cleaned == value).any())
         assert np.all((cleaned == grid) | (cleaned == 0))  # only ever cleared, never relabelled
+
+
+def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
+    """The labels made channel by channel are those of the whole stack: np.argmax over the channels
+    (the first on ties, the first NaN taken as the maximum, on transposed views as the resampling
+    gives them), and for `threshold` every label's channel at or above it, the spec's later label
+    winning where two are above."""
+    from inference.pipeline import _labels, first_argmax
+
+    rng = np.random.default_rng(3)
+    for channels in (1, 2, 3, 5):
+        for _ in range(20):
+            stack = rng.integers(0, 4, (channels, 5, 6, 7)).astype(np.float32) / 4  # ties are common
+            stack[rng.random(stack.shape) < 0.03] = np.nan
+            views = [c.transpose(2, 0, 1).copy().transpose(1, 2, 0) for c in stack]  # not C-ordered
+            assert np.array_equal(first_argmax(iter(views)), np.argmax(stack, axis=0)), channels
+    code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
+    spec = threshold_spec(labels=[{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (2, 1)],
+                          postprocessing={"mode": "threshold", "threshold": 0.5})
+    stack = rng.random((3, 8, 9, 10)).astype(np.float32)
+    expected = np.zeros(stack.shape[1:], np.uint8)
+    for value in (2, 1):  # the spec's order
+        expected[stack[value] >= 0.5] = value
+    assert np.array_equal(_labels(iter(stack), spec), expected)
+    assert (expected == 1).any() and ((stack[1] >= 0.5) & (stack[2] >= 0.5)).any()  # the order did matter
