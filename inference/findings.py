@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -145,77 +146,97 @@ def measure(labels: np.ndarray, volume: SeriesVolume, spec: ModelSpec) -> list[F
         return findings
     boxes = separate_boxes(labels)
     for label in spec.labels:
-        components = [component for box in boxes for component in _components(labels, box, label.value)]
-        components.sort(key=lambda component: component[2], reverse=True)  # stable: equal sizes keep grid order
-        findings += [_measure_one(mask, origin, volume, label, n)
-                     for n, (mask, origin, _) in enumerate(components, start=1)]
+        # measured as they are found, one mask at a time, then numbered by size
+        measured = [_measure_one(mask, origin, volume, label, None)
+                    for box in boxes for mask, origin in _components(labels, box, label.value)]
+        measured.sort(key=lambda finding: finding.voxel_count, reverse=True)  # stable: equal sizes keep grid order
+        findings += [replace(finding, component=n) for n, finding in enumerate(measured, start=1)]
     return findings
 
 
-def _components(labels: np.ndarray, box: tuple[slice, ...], value: int) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """Each component of `value` in `box`: its mask within its own box, that box's first voxel
-    (slice, row, column) in the grid and its voxel count, in grid order."""
+def _components(labels: np.ndarray, box: tuple[slice, ...], value: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each component of `value` in `box`, in grid order: its mask within its own box and that box's
+    first voxel (slice, row, column) in the grid."""
     found = label_mask(labels, box, value)
     if found is None:
-        return []
+        return
     mask, origin = found
-    components, count = ndimage.label(mask)
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    return [(components[where] == number, origin + [s.start for s in where], int(sizes[number]))
-            for number, where in enumerate(ndimage.find_objects(components), start=1)]
+    components, _ = ndimage.label(mask)
+    for number, where in enumerate(ndimage.find_objects(components), start=1):
+        yield components[where] == number, origin + [s.start for s in where]
+
+
+SMALL_BOX = 4096  # voxels: a finding in a box this small is measured from its voxels' indices, in fewer calls
 
 
 def _measure_one(mask: np.ndarray, origin: np.ndarray, volume: SeriesVolume, label: Label,
                  component: int | None) -> Finding:
     """Measurements of one finding from its mask in a box whose first voxel is `origin` (slice, row,
     column). Read off the mask's projections, not a list of its voxels: an organ of 8 million voxels
-    took 200 MB of indices and 0.7 s that way (issue 28)."""
-    per_slice = mask.sum(axis=(1, 2), dtype=np.int64)
-    in_plane = mask.sum(axis=0, dtype=np.int64)
-    projections = (per_slice, in_plane.sum(axis=1), in_plane.sum(axis=0))
-    count = int(per_slice.sum())
-    # integer sums divided once: the same mean as np.argwhere(mask).mean(axis=0), to the last bit
-    centre = [(int(np.dot(n, np.arange(n.size))) + int(o) * count) / count for n, o in zip(projections, origin)]
-    present = [np.flatnonzero(n) for n in projections]
-    centroid = volume.to_patient(np.array(centre))[0]
+    took 200 MB of indices and 0.7 s that way (issue 28). A small box is read from its voxels'
+    indices all the same: the projections' dozen numpy calls cost more there."""
+    if mask.size <= SMALL_BOX:
+        indices = np.argwhere(mask) + origin  # in slice order
+        count, centre, low, high = len(indices), indices.mean(axis=0), indices.min(axis=0), indices.max(axis=0)
+        candidates = indices
+    else:
+        per_slice = mask.sum(axis=(1, 2), dtype=np.int64)
+        in_plane = mask.sum(axis=0, dtype=np.int64)
+        projections = (per_slice, in_plane.sum(axis=1), in_plane.sum(axis=0))
+        count = int(per_slice.sum())
+        # integer sums divided once: the same mean as np.argwhere(mask).mean(axis=0), to the last bit
+        centre = np.array([(int(np.dot(n, np.arange(n.size))) + int(o) * count) / count
+                           for n, o in zip(projections, origin)])
+        present = [np.flatnonzero(n) for n in projections]
+        low = np.array([p[0] for p in present]) + origin
+        high = np.array([p[-1] for p in present]) + origin
+        candidates = _row_ends(mask) + origin
+    centroid = volume.to_patient(centre)[0]
     return Finding(
         label=label,
         component=component,
         voxel_count=count,
         volume_mm3=float(count * volume.voxel_volume),
         centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
-        bbox_min_index=tuple(int(p[0] + o) for p, o in zip(present, origin)),  # type: ignore[arg-type]
-        bbox_max_index=tuple(int(p[-1] + o) for p, o in zip(present, origin)),  # type: ignore[arg-type]
-        longest_in_plane_diameter_mm=_longest_in_plane(mask, origin, volume),
+        bbox_min_index=tuple(int(v) for v in low),  # type: ignore[arg-type]
+        bbox_max_index=tuple(int(v) for v in high),  # type: ignore[arg-type]
+        longest_in_plane_diameter_mm=_longest_in_plane(candidates, volume),
     )
 
 
-HULL_FROM = 64  # ends of rows in a slice: fewer are compared pair by pair, quicker than finding their hull
+def _row_ends(mask: np.ndarray) -> np.ndarray:
+    """The first and the last voxel (slice, row, column) of each row of the mask, in slice order:
+    the corners of each slice's convex hull are among them (a voxel between two others on its row
+    lies on the segment between them)."""
+    slices, rows = np.nonzero(mask.any(axis=2))
+    first = mask.argmax(axis=2)[slices, rows]
+    last = mask.shape[2] - 1 - mask[:, :, ::-1].argmax(axis=2)[slices, rows]
+    wide = first != last
+    ends = np.concatenate([np.stack([slices, rows, first], axis=1), np.stack([slices, rows, last], axis=1)[wide]])
+    return ends[np.argsort(ends[:, 0], kind="stable")]
 
 
-def _longest_in_plane(mask: np.ndarray, origin: np.ndarray, volume: SeriesVolume) -> float:
-    """Largest distance between voxel centres of the finding within one image plane, in patient space.
+HULL_OVER = 64  # points in a slice: up to this many are compared pair by pair, quicker than finding their hull
 
-    In each slice the farthest pair are corners of the region's convex hull, and a corner is the
-    first or the last voxel of its row (one between two others on a row lies on the segment between
-    them): only those are compared, and of many only the hull's corners. The grid-to-patient map is
-    affine, so it keeps the corners."""
-    rows_present = mask.any(axis=2)
-    first = mask.argmax(axis=2)
-    last = mask.shape[2] - 1 - mask[:, :, ::-1].argmax(axis=2)
+
+def _longest_in_plane(points: np.ndarray, volume: SeriesVolume) -> float:
+    """Largest distance, in patient space, between two of `points` (voxel indices in slice order) in
+    the same slice. The farthest pair are corners of the slice's convex hull, and the grid-to-patient
+    map is affine, so it keeps the corners: of many points in a slice only the hull's are compared."""
+    if len(points) < 2:
+        return 0.0
+    if len(points) <= HULL_OVER:  # every pair at once
+        where = volume.to_patient(points)
+        same = points[:, :1] == points[:, 0]
+        squares = ((where[:, None, :] - where[None, :, :]) ** 2).sum(axis=2)
+        return float(np.sqrt(squares[same].max()))
     best = 0.0
-    for k in np.flatnonzero(rows_present.any(axis=1)):
-        rows = np.flatnonzero(rows_present[k])
-        wide = first[k, rows] != last[k, rows]
-        ends = np.concatenate([np.stack([rows, first[k, rows]], axis=1),
-                               np.stack([rows[wide], last[k, rows[wide]]], axis=1)])
-        if len(ends) < 2:
-            continue
-        if len(ends) > HULL_FROM:
+    for in_slice in np.split(points, np.flatnonzero(np.diff(points[:, 0])) + 1):
+        if len(in_slice) > HULL_OVER:
             try:
-                ends = ends[ConvexHull(ends).vertices]
-            except QhullError:  # every end on one line: the farthest pair is among them all the same
+                in_slice = in_slice[ConvexHull(in_slice[:, 1:]).vertices]
+            except QhullError:  # every point on one line: the farthest pair is among them all the same
                 pass
-        points = np.concatenate([np.full((len(ends), 1), k), ends], axis=1) + origin
-        best = max(best, float(pdist(volume.to_patient(points)).max()))
+        if len(in_slice) > 1:
+            best = max(best, float(pdist(volume.to_patient(in_slice)).max()))
     return best

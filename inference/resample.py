@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Literal
+from typing import Iterable, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -135,3 +135,69 @@ def _axis_order(linear: np.ndarray, tolerance: float = 1e-6) -> tuple[int, int, 
     if not (significant.sum(axis=0) == 1).all() or not (significant.sum(axis=1) == 1).all():
         return None
     return tuple(int(np.argmax(significant[:, j])) for j in range(3))  # type: ignore[return-value]
+
+
+def first_argmax(channels: Iterable[np.ndarray]) -> np.ndarray:
+    """np.argmax over the channels (uint8), the first on ties and the first NaN as the maximum, as
+    numpy's: channel by channel, which over a handful of channels is 3-4x quicker than argmax along
+    a short first axis (numpy walks it voxel by voxel) and holds two channels, not all."""
+    given = iter(channels)
+    best = np.array(next(given))  # a copy, in the channel's own layout
+    out = np.zeros(best.shape, dtype=np.uint8)
+    for number, channel in enumerate(given, start=1):
+        take = channel > best
+        undefined = np.isnan(channel)
+        if undefined.any():
+            take |= undefined & ~np.isnan(best)
+        out[take] = number
+        np.copyto(best, channel, where=take)
+    return out
+
+
+def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
+                    shape: tuple[int, ...], padding: Padding = "constant", fill: float = 0.0) -> np.ndarray:
+    """`first_argmax` of every channel of ``channels`` (channel, *grid of ``source_affine``) resampled
+    as `resample` does, interpolating only where the answer can depend on it; uint8, in the same
+    axis order as `resample`'s output (possibly a transposed view).
+
+    Where the eight source voxels around a target voxel centre all have the same argmax a, every
+    interpolated channel is a convex combination of those eight values with the same weights, so a
+    stays the largest (the first on ties) and the voxel takes a without interpolating. Only target
+    voxels in cells whose corners disagree, or that reach beyond the source's edge, are
+    interpolated: the boundaries between labels, a surface against a volume (a finer target grid
+    than the source makes that a few percent of its voxels). The result differs from interpolating
+    everything only where two channels come out equal to float32 rounding. Maps that are not
+    diagonal in the source's axis order (oblique grids), and more than 255 channels, are
+    interpolated whole."""
+    index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    shape = tuple(int(s) for s in shape)
+    order = _axis_order(linear)
+    if order is None or len(channels) > 255 or min(channels.shape[1:]) < 2:
+        return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
+    # per source axis: the source coordinate of each target index along it (computed as scipy's zoom does)
+    coordinates = []
+    for axis in range(3):
+        j = order.index(axis)
+        scale = linear[axis, j]
+        coordinates.append((np.arange(shape[j]) + offset[axis] / scale) * scale)
+    grid = first_argmax(channels)
+    corner = grid[:-1, :-1, :-1]
+    agree = np.ones(corner.shape, dtype=bool)
+    for step in np.ndindex(2, 2, 2):
+        if any(step):
+            agree &= corner == grid[tuple(slice(k, k + n - 1) for k, n in zip(step, grid.shape))]
+    undecided = np.uint8(255)
+    cells = np.full(grid.shape, undecided, dtype=np.uint8)  # the last slot on each axis: beyond the edge
+    cells[:-1, :-1, :-1] = np.where(agree, corner, undecided)
+    cell_of = []
+    for x, n in zip(coordinates, grid.shape):
+        first = np.floor(x)
+        cell_of.append(np.where((first >= 0) & (first <= n - 2), first, n - 1).astype(np.intp))
+    out = cells[np.ix_(*cell_of)]
+    where = np.nonzero(out == undecided)
+    if where[0].size:
+        points = np.stack([x[w] for x, w in zip(coordinates, where)])
+        out[where] = first_argmax(ndimage.map_coordinates(c, points, order=1, mode=_SCIPY_MODE[padding], cval=fill,
+                                                          prefilter=False) for c in channels)
+    return out.transpose(order)
