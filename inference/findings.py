@@ -235,8 +235,8 @@ def _longest_in_plane(points: np.ndarray, volume: SeriesVolume) -> float:
         if len(in_slice) > HULL_OVER:
             try:
                 in_slice = in_slice[ConvexHull(in_slice[:, 1:]).vertices]
-            except QhullError:  # every point on one line: the farthest pair is among them all the same
-                pass
+            except QhullError:  # every point on one line: its two ends, first and last by row, then column
+                in_slice = in_slice[np.lexsort((in_slice[:, 2], in_slice[:, 1]))[[0, -1]]]
         if len(in_slice) > 1:
             best = max(best, float(pdist(volume.to_patient(in_slice)).max()))
     return best

@@ -43,6 +43,8 @@ MIN_SLAB_VOXELS = 1 << 18
 # Enough for the cores a job's service is usually given; fixed, so that the slabs (and the
 # values) do not depend on the machine.
 MAX_SLABS = 4
+# Target voxels looked at per round for interpolation in `resample_argmax` (its memory: ~70 bytes each interpolated).
+UNDECIDED_CHUNK = 1 << 20
 
 
 def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
@@ -58,11 +60,7 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
     if order is None:
         return _interpolate(array, linear, offset, shape, mode, fill)
     # target axis j reads source axis order[j]: resample in the source's axis order, then transpose
-    scale = np.empty(3)
-    source_order_shape = [0, 0, 0]
-    for j, axis in enumerate(order):
-        scale[axis] = linear[axis, j]
-        source_order_shape[axis] = shape[j]
+    scale, source_order_shape = _in_source_order(linear, order, shape)
     window = _whole_voxels(scale, offset, source_order_shape, array.shape)
     if window is not None:  # only flips and axis order (a model without a spacing step): a copy
         out = array[window].astype(np.float32)
@@ -113,6 +111,18 @@ def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shap
     return out
 
 
+def _in_source_order(linear: np.ndarray, order: tuple[int, int, int], shape: tuple[int, ...]
+                     ) -> tuple[np.ndarray, list[int]]:
+    """For a diagonal map (`_axis_order`): the scale along each source axis, and the target's shape
+    in the source's axis order."""
+    scale = np.empty(3)
+    source_order_shape = [0, 0, 0]
+    for j, axis in enumerate(order):
+        scale[axis] = linear[axis, j]
+        source_order_shape[axis] = shape[j]
+    return scale, source_order_shape
+
+
 def _whole_voxels(scale: np.ndarray, offset: np.ndarray, shape: list[int],
                   source: tuple[int, ...]) -> tuple[slice, ...] | None:
     """The source slices when every target voxel centre is a source voxel centre (steps of +-1,
@@ -145,6 +155,8 @@ def first_argmax(channels: Iterable[np.ndarray]) -> np.ndarray:
     best = np.array(next(given))  # a copy, in the channel's own layout
     out = np.zeros(best.shape, dtype=np.uint8)
     for number, channel in enumerate(given, start=1):
+        if number > 255:
+            raise ValueError("over 256 channels: labels are one byte each")
         take = channel > best
         undefined = np.isnan(channel)
         if undefined.any():
@@ -167,21 +179,21 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     interpolated: the boundaries between labels, a surface against a volume (a finer target grid
     than the source makes that a few percent of its voxels). The result differs from interpolating
     everything only where two channels come out equal to float32 rounding. Maps that are not
-    diagonal in the source's axis order (oblique grids), and more than 255 channels, are
-    interpolated whole."""
+    diagonal in the source's axis order (oblique grids) are interpolated whole, and whole-voxel maps
+    copied, as `resample` does. (A cell whose corners all say 255, the mark of an undecided one, is
+    interpolated too: the same answer.)"""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
     order = _axis_order(linear)
-    if order is None or len(channels) > 255 or min(channels.shape[1:]) < 2:
+    if order is not None:
+        scale, source_order_shape = _in_source_order(linear, order, shape)
+    if order is None or _whole_voxels(scale, offset, source_order_shape, channels.shape[1:]) is not None:
         return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
-    # per source axis: the source coordinate of each target index along it (computed as scipy's zoom does)
-    coordinates = []
-    for axis in range(3):
-        j = order.index(axis)
-        scale = linear[axis, j]
-        coordinates.append((np.arange(shape[j]) + offset[axis] / scale) * scale)
-    grid = first_argmax(channels)
+    # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
+    coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]
+                   for axis, n in enumerate(source_order_shape)]
+    grid = first_argmax(np.asarray(c, dtype=np.float32) for c in channels)  # compared as `resample` gives them
     corner = grid[:-1, :-1, :-1]
     agree = np.ones(corner.shape, dtype=bool)
     for step in np.ndindex(2, 2, 2):
@@ -194,10 +206,13 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     for x, n in zip(coordinates, grid.shape):
         first = np.floor(x)
         cell_of.append(np.where((first >= 0) & (first <= n - 2), first, n - 1).astype(np.intp))
-    out = cells[np.ix_(*cell_of)]
-    where = np.nonzero(out == undecided)
-    if where[0].size:
-        points = np.stack([x[w] for x, w in zip(coordinates, where)])
-        out[where] = first_argmax(ndimage.map_coordinates(c, points, order=1, mode=_SCIPY_MODE[padding], cval=fill,
-                                                          prefilter=False) for c in channels)
+    out = cells.take(cell_of[2], axis=2).take(cell_of[1], axis=1).take(cell_of[0], axis=0)  # 7x np.ix_'s speed
+    rows = max(1, UNDECIDED_CHUNK // max(1, math.prod(out.shape[1:])))
+    for start in range(0, out.shape[0], rows):  # ~70 bytes a voxel interpolated: a bounded number at a time
+        part = out[start:start + rows]
+        where = np.nonzero(part == undecided)
+        if where[0].size:
+            points = np.stack([coordinates[0][where[0] + start], coordinates[1][where[1]], coordinates[2][where[2]]])
+            part[where] = first_argmax(ndimage.map_coordinates(c, points, output=np.float32, order=1, prefilter=False,
+                                                               mode=_SCIPY_MODE[padding], cval=fill) for c in channels)
     return out.transpose(order)

@@ -999,7 +999,6 @@ def _measured_voxel_by_voxel(labels: np.ndarray, volume, spec) -> list[tuple]:
     def labelled(value: int, indices: np.ndarray) -> tuple:
         return (value, *one(indices))
 
-
     out = []
     for label in spec.labels:
         if spec.postprocessing.findings != "per_component":
@@ -1021,9 +1020,9 @@ def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels(
     (np.argwhere: 24 bytes a voxel)."""
     from inference import findings
     from inference.findings import measure
-    from tests.fuzz.targets import allocation_ceiling
     from inference.spec import ModelSpec
     from inference.volume import SeriesVolume
+    from tests.fuzz.targets import allocation_ceiling
 
     code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
     labels_spec = [{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (1, 2)]
@@ -1161,16 +1160,22 @@ def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
 def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_change():
     """`resample_argmax` gives the argmax of every channel resampled (linear, the source's edge
     fading to the fill), for grids that flip, permute and scale the axes, reach beyond the source
-    and (oblique) do not map axis to axis; where it differs, two channels came out equal to float32
-    rounding."""
+    and (oblique) do not map axis to axis, for float32, float64 and uint8 channels, with exact ties;
+    where it differs, two channels came out equal to float32 rounding. A whole-voxel map copies, as
+    `resample` does (a NaN stays where it is), and label 255 is found as any other."""
     from scipy import ndimage
 
     from inference.resample import first_argmax, resample, resample_argmax
 
+    def resampled_whole(channels: np.ndarray, source: np.ndarray, target: np.ndarray, shape: tuple) -> np.ndarray:
+        return np.stack([resample(c, source, target, shape, padding="constant") for c in channels])
+
     rng = np.random.default_rng(21)
-    for trial in range(40):
+    for trial in range(60):
         channels = ndimage.gaussian_filter(rng.random((int(rng.integers(2, 5)), *rng.integers(2, 24, 3))),
-                                           (0, 1.5, 1.5, 1.5)).astype(np.float32)
+                                           (0, 1.5, 1.5, 1.5))
+        channels = [channels.astype(np.float32), channels, np.round(channels * 4) / 4,  # ties: the first wins
+                    (channels * 255).astype(np.uint8)][trial % 4]
         source = np.diag([*rng.uniform(1, 3, 3), 1.0])
         source[:3, 3] = rng.uniform(-5, 5, 3)
         target = np.eye(4)
@@ -1181,7 +1186,7 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
             target[:3, :3] = target[:3, :3] @ np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
         target[:3, 3] = rng.uniform(-8, 25, 3)
         shape = tuple(int(n) for n in rng.integers(8, 50, 3))
-        resampled = np.stack([resample(c, source, target, shape, padding="constant") for c in channels])
+        resampled = resampled_whole(channels, source, target, shape)
         expected = first_argmax(iter(resampled))
         found = resample_argmax(channels, source, target, shape)
         assert found.shape == expected.shape and found.dtype == np.uint8
@@ -1189,3 +1194,20 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
         top = np.sort(resampled[:, differ], axis=0)
         assert np.all(top[-1] - top[-2] <= 1e-6), (trial, int(differ.sum()))
         assert differ.sum() <= 2, (trial, int(differ.sum()))
+    channels = np.zeros((2, 6, 6, 6), np.float32)
+    channels[1] = 1.0
+    channels[:, 3, 3, 3] = np.nan  # a NaN logit's softmax
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[0, 3] = 5.0
+    for target in (np.eye(4), flipped):  # whole voxels: copied, the NaN stays one voxel
+        expected = first_argmax(iter(resampled_whole(channels, np.eye(4), target, (6, 6, 6))))
+        assert np.array_equal(resample_argmax(channels, np.eye(4), target, (6, 6, 6)), expected)
+        assert np.count_nonzero(expected == 0) == 1
+    many = rng.random((256, 4, 4, 4)).astype(np.float32)
+    many[255, :2] += 1  # label 255, the mark of an undecided cell, in whole cells
+    target = np.diag([0.7, 0.7, 0.7, 1.0])
+    expected = first_argmax(iter(resampled_whole(many, np.eye(4), target, (5, 5, 5))))
+    assert np.array_equal(resample_argmax(many, np.eye(4), target, (5, 5, 5)), expected)
+    assert np.count_nonzero(expected == 255) > 8
+    with pytest.raises(ValueError, match="over 256 channels"):
+        first_argmax(iter(np.zeros((257, 2), np.float32)))
