@@ -117,10 +117,12 @@ def clean_labels(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
     boxes = separate_boxes(labels)
     for label in spec.labels:
         held = [found for found in (label_mask(labels, box, label.value) for box in boxes) if found is not None]
-        labelled = [ndimage.label(mask)[0] for mask, _ in held]  # in the grid's order
-        sizes = [np.bincount(components.ravel())[1:] for components in labelled]
+        labelled = [ndimage.label(mask) for mask, _ in held]  # in the grid's order
+        # one component (an organ, often) is its mask's count: bincount would copy its numbers to 8 bytes each
+        sizes = [np.bincount(components.ravel())[1:] if count > 1 else np.full(count, np.count_nonzero(mask))
+                 for (mask, _), (components, count) in zip(held, labelled)]
         largest = max(((int(s.max()), -i) for i, s in enumerate(sizes) if s.size), default=(0, 1))  # first on ties
-        for i, ((mask, origin), components) in enumerate(zip(held, labelled)):
+        for i, ((mask, origin), (components, _)) in enumerate(zip(held, labelled)):
             keep = sizes[i] >= max(post.min_component_voxels, 1)
             if post.keep_largest_component:
                 keep = np.zeros_like(keep)
