@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,6 +35,16 @@ def benchmark_run(description: str | None, slices: int = 300, size: int = 512,
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         yield args, Path(tmp)
     print(f"load average at the end: {_load_average()}; {machine_speed()}", flush=True)
+
+
+def timed(fn: Callable[[], object], repeat: int = 3) -> tuple[float, object]:
+    """The best of `repeat` runs' seconds, and the last run's result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
 
 
 def _load_average() -> str:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from tests.triton_server import TritonCpuServer
 from inference.volume import read_volumes
 from inference.export.repository import export_onnx, write_entry
 from phantom.dicom import SeriesGeometry, write_ct_series
-from benchmarks.common import benchmark_run
+from benchmarks.common import benchmark_run, timed
 
 
 class Identity(torch.nn.Module):
@@ -39,15 +38,6 @@ SPEC = ModelSpec.model_validate({
     "labels": [{"value": 1, "name": "x", "category": {"scheme": "SCT", "value": "1", "meaning": "x"},
                 "type": {"scheme": "SCT", "value": "1", "meaning": "x"}}],
 })
-
-
-def timed(fn, repeat: int = 3) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main() -> None:

@@ -121,7 +121,7 @@ def clean_labels(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
         # one component (an organ, often) is its mask's count: bincount would copy its numbers to 8 bytes each
         sizes = [np.bincount(components.ravel())[1:] if count > 1 else np.full(count, np.count_nonzero(mask))
                  for (mask, _), (components, count) in zip(held, labelled)]
-        largest = max(((int(s.max()), -i) for i, s in enumerate(sizes) if s.size), default=(0, 1))  # first on ties
+        largest = max(((int(s.max()), -i) for i, s in enumerate(sizes)), default=(0, 1))  # the first on ties
         for i, ((mask, origin), (components, _)) in enumerate(zip(held, labelled)):
             keep = sizes[i] >= max(post.min_component_voxels, 1)
             if post.keep_largest_component:
@@ -144,12 +144,12 @@ def measure(labels: np.ndarray, volume: SeriesVolume, spec: ModelSpec) -> list[F
         for label in spec.labels:
             found = label_mask(labels, box, label.value) if box is not None else None
             if found is not None:
-                findings.append(_measure_one(*found, volume, label, None))
+                findings.append(_measure_one(*found, volume, label))
         return findings
     boxes = separate_boxes(labels)
     for label in spec.labels:
         # measured as they are found, one mask at a time, then numbered by size
-        measured = [_measure_one(mask, origin, volume, label, None)
+        measured = [_measure_one(mask, origin, volume, label)
                     for box in boxes for mask, origin in _components(labels, box, label.value)]
         measured.sort(key=lambda finding: finding.voxel_count, reverse=True)  # stable: equal sizes keep grid order
         findings += [replace(finding, component=n) for n, finding in enumerate(measured, start=1)]
@@ -171,8 +171,7 @@ def _components(labels: np.ndarray, box: tuple[slice, ...], value: int) -> Itera
 SMALL_BOX = 4096  # voxels: a finding in a box this small is measured from its voxels' indices, in fewer calls
 
 
-def _measure_one(mask: np.ndarray, origin: np.ndarray, volume: SeriesVolume, label: Label,
-                 component: int | None) -> Finding:
+def _measure_one(mask: np.ndarray, origin: np.ndarray, volume: SeriesVolume, label: Label) -> Finding:
     """Measurements of one finding from its mask in a box whose first voxel is `origin` (slice, row,
     column). Read off the mask's projections, not a list of its voxels: an organ of 8 million voxels
     took 200 MB of indices and 0.7 s that way (issue 28). A small box is read from its voxels'
@@ -196,7 +195,7 @@ def _measure_one(mask: np.ndarray, origin: np.ndarray, volume: SeriesVolume, lab
     centroid = volume.to_patient(centre)[0]
     return Finding(
         label=label,
-        component=component,
+        component=None,  # numbered by the caller when it reports components
         voxel_count=count,
         volume_mm3=float(count * volume.voxel_volume),
         centroid=(float(centroid[0]), float(centroid[1]), float(centroid[2])),

@@ -218,13 +218,14 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
 
 def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, volume: SeriesVolume,
                       spec: ModelSpec) -> np.ndarray:
-    """Class probabilities resampled onto the source grid, then labels.
+    """Class probabilities taken onto the source grid as labels.
 
-    Only boxes around the regions where a label is possible are resampled, one per region:
-    most of a study is background, and resampling all of a 300x512x512 grid takes ~15 s here.
-    The regions are found inside the box that holds all the evidence, grown by the dilation's
-    reach (what lies further out is background either way): on the whole model grid the
-    dilation and labelling took 0.06-0.13 s of a job.
+    Only boxes around the regions where a label is possible are taken back, one per region: most
+    of a study is background (resampling every channel over all of a 300x512x512 grid took ~15 s
+    here once). The regions are found inside the box that holds all the evidence, grown by the
+    dilation's reach (what lies further out is background either way): on the whole model grid the
+    dilation and labelling took 0.06-0.13 s of a job. Within a box, `argmax` interpolates only
+    where the label can change (`resample_argmax`); `threshold` resamples each label's channel.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
     evidence = np.zeros(probabilities.shape[1:], dtype=bool)  # any label above: one channel at a time, no copy
@@ -262,7 +263,8 @@ def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.
     if spec.postprocessing.mode == "argmax":
         found = resample_argmax(box, model, grid, shape, padding="constant")
     else:
-        found = _above_threshold((resample(channel, model, grid, shape, padding="constant") for channel in box), spec)
+        found = _above_threshold(((label.value, resample(box[label.value], model, grid, shape, padding="constant"))
+                                  for label in spec.labels), spec)
     target = labels[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
     target[found > 0] = found[found > 0]
 
@@ -273,17 +275,12 @@ def _translation(offset: np.ndarray) -> np.ndarray:
     return out
 
 
-def _above_threshold(channels: Iterable[np.ndarray], spec: ModelSpec) -> np.ndarray:
-    """`threshold` labels from class probabilities given one channel at a time (channel c is class
-    c): a mask per label, set in the spec's order (a later label wins where two are above)."""
-    post = spec.postprocessing
-    wanted = {label.value for label in spec.labels}
-    shape, above = None, {}
-    for value, channel in enumerate(channels):
-        shape = shape or channel.shape
-        if value in wanted:
-            above[value] = channel >= post.threshold
-    labels = np.zeros(shape, dtype=np.uint8)
+def _above_threshold(channels: Iterable[tuple[int, np.ndarray]], spec: ModelSpec) -> np.ndarray:
+    """`threshold` labels from each label's (value, probabilities) given one at a time: a mask per
+    label, set in the spec's order (a later label wins where two are above)."""
+    threshold = spec.postprocessing.threshold
+    above = {value: channel >= threshold for value, channel in channels}
+    labels = np.zeros(next(iter(above.values())).shape, dtype=np.uint8)
     for label in spec.labels:
         labels[above[label.value]] = label.value
     return labels

@@ -186,9 +186,10 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
     order = _axis_order(linear)
-    if order is not None:
-        scale, source_order_shape = _in_source_order(linear, order, shape)
-    if order is None or _whole_voxels(scale, offset, source_order_shape, channels.shape[1:]) is not None:
+    if order is None:
+        return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
+    scale, source_order_shape = _in_source_order(linear, order, shape)
+    if _whole_voxels(scale, offset, source_order_shape, channels.shape[1:]) is not None:
         return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
     # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
     coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]

@@ -1027,8 +1027,8 @@ def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels(
     code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
     labels_spec = [{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (1, 2)]
     specs = [ModelSpec.model_validate({"name": "m", "task": "segmentation", "labels": labels_spec,
-                                       "postprocessing": {"findings": findings}})
-             for findings in ("per_label", "per_component")]
+                                       "postprocessing": {"findings": reported}})
+             for reported in ("per_label", "per_component")]
     angle = math.radians(25)
     affine = np.eye(4)
     affine[:3, :3] = np.array([[0.0, math.cos(angle), -math.sin(angle)], [0.0, math.sin(angle), math.cos(angle)],
@@ -1153,18 +1153,20 @@ def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
     expected = np.zeros(stack.shape[1:], np.uint8)
     for value in (2, 1):  # the spec's order
         expected[stack[value] >= 0.5] = value
-    assert np.array_equal(_above_threshold(iter(stack), spec), expected)
+    assert np.array_equal(_above_threshold(((value, stack[value]) for value in (2, 1)), spec), expected)
     assert (expected == 1).any() and ((stack[1] >= 0.5) & (stack[2] >= 0.5)).any()  # the order did matter
 
 
-def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_change():
+def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_change(monkeypatch):
     """`resample_argmax` gives the argmax of every channel resampled (linear, the source's edge
     fading to the fill), for grids that flip, permute and scale the axes, reach beyond the source
-    and (oblique) do not map axis to axis, for float32, float64 and uint8 channels, with exact ties;
-    where it differs, two channels came out equal to float32 rounding. A whole-voxel map copies, as
+    and (oblique) do not map axis to axis, for float32, float64 and uint8 channels, with exact ties,
+    the undecided voxels taken in one round or several; where it differs, two channels came out
+    equal to float32 rounding. A whole-voxel map copies, as
     `resample` does (a NaN stays where it is), and label 255 is found as any other."""
     from scipy import ndimage
 
+    from inference import resample as module
     from inference.resample import first_argmax, resample, resample_argmax
 
     def resampled_whole(channels: np.ndarray, source: np.ndarray, target: np.ndarray, shape: tuple) -> np.ndarray:
@@ -1172,6 +1174,7 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
 
     rng = np.random.default_rng(21)
     for trial in range(60):
+        monkeypatch.setattr(module, "UNDECIDED_CHUNK", [module.UNDECIDED_CHUNK, 1, 700][trial % 3])  # in rounds
         channels = ndimage.gaussian_filter(rng.random((int(rng.integers(2, 5)), *rng.integers(2, 24, 3))),
                                            (0, 1.5, 1.5, 1.5))
         channels = [channels.astype(np.float32), channels, np.round(channels * 4) / 4,  # ties: the first wins
@@ -1211,3 +1214,13 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     assert np.count_nonzero(expected == 255) > 8
     with pytest.raises(ValueError, match="over 256 channels"):
         first_argmax(iter(np.zeros((257, 2), np.float32)))
+    interpolated: list[int] = []  # a ball on a 2x finer grid: only the voxels along its surface interpolated
+    interpolate = ndimage.map_coordinates
+    monkeypatch.setattr(ndimage, "map_coordinates", lambda c, points, **kw: (
+        interpolated.append(points.shape[1]), interpolate(c, points, **kw))[1])
+    ball = (np.sum((np.indices((20, 20, 20)) - 9.5) ** 2, axis=0) <= 49).astype(np.float32)
+    channels = np.stack([1 - ball, ball])
+    finer = np.diag([0.5, 0.5, 0.5, 1.0])
+    expected = first_argmax(iter(resampled_whole(channels, np.eye(4), finer, (38, 38, 38))))  # within the source
+    assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38)), expected)
+    assert 0 < sum(interpolated) / len(channels) < 0.15 * expected.size, sum(interpolated)

@@ -72,22 +72,31 @@ def _require(condition: bool, what: str) -> None:
 
 
 @contextmanager
-def allocation_ceiling(limit: int, what: str) -> Iterator[None]:
-    """Raise InvariantBroken when the block allocates more than `limit` bytes at its peak (the
-    Python heap, numpy included, as tracemalloc sees it). Tracing starts here unless it runs
-    already (the fuzzer keeps it on: starting it per input would cost more than the input)."""
+def traced_peak() -> Iterator[list[int]]:
+    """The block's peak allocation, in bytes over what was allocated as it began (the Python heap,
+    numpy included, as tracemalloc sees it), put in the list given once the block ends. Tracing
+    starts here unless it runs already (the fuzzer keeps it on: starting it per input would cost
+    more than the input)."""
     started = not tracemalloc.is_tracing()
     if started:
         tracemalloc.start()
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
+    peak: list[int] = []
     try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1] - base
+        yield peak
+        peak.append(tracemalloc.get_traced_memory()[1] - base)
     finally:
         if started:
             tracemalloc.stop()
-    _require(peak <= limit, f"{what}: allocated {peak} bytes at its peak, over the ceiling of {limit}")
+
+
+@contextmanager
+def allocation_ceiling(limit: int, what: str) -> Iterator[None]:
+    """Raise InvariantBroken when the block allocates more than `limit` bytes at its peak."""
+    with traced_peak() as peak:
+        yield
+    _require(peak[0] <= limit, f"{what}: allocated {peak[0]} bytes at its peak, over the ceiling of {limit}")
 
 
 # The transfer syntax of a data-set input: its first byte chooses (one of each kind the walker
