@@ -75,18 +75,14 @@ def main() -> None:
         print(f"{'output':24} {'channels':>8} {'labelled':>10} {'every voxel':>12} {'resample_argmax':>16} {'ratio':>6}"
               f" {'differ':>7} {'measure':>8} {'per comp.':>10} {'peak/grid':>10}")
         for name, regions in cases:
-            if len(regions) == 1:
-                channels = np.stack([1 - regions[0], regions[0]])
-            else:
-                channels = np.stack([np.clip(1 - sum(regions), 0, 1), *regions])
+            channels = np.stack([np.clip(1 - sum(regions), 0, 1), *regions])  # background first
             whole, reference = timed(lambda: first_argmax(
                 resample(c, model_affine, source_ras, shape, padding="constant") for c in channels), args.repeat)
             quick, labels = timed(lambda: resample_argmax(channels, model_affine, source_ras, shape), args.repeat)
             labels = np.ascontiguousarray(labels)
             differ = int(np.count_nonzero(labels != reference))  # where two channels tie to float32 rounding
             specs = [_with_labels(demo, len(regions), findings) for findings in ("per_label", "per_component")]
-            measuring, _ = timed(lambda: measure(labels, volume, specs[0]), args.repeat)
-            by_component, _ = timed(lambda: measure(labels, volume, specs[1]), args.repeat)
+            measuring, by_component = (timed(lambda: measure(labels, volume, spec), args.repeat)[0] for spec in specs)
             peaks = []
             for spec in specs:
                 with traced_peak() as peak:
@@ -95,6 +91,7 @@ def main() -> None:
             print(f"{name:24} {len(channels):>8} {int(np.count_nonzero(labels)):>10} {whole:>11.3f}s {quick:>15.3f}s "
                   f"{quick / whole:>6.2f} {differ:>7} {measuring:>7.3f}s {by_component:>9.3f}s "
                   f"{max(peaks) / labels.nbytes:>10.2f}")
+
 
 if __name__ == "__main__":
     main()
