@@ -127,16 +127,32 @@ def _whole_voxels(scale: np.ndarray, offset: np.ndarray, shape: list[int],
                   source: tuple[int, ...]) -> tuple[slice, ...] | None:
     """The source slices when every target voxel centre is a source voxel centre (steps of +-1,
     whole-voxel offsets, inside the source): interpolation would only copy values."""
-    window = []
+    overlap = _whole_voxel_overlap(scale, offset, shape, source)
+    if overlap is None or any(part.stop - part.start != n for part, n in zip(overlap[0], shape)):
+        return None
+    return overlap[1]
+
+
+def _whole_voxel_overlap(scale: np.ndarray, offset: np.ndarray, shape: list[int], source: tuple[int, ...]
+                         ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """For a map whose target voxel centres are all source voxel centres (steps of +-1, whole-voxel
+    offsets): the target's slices whose voxels lie inside the source, and the source slices they
+    read (empty where none do); None for any other map."""
+    target, window = [], []
     for step, start, n, size in zip(scale, offset, shape, source):
         first = float(start)
         if abs(abs(step) - 1) > 1e-9 or abs(first - round(first)) > 1e-6:
             return None
-        first_i, last_i = int(round(first)), int(round(first + step * (n - 1)))
-        if not (0 <= first_i < size and 0 <= last_i < size):
-            return None
-        window.append(slice(first_i, last_i + 1, 1) if step > 0 else slice(first_i, last_i - 1 if last_i else None, -1))
-    return tuple(window)
+        first_i = int(round(first))  # target index o reads source index first_i + step * o
+        if step > 0:
+            lo, hi = max(0, -first_i), min(n, size - first_i)
+        else:
+            lo, hi = max(0, first_i - size + 1), min(n, first_i + 1)
+        hi = max(lo, hi)
+        target.append(slice(lo, hi))
+        end = first_i + int(round(step)) * hi  # the source index after the last one read
+        window.append(slice(first_i + lo, end) if step > 0 else slice(first_i - lo, end if end >= 0 else None, -1))
+    return tuple(target), tuple(window)
 
 
 def _axis_order(linear: np.ndarray, tolerance: float = 1e-6) -> tuple[int, int, int] | None:
@@ -179,9 +195,11 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     interpolated: the boundaries between labels, a surface against a volume (a finer target grid
     than the source makes that a few percent of its voxels). The result differs from interpolating
     everything only where two channels come out equal to float32 rounding. Maps that are not
-    diagonal in the source's axis order (oblique grids) are interpolated whole, and whole-voxel maps
-    copied, as `resample` does. (A cell whose corners all say 255, the mark of an undecided one, is
-    interpolated too: the same answer.)"""
+    diagonal in the source's axis order (oblique grids) are interpolated whole. A whole-voxel map (a
+    model without a spacing step) takes the argmax of the channels' own voxels, and label 0 a whole
+    voxel or more beyond the source, where every channel is the fill (interpolating there weighs the
+    edge voxel by the rounding error of the position, a tie broken by noise). (A cell whose corners
+    all say 255, the mark of an undecided one, is interpolated too: the same answer.)"""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
@@ -189,8 +207,13 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     if order is None:
         return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
     scale, source_order_shape = _in_source_order(linear, order, shape)
-    if _whole_voxels(scale, offset, source_order_shape, channels.shape[1:]) is not None:
-        return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
+    overlap = _whole_voxel_overlap(scale, offset, source_order_shape, channels.shape[1:])
+    if overlap is not None:  # a model without a spacing step: no interpolation, no copies
+        out = np.zeros(source_order_shape, dtype=np.uint8)
+        inside, read = overlap
+        if all(part.stop > part.start for part in inside):
+            out[inside] = first_argmax(np.asarray(c[read], dtype=np.float32) for c in channels)
+        return out.transpose(order)
     # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
     coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]
                    for axis, n in enumerate(source_order_shape)]

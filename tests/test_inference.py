@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -1162,8 +1163,9 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     fading to the fill), for grids that flip, permute and scale the axes, reach beyond the source
     and (oblique) do not map axis to axis, for float32, float64 and uint8 channels, with exact ties,
     the undecided voxels taken in one round or several; where it differs, two channels came out
-    equal to float32 rounding. A whole-voxel map copies, as
-    `resample` does (a NaN stays where it is), and label 255 is found as any other."""
+    equal to float32 rounding. A whole-voxel map takes the argmax of the channels as they are
+    (a NaN stays where it is), beyond the source label 0, nothing interpolated; label 255 is found
+    as any other."""
     from scipy import ndimage
 
     from inference import resample as module
@@ -1224,3 +1226,31 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     expected = first_argmax(iter(resampled_whole(channels, np.eye(4), finer, (38, 38, 38))))  # within the source
     assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38)), expected)
     assert 0 < sum(interpolated) / len(channels) < 0.15 * expected.size, sum(interpolated)
+    interpolated.clear()
+    reach: Counter = Counter()  # trials partly beyond the source, wholly beyond it, within it
+    for trial in range(80):  # whole voxels (a model without a spacing step), flipped and permuted, partly or
+        # wholly beyond the source (a box grown past the model's): the same labels, nothing interpolated
+        spacing = rng.uniform(0.5, 3, 3)
+        channels = rng.random((int(rng.integers(2, 5)), *rng.integers(4, 12, 3)))
+        channels = channels.astype(np.float32) if trial % 2 else channels  # float64: compared as float32
+        source = np.diag([*spacing, 1.0])
+        target = np.eye(4)
+        target[:3, :3] = 0
+        flips = np.empty(3)
+        for j, (axis, flip) in enumerate(zip(rng.permutation(3), rng.choice([-1, 1], 3))):
+            target[axis, j], flips[axis] = flip * spacing[axis], flip
+        size = np.array(channels.shape[1:])
+        # the source voxel of its origin: inside; past the edge and running into the source; far away
+        past = np.where(flips < 0, size + rng.integers(0, 3, 3), -rng.integers(1, 3, 3))
+        target[:3, 3] = spacing * (rng.integers(0, size) if trial % 4 else past if trial % 8 else size + 20)
+        shape = tuple(int(n) for n in rng.integers(1 if trial % 4 else 4, 8, 3))
+        # a whole voxel or more beyond the source, every channel is the fill (interpolating there
+        # may weigh the edge voxel by a rounding error of the position: a tie broken by noise)
+        reads = np.rint(np.einsum("ij,j...->i...", np.linalg.inv(source) @ target,
+                                  np.concatenate([np.indices(shape), np.ones((1, *shape))])))[:3]
+        inside = np.all([(0 <= r) & (r < n) for r, n in zip(reads, channels.shape[1:])], axis=0)
+        expected = np.where(inside, first_argmax(iter(resampled_whole(channels, source, target, shape))), 0)
+        assert np.array_equal(resample_argmax(channels, source, target, shape), expected), trial
+        reach[(inside.any(), inside.all())] += 1
+    assert reach[(True, False)] >= 10 and reach[(False, False)] and reach[(True, True)], reach
+    assert not interpolated
