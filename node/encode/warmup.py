@@ -8,13 +8,13 @@ The source image is synthetic and nothing is stored (both objects are written to
 
 from __future__ import annotations
 
-from io import BytesIO
-
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from node.encode.writing import dataset_bytes
 
 
 def _source_image() -> Dataset:
@@ -65,5 +65,5 @@ def warm_up() -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
         evidence=[source, seg], content=report[0], series_instance_uid=generate_uid(), series_number=2,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="dicom-node")
     for obj in (seg, sr):
-        obj.save_as(BytesIO(), enforce_file_format=True)
+        dataset_bytes(obj)
     return seg, sr

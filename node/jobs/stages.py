@@ -8,7 +8,6 @@ crash start at `enqueue` when its files are already there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +26,7 @@ from node.encode.rtstruct import build_rtstruct
 from node.encode.seg import build_seg
 from node.encode.sr import build_sr
 from node.encode.uids import ResultUIDs
+from node.encode.writing import dataset_bytes
 from node.store.spool import Spool
 
 Result = SegmentationResult | ClassificationResult
@@ -105,8 +105,6 @@ def encode(result: Result, options: OutputOptions, uids: ResultUIDs, outputs: tu
     files = []
     for obj in objects:
         target = folder / f"{obj.SOPInstanceUID}.dcm"
-        buffer = BytesIO()
-        obj.save_as(buffer, enforce_file_format=True)
-        spool.store(target, [buffer.getvalue()])
+        spool.store(target, [dataset_bytes(obj)])
         files.append(target)
     return files
