@@ -148,7 +148,10 @@ def _whole_voxel_overlap(scale: np.ndarray, offset: np.ndarray, shape: list[int]
             lo, hi = max(0, -first_i), min(n, size - first_i)
         else:
             lo, hi = max(0, first_i - size + 1), min(n, first_i + 1)
-        hi = max(lo, hi)
+        if hi <= lo:  # no target voxel on this axis is inside the source
+            target.append(slice(0, 0))
+            window.append(slice(0, 0))
+            continue
         target.append(slice(lo, hi))
         end = first_i + int(round(step)) * hi  # the source index after the last one read
         window.append(slice(first_i + lo, end) if step > 0 else slice(first_i - lo, end if end >= 0 else None, -1))
@@ -196,9 +199,10 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     than the source makes that a few percent of its voxels). The result differs from interpolating
     everything only where two channels come out equal to float32 rounding. Maps that are not
     diagonal in the source's axis order (oblique grids) are interpolated whole. A whole-voxel map (a
-    model without a spacing step) takes the argmax of the channels' own voxels, and label 0 a whole
-    voxel or more beyond the source, where every channel is the fill (interpolating there weighs the
-    edge voxel by the rounding error of the position, a tie broken by noise). (A cell whose corners
+    model without a spacing step) takes the argmax of the channels' own voxels, and with "constant"
+    padding label 0 a whole voxel or more beyond the source, where every channel is the fill
+    (interpolating there weighs the edge voxel by the rounding error of the position, a tie broken
+    by noise; with "border" such a map is interpolated as any other). (A cell whose corners
     all say 255, the mark of an undecided one, is interpolated too: the same answer.)"""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
@@ -208,12 +212,14 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
         return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
     scale, source_order_shape = _in_source_order(linear, order, shape)
     overlap = _whole_voxel_overlap(scale, offset, source_order_shape, channels.shape[1:])
-    if overlap is not None:  # a model without a spacing step: no interpolation, no copies
-        out = np.zeros(source_order_shape, dtype=np.uint8)
+    if overlap is not None:  # a model without a spacing step
         inside, read = overlap
-        if all(part.stop > part.start for part in inside):
-            out[inside] = first_argmax(np.asarray(c[read], dtype=np.float32) for c in channels)
-        return out.transpose(order)
+        beyond = any(part.stop - part.start != n for part, n in zip(inside, source_order_shape))
+        if padding == "constant" or not beyond:  # ("border" repeats the edge beyond it: interpolated below)
+            out = np.zeros(source_order_shape, dtype=np.uint8)
+            if all(part.stop > part.start for part in inside):
+                out[inside] = first_argmax(np.asarray(c[read], dtype=np.float32) for c in channels)
+            return out.transpose(order)
     # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
     coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]
                    for axis, n in enumerate(source_order_shape)]

@@ -200,9 +200,9 @@ def test_no_findings_gives_no_seg_and_an_empty_report(result):
 def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result, monkeypatch):
     """`dataset_bytes` encodes the sequences itself (pydicom spends ~24 µs an element): the same
     bytes as `save_as` for every object the node makes (an ambiguous VR at the top settled as pydicom
-    settles it), the object left as it was; an object with something the walk does not encode (an
-    ambiguous VR inside an item, a character set of an item's own) is written by pydicom whole, the
-    same bytes again."""
+    settles it), the object left as it was; an item with a character set of its own, or read from a
+    file (its raw values as read), is written by pydicom, and an object with something the walk does
+    not encode (an ambiguous VR inside an item) by pydicom whole: the same bytes again."""
     uids = uids_for("job-1", SPEC.name)
     seg = build_seg(result, OutputOptions(), uids)
     objects = [seg, build_seg(result, OutputOptions(omit_empty_frames=False), uids),
@@ -219,8 +219,15 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
     nested = build_sr(result, OutputOptions(), uids, seg)  # the same inside an item: pydicom's way
     nested.CurrentRequestedProcedureEvidenceSequence[0].PixelRepresentation = 0
     nested.CurrentRequestedProcedureEvidenceSequence[0].add_new(0x00280106, "US or SS", 1)
-    item_charset = build_seg(result, OutputOptions(), uids)
+    item_charset = build_seg(result, OutputOptions(), uids)  # that item written by pydicom
     item_charset.PerFrameFunctionalGroupsSequence[1].SpecificCharacterSet = "ISO_IR 100"
+    copied = build_seg(result, OutputOptions(), uids)  # an item read from a source file (implicit VR,
+    source = pydicom.Dataset()  # its value padded by two spaces): its raw values, by pydicom as read
+    source.ProcedureCodeSequence = [pydicom.Dataset()]
+    source.ProcedureCodeSequence[0].CodeValue, source.ProcedureCodeSequence[0].CodeMeaning = "CT CH  ", "Chest"
+    stream = BytesIO()
+    pydicom.dcmwrite(stream, source, implicit_vr=True, little_endian=True)
+    copied.ProcedureCodeSequence = pydicom.dcmread(BytesIO(stream.getvalue()), force=True).ProcedureCodeSequence
 
     def pydicom_bytes(dataset: pydicom.Dataset) -> bytes:
         buffer = BytesIO()
@@ -230,12 +237,17 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
     items_by_pydicom: list[int] = []
     write_item = filewriter.write_sequence_item
     monkeypatch.setattr(filewriter, "write_sequence_item", lambda *args: (items_by_pydicom.append(1), write_item(*args)))
-    for dataset in [*objects, top, nested, item_charset]:
+    for dataset in [*objects, top, nested, item_charset, copied]:
         sequences = [element for element in dataset if element.VR == "SQ"]
+        items_by_pydicom.clear()
         expected = pydicom_bytes(copy.deepcopy(dataset))
+        every_item = len(items_by_pydicom)
         items_by_pydicom.clear()
         assert dataset_bytes(dataset) == expected, dataset.SOPClassUID
-        assert bool(items_by_pydicom) == (dataset is nested or dataset is item_charset)  # encoded here, or by pydicom
+        # encoded here; by pydicom an item (of its own character set, read from a file) or all
+        by_pydicom = len(items_by_pydicom)
+        assert (by_pydicom == every_item if dataset is nested else
+                0 < by_pydicom < every_item if dataset is item_charset or dataset is copied else by_pydicom == 0), by_pydicom
         assert [dataset[element.tag] for element in sequences] == sequences  # put back, the same objects
         assert pydicom_bytes(dataset) == expected
     assert len(seg.PerFrameFunctionalGroupsSequence) >= 9 and len(objects) >= 8

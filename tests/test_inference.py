@@ -1227,7 +1227,7 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38)), expected)
     assert 0 < sum(interpolated) / len(channels) < 0.15 * expected.size, sum(interpolated)
     interpolated.clear()
-    reach: Counter = Counter()  # trials partly beyond the source, wholly beyond it, within it
+    reach: Counter = Counter()  # trials by padding, partly or wholly beyond the source, interpolated
     for trial in range(80):  # whole voxels (a model without a spacing step), flipped and permuted, partly or
         # wholly beyond the source (a box grown past the model's): the same labels, nothing interpolated
         spacing = rng.uniform(0.5, 3, 3)
@@ -1245,12 +1245,20 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
         target[:3, 3] = spacing * (rng.integers(0, size) if trial % 4 else past if trial % 8 else size + 20)
         shape = tuple(int(n) for n in rng.integers(1 if trial % 4 else 4, 8, 3))
         # a whole voxel or more beyond the source, every channel is the fill (interpolating there
-        # may weigh the edge voxel by a rounding error of the position: a tie broken by noise)
+        # may weigh the edge voxel by a rounding error of the position: a tie broken by noise);
+        # "border" padding repeats the edge there (interpolated as any map, the same labels)
         reads = np.rint(np.einsum("ij,j...->i...", np.linalg.inv(source) @ target,
                                   np.concatenate([np.indices(shape), np.ones((1, *shape))])))[:3]
         inside = np.all([(0 <= r) & (r < n) for r, n in zip(reads, channels.shape[1:])], axis=0)
-        expected = np.where(inside, first_argmax(iter(resampled_whole(channels, source, target, shape))), 0)
-        assert np.array_equal(resample_argmax(channels, source, target, shape), expected), trial
-        reach[(inside.any(), inside.all())] += 1
-    assert reach[(True, False)] >= 10 and reach[(False, False)] and reach[(True, True)], reach
-    assert not interpolated
+        padding = "border" if trial % 5 == 1 else "constant"
+        expected = first_argmax(resample(c, source, target, shape, padding=padding) for c in channels)
+        expected = expected if padding == "border" else np.where(inside, expected, 0)
+        before = len(interpolated)
+        assert np.array_equal(resample_argmax(channels, source, target, shape, padding=padding), expected), trial
+        reach[(padding, inside.any(), inside.all(), len(interpolated) > before)] += 1
+    assert reach[("constant", True, False, False)] >= 10 and reach[("constant", False, False, False)], reach
+    assert reach[("constant", True, True, False)] and reach[("border", True, False, True)], reach
+    assert not any(key[3] for key in reach if key[0] == "constant"), reach  # nothing interpolated
+    flipped_out = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped_out[0, 3] = -1.0  # a flipped axis whose first voxel lies before the source: none of an empty axis
+    assert resample(np.ones((4, 4, 4), np.float32), np.eye(4), flipped_out, (0, 4, 4)).shape == (0, 4, 4)

@@ -9,8 +9,10 @@ for its VR, and handed to pydicom as a raw element, which it writes as it is (0.
 that SEG). The bytes are pydicom's: a test compares the two for every kind of object the node
 makes. An ambiguous VR at the top level is settled first as pydicom settles it; whatever else the
 walk does not know (an ambiguous or buffered VR inside an item, a value too long for its length
-field, a character set of an item's own, an implicit or big-endian transfer syntax) sends the
-object through `save_as` whole, as before.
+field, encapsulated pixel data inside an item, a value pydicom's writer refuses, an implicit or
+big-endian transfer syntax) sends the object through `save_as` whole, as before. An item read from
+a file (highdicom copies some from the source images: pydicom writes their raw values as read) or
+with a character set of its own is written by pydicom's `write_sequence_item`, in its place.
 """
 
 from __future__ import annotations
@@ -24,12 +26,11 @@ from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr_element, writers
+from pydicom import filewriter
 from pydicom.tag import ItemDelimiterTag, ItemTag, SequenceDelimiterTag
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
 
 _TAG = struct.Struct("<HH")
-_CHARSET_VRS = {VR.SH, VR.LO, VR.ST, VR.PN, VR.LT, VR.UC, VR.UT}  # pydicom's CUSTOMIZABLE_CHARSET_VR, with PN
 
 
 class _NotHere(Exception):
@@ -55,13 +56,15 @@ def _sequences_encoded(dataset: Dataset) -> Iterator[None]:
         return
     for element in dataset.elements():  # what pydicom's correction of the top level does
         if element.VR is not None and len(element.VR) != 2 and isinstance(element, DataElement):
-            correct_ambiguous_vr_element(element, dataset, True)
+            filewriter.correct_ambiguous_vr_element(element, dataset, True)
     if any(element.VR is None or len(element.VR) != 2 for element in dataset.elements()):
         yield  # not settled here (pydicom would raise): its own way
         return
     charset = dataset.get("SpecificCharacterSet")
     encodings = convert_encodings(charset or default_encoding)
-    sequences = [e for e in dataset.elements() if e.VR == VR.SQ and isinstance(e, DataElement)]
+    # (a private one would be parsed again as it is set: pydicom's own, as is a raw one)
+    sequences = [e for e in dataset.elements()
+                 if e.VR == VR.SQ and isinstance(e, DataElement) and not e.tag.is_private]
     encoded = []
     try:
         for sequence in sequences:
@@ -70,8 +73,8 @@ def _sequences_encoded(dataset: Dataset) -> Iterator[None]:
                 _item(item, value, encodings)
             length = 0xFFFFFFFF if sequence.is_undefined_length else len(value)
             encoded.append(RawDataElement(sequence.tag, VR.SQ, length, bytes(value), 0, False, True))
-    except _NotHere:
-        yield
+    except Exception:  # noqa: BLE001 - _NotHere, or a value pydicom's writer refuses: pydicom's own way
+        yield  # decides (the same answer as before, error or bytes)
         return
     encoding, original_charset = dataset.original_encoding, dataset.original_character_set
     for raw in encoded:
@@ -86,9 +89,17 @@ def _sequences_encoded(dataset: Dataset) -> Iterator[None]:
 
 
 def _item(item: Dataset, out: bytearray, encodings: list[str]) -> None:
-    """One sequence item as pydicom's `write_sequence_item` writes it (its length filled in)."""
-    if "SpecificCharacterSet" in item:
-        raise _NotHere()
+    """One sequence item as pydicom's `write_sequence_item` writes it (its length filled in). An
+    item read from a file (one highdicom copied from a source image: its values raw, written as
+    they were read, or re-encoded where its encoding differs) or with a character set of its own
+    is written by pydicom itself."""
+    if ("SpecificCharacterSet" in item or item.original_encoding != (None, None)
+            or any(isinstance(element, RawDataElement) for element in item.elements())):
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        filewriter.write_sequence_item(buffer, item, encodings)
+        out += buffer.getvalue()
+        return
     out += _TAG.pack(ItemTag >> 16, ItemTag & 0xFFFF)
     start = len(out)
     out += b"\xff\xff\xff\xff"
@@ -105,10 +116,12 @@ def _item(item: Dataset, out: bytearray, encodings: list[str]) -> None:
 def _element(element: DataElement, out: bytearray, encodings: list[str]) -> None:
     """One element as pydicom's `write_data_element` writes it in explicit VR little endian."""
     vr = element.VR
-    if vr is None or len(vr) != 2 or element.is_buffered or vr not in writers:
+    undefined = element.is_undefined_length
+    if vr is None or len(vr) != 2 or element.is_buffered or vr not in filewriter.writers:
+        raise _NotHere()
+    if undefined and vr != VR.SQ:  # encapsulated pixel data (an icon image's): pydicom adds a delimiter
         raise _NotHere()
     out += _TAG.pack(element.tag >> 16, element.tag & 0xFFFF)
-    undefined = element.is_undefined_length
     if vr == VR.SQ:
         out += b"SQ\x00\x00"
         start = len(out)
@@ -124,8 +137,8 @@ def _element(element: DataElement, out: bytearray, encodings: list[str]) -> None
     if not element.is_empty:
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, False
-        write, parameter = writers[vr]
-        if vr in _CHARSET_VRS:
+        write, parameter = filewriter.writers[vr]
+        if vr in CUSTOMIZABLE_CHARSET_VR:
             write(buffer, element, encodings=encodings)
         elif parameter is not None:
             write(buffer, element, parameter)
@@ -133,8 +146,8 @@ def _element(element: DataElement, out: bytearray, encodings: list[str]) -> None
             write(buffer, element)
         value = buffer.getvalue()
     if vr in EXPLICIT_VR_LENGTH_32:
-        out += vr.encode() + bytes(2) + struct.pack("<L", 0xFFFFFFFF if undefined else len(value))
-    elif undefined or len(value) > 0xFFFF:  # pydicom writes these another way (as UN)
+        out += vr.encode() + bytes(2) + struct.pack("<L", len(value))
+    elif len(value) > 0xFFFF:  # pydicom writes it as UN
         raise _NotHere()
     else:
         out += vr.encode() + struct.pack("<H", len(value))
