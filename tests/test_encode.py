@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import filewriter
+from pydicom.encaps import encapsulate
 from pydicom.sr.codedict import codes
 
 from inference.findings import measure
@@ -202,7 +203,8 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
     bytes as `save_as` for every object the node makes (an ambiguous VR at the top settled as pydicom
     settles it), the object left as it was; an item with a character set of its own, or read from a
     file (its raw values as read), is written by pydicom, and an object with something the walk does
-    not encode (an ambiguous VR inside an item) by pydicom whole: the same bytes again."""
+    not encode (an ambiguous VR or encapsulated pixel data inside an item) by pydicom whole: the same
+    bytes again; a value pydicom's writer refuses, the same error."""
     uids = uids_for("job-1", SPEC.name)
     seg = build_seg(result, OutputOptions(), uids)
     objects = [seg, build_seg(result, OutputOptions(omit_empty_frames=False), uids),
@@ -221,6 +223,11 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
     nested.CurrentRequestedProcedureEvidenceSequence[0].add_new(0x00280106, "US or SS", 1)
     item_charset = build_seg(result, OutputOptions(), uids)  # that item written by pydicom
     item_charset.PerFrameFunctionalGroupsSequence[1].SpecificCharacterSet = "ISO_IR 100"
+    icon = build_sr(result, OutputOptions(), uids, seg)  # encapsulated pixel data inside an item: all pydicom's
+    icon.IconImageSequence = [pydicom.Dataset()]
+    icon.IconImageSequence[0].PixelData = encapsulate([b"\x00\x01"])
+    pixels = icon.IconImageSequence[0]["PixelData"]
+    pixels.VR, pixels.is_undefined_length = "OB", True
     copied = build_seg(result, OutputOptions(), uids)  # an item read from a source file (implicit VR,
     source = pydicom.Dataset()  # its value padded by two spaces): its raw values, by pydicom as read
     source.ProcedureCodeSequence = [pydicom.Dataset()]
@@ -236,8 +243,9 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
 
     items_by_pydicom: list[int] = []
     write_item = filewriter.write_sequence_item
-    monkeypatch.setattr(filewriter, "write_sequence_item", lambda *args: (items_by_pydicom.append(1), write_item(*args)))
-    for dataset in [*objects, top, nested, item_charset, copied]:
+    monkeypatch.setattr(filewriter, "write_sequence_item",
+                        lambda *args: (items_by_pydicom.append(1), write_item(*args)))
+    for dataset in [*objects, top, nested, icon, item_charset, copied]:
         sequences = [element for element in dataset if element.VR == "SQ"]
         items_by_pydicom.clear()
         expected = pydicom_bytes(copy.deepcopy(dataset))
@@ -246,11 +254,20 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
         assert dataset_bytes(dataset) == expected, dataset.SOPClassUID
         # encoded here; by pydicom an item (of its own character set, read from a file) or all
         by_pydicom = len(items_by_pydicom)
-        assert (by_pydicom == every_item if dataset is nested else
-                0 < by_pydicom < every_item if dataset is item_charset or dataset is copied else by_pydicom == 0), by_pydicom
-        assert [dataset[element.tag] for element in sequences] == sequences  # put back, the same objects
+        if dataset is nested or dataset is icon:
+            assert by_pydicom == every_item
+        else:
+            assert (0 < by_pydicom < every_item) if dataset is item_charset or dataset is copied else not by_pydicom
+        assert all(dataset[element.tag] is element for element in sequences)  # put back, the same objects
         assert pydicom_bytes(dataset) == expected
     assert len(seg.PerFrameFunctionalGroupsSequence) >= 9 and len(objects) >= 8
+    refused = build_sr(result, OutputOptions(), uids, seg)  # a value pydicom's writer refuses: its error
+    with pytest.warns(UserWarning, match="between 0 and 65535"):
+        refused.CurrentRequestedProcedureEvidenceSequence[0].add_new(0x00280010, "US", 70000)
+    with pytest.raises(Exception) as by_pydicom_whole:
+        pydicom_bytes(copy.deepcopy(refused))
+    with pytest.raises(type(by_pydicom_whole.value), match="ushort format requires"):
+        dataset_bytes(refused)
 
 
 def test_warm_up_builds_a_seg_and_an_sr_that_read_back():
