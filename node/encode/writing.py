@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from io import BytesIO
 from typing import Iterator
 
+from pydicom import filewriter
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom import filewriter
 from pydicom.tag import ItemDelimiterTag, ItemTag, SequenceDelimiterTag
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
 
