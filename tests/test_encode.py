@@ -251,7 +251,9 @@ def test_result_objects_are_written_byte_for_byte_as_pydicom_writes_them(result,
         expected = pydicom_bytes(copy.deepcopy(dataset))
         every_item = len(items_by_pydicom)
         items_by_pydicom.clear()
+        encoding = (dataset.original_encoding, dataset.original_character_set)
         assert dataset_bytes(dataset) == expected, dataset.SOPClassUID
+        assert (dataset.original_encoding, dataset.original_character_set) == encoding  # put back
         # encoded here; by pydicom an item (of its own character set, read from a file) or all
         by_pydicom = len(items_by_pydicom)
         if dataset is nested or dataset is icon:
