@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.dataset import Dataset
 
 from inference.findings import measure
 from inference.pipeline import SegmentationResult
@@ -89,14 +90,15 @@ def main() -> None:
             pacs.stop()
 
 
-def _write(dataset, path: Path) -> int:
-    """As the node writes a result (node/jobs/stages.py)."""
+def _write(dataset: Dataset, path: Path) -> int:
+    """As the node writes a result (node/jobs/stages.py); its size in bytes."""
     data = dataset_bytes(dataset)
     path.write_bytes(data)
     return len(data)
 
 
-def _save_as(dataset) -> int:
+def _save_as(dataset: Dataset) -> int:
+    """As pydicom writes it, for reference; its size in bytes."""
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return len(buffer.getvalue())

@@ -6,13 +6,15 @@ element), and a SEG's Per-Frame Functional Groups Sequence holds some twenty ele
 0.26-0.28 s of writing a 600-frame SEG, most of it. Here each sequence of the top level is walked
 once, with the character sets converted once, each value still encoded by pydicom's own writer
 for its VR, and handed to pydicom as a raw element, which it writes as it is (0.10-0.12 s for
-that SEG). The bytes are pydicom's: a test compares the two for every kind of object the node
-makes. An ambiguous VR at the top level is settled first as pydicom settles it; whatever else the
-walk does not know (an ambiguous or buffered VR inside an item, a value too long for its length
-field, encapsulated pixel data inside an item, a value pydicom's writer refuses, an implicit or
-big-endian transfer syntax) sends the object through `save_as` whole, as before. An item read from
-a file (highdicom copies some from the source images: pydicom writes their raw values as read) or
-with a character set of its own is written by pydicom's `write_sequence_item`, in its place.
+that SEG). The bytes are pydicom's: a test compares the two for the SEG, SR, RTSTRUCT, KOS and key
+images and for each case below. An ambiguous VR at the top level is settled first as pydicom
+settles it. An item read from a file (highdicom copies some from the source images) or with a
+character set of its own is written by pydicom's `write_sequence_item` in its place, its
+ambiguous VRs settled against the data sets around it as pydicom settles them. Whatever else the
+walk does not know (a raw value at the top level, an object read from a file, an ambiguous or
+buffered VR inside an item, a value too long for its length field, encapsulated pixel data inside
+an item, a value pydicom's writer refuses, an implicit or big-endian transfer syntax) sends the
+object through `save_as` whole, as before: the same bytes, or the same error.
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ def _sequences_encoded(dataset: Dataset) -> Iterator[None]:
     endian, the encoding of every result the node makes), and the data set marked as encoded so
     (pydicom re-encodes a data set only where that differs from its output); all put back after."""
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or syntax.is_implicit_VR or not syntax.is_little_endian:
+    if (syntax is None or syntax.is_implicit_VR or not syntax.is_little_endian
+            or dataset.original_encoding != (None, None)):  # read from a file: what pydicom converts is its own
         yield
         return
     for element in dataset.elements():  # what pydicom's correction of the top level does
         if element.VR is not None and len(element.VR) != 2 and isinstance(element, DataElement):
             filewriter.correct_ambiguous_vr_element(element, dataset, True)
-    if any(element.VR is None or len(element.VR) != 2 for element in dataset.elements()):
-        yield  # not settled here (pydicom would raise): its own way
+    if any(isinstance(element, RawDataElement) or element.VR is None or len(element.VR) != 2
+           for element in dataset.elements()):
+        yield  # a raw value pydicom would convert, or a VR not settled (pydicom would raise): its own way
         return
     charset = dataset.get("SpecificCharacterSet")
     encodings = convert_encodings(charset or default_encoding)
@@ -70,11 +74,11 @@ def _sequences_encoded(dataset: Dataset) -> Iterator[None]:
         for sequence in sequences:
             value = bytearray()
             for item in sequence.value:
-                _item(item, value, encodings)
+                _item(item, value, encodings, [dataset])
             length = 0xFFFFFFFF if sequence.is_undefined_length else len(value)
             encoded.append(RawDataElement(sequence.tag, VR.SQ, length, bytes(value), 0, False, True))
-    except Exception:  # noqa: BLE001 - _NotHere, or a value pydicom's writer refuses: pydicom's own way
-        yield  # decides (the same answer as before, error or bytes)
+    except Exception:  # noqa: BLE001 - _NotHere, or a value pydicom's writer refuses: pydicom decides,
+        yield  # as before (the same bytes, or the same error)
         return
     encoding, original_charset = dataset.original_encoding, dataset.original_character_set
     for raw in encoded:
@@ -88,13 +92,16 @@ def _sequences_encoded(dataset: Dataset) -> Iterator[None]:
         dataset.set_original_encoding(*encoding, original_charset)
 
 
-def _item(item: Dataset, out: bytearray, encodings: list[str]) -> None:
-    """One sequence item as pydicom's `write_sequence_item` writes it (its length filled in). An
-    item read from a file (one highdicom copied from a source image: its values raw, written as
-    they were read, or re-encoded where its encoding differs) or with a character set of its own
-    is written by pydicom itself."""
+def _item(item: Dataset, out: bytearray, encodings: list[str], enclosing: list[Dataset]) -> None:
+    """One sequence item as pydicom's `write_sequence_item` writes it (its length filled in);
+    `enclosing`: the data sets around it, the nearest first. An item read from a file (one highdicom
+    copied from a source image: raw values pydicom writes as read, or converts where the file's
+    encoding was another) or with a character set of its own is written by pydicom itself, its
+    ambiguous VRs settled first against the data sets around it, as pydicom's correction of the
+    whole object settles them."""
     if ("SpecificCharacterSet" in item or item.original_encoding != (None, None)
             or any(isinstance(element, RawDataElement) for element in item.elements())):
+        filewriter.correct_ambiguous_vr(item, True, [item, *enclosing])
         buffer = DicomBytesIO()
         buffer.is_little_endian, buffer.is_implicit_VR = True, False
         filewriter.write_sequence_item(buffer, item, encodings)
@@ -106,15 +113,16 @@ def _item(item: Dataset, out: bytearray, encodings: list[str]) -> None:
     for tag in sorted(item.keys()):
         if tag.element == 0 and tag.group > 6:  # retired group lengths: not written
             continue
-        _element(item[tag], out, encodings)
+        _element(item[tag], out, encodings, [item, *enclosing])
     if getattr(item, "is_undefined_length_sequence_item", False):
         out += _TAG.pack(ItemDelimiterTag >> 16, ItemDelimiterTag & 0xFFFF) + bytes(4)
     else:
         out[start:start + 4] = struct.pack("<L", len(out) - start - 4)
 
 
-def _element(element: DataElement, out: bytearray, encodings: list[str]) -> None:
-    """One element as pydicom's `write_data_element` writes it in explicit VR little endian."""
+def _element(element: DataElement, out: bytearray, encodings: list[str], enclosing: list[Dataset]) -> None:
+    """One element as pydicom's `write_data_element` writes it in explicit VR little endian;
+    `enclosing`: the data sets around it, the nearest first."""
     vr = element.VR
     undefined = element.is_undefined_length
     if vr is None or len(vr) != 2 or element.is_buffered or vr not in filewriter.writers:
@@ -127,7 +135,7 @@ def _element(element: DataElement, out: bytearray, encodings: list[str]) -> None
         start = len(out)
         out += b"\xff\xff\xff\xff"
         for item in element.value:
-            _item(item, out, encodings)
+            _item(item, out, encodings, enclosing)
         if undefined:
             out += _TAG.pack(SequenceDelimiterTag >> 16, SequenceDelimiterTag & 0xFFFF) + bytes(4)
         else:
