@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -24,7 +25,7 @@ from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
-from tests.models import threshold_spec
+from tests.models import REPO_MODELS, threshold_spec
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 
@@ -76,6 +77,83 @@ def test_triton_wrong_shape_is_a_clear_error(triton):
             backend.infer(np.zeros((1, 2, 8, 8, 8), dtype=np.float32))
     finally:
         backend.close()
+
+
+def _cpu_ticks(threads: set[Path]) -> int:
+    """The user and system CPU (clock ticks) the threads at these /proc paths have taken so far;
+    a thread ended since counts none."""
+    total = 0
+    for thread in threads:
+        try:
+            fields = (thread / "stat").read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return total
+
+
+def _idle_ticks(infer: Callable[[], object], threads: Callable[[], set[Path]], calls: int = 8) -> int:
+    """The CPU ticks `threads` take in the 0.1 s after each of `calls` calls of `infer`: while
+    nothing asks the model for anything."""
+    idle = 0
+    for _ in range(calls):
+        infer()
+        watched = threads()
+        before = _cpu_ticks(watched)
+        time.sleep(0.1)
+        idle += _cpu_ticks(watched) - before
+    return idle
+
+
+def _threads_of(pid: int) -> set[Path]:
+    return set(Path(f"/proc/{pid}/task").iterdir())
+
+
+def test_onnx_runtime_threads_take_no_cpu_between_the_model_calls(model_repository):
+    """The in-process backend's threads sleep between calls: by default ONNX Runtime's idle
+    threads spin about 25 ms of CPU after every call (on 2 cores an organ model's sliding window,
+    49 calls, took 1.2 s longer for it; inference/backends/local.py). Spinning here takes some
+    20 ticks over the eight idle windows."""
+    before = _threads_of(os.getpid())
+    backend = LocalBackend(model_repository / "threshold" / "1" / "model.onnx", threshold_spec(), threads=2)
+    workers = _threads_of(os.getpid()) - before  # ONNX Runtime's pool, made with the session
+    assert workers
+    batch = np.random.default_rng(3).random((4, 1, 32, 32, 32), dtype=np.float32)
+    assert _idle_ticks(lambda: backend.infer(batch), lambda: workers) <= 3
+
+
+def test_the_triton_cpu_model_threads_take_no_cpu_between_calls(model_repository, triton):
+    """The same for the CPU variant's python model on Triton (inference/export/triton_python_model.py),
+    whose ONNX Runtime threads share the node's cores on a machine without a GPU: its stub
+    processes take no CPU while nothing is asked of them."""
+    assert triton.process is not None
+    server = triton.process.pid
+    stubs = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+             and _parent_of(entry) == server]
+    assert stubs  # one python backend stub per model instance
+    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="none")
+    batch = np.random.default_rng(4).random((4, 1, 32, 32, 32), dtype=np.float32)
+    try:
+        assert _idle_ticks(lambda: backend.infer(batch),
+                           lambda: set().union(*(_threads_of(pid) for pid in stubs))) <= 3
+    finally:
+        backend.close()
+
+
+def test_the_committed_models_run_on_triton_cpu_through_the_exporters_python_model():
+    """Each committed model's CPU runner is the exporter's current file (the exporter copies it;
+    the committed ones were copied by hand), so what it promises holds for them too."""
+    template = (Path(__file__).resolve().parent.parent / "inference" / "export" / "triton_python_model.py").read_bytes()
+    runners = sorted(REPO_MODELS.glob("*/[0-9]*/model.py"))
+    assert {p.parent.parent.name for p in runners} == {"chest-nodule-cls", "lesion-seg", "nodule-det"}
+    assert all(p.read_bytes() == template for p in runners)
+
+
+def _parent_of(process: Path) -> int | None:
+    try:
+        return int((process / "stat").read_text().rpartition(")")[2].split()[1])
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return None
 
 
 def test_triton_stopped_gives_clear_error_after_retries(model_repository, tmp_path):
