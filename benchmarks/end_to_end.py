@@ -4,6 +4,8 @@ first study after the start and the median of the next three (the same images as
 the steady state); and how soon `dicom-node serve` answers a C-ECHO after start, and how long it
 takes to stop with an idle association open and a second SIGTERM (targets: 2 s each). It also
 prints how many headers each job took parsed ahead, in the quiet period (node.assemble.read_ahead).
+The model's compute, not counted, is the backend's calls only (the model_ran event's "model"); the
+rest of the sliding window (its windows gathered into batches, their outputs blended) is counted.
 
     python -m benchmarks.end_to_end [--slices 300] [--size 512]
 """
@@ -76,13 +78,16 @@ def stage_times(node: NodeProcess, study_uid: str, number: int) -> dict[str, flo
            "routing": stages["route"][1] - stages["route"][0],
            "series to volume": stages["load"][1] - stages["load"][0],
            "inference: preprocess": model["preprocess"],
-           "inference: sliding window (model)": model["inference"],
+           "inference: model's calls (not counted)": model["model"],
+           "inference: windows gathered and blended": model["inference"] - model["model"],
            "inference: back to source grid": model["postprocess"],
            "inference: measurements": model["measure"],
            "SEG + SR build and write": stages["encode"][1] - stages["encode"][0],
            "delivery to Orthanc": sent["updated_at"] - stages["enqueue"][1]}
     row["total (quiet period excluded)"] = sent["updated_at"] - last - QUIET
-    row["total without the model's compute"] = row["total (quiet period excluded)"] - model["inference"]
+    # the backend's calls only: the sliding window's own work around them (MONAI's gathering of the
+    # windows into batches and blending of their outputs) is the node's
+    row["total without the model's compute"] = row["total (quiet period excluded)"] - model["model"]
     # parsed in the quiet period, which the study waits anyway (node.assemble.read_ahead): not counted above
     row[AHEAD] = node.events("series_loaded")[number - 1]["read_ahead"]
     return row

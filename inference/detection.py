@@ -28,7 +28,7 @@ import torch
 from monai.data.box_utils import batched_nms, box_iou
 from scipy import ndimage
 
-from inference.backends.base import Backend, BackendError
+from inference.backends.base import Backend, BackendError, TimedCalls
 from inference.findings import Finding
 from inference.pipeline import _LPS_TO_RAS, SegmentationResult, to_model_space
 from inference.spec import Label, ModelSpec
@@ -86,8 +86,10 @@ def detect(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Detection
     seconds["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    boxes = model_boxes(image[0].numpy(), spec, backend)
+    calls = TimedCalls(backend)
+    boxes = model_boxes(image[0].numpy(), spec, calls)
     seconds["inference"] = time.perf_counter() - start
+    seconds["model"] = calls.seconds
 
     start = time.perf_counter()
     findings: list[Finding] = []

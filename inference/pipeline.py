@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 
 from common.cpus import usable_cpus
-from inference.backends.base import Backend
+from inference.backends.base import Backend, TimedCalls
 from inference.findings import Finding, clean_labels, foreground_box, measure
 from inference.resample import resample, resample_argmax
 from inference.spec import Label, ModelSpec
@@ -191,8 +191,10 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     image = to_model_space(volume, spec)
     seconds["preprocess"] = time.perf_counter() - start
 
+    calls = TimedCalls(backend)
+
     def predictor(patches: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(backend.infer(patches.numpy()))
+        return torch.from_numpy(calls.infer(patches.numpy()))
 
     volume.set_pixels_aside()  # read again only if something needs them (key images, run figures)
     start = time.perf_counter()
@@ -203,6 +205,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
             overlap=spec.preprocessing.overlap, mode=spec.preprocessing.blend,
         )
     seconds["inference"] = time.perf_counter() - start
+    seconds["model"] = calls.seconds
 
     start = time.perf_counter()
     model_affine = image.affine
@@ -298,10 +301,12 @@ def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Classif
     resized = classification_input(volume, spec)
     seconds = {"preprocess": time.perf_counter() - start}
     start = time.perf_counter()
+    calls = TimedCalls(backend)
     # a copy: the activation is written in place, and Triton's answer is a read-only buffer
-    logits = torch.tensor(backend.infer(resized[None].as_tensor().numpy()))
+    logits = torch.tensor(calls.infer(resized[None].as_tensor().numpy()))
     probabilities = _activation(logits, spec)[0].numpy()
     seconds["inference"] = time.perf_counter() - start
+    seconds["model"] = calls.seconds
     return ClassificationResult(
         spec, volume, {label.value: float(probabilities[i]) for i, label in enumerate(spec.labels)}, seconds
     )

@@ -25,7 +25,7 @@ from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
-from tests.models import REPO_MODELS, threshold_spec
+from tests.models import REPO_MODELS, WINDOW, threshold_spec
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 
@@ -897,6 +897,29 @@ def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientat
     zscore = threshold_spec(preprocessing={**spec.preprocessing.model_dump(),
                                            "intensity": {"window": None, "normalize": "zscore"}})
     assert torch.equal(to_model_space(volume, zscore).as_tensor(), torch.as_tensor(NormalizeIntensity()(moved[None])))
+
+
+def test_a_segmentation_tells_the_models_calls_from_the_sliding_windows_own_work(tmp_path, model_repository):
+    """`seconds["model"]` is the backend's calls alone, inside the sliding window's
+    `seconds["inference"]`: what benchmarks.end_to_end leaves out as the model's compute (the
+    windows gathered and their outputs blended are the node's)."""
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    backend = _local(model_repository)
+    calls: list[float] = []
+
+    class Clocked:  # the real backend, each call timed from inside
+        def infer(self, batch):
+            start = time.perf_counter()
+            try:
+                return backend.infer(batch)
+            finally:
+                calls.append(time.perf_counter() - start)
+
+    result = segment(load_series(read_series(files)), threshold_spec(preprocessing={
+        "orientation": "RAS", "intensity": {"window": list(WINDOW)}, "patch_size": [16, 16, 16], "overlap": 0.25,
+        "batch_size": 2}), Clocked())
+    assert len(calls) > 1
+    assert sum(calls) <= result.seconds["model"] < result.seconds["inference"]
 
 
 def test_the_source_voxels_are_let_go_while_the_model_runs_and_read_again_when_needed(tmp_path, model_repository,

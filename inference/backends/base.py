@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import numpy as np
@@ -22,3 +23,23 @@ class Backend(Protocol):
 
     def close(self) -> None:
         ...
+
+
+class TimedCalls:
+    """A backend whose calls are timed: `seconds` sums them (the model's compute, and on Triton
+    the transfer), so that a result tells them apart from the node's own work around them (the
+    sliding window's gathering and blending of windows: benchmarks.end_to_end counts it)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.seconds = 0.0
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self.backend.infer(batch)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        self.backend.close()
