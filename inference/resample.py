@@ -9,7 +9,9 @@ stored integers directly. Same interpolation (linear), same voxel-centre convent
 When the two grids differ only by flips, axis order and scale (any axial, coronal or sagittal
 series into RAS), the map is diagonal in the source's own axis order: scipy then walks the
 source in memory order and the small output is transposed afterwards, which is 5-10x faster
-than a general matrix over a transposed view.
+than a general matrix over a transposed view. Where every target voxel is a source voxel (flips
+and axis order only: a model without a spacing step) nothing is interpolated: the values are
+copied into the target's axis order, in blocks (`_relaid`).
 
 A large output is interpolated in slabs along its first axis, on as many threads as there are
 usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal, TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -45,13 +47,19 @@ MIN_SLAB_VOXELS = 1 << 18
 MAX_SLABS = 4
 # Target voxels looked at per round for interpolation in `resample_argmax` (its memory: ~70 bytes each interpolated).
 UNDECIDED_CHUNK = 1 << 20
+# Rows and columns of the source per block `_relaid` copies: a block of a 512x512 CT's slices
+# (16 x 64 x 512 voxels, 2 MiB as float32) is read in rows and written in runs of 16 values.
+RELAY_BLOCK = (16, 64)
+T = TypeVar("T")
 
 
 def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
              shape: tuple[int, ...], padding: Padding = "border", fill: float = 0.0) -> np.ndarray:
     """``array`` (on the grid of ``source_affine``) linearly interpolated at the voxel centres of
-    the grid ``target_affine`` x ``shape``; float32, C-contiguous in the source's axis order (so
-    possibly a transposed view). Affines map voxel indices to one common space."""
+    the grid ``target_affine`` x ``shape``; float32. Interpolated: C-contiguous in the source's
+    axis order (so possibly a transposed view); where every target voxel is a source voxel (flips
+    and axis order only): copied, C-contiguous in the target's. Affines map voxel indices to one
+    common space."""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
@@ -63,52 +71,83 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
     scale, source_order_shape = _in_source_order(linear, order, shape)
     window = _whole_voxels(scale, offset, source_order_shape, array.shape)
     if window is not None:  # only flips and axis order (a model without a spacing step): a copy
-        out = array[window].astype(np.float32)
-    else:
-        out = _interpolate(array, scale, offset, tuple(source_order_shape), mode, fill)
-    return out.transpose(order)  # a view: copying 315 MB into the target's axis order costs ~1 s
+        return _relaid(array[window], order)
+    out = _interpolate(array, scale, offset, tuple(source_order_shape), mode, fill)
+    return out.transpose(order)  # a view: the output is interpolated in the source's axis order
 
 
 def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], mode: str,
                  fill: float, slabs: int | None = None) -> np.ndarray:
     """scipy's linear ``affine_transform`` into a new float32 array of `shape`, in `slabs` slabs
-    along its first axis (default: by the output's size, up to MAX_SLABS), each thread (one per
-    core, the caller's among them) taking every n-th slab. `matrix` is the full 3x3 map or its
-    diagonal; output index o reads the source at matrix @ o + offset, so the slab that starts at
-    o0 = s has offset + matrix[:, 0] * s."""
+    along its first axis (default: by the output's size, up to MAX_SLABS), on the usable CPUs
+    (`_on_usable_cpus`). `matrix` is the full 3x3 map or its diagonal; output index o reads the
+    source at matrix @ o + offset, so the slab that starts at o0 = s has offset + matrix[:, 0] * s."""
     out = np.empty(shape, dtype=np.float32)
     if slabs is None:
         slabs = min(MAX_SLABS, max(1, math.prod(shape) // MIN_SLAB_VOXELS))
     starts = sorted({round(k * shape[0] / slabs) for k in range(slabs)} | {shape[0]})
-    bounds = list(zip(starts, starts[1:]))
     first_column = matrix[:, 0] if matrix.ndim == 2 else np.array([matrix[0], 0.0, 0.0])
+
+    def slab(bounds: tuple[int, int]) -> None:
+        start, stop = bounds
+        ndimage.affine_transform(array, matrix, offset + first_column * start, output_shape=(stop - start, *shape[1:]),
+                                 output=out[start:stop], order=1, mode=mode, cval=fill, prefilter=False)
+
+    _on_usable_cpus(slab, list(zip(starts, starts[1:])))
+    return out
+
+
+def _relaid(source: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+    """``source.transpose(order)`` as a new C-contiguous float32 array, copied in blocks of
+    RELAY_BLOCK along the source's first two axes (on the usable CPUs). A transposed view is what
+    the consumers read window by window (MONAI's sliding window gathers each batch of windows
+    from the model's input): over a view whose last axis is the source's first, a 300x512x512 CT's
+    batches took 14 ms each against 3 ms from a contiguous copy, 0.7 s in all at native
+    resolution. One copy in target order with numpy (or torch) directly: 0.7-1.6 s (every read
+    or every write a cache miss); in blocks: 0.16-0.21 s, against 0.09 s for the conversion alone."""
+    out = np.empty(tuple(source.shape[axis] for axis in order), dtype=np.float32)
+    if tuple(order) == tuple(range(source.ndim)):
+        np.copyto(out, source, casting="unsafe")
+        return out
+    seen = out.transpose(np.argsort(order))  # the same memory in the source's axis order
+    rows, columns = RELAY_BLOCK
+
+    def block(start: tuple[int, int]) -> None:
+        part = (slice(start[0], start[0] + rows), slice(start[1], start[1] + columns))
+        np.copyto(seen[part], source[part], casting="unsafe")
+
+    _on_usable_cpus(block, [(a, b) for a in range(0, source.shape[0], rows) for b in range(0, source.shape[1], columns)])
+    return out
+
+
+def _on_usable_cpus(work: Callable[[T], None], items: list[T]) -> None:
+    """`work` on each item, on as many threads as there are usable CPUs (the caller's among them,
+    at most one per item), each taking every n-th item: numpy and scipy let go of the GIL while
+    they copy or interpolate. The first failure is raised in the caller's thread."""
     failures: list[Exception] = []
 
-    def run(share: list[tuple[int, int]]) -> None:
+    def run(share: list[T]) -> None:
         try:
-            for start, stop in share:
-                ndimage.affine_transform(array, matrix, offset + first_column * start,
-                                         output_shape=(stop - start, *shape[1:]), output=out[start:stop], order=1,
-                                         mode=mode, cval=fill, prefilter=False)
+            for item in share:
+                work(item)
         except Exception as exc:  # raised again in the caller's thread
             failures.append(exc)
 
-    threads = max(1, min(usable_cpus(), len(bounds)))
-    shares = [bounds[k::threads] for k in range(threads)]
+    threads = max(1, min(usable_cpus(), len(items)))
+    shares = [items[k::threads] for k in range(threads)]
     started = []
     for share in shares[1:]:
         thread = threading.Thread(target=run, args=(share,), name="resample", daemon=True)
         try:
             thread.start()
             started.append(thread)
-        except RuntimeError:  # no thread to spare (a pids limit): this thread takes its slabs
+        except RuntimeError:  # no thread to spare (a pids limit): this thread takes its share
             run(share)
     run(shares[0])
     for thread in started:
         thread.join()
     if failures:
         raise failures[0]
-    return out
 
 
 def _in_source_order(linear: np.ndarray, order: tuple[int, int, int], shape: tuple[int, ...]

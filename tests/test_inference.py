@@ -865,6 +865,36 @@ def test_a_large_output_is_interpolated_on_one_thread_per_core(monkeypatch):
     np.testing.assert_array_equal(alone, threaded)
 
 
+def test_a_whole_voxel_map_is_copied_into_the_targets_axis_order(monkeypatch):
+    """A map of flips and axis order only (a model without a spacing step) gives each target voxel
+    its source voxel's value, as float32, in an array C-contiguous in the target's axis order
+    (what the sliding window gathers its batches from): for all 48 such maps, in blocks that do
+    not divide the volume, on one, two and three threads alike."""
+    import itertools
+
+    from inference import resample as module
+
+    array = np.random.default_rng(12).integers(-1200, 1500, size=(37, 20, 23)).astype(np.int16)
+    source = np.diag([0.7, 0.8, 2.5, 1.0])
+    source[:3, 3] = (4.0, -7.0, 12.5)
+    monkeypatch.setattr(module, "RELAY_BLOCK", (5, 7))
+    for cores in (1, 2, 3):
+        monkeypatch.setattr(module, "usable_cpus", lambda n=cores: n)
+        for order in itertools.permutations(range(3)):
+            for flips in itertools.product((1, -1), repeat=3):
+                to_source = np.zeros((4, 4))  # target index -> source index
+                to_source[3, 3] = 1.0
+                for j, axis in enumerate(order):
+                    to_source[axis, j] = flips[j]
+                    to_source[axis, 3] = 0 if flips[j] > 0 else array.shape[axis] - 1
+                shape = tuple(array.shape[axis] for axis in order)
+                got = module.resample(array, source, source @ to_source, shape)
+                indices = np.indices(shape).reshape(3, -1)
+                expected = array[tuple((to_source[:3, :3] @ indices + to_source[:3, 3:]).astype(int))].reshape(shape)
+                assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == shape
+                np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("orientation", ["axial", "sagittal"])
 def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientation):
     """to_model_space applies the intensity window slab by slab into the resampled array (MONAI's
