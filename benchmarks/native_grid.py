@@ -57,7 +57,9 @@ def _reference(backend: LocalBackend, model: Path) -> Iterator[None]:
     """The node as it was: spinning threads, and the input copied in the source's axis order."""
     relaid, session = resample._relaid, backend.session
     resample._relaid = lambda source, order: source.astype(np.float32).transpose(order)  # type: ignore[assignment]
-    backend.session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    options = backend.session.get_session_options()  # the same threads as the node's
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # ONNX Runtime's default
+    backend.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     try:
         yield
     finally:

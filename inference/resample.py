@@ -227,8 +227,9 @@ def first_argmax(channels: Iterable[np.ndarray]) -> np.ndarray:
 def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
                     shape: tuple[int, ...], padding: Padding = "constant", fill: float = 0.0) -> np.ndarray:
     """`first_argmax` of every channel of ``channels`` (channel, *grid of ``source_affine``) resampled
-    as `resample` does, interpolating only where the answer can depend on it; uint8, in the same
-    axis order as `resample`'s output (possibly a transposed view).
+    as `resample` does, interpolating only where the answer can depend on it; uint8, C-contiguous in
+    the source's axis order (so possibly a transposed view; `resample` copies a whole-voxel map
+    into the target's order instead: the labels go on through `np.copyto`, which takes either).
 
     Where the eight source voxels around a target voxel centre all have the same argmax a, every
     interpolated channel is a convex combination of those eight values with the same weights, so a

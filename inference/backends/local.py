@@ -18,7 +18,7 @@ from inference.spec import ModelSpec
 # outputs) between calls on the same cores: an organ model at native resolution on 2 cores,
 # 49 calls, spent 2.7-2.9 s in the sliding window with spinning and 1.5-1.6 s without; the demo
 # model on a 2 mm grid 0.99-1.32 s against 0.91-0.94 s. Calls back to back with nothing between
-# them are what spinning is for: the demo model's 35 ms per call against 34 ms.
+# them are what spinning is for: the demo model's 34.5-35 ms per call against 33-34 ms.
 IDLE_THREADS_SLEEP = ("session.intra_op.allow_spinning", "0")
 
 
