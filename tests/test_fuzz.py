@@ -4,8 +4,10 @@ fuzzer against a live node. `python -m benchmarks.fuzz --minutes N` runs them fo
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import pydicom
 import pytest
@@ -27,6 +29,14 @@ from tests.peers import dataset_bytes, make_study
 
 FINDINGS = Path(__file__).resolve().parent / "fuzz" / "findings"
 FUZZ_SECONDS = 5  # per target: eight targets and the protocol fuzzer stay within 90 s together
+
+
+@pytest.fixture(autouse=True)
+def _logging_back_on() -> Iterator[None]:
+    """`targets.quiet()` turns logging off for the whole process (a fuzzer's own process wants
+    that); the tests that run after these in the same worker assert on log records."""
+    yield
+    logging.disable(logging.NOTSET)
 
 
 def test_every_target_has_seeds_and_instrumentation() -> None:
