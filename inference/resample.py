@@ -116,7 +116,8 @@ def _relaid(source: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
         part = (slice(start[0], start[0] + rows), slice(start[1], start[1] + columns))
         np.copyto(seen[part], source[part], casting="unsafe")
 
-    _on_usable_cpus(block, [(a, b) for a in range(0, source.shape[0], rows) for b in range(0, source.shape[1], columns)])
+    starts = [(a, b) for a in range(0, source.shape[0], rows) for b in range(0, source.shape[1], columns)]
+    _on_usable_cpus(block, starts)
     return out
 
 
