@@ -102,8 +102,8 @@ def _relaid(source: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
     RELAY_BLOCK along the source's first two axes (on the usable CPUs). A transposed view is what
     the consumers read window by window (MONAI's sliding window gathers each batch of windows
     from the model's input): over a view whose last axis is the source's first, a 300x512x512 CT's
-    batches took 14 ms each against 3 ms from a contiguous copy, 0.7 s in all at native
-    resolution. One copy in target order with numpy (or torch) directly: 0.7-1.6 s (every read
+    49 batches at native resolution took 14 ms each, 0.70 s in all, against 1.6 ms (0.08 s) from a
+    contiguous copy. One copy in target order with numpy (or torch) directly: 0.7-1.6 s (every read
     or every write a cache miss); in blocks: 0.16-0.21 s, against 0.09 s for the conversion alone."""
     out = np.empty(tuple(source.shape[axis] for axis in order), dtype=np.float32)
     if tuple(order) == tuple(range(source.ndim)):
