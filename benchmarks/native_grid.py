@@ -33,6 +33,9 @@ from phantom.dicom import SeriesGeometry
 from tests.models import build_test_repository, threshold_spec
 
 OWN = ("preprocess", "windows", "postprocess", "measure")
+STAGES = {"preprocess": "preprocessing", "windows": "windows gathered and blended",
+          "model": "the model's calls (not counted)", "postprocess": "back to the source grid",
+          "measure": "measurements", "own": "the node's own work"}
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,10 +95,7 @@ def main() -> None:
                 with _reference(backend, model):
                     before.append(_run(hu, spec, backend))
             best, ref = min(node, key=lambda s: s["own"]), min(before, key=lambda s: s["own"])
-            labels = {"preprocess": "preprocessing", "windows": "windows gathered and blended",
-                      "model": "the model's calls (not counted)", "postprocess": "back to the source grid",
-                      "measure": "measurements", "own": "the node's own work"}
-            for key, label in labels.items():
+            for key, label in STAGES.items():
                 print(f"{'organ' if organ else 'lesions':8} {label:32} {best[key]:7.2f}s {ref[key]:9.2f}s"
                       f" {best[key] / ref[key]:6.2f}")
             print(f"{'organ' if organ else 'lesions'}: the node's own work {best['own']:.2f} s against "

@@ -79,17 +79,20 @@ def test_triton_wrong_shape_is_a_clear_error(triton):
         backend.close()
 
 
+def _stat(task: Path) -> list[str] | None:
+    """The fields of a process's or thread's /proc stat after its name (stat(5) field 3 on); None
+    once it has ended."""
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return None
+
+
 def _cpu_ticks(threads: set[Path]) -> int:
     """The user and system CPU (clock ticks) the threads at these /proc paths have taken so far;
     a thread ended since counts none."""
-    total = 0
-    for thread in threads:
-        try:
-            fields = (thread / "stat").read_text().rpartition(")")[2].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return total
+    fields = [f for f in map(_stat, threads) if f is not None]
+    return sum(int(f[11]) + int(f[12]) for f in fields)  # utime, stime: fields 14 and 15 of stat(5)
 
 
 def _idle_ticks(infer: Callable[[], object], threads: Callable[[], set[Path]], calls: int = 8) -> int:
@@ -150,10 +153,8 @@ def test_the_committed_models_run_on_triton_cpu_through_the_exporters_python_mod
 
 
 def _parent_of(process: Path) -> int | None:
-    try:
-        return int((process / "stat").read_text().rpartition(")")[2].split()[1])
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return None
+    fields = _stat(process)
+    return int(fields[1]) if fields is not None else None
 
 
 def test_triton_stopped_gives_clear_error_after_retries(model_repository, tmp_path):
