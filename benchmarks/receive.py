@@ -116,8 +116,8 @@ def _storescu(port: int, files: list[Path], errors: list[str]) -> None:
         ["storescu", "-aec", "TESTNODE", "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"), timeout=600,
     )
-    if result.returncode != 0:
-        errors.append(result.stderr[-500:])
+    if result.returncode != 0:  # (killed by a signal: a negative code, and often nothing on stderr)
+        errors.append(f"storescu to port {port} exited with {result.returncode}: {result.stderr[-500:]}")
 
 
 def at_once(work: Callable[[T], None], items: list[T]) -> float:
