@@ -708,9 +708,10 @@ def test_a_receiver_that_cannot_be_respawned_is_tried_again(tmp_path, monkeypatc
 def _alive(pid: int) -> bool:
     """`pid` runs (a zombie, ended but not yet reaped, does not)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] not in "ZX"
-    except FileNotFoundError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # gone; ESRCH: it ended between the open and the read
         return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def test_a_pool_stopped_before_it_started_stops_the_receivers_launched_for_it():
