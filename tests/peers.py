@@ -362,15 +362,21 @@ class StallingLink:
         self.server.close()
 
 
+def proc_stat(task: Path | str) -> list[str] | None:
+    """The fields of a process's or thread's /proc stat (its /proc folder) after its name (stat(5)
+    field 3 on: state, ppid, pgrp...); None once it has ended (ESRCH when it ends between the open
+    and the read)."""
+    try:
+        return (Path(task) / "stat").read_text().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return None
+
+
 def _group_alive(group: int) -> bool:
     """Whether a process of `group` still runs. A zombie does not count: it has closed its sockets
     and files already, and this machine's init takes over a second to reap one."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        state, _, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == group and state not in ("Z", "X"):
+        fields = proc_stat(f"/proc/{pid}")
+        if fields is not None and int(fields[2]) == group and fields[0] not in ("Z", "X"):
             return True
     return False

@@ -26,6 +26,7 @@ from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
 from tests.models import REPO_MODELS, WINDOW, threshold_spec
+from tests.peers import proc_stat
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 
@@ -79,19 +80,10 @@ def test_triton_wrong_shape_is_a_clear_error(triton):
         backend.close()
 
 
-def _stat(task: Path) -> list[str] | None:
-    """The fields of a process's or thread's /proc stat after its name (stat(5) field 3 on); None
-    once it has ended."""
-    try:
-        return (task / "stat").read_text().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return None
-
-
 def _cpu_ticks(threads: set[Path]) -> int:
     """The user and system CPU (clock ticks) the threads at these /proc paths have taken so far;
     a thread ended since counts none."""
-    fields = [f for f in map(_stat, threads) if f is not None]
+    fields = [f for f in map(proc_stat, threads) if f is not None]
     return sum(int(f[11]) + int(f[12]) for f in fields)  # utime, stime: fields 14 and 15 of stat(5)
 
 
@@ -153,7 +145,7 @@ def test_the_committed_models_run_on_triton_cpu_through_the_exporters_python_mod
 
 
 def _parent_of(process: Path) -> int | None:
-    fields = _stat(process)
+    fields = proc_stat(process)
     return int(fields[1]) if fields is not None else None
 
 

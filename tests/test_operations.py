@@ -21,7 +21,7 @@ import pydicom
 import pytest
 import yaml
 
-from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, storescu, wait_for
+from tests.peers import REPO_ROOT, VENV_BIN, NodeProcess, free_port, make_study, proc_stat, storescu, wait_for
 from node.config import NodeConfig
 from node.receive import workers
 from node.receive.launch import LaunchedReceiver, LaunchFailed, launch_receiver, launched_ahead
@@ -707,11 +707,8 @@ def test_a_receiver_that_cannot_be_respawned_is_tried_again(tmp_path, monkeypatc
 
 def _alive(pid: int) -> bool:
     """`pid` runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):  # gone; ESRCH: it ended between the open and the read
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
+    fields = proc_stat(f"/proc/{pid}")
+    return fields is not None and fields[0] not in "ZX"
 
 
 def test_a_pool_stopped_before_it_started_stops_the_receivers_launched_for_it():
