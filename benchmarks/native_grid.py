@@ -8,8 +8,8 @@ overhead) in 96^3 windows, 4 a batch, overlap 0.25, through `segment` with the i
 backend. Its stages: preprocessing, the sliding window's own work (gathering the windows into
 batches, blending their outputs), the model's calls (not counted), labels back on the source
 grid, measuring. Against, in the same run, the reference: ONNX Runtime's default of threads that
-spin after each call, and the model's input as a transposed view of the source-ordered copy (the
-node before 2026-11-28). Series to volume and the SEG and SR are not in it (benchmarks.end_to_end,
+spin after each call, the model's input as a transposed view of the source-ordered copy, and
+MONAI's sliding window (the node before 2026-11-28). Series to volume and the SEG and SR are not in it (benchmarks.end_to_end,
 benchmarks.results). Best of --repeat runs each, in turns.
 """
 
@@ -22,9 +22,10 @@ from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
+from monai.inferers import sliding_window_inference
 
 from benchmarks.common import benchmark_run
-from inference import resample
+from inference import pipeline, resample
 from inference.backends.local import LocalBackend
 from inference.pipeline import segment
 from inference.spec import ModelSpec
@@ -57,16 +58,19 @@ def _regions(shape: tuple[int, int, int], organ: bool) -> np.ndarray:
 
 @contextmanager
 def _reference(backend: LocalBackend, model: Path) -> Iterator[None]:
-    """The node as it was: spinning threads, and the input copied in the source's axis order."""
-    relaid, session = resample._relaid, backend.session
+    """The node as it was: spinning threads, the input copied in the source's axis order, and
+    MONAI's sliding window (its sum of weights in a map of the output's size)."""
+    relaid, session, windows = resample._relaid, backend.session, pipeline.sliding_window
     resample._relaid = lambda source, order: source.astype(np.float32).transpose(order)  # type: ignore[assignment]
+    pipeline.sliding_window = lambda image, roi, batch, predictor, overlap, blend: sliding_window_inference(
+        image, roi, batch, predictor, overlap, mode=blend)
     options = backend.session.get_session_options()  # the same threads as the node's
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # ONNX Runtime's default
     backend.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     try:
         yield
     finally:
-        resample._relaid, backend.session = relaid, session
+        resample._relaid, backend.session, pipeline.sliding_window = relaid, session, windows
 
 
 def _run(hu: np.ndarray, spec: ModelSpec, backend: LocalBackend) -> dict[str, float]:

@@ -163,7 +163,10 @@ def _components(labels: np.ndarray, box: tuple[slice, ...], value: int) -> Itera
     if found is None:
         return
     mask, origin = found
-    components, _ = ndimage.label(mask)
+    components, count = ndimage.label(mask)
+    if count == 1:  # the mask is its own box (label_mask): an organ skips find_objects and a comparison, 0.07 s
+        yield mask, origin
+        return
     for number, where in enumerate(ndimage.find_objects(components), start=1):
         yield components[where] == number, origin + [s.start for s in where]
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.transforms import (
     Compose,
     NormalizeIntensity,
@@ -30,11 +29,12 @@ from monai.transforms import (
 )
 
 from common.cpus import usable_cpus
-from inference.backends.base import Backend, TimedCalls
+from inference.backends.base import Backend, BackendError, TimedCalls
 from inference.findings import Finding, clean_labels, foreground_box, measure
 from inference.resample import resample, resample_argmax
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
+from inference.windows import sliding_window
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 FOREGROUND_EVIDENCE = 0.05  # a label probability above this marks where to map back to the source
@@ -194,16 +194,19 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     calls = TimedCalls(backend)
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(calls.infer(patches.numpy()))
+        answer = calls.infer(patches.numpy())
+        # the way back takes the output voxel for voxel on the input's grid: a window's own size
+        if answer.ndim != patches.ndim or answer.shape[0] != patches.shape[0] or answer.shape[2:] != patches.shape[2:]:
+            raise BackendError(f"model {spec.name} answered windows of shape {tuple(patches.shape)} with an output"
+                               f" of shape {answer.shape}: a segmentation model's output is (windows, channels,"
+                               f" *window)")
+        return torch.from_numpy(answer)
 
     volume.set_pixels_aside()  # read again only if something needs them (key images, run figures)
     start = time.perf_counter()
     with torch.no_grad():
-        logits = sliding_window_inference(
-            image[None].as_tensor(), roi_size=spec.preprocessing.patch_size,
-            sw_batch_size=spec.preprocessing.batch_size, predictor=predictor,
-            overlap=spec.preprocessing.overlap, mode=spec.preprocessing.blend,
-        )
+        logits = sliding_window(image[None].as_tensor(), spec.preprocessing.patch_size, spec.preprocessing.batch_size,
+                                predictor, spec.preprocessing.overlap, spec.preprocessing.blend)
     seconds["inference"] = time.perf_counter() - start
     seconds["model"] = calls.seconds
 
@@ -240,8 +243,11 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
     reach = 2  # the dilation's iterations: a voxel of evidence marks its neighbours this far (6-connected steps)
     area = tuple(slice(max(s.start - reach, 0), min(s.stop + reach, n)) for s, n in zip(found, evidence.shape))
     corner = np.array([s.start for s in area])
-    regions, _ = ndimage.label(ndimage.binary_dilation(evidence[area], iterations=reach))
-    for box in ndimage.find_objects(regions):
+    regions, count = ndimage.label(ndimage.binary_dilation(evidence[area], iterations=reach))
+    # One region (an organ) spans the whole area: the evidence's box grown by the dilation's reach
+    # on every side, as far as the grid goes. find_objects over it would take 0.06 s to say so.
+    boxes = [tuple(slice(0, n) for n in regions.shape)] if count == 1 else ndimage.find_objects(regions)
+    for box in boxes:
         lo = corner + [s.start for s in box]
         hi = corner + [s.stop for s in box]
         _resample_box(probabilities, np.asarray(model_affine, dtype=float), lo, hi, volume, spec, labels)

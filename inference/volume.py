@@ -102,7 +102,7 @@ class SeriesVolume:
     def set_pixels_aside(self) -> bool:
         """Let the voxels go until something reads ``array`` again, which then reads them from the
         same files (SeriesChanged if one was replaced meanwhile, as on the first read). A model's
-        inference keeps several arrays of its grid alive (input, output, MONAI's count map) and
+        inference keeps arrays of its grid alive (its input, its output: inference.windows) and
         needs only the geometry of the source, as do the SEG and SR: the int16 volume (150 MiB for
         a 300-slice CT) beside them would be the job's peak. A volume that cannot be re-read
         cheaply (decoded, built in memory, or given other voxels since it was read) stays whole.

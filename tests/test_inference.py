@@ -922,6 +922,55 @@ def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientat
     assert torch.equal(to_model_space(volume, zscore).as_tensor(), torch.as_tensor(NormalizeIntensity()(moved[None])))
 
 
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
+    """inference.windows sums the windows' weights slab by slab instead of in a map of the
+    output's size: its output is MONAI's sliding_window_inference's to the bit, over images whose
+    sides are not a multiple of the step or of the slab, one a window wide, one smaller than a
+    window (padded, then cropped), windows of different sides, several overlaps and batch sizes,
+    and a predictor whose values differ per window. A predictor that answers another size is an
+    error that says so."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from inference.windows import sliding_window
+
+    rng = np.random.default_rng(11)
+    mix = torch.from_numpy(rng.normal(size=(3, 1)).astype(np.float32))
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:  # three channels, not linear in the input
+        return torch.sin(windows * 7.0) * mix[None, :, :, None, None] + windows.mean(dim=(2, 3, 4), keepdim=True)
+
+    for size, roi, overlap, batch in [((37, 20, 41), (16, 16, 16), 0.25, 4), ((33, 16, 50), (16, 12, 20), 0.5, 1),
+                                      ((9, 40, 21), (16, 16, 8), 0.0, 3), ((18, 18, 18), (16, 16, 16), 0.75, 2)]:
+        image = torch.from_numpy(rng.random((1, 1, *size), dtype=np.float32))
+        expected = sliding_window_inference(image, roi, batch, predictor, overlap, mode=blend)
+        got = sliding_window(image, roi, batch, predictor, overlap, blend)
+        assert got.shape == expected.shape == (1, 3, *size) and got.dtype == torch.float32
+        assert torch.equal(got, torch.as_tensor(expected)), (size, roi, overlap, batch)
+    with pytest.raises(ValueError, match=r"the predictor answered \(2, 3, 8, 8, 8\) for 2 windows of \(16, 16, 16\)"):
+        sliding_window(torch.zeros((1, 1, 20, 20, 20)), (16, 16, 16), 2,
+                       lambda windows: predictor(windows)[:, :, ::2, ::2, ::2], 0.25, blend)
+
+
+def test_a_segmentation_model_whose_output_is_not_its_windows_size_fails_the_job_saying_so(tmp_path, model_repository):
+    """The way back takes the model's output voxel for voxel on its input's grid: an output of
+    another size (a model that halves its input) is the model's error, named, not labels on the
+    wrong voxels."""
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    backend = _local(model_repository)
+
+    class Halving:
+        def infer(self, batch):
+            return backend.infer(batch)[:, :, ::2, ::2, ::2]
+
+    with pytest.raises(BackendError, match=r"model threshold answered windows of shape \(2, 1, 16, 16, 16\) with an"
+                                           r" output of shape \(2, 2, 8, 8, 8\): a segmentation model's output is"):
+        segment(load_series(read_series(files)), threshold_spec(preprocessing={
+            "orientation": "RAS", "intensity": {"window": list(WINDOW)}, "patch_size": [16, 16, 16], "batch_size": 2}),
+            Halving())
+
+
 def test_a_segmentation_tells_the_models_calls_from_the_sliding_windows_own_work(tmp_path, model_repository):
     """`seconds["model"]` is the backend's calls alone, inside the sliding window's
     `seconds["inference"]`: what benchmarks.end_to_end leaves out as the model's compute (the
@@ -948,7 +997,7 @@ def test_a_segmentation_tells_the_models_calls_from_the_sliding_windows_own_work
 def test_the_source_voxels_are_let_go_while_the_model_runs_and_read_again_when_needed(tmp_path, model_repository,
                                                                                      monkeypatch):
     """From inference on, the volume's voxels are not in memory (they would be a job's peak beside
-    the model's input, output and MONAI's count map); the first read of `array` after that reads
+    the model's input and output); the first read of `array` after that reads
     them again from the same files. The result is the one of a volume kept whole, also after a
     model that failed on the same volume (a shadow run reuses it). A file replaced in between (a
     resend) makes that read a transient failure, as on the first read; a volume built in memory,

@@ -1,0 +1,91 @@
+"""Sliding-window inference: a volume's windows through a predictor, blended into one output.
+
+The same windows, weights and arithmetic as MONAI's ``sliding_window_inference`` (its window
+grid from ``dense_patch_slices``, its weights from ``compute_importance_map``, each window's
+output weighted and added in MONAI's order, then divided by the sum of the weights): the output
+is MONAI's to the bit (tests/test_inference.py compares them). Written here for one thing MONAI
+does not do: its sum of weights is a second array of the output's spatial size (315 MB at a
+300x512x512 CT's own resolution, twice its pixels) built window by window; here it is summed
+slab by slab just before the division, in the same order per voxel, and the output is the only
+volume-sized array. A model at a 300x512x512 CT's own resolution, against MONAI's in turns in one
+process: the windows' own work 0.57-0.60 -> 0.49-0.51 s (gaussian), 0.56-0.62 -> 0.41-0.50 s
+(constant); the job's peak 1941-2066 -> 1699-1708 MiB.
+
+Only what the node runs: one image (batch of 1), a predictor answering a tensor of the windows'
+own size (a segmentation model's logits), no buffering across devices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices
+
+SIGMA_SCALE = 0.125  # of the window, for gaussian blending: MONAI's default, the node's since it began
+SLAB = 16  # planes along the first spatial axis whose sum of weights is held at once
+
+
+def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: int,
+                   predictor: Callable[[torch.Tensor], torch.Tensor], overlap: float,
+                   blend: Literal["gaussian", "constant"]) -> torch.Tensor:
+    """`predictor` over the windows of `inputs` (1, channel, *spatial), `batch_size` windows a
+    call, overlapping by `overlap` of a window, blended into (1, output channel, *spatial). An
+    image smaller than a window is padded with zeros around it, as MONAI pads, and the output
+    cropped back."""
+    if inputs.shape[0] != 1:
+        raise ValueError(f"one image at a time, not a batch of {inputs.shape[0]}")
+    roi = tuple(int(n) for n in roi_size)
+    given = tuple(int(n) for n in inputs.shape[2:])
+    pad = []  # F.pad's order: the last axis first, each as (before, after), half of the shortfall before
+    for window, n in reversed(list(zip(roi, given))):
+        short = max(window - n, 0)
+        pad += [short // 2, short - short // 2]
+    if any(pad):
+        inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
+    size = tuple(int(n) for n in inputs.shape[2:])
+    windows = dense_patch_slices(size, roi, _scan_interval(roi, overlap))
+    weights = compute_importance_map(roi, mode=blend, sigma_scale=SIGMA_SCALE, device=inputs.device,
+                                     dtype=inputs.dtype)
+    output: torch.Tensor | None = None
+    for first in range(0, len(windows), batch_size):
+        group = windows[first:first + batch_size]
+        batch = [inputs[(slice(None), slice(None), *where)] for where in group]
+        answer = predictor(torch.cat(batch) if len(batch) > 1 else batch[0])  # (one: a view, as MONAI passes it)
+        if answer.shape[0] != len(group) or tuple(answer.shape[2:]) != roi:
+            raise ValueError(f"the predictor answered {tuple(answer.shape)} for {len(group)} windows of {roi}")
+        if blend != "constant":  # (weights of one: MONAI multiplies by them all the same, to the same values)
+            answer *= weights
+        if output is None:
+            output = torch.zeros((1, answer.shape[1], *size), dtype=inputs.dtype)
+        for where, part in zip(group, answer):
+            output[(0, slice(None), *where)] += part
+    assert output is not None  # an image has at least one window
+    _divide_by_weights(output, windows, weights)
+    if any(pad):
+        output = output[(slice(None), slice(None),
+                         *(slice(pad[2 * k], pad[2 * k] + n) for k, n in zip(reversed(range(len(given))), given)))]
+    return output
+
+
+def _scan_interval(roi: tuple[int, ...], overlap: float) -> tuple[int, ...]:
+    """The step between windows along each axis, as MONAI takes it: the window less its overlap,
+    at least one voxel (MONAI steps a whole window where the image is one window wide: one window
+    either way)."""
+    return tuple(max(int(window * (1 - overlap)), 1) for window in roi)
+
+
+def _divide_by_weights(output: torch.Tensor, windows: list[tuple[slice, ...]], weights: torch.Tensor) -> None:
+    """`output` divided, in place, by the sum of the weights of the windows over each voxel, SLAB
+    planes at a time: each slab's sum is added up window by window in the windows' order, as
+    MONAI adds up its whole map, so the same floats come out."""
+    planes = output.shape[2]
+    for start in range(0, planes, SLAB):
+        stop = min(start + SLAB, planes)
+        total = torch.zeros((stop - start, *output.shape[3:]), dtype=output.dtype)
+        for where in windows:
+            lo, hi = max(where[0].start, start), min(where[0].stop, stop)
+            if lo < hi:
+                total[(slice(lo - start, hi - start), *where[1:])] += weights[lo - where[0].start:hi - where[0].start]
+        output[:, :, start:stop] /= total
