@@ -927,9 +927,10 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
     """inference.windows sums the windows' weights slab by slab instead of in a map of the
     output's size: its output is MONAI's sliding_window_inference's to the bit, over images whose
     sides are not a multiple of the step or of the slab, one a window wide, one smaller than a
-    window (padded, then cropped), windows of different sides, several overlaps and batch sizes,
-    and a predictor whose values differ per window. A predictor that answers another size is an
-    error that says so."""
+    window (padded, then cropped), windows of different sides, a side under 1 (the image's, as
+    MONAI takes it), several overlaps and batch sizes (a last call of one window among them: a copy,
+    as MONAI's), and a predictor whose values differ per window and with its input's layout. A
+    predictor that answers another size is an error that says so."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -938,14 +939,21 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
     rng = np.random.default_rng(11)
     mix = torch.from_numpy(rng.normal(size=(3, 1)).astype(np.float32))
 
+    layouts: list[tuple[int, bool]] = []  # what each call was given: how many windows, and whether a copy
+
     def predictor(windows: torch.Tensor) -> torch.Tensor:  # three channels, not linear in the input
+        layouts.append((windows.shape[0], windows.is_contiguous()))
         return torch.sin(windows * 7.0) * mix[None, :, :, None, None] + windows.mean(dim=(2, 3, 4), keepdim=True)
 
     for size, roi, overlap, batch in [((37, 20, 41), (16, 16, 16), 0.25, 4), ((33, 16, 50), (16, 12, 20), 0.5, 1),
-                                      ((9, 40, 21), (16, 16, 8), 0.0, 3), ((18, 18, 18), (16, 16, 16), 0.75, 2)]:
+                                      ((9, 40, 21), (16, 16, 8), 0.0, 3), ((18, 18, 18), (16, 16, 16), 0.75, 2),
+                                      ((5, 7, 9), (4, 6, 8), 0.0, 7), ((12, 20, 30), (-1, 16, 16), 0.25, 2)]:
         image = torch.from_numpy(rng.random((1, 1, *size), dtype=np.float32))
         expected = sliding_window_inference(image, roi, batch, predictor, overlap, mode=blend)
+        given, layouts[:] = layouts[:], []
         got = sliding_window(image, roi, batch, predictor, overlap, blend)
+        assert layouts == given, (size, roi, overlap, batch)
+        layouts.clear()
         assert got.shape == expected.shape == (1, 3, *size) and got.dtype == torch.float32
         assert torch.equal(got, torch.as_tensor(expected)), (size, roi, overlap, batch)
     with pytest.raises(ValueError, match=r"the predictor answered \(2, 3, 8, 8, 8\) for 2 windows of \(16, 16, 16\)"):
