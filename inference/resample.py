@@ -206,10 +206,12 @@ def _axis_order(linear: np.ndarray, tolerance: float = 1e-6) -> tuple[int, int, 
     return tuple(int(np.argmax(significant[:, j])) for j in range(3))  # type: ignore[return-value]
 
 
-def first_argmax(channels: Iterable[np.ndarray]) -> np.ndarray:
+def first_argmax(channels: Iterable[np.ndarray], count: int | None = None) -> np.ndarray:
     """np.argmax over the channels (uint8), the first on ties and the first NaN as the maximum, as
     numpy's: channel by channel, which over a handful of channels is 3-4x quicker than argmax along
-    a short first axis (numpy walks it voxel by voxel) and holds two channels, not all."""
+    a short first axis (numpy walks it voxel by voxel) and holds two channels, not all. `count`,
+    the number of channels when it is known: the last one need not update the running maximum
+    (two channels over an organ's box of 13.8 million voxels: 0.16-0.19 -> 0.10 s)."""
     given = iter(channels)
     best = np.array(next(given))  # a copy, in the channel's own layout
     out = np.zeros(best.shape, dtype=np.uint8)
@@ -221,7 +223,8 @@ def first_argmax(channels: Iterable[np.ndarray]) -> np.ndarray:
         if undefined.any():
             take |= undefined & ~np.isnan(best)
         out[take] = number
-        np.copyto(best, channel, where=take)
+        if number + 1 != count:
+            np.copyto(best, channel, where=take)
     return out
 
 
@@ -250,7 +253,8 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     shape = tuple(int(s) for s in shape)
     order = _axis_order(linear)
     if order is None:
-        return first_argmax(resample(c, source_affine, target_affine, shape, padding, fill) for c in channels)
+        return first_argmax((resample(c, source_affine, target_affine, shape, padding, fill) for c in channels),
+                            len(channels))
     scale, source_order_shape = _in_source_order(linear, order, shape)
     overlap = _whole_voxel_overlap(scale, offset, source_order_shape, channels.shape[1:])
     if overlap is not None:  # a model without a spacing step
@@ -259,12 +263,12 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
         if padding == "constant" or not beyond:  # ("border" repeats the edge beyond it: interpolated below)
             out = np.zeros(source_order_shape, dtype=np.uint8)
             if all(part.stop > part.start for part in inside):
-                out[inside] = first_argmax(np.asarray(c[read], dtype=np.float32) for c in channels)
+                out[inside] = first_argmax((np.asarray(c[read], dtype=np.float32) for c in channels), len(channels))
             return out.transpose(order)
     # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
     coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]
                    for axis, n in enumerate(source_order_shape)]
-    grid = first_argmax(np.asarray(c, dtype=np.float32) for c in channels)  # compared as `resample` gives them
+    grid = first_argmax((np.asarray(c, dtype=np.float32) for c in channels), len(channels))  # as `resample` gives
     corner = grid[:-1, :-1, :-1]
     agree = np.ones(corner.shape, dtype=bool)
     for step in np.ndindex(2, 2, 2):
@@ -284,6 +288,7 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
         where = np.nonzero(part == undecided)
         if where[0].size:
             points = np.stack([coordinates[0][where[0] + start], coordinates[1][where[1]], coordinates[2][where[2]]])
-            part[where] = first_argmax(ndimage.map_coordinates(c, points, output=np.float32, order=1, prefilter=False,
-                                                               mode=_SCIPY_MODE[padding], cval=fill) for c in channels)
+            values = (ndimage.map_coordinates(c, points, output=np.float32, order=1, prefilter=False,
+                                              mode=_SCIPY_MODE[padding], cval=fill) for c in channels)
+            part[where] = first_argmax(values, len(channels))
     return out.transpose(order)

@@ -1316,8 +1316,9 @@ def test_small_components_are_dropped_and_the_largest_kept_as_over_the_whole_gri
 def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
     """The labels made channel by channel are those of the whole stack: np.argmax over the channels
     (the first on ties, the first NaN taken as the maximum, on transposed views as the resampling
-    gives them), and for `threshold` every label's channel at or above it, the spec's later label
-    winning where two are above."""
+    gives them; the last channel not kept as the running maximum when their count is known), and
+    for `threshold` every label's channel at or above it, the spec's later label winning where two
+    are above."""
     from inference.pipeline import _above_threshold
     from inference.resample import first_argmax
 
@@ -1328,6 +1329,7 @@ def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
             stack[rng.random(stack.shape) < 0.03] = np.nan
             views = [c.transpose(2, 0, 1).copy().transpose(1, 2, 0) for c in stack]  # not C-ordered
             assert np.array_equal(first_argmax(iter(views)), np.argmax(stack, axis=0)), channels
+            assert np.array_equal(first_argmax(iter(views), channels), np.argmax(stack, axis=0)), channels
     code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
     spec = threshold_spec(labels=[{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (2, 1)],
                           postprocessing={"mode": "threshold", "threshold": 0.5})
