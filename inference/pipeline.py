@@ -31,7 +31,7 @@ from monai.transforms import (
 from common.cpus import usable_cpus
 from inference.backends.base import Backend, BackendError, TimedCalls
 from inference.findings import Finding, clean_labels, foreground_box, measure
-from inference.resample import resample, resample_argmax
+from inference.resample import copy_in_blocks, resample, resample_argmax
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
 from inference.windows import sliding_window
@@ -281,7 +281,7 @@ def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.
         found = _above_threshold(((label.value, resample(box[label.value], model, grid, shape, padding="constant"))
                                   for label in spec.labels), spec)
     target = labels[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
-    np.copyto(target, found, where=found > 0)  # one mask, nothing gathered (an organ: 0.02 -> 0.008 s)
+    copy_in_blocks(target, found, nonzero_only=True)  # `found` in the model's axis order, `target` in the source's
 
 
 def _translation(offset: np.ndarray) -> np.ndarray:

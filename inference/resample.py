@@ -47,8 +47,8 @@ MIN_SLAB_VOXELS = 1 << 18
 MAX_SLABS = 4
 # Target voxels looked at per round for interpolation in `resample_argmax` (its memory: ~70 bytes each interpolated).
 UNDECIDED_CHUNK = 1 << 20
-# Rows and columns of the source per block `_relaid` copies: a block of a 512x512 CT's slices
-# (16 x 64 x 512 voxels, 2 MiB as float32) is read in rows and written in runs of 16 values.
+# Slices and rows of the source's grid per block `copy_in_blocks` copies: a block of a 512x512 CT's
+# slices (16 x 64 x 512 voxels, 2 MiB as float32) is read in rows and written in runs of 16 values.
 RELAY_BLOCK = (16, 64)
 T = TypeVar("T")
 
@@ -109,16 +109,28 @@ def _relaid(source: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
     if tuple(order) == tuple(range(source.ndim)):
         np.copyto(out, source, casting="unsafe")
         return out
-    seen = out.transpose(np.argsort(order))  # the same memory in the source's axis order
+    copy_in_blocks(out.transpose(np.argsort(order)), source)  # (out's memory seen in the source's axis order)
+    return out
+
+
+def copy_in_blocks(target: np.ndarray, source: np.ndarray, nonzero_only: bool = False) -> None:
+    """`source` into `target` (the same shape; one of them a transposed view of its memory), in
+    blocks of RELAY_BLOCK along their first two axes, on the usable CPUs: each block reads and
+    writes runs of both arrays that stay in the cache, where one pass over the whole would miss it
+    at every read or every write. `nonzero_only`: only the source's nonzero values (labels laid over
+    labels; an organ's labels from the model's axis order into the source's: 0.08 -> 0.02 s)."""
     rows, columns = RELAY_BLOCK
 
     def block(start: tuple[int, int]) -> None:
         part = (slice(start[0], start[0] + rows), slice(start[1], start[1] + columns))
-        np.copyto(seen[part], source[part], casting="unsafe")
+        if nonzero_only:
+            values = source[part]
+            np.copyto(target[part], values, where=values != 0)
+        else:
+            np.copyto(target[part], source[part], casting="unsafe")
 
     starts = [(a, b) for a in range(0, source.shape[0], rows) for b in range(0, source.shape[1], columns)]
     _on_usable_cpus(block, starts)
-    return out
 
 
 def _on_usable_cpus(work: Callable[[T], None], items: list[T]) -> None:

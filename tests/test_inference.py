@@ -888,6 +888,23 @@ def test_a_whole_voxel_map_is_copied_into_the_targets_axis_order(monkeypatch):
                 np.testing.assert_array_equal(got, expected)
 
 
+def test_labels_laid_over_labels_in_blocks_keep_every_label_already_there(monkeypatch):
+    """A region's labels go onto the source grid from the model's axis order (a transposed view) in
+    blocks: only their nonzero values are written, so a neighbouring region's labels already in the
+    grid stay, for blocks that do not divide the grid, on one, two and three threads alike."""
+    from inference import resample as module
+
+    rng = np.random.default_rng(8)
+    monkeypatch.setattr(module, "RELAY_BLOCK", (5, 7))
+    for cores in (1, 2, 3):
+        monkeypatch.setattr(module, "usable_cpus", lambda n=cores: n)
+        there = rng.integers(0, 3, size=(23, 19, 11)).astype(np.uint8)
+        found = np.ascontiguousarray(rng.integers(0, 4, size=(11, 19, 23)).astype(np.uint8)).transpose(2, 1, 0)
+        expected = np.where(found > 0, found, there)
+        module.copy_in_blocks(there, found, nonzero_only=True)
+        np.testing.assert_array_equal(there, expected)
+
+
 @pytest.mark.parametrize("orientation", ["axial", "sagittal"])
 def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientation):
     """to_model_space applies the intensity window slab by slab into the resampled array (MONAI's
