@@ -234,15 +234,12 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
     where the label can change (`resample_argmax`); `threshold` resamples each label's channel.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    # any label above: one channel at a time, no copy; the first written, not or-ed into zeros (0.09 ->
-    # 0.03 s on a CT's own grid)
-    evidence = np.empty(probabilities.shape[1:], dtype=bool)
-    for k, label in enumerate(spec.labels):
-        channel = probabilities[label.value].numpy()
-        if k == 0:
-            np.greater(channel, FOREGROUND_EVIDENCE, out=evidence)
-        else:
-            evidence |= channel > FOREGROUND_EVIDENCE
+    # any label above: one channel at a time, no copy; the first label's made, not or-ed into zeros
+    # (0.09 -> 0.03 s on a CT's own grid)
+    first, *others = spec.labels  # (a spec has a label at least)
+    evidence = probabilities[first.value].numpy() > FOREGROUND_EVIDENCE
+    for label in others:
+        evidence |= probabilities[label.value].numpy() > FOREGROUND_EVIDENCE
     found = foreground_box(evidence)
     if found is None:
         return labels
@@ -281,7 +278,7 @@ def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.
         found = _above_threshold(((label.value, resample(box[label.value], model, grid, shape, padding="constant"))
                                   for label in spec.labels), spec)
     target = labels[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
-    copy_in_blocks(target, found, nonzero_only=True)  # `found` in the model's axis order, `target` in the source's
+    copy_in_blocks(target, found, nonzero_only=True)  # (`found` possibly a view in the model's axis order)
 
 
 def _translation(offset: np.ndarray) -> np.ndarray:

@@ -871,6 +871,7 @@ def test_a_whole_voxel_map_is_copied_into_the_targets_axis_order(monkeypatch):
     source = np.diag([0.7, 0.8, 2.5, 1.0])
     source[:3, 3] = (4.0, -7.0, 12.5)
     monkeypatch.setattr(module, "RELAY_BLOCK", (5, 7))
+    monkeypatch.setattr(module, "MIN_BLOCKED_VOXELS", 0)
     for cores in (1, 2, 3):
         monkeypatch.setattr(module, "usable_cpus", lambda n=cores: n)
         for order in itertools.permutations(range(3)):
@@ -891,18 +892,25 @@ def test_a_whole_voxel_map_is_copied_into_the_targets_axis_order(monkeypatch):
 def test_labels_laid_over_labels_in_blocks_keep_every_label_already_there(monkeypatch):
     """A region's labels go onto the source grid from the model's axis order (a transposed view) in
     blocks: only their nonzero values are written, so a neighbouring region's labels already in the
-    grid stay, for blocks that do not divide the grid, on one, two and three threads alike."""
+    grid stay, for blocks that do not divide the grid, on one, two and three threads alike, and for
+    a box small enough to be copied at once. Arrays of different shapes are refused before anything
+    is written."""
     from inference import resample as module
 
     rng = np.random.default_rng(8)
     monkeypatch.setattr(module, "RELAY_BLOCK", (5, 7))
-    for cores in (1, 2, 3):
+    for smallest_blocked, cores in [(0, 1), (0, 2), (0, 3), (1 << 18, 2)]:
+        monkeypatch.setattr(module, "MIN_BLOCKED_VOXELS", smallest_blocked)
         monkeypatch.setattr(module, "usable_cpus", lambda n=cores: n)
         there = rng.integers(0, 3, size=(23, 19, 11)).astype(np.uint8)
         found = np.ascontiguousarray(rng.integers(0, 4, size=(11, 19, 23)).astype(np.uint8)).transpose(2, 1, 0)
         expected = np.where(found > 0, found, there)
         module.copy_in_blocks(there, found, nonzero_only=True)
         np.testing.assert_array_equal(there, expected)
+        before = there.copy()
+        with pytest.raises(ValueError, match=r"copying \(21, 19, 11\) into \(23, 19, 11\)"):
+            module.copy_in_blocks(there, found[:21], nonzero_only=True)
+        np.testing.assert_array_equal(there, before)
 
 
 @pytest.mark.parametrize("orientation", ["axial", "sagittal"])
@@ -1347,6 +1355,7 @@ def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
             views = [c.transpose(2, 0, 1).copy().transpose(1, 2, 0) for c in stack]  # not C-ordered
             assert np.array_equal(first_argmax(iter(views)), np.argmax(stack, axis=0)), channels
             assert np.array_equal(first_argmax(iter(views), channels), np.argmax(stack, axis=0)), channels
+            assert np.array_equal(np.stack(views), stack, equal_nan=True)  # the channels given are only read
     code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
     spec = threshold_spec(labels=[{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (2, 1)],
                           postprocessing={"mode": "threshold", "threshold": 0.5})
