@@ -9,8 +9,9 @@ backend. Its stages: preprocessing, the sliding window's own work (gathering the
 batches, blending their outputs), the model's calls (not counted), labels back on the source
 grid, measuring. Against, in the same run, the reference: ONNX Runtime's default of threads that
 spin after each call, the model's input as a transposed view of the source-ordered copy, and
-MONAI's sliding window (the node before 2026-11-28). Series to volume and the SEG and SR are not in it (benchmarks.end_to_end,
-benchmarks.results). Best of --repeat runs each, in turns.
+MONAI's sliding window (the node before 2026-11-28; it shares that day's changes to the way back).
+Series to volume and the SEG and SR are not in it (benchmarks.end_to_end, benchmarks.results). Best
+of --repeat runs each, in turns.
 """
 
 from __future__ import annotations
