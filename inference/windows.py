@@ -45,11 +45,9 @@ def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: in
         raise ValueError(f"one image at a time, not a batch of {inputs.shape[0]}")
     given = tuple(int(n) for n in inputs.shape[2:])
     roi = tuple(int(n) for n in fall_back_tuple(roi_size, given))  # as MONAI: a side under 1 is the image's
-    pad = []  # F.pad's order: the last axis first, each as (before, after), half of the shortfall before
-    for window, n in reversed(list(zip(roi, given))):
-        short = max(window - n, 0)
-        pad += [short // 2, short - short // 2]
-    if any(pad):
+    short = [max(window - n, 0) for window, n in zip(roi, given)]  # padded, half of it before
+    if any(short):  # (F.pad takes the last axis first)
+        pad = [side for n in reversed(short) for side in (n // 2, n - n // 2)]
         inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
     size = tuple(int(n) for n in inputs.shape[2:])
     windows = dense_patch_slices(size, roi, _scan_interval(roi, overlap))
@@ -70,9 +68,8 @@ def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: in
             output[(0, slice(None), *where)] += part
     assert output is not None  # an image has at least one window
     _divide_by_weights(output, windows, weights)
-    if any(pad):
-        output = output[(slice(None), slice(None),
-                         *(slice(pad[2 * k], pad[2 * k] + n) for k, n in zip(reversed(range(len(given))), given)))]
+    if any(short):
+        output = output[(slice(None), slice(None), *(slice(m // 2, m // 2 + n) for m, n in zip(short, given)))]
     return output
 
 
