@@ -195,11 +195,11 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:
         answer = calls.infer(patches.numpy())
-        # the way back takes the output voxel for voxel on the input's grid: a window's own size
-        if answer.ndim != patches.ndim or answer.shape[0] != patches.shape[0] or answer.shape[2:] != patches.shape[2:]:
+        # the way back takes the output voxel for voxel on the input's grid, a channel per value
+        if answer.shape != (patches.shape[0], spec.output_channels, *patches.shape[2:]):
             raise BackendError(f"model {spec.name} answered windows of shape {tuple(patches.shape)} with an output"
-                               f" of shape {answer.shape}: a segmentation model's output is (windows, channels,"
-                               f" *window)")
+                               f" of shape {answer.shape}: a segmentation model's output is (windows,"
+                               f" {spec.output_channels} channels, *window)")
         return torch.from_numpy(answer)
 
     volume.set_pixels_aside()  # read again only if something needs them (key images, run figures)
@@ -313,6 +313,10 @@ def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Classif
     calls = TimedCalls(backend)
     # a copy: the activation is written in place, and Triton's answer is a read-only buffer
     logits = torch.tensor(calls.infer(resized[None].as_tensor().numpy()))
+    if tuple(logits.shape) != (1, spec.output_channels):
+        raise BackendError(f"model {spec.name} answered an input of shape {tuple(resized[None].shape)} with an output"
+                           f" of shape {tuple(logits.shape)}: a classifier's output is (1, {spec.output_channels}),"
+                           " a score per class")
     probabilities = _activation(logits, spec)[0].numpy()
     seconds["inference"] = time.perf_counter() - start
     seconds["model"] = calls.seconds

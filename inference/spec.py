@@ -30,7 +30,8 @@ class Code(_Strict):
 
 
 class Label(_Strict):
-    value: int = Field(ge=1, description="label value in the model output (0 is background)")
+    value: int = Field(ge=1, le=255, description=(
+        "label value in the model output (0 is background; at most 255: the labels are a byte per voxel)"))
     name: str = Field(min_length=1, max_length=64)
     category: Code
     type: Code
@@ -75,10 +76,19 @@ class Preprocessing(_Strict):
             raise ValueError("must name one of L/R, A/P and S/I each, e.g. RAS")
         return value
 
+    @field_validator("patch_size")
+    @classmethod
+    def _whole_voxels(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        # (MONAI reads a side under 1 as the image's whole side: a window the spec cannot name)
+        if min(value) < 1:
+            raise ValueError("each side is at least one voxel")
+        return value
+
     orientation: str = Field("RAS", description="MONAI axcodes, e.g. RAS or LPS")
     spacing: tuple[float, float, float] | None = Field(None, description="mm; null keeps native")
     intensity: Intensity = Field(default_factory=Intensity)
-    patch_size: tuple[int, int, int] = (64, 64, 64)
+    patch_size: tuple[int, int, int] = Field((64, 64, 64), description=(
+        "voxels per window side (classification: the size the input is resized to)"))
     overlap: float = Field(0.25, ge=0, lt=1)
     batch_size: int = Field(1, ge=1)
     blend: Literal["gaussian", "constant"] = Field("gaussian", description="how overlapping patches are merged")

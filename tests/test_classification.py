@@ -15,6 +15,7 @@ import torch
 from pydicom.dataset import Dataset
 from typer.testing import CliRunner
 
+from inference.backends.base import BackendError
 from inference.backends.local import LocalBackend
 from inference.pipeline import ClassificationResult, classify
 from inference.saliency import occlusion_saliency
@@ -188,6 +189,25 @@ def test_shipped_classifier_on_fresh_synthetic_radiographs(tmp_path):
     m = metrics(torch.tensor(scores)[:, None], torch.tensor(truth, dtype=torch.float32)[:, None], spec)["Nodule"]
     print({k: m[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")})
     assert m["roc_auc"] >= 0.9 and m["accuracy"] >= 0.8
+
+
+def test_a_classifier_whose_output_is_not_a_score_per_class_fails_saying_so(tmp_path):
+    """The probabilities are read a class at a time from the model's output: an output with a
+    column more (or fewer) is the model's error, named, never scores given to the wrong classes."""
+    spec = load_spec(SHIPPED)
+    backend = LocalBackend(SHIPPED / "1" / "model.onnx", spec)
+    pixels, _ = chest_radiograph(np.random.default_rng(5), nodule=False)
+    volume = load_series([pydicom.dcmread(write_dx(tmp_path / "dx.dcm", pixels))])
+    assert spec.output_channels == len(spec.labels) == 1
+
+    class OneMore:  # the real model's scores and a column more
+        def infer(self, batch):
+            scores = backend.infer(batch)
+            return np.concatenate([scores, scores[:, :1]], axis=1)
+
+    with pytest.raises(BackendError, match=r"model chest-nodule-cls answered an input of shape \(1, 1, 128, 128, 1\)"
+                                           r" with an output of shape \(1, 2\): a classifier's output is \(1, 1\)"):
+        classify(volume, spec, OneMore())
 
 
 # -- SR and saliency objects -------------------------------------------------------------------

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -16,16 +17,19 @@ from typing import Callable
 import numpy as np
 import pydicom
 import pytest
+import torch
+from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
-from inference.backends.base import BackendError
+from inference.backends.base import BackendError, BackendUnavailable
 from inference.backends.local import LocalBackend
 from inference.backends.triton import TritonBackend
+from inference.export.repository import ExportMismatch, export_onnx, write_entry
 from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
-from tests.models import REPO_MODELS, WINDOW, threshold_spec
+from tests.models import REPO_MODELS, WINDOW, ThresholdNet, threshold_spec
 from tests.peers import proc_stat
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
@@ -78,6 +82,99 @@ def test_triton_wrong_shape_is_a_clear_error(triton):
             backend.infer(np.zeros((1, 2, 8, 8, 8), dtype=np.float32))
     finally:
         backend.close()
+
+
+class _HalvingNet(ThresholdNet):
+    """The threshold model's logits at half their input's size: a model whose output is not its
+    spec's (windows, channels, *window)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool3d(super().forward(x), 2)
+
+
+class _DoublingNet(ThresholdNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(super().forward(x), scale_factor=2.0, mode="nearest")
+
+
+def test_a_mis_sized_output_over_triton_shared_memory_comes_back_in_the_shape_triton_reports(tmp_path):
+    """Over shared memory the node reads the output out of its own region: one smaller than the
+    spec implies comes back in its real shape (not the implied one, its rest from an earlier
+    call), so the pipeline's check names it as over the socket; one larger is the model's error
+    and says so (it was once taken for a restarted server, whose regions are made anew)."""
+    for name, network in (("halving", _HalvingNet()), ("doubling", _DoublingNet())):
+        onnx = tmp_path / f"{name}.onnx"
+        export_onnx(network, onnx, threshold_spec(name=name), (16, 16, 16))
+        write_entry(tmp_path / "repo", threshold_spec(name=name), onnx)
+    server = TritonCpuServer(tmp_path / "repo", tmp_path / "triton.log").start(ready_models=("halving", "doubling"))
+    batch = np.random.default_rng(7).random((2, 1, 16, 16, 16), dtype=np.float32)
+    halving = LocalBackend(tmp_path / "repo" / "halving" / "1" / "model.onnx", threshold_spec(name="halving"))
+    expected = halving.infer(batch)
+    try:
+        for url, protocol in ((server.grpc_url, "grpc"), (server.http_url, "http")):
+            backend = TritonBackend(url, threshold_spec(name="halving"), protocol=protocol, shared_memory="system")
+            try:
+                assert backend.use_shm
+                backend.infer(np.ones((2, 1, 16, 16, 16), dtype=np.float32))  # the region's bytes, another answer
+                got = backend.infer(batch)
+                assert got.shape == expected.shape == (2, 2, 8, 8, 8)
+                np.testing.assert_allclose(got, expected, atol=1e-5)
+            finally:
+                backend.close()
+            backend = TritonBackend(url, threshold_spec(name="doubling"), protocol=protocol, shared_memory="system",
+                                    retries=2, backoff=0.01)
+            try:
+                with pytest.raises(BackendError, match=r"Triton rejected model doubling on input \[2, 1, 16, 16, 16\]:"
+                                   r" .*should be at least 524288 bytes.* \(its spec implies an output of"
+                                   r" \[2, 2, 16, 16, 16\]\)") as failure:
+                    backend.infer(batch)
+                assert not isinstance(failure.value, BackendUnavailable)
+            finally:
+                backend.close()
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_server_that_lost_the_nodes_shared_memory_regions_is_unavailable_until_they_are_made_anew(triton, protocol):
+    """A restarted Triton knows none of the node's regions: the call is a transient failure (the
+    job retries) and the next one registers them again. Made real by unregistering one behind
+    the backend's back."""
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    backend = TritonBackend(url, threshold_spec(), protocol=protocol, shared_memory="system")
+    batch = np.random.default_rng(8).random((1, 1, 16, 16, 16), dtype=np.float32)
+    try:
+        expected = backend.infer(batch)
+        for role in ("in", "out"):
+            backend.client.unregister_system_shared_memory(backend._name(role))
+            with pytest.raises(BackendUnavailable, match=r"no longer has this node's shared-memory regions"):
+                backend.infer(batch)
+            np.testing.assert_array_equal(backend.infer(batch), expected)
+    finally:
+        backend.close()
+
+
+def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):
+    """Two channels (background and one label) for a spec whose labels imply three."""
+    spec = threshold_spec(labels=[*threshold_spec().model_dump()["labels"],
+                                  {**threshold_spec().model_dump()["labels"][0], "value": 2, "name": "Brighter"}])
+    with pytest.raises(ExportMismatch, match=r"the network's output has shape \(2, 2, 17, 17, 17\) for an input of"
+                                             r" \(2, 1, 17, 17, 17\): its spec's labels imply 3 values on axis 1"):
+        export_onnx(ThresholdNet(), tmp_path / "m.onnx", spec, (16, 16, 16))
+
+
+def test_a_spec_refuses_label_values_a_byte_cannot_hold_and_windows_under_a_voxel():
+    """The labels are a byte per voxel (256 would come back as background), and a window side
+    under 1 would be the whole image's, as MONAI reads it."""
+    label = threshold_spec().model_dump()["labels"][0]
+    with pytest.raises(ValidationError, match=r"labels\.0\.value\n  Input should be less than or equal to 255"):
+        threshold_spec(labels=[{**label, "value": 256}])
+    assert threshold_spec(labels=[{**label, "value": 255}]).output_channels == 256
+    preprocessing = threshold_spec().model_dump()["preprocessing"]
+    for side in (0, -1):
+        with pytest.raises(ValidationError, match=r"preprocessing\.patch_size\n  Value error, each side is at least"
+                                                  r" one voxel"):
+            threshold_spec(preprocessing={**preprocessing, "patch_size": [32, side, 32]})
 
 
 def _cpu_ticks(threads: set[Path]) -> int:
@@ -986,22 +1083,28 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
                        lambda windows: predictor(windows)[:, :, ::2, ::2, ::2], 0.25, blend)
 
 
-def test_a_segmentation_model_whose_output_is_not_its_windows_size_fails_the_job_saying_so(tmp_path, model_repository):
-    """The way back takes the model's output voxel for voxel on its input's grid: an output of
-    another size (a model that halves its input) is the model's error, named, not labels on the
-    wrong voxels."""
+@pytest.mark.parametrize("answer, shape", [
+    (lambda out: out[:, :, ::2, ::2, ::2], "(2, 2, 8, 8, 8)"),  # a model that halves its input
+    (lambda out: np.concatenate([out, out[:, :1]], axis=1), "(2, 3, 16, 16, 16)"),  # a channel more than its labels
+])
+def test_a_segmentation_model_whose_output_is_not_its_windows_size_fails_the_job_saying_so(
+        tmp_path, model_repository, answer, shape):
+    """The way back takes the model's output voxel for voxel on its input's grid, a channel per
+    label value: an output of another size, or with other channels, is the model's error, named,
+    not labels on the wrong voxels (or values no label has)."""
     files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
     backend = _local(model_repository)
 
-    class Halving:
+    class Answering:  # the real model's output, changed
         def infer(self, batch):
-            return backend.infer(batch)[:, :, ::2, ::2, ::2]
+            return answer(backend.infer(batch))
 
     with pytest.raises(BackendError, match=r"model threshold answered windows of shape \(2, 1, 16, 16, 16\) with an"
-                                           r" output of shape \(2, 2, 8, 8, 8\): a segmentation model's output is"):
+                                           rf" output of shape {re.escape(shape)}: a segmentation model's output is"
+                                           r" \(windows, 2 channels, \*window\)"):
         segment(load_series(read_series(files)), threshold_spec(preprocessing={
             "orientation": "RAS", "intensity": {"window": list(WINDOW)}, "patch_size": [16, 16, 16], "batch_size": 2}),
-            Halving())
+            Answering())
 
 
 def test_a_segmentation_tells_the_models_calls_from_the_sliding_windows_own_work(tmp_path, model_repository):

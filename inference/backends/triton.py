@@ -30,6 +30,9 @@ T = TypeVar("T")
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Connection refused",
               "connection reset", "Socket closed", "Broken pipe", "timed out")
+# What Triton 2.x answers for a region it does not know (a restarted server), over gRPC and HTTP
+# alike; its other shared-memory errors (an output larger than the region) are the model's.
+_REGION_UNKNOWN = "unable to find shared memory region"
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -159,20 +162,37 @@ class TritonBackend:
         except InferenceServerException as exc:
             if _is_transient(exc):
                 raise
-            if self.use_shm and "shared memory" in str(exc.message()).lower():
+            if self.use_shm and _REGION_UNKNOWN in str(exc.message()).lower():
                 # A restarted server knows none of our regions: make them anew on the next attempt.
                 self._forget_regions()
                 raise BackendUnavailable(f"Triton at {self.url} no longer has this node's shared-memory regions"
                                          " (restarted?)") from None
+            implied = f" (its spec implies an output of {list(out_shape)})" if self.use_shm else ""
             raise BackendError(
-                f"Triton rejected model {self.spec.name} on input {list(batch.shape)}: {exc.message()}"
+                f"Triton rejected model {self.spec.name} on input {list(batch.shape)}: {exc.message()}{implied}"
             ) from None
         if self.use_shm:
-            return np.array(shm.get_contents_as_numpy(out_handle, np.float32, out_shape))
+            return self._shared_output(result, out_handle, out_bytes)
         array = result.as_numpy(self.spec.output.name)
         if array is None or array.size == 0:
             raise BackendError(f"Triton returned an empty {self.spec.output.name!r} tensor for {self.spec.name}")
         return array
+
+    def _shared_output(self, result: Any, handle: Any, capacity: int) -> np.ndarray:
+        """The output in the shape Triton reports for it, read from our region: a model whose
+        output is smaller than its spec implies writes only part of the region, and reading the
+        implied shape would take the rest from an earlier call. Read as reported, a mis-sized
+        output meets the same checks as one that came over the socket."""
+        tensor = result.get_output(self.spec.output.name)
+        reported = [] if tensor is None else tensor["shape"] if isinstance(tensor, dict) else tensor.shape
+        shape = [int(s) for s in reported]
+        size = int(np.prod(shape)) * 4
+        if tensor is None or size == 0:
+            raise BackendError(f"Triton returned an empty {self.spec.output.name!r} tensor for {self.spec.name}")
+        if size > capacity:
+            raise BackendError(f"Triton reports an output {self.spec.output.name!r} of shape {shape} for"
+                               f" {self.spec.name}, which its shared-memory region of {capacity} bytes cannot hold")
+        return np.array(shm.get_contents_as_numpy(handle, np.float32, shape))
 
     def _name(self, role: str) -> str:
         return f"{self._prefix}-{role}"

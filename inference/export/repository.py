@@ -71,7 +71,17 @@ def export_onnx(
     error = float(np.max(np.abs(got - expected)))
     if got.shape != expected.shape or error > tolerance:
         raise ExportMismatch(f"ONNX output differs from PyTorch: shape {got.shape} vs {expected.shape}, max error {error:.2e}")
+    _check_channels(got, tuple(probe.shape), spec)
     return error
+
+
+def _check_channels(output: np.ndarray, input_shape: tuple[int, ...], spec: ModelSpec) -> None:
+    """Refuse a network whose channels are not those its spec's labels imply: found at the job
+    otherwise (inference.pipeline), on the first study routed to it."""
+    axis = 2 if spec.task == "detection" else 1  # detection: (batch, anchors, box + scores)
+    if output.ndim <= axis or output.shape[axis] != spec.output_channels:
+        raise ExportMismatch(f"the network's output has shape {output.shape} for an input of {input_shape}: its"
+                             f" spec's labels imply {spec.output_channels} values on axis {axis}")
 
 
 def _config(spec: ModelSpec, backend: str, kind: str, max_batch: int, versions: list[int] | None = None,
@@ -217,3 +227,4 @@ def _export_script(network: torch.jit.ScriptModule, path: Path, spec: ModelSpec,
     if error > tolerance:
         raise ExportMismatch(f"ONNX output differs from TorchScript: shape {got.shape} vs {expected.shape},"
                              f" max error {error:.2e}")
+    _check_channels(got, tuple(probe.shape), spec)
