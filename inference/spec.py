@@ -30,8 +30,8 @@ class Code(_Strict):
 
 
 class Label(_Strict):
-    value: int = Field(ge=1, le=255, description=(
-        "label value in the model output (0 is background; at most 255: the labels are a byte per voxel)"))
+    value: int = Field(ge=1, description=(
+        "label value in the model output (0 is background; a segmentation's at most 255: a byte per voxel)"))
     name: str = Field(min_length=1, max_length=64)
     category: Code
     type: Code
@@ -145,6 +145,8 @@ class ModelSpec(_Strict):
         values = [label.value for label in self.labels]
         if len(set(values)) != len(values):
             raise ValueError("label values must be unique")
+        if self.task == "segmentation" and max(values) > 255:  # (a classifier's and a detector's are columns)
+            raise ValueError("a segmentation's label values are at most 255: its labels are a byte per voxel")
         return self
 
     @model_validator(mode="after")

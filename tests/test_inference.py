@@ -97,16 +97,25 @@ class _DoublingNet(ThresholdNet):
         return torch.nn.functional.interpolate(super().forward(x), scale_factor=2.0, mode="nearest")
 
 
+class _HalfNet(ThresholdNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).half()
+
+
 def test_a_mis_sized_output_over_triton_shared_memory_comes_back_in_the_shape_triton_reports(tmp_path):
     """Over shared memory the node reads the output out of its own region: one smaller than the
     spec implies comes back in its real shape (not the implied one, its rest from an earlier
     call), so the pipeline's check names it as over the socket; one larger is the model's error
-    and says so (it was once taken for a restarted server, whose regions are made anew)."""
-    for name, network in (("halving", _HalvingNet()), ("doubling", _DoublingNet())):
-        onnx = tmp_path / f"{name}.onnx"
-        export_onnx(network, onnx, threshold_spec(name=name), (16, 16, 16))
-        write_entry(tmp_path / "repo", threshold_spec(name=name), onnx)
-    server = TritonCpuServer(tmp_path / "repo", tmp_path / "triton.log").start(ready_models=("halving", "doubling"))
+    and says so (it was once taken for a restarted server, whose regions are made anew); an FP16
+    output comes back as FP16 (it was read as float32)."""
+    half = threshold_spec(name="half", output={"name": "logits", "dtype": "FP16"})
+    for spec, network in ((threshold_spec(name="halving"), _HalvingNet()), (threshold_spec(name="doubling"),
+                                                                               _DoublingNet()), (half, _HalfNet())):
+        onnx = tmp_path / f"{spec.name}.onnx"
+        export_onnx(network, onnx, spec, (16, 16, 16))
+        write_entry(tmp_path / "repo", spec, onnx)
+    server = TritonCpuServer(tmp_path / "repo", tmp_path / "triton.log").start(
+        ready_models=("halving", "doubling", "half"))
     batch = np.random.default_rng(7).random((2, 1, 16, 16, 16), dtype=np.float32)
     halving = LocalBackend(tmp_path / "repo" / "halving" / "1" / "model.onnx", threshold_spec(name="halving"))
     expected = halving.infer(batch)
@@ -119,6 +128,14 @@ def test_a_mis_sized_output_over_triton_shared_memory_comes_back_in_the_shape_tr
                 got = backend.infer(batch)
                 assert got.shape == expected.shape == (2, 2, 8, 8, 8)
                 np.testing.assert_allclose(got, expected, atol=1e-5)
+            finally:
+                backend.close()
+            backend = TritonBackend(url, half, protocol=protocol, shared_memory="system")
+            try:  # an FP16 output: as many bytes as it has, read as the socket gives it
+                got = backend.infer(batch)
+                assert got.dtype == np.float16
+                np.testing.assert_array_equal(got, LocalBackend(tmp_path / "repo" / "half" / "1" / "model.onnx",
+                                                                half).infer(batch))
             finally:
                 backend.close()
             backend = TritonBackend(url, threshold_spec(name="doubling"), protocol=protocol, shared_memory="system",
@@ -164,12 +181,16 @@ def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_pa
 
 
 def test_a_spec_refuses_label_values_a_byte_cannot_hold_and_windows_under_a_voxel():
-    """The labels are a byte per voxel (256 would come back as background), and a window side
-    under 1 would be the whole image's, as MONAI reads it."""
+    """A segmentation's labels are a byte per voxel (256 would come back as background), and a
+    window side under 1 would be the whole image's, as MONAI reads it."""
     label = threshold_spec().model_dump()["labels"][0]
-    with pytest.raises(ValidationError, match=r"labels\.0\.value\n  Input should be less than or equal to 255"):
+    with pytest.raises(ValidationError, match=r"a segmentation's label values are at most 255: its labels are a"
+                                              r" byte per voxel"):
         threshold_spec(labels=[{**label, "value": 256}])
     assert threshold_spec(labels=[{**label, "value": 255}]).output_channels == 256
+    # a classifier's labels are its output's columns: as many as it has
+    classes = [{**label, "value": value, "name": f"class {value}"} for value in range(1, 301)]
+    assert threshold_spec(task="classification", labels=classes).output_channels == 300
     preprocessing = threshold_spec().model_dump()["preprocessing"]
     for side in (0, -1):
         with pytest.raises(ValidationError, match=r"preprocessing\.patch_size\n  Value error, each side is at least"

@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from inference.backends.base import BackendError, BackendUnavailable
 from inference.spec import ModelSpec
@@ -144,7 +144,7 @@ class TritonBackend:
         lib = self._lib
         request = lib.InferInput(self.spec.input.name, list(batch.shape), np_to_triton_dtype(batch.dtype))
         output = lib.InferRequestedOutput(self.spec.output.name, **({} if self.protocol == "grpc" else {"binary_data": True}))
-        out_bytes = int(np.prod(out_shape)) * 4
+        out_bytes = int(np.prod(out_shape)) * np.dtype(triton_to_np_dtype(self.spec.output.dtype)).itemsize
         if self.use_shm:
             in_handle = self._region("in", batch.nbytes)
             out_handle = self._region("out", out_bytes)
@@ -184,15 +184,18 @@ class TritonBackend:
         implied shape would take the rest from an earlier call. Read as reported, a mis-sized
         output meets the same checks as one that came over the socket."""
         tensor = result.get_output(self.spec.output.name)
-        reported = [] if tensor is None else tensor["shape"] if isinstance(tensor, dict) else tensor.shape
-        shape = [int(s) for s in reported]
-        size = int(np.prod(shape)) * 4
-        if tensor is None or size == 0:
+        if tensor is None:
+            raise BackendError(f"Triton returned no {self.spec.output.name!r} tensor for {self.spec.name}")
+        reported = tensor if isinstance(tensor, dict) else {"shape": tensor.shape, "datatype": tensor.datatype}
+        shape = [int(s) for s in reported["shape"]]
+        dtype = np.dtype(triton_to_np_dtype(reported["datatype"]) or np.float32)  # as the socket's answer comes
+        size = int(np.prod(shape)) * dtype.itemsize
+        if size == 0:
             raise BackendError(f"Triton returned an empty {self.spec.output.name!r} tensor for {self.spec.name}")
         if size > capacity:
             raise BackendError(f"Triton reports an output {self.spec.output.name!r} of shape {shape} for"
                                f" {self.spec.name}, which its shared-memory region of {capacity} bytes cannot hold")
-        return np.array(shm.get_contents_as_numpy(handle, np.float32, shape))
+        return np.array(shm.get_contents_as_numpy(handle, dtype, shape))
 
     def _name(self, role: str) -> str:
         return f"{self._prefix}-{role}"

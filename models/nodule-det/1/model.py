@@ -25,12 +25,14 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input = config["input"][0]["name"]
         self.output = config["output"][0]["name"]
+        # the type the config declares (the spec's output dtype), as the onnxruntime backend gives it
+        self.output_dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
 
     def execute(self, requests):
         responses = []
         for request in requests:
             batch = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
             result = self.session.run([self.output], {self.input: batch})[0]
-            tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(result, dtype=np.float32))
+            tensor = pb_utils.Tensor(self.output, np.ascontiguousarray(result, dtype=self.output_dtype))
             responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
         return responses
