@@ -172,12 +172,19 @@ def test_a_server_that_lost_the_nodes_shared_memory_regions_is_unavailable_until
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):
-    """Two channels (background and one label) for a spec whose labels imply three."""
+    """Two channels (background and one label) for a spec whose labels imply three; the model file
+    already at the path (a version being served: `dicom-node-train export` writes into the
+    repository) is left as it was, and nothing is left beside it."""
     spec = threshold_spec(labels=[*threshold_spec().model_dump()["labels"],
                                   {**threshold_spec().model_dump()["labels"][0], "value": 2, "name": "Brighter"}])
-    with pytest.raises(ExportMismatch, match=r"the network's output has shape \(2, 2, 17, 17, 17\) for an input of"
+    served = tmp_path / "model.onnx"
+    export_onnx(ThresholdNet(), served, threshold_spec(), (16, 16, 16))
+    before = served.read_bytes()
+    with pytest.raises(ExportMismatch, match=r"the network's output has shape \(2, 2, 34, 34, 34\) for an input of"
                                              r" \(2, 1, 17, 17, 17\): its spec's labels imply 3 values on axis 1"):
-        export_onnx(ThresholdNet(), tmp_path / "m.onnx", spec, (16, 16, 16))
+        export_onnx(_DoublingNet(), served, spec, (16, 16, 16))  # (another file than the one served)
+    assert served.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_a_spec_refuses_label_values_a_byte_cannot_hold_and_windows_under_a_voxel():

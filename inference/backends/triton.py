@@ -167,7 +167,8 @@ class TritonBackend:
                 self._forget_regions()
                 raise BackendUnavailable(f"Triton at {self.url} no longer has this node's shared-memory regions"
                                          " (restarted?)") from None
-            implied = f" (its spec implies an output of {list(out_shape)})" if self.use_shm else ""
+            about_output = self.use_shm and f"output '{self.spec.output.name}'" in str(exc.message())
+            implied = f" (its spec implies an output of {list(out_shape)})" if about_output else ""
             raise BackendError(
                 f"Triton rejected model {self.spec.name} on input {list(batch.shape)}: {exc.message()}{implied}"
             ) from None

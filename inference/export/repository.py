@@ -11,6 +11,7 @@ Entry layout (the format shared by training and inference)::
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -55,23 +56,31 @@ def export_onnx(
     if not dynamic_spatial:
         dims = {0: batch}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            network, (example,), str(path), input_names=[spec.input.name], output_names=[spec.output.name],
-            dynamic_shapes=(dims,), external_data=False, verbose=False,
-        )
-    # Check on a different batch and size than the example, so dynamic axes are exercised.
-    other = tuple(int(s) + divisor for s in shape) if dynamic_spatial else tuple(shape)
-    probe = torch.rand(2, 1, *other)
-    with torch.no_grad():
-        expected = network(probe).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([spec.output.name], {spec.input.name: probe.numpy()})[0]
-    error = float(np.max(np.abs(got - expected)))
-    if got.shape != expected.shape or error > tolerance:
-        raise ExportMismatch(f"ONNX output differs from PyTorch: shape {got.shape} vs {expected.shape}, max error {error:.2e}")
-    _check_channels(got, tuple(probe.shape), spec)
+    # written beside `path` and put there only once checked: `path` may be a version being served
+    # (`dicom-node-train export` writes into the repository), which a refused export leaves alone
+    candidate = path.with_name(f".{path.name}.{os.getpid()}.exporting")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network, (example,), str(candidate), input_names=[spec.input.name], output_names=[spec.output.name],
+                dynamic_shapes=(dims,), external_data=False, verbose=False,
+            )
+        # Check on a different batch and size than the example, so dynamic axes are exercised.
+        other = tuple(int(s) + divisor for s in shape) if dynamic_spatial else tuple(shape)
+        probe = torch.rand(2, 1, *other)
+        with torch.no_grad():
+            expected = network(probe).numpy()
+        session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+        got = session.run([spec.output.name], {spec.input.name: probe.numpy()})[0]
+        error = float(np.max(np.abs(got - expected)))
+        if got.shape != expected.shape or error > tolerance:
+            raise ExportMismatch(f"ONNX output differs from PyTorch: shape {got.shape} vs {expected.shape},"
+                                 f" max error {error:.2e}")
+        _check_channels(got, tuple(probe.shape), spec)
+        os.replace(candidate, path)
+    finally:
+        candidate.unlink(missing_ok=True)
     return error
 
 
