@@ -173,26 +173,27 @@ class TritonBackend:
                 f"Triton rejected model {self.spec.name} on input {list(batch.shape)}: {exc.message()}{implied}"
             ) from None
         if self.use_shm:
-            return self._shared_output(result, out_handle, out_bytes)
-        array = result.as_numpy(self.spec.output.name)
+            array = self._shared_output(result, out_handle, out_bytes)
+        else:
+            array = result.as_numpy(self.spec.output.name)
         if array is None or array.size == 0:
             raise BackendError(f"Triton returned an empty {self.spec.output.name!r} tensor for {self.spec.name}")
         return array
 
-    def _shared_output(self, result: Any, handle: Any, capacity: int) -> np.ndarray:
-        """The output in the shape Triton reports for it, read from our region: a model whose
-        output is smaller than its spec implies writes only part of the region, and reading the
-        implied shape would take the rest from an earlier call. Read as reported, a mis-sized
-        output meets the same checks as one that came over the socket."""
+    def _shared_output(self, result: Any, handle: Any, capacity: int) -> np.ndarray | None:
+        """The output in the shape Triton reports for it, read from our region (None where it
+        reports none): a model whose output is smaller than its spec implies writes only part of
+        the region, and reading the implied shape would take the rest from an earlier call. Read
+        as reported, a mis-sized output meets the same checks as one that came over the socket."""
         tensor = result.get_output(self.spec.output.name)
         if tensor is None:
-            raise BackendError(f"Triton returned no {self.spec.output.name!r} tensor for {self.spec.name}")
+            return None
         reported = tensor if isinstance(tensor, dict) else {"shape": tensor.shape, "datatype": tensor.datatype}
         shape = [int(s) for s in reported["shape"]]
         dtype = np.dtype(triton_to_np_dtype(reported["datatype"]) or np.float32)  # as the socket's answer comes
         size = int(np.prod(shape)) * dtype.itemsize
         if size == 0:
-            raise BackendError(f"Triton returned an empty {self.spec.output.name!r} tensor for {self.spec.name}")
+            return np.empty(shape, dtype)
         if size > capacity:
             raise BackendError(f"Triton reports an output {self.spec.output.name!r} of shape {shape} for"
                                f" {self.spec.name}, which its shared-memory region of {capacity} bytes cannot hold")
