@@ -273,12 +273,24 @@ def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.
     grid = source_ras @ _translation(src_lo)
     shape = tuple(int(n) for n in src_hi - src_lo)
     if spec.postprocessing.mode == "argmax":
-        found = resample_argmax(box, model, grid, shape, padding="constant")
+        found = _named_only(resample_argmax(box, model, grid, shape, padding="constant"), spec)
     else:
         found = _above_threshold(((label.value, resample(box[label.value], model, grid, shape, padding="constant"))
                                   for label in spec.labels), spec)
     target = labels[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
     copy_in_blocks(target, found, nonzero_only=True)  # (`found` possibly a view in the model's axis order)
+
+
+def _named_only(found: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """`argmax` labels with the values of the channels the spec does not name made background: there
+    the network says the voxel is one of its other classes (a multi-organ network of which the spec
+    names a few; label values that skip numbers), not the named one that came second."""
+    named = np.zeros(256, dtype=np.uint8)
+    values = [label.value for label in spec.labels]
+    named[values] = values
+    if len(values) == spec.output_channels - 1:  # every channel but the background's named
+        return found
+    return named[found]
 
 
 def _translation(offset: np.ndarray) -> np.ndarray:
@@ -311,8 +323,7 @@ def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Classif
     seconds = {"preprocess": time.perf_counter() - start}
     start = time.perf_counter()
     calls = TimedCalls(backend)
-    # a copy: the activation is written in place, and Triton's answer is a read-only buffer
-    logits = torch.tensor(calls.infer(resized[None].as_tensor().numpy()))
+    logits = torch.from_numpy(calls.infer(resized[None].as_tensor().numpy()))  # (the activation is written into it)
     if tuple(logits.shape) != (1, spec.output_channels):
         raise BackendError(f"model {spec.name} answered an input of shape {tuple(resized[None].shape)} with an output"
                            f" of shape {tuple(logits.shape)}: a classifier's output is (1, {spec.output_channels}),"

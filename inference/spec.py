@@ -51,6 +51,12 @@ class Tensor(_Strict):
     dtype: TensorType = "FP32"
 
 
+class Output(Tensor):
+    channels: int | None = Field(None, ge=2, le=256, description=(
+        "segmentation: the network's output channels, background included, where it has more than the highest"
+        " label value + 1 (a multi-organ network of which the spec names a few); null: that many"))
+
+
 class Intensity(_Strict):
     """Map stored values (after rescale) to model input: a window, or z-score normalisation."""
 
@@ -133,7 +139,7 @@ class ModelSpec(_Strict):
     # CID 7162 Algorithm Family (DCM 113037 is a KOS title: "Rejected for Patient Safety Reasons")
     algorithm_family: Code = Code(scheme="DCM", value="123110", meaning="Artificial Intelligence")
     input: Tensor = Tensor(name="image")
-    output: Tensor = Tensor(name="logits")
+    output: Output = Output(name="logits")
     output_activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     postprocessing: Postprocessing = Field(default_factory=Postprocessing)
@@ -150,6 +156,20 @@ class ModelSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _channels(self) -> "ModelSpec":
+        given = self.output.channels
+        if given is None:
+            return self
+        if self.task != "segmentation":
+            raise ValueError("output.channels is a segmentation's: a classifier's and a detector's output columns"
+                             " are its labels")
+        highest = max(label.value for label in self.labels)
+        if given <= highest:
+            raise ValueError(f"output.channels ({given}) must exceed the highest label value ({highest}): channel 0"
+                             " is the background, channel n label value n")
+        return self
+
+    @model_validator(mode="after")
     def _detector(self) -> "ModelSpec":
         if self.task != "detection":
             return self
@@ -161,11 +181,12 @@ class ModelSpec(_Strict):
 
     @property
     def output_channels(self) -> int:
-        """Segmentation: background + one channel per label; classification: one per class;
-        detection: the values per anchor, its box (x0, y0, z0, x1, y1, z1 in input voxels) and a
-        score per label (inference.detection)."""
+        """Segmentation: background + a channel per label value up to the highest, or as many as
+        `output.channels` declares (channels the labels do not name are the network's other classes);
+        classification: one per class; detection: the values per anchor, its box (x0, y0, z0, x1,
+        y1, z1 in input voxels) and a score per label (inference.detection)."""
         if self.task == "segmentation":
-            return max(label.value for label in self.labels) + 1
+            return self.output.channels or max(label.value for label in self.labels) + 1
         if self.task == "detection":
             return 6 + len(self.labels)
         return len(self.labels)

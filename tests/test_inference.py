@@ -29,7 +29,7 @@ from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
-from tests.models import REPO_MODELS, WINDOW, ThresholdNet, threshold_spec
+from tests.models import REPO_MODELS, THRESHOLD_HU, WINDOW, ThresholdNet, threshold_spec
 from tests.peers import proc_stat
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
@@ -55,6 +55,7 @@ def test_triton_matches_local_backend(model_repository, triton, protocol, shared
     try:
         got = backend.infer(batch)
         assert got.shape == expected.shape == (3, 2, 20, 24, 28)
+        assert got.flags.writeable  # the caller's own: the sliding window weights it in place
         np.testing.assert_allclose(got, expected, atol=1e-5)
         assert backend.use_shm is (shared_memory == "system")
     finally:
@@ -102,54 +103,84 @@ class _HalfNet(ThresholdNet):
         return super().forward(x).half()
 
 
-def test_a_mis_sized_output_over_triton_shared_memory_comes_back_in_the_shape_triton_reports(tmp_path):
+class _TissueNet(torch.nn.Module):
+    """Logits for (air, body, bright): body above -480 HU, bright above the threshold model's 270
+    HU. A network with a class a spec may leave unnamed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        body, bright = ((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]) for hu in (-480.0, THRESHOLD_HU))
+        # bright's logit overtakes body's at its own level, the background's half-way to it
+        return torch.cat([torch.zeros_like(x), (x - body) * 200.0, (x - (body + bright) / 2) * 400.0], dim=1)
+
+
+def _tissue_spec(values: list[int], mode: str = "argmax", spacing: list[float] | None = None, **output: object):
+    """The tissue network's spec naming the labels of `values` (1 body, 2 bright)."""
+    label = threshold_spec().model_dump()["labels"][0]
+    names = {1: "Body", 2: "Bright region"}
+    return threshold_spec(name="tissue", output={"name": "logits", **output},
+                          preprocessing={**threshold_spec().model_dump()["preprocessing"], "spacing": spacing},
+                          labels=[{**label, "value": value, "name": names[value]} for value in values],
+                          postprocessing={"mode": mode, "findings": "per_component"})
+
+
+@pytest.fixture(scope="module")
+def odd_triton(tmp_path_factory: pytest.TempPathFactory):
+    """A Triton of its own serving networks whose outputs are not the threshold model's: halving
+    and doubling its input, in FP16, and with a class more (tissue)."""
+    folder = tmp_path_factory.mktemp("odd-triton")
+    half = threshold_spec(name="half", output={"name": "logits", "dtype": "FP16"})
+    for spec, network in ((threshold_spec(name="halving"), _HalvingNet()), (threshold_spec(name="doubling"),
+                                                                               _DoublingNet()), (half, _HalfNet()),
+                          (_tissue_spec([1, 2]), _TissueNet())):
+        onnx = folder / f"{spec.name}.onnx"
+        export_onnx(network, onnx, spec, (16, 16, 16))
+        write_entry(folder / "repo", spec, onnx)
+    server = TritonCpuServer(folder / "repo", folder / "triton.log").start(
+        ready_models=("halving", "doubling", "half", "tissue"))
+    try:
+        yield server, folder / "repo"
+    finally:
+        server.cleanup()
+
+
+def test_a_mis_sized_output_over_triton_shared_memory_comes_back_in_the_shape_triton_reports(odd_triton):
     """Over shared memory the node reads the output out of its own region: one smaller than the
     spec implies comes back in its real shape (not the implied one, its rest from an earlier
     call), so the pipeline's check names it as over the socket; one larger is the model's error
     and says so (it was once taken for a restarted server, whose regions are made anew); an FP16
     output comes back as FP16 (it was read as float32)."""
+    server, repo = odd_triton
     half = threshold_spec(name="half", output={"name": "logits", "dtype": "FP16"})
-    for spec, network in ((threshold_spec(name="halving"), _HalvingNet()), (threshold_spec(name="doubling"),
-                                                                               _DoublingNet()), (half, _HalfNet())):
-        onnx = tmp_path / f"{spec.name}.onnx"
-        export_onnx(network, onnx, spec, (16, 16, 16))
-        write_entry(tmp_path / "repo", spec, onnx)
-    server = TritonCpuServer(tmp_path / "repo", tmp_path / "triton.log").start(
-        ready_models=("halving", "doubling", "half"))
     batch = np.random.default_rng(7).random((2, 1, 16, 16, 16), dtype=np.float32)
-    halving = LocalBackend(tmp_path / "repo" / "halving" / "1" / "model.onnx", threshold_spec(name="halving"))
+    halving = LocalBackend(repo / "halving" / "1" / "model.onnx", threshold_spec(name="halving"))
     expected = halving.infer(batch)
-    try:
-        for url, protocol in ((server.grpc_url, "grpc"), (server.http_url, "http")):
-            backend = TritonBackend(url, threshold_spec(name="halving"), protocol=protocol, shared_memory="system")
-            try:
-                assert backend.use_shm
-                backend.infer(np.ones((2, 1, 16, 16, 16), dtype=np.float32))  # the region's bytes, another answer
-                got = backend.infer(batch)
-                assert got.shape == expected.shape == (2, 2, 8, 8, 8)
-                np.testing.assert_allclose(got, expected, atol=1e-5)
-            finally:
-                backend.close()
-            backend = TritonBackend(url, half, protocol=protocol, shared_memory="system")
-            try:  # an FP16 output: as many bytes as it has, read as the socket gives it
-                got = backend.infer(batch)
-                assert got.dtype == np.float16
-                np.testing.assert_array_equal(got, LocalBackend(tmp_path / "repo" / "half" / "1" / "model.onnx",
-                                                                half).infer(batch))
-            finally:
-                backend.close()
-            backend = TritonBackend(url, threshold_spec(name="doubling"), protocol=protocol, shared_memory="system",
-                                    retries=2, backoff=0.01)
-            try:
-                with pytest.raises(BackendError, match=r"Triton rejected model doubling on input \[2, 1, 16, 16, 16\]:"
-                                   r" .*should be at least 524288 bytes.* \(its spec implies an output of"
-                                   r" \[2, 2, 16, 16, 16\]\)") as failure:
-                    backend.infer(batch)
-                assert not isinstance(failure.value, BackendUnavailable)
-            finally:
-                backend.close()
-    finally:
-        server.cleanup()
+    for url, protocol in ((server.grpc_url, "grpc"), (server.http_url, "http")):
+        backend = TritonBackend(url, threshold_spec(name="halving"), protocol=protocol, shared_memory="system")
+        try:
+            assert backend.use_shm
+            backend.infer(np.ones((2, 1, 16, 16, 16), dtype=np.float32))  # the region's bytes, another answer
+            got = backend.infer(batch)
+            assert got.shape == expected.shape == (2, 2, 8, 8, 8)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+        finally:
+            backend.close()
+        backend = TritonBackend(url, half, protocol=protocol, shared_memory="system")
+        try:  # an FP16 output: as many bytes as it has, read as the socket gives it
+            got = backend.infer(batch)
+            assert got.dtype == np.float16
+            np.testing.assert_array_equal(got, LocalBackend(repo / "half" / "1" / "model.onnx", half).infer(batch))
+        finally:
+            backend.close()
+        backend = TritonBackend(url, threshold_spec(name="doubling"), protocol=protocol, shared_memory="system",
+                                retries=2, backoff=0.01)
+        try:
+            with pytest.raises(BackendError, match=r"Triton rejected model doubling on input \[2, 1, 16, 16, 16\]:"
+                               r" .*should be at least 524288 bytes.* \(its spec implies an output of"
+                               r" \[2, 2, 16, 16, 16\]\)") as failure:
+                backend.infer(batch)
+            assert not isinstance(failure.value, BackendUnavailable)
+        finally:
+            backend.close()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -185,6 +216,67 @@ def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_pa
         export_onnx(_DoublingNet(), served, spec, (16, 16, 16))  # (another file than the one served)
     assert served.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("mode", ["argmax", "threshold"])
+def test_a_spec_may_name_some_of_its_networks_classes(tmp_path, mode):
+    """A segmentation spec may name a few of its network's classes: `output.channels` declares the
+    network's (a multi-organ network of which a site reports one organ), and label values may skip
+    numbers (the channels between unnamed). A voxel where an unnamed class wins is background, not
+    the named class that came second: each named label has exactly the voxels it has when every
+    class is named, on the CT's own grid and on a model grid of its own. Without the declaration
+    the network is refused at export."""
+    onnx = tmp_path / "tissue.onnx"
+    export_onnx(_TissueNet(), onnx, _tissue_spec([1, 2]), (16, 16, 16))
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    for spacing in (None, [1.5, 1.5, 1.5]):
+        every = _tissue_spec([1, 2], mode, spacing)
+        expected = segment(load_series(read_series(files)), every, LocalBackend(onnx, every)).labels
+        assert np.count_nonzero(expected == 1) > 0 and np.count_nonzero(expected == 2) > 0
+        for named in (_tissue_spec([1], mode, spacing, channels=3), _tissue_spec([2], mode, spacing)):
+            values = [label.value for label in named.labels]
+            result = segment(load_series(read_series(files)), named, LocalBackend(onnx, named))
+            np.testing.assert_array_equal(result.labels, np.where(np.isin(expected, values), expected, 0))
+            assert {finding.label.value for finding in result.findings} == set(values)
+    with pytest.raises(ExportMismatch, match=r"its spec's labels imply 2 values on axis 1"):
+        export_onnx(_TissueNet(), tmp_path / "refused.onnx", _tissue_spec([1]), (16, 16, 16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "tissue.onnx"]
+
+
+def test_a_spec_naming_some_of_a_networks_classes_runs_over_triton_as_in_process(tmp_path, odd_triton):
+    """Triton's config, written at export, has the network's channels: over shared memory and the
+    socket a spec naming one of its classes gives the in-process backend's labels. A spec that
+    implies other channels than Triton's config is refused when its backend starts, naming both."""
+    server, repo = odd_triton
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    named = _tissue_spec([1], channels=3)
+    expected = segment(load_series(read_series(files)), named,
+                       LocalBackend(repo / "tissue" / "1" / "model.onnx", named)).labels
+    assert np.count_nonzero(expected == 1) > 0 and set(np.unique(expected)) <= {0, 1}
+    for url, protocol, shared_memory in ((server.grpc_url, "grpc", "system"), (server.http_url, "http", "none")):
+        backend = TritonBackend(url, named, protocol=protocol, shared_memory=shared_memory)
+        try:
+            np.testing.assert_array_equal(segment(load_series(read_series(files)), named, backend).labels, expected)
+        finally:
+            backend.close()
+    with pytest.raises(BackendError, match=r"model tissue: output 'logits' has 3 channels on Triton \(shape \[-1, 3,"
+                                           r" -1, -1, -1\]\), its spec 2"):
+        TritonBackend(server.grpc_url, _tissue_spec([1]), shared_memory="none")
+
+
+def test_a_segmentation_spec_declares_its_networks_channels_only_beyond_its_labels():
+    """`output.channels` is a segmentation's (a classifier's and a detector's output columns are
+    their labels), more than the highest label value (channel n is label value n), and at most 256
+    (labels are a byte per voxel)."""
+    assert _tissue_spec([2], channels=200).output_channels == 200
+    assert _tissue_spec([2]).output_channels == 3
+    with pytest.raises(ValidationError, match=r"output\.channels \(2\) must exceed the highest label value \(2\)"):
+        _tissue_spec([2], channels=2)
+    with pytest.raises(ValidationError, match=r"output\.channels\n  Input should be less than or equal to 256"):
+        _tissue_spec([2], channels=257)
+    with pytest.raises(ValidationError, match=r"output\.channels is a segmentation's: a classifier's and a"
+                                              r" detector's output columns are its labels"):
+        threshold_spec(task="classification", output={"name": "logits", "channels": 3})
 
 
 def test_a_spec_refuses_label_values_a_byte_cannot_hold_and_windows_under_a_voxel():
@@ -1106,6 +1198,11 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
         layouts.clear()
         assert got.shape == expected.shape == (1, 3, *size) and got.dtype == torch.float32
         assert torch.equal(got, torch.as_tensor(expected)), (size, roi, overlap, batch)
+    # an FP16 network's output, weighted in float16 in place and added into float32, as MONAI does
+    image = torch.from_numpy(rng.random((1, 1, 37, 20, 41), dtype=np.float32))
+    expected = sliding_window_inference(image, (16, 16, 16), 4, lambda w: predictor(w).half(), 0.25, mode=blend)
+    got = sliding_window(image, (16, 16, 16), 4, lambda w: predictor(w).half(), 0.25, blend)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.as_tensor(expected))
     with pytest.raises(ValueError, match=r"the predictor answered \(2, 3, 8, 8, 8\) for 2 windows of \(16, 16, 16\)"):
         sliding_window(torch.zeros((1, 1, 20, 20, 20)), (16, 16, 16), 2,
                        lambda windows: predictor(windows)[:, :, ::2, ::2, ::2], 0.25, blend)

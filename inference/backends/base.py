@@ -18,7 +18,8 @@ class BackendUnavailable(BackendError):
 
 class Backend(Protocol):
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run the model on one batch (N, 1, D, H, W) float32; return its output array."""
+        """Run the model on one batch (N, 1, D, H, W) float32; return its output array, the
+        caller's own (the sliding window weights it in place)."""
         ...
 
     def close(self) -> None:

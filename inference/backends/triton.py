@@ -99,6 +99,9 @@ class TritonBackend:
                 raise BackendError(f"model {self.spec.name}: output {self.spec.output.name!r} has shape {shape} on"
                                    f" Triton, expected [-1, anchors, {self.spec.output_channels}]")
             self._per_item = (shape[1], shape[2])
+        elif shape[1] not in (-1, self.spec.output_channels):  # (a config may leave them open: then each answer)
+            raise BackendError(f"model {self.spec.name}: output {self.spec.output.name!r} has {shape[1]} channels on"
+                               f" Triton (shape {shape}), its spec {self.spec.output_channels}")
 
     def _metadata(self, name: str, version: str) -> dict[str, Any]:
         if self.protocol == "grpc":
@@ -174,8 +177,9 @@ class TritonBackend:
             ) from None
         if self.use_shm:
             array = self._shared_output(result, out_handle, out_bytes)
-        else:
-            array = result.as_numpy(self.spec.output.name)
+        else:  # (a read-only view of the answer's bytes: the caller's to write into, as the other paths give it)
+            found = result.as_numpy(self.spec.output.name)
+            array = None if found is None else np.array(found)
         if array is None or array.size == 0:
             raise BackendError(f"Triton returned an empty {self.spec.output.name!r} tensor for {self.spec.name}")
         return array
