@@ -258,9 +258,16 @@ def _code(value: Any, where: str) -> Code:
         raise ImportRefused([f"{where}: not a code (scheme, value, meaning): {exc}"]) from None
 
 
-def labels_from(channels: dict[int, str], codes: dict[str, Any], task: str) -> tuple[list[Label], list[str]]:
+def labels_from(channels: dict[int, str], codes: dict[str, Any], task: str,
+                only: list[str] | None = None) -> tuple[list[Label], list[str]]:
     """The spec's labels for the output channels {index: name}, coded by the operator's mapping;
-    (labels, names that need a code)."""
+    (labels, names that need a code). `only`: the names of the channels to report (a few organs of
+    a multi-organ network), the others left unnamed; None: every channel."""
+    if only is not None:
+        unknown = [name for name in only if name not in channels.values()]
+        if unknown:
+            raise ImportRefused([f"--only {name}: no such channel in channel_def (it has"
+                                 f" {', '.join(repr(n) for _, n in sorted(channels.items()))})" for name in unknown])
     labels, uncoded = [], []
     for index, name in sorted(channels.items()):
         if task == "segmentation" and index == 0:
@@ -268,6 +275,8 @@ def labels_from(channels: dict[int, str], codes: dict[str, Any], task: str) -> t
                 raise ImportRefused([f"channel 0 is {name!r}: the node's label values are channel numbers from 1,"
                                      " channel 0 is the background (a sigmoid model whose channel 0 is a class needs"
                                      " a background channel first)"])
+            continue
+        if only is not None and name not in only:
             continue
         entry = codes.get(name)
         if entry is None:
@@ -349,11 +358,12 @@ def _model_card(metadata: dict[str, Any]) -> dict[str, str]:
 
 
 def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
-                findings: dict[str, Any] | None = None) -> Imported:
+                findings: dict[str, Any] | None = None, only: list[str] | None = None) -> Imported:
     """Read a MONAI bundle into a spec (with provenance) and its network, or refuse with every
     reason. `findings`: how the node reports findings (postprocessing.findings and
     min_component_voxels), which a bundle cannot say: each connected component a finding
-    (lesions), or one finding per label (organs)."""
+    (lesions), or one finding per label (organs). `only`: the channels to report, by their
+    channel_def names (the spec then declares the network's channels: `output.channels`)."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -396,7 +406,7 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
         refused.append("a classification bundle: the node imports segmentation bundles; import a classifier as"
                        " TorchScript with its settings (import-torchscript)")
     try:
-        labels, uncoded = labels_from(channels, codes, task)
+        labels, uncoded = labels_from(channels, codes, task, only)
     except ImportRefused as exc:
         labels, uncoded = [], []
         refused += exc.problems
@@ -425,8 +435,11 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
     if activation == "none" and post_fields["postprocessing"].get("mode", "argmax") == "argmax":
         activation = "softmax"  # the argmax of the logits is the argmax of their softmax: exact
     preprocessing = {**pre_fields, **inferer_fields}
+    # channels past the highest one reported are declared (a spec names none past it otherwise)
+    unnamed_after = max(channels) > max(label.value for label in labels)
     spec = ModelSpec.model_validate({
         "name": name, "version": version, "task": task,
+        **({"output": {"name": "logits", "channels": max(channels) + 1}} if unnamed_after else {}),
         "description": str(metadata.get("description") or metadata.get("name") or name)[:1024],
         "output_activation": activation,
         "preprocessing": preprocessing, "postprocessing": {**post_fields["postprocessing"], **(findings or {})},

@@ -661,6 +661,9 @@ def models_import_bundle(
                                           " per_label: one finding per label (organs)."),
     min_component_voxels: int = typer.Option(0, "--min-component-voxels", min=0,
                                              help="Smaller components are dropped (on the source grid)."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help=(
+        "A channel to report, by its channel_def name (repeat for more); the others are left unnamed:"
+        " where one wins, background. Default: every channel, each with a code.")),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Import a MONAI bundle as a new version: its transforms become the node's spec (or the import
@@ -671,7 +674,8 @@ def models_import_bundle(
     model = _model_name(name or bundle.resolve().name)
     mapping = _codes(codes)
     reporting = {"findings": findings.value, "min_component_voxels": min_component_voxels}
-    _import(cfg, lambda next_version: read_bundle(bundle, model, version or next_version, mapping, reporting), model)
+    _import(cfg, lambda next_version: read_bundle(bundle, model, version or next_version, mapping, reporting,
+                                                  only or None), model)
 
 
 @models_app.command("import-torchscript")

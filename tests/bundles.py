@@ -49,14 +49,14 @@ def demo_network() -> Any:
     return network
 
 
-def inference_config(extra_preprocessing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def inference_config(extra_preprocessing: list[dict[str, Any]] | None = None, out_channels: int = 2) -> dict[str, Any]:
     """An inference.json as the Model Zoo writes them (the spleen bundle's shape, the demo's settings)."""
     return {
         "imports": ["$import glob", "$import os"],
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cpu')",
-        "network_def": NETWORK_DEF,
+        "network_def": {**NETWORK_DEF, "out_channels": out_channels},
         "network": "$@network_def.to(@device)",
         "pixdim": [2.0, 2.0, 2.0],
         "preprocessing": {"_target_": "Compose", "transforms": [
@@ -81,7 +81,8 @@ def inference_config(extra_preprocessing: list[dict[str, Any]] | None = None) ->
     }
 
 
-def metadata(version: str = "0.1.0") -> dict[str, Any]:
+def metadata(version: str = "0.1.0", channel_def: dict[str, str] | None = None) -> dict[str, Any]:
+    channel_def = channel_def or {"0": "background", "1": "lesion"}
     return {
         "version": version, "monai_version": "1.6.1", "pytorch_version": "2.13.0", "numpy_version": "2",
         "name": "Phantom lesion segmentation", "task": "Lesion segmentation on synthetic CT phantoms",
@@ -92,18 +93,22 @@ def metadata(version: str = "0.1.0") -> dict[str, Any]:
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
                                  "spatial_shape": [64, 64, 64], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": True, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 2,
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": len(channel_def),
                                  "spatial_shape": [64, 64, 64], "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": True, "channel_def": {"0": "background", "1": "lesion"}}},
+                                 "is_patch_data": True, "channel_def": channel_def}},
         },
     }
 
 
 def make_bundle(folder: Path, network: Any, version: str = "0.1.0",
-                extra_preprocessing: list[dict[str, Any]] | None = None) -> Path:
-    """A bundle folder (configs/metadata.json, configs/inference.json, models/model.pt)."""
+                extra_preprocessing: list[dict[str, Any]] | None = None,
+                channel_def: dict[str, str] | None = None) -> Path:
+    """A bundle folder (configs/metadata.json, configs/inference.json, models/model.pt); a network
+    with other classes than the demo's (background, lesion) comes with its `channel_def`."""
     from monai.bundle import init_bundle
 
-    init_bundle(folder, network=network, metadata_str=json.dumps(metadata(version)),
-                inference_str=json.dumps(inference_config(extra_preprocessing)))
+    described = metadata(version, channel_def)
+    channels = len(described["network_data_format"]["outputs"]["pred"]["channel_def"])
+    init_bundle(folder, network=network, metadata_str=json.dumps(described),
+                inference_str=json.dumps(inference_config(extra_preprocessing, channels)))
     return folder

@@ -73,6 +73,50 @@ def test_a_bundle_with_a_transform_the_node_cannot_run_is_refused_naming_it(netw
         sorted(p.name for p in (REPO_ROOT / "models" / "lesion-seg").iterdir())
 
 
+def test_a_bundle_import_may_report_a_few_of_its_networks_classes(codes_file, tmp_path):
+    """`--only lesion` imports one class of a three-class network: only it needs a code, and the
+    spec and Triton's config declare the network's three channels (where the other class wins,
+    background: tests/test_inference.py). A name that is no channel is refused naming those there
+    are, with nothing written; without `--only` every channel needs a code, as before. Imported as
+    TorchScript, the settings declare the channels (`output.channels`)."""
+    import torch
+    from monai.networks.nets import UNet
+
+    from tests.bundles import NETWORK_DEF
+
+    repository, config = _repository_with_shipped_model(tmp_path)
+    torch.manual_seed(0)
+    network = UNet(**{**{k: v for k, v in NETWORK_DEF.items() if k != "_target_"}, "out_channels": 3})
+    bundle = make_bundle(tmp_path / "bundle", network, channel_def={"0": "background", "1": "lesion", "2": "organ"})
+    importing = ["models", "import-bundle", str(bundle), "--name", "tissues", "--codes", str(codes_file), "--config",
+                 str(config)]
+    every = _cli(*importing)
+    assert every.returncode == 2 and "labels without a code: organ (give each a category and type" in every.stderr
+    unknown = _cli(*importing, "--only", "lesion", "--only", "liver")
+    assert unknown.returncode == 2
+    assert "--only liver: no such channel in channel_def (it has 'background', 'lesion', 'organ')" in unknown.stderr
+    assert not (repository / "tissues").exists()
+    imported = _cli(*importing, "--only", "lesion")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    spec = ModelRepository(repository).spec("tissues")
+    assert [(label.value, label.name) for label in spec.labels] == [(1, "lesion")]
+    assert spec.output.channels == spec.output_channels == 3
+    assert "dims: [ 3, 64, 64, 64 ]" in (repository / "tissues" / "config.pbtxt").read_text()  # (its patch)
+    # as TorchScript, its settings declare the channels: without them the network is refused at export
+    file = tmp_path / "tissues.ts"
+    torch.jit.save(torch.jit.trace(network.eval(), torch.rand(1, 1, 64, 64, 64)), str(file))
+    settings = {"task": "segmentation", "labels": [{"value": 1, "name": "lesion", **LESION_CODES["lesion"]}],
+                "preprocessing": {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0], "patch_size": [64, 64, 64]}}
+    for declared in ({}, {"output": {"name": "logits", "channels": 3}}):
+        (tmp_path / "settings.yaml").write_text(yaml.safe_dump({**settings, **declared}))
+        done = _cli("models", "import-torchscript", str(file), "--settings", str(tmp_path / "settings.yaml"),
+                    "--name", "ts-tissues", "--config", str(config))
+        if not declared:
+            assert done.returncode == 2 and "its spec's labels imply 2 values on axis 1" in done.stderr, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ModelRepository(repository).spec("ts-tissues").output_channels == 3
+
+
 def _metrics(node: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     import urllib.request
 
