@@ -37,7 +37,7 @@ from inference.volume import SeriesVolume
 from inference.windows import sliding_window
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-FOREGROUND_EVIDENCE = 0.05  # a label probability above this marks where to map back to the source
+FOREGROUND_EVIDENCE = 0.05  # a label probability from this marks where to map back to the source
 
 
 @dataclass
@@ -237,9 +237,10 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
     # any label above: one channel at a time, no copy; the first label's made, not or-ed into zeros
     # (0.09 -> 0.03 s on a CT's own grid)
     first, *others = spec.labels  # (a spec has a label at least)
-    evidence = probabilities[first.value].numpy() > FOREGROUND_EVIDENCE
+    level = _evidence_level(spec)
+    evidence = probabilities[first.value].numpy() >= level
     for label in others:
-        evidence |= probabilities[label.value].numpy() > FOREGROUND_EVIDENCE
+        evidence |= probabilities[label.value].numpy() >= level
     found = foreground_box(evidence)
     if found is None:
         return labels
@@ -255,6 +256,14 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
         hi = corner + [s.stop for s in box]
         _resample_box(probabilities, np.asarray(model_affine, dtype=float), lo, hi, volume, spec, labels)
     return labels
+
+
+def _evidence_level(spec: ModelSpec) -> float:
+    """The probability from which a voxel may hold a label: FOREGROUND_EVIDENCE, or less where a
+    label is found below it: a `threshold` under it, or an `argmax` over more than 20 channels
+    (softmax: the class that wins has at least 1/channels)."""
+    post = spec.postprocessing
+    return min(FOREGROUND_EVIDENCE, post.threshold if post.mode == "threshold" else 1.0 / spec.output_channels)
 
 
 def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.ndarray, hi: np.ndarray,

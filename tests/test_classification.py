@@ -301,6 +301,12 @@ def test_classification_and_occlusion_through_triton(triton, model_repository, t
         backend.close()
     assert result.probabilities[1] == pytest.approx(expected.probabilities[1], abs=1e-4)
     np.testing.assert_allclose(saliency, occlusion_saliency(expected, local)[1], atol=1e-4)
+    # a spec with a class more than Triton's config: refused when its backend starts, over either protocol
+    more = spec.model_copy(update={"labels": [*spec.labels, spec.labels[0].model_copy(update={"value": 2})]})
+    for url, protocol in ((triton.grpc_url, "grpc"), (triton.http_url, "http")):
+        with pytest.raises(BackendError, match=r"model chest-nodule-cls: output 'logits' has 1 channels on Triton"
+                                               r" \(shape \[-1, 1\]\), its spec 2"):
+            TritonBackend(url, more, protocol=protocol)
 
 
 def test_parametric_map_of_a_ct_classification_is_valid(tmp_path):

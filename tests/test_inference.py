@@ -264,6 +264,27 @@ def test_a_spec_naming_some_of_a_networks_classes_runs_over_triton_as_in_process
         TritonBackend(server.grpc_url, _tissue_spec([1]), shared_memory="none")
 
 
+def test_a_version_may_name_other_classes_of_the_same_network(tmp_path):
+    """Triton has one config per model: a new version keeps its channels, declared or implied by
+    the labels alike. A version naming one class of the tissue network (declaring its three
+    channels) goes beside one naming both; one whose labels imply two is refused. A spec that
+    declares none is written without the key (a node of before it, sharing the repository, reads
+    the file)."""
+    from inference.export.repository import VersionRefused, add_version
+    from inference.repository import ModelRepository
+
+    onnx = tmp_path / "tissue.onnx"
+    export_onnx(_TissueNet(), onnx, _tissue_spec([1, 2]), (16, 16, 16))
+    write_entry(tmp_path / "repo", _tissue_spec([1, 2]), onnx)
+    assert "channels" not in (tmp_path / "repo" / "tissue" / "node.yaml").read_text()
+    add_version(tmp_path / "repo", _tissue_spec([1], channels=3).model_copy(update={"version": 2}), _TissueNet())
+    models = ModelRepository(tmp_path / "repo")
+    assert models.versions("tissue") == [1, 2] and models.spec("tissue@2").output.channels == 3
+    with pytest.raises(VersionRefused, match=r"tissue version 3 changes the model's output channels \(version 2"):
+        add_version(tmp_path / "repo", _tissue_spec([1]).model_copy(update={"version": 3}), ThresholdNet())
+    assert models.versions("tissue") == [1, 2]
+
+
 def test_a_segmentation_spec_declares_its_networks_channels_only_beyond_its_labels():
     """`output.channels` is a segmentation's (a classifier's and a detector's output columns are
     their labels), more than the highest label value (channel n is label value n), and at most 256
@@ -940,6 +961,33 @@ def test_resampling_equals_monai(orientation, padding):
     np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["argmax", "threshold"])
+def test_a_label_found_below_the_usual_evidence_is_mapped_back(mode):
+    """Only the boxes around a label's evidence are mapped back, and evidence begins at 0.05 where
+    a label cannot be found below it: a class that wins an argmax over 30 channels with 0.045, or
+    is above a threshold of 0.03 with 0.04, keeps every one of its voxels."""
+    from inference import pipeline
+    from inference.volume import SeriesVolume
+
+    volume = SeriesVolume(np.zeros((12, 12, 12), dtype=np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]), [], "1.2.3")
+    block = (slice(4, 8), slice(3, 9), slice(5, 7))  # (the model grid is the source's, in RAS)
+    if mode == "argmax":
+        spec = _tissue_spec([1], channels=30)
+        probabilities = np.full((30, 12, 12, 12), 0.1 / 29, dtype=np.float32)
+        probabilities[0] = 0.9
+        probabilities[(slice(None), *block)] = 0.955 / 29
+        probabilities[(1, *block)] = 0.045  # the largest there, the others 0.033 each
+    else:
+        spec = threshold_spec(postprocessing={"mode": "threshold", "threshold": 0.03})
+        probabilities = np.zeros((2, 12, 12, 12), dtype=np.float32)
+        probabilities[(1, *block)] = 0.04
+        probabilities[0] = 1 - probabilities[1]
+    expected = np.zeros(volume.shape, dtype=np.uint8)
+    expected[block] = 1
+    got = pipeline._labels_on_source(torch.from_numpy(probabilities), torch.eye(4), volume, spec)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_model_grid(monkeypatch):
     """The regions to map back are found inside the box of all the evidence grown by the
     dilation's reach: the same regions (boxes on the model grid) and the same labels on the
@@ -976,7 +1024,7 @@ def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_mode
         probabilities[0] = 1 - probabilities[1]
         tensor = torch.from_numpy(probabilities)
         expected = np.zeros(volume.shape, dtype=np.uint8)  # the whole grid, as before
-        regions, _ = ndimage.label(ndimage.binary_dilation(probabilities[1] > pipeline.FOREGROUND_EVIDENCE,
+        regions, _ = ndimage.label(ndimage.binary_dilation(probabilities[1] >= pipeline.FOREGROUND_EVIDENCE,
                                                            iterations=2))
         boxes = [(tuple(b.start for b in box), tuple(b.stop for b in box)) for box in ndimage.find_objects(regions)]
         for lo, hi in boxes:

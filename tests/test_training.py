@@ -77,6 +77,34 @@ def test_short_training_lowers_the_loss_and_writes_metrics(trained):
     assert json.loads((out / "metrics.json").read_text())[-1]["epoch"] == 4
 
 
+def test_validation_scores_each_label_on_its_own_channel():
+    """A spec naming one class of a three-class network (label value 2): its Dice is channel 2's,
+    not the first channel's. A network that finds nothing scores 0 for it (channel 1's empty
+    against empty would be 1), and so does one that finds the unnamed class 1 there; one that
+    finds it, 1."""
+    from training.train import validate
+
+    spec = ModelSpec.model_validate({**TINY_SPEC.model_dump(), "output": {"name": "logits", "channels": 3},
+                                     "labels": [{**TINY_SPEC.labels[0].model_dump(), "value": 2}]})
+    truth = torch.zeros((1, 1, 32, 32, 32))
+    truth[..., 8:16, 8:16, 8:16] = 2
+
+    class Finding(torch.nn.Module):  # channel `found` wins where the truth has label 2 (0: nothing found)
+        def __init__(self, found: int):
+            super().__init__()
+            self.found = found
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((x.shape[0], 3, *x.shape[2:]))
+            out[:, 0] = 1.0
+            out[:, self.found, 8:16, 8:16, 8:16] = 2.0
+            return out
+
+    batches = [{"image": torch.zeros((1, 1, 32, 32, 32)), "label": truth}]
+    assert [validate(Finding(found), batches, spec) for found in (0, 1, 2)] == \
+        [{"Lesion": 0.0}, {"Lesion": 0.0}, {"Lesion": 1.0}]
+
+
 def test_training_resumes_from_a_checkpoint(trained, tiny_data, tmp_path):
     out, _ = trained
     summary = train(TrainConfig(data=tiny_data, out=tmp_path, spec=TINY_SPEC, epochs=5, iterations_per_epoch=2,

@@ -128,7 +128,8 @@ def split(pairs: list[dict[str, str]], fraction: float, seed: int) -> tuple[list
 
 
 def validate(network: torch.nn.Module, loader: DataLoader, spec: ModelSpec) -> dict[str, float]:
-    """Mean Dice per label with sliding-window inference over whole validation volumes."""
+    """Mean Dice per label with sliding-window inference over whole validation volumes; each label's
+    from its own channel (its value: the values may skip numbers, channels go unnamed)."""
     channels = spec.output_channels
     metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
     to_pred, to_label = AsDiscrete(argmax=True, to_onehot=channels), AsDiscrete(to_onehot=channels)
@@ -142,10 +143,9 @@ def validate(network: torch.nn.Module, loader: DataLoader, spec: ModelSpec) -> d
             preds = [to_pred(p) for p in decollate_batch(logits)]
             labels = [to_label(lab) for lab in decollate_batch(batch["label"])]
             metric(y_pred=preds, y=labels)
-    per_label = metric.aggregate().tolist()
+    per_channel = metric.aggregate().reshape(-1).tolist()  # channels 1, 2, ... (the background's left out)
     metric.reset()
-    names = [label.name for label in sorted(spec.labels, key=lambda l: l.value)]
-    return {name: float(value) for name, value in zip(names, per_label)}
+    return {label.name: float(per_channel[label.value - 1]) for label in sorted(spec.labels, key=lambda l: l.value)}
 
 
 def train(config: TrainConfig) -> dict:

@@ -89,8 +89,9 @@ def _check_channels(output: np.ndarray, input_shape: tuple[int, ...], spec: Mode
     otherwise (inference.pipeline), on the first study routed to it."""
     axis = 2 if spec.task == "detection" else 1  # detection: (batch, anchors, box + scores)
     if output.ndim <= axis or output.shape[axis] != spec.output_channels:
+        says = "declares" if spec.output.channels else "'s labels imply"
         raise ExportMismatch(f"the network's output has shape {output.shape} for an input of {input_shape}: its"
-                             f" spec's labels imply {spec.output_channels} values on axis {axis}")
+                             f" spec{says} {spec.output_channels} values on axis {axis}")
 
 
 def _config(spec: ModelSpec, backend: str, kind: str, max_batch: int, versions: list[int] | None = None,
@@ -149,11 +150,15 @@ def write_entry(repository: Path, spec: ModelSpec, onnx_file: Path, max_batch: i
         "# CPU variant: python backend running the same model.onnx (tritonserver --model-config-name=cpu).\n"
         + _config(spec, "python", "KIND_CPU", max_batch, anchors=anchors)
     )
-    (entry / "node.yaml").write_text(
-        "# Node-side spec: see README, 'Model spec'.\n"
-        + yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
-    )
+    (entry / "node.yaml").write_text("# Node-side spec: see README, 'Model spec'.\n" + _spec_yaml(spec))
     return entry
+
+
+def _spec_yaml(spec: ModelSpec) -> str:
+    """The spec as node.yaml holds it; `output.channels` only where declared, so that a node of
+    before them, sharing the repository (a rollback), still reads the file."""
+    undeclared = {"output": {"channels"}} if spec.output.channels is None else None
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude=undeclared), sort_keys=False)
 
 
 class VersionRefused(ValueError):
@@ -177,8 +182,9 @@ def add_version(repository: Path, spec: ModelSpec, network: torch.nn.Module | to
     versions = models.versions(spec.name)
     if versions:
         latest = models.spec(f"{spec.name}@{versions[-1]}")
-        keep = ("task", "input", "output")
-        changed = [k for k in keep if getattr(latest, k) != getattr(spec, k)]
+        changed = [k for k in ("task", "input") if getattr(latest, k) != getattr(spec, k)]
+        if latest.output.model_dump(exclude={"channels"}) != spec.output.model_dump(exclude={"channels"}):
+            changed.append("output")  # (its channels declared or implied alike: what Triton's config holds)
         if latest.output_channels != spec.output_channels:
             changed.append("output channels")
         if latest.preprocessing.patch_size != spec.preprocessing.patch_size:
@@ -200,7 +206,7 @@ def add_version(repository: Path, spec: ModelSpec, network: torch.nn.Module | to
         shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), staging / "model.py")
         (staging / "node.yaml").write_text(
             f"# {spec.name} version {spec.version}: node-side spec written by the import (README, 'Bring your own"
-            " model').\n" + yaml.safe_dump(final.model_dump(mode="json"), sort_keys=False))
+            " model').\n" + _spec_yaml(final))
         staging.rename(version_dir)  # the version appears whole or not at all
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
