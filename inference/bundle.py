@@ -268,6 +268,8 @@ def labels_from(channels: dict[int, str], codes: dict[str, Any], task: str,
         if unknown:
             raise ImportRefused([f"--only {name}: no such channel in channel_def (it has"
                                  f" {', '.join(repr(n) for _, n in sorted(channels.items()))})" for name in unknown])
+        if task == "segmentation" and channels.get(0) in only:
+            raise ImportRefused([f"--only {channels[0]}: channel 0 is the background, never a label"])
     labels, uncoded = [], []
     for index, name in sorted(channels.items()):
         if task == "segmentation" and index == 0:
@@ -307,7 +309,9 @@ def code_hints(names: list[str]) -> list[str]:
     return hints
 
 
-def _channels(metadata: dict[str, Any]) -> tuple[str, dict[int, str]]:
+def _channels(metadata: dict[str, Any]) -> tuple[str, dict[int, str], int]:
+    """The first output's key, its channels {number: name}, and how many it has: its num_channels,
+    which may count classes channel_def leaves out, or at least the highest named one's number + 1."""
     outputs = (metadata.get("network_data_format") or {}).get("outputs") or {}
     if not outputs:
         raise ImportRefused(["configs/metadata.json: no network_data_format.outputs (the labels come from its"
@@ -320,7 +324,16 @@ def _channels(metadata: dict[str, Any]) -> tuple[str, dict[int, str]]:
         raise ImportRefused([f"configs/metadata.json: outputs.{key}.channel_def keys must be channel numbers"]) from None
     if not channels:
         raise ImportRefused([f"configs/metadata.json: outputs.{key} has no channel_def (which channel is what)"])
-    return key, channels
+    named = sorted(channels.values())
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:  # (codes, --only and the labels go by name)
+        raise ImportRefused([f"configs/metadata.json: outputs.{key}.channel_def names {name!r} more than once"
+                             for name in twice])
+    # num_channels may count classes past channel_def's; one under it is the metadata's slip (the
+    # network's real channels are checked against the count at export either way)
+    count = output.get("num_channels")
+    counted = count if isinstance(count, int) and not isinstance(count, bool) else 0
+    return key, channels, max(counted, max(channels) + 1)
 
 
 def _task(output: dict[str, Any]) -> str:
@@ -397,7 +410,7 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
     inferer_fields, more, problems = map_inferer(inferer)
     report += more
     refused += problems
-    output_key, channels = _channels(metadata)
+    output_key, channels, channel_count = _channels(metadata)
     post_fields, more, problems = map_postprocessing(list(getattr(post, "transforms", [])) if post else [], output_key)
     report += more
     refused += problems
@@ -436,10 +449,10 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
         activation = "softmax"  # the argmax of the logits is the argmax of their softmax: exact
     preprocessing = {**pre_fields, **inferer_fields}
     # channels past the highest one reported are declared (a spec names none past it otherwise)
-    unnamed_after = max(channels) > max(label.value for label in labels)
+    unnamed_after = channel_count > max(label.value for label in labels) + 1
     spec = ModelSpec.model_validate({
         "name": name, "version": version, "task": task,
-        **({"output": {"name": "logits", "channels": max(channels) + 1}} if unnamed_after else {}),
+        **({"output": {"name": "logits", "channels": channel_count}} if unnamed_after else {}),
         "description": str(metadata.get("description") or metadata.get("name") or name)[:1024],
         "output_activation": activation,
         "preprocessing": preprocessing, "postprocessing": {**post_fields["postprocessing"], **(findings or {})},

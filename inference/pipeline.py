@@ -261,9 +261,14 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
 def _evidence_level(spec: ModelSpec) -> float:
     """The probability from which a voxel may hold a label: FOREGROUND_EVIDENCE, or less where a
     label is found below it: a `threshold` under it, or an `argmax` over more than 20 channels
-    (softmax: the class that wins has at least 1/channels)."""
+    (softmax: the class that wins has at least 1/channels). An `argmax` over sigmoids or logits
+    has no such floor: every voxel is evidence (the whole grid mapped back, as before the boxes)."""
     post = spec.postprocessing
-    return min(FOREGROUND_EVIDENCE, post.threshold if post.mode == "threshold" else 1.0 / spec.output_channels)
+    if post.mode == "threshold":
+        return min(FOREGROUND_EVIDENCE, post.threshold)
+    if spec.output_activation != "softmax":
+        return -np.inf
+    return min(FOREGROUND_EVIDENCE, 1.0 / spec.output_channels)
 
 
 def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.ndarray, hi: np.ndarray,

@@ -81,7 +81,8 @@ def inference_config(extra_preprocessing: list[dict[str, Any]] | None = None, ou
     }
 
 
-def metadata(version: str = "0.1.0", channel_def: dict[str, str] | None = None) -> dict[str, Any]:
+def metadata(version: str = "0.1.0", channel_def: dict[str, str] | None = None,
+             num_channels: int | None = None) -> dict[str, Any]:
     channel_def = channel_def or {"0": "background", "1": "lesion"}
     return {
         "version": version, "monai_version": "1.6.1", "pytorch_version": "2.13.0", "numpy_version": "2",
@@ -93,7 +94,7 @@ def metadata(version: str = "0.1.0", channel_def: dict[str, str] | None = None) 
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
                                  "spatial_shape": [64, 64, 64], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": True, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": len(channel_def),
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": num_channels or len(channel_def),
                                  "spatial_shape": [64, 64, 64], "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": True, "channel_def": channel_def}},
         },
@@ -102,13 +103,14 @@ def metadata(version: str = "0.1.0", channel_def: dict[str, str] | None = None) 
 
 def make_bundle(folder: Path, network: Any, version: str = "0.1.0",
                 extra_preprocessing: list[dict[str, Any]] | None = None,
-                channel_def: dict[str, str] | None = None) -> Path:
+                channel_def: dict[str, str] | None = None, num_channels: int | None = None) -> Path:
     """A bundle folder (configs/metadata.json, configs/inference.json, models/model.pt); a network
-    with other classes than the demo's (background, lesion) comes with its `channel_def`."""
+    with other classes than the demo's (background, lesion) comes with its `channel_def`, and its
+    `num_channels` where that names fewer."""
     from monai.bundle import init_bundle
 
-    described = metadata(version, channel_def)
-    channels = len(described["network_data_format"]["outputs"]["pred"]["channel_def"])
+    described = metadata(version, channel_def, num_channels)
+    channels = described["network_data_format"]["outputs"]["pred"]["num_channels"]
     init_bundle(folder, network=network, metadata_str=json.dumps(described),
                 inference_str=json.dumps(inference_config(extra_preprocessing, channels)))
     return folder

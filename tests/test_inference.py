@@ -961,11 +961,12 @@ def test_resampling_equals_monai(orientation, padding):
     np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["argmax", "threshold"])
+@pytest.mark.parametrize("mode", ["argmax", "threshold", "argmax of sigmoids", "argmax of logits"])
 def test_a_label_found_below_the_usual_evidence_is_mapped_back(mode):
     """Only the boxes around a label's evidence are mapped back, and evidence begins at 0.05 where
-    a label cannot be found below it: a class that wins an argmax over 30 channels with 0.045, or
-    is above a threshold of 0.03 with 0.04, keeps every one of its voxels."""
+    a label cannot be found below it: a class that wins an argmax over 30 channels with 0.045, is
+    above a threshold of 0.03 with 0.04, or wins an argmax of sigmoids or logits (no floor: 0.03
+    against 0.0025; -1 against -3), keeps every one of its voxels."""
     from inference import pipeline
     from inference.volume import SeriesVolume
 
@@ -977,11 +978,18 @@ def test_a_label_found_below_the_usual_evidence_is_mapped_back(mode):
         probabilities[0] = 0.9
         probabilities[(slice(None), *block)] = 0.955 / 29
         probabilities[(1, *block)] = 0.045  # the largest there, the others 0.033 each
-    else:
+    elif mode == "threshold":
         spec = threshold_spec(postprocessing={"mode": "threshold", "threshold": 0.03})
         probabilities = np.zeros((2, 12, 12, 12), dtype=np.float32)
         probabilities[(1, *block)] = 0.04
         probabilities[0] = 1 - probabilities[1]
+    else:  # (what the activation gave: sigmoids, or the logits themselves)
+        spec = threshold_spec(output_activation="sigmoid" if "sigmoid" in mode else "none")
+        low, high = (0.0025, 0.03) if "sigmoid" in mode else (-3.0, -1.0)
+        probabilities = np.full((2, 12, 12, 12), low, dtype=np.float32)
+        probabilities[0] = high
+        probabilities[0][block] = low
+        probabilities[1][block] = high
     expected = np.zeros(volume.shape, dtype=np.uint8)
     expected[block] = 1
     got = pipeline._labels_on_source(torch.from_numpy(probabilities), torch.eye(4), volume, spec)

@@ -77,8 +77,9 @@ def test_a_bundle_import_may_report_a_few_of_its_networks_classes(codes_file, tm
     """`--only lesion` imports one class of a three-class network: only it needs a code, and the
     spec and Triton's config declare the network's three channels (where the other class wins,
     background: tests/test_inference.py). A name that is no channel is refused naming those there
-    are, with nothing written; without `--only` every channel needs a code, as before. Imported as
-    TorchScript, the settings declare the channels (`output.channels`)."""
+    are, with nothing written; without `--only` every channel needs a code, as before. A class that
+    channel_def leaves out but num_channels counts is declared too. Imported as TorchScript, the
+    settings declare the channels (`output.channels`)."""
     import torch
     from monai.networks.nets import UNet
 
@@ -102,6 +103,13 @@ def test_a_bundle_import_may_report_a_few_of_its_networks_classes(codes_file, tm
     assert [(label.value, label.name) for label in spec.labels] == [(1, "lesion")]
     assert spec.output.channels == spec.output_channels == 3
     assert "dims: [ 3, 64, 64, 64 ]" in (repository / "tissues" / "config.pbtxt").read_text()  # (its patch)
+    # a channel_def that leaves the last class out, counted by num_channels: declared all the same
+    trailing = make_bundle(tmp_path / "trailing", network, channel_def={"0": "background", "1": "lesion"},
+                           num_channels=3)
+    imported = _cli("models", "import-bundle", str(trailing), "--name", "trailing", "--codes", str(codes_file),
+                    "--config", str(config))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert ModelRepository(repository).spec("trailing").output.channels == 3
     # as TorchScript, its settings declare the channels: without them the network is refused at export
     file = tmp_path / "tissues.ts"
     torch.jit.save(torch.jit.trace(network.eval(), torch.rand(1, 1, 64, 64, 64)), str(file))
@@ -314,7 +322,8 @@ def test_the_mapping_takes_the_bundles_own_key_and_refuses_every_approximation()
     from monai import transforms as mt
     from monai.inferers import SimpleInferer
 
-    from inference.bundle import ImportRefused, labels_from, map_inferer, map_postprocessing, map_preprocessing
+    from inference.bundle import (ImportRefused, _channels, labels_from, map_inferer, map_postprocessing,
+                                  map_preprocessing)
 
     fields, _, refused = map_preprocessing([mt.LoadImaged(keys="img"), mt.Orientationd(keys="img", axcodes="LPS"),
                                             mt.Spacingd(keys="img", pixdim=[1.5, 1.5, 3.0]),
@@ -336,6 +345,16 @@ def test_the_mapping_takes_the_bundles_own_key_and_refuses_every_approximation()
     assert "connectivity=None" in refused[0]  # MONAI's default (26 neighbours) is not the node's (6)
     with pytest.raises(ImportRefused, match="channel 0 is 'nuclei'"):
         labels_from({0: "nuclei"}, {}, "segmentation")
+    with pytest.raises(ImportRefused, match="--only background: channel 0 is the background, never a label"):
+        labels_from({0: "background", 1: "liver"}, {}, "segmentation", ["background"])
+
+    def described(channel_def: dict[str, str], **more: Any) -> dict[str, Any]:
+        return {"network_data_format": {"outputs": {"pred": {"channel_def": channel_def, **more}}}}
+
+    with pytest.raises(ImportRefused, match="outputs.pred.channel_def names 'kidney' more than once"):
+        _channels(described({"0": "background", "1": "kidney", "2": "kidney"}))
+    two = {"0": "background", "1": "liver"}
+    assert [_channels(described(two, **more))[2] for more in ({}, {"num_channels": 3}, {"num_channels": 1})] == [2, 3, 2]
 
 
 def test_a_model_named_without_version_is_pinned_when_routed_and_a_shadow_of_that_version_dropped():
