@@ -37,7 +37,6 @@ from inference.volume import SeriesVolume
 from inference.windows import sliding_window
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-FOREGROUND_EVIDENCE = 0.05  # a label probability from this marks where to map back to the source
 
 
 @dataclass
@@ -234,13 +233,12 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
     where the label can change (`resample_argmax`); `threshold` resamples each label's channel.
     """
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    # any label above: one channel at a time, no copy; the first label's made, not or-ed into zeros
-    # (0.09 -> 0.03 s on a CT's own grid)
+    # one label's evidence at a time, no copy; the first label's made, not or-ed into zeros (0.09 ->
+    # 0.03 s on a CT's own grid)
     first, *others = spec.labels  # (a spec has a label at least)
-    level = _evidence_level(spec)
-    evidence = probabilities[first.value].numpy() >= level
+    evidence = _evidence(probabilities, first, spec)
     for label in others:
-        evidence |= probabilities[label.value].numpy() >= level
+        evidence |= _evidence(probabilities, label, spec)
     found = foreground_box(evidence)
     if found is None:
         return labels
@@ -258,32 +256,35 @@ def _labels_on_source(probabilities: torch.Tensor, model_affine: torch.Tensor, v
     return labels
 
 
-def _evidence_level(spec: ModelSpec) -> float:
-    """The probability from which a voxel may hold a label: FOREGROUND_EVIDENCE, or less where a
-    label is found below it: a `threshold` under it, or an `argmax` over more than 20 channels
-    (softmax: the class that wins has at least 1/channels). An `argmax` over sigmoids or logits
-    has no such floor: every voxel is evidence (the whole grid mapped back, as before the boxes)."""
-    post = spec.postprocessing
-    if post.mode == "threshold":
-        return min(FOREGROUND_EVIDENCE, post.threshold)
-    if spec.output_activation != "softmax":
-        return -np.inf
-    return min(FOREGROUND_EVIDENCE, 1.0 / spec.output_channels)
+def _evidence(probabilities: torch.Tensor, label: Label, spec: ModelSpec) -> np.ndarray:
+    """The model voxels next to which `label` may be found on the source grid: with `argmax`, where
+    its channel is above the background's; with `threshold`, where it is at or above the threshold.
+    Interpolated values are mixes of neighbouring voxels with weights of at least zero (and the
+    padding's zeros), so a label beats the background (which wins ties), or reaches a threshold,
+    between voxels only where it does at one of them: exact, whatever the activation (a fixed
+    level of 0.05 lost a softmax's winner over more than 20 channels and an argmax of sigmoids
+    or logits; the dilation's reach covers the neighbours)."""
+    channel = probabilities[label.value].numpy()
+    if spec.postprocessing.mode == "argmax":
+        return channel > probabilities[0].numpy()
+    return channel >= spec.postprocessing.threshold
 
 
 def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                   volume: SeriesVolume, spec: ModelSpec, labels: np.ndarray) -> None:
-    """Resample the model-space box [lo, hi) onto the source voxels it covers; write its labels."""
-    model = model_affine @ _translation(lo)
+    """Resample the model-space box [lo, hi) onto the source voxels it covers; write its labels.
+    The source voxels at its edges are interpolated from the model voxels around them, past the
+    box where they reach it, as over the whole grid: zeros past the box, not the grid, outweighed
+    the background there, and an edge voxel could take a label it has not."""
     source_ras = _LPS_TO_RAS @ volume.affine
-    size = hi - lo - 1
-    corners = np.array([[a, b, c, 1.0] for a in (0, size[0]) for b in (0, size[1]) for c in (0, size[2])])
-    in_source = (corners @ (np.linalg.inv(source_ras) @ model).T)[:, :3]
-    src_lo = np.clip(np.floor(in_source.min(0)).astype(int) - 1, 0, labels.shape)
-    src_hi = np.clip(np.ceil(in_source.max(0)).astype(int) + 2, 0, labels.shape)
+    to_source = np.linalg.inv(source_ras) @ model_affine
+    src_lo, src_hi = _reached(to_source, lo, hi - 1, labels.shape)
     if np.any(src_hi <= src_lo):
         return
-    box = probabilities[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].numpy()
+    read_lo, read_hi = _reached(np.linalg.inv(to_source), src_lo, src_hi - 1, probabilities.shape[1:])
+    read_lo, read_hi = np.minimum(read_lo, lo), np.maximum(read_hi, hi)
+    model = model_affine @ _translation(read_lo)
+    box = probabilities[:, read_lo[0]:read_hi[0], read_lo[1]:read_hi[1], read_lo[2]:read_hi[2]].numpy()
     grid = source_ras @ _translation(src_lo)
     shape = tuple(int(n) for n in src_hi - src_lo)
     if spec.postprocessing.mode == "argmax":
@@ -305,6 +306,18 @@ def _named_only(found: np.ndarray, spec: ModelSpec) -> np.ndarray:
     if len(values) == spec.output_channels - 1:  # every channel but the background's named
         return found
     return named[found]
+
+
+def _reached(index_map: np.ndarray, first: np.ndarray, last: np.ndarray, shape: tuple[int, ...]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The voxels [lo, hi) of a grid of `shape` around the box of voxels first..last (inclusive) of
+    another grid, mapped through `index_map`: a voxel more below, two above (a point's neighbours
+    are its floor and the voxel after), within the grid."""
+    corners = np.array([[a, b, c, 1.0] for a in (first[0], last[0]) for b in (first[1], last[1])
+                        for c in (first[2], last[2])])
+    mapped = (corners @ index_map.T)[:, :3]
+    return (np.clip(np.floor(mapped.min(0)).astype(int) - 1, 0, shape),
+            np.clip(np.ceil(mapped.max(0)).astype(int) + 2, 0, shape))
 
 
 def _translation(offset: np.ndarray) -> np.ndarray:

@@ -99,7 +99,7 @@ class TritonBackend:
                 raise BackendError(f"model {self.spec.name}: output {self.spec.output.name!r} has shape {shape} on"
                                    f" Triton, expected [-1, anchors, {self.spec.output_channels}]")
             self._per_item = (shape[1], shape[2])
-        elif shape[1] not in (-1, self.spec.output_channels):  # (a config may leave them open: then each answer)
+        elif shape[1] not in (-1, self.spec.output_channels):  # (a config may leave them open: each answer is checked)
             raise BackendError(f"model {self.spec.name}: output {self.spec.output.name!r} has {shape[1]} channels on"
                                f" Triton (shape {shape}), its spec {self.spec.output_channels}")
 
