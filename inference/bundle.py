@@ -331,9 +331,16 @@ def _channels(metadata: dict[str, Any]) -> tuple[str, dict[int, str], int]:
                              for name in twice])
     # num_channels may count classes past channel_def's; one under it is the metadata's slip (the
     # network's real channels are checked against the count at export either way)
-    count = output.get("num_channels")
-    counted = count if isinstance(count, int) and not isinstance(count, bool) else 0
-    return key, channels, max(counted, max(channels) + 1)
+    return key, channels, max(_whole_number(output.get("num_channels")), max(channels) + 1)
+
+
+def _whole_number(value: Any) -> int:
+    """A metadata count as a number (3, 3.0 or "3"), or 0 where it is none."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if number.is_integer() and number > 0 else 0
 
 
 def _task(output: dict[str, Any]) -> str:
@@ -425,6 +432,9 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
         refused += exc.problems
     if not labels and not uncoded and task == "segmentation" and not refused:
         refused.append("no label channels besides the background in channel_def")
+    if task == "segmentation" and channel_count > 256:
+        refused.append(f"outputs.{output_key}: {channel_count} channels; a segmentation's labels are a byte per voxel"
+                       " (256 channels at most)")
     if uncoded:
         hints = code_hints(uncoded)
         refused.append(f"labels without a code: {', '.join(uncoded)} (give each a category and type in --codes)"
@@ -450,6 +460,9 @@ def read_bundle(folder: Path, name: str, version: int, codes: dict[str, Any],
     preprocessing = {**pre_fields, **inferer_fields}
     # channels past the highest one reported are declared (a spec names none past it otherwise)
     unnamed_after = channel_count > max(label.value for label in labels) + 1
+    if unnamed_after:
+        report.append(f"outputs.{output_key}: {channel_count} channels, {len(labels)} of them reported ->"
+                      f" output.channels {channel_count}")
     spec = ModelSpec.model_validate({
         "name": name, "version": version, "task": task,
         **({"output": {"name": "logits", "channels": channel_count}} if unnamed_after else {}),

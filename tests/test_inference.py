@@ -240,6 +240,8 @@ def test_a_spec_may_name_some_of_its_networks_classes(tmp_path, mode):
             assert {finding.label.value for finding in result.findings} == set(values)
     with pytest.raises(ExportMismatch, match=r"its spec's labels imply 2 values on axis 1"):
         export_onnx(_TissueNet(), tmp_path / "refused.onnx", _tissue_spec([1]), (16, 16, 16))
+    with pytest.raises(ExportMismatch, match=r"\(2, 1, 17, 17, 17\): its spec declares 4 values on axis 1"):
+        export_onnx(_TissueNet(), tmp_path / "refused.onnx", _tissue_spec([1], channels=4), (16, 16, 16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "tissue.onnx"]
 
 

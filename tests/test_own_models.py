@@ -109,6 +109,7 @@ def test_a_bundle_import_may_report_a_few_of_its_networks_classes(codes_file, tm
     imported = _cli("models", "import-bundle", str(trailing), "--name", "trailing", "--codes", str(codes_file),
                     "--config", str(config))
     assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "outputs.pred: 3 channels, 1 of them reported -> output.channels 3" in imported.stdout
     assert ModelRepository(repository).spec("trailing").output.channels == 3
     # as TorchScript, its settings declare the channels: without them the network is refused at export
     file = tmp_path / "tissues.ts"
@@ -354,7 +355,9 @@ def test_the_mapping_takes_the_bundles_own_key_and_refuses_every_approximation()
     with pytest.raises(ImportRefused, match="outputs.pred.channel_def names 'kidney' more than once"):
         _channels(described({"0": "background", "1": "kidney", "2": "kidney"}))
     two = {"0": "background", "1": "liver"}
-    assert [_channels(described(two, **more))[2] for more in ({}, {"num_channels": 3}, {"num_channels": 1})] == [2, 3, 2]
+    counts = ({}, {"num_channels": 3}, {"num_channels": 1}, {"num_channels": "3"}, {"num_channels": 3.0},
+              {"num_channels": 2.5}, {"num_channels": "three"})
+    assert [_channels(described(two, **more))[2] for more in counts] == [2, 3, 2, 3, 3, 2, 2]
 
 
 def test_a_model_named_without_version_is_pinned_when_routed_and_a_shadow_of_that_version_dropped():

@@ -89,7 +89,7 @@ def _check_channels(output: np.ndarray, input_shape: tuple[int, ...], spec: Mode
     otherwise (inference.pipeline), on the first study routed to it."""
     axis = 2 if spec.task == "detection" else 1  # detection: (batch, anchors, box + scores)
     if output.ndim <= axis or output.shape[axis] != spec.output_channels:
-        says = "declares" if spec.output.channels else "'s labels imply"
+        says = " declares" if spec.output.channels else "'s labels imply"
         raise ExportMismatch(f"the network's output has shape {output.shape} for an input of {input_shape}: its"
                              f" spec{says} {spec.output_channels} values on axis {axis}")
 
