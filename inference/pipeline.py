@@ -278,7 +278,10 @@ def _resample_box(probabilities: torch.Tensor, model_affine: np.ndarray, lo: np.
     the background there, and an edge voxel could take a label it has not."""
     source_ras = _LPS_TO_RAS @ volume.affine
     to_source = np.linalg.inv(source_ras) @ model_affine
-    src_lo, src_hi = _reached(to_source, lo, hi - 1, labels.shape)
+    # at the grid's faces a voxel further: the padding's zeros scale every channel alike up to a
+    # voxel past the last centres, and the whole grid mapped back labels what lies there
+    faces = np.array(probabilities.shape[1:])
+    src_lo, src_hi = _reached(to_source, np.where(lo == 0, -1, lo), np.where(hi == faces, hi, hi - 1), labels.shape)
     if np.any(src_hi <= src_lo):
         return
     read_lo, read_hi = _reached(np.linalg.inv(to_source), src_lo, src_hi - 1, probabilities.shape[1:])
