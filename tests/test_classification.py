@@ -193,7 +193,8 @@ def test_shipped_classifier_on_fresh_synthetic_radiographs(tmp_path):
 
 def test_a_classifier_whose_output_is_not_a_score_per_class_fails_saying_so(tmp_path):
     """The probabilities are read a class at a time from the model's output: an output with a
-    column more (or fewer) is the model's error, named, never scores given to the wrong classes."""
+    column more (or fewer) is the model's error, named, never scores given to the wrong classes;
+    and so is a NaN score."""
     spec = load_spec(SHIPPED)
     backend = LocalBackend(SHIPPED / "1" / "model.onnx", spec)
     pixels, _ = chest_radiograph(np.random.default_rng(5), nodule=False)
@@ -208,6 +209,13 @@ def test_a_classifier_whose_output_is_not_a_score_per_class_fails_saying_so(tmp_
     with pytest.raises(BackendError, match=r"model chest-nodule-cls answered an input of shape \(1, 1, 128, 128, 1\)"
                                            r" with an output of shape \(1, 2\): a classifier's output is \(1, 1\)"):
         classify(volume, spec, OneMore())
+
+    class NotANumber:  # the real model's scores, made NaN (an FP16 overflow): no probability, never "absent"
+        def infer(self, batch):
+            return backend.infer(batch) * np.nan
+
+    with pytest.raises(BackendError, match=r"model chest-nodule-cls answered NaN \(not a number\)"):
+        classify(volume, spec, NotANumber())
 
 
 # -- SR and saliency objects -------------------------------------------------------------------

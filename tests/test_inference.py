@@ -1336,6 +1336,29 @@ def test_a_segmentation_model_whose_output_is_not_its_windows_size_fails_the_job
             Answering())
 
 
+def test_a_model_answering_nan_fails_the_job_saying_so(tmp_path, model_repository):
+    """One NaN in one window of a model's output (an FP16 overflow, a broken export) fails the job
+    naming the model: read on, it gave no labels there, or labels wherever a box fell."""
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    backend = _local(model_repository)
+    calls: list[int] = []
+
+    class Answering:  # the real model's output, a NaN in one voxel of its third call
+        def infer(self, batch):
+            answer = backend.infer(batch)
+            calls.append(1)
+            if len(calls) == 3:
+                answer[0, 1, 5, 6, 7] = np.nan
+            return answer
+
+    with pytest.raises(BackendError, match=r"model threshold answered NaN \(not a number\), or infinities of both"
+                                           r" signs: no result can be read from it"):
+        segment(load_series(read_series(files)), threshold_spec(preprocessing={
+            "orientation": "RAS", "intensity": {"window": list(WINDOW)}, "patch_size": [16, 16, 16], "batch_size": 2}),
+            Answering())
+    assert len(calls) > 3  # (the windows ran on: the whole output is read once, after)
+
+
 def test_a_segmentation_tells_the_models_calls_from_the_sliding_windows_own_work(tmp_path, model_repository):
     """`seconds["model"]` is the backend's calls alone, inside the sliding window's
     `seconds["inference"]`: what benchmarks.end_to_end leaves out as the model's compute (the
