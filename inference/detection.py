@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from inference.backends.base import Backend, BackendError, TimedCalls
 from inference.findings import Finding
-from inference.pipeline import _LPS_TO_RAS, SegmentationResult, to_model_space
+from inference.pipeline import _LPS_TO_RAS, NOT_NUMBERS, SegmentationResult, to_model_space
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
 
@@ -167,6 +167,8 @@ def model_boxes(grid: np.ndarray, spec: ModelSpec, backend: Backend, threshold: 
         if answer.ndim != 3 or answer.shape[0] != len(batch) or answer.shape[2] != spec.output_channels:
             raise BackendError(f"model {spec.name} answered {answer.shape} for {len(batch)} patches; a detector"
                                f" answers (patches, anchors, {spec.output_channels}): boxes and a score per label")
+        if np.isnan(answer).any():  # (a NaN score is below every threshold: nothing found, silently)
+            raise BackendError(NOT_NUMBERS.format(spec.name))
         for origin, anchors in zip(batch, answer):
             scores = anchors[:, 6:]
             best = scores.max(axis=1)

@@ -39,7 +39,7 @@ from inference.windows import sliding_window
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A broken model's output (an FP16 overflow, an export gone wrong), failed by name: read on, it gave
 # no labels at all (nothing found, as the radiologist would see it) or some wherever a box fell
-_NOT_NUMBERS = "model {} answered NaN (not a number), or infinities of both signs: no result can be read from it"
+NOT_NUMBERS = "model {} answered NaN (not a number), or infinities of both signs: no result can be read from it"
 
 
 @dataclass
@@ -212,7 +212,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
     seconds["inference"] = time.perf_counter() - start
     seconds["model"] = calls.seconds
     if torch.isnan(logits.sum()):  # (one reduction, a NaN anywhere makes it one: 0.03 s at a CT's own grid)
-        raise BackendError(_NOT_NUMBERS.format(spec.name))
+        raise BackendError(NOT_NUMBERS.format(spec.name))
 
     start = time.perf_counter()
     model_affine = image.affine
@@ -364,7 +364,7 @@ def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Classif
                            f" of shape {tuple(logits.shape)}: a classifier's output is (1, {spec.output_channels}),"
                            " a score per class")
     if torch.isnan(logits).any():
-        raise BackendError(_NOT_NUMBERS.format(spec.name))
+        raise BackendError(NOT_NUMBERS.format(spec.name))
     probabilities = _activation(logits, spec)[0].numpy()
     seconds["inference"] = time.perf_counter() - start
     seconds["model"] = calls.seconds

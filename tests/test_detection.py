@@ -223,6 +223,15 @@ def test_a_model_that_answers_otherwise_than_a_detector_is_an_error_naming_the_s
                                            r" \(patches, anchors, 7\)"):
         detect(volume, threshold_detector_spec(), Segmenter())
 
+    class NotANumber(ThresholdDetector):  # its boxes, and NaN scores (an FP16 overflow): never "nothing found"
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            out = super().infer(batch)
+            out[:, :, 6] = np.nan
+            return out
+
+    with pytest.raises(BackendError, match=r"model threshold-det answered NaN \(not a number\)"):
+        detect(volume, threshold_detector_spec(), NotANumber())
+
 
 def test_a_detector_that_finds_nothing_says_so_in_an_sr_and_flags_no_images(tmp_path):
     """'AI ran: no findings': the SR says the nodule is absent; no KOS, no key images, no SEG."""
