@@ -308,11 +308,11 @@ def _named_only(found: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """`argmax` labels with the values of the channels the spec does not name made background: there
     the network says the voxel is one of its other classes (a multi-organ network of which the spec
     names a few; label values that skip numbers), not the named one that came second."""
-    named = np.zeros(256, dtype=np.uint8)
     values = [label.value for label in spec.labels]
-    named[values] = values
     if len(values) == spec.output_channels - 1:  # every channel but the background's named
         return found
+    named = np.zeros(256, dtype=np.uint8)
+    named[values] = values
     return named[found]
 
 
