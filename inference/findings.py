@@ -108,15 +108,33 @@ def label_mask(labels: np.ndarray, box: tuple[slice, ...], value: int) -> tuple[
     return mask[own], np.array([b.start + o.start for b, o in zip(box, own)])
 
 
+# Values from which `value_boxes` finds every value's box in one pass over the box of all labels (scipy's
+# find_objects, ~2 ns a voxel here) instead of leaving each to be compared over it (~0.3 ns a voxel each): a
+# 105-class network's 25 organs found in a CT, its 104 labels measured in 4.2 -> 1.4 s (benchmarks.many_classes).
+MANY_VALUES = 8
+
+
+def value_boxes(labels: np.ndarray, box: tuple[slice, ...], values: list[int]) -> dict[int, tuple[slice, ...]]:
+    """Where `label_mask` is to look for each of `values` inside `box`: with many values, each present
+    one's own smallest box (absent ones left out); with a few, `box` itself for each."""
+    if len(values) <= MANY_VALUES:
+        return {value: box for value in values}
+    objects = ndimage.find_objects(labels[box], max_label=max(values))
+    return {value: tuple(slice(b.start + o.start, b.start + o.stop) for b, o in zip(box, objects[value - 1]))
+            for value in values if objects[value - 1] is not None}
+
+
 def clean_labels(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Drop each label's components smaller than the spec's minimum; optionally keep only the largest
     (in place; returns `labels`)."""
     post = spec.postprocessing
     if not post.keep_largest_component and post.min_component_voxels <= 1:
         return labels
-    boxes = separate_boxes(labels)
+    values = [label.value for label in spec.labels]
+    looks = [value_boxes(labels, box, values) for box in separate_boxes(labels)]
     for label in spec.labels:
-        held = [found for found in (label_mask(labels, box, label.value) for box in boxes) if found is not None]
+        held = [found for found in (label_mask(labels, look[label.value], label.value)
+                                    for look in looks if label.value in look) if found is not None]
         labelled = [ndimage.label(mask) for mask, _ in held]  # in the grid's order
         # one component (an organ, often) is its mask's count: bincount would copy its numbers to 8 bytes each
         sizes = [np.bincount(components.ravel())[1:] if count > 1 else np.full(count, np.count_nonzero(mask))
@@ -139,18 +157,20 @@ def clean_labels(labels: np.ndarray, spec: ModelSpec) -> np.ndarray:
 def measure(labels: np.ndarray, volume: SeriesVolume, spec: ModelSpec) -> list[Finding]:
     """Findings per label, or per connected component (largest first) when the spec reports lesions."""
     findings: list[Finding] = []
+    values = [label.value for label in spec.labels]
     if spec.postprocessing.findings != "per_component":
         box = foreground_box(labels)
+        look = value_boxes(labels, box, values) if box is not None else {}
         for label in spec.labels:
-            found = label_mask(labels, box, label.value) if box is not None else None
+            found = label_mask(labels, look[label.value], label.value) if label.value in look else None
             if found is not None:
                 findings.append(_measure_one(*found, volume, label))
         return findings
-    boxes = separate_boxes(labels)
+    looks = [value_boxes(labels, box, values) for box in separate_boxes(labels)]
     for label in spec.labels:
         # measured as they are found, one mask at a time, then numbered by size
-        measured = [_measure_one(mask, origin, volume, label)
-                    for box in boxes for mask, origin in _components(labels, box, label.value)]
+        measured = [_measure_one(mask, origin, volume, label) for look in looks if label.value in look
+                    for mask, origin in _components(labels, look[label.value], label.value)]
         measured.sort(key=lambda finding: finding.voxel_count, reverse=True)  # stable: equal sizes keep grid order
         findings += [replace(finding, component=n) for n, finding in enumerate(measured, start=1)]
     return findings

@@ -123,6 +123,14 @@ def _tissue_spec(values: list[int], mode: str = "argmax", spacing: list[float] |
                           postprocessing={"mode": mode, "findings": "per_component"})
 
 
+def _raw(probabilities: np.ndarray, activation: str) -> torch.Tensor:
+    """A model's raw outputs whose `activation` gives `probabilities` (to float32 rounding): what the
+    way back to the source grid is given."""
+    clipped = np.clip(probabilities, 1e-30, 1 - 1e-7)
+    raw = {"softmax": np.log(clipped), "sigmoid": np.log(clipped / (1 - clipped)), "none": probabilities}[activation]
+    return torch.from_numpy(np.asarray(raw, dtype=np.float32))
+
+
 @pytest.fixture(scope="module")
 def odd_triton(tmp_path_factory: pytest.TempPathFactory):
     """A Triton of its own serving networks whose outputs are not the threshold model's: halving
@@ -969,7 +977,7 @@ def test_a_label_found_below_the_usual_evidence_is_mapped_back(mode):
     """Only the boxes around a label's evidence are mapped back, and evidence is no fixed level (it
     was 0.05): a class that wins an argmax over 30 channels with 0.045, is above a threshold of
     0.03 with 0.04, or wins an argmax of sigmoids or logits (0.03 against 0.0025; -1 against -3),
-    keeps every one of its voxels."""
+    keeps every one of its voxels (given the raw outputs whose activation these are)."""
     from inference import pipeline
     from inference.volume import SeriesVolume
 
@@ -995,7 +1003,7 @@ def test_a_label_found_below_the_usual_evidence_is_mapped_back(mode):
         probabilities[1][block] = high
     expected = np.zeros(volume.shape, dtype=np.uint8)
     expected[block] = 1
-    got = pipeline._labels_on_source(torch.from_numpy(probabilities), torch.eye(4), volume, spec)
+    got = pipeline._labels_on_source(_raw(probabilities, spec.output_activation), torch.eye(4), volume, spec)
     np.testing.assert_array_equal(got, expected)
 
 
@@ -1005,8 +1013,9 @@ def test_labels_mapped_back_from_the_boxes_are_those_of_the_whole_model_grid_map
     on a finer, anisotropic, shifted source grid reaching past the model grid's last voxels, the
     labels are those of every channel interpolated at every source voxel, for smooth random
     fields of three classes (one of them unnamed, or none) reaching the grid's faces, whatever the
-    activation. A box's interpolation is the whole grid's up to float32 rounding (its
-    corner moves the points): a voxel may differ only where its two largest channels tie to it."""
+    activation (applied there only to the voxels interpolated). A box's interpolation is the whole
+    grid's up to float32 rounding (its corner moves the points, the activation is applied to fewer
+    voxels at once): a voxel may differ only where its two largest channels tie to it."""
     from scipy import ndimage
 
     from inference import pipeline
@@ -1026,15 +1035,15 @@ def test_labels_mapped_back_from_the_boxes_are_those_of_the_whole_model_grid_map
         for _ in range(4):
             logits = ndimage.gaussian_filter(rng.normal(size=(3, 16, 17, 16)), sigma=(0, 2, 2, 2)) * 12.0
             logits[0] += 1.0  # (the background a little ahead: regions, not noise)
-            values = torch.from_numpy(logits.astype(np.float32))
+            raw = torch.from_numpy(logits.astype(np.float32))
             values = {"softmax": lambda v: torch.softmax(v, dim=0), "sigmoid": torch.sigmoid, "none": lambda v: v}[
-                activation](values)
+                activation](raw.clone())
             channels = np.stack([resample(c.numpy(), model_affine, pipeline._LPS_TO_RAS @ source, volume.shape,
                                           padding="constant") for c in values])
             for named, declared in (([1], {"channels": 3}), ([2], {}), ([1, 2], {})):
                 spec = _tissue_spec(named, **declared).model_copy(update={"output_activation": activation})
                 whole = pipeline._named_only(first_argmax(channels, len(channels)), spec)
-                got = pipeline._labels_on_source(values, torch.from_numpy(model_affine), volume, spec)
+                got = pipeline._labels_on_source(raw.clone(), torch.from_numpy(model_affine), volume, spec)
                 differ = np.argwhere(got != whole)
                 for where in differ:
                     second, first = np.sort(channels[(slice(None), *where)])[-2:]
@@ -1086,7 +1095,7 @@ def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_mode
         for lo, hi in boxes:
             resample_box(tensor, model_affine, np.array(lo), np.array(hi), volume, spec, expected)
         mapped.clear()
-        got = pipeline._labels_on_source(tensor, torch.from_numpy(model_affine), volume, spec)
+        got = pipeline._labels_on_source(_raw(probabilities, "softmax"), torch.from_numpy(model_affine), volume, spec)
         assert mapped == boxes, case
         assert np.array_equal(got, expected) and got.any() == bool(blobs), case
 
@@ -1572,14 +1581,16 @@ def _measured_voxel_by_voxel(labels: np.ndarray, volume, spec) -> list[tuple]:
     return out
 
 
-def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels(monkeypatch):
+@pytest.mark.parametrize("many_values", [8, 0])
+def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels(monkeypatch, many_values):
     """`measure` reads count, centroid, box and the longest in-plane diameter off each finding's mask
     (its projections, and the first and last voxel of each row for the diameter): the same as from
     every voxel's index and every pair of voxels of a slice, on an oblique, anisotropic grid, for
     blobs, boxes, lines along each axis and diagonally, single voxels and scattered ones, per label
     and per component, each finding read off its mask's projections and, if its box is small, off its
-    voxels' indices. An organ-sized finding is measured without allocating its voxels' indices
-    (np.argwhere: 24 bytes a voxel)."""
+    voxels' indices; each label looked for over the box of all, or in its own box found for all in
+    one pass (as for a network of many classes). An organ-sized finding is measured without
+    allocating its voxels' indices (np.argwhere: 24 bytes a voxel)."""
     from inference import findings
     from inference.findings import measure
     from inference.spec import ModelSpec
@@ -1622,6 +1633,7 @@ def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels(
     grids += [lines, long_lines, np.zeros((3, 4, 5), np.uint8)]
     for grid, spec, small_box in itertools.product(grids, specs, (0, findings.SMALL_BOX, 10**9)):
         monkeypatch.setattr(findings, "SMALL_BOX", small_box)  # projections always, by the box's size, indices
+        monkeypatch.setattr(findings, "MANY_VALUES", many_values)
         measured = measure(grid, volume, spec)
         by_component = spec.postprocessing.findings == "per_component"
         assert [(f.label.value, f.component) for f in measured] == [  # per label, numbered by size if components
@@ -1650,13 +1662,18 @@ def test_findings_measure_as_every_voxel_would_and_hold_no_list_of_their_voxels(
         assert finding.voxel_count == 56 * 140 * 135
 
 
-def test_small_components_are_dropped_and_the_largest_kept_as_over_the_whole_grid():
+@pytest.mark.parametrize("many_values", [8, 0])
+def test_small_components_are_dropped_and_the_largest_kept_as_over_the_whole_grid(monkeypatch, many_values):
     """`clean_labels` works label by label within each label's own box; what it keeps is what
     labelling the whole grid keeps: every component of at least the spec's minimum, or only the
-    largest (one of them, where several are largest), for blobs, boxes and scattered voxels."""
+    largest (one of them, where several are largest), for blobs, boxes and scattered voxels; each
+    label looked for over the box of all, or in its own box found for all in one pass."""
     from scipy import ndimage
 
+    from inference import findings
     from inference.findings import clean_labels
+
+    monkeypatch.setattr(findings, "MANY_VALUES", many_values)
     from inference.spec import ModelSpec
 
     code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
@@ -1741,8 +1758,9 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     rng = np.random.default_rng(21)
     for trial in range(60):
         monkeypatch.setattr(module, "UNDECIDED_CHUNK", [module.UNDECIDED_CHUNK, 1, 700][trial % 3])  # in rounds
-        channels = ndimage.gaussian_filter(rng.random((int(rng.integers(2, 5)), *rng.integers(2, 24, 3))),
-                                           (0, 1.5, 1.5, 1.5))
+        monkeypatch.setattr(module, "UNDECIDED_VALUES", [module.UNDECIDED_VALUES, 20000, 3000][trial % 3])
+        classes = int(rng.integers(2, 5)) if trial % 6 else int(rng.integers(20, 40))  # a multi-organ network's
+        channels = ndimage.gaussian_filter(rng.random((classes, *rng.integers(2, 24, 3))), (0, 1.5, 1.5, 1.5))
         channels = [channels.astype(np.float32), channels, np.round(channels * 4) / 4,  # ties: the first wins
                     (channels * 255).astype(np.uint8)][trial % 4]
         source = np.diag([*rng.uniform(1, 3, 3), 1.0])
@@ -1763,6 +1781,20 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
         top = np.sort(resampled[:, differ], axis=0)
         assert np.all(top[-1] - top[-2] <= 1e-6), (trial, int(differ.sum()))
         assert differ.sum() <= 2, (trial, int(differ.sum()))
+        if trial % 4 == 0 and trial % 5 != 4:  # raw outputs, an activation (keeping each voxel's order) applied
+            # where they are interpolated: as the activation's outputs resampled (softmax's ties are rarer)
+            activated = torch.softmax(torch.from_numpy(channels * 20), dim=0).numpy()
+            padding = "border" if trial % 8 else "constant"  # (the edge repeated beyond the source, or the fill)
+            resampled = np.stack([resample(c, source, target, shape, padding=padding) for c in activated])
+            found = resample_argmax(channels * 20, source, target, shape, padding=padding,
+                                    activation=lambda v: torch.softmax(torch.from_numpy(v), dim=0).numpy())
+            differ = found != first_argmax(iter(resampled))
+            top = np.sort(resampled[:, differ], axis=0)
+            assert np.all(top[-1] - top[-2] <= 1e-6) and differ.sum() <= 2, (trial, int(differ.sum()))
+    oblique = np.eye(4)
+    oblique[:3, :3] = np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
+    with pytest.raises(ValueError, match="only where the map is axis-aligned"):  # (the pipeline activates it whole)
+        resample_argmax(channels, np.eye(4), oblique, (4, 4, 4), activation=lambda v: v)
     channels = np.zeros((2, 6, 6, 6), np.float32)
     channels[1] = 1.0
     channels[:, 3, 3, 3] = np.nan  # a NaN logit's softmax
@@ -1781,15 +1813,21 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     with pytest.raises(ValueError, match="over 256 channels"):
         first_argmax(iter(np.zeros((257, 2), np.float32)))
     interpolated: list[int] = []  # a ball on a 2x finer grid: only the voxels along its surface interpolated
-    interpolate = ndimage.map_coordinates
+    interpolate, argmax_at = ndimage.map_coordinates, module._argmax_at  # (scipy: once per channel)
     monkeypatch.setattr(ndimage, "map_coordinates", lambda c, points, **kw: (
-        interpolated.append(points.shape[1]), interpolate(c, points, **kw))[1])
+        interpolated.append(points.shape[1] / 2), interpolate(c, points, **kw))[1])
+    monkeypatch.setattr(module, "_argmax_at", lambda channels, points, *rest: (
+        interpolated.append(points.shape[1]), argmax_at(channels, points, *rest))[1])
     ball = (np.sum((np.indices((20, 20, 20)) - 9.5) ** 2, axis=0) <= 49).astype(np.float32)
     channels = np.stack([1 - ball, ball])
     finer = np.diag([0.5, 0.5, 0.5, 1.0])
     expected = first_argmax(iter(resampled_whole(channels, np.eye(4), finer, (38, 38, 38))))  # within the source
     assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38)), expected)
-    assert 0 < sum(interpolated) / len(channels) < 0.15 * expected.size, sum(interpolated)
+    assert 0 < sum(interpolated) < 0.15 * expected.size, sum(interpolated)
+    by_channel = sum(interpolated)  # where each can win (an activation given): the same voxels
+    interpolated.clear()
+    assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38), activation=lambda v: v), expected)
+    assert sum(interpolated) == by_channel
     interpolated.clear()
     reach: Counter = Counter()  # trials by padding, partly or wholly beyond the source, interpolated
     for trial in range(80):  # whole voxels (a model without a spacing step), flipped and permuted, partly or
