@@ -61,6 +61,9 @@ RELAY_BLOCK = (16, 64)
 # Voxels up to which `copy_in_blocks` copies at once: a few blocks' worth, where asking for the usable
 # CPUs (~0.3 ms) would cost more than the blocks save (a lesion's box of labels).
 MIN_BLOCKED_VOXELS = 1 << 18
+# Planes along the first axis `argmax_in_blocks` takes at a time: 8 of a 239x239 model grid's are 1.8 MB of running
+# maximum (2, 4 and 8 took 1.97, 1.88 and 1.83 s for 105 channels of a 196x237x237 box on two cores).
+ARGMAX_BLOCK = 8
 T = TypeVar("T")
 
 
@@ -258,6 +261,24 @@ def first_argmax(channels: Iterable[np.ndarray], count: int | None = None) -> np
     return out
 
 
+def argmax_in_blocks(channels: np.ndarray) -> np.ndarray:
+    """`first_argmax` of the channels (channel, *grid) as float32, in blocks of ARGMAX_BLOCK planes
+    along the grid's first axis on the usable CPUs: each block's running maximum stays in the
+    cache while the channels stream past it (105 channels of a 196x237x237 box, random values:
+    5.5 s in one pass, 1.8 s in blocks of 8 planes on two cores). Up to MIN_BLOCKED_VOXELS, at once."""
+    out = np.empty(channels.shape[1:], dtype=np.uint8)
+
+    def block(start: int, planes: int = ARGMAX_BLOCK) -> None:
+        out[start:start + planes] = first_argmax(
+            (np.asarray(c[start:start + planes], dtype=np.float32) for c in channels), len(channels))
+
+    if out.size <= MIN_BLOCKED_VOXELS:
+        block(0, out.shape[0])
+    else:
+        _on_usable_cpus(block, list(range(0, out.shape[0], ARGMAX_BLOCK)))
+    return out
+
+
 MapKind = Literal["whole voxels", "axis-aligned", "oblique"]
 
 
@@ -322,12 +343,12 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
         if padding == "constant" or not beyond:  # ("border" repeats the edge beyond it: interpolated below)
             out = np.zeros(source_order_shape, dtype=np.uint8)
             if all(part.stop > part.start for part in inside):
-                out[inside] = first_argmax((np.asarray(c[read], dtype=np.float32) for c in channels), len(channels))
+                out[inside] = argmax_in_blocks(channels[(slice(None), *read)])
             return out.transpose(order)
     # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
     coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]
                    for axis, n in enumerate(source_order_shape)]
-    grid = first_argmax((np.asarray(c, dtype=np.float32) for c in channels), len(channels))  # as `resample` gives
+    grid = argmax_in_blocks(channels)  # (of the values as float32, as `resample` gives them)
     corner = grid[:-1, :-1, :-1]
     agree = np.ones(corner.shape, dtype=bool)
     for step in np.ndindex(2, 2, 2):

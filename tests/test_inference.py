@@ -1713,11 +1713,11 @@ def test_small_components_are_dropped_and_the_largest_kept_as_over_the_whole_gri
 def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
     """The labels made channel by channel are those of the whole stack: np.argmax over the channels
     (the first on ties, the first NaN taken as the maximum, on transposed views as the resampling
-    gives them; the last channel not kept as the running maximum when their count is known), and
-    for `threshold` every label's channel at or above it, the spec's later label winning where two
-    are above."""
+    gives them; the last channel not kept as the running maximum when their count is known; in
+    blocks of planes on the usable CPUs, up to 40 channels), and for `threshold` every label's
+    channel at or above it, the spec's later label winning where two are above."""
     from inference.pipeline import _above_threshold
-    from inference.resample import first_argmax
+    from inference.resample import argmax_in_blocks, first_argmax
 
     rng = np.random.default_rng(3)
     for channels in (1, 2, 3, 5):
@@ -1728,6 +1728,10 @@ def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
             assert np.array_equal(first_argmax(iter(views)), np.argmax(stack, axis=0)), channels
             assert np.array_equal(first_argmax(iter(views), channels), np.argmax(stack, axis=0)), channels
             assert np.array_equal(np.stack(views), stack, equal_nan=True)  # the channels given are only read
+    for channels, planes in ((2, 3), (12, 21), (40, 9)):  # in blocks of planes on the usable CPUs (over 2^18 voxels)
+        stack = rng.integers(0, 4, (channels, planes, 120, 111)).astype(np.float32) / 4
+        stack[rng.random(stack.shape) < 0.01] = np.nan
+        assert np.array_equal(argmax_in_blocks(stack[:, ::-1]), np.argmax(stack[:, ::-1], axis=0)), channels
     code = {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"}
     spec = threshold_spec(labels=[{"value": v, "name": f"L{v}", "category": code, "type": code} for v in (2, 1)],
                           postprocessing={"mode": "threshold", "threshold": 0.5})
@@ -1812,6 +1816,8 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     assert np.count_nonzero(expected == 255) > 8
     with pytest.raises(ValueError, match="over 256 channels"):
         first_argmax(iter(np.zeros((257, 2), np.float32)))
+    monkeypatch.setattr(module, "UNDECIDED_CHUNK", 1 << 20)  # (one round)
+    monkeypatch.setattr(module, "UNDECIDED_VALUES", 1 << 20)
     interpolated: list[int] = []  # a ball on a 2x finer grid: only the voxels along its surface interpolated
     interpolate, argmax_at = ndimage.map_coordinates, module._argmax_at  # (scipy: once per channel)
     monkeypatch.setattr(ndimage, "map_coordinates", lambda c, points, **kw: (
@@ -1826,8 +1832,12 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     assert 0 < sum(interpolated) < 0.15 * expected.size, sum(interpolated)
     by_channel = sum(interpolated)  # where each can win (an activation given): the same voxels
     interpolated.clear()
-    assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38), activation=lambda v: v), expected)
-    assert sum(interpolated) == by_channel
+    activated: list[int] = []  # the activation applied to the voxels read around those, not the grid
+    assert np.array_equal(resample_argmax(channels, np.eye(4), finer, (38, 38, 38),
+                                          activation=lambda v: (activated.append(v.shape[1]), v)[1]), expected)
+    cube = np.ones((3, 3, 3), bool)
+    shell = ndimage.binary_dilation(ball, cube) & ~ndimage.binary_erosion(ball, cube)  # next to its surface
+    assert sum(interpolated) == by_channel and 0 < sum(activated) <= np.count_nonzero(shell), sum(activated)
     interpolated.clear()
     reach: Counter = Counter()  # trials by padding, partly or wholly beyond the source, interpolated
     for trial in range(80):  # whole voxels (a model without a spacing step), flipped and permuted, partly or
