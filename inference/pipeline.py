@@ -39,7 +39,8 @@ from inference.windows import sliding_window
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A broken model's output (an FP16 overflow, an export gone wrong), failed by name: read on, it gave
 # no labels at all (nothing found, as the radiologist would see it) or some wherever a box fell
-NOT_NUMBERS = "model {} answered NaN (not a number), or infinities of both signs: no result can be read from it"
+NOT_NUMBERS = ("model {} answered NaN (not a number), infinities of both signs, or an infinity under its softmax (whose"
+               " probabilities are NaN there): no result can be read from it")
 
 
 @dataclass
@@ -211,7 +212,8 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
                                 predictor, spec.preprocessing.overlap, spec.preprocessing.blend)
     seconds["inference"] = time.perf_counter() - start
     seconds["model"] = calls.seconds
-    if torch.isnan(logits.sum()):  # (one reduction, a NaN anywhere makes it one: 0.03 s at a CT's own grid)
+    total = logits.sum()  # (one reduction, a NaN anywhere makes it one: 0.03 s at a CT's own grid)
+    if torch.isnan(total) or (spec.output_activation == "softmax" and torch.isinf(total) and total > 0):
         raise BackendError(NOT_NUMBERS.format(spec.name))
 
     start = time.perf_counter()
@@ -237,17 +239,19 @@ def _labels_on_source(outputs: torch.Tensor, model_affine: torch.Tensor, volume:
     dilation's reach (what lies further out is background either way): on the whole model grid the
     dilation and labelling took 0.06-0.13 s of a job. Within a box, `argmax` interpolates only
     where the label can change (`resample_argmax`); `threshold` resamples each label's channel.
-    `argmax` takes the activation only where it interpolates (it keeps each voxel's order of
-    classes) where the model's voxels are the source's (there it needs none: an organ at a CT's own
-    grid, benchmarks.native_grid, back on the source grid in 0.37 s instead of 0.54 s) and where a
-    network has many classes (105 at 1.5 mm on a CT: 5.3-8.3 s for the whole softmax). Otherwise it
-    is applied whole, in place, first: over a few channels and an axis-aligned map, scipy
-    interpolates the boundaries channel by channel more quickly (`MANY_CHANNELS`).
+    `argmax` takes a softmax only where it interpolates (it keeps each voxel's order of classes, but
+    for classes within float32 rounding of each other) where the model's voxels are the source's
+    (there it needs none: an organ at a CT's own grid, benchmarks.native_grid, back on the source
+    grid in 0.37 s instead of 0.54 s) and where a network has many classes (105 at 1.5 mm on a CT:
+    5.3-8.3 s for the whole softmax). Otherwise the activation is applied whole, in place, first:
+    over a few channels and an axis-aligned map, scipy interpolates the boundaries channel by
+    channel more quickly (`MANY_CHANNELS`); saturated sigmoids tie in float32 where their logits do
+    not (sigmoid(20) and sigmoid(30) are both 1.0), and the labels are the sigmoids' argmax.
     """
     kind = map_kind(model_affine.numpy(), _LPS_TO_RAS @ volume.affine)
-    if spec.postprocessing.mode == "argmax" and (
+    if spec.postprocessing.mode == "argmax" and spec.output_activation == "softmax" and (
             kind == "whole voxels" or (kind == "axis-aligned" and spec.output_channels > MANY_CHANNELS)):
-        activation = _on_voxels(spec)
+        activation: Callable[[np.ndarray], np.ndarray] | None = _softmax
     else:
         _activation(outputs[None], spec)
         activation = None
@@ -322,13 +326,9 @@ def _resample_box(outputs: torch.Tensor, model_affine: np.ndarray, lo: np.ndarra
     copy_in_blocks(target, found, nonzero_only=True)  # (`found` possibly a view in the model's axis order)
 
 
-def _on_voxels(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The output activation over (class, voxels) values: for the voxels the way back interpolates."""
-    if spec.output_activation == "softmax":
-        return lambda values: torch.softmax(torch.from_numpy(values), dim=0).numpy()
-    if spec.output_activation == "sigmoid":
-        return lambda values: torch.sigmoid(torch.from_numpy(values)).numpy()
-    return None
+def _softmax(values: np.ndarray) -> np.ndarray:
+    """The softmax over (class, voxels) values: for the voxels the way back interpolates."""
+    return torch.softmax(torch.from_numpy(values), dim=0).numpy()
 
 
 def _named_only(found: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -390,9 +390,9 @@ def classify(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Classif
         raise BackendError(f"model {spec.name} answered an input of shape {tuple(resized[None].shape)} with an output"
                            f" of shape {tuple(logits.shape)}: a classifier's output is (1, {spec.output_channels}),"
                            " a score per class")
-    if torch.isnan(logits).any():
-        raise BackendError(NOT_NUMBERS.format(spec.name))
     probabilities = _activation(logits, spec)[0].numpy()
+    if np.isnan(probabilities).any():  # (a NaN logit, or an infinity under a softmax)
+        raise BackendError(NOT_NUMBERS.format(spec.name))
     seconds["inference"] = time.perf_counter() - start
     seconds["model"] = calls.seconds
     return ClassificationResult(

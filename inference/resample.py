@@ -46,8 +46,8 @@ MIN_SLAB_VOXELS = 1 << 18
 # values) do not depend on the machine.
 MAX_SLABS = 4
 # Target voxels looked at per round for interpolation in `resample_argmax` (~70 bytes each interpolated), and
-# where `_argmax_at` interpolates them, the points times channels at once (at most ~60 bytes each: 10,000 points of
-# a 105-channel output).
+# where `_argmax_at` interpolates them, the points times channels at once (~45 bytes each where a cell holds several
+# points, up to ~120 where each holds one: at most 126 MB; 10,000 points of a 105-channel output).
 UNDECIDED_CHUNK = 1 << 20
 UNDECIDED_VALUES = 1 << 20
 # Channels over which `resample_argmax` interpolates where each can win (`_argmax_at`), not each one everywhere with
@@ -322,10 +322,11 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
 
     `activation`: ``channels`` are a model's raw outputs, and what is resampled is `activation` of
     them over the channel axis, (channels, voxels) -> the same shape. It must keep each voxel's
-    order of channels (softmax, sigmoid: the argmax of a voxel is read from its raw values, to
-    float32 ties), and is applied only to the voxels an interpolation reads: a softmax over the
-    whole of a 105-class network's output at 1.5 mm took 5.3 s of a CT's job. Not for oblique maps
-    (`map_kind`)."""
+    order of channels, ties included: the argmax of a voxel is read from its raw values (a softmax
+    of finite values does, but for values within float32 rounding of each other; not a sigmoid,
+    whose saturated values tie where their inputs differ). It is applied only to the voxels an
+    interpolation reads: a softmax over the whole of a 105-class network's output at 1.5 mm took
+    5.3 s of a CT's job. Not for oblique maps (`map_kind`)."""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
@@ -433,7 +434,8 @@ def _argmax_at(channels: np.ndarray, points: np.ndarray, padding: Padding, fill:
     reached = np.fmax(reached, mean)
     reached -= 1e-5 * np.abs(np.where(np.isfinite(reached), reached, 0.0))  # (a cell wholly beyond: inf)
     # a channel can win a point of the cell only if its most reaches that
-    candidate = (most >= reached) | np.isnan(most) | np.isnan(reached)  # (channel, cell)
+    # (or where it is not a number, or infinite at a corner: a weight of 0 makes that NaN, which wins, as in scipy)
+    candidate = (most >= reached) | ~np.isfinite(least) | np.isnan(reached)  # (channel, cell)
     candidate[:, beyond.all(axis=0)] = False
     candidate[0] = True
     # each cell's candidates in channel order, padded with its first (a tie goes to the first all the same)

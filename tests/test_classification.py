@@ -194,7 +194,7 @@ def test_shipped_classifier_on_fresh_synthetic_radiographs(tmp_path):
 def test_a_classifier_whose_output_is_not_a_score_per_class_fails_saying_so(tmp_path):
     """The probabilities are read a class at a time from the model's output: an output with a
     column more (or fewer) is the model's error, named, never scores given to the wrong classes;
-    and so is a NaN score."""
+    and so is a NaN score, or an infinite one under a softmax."""
     spec = load_spec(SHIPPED)
     backend = LocalBackend(SHIPPED / "1" / "model.onnx", spec)
     pixels, _ = chest_radiograph(np.random.default_rng(5), nodule=False)
@@ -216,6 +216,16 @@ def test_a_classifier_whose_output_is_not_a_score_per_class_fails_saying_so(tmp_
 
     with pytest.raises(BackendError, match=r"model chest-nodule-cls answered NaN \(not a number\)"):
         classify(volume, spec, NotANumber())
+
+    class Infinite:  # a softmax's score overflowing (FP16): its probabilities are NaN, never "the most probable"
+        def infer(self, batch):
+            return np.array([[np.inf, 0.0]], np.float32)
+
+    labels = [spec.labels[0], spec.labels[0].model_copy(update={"value": 2, "name": "Mass"})]
+    softmax = spec.model_copy(update={"output_activation": "softmax", "labels": labels})
+    with pytest.raises(BackendError, match=r"model chest-nodule-cls answered NaN \(not a number\), infinities of both"
+                                           r" signs, or an infinity under its softmax"):
+        classify(volume, softmax, Infinite())
 
 
 # -- SR and saliency objects -------------------------------------------------------------------

@@ -1007,6 +1007,26 @@ def test_a_label_found_below_the_usual_evidence_is_mapped_back(mode):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("classes", [4, 10])
+def test_saturated_sigmoids_tie_as_their_activation_does(classes):
+    """An argmax of sigmoids is the sigmoids' argmax, ties included: saturated, sigmoid(20) and
+    sigmoid(30) are both 1.0, and the first of the two wins everywhere, on the source's own grid and
+    on a finer one, however many classes (read from the logits, label 2 won where the corners
+    agreed and label 1 between them)."""
+    from inference import pipeline
+    from inference.volume import SeriesVolume
+
+    logits = np.full((classes, 8, 8, 8), -10.0, np.float32)
+    logits[(slice(1, 3), *(slice(2, 6),) * 3)] = [[[[20.0]]], [[[30.0]]]]
+    spec = _tissue_spec([1, 2], channels=classes).model_copy(update={"output_activation": "sigmoid"})
+    for spacing in (1.0, 0.5):  # (the model grid is the source's in RAS: whole voxels, then a grid twice as fine)
+        source = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.diag([spacing, spacing, spacing, 1.0])
+        shape = (int(8 / spacing),) * 3
+        volume = SeriesVolume(np.zeros(shape, dtype=np.int16), source, [], "1.2.3")
+        got = pipeline._labels_on_source(torch.from_numpy(logits.copy()), torch.eye(4), volume, spec)
+        assert set(np.unique(got)) == {0, 1} and np.count_nonzero(got) >= (4 / spacing) ** 3, (spacing, classes)
+
+
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 def test_labels_mapped_back_from_the_boxes_are_those_of_the_whole_model_grid_mapped_back(activation):
     """Only the boxes around the voxels where a named class beats the background are mapped back:
@@ -1345,9 +1365,12 @@ def test_a_segmentation_model_whose_output_is_not_its_windows_size_fails_the_job
             Answering())
 
 
-def test_a_model_answering_nan_fails_the_job_saying_so(tmp_path, model_repository):
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_model_answering_nan_fails_the_job_saying_so(tmp_path, model_repository, value):
     """One NaN in one window of a model's output (an FP16 overflow, a broken export) fails the job
-    naming the model: read on, it gave no labels there, or labels wherever a box fell."""
+    naming the model: read on, it gave no labels there, or labels wherever a box fell. So does an
+    infinity under a softmax (its probabilities are NaN there; read on lazily, its class); minus
+    infinity is a probability of 0 (a log-softmax's), and the job goes on."""
     files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
     backend = _local(model_repository)
     calls: list[int] = []
@@ -1357,14 +1380,18 @@ def test_a_model_answering_nan_fails_the_job_saying_so(tmp_path, model_repositor
             answer = backend.infer(batch)
             calls.append(1)
             if len(calls) == 3:
-                answer[0, 1, 5, 6, 7] = np.nan
+                answer[0, 1, 5, 6, 7] = value
             return answer
 
-    with pytest.raises(BackendError, match=r"model threshold answered NaN \(not a number\), or infinities of both"
-                                           r" signs: no result can be read from it"):
-        segment(load_series(read_series(files)), threshold_spec(preprocessing={
-            "orientation": "RAS", "intensity": {"window": list(WINDOW)}, "patch_size": [16, 16, 16], "batch_size": 2}),
-            Answering())
+    spec = threshold_spec(preprocessing={"orientation": "RAS", "intensity": {"window": list(WINDOW)},
+                                         "patch_size": [16, 16, 16], "batch_size": 2})
+    if value < 0:
+        assert segment(load_series(read_series(files)), spec, Answering()).labels.any()
+        return
+    with pytest.raises(BackendError, match=r"model threshold answered NaN \(not a number\), infinities of both"
+                                           r" signs, or an infinity under its softmax \(whose probabilities are NaN"
+                                           r" there\): no result can be read from it"):
+        segment(load_series(read_series(files)), spec, Answering())
     assert len(calls) > 3  # (the windows ran on: the whole output is read once, after)
 
 
@@ -1799,6 +1826,11 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     oblique[:3, :3] = np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
     with pytest.raises(ValueError, match="only where the map is axis-aligned"):  # (the pipeline activates it whole)
         resample_argmax(channels, np.eye(4), oblique, (4, 4, 4), activation=lambda v: v)
+    infinite = np.full((10, 3, 1, 1), -100.0, np.float32)  # minus infinity at a corner weighed 0: NaN, which wins
+    infinite[1:4, :, 0, 0] = [[0, 5, 10], [0, 10, 5], [-50, 0, -np.inf]]
+    half = np.diag([0.5, 1, 1, 1.0])
+    expected = first_argmax(iter(resampled_whole(infinite, np.eye(4), half, (5, 1, 1))))
+    assert np.array_equal(resample_argmax(infinite, np.eye(4), half, (5, 1, 1)), expected) and 3 in expected
     channels = np.zeros((2, 6, 6, 6), np.float32)
     channels[1] = 1.0
     channels[:, 3, 3, 3] = np.nan  # a NaN logit's softmax
