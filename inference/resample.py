@@ -213,7 +213,7 @@ def _whole_voxel_overlap(scale: np.ndarray, offset: np.ndarray, shape: list[int]
     target, window = [], []
     for step, start, n, size in zip(scale, offset, shape, source):
         first = float(start)
-        if abs(abs(step) - 1) > 1e-9 or abs(first - round(first)) > 1e-6:
+        if not _whole_step(step, first):
             return None
         first_i = int(round(first))  # target index o reads source index first_i + step * o
         if step > 0:
@@ -294,8 +294,13 @@ def map_kind(source_affine: np.ndarray, target_affine: np.ndarray) -> MapKind:
     if order is None:
         return "oblique"
     scale, _ = _in_source_order(linear, order, (1, 1, 1))
-    whole = all(abs(abs(step) - 1) <= 1e-9 and abs(start - round(start)) <= 1e-6 for step, start in zip(scale, offset))
-    return "whole voxels" if whole else "axis-aligned"
+    return "whole voxels" if all(_whole_step(step, start) for step, start in zip(scale, offset)) else "axis-aligned"
+
+
+def _whole_step(step: float, start: float) -> bool:
+    """Whether an axis of a diagonal map goes from voxel centre to voxel centre: a step of +-1 from a
+    whole-voxel start (to the affines' rounding)."""
+    return abs(abs(step) - 1) <= 1e-9 and abs(start - round(start)) <= 1e-6
 
 
 def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
