@@ -17,6 +17,7 @@ own size (a segmentation model's logits), no buffering across devices.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -71,6 +72,15 @@ def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: in
     if any(short):
         output = output[(slice(None), slice(None), *(slice(m // 2, m // 2 + n) for m, n in zip(short, given)))]
     return output
+
+
+def output_bytes(roi_size: Sequence[int], given: Sequence[int], channels: int) -> tuple[int, tuple[int, ...]]:
+    """The bytes of `sliding_window`'s output over an image of spatial size `given` (its one
+    volume-sized array: float32, a value per channel and voxel, a side shorter than a window
+    padded to it while the windows run), and that padded size."""
+    roi = fall_back_tuple(roi_size, given)
+    size = tuple(max(int(window), int(n)) for window, n in zip(roi, given))
+    return channels * math.prod(size) * 4, size
 
 
 def _scan_interval(roi: tuple[int, ...], overlap: float) -> tuple[int, ...]:

@@ -491,6 +491,9 @@ class PipelineConfig(Strict):
     read_ahead_headers: int = Field(
         1000, ge=0, description="headers of the series a rule will run a model on, parsed while their study"
         " waits out its quiet period and held for its job (at most this many in all; 0: none)")
+    interrupted_runs: int = Field(
+        2, ge=1, description="a job its node died running this many times (killed for memory, a crash) fails"
+        " instead of running again at every start (`dicom-node jobs retry` runs it again)")
 
 
 class LoggingConfig(Strict):

@@ -54,6 +54,7 @@ LIVE_KEYS = (
     "inference.retry_max_s",
     "inference.retry_deadline_s",
     "pipeline.read_ahead_headers",
+    "pipeline.interrupted_runs",
     "storage.retention",
     "storage.min_free_mb",
     "http.max_upload_mb",

@@ -15,43 +15,19 @@ import pytest
 from common.cpus import cpu_quota, usable_cpus
 from node.config import NodeConfig
 from node.receive.launch import launched_ahead
-from tests.cgroups import cpu_quota_cgroup, skip_unless_two_cpus
+from tests.cgroups import cpu_quota_cgroup, device_of, fake_proc, skip_unless_two_cpus, write_files
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _proc(tmp_path: Path, cgroup: str, mounts: list[tuple[str, str, str, str]]) -> Path:
-    """A fake /proc/self: its cgroup file, and a mountinfo with (root, mount point, type, super
-    options) per mount, mount points under tmp_path, each on tmp_path's device (as a mount's
-    folder is on its own)."""
-    proc = tmp_path / "proc"
-    proc.mkdir()
-    (proc / "cgroup").write_text(cgroup)
-    lines = [f"{30 + k} 23 {_device(tmp_path)} {root} {tmp_path / point} rw,relatime - {kind} {kind} {options}"
-             for k, (root, point, kind, options) in enumerate(mounts)]
-    (proc / "mountinfo").write_text("\n".join(["22 1 8:1 / / rw - ext4 /dev/sda1 rw", *lines]) + "\n")
-    return proc
-
-
-def _device(folder: Path) -> str:
-    device = os.stat(folder).st_dev
-    return f"{os.major(device)}:{os.minor(device)}"
-
-
-def _write(folder: Path, **files: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (folder / name.replace("_", ".", 1)).write_text(text + "\n")
 
 
 def test_a_v2_quota_on_an_ancestor_limits_the_cgroup_below_it(tmp_path):
     """systemd's CPUQuota= on a slice, the service in a cgroup below it without one: the tightest
     quota on the way up counts, rounded up to whole CPUs."""
-    proc = _proc(tmp_path, "0::/system.slice/node.service\n", [("/", "unified", "cgroup2", "rw")])
-    _write(tmp_path / "unified" / "system.slice", cpu_max="150000 100000")
-    _write(tmp_path / "unified" / "system.slice" / "node.service", cpu_max="max 100000")
+    proc = fake_proc(tmp_path, "0::/system.slice/node.service\n", [("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "unified" / "system.slice", cpu_max="150000 100000")
+    write_files(tmp_path / "unified" / "system.slice" / "node.service", cpu_max="max 100000")
     assert cpu_quota(proc) == 2
-    _write(tmp_path / "unified" / "system.slice" / "node.service", cpu_max="50000 100000")
+    write_files(tmp_path / "unified" / "system.slice" / "node.service", cpu_max="50000 100000")
     assert cpu_quota(proc) == 1
 
 
@@ -59,44 +35,44 @@ def test_a_v1_container_sees_its_own_cgroup_at_the_mount_point(tmp_path):
     """Docker on cgroup v1 mounts the container's own cgroup (root /docker/<id>) at
     /sys/fs/cgroup/cpu,cpuacct while /proc/self/cgroup names the full path; a hybrid host's
     unified hierarchy without the cpu controller says nothing."""
-    proc = _proc(tmp_path, "5:cpuacct,cpu:/docker/abc\n4:memory:/docker/abc\n0::/\n", [
+    proc = fake_proc(tmp_path, "5:cpuacct,cpu:/docker/abc\n4:memory:/docker/abc\n0::/\n", [
         ("/docker/abc", "cpu,cpuacct", "cgroup", "rw,cpuacct,cpu"),
         ("/docker/abc", "memory", "cgroup", "rw,memory"),
         ("/", "unified", "cgroup2", "rw"),
     ])
-    _write(tmp_path / "cpu,cpuacct", cpu_cfs_quota_us="250000", cpu_cfs_period_us="100000")
-    _write(tmp_path / "memory", cpu_cfs_quota_us="10000", cpu_cfs_period_us="100000")  # not the cpu hierarchy
-    _write(tmp_path / "unified")
+    write_files(tmp_path / "cpu,cpuacct", cpu_cfs_quota_us="250000", cpu_cfs_period_us="100000")
+    write_files(tmp_path / "memory", cpu_cfs_quota_us="10000", cpu_cfs_period_us="100000")  # not the cpu hierarchy
+    write_files(tmp_path / "unified")
     assert cpu_quota(proc) == 3
 
 
 def test_v1_without_a_quota_says_minus_one_and_a_child_may_have_one(tmp_path):
     """v1 writes -1 for "no quota" (every hierarchy's root has it): no quota there, and the
     child's quota counts."""
-    proc = _proc(tmp_path, "3:cpu,cpuacct:/node\n", [("/", "cpu", "cgroup", "rw,cpu,cpuacct")])
-    _write(tmp_path / "cpu", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
-    _write(tmp_path / "cpu" / "node", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    proc = fake_proc(tmp_path, "3:cpu,cpuacct:/node\n", [("/", "cpu", "cgroup", "rw,cpu,cpuacct")])
+    write_files(tmp_path / "cpu", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
+    write_files(tmp_path / "cpu" / "node", cpu_cfs_quota_us="-1", cpu_cfs_period_us="100000")
     assert cpu_quota(proc) is None and usable_cpus(proc) == len(os.sched_getaffinity(0))
-    _write(tmp_path / "cpu" / "node", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    write_files(tmp_path / "cpu" / "node", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
     assert cpu_quota(proc) == 1 and usable_cpus(proc) == 1
 
 
 def test_a_mount_whose_folder_shows_another_device_is_hidden(tmp_path):
     """A cgroup mount hidden by a later mount on its folder or on one above it: its folder is on
     another device than mountinfo says, and what is there counts for nothing."""
-    proc = _proc(tmp_path, "3:cpu:/\n", [("/", "cpu", "cgroup", "rw,cpu")])
-    _write(tmp_path / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    proc = fake_proc(tmp_path, "3:cpu:/\n", [("/", "cpu", "cgroup", "rw,cpu")])
+    write_files(tmp_path / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
     assert cpu_quota(proc) == 1
     text = (proc / "mountinfo").read_text()
-    (proc / "mountinfo").write_text(text.replace(f" {_device(tmp_path)} / {tmp_path}/cpu ", f" 0:999 / {tmp_path}/cpu "))
+    (proc / "mountinfo").write_text(text.replace(f" {device_of(tmp_path)} / {tmp_path}/cpu ", f" 0:999 / {tmp_path}/cpu "))
     assert cpu_quota(proc) is None
 
 
 def test_a_mount_point_with_an_escaped_space_and_one_mounted_over_again(tmp_path):
     """mountinfo writes a space in a path as \\040; a mount point mounted over again (here by a
     tmpfs) hides the cgroup mounted there before."""
-    proc = _proc(tmp_path, "3:cpu:/\n", [("/", "cpu\\040quota", "cgroup", "rw,cpu")])
-    _write(tmp_path / "cpu quota", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    proc = fake_proc(tmp_path, "3:cpu:/\n", [("/", "cpu\\040quota", "cgroup", "rw,cpu")])
+    write_files(tmp_path / "cpu quota", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
     assert cpu_quota(proc) == 1
     with open(proc / "mountinfo", "a") as mountinfo:
         mountinfo.write(f"40 23 0:40 / {tmp_path}/cpu\\040quota rw - tmpfs tmpfs rw\n")
@@ -107,15 +83,15 @@ def test_a_cgroup_outside_its_namespace_root_is_no_quota_and_a_path_not_in_utf8_
     """/proc/self/cgroup says /../sibling for a process outside its cgroup namespace's root:
     nothing above it is visible, and the root's quota is not an ancestor's. A mount point in
     Latin-1 is read as the file system's own bytes."""
-    proc = _proc(tmp_path, "0::/../sibling\n", [("/", "unified", "cgroup2", "rw")])
-    _write(tmp_path / "unified", cpu_max="50000 100000")
-    _write(tmp_path / "sibling", cpu_max="50000 100000")
+    proc = fake_proc(tmp_path, "0::/../sibling\n", [("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "unified", cpu_max="50000 100000")
+    write_files(tmp_path / "sibling", cpu_max="50000 100000")
     assert cpu_quota(proc) is None
     latin1 = os.fsencode(tmp_path) + b"/caf\xe9"
     os.mkdir(latin1)
     with open(latin1 + b"/cpu.max", "wb") as quota:
         quota.write(b"50000 100000\n")
-    (proc / "mountinfo").write_bytes(b"30 23 " + _device(tmp_path).encode() + b" / " + latin1 + b" rw - cgroup2 cgroup2 rw\n")
+    (proc / "mountinfo").write_bytes(b"30 23 " + device_of(tmp_path).encode() + b" / " + latin1 + b" rw - cgroup2 cgroup2 rw\n")
     (proc / "cgroup").write_text("0::/\n")
     assert cpu_quota(proc) == 1
 
@@ -123,15 +99,15 @@ def test_a_cgroup_outside_its_namespace_root_is_no_quota_and_a_path_not_in_utf8_
 @pytest.mark.parametrize("quota", ["max 100000", "-1", "", "garbage", "0 100000", "100000 0"])
 def test_no_quota_or_an_unreadable_one_is_none(tmp_path, quota):
     """`max`, v1's -1, an empty, malformed or zero file: no quota, and no exception."""
-    proc = _proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
-    _write(tmp_path / "unified", cpu_max=quota)
+    proc = fake_proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "unified", cpu_max=quota)
     assert cpu_quota(proc) is None
     assert usable_cpus(proc) == len(os.sched_getaffinity(0))
 
 
 def test_a_cgroup_outside_the_mounted_part_or_no_proc_files_is_no_quota(tmp_path):
-    proc = _proc(tmp_path, "3:cpu:/elsewhere\n", [("/docker/abc", "cpu", "cgroup", "rw,cpu")])
-    _write(tmp_path / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
+    proc = fake_proc(tmp_path, "3:cpu:/elsewhere\n", [("/docker/abc", "cpu", "cgroup", "rw,cpu")])
+    write_files(tmp_path / "cpu", cpu_cfs_quota_us="50000", cpu_cfs_period_us="100000")
     assert cpu_quota(proc) is None
     assert cpu_quota(tmp_path / "no-such-proc") is None
 
@@ -139,8 +115,8 @@ def test_a_cgroup_outside_the_mounted_part_or_no_proc_files_is_no_quota(tmp_path
 def test_a_quota_below_the_affinity_sizes_the_receivers_and_those_launched_ahead(tmp_path, monkeypatch):
     """scp.workers 0: two receivers per usable CPU; launched ahead of the service's imports, one
     per usable CPU besides the service's (launch.launched_ahead)."""
-    proc = _proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
-    _write(tmp_path / "unified", cpu_max="100000 100000")
+    proc = fake_proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "unified", cpu_max="100000 100000")
     assert usable_cpus(proc) == 1
     monkeypatch.setattr("node.config.usable_cpus", lambda: usable_cpus(proc))
     assert NodeConfig.model_validate({"scp": {"workers": 0}}).scp.worker_count() == 2

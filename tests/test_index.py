@@ -532,12 +532,34 @@ def test_an_expired_lease_is_taken_over_by_a_replica_and_the_old_holder_can_no_l
         db.execute("UPDATE work_items SET lease_until=lease_until-10 WHERE id=?", (job_id,))
     assert alive.claimable()
     taken = alive.claim(now=later)
-    assert (taken.id, taken.state, taken.attempts) == (job_id, JobState.RUNNING, 2)
+    assert (taken.id, taken.state, taken.attempts, taken.interruptions) == (job_id, JobState.RUNNING, 2, 1)
     with pytest.raises(IllegalTransition, match="another node process's lease"):
         dead.finish(job_id)
     assert dead.renew_leases() == 0
     alive.finish(job_id)
     assert alive.get(job_id).state is JobState.DONE
+
+
+def test_a_node_dying_under_a_job_counts_against_it_and_a_stop_or_a_retry_does_not(index):
+    """A job its node died running is counted (a start's requeue, a replica's take-over): the
+    runner fails it at `pipeline.interrupted_runs` (tests/test_jobs.py). A stop queues this
+    process's running jobs again without counting; an operator's retry clears the count."""
+    first, second = _completed_jobs(index, 2)
+    node, other = JobStore(index, owner="node-a"), JobStore(index, owner="node-b")
+    assert node.claim().id == first
+    assert other.release_running() == [] and node.get(first).state is JobState.RUNNING  # another process's
+    assert node.release_running() == [first]
+    released = node.get(first)
+    assert (released.state, released.interruptions, released.attempts) == (JobState.QUEUED, 0, 1)
+    assert [node.claim().id, node.claim().id] == [first, second]
+    for dead in (1, 2):  # the node dies with both running; its next start requeues them
+        assert JobStore(index, owner=f"node-a-{dead}").requeue_running() == 2
+        assert [(j.state, j.interruptions) for j in map(node.get, (first, second))] == [(JobState.QUEUED, dead)] * 2
+        assert {node.claim().id, node.claim().id} == {first, second}
+    node.fail(first, "the node stopped 2 times while this job ran")
+    assert node.retry(first) == 1
+    assert (node.get(first).state, node.get(first).interruptions, node.get(second).interruptions) == (
+        JobState.QUEUED, 0, 2)
 
 
 def test_a_delivery_is_sent_by_one_replica_and_taken_over_when_its_lease_expires(index, tmp_path):

@@ -189,7 +189,7 @@ def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_p
     # the first attempt may run before the job's own transition to done commits
     wait_for(lambda: jobs_of(node, study_uid)[0].state is not JobState.RUNNING)
     job = jobs_of(node, study_uid)[0]
-    assert job.state is JobState.DONE and job.attempts == 2
+    assert (job.state, job.attempts, job.interruptions) == (JobState.DONE, 2, 1)
     node.kill_all()  # mid-send: the delivery was tried (Orthanc is down) and is still pending
 
     pacs.start()
@@ -207,6 +207,69 @@ def test_crash_mid_job_and_mid_send_delivers_once_with_the_same_uids(pair, tmp_p
     assert found["SR"][0].SOPInstanceUID == uids.instance("SR", "BINARY-full")
     assert found["SEG"][0].SeriesInstanceUID == uids.series("SEG")
     assert len(jobs_of(node)) == 1
+
+
+def _stuck_repository(root: Path, model_repository: Path) -> Path:
+    """The test models and "stuck": the threshold model over 16^3 windows a voxel apart, one a
+    call (216,513 calls over a 48x96x96 series: minutes), so that a stop or a kill finds its job
+    running."""
+    from inference.export.repository import export_onnx, write_entry
+    from tests.models import ThresholdNet, threshold_spec
+
+    root.mkdir()
+    for entry in model_repository.iterdir():
+        (root / entry.name).symlink_to(entry)
+    spec = threshold_spec(name="stuck", preprocessing={
+        "orientation": "RAS", "intensity": {"window": [-1000.0, 1000.0]}, "patch_size": [16, 16, 16],
+        "overlap": 0.95, "batch_size": 1})
+    export_onnx(ThresholdNet(), root / "stuck.onnx", spec, (16, 16, 16))
+    write_entry(root, spec, root / "stuck.onnx")
+    return root
+
+
+def test_a_job_its_node_dies_running_twice_fails_and_the_node_goes_on(pair, tmp_path, model_repository):
+    """A job that kills its node (the kernel's OOM killer, a container's memory limit) was run
+    again at every start: a crash loop in which no other study was processed. The node dying
+    under it counts; a stop (SIGTERM) does not: the job is queued again as the node stops."""
+    routing = {"rules": [
+        {"name": "stuck", "match": {"tag": "SeriesDescription", "equals": "Stuck"},
+         "actions": {"run": ["stuck"], "send_to": ["pacs"]}},
+        ROUTING["rules"][0]]}
+    node, pacs = pair(routing=routing, pipeline={"workers": 1},
+                      inference={"model_repository": str(_stuck_repository(tmp_path / "models", model_repository))})
+    files, study_uid = sphere_study(tmp_path / "study", "PAT-S", slices=48, size=96, centre=(24, 48, 48),
+                                   series_description="Stuck")
+    send(node, files)
+
+    def in_inference() -> bool:
+        jobs = jobs_of(node, study_uid)
+        return bool(jobs) and jobs[0].state is JobState.RUNNING and jobs[0].stage == "inference"
+
+    wait_for(in_inference, timeout=120)
+    node.stop()
+    job = jobs_of(node, study_uid)[0]
+    assert (job.state, job.interruptions, job.attempts) == (JobState.QUEUED, 0, 1)
+    assert node.events("jobs_released")[-1]["jobs"] == [job.id]
+    for dead in (1, 2):
+        node.start()
+        wait_for(lambda: in_inference() and jobs_of(node, study_uid)[0].attempts == dead + 1, timeout=120)
+        node.kill_all()
+    node.start()
+    failed = wait_job(node, study_uid, {"failed", "done"}, timeout=120)
+    assert (failed.state, failed.interruptions, failed.attempts) == (JobState.FAILED, 2, 4)
+    assert failed.reason == (
+        "the node stopped 2 times while this job ran (last in its inference stage), killed or crashed: it is not"
+        " run again, as it may be what stops the node (killed for memory: see the kernel's log); `dicom-node jobs"
+        f" retry {failed.id}` runs it again")
+
+    other_files, other_uid = sphere_study(tmp_path / "other", "PAT-OTHER")  # the node goes on
+    send(node, other_files)
+    assert len(wait_results(pacs, other_uid)["SEG"]) == 1
+    retry = subprocess.run([str(VENV_BIN / "dicom-node"), "jobs", "retry", str(failed.id), "--config",
+                            str(node.config_path)], capture_output=True, text=True, timeout=120)
+    assert retry.returncode == 0, retry.stderr
+    wait_for(in_inference, timeout=120)  # the count cleared: it runs again
+    assert jobs_of(node, study_uid)[0].interruptions == 0
 
 
 def test_identical_resend_after_delivery_sends_nothing_new(pair, tmp_path):
@@ -366,6 +429,7 @@ def test_malformed_birth_date_neither_fails_the_job_nor_leaks(pair, tmp_path):
 
 def test_failure_reasons_quote_no_source_values_and_classify_transience():
     from inference.backends.base import BackendError, BackendUnavailable
+    from inference.errors import MemoryTaken, NotEnoughMemory
     from node.jobs.failures import JobError, describe, is_transient
 
     try:
@@ -376,6 +440,10 @@ def test_failure_reasons_quote_no_source_values_and_classify_transience():
     assert describe(JobError("series 1.2.3 has no stored instances"), "load") == "load: series 1.2.3 has no stored instances"
     assert is_transient(BackendUnavailable("Triton at 127.0.0.1:1 is not ready"))
     assert not is_transient(BackendError("model 'nope' version 1 is not ready (models there: threshold)"))
+    # a model's output that cannot fit in the node's memory at all fails; one that could, were other use gone, waits
+    assert not is_transient(NotEnoughMemory("model m's output needs 9.0 GiB"))
+    assert is_transient(MemoryTaken("model m's output needs 1.0 GiB"))
+    assert describe(MemoryTaken("model m's output needs 1.0 GiB"), "inference") == "inference: model m's output needs 1.0 GiB"
 
 
 def test_routing_failure_completes_the_study_with_a_failed_job_and_newer_completions_supersede(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
 
 from inference.backends.base import BackendError, BackendUnavailable
-from inference.errors import SeriesChanged, SeriesError
+from inference.errors import MemoryTaken, NotEnoughMemory, SeriesChanged, SeriesError
 from node.store.spool import OutOfSpace
 
 
@@ -32,10 +32,11 @@ class Superseded(Exception):
 
 # Failures that may go away by themselves: the job waits and tries again (OperationalError: the
 # index busy or locked past its timeout; PoolTimeout: no connection, or the index's write lock
-# held in this process, past the wait; SeriesChanged: an instance resent while it was read).
-TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, PoolTimeout, SeriesChanged)
+# held in this process, past the wait; SeriesChanged: an instance resent while it was read;
+# MemoryTaken: a model's output fits in the node's memory, but not in what is free now).
+TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, PoolTimeout, SeriesChanged, MemoryTaken)
 # Exceptions whose messages the node writes itself, without source values.
-_OWN_MESSAGES = (JobError, BackendError, SeriesError)
+_OWN_MESSAGES = (JobError, BackendError, SeriesError, NotEnoughMemory)
 
 
 def is_transient(exc: BaseException) -> bool:

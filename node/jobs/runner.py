@@ -103,9 +103,16 @@ class JobRunner:
         self._wanted.set()
         self._wake.set()
         for thread in self._threads:
-            # A job still running is left to the next start, which runs it again (same outputs,
-            # same UIDs): stopping does not wait for a model.
+            # A job still running is queued again for the next start (or another replica), which
+            # runs it again (same outputs, same UIDs): stopping does not wait for a model.
             thread.join(1.0)
+        try:  # queued again, not counted as the node dying under them (JobStore.release_running)
+            released = self.jobs.release_running()
+        except Exception as exc:  # noqa: BLE001 - the stop goes on; the next start requeues them
+            logs.event(log, "job_release_failed", logging.WARNING, error=type(exc).__name__)
+        else:
+            if released:
+                logs.event(log, "jobs_released", jobs=released)
         if not any(thread.is_alive() for thread in self._threads):
             self.backends.close()
 
@@ -259,6 +266,11 @@ class JobRunner:
         send_failure_notices(self, job, reason)
 
     def _execute(self, job: Job, progress: Progress) -> None:
+        if job.interruptions >= self.config.pipeline.interrupted_runs:
+            raise JobError(f"the node stopped {job.interruptions} times while this job ran (last in its"
+                           f" {job.stage or 'first'} stage), killed or crashed: it is not run again, as it may be"
+                           f" what stops the node (killed for memory: see the kernel's log); `dicom-node jobs retry"
+                           f" {job.id}` runs it again")
         view = study_from_index(self.index, job.study_uid, self.data_dir)
         if view is None:
             raise JobError(f"study {job.study_uid} has no stored instances")

@@ -9,8 +9,12 @@ States and the only transitions between them (TRANSITIONS below):
   or `ignored` when the study completed again while it ran (a newer job processes it: this one
   stops at its next stage instead of delivering an outdated result set);
 - `waiting` -> `running` when due, `failed` past its retry deadline;
-- `running` -> `queued` at start-up (the node died while it ran: it runs again), or when the
-  lease of the node process running it expired (a replica died: another takes the job over);
+- `running` -> `queued` when the node stops with the job unfinished (it runs again at the next
+  start, or on another replica); at start-up (the node died while it ran: it runs again), or when
+  the lease of the node process running it expired (a replica died: another takes the job over).
+  Those two count as interruptions: a job its node died running `pipeline.interrupted_runs`
+  times is failed when next claimed (node.jobs.runner), not run again: killed for memory, it
+  would kill its node at every start and no other study would be processed;
 - `failed`, `ignored`, `waiting` -> `queued` (`dicom-node jobs retry`).
 
 A transition is one UPDATE guarded by the states it may leave from: a second worker, a CLI retry
@@ -85,6 +89,7 @@ class Job:
     stages: dict[str, tuple[float, float]] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
     completed_by: str | None = None  # what completed the study: quiet_period, mpps, ian (None: an older release's job)
+    interruptions: int = 0  # times the node died while it ran (JobStore.requeue_running, a take-over)
 
     def stage_seconds(self) -> dict[str, float]:
         return {name: round(end - start, 3) for name, (start, end) in self.stages.items()}
@@ -167,7 +172,7 @@ class JobStore:
             if row is None:
                 return None
             if row["state"] == JobState.RUNNING.value:  # its node process died (or stalls): take it over
-                self._move(db, row["id"], JobState.QUEUED, now, only_from=(JobState.RUNNING,))
+                self._move(db, row["id"], JobState.QUEUED, now, only_from=(JobState.RUNNING,), interrupted=True)
                 logs.event(log, "job_taken_over", logging.WARNING, job=row["id"], lease_owner=row["lease_owner"])
             self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1, lease_owner=self.owner,
                        lease_until=lease_now + self.lease_s)
@@ -255,12 +260,25 @@ class JobStore:
 
     def requeue_running(self) -> int:
         """At start-up of a single node: jobs that were running when it died run again (from their
-        last stage). Replicas sharing an index wait for the leases to expire instead."""
+        last stage), each with one interruption more. Replicas sharing an index wait for the
+        leases to expire instead."""
         with self.index.transaction() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM work_items WHERE state=?", (JobState.RUNNING.value,))]
             for job_id in ids:
-                self._move(db, job_id, JobState.QUEUED, time.time(), only_from=(JobState.RUNNING,))
+                self._move(db, job_id, JobState.QUEUED, time.time(), only_from=(JobState.RUNNING,), interrupted=True)
             return len(ids)
+
+    def release_running(self) -> list[int]:
+        """At a stop: this process's jobs still running are queued again, not interrupted (a
+        stop, an upgrade, is no sign that a job kills its node); another replica may take them
+        at once. Their threads, left to end with the process, can no longer move them."""
+        with self.index.transaction(claim=True) as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM work_items WHERE state=? AND lease_owner=?",
+                                               (JobState.RUNNING.value, self.owner))]
+            for job_id in ids:
+                self._move(db, job_id, JobState.QUEUED, time.time(), only_from=(JobState.RUNNING,), owner=self.owner,
+                           lease_until=None)
+            return ids
 
     def next_due(self) -> float | None:
         """When the earliest waiting job is due (for the scheduler)."""
@@ -284,7 +302,7 @@ class JobStore:
             for one in ids:
                 try:
                     self._move(db, one, JobState.QUEUED, now, only_from=retryable, reason=None, next_attempt=None,
-                               retry_deadline=None)
+                               retry_deadline=None, interruptions=0)
                     moved += 1
                 except IllegalTransition:
                     if job_id is not None:
@@ -311,12 +329,14 @@ class JobStore:
 
     @staticmethod
     def _move(db: Db, job_id: int, target: JobState, now: float, attempts_plus: int = 0,
-              only_from: tuple[JobState, ...] | None = None, owner: str | None = None, **columns: object) -> None:
+              only_from: tuple[JobState, ...] | None = None, owner: str | None = None, interrupted: bool = False,
+              **columns: object) -> None:
         """Move a job to `target` from any state allowed to go there (or only from `only_from`);
-        with `owner`, a running job only while that process holds its lease."""
+        with `owner`, a running job only while that process holds its lease; `interrupted`: its
+        node died while it ran."""
         sources = [s.value for s, targets in TRANSITIONS.items()
                    if target in targets and (only_from is None or s in only_from)]
-        sets = "".join(f", {name}=?" for name in columns)
+        sets = "".join(f", {name}=?" for name in columns) + (", interruptions=interruptions+1" if interrupted else "")
         held = " AND (state<>? OR lease_owner=?)" if owner else ""
         cur = db.execute(
             f"UPDATE work_items SET state=?, updated_at=?, attempts=attempts+?{sets}"
@@ -349,4 +369,5 @@ def _job(row: Any) -> Job:
         reason=row["reason"], next_attempt=row["next_attempt"], retry_deadline=row["retry_deadline"],
         stages={k: tuple(v) for k, v in json.loads(row["stages"] or "{}").items()},
         outputs=json.loads(row["outputs"] or "{}"), completed_by=row.get("completed_by"),
+        interruptions=row.get("interruptions", 0),
     )

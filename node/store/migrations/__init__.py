@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("node.store")
 
-HEAD = "0011"  # revision ids are zero-padded numbers: a newer one sorts after
+HEAD = "0012"  # revision ids are zero-padded numbers: a newer one sorts after
 
 
 def current_version(connection: object) -> str | None:

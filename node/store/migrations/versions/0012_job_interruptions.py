@@ -1,0 +1,21 @@
+"""How many times the node died while a job ran (`work_items.interruptions`): a job that kills
+its node (killed for memory by the kernel or a container's limit) is failed after
+`pipeline.interrupted_runs` such deaths instead of being run again at every start, a crash loop
+that stops every other study's job. A new column with a default (rolling upgrade: a replica of
+the previous release ignores it).
+
+Revision ID: 0012
+Revises: 0011
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = "0012"
+down_revision = "0011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("work_items", sa.Column("interruptions", sa.Integer, nullable=False, server_default="0"))

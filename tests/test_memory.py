@@ -1,0 +1,176 @@
+"""What memory the node may still take (common.memory): the machine's, or less under a cgroup
+limit, read from this process's own cgroup and its ancestors; and a model whose output would not
+fit fails its job saying so, instead of the kernel killing the service (inference.pipeline.check_room).
+Fake /proc trees for the formats of Docker and systemd; real cgroups with a memory limit for
+what the node then does."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.memory import MemoryRoom, memory_room
+from inference.export.repository import export_onnx, write_entry
+from node.jobs.store import JobState
+from tests.cgroups import fake_proc, memory_limit_cgroup, write_files
+from tests.models import threshold_spec
+from tests.orthanc import Orthanc
+from tests.peers import NodeProcess, wait_for
+from tests.test_jobs import ROUTING, jobs_of, send, sphere_study, wait_results
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _meminfo(tmp_path: Path, total_kib: int = 16_000_000, available_kib: int = 8_000_000) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       {total_kib} kB\nMemFree:         1000 kB\nMemAvailable:   {available_kib} kB\n")
+    return path
+
+
+def test_docker_on_cgroup_v1_the_containers_limit_less_its_use_with_its_inactive_file_pages(tmp_path):
+    proc = fake_proc(tmp_path, "4:memory:/docker/abc\n0::/\n", [("/docker/abc", "memory", "cgroup", "rw,memory")])
+    write_files(tmp_path / "memory", memory_limit_in_bytes=str(2 * GiB), memory_usage_in_bytes=str(1536 * MiB),
+                memory_stat=f"cache 9\ninactive_file 7\ntotal_inactive_file {256 * MiB}\ntotal_active_file {64 * MiB}")
+    assert memory_room(proc, _meminfo(tmp_path)) == MemoryRoom(available=(2048 - 1536 + 256) * MiB, limit=2 * GiB)
+
+
+def test_a_systemd_slices_limit_above_the_service_and_the_machines_room_both_bound_it(tmp_path):
+    """The tightest of every level: the slice's limit over the service's cgroup (which has
+    none), then the machine's MemAvailable once it is the least."""
+    proc = fake_proc(tmp_path, "0::/system.slice/node.service\n", [("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "unified" / "system.slice", memory_max=str(GiB), memory_current=str(900 * MiB),
+                memory_stat=f"anon 1\ninactive_file {100 * MiB}\nactive_file 5")
+    write_files(tmp_path / "unified" / "system.slice" / "node.service", memory_max="max",
+                memory_current=str(800 * MiB), memory_stat="inactive_file 0")
+    assert memory_room(proc, _meminfo(tmp_path)) == MemoryRoom(available=224 * MiB, limit=GiB)
+    assert memory_room(proc, _meminfo(tmp_path, available_kib=100 * 1024)) == MemoryRoom(available=100 * MiB,
+                                                                                         limit=GiB)
+
+
+@pytest.mark.parametrize("limit", ["max", "9223372036854771712", "garbage", ""])
+def test_no_limit_or_an_unreadable_one_leaves_the_machines(tmp_path, limit):
+    """v2's `max`, v1's "no limit" (the largest page count, in bytes), a malformed or empty file."""
+    proc = fake_proc(tmp_path, "4:memory:/\n0::/\n", [("/", "memory", "cgroup", "rw,memory"),
+                                                      ("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "memory", memory_limit_in_bytes=limit, memory_usage_in_bytes="1", memory_stat="")
+    write_files(tmp_path / "unified", memory_max=limit, memory_current="1", memory_stat="")
+    assert memory_room(proc, _meminfo(tmp_path)) == MemoryRoom(available=8_000_000 * 1024, limit=16_000_000 * 1024)
+
+
+def test_a_cgroup_over_its_limit_has_no_room_and_no_meminfo_is_no_answer(tmp_path):
+    """A limit lowered below what the cgroup holds: 0, not a negative room. Without /proc/meminfo
+    (not Linux) nothing is known, and nothing is refused."""
+    proc = fake_proc(tmp_path, "0::/\n", [("/", "unified", "cgroup2", "rw")])
+    write_files(tmp_path / "unified", memory_max=str(GiB), memory_current=str(2 * GiB), memory_stat="inactive_file 0")
+    assert memory_room(proc, _meminfo(tmp_path)) == MemoryRoom(available=0, limit=GiB)
+    assert memory_room(proc, tmp_path / "no-meminfo") is None
+    (tmp_path / "meminfo").write_text("MemTotal: 16 MB\nMemAvailable: 8 MB\n")  # not the kernel's unit
+    assert memory_room(proc, tmp_path / "meminfo") is None
+
+
+ROOM = """
+import json
+import numpy as np
+from inference.pipeline import check_room
+from tests.models import threshold_spec
+
+spec = threshold_spec()  # 2 classes, windows of 32^3: an output of 8 MiB per plane of 1024x1024
+
+def outcome(planes):
+    try:
+        check_room(spec, (planes, 1024, 1024))
+        return "fits"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+found = {"alone": outcome(64), "beyond": outcome(384)}
+balloon = np.ones(1536 << 20, dtype=np.uint8)  # written: resident
+found["beside"] = outcome(64)
+del balloon
+found["after"] = outcome(64)
+print(json.dumps(found))
+"""
+
+
+def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_other_use_waits():
+    """A process in a real cgroup of 2 GiB: an output of 0.5 GiB fits; one of 3 GiB never can
+    (NotEnoughMemory: the job fails); 0.5 GiB while 1.5 GiB are held by something else does not
+    fit now (MemoryTaken: the job waits and tries again), and fits once that is let go."""
+    with memory_limit_cgroup(2 * GiB) as prefix:
+        run = subprocess.run([*prefix, sys.executable, "-c", ROOM], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (found["alone"], found["after"]) == ("fits", "fits")
+    assert found["beyond"] == (
+        "NotEnoughMemory: model threshold's output on this series needs 3.0 GiB (2 classes x 384x1024x1024 voxels,"
+        " float32), more than the 2.0 GiB of the node's machine or container: run, it would be killed for memory;"
+        " give the node more memory, or the model a coarser grid")
+    assert re.fullmatch(r"MemoryTaken: model threshold's output on this series needs 0\.5 GiB \(2 classes x"
+                        r" 64x1024x1024 voxels, float32\), and 0\.[0-4] GiB are free now", found["beside"]), found
+
+
+class _ManyClasses(torch.nn.Module):
+    """128 classes, each a copy of the input: what matters is the size of its output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 128, -1, -1, -1).contiguous()
+
+
+def test_a_node_under_a_memory_limit_fails_a_job_whose_output_cannot_fit_and_lives_on(tmp_path, model_repository):
+    """A node in a real cgroup of 2 GiB (a container's limit): a 128-class model on a 0.25 mm grid
+    needs 3.4 GiB for its output. Allocated, the kernel killed the service; now the job fails
+    at once saying what it needs, and the same node processes the next study."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for entry in model_repository.iterdir():
+        (models / entry.name).symlink_to(entry)
+    spec = threshold_spec(name="wide", output={"name": "logits", "channels": 128}, preprocessing={
+        "orientation": "RAS", "spacing": [0.25, 0.25, 0.25], "intensity": {"window": [-1000.0, 1000.0]},
+        "patch_size": [32, 32, 32], "overlap": 0.25, "batch_size": 1})
+    export_onnx(_ManyClasses(), models / "wide.onnx", spec, (16, 16, 16))
+    write_entry(models, spec, models / "wide.onnx")
+    routing = {"rules": [{"name": "wide", "match": {"tag": "SeriesDescription", "equals": "Wide"},
+                          "actions": {"run": ["wide"], "send_to": ["pacs"]}}, ROUTING["rules"][0]]}
+    pacs = Orthanc(tmp_path / "pacs")
+    pacs.start()
+    try:
+        with memory_limit_cgroup(2 * GiB) as prefix:
+            node = NodeProcess(tmp_path / "node", routing=routing, launcher=tuple(prefix), scp={"workers": 1},
+                               completion={"quiet_period_s": 1.0}, inference={"model_repository": str(models)},
+                               destinations={"pacs": {"ae_title": pacs.aet, "host": "127.0.0.1",
+                                                      "port": pacs.dicom_port}})
+            node.receivers = 1
+            try:
+                node.start()
+                service = node.process.pid
+                files, study_uid = sphere_study(tmp_path / "wide", "PAT-W", series_description="Wide")
+                send(node, files)
+                # (killed for memory, the service would leave the job running: fail at once then)
+                wait_for(lambda: node.process.poll() is not None or jobs_of(node, study_uid) and jobs_of(
+                    node, study_uid)[0].state in (JobState.FAILED, JobState.DONE, JobState.WAITING), timeout=180)
+                assert node.process.poll() is None, "the service was killed"
+                failed = jobs_of(node, study_uid)[0]
+                assert failed.state is JobState.FAILED, failed.reason
+                assert re.fullmatch(
+                    r"inference: model wide's output on this series needs 3\.\d GiB \(128 classes x \d+x\d+x\d+"
+                    r" voxels, float32\), more than the 2\.0 GiB of the node's machine or container: run, it would"
+                    r" be killed for memory; give the node more memory, or the model a coarser grid",
+                    failed.reason), failed.reason
+                other_files, other_uid = sphere_study(tmp_path / "other", "PAT-O")
+                send(node, other_files)
+                assert len(wait_results(pacs, other_uid)["SEG"]) == 1
+                assert (node.process.poll(), node.process.pid) == (None, service)  # never killed
+                assert [j.state for j in jobs_of(node)] == [JobState.FAILED, JobState.DONE]
+            finally:
+                node.stop()
+    finally:
+        pacs.discard()
