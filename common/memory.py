@@ -6,13 +6,17 @@ and the service with it, and all it was doing; asked first, the job says what it
 (inference.pipeline.segment).
 
 Written by hand: Python has no call for it, and psutil's `virtual_memory()` is the machine's, not
-a cgroup's. Read here: /proc/meminfo's `MemTotal` and `MemAvailable` (the kernel's estimate of
-what can be allocated without swapping, page cache it can drop included: the kernel's
-Documentation/filesystems/proc.rst); for the process's cgroup and each ancestor
-(common.cgroups), v2 `memory.max` less `memory.current`, v1 `memory.limit_in_bytes` less
-`memory.usage_in_bytes`, each plus the cgroup's inactive file pages (`memory.stat`:
-`inactive_file`, v1 `total_inactive_file`), which the kernel drops before it kills
-(Documentation/admin-guide/cgroup-v2.rst, "Memory"; cgroup-v1/memory.rst).
+a cgroup's. Read here: /proc/meminfo's `MemAvailable` (the kernel's estimate of what can be
+allocated without swapping, page cache it can drop included: the kernel's
+Documentation/filesystems/proc.rst) and `MemTotal` less the `Hugetlb` pool; for the process's
+cgroup and each ancestor (common.cgroups), v2 `memory.max` less `memory.current`, v1
+`memory.limit_in_bytes` less `memory.usage_in_bytes`, each plus the cgroup's file pages that are
+neither dirty nor under writeback (`memory.stat`), which the kernel drops before it kills (a node
+reads back every study it wrote: its page cache is mostly on the active list, and a cgroup that
+has received more than its limit is at its limit; Documentation/admin-guide/cgroup-v2.rst,
+"Memory"; cgroup-v1/memory.rst). Swap is not counted: a refused job might have run, swapping.
+Where a v2 cgroup namespace hides the ancestors, their limits are not seen (nor by the process's
+own view of /sys/fs/cgroup).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ _NO_V1_LIMIT = 1 << 60
 
 @dataclass(frozen=True)
 class MemoryRoom:
-    """Bytes this process may still allocate now (`available`), and at most, were everything
-    else in its machine and cgroups gone (`limit`)."""
+    """Bytes this process may still allocate now (`available`); the most its machine or cgroups
+    allow (`limit`), of which this process holds `own` that it cannot give back (its anonymous
+    memory: the loaded libraries' and models' heaps, a job's arrays)."""
 
     available: int
     limit: int
+    own: int = 0
 
 
 def memory_room(proc: Path = PROC_SELF, meminfo: Path = MEMINFO) -> MemoryRoom | None:
@@ -45,15 +51,28 @@ def memory_room(proc: Path = PROC_SELF, meminfo: Path = MEMINFO) -> MemoryRoom |
         return None
     rooms = [machine, *(room for cgroup in own_cgroups(proc, "memory") for folder in cgroup.folders_up()
                         if (room := _cgroup_room(folder, cgroup.version)) is not None)]
-    return MemoryRoom(available=max(min(r.available for r in rooms), 0), limit=min(r.limit for r in rooms))
+    return MemoryRoom(available=max(min(r.available for r in rooms), 0), limit=min(r.limit for r in rooms),
+                      own=_kib_field(proc / "status", "RssAnon") or 0)
 
 
 def _machine(meminfo: Path) -> MemoryRoom | None:
-    try:
-        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
-        return MemoryRoom(available=_kib(fields["MemAvailable"]), limit=_kib(fields["MemTotal"]))
-    except (OSError, KeyError, ValueError):
+    available, total = _kib_field(meminfo, "MemAvailable"), _kib_field(meminfo, "MemTotal")
+    if available is None or total is None:
         return None
+    return MemoryRoom(available=available, limit=total - (_kib_field(meminfo, "Hugetlb") or 0))
+
+
+def _kib_field(path: Path, name: str) -> int | None:
+    """A "Name:   23188848 kB" line of /proc/meminfo or /proc/PID/status, in bytes; None where
+    the file or the line cannot be read."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == name:
+                return _kib(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _kib(field: str) -> int:
@@ -72,14 +91,28 @@ def _cgroup_room(folder: Path, version: int) -> MemoryRoom | None:
             if limit_text == "max":
                 return None
             limit, used = int(limit_text), int((folder / "memory.current").read_text())
-            droppable = "inactive_file"
         else:
             limit = int((folder / "memory.limit_in_bytes").read_text())
             if limit >= _NO_V1_LIMIT:
                 return None
             used = int((folder / "memory.usage_in_bytes").read_text())
-            droppable = "total_inactive_file"
-        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
-        return MemoryRoom(available=limit - used + int(stat.get(droppable, 0)), limit=limit)
     except (OSError, ValueError):  # no memory controller there, or not a limit's format
         return None
+    return MemoryRoom(available=limit - used + _droppable(folder, version), limit=limit)
+
+
+# memory.stat's file pages, and those of them the kernel cannot drop at once, per version
+_FILE_PAGES = {2: ("active_file", "inactive_file"), 1: ("total_active_file", "total_inactive_file")}
+_NOT_DROPPABLE = {2: ("file_dirty", "file_writeback"), 1: ("total_dirty", "total_writeback")}
+
+
+def _droppable(folder: Path, version: int) -> int:
+    """The cgroup's clean file pages (0 where memory.stat cannot be read: the limit still holds)."""
+    try:
+        stat = {key: int(value) for key, _, value in (line.partition(" ") for line in
+                                                      (folder / "memory.stat").read_text().splitlines())
+                if value.strip().isdigit()}
+    except OSError:
+        return 0
+    pages = sum(stat.get(key, 0) for key in _FILE_PAGES[version])
+    return max(pages - sum(stat.get(key, 0) for key in _NOT_DROPPABLE[version]), 0)

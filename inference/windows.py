@@ -37,11 +37,13 @@ SLAB = 16
 
 def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: int,
                    predictor: Callable[[torch.Tensor], torch.Tensor], overlap: float,
-                   blend: Literal["gaussian", "constant"]) -> torch.Tensor:
+                   blend: Literal["gaussian", "constant"], output: torch.Tensor | None = None) -> torch.Tensor:
     """`predictor` over the windows of `inputs` (1, channel, *spatial), `batch_size` windows a
     call, overlapping by `overlap` of a window, blended into (1, output channel, *spatial). An
     image smaller than a window is padded with zeros around it, as MONAI pads, and the output
-    cropped back."""
+    cropped back. `output`: zeros of (1, output channel, *padded size: output_bytes) to blend
+    into, allocated by a caller that must hold it before the first window (inference.pipeline:
+    right after its memory check); else allocated at the first answer."""
     if inputs.shape[0] != 1:
         raise ValueError(f"one image at a time, not a batch of {inputs.shape[0]}")
     given = tuple(int(n) for n in inputs.shape[2:])
@@ -51,6 +53,8 @@ def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: in
         pad = [side for n in reversed(short) for side in (n // 2, n - n // 2)]
         inputs = F.pad(inputs, pad=pad, mode="constant", value=0.0)
     size = tuple(int(n) for n in inputs.shape[2:])
+    if output is not None and (output.ndim != len(size) + 2 or tuple(output.shape[2:]) != size):
+        raise ValueError(f"an output of {tuple(output.shape)} given for windows over {size}")
     windows = dense_patch_slices(size, roi, _scan_interval(roi, overlap))
     weights = compute_importance_map(roi, mode=blend, sigma_scale=SIGMA_SCALE, device=inputs.device,
                                      dtype=inputs.dtype)
@@ -65,6 +69,8 @@ def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: in
             answer *= weights
         if output is None:
             output = torch.zeros((1, answer.shape[1], *size), dtype=inputs.dtype)
+        elif answer.shape[1] != output.shape[1]:
+            raise ValueError(f"the predictor answered {answer.shape[1]} channels for an output of {output.shape[1]}")
         for where, part in zip(group, answer):
             output[(0, slice(None), *where)] += part
     assert output is not None  # an image has at least one window

@@ -284,7 +284,9 @@ class NodeService:
     def stop(self, hurry: threading.Event | None = None) -> None:
         """Drain, then stop: no new connections from the first moment (`/health/receiving` fails
         at once), open associations may finish within scp.timeouts.drain (`hurry`: a second
-        signal cuts that short), then the console, jobs and timers stop."""
+        signal cuts that short), then the console, jobs and timers stop. Jobs are claimed no more
+        from the first moment; those running go on through the drain (JobRunner.stopping)."""
+        self.runner.stopping()
         self.receivers.stop(drain=self.live.current.scp.timeouts.drain, hurry=hurry)
         if self.http is not None:
             self.http.stop()

@@ -543,11 +543,13 @@ def test_an_expired_lease_is_taken_over_by_a_replica_and_the_old_holder_can_no_l
 def test_a_node_dying_under_a_job_counts_against_it_and_a_stop_or_a_retry_does_not(index):
     """A job its node died running is counted (a start's requeue, a replica's take-over): the
     runner fails it at `pipeline.interrupted_runs` (tests/test_jobs.py). A stop queues this
-    process's running jobs again without counting; an operator's retry clears the count."""
+    process's running jobs again without counting, and a death after the stop began (a SIGKILL
+    during the drain) is not counted either; an operator's retry clears the count."""
     first, second = _completed_jobs(index, 2)
     node, other = JobStore(index, owner="node-a"), JobStore(index, owner="node-b")
     assert node.claim().id == first
-    assert other.release_running() == [] and node.get(first).state is JobState.RUNNING  # another process's
+    assert other.release_running() == [] and other.mark_stopping() == 0  # another process's
+    assert node.get(first).state is JobState.RUNNING
     assert node.release_running() == [first]
     released = node.get(first)
     assert (released.state, released.interruptions, released.attempts) == (JobState.QUEUED, 0, 1)
@@ -556,10 +558,41 @@ def test_a_node_dying_under_a_job_counts_against_it_and_a_stop_or_a_retry_does_n
         assert JobStore(index, owner=f"node-a-{dead}").requeue_running() == 2
         assert [(j.state, j.interruptions) for j in map(node.get, (first, second))] == [(JobState.QUEUED, dead)] * 2
         assert {node.claim().id, node.claim().id} == {first, second}
-    node.fail(first, "the node stopped 2 times while this job ran")
+    assert node.mark_stopping() == 2  # told to stop, then killed before its stop ended: not counted
+    assert JobStore(index, owner="node-a-3").requeue_running() == 2
+    assert [node.get(j).interruptions for j in (first, second)] == [2, 2]
+    assert {node.claim().id, node.claim().id} == {first, second}  # (the mark goes with the claim)
+    assert JobStore(index, owner="node-a-4").requeue_running() == 2
+    assert [node.get(j).interruptions for j in (first, second)] == [3, 3]
+    node.claim()
+    node.fail(first, "the node stopped 3 times while this job ran")
     assert node.retry(first) == 1
     assert (node.get(first).state, node.get(first).interruptions, node.get(second).interruptions) == (
-        JobState.QUEUED, 0, 2)
+        JobState.QUEUED, 0, 3)
+
+
+def test_a_job_released_or_taken_over_can_no_longer_be_written_by_its_old_runner(index):
+    """Released at a stop, a job's thread goes on until its process ends (a replica may claim the
+    job at once): its stage, times, outputs and results are no longer its own to write."""
+    (job_id,) = _completed_jobs(index, 1)
+    stopping, successor = JobStore(index, owner="stopping"), JobStore(index, owner="successor")
+    assert stopping.claim().id == job_id
+    stopping.enter_stage(job_id, "load")
+    assert stopping.release_running() == [job_id]
+    assert successor.claim().id == job_id
+    successor.enter_stage(job_id, "inference")
+    for write in (lambda: stopping.enter_stage(job_id, "encode"),
+                  lambda: stopping.record_stage(job_id, "encode", 1.0, 2.0),
+                  lambda: stopping.record_outputs(job_id, "1:r:m:SEG", [Path("/elsewhere/seg.dcm")])):
+        with pytest.raises(IllegalTransition, match="no longer run by this node process"):
+            write()
+    with pytest.raises(IllegalTransition, match="no longer run by this node process"):
+        with index.transaction() as db:  # the guard of the transaction that queues its results
+            stopping.check_held(db, job_id)
+    with index.transaction() as db:
+        successor.check_held(db, job_id)
+    job = successor.get(job_id)
+    assert (job.stage, "encode" in job.stages, job.outputs) == ("inference", False, {})
 
 
 def test_a_delivery_is_sent_by_one_replica_and_taken_over_when_its_lease_expires(index, tmp_path):

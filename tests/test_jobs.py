@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -154,6 +155,49 @@ def test_transitions_are_guarded_and_claims_exclusive(tmp_path):
     assert store.retry() == 1 and store.get(second).state is JobState.QUEUED  # --all: the failed one
 
 
+def test_a_job_its_node_died_under_runs_alone_and_nothing_starts_beside_it():
+    """node.jobs.turns: with two workers, a job with a death against it waits for the job already
+    running to end, and no job is claimed while it runs; then the workers take turns as before."""
+    from types import SimpleNamespace
+
+    from node.jobs.turns import Turns
+
+    turns = Turns()
+    queue = [SimpleNamespace(id=1, interruptions=0), SimpleNamespace(id=2, interruptions=1),
+             SimpleNamespace(id=3, interruptions=0), SimpleNamespace(id=4, interruptions=0)]
+    claimed: list[int] = []
+
+    def claim() -> Any:
+        job = queue.pop(0) if queue else None
+        claimed.append(job.id if job else 0)
+        return job
+
+    first = turns.take(claim, waiting=lambda: True)
+    suspect: list[Any] = []
+    worker = threading.Thread(target=lambda: suspect.append(turns.take(claim, waiting=lambda: True)))
+    worker.start()
+    wait_for(lambda: claimed == [1, 2], timeout=10)  # claimed, and waiting for job 1 to end
+    assert suspect == [] and worker.is_alive()
+    assert turns.take(claim, waiting=lambda: True) is None and claimed == [1, 2]  # nothing claimed beside it
+    turns.ended(first)
+    worker.join(10)
+    assert [j.id for j in suspect] == [2]
+    assert turns.take(claim, waiting=lambda: True) is None and claimed == [1, 2]  # it runs alone
+    turns.ended(suspect[0])
+    third, fourth = turns.take(claim, waiting=lambda: True), turns.take(claim, waiting=lambda: True)
+    assert (third.id, fourth.id) == (3, 4)  # side by side again
+
+    queue.append(SimpleNamespace(id=5, interruptions=2))  # the node stops while it waits: it returns
+    stopping = threading.Event()
+    late: list[Any] = []
+    worker = threading.Thread(target=lambda: late.append(turns.take(claim, waiting=lambda: not stopping.is_set())))
+    worker.start()
+    wait_for(lambda: claimed[-1] == 5, timeout=10)
+    stopping.set()
+    worker.join(10)
+    assert [j.id for j in late] == [5] and not worker.is_alive()
+
+
 # -- identities ---------------------------------------------------------------------------------------
 
 def test_two_installations_never_share_result_uids(pair, tmp_path):
@@ -230,7 +274,11 @@ def _stuck_repository(root: Path, model_repository: Path) -> Path:
 def test_a_job_its_node_dies_running_twice_fails_and_the_node_goes_on(pair, tmp_path, model_repository):
     """A job that kills its node (the kernel's OOM killer, a container's memory limit) was run
     again at every start: a crash loop in which no other study was processed. The node dying
-    under it counts; a stop (SIGTERM) does not: the job is queued again as the node stops."""
+    under it counts; a stop does not: not a SIGKILL once the stop began (a container's grace
+    period shorter than the receivers' drain), nor a stop that ends (the job is queued again)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
     routing = {"rules": [
         {"name": "stuck", "match": {"tag": "SeriesDescription", "equals": "Stuck"},
          "actions": {"run": ["stuck"], "send_to": ["pacs"]}},
@@ -241,22 +289,39 @@ def test_a_job_its_node_dies_running_twice_fails_and_the_node_goes_on(pair, tmp_
                                    series_description="Stuck")
     send(node, files)
 
-    def in_inference() -> bool:
+    def in_inference(run: int) -> bool:
+        """Running, in the inference stage of its `run`-th run: its series loaded that often (a
+        run's stage reads `inference` from the run before until it enters `load`)."""
         jobs = jobs_of(node, study_uid)
-        return bool(jobs) and jobs[0].state is JobState.RUNNING and jobs[0].stage == "inference"
+        return (bool(jobs) and jobs[0].state is JobState.RUNNING and jobs[0].stage == "inference"
+                and len([e for e in node.events("series_loaded") if e["job"] == jobs[0].id]) >= run)
 
-    wait_for(in_inference, timeout=120)
-    node.stop()
-    job = jobs_of(node, study_uid)[0]
-    assert (job.state, job.interruptions, job.attempts) == (JobState.QUEUED, 0, 1)
-    assert node.events("jobs_released")[-1]["jobs"] == [job.id]
+    def job() -> Any:
+        return jobs_of(node, study_uid)[0]
+
+    wait_for(lambda: in_inference(1), timeout=120)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title="TESTNODE")  # the stop's drain waits for it
+    assert held.is_established
+    node.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: node.query("SELECT stopping FROM work_items WHERE id=?", (job().id,))[0]["stopping"] == 1,
+             timeout=30)
+    node.kill_all()  # killed during the drain
+    held.abort()
+    node.start()
+    wait_for(lambda: in_inference(2), timeout=120)
+    assert job().interruptions == 0
+    node.stop()  # a stop that ends: the job is queued again
+    assert (job().state, job().interruptions, job().attempts) == (JobState.QUEUED, 0, 2)
+    assert node.events("jobs_released")[-1]["jobs"] == [job().id]
     for dead in (1, 2):
         node.start()
-        wait_for(lambda: in_inference() and jobs_of(node, study_uid)[0].attempts == dead + 1, timeout=120)
+        wait_for(lambda: in_inference(dead + 2), timeout=120)
         node.kill_all()
     node.start()
     failed = wait_job(node, study_uid, {"failed", "done"}, timeout=120)
-    assert (failed.state, failed.interruptions, failed.attempts) == (JobState.FAILED, 2, 4)
+    assert (failed.state, failed.interruptions, failed.attempts) == (JobState.FAILED, 2, 5)
     assert failed.reason == (
         "the node stopped 2 times while this job ran (last in its inference stage), killed or crashed: it is not"
         " run again, as it may be what stops the node (killed for memory: see the kernel's log); `dicom-node jobs"
@@ -268,8 +333,8 @@ def test_a_job_its_node_dies_running_twice_fails_and_the_node_goes_on(pair, tmp_
     retry = subprocess.run([str(VENV_BIN / "dicom-node"), "jobs", "retry", str(failed.id), "--config",
                             str(node.config_path)], capture_output=True, text=True, timeout=120)
     assert retry.returncode == 0, retry.stderr
-    wait_for(in_inference, timeout=120)  # the count cleared: it runs again
-    assert jobs_of(node, study_uid)[0].interruptions == 0
+    wait_for(lambda: in_inference(5), timeout=120)  # the count cleared: it runs again
+    assert job().interruptions == 0
 
 
 def test_identical_resend_after_delivery_sends_nothing_new(pair, tmp_path):

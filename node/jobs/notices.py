@@ -79,7 +79,7 @@ def queue_notice(runner: JobRunner, job: Job, view: StudyView, series: SeriesVie
                        reason=str(exc))
             continue
         runner.outbox.enqueue(f"{job.id}:{rule}:{kind}", view.study_uid, destination, [target],
-                              guard=runner.still_current(job))
+                              guard=runner.still_current(job, running=False))
         queued += 1
     logs.event(log, "notice_queued", job=job.id, rule=rule, kind=kind, destinations=queued)
     return queued

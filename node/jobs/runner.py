@@ -31,6 +31,7 @@ from node.jobs.failures import JobError, Superseded, describe, is_transient
 from node.jobs.heap import freeze_loaded_objects, release_free_memory
 from node.jobs.modelruns import record_live, run_shadow
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
+from node.jobs.turns import Turns
 from node.route.decision import AppliedRule, RoutingDecision
 from node.route.rules import SENDER
 from node.route.study import SeriesView, StudyView, study_from_index
@@ -67,6 +68,8 @@ class JobRunner:
         self.backends = BackendCache(models, config.inference.triton)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._stopping = threading.Event()  # the node is stopping: no job is claimed any more (stopping)
+        self._turns = Turns()  # a job its node died under runs alone
         # the pipeline has loaded (or failed to: the first job reports it), or the runner stops (its
         # workers then end at once instead of waiting for torch's import)
         self._go = threading.Event()
@@ -97,7 +100,21 @@ class JobRunner:
         """Load the pipeline now, if it has not loaded: routing rules came in force."""
         self._wanted.set()
 
+    def stopping(self) -> None:
+        """The node was told to stop (its drain begins): no job is claimed any more, and the
+        running ones are marked, so that a SIGKILL before the stop ends does not count against
+        them (JobStore.mark_stopping). They go on meanwhile and may finish."""
+        self._stopping.set()
+        self._mark_stopping()
+
+    def _mark_stopping(self) -> None:
+        try:
+            self.jobs.mark_stopping()
+        except Exception as exc:  # noqa: BLE001 - the stop goes on; a SIGKILL now would count
+            logs.event(log, "job_mark_stopping_failed", logging.WARNING, error=type(exc).__name__)
+
     def stop(self) -> None:
+        self._stopping.set()
         self._stop.set()
         self._go.set()
         self._wanted.set()
@@ -198,9 +215,12 @@ class JobRunner:
                         self._wanted.set()
                     self._go.wait(1.0)
                     continue
-                job = self.jobs.claim()
+                job = self._claim()
                 if job is not None:
-                    self.run(job)
+                    try:
+                        self.run(job)
+                    finally:
+                        self._turns.ended(job)
                     release_free_memory()
             except Exception as exc:  # e.g. the index busy past its timeout: the worker must live on
                 # (a job caught between states stays running and runs again at the next start)
@@ -211,6 +231,15 @@ class JobRunner:
                 self._wake.wait(1.0)
                 if not self._stop.is_set():  # a stop's wake-up is for every worker: leave it set
                     self._wake.clear()
+
+    def _claim(self) -> Job | None:
+        """The next job for this worker, in its turn (node.jobs.turns); none once the node stops."""
+        if self._stopping.is_set():
+            return None
+        job = self._turns.take(self.jobs.claim, waiting=lambda: not self._stop.is_set())
+        if job is not None and self._stopping.is_set():  # told to stop while it claimed: marked as the others
+            self._mark_stopping()
+        return job
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -435,13 +464,17 @@ class JobRunner:
                            f" {view.calling_ae!r} (and sending.sender_fallback is not set)")
         return found
 
-    def still_current(self, job: Job) -> Callable[[Db], None]:
+    def still_current(self, job: Job, running: bool = True) -> Callable[[Db], None]:
         """A guard for the transaction that queues the job's results: the study completing again
-        (a newer job) commits either before it, and nothing is queued, or after it."""
+        (a newer job) commits either before it, and nothing is queued, or after it. `running`:
+        and this process still runs the job (not released at a stop, nor taken over); a failed
+        job's notice is queued after it failed."""
         def check(db: Db) -> None:
             newer = self.jobs.newer_job(job.id, job.study_uid, db)
             if newer is not None:
                 raise Superseded(newer)
+            if running:
+                self.jobs.check_held(db, job.id)
         return check
 
     @contextmanager

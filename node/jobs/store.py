@@ -12,9 +12,11 @@ States and the only transitions between them (TRANSITIONS below):
 - `running` -> `queued` when the node stops with the job unfinished (it runs again at the next
   start, or on another replica); at start-up (the node died while it ran: it runs again), or when
   the lease of the node process running it expired (a replica died: another takes the job over).
-  Those two count as interruptions: a job its node died running `pipeline.interrupted_runs`
-  times is failed when next claimed (node.jobs.runner), not run again: killed for memory, it
-  would kill its node at every start and no other study would be processed;
+  Those two count as interruptions, unless the process had been told to stop (`stopping`, set at
+  its SIGTERM: a SIGKILL during its drain is no sign against the job): a job its node died running
+  `pipeline.interrupted_runs` times is failed when next claimed (node.jobs.runner), not run
+  again: killed for memory, it would kill its node at every start and no other study would be
+  processed;
 - `failed`, `ignored`, `waiting` -> `queued` (`dicom-node jobs retry`).
 
 A transition is one UPDATE guarded by the states it may leave from: a second worker, a CLI retry
@@ -175,7 +177,7 @@ class JobStore:
                 self._move(db, row["id"], JobState.QUEUED, now, only_from=(JobState.RUNNING,), interrupted=True)
                 logs.event(log, "job_taken_over", logging.WARNING, job=row["id"], lease_owner=row["lease_owner"])
             self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1, lease_owner=self.owner,
-                       lease_until=lease_now + self.lease_s)
+                       lease_until=lease_now + self.lease_s, stopping=0)
         return self.get(row["id"])
 
     def claimable(self) -> bool:
@@ -200,9 +202,12 @@ class JobStore:
                               (db.lease_clock() + self.lease_s, JobState.RUNNING.value, self.owner)).rowcount
 
     def enter_stage(self, job_id: int, stage: str) -> None:
+        """The stage a job this process runs is in; IllegalTransition where it no longer runs it
+        (released at a stop, taken over): its thread stops there."""
         with self.index.transaction() as db:
-            db.execute("UPDATE work_items SET stage=?, updated_at=? WHERE id=? AND state=?",
-                       (stage, time.time(), job_id, JobState.RUNNING.value))
+            self._held(db, job_id, db.execute(
+                "UPDATE work_items SET stage=?, updated_at=? WHERE id=? AND state=? AND lease_owner=?",
+                (stage, time.time(), job_id, JobState.RUNNING.value, self.owner)).rowcount)
 
     def record_stage(self, job_id: int, stage: str, started: float, ended: float) -> None:
         """A stage's time; a stage that runs more than once spans its first start to its last end."""
@@ -210,14 +215,30 @@ class JobStore:
             stages = json.loads(db.execute("SELECT stages FROM work_items WHERE id=?", (job_id,)).fetchone()["stages"] or "{}")
             first = stages.get(stage, [started])[0]
             stages[stage] = [first, ended]
-            db.execute("UPDATE work_items SET stages=? WHERE id=?", (json.dumps(stages), job_id))
+            self._held(db, job_id, db.execute("UPDATE work_items SET stages=? WHERE id=? AND state=? AND lease_owner=?",
+                                              (json.dumps(stages), job_id, JobState.RUNNING.value, self.owner)).rowcount)
 
     def record_outputs(self, job_id: int, task: str, files: list[Path]) -> None:
         """The result files of a finished encode stage: a re-run hands these to the outbox again."""
         with self.index.transaction() as db:
             outputs = json.loads(db.execute("SELECT outputs FROM work_items WHERE id=?", (job_id,)).fetchone()["outputs"] or "{}")
             outputs[task] = [str(f) for f in files]
-            db.execute("UPDATE work_items SET outputs=? WHERE id=?", (json.dumps(outputs), job_id))
+            self._held(db, job_id, db.execute("UPDATE work_items SET outputs=? WHERE id=? AND state=? AND lease_owner=?",
+                                              (json.dumps(outputs), job_id, JobState.RUNNING.value, self.owner)).rowcount)
+
+    def check_held(self, db: Db, job_id: int) -> None:
+        """In `db`'s transaction (results queued for delivery): IllegalTransition unless this
+        process still runs the job."""
+        row = db.execute("SELECT 1 AS held FROM work_items WHERE id=? AND state=? AND lease_owner=?",
+                         (job_id, JobState.RUNNING.value, self.owner)).fetchone()
+        self._held(db, job_id, 1 if row else 0)
+
+    @staticmethod
+    def _held(db: Db, job_id: int, rowcount: int) -> None:
+        if rowcount != 1:  # (the transaction rolls back with the exception)
+            row = db.execute("SELECT state FROM work_items WHERE id=?", (job_id,)).fetchone()
+            raise IllegalTransition(f"job {job_id} is no longer run by this node process (it is"
+                                    f" {row['state'] if row else 'gone'}): released at a stop, or taken over")
 
     def newer_job(self, job_id: int, study_uid: str, db: Db | None = None) -> int | None:
         """The id of a job created for the study after this one (the study completed again);
@@ -268,17 +289,25 @@ class JobStore:
                 self._move(db, job_id, JobState.QUEUED, time.time(), only_from=(JobState.RUNNING,), interrupted=True)
             return len(ids)
 
-    def release_running(self) -> list[int]:
-        """At a stop: this process's jobs still running are queued again, not interrupted (a
-        stop, an upgrade, is no sign that a job kills its node); another replica may take them
-        at once. Their threads, left to end with the process, can no longer move them."""
+    def mark_stopping(self) -> int:
+        """At a stop's first moment: this process's running jobs are marked, so that a SIGKILL
+        before the stop ends (a container's grace period shorter than the receivers' drain) is
+        not counted as the node dying under them. How many."""
         with self.index.transaction(claim=True) as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM work_items WHERE state=? AND lease_owner=?",
-                                               (JobState.RUNNING.value, self.owner))]
-            for job_id in ids:
-                self._move(db, job_id, JobState.QUEUED, time.time(), only_from=(JobState.RUNNING,), owner=self.owner,
-                           lease_until=None)
-            return ids
+            return db.execute("UPDATE work_items SET stopping=1 WHERE state=? AND lease_owner=?",
+                              (JobState.RUNNING.value, self.owner)).rowcount
+
+    def release_running(self) -> list[int]:
+        """At a stop's end: this process's jobs still running are queued again, not interrupted
+        (a stop, an upgrade, is no sign that a job kills its node); another replica may take them
+        at once. Their threads, left to end with the process, can no longer move them, nor record
+        a stage or an output, nor queue a result (check_held). One guarded UPDATE (TRANSITIONS:
+        running -> queued): a job taken over meanwhile is not this process's and is left alone."""
+        with self.index.transaction(claim=True) as db:
+            return [r["id"] for r in db.execute(
+                "UPDATE work_items SET state=?, updated_at=?, lease_owner=NULL, lease_until=NULL, stopping=0"
+                " WHERE state=? AND lease_owner=? RETURNING id",
+                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value, self.owner))]
 
     def next_due(self) -> float | None:
         """When the earliest waiting job is due (for the scheduler)."""
@@ -333,10 +362,11 @@ class JobStore:
               **columns: object) -> None:
         """Move a job to `target` from any state allowed to go there (or only from `only_from`);
         with `owner`, a running job only while that process holds its lease; `interrupted`: its
-        node died while it ran."""
+        node died while it ran (not counted where that process had been told to stop)."""
         sources = [s.value for s, targets in TRANSITIONS.items()
                    if target in targets and (only_from is None or s in only_from)]
-        sets = "".join(f", {name}=?" for name in columns) + (", interruptions=interruptions+1" if interrupted else "")
+        sets = "".join(f", {name}=?" for name in columns) + (
+            ", interruptions=interruptions+1-stopping, stopping=0" if interrupted else "")
         held = " AND (state<>? OR lease_owner=?)" if owner else ""
         cur = db.execute(
             f"UPDATE work_items SET state=?, updated_at=?, attempts=attempts+?{sets}"
