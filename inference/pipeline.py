@@ -11,8 +11,6 @@ undistorted anatomy; the probabilities go back onto the tilted source frames the
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -31,18 +29,15 @@ from monai.transforms import (
 )
 
 from common.cpus import usable_cpus
-from common.memory import memory_room
 from inference.backends.base import Backend, BackendError, TimedCalls
-from inference.errors import MemoryTaken, NotEnoughMemory
 from inference.findings import Finding, clean_labels, foreground_box, measure
 from inference.resample import MANY_CHANNELS, copy_in_blocks, map_kind, resample, resample_argmax
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
-from inference.windows import output_bytes, sliding_window
+from inference.room import OUTPUTS
+from inference.windows import sliding_window
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Held by a job from its memory check to its output's allocation (check_room)
-_MEMORY_TURN = threading.Lock()
 # A broken model's output (an FP16 overflow, an export gone wrong), failed by name: read on, it gave
 # no labels at all (nothing found, as the radiologist would see it) or some wherever a box fell
 NOT_NUMBERS = ("model {} answered NaN (not a number), infinities of both signs, or an infinity under its softmax (whose"
@@ -213,59 +208,31 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
 
     volume.set_pixels_aside()  # read again only if something needs them (key images, run figures)
     start = time.perf_counter()
-    with _MEMORY_TURN:  # (pipeline.workers > 1: the next job's check counts this one's output)
-        size = check_room(spec, tuple(image.shape[1:]))
-        output = torch.zeros((1, spec.output_channels, *size), dtype=image.dtype)
-    with torch.no_grad():
-        logits = sliding_window(image[None].as_tensor(), spec.preprocessing.patch_size, spec.preprocessing.batch_size,
-                                predictor, spec.preprocessing.overlap, spec.preprocessing.blend, output)
-    del output  # logits is it, or a view of it: let go with logits, below
-    seconds["inference"] = time.perf_counter() - start
-    seconds["model"] = calls.seconds
-    total = logits.sum()  # (one reduction, a NaN anywhere makes it one: 0.03 s at a CT's own grid)
-    if torch.isnan(total) or (spec.output_activation == "softmax" and torch.isinf(total) and total > 0):
-        raise BackendError(NOT_NUMBERS.format(spec.name))
+    output, held = OUTPUTS.allocate(spec, tuple(image.shape[1:]), image.dtype)  # (its memory checked first)
+    try:
+        with torch.no_grad():
+            logits = sliding_window(image[None].as_tensor(), spec.preprocessing.patch_size,
+                                    spec.preprocessing.batch_size, predictor, spec.preprocessing.overlap,
+                                    spec.preprocessing.blend, output)
+        del output  # logits is it, or a view of it: let go with logits, below
+        seconds["inference"] = time.perf_counter() - start
+        seconds["model"] = calls.seconds
+        total = logits.sum()  # (one reduction, a NaN anywhere makes it one: 0.03 s at a CT's own grid)
+        if torch.isnan(total) or (spec.output_activation == "softmax" and torch.isinf(total) and total > 0):
+            raise BackendError(NOT_NUMBERS.format(spec.name))
 
-    start = time.perf_counter()
-    model_affine = image.affine
-    del image  # the model's input: no longer needed
-    labels = clean_labels(_labels_on_source(logits[0], model_affine, volume, spec), spec)
-    del logits
+        start = time.perf_counter()
+        model_affine = image.affine
+        del image  # the model's input: no longer needed
+        labels = clean_labels(_labels_on_source(logits[0], model_affine, volume, spec), spec)
+        del logits
+    finally:
+        OUTPUTS.release(held)
     seconds["postprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = measure(labels, volume, spec)
     seconds["measure"] = time.perf_counter() - start
     return SegmentationResult(spec, volume, labels, findings, seconds)
-
-
-def check_room(spec: ModelSpec, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    """The sliding window's output size (padded to a window) over a model grid of `spatial`,
-    where the output fits in the memory left to the node (common.memory); else raise, before it
-    is allocated: allocated anyway, the kernel kills the service (or its container) with
-    every job and delivery it holds, and the job would run again at the next start. Only the
-    output is counted: it is the job's one array of the model grid times the classes; 105 classes
-    on a 300-slice CT at 1.5 mm (benchmarks.many_classes) peaked at 4777 MiB over the job's start,
-    4576 MiB of it the output. Beyond the limit less what the service holds for good (its
-    anonymous memory: libraries, models, this job's arrays), waiting cannot help: NotEnoughMemory;
-    within it, MemoryTaken (the job waits for memory other jobs or processes hold now)."""
-    need, size = output_bytes(spec.preprocessing.patch_size, spatial, spec.output_channels)
-    room = memory_room()
-    if room is None or need <= room.available:
-        return size
-    what = (f"model {spec.name}'s output on this series needs {_gib(need, up=True)} GiB ({spec.output_channels}"
-            f" classes x {'x'.join(map(str, size))} voxels, float32)")
-    if need > room.limit - room.own:
-        raise NotEnoughMemory(f"{what}; the node's machine or container allows {_gib(room.limit)} GiB, of which its"
-                              f" service holds {_gib(room.own, up=True)} GiB: run, it would be killed for memory; give"
-                              " the node more memory, or the model a coarser grid")
-    raise MemoryTaken(f"{what}, and {_gib(room.available)} GiB are free now")
-
-
-def _gib(size: int, up: bool = False) -> str:
-    """Bytes in GiB to two decimals, rounded up (what is needed) or down (what there is), so
-    that a message never says a need is more than an equal room."""
-    hundredths = size * 100 / 2**30
-    return f"{(math.ceil(hundredths) if up else math.floor(hundredths)) / 100:.2f}"
 
 
 def _labels_on_source(outputs: torch.Tensor, model_affine: torch.Tensor, volume: SeriesVolume,

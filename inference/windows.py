@@ -58,7 +58,6 @@ def sliding_window(inputs: torch.Tensor, roi_size: Sequence[int], batch_size: in
     windows = dense_patch_slices(size, roi, _scan_interval(roi, overlap))
     weights = compute_importance_map(roi, mode=blend, sigma_scale=SIGMA_SCALE, device=inputs.device,
                                      dtype=inputs.dtype)
-    output: torch.Tensor | None = None
     for first in range(0, len(windows), batch_size):
         group = windows[first:first + batch_size]
         batch = [inputs[(slice(None), slice(None), *where)] for where in group]

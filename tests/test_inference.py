@@ -1309,7 +1309,7 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
     import torch
     from monai.inferers import sliding_window_inference
 
-    from inference.windows import sliding_window
+    from inference.windows import output_bytes, sliding_window
 
     rng = np.random.default_rng(11)
     mix = torch.from_numpy(rng.normal(size=(3, 1)).astype(np.float32))
@@ -1331,6 +1331,12 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
         layouts.clear()
         assert got.shape == expected.shape == (1, 3, *size) and got.dtype == torch.float32
         assert torch.equal(got, torch.as_tensor(expected)), (size, roi, overlap, batch)
+        # into an output allocated before (inference.room: its memory checked first): that very one
+        _, padded = output_bytes(roi, size, 3)
+        given_output = torch.zeros((1, 3, *padded))
+        into = sliding_window(image, roi, batch, predictor, overlap, blend, given_output)
+        layouts.clear()
+        assert torch.equal(into, got) and into.untyped_storage().data_ptr() == given_output.untyped_storage().data_ptr()
     # an FP16 network's output, weighted in float16 in place and added into float32, as MONAI does
     image = torch.from_numpy(rng.random((1, 1, 37, 20, 41), dtype=np.float32))
     expected = sliding_window_inference(image, (16, 16, 16), 4, lambda w: predictor(w).half(), 0.25, mode=blend)
@@ -1339,6 +1345,10 @@ def test_the_sliding_window_blends_monais_values_to_the_bit(blend):
     with pytest.raises(ValueError, match=r"the predictor answered \(2, 3, 8, 8, 8\) for 2 windows of \(16, 16, 16\)"):
         sliding_window(torch.zeros((1, 1, 20, 20, 20)), (16, 16, 16), 2,
                        lambda windows: predictor(windows)[:, :, ::2, ::2, ::2], 0.25, blend)
+    with pytest.raises(ValueError, match=r"the predictor answered 3 channels for an output of 7"):
+        sliding_window(image, (16, 16, 16), 4, predictor, 0.25, blend, torch.zeros((1, 7, 37, 20, 41)))
+    with pytest.raises(ValueError, match=r"an output of \(1, 3, 37, 20, 40\) given for windows over \(37, 20, 41\)"):
+        sliding_window(image, (16, 16, 16), 4, predictor, 0.25, blend, torch.zeros((1, 3, 37, 20, 40)))
 
 
 @pytest.mark.parametrize("answer, shape", [

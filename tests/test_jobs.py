@@ -156,15 +156,16 @@ def test_transitions_are_guarded_and_claims_exclusive(tmp_path):
 
 
 def test_a_job_its_node_died_under_runs_alone_and_nothing_starts_beside_it():
-    """node.jobs.turns: with two workers, a job with a death against it waits for the job already
-    running to end, and no job is claimed while it runs; then the workers take turns as before."""
+    """node.jobs.turns: with two workers, a job with a death against it waits, unclaimed (a death
+    meanwhile is not counted against it), for the job already running to end; nothing is claimed
+    while it waits or runs; then the workers take turns as before. A stop ends its wait, still
+    unclaimed."""
     from types import SimpleNamespace
 
     from node.jobs.turns import Turns
 
     turns = Turns()
-    queue = [SimpleNamespace(id=1, interruptions=0), SimpleNamespace(id=2, interruptions=1),
-             SimpleNamespace(id=3, interruptions=0), SimpleNamespace(id=4, interruptions=0)]
+    queue = [SimpleNamespace(id=n, interruptions=k) for n, k in ((1, 0), (2, 1), (3, 0), (4, 0))]
     claimed: list[int] = []
 
     def claim() -> Any:
@@ -172,30 +173,48 @@ def test_a_job_its_node_died_under_runs_alone_and_nothing_starts_beside_it():
         claimed.append(job.id if job else 0)
         return job
 
-    first = turns.take(claim, waiting=lambda: True)
+    def take(waiting: Callable[[], bool] = lambda: True) -> Any:
+        return turns.take(claim, alone=lambda job: job.interruptions > 0,
+                          next_alone=lambda: bool(queue) and queue[0].interruptions > 0, waiting=waiting)
+
+    first = take()
     suspect: list[Any] = []
-    worker = threading.Thread(target=lambda: suspect.append(turns.take(claim, waiting=lambda: True)))
+    worker = threading.Thread(target=lambda: suspect.append(take()))
     worker.start()
-    wait_for(lambda: claimed == [1, 2], timeout=10)  # claimed, and waiting for job 1 to end
-    assert suspect == [] and worker.is_alive()
-    assert turns.take(claim, waiting=lambda: True) is None and claimed == [1, 2]  # nothing claimed beside it
+    wait_for(lambda: turns._blocked, timeout=10)  # waiting for job 1 to end, job 2 not claimed
+    assert claimed == [1] and suspect == [] and worker.is_alive()
+    assert take() is None and claimed == [1]  # nothing claimed beside it
     turns.ended(first)
     worker.join(10)
-    assert [j.id for j in suspect] == [2]
-    assert turns.take(claim, waiting=lambda: True) is None and claimed == [1, 2]  # it runs alone
+    assert [j.id for j in suspect] == [2] and claimed == [1, 2]
+    assert take() is None and claimed == [1, 2]  # it runs alone
     turns.ended(suspect[0])
-    third, fourth = turns.take(claim, waiting=lambda: True), turns.take(claim, waiting=lambda: True)
+    third, fourth = take(), take()
     assert (third.id, fourth.id) == (3, 4)  # side by side again
 
-    queue.append(SimpleNamespace(id=5, interruptions=2))  # the node stops while it waits: it returns
+    queue.append(SimpleNamespace(id=5, interruptions=1))  # the node stops while it waits: never claimed
     stopping = threading.Event()
     late: list[Any] = []
-    worker = threading.Thread(target=lambda: late.append(turns.take(claim, waiting=lambda: not stopping.is_set())))
+    worker = threading.Thread(target=lambda: late.append(take(waiting=lambda: not stopping.is_set())))
     worker.start()
-    wait_for(lambda: claimed[-1] == 5, timeout=10)
+    wait_for(lambda: turns._blocked, timeout=10)
     stopping.set()
     worker.join(10)
-    assert [j.id for j in late] == [5] and not worker.is_alive()
+    assert late == [None] and claimed == [1, 2, 3, 4] and not turns._blocked
+
+    turns.ended(third)  # a job to run alone claimed beside others all the same (the look ahead saw none)
+    queue.insert(0, SimpleNamespace(id=6, interruptions=0))
+    queue.insert(1, SimpleNamespace(id=7, interruptions=1))
+    sixth = take()
+    both: list[Any] = []
+    worker = threading.Thread(target=lambda: both.append(turns.take(
+        claim, alone=lambda job: job.interruptions > 0, next_alone=lambda: False, waiting=lambda: True)))
+    worker.start()
+    wait_for(lambda: claimed[-1] == 7 and turns._blocked, timeout=10)  # claimed, then waiting for 4 and 6
+    turns.ended(fourth)
+    turns.ended(sixth)
+    worker.join(10)
+    assert [j.id for j in both] == [7]
 
 
 # -- identities ---------------------------------------------------------------------------------------

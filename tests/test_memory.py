@@ -1,6 +1,6 @@
 """What memory the node may still take (common.memory): the machine's, or less under a cgroup
 limit, read from this process's own cgroup and its ancestors; and a model whose output would not
-fit fails its job saying so, instead of the kernel killing the service (inference.pipeline.check_room).
+fit fails its job saying so, instead of the kernel killing the service (inference.room).
 Fake /proc trees for the formats of Docker and systemd; real cgroups with a memory limit for
 what the node then does."""
 
@@ -92,7 +92,8 @@ ROOM = """
 import json
 import subprocess
 import sys
-from inference.pipeline import check_room
+import torch
+from inference.room import OUTPUTS, check_room
 from tests.models import threshold_spec
 
 spec = threshold_spec()  # 2 classes, windows of 32^3: an output of 8 MiB per plane of 1024x1024
@@ -104,7 +105,17 @@ def outcome(planes):
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
 
-found = {"alone": outcome(64), "beyond": outcome(384), "beside_own": outcome(224)}
+found = {"alone": outcome(64), "beyond": outcome(384), "beside_own": outcome(240)}
+# another job's output of 1 GiB held in this process (pipeline.workers 2): it goes, so a need that
+# would fit without it waits
+output, held = OUTPUTS.allocate(spec, (128, 1024, 1024), torch.float32)
+try:
+    OUTPUTS.allocate(spec, (115, 1024, 1024), torch.float32)
+    found["beside_job"] = "fits"
+except Exception as exc:
+    found["beside_job"] = f"{type(exc).__name__}: {exc}"
+del output
+OUTPUTS.release(held)
 # 1.5 GiB held by another process in the cgroup (a receiver, a second job), written: resident
 other = subprocess.Popen([sys.executable, "-c", "import numpy, sys; b = numpy.ones(1536 << 20, numpy.uint8);"
                           " print('held', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
@@ -120,9 +131,10 @@ print(json.dumps(found))
 
 def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_other_use_waits():
     """A process in a real cgroup of 2 GiB: an output of 0.5 GiB fits; one of 3 GiB never can,
-    nor one of 1.75 GiB beside the 0.4 GiB the process itself holds (NotEnoughMemory: the job
+    nor one of 1.88 GiB beside the 0.3-0.4 GiB the process itself holds (NotEnoughMemory: the job
     fails); 0.5 GiB while another process holds 1.5 GiB does not fit now (MemoryTaken: the job
-    waits and tries again), and fits once that is let go."""
+    waits and tries again), and fits once that is let go; 0.9 GiB beside another job's output of
+    1 GiB in the same process waits too (that output goes: not the service's for good)."""
     with memory_limit_cgroup(2 * GiB) as prefix:
         run = subprocess.run([*prefix, sys.executable, "-c", ROOM], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
@@ -133,7 +145,8 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
                         r" 384x1024x1024 voxels, float32\); the node's machine or container allows 2\.00 GiB, of which"
                         r" its service holds 0\.\d\d GiB: run, it would be killed for memory; give the node more"
                         r" memory, or the model a coarser grid", found["beyond"]), found
-    assert found["beside_own"].startswith("NotEnoughMemory: model threshold's output on this series needs 1.75 GiB"), found
+    assert found["beside_own"].startswith("NotEnoughMemory: model threshold's output on this series needs 1.88 GiB"), found
+    assert found["beside_job"].startswith("MemoryTaken: model threshold's output on this series needs 0.90 GiB"), found
     assert re.fullmatch(r"MemoryTaken: model threshold's output on this series needs 0\.50 GiB \(2 classes x"
                         r" 64x1024x1024 voxels, float32\), and 0\.[0-4]\d GiB are free now", found["beside_other"]), found
 

@@ -20,6 +20,7 @@ import pydicom
 from common import logs
 from inference.errors import SeriesChanged
 from node.jobs.failures import Superseded, describe
+from node.jobs.store import IllegalTransition
 from node.store.modelruns import Comparison, ModelRuns, RunFigures
 
 if TYPE_CHECKING:  # (not at run time: torch and MONAI load with the pipeline, after the receivers start)
@@ -125,7 +126,7 @@ def run_shadow(runner: "JobRunner", job: "Job", live_task: "ModelTask", candidat
                     comparison=comparison)
         logs.event(log, "shadow_ran", job=job.id, model=spec.name, version=spec.version, dice=comparison.dice,
                    agreement=comparison.agreement)
-    except Superseded:
+    except (Superseded, IllegalTransition):  # (the job is no longer this process's: released, taken over)
         raise
     except SeriesChanged:  # a resend replaced a file since the live run read it: no like-for-like comparison
         logs.event(log, "shadow_skipped", job=job.id, model=spec.name, version=spec.version,

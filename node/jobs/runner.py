@@ -105,7 +105,8 @@ class JobRunner:
         running ones are marked, so that a SIGKILL before the stop ends does not count against
         them (JobStore.mark_stopping). They go on meanwhile and may finish."""
         self._stopping.set()
-        self._mark_stopping()
+        # (on a thread: a busy index must not hold the receivers' listener open meanwhile)
+        threading.Thread(target=self._mark_stopping, name="mark-stopping", daemon=True).start()
 
     def _mark_stopping(self) -> None:
         try:
@@ -236,10 +237,23 @@ class JobRunner:
         """The next job for this worker, in its turn (node.jobs.turns); none once the node stops."""
         if self._stopping.is_set():
             return None
-        job = self._turns.take(self.jobs.claim, waiting=lambda: not self._stop.is_set())
+        job = self._turns.take(self.jobs.claim, alone=self._alone,
+                               next_alone=lambda: self._alone_after(self.jobs.next_interruptions()),
+                               waiting=lambda: not self._stop.is_set())
+        if job is not None and self._stop.is_set():  # claimed as the stop came: the stop queues it again
+            self._turns.ended(job)
+            return None
         if job is not None and self._stopping.is_set():  # told to stop while it claimed: marked as the others
             self._mark_stopping()
         return job
+
+    def _alone(self, job: Job) -> bool:
+        return self._alone_after(job.interruptions)
+
+    def _alone_after(self, interruptions: int | None) -> bool:
+        """Whether a job with so many deaths against it runs alone: one past the limit fails at
+        once (_execute), nothing to wait for."""
+        return 0 < (interruptions or 0) < self.config.pipeline.interrupted_runs
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -247,7 +261,7 @@ class JobRunner:
         """Run a claimed job to its next state; never raises."""
         try:
             self._run(job)
-        except IllegalTransition as exc:  # our lease expired and another replica took the job over
+        except IllegalTransition as exc:  # released at this process's stop, or taken over by a replica
             logs.event(log, "job_lease_lost", logging.WARNING, job=job.id, study_uid=job.study_uid, reason=str(exc))
 
     def _run(self, job: Job) -> None:
@@ -255,6 +269,8 @@ class JobRunner:
         progress = Progress()
         try:
             self._execute(job, progress)
+        except IllegalTransition:  # not this process's job any more: nothing of it to move (run)
+            raise
         except Superseded as exc:
             self.jobs.abandon(job.id, exc.newer)
             logs.event(log, "job_superseded", job=job.id, study_uid=job.study_uid, newer_job=exc.newer,

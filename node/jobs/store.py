@@ -186,6 +186,14 @@ class JobStore:
         where, params = self._claimable(time.time(), self.index.lease_clock())
         return bool(self.index.query(f"SELECT 1 AS found FROM work_items WHERE {where} LIMIT 1", params))
 
+    def next_interruptions(self) -> int | None:
+        """The interruptions of the job `claim` would take now (None: none); a read, nothing is
+        claimed (node.jobs.turns: a job its node died under waits for its turn unclaimed)."""
+        where, params = self._claimable(time.time(), self.index.lease_clock())
+        rows = self.index.query(f"SELECT interruptions FROM work_items WHERE {where} ORDER BY priority DESC, id LIMIT 1",
+                                params)
+        return int(rows[0]["interruptions"]) if rows else None
+
     def _claimable(self, now: float, lease_now: float) -> tuple[str, tuple[Any, ...]]:
         """The condition on a job `claim` may take, and its parameters. Expired leases only
         between replicas: a single node's running jobs are its own (a restart resumes them),
@@ -229,7 +237,9 @@ class JobStore:
     def check_held(self, db: Db, job_id: int) -> None:
         """In `db`'s transaction (results queued for delivery): IllegalTransition unless this
         process still runs the job."""
-        row = db.execute("SELECT 1 AS held FROM work_items WHERE id=? AND state=? AND lease_owner=?",
+        # (PostgreSQL: the row kept as it is until the results are queued; a release waits for it)
+        row = db.execute("SELECT 1 AS held FROM work_items WHERE id=? AND state=? AND lease_owner=?"
+                         + (" FOR SHARE" if self.index.shared else ""),
                          (job_id, JobState.RUNNING.value, self.owner)).fetchone()
         self._held(db, job_id, 1 if row else 0)
 
@@ -361,18 +371,20 @@ class JobStore:
               only_from: tuple[JobState, ...] | None = None, owner: str | None = None, interrupted: bool = False,
               **columns: object) -> None:
         """Move a job to `target` from any state allowed to go there (or only from `only_from`);
-        with `owner`, a running job only while that process holds its lease; `interrupted`: its
-        node died while it ran (not counted where that process had been told to stop)."""
+        with `owner`, only a job that process runs (running under its lease: a job released at
+        its stop, or taken over and moved on by another replica, is not its own to move);
+        `interrupted`: its node died while it ran (not counted where that process had been told
+        to stop)."""
         sources = [s.value for s, targets in TRANSITIONS.items()
-                   if target in targets and (only_from is None or s in only_from)]
+                   if target in targets and (only_from is None or s in only_from)
+                   and (owner is None or s is JobState.RUNNING)]
         sets = "".join(f", {name}=?" for name in columns) + (
             ", interruptions=interruptions+1-stopping, stopping=0" if interrupted else "")
-        held = " AND (state<>? OR lease_owner=?)" if owner else ""
+        held = " AND lease_owner=?" if owner else ""
         cur = db.execute(
             f"UPDATE work_items SET state=?, updated_at=?, attempts=attempts+?{sets}"
             f" WHERE id=? AND state IN ({','.join('?' * len(sources))}){held}",
-            (target.value, now, attempts_plus, *columns.values(), job_id, *sources,
-             *((JobState.RUNNING.value, owner) if owner else ())),
+            (target.value, now, attempts_plus, *columns.values(), job_id, *sources, *((owner,) if owner else ())),
         )
         if cur.rowcount != 1:
             row = db.execute("SELECT state, lease_owner FROM work_items WHERE id=?", (job_id,)).fetchone()
