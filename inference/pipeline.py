@@ -12,6 +12,7 @@ undistorted anatomy; the probabilities go back onto the tilted source frames the
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -226,6 +227,13 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
         del image  # the model's input: no longer needed
         labels = clean_labels(_labels_on_source(logits[0], model_affine, volume, spec), spec)
         del logits
+    except BaseException as exc:
+        # The traceback keeps this frame's arrays, and those of the frames it came through, until
+        # the job's failure is recorded and notified: let them go before the output is counted
+        # free, or the next job's check would count it as the service's own (inference.room).
+        output = logits = image = None  # noqa: F841
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         OUTPUTS.release(held)
     seconds["postprocess"] = time.perf_counter() - start

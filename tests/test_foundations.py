@@ -595,6 +595,82 @@ def test_a_runner_with_no_rules_loads_its_pipeline_once_a_job_is_there_and_claim
         runner.stop()
 
 
+def test_a_job_claimed_as_the_stop_comes_is_not_started_nor_counted_at_a_kill(tmp_path, model_repository, monkeypatch):
+    """A claim that commits as the node is told to stop (after the stop's mark, even after its
+    release: a busy index) does not start its job, and marks it as the running ones were, so
+    that a SIGKILL before the next start is not counted as the node dying under it."""
+    index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
+    claim = jobs.claim
+
+    def claim_after_the_stop() -> object:
+        runner.stop()  # its release finds nothing running yet
+        return claim()
+
+    monkeypatch.setattr(jobs, "claim", claim_after_the_stop)
+    assert runner._claim() is None and runner._turns.running == 0
+    assert [tuple(r.values()) for r in index.query("SELECT state, stopping FROM work_items")] == [("running", 1)]
+    assert JobStore(index, owner="the-next-start").requeue_running() == 1
+    assert (jobs.get(first).state, jobs.get(first).interruptions) == (JobState.QUEUED, 0)
+
+
+def _beside_another(runner: JobRunner) -> object:
+    """A job running in the runner's process (node.jobs.turns), stood in for."""
+    other = object()
+    assert runner._turns.take(lambda: other, alone=lambda job: False, next_alone=lambda: False,
+                              waiting=lambda: True) is other
+    return other
+
+
+def test_a_job_waiting_its_turn_to_run_alone_stops_waiting_once_the_node_is_told_to_stop(tmp_path, model_repository):
+    """A job its node died under waits, unclaimed, for the other jobs to end (node.jobs.turns);
+    a stop's drain (SIGTERM, the receivers still finishing) ends the wait with it unclaimed: it
+    is not started beside the others as the node stops."""
+    index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
+    with index.transaction() as db:
+        db.execute("UPDATE work_items SET interruptions=1 WHERE id=?", (first,))
+    other = _beside_another(runner)
+    claimed: list[object] = []
+    worker = threading.Thread(target=lambda: claimed.append(runner._claim()))
+    worker.start()
+    try:
+        wait_for(lambda: runner._turns._blocked, timeout=10)
+        runner.stopping()
+        worker.join(10)
+        assert claimed == [None] and jobs.get(first).state is JobState.QUEUED
+    finally:
+        runner.stop()
+        worker.join(10)
+        runner._turns.ended(other)
+
+
+def test_a_job_refused_memory_beside_other_jobs_waits_and_alone_fails(tmp_path, model_repository, monkeypatch):
+    """A model's output that does not fit beside what the service holds fails its job for good
+    (inference.room), but only where no other job runs: beside others, what the service holds
+    counts their volumes and inputs too, and the job waits and tries again."""
+    from inference.errors import NotEnoughMemory
+
+    index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
+
+    def execute(job: object, progress: object) -> None:
+        progress.stage = "inference"
+        raise NotEnoughMemory("model m's output on this series needs 3.00 GiB")
+
+    monkeypatch.setattr(runner, "_execute", execute)
+    other = _beside_another(runner)
+    job = runner._claim()
+    runner.run(job)
+    runner._turns.ended(job)
+    assert (jobs.get(first).state, jobs.get(first).reason) == (
+        JobState.WAITING, "inference: model m's output on this series needs 3.00 GiB")
+    runner._turns.ended(other)
+    assert jobs.retry(first) == 1
+    job = runner._claim()
+    runner.run(job)
+    runner._turns.ended(job)
+    assert (jobs.get(first).state, jobs.get(first).reason) == (
+        JobState.FAILED, "inference: model m's output on this series needs 3.00 GiB")
+
+
 @pytest.mark.parametrize("actions", [Actions(run=["threshold"], send_to=["pacs"]), Actions(forward_to=["pacs"])],
                          ids=["run", "forward"])
 def test_a_running_job_stops_when_its_study_completes_again(tmp_path, model_repository, actions):

@@ -531,6 +531,7 @@ def test_an_expired_lease_is_taken_over_by_a_replica_and_the_old_holder_can_no_l
     with index.transaction() as db:  # the dead replica renewed no more: its lease runs out
         db.execute("UPDATE work_items SET lease_until=lease_until-10 WHERE id=?", (job_id,))
     assert alive.claimable()
+    assert alive.next_interruptions() == 1  # what the claim will count: the job runs alone (node.jobs.turns)
     taken = alive.claim(now=later)
     assert (taken.id, taken.state, taken.attempts, taken.interruptions) == (job_id, JobState.RUNNING, 2, 1)
     with pytest.raises(IllegalTransition, match="another node process's lease"):
@@ -564,8 +565,12 @@ def test_a_node_dying_under_a_job_counts_against_it_and_a_stop_or_a_retry_does_n
     assert {node.claim().id, node.claim().id} == {first, second}  # (the mark goes with the claim)
     assert JobStore(index, owner="node-a-4").requeue_running() == 2
     assert [node.get(j).interruptions for j in (first, second)] == [3, 3]
+    assert node.next_interruptions() == 3
     node.claim()
     node.fail(first, "the node stopped 3 times while this job ran")
+    with pytest.raises(ValueError, match=r"no state queued may be reached from \['failed'\] by its owner"):
+        with index.transaction() as db:  # (a caller's mistake, said so, on both databases alike)
+            JobStore._move(db, first, JobState.QUEUED, time.time(), only_from=(JobState.FAILED,), owner="node-a")
     assert node.retry(first) == 1
     assert (node.get(first).state, node.get(first).interruptions, node.get(second).interruptions) == (
         JobState.QUEUED, 0, 3)

@@ -1408,6 +1408,53 @@ def test_a_model_answering_nan_fails_the_job_saying_so(tmp_path, model_repositor
     assert len(calls) > 3  # (the windows ran on: the whole output is read once, after)
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["done", "failed"])
+def test_a_job_lets_go_of_its_output_before_the_room_counts_it_free(tmp_path, model_repository, monkeypatch, fails):
+    """inference.room: once a job's output is released from the count, the next job's check
+    reads the process's memory without it. So it must be gone by then, also when the job fails
+    mid-way: its traceback, kept until the failure is recorded and notified, holds the frames
+    the output was in."""
+    import weakref
+
+    from inference.room import OUTPUTS
+
+    files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
+    backend = _local(model_repository)
+    outputs: list[weakref.ref] = []
+    alive_at_release: list[bool] = []
+    allocate, release = OUTPUTS.allocate, OUTPUTS.release
+
+    def allocating(*args):
+        output, held = allocate(*args)
+        outputs.append(weakref.ref(output))
+        return output, held
+
+    def releasing(held):
+        alive_at_release.append(outputs[-1]() is not None)
+        release(held)
+
+    monkeypatch.setattr(OUTPUTS, "allocate", allocating)
+    monkeypatch.setattr(OUTPUTS, "release", releasing)
+    calls: list[int] = []
+
+    class Answering:  # the real model, failing at its third call
+        def infer(self, batch):
+            calls.append(1)
+            if fails and len(calls) == 3:
+                raise BackendError("model threshold failed at its third call")
+            return backend.infer(batch)
+
+    spec = threshold_spec(preprocessing={"orientation": "RAS", "intensity": {"window": list(WINDOW)},
+                                         "patch_size": [16, 16, 16], "batch_size": 2})
+    if fails:
+        with pytest.raises(BackendError, match="third call") as caught:
+            segment(load_series(read_series(files)), spec, Answering())
+        assert caught.value.__traceback__ is not None  # (still held here, as the runner holds it)
+    else:
+        assert segment(load_series(read_series(files)), spec, Answering()).labels.any()
+    assert alive_at_release == [False] and len(calls) >= 3
+
+
 def test_a_segmentation_tells_the_models_calls_from_the_sliding_windows_own_work(tmp_path, model_repository):
     """`seconds["model"]` is the backend's calls alone, inside the sliding window's
     `seconds["inference"]`: what benchmarks.end_to_end leaves out as the model's compute (the

@@ -239,12 +239,14 @@ class JobRunner:
             return None
         job = self._turns.take(self.jobs.claim, alone=self._alone,
                                next_alone=lambda: self._alone_after(self.jobs.next_interruptions()),
-                               waiting=lambda: not self._stop.is_set())
-        if job is not None and self._stop.is_set():  # claimed as the stop came: the stop queues it again
+                               waiting=lambda: not self._stopping.is_set())
+        if job is not None and self._stopping.is_set():
+            # claimed as the stop came (perhaps after the stop's mark, or its release): not started,
+            # and marked, so that a SIGKILL before the next start does not count against it; the
+            # stop's release (or the next start) queues it again
+            self._mark_stopping()
             self._turns.ended(job)
             return None
-        if job is not None and self._stopping.is_set():  # told to stop while it claimed: marked as the others
-            self._mark_stopping()
         return job
 
     def _alone(self, job: Job) -> bool:
@@ -278,7 +280,7 @@ class JobRunner:
             return
         except Exception as exc:  # the job gets its state and reason; the service and other jobs go on
             reason = describe(exc, progress.stage)
-            if is_transient(exc):
+            if is_transient(exc, beside_others=self._turns.running > 1):
                 self._wait(job, reason)
             else:
                 self.jobs.fail(job.id, reason)

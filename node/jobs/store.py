@@ -178,7 +178,7 @@ class JobStore:
                 logs.event(log, "job_taken_over", logging.WARNING, job=row["id"], lease_owner=row["lease_owner"])
             self._move(db, row["id"], JobState.RUNNING, now, attempts_plus=1, lease_owner=self.owner,
                        lease_until=lease_now + self.lease_s, stopping=0)
-        return self.get(row["id"])
+            return self.get(row["id"], db)  # as claimed, not as a stop or a replica may have left it since
 
     def claimable(self) -> bool:
         """Whether `claim` would find a job now; a read, nothing is claimed (the job runner asks
@@ -190,9 +190,11 @@ class JobStore:
         """The interruptions of the job `claim` would take now (None: none); a read, nothing is
         claimed (node.jobs.turns: a job its node died under waits for its turn unclaimed)."""
         where, params = self._claimable(time.time(), self.index.lease_clock())
-        rows = self.index.query(f"SELECT interruptions FROM work_items WHERE {where} ORDER BY priority DESC, id LIMIT 1",
-                                params)
-        return int(rows[0]["interruptions"]) if rows else None
+        # (a job taken over, running under an expired lease, counts one more at its claim: _move)
+        rows = self.index.query("SELECT interruptions + CASE WHEN state=? THEN 1 - stopping ELSE 0 END AS n"
+                                f" FROM work_items WHERE {where} ORDER BY priority DESC, id LIMIT 1",
+                                (JobState.RUNNING.value, *params))
+        return int(rows[0]["n"]) if rows else None
 
     def _claimable(self, now: float, lease_now: float) -> tuple[str, tuple[Any, ...]]:
         """The condition on a job `claim` may take, and its parameters. Expired leases only
@@ -348,8 +350,10 @@ class JobStore:
                         raise
             return moved
 
-    def get(self, job_id: int) -> Job:
-        rows = self.index.query("SELECT * FROM work_items WHERE id=?", (job_id,))
+    def get(self, job_id: int, db: Db | None = None) -> Job:
+        """The job (read in `db`'s transaction when given)."""
+        sql = "SELECT * FROM work_items WHERE id=?"
+        rows = db.execute(sql, (job_id,)).fetchall() if db is not None else self.index.query(sql, (job_id,))
         if not rows:
             raise UnknownJob(f"no job {job_id}")
         return _job(rows[0])
@@ -378,6 +382,9 @@ class JobStore:
         sources = [s.value for s, targets in TRANSITIONS.items()
                    if target in targets and (only_from is None or s in only_from)
                    and (owner is None or s is JobState.RUNNING)]
+        if not sources:  # (a caller's mistake; SQL's `IN ()` would be a syntax error on one database, none on another)
+            raise ValueError(f"no state {target.value} may be reached from"
+                             f" {[s.value for s in only_from or ()]}{' by its owner' if owner else ''}")
         sets = "".join(f", {name}=?" for name in columns) + (
             ", interruptions=interruptions+1-stopping, stopping=0" if interrupted else "")
         held = " AND lease_owner=?" if owner else ""

@@ -52,6 +52,12 @@ class Turns:
             self._running += 1
             return job
 
+    @property
+    def running(self) -> int:
+        """How many jobs run now in this process (claimed and not ended)."""
+        with self._changed:
+            return self._running
+
     def ended(self, job: object) -> None:
         with self._changed:
             self._running -= 1
