@@ -16,7 +16,12 @@ class SeriesChanged(SeriesError):
 
 class NotEnoughMemory(RuntimeError):
     """A model's output would not fit in the memory the node may have at all (the machine's, or
-    its container's limit): run, the job would be killed for memory, and the service with it."""
+    its container's limit): run, the job would be killed for memory, and the service with it.
+    `beyond_limit`: more than the limit itself, however the memory were shared."""
+
+    def __init__(self, message: str, beyond_limit: bool = False):
+        super().__init__(message)
+        self.beyond_limit = beyond_limit
 
 
 class MemoryTaken(NotEnoughMemory):

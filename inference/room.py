@@ -64,7 +64,7 @@ def check_room(spec: ModelSpec, spatial: tuple[int, ...], others: int = 0) -> tu
     if need > room.limit - kept:
         raise NotEnoughMemory(f"{what}; the node's machine or container allows {_gib(room.limit)} GiB, of which its"
                               f" service holds {_gib(kept, up=True)} GiB: run, it would be killed for memory; give"
-                              " the node more memory, or the model a coarser grid")
+                              " the node more memory, or the model a coarser grid", beyond_limit=need > room.limit)
     raise MemoryTaken(f"{what}, and {_gib(room.available)} GiB are free now")
 
 

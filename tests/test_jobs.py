@@ -527,6 +527,7 @@ def test_failure_reasons_quote_no_source_values_and_classify_transience():
     # a model's output that cannot fit in the node's memory at all fails; one that could, were other use gone, waits
     assert not is_transient(NotEnoughMemory("model m's output needs 9.0 GiB"))
     assert is_transient(NotEnoughMemory("model m's output needs 9.0 GiB"), beside_others=True)
+    assert not is_transient(NotEnoughMemory("model m's output needs 9.0 GiB", beyond_limit=True), beside_others=True)
     assert is_transient(MemoryTaken("model m's output needs 1.0 GiB"))
     assert describe(MemoryTaken("model m's output needs 1.0 GiB"), "inference") == "inference: model m's output needs 1.0 GiB"
 

@@ -103,7 +103,7 @@ def outcome(planes):
         check_room(spec, (planes, 1024, 1024))
         return "fits"
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}{' beyond its limit' if getattr(exc, 'beyond_limit', False) else ''}: {exc}"
 
 found = {"alone": outcome(64), "beyond": outcome(384), "beside_own": outcome(240)}
 # another job's output of 1 GiB held in this process (pipeline.workers 2): it goes, so a need that
@@ -141,7 +141,8 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
     assert run.returncode == 0, run.stderr[-2000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert (found["alone"], found["after"]) == ("fits", "fits")
-    assert re.fullmatch(r"NotEnoughMemory: model threshold's output on this series needs 3\.00 GiB \(2 classes x"
+    assert re.fullmatch(r"NotEnoughMemory beyond its limit: model threshold's output on this series needs 3\.00 GiB"
+                        r" \(2 classes x"
                         r" 384x1024x1024 voxels, float32\); the node's machine or container allows 2\.00 GiB, of which"
                         r" its service holds 0\.\d\d GiB: run, it would be killed for memory; give the node more"
                         r" memory, or the model a coarser grid", found["beyond"]), found

@@ -42,8 +42,10 @@ _OWN_MESSAGES = (JobError, BackendError, SeriesError, NotEnoughMemory)
 def is_transient(exc: BaseException, beside_others: bool = False) -> bool:
     """Whether the job waits and tries again. `beside_others`: other jobs ran in the process as
     it failed; then a model's output that did not fit beside what the service holds (NotEnoughMemory)
-    may fit later, as the service's memory counted their arrays too (their volumes, inputs)."""
-    return isinstance(exc, TRANSIENT) or (beside_others and isinstance(exc, NotEnoughMemory))
+    may fit later, as the service's memory counted their arrays too (their volumes, inputs), unless
+    it is more than the limit itself."""
+    return isinstance(exc, TRANSIENT) or (beside_others and isinstance(exc, NotEnoughMemory)
+                                          and not exc.beyond_limit)
 
 
 def describe(exc: BaseException, stage: str | None) -> str:

@@ -243,7 +243,7 @@ class JobRunner:
         if job is not None and self._stopping.is_set():
             # claimed as the stop came (perhaps after the stop's mark, or its release): not started,
             # and marked, so that a SIGKILL before the next start does not count against it; the
-            # stop's release (or the next start) queues it again
+            # stop's release queues it again (else the next start, or a replica once its lease expires)
             self._mark_stopping()
             self._turns.ended(job)
             return None
