@@ -1,5 +1,7 @@
 """Room for a segmentation model's output: checked against the memory left to the node before it
-is allocated, and counted while it is held.
+is allocated, and counted while it is held. A series' volume is checked the same way before it is
+read (node.jobs.stages.load): a series too big for the node fails saying so instead of getting
+the service killed (twice, before the job is failed for its deaths: pipeline.interrupted_runs).
 
 Allocated anyway, an output that does not fit gets the service (or its container) killed for
 memory, with every job and delivery it holds, and the job would run again at the next start.
@@ -40,6 +42,12 @@ class OutputRoom:
             self._held += need
         return output, need
 
+    def check(self, need: int, what: str, detail: str, advice: str) -> None:
+        """Another of a job's needs (its series' volume) checked as an output is, beside the
+        outputs held now (check_fits); not counted: the job's own arrays hold it."""
+        with self._turn:
+            check_fits(need, what, detail, advice, others=self._held)
+
     def release(self, held: int) -> None:
         with self._turn:
             self._held -= held
@@ -49,22 +57,30 @@ OUTPUTS = OutputRoom()  # the process's: every job's output is counted in one pl
 
 
 def check_room(spec: ModelSpec, spatial: tuple[int, ...], others: int = 0) -> tuple[tuple[int, ...], int]:
-    """The output's padded size and bytes where it fits in the memory left to the node
-    (common.memory); else raise. Beyond the limit less what the service holds for good (its
-    anonymous memory: libraries, models, this job's arrays; less `others`, the outputs other
-    jobs hold now), waiting cannot help: NotEnoughMemory; within it, MemoryTaken (the job waits
-    for memory that other jobs or processes hold now)."""
+    """The output's padded size and bytes where it fits in the memory left to the node; else
+    raise (check_fits)."""
     need, size = output_bytes(spec.preprocessing.patch_size, spatial, spec.output_channels)
+    check_fits(need, f"model {spec.name}'s output on this series",
+               f"{spec.output_channels} classes x {'x'.join(map(str, size))} voxels, float32",
+               "give the node more memory, or the model a coarser grid", others)
+    return size, need
+
+
+def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0) -> None:
+    """Raise where `need` bytes do not fit in the memory left to the node (common.memory);
+    `what` needs them, `detail` says of what they are, `advice` what would let them fit. Beyond the limit less what
+    the service holds for good (its anonymous memory: libraries, models, this job's arrays;
+    less `others`, the outputs other jobs hold now), waiting cannot help: NotEnoughMemory;
+    within it, MemoryTaken (the job waits for memory that other jobs or processes hold now)."""
     room = memory_room()
     if room is None or need <= room.available:
-        return size, need
-    what = (f"model {spec.name}'s output on this series needs {_gib(need, up=True)} GiB ({spec.output_channels}"
-            f" classes x {'x'.join(map(str, size))} voxels, float32)")
+        return
+    what = f"{what} needs {_gib(need, up=True)} GiB ({detail})"
     kept = max(room.own - others, 0)
     if need > room.limit - kept:
         raise NotEnoughMemory(f"{what}; the node's machine or container allows {_gib(room.limit)} GiB, of which its"
-                              f" service holds {_gib(kept, up=True)} GiB: run, it would be killed for memory; give"
-                              " the node more memory, or the model a coarser grid", beyond_limit=need > room.limit)
+                              f" service holds {_gib(kept, up=True)} GiB: run, it would be killed for memory;"
+                              f" {advice}", beyond_limit=need > room.limit)
     raise MemoryTaken(f"{what}, and {_gib(room.available)} GiB are free now")
 
 

@@ -214,13 +214,21 @@ def read_whole(header: Dataset) -> bool:
             or _frames(header) > 1 or _StoredPixels.of(header) is None)
 
 
-def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = None) -> list[SeriesVolume]:
+def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = None,
+                 room: Callable[[int, str], None] | None = None) -> list[SeriesVolume]:
     """``load_volumes(read_series(files, ahead))`` for a job, which needs the volume at once: the
     volume's memory is faulted in on another core while the headers after the first are parsed
-    (inference.prefault), and taken by the volume when its size is the one foreseen."""
+    (inference.prefault), and taken by the volume when its size is the one foreseen. `room`: told
+    the bytes and what they are (load_need) before any is allocated; raises to refuse them."""
     if not files:
         return load_volumes([])
-    first = read_series(files[:1], ahead)
+    header = ahead.get(files[0]) if ahead else None
+    if header is None:
+        with open(files[0], "rb") as file:
+            header = parse_header(file)
+    if room is not None:
+        room(*load_need(header, len(files), os.path.getsize(files[0])))
+    first = read_series(files[:1], ahead if read_whole(header) else {files[0]: header})
     buffer = _prefaulted_for(first[0], len(files))
     try:
         return _load(first + read_series(files[1:], ahead), SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True,
@@ -228,6 +236,30 @@ def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = N
     finally:
         if buffer is not None:
             buffer.release()
+
+
+def load_need(first: Dataset, count: int, file_bytes: int) -> tuple[int, str]:
+    """The most memory reading a series of `count` instances like `first` (whose file has
+    `file_bytes`) takes at once, foreseen from its header, and what that is (sizes only): the
+    stored values; beside them their float32 modality values, unless they are kept as int16
+    (`_as_int16`, nearly every CT: foreseen from the rescale, though values beyond int16 would
+    still take float32); decoded by highdicom (compressed data, colour), the float32 frames and
+    their stack, beside a frame's stored values as it is decoded. An instance read whole
+    (read_whole: multi-frame, compressed) is held as read besides: its file's bytes."""
+    frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
+    voxels = frames * rows * columns * int(first.get("SamplesPerPixel") or 1)
+    images = f"{count} images of {rows}x{columns}" if frames == count else f"{frames} frames of {rows}x{columns}"
+    held = count * file_bytes if read_whole(first) else 0
+    source = _StoredPixels.of(first)
+    if source is None:
+        plane = voxels // frames * math.ceil(int(first.get("BitsAllocated") or 16) / 8)
+        return held + voxels * 8 + plane, f"{images}, decoded to float32"
+    size = source.dtype.itemsize
+    bits = f"{images}, {8 * size}-bit stored values"
+    slope, intercept = _rescale(first, 1 if _frames(first) > 1 else None)
+    if size <= 2 and slope == 1.0 and intercept.is_integer():
+        return held + voxels * (size + (0 if size == 2 else 2)), f"{bits}, kept as int16"
+    return held + voxels * (size + 4), f"{bits}, with float32 values"
 
 
 def _prefaulted_for(first: Dataset, count: int) -> PrefaultedBuffer | None:
@@ -441,6 +473,10 @@ def _check_image(ds: Dataset) -> None:
             raise SeriesError(f"{ds.Modality} image has neither PixelSpacing nor ImagerPixelSpacing: no size in mm")
     elif "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
         raise SeriesError("an image has no ImagePositionPatient/ImageOrientationPatient: no patient geometry")
+    if frames > 1 or not _is_projection(ds):
+        if not ds.get("FrameOfReferenceUID"):  # (Type 1 with patient geometry: PS3.3 C.7.4.1)
+            raise SeriesError("an image has no FrameOfReferenceUID: its results could not be placed in its frame of"
+                              " reference")
 
 
 def _is_projection(ds: Dataset) -> bool:
@@ -667,7 +703,7 @@ def _native_pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None
     slope = np.ones(len(ordered), dtype=np.float32)
     intercept = np.zeros(len(ordered), dtype=np.float32)
     for k, frame in enumerate(ordered):
-        slope[k], intercept[k] = _rescale(frame)
+        slope[k], intercept[k] = _rescale(frame.dataset, frame.number)
     uniform = bool(np.all(slope == slope[0]) and np.all(intercept == intercept[0]))
     if uniform and slope[0] == 1.0 and float(intercept[0]).is_integer():
         exact = _as_int16(stored, int(intercept[0]))
@@ -763,13 +799,13 @@ _NATIVE = {pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndia
            pydicom.uid.DeflatedExplicitVRLittleEndian}
 
 
-def _rescale(frame: _Frame) -> tuple[float, float]:
-    """(slope, intercept) of a frame: its Pixel Value Transformation group, else the instance's."""
-    ds = frame.dataset
-    if frame.number is not None:
+def _rescale(ds: Dataset, number: int | None) -> tuple[float, float]:
+    """(slope, intercept) of a frame (`number`, of a multi-frame object): its Pixel Value
+    Transformation group, else the instance's."""
+    if number is not None:
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         shared = ds.get("SharedFunctionalGroupsSequence")
-        for item in (per_frame[frame.number - 1] if per_frame else None, shared[0] if shared else None):
+        for item in (per_frame[number - 1] if per_frame else None, shared[0] if shared else None):
             if item is not None and "PixelValueTransformationSequence" in item:
                 transform = item.PixelValueTransformationSequence[0]
                 return float(transform.get("RescaleSlope", 1.0)), float(transform.get("RescaleIntercept", 0.0))

@@ -12,6 +12,7 @@ refused. The refusals are not a fixed list: the receiver's checks decide them.
 from __future__ import annotations
 
 import io
+import tracemalloc
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from inference.volume import SeriesError, load_series, read_series
+from inference.volume import SeriesError, load_need, load_series, load_volumes, parse_header, read_series
 from node.send.status import classify_status
 from node.send.scu import NotAccepted, associate, send_file, storage_contexts
 from tests.peers import dataset_bytes, make_study
+from tests.test_jobs import sphere_study
 
 data_store = pytest.importorskip("data_store", reason="pydicom-data is a test dependency (pip install -e '.[test]')")
 
@@ -297,6 +299,52 @@ def test_routing_tags_read_from_the_whole_data_set_check_equal_pydicoms_reading(
     compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
     deflated = compressor.compress(explicit.payload) + compressor.flush()
     assert tags_module.read_routing_tags(deflated, pydicom.uid.DeflatedExplicitVRLittleEndian) == outcome(explicit)
+
+
+def test_a_series_memory_is_foreseen_from_its_first_header_before_any_is_taken(tmp_path):
+    """The job checks a series' memory before it reads it (inference.room, node.jobs.stages.load),
+    from `load_need` of its first header: for every corpus file that loads as volumes (each in its
+    own encoding: native, JPEG 2000, JPEG-LS, RLE, multi-frame, 8 to 32 bits) and for CT series kept
+    as int16 and with float32 values, the arrays the volumes keep and the peak of what reading and
+    loading them took (tracemalloc: numpy's arrays and Python's objects) are within it, the peak up
+    to the headers' and frames' Python objects (24 KiB a frame)."""
+    int16, _ = sphere_study(tmp_path / "int16", "PAT-I", slices=20, size=256)
+    scaled, _ = sphere_study(tmp_path / "scaled", "PAT-S", slices=20, size=256)
+    for file in scaled:
+        ds = pydicom.dcmread(file)
+        ds.RescaleSlope = 0.5
+        ds.save_as(file)
+    series = [(f"{origin}/{path.name}", [path]) for origin, path in corpus_files()]
+    series += [("CT int16", int16), ("CT scaled", scaled)]
+    needs, kinds = {}, Counter()
+    tracemalloc.start()
+    try:
+        for name, files in series:
+            try:
+                with open(files[0], "rb") as file:
+                    header = parse_header(file)
+                volumes = load_volumes(read_series(files))  # once first: a decoder's first use imports it
+            except SeriesError:
+                continue
+            except Exception:  # not a data set pydicom reads: the receive test's business
+                continue
+            needs[name] = need, detail = load_need(header, len(files), files[0].stat().st_size)
+            del volumes
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            volumes = load_volumes(read_series(files))
+            peak = tracemalloc.get_traced_memory()[1] - before
+            frames = sum(v.array.shape[0] for v in volumes)
+            kept = sum(v.array.nbytes for v in volumes)
+            assert kept <= need and peak <= need + (24 << 10) * frames + (128 << 10), (name, detail, need, kept, peak)
+            kinds[detail.rpartition(", ")[2]] += 1
+            del volumes
+    finally:
+        tracemalloc.stop()
+    assert len(needs) >= 25 and {"kept as int16", "with float32 values", "decoded to float32"} <= set(kinds), kinds
+    assert needs["CT int16"] == (20 * 256 * 256 * 2, "20 images of 256x256, 16-bit stored values, kept as int16")
+    assert needs["CT scaled"] == (20 * 256 * 256 * 6, "20 images of 256x256, 16-bit stored values, with float32"
+                                                      " values")
 
 
 def _whole(sample: Sample) -> bool:

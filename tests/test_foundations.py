@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING, STATE_STOPPED
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+from sqlalchemy.exc import OperationalError
 
 from node.config import NodeConfig
 from node.jobs.runner import JobRunner
@@ -597,8 +598,9 @@ def test_a_runner_with_no_rules_loads_its_pipeline_once_a_job_is_there_and_claim
 
 def test_a_job_claimed_as_the_stop_comes_is_not_started_nor_counted_at_a_kill(tmp_path, model_repository, monkeypatch):
     """A claim that commits as the node is told to stop (after the stop's mark, even after its
-    release: a busy index) does not start its job, and marks it as the running ones were, so
-    that a SIGKILL before the next start is not counted as the node dying under it."""
+    release: a busy index) does not start its job, and queues it again at once, uncounted: a
+    replica may take it now, and a SIGKILL before the next start is not counted against it.
+    Where that release fails, the job is marked as the running ones were."""
     index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
     claim = jobs.claim
 
@@ -607,6 +609,18 @@ def test_a_job_claimed_as_the_stop_comes_is_not_started_nor_counted_at_a_kill(tm
         return claim()
 
     monkeypatch.setattr(jobs, "claim", claim_after_the_stop)
+    assert runner._claim() is None and runner._turns.running == 0
+    rows = index.query("SELECT state, stopping, interruptions, lease_owner FROM work_items")
+    assert [tuple(r.values()) for r in rows] == [("queued", 0, 0, None)]
+    assert JobStore(index, owner="a-replica").claim().id == first
+    with index.transaction() as db:  # again, the release failing this time (the index busy)
+        db.execute("UPDATE work_items SET state='queued', lease_owner=NULL WHERE id=?", (first,))
+
+    def busy(job_id: object = None) -> list[int]:
+        raise OperationalError("UPDATE", (), Exception("database is locked"))
+
+    monkeypatch.setattr(jobs, "release_running", busy)
+    runner._stopping.clear()
     assert runner._claim() is None and runner._turns.running == 0
     assert [tuple(r.values()) for r in index.query("SELECT state, stopping FROM work_items")] == [("running", 1)]
     assert JobStore(index, owner="the-next-start").requeue_running() == 1
@@ -646,7 +660,7 @@ def test_a_job_waiting_its_turn_to_run_alone_stops_waiting_once_the_node_is_told
 def test_a_job_refused_memory_beside_other_jobs_waits_and_alone_fails(tmp_path, model_repository, monkeypatch):
     """A model's output that does not fit beside what the service holds fails its job for good
     (inference.room), but only where no other job runs: beside others, what the service holds
-    counts their volumes and inputs too, and the job waits and tries again."""
+    counts their volumes and inputs too, and the job waits and tries again, saying so."""
     from inference.errors import NotEnoughMemory
 
     index, jobs, runner, first = _one_job_study(tmp_path, model_repository, Actions(forward_to=["pacs"]))
@@ -661,7 +675,8 @@ def test_a_job_refused_memory_beside_other_jobs_waits_and_alone_fails(tmp_path, 
     runner.run(job)
     runner._turns.ended(job)
     assert (jobs.get(first).state, jobs.get(first).reason) == (
-        JobState.WAITING, "inference: model m's output on this series needs 3.00 GiB")
+        JobState.WAITING, "inference: model m's output on this series needs 3.00 GiB; counted beside other jobs"
+                          " running now, whose memory goes as they end: the job waits and tries again")
     runner._turns.ended(other)
     assert jobs.retry(first) == 1
     job = runner._claim()

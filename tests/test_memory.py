@@ -1,6 +1,7 @@
 """What memory the node may still take (common.memory): the machine's, or less under a cgroup
 limit, read from this process's own cgroup and its ancestors; and a model whose output would not
-fit fails its job saying so, instead of the kernel killing the service (inference.room).
+fit, or a series whose volume would not, fails its job saying so, instead of the kernel killing the
+service (inference.room).
 Fake /proc trees for the formats of Docker and systemd; real cgroups with a memory limit for
 what the node then does."""
 
@@ -12,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.uid import RLELossless
 
 from common.memory import MemoryRoom, memory_room
 from inference.export.repository import export_onnx, write_entry
@@ -21,7 +25,7 @@ from node.jobs.store import JobState
 from tests.cgroups import fake_proc, memory_limit_cgroup, write_files
 from tests.models import threshold_spec
 from tests.orthanc import Orthanc
-from tests.peers import NodeProcess, wait_for
+from tests.peers import NodeProcess, storescu, wait_for
 from tests.test_jobs import ROUTING, jobs_of, send, sphere_study, wait_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,10 +163,39 @@ class _ManyClasses(torch.nn.Module):
         return x.expand(-1, 128, -1, -1, -1).contiguous()
 
 
-def test_a_node_under_a_memory_limit_fails_a_job_whose_output_cannot_fit_and_lives_on(tmp_path, model_repository):
+def _failed_alive(node: NodeProcess, study_uid: str) -> object:
+    """The study's job once it has ended, failed, with the service alive: killed for memory, the
+    service would leave the job running (the wait ends then too)."""
+    wait_for(lambda: node.process.poll() is not None or jobs_of(node, study_uid) and jobs_of(
+        node, study_uid)[0].state in (JobState.FAILED, JobState.DONE, JobState.WAITING), timeout=180)
+    assert node.process.poll() is None, "the service was killed"
+    failed = jobs_of(node, study_uid)[0]
+    assert failed.state is JobState.FAILED, failed.reason
+    return failed
+
+
+def _big_compressed_series(folder: Path, patient_id: str, images: int, size: int) -> tuple[list[Path], str]:
+    """A CT series of `images` RLE-compressed blank images of `size`x`size`: little to store and
+    send, `images` x `size`^2 x 8 bytes to decode into float32 frames and their stack."""
+    files, study_uid = sphere_study(folder, patient_id, slices=images, size=16)
+    blank = pydicom.dcmread(files[0])
+    blank.Rows = blank.Columns = size
+    blank.compress(RLELossless, np.zeros((size, size), np.uint16), encoding_plugin="pydicom")
+    for file in files:
+        ds = pydicom.dcmread(file)
+        ds.Rows = ds.Columns = size
+        ds.file_meta.TransferSyntaxUID = RLELossless
+        ds["PixelData"] = blank["PixelData"]
+        ds.save_as(file, enforce_file_format=True)
+    return files, study_uid
+
+
+def test_a_node_under_a_memory_limit_fails_jobs_whose_volume_or_output_cannot_fit_and_lives_on(tmp_path,
+                                                                                                 model_repository):
     """A node in a real cgroup of 2 GiB (a container's limit): a 128-class model on a 0.25 mm grid
-    needs 3.4 GiB for its output. Allocated, the kernel killed the service; now the job fails
-    at once saying what it needs, and the same node processes the next study."""
+    needs 3.4 GiB for its output, and a series of 80 compressed 2048x2048 images 2.5 GiB to
+    decode. Allocated, the kernel killed the service; now each job fails at once saying what it
+    needs (the series before any of it is read), and the same node processes the next study."""
     models = tmp_path / "models"
     models.mkdir()
     for entry in model_repository.iterdir():
@@ -188,22 +221,25 @@ def test_a_node_under_a_memory_limit_fails_a_job_whose_output_cannot_fit_and_liv
                 service = node.process.pid
                 files, study_uid = sphere_study(tmp_path / "wide", "PAT-W", series_description="Wide")
                 send(node, files)
-                # (killed for memory, the service would leave the job running: fail at once then)
-                wait_for(lambda: node.process.poll() is not None or jobs_of(node, study_uid) and jobs_of(
-                    node, study_uid)[0].state in (JobState.FAILED, JobState.DONE, JobState.WAITING), timeout=180)
-                assert node.process.poll() is None, "the service was killed"
-                failed = jobs_of(node, study_uid)[0]
-                assert failed.state is JobState.FAILED, failed.reason
+                failed = _failed_alive(node, study_uid)
                 assert re.fullmatch(
                     r"inference: model wide's output on this series needs 3\.\d\d GiB \(128 classes x \d+x\d+x\d+"
                     r" voxels, float32\); the node's machine or container allows 2\.00 GiB, of which its service"
                     r" holds 0\.\d\d GiB: run, it would be killed for memory; give the node more memory, or the"
                     r" model a coarser grid", failed.reason), failed.reason
+                big_files, big_uid = _big_compressed_series(tmp_path / "big", "PAT-B", images=80, size=2048)
+                sent = storescu(node.port, big_files, "MODALITY", "-xr")  # (RLE proposed: sent as they are)
+                assert sent.returncode == 0, sent.stdout + sent.stderr
+                failed = _failed_alive(node, big_uid)
+                assert re.fullmatch(
+                    r"load: the series' volume needs 2\.5\d GiB \(80 images of 2048x2048, decoded to float32\); the"
+                    r" node's machine or container allows 2\.00 GiB, of which its service holds 0\.\d\d GiB: run, it"
+                    r" would be killed for memory; give the node more memory", failed.reason), failed.reason
                 other_files, other_uid = sphere_study(tmp_path / "other", "PAT-O")
                 send(node, other_files)
                 assert len(wait_results(pacs, other_uid)["SEG"]) == 1
                 assert (node.process.poll(), node.process.pid) == (None, service)  # never killed
-                assert [j.state for j in jobs_of(node)] == [JobState.FAILED, JobState.DONE]
+                assert [j.state for j in jobs_of(node)] == [JobState.FAILED, JobState.FAILED, JobState.DONE]
             finally:
                 node.stop()
     finally:

@@ -48,6 +48,15 @@ def is_transient(exc: BaseException, beside_others: bool = False) -> bool:
                                           and not exc.beyond_limit)
 
 
+def waiting_reason(exc: BaseException, reason: str) -> str:
+    """The reason a job waiting after `exc` shows: for memory refused beside other jobs
+    (is_transient), that it waits for theirs, not that it cannot run."""
+    if isinstance(exc, NotEnoughMemory) and not isinstance(exc, TRANSIENT):
+        return (f"{reason}; counted beside other jobs running now, whose memory goes as they end: the job waits"
+                " and tries again")
+    return reason
+
+
 def describe(exc: BaseException, stage: str | None) -> str:
     where = f"{stage}: " if stage else ""
     if isinstance(exc, _OWN_MESSAGES):

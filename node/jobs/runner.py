@@ -27,7 +27,7 @@ from inference.spec import ModelSpec
 from node.config import NodeConfig, OutputOptions
 from node.encode.uids import ResultUIDs, SourceIdentity
 from node.jobs.backends import BackendCache
-from node.jobs.failures import JobError, Superseded, describe, is_transient
+from node.jobs.failures import JobError, Superseded, describe, is_transient, waiting_reason
 from node.jobs.heap import freeze_loaded_objects, release_free_memory
 from node.jobs.modelruns import record_live, run_shadow
 from node.jobs.store import IllegalTransition, Job, JobState, JobStore
@@ -241,13 +241,21 @@ class JobRunner:
                                next_alone=lambda: self._alone_after(self.jobs.next_interruptions()),
                                waiting=lambda: not self._stopping.is_set())
         if job is not None and self._stopping.is_set():
-            # claimed as the stop came (perhaps after the stop's mark, or its release): not started,
-            # and marked, so that a SIGKILL before the next start does not count against it; the
-            # stop's release queues it again (else the next start, or a replica once its lease expires)
-            self._mark_stopping()
+            # claimed as the stop came (perhaps after the stop's mark, or its release): not started
+            self._hand_back(job)
             self._turns.ended(job)
             return None
         return job
+
+    def _hand_back(self, job: Job) -> None:
+        """A job claimed as the stop came, queued again at once, uncounted: another replica may
+        take it now. Where that fails (the index busy) it is marked, as the running ones were, so
+        that a SIGKILL before the next start does not count against it."""
+        try:
+            self.jobs.release_running(job.id)
+        except Exception as exc:  # noqa: BLE001 - the stop goes on; its own release may still queue it
+            logs.event(log, "job_release_failed", logging.WARNING, job=job.id, error=type(exc).__name__)
+            self._mark_stopping()
 
     def _alone(self, job: Job) -> bool:
         return self._alone_after(job.interruptions)
@@ -281,7 +289,7 @@ class JobRunner:
         except Exception as exc:  # the job gets its state and reason; the service and other jobs go on
             reason = describe(exc, progress.stage)
             if is_transient(exc, beside_others=self._turns.running > 1):
-                self._wait(job, reason)
+                self._wait(job, waiting_reason(exc, reason))
             else:
                 self.jobs.fail(job.id, reason)
                 logs.event(log, "job_failed", logging.ERROR, job=job.id, study_uid=job.study_uid, reason=reason[:500])

@@ -65,6 +65,10 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.DONE: frozenset(),
 }
 
+# What a job's node dying while it ran adds to its interruptions: one, unless the process had been
+# told to stop (a SIGKILL past a stop's grace period). One expression for the count and its look-ahead.
+_A_DEATH = "(1 - stopping)"
+
 
 class IllegalTransition(RuntimeError):
     """The job was not in a state that may make this transition (someone else moved it)."""
@@ -190,8 +194,8 @@ class JobStore:
         """The interruptions of the job `claim` would take now (None: none); a read, nothing is
         claimed (node.jobs.turns: a job its node died under waits for its turn unclaimed)."""
         where, params = self._claimable(time.time(), self.index.lease_clock())
-        # (a job taken over, running under an expired lease, counts one more at its claim: _move)
-        rows = self.index.query("SELECT interruptions + CASE WHEN state=? THEN 1 - stopping ELSE 0 END AS n"
+        # (a job taken over, running under an expired lease, counts its death at its claim: _move)
+        rows = self.index.query(f"SELECT interruptions + CASE WHEN state=? THEN {_A_DEATH} ELSE 0 END AS n"
                                 f" FROM work_items WHERE {where} ORDER BY priority DESC, id LIMIT 1",
                                 (JobState.RUNNING.value, *params))
         return int(rows[0]["n"]) if rows else None
@@ -309,17 +313,20 @@ class JobStore:
             return db.execute("UPDATE work_items SET stopping=1 WHERE state=? AND lease_owner=?",
                               (JobState.RUNNING.value, self.owner)).rowcount
 
-    def release_running(self) -> list[int]:
-        """At a stop's end: this process's jobs still running are queued again, not interrupted
-        (a stop, an upgrade, is no sign that a job kills its node); another replica may take them
-        at once. Their threads, left to end with the process, can no longer move them, nor record
-        a stage or an output, nor queue a result (check_held). One guarded UPDATE (TRANSITIONS:
-        running -> queued): a job taken over meanwhile is not this process's and is left alone."""
+    def release_running(self, job_id: int | None = None) -> list[int]:
+        """At a stop's end: this process's jobs still running (or only `job_id`: one claimed as
+        the stop came) are queued again, not interrupted (a stop, an upgrade, is no sign that a
+        job kills its node); another replica may take them at once. Their threads, left to end
+        with the process, can no longer move them, nor record a stage or an output, nor queue a
+        result (check_held). One guarded UPDATE (TRANSITIONS: running -> queued): a job taken
+        over meanwhile is not this process's and is left alone."""
+        one = " AND id=?" if job_id is not None else ""
         with self.index.transaction(claim=True) as db:
             return [r["id"] for r in db.execute(
                 "UPDATE work_items SET state=?, updated_at=?, lease_owner=NULL, lease_until=NULL, stopping=0"
-                " WHERE state=? AND lease_owner=? RETURNING id",
-                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value, self.owner))]
+                f" WHERE state=? AND lease_owner=?{one} RETURNING id",
+                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value, self.owner,
+                 *((job_id,) if job_id is not None else ())))]
 
     def next_due(self) -> float | None:
         """When the earliest waiting job is due (for the scheduler)."""
@@ -386,7 +393,7 @@ class JobStore:
             raise ValueError(f"no state {target.value} may be reached from"
                              f" {[s.value for s in only_from or ()]}{' by its owner' if owner else ''}")
         sets = "".join(f", {name}=?" for name in columns) + (
-            ", interruptions=interruptions+1-stopping, stopping=0" if interrupted else "")
+            f", interruptions=interruptions+{_A_DEATH}, stopping=0" if interrupted else "")
         held = " AND lease_owner=?" if owner else ""
         cur = db.execute(
             f"UPDATE work_items SET state=?, updated_at=?, attempts=attempts+?{sets}"
