@@ -179,26 +179,39 @@ class StoredFile:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+# A frame's Python objects while its volume is built (its header's elements, position, attributes):
+# 10-15 KiB measured over the test corpus and a 3,000-frame object (tests/test_corpus.py).
+FRAME_OBJECT_BYTES = 24 << 10
+
+
 def read_series(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = None) -> list[Dataset]:
     """The series' datasets. The Pixel Data of single-frame uncompressed grayscale images is left
     in the files (``DEFER_BYTES``) and read into the volume later from the very file each header
     came from; every other data set is read whole. `ahead`: headers parsed already
     (inference.headers.ParsedHeaders), used for their files instead of parsing them again."""
-    datasets = []
-    for f in files:
-        ds = ahead.get(f) if ahead else None
-        if ds is None:
-            with open(f, "rb") as file:
-                ds = parse_header(file)
-                if read_whole(ds):
-                    # Read whole, from this same file: deflated offsets are not file offsets, other
-                    # pixel data is decoded by highdicom (which would read a deferred value by name,
-                    # from whatever file is there by then), and a multi-frame object's functional
-                    # groups may be long enough to be deferred too.
-                    file.seek(0)
-                    ds = pydicom.dcmread(file)
-        datasets.append(ds)
-    return datasets
+    return [_read(f, ahead) for f in files]
+
+
+def _read(file_path: Path, ahead: Mapping[Path, Dataset] | None,
+          seen: Callable[[Dataset], None] | None = None) -> Dataset:
+    """One file's data set (read_series); `seen` is given its header before anything more is read."""
+    ds = ahead.get(file_path) if ahead else None
+    if ds is not None:
+        if seen is not None:
+            seen(ds)
+        return ds
+    with open(file_path, "rb") as file:
+        ds = parse_header(file)
+        if seen is not None:
+            seen(ds)
+        if read_whole(ds):
+            # Read whole, from this same file: deflated offsets are not file offsets, other pixel
+            # data is decoded by highdicom (which would read a deferred value by name, from
+            # whatever file is there by then), and a multi-frame object's functional groups may be
+            # long enough to be deferred too.
+            file.seek(0)
+            ds = pydicom.dcmread(file)
+    return ds
 
 
 def parse_header(file: BinaryIO) -> Dataset:
@@ -222,13 +235,15 @@ def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = N
     the bytes and what they are (load_need) before any is allocated; raises to refuse them."""
     if not files:
         return load_volumes([])
-    header = ahead.get(files[0]) if ahead else None
-    if header is None:
-        with open(files[0], "rb") as file:
-            header = parse_header(file)
-    if room is not None:
-        room(*load_need(header, len(files), os.path.getsize(files[0])))
-    first = read_series(files[:1], ahead if read_whole(header) else {files[0]: header})
+
+    def foresee(header: Dataset) -> None:
+        try:
+            need = load_need(header, len(files), sum(os.path.getsize(f) for f in files))
+        except Exception:  # noqa: BLE001 - a header it cannot read: left to the checks that name what is wrong
+            return
+        room(*need)  # type: ignore[misc]
+
+    first = [_read(files[0], ahead, foresee if room is not None else None)]
     buffer = _prefaulted_for(first[0], len(files))
     try:
         return _load(first + read_series(files[1:], ahead), SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True,
@@ -239,27 +254,44 @@ def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = N
 
 
 def load_need(first: Dataset, count: int, file_bytes: int) -> tuple[int, str]:
-    """The most memory reading a series of `count` instances like `first` (whose file has
-    `file_bytes`) takes at once, foreseen from its header, and what that is (sizes only): the
-    stored values; beside them their float32 modality values, unless they are kept as int16
-    (`_as_int16`, nearly every CT: foreseen from the rescale, though values beyond int16 would
-    still take float32); decoded by highdicom (compressed data, colour), the float32 frames and
-    their stack, beside a frame's stored values as it is decoded. An instance read whole
-    (read_whole: multi-frame, compressed) is held as read besides: its file's bytes."""
+    """The most memory reading a series of `count` instances like `first` (`file_bytes` in all)
+    takes at once, foreseen from the first one's header, and what that is (sizes only): the stored
+    values; beside them their float32 modality values, unless they are kept as int16 (`_as_int16`,
+    nearly every CT: foreseen from the rescale, for values that cannot pass int16's range); decoded
+    by highdicom (compressed data, colour), the float32 frames and their stack, beside a frame's
+    stored values as it is decoded; the instances read whole (read_whole: multi-frame, compressed),
+    their files' bytes; the frames' Python objects (`FRAME_OBJECT_BYTES`). Uncompressed, the files'
+    bytes bound the stored values from below: a series whose first instance is smaller than the
+    others is foreseen from the others' size."""
     frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
-    voxels = frames * rows * columns * int(first.get("SamplesPerPixel") or 1)
+    samples = int(first.get("SamplesPerPixel") or 1)
+    voxels = frames * rows * columns * samples
     images = f"{count} images of {rows}x{columns}" if frames == count else f"{frames} frames of {rows}x{columns}"
-    held = count * file_bytes if read_whole(first) else 0
+    held = (file_bytes if read_whole(first) else 0) + frames * FRAME_OBJECT_BYTES
     source = _StoredPixels.of(first)
     if source is None:
-        plane = voxels // frames * math.ceil(int(first.get("BitsAllocated") or 16) / 8)
+        plane = rows * columns * samples * math.ceil(int(first.get("BitsAllocated") or 16) / 8)
         return held + voxels * 8 + plane, f"{images}, decoded to float32"
     size = source.dtype.itemsize
+    voxels = max(voxels, file_bytes // size)
     bits = f"{images}, {8 * size}-bit stored values"
-    slope, intercept = _rescale(first, 1 if _frames(first) > 1 else None)
-    if size <= 2 and slope == 1.0 and intercept.is_integer():
+    slope, intercept = float(first.get("RescaleSlope", 1.0) or 1.0), float(first.get("RescaleIntercept", 0.0) or 0.0)
+    # (a multi-frame object's rescale may differ frame by frame: its functional groups are not read here)
+    whole_values = _frames(first) == 1 and slope == 1.0 and intercept.is_integer()
+    if size == 1 and whole_values or size == 2 and whole_values and _within_int16(first, source, int(intercept)):
         return held + voxels * (size + (0 if size == 2 else 2)), f"{bits}, kept as int16"
     return held + voxels * (size + 4), f"{bits}, with float32 values"
+
+
+def _within_int16(header: Dataset, source: "_StoredPixels", intercept: int) -> bool:
+    """Whether 16-bit stored values plus `intercept` are foreseen within int16: unsigned ones up to
+    their Bits Stored (or Largest Image Pixel Value, where given); signed ones are (a value near
+    int16's ends plus an intercept is not foreseen)."""
+    if source.dtype.kind == "i":
+        return True
+    largest = header.get("LargestImagePixelValue")
+    high = int(largest) if isinstance(largest, int) else (1 << int(header.get("BitsStored") or 16)) - 1
+    return -(1 << 15) <= intercept and high + intercept < (1 << 15)
 
 
 def _prefaulted_for(first: Dataset, count: int) -> PrefaultedBuffer | None:
@@ -703,7 +735,7 @@ def _native_pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None
     slope = np.ones(len(ordered), dtype=np.float32)
     intercept = np.zeros(len(ordered), dtype=np.float32)
     for k, frame in enumerate(ordered):
-        slope[k], intercept[k] = _rescale(frame.dataset, frame.number)
+        slope[k], intercept[k] = _rescale(frame)
     uniform = bool(np.all(slope == slope[0]) and np.all(intercept == intercept[0]))
     if uniform and slope[0] == 1.0 and float(intercept[0]).is_integer():
         exact = _as_int16(stored, int(intercept[0]))
@@ -799,13 +831,13 @@ _NATIVE = {pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndia
            pydicom.uid.DeflatedExplicitVRLittleEndian}
 
 
-def _rescale(ds: Dataset, number: int | None) -> tuple[float, float]:
-    """(slope, intercept) of a frame (`number`, of a multi-frame object): its Pixel Value
-    Transformation group, else the instance's."""
-    if number is not None:
+def _rescale(frame: _Frame) -> tuple[float, float]:
+    """(slope, intercept) of a frame: its Pixel Value Transformation group, else the instance's."""
+    ds = frame.dataset
+    if frame.number is not None:
         per_frame = ds.get("PerFrameFunctionalGroupsSequence")
         shared = ds.get("SharedFunctionalGroupsSequence")
-        for item in (per_frame[number - 1] if per_frame else None, shared[0] if shared else None):
+        for item in (per_frame[frame.number - 1] if per_frame else None, shared[0] if shared else None):
             if item is not None and "PixelValueTransformationSequence" in item:
                 transform = item.PixelValueTransformationSequence[0]
                 return float(transform.get("RescaleSlope", 1.0)), float(transform.get("RescaleIntercept", 0.0))

@@ -610,8 +610,8 @@ def test_a_job_claimed_as_the_stop_comes_is_not_started_nor_counted_at_a_kill(tm
 
     monkeypatch.setattr(jobs, "claim", claim_after_the_stop)
     assert runner._claim() is None and runner._turns.running == 0
-    rows = index.query("SELECT state, stopping, interruptions, lease_owner FROM work_items")
-    assert [tuple(r.values()) for r in rows] == [("queued", 0, 0, None)]
+    rows = index.query("SELECT state, stopping, interruptions, attempts, lease_owner FROM work_items")
+    assert [tuple(r.values()) for r in rows] == [("queued", 0, 0, 0, None)]  # (not an attempt: not started)
     assert JobStore(index, owner="a-replica").claim().id == first
     with index.transaction() as db:  # again, the release failing this time (the index busy)
         db.execute("UPDATE work_items SET state='queued', lease_owner=NULL WHERE id=?", (first,))

@@ -314,19 +314,20 @@ class JobStore:
                               (JobState.RUNNING.value, self.owner)).rowcount
 
     def release_running(self, job_id: int | None = None) -> list[int]:
-        """At a stop's end: this process's jobs still running (or only `job_id`: one claimed as
-        the stop came) are queued again, not interrupted (a stop, an upgrade, is no sign that a
-        job kills its node); another replica may take them at once. Their threads, left to end
-        with the process, can no longer move them, nor record a stage or an output, nor queue a
-        result (check_held). One guarded UPDATE (TRANSITIONS: running -> queued): a job taken
-        over meanwhile is not this process's and is left alone."""
-        one = " AND id=?" if job_id is not None else ""
+        """At a stop's end: this process's jobs still running are queued again, not interrupted
+        (a stop, an upgrade, is no sign that a job kills its node); another replica may take them
+        at once. Their threads, left to end with the process, can no longer move them, nor record
+        a stage or an output, nor queue a result (check_held). One guarded UPDATE (TRANSITIONS:
+        running -> queued): a job taken over meanwhile is not this process's and is left alone.
+        `job_id`: only that job, claimed as the stop came and not started (its claim's attempt
+        taken back)."""
+        taken_back, one, ids = ((", attempts=attempts-1", " AND id=?", (job_id,)) if job_id is not None
+                                else ("", "", ()))
         with self.index.transaction(claim=True) as db:
             return [r["id"] for r in db.execute(
-                "UPDATE work_items SET state=?, updated_at=?, lease_owner=NULL, lease_until=NULL, stopping=0"
-                f" WHERE state=? AND lease_owner=?{one} RETURNING id",
-                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value, self.owner,
-                 *((job_id,) if job_id is not None else ())))]
+                "UPDATE work_items SET state=?, updated_at=?, lease_owner=NULL, lease_until=NULL,"
+                f" stopping=0{taken_back} WHERE state=? AND lease_owner=?{one} RETURNING id",
+                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value, self.owner, *ids))]
 
     def next_due(self) -> float | None:
         """When the earliest waiting job is due (for the scheduler)."""
