@@ -68,10 +68,11 @@ def check_room(spec: ModelSpec, spatial: tuple[int, ...], others: int = 0) -> tu
 
 def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0) -> None:
     """Raise where `need` bytes do not fit in the memory left to the node (common.memory);
-    `what` needs them, `detail` says of what they are, `advice` what would let them fit. Beyond the limit less what
-    the service holds for good (its anonymous memory: libraries, models, this job's arrays;
-    less `others`, the outputs other jobs hold now), waiting cannot help: NotEnoughMemory;
-    within it, MemoryTaken (the job waits for memory that other jobs or processes hold now)."""
+    `what` needs them, `detail` says of what they are, `advice` what would let them fit. Beyond
+    the limit less what the service holds for good (its anonymous memory: libraries, models, this
+    job's arrays; less `others`, the outputs other jobs hold now), waiting cannot help:
+    NotEnoughMemory; within it, MemoryTaken (the job waits for memory that other jobs or
+    processes hold now)."""
     room = memory_room()
     if room is None or need <= room.available:
         return
