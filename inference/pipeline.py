@@ -35,7 +35,7 @@ from inference.findings import Finding, clean_labels, foreground_box, measure
 from inference.resample import MANY_CHANNELS, copy_in_blocks, map_kind, resample, resample_argmax
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
-from inference.room import OUTPUTS
+from inference.room import ARRAYS
 from inference.windows import sliding_window
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -209,7 +209,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
 
     volume.set_pixels_aside()  # read again only if something needs them (key images, run figures)
     start = time.perf_counter()
-    output, held = OUTPUTS.allocate(spec, tuple(image.shape[1:]), image.dtype)  # (its memory checked first)
+    output, held = ARRAYS.allocate(spec, tuple(image.shape[1:]), image.dtype)  # (its memory checked first)
     try:
         with torch.no_grad():
             logits = sliding_window(image[None].as_tensor(), spec.preprocessing.patch_size,
@@ -235,7 +235,7 @@ def segment(volume: SeriesVolume, spec: ModelSpec, backend: Backend) -> Segmenta
         traceback.clear_frames(exc.__traceback__)
         raise
     finally:
-        OUTPUTS.release(held)
+        ARRAYS.release(held)
     seconds["postprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     findings = measure(labels, volume, spec)

@@ -36,6 +36,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -233,52 +234,82 @@ def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = N
     """``load_volumes(read_series(files, ahead))`` for a job, which needs the volume at once: the
     volume's memory is faulted in on another core while the headers after the first are parsed
     (inference.prefault), and taken by the volume when its size is the one foreseen. `room`: told
-    the bytes and what they are (load_need) before any is allocated; raises to refuse them."""
+    the bytes and what they are (load_need) before any is allocated, from the first header; told
+    again before the volume is built where the headers differ in how their values are stored
+    (compressed or not, bits, rescale: each layout foreseen with float32 values); raises to refuse
+    them."""
     if not files:
         return load_volumes([])
+    file_bytes = 0 if room is None else sum(os.path.getsize(f) for f in files)
 
-    def foresee(header: Dataset) -> None:
+    def foresee(headers: Sequence[Dataset], alike: bool = True) -> None:
         try:
-            need = load_need(header, len(files), sum(os.path.getsize(f) for f in files))
+            need = max(load_need(header, len(files), file_bytes, alike) for header in headers)
         except Exception:  # noqa: BLE001 - a header it cannot read: left to the checks that name what is wrong
             return
         room(*need)  # type: ignore[misc]
 
-    first = [_read(files[0], ahead, foresee if room is not None else None)]
+    first = [_read(files[0], ahead, (lambda header: foresee([header])) if room is not None else None)]
     buffer = _prefaulted_for(first[0], len(files))
     try:
-        return _load(first + read_series(files[1:], ahead), SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True,
-                     buffer=buffer)
+        datasets = first + read_series(files[1:], ahead)
+        if room is not None and len(layouts := _layouts(datasets)) > 1:
+            if buffer is not None:
+                buffer.release()  # (mixed layouts are seldom read into it, and it would be counted twice)
+            foresee(layouts, alike=False)
+        return _load(datasets, SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True, buffer=buffer)
     finally:
         if buffer is not None:
             buffer.release()
 
 
-def load_need(first: Dataset, count: int, file_bytes: int) -> tuple[int, str]:
+# What tells how a data set's values are stored and rescaled (read_volumes: a series whose instances
+# differ in it is foreseen again, from one header of each). By tag: half the time of keywords.
+_LAYOUT = tuple(pydicom.tag.Tag(tag_for_keyword(keyword)) for keyword in (
+    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames",
+    "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "LargestImagePixelValue"))
+
+
+def _layouts(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """One data set of each layout; none where a header cannot be read so (left to the checks that
+    name what is wrong)."""
+    def layout(ds: Dataset) -> tuple[Any, ...]:
+        values = (None if (element := ds.get(tag)) is None else element.value for tag in _LAYOUT)
+        return (ds.file_meta.get("TransferSyntaxUID"), *(tuple(v) if isinstance(v, MultiValue) else v for v in values))
+
+    try:
+        return list({layout(ds): ds for ds in datasets}.values())
+    except Exception:  # noqa: BLE001 - see the docstring
+        return []
+
+
+def load_need(first: Dataset, count: int, file_bytes: int, alike: bool = True) -> tuple[int, str]:
     """The most memory reading a series of `count` instances like `first` (`file_bytes` in all)
     takes at once, foreseen from the first one's header, and what that is (sizes only): the stored
     values; beside them their float32 modality values, unless they are kept as int16 (`_as_int16`,
     nearly every CT: foreseen from the rescale, for values that cannot pass int16's range); decoded
-    by highdicom (compressed data, colour), the float32 frames and their stack, beside a frame's
-    stored values as it is decoded; the instances read whole (read_whole: multi-frame, compressed),
+    by highdicom (compressed data, colour), the float32 volume, beside a frame's stored values and
+    two float32 copies as it is decoded (highdicom's pixel transform: a 1-bit SEG measured); the instances read whole (read_whole: multi-frame, compressed),
     their files' bytes; the frames' Python objects (`FRAME_OBJECT_BYTES`). Uncompressed, the files'
     bytes bound the stored values from below: a series whose first instance is smaller than the
-    others is foreseen from the others' size."""
+    others is foreseen from the others' size. `alike`: the others are stored and rescaled as
+    `first` is; else its values are not foreseen as kept as int16 (the rescale may differ), and
+    every file is foreseen read whole (highdicom decodes the whole series)."""
     frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
     samples = int(first.get("SamplesPerPixel") or 1)
     voxels = frames * rows * columns * samples
     images = f"{count} images of {rows}x{columns}" if frames == count else f"{frames} frames of {rows}x{columns}"
-    held = (file_bytes if read_whole(first) else 0) + frames * FRAME_OBJECT_BYTES
+    held = (file_bytes if read_whole(first) or not alike else 0) + frames * FRAME_OBJECT_BYTES
     source = _StoredPixels.of(first)
     if source is None:
         plane = rows * columns * samples * math.ceil(int(first.get("BitsAllocated") or 16) / 8)
-        return held + voxels * 8 + plane, f"{images}, decoded to float32"
+        return held + voxels * 4 + rows * columns * samples * 8 + plane, f"{images}, decoded to float32"
     size = source.dtype.itemsize
     voxels = max(voxels, file_bytes // size)
     bits = f"{images}, {8 * size}-bit stored values"
     slope, intercept = float(first.get("RescaleSlope", 1.0) or 1.0), float(first.get("RescaleIntercept", 0.0) or 0.0)
     # (a multi-frame object's rescale may differ frame by frame: its functional groups are not read here)
-    whole_values = _frames(first) == 1 and slope == 1.0 and intercept.is_integer()
+    whole_values = alike and _frames(first) == 1 and slope == 1.0 and intercept.is_integer()
     if size == 1 and whole_values or size == 2 and whole_values and _within_int16(first, source, int(intercept)):
         return held + voxels * (size + (0 if size == 2 else 2)), f"{bits}, kept as int16"
     return held + voxels * (size + 4), f"{bits}, with float32 values"
@@ -691,20 +722,28 @@ def _pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None
 
 
 def _decoded_pixels(ordered: list[_Frame]) -> np.ndarray:
-    """Any image highdicom can decode, frame by frame (compressed data, LUTs, MONOCHROME1...)."""
+    """Any image highdicom can decode, frame by frame (compressed data, LUTs, MONOCHROME1...),
+    each frame copied into the volume as it is decoded: the volume's 4 bytes a voxel and one
+    frame's, not a list of frames beside their stack (8 bytes a voxel, load_need)."""
     images: dict[int, hd.Image] = {}
-    out = []
-    for frame in ordered:
+    out: np.ndarray | None = None
+    for k, frame in enumerate(ordered):
         key = id(frame.dataset)
         if key not in images:
             images[key] = _image(frame.dataset)
         try:
-            out.append(images[key].get_frame(frame.number or 1, dtype=np.float32, apply_real_world_transform=False,
-                                             apply_modality_transform=None, apply_palette_color_lut=False,
-                                             apply_icc_profile=False))
+            plane = images[key].get_frame(frame.number or 1, dtype=np.float32, apply_real_world_transform=False,
+                                          apply_modality_transform=None, apply_palette_color_lut=False,
+                                          apply_icc_profile=False)
         except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
             raise SeriesError(f"the image cannot be decoded: {exc}") from None
-    return np.stack(out).astype(np.float32, copy=False)
+        if out is None:
+            out = np.empty((len(ordered), *plane.shape), dtype=np.float32)
+        elif plane.shape != out.shape[1:]:
+            raise SeriesError(f"the images decode to different shapes: {out.shape[1:]} and {plane.shape}")
+        out[k] = plane
+    assert out is not None  # (a volume has at least one frame: _load)
+    return out
 
 
 def _native_pixels(ordered: list[_Frame], buffer: PrefaultedBuffer | None = None) -> np.ndarray | None:

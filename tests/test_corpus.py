@@ -314,8 +314,10 @@ def test_a_series_memory_is_foreseen_from_its_first_header_before_any_is_taken(t
         ds = pydicom.dcmread(file)
         ds.RescaleSlope = 0.5
         ds.save_as(file)
+    rle, _ = sphere_study(tmp_path / "rle", "PAT-R", slices=20, size=256)
+    _compress(rle)
     series = [(f"{origin}/{path.name}", [path]) for origin, path in corpus_files()]
-    series += [("CT int16", int16), ("CT scaled", scaled)]
+    series += [("CT int16", int16), ("CT scaled", scaled), ("CT RLE", rle)]
     needs, kinds = {}, Counter()
     tracemalloc.start()
     try:
@@ -345,6 +347,56 @@ def test_a_series_memory_is_foreseen_from_its_first_header_before_any_is_taken(t
     assert needs["CT int16"][1] == "20 images of 256x256, 16-bit stored values, kept as int16"
     assert needs["CT scaled"][1] == "20 images of 256x256, 16-bit stored values, with float32 values"
     assert arrays < needs["CT int16"][0] < 1.5 * arrays and 3 * arrays < needs["CT scaled"][0] < 3.5 * arrays
+    # decoded into the volume frame by frame: 4 bytes a voxel beside the files, not a list of frames and their stack
+    assert needs["CT RLE"][1] == "20 images of 256x256, decoded to float32"
+    assert needs["CT RLE"][0] < 2.5 * arrays + sum(f.stat().st_size for f in rle)
+
+
+def _compress(files: list[Path]) -> None:
+    for file in files:
+        ds = pydicom.dcmread(file)
+        ds.compress(pydicom.uid.RLELossless, encoding_plugin="pydicom")
+        ds.save_as(file)
+
+
+def test_a_series_whose_instances_differ_in_encoding_or_rescale_is_foreseen_again_before_its_volume_is_built(
+        tmp_path):
+    """The first header cannot tell that the instances after it are stored otherwise: once the
+    series' headers are read, and before its volume is built, the room is told again from one
+    header of each layout, none foreseen as kept as int16, every file as read whole, the most of
+    them told. The first instance uncompressed and the others RLE (decoded by highdicom: the float32
+    volume and the files), or the intercepts differing (float32 values, not int16): what reading
+    took at its peak is within the second need, and beyond the first; a series stored alike is told
+    once."""
+    mixed, _ = sphere_study(tmp_path / "mixed", "PAT-M", slices=20, size=256)
+    _compress(mixed[1:])
+    shifted, _ = sphere_study(tmp_path / "shifted", "PAT-I", slices=20, size=256)
+    for k, file in enumerate(shifted):
+        ds = pydicom.dcmread(file)
+        ds.RescaleIntercept = -1024 + k % 2
+        ds.save_as(file)
+    alike, _ = sphere_study(tmp_path / "alike", "PAT-A", slices=20, size=256)
+    read_volumes(alike)  # once first: a decoder's first use imports it
+    read_volumes(mixed)
+    peaks, told = {}, {}
+    tracemalloc.start()
+    try:
+        for name, files in (("mixed", mixed), ("shifted", shifted), ("alike", alike)):
+            told[name] = []
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            volumes = read_volumes(files, room=lambda need, detail, name=name: told[name].append((need, detail)))
+            peaks[name] = tracemalloc.get_traced_memory()[1] - before
+            del volumes
+    finally:
+        tracemalloc.stop()
+    first = "20 images of 256x256, 16-bit stored values, kept as int16"
+    assert [d for _, d in told["alike"]] == [first], told
+    floats = "20 images of 256x256, 16-bit stored values, with float32 values"  # (each layout's most: the first's)
+    assert [d for _, d in told["mixed"]] == [d for _, d in told["shifted"]] == [first, floats], told
+    for name in ("mixed", "shifted"):
+        (first_need, _), (need, _) = told[name]
+        assert first_need < peaks[name] <= need + (128 << 10), (name, told[name], peaks[name])
 
 
 def test_a_series_memory_foresight_takes_the_files_sizes_and_the_stored_bits_into_account(tmp_path):

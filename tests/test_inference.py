@@ -1416,13 +1416,13 @@ def test_a_job_lets_go_of_its_output_before_the_room_counts_it_free(tmp_path, mo
     the output was in."""
     import weakref
 
-    from inference.room import OUTPUTS
+    from inference.room import ARRAYS
 
     files, _ = _sphere_series(tmp_path / "s", *GEOMETRIES["axial"])
     backend = _local(model_repository)
     outputs: list[weakref.ref] = []
     alive_at_release: list[bool] = []
-    allocate, release = OUTPUTS.allocate, OUTPUTS.release
+    allocate, release = ARRAYS.allocate, ARRAYS.release
 
     def allocating(*args):
         output, held = allocate(*args)
@@ -1433,8 +1433,8 @@ def test_a_job_lets_go_of_its_output_before_the_room_counts_it_free(tmp_path, mo
         alive_at_release.append(outputs[-1]() is not None)
         release(held)
 
-    monkeypatch.setattr(OUTPUTS, "allocate", allocating)
-    monkeypatch.setattr(OUTPUTS, "release", releasing)
+    monkeypatch.setattr(ARRAYS, "allocate", allocating)
+    monkeypatch.setattr(ARRAYS, "release", releasing)
     calls: list[int] = []
 
     class Answering:  # the real model, failing at its third call

@@ -96,8 +96,9 @@ ROOM = """
 import json
 import subprocess
 import sys
+import numpy
 import torch
-from inference.room import OUTPUTS, check_room
+from inference.room import ARRAYS, check_room
 from tests.models import threshold_spec
 
 spec = threshold_spec()  # 2 classes, windows of 32^3: an output of 8 MiB per plane of 1024x1024
@@ -112,14 +113,38 @@ def outcome(planes):
 found = {"alone": outcome(64), "beyond": outcome(384), "beside_own": outcome(240)}
 # another job's output of 1 GiB held in this process (pipeline.workers 2): it goes, so a need that
 # would fit without it waits
-output, held = OUTPUTS.allocate(spec, (128, 1024, 1024), torch.float32)
+output, held = ARRAYS.allocate(spec, (128, 1024, 1024), torch.float32)
 try:
-    OUTPUTS.allocate(spec, (115, 1024, 1024), torch.float32)
+    ARRAYS.allocate(spec, (115, 1024, 1024), torch.float32)
     found["beside_job"] = "fits"
 except Exception as exc:
     found["beside_job"] = f"{type(exc).__name__}: {exc}"
 del output
-OUTPUTS.release(held)
+ARRAYS.release(held)
+
+def allocated(planes):
+    try:
+        output, held = ARRAYS.allocate(spec, (planes, 1024, 1024), torch.float32)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    del output
+    ARRAYS.release(held)
+    return "fits"
+
+# another job reading a series' volume of 1 GiB, half of it read so far: an output of 0.9 GiB that
+# fits beside the half waits, as does a second volume; once that read ends, the output fits
+with ARRAYS.reading("the series' volume", "give the node more memory") as fits:
+    fits(1 << 30, "another series")
+    half = numpy.ones(512 << 20, numpy.uint8)
+    found["beside_reading"] = allocated(115)
+    with ARRAYS.reading("the series' volume", "give the node more memory") as second:
+        try:
+            second(900 << 20, "a second series")
+            found["volume_beside_reading"] = "fits"
+        except Exception as exc:
+            found["volume_beside_reading"] = f"{type(exc).__name__}: {exc}"
+    del half
+found["after_reading"] = allocated(115)
 # 1.5 GiB held by another process in the cgroup (a receiver, a second job), written: resident
 other = subprocess.Popen([sys.executable, "-c", "import numpy, sys; b = numpy.ones(1536 << 20, numpy.uint8);"
                           " print('held', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
@@ -138,13 +163,15 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
     nor one of 1.88 GiB beside the 0.3-0.4 GiB the process itself holds (NotEnoughMemory: the job
     fails); 0.5 GiB while another process holds 1.5 GiB does not fit now (MemoryTaken: the job
     waits and tries again), and fits once that is let go; 0.9 GiB beside another job's output of
-    1 GiB in the same process waits too (that output goes: not the service's for good)."""
+    1 GiB in the same process waits too (that output goes: not the service's for good), as do 0.9
+    GiB and a second series' volume beside a volume of 1 GiB another job is reading, half of it
+    read (its other half is counted: without, the output would pass and the read be killed)."""
     with memory_limit_cgroup(2 * GiB) as prefix:
         run = subprocess.run([*prefix, sys.executable, "-c", ROOM], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert (found["alone"], found["after"]) == ("fits", "fits")
+    assert (found["alone"], found["after"], found["after_reading"]) == ("fits", "fits", "fits")
     assert re.fullmatch(r"NotEnoughMemory beyond its limit: model threshold's output on this series needs 3\.00 GiB"
                         r" \(2 classes x"
                         r" 384x1024x1024 voxels, float32\); the node's machine or container allows 2\.00 GiB, of which"
@@ -152,6 +179,11 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
                         r" memory, or the model a coarser grid", found["beyond"]), found
     assert found["beside_own"].startswith("NotEnoughMemory: model threshold's output on this series needs 1.88 GiB"), found
     assert found["beside_job"].startswith("MemoryTaken: model threshold's output on this series needs 0.90 GiB"), found
+    reading = r", and 1\.\d\d GiB are free now \(1\.00 GiB of it foreseen for volumes other jobs are reading\)"
+    assert re.fullmatch(r"MemoryTaken: model threshold's output on this series needs 0\.90 GiB \(2 classes x"
+                        r" 115x1024x1024 voxels, float32\)" + reading, found["beside_reading"]), found
+    assert re.fullmatch(r"MemoryTaken: the series' volume needs 0\.88 GiB \(a second series\)" + reading,
+                        found["volume_beside_reading"]), found
     assert re.fullmatch(r"MemoryTaken: model threshold's output on this series needs 0\.50 GiB \(2 classes x"
                         r" 64x1024x1024 voxels, float32\), and 0\.[0-4]\d GiB are free now", found["beside_other"]), found
 
@@ -176,7 +208,7 @@ def _failed_alive(node: NodeProcess, study_uid: str) -> object:
 
 def _big_compressed_series(folder: Path, patient_id: str, images: int, size: int) -> tuple[list[Path], str]:
     """A CT series of `images` RLE-compressed blank images of `size`x`size`: little to store and
-    send, `images` x `size`^2 x 8 bytes to decode into float32 frames and their stack."""
+    send, `images` x `size`^2 x 4 bytes to decode into a float32 volume."""
     files, study_uid = sphere_study(folder, patient_id, slices=images, size=16)
     blank = pydicom.dcmread(files[0])
     blank.Rows = blank.Columns = size
@@ -193,7 +225,7 @@ def _big_compressed_series(folder: Path, patient_id: str, images: int, size: int
 def test_a_node_under_a_memory_limit_fails_jobs_whose_volume_or_output_cannot_fit_and_lives_on(tmp_path,
                                                                                                  model_repository):
     """A node in a real cgroup of 2 GiB (a container's limit): a 128-class model on a 0.25 mm grid
-    needs 3.4 GiB for its output, and a series of 80 compressed 2048x2048 images 2.5 GiB to
+    needs 3.4 GiB for its output, and a series of 160 compressed 2048x2048 images 2.5 GiB to
     decode. Allocated, the kernel killed the service; now each job fails at once saying what it
     needs (the series before any of it is read), and the same node processes the next study."""
     models = tmp_path / "models"
@@ -227,12 +259,12 @@ def test_a_node_under_a_memory_limit_fails_jobs_whose_volume_or_output_cannot_fi
                     r" voxels, float32\); the node's machine or container allows 2\.00 GiB, of which its service"
                     r" holds 0\.\d\d GiB: run, it would be killed for memory; give the node more memory, or the"
                     r" model a coarser grid", failed.reason), failed.reason
-                big_files, big_uid = _big_compressed_series(tmp_path / "big", "PAT-B", images=80, size=2048)
+                big_files, big_uid = _big_compressed_series(tmp_path / "big", "PAT-B", images=160, size=2048)
                 sent = storescu(node.port, big_files, "MODALITY", "-xr")  # (RLE proposed: sent as they are)
                 assert sent.returncode == 0, sent.stdout + sent.stderr
                 failed = _failed_alive(node, big_uid)
                 assert re.fullmatch(
-                    r"load: the series' volume needs 2\.5\d GiB \(80 images of 2048x2048, decoded to float32\); the"
+                    r"load: the series' volume needs 2\.5\d GiB \(160 images of 2048x2048, decoded to float32\); the"
                     r" node's machine or container allows 2\.00 GiB, of which its service holds 0\.\d\d GiB: run, it"
                     r" would be killed for memory; give the node more memory", failed.reason), failed.reason
                 other_files, other_uid = sphere_study(tmp_path / "other", "PAT-O")

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from inference.backends.base import Backend
 from inference.detection import detect
 from inference.pipeline import ClassificationResult, SegmentationResult, classify, segment
-from inference.room import OUTPUTS
+from inference.room import ARRAYS
 from inference.spec import ModelSpec
 from inference.volume import SeriesVolume, read_volumes
 from node.encode.demographics import tolerate_demographics
@@ -65,11 +65,8 @@ def load(task: ModelTask, ahead: Mapping[Path, Dataset] | None = None) -> list[S
     """The series' volumes: one, or one per echo, b-value or time point when it holds several.
     `ahead`: headers of its files parsed already (inference.headers). Its memory is checked
     first (inference.room): a series too big for the node fails saying so."""
-    return read_volumes(list(task.files), ahead, room=_volume_fits)
-
-
-def _volume_fits(need: int, detail: str) -> None:
-    OUTPUTS.check(need, "the series' volume", detail, "give the node more memory")
+    with ARRAYS.reading("the series' volume", "give the node more memory") as fits:
+        return read_volumes(list(task.files), ahead, room=fits)
 
 
 def infer(volume: SeriesVolume, spec: ModelSpec, backend: Backend, explain: bool = False) -> Result:
