@@ -11,6 +11,7 @@ undistorted anatomy; the probabilities go back onto the tilted source frames the
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from inference.room import ARRAYS
 from inference.windows import sliding_window
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SLAB_PLANES = 16  # planes a per-voxel transform is applied to at a time (_in_slabs)
 # A broken model's output (an FP16 overflow, an export gone wrong), failed by name: read on, it gave
 # no labels at all (nothing found, as the radiologist would see it) or some wherever a box fell
 NOT_NUMBERS = ("model {} answered NaN (not a number), infinities of both signs, or an infinity under its softmax (whose"
@@ -125,6 +127,8 @@ def _intensity(spec: ModelSpec) -> Compose:
 
 def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
     """The volume on the model's grid, intensity-transformed: (channel, *spatial) with its RAS affine.
+    Its memory is checked first (inference.room, input_need): a model whose grid is much finer
+    than the series' fails saying so.
 
     An intensity window is applied slab by slab into the resampled array itself: MONAI's
     ScaleIntensityRange allocates three model-grid arrays of temporaries (130 MiB for a 300-slice
@@ -134,15 +138,37 @@ def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
     if volume.sheared:
         array, affine = _unshear(volume)
     target, shape = _model_grid(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(affine)), spec)
-    moved = torch.from_numpy(resample(array, affine, target, shape))
+    with ARRAYS.loading(f"model {spec.name}'s input on this series",
+                        "give the node more memory, or the model a coarser grid") as fits:
+        fits(*input_need(spec, shape))
+        moved = torch.from_numpy(resample(array, affine, target, shape))
+        if spec.preprocessing.intensity.window is not None:
+            _in_slabs(moved, _intensity(spec), axis=int(np.argmax(moved.stride())))
+            return MetaTensor(moved[None], affine=torch.from_numpy(target))
+        return _intensity(spec)(MetaTensor(moved[None], affine=torch.from_numpy(target)))
+
+
+def input_need(spec: ModelSpec, shape: tuple[int, ...]) -> tuple[int, str]:
+    """What building the model's input on its grid of `shape` takes at its peak, and what that is:
+    the float32 input, and the resampling's threads and buffers (`INPUT_OVERHEAD`); with an
+    intensity window, ScaleIntensityRange's temporaries for a slab (`_in_slabs`, along any axis:
+    up to eight slabs' worth over a slab of a transposed view, measured); with z-score
+    normalisation, two more arrays of the input's size (MONAI's NormalizeIntensity: its result and
+    a temporary, measured). tests/test_memory.py checks it against the resident peak."""
+    voxels = math.prod(shape)
+    extra = 0
     if spec.preprocessing.intensity.window is not None:
-        _in_slabs(moved, _intensity(spec), axis=int(np.argmax(moved.stride())))
-        return MetaTensor(moved[None], affine=torch.from_numpy(target))
-    return _intensity(spec)(MetaTensor(moved[None], affine=torch.from_numpy(target)))
+        extra = 8 * SLAB_PLANES * (voxels // min(shape))
+    elif spec.preprocessing.intensity.normalize == "zscore":
+        extra = 2 * voxels
+    return 4 * (voxels + extra) + INPUT_OVERHEAD, f"{'x'.join(map(str, shape))} voxels, float32"
+
+
+INPUT_OVERHEAD = 16 << 20  # measured 9-10 MB beside a 120 MB input (a 0.15 mm grid over a small CT)
 
 
 def _in_slabs(tensor: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], axis: int,
-              slab: int = 16) -> None:
+              slab: int = SLAB_PLANES) -> None:
     """Write `transform` of `tensor` into `tensor`, `slab` planes along `axis` at a time: for a
     transform that is per voxel (or, along `axis`, per plane), the values of one whole pass
     without a second array of the tensor's size."""
@@ -178,7 +204,7 @@ def _unshear(volume: SeriesVolume) -> tuple[np.ndarray, np.ndarray]:
     return array, target
 
 
-def _activation(logits: torch.Tensor, spec: ModelSpec, slab: int = 16) -> torch.Tensor:
+def _activation(logits: torch.Tensor, spec: ModelSpec, slab: int = SLAB_PLANES) -> torch.Tensor:
     """The output activation over (batch, class[, *spatial]) logits, written into them: a second
     class x volume float32 array (130 MiB for a 300-slice CT on a 2 mm grid) would be the job's
     peak. Softmax is per voxel over the classes, so slab by slab along the first spatial axis it

@@ -1,14 +1,14 @@
 """Room for a job's big arrays, checked against the memory left to the node before they are
-allocated: a segmentation model's output, counted while it is held, and a series' volume, counted
-while it is read (node.jobs.stages.load). A job whose arrays cannot fit fails saying so instead of
-getting the service killed (twice, before the job is failed for its deaths:
-pipeline.interrupted_runs).
+allocated: a segmentation model's output, counted while it is held; a series' volume
+(node.jobs.stages.load) and a model's input (inference.pipeline.to_model_space), counted while
+they are loaded. A job whose arrays cannot fit fails saying so instead of getting the service
+killed (twice, before the job is failed for its deaths: pipeline.interrupted_runs).
 
-Allocated anyway, an output that does not fit gets the service (or its container) killed for
+Allocated anyway, an array that does not fit gets the service (or its container) killed for
 memory, with every job and delivery it holds, and the job would run again at the next start.
-Outputs and volumes are counted, not the rest: an output is a job's one array of the model grid
-times the classes; 105 classes on a 300-slice CT at 1.5 mm (benchmarks.many_classes) peaked at
-4777 MiB over the job's start, 4576 MiB of it the output.
+These arrays are counted, not the rest: an output is a job's one array of the model grid times
+the classes; 105 classes on a 300-slice CT at 1.5 mm (benchmarks.many_classes) peaked at 4777
+MiB over the job's start, 4576 MiB of it the output.
 """
 
 from __future__ import annotations
@@ -27,23 +27,23 @@ from inference.windows import output_bytes
 
 
 class ArrayRoom:
-    """The big arrays this process's jobs hold or are taking now: outputs from their check until
-    they are let go, volumes from their check until they are read (then the job's own arrays, in
-    the service's memory). One job at a time goes from its check to its output's allocation, so
+    """The big arrays this process's jobs hold or are loading now: outputs from their check until
+    they are let go, volumes and model inputs from their check until they are loaded (then the
+    job's own arrays, in the service's memory). One job at a time goes from its check to its output's allocation, so
     with `pipeline.workers` above 1 the next job's check counts it; what the others hold is not
     counted as the service's for good: they let it go."""
 
     def __init__(self) -> None:
         self._turn = threading.Lock()
         self._held = 0  # outputs allocated
-        self._reading = 0  # volumes being read, at their foreseen size (partly allocated already)
+        self._loading = 0  # volumes and inputs being loaded, at their foreseen size (partly allocated already)
 
     def allocate(self, spec: ModelSpec, spatial: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int]:
         """Zeros for `spec`'s sliding-window output over a model grid of `spatial` (padded to a
         window: inference.windows.output_bytes), once check_room passes; and the bytes to
         `release` once the job lets it go."""
         with self._turn:
-            size, need = check_room(spec, spatial, others=self._held, reading=self._reading)
+            size, need = check_room(spec, spatial, others=self._held, loading=self._loading)
             output = torch.zeros((1, spec.output_channels, *size), dtype=dtype)
             self._held += need
         return output, need
@@ -53,11 +53,11 @@ class ArrayRoom:
             self._held -= held
 
     @contextmanager
-    def reading(self, what: str, advice: str) -> Iterator[Callable[[int, str], None]]:
-        """While a volume is read: a check for its foreseen bytes and what they are (read_volumes'
-        `room`), beside the outputs held and the other volumes being read (check_fits). What it
-        passes is counted as being read until the block ends; told a larger need later (more of
-        the series' headers read), it checks that and counts it instead."""
+    def loading(self, what: str, advice: str) -> Iterator[Callable[[int, str], None]]:
+        """While a volume is read or a model's input built: a check for its foreseen bytes and what
+        they are (read_volumes' `room`), beside the outputs held and what other jobs are loading
+        (check_fits). What it passes is counted as being loaded until the block ends; told a larger
+        need later (more of the series' headers read), it checks that and counts it instead."""
         counted = 0
 
         def fits(need: int, detail: str) -> None:
@@ -65,49 +65,49 @@ class ArrayRoom:
             with self._turn:
                 if need <= counted:
                     return
-                check_fits(need, what, detail, advice, others=self._held, reading=self._reading - counted)
-                self._reading += need - counted
+                check_fits(need, what, detail, advice, others=self._held, loading=self._loading - counted)
+                self._loading += need - counted
                 counted = need
 
         try:
             yield fits
         finally:
             with self._turn:
-                self._reading -= counted
+                self._loading -= counted
 
 
-ARRAYS = ArrayRoom()  # the process's: every job's output and volume is counted in one place
+ARRAYS = ArrayRoom()  # the process's: every job's big arrays are counted in one place
 
 
 def check_room(spec: ModelSpec, spatial: tuple[int, ...], others: int = 0,
-               reading: int = 0) -> tuple[tuple[int, ...], int]:
+               loading: int = 0) -> tuple[tuple[int, ...], int]:
     """The output's padded size and bytes where it fits in the memory left to the node; else
     raise (check_fits)."""
     need, size = output_bytes(spec.preprocessing.patch_size, spatial, spec.output_channels)
     check_fits(need, f"model {spec.name}'s output on this series",
                f"{spec.output_channels} classes x {'x'.join(map(str, size))} voxels, float32",
-               "give the node more memory, or the model a coarser grid", others, reading)
+               "give the node more memory, or the model a coarser grid", others, loading)
     return size, need
 
 
-def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0, reading: int = 0) -> None:
+def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0, loading: int = 0) -> None:
     """Raise where `need` bytes do not fit in the memory left to the node (common.memory);
     `what` needs them, `detail` says of what they are, `advice` what would let them fit. Beyond
     the limit less what the service holds for good (its anonymous memory: libraries, models, this
-    job's arrays; less `others`, the outputs other jobs hold now, and `reading`, the volumes they
-    are reading), waiting cannot help: NotEnoughMemory; within it but beyond what is free now
-    less `reading` (counted whole: how much of it is allocated already is not known),
+    job's arrays; less `others`, the outputs other jobs hold now, and `loading`, what they are
+    loading), waiting cannot help: NotEnoughMemory; within it but beyond what is free now less
+    `loading` (counted whole: how much of it is allocated already is not known),
     MemoryTaken (the job waits for memory that other jobs or processes hold now)."""
     room = memory_room()
-    if room is None or need <= room.available - reading:
+    if room is None or need <= room.available - loading:
         return
     what = f"{what} needs {_gib(need, up=True)} GiB ({detail})"
-    kept = max(room.own - others - reading, 0)
+    kept = max(room.own - others - loading, 0)
     if need > room.limit - kept:
         raise NotEnoughMemory(f"{what}; the node's machine or container allows {_gib(room.limit)} GiB, of which its"
                               f" service holds {_gib(kept, up=True)} GiB: run, it would be killed for memory;"
                               f" {advice}", beyond_limit=need > room.limit)
-    beside = f" ({_gib(reading, up=True)} GiB of it foreseen for volumes other jobs are reading)" if reading else ""
+    beside = f" ({_gib(loading, up=True)} GiB of it foreseen for what other jobs are loading now)" if loading else ""
     raise MemoryTaken(f"{what}, and {_gib(room.available)} GiB are free now{beside}")
 
 

@@ -94,12 +94,18 @@ def test_a_cgroup_over_its_limit_has_no_room_and_no_meminfo_is_no_answer(tmp_pat
 
 ROOM = """
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 import numpy
 import torch
+from inference.pipeline import to_model_space
 from inference.room import ARRAYS, check_room
+from inference.volume import read_volumes
 from tests.models import threshold_spec
+from tests.test_jobs import sphere_study
 
 spec = threshold_spec()  # 2 classes, windows of 32^3: an output of 8 MiB per plane of 1024x1024
 
@@ -133,11 +139,11 @@ def allocated(planes):
 
 # another job reading a series' volume of 1 GiB, half of it read so far: an output of 0.9 GiB that
 # fits beside the half waits, as does a second volume; once that read ends, the output fits
-with ARRAYS.reading("the series' volume", "give the node more memory") as fits:
+with ARRAYS.loading("the series' volume", "give the node more memory") as fits:
     fits(1 << 30, "another series")
     half = numpy.ones(512 << 20, numpy.uint8)
     found["beside_reading"] = allocated(115)
-    with ARRAYS.reading("the series' volume", "give the node more memory") as second:
+    with ARRAYS.loading("the series' volume", "give the node more memory") as second:
         try:
             second(900 << 20, "a second series")
             found["volume_beside_reading"] = "fits"
@@ -145,6 +151,17 @@ with ARRAYS.reading("the series' volume", "give the node more memory") as fits:
             found["volume_beside_reading"] = f"{type(exc).__name__}: {exc}"
     del half
 found["after_reading"] = allocated(115)
+# a model whose grid is much finer than the series' (0.04 mm): its input alone is beyond the limit
+folder = Path(tempfile.mkdtemp())
+[volume] = read_volumes(sphere_study(folder, "PAT-G")[0])
+shutil.rmtree(folder)
+fine = threshold_spec(preprocessing={"orientation": "RAS", "spacing": [0.04] * 3, "intensity": {"window": [0.0, 1.0]},
+                                     "patch_size": [32, 32, 32], "overlap": 0.25, "batch_size": 1})
+try:
+    to_model_space(volume, fine)
+    found["input"] = "fits"
+except Exception as exc:
+    found["input"] = f"{type(exc).__name__}{' beyond its limit' if getattr(exc, 'beyond_limit', False) else ''}: {exc}"
 # 1.5 GiB held by another process in the cgroup (a receiver, a second job), written: resident
 other = subprocess.Popen([sys.executable, "-c", "import numpy, sys; b = numpy.ones(1536 << 20, numpy.uint8);"
                           " print('held', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
@@ -165,7 +182,8 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
     waits and tries again), and fits once that is let go; 0.9 GiB beside another job's output of
     1 GiB in the same process waits too (that output goes: not the service's for good), as do 0.9
     GiB and a second series' volume beside a volume of 1 GiB another job is reading, half of it
-    read (its other half is counted: without, the output would pass and the read be killed)."""
+    read (its other half is counted: without, the output would pass and the read be killed). A
+    model's input of 6.6 GiB (a grid of 0.04 mm) fails before it is built."""
     with memory_limit_cgroup(2 * GiB) as prefix:
         run = subprocess.run([*prefix, sys.executable, "-c", ROOM], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
@@ -179,13 +197,56 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
                         r" memory, or the model a coarser grid", found["beyond"]), found
     assert found["beside_own"].startswith("NotEnoughMemory: model threshold's output on this series needs 1.88 GiB"), found
     assert found["beside_job"].startswith("MemoryTaken: model threshold's output on this series needs 0.90 GiB"), found
-    reading = r", and 1\.\d\d GiB are free now \(1\.00 GiB of it foreseen for volumes other jobs are reading\)"
+    reading = r", and 1\.\d\d GiB are free now \(1\.00 GiB of it foreseen for what other jobs are loading now\)"
     assert re.fullmatch(r"MemoryTaken: model threshold's output on this series needs 0\.90 GiB \(2 classes x"
                         r" 115x1024x1024 voxels, float32\)" + reading, found["beside_reading"]), found
     assert re.fullmatch(r"MemoryTaken: the series' volume needs 0\.88 GiB \(a second series\)" + reading,
                         found["volume_beside_reading"]), found
+    assert re.fullmatch(r"NotEnoughMemory beyond its limit: model threshold's input on this series needs 6\.\d\d GiB"
+                        r" \(1176x1176x1151 voxels, float32\); the node's machine or container allows 2\.00 GiB, of"
+                        r" which its service holds 0\.\d\d GiB: run, it would be killed for memory; give the node"
+                        r" more memory, or the model a coarser grid", found["input"]), found
     assert re.fullmatch(r"MemoryTaken: model threshold's output on this series needs 0\.50 GiB \(2 classes x"
                         r" 64x1024x1024 voxels, float32\), and 0\.[0-4]\d GiB are free now", found["beside_other"]), found
+
+
+INPUT = """
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from inference.pipeline import input_need, to_model_space
+from inference.volume import read_volumes
+from tests.models import threshold_spec
+from tests.test_jobs import sphere_study
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) << 10
+
+[volume] = read_volumes(sphere_study(Path(tempfile.mkdtemp(dir=sys.argv[1])), "PAT-I")[0])
+intensity = json.loads(sys.argv[2])
+spec = threshold_spec(preprocessing={"orientation": "RAS", "spacing": [0.15] * 3, "intensity": intensity,
+                                     "patch_size": [32, 32, 32], "overlap": 0.25, "batch_size": 1})
+Path("/proc/self/clear_refs").write_text("5")  # the resident peak (VmHWM) from now
+before = status("VmRSS")
+image = to_model_space(volume, spec)
+print(json.dumps({"need": input_need(spec, tuple(image.shape[1:]))[0], "input": image.numel() * 4,
+                  "peak": status("VmHWM") - before}))
+"""
+
+
+@pytest.mark.parametrize("intensity", [{"window": [-1000.0, 1000.0]}, {"normalize": "zscore"}, {}])
+def test_a_models_input_is_built_within_what_was_foreseen_for_it(tmp_path, intensity):
+    """`input_need` against what building a model's input takes at its peak (the process's resident
+    peak, reset first, in a process of its own): a 0.15 mm grid over a small CT (120 MiB of input),
+    with an intensity window (applied slab by slab), z-score normalisation (MONAI's, whole) and
+    neither."""
+    run = subprocess.run([sys.executable, "-c", INPUT, str(tmp_path), json.dumps(intensity)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["input"] > 100 * MiB and found["input"] <= found["peak"] <= found["need"], found
 
 
 class _ManyClasses(torch.nn.Module):

@@ -65,7 +65,7 @@ def load(task: ModelTask, ahead: Mapping[Path, Dataset] | None = None) -> list[S
     """The series' volumes: one, or one per echo, b-value or time point when it holds several.
     `ahead`: headers of its files parsed already (inference.headers). Its memory is checked
     first (inference.room): a series too big for the node fails saying so."""
-    with ARRAYS.reading("the series' volume", "give the node more memory") as fits:
+    with ARRAYS.loading("the series' volume", "give the node more memory") as fits:
         return read_volumes(list(task.files), ahead, room=fits)
 
 
