@@ -289,12 +289,13 @@ def load_need(first: Dataset, count: int, file_bytes: int, alike: bool = True) -
     values; beside them their float32 modality values, unless they are kept as int16 (`_as_int16`,
     nearly every CT: foreseen from the rescale, for values that cannot pass int16's range); decoded
     by highdicom (compressed data, colour), the float32 volume, beside a frame's stored values and
-    two float32 copies as it is decoded (highdicom's pixel transform: a 1-bit SEG measured); the instances read whole (read_whole: multi-frame, compressed),
-    their files' bytes; the frames' Python objects (`FRAME_OBJECT_BYTES`). Uncompressed, the files'
-    bytes bound the stored values from below: a series whose first instance is smaller than the
-    others is foreseen from the others' size. `alike`: the others are stored and rescaled as
-    `first` is; else its values are not foreseen as kept as int16 (the rescale may differ), and
-    every file is foreseen read whole (highdicom decodes the whole series)."""
+    two float32 copies as it is decoded (highdicom's pixel transform: a 1-bit SEG measured); the
+    instances read whole (read_whole: multi-frame, compressed), their files' bytes; the frames'
+    Python objects (`FRAME_OBJECT_BYTES`). Uncompressed, the files' bytes bound the stored values
+    from below: a series whose first instance is smaller than the others is foreseen from the
+    others' size. `alike`: the others are stored and rescaled as `first` is; else its values are not
+    foreseen as kept as int16 (the rescale may differ), and every file is foreseen read whole
+    (highdicom decodes the whole series)."""
     frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
     samples = int(first.get("SamplesPerPixel") or 1)
     voxels = frames * rows * columns * samples
