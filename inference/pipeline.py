@@ -127,44 +127,64 @@ def _intensity(spec: ModelSpec) -> Compose:
 
 def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
     """The volume on the model's grid, intensity-transformed: (channel, *spatial) with its RAS affine.
-    Its memory is checked first (inference.room, input_need): a model whose grid is much finer
-    than the series' fails saying so.
+    Its memory is checked before it is built (inference.room, input_need), with a sheared stack's
+    regular grid, and again for the intensity transform once the input's layout is known: a model
+    whose grid is much finer than the series' fails saying so.
 
     An intensity window is applied slab by slab into the resampled array itself: MONAI's
     ScaleIntensityRange allocates three model-grid arrays of temporaries (130 MiB for a 300-slice
     CT on a 2 mm grid), the job's peak before inference. It is per voxel, so the values are the
     same to the bit. z-score normalisation needs the whole image's statistics and runs whole."""
     array, affine = volume.array, _LPS_TO_RAS @ volume.affine
-    if volume.sheared:
-        array, affine = _unshear(volume)
-    target, shape = _model_grid(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(affine)), spec)
+    grid = regular_grid(volume) if volume.sheared else None
+    source_affine, source_shape = (_LPS_TO_RAS @ grid[0], grid[1]) if grid is not None else (affine, array.shape)
+    # (MONAI's lazy transforms read the geometry only: a placeholder without memory stands for the voxels)
+    target, shape = _model_grid(MetaTensor(torch.zeros(()).expand(1, *source_shape),
+                                           affine=torch.from_numpy(source_affine)), spec)
+    unsheared = 4 * math.prod(source_shape) if grid is not None else 0
+    need, detail = input_need(shape)
+    if grid is not None:
+        detail += f", beside the sheared stack on its regular grid ({'x'.join(map(str, source_shape))})"
     with ARRAYS.loading(f"model {spec.name}'s input on this series",
                         "give the node more memory, or the model a coarser grid") as fits:
-        fits(*input_need(spec, shape))
+        fits(unsheared + need, detail)
+        if grid is not None:
+            array, affine = _unshear(volume, grid)
         moved = torch.from_numpy(resample(array, affine, target, shape))
+        fits(unsheared + need + _intensity_need(spec, moved), detail, taken=unsheared + moved.nbytes)
         if spec.preprocessing.intensity.window is not None:
-            _in_slabs(moved, _intensity(spec), axis=int(np.argmax(moved.stride())))
+            _in_slabs(moved, _intensity(spec), axis=_slab_axis(moved))
             return MetaTensor(moved[None], affine=torch.from_numpy(target))
         return _intensity(spec)(MetaTensor(moved[None], affine=torch.from_numpy(target)))
 
 
-def input_need(spec: ModelSpec, shape: tuple[int, ...]) -> tuple[int, str]:
-    """What building the model's input on its grid of `shape` takes at its peak, and what that is:
-    the float32 input, and the resampling's threads and buffers (`INPUT_OVERHEAD`); with an
-    intensity window, ScaleIntensityRange's temporaries for a slab (`_in_slabs`, along any axis:
-    up to eight slabs' worth over a slab of a transposed view, measured); with z-score
-    normalisation, two more arrays of the input's size (MONAI's NormalizeIntensity: its result and
-    a temporary, measured). tests/test_memory.py checks it against the resident peak."""
-    voxels = math.prod(shape)
-    extra = 0
-    if spec.preprocessing.intensity.window is not None:
-        extra = 8 * SLAB_PLANES * (voxels // min(shape))
-    elif spec.preprocessing.intensity.normalize == "zscore":
-        extra = 2 * voxels
-    return 4 * (voxels + extra) + INPUT_OVERHEAD, f"{'x'.join(map(str, shape))} voxels, float32"
+def input_need(shape: tuple[int, ...]) -> tuple[int, str]:
+    """What resampling a volume onto the model's grid of `shape` takes at its peak, and what that
+    is: the float32 input, and the resampling's threads and buffers (`INPUT_OVERHEAD`, and 2% of
+    the input). tests/test_memory.py checks it and `_intensity_need` against the resident peak."""
+    size = 4 * math.prod(shape)
+    return size + INPUT_OVERHEAD + size // 50, f"{'x'.join(map(str, shape))} voxels, float32"
 
 
 INPUT_OVERHEAD = 16 << 20  # measured 9-10 MB beside a 120 MB input (a 0.15 mm grid over a small CT)
+
+
+def _intensity_need(spec: ModelSpec, moved: torch.Tensor) -> int:
+    """What the intensity transform takes beside the resampled input: with a window, ten slabs'
+    worth of ScaleIntensityRange's temporaries (`_in_slabs`, over a slab of a transposed view: up
+    to eight measured); with z-score normalisation, two arrays of the input's size (MONAI's
+    NormalizeIntensity: its result and a temporary, measured)."""
+    if spec.preprocessing.intensity.window is not None:
+        planes = moved.shape[_slab_axis(moved)]
+        return 10 * min(SLAB_PLANES, planes) * (moved.numel() // planes) * moved.element_size()
+    if spec.preprocessing.intensity.normalize == "zscore":
+        return 2 * moved.numel() * moved.element_size()
+    return 0
+
+
+def _slab_axis(moved: torch.Tensor) -> int:
+    """The axis whose planes lie apart in memory (the resampled input may be a transposed view)."""
+    return int(np.argmax(moved.stride()))
 
 
 def _in_slabs(tensor: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], axis: int,
@@ -193,11 +213,11 @@ def regular_grid(volume: SeriesVolume) -> tuple[np.ndarray, tuple[int, int, int]
     return affine, tuple(int(v) for v in hi - lo + 1)  # type: ignore[return-value]
 
 
-def _unshear(volume: SeriesVolume) -> tuple[np.ndarray, np.ndarray]:
-    """A sheared stack (gantry tilt) resampled onto its regular grid, so that the model sees
-    undistorted anatomy; outside the stack the grid takes the volume's lowest value (air).
-    Returns the voxels and their RAS affine."""
-    affine, shape = regular_grid(volume)
+def _unshear(volume: SeriesVolume, grid: tuple[np.ndarray, tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """A sheared stack (gantry tilt) resampled onto its regular grid (regular_grid), so that the
+    model sees undistorted anatomy; outside the stack the grid takes the volume's lowest value
+    (air). Returns the voxels and their RAS affine."""
+    affine, shape = grid
     target = _LPS_TO_RAS @ affine
     array = resample(volume.array, _LPS_TO_RAS @ volume.affine, target, shape, padding="constant",
                      fill=float(volume.array.min()))

@@ -53,19 +53,21 @@ class ArrayRoom:
             self._held -= held
 
     @contextmanager
-    def loading(self, what: str, advice: str) -> Iterator[Callable[[int, str], None]]:
-        """While a volume is read or a model's input built: a check for its foreseen bytes and what
-        they are (read_volumes' `room`), beside the outputs held and what other jobs are loading
+    def loading(self, what: str, advice: str) -> Iterator[Callable[..., None]]:
+        """While a volume is read or a model's input built: a check for its foreseen bytes, what
+        they are and how many of them are allocated already (`taken`, in the service's memory by
+        then: read_volumes' `room`), beside the outputs held and what other jobs are loading
         (check_fits). What it passes is counted as being loaded until the block ends; told a larger
-        need later (more of the series' headers read), it checks that and counts it instead."""
+        need later (all of the series' headers read, the input's layout known), it checks that and
+        counts it instead."""
         counted = 0
 
-        def fits(need: int, detail: str) -> None:
+        def fits(need: int, detail: str, taken: int = 0) -> None:
             nonlocal counted
             with self._turn:
                 if need <= counted:
                     return
-                check_fits(need, what, detail, advice, others=self._held, loading=self._loading - counted)
+                check_fits(need - taken, what, detail, advice, others=self._held, loading=self._loading - counted)
                 self._loading += need - counted
                 counted = need
 
@@ -107,7 +109,7 @@ def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0, 
         raise NotEnoughMemory(f"{what}; the node's machine or container allows {_gib(room.limit)} GiB, of which its"
                               f" service holds {_gib(kept, up=True)} GiB: run, it would be killed for memory;"
                               f" {advice}", beyond_limit=need > room.limit)
-    beside = f" ({_gib(loading, up=True)} GiB of it foreseen for what other jobs are loading now)" if loading else ""
+    beside = f", while other jobs load arrays foreseen at {_gib(loading, up=True)} GiB" if loading else ""
     raise MemoryTaken(f"{what}, and {_gib(room.available)} GiB are free now{beside}")
 
 

@@ -230,55 +230,64 @@ def read_whole(header: Dataset) -> bool:
 
 
 def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = None,
-                 room: Callable[[int, str], None] | None = None) -> list[SeriesVolume]:
+                 room: Callable[[int, str, int], None] | None = None) -> list[SeriesVolume]:
     """``load_volumes(read_series(files, ahead))`` for a job, which needs the volume at once: the
     volume's memory is faulted in on another core while the headers after the first are parsed
     (inference.prefault), and taken by the volume when its size is the one foreseen. `room`: told
-    the bytes and what they are (load_need) before any is allocated, from the first header; told
-    again before the volume is built where the headers differ in how their values are stored
-    (compressed or not, bits, rescale: each layout foreseen with float32 values); raises to refuse
-    them."""
+    the bytes, what they are and how many of them are allocated already, before the rest is: from
+    the first header (load_need), before anything is; again before the volume is built where the
+    instances of one size differ in how their values are stored or kept (mixed_need); raises to
+    refuse them."""
     if not files:
         return load_volumes([])
-    file_bytes = 0 if room is None else sum(os.path.getsize(f) for f in files)
+    sizes = [os.path.getsize(f) for f in files] if room is not None else []
 
-    def foresee(headers: Sequence[Dataset], alike: bool = True) -> None:
+    def foresee(header: Dataset) -> None:
         try:
-            need = max(load_need(header, len(files), file_bytes, alike) for header in headers)
+            need = load_need(header, len(files), sum(sizes))
         except Exception:  # noqa: BLE001 - a header it cannot read: left to the checks that name what is wrong
             return
-        room(*need)  # type: ignore[misc]
+        room(*need, 0)  # type: ignore[misc]
 
-    first = [_read(files[0], ahead, (lambda header: foresee([header])) if room is not None else None)]
+    first = [_read(files[0], ahead, foresee if room is not None else None)]
     buffer = _prefaulted_for(first[0], len(files))
     try:
         datasets = first + read_series(files[1:], ahead)
         if room is not None and len(layouts := _layouts(datasets)) > 1:
-            if buffer is not None:
-                buffer.release()  # (mixed layouts are seldom read into it, and it would be counted twice)
-            foresee(layouts, alike=False)
+            need, detail = mixed_need(layouts, len(files), sum(sizes))
+            if detail.endswith("decoded to float32") and buffer is not None:
+                buffer.release()  # (not taken by decoded frames)
+                buffer.wait(10)  # its thread's hold ends with its chunk: gone before memory is counted
+            room(need, detail, sum(size for size, ds in zip(sizes, datasets) if read_whole(ds)))
         return _load(datasets, SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True, buffer=buffer)
     finally:
         if buffer is not None:
             buffer.release()
 
 
-# What tells how a data set's values are stored and rescaled (read_volumes: a series whose instances
-# differ in it is foreseen again, from one header of each). By tag: half the time of keywords.
+# What tells how a data set's values are stored and kept (read_volumes: the instances of a series
+# that differ in it are foreseen again). By tag: half the time of keywords.
 _LAYOUT = tuple(pydicom.tag.Tag(tag_for_keyword(keyword)) for keyword in (
-    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames",
+    "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation",
     "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "LargestImagePixelValue"))
 
 
 def _layouts(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """One data set of each layout; none where a header cannot be read so (left to the checks that
-    name what is wrong)."""
-    def layout(ds: Dataset) -> tuple[Any, ...]:
-        values = (None if (element := ds.get(tag)) is None else element.value for tag in _LAYOUT)
-        return (ds.file_meta.get("TransferSyntaxUID"), *(tuple(v) if isinstance(v, MultiValue) else v for v in values))
+    """One data set of each layout: how its values are stored, and whether they are kept as int16
+    (`_int16_intercept`, worked out once for each distinct rescale: a PET series' slopes, or each
+    instance's Largest Image Pixel Value, differ without changing that). Where the instances are
+    not of one size, none (different sizes are refused by _load's checks, multi-frame objects among
+    others loaded apart: not foreseen again), as where a header cannot be read so (left to the
+    checks that name what is wrong)."""
+    def stored(ds: Dataset) -> tuple[Any, ...]:
+        return (*(None if (element := ds.get(tag)) is None else element.value for tag in _LAYOUT),
+                ds.file_meta.get("TransferSyntaxUID"))
 
     try:
-        return list({layout(ds): ds for ds in datasets}.values())
+        distinct = {stored(ds): ds for ds in datasets}
+        if len({key[:3] for key in distinct}) > 1:
+            return []
+        return list({(*key[:8], key[-1], _int16_intercept(ds)): ds for key, ds in distinct.items()}.values())
     except Exception:  # noqa: BLE001 - see the docstring
         return []
 
@@ -288,43 +297,75 @@ def load_need(first: Dataset, count: int, file_bytes: int, alike: bool = True) -
     takes at once, foreseen from the first one's header, and what that is (sizes only): the stored
     values; beside them their float32 modality values, unless they are kept as int16 (`_as_int16`,
     nearly every CT: foreseen from the rescale, for values that cannot pass int16's range); decoded
-    by highdicom (compressed data, colour), the float32 volume, beside a frame's stored values and
-    two float32 copies as it is decoded (highdicom's pixel transform: a 1-bit SEG measured); the
-    instances read whole (read_whole: multi-frame, compressed), their files' bytes; the frames'
-    Python objects (`FRAME_OBJECT_BYTES`). Uncompressed, the files' bytes bound the stored values
-    from below: a series whose first instance is smaller than the others is foreseen from the
-    others' size. `alike`: the others are stored and rescaled as `first` is; else its values are not
-    foreseen as kept as int16 (the rescale may differ), and every file is foreseen read whole
-    (highdicom decodes the whole series)."""
-    frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
-    samples = int(first.get("SamplesPerPixel") or 1)
-    voxels = frames * rows * columns * samples
-    images = f"{count} images of {rows}x{columns}" if frames == count else f"{frames} frames of {rows}x{columns}"
-    held = (file_bytes if read_whole(first) or not alike else 0) + frames * FRAME_OBJECT_BYTES
+    by highdicom (compressed data, colour): `_decoded_need`; the instances read whole (read_whole:
+    multi-frame), their files' bytes; the frames' Python objects (`FRAME_OBJECT_BYTES`).
+    Uncompressed, the files' bytes bound the stored values from below: a series whose first
+    instance is smaller than the others is foreseen from the others' size. `alike`: the others'
+    values are kept as `first`'s are; else they are not foreseen as kept as int16."""
+    frames = count * _frames(first)
     source = _StoredPixels.of(first)
     if source is None:
-        plane = rows * columns * samples * math.ceil(int(first.get("BitsAllocated") or 16) / 8)
-        return held + voxels * 4 + rows * columns * samples * 8 + plane, f"{images}, decoded to float32"
+        return _decoded_need(first, count, file_bytes)
     size = source.dtype.itemsize
-    voxels = max(voxels, file_bytes // size)
-    bits = f"{images}, {8 * size}-bit stored values"
-    slope, intercept = float(first.get("RescaleSlope", 1.0) or 1.0), float(first.get("RescaleIntercept", 0.0) or 0.0)
-    # (a multi-frame object's rescale may differ frame by frame: its functional groups are not read here)
-    whole_values = alike and _frames(first) == 1 and slope == 1.0 and intercept.is_integer()
-    if size == 1 and whole_values or size == 2 and whole_values and _within_int16(first, source, int(intercept)):
+    held = (file_bytes if read_whole(first) else 0) + frames * FRAME_OBJECT_BYTES
+    voxels = max(frames * math.prod(source.shape[1:]), file_bytes // size)
+    bits = f"{_images(first, count)}, {8 * size}-bit stored values"
+    if alike and _int16_intercept(first) is not None:
         return held + voxels * (size + (0 if size == 2 else 2)), f"{bits}, kept as int16"
     return held + voxels * (size + 4), f"{bits}, with float32 values"
 
 
-def _within_int16(header: Dataset, source: "_StoredPixels", intercept: int) -> bool:
-    """Whether 16-bit stored values plus `intercept` are foreseen within int16: unsigned ones up to
-    their Bits Stored (or Largest Image Pixel Value, where given); signed ones are (a value near
-    int16's ends plus an intercept is not foreseen)."""
-    if source.dtype.kind == "i":
-        return True
-    largest = header.get("LargestImagePixelValue")
-    high = int(largest) if isinstance(largest, int) else (1 << int(header.get("BitsStored") or 16)) - 1
-    return -(1 << 15) <= intercept and high + intercept < (1 << 15)
+def mixed_need(layouts: Sequence[Dataset], count: int, file_bytes: int) -> tuple[int, str]:
+    """load_need for a series whose instances differ in layout (one header of each, `_layouts`):
+    stored alike, uncompressed (only whether their values are kept as int16 differs), their float32
+    values; else highdicom decodes every instance (`_decoded_need`)."""
+    sources = [_StoredPixels.of(ds) for ds in layouts]
+    if all(sources) and len({(s.dtype, s.shape[1:], s.unused_bits) for s in sources}) == 1:  # type: ignore[union-attr]
+        return load_need(layouts[0], count, file_bytes, alike=False)
+    return _decoded_need(layouts[0], count, file_bytes)
+
+
+# What highdicom keeps for each instance it decodes (its frame index in an in-memory SQLite
+# database, ~43 KiB measured, and the Python objects around it)
+DECODED_INSTANCE_BYTES = 64 << 10
+
+
+def _decoded_need(first: Dataset, count: int, file_bytes: int) -> tuple[int, str]:
+    """Data highdicom decodes frame by frame into the volume (compressed, colour, mixed layouts):
+    the files' bytes (read whole, by the decoder where not before), what it keeps for each instance
+    (`DECODED_INSTANCE_BYTES`), the frames' Python objects, the float32 volume, and beside it a
+    frame's stored values and two float32 copies as it is decoded (highdicom's pixel transform: a
+    1-bit SEG measured)."""
+    frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
+    samples = int(first.get("SamplesPerPixel") or 1)
+    plane = rows * columns * samples
+    stored = plane * math.ceil(int(first.get("BitsAllocated") or 16) / 8)
+    held = file_bytes + count * DECODED_INSTANCE_BYTES + frames * FRAME_OBJECT_BYTES
+    return held + frames * plane * 4 + plane * 8 + stored, f"{_images(first, count)}, decoded to float32"
+
+
+def _images(first: Dataset, count: int) -> str:
+    frames, rows, columns = count * _frames(first), int(first.get("Rows") or 0), int(first.get("Columns") or 0)
+    return f"{count} images of {rows}x{columns}" if frames == count else f"{frames} frames of {rows}x{columns}"
+
+
+def _int16_intercept(ds: Dataset) -> int | None:
+    """The intercept of a single-frame image whose values are foreseen kept as int16 (`_as_int16`):
+    8- or 16-bit stored values, slope 1, a whole intercept, and stored bits that cannot pass int16's
+    range with it (unsigned ones up to their Bits Stored, or Largest Image Pixel Value where given;
+    signed ones are: a value near int16's ends plus an intercept is not foreseen). None for float32
+    values. (A multi-frame object's rescale may differ frame by frame: its functional groups are not
+    read here.)"""
+    slope, intercept = float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    bits = int(ds.get("BitsAllocated") or 0)
+    if _frames(ds) != 1 or slope != 1.0 or not intercept.is_integer() or bits not in (8, 16):
+        return None
+    if bits == 16 and not ds.get("PixelRepresentation"):
+        largest = ds.get("LargestImagePixelValue")
+        high = int(largest) if isinstance(largest, int) else (1 << int(ds.get("BitsStored") or 16)) - 1
+        if not (-(1 << 15) <= intercept and high + intercept < (1 << 15)):
+            return None
+    return int(intercept)
 
 
 def _prefaulted_for(first: Dataset, count: int) -> PrefaultedBuffer | None:

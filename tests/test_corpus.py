@@ -314,7 +314,7 @@ def test_a_series_memory_is_foreseen_from_its_first_header_before_any_is_taken(t
         ds = pydicom.dcmread(file)
         ds.RescaleSlope = 0.5
         ds.save_as(file)
-    rle, _ = sphere_study(tmp_path / "rle", "PAT-R", slices=20, size=256)
+    rle, _ = sphere_study(tmp_path / "rle", "PAT-R", slices=100, size=128, centre=(50, 64, 64))
     _compress(rle)
     series = [(f"{origin}/{path.name}", [path]) for origin, path in corpus_files()]
     series += [("CT int16", int16), ("CT scaled", scaled), ("CT RLE", rle)]
@@ -347,9 +347,10 @@ def test_a_series_memory_is_foreseen_from_its_first_header_before_any_is_taken(t
     assert needs["CT int16"][1] == "20 images of 256x256, 16-bit stored values, kept as int16"
     assert needs["CT scaled"][1] == "20 images of 256x256, 16-bit stored values, with float32 values"
     assert arrays < needs["CT int16"][0] < 1.5 * arrays and 3 * arrays < needs["CT scaled"][0] < 3.5 * arrays
-    # decoded into the volume frame by frame: 4 bytes a voxel beside the files, not a list of frames and their stack
-    assert needs["CT RLE"][1] == "20 images of 256x256, decoded to float32"
-    assert needs["CT RLE"][0] < 2.5 * arrays + sum(f.stat().st_size for f in rle)
+    # decoded into the volume frame by frame: 4 bytes a voxel beside the files and what each instance
+    # keeps, not a list of frames and their stack
+    assert needs["CT RLE"][1] == "100 images of 128x128, decoded to float32"
+    assert needs["CT RLE"][0] < 100 * (6 * 128 * 128 + (88 << 10)) + sum(f.stat().st_size for f in rle)
 
 
 def _compress(files: list[Path]) -> None:
@@ -362,12 +363,13 @@ def _compress(files: list[Path]) -> None:
 def test_a_series_whose_instances_differ_in_encoding_or_rescale_is_foreseen_again_before_its_volume_is_built(
         tmp_path):
     """The first header cannot tell that the instances after it are stored otherwise: once the
-    series' headers are read, and before its volume is built, the room is told again from one
-    header of each layout, none foreseen as kept as int16, every file as read whole, the most of
-    them told. The first instance uncompressed and the others RLE (decoded by highdicom: the float32
-    volume and the files), or the intercepts differing (float32 values, not int16): what reading
-    took at its peak is within the second need, and beyond the first; a series stored alike is told
-    once."""
+    series' headers are read, and before its volume is built, the room is told again (mixed_need),
+    with the files read whole by then as taken. The first instance uncompressed and the others RLE
+    (highdicom decodes them all: the float32 volume and the files), or the intercepts differing
+    (float32 values, not int16): what reading took at its peak is within the second need, and
+    beyond the first. Told once: a series stored alike, one whose instances each give their own
+    Largest Image Pixel Value or Rescale Slope (every PET series: its values float32 anyway), and
+    one whose images differ in size (refused by the checks that name it)."""
     mixed, _ = sphere_study(tmp_path / "mixed", "PAT-M", slices=20, size=256)
     _compress(mixed[1:])
     shifted, _ = sphere_study(tmp_path / "shifted", "PAT-I", slices=20, size=256)
@@ -376,26 +378,48 @@ def test_a_series_whose_instances_differ_in_encoding_or_rescale_is_foreseen_agai
         ds.RescaleIntercept = -1024 + k % 2
         ds.save_as(file)
     alike, _ = sphere_study(tmp_path / "alike", "PAT-A", slices=20, size=256)
+    largest, _ = sphere_study(tmp_path / "largest", "PAT-L", slices=20, size=256)
+    pet, _ = sphere_study(tmp_path / "pet", "PAT-P", slices=20, size=256)
+    sizes, _ = sphere_study(tmp_path / "sizes", "PAT-Z", slices=20, size=256)
+    for k, (a, b, c) in enumerate(zip(largest, pet, sizes)):
+        ds = pydicom.dcmread(a)  # unsigned 12-bit values (the same bytes: none negative), within int16
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 12, 11
+        ds.add_new("LargestImagePixelValue", "US", 1524 + k)
+        ds.save_as(a)
+        ds = pydicom.dcmread(b)
+        ds.RescaleSlope = 1.01 + k / 100
+        ds.save_as(b)
+        if k == 3:
+            ds = pydicom.dcmread(c)
+            ds.Rows = ds.Columns = 128
+            ds.PixelData = ds.PixelData[:128 * 128 * 2]
+            ds.save_as(c)
     read_volumes(alike)  # once first: a decoder's first use imports it
     read_volumes(mixed)
-    peaks, told = {}, {}
+    peaks: dict[str, int] = {}
+    told: dict[str, list[tuple[int, str, int]]] = {}
     tracemalloc.start()
     try:
-        for name, files in (("mixed", mixed), ("shifted", shifted), ("alike", alike)):
+        for name, files in (("mixed", mixed), ("shifted", shifted), ("alike", alike), ("largest", largest),
+                            ("pet", pet), ("sizes", sizes)):
             told[name] = []
             tracemalloc.reset_peak()
             before = tracemalloc.get_traced_memory()[0]
-            volumes = read_volumes(files, room=lambda need, detail, name=name: told[name].append((need, detail)))
+            try:
+                read_volumes(files, room=lambda *said, name=name: told[name].append(said))
+            except SeriesError as exc:
+                assert (name, str(exc)) == ("sizes", "images of different sizes in one series: [(128, 128), (256, 256)]")
             peaks[name] = tracemalloc.get_traced_memory()[1] - before
-            del volumes
     finally:
         tracemalloc.stop()
     first = "20 images of 256x256, 16-bit stored values, kept as int16"
-    assert [d for _, d in told["alike"]] == [first], told
-    floats = "20 images of 256x256, 16-bit stored values, with float32 values"  # (each layout's most: the first's)
-    assert [d for _, d in told["mixed"]] == [d for _, d in told["shifted"]] == [first, floats], told
+    floats = "20 images of 256x256, 16-bit stored values, with float32 values"
+    assert {name: [d for _, d, _ in said] for name, said in told.items()} == {
+        "mixed": [first, "20 images of 256x256, decoded to float32"], "shifted": [first, floats],
+        "alike": [first], "largest": [first], "pet": [floats], "sizes": [first]}, told
+    assert told["mixed"][1][2] == sum(f.stat().st_size for f in mixed[1:]) and told["shifted"][1][2] == 0
     for name in ("mixed", "shifted"):
-        (first_need, _), (need, _) = told[name]
+        (first_need, _, _), (need, _, _) = told[name]
         assert first_need < peaks[name] <= need + (128 << 10), (name, told[name], peaks[name])
 
 
@@ -416,9 +440,9 @@ def test_a_series_memory_foresight_takes_the_files_sizes_and_the_stored_bits_int
     odd.RescaleSlope = [1, 2]
     del odd.ImagePositionPatient
     odd.save_as(files[0])
-    told: list[tuple[int, str]] = []
+    told: list[tuple[int, str, int]] = []
     with pytest.raises(SeriesError, match="an image has no ImagePositionPatient/ImageOrientationPatient"):
-        read_volumes(files, room=lambda need, detail: told.append((need, detail)))
+        read_volumes(files, room=lambda *said: told.append(said))
     assert told == []
 
 

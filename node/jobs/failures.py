@@ -33,7 +33,8 @@ class Superseded(Exception):
 # Failures that may go away by themselves: the job waits and tries again (OperationalError: the
 # index busy or locked past its timeout; PoolTimeout: no connection, or the index's write lock
 # held in this process, past the wait; SeriesChanged: an instance resent while it was read;
-# MemoryTaken: a model's output fits in the node's memory, but not in what is free now).
+# MemoryTaken: a job's array, its series' volume or a model's input or output, fits in the node's
+# memory, but not in what is free now).
 TRANSIENT = (BackendUnavailable, OutOfSpace, OperationalError, PoolTimeout, SeriesChanged, MemoryTaken)
 # Exceptions whose messages the node writes itself, without source values.
 _OWN_MESSAGES = (JobError, BackendError, SeriesError, NotEnoughMemory)
