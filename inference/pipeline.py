@@ -183,8 +183,9 @@ def _intensity_need(spec: ModelSpec, moved: torch.Tensor) -> int:
 
 
 def _slab_axis(moved: torch.Tensor) -> int:
-    """The axis whose planes lie apart in memory (the resampled input may be a transposed view)."""
-    return int(np.argmax(moved.stride()))
+    """The axis whose planes lie apart in memory (the resampled input may be a transposed view),
+    of those with more than one plane (a radiograph's one plane may have the largest stride)."""
+    return max(range(moved.ndim), key=lambda axis: (moved.shape[axis] > 1, moved.stride(axis)))
 
 
 def _in_slabs(tensor: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], axis: int,

@@ -67,7 +67,7 @@ class ArrayRoom:
             with self._turn:
                 if need <= counted:
                     return
-                check_fits(need - taken, what, detail, advice, others=self._held, loading=self._loading - counted)
+                check_fits(need, what, detail, advice, others=self._held, loading=self._loading - counted, taken=taken)
                 self._loading += need - counted
                 counted = need
 
@@ -92,19 +92,20 @@ def check_room(spec: ModelSpec, spatial: tuple[int, ...], others: int = 0,
     return size, need
 
 
-def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0, loading: int = 0) -> None:
-    """Raise where `need` bytes do not fit in the memory left to the node (common.memory);
-    `what` needs them, `detail` says of what they are, `advice` what would let them fit. Beyond
-    the limit less what the service holds for good (its anonymous memory: libraries, models, this
-    job's arrays; less `others`, the outputs other jobs hold now, and `loading`, what they are
-    loading), waiting cannot help: NotEnoughMemory; within it but beyond what is free now less
-    `loading` (counted whole: how much of it is allocated already is not known),
-    MemoryTaken (the job waits for memory that other jobs or processes hold now)."""
+def check_fits(need: int, what: str, detail: str, advice: str, others: int = 0, loading: int = 0,
+               taken: int = 0) -> None:
+    """Raise where `need` bytes, `taken` of them allocated already, do not fit in the memory left
+    to the node (common.memory); `what` needs them, `detail` says of what they are, `advice` what
+    would let them fit. Beyond the limit less what the service holds for good (its anonymous
+    memory: libraries, models, this job's other arrays; less `others`, the outputs other jobs hold
+    now, and `loading`, what they are loading), waiting cannot help: NotEnoughMemory; within it but
+    beyond what is free now less `loading` (counted whole: how much of it is allocated already is
+    not known), MemoryTaken (the job waits for memory that other jobs or processes hold now)."""
     room = memory_room()
-    if room is None or need <= room.available - loading:
+    if room is None or need - taken <= room.available - loading:
         return
     what = f"{what} needs {_gib(need, up=True)} GiB ({detail})"
-    kept = max(room.own - others - loading, 0)
+    kept = max(room.own - others - loading - taken, 0)
     if need > room.limit - kept:
         raise NotEnoughMemory(f"{what}; the node's machine or container allows {_gib(room.limit)} GiB, of which its"
                               f" service holds {_gib(kept, up=True)} GiB: run, it would be killed for memory;"

@@ -255,10 +255,11 @@ def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = N
         datasets = first + read_series(files[1:], ahead)
         if room is not None and len(layouts := _layouts(datasets)) > 1:
             need, detail = mixed_need(layouts, len(files), sum(sizes))
-            if detail.endswith("decoded to float32") and buffer is not None:
+            decoded = detail.endswith("decoded to float32")  # (the files in its need: those read whole are taken)
+            if decoded and buffer is not None:
                 buffer.release()  # (not taken by decoded frames)
                 buffer.wait(10)  # its thread's hold ends with its chunk: gone before memory is counted
-            room(need, detail, sum(size for size, ds in zip(sizes, datasets) if read_whole(ds)))
+            room(need, detail, sum(size for size, ds in zip(sizes, datasets) if read_whole(ds)) if decoded else 0)
         return _load(datasets, SPACING_TOLERANCE, ORIENTATION_TOLERANCE, split=True, buffer=buffer)
     finally:
         if buffer is not None:
@@ -275,18 +276,14 @@ _LAYOUT = tuple(pydicom.tag.Tag(tag_for_keyword(keyword)) for keyword in (
 def _layouts(datasets: Sequence[Dataset]) -> list[Dataset]:
     """One data set of each layout: how its values are stored, and whether they are kept as int16
     (`_int16_intercept`, worked out once for each distinct rescale: a PET series' slopes, or each
-    instance's Largest Image Pixel Value, differ without changing that). Where the instances are
-    not of one size, none (different sizes are refused by _load's checks, multi-frame objects among
-    others loaded apart: not foreseen again), as where a header cannot be read so (left to the
-    checks that name what is wrong)."""
+    instance's Largest Image Pixel Value, differ without changing that); none where a header
+    cannot be read so (left to the checks that name what is wrong)."""
     def stored(ds: Dataset) -> tuple[Any, ...]:
         return (*(None if (element := ds.get(tag)) is None else element.value for tag in _LAYOUT),
                 ds.file_meta.get("TransferSyntaxUID"))
 
     try:
         distinct = {stored(ds): ds for ds in datasets}
-        if len({key[:3] for key in distinct}) > 1:
-            return []
         return list({(*key[:8], key[-1], _int16_intercept(ds)): ds for key, ds in distinct.items()}.values())
     except Exception:  # noqa: BLE001 - see the docstring
         return []
@@ -317,12 +314,15 @@ def load_need(first: Dataset, count: int, file_bytes: int, alike: bool = True) -
 
 def mixed_need(layouts: Sequence[Dataset], count: int, file_bytes: int) -> tuple[int, str]:
     """load_need for a series whose instances differ in layout (one header of each, `_layouts`):
-    stored alike, uncompressed (only whether their values are kept as int16 differs), their float32
-    values; else highdicom decodes every instance (`_decoded_need`)."""
+    stored alike, uncompressed (their transfer syntaxes or rescales differ), as int16 where every
+    layout is kept so with one intercept, else their float32 values; else highdicom decodes every
+    instance (`_decoded_need`), foreseen from the layout that needs the most (images of different
+    sizes: a projection series, volumes loaded apart)."""
     sources = [_StoredPixels.of(ds) for ds in layouts]
-    if all(sources) and len({(s.dtype, s.shape[1:], s.unused_bits) for s in sources}) == 1:  # type: ignore[union-attr]
-        return load_need(layouts[0], count, file_bytes, alike=False)
-    return _decoded_need(layouts[0], count, file_bytes)
+    if all(sources) and len({(s.dtype, s.shape, s.unused_bits) for s in sources}) == 1:  # type: ignore[union-attr]
+        kept = {_int16_intercept(ds) for ds in layouts}
+        return load_need(layouts[0], count, file_bytes, alike=len(kept) == 1 and None not in kept)
+    return max(_decoded_need(ds, count, file_bytes) for ds in layouts)
 
 
 # What highdicom keeps for each instance it decodes (its frame index in an in-memory SQLite

@@ -175,6 +175,23 @@ print(json.dumps(found))
 """
 
 
+def test_a_need_partly_allocated_is_named_whole_and_judged_by_what_is_left(monkeypatch):
+    """A need told with `taken` bytes of it allocated already (a series' files read whole, a model's
+    input before its intensity transform): what is left is compared with what is free, the whole
+    with the limit less what the service holds besides; the message names the whole."""
+    from inference import room as room_module
+    from inference.errors import NotEnoughMemory
+
+    monkeypatch.setattr(room_module, "memory_room", lambda: MemoryRoom(available=256 * MiB, limit=2 * GiB,
+                                                                       own=1843 * MiB))
+    room_module.check_fits(GiB, "the series' volume", "mixed", "more", taken=GiB - 200 * MiB)  # 200 MiB left: fits
+    with pytest.raises(NotEnoughMemory) as caught:
+        room_module.check_fits(3 * GiB, "the series' volume", "mixed", "more", taken=1536 * MiB)
+    assert caught.value.beyond_limit and str(caught.value) == (
+        "the series' volume needs 3.00 GiB (mixed); the node's machine or container allows 2.00 GiB, of which its"
+        " service holds 0.30 GiB: run, it would be killed for memory; more")
+
+
 def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_other_use_waits():
     """A process in a real cgroup of 2 GiB: an output of 0.5 GiB fits; one of 3 GiB never can,
     nor one of 1.88 GiB beside the 0.3-0.4 GiB the process itself holds (NotEnoughMemory: the job
@@ -183,7 +200,7 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
     1 GiB in the same process waits too (that output goes: not the service's for good), as do 0.9
     GiB and a second series' volume beside a volume of 1 GiB another job is reading, half of it
     read (its other half is counted: without, the output would pass and the read be killed). A
-    model's input of 6.6 GiB (a grid of 0.04 mm) fails before it is built."""
+    model's input of 6.1 GiB (a grid of 0.04 mm) fails before it is built."""
     with memory_limit_cgroup(2 * GiB) as prefix:
         run = subprocess.run([*prefix, sys.executable, "-c", ROOM], cwd=REPO, capture_output=True, text=True,
                              timeout=300)
