@@ -29,9 +29,9 @@ from inference.windows import output_bytes
 class ArrayRoom:
     """The big arrays this process's jobs hold or are loading now: outputs from their check until
     they are let go, volumes and model inputs from their check until they are loaded (then the
-    job's own arrays, in the service's memory). One job at a time goes from its check to its output's allocation, so
-    with `pipeline.workers` above 1 the next job's check counts it; what the others hold is not
-    counted as the service's for good: they let it go."""
+    job's own arrays, in the service's memory). One job at a time goes from its check to its
+    output's allocation, so with `pipeline.workers` above 1 the next job's check counts it; what
+    the others hold is not counted as the service's for good: they let it go."""
 
     def __init__(self) -> None:
         self._turn = threading.Lock()

@@ -236,8 +236,7 @@ def read_volumes(files: Sequence[Path], ahead: Mapping[Path, Dataset] | None = N
     (inference.prefault), and taken by the volume when its size is the one foreseen. `room`: told
     the bytes, what they are and how many of them are allocated already, before the rest is: from
     the first header (load_need), before anything is; again before the volume is built where the
-    instances of one size differ in how their values are stored or kept (mixed_need); raises to
-    refuse them."""
+    instances differ in how their values are stored or kept (mixed_need); raises to refuse them."""
     if not files:
         return load_volumes([])
     sizes = [os.path.getsize(f) for f in files] if room is not None else []
