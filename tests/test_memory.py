@@ -255,6 +255,11 @@ else:  # a small CT (24 slices of 48x48 at 2 mm) on a 0.15 mm grid; tilted: 120 
     assert volume.sheared == (case == "tilted")
 spec = threshold_spec(preprocessing={"orientation": "RAS", "spacing": spacing, "intensity": intensity,
                                      "patch_size": [32, 32, 32], "overlap": 0.25, "batch_size": 1})
+# once first on a tenth of it: what the first run of the transforms sets up once (thread pools, their
+# arenas) is the process's, not the input's
+small = volume.array[tuple(slice(0, max(1, n // 10)) for n in volume.array.shape)].copy()
+to_model_space(SeriesVolume(small, affine, [], volume.frame_of_reference_uid, patient_space=volume.patient_space),
+               spec)
 Path("/proc/self/clear_refs").write_text("5")  # the resident peak (VmHWM) from now
 before = status("VmRSS")
 image = to_model_space(volume, spec)
@@ -275,11 +280,14 @@ def test_a_models_input_is_built_within_what_was_foreseen_for_it(tmp_path, case,
     an intensity window (applied slab by slab), z-score normalisation (MONAI's, whole) and neither;
     a radiograph of one plane (a window's slab is that plane, not sixteen); a tilted stack (its
     regular grid made first)."""
+    from inference.pipeline import INPUT_OVERHEAD
+
     run = subprocess.run([sys.executable, "-c", INPUT, case, json.dumps(intensity)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert found["input"] > 20 * MiB and found["input"] <= found["peak"] <= found["need"] < 2 * found["peak"], found
+    assert found["input"] > 20 * MiB and found["input"] <= found["peak"] <= found["need"], found
+    assert found["need"] < 2 * found["peak"] + INPUT_OVERHEAD, found  # (not grossly over)
 
 
 class _ManyClasses(torch.nn.Module):
