@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from inference.backends.base import BackendError, BackendUnavailable
 from inference.backends.local import LocalBackend
 from inference.backends.triton import TritonBackend
+from tritonclient.utils import InferenceServerException
 from inference.export.repository import ExportMismatch, export_onnx, write_entry
 from inference.pipeline import segment
 from tests.triton_server import TritonCpuServer
@@ -202,12 +203,72 @@ def test_a_server_that_lost_the_nodes_shared_memory_regions_is_unavailable_until
     try:
         expected = backend.infer(batch)
         for role in ("in", "out"):
-            backend.client.unregister_system_shared_memory(backend._name(role))
+            backend._unregister(role)  # (as the backend does: once the answered request lets the region go)
             with pytest.raises(BackendUnavailable, match=r"no longer has this node's shared-memory regions"):
                 backend.infer(batch)
             np.testing.assert_array_equal(backend.infer(batch), expected)
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton, protocol, monkeypatch):
+    """Triton (since 2.50) refuses to unregister a region a request still holds, and its answer can
+    reach the node before the request lets go (server issue #7688; met in CI right after an
+    inference). A region grown for a larger batch, and the regions of a closed backend, are
+    unregistered once the hold ends: the larger batch gets its answer and the server keeps none of
+    the node's regions. A hold that outlasts the wait is a transient failure (the job retries). The
+    refusals are Triton's own text from a shim, as the race cannot be made to happen at will."""
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    larger = np.random.default_rng(9).random((2, 1, 16, 16, 16), dtype=np.float32)
+    for holds in (2, None):  # refused twice; refused for as long as it is asked
+        backend = TritonBackend(url, threshold_spec(), protocol=protocol, shared_memory="system", retries=2,
+                                backoff=0.01)
+        real, refused = backend.client.unregister_system_shared_memory, Counter()
+
+        def held(name: str, *args, **kwargs):
+            if holds is None or refused[name] < holds:
+                refused[name] += 1
+                raise InferenceServerException(f"Cannot unregister shared memory region '{name}', it is currently"
+                                               " in use.", status="StatusCode.INTERNAL")
+            return real(name, *args, **kwargs)
+
+        backend.client.unregister_system_shared_memory = held
+        names = {backend._name(role) for role in ("in", "out")}
+        try:
+            backend.infer(np.zeros((1, 1, 16, 16, 16), np.float32))
+            if holds is None:
+                monkeypatch.setattr("inference.backends.triton._REGION_BUSY_WAIT", 0.05)
+                with pytest.raises(BackendUnavailable, match=r"unavailable for inference after 2 attempts: .*"
+                                                             r"it is currently in use"):
+                    backend.infer(larger)
+                continue
+            logits = backend.infer(larger)[:, 1]
+            np.testing.assert_allclose(logits, (larger[:, 0] - ThresholdNet().level) * 200.0, rtol=1e-5, atol=1e-3)
+            assert refused == {name: 2 for name in names}
+            refused.clear()
+        finally:
+            if holds is None:  # (the hold ends: the backend closes as it would once it has)
+                backend.client.unregister_system_shared_memory = real
+            backend.close()
+        if holds:
+            assert refused == {name: 2 for name in names}
+        assert not names & _registered_regions(url, protocol)
+
+
+def _registered_regions(url: str, protocol: str) -> set[str]:
+    """The names of the system shared-memory regions the server has registered."""
+    if protocol == "grpc":
+        import tritonclient.grpc as client_lib
+    else:
+        import tritonclient.http as client_lib
+    client = client_lib.InferenceServerClient(url)
+    try:
+        status = client.get_system_shared_memory_status(**({"as_json": True} if protocol == "grpc" else {}))
+    finally:
+        client.close()
+    regions = status.get("regions", {}).values() if protocol == "grpc" else status
+    return {region["name"] for region in regions}
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):

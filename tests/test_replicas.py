@@ -9,8 +9,11 @@ in their quiet period, its running jobs and its sends are finished by the other,
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import re
+import socket
 import subprocess
 import threading
 import urllib.request
@@ -175,6 +178,23 @@ def test_a_replica_killed_mid_work_leaves_everything_to_the_other_once(cluster, 
     assert {r["id"] for r in killed_holding["outbox"]} <= {r["id"] for r in resent}
 
 
+def _balanced_servers(stats: Path) -> dict[str, int]:
+    """Open sessions by status over the servers of HAProxy's backend, from its stats socket."""
+    with socket.socket(socket.AF_UNIX) as link:
+        link.settimeout(5)
+        link.connect(str(stats))
+        link.sendall(b"show stat\n")
+        text = b"".join(iter(lambda: link.recv(65536), b"")).decode()
+    rows = list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+    servers = [r for r in rows if r["pxname"] == "node_replicas" and r["svname"] not in ("FRONTEND", "BACKEND")]
+    assert len(servers) == 2, servers
+    found: dict[str, int] = {}
+    for server in servers:
+        status = server["status"].split()[0]
+        found[status] = found.get(status, 0) + int(server["scur"])
+    return found
+
+
 def _haproxy_config(port: int, replicas: list[NodeProcess]) -> str:
     """docker/haproxy.cfg as shipped, with the replicas of this test (addresses instead of compose
     service names, each with its own console port) and without Docker's DNS."""
@@ -188,8 +208,8 @@ def _haproxy_config(port: int, replicas: list[NodeProcess]) -> str:
 def test_associations_through_haproxy_reach_both_replicas_and_each_study_once(cluster, tmp_path):
     replicas = [cluster("replica-a"), cluster("replica-b")]
     port = free_port()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(_haproxy_config(port, replicas))
+    config, stats = tmp_path / "haproxy.cfg", tmp_path / "haproxy.sock"
+    config.write_text(_haproxy_config(port, replicas).replace("global\n", f"global\n    stats socket {stats}\n", 1))
     balancer = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -199,6 +219,9 @@ def test_associations_through_haproxy_reach_both_replicas_and_each_study_once(cl
         for n in range(4):
             files, study_uid = sphere_study(tmp_path / f"study{n}", patient_id=f"H{n}", slices=12, size=32,
                                             centre=(6, 16, 16))
+            # both replicas up and idle as HAProxy sees them (a closed association is counted until
+            # both of its sides have closed)
+            wait_for(lambda: _balanced_servers(stats) == {"UP": 0}, timeout=30)
             out = storescu(port, files)
             assert out.returncode == 0, out.stdout + out.stderr
             studies.append(study_uid)

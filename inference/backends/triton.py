@@ -28,11 +28,17 @@ log = logging.getLogger("inference.triton")
 T = TypeVar("T")
 
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
-_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Connection refused",
-              "connection reset", "Socket closed", "Broken pipe", "timed out")
 # What Triton 2.x answers for a region it does not know (a restarted server), over gRPC and HTTP
 # alike; its other shared-memory errors (an output larger than the region) are the model's.
 _REGION_UNKNOWN = "unable to find shared memory region"
+# Since 2.50 Triton refuses to unregister a region a request still holds (server PR #7567), and its
+# answer to that request can reach us before the request lets the region go (server issue #7688; met
+# under load right after an inference). The hold ends with the request: unregistering waits for it,
+# a while, and a hold longer than that is a transient failure the job retries.
+_REGION_BUSY = "currently in use"
+_REGION_BUSY_WAIT = 5.0  # seconds
+_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Connection refused",
+              "connection reset", "Socket closed", "Broken pipe", "timed out", _REGION_BUSY)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -212,13 +218,25 @@ class TritonBackend:
         if current and current[1] >= size:
             return current[0]
         if current:
-            self.client.unregister_system_shared_memory(self._name(role))
+            self._unregister(role)
             shm.destroy_shared_memory_region(current[0])
         key = f"/{self._name(role)}"
         handle = shm.create_shared_memory_region(self._name(role), key, size)
         self.client.register_system_shared_memory(self._name(role), key, size)
         self._regions[role] = (handle, size)
         return handle
+
+    def _unregister(self, role: str) -> None:
+        """Unregister one of our regions once the server no longer holds it for a request."""
+        deadline = time.monotonic() + _REGION_BUSY_WAIT
+        while True:
+            try:
+                self.client.unregister_system_shared_memory(self._name(role))
+                return
+            except InferenceServerException as exc:
+                if _REGION_BUSY not in str(exc.message()) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
         """Retry transient failures with exponential backoff and jitter; then a clear error."""
@@ -242,7 +260,7 @@ class TritonBackend:
         """Unregister (where the server still knows them) and free our shared-memory regions."""
         for role, (handle, _) in list(self._regions.items()):
             try:
-                self.client.unregister_system_shared_memory(self._name(role))
+                self._unregister(role)
             except Exception:  # the server may be gone; the local region is still ours to free
                 pass
             shm.destroy_shared_memory_region(handle)
