@@ -75,7 +75,12 @@ def _reference(backend: LocalBackend, model: Path) -> Iterator[None]:
 
 
 def _run(hu: np.ndarray, spec: ModelSpec, backend: LocalBackend) -> dict[str, float]:
-    volume = SeriesVolume(hu.copy(), SeriesGeometry(spacing=(1.0, 0.7, 0.7)).affine(), [], "1.2.3")
+    return stages(SeriesVolume(hu.copy(), SeriesGeometry(spacing=(1.0, 0.7, 0.7)).affine(), [], "1.2.3"), spec,
+                  backend)
+
+
+def stages(volume: SeriesVolume, spec: ModelSpec, backend: LocalBackend) -> dict[str, float]:
+    """`segment`'s seconds by stage (STAGES), with the node's own work ("own": those of OWN)."""
     seconds = segment(volume, spec, backend).seconds
     stages = {"preprocess": seconds["preprocess"], "windows": seconds["inference"] - seconds["model"],
               "model": seconds["model"], "postprocess": seconds["postprocess"], "measure": seconds["measure"]}

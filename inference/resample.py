@@ -11,7 +11,9 @@ series into RAS), the map is diagonal in the source's own axis order: scipy then
 source in memory order and the small output is transposed afterwards, which is 5-10x faster
 than a general matrix over a transposed view. Where every target voxel is a source voxel (flips
 and axis order only: a model without a spacing step) nothing is interpolated: the values are
-copied into the target's axis order, in blocks (`_relaid`).
+copied into the target's axis order, in blocks (`_relaid`). Where each target plane along the first
+axis lies across one source axis and is only shifted and scaled within itself (a sheared stack onto
+its regular grid and back), it is interpolated plane by plane (`_shifted_planes`).
 
 A large output is interpolated in slabs along its first axis, on as many threads as there are
 usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy
@@ -80,6 +82,9 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
     mode = _SCIPY_MODE[padding]
     order = _axis_order(linear)
     if order is None:
+        planes = _plane_by_plane(linear)
+        if planes is not None:
+            return _shifted_planes(array, linear, offset, shape, mode, fill, *planes)
         return _interpolate(array, linear, offset, shape, mode, fill)
     # target axis j reads source axis order[j]: resample in the source's axis order, then transpose
     scale, source_order_shape = _in_source_order(linear, order, shape)
@@ -108,6 +113,72 @@ def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shap
                                  output=out[start:stop], order=1, mode=mode, cval=fill, prefilter=False)
 
     _on_usable_cpus(slab, list(zip(starts, starts[1:])))
+    return out
+
+
+def _plane_by_plane(linear: np.ndarray, tolerance: float = 1e-6) -> tuple[int, tuple[int, int]] | None:
+    """For a map under which each target plane along the first axis lies across one source axis (a
+    constant coordinate along it, possibly between two of its planes), and within the plane only
+    shifts, scales, flips or swaps the other two axes: that source axis, and the source axis each of
+    the target's other two axes reads. A sheared stack (gantry tilt) onto its regular grid
+    (inference.pipeline.regular_grid), and a model's output on that grid back onto the stack."""
+    significant = np.abs(linear) > tolerance * np.abs(linear).max()
+    across = [axis for axis in range(3) if not significant[axis, 1:].any()]
+    if len(across) != 1:
+        return None
+    others = [axis for axis in range(3) if axis != across[0]]
+    within = significant[np.ix_(others, [1, 2])]
+    if within[0, 0] and within[1, 1] and not within[0, 1] and not within[1, 0]:
+        return across[0], (others[0], others[1])
+    if within[0, 1] and within[1, 0] and not within[0, 0] and not within[1, 1]:
+        return across[0], (others[1], others[0])
+    return None
+
+
+def _shifted_planes(array: np.ndarray, linear: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], mode: str,
+                    fill: float, across: int, reads: tuple[int, int]) -> np.ndarray:
+    """`_interpolate` for a map `_plane_by_plane`: target plane s lies at the source coordinate x =
+    linear[across, 0] * s + offset[across] across the source axis `across`, so it is the two source
+    planes around x, each interpolated within itself, weighed (1 - w, w) by where x lies between
+    them, as linear interpolation weighs them (one plane where x is on one, to 1e-9: the affines'
+    rounding). scipy's general matrix path computes eight corners' weights at every voxel (a tilted
+    300x512x512 CT onto its regular grid: 3.5-8.8 s on this machine); a diagonal map in two axes
+    takes its faster path, plane by plane (on the usable CPUs). Beyond the source's first and last
+    planes: the fill ("constant"), or the edge plane ("border")."""
+    out = np.empty(shape, dtype=np.float32)
+    rows, columns = reads  # the source axes the target's rows and columns read
+    swapped = rows > columns  # the plane's source axes in the target's column-then-row order
+    scale = np.array([linear[rows, 1], linear[columns, 2]])
+    if swapped:
+        scale = scale[::-1]
+    planes = array.shape[across]
+
+    def interpolated(plane: int, index: int, into: np.ndarray) -> None:
+        """Source plane `plane` (a whole number) interpolated within itself for target plane `index`."""
+        if not 0 <= plane < planes:
+            if mode != "nearest":
+                into.fill(fill)
+                return
+            plane = min(max(plane, 0), planes - 1)
+        shift = np.array([linear[rows, 0], linear[columns, 0]]) * index + [offset[rows], offset[columns]]
+        source = np.take(array, plane, axis=across)
+        if swapped:
+            into = into.T
+            shift = shift[::-1]
+        ndimage.affine_transform(source, scale, shift, output=into, order=1, mode=mode, cval=fill, prefilter=False)
+
+    def plane(index: int) -> None:
+        at = linear[across, 0] * index + offset[across]
+        first = math.floor(at + 1e-9)
+        weight = max(at - first, 0.0)
+        interpolated(first, index, out[index])
+        if weight > 1e-9:
+            above = np.empty(shape[1:], dtype=np.float32)
+            interpolated(first + 1, index, above)
+            out[index] *= np.float32(1.0 - weight)
+            out[index] += np.float32(weight) * above
+
+    _on_usable_cpus(plane, list(range(shape[0])))
     return out
 
 

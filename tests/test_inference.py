@@ -212,13 +212,14 @@ def test_a_server_that_lost_the_nodes_shared_memory_regions_is_unavailable_until
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton, protocol, monkeypatch):
+def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton, protocol, monkeypatch, caplog):
     """Triton (since 2.50) refuses to unregister a region a request still holds, and its answer can
     reach the node before the request lets go (server issue #7688; met in CI right after an
     inference). A region grown for a larger batch, and the regions of a closed backend, are
     unregistered once the hold ends: the larger batch gets its answer and the server keeps none of
-    the node's regions. A hold that outlasts the wait is a transient failure (the job retries). The
-    refusals are Triton's own text from a shim, as the race cannot be made to happen at will."""
+    the node's regions. A hold that outlasts the wait is a transient failure (the job retries), and
+    a closed backend whose regions the server still holds says which it leaves. The refusals are
+    Triton's own text from a shim, as the race cannot be made to happen at will."""
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     larger = np.random.default_rng(9).random((2, 1, 16, 16, 16), dtype=np.float32)
     for holds in (2, None):  # refused twice; refused for as long as it is asked
@@ -240,24 +241,27 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
             if holds is None:
                 monkeypatch.setattr("inference.backends.triton._REGION_BUSY_WAIT", 0.05)
                 with pytest.raises(BackendUnavailable, match=r"unavailable for inference after 2 attempts: .*"
-                                                             r"it is currently in use"):
+                                                             r"still held by a request after 0.05 s: .*currently in use"):
                     backend.infer(larger)
-                continue
-            logits = backend.infer(larger)[:, 1]
-            np.testing.assert_allclose(logits, (larger[:, 0] - ThresholdNet().level) * 200.0, rtol=1e-5, atol=1e-3)
-            assert refused == {name: 2 for name in names}
-            refused.clear()
+            else:
+                logits = backend.infer(larger)[:, 1]
+                np.testing.assert_allclose(logits, (larger[:, 0] - ThresholdNet().level) * 200.0, rtol=1e-5,
+                                           atol=1e-3)
+                assert refused == {name: 2 for name in names}
+                refused.clear()
         finally:
-            if holds is None:  # (the hold ends: the backend closes as it would once it has)
-                backend.client.unregister_system_shared_memory = real
             backend.close()
         if holds:
             assert refused == {name: 2 for name in names}
+        else:
+            assert {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_left"} == names
+            assert names <= _registered_regions(url, protocol, forget=names)
         assert not names & _registered_regions(url, protocol)
 
 
-def _registered_regions(url: str, protocol: str) -> set[str]:
-    """The names of the system shared-memory regions the server has registered."""
+def _registered_regions(url: str, protocol: str, forget: tuple[str, ...] | set[str] = ()) -> set[str]:
+    """The names of the system shared-memory regions the server has registered (then those of
+    `forget` unregistered)."""
     if protocol == "grpc":
         import tritonclient.grpc as client_lib
     else:
@@ -265,6 +269,8 @@ def _registered_regions(url: str, protocol: str) -> set[str]:
     client = client_lib.InferenceServerClient(url)
     try:
         status = client.get_system_shared_memory_status(**({"as_json": True} if protocol == "grpc" else {}))
+        for name in forget:
+            client.unregister_system_shared_memory(name)
     finally:
         client.close()
     regions = status.get("regions", {}).values() if protocol == "grpc" else status
@@ -1003,26 +1009,43 @@ def test_a_job_reads_its_volume_into_the_memory_made_ready_while_the_headers_wer
     assert held_while_decoding == [0] and made.pop()[0].nbytes == 0
 
 
-@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique", "tilted"])
 @pytest.mark.parametrize("padding", ["border", "constant"])
-def test_resampling_equals_monai(orientation, padding):
+def test_resampling_equals_monai(orientation, padding, monkeypatch):
     """inference.resample moves voxels where MONAI would (same voxel-centre convention, linear
-    interpolation, border or zero padding), from the stored integers, axis-aligned or not."""
+    interpolation, border or zero padding), from the stored integers, axis-aligned or not. A
+    sheared stack onto a regular grid of its planes, some beyond its first and last (gantry tilt,
+    inference.pipeline.regular_grid), is moved plane by plane, as the same values."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing, SpatialResample
 
+    from inference import resample as module
     from inference.resample import resample
 
     array = np.random.default_rng(1).integers(-1000, 1000, size=(30, 40, 36)).astype(np.int16)
     c, s = math.cos(0.3), math.sin(0.3)
     columns = {"axial": [(0, 0, 2.5), (0, 0.8, 0), (0.7, 0, 0)],
                "sagittal": [(2.5, 0, 0), (0, 0, -0.8), (0, 0.7, 0)],
-               "oblique": [(0, -s * 2.5, c * 2.5), (0, c * 0.8, s * 0.8), (0.7, 0, 0)]}[orientation]
+               "oblique": [(0, -s * 2.5, c * 2.5), (0, c * 0.8, s * 0.8), (0.7, 0, 0)],
+               "tilted": [(0.3, 0.6, 2.5), (0, 0.8, 0), (0.7, 0, 0)]}[orientation]
     affine = np.eye(4)
     affine[:3, :3] = np.array(columns).T
     affine[:3, 3] = (10.5, -20.3, 7.1)
     image = MetaTensor(torch.from_numpy(array[None].astype(np.float32)), affine=torch.from_numpy(affine))
+    if orientation == "tilted":  # its planes on their normal, three before the first; moved within them
+        target = affine.copy()
+        target[:3, 0] = (0, 0, 2.5)
+        target[:3, 3] += (1.3, -2.1, -3 * 2.5)
+        monkeypatch.setattr(module, "_interpolate", lambda *args: pytest.fail("interpolated as a general map"))
+        ours = resample(array, affine, target, (36, 44, 36), padding=padding)
+        monkeypatch.undo()
+        theirs = SpatialResample(mode="bilinear", padding_mode="border" if padding == "border" else "zeros")(
+            image, dst_affine=torch.from_numpy(target), spatial_size=(36, 44, 36))
+        if padding == "constant":  # (the three planes before the stack and the three after: all fill)
+            assert not ours[:3].any() and not ours[33:].any() and ours[3:33].any(axis=(1, 2)).all()
+        np.testing.assert_allclose(ours, theirs[0].numpy(), atol=1e-3)
+        return
     moved = Spacing(pixdim=(2.0, 2.0, 2.0), mode="bilinear")(Orientation(axcodes="RAS", labels=None)(image))
     target = np.asarray(moved.affine, dtype=float)
     if padding == "constant":  # MONAI's zeros padding, on a grid shifted so that part of it lies outside
@@ -1031,6 +1054,39 @@ def test_resampling_equals_monai(orientation, padding):
             image, dst_affine=torch.from_numpy(target), spatial_size=tuple(moved.shape[1:]))
     ours = resample(array, affine, target, tuple(moved.shape[1:]), padding=padding)
     np.testing.assert_allclose(ours, moved[0].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("padding", ["border", "constant"])
+def test_a_map_taken_plane_by_plane_gives_what_interpolating_it_whole_gives(padding, monkeypatch):
+    """Maps under which each target plane lies across one source axis and only moves within itself
+    (a sheared stack onto its regular grid, a model's grid back onto the stack): across each source
+    axis, between its planes or on them, within them scaled, flipped or swapped, partly or wholly
+    beyond the source. Taken plane by plane, each gives the values of scipy's general path."""
+    from inference import resample as module
+
+    array = np.random.default_rng(2).integers(-1000, 1000, size=(14, 17, 19)).astype(np.int16)
+    general, planes, taken = module._interpolate, module._shifted_planes, []
+    monkeypatch.setattr(module, "_shifted_planes", lambda *args: taken.append(args[-2:]) or planes(*args))
+    cases = 0
+    for across in range(3):
+        others = [axis for axis in range(3) if axis != across]
+        for swap, step, scales, start in itertools.product((False, True), (1.0, 0.37, -0.8), ((1.0, 1.0), (0.6, -1.3)),
+                                                         (-2.0, 0.25, 3.0)):
+            linear = np.zeros((3, 3))
+            linear[across, 0] = step
+            rows, columns = others[::-1] if swap else others
+            linear[rows, 1], linear[columns, 2] = scales
+            linear[rows, 0], linear[columns, 0] = 0.43, -0.61  # each plane moved within itself, plane by plane
+            offset = np.array([start, 1.7, -2.2])
+            target = np.eye(4)
+            target[:3, :3], target[:3, 3] = linear, offset
+            shape = (16, 15, 18)
+            ours = module.resample(array, np.eye(4), target, shape, padding=padding, fill=-1000.0)
+            whole = general(array, linear, offset, shape, module._SCIPY_MODE[padding], -1000.0)
+            np.testing.assert_allclose(ours, whole, atol=2e-3, err_msg=f"{across=} {swap=} {step=} {scales=} {start=}")
+            assert taken.pop() == (across, (rows, columns))
+            cases += 1
+    assert cases == 108
 
 
 @pytest.mark.parametrize("mode", ["argmax", "threshold", "argmax of sigmoids", "argmax of logits"])

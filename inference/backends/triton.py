@@ -34,11 +34,11 @@ _REGION_UNKNOWN = "unable to find shared memory region"
 # Since 2.50 Triton refuses to unregister a region a request still holds (server PR #7567), and its
 # answer to that request can reach us before the request lets the region go (server issue #7688; met
 # under load right after an inference). The hold ends with the request: unregistering waits for it,
-# a while, and a hold longer than that is a transient failure the job retries.
+# a while, and a hold longer than that is a TimeoutError (transient: the job retries).
 _REGION_BUSY = "currently in use"
 _REGION_BUSY_WAIT = 5.0  # seconds
 _TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Connection refused",
-              "connection reset", "Socket closed", "Broken pipe", "timed out", _REGION_BUSY)
+              "connection reset", "Socket closed", "Broken pipe", "timed out")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -234,8 +234,11 @@ class TritonBackend:
                 self.client.unregister_system_shared_memory(self._name(role))
                 return
             except InferenceServerException as exc:
-                if _REGION_BUSY not in str(exc.message()) or time.monotonic() >= deadline:
+                if _REGION_BUSY not in str(exc.message()):
                     raise
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"shared-memory region {self._name(role)} still held by a request after"
+                                       f" {_REGION_BUSY_WAIT:g} s: {exc.message()}") from None
             time.sleep(0.01)
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
@@ -261,6 +264,8 @@ class TritonBackend:
         for role, (handle, _) in list(self._regions.items()):
             try:
                 self._unregister(role)
+            except TimeoutError:  # (a request the client gave up on, still running): the server keeps it
+                logs.event(log, "triton_region_left", logging.WARNING, region=self._name(role))
             except Exception:  # the server may be gone; the local region is still ours to free
                 pass
             shm.destroy_shared_memory_region(handle)
