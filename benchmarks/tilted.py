@@ -8,9 +8,10 @@ The test threshold model (one 1x1x1 convolution) on a 1.5 mm grid in 96^3 window
 whose slices are 1 mm apart along a step tilted --tilt degrees from their normal (0.45 mm
 pixels). Its stages: preprocessing (the regular grid, then the model's grid and the window), the
 sliding window's own work, the model's calls (not counted), labels back on the tilted source grid,
-measuring. Against, in the same run, the reference: the regular grid interpolated as a general
-map (the node before 2026-11-29; `inference.resample._shifted_planes` takes it plane by plane).
-Best of --repeat runs each, in turns.
+measuring. Against, in the same run, the reference: no map taken plane by plane (the node before
+2026-11-29: the regular grid and the labels back on the stack interpolated as general maps;
+`inference.resample._plane_by_plane`), and the same stack untilted. Best of --repeat runs each, in
+turns.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _tilted(hu: np.ndarray, tilt: float) -> SeriesVolume:
     affine = np.eye(4)
     affine[:3, :3] = np.array([(0.0, math.tan(math.radians(tilt)), 1.0), (0.0, 0.45, 0.0), (0.45, 0.0, 0.0)]).T
     volume = SeriesVolume(hu.copy(), affine, [], "1.2.3")
-    assert volume.sheared
+    assert volume.sheared == (tilt != 0)
     return volume
 
 
@@ -62,20 +63,24 @@ def main() -> None:
                                              "intensity": {"window": [-1000.0, 1000.0]},
                                              "patch_size": [96, 96, 96], "overlap": 0.25, "batch_size": 4})
         backend = LocalBackend(model, spec)
-        volume = _tilted(_regions((args.slices, args.size, args.size), organ=True), args.tilt)
+        hu = _regions((args.slices, args.size, args.size), organ=True)
+        volume, untilted = _tilted(hu, args.tilt), _tilted(hu, 0.0)
         node: list[dict[str, float]] = []
         before: list[dict[str, float]] = []
+        level: list[dict[str, float]] = []
         for _ in range(args.repeat):
             node.append(stages(volume, spec, backend))
             with _reference():
                 before.append(stages(volume, spec, backend))
-        best, ref = min(node, key=lambda s: s["own"]), min(before, key=lambda s: s["own"])
-        print(f"tilted {volume.tilt_degrees:.1f} degrees, {'x'.join(map(str, volume.shape))}")
-        print(f"{'stage':32} {'node':>8} {'reference':>10} {'ratio':>6}")
+            level.append(stages(untilted, spec, backend))
+        best, ref, axial = (min(runs, key=lambda s: s["own"]) for runs in (node, before, level))
+        print(f"tilted {volume.tilt_degrees:.1f} degrees, {'x'.join(map(str, volume.shape))}; untilted: the same"
+              " stack's slices along their normal (the node)")
+        print(f"{'stage':32} {'node':>8} {'reference':>10} {'ratio':>6} {'untilted':>9}")
         for key, label in STAGES.items():
-            print(f"{label:32} {best[key]:7.2f}s {ref[key]:9.2f}s {best[key] / ref[key]:6.2f}")
+            print(f"{label:32} {best[key]:7.2f}s {ref[key]:9.2f}s {best[key] / ref[key]:6.2f} {axial[key]:8.2f}s")
         print(f"the node's own work {best['own']:.2f} s against {ref['own']:.2f} s (ratio"
-              f" {best['own'] / ref['own']:.2f})")
+              f" {best['own'] / ref['own']:.2f}); untilted {axial['own']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def _shifted_planes(array: np.ndarray, linear: np.ndarray, offset: np.ndarray, s
                 return
             plane = min(max(plane, 0), planes - 1)
         shift = np.array([linear[rows, 0], linear[columns, 0]]) * index + [offset[rows], offset[columns]]
-        source = np.take(array, plane, axis=across)
+        source = array[(slice(None),) * across + (plane,)]  # (a view: np.take would copy a strided plane)
         if swapped:
             into = into.T
             shift = shift[::-1]
@@ -358,7 +358,7 @@ def map_kind(source_affine: np.ndarray, target_affine: np.ndarray) -> MapKind:
     order, whole-voxel offsets: a model without a spacing step), on its axes (any axial, coronal or
     sagittal series into RAS), or obliquely. `resample_argmax` reads whole voxels as they are, takes
     an activation for the voxels it interpolates where the map is axis-aligned, and interpolates an
-    oblique map whole."""
+    oblique map whole (a sheared one only where the label can change, plane by plane: `_plane_by_plane`)."""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     order = _axis_order(linear)
@@ -379,8 +379,9 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
                     activation: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """`first_argmax` of every channel of ``channels`` (channel, *grid of ``source_affine``) resampled
     as `resample` does, interpolating only where the answer can depend on it; uint8, C-contiguous in
-    the source's axis order (so possibly a transposed view; `resample` copies a whole-voxel map
-    into the target's order instead: the labels go on through `copy_in_blocks`, which takes either).
+    the source's axis order where the map is axis-aligned (so possibly a transposed view; `resample`
+    copies a whole-voxel map into the target's order instead: the labels go on through
+    `copy_in_blocks`, which takes either), in the target's otherwise.
 
     Where the eight source voxels around a target voxel centre all have the same argmax a, every
     interpolated channel is a convex combination of those eight values with the same weights, so a
@@ -388,13 +389,18 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     voxels in cells whose corners disagree, or that reach beyond the source's edge, are
     interpolated: the boundaries between labels, a surface against a volume (a finer target grid
     than the source makes that a few percent of its voxels). The result differs from interpolating
-    everything only where two channels come out equal to float32 rounding. Maps that are not
-    diagonal in the source's axis order (oblique grids) are interpolated whole. A whole-voxel map (a
-    model without a spacing step) takes the argmax of the channels' own voxels, and with "constant"
-    padding label 0 a whole voxel or more beyond the source, where every channel is the fill
-    (interpolating there weighs the edge voxel by the rounding error of the position, a tie broken
-    by noise; with "border" such a map is interpolated as any other). (A cell whose corners
-    all say 255, the mark of an undecided one, is interpolated too: the same answer.)
+    everything only where two channels come out equal to float32 rounding. A sheared map
+    (`_plane_by_plane`: a model's grid back onto a tilted stack) finds the cells plane by plane
+    (`_cells_plane_by_plane`; a tilted CT's organ, benchmarks.tilted: 3.2-7.8 s -> 1.2 s; where a
+    target plane lies on a source plane, a NaN or -inf in the next source plane, weighed 0, still
+    makes an interpolated voxel's channel NaN, as scipy's 3D interpolation does, where `resample`
+    reads the one plane). Other maps that are not diagonal in the source's axis order (oblique
+    grids) are interpolated whole. A whole-voxel map (a model without a spacing step) takes the
+    argmax of the channels' own voxels, and with "constant" padding label 0 a whole voxel or more
+    beyond the source, where every channel is the fill (interpolating there weighs the edge voxel by
+    the rounding error of the position, a tie broken by noise; with "border" such a map is
+    interpolated as any other). (A cell whose corners all say 255, the mark of an undecided one, is
+    interpolated too: the same answer.)
 
     `activation`: ``channels`` are a model's raw outputs, and what is resampled is `activation` of
     them over the channel axis, (channels, voxels) -> the same shape. It must keep each voxel's
@@ -402,16 +408,22 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     of finite values does, but for values within float32 rounding of each other; not a sigmoid,
     whose saturated values tie where their inputs differ). It is applied only to the voxels an
     interpolation reads: a softmax over the whole of a 105-class network's output at 1.5 mm took
-    5.3 s of a CT's job. Not for oblique maps (`map_kind`)."""
+    5.3 s of a CT's job. Not for oblique maps other than sheared ones (`map_kind`)."""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
     order = _axis_order(linear)
-    if order is None:
+    planes = _plane_by_plane(linear) if order is None else None
+    if order is None and planes is None:
         if activation is not None:
-            raise ValueError("an activation is applied on the way only where the map is axis-aligned")
+            raise ValueError("an activation is applied on the way only where the map is axis-aligned or plane by plane")
         return first_argmax((resample(c, source_affine, target_affine, shape, padding, fill) for c in channels),
                             len(channels))
+    if planes is not None:
+        cells = _agreeing_cells(argmax_in_blocks(channels))
+        out, points_at = _cells_plane_by_plane(cells, linear, offset, shape, *planes)
+        _decide(out, points_at, channels, padding, fill, activation)
+        return out
     scale, source_order_shape = _in_source_order(linear, order, shape)
     overlap = _whole_voxel_overlap(scale, offset, source_order_shape, channels.shape[1:])
     if overlap is not None:  # a model without a spacing step
@@ -425,37 +437,87 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     # along each source axis, the source coordinate of each target index (as scipy's zoom computes it)
     coordinates = [(np.arange(n) + offset[axis] / scale[axis]) * scale[axis]
                    for axis, n in enumerate(source_order_shape)]
-    grid = argmax_in_blocks(channels)  # (of the values as float32, as `resample` gives them)
+    cells = _agreeing_cells(argmax_in_blocks(channels))  # (of the values as float32, as `resample` gives them)
+    cell_of = [_cell_of(x, n) for x, n in zip(coordinates, cells.shape)]
+    out = cells.take(cell_of[2], axis=2).take(cell_of[1], axis=1).take(cell_of[0], axis=0)  # 7x np.ix_'s speed
+    _decide(out, lambda at: np.stack([coordinates[0][at[0]], coordinates[1][at[1]], coordinates[2][at[2]]]),
+            channels, padding, fill, activation)
+    return out.transpose(order)
+
+
+_UNDECIDED = np.uint8(255)
+
+
+def _agreeing_cells(grid: np.ndarray) -> np.ndarray:
+    """Each cell of a grid of labels (by its first corner) labelled where its eight corners agree,
+    else _UNDECIDED; the last slot on each axis (beyond the edge) _UNDECIDED."""
     corner = grid[:-1, :-1, :-1]
     agree = np.ones(corner.shape, dtype=bool)
     for step in np.ndindex(2, 2, 2):
         if any(step):
             agree &= corner == grid[tuple(slice(k, k + n - 1) for k, n in zip(step, grid.shape))]
-    undecided = np.uint8(255)
-    cells = np.full(grid.shape, undecided, dtype=np.uint8)  # the last slot on each axis: beyond the edge
-    cells[:-1, :-1, :-1] = np.where(agree, corner, undecided)
-    cell_of = []
-    for x, n in zip(coordinates, grid.shape):
-        first = np.floor(x)
-        cell_of.append(np.where((first >= 0) & (first <= n - 2), first, n - 1).astype(np.intp))
-    out = cells.take(cell_of[2], axis=2).take(cell_of[1], axis=1).take(cell_of[0], axis=0)  # 7x np.ix_'s speed
+    cells = np.full(grid.shape, _UNDECIDED, dtype=np.uint8)
+    cells[:-1, :-1, :-1] = np.where(agree, corner, _UNDECIDED)
+    return cells
+
+
+def _cell_of(x: np.ndarray, n: int) -> np.ndarray:
+    """The cell (its first corner) of each coordinate along an axis of n voxels; n - 1 (the slot
+    beyond the edge) where there is none."""
+    first = np.floor(x)
+    return np.where((first >= 0) & (first <= n - 2), first, n - 1).astype(np.intp)
+
+
+def _cells_plane_by_plane(cells: np.ndarray, linear: np.ndarray, offset: np.ndarray, shape: tuple[int, ...],
+                          across: int, reads: tuple[int, int]
+                          ) -> tuple[np.ndarray, Callable[[tuple[np.ndarray, ...]], np.ndarray]]:
+    """For a map `_plane_by_plane`: the cell label of each target voxel, plane by plane (each
+    target plane lies in one layer of cells across `across`, and within it each axis reads one
+    source axis), and the source coordinates of target voxels (s, r, c) (as `_decide` takes them)."""
+    rows, columns = reads
+    out = np.empty(shape, dtype=np.uint8)
+    r, c = np.arange(shape[1]), np.arange(shape[2])
+    for index in range(shape[0]):
+        layer = cells[(slice(None),) * across + (int(_cell_of(np.array(linear[across, 0] * index + offset[across]),
+                                                                  cells.shape[across])),)]
+        along_rows = _cell_of(linear[rows, 1] * r + (linear[rows, 0] * index + offset[rows]), cells.shape[rows])
+        along_columns = _cell_of(linear[columns, 2] * c + (linear[columns, 0] * index + offset[columns]),
+                                 cells.shape[columns])
+        if rows < columns:
+            out[index] = layer.take(along_rows, axis=0).take(along_columns, axis=1)
+        else:
+            out[index] = layer.take(along_columns, axis=0).take(along_rows, axis=1).T
+
+    def points_at(at: tuple[np.ndarray, ...]) -> np.ndarray:
+        points = np.empty((3, at[0].size))
+        points[across] = linear[across, 0] * at[0] + offset[across]
+        points[rows] = linear[rows, 1] * at[1] + (linear[rows, 0] * at[0] + offset[rows])
+        points[columns] = linear[columns, 2] * at[2] + (linear[columns, 0] * at[0] + offset[columns])
+        return points
+
+    return out, points_at
+
+
+def _decide(out: np.ndarray, points_at: Callable[[tuple[np.ndarray, ...]], np.ndarray], channels: np.ndarray,
+            padding: Padding, fill: float, activation: Callable[[np.ndarray], np.ndarray] | None) -> None:
+    """The labels of `out`'s _UNDECIDED voxels, interpolated from the channels at their source
+    coordinates (`points_at` of their indices), a bounded number of voxels at a time: with many
+    channels or an activation where each can win (`_argmax_at`); a few, channel by channel."""
     rows = max(1, UNDECIDED_CHUNK // max(1, math.prod(out.shape[1:])))
-    # many channels, or an activation: interpolated where each can win (`_argmax_at`); a few, channel by channel
     pruned = activation is not None or len(channels) > MANY_CHANNELS
-    for start in range(0, out.shape[0], rows):  # a bounded number of voxels at a time
+    for start in range(0, out.shape[0], rows):
         part = out[start:start + rows]
-        where = np.nonzero(part == undecided)
+        where = np.nonzero(part == _UNDECIDED)
         at_once = max(1, UNDECIDED_VALUES // len(channels) if pruned else where[0].size)
         for first in range(0, where[0].size, at_once):
             at = tuple(w[first:first + at_once] for w in where)
-            points = np.stack([coordinates[0][at[0] + start], coordinates[1][at[1]], coordinates[2][at[2]]])
+            points = points_at((at[0] + start, *at[1:]))
             if pruned:
                 part[at] = _argmax_at(channels, points, padding, fill, activation)
             else:
                 part[at] = first_argmax((ndimage.map_coordinates(c, points, output=np.float32, order=1, prefilter=False,
                                                                  mode=_SCIPY_MODE[padding], cval=fill)
                                          for c in channels), len(channels))
-    return out.transpose(order)
 
 
 def _argmax_at(channels: np.ndarray, points: np.ndarray, padding: Padding, fill: float,

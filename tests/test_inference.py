@@ -240,8 +240,8 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
             backend.infer(np.zeros((1, 1, 16, 16, 16), np.float32))
             if holds is None:
                 monkeypatch.setattr("inference.backends.triton._REGION_BUSY_WAIT", 0.05)
-                with pytest.raises(BackendUnavailable, match=r"unavailable for inference after 2 attempts: .*"
-                                                             r"still held by a request after 0.05 s: .*currently in use"):
+                with pytest.raises(BackendUnavailable, match=r"unavailable for inference after 2 attempts: .*still held"
+                                                             r" by a request after 0.05 s: .*currently in use"):
                     backend.infer(larger)
             else:
                 logits = backend.infer(larger)[:, 1]
@@ -1949,8 +1949,9 @@ def test_labels_from_channels_one_at_a_time_are_those_of_all_channels_at_once():
 
 def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_change(monkeypatch):
     """`resample_argmax` gives the argmax of every channel resampled (linear, the source's edge
-    fading to the fill), for grids that flip, permute and scale the axes, reach beyond the source
-    and (oblique) do not map axis to axis, for float32, float64 and uint8 channels, with exact ties,
+    fading to the fill), for grids that flip, permute and scale the axes, reach beyond the source,
+    are sheared (each plane across one source axis: decided plane by plane) and (oblique) do not map
+    axis to axis, for float32, float64 and uint8 channels, with exact ties,
     the undecided voxels taken in one round or several; where it differs, two channels came out
     equal to float32 rounding. A whole-voxel map takes the argmax of the channels as they are
     (a NaN stays where it is), beyond the source label 0, nothing interpolated; label 255 is found
@@ -1963,6 +1964,8 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
     def resampled_whole(channels: np.ndarray, source: np.ndarray, target: np.ndarray, shape: tuple) -> np.ndarray:
         return np.stack([resample(c, source, target, shape, padding="constant") for c in channels])
 
+    planes, by_planes = module._cells_plane_by_plane, []
+    monkeypatch.setattr(module, "_cells_plane_by_plane", lambda *args: by_planes.append(args[-2:]) or planes(*args))
     rng = np.random.default_rng(21)
     for trial in range(60):
         monkeypatch.setattr(module, "UNDECIDED_CHUNK", [module.UNDECIDED_CHUNK, 1, 700][trial % 3])  # in rounds
@@ -1979,11 +1982,15 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
             target[axis, j] = flip * rng.uniform(0.4, 1.3)
         if trial % 5 == 4:  # oblique: interpolated whole
             target[:3, :3] = target[:3, :3] @ np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
+        if trial % 5 == 3:  # sheared: each target plane across one source axis (a model grid back onto a tilted stack)
+            target[:3, :3] = target[:3, :3] @ np.array([[1, 0, 0], [0.45, 1, 0], [-0.3, 0, 1]])
         target[:3, 3] = rng.uniform(-8, 25, 3)
         shape = tuple(int(n) for n in rng.integers(8, 50, 3))
         resampled = resampled_whole(channels, source, target, shape)
         expected = first_argmax(iter(resampled))
         found = resample_argmax(channels, source, target, shape)
+        assert len(by_planes) == (trial % 5 == 3), trial
+        by_planes.clear()
         assert found.shape == expected.shape and found.dtype == np.uint8
         differ = found != expected
         top = np.sort(resampled[:, differ], axis=0)
@@ -1996,12 +2003,13 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
             resampled = np.stack([resample(c, source, target, shape, padding=padding) for c in activated])
             found = resample_argmax(channels * 20, source, target, shape, padding=padding,
                                     activation=lambda v: torch.softmax(torch.from_numpy(v), dim=0).numpy())
+            by_planes.clear()
             differ = found != first_argmax(iter(resampled))
             top = np.sort(resampled[:, differ], axis=0)
             assert np.all(top[-1] - top[-2] <= 1e-6) and differ.sum() <= 2, (trial, int(differ.sum()))
     oblique = np.eye(4)
     oblique[:3, :3] = np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
-    with pytest.raises(ValueError, match="only where the map is axis-aligned"):  # (the pipeline activates it whole)
+    with pytest.raises(ValueError, match="only where the map is axis-aligned or plane by plane"):  # (activated whole)
         resample_argmax(channels, np.eye(4), oblique, (4, 4, 4), activation=lambda v: v)
     infinite = np.full((10, 3, 1, 1), -100.0, np.float32)  # minus infinity at a corner weighed 0: NaN, which wins
     infinite[1:4, :, 0, 0] = [[0, 5, 10], [0, 10, 5], [-50, 0, -np.inf]]
