@@ -350,20 +350,21 @@ def argmax_in_blocks(channels: np.ndarray) -> np.ndarray:
     return out
 
 
-MapKind = Literal["whole voxels", "axis-aligned", "oblique"]
+MapKind = Literal["whole voxels", "axis-aligned", "sheared", "oblique"]
 
 
 def map_kind(source_affine: np.ndarray, target_affine: np.ndarray) -> MapKind:
     """How the target grid's voxel centres lie on the source grid: on its voxel centres (flips, axis
     order, whole-voxel offsets: a model without a spacing step), on its axes (any axial, coronal or
-    sagittal series into RAS), or obliquely. `resample_argmax` reads whole voxels as they are, takes
-    an activation for the voxels it interpolates where the map is axis-aligned, and interpolates an
-    oblique map whole (a sheared one only where the label can change, plane by plane: `_plane_by_plane`)."""
+    sagittal series into RAS), plane by plane (`_plane_by_plane`: a model's grid back onto a tilted
+    stack), or obliquely. `resample_argmax` reads whole voxels as they are, takes an activation for
+    the voxels it interpolates where the map is axis-aligned or sheared (interpolating only where the
+    label can change), and interpolates an oblique map whole."""
     index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     order = _axis_order(linear)
     if order is None:
-        return "oblique"
+        return "oblique" if _plane_by_plane(linear) is None else "sheared"
     scale, _ = _in_source_order(linear, order, (1, 1, 1))
     return "whole voxels" if all(_whole_step(step, start) for step, start in zip(scale, offset)) else "axis-aligned"
 

@@ -1190,6 +1190,43 @@ def test_labels_mapped_back_from_the_boxes_are_those_of_the_whole_model_grid_map
     assert labelled[1] > 0 and labelled[2] > 0  # (the fields gave both classes somewhere)
 
 
+def test_a_many_class_output_back_on_a_tilted_stack_takes_its_softmax_only_where_it_interpolates(monkeypatch):
+    """A 12-class network's raw output back onto a tilted stack (a sheared map, decided plane by
+    plane): not activated whole first, the softmax taken of the voxels read where the labels can
+    change; the labels those of every channel's softmax interpolated at every source voxel (but
+    where two classes tie to float32 rounding)."""
+    from scipy import ndimage
+
+    from inference import pipeline
+    from inference.resample import first_argmax, map_kind, resample
+    from inference.volume import SeriesVolume
+
+    source = np.eye(4)  # slices 0.8 mm apart along z, each 0.25 mm further along y
+    source[:3, :3] = np.array([(0.0, 0.25, 0.8), (0.0, 0.7, 0.0), (0.6, 0.0, 0.0)]).T
+    source[:3, 3] = (-3.0, 2.0, 1.5)
+    volume = SeriesVolume(np.zeros((30, 40, 36), dtype=np.int16), source, [], "1.2.3")
+    model_affine = pipeline._LPS_TO_RAS @ np.diag([1.5, 1.5, 1.5, 1.0])
+    model_affine[:3, 3] = pipeline._LPS_TO_RAS[:3, :3] @ source[:3, 3]
+    assert volume.sheared and map_kind(model_affine, pipeline._LPS_TO_RAS @ source) == "sheared"
+    logits = ndimage.gaussian_filter(np.random.default_rng(7).normal(size=(12, 15, 24, 16)), sigma=(0, 2, 2, 2)) * 12
+    logits[0] += 1.0
+    raw = torch.from_numpy(logits.astype(np.float32))
+    spec = _tissue_spec([1, 2], channels=12)
+    read, whole_activations = [], []
+    softmax, activation = pipeline._softmax, pipeline._activation
+    monkeypatch.setattr(pipeline, "_softmax", lambda values: read.append(values.shape[1]) or softmax(values))
+    monkeypatch.setattr(pipeline, "_activation", lambda *args: whole_activations.append(1) or activation(*args))
+    got = pipeline._labels_on_source(raw.clone(), torch.from_numpy(model_affine), volume, spec)
+    assert read and not whole_activations
+    channels = np.stack([resample(c, model_affine, pipeline._LPS_TO_RAS @ source, volume.shape, padding="constant")
+                         for c in torch.softmax(raw, dim=0).numpy()])
+    differ = np.argwhere(got != pipeline._named_only(first_argmax(channels, len(channels)), spec))
+    for where in differ:
+        second, first = np.sort(channels[(slice(None), *where)])[-2:]
+        assert first - second <= 1e-6 * max(1.0, abs(first)), (tuple(where), first, second)
+    assert len(differ) <= 4 and (got == 1).any() and (got == 2).any()
+
+
 def test_labels_mapped_back_from_the_evidences_box_equal_those_of_the_whole_model_grid(monkeypatch):
     """The regions to map back are found inside the box of all the evidence grown by the
     dilation's reach: the same regions (boxes on the model grid) and the same labels on the
