@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import benchmark_run
 from benchmarks.memory import rss_mb
-from benchmarks.native_grid import _regions
+from benchmarks.native_grid import regions
 from inference import findings, pipeline, resample
 from inference.backends.local import LocalBackend
 from inference.export.repository import export_onnx
@@ -115,7 +115,7 @@ def main() -> None:
         model = Path(work) / "many-classes.onnx"
         export_onnx(_Bumps(args.classes), model, spec, (16, 16, 16))
         backend = LocalBackend(model, spec)
-        hu = _regions((args.slices, args.size, args.size), organ=True)
+        hu = regions((args.slices, args.size, args.size), organ=True)
         _run(hu, spec, backend)  # not counted: ONNX Runtime's arena grown, the process's first pages touched
         node: list[dict[str, float]] = []
         before: list[dict[str, float]] = []

@@ -44,7 +44,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=2)
 
 
-def _regions(shape: tuple[int, int, int], organ: bool) -> np.ndarray:
+def regions(shape: tuple[int, int, int], organ: bool) -> np.ndarray:
     """HU -50 with one organ-sized ellipsoid, or three lesions, at 400."""
     k, r, c = np.ogrid[:shape[0], :shape[1], :shape[2]]
     hu = np.full(shape, -50, np.int16)
@@ -97,7 +97,7 @@ def main() -> None:
         shape = (args.slices, args.size, args.size)
         print(f"{'region':8} {'stage':32} {'node':>8} {'reference':>10} {'ratio':>6}")
         for organ in (True, False):
-            hu = _regions(shape, organ)
+            hu = regions(shape, organ)
             node: list[dict[str, float]] = []
             before: list[dict[str, float]] = []
             for _ in range(args.repeat):

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from benchmarks.common import benchmark_run
-from benchmarks.native_grid import STAGES, _regions, stages
+from benchmarks.native_grid import STAGES, regions, stages
 from inference import resample
 from inference.backends.local import LocalBackend
 from inference.volume import SeriesVolume
@@ -63,7 +63,7 @@ def main() -> None:
                                              "intensity": {"window": [-1000.0, 1000.0]},
                                              "patch_size": [96, 96, 96], "overlap": 0.25, "batch_size": 4})
         backend = LocalBackend(model, spec)
-        hu = _regions((args.slices, args.size, args.size), organ=True)
+        hu = regions((args.slices, args.size, args.size), organ=True)
         volume, untilted = _tilted(hu, args.tilt), _tilted(hu, 0.0)
         node: list[dict[str, float]] = []
         before: list[dict[str, float]] = []

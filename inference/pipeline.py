@@ -307,9 +307,8 @@ def _labels_on_source(outputs: torch.Tensor, model_affine: torch.Tensor, volume:
     for classes within float32 rounding of each other) where the model's voxels are the source's
     (there it needs none: an organ at a CT's own grid, benchmarks.native_grid, back on the source
     grid in 0.37 s instead of 0.54 s) and where a network has many classes on an axis-aligned map
-    or a sheared one (a tilted stack) (105 at 1.5 mm on a CT: 5.3-8.3 s for the whole softmax).
-    Otherwise the activation is applied
-    whole, in place, first (into `outputs`):
+    or a sheared one, a tilted stack's (105 at 1.5 mm on a CT: 5.3-8.3 s for the whole softmax).
+    Otherwise the activation is applied whole, in place, first (into `outputs`):
     over a few channels and an axis-aligned map, scipy interpolates the boundaries channel by
     channel more quickly (`MANY_CHANNELS`); saturated sigmoids tie in float32 where their logits do
     not (sigmoid(20) and sigmoid(30) are both 1.0), and the labels are the sigmoids' argmax.
