@@ -1,32 +1,31 @@
 """A gantry-tilted CT (a head CT's usual acquisition): the node's own work around the model on a
-sheared 300x512x512 stack, whose input is first resampled onto its regular grid.
+sheared 300x512x512 stack, whose input goes onto a model grid laid on its regular grid.
 
     python -m benchmarks.tilted [--slices 300] [--size 512] [--tilt 20] [--repeat 2]
 
 The test threshold model (one 1x1x1 convolution) on a 1.5 mm grid in 96^3 windows, through
 `segment` with the in-process backend, on a stack of HU -50 with an organ-sized region of 400
 whose slices are 1 mm apart along a step tilted --tilt degrees from their normal (0.45 mm
-pixels). Its stages: preprocessing (the regular grid, then the model's grid and the window), the
-sliding window's own work, the model's calls (not counted), labels back on the tilted source grid,
-measuring. Against, in the same run, the reference: no map taken plane by plane (the node before
-2026-11-29: the regular grid and the labels back on the stack interpolated as general maps;
-`inference.resample._plane_by_plane`), and the same stack untilted. Best of --repeat runs each, in
-turns.
+pixels). Its stages: preprocessing (the model's grid and the window), the sliding window's own
+work, the model's calls (not counted), labels back on the tilted source grid, measuring. Against,
+in the same run, the reference: the stack made whole on its regular grid first, then moved onto the
+model's grid (the node of 596ef15; `inference.resample.resample_clamped`), and the same stack
+untilted. Best of --repeat runs each, in turns.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from contextlib import contextmanager
-from typing import Iterator
+from unittest import mock
 
 import numpy as np
 
 from benchmarks.common import benchmark_run
 from benchmarks.native_grid import STAGES, regions, stages
-from inference import resample
+from inference import pipeline
 from inference.backends.local import LocalBackend
+from inference.resample import resample
 from inference.volume import SeriesVolume
 from tests.models import build_test_repository, threshold_spec
 
@@ -36,15 +35,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=2)
 
 
-@contextmanager
-def _reference() -> Iterator[None]:
-    """The node as it was: no map is taken plane by plane."""
-    plane_by_plane = resample._plane_by_plane
-    resample._plane_by_plane = lambda linear, tolerance=1e-6: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        resample._plane_by_plane = plane_by_plane
+def _two_steps(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray, shape: tuple[int, ...],
+               box_affine: np.ndarray, box_shape: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
+    """The node as it was: the stack onto its regular grid whole, then that onto the model's grid."""
+    regular = resample(array, source_affine, box_affine, box_shape, padding="constant", fill=fill)
+    return resample(regular, box_affine, target_affine, shape)
 
 
 def _tilted(hu: np.ndarray, tilt: float) -> SeriesVolume:
@@ -70,7 +65,7 @@ def main() -> None:
         level: list[dict[str, float]] = []
         for _ in range(args.repeat):
             node.append(stages(volume, spec, backend))
-            with _reference():
+            with mock.patch.object(pipeline, "resample_clamped", _two_steps):
                 before.append(stages(volume, spec, backend))
             level.append(stages(untilted, spec, backend))
         best, ref, axial = (min(runs, key=lambda s: s["own"]) for runs in (node, before, level))

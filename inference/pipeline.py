@@ -5,8 +5,8 @@ voxels are moved there from the stored integers (``inference.resample``), slidin
 inference runs the backend patch by patch, and the class probabilities are resampled back onto
 the source grid (from the two affines), where they become labels.
 So every label voxel lies on a source frame and pixel, and carries that frame's geometry.
-A sheared stack (gantry tilt) is first resampled onto its regular grid, so that the model sees
-undistorted anatomy; the probabilities go back onto the tilted source frames the same way.
+A sheared stack (gantry tilt) goes onto a model grid laid on its regular grid, so that the model
+sees undistorted anatomy; the probabilities go back onto the tilted source frames the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from monai.transforms import (
 from common.cpus import usable_cpus
 from inference.backends.base import Backend, BackendError, TimedCalls
 from inference.findings import Finding, clean_labels, foreground_box, measure
-from inference.resample import MANY_CHANNELS, copy_in_blocks, map_kind, resample, resample_argmax
+from inference.resample import MANY_CHANNELS, copy_in_blocks, map_kind, resample, resample_argmax, resample_clamped
 from inference.spec import Label, ModelSpec
 from inference.volume import SeriesVolume
 from inference.room import ARRAYS
@@ -127,31 +127,32 @@ def _intensity(spec: ModelSpec) -> Compose:
 
 def to_model_space(volume: SeriesVolume, spec: ModelSpec) -> MetaTensor:
     """The volume on the model's grid, intensity-transformed: (channel, *spatial) with its RAS affine.
-    Its memory is checked before it is built (inference.room, input_need), with a sheared stack's
-    regular grid, and again for the intensity transform once the input's layout is known: a model
-    whose grid is much finer than the series' fails saying so.
+    Its memory is checked before it is built (inference.room, input_need), and again for the
+    intensity transform once the input's layout is known: a model whose grid is much finer than the
+    series' fails saying so. A sheared stack's model grid is laid on its regular grid
+    (`regular_grid`), whose geometry alone is needed: the stack goes onto the model's grid in one
+    interpolation, with the regular grid's box as its edges (inference.resample.resample_clamped).
 
     An intensity window is applied slab by slab into the resampled array itself: MONAI's
     ScaleIntensityRange allocates three model-grid arrays of temporaries (130 MiB for a 300-slice
     CT on a 2 mm grid), the job's peak before inference. It is per voxel, so the values are the
     same to the bit. z-score normalisation needs the whole image's statistics and runs whole."""
-    array, affine = volume.array, _LPS_TO_RAS @ volume.affine
+    affine = _LPS_TO_RAS @ volume.affine
     grid = regular_grid(volume) if volume.sheared else None
-    source_affine, source_shape = (_LPS_TO_RAS @ grid[0], grid[1]) if grid is not None else (affine, array.shape)
+    source_affine, source_shape = (_LPS_TO_RAS @ grid[0], grid[1]) if grid is not None else (affine, volume.shape)
     # (MONAI's lazy transforms read the geometry only: a placeholder without memory stands for the voxels)
     target, shape = _model_grid(MetaTensor(torch.zeros(()).expand(1, *source_shape),
                                            affine=torch.from_numpy(source_affine)), spec)
-    unsheared = 4 * math.prod(source_shape) if grid is not None else 0
     need, detail = input_need(shape)
-    if grid is not None:
-        detail += f", beside the sheared stack on its regular grid ({'x'.join(map(str, source_shape))})"
     with ARRAYS.loading(f"model {spec.name}'s input on this series",
                         "give the node more memory, or the model a coarser grid") as fits:
-        fits(unsheared + need, detail)
-        if grid is not None:
-            array, affine = _unshear(volume, grid)
-        moved = torch.from_numpy(resample(array, affine, target, shape))
-        fits(unsheared + need + _intensity_need(spec, moved), detail, taken=unsheared + moved.nbytes)
+        fits(need, detail)
+        if grid is None:
+            moved = torch.from_numpy(resample(volume.array, affine, target, shape))
+        else:  # air beside the stack within its regular grid's box, as that grid had it made whole (the lowest value)
+            moved = torch.from_numpy(resample_clamped(volume.array, affine, target, shape, source_affine, source_shape,
+                                                      fill=float(volume.array.min())))
+        fits(need + _intensity_need(spec, moved), detail, taken=moved.nbytes)
         if spec.preprocessing.intensity.window is not None:
             _in_slabs(moved, _intensity(spec), axis=_slab_axis(moved))
             return MetaTensor(moved[None], affine=torch.from_numpy(target))
@@ -201,12 +202,18 @@ def _in_slabs(tensor: torch.Tensor, transform: Callable[[torch.Tensor], torch.Te
 
 
 def regular_grid(volume: SeriesVolume) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The regular (orthogonal) grid that covers a sheared stack: same rows and columns, slices
-    along the plane normal at the stack's spacing along it. Returns its LPS affine and shape."""
+    """The regular (orthogonal) grid that covers a sheared stack: same rows, columns at their
+    spacing across the rows within the planes (the columns themselves where the stack's rows and
+    columns are orthogonal; rounded ImageOrientationPatient values can leave them off by 1e-6 or
+    more, and MONAI's Spacing makes a grid orthogonal, so the model's grid would not follow this
+    one's axes), slices along the plane normal at the stack's spacing along it. Returns its LPS
+    affine and shape."""
     normal = volume.normal
     step = volume.affine[:3, 0]
     affine = volume.affine.copy()
     affine[:3, 0] = normal * float(np.dot(step, normal))
+    rows, columns = affine[:3, 1] / np.linalg.norm(affine[:3, 1]), affine[:3, 2]
+    affine[:3, 2] = columns - float(np.dot(columns, rows)) * rows
     shape = np.array(volume.array.shape)
     corners = np.array([[a, b, c] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)])
     in_grid = (np.c_[volume.to_patient(corners), np.ones(len(corners))] @ np.linalg.inv(affine).T)[:, :3]
@@ -214,17 +221,6 @@ def regular_grid(volume: SeriesVolume) -> tuple[np.ndarray, tuple[int, int, int]
     hi = np.ceil(in_grid.max(0) - 1e-6)
     affine = affine @ _translation(lo)
     return affine, tuple(int(v) for v in hi - lo + 1)  # type: ignore[return-value]
-
-
-def _unshear(volume: SeriesVolume, grid: tuple[np.ndarray, tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """A sheared stack (gantry tilt) resampled onto its regular grid (regular_grid), so that the
-    model sees undistorted anatomy; outside the stack the grid takes the volume's lowest value
-    (air). Returns the voxels and their RAS affine."""
-    affine, shape = grid
-    target = _LPS_TO_RAS @ affine
-    array = resample(volume.array, _LPS_TO_RAS @ volume.affine, target, shape, padding="constant",
-                     fill=float(volume.array.min()))
-    return array, target
 
 
 def _activation(logits: torch.Tensor, spec: ModelSpec, slab: int = SLAB_PLANES) -> torch.Tensor:

@@ -11,9 +11,10 @@ series into RAS), the map is diagonal in the source's own axis order: scipy then
 source in memory order and the small output is transposed afterwards, which is 5-10x faster
 than a general matrix over a transposed view. Where every target voxel is a source voxel (flips
 and axis order only: a model without a spacing step) nothing is interpolated: the values are
-copied into the target's axis order, in blocks (`_relaid`). Where each target plane along the first
-axis lies across one source axis and is only shifted and scaled within itself (a sheared stack onto
-its regular grid and back), it is interpolated plane by plane (`_shifted_planes`).
+copied into the target's axis order, in blocks (`_relaid`). Where each target plane along one of
+its axes lies across one source axis and is only shifted and scaled within itself (a sheared stack
+onto a model's grid laid on its regular grid, `resample_clamped`, and back), it is interpolated plane
+by plane (`_shifted_planes`).
 
 A large output is interpolated in slabs along its first axis, on as many threads as there are
 usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy
@@ -28,6 +29,7 @@ same values on every machine (with the same scipy). A 300x512x512 CT onto a 2 mm
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from typing import Callable, Iterable, Literal, TypeVar
@@ -83,8 +85,11 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
     order = _axis_order(linear)
     if order is None:
         planes = _plane_by_plane(linear)
-        if planes is not None:
-            return _shifted_planes(array, linear, offset, shape, mode, fill, *planes)
+        if planes is not None:  # (interpolated with the planes' axis first, then transposed back: a view)
+            order, across, reads = planes
+            out = np.empty(tuple(shape[j] for j in order), dtype=np.float32)
+            _shifted_planes(array, linear[:, order], offset, out, mode, fill, across, reads)
+            return out.transpose(np.argsort(order))
         return _interpolate(array, linear, offset, shape, mode, fill)
     # target axis j reads source axis order[j]: resample in the source's axis order, then transpose
     scale, source_order_shape = _in_source_order(linear, order, shape)
@@ -93,6 +98,65 @@ def resample(array: np.ndarray, source_affine: np.ndarray, target_affine: np.nda
         return _relaid(array[window], order)
     out = _interpolate(array, scale, offset, tuple(source_order_shape), mode, fill)
     return out.transpose(order)  # a view: the output is interpolated in the source's axis order
+
+
+def resample_clamped(array: np.ndarray, source_affine: np.ndarray, target_affine: np.ndarray,
+                     shape: tuple[int, ...], box_affine: np.ndarray, box_shape: tuple[int, ...],
+                     fill: float = 0.0) -> np.ndarray:
+    """``array`` resampled with "constant" padding at the target's voxel centres, each first moved to
+    the nearest point of a box, the grid ``box_affine`` x ``box_shape``: what `resample` of the array
+    onto the box's grid ("constant") and of that onto the target's ("border") gives, interpolated
+    once and without the box's voxels. A sheared stack (gantry tilt) onto a model's grid laid on its
+    regular grid (inference.pipeline): where the model's grid reaches beyond that grid's box, by the
+    rounding of its spacing, it repeats the box's faces as it repeats any series' edges, and a tilted
+    300x512x512 CT's regular grid (300x755x512, 442 MiB) is not made. For a map `_plane_by_plane`
+    from a target whose axes follow the box's (a ValueError otherwise); float32, in the target's
+    axis order, possibly a transposed view.
+
+    Along each target axis the centres within the box are one run and those beyond either end are
+    each one point on its face, so the target is at most 27 blocks: each is interpolated once, with a
+    face's one plane repeated over the block's others (written here: no library clamps coordinates
+    before a resampling; MONAI's and scipy's paddings act at the source's edges, not at a box's)."""
+    index_map = np.linalg.inv(np.asarray(source_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    to_box = np.linalg.inv(np.asarray(box_affine, dtype=float)) @ np.asarray(target_affine, dtype=float)
+    axes, planes = _axis_order(to_box[:3, :3]), _plane_by_plane(linear)
+    if axes is None or planes is None:
+        raise ValueError("a map clamped to a box must follow the box's axes and lie across the source plane by plane")
+    order, across, reads = planes
+    shape = tuple(int(s) for s in shape)
+    out = np.empty(tuple(shape[j] for j in order), dtype=np.float32).transpose(np.argsort(order))
+    runs = [_clamped_runs(to_box[axes[j], j], to_box[axes[j], 3], shape[j], int(box_shape[axes[j]])) for j in range(3)]
+    for blocks in itertools.product(*runs):
+        where = tuple(block[0] for block in blocks)
+        start = np.array([block[1] for block in blocks])
+        counts = tuple(block[2] for block in blocks)
+        direct = counts == out[where].shape
+        into = out[where] if direct else np.empty(counts, dtype=np.float32)
+        _shifted_planes(array, linear[:, order], offset + linear @ start, into.transpose(order), "grid-constant",
+                        fill, across, reads)
+        if not direct:
+            out[where] = into  # (a face's plane over the block's planes beyond the box)
+    return out
+
+
+def _clamped_runs(step: float, first: float, count: int, box: int, tolerance: float = 1e-6
+                  ) -> list[tuple[slice, float, int]]:
+    """The runs of a target axis whose centres lie at box coordinates first + step * i (i < count),
+    clamped to [0, box - 1]: (the target's indices, the index the run starts at, which for a run
+    beyond the box is the one on its face, and the number of planes interpolated: 1 for a face)."""
+    at = first + step * np.arange(count)
+    low, high = at < -tolerance, at > box - 1 + tolerance
+    before, after = (low, high) if step > 0 else (high, low)  # (a prefix and a suffix: the centres are in order)
+    begin, end = int(before.sum()), count - int(after.sum())
+    runs = []
+    if begin:
+        runs.append((slice(0, begin), (min(max(at[0], 0.0), box - 1.0) - first) / step, 1))
+    if end > begin:
+        runs.append((slice(begin, end), float(begin), end - begin))
+    if end < count:
+        runs.append((slice(end, count), (min(max(at[-1], 0.0), box - 1.0) - first) / step, 1))
+    return runs
 
 
 def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], mode: str,
@@ -116,41 +180,65 @@ def _interpolate(array: np.ndarray, matrix: np.ndarray, offset: np.ndarray, shap
     return out
 
 
-def _plane_by_plane(linear: np.ndarray, tolerance: float = 1e-6) -> tuple[int, tuple[int, int]] | None:
-    """For a map under which each target plane along the first axis lies across one source axis (a
-    constant coordinate along it, possibly between two of its planes), and within the plane only
-    shifts, scales, flips or swaps the other two axes: that source axis, and the source axis each of
-    the target's other two axes reads. A sheared stack (gantry tilt) onto its regular grid
-    (inference.pipeline.regular_grid), and a model's output on that grid back onto the stack."""
+def _plane_by_plane(linear: np.ndarray, tolerance: float = 1e-6
+                    ) -> tuple[tuple[int, int, int], int, tuple[int, int] | None] | None:
+    """For a map under which each target plane along one target axis lies across one source axis (a
+    constant coordinate along it, possibly between two of its planes): the target's axes with that
+    one first, that source axis, and where within the plane the map only shifts, scales, flips or
+    swaps the other two axes, the source axis each of the target's other two axes reads (else None:
+    a general 2D map within the plane). A sheared stack (gantry tilt) onto its regular grid
+    (inference.pipeline.regular_grid) or a model's grid laid on that (planes along the slices'
+    normal), and a model's output back onto the stack; a stack whose rows and columns are not quite
+    orthogonal (rounded ImageOrientationPatient values) onto a model's grid, which MONAI makes
+    orthogonal, within the plane."""
     significant = np.abs(linear) > tolerance * np.abs(linear).max()
-    across = [axis for axis in range(3) if not significant[axis, 1:].any()]
-    if len(across) != 1:
-        return None
-    others = [axis for axis in range(3) if axis != across[0]]
-    within = significant[np.ix_(others, [1, 2])]
-    if within[0, 0] and within[1, 1] and not within[0, 1] and not within[1, 0]:
-        return across[0], (others[0], others[1])
-    if within[0, 1] and within[1, 0] and not within[0, 0] and not within[1, 1]:
-        return across[0], (others[1], others[0])
-    return None
+    general = None
+    for along in range(3):
+        order = (along, *(j for j in range(3) if j != along))
+        ordered = significant[:, order]
+        across = [axis for axis in range(3) if not ordered[axis, 1:].any()]
+        if len(across) != 1:
+            continue
+        others = [axis for axis in range(3) if axis != across[0]]
+        within = ordered[np.ix_(others, [1, 2])]
+        if within[0, 0] and within[1, 1] and not within[0, 1] and not within[1, 0]:
+            return order, across[0], (others[0], others[1])  # type: ignore[return-value]
+        if within[0, 1] and within[1, 0] and not within[0, 0] and not within[1, 1]:
+            return order, across[0], (others[1], others[0])  # type: ignore[return-value]
+        general = general or (order, across[0], None)
+    return general  # type: ignore[return-value]
 
 
-def _shifted_planes(array: np.ndarray, linear: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], mode: str,
-                    fill: float, across: int, reads: tuple[int, int]) -> np.ndarray:
-    """`_interpolate` for a map `_plane_by_plane`: target plane s lies at the source coordinate x =
-    linear[across, 0] * s + offset[across] across the source axis `across`, so it is the two source
-    planes around x, each interpolated within itself, weighed (1 - w, w) by where x lies between
-    them, as linear interpolation weighs them (one plane where x is on one, to 1e-9: the affines'
-    rounding). scipy's general matrix path computes eight corners' weights at every voxel (a tilted
-    300x512x512 CT onto its regular grid: 3.5-8.8 s on this machine); a diagonal map in two axes
-    takes its faster path, plane by plane (on the usable CPUs). Beyond the source's first and last
-    planes: the fill ("constant"), or the edge plane ("border")."""
-    out = np.empty(shape, dtype=np.float32)
-    rows, columns = reads  # the source axes the target's rows and columns read
-    swapped = rows > columns  # the plane's source axes in the target's column-then-row order
-    scale = np.array([linear[rows, 1], linear[columns, 2]])
-    if swapped:
-        scale = scale[::-1]
+def _aligned_planes(linear: np.ndarray) -> tuple[tuple[int, int, int], int, tuple[int, int]] | None:
+    """`_plane_by_plane` where within the plane each target axis reads one source axis (what the
+    labels' cells plane by plane need: `_cells_plane_by_plane`)."""
+    planes = _plane_by_plane(linear)
+    return planes if planes is not None and planes[2] is not None else None  # type: ignore[return-value]
+
+
+def _shifted_planes(array: np.ndarray, linear: np.ndarray, offset: np.ndarray, out: np.ndarray, mode: str,
+                    fill: float, across: int, reads: tuple[int, int] | None) -> None:
+    """`_interpolate` for a map `_plane_by_plane` (its planes' axis first), into `out` (float32, of the
+    target's shape with that axis first; a view will do): target plane s lies at the source
+    coordinate x = linear[across, 0] * s + offset[across] across the source axis `across`, so it is
+    the two source planes around x, each interpolated within itself, weighed (1 - w, w) by where x
+    lies between them, as linear interpolation weighs them (one plane where x is on one, to 1e-9:
+    the affines' rounding). scipy's general matrix path computes eight corners' weights at every
+    voxel (a tilted 300x512x512 CT onto its regular grid: 3.5-8.8 s on this machine); in two
+    dimensions, four, and a diagonal map (`reads`: each target axis reads one source axis) takes its
+    faster path still (a 512x512 plane onto 227x200: 1.6 ms, 3.9 ms with a general 2x2 matrix).
+    Plane by plane on the usable CPUs. Beyond the source's first and last planes: the fill
+    ("constant"), or the edge plane ("border")."""
+    if reads is None:  # (a general 2D map: the plane's source axes in their order)
+        rows, columns = (axis for axis in range(3) if axis != across)
+        scale = linear[np.ix_([rows, columns], [1, 2])]
+        swapped = False
+    else:
+        rows, columns = reads  # the source axes the target's rows and columns read
+        swapped = rows > columns  # the plane's source axes in the target's column-then-row order
+        scale = np.array([linear[rows, 1], linear[columns, 2]])
+        if swapped:
+            scale = scale[::-1]
     planes = array.shape[across]
 
     def interpolated(plane: int, index: int, into: np.ndarray) -> None:
@@ -173,13 +261,12 @@ def _shifted_planes(array: np.ndarray, linear: np.ndarray, offset: np.ndarray, s
         weight = max(at - first, 0.0)
         interpolated(first, index, out[index])
         if weight > 1e-9:
-            above = np.empty(shape[1:], dtype=np.float32)
+            above = np.empty(out.shape[1:], dtype=np.float32)
             interpolated(first + 1, index, above)
             out[index] *= np.float32(1.0 - weight)
             out[index] += np.float32(weight) * above
 
-    _on_usable_cpus(plane, list(range(shape[0])))
-    return out
+    _on_usable_cpus(plane, list(range(out.shape[0])))
 
 
 def _relaid(source: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
@@ -356,7 +443,7 @@ MapKind = Literal["whole voxels", "axis-aligned", "sheared", "oblique"]
 def map_kind(source_affine: np.ndarray, target_affine: np.ndarray) -> MapKind:
     """How the target grid's voxel centres lie on the source grid: on its voxel centres (flips, axis
     order, whole-voxel offsets: a model without a spacing step), on its axes (any axial, coronal or
-    sagittal series into RAS), plane by plane (`_plane_by_plane`: a model's grid back onto a tilted
+    sagittal series into RAS), plane by plane (`_aligned_planes`: a model's grid back onto a tilted
     stack), or obliquely. `resample_argmax` reads whole voxels as they are, takes an activation for
     the voxels it interpolates where the map is axis-aligned or sheared (interpolating only where the
     label can change), and interpolates an oblique map whole."""
@@ -364,7 +451,7 @@ def map_kind(source_affine: np.ndarray, target_affine: np.ndarray) -> MapKind:
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     order = _axis_order(linear)
     if order is None:
-        return "oblique" if _plane_by_plane(linear) is None else "sheared"
+        return "oblique" if _aligned_planes(linear) is None else "sheared"
     scale, _ = _in_source_order(linear, order, (1, 1, 1))
     return "whole voxels" if all(_whole_step(step, start) for step, start in zip(scale, offset)) else "axis-aligned"
 
@@ -391,7 +478,7 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     interpolated: the boundaries between labels, a surface against a volume (a finer target grid
     than the source makes that a few percent of its voxels). The result differs from interpolating
     everything only where two channels come out equal to float32 rounding. A sheared map
-    (`_plane_by_plane`: a model's grid back onto a tilted stack) finds the cells plane by plane
+    (`_aligned_planes`: a model's grid back onto a tilted stack) finds the cells plane by plane
     (`_cells_plane_by_plane`; a tilted CT's organ, benchmarks.tilted: 3.2-7.8 s -> 1.2 s; where a
     target plane lies on a source plane, a NaN or -inf in the next source plane, weighed 0, still
     makes an interpolated voxel's channel NaN, as scipy's 3D interpolation does, where `resample`
@@ -414,17 +501,19 @@ def resample_argmax(channels: np.ndarray, source_affine: np.ndarray, target_affi
     linear, offset = index_map[:3, :3], index_map[:3, 3]
     shape = tuple(int(s) for s in shape)
     order = _axis_order(linear)
-    planes = _plane_by_plane(linear) if order is None else None
+    planes = _aligned_planes(linear) if order is None else None
     if order is None and planes is None:
         if activation is not None:
             raise ValueError("an activation is applied on the way only where the map is axis-aligned or plane by plane")
         return first_argmax((resample(c, source_affine, target_affine, shape, padding, fill) for c in channels),
                             len(channels))
-    if planes is not None:
+    if planes is not None:  # (decided with the planes' axis first, then transposed back: a view)
+        order, across, reads = planes
         cells = _agreeing_cells(argmax_in_blocks(channels))
-        out, points_at = _cells_plane_by_plane(cells, linear, offset, shape, *planes)
+        out, points_at = _cells_plane_by_plane(cells, linear[:, order], offset, tuple(shape[j] for j in order),
+                                               across, reads)
         _decide(out, points_at, channels, padding, fill, activation)
-        return out
+        return out.transpose(np.argsort(order))
     scale, source_order_shape = _in_source_order(linear, order, shape)
     overlap = _whole_voxel_overlap(scale, offset, source_order_shape, channels.shape[1:])
     if overlap is not None:  # a model without a spacing step
@@ -472,7 +561,7 @@ def _cell_of(x: np.ndarray, n: int) -> np.ndarray:
 def _cells_plane_by_plane(cells: np.ndarray, linear: np.ndarray, offset: np.ndarray, shape: tuple[int, ...],
                           across: int, reads: tuple[int, int]
                           ) -> tuple[np.ndarray, Callable[[tuple[np.ndarray, ...]], np.ndarray]]:
-    """For a map `_plane_by_plane`: the cell label of each target voxel, plane by plane (each
+    """For a map `_aligned_planes`: the cell label of each target voxel, plane by plane (each
     target plane lies in one layer of cells across `across`, and within it each axis reads one
     source axis), and the source coordinates of target voxels (s, r, c) (as `_decide` takes them)."""
     rows, columns = reads

@@ -1015,13 +1015,14 @@ def test_resampling_equals_monai(orientation, padding, monkeypatch):
     """inference.resample moves voxels where MONAI would (same voxel-centre convention, linear
     interpolation, border or zero padding), from the stored integers, axis-aligned or not. A
     sheared stack onto a regular grid of its planes, some beyond its first and last (gantry tilt,
-    inference.pipeline.regular_grid), is moved plane by plane, as the same values."""
+    inference.pipeline.regular_grid), is moved plane by plane, as the same values; clamped to that
+    grid's box (`resample_clamped`), as MONAI's zero padding onto the box and border padding from it."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing, SpatialResample
 
     from inference import resample as module
-    from inference.resample import resample
+    from inference.resample import resample, resample_clamped
 
     array = np.random.default_rng(1).integers(-1000, 1000, size=(30, 40, 36)).astype(np.int16)
     c, s = math.cos(0.3), math.sin(0.3)
@@ -1044,6 +1045,15 @@ def test_resampling_equals_monai(orientation, padding, monkeypatch):
             image, dst_affine=torch.from_numpy(target), spatial_size=(36, 44, 36))
         if padding == "constant":  # (the three planes before the stack and the three after: all fill)
             assert not ours[:3].any() and not ours[33:].any() and ours[3:33].any(axis=(1, 2)).all()
+            # the box: the stack's planes; a target beyond it on every side takes the box's faces
+            box = target @ np.diag([1.0, 1.0, 1.0, 1.0])
+            box[:3, 3] += 3 * target[:3, 0]
+            beyond = box.copy()
+            beyond[:3, 3] += box[:3, :3] @ (-3.0, -2.0, -4.0)
+            clamped = resample_clamped(array, affine, beyond, (37, 49, 43), box, (30, 44, 36))
+            faces = np.ix_(*(np.clip(np.arange(n) - s, 0, m - 1) for n, s, m in ((37, 3, 30), (49, 2, 44), (43, 4, 36))))
+            np.testing.assert_allclose(clamped, theirs[0].numpy()[3:33][faces], atol=1e-3)
+            assert clamped[:, :, :4].any() and clamped[:3].any(axis=(1, 2)).all()  # (faces that hold the stack's values)
         np.testing.assert_allclose(ours, theirs[0].numpy(), atol=1e-3)
         return
     moved = Spacing(pixdim=(2.0, 2.0, 2.0), mode="bilinear")(Orientation(axcodes="RAS", labels=None)(image))
@@ -1059,34 +1069,105 @@ def test_resampling_equals_monai(orientation, padding, monkeypatch):
 @pytest.mark.parametrize("padding", ["border", "constant"])
 def test_a_map_taken_plane_by_plane_gives_what_interpolating_it_whole_gives(padding, monkeypatch):
     """Maps under which each target plane lies across one source axis and only moves within itself
-    (a sheared stack onto its regular grid, a model's grid back onto the stack): across each source
-    axis, between its planes or on them, within them scaled, flipped or swapped, partly or wholly
-    beyond the source. Taken plane by plane, each gives the values of scipy's general path."""
+    (a sheared stack onto its regular grid or a model's grid, a model's grid back onto the stack):
+    the planes along each target axis, across each source axis, between its planes or on them,
+    within them scaled, flipped, swapped or sheared (a stack whose rows and columns are not quite
+    orthogonal onto MONAI's orthogonal grid), partly or wholly beyond the source. Taken plane by
+    plane, each gives the values of scipy's general path."""
     from inference import resample as module
 
     array = np.random.default_rng(2).integers(-1000, 1000, size=(14, 17, 19)).astype(np.int16)
     general, planes, taken = module._interpolate, module._shifted_planes, []
-    monkeypatch.setattr(module, "_shifted_planes", lambda *args: taken.append(args[-2:]) or planes(*args))
+    monkeypatch.setattr(module, "_shifted_planes",
+                        lambda *args, **kwargs: taken.append(args[-2:]) or planes(*args, **kwargs))
     cases = 0
-    for across in range(3):
+    for along, across in itertools.product(range(3), range(3)):
+        order = (along, *(j for j in range(3) if j != along))  # the target's axes, the planes' first
         others = [axis for axis in range(3) if axis != across]
-        for swap, step, scales, start in itertools.product((False, True), (1.0, 0.37, -0.8), ((1.0, 1.0), (0.6, -1.3)),
-                                                         (-2.0, 0.25, 3.0)):
-            linear = np.zeros((3, 3))
-            linear[across, 0] = step
-            rows, columns = others[::-1] if swap else others
-            linear[rows, 1], linear[columns, 2] = scales
-            linear[rows, 0], linear[columns, 0] = 0.43, -0.61  # each plane moved within itself, plane by plane
+        for within, step, scales, start in itertools.product(("aligned", "swapped", "sheared"), (1.0, 0.37, -0.8),
+                                                           ((1.0, 1.0), (0.6, -1.3)), (-2.0, 0.25, 3.0)):
+            planes_first = np.zeros((3, 3))
+            planes_first[across, 0] = step
+            rows, columns = others[::-1] if within == "swapped" else others
+            planes_first[rows, 1], planes_first[columns, 2] = scales
+            if within == "sheared":
+                planes_first[rows, 2], planes_first[columns, 1] = 0.21, -3e-4
+            planes_first[rows, 0], planes_first[columns, 0] = 0.43, -0.61  # each plane moved within itself
+            linear = np.empty((3, 3))
+            linear[:, order] = planes_first
             offset = np.array([start, 1.7, -2.2])
             target = np.eye(4)
             target[:3, :3], target[:3, 3] = linear, offset
-            shape = (16, 15, 18)
+            shape = tuple(np.array([16, 15, 18])[np.argsort(order)])
             ours = module.resample(array, np.eye(4), target, shape, padding=padding, fill=-1000.0)
             whole = general(array, linear, offset, shape, module._SCIPY_MODE[padding], -1000.0)
-            np.testing.assert_allclose(ours, whole, atol=2e-3, err_msg=f"{across=} {swap=} {step=} {scales=} {start=}")
-            assert taken.pop() == (across, (rows, columns))
+            np.testing.assert_allclose(ours, whole, atol=2e-3,
+                                       err_msg=f"{along=} {across=} {within=} {step=} {scales=} {start=}")
+            assert taken.pop() == (across, None if within == "sheared" else (rows, columns))
+            assert (module.map_kind(np.eye(4), target) == "sheared") == (within != "sheared")
             cases += 1
-    assert cases == 108
+    assert cases == 486
+
+
+def _clamped_reference(array: np.ndarray, source: np.ndarray, target: np.ndarray, shape: tuple[int, ...],
+                       box: np.ndarray, box_shape: tuple[int, ...], fill: float) -> np.ndarray:
+    """Each target voxel centre, in the box's voxel coordinates, clipped to the box, then read from
+    the source by scipy's general linear interpolation (constant padding): point by point."""
+    from scipy import ndimage
+
+    centres = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1).reshape(-1, 3)
+    in_box = np.clip(centres @ (np.linalg.inv(box) @ target)[:3, :3].T + (np.linalg.inv(box) @ target)[:3, 3], 0,
+                     np.array(box_shape) - 1)
+    to_source = np.linalg.inv(source) @ box
+    points = in_box @ to_source[:3, :3].T + to_source[:3, 3]
+    return ndimage.map_coordinates(array.astype(np.float32), points.T, order=1, mode="grid-constant", cval=fill,
+                                   prefilter=False).reshape(shape)
+
+
+def test_a_stack_clamped_to_a_box_reads_each_voxel_at_its_nearest_point_in_the_box(monkeypatch):
+    """`resample_clamped` (a sheared stack onto a model grid laid on its regular grid): a stack
+    drifting along both in-plane axes, its regular grid's box, and target grids along the box's axes
+    in any order, flipped, finer or coarser, beyond the box on every side by up to two and a half
+    voxels or ending short of it, and a box narrower than one target step. Each voxel is the stack
+    read at its centre's nearest point in the box, as a point-by-point reference reads it; air (the
+    fill) beside the stack, within the box. Each block is interpolated plane by plane (never as a
+    general map, nor with a general 2D map within each plane), the faces once each."""
+    from inference import resample as module
+
+    monkeypatch.setattr(module, "_interpolate", lambda *args: pytest.fail("interpolated as a general map"))
+    planes, taken = module._shifted_planes, []
+    monkeypatch.setattr(module, "_shifted_planes", lambda *args: taken.append(args[3].shape) or planes(*args)
+                        if args[-1] is not None else pytest.fail("a general map within each plane"))
+    rng = np.random.default_rng(5)
+    array = rng.integers(-1000, 1000, size=(12, 15, 17)).astype(np.int16)
+    for trial in range(40):
+        drift = rng.uniform(-0.7, 0.7, 2)
+        source = np.eye(4)
+        source[1:3, 0] = drift
+        box = np.eye(4)
+        box[1:3, 3] = np.minimum(0, drift * 11)
+        box_shape = (12, 15 + math.ceil(abs(drift[0]) * 11), 17 + math.ceil(abs(drift[1]) * 11))
+        axes, signs, scales = rng.permutation(3), rng.choice([-1.0, 1.0], 3), rng.uniform(0.5, 2.2, 3)
+        to_box = np.eye(4)
+        to_box[:3, :3] = 0
+        to_box[axes, range(3)] = signs * scales
+        to_box[axes, 3] = [(0 if sign > 0 else box_shape[axis] - 1) + sign * rng.uniform(-2.5, 1.5)
+                           for axis, sign in zip(axes, signs)]
+        shape = [max(2, int(box_shape[axis] / scale) + int(rng.integers(-2, 4))) for axis, scale in zip(axes, scales)]
+        if trial == 0:  # (the slices' box between two centres: each centre beyond one face or the other)
+            along = int(np.flatnonzero(axes == 0)[0])
+            to_box[0, along], to_box[0, 3], shape[along] = 15.0 * signs[along], 13.0 if signs[along] < 0 else -2.0, 2
+        shape = tuple(shape)
+        target = box @ to_box
+        taken.clear()
+        ours = module.resample_clamped(array, source, target, shape, box, box_shape, fill=-1024.0)
+        np.testing.assert_allclose(ours, _clamped_reference(array, source, target, shape, box, box_shape, -1024.0),
+                                   atol=2e-3, err_msg=f"{trial=}")
+        assert ours.shape == shape and len(taken) <= 27 and sum(math.prod(block) for block in taken) <= math.prod(shape)
+    with pytest.raises(ValueError, match="follow the box's axes"):  # (a target oblique to the box)
+        turned = np.eye(4)
+        turned[1:3, 1:3] = [[0.8, -0.6], [0.6, 0.8]]
+        module.resample_clamped(array, source, box @ turned, (4, 4, 4), box, box_shape)
 
 
 @pytest.mark.parametrize("mode", ["argmax", "threshold", "argmax of sigmoids", "argmax of logits"])
@@ -1449,6 +1530,58 @@ def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientat
     zscore = threshold_spec(preprocessing={**spec.preprocessing.model_dump(),
                                            "intensity": {"window": None, "normalize": "zscore"}})
     assert torch.equal(to_model_space(volume, zscore).as_tensor(), torch.as_tensor(NormalizeIntensity()(moved[None])))
+
+
+@pytest.mark.parametrize("plane", ["axial", "sagittal", "coronal", "not orthogonal"])
+def test_a_tilted_stack_goes_onto_the_models_grid_once_with_its_regular_grids_box_as_its_edges(plane, monkeypatch):
+    """A tilted stack's input (to_model_space): the model's grid is laid on the stack's regular grid
+    and reaches beyond that grid's box (by the rounding of a spacing that does not divide it). Each
+    voxel is the stack read at its centre's nearest point in the box, as a point-by-point reference
+    reads it: beyond the box, the box's faces, tissue where they hold tissue (not air), as a
+    series' edges are repeated; beside the stack within the box, air (its lowest value). The
+    regular grid's voxels are never made (no resampling onto it). Also where the stack's rows and
+    columns are not quite orthogonal (0.06°: MONAI's model grid is orthogonal, its regular grid too)."""
+    from inference import pipeline
+    from inference import resample as resample_module
+    from inference.pipeline import _LPS_TO_RAS, regular_grid, to_model_space
+    from inference.volume import SeriesVolume
+
+    rng = np.random.default_rng(3)
+    array = (rng.integers(-100, 300, size=(23, 30, 27)) + 40).astype(np.int16)  # (tissue everywhere: no air)
+    array[:, :2] = -1000  # (but air along the first rows)
+    t = math.tan(math.radians(17))
+    columns = {"axial": [(0, t, 2.0), (0, 0.8, 0), (0.7, 0, 0)], "sagittal": [(2.0, 0, t), (0, 0, -0.8), (0, 0.7, 0)],
+               "coronal": [(t, 2.0, 0), (0, 0, -0.8), (0.7, 0, 0)],
+               "not orthogonal": [(0, t, 2.0), (0, 0.8, 0), (0.7, 0.7e-3, 0.35e-3)]}[plane]
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(columns).T
+    affine[:3, 3] = (4.5, -7.3, 11.2)
+    volume = SeriesVolume(array, affine, [], "1.2.3")
+    assert volume.sheared
+    box, box_shape = regular_grid(volume)
+    spec = threshold_spec(preprocessing={"orientation": "RAS", "spacing": [1.7, 1.7, 1.7], "intensity": {},
+                                         "patch_size": [16, 16, 16]})
+    monkeypatch.setattr(pipeline, "resample", lambda *args, **kwargs: pytest.fail("a sheared stack resampled twice"))
+    planes, within = resample_module._shifted_planes, set()
+    monkeypatch.setattr(resample_module, "_shifted_planes", lambda *args: within.add(args[-1]) or planes(*args))
+    image = to_model_space(volume, spec)
+    # each plane moved within itself along its rows and columns; a general 2D map only where they are not orthogonal
+    assert (None in within) == (plane == "not orthogonal") and len(within) == 1
+    target = np.asarray(image.affine, dtype=float)
+    shape = tuple(image.shape[1:])
+    # the model's grid reaches beyond the box along each of the box's axes (two, where the columns are not orthogonal)
+    centres = np.array(list(itertools.product(*[(0, n - 1) for n in shape])))
+    in_box = centres @ (np.linalg.inv(_LPS_TO_RAS @ box) @ target)[:3, :3].T + (np.linalg.inv(_LPS_TO_RAS @ box)
+                                                                                  @ target)[:3, 3]
+    overhang = np.maximum(in_box.max(axis=0) - (np.array(box_shape) - 1), -in_box.min(axis=0))
+    assert (overhang > 0.05).sum() == (2 if plane == "not orthogonal" else 3), (overhang, box_shape)
+    expected = _clamped_reference(array, _LPS_TO_RAS @ affine, target, shape, _LPS_TO_RAS @ box, box_shape, -1000.0)
+    np.testing.assert_allclose(image[0].numpy(), expected, atol=2e-3)
+    every = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1).reshape(-1, 3)
+    in_box = every @ (np.linalg.inv(_LPS_TO_RAS @ box) @ target)[:3, :3].T + (np.linalg.inv(_LPS_TO_RAS @ box)
+                                                                               @ target)[:3, 3]
+    beyond = (np.abs(in_box - np.clip(in_box, 0, np.array(box_shape) - 1)) > 0.05).any(axis=1)
+    assert (image[0].numpy().reshape(-1)[beyond] > -500).mean() > 0.1  # (tissue there, as on the faces)
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])
@@ -2020,7 +2153,9 @@ def test_argmax_of_resampled_channels_interpolates_only_where_the_answer_can_cha
         if trial % 5 == 4:  # oblique: interpolated whole
             target[:3, :3] = target[:3, :3] @ np.array([[1, 0, 0], [0, 0.8, -0.6], [0, 0.6, 0.8]])
         if trial % 5 == 3:  # sheared: each target plane across one source axis (a model grid back onto a tilted stack)
-            target[:3, :3] = target[:3, :3] @ np.array([[1, 0, 0], [0.45, 1, 0], [-0.3, 0, 1]])
+            shear, along = np.eye(3), trial // 5 % 3  # (the planes along each target axis in turn)
+            shear[[j for j in range(3) if j != along], along] = 0.45, -0.3
+            target[:3, :3] = target[:3, :3] @ shear
         target[:3, 3] = rng.uniform(-8, 25, 3)
         shape = tuple(int(n) for n in rng.integers(8, 50, 3))
         resampled = resampled_whole(channels, source, target, shape)

@@ -229,12 +229,11 @@ def test_under_a_real_memory_limit_an_output_beyond_it_fails_and_one_beside_othe
 
 INPUT = """
 import json
-import math
 import re
 import sys
 from pathlib import Path
 import numpy as np
-from inference.pipeline import _intensity_need, input_need, regular_grid, to_model_space
+from inference.pipeline import _intensity_need, input_need, to_model_space
 from inference.volume import SeriesVolume
 from tests.models import threshold_spec
 
@@ -264,8 +263,7 @@ Path("/proc/self/clear_refs").write_text("5")  # the resident peak (VmHWM) from 
 before = status("VmRSS")
 image = to_model_space(volume, spec)
 moved = image[0].as_tensor()
-unsheared = 4 * math.prod(regular_grid(volume)[1]) if case == "tilted" else 0
-print(json.dumps({"need": unsheared + input_need(tuple(moved.shape))[0] + _intensity_need(spec, moved),
+print(json.dumps({"need": input_need(tuple(moved.shape))[0] + _intensity_need(spec, moved),
                   "input": moved.numel() * 4, "peak": status("VmHWM") - before}))
 """
 
@@ -274,12 +272,12 @@ print(json.dumps({"need": unsheared + input_need(tuple(moved.shape))[0] + _inten
     ("ct", {"window": [-1000.0, 1000.0]}), ("ct", {"normalize": "zscore"}), ("ct", {}),
     ("radiograph", {"window": [0.0, 1000.0]}), ("tilted", {"window": [-1000.0, 1000.0]})])
 def test_a_models_input_is_built_within_what_was_foreseen_for_it(tmp_path, case, intensity):
-    """The input's need (`input_need`, `_intensity_need`, a sheared stack's regular grid) against
-    what building it takes at its peak (the process's resident peak, reset first, in a process of
-    its own), and not more than twice that: a 0.15 mm grid over a small CT (120 MiB of input) with
-    an intensity window (applied slab by slab), z-score normalisation (MONAI's, whole) and neither;
-    a radiograph of one plane (a window's slab is that plane, not sixteen); a tilted stack (its
-    regular grid made first)."""
+    """The input's need (`input_need`, `_intensity_need`) against what building it takes at its
+    peak (the process's resident peak, reset first, in a process of its own), and not more than
+    twice that: a 0.15 mm grid over a small CT (120 MiB of input) with an intensity window (applied
+    slab by slab), z-score normalisation (MONAI's, whole) and neither; a radiograph of one plane (a
+    window's slab is that plane, not sixteen); a tilted stack (onto the model's grid in one
+    interpolation: its regular grid's voxels are not made)."""
     from inference.pipeline import INPUT_OVERHEAD
 
     run = subprocess.run([sys.executable, "-c", INPUT, case, json.dumps(intensity)], cwd=REPO, capture_output=True,
