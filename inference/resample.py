@@ -109,7 +109,7 @@ def resample_clamped(array: np.ndarray, source_affine: np.ndarray, target_affine
     once and without the box's voxels. A sheared stack (gantry tilt) onto a model's grid laid on its
     regular grid (inference.pipeline): where the model's grid reaches beyond that grid's box, by the
     rounding of its spacing, it repeats the box's faces as it repeats any series' edges, and a tilted
-    300x512x512 CT's regular grid (300x755x512, 442 MiB) is not made. For a map `_plane_by_plane`
+    300x512x512 CT's regular grid (300x754x512, 442 MiB) is not made. For a map `_plane_by_plane`
     from a target whose axes follow the box's (a ValueError otherwise); float32, in the target's
     axis order, possibly a transposed view.
 
