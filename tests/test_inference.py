@@ -1498,24 +1498,33 @@ def test_labels_laid_over_labels_in_blocks_keep_every_label_already_there(monkey
         np.testing.assert_array_equal(there, before)
 
 
-@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
-def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientation):
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "radiograph"])
+def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientation, monkeypatch):
     """to_model_space applies the intensity window slab by slab into the resampled array (MONAI's
     ScaleIntensityRange makes three model-grid temporaries): the values are MONAI's to the bit,
-    for a grid in the source's axis order and for a transposed one (sagittal), over 37 slabs'
-    edges (not a multiple of the slab); z-score runs whole (it needs the image's statistics)."""
+    for a grid in the source's axis order and for a transposed one (sagittal), and for one plane
+    (a radiograph: slabs of its rows), over the slabs' edges (slabs of WINDOW_SLAB_VOXELS, made
+    small here, that do not divide the planes); z-score runs whole (it needs the image's
+    statistics)."""
     import torch
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
+    from inference import pipeline
     from inference.pipeline import _model_grid, to_model_space
     from inference.resample import resample
     from inference.volume import SeriesVolume
 
-    array = np.random.default_rng(5).integers(-1200, 1500, size=(37, 20, 23)).astype(np.int16)
-    columns = {"axial": [(0, 0, 2.5), (0, 0.8, 0), (0.7, 0, 0)], "sagittal": [(2.5, 0, 0), (0, 0, -0.8), (0, 0.7, 0)]}
+    size = (1, 61, 131) if orientation == "radiograph" else (37, 20, 23)
+    array = np.random.default_rng(5).integers(-1200, 1500, size=size).astype(np.int16)
+    columns = {"axial": [(0, 0, 2.5), (0, 0.8, 0), (0.7, 0, 0)], "sagittal": [(2.5, 0, 0), (0, 0, -0.8), (0, 0.7, 0)],
+               "radiograph": [(0, 1.0, 0), (0, 0, -0.15), (0.15, 0, 0)]}
     affine = np.eye(4)
     affine[:3, :3] = np.array(columns[orientation]).T
     volume = SeriesVolume(array, affine, [], "1.2.3")
+    monkeypatch.setattr(pipeline, "WINDOW_SLAB_VOXELS", 3000)
+    in_slabs, slabs = pipeline._in_slabs, []
+    monkeypatch.setattr(pipeline, "_in_slabs", lambda tensor, transform, axis, slab: slabs.append(
+        (tensor.shape[axis], slab, tensor.numel() // tensor.shape[axis])) or in_slabs(tensor, transform, axis, slab))
     spec = threshold_spec()
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
     target, shape = _model_grid(MetaTensor(torch.from_numpy(array[None]), affine=torch.from_numpy(lps_to_ras @ affine)),
@@ -1526,6 +1535,8 @@ def test_the_intensity_window_written_into_the_model_grid_equals_monais(orientat
     image = to_model_space(volume, spec)
     assert image.shape == expected.shape and image.dtype == torch.float32
     assert torch.equal(image.as_tensor(), torch.as_tensor(expected))
+    [(planes, slab, plane)] = slabs  # (planes along the axis that lies apart, not a multiple of the slab)
+    assert slab == max(1, 3000 // plane) and 1 < slab < planes and planes % slab, (planes, slab, plane)
     np.testing.assert_array_equal(np.asarray(image.affine), target)
     zscore = threshold_spec(preprocessing={**spec.preprocessing.model_dump(),
                                            "intensity": {"window": None, "normalize": "zscore"}})
