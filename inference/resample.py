@@ -12,9 +12,9 @@ source in memory order and the small output is transposed afterwards, which is 5
 than a general matrix over a transposed view. Where every target voxel is a source voxel (flips
 and axis order only: a model without a spacing step) nothing is interpolated: the values are
 copied into the target's axis order, in blocks (`_relaid`). Where each target plane along one of
-its axes lies across one source axis and is only shifted and scaled within itself (a sheared stack
-onto a model's grid laid on its regular grid, `resample_clamped`, and back), it is interpolated plane
-by plane (`_shifted_planes`).
+its axes lies across one source axis and is only moved within itself (a sheared stack onto a model's
+grid laid on its regular grid, `resample_clamped`, and back; a stack whose rows and columns are not
+quite orthogonal), it is interpolated plane by plane in two dimensions (`_shifted_planes`).
 
 A large output is interpolated in slabs along its first axis, on as many threads as there are
 usable CPUs (common.cpus: the affinity, or a smaller CPU quota; at most one per slab): scipy
