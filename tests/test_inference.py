@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 import math
 import os
 import re
@@ -27,7 +28,7 @@ from inference.backends.triton import TritonBackend
 from tritonclient.utils import InferenceServerException
 from inference.export.repository import ExportMismatch, export_onnx, write_entry
 from inference.pipeline import segment
-from tests.triton_server import TritonCpuServer
+from tests.triton_server import SilentGrpcProxy, TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
 from tests.models import REPO_MODELS, THRESHOLD_HU, WINDOW, ThresholdNet, threshold_spec
@@ -275,6 +276,75 @@ def _registered_regions(url: str, protocol: str, forget: tuple[str, ...] | set[s
         client.close()
     regions = status.get("regions", {}).values() if protocol == "grpc" else status
     return {region["name"] for region in regions}
+
+
+_CALLS = ("ServerReady", "ModelReady", "ModelMetadata", "SystemSharedMemoryRegister", "ModelInfer",
+          "SystemSharedMemoryUnregister")
+
+
+@pytest.mark.parametrize("silent", _CALLS)
+def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(triton, silent, caplog):
+    """A server whose connection is up and which leaves one kind of call unanswered (a hung Triton,
+    a proxy that lost its upstream): every call has a deadline, so the backend's start-up checks,
+    an inference on shared memory and its close each end, the unanswered call taken once per
+    attempt. A start or an inference is then unavailable (the job waits and retries), naming the
+    call and the deadline; a close leaves the server its regions, says which, and frees its own."""
+    caplog.set_level(logging.WARNING, logger="inference.triton")
+    proxy = SilentGrpcProxy(triton.grpc_url, {silent})
+    outcome: dict[str, object] = {}
+
+    def job() -> None:
+        try:
+            backend = TritonBackend(proxy.url, threshold_spec(), shared_memory="system", timeout=0.5, retries=2,
+                                    backoff=0.01)
+            outcome["prefix"] = backend._prefix
+            try:
+                outcome["logits"] = backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))[:, 1]
+            finally:
+                backend.close()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    proxy.run_and_close(job)
+    left = {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_left"}
+    if silent == "SystemSharedMemoryUnregister":  # both regions asked for once each, at the close
+        assert "error" not in outcome, outcome
+        np.testing.assert_allclose(outcome["logits"], (0.0 - ThresholdNet().level) * 200.0, rtol=1e-5)
+        names = {f"{outcome['prefix']}-{role}" for role in ("in", "out")}
+        assert proxy.taken == [silent] * 2 and left == names
+        assert names <= _registered_regions(triton.grpc_url, "grpc", forget=names)  # the server kept them
+    else:
+        what = {"ServerReady": "server readiness", "ModelReady": "model readiness",
+                "ModelMetadata": "model metadata"}.get(silent, "inference")
+        assert isinstance(outcome.get("error"), BackendUnavailable), outcome
+        assert re.fullmatch(rf"Triton at {proxy.url} unavailable for {what} after 2 attempts: "
+                            r"\[StatusCode.DEADLINE_EXCEEDED\] Deadline Exceeded", str(outcome["error"]))
+        assert proxy.taken == [silent] * 2 and not left
+    assert not list(Path("/dev/shm").glob(f"{outcome.get('prefix', 'dicom-node-none')}*"))  # freed here
+
+
+def test_a_region_registered_by_a_call_whose_answer_was_lost_is_used_not_registered_again(model_repository,
+                                                                                          triton):
+    """The server registered the input's region, but its answer never came (the call timed out):
+    the next attempt uses the region as it is, where registering the name again would be refused
+    for good (ALREADY_EXISTS) and fail the job. The inference gives the local result, and the
+    close leaves the server none of the node's regions."""
+    batch = np.random.default_rng(4).random((1, 1, 12, 12, 12), dtype=np.float32)
+    expected = _local(model_repository).infer(batch)
+    proxy = SilentGrpcProxy(triton.grpc_url, {"SystemSharedMemoryRegister"}, done_first=True, times=1)
+    try:
+        backend = TritonBackend(proxy.url, threshold_spec(), shared_memory="system", timeout=0.5, retries=2,
+                                backoff=0.01)
+        names = {backend._name(role) for role in ("in", "out")}
+        try:
+            np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5)
+            assert proxy.taken == ["SystemSharedMemoryRegister"]
+            assert names <= _registered_regions(triton.grpc_url, "grpc")
+        finally:
+            backend.close()
+    finally:
+        proxy.close()
+    assert not names & _registered_regions(triton.grpc_url, "grpc")
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):

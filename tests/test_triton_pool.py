@@ -19,7 +19,7 @@ import pytest
 
 from inference.backends.base import BackendUnavailable
 from inference.repository import ModelRepository
-from tests.triton_server import TritonCpuServer
+from tests.triton_server import SilentGrpcProxy, TritonCpuServer
 from node.config import NodeConfig, TritonConfig
 from node.jobs.backends import BackendCache
 from tests.peers import free_port, storescu, wait_for
@@ -92,6 +92,36 @@ def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_reposito
     assert stopped.requests["ok"] + alive.requests["ok"] == 12
     assert any(r.getMessage() == "triton_failover" for r in caplog.records)
     assert any(r.getMessage() == "triton_server_down" for r in caplog.records)
+
+
+@pytest.mark.parametrize("silent", ["ModelMetadata", "ModelInfer"])
+def test_a_server_that_takes_calls_and_answers_none_loses_its_requests_to_the_other(model_repository, triton,
+                                                                                   silent):
+    """A server whose connection is up while it leaves a kind of call unanswered, at its start-up
+    checks or at an inference: after one attempt's deadline it is marked down and its requests go
+    to the other server, each with the local result (without a deadline the first of them would
+    wait for good, holding that server's lock)."""
+    expected = ModelRepository(model_repository).backend("threshold").infer(BATCH)
+    proxy = SilentGrpcProxy(triton.grpc_url, {silent})
+    cache = BackendCache(ModelRepository(model_repository),
+                         TritonConfig(urls=[proxy.url, triton.grpc_url], shared_memory="none", timeout_s=1.0))
+    results: list[np.ndarray] = []
+
+    def study() -> None:
+        with cache.use("threshold") as pool:
+            results.extend(pool.infer(BATCH) for _ in range(6))
+
+    try:
+        proxy.run_and_close(study)
+    finally:
+        cache.close()
+    assert len(results) == 6
+    for result in results:
+        np.testing.assert_allclose(result, expected, atol=1e-5)
+    silent_server, alive = cache.servers
+    assert (silent_server.up, alive.up) == (False, True)
+    assert proxy.taken == [silent]  # one attempt: with another server to go to, the pool does not wait
+    assert alive.requests["ok"] == 6 and silent_server.requests["ok"] == 0
 
 
 def test_no_server_left_is_unavailable_and_names_the_servers(model_repository):

@@ -15,9 +15,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
+
+import grpc
+
 from tests.peers import free_port
 from tests.processes import stop_process_group
 
@@ -114,3 +119,63 @@ class TritonCpuServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self._backends, ignore_errors=True)
+
+
+class SilentGrpcProxy:
+    """A gRPC server in front of a real Triton that forwards every call but those named in `silent`,
+    which it takes and never answers: a Triton whose connection is up (HTTP/2 handshake done) while
+    a call hangs, which a real server does not do on demand. `done_first`: each silent call is
+    forwarded first, so the server does what it asks and only the answer is lost; `times`: only the
+    first so many silent calls go unanswered. Stopped by `close()`."""
+
+    def __init__(self, upstream: str, silent: set[str], done_first: bool = False, times: int | None = None):
+        self.silent = set(silent)
+        self.done_first = done_first
+        self.times = times
+        self.taken: list[str] = []  # the methods of the calls left unanswered, in order
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._channel = grpc.insecure_channel(upstream)
+        proxy = self
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+                return grpc.unary_unary_rpc_method_handler(lambda request, context: proxy._call(details.method,
+                                                                                                request, context))
+
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=16), handlers=[Handler()])
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        self.url = f"127.0.0.1:{port}"
+        self._server.start()
+
+    def _call(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        name = method.rsplit("/", 1)[-1]
+        with self._lock:
+            hold = name in self.silent and (self.times is None or len(self.taken) < self.times)
+            if hold:
+                self.taken.append(name)
+        if not hold or self.done_first:
+            try:
+                answer = self._channel.unary_unary(method)(request, timeout=60)  # raw bytes both ways
+            except grpc.RpcError as exc:  # the server's refusal, passed on as it is
+                context.abort(exc.code(), exc.details())
+            if not hold:
+                return answer
+        while context.is_active() and not self._released.wait(0.05):
+            pass  # until the client gives up on the call, or the proxy closes
+        context.abort(grpc.StatusCode.UNAVAILABLE, "proxy closed")
+
+    def run_and_close(self, call: Callable[[], None], limit: float = 120.0) -> None:
+        """Run `call` on a thread of its own, then close the proxy; fail if the call still waits
+        after `limit` seconds (the close ends the calls left unanswered, so the test ends too)."""
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(limit)
+        waiting = worker.is_alive()
+        self.close()
+        assert not waiting, f"still waiting for {', '.join(sorted(self.silent))} after {limit:g} s"
+
+    def close(self) -> None:
+        self._released.set()
+        self._server.stop(grace=None).wait(10)
+        self._channel.close()

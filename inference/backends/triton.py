@@ -37,6 +37,11 @@ _REGION_UNKNOWN = "unable to find shared memory region"
 # a while, and a hold longer than that is a TimeoutError (transient: the job retries).
 _REGION_BUSY = "currently in use"
 _REGION_BUSY_WAIT = 5.0  # seconds
+# The deadline of every gRPC call that is not an inference (readiness, metadata, a region's
+# registration): a live server answers them in milliseconds, and without one a server whose
+# connection is up while it answers nothing holds the job (and the pool's server lock) for good.
+# Over HTTP the client's network timeout bounds every call.
+CONTROL_TIMEOUT_S = 10.0
 _TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Connection refused",
               "connection reset", "Socket closed", "Broken pipe", "timed out")
 
@@ -48,6 +53,12 @@ def _is_transient(exc: BaseException) -> bool:
         text = f"{exc.status()} {exc.message()}"
         return any(marker.lower() in text.lower() for marker in _TRANSIENT)
     return False
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A region still held past our wait, or a call the server took and did not answer in time."""
+    return isinstance(exc, TimeoutError) or (isinstance(exc, InferenceServerException)
+                                             and "DEADLINE_EXCEEDED" in str(exc.status()))
 
 
 class TritonBackend:
@@ -74,8 +85,10 @@ class TritonBackend:
         self._lib: Any = grpcclient if protocol == "grpc" else httpclient
         if protocol == "grpc":
             self.client: Any = grpcclient.InferenceServerClient(url)
+            self._control: dict[str, float] = {"client_timeout": min(timeout, CONTROL_TIMEOUT_S)}
         else:
             self.client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+            self._control = {}
         self._regions: dict[str, tuple[Any, int]] = {}
         self._per_item: tuple[int, ...] = ()  # a detector's output per batch item, from the server's metadata
         self._prefix = f"dicom-node-{uuid.uuid4().hex[:8]}"
@@ -85,9 +98,9 @@ class TritonBackend:
 
     def _check_model(self) -> None:
         name, version = self.spec.name, str(self.spec.version)
-        if not self._retry(self.client.is_server_ready, "server readiness"):
+        if not self._retry(lambda: self.client.is_server_ready(**self._control), "server readiness"):
             raise BackendUnavailable(f"Triton at {self.url} is not ready")
-        if not self._retry(lambda: self.client.is_model_ready(name, version), "model readiness"):
+        if not self._retry(lambda: self.client.is_model_ready(name, version, **self._control), "model readiness"):
             index = self._retry(self._repository_names, "repository index")
             # A model the server does not have will not appear by waiting; one it has may be loading.
             error = BackendUnavailable if name in index else BackendError
@@ -111,11 +124,14 @@ class TritonBackend:
 
     def _metadata(self, name: str, version: str) -> dict[str, Any]:
         if self.protocol == "grpc":
-            return self.client.get_model_metadata(name, version, as_json=True)
+            return self.client.get_model_metadata(name, version, as_json=True, **self._control)
         return self.client.get_model_metadata(name, version)
 
     def _repository_names(self) -> list[str]:
-        index = self.client.get_model_repository_index(as_json=True) if self.protocol == "grpc" else self.client.get_model_repository_index()
+        if self.protocol == "grpc":
+            index = self.client.get_model_repository_index(as_json=True, **self._control)
+        else:
+            index = self.client.get_model_repository_index()
         models = index.get("models", []) if isinstance(index, dict) else index
         return sorted(m.get("name", "") for m in models)
 
@@ -222,8 +238,12 @@ class TritonBackend:
             shm.destroy_shared_memory_region(current[0])
         key = f"/{self._name(role)}"
         handle = shm.create_shared_memory_region(self._name(role), key, size)
-        self.client.register_system_shared_memory(self._name(role), key, size)
+        # Ours from here, whatever the registration's fate: a registration that timed out may still
+        # be done on the server, so the next attempt uses the region as it is, and a server that
+        # does not know it says so (_REGION_UNKNOWN: made anew), where registering the name a
+        # second time would be refused for good.
         self._regions[role] = (handle, size)
+        self.client.register_system_shared_memory(self._name(role), key, size, **self._control)
         return handle
 
     def _unregister(self, role: str) -> None:
@@ -231,7 +251,7 @@ class TritonBackend:
         deadline = time.monotonic() + _REGION_BUSY_WAIT
         while True:
             try:
-                self.client.unregister_system_shared_memory(self._name(role))
+                self.client.unregister_system_shared_memory(self._name(role), **self._control)
                 return
             except InferenceServerException as exc:
                 if _REGION_BUSY not in str(exc.message()):
@@ -264,10 +284,9 @@ class TritonBackend:
         for role, (handle, _) in list(self._regions.items()):
             try:
                 self._unregister(role)
-            except TimeoutError:  # (a request the client gave up on, still running): the server keeps it
-                logs.event(log, "triton_region_left", logging.WARNING, region=self._name(role))
-            except Exception:  # the server may be gone; the local region is still ours to free
-                pass
+            except Exception as exc:  # the server may be gone; the local region is still ours to free
+                if _timed_out(exc):  # (held by a request the client gave up on, or no answer): it keeps it
+                    logs.event(log, "triton_region_left", logging.WARNING, region=self._name(role))
             shm.destroy_shared_memory_region(handle)
         self._regions.clear()
 
