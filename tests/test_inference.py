@@ -32,7 +32,7 @@ from tests.triton_server import SilentGrpcProxy, TritonCpuServer
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
 from tests.models import REPO_MODELS, THRESHOLD_HU, WINDOW, ThresholdNet, threshold_spec
-from tests.peers import proc_stat
+from tests.peers import proc_stat, wait_for
 from phantom.dicom import SeriesGeometry, SeriesIdentity, write_ct_series
 from phantom.generator import Ellipsoid, Phantom
 
@@ -219,8 +219,10 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
     inference). A region grown for a larger batch, and the regions of a closed backend, are
     unregistered once the hold ends: the larger batch gets its answer and the server keeps none of
     the node's regions. A hold that outlasts the wait is a transient failure (the job retries), and
-    a closed backend whose regions the server still holds says which it leaves. The refusals are
-    Triton's own text from a shim, as the race cannot be made to happen at will."""
+    a closed backend whose regions the server still holds says which it leaves, and unregisters
+    them later, on a thread of its own, once the hold has ended. The refusals are Triton's own text
+    from a shim on the backend's client, as the race cannot be made to happen at will."""
+    caplog.set_level(logging.INFO, logger="inference.triton")
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     larger = np.random.default_rng(9).random((2, 1, 16, 16, 16), dtype=np.float32)
     for holds in (2, None):  # refused twice; refused for as long as it is asked
@@ -256,7 +258,9 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
             assert refused == {name: 2 for name in names}
         else:
             assert {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_left"} == names
-            assert names <= _registered_regions(url, protocol, forget=names)
+            wait_for(lambda: not names & _registered_regions(url, protocol), timeout=60)  # later, by the thread
+            freed = {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_freed"}
+            assert freed == names
         assert not names & _registered_regions(url, protocol)
 
 
@@ -278,7 +282,7 @@ def _registered_regions(url: str, protocol: str, forget: tuple[str, ...] | set[s
     return {region["name"] for region in regions}
 
 
-_CALLS = ("ServerReady", "ModelReady", "ModelMetadata", "SystemSharedMemoryRegister", "ModelInfer",
+_CALLS = ("ServerReady", "ModelReady", "RepositoryIndex", "ModelMetadata", "SystemSharedMemoryRegister", "ModelInfer",
           "SystemSharedMemoryUnregister")
 
 
@@ -287,19 +291,21 @@ def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(t
     """A server whose connection is up and which leaves one kind of call unanswered (a hung Triton,
     a proxy that lost its upstream): every call has a deadline, so the backend's start-up checks,
     an inference on shared memory and its close each end, the unanswered call taken once per
-    attempt. A start or an inference is then unavailable (the job waits and retries), naming the
-    call and the deadline; a close leaves the server its regions, says which, and frees its own."""
+    attempt (the repository's index is asked for a model the server does not have ready). A start
+    or an inference is then unavailable (the job waits and retries), naming the call and the
+    deadline; a close leaves the server its regions, says which, and frees its own."""
     caplog.set_level(logging.WARNING, logger="inference.triton")
     proxy = SilentGrpcProxy(triton.grpc_url, {silent})
     outcome: dict[str, object] = {}
 
     def job() -> None:
         try:
-            backend = TritonBackend(proxy.url, threshold_spec(), shared_memory="system", timeout=0.5, retries=2,
-                                    backoff=0.01)
+            spec = threshold_spec(name="nosuchmodel") if silent == "RepositoryIndex" else threshold_spec()
+            backend = TritonBackend(proxy.url, spec, shared_memory="system", timeout=0.5, retries=2, backoff=0.01)
             outcome["prefix"] = backend._prefix
             try:
                 outcome["logits"] = backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))[:, 1]
+                outcome["names"] = {backend._name(role) for role in ("in", "out")}
             finally:
                 backend.close()
         except BaseException as exc:
@@ -307,15 +313,15 @@ def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(t
 
     proxy.run_and_close(job)
     left = {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_left"}
-    if silent == "SystemSharedMemoryUnregister":  # both regions asked for once each, at the close
+    if silent == "SystemSharedMemoryUnregister":  # at the close: the first region asked for, not the second then
         assert "error" not in outcome, outcome
         np.testing.assert_allclose(outcome["logits"], (0.0 - ThresholdNet().level) * 200.0, rtol=1e-5)
-        names = {f"{outcome['prefix']}-{role}" for role in ("in", "out")}
-        assert proxy.taken == [silent] * 2 and left == names
+        names = outcome["names"]
+        assert proxy.taken == [silent] and left == names
         assert names <= _registered_regions(triton.grpc_url, "grpc", forget=names)  # the server kept them
     else:
         what = {"ServerReady": "server readiness", "ModelReady": "model readiness",
-                "ModelMetadata": "model metadata"}.get(silent, "inference")
+                "RepositoryIndex": "repository index", "ModelMetadata": "model metadata"}.get(silent, "inference")
         assert isinstance(outcome.get("error"), BackendUnavailable), outcome
         assert re.fullmatch(rf"Triton at {proxy.url} unavailable for {what} after 2 attempts: "
                             r"\[StatusCode.DEADLINE_EXCEEDED\] Deadline Exceeded", str(outcome["error"]))
@@ -345,6 +351,99 @@ def test_a_region_registered_by_a_call_whose_answer_was_lost_is_used_not_registe
     finally:
         proxy.close()
     assert not names & _registered_regions(triton.grpc_url, "grpc")
+
+
+def test_a_region_whose_registration_is_refused_is_never_used(triton):
+    """The server refuses to register the input's region: it holds that name already, for memory
+    of another process (here a decoy of ones). Every inference fails, naming the refusal; none
+    runs on the decoy's values, as a region kept after the refusal would, and nothing of the
+    backend's stays in /dev/shm."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as shm
+
+    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system", retries=2, backoff=0.01)
+    name = backend._name("in")
+    decoy = shm.create_shared_memory_region("decoy", "/decoy-input", 1 << 16)
+    shm.set_shared_memory_region(decoy, [np.ones((1, 1, 8, 8, 8), np.float32)])
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.register_system_shared_memory(name, "/decoy-input", 1 << 16)
+    try:
+        for _ in range(3):
+            with pytest.raises(BackendError, match=rf"ALREADY_EXISTS\] shared memory region '{name}' already in"):
+                backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
+            assert not list(Path("/dev/shm").glob(f"{name}*"))
+    finally:
+        backend.close()
+        client.unregister_system_shared_memory(name)
+        client.close()
+        shm.destroy_shared_memory_region(decoy)
+    assert not list(Path("/dev/shm").glob(f"{backend._prefix}*"))
+
+
+def test_a_region_not_made_anew_for_a_larger_batch_leaves_no_handle_behind(triton, monkeypatch):
+    """A larger batch: the input's region is unregistered and freed, and making the larger one
+    fails (the host's /dev/shm full, made by a shim). The failure is named, and the backend keeps
+    no handle to the freed region: the next larger batch makes it and gets its answer, and the
+    close frees everything, here and on the server."""
+    import tritonclient.utils.shared_memory as shm
+
+    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system", retries=1)
+    larger = np.random.default_rng(6).random((2, 1, 16, 16, 16), dtype=np.float32)
+    names = {backend._name(role) for role in ("in", "out")}
+    try:
+        backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
+        made = shm.create_shared_memory_region
+
+        def full(*args, **kwargs):
+            raise shm.SharedMemoryException("unable to create the shared memory region")
+
+        monkeypatch.setattr(shm, "create_shared_memory_region", full)
+        with pytest.raises(BackendError, match=r"inference: unable to create the shared memory region"):
+            backend.infer(larger)
+        monkeypatch.setattr(shm, "create_shared_memory_region", made)
+        logits = backend.infer(larger)[:, 1]
+        np.testing.assert_allclose(logits, (larger[:, 0] - ThresholdNet().level) * 200.0, rtol=1e-5, atol=1e-3)
+    finally:
+        backend.close()
+    assert not list(Path("/dev/shm").glob(f"{backend._prefix}*"))
+    assert not names & _registered_regions(triton.grpc_url, "grpc")
+
+
+def test_regions_left_behind_are_unregistered_later_never_a_live_region_of_the_same_backend(model_repository,
+                                                                                           triton, caplog):
+    """The server forgets the node's regions (as a restarted one does) and then leaves the node's
+    call to unregister them unanswered: the backend makes new regions and goes on, and the old
+    ones are unregistered later, on a thread of their own. The new regions have names of their
+    own, so that thread never unregisters the regions the backend is using: every inference after
+    it gives the local result."""
+    caplog.set_level(logging.INFO, logger="inference.triton")
+    batch = np.random.default_rng(5).random((1, 1, 12, 12, 12), dtype=np.float32)
+    expected = _local(model_repository).infer(batch)
+    proxy = SilentGrpcProxy(triton.grpc_url, {"SystemSharedMemoryUnregister"}, times=1)
+    backend = TritonBackend(proxy.url, threshold_spec(), shared_memory="system", timeout=1.0, retries=2, backoff=0.01)
+    try:
+        np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5)
+        old = {backend._name(role) for role in ("in", "out")}
+        assert old <= _registered_regions(triton.grpc_url, "grpc", forget=old)  # forgotten, behind the node's back
+        with pytest.raises(BackendUnavailable, match=r"no longer has this node's shared-memory regions"):
+            backend.infer(batch)
+        assert proxy.taken == ["SystemSharedMemoryUnregister"]  # (not asked for the second region then)
+        np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5)  # on new regions
+        new = {backend._name(role) for role in ("in", "out")}
+        assert new <= _registered_regions(triton.grpc_url, "grpc") and not new & old
+
+        def events(name: str) -> set[str]:
+            return {r.event_fields["region"] for r in caplog.records if r.getMessage() == name}
+
+        assert events("triton_region_left") == old
+        wait_for(lambda: events("triton_region_freed") == old, timeout=60)
+        for _ in range(3):
+            np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5)
+        assert new <= _registered_regions(triton.grpc_url, "grpc")
+    finally:
+        backend.close()
+        proxy.close()
+    assert not (old | new) & _registered_regions(triton.grpc_url, "grpc")
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):

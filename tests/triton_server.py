@@ -135,7 +135,8 @@ class SilentGrpcProxy:
         self.taken: list[str] = []  # the methods of the calls left unanswered, in order
         self._lock = threading.Lock()
         self._released = threading.Event()
-        self._channel = grpc.insecure_channel(upstream)
+        unbounded = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        self._channel = grpc.insecure_channel(upstream, options=unbounded)
         proxy = self
 
         class Handler(grpc.GenericRpcHandler):
@@ -143,7 +144,7 @@ class SilentGrpcProxy:
                 return grpc.unary_unary_rpc_method_handler(lambda request, context: proxy._call(details.method,
                                                                                                 request, context))
 
-        self._server = grpc.server(ThreadPoolExecutor(max_workers=16), handlers=[Handler()])
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=16), handlers=[Handler()], options=unbounded)
         port = self._server.add_insecure_port("127.0.0.1:0")
         self.url = f"127.0.0.1:{port}"
         self._server.start()
@@ -156,7 +157,8 @@ class SilentGrpcProxy:
                 self.taken.append(name)
         if not hold or self.done_first:
             try:
-                answer = self._channel.unary_unary(method)(request, timeout=60)  # raw bytes both ways
+                answer = self._channel.unary_unary(method)(request, timeout=context.time_remaining(),
+                                                           metadata=context.invocation_metadata())  # raw bytes
             except grpc.RpcError as exc:  # the server's refusal, passed on as it is
                 context.abort(exc.code(), exc.details())
             if not hold:

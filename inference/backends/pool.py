@@ -115,8 +115,9 @@ class TritonPool:
     def _down(self, server: _Server, exc: BackendError) -> None:
         with server.lock:
             backend, server.backend = server.backend, None
-        if backend is not None:
-            _close_quietly(backend)  # frees our shared-memory regions; a restarted server knows none of them
+        if backend is not None:  # frees our shared-memory regions; a restarted server knows none of them
+            # (on a thread of its own: a server that answers nothing would hold the request that long)
+            threading.Thread(target=_close_quietly, args=(backend,), name="triton-backend-close", daemon=True).start()
         self._count(server, "unavailable" if isinstance(exc, BackendUnavailable) else "error")
         with self._lock:
             server.retry_at = time.monotonic() + self.probe_after_s

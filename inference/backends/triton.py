@@ -8,6 +8,7 @@ that is about 5x faster than HTTP and 9x faster than gRPC on this machine.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Callable, Literal, TypeVar
@@ -37,6 +38,10 @@ _REGION_UNKNOWN = "unable to find shared memory region"
 # a while, and a hold longer than that is a TimeoutError (transient: the job retries).
 _REGION_BUSY = "currently in use"
 _REGION_BUSY_WAIT = 5.0  # seconds
+# A region the server kept (held past that wait, or no answer) maps memory this node has freed: it
+# is unregistered later, on a thread of its own, tried this often for this long.
+_LEFT_RETRY_S = 2.0
+_LEFT_FOR_S = 600.0
 # The deadline of every gRPC call that is not an inference (readiness, metadata, a region's
 # registration): a live server answers them in milliseconds, and without one a server whose
 # connection is up while it answers nothing holds the job (and the pool's server lock) for good.
@@ -83,16 +88,20 @@ class TritonBackend:
         host = urlsplit(f"//{url}").hostname or ""
         self.use_shm = shared_memory == "system" or (shared_memory == "auto" and host in _LOCAL_HOSTS)
         self._lib: Any = grpcclient if protocol == "grpc" else httpclient
+        self._control: dict[str, float] = {}
         if protocol == "grpc":
-            self.client: Any = grpcclient.InferenceServerClient(url)
-            self._control: dict[str, float] = {"client_timeout": min(timeout, CONTROL_TIMEOUT_S)}
-        else:
-            self.client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
-            self._control = {}
+            self._control["client_timeout"] = min(timeout, CONTROL_TIMEOUT_S)
+        self.client: Any = self._connect()
         self._regions: dict[str, tuple[Any, int]] = {}
         self._per_item: tuple[int, ...] = ()  # a detector's output per batch item, from the server's metadata
         self._prefix = f"dicom-node-{uuid.uuid4().hex[:8]}"
+        self._generation = 0  # of the regions' names: one left behind is never the name of a new one
         self._check_model()
+
+    def _connect(self) -> Any:
+        if self.protocol == "grpc":
+            return grpcclient.InferenceServerClient(self.url)
+        return httpclient.InferenceServerClient(self.url, connection_timeout=self.timeout, network_timeout=self.timeout)
 
     # -- start-up checks -------------------------------------------------------------------
 
@@ -226,7 +235,7 @@ class TritonBackend:
         return np.array(shm.get_contents_as_numpy(handle, dtype, shape))
 
     def _name(self, role: str) -> str:
-        return f"{self._prefix}-{role}"
+        return f"{self._prefix}-{self._generation}-{role}"
 
     def _region(self, role: str, size: int) -> Any:
         """A registered shared-memory region of at least `size` bytes (grown when needed)."""
@@ -235,15 +244,22 @@ class TritonBackend:
             return current[0]
         if current:
             self._unregister(role)
+            del self._regions[role]
             shm.destroy_shared_memory_region(current[0])
         key = f"/{self._name(role)}"
         handle = shm.create_shared_memory_region(self._name(role), key, size)
-        # Ours from here, whatever the registration's fate: a registration that timed out may still
-        # be done on the server, so the next attempt uses the region as it is, and a server that
-        # does not know it says so (_REGION_UNKNOWN: made anew), where registering the name a
-        # second time would be refused for good.
         self._regions[role] = (handle, size)
-        self.client.register_system_shared_memory(self._name(role), key, size, **self._control)
+        try:
+            self.client.register_system_shared_memory(self._name(role), key, size, **self._control)
+        except Exception as exc:
+            if not _is_transient(exc):  # refused: the server does not map this region
+                del self._regions[role]
+                shm.destroy_shared_memory_region(handle)
+            # A registration that timed out (or lost its connection) may still be done on the
+            # server: the next attempt uses the region as it is, and a server that does not know it
+            # says so (_REGION_UNKNOWN: made anew), where registering the name a second time would
+            # be refused for good.
+            raise
         return handle
 
     def _unregister(self, role: str) -> None:
@@ -280,15 +296,45 @@ class TritonBackend:
         raise AssertionError("unreachable")
 
     def _forget_regions(self) -> None:
-        """Unregister (where the server still knows them) and free our shared-memory regions."""
+        """Unregister (where the server still knows them) and free our shared-memory regions; those
+        the server keeps are unregistered later (`_unregister_later`)."""
+        left: list[str] = []
         for role, (handle, _) in list(self._regions.items()):
             try:
+                if left:  # (a server that did not answer for one region is not asked for the next now)
+                    raise TimeoutError
                 self._unregister(role)
             except Exception as exc:  # the server may be gone; the local region is still ours to free
                 if _timed_out(exc):  # (held by a request the client gave up on, or no answer): it keeps it
-                    logs.event(log, "triton_region_left", logging.WARNING, region=self._name(role))
+                    left.append(self._name(role))
+                    logs.event(log, "triton_region_left", logging.WARNING, region=left[-1])
             shm.destroy_shared_memory_region(handle)
         self._regions.clear()
+        self._generation += 1
+        if left:
+            threading.Thread(target=self._unregister_later, args=(left,), name="triton-regions-left",
+                             daemon=True).start()
+
+    def _unregister_later(self, names: list[str]) -> None:
+        """Unregister regions the server kept, once it lets them go, every `_LEFT_RETRY_S` for
+        `_LEFT_FOR_S`, on a client of this thread's own (the backend may be closed meanwhile)."""
+        client = self._connect()
+        deadline = time.monotonic() + _LEFT_FOR_S
+        try:
+            while names and time.monotonic() < deadline:
+                time.sleep(_LEFT_RETRY_S)
+                for name in list(names):
+                    try:
+                        client.unregister_system_shared_memory(name, **self._control)
+                    except Exception as exc:  # still held, no answer, unreachable: the next round
+                        if _REGION_BUSY in str(exc) or _is_transient(exc):
+                            continue  # (anything else, such as a server that no longer knows it: done)
+                    names.remove(name)
+                    logs.event(log, "triton_region_freed", region=name)
+        finally:
+            client.close()
+        for name in names:
+            logs.event(log, "triton_region_abandoned", logging.WARNING, region=name, after_s=_LEFT_FOR_S)
 
     def close(self) -> None:
         self._forget_regions()
