@@ -97,12 +97,13 @@ def test_a_server_stopped_mid_run_loses_its_requests_to_the_other(model_reposito
 @pytest.mark.parametrize("silent", [{"ModelMetadata"}, {"ModelInfer"}, {"ModelInfer", "SystemSharedMemoryUnregister"}],
                          ids=["start-up", "inference", "inference and its regions"])
 def test_a_server_that_takes_calls_and_answers_none_loses_its_requests_to_the_other(model_repository, triton,
-                                                                                   silent):
+                                                                                   silent, monkeypatch):
     """A server whose connection is up while it leaves a kind of call unanswered, at its start-up
     checks or at an inference (over shared memory, and then also its regions' unregistering):
     after one attempt's deadline it is marked down and its requests go to the other server, each
     with the local result (without a deadline the first of them would wait for good, holding that
     server's lock)."""
+    monkeypatch.setattr("inference.backends.triton._LEFT_FOR_S", 1.0)  # (regions left: handed on until then)
     expected = ModelRepository(model_repository).backend("threshold").infer(BATCH)
     proxy = SilentGrpcProxy(triton.grpc_url, silent)
     cache = BackendCache(ModelRepository(model_repository),
@@ -125,6 +126,27 @@ def test_a_server_that_takes_calls_and_answers_none_loses_its_requests_to_the_ot
     # one attempt, then the other server (the silent one asked again only after its probe period)
     assert proxy.taken and set(proxy.taken) <= silent
     assert alive.requests["ok"] == 6 and silent_server.requests["ok"] == 0
+
+
+def test_a_pool_closed_waits_for_the_backends_of_failed_servers_still_closing(model_repository, triton, monkeypatch):
+    """A server that answers nothing is left at once, its backend closing on a thread of its own
+    (asking the server to unregister its regions, until the deadline); a pool closed meanwhile, as
+    at a node's stop, waits for that close, so the regions are unregistered, or handed on, before
+    the process ends."""
+    monkeypatch.setattr("inference.backends.triton._LEFT_FOR_S", 1.0)  # (the hand-on thread ends with the test)
+    proxy = SilentGrpcProxy(triton.grpc_url, {"ModelInfer", "SystemSharedMemoryUnregister"})
+    cache = BackendCache(ModelRepository(model_repository),
+                         TritonConfig(urls=[proxy.url, triton.grpc_url], shared_memory="system", timeout_s=5.0))
+    try:
+        with cache.use("threshold") as pool:
+            for _ in range(2):  # (the first or the second goes to the silent server)
+                pool.infer(BATCH)
+        closing = [t for t in threading.enumerate() if t.name == "triton-backend-close"]
+        assert closing and proxy.taken == ["ModelInfer", "SystemSharedMemoryUnregister"]
+        cache.close()
+        assert not any(t.is_alive() for t in closing)
+    finally:
+        proxy.close()
 
 
 def test_no_server_left_is_unavailable_and_names_the_servers(model_repository):

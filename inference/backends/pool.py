@@ -25,6 +25,7 @@ from inference.backends.base import Backend, BackendError, BackendUnavailable
 from common import logs
 
 log = logging.getLogger("inference.triton")
+CLOSE_WAIT_S = 15.0  # how long `close` waits for the backends of failed servers still closing
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TritonPool:
         self._servers = [_Server(s) for s in stats]
         self._lock = threading.Lock()
         self._turn = itertools.count()
+        self._closing: list[threading.Thread] = []  # backends of failed servers, closing on threads of their own
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         tried: list[str] = []
@@ -117,7 +119,10 @@ class TritonPool:
             backend, server.backend = server.backend, None
         if backend is not None:  # frees our shared-memory regions; a restarted server knows none of them
             # (on a thread of its own: a server that answers nothing would hold the request that long)
-            threading.Thread(target=_close_quietly, args=(backend,), name="triton-backend-close", daemon=True).start()
+            closing = threading.Thread(target=_close_quietly, args=(backend,), name="triton-backend-close", daemon=True)
+            closing.start()
+            with self._lock:
+                self._closing = [t for t in self._closing if t.is_alive()] + [closing]
         self._count(server, "unavailable" if isinstance(exc, BackendUnavailable) else "error")
         with self._lock:
             server.retry_at = time.monotonic() + self.probe_after_s
@@ -139,11 +144,18 @@ class TritonPool:
             logs.event(log, "triton_server_up", server=server.stats.url, model=self.model)
 
     def close(self) -> None:
+        """Close every server's backend, and wait (a while) for those closing since their server
+        failed: a node that stops meanwhile would leave their regions registered on the server."""
         for server in self._servers:
             with server.lock:
                 backend, server.backend = server.backend, None
             if backend is not None:
                 _close_quietly(backend)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        with self._lock:
+            closing, self._closing = self._closing, []
+        for thread in closing:
+            thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def _close_quietly(backend: Backend) -> None:

@@ -252,14 +252,24 @@ class TritonBackend:
         try:
             self.client.register_system_shared_memory(self._name(role), key, size, **self._control)
         except Exception as exc:
-            if not _is_transient(exc):  # refused: the server does not map this region
-                del self._regions[role]
-                shm.destroy_shared_memory_region(handle)
             # A registration that timed out (or lost its connection) may still be done on the
             # server: the next attempt uses the region as it is, and a server that does not know it
             # says so (_REGION_UNKNOWN: made anew), where registering the name a second time would
             # be refused for good.
-            raise
+            if _is_transient(exc):
+                raise
+            # Refused: the server does not map this region, and never may under this name.
+            del self._regions[role]
+            shm.destroy_shared_memory_region(handle)
+            if "ALREADY_EXISTS" not in str(getattr(exc, "status", lambda: "")()):
+                raise
+            # The name is taken (by a registration of ours the server finished late): the regions
+            # are made anew under new names by the next attempt, and that one is unregistered later.
+            name = self._name(role)
+            self._forget_regions()
+            self._leave([name])
+            raise BackendUnavailable(f"Triton at {self.url} already has a shared-memory region named {name}"
+                                     " (a registration it finished late?): new regions on the next attempt") from None
         return handle
 
     def _unregister(self, role: str) -> None:
@@ -312,8 +322,10 @@ class TritonBackend:
         self._regions.clear()
         self._generation += 1
         if left:
-            threading.Thread(target=self._unregister_later, args=(left,), name="triton-regions-left",
-                             daemon=True).start()
+            self._leave(left)
+
+    def _leave(self, names: list[str]) -> None:
+        threading.Thread(target=self._unregister_later, args=(names,), name="triton-regions-left", daemon=True).start()
 
     def _unregister_later(self, names: list[str]) -> None:
         """Unregister regions the server kept, once it lets them go, every `_LEFT_RETRY_S` for
@@ -326,15 +338,20 @@ class TritonBackend:
                 for name in list(names):
                     try:
                         client.unregister_system_shared_memory(name, **self._control)
-                    except Exception as exc:  # still held, no answer, unreachable: the next round
+                    except Exception as exc:
                         if _REGION_BUSY in str(exc) or _is_transient(exc):
-                            continue  # (anything else, such as a server that no longer knows it: done)
+                            continue  # still held, no answer, unreachable: the next round
+                        names.remove(name)  # (a name the server does not know is unregistered without error)
+                        logs.event(log, "triton_region_abandoned", logging.WARNING, region=name,
+                                   error=str(exc)[:200])
+                        continue
                     names.remove(name)
                     logs.event(log, "triton_region_freed", region=name)
         finally:
             client.close()
         for name in names:
-            logs.event(log, "triton_region_abandoned", logging.WARNING, region=name, after_s=_LEFT_FOR_S)
+            logs.event(log, "triton_region_abandoned", logging.WARNING, region=name,
+                       error=f"held past {_LEFT_FOR_S:g} s")
 
     def close(self) -> None:
         self._forget_regions()
