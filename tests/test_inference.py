@@ -354,7 +354,8 @@ def test_a_region_registered_by_a_call_whose_answer_was_lost_is_used_not_registe
     assert not names & _registered_regions(triton.grpc_url, "grpc")
 
 
-def test_a_region_whose_registration_is_refused_is_never_used(triton, monkeypatch):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_region_whose_registration_is_refused_is_never_used(triton, protocol, monkeypatch):
     """The server refuses to register the input's region: it holds that name already, for other
     memory (here a decoy of ones; for the node, a registration of its own the server finished
     late). The inference is unavailable, naming the refusal, and nothing of the backend's stays in
@@ -364,7 +365,8 @@ def test_a_region_whose_registration_is_refused_is_never_used(triton, monkeypatc
     import tritonclient.grpc as grpcclient
     import tritonclient.utils.shared_memory as shm
 
-    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system", retries=2, backoff=0.01)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    backend = TritonBackend(url, threshold_spec(), protocol=protocol, shared_memory="system", retries=2, backoff=0.01)
     name = backend._name("in")
     decoy = shm.create_shared_memory_region("decoy", "/decoy-input", 1 << 16)
     shm.set_shared_memory_region(decoy, [np.ones((1, 1, 8, 8, 8), np.float32)])

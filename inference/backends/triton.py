@@ -38,6 +38,7 @@ _REGION_UNKNOWN = "unable to find shared memory region"
 # a while, and a hold longer than that is a TimeoutError (transient: the job retries).
 _REGION_BUSY = "currently in use"
 _REGION_BUSY_WAIT = 5.0  # seconds
+_NAME_TAKEN = "already in manager"  # its answer to a registration of a name it holds (ALREADY_EXISTS over gRPC)
 # A region the server kept (held past that wait, or no answer) maps memory this node has freed: it
 # is unregistered later, on a thread of its own, tried this often for this long.
 _LEFT_RETRY_S = 2.0
@@ -261,7 +262,7 @@ class TritonBackend:
             # Refused: the server does not map this region, and never may under this name.
             del self._regions[role]
             shm.destroy_shared_memory_region(handle)
-            if "ALREADY_EXISTS" not in str(getattr(exc, "status", lambda: "")()):
+            if _NAME_TAKEN not in str(exc):
                 raise
             # The name is taken (by a registration of ours the server finished late): the regions
             # are made anew under new names by the next attempt, and that one is unregistered later.
