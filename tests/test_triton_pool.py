@@ -141,8 +141,10 @@ def test_a_pool_closed_waits_for_the_backends_of_failed_servers_still_closing(mo
         with cache.use("threshold") as pool:
             for _ in range(2):  # (the first or the second goes to the silent server)
                 pool.infer(BATCH)
+        # the silent server's close asks it to unregister, and waits (its deadline: 5 s)
+        wait_for(lambda: proxy.taken == ["ModelInfer", "SystemSharedMemoryUnregister"], timeout=30)
         closing = [t for t in threading.enumerate() if t.name == "triton-backend-close"]
-        assert closing and proxy.taken == ["ModelInfer", "SystemSharedMemoryUnregister"]
+        assert closing
         cache.close()
         assert not any(t.is_alive() for t in closing)
     finally:
