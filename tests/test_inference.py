@@ -257,11 +257,15 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
         if holds:
             assert refused == {name: 2 for name in names}
         else:
-            assert {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_left"} == names
+            assert _logged_regions(caplog, "triton_region_left") == names
             wait_for(lambda: not names & _registered_regions(url, protocol), timeout=60)  # later, by the thread
-            freed = {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_freed"}
-            assert freed == names
+            assert _logged_regions(caplog, "triton_region_freed") == names
         assert not names & _registered_regions(url, protocol)
+
+
+def _logged_regions(caplog: pytest.LogCaptureFixture, event: str) -> set[str]:
+    """The regions named by the backend's `event` log records so far."""
+    return {r.event_fields["region"] for r in caplog.records if r.getMessage() == event}
 
 
 def _registered_regions(url: str, protocol: str, forget: tuple[str, ...] | set[str] = ()) -> set[str]:
@@ -313,7 +317,7 @@ def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(t
             outcome["error"] = exc
 
     proxy.run_and_close(job)
-    left = {r.event_fields["region"] for r in caplog.records if r.getMessage() == "triton_region_left"}
+    left = _logged_regions(caplog, "triton_region_left")
     if silent == "SystemSharedMemoryUnregister":  # at the close: the first region asked for, not the second then
         assert "error" not in outcome, outcome
         np.testing.assert_allclose(outcome["logits"], (0.0 - ThresholdNet().level) * 200.0, rtol=1e-5)
@@ -439,12 +443,8 @@ def test_regions_left_behind_are_unregistered_later_never_a_live_region_of_the_s
         np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5)  # on new regions
         new = {backend._name(role) for role in ("in", "out")}
         assert new <= _registered_regions(triton.grpc_url, "grpc") and not new & old
-
-        def events(name: str) -> set[str]:
-            return {r.event_fields["region"] for r in caplog.records if r.getMessage() == name}
-
-        assert events("triton_region_left") == old
-        wait_for(lambda: events("triton_region_freed") == old, timeout=60)
+        assert _logged_regions(caplog, "triton_region_left") == old
+        wait_for(lambda: _logged_regions(caplog, "triton_region_freed") == old, timeout=60)
         for _ in range(3):
             np.testing.assert_allclose(backend.infer(batch), expected, atol=1e-5)
         assert new <= _registered_regions(triton.grpc_url, "grpc")
