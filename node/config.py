@@ -450,8 +450,8 @@ class TritonConfig(Strict):
                             " the ready server with the fewest outstanding, and to another when one goes away")
     protocol: Literal["grpc", "http"] = "grpc"
     shared_memory: Literal["auto", "system", "none"] = "auto"
-    timeout_s: float = Field(120.0, gt=0, description="an inference's deadline, and over HTTP every call's (over"
-                             " gRPC the other calls have 10 s, or this if less)")
+    timeout_s: float = Field(120.0, gt=0, description="an inference's deadline (the other calls, readiness,"
+                             " metadata and shared-memory regions, have 10 s, or this if less)")
     retries: int = Field(4, ge=1)
 
     @model_validator(mode="after")

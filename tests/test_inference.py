@@ -9,7 +9,9 @@ import logging
 import math
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +30,7 @@ from inference.backends.triton import TritonBackend
 from tritonclient.utils import InferenceServerException
 from inference.export.repository import ExportMismatch, export_onnx, write_entry
 from inference.pipeline import segment
-from tests.triton_server import SilentGrpcProxy, TritonCpuServer
+from tests.triton_server import SilentGrpcProxy, SilentHttpPeer, TritonCpuServer, free_abandoned_regions
 from inference.volume import SeriesError, load_series, read_series
 from monai.data import MetaTensor
 from tests.models import REPO_MODELS, THRESHOLD_HU, WINDOW, ThresholdNet, threshold_spec
@@ -228,7 +230,7 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
     for holds in (2, None):  # refused twice; refused for as long as it is asked
         backend = TritonBackend(url, threshold_spec(), protocol=protocol, shared_memory="system", retries=2,
                                 backoff=0.01)
-        real, refused = backend.client.unregister_system_shared_memory, Counter()
+        real, refused = backend._ctl.unregister_system_shared_memory, Counter()
 
         def held(name: str, *args, **kwargs):
             if holds is None or refused[name] < holds:
@@ -237,7 +239,7 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
                                                " in use.", status="StatusCode.INTERNAL")
             return real(name, *args, **kwargs)
 
-        backend.client.unregister_system_shared_memory = held
+        backend._ctl.unregister_system_shared_memory = held
         names = {backend._name(role) for role in ("in", "out")}
         try:
             backend.infer(np.zeros((1, 1, 16, 16, 16), np.float32))
@@ -252,6 +254,7 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
                                            atol=1e-3)
                 assert refused == {name: 2 for name in names}
                 refused.clear()
+                names = {backend._name(role) for role in ("in", "out")}  # (the larger regions': new names)
         finally:
             backend.close()
         if holds:
@@ -286,8 +289,8 @@ def _registered_regions(url: str, protocol: str, forget: tuple[str, ...] | set[s
     return {region["name"] for region in regions}
 
 
-_CALLS = ("ServerReady", "ModelReady", "RepositoryIndex", "ModelMetadata", "SystemSharedMemoryRegister", "ModelInfer",
-          "SystemSharedMemoryUnregister")
+_CALLS = ("ServerReady", "ModelReady", "RepositoryIndex", "ModelMetadata", "SystemSharedMemoryRegister",
+          "SystemSharedMemoryStatus", "ModelInfer", "SystemSharedMemoryUnregister")
 
 
 @pytest.mark.parametrize("silent", _CALLS)
@@ -297,9 +300,11 @@ def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(t
     an inference on shared memory and its close each end, the unanswered call taken once per
     attempt (the repository's index is asked for a model the server does not have ready). A start
     or an inference is then unavailable (the job waits and retries), naming the call and the
-    deadline; a close leaves the server its regions, says which, and frees its own."""
+    deadline; a close leaves the server its regions, says which, and frees its own. The regions'
+    status, read once to free those of nodes gone, is only logged as unread: the job goes on."""
     caplog.set_level(logging.WARNING, logger="inference.triton")
     monkeypatch.setattr("inference.backends.triton._LEFT_FOR_S", 1.0)  # (regions left: handed on until then)
+    free_abandoned_regions(triton.grpc_url)  # (the proxy then takes only this backend's calls)
     proxy = SilentGrpcProxy(triton.grpc_url, {silent})
     outcome: dict[str, object] = {}
 
@@ -318,20 +323,47 @@ def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(t
 
     proxy.run_and_close(job)
     left = _logged_regions(caplog, "triton_region_left")
-    if silent == "SystemSharedMemoryUnregister":  # at the close: the first region asked for, not the second then
+    unread = [r.event_fields["error"] for r in caplog.records if r.getMessage() == "triton_regions_unread"]
+    if silent in ("SystemSharedMemoryUnregister", "SystemSharedMemoryStatus"):
         assert "error" not in outcome, outcome
         np.testing.assert_allclose(outcome["logits"], (0.0 - ThresholdNet().level) * 200.0, rtol=1e-5)
+        assert proxy.taken == [silent]
         names = outcome["names"]
-        assert proxy.taken == [silent] and left == names
-        assert names <= _registered_regions(triton.grpc_url, "grpc", forget=names)  # the server kept them
+        if silent == "SystemSharedMemoryUnregister":  # at the close: the first region asked for, not the second then
+            assert left == names and not unread
+            assert names <= _registered_regions(triton.grpc_url, "grpc", forget=names)  # the server kept them
+        else:
+            assert unread == ["[StatusCode.DEADLINE_EXCEEDED] Deadline Exceeded"] and not left
+            assert not names & _registered_regions(triton.grpc_url, "grpc")
     else:
         what = {"ServerReady": "server readiness", "ModelReady": "model readiness",
                 "RepositoryIndex": "repository index", "ModelMetadata": "model metadata"}.get(silent, "inference")
         assert isinstance(outcome.get("error"), BackendUnavailable), outcome
         assert re.fullmatch(rf"Triton at {proxy.url} unavailable for {what} after 2 attempts: "
                             r"\[StatusCode.DEADLINE_EXCEEDED\] Deadline Exceeded", str(outcome["error"]))
-        assert proxy.taken == [silent] * 2 and not left
+        assert proxy.taken == [silent] * 2 and not left and not unread
     assert not list(Path("/dev/shm").glob(f"{outcome.get('prefix', 'dicom-node-none')}*"))  # freed here
+
+
+def test_an_http_triton_that_answers_nothing_holds_a_start_up_check_no_longer_than_its_deadline():
+    """Over HTTP a call's timeout is its client's: a server whose connection is up while it answers
+    nothing held each start-up check for the inferences' timeout (120 s by default, 300 s here) an
+    attempt. The checks have a client of their own, whose calls have the 10 s deadline of every
+    call that is not an inference: the start is unavailable after two attempts, each a readiness
+    request the server took."""
+    peer = SilentHttpPeer()
+    outcome: dict[str, object] = {}
+
+    def start() -> None:
+        try:
+            TritonBackend(peer.url, threshold_spec(), protocol="http", timeout=300.0, retries=2, backoff=0.01)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    peer.run_and_close(start)
+    assert isinstance(outcome.get("error"), BackendUnavailable), outcome
+    assert str(outcome["error"]) == f"Triton at {peer.url} unavailable for server readiness after 2 attempts: timed out"
+    assert peer.taken == ["GET /v2/health/ready HTTP/1.1"] * 2
 
 
 def test_a_region_registered_by_a_call_whose_answer_was_lost_is_used_not_registered_again(model_repository,
@@ -359,13 +391,13 @@ def test_a_region_registered_by_a_call_whose_answer_was_lost_is_used_not_registe
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_a_region_whose_registration_is_refused_is_never_used(triton, protocol, monkeypatch):
+def test_a_region_whose_registration_is_refused_is_never_used(triton, protocol):
     """The server refuses to register the input's region: it holds that name already, for other
-    memory (here a decoy of ones; for the node, a registration of its own the server finished
-    late). The inference is unavailable, naming the refusal, and nothing of the backend's stays in
-    /dev/shm; the next one, on regions of new names, gives the model's answer to its own input,
-    never to the decoy's values (as a region kept after the refusal would). The taken name is
-    unregistered later."""
+    memory (here a decoy of ones; a backend never registers a name twice, so not one of its own).
+    The inference is unavailable, naming the refusal, and nothing of the backend's stays in
+    /dev/shm; the next one, on a region of a new name, gives the model's answer to its own input,
+    never to the decoy's values (as a region kept after the refusal would). The decoy is not the
+    backend's to unregister: it stays, although its name is a node's, as its object is not."""
     import tritonclient.grpc as grpcclient
     import tritonclient.utils.shared_memory as shm
 
@@ -376,17 +408,17 @@ def test_a_region_whose_registration_is_refused_is_never_used(triton, protocol, 
     shm.set_shared_memory_region(decoy, [np.ones((1, 1, 8, 8, 8), np.float32)])
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     client.register_system_shared_memory(name, "/decoy-input", 1 << 16)
-    monkeypatch.setattr("inference.backends.triton._LEFT_RETRY_S", 0.2)
     try:
-        with pytest.raises(BackendUnavailable, match=rf"already has a shared-memory region named {name} "):
+        with pytest.raises(BackendUnavailable, match=rf"already has a shared-memory region named {name}: a new"):
             backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
         assert not list(Path("/dev/shm").glob(f"{name}*"))
         for _ in range(2):
             logits = backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))[:, 1]
             np.testing.assert_allclose(logits, (0.0 - ThresholdNet().level) * 200.0, rtol=1e-5)
-        wait_for(lambda: name not in _registered_regions(triton.grpc_url, "grpc"), timeout=60)
+        assert backend._name("in") != name and name in _registered_regions(triton.grpc_url, "grpc")
     finally:
         backend.close()
+        client.unregister_system_shared_memory(name)
         client.close()
         shm.destroy_shared_memory_region(decoy)
     assert not list(Path("/dev/shm").glob(f"{backend._prefix}*"))
@@ -452,6 +484,82 @@ def test_regions_left_behind_are_unregistered_later_never_a_live_region_of_the_s
         backend.close()
         proxy.close()
     assert not (old | new) & _registered_regions(triton.grpc_url, "grpc")
+
+
+# A node's process with a backend on shared memory: it infers once, prints its regions' names and waits to be killed.
+_NODE = """
+import sys
+import numpy as np
+from inference.backends.triton import TritonBackend
+from inference.spec import ModelSpec
+backend = TritonBackend(sys.argv[1], ModelSpec.model_validate_json(sys.argv[2]), shared_memory="system")
+backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
+print(*(backend._name(role) for role in ("in", "out")), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("killed", ["the process", "its process group"])
+def test_regions_of_a_node_killed_are_freed_by_the_next_backend_never_those_of_a_live_one(model_repository, triton,
+                                                                                         killed, caplog):
+    """A node killed (the OOM killer; a container stopped) leaves its regions registered, and the
+    server maps their memory until it restarts. The next backend to register a region frees them:
+    whether Python's resource tracker, killed or not with its process, removed their objects or
+    they are still in /dev/shm (then removed too). It never touches the regions of a live node (one
+    here, in this process: its next inference runs on them), nor those of an older release whose
+    objects are still there (they hold no lock to tell a live node's), nor regions named otherwise
+    or whose objects are not named after them. One of an older release whose object is gone is
+    freed."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as shm
+
+    caplog.set_level(logging.INFO, logger="inference.triton")
+    batch = np.random.default_rng(8).random((1, 1, 8, 8, 8), dtype=np.float32)
+    expected = _local(model_repository).infer(batch)
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    made: dict[str, object] = {}  # this test's regions: name -> tritonclient's handle while its object is kept
+    node = subprocess.Popen([sys.executable, "-c", _NODE, triton.grpc_url, threshold_spec().model_dump_json()],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    live = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
+    fresh = None
+    try:
+        gone = set(node.stdout.readline().split())
+        assert len(gone) == 2 and gone <= _registered_regions(triton.grpc_url, "grpc")
+        for name, key in [("dicom-node-0ld00000-0-in", "/dicom-node-0ld00000-0-in"),  # an older node's, live or not
+                          ("dicom-node-0ld00001-0-in", "/dicom-node-0ld00001-0-in"),  # an older node's, gone
+                          ("elsewhere-0-in", "/elsewhere-0-in"),  # another client's, gone
+                          ("dicom-node-held-0ther000-0-in", "/elsewhere-1-in")]:  # its object named otherwise
+            made[name] = shm.create_shared_memory_region(name, key, 1 << 12)
+            client.register_system_shared_memory(name, key, 1 << 12)
+        for name in ("dicom-node-0ld00001-0-in", "elsewhere-0-in", "dicom-node-held-0ther000-0-in"):
+            shm.destroy_shared_memory_region(made.pop(name))
+        np.testing.assert_allclose(live.infer(batch), expected, atol=1e-5)  # (its first registration: it frees one)
+        kept = {live._name(role) for role in ("in", "out")} | {"dicom-node-0ld00000-0-in", "elsewhere-0-in",
+                                                                  "dicom-node-held-0ther000-0-in"}
+        (os.kill if killed == "the process" else os.killpg)(node.pid, signal.SIGKILL)
+        node.wait(30)
+        fresh = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
+        np.testing.assert_allclose(fresh.infer(batch), expected, atol=1e-5)
+        registered = _registered_regions(triton.grpc_url, "grpc")
+        assert kept <= registered and not (gone | {"dicom-node-0ld00001-0-in"}) & registered
+        assert not {path.name for path in Path("/dev/shm").iterdir()} & gone
+        freed = _logged_regions(caplog, "triton_abandoned_region_freed")
+        assert gone | {"dicom-node-0ld00001-0-in"} <= freed and not freed & kept
+        np.testing.assert_allclose(live.infer(batch), expected, atol=1e-5)  # on the same regions
+        assert kept <= _registered_regions(triton.grpc_url, "grpc")
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(30)
+        for backend in (live, fresh):
+            if backend is not None:
+                backend.close()
+        for name in ("dicom-node-0ld00000-0-in", "elsewhere-0-in", "dicom-node-held-0ther000-0-in"):
+            client.unregister_system_shared_memory(name)  # (a name the server does not have: no error)
+        client.close()
+        for handle in made.values():
+            shm.destroy_shared_memory_region(handle)
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):

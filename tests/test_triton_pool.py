@@ -19,7 +19,7 @@ import pytest
 
 from inference.backends.base import BackendUnavailable
 from inference.repository import ModelRepository
-from tests.triton_server import SilentGrpcProxy, TritonCpuServer
+from tests.triton_server import SilentGrpcProxy, TritonCpuServer, free_abandoned_regions
 from node.config import NodeConfig, TritonConfig
 from node.jobs.backends import BackendCache
 from tests.peers import free_port, storescu, wait_for
@@ -134,6 +134,7 @@ def test_a_pool_closed_waits_for_the_backends_of_failed_servers_still_closing(mo
     at a node's stop, waits for that close, so the regions are unregistered, or handed on, before
     the process ends."""
     monkeypatch.setattr("inference.backends.triton._LEFT_FOR_S", 1.0)  # (the hand-on thread ends with the test)
+    free_abandoned_regions(triton.grpc_url)  # (the proxy then takes only the pool's calls)
     proxy = SilentGrpcProxy(triton.grpc_url, {"ModelInfer", "SystemSharedMemoryUnregister"})
     cache = BackendCache(ModelRepository(model_repository),
                          TritonConfig(urls=[proxy.url, triton.grpc_url], shared_memory="system", timeout_s=5.0))

@@ -9,8 +9,10 @@ numpy must be < 2 in this environment (numpy 2 gives empty output tensors).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -121,7 +123,82 @@ class TritonCpuServer:
         shutil.rmtree(self._backends, ignore_errors=True)
 
 
-class SilentGrpcProxy:
+def free_abandoned_regions(url: str) -> None:
+    """Have the regions of nodes gone freed on the server at `url` (a backend's first registration
+    does it): a test that counts the calls a proxy takes then starts without those that regions
+    left by earlier tests would add."""
+    import numpy as np
+
+    from inference.backends.triton import TritonBackend
+    from tests.models import threshold_spec
+
+    backend = TritonBackend(url, threshold_spec(), shared_memory="system")
+    try:
+        backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
+    finally:
+        backend.close()
+
+
+class _Silent:
+    """A peer that leaves calls unanswered until it closes."""
+
+    silent: set[str]
+
+    def run_and_close(self, call: Callable[[], None], limit: float = 120.0) -> None:
+        """Run `call` on a thread of its own, then close the peer; fail if the call still waits
+        after `limit` seconds (the close ends the calls left unanswered, so the test ends too)."""
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(limit)
+        waiting = worker.is_alive()
+        self.close()
+        assert not waiting, f"still waiting for {', '.join(sorted(self.silent))} after {limit:g} s"
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SilentHttpPeer(_Silent):
+    """A TCP server on 127.0.0.1 that takes every connection and reads what comes, answering
+    nothing: an HTTP Triton whose connection is up while it answers no call. `taken`: the request
+    lines read, in order. Stopped by `close()`."""
+
+    def __init__(self) -> None:
+        self.silent = {"every HTTP call"}
+        self.taken: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, name="silent-http", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self._connections.append(connection)
+            threading.Thread(target=self._read, args=(connection,), daemon=True).start()
+
+    def _read(self, connection: socket.socket) -> None:
+        with connection, connection.makefile("rb") as stream:
+            try:
+                for line in stream:
+                    if line.split(b" ", 1)[0] in (b"GET", b"POST"):
+                        self.taken.append(line.decode("latin-1").strip())
+            except OSError:  # closed
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+class SilentGrpcProxy(_Silent):
     """A gRPC server in front of a real Triton that forwards every call but those named in `silent`,
     which it takes and never answers: a Triton whose connection is up (HTTP/2 handshake done) while
     a call hangs, which a real server does not do on demand. `done_first`: each silent call is
@@ -166,16 +243,6 @@ class SilentGrpcProxy:
         while context.is_active() and not self._released.wait(0.05):
             pass  # until the client gives up on the call, or the proxy closes
         context.abort(grpc.StatusCode.UNAVAILABLE, "proxy closed")
-
-    def run_and_close(self, call: Callable[[], None], limit: float = 120.0) -> None:
-        """Run `call` on a thread of its own, then close the proxy; fail if the call still waits
-        after `limit` seconds (the close ends the calls left unanswered, so the test ends too)."""
-        worker = threading.Thread(target=call, daemon=True)
-        worker.start()
-        worker.join(limit)
-        waiting = worker.is_alive()
-        self.close()
-        assert not waiting, f"still waiting for {', '.join(sorted(self.silent))} after {limit:g} s"
 
     def close(self) -> None:
         self._released.set()

@@ -7,10 +7,14 @@ that is about 5x faster than HTTP and 9x faster than gRPC on this machine.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -43,10 +47,20 @@ _NAME_TAKEN = "already in manager"  # its answer to a registration of a name it 
 # is unregistered later, on a thread of its own, tried this often for this long.
 _LEFT_RETRY_S = 2.0
 _LEFT_FOR_S = 600.0
-# The deadline of every gRPC call that is not an inference (readiness, metadata, a region's
-# registration): a live server answers them in milliseconds, and without one a server whose
-# connection is up while it answers nothing holds the job (and the pool's server lock) for good.
-# Over HTTP the client's network timeout bounds every call.
+# A node killed (the OOM killer, SIGKILL at a container's stop) or stopped while the server held a
+# region leaves its regions registered, and the server maps their memory until it restarts (the
+# output region of a 105-class network's two 96^3 windows: 743 MB). A backend frees those of nodes
+# gone, after its first registration. Every node's region names begin with _OURS; this release's
+# with _HELD, and its process holds a shared flock(2) on each region's object while the region
+# lives. Regions named by older releases, which hold no lock, are judged gone only when their
+# object is.
+_OURS = "dicom-node-"
+_HELD = f"{_OURS}held-"
+_SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared-memory objects (shm_open(3))
+# The deadline of every call that is not an inference (readiness, metadata, a region's
+# registration): a live server answers them in milliseconds (under load: 91 ms at most, measured),
+# and without one a server whose connection is up while it answers nothing holds the job (and the
+# pool's server lock) for good over gRPC, and for the inferences' timeout (120 s) over HTTP.
 CONTROL_TIMEOUT_S = 10.0
 _TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "failed to connect", "Connection refused",
               "connection reset", "Socket closed", "Broken pipe", "timed out")
@@ -65,6 +79,56 @@ def _timed_out(exc: BaseException) -> bool:
     """A region still held past our wait, or a call the server took and did not answer in time."""
     return isinstance(exc, TimeoutError) or (isinstance(exc, InferenceServerException)
                                              and "DEADLINE_EXCEEDED" in str(exc.status()))
+
+
+def _hold(name: str) -> int:
+    """A descriptor holding a shared lock on a region's object, for as long as the region lives."""
+    fd = os.open(_SHM_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _abandoned(name: str, key: str) -> bool:
+    """Whether a region is a node's (its object named as the region, as nodes name theirs) and no
+    live process owns it: its object is gone (unlinked by its node, or by Python's resource tracker
+    after its node was killed), or, for a region of this release, no process holds its lock (a node
+    killed with its tracker: the object outlives both). An object this process may not open
+    (another user's) is not judged: its region is kept."""
+    if not name.startswith(_OURS) or "/" in name or key != f"/{name}":
+        return False
+    path = _SHM_DIR / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        if not name.startswith(_HELD):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (let go with the descriptor)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Region:
+    """One of the backend's shared-memory regions: its name (its object's too), tritonclient's
+    handle, its size, and the descriptor holding its lock (`_hold`)."""
+    name: str
+    handle: Any
+    size: int
+    lock: int
+
+    def free(self) -> None:
+        """Unmap and unlink the object, then let its lock go."""
+        try:
+            shm.destroy_shared_memory_region(self.handle)
+        finally:
+            os.close(self.lock)
 
 
 class TritonBackend:
@@ -89,28 +153,36 @@ class TritonBackend:
         host = urlsplit(f"//{url}").hostname or ""
         self.use_shm = shared_memory == "system" or (shared_memory == "auto" and host in _LOCAL_HOSTS)
         self._lib: Any = grpcclient if protocol == "grpc" else httpclient
+        # Calls that are not inferences go through `_ctl` within CONTROL_TIMEOUT_S: over gRPC the
+        # inferences' client, given a deadline per call (`_control`); over HTTP, whose timeouts are
+        # the client's, a second client.
         self._control: dict[str, float] = {}
         if protocol == "grpc":
             self._control["client_timeout"] = min(timeout, CONTROL_TIMEOUT_S)
-        self.client: Any = self._connect()
-        self._regions: dict[str, tuple[Any, int]] = {}
+        self.client: Any = self._connect(timeout)
+        self._ctl: Any = self.client if protocol == "grpc" else self._connect(min(timeout, CONTROL_TIMEOUT_S))
+        self._regions: dict[str, _Region] = {}
         self._per_item: tuple[int, ...] = ()  # a detector's output per batch item, from the server's metadata
-        self._prefix = f"dicom-node-{uuid.uuid4().hex[:8]}"
-        self._generation = 0  # of the regions' names: one left behind is never the name of a new one
+        self._prefix = f"{_HELD}{uuid.uuid4().hex[:8]}"
+        # regions made per role: a region's name is never used again (one left behind, unregistered later or by
+        # another backend's first registration, is never the name of a live region)
+        self._made: dict[str, int] = {}
+        self._swept = False  # the regions of nodes gone freed (`_free_abandoned_regions`)
         self._check_model()
 
-    def _connect(self) -> Any:
+    def _connect(self, timeout: float) -> Any:
+        """A client of the server; over HTTP, `timeout` bounds each of its calls."""
         if self.protocol == "grpc":
             return grpcclient.InferenceServerClient(self.url)
-        return httpclient.InferenceServerClient(self.url, connection_timeout=self.timeout, network_timeout=self.timeout)
+        return httpclient.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
 
     # -- start-up checks -------------------------------------------------------------------
 
     def _check_model(self) -> None:
         name, version = self.spec.name, str(self.spec.version)
-        if not self._retry(lambda: self.client.is_server_ready(**self._control), "server readiness"):
+        if not self._retry(lambda: self._ctl.is_server_ready(**self._control), "server readiness"):
             raise BackendUnavailable(f"Triton at {self.url} is not ready")
-        if not self._retry(lambda: self.client.is_model_ready(name, version, **self._control), "model readiness"):
+        if not self._retry(lambda: self._ctl.is_model_ready(name, version, **self._control), "model readiness"):
             index = self._retry(self._repository_names, "repository index")
             # A model the server does not have will not appear by waiting; one it has may be loading.
             error = BackendUnavailable if name in index else BackendError
@@ -134,14 +206,14 @@ class TritonBackend:
 
     def _metadata(self, name: str, version: str) -> dict[str, Any]:
         if self.protocol == "grpc":
-            return self.client.get_model_metadata(name, version, as_json=True, **self._control)
-        return self.client.get_model_metadata(name, version)
+            return self._ctl.get_model_metadata(name, version, as_json=True, **self._control)
+        return self._ctl.get_model_metadata(name, version)
 
     def _repository_names(self) -> list[str]:
         if self.protocol == "grpc":
-            index = self.client.get_model_repository_index(as_json=True, **self._control)
+            index = self._ctl.get_model_repository_index(as_json=True, **self._control)
         else:
-            index = self.client.get_model_repository_index()
+            index = self._ctl.get_model_repository_index()
         models = index.get("models", []) if isinstance(index, dict) else index
         return sorted(m.get("name", "") for m in models)
 
@@ -236,22 +308,30 @@ class TritonBackend:
         return np.array(shm.get_contents_as_numpy(handle, dtype, shape))
 
     def _name(self, role: str) -> str:
-        return f"{self._prefix}-{self._generation}-{role}"
+        """The name of the role's region, or of the next one made for it."""
+        region = self._regions.get(role)
+        return region.name if region else f"{self._prefix}-{self._made.get(role, 0)}-{role}"
 
     def _region(self, role: str, size: int) -> Any:
         """A registered shared-memory region of at least `size` bytes (grown when needed)."""
         current = self._regions.get(role)
-        if current and current[1] >= size:
-            return current[0]
+        if current and current.size >= size:
+            return current.handle
         if current:
             self._unregister(role)
             del self._regions[role]
-            shm.destroy_shared_memory_region(current[0])
-        key = f"/{self._name(role)}"
-        handle = shm.create_shared_memory_region(self._name(role), key, size)
-        self._regions[role] = (handle, size)
+            current.free()
+        name = self._name(role)
+        self._made[role] = self._made.get(role, 0) + 1
+        key = f"/{name}"
+        handle = shm.create_shared_memory_region(name, key, size)
+        try:  # (held before it is registered: a registered region of ours is never judged abandoned)
+            region = self._regions[role] = _Region(name, handle, size, _hold(name))
+        except BaseException:
+            shm.destroy_shared_memory_region(handle)
+            raise
         try:
-            self.client.register_system_shared_memory(self._name(role), key, size, **self._control)
+            self._ctl.register_system_shared_memory(name, key, size, **self._control)
         except Exception as exc:
             # A registration that timed out (or lost its connection) may still be done on the
             # server: the next attempt uses the region as it is, and a server that does not know it
@@ -261,16 +341,16 @@ class TritonBackend:
                 raise
             # Refused: the server does not map this region, and never may under this name.
             del self._regions[role]
-            shm.destroy_shared_memory_region(handle)
+            region.free()
             if _NAME_TAKEN not in str(exc):
                 raise
-            # The name is taken (by a registration of ours the server finished late): the regions
-            # are made anew under new names by the next attempt, and that one is unregistered later.
-            name = self._name(role)
-            self._forget_regions()
-            self._leave([name])
-            raise BackendUnavailable(f"Triton at {self.url} already has a shared-memory region named {name}"
-                                     " (a registration it finished late?): new regions on the next attempt") from None
+            # The name is taken (not by this backend, which never registers a name twice): the next
+            # attempt makes the region under a name of its own.
+            raise BackendUnavailable(f"Triton at {self.url} already has a shared-memory region named {name}:"
+                                     " a new region on the next attempt") from None
+        if not self._swept:  # (the server has mapped an object of ours: it sees the /dev/shm this process sees)
+            self._swept = True
+            self._free_abandoned_regions()
         return handle
 
     def _unregister(self, role: str) -> None:
@@ -278,7 +358,7 @@ class TritonBackend:
         deadline = time.monotonic() + _REGION_BUSY_WAIT
         while True:
             try:
-                self.client.unregister_system_shared_memory(self._name(role), **self._control)
+                self._ctl.unregister_system_shared_memory(self._name(role), **self._control)
                 return
             except InferenceServerException as exc:
                 if _REGION_BUSY not in str(exc.message()):
@@ -310,18 +390,17 @@ class TritonBackend:
         """Unregister (where the server still knows them) and free our shared-memory regions; those
         the server keeps are unregistered later (`_unregister_later`)."""
         left: list[str] = []
-        for role, (handle, _) in list(self._regions.items()):
+        for role, region in list(self._regions.items()):
             try:
                 if left:  # (a server that did not answer for one region is not asked for the next now)
                     raise TimeoutError
                 self._unregister(role)
             except Exception as exc:  # the server may be gone; the local region is still ours to free
                 if _timed_out(exc):  # (held by a request the client gave up on, or no answer): it keeps it
-                    left.append(self._name(role))
+                    left.append(region.name)
                     logs.event(log, "triton_region_left", logging.WARNING, region=left[-1])
-            shm.destroy_shared_memory_region(handle)
+            region.free()
         self._regions.clear()
-        self._generation += 1
         if left:
             self._leave(left)
 
@@ -331,7 +410,7 @@ class TritonBackend:
     def _unregister_later(self, names: list[str]) -> None:
         """Unregister regions the server kept, once it lets them go, every `_LEFT_RETRY_S` for
         `_LEFT_FOR_S`, on a client of this thread's own (the backend may be closed meanwhile)."""
-        client = self._connect()
+        client = self._connect(min(self.timeout, CONTROL_TIMEOUT_S))
         deadline = time.monotonic() + _LEFT_FOR_S
         try:
             while names and time.monotonic() < deadline:
@@ -354,6 +433,37 @@ class TritonBackend:
             logs.event(log, "triton_region_abandoned", logging.WARNING, region=name,
                        error=f"held past {_LEFT_FOR_S:g} s")
 
+    def _free_abandoned_regions(self) -> None:
+        """Unregister the regions of nodes gone (`_abandoned`), and remove objects their nodes left:
+        once, after the backend's first registration. Only then: a node whose /dev/shm is not the
+        server's (Triton in a container of its own) would find every other node's objects gone.
+        What fails is logged, never raised: the backend works without. A region a request still
+        holds is left to the next backend."""
+        try:
+            if self.protocol == "grpc":
+                status = self._ctl.get_system_shared_memory_status(as_json=True, **self._control)
+                regions = list(status.get("regions", {}).values())
+            else:
+                regions = self._ctl.get_system_shared_memory_status()
+        except Exception as exc:
+            logs.event(log, "triton_regions_unread", logging.WARNING, error=str(exc)[:200])
+            return
+        for region in regions:
+            name, key = str(region.get("name", "")), str(region.get("key", ""))
+            try:
+                if not _abandoned(name, key):
+                    continue
+                self._ctl.unregister_system_shared_memory(name, **self._control)
+                (_SHM_DIR / name).unlink(missing_ok=True)  # (a node killed with its resource tracker left it)
+            except Exception as exc:
+                logs.event(log, "triton_abandoned_region_kept", logging.WARNING, region=name, error=str(exc)[:200])
+                if _timed_out(exc):  # (a server that did not answer for one is not asked for the next)
+                    return
+                continue
+            logs.event(log, "triton_abandoned_region_freed", region=name)
+
     def close(self) -> None:
         self._forget_regions()
         self.client.close()
+        if self._ctl is not self.client:
+            self._ctl.close()
