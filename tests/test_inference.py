@@ -254,7 +254,9 @@ def test_a_region_the_server_still_holds_is_unregistered_once_it_lets_go(triton,
                                            atol=1e-3)
                 assert refused == {name: 2 for name in names}
                 refused.clear()
-                names = {backend._name(role) for role in ("in", "out")}  # (the larger regions': new names)
+                grown = {backend._name(role) for role in ("in", "out")}
+                assert not grown & names  # (a region's name is never used twice)
+                names = grown
         finally:
             backend.close()
         if holds:
@@ -501,7 +503,7 @@ sys.stdin.read()
 
 @pytest.mark.parametrize("killed", ["the process", "its process group"])
 def test_regions_of_a_node_killed_are_freed_by_the_next_backend_never_those_of_a_live_one(model_repository, triton,
-                                                                                         killed, caplog):
+                                                                                         killed, caplog, monkeypatch):
     """A node killed (the OOM killer; a container stopped) leaves its regions registered, and the
     server maps their memory until it restarts. The next backend to register a region frees them:
     whether Python's resource tracker, killed or not with its process, removed their objects or
@@ -509,11 +511,13 @@ def test_regions_of_a_node_killed_are_freed_by_the_next_backend_never_those_of_a
     here, in this process: its next inference runs on them), nor those of an older release whose
     objects are still there (they hold no lock to tell a live node's), nor regions named otherwise
     or whose objects are not named after them. One of an older release whose object is gone is
-    freed."""
+    freed. An object of a node gone that no server lists (the server restarted since) is removed
+    once nobody holds it (and it is older than a minute: none here)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.utils.shared_memory as shm
 
     caplog.set_level(logging.INFO, logger="inference.triton")
+    monkeypatch.setattr("inference.backends.triton._ORPHAN_AGE_S", 0.0)
     batch = np.random.default_rng(8).random((1, 1, 8, 8, 8), dtype=np.float32)
     expected = _local(model_repository).infer(batch)
     client = grpcclient.InferenceServerClient(triton.grpc_url)
@@ -534,7 +538,13 @@ def test_regions_of_a_node_killed_are_freed_by_the_next_backend_never_those_of_a
             client.register_system_shared_memory(name, key, 1 << 12)
         for name in ("dicom-node-0ld00001-0-in", "elsewhere-0-in", "dicom-node-held-0ther000-0-in"):
             shm.destroy_shared_memory_region(made.pop(name))
+        orphan = Path("/dev/shm/dicom-node-held-0rphan00-0-out")  # a node gone's, its server restarted since
+        orphan.write_bytes(bytes(64))
         np.testing.assert_allclose(live.infer(batch), expected, atol=1e-5)  # (its first registration: it frees one)
+        assert not orphan.exists()
+        removed = {r.event_fields["object"] for r in caplog.records
+                   if r.getMessage() == "triton_abandoned_object_removed"}
+        assert orphan.name in removed and not removed & (gone | {live._name(role) for role in ("in", "out")})
         kept = {live._name(role) for role in ("in", "out")} | {"dicom-node-0ld00000-0-in", "elsewhere-0-in",
                                                                   "dicom-node-held-0ther000-0-in"}
         (os.kill if killed == "the process" else os.killpg)(node.pid, signal.SIGKILL)
@@ -560,6 +570,35 @@ def test_regions_of_a_node_killed_are_freed_by_the_next_backend_never_those_of_a
         client.close()
         for handle in made.values():
             shm.destroy_shared_memory_region(handle)
+
+
+def test_a_live_region_whose_object_something_else_removed_is_made_anew(model_repository, triton):
+    """Something else removes a live node's object from /dev/shm (an operator's rm, systemd-logind's
+    RemoveIPC): another backend's first registration takes the region for a node gone's and
+    unregisters it. The node's next inference is unavailable (the job waits and retries), the one
+    after it runs on new regions with the local result, and the close leaves nothing behind; before,
+    freeing the region whose object was gone failed, and every inference after it was an error."""
+    batch = np.random.default_rng(10).random((1, 1, 8, 8, 8), dtype=np.float32)
+    expected = _local(model_repository).infer(batch)
+    node = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
+    other = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
+    try:
+        np.testing.assert_allclose(node.infer(batch), expected, atol=1e-5)
+        removed = node._name("in")
+        Path("/dev/shm", removed).unlink()
+        np.testing.assert_allclose(other.infer(batch), expected, atol=1e-5)
+        assert removed not in _registered_regions(triton.grpc_url, "grpc")
+        with pytest.raises(BackendUnavailable, match=r"no longer has this node's shared-memory regions"):
+            node.infer(batch)
+        for _ in range(2):
+            np.testing.assert_allclose(node.infer(batch), expected, atol=1e-5)
+        names = {node._name(role) for role in ("in", "out")}
+        assert removed not in names and names <= _registered_regions(triton.grpc_url, "grpc")
+    finally:
+        node.close()
+        other.close()
+    assert not list(Path("/dev/shm").glob(f"{node._prefix}*"))
+    assert not (names | {removed}) & _registered_regions(triton.grpc_url, "grpc")
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):

@@ -57,6 +57,10 @@ _LEFT_FOR_S = 600.0
 _OURS = "dicom-node-"
 _HELD = f"{_OURS}held-"
 _SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared-memory objects (shm_open(3))
+# An object of this release that nobody holds and that is older than this is a dead node's, also
+# when no server lists its region (a server restarted since): a live node holds each object within
+# microseconds of making it.
+_ORPHAN_AGE_S = 60.0
 # The deadline of every call that is not an inference (readiness, metadata, a region's
 # registration): a live server answers them in milliseconds (under load: 91 ms at most, measured),
 # and without one a server whose connection is up while it answers nothing holds the job (and the
@@ -124,9 +128,12 @@ class _Region:
     lock: int
 
     def free(self) -> None:
-        """Unmap and unlink the object, then let its lock go."""
+        """Unmap and unlink the object, then let its lock go. An object something else removed from
+        /dev/shm (an operator, systemd-logind's RemoveIPC) is unmapped all the same."""
         try:
-            shm.destroy_shared_memory_region(self.handle)
+            shm.destroy_shared_memory_region(self.handle)  # (unmaps, then unlinks)
+        except FileNotFoundError:
+            pass
         finally:
             os.close(self.lock)
 
@@ -399,8 +406,8 @@ class TritonBackend:
                 if _timed_out(exc):  # (held by a request the client gave up on, or no answer): it keeps it
                     left.append(region.name)
                     logs.event(log, "triton_region_left", logging.WARNING, region=left[-1])
+            del self._regions[role]  # (before it is freed: a failure there leaves no freed handle behind)
             region.free()
-        self._regions.clear()
         if left:
             self._leave(left)
 
@@ -439,6 +446,7 @@ class TritonBackend:
         server's (Triton in a container of its own) would find every other node's objects gone.
         What fails is logged, never raised: the backend works without. A region a request still
         holds is left to the next backend."""
+        self._remove_orphan_objects()
         try:
             if self.protocol == "grpc":
                 status = self._ctl.get_system_shared_memory_status(as_json=True, **self._control)
@@ -461,6 +469,20 @@ class TritonBackend:
                     return
                 continue
             logs.event(log, "triton_abandoned_region_freed", region=name)
+
+    def _remove_orphan_objects(self) -> None:
+        """Remove the objects of this release's nodes gone that no server lists (`_ORPHAN_AGE_S`):
+        a node killed with its resource tracker, its server restarted since."""
+        for path in _SHM_DIR.glob(f"{_HELD}*"):
+            try:
+                if time.time() - path.stat().st_ctime < _ORPHAN_AGE_S or not _abandoned(path.name, f"/{path.name}"):
+                    continue
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # (not ours to remove)
+                logs.event(log, "triton_abandoned_object_kept", logging.WARNING, object=path.name,
+                           error=str(exc)[:200])
+                continue
+            logs.event(log, "triton_abandoned_object_removed", object=path.name)
 
     def close(self) -> None:
         self._forget_regions()
