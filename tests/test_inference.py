@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -347,12 +348,13 @@ def test_a_triton_that_takes_a_call_and_never_answers_it_holds_no_job_for_good(t
     assert not list(Path("/dev/shm").glob(f"{outcome.get('prefix', 'dicom-node-none')}*"))  # freed here
 
 
-def test_an_http_triton_that_answers_nothing_holds_a_start_up_check_no_longer_than_its_deadline():
+def test_an_http_triton_that_answers_nothing_holds_a_start_up_check_no_longer_than_its_deadline(monkeypatch):
     """Over HTTP a call's timeout is its client's: a server whose connection is up while it answers
     nothing held each start-up check for the inferences' timeout (120 s by default, 300 s here) an
-    attempt. The checks have a client of their own, whose calls have the 10 s deadline of every
-    call that is not an inference: the start is unavailable after two attempts, each a readiness
-    request the server took."""
+    attempt. The checks have a client of their own, whose calls have the deadline of every call
+    that is not an inference (10 s; 2 s here): the start is unavailable after two attempts, each a
+    readiness request the server took."""
+    monkeypatch.setattr("inference.backends.triton.CONTROL_TIMEOUT_S", 2.0)
     peer = SilentHttpPeer()
     outcome: dict[str, object] = {}
 
@@ -572,12 +574,49 @@ def test_regions_of_a_node_killed_are_freed_by_the_next_backend_never_those_of_a
             shm.destroy_shared_memory_region(handle)
 
 
-def test_a_live_region_whose_object_something_else_removed_is_made_anew(model_repository, triton):
+def test_what_is_not_a_plain_file_under_a_nodes_name_in_dev_shm_is_left_alone(model_repository, triton, tmp_path,
+                                                                              monkeypatch, caplog):
+    """A FIFO, a folder and a link named as a node's object (anyone may make them in /dev/shm): the
+    sweep neither waits on the FIFO (a plain open would, until a writer came, holding the job's
+    first inference for good) nor removes any of them, nor warns about them."""
+    caplog.set_level(logging.INFO, logger="inference.triton")
+    monkeypatch.setattr("inference.backends.triton._ORPHAN_AGE_S", 0.0)
+    batch = np.random.default_rng(11).random((1, 1, 8, 8, 8), dtype=np.float32)
+    expected = _local(model_repository).infer(batch)
+    fifo, folder, link = (Path("/dev/shm", f"dicom-node-held-{kind}0000-0-in") for kind in ("f1f0", "d1r0", "11nk"))
+    os.mkfifo(fifo)
+    folder.mkdir()
+    (tmp_path / "target").write_bytes(bytes(64))
+    link.symlink_to(tmp_path / "target")
+    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
+    outcome: dict[str, np.ndarray] = {}
+    try:
+        worker = threading.Thread(target=lambda: outcome.update(logits=backend.infer(batch)), daemon=True)
+        worker.start()
+        worker.join(120)
+        if worker.is_alive():  # (a writer lets the waiting open go, so that the test ends)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(30)
+            pytest.fail("the first inference still waited after 120 s")
+        np.testing.assert_allclose(outcome["logits"], expected, atol=1e-5)
+        assert fifo.is_fifo() and folder.is_dir() and link.is_symlink() and (tmp_path / "target").exists()
+        named = {r.event_fields.get("object") for r in caplog.records if r.levelno >= logging.WARNING}
+        assert not named & {fifo.name, folder.name, link.name}
+    finally:
+        backend.close()
+        for made in (fifo, link):
+            made.unlink(missing_ok=True)
+        if folder.is_dir():
+            folder.rmdir()
+
+
+def test_a_live_region_whose_object_something_else_removed_is_made_anew(model_repository, triton, caplog):
     """Something else removes a live node's object from /dev/shm (an operator's rm, systemd-logind's
     RemoveIPC): another backend's first registration takes the region for a node gone's and
     unregisters it. The node's next inference is unavailable (the job waits and retries), the one
     after it runs on new regions with the local result, and the close leaves nothing behind; before,
     freeing the region whose object was gone failed, and every inference after it was an error."""
+    caplog.set_level(logging.INFO, logger="inference.triton")
     batch = np.random.default_rng(10).random((1, 1, 8, 8, 8), dtype=np.float32)
     expected = _local(model_repository).infer(batch)
     node = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
@@ -590,6 +629,7 @@ def test_a_live_region_whose_object_something_else_removed_is_made_anew(model_re
         assert removed not in _registered_regions(triton.grpc_url, "grpc")
         with pytest.raises(BackendUnavailable, match=r"no longer has this node's shared-memory regions"):
             node.infer(batch)
+        assert _logged_regions(caplog, "triton_region_object_gone") == {removed}
         for _ in range(2):
             np.testing.assert_allclose(node.infer(batch), expected, atol=1e-5)
         names = {node._name(role) for role in ("in", "out")}
@@ -599,6 +639,27 @@ def test_a_live_region_whose_object_something_else_removed_is_made_anew(model_re
         other.close()
     assert not list(Path("/dev/shm").glob(f"{node._prefix}*"))
     assert not (names | {removed}) & _registered_regions(triton.grpc_url, "grpc")
+
+
+def test_a_region_that_cannot_be_freed_leaves_the_others_freed_and_the_close_done(triton, caplog):
+    """A view of the input region's memory still held when the backend closes (Python refuses to
+    unmap it: BufferError): the close says so, frees the output's region all the same, and ends;
+    the server has neither."""
+    caplog.set_level(logging.INFO, logger="inference.triton")
+    backend = TritonBackend(triton.grpc_url, threshold_spec(), shared_memory="system")
+    backend.infer(np.zeros((1, 1, 8, 8, 8), np.float32))
+    names = {role: backend._name(role) for role in ("in", "out")}
+    mapping = backend._regions["in"].handle._mpsm_handle  # (tritonclient's own)
+    view = np.frombuffer(mapping.buf, np.uint8)
+    try:
+        backend.close()
+        assert _logged_regions(caplog, "triton_region_unfreed") == {names["in"]}
+        assert not Path("/dev/shm", names["out"]).exists() and not backend._regions
+        assert not set(names.values()) & _registered_regions(triton.grpc_url, "grpc")
+    finally:
+        del view
+        mapping.close()
+        Path("/dev/shm", names["in"]).unlink(missing_ok=True)
 
 
 def test_a_network_whose_channels_are_not_its_labels_is_refused_at_export(tmp_path):

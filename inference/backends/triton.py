@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -85,9 +86,14 @@ def _timed_out(exc: BaseException) -> bool:
                                              and "DEADLINE_EXCEEDED" in str(exc.status()))
 
 
+# How an object is opened to hold or judge it: never following a link, and never waiting (a FIFO
+# someone put in /dev/shm under a node's name would block a plain open until a writer came).
+_OPEN_OBJECT = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
 def _hold(name: str) -> int:
     """A descriptor holding a shared lock on a region's object, for as long as the region lives."""
-    fd = os.open(_SHM_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(_SHM_DIR / name, _OPEN_OBJECT)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
@@ -97,18 +103,18 @@ def _abandoned(name: str, key: str) -> bool:
     live process owns it: its object is gone (unlinked by its node, or by Python's resource tracker
     after its node was killed), or, for a region of this release, no process holds its lock (a node
     killed with its tracker: the object outlives both). An object this process may not open
-    (another user's) is not judged: its region is kept."""
+    (another user's), or that is not a plain file (a link, a FIFO), is not judged: it is kept."""
     if not name.startswith(_OURS) or "/" in name or key != f"/{name}":
         return False
     path = _SHM_DIR / name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN_OBJECT)
     except FileNotFoundError:
         return True
     except OSError:
         return False
     try:
-        if not name.startswith(_HELD):
+        if not name.startswith(_HELD) or not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (let go with the descriptor)
         return True
@@ -129,11 +135,11 @@ class _Region:
 
     def free(self) -> None:
         """Unmap and unlink the object, then let its lock go. An object something else removed from
-        /dev/shm (an operator, systemd-logind's RemoveIPC) is unmapped all the same."""
+        /dev/shm (an operator, systemd-logind's RemoveIPC) is unmapped all the same, and said."""
         try:
             shm.destroy_shared_memory_region(self.handle)  # (unmaps, then unlinks)
         except FileNotFoundError:
-            pass
+            logs.event(log, "triton_region_object_gone", logging.WARNING, region=self.name)
         finally:
             os.close(self.lock)
 
@@ -407,7 +413,10 @@ class TritonBackend:
                     left.append(region.name)
                     logs.event(log, "triton_region_left", logging.WARNING, region=left[-1])
             del self._regions[role]  # (before it is freed: a failure there leaves no freed handle behind)
-            region.free()
+            try:
+                region.free()
+            except Exception as exc:  # (a view of its memory still held: BufferError) the others are freed all the same
+                logs.event(log, "triton_region_unfreed", logging.WARNING, region=region.name, error=str(exc)[:200])
         if left:
             self._leave(left)
 
@@ -475,7 +484,7 @@ class TritonBackend:
         a node killed with its resource tracker, its server restarted since."""
         for path in _SHM_DIR.glob(f"{_HELD}*"):
             try:
-                if time.time() - path.stat().st_ctime < _ORPHAN_AGE_S or not _abandoned(path.name, f"/{path.name}"):
+                if time.time() - path.lstat().st_ctime < _ORPHAN_AGE_S or not _abandoned(path.name, f"/{path.name}"):
                     continue
                 path.unlink(missing_ok=True)
             except OSError as exc:  # (not ours to remove)
