@@ -418,10 +418,8 @@ class TritonBackend:
             except Exception as exc:  # (a view of its memory still held: BufferError) the others are freed all the same
                 logs.event(log, "triton_region_unfreed", logging.WARNING, region=region.name, error=str(exc)[:200])
         if left:
-            self._leave(left)
-
-    def _leave(self, names: list[str]) -> None:
-        threading.Thread(target=self._unregister_later, args=(names,), name="triton-regions-left", daemon=True).start()
+            threading.Thread(target=self._unregister_later, args=(left,), name="triton-regions-left",
+                             daemon=True).start()
 
     def _unregister_later(self, names: list[str]) -> None:
         """Unregister regions the server kept, once it lets them go, every `_LEFT_RETRY_S` for
